@@ -1,0 +1,272 @@
+"""Checkpoints laid out as Hugging Face Hub repos, the zoo catalog, and Hub download/upload.
+
+A checkpoint is a folder with exactly the files of its Hub repo:
+
+* ``config.json``: ``{"library": "learned_optim", "format_version": 1, "family": ..., "net": {...},
+  "optimizer": {...defaults such as lr...}, "training": {...summary...}}``;
+* ``model.safetensors``: the net's weights and nothing else;
+* ``README.md``: the model card (what it was meta-trained on, the command, measured results).
+
+Loading is strict (every tensor present with its exact shape, no extra ones, known family and
+format version) and never unpickles anything: weights are read with ``safetensors`` only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .nets.base import FAMILIES, UpdateRule, build_rule
+
+__all__ = [
+    "CheckpointError", "CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME", "FORMAT_VERSION",
+    "save_pretrained", "load_rule", "resolve_checkpoint", "list_pretrained", "from_pretrained",
+    "push_to_hub", "zoo_dir",
+]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"
+LIBRARY_NAME = "learned_optim"
+#: Highest checkpoint format this version reads and the one it writes.
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is missing, malformed, foreign, or does not match its net."""
+
+
+# ---------------------------------------------------------------------------------------------- saving
+def _default_card(config: Mapping[str, Any]) -> str:
+    training = config.get("training") or {}
+    lines = [
+        "---",
+        f"library_name: {LIBRARY_NAME}",
+        "tags: [learned-optimizer, l2o, pytorch]",
+        "---",
+        "",
+        f"# {config.get('name') or config['family']} (learned_optim)",
+        "",
+        f"A `{config['family']}` learned optimizer for PyTorch.",
+        "",
+        "```python",
+        "import learned_optim",
+        "opt = learned_optim.from_pretrained(\"<this folder or repo id>\", model.parameters())",
+        "```",
+        "",
+        "## Net configuration",
+        "",
+        "```json",
+        json.dumps(config["net"], indent=2),
+        "```",
+    ]
+    if training:
+        lines += ["", "## Training", "", "```json", json.dumps(training, indent=2, default=str), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def save_pretrained(rule: UpdateRule, save_directory: str | os.PathLike, *, name: str | None = None,
+                    description: str | None = None, training: Mapping[str, Any] | None = None,
+                    optimizer_defaults: Mapping[str, Any] | None = None, card: str | None = None) -> Path:
+    """Write ``rule`` as a checkpoint folder (config.json, model.safetensors, README.md).
+
+    Args:
+        rule: the update rule to save.
+        save_directory: folder to write (created if needed; files in it are overwritten).
+        name, description: zoo name and one-line description recorded in config.json.
+        training: JSON-serialisable summary of how the net was trained (and measured results).
+        optimizer_defaults: recommended :class:`~learned_optim.LearnedOptimizer` keyword defaults
+            (e.g. ``{"lr": 1.0}``), applied by :func:`from_pretrained` unless overridden.
+        card: model card text; a card generated from the config is written when omitted.
+    """
+    directory = Path(save_directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config: dict[str, Any] = {
+        "library": LIBRARY_NAME,
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "description": description,
+        "family": rule.family,
+        "net": rule.config.to_dict(),
+        "optimizer": dict(optimizer_defaults or {}),
+        "training": dict(training or {}),
+    }
+    weights = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in rule.state_dict().items()}
+    save_file(weights, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "library": LIBRARY_NAME})
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
+    (directory / CARD_NAME).write_text(card if card is not None else _default_card(config))
+    return directory
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate ``config.json`` of a checkpoint folder."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist: {directory} is not a learned_optim checkpoint folder")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    if config.get("library") != LIBRARY_NAME:
+        raise CheckpointError(f"{path} is not a learned_optim checkpoint (library={config.get('library')!r}); "
+                              "foreign checkpoints (e.g. transformers models) cannot be loaded as optimizers")
+    version = config.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"{path}: format_version must be an integer, got {version!r}")
+    if version > FORMAT_VERSION or version < 1:
+        raise CheckpointError(f"{path}: checkpoint format version {version} is not supported by this "
+                              f"learned_optim (supports 1..{FORMAT_VERSION}); upgrade learned_optim")
+    family = config.get("family")
+    if family not in FAMILIES:
+        raise CheckpointError(f"{path}: unknown net family {family!r}; known families: {sorted(FAMILIES)}")
+    if not isinstance(config.get("net", {}), dict):
+        raise CheckpointError(f"{path}: 'net' must be a JSON object of hyperparameters")
+    return config
+
+
+def load_rule_from_dir(directory: str | os.PathLike) -> tuple[UpdateRule, dict[str, Any]]:
+    """Build the net of a checkpoint folder and load its weights strictly. Returns ``(rule, config)``."""
+    directory = Path(directory)
+    config = read_config(directory)
+    try:
+        rule = build_rule(config["family"], config.get("net", {}))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{directory / CONFIG_NAME}: invalid net configuration: {err}") from None
+    weights_path = directory / WEIGHTS_NAME
+    if not weights_path.is_file():
+        raise CheckpointError(f"{weights_path} does not exist (weights are read from safetensors only)")
+    try:
+        weights = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{weights_path} is not a readable safetensors file (truncated or another "
+                              f"format?): {err}") from None
+    expected = rule.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{weights_path} does not match the {config['family']} net of its config: "
+                              f"missing tensors {missing}, unexpected tensors {unexpected}")
+    for key, tensor in weights.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise CheckpointError(f"{weights_path}: tensor {key!r} has shape {tuple(tensor.shape)}, the net "
+                                  f"needs {tuple(expected[key].shape)}")
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{weights_path}: tensor {key!r} has non-floating dtype {tensor.dtype}")
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{weights_path}: tensor {key!r} holds NaN or inf")
+    rule.load_state_dict({k: v.to(expected[k].dtype) for k, v in weights.items()}, strict=True)
+    return rule, config
+
+
+def zoo_dir() -> Path:
+    """Folder of the bundled zoo: inside the installed wheel, else ``pretrained/`` of a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "pretrained", here.parent / "pretrained"):
+        if candidate.is_dir():
+            return candidate
+    return here / "pretrained"
+
+
+def _zoo_entries() -> dict[str, Path]:
+    root = zoo_dir()
+    if not root.is_dir():
+        return {}
+    return {d.name: d for d in sorted(root.iterdir()) if (d / CONFIG_NAME).is_file()}
+
+
+def list_pretrained() -> list[dict[str, Any]]:
+    """The bundled zoo: one dict per entry with its name, family, description, training and results."""
+    entries = []
+    for name, directory in _zoo_entries().items():
+        config = read_config(directory)
+        training = config.get("training") or {}
+        entries.append({
+            "name": name,
+            "family": config["family"],
+            "description": config.get("description"),
+            "trained_on": training.get("tasks"),
+            "results": training.get("results"),
+            "path": str(directory),
+        })
+    return entries
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike, *, revision: str | None = None,
+                       cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+                       token: str | bool | None = None) -> Path:
+    """Find the folder of a checkpoint.
+
+    Resolution order: an existing local directory; a zoo name from :func:`list_pretrained`; a
+    Hugging Face Hub repo id (``owner/name``), fetched with ``huggingface_hub.snapshot_download``
+    (its cache, ``revision`` pinning and offline mode apply).
+    """
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    zoo = _zoo_entries()
+    if name in zoo and revision is None:
+        return zoo[name]
+    if "/" not in name or name.count("/") > 1:
+        raise CheckpointError(f"{name!r} is neither a local checkpoint folder, nor a zoo name "
+                              f"({sorted(zoo) or 'the zoo is empty'}), nor a Hub repo id of the form 'owner/name'")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        folder = snapshot_download(name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                                   token=token, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME],
+                                   library_name=LIBRARY_NAME)
+    except LocalEntryNotFoundError as err:
+        raise CheckpointError(f"{name!r} (revision {revision or 'main'}) is not in the local Hub cache and the "
+                              f"Hub cannot be reached (offline?): {err}") from None
+    except HfHubHTTPError as err:
+        raise CheckpointError(f"could not fetch {name!r} from the Hugging Face Hub: {err}") from None
+    return Path(folder)
+
+
+def load_rule(name_or_path: str | os.PathLike, **resolve_kwargs: Any) -> tuple[UpdateRule, dict[str, Any]]:
+    """Resolve (see :func:`resolve_checkpoint`) and load a checkpoint. Returns ``(rule, config)``."""
+    return load_rule_from_dir(resolve_checkpoint(name_or_path, **resolve_kwargs))
+
+
+def from_pretrained(name_or_path: str | os.PathLike, params: Iterable[Any], *, revision: str | None = None,
+                    cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+                    token: str | bool | None = None, **optimizer_kwargs: Any):
+    """A :class:`~learned_optim.LearnedOptimizer` over ``params`` running a pretrained net.
+
+    ``name_or_path`` is a local checkpoint folder, a zoo name (see :func:`list_pretrained`) or a
+    Hub repo id (``revision`` pins a branch, tag or commit). ``optimizer_kwargs`` (``lr``,
+    ``weight_decay``, ``chunk_size``, ...) override the defaults recorded in the checkpoint.
+    """
+    from .optimizer import LearnedOptimizer
+
+    rule, config = load_rule(name_or_path, revision=revision, cache_dir=cache_dir,
+                             local_files_only=local_files_only, token=token)
+    kwargs = {**config.get("optimizer", {}), **optimizer_kwargs}
+    return LearnedOptimizer(params, rule, **kwargs)
+
+
+def push_to_hub(rule: UpdateRule, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                revision: str | None = None, commit_message: str = "Upload learned optimizer",
+                **save_kwargs: Any) -> str:
+    """Save ``rule`` to a temporary folder and upload it as Hub repo ``repo_id``; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(rule, tmp, **save_kwargs)
+        info = api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision, commit_message=commit_message)
+    return str(getattr(info, "commit_url", info))

@@ -1,0 +1,43 @@
+"""Registers every zoo optimizer in timm's optimizer registry (when timm is importable).
+
+After ``import learned_optim``, ``timm.optim.create_optimizer_v2(model, "l2o-lstm", weight_decay=0.05)``
+builds the learned optimizer with timm's parameter grouping (no weight decay on biases and norms).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+__all__ = ["register_timm_optimizers"]
+
+
+def _zoo_optimizer(name: str, params: Any, lr: float | None = None, **kwargs: Any):
+    from ..hub import from_pretrained
+
+    if lr is not None:
+        kwargs["lr"] = lr
+    return from_pretrained(name, params, **kwargs)
+
+
+def register_timm_optimizers() -> list[str]:
+    """Register the bundled zoo entries with timm; returns the names registered (empty without timm)."""
+    try:
+        from timm.optim._optim_factory import OptimInfo, default_registry
+    except ImportError:
+        return []
+    from ..hub import list_pretrained
+
+    registered = []
+    for entry in list_pretrained():
+        name = entry["name"]
+        if "_" in name:  # timm splits optimizer names on "_"
+            continue
+        if name in default_registry.get_supported_optimizers(include_description=False):
+            continue
+        factory = functools.partial(_zoo_optimizer, name)
+        default_registry.register(OptimInfo(
+            name=name, opt_class=factory, has_eps=False,
+            description=entry.get("description") or f"learned_optim {entry['family']} learned optimizer"))
+        registered.append(name)
+    return registered

@@ -1,0 +1,1 @@
+"""Meta-training: tasks (optimizees), differentiable unrolls, objectives, curricula and the trainer."""

@@ -1,0 +1,65 @@
+"""DM-LSTM: the coordinatewise two-layer LSTM optimizer of Andrychowicz et al. (2016).
+
+Base of L2O-DM and of L2O-DM-CL (Chen et al., 2020) and of the Hessian/entropy-regularized variants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..features import log_and_sign
+from .base import NetConfig, UpdateRule, register_family
+
+__all__ = ["DMLSTMConfig", "DMLSTM"]
+
+
+@dataclasses.dataclass
+class DMLSTMConfig(NetConfig):
+    hidden_size: int = 20
+    num_layers: int = 2
+    preprocess_k: float = 5.0
+    output_scale: float = 0.01
+
+
+@register_family
+class DMLSTM(UpdateRule):
+    r"""Two stacked LSTM cells over log-and-sign gradient features.
+
+    .. math::
+        x = \Big[\max\big(\tfrac{\log(|g|+\epsilon)}{k}, -1\big),\ \operatorname{clip}(g e^k, -1, 1)\Big],\quad
+        (h_l, c_l) \leftarrow \mathrm{LSTM}_l(h_{l-1}, (h_l, c_l)),\quad
+        \Delta\theta = s \cdot W h_L + b
+
+    with :math:`k` = ``preprocess_k`` and :math:`s` = ``output_scale``; :math:`\theta \leftarrow
+    \theta + \mathrm{lr}\,\Delta\theta`. State per coordinate: ``lstm`` of shape
+    ``(num_layers, 2, hidden_size)`` holding :math:`(h_l, c_l)`.
+    """
+
+    family = "dm_lstm"
+    config_class = DMLSTMConfig
+
+    def __init__(self, config: DMLSTMConfig | None = None, **overrides) -> None:
+        super().__init__(config, **overrides)
+        c = self.config
+        sizes = [2] + [c.hidden_size] * c.num_layers
+        self.cells = nn.ModuleList(nn.LSTMCell(sizes[i], sizes[i + 1]) for i in range(c.num_layers))
+        self.head = nn.Linear(c.hidden_size, 1)
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"lstm": (self.config.num_layers, 2, self.config.hidden_size)}
+
+    def forward(self, grad: Tensor, param: Tensor, state: Mapping[str, Tensor], step: Tensor,
+                stats: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        x = log_and_sign(grad, self.config.preprocess_k)
+        hidden = state["lstm"]
+        new_hidden = []
+        for layer, cell in enumerate(self.cells):
+            h, c = cell(x, (hidden[:, layer, 0], hidden[:, layer, 1]))
+            new_hidden.append(torch.stack([h, c], dim=1))
+            x = h
+        delta = self.head(x).squeeze(-1) * self.config.output_scale
+        return delta, {"lstm": torch.stack(new_hidden, dim=1)}

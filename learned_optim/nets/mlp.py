@@ -1,0 +1,100 @@
+"""The MLP optimizer of Metz et al. (2019): per-coordinate features, a small MLP, no RNN state."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..features import blocked_mean_square, ema, rsqrt_features, time_features
+from .base import NetConfig, UpdateRule, register_family
+
+__all__ = ["MLPConfig", "MLPUpdate"]
+
+
+@dataclasses.dataclass
+class MLPConfig(NetConfig):
+    hidden_size: int = 32
+    num_hidden_layers: int = 1
+    decays: tuple[float, ...] = (0.5, 0.9, 0.99, 0.999, 0.9999)
+    time_scales: tuple[float, ...] = (3, 10, 30, 100, 300, 1000, 3000, 1e4, 3e5)
+    moment_eps: float = 1e-6
+    rms_eps: float = 1e-5
+    step_scale: float = 1e-3
+    magnitude_scale: float = 1e-3
+
+
+@register_family
+class MLPUpdate(UpdateRule):
+    r"""Feature MLP with a direction/magnitude output.
+
+    For each EMA decay :math:`\beta_j`: :math:`m_j \leftarrow \mathrm{ema}_{\beta_j}(m_j, g)`,
+    :math:`v_j \leftarrow \mathrm{ema}_{\beta_j}(v_j, g^2)`. The coordinate features
+    :math:`u = [g, \theta, m_j, v_j, m_j/\sqrt{v_j+\epsilon}, 1/\sqrt{v_j+\epsilon}]` are each divided by
+    their RMS over the tensor, :math:`u_f / \sqrt{\overline{u_f^2} + \epsilon_{rms}}`, and joined with
+    the time features :math:`\tanh(t/s - 1)`. The MLP outputs :math:`(d, a)` and
+
+    .. math:: \Delta\theta = -\,d\,\exp(\lambda_a a)\,\lambda_s
+
+    with :math:`\lambda_a` = ``magnitude_scale`` and :math:`\lambda_s` = ``step_scale``. State per
+    coordinate: ``m`` and ``v`` of shape ``(len(decays),)``.
+    """
+
+    family = "mlp"
+    config_class = MLPConfig
+
+    def __init__(self, config: MLPConfig | None = None, **overrides) -> None:
+        super().__init__(config, **overrides)
+        c = self.config
+        layers: list[nn.Module] = []
+        width = self.num_features
+        for _ in range(c.num_hidden_layers):
+            layers += [nn.Linear(width, c.hidden_size), nn.ReLU()]
+            width = c.hidden_size
+        layers.append(nn.Linear(width, 2))
+        self.mlp = nn.Sequential(*layers)
+        self.register_buffer("decay", torch.tensor(c.decays, dtype=torch.float32), persistent=False)
+
+    @property
+    def num_coordinate_features(self) -> int:
+        return 2 + 4 * len(self.config.decays)
+
+    @property
+    def num_features(self) -> int:
+        return self.num_coordinate_features + len(self.config.time_scales)
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"m": (len(self.config.decays),), "v": (len(self.config.decays),)}
+
+    def _coordinate_features(self, grad: Tensor, param: Tensor, m: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Un-normalised features ``(n, 2 + 4D)`` and the updated moments ``m, v`` of shape ``(n, D)``."""
+        decay = self.decay.to(grad.dtype)
+        g = grad.unsqueeze(-1)
+        m = ema(m, g, decay)
+        v = ema(v, g.square(), decay)
+        ratio, rsqrt = rsqrt_features(m, v, self.config.moment_eps)
+        return torch.cat([g, param.unsqueeze(-1), m, v, ratio, rsqrt], dim=-1), m, v
+
+    def tensor_stats(self, grad: Tensor, param: Tensor, state: Mapping[str, Tensor], step: Tensor) -> Tensor:
+        """Mean square of each coordinate feature over the whole tensor, shape ``(2 + 4D,)``."""
+        dtype = self.compute_dtype
+
+        def features_of(block: slice) -> Tensor:
+            return self._coordinate_features(grad[block].to(dtype), param[block].to(dtype),
+                                             state["m"][block].to(dtype), state["v"][block].to(dtype))[0]
+
+        return blocked_mean_square(features_of, grad.shape[0])
+
+    def forward(self, grad: Tensor, param: Tensor, state: Mapping[str, Tensor], step: Tensor,
+                stats: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        if stats is None:
+            raise ValueError("MLPUpdate needs the per-tensor statistics from tensor_stats()")
+        c = self.config
+        features, m, v = self._coordinate_features(grad, param, state["m"], state["v"])
+        features = features * torch.rsqrt(stats + c.rms_eps)
+        times = time_features(step, c.time_scales).to(features.dtype).expand(features.shape[0], -1)
+        direction, magnitude = self.mlp(torch.cat([features, times], dim=-1)).unbind(-1)
+        delta = -direction * torch.exp(c.magnitude_scale * magnitude) * c.step_scale
+        return delta, {"m": m, "v": v}

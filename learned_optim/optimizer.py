@@ -1,0 +1,238 @@
+"""The ``torch.optim.Optimizer`` that runs a learned update rule in place of Adam."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from itertools import chain
+from typing import Any, Callable, Literal
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .nets.base import UpdateRule
+
+__all__ = ["LearnedOptimizer", "NonFiniteGradientError", "DEFAULT_CHUNK_SIZE"]
+
+#: Coordinates processed per net call. Bounds the transient memory of a step independently of model size
+#: (DM-LSTM: roughly 1.5 KB of temporaries per coordinate, so ~50 MB per chunk).
+DEFAULT_CHUNK_SIZE = 1 << 15
+
+NonFinitePolicy = Literal["raise", "skip"]
+
+
+class NonFiniteGradientError(RuntimeError):
+    """A gradient holds NaN or inf; raised before any parameter or state is modified."""
+
+
+class LearnedOptimizer(Optimizer):
+    r"""Applies a learned coordinatewise update rule to every parameter.
+
+    For each parameter tensor with a gradient, at step :math:`t` (counted per tensor):
+
+    .. math::
+        (\Delta\theta, s_t) = \mathrm{net}(\pm g_t, \theta_{t-1}, s_{t-1}, t),\qquad
+        \theta_t = \theta_{t-1} - \mathrm{lr}\cdot\lambda\cdot\theta_{t-1} + \mathrm{lr}\cdot\Delta\theta
+
+    where :math:`\lambda` is the decoupled ``weight_decay``, the gradient is negated when
+    ``maximize=True``, and :math:`s` is the net's per-coordinate state (kept in ``self.state[p]``
+    so ``state_dict()`` carries it). ``lr`` is a multiplier on the learned step, so LR schedulers
+    work; ``lr == 0`` is an exact no-op (state is created but nothing changes).
+
+    Args:
+        params: iterable of parameters, named parameters or param-group dicts.
+        rule: the update rule (its weights are not optimizer state; they travel with pickling/deepcopy
+            and are saved by :meth:`save_pretrained`).
+        lr: step multiplier (float or 0-d tensor), default 1.0.
+        weight_decay: decoupled weight decay.
+        maximize: maximize the objective instead of minimizing it.
+        foreach: accepted for API compatibility with ``torch.optim``; the step is always chunked.
+        chunk_size: coordinates per net call; ``None`` applies the net to whole tensors at once.
+            The result does not depend on it.
+        nonfinite: what a NaN/inf gradient does: ``"raise"`` (default) raises
+            :class:`NonFiniteGradientError` naming the parameter before anything is modified;
+            ``"skip"`` skips the whole step (parameters and state untouched) and counts it in
+            ``self.skipped_steps``.
+        state_dtype: dtype of the per-coordinate state (float32 default; whatever the param dtype).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        rule: UpdateRule,
+        lr: float | Tensor = 1.0,
+        *,
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+        nonfinite: NonFinitePolicy = "raise",
+        state_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if not isinstance(rule, UpdateRule):
+            raise TypeError(f"rule must be a learned_optim UpdateRule, got {type(rule).__name__}")
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("a tensor lr must have exactly one element")
+        if not 0.0 <= float(lr):
+            raise ValueError(f"invalid learning rate: {lr}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"invalid weight_decay: {weight_decay}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        if not state_dtype.is_floating_point:
+            raise ValueError(f"state_dtype must be a floating dtype, got {state_dtype}")
+        self.rule = rule.requires_grad_(False)
+        self.chunk_size = chunk_size
+        self.nonfinite = nonfinite
+        self.state_dtype = state_dtype
+        self.skipped_steps = 0
+        defaults = dict(lr=lr, weight_decay=weight_decay, maximize=maximize, foreach=foreach, differentiable=False)
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ pickling / copying
+    _EXTRA_ATTRS = ("rule", "chunk_size", "nonfinite", "state_dtype", "skipped_steps")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update({k: getattr(self, k) for k in self._EXTRA_ATTRS})
+        return state
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}[{self.rule.family}]" + super().__repr__()[len(type(self).__name__):]
+
+    # ------------------------------------------------------------------ step
+    def _params_with_grad(self) -> list[tuple[dict[str, Any], Tensor]]:
+        found = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                if p.is_complex() or p.grad.is_complex():
+                    raise RuntimeError(f"{type(self).__name__} does not support complex parameters; "
+                                       "optimize torch.view_as_real(param) instead")
+                found.append((group, p))
+        return found
+
+    def _param_name(self, group: Mapping[str, Any], p: Tensor) -> str:
+        names = group.get("param_names")
+        index = next(i for i, q in enumerate(group["params"]) if q is p)
+        if names is not None:
+            return repr(names[index])
+        return f"#{index} of param group {self.param_groups.index(group)} (shape {tuple(p.shape)})"
+
+    def _find_nonfinite(self, items: list[tuple[dict[str, Any], Tensor]]) -> tuple[dict[str, Any], Tensor] | None:
+        if not items:
+            return None
+        finite = torch.stack([torch.isfinite(p.grad).all().cpu() for _, p in items])
+        if bool(finite.all()):
+            return None
+        return items[int((~finite).nonzero()[0])]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        items = self._params_with_grad()
+        bad = self._find_nonfinite(items)
+        if bad is not None:
+            if self.nonfinite == "skip":
+                self.skipped_steps += 1
+                return loss
+            raise NonFiniteGradientError(
+                f"non-finite gradient (NaN or inf) in parameter {self._param_name(*bad)}; nothing was "
+                "updated. Pass nonfinite='skip' to skip such steps, or use torch.amp.GradScaler.")
+        for group, p in items:
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state.update(self.rule.init_state(p.numel(), device=p.device, dtype=self.state_dtype))
+            lr = group["lr"]
+            if float(lr) == 0.0:
+                continue
+            state["step"] += 1
+            self._update_tensor(p, state, lr, group["weight_decay"], group["maximize"])
+        return loss
+
+    def _update_tensor(self, p: Tensor, state: dict[str, Tensor], lr: float | Tensor, weight_decay: float,
+                       maximize: bool) -> None:
+        rule, dtype = self.rule, self.rule.compute_dtype
+        grad = p.grad.reshape(-1)
+        if maximize:
+            grad = -grad
+        contiguous = p.is_contiguous()
+        flat = p.view(-1) if contiguous else p.reshape(-1).clone()
+        step = state["step"].to(device=p.device, dtype=dtype)
+        coord_state = {k: v for k, v in state.items() if k != "step"}
+        stats = rule.tensor_stats(grad, flat, coord_state, step)
+        n = flat.numel()
+        chunk = n if self.chunk_size is None else self.chunk_size
+        if isinstance(lr, Tensor):
+            lr = lr.to(device=p.device, dtype=dtype)
+        for start in range(0, n, chunk):
+            part = slice(start, min(start + chunk, n))
+            theta = flat[part].to(dtype)
+            delta, new_state = rule(grad[part].to(dtype), theta,
+                                    {k: v[part].to(dtype) for k, v in coord_state.items()}, step, stats)
+            if weight_decay != 0.0:
+                theta = theta * (1.0 - lr * weight_decay)
+            flat[part] = theta + lr * delta
+            for k, v in new_state.items():
+                coord_state[k][part] = v
+        if not contiguous:
+            p.copy_(flat.view_as(p))
+
+    # ------------------------------------------------------------------ state dict
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load optimizer state; the net's state keeps :attr:`state_dtype` whatever the param dtype.
+
+        ``torch.optim.Optimizer`` casts floating state to the param dtype, which would round RNN
+        state to bf16/fp16 for low-precision params; here each state tensor is instead taken from
+        ``state_dict`` and moved to the param's device in :attr:`state_dtype`, so a resume is
+        bit-identical.
+        """
+        saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        if len(saved_ids) != len(params):
+            raise ValueError(f"state_dict has {len(saved_ids)} parameters, this optimizer has {len(params)}")
+        expected = self.rule.state_shapes()
+        for pid, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(pid)
+            if not saved:
+                continue
+            keys = set(saved) - {"step"}
+            if keys != set(expected):
+                raise ValueError(f"state of parameter {pid} has keys {sorted(keys)}, but this "
+                                 f"{self.rule.family} net keeps {sorted(expected)}: state from another optimizer?")
+            for k, shape in expected.items():
+                if tuple(saved[k].shape) != (p.numel(), *shape):
+                    raise ValueError(f"state {k!r} of parameter {pid} has shape {tuple(saved[k].shape)}, "
+                                     f"expected {(p.numel(), *shape)}")
+        super().load_state_dict(state_dict)
+        for pid, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(pid)
+            if not saved:
+                continue
+            state = self.state[p]
+            state["step"] = saved["step"].detach().clone().to(torch.float32)
+            for k in expected:
+                state[k] = saved[k].detach().to(device=p.device, dtype=self.state_dtype, copy=True)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_pretrained(self, save_directory: str, **card: Any) -> None:
+        """Write the net as a checkpoint folder (config.json, model.safetensors, README.md)."""
+        from .hub import save_pretrained
+
+        save_pretrained(self.rule, save_directory, **card)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """Upload the net as a checkpoint to the Hugging Face Hub; returns the commit URL."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self.rule, repo_id, **kwargs)
