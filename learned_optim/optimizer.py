@@ -12,11 +12,23 @@ from torch.optim import Optimizer
 
 from .nets.base import UpdateRule
 
-__all__ = ["LearnedOptimizer", "NonFiniteGradientError", "DEFAULT_CHUNK_SIZE"]
+__all__ = ["LearnedOptimizer", "NonFiniteGradientError", "DEFAULT_CHUNK_SIZE", "ROW_ALIGN"]
 
 #: Coordinates processed per net call. Bounds the transient memory of a step independently of model size
 #: (DM-LSTM: roughly 1.5 KB of temporaries per coordinate, so ~50 MB per chunk).
 DEFAULT_CHUNK_SIZE = 1 << 15
+
+#: Chunks are cut at, and zero-padded to, multiples of this many coordinates. BLAS kernels round
+#: differently for different row counts (below ~16 rows MKL takes other code paths), so fixed
+#: alignment is what makes the result independent of ``chunk_size`` bit for bit.
+ROW_ALIGN = 64
+
+
+def _pad_rows(x: Tensor, rows: int) -> Tensor:
+    """``x`` with zero rows appended along dim 0 up to ``rows``."""
+    if x.shape[0] == rows:
+        return x
+    return torch.cat([x, x.new_zeros((rows - x.shape[0], *x.shape[1:]))])
 
 NonFinitePolicy = Literal["raise", "skip"]
 
@@ -47,8 +59,9 @@ class LearnedOptimizer(Optimizer):
         weight_decay: decoupled weight decay.
         maximize: maximize the objective instead of minimizing it.
         foreach: accepted for API compatibility with ``torch.optim``; the step is always chunked.
-        chunk_size: coordinates per net call; ``None`` applies the net to whole tensors at once.
-            The result does not depend on it.
+        chunk_size: coordinates per net call (rounded up to a multiple of :data:`ROW_ALIGN`);
+            ``None`` applies the net to whole tensors at once. On CPU the result is bit-identical
+            whatever the chunk size; on GPU, cuBLAS may round differently per chunk shape.
         nonfinite: what a NaN/inf gradient does: ``"raise"`` (default) raises
             :class:`NonFiniteGradientError` naming the parameter before anything is modified;
             ``"skip"`` skips the whole step (parameters and state untouched) and counts it in
@@ -173,18 +186,23 @@ class LearnedOptimizer(Optimizer):
         stats = rule.tensor_stats(grad, flat, coord_state, step)
         n = flat.numel()
         chunk = n if self.chunk_size is None else self.chunk_size
+        chunk = -(-chunk // ROW_ALIGN) * ROW_ALIGN
         if isinstance(lr, Tensor):
             lr = lr.to(device=p.device, dtype=dtype)
         for start in range(0, n, chunk):
             part = slice(start, min(start + chunk, n))
+            rows = part.stop - start
+            padded = -(-rows // ROW_ALIGN) * ROW_ALIGN
             theta = flat[part].to(dtype)
-            delta, new_state = rule(grad[part].to(dtype), theta,
-                                    {k: v[part].to(dtype) for k, v in coord_state.items()}, step, stats)
+            delta, new_state = rule(_pad_rows(grad[part].to(dtype), padded), _pad_rows(theta, padded),
+                                    {k: _pad_rows(v[part].to(dtype), padded) for k, v in coord_state.items()},
+                                    step, stats)
+            delta = delta[:rows]
             if weight_decay != 0.0:
                 theta = theta * (1.0 - lr * weight_decay)
             flat[part] = theta + lr * delta
             for k, v in new_state.items():
-                coord_state[k][part] = v
+                coord_state[k][part] = v[:rows]
         if not contiguous:
             p.copy_(flat.view_as(p))
 
