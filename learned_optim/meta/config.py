@@ -1,0 +1,324 @@
+"""Meta-training configuration: one dataclass tree, loadable from JSON or YAML, overridable by dotted keys.
+
+A config file mirrors :class:`MetaTrainConfig`::
+
+    name: l2o-lstm
+    seed: 0
+    net: {family: dm_lstm, config: {hidden_size: 20}}
+    task: {family: digits-mlp20-sigmoid, kwargs: {batch_size: 128}}
+    unroll: {trajectory_length: 100, segment_length: 20}
+    objective: {kind: sum, split: train}
+    meta_optimizer: {name: adam, lr: 1.0e-3, grad_clip: null}
+    curriculum: {enabled: true, stages: [100, 200, 500]}
+    imitation: {enabled: true}
+    meta_epochs: 2000
+
+Unknown keys are errors (a typo never silently falls back to a default). ``--set unroll.segment_length=10``
+on the command line maps to :func:`apply_overrides`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+__all__ = [
+    "NetSection", "TaskSection", "UnrollConfig", "ObjectiveConfig", "MetaOptimizerConfig", "CurriculumConfig",
+    "ImitationConfig", "MetaTrainConfig", "load_config", "apply_overrides", "parse_override",
+]
+
+#: Meta-optimizer defaults per net family (SPEC §2): Adam 1e-3 for the LSTM nets, RMSprop 1e-2 for the MLP.
+DEFAULT_META_OPTIMIZER = {"dm_lstm": ("adam", 1e-3), "rnnprop": ("adam", 1e-3), "mlp": ("rmsprop", 1e-2)}
+
+OBJECTIVES = ("sum", "last", "log", "log_last")
+SPLITS = ("train", "val")
+
+
+class _Section:
+    """Mixin: strict construction from nested mappings and conversion back to plain JSON types."""
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None, *, where: str = "") -> Any:
+        values = dict(values or {})
+        hints = get_type_hints(cls)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"config{'.' + where if where else ''}: unknown field(s) {unknown}; "
+                             f"known fields: {sorted(known)}")
+        kwargs = {}
+        for key, value in values.items():
+            section = _section_type(hints[key])
+            if section is not None and (value is None or isinstance(value, Mapping)):
+                kwargs[key] = section.from_dict(value, where=f"{where}.{key}".strip("."))
+            else:
+                kwargs[key] = value
+        obj = cls(**kwargs)
+        obj.validate(where or "config")
+        return obj
+
+    def validate(self, where: str) -> None:
+        """Raise ``ValueError`` on out-of-range values (overridden per section)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, _Section):
+                value = value.to_dict()
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+
+def _section_type(hint: Any) -> type[_Section] | None:
+    if isinstance(hint, type) and issubclass(hint, _Section):
+        return hint
+    if get_origin(hint) is Union:
+        for arg in get_args(hint):
+            if isinstance(arg, type) and issubclass(arg, _Section):
+                return arg
+    return None
+
+
+@dataclasses.dataclass
+class NetSection(_Section):
+    """Which update rule to meta-train: a family of :data:`learned_optim.nets.FAMILIES` and its config."""
+
+    family: str | None = "dm_lstm"
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class TaskSection(_Section):
+    """The optimizee distribution: ``learned_optim.meta.tasks.make_family(family, **kwargs)``.
+
+    ``family`` may also be ``"package.module:attribute"``, a :class:`~learned_optim.meta.tasks.base.TaskFamily`
+    subclass or factory called with ``kwargs`` (for task families defined outside the package).
+    ``eval_kwargs`` override ``kwargs`` for the curriculum's evaluation runs.
+    """
+
+    family: str = "digits-mlp20-sigmoid"
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    eval_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class UnrollConfig(_Section):
+    """Truncated-BPTT unroll of the learned optimizer (see :mod:`learned_optim.meta.unroll`).
+
+    Fields:
+        trajectory_length: optimizee steps per trajectory (one meta-epoch); replaced by the current
+            curriculum stage's length when the curriculum is enabled.
+        segment_length: steps per truncation segment; each segment is one meta-gradient step.
+        second_order: keep the optimizee gradient in the graph (second-order terms); default detached.
+        checkpoint_steps: recompute each step in the backward pass (``torch.utils.checkpoint``) to bound
+            the memory of long segments.
+        max_param_norm: divergence guard bound on the global norm of theta (``None``: only non-finite
+            losses trigger the guard).
+        diverged_loss_factor: a frozen (diverged) run counts the loss ``factor * max(f_0, f_frozen)``
+            for every remaining step.
+    """
+
+    trajectory_length: int = 100
+    segment_length: int = 20
+    second_order: bool = False
+    checkpoint_steps: bool = False
+    max_param_norm: float | None = 1e4
+    diverged_loss_factor: float = 10.0
+
+    def validate(self, where: str) -> None:
+        if self.trajectory_length < 1 or self.segment_length < 1:
+            raise ValueError(f"{where}: trajectory_length and segment_length must be >= 1")
+        if self.max_param_norm is not None and not self.max_param_norm > 0:
+            raise ValueError(f"{where}: max_param_norm must be positive or null")
+        if not self.diverged_loss_factor >= 1:
+            raise ValueError(f"{where}: diverged_loss_factor must be >= 1")
+
+
+@dataclasses.dataclass
+class ObjectiveConfig(_Section):
+    """Meta-objective ``kind`` (one of ``sum``, ``last``, ``log``, ``log_last``; see
+    :mod:`learned_optim.meta.objectives`) on the losses of ``split``: ``train`` (train-by-train) or
+    ``val`` (train-by-validation: the optimizee trains on train batches, the meta-loss uses val batches)."""
+
+    kind: str = "sum"
+    split: str = "train"
+
+    def validate(self, where: str) -> None:
+        if self.kind not in OBJECTIVES:
+            raise ValueError(f"{where}.kind: {self.kind!r} is not one of {OBJECTIVES}")
+        if self.split not in SPLITS:
+            raise ValueError(f"{where}.split: {self.split!r} is not one of {SPLITS}")
+
+
+@dataclasses.dataclass
+class MetaOptimizerConfig(_Section):
+    """The optimizer of the net's weights. ``name``/``lr`` default per net family (Adam 1e-3 for
+    ``dm_lstm``/``rnnprop``, RMSprop 1e-2 for ``mlp``). ``grad_clip`` clips the global norm of the
+    meta-gradient (``None``: no clipping). ``kwargs`` go to the torch optimizer."""
+
+    name: str | None = None
+    lr: float | None = None
+    grad_clip: float | None = None
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def validate(self, where: str) -> None:
+        if self.name is not None and self.name.lower() not in ("adam", "adamw", "rmsprop", "sgd"):
+            raise ValueError(f"{where}.name: {self.name!r} is not one of adam, adamw, rmsprop, sgd")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"{where}.lr must be positive")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"{where}.grad_clip must be positive or null")
+
+    def resolved(self, family: str) -> tuple[str, float]:
+        name, lr = DEFAULT_META_OPTIMIZER.get(family, ("adam", 1e-3))
+        return (self.name or name).lower(), float(self.lr if self.lr is not None else lr)
+
+
+@dataclasses.dataclass
+class CurriculumConfig(_Section):
+    """Curriculum of trajectory lengths (Chen et al., 2020); see :mod:`learned_optim.meta.curriculum`."""
+
+    enabled: bool = False
+    stages: list[int] = dataclasses.field(default_factory=lambda: [100, 200, 500, 1000, 1500, 2000, 2500, 3000])
+    eval_every: int = 100
+    eval_runs: int = 20
+    min_evals: int = 3
+    score: str = "final"
+
+    def validate(self, where: str) -> None:
+        if not self.stages or any(int(s) < 1 for s in self.stages):
+            raise ValueError(f"{where}.stages must be a non-empty list of positive lengths")
+        if self.eval_every < 1 or self.eval_runs < 1 or self.min_evals < 1:
+            raise ValueError(f"{where}: eval_every, eval_runs and min_evals must be >= 1")
+        if self.score not in ("final", "mean"):
+            raise ValueError(f"{where}.score must be 'final' or 'mean'")
+
+
+@dataclasses.dataclass
+class ImitationConfig(_Section):
+    """Imitation of Adam (Chen et al., 2020); see :mod:`learned_optim.meta.imitation`.
+
+    ``probabilities[stage]`` is the chance that a meta-epoch imitates (the last entry is reused past
+    the end; stage 0 when the curriculum is off). The teacher is Adam with ``teacher_lr``; the net is
+    fitted by its own Adam with ``lr``.
+    """
+
+    enabled: bool = False
+    probabilities: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.1, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3])
+    teacher_lr: float = 0.01
+    teacher_betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])
+    teacher_eps: float = 1e-8
+    lr: float = 1e-3
+
+    def validate(self, where: str) -> None:
+        if not self.probabilities or any(not 0.0 <= p <= 1.0 for p in self.probabilities):
+            raise ValueError(f"{where}.probabilities must be a non-empty list of values in [0, 1]")
+
+    def probability(self, stage: int) -> float:
+        return float(self.probabilities[min(stage, len(self.probabilities) - 1)])
+
+
+@dataclasses.dataclass
+class MetaTrainConfig(_Section):
+    """Everything a meta-training run needs (see the module docstring for the file layout).
+
+    Fields beyond the sections: ``name``/``description`` (recorded in the zoo folder), ``expected_time``
+    (free text, how long the recipe takes on the machine it was sized for), ``seed`` (makes the run
+    reproducible), ``device``, ``dtype`` (``float32`` or ``float64``, for both the net and the optimizee),
+    ``init_from`` (zoo name or folder to fine-tune; its architecture replaces ``net``), ``meta_epochs``
+    (trajectories to train; the cap when the curriculum is on), ``checkpoint_every`` (meta-steps between
+    checkpoints), ``out_dir`` (run folder; ``runs/<name>`` when unset).
+    """
+
+    name: str = "learned-optimizer"
+    description: str | None = None
+    expected_time: str | None = None
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    net: NetSection = dataclasses.field(default_factory=NetSection)
+    init_from: str | None = None
+    task: TaskSection = dataclasses.field(default_factory=TaskSection)
+    unroll: UnrollConfig = dataclasses.field(default_factory=UnrollConfig)
+    objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
+    meta_optimizer: MetaOptimizerConfig = dataclasses.field(default_factory=MetaOptimizerConfig)
+    curriculum: CurriculumConfig = dataclasses.field(default_factory=CurriculumConfig)
+    imitation: ImitationConfig = dataclasses.field(default_factory=ImitationConfig)
+    meta_epochs: int = 100
+    checkpoint_every: int = 50
+    out_dir: str | None = None
+
+    def validate(self, where: str) -> None:
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"{where}.dtype must be 'float32' or 'float64'")
+        if self.meta_epochs < 1 or self.checkpoint_every < 1:
+            raise ValueError(f"{where}: meta_epochs and checkpoint_every must be >= 1")
+        if self.net.family is None and self.init_from is None:
+            raise ValueError(f"{where}: set net.family, or init_from to fine-tune an existing optimizer")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, overrides: Sequence[str] = ()) -> MetaTrainConfig:
+        return load_config(path, overrides)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    text = path.read_text()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ImportError("YAML configs need PyYAML: pip install 'learned-optim[meta]' (or use a JSON config)") from None
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file must hold a mapping at the top level")
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"a.b=value"`` -> ``(["a", "b"], value)``; the value is parsed as YAML (JSON when PyYAML is missing)."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    try:
+        import yaml
+        value = yaml.safe_load(raw)
+    except ImportError:
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Set dotted keys in a nested config mapping (in place; returns it)."""
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for key in keys[:-1]:
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise ValueError(f"override {item!r}: {key!r} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> MetaTrainConfig:
+    """Read a JSON (``.json``) or YAML (``.yaml``/``.yml``) config file and apply ``key=value`` overrides."""
+    data = apply_overrides(_read_mapping(Path(path)), overrides)
+    return MetaTrainConfig.from_dict(data)

@@ -1,0 +1,337 @@
+r"""Differentiable unrolls of a learned optimizer on a task, cut into truncated-BPTT segments.
+
+A trajectory runs the learned update on one task instance from :math:`\theta_0`:
+
+.. math::
+    g_t = \nabla_\theta f(\theta_{t-1}; B_t),\qquad
+    (\Delta_t, s_t) = \mathrm{net}_\phi(g_t, \theta_{t-1}, s_{t-1}, t),\qquad
+    \theta_t = \theta_{t-1} + \Delta_t
+
+with the net applied to every parameter tensor as a flat ``(n,)`` view through
+:func:`learned_optim.nets.base.functional_update` (the same ``forward`` the runtime optimizer calls;
+here through ``torch.func.functional_call`` with the weights :math:`\phi` as explicit inputs). The
+gradient :math:`g_t` is detached unless ``second_order`` is set, in which case the graph keeps
+:math:`\partial g_t/\partial\theta_{t-1}` and the meta-gradient is exact.
+
+A trajectory of :math:`T` steps is cut in segments of ``segment_length`` steps; :func:`unroll` runs one
+segment and returns the meta-loss terms of the points :math:`\theta_{s+1}, \dots, \theta_{s+L}` it
+reached, so the caller can backpropagate into :math:`\phi`. Between segments :math:`\theta` and the net
+state are detached (:class:`Trajectory` only holds detached tensors).
+
+Divergence guard: when :math:`\|\theta_t\|_2` exceeds the task's ``divergence_bound`` (the config's
+``max_param_norm`` when the task sets none) or a loss stops being finite,
+the run is frozen at its last good point and every remaining step counts the constant loss
+``diverged_loss_factor * max(f_0, last finite loss)`` (no gradient, no NaN).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from ..nets.base import UpdateRule, functional_update
+from .config import UnrollConfig
+from .tasks.base import Task
+
+__all__ = ["Trajectory", "UnrollResult", "MetaLossHook", "start_trajectory", "apply_rule", "task_loss_and_grad",
+           "unroll", "to_device"]
+
+StateDict = dict[str, dict[str, Tensor]]
+
+
+class MetaLossHook(Protocol):
+    r"""Extra meta-loss term at a trajectory point (regularizers plug in here).
+
+    Called after every step that was not frozen by the guard with ``params`` = :math:`\theta_t` (in the
+    graph of the net's weights), the task, the train batch that produced :math:`g_t`, and the global
+    1-based step ``t``. Returns a scalar added to the meta-loss, or ``None``. A hook that needs the
+    trajectory length may define ``begin_trajectory(length: int)``; the trainer calls it at every new
+    trajectory.
+    """
+
+    def __call__(self, params: Mapping[str, Tensor], task: Task, batch: Any, step: int) -> Tensor | None: ...
+
+
+@dataclasses.dataclass
+class Trajectory:
+    r"""Where an optimizee run stands between segments (all tensors detached).
+
+    Attributes:
+        params: :math:`\theta_t` by name, in the task's shapes.
+        opt_state: the net's per-coordinate state of each tensor (leading axis = ``numel``).
+        step: steps taken so far (:math:`t`).
+        initial_loss: :math:`f_0`, the meta-split loss at :math:`\theta_0` (set by the first segment).
+        diverged: the guard froze the run; ``penalty`` is the loss it counts per remaining step.
+        last_loss: the last finite meta-split loss (for the penalty).
+        extra: further per-tensor state a caller carries along (e.g. the imitation teacher's moments).
+    """
+
+    params: dict[str, Tensor]
+    opt_state: StateDict
+    step: int = 0
+    initial_loss: float | None = None
+    diverged: bool = False
+    penalty: float | None = None
+    last_loss: float | None = None
+    extra: StateDict = dataclasses.field(default_factory=dict)
+
+    def detached(self) -> Trajectory:
+        return dataclasses.replace(
+            self,
+            params={k: v.detach() for k, v in self.params.items()},
+            opt_state={k: {s: v.detach() for s, v in st.items()} for k, st in self.opt_state.items()},
+            extra={k: {s: v.detach() for s, v in st.items()} for k, st in self.extra.items()},
+        )
+
+    # -- serialisation (safetensors tensors + JSON metadata, see the trainer's checkpoints) -----------
+    def to_tensors(self, prefix: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        names = list(self.params)
+        tensors = {f"{prefix}.params.{i}": self.params[n] for i, n in enumerate(names)}
+        for group, store in (("state", self.opt_state), ("extra", self.extra)):
+            for i, n in enumerate(names):
+                for key, value in store.get(n, {}).items():
+                    tensors[f"{prefix}.{group}.{i}.{key}"] = value
+        meta = {"names": names, "step": self.step, "initial_loss": self.initial_loss, "diverged": self.diverged,
+                "penalty": self.penalty, "last_loss": self.last_loss, "has_extra": bool(self.extra)}
+        return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, meta
+
+    @classmethod
+    def from_tensors(cls, prefix: str, tensors: Mapping[str, Tensor], meta: Mapping[str, Any],
+                     device: torch.device | str | None = None) -> Trajectory:
+        names = meta["names"]
+        params = {n: tensors[f"{prefix}.params.{i}"].to(device) for i, n in enumerate(names)}
+        stores: dict[str, StateDict] = {"state": {n: {} for n in names}, "extra": {}}
+        if meta.get("has_extra"):
+            stores["extra"] = {n: {} for n in names}
+        for key, value in tensors.items():
+            for group in ("state", "extra"):
+                head = f"{prefix}.{group}."
+                if key.startswith(head):
+                    index, name = key[len(head):].split(".", 1)
+                    stores[group][names[int(index)]][name] = value.to(device)
+        return cls(params=params, opt_state=stores["state"], step=int(meta["step"]),
+                   initial_loss=meta["initial_loss"], diverged=bool(meta["diverged"]), penalty=meta["penalty"],
+                   last_loss=meta["last_loss"], extra=stores["extra"])
+
+
+@dataclasses.dataclass
+class UnrollResult:
+    r"""One segment.
+
+    Attributes:
+        losses: ``(L,)`` meta-split losses at :math:`\theta_{s+1},\dots,\theta_{s+L}` (differentiable in the
+            net's weights; constants for frozen steps).
+        train_losses: ``(L,)`` detached train losses :math:`f(\theta_{t-1}; B_t)` seen by the optimizee.
+        extra: sum of the hook's terms over the segment (a 0-d tensor, 0 without a hook).
+        points: :math:`\theta_{s+1},\dots` kept in the graph when ``keep_points=True`` (for regularizers).
+        end: the detached :class:`Trajectory` after the segment.
+        diverged_at: global step at which the guard froze the run during this segment, else ``None``.
+    """
+
+    losses: Tensor
+    train_losses: Tensor
+    extra: Tensor
+    points: list[dict[str, Tensor]]
+    end: Trajectory
+    diverged_at: int | None = None
+
+
+def to_device(batch: Any, device: torch.device | str | None, dtype: torch.dtype | None = None) -> Any:
+    """Move the tensors of a (nested) batch to ``device``; floating tensors are cast to ``dtype``."""
+    if isinstance(batch, Tensor):
+        if dtype is not None and batch.is_floating_point():
+            return batch.to(device=device, dtype=dtype)
+        return batch.to(device) if device is not None else batch
+    if isinstance(batch, Mapping):
+        return type(batch)((k, to_device(v, device, dtype)) for k, v in batch.items())
+    if isinstance(batch, (list, tuple)):
+        items = [to_device(v, device, dtype) for v in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
+    return batch
+
+
+def _compute_dtype(rule: UpdateRule, weights: Mapping[str, Tensor] | None) -> torch.dtype:
+    if weights:
+        return next(iter(weights.values())).dtype
+    return rule.compute_dtype
+
+
+def start_trajectory(rule: UpdateRule, task: Task, generator: torch.Generator, *,
+                     device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Trajectory:
+    r"""Draw :math:`\theta_0` from ``task.init_params(generator)`` and give every tensor fresh net state."""
+    compute = rule.compute_dtype
+    params = {}
+    for name, value in task.init_params(generator).items():
+        value = value.detach()
+        params[name] = value.to(device=device, dtype=dtype if dtype is not None and value.is_floating_point() else None)
+    opt_state = {n: rule.init_state(p.numel(), device=p.device, dtype=compute) for n, p in params.items()}
+    return Trajectory(params=params, opt_state=opt_state)
+
+
+def apply_rule(rule: UpdateRule, weights: Mapping[str, Tensor] | None, grads: Mapping[str, Tensor],
+               params: Mapping[str, Tensor], opt_state: StateDict, step: int) -> tuple[dict[str, Tensor], StateDict]:
+    r"""The net's update :math:`\Delta` of every tensor (flat views) and the new per-coordinate state.
+
+    ``step`` is the 1-based step count, passed to the net as a 0-d tensor in its compute dtype (as the
+    runtime optimizer does). Deltas come back in each parameter's shape and dtype.
+    """
+    dtype = _compute_dtype(rule, weights)
+    deltas, new_state = {}, {}
+    for name, param in params.items():
+        t = torch.tensor(float(step), dtype=dtype, device=param.device)
+        delta, state = functional_update(rule, weights, grads[name].reshape(-1).to(dtype),
+                                         param.reshape(-1).to(dtype), opt_state[name], t)
+        deltas[name] = delta.reshape(param.shape).to(param.dtype)
+        new_state[name] = state
+    return deltas, new_state
+
+
+def task_loss_and_grad(task: Task, params: Mapping[str, Tensor], batch: Any, *,
+                       create_graph: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+    """``f(params; batch)`` and its gradient (detached unless ``create_graph``); the loss stays in the graph."""
+    loss = task.loss(params, batch)
+    grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph, retain_graph=True,
+                                allow_unused=True)
+    return loss, {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(params.items(), grads)}
+
+
+def _global_norm(params: Mapping[str, Tensor]) -> float:
+    return math.sqrt(sum(float(p.detach().double().square().sum()) for p in params.values()))
+
+
+def unroll(rule: UpdateRule, weights: Mapping[str, Tensor] | None, task: Task, trajectory: Trajectory,
+           num_steps: int, *, generator: torch.Generator, config: UnrollConfig | None = None,
+           meta_split: str = "train", hook: MetaLossHook | Callable[..., Tensor | None] | None = None,
+           keep_points: bool = False, track_graph: bool = True) -> UnrollResult:
+    r"""Run ``num_steps`` learned steps from ``trajectory`` and collect the meta-loss terms.
+
+    Args:
+        rule: the update rule (its module; ``weights`` are substituted through ``functional_call``).
+        weights: the net's weights by name (e.g. ``dict(rule.named_parameters())``); ``None`` uses the
+            module's own.
+        task: the optimizee.
+        trajectory: the (detached) state to continue from; a fresh one from :func:`start_trajectory`.
+        num_steps: segment length :math:`L`.
+        generator: source of the batches (train, and val when ``meta_split="val"``).
+        config: unroll options (``second_order``, ``checkpoint_steps``, the guard).
+        meta_split: ``"train"``: ``losses[i]`` is :math:`f(\theta_{s+i+1})` on the next train batch
+            (train-by-train); ``"val"``: on a fresh val batch (train-by-validation).
+        hook: extra meta-loss term at each new point (see :class:`MetaLossHook`).
+        keep_points: return the points :math:`\theta_t` (in the graph) in ``UnrollResult.points``.
+        track_graph: ``False`` runs without building the graph of the net (evaluation); losses detached.
+    """
+    cfg = config or UnrollConfig()
+    if meta_split not in ("train", "val"):
+        raise ValueError(f"meta_split must be 'train' or 'val', got {meta_split!r}")
+    dtype = next((p.dtype for p in trajectory.params.values() if p.is_floating_point()), None)
+    device = next(iter(trajectory.params.values())).device
+    second_order = cfg.second_order and track_graph
+    task_bound = getattr(task, "divergence_bound", None)
+    bound = task_bound if task_bound is not None else cfg.max_param_norm
+
+    def fresh(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {k: v.detach().requires_grad_(v.is_floating_point()) for k, v in tensors.items()}
+
+    params = fresh(trajectory.params)
+    state = {k: {s: v.detach() for s, v in st.items()} for k, st in trajectory.opt_state.items()}
+    initial_loss, last_loss, penalty = trajectory.initial_loss, trajectory.last_loss, trajectory.penalty
+    diverged, diverged_at = trajectory.diverged, None
+    step0 = trajectory.step
+
+    def batch_of(split: str) -> Any:
+        return to_device(task.batch(split, generator), device, dtype)
+
+    def one_step(params: dict[str, Tensor], state: StateDict, batch: Any, t: int):
+        loss, grads = task_loss_and_grad(task, params, batch, create_graph=second_order)
+        with torch.set_grad_enabled(track_graph):
+            deltas, new_state = apply_rule(rule, weights, grads, params, state, t)
+            new_params = {k: params[k] + deltas[k] for k in params}
+        return loss, new_params, new_state
+
+    meta_losses: list[Tensor | float] = []
+    train_losses: list[float] = []
+    points: list[dict[str, Tensor]] = []
+    extra: Tensor | float = 0.0
+
+    def freeze(t: int) -> None:
+        nonlocal diverged, diverged_at, penalty
+        diverged, diverged_at = True, t
+        reference = max(v for v in (initial_loss, last_loss, 0.0) if v is not None and math.isfinite(v))
+        penalty = cfg.diverged_loss_factor * reference if reference > 0 else 1.0
+
+    def record(value: Tensor) -> bool:
+        """Append a meta-split loss; returns False (and freezes) when it is not finite."""
+        nonlocal last_loss
+        v = float(value.detach())
+        if not math.isfinite(v):
+            return False
+        last_loss = v
+        meta_losses.append(value if track_graph else value.detach())
+        return True
+
+    with torch.enable_grad():
+        if initial_loss is None and not diverged and meta_split == "val":
+            initial_loss = float(task.loss(params, batch_of("val")).detach())
+        for i in range(num_steps):
+            t = step0 + i + 1
+            if diverged:
+                meta_losses.append(penalty)
+                train_losses.append(penalty)
+                continue
+            batch = batch_of("train")
+            if cfg.checkpoint_steps and track_graph:
+                loss, new_params, new_state = checkpoint(one_step, params, state, batch, t, use_reentrant=False)
+            else:
+                loss, new_params, new_state = one_step(params, state, batch, t)
+            loss_value = float(loss.detach())
+            if initial_loss is None:
+                initial_loss = loss_value
+            train_losses.append(loss_value)
+            if i > 0 and meta_split == "train" and not record(loss):
+                # theta_{t-1} is not a finite point: freeze there (its entry and the rest count the penalty)
+                freeze(t - 1)
+                meta_losses.append(penalty)
+                train_losses[-1] = penalty
+                meta_losses.append(penalty)
+                continue
+            finite = all(bool(torch.isfinite(p.detach()).all()) for p in new_params.values())
+            if not finite or (bound is not None and _global_norm(new_params) > bound):
+                freeze(t)
+                meta_losses.append(penalty)
+                continue
+            if not track_graph:
+                new_params = fresh(new_params)
+                new_state = {k: {s: v.detach() for s, v in st.items()} for k, st in new_state.items()}
+            params, state = new_params, new_state
+            if meta_split == "val" and not record(task.loss(params, batch_of("val"))):
+                freeze(t)
+                meta_losses.append(penalty)
+                continue
+            if keep_points:
+                points.append(params)
+            if hook is not None and track_graph:
+                term = hook(params, task, batch, t)
+                if term is not None:
+                    extra = extra + term
+        if meta_split == "train" and not diverged and num_steps > 0:
+            if not record(task.loss(params, batch_of("train"))):
+                freeze(step0 + num_steps)
+                meta_losses.append(penalty)
+
+    ref = next(iter(params.values()))
+    losses = torch.stack([v if isinstance(v, Tensor) else torch.tensor(v, dtype=ref.dtype, device=ref.device)
+                          for v in meta_losses]) if meta_losses else ref.new_zeros(0)
+    if isinstance(extra, float):
+        extra = ref.new_tensor(extra).detach()
+    end = Trajectory(params={k: v.detach() for k, v in params.items()},
+                     opt_state={k: {s: v.detach() for s, v in st.items()} for k, st in state.items()},
+                     step=step0 + num_steps, initial_loss=initial_loss, diverged=diverged, penalty=penalty,
+                     last_loss=last_loss, extra=trajectory.extra)
+    return UnrollResult(losses=losses, train_losses=torch.tensor(train_losses, dtype=torch.float64), extra=extra,
+                        points=points, end=end, diverged_at=diverged_at)

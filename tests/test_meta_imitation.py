@@ -1,0 +1,83 @@
+"""Imitation of Adam: the teacher's step, the loss value, and training a net towards Adam's steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from learned_optim import build_rule
+from learned_optim.meta.config import ImitationConfig
+from learned_optim.meta.imitation import adam_delta, imitation_loss, imitation_unroll
+from learned_optim.meta.tasks.base import Task
+from learned_optim.meta.unroll import start_trajectory
+
+
+class Bowl(Task):
+    """f(x) = sum(c * x^2) with mixed curvatures; fixed data."""
+
+    name = "bowl"
+
+    def __init__(self):
+        self.c = torch.tensor([0.5, 1.0, 4.0, 10.0])
+
+    def init_params(self, generator):
+        return {"x": torch.randn(4, generator=generator), "y": torch.randn(2, 3, generator=generator)}
+
+    def batch(self, split, generator):
+        return None
+
+    def loss(self, params, batch):
+        return (self.c * params["x"].square()).sum() + params["y"].square().sum()
+
+
+def test_adam_delta_matches_torch_adam():
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+    opt = torch.optim.Adam([p], lr=0.01)
+    m = v = torch.zeros(3)
+    theta = p.detach().clone()
+    for t in range(1, 6):
+        opt.zero_grad()
+        (p.pow(3).sum()).backward()
+        grad = p.grad.clone()
+        opt.step()
+        delta, m, v = adam_delta(grad, m, v, t, lr=0.01, betas=(0.9, 0.999), eps=1e-8)
+        theta = theta + delta
+        torch.testing.assert_close(theta, p.detach())
+
+
+def test_imitation_loss_value():
+    teacher = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([[0.0, 0.0]])}
+    student = {"a": torch.tensor([0.0, 2.0]), "b": torch.tensor([[3.0, 0.0]])}
+    # 1/2 * (1 + 9) / 4 coordinates
+    assert float(imitation_loss(teacher, student)) == pytest.approx(1.25)
+
+
+def test_imitation_unroll_follows_adam_and_trains_the_net_towards_it():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        rule = build_rule("rnnprop")
+    task = Bowl()
+    start = start_trajectory(rule, task, torch.Generator().manual_seed(0))
+    cfg = ImitationConfig(enabled=True, teacher_lr=0.01)
+    result = imitation_unroll(rule, dict(rule.named_parameters()), task, start, 5, generator=torch.Generator(), config=cfg)
+    # the optimizee moved exactly as Adam would
+    p = torch.nn.Parameter(start.params["x"].clone())
+    q = torch.nn.Parameter(start.params["y"].clone())
+    adam = torch.optim.Adam([p, q], lr=0.01)
+    for _ in range(5):
+        adam.zero_grad()
+        task.loss({"x": p, "y": q}, None).backward()
+        adam.step()
+    torch.testing.assert_close(result.end.params["x"], p.detach())
+    torch.testing.assert_close(result.end.params["y"], q.detach())
+    assert result.end.step == 5 and set(result.end.extra["x"]) == {"m", "v"}
+    # a few Adam(1e-3) steps on the imitation loss reduce it
+    opt = torch.optim.Adam(rule.parameters(), lr=1e-2)
+    first = float(result.loss.detach())
+    for _ in range(30):
+        opt.zero_grad()
+        loss = imitation_unroll(rule, dict(rule.named_parameters()), task, start, 5, generator=torch.Generator(),
+                                config=cfg).loss
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < 0.5 * first

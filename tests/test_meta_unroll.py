@@ -1,0 +1,211 @@
+"""The differentiable unroll: exact meta-gradients, checkpointing, the guard, hooks, train-by-validation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from learned_optim import build_rule
+from learned_optim.meta.config import UnrollConfig
+from learned_optim.meta.objectives import meta_objective
+from learned_optim.meta.tasks.base import Task, TaskFamily
+from learned_optim.meta.unroll import apply_rule, start_trajectory, unroll
+
+FAMILIES = ["dm_lstm", "rnnprop", "mlp"]
+
+
+class QuarticTask(Task):
+    """f(x) = mean((Wx - y)^2) + 0.1 * mean(x^4) on a fixed train batch and a different fixed val batch;
+    non-quadratic so the second-order terms of the meta-gradient do not vanish."""
+
+    name = "quartic"
+
+    def __init__(self, W, y, Wv, yv, scale: float = 0.5):
+        self.data = {"train": (W, y), "val": (Wv, yv)}
+        self.scale = scale
+
+    def init_params(self, generator):
+        d = self.data["train"][0].shape[1]
+        W = self.data["train"][0]
+        return {"x": self.scale * torch.randn(d, generator=generator, dtype=W.dtype),
+                "b": self.scale * torch.randn(2, 1, generator=generator, dtype=W.dtype)}
+
+    def batch(self, split, generator):
+        W, y = self.data[split]
+        return {"W": W, "y": y}
+
+    def loss(self, params, batch):
+        residual = batch["W"] @ params["x"] + params["b"].sum() - batch["y"]
+        return residual.square().mean() + 0.1 * params["x"].pow(4).mean() + 0.05 * params["b"].square().sum()
+
+
+class QuarticFamily(TaskFamily):
+    name = "quartic"
+
+    def __init__(self, dim: int = 4, dtype: str = "float64"):
+        self.dim, self.dtype = dim, getattr(torch, dtype)
+
+    def sample(self, generator):
+        def draw(*shape):
+            return torch.randn(*shape, generator=generator, dtype=self.dtype)
+        return QuarticTask(draw(6, self.dim), draw(6), draw(6, self.dim), draw(6))
+
+
+def make(family: str, seed: int = 0, **overrides):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        rule = build_rule(family, overrides).double()
+    task = QuarticFamily().sample(torch.Generator().manual_seed(seed))
+    trajectory = start_trajectory(rule, task, torch.Generator().manual_seed(seed + 1))
+    return rule, task, trajectory
+
+
+def segment_loss(rule, weights, task, trajectory, steps=2, kind="sum", **cfg):
+    config = UnrollConfig(**cfg)
+    result = unroll(rule, weights, task, trajectory, steps, generator=torch.Generator().manual_seed(7), config=config)
+    return meta_objective(kind, result.losses, initial_loss=result.end.initial_loss, last_step=result.end.step), result
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_step_meta_gradient_matches_central_differences_float64(family):
+    overrides = {"output_scale": 0.3} if family != "mlp" else {"step_scale": 0.05}
+    rule, task, trajectory = make(family, **overrides)
+    weights = {k: v.detach().clone().requires_grad_(True) for k, v in rule.named_parameters()}
+    loss, _ = segment_loss(rule, weights, task, trajectory, second_order=True)
+    grads = torch.autograd.grad(loss, list(weights.values()))
+    gen = torch.Generator().manual_seed(3)
+    eps = 1e-6
+    for _ in range(3):
+        direction = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in weights.items()}
+        analytic = sum((g * direction[k]).sum() for g, k in zip(grads, weights))
+        with torch.no_grad():
+            plus = {k: v + eps * direction[k] for k, v in weights.items()}
+            minus = {k: v - eps * direction[k] for k, v in weights.items()}
+        numeric = (segment_loss(rule, plus, task, trajectory, second_order=True)[0]
+                   - segment_loss(rule, minus, task, trajectory, second_order=True)[0]) / (2 * eps)
+        assert abs(float(analytic)) > 1e-6
+        assert float(analytic) == pytest.approx(float(numeric), rel=1e-6, abs=1e-9)
+
+
+def test_first_order_meta_gradient_drops_second_order_terms():
+    rule, task, trajectory = make("rnnprop", output_scale=0.3)
+    weights = dict(rule.named_parameters())
+    exact = torch.autograd.grad(segment_loss(rule, weights, task, trajectory, steps=3, second_order=True)[0],
+                                list(weights.values()))
+    first = torch.autograd.grad(segment_loss(rule, weights, task, trajectory, steps=3)[0], list(weights.values()))
+    assert all(torch.isfinite(g).all() for g in first)
+    assert not all(torch.allclose(a, b) for a, b in zip(exact, first))
+
+
+@pytest.mark.parametrize("second_order", [False, True])
+def test_step_checkpointing_gives_the_same_meta_gradient(second_order):
+    rule, task, trajectory = make("dm_lstm", output_scale=0.3)
+    weights = dict(rule.named_parameters())
+    plain = torch.autograd.grad(segment_loss(rule, weights, task, trajectory, steps=4, second_order=second_order)[0],
+                                list(weights.values()))
+    ckpt = torch.autograd.grad(segment_loss(rule, weights, task, trajectory, steps=4, second_order=second_order,
+                                            checkpoint_steps=True)[0], list(weights.values()))
+    for a, b in zip(plain, ckpt):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_unroll_applies_the_shared_update_and_tracks_the_trajectory():
+    rule, task, trajectory = make("mlp")
+    weights = dict(rule.named_parameters())
+    result = unroll(rule, weights, task, trajectory, 3, generator=torch.Generator().manual_seed(0), keep_points=True)
+    # replay by hand with apply_rule (the same functional_update) and plain autograd gradients
+    params = {k: v.clone() for k, v in trajectory.params.items()}
+    state = trajectory.opt_state
+    for t in range(1, 4):
+        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        loss = task.loss(leaves, task.batch("train", None))
+        grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+        with torch.no_grad():
+            deltas, state = apply_rule(rule, None, grads, leaves, state, t)
+            params = {k: leaves[k] + deltas[k] for k in leaves}
+        torch.testing.assert_close(result.points[t - 1]["x"].detach(), params["x"])
+    assert result.end.step == 3 and len(result.losses) == 3
+    torch.testing.assert_close(result.losses[-1].detach(), task.loss(params, task.batch("train", None)))
+    assert result.losses.requires_grad and not result.end.params["x"].requires_grad
+
+
+def test_segments_detach_state_and_continue_the_step_count():
+    rule, task, trajectory = make("rnnprop")
+    weights = dict(rule.named_parameters())
+    gen = torch.Generator().manual_seed(0)
+    first = unroll(rule, weights, task, trajectory, 2, generator=gen)
+    second = unroll(rule, weights, task, first.end, 2, generator=gen)
+    assert second.end.step == 4 and second.end.initial_loss == first.end.initial_loss
+    assert all(not v.requires_grad for st in first.end.opt_state.values() for v in st.values())
+    # one long segment reaches the same point as two short ones (same batches, same steps)
+    whole = unroll(rule, weights, task, trajectory, 4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(whole.end.params["x"], second.end.params["x"])
+
+
+def test_train_by_validation_losses_use_the_val_batch():
+    rule, task, trajectory = make("dm_lstm", output_scale=0.3)
+    result = unroll(rule, dict(rule.named_parameters()), task, trajectory, 3,
+                    generator=torch.Generator().manual_seed(0), meta_split="val", keep_points=True)
+    val = task.batch("val", None)
+    for point, value in zip(result.points, result.losses):
+        torch.testing.assert_close(value.detach(), task.loss(point, val).detach())
+    torch.testing.assert_close(torch.tensor(result.end.initial_loss, dtype=torch.float64),
+                               task.loss(trajectory.params, val))
+
+
+def test_hook_terms_are_added_at_every_point():
+    rule, task, trajectory = make("dm_lstm", output_scale=0.3)
+    calls = []
+
+    def hook(params, task_, batch, step):
+        calls.append(step)
+        return 0.5 * params["x"].square().sum()
+
+    result = unroll(rule, dict(rule.named_parameters()), task, trajectory, 3,
+                    generator=torch.Generator().manual_seed(0), hook=hook, keep_points=True)
+    assert calls == [1, 2, 3]
+    expected = sum(0.5 * p["x"].square().sum() for p in result.points)
+    torch.testing.assert_close(result.extra, expected)
+    assert result.extra.requires_grad
+
+
+def test_divergence_guard_freezes_the_run_without_nan():
+    rule, task, trajectory = make("dm_lstm", output_scale=50.0)
+    weights = dict(rule.named_parameters())
+    loss, result = segment_loss(rule, weights, task, trajectory, steps=6, max_param_norm=20.0)
+    assert result.end.diverged and result.diverged_at is not None
+    assert torch.isfinite(result.losses).all() and math.isfinite(float(loss))
+    frozen = result.losses[result.diverged_at - 1:]
+    penalty = result.end.penalty
+    assert penalty >= 10.0 * result.end.initial_loss
+    assert torch.equal(frozen, torch.full_like(frozen, penalty))
+    assert float(sum(p.double().square().sum() for p in result.end.params.values()).sqrt()) <= 20.0
+    grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
+    assert all(g is None or torch.isfinite(g).all() for g in grads)
+    # a frozen trajectory stays frozen and costs nothing
+    again = unroll(rule, weights, task, result.end, 3, generator=torch.Generator())
+    assert torch.equal(again.losses, torch.full((3,), penalty, dtype=again.losses.dtype))
+    assert again.end.step == result.end.step + 3
+
+
+def test_divergence_guard_catches_non_finite_losses_without_a_norm_bound():
+    class Exploding(QuarticTask):
+        def loss(self, params, batch):
+            return torch.exp(params["x"].square().sum() * 30.0) * super().loss(params, batch)
+
+    rule, _, _ = make("dm_lstm", output_scale=3.0)
+    base = QuarticFamily().sample(torch.Generator().manual_seed(0))
+    task = Exploding(*base.data["train"], *base.data["val"])
+    trajectory = start_trajectory(rule, task, torch.Generator().manual_seed(1))
+    trajectory.params["x"] = torch.full_like(trajectory.params["x"], 0.1)
+    loss, result = segment_loss(rule, dict(rule.named_parameters()), task, trajectory, steps=8, max_param_norm=None)
+    assert result.end.diverged
+    assert torch.isfinite(result.losses).all() and math.isfinite(float(loss))
+
+
+def test_evaluation_mode_builds_no_graph():
+    rule, task, trajectory = make("dm_lstm")
+    result = unroll(rule, None, task, trajectory, 5, generator=torch.Generator(), track_graph=False)
+    assert not result.losses.requires_grad and len(result.losses) == 5
