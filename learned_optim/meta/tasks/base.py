@@ -30,6 +30,10 @@ class Task(abc.ABC):
     #: Short identifier, e.g. ``"quadratic"`` or ``"digits-mlp20-sigmoid"``.
     name: str = "task"
 
+    #: Divergence guard (SPEC §2): a run whose parameters' global L2 norm exceeds this bound counts
+    #: as diverged. ``None``: the task sets no bound and the trainer's own default applies.
+    divergence_bound: float | None = None
+
     @abc.abstractmethod
     def init_params(self, generator: torch.Generator) -> Params:
         """Initial parameters theta_0 (the same distribution in meta-training and meta-testing)."""

@@ -1,0 +1,47 @@
+"""The registry of task families: name -> class, and :func:`make_family`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import TaskFamily
+from .mixture import MixtureFamily
+from .neural import PRESETS, ConvFamily, MLPFamily, ResNetFamily, TimmFamily
+from .synthetic import (
+    LassoFamily, LeastSquaresFamily, PolynomialRegressionFamily, QuadraticFamily, RosenbrockFamily,
+    StepSizeQuadraticFamily,
+)
+
+__all__ = ["TASK_FAMILIES", "register_family", "make_family"]
+
+#: Every task family by name. Presets (e.g. ``"digits-mlp20-sigmoid"``) are subclasses of a base
+#: family with other defaults.
+TASK_FAMILIES: dict[str, type[TaskFamily]] = {}
+
+
+def register_family(cls: type[TaskFamily]) -> type[TaskFamily]:
+    """Add ``cls`` to :data:`TASK_FAMILIES` under ``cls.name`` (usable as a class decorator)."""
+    existing = TASK_FAMILIES.get(cls.name)
+    if existing is not None and existing is not cls:
+        raise ValueError(f"task family name {cls.name!r} is already registered to {existing.__name__}")
+    TASK_FAMILIES[cls.name] = cls
+    return cls
+
+
+for _cls in (QuadraticFamily, LassoFamily, RosenbrockFamily, LeastSquaresFamily, PolynomialRegressionFamily,
+             StepSizeQuadraticFamily, MLPFamily, ConvFamily, ResNetFamily, TimmFamily, MixtureFamily,
+             *PRESETS.values()):
+    register_family(_cls)
+
+
+def make_family(name: str, **config: Any) -> TaskFamily:
+    """Build the family registered as ``name`` with constructor arguments ``config``.
+
+    >>> family = make_family("lasso", sigma=(10.0, 25.0))
+    >>> task = family.sample(torch.Generator().manual_seed(0))  # doctest: +SKIP
+    """
+    try:
+        cls = TASK_FAMILIES[name]
+    except KeyError:
+        raise KeyError(f"unknown task family {name!r}; registered: {sorted(TASK_FAMILIES)}") from None
+    return cls(**config)
