@@ -1,0 +1,94 @@
+"""``python -m learned_optim demo`` end-to-end on a tiny setting, and its error when the zoo is empty.
+
+The checkpoints here are TEST FIXTURES: freshly initialised (untrained) nets saved to temporary folders.
+They exercise the plumbing only; nothing here is, or is shipped as, a pretrained optimizer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import learned_optim
+from learned_optim import DMLSTM, save_pretrained
+from learned_optim.__main__ import DEMO_TASK, main
+
+TINY = ["--steps", "4", "--seeds", "2", "--tune-steps", "2", "--lr-grid", "0.01,0.001", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _fixture_checkpoint(folder: Path) -> Path:
+    """TEST FIXTURE: an untrained DM-LSTM checkpoint (no 'training' record, so the demo flags it)."""
+    torch.manual_seed(0)
+    return save_pretrained(DMLSTM(), folder, name="fixture-untrained", description="test fixture, untrained")
+
+
+@pytest.fixture
+def empty_zoo(tmp_path, monkeypatch):
+    root = tmp_path / "empty-zoo"
+    root.mkdir()
+    monkeypatch.setattr(learned_optim.hub, "zoo_dir", lambda: root)
+    return root
+
+
+def test_demo_end_to_end_with_a_temporary_checkpoint(tmp_path, capsys, empty_zoo):
+    checkpoint = _fixture_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "demo-out"
+    assert main(["demo", "--optimizer", str(checkpoint), "--out", str(out), *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "records no meta-training" in printed  # an untrained net is never presented as pretrained
+    assert "[tune] adam on " + DEMO_TASK + ": grid {0.01: " in printed
+    assert f"| {DEMO_TASK} | fixture-untrained | 1 |" in printed and f"| {DEMO_TASK} | adam | " in printed
+    for column in ("Final train loss", "Test accuracy (%)", "Time / step (ms)", "Wall time / run (s)"):
+        assert column in printed
+    png = out / f"curves_{DEMO_TASK}.png"
+    assert png.read_bytes()[:4] == b"\x89PNG" and str(png) in printed
+    results = json.loads((out / "results.json").read_text())
+    assert [row["optimizer"] for row in results["summary"]] == ["fixture-untrained", "adam"]
+    assert results["config"]["steps"] == 4 and results["config"]["seeds"] == 2
+    assert results["tuning"][0]["grid"] == [0.01, 0.001]
+    assert all(0.0 <= row["test_accuracy"] <= 1.0 for row in results["summary"])
+
+
+def test_demo_defaults_to_the_first_zoo_entry(tmp_path, monkeypatch, capsys):
+    zoo = tmp_path / "zoo"
+    for name in ("zz-second", "aa-first"):  # TEST FIXTURES in a temporary zoo
+        save_pretrained(DMLSTM(), zoo / name, name=name, training={"tasks": ["test fixture, untrained"]})
+    monkeypatch.setattr(learned_optim.hub, "zoo_dir", lambda: zoo)
+    assert main(["demo", "--out", str(tmp_path / "out"), *TINY, "--steps", "1", "--seeds", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("Learned optimizer: aa-first (dm_lstm, ")
+    assert "records no meta-training" not in printed
+
+
+def test_demo_with_an_empty_zoo_explains_how_to_pass_a_checkpoint(tmp_path, capsys, empty_zoo):
+    assert main(["demo", "--out", str(tmp_path / "out")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "no pretrained optimizer is bundled" in captured.err and str(empty_zoo) in captured.err
+    assert "python -m learned_optim demo --optimizer DIR" in captured.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_rejects_a_folder_that_is_not_a_checkpoint(tmp_path, capsys):
+    assert main(["demo", "--optimizer", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert "is not a learned_optim checkpoint folder" in capsys.readouterr().err
+
+
+def test_top_level_cli_dispatches(capsys):
+    assert main(["--help"]) == 0 and "demo" in capsys.readouterr().out
+    assert main([]) == 2 and main(["bogus"]) == 2
+    assert "unknown command 'bogus'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--help"])
+    assert exit_info.value.code == 0 and "--tasks" in capsys.readouterr().out
