@@ -231,7 +231,10 @@ class MetaTrainConfig(_Section):
 
     Fields beyond the sections: ``name``/``description`` (recorded in the zoo folder), ``expected_time``
     (free text, how long the recipe takes on the machine it was sized for), ``seed`` (makes the run
-    reproducible), ``device``, ``dtype`` (``float32`` or ``float64``, for both the net and the optimizee),
+    reproducible), ``device``, ``dtype`` (``float32`` or ``float64``, for both the net and the optimizee), ``num_threads``
+    (torch CPU threads while training; 1 by default because the small per-step ops of meta-training run
+    several times faster single-threaded on a busy CPU than with 2 contending threads; ``None`` keeps
+    torch's setting),
     ``init_from`` (zoo name or folder to fine-tune; its architecture replaces ``net``), ``meta_epochs``
     (trajectories to train; the cap when the curriculum is on), ``checkpoint_every`` (meta-steps between
     checkpoints), ``out_dir`` (run folder; ``runs/<name>`` when unset).
@@ -243,6 +246,7 @@ class MetaTrainConfig(_Section):
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
+    num_threads: int | None = 1
     net: NetSection = dataclasses.field(default_factory=NetSection)
     init_from: str | None = None
     task: TaskSection = dataclasses.field(default_factory=TaskSection)
@@ -258,6 +262,8 @@ class MetaTrainConfig(_Section):
     def validate(self, where: str) -> None:
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"{where}.dtype must be 'float32' or 'float64'")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"{where}.num_threads must be >= 1 or null")
         if self.meta_epochs < 1 or self.checkpoint_every < 1:
             raise ValueError(f"{where}: meta_epochs and checkpoint_every must be >= 1")
         if self.net.family is None and self.init_from is None:

@@ -1,0 +1,84 @@
+"""Command line of meta-training: ``python -m learned_optim.meta train CONFIG [options]``.
+
+::
+
+    python -m learned_optim.meta train learned_optim/meta/configs/l2o-lstm.yaml --out runs/l2o-lstm
+    python -m learned_optim.meta train learned_optim/meta/configs/l2o-lstm.yaml --out runs/l2o-lstm --resume
+    python -m learned_optim.meta train CONFIG --set unroll.segment_length=10 --set seed=3 --device cuda
+
+``CONFIG`` is a JSON or YAML file laid out as :class:`learned_optim.meta.config.MetaTrainConfig`; a bare
+name such as ``l2o-lstm`` refers to the bundled ``learned_optim/meta/configs/<name>.yaml``. The run
+folder gets ``log.jsonl``, ``checkpoint/`` and, when training finishes, ``model/`` (a zoo folder for
+``learned_optim.from_pretrained``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main", "build_parser", "resolve_config_path", "CONFIG_DIR"]
+
+#: The bundled example configs.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def resolve_config_path(config: str) -> Path:
+    """A config file path, or the bundled ``configs/<config>.yaml|.json`` when ``config`` is a bare name."""
+    path = Path(config)
+    if path.is_file():
+        return path
+    for suffix in (".yaml", ".yml", ".json"):
+        candidate = CONFIG_DIR / f"{config}{suffix}"
+        if candidate.is_file():
+            return candidate
+    bundled = sorted(p.stem for p in CONFIG_DIR.glob("*.y*ml")) + sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+    raise FileNotFoundError(f"config {config!r} is neither a file nor a bundled config ({', '.join(bundled)})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m learned_optim.meta",
+                                     description="Meta-train learned optimizers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="meta-train an optimizer from a JSON/YAML config",
+                           description="Meta-train an optimizer; writes OUT/log.jsonl, OUT/checkpoint/ and OUT/model/.")
+    train.add_argument("config", help="config file, or the name of a bundled config (e.g. l2o-lstm)")
+    train.add_argument("--device", choices=["cpu", "cuda"], default=None, help="overrides the config's device")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    train.add_argument("--out", default=None, help="run folder (default: the config's out_dir or runs/<name>)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field by dotted key, e.g. --set unroll.segment_length=10 (repeatable)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sub.add_parser("configs", help="list the bundled configs")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.command == "configs":
+        from .config import load_config
+
+        for path in sorted(CONFIG_DIR.glob("*.yaml")):
+            cfg = load_config(path)
+            print(f"{path.stem:20s} {cfg.expected_time or '':40s} {cfg.description or ''}")
+        return 0
+
+    from .config import load_config
+    from .trainer import MetaTrainer
+
+    command = shlex.join(["python", "-m", "learned_optim.meta", *argv])
+    try:
+        config = load_config(resolve_config_path(args.config), args.overrides)
+        trainer = MetaTrainer(config, out_dir=args.out, device=args.device, progress=not args.no_progress,
+                              command=command)
+        folder = trainer.train(resume=args.resume)
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, ImportError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"meta-training finished ({trainer.finish_reason}) after {trainer.meta_steps} meta-steps; "
+          f"optimizer written to {folder}")
+    return 0

@@ -1,0 +1,650 @@
+"""The meta-trainer: ``MetaTrainer(config).train()`` turns a config into a zoo-format optimizer folder.
+
+One *meta-step* is one truncated-BPTT segment of one trajectory followed by one update of the net's
+weights; one *meta-epoch* is one trajectory (a freshly sampled task run for ``trajectory_length`` steps,
+or the curriculum stage's length). Per meta-epoch, with the imitation probability of the current stage,
+the segments of that trajectory imitate Adam instead (:mod:`learned_optim.meta.imitation`).
+
+Run folder (``out_dir``)::
+
+    config.json          the resolved config of the run
+    log.jsonl            one JSON object per meta-step, trajectory end, evaluation, start/resume/finish
+    checkpoint/          state-<meta_step>.safetensors + state-<meta_step>.json (latest only)
+    model/               the result: config.json + model.safetensors + README.md (hub.save_pretrained)
+
+Checkpoints hold the net's weights, the meta-optimizers' states, every RNG state, the curriculum
+state, the counters and the in-flight trajectory (its task is re-drawn from its recorded seed), as
+safetensors tensors plus a JSON document; nothing is pickled. Each file is written to a temporary name
+and moved into place with ``os.replace``; the JSON is written last, so a JSON file's presence means its
+checkpoint is complete. ``train(resume=True)`` continues from the latest one, bit for bit on the same
+device, so a killed run loses at most ``checkpoint_every`` meta-steps.
+
+Reproducibility: all randomness is drawn from generators seeded by ``(seed, purpose, index)``: the
+net's initialisation, each trajectory's task and batches, the imitation coin flips, and the fixed
+evaluation runs of the curriculum.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import importlib
+import json
+import math
+import os
+import platform
+import random
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from ..hub import _default_card, load_rule, save_pretrained
+from ..nets.base import UpdateRule, build_rule
+from .config import MetaTrainConfig, TaskSection, load_config
+from .curriculum import Curriculum
+from .imitation import imitation_unroll
+from .objectives import meta_objective
+from .tasks.base import Task, TaskFamily
+from .unroll import MetaLossHook, Trajectory, start_trajectory, unroll
+
+__all__ = ["MetaTrainer", "derive_seed", "make_task_family", "build_meta_optimizer"]
+
+CHECKPOINT_FORMAT = 1
+_META_OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop,
+                    "sgd": torch.optim.SGD}
+
+
+def derive_seed(seed: int, *keys: Any) -> int:
+    """A 63-bit seed determined by ``seed`` and ``keys`` (stable across runs, platforms and Python versions)."""
+    text = "/".join(str(k) for k in (seed, *keys)).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
+
+
+def _generator(seed: int) -> torch.Generator:
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return gen
+
+
+def make_task_family(family: str, kwargs: Mapping[str, Any] | None = None) -> TaskFamily:
+    """``learned_optim.meta.tasks.make_family(family, **kwargs)``, or ``"module:attr"(**kwargs)``."""
+    kwargs = dict(kwargs or {})
+    if ":" in family:
+        module, _, attr = family.partition(":")
+        factory = importlib.import_module(module)
+        for part in attr.split("."):
+            factory = getattr(factory, part)
+        result = factory(**kwargs)
+    else:
+        try:
+            from .tasks import make_family
+        except ImportError as err:
+            raise ImportError(f"cannot build task family {family!r}: learned_optim.meta.tasks.make_family "
+                              f"is not available ({err})") from None
+        result = make_family(family, **kwargs)
+    if not isinstance(result, TaskFamily):
+        raise TypeError(f"task family {family!r} built a {type(result).__name__}, not a TaskFamily")
+    return result
+
+
+def build_meta_optimizer(params: Sequence[Tensor], name: str, lr: float,
+                         kwargs: Mapping[str, Any] | None = None) -> torch.optim.Optimizer:
+    """The torch optimizer of the net's weights (``adam``, ``adamw``, ``rmsprop`` or ``sgd``)."""
+    try:
+        cls = _META_OPTIMIZERS[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown meta-optimizer {name!r}; choose one of {sorted(_META_OPTIMIZERS)}") from None
+    return cls(params, lr=lr, **dict(kwargs or {}))
+
+
+# ------------------------------------------------------------------------------ state <-> tensors + JSON
+def _optimizer_to_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, state in sd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, Tensor):
+                tensors[f"{prefix}.{pid}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{pid}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_tensors(opt: torch.optim.Optimizer, prefix: str, tensors: Mapping[str, Tensor],
+                            meta: Mapping[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    head = prefix + "."
+    for key, value in tensors.items():
+        if key.startswith(head):
+            pid, name = key[len(head):].split(".", 1)
+            state.setdefault(int(pid), {})[name] = value
+    for key, value in meta["scalars"].items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _python_rng_state() -> list[Any]:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _set_python_rng_state(state: Sequence[Any]) -> None:
+    random.setstate((state[0], tuple(state[1]), state[2]))
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _config_differences(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, Mapping) and isinstance(vb, Mapping):
+            out += _config_differences(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}: {vb!r} -> {va!r}")
+    return out
+
+
+class MetaTrainer:
+    """Meta-trains a learned optimizer from a :class:`~learned_optim.meta.config.MetaTrainConfig`.
+
+    Args:
+        config: the config (a dataclass, a mapping, or a path to a JSON/YAML file).
+        out_dir: run folder (default ``config.out_dir`` or ``runs/<name>``).
+        device: overrides ``config.device``.
+        family: a :class:`TaskFamily` to use instead of building ``config.task`` (Python API only; pass
+            the same one again to resume).
+        hook: extra meta-loss term per trajectory point (see :class:`~learned_optim.meta.unroll.MetaLossHook`).
+        progress: show a tqdm progress bar over meta-epochs.
+        command: the command line recorded in the model card.
+
+    Example::
+
+        trainer = MetaTrainer("learned_optim/meta/configs/l2o-lstm.yaml", out_dir="runs/l2o-lstm")
+        folder = trainer.train()            # runs/l2o-lstm/model, loadable by learned_optim.from_pretrained
+    """
+
+    def __init__(self, config: MetaTrainConfig | Mapping[str, Any] | str | os.PathLike, *,
+                 out_dir: str | os.PathLike | None = None, device: str | None = None,
+                 family: TaskFamily | None = None, hook: MetaLossHook | None = None, progress: bool = True,
+                 command: str | None = None) -> None:
+        if isinstance(config, (str, os.PathLike)):
+            config = load_config(config)
+        elif isinstance(config, Mapping):
+            config = MetaTrainConfig.from_dict(config)
+        if device is not None:
+            config.device = device
+        self.config = config
+        self.device = torch.device(config.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' was requested but CUDA is not available; use --device cpu")
+        self.dtype = getattr(torch, config.dtype)
+        self.out_dir = Path(out_dir or config.out_dir or Path("runs") / config.name)
+        self.hook = hook
+        self.progress = progress
+        self.command = command or "MetaTrainer(config).train()  # Python API"
+        self.family = family if family is not None else make_task_family(config.task.family, config.task.kwargs)
+        self._eval_family: TaskFamily | None = None if config.task.eval_kwargs and family is None else self.family
+
+        self.parent: dict[str, Any] | None = None
+        self.rule = self._build_rule().to(device=self.device, dtype=self.dtype)
+        name, lr = config.meta_optimizer.resolved(self.rule.family)
+        self.meta_optimizer_name, self.meta_lr = name, lr
+        params = list(self.rule.parameters())
+        self.meta_optimizer = build_meta_optimizer(params, name, lr, config.meta_optimizer.kwargs)
+        self.imitation_optimizer = (torch.optim.Adam(params, lr=config.imitation.lr)
+                                    if config.imitation.enabled else None)
+        self.curriculum = Curriculum(config.curriculum) if config.curriculum.enabled else None
+
+        self.meta_steps = 0           # meta-gradient updates so far
+        self.meta_epochs = 0          # completed trajectories
+        self.trajectory: Trajectory | None = None
+        self.task: Task | None = None
+        self.trajectory_mode = "unroll"
+        self.trajectory_length = 0
+        self.data_generator = torch.Generator()
+        self.best_weights: dict[str, Tensor] | None = None
+        self.last_eval: dict[str, Any] | None = None
+        self.recent_meta_losses: collections.deque[float] = collections.deque(maxlen=50)
+        self.recent_final_losses: collections.deque[float] = collections.deque(maxlen=20)
+        self.wall_time = 0.0
+        self.commands: list[str] = []
+        self.finished = False
+        self.finish_reason: str | None = None
+        self._log_handle = None
+
+    # ------------------------------------------------------------------------------------- building
+    def _build_rule(self) -> UpdateRule:
+        cfg = self.config
+        if cfg.init_from is not None:
+            rule, parent_config = load_rule(cfg.init_from)
+            if cfg.net.family is not None and cfg.net.family != rule.family:
+                raise ValueError(f"init_from {cfg.init_from!r} is a {rule.family!r} net but net.family is "
+                                 f"{cfg.net.family!r}; fine-tuning keeps the parent's architecture (drop net.family)")
+            if cfg.net.config and {**rule.config.to_dict(), **cfg.net.config} != rule.config.to_dict():
+                raise ValueError(f"init_from keeps the parent's architecture {rule.config.to_dict()}; "
+                                 f"net.config {cfg.net.config} differs (drop net.config)")
+            self.parent = {"init_from": str(cfg.init_from), "name": parent_config.get("name"),
+                           "family": parent_config.get("family"), "net": parent_config.get("net"),
+                           "training": parent_config.get("training")}
+            return rule
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(cfg.seed, "net"))
+            return build_rule(cfg.net.family, cfg.net.config)
+
+    @property
+    def eval_family(self) -> TaskFamily:
+        if self._eval_family is None:
+            task: TaskSection = self.config.task
+            self._eval_family = make_task_family(task.family, {**task.kwargs, **task.eval_kwargs})
+        return self._eval_family
+
+    @property
+    def stage(self) -> int:
+        return self.curriculum.stage if self.curriculum is not None else 0
+
+    def _weights(self) -> dict[str, Tensor]:
+        return dict(self.rule.named_parameters())
+
+    # ----------------------------------------------------------------------------------- trajectories
+    def _task_for(self, index: int) -> tuple[Task, torch.Generator]:
+        gen = _generator(derive_seed(self.config.seed, "task", index))
+        return self.family.sample(gen), gen
+
+    def _begin_trajectory(self) -> None:
+        index = self.meta_epochs
+        self.task, gen = self._task_for(index)
+        self.trajectory = start_trajectory(self.rule, self.task, gen, device=self.device, dtype=self.dtype)
+        self.data_generator = _generator(derive_seed(self.config.seed, "data", index))
+        self.trajectory_length = (self.curriculum.train_length if self.curriculum is not None
+                                  else self.config.unroll.trajectory_length)
+        self.trajectory_mode = "unroll"
+        if self.config.imitation.enabled:
+            p = self.config.imitation.probability(self.stage)
+            coin = float(torch.rand((), generator=_generator(derive_seed(self.config.seed, "imitation", index))))
+            if coin < p:
+                self.trajectory_mode = "imitation"
+        if self.hook is not None and hasattr(self.hook, "begin_trajectory"):
+            self.hook.begin_trajectory(self.trajectory_length)
+
+    def step(self) -> dict[str, Any]:
+        """One meta-step: a segment of the current trajectory and one update of the net's weights."""
+        cfg = self.config
+        if self.trajectory is None:
+            self._begin_trajectory()
+        assert self.trajectory is not None and self.task is not None
+        started = time.perf_counter()
+        n = min(cfg.unroll.segment_length, self.trajectory_length - self.trajectory.step)
+        weights = self._weights()
+        metrics: dict[str, Any] = {"event": "meta_step", "meta_step": self.meta_steps + 1,
+                                   "meta_epoch": self.meta_epochs, "stage": self.stage, "mode": self.trajectory_mode,
+                                   "trajectory_step": self.trajectory.step + n,
+                                   "trajectory_length": self.trajectory_length}
+        if self.trajectory_mode == "imitation":
+            result = imitation_unroll(self.rule, weights, self.task, self.trajectory, n,
+                                      generator=self.data_generator, config=cfg.imitation)
+            loss, optimizer = result.loss, self.imitation_optimizer
+            metrics["imitation_loss"] = float(loss.detach())
+            train_losses, end, diverged_at = result.train_losses, result.end, None
+        else:
+            result = unroll(self.rule, weights, self.task, self.trajectory, n, generator=self.data_generator,
+                            config=cfg.unroll, meta_split=cfg.objective.split, hook=self.hook)
+            objective = meta_objective(cfg.objective.kind, result.losses, initial_loss=result.end.initial_loss,
+                                       last_step=result.end.step)
+            loss, optimizer = objective + result.extra, self.meta_optimizer
+            metrics.update(objective=float(objective.detach()), extra=float(result.extra.detach()),
+                           meta_split_loss_last=float(result.losses[-1].detach()))
+            train_losses, end, diverged_at = result.train_losses, result.end, result.diverged_at
+        assert optimizer is not None
+        optimizer.zero_grad(set_to_none=True)
+        skipped = not loss.requires_grad
+        grad_norm = 0.0
+        if not skipped:
+            loss.backward()
+            params = [p for p in self.rule.parameters() if p.grad is not None]
+            clip = cfg.meta_optimizer.grad_clip
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else math.inf))
+            skipped = not math.isfinite(grad_norm)
+            if not skipped:
+                optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.meta_steps += 1
+        self.trajectory = end
+        meta_loss = float(loss.detach())
+        if math.isfinite(meta_loss):
+            self.recent_meta_losses.append(meta_loss)
+        metrics.update(meta_loss=meta_loss, grad_norm=grad_norm, skipped=skipped, diverged=end.diverged,
+                       diverged_at=diverged_at,
+                       loss_first=float(train_losses[0]) if len(train_losses) else None,
+                       loss_last=float(train_losses[-1]) if len(train_losses) else None,
+                       seconds=time.perf_counter() - started)
+        self._log(metrics)
+        if end.step >= self.trajectory_length:
+            self._end_trajectory(metrics)
+        return metrics
+
+    def _end_trajectory(self, last: Mapping[str, Any]) -> None:
+        assert self.trajectory is not None
+        final = last.get("meta_split_loss_last", last.get("loss_last"))
+        if self.trajectory_mode == "unroll" and final is not None:
+            self.recent_final_losses.append(float(final))
+        self._log({"event": "trajectory_end", "meta_epoch": self.meta_epochs, "mode": self.trajectory_mode,
+                   "initial_loss": self.trajectory.initial_loss, "final_loss": final,
+                   "diverged": self.trajectory.diverged})
+        self.meta_epochs += 1
+        self.trajectory, self.task = None, None
+        if self.curriculum is not None and self.curriculum.should_evaluate(self.meta_epochs):
+            self._curriculum_evaluation()
+        if self.meta_epochs >= self.config.meta_epochs and not self.finished:
+            self.finished, self.finish_reason = True, "meta_epochs"
+
+    # ------------------------------------------------------------------------------------ evaluation
+    def evaluate(self, length: int, runs: int, *, score: str = "final") -> float:
+        """Mean over ``runs`` fixed evaluation tasks of the final (or mean) meta-split loss after
+        ``length`` steps of the current net (no graph; the divergence guard applies)."""
+        values = []
+        for r in range(runs):
+            gen = _generator(derive_seed(self.config.seed, "eval-task", r))
+            task = self.eval_family.sample(gen)
+            trajectory = start_trajectory(self.rule, task, gen, device=self.device, dtype=self.dtype)
+            result = unroll(self.rule, None, task, trajectory, length,
+                            generator=_generator(derive_seed(self.config.seed, "eval-data", r)),
+                            config=self.config.unroll, meta_split=self.config.objective.split, track_graph=False)
+            values.append(float(result.losses[-1] if score == "final" else result.losses.mean()))
+        return sum(values) / len(values)
+
+    def _curriculum_evaluation(self) -> None:
+        assert self.curriculum is not None
+        cur = self.curriculum
+        length, stage = cur.eval_length, cur.stage
+        started = time.perf_counter()
+        score = self.evaluate(length, cur.config.eval_runs, score=cur.config.score)
+        decision = cur.report(score)
+        if decision.new_best:
+            self.best_weights = {k: v.detach().clone() for k, v in self.rule.state_dict().items()}
+        if decision.action in ("advance", "finish") and self.best_weights is not None:
+            self.rule.load_state_dict(self.best_weights)
+        if decision.action == "finish":
+            self.finished, self.finish_reason = True, f"curriculum_{decision.reason}"
+        self.last_eval = {"meta_epoch": self.meta_epochs, "stage": stage, "eval_length": length, "score": score,
+                          "best_score": cur.best_score}
+        self._log({"event": "eval", **self.last_eval, "new_best": decision.new_best, "action": decision.action,
+                   "reason": decision.reason, "next_stage": cur.stage, "seconds": time.perf_counter() - started})
+
+    # --------------------------------------------------------------------------------------- logging
+    @property
+    def log_path(self) -> Path:
+        return self.out_dir / "log.jsonl"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out_dir / "checkpoint"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.out_dir / "model"
+
+    def _log(self, record: Mapping[str, Any]) -> None:
+        if self._log_handle is not None:
+            self._log_handle.write(json.dumps(record, default=str) + "\n")
+            self._log_handle.flush()
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def _latest_checkpoint(self) -> Path | None:
+        if not self.checkpoint_dir.is_dir():
+            return None
+        found = sorted(p for p in self.checkpoint_dir.glob("state-*.json")
+                       if p.with_suffix(".safetensors").is_file())
+        return found[-1] if found else None
+
+    def save_checkpoint(self) -> Path:
+        """Write the full trainer state (atomically) and drop older checkpoints; returns the JSON path."""
+        tensors: dict[str, Tensor] = {f"net.{k}": v.detach().contiguous().cpu() for k, v in self.rule.state_dict().items()}
+        meta: dict[str, Any] = {"format": CHECKPOINT_FORMAT, "config": self.config.to_dict()}
+        opt_tensors, meta["meta_optimizer"] = _optimizer_to_tensors(self.meta_optimizer, "meta_opt")
+        tensors.update(opt_tensors)
+        if self.imitation_optimizer is not None:
+            opt_tensors, meta["imitation_optimizer"] = _optimizer_to_tensors(self.imitation_optimizer, "imitation_opt")
+            tensors.update(opt_tensors)
+        if self.best_weights is not None:
+            tensors.update({f"best.{k}": v.detach().contiguous().cpu() for k, v in self.best_weights.items()})
+        tensors["rng.torch"] = torch.get_rng_state()
+        tensors["rng.data"] = self.data_generator.get_state()
+        try:
+            import numpy as np
+            np_state = np.random.get_state()
+            tensors["rng.numpy"] = torch.from_numpy(np_state[1].astype("int64"))
+            meta["rng_numpy"] = [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])]
+        except ImportError:
+            pass
+        meta["rng_python"] = _python_rng_state()
+        if self.trajectory is not None:
+            traj_tensors, meta["trajectory"] = self.trajectory.to_tensors("traj")
+            tensors.update(traj_tensors)
+            meta["trajectory"].update(mode=self.trajectory_mode, length=self.trajectory_length)
+        self._log_handle and self._log_handle.flush()
+        meta.update(
+            meta_steps=self.meta_steps, meta_epochs=self.meta_epochs,
+            curriculum=self.curriculum.state_dict() if self.curriculum is not None else None,
+            last_eval=self.last_eval, recent_meta_losses=list(self.recent_meta_losses),
+            recent_final_losses=list(self.recent_final_losses), wall_time=self._elapsed(),
+            commands=self.commands, finished=self.finished, finish_reason=self.finish_reason,
+            parent=self.parent, log_bytes=self.log_path.stat().st_size if self.log_path.exists() else 0,
+        )
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        stem = self.checkpoint_dir / f"state-{self.meta_steps:09d}"
+        _atomic_write(stem.with_suffix(".safetensors"), lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        _atomic_write(stem.with_suffix(".json"), lambda p: p.write_text(json.dumps(meta, indent=1) + "\n"))
+        for old in self.checkpoint_dir.glob("state-*"):
+            if old.stem != stem.name and not old.name.startswith("."):
+                old.unlink(missing_ok=True)
+        return stem.with_suffix(".json")
+
+    def load_checkpoint(self, path: str | os.PathLike | None = None) -> bool:
+        """Restore the trainer from ``path`` (a ``state-*.json``) or the latest checkpoint; False if none."""
+        json_path = Path(path) if path is not None else self._latest_checkpoint()
+        if json_path is None:
+            return False
+        meta = json.loads(json_path.read_text())
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{json_path}: unsupported trainer checkpoint format {meta.get('format')!r}")
+        saved, current = dict(meta["config"]), self.config.to_dict()
+        saved.pop("device", None), current.pop("device", None)
+        diffs = _config_differences(current, saved)
+        if diffs:
+            raise ValueError(f"cannot resume {json_path}: the config differs from the checkpoint's: {diffs}")
+        tensors = load_file(str(json_path.with_suffix(".safetensors")))
+        self.rule.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")}, strict=True)
+        _optimizer_from_tensors(self.meta_optimizer, "meta_opt", tensors, meta["meta_optimizer"])
+        if self.imitation_optimizer is not None:
+            _optimizer_from_tensors(self.imitation_optimizer, "imitation_opt", tensors, meta["imitation_optimizer"])
+        best = {k[5:]: v.to(self.device) for k, v in tensors.items() if k.startswith("best.")}
+        self.best_weights = best or None
+        torch.set_rng_state(tensors["rng.torch"])
+        self.data_generator.set_state(tensors["rng.data"])
+        if "rng.numpy" in tensors and meta.get("rng_numpy"):
+            import numpy as np
+            kind, pos, has_gauss, cached = meta["rng_numpy"]
+            np.random.set_state((kind, tensors["rng.numpy"].numpy().astype("uint32"), pos, has_gauss, cached))
+        _set_python_rng_state(meta["rng_python"])
+        if self.curriculum is not None:
+            self.curriculum.load_state_dict(meta["curriculum"])
+        self.meta_steps, self.meta_epochs = int(meta["meta_steps"]), int(meta["meta_epochs"])
+        self.last_eval = meta["last_eval"]
+        self.recent_meta_losses.clear(), self.recent_meta_losses.extend(meta["recent_meta_losses"])
+        self.recent_final_losses.clear(), self.recent_final_losses.extend(meta["recent_final_losses"])
+        self.wall_time = float(meta["wall_time"])
+        self.commands = list(meta["commands"])
+        self.finished, self.finish_reason = bool(meta["finished"]), meta["finish_reason"]
+        self.parent = meta.get("parent", self.parent)
+        self._resume_log_bytes = int(meta["log_bytes"])
+        traj = meta.get("trajectory")
+        if traj is not None:
+            self.task, _ = self._task_for(self.meta_epochs)
+            self.trajectory = Trajectory.from_tensors("traj", tensors, traj, device=self.device)
+            self.trajectory_mode, self.trajectory_length = traj["mode"], int(traj["length"])
+            if self.hook is not None and hasattr(self.hook, "begin_trajectory"):
+                self.hook.begin_trajectory(self.trajectory_length)
+        else:
+            self.trajectory, self.task = None, None
+        return True
+
+    # ------------------------------------------------------------------------------------ main loop
+    def _elapsed(self) -> float:
+        return self.wall_time + (time.perf_counter() - self._session_start if hasattr(self, "_session_start") else 0.0)
+
+    def train(self, *, resume: bool = False, stop_after: int | None = None) -> Path | None:
+        """Run (or with ``resume=True`` continue) meta-training; returns the zoo folder ``out_dir/model``.
+
+        ``stop_after`` ends the session after that many meta-steps *without* finishing, as an
+        interruption would (returns ``None``); a later ``train(resume=True)`` continues.
+        """
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        resumed = False
+        if resume:
+            resumed = self.load_checkpoint()
+        elif self._latest_checkpoint() is not None:
+            raise FileExistsError(f"{self.out_dir} already holds a run's checkpoints; pass resume=True (--resume) "
+                                  "to continue it or choose another out_dir (--out)")
+        if resumed:
+            with open(self.log_path, "ab") as handle:
+                handle.truncate(self._resume_log_bytes)
+        elif self.log_path.exists():
+            self.log_path.unlink()
+        self._log_handle = open(self.log_path, "a")
+        threads = torch.get_num_threads()
+        if self.config.num_threads is not None:
+            torch.set_num_threads(self.config.num_threads)
+        self._session_start = time.perf_counter()
+        self.commands.append(self.command)
+        (self.out_dir / "config.json").write_text(self.config.to_json() + "\n")
+        self._log({"event": "resume" if resumed else "start", "meta_step": self.meta_steps,
+                   "meta_epoch": self.meta_epochs, "command": self.command, "device": str(self.device),
+                   "meta_optimizer": self.meta_optimizer_name, "meta_lr": self.meta_lr})
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.config.meta_epochs, initial=self.meta_epochs, unit="traj", desc=self.config.name,
+                   disable=not self.progress, dynamic_ncols=True)
+        session_steps = 0
+        try:
+            while not self.finished:
+                if stop_after is not None and session_steps >= stop_after:
+                    return None
+                epochs_before = self.meta_epochs
+                metrics = self.step()
+                session_steps += 1
+                bar.update(self.meta_epochs - epochs_before)
+                last = metrics["loss_last"]
+                bar.set_postfix(stage=self.stage, meta_loss=f"{metrics['meta_loss']:.4g}",
+                                loss="-" if last is None else f"{last:.4g}", refresh=False)
+                if self.meta_steps % self.config.checkpoint_every == 0 and not self.finished:
+                    self.save_checkpoint()
+            if self.best_weights is not None:
+                self.rule.load_state_dict(self.best_weights)   # ship the best evaluated net
+            self._log({"event": "finish", "reason": self.finish_reason, "meta_steps": self.meta_steps,
+                       "meta_epochs": self.meta_epochs, "wall_time": self._elapsed()})
+            self.save_checkpoint()
+            return self.save_model()
+        finally:
+            torch.set_num_threads(threads)
+            bar.close()
+            self.wall_time = self._elapsed()
+            del self._session_start
+            self._log_handle.close()
+            self._log_handle = None
+
+    # ------------------------------------------------------------------------------------ the result
+    def final_metrics(self) -> dict[str, Any]:
+        """Summary of the meta-training run recorded in the zoo folder."""
+        def mean(values) -> float | None:
+            values = list(values)
+            return sum(values) / len(values) if values else None
+
+        out = {"meta_steps": self.meta_steps, "meta_epochs": self.meta_epochs, "finish_reason": self.finish_reason,
+               f"mean_meta_loss_last_{len(self.recent_meta_losses)}_steps": mean(self.recent_meta_losses),
+               f"mean_final_{self.config.objective.split}_loss_last_{len(self.recent_final_losses)}_trajectories":
+                   mean(self.recent_final_losses)}
+        if self.curriculum is not None:
+            out.update(curriculum_stage=self.curriculum.stage,
+                       curriculum_stage_length=self.curriculum.train_length,
+                       curriculum_best_score=None if math.isinf(self.curriculum.best_score) else self.curriculum.best_score)
+        if self.last_eval is not None:
+            out["last_eval"] = self.last_eval
+        return out
+
+    def save_model(self, directory: str | os.PathLike | None = None) -> Path:
+        """Write the net as a zoo folder (``hub.save_pretrained``) with a model card of the run."""
+        cfg = self.config
+        directory = Path(directory) if directory is not None else self.model_dir
+        metrics = self.final_metrics()
+        wall = self._elapsed()
+        training = {
+            "tasks": {"family": cfg.task.family, "kwargs": cfg.task.kwargs},
+            "meta_training": {
+                "command": self.commands[0] if self.commands else self.command,
+                "resumed_with": self.commands[1:],
+                "wall_time_seconds": round(wall, 1),
+                "expected_time": cfg.expected_time,
+                "hardware": {"device": str(self.device), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                             "platform": platform.platform(), "torch": torch.__version__},
+                "meta_optimizer": {"name": self.meta_optimizer_name, "lr": self.meta_lr},
+                "metrics": metrics,
+                "config": cfg.to_dict(),
+            },
+            "parent": self.parent,
+        }
+        return save_pretrained(self.rule, directory, name=cfg.name, description=cfg.description, training=training,
+                               optimizer_defaults={"lr": 1.0}, card=self._card(training))
+
+    def _card(self, training: Mapping[str, Any]) -> str:
+        cfg, meta = self.config, training["meta_training"]
+        head = _default_card({"name": cfg.name, "family": self.rule.family, "net": self.rule.config.to_dict()})
+        lines = [head.rstrip("\n"), ""]
+        if cfg.description:
+            lines += [cfg.description, ""]
+        seconds = float(meta["wall_time_seconds"])
+        hours, rest = divmod(int(seconds), 3600)
+        wall = f"{seconds:.1f} s" if seconds < 60 else f"{hours}h{rest // 60:02d}m{rest % 60:02d}s"
+        lines += [
+            "## Meta-training", "",
+            f"Meta-trained on the `{cfg.task.family}` task family with `learned_optim.meta` "
+            f"({self.meta_steps} meta-steps, {self.meta_epochs} trajectories; finished: {self.finish_reason}).", "",
+            "Command (from the repository root):", "", "```bash", meta["command"], "```", "",
+            f"- Wall time: {wall} on {meta['hardware']['device']} "
+            f"({meta['hardware']['cpu_count']} CPU cores visible, {meta['hardware']['torch_threads']} torch threads)",
+        ]
+        if cfg.expected_time:
+            lines.append(f"- Expected time of this recipe: {cfg.expected_time}")
+        if meta["resumed_with"]:
+            lines.append(f"- Interrupted and resumed {len(meta['resumed_with'])} time(s)")
+        lines += [f"- Meta-optimizer: {self.meta_optimizer_name}, lr {self.meta_lr:g}"
+                  + (f", gradient clipping {cfg.meta_optimizer.grad_clip:g}" if cfg.meta_optimizer.grad_clip else ""),
+                  f"- Objective: `{cfg.objective.kind}` on `{cfg.objective.split}` losses; segments of "
+                  f"{cfg.unroll.segment_length} steps", ""]
+        if training.get("parent"):
+            parent = training["parent"]
+            lines += ["## Parent", "", f"Fine-tuned from `{parent['init_from']}` "
+                      f"(zoo name: {parent.get('name')!s}, family `{parent.get('family')}`), keeping its architecture.", ""]
+        lines += ["## Final meta-training metrics", "", "| metric | value |", "|---|---|"]
+        for key, value in meta["metrics"].items():
+            if isinstance(value, float):
+                value = f"{value:.6g}"
+            elif isinstance(value, Mapping):
+                value = ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items())
+            lines.append(f"| {key} | {value} |")
+        lines += ["", "## Evaluation", "", "No meta-test results recorded yet.", "",
+                  "## Config", "", "```json", json.dumps(cfg.to_dict(), indent=2), "```", ""]
+        return "\n".join(lines)
+

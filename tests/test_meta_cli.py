@@ -1,0 +1,85 @@
+"""``python -m learned_optim.meta train``: smoke runs, a real kill + --resume, bundled configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import learned_optim
+from learned_optim.meta.cli import CONFIG_DIR, main
+from learned_optim.meta.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_smoke_config_produces_a_loadable_zoo_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "smoke", "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    assert "optimizer written to" in capsys.readouterr().out
+    rule, config = learned_optim.load_rule(out / "model")
+    assert config["name"] == "smoke" and rule.family == "dm_lstm"
+    command = config["training"]["meta_training"]["command"]
+    assert command == f"python -m learned_optim.meta train smoke --out {out} --no-progress --device cpu"
+    assert command in (out / "model" / "README.md").read_text()
+    events = [json.loads(line)["event"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert events[0] == "start" and events[-1] == "finish" and "eval" in events
+    model = torch.nn.Linear(3, 1)
+    opt = learned_optim.from_pretrained(out / "model", model.parameters())
+    model(torch.ones(2, 3)).sum().backward()
+    opt.step()
+
+
+def test_cli_reports_config_errors(tmp_path, capsys):
+    assert main(["train", "smoke", "--out", str(tmp_path), "--set", "unroll.segmnt_length=3"]) == 2
+    assert "segmnt_length" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train"])
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
+    overrides = ["--set", "meta_epochs=60", "--set", "curriculum.enabled=false", "--set", "checkpoint_every=7"]
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "learned_optim.meta", "train", "smoke", "--out", str(out),
+                             "--no-progress", *overrides], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not list((out / "checkpoint").glob("state-*.json")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (out / "model").exists()
+    assert main(["train", "smoke", "--out", str(out), "--no-progress", "--resume", *overrides]) == 0
+
+    reference = tmp_path / "reference"
+    assert main(["train", "smoke", "--out", str(reference), "--no-progress", *overrides]) == 0
+    a, b = load_file(str(out / "model" / "model.safetensors")), load_file(str(reference / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    meta_steps = [r["meta_step"] for r in steps if r["event"] == "meta_step"]
+    assert meta_steps == list(range(1, 121))          # the log was rewound to the checkpoint: no duplicates
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_bundled_configs_are_valid(path):
+    config = load_config(path)
+    assert config.expected_time and config.description
+    from learned_optim.meta.tasks import TASK_FAMILIES
+
+    assert config.task.family in TASK_FAMILIES
+    if path.stem != "smoke":
+        assert config.task.family == "digits-mlp20-sigmoid" and config.unroll.segment_length == 20
+        assert config.num_threads == 1
+    rule = learned_optim.build_rule(config.net.family, config.net.config)
+    name, lr = config.meta_optimizer.resolved(rule.family)
+    assert (name, lr) == {"dm_lstm": ("adam", 1e-3), "rnnprop": ("adam", 1e-3), "mlp": ("rmsprop", 1e-2)}[rule.family]

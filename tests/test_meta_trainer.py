@@ -1,0 +1,214 @@
+"""MetaTrainer: reproducibility, resume after interruption, curriculum/imitation wiring, init_from, zoo output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import learned_optim
+from learned_optim.meta.config import MetaTrainConfig, load_config
+from learned_optim.meta.tasks.base import Task, TaskFamily
+from learned_optim.meta.trainer import MetaTrainer
+
+
+class TinyQuadTask(Task):
+    """Noisy least squares mean((Wx - y)^2) with fresh noise per batch, so the batch RNG matters."""
+
+    name = "tiny-quad"
+
+    def __init__(self, W, y):
+        self.W, self.y = W, y
+
+    def init_params(self, generator):
+        return {"x": 0.1 * torch.randn(self.W.shape[1], generator=generator),
+                "b": torch.zeros(1)}
+
+    def batch(self, split, generator):
+        noise = 0.05 * torch.randn(self.y.shape, generator=generator)
+        return {"W": self.W, "y": self.y + noise}
+
+    def loss(self, params, batch):
+        return (batch["W"] @ params["x"] + params["b"] - batch["y"]).square().mean()
+
+
+class TinyQuadFamily(TaskFamily):
+    name = "tiny-quad"
+
+    def __init__(self, dim: int = 4):
+        self.dim = dim
+
+    def sample(self, generator):
+        W = torch.randn(8, self.dim, generator=generator) / self.dim**0.5
+        return TinyQuadTask(W, torch.randn(8, generator=generator))
+
+
+def tiny_config(**changes) -> MetaTrainConfig:
+    data = {
+        "name": "tiny", "seed": 3,
+        "net": {"family": "dm_lstm", "config": {"hidden_size": 4, "num_layers": 1}},
+        "task": {"family": f"{__name__}:TinyQuadFamily", "kwargs": {"dim": 4}},
+        "unroll": {"trajectory_length": 6, "segment_length": 3},
+        "meta_epochs": 4, "checkpoint_every": 3,
+    }
+    for key, value in changes.items():
+        node = data
+        *heads, last = key.split("__")
+        for head in heads:
+            node = node.setdefault(head, {})
+        node[last] = value
+    return MetaTrainConfig.from_dict(data)
+
+
+def weights_of(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def meta_records(out_dir):
+    records = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records if r["event"] in ("meta_step", "eval")]
+
+
+def test_training_writes_a_loadable_zoo_folder_log_and_checkpoint(tmp_path):
+    trainer = MetaTrainer(tiny_config(), out_dir=tmp_path / "run", progress=False, command="python -m test")
+    before = {k: v.clone() for k, v in trainer.rule.state_dict().items()}
+    folder = trainer.train()
+    assert folder == tmp_path / "run" / "model"
+    assert trainer.meta_steps == 8 and trainer.meta_epochs == 4 and trainer.finish_reason == "meta_epochs"
+    assert any(not torch.equal(before[k], v) for k, v in trainer.rule.state_dict().items())
+    rule, config = learned_optim.load_rule(folder)
+    assert rule.family == "dm_lstm" and rule.config.hidden_size == 4
+    meta = config["training"]["meta_training"]
+    assert meta["command"] == "python -m test" and meta["wall_time_seconds"] >= 0
+    assert meta["config"]["task"]["family"].endswith(":TinyQuadFamily")
+    assert meta["metrics"]["meta_steps"] == 8
+    card = (folder / "README.md").read_text()
+    assert "python -m test" in card and "Wall time" in card and "Final meta-training metrics" in card
+    records = meta_records(tmp_path / "run")
+    assert [r["meta_step"] for r in records] == list(range(1, 9))
+    assert {"meta_loss", "grad_norm", "objective", "loss_last", "trajectory_step"} <= set(records[0])
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoint").iterdir()) == [
+        "state-000000008.json", "state-000000008.safetensors"]
+    # a finished run is never silently overwritten
+    with pytest.raises(FileExistsError, match="resume"):
+        MetaTrainer(tiny_config(), out_dir=tmp_path / "run", progress=False).train()
+    # the result drives the runtime optimizer
+    x = torch.nn.Parameter(torch.ones(3))
+    opt = learned_optim.from_pretrained(folder, [x])
+    x.square().sum().backward()
+    opt.step()
+    assert not torch.equal(x.detach(), torch.ones(3))
+
+
+def test_same_seed_same_run_other_seed_other_run(tmp_path):
+    a = MetaTrainer(tiny_config(meta_epochs=2), out_dir=tmp_path / "a", progress=False).train()
+    b = MetaTrainer(tiny_config(meta_epochs=2), out_dir=tmp_path / "b", progress=False).train()
+    c = MetaTrainer(tiny_config(meta_epochs=2, seed=4), out_dir=tmp_path / "c", progress=False).train()
+    wa, wb, wc = weights_of(a), weights_of(b), weights_of(c)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
+
+
+@pytest.mark.parametrize("stop_after", [4, 8])
+def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path, stop_after):
+    # curriculum + imitation on, so their states, the best-net snapshot and both meta-optimizers
+    # go through the checkpoint too
+    changes = dict(curriculum__enabled=True, curriculum__stages=[3, 6], curriculum__eval_every=1,
+                   curriculum__eval_runs=2, curriculum__min_evals=3, imitation__enabled=True,
+                   imitation__probabilities=[0.5], meta_epochs=6)
+    full = MetaTrainer(tiny_config(**changes), out_dir=tmp_path / "full", progress=False)
+    full_folder = full.train()
+    assert full.meta_steps > 8
+
+    first = MetaTrainer(tiny_config(**changes), out_dir=tmp_path / "cut", progress=False)
+    assert first.train(stop_after=stop_after) is None          # "killed" after stop_after meta-steps
+    assert first.meta_steps == stop_after
+    second = MetaTrainer(tiny_config(**changes), out_dir=tmp_path / "cut", progress=False)
+    assert second.load_checkpoint()
+    assert second.meta_steps == stop_after // 3 * 3               # lost at most one checkpoint interval
+    third = MetaTrainer(tiny_config(**changes), out_dir=tmp_path / "cut", progress=False, command="resumed")
+    cut_folder = third.train(resume=True)
+
+    assert third.meta_steps == full.meta_steps and third.finish_reason == full.finish_reason
+    wf, wc = weights_of(full_folder), weights_of(cut_folder)
+    assert all(torch.equal(wf[k], wc[k]) for k in wf)
+    assert meta_records(tmp_path / "full") == meta_records(tmp_path / "cut")
+    modes = {r.get("mode") for r in meta_records(tmp_path / "full") if r["event"] == "meta_step"}
+    assert modes == {"unroll", "imitation"}
+    assert any(r["event"] == "eval" for r in meta_records(tmp_path / "full"))
+    meta = json.loads((cut_folder / "config.json").read_text())["training"]["meta_training"]
+    assert meta["resumed_with"] == ["resumed"]
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    MetaTrainer(tiny_config(), out_dir=tmp_path, progress=False).train(stop_after=3)
+    with pytest.raises(ValueError, match="segment_length"):
+        MetaTrainer(tiny_config(unroll__segment_length=2), out_dir=tmp_path, progress=False).train(resume=True)
+
+
+def test_curriculum_run_finishes_cleanly_with_the_best_net(tmp_path):
+    config = tiny_config(curriculum__enabled=True, curriculum__stages=[3, 6], curriculum__eval_every=1,
+                         curriculum__eval_runs=1, curriculum__min_evals=1, meta_epochs=50)
+    trainer = MetaTrainer(config, out_dir=tmp_path, progress=False)
+    trainer.train()
+    assert trainer.finish_reason in ("curriculum_completed", "curriculum_no_improvement")
+    assert trainer.meta_epochs < 50
+    evals = [r for r in meta_records(tmp_path) if r["event"] == "eval"]
+    assert evals[0]["eval_length"] == 6 and evals[-1]["action"] == "finish"
+    best = trainer.curriculum.best_score
+    assert trainer.evaluate(evals[-1]["eval_length"], 1) == pytest.approx(best)   # the best net is shipped
+
+
+def test_init_from_fine_tunes_a_folder_keeping_its_architecture(tmp_path):
+    parent = MetaTrainer(tiny_config(name="parent", meta_epochs=1), out_dir=tmp_path / "parent",
+                         progress=False).train()
+    child_config = tiny_config(name="child", meta_epochs=1, init_from=str(parent), net__family=None, net__config={})
+    child = MetaTrainer(child_config, out_dir=tmp_path / "child", progress=False)
+    parent_weights = weights_of(parent)
+    assert all(torch.equal(parent_weights[k], v) for k, v in child.rule.state_dict().items())
+    folder = child.train()
+    config = json.loads((folder / "config.json").read_text())
+    assert config["net"] == {**learned_optim.load_rule(parent)[0].config.to_dict()}
+    assert config["training"]["parent"]["init_from"] == str(parent)
+    assert config["training"]["parent"]["name"] == "parent"
+    assert "Fine-tuned from" in (folder / "README.md").read_text()
+    with pytest.raises(ValueError, match="architecture"):
+        MetaTrainer(tiny_config(init_from=str(parent), net__family="rnnprop"), out_dir=tmp_path / "x", progress=False)
+
+
+def test_meta_optimizer_defaults_follow_the_net_family(tmp_path):
+    lstm = MetaTrainer(tiny_config(), out_dir=tmp_path / "a", progress=False)
+    assert isinstance(lstm.meta_optimizer, torch.optim.Adam) and lstm.meta_lr == 1e-3
+    mlp = MetaTrainer(tiny_config(net__family="mlp", net__config={"hidden_size": 4}), out_dir=tmp_path / "b",
+                      progress=False)
+    assert isinstance(mlp.meta_optimizer, torch.optim.RMSprop) and mlp.meta_lr == 1e-2
+    clipped = MetaTrainer(tiny_config(meta_optimizer__grad_clip=1e-9, meta_optimizer__name="sgd",
+                                      meta_optimizer__lr=0.1), out_dir=tmp_path / "c", progress=False)
+    before = {k: v.clone() for k, v in clipped.rule.state_dict().items()}
+    metrics = clipped.step()
+    change = max(float((v - before[k]).abs().max()) for k, v in clipped.rule.state_dict().items())
+    assert metrics["grad_norm"] > 1e-9 and change <= 0.1 * 1e-9 * 1.01
+
+
+def test_train_by_validation_and_log_objective_config(tmp_path):
+    trainer = MetaTrainer(tiny_config(objective__kind="log", objective__split="val", meta_epochs=1),
+                          out_dir=tmp_path, progress=False)
+    metrics = trainer.step()
+    assert metrics["objective"] < 1.0 and metrics["meta_split_loss_last"] > 0
+
+
+def test_config_files_and_overrides(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(tiny_config().to_dict()))
+    config = load_config(path, ["unroll.segment_length=2", "meta_optimizer.grad_clip=1.5", "curriculum.stages=[4, 8]"])
+    assert config.unroll.segment_length == 2 and config.meta_optimizer.grad_clip == 1.5
+    assert config.curriculum.stages == [4, 8]
+    yaml_path = tmp_path / "c.yaml"
+    yaml_path.write_text("name: y\nnet: {family: rnnprop}\nunroll: {segment_length: 5}\n")
+    assert load_config(yaml_path).unroll.segment_length == 5
+    with pytest.raises(ValueError, match="segmnt_length"):
+        load_config(path, ["unroll.segmnt_length=2"])
+    with pytest.raises(ValueError, match="kind"):
+        load_config(path, ["objective.kind=median"])
