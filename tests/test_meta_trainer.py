@@ -212,3 +212,12 @@ def test_config_files_and_overrides(tmp_path):
         load_config(path, ["unroll.segmnt_length=2"])
     with pytest.raises(ValueError, match="kind"):
         load_config(path, ["objective.kind=median"])
+    with pytest.raises(ValueError, match="meta_epochs must be int"):
+        load_config(path, ["meta_epochs=many"])
+
+
+def test_float64_run(tmp_path):
+    trainer = MetaTrainer(tiny_config(dtype="float64", meta_epochs=1), out_dir=tmp_path, progress=False)
+    assert trainer.rule.compute_dtype == torch.float64
+    metrics = trainer.step()
+    assert trainer.trajectory.params["x"].dtype == torch.float64 and metrics["grad_norm"] > 0

@@ -176,7 +176,7 @@ def test_divergence_guard_freezes_the_run_without_nan():
     weights = dict(rule.named_parameters())
     loss, result = segment_loss(rule, weights, task, trajectory, steps=6, max_param_norm=20.0)
     assert result.end.diverged and result.diverged_at is not None
-    assert torch.isfinite(result.losses).all() and math.isfinite(float(loss))
+    assert torch.isfinite(result.losses).all() and math.isfinite(float(loss.detach()))
     frozen = result.losses[result.diverged_at - 1:]
     penalty = result.end.penalty
     assert penalty >= 10.0 * result.end.initial_loss
@@ -202,7 +202,7 @@ def test_divergence_guard_catches_non_finite_losses_without_a_norm_bound():
     trajectory.params["x"] = torch.full_like(trajectory.params["x"], 0.1)
     loss, result = segment_loss(rule, dict(rule.named_parameters()), task, trajectory, steps=8, max_param_norm=None)
     assert result.end.diverged
-    assert torch.isfinite(result.losses).all() and math.isfinite(float(loss))
+    assert torch.isfinite(result.losses).all() and math.isfinite(float(loss.detach()))
 
 
 def test_evaluation_mode_builds_no_graph():

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -52,11 +53,12 @@ class _Section:
                              f"known fields: {sorted(known)}")
         kwargs = {}
         for key, value in values.items():
+            name = f"{where}.{key}".strip(".")
             section = _section_type(hints[key])
             if section is not None and (value is None or isinstance(value, Mapping)):
-                kwargs[key] = section.from_dict(value, where=f"{where}.{key}".strip("."))
+                kwargs[key] = section.from_dict(value, where=name)
             else:
-                kwargs[key] = value
+                kwargs[key] = _checked(name, hints[key], value)
         obj = cls(**kwargs)
         obj.validate(where or "config")
         return obj
@@ -76,10 +78,32 @@ class _Section:
         return out
 
 
+_SCALARS = {bool: (bool,), int: (int,), float: (int, float), str: (str,), list: (list, tuple), dict: (Mapping,)}
+
+
+def _checked(name: str, hint: Any, value: Any) -> Any:
+    """``value`` if it fits the field's annotation (``X``, ``X | None``, ``list[...]``, ``dict[...]``)."""
+    options = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ValueError(f"config.{name} cannot be null")
+    kinds = []
+    for option in options:
+        kind = get_origin(option) or option
+        if kind in _SCALARS:
+            kinds.append(kind)
+            if isinstance(value, _SCALARS[kind]) and not (kind in (int, float) and isinstance(value, bool)):
+                return float(value) if kind is float else list(value) if kind is list else value
+        elif option is not type(None):
+            return value
+    raise ValueError(f"config.{name} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
+
+
 def _section_type(hint: Any) -> type[_Section] | None:
     if isinstance(hint, type) and issubclass(hint, _Section):
         return hint
-    if get_origin(hint) is Union:
+    if get_origin(hint) in (Union, types.UnionType):
         for arg in get_args(hint):
             if isinstance(arg, type) and issubclass(arg, _Section):
                 return arg
@@ -119,8 +143,8 @@ class UnrollConfig(_Section):
         second_order: keep the optimizee gradient in the graph (second-order terms); default detached.
         checkpoint_steps: recompute each step in the backward pass (``torch.utils.checkpoint``) to bound
             the memory of long segments.
-        max_param_norm: divergence guard bound on the global norm of theta (``None``: only non-finite
-            losses trigger the guard).
+        max_param_norm: divergence guard bound on the global norm of theta, used when the task sets no
+            ``divergence_bound`` of its own (``None``: only non-finite values trigger the guard).
         diverged_loss_factor: a frozen (diverged) run counts the loss ``factor * max(f_0, f_frozen)``
             for every remaining step.
     """

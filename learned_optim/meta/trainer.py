@@ -19,6 +19,10 @@ and moved into place with ``os.replace``; the JSON is written last, so a JSON fi
 checkpoint is complete. ``train(resume=True)`` continues from the latest one, bit for bit on the same
 device, so a killed run loses at most ``checkpoint_every`` meta-steps.
 
+When the curriculum restores its best net (on advancing or finishing) only the weights are restored;
+the meta-optimizer's moments carry on, as in the reference implementation. The shipped net is the best
+evaluated one when the curriculum is on, the last one otherwise.
+
 Reproducibility: all randomness is drawn from generators seeded by ``(seed, purpose, index)``: the
 net's initialisation, each trajectory's task and batches, the imitation coin flips, and the fixed
 evaluation runs of the curriculum.
@@ -518,10 +522,10 @@ class MetaTrainer:
         elif self._latest_checkpoint() is not None:
             raise FileExistsError(f"{self.out_dir} already holds a run's checkpoints; pass resume=True (--resume) "
                                   "to continue it or choose another out_dir (--out)")
-        if resumed:
-            with open(self.log_path, "ab") as handle:
+        if resumed and self.log_path.exists() and self.log_path.stat().st_size > self._resume_log_bytes:
+            with open(self.log_path, "ab") as handle:   # drop the records written after the checkpoint
                 handle.truncate(self._resume_log_bytes)
-        elif self.log_path.exists():
+        elif not resumed and self.log_path.exists():
             self.log_path.unlink()
         self._log_handle = open(self.log_path, "a")
         threads = torch.get_num_threads()
@@ -532,7 +536,8 @@ class MetaTrainer:
         (self.out_dir / "config.json").write_text(self.config.to_json() + "\n")
         self._log({"event": "resume" if resumed else "start", "meta_step": self.meta_steps,
                    "meta_epoch": self.meta_epochs, "command": self.command, "device": str(self.device),
-                   "meta_optimizer": self.meta_optimizer_name, "meta_lr": self.meta_lr})
+                   "meta_optimizer": self.meta_optimizer_name, "meta_lr": self.meta_lr,
+                   "config": self.config.to_dict()})
         from tqdm.auto import tqdm
 
         bar = tqdm(total=self.config.meta_epochs, initial=self.meta_epochs, unit="traj", desc=self.config.name,
