@@ -216,6 +216,12 @@ def test_config_files_and_overrides(tmp_path):
         load_config(path, ["meta_epochs=many"])
 
 
+def test_eval_kwargs_build_the_evaluation_family(tmp_path):
+    trainer = MetaTrainer(tiny_config(task__eval_kwargs={"dim": 6}), out_dir=tmp_path, progress=False)
+    assert trainer.family.dim == 4 and trainer.eval_family.dim == 6
+    assert trainer.evaluate(3, 2) > 0
+
+
 def test_float64_run(tmp_path):
     trainer = MetaTrainer(tiny_config(dtype="float64", meta_epochs=1), out_dir=tmp_path, progress=False)
     assert trainer.rule.compute_dtype == torch.float64

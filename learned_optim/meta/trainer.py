@@ -75,9 +75,20 @@ def _generator(seed: int) -> torch.Generator:
     return gen
 
 
-def make_task_family(family: str, kwargs: Mapping[str, Any] | None = None) -> TaskFamily:
-    """``learned_optim.meta.tasks.make_family(family, **kwargs)``, or ``"module:attr"(**kwargs)``."""
+def make_task_family(family: str, kwargs: Mapping[str, Any] | None = None, *,
+                     device: torch.device | None = None, dtype: torch.dtype | None = None) -> TaskFamily:
+    """``learned_optim.meta.tasks.make_family(family, **kwargs)``, or ``"module:attr"(**kwargs)``.
+
+    For registry families, a non-CPU ``device`` and a non-float32 ``dtype`` are passed on as the
+    family's ``device``/``dtype`` arguments unless ``kwargs`` sets them (so the task data lives where
+    the unroll runs); ``"module:attr"`` factories get ``kwargs`` only.
+    """
     kwargs = dict(kwargs or {})
+    if ":" not in family:
+        if device is not None and device.type != "cpu":
+            kwargs.setdefault("device", str(device))
+        if dtype is not None and dtype != torch.float32:
+            kwargs.setdefault("dtype", str(dtype).removeprefix("torch."))
     if ":" in family:
         module, _, attr = family.partition(":")
         factory = importlib.import_module(module)
@@ -199,7 +210,8 @@ class MetaTrainer:
         self.hook = hook
         self.progress = progress
         self.command = command or "MetaTrainer(config).train()  # Python API"
-        self.family = family if family is not None else make_task_family(config.task.family, config.task.kwargs)
+        self.family = family if family is not None else make_task_family(
+            config.task.family, config.task.kwargs, device=self.device, dtype=self.dtype)
         self._eval_family: TaskFamily | None = None if config.task.eval_kwargs and family is None else self.family
 
         self.parent: dict[str, Any] | None = None
@@ -252,7 +264,8 @@ class MetaTrainer:
     def eval_family(self) -> TaskFamily:
         if self._eval_family is None:
             task: TaskSection = self.config.task
-            self._eval_family = make_task_family(task.family, {**task.kwargs, **task.eval_kwargs})
+            self._eval_family = make_task_family(task.family, {**task.kwargs, **task.eval_kwargs},
+                                                 device=self.device, dtype=self.dtype)
         return self._eval_family
 
     @property
