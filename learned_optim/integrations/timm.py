@@ -33,7 +33,7 @@ def register_timm_optimizers() -> list[str]:
         name = entry["name"]
         if "_" in name:  # timm splits optimizer names on "_"
             continue
-        if name in default_registry.get_supported_optimizers(include_description=False):
+        if name.lower() in default_registry.list_optimizers():  # timm stores names lower-cased
             continue
         factory = functools.partial(_zoo_optimizer, name)
         default_registry.register(OptimInfo(

@@ -1,0 +1,184 @@
+"""Checkpoint folders: save/load round trip, and one clear :class:`CheckpointError` per kind of bad checkpoint.
+
+A checkpoint is ``config.json`` + ``model.safetensors`` + ``README.md``. Loading is strict and never
+unpickles anything; the pickle cases below make any unpickling attempt fail the test loudly.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import learned_optim
+from learned_optim import CheckpointError, LearnedOptimizer, load_rule, save_pretrained
+from learned_optim.hub import CARD_NAME, CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME
+
+#: A non-default configuration per family, so the round trip proves every field is saved.
+CUSTOM_CONFIGS = {
+    "dm_lstm": {"hidden_size": 7, "num_layers": 3, "preprocess_k": 10.0, "output_scale": 0.1},
+    "rnnprop": {"hidden_size": 6, "beta1": 0.9, "beta2": 0.99, "eps": 1e-6, "output_scale": 0.05},
+    "mlp": {"hidden_size": 9, "num_hidden_layers": 2, "decays": (0.9, 0.99), "time_scales": (10.0, 100.0),
+            "step_scale": 0.01},
+}
+
+
+def _weights_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("custom", [False, True], ids=["default", "custom"])
+def test_save_and_load_round_trip(family, make_rule, tmp_path, custom):
+    """Weights, the full net config, names, training summary and optimizer defaults survive; a card is written."""
+    overrides = CUSTOM_CONFIGS.get(family, {}) if custom else {}
+    rule = make_rule(family, seed=3, **overrides)
+    training = {"tasks": ["mlp-digits"], "command": "learned-optim train ...", "results": {"loss": 0.12}}
+    save_pretrained(rule, tmp_path / "ck", name="my-opt", description="a test optimizer", training=training,
+                    optimizer_defaults={"lr": 0.5})
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME, CARD_NAME])
+    config = json.loads((tmp_path / "ck" / CONFIG_NAME).read_text())
+    assert config["library"] == "learned_optim" and config["format_version"] == FORMAT_VERSION
+    assert config["family"] == family and config["name"] == "my-opt"
+    assert config["training"] == training and config["optimizer"] == {"lr": 0.5}
+    card = (tmp_path / "ck" / CARD_NAME).read_text()
+    assert family in card and "from_pretrained" in card and card.startswith("---\n")
+
+    loaded, loaded_config = load_rule(tmp_path / "ck")
+    assert type(loaded) is type(rule) and loaded.config == rule.config
+    assert _weights_equal(loaded, rule)
+    assert loaded_config == config
+    # the safetensors file holds exactly the net's tensors
+    assert load_file(str(tmp_path / "ck" / WEIGHTS_NAME)).keys() == rule.state_dict().keys()
+
+
+def test_optimizer_save_pretrained_and_from_pretrained(family, make_rule, tmp_path):
+    """opt.save_pretrained(dir) then from_pretrained(dir, params) rebuilds the same net and defaults."""
+    params = [torch.nn.Parameter(torch.randn(4))]
+    opt = LearnedOptimizer(params, make_rule(family, seed=4))
+    opt.save_pretrained(tmp_path / "ck", optimizer_defaults={"lr": 0.25, "weight_decay": 0.01},
+                        card="# custom card\n")
+    assert (tmp_path / "ck" / CARD_NAME).read_text() == "# custom card\n"
+    restored = learned_optim.from_pretrained(str(tmp_path / "ck"), params)
+    assert isinstance(restored, LearnedOptimizer) and _weights_equal(restored.rule, opt.rule)
+    assert restored.param_groups[0]["lr"] == 0.25 and restored.param_groups[0]["weight_decay"] == 0.01
+    assert not any(p.requires_grad for p in restored.rule.parameters())
+
+
+# ------------------------------------------------------------------------------------------ bad checkpoints
+
+
+def _rewrite_config(directory: Path, change: Callable[[dict], object]) -> None:
+    config = json.loads((directory / CONFIG_NAME).read_text())
+    result = change(config)
+    (directory / CONFIG_NAME).write_text(json.dumps(config if result is None else result))
+
+
+def _rewrite_weights(directory: Path, change: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    weights = load_file(str(directory / WEIGHTS_NAME))
+    change(weights)
+    save_file(weights, str(directory / WEIGHTS_NAME))
+
+
+def _first_key(directory: Path) -> str:
+    return sorted(load_file(str(directory / WEIGHTS_NAME)))[0]
+
+
+def _truncate(directory: Path) -> None:
+    data = (directory / WEIGHTS_NAME).read_bytes()
+    (directory / WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
+
+
+def _torch_pickle(directory: Path) -> None:
+    torch.save(torch.nn.Linear(2, 1).state_dict(), directory / WEIGHTS_NAME)
+
+
+def _plain_pickle(directory: Path) -> None:
+    (directory / WEIGHTS_NAME).write_bytes(pickle.dumps({"weight": [1.0, 2.0]}))
+
+
+def _set_first(directory: Path, make: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    key = _first_key(directory)
+    _rewrite_weights(directory, lambda w: w.__setitem__(key, make(w[key])))
+
+
+def _nan(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    t.view(-1)[0] = float("nan")
+    return t
+
+
+#: name -> (how to break a valid checkpoint folder, regex the error message must match)
+BAD_CHECKPOINTS: dict[str, tuple[Callable[[Path], None], str]] = {
+    "missing-config": (lambda d: (d / CONFIG_NAME).unlink(), r"config\.json does not exist"),
+    "invalid-json": (lambda d: (d / CONFIG_NAME).write_text("{\"family\": \"mlp\",,}"), "not valid JSON"),
+    "json-not-object": (lambda d: (d / CONFIG_NAME).write_text("[1, 2]"), "must hold a JSON object"),
+    "foreign-config": (lambda d: (d / CONFIG_NAME).write_text(json.dumps(
+        {"architectures": ["BertModel"], "model_type": "bert", "hidden_size": 768,
+         "transformers_version": "4.45.0"})), "not a learned_optim checkpoint"),
+    "format-version-too-new": (lambda d: _rewrite_config(d, lambda c: c.update(format_version=FORMAT_VERSION + 1)),
+                               "format version 2 is not supported"),
+    "format-version-not-int": (lambda d: _rewrite_config(d, lambda c: c.update(format_version="1")),
+                               "format_version must be an integer"),
+    "unknown-family": (lambda d: _rewrite_config(d, lambda c: c.update(family="velo")), "unknown net family 'velo'"),
+    "unknown-net-field": (lambda d: _rewrite_config(d, lambda c: c["net"].update(dropout=0.1)),
+                          r"invalid net configuration.*dropout"),
+    "wrongly-typed-net-field": (lambda d: _rewrite_config(d, lambda c: c["net"].update(hidden_size="20")),
+                                r"invalid net configuration.*hidden_size must be of type int"),
+    "missing-weights": (lambda d: (d / WEIGHTS_NAME).unlink(), r"model\.safetensors does not exist"),
+    "truncated-weights": (_truncate, "not a readable safetensors file"),
+    "torch-pickle-as-safetensors": (_torch_pickle, "not a readable safetensors file"),
+    "plain-pickle-as-safetensors": (_plain_pickle, "not a readable safetensors file"),
+    "missing-tensor": (lambda d: _rewrite_weights(d, lambda w: w.pop(sorted(w)[0])), r"missing tensors \['"),
+    "unexpected-tensor": (lambda d: _rewrite_weights(d, lambda w: w.__setitem__("extra.weight", torch.ones(2))),
+                          r"unexpected tensors \['extra\.weight'\]"),
+    "wrong-shape": (lambda d: _set_first(d, lambda t: torch.zeros(t.numel() + 1)), "has shape"),
+    "non-floating-tensor": (lambda d: _set_first(d, lambda t: torch.zeros(t.shape, dtype=torch.int64)),
+                            "non-floating dtype"),
+    "non-finite-weights": (lambda d: _set_first(d, _nan), "holds NaN or inf"),
+}
+
+
+@pytest.fixture
+def no_unpickling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every Python-level unpickling entry point fail the test if it is called."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a checkpoint loader tried to unpickle data")
+
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    monkeypatch.setattr(pickle, "Unpickler", forbidden)
+    monkeypatch.setattr(torch, "load", forbidden)
+    monkeypatch.setattr(torch.serialization, "load", forbidden)
+
+
+@pytest.mark.parametrize("kind", list(BAD_CHECKPOINTS))
+def test_bad_checkpoint_raises_clear_error(family, make_rule, tmp_path, kind, no_unpickling):
+    """Each kind of broken checkpoint raises CheckpointError naming the problem, via load_rule and from_pretrained."""
+    directory = tmp_path / "ck"
+    save_pretrained(make_rule(family), directory)
+    load_rule(directory)  # valid before it is broken
+    breaker, message = BAD_CHECKPOINTS[kind]
+    breaker(directory)
+    with pytest.raises(CheckpointError, match=message):
+        load_rule(directory)
+    with pytest.raises(CheckpointError, match=message):
+        learned_optim.from_pretrained(directory, [torch.nn.Parameter(torch.zeros(2))])
+
+
+def test_checkpoint_error_is_a_value_error():
+    assert issubclass(CheckpointError, ValueError)
+
+
+def test_unknown_name_is_a_clear_error(tmp_path, monkeypatch):
+    """A name that is no folder, no zoo entry and no 'owner/name' id fails before touching the Hub."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match="neither a local checkpoint folder, nor a zoo name"):
+        load_rule("no-such-optimizer")
+    with pytest.raises(CheckpointError, match="neither a local checkpoint folder"):
+        load_rule("a/b/c")

@@ -1,0 +1,216 @@
+"""Resolution of checkpoints by Hub repo id (offline, through huggingface_hub's own download code), by zoo
+name, and upload with ``push_to_hub`` (the Hub API patched; nothing here touches the network).
+
+The Hub cache is written the way ``huggingface_hub`` writes it::
+
+    <cache>/models--owner--name/
+        blobs/<git-sha1 or sha256 of each file>
+        refs/main, refs/v1                   (a commit hash, no newline)
+        snapshots/<40-hex commit>/<file>     (relative symlinks into blobs/)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import torch
+
+import learned_optim
+from learned_optim import CheckpointError, LearnedOptimizer, save_pretrained
+from learned_optim.hub import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
+
+REPO_ID = "owner/name"
+COMMIT_MAIN = "1f0c2b7d9e8a6b5c4d3e2f1a0b9c8d7e6f5a4b3c"
+COMMIT_V1 = "0a1b2c3d4e5f60718293a4b5c6d7e8f901234567"
+
+
+def _blob_name(path: Path) -> str:
+    """The blob file name huggingface_hub uses: sha256 for LFS files (weights), git blob sha1 otherwise."""
+    data = path.read_bytes()
+    if path.suffix == ".safetensors":
+        return hashlib.sha256(data).hexdigest()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def add_to_hub_cache(cache_dir: Path, repo_id: str, checkpoint: Path, commit: str, refs: tuple[str, ...] = ()) -> Path:
+    """Store ``checkpoint``'s files as revision ``commit`` of ``repo_id`` in a huggingface_hub cache."""
+    owner, name = repo_id.split("/")
+    repo = cache_dir / f"models--{owner}--{name}"
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    snapshot.mkdir(parents=True)
+    for file in sorted(checkpoint.iterdir()):
+        blob = repo / "blobs" / _blob_name(file)
+        blob.write_bytes(file.read_bytes())
+        os.symlink(os.path.relpath(blob, snapshot), snapshot / file.name)
+    for ref in refs:
+        (repo / "refs" / ref).write_text(commit)
+    return snapshot
+
+
+def _weights_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture
+def hub_cache(tmp_path, make_rule):
+    """A cache holding REPO_ID at two revisions: ``main`` (RNNProp, lr 0.5) and tag ``v1`` (MLP, lr 2.0)."""
+    nets = {"main": make_rule("rnnprop", seed=10), "v1": make_rule("mlp", seed=11)}
+    save_pretrained(nets["main"], tmp_path / "main", optimizer_defaults={"lr": 0.5})
+    save_pretrained(nets["v1"], tmp_path / "v1", optimizer_defaults={"lr": 2.0})
+    cache = tmp_path / "hub-cache"
+    add_to_hub_cache(cache, REPO_ID, tmp_path / "main", COMMIT_MAIN, refs=("main",))
+    add_to_hub_cache(cache, REPO_ID, tmp_path / "v1", COMMIT_V1, refs=("v1",))
+    return cache, nets
+
+
+def _params():
+    return [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.zeros(2))]
+
+
+# ------------------------------------------------------------------------------------------ Hub download
+
+
+def test_hub_cache_layout_is_what_huggingface_hub_reads(hub_cache, hf_offline):
+    """Sanity check of the fixture with huggingface_hub's own functions."""
+    cache, _ = hub_cache
+    path = huggingface_hub.hf_hub_download(REPO_ID, CONFIG_NAME, cache_dir=cache)
+    assert Path(path).parent.name == COMMIT_MAIN
+    assert "rnnprop" in Path(path).read_text()
+
+
+def test_from_pretrained_hub_repo_offline(hub_cache, hf_offline):
+    cache, nets = hub_cache
+    opt = learned_optim.from_pretrained(REPO_ID, _params(), cache_dir=cache)
+    assert isinstance(opt, LearnedOptimizer) and opt.rule.family == "rnnprop"
+    assert _weights_equal(opt.rule, nets["main"])
+    assert opt.param_groups[0]["lr"] == 0.5
+
+
+@pytest.mark.parametrize("revision, expected", [("main", "main"), ("v1", "v1"), (COMMIT_V1, "v1"),
+                                                (COMMIT_MAIN, "main")])
+def test_revision_pinning(hub_cache, hf_offline, revision, expected):
+    """A branch, a tag or a commit hash selects that revision's snapshot."""
+    cache, nets = hub_cache
+    opt = learned_optim.from_pretrained(REPO_ID, _params(), cache_dir=cache, revision=revision)
+    assert opt.rule.family == nets[expected].family
+    assert _weights_equal(opt.rule, nets[expected])
+    assert opt.param_groups[0]["lr"] == {"main": 0.5, "v1": 2.0}[expected]
+
+
+@pytest.mark.parametrize("repo_id, revision", [("owner/missing", None), (REPO_ID, "v2"), (REPO_ID, "f" * 40)])
+def test_repo_or_revision_not_in_cache_is_a_checkpoint_error(hub_cache, hf_offline, repo_id, revision):
+    cache, _ = hub_cache
+    with pytest.raises(CheckpointError, match="not in the local Hub cache"):
+        learned_optim.from_pretrained(repo_id, _params(), cache_dir=cache, revision=revision)
+
+
+def test_local_files_only_needs_no_offline_mode(hub_cache, monkeypatch):
+    """local_files_only=True reads the cache without any request (the Hub API is made to fail)."""
+    cache, nets = hub_cache
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the Hub was contacted despite local_files_only=True")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", no_network)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_tree", no_network)
+    opt = learned_optim.from_pretrained(REPO_ID, _params(), cache_dir=cache, revision="v1", local_files_only=True)
+    assert _weights_equal(opt.rule, nets["v1"])
+    with pytest.raises(CheckpointError, match="not in the local Hub cache"):
+        learned_optim.from_pretrained("owner/missing", _params(), cache_dir=cache, local_files_only=True)
+
+
+def test_bad_checkpoint_in_hub_cache_is_a_checkpoint_error(tmp_path, make_rule, hf_offline):
+    """A cached snapshot without weights fails with the checkpoint's own clear error."""
+    save_pretrained(make_rule("dm_lstm"), tmp_path / "ck")
+    (tmp_path / "ck" / WEIGHTS_NAME).unlink()
+    add_to_hub_cache(tmp_path / "cache", "owner/broken", tmp_path / "ck", COMMIT_MAIN, refs=("main",))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors does not exist"):
+        learned_optim.from_pretrained("owner/broken", _params(), cache_dir=tmp_path / "cache")
+
+
+# ------------------------------------------------------------------------------------------ zoo
+
+
+def test_zoo_name_resolution_and_listing(temp_zoo, hf_offline, monkeypatch, tmp_path):
+    root, name = temp_zoo
+    (root / "not-a-checkpoint").mkdir()  # folders without config.json are not zoo entries
+    entries = learned_optim.list_pretrained()
+    assert [e["name"] for e in entries] == [name]
+    entry = entries[0]
+    assert entry["family"] == "mlp" and entry["description"] == "untrained MLP optimizer (test zoo entry)"
+    assert entry["trained_on"] == ["quadratic (test)"] and entry["results"] == {"final_loss": 0.5}
+    assert Path(entry["path"]) == root / name
+    monkeypatch.chdir(tmp_path)  # the zoo name is not a folder relative to the working directory
+    opt = learned_optim.from_pretrained(name, _params())
+    reference, _ = learned_optim.load_rule(root / name)
+    assert opt.rule.family == "mlp" and _weights_equal(opt.rule, reference)
+    with pytest.raises(CheckpointError, match=name):  # the error lists the zoo
+        learned_optim.from_pretrained("testzoo-unknown", _params())
+
+
+def test_empty_zoo(tmp_path, monkeypatch):
+    monkeypatch.setattr(learned_optim.hub, "zoo_dir", lambda: tmp_path / "does-not-exist")
+    assert learned_optim.list_pretrained() == []
+
+
+# ------------------------------------------------------------------------------------------ overrides
+
+
+def test_from_pretrained_overrides_checkpoint_defaults(checkpoint_dir):
+    """The checkpoint's "optimizer" defaults apply unless a keyword overrides them."""
+    group = learned_optim.from_pretrained(checkpoint_dir, _params()).param_groups[0]
+    assert (group["lr"], group["weight_decay"]) == (0.5, 0.01)
+    opt = learned_optim.from_pretrained(checkpoint_dir, _params(), lr=0.1, chunk_size=64, nonfinite="skip")
+    group = opt.param_groups[0]
+    assert (group["lr"], group["weight_decay"]) == (0.1, 0.01)
+    assert (opt.chunk_size, opt.nonfinite) == (64, "skip")
+    group = learned_optim.from_pretrained(checkpoint_dir, _params(), weight_decay=0.0).param_groups[0]
+    assert (group["lr"], group["weight_decay"]) == (0.5, 0.0)
+    # param groups keep their own settings over the defaults
+    a, b = _params()
+    opt = learned_optim.from_pretrained(checkpoint_dir, [{"params": [a], "lr": 2.0}, {"params": [b]}])
+    assert [g["lr"] for g in opt.param_groups] == [2.0, 0.5]
+    with pytest.raises(TypeError):
+        learned_optim.from_pretrained(checkpoint_dir, _params(), momentum=0.9)
+
+
+# ------------------------------------------------------------------------------------------ upload
+
+
+def test_push_to_hub_uploads_exactly_the_checkpoint(monkeypatch, make_rule, tmp_path, hf_offline):
+    """opt.push_to_hub creates the repo and uploads config.json, model.safetensors and README.md only."""
+    calls = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["create_repo"] = (repo_id, kwargs)
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        folder = Path(folder_path)
+        calls["upload_folder"] = (repo_id, sorted(p.name for p in folder.iterdir()), kwargs)
+        copy = tmp_path / "uploaded"
+        copy.mkdir()
+        for file in folder.iterdir():
+            (copy / file.name).write_bytes(file.read_bytes())
+        return type("CommitInfo", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/{'c' * 40}"})()
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    rule = make_rule("dm_lstm", seed=7)
+    opt = LearnedOptimizer(_params(), rule)
+    url = opt.push_to_hub("me/my-l2o", private=True, name="my-l2o", optimizer_defaults={"lr": 0.3},
+                          commit_message="first upload")
+    assert url == f"https://huggingface.co/me/my-l2o/commit/{'c' * 40}"
+    assert calls["create_repo"] == ("me/my-l2o", {"private": True, "exist_ok": True})
+    repo_id, files, kwargs = calls["upload_folder"]
+    assert repo_id == "me/my-l2o" and files == sorted([CONFIG_NAME, WEIGHTS_NAME, CARD_NAME])
+    assert kwargs["commit_message"] == "first upload"
+    uploaded = learned_optim.from_pretrained(tmp_path / "uploaded", _params())
+    assert _weights_equal(uploaded.rule, rule) and uploaded.param_groups[0]["lr"] == 0.3
