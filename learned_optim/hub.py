@@ -216,7 +216,10 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, *, revision: str | None 
         return path
     name = str(name_or_path)
     zoo = _zoo_entries()
-    if name in zoo and revision is None:
+    if name in zoo:
+        if revision is not None:
+            raise CheckpointError(f"{name!r} is a bundled zoo entry, which has no revisions; revision= applies "
+                                  "to Hub repo ids ('owner/name')")
         return zoo[name]
     if "/" not in name or name.count("/") > 1:
         raise CheckpointError(f"{name!r} is neither a local checkpoint folder, nor a zoo name "

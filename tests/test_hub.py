@@ -155,6 +155,24 @@ def test_zoo_name_resolution_and_listing(temp_zoo, hf_offline, monkeypatch, tmp_
         learned_optim.from_pretrained("testzoo-unknown", _params())
 
 
+def test_zoo_name_with_revision_is_refused(temp_zoo):
+    _, name = temp_zoo
+    with pytest.raises(CheckpointError, match="no revisions"):
+        learned_optim.from_pretrained(name, _params(), revision="v1")
+
+
+def test_broken_zoo_entry_does_not_break_timm_registration(temp_zoo):
+    """A malformed bundled config must not make ``import learned_optim`` fail (it warns instead)."""
+    from learned_optim.integrations.timm import register_timm_optimizers
+
+    root, name = temp_zoo
+    (root / name / "config.json").write_text("{not json")
+    with pytest.warns(RuntimeWarning, match="not registered with timm"):
+        assert register_timm_optimizers() == []
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        learned_optim.list_pretrained()
+
+
 def test_empty_zoo(tmp_path, monkeypatch):
     monkeypatch.setattr(learned_optim.hub, "zoo_dir", lambda: tmp_path / "does-not-exist")
     assert learned_optim.list_pretrained() == []

@@ -7,6 +7,7 @@ builds the learned optimizer with timm's parameter grouping (no weight decay on 
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any
 
 __all__ = ["register_timm_optimizers"]
@@ -26,10 +27,15 @@ def register_timm_optimizers() -> list[str]:
         from timm.optim._optim_factory import OptimInfo, default_registry
     except ImportError:
         return []
-    from ..hub import list_pretrained
+    from ..hub import CheckpointError, list_pretrained
 
+    try:
+        entries = list_pretrained()
+    except CheckpointError as err:  # a broken bundled entry must not break `import learned_optim`
+        warnings.warn(f"learned_optim zoo not registered with timm: {err}", RuntimeWarning, stacklevel=2)
+        return []
     registered = []
-    for entry in list_pretrained():
+    for entry in entries:
         name = entry["name"]
         if "_" in name:  # timm splits optimizer names on "_"
             continue
