@@ -39,7 +39,7 @@ from ..nets.base import UpdateRule, functional_update
 from .config import UnrollConfig
 from .tasks.base import Task
 
-__all__ = ["Trajectory", "UnrollResult", "MetaLossHook", "start_trajectory", "apply_rule", "task_loss_and_grad",
+__all__ = ["Trajectory", "UnrollResult", "MetaLossHook", "StepInputs", "start_trajectory", "apply_rule", "task_loss_and_grad",
            "unroll", "to_device"]
 
 StateDict = dict[str, dict[str, Tensor]]
@@ -52,10 +52,28 @@ class MetaLossHook(Protocol):
     graph of the net's weights), the task, the train batch that produced :math:`g_t`, and the global
     1-based step ``t``. Returns a scalar added to the meta-loss, or ``None``. A hook that needs the
     trajectory length may define ``begin_trajectory(length: int)``; the trainer calls it at every new
-    trajectory.
+    trajectory. A hook that needs the inputs of the update that produced :math:`\theta_t` (e.g. to run
+    the net again on perturbed inputs) sets the attribute ``wants_step_inputs = True`` and is then
+    called with the keyword argument ``inputs=`` a :class:`StepInputs`.
     """
 
     def __call__(self, params: Mapping[str, Tensor], task: Task, batch: Any, step: int) -> Tensor | None: ...
+
+
+@dataclasses.dataclass
+class StepInputs:
+    r"""What the update :math:`\theta_{t-1} \to \theta_t` was computed from (for hooks that set
+    ``wants_step_inputs``): the rule and its weights (in the graph), the gradient :math:`g_t` the net
+    saw (detached unless ``second_order``), :math:`\theta_{t-1}` and the net state :math:`s_{t-1}`,
+    all by parameter name, and the 1-based step ``t``. Feeding them to :func:`apply_rule` reproduces
+    the step."""
+
+    rule: UpdateRule
+    weights: Mapping[str, Tensor] | None
+    grads: dict[str, Tensor]
+    params: dict[str, Tensor]
+    state: StateDict
+    step: int
 
 
 @dataclasses.dataclass
@@ -252,7 +270,7 @@ def unroll(rule: UpdateRule, weights: Mapping[str, Tensor] | None, task: Task, t
         with torch.set_grad_enabled(track_graph):
             deltas, new_state = apply_rule(rule, weights, grads, params, state, t)
             new_params = {k: params[k] + deltas[k] for k in params}
-        return loss, new_params, new_state
+        return loss, new_params, new_state, grads
 
     meta_losses: list[Tensor | float] = []
     train_losses: list[float] = []
@@ -286,9 +304,10 @@ def unroll(rule: UpdateRule, weights: Mapping[str, Tensor] | None, task: Task, t
                 continue
             batch = batch_of("train")
             if cfg.checkpoint_steps and track_graph:
-                loss, new_params, new_state = checkpoint(one_step, params, state, batch, t, use_reentrant=False)
+                loss, new_params, new_state, grads = checkpoint(one_step, params, state, batch, t,
+                                                                use_reentrant=False)
             else:
-                loss, new_params, new_state = one_step(params, state, batch, t)
+                loss, new_params, new_state, grads = one_step(params, state, batch, t)
             loss_value = float(loss.detach())
             if initial_loss is None:
                 initial_loss = loss_value
@@ -308,6 +327,7 @@ def unroll(rule: UpdateRule, weights: Mapping[str, Tensor] | None, task: Task, t
             if not track_graph:
                 new_params = fresh(new_params)
                 new_state = {k: {s: v.detach() for s, v in st.items()} for k, st in new_state.items()}
+            previous = (params, state)
             params, state = new_params, new_state
             if meta_split == "val" and not record(task.loss(params, batch_of("val"))):
                 freeze(t)
@@ -316,7 +336,11 @@ def unroll(rule: UpdateRule, weights: Mapping[str, Tensor] | None, task: Task, t
             if keep_points:
                 points.append(params)
             if hook is not None and track_graph:
-                term = hook(params, task, batch, t)
+                if getattr(hook, "wants_step_inputs", False):
+                    inputs = StepInputs(rule, weights, grads, previous[0], previous[1], t)
+                    term = hook(params, task, batch, t, inputs=inputs)
+                else:
+                    term = hook(params, task, batch, t)
                 if term is not None:
                     extra = extra + term
         if meta_split == "train" and not diverged and num_steps > 0:
