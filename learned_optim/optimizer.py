@@ -244,10 +244,24 @@ class LearnedOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ checkpoints
     def save_pretrained(self, save_directory: str, **card: Any) -> None:
-        """Write the net as a checkpoint folder (config.json, model.safetensors, README.md)."""
+        """Write the net as a checkpoint folder (config.json, model.safetensors, README.md).
+
+        After :meth:`adapt`, ``config.json``'s ``training.adaptation`` (and the card) list what the net
+        was adapted on.
+        """
         from .hub import save_pretrained
 
+        adaptations = getattr(self.rule, "adaptations", None)
+        if adaptations:
+            card["training"] = {**dict(card.get("training") or {}), "adaptation": list(adaptations)}
         save_pretrained(self.rule, save_directory, **card)
+
+    def adapt(self, model: torch.nn.Module, loss_fn: Callable[..., Tensor], batches: Iterable[Any],
+              **kwargs: Any) -> Any:
+        """Fine-tune this optimizer's net on ``model`` + ``loss_fn`` (M-L2O); see :func:`learned_optim.adapt`."""
+        from .adapt import adapt
+
+        return adapt(self, model, loss_fn, batches, **kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
         """Upload the net as a checkpoint to the Hugging Face Hub; returns the commit URL."""
