@@ -4,6 +4,7 @@
 >>> opt = learned_optim.from_pretrained("l2o-lstm", model.parameters())  # doctest: +SKIP
 """
 
+from .adapt import AdaptationError, AdaptationResult, adapt
 from .hub import CheckpointError, from_pretrained, list_pretrained, load_rule, save_pretrained
 from .nets import DMLSTM, FAMILIES, MLPUpdate, RNNProp, UpdateRule, build_rule, functional_update
 from .optimizer import LearnedOptimizer, NonFiniteGradientError
@@ -13,6 +14,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LearnedOptimizer", "NonFiniteGradientError", "CheckpointError",
     "from_pretrained", "list_pretrained", "load_rule", "save_pretrained",
+    "adapt", "AdaptationError", "AdaptationResult",
     "UpdateRule", "DMLSTM", "RNNProp", "MLPUpdate", "FAMILIES", "build_rule", "functional_update",
 ]
 
