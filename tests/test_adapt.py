@@ -1,0 +1,147 @@
+"""``learned_optim.adapt``: it changes the optimizer's net but not the user's model, mirrors the
+optimizer's own step, rolls back on failure, raises clear errors and is recorded by save_pretrained."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import learned_optim
+from learned_optim import AdaptationError, LearnedOptimizer, RNNProp
+from learned_optim.adapt import adapt_weights
+
+
+def _setup(seed: int = 0, *, lr: float = 1.0, weight_decay: float = 0.0, n_batches: int = 12):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+    opt = LearnedOptimizer(model.parameters(), RNNProp(hidden_size=6), lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed + 1)
+    batches = [(torch.randn(16, 4, generator=gen), torch.randint(0, 3, (16,), generator=gen))
+               for _ in range(n_batches)]
+    return model, opt, batches
+
+
+def _net(opt):
+    return {k: v.clone() for k, v in opt.rule.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_adapt_changes_the_net_but_not_the_model_and_leaves_the_optimizer_ready():
+    model, opt, batches = _setup()
+    opt.zero_grad()
+    F.cross_entropy(model(batches[0][0]), batches[0][1]).backward()
+    opt.step()                                   # existing optimizer state: adaptation starts from it
+    model_before, net_before = copy.deepcopy(model.state_dict()), _net(opt)
+    opt_state_before = copy.deepcopy(opt.state_dict())
+    result = learned_optim.adapt(opt, model, F.cross_entropy, batches, steps=3, unroll=4)
+    assert len(result.meta_losses) == 3 and result.batches_seen == 15      # 3 * (4 + 1), the list is cycled
+    assert not _same(_net(opt), net_before)
+    assert _same(model.state_dict(), model_before)                       # incl. BatchNorm running stats
+    after = opt.state_dict()
+    assert all(torch.equal(v, after["state"][i][k]) for i, st in opt_state_before["state"].items()
+               for k, v in st.items())
+    assert not any(p.requires_grad for p in opt.rule.parameters())
+    opt.zero_grad()
+    F.cross_entropy(model(batches[1][0]), batches[1][1]).backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_adapt_method_and_restore_model_false_match_the_optimizer_step():
+    """With one adaptation step, the unroll ran under the original net: restore_model=False leaves the
+    model exactly where ``unroll`` real optimizer steps (same batches, lr, weight decay) take it."""
+    model, opt, batches = _setup(lr=0.5, weight_decay=0.1)
+    reference_model = copy.deepcopy(model)
+    reference_opt = LearnedOptimizer(reference_model.parameters(), copy.deepcopy(opt.rule), lr=0.5, weight_decay=0.1)
+    for x, y in batches[:5]:
+        reference_opt.zero_grad()
+        F.cross_entropy(reference_model(x), y).backward()
+        reference_opt.step()
+    opt.adapt(model, F.cross_entropy, batches, steps=1, unroll=5, restore_model=False)
+    for (name, p), q in zip(model.named_parameters(), reference_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    with torch.no_grad():
+        reference_model(batches[5][0])        # adapt's last forward: the meta-loss at the final point
+    for name, b in model.named_buffers():
+        torch.testing.assert_close(b, dict(reference_model.named_buffers())[name])
+    p0 = next(model.parameters())
+    assert float(opt.state[p0]["step"]) == 5
+    torch.testing.assert_close(opt.state[p0]["lstm"], reference_opt.state[next(reference_model.parameters())]["lstm"],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_errors_leave_everything_unchanged():
+    model, opt, batches = _setup()
+    net, state = _net(opt), copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="does not depend on the parameters"):
+        learned_optim.adapt(opt, model, lambda out, y: (y.float() ** 2).mean(), batches)
+    with pytest.raises(ValueError, match="does not depend on the parameters"):
+        learned_optim.adapt(opt, model, lambda out, y: F.cross_entropy(out.detach(), y), batches)
+    with pytest.raises(ValueError, match="empty"):
+        learned_optim.adapt(opt, model, F.cross_entropy, [])
+    with pytest.raises(ValueError, match="ran out after 7 batches"):
+        learned_optim.adapt(opt, model, F.cross_entropy, iter(batches[:7]), steps=2, unroll=4)
+    with pytest.raises(TypeError, match="pair"):
+        learned_optim.adapt(opt, model, F.cross_entropy, [batches[0][0]])
+    with pytest.raises(TypeError, match="LearnedOptimizer"):
+        learned_optim.adapt(torch.optim.Adam(model.parameters()), model, F.cross_entropy, batches)
+    with pytest.raises(ValueError, match="none of the model"):
+        learned_optim.adapt(opt, nn.Linear(4, 3), F.cross_entropy, batches)
+    assert _same(_net(opt), net) and _same(model.state_dict(), state)
+    assert not hasattr(opt.rule, "adaptations")
+
+
+def test_non_finite_meta_gradient_rolls_back_the_whole_adaptation():
+    model, opt, batches = _setup()
+    net, state = _net(opt), copy.deepcopy(model.state_dict())
+    calls = {"n": 0}
+
+    def flaky(out, y):                     # fine for two adaptation steps (2 * 5 calls), then NaN
+        calls["n"] += 1
+        loss = F.cross_entropy(out, y)
+        return loss * float("nan") if calls["n"] > 10 else loss
+
+    with pytest.raises(AdaptationError, match="step 3 of 4.*rolled back"):
+        learned_optim.adapt(opt, model, flaky, batches, steps=4, unroll=4)
+    assert _same(_net(opt), net) and _same(model.state_dict(), state)
+    calls["n"] = 0
+    result = learned_optim.adapt(opt, model, flaky, batches, steps=4, unroll=4, nonfinite="skip")
+    assert result.skipped_steps == 2 and not _same(_net(opt), net)
+
+
+def test_adapt_weights_commits_only_after_every_step():
+    rule = RNNProp(hidden_size=3)
+    before = _net(type("O", (), {"rule": rule}))
+
+    def segment_loss(weights, k):
+        loss = sum(w.square().sum() for w in weights.values())
+        return loss if k < 2 else loss + float("inf") * next(iter(weights.values())).sum()
+
+    with pytest.raises(AdaptationError):
+        adapt_weights(rule, segment_loss, steps=3)
+    assert _same(dict(rule.state_dict()), before)
+    adapt_weights(rule, segment_loss, steps=2)
+    assert not _same(dict(rule.state_dict()), before)
+
+
+def test_save_pretrained_records_the_adaptation(tmp_path):
+    model, opt, batches = _setup()
+    opt.adapt(model, F.cross_entropy, batches, steps=2, unroll=3, description="toy data")
+    opt.save_pretrained(str(tmp_path / "adapted"), name="adapted", training={"tasks": "digits"})
+    config = json.loads((tmp_path / "adapted" / "config.json").read_text())
+    (record,) = config["training"]["adaptation"]
+    assert config["training"]["tasks"] == "digits"
+    assert record["model"] == "Sequential" and record["steps"] == 2 and record["unroll"] == 3
+    assert record["description"] == "toy data" and record["loss_fn"] == "cross_entropy"
+    assert record["example_batch"][0] == {"shape": [16, 4], "dtype": "float32"}
+    assert "adaptation" in (tmp_path / "adapted" / "README.md").read_text()
+    rule, _ = learned_optim.load_rule(tmp_path / "adapted")
+    assert _same(dict(rule.state_dict()), _net(opt))
