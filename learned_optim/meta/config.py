@@ -29,7 +29,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 __all__ = [
     "NetSection", "TaskSection", "UnrollConfig", "ObjectiveConfig", "MetaOptimizerConfig", "CurriculumConfig",
-    "ImitationConfig", "MetaTrainConfig", "load_config", "apply_overrides", "parse_override",
+    "ImitationConfig", "MAMLConfig", "MetaTrainConfig", "load_config", "apply_overrides", "parse_override",
 ]
 
 #: Meta-optimizer defaults per net family (SPEC §2): Adam 1e-3 for the LSTM nets, RMSprop 1e-2 for the MLP.
@@ -250,6 +250,40 @@ class ImitationConfig(_Section):
 
 
 @dataclasses.dataclass
+class MAMLConfig(_Section):
+    r"""MAML over the net's weights (M-L2O, SPEC §4); see :mod:`learned_optim.meta.maml`.
+
+    Each meta-step runs a support segment under :math:`\phi`, takes ``inner_steps`` inner steps
+    :math:`\phi' = \phi - \alpha\,u(\nabla_\phi L_S)` (``inner_update``: ``sgd``, :math:`u(g) = g`, the
+    paper's; ``adam``, Adam with zero initial moments, which is what test-time adaptation does) on
+    that same segment, and descends the query segment's meta-loss under :math:`\phi'`.
+    ``first_order`` drops the second-order terms (the reference's variant). ``query``: ``new_instance``
+    (another instance drawn with the same ``task_kwargs`` draw: the default), ``same_instance``
+    (same instance, another initial point and batch stream) or ``next_segment`` (the reference:
+    the next segment of the support trajectory). ``task_kwargs`` defines what a MAML task is: each
+    key is a task-family argument drawn per meta-epoch, from a list (uniform choice) or
+    ``{loguniform: [lo, hi]}`` / ``{uniform: [lo, hi]}``; e.g. ``{sigma: [0.1, 0.5, 1.0]}``.
+    """
+
+    enabled: bool = False
+    inner_lr: float = 1e-3
+    inner_steps: int = 1
+    first_order: bool = True
+    inner_update: str = "sgd"
+    query: str = "new_instance"
+    task_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def validate(self, where: str) -> None:
+        if not self.inner_lr > 0 or self.inner_steps < 1:
+            raise ValueError(f"{where}: inner_lr must be positive and inner_steps >= 1")
+        if self.inner_update not in ("sgd", "adam"):
+            raise ValueError(f"{where}.inner_update must be 'sgd' or 'adam', got {self.inner_update!r}")
+        if self.query not in ("new_instance", "same_instance", "next_segment"):
+            raise ValueError(f"{where}.query must be 'new_instance', 'same_instance' or 'next_segment', "
+                             f"got {self.query!r}")
+
+
+@dataclasses.dataclass
 class MetaTrainConfig(_Section):
     """Everything a meta-training run needs (see the module docstring for the file layout).
 
@@ -279,6 +313,7 @@ class MetaTrainConfig(_Section):
     meta_optimizer: MetaOptimizerConfig = dataclasses.field(default_factory=MetaOptimizerConfig)
     curriculum: CurriculumConfig = dataclasses.field(default_factory=CurriculumConfig)
     imitation: ImitationConfig = dataclasses.field(default_factory=ImitationConfig)
+    maml: MAMLConfig = dataclasses.field(default_factory=MAMLConfig)
     meta_epochs: int = 100
     checkpoint_every: int = 50
     out_dir: str | None = None
@@ -292,6 +327,11 @@ class MetaTrainConfig(_Section):
             raise ValueError(f"{where}: meta_epochs and checkpoint_every must be >= 1")
         if self.net.family is None and self.init_from is None:
             raise ValueError(f"{where}: set net.family, or init_from to fine-tune an existing optimizer")
+        if self.maml.enabled and self.maml.query == "next_segment":
+            lengths = [self.unroll.trajectory_length, *(self.curriculum.stages if self.curriculum.enabled else [])]
+            if any(int(n) % (2 * self.unroll.segment_length) for n in lengths):
+                raise ValueError(f"{where}: maml.query 'next_segment' needs every trajectory length to be a multiple "
+                                 "of 2 * unroll.segment_length (a support and a query segment per meta-step)")
 
     @classmethod
     def load(cls, path: str | os.PathLike, overrides: Sequence[str] = ()) -> MetaTrainConfig:
