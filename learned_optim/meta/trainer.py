@@ -223,6 +223,10 @@ class MetaTrainer:
         self.imitation_optimizer = (torch.optim.Adam(params, lr=config.imitation.lr)
                                     if config.imitation.enabled else None)
         self.curriculum = Curriculum(config.curriculum) if config.curriculum.enabled else None
+        self.maml = None
+        if config.maml.enabled:     # M-L2O: the query side of each meta-step (see learned_optim.meta.maml)
+            from .maml import MAMLRunner
+            self.maml = MAMLRunner(self)
 
         self.meta_steps = 0           # meta-gradient updates so far
         self.meta_epochs = 0          # completed trajectories
@@ -277,6 +281,8 @@ class MetaTrainer:
 
     # ----------------------------------------------------------------------------------- trajectories
     def _task_for(self, index: int) -> tuple[Task, torch.Generator]:
+        if self.maml is not None:
+            return self.maml.support_task_for(index)
         gen = _generator(derive_seed(self.config.seed, "task", index))
         return self.family.sample(gen), gen
 
@@ -288,6 +294,8 @@ class MetaTrainer:
         self.trajectory_length = (self.curriculum.train_length if self.curriculum is not None
                                   else self.config.unroll.trajectory_length)
         self.trajectory_mode = "unroll"
+        if self.maml is not None:
+            self.maml.begin(index)
         if self.config.imitation.enabled:
             p = self.config.imitation.probability(self.stage)
             coin = float(torch.rand((), generator=_generator(derive_seed(self.config.seed, "imitation", index))))
@@ -303,7 +311,8 @@ class MetaTrainer:
             self._begin_trajectory()
         assert self.trajectory is not None and self.task is not None
         started = time.perf_counter()
-        n = min(cfg.unroll.segment_length, self.trajectory_length - self.trajectory.step)
+        per_step = 1 if self.maml is None or self.trajectory_mode == "imitation" else self.maml.steps_per_meta_step
+        n = min(per_step * cfg.unroll.segment_length, self.trajectory_length - self.trajectory.step)
         weights = self._weights()
         metrics: dict[str, Any] = {"event": "meta_step", "meta_step": self.meta_steps + 1,
                                    "meta_epoch": self.meta_epochs, "stage": self.stage, "mode": self.trajectory_mode,
@@ -315,6 +324,11 @@ class MetaTrainer:
             loss, optimizer = result.loss, self.imitation_optimizer
             metrics["imitation_loss"] = float(loss.detach())
             train_losses, end, diverged_at = result.train_losses, result.end, None
+        elif self.maml is not None:
+            loss, maml_metrics, train_losses, end, diverged_at = self.maml.segment(weights, n)
+            optimizer = self.meta_optimizer
+            metrics.update(maml_metrics, objective=maml_metrics["outer_loss"],
+                           meta_split_loss_last=maml_metrics["query_loss_last"])
         else:
             result = unroll(self.rule, weights, self.task, self.trajectory, n, generator=self.data_generator,
                             config=cfg.unroll, meta_split=cfg.objective.split, hook=self.hook)
@@ -451,6 +465,9 @@ class MetaTrainer:
             traj_tensors, meta["trajectory"] = self.trajectory.to_tensors("traj")
             tensors.update(traj_tensors)
             meta["trajectory"].update(mode=self.trajectory_mode, length=self.trajectory_length)
+        if self.maml is not None:
+            maml_tensors, meta["maml"] = self.maml.to_tensors()
+            tensors.update(maml_tensors)
         self._log_handle and self._log_handle.flush()
         meta.update(
             meta_steps=self.meta_steps, meta_epochs=self.meta_epochs,
@@ -516,6 +533,8 @@ class MetaTrainer:
                 self.hook.begin_trajectory(self.trajectory_length)
         else:
             self.trajectory, self.task = None, None
+        if self.maml is not None:
+            self.maml.load(tensors, meta.get("maml") if traj is not None else None, self.meta_epochs)
         return True
 
     # ------------------------------------------------------------------------------------ main loop
