@@ -295,7 +295,9 @@ class MetaTrainConfig(_Section):
     torch's setting),
     ``init_from`` (zoo name or folder to fine-tune; its architecture replaces ``net``), ``meta_epochs``
     (trajectories to train; the cap when the curriculum is on), ``checkpoint_every`` (meta-steps between
-    checkpoints), ``out_dir`` (run folder; ``runs/<name>`` when unset).
+    checkpoints), ``out_dir`` (run folder; ``runs/<name>`` when unset), ``regularizers`` (flatness-aware
+    meta-loss terms, a list of blocks ``{kind, weight, where, every, ...}``; see
+    :mod:`learned_optim.meta.regularizers`; several combine by summing).
     """
 
     name: str = "learned-optimizer"
@@ -314,6 +316,7 @@ class MetaTrainConfig(_Section):
     curriculum: CurriculumConfig = dataclasses.field(default_factory=CurriculumConfig)
     imitation: ImitationConfig = dataclasses.field(default_factory=ImitationConfig)
     maml: MAMLConfig = dataclasses.field(default_factory=MAMLConfig)
+    regularizers: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     meta_epochs: int = 100
     checkpoint_every: int = 50
     out_dir: str | None = None
@@ -327,6 +330,10 @@ class MetaTrainConfig(_Section):
             raise ValueError(f"{where}: meta_epochs and checkpoint_every must be >= 1")
         if self.net.family is None and self.init_from is None:
             raise ValueError(f"{where}: set net.family, or init_from to fine-tune an existing optimizer")
+        if self.regularizers:
+            from .regularizers import parse_blocks  # checked when the config is loaded, not at the first step
+
+            parse_blocks(self.regularizers, where=f"{where}.regularizers")
         if self.maml.enabled and self.maml.query == "next_segment":
             lengths = [self.unroll.trajectory_length, *(self.curriculum.stages if self.curriculum.enabled else [])]
             if any(int(n) % (2 * self.unroll.segment_length) for n in lengths):

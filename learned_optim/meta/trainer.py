@@ -208,6 +208,11 @@ class MetaTrainer:
         self.dtype = getattr(torch, config.dtype)
         self.out_dir = Path(out_dir or config.out_dir or Path("runs") / config.name)
         self.hook = hook
+        if config.regularizers:   # flatness-aware meta-loss terms (learned_optim.meta.regularizers)
+            from .regularizers import RegularizerHook, combine_hooks
+
+            self.hook = combine_hooks(hook, RegularizerHook(config.regularizers,
+                                                            segment_length=config.unroll.segment_length))
         self.progress = progress
         self.command = command or "MetaTrainer(config).train()  # Python API"
         self.family = family if family is not None else make_task_family(
@@ -337,6 +342,8 @@ class MetaTrainer:
             loss, optimizer = objective + result.extra, self.meta_optimizer
             metrics.update(objective=float(objective.detach()), extra=float(result.extra.detach()),
                            meta_split_loss_last=float(result.losses[-1].detach()))
+            if hasattr(self.hook, "pop_values"):
+                metrics["regularizers"] = self.hook.pop_values()
             train_losses, end, diverged_at = result.train_losses, result.end, result.diverged_at
         assert optimizer is not None
         optimizer.zero_grad(set_to_none=True)
