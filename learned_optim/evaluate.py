@@ -11,6 +11,10 @@ paper) trains on separate tuning seeds and the one with the lowest final *valida
 grid and the choice are printed and recorded. A learned optimizer runs with the step multiplier its
 checkpoint records (``1.0`` unless it says otherwise, or unless ``learned_lr`` is given), untuned.
 
+Optionally (``flatness=FlatnessOptions()``, ``--flatness``), every evaluation run also measures the
+flatness of the loss at its point of convergence (see :class:`learned_optim.flatness.FlatnessOptions`):
+Hessian trace and top eigenvalue, PGA sharpness and max gradient norm in L-infinity balls.
+
 Final values are reported as mean ± the half-width of a 95% confidence interval from the
 t-distribution over seeds (:func:`mean_confidence_interval`). :meth:`EvaluationResults.write` saves
 ``results.json``, ``summary.csv``, ``curves.csv``, ``summary.md`` (a markdown table for model cards)
@@ -49,6 +53,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .flatness import FlatnessOptions, task_flatness
 from .hub import CheckpointError, from_pretrained, load_rule_from_dir, resolve_checkpoint
 from .meta.tasks.base import Params, Task, TaskFamily
 from .optimizer import NonFiniteGradientError
@@ -64,7 +69,7 @@ DEFAULT_LR_GRID: tuple[float, ...] = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
 #: Tuning runs use seeds ``TUNE_SEED_OFFSET + i`` so the learning rate is never chosen on evaluation seeds.
 TUNE_SEED_OFFSET = 1_000_000
 #: Random streams derived from one seed (see :func:`_generator`).
-_TASK_STREAM, _TRAIN_STREAM, _EVAL_STREAM, _N_STREAMS = 0, 1, 2, 4
+_TASK_STREAM, _TRAIN_STREAM, _EVAL_STREAM, _FLATNESS_STREAM, _N_STREAMS = 0, 1, 2, 3, 4
 
 
 # ------------------------------------------------------------------------------------------ baselines
@@ -211,6 +216,9 @@ class RunResult:
     ``evals[name][i]`` is metric ``name`` (``"loss"``, ``"accuracy"``, ...) on ``eval_split`` after
     ``eval_steps[i]`` updates. After a divergence (see :func:`train_run`) the run stops: the remaining
     entries are NaN and ``diverged_at`` is the first step whose loss or parameters are bad.
+    ``flatness`` holds the flatness metrics at the point of convergence when they were requested
+    (``converged_at``: the step it was reached, ``None`` if the run never stalled and was measured at
+    its end).
     """
 
     task: str
@@ -224,6 +232,8 @@ class RunResult:
     time_per_step: float
     wall_time: float
     diverged_at: int | None = None
+    flatness: dict[str, float] | None = None
+    converged_at: int | None = None
 
     def final_train_loss(self, window: int) -> float:
         """Mean training loss over the last ``window`` steps (NaN for a diverged run)."""
@@ -260,14 +270,16 @@ def _out_of_bound(params: Params, bound: float | None) -> bool:
 
 def train_run(task: Task, init: Params, spec: OptimizerSpec, lr: float | None, *, steps: int, seed: int,
               task_label: str, eval_split: str = "test", eval_every: int | None = None,
-              on_step: Callable[[], None] | None = None) -> RunResult:
+              on_step: Callable[[], None] | None = None, flatness: FlatnessOptions | None = None) -> RunResult:
     """Train a copy of ``init`` (made into leaf tensors) on ``task`` with ``spec`` for ``steps`` steps.
 
     Training batches come from the seed's training stream, so every optimizer sees the same ones;
     evaluation uses one fixed ``eval_split`` batch of the seed, measured at step 0, every
     ``eval_every`` steps (``None``: only at the end) and after the last step. A non-finite loss or
     gradient, or parameters whose global L2 norm exceeds the task's ``divergence_bound`` (when it
-    sets one), ends the run as diverged.
+    sets one), ends the run as diverged. With ``flatness``, the parameters at the point of convergence
+    (the first step after which the training loss has not improved for ``flatness.patience`` steps;
+    the last step if that never happens) are measured after the run (not counted in its times).
     """
     params = {k: v.detach().clone().requires_grad_(True) for k, v in init.items()}
     optimizer = spec.build(list(params.values()), lr)
@@ -280,6 +292,7 @@ def train_run(task: Task, init: Params, spec: OptimizerSpec, lr: float | None, *
     losses: list[float] = []
     elapsed, taken, diverged_at = 0.0, 0, None
     bound = getattr(task, "divergence_bound", None)
+    best_loss, stalled, converged_at, converged_params = math.inf, 0, None, None
 
     def record(step: int) -> bool:
         values = _measure(task, params, eval_batch)
@@ -318,14 +331,23 @@ def train_run(task: Task, init: Params, spec: OptimizerSpec, lr: float | None, *
         if _out_of_bound(params, bound):
             diverged_at = step + 1
             break
+        if flatness is not None and converged_at is None:
+            best_loss, stalled = (loss, 0) if loss < best_loss else (best_loss, stalled + 1)
+            if stalled >= flatness.patience:
+                converged_at, converged_params = step + 1, {k: v.detach().clone() for k, v in params.items()}
     if diverged_at is None and not record(steps):
         diverged_at = steps  # the last update produced non-finite parameters
     wall = time.perf_counter() - start
     losses += [math.nan] * (steps - len(losses))
     for values in evals.values():
         values += [math.nan] * (len(eval_steps) - len(values))
+    flat = None
+    if flatness is not None and diverged_at is None:
+        point = converged_params if converged_params is not None else params
+        flat = task_flatness(task, point, flatness, _generator(seed, _FLATNESS_STREAM))
     return RunResult(task_label, spec.label, seed, None if actual_lr is None else _as_float(actual_lr), eval_split,
-                     losses, eval_steps, evals, elapsed / max(1, taken), wall, diverged_at)
+                     losses, eval_steps, evals, elapsed / max(1, taken), wall, diverged_at, flat,
+                     converged_at if diverged_at is None else None)
 
 
 # ------------------------------------------------------------------------------------------ lr tuning
@@ -475,6 +497,10 @@ class EvaluationResults:
             columns.update({f"{split}_{m}": [r.final(m) for r in runs] for m in self.metric_names})
             columns["time_per_step_ms"] = [1e3 * r.time_per_step for r in runs]
             columns["wall_time_s"] = [r.wall_time for r in runs]
+            for name in self.flatness_names:
+                columns[name] = [(r.flatness or {}).get(name, math.nan) for r in runs]
+            if self.flatness_names:
+                columns["converged_at"] = [math.nan if r.converged_at is None else r.converged_at for r in runs]
             for name, values in columns.items():
                 row[name], row[f"{name}_ci95"] = mean_confidence_interval(values)
             rows.append(row)
@@ -511,6 +537,36 @@ class EvaluationResults:
                      f"({_count(c['tune_steps'], 'step')}, {_count(c['tune_seeds'], 'separate seed')}).")
         if c.get("command"):
             note += f"\n\nCommand: `{c['command']}`"
+        return "\n".join(lines) + "\n\n" + note + "\n" + self._flatness_markdown()
+
+    @property
+    def flatness_names(self) -> list[str]:
+        """Flatness metrics measured at the point of convergence (empty unless requested)."""
+        names: dict[str, None] = {}
+        for run in self.runs:
+            names.update(dict.fromkeys(run.flatness or {}))
+        return list(names)
+
+    def _flatness_markdown(self) -> str:
+        names = self.flatness_names
+        if not names:
+            return ""
+        options = self.config.get("flatness") or {}
+        header = ["Task", "Optimizer", *names, "Converged at (step)"]
+        lines = ["", "Flatness at the point of convergence", "", "| " + " | ".join(header) + " |",
+                 "|" + "---|" * len(header)]
+        for row in self.summary:
+            cells = [row["task"], row["optimizer"], *(_fmt(row[n], row[f"{n}_ci95"]) for n in names),
+                     _fmt(row["converged_at"], row["converged_at_ci95"], digits=4)]
+            lines.append("| " + " | ".join(cells) + " |")
+        note = (f"Point of convergence: the first step after which the training loss did not improve for "
+                f"{options.get('patience', '?')} steps (the last step for runs that never stalled; those count "
+                f"as missing in the last column). Hessian trace ({options.get('probes', '?')} Hutchinson probes) "
+                f"and top eigenvalue on {options.get('hessian_batches', '?')} `{options.get('hessian_split', '?')}` "
+                f"batches; sharpness@r = max loss increase and max_grad_norm@r = max gradient norm in the "
+                f"L-infinity ball of radius r on the `{options.get('pga_split', '?')}` batch, by "
+                f"{options.get('steps', '?')} steps of projected gradient ascent (step {options.get('step_fraction', '?')} r, "
+                f"Gaussian start of std {options.get('init_fraction', '?')} r). Mean ± 95% CI over seeds.")
         return "\n".join(lines) + "\n\n" + note + "\n"
 
     def to_dict(self) -> dict[str, Any]:
@@ -635,7 +691,7 @@ def evaluate(optimizers: Sequence[str | OptimizerSpec], tasks: Sequence[str | Ta
              tune_steps: int | None = None, tune_seeds: int = 1, eval_every: int | None = None,
              eval_split: str = "test", learned_lr: float | None = None, final_window: int = 10,
              progress: bool = True, log: Callable[[str], None] | None = None,
-             command: str | None = None) -> EvaluationResults:
+             command: str | None = None, flatness: FlatnessOptions | bool | None = None) -> EvaluationResults:
     """Run every optimizer on every task for ``steps`` steps and ``seeds`` seeds.
 
     Args:
@@ -656,8 +712,15 @@ def evaluate(optimizers: Sequence[str | OptimizerSpec], tasks: Sequence[str | Ta
         progress: show a tqdm progress bar (stderr).
         log: where the tuning lines go (default: ``tqdm.write`` to stdout).
         command: the command line to quote in the markdown note.
+        flatness: measure flatness at each evaluation run's point of convergence
+            (:class:`~learned_optim.flatness.FlatnessOptions`; ``True`` for the defaults).
     """
     from tqdm.auto import tqdm
+
+    if flatness is True:
+        flatness = FlatnessOptions()
+    elif flatness is False:
+        flatness = None
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -693,6 +756,7 @@ def evaluate(optimizers: Sequence[str | OptimizerSpec], tasks: Sequence[str | Ta
         "tune_split": "val", "eval_split": eval_split, "eval_every": eval_every, "final_window": final_window,
         "confidence": 0.95, "command": command, "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "flatness": dataclasses.asdict(flatness) if flatness is not None else None,
     }
     tuning: list[TuningResult] = []
     runs: list[RunResult] = []
@@ -716,7 +780,7 @@ def evaluate(optimizers: Sequence[str | OptimizerSpec], tasks: Sequence[str | Ta
                     bar.set_description(f"{source.label} | {spec.label} | seed {seed}")
                     runs.append(train_run(task, init, spec, lrs[spec.label], steps=steps, seed=seed,
                                           task_label=source.label, eval_split=eval_split,
-                                          eval_every=eval_every, on_step=tick))
+                                          eval_every=eval_every, on_step=tick, flatness=flatness))
     return EvaluationResults(config, tuning, runs)
 
 
@@ -761,6 +825,11 @@ def build_parser(prog: str = "python -m learned_optim evaluate") -> argparse.Arg
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's). 1 is much faster for small models "
                         "when the CPU cores are shared with other work")
+    parser.add_argument("--flatness", action="store_true",
+                        help="also measure flatness (Hessian trace/top eigenvalue, PGA sharpness, max gradient norm) "
+                        "at each run's point of convergence (learned_optim.flatness.FlatnessOptions)")
+    parser.add_argument("--flatness-patience", type=int, default=100,
+                        help="point of convergence: the training loss has not improved for this many steps (default 100)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -783,7 +852,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m learned_optim
         results = evaluate(optimizers, args.tasks, args.steps, args.seeds, lr_grid=args.lr_grid,
                            tune_steps=args.tune_steps, tune_seeds=args.tune_seeds, eval_every=args.eval_every,
                            learned_lr=args.learned_lr, final_window=args.final_window,
-                           progress=not args.no_progress, command=f"{prog} {shlex.join(argv)}")
+                           progress=not args.no_progress, command=f"{prog} {shlex.join(argv)}",
+                           flatness=FlatnessOptions(patience=args.flatness_patience) if args.flatness else None)
     except (CheckpointError, ValueError, ImportError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
@@ -793,6 +863,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m learned_optim
     print("wrote " + ", ".join(str(p) for p in files.values()))
     return 0
 
+
+from . import baselines as _baselines  # noqa: E402,F401  (registers sam, gsam, gam, entropy-sgd)
 
 if __name__ == "__main__":
     sys.exit(main(prog="python -m learned_optim.evaluate"))
