@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from learned_optim import build_rule
-from learned_optim.features import log_and_sign
 from learned_optim.meta.config import MetaTrainConfig, UnrollConfig
 from learned_optim.meta.regularizers import (
     RegularizerHook, combine_hooks, gam_term, gsam_term, hutchinson_trace, jacobian_trace, local_entropy_mean,
@@ -256,6 +255,15 @@ def step_inputs(family: str, dtype=torch.float32, seed: int = 0, **overrides) ->
     return StepInputs(rule, dict(rule.named_parameters()), grads, params, state, 3)
 
 
+def check_smoothing(inputs, space, epsilon):
+    value = smoothing_term(inputs, epsilon=epsilon, space=space, generator=gen(1))
+    assert value.item() > 0
+    grads = torch.autograd.grad(value, list(inputs.weights.values()), allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    tiny = smoothing_term(inputs, epsilon=epsilon * 1e-6, space=space, generator=gen(1))
+    assert tiny.item() < 1e-6 * value.item()
+
+
 def test_smoothing_finds_the_net_input_and_is_differentiable(family):
     inputs = step_inputs(family)
     layer = net_input_layer(inputs.rule)
@@ -266,23 +274,24 @@ def test_smoothing_finds_the_net_input_and_is_differentiable(family):
         apply_rule(inputs.rule, None, inputs.grads, inputs.params, inputs.state, inputs.step)
     finally:
         handle.remove()
-    assert [x.shape[0] for x in seen] == [15, 4]     # one call per tensor, one row per coordinate
-    if family == "dm_lstm":
-        torch.testing.assert_close(seen[0], log_and_sign(inputs.grads["w"].reshape(-1), 5.0))
     hooks_before = dict(layer._forward_pre_hooks)
-    value = smoothing_term(inputs, epsilon=1.0, generator=gen(1))
-    assert dict(layer._forward_pre_hooks) == hooks_before   # the shifting hook is removed again
-    assert value.item() > 0
-    grads = torch.autograd.grad(value, list(inputs.weights.values()), allow_unused=True)
-    assert any(g is not None and g.abs().sum() > 0 for g in grads)
-    tiny = smoothing_term(inputs, epsilon=1e-6, generator=gen(1))
-    assert tiny.item() < 1e-6 * value.item()
+    if seen:   # the input layer runs as a module: feature-space smoothing
+        assert [x.shape[0] for x in seen] == [15, 4]     # one call per tensor, one row per coordinate
+        if family == "rnnprop":
+            assert seen[0].shape[1] == 2                  # the two Adam-ratio features
+        check_smoothing(inputs, "features", 1.0)
+        assert dict(layer._forward_pre_hooks) == hooks_before   # the shifting hook is removed again
+    else:      # e.g. DM-LSTM's functional LSTM cells: a clear error pointing to space: gradient
+        with pytest.raises(RuntimeError, match="space: gradient"):
+            smoothing_term(inputs)
+    check_smoothing(inputs, "gradient", 0.01)
 
 
 def test_smoothing_ascent_beats_its_random_start():
     inputs = step_inputs("dm_lstm")
-    start = smoothing_term(inputs, epsilon=0.5, steps=0, init_std=0.3, generator=gen(2)).item()
-    ascended = smoothing_term(inputs, epsilon=0.5, steps=10, init_std=0.3, generator=gen(2)).item()
+    kwargs = dict(epsilon=0.01, init_std=0.006, space="gradient")
+    start = smoothing_term(inputs, steps=0, generator=gen(2), **kwargs).item()
+    ascended = smoothing_term(inputs, steps=10, generator=gen(2), **kwargs).item()
     assert ascended > start
 
 
@@ -344,7 +353,7 @@ class TinyTask(Task):
 BLOCKS = [{"kind": "hessian_trace", "weight": 0.3, "probes": 3},
           {"kind": "hessian_eigenvalue", "weight": 0.2, "iters": 60},
           {"kind": "jacobian_trace", "weight": 2.0},
-          {"kind": "smoothing", "weight": 50.0, "epsilon": 0.5, "steps": 3}]
+          {"kind": "smoothing", "weight": 5e3, "epsilon": 0.05, "steps": 3, "space": "gradient"}]
 
 
 def meta_loss(rule, weights, blocks, second_order=True):
@@ -383,7 +392,8 @@ def test_trainer_builds_the_hook_from_config(tmp_path):
               "task": {"family": "quadratic", "kwargs": {"dim": 3, "num_instances": 4}},
               "unroll": {"trajectory_length": 6, "segment_length": 3}, "meta_epochs": 1, "checkpoint_every": 10,
               "regularizers": [{"kind": "hessian_trace", "weight": 0.01, "probes": 2, "where": "segment_end"},
-                               {"kind": "smoothing", "weight": 1.0, "steps": 2, "where": "final"}]}
+                               {"kind": "smoothing", "weight": 1.0, "steps": 2, "where": "final",
+                                "space": "gradient", "epsilon": 0.1}]}
     trainer = MetaTrainer(config, out_dir=tmp_path / "run", progress=False)
     first = trainer.step()
     second = trainer.step()

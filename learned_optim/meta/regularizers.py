@@ -41,7 +41,8 @@ gam                 :math:`\rho\,\|\nabla L(\theta + \mathrm{sg}(\delta))\|`, :m
                     \rho\,Hg/\|Hg\|` (one normalised ascent step on :math:`\|\nabla L\|`)
 smoothing           :math:`\|m(x + \mathrm{sg}(\tilde\delta)) - m(x)\|^2` over the coordinates,      all
                     :math:`\tilde\delta` found by PGA in the :math:`L_\infty` ball of radius
-                    ``epsilon`` around the net's input features :math:`x` (Xiong & Hsieh 2022)
+                    ``epsilon`` around the net's input features :math:`x` (Xiong & Hsieh 2022;
+                    ``space: gradient`` perturbs the gradient fed to the net instead)
 =================== ========================================================================= ==========
 
 :math:`L` is the optimizee loss on the train batch that produced :math:`g_t` (the hook's ``batch``),
@@ -300,12 +301,15 @@ def gam_term(loss_fn: LossFn, params: Mapping[str, Tensor], rho: float = 0.2) ->
 def net_input_layer(rule: nn.Module) -> nn.Module:
     r"""The module whose (first positional) input is the net's feature vector :math:`x`.
 
-    A net may say so with an ``input_layer`` attribute (a module, or a method returning one);
-    otherwise it is the first submodule, in registration order, that holds parameters of its own:
-    the first ``LSTMCell`` of DM-LSTM (input: the log-and-sign features), the input ``Linear`` of
-    RNNProp (the Adam-ratio features), the first ``Linear`` of the MLP optimizer (the RMS-normalised
-    and time features). The net itself is run unchanged; a forward pre-hook on this module shifts its
-    input, so no update math is duplicated here.
+    A net may say so with an ``input_layer`` attribute (a module it calls on its features, e.g. an
+    ``nn.Identity`` tap, or a method returning one); otherwise it is the first submodule, in
+    registration order, that holds parameters of its own: the input ``Linear`` of RNNProp (the
+    Adam-ratio features) and the first ``Linear`` of the MLP optimizer (the RMS-normalised and time
+    features). The net itself is run unchanged; a forward pre-hook on this module shifts its input,
+    so no update math is duplicated here. This needs the module to be *called* once per update:
+    DM-LSTM runs its LSTM cells through the functional ``lstm_cell`` (for speed), so its features are
+    not reachable this way until it exposes an ``input_layer`` tap; :func:`smoothing_term` says so
+    and ``space="gradient"`` works for every net.
     """
     custom = getattr(rule, "input_layer", None)
     if custom is not None:
@@ -317,9 +321,19 @@ def net_input_layer(rule: nn.Module) -> nn.Module:
                      "define an `input_layer` attribute")
 
 
-def _run_net(inputs: StepInputs, name: str, weights: Mapping[str, Tensor] | None, layer: nn.Module,
+def _run_net(inputs: StepInputs, name: str, weights: Mapping[str, Tensor] | None, layer: nn.Module | None,
              offset: Tensor | None, capture: list[Tensor] | None = None) -> Tensor:
-    """The update of tensor ``name`` with the input of ``layer`` shifted by ``offset`` (or recorded)."""
+    """The update of tensor ``name`` with the input of ``layer`` shifted by ``offset`` (or recorded);
+    ``layer=None``: the offset shifts the gradient fed to the net (and ``capture`` records it)."""
+    grad = inputs.grads[name]
+    if layer is None:
+        if capture is not None:
+            capture.append(grad.reshape(-1))
+        if offset is not None:
+            grad = grad + offset.reshape(grad.shape)
+        deltas, _ = apply_rule(inputs.rule, weights, {name: grad}, {name: inputs.params[name]},
+                               {name: inputs.state[name]}, inputs.step)
+        return deltas[name]
 
     def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         if capture is not None:
@@ -330,7 +344,7 @@ def _run_net(inputs: StepInputs, name: str, weights: Mapping[str, Tensor] | None
 
     handle = layer.register_forward_pre_hook(pre_hook)
     try:
-        deltas, _ = apply_rule(inputs.rule, weights, {name: inputs.grads[name]}, {name: inputs.params[name]},
+        deltas, _ = apply_rule(inputs.rule, weights, {name: grad}, {name: inputs.params[name]},
                                {name: inputs.state[name]}, inputs.step)
     finally:
         handle.remove()
@@ -338,7 +352,7 @@ def _run_net(inputs: StepInputs, name: str, weights: Mapping[str, Tensor] | None
 
 
 def smoothing_term(inputs: StepInputs, *, epsilon: float = 1.0, steps: int = 10, step_fraction: float = 0.2,
-                   init_std: float = 0.01, reduction: str = "sum",
+                   init_std: float = 0.01, reduction: str = "sum", space: str = "features",
                    generator: torch.Generator | None = None) -> Tensor:
     r"""Smoothness of the net in its input (Xiong & Hsieh 2022): :math:`\sum \|m(\tilde x) - m(x)\|^2`.
 
@@ -352,11 +366,17 @@ def smoothing_term(inputs: StepInputs, *, epsilon: float = 1.0, steps: int = 10,
     (the reference: 10 steps of :math:`\epsilon/5`). The term is :math:`\|m(x + \mathrm{sg}(\tilde\delta))
     - m(x)\|^2` with the net's weights in the graph, summed over coordinates and tensors
     (``reduction="mean"``: averaged over coordinates).
+
+    ``space="gradient"`` takes the gradient fed to the net as its input :math:`x` instead (the
+    learning-regularizers paper's reading, "the input to the optimizer, in our case, gradient"; the
+    radius is then in gradient units).
     """
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    if space not in ("features", "gradient"):
+        raise ValueError(f"space must be 'features' or 'gradient', got {space!r}")
     rule = inputs.rule
-    layer = net_input_layer(rule)
+    layer = net_input_layer(rule) if space == "features" else None
     live = inputs.weights
     frozen = {k: v.detach() for k, v in (live.items() if live is not None else rule.named_parameters())}
     total, count = None, 0
@@ -365,8 +385,9 @@ def smoothing_term(inputs: StepInputs, *, epsilon: float = 1.0, steps: int = 10,
         with torch.no_grad():
             base = _run_net(inputs, name, frozen, layer, None, capture)
         if len(capture) != 1:
-            raise RuntimeError(f"{type(rule).__name__}: the input layer ran {len(capture)} times in one update; "
-                               "smoothing needs a net whose input layer runs once (set `input_layer`)")
+            raise RuntimeError(f"{type(rule).__name__}: its input layer {type(layer).__name__} ran {len(capture)} "
+                               "times in one update; feature-space smoothing needs a module the net calls once on its "
+                               "features (an `input_layer` tap); use space: gradient for this net")
         x = capture[0]
         delta = (init_std * _randn(x, generator)).clamp(-epsilon, epsilon)
         for _ in range(steps):
@@ -530,18 +551,22 @@ class Smoothing(Regularizer):
     step_fraction: float = 0.2
     init_std: float = 0.01
     reduction: str = "sum"
+    space: str = "features"
 
     def check(self) -> None:
         if not self.epsilon > 0 or self.steps < 0 or not self.step_fraction > 0 or self.init_std < 0:
             raise ValueError("need epsilon > 0, steps >= 0, step_fraction > 0 and init_std >= 0")
         if self.reduction not in ("sum", "mean"):
             raise ValueError("reduction must be 'sum' or 'mean'")
+        if self.space not in ("features", "gradient"):
+            raise ValueError("space must be 'features' or 'gradient'")
 
     def term(self, loss_fn, params, *, inputs, generator):
         if inputs is None:
             raise RuntimeError("the smoothing regularizer needs the step inputs (call it through RegularizerHook)")
         return smoothing_term(inputs, epsilon=self.epsilon, steps=self.steps, step_fraction=self.step_fraction,
-                              init_std=self.init_std, reduction=self.reduction, generator=generator)
+                              init_std=self.init_std, reduction=self.reduction, space=self.space,
+                              generator=generator)
 
 
 #: Every regularizer kind by name.
