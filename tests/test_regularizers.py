@@ -402,3 +402,21 @@ def test_trainer_builds_the_hook_from_config(tmp_path):
     user = lambda params, task, batch, step: None  # noqa: E731
     combined = combine_hooks(user, trainer.hook)
     assert combined.wants_step_inputs and hasattr(combined, "pop_values")
+
+
+def test_bundled_regularized_configs_load():
+    from pathlib import Path
+
+    from learned_optim.meta.cli import CONFIG_DIR
+    from learned_optim.meta.config import load_config
+
+    kinds = {}
+    for path in sorted(Path(CONFIG_DIR).glob("l2o-lstm-*.yaml")):
+        config = load_config(path)
+        assert config.init_from == "l2o-lstm" and config.name == path.stem
+        kinds[path.stem] = [b["kind"] for b in config.regularizers]
+        RegularizerHook(config.regularizers, segment_length=config.unroll.segment_length)
+    assert kinds == {"l2o-lstm-control": [], "l2o-lstm-entropy": ["local_entropy"], "l2o-lstm-gam": ["gam"],
+                     "l2o-lstm-gsam": ["gsam"], "l2o-lstm-hessian": ["hessian_trace"],
+                     "l2o-lstm-hessian-ev": ["hessian_eigenvalue"], "l2o-lstm-jacobian": ["jacobian_trace"],
+                     "l2o-lstm-sam": ["sam"]}
