@@ -420,3 +420,16 @@ def test_bundled_regularized_configs_load():
                      "l2o-lstm-gsam": ["gsam"], "l2o-lstm-hessian": ["hessian_trace"],
                      "l2o-lstm-hessian-ev": ["hessian_eigenvalue"], "l2o-lstm-jacobian": ["jacobian_trace"],
                      "l2o-lstm-sam": ["sam"]}
+
+
+def test_model_card_lists_the_regularizers(tmp_path):
+    from learned_optim.meta import MetaTrainer
+
+    config = {"name": "reg-card", "net": {"family": "dm_lstm", "config": {"hidden_size": 4, "num_layers": 1}},
+              "task": {"family": "quadratic", "kwargs": {"dim": 3, "num_instances": 4}},
+              "unroll": {"trajectory_length": 3, "segment_length": 3}, "meta_epochs": 1, "checkpoint_every": 10,
+              "regularizers": [{"kind": "jacobian_trace", "weight": 0.5}]}
+    folder = MetaTrainer(config, out_dir=tmp_path / "run", progress=False).train()
+    card = (folder / "README.md").read_text()
+    assert "## Flatness regularizers" in card and "| jacobian_trace | 0.5 | posterior |" in card
+    assert "Smoothing of the net: off" in card

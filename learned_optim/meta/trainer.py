@@ -681,6 +681,20 @@ class MetaTrainer:
             parent = training["parent"]
             lines += ["## Parent", "", f"Fine-tuned from `{parent['init_from']}` "
                       f"(zoo name: {parent.get('name')!s}, family `{parent.get('family')}`), keeping its architecture.", ""]
+        if cfg.regularizers:
+            lines += ["## Flatness regularizers", "",
+                      "Meta-loss terms added during meta-training only (`learned_optim.meta.regularizers`); at "
+                      "meta-test time the optimizer costs the same per step as an unregularized one. Smoothing of "
+                      f"the net: {'on' if any(b.get('kind') == 'smoothing' for b in cfg.regularizers) else 'off'}.", "",
+                      "| kind | weight | where | settings |", "|---|---|---|---|"]
+            from .regularizers import parse_blocks
+
+            for block in parse_blocks(cfg.regularizers):
+                resolved = block.to_dict()
+                rest = {k: v for k, v in resolved.items() if k not in ("kind", "weight", "where", "name")}
+                lines.append(f"| {resolved['kind']} | {resolved['weight']:g} | {resolved['where']} | "
+                             f"{', '.join(f'{k}={v}' for k, v in rest.items())} |")
+            lines.append("")
         lines += ["## Final meta-training metrics", "", "| metric | value |", "|---|---|"]
         for key, value in meta["metrics"].items():
             if isinstance(value, float):
