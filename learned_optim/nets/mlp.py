@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..features import blocked_mean_square, ema, rsqrt_features, time_features
 from .base import NetConfig, UpdateRule, register_family
+from .cells import inplace_allowed
 
 __all__ = ["MLPConfig", "MLPUpdate"]
 
@@ -93,8 +94,17 @@ class MLPUpdate(UpdateRule):
             raise ValueError("MLPUpdate needs the per-tensor statistics from tensor_stats()")
         c = self.config
         features, m, v = self._coordinate_features(grad, param, state["m"], state["v"])
-        features = features * torch.rsqrt(stats + c.rms_eps)
-        times = time_features(step, c.time_scales).to(features.dtype).expand(features.shape[0], -1)
-        direction, magnitude = self.mlp(torch.cat([features, times], dim=-1)).unbind(-1)
+        # First layer on [u / rms(u), time features]: the per-tensor scaling is folded into its weight
+        # columns and the (per-tensor constant) time features into its bias, so the GEMM runs on the
+        # raw coordinate features (same math; no normalised or time-feature copies of the batch).
+        first, k = self.mlp[0], self.num_coordinate_features
+        times = time_features(step, c.time_scales).to(features.dtype)
+        weight = first.weight[:, :k] * torch.rsqrt(stats + c.rms_eps)
+        bias = first.bias + torch.mv(first.weight[:, k:], times)
+        x = torch.addmm(bias, features, weight.t())
+        inplace = inplace_allowed(grad, x)
+        for layer in self.mlp[1:]:
+            x = (x.relu_() if inplace else torch.relu(x)) if isinstance(layer, nn.ReLU) else layer(x)
+        direction, magnitude = x.unbind(-1)
         delta = -direction * torch.exp(c.magnitude_scale * magnitude) * c.step_scale
         return delta, {"m": m, "v": v}
