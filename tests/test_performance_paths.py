@@ -1,0 +1,176 @@
+"""The fast paths of the update rules compute what the plain definitions compute.
+
+* :func:`learned_optim.nets.cells.lstm_cell` (fused gate GEMM, ``tanh`` via ``sigmoid``) equals
+  ``nn.LSTMCell`` with the same weights (to float rounding);
+* its in-place branch (taken under ``no_grad``, i.e. by the optimizer) is bit-identical to the
+  differentiable branch (taken by meta-training), and the branch choice follows the autograd context;
+* the differentiable path still supports ``torch.func`` (``jvp`` of ``grad``, ``vmap``);
+* the optimizer's ``compile=True`` path (``torch.compile`` of the same ``forward``) matches eager;
+* ``state_dtype`` for the recurrent state (bf16 option) halves its memory and stays close to fp32.
+
+No timing here: speed is measured by ``benchmarks/`` (ratios in one run), never asserted in tests.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jvp, vmap
+
+import learned_optim
+from learned_optim import LearnedOptimizer, functional_update
+from learned_optim.nets.cells import inplace_allowed, lstm_cell
+
+RECURRENT = ["dm_lstm", "rnnprop"]
+
+
+def _inputs(rule, n: int, seed: int = 0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    grad_ = (torch.randn(n, generator=gen, dtype=dtype) * 10 ** torch.randint(-6, 1, (n,), generator=gen)).to(dtype)
+    param = torch.randn(n, generator=gen, dtype=dtype)
+    state = {k: 0.5 * torch.randn((n, *s), generator=gen, dtype=dtype) for k, s in rule.state_shapes().items()}
+    if "v" in state:
+        state["v"] = state["v"].abs()
+    return grad_, param, state, torch.tensor(4.0, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lstm_cell_equals_nn_lstmcell(dtype):
+    torch.manual_seed(0)
+    cell = nn.LSTMCell(7, 5).to(dtype)
+    x, h, c = (torch.randn(300, k, dtype=dtype) * 2 for k in (7, 5, 5))
+    with torch.no_grad():
+        h_ref, c_ref = cell(x, (h, c))
+        for grad_mode in (False, True):
+            with torch.set_grad_enabled(grad_mode):
+                h_new, c_new = lstm_cell(x, h, c, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+            tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(h_new, h_ref, **tol)
+            torch.testing.assert_close(c_new, c_ref, **tol)
+
+
+def test_inplace_allowed_follows_the_autograd_context():
+    t = torch.ones(3)
+    assert not inplace_allowed(t)
+    with torch.no_grad():
+        assert inplace_allowed(t)
+        seen = []
+        jvp(lambda x: seen.append(inplace_allowed(x)) or x, (t,), (t,))
+        vmap(lambda x: seen.append(inplace_allowed(x)) or x)(t.view(3, 1))
+        with torch.autograd.forward_ad.dual_level():
+            seen.append(inplace_allowed(t))
+        assert seen == [False, False, False]
+
+
+@pytest.mark.parametrize("family", RECURRENT)
+def test_inplace_branch_is_bit_identical_to_the_differentiable_one(family, make_rule):
+    rule = make_rule(family)
+    grad_, param, state, step = _inputs(rule, 333)
+    with torch.no_grad():
+        fast = rule(grad_, param, state, step)
+    slow = rule(grad_, param, state, step)
+    assert torch.equal(fast[0], slow[0])
+    for k in state:
+        assert torch.equal(fast[1][k], slow[1][k]), k
+    # the inputs are not modified by the in-place branch
+    again = _inputs(rule, 333)
+    assert all(torch.equal(state[k], again[2][k]) for k in state)
+
+
+@pytest.mark.parametrize("family", RECURRENT)
+def test_forward_mode_hvp_through_functional_update(family, make_rule):
+    """``jvp(grad(f))`` (the Hessian-vector product of meta-training) works and matches double backward."""
+    rule = make_rule(family, hidden_size=4).double()
+    names = [n for n, _ in rule.named_parameters()]
+    weights = {n: w.detach().clone() for n, w in rule.named_parameters()}
+    grad_, param, state, step = _inputs(rule, 17, dtype=torch.float64)
+
+    def loss(w):
+        delta, new_state = functional_update(rule, w, grad_, param, state, step)
+        return (param + delta).square().sum() + sum(v.square().sum() for v in new_state.values())
+
+    tangent = {n: torch.randn_like(w) for n, w in weights.items()}
+    _, hvp = jvp(grad(loss), (weights,), (tangent,))
+    w = {n: v.clone().requires_grad_(True) for n, v in weights.items()}
+    g = torch.autograd.grad(loss(w), list(w.values()), create_graph=True)
+    dot = sum((gi * tangent[n]).sum() for gi, n in zip(g, names))
+    reference = torch.autograd.grad(dot, list(w.values()))
+    for n, r in zip(names, reference):
+        torch.testing.assert_close(hvp[n], r, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("family", sorted(learned_optim.FAMILIES))
+def test_vmap_over_task_instances_equals_a_loop(family, make_rule):
+    """Batched meta-training (``vmap`` over stacked states of several task instances) = one at a time."""
+    rule = make_rule(family)
+    weights = {n: w.detach() for n, w in rule.named_parameters()}
+    batches = [_inputs(rule, 64, seed=s) for s in range(3)]
+    stacked = [torch.stack([b[i] for b in batches]) for i in (0, 1)]
+    stacked_state = {k: torch.stack([b[2][k] for b in batches]) for k in batches[0][2]}
+
+    def one(g, p, s):
+        return functional_update(rule, weights, g, p, s, torch.tensor(4.0))
+
+    delta, new_state = vmap(one)(stacked[0], stacked[1], stacked_state)
+    for i, (g, p, s, step) in enumerate(batches):
+        ref_delta, ref_state = functional_update(rule, weights, g, p, s, step)
+        torch.testing.assert_close(delta[i], ref_delta, rtol=1e-5, atol=1e-7)
+        for k in ref_state:
+            torch.testing.assert_close(new_state[k][i], ref_state[k], rtol=1e-5, atol=1e-7)
+
+
+def test_functional_call_still_substitutes_the_cell_weights(make_rule):
+    rule = make_rule("dm_lstm")
+    grad_, param, state, step = _inputs(rule, 50)
+    weights = {n: w.detach() * 1.3 for n, w in rule.named_parameters()}
+    moved = functional_call(rule, weights, (grad_, param, state, step))
+    own = rule(grad_, param, state, step)
+    assert not torch.equal(moved[0], own[0])
+    rule.load_state_dict(weights)
+    torch.testing.assert_close(rule(grad_, param, state, step)[0], moved[0], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------ torch.compile path
+
+
+def _compile_available() -> bool:
+    import shutil
+
+    return shutil.which("g++") is not None or shutil.which("c++") is not None or torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _compile_available(), reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_step_matches_eager_and_is_chunk_invariant(make_rule):
+    """``compile=True`` runs the same forward: close to eager, and bit-identical across chunk sizes.
+
+    One family (RNNProp: moments, Linear+ELU, the LSTM cell, tanh head) with a small net to keep the
+    compilation short; the benchmark exercises every family compiled at scale.
+    """
+    shapes = [(300,), (7, 9), (5,)]
+
+    def run(compile_, chunk_size):
+        gen = torch.Generator().manual_seed(0)
+        params = [nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+        opt = LearnedOptimizer(params, make_rule("rnnprop", hidden_size=6), compile=compile_, chunk_size=chunk_size,
+                               weight_decay=0.01)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen) * 0.1
+            opt.step()
+        return opt, [p.detach().clone() for p in params], [opt.state[p]["lstm"].clone() for p in params]
+
+    _, eager, eager_state = run(False, 128)
+    opt, compiled, compiled_state = run(True, 128)
+    _, unchunked, unchunked_state = run(True, None)
+    for a, b, c in zip(eager, compiled, unchunked):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        assert torch.equal(b, c)
+    for a, b, c in zip(eager_state, compiled_state, unchunked_state):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+        assert torch.equal(b, c)
+    # the compiled wrapper is not pickled: copies keep the option and compile again lazily
+    clone = copy.deepcopy(opt)
+    assert clone.compile is True and clone._compiled_rule is None
