@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ..features import log_and_sign
 from .base import NetConfig, UpdateRule, register_family
+from .cells import inplace_allowed, lstm_cell
 
 __all__ = ["DMLSTMConfig", "DMLSTM"]
 
@@ -37,6 +38,9 @@ class DMLSTM(UpdateRule):
     with :math:`k` = ``preprocess_k`` and :math:`s` = ``output_scale``; :math:`\theta \leftarrow
     \theta + \mathrm{lr}\,\Delta\theta`. State per coordinate: ``lstm`` of shape
     ``(num_layers, 2, hidden_size)`` holding :math:`(h_l, c_l)`.
+
+    The cells are ``nn.LSTMCell`` modules (their weights, their parametrisation) evaluated by
+    :func:`learned_optim.nets.cells.lstm_cell` (one fused gate GEMM; see there for the numerics).
     """
 
     family = "dm_lstm"
@@ -56,10 +60,17 @@ class DMLSTM(UpdateRule):
                 stats: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         x = log_and_sign(grad, self.config.preprocess_k)
         hidden = state["lstm"]
-        new_hidden = []
-        for layer, cell in enumerate(self.cells):
-            h, c = cell(x, (hidden[:, layer, 0], hidden[:, layer, 1]))
-            new_hidden.append(torch.stack([h, c], dim=1))
-            x = h
+        if inplace_allowed(grad, hidden):   # no graph: write (h, c) straight into the new state
+            new = torch.empty_like(hidden)
+            for layer, cell in enumerate(self.cells):
+                x, _ = lstm_cell(x, hidden[:, layer, 0], hidden[:, layer, 1], cell.weight_ih, cell.weight_hh,
+                                 cell.bias_ih, cell.bias_hh, out=(new[:, layer, 0], new[:, layer, 1]))
+        else:
+            layers = []
+            for layer, cell in enumerate(self.cells):
+                x, c = lstm_cell(x, hidden[:, layer, 0], hidden[:, layer, 1], cell.weight_ih, cell.weight_hh,
+                                 cell.bias_ih, cell.bias_hh)
+                layers.append(torch.stack([x, c], dim=1))
+            new = torch.stack(layers, dim=1)
         delta = self.head(x).squeeze(-1) * self.config.output_scale
-        return delta, {"lstm": torch.stack(new_hidden, dim=1)}
+        return delta, {"lstm": new}

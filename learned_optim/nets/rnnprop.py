@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..features import adam_ratio_features, bias_corrected, ema
 from .base import NetConfig, UpdateRule, register_family
+from .cells import inplace_allowed, lstm_cell
 
 __all__ = ["RNNPropConfig", "RNNProp"]
 
@@ -57,6 +58,14 @@ class RNNProp(UpdateRule):
         v = ema(state["v"], grad.square(), c.beta2)
         x = adam_ratio_features(bias_corrected(m, c.beta1, step), bias_corrected(v, c.beta2, step), grad, c.eps)
         x = nn.functional.elu(self.input(x))
-        h, cell = self.cell(x, (state["lstm"][:, 0], state["lstm"][:, 1]))
+        hidden, cell = state["lstm"], self.cell
+        if inplace_allowed(grad, hidden):   # no graph: write (h, c) straight into the new state
+            new = torch.empty_like(hidden)
+            h, _ = lstm_cell(x, hidden[:, 0], hidden[:, 1], cell.weight_ih, cell.weight_hh, cell.bias_ih,
+                             cell.bias_hh, out=(new[:, 0], new[:, 1]))
+        else:
+            h, c_new = lstm_cell(x, hidden[:, 0], hidden[:, 1], cell.weight_ih, cell.weight_hh, cell.bias_ih,
+                                 cell.bias_hh)
+            new = torch.stack([h, c_new], dim=1)
         delta = torch.tanh(self.head(h).squeeze(-1)) * c.output_scale
-        return delta, {"m": m, "v": v, "lstm": torch.stack([h, cell], dim=1)}
+        return delta, {"m": m, "v": v, "lstm": new}
