@@ -143,7 +143,11 @@ def hutchinson_trace(loss_fn: LossFn, params: Mapping[str, Tensor], probes: int 
         return _dot(z, hvp(loss_fn, p, z))
 
     if vectorize:
-        values = vmap(quadratic_form, in_dims=(None, 0))(params, zs)
+        try:
+            values = vmap(quadratic_form, in_dims=(None, 0))(params, zs)
+        except RuntimeError as err:
+            raise RuntimeError(f"torch.func.vmap could not batch the Hutchinson probes over this loss ({err}); "
+                               "set vectorize: false in the hessian_trace block") from err
     else:
         values = torch.stack([quadratic_form(params, {k: z[i] for k, z in zs.items()}) for i in range(probes)])
     return values.mean()
