@@ -38,6 +38,16 @@ def _pad_rows(x: Tensor, rows: int) -> Tensor:
 NonFinitePolicy = Literal["raise", "skip"]
 
 
+def _is_dtensor(t: Tensor) -> bool:
+    """A ``torch.distributed.tensor.DTensor`` (e.g. a parameter sharded by FSDP2's ``fully_shard``)."""
+    return type(t).__name__ == "DTensor" and hasattr(t, "_local_tensor")
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (a view of its storage), or ``t`` itself."""
+    return t._local_tensor if _is_dtensor(t) else t
+
+
 class NonFiniteGradientError(RuntimeError):
     """A gradient holds NaN or inf; raised before any parameter or state is modified."""
 
@@ -56,6 +66,13 @@ class LearnedOptimizer(Optimizer):
     so ``state_dict()`` carries it). ``lr`` is a multiplier on the learned step, so LR schedulers
     work; ``lr == 0`` is an exact no-op (state is created but nothing changes).
 
+    Parameters sharded by FSDP2 (``fully_shard``: ``DTensor`` parameters) are updated shard by shard,
+    in place on each rank's local shard; their per-coordinate state is kept as ``DTensor`` with the
+    parameter's placements (global shape ``param.shape + state_shape``), so
+    ``torch.distributed.checkpoint`` can save and reshard it. Per-tensor statistics (the MLP net's
+    feature RMS) are all-reduced over the shards, and a non-finite gradient on any rank skips or
+    raises on every rank.
+
     Args:
         params: iterable of parameters, named parameters or param-group dicts.
         rule: the update rule (its weights are not optimizer state; they travel with pickling/deepcopy
@@ -71,7 +88,10 @@ class LearnedOptimizer(Optimizer):
             :class:`NonFiniteGradientError` naming the parameter before anything is modified;
             ``"skip"`` skips the whole step (parameters and state untouched) and counts it in
             ``self.skipped_steps``.
-        state_dtype: dtype of the per-coordinate state (float32 default; whatever the param dtype).
+        state_dtype: dtype of the per-coordinate state (float32 default; whatever the param dtype), or a
+            mapping from state name to dtype, e.g. ``{"lstm": torch.bfloat16}`` keeps the recurrent
+            state of DM-LSTM/RNNProp in bf16 (half its memory) and every other state (moments) in
+            float32. The net always computes in its own dtype; state is cast per chunk.
         compile: run the net through ``torch.compile`` (the same ``forward``, compiled once with a
             dynamic row count, applied over the same chunks). ``False`` (default) runs it eagerly.
             ``True`` uses ``torch.compile``'s defaults (Inductor); a mapping is passed to
@@ -92,7 +112,7 @@ class LearnedOptimizer(Optimizer):
         foreach: bool | None = None,
         chunk_size: int | None = DEFAULT_CHUNK_SIZE,
         nonfinite: NonFinitePolicy = "raise",
-        state_dtype: torch.dtype = torch.float32,
+        state_dtype: torch.dtype | Mapping[str, torch.dtype] = torch.float32,
         compile: bool | Mapping[str, Any] = False,
     ) -> None:
         if not isinstance(rule, UpdateRule):
@@ -107,8 +127,15 @@ class LearnedOptimizer(Optimizer):
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
-        if not state_dtype.is_floating_point:
-            raise ValueError(f"state_dtype must be a floating dtype, got {state_dtype}")
+        dtypes = state_dtype.values() if isinstance(state_dtype, Mapping) else [state_dtype]
+        if not all(isinstance(d, torch.dtype) and d.is_floating_point for d in dtypes):
+            raise ValueError(f"state_dtype must be a floating dtype or a mapping of state names to them, got {state_dtype}")
+        if isinstance(state_dtype, Mapping):
+            unknown = set(state_dtype) - set(rule.state_shapes())
+            if unknown:
+                raise ValueError(f"state_dtype names {sorted(unknown)}, but the {rule.family} net keeps "
+                                 f"{sorted(rule.state_shapes())}")
+            state_dtype = dict(state_dtype)
         self.rule = rule.requires_grad_(False)
         self.chunk_size = chunk_size
         self.nonfinite = nonfinite
@@ -131,6 +158,26 @@ class LearnedOptimizer(Optimizer):
         state.setdefault("compile", False)
         super().__setstate__(state)
         self._compiled_rule = None   # a compiled wrapper is never pickled; rebuilt at the next step
+
+    def _state_dtype(self, key: str) -> torch.dtype:
+        if isinstance(self.state_dtype, Mapping):
+            return self.state_dtype.get(key, torch.float32)
+        return self.state_dtype
+
+    def _init_state(self, p: Tensor) -> dict[str, Tensor]:
+        """Fresh state of ``p``: a float32 step count and the net's zero state in :meth:`_state_dtype`."""
+        local = _local(p)
+        state = {k: v.to(self._state_dtype(k)) for k, v in
+                 self.rule.init_state(local.numel(), device=p.device, dtype=torch.float32).items()}
+        if _is_dtensor(p):   # state sharded like the parameter: global shape param.shape + state shape
+            from torch.distributed.tensor import DTensor
+
+            shapes = self.rule.state_shapes()
+            state = {k: DTensor.from_local(v.view(*local.shape, *shapes[k]), p.device_mesh, p.placements,
+                                           run_check=False, shape=(*p.shape, *shapes[k]),
+                                           stride=torch.empty((*p.shape, *shapes[k]), device="meta").stride())
+                     for k, v in state.items()}
+        return {"step": torch.zeros((), dtype=torch.float32), **state}
 
     def _net(self) -> Callable[..., Any]:
         """The callable applied to each chunk: the rule itself, or its ``torch.compile`` wrapper."""
@@ -183,7 +230,13 @@ class LearnedOptimizer(Optimizer):
     def _find_nonfinite(self, items: list[tuple[dict[str, Any], Tensor]]) -> tuple[dict[str, Any], Tensor] | None:
         if not items:
             return None
-        finite = torch.stack([torch.isfinite(p.grad).all().cpu() for _, p in items])
+        finite = torch.stack([torch.isfinite(_local(p.grad)).all().cpu() for _, p in items])
+        if any(_is_dtensor(p) for _, p in items):   # a shard's NaN stops the step on every rank
+            import torch.distributed as dist
+
+            flags = finite.to(device=items[0][1].device, dtype=torch.int32)
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+            finite = flags.cpu().bool()
         if bool(finite.all()):
             return None
         return items[int((~finite).nonzero()[0])]
@@ -207,8 +260,7 @@ class LearnedOptimizer(Optimizer):
         for group, p in items:
             state = self.state[p]
             if not state:
-                state["step"] = torch.zeros((), dtype=torch.float32)
-                state.update(self.rule.init_state(p.numel(), device=p.device, dtype=self.state_dtype))
+                state.update(self._init_state(p))
             lr = group["lr"]
             if float(lr) == 0.0:
                 continue
@@ -219,15 +271,23 @@ class LearnedOptimizer(Optimizer):
     def _update_tensor(self, p: Tensor, state: dict[str, Tensor], lr: float | Tensor, weight_decay: float,
                        maximize: bool) -> None:
         rule, dtype, net = self.rule, self.rule.compute_dtype, self._net()
-        grad = p.grad.reshape(-1)
+        sharded = _is_dtensor(p)
+        groups = [p.device_mesh.get_group(i) for i, pl in enumerate(p.placements) if pl.is_shard()] if sharded else []
+        grad = _local(p.grad).reshape(-1)
+        p = _local(p)
         if maximize:
             grad = -grad
         contiguous = p.is_contiguous()
         flat = p.view(-1) if contiguous else p.reshape(-1).clone()
         step = state["step"].to(device=p.device, dtype=dtype)
-        coord_state = {k: v for k, v in state.items() if k != "step"}
-        stats = rule.tensor_stats(grad, flat, coord_state, step)
         n = flat.numel()
+        coord_state = {k: _local(state[k]).view(n, *shape) for k, shape in rule.state_shapes().items()}
+        if not sharded:
+            stats = rule.tensor_stats(grad, flat, coord_state, step)
+        else:
+            stats = self._sharded_stats(grad, flat, coord_state, step, groups)
+        if n == 0:   # an empty shard (after joining the statistics' all-reduce)
+            return
         chunk = n if self.chunk_size is None else self.chunk_size
         chunk = -(-chunk // ROW_ALIGN) * ROW_ALIGN
         if isinstance(lr, Tensor):
@@ -248,6 +308,27 @@ class LearnedOptimizer(Optimizer):
                 coord_state[k][part] = v[:rows]
         if not contiguous:
             p.copy_(flat.view_as(p))
+
+    def _sharded_stats(self, grad: Tensor, flat: Tensor, coord_state: dict[str, Tensor], step: Tensor,
+                       groups: list[Any]) -> Tensor | None:
+        """Per-tensor statistics of a sharded tensor: the shards' means, weighted by their sizes and
+        all-reduced over the mesh dimensions that shard it (statistics are means over coordinates)."""
+        import torch.distributed as dist
+
+        n = flat.numel()
+        if n == 0:   # an empty shard still joins the all-reduce, with zero weight
+            one = flat.new_zeros(1)
+            local = self.rule.tensor_stats(one, one, {k: v.new_zeros((1, *v.shape[1:])) for k, v in coord_state.items()},
+                                           step)
+            local = None if local is None else local * 0.0
+        else:
+            local = self.rule.tensor_stats(grad, flat, coord_state, step)
+        if local is None:
+            return None
+        total = torch.cat([local.reshape(-1) * n, local.new_tensor([float(n)])])
+        for group in groups:
+            dist.all_reduce(total, group=group)
+        return (total[:-1] / total[-1]).view_as(local)
 
     # ------------------------------------------------------------------ state dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -272,9 +353,10 @@ class LearnedOptimizer(Optimizer):
                 raise ValueError(f"state of parameter {pid} has keys {sorted(keys)}, but this "
                                  f"{self.rule.family} net keeps {sorted(expected)}: state from another optimizer?")
             for k, shape in expected.items():
-                if tuple(saved[k].shape) != (p.numel(), *shape):
+                want = (*p.shape, *shape) if _is_dtensor(p) else (p.numel(), *shape)
+                if tuple(saved[k].shape) != want:
                     raise ValueError(f"state {k!r} of parameter {pid} has shape {tuple(saved[k].shape)}, "
-                                     f"expected {(p.numel(), *shape)}")
+                                     f"expected {want}")
         super().load_state_dict(state_dict)
         for pid, p in zip(saved_ids, params):
             saved = state_dict["state"].get(pid)
@@ -283,7 +365,7 @@ class LearnedOptimizer(Optimizer):
             state = self.state[p]
             state["step"] = saved["step"].detach().clone().to(torch.float32)
             for k in expected:
-                state[k] = saved[k].detach().to(device=p.device, dtype=self.state_dtype, copy=True)
+                state[k] = saved[k].detach().to(device=p.device, dtype=self._state_dtype(k), copy=True)
 
     # ------------------------------------------------------------------ checkpoints
     def save_pretrained(self, save_directory: str, **card: Any) -> None:

@@ -110,7 +110,11 @@ class UpdateRule(nn.Module):
         return {k: torch.zeros((numel, *shape), device=device, dtype=dtype) for k, shape in self.state_shapes().items()}
 
     def tensor_stats(self, grad: Tensor, param: Tensor, state: Mapping[str, Tensor], step: Tensor) -> Tensor | None:
-        """Per-tensor statistics the per-coordinate update needs (default: none)."""
+        """Per-tensor statistics the per-coordinate update needs (default: none).
+
+        Must be a mean over the tensor's coordinates (of any per-coordinate quantity): the optimizer
+        combines the shards of an FSDP2-sharded tensor as the size-weighted mean of their statistics.
+        """
         return None
 
     def forward(self, grad: Tensor, param: Tensor, state: Mapping[str, Tensor], step: Tensor,

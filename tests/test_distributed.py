@@ -1,0 +1,342 @@
+"""LearnedOptimizer in multi-process training: DDP, ZeroRedundancyOptimizer, torch.distributed.checkpoint, FSDP2.
+
+The checks run in 2 CPU processes (gloo) launched once by ``torchrun``; this file is also the worker
+script::
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/test_distributed.py OUT_DIR
+
+Each rank runs every scenario, records numbers (maximum differences, flags) to ``OUT_DIR/rank<r>.json``
+and the pytest side asserts on them, so one launch (~10-20 s on a loaded 2-core machine) covers all
+the tests below. Every scenario compares with a single-process run of the same model on the full
+batch (DDP averages the two half-batch gradients, i.e. the full-batch mean gradient):
+
+* DDP: parameters equal the single-process ones (to float rounding: all-reduce sums in another
+  order) and are bit-identical across ranks, for every net family.
+* ZeroRedundancyOptimizer(optimizer_class=LearnedOptimizer, rule=...): bit-identical to DDP with an
+  unsharded LearnedOptimizer; consolidated state dict loads into a fresh ZeRO optimizer and resumes
+  bit-identically.
+* torch.distributed.checkpoint: get_state_dict's zero-lr state-creation step on a fresh optimizer
+  changes nothing; save -> load into a fresh model/optimizer -> continue is bit-identical to the
+  uninterrupted run.
+* FSDP2 (fully_shard, uneven shards, one empty): parameters equal the single-process run (MLP's
+  per-tensor statistics are all-reduced over shards); a NaN in one rank's shard skips the step on
+  both ranks; its state is DTensor and round-trips through torch.distributed.checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+FAMILIES = ["dm_lstm", "mlp", "rnnprop"]
+STEPS = 3
+GLOBAL_BATCH = 16
+
+
+# ====================================================================================== worker side
+def _model(seed: int = 0) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        # 7 output rows and a bias of 1: uneven FSDP2 shards, one of them empty on rank 1
+        return nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 3), nn.Tanh(), nn.Linear(3, 1))
+
+
+def _rule(family: str):
+    import learned_optim
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        return learned_optim.FAMILIES[family]()
+
+
+def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 + step)
+    return torch.randn(GLOBAL_BATCH, 6, generator=gen), torch.randn(GLOBAL_BATCH, 1, generator=gen)
+
+
+def _local_batch(step: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = _batch(step)
+    per = GLOBAL_BATCH // world
+    return x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
+
+
+def _train(model: nn.Module, opt, steps, batch_of) -> None:
+    for t in steps:
+        x, y = batch_of(t)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def _flat(params) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in params])
+
+
+def _single_process(family: str, steps: int = STEPS) -> torch.Tensor:
+    from learned_optim import LearnedOptimizer
+
+    model = _model()
+    opt = LearnedOptimizer(model.parameters(), _rule(family))
+    _train(model, opt, range(steps), _batch)
+    return _flat(model.parameters())
+
+
+def _same_on_all_ranks(t: torch.Tensor) -> bool:
+    import torch.distributed as dist
+
+    gathered = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, t.contiguous())
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).detach().abs().max())
+
+
+def scenario_ddp(rank: int, world: int, out: Path) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from learned_optim import LearnedOptimizer
+
+    result = {}
+    for family in FAMILIES:
+        model = DDP(_model())
+        opt = LearnedOptimizer(model.parameters(), _rule(family))
+        _train(model, opt, range(STEPS), lambda t: _local_batch(t, rank, world))
+        params = _flat(model.parameters())
+        reference = _single_process(family)
+        result[family] = {"max_diff_vs_single_process": _max_diff(params, reference),
+                          "max_abs_param": float(reference.abs().max()),
+                          "moved": _max_diff(params, _flat(_model().parameters())),
+                          "identical_across_ranks": _same_on_all_ranks(params)}
+    return result
+
+
+def scenario_zero(rank: int, world: int, out: Path) -> dict:
+    import torch.distributed as dist
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from learned_optim import LearnedOptimizer
+
+    batch_of = lambda t: _local_batch(t, rank, world)  # noqa: E731
+    result = {}
+    for family in FAMILIES:
+        rule = _rule(family)
+        model = DDP(_model())
+        zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=LearnedOptimizer, rule=rule, lr=1.0)
+        _train(model, zero, range(STEPS), batch_of)
+        plain_model = DDP(_model())
+        plain = LearnedOptimizer(plain_model.parameters(), rule)
+        _train(plain_model, plain, range(STEPS), batch_of)
+        owned = sum(len(g["params"]) for g in zero.optim.param_groups)
+        identical = torch.equal(_flat(model.parameters()), _flat(plain_model.parameters()))
+        # consolidate on rank 0, hand the state dict to every rank, resume a fresh ZeRO optimizer
+        zero.consolidate_state_dict(to=0)
+        payload = [zero.state_dict() if rank == 0 else None]
+        dist.broadcast_object_list(payload, src=0)
+        resumed_model = DDP(_model())
+        resumed_model.module.load_state_dict(model.module.state_dict())
+        resumed = ZeroRedundancyOptimizer(resumed_model.parameters(), optimizer_class=LearnedOptimizer, rule=rule,
+                                          lr=1.0)
+        resumed.load_state_dict(copy.deepcopy(payload[0]))   # as from disk: rank 0's dict shares live tensors
+        _train(model, zero, range(STEPS, STEPS + 2), batch_of)
+        _train(resumed_model, resumed, range(STEPS, STEPS + 2), batch_of)
+        result[family] = {"identical_to_unsharded": identical, "params_owned_by_rank": owned,
+                          "resume_identical": torch.equal(_flat(model.parameters()), _flat(resumed_model.parameters())),
+                          "identical_across_ranks": _same_on_all_ranks(_flat(model.parameters()))}
+    return result
+
+
+def scenario_dcp(rank: int, world: int, out: Path) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from learned_optim import LearnedOptimizer
+
+    batch_of = lambda t: _local_batch(t, rank, world)  # noqa: E731
+    result = {}
+    for family in FAMILIES:
+        rule = _rule(family)
+        model = DDP(_model())
+        opt = LearnedOptimizer(model.parameters(), rule)
+        _train(model, opt, range(STEPS), batch_of)
+        model_sd, optim_sd = get_state_dict(model, opt)
+        path = out / f"dcp-{family}"
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+
+        fresh = DDP(_model(seed=7))
+        fresh_opt = LearnedOptimizer(fresh.parameters(), rule)
+        before = _flat(fresh.parameters()).clone()
+        model_sd2, optim_sd2 = get_state_dict(fresh, fresh_opt)   # runs the zero-lr state-creation step
+        noop = torch.equal(before, _flat(fresh.parameters())) and all(
+            float(s["step"]) == 0.0 for s in fresh_opt.state.values()) and len(fresh_opt.state) > 0
+        state = {"model": model_sd2, "optim": optim_sd2}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(fresh, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        restored = torch.equal(_flat(fresh.parameters()), _flat(model.parameters()))
+        _train(model, opt, range(STEPS, STEPS + 2), batch_of)
+        _train(fresh, fresh_opt, range(STEPS, STEPS + 2), batch_of)
+        same_state = all(torch.equal(opt.state[a][k], fresh_opt.state[b][k])
+                         for a, b in zip(model.parameters(), fresh.parameters()) for k in opt.state[a])
+        result[family] = {"zero_lr_init_is_noop": noop, "restored_params": restored,
+                          "continued_identically": torch.equal(_flat(model.parameters()), _flat(fresh.parameters())),
+                          "continued_state_identical": same_state}
+    return result
+
+
+def _fsdp_model(seed: int = 0) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model(seed)
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def scenario_fsdp2(rank: int, world: int, out: Path) -> dict:
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError as err:
+        return {"supported": False, "reason": f"torch.distributed.fsdp.fully_shard not available: {err}"}
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.tensor import DTensor
+
+    from learned_optim import LearnedOptimizer
+
+    batch_of = lambda t: _local_batch(t, rank, world)  # noqa: E731
+    result: dict = {"supported": True}
+    for family in FAMILIES:
+        rule = _rule(family)
+        model = _fsdp_model()
+        opt = LearnedOptimizer(model.parameters(), rule, nonfinite="skip")
+        _train(model, opt, range(STEPS), batch_of)
+        full = torch.cat([p.full_tensor().reshape(-1) for p in model.parameters()])
+        reference = _single_process(family)
+        local_sizes = [p.to_local().numel() for p in model.parameters()]
+        state_is_dtensor = all(isinstance(v, DTensor) for s in opt.state.values() for k, v in s.items() if k != "step")
+        # a NaN in one rank's shard only: both ranks skip the step
+        x, y = batch_of(STEPS)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        first = next(iter(model.parameters()))
+        if rank == world - 1:
+            first.grad.to_local().view(-1)[0] = float("nan")
+        opt.step()
+        unchanged = torch.equal(torch.cat([p.full_tensor().reshape(-1) for p in model.parameters()]), full)
+        # checkpoint round trip with sharded (DTensor) state
+        model_sd, optim_sd = get_state_dict(model, opt)
+        path = out / f"fsdp-dcp-{family}"
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+        fresh = _fsdp_model(seed=7)
+        fresh_opt = LearnedOptimizer(fresh.parameters(), rule)
+        model_sd2, optim_sd2 = get_state_dict(fresh, fresh_opt)
+        state = {"model": model_sd2, "optim": optim_sd2}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(fresh, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        _train(model, opt, range(STEPS + 1, STEPS + 3), batch_of)
+        _train(fresh, fresh_opt, range(STEPS + 1, STEPS + 3), batch_of)
+        result[family] = {
+            "max_diff_vs_single_process": _max_diff(full, reference),
+            "local_numels": local_sizes,
+            "state_is_dtensor": state_is_dtensor,
+            "nan_on_one_rank_skipped": unchanged and opt.skipped_steps == 1,
+            "dcp_continued_identically": all(torch.equal(a.to_local(), b.to_local())
+                                             for a, b in zip(model.parameters(), fresh.parameters())),
+        }
+    return result
+
+
+SCENARIOS = {"ddp": scenario_ddp, "zero": scenario_zero, "dcp": scenario_dcp, "fsdp2": scenario_fsdp2}
+
+
+def main(out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = Path(out_dir)
+    results = {"world_size": world, "torch": torch.__version__}
+    for name, scenario in SCENARIOS.items():
+        try:
+            results[name] = {"ok": True, **scenario(rank, world, out)}
+        except Exception:  # recorded and asserted on by the pytest side
+            results[name] = {"ok": False, "error": traceback.format_exc()}
+        dist.barrier()
+    (out / f"rank{rank}.json").write_text(json.dumps(results, indent=1))
+    dist.destroy_process_group()
+
+
+# ====================================================================================== pytest side
+@pytest.fixture(scope="module")
+def torchrun_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    out = tmp_path_factory.mktemp("distributed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           __file__, str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def _scenario(results: list[dict], name: str) -> list[dict]:
+    for r, res in enumerate(results):
+        assert res[name]["ok"], f"rank {r}, scenario {name}:\n{res[name]['error']}"
+    return [res[name] for res in results]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ddp_gives_the_single_process_parameters(torchrun_results, family):
+    for res in _scenario(torchrun_results, "ddp"):
+        r = res[family]
+        assert r["identical_across_ranks"]
+        assert r["moved"] > 1e-4   # the steps did something
+        assert r["max_diff_vs_single_process"] <= 1e-6 * max(1.0, r["max_abs_param"]), r
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zero_redundancy_optimizer(torchrun_results, family):
+    ranks = _scenario(torchrun_results, "zero")
+    for res in ranks:
+        r = res[family]
+        assert r["identical_to_unsharded"] and r["identical_across_ranks"], r
+        assert r["resume_identical"], r
+    assert all(res[family]["params_owned_by_rank"] > 0 for res in ranks)   # really partitioned
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_distributed_checkpoint_round_trip(torchrun_results, family):
+    for res in _scenario(torchrun_results, "dcp"):
+        r = res[family]
+        assert r["zero_lr_init_is_noop"], "get_state_dict's zero-lr state-creation step changed something"
+        assert r["restored_params"] and r["continued_identically"] and r["continued_state_identical"], r
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fsdp2_fully_shard(torchrun_results, family):
+    ranks = _scenario(torchrun_results, "fsdp2")
+    if not ranks[0]["supported"]:
+        pytest.skip(ranks[0]["reason"])
+    for res in ranks:
+        r = res[family]
+        assert r["state_is_dtensor"] and r["nan_on_one_rank_skipped"] and r["dcp_continued_identically"], r
+        assert r["max_diff_vs_single_process"] <= 1e-6, r
+    assert 0 in ranks[1][family]["local_numels"]   # an empty shard was exercised
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
