@@ -354,13 +354,14 @@ def adapt(opt: Any, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], bat
     rule.adaptations.append(record)
     if not restore_model:
         end = current["point"]
+        state_dtype = getattr(opt, "_state_dtype", lambda key: opt.state_dtype)   # per state name, if supported
         with torch.no_grad():
             for n, p in named:
                 p.copy_(end.params[n])
                 state = opt.state[p]
                 state["step"] = torch.tensor(float(end.steps[n]), dtype=torch.float32)
                 for k, v in end.state[n].items():
-                    state[k] = v.to(dtype=opt.state_dtype).clone()
+                    state[k] = v.to(dtype=state_dtype(k)).clone()
             for n, b in model.named_buffers():
                 if n in end.buffers:
                     b.copy_(end.buffers[n])
