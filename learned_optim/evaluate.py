@@ -54,7 +54,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .flatness import FlatnessOptions, task_flatness
-from .hub import CheckpointError, from_pretrained, load_rule_from_dir, resolve_checkpoint
+from .hub import CheckpointError, from_pretrained, load_rule_from_dir, record_evaluation, resolve_checkpoint
 from .meta.tasks.base import Params, Task, TaskFamily
 from .optimizer import NonFiniteGradientError
 
@@ -569,6 +569,16 @@ class EvaluationResults:
                 f"Gaussian start of std {options.get('init_fraction', '?')} r). Mean ± 95% CI over seeds.")
         return "\n".join(lines) + "\n\n" + note + "\n"
 
+    def card_results(self) -> dict[str, Any]:
+        """The summary in the compact form a checkpoint's config.json keeps (``training.results``)."""
+        split = self.config.get("eval_split", "test")
+        keys = ["final_train_loss", f"{split}_loss", *(f"{split}_{m}" for m in self.metric_names)]
+        rows = [{"task": r["task"], "optimizer": r["optimizer"], "lr": r["lr"], "diverged": r["diverged"],
+                 **{k: [r[k], r[f"{k}_ci95"]] for k in keys}} for r in self.summary]
+        return _json_safe({"command": self.config.get("command"), "steps": self.config["steps"],
+                           "seeds": self.config["seeds"], "format": "metric: [mean, 95% CI half-width]",
+                           "summary": rows})
+
     def to_dict(self) -> dict[str, Any]:
         """Plain, strict-JSON-ready data (NaN and inf become ``null``)."""
         return _json_safe({"config": self.config, "summary": self.summary,
@@ -832,6 +842,9 @@ def build_parser(prog: str = "python -m learned_optim evaluate") -> argparse.Arg
                         help="point of convergence: the training loss has not improved for this many steps (default 100)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--record-card", metavar="CHECKPOINT_DIR", default=None,
+                        help="also write the table into that checkpoint's model card (Evaluation section) and "
+                             "the summary into its config.json training.results")
     return parser
 
 
@@ -858,6 +871,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m learned_optim
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     files = results.write(args.out, plots=not args.no_plots)
+    if args.record_card is not None:
+        record_evaluation(args.record_card, results.markdown(), results.card_results())
+        files["card"] = Path(args.record_card) / "README.md"
     print()
     print(results.markdown())
     print("wrote " + ", ".join(str(p) for p in files.values()))

@@ -29,7 +29,7 @@ from .nets.base import FAMILIES, UpdateRule, build_rule
 __all__ = [
     "CheckpointError", "CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME", "FORMAT_VERSION",
     "save_pretrained", "load_rule", "resolve_checkpoint", "list_pretrained", "from_pretrained",
-    "push_to_hub", "zoo_dir",
+    "push_to_hub", "zoo_dir", "record_evaluation",
 ]
 
 CONFIG_NAME = "config.json"
@@ -167,6 +167,32 @@ def load_rule_from_dir(directory: str | os.PathLike) -> tuple[UpdateRule, dict[s
             raise CheckpointError(f"{weights_path}: tensor {key!r} holds NaN or inf")
     rule.load_state_dict({k: v.to(expected[k].dtype) for k, v in weights.items()}, strict=True)
     return rule, config
+
+
+EVALUATION_START = "<!-- learned_optim:evaluation:start -->"
+EVALUATION_END = "<!-- learned_optim:evaluation:end -->"
+
+
+def record_evaluation(directory: str | os.PathLike, markdown: str, results: Mapping[str, Any]) -> None:
+    """Put measured evaluation results into a checkpoint's card and config.
+
+    The card (README.md) gets ``markdown`` as its "Evaluation" section, replacing the section a
+    previous call wrote; config.json gets ``results`` as ``training.results`` (what
+    :func:`list_pretrained` shows). Weights are not touched.
+    """
+    directory = Path(directory)
+    config = read_config(directory)
+    config.setdefault("training", {})["results"] = dict(results)
+    card_path = directory / CARD_NAME
+    card = card_path.read_text() if card_path.is_file() else _default_card(config)
+    if EVALUATION_START in card and EVALUATION_END in card:
+        head, rest = card.split(EVALUATION_START, 1)
+        tail = rest.split(EVALUATION_END, 1)[1]
+    else:
+        head, tail = card.rstrip() + "\n\n", "\n"
+    section = f"{EVALUATION_START}\n## Evaluation\n\n{markdown.strip()}\n{EVALUATION_END}"
+    card_path.write_text(head + section + tail)
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
 
 
 def zoo_dir() -> Path:

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import learned_optim
 from learned_optim import DMLSTM, save_pretrained
 from learned_optim import evaluate as ev
 from learned_optim.meta.tasks.base import Task, TaskFamily
@@ -255,3 +256,21 @@ def test_cli_on_a_real_task_family(tmp_path, checkpoint, capsys):
     assert "| digits-mlp20-relu | fixture-untrained | 1 |" in printed
     assert "Command: `python -m learned_optim evaluate --optimizer " in printed
     assert sorted(p.name for p in out.iterdir()) == ["curves.csv", "results.json", "summary.csv", "summary.md"]
+
+
+def test_cli_records_results_into_the_checkpoint_card(tmp_path, checkpoint, capsys):
+    """--record-card writes the table into the card's Evaluation section and the summary into config.json;
+    a second evaluation replaces the section instead of appending another one."""
+    for steps in ("2", "3"):
+        code = ev.main(["--optimizer", str(checkpoint), "--tasks", "digits-mlp20-relu", "--baselines", "",
+                        "--steps", steps, "--seeds", "2", "--out", str(tmp_path / steps), "--no-progress",
+                        "--no-plots", "--record-card", str(checkpoint)])
+        assert code == 0
+    card = (checkpoint / "README.md").read_text()
+    assert card.count("## Evaluation") == 1 and "--steps 3" in card and "--steps 2" not in card
+    assert "| digits-mlp20-relu | fixture-untrained |" in card
+    results = json.loads((checkpoint / "config.json").read_text())["training"]["results"]
+    assert results["steps"] == 3 and results["seeds"] == 2
+    (row,) = results["summary"]
+    assert row["task"] == "digits-mlp20-relu" and len(row["test_accuracy"]) == 2
+    assert learned_optim.load_rule(checkpoint)[0] is not None  # weights untouched and loadable
