@@ -103,8 +103,10 @@ class MLPUpdate(UpdateRule):
         bias = first.bias + torch.mv(first.weight[:, k:], times)
         x = torch.addmm(bias, features, weight.t())
         inplace = inplace_allowed(grad, x)
-        for layer in self.mlp[1:]:
+        *hidden, last = self.mlp[1:]
+        for layer in hidden:
             x = (x.relu_() if inplace else torch.relu(x)) if isinstance(layer, nn.ReLU) else layer(x)
-        direction, magnitude = x.unbind(-1)
+        # the 2-output layer as (2, H) @ (H, n): several times faster than (n, H) @ (H, 2) in MKL
+        direction, magnitude = torch.addmm(last.bias.unsqueeze(1), last.weight, x.t())
         delta = -direction * torch.exp(c.magnitude_scale * magnitude) * c.step_scale
         return delta, {"m": m, "v": v}
