@@ -169,29 +169,26 @@ def load_rule_from_dir(directory: str | os.PathLike) -> tuple[UpdateRule, dict[s
     return rule, config
 
 
-EVALUATION_START = "<!-- learned_optim:evaluation:start -->"
-EVALUATION_END = "<!-- learned_optim:evaluation:end -->"
-
-
 def record_evaluation(directory: str | os.PathLike, markdown: str, results: Mapping[str, Any]) -> None:
     """Put measured evaluation results into a checkpoint's card and config.
 
-    The card (README.md) gets ``markdown`` as its "Evaluation" section, replacing the section a
-    previous call wrote; config.json gets ``results`` as ``training.results`` (what
-    :func:`list_pretrained` shows). Weights are not touched.
+    The card (README.md) gets ``markdown`` as its "## Evaluation" section, replacing an existing
+    section of that name (up to the next "## " heading) or appended at the end; config.json gets
+    ``results`` as ``training.results`` (what :func:`list_pretrained` shows). Weights are not touched.
     """
     directory = Path(directory)
     config = read_config(directory)
     config.setdefault("training", {})["results"] = dict(results)
     card_path = directory / CARD_NAME
-    card = card_path.read_text() if card_path.is_file() else _default_card(config)
-    if EVALUATION_START in card and EVALUATION_END in card:
-        head, rest = card.split(EVALUATION_START, 1)
-        tail = rest.split(EVALUATION_END, 1)[1]
+    lines = (card_path.read_text() if card_path.is_file() else _default_card(config)).splitlines()
+    section = ["## Evaluation", "", *markdown.strip().splitlines(), ""]
+    if "## Evaluation" in lines:
+        start = lines.index("## Evaluation")
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        lines[start:end] = section
     else:
-        head, tail = card.rstrip() + "\n\n", "\n"
-    section = f"{EVALUATION_START}\n## Evaluation\n\n{markdown.strip()}\n{EVALUATION_END}"
-    card_path.write_text(head + section + tail)
+        lines += ["", *section]
+    card_path.write_text("\n".join(lines).rstrip() + "\n")
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
 
 

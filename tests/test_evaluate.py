@@ -261,6 +261,8 @@ def test_cli_on_a_real_task_family(tmp_path, checkpoint, capsys):
 def test_cli_records_results_into_the_checkpoint_card(tmp_path, checkpoint, capsys):
     """--record-card writes the table into the card's Evaluation section and the summary into config.json;
     a second evaluation replaces the section instead of appending another one."""
+    card_path = checkpoint / "README.md"
+    card_path.write_text("# card\n\n## Evaluation\n\nNot yet.\n\n## Config\n\nkept\n")
     for steps in ("2", "3"):
         code = ev.main(["--optimizer", str(checkpoint), "--tasks", "digits-mlp20-relu", "--baselines", "",
                         "--steps", steps, "--seeds", "2", "--out", str(tmp_path / steps), "--no-progress",
@@ -268,6 +270,7 @@ def test_cli_records_results_into_the_checkpoint_card(tmp_path, checkpoint, caps
         assert code == 0
     card = (checkpoint / "README.md").read_text()
     assert card.count("## Evaluation") == 1 and "--steps 3" in card and "--steps 2" not in card
+    assert "Not yet." not in card and card.index("## Evaluation") < card.index("## Config\n\nkept")
     assert "| digits-mlp20-relu | fixture-untrained |" in card
     results = json.loads((checkpoint / "config.json").read_text())["training"]["results"]
     assert results["steps"] == 3 and results["seeds"] == 2
