@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
 from learned_optim.evaluate import EvaluationResults, evaluate, mean_confidence_interval, resolve_optimizer
 from learned_optim.flatness import FlatnessOptions
 from learned_optim.hub import CheckpointError, resolve_checkpoint
