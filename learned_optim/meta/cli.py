@@ -6,6 +6,13 @@
     python -m learned_optim.meta train learned_optim/meta/configs/l2o-lstm.yaml --out runs/l2o-lstm --resume
     python -m learned_optim.meta train CONFIG --set unroll.segment_length=10 --set seed=3 --device cuda
 
+Data-parallel over processes (each rank runs its own trajectories; meta-gradients are averaged)::
+
+    torchrun --nproc-per-node 2 -m learned_optim.meta train l2o-lstm --out runs/l2o-lstm-dp
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the command initialises the process group (gloo on CPU, NCCL
+on CUDA, each rank on its ``LOCAL_RANK`` device) and passes it to :class:`MetaTrainer`.
+
 ``CONFIG`` is a JSON or YAML file laid out as :class:`learned_optim.meta.config.MetaTrainConfig`; a bare
 name such as ``l2o-lstm`` refers to the bundled ``learned_optim/meta/configs/<name>.yaml``. The run
 folder gets ``log.jsonl``, ``checkpoint/`` and, when training finishes, ``model/`` (a zoo folder for
@@ -15,6 +22,7 @@ folder gets ``log.jsonl``, ``checkpoint/`` and, when training finishes, ``model/
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -70,15 +78,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .config import load_config
     from .trainer import MetaTrainer
 
-    command = shlex.join(["python", "-m", "learned_optim.meta", *argv])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    launcher = ["torchrun", "--nproc-per-node", str(world), "-m"] if world > 1 else ["python", "-m"]
+    command = shlex.join([*launcher, "learned_optim.meta", *argv])
+    created_group = False
     try:
         config = load_config(resolve_config_path(args.config), args.overrides)
+        if world > 1:
+            created_group = _init_process_group(args.device or config.device)
         trainer = MetaTrainer(config, out_dir=args.out, device=args.device, progress=not args.no_progress,
                               command=command)
         folder = trainer.train(resume=args.resume)
     except (ValueError, KeyError, FileNotFoundError, FileExistsError, ImportError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"meta-training finished ({trainer.finish_reason}) after {trainer.meta_steps} meta-steps; "
-          f"optimizer written to {folder}")
+    finally:
+        if created_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if trainer.rank == 0:
+        print(f"meta-training finished ({trainer.finish_reason}) after {trainer.meta_steps} meta-steps"
+              f"{f' on {world} processes' if world > 1 else ''}; optimizer written to {folder}")
     return 0
+
+
+def _init_process_group(device: str) -> bool:
+    """The process group of a ``torchrun`` launch: gloo on CPU, NCCL on CUDA (one device per local rank).
+
+    Returns False (and leaves it alone) when the caller already initialised one.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    if device.startswith("cuda"):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return True

@@ -144,6 +144,19 @@ def _optimizer_from_tensors(opt: torch.optim.Optimizer, prefix: str, tensors: Ma
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def _data_parallel(rank: int | None, world_size: int | None) -> tuple[int, int, bool]:
+    """``(rank, world_size, all-reduce gradients?)`` from the arguments or the torch.distributed group."""
+    import torch.distributed as dist
+
+    initialized = dist.is_available() and dist.is_initialized()
+    if rank is None and world_size is None and initialized:
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    rank, world_size = rank or 0, world_size or 1
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in range for world_size {world_size}")
+    return rank, world_size, world_size > 1 and initialized
+
+
 def _python_rng_state() -> list[Any]:
     version, internal, gauss = random.getstate()
     return [version, list(internal), gauss]
@@ -184,6 +197,15 @@ class MetaTrainer:
         hook: extra meta-loss term per trajectory point (see :class:`~learned_optim.meta.unroll.MetaLossHook`).
         progress: show a tqdm progress bar over meta-epochs.
         command: the command line recorded in the model card.
+        rank, world_size: data-parallel meta-training (default: from an initialised
+            ``torch.distributed`` process group, else a single process). Each rank runs its own
+            trajectories (task ``meta_epoch * world_size + rank``), the meta-gradients are averaged over
+            the ranks before every meta-optimizer step (what DDP does; done by hand because the net runs
+            through ``functional_call``, not through a wrapped module's forward), so every rank keeps
+            identical weights. Rank 0 writes the log, the checkpoints and the model; rank ``r > 0`` writes
+            ``log.rank<r>.jsonl`` and ``checkpoint/rank<r>/`` (its trajectory), so ``--resume`` restarts
+            every rank where it was. Without a process group, ``rank``/``world_size`` only select the
+            tasks (a single-process stand-in for one rank).
 
     Example::
 
@@ -194,7 +216,7 @@ class MetaTrainer:
     def __init__(self, config: MetaTrainConfig | Mapping[str, Any] | str | os.PathLike, *,
                  out_dir: str | os.PathLike | None = None, device: str | None = None,
                  family: TaskFamily | None = None, hook: MetaLossHook | None = None, progress: bool = True,
-                 command: str | None = None) -> None:
+                 command: str | None = None, rank: int | None = None, world_size: int | None = None) -> None:
         if isinstance(config, (str, os.PathLike)):
             config = load_config(config)
         elif isinstance(config, Mapping):
@@ -206,6 +228,9 @@ class MetaTrainer:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' was requested but CUDA is not available; use --device cpu")
         self.dtype = getattr(torch, config.dtype)
+        self.rank, self.world_size, self._synchronize = _data_parallel(rank, world_size)
+        if self.world_size > 1 and config.maml.enabled:
+            raise ValueError("data-parallel meta-training (world size > 1) does not support maml yet")
         self.out_dir = Path(out_dir or config.out_dir or Path("runs") / config.name)
         self.hook = hook
         if config.regularizers:   # flatness-aware meta-loss terms (learned_optim.meta.regularizers)
@@ -291,11 +316,16 @@ class MetaTrainer:
         gen = _generator(derive_seed(self.config.seed, "task", index))
         return self.family.sample(gen), gen
 
+    @property
+    def _task_index(self) -> int:
+        """This rank's trajectory index: ranks split the tasks (``meta_epoch`` on a single process)."""
+        return self.meta_epochs * self.world_size + self.rank
+
     def _begin_trajectory(self) -> None:
         index = self.meta_epochs
-        self.task, gen = self._task_for(index)
+        self.task, gen = self._task_for(self._task_index)
         self.trajectory = start_trajectory(self.rule, self.task, gen, device=self.device, dtype=self.dtype)
-        self.data_generator = _generator(derive_seed(self.config.seed, "data", index))
+        self.data_generator = _generator(derive_seed(self.config.seed, "data", self._task_index))
         self.trajectory_length = (self.curriculum.train_length if self.curriculum is not None
                                   else self.config.unroll.trajectory_length)
         self.trajectory_mode = "unroll"
@@ -351,6 +381,9 @@ class MetaTrainer:
         grad_norm = 0.0
         if not skipped:
             loss.backward()
+        if self._synchronize:
+            skipped = self._average_gradients(skipped)
+        if not skipped:
             params = [p for p in self.rule.parameters() if p.grad is not None]
             clip = cfg.meta_optimizer.grad_clip
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else math.inf))
@@ -372,6 +405,24 @@ class MetaTrainer:
         if end.step >= self.trajectory_length:
             self._end_trajectory(metrics)
         return metrics
+
+    def _average_gradients(self, skipped: bool) -> bool:
+        """All-reduce the net's gradients to their mean over the ranks that have one (one flat
+        buffer); returns whether every rank skipped (then no rank steps)."""
+        import torch.distributed as dist
+
+        params = list(self.rule.parameters())
+        flags = torch.tensor([float(p.grad is not None) for p in params] + [float(not skipped)], device=self.device,
+                             dtype=self.dtype)
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params] + [flags])
+        dist.all_reduce(flat)
+        counts, live = flat[-len(flags):-1], float(flat[-1])
+        offset = 0
+        for p, count in zip(params, counts.tolist()):
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p) / count if count > 0 else None
+            offset += n
+        return live == 0
 
     def _end_trajectory(self, last: Mapping[str, Any]) -> None:
         assert self.trajectory is not None
@@ -424,11 +475,11 @@ class MetaTrainer:
     # --------------------------------------------------------------------------------------- logging
     @property
     def log_path(self) -> Path:
-        return self.out_dir / "log.jsonl"
+        return self.out_dir / ("log.jsonl" if self.rank == 0 else f"log.rank{self.rank}.jsonl")
 
     @property
     def checkpoint_dir(self) -> Path:
-        return self.out_dir / "checkpoint"
+        return self.out_dir / "checkpoint" / ("" if self.rank == 0 else f"rank{self.rank}")
 
     @property
     def model_dir(self) -> Path:
@@ -533,7 +584,7 @@ class MetaTrainer:
         self._resume_log_bytes = int(meta["log_bytes"])
         traj = meta.get("trajectory")
         if traj is not None:
-            self.task, _ = self._task_for(self.meta_epochs)
+            self.task, _ = self._task_for(self._task_index)
             self.trajectory = Trajectory.from_tensors("traj", tensors, traj, device=self.device)
             self.trajectory_mode, self.trajectory_length = traj["mode"], int(traj["length"])
             if self.hook is not None and hasattr(self.hook, "begin_trajectory"):
@@ -572,15 +623,17 @@ class MetaTrainer:
             torch.set_num_threads(self.config.num_threads)
         self._session_start = time.perf_counter()
         self.commands.append(self.command)
-        (self.out_dir / "config.json").write_text(self.config.to_json() + "\n")
+        if self.rank == 0:
+            (self.out_dir / "config.json").write_text(self.config.to_json() + "\n")
         self._log({"event": "resume" if resumed else "start", "meta_step": self.meta_steps,
+                   "rank": self.rank, "world_size": self.world_size,
                    "meta_epoch": self.meta_epochs, "command": self.command, "device": str(self.device),
                    "meta_optimizer": self.meta_optimizer_name, "meta_lr": self.meta_lr,
                    "config": self.config.to_dict()})
         from tqdm.auto import tqdm
 
         bar = tqdm(total=self.config.meta_epochs, initial=self.meta_epochs, unit="traj", desc=self.config.name,
-                   disable=not self.progress, dynamic_ncols=True)
+                   disable=not self.progress or self.rank != 0, dynamic_ncols=True)
         session_steps = 0
         try:
             while not self.finished:
@@ -600,7 +653,7 @@ class MetaTrainer:
             self._log({"event": "finish", "reason": self.finish_reason, "meta_steps": self.meta_steps,
                        "meta_epochs": self.meta_epochs, "wall_time": self._elapsed()})
             self.save_checkpoint()
-            return self.save_model()
+            return self.save_model() if self.rank == 0 else self.model_dir
         finally:
             torch.set_num_threads(threads)
             bar.close()
