@@ -21,6 +21,10 @@ batch (DDP averages the two half-batch gradients, i.e. the full-batch mean gradi
 * FSDP2 (fully_shard, uneven shards, one empty): parameters equal the single-process run (MLP's
   per-tensor statistics are all-reduced over shards); a NaN in one rank's shard skips the step on
   both ranks; its state is DTensor and round-trips through torch.distributed.checkpoint.
+
+Data-parallel meta-training runs the meta-training CLI (``learned_optim.meta.cli.main``, what
+``torchrun --nproc-per-node 2 -m learned_optim.meta train`` runs) in the same launch, and is compared
+with one process computing the same two tasks' meta-gradients.
 """
 
 from __future__ import annotations
@@ -40,6 +44,14 @@ from torch import nn
 FAMILIES = ["dm_lstm", "mlp", "rnnprop"]
 STEPS = 3
 GLOBAL_BATCH = 16
+
+#: One meta-step of the smoke config with plain SGD (so the weight change is -lr * meta-gradient) and no
+#: curriculum/imitation, in float64 (the gradient is recovered from the weight change): each of the 2 ranks
+#: unrolls its own task, the meta-gradients are averaged.
+META_LR = 0.1
+META_OVERRIDES = ["meta_epochs=1", "unroll.trajectory_length=3", "unroll.segment_length=3", "curriculum.enabled=false",
+                  "imitation.enabled=false", f"meta_optimizer={{name: sgd, lr: {META_LR}, grad_clip: null}}",
+                  "checkpoint_every=100", "dtype=float64"]
 
 
 # ====================================================================================== worker side
@@ -260,7 +272,22 @@ def scenario_fsdp2(rank: int, world: int, out: Path) -> dict:
     return result
 
 
-SCENARIOS = {"ddp": scenario_ddp, "zero": scenario_zero, "dcp": scenario_dcp, "fsdp2": scenario_fsdp2}
+def scenario_meta(rank: int, world: int, out: Path) -> dict:
+    """Data-parallel meta-training through the CLI (``python -m learned_optim.meta train``) in this torchrun launch."""
+    import contextlib
+    import io
+
+    from learned_optim.meta.cli import main as cli
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = cli(["train", "smoke", "--out", str(out / "meta-dp"), "--no-progress",
+                    *[a for o in META_OVERRIDES for a in ("--set", o)]])
+    return {"exit_code": code, "stdout": stdout.getvalue()}
+
+
+SCENARIOS = {"ddp": scenario_ddp, "zero": scenario_zero, "dcp": scenario_dcp, "fsdp2": scenario_fsdp2,
+             "meta": scenario_meta}
 
 
 def main(out_dir: str) -> None:
@@ -290,7 +317,10 @@ def torchrun_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            __file__, str(out)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    for res in results:
+        res["out_dir"] = str(out)
+    return results
 
 
 def _scenario(results: list[dict], name: str) -> list[dict]:
@@ -336,6 +366,54 @@ def test_fsdp2_fully_shard(torchrun_results, family):
         assert r["state_is_dtensor"] and r["nan_on_one_rank_skipped"] and r["dcp_continued_identically"], r
         assert r["max_diff_vs_single_process"] <= 1e-6, r
     assert 0 in ranks[1][family]["local_numels"]   # an empty shard was exercised
+
+
+# ------------------------------------------------------------------------------ data-parallel meta-training
+def _net_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_data_parallel_meta_training_matches_one_process_with_the_same_tasks(torchrun_results, tmp_path):
+    """The meta-training CLI under torchrun (2 ranks) averages the two ranks' meta-gradients: the same as
+    one process computing both tasks' meta-gradients (ranks simulated with ``rank=``, ``world_size=``)."""
+    from learned_optim.meta.cli import resolve_config_path
+    from learned_optim.meta.config import load_config
+    from learned_optim.meta.trainer import MetaTrainer
+
+    ranks = _scenario(torchrun_results, "meta")
+    assert all(r["exit_code"] == 0 for r in ranks), ranks
+    assert "on 2 processes" in ranks[0]["stdout"] and not ranks[1]["stdout"]   # rank 0 reports
+    out = Path(torchrun_results[0]["out_dir"]) / "meta-dp"
+    assert (out / "model" / "model.safetensors").is_file()
+
+    def final_net(folder: Path) -> dict[str, torch.Tensor]:   # the net's weights in a rank's final checkpoint
+        tensors = _net_weights(next(folder.glob("state-*.safetensors")))
+        return {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
+
+    shipped, rank1 = final_net(out / "checkpoint"), final_net(out / "checkpoint" / "rank1")
+    # every rank ends with the same weights
+    assert rank1.keys() == shipped.keys() and all(torch.equal(rank1[k], shipped[k]) for k in shipped)
+    assert all(v.dtype == torch.float64 for v in shipped.values())
+    assert (out / "log.rank1.jsonl").is_file()
+
+    config = load_config(resolve_config_path("smoke"), META_OVERRIDES)
+    start, after = None, []
+    for rank in range(2):
+        trainer = MetaTrainer(config, out_dir=tmp_path / f"single{rank}", progress=False, rank=rank, world_size=2)
+        start = {k: v.detach().clone() for k, v in trainer.rule.state_dict().items()}
+        trainer.step()
+        after.append(trainer.rule.state_dict())
+    worst = 0.0
+    for k in shipped:
+        grad_dp = (start[k] - shipped[k]) / META_LR
+        grad_single = (start[k] - (after[0][k] + after[1][k]) / 2) / META_LR
+        assert grad_single.abs().max() > 0 or k.endswith("bias")
+        worst = max(worst, float((grad_dp - grad_single).abs().max() / (grad_single.abs().max() + 1e-12)))
+    assert worst < 1e-9, worst   # float64: only the order of the two-rank sum differs
+    # and the two tasks really differ (the average is not just one rank's gradient)
+    assert any(not torch.allclose(after[0][k], after[1][k]) for k in shipped)
 
 
 if __name__ == "__main__":
