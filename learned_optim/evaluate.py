@@ -842,9 +842,9 @@ def build_parser(prog: str = "python -m learned_optim evaluate") -> argparse.Arg
                         help="point of convergence: the training loss has not improved for this many steps (default 100)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--record-card", metavar="CHECKPOINT_DIR", default=None,
-                        help="also write the table into that checkpoint's model card (Evaluation section) and "
-                             "the summary into its config.json training.results")
+    parser.add_argument("--record-card", metavar="CHECKPOINT_DIR", action="append", default=[],
+                        help="also write the table into that checkpoint's model card (section 'Evaluation: "
+                             "<tasks>') and the summary into its config.json training.results (repeatable)")
     return parser
 
 
@@ -871,9 +871,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m learned_optim
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     files = results.write(args.out, plots=not args.no_plots)
-    if args.record_card is not None:
-        record_evaluation(args.record_card, results.markdown(), results.card_results())
-        files["card"] = Path(args.record_card) / "README.md"
+    for checkpoint in args.record_card:
+        record_evaluation(checkpoint, args.tasks, results.markdown(), results.card_results())
+        files[f"card:{checkpoint}"] = Path(checkpoint) / "README.md"
     print()
     print(results.markdown())
     print("wrote " + ", ".join(str(p) for p in files.values()))

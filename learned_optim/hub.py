@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -169,23 +169,37 @@ def load_rule_from_dir(directory: str | os.PathLike) -> tuple[UpdateRule, dict[s
     return rule, config
 
 
-def record_evaluation(directory: str | os.PathLike, markdown: str, results: Mapping[str, Any]) -> None:
-    """Put measured evaluation results into a checkpoint's card and config.
+PENDING_EVALUATION_HEADING = "## Evaluation"
 
-    The card (README.md) gets ``markdown`` as its "## Evaluation" section, replacing an existing
-    section of that name (up to the next "## " heading) or appended at the end; config.json gets
-    ``results`` as ``training.results`` (what :func:`list_pretrained` shows). Weights are not touched.
+
+def record_evaluation(directory: str | os.PathLike, tasks: Sequence[str], markdown: str,
+                      results: Mapping[str, Any]) -> None:
+    """Put measured evaluation results on ``tasks`` into a checkpoint's card and config.
+
+    The card (README.md) gets ``markdown`` as its section "## Evaluation: <tasks>", replacing an
+    earlier section for the same tasks (up to the next "## " heading) and the trainer's placeholder
+    section "## Evaluation"; config.json gets ``results`` under ``training.results["<tasks>"]`` (what
+    :func:`list_pretrained` shows). Weights are not touched.
     """
     directory = Path(directory)
+    key = ", ".join(tasks)
     config = read_config(directory)
-    config.setdefault("training", {})["results"] = dict(results)
+    training = config.setdefault("training", {})
+    training["results"] = {**(training.get("results") or {}), key: dict(results)}
     card_path = directory / CARD_NAME
     lines = (card_path.read_text() if card_path.is_file() else _default_card(config)).splitlines()
-    section = ["## Evaluation", "", *markdown.strip().splitlines(), ""]
-    if "## Evaluation" in lines:
-        start = lines.index("## Evaluation")
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines[start:end] = section
+    heading = f"## Evaluation: {key}"
+    section = [heading, "", *markdown.strip().splitlines(), ""]
+
+    def section_end(start: int) -> int:
+        return next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+
+    if PENDING_EVALUATION_HEADING in lines:
+        start = lines.index(PENDING_EVALUATION_HEADING)
+        del lines[start:section_end(start)]
+    if heading in lines:
+        start = lines.index(heading)
+        lines[start:section_end(start)] = section
     else:
         lines += ["", *section]
     card_path.write_text("\n".join(lines).rstrip() + "\n")

@@ -259,20 +259,24 @@ def test_cli_on_a_real_task_family(tmp_path, checkpoint, capsys):
 
 
 def test_cli_records_results_into_the_checkpoint_card(tmp_path, checkpoint, capsys):
-    """--record-card writes the table into the card's Evaluation section and the summary into config.json;
-    a second evaluation replaces the section instead of appending another one."""
+    """--record-card writes the table into the card's "Evaluation: <tasks>" section and the summary into
+    config.json; a second evaluation of the same tasks replaces its section, other task sets stay."""
     card_path = checkpoint / "README.md"
     card_path.write_text("# card\n\n## Evaluation\n\nNot yet.\n\n## Config\n\nkept\n")
+    learned_optim.hub.record_evaluation(checkpoint, ["digits-conv"], "conv table", {"steps": 7})
     for steps in ("2", "3"):
         code = ev.main(["--optimizer", str(checkpoint), "--tasks", "digits-mlp20-relu", "--baselines", "",
                         "--steps", steps, "--seeds", "2", "--out", str(tmp_path / steps), "--no-progress",
                         "--no-plots", "--record-card", str(checkpoint)])
         assert code == 0
     card = (checkpoint / "README.md").read_text()
-    assert card.count("## Evaluation") == 1 and "--steps 3" in card and "--steps 2" not in card
-    assert "Not yet." not in card and card.index("## Evaluation") < card.index("## Config\n\nkept")
+    assert card.count("## Evaluation: digits-mlp20-relu") == 1 and "--steps 3" in card and "--steps 2" not in card
+    assert "## Evaluation: digits-conv\n\nconv table" in card  # sections of other task sets are kept
+    assert "Not yet." not in card and "## Evaluation\n" not in card and "## Config\n\nkept" in card
     assert "| digits-mlp20-relu | fixture-untrained |" in card
-    results = json.loads((checkpoint / "config.json").read_text())["training"]["results"]
+    all_results = json.loads((checkpoint / "config.json").read_text())["training"]["results"]
+    assert all_results["digits-conv"] == {"steps": 7}
+    results = all_results["digits-mlp20-relu"]
     assert results["steps"] == 3 and results["seeds"] == 2
     (row,) = results["summary"]
     assert row["task"] == "digits-mlp20-relu" and len(row["test_accuracy"]) == 2
