@@ -148,7 +148,8 @@ def claims_markdown(results: EvaluationResults, learned: Sequence[str]) -> str:
 def table(args: argparse.Namespace) -> int:
     specs = []
     for name in [VANILLA, CONTROL, *REGULARIZED, *args.optimizer]:
-        found = find_optimizer(name)
+        name, _, path = name.partition("=")            # --optimizer LABEL=FOLDER
+        found = find_optimizer(path or name)
         if found is None:
             print(f"[skip] {name}: not in the zoo nor runs/{name}/model; make it with "
                   f"`python -m learned_optim.meta train {name} --out runs/{name}`", file=sys.stderr)
@@ -213,7 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("table", help="the evidence table and claims.md")
-    t.add_argument("--optimizer", action="append", default=[], help="extra learned optimizer (zoo name or folder)")
+    t.add_argument("--optimizer", action="append", default=[],
+                   help="extra learned optimizer: zoo name, folder, or LABEL=FOLDER (repeatable)")
     t.add_argument("--baselines", type=lambda s: [v for v in s.split(",") if v], default=BASELINES)
     t.add_argument("--tasks", type=lambda s: [v for v in s.split(",") if v], default=TASKS)
     t.add_argument("--data-root", default=None, help="folder holding Fashion-MNIST / CIFAR-10 (never downloaded)")
