@@ -883,4 +883,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m learned_optim
 from . import baselines as _baselines  # noqa: E402,F401  (registers sam, gsam, gam, entropy-sgd)
 
 if __name__ == "__main__":
-    sys.exit(main(prog="python -m learned_optim.evaluate"))
+    # run the package's module, not this __main__ copy: the baselines registered themselves there
+    from learned_optim.evaluate import main as _main
+
+    sys.exit(_main(prog="python -m learned_optim.evaluate"))
