@@ -13,6 +13,11 @@ Two commands (run from the repository root):
     ``claims.md``: the papers' claims, each checked with paired (same seed, same initialisation, same
     batches) differences and their 95% intervals.
 
+``python benchmarks/generalization.py merge DIR1 DIR2 --out DIR``
+    Combines ``table`` outputs made with the same steps and seeds (e.g. baselines and learned optimizers
+    evaluated in separate processes: a seed fixes the initialisation and the batches) and redoes
+    ``claims.md``.
+
 ``python benchmarks/generalization.py select --runs 'runs/search/l2o-lstm-hessian-*' --out FILE``
     The lambda search of the regularized configs: evaluates every candidate run's ``model/`` on the
     *validation* split of digits MLP-20-sigmoid and MLP-20-ReLU (5 seeds, 1000 steps) and keeps the
@@ -37,7 +42,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from learned_optim.evaluate import EvaluationResults, evaluate, mean_confidence_interval, resolve_optimizer
+from learned_optim.evaluate import (
+    EvaluationResults, RunResult, TuningResult, evaluate, mean_confidence_interval, resolve_optimizer,
+)
 from learned_optim.flatness import FlatnessOptions
 from learned_optim.hub import CheckpointError, resolve_checkpoint
 
@@ -144,10 +151,59 @@ def claims_markdown(results: EvaluationResults, learned: Sequence[str]) -> str:
     return "\n".join(lines) + (f"\n\nCommand: `{command}`\n" if command else "\n")
 
 
+def _nan(value: Any) -> Any:
+    """``null`` back to NaN inside the lists/dicts of a results.json (strict JSON has no NaN)."""
+    if value is None:
+        return math.nan
+    if isinstance(value, list):
+        return [_nan(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _nan(v) for k, v in value.items()}
+    return value
+
+
+def load_results(folder: str | Path) -> EvaluationResults:
+    """An :class:`EvaluationResults` back from the ``results.json`` that ``write`` produced."""
+    data = json.loads((Path(folder) / "results.json").read_text())
+    runs = []
+    for run in data["runs"]:
+        for key in ("train_loss", "evals", "flatness"):
+            if run.get(key) is not None:
+                run[key] = _nan(run[key])
+        runs.append(RunResult(**run))
+    tuning = [TuningResult(**{**t, "val_loss": [math.inf if v is None else v for v in t["val_loss"]]})
+              for t in data["tuning"]]
+    return EvaluationResults(data["config"], tuning, runs)
+
+
+def merge(args: argparse.Namespace) -> int:
+    """Combine the results of several ``table`` runs made with the same steps/seeds (e.g. baselines
+    and learned optimizers evaluated separately: same seeds mean same initialisations and batches)."""
+    parts = [load_results(folder) for folder in args.inputs]
+    keys = ("steps", "seed_list", "eval_split", "final_window")
+    for part in parts[1:]:
+        differing = [k for k in keys if part.config.get(k) != parts[0].config.get(k)]
+        if differing:
+            raise SystemExit(f"cannot merge runs whose {differing} differ")
+    config = dict(parts[0].config, command=" ".join(["python", "benchmarks/generalization.py", *sys.argv[1:]]),
+                  merged_from=[str(f) for f in args.inputs])
+    config["tasks"] = list(dict.fromkeys(t for p in parts for t in p.config["tasks"]))
+    results = EvaluationResults(config, [t for p in parts for t in p.tuning], [r for p in parts for r in p.runs])
+    files = results.write(args.out, plots=not args.no_plots)
+    optimizers = list(dict.fromkeys(r.optimizer for r in results.runs))
+    learned = [o for o in optimizers if o.startswith(VANILLA) or o in args.learned]
+    claims = claims_markdown(results, learned)
+    (Path(args.out) / "claims.md").write_text(claims)
+    print(results.markdown())
+    print(claims)
+    print("wrote " + ", ".join(str(p) for p in [*files.values(), Path(args.out) / "claims.md"]))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ commands
 def table(args: argparse.Namespace) -> int:
     specs = []
-    for name in [VANILLA, CONTROL, *REGULARIZED, *args.optimizer]:
+    for name in ([] if args.no_zoo else [VANILLA, CONTROL, *REGULARIZED]) + args.optimizer:
         name, _, path = name.partition("=")            # --optimizer LABEL=FOLDER
         found = find_optimizer(path or name)
         if found is None:
@@ -225,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--patience", type=int, default=100, help="point of convergence: no improvement for N steps")
     t.add_argument("--quick", action="store_true", help="300 steps, 3 seeds, 5 probes: a smoke run of the pipeline")
     t.add_argument("--no-flatness", action="store_true")
+    t.add_argument("--no-zoo", action="store_true", help="only the --optimizer entries and the baselines")
     t.add_argument("--out", default="benchmarks/results/generalization")
     s = sub.add_parser("select", help="lambda search: pick the candidate with the best validation accuracy")
     s.add_argument("--runs", required=True, help="glob of run folders (each with model/ and config.json)")
@@ -232,13 +289,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--steps", type=int, default=1000)
     s.add_argument("--seeds", type=int, default=5)
     s.add_argument("--out", required=True)
-    for p in (t, s):
+    m = sub.add_parser("merge", help="combine several table outputs (same steps and seeds) and redo claims.md")
+    m.add_argument("inputs", nargs="+", help="output folders of `table`")
+    m.add_argument("--learned", type=lambda v: [x for x in v.split(",") if x], default=[],
+                   help="labels of learned optimizers not starting with l2o-lstm")
+    m.add_argument("--out", required=True)
+    for p in (t, s, m):
         p.add_argument("--threads", type=int, default=1)
         p.add_argument("--no-progress", action="store_true")
-    t.add_argument("--no-plots", action="store_true")
+    for p in (t, m):
+        p.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    return table(args) if args.command == "table" else select(args)
+    return {"table": table, "select": select, "merge": merge}[args.command](args)
 
 
 if __name__ == "__main__":
