@@ -1,0 +1,131 @@
+"""Shared helpers of the performance benchmarks: interleaved timing, machine load, matmul throughput.
+
+Timing rules (the machine these numbers come from is shared and noisy):
+
+* every figure that is compared is measured in the same run, round-robin (candidate A, B, C, A, B, C,
+  ...), so a load change hits all candidates alike;
+* the primary figure is the *CPU time* of the process (``time.process_time``), best of the repeats: on
+  a machine whose cores are shared with other jobs it counts the time this process actually ran,
+  where wall time also counts time spent waiting for a core. Median wall time is printed alongside;
+* the load average and the thread count are printed with every table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["Timing", "measure", "machine_header", "matmul_gflops", "GemmRecorder", "gemm_only_seconds", "table",
+           "peak_rss_kib", "reset_peak_rss"]
+
+
+@dataclasses.dataclass
+class Timing:
+    cpu_best: float      # seconds of process CPU time, best of the repeats
+    cpu_median: float
+    wall_median: float
+    repeats: int
+
+    def fmt(self, scale: float = 1e3, unit: str = "ms") -> str:
+        return f"{self.cpu_best * scale:.3g} {unit} (wall {self.wall_median * scale:.3g})"
+
+
+def measure(candidates: Mapping[str, Callable[[], object]], repeats: int = 5, warmup: int = 1) -> dict[str, Timing]:
+    """Time every candidate ``repeats`` times, round-robin, after ``warmup`` untimed calls each."""
+    for f in candidates.values():
+        for _ in range(warmup):
+            f()
+    cpu: dict[str, list[float]] = {k: [] for k in candidates}
+    wall: dict[str, list[float]] = {k: [] for k in candidates}
+    for _ in range(repeats):
+        for name, f in candidates.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            f()
+            cpu[name].append(time.process_time() - c0)
+            wall[name].append(time.perf_counter() - w0)
+    return {k: Timing(min(cpu[k]), statistics.median(cpu[k]), statistics.median(wall[k]), repeats) for k in candidates}
+
+
+def _cpu_model() -> str:
+    try:
+        text = open("/proc/cpuinfo").read()
+        return re.search(r"model name\s*:\s*(.*)", text).group(1).strip()
+    except (OSError, AttributeError):
+        return platform.processor() or "unknown CPU"
+
+
+def machine_header() -> str:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?", "?", "?")
+    return (f"torch {torch.__version__}, {_cpu_model()}, {os.cpu_count()} cores visible, "
+            f"torch threads {torch.get_num_threads()}, load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} "
+            f"(1/5/15 min)")
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
+    """Measured float32 GEMM throughput (GFLOP/s) of an ``n x n x n`` product: the compute limit."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    t = measure({"mm": lambda: torch.mm(a, b)}, repeats=repeats)["mm"].cpu_best
+    return 2 * n**3 / t / 1e9
+
+
+class GemmRecorder(TorchDispatchMode):
+    """Records ``(M, K, N)`` of every ``mm``/``addmm`` dispatched while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, int, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        aten = torch.ops.aten
+        if func in (aten.mm.default, aten.addmm.default):
+            a, b = (args[0], args[1]) if func is aten.mm.default else (args[1], args[2])
+            self.shapes.append((a.shape[0], a.shape[1], b.shape[1]))
+        return func(*args, **kwargs)
+
+    @property
+    def flops(self) -> int:
+        return sum(2 * m * k * n for m, k, n in self.shapes)
+
+
+def gemm_only_seconds(shapes: Sequence[tuple[int, int, int]], calls: int, repeats: int = 3) -> float:
+    """CPU seconds of just the GEMMs of ``calls`` chunks of the given shapes (random data)."""
+    mats = [(torch.randn(m, k), torch.randn(k, n), torch.empty(m, n)) for m, k, n in shapes]
+
+    def run() -> None:
+        for _ in range(calls):
+            for a, b, out in mats:
+                torch.mm(a, b, out=out)
+
+    return measure({"gemm": run}, repeats=repeats)["gemm"].cpu_best
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _status(key: str) -> int:
+    return int(re.search(key + r":\s+(\d+)", open("/proc/self/status").read()).group(1))
+
+
+def reset_peak_rss() -> int:
+    """Reset the kernel's peak-RSS counter of this process (Linux) and return the current RSS in KiB."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    return _status("VmRSS")
+
+
+def peak_rss_kib() -> int:
+    """Peak RSS (KiB) since the last :func:`reset_peak_rss`."""
+    return _status("VmHWM")
