@@ -78,8 +78,11 @@ def test_bundled_configs_are_valid(path):
 
     assert config.task.family in TASK_FAMILIES
     if path.stem != "smoke":
-        assert config.task.family == "digits-mlp20-sigmoid" and config.unroll.segment_length == 20
-        assert config.num_threads == 1
-    rule = learned_optim.build_rule(config.net.family, config.net.config)
+        assert config.unroll.segment_length == 20 and config.num_threads == 1
+    if config.init_from is not None:  # a fine-tuning recipe: its parent (a zoo entry) gives the architecture
+        rule, _ = learned_optim.load_rule(config.init_from)
+    else:
+        rule = learned_optim.build_rule(config.net.family, config.net.config)
     name, lr = config.meta_optimizer.resolved(rule.family)
-    assert (name, lr) == {"dm_lstm": ("adam", 1e-3), "rnnprop": ("adam", 1e-3), "mlp": ("rmsprop", 1e-2)}[rule.family]
+    default_name, default_lr = {"dm_lstm": ("adam", 1e-3), "rnnprop": ("adam", 1e-3), "mlp": ("rmsprop", 1e-2)}[rule.family]
+    assert name == default_name and lr == (default_lr if config.meta_optimizer.lr is None else config.meta_optimizer.lr)
