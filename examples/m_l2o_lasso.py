@@ -243,7 +243,7 @@ def part_sweep(runner: Runner, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def part_neural(args: argparse.Namespace) -> dict[str, Any]:
+def part_neural(args: argparse.Namespace, name: str) -> dict[str, Any]:
     """A zoo optimizer adapted 5 steps on a digits CNN (unseen) vs unadapted vs validation-tuned Adam."""
     from torch.nn import functional as F
 
@@ -286,7 +286,6 @@ def part_neural(args: argparse.Namespace) -> dict[str, Any]:
         return {"final_train_loss": sum(tail) / len(tail) if tail else math.nan, "val_loss": val_loss,
                 "test_accuracy": acc, "curve": [round(v, 4) for v in losses]}
 
-    name = args.neural_optimizer
     seeds = list(range(args.runs))
     tune_seeds = [1000, 1001]
     grid = [1e-1, 3e-2, 1e-2, 3e-3, 1e-3]
@@ -450,8 +449,7 @@ def write_report(out: Path, args: argparse.Namespace, parts: dict[str, Any], com
             st = summarize(runs, "min")
             lines.append(f"| {s} | " + " | ".join(fmt(st[n]) for n in names) + " |")
         lines += ["", "![sweep](sweep.png)", ""]
-    neural = parts.get("neural")
-    if neural:
+    for neural in parts.get("neural", []):
         names = list(neural["runs"][0])
         lines += [f"## Neural case: `{neural['optimizer']}` on a digits CNN (conv 3x3x16, conv 5x5x32, max-pool, FC; "
                   f"unseen in meta-training), {neural['steps']} training steps, batch 128", "",
@@ -531,7 +529,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--curve-sigmas", nargs="+", type=int, default=[10, 50, 200])
     parser.add_argument("--sweep-test-sigma", type=int, default=100)
     parser.add_argument("--sweep-adapt-sigmas", nargs="+", type=float, default=[1, 10, 25, 50, 100, 200])
-    parser.add_argument("--neural-optimizer", default="m-l2o")
+    parser.add_argument("--neural-optimizer", nargs="+", default=["m-l2o", "rnnprop"],
+                        help="zoo optimizers for the neural case (rnnprop: RNNProp meta-trained on digits MLPs)")
     parser.add_argument("--neural-steps", type=int, default=300)
     parser.add_argument("--out", default="examples/figures/m_l2o")
     parser.add_argument("--recompute", action="store_true", help="recompute parts whose JSON exists")
@@ -561,7 +560,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif part == "sweep":
             parts[part] = part_sweep(runner, args)
         else:
-            parts[part] = cached(args, f"neural-{Path(args.neural_optimizer).name}", lambda: part_neural(args))
+            parts[part] = [cached(args, f"neural-{Path(name).name}", lambda name=name: part_neural(args, name))
+                           for name in args.neural_optimizer]
         log(f"{part}: done in {time.perf_counter() - started:.0f}s")
     if "table" in parts:
         for sigma in args.curve_sigmas:
