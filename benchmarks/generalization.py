@@ -153,7 +153,11 @@ def claims_markdown(results: EvaluationResults, learned: Sequence[str]) -> str:
                              f"{cell(task, opt, _control_for(opt, learned), metric, better)} |")
         lines.append("")
     lines += ["## Cost per step (claim: a regularized learned optimizer costs what vanilla L2O costs, much less "
-              "than SAM's two passes)", "", "| Task | Optimizer | ms / step | ratio to vanilla |", "|---|---|---|---|"]
+              "than SAM's two passes)", ""]
+    if results.config.get("merged_from"):
+        lines += ["Merged results: rows measured in different processes ran under different CPU load, so their "
+                  "times are not comparable; compare times within one `table` run only.", ""]
+    lines += ["| Task | Optimizer | ms / step | ratio to vanilla |", "|---|---|---|---|"]
     for task in tasks:
         base = rows.get((task, VANILLA), {}).get("time_per_step_ms", math.nan)
         for (t, opt), row in rows.items():
