@@ -22,6 +22,9 @@ Two commands (run from the repository root):
     The lambda search of the regularized configs: evaluates every candidate run's ``model/`` on the
     *validation* split of digits MLP-20-sigmoid and MLP-20-ReLU (5 seeds, 1000 steps) and keeps the
     one with the best mean validation accuracy (ties: the smaller weight). Test data is never looked at.
+    ``--runs`` repeats; with ``--by-kind`` the candidates of several regularizers are evaluated in one
+    process and one is kept per regularizer kind, runs without a (non-zero) regularizer competing in
+    every group as its ``w = 0`` point.
 
 An optimizer that is neither in the zoo nor a folder (``runs/<name>/model`` is tried too) is skipped
 with the command that makes it. Everything uses 1 torch thread by default (``--threads``).
@@ -250,36 +253,48 @@ def table(args: argparse.Namespace) -> int:
 
 def select(args: argparse.Namespace) -> int:
     candidates = []
-    for run in sorted(glob.glob(args.runs)):
+    for run in sorted({r for pattern in args.runs for r in glob.glob(pattern)}):
         model = Path(run) / "model"
         if not (model / "config.json").is_file():
             print(f"[skip] {run}: no model/ (unfinished run)", file=sys.stderr)
             continue
         config = json.loads((Path(run) / "config.json").read_text())
-        weights = [b.get("weight") for b in config.get("regularizers", [])]
+        blocks = config.get("regularizers", [])
         spec = resolve_optimizer(str(model))
         spec.label = Path(run).name
-        candidates.append((spec, weights))
+        candidates.append((spec, [b.get("weight") for b in blocks],
+                           tuple(sorted({b["kind"] for b in blocks if b.get("weight")}))))
     if not candidates:
         print(f"no finished runs match {args.runs!r}", file=sys.stderr)
         return 2
-    results = evaluate([spec for spec, _ in candidates], args.tasks, args.steps, args.seeds, eval_split="val",
+    results = evaluate([spec for spec, _, _ in candidates], args.tasks, args.steps, args.seeds, eval_split="val",
                        progress=not args.no_progress)
     scores = []
-    for spec, weights in candidates:
+    for spec, weights, kinds in candidates:
         model = spec.info["path"]
         accs = [r.final("accuracy") for r in results.runs if r.optimizer == spec.label]
         mean, half = mean_confidence_interval(accs)
-        scores.append({"model": model, "weights": weights, "val_accuracy": mean, "ci95": half, "runs": len(accs)})
-    best = max(scores, key=lambda s: (s["val_accuracy"] if math.isfinite(s["val_accuracy"]) else -math.inf,
-                                      -sum(w or 0 for w in s["weights"])))
+        scores.append({"model": model, "weights": weights, "kinds": list(kinds), "val_accuracy": mean,
+                       "ci95": half, "runs": len(accs)})
+
+    def best_of(group: list[dict]) -> dict:
+        return max(group, key=lambda s: (s["val_accuracy"] if math.isfinite(s["val_accuracy"]) else -math.inf,
+                                         -sum(w or 0 for w in s["weights"])))
+
+    best = best_of(scores)
     out = {"selected": best, "candidates": scores, "tasks": args.tasks, "steps": args.steps, "seeds": args.seeds,
            "split": "val", "rule": "best mean validation accuracy over tasks and seeds; ties: smaller weight"}
+    if args.by_kind:
+        groups = sorted({tuple(s["kinds"]) for s in scores if s["kinds"]})
+        out["selected_by_kind"] = {"+".join(g): best_of([s for s in scores if tuple(s["kinds"]) in (g, ())])
+                                   for g in groups}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     for s in scores:
         print(f"{s['model']}: weights {s['weights']}  val accuracy {100 * s['val_accuracy']:.2f} ± "
               f"{100 * s['ci95']:.2f} ({s['runs']} runs)")
+    for kind, chosen in out.get("selected_by_kind", {}).items():
+        print(f"selected for {kind}: {chosen['model']} (weights {chosen['weights']})")
     print(f"selected: {best['model']} (weights {best['weights']}); wrote {args.out}")
     return 0
 
@@ -302,7 +317,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--no-zoo", action="store_true", help="only the --optimizer entries and the baselines")
     t.add_argument("--out", default="benchmarks/results/generalization")
     s = sub.add_parser("select", help="lambda search: pick the candidate with the best validation accuracy")
-    s.add_argument("--runs", required=True, help="glob of run folders (each with model/ and config.json)")
+    s.add_argument("--runs", required=True, action="append",
+                   help="glob of run folders (each with model/ and config.json); repeatable")
+    s.add_argument("--by-kind", action="store_true",
+                   help="one selection per regularizer kind; runs without a regularizer compete in every group")
     s.add_argument("--tasks", type=lambda v: [x for x in v.split(",") if x], default=SELECT_TASKS)
     s.add_argument("--steps", type=int, default=1000)
     s.add_argument("--seeds", type=int, default=5)
