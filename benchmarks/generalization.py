@@ -16,7 +16,8 @@ Two commands (run from the repository root):
 ``python benchmarks/generalization.py merge DIR1 DIR2 --out DIR``
     Combines ``table`` outputs made with the same steps and seeds (e.g. baselines and learned optimizers
     evaluated in separate processes: a seed fixes the initialisation and the batches) and redoes
-    ``claims.md``.
+    ``claims.md``; ``--seeds N`` keeps seeds 0..N-1 of every input. ``table`` and ``merge`` take
+    ``--record-card CHECKPOINT_DIR`` (repeatable), like ``python -m learned_optim evaluate``.
 
 ``python benchmarks/generalization.py select --runs 'runs/search/l2o-lstm-hessian-*' --out FILE``
     The lambda search of the regularized configs: evaluates every candidate run's ``model/`` on the
@@ -50,7 +51,7 @@ from learned_optim.evaluate import (
     EvaluationResults, RunResult, TuningResult, evaluate, mean_confidence_interval, resolve_optimizer,
 )
 from learned_optim.flatness import FlatnessOptions
-from learned_optim.hub import CheckpointError, resolve_checkpoint
+from learned_optim.hub import CheckpointError, record_evaluation, resolve_checkpoint
 
 VANILLA = "l2o-lstm"
 CONTROL = "l2o-lstm-control"
@@ -201,6 +202,14 @@ def merge(args: argparse.Namespace) -> int:
     """Combine the results of several ``table`` runs made with the same steps/seeds (e.g. baselines
     and learned optimizers evaluated separately: same seeds mean same initialisations and batches)."""
     parts = [load_results(folder) for folder in args.inputs]
+    if args.seeds is not None:                 # keep seeds 0..N-1 of every input (e.g. a Conv run with fewer seeds)
+        keep = list(range(args.seeds))
+        for part in parts:
+            missing = sorted(set(keep) - set(part.config["seed_list"]))
+            if missing:
+                raise SystemExit(f"--seeds {args.seeds}: an input lacks seeds {missing}")
+            part.runs[:] = [r for r in part.runs if r.seed in keep]
+            part.config.update(seeds=len(keep), seed_list=keep)
     keys = ("steps", "seed_list", "eval_split", "final_window")
     for part in parts[1:]:
         differing = [k for k in keys if part.config.get(k) != parts[0].config.get(k)]
@@ -211,6 +220,7 @@ def merge(args: argparse.Namespace) -> int:
     config["tasks"] = list(dict.fromkeys(t for p in parts for t in p.config["tasks"]))
     results = EvaluationResults(config, [t for p in parts for t in p.tuning], [r for p in parts for r in p.runs])
     files = results.write(args.out, plots=not args.no_plots)
+    record_cards(args.record_card, results)
     optimizers = list(dict.fromkeys(r.optimizer for r in results.runs))
     learned = [o for o in optimizers if o.startswith(VANILLA) or o in args.learned]  # learned entries by label
     claims = claims_markdown(results, learned)
@@ -219,6 +229,13 @@ def merge(args: argparse.Namespace) -> int:
     print(claims)
     print("wrote " + ", ".join(str(p) for p in [*files.values(), Path(args.out) / "claims.md"]))
     return 0
+
+
+def record_cards(folders: Sequence[str], results: EvaluationResults) -> None:
+    """Write the measured table into each checkpoint folder's card and config (``evaluate --record-card``)."""
+    for folder in folders:
+        record_evaluation(folder, results.config["tasks"], results.markdown(), results.card_results())
+        print(f"recorded the evaluation in {folder}/README.md")
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -243,6 +260,7 @@ def table(args: argparse.Namespace) -> int:
                        flatness=None if args.no_flatness else options, progress=not args.no_progress,
                        command=" ".join(["python", "benchmarks/generalization.py", *sys.argv[1:]]))
     files = results.write(args.out, plots=not args.no_plots)
+    record_cards(args.record_card, results)
     claims = claims_markdown(results, learned)
     (Path(args.out) / "claims.md").write_text(claims)
     print(results.markdown())
@@ -329,12 +347,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     m.add_argument("inputs", nargs="+", help="output folders of `table`")
     m.add_argument("--learned", type=lambda v: [x for x in v.split(",") if x], default=[],
                    help="labels of learned optimizers not starting with l2o-lstm")
+    m.add_argument("--seeds", type=int, default=None, help="keep seeds 0..N-1 of every input")
     m.add_argument("--out", required=True)
     for p in (t, s, m):
         p.add_argument("--threads", type=int, default=1)
         p.add_argument("--no-progress", action="store_true")
     for p in (t, m):
         p.add_argument("--no-plots", action="store_true")
+        p.add_argument("--record-card", metavar="CHECKPOINT_DIR", action="append", default=[],
+                       help="write the table into that checkpoint's card and config.json (repeatable)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     return {"table": table, "select": select, "merge": merge}[args.command](args)
