@@ -32,8 +32,10 @@ Guarantees:
   optimized parameters, an empty or exhausted iterator, or a non-finite meta-loss/meta-gradient raise
   before anything is committed (``nonfinite="skip"`` skips such steps instead);
 * afterwards the optimizer is ready for ``opt.step()`` (its per-parameter state is untouched), and
-  :meth:`LearnedOptimizer.save_pretrained` records what it was adapted on in ``config.json``
-  (``training.adaptation``) and the model card.
+  :meth:`LearnedOptimizer.save_pretrained` records what it was adapted on (``training.adaptation``) and,
+  for a net loaded by :func:`~learned_optim.from_pretrained`, the checkpoint it came from
+  (``training.parent``, a ``<parent>-adapted`` name and the parent's optimizer defaults) in ``config.json``
+  and the model card.
 
 Memory: the unroll keeps the graph of ``unroll`` steps of the model *and* of the net over every
 coordinate (RNNProp: ~100 floats per coordinate per step), so adapt large models with a short
@@ -193,6 +195,11 @@ def _describe(x: Any) -> Any:
     return type(x).__name__
 
 
+def _single(values: set[float]) -> float | list[float]:
+    """The value shared by every param group, else the sorted distinct values."""
+    return next(iter(values)) if len(values) == 1 else sorted(values)
+
+
 def _to(x: Any, device: torch.device) -> Any:
     from .meta.unroll import to_device
 
@@ -342,6 +349,8 @@ def adapt(opt: Any, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], bat
         "loss_fn": getattr(loss_fn, "__qualname__", None) or type(loss_fn).__name__,
         "example_batch": _describe(source.example),
         "batches_seen": source.seen,
+        "optimizer_lr": _single({v[0] for v in hyper.values()}),
+        "optimizer_weight_decay": _single({v[1] for v in hyper.values()}),
         "steps": steps, "unroll": unroll, "lr": lr, "chain": chain, "objective": objective,
         "second_order": second_order, "grad_clip": grad_clip, "skipped_steps": skipped,
         "meta_loss_first": meta_losses[0], "meta_loss_last": meta_losses[-1],

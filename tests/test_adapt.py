@@ -145,3 +145,45 @@ def test_save_pretrained_records_the_adaptation(tmp_path):
     assert "adaptation" in (tmp_path / "adapted" / "README.md").read_text()
     rule, _ = learned_optim.load_rule(tmp_path / "adapted")
     assert _same(dict(rule.state_dict()), _net(opt))
+
+
+def test_save_pretrained_after_adapting_a_pretrained_net_records_its_parent(tmp_path):
+    """from_pretrained -> adapt -> save_pretrained keeps the parent's name, defaults and provenance, and a
+    second generation chains; the parent's results are not passed off as the adapted net's."""
+    model, opt, batches = _setup()
+    learned_optim.save_pretrained(opt.rule, tmp_path / "parent", name="toy-l2o", description="a toy net",
+                                  training={"tasks": "toy", "results": {"toy": {"final_loss": 0.1}}},
+                                  optimizer_defaults={"lr": 0.5})
+    opt = learned_optim.from_pretrained(tmp_path / "parent", model.parameters(), lr=0.25, weight_decay=0.01)
+    model_before = copy.deepcopy(model.state_dict())
+    opt.save_pretrained(str(tmp_path / "unadapted"))
+    unadapted = json.loads((tmp_path / "unadapted" / "config.json").read_text())
+    assert unadapted["name"] == "toy-l2o" and unadapted["description"] == "a toy net"
+    assert unadapted["optimizer"] == {"lr": 0.5} and "adaptation" not in unadapted["training"]
+    assert unadapted["training"]["parent"]["source"] == str(tmp_path / "parent")
+
+    opt.adapt(model, F.cross_entropy, batches, steps=2, unroll=3, description="toy batches")
+    assert _same(model.state_dict(), model_before)
+    opt.save_pretrained(str(tmp_path / "adapted"))
+    config = json.loads((tmp_path / "adapted" / "config.json").read_text())
+    assert config["name"] == "toy-l2o-adapted"
+    assert "toy-l2o adapted" in config["description"] and "toy batches" in config["description"]
+    assert config["optimizer"] == {"lr": 0.25}                     # the lr the net was adapted at
+    (record,) = config["training"]["adaptation"]
+    assert record["optimizer_lr"] == 0.25 and record["optimizer_weight_decay"] == 0.01
+    parent = config["training"]["parent"]
+    assert parent["name"] == "toy-l2o" and parent["source"] == str(tmp_path / "parent")
+    assert parent["training"]["results"] == {"toy": {"final_loss": 0.1}} and "results" not in config["training"]
+    card = (tmp_path / "adapted" / "README.md").read_text()
+    assert "## Adaptation" in card and "Adapted from `toy-l2o`" in card and "toy batches" in card
+    assert "cross_entropy" in card
+
+    model2, _, batches2 = _setup(seed=3)
+    opt2 = learned_optim.from_pretrained(tmp_path / "adapted", model2.parameters())
+    assert opt2.defaults["lr"] == 0.25
+    opt2.adapt(model2, F.cross_entropy, batches2, steps=1, unroll=2)
+    opt2.save_pretrained(str(tmp_path / "adapted2"), name="mine")
+    second = json.loads((tmp_path / "adapted2" / "config.json").read_text())
+    assert second["name"] == "mine" and len(second["training"]["adaptation"]) == 1
+    assert second["training"]["parent"]["name"] == "toy-l2o-adapted"
+    assert second["training"]["parent"]["training"]["parent"]["name"] == "toy-l2o"
