@@ -371,7 +371,7 @@ def from_pretrained(name_or_path: str | os.PathLike, params: Iterable[Any], *, r
     kwargs = {**config.get("optimizer", {}), **optimizer_kwargs}
     opt = LearnedOptimizer(params, rule, **kwargs)
     devices = {p.device for group in opt.param_groups for p in group["params"]}
-    if len(devices) == 1:
+    if len(devices) == 1 and next(iter(devices)).type != "meta":     # meta: not materialised yet
         opt.rule.to(devices.pop())
     return opt
 
