@@ -9,7 +9,8 @@ Trains the papers' Conv net on the embedded digits data (8x8, batch 128, the sam
 batches for both runs) with the same learned optimizer twice: recurrent state in float32, then in
 bf16 (moments stay float32), and prints the state memory and the difference between the two loss
 curves. Without ``--checkpoint`` each net is first fitted for a few seconds to imitate sign descent
-(``fit`` below; a stand-in for a meta-trained net, so that the curves actually descend).
+(:func:`learned_optim.testing.fit_sign_descent`; a stand-in for a meta-trained net, so that the curves
+actually descend).
 """
 
 from __future__ import annotations
@@ -27,29 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import machine_header, table  # noqa: E402
 
 import learned_optim  # noqa: E402
-from learned_optim import LearnedOptimizer, functional_update  # noqa: E402
+from learned_optim import LearnedOptimizer  # noqa: E402
+from learned_optim.testing import fit_sign_descent  # noqa: E402
 
-
-def fit(rule, iters: int = 150, n: int = 64, unroll: int = 8, target: float = 0.003, seed: int = 0):
-    """Regress the net's step toward ``-target * sign(g)`` on random quadratics (as the test battery does)."""
-    gen = torch.Generator().manual_seed(seed)
-    rule.requires_grad_(True)
-    meta_opt = torch.optim.Adam(rule.parameters(), lr=1e-2)
-    for _ in range(iters):
-        curvature = torch.rand(n, generator=gen) * 1.5 + 0.5
-        x = torch.randn(n, generator=gen) * 0.2
-        state = rule.init_state(n)
-        loss = torch.zeros(())
-        for t in range(unroll):
-            grad = curvature * x * 10 ** float(torch.randint(-3, 1, (), generator=gen))
-            delta, state = functional_update(rule, None, grad, x, state, torch.tensor(float(t + 1)))
-            loss = loss + (delta / target + torch.sign(grad)).square().mean()
-            x = (x + delta).detach()
-            state = {k: v.detach() for k, v in state.items()}
-        meta_opt.zero_grad()
-        loss.backward()
-        meta_opt.step()
-    return rule.requires_grad_(False)
+#: The fit used for the README's numbers: 150 quadratics of 64 coordinates, gradients over 4 decades.
+FIT = dict(iters=150, n=64, unroll=8, target=0.003, seed=0, max_first_step=0, grad_decades=3)
 
 
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
             source = args.checkpoint
         else:
             torch.manual_seed(0)
-            rule, source = fit(learned_optim.FAMILIES[family]()), "fitted to sign descent"
+            rule, source = fit_sign_descent(learned_optim.FAMILIES[family](), **FIT), "fitted to sign descent"
         if rule.family != family:
             continue
         ref, bytes32, acc32 = curve(rule, torch.float32, args.steps, args.batch)

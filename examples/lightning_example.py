@@ -4,11 +4,10 @@ A ``LearnedOptimizer`` is a ``torch.optim.Optimizer``, so Lightning drives it li
 optimization calls ``optimizer.step(closure)``, LR schedulers returned next to it scale the learned
 step (``lr`` is a multiplier, default 1.0), and ``Trainer`` checkpoints carry its state.
 
-    pip install "learned-optim[integrations]"
+    pip install -e ".[integrations]"      # from a checkout
     python examples/lightning_example.py --checkpoint <zoo name | owner/repo | folder> --max-steps 200
 
-WARNING: without ``--checkpoint`` an *untrained*, randomly initialised net is written to a temporary
-folder and used, only to show the wiring; do not expect the loss to go down with it.
+Without ``--checkpoint`` it uses the zoo's ``rnnprop`` (bundled, works offline).
 """
 
 from __future__ import annotations
@@ -59,15 +58,10 @@ def make_data(n: int = 512, seed: int = 0) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True, generator=gen)
 
 
-def main(checkpoint: str | None = None, max_steps: int = 100) -> tuple[L.Trainer, LitRegressor]:
+def main(checkpoint: str = "rnnprop", max_steps: int = 100) -> tuple[L.Trainer, LitRegressor]:
     """Fit for ``max_steps`` optimizer steps on CPU; returns the trainer and the module."""
     L.seed_everything(0, verbose=False)
     with tempfile.TemporaryDirectory() as tmp:
-        if checkpoint is None:
-            checkpoint = str(learned_optim.save_pretrained(
-                learned_optim.RNNProp(), Path(tmp) / "untrained-demo", name="untrained-demo",
-                description="UNTRAINED randomly initialised net: wiring demo only"))
-            print(f"using an UNTRAINED demo checkpoint at {checkpoint} (expect no progress)")
         module = LitRegressor(checkpoint, total_steps=max_steps)
         trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -79,7 +73,7 @@ def main(checkpoint: str | None = None, max_steps: int = 100) -> tuple[L.Trainer
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", help="zoo name, Hub repo id or checkpoint folder (default: untrained demo)")
+    parser.add_argument("--checkpoint", default="rnnprop", help="zoo name, Hub repo id or checkpoint folder")
     parser.add_argument("--max-steps", type=int, default=100)
     args = parser.parse_args()
     main(args.checkpoint, args.max_steps)

@@ -9,13 +9,8 @@ Runs the snippet of the design notes end to end::
 then shows the rest of the ``torch.optim`` contract it keeps: an LR scheduler (``lr`` multiplies the
 learned step), decoupled weight decay, and a ``state_dict`` resume.
 
-    python examples/quickstart.py                      # the untrained API demo below
+    python examples/quickstart.py                      # the zoo's rnnprop (bundled, offline)
     python examples/quickstart.py --checkpoint <zoo name | owner/repo | folder>
-
-WARNING: without ``--checkpoint`` this script writes a *randomly initialised, untrained* optimizer net
-to a temporary folder and uses that. It exists only to demonstrate the API on a machine without any
-pretrained checkpoint; its steps are random and the loss is not expected to go down. For real
-training pick an entry of ``learned_optim.list_pretrained()`` or a Hub repo id.
 """
 
 from __future__ import annotations
@@ -30,15 +25,6 @@ from torch import nn
 import learned_optim
 
 
-def write_untrained_demo_checkpoint(directory: Path) -> Path:
-    """Save a fresh (random, UNTRAINED) RNNProp net as a checkpoint folder, for the API demo only."""
-    torch.manual_seed(0)
-    return learned_optim.save_pretrained(
-        learned_optim.RNNProp(), directory, name="untrained-demo",
-        description="UNTRAINED randomly initialised RNNProp net: API demo only, not an optimizer to use",
-        card="# untrained-demo\n\nRandomly initialised, never meta-trained. For the quickstart API demo only.\n")
-
-
 def make_loader(batches: int = 20, batch_size: int = 32, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A synthetic regression problem y = sin(x @ w), as a list of (x, y) batches."""
     gen = torch.Generator().manual_seed(seed)
@@ -47,15 +33,11 @@ def make_loader(batches: int = 20, batch_size: int = 32, seed: int = 0) -> list[
     return [(x, torch.sin(x @ w)) for x in xs]
 
 
-def main(checkpoint: str | None = None, epochs: int = 2) -> list[float]:
+def main(checkpoint: str = "rnnprop", epochs: int = 2) -> list[float]:
     """Train a small MLP with the learned optimizer; returns the training losses."""
     torch.manual_seed(0)
     print("zoo:", [entry["name"] for entry in learned_optim.list_pretrained()] or "empty")
     with tempfile.TemporaryDirectory() as tmp:
-        if checkpoint is None:
-            checkpoint = str(write_untrained_demo_checkpoint(Path(tmp) / "untrained-demo"))
-            print(f"using an UNTRAINED demo checkpoint at {checkpoint} (API demo only: expect no progress)")
-
         model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
         loss_fn = nn.MSELoss()
         loader = make_loader()
@@ -86,7 +68,7 @@ def main(checkpoint: str | None = None, epochs: int = 2) -> list[float]:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", help="zoo name, Hub repo id or checkpoint folder (default: untrained demo)")
+    parser.add_argument("--checkpoint", default="rnnprop", help="zoo name, Hub repo id or checkpoint folder")
     parser.add_argument("--epochs", type=int, default=2)
     args = parser.parse_args()
     main(args.checkpoint, args.epochs)

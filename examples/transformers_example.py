@@ -18,11 +18,11 @@ Notes for transformers >= 5:
   scales it, so use ``lr_scheduler_type="constant"`` to keep the learned step as it was meta-trained,
   or a decaying schedule to anneal it.
 
-    pip install "learned-optim[integrations]"
+    pip install -e ".[integrations]"      # from a checkout
     python examples/transformers_example.py --checkpoint <zoo name | owner/repo | folder> --max-steps 100
 
-The model is a tiny GPT-2 built from a config (random weights, no download). WARNING: without
-``--checkpoint`` an *untrained*, randomly initialised optimizer net is used, only to show the wiring.
+The model is a tiny GPT-2 built from a config (random weights, no download). Without ``--checkpoint``
+the zoo's ``rnnprop`` (bundled, works offline) is used.
 """
 
 from __future__ import annotations
@@ -53,15 +53,10 @@ class CountingSequences(Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def main(checkpoint: str | None = None, max_steps: int = 100, output_dir: str | None = None) -> Trainer:
+def main(checkpoint: str = "rnnprop", max_steps: int = 100, output_dir: str | None = None) -> Trainer:
     """Train a tiny randomly initialised GPT-2 for ``max_steps`` steps on CPU; returns the Trainer."""
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        if checkpoint is None:
-            checkpoint = str(learned_optim.save_pretrained(
-                learned_optim.RNNProp(), Path(tmp) / "untrained-demo", name="untrained-demo",
-                description="UNTRAINED randomly initialised net: wiring demo only"))
-            print(f"using an UNTRAINED demo checkpoint at {checkpoint} (expect no progress)")
         rule, config = learned_optim.load_rule(checkpoint)
 
         model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=32, n_layer=1, n_head=2,
@@ -81,7 +76,7 @@ def main(checkpoint: str | None = None, max_steps: int = 100, output_dir: str | 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", help="zoo name, Hub repo id or checkpoint folder (default: untrained demo)")
+    parser.add_argument("--checkpoint", default="rnnprop", help="zoo name, Hub repo id or checkpoint folder")
     parser.add_argument("--max-steps", type=int, default=100)
     args = parser.parse_args()
     main(args.checkpoint, args.max_steps)

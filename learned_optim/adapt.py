@@ -32,8 +32,14 @@ Guarantees:
   optimized parameters, an empty or exhausted iterator, or a non-finite meta-loss/meta-gradient raise
   before anything is committed (``nonfinite="skip"`` skips such steps instead);
 * afterwards the optimizer is ready for ``opt.step()`` (its per-parameter state is untouched), and
-  :meth:`LearnedOptimizer.save_pretrained` records what it was adapted on in ``config.json``
-  (``training.adaptation``) and the model card.
+  :meth:`LearnedOptimizer.save_pretrained` records what it was adapted on (``training.adaptation``) and,
+  for a net loaded by :func:`~learned_optim.from_pretrained`, the checkpoint it came from
+  (``training.parent``, a ``<parent>-adapted`` name and the parent's optimizer defaults) in ``config.json``
+  and the model card.
+
+Devices: the unrolls run on the device of the optimized parameters (CPU or GPU); when the optimizer's net
+lives elsewhere, a copy of it is moved there and the adapted weights are copied back into ``opt.rule``.
+(:func:`~learned_optim.from_pretrained` already puts the net on the parameters' device.)
 
 Memory: the unroll keeps the graph of ``unroll`` steps of the model *and* of the net over every
 coordinate (RNNProp: ~100 floats per coordinate per step), so adapt large models with a short
@@ -42,6 +48,7 @@ coordinate (RNNProp: ~100 floats per coordinate per step), so adapt large models
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import math
@@ -193,6 +200,11 @@ def _describe(x: Any) -> Any:
     return type(x).__name__
 
 
+def _single(values: set[float]) -> float | list[float]:
+    """The value shared by every param group, else the sorted distinct values."""
+    return next(iter(values)) if len(values) == 1 else sorted(values)
+
+
 def _to(x: Any, device: torch.device) -> Any:
     from .meta.unroll import to_device
 
@@ -242,7 +254,6 @@ def adapt(opt: Any, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], bat
         raise ValueError(f"steps and unroll must be >= 1, got steps={steps}, unroll={unroll}")
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    rule = opt.rule
     groups = {id(p): g for g in opt.param_groups for p in g["params"]}
     named = [(n, p) for n, p in model.named_parameters() if id(p) in groups and p.requires_grad]
     if not named:
@@ -254,6 +265,12 @@ def adapt(opt: Any, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], bat
     if sign < 0 and objective in ("log", "log_last"):
         raise ValueError("adapt: the log objectives need a positive loss; use objective='sum' with maximize=True")
     device = named[0][1].device
+    if len({p.device for _, p in named}) > 1:
+        raise ValueError("adapt: the optimized parameters are on several devices "
+                         f"{sorted(str(d) for d in {p.device for _, p in named})}; adapt one device's at a time")
+    # the unrolls run a copy of the net on the model's device (buffers included); adapt_weights commits
+    # the adapted weights into opt.rule wherever it lives
+    rule = opt.rule if next(opt.rule.parameters()).device == device else copy.deepcopy(opt.rule).to(device)
     dtype = rule.compute_dtype
     hyper = {n: (float(groups[id(p)]["lr"]), float(groups[id(p)]["weight_decay"])) for n, p in named}
     source = _Batches(batches, steps * (unroll + 1))
@@ -335,6 +352,11 @@ def adapt(opt: Any, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], bat
     skipped: list[int] = []
     meta_losses = adapt_weights(rule, segment_loss, steps=steps, lr=lr, grad_clip=grad_clip, nonfinite=nonfinite,
                                 device=device, progress=progress, skipped=skipped)
+    if rule is not opt.rule:
+        with torch.no_grad():
+            for (_, p), (_, q) in zip(opt.rule.named_parameters(), rule.named_parameters()):
+                p.copy_(q.to(device=p.device, dtype=p.dtype))
+        rule = opt.rule
     record = {
         "method": "learned_optim.adapt (M-L2O test-time adaptation)",
         "model": type(model).__name__,
@@ -342,6 +364,8 @@ def adapt(opt: Any, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], bat
         "loss_fn": getattr(loss_fn, "__qualname__", None) or type(loss_fn).__name__,
         "example_batch": _describe(source.example),
         "batches_seen": source.seen,
+        "optimizer_lr": _single({v[0] for v in hyper.values()}),
+        "optimizer_weight_decay": _single({v[1] for v in hyper.values()}),
         "steps": steps, "unroll": unroll, "lr": lr, "chain": chain, "objective": objective,
         "second_order": second_order, "grad_clip": grad_clip, "skipped_steps": skipped,
         "meta_loss_first": meta_losses[0], "meta_loss_last": meta_losses[-1],

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -52,6 +52,28 @@ def _require_closure(closure: Callable[[], Tensor] | None, name: str) -> Callabl
         raise RuntimeError(f"{name} evaluates the loss several times per step: pass step(closure), a closure that "
                            "zeroes the gradients, computes the loss, calls backward() and returns the loss")
     return torch.enable_grad()(closure)
+
+
+def _sgd_direction(states: Mapping[Tensor, dict[str, Any]], param: Tensor, direction: Tensor,
+                   group: Mapping[str, Any], *, nesterov: bool = False) -> Tensor:
+    r"""The step direction of ``torch.optim.SGD`` (dampening 0) for ``param`` given its gradient-like ``direction``.
+
+    :math:`d \leftarrow d + \lambda\theta` (``weight_decay``); with ``momentum`` :math:`\mu > 0` the buffer
+    :math:`b \leftarrow \mu b + d` (:math:`b = d` at the first step, kept in ``states[param]["momentum_buffer"]``)
+    and the direction is :math:`b`, or :math:`d + \mu b` with Nesterov. The caller steps
+    :math:`\theta \leftarrow \theta - \mathrm{lr}\cdot` direction.
+    """
+    if group["weight_decay"]:
+        direction = direction.add(param, alpha=group["weight_decay"])
+    if group["momentum"]:
+        state = states[param]
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = state["momentum_buffer"] = direction.clone()
+        else:
+            buf.mul_(group["momentum"]).add_(direction)
+        direction = direction.add(buf, alpha=group["momentum"]) if nesterov else buf
+    return direction
 
 
 # ------------------------------------------------------------------------------------------ SAM / GSAM
@@ -199,18 +221,7 @@ class GAM(Optimizer):
         inner = sum((a * b).sum() for a, b in zip(pro, new))
         coef = inner / (self._norm(new).square() + group0["eps"])
         for (p, group), d, q in zip(self._params(), new, pro):
-            direction = d - gamma * (q - coef * d)
-            if group["weight_decay"]:
-                direction = direction.add(p, alpha=group["weight_decay"])
-            if group["momentum"]:
-                state = self.state[p]
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = state["momentum_buffer"] = direction.clone()
-                else:
-                    buf.mul_(group["momentum"]).add_(direction)
-                direction = buf
-            p.add_(direction, alpha=-group["lr"])
+            p.add_(_sgd_direction(self.state, p, d - gamma * (q - coef * d), group), alpha=-group["lr"])
         return loss
 
 
@@ -268,18 +279,7 @@ class EntropySGD(Optimizer):
                 m.mul_(group["ema"]).add_(p, alpha=1.0 - group["ema"])
         for (p, group), a, m in zip(params, anchor, mu):
             p.copy_(a)
-            direction = a - m
-            if group["weight_decay"]:
-                direction = direction.add(a, alpha=group["weight_decay"])
-            if group["momentum"]:
-                state = self.state[p]
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = state["momentum_buffer"] = direction.clone()
-                else:
-                    buf.mul_(group["momentum"]).add_(direction)
-                direction = direction.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-            p.add_(direction, alpha=-group["lr"])
+            p.add_(_sgd_direction(self.state, p, a - m, group, nesterov=group["nesterov"]), alpha=-group["lr"])
         self.steps_taken += 1
         assert loss is not None
         return loss

@@ -230,6 +230,28 @@ def _ascend(delta: Params, direction: Params, radius: float, step_fraction: floa
     return {k: (delta[k] + step * direction[k].sign()).clamp(-radius, radius) for k in delta}
 
 
+def _projected_ascent(params: Params, probe: Callable[[Params], tuple[float, Params | None]],
+                      final: Callable[[Params], float], *, radii: Sequence[float], steps: int, step_fraction: float,
+                      init_fraction: float, seed: int) -> dict[float, float]:
+    """The module docstring's projected gradient ascent of :math:`F(\theta+\delta)`, for each radius.
+
+    ``probe(point)`` gives :math:`F` at the point and the ascent direction (``None`` stops the ascent);
+    ``final(point)`` gives :math:`F` alone at the last iterate. Returns the largest :math:`F` seen per radius.
+    """
+    out = {}
+    for i, radius in enumerate(radii):
+        delta = _start(params, radius, init_fraction, _generator(seed + i))
+        best = -math.inf
+        for _ in range(steps):
+            value, direction = probe(_shifted(params, delta))
+            best = max(best, value)
+            if direction is None:
+                break
+            delta = _ascend(delta, direction, radius, step_fraction)
+        out[float(radius)] = max(best, final(_shifted(params, delta)))
+    return out
+
+
 def pga_sharpness(model: nn.Module | Mapping[str, Tensor], loss_fn: Callable[..., Tensor], data: Iterable[Any], *,
                   radii: Sequence[float] = RADII, steps: int = PGA_STEPS, step_fraction: float = STEP_FRACTION,
                   init_fraction: float = INIT_FRACTION, seed: int = 0,
@@ -238,18 +260,9 @@ def pga_sharpness(model: nn.Module | Mapping[str, Tensor], loss_fn: Callable[...
     projected gradient ascent (see the module docstring), for each radius ``r`` in ``radii``."""
     obj = _objective(model, loss_fn, data, max_batches)
     base = obj.value(obj.params)
-    out = {}
-    for i, radius in enumerate(radii):
-        gen = _generator(seed + i)
-        delta = _start(obj.params, radius, init_fraction, gen)
-        best = -math.inf
-        for _ in range(steps):
-            value, direction = obj.grad(_shifted(obj.params, delta))
-            best = max(best, value)
-            delta = _ascend(delta, direction, radius, step_fraction)
-        best = max(best, obj.value(_shifted(obj.params, delta)))
-        out[float(radius)] = best - base
-    return out
+    best = _projected_ascent(obj.params, obj.grad, obj.value, radii=radii, steps=steps, step_fraction=step_fraction,
+                             init_fraction=init_fraction, seed=seed)
+    return {radius: value - base for radius, value in best.items()}
 
 
 def gradient_norm(model: nn.Module | Mapping[str, Tensor], loss_fn: Callable[..., Tensor], data: Iterable[Any], *,
@@ -267,23 +280,14 @@ def pga_max_grad_norm(model: nn.Module | Mapping[str, Tensor], loss_fn: Callable
     projected gradient ascent, for each radius. The ascent direction is
     :math:`\nabla_\delta\|\nabla L\| = H\nabla L/\|\nabla L\|` (a Hessian-vector product per step)."""
     obj = _objective(model, loss_fn, data, max_batches)
-    out = {}
-    for i, radius in enumerate(radii):
-        gen = _generator(seed + i)
-        delta = _start(obj.params, radius, init_fraction, gen)
-        best = -math.inf
-        for _ in range(steps):
-            point = _shifted(obj.params, delta)
-            _, g = obj.grad(point)
-            norm = _norm(g)
-            best = max(best, norm)
-            if norm == 0:
-                break
-            direction = obj.hvp(point, {k: v / norm for k, v in g.items()})
-            delta = _ascend(delta, direction, radius, step_fraction)
-        best = max(best, _norm(obj.grad(_shifted(obj.params, delta))[1]))
-        out[float(radius)] = best
-    return out
+
+    def probe(point: Params) -> tuple[float, Params | None]:
+        g = obj.grad(point)[1]
+        norm = _norm(g)
+        return norm, (obj.hvp(point, {k: v / norm for k, v in g.items()}) if norm != 0 else None)
+
+    return _projected_ascent(obj.params, probe, lambda point: _norm(obj.grad(point)[1]), radii=radii, steps=steps,
+                             step_fraction=step_fraction, init_fraction=init_fraction, seed=seed)
 
 
 # ------------------------------------------------------------------------------------------ reports

@@ -29,7 +29,7 @@ from .nets.base import FAMILIES, UpdateRule, build_rule
 __all__ = [
     "CheckpointError", "CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME", "FORMAT_VERSION",
     "save_pretrained", "load_rule", "resolve_checkpoint", "list_pretrained", "from_pretrained",
-    "push_to_hub", "zoo_dir", "record_evaluation",
+    "push_to_hub", "zoo_dir", "record_evaluation", "parent_record",
 ]
 
 CONFIG_NAME = "config.json"
@@ -68,9 +68,40 @@ def _default_card(config: Mapping[str, Any]) -> str:
         json.dumps(config["net"], indent=2),
         "```",
     ]
+    lines += _adaptation_lines(training)
     if training:
         lines += ["", "## Training", "", "```json", json.dumps(training, indent=2, default=str), "```"]
     return "\n".join(lines) + "\n"
+
+
+def _adaptation_lines(training: Mapping[str, Any]) -> list[str]:
+    """The card's "## Adaptation" section: the parent checkpoint and each :func:`learned_optim.adapt` run."""
+    records = training.get("adaptation") or []
+    if not records:
+        return []
+    parent = training.get("parent") or {}
+    lines = ["", "## Adaptation", ""]
+    if parent:
+        lines += [f"Adapted from `{parent.get('name') or parent.get('source')}` (loaded from "
+                  f"`{parent.get('source')}`{', revision ' + str(parent['revision']) if parent.get('revision') else ''})"
+                  " with `learned_optim.adapt`; the parent's training and results are under `training.parent` in "
+                  "config.json and do not describe this net.", ""]
+    for i, r in enumerate(records, 1):
+        what = f"{r.get('model')} ({r.get('num_parameters')} parameters), loss `{r.get('loss_fn')}`"
+        if r.get("description"):
+            what += f", data: {r['description']}"
+        lines.append(f"{i}. {r.get('date')}: {what}; {r.get('steps')} Adam steps (lr {r.get('lr')}) on unrolls of "
+                     f"{r.get('unroll')} optimizer steps (optimizer lr {r.get('optimizer_lr')}), "
+                     f"{r.get('batches_seen')} batches like {json.dumps(r.get('example_batch'))}; meta-loss "
+                     f"{r.get('meta_loss_first')} -> {r.get('meta_loss_last')}.")
+    return lines
+
+
+def parent_record(config: Mapping[str, Any], **where: Any) -> dict[str, Any]:
+    """What a checkpoint derived from another records of it (``training.parent``): ``where`` it was loaded
+    from (e.g. ``source=``/``revision=`` or ``init_from=``), then its name, family, net and training."""
+    return {**where, "name": config.get("name"), "family": config.get("family"), "net": config.get("net"),
+            "training": config.get("training")}
 
 
 def save_pretrained(rule: UpdateRule, save_directory: str | os.PathLike, *, name: str | None = None,
@@ -86,9 +117,19 @@ def save_pretrained(rule: UpdateRule, save_directory: str | os.PathLike, *, name
         optimizer_defaults: recommended :class:`~learned_optim.LearnedOptimizer` keyword defaults
             (e.g. ``{"lr": 1.0}``), applied by :func:`from_pretrained` unless overridden.
         card: model card text; a card generated from the config is written when omitted.
+
+    A net loaded by :func:`from_pretrained` remembers its checkpoint, and :func:`learned_optim.adapt`
+    records every adaptation on the net. Saving such a net fills what is not passed: ``training.parent``
+    (the checkpoint it was loaded from: source, revision, name, family, net, training), ``training.adaptation``
+    (one record per adaptation: model, loss, batches, steps, meta-losses, the optimizer lr it was adapted at),
+    ``name`` (the parent's, with ``-adapted`` once adapted), ``description`` and ``optimizer_defaults`` (the
+    parent's, with ``lr`` set to the one of the last adaptation). The generated card then has an
+    "## Adaptation" section.
     """
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
+    name, description, training, optimizer_defaults = _inherited(rule, name, description, training,
+                                                                 optimizer_defaults)
     config: dict[str, Any] = {
         "library": LIBRARY_NAME,
         "format_version": FORMAT_VERSION,
@@ -104,6 +145,35 @@ def save_pretrained(rule: UpdateRule, save_directory: str | os.PathLike, *, name
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
     (directory / CARD_NAME).write_text(card if card is not None else _default_card(config))
     return directory
+
+
+def _inherited(rule: UpdateRule, name: str | None, description: str | None, training: Mapping[str, Any] | None,
+               optimizer_defaults: Mapping[str, Any] | None) -> tuple[Any, ...]:
+    """``save_pretrained``'s arguments completed from the net's parent checkpoint and adaptations."""
+    origin: Mapping[str, Any] = getattr(rule, "pretrained_origin", None) or {}
+    adaptations = list(getattr(rule, "adaptations", None) or [])
+    training = dict(training or {})
+    if adaptations:
+        training.setdefault("adaptation", adaptations)
+    if not origin:
+        return name, description, training, optimizer_defaults
+    parent = origin["parent"]
+    training.setdefault("parent", parent)
+    if name is None and parent.get("name"):
+        name = parent["name"] + ("-adapted" if adaptations else "")
+    if description is None and adaptations:
+        last = adaptations[-1]
+        description = (f"{parent.get('name') or parent.get('source')} adapted with learned_optim.adapt on "
+                       f"{last.get('model')} / {last.get('loss_fn')}"
+                       + (f" ({last['description']})" if last.get("description") else ""))
+    elif description is None:
+        description = origin.get("description")
+    if optimizer_defaults is None:
+        optimizer_defaults = dict(origin.get("optimizer") or {})
+        lr = adaptations[-1].get("optimizer_lr") if adaptations else None
+        if isinstance(lr, (int, float)):
+            optimizer_defaults["lr"] = lr
+    return name, description, training, optimizer_defaults
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -288,14 +358,22 @@ def from_pretrained(name_or_path: str | os.PathLike, params: Iterable[Any], *, r
 
     ``name_or_path`` is a local checkpoint folder, a zoo name (see :func:`list_pretrained`) or a
     Hub repo id (``revision`` pins a branch, tag or commit). ``optimizer_kwargs`` (``lr``,
-    ``weight_decay``, ``chunk_size``, ...) override the defaults recorded in the checkpoint.
+    ``weight_decay``, ``chunk_size``, ...) override the defaults recorded in the checkpoint. The net is
+    placed on the parameters' device when they all share one (e.g. a model already moved to CUDA).
     """
     from .optimizer import LearnedOptimizer
 
     rule, config = load_rule(name_or_path, revision=revision, cache_dir=cache_dir,
                              local_files_only=local_files_only, token=token)
+    # remembered for save_pretrained (after learned_optim.adapt: what the adapted net derives from)
+    rule.pretrained_origin = {"parent": parent_record(config, source=str(name_or_path), revision=revision),
+                              "description": config.get("description"), "optimizer": config.get("optimizer", {})}
     kwargs = {**config.get("optimizer", {}), **optimizer_kwargs}
-    return LearnedOptimizer(params, rule, **kwargs)
+    opt = LearnedOptimizer(params, rule, **kwargs)
+    devices = {p.device for group in opt.param_groups for p in group["params"]}
+    if len(devices) == 1 and next(iter(devices)).type != "meta":     # meta: not materialised yet
+        opt.rule.to(devices.pop())
+    return opt
 
 
 def push_to_hub(rule: UpdateRule, repo_id: str, *, private: bool | None = None, token: str | None = None,

@@ -371,14 +371,11 @@ class LearnedOptimizer(Optimizer):
     def save_pretrained(self, save_directory: str, **card: Any) -> None:
         """Write the net as a checkpoint folder (config.json, model.safetensors, README.md).
 
-        After :meth:`adapt`, ``config.json``'s ``training.adaptation`` (and the card) list what the net
-        was adapted on.
+        After :meth:`adapt`, ``config.json``'s ``training.adaptation`` and ``training.parent`` (and the card)
+        say what the net was adapted on and from (see :func:`learned_optim.save_pretrained`).
         """
         from .hub import save_pretrained
 
-        adaptations = getattr(self.rule, "adaptations", None)
-        if adaptations:
-            card["training"] = {**dict(card.get("training") or {}), "adaptation": list(adaptations)}
         save_pretrained(self.rule, save_directory, **card)
 
     def adapt(self, model: torch.nn.Module, loss_fn: Callable[..., Tensor], batches: Iterable[Any],

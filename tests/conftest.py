@@ -36,6 +36,16 @@ def _torch_threads() -> Iterator[None]:
     torch.set_num_threads(previous)
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread during the test, and the previous count restored after it (for tests of the CLIs,
+    which call ``torch.set_num_threads`` themselves)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(params=FAMILY_NAMES)
 def family(request: pytest.FixtureRequest) -> str:
     """Each registered net family in turn (a test using it runs once per family)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -40,11 +41,13 @@ def test_adapt_changes_the_net_but_not_the_model_and_leaves_the_optimizer_ready(
     F.cross_entropy(model(batches[0][0]), batches[0][1]).backward()
     opt.step()                                   # existing optimizer state: adaptation starts from it
     model_before, net_before = copy.deepcopy(model.state_dict()), _net(opt)
+    grads_before = [p.grad.clone() for p in model.parameters()]
     opt_state_before = copy.deepcopy(opt.state_dict())
     result = learned_optim.adapt(opt, model, F.cross_entropy, batches, steps=3, unroll=4)
     assert len(result.meta_losses) == 3 and result.batches_seen == 15      # 3 * (4 + 1), the list is cycled
     assert not _same(_net(opt), net_before)
     assert _same(model.state_dict(), model_before)                       # incl. BatchNorm running stats
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads_before))   # .grad untouched
     after = opt.state_dict()
     assert all(torch.equal(v, after["state"][i][k]) for i, st in opt_state_before["state"].items()
                for k, v in st.items())
@@ -113,8 +116,33 @@ def test_non_finite_meta_gradient_rolls_back_the_whole_adaptation():
         learned_optim.adapt(opt, model, flaky, batches, steps=4, unroll=4)
     assert _same(_net(opt), net) and _same(model.state_dict(), state)
     calls["n"] = 0
+    with pytest.raises(AdaptationError, match="step 3 of 4"):       # nor is the model moved when asked to
+        learned_optim.adapt(opt, model, flaky, batches, steps=4, unroll=4, restore_model=False)
+    assert _same(_net(opt), net) and _same(model.state_dict(), state) and not opt.state
+    calls["n"] = 0
     result = learned_optim.adapt(opt, model, flaky, batches, steps=4, unroll=4, nonfinite="skip")
     assert result.skipped_steps == 2 and not _same(_net(opt), net)
+
+
+def test_finite_meta_loss_with_non_finite_meta_gradient_rolls_back():
+    """The gradient check, not only the loss check: sqrt(|w - w0|) is 0 at w0 but its gradient is not finite."""
+    rule = RNNProp(hidden_size=3)
+    before = {k: v.clone() for k, v in rule.state_dict().items()}
+
+    def segment_loss(weights, k):
+        loss = sum(w.square().sum() for w in weights.values())
+        if k == 1:
+            w = next(iter(weights.values()))
+            loss = loss + (w - w.detach()).abs().sqrt().sum()
+        return loss
+
+    with pytest.raises(AdaptationError, match="step 2 of 3: the meta-gradient norm is nan.*rolled back"):
+        adapt_weights(rule, segment_loss, steps=3)
+    assert _same(dict(rule.state_dict()), before)
+    skipped = []
+    losses = adapt_weights(rule, segment_loss, steps=3, nonfinite="skip", skipped=skipped)
+    assert skipped == [1] and math.isnan(losses[1]) and math.isfinite(losses[2])
+    assert not _same(dict(rule.state_dict()), before)
 
 
 def test_adapt_weights_commits_only_after_every_step():
@@ -145,3 +173,77 @@ def test_save_pretrained_records_the_adaptation(tmp_path):
     assert "adaptation" in (tmp_path / "adapted" / "README.md").read_text()
     rule, _ = learned_optim.load_rule(tmp_path / "adapted")
     assert _same(dict(rule.state_dict()), _net(opt))
+
+
+def test_save_pretrained_after_adapting_a_pretrained_net_records_its_parent(tmp_path):
+    """from_pretrained -> adapt -> save_pretrained keeps the parent's name, defaults and provenance, and a
+    second generation chains; the parent's results are not passed off as the adapted net's."""
+    model, opt, batches = _setup()
+    learned_optim.save_pretrained(opt.rule, tmp_path / "parent", name="toy-l2o", description="a toy net",
+                                  training={"tasks": "toy", "results": {"toy": {"final_loss": 0.1}}},
+                                  optimizer_defaults={"lr": 0.5})
+    opt = learned_optim.from_pretrained(tmp_path / "parent", model.parameters(), lr=0.25, weight_decay=0.01)
+    model_before = copy.deepcopy(model.state_dict())
+    opt.save_pretrained(str(tmp_path / "unadapted"))
+    unadapted = json.loads((tmp_path / "unadapted" / "config.json").read_text())
+    assert unadapted["name"] == "toy-l2o" and unadapted["description"] == "a toy net"
+    assert unadapted["optimizer"] == {"lr": 0.5} and "adaptation" not in unadapted["training"]
+    assert unadapted["training"]["parent"]["source"] == str(tmp_path / "parent")
+
+    opt.adapt(model, F.cross_entropy, batches, steps=2, unroll=3, description="toy batches")
+    assert _same(model.state_dict(), model_before)
+    opt.save_pretrained(str(tmp_path / "adapted"))
+    config = json.loads((tmp_path / "adapted" / "config.json").read_text())
+    assert config["name"] == "toy-l2o-adapted"
+    assert "toy-l2o adapted" in config["description"] and "toy batches" in config["description"]
+    assert config["optimizer"] == {"lr": 0.25}                     # the lr the net was adapted at
+    (record,) = config["training"]["adaptation"]
+    assert record["optimizer_lr"] == 0.25 and record["optimizer_weight_decay"] == 0.01
+    parent = config["training"]["parent"]
+    assert parent["name"] == "toy-l2o" and parent["source"] == str(tmp_path / "parent")
+    assert parent["training"]["results"] == {"toy": {"final_loss": 0.1}} and "results" not in config["training"]
+    card = (tmp_path / "adapted" / "README.md").read_text()
+    assert "## Adaptation" in card and "Adapted from `toy-l2o`" in card and "toy batches" in card
+    assert "cross_entropy" in card
+
+    model2, _, batches2 = _setup(seed=3)
+    opt2 = learned_optim.from_pretrained(tmp_path / "adapted", model2.parameters())
+    assert opt2.defaults["lr"] == 0.25
+    opt2.adapt(model2, F.cross_entropy, batches2, steps=1, unroll=2)
+    opt2.save_pretrained(str(tmp_path / "adapted2"), name="mine")
+    second = json.loads((tmp_path / "adapted2" / "config.json").read_text())
+    assert second["name"] == "mine" and len(second["training"]["adaptation"]) == 1
+    assert second["training"]["parent"]["name"] == "toy-l2o-adapted"
+    assert second["training"]["parent"]["training"]["parent"]["name"] == "toy-l2o"
+
+
+def test_parameters_on_several_devices_are_refused_before_anything_changes():
+    model, opt, batches = _setup()
+    net = _net(opt)
+    model.add_module("elsewhere", nn.Linear(2, 2, device="meta"))
+    opt.add_param_group({"params": model.elsewhere.parameters()})
+    with pytest.raises(ValueError, match="several devices"):
+        learned_optim.adapt(opt, model, F.cross_entropy, batches)
+    assert _same(_net(opt), net)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", ["rnnprop", "mlp"])
+def test_adapt_on_cuda(tmp_path, family):
+    """A CUDA model: from_pretrained puts the net on the GPU; a net left on the CPU is adapted through a
+    GPU copy (the MLP net has a buffer) and committed back; the model is untouched and training runs."""
+    torch.manual_seed(0)
+    learned_optim.save_pretrained(learned_optim.FAMILIES[family](), tmp_path / "net", optimizer_defaults={"lr": 0.1})
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).cuda()
+    batches = [(torch.randn(16, 4, device="cuda"), torch.randint(0, 3, (16,), device="cuda")) for _ in range(6)]
+    opt = learned_optim.from_pretrained(tmp_path / "net", model.parameters())
+    assert next(opt.rule.parameters()).is_cuda
+    cpu_opt = LearnedOptimizer(model.parameters(), learned_optim.load_rule(tmp_path / "net")[0], lr=0.1)
+    for o in (opt, cpu_opt):
+        before, model_before = _net(o), copy.deepcopy(model.state_dict())
+        o.adapt(model, F.cross_entropy, batches, steps=2, unroll=2)
+        assert not _same(_net(o), before) and _same(model.state_dict(), model_before)
+    opt.zero_grad()
+    F.cross_entropy(model(batches[0][0]), batches[0][1]).backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())

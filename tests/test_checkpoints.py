@@ -129,7 +129,7 @@ BAD_CHECKPOINTS: dict[str, tuple[Callable[[Path], None], str]] = {
     "unknown-net-field": (lambda d: _rewrite_config(d, lambda c: c["net"].update(dropout=0.1)),
                           r"invalid net configuration.*dropout"),
     "wrongly-typed-net-field": (lambda d: _rewrite_config(d, lambda c: c["net"].update(hidden_size="20")),
-                                r"invalid net configuration.*hidden_size must be of type int"),
+                                r"invalid net configuration.*Config.hidden_size must be int, got .20."),
     "missing-weights": (lambda d: (d / WEIGHTS_NAME).unlink(), r"model\.safetensors does not exist"),
     "truncated-weights": (_truncate, "not a readable safetensors file"),
     "torch-pickle-as-safetensors": (_torch_pickle, "not a readable safetensors file"),

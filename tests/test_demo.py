@@ -19,12 +19,7 @@ from learned_optim.__main__ import DEMO_TASK, main
 TINY = ["--steps", "4", "--seeds", "2", "--tune-steps", "2", "--lr-grid", "0.01,0.001", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the CLIs under test call torch.set_num_threads
 
 
 def _fixture_checkpoint(folder: Path) -> Path:

@@ -78,12 +78,7 @@ class SplitQuadratic(Task):
         return 0.5 * ((params["x"] - batch) ** 2).sum()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the CLIs under test call torch.set_num_threads
 
 
 @pytest.fixture

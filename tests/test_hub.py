@@ -232,3 +232,12 @@ def test_push_to_hub_uploads_exactly_the_checkpoint(monkeypatch, make_rule, tmp_
     assert kwargs["commit_message"] == "first upload"
     uploaded = learned_optim.from_pretrained(tmp_path / "uploaded", _params())
     assert _weights_equal(uploaded.rule, rule) and uploaded.param_groups[0]["lr"] == 0.3
+
+
+def test_from_pretrained_places_the_net_with_the_params_but_never_on_meta(tmp_path):
+    """The net follows the params' device; params on the meta device (not materialised) leave it where it is."""
+    save_pretrained(learned_optim.RNNProp(hidden_size=4), tmp_path / "ck")
+    weights = learned_optim.load_rule(tmp_path / "ck")[0].state_dict()
+    for device in ("cpu", "meta"):
+        opt = learned_optim.from_pretrained(tmp_path / "ck", torch.nn.Linear(3, 2, device=device).parameters())
+        assert all(v.device.type == "cpu" and torch.equal(v, weights[k]) for k, v in opt.rule.state_dict().items())

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor, nn
 
 import learned_optim
-from learned_optim import LearnedOptimizer, NonFiniteGradientError, UpdateRule, functional_update
+from learned_optim import LearnedOptimizer, NonFiniteGradientError, functional_update
+from learned_optim.testing import fit_sign_descent
 
 FAMILY_NAMES = sorted(learned_optim.FAMILIES)
 
@@ -119,36 +120,6 @@ def assert_identical(a: tuple[list[Tensor], dict], b: tuple[list[Tensor], dict])
 
 
 # ------------------------------------------------------------------------------------------ descent
-
-
-def fit_sign_descent(rule: UpdateRule, *, iters: int = 100, n: int = 32, unroll: int = 8,
-                     target: float = 0.005, seed: int = 0) -> None:
-    """Fit ``rule`` by regression of its step toward ``-target * sign(g)`` on random quadratics.
-
-    A tiny stand-in for meta-training: for ``iters`` random diagonal quadratics the net is unrolled
-    ``unroll`` steps through :func:`functional_update` (its own steps move the iterate; state is
-    detached between steps) and its weights take an Adam step on the mean squared error to the
-    signSGD step. Deterministic given ``seed``.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    rule.requires_grad_(True)
-    meta_opt = torch.optim.Adam(rule.parameters(), lr=1e-2)
-    for _ in range(iters):
-        curvature = torch.rand(n, generator=gen) * 1.5 + 0.5
-        x = torch.randn(n, generator=gen) * 0.2
-        state = rule.init_state(n)
-        first_step = int(torch.randint(0, 40, (), generator=gen))
-        meta_loss = torch.zeros(())
-        for t in range(unroll):
-            grad = curvature * x
-            delta, state = functional_update(rule, None, grad, x, state, torch.tensor(float(first_step + t + 1)))
-            meta_loss = meta_loss + (delta / target + torch.sign(grad)).square().mean()
-            x = (x + delta).detach()
-            state = {k: v.detach() for k, v in state.items()}
-        meta_opt.zero_grad()
-        meta_loss.backward()
-        meta_opt.step()
-    rule.requires_grad_(False)
 
 
 def test_fitted_net_goes_downhill(family, make_rule):

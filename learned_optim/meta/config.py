@@ -27,6 +27,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from .._validation import check_value
+
 __all__ = [
     "NetSection", "TaskSection", "UnrollConfig", "ObjectiveConfig", "MetaOptimizerConfig", "CurriculumConfig",
     "ImitationConfig", "MAMLConfig", "MetaTrainConfig", "load_config", "apply_overrides", "parse_override",
@@ -58,7 +60,7 @@ class _Section:
             if section is not None and (value is None or isinstance(value, Mapping)):
                 kwargs[key] = section.from_dict(value, where=name)
             else:
-                kwargs[key] = _checked(name, hints[key], value)
+                kwargs[key] = check_value(f"config.{name}", hints[key], value)
         obj = cls(**kwargs)
         obj.validate(where or "config")
         return obj
@@ -76,28 +78,6 @@ class _Section:
                 value = list(value)
             out[f.name] = value
         return out
-
-
-_SCALARS = {bool: (bool,), int: (int,), float: (int, float), str: (str,), list: (list, tuple), dict: (Mapping,)}
-
-
-def _checked(name: str, hint: Any, value: Any) -> Any:
-    """``value`` if it fits the field's annotation (``X``, ``X | None``, ``list[...]``, ``dict[...]``)."""
-    options = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
-    if value is None:
-        if type(None) in options:
-            return None
-        raise ValueError(f"config.{name} cannot be null")
-    kinds = []
-    for option in options:
-        kind = get_origin(option) or option
-        if kind in _SCALARS:
-            kinds.append(kind)
-            if isinstance(value, _SCALARS[kind]) and not (kind in (int, float) and isinstance(value, bool)):
-                return float(value) if kind is float else list(value) if kind is list else value
-        elif option is not type(None):
-            return value
-    raise ValueError(f"config.{name} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
 
 
 def _section_type(hint: Any) -> type[_Section] | None:

@@ -72,6 +72,7 @@ from torch import Tensor, nn
 from torch.func import grad as func_grad
 from torch.func import jvp, vmap
 
+from .._validation import check_value
 from .unroll import StepInputs, apply_rule
 
 __all__ = [
@@ -597,23 +598,6 @@ class RegularizerBlock:
                 "name": self.name, **dataclasses.asdict(self.regularizer)}
 
 
-def _check_value(where: str, key: str, annotation: Any, value: Any) -> Any:
-    if annotation is bool:
-        ok = isinstance(value, bool)
-    elif annotation is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif annotation is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif annotation is str:
-        ok = isinstance(value, str)
-    else:
-        ok = True
-    if not ok:
-        raise ValueError(f"{where}.{key} must be {getattr(annotation, '__name__', annotation)}, got {value!r}")
-    return value
-
-
 def parse_block(block: Mapping[str, Any], where: str = "regularizers[0]") -> RegularizerBlock:
     """A :class:`RegularizerBlock` from a config mapping (unknown keys and bad values raise ``ValueError``)."""
     if not isinstance(block, Mapping):
@@ -625,23 +609,23 @@ def parse_block(block: Mapping[str, Any], where: str = "regularizers[0]") -> Reg
     cls = REGULARIZERS[kind]
     if "weight" not in values:
         raise ValueError(f"{where}: 'weight' (lambda) is required")
-    weight = _check_value(where, "weight", float, values.pop("weight"))
+    weight = check_value(f"{where}.weight", float, values.pop("weight"))
     if not math.isfinite(weight) or weight < 0:
         raise ValueError(f"{where}.weight must be finite and >= 0, got {weight}")
     place = values.pop("where", cls.default_where)
     if place not in WHERE:
         raise ValueError(f"{where}.where must be one of {WHERE}, got {place!r}")
-    every = _check_value(where, "every", int, values.pop("every", 1))
+    every = check_value(f"{where}.every", int, values.pop("every", 1))
     if every < 1:
         raise ValueError(f"{where}.every must be >= 1")
-    name = _check_value(where, "name", str, values.pop("name", ""))
+    name = check_value(f"{where}.name", str, values.pop("name", ""))
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"{where}: {kind} has no field(s) {unknown}; its fields: kind, weight, where, every, name, "
                          f"{', '.join(sorted(known))}")
-    regularizer = cls(**{k: _check_value(where, k, hints[k], v) for k, v in values.items()})
+    regularizer = cls(**{k: check_value(f"{where}.{k}", hints[k], v) for k, v in values.items()})
     try:
         regularizer.check()
     except ValueError as err:

@@ -47,7 +47,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ..hub import _default_card, load_rule, save_pretrained
+from ..hub import _default_card, load_rule, parent_record, save_pretrained
 from ..nets.base import UpdateRule, build_rule
 from .config import MetaTrainConfig, TaskSection, load_config
 from .curriculum import Curriculum
@@ -286,9 +286,7 @@ class MetaTrainer:
             if cfg.net.config and {**rule.config.to_dict(), **cfg.net.config} != rule.config.to_dict():
                 raise ValueError(f"init_from keeps the parent's architecture {rule.config.to_dict()}; "
                                  f"net.config {cfg.net.config} differs (drop net.config)")
-            self.parent = {"init_from": str(cfg.init_from), "name": parent_config.get("name"),
-                           "family": parent_config.get("family"), "net": parent_config.get("net"),
-                           "training": parent_config.get("training")}
+            self.parent = parent_record(parent_config, init_from=str(cfg.init_from))
             return rule
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(cfg.seed, "net"))

@@ -27,6 +27,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .._validation import check_value
+
 __all__ = ["NetConfig", "UpdateRule", "FAMILIES", "register_family", "build_rule", "functional_update"]
 
 
@@ -44,37 +46,8 @@ class NetConfig:
         if unknown:
             raise ValueError(f"{cls.__name__} has no field(s) {unknown}; known fields: {sorted(known)}")
         hints = typing.get_type_hints(cls)
-        converted = {k: _check_field(cls.__name__, k, hints.get(k), v) for k, v in values.items()}
+        converted = {k: check_value(f"{cls.__name__}.{k}", hints.get(k), v) for k, v in values.items()}
         return cls(**converted)
-
-
-def _check_field(owner: str, name: str, annotation: Any, value: Any) -> Any:
-    """``value`` checked against the field's annotated type (JSON lists become tuples).
-
-    Supports ``bool``, ``int``, ``float``, ``str`` and ``tuple[X, ...]`` of those; other annotations
-    pass through unchecked. A value of the wrong type raises ``ValueError`` naming the field, so a
-    malformed config fails when it is loaded, not at the first optimizer step.
-    """
-    if typing.get_origin(annotation) is tuple:
-        args = typing.get_args(annotation)
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{owner}.{name} must be a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_check_field(owner, f"{name}[{i}]", args[0], v) for i, v in enumerate(value))
-        return tuple(value)
-    if annotation is bool:
-        ok = isinstance(value, bool)
-    elif annotation is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif annotation is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif annotation is str:
-        ok = isinstance(value, str)
-    else:
-        return tuple(value) if isinstance(value, list) else value
-    if not ok:
-        raise ValueError(f"{owner}.{name} must be of type {annotation.__name__}, got {value!r}")
-    return value
 
 
 class UpdateRule(nn.Module):
