@@ -132,12 +132,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_USAGE, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command == "demo":
-        return demo_main(rest)
-    if command == "evaluate":
-        from .evaluate import main as evaluate_main
+    try:
+        if command == "demo":
+            return demo_main(rest)
+        if command == "evaluate":
+            from .evaluate import main as evaluate_main
 
-        return evaluate_main(rest, prog="python -m learned_optim evaluate")
+            return evaluate_main(rest, prog="python -m learned_optim evaluate")
+    except ImportError as e:   # an optional dependency of the command is missing: one line, no traceback
+        print(f"python -m learned_optim {command}: {e}", file=sys.stderr)
+        return 2
     print(f"python -m learned_optim: unknown command {command!r}\n\n{_USAGE}", file=sys.stderr)
     return 2
 

@@ -244,7 +244,7 @@ def _load_digits() -> tuple[Tensor, Tensor]:
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:  # pragma: no cover - scikit-learn is a declared extra
-        raise ImportError("the embedded 'digits' data set needs scikit-learn: pip install 'learned-optim[meta]'") from e
+        raise ImportError("the embedded 'digits' data set needs scikit-learn: the 'meta' extra (pip install -e '.[meta]' in a checkout)") from e
     bunch = load_digits()
     x = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.as_tensor(bunch.target, dtype=torch.int64)

@@ -96,3 +96,15 @@ def test_default_optimizer_prefers_the_demo_entry(monkeypatch):
     assert cli.default_optimizer() == cli.DEMO_OPTIMIZER
     monkeypatch.setattr(cli.hub, "list_pretrained", lambda: [{"name": "aaa"}, {"name": "bbb"}])
     assert cli.default_optimizer() == "aaa"
+
+
+def test_a_missing_optional_dependency_is_one_line_not_a_traceback(monkeypatch, capsys):
+    import learned_optim.__main__ as cli
+
+    def needs_sklearn(argv):
+        raise ImportError("the embedded 'digits' data set needs scikit-learn")
+
+    monkeypatch.setattr(cli, "demo_main", needs_sklearn)
+    assert main(["demo"]) == 2
+    err = capsys.readouterr().err
+    assert "needs scikit-learn" in err and "Traceback" not in err

@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         for path in sorted(CONFIG_DIR.glob("*.yaml")):
             cfg = load_config(path)
-            print(f"{path.stem:20s} {cfg.expected_time or '':40s} {cfg.description or ''}")
+            print(f"{path.stem}\n    {cfg.description or ''}\n    time: {cfg.expected_time or 'not stated'}")
         return 0
 
     from .config import load_config

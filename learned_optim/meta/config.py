@@ -334,7 +334,7 @@ def _read_mapping(path: Path) -> dict[str, Any]:
         try:
             import yaml
         except ImportError:
-            raise ImportError("YAML configs need PyYAML: pip install 'learned-optim[meta]' (or use a JSON config)") from None
+            raise ImportError("YAML configs need PyYAML: the 'meta' extra (pip install -e '.[meta]' in a checkout) (or use a JSON config)") from None
         data = yaml.safe_load(text)
     else:
         data = json.loads(text)
