@@ -44,7 +44,8 @@ from _common import (GemmRecorder, gemm_only_seconds, machine_header, matmul_gfl
 
 import learned_optim  # noqa: E402
 from learned_optim import LearnedOptimizer  # noqa: E402
-from learned_optim.features import adam_ratio_features, bias_corrected, ema, log_and_sign, time_features  # noqa: E402
+from learned_optim.features import (adam_ratio_features, bias_corrected, ema, log_and_sign, rsqrt_features,  # noqa: E402
+                                    time_features)
 
 FAMILIES = ["dm_lstm", "rnnprop", "mlp"]
 REFERENCE_BLOCK = 1 << 20
@@ -114,11 +115,13 @@ class Reference:
             out, (h, cc) = self.lstm(x, (self.h[:, block], self.c[:, block]))
             self.h[:, block], self.c[:, block] = h, cc
             return torch.tanh(rule.head(out[0]).squeeze(-1)) * c.output_scale
-        state = {"m": self.m[block], "v": self.v[block]}
-        stats = rule.tensor_stats(grad, param, state, step)
-        features, m, v = rule._coordinate_features(grad, param, state["m"], state["v"])
+        g = grad.unsqueeze(-1)
+        m = ema(self.m[block], g, rule.decay)
+        v = ema(self.v[block], g.square(), rule.decay)
+        ratio, rs = rsqrt_features(m, v, c.moment_eps)
+        features = torch.cat([g, param.unsqueeze(-1), m, v, ratio, rs], dim=-1)
         self.m[block], self.v[block] = m, v
-        features = features * torch.rsqrt(stats + c.rms_eps)
+        features = features * torch.rsqrt(features.square().mean(dim=0) + c.rms_eps)
         times = time_features(step, c.time_scales).expand(features.shape[0], -1)
         direction, magnitude = rule.mlp(torch.cat([features, times], dim=-1)).unbind(-1)
         return -direction * torch.exp(c.magnitude_scale * magnitude) * c.step_scale

@@ -74,13 +74,14 @@ def time_features(step: Tensor, scales: Sequence[float]) -> Tensor:
 def blocked_mean_square(features_of: Callable[[slice], Tensor], numel: int) -> Tensor:
     r"""Mean of squares over coordinates, :math:`\frac1n\sum_i x_i^2`, of features made block by block.
 
-    ``features_of(slice)`` returns the ``(block, F)`` features of the coordinates in the slice; the
+    ``features_of(slice)`` returns the features of the coordinates in the slice feature-major, shape
+    ``(F, block)`` (each feature a contiguous row, so the sum is a fast inner-dimension reduction); the
     result has shape ``(F,)``. Blocks are always :data:`STATS_BLOCK` long, so the statistic is
     bit-identical however callers chunk the tensor, and transient memory is bounded by one block.
     """
     total = None
     for start in range(0, numel, STATS_BLOCK):
-        part = features_of(slice(start, min(start + STATS_BLOCK, numel))).square().sum(dim=0)
+        part = features_of(slice(start, min(start + STATS_BLOCK, numel))).square().sum(dim=1)
         total = part if total is None else total + part
     if total is None:
         raise ValueError("cannot take statistics of an empty tensor")

@@ -205,3 +205,30 @@ def test_bf16_recurrent_state_option(family, make_rule):
     assert clone.state[p16]["lstm"].dtype == torch.bfloat16 and torch.equal(clone.state[p16]["lstm"], s16["lstm"])
     with pytest.raises(ValueError, match="keeps"):
         LearnedOptimizer([p16], make_rule(family), state_dtype={"hidden": torch.bfloat16})
+
+
+# ------------------------------------------------------------------------------------------ shipped weights
+
+
+@pytest.mark.parametrize("name", [e["name"] for e in learned_optim.list_pretrained()])
+def test_pretrained_fast_path_matches_the_functional_path(name):
+    """A zoo entry's update from the optimizer (chunked, in-place, no_grad) equals the meta-training
+    path (``functional_update`` over the whole tensor, differentiable) to float rounding (~1e-6 relative)."""
+    rule, _ = learned_optim.load_rule(name)
+    gen = torch.Generator().manual_seed(0)
+    n = 3000   # not a multiple of the chunk or of the row alignment: padded chunks are exercised
+    p = nn.Parameter(torch.randn(n, generator=gen))
+    opt = LearnedOptimizer([p], rule, chunk_size=1024)
+    state = rule.init_state(n)
+    for t in range(1, 4):
+        g = torch.randn(n, generator=gen) * 10.0 ** torch.randint(-6, 0, (n,), generator=gen)
+        weights = {k: w.detach().clone().requires_grad_(True) for k, w in rule.named_parameters()}
+        delta, state = functional_update(rule, weights, g, p.detach().clone(), state, torch.tensor(float(t)))
+        before = p.detach().clone()
+        p.grad = g
+        opt.step()
+        scale = float(delta.abs().max())
+        torch.testing.assert_close(p.detach(), before + delta.detach(), rtol=1e-6, atol=2e-6 * scale)
+        for k, v in state.items():
+            torch.testing.assert_close(opt.state[p][k], v.detach(), rtol=1e-5, atol=1e-6)
+        state = {k: v.detach() for k, v in state.items()}
