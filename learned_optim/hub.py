@@ -358,8 +358,8 @@ def from_pretrained(name_or_path: str | os.PathLike, params: Iterable[Any], *, r
 
     ``name_or_path`` is a local checkpoint folder, a zoo name (see :func:`list_pretrained`) or a
     Hub repo id (``revision`` pins a branch, tag or commit). ``optimizer_kwargs`` (``lr``,
-    ``weight_decay``, ``chunk_size``, ...) override the defaults recorded in the checkpoint. The net is
-    placed on the parameters' device when they all share one (e.g. a model already moved to CUDA).
+    ``weight_decay``, ``chunk_size``, ...) override the defaults recorded in the checkpoint. Like every
+    :class:`~learned_optim.LearnedOptimizer`, it puts the net on the parameters' device.
     """
     from .optimizer import LearnedOptimizer
 
@@ -369,11 +369,7 @@ def from_pretrained(name_or_path: str | os.PathLike, params: Iterable[Any], *, r
     rule.pretrained_origin = {"parent": parent_record(config, source=str(name_or_path), revision=revision),
                               "description": config.get("description"), "optimizer": config.get("optimizer", {})}
     kwargs = {**config.get("optimizer", {}), **optimizer_kwargs}
-    opt = LearnedOptimizer(params, rule, **kwargs)
-    devices = {p.device for group in opt.param_groups for p in group["params"]}
-    if len(devices) == 1 and next(iter(devices)).type != "meta":     # meta: not materialised yet
-        opt.rule.to(devices.pop())
-    return opt
+    return LearnedOptimizer(params, rule, **kwargs)
 
 
 def push_to_hub(rule: UpdateRule, repo_id: str, *, private: bool | None = None, token: str | None = None,

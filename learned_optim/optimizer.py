@@ -76,7 +76,8 @@ class LearnedOptimizer(Optimizer):
     Args:
         params: iterable of parameters, named parameters or param-group dicts.
         rule: the update rule (its weights are not optimizer state; they travel with pickling/deepcopy
-            and are saved by :meth:`save_pretrained`).
+            and are saved by :meth:`save_pretrained`). It is moved to the parameters' device when they
+            all share one (e.g. a model already on CUDA).
         lr: step multiplier (float or 0-d tensor), default 1.0.
         weight_decay: decoupled weight decay.
         maximize: maximize the objective instead of minimizing it.
@@ -145,6 +146,9 @@ class LearnedOptimizer(Optimizer):
         self.skipped_steps = 0
         defaults = dict(lr=lr, weight_decay=weight_decay, maximize=maximize, foreach=foreach, differentiable=False)
         super().__init__(params, defaults)
+        devices = {p.device for group in self.param_groups for p in group["params"]}
+        if len(devices) == 1 and next(iter(devices)).type != "meta":     # meta: not materialised yet
+            self.rule.to(devices.pop())     # e.g. a model already moved to CUDA
 
     # ------------------------------------------------------------------ pickling / copying
     _EXTRA_ATTRS = ("rule", "chunk_size", "nonfinite", "state_dtype", "skipped_steps", "compile")

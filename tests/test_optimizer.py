@@ -661,7 +661,8 @@ def test_cuda_step_matches_cpu(family, make_rule):
     model = make_model()
     cuda_model = make_model().cuda()
     opt = LearnedOptimizer(model.parameters(), make_rule(family))
-    cuda_opt = LearnedOptimizer(cuda_model.parameters(), make_rule(family).cuda())
+    cuda_opt = LearnedOptimizer(cuda_model.parameters(), make_rule(family))   # moves the net to the params' device
+    assert all(w.is_cuda for w in cuda_opt.rule.parameters())
     for seed in range(2):
         backward(model, opt, seed)
         opt.step()
