@@ -296,7 +296,8 @@ def select(args: argparse.Namespace) -> int:
                        "ci95": half, "runs": len(accs)})
 
     def best_of(group: list[dict]) -> dict:
-        return max(group, key=lambda s: (s["val_accuracy"] if math.isfinite(s["val_accuracy"]) else -math.inf,
+        # accuracies equal up to float summation noise are a tie (same number of correct predictions)
+        return max(group, key=lambda s: (round(s["val_accuracy"], 9) if math.isfinite(s["val_accuracy"]) else -math.inf,
                                          -sum(w or 0 for w in s["weights"])))
 
     best = best_of(scores)
