@@ -55,7 +55,7 @@ def _no_zoo_message() -> str:
 
 
 #: The zoo entry the demo prefers: the one with the best measured results on the demo task (see its card).
-DEMO_OPTIMIZER = "rnnprop"
+DEMO_OPTIMIZER = "rnnprop-tbv"
 
 
 def default_optimizer() -> str:
