@@ -416,10 +416,11 @@ def test_bundled_regularized_configs_load():
         assert config.init_from == "l2o-lstm" and config.name == path.stem
         kinds[path.stem] = [b["kind"] for b in config.regularizers]
         RegularizerHook(config.regularizers, segment_length=config.unroll.segment_length)
-    assert kinds == {"l2o-lstm-control": [], "l2o-lstm-entropy": ["local_entropy"], "l2o-lstm-gam": ["gam"],
-                     "l2o-lstm-gsam": ["gsam"], "l2o-lstm-hessian": ["hessian_trace"],
-                     "l2o-lstm-hessian-ev": ["hessian_eigenvalue"], "l2o-lstm-jacobian": ["jacobian_trace"],
-                     "l2o-lstm-sam": ["sam"]}
+    expected = {"l2o-lstm-control": [], "l2o-lstm-entropy": ["local_entropy"], "l2o-lstm-gam": ["gam"],
+                "l2o-lstm-gsam": ["gsam"], "l2o-lstm-hessian": ["hessian_trace"],
+                "l2o-lstm-hessian-ev": ["hessian_eigenvalue"], "l2o-lstm-jacobian": ["jacobian_trace"],
+                "l2o-lstm-sam": ["sam"]}
+    assert {name: kinds.get(name) for name in expected} == expected   # other l2o-lstm-* fine-tunes may exist (-tbv)
 
 
 def test_model_card_lists_the_regularizers(tmp_path):
