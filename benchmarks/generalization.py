@@ -219,10 +219,15 @@ def merge(args: argparse.Namespace) -> int:
                   merged_from=[str(f) for f in args.inputs])
     config["tasks"] = list(dict.fromkeys(t for p in parts for t in p.config["tasks"]))
     results = EvaluationResults(config, [t for p in parts for t in p.tuning], [r for p in parts for r in p.runs])
-    files = results.write(args.out, plots=not args.no_plots)
-    record_cards(args.record_card, results)
     optimizers = list(dict.fromkeys(r.optimizer for r in results.runs))
     learned = [o for o in optimizers if o.startswith(VANILLA) or o in args.learned]  # learned entries by label
+    return write_report(args, results, learned)
+
+
+def write_report(args: argparse.Namespace, results: EvaluationResults, learned: Sequence[str]) -> int:
+    """The harness's files in ``args.out``, the cards of ``args.record_card``, and ``claims.md`` over ``learned``."""
+    files = results.write(args.out, plots=not args.no_plots)
+    record_cards(args.record_card, results)
     claims = claims_markdown(results, learned)
     (Path(args.out) / "claims.md").write_text(claims)
     print(results.markdown())
@@ -259,14 +264,7 @@ def table(args: argparse.Namespace) -> int:
     results = evaluate([*specs, *args.baselines], tasks, steps, seeds, tune_steps=args.tune_steps,
                        flatness=None if args.no_flatness else options, progress=not args.no_progress,
                        command=" ".join(["python", "benchmarks/generalization.py", *sys.argv[1:]]))
-    files = results.write(args.out, plots=not args.no_plots)
-    record_cards(args.record_card, results)
-    claims = claims_markdown(results, learned)
-    (Path(args.out) / "claims.md").write_text(claims)
-    print(results.markdown())
-    print(claims)
-    print("wrote " + ", ".join(str(p) for p in [*files.values(), Path(args.out) / "claims.md"]))
-    return 0
+    return write_report(args, results, learned)
 
 
 def select(args: argparse.Namespace) -> int:
