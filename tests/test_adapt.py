@@ -64,10 +64,13 @@ def test_adapt_method_and_restore_model_false_match_the_optimizer_step():
     model, opt, batches = _setup(lr=0.5, weight_decay=0.1)
     reference_model = copy.deepcopy(model)
     reference_opt = LearnedOptimizer(reference_model.parameters(), copy.deepcopy(opt.rule), lr=0.5, weight_decay=0.1)
-    for x, y in batches[:5]:
-        reference_opt.zero_grad()
-        F.cross_entropy(reference_model(x), y).backward()
-        reference_opt.step()
+    # the unroll runs the differentiable ATen path; the reference steps take the same path (native kernels
+    # off): the pre-BatchNorm bias has a ~1e-9 gradient whose Adam-normalised features amplify ulp differences
+    with learned_optim.kernels.enabled_as(False):
+        for x, y in batches[:5]:
+            reference_opt.zero_grad()
+            F.cross_entropy(reference_model(x), y).backward()
+            reference_opt.step()
     opt.adapt(model, F.cross_entropy, batches, steps=1, unroll=5, restore_model=False)
     for (name, p), q in zip(model.named_parameters(), reference_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)

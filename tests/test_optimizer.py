@@ -9,6 +9,10 @@ with ``delta`` computed by calling the update rule directly through
 :func:`learned_optim.functional_update` (the meta-training caller). The runtime (in place, chunked,
 ``no_grad``) and the functional caller must therefore agree. Descent is tested with a net fitted in
 the test itself, because a randomly initialised net does not descend.
+
+The runtime's LSTM cells run on the ATen path here (native kernels off): some checks are exact, and the
+kernel rounds differently (by about an ulp); ``tests/test_kernels.py`` checks the kernel against the
+ATen path, inside the optimizer included.
 """
 
 from __future__ import annotations
@@ -23,12 +27,19 @@ import torch
 from torch import Tensor, nn
 
 import learned_optim
-from learned_optim import LearnedOptimizer, NonFiniteGradientError, functional_update
+from learned_optim import LearnedOptimizer, NonFiniteGradientError, functional_update, kernels
 from learned_optim.testing import fit_sign_descent
 
 FAMILY_NAMES = sorted(learned_optim.FAMILIES)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+
+@pytest.fixture(autouse=True)
+def _aten_cells():
+    with kernels.enabled_as(False):
+        yield
 
 # ------------------------------------------------------------------------------------------ helpers
 

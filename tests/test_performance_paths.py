@@ -2,8 +2,8 @@
 
 * :func:`learned_optim.nets.cells.lstm_cell` (fused gate GEMM, ``tanh`` via ``sigmoid``) equals
   ``nn.LSTMCell`` with the same weights (to float rounding);
-* its in-place branch (taken under ``no_grad``, i.e. by the optimizer) is bit-identical to the
-  differentiable branch (taken by meta-training), and the branch choice follows the autograd context;
+* its ATen in-place branch (taken under ``no_grad`` when the native kernel does not apply) is
+  bit-identical to the differentiable branch (taken by meta-training), and the branch choice follows the autograd context;
 * the differentiable path still supports ``torch.func`` (``jvp`` of ``grad``, ``vmap``);
 * the optimizer's ``compile=True`` path (``torch.compile`` of the same ``forward``) matches eager;
 * ``state_dtype`` for the recurrent state (bf16 option) halves its memory and stays close to fp32.
@@ -21,7 +21,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
 import learned_optim
-from learned_optim import LearnedOptimizer, functional_update
+from learned_optim import LearnedOptimizer, functional_update, kernels
 from learned_optim.nets.cells import inplace_allowed, lstm_cell
 
 RECURRENT = ["dm_lstm", "rnnprop"]
@@ -67,9 +67,10 @@ def test_inplace_allowed_follows_the_autograd_context():
 
 @pytest.mark.parametrize("family", RECURRENT)
 def test_inplace_branch_is_bit_identical_to_the_differentiable_one(family, make_rule):
+    """The ATen in-place branch (native kernels off; their own tests are in test_kernels.py)."""
     rule = make_rule(family)
     grad_, param, state, step = _inputs(rule, 333)
-    with torch.no_grad():
+    with torch.no_grad(), kernels.enabled_as(False):
         fast = rule(grad_, param, state, step)
     slow = rule(grad_, param, state, step)
     assert torch.equal(fast[0], slow[0])

@@ -10,11 +10,13 @@ state_dict keys and shapes are those of ``nn.LSTMCell``), arranged for speed on 
   differs from ``torch.tanh`` by at most a few float32 ulps of 1 (absolute), and on CPU it is ~6x
   faster than ATen's ``tanh`` kernel, which dominated the step;
 * under ``no_grad`` (and outside ``torch.func`` transforms, forward AD and ``torch.compile``
-  tracing) the activations are applied in place and the new ``(h, c)`` can be written straight into
-  caller-provided output views. The in-place branch performs the same floating-point operations in
-  the same order as the out-of-place branch, so the two give bit-identical results (tested in
-  ``tests/test_performance_paths.py``); the out-of-place branch is the differentiable one that
-  meta-training, ``gradcheck`` and ``jvp`` go through.
+  tracing) the new ``(h, c)`` are written straight into caller-provided output views, by the fused
+  native kernel of :mod:`learned_optim.kernels` (float32 on CPU: GEMM, activations and state update in
+  one pass over the rows; its ``exp`` differs from ATen's by about an ulp) or, where that does not
+  apply, by ATen with the activations applied in place. That ATen branch performs the same
+  floating-point operations in the same order as the out-of-place branch, so the two give
+  bit-identical results (tested in ``tests/test_performance_paths.py``); the out-of-place branch is
+  the differentiable one that meta-training, ``gradcheck`` and ``jvp`` go through.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from __future__ import annotations
 import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
+
+from .. import kernels
 
 __all__ = ["lstm_cell", "inplace_allowed"]
 
@@ -58,7 +62,7 @@ def lstm_cell(x: Tensor, h: Tensor, c: Tensor, weight_ih: Tensor, weight_hh: Ten
         x: ``(n, I)`` inputs; h, c: ``(n, H)`` previous state (may be strided views).
         weight_ih, weight_hh, bias_ih, bias_hh: the cell's parameters (``(4H, I)``, ``(4H, H)``, ``(4H,)``).
         out: optional ``(h_out, c_out)`` ``(n, H)`` tensors (e.g. views into the new state) that receive
-            the result when :func:`inplace_allowed`; otherwise ignored.
+            the result when :func:`inplace_allowed`; otherwise ignored. They must not overlap the inputs.
 
     Returns:
         ``(h', c')``, the ``out`` tensors when they were written.
@@ -67,21 +71,22 @@ def lstm_cell(x: Tensor, h: Tensor, c: Tensor, weight_ih: Tensor, weight_hh: Ten
     scale = _gate_scale(hidden, weight_ih)
     weight = torch.cat([weight_ih, weight_hh], dim=1) * scale.unsqueeze(1)
     bias = (bias_ih + bias_hh) * scale
-    inputs = torch.cat([x, h], dim=1)
     if not inplace_allowed(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh):
-        gates = torch.sigmoid(torch.addmm(bias, inputs, weight.t()))
+        gates = torch.sigmoid(torch.addmm(bias, torch.cat([x, h], dim=1), weight.t()))
         i, f, s, o = gates.chunk(4, dim=1)
         c_new = f * c + i * (s * 2 - 1)
         h_new = (torch.sigmoid(c_new * 2) * 2 - 1) * o
         return h_new, c_new
+    h_out, c_out = out if out is not None else (torch.empty_like(h, memory_format=torch.contiguous_format),
+                                                torch.empty_like(c, memory_format=torch.contiguous_format))
+    if kernels.lstm_cell_into(x, h, c, weight, bias, h_out, c_out):
+        return h_out, c_out
     # Same operations, same order, in place (bit-identical to the branch above).
-    gates = torch.addmm(bias, inputs, weight.t()).sigmoid_()
+    gates = torch.addmm(bias, torch.cat([x, h], dim=1), weight.t()).sigmoid_()
     i, f, s, o = gates.chunk(4, dim=1)
-    h_out, c_out = out if out is not None else (None, None)
-    c_new = torch.mul(f, c, out=c_out) if c_out is not None else f * c
+    c_new = torch.mul(f, c, out=c_out)
     c_new.add_(i.mul_(s.mul_(2).sub_(1)))
     # sigmoid on a contiguous temporary: ATen vectorizes contiguous runs only, and its vector and scalar
     # sigmoid may differ by an ulp, so a strided output view would not be bit-identical.
     t = (c_new * 2).sigmoid_().mul_(2).sub_(1)
-    h_new = torch.mul(t, o, out=h_out) if h_out is not None else t.mul_(o)
-    return h_new, c_new
+    return torch.mul(t, o, out=h_out), c_new

@@ -1,0 +1,172 @@
+"""The native CPU kernels (``learned_optim.kernels``) compute what the ATen path computes.
+
+The kernels are built on first use with the system C++ compiler; where there is none the tests that
+need them skip with the build error (the ATen fallback is tested either way). No timing here.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import learned_optim
+from learned_optim import LearnedOptimizer, kernels
+from learned_optim.nets.cells import _gate_scale, lstm_cell
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"native kernels unavailable: {kernels.build_error()}")
+
+
+def _fused(cell: nn.LSTMCell) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = _gate_scale(cell.hidden_size, cell.weight_ih)
+    weight = torch.cat([cell.weight_ih, cell.weight_hh], dim=1) * scale.unsqueeze(1)
+    return weight.detach(), ((cell.bias_ih + cell.bias_hh) * scale).detach()
+
+
+def _run_kernel(cell, x, h, c):
+    """The kernel on strided (h, c) views of a state tensor, as the optimizer calls it."""
+    n, hidden = h.shape
+    out = torch.full((n, 2, hidden), float("nan"))
+    ran = kernels.lstm_cell_into(x, h, c, *_fused(cell), out[:, 0], out[:, 1])
+    return ran, out[:, 0], out[:, 1]
+
+
+def _case(n: int, inputs: int, hidden: int, seed: int = 0, scale: float = 2.0):
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    cell = nn.LSTMCell(inputs, hidden).requires_grad_(False)
+    x = torch.randn(n, inputs, generator=gen) * scale
+    state = torch.randn(n, 2, hidden, generator=gen)   # h and c as strided views, like the optimizer's state
+    return cell, x, state[:, 0], state[:, 1]
+
+
+@needs_kernels
+@pytest.mark.parametrize("inputs,hidden", [(2, 20), (20, 20), (3, 7), (5, 33), (4, 64), (1, 1)])
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 257])
+def test_lstm_kernel_equals_nn_lstmcell(n, inputs, hidden):
+    cell, x, h, c = _case(n, inputs, hidden)
+    ran, h_new, c_new = _run_kernel(cell, x, h, c)
+    assert ran
+    h_ref, c_ref = cell(x, (h, c))
+    torch.testing.assert_close(h_new, h_ref, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(c_new, c_ref, rtol=2e-6, atol=2e-6)
+
+
+@needs_kernels
+def test_lstm_kernel_saturates_like_aten_on_huge_inputs():
+    cell, x, h, c = _case(64, 1, 20)   # one input: every gate's pre-activation is w x + O(1), no cancellation
+    x[:, 0] = torch.tensor([3e38, -3e38, 1e30, -1e30, 1e6, -1e6, 88.0, -88.0]).repeat(8)
+    ran, h_new, c_new = _run_kernel(cell, x, h, c)
+    assert ran
+    h_ref, c_ref = cell(x, (h, c))
+    assert torch.isfinite(h_new).all() and torch.isfinite(c_new).all()
+    torch.testing.assert_close(h_new, h_ref, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(c_new, c_ref, rtol=2e-6, atol=2e-6)
+
+
+@needs_kernels
+def test_lstm_kernel_propagates_nan_only_in_its_row():
+    cell, x, h, c = _case(9, 2, 20)
+    clean = _run_kernel(cell, x, h, c)
+    x[4, 1] = float("nan")
+    _, h_new, c_new = _run_kernel(cell, x, h, c)
+    assert torch.isnan(h_new[4]).all() and torch.isnan(c_new[4]).all()
+    rows = [i for i in range(9) if i != 4]
+    assert torch.equal(h_new[rows], clean[1][rows]) and torch.equal(c_new[rows], clean[2][rows])
+
+
+@needs_kernels
+@pytest.mark.parametrize("hidden", [20, 7])
+def test_lstm_kernel_rows_do_not_depend_on_blocking_or_threads(hidden):
+    """Each row gets the same bits whatever the row count, the split and the thread count."""
+    cell, x, h, c = _case(10_001, 3, hidden)
+    _, h_all, c_all = _run_kernel(cell, x, h, c)
+    for cut in (1, 4, 4097):
+        parts = [_run_kernel(cell, x[s], h[s], c[s]) for s in (slice(0, cut), slice(cut, None))]
+        assert torch.equal(torch.cat([parts[0][1], parts[1][1]]), h_all)
+        assert torch.equal(torch.cat([parts[0][2], parts[1][2]]), c_all)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        _, h_two, c_two = _run_kernel(cell, x, h, c)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(h_two, h_all) and torch.equal(c_two, c_all)
+
+
+def test_lstm_kernel_declines_what_it_does_not_handle():
+    cell, x, h, c = _case(8, 2, 65)
+    assert not _run_kernel(cell, x, h, c)[0]                      # hidden size above 64
+    cell, x, h, c = _case(8, 2, 20)
+    assert not _run_kernel(cell, x.double(), h.double(), c.double())[0]   # not float32
+    assert not _run_kernel(cell, x.t().contiguous().t(), h, c)[0]        # columns not contiguous
+    with kernels.enabled_as(False):
+        assert not _run_kernel(cell, x, h, c)[0]
+    # whatever the kernel declines, lstm_cell still computes the cell (ATen path)
+    cell, x, h, c = _case(8, 2, 65)
+    with torch.no_grad():
+        h_new, c_new = lstm_cell(x, h, c, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+    torch.testing.assert_close(h_new, cell(x, (h, c))[0], rtol=1e-5, atol=1e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("family", ["dm_lstm", "rnnprop"])
+def test_optimizer_steps_with_and_without_kernels_agree(family, make_rule):
+    rule = make_rule(family)
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(5000, generator=gen)
+    grads = [torch.randn(5000, generator=gen) * 10.0 ** -i for i in range(5)]
+    results = []
+    for use in (True, False):
+        p = nn.Parameter(start.clone())
+        opt = LearnedOptimizer([p], rule, chunk_size=1024)
+        with kernels.enabled_as(use):
+            for g in grads:
+                p.grad = g.clone()
+                opt.step()
+        results.append((p.detach().clone(), opt.state[p]["lstm"].clone()))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-6)
+
+
+def _probe(env: dict[str, str], tmp_path) -> str:
+    code = textwrap.dedent("""
+        import torch, learned_optim
+        from learned_optim import kernels
+        p = torch.nn.Parameter(torch.ones(100)); p.grad = torch.full((100,), 0.1)
+        learned_optim.LearnedOptimizer([p], learned_optim.DMLSTM()).step()
+        print("available", kernels.available(), "error", kernels.build_error(), "finite", bool(torch.isfinite(p).all()))
+    """)
+    full = {**os.environ, "LEARNED_OPTIM_CACHE": str(tmp_path), **env}
+    proc = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout + proc.stderr
+
+
+def test_no_compiler_falls_back_to_aten_with_a_warning(tmp_path):
+    out = _probe({"CXX": "/nonexistent/c++"}, tmp_path)
+    assert "available False" in out and "no C++ compiler found" in out and "finite True" in out
+    assert "native kernels unavailable, using the ATen path" in out   # the warning, logged once
+    assert not list(tmp_path.rglob("*.so"))
+
+
+def test_environment_switch_disables_the_kernels(tmp_path):
+    out = _probe({"LEARNED_OPTIM_KERNELS": "0"}, tmp_path)
+    assert "available False" in out and "finite True" in out
+    assert not list(tmp_path.rglob("*.so"))   # not even built
+
+
+@needs_kernels
+def test_kernel_is_built_once_into_the_cache(tmp_path):
+    out = _probe({}, tmp_path)
+    assert "available True" in out
+    built = list(tmp_path.rglob("lstm_cell-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    assert "available True" in _probe({}, tmp_path)
+    assert built[0].stat().st_mtime_ns == stamp and len(list(tmp_path.rglob("*.so"))) == 1
