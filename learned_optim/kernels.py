@@ -1,18 +1,24 @@
 """Native CPU kernels: built from ``learned_optim/csrc`` on first use, with the ATen path as fallback.
 
-The only kernel so far is the fused LSTM cell (``csrc/lstm_cell.cpp``) behind the inference fast path
-of :func:`learned_optim.nets.cells.lstm_cell`: per block of rows, the gate GEMM stays in registers and
-goes straight through the activations and the state update, instead of an MKL GEMM followed by several
-elementwise ATen kernels over 20-wide gate slices. Same math; its ``exp`` is a polynomial accurate to
-about 1 float32 ulp, so results differ from the ATen path by a few ulps (tested).
+They serve the nets' inference path (the optimizer's step, under ``no_grad``); meta-training's
+differentiable path never uses them.
+
+* :func:`lstm_cell_into` (``csrc/lstm_cell.cpp``), behind :func:`learned_optim.nets.cells.lstm_cell`:
+  per block of rows the gate GEMM stays in registers and goes straight through the activations and the
+  state update, instead of an MKL GEMM followed by elementwise ATen kernels over 20-wide gate slices;
+* :func:`elu_` (``csrc/elementwise.cpp``), RNNProp's input activation: ATen's CPU ELU computes
+  ``expm1`` one element at a time.
+
+Same math; their ``exp`` is a polynomial accurate to about 1 float32 ulp, so results differ from the
+ATen path by a few ulps (tested in ``tests/test_kernels.py``).
 
 The source is plain C++ (GCC/Clang vector extensions, no torch headers), compiled once per machine with
-the system compiler (``$CXX``, else ``c++``; about 2 s) into a cache folder and loaded with ``ctypes``:
+the system compiler (``$CXX``, else ``c++``; a few seconds) into one library in a cache folder and loaded with ``ctypes``:
 no ninja, no Python-version-specific build, no ABI tie to torch. Nothing is ever downloaded.
 
 * Cache: ``$LEARNED_OPTIM_CACHE`` or ``$XDG_CACHE_HOME/learned_optim`` (default ``~/.cache/learned_optim``),
-  in ``kernels/<hash>.so``; the hash covers the source, the compiler's version, the flags and the CPU's
-  feature flags (the build uses ``-march=native``).
+  in ``kernels/learned_optim-<hash>.so``; the hash covers the sources, the compiler's version, the flags
+  and the CPU's feature flags (the build uses ``-march=native``).
 * ``LEARNED_OPTIM_KERNELS=0`` disables the kernels (the ATen path runs); so does :func:`set_enabled`.
 * If there is no compiler or the build fails, a warning is logged once and the ATen path runs.
 """
@@ -35,11 +41,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "enabled", "set_enabled", "enabled_as", "lstm_cell_into", "build_error"]
+__all__ = ["available", "enabled", "set_enabled", "enabled_as", "lstm_cell_into", "elu_", "build_error"]
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("csrc") / "lstm_cell.cpp"
+_SOURCE_DIR = Path(__file__).with_name("csrc")
 _FLAGS = ["-O3", "-ffp-contract=fast", "-fPIC", "-shared", "-std=gnu++17", "-pthread"]
 _NATIVE = ["-march=native"]
 
@@ -95,8 +101,9 @@ def _compile(compiler: str, flags: list[str], target: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *flags, "-o", tmp, str(_SOURCE)], check=True, capture_output=True, text=True,
-                       timeout=300)
+        sources = [str(f) for f in sorted(_SOURCE_DIR.glob("*.cpp"))]
+        subprocess.run([compiler, *flags, f"-I{_SOURCE_DIR}", "-o", tmp, *sources], check=True, capture_output=True,
+                       text=True, timeout=600)
         os.replace(tmp, target)   # atomic: concurrent builders never load a half-written file
     finally:
         if os.path.exists(tmp):
@@ -108,12 +115,12 @@ def _build() -> ctypes.CDLL:
     if compiler is None:
         raise RuntimeError(f"no C++ compiler found (looked for {os.environ.get('CXX', 'c++')!r}; set $CXX)")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    source = _SOURCE.read_bytes()
+    source = b"\0".join(f.name.encode() + f.read_bytes() for f in sorted(_SOURCE_DIR.glob("*.[ch]*")))
     errors = []
     for flags in (_FLAGS + _NATIVE, _FLAGS):   # -march=native is not known to every compiler
         key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(flags).encode(),
                                          platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
-        target = _cache_dir() / f"lstm_cell-{key}.so"
+        target = _cache_dir() / f"learned_optim-{key}.so"
         try:
             if not target.exists():
                 logger.info("learned_optim: compiling native kernels into %s", target)
@@ -129,6 +136,8 @@ def _build() -> ctypes.CDLL:
     fn = lib.lo_lstm_cell_f32
     fn.argtypes = [i64, i64, i64, ptr, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, i64, ptr, i64, ctypes.c_int]
     fn.restype = ctypes.c_int
+    lib.lo_elu_f32.argtypes = [i64, ptr, ctypes.c_int]
+    lib.lo_elu_f32.restype = None
     return lib
 
 
@@ -156,6 +165,10 @@ def build_error() -> str | None:
     return _error
 
 
+def _threads(n: int) -> int:
+    return torch.get_num_threads() if n >= 4096 else 1
+
+
 def _rows_ok(t: Tensor, n: int) -> bool:
     return t.dim() == 2 and t.shape[0] == n and t.dtype == torch.float32 and t.device.type == "cpu" and (
         t.stride(1) == 1 or t.shape[1] == 1)
@@ -180,8 +193,22 @@ def lstm_cell_into(x: Tensor, h: Tensor, c: Tensor, weight: Tensor, bias: Tensor
     if lib is None:
         return False
     weight, bias = weight.contiguous(), bias.contiguous()
-    threads = torch.get_num_threads() if n >= 4096 else 1
+    threads = _threads(n)
     status = lib.lo_lstm_cell_f32(n, x.shape[1], hidden, x.data_ptr(), x.stride(0), h.data_ptr(), h.stride(0),
                                   c.data_ptr(), c.stride(0), weight.data_ptr(), bias.data_ptr(), h_out.data_ptr(),
                                   h_out.stride(0), c_out.data_ptr(), c_out.stride(0), threads)
     return status == 0
+
+
+def elu_(z: Tensor) -> Tensor:
+    r"""ELU (:math:`\alpha = 1`) in place: :math:`z` for :math:`z > 0`, else :math:`e^z - 1`.
+
+    The native kernel for contiguous float32 CPU tensors, ``torch.nn.functional.elu_`` otherwise
+    (or when the kernels are off or unavailable). For inference only: records no autograd graph.
+    """
+    if _enabled and z.dtype == torch.float32 and z.device.type == "cpu" and z.is_contiguous():
+        lib = _library()
+        if lib is not None:
+            lib.lo_elu_f32(z.numel(), z.data_ptr(), _threads(z.numel()))
+            return z
+    return torch.nn.functional.elu_(z)

@@ -134,6 +134,29 @@ def test_optimizer_steps_with_and_without_kernels_agree(family, make_rule):
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-6)
 
 
+@needs_kernels
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 100_003])
+def test_elu_kernel_equals_aten(n):
+    gen = torch.Generator().manual_seed(n)
+    z = torch.randn(n, generator=gen) * torch.logspace(-8, 2, n).flip(0)[torch.randperm(n, generator=gen)]
+    z[: min(n, 8)] = torch.tensor([0.0, -0.0, -0.5, -0.49999997, -0.50000006, -1e-30, -100.0, 1e-30])[: min(n, 8)]
+    expected = nn.functional.elu(z)
+    out = kernels.elu_(z)
+    assert out.data_ptr() == z.data_ptr()
+    torch.testing.assert_close(out, expected, rtol=3e-7, atol=1e-30)
+
+
+@needs_kernels
+def test_elu_kernel_nan_and_fallbacks():
+    z = torch.tensor([1.0, float("nan"), -1.0, float("-inf"), float("inf")])
+    out = kernels.elu_(z.clone())
+    assert torch.isnan(out[1]) and out[3] == -1.0 and out[4] == float("inf")
+    torch.testing.assert_close(out[[0, 2]], nn.functional.elu(z[[0, 2]]))
+    strided = torch.randn(10, 4).t()        # not contiguous: ATen's elu_
+    expected = nn.functional.elu(strided)
+    torch.testing.assert_close(kernels.elu_(strided), expected, rtol=0, atol=0)
+
+
 def _probe(env: dict[str, str], tmp_path) -> str:
     code = textwrap.dedent("""
         import torch, learned_optim
@@ -165,7 +188,7 @@ def test_environment_switch_disables_the_kernels(tmp_path):
 def test_kernel_is_built_once_into_the_cache(tmp_path):
     out = _probe({}, tmp_path)
     assert "available True" in out
-    built = list(tmp_path.rglob("lstm_cell-*.so"))
+    built = list(tmp_path.rglob("learned_optim-*.so"))
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
     assert "available True" in _probe({}, tmp_path)

@@ -13,54 +13,13 @@
 // sequence of operations whatever the row count, the block it falls in or the thread that runs it, so the
 // result does not depend on chunking or on the number of threads, bit for bit.
 
-#include <cstdint>
-#include <cstring>
-#include <thread>
 #include <vector>
+
+#include "vec.h"
 
 namespace {
 
-constexpr int L = 16;  // floats per vector
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-
-inline vf splat(float a) { return vf{} + a; }
-
-// e^-x for float32 vectors: x = -(n ln2 + f) with n = round(-x / ln2), |f| <= ln2 / 2, and e^f by the
-// Cephes degree-6 polynomial written in u = -f (signs folded into the coefficients). x is clamped to
-// [-88, 87] so that 2^n stays a normal float. One-constant range reduction: the error it adds grows with
-// |n| but is then relative to an e^-x that is far from 1, so it is invisible in sigmoid(x).
-inline vf exp_neg_v(vf x) {
-    x = splat(-88.0f) > x ? splat(-88.0f) : x;
-    x = splat(87.0f) < x ? splat(87.0f) : x;
-    const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to the nearest integer
-    const vf r = x * -1.44269504088896341f + magic;
-    const vf n = r - magic;
-    const vi ni = (vi)r - (vi)magic;
-    const vf u = x + n * 0.693147180559945309f;   // = -f
-    vf q = splat(-1.9875691500e-4f);
-    q = q * u + 1.3981999507e-3f;
-    q = q * u + -8.3334519073e-3f;
-    q = q * u + 4.1665795894e-2f;
-    q = q * u + -1.6666665459e-1f;
-    q = q * u + 5.0000001201e-1f;
-    const vf y = (u * u) * q + (1.0f - u);       // e^f = 1 + f + f^2 P(f)
-    return (vf)((vi)y + (ni << 23));
-}
-
-// sigmoid(x) = 1 / (1 + e^-x); NaN in, NaN out.
-inline vf sigmoid_v(vf x) {
-    const vf s = 1.0f / (1.0f + exp_neg_v(x));
-    return x == x ? s : x;
-}
-
-inline vf load(const float* p) {
-    vf v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-}
-
-inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+using namespace lo;
 
 struct Problem {
     int64_t n, in, hidden;       // rows, input width I, hidden width H
@@ -224,22 +183,6 @@ void rows20(const Problem& p, int64_t begin, int64_t end) {
     }
 }
 
-using RowsFn = void (*)(const Problem&, int64_t, int64_t);
-
-// Rows split into contiguous ranges over `threads` threads (the calling thread takes the first).
-void run(RowsFn fn, const Problem& p, int threads) {
-    const int64_t per = (p.n + threads - 1) / threads;
-    if (threads <= 1 || per < 256) {
-        fn(p, 0, p.n);
-        return;
-    }
-    std::vector<std::thread> pool;
-    for (int t = 1; t < threads && t * per < p.n; ++t)
-        pool.emplace_back(fn, std::cref(p), t * per, std::min(p.n, (t + 1) * per));
-    fn(p, 0, std::min(p.n, per));
-    for (auto& th : pool) th.join();
-}
-
 }  // namespace
 
 extern "C" {
@@ -267,11 +210,12 @@ int lo_lstm_cell_f32(int64_t n, int64_t in, int64_t hidden, const float* x, int6
     }
     const Problem p{n, in, hidden, groups, x, h, c, xs, hs, cs, h_out, c_out, hos, cos, wt.data(), b.data()};
     if (hidden == H20) {
-        run(rows20, p, threads);
+        parallel_rows(p.n, threads, [&p](int64_t begin, int64_t end) { rows20(p, begin, end); });
         return 0;
     }
     switch (groups) {
-#define LO_CASE(G) case G: run(rows<G>, p, threads); return 0;
+#define LO_CASE(G) \
+    case G: parallel_rows(p.n, threads, [&p](int64_t begin, int64_t end) { rows<G>(p, begin, end); }); return 0;
         LO_CASE(1) LO_CASE(2) LO_CASE(3) LO_CASE(4) LO_CASE(5) LO_CASE(6) LO_CASE(7) LO_CASE(8)
         LO_CASE(9) LO_CASE(10) LO_CASE(11) LO_CASE(12) LO_CASE(13) LO_CASE(14) LO_CASE(15) LO_CASE(16)
 #undef LO_CASE

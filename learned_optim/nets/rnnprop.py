@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from .. import kernels
 from ..features import adam_ratio_features, bias_corrected, ema
 from .base import NetConfig, UpdateRule, register_family
 from .cells import inplace_allowed, lstm_cell
@@ -57,9 +58,11 @@ class RNNProp(UpdateRule):
         m = ema(state["m"], grad, c.beta1)
         v = ema(state["v"], grad.square(), c.beta2)
         x = adam_ratio_features(bias_corrected(m, c.beta1, step), bias_corrected(v, c.beta2, step), grad, c.eps)
-        x = nn.functional.elu(self.input(x))
+        x = self.input(x)
         hidden, cell = state["lstm"], self.cell
-        if inplace_allowed(grad, hidden):   # no graph: write (h, c) straight into the new state
+        fast = inplace_allowed(grad, hidden, x)
+        x = kernels.elu_(x) if fast else nn.functional.elu(x)
+        if fast:   # no graph: write (h, c) straight into the new state
             new = torch.empty_like(hidden)
             h, _ = lstm_cell(x, hidden[:, 0], hidden[:, 1], cell.weight_ih, cell.weight_hh, cell.bias_ih,
                              cell.bias_hh, out=(new[:, 0], new[:, 1]))

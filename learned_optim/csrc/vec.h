@@ -1,0 +1,69 @@
+// Shared by the learned_optim kernels: 16-float vectors (GCC/Clang vector extensions; one AVX-512
+// register, or split by the compiler into narrower ones on other targets) and their exp/sigmoid.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+namespace lo {
+
+constexpr int L = 16;  // floats per vector
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+
+inline vf splat(float a) { return vf{} + a; }
+
+// e^-x for float32 vectors: x = -(n ln2 + f) with n = round(-x / ln2), |f| <= ln2 / 2, and e^f by the
+// Cephes degree-6 polynomial written in u = -f (signs folded into the coefficients). x is clamped to
+// [-88, 87] so that 2^n stays a normal float. One-constant range reduction: the error it adds grows with
+// |n| but is then relative to an e^-x that is far from 1, so it is invisible in sigmoid(x).
+inline vf exp_neg_v(vf x) {
+    x = splat(-88.0f) > x ? splat(-88.0f) : x;
+    x = splat(87.0f) < x ? splat(87.0f) : x;
+    const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to the nearest integer
+    const vf r = x * -1.44269504088896341f + magic;
+    const vf n = r - magic;
+    const vi ni = (vi)r - (vi)magic;
+    const vf u = x + n * 0.693147180559945309f;   // = -f
+    vf q = splat(-1.9875691500e-4f);
+    q = q * u + 1.3981999507e-3f;
+    q = q * u + -8.3334519073e-3f;
+    q = q * u + 4.1665795894e-2f;
+    q = q * u + -1.6666665459e-1f;
+    q = q * u + 5.0000001201e-1f;
+    const vf y = (u * u) * q + (1.0f - u);       // e^f = 1 + f + f^2 P(f)
+    return (vf)((vi)y + (ni << 23));
+}
+
+// sigmoid(x) = 1 / (1 + e^-x); NaN in, NaN out.
+inline vf sigmoid_v(vf x) {
+    const vf s = 1.0f / (1.0f + exp_neg_v(x));
+    return x == x ? s : x;
+}
+
+inline vf load(const float* p) {
+    vf v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+
+// fn(begin, end) over [0, n) split into `threads` contiguous ranges (the calling thread takes the first).
+template <class Fn>
+void parallel_rows(int64_t n, int threads, Fn fn) {
+    const int64_t per = (n + threads - 1) / std::max(threads, 1);
+    if (threads <= 1 || per < 256) {
+        fn(int64_t{0}, n);
+        return;
+    }
+    std::vector<std::thread> pool;
+    for (int t = 1; t < threads && t * per < n; ++t) pool.emplace_back(fn, t * per, std::min(n, (t + 1) * per));
+    fn(int64_t{0}, std::min(n, per));
+    for (auto& th : pool) th.join();
+}
+
+}  // namespace lo
