@@ -9,7 +9,9 @@ For each family and size (one parameter tensor of that many coordinates, a fixed
 round-robin in the same process (see ``benchmarks/_common.py``):
 
 * ``Adam``: ``torch.optim.Adam`` with its defaults;
-* ``eager``: ``LearnedOptimizer(rule)`` (chunked, in-place fast path);
+* ``eager``: ``LearnedOptimizer(rule)`` (chunked, in-place fast path with the native kernels of
+  :mod:`learned_optim.kernels`, the default);
+* ``ATen``: the same with the native kernels switched off (``LEARNED_OPTIM_KERNELS=0``): ATen ops only;
 * ``compiled``: ``LearnedOptimizer(rule, compile=True)`` (``torch.compile`` of the same forward);
 * ``reference``: the same net written the plain eager way, kept here as the baseline: ``nn.LSTM``
   over all coordinates at once for DM-LSTM/RNNProp (per 1M-coordinate block above 1M, which a plain
@@ -43,7 +45,7 @@ from _common import (GemmRecorder, gemm_only_seconds, machine_header, matmul_gfl
                      peak_rss_kib, reset_peak_rss, table)
 
 import learned_optim  # noqa: E402
-from learned_optim import LearnedOptimizer  # noqa: E402
+from learned_optim import LearnedOptimizer, kernels  # noqa: E402
 from learned_optim.features import (adam_ratio_features, bias_corrected, ema, log_and_sign, rsqrt_features,  # noqa: E402
                                     time_features)
 
@@ -160,12 +162,14 @@ def state_bytes_per_param(opt: torch.optim.Optimizer, n: int) -> float:
 
 
 def flops_per_coordinate(family: str, chunk: int = 8192) -> tuple[float, list[tuple[int, int, int]]]:
+    """GEMM FLOPs per coordinate, counted on the ATen path (the native kernels run the same GEMMs unseen)."""
     rule = make_rule(family)
     p = make_param(chunk)
     opt = LearnedOptimizer([p], rule, chunk_size=chunk)
-    opt.step()
-    with GemmRecorder() as rec:
+    with kernels.enabled_as(False):
         opt.step()
+        with GemmRecorder() as rec:
+            opt.step()
     return rec.flops / chunk, rec.shapes
 
 
@@ -179,6 +183,7 @@ def child_memory(family: str, mode: str, n: int) -> dict:
     elif mode == "reference":
         step = Reference(make_rule(family), p).step
     else:
+        kernels.set_enabled(mode != "aten")
         opt = LearnedOptimizer([p], make_rule(family), compile=(mode == "compiled"))
         step = opt.step
     step()
@@ -205,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5 at <=1M, 3 above)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    parser.add_argument("--no-aten", action="store_true", help="skip the ATen-only (native kernels off) column")
     parser.add_argument("--no-reference", action="store_true", help="skip the eager reference column")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -217,6 +223,8 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     print(f"# Optimizer step time\n\n{machine_header()}\n")
+    status = "built and on" if kernels.available() else f"off ({kernels.build_error() or 'disabled'})"
+    print(f"Native kernels: {status}\n")
     peak = matmul_gflops()
     print(f"Measured GEMM throughput (1024^3 float32, best of 5): {peak:.1f} GFLOP/s = the compute limit below.\n")
     results = []
@@ -229,6 +237,14 @@ def main(argv: list[str] | None = None) -> None:
             adam = torch.optim.Adam([p])
             eager = LearnedOptimizer([p], rule)
             candidates = {"adam": adam.step, "eager": eager.step}
+            if not args.no_aten:
+                aten = LearnedOptimizer([p], rule)
+
+                def aten_step(opt=aten):
+                    with kernels.enabled_as(False):
+                        opt.step()
+
+                candidates["aten"] = aten_step
             if not args.no_compile:
                 compiled = LearnedOptimizer([p], rule, compile=True)
                 compiled.step()   # compile outside the timed region
@@ -251,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
                    **{f"{k}_cpu_s": v.cpu_best for k, v in timings.items()},
                    **{f"{k}_wall_median_s": v.wall_median for k, v in timings.items()}}
             if not args.no_memory and n <= 1_000_000:
-                for mode in ("adam", "eager", "reference"):
+                for mode in ("adam", "eager", "aten", "reference"):
                     row[f"{mode}_transient_mib"] = memory_row(family, mode, n)
             results.append(row)
             print(f"  measured {family} at {size}: " + ", ".join(f"{k} {v.fmt()}" for k, v in timings.items()),
@@ -266,25 +282,27 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for r in results:
         g = r.get
-        rows.append([r["family"], f"{r['n'] / 1e6:g}M", ms(g("adam_cpu_s")), ms(g("eager_cpu_s")), ms(g("compiled_cpu_s")),
-                     ms(g("reference_cpu_s")), ratio(g("eager_cpu_s"), g("adam_cpu_s")),
-                     ratio(g("compiled_cpu_s"), g("adam_cpu_s")), ratio(g("reference_cpu_s"), g("eager_cpu_s")),
-                     ratio(g("reference_cpu_s"), g("compiled_cpu_s"))])
+        rows.append([r["family"], f"{r['n'] / 1e6:g}M", ms(g("adam_cpu_s")), ms(g("eager_cpu_s")), ms(g("aten_cpu_s")),
+                     ms(g("compiled_cpu_s")), ms(g("reference_cpu_s")), ratio(g("eager_cpu_s"), g("adam_cpu_s")),
+                     ratio(g("aten_cpu_s"), g("eager_cpu_s")), ratio(g("reference_cpu_s"), g("eager_cpu_s")),
+                     ratio(g("reference_cpu_s"), g("aten_cpu_s")), ratio(g("reference_cpu_s"), g("compiled_cpu_s"))])
     print("\n## Step time (ms of CPU time, best of the repeats; ratios from the same run)\n")
-    print(table(["net", "params", "Adam", "learned eager", "learned compiled", "eager reference",
-                 "eager / Adam", "compiled / Adam", "speed-up eager vs ref", "speed-up compiled vs ref"], rows))
+    print(table(["net", "params", "Adam", "learned eager (native kernels)", "learned eager (ATen only)",
+                 "learned compiled", "eager reference", "eager / Adam", "speed-up kernels vs ATen",
+                 "speed-up eager vs ref", "speed-up ATen vs ref", "speed-up compiled vs ref"], rows))
     rows = []
     for r in results:
-        best = min(v for v in (r.get("eager_cpu_s"), r.get("compiled_cpu_s")) if v is not None)
+        best = min(v for v in (r.get("eager_cpu_s"), r.get("aten_cpu_s"), r.get("compiled_cpu_s")) if v is not None)
         gf = r["flops_per_coord"] * r["n"] / 1e9
         rows.append([r["family"], f"{r['n'] / 1e6:g}M", f"{r['flops_per_coord']:.0f}", f"{gf / best:.1f}",
                      f"{gf / best / peak:.0%}", ms(r["limit_s"]), ms(r["gemm_only_s"]), f"{best / r['limit_s']:.2f}x",
                      f"{r['state_bytes_per_param']:.0f} (Adam {r['adam_state_bytes_per_param']:.0f})",
                      " / ".join("-" if r.get(f"{m}_transient_mib") is None else f"{r[f'{m}_transient_mib']:.0f}"
-                                for m in ("adam", "eager", "reference"))])
+                                for m in ("adam", "eager", "aten", "reference"))])
     print(f"\n## Efficiency (best learned path; compute limit = GEMM FLOPs / {peak:.1f} GFLOP/s)\n")
     print(table(["net", "params", "GEMM FLOP/coord", "achieved GFLOP/s", "of matmul peak", "compute limit ms",
-                 "its GEMMs alone ms", "step / limit", "state B/param", "peak transient MiB Adam / eager / ref"], rows))
+                 "its GEMMs alone ms", "step / limit", "state B/param",
+                 "peak transient MiB Adam / eager / ATen / ref"], rows))
     print("\nReference agreement (max |delta_ref - delta_rule| over 3 steps, 10k coords): " + ", ".join(
         f"{f} {reference_agreement(f):.1e}" for f in args.families))
     print(f"\nLoad at the end: {machine_header().split('load average ')[1]}")
