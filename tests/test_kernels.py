@@ -157,6 +157,65 @@ def test_elu_kernel_nan_and_fallbacks():
     torch.testing.assert_close(kernels.elu_(strided), expected, rtol=0, atol=0)
 
 
+def _mlp_case(n: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    rule = learned_optim.MLPUpdate().requires_grad_(False)
+    grad_ = torch.randn(n, generator=gen) * 10.0 ** torch.randint(-6, 0, (n,), generator=gen)
+    param = torch.randn(n, generator=gen)
+    state = {"m": torch.randn(n, 5, generator=gen) * 1e-3, "v": torch.rand(n, 5, generator=gen) * 1e-5}
+    return rule, grad_, param, state, torch.tensor(7.0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("n", [1, 15, 17, 5000])
+def test_mlp_kernels_equal_the_aten_path(n):
+    rule, grad_, param, state, step = _mlp_case(n)
+    with torch.no_grad():
+        stats = rule.tensor_stats(grad_, param, state, step)
+        delta, new = rule(grad_, param, state, step, stats)
+        with kernels.enabled_as(False):
+            stats_ref = rule.tensor_stats(grad_, param, state, step)
+            delta_ref, new_ref = rule(grad_, param, state, step, stats_ref)
+    assert kernels.mlp_feature_mean_square(grad_, param, state["m"], state["v"], rule.decay, 1e-6) is not None
+    torch.testing.assert_close(stats, stats_ref, rtol=2e-6, atol=0)
+    torch.testing.assert_close(delta, delta_ref, rtol=2e-5, atol=1e-9)
+    for k in ("m", "v"):   # EMAs can cancel: compare at the operands' float32 precision
+        torch.testing.assert_close(new[k], new_ref[k], rtol=1e-6, atol=1e-6 * float(state[k].abs().max()))
+
+
+@needs_kernels
+def test_mlp_statistics_do_not_depend_on_threads_and_update_rows_not_on_blocking():
+    rule, grad_, param, state, step = _mlp_case(20_011)
+    args = (grad_, param, state["m"], state["v"], rule.decay, 1e-6)
+    one = kernels.mlp_feature_mean_square(*args)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = kernels.mlp_feature_mean_square(*args)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    with torch.no_grad():
+        whole = rule(grad_, param, state, step, one)[0]
+        cut = 4099
+        parts = [rule(grad_[s], param[s], {k: v[s] for k, v in state.items()}, step, one)[0]
+                 for s in (slice(0, cut), slice(cut, None))]
+    assert torch.equal(torch.cat(parts), whole)
+
+
+def test_mlp_kernel_declines_what_it_does_not_handle(make_rule):
+    rule, grad_, param, state, step = _mlp_case(40)
+    assert kernels.mlp_update(grad_, param, state["m"].t().contiguous().t(), state["v"], rule.decay, 1e-6,
+                              torch.zeros(32, 22), torch.zeros(32), torch.zeros(2, 32), torch.zeros(2), 1e-3, 1e-3) is None
+    deep = make_rule("mlp", num_hidden_layers=2)   # two hidden layers: the ATen path, which must still work
+    with torch.no_grad():
+        stats = deep.tensor_stats(grad_, param, state, step)
+        delta, _ = deep(grad_, param, state, step, stats)
+        with kernels.enabled_as(False):
+            reference = deep(grad_, param, state, step, deep.tensor_stats(grad_, param, state, step))[0]
+    torch.testing.assert_close(delta, reference, rtol=2e-5, atol=1e-9)
+
+
 def _probe(env: dict[str, str], tmp_path) -> str:
     code = textwrap.dedent("""
         import torch, learned_optim

@@ -44,6 +44,13 @@ inline vf sigmoid_v(vf x) {
     return x == x ? s : x;
 }
 
+// Correctly rounded square root lane by lane (vectorized by the compiler under -fno-math-errno).
+inline vf sqrt_v(vf x) {
+    vf r;
+    for (int i = 0; i < L; ++i) r[i] = __builtin_sqrtf(x[i]);
+    return r;
+}
+
 inline vf load(const float* p) {
     vf v;
     std::memcpy(&v, p, sizeof v);

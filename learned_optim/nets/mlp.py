@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from .. import kernels
 from ..features import blocked_mean_square, ema, rsqrt_features, time_features
 from .base import NetConfig, UpdateRule, register_family
 from .cells import inplace_allowed
@@ -85,6 +86,11 @@ class MLPUpdate(UpdateRule):
     def tensor_stats(self, grad: Tensor, param: Tensor, state: Mapping[str, Tensor], step: Tensor) -> Tensor:
         """Mean square of each coordinate feature over the whole tensor, shape ``(2 + 4D,)``."""
         dtype = self.compute_dtype
+        if inplace_allowed(grad, param, state["m"]) and dtype == torch.float32:
+            fused = kernels.mlp_feature_mean_square(grad, param, state["m"], state["v"], self.decay,
+                                                    self.config.moment_eps)
+            if fused is not None:
+                return fused.to(grad.device)
 
         def features_of(block: slice) -> Tensor:
             return self._coordinate_features(grad[block].to(dtype), param[block].to(dtype),
@@ -97,17 +103,22 @@ class MLPUpdate(UpdateRule):
         if stats is None:
             raise ValueError("MLPUpdate needs the per-tensor statistics from tensor_stats()")
         c = self.config
-        features, m, v = self._coordinate_features(grad, param, state["m"], state["v"])
         # First layer on [u / rms(u), time features]: the per-tensor scaling is folded into its weight
         # columns and the (per-tensor constant) time features into its bias, so the GEMM runs on the
         # raw coordinate features (same math; no normalised or time-feature copies of the batch).
         first, k = self.mlp[0], self.num_coordinate_features
-        times = time_features(step, c.time_scales).to(features.dtype)
+        times = time_features(step, c.time_scales).to(first.weight.dtype)
         weight = first.weight[:, :k] * torch.rsqrt(stats + c.rms_eps)
         bias = first.bias + torch.mv(first.weight[:, k:], times)
+        *hidden, last = self.mlp[1:]
+        if c.num_hidden_layers == 1 and inplace_allowed(grad, param, state["m"], weight):
+            fused = kernels.mlp_update(grad, param, state["m"], state["v"], self.decay, c.moment_eps, weight, bias,
+                                       last.weight, last.bias, c.magnitude_scale, c.step_scale)
+            if fused is not None:
+                return fused[0], {"m": fused[1], "v": fused[2]}
+        features, m, v = self._coordinate_features(grad, param, state["m"], state["v"])
         x = torch.addmm(bias, features.t(), weight.t())   # (n, H); BLAS reads the feature-major matrix as is
         inplace = inplace_allowed(grad, x)
-        *hidden, last = self.mlp[1:]
         for layer in hidden:
             x = (x.relu_() if inplace else torch.relu(x)) if isinstance(layer, nn.ReLU) else layer(x)
         # the 2-output layer as (2, H) @ (H, n): several times faster than (n, H) @ (H, 2) in MKL

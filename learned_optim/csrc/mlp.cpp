@@ -1,0 +1,163 @@
+// The MLP update rule (Metz et al. 2019; learned_optim.nets.mlp.MLPUpdate) for float32 on CPU, fused.
+//
+// Per coordinate i, with D EMA decays b_j:
+//     m_j' = b_j m_j + (1 - b_j) g,   v_j' = b_j v_j + (1 - b_j) g^2,   r_j = 1 / sqrt(v_j' + eps)
+//     u = [g, theta, m', v', m' r, r]                                     (F = 2 + 4D features)
+//     h = relu(W1 u + b1),   [d, a] = W2 h + b2,   delta = -d exp(lambda_a a) lambda_s
+// where W1 already has each column scaled by the per-tensor 1 / rms of its feature and b1 holds the
+// time features' contribution (see MLPUpdate.forward). The statistics pass returns, per feature, the sum
+// of u_f^2 over the tensor, from which the caller takes the rms.
+//
+// Sixteen coordinates per vector: features, hidden units and outputs are computed lane by lane, so no
+// (rows x F) feature matrix or (rows x H) hidden matrix is ever written to memory, and each coordinate's
+// result does not depend on the rows around it, the chunking or the thread count.
+
+#include "vec.h"
+
+using namespace lo;
+
+namespace {
+
+constexpr int MAX_D = 8;
+constexpr int MAX_F = 2 + 4 * MAX_D;
+
+struct Moments {
+    int64_t n;
+    int d;
+    const float *grad, *param, *m, *v;  // m, v: (n, D) row-major
+    const float* decay;
+    float eps;
+};
+
+// Features of rows [r, r + 16) into u[F]; the updated moments into m_new, v_new (16 x D, row-major).
+// Rows past n read zeros (through a padded copy), so every lane is computed the same way.
+inline void features(const Moments& p, int64_t r, vf* u, float* m_new, float* v_new) {
+    const int D = p.d;
+    const int64_t rows = std::min<int64_t>(L, p.n - r);
+    float g[L] = {}, th[L] = {}, m[L * MAX_D] = {}, v[L * MAX_D] = {};
+    std::memcpy(g, p.grad + r, rows * sizeof(float));
+    std::memcpy(th, p.param + r, rows * sizeof(float));
+    std::memcpy(m, p.m + r * D, rows * D * sizeof(float));
+    std::memcpy(v, p.v + r * D, rows * D * sizeof(float));
+    const vf gv = load(g);
+    u[0] = gv;
+    u[1] = load(th);
+    for (int j = 0; j < D; ++j) {
+        float mj[L], vj[L];
+        for (int i = 0; i < L; ++i) {
+            mj[i] = m[i * D + j];
+            vj[i] = v[i * D + j];
+        }
+        const float b = p.decay[j], one_minus = 1.0f - b;
+        const vf mn = load(mj) * b + gv * one_minus;
+        const vf vn = load(vj) * b + (gv * gv) * one_minus;
+        const vf rs = 1.0f / sqrt_v(vn + p.eps);
+        u[2 + j] = mn;
+        u[2 + D + j] = vn;
+        u[2 + 2 * D + j] = mn * rs;
+        u[2 + 3 * D + j] = rs;
+        store(mj, mn);
+        store(vj, vn);
+        for (int i = 0; i < L; ++i) {
+            m_new[i * D + j] = mj[i];
+            v_new[i * D + j] = vj[i];
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Sums over the n coordinates of each feature's square, into out[F] (double). Rows are taken in fixed
+// blocks whose float partial sums are added in order, so the result does not depend on `threads`.
+int lo_mlp_feature_sumsq_f32(int64_t n, int d, const float* grad, const float* param, const float* m, const float* v,
+                             const float* decay, float eps, double* out, int threads) {
+    if (d < 1 || d > MAX_D) return 1;
+    const int F = 2 + 4 * d;
+    constexpr int64_t BLOCK = 4096;
+    const int64_t blocks = (n + BLOCK - 1) / BLOCK;
+    std::vector<double> partial(static_cast<size_t>(blocks * F), 0.0);
+    const Moments p{n, d, grad, param, m, v, decay, eps};
+    parallel_rows(blocks, threads, [&](int64_t begin, int64_t end) {
+        vf u[MAX_F];
+        float m_new[L * MAX_D], v_new[L * MAX_D];
+        for (int64_t b = begin; b < end; ++b) {
+            vf acc[MAX_F];
+            for (int f = 0; f < F; ++f) acc[f] = vf{};
+            for (int64_t r = b * BLOCK; r < std::min(n, (b + 1) * BLOCK); r += L) {
+                features(p, r, u, m_new, v_new);
+                if (r + L > n) {  // padded lanes must not count
+                    const int valid = static_cast<int>(n - r);
+                    for (int f = 0; f < F; ++f)
+                        for (int i = valid; i < L; ++i) u[f][i] = 0.0f;
+                }
+                for (int f = 0; f < F; ++f) acc[f] += u[f] * u[f];
+            }
+            for (int f = 0; f < F; ++f) {
+                double s = 0.0;
+                for (int i = 0; i < L; ++i) s += acc[f][i];
+                partial[b * F + f] = s;
+            }
+        }
+    });
+    for (int f = 0; f < F; ++f) out[f] = 0.0;
+    for (int64_t b = 0; b < blocks; ++b)
+        for (int f = 0; f < F; ++f) out[f] += partial[b * F + f];
+    return 0;
+}
+
+// delta (n), m_out, v_out (n, D). w1: (H, F) row-major, b1: (H), w2: (2, H), b2: (2).
+int lo_mlp_update_f32(int64_t n, int d, int hidden, const float* grad, const float* param, const float* m,
+                      const float* v, const float* decay, float eps, const float* w1, const float* b1,
+                      const float* w2, const float* b2, float magnitude_scale, float step_scale, float* delta,
+                      float* m_out, float* v_out, int threads) {
+    if (d < 1 || d > MAX_D || hidden < 1) return 1;
+    const int F = 2 + 4 * d;
+    const Moments p{n, d, grad, param, m, v, decay, eps};
+    const int64_t groups = (n + L - 1) / L;
+    parallel_rows(groups, threads, [&](int64_t begin, int64_t end) {
+        vf u[MAX_F];
+        float m_new[L * MAX_D], v_new[L * MAX_D];
+        for (int64_t grp = begin; grp < end; ++grp) {
+            const int64_t r = grp * L;
+            features(p, r, u, m_new, v_new);
+            vf dir = splat(b2[0]), mag = splat(b2[1]);
+            int k = 0;
+            for (; k + 4 <= hidden; k += 4) {  // four hidden units at a time: independent FMA chains
+                vf a0 = splat(b1[k]), a1 = splat(b1[k + 1]), a2 = splat(b1[k + 2]), a3 = splat(b1[k + 3]);
+                const float *w0 = w1 + k * F, *wa = w0 + F, *wb = wa + F, *wc = wb + F;
+                for (int f = 0; f < F; ++f) {
+                    a0 += w0[f] * u[f];
+                    a1 += wa[f] * u[f];
+                    a2 += wb[f] * u[f];
+                    a3 += wc[f] * u[f];
+                }
+                const vf zero{};
+                a0 = a0 > zero ? a0 : zero;
+                a1 = a1 > zero ? a1 : zero;
+                a2 = a2 > zero ? a2 : zero;
+                a3 = a3 > zero ? a3 : zero;
+                dir += w2[k] * a0 + w2[k + 1] * a1 + w2[k + 2] * a2 + w2[k + 3] * a3;
+                mag += w2[hidden + k] * a0 + w2[hidden + k + 1] * a1 + w2[hidden + k + 2] * a2 + w2[hidden + k + 3] * a3;
+            }
+            for (; k < hidden; ++k) {
+                vf a = splat(b1[k]);
+                for (int f = 0; f < F; ++f) a += w1[k * F + f] * u[f];
+                a = a > vf{} ? a : vf{};
+                dir += w2[k] * a;
+                mag += w2[hidden + k] * a;
+            }
+            const vf out = -dir * exp_neg_v(mag * -magnitude_scale) * step_scale;
+            const int64_t rows = std::min<int64_t>(L, n - r);
+            float tmp[L];
+            store(tmp, out);
+            std::memcpy(delta + r, tmp, rows * sizeof(float));
+            std::memcpy(m_out + r * d, m_new, rows * d * sizeof(float));
+            std::memcpy(v_out + r * d, v_new, rows * d * sizeof(float));
+        }
+    });
+    return 0;
+}
+
+}  // extern "C"
