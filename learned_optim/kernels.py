@@ -38,7 +38,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -249,13 +249,14 @@ def mlp_feature_mean_square(grad: Tensor, param: Tensor, m: Tensor, v: Tensor, d
 
 
 def mlp_update(grad: Tensor, param: Tensor, m: Tensor, v: Tensor, decay: Tensor, eps: float, w1: Tensor, b1: Tensor,
-               w2: Tensor, b2: Tensor, magnitude_scale: float, step_scale: float
-               ) -> tuple[Tensor, Tensor, Tensor] | None:
+               w2: Tensor, b2: Tensor, magnitude_scale: float, step_scale: float,
+               out: Mapping[str, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor] | None:
     r"""The MLP rule's ``(delta, m', v')`` for one hidden layer (``MLPUpdate.forward``), or ``None``.
 
     ``w1`` ``(H, 2 + 4D)`` with the feature normalisation folded into its columns and ``b1`` ``(H,)``
-    with the time features folded in; ``w2`` ``(2, H)``, ``b2`` ``(2,)``. ``None`` when the kernel does
-    not apply; the caller then computes it with ATen.
+    with the time features folded in; ``w2`` ``(2, H)``, ``b2`` ``(2,)``. ``out``: optional ``{"m", "v"}``
+    tensors to write ``m', v'`` into (they may be ``m, v`` themselves). ``None`` when the kernel does not
+    apply; the caller then computes it with ATen.
     """
     if not (_enabled and _flat_f32(grad, param, m, v, decay)) or m.dim() != 2:
         return None
@@ -264,7 +265,9 @@ def mlp_update(grad: Tensor, param: Tensor, m: Tensor, v: Tensor, decay: Tensor,
         return None
     n, d = m.shape
     w1, b1, w2, b2 = (t.detach().to(torch.float32).contiguous() for t in (w1, b1, w2, b2))
-    delta, m_new, v_new = torch.empty_like(grad), torch.empty_like(m), torch.empty_like(v)
+    delta = torch.empty_like(grad)
+    m_new, v_new = (out["m"], out["v"]) if out is not None and _flat_f32(out["m"], out["v"]) else (
+        torch.empty_like(m), torch.empty_like(v))
     status = lib.lo_mlp_update_f32(n, d, w1.shape[0], grad.data_ptr(), param.data_ptr(), m.data_ptr(), v.data_ptr(),
                                    decay.data_ptr(), eps, w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2.data_ptr(),
                                    magnitude_scale, step_scale, delta.data_ptr(), m_new.data_ptr(), v_new.data_ptr(),

@@ -301,15 +301,20 @@ class LearnedOptimizer(Optimizer):
             rows = part.stop - start
             padded = -(-rows // ROW_ALIGN) * ROW_ALIGN
             theta = flat[part].to(dtype)
-            delta, new_state = net(_pad_rows(grad[part].to(dtype), padded), _pad_rows(theta, padded),
-                                    {k: _pad_rows(v[part].to(dtype), padded) for k, v in coord_state.items()},
-                                    step, stats)
+            chunk_state = {k: _pad_rows(v[part].to(dtype), padded) for k, v in coord_state.items()}
+            # the state storage itself (not a cast or padded copy): the rule may write the new state into it
+            in_place = not self.compile and all(v.data_ptr() == coord_state[k][part].data_ptr()
+                                                for k, v in chunk_state.items())
+            extra = {"out_state": chunk_state} if in_place else {}
+            delta, new_state = net(_pad_rows(grad[part].to(dtype), padded), _pad_rows(theta, padded), chunk_state,
+                                   step, stats, **extra)
             delta = delta[:rows]
             if weight_decay != 0.0:
                 theta = theta * (1.0 - lr * weight_decay)
             flat[part] = theta + lr * delta
             for k, v in new_state.items():
-                coord_state[k][part] = v[:rows]
+                if not (in_place and v is chunk_state[k]):
+                    coord_state[k][part] = v[:rows]
         if not contiguous:
             p.copy_(flat.view_as(p))
 

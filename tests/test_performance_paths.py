@@ -233,3 +233,37 @@ def test_pretrained_fast_path_matches_the_functional_path(name):
         for k, v in state.items():
             torch.testing.assert_close(opt.state[p][k], v.detach(), rtol=1e-5, atol=1e-6)
         state = {k: v.detach() for k, v in state.items()}
+
+
+@pytest.mark.parametrize("use_kernels", [True, False], ids=["kernels", "aten"])
+@pytest.mark.parametrize("family", sorted(learned_optim.FAMILIES))
+def test_state_written_in_place_equals_the_returned_state(family, use_kernels, make_rule):
+    """The optimizer lets rules write the new state into its storage (``out_state``, aliasing ``state``);
+    the step is bit-identical to the rule's out-of-place calls on copies, padded last chunk included."""
+    rule = make_rule(family)
+    n, chunk = 3 * 128 + 5, 128             # two full chunks and a padded one
+    grad_, param, state, step = _inputs(rule, n)
+    p = nn.Parameter(param.clone())
+    p.grad = grad_.clone()
+    opt = LearnedOptimizer([p], rule, chunk_size=chunk)
+    opt.state[p].update({"step": step - 1, **{k: v.clone() for k, v in state.items()}})
+    with kernels.enabled_as(use_kernels):
+        opt.step()
+        with torch.no_grad():
+            stats = rule.tensor_stats(grad_, param, state, step)
+            deltas, new_states = [], {}
+            for start in range(0, n, chunk):
+                s = slice(start, min(start + chunk, n))
+                rows = s.stop - start
+                pad = (-rows) % 64
+
+                def padded(t):
+                    return torch.cat([t[s], t.new_zeros((pad, *t.shape[1:]))])
+
+                d, new = rule(padded(grad_), padded(param), {k: padded(v) for k, v in state.items()}, step, stats)
+                deltas.append(d[:rows])
+                for k, v in new.items():
+                    new_states.setdefault(k, []).append(v[:rows])
+    assert torch.equal(p.detach(), param + 1.0 * torch.cat(deltas))   # lr = 1 (the default)
+    for k, parts in new_states.items():
+        assert torch.equal(opt.state[p][k], torch.cat(parts)), k

@@ -11,7 +11,10 @@ what :meth:`UpdateRule.tensor_stats` computed over the *whole* tensor (``None`` 
 features are purely per coordinate). Two callers share it:
 
 * :class:`learned_optim.LearnedOptimizer` calls it in place under ``no_grad`` over chunks of
-  coordinates (``stats`` computed once per tensor, so chunking never changes the result);
+  coordinates (``stats`` computed once per tensor, so chunking never changes the result), passing
+  ``out_state=``: views of its own state storage into which the rule *may* write the new state (they
+  alias ``state``: a rule that uses them reads each coordinate's state before writing it) and then
+  return them, which saves copying the new state back; rules may ignore it;
 * meta-training calls :func:`functional_update`, i.e. the same ``forward`` through
   ``torch.func.functional_call`` with the net's weights as explicit, differentiable inputs.
 """
@@ -91,7 +94,8 @@ class UpdateRule(nn.Module):
         return None
 
     def forward(self, grad: Tensor, param: Tensor, state: Mapping[str, Tensor], step: Tensor,
-                stats: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                stats: Tensor | None = None, out_state: Mapping[str, Tensor] | None = None
+                ) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 
     def extra_repr(self) -> str:

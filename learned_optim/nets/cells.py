@@ -62,7 +62,8 @@ def lstm_cell(x: Tensor, h: Tensor, c: Tensor, weight_ih: Tensor, weight_hh: Ten
         x: ``(n, I)`` inputs; h, c: ``(n, H)`` previous state (may be strided views).
         weight_ih, weight_hh, bias_ih, bias_hh: the cell's parameters (``(4H, I)``, ``(4H, H)``, ``(4H,)``).
         out: optional ``(h_out, c_out)`` ``(n, H)`` tensors (e.g. views into the new state) that receive
-            the result when :func:`inplace_allowed`; otherwise ignored. They must not overlap the inputs.
+            the result when :func:`inplace_allowed`; otherwise ignored. They may be ``h, c`` themselves (each
+            row is read before it is written) but must not otherwise overlap the inputs.
 
     Returns:
         ``(h', c')``, the ``out`` tensors when they were written.

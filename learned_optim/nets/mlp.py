@@ -99,7 +99,8 @@ class MLPUpdate(UpdateRule):
         return blocked_mean_square(features_of, grad.shape[0])
 
     def forward(self, grad: Tensor, param: Tensor, state: Mapping[str, Tensor], step: Tensor,
-                stats: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                stats: Tensor | None = None, out_state: Mapping[str, Tensor] | None = None
+                ) -> tuple[Tensor, dict[str, Tensor]]:
         if stats is None:
             raise ValueError("MLPUpdate needs the per-tensor statistics from tensor_stats()")
         c = self.config
@@ -113,7 +114,7 @@ class MLPUpdate(UpdateRule):
         *hidden, last = self.mlp[1:]
         if c.num_hidden_layers == 1 and inplace_allowed(grad, param, state["m"], weight):
             fused = kernels.mlp_update(grad, param, state["m"], state["v"], self.decay, c.moment_eps, weight, bias,
-                                       last.weight, last.bias, c.magnitude_scale, c.step_scale)
+                                       last.weight, last.bias, c.magnitude_scale, c.step_scale, out=out_state)
             if fused is not None:
                 return fused[0], {"m": fused[1], "v": fused[2]}
         features, m, v = self._coordinate_features(grad, param, state["m"], state["v"])

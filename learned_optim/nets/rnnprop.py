@@ -53,7 +53,8 @@ class RNNProp(UpdateRule):
         return {"m": (), "v": (), "lstm": (2, self.config.hidden_size)}
 
     def forward(self, grad: Tensor, param: Tensor, state: Mapping[str, Tensor], step: Tensor,
-                stats: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                stats: Tensor | None = None, out_state: Mapping[str, Tensor] | None = None
+                ) -> tuple[Tensor, dict[str, Tensor]]:
         c = self.config
         m = ema(state["m"], grad, c.beta1)
         v = ema(state["v"], grad.square(), c.beta2)
@@ -63,7 +64,7 @@ class RNNProp(UpdateRule):
         fast = inplace_allowed(grad, hidden, x)
         x = kernels.elu_(x) if fast else nn.functional.elu(x)
         if fast:   # no graph: write (h, c) straight into the new state
-            new = torch.empty_like(hidden)
+            new = out_state["lstm"] if out_state is not None else torch.empty_like(hidden)
             h, _ = lstm_cell(x, hidden[:, 0], hidden[:, 1], cell.weight_ih, cell.weight_hh, cell.bias_ih,
                              cell.bias_hh, out=(new[:, 0], new[:, 1]))
         else:
