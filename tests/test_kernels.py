@@ -252,3 +252,24 @@ def test_kernel_is_built_once_into_the_cache(tmp_path):
     stamp = built[0].stat().st_mtime_ns
     assert "available True" in _probe({}, tmp_path)
     assert built[0].stat().st_mtime_ns == stamp and len(list(tmp_path.rglob("*.so"))) == 1
+
+
+def test_auto_chunk_size_follows_the_kernels(make_rule):
+    from learned_optim.optimizer import DEFAULT_CHUNK_SIZE, KERNEL_CHUNK_SIZE
+
+    rule = make_rule("dm_lstm")
+    rows = []
+    rule.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    n = 2 * KERNEL_CHUNK_SIZE + 5
+    p = nn.Parameter(torch.zeros(n))
+    opt = LearnedOptimizer([p], rule)
+    assert opt.chunk_size == "auto"
+    for use in (True, False):
+        rows.clear()
+        with kernels.enabled_as(use):
+            p.grad = torch.full((n,), 1e-3)
+            opt.step()
+        expected = KERNEL_CHUNK_SIZE if use and kernels.available() else DEFAULT_CHUNK_SIZE
+        assert rows[0] == expected and len(rows) == -(-n // expected)
+    with pytest.raises(ValueError, match="chunk_size"):
+        LearnedOptimizer([p], rule, chunk_size="big")
