@@ -155,6 +155,8 @@ class LearnedOptimizer(Optimizer):
         defaults = dict(lr=lr, weight_decay=weight_decay, maximize=maximize, foreach=foreach, differentiable=False)
         super().__init__(params, defaults)
         devices = {p.device for group in self.param_groups for p in group["params"]}
+        if not self.compile and any(d.type == "cpu" for d in devices):
+            kernels.available()   # build (or load) the native kernels now rather than inside the first step
         if len(devices) == 1 and next(iter(devices)).type != "meta":     # meta: not materialised yet
             self.rule.to(devices.pop())     # e.g. a model already moved to CUDA
 
