@@ -531,10 +531,12 @@ class EvaluationResults:
                 f"{_count(c['steps'], 'step')}; final train loss = mean minibatch loss of the last "
                 f"{_count(c['final_window'], 'step')}; {split} values after the last step; wall time includes "
                 f"the {split} evaluations.")
-        if self.tuning:
+        if self.tuning:                 # steps and seeds from the tuning records (merged results mix configs)
+            tune_steps = " / ".join(str(n) for n in sorted({t.steps for t in self.tuning}))
+            tune_seeds = max(len(t.seeds) for t in self.tuning)
             note += (f" Baseline learning rates tuned on the validation split over "
                      f"{sorted({lr for t in self.tuning for lr in t.grid}, reverse=True)} "
-                     f"({_count(c['tune_steps'], 'step')}, {_count(c['tune_seeds'], 'separate seed')}).")
+                     f"({tune_steps} steps, {_count(tune_seeds, 'separate seed')}).")
         if c.get("command"):
             note += f"\n\nCommand: `{c['command']}`"
         return "\n".join(lines) + "\n\n" + note + "\n" + self._flatness_markdown()

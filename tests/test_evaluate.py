@@ -135,6 +135,10 @@ def test_tiny_run_writes_files_with_the_right_columns(tmp_path, checkpoint):
     assert table.startswith("| Task | Optimizer | lr | Final train loss | Test loss | Test accuracy (%) | "
                             "Time / step (ms) | Wall time / run (s) | Diverged |")
     assert table.count("\n| tiny-family |") == 3 and "95% confidence interval" in table and "`pytest run`" in table
+    assert "tuned on the validation split over [0.1, 0.01] (3 steps, 1 separate seed)" in table
+    # merged results keep the first input's config: the note must come from the tuning records themselves
+    results.config["tune_steps"], results.config["tune_seeds"] = 1000, 7
+    assert "(3 steps, 1 separate seed)" in results.markdown()
 
 
 def test_same_init_and_batches_per_seed_for_every_optimizer(checkpoint):
