@@ -187,9 +187,6 @@ void rows20(const Problem& p, int64_t begin, int64_t end) {
 
 extern "C" {
 
-// Largest hidden size the kernel handles (4H <= 16 * 16 gate columns).
-int lo_lstm_max_hidden() { return 64; }
-
 // Returns 0 on success, 1 if the hidden size is not supported (the caller falls back to ATen).
 // weight: (4H, I + H) row-major, bias: (4H,), both with the g-gate rows already doubled.
 int lo_lstm_cell_f32(int64_t n, int64_t in, int64_t hidden, const float* x, int64_t xs, const float* h, int64_t hs,
