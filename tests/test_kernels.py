@@ -17,15 +17,13 @@ from torch import nn
 
 import learned_optim
 from learned_optim import LearnedOptimizer, kernels
-from learned_optim.nets.cells import _gate_scale, lstm_cell
+from learned_optim.nets.cells import fused_gate_weights, lstm_cell
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"native kernels unavailable: {kernels.build_error()}")
 
 
 def _fused(cell: nn.LSTMCell) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = _gate_scale(cell.hidden_size, cell.weight_ih)
-    weight = torch.cat([cell.weight_ih, cell.weight_hh], dim=1) * scale.unsqueeze(1)
-    return weight.detach(), ((cell.bias_ih + cell.bias_hh) * scale).detach()
+    return tuple(t.detach() for t in fused_gate_weights(cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh))
 
 
 def _run_kernel(cell, x, h, c):

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .. import kernels
 
-__all__ = ["lstm_cell", "inplace_allowed"]
+__all__ = ["lstm_cell", "fused_gate_weights", "inplace_allowed"]
 
 
 def inplace_allowed(*tensors: Tensor) -> bool:
@@ -50,6 +50,12 @@ def _gate_scale(hidden_size: int, like: Tensor) -> Tensor:
     return scale
 
 
+def fused_gate_weights(weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor, bias_hh: Tensor) -> tuple[Tensor, Tensor]:
+    """``([W_ih, W_hh], b_ih + b_hh)`` with the ``g``-gate rows doubled: the one GEMM's weight and bias."""
+    scale = _gate_scale(weight_hh.shape[1], weight_ih)
+    return torch.cat([weight_ih, weight_hh], dim=1) * scale.unsqueeze(1), (bias_ih + bias_hh) * scale
+
+
 def lstm_cell(x: Tensor, h: Tensor, c: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor,
               bias_hh: Tensor, *, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     r"""One step of an LSTM cell over a batch of rows, in ``nn.LSTMCell``'s parametrisation.
@@ -68,10 +74,7 @@ def lstm_cell(x: Tensor, h: Tensor, c: Tensor, weight_ih: Tensor, weight_hh: Ten
     Returns:
         ``(h', c')``, the ``out`` tensors when they were written.
     """
-    hidden = h.shape[-1]
-    scale = _gate_scale(hidden, weight_ih)
-    weight = torch.cat([weight_ih, weight_hh], dim=1) * scale.unsqueeze(1)
-    bias = (bias_ih + bias_hh) * scale
+    weight, bias = fused_gate_weights(weight_ih, weight_hh, bias_ih, bias_hh)
     if not inplace_allowed(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh):
         gates = torch.sigmoid(torch.addmm(bias, torch.cat([x, h], dim=1), weight.t()))
         i, f, s, o = gates.chunk(4, dim=1)
