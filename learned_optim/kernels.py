@@ -50,7 +50,7 @@ __all__ = ["available", "enabled", "set_enabled", "enabled_as", "lstm_cell_into"
 logger = logging.getLogger(__name__)
 
 _SOURCE_DIR = Path(__file__).with_name("csrc")
-_FLAGS = ["-O3", "-ffp-contract=fast", "-fno-math-errno", "-fPIC", "-shared", "-std=gnu++17", "-pthread"]
+_FLAGS = ["-O3", "-ffp-contract=fast", "-fno-math-errno", "-fPIC", "-shared", "-std=gnu++17", "-pthread", "-Wno-psabi"]
 _NATIVE = ["-march=native"]
 
 _lock = threading.Lock()

@@ -7,6 +7,7 @@ need them skip with the build error (the ATen fallback is tested either way). No
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -271,3 +272,32 @@ def test_auto_chunk_size_follows_the_kernels(make_rule):
         assert rows[0] == expected and len(rows) == -(-n // expected)
     with pytest.raises(ValueError, match="chunk_size"):
         LearnedOptimizer([p], rule, chunk_size="big")
+
+
+def test_portable_build_without_march_native(tmp_path):
+    """The fallback build (no -march=native: baseline ISA, 16-float vectors split by the compiler) compiles
+    and computes the same cell (the x86 register pinning is AVX-512 only)."""
+    code = textwrap.dedent("""
+        import torch
+        from torch import nn
+        from learned_optim import kernels
+        from learned_optim.nets.cells import fused_gate_weights
+        kernels._NATIVE = []
+        assert kernels.available(), kernels.build_error()
+        torch.manual_seed(0)
+        for inputs, hidden in [(2, 20), (3, 7)]:
+            cell = nn.LSTMCell(inputs, hidden).requires_grad_(False)
+            x, state = torch.randn(101, inputs) * 2, torch.randn(101, 2, hidden)
+            out = torch.empty(101, 2, hidden)
+            w, b = fused_gate_weights(cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+            assert kernels.lstm_cell_into(x, state[:, 0], state[:, 1], w, b, out[:, 0], out[:, 1])
+            h, c = cell(x, (state[:, 0], state[:, 1]))
+            torch.testing.assert_close(out[:, 0], h, rtol=2e-6, atol=2e-6)
+            torch.testing.assert_close(out[:, 1], c, rtol=2e-6, atol=2e-6)
+        print("ok")
+    """)
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler")
+    env = {**os.environ, "LEARNED_OPTIM_CACHE": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]

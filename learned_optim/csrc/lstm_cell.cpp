@@ -120,7 +120,9 @@ inline void block20(const Problem& p, const float* x, int64_t xs, const float* h
 #pragma GCC unroll 16
             for (int g = 0; g < G; ++g) {
                 wk[g] = w[g];
+#if defined(__AVX512F__)
                 asm("" : "+v"(wk[g]));  // keep the weights in registers (not re-read per row)
+#endif
             }
 #pragma GCC unroll 16
             for (int r = 0; r < R; ++r) {
