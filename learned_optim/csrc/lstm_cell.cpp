@@ -32,31 +32,47 @@ struct Problem {
     const vf* bias;              // groups vectors
 };
 
-// Any hidden size: rows [r0, r0 + R) with G gate vectors per row; the gate GEMM accumulates in R x G
-// registers, the gates go through a scratch row for the elementwise part.
+// acc[r] = bias + W [x_r, h_r] for R rows at the given row pointers (strides in floats): the first I weight
+// rows multiply x, the next H multiply h. The weights of one k are held in registers across the R rows
+// where they fit beside the R x G accumulators (AVX-512: 32 vector registers).
 template <int G, int R>
-inline void block(const Problem& p, int64_t r0, float* scratch /* R x (G + hv) x 16 */) {
-    const int64_t I = p.in, H = p.hidden;
-    const int hv = static_cast<int>((H + L - 1) / L);
-    vf acc[R][G];
+inline void gate_gemm(const Problem& p, const float* x, int64_t xs, const float* h, int64_t hs, vf (&acc)[R][G]) {
+    constexpr bool pin = (R + 1) * G <= 30;
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 16
         for (int g = 0; g < G; ++g) acc[r][g] = p.bias[g];
-    // inputs [x, h]: the first I weight rows multiply x, the next H multiply h
+    const vf* w = p.wt;
     for (int part = 0; part < 2; ++part) {
-        const float* src = part == 0 ? p.x : p.h;
-        const int64_t stride = part == 0 ? p.xs : p.hs, width = part == 0 ? I : H;
-        const vf* w = p.wt + (part == 0 ? 0 : I) * G;
+        const float* src = part == 0 ? x : h;
+        const int64_t stride = part == 0 ? xs : hs, width = part == 0 ? p.in : p.hidden;
         for (int64_t k = 0; k < width; ++k, w += G) {
+            vf wk[G];
+#pragma GCC unroll 16
+            for (int g = 0; g < G; ++g) {
+                wk[g] = w[g];
+#if defined(__AVX512F__)
+                if constexpr (pin) asm("" : "+v"(wk[g]));  // not re-read from memory for every row
+#endif
+            }
 #pragma GCC unroll 16
             for (int r = 0; r < R; ++r) {
-                const float v = src[(r0 + r) * stride + k];
+                const float v = src[r * stride + k];
 #pragma GCC unroll 16
-                for (int g = 0; g < G; ++g) acc[r][g] += v * w[g];
+                for (int g = 0; g < G; ++g) acc[r][g] += v * wk[g];
             }
         }
     }
+}
+
+// Any hidden size: rows [r0, r0 + R) with G gate vectors per row; the gate GEMM accumulates in R x G
+// registers, the gates go through a scratch row for the elementwise part.
+template <int G, int R>
+inline void block(const Problem& p, int64_t r0, float* scratch /* R x (G + hv) x 16 */) {
+    const int64_t H = p.hidden;
+    const int hv = static_cast<int>((H + L - 1) / L);
+    vf acc[R][G];
+    gate_gemm<G, R>(p, p.x + r0 * p.xs, p.xs, p.h + r0 * p.hs, p.hs, acc);
     for (int r = 0; r < R; ++r) {
         float* gates = scratch + r * (G + hv) * L;
         float* cell = gates + G * L;
@@ -107,31 +123,7 @@ inline void block20(const Problem& p, const float* x, int64_t xs, const float* h
                     int64_t cs, float* h_out, int64_t hos, float* c_out, int64_t cos) {
     constexpr int R = 4, G = 5;
     vf acc[R][G];
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 16
-        for (int g = 0; g < G; ++g) acc[r][g] = p.bias[g];
-    const vf* w = p.wt;
-    for (int part = 0; part < 2; ++part) {
-        const float* src = part == 0 ? x : h;
-        const int64_t stride = part == 0 ? xs : hs, width = part == 0 ? p.in : H20;
-        for (int64_t k = 0; k < width; ++k, w += G) {
-            vf wk[G];
-#pragma GCC unroll 16
-            for (int g = 0; g < G; ++g) {
-                wk[g] = w[g];
-#if defined(__AVX512F__)
-                asm("" : "+v"(wk[g]));  // keep the weights in registers (not re-read per row)
-#endif
-            }
-#pragma GCC unroll 16
-            for (int r = 0; r < R; ++r) {
-                const float v = src[r * stride + k];
-#pragma GCC unroll 16
-                for (int g = 0; g < G; ++g) acc[r][g] += v * wk[g];
-            }
-        }
-    }
+    gate_gemm<G, R>(p, x, xs, h, hs, acc);
     vf tails[R];
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
