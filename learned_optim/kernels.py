@@ -165,9 +165,14 @@ def _library() -> ctypes.CDLL | None:
     return _lib
 
 
+def _native() -> ctypes.CDLL | None:
+    """The library when the kernels are switched on and built (builds it on the first call), else ``None``."""
+    return _library() if _enabled else None
+
+
 def available() -> bool:
     """Whether the kernels are enabled and built (builds them on the first call)."""
-    return _enabled and _library() is not None
+    return _native() is not None
 
 
 def build_error() -> str | None:
@@ -179,9 +184,16 @@ def _threads(n: int) -> int:
     return torch.get_num_threads() if n >= 4096 else 1
 
 
+def _cpu_f32(*tensors: Tensor) -> bool:
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+
+
+def _flat_f32(*tensors: Tensor) -> bool:
+    return _cpu_f32(*tensors) and all(t.is_contiguous() for t in tensors)
+
+
 def _rows_ok(t: Tensor, n: int) -> bool:
-    return t.dim() == 2 and t.shape[0] == n and t.dtype == torch.float32 and t.device.type == "cpu" and (
-        t.stride(1) == 1 or t.shape[1] == 1)
+    return t.dim() == 2 and t.shape[0] == n and _cpu_f32(t) and (t.stride(1) == 1 or t.shape[1] == 1)
 
 
 def lstm_cell_into(x: Tensor, h: Tensor, c: Tensor, weight: Tensor, bias: Tensor, h_out: Tensor, c_out: Tensor) -> bool:
@@ -192,14 +204,10 @@ def lstm_cell_into(x: Tensor, h: Tensor, c: Tensor, weight: Tensor, bias: Tensor
     CPU tensors whose rows are contiguous (any row stride) when no autograd graph is being recorded;
     the outputs must not overlap the inputs of *other* rows. Uses ``torch.get_num_threads()`` threads.
     """
-    if not _enabled:
-        return False
     n, hidden = h.shape[0], h.shape[-1]
-    if not all(_rows_ok(t, n) for t in (x, h, c, h_out, c_out)):
+    if not (all(_rows_ok(t, n) for t in (x, h, c, h_out, c_out)) and _cpu_f32(weight, bias)):
         return False
-    if weight.dtype != torch.float32 or weight.device.type != "cpu" or bias.dtype != torch.float32:
-        return False
-    lib = _library()
+    lib = _native()
     if lib is None:
         return False
     weight, bias = weight.contiguous(), bias.contiguous()
@@ -216,16 +224,11 @@ def elu_(z: Tensor) -> Tensor:
     The native kernel for contiguous float32 CPU tensors, ``torch.nn.functional.elu_`` otherwise
     (or when the kernels are off or unavailable). For inference only: records no autograd graph.
     """
-    if _enabled and z.dtype == torch.float32 and z.device.type == "cpu" and z.is_contiguous():
-        lib = _library()
-        if lib is not None:
-            lib.lo_elu_f32(z.numel(), z.data_ptr(), _threads(z.numel()))
-            return z
-    return torch.nn.functional.elu_(z)
-
-
-def _flat_f32(*tensors: Tensor) -> bool:
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+    lib = _native() if _flat_f32(z) else None
+    if lib is None:
+        return torch.nn.functional.elu_(z)
+    lib.lo_elu_f32(z.numel(), z.data_ptr(), _threads(z.numel()))
+    return z
 
 
 def mlp_feature_mean_square(grad: Tensor, param: Tensor, m: Tensor, v: Tensor, decay: Tensor,
@@ -236,9 +239,7 @@ def mlp_feature_mean_square(grad: Tensor, param: Tensor, m: Tensor, v: Tensor, d
     ``(D,)``. ``None`` when the kernel does not apply (not contiguous float32 CPU, ``D > 8``, kernels
     off or unavailable); the caller then computes it with ATen.
     """
-    if not (_enabled and _flat_f32(grad, param, m, v, decay)) or m.dim() != 2 or grad.numel() == 0:
-        return None
-    lib = _library()
+    lib = _native() if _flat_f32(grad, param, m, v, decay) and m.dim() == 2 and grad.numel() > 0 else None
     if lib is None:
         return None
     n, d = m.shape
@@ -258,9 +259,7 @@ def mlp_update(grad: Tensor, param: Tensor, m: Tensor, v: Tensor, decay: Tensor,
     tensors to write ``m', v'`` into (they may be ``m, v`` themselves). ``None`` when the kernel does not
     apply; the caller then computes it with ATen.
     """
-    if not (_enabled and _flat_f32(grad, param, m, v, decay)) or m.dim() != 2:
-        return None
-    lib = _library()
+    lib = _native() if _flat_f32(grad, param, m, v, decay) and m.dim() == 2 else None
     if lib is None:
         return None
     n, d = m.shape
