@@ -16,7 +16,9 @@ Two commands (run from the repository root):
 ``python benchmarks/generalization.py merge DIR1 DIR2 --out DIR``
     Combines ``table`` outputs made with the same steps and seeds (e.g. baselines and learned optimizers
     evaluated in separate processes: a seed fixes the initialisation and the batches) and redoes
-    ``claims.md``; ``--seeds N`` keeps seeds 0..N-1 of every input. ``table`` and ``merge`` take
+    ``claims.md``; ``--seeds N`` keeps seeds 0..N-1 of every input. An optimizer may come from only one
+    input per task and seed; ``--drop LABEL@DIR`` leaves out an input's rows of one optimizer (e.g. those of
+    an entry re-shipped with new weights, whose new rows another input holds). ``table`` and ``merge`` take
     ``--record-card CHECKPOINT_DIR`` (repeatable), like ``python -m learned_optim evaluate``.
 
 ``python benchmarks/generalization.py select --runs 'runs/search/l2o-lstm-hessian-*' --out FILE``
@@ -25,7 +27,8 @@ Two commands (run from the repository root):
     one with the best mean validation accuracy (ties: the smaller weight). Test data is never looked at.
     ``--runs`` repeats; with ``--by-kind`` the candidates of several regularizers are evaluated in one
     process and one is kept per regularizer kind, runs without a (non-zero) regularizer competing in
-    every group as its ``w = 0`` point.
+    every group as its ``w = 0`` point; each kind's best non-zero weight is reported too (what the zoo
+    ships, with a note in its card, when ``w = 0`` wins).
 
 An optimizer that is neither in the zoo nor a folder (``runs/<name>/model`` is tried too) is skipped
 with the command that makes it. Everything uses 1 torch thread by default (``--threads``).
@@ -198,6 +201,13 @@ def load_results(folder: str | Path) -> EvaluationResults:
     return EvaluationResults(data["config"], tuning, runs)
 
 
+def _label_at_folder(value: str) -> tuple[str, str]:
+    label, at, folder = value.rpartition("@")
+    if not (label and at and folder):
+        raise argparse.ArgumentTypeError(f"expected LABEL@INPUT_FOLDER, got {value!r}")
+    return label, folder
+
+
 def merge(args: argparse.Namespace) -> int:
     """Combine the results of several ``table`` runs made with the same steps/seeds (e.g. baselines
     and learned optimizers evaluated separately: same seeds mean same initialisations and batches)."""
@@ -215,6 +225,23 @@ def merge(args: argparse.Namespace) -> int:
         differing = [k for k in keys if part.config.get(k) != parts[0].config.get(k)]
         if differing:
             raise SystemExit(f"cannot merge runs whose {differing} differ")
+    inputs = [Path(folder) for folder in args.inputs]
+    for label, folder in args.drop:            # e.g. a re-shipped entry whose old rows a newer input replaces
+        if Path(folder) not in inputs:
+            raise SystemExit(f"--drop {label}@{folder}: {folder} is not one of the inputs")
+        part = parts[inputs.index(Path(folder))]
+        kept = [r for r in part.runs if r.optimizer != label]
+        if len(kept) == len(part.runs):
+            raise SystemExit(f"--drop {label}@{folder}: {folder} has no runs of {label}")
+        part.runs[:] = kept
+    origin: dict[tuple[str, str, int], str] = {}
+    for folder, part in zip(args.inputs, parts):
+        for r in part.runs:
+            key = (r.task, r.optimizer, r.seed)
+            if key in origin:
+                raise SystemExit(f"{r.optimizer} on {r.task} (seed {r.seed}) is in both {origin[key]} and {folder}; "
+                                 f"keep one with --drop {r.optimizer}@{origin[key]}")
+            origin[key] = folder
     config = dict(parts[0].config, command=" ".join(["python", "benchmarks/generalization.py", *sys.argv[1:]]),
                   merged_from=[str(f) for f in args.inputs])
     config["tasks"] = list(dict.fromkeys(t for p in parts for t in p.config["tasks"]))
@@ -305,13 +332,18 @@ def select(args: argparse.Namespace) -> int:
         groups = sorted({tuple(s["kinds"]) for s in scores if s["kinds"]})
         out["selected_by_kind"] = {"+".join(g): best_of([s for s in scores if tuple(s["kinds"]) in (g, ())])
                                    for g in groups}
+        # the zoo's convention when w = 0 wins: ship the kind's best non-zero weight (and say so in its card)
+        out["best_nonzero_by_kind"] = {"+".join(g): best_of([s for s in scores if tuple(s["kinds"]) == g])
+                                       for g in groups}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     for s in scores:
         print(f"{s['model']}: weights {s['weights']}  val accuracy {100 * s['val_accuracy']:.2f} ± "
               f"{100 * s['ci95']:.2f} ({s['runs']} runs)")
     for kind, chosen in out.get("selected_by_kind", {}).items():
-        print(f"selected for {kind}: {chosen['model']} (weights {chosen['weights']})")
+        nonzero = out["best_nonzero_by_kind"][kind]
+        print(f"selected for {kind}: {chosen['model']} (weights {chosen['weights']}); "
+              f"best non-zero: {nonzero['model']} (weights {nonzero['weights']})")
     print(f"selected: {best['model']} (weights {best['weights']}); wrote {args.out}")
     return 0
 
@@ -347,6 +379,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     m.add_argument("--learned", type=lambda v: [x for x in v.split(",") if x], default=[],
                    help="labels of learned optimizers not starting with l2o-lstm")
     m.add_argument("--seeds", type=int, default=None, help="keep seeds 0..N-1 of every input")
+    m.add_argument("--drop", metavar="LABEL@INPUT", action="append", default=[], type=_label_at_folder,
+                   help="leave out the runs of optimizer LABEL from input folder INPUT (repeatable); an optimizer "
+                        "may appear in only one input per task and seed")
     m.add_argument("--out", required=True)
     for p in (t, s, m):
         p.add_argument("--threads", type=int, default=1)

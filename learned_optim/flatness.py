@@ -233,7 +233,7 @@ def _ascend(delta: Params, direction: Params, radius: float, step_fraction: floa
 def _projected_ascent(params: Params, probe: Callable[[Params], tuple[float, Params | None]],
                       final: Callable[[Params], float], *, radii: Sequence[float], steps: int, step_fraction: float,
                       init_fraction: float, seed: int) -> dict[float, float]:
-    """The module docstring's projected gradient ascent of :math:`F(\theta+\delta)`, for each radius.
+    r"""The module docstring's projected gradient ascent of :math:`F(\theta+\delta)`, for each radius.
 
     ``probe(point)`` gives :math:`F` at the point and the ascent direction (``None`` stops the ascent);
     ``final(point)`` gives :math:`F` alone at the last iterate. Returns the largest :math:`F` seen per radius.

@@ -1,0 +1,101 @@
+"""benchmarks/generalization.py: merging evaluation tables (and replacing an entry's rows), and the
+weight search's per-kind choice (w = 0 vs the best non-zero weight)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from learned_optim import DMLSTM, save_pretrained
+from learned_optim import evaluate as ev
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "generalization.py"
+pytestmark = pytest.mark.usefixtures("one_thread")  # the script's commands call torch.set_num_threads
+
+
+@pytest.fixture(scope="module")
+def gen():
+    spec = importlib.util.spec_from_file_location("generalization_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _table(folder: Path, runs: dict[str, float], seeds=(0, 1)) -> Path:
+    """A ``table`` output folder with one run per (optimizer, seed); ``runs`` maps labels to test accuracy."""
+    results = ev.EvaluationResults(
+        {"steps": 2, "seeds": len(seeds), "seed_list": list(seeds), "eval_split": "test", "final_window": 1,
+         "tasks": ["t"]}, [],
+        [ev.RunResult("t", label, seed, 1.0, "test", [1.0, 0.5], [0, 2],
+                      {"loss": [2.0, 0.3], "accuracy": [0.1, accuracy + 0.001 * seed]}, 0.001, 0.01, None)
+         for label, accuracy in runs.items() for seed in seeds])
+    results.write(folder, plots=False)
+    return folder
+
+
+def _merged_accuracy(folder: Path) -> dict[str, list[float]]:
+    data = json.loads((folder / "results.json").read_text())
+    out: dict[str, list[float]] = {}
+    for run in data["runs"]:
+        out.setdefault(run["optimizer"], []).append(run["evals"]["accuracy"][-1])
+    return out
+
+
+def test_merge_drop_replaces_one_entrys_rows(gen, tmp_path, capsys):
+    old = _table(tmp_path / "old", {"l2o-lstm": 0.90, "l2o-lstm-hessian-ev": 0.80})
+    new = _table(tmp_path / "new", {"l2o-lstm-hessian-ev": 0.95})
+    out = tmp_path / "merged"
+    # the same optimizer, task and seed in two inputs is refused, with the option that resolves it
+    with pytest.raises(SystemExit, match=rf"l2o-lstm-hessian-ev on t \(seed 0\) is in both .*--drop l2o-lstm-hessian-ev@"):
+        gen.main(["merge", str(old), str(new), "--out", str(out), "--no-plots"])
+    assert gen.main(["merge", str(old), str(new), "--drop", f"l2o-lstm-hessian-ev@{old}", "--out", str(out),
+                     "--no-plots"]) == 0
+    merged = _merged_accuracy(out)
+    assert merged["l2o-lstm-hessian-ev"] == pytest.approx([0.95, 0.951])  # the new rows, not the old ones
+    assert merged["l2o-lstm"] == pytest.approx([0.90, 0.901])
+
+
+@pytest.mark.parametrize("drop, message", [
+    ("l2o-lstm-sam@{old}", "has no runs of l2o-lstm-sam"),
+    ("l2o-lstm@{elsewhere}", "is not one of the inputs"),
+])
+def test_merge_drop_rejects_what_it_cannot_drop(gen, tmp_path, drop, message):
+    old = _table(tmp_path / "old", {"l2o-lstm": 0.90})
+    with pytest.raises(SystemExit, match=message):
+        gen.main(["merge", str(old), "--drop", drop.format(old=old, elsewhere=tmp_path / "x"),
+                  "--out", str(tmp_path / "m"), "--no-plots"])
+
+
+def test_merge_drop_needs_label_at_folder(gen, tmp_path, capsys):
+    old = _table(tmp_path / "old", {"l2o-lstm": 0.90})
+    with pytest.raises(SystemExit):
+        gen.main(["merge", str(old), "--drop", "l2o-lstm", "--out", str(tmp_path / "m")])
+    assert "expected LABEL@INPUT_FOLDER" in capsys.readouterr().err
+
+
+def test_select_reports_w0_and_the_best_nonzero_weight_per_kind(gen, tmp_path, capsys):
+    """Three candidates with the same (untrained) net tie on validation: the rule then keeps the smallest
+    weight, i.e. w = 0 overall and 0.01 among the non-zero hessian_trace weights."""
+    torch.manual_seed(0)
+    net = DMLSTM()
+    for name, blocks in [("control", []),
+                         ("hessian-0.01", [{"kind": "hessian_trace", "weight": 0.01}]),
+                         ("hessian-0.03", [{"kind": "hessian_trace", "weight": 0.03}]),
+                         ("sam-3", [{"kind": "sam", "weight": 3.0}])]:
+        run = tmp_path / "runs" / name
+        save_pretrained(net, run / "model", name=name, description="test fixture with untrained weights")
+        (run / "config.json").write_text(json.dumps({"regularizers": blocks}))
+    out = tmp_path / "select.json"
+    assert gen.main(["select", "--by-kind", "--runs", str(tmp_path / "runs" / "*"), "--tasks", "digits-mlp20-relu",
+                     "--steps", "2", "--seeds", "1", "--out", str(out), "--no-progress"]) == 0
+    chosen = json.loads(out.read_text())
+    assert len({c["val_accuracy"] for c in chosen["candidates"]}) == 1          # the tie the rule must break
+    assert chosen["selected"]["model"].endswith("control/model")
+    assert chosen["selected_by_kind"]["hessian_trace"]["model"].endswith("control/model")
+    assert chosen["best_nonzero_by_kind"]["hessian_trace"]["weights"] == [0.01]
+    assert chosen["best_nonzero_by_kind"]["sam"]["weights"] == [3.0]
+    assert "best non-zero: " in capsys.readouterr().out
