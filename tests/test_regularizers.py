@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from learned_optim import build_rule
+from learned_optim.features import log_and_sign
 from learned_optim.meta.config import MetaTrainConfig, UnrollConfig
 from learned_optim.meta.regularizers import (
     RegularizerHook, combine_hooks, gam_term, gsam_term, hutchinson_trace, jacobian_trace, local_entropy_mean,
@@ -275,16 +276,27 @@ def test_smoothing_finds_the_net_input_and_is_differentiable(family):
     finally:
         handle.remove()
     hooks_before = dict(layer._forward_pre_hooks)
-    if seen:   # the input layer runs as a module: feature-space smoothing
+    if family in ("rnnprop", "dm_lstm"):   # the input layer runs as a module: feature-space smoothing
         assert [x.shape[0] for x in seen] == [15, 4]     # one call per tensor, one row per coordinate
-        if family == "rnnprop":
-            assert seen[0].shape[1] == 2                  # the two Adam-ratio features
+        assert seen[0].shape[1] == 2                      # the two Adam-ratio / log-and-sign features
+        if family == "dm_lstm":                           # the identity tap sees exactly the features
+            features = log_and_sign(inputs.grads["w"].reshape(-1), inputs.rule.config.preprocess_k)
+            torch.testing.assert_close(seen[0], features, rtol=0, atol=0)
         check_smoothing(inputs, "features", 1.0)
         assert dict(layer._forward_pre_hooks) == hooks_before   # the shifting hook is removed again
-    else:      # e.g. DM-LSTM's functional LSTM cells: a clear error pointing to space: gradient
-        with pytest.raises(RuntimeError, match="space: gradient"):
+    else:      # the MLP optimizer evaluates its layers functionally: a clear error pointing to space: gradient
+        assert not seen
+        with pytest.raises(RuntimeError, match="ran 0 times.*space: gradient"):
             smoothing_term(inputs)
     check_smoothing(inputs, "gradient", 0.01)
+
+
+def test_feature_smoothing_refuses_a_tap_that_runs_twice():
+    inputs = step_inputs("dm_lstm")
+    rule = inputs.rule
+    rule.head = torch.nn.Sequential(rule.input_layer, rule.head)   # the tap now also sees the LSTM output
+    with pytest.raises(RuntimeError, match="ran 2 times in one update.*space: gradient"):
+        smoothing_term(inputs)
 
 
 def test_smoothing_ascent_beats_its_random_start():
@@ -353,7 +365,8 @@ class TinyTask(Task):
 BLOCKS = [{"kind": "hessian_trace", "weight": 0.3, "probes": 3},
           {"kind": "hessian_eigenvalue", "weight": 0.2, "iters": 60},
           {"kind": "jacobian_trace", "weight": 2.0},
-          {"kind": "smoothing", "weight": 5e3, "epsilon": 0.05, "steps": 3, "space": "gradient"}]
+          {"kind": "smoothing", "weight": 5e3, "epsilon": 0.05, "steps": 3, "space": "gradient"},
+          {"kind": "smoothing", "weight": 3e3, "epsilon": 0.05, "steps": 3, "space": "features"}]
 
 
 def meta_loss(rule, weights, blocks, second_order=True):
@@ -366,7 +379,8 @@ def meta_loss(rule, weights, blocks, second_order=True):
     return result.losses.sum() + result.extra, result.extra
 
 
-@pytest.mark.parametrize("blocks", [BLOCKS[:3], BLOCKS[3:]], ids=["hessian-ev-jacobian", "smoothing"])
+@pytest.mark.parametrize("blocks", [BLOCKS[:3], BLOCKS[3:4], BLOCKS[4:]],
+                         ids=["hessian-ev-jacobian", "smoothing-gradient", "smoothing-features"])
 def test_regularized_meta_gradient_matches_finite_differences(blocks):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

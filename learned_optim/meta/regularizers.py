@@ -308,13 +308,13 @@ def net_input_layer(rule: nn.Module) -> nn.Module:
 
     A net may say so with an ``input_layer`` attribute (a module it calls on its features, e.g. an
     ``nn.Identity`` tap, or a method returning one); otherwise it is the first submodule, in
-    registration order, that holds parameters of its own: the input ``Linear`` of RNNProp (the
-    Adam-ratio features) and the first ``Linear`` of the MLP optimizer (the RMS-normalised and time
-    features). The net itself is run unchanged; a forward pre-hook on this module shifts its input,
-    so no update math is duplicated here. This needs the module to be *called* once per update:
-    DM-LSTM runs its LSTM cells through the functional ``lstm_cell`` (for speed), so its features are
-    not reachable this way until it exposes an ``input_layer`` tap; :func:`smoothing_term` says so
-    and ``space="gradient"`` works for every net.
+    registration order, that holds parameters of its own, e.g. the input ``Linear`` of RNNProp (the
+    Adam-ratio features). DM-LSTM, whose LSTM cells run through the functional ``lstm_cell``, has an
+    identity ``input_layer`` tap on its log-and-sign features. The net itself is run unchanged; a forward
+    pre-hook on this module shifts its input, so no update math is duplicated here. This needs the module
+    to be *called* once per update: the MLP optimizer folds its feature normalisation into its first
+    layer's weights and never calls that ``Linear``, so :func:`smoothing_term` refuses it with an error;
+    ``space="gradient"`` works for every net.
     """
     custom = getattr(rule, "input_layer", None)
     if custom is not None:

@@ -41,6 +41,8 @@ class DMLSTM(UpdateRule):
 
     The cells are ``nn.LSTMCell`` modules (their weights, their parametrisation) evaluated by
     :func:`learned_optim.nets.cells.lstm_cell` (one fused gate GEMM; see there for the numerics).
+    ``input_layer`` is an identity module called on :math:`x`: a tap through which the smoothing
+    regularizer (:func:`learned_optim.meta.regularizers.smoothing_term`) perturbs the features.
     """
 
     family = "dm_lstm"
@@ -52,6 +54,7 @@ class DMLSTM(UpdateRule):
         sizes = [2] + [c.hidden_size] * c.num_layers
         self.cells = nn.ModuleList(nn.LSTMCell(sizes[i], sizes[i + 1]) for i in range(c.num_layers))
         self.head = nn.Linear(c.hidden_size, 1)
+        self.input_layer = nn.Identity()
 
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
         return {"lstm": (self.config.num_layers, 2, self.config.hidden_size)}
@@ -59,7 +62,7 @@ class DMLSTM(UpdateRule):
     def forward(self, grad: Tensor, param: Tensor, state: Mapping[str, Tensor], step: Tensor,
                 stats: Tensor | None = None, out_state: Mapping[str, Tensor] | None = None
                 ) -> tuple[Tensor, dict[str, Tensor]]:
-        x = log_and_sign(grad, self.config.preprocess_k)
+        x = self.input_layer(log_and_sign(grad, self.config.preprocess_k))
         hidden = state["lstm"]
         if inplace_allowed(grad, hidden):   # no graph: write (h, c) straight into the new state
             new = out_state["lstm"] if out_state is not None else torch.empty_like(hidden)
