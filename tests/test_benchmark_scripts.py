@@ -1,5 +1,6 @@
-"""benchmarks/generalization.py: merging evaluation tables (and replacing an entry's rows), and the
-weight search's per-kind choice (w = 0 vs the best non-zero weight)."""
+"""The scripts of issue 5's evidence: benchmarks/generalization.py (merging evaluation tables and
+replacing an entry's rows; the weight search's per-kind choice, w = 0 vs the best non-zero weight) and
+benchmarks/regularizer_scale.py (the meta-gradient ratio that centres the weight grids)."""
 
 from __future__ import annotations
 
@@ -13,16 +14,20 @@ import torch
 from learned_optim import DMLSTM, save_pretrained
 from learned_optim import evaluate as ev
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "generalization.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 pytestmark = pytest.mark.usefixtures("one_thread")  # the script's commands call torch.set_num_threads
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def gen():
-    spec = importlib.util.spec_from_file_location("generalization_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _script("generalization")
 
 
 def _table(folder: Path, runs: dict[str, float], seeds=(0, 1)) -> Path:
@@ -99,3 +104,27 @@ def test_select_reports_w0_and_the_best_nonzero_weight_per_kind(gen, tmp_path, c
     assert chosen["best_nonzero_by_kind"]["hessian_trace"]["weights"] == [0.01]
     assert chosen["best_nonzero_by_kind"]["sam"]["weights"] == [3.0]
     assert "best non-zero: " in capsys.readouterr().out
+
+
+def _scale_trainer(tmp_path, weight: float):
+    from learned_optim.meta import MetaTrainer
+
+    config = {"name": "scale", "seed": 0, "net": {"family": "dm_lstm", "config": {"hidden_size": 4, "num_layers": 1}},
+              "task": {"family": "quadratic", "kwargs": {"dim": 3, "num_instances": 4}},
+              "unroll": {"trajectory_length": 6, "segment_length": 3},
+              "regularizers": [{"kind": "jacobian_trace", "weight": weight, "where": "final"}]}
+    return MetaTrainer(config, out_dir=tmp_path / f"w{weight}", progress=False)
+
+
+def test_regularizer_scale_is_linear_in_the_weight_and_leaves_the_net_alone(tmp_path, capsys):
+    scale = _script("regularizer_scale")
+    one = _scale_trainer(tmp_path, 1.0)
+    before = {k: v.detach().clone() for k, v in one.rule.state_dict().items()}
+    ratios = scale.gradient_ratios(one, 3)
+    # "final": the term applies once per 6-step trajectory, in its second 3-step segment; 3 trajectories ran
+    assert len(ratios) == 3 and one.meta_epochs == 3 and all(r > 0 for r in ratios)
+    assert all(torch.equal(v, one.rule.state_dict()[k]) for k, v in before.items())
+    assert scale.gradient_ratios(_scale_trainer(tmp_path, 3.0), 3) == pytest.approx([3 * r for r in ratios], rel=1e-6)
+    with pytest.raises(SystemExit):
+        scale.main(["smoke"])                     # a config without regularizers: nothing to measure
+    assert "has no regularizers" in capsys.readouterr().err
