@@ -17,8 +17,9 @@ Two commands (run from the repository root):
     Combines ``table`` outputs made with the same steps and seeds (e.g. baselines and learned optimizers
     evaluated in separate processes: a seed fixes the initialisation and the batches) and redoes
     ``claims.md``; ``--seeds N`` keeps seeds 0..N-1 of every input. An optimizer may come from only one
-    input per task and seed; ``--drop LABEL@DIR`` leaves out an input's rows of one optimizer (e.g. those of
-    an entry re-shipped with new weights, whose new rows another input holds). ``table`` and ``merge`` take
+    input per task and seed; ``--drop LABEL@DIR`` leaves out an input's rows of one optimizer and
+    ``--rename LABEL@DIR=NEW`` shows them as ``NEW`` (e.g. the rows of an entry re-shipped with new weights,
+    whose new rows another input holds, as ``LABEL-w<old weight>``). ``table`` and ``merge`` take
     ``--record-card CHECKPOINT_DIR`` (repeatable), like ``python -m learned_optim evaluate``.
 
 ``python benchmarks/generalization.py select --runs 'runs/search/l2o-lstm-hessian-*' --out FILE``
@@ -208,6 +209,13 @@ def _label_at_folder(value: str) -> tuple[str, str]:
     return label, folder
 
 
+def _renaming(value: str) -> tuple[tuple[str, str], str]:
+    where, eq, new = value.rpartition("=")
+    if not (where and eq and new):
+        raise argparse.ArgumentTypeError(f"expected LABEL@INPUT_FOLDER=NEW_LABEL, got {value!r}")
+    return _label_at_folder(where), new
+
+
 def merge(args: argparse.Namespace) -> int:
     """Combine the results of several ``table`` runs made with the same steps/seeds (e.g. baselines
     and learned optimizers evaluated separately: same seeds mean same initialisations and batches)."""
@@ -226,14 +234,26 @@ def merge(args: argparse.Namespace) -> int:
         if differing:
             raise SystemExit(f"cannot merge runs whose {differing} differ")
     inputs = [Path(folder) for folder in args.inputs]
-    for label, folder in args.drop:            # e.g. a re-shipped entry whose old rows a newer input replaces
+
+    def runs_of(label: str, folder: str, option: str) -> tuple[EvaluationResults, list[RunResult]]:
         if Path(folder) not in inputs:
-            raise SystemExit(f"--drop {label}@{folder}: {folder} is not one of the inputs")
+            raise SystemExit(f"{option} {label}@{folder}: {folder} is not one of the inputs")
         part = parts[inputs.index(Path(folder))]
-        kept = [r for r in part.runs if r.optimizer != label]
-        if len(kept) == len(part.runs):
-            raise SystemExit(f"--drop {label}@{folder}: {folder} has no runs of {label}")
-        part.runs[:] = kept
+        runs = [r for r in part.runs if r.optimizer == label]
+        if not runs:
+            raise SystemExit(f"{option} {label}@{folder}: {folder} has no runs of {label}")
+        return part, runs
+
+    for label, folder in args.drop:            # e.g. a re-shipped entry whose old rows a newer input replaces
+        part, runs = runs_of(label, folder, "--drop")
+        part.runs[:] = [r for r in part.runs if r.optimizer != label]
+    for (label, folder), new in args.rename:   # e.g. keep a re-shipped entry's old rows under their weight
+        part, runs = runs_of(label, folder, "--rename")
+        for run in runs:
+            run.optimizer = new
+        for spec in part.config.get("optimizers", []):
+            if spec.get("label") == label:
+                spec["label"] = new
     origin: dict[tuple[str, str, int], str] = {}
     for folder, part in zip(args.inputs, parts):
         for r in part.runs:
@@ -382,6 +402,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     m.add_argument("--drop", metavar="LABEL@INPUT", action="append", default=[], type=_label_at_folder,
                    help="leave out the runs of optimizer LABEL from input folder INPUT (repeatable); an optimizer "
                         "may appear in only one input per task and seed")
+    m.add_argument("--rename", metavar="LABEL@INPUT=NEW", action="append", default=[], type=_renaming,
+                   help="show the runs of optimizer LABEL from input folder INPUT as NEW (repeatable)")
     m.add_argument("--out", required=True)
     for p in (t, s, m):
         p.add_argument("--threads", type=int, default=1)

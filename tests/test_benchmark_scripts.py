@@ -62,6 +62,14 @@ def test_merge_drop_replaces_one_entrys_rows(gen, tmp_path, capsys):
     merged = _merged_accuracy(out)
     assert merged["l2o-lstm-hessian-ev"] == pytest.approx([0.95, 0.951])  # the new rows, not the old ones
     assert merged["l2o-lstm"] == pytest.approx([0.90, 0.901])
+    assert set(merged) == {"l2o-lstm", "l2o-lstm-hessian-ev"}
+    # or keep the old rows under another label
+    assert gen.main(["merge", str(old), str(new), "--rename", f"l2o-lstm-hessian-ev@{old}=l2o-lstm-hessian-ev-w0.02",
+                     "--out", str(out), "--no-plots"]) == 0
+    merged = _merged_accuracy(out)
+    assert merged["l2o-lstm-hessian-ev"] == pytest.approx([0.95, 0.951])
+    assert merged["l2o-lstm-hessian-ev-w0.02"] == pytest.approx([0.80, 0.801])
+    assert "l2o-lstm-hessian-ev-w0.02" in (out / "claims.md").read_text()   # a learned entry in the claim checks
 
 
 @pytest.mark.parametrize("drop, message", [
@@ -75,11 +83,16 @@ def test_merge_drop_rejects_what_it_cannot_drop(gen, tmp_path, drop, message):
                   "--out", str(tmp_path / "m"), "--no-plots"])
 
 
-def test_merge_drop_needs_label_at_folder(gen, tmp_path, capsys):
+@pytest.mark.parametrize("option, value, message", [
+    ("--drop", "l2o-lstm", "expected LABEL@INPUT_FOLDER"),
+    ("--rename", "l2o-lstm=x", "expected LABEL@INPUT_FOLDER"),
+    ("--rename", "l2o-lstm@{old}", "expected LABEL@INPUT_FOLDER=NEW_LABEL"),
+])
+def test_merge_options_need_label_at_folder(gen, tmp_path, capsys, option, value, message):
     old = _table(tmp_path / "old", {"l2o-lstm": 0.90})
     with pytest.raises(SystemExit):
-        gen.main(["merge", str(old), "--drop", "l2o-lstm", "--out", str(tmp_path / "m")])
-    assert "expected LABEL@INPUT_FOLDER" in capsys.readouterr().err
+        gen.main(["merge", str(old), option, value.format(old=old), "--out", str(tmp_path / "m")])
+    assert message in capsys.readouterr().err
 
 
 def test_select_reports_w0_and_the_best_nonzero_weight_per_kind(gen, tmp_path, capsys):
