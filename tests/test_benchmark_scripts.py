@@ -141,3 +141,14 @@ def test_regularizer_scale_is_linear_in_the_weight_and_leaves_the_net_alone(tmp_
     with pytest.raises(SystemExit):
         scale.main(["smoke"])                     # a config without regularizers: nothing to measure
     assert "has no regularizers" in capsys.readouterr().err
+
+
+def test_select_rule_breaks_float32_ties_towards_the_smaller_weight(gen):
+    # the session-4 GAM search: w = 3 and the control had the same correct predictions, means 1.2e-8 apart
+    control = {"val_accuracy": 0.9580555438995362, "weights": []}
+    gam3 = {"val_accuracy": 0.9580555558204651, "weights": [3.0]}
+    gam10 = {"val_accuracy": 0.9538888931274414, "weights": [10.0]}
+    assert gen.best_of([gam10, gam3, control]) is control
+    assert gen.best_of([gam10, gam3]) is gam3
+    assert gen.best_of([{"val_accuracy": 0.9584, "weights": [3.0]}, control])["weights"] == [3.0]   # a real win
+    assert gen.best_of([{"val_accuracy": float("nan"), "weights": []}, gam10]) is gam10
