@@ -50,9 +50,11 @@ smoothing           :math:`\|m(x + \mathrm{sg}(\tilde\delta)) - m(x)\|^2` over t
 (SAM, GSAM and GAM treat their perturbations as constants, as the optimizers they come from do).
 Terms are summed over the points where they apply, like the ``sum`` meta-objective sums losses.
 
-Randomness (probes, power-iteration start, SGLD noise, PGA start) comes from torch's global RNG,
-which the trainer checkpoints, so a resumed run continues bit for bit; pass ``generator=`` to the
-functions (or ``seed=`` to :class:`RegularizerHook`) for an independent stream.
+Randomness (probes, power-iteration start, SGLD noise, PGA start) comes from the ``generator=`` of the
+functions (``seed=`` of :class:`RegularizerHook`), else from torch's global RNG. The trainer gives its hook a
+generator seeded from the config's ``seed`` (and the process rank) and checkpoints its state, so a run is
+reproducible from its config and a resumed run continues bit for bit (torch's global RNG starts from a random
+seed in every process).
 
 :class:`RegularizerHook` is the :class:`~learned_optim.meta.unroll.MetaLossHook` the trainer builds
 from the config; the functions below are the differentiable building blocks, usable on any

@@ -233,11 +233,14 @@ class MetaTrainer:
             raise ValueError("data-parallel meta-training (world size > 1) does not support maml yet")
         self.out_dir = Path(out_dir or config.out_dir or Path("runs") / config.name)
         self.hook = hook
+        self.regularizer_hook = None
         if config.regularizers:   # flatness-aware meta-loss terms (learned_optim.meta.regularizers)
             from .regularizers import RegularizerHook, combine_hooks
 
-            self.hook = combine_hooks(hook, RegularizerHook(config.regularizers,
-                                                            segment_length=config.unroll.segment_length))
+            # their own stream, seeded from the config: torch's global RNG starts from a random seed in each process
+            self.regularizer_hook = RegularizerHook(config.regularizers, segment_length=config.unroll.segment_length,
+                                                    seed=derive_seed(config.seed, "regularizers", self.rank))
+            self.hook = combine_hooks(hook, self.regularizer_hook)
         self.progress = progress
         self.command = command or "MetaTrainer(config).train()  # Python API"
         self.family = family if family is not None else make_task_family(
@@ -509,6 +512,8 @@ class MetaTrainer:
             tensors.update({f"best.{k}": v.detach().contiguous().cpu() for k, v in self.best_weights.items()})
         tensors["rng.torch"] = torch.get_rng_state()
         tensors["rng.data"] = self.data_generator.get_state()
+        if self.regularizer_hook is not None:
+            tensors["rng.regularizers"] = self.regularizer_hook.generator.get_state()
         try:
             import numpy as np
             np_state = np.random.get_state()
@@ -564,6 +569,8 @@ class MetaTrainer:
         self.best_weights = best or None
         torch.set_rng_state(tensors["rng.torch"])
         self.data_generator.set_state(tensors["rng.data"])
+        if self.regularizer_hook is not None and "rng.regularizers" in tensors:
+            self.regularizer_hook.generator.set_state(tensors["rng.regularizers"])
         if "rng.numpy" in tensors and meta.get("rng_numpy"):
             import numpy as np
             kind, pos, has_gauss, cached = meta["rng_numpy"]
