@@ -479,7 +479,7 @@ def test_bundled_regularized_configs_load():
         assert config.init_from == "l2o-lstm" and config.name == path.stem
         kinds[path.stem] = [b["kind"] for b in config.regularizers]
         RegularizerHook(config.regularizers, segment_length=config.unroll.segment_length)
-    expected = {"l2o-lstm-control": [], "l2o-lstm-entropy": ["local_entropy"], "l2o-lstm-gam": ["gam"],
+    expected = {"l2o-lstm-control": [], "l2o-lstm-entropy": ["local_entropy"], "l2o-lstm-gam": ["gam", "smoothing"],
                 "l2o-lstm-gsam": ["gsam"], "l2o-lstm-hessian": ["hessian_trace"],
                 "l2o-lstm-hessian-ev": ["hessian_eigenvalue"], "l2o-lstm-jacobian": ["jacobian_trace"],
                 "l2o-lstm-sam": ["sam"]}
