@@ -1,6 +1,6 @@
 r"""Do flatness-regularized learned optimizers generalize better? The evidence table, and the lambda search.
 
-Two commands (run from the repository root):
+Three commands (run from the repository root):
 
 ``python benchmarks/generalization.py table [--quick] [--out DIR]``
     Trains unseen optimizees (digits MLP-20-ReLU, a deeper MLP, the papers' Conv; Fashion-MNIST /
@@ -245,7 +245,7 @@ def merge(args: argparse.Namespace) -> int:
         return part, runs
 
     for label, folder in args.drop:            # e.g. a re-shipped entry whose old rows a newer input replaces
-        part, runs = runs_of(label, folder, "--drop")
+        part, _ = runs_of(label, folder, "--drop")
         part.runs[:] = [r for r in part.runs if r.optimizer != label]
     for (label, folder), new in args.rename:   # e.g. keep a re-shipped entry's old rows under their weight
         part, runs = runs_of(label, folder, "--rename")
