@@ -28,7 +28,7 @@ def run_step(optimizer_factory, **kwargs):
         return loss
 
     loss = opt.step(closure)
-    return x.detach(), float(loss), len(calls)
+    return x.detach(), float(loss.detach()), len(calls)
 
 
 def test_sam_step():
