@@ -32,31 +32,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from learned_optim.meta.cli import resolve_config_path
 from learned_optim.meta.config import load_config
-from learned_optim.meta.objectives import meta_objective
 from learned_optim.meta.trainer import MetaTrainer
-from learned_optim.meta.unroll import unroll
+
+
+def _norm(grads: Sequence[torch.Tensor | None]) -> float:
+    return float(torch.sqrt(sum((g.square().sum() for g in grads if g is not None), torch.zeros(()))))
 
 
 def gradient_ratios(trainer: MetaTrainer, segments: int) -> list[float]:
     """:math:`\\rho` of ``segments`` consecutive segments of the trainer's trajectories (net left unchanged)."""
-    cfg = trainer.config
     weights = dict(trainer.rule.named_parameters())
+    params = list(weights.values())
     ratios = []
     while len(ratios) < segments:
         if trainer.trajectory is None:
             trainer._begin_trajectory()
-        n = min(cfg.unroll.segment_length, trainer.trajectory_length - trainer.trajectory.step)
-        result = unroll(trainer.rule, weights, trainer.task, trainer.trajectory, n, generator=trainer.data_generator,
-                        config=cfg.unroll, meta_split=cfg.objective.split, hook=trainer.hook)
-        objective = meta_objective(cfg.objective.kind, result.losses, initial_loss=result.end.initial_loss,
-                                   last_step=result.end.step)
+        n = min(trainer.config.unroll.segment_length, trainer.trajectory_length - trainer.trajectory.step)
+        result, objective = trainer.segment_objective(weights, n)
         if result.extra.requires_grad:      # the terms applied somewhere in this segment
-            params = list(weights.values())
             g_obj = torch.autograd.grad(objective, params, retain_graph=True, allow_unused=True)
             g_reg = torch.autograd.grad(result.extra, params, allow_unused=True)
-            norm = lambda grads: float(torch.sqrt(sum((g.square().sum() for g in grads if g is not None),
-                                                      torch.zeros(()))))
-            ratios.append(norm(g_reg) / max(norm(g_obj), 1e-30))
+            ratios.append(_norm(g_reg) / max(_norm(g_obj), 1e-30))
         if hasattr(trainer.hook, "pop_values"):
             trainer.hook.pop_values()
         trainer.trajectory = result.end

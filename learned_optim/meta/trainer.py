@@ -54,7 +54,7 @@ from .curriculum import Curriculum
 from .imitation import imitation_unroll
 from .objectives import meta_objective
 from .tasks.base import Task, TaskFamily
-from .unroll import MetaLossHook, Trajectory, start_trajectory, unroll
+from .unroll import MetaLossHook, Trajectory, UnrollResult, start_trajectory, unroll
 
 __all__ = ["MetaTrainer", "derive_seed", "make_task_family", "build_meta_optimizer"]
 
@@ -366,10 +366,7 @@ class MetaTrainer:
             metrics.update(maml_metrics, objective=maml_metrics["outer_loss"],
                            meta_split_loss_last=maml_metrics["query_loss_last"])
         else:
-            result = unroll(self.rule, weights, self.task, self.trajectory, n, generator=self.data_generator,
-                            config=cfg.unroll, meta_split=cfg.objective.split, hook=self.hook)
-            objective = meta_objective(cfg.objective.kind, result.losses, initial_loss=result.end.initial_loss,
-                                       last_step=result.end.step)
+            result, objective = self.segment_objective(weights, n)
             loss, optimizer = objective + result.extra, self.meta_optimizer
             metrics.update(objective=float(objective.detach()), extra=float(result.extra.detach()),
                            meta_split_loss_last=float(result.losses[-1].detach()))
@@ -406,6 +403,16 @@ class MetaTrainer:
         if end.step >= self.trajectory_length:
             self._end_trajectory(metrics)
         return metrics
+
+    def segment_objective(self, weights: Mapping[str, Tensor], n: int) -> tuple[UnrollResult, Tensor]:
+        """The next ``n`` steps of the current trajectory (hook terms in ``result.extra``) and their meta-objective,
+        without touching the net, its optimizer or ``self.trajectory`` (the segment's end is ``result.end``)."""
+        cfg = self.config
+        result = unroll(self.rule, weights, self.task, self.trajectory, n, generator=self.data_generator,
+                        config=cfg.unroll, meta_split=cfg.objective.split, hook=self.hook)
+        objective = meta_objective(cfg.objective.kind, result.losses, initial_loss=result.end.initial_loss,
+                                   last_step=result.end.step)
+        return result, objective
 
     def _average_gradients(self, skipped: bool) -> bool:
         """All-reduce the net's gradients to their mean over the ranks that have one (one flat
