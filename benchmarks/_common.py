@@ -23,13 +23,22 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["Timing", "measure", "machine_header", "matmul_gflops", "GemmRecorder", "gemm_only_seconds", "table",
-           "peak_rss_kib", "reset_peak_rss"]
+__all__ = [
+    "Timing",
+    "measure",
+    "machine_header",
+    "matmul_gflops",
+    "GemmRecorder",
+    "gemm_only_seconds",
+    "table",
+    "peak_rss_kib",
+    "reset_peak_rss",
+]
 
 
 @dataclasses.dataclass
 class Timing:
-    cpu_best: float      # seconds of process CPU time, best of the repeats
+    cpu_best: float  # seconds of process CPU time, best of the repeats
     cpu_median: float
     wall_median: float
     repeats: int
@@ -64,9 +73,11 @@ def _cpu_model() -> str:
 
 def machine_header() -> str:
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?", "?", "?")
-    return (f"torch {torch.__version__}, {_cpu_model()}, {os.cpu_count()} cores visible, "
-            f"torch threads {torch.get_num_threads()}, load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} "
-            f"(1/5/15 min)")
+    return (
+        f"torch {torch.__version__}, {_cpu_model()}, {os.cpu_count()} cores visible, "
+        f"torch threads {torch.get_num_threads()}, load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} "
+        f"(1/5/15 min)"
+    )
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:

@@ -89,19 +89,48 @@ def main(argv: list[str] | None = None) -> None:
             continue
         ref, bytes32, acc32 = curve(rule, torch.float32, args.steps, args.batch)
         low, bytes16, acc16 = curve(rule, {"lstm": torch.bfloat16}, args.steps, args.batch)
-        w = 10   # compare 10-step window means (single-batch losses are noisy)
-        mean32 = [sum(ref[i:i + w]) / w for i in range(0, args.steps - w + 1, w)]
-        mean16 = [sum(low[i:i + w]) / w for i in range(0, args.steps - w + 1, w)]
+        w = 10  # compare 10-step window means (single-batch losses are noisy)
+        mean32 = [sum(ref[i : i + w]) / w for i in range(0, args.steps - w + 1, w)]
+        mean16 = [sum(low[i : i + w]) / w for i in range(0, args.steps - w + 1, w)]
         diff = [abs(a - b) for a, b in zip(mean32, mean16)]
-        rows.append([family, source, f"{bytes32 / 1024:.0f} / {bytes16 / 1024:.0f}", f"{ref[0]:.4f}",
-                     " / ".join(f"{m[i]:.4f}" for m in (mean32, mean16) for i in (len(m) // 3,)),
-                     f"{mean32[-1]:.4f} / {mean16[-1]:.4f}", f"{max(diff):.3g}",
-                     f"{sum(diff) / sum(mean32):.1%}", f"{acc32:.1%} / {acc16:.1%}"])
-        print("  " + family + " 10-step means, every 3rd: fp32 " + " ".join(f"{v:.3f}" for v in mean32[::3])
-              + " | bf16 " + " ".join(f"{v:.3f}" for v in mean16[::3]), file=sys.stderr)
-    print(table(["net", "weights", "state KiB fp32 / bf16-lstm", "loss at step 1",
-                 "loss at 1/3 fp32 / bf16 (10-step mean)", "final loss fp32 / bf16 (last 10)",
-                 "max |diff| of 10-step means", "sum |diff| / sum fp32 loss", "held-out accuracy fp32 / bf16"], rows))
+        rows.append(
+            [
+                family,
+                source,
+                f"{bytes32 / 1024:.0f} / {bytes16 / 1024:.0f}",
+                f"{ref[0]:.4f}",
+                " / ".join(f"{m[i]:.4f}" for m in (mean32, mean16) for i in (len(m) // 3,)),
+                f"{mean32[-1]:.4f} / {mean16[-1]:.4f}",
+                f"{max(diff):.3g}",
+                f"{sum(diff) / sum(mean32):.1%}",
+                f"{acc32:.1%} / {acc16:.1%}",
+            ]
+        )
+        print(
+            "  "
+            + family
+            + " 10-step means, every 3rd: fp32 "
+            + " ".join(f"{v:.3f}" for v in mean32[::3])
+            + " | bf16 "
+            + " ".join(f"{v:.3f}" for v in mean16[::3]),
+            file=sys.stderr,
+        )
+    print(
+        table(
+            [
+                "net",
+                "weights",
+                "state KiB fp32 / bf16-lstm",
+                "loss at step 1",
+                "loss at 1/3 fp32 / bf16 (10-step mean)",
+                "final loss fp32 / bf16 (last 10)",
+                "max |diff| of 10-step means",
+                "sum |diff| / sum fp32 loss",
+                "held-out accuracy fp32 / bf16",
+            ],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

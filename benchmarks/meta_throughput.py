@@ -48,7 +48,7 @@ class Setup:
         self.params = [t.init_params(g) for t, g in zip(self.tasks, gens)]
         self.states = [{n: self.rule.init_state(p.numel()) for n, p in ps.items()} for ps in self.params]
         self.batches = [[t.batch("train", g) for _ in range(segment)] for t, g in zip(self.tasks, gens)]
-        self.loss = self.tasks[0].loss   # same architecture for every instance: the same function
+        self.loss = self.tasks[0].loss  # same architecture for every instance: the same function
         self.meta_opt = torch.optim.Adam(self.rule.parameters(), lr=1e-4)
 
     def inner(self, weights, params, state, batch, t):
@@ -68,7 +68,9 @@ class Setup:
 
     def meta_loss_vmap(self, weights) -> torch.Tensor:
         params = {k: torch.stack([p[k] for p in self.params]) for k in self.params[0]}
-        state = {k: {s: torch.stack([st[k][s] for st in self.states]) for s in self.states[0][k]} for k in self.states[0]}
+        state = {
+            k: {s: torch.stack([st[k][s] for st in self.states]) for s in self.states[0][k]} for k in self.states[0]
+        }
         total = 0.0
         for t in range(1, self.segment + 1):
             batch = tuple(torch.stack([b[t - 1][i] for b in self.batches]) for i in range(2))
@@ -104,14 +106,38 @@ def main(argv: list[str] | None = None) -> None:
             setup = Setup(family, tasks, args.segment)
             loop, batched = setup.gradients(False), setup.gradients(True)
             agree = max(float((a - b).abs().max() / (a.abs().max() + 1e-30)) for a, b in zip(loop, batched))
-            timings = measure({"loop": lambda: setup.meta_step(False), "vmap": lambda: setup.meta_step(True)},
-                              repeats=args.repeats)
+            timings = measure(
+                {"loop": lambda: setup.meta_step(False), "vmap": lambda: setup.meta_step(True)}, repeats=args.repeats
+            )
             lt, vt = timings["loop"].cpu_best, timings["vmap"].cpu_best
-            rows.append([family, tasks, f"{1 / lt:.3g}", f"{tasks / lt:.3g}", f"{1 / vt:.3g}", f"{tasks / vt:.3g}",
-                         f"{lt / vt:.2f}x", f"{agree:.1e}"])
+            rows.append(
+                [
+                    family,
+                    tasks,
+                    f"{1 / lt:.3g}",
+                    f"{tasks / lt:.3g}",
+                    f"{1 / vt:.3g}",
+                    f"{tasks / vt:.3g}",
+                    f"{lt / vt:.2f}x",
+                    f"{agree:.1e}",
+                ]
+            )
             print(f"  measured {family} x{tasks}", file=sys.stderr, flush=True)
-    print(table(["net", "task instances", "one at a time: meta-steps/s", "task-segments/s", "vmap: meta-steps/s",
-                 "task-segments/s", "vmap speed-up", "max rel. diff of meta-gradients"], rows))
+    print(
+        table(
+            [
+                "net",
+                "task instances",
+                "one at a time: meta-steps/s",
+                "task-segments/s",
+                "vmap: meta-steps/s",
+                "task-segments/s",
+                "vmap speed-up",
+                "max rel. diff of meta-gradients",
+            ],
+            rows,
+        )
+    )
     print(f"\nLoad at the end: {machine_header().split('load average ')[1]}")
 
 

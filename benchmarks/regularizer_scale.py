@@ -49,7 +49,7 @@ def gradient_ratios(trainer: MetaTrainer, segments: int) -> list[float]:
             trainer._begin_trajectory()
         n = min(trainer.config.unroll.segment_length, trainer.trajectory_length - trainer.trajectory.step)
         result, objective = trainer.segment_objective(weights, n)
-        if result.extra.requires_grad:      # the terms applied somewhere in this segment
+        if result.extra.requires_grad:  # the terms applied somewhere in this segment
             g_obj = torch.autograd.grad(objective, params, retain_graph=True, allow_unused=True)
             g_reg = torch.autograd.grad(result.extra, params, allow_unused=True)
             ratios.append(_norm(g_reg) / max(_norm(g_obj), 1e-30))
@@ -64,8 +64,14 @@ def gradient_ratios(trainer: MetaTrainer, segments: int) -> list[float]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="a bundled config name (e.g. l2o-lstm-gam) or a config file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, as for `python -m learned_optim.meta train`")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, as for `python -m learned_optim.meta train`",
+    )
     parser.add_argument("--segments", type=int, default=30, help="segments with the term applied")
     args = parser.parse_args(argv)
     config = load_config(resolve_config_path(args.config), args.overrides)
@@ -78,8 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     q1, median, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
     blocks = config.regularizers
     print(f"{args.config} {' '.join(args.overrides)}")
-    print(f"|meta-gradient of the terms| / |meta-gradient of the objective| over {len(ratios)} segments: "
-          f"median {median:.3g} (quartiles {q1:.3g} .. {q3:.3g})")
+    print(
+        f"|meta-gradient of the terms| / |meta-gradient of the objective| over {len(ratios)} segments: "
+        f"median {median:.3g} (quartiles {q1:.3g} .. {q3:.3g})"
+    )
     if len(blocks) == 1:
         weight = blocks[0]["weight"]
         print(f"weight at which the median ratio is 1: {weight / median:.3g} (configured weight {weight})")

@@ -41,13 +41,27 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import (GemmRecorder, gemm_only_seconds, machine_header, matmul_gflops, measure,  # noqa: E402
-                     peak_rss_kib, reset_peak_rss, table)
+from _common import (
+    GemmRecorder,
+    gemm_only_seconds,
+    machine_header,
+    matmul_gflops,
+    measure,  # noqa: E402
+    peak_rss_kib,
+    reset_peak_rss,
+    table,
+)
 
 import learned_optim  # noqa: E402
 from learned_optim import LearnedOptimizer, kernels  # noqa: E402
-from learned_optim.features import (adam_ratio_features, bias_corrected, ema, log_and_sign, rsqrt_features,  # noqa: E402
-                                    time_features)
+from learned_optim.features import (
+    adam_ratio_features,
+    bias_corrected,
+    ema,
+    log_and_sign,
+    rsqrt_features,  # noqa: E402
+    time_features,
+)
 
 FAMILIES = ["dm_lstm", "rnnprop", "mlp"]
 REFERENCE_BLOCK = 1 << 20
@@ -156,8 +170,9 @@ def reference_agreement(family: str) -> float:
 
 # ------------------------------------------------------------------------------------ measurements
 def state_bytes_per_param(opt: torch.optim.Optimizer, n: int) -> float:
-    total = sum(v.nbytes for s in opt.state.values() for k, v in s.items()
-                if isinstance(v, torch.Tensor) and v.dim() > 0)
+    total = sum(
+        v.nbytes for s in opt.state.values() for k, v in s.items() if isinstance(v, torch.Tensor) and v.dim() > 0
+    )
     return total / n
 
 
@@ -195,8 +210,13 @@ def child_memory(family: str, mode: str, n: int) -> dict:
 
 def memory_row(family: str, mode: str, n: int) -> float | None:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, __file__, "--child-memory", family, mode, str(n)], env=env,
-                          capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child-memory", family, mode, str(n)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     if proc.returncode != 0:
         print(f"  memory child {family}/{mode} failed: {proc.stderr[-500:]}", file=sys.stderr)
         return None
@@ -247,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
                 candidates["aten"] = aten_step
             if not args.no_compile:
                 compiled = LearnedOptimizer([p], rule, compile=True)
-                compiled.step()   # compile outside the timed region
+                compiled.step()  # compile outside the timed region
                 candidates["compiled"] = compiled.step
             if not args.no_reference:
                 candidates["reference"] = Reference(rule, p).step
@@ -260,18 +280,27 @@ def main(argv: list[str] | None = None) -> None:
             chunk = shapes[0][0] if shapes else 8192
             gemm_s = gemm_only_seconds(shapes, calls=-(-n // chunk), repeats=2)
             flops = per_coord * n
-            row = {"family": family, "n": n, "repeats": repeats, "flops_per_coord": per_coord,
-                   "gemm_only_s": gemm_s, "limit_s": flops / (peak * 1e9),
-                   "state_bytes_per_param": state_bytes_per_param(eager, n),
-                   "adam_state_bytes_per_param": state_bytes_per_param(adam, n),
-                   **{f"{k}_cpu_s": v.cpu_best for k, v in timings.items()},
-                   **{f"{k}_wall_median_s": v.wall_median for k, v in timings.items()}}
+            row = {
+                "family": family,
+                "n": n,
+                "repeats": repeats,
+                "flops_per_coord": per_coord,
+                "gemm_only_s": gemm_s,
+                "limit_s": flops / (peak * 1e9),
+                "state_bytes_per_param": state_bytes_per_param(eager, n),
+                "adam_state_bytes_per_param": state_bytes_per_param(adam, n),
+                **{f"{k}_cpu_s": v.cpu_best for k, v in timings.items()},
+                **{f"{k}_wall_median_s": v.wall_median for k, v in timings.items()},
+            }
             if not args.no_memory and n <= 1_000_000:
                 for mode in ("adam", "eager", "aten", "reference"):
                     row[f"{mode}_transient_mib"] = memory_row(family, mode, n)
             results.append(row)
-            print(f"  measured {family} at {size}: " + ", ".join(f"{k} {v.fmt()}" for k, v in timings.items()),
-                  file=sys.stderr, flush=True)
+            print(
+                f"  measured {family} at {size}: " + ", ".join(f"{k} {v.fmt()}" for k, v in timings.items()),
+                file=sys.stderr,
+                flush=True,
+            )
 
     def ms(x):
         return "-" if x is None else f"{x * 1e3:.4g}"
@@ -282,29 +311,85 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for r in results:
         g = r.get
-        rows.append([r["family"], f"{r['n'] / 1e6:g}M", ms(g("adam_cpu_s")), ms(g("eager_cpu_s")), ms(g("aten_cpu_s")),
-                     ms(g("compiled_cpu_s")), ms(g("reference_cpu_s")), ratio(g("eager_cpu_s"), g("adam_cpu_s")),
-                     ratio(g("aten_cpu_s"), g("eager_cpu_s")), ratio(g("reference_cpu_s"), g("eager_cpu_s")),
-                     ratio(g("reference_cpu_s"), g("aten_cpu_s")), ratio(g("reference_cpu_s"), g("compiled_cpu_s"))])
+        rows.append(
+            [
+                r["family"],
+                f"{r['n'] / 1e6:g}M",
+                ms(g("adam_cpu_s")),
+                ms(g("eager_cpu_s")),
+                ms(g("aten_cpu_s")),
+                ms(g("compiled_cpu_s")),
+                ms(g("reference_cpu_s")),
+                ratio(g("eager_cpu_s"), g("adam_cpu_s")),
+                ratio(g("aten_cpu_s"), g("eager_cpu_s")),
+                ratio(g("reference_cpu_s"), g("eager_cpu_s")),
+                ratio(g("reference_cpu_s"), g("aten_cpu_s")),
+                ratio(g("reference_cpu_s"), g("compiled_cpu_s")),
+            ]
+        )
     print("\n## Step time (ms of CPU time, best of the repeats; ratios from the same run)\n")
-    print(table(["net", "params", "Adam", "learned eager (native kernels)", "learned eager (ATen only)",
-                 "learned compiled", "eager reference", "eager / Adam", "speed-up kernels vs ATen",
-                 "speed-up eager vs ref", "speed-up ATen vs ref", "speed-up compiled vs ref"], rows))
+    print(
+        table(
+            [
+                "net",
+                "params",
+                "Adam",
+                "learned eager (native kernels)",
+                "learned eager (ATen only)",
+                "learned compiled",
+                "eager reference",
+                "eager / Adam",
+                "speed-up kernels vs ATen",
+                "speed-up eager vs ref",
+                "speed-up ATen vs ref",
+                "speed-up compiled vs ref",
+            ],
+            rows,
+        )
+    )
     rows = []
     for r in results:
         best = min(v for v in (r.get("eager_cpu_s"), r.get("aten_cpu_s"), r.get("compiled_cpu_s")) if v is not None)
         gf = r["flops_per_coord"] * r["n"] / 1e9
-        rows.append([r["family"], f"{r['n'] / 1e6:g}M", f"{r['flops_per_coord']:.0f}", f"{gf / best:.1f}",
-                     f"{gf / best / peak:.0%}", ms(r["limit_s"]), ms(r["gemm_only_s"]), f"{best / r['limit_s']:.2f}x",
-                     f"{r['state_bytes_per_param']:.0f} (Adam {r['adam_state_bytes_per_param']:.0f})",
-                     " / ".join("-" if r.get(f"{m}_transient_mib") is None else f"{r[f'{m}_transient_mib']:.0f}"
-                                for m in ("adam", "eager", "aten", "reference"))])
+        rows.append(
+            [
+                r["family"],
+                f"{r['n'] / 1e6:g}M",
+                f"{r['flops_per_coord']:.0f}",
+                f"{gf / best:.1f}",
+                f"{gf / best / peak:.0%}",
+                ms(r["limit_s"]),
+                ms(r["gemm_only_s"]),
+                f"{best / r['limit_s']:.2f}x",
+                f"{r['state_bytes_per_param']:.0f} (Adam {r['adam_state_bytes_per_param']:.0f})",
+                " / ".join(
+                    "-" if r.get(f"{m}_transient_mib") is None else f"{r[f'{m}_transient_mib']:.0f}"
+                    for m in ("adam", "eager", "aten", "reference")
+                ),
+            ]
+        )
     print(f"\n## Efficiency (best learned path; compute limit = GEMM FLOPs / {peak:.1f} GFLOP/s)\n")
-    print(table(["net", "params", "GEMM FLOP/coord", "achieved GFLOP/s", "of matmul peak", "compute limit ms",
-                 "its GEMMs alone ms", "step / limit", "state B/param",
-                 "peak transient MiB Adam / eager / ATen / ref"], rows))
-    print("\nReference agreement (max |delta_ref - delta_rule| over 3 steps, 10k coords): " + ", ".join(
-        f"{f} {reference_agreement(f):.1e}" for f in args.families))
+    print(
+        table(
+            [
+                "net",
+                "params",
+                "GEMM FLOP/coord",
+                "achieved GFLOP/s",
+                "of matmul peak",
+                "compute limit ms",
+                "its GEMMs alone ms",
+                "step / limit",
+                "state B/param",
+                "peak transient MiB Adam / eager / ATen / ref",
+            ],
+            rows,
+        )
+    )
+    print(
+        "\nReference agreement (max |delta_ref - delta_rule| over 3 steps, 10k coords): "
+        + ", ".join(f"{f} {reference_agreement(f):.1e}" for f in args.families)
+    )
     print(f"\nLoad at the end: {machine_header().split('load average ')[1]}")
     if args.json:
         Path(args.json).write_text(json.dumps({"gemm_gflops": peak, "rows": results}, indent=1))

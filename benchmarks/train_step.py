@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
                 nn.functional.cross_entropy(model(x), y).backward()
                 if opt is not None:
                     opt.step()
+
             return run
 
         candidates = {"fwd+bwd only": iteration(copy.deepcopy(base), None)}
@@ -92,20 +93,50 @@ def main(argv: list[str] | None = None) -> None:
                 model = copy.deepcopy(base)
                 opt = LearnedOptimizer(model.parameters(), rule, compile=compile_)
                 candidates[f"{family} {label}"] = iteration(model, opt)
-        for f in candidates.values():   # compile / warm up outside the timed rotation
+        for f in candidates.values():  # compile / warm up outside the timed rotation
             f()
         timings = measure(candidates, repeats=args.repeats)
         fb, adam = timings["fwd+bwd only"].cpu_best, timings["Adam"].cpu_best
         for label, t in timings.items():
             if label == "fwd+bwd only":
                 continue
-            rows.append([name, f"{n_params / 1e6:.3g}M", label, f"{t.cpu_best * 1e3:.4g}", f"{t.wall_median * 1e3:.4g}",
-                         f"{t.cpu_best / adam:.2f}x", f"{max(t.cpu_best - fb, 0.0) * 1e3:.4g}"])
-        rows.append([name, f"{n_params / 1e6:.3g}M", "fwd+bwd only", f"{fb * 1e3:.4g}",
-                     f"{timings['fwd+bwd only'].wall_median * 1e3:.4g}", f"{fb / adam:.2f}x", "0"])
+            rows.append(
+                [
+                    name,
+                    f"{n_params / 1e6:.3g}M",
+                    label,
+                    f"{t.cpu_best * 1e3:.4g}",
+                    f"{t.wall_median * 1e3:.4g}",
+                    f"{t.cpu_best / adam:.2f}x",
+                    f"{max(t.cpu_best - fb, 0.0) * 1e3:.4g}",
+                ]
+            )
+        rows.append(
+            [
+                name,
+                f"{n_params / 1e6:.3g}M",
+                "fwd+bwd only",
+                f"{fb * 1e3:.4g}",
+                f"{timings['fwd+bwd only'].wall_median * 1e3:.4g}",
+                f"{fb / adam:.2f}x",
+                "0",
+            ]
+        )
         print(f"  measured {name}", file=sys.stderr, flush=True)
-    print(table(["model", "params", "optimizer", "iteration ms (CPU, best)", "wall ms (median)", "vs Adam iteration",
-                 "optimizer share ms"], rows))
+    print(
+        table(
+            [
+                "model",
+                "params",
+                "optimizer",
+                "iteration ms (CPU, best)",
+                "wall ms (median)",
+                "vs Adam iteration",
+                "optimizer share ms",
+            ],
+            rows,
+        )
+    )
     print(f"\nLoad at the end: {machine_header().split('load average ')[1]}")
 
 

@@ -48,8 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.adam:
         specs.append("adam")
     tasks = [t for t in args.tasks.split(",") if t]
-    results = evaluate(specs, tasks, args.steps, args.seeds, eval_split="val", progress=False,
-                       command=" ".join(["python", "benchmarks/validation_screen.py", *sys.argv[1:]]))
+    results = evaluate(
+        specs,
+        tasks,
+        args.steps,
+        args.seeds,
+        eval_split="val",
+        progress=False,
+        command=" ".join(["python", "benchmarks/validation_screen.py", *sys.argv[1:]]),
+    )
     results.write(args.out)
     for task in tasks:
         for name in [s if isinstance(s, str) else s.label for s in specs]:
@@ -58,9 +65,12 @@ def main(argv: list[str] | None = None) -> int:
             loss = mean_confidence_interval([r.final("loss") for r in runs])
             final = mean_confidence_interval([sum(r.train_loss[-10:]) / len(r.train_loss[-10:]) for r in runs])
             mean = mean_confidence_interval([sum(r.train_loss) / len(r.train_loss) for r in runs])
-            print(f"{task:28s} {name:24s} val acc {100 * acc[0]:.2f} ± {100 * acc[1]:.2f}  "
-                  f"val loss {loss[0]:.3f} ± {loss[1]:.3f}  final train loss {final[0]:.4f}  "
-                  f"mean train loss (steps 1-{args.steps}) {mean[0]:.4f}", flush=True)
+            print(
+                f"{task:28s} {name:24s} val acc {100 * acc[0]:.2f} ± {100 * acc[1]:.2f}  "
+                f"val loss {loss[0]:.3f} ± {loss[1]:.3f}  final train loss {final[0]:.4f}  "
+                f"mean train loss (steps 1-{args.steps}) {mean[0]:.4f}",
+                flush=True,
+            )
     return 0
 
 

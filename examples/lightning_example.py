@@ -45,7 +45,8 @@ class LitRegressor(L.LightningModule):
         opt = learned_optim.from_pretrained(
             self.hparams.checkpoint,
             [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
-            weight_decay=self.hparams.weight_decay)
+            weight_decay=self.hparams.weight_decay,
+        )
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.hparams.total_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -63,9 +64,16 @@ def main(checkpoint: str = "rnnprop", max_steps: int = 100) -> tuple[L.Trainer, 
     L.seed_everything(0, verbose=False)
     with tempfile.TemporaryDirectory() as tmp:
         module = LitRegressor(checkpoint, total_steps=max_steps)
-        trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            default_root_dir=tmp)
+        trainer = L.Trainer(
+            max_steps=max_steps,
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp,
+        )
         trainer.fit(module, make_data())
     print(f"trained {trainer.global_step} steps, last loss {float(trainer.callback_metrics['train_loss']):.4f}")
     return trainer, module

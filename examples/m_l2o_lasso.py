@@ -44,8 +44,11 @@ from learned_optim.meta.trainer import derive_seed
 from learned_optim.nets import RNNProp, UpdateRule
 
 PAPER = {  # SPEC §4, Table 1: min log10 loss, Vanilla / M-L2O / DT / TL (5 adaptation steps)
-    10: (0.033, -3.712, -4.233, -4.077), 25: (1.559, -3.433, -4.125, -4.019), 50: (0.550, -3.285, -3.098, -3.181),
-    100: (2.435, -2.408, -1.775, -1.961), 200: (4.104, -1.396, -0.453, -0.982),
+    10: (0.033, -3.712, -4.233, -4.077),
+    25: (1.559, -3.433, -4.125, -4.019),
+    50: (0.550, -3.285, -3.098, -3.181),
+    100: (2.435, -2.408, -1.775, -1.961),
+    200: (4.104, -1.396, -0.453, -0.982),
 }
 
 
@@ -78,12 +81,28 @@ class Runner:
     def adapted(self, rule: UpdateRule, family, steps: int, seed: int) -> UpdateRule:
         if steps == 0:
             return rule
-        net, _ = adapt_on_task(rule, family, steps=steps, lr=self.args.adapt_lr, segment_length=self.args.segment,
-                               trajectory_length=self.args.adapt_trajectory, seed=seed)
+        net, _ = adapt_on_task(
+            rule,
+            family,
+            steps=steps,
+            lr=self.args.adapt_lr,
+            segment_length=self.args.segment,
+            trajectory_length=self.args.adapt_trajectory,
+            seed=seed,
+        )
         return net
 
-    def compare(self, adapt_family, test_task, run: int, seed: int, steps_list: Sequence[int], *,
-                methods: Sequence[str] = ("Vanilla", "M-L2O", "DT", "TL"), curves: bool = False) -> dict[str, Any]:
+    def compare(
+        self,
+        adapt_family,
+        test_task,
+        run: int,
+        seed: int,
+        steps_list: Sequence[int],
+        *,
+        methods: Sequence[str] = ("Vanilla", "M-L2O", "DT", "TL"),
+        curves: bool = False,
+    ) -> dict[str, Any]:
         """Every method on one run: adaptation instances from ``adapt_family`` (seed ``seed``), test on ``test_task``."""
         out: dict[str, Any] = {}
         test_seed = derive_seed(0, "test-run", seed)
@@ -148,8 +167,11 @@ def cached(args: argparse.Namespace, name: str, compute: Callable[[], Any]) -> A
 def part_table(runner: Runner, args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for sigma in args.sigmas:
-        results[str(sigma)] = cached(args, f"table-sigma{sigma}-k{'-'.join(map(str, args.adapt_steps))}",
-                                     lambda sigma=sigma: table_sigma(runner, args, sigma))
+        results[str(sigma)] = cached(
+            args,
+            f"table-sigma{sigma}-k{'-'.join(map(str, args.adapt_steps))}",
+            lambda sigma=sigma: table_sigma(runner, args, sigma),
+        )
     return results
 
 
@@ -160,10 +182,13 @@ def table_sigma(runner: Runner, args: argparse.Namespace, sigma: int) -> list[di
     for r in range(args.runs):
         seed = derive_seed(0, "lasso", sigma, r)
         test_task = family.sample(gen("lasso-test", sigma, r))
-        runs.append(runner.compare(family, test_task, r, seed, [0, *args.adapt_steps],
-                                   curves=sigma in args.curve_sigmas))
-    log(f"table: sigma={sigma} done in {time.perf_counter() - started:.0f}s; min log10 loss "
-        + ", ".join(f"{k}={fmt(v)}" for k, v in summarize(runs, "min").items()))
+        runs.append(
+            runner.compare(family, test_task, r, seed, [0, *args.adapt_steps], curves=sigma in args.curve_sigmas)
+        )
+    log(
+        f"table: sigma={sigma} done in {time.perf_counter() - started:.0f}s; min log10 loss "
+        + ", ".join(f"{k}={fmt(v)}" for k, v in summarize(runs, "min").items())
+    )
     return runs
 
 
@@ -192,6 +217,7 @@ def part_optimum(args: argparse.Namespace) -> dict[str, list[float]]:
     """log10 f* of every test instance of the table (same seeds)."""
     out = {}
     for sigma in args.sigmas:
+
         def compute(sigma: int = sigma) -> list[float]:
             family = make_family("lasso", sigma=float(sigma))
             return [math.log10(lasso_optimum(family.sample(gen("lasso-test", sigma, r)))) for r in range(args.runs)]
@@ -217,8 +243,11 @@ def part_rosenbrock(runner: Runner, args: argparse.Namespace) -> dict[str, Any]:
     runs = []
     for r in range(args.runs):
         seed = derive_seed(0, "rosenbrock", r)
-        runs.append(runner.compare(family, family.sample(gen("rosenbrock-test", r)), r, seed, [0, *args.adapt_steps[:1]],
-                                   curves=True))
+        runs.append(
+            runner.compare(
+                family, family.sample(gen("rosenbrock-test", r)), r, seed, [0, *args.adapt_steps[:1]], curves=True
+            )
+        )
     log("rosenbrock: min log10 loss " + ", ".join(f"{k}={fmt(v)}" for k, v in summarize(runs, "min").items()))
     return {"runs": runs}
 
@@ -228,6 +257,7 @@ def part_sweep(runner: Runner, args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     k = args.adapt_steps[0]
     for adapt_sigma in args.sweep_adapt_sigmas:
+
         def compute(adapt_sigma: float = adapt_sigma) -> list[dict[str, Any]]:
             adapt_family = make_family("lasso", sigma=float(adapt_sigma))
             runs = []
@@ -235,8 +265,10 @@ def part_sweep(runner: Runner, args: argparse.Namespace) -> dict[str, Any]:
                 seed = derive_seed(0, "sweep", adapt_sigma, r)
                 test_task = test_family.sample(gen("lasso-test", args.sweep_test_sigma, r))
                 runs.append(runner.compare(adapt_family, test_task, r, seed, [k], methods=("M-L2O", "TL")))
-            log(f"sweep: adapt sigma={adapt_sigma} "
-                + ", ".join(f"{n}={fmt(v)}" for n, v in summarize(runs, "min").items()))
+            log(
+                f"sweep: adapt sigma={adapt_sigma} "
+                + ", ".join(f"{n}={fmt(v)}" for n, v in summarize(runs, "min").items())
+            )
             return runs
 
         out[f"{adapt_sigma:g}"] = cached(args, f"sweep-test{args.sweep_test_sigma}-adapt{adapt_sigma:g}", compute)
@@ -265,13 +297,21 @@ def part_neural(args: argparse.Namespace, name: str) -> dict[str, Any]:
             idx = torch.randint(len(train.y), (batch,), generator=g)
             yield train.x[idx], train.y[idx]
 
-    def run(make_opt: Callable[[torch.nn.Module], torch.optim.Optimizer], seed: int,
-            adapt_steps: int = 0) -> dict[str, Any]:
+    def run(
+        make_opt: Callable[[torch.nn.Module], torch.optim.Optimizer], seed: int, adapt_steps: int = 0
+    ) -> dict[str, Any]:
         model = model_for(seed)
         opt = make_opt(model)
         if adapt_steps:
-            learned_optim.adapt(opt, model, F.cross_entropy, list(batches(10_000 + seed, adapt_steps * 21)),
-                                steps=adapt_steps, unroll=20, lr=args.adapt_lr)
+            learned_optim.adapt(
+                opt,
+                model,
+                F.cross_entropy,
+                list(batches(10_000 + seed, adapt_steps * 21)),
+                steps=adapt_steps,
+                unroll=20,
+                lr=args.adapt_lr,
+            )
         losses = []
         for x, y in batches(seed, steps):
             opt.zero_grad()
@@ -283,8 +323,12 @@ def part_neural(args: argparse.Namespace, name: str) -> dict[str, Any]:
             val_loss = float(F.cross_entropy(model(val.x), val.y))
             acc = float((model(test.x).argmax(1) == test.y).float().mean())
         tail = [v for v in losses[-20:] if math.isfinite(v)]
-        return {"final_train_loss": sum(tail) / len(tail) if tail else math.nan, "val_loss": val_loss,
-                "test_accuracy": acc, "curve": [round(v, 4) for v in losses]}
+        return {
+            "final_train_loss": sum(tail) / len(tail) if tail else math.nan,
+            "val_loss": val_loss,
+            "test_accuracy": acc,
+            "curve": [round(v, 4) for v in losses],
+        }
 
     seeds = list(range(args.runs))
     tune_seeds = [1000, 1001]
@@ -303,8 +347,10 @@ def part_neural(args: argparse.Namespace, name: str) -> dict[str, Any]:
             f"Adam (lr {best:g})": run(lambda m: torch.optim.Adam(m.parameters(), lr=best), s),
         }
         out["runs"].append(row)
-        log(f"neural: seed {s} " + ", ".join(f"{k}: loss {v['final_train_loss']:.4f} acc {v['test_accuracy']:.3f}"
-                                             for k, v in row.items()))
+        log(
+            f"neural: seed {s} "
+            + ", ".join(f"{k}: loss {v['final_train_loss']:.4f} acc {v['test_accuracy']:.3f}" for k, v in row.items())
+        )
     return out
 
 
@@ -318,6 +364,7 @@ def band(curves: list[list[float]]) -> tuple[list[float], list[float], list[floa
 
 def plot_curves(runs: list[dict[str, Any]], names: Sequence[str], title: str, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -341,6 +388,7 @@ def plot_curves(runs: list[dict[str, Any]], names: Sequence[str], title: str, pa
 
 def plot_sweep(sweep: dict[str, Any], test_sigma: float, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -362,13 +410,21 @@ def plot_sweep(sweep: dict[str, Any], test_sigma: float, path: Path) -> None:
 
 def table_markdown(table: dict[str, Any], k: int, metric: str) -> list[str]:
     cols = [f"Vanilla/{k}", f"M-L2O/{k}", "DT", f"TL/{k}", "M-L2O (no adapt)"]
-    lines = [f"| sigma | Vanilla L2O | M-L2O | DT | TL | M-L2O (no adapt) | M-L2O - TL (paired) | M-L2O - DT (paired) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| sigma | Vanilla L2O | M-L2O | DT | TL | M-L2O (no adapt) | M-L2O - TL (paired) | M-L2O - DT (paired) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for sigma, runs in table.items():
         s = summarize(runs, metric)
-        lines.append(f"| {sigma} | " + " | ".join(fmt(s.get(c, (math.nan, math.nan))) for c in cols) + " | "
-                     + fmt(paired(runs, f"M-L2O/{k}", f"TL/{k}", metric)) + " | "
-                     + fmt(paired(runs, f"M-L2O/{k}", "DT", metric)) + " |")
+        lines.append(
+            f"| {sigma} | "
+            + " | ".join(fmt(s.get(c, (math.nan, math.nan))) for c in cols)
+            + " | "
+            + fmt(paired(runs, f"M-L2O/{k}", f"TL/{k}", metric))
+            + " | "
+            + fmt(paired(runs, f"M-L2O/{k}", "DT", metric))
+            + " |"
+        )
     return lines
 
 
@@ -392,36 +448,60 @@ def verdict(table: dict[str, Any], k: int) -> list[str]:
 
 
 def write_report(out: Path, args: argparse.Namespace, parts: dict[str, Any], command: str) -> None:
-    lines = ["# M-L2O on LASSO: reproduction of SPEC §4 (Table 1) and extras", "",
-             "Generated by", "", "```bash", command, "```", "",
-             f"Optimizers: M-L2O = `{args.m_l2o}`, DT/TL = `{args.baseline}`, Vanilla = RNNProp at random init "
-             f"(a different init per run). Adaptation: Adam lr {args.adapt_lr:g} on the net's weights, one "
-             f"{args.segment}-step segment per step, adaptation instances renewed every {args.adapt_trajectory} steps. "
-             f"Test: {args.test_steps} steps on a held-out instance; {args.runs} runs; mean ± 95% t-interval half-width; "
-             "the paired columns are the mean over runs of the per-run difference (same adaptation and test "
-             "instances), negative = M-L2O better.", ""]
+    lines = [
+        "# M-L2O on LASSO: reproduction of SPEC §4 (Table 1) and extras",
+        "",
+        "Generated by",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        f"Optimizers: M-L2O = `{args.m_l2o}`, DT/TL = `{args.baseline}`, Vanilla = RNNProp at random init "
+        f"(a different init per run). Adaptation: Adam lr {args.adapt_lr:g} on the net's weights, one "
+        f"{args.segment}-step segment per step, adaptation instances renewed every {args.adapt_trajectory} steps. "
+        f"Test: {args.test_steps} steps on a held-out instance; {args.runs} runs; mean ± 95% t-interval half-width; "
+        "the paired columns are the mean over runs of the per-run difference (same adaptation and test "
+        "instances), negative = M-L2O better.",
+        "",
+    ]
     table = parts.get("table")
     if table:
         optimum = parts.get("optimum", {})
-        lines += ["Exact optimum of the test instances (LARS-lasso), log10 f*: "
-                  + ", ".join(f"sigma={s}: {fmt(mean_confidence_interval(v))}" for s, v in optimum.items())
-                  + ". The LASSO minimum is not 0, so min log10 loss is bounded below by log10 f*; the 'gap' "
-                  "tables give log10(min_t f_t - f*).", ""]
+        lines += [
+            "Exact optimum of the test instances (LARS-lasso), log10 f*: "
+            + ", ".join(f"sigma={s}: {fmt(mean_confidence_interval(v))}" for s, v in optimum.items())
+            + ". The LASSO minimum is not 0, so min log10 loss is bounded below by log10 f*; the 'gap' "
+            "tables give log10(min_t f_t - f*).",
+            "",
+        ]
         for k in args.adapt_steps:
-            for metric, label in (("min", "Minimum log10 loss"), ("gap", "log10 of the optimality gap (min_t f_t - f*)"),
-                                  ("mean", "Mean log10 loss")):
+            for metric, label in (
+                ("min", "Minimum log10 loss"),
+                ("gap", "log10 of the optimality gap (min_t f_t - f*)"),
+                ("mean", "Mean log10 loss"),
+            ):
                 lines += [f"## {label} over the {args.test_steps} test steps, {k} adaptation steps", ""]
                 lines += table_markdown(table, k, metric) + [""]
-            lines += [f"Adaptation gain (log10 loss decrease from adapting, paired, {k} steps; larger = adapts "
-                      "more): ", "", "| sigma | M-L2O: no adapt -> adapted | TL: DT -> adapted |", "|---|---|---|"]
+            lines += [
+                f"Adaptation gain (log10 loss decrease from adapting, paired, {k} steps; larger = adapts more): ",
+                "",
+                "| sigma | M-L2O: no adapt -> adapted | TL: DT -> adapted |",
+                "|---|---|---|",
+            ]
             for sigma, runs in table.items():
-                lines.append(f"| {sigma} | {fmt(paired(runs, 'M-L2O (no adapt)', f'M-L2O/{k}', 'min'))} | "
-                             f"{fmt(paired(runs, 'DT', f'TL/{k}', 'min'))} |")
+                lines.append(
+                    f"| {sigma} | {fmt(paired(runs, 'M-L2O (no adapt)', f'M-L2O/{k}', 'min'))} | "
+                    f"{fmt(paired(runs, 'DT', f'TL/{k}', 'min'))} |"
+                )
             lines += [""]
             lines += [f"Claim check (M-L2O beats TL and DT at sigma >= 50, min log10 loss, {k} steps):", ""]
             lines += verdict(table, k) + [""]
-        lines += ["Paper (SPEC §4, min log10 loss, 5 steps; Vanilla / M-L2O / DT / TL): "
-                  + "; ".join(f"sigma={s}: " + " / ".join(f"{v:.3f}" for v in vals) for s, vals in PAPER.items()), ""]
+        lines += [
+            "Paper (SPEC §4, min log10 loss, 5 steps; Vanilla / M-L2O / DT / TL): "
+            + "; ".join(f"sigma={s}: " + " / ".join(f"{v:.3f}" for v in vals) for s, vals in PAPER.items()),
+            "",
+        ]
         for sigma in args.curve_sigmas:
             if str(sigma) in table:
                 lines.append(f"![LASSO sigma={sigma}](lasso_sigma{sigma}.png)")
@@ -431,35 +511,49 @@ def write_report(out: Path, args: argparse.Namespace, parts: dict[str, Any], com
         k = args.adapt_steps[0]
         s_min, s_mean = summarize(ros["runs"], "min"), summarize(ros["runs"], "mean")
         at = min(500, args.test_steps)
-        s_at = {n: mean_confidence_interval([r[n]["curve"][at] for r in ros["runs"] if n in r])
-                for n in s_min}
-        lines += [f"## Rosenbrock transfer (trained on LASSO; adapted {k} steps on and tested on 2-D Rosenbrock, "
-                  "x0 ~ N(0, 1), 128 instances)", "",
-                  f"| method | min log10 loss | mean log10 loss | log10 loss at step {at} |", "|---|---|---|---|"]
+        s_at = {n: mean_confidence_interval([r[n]["curve"][at] for r in ros["runs"] if n in r]) for n in s_min}
+        lines += [
+            f"## Rosenbrock transfer (trained on LASSO; adapted {k} steps on and tested on 2-D Rosenbrock, "
+            "x0 ~ N(0, 1), 128 instances)",
+            "",
+            f"| method | min log10 loss | mean log10 loss | log10 loss at step {at} |",
+            "|---|---|---|---|",
+        ]
         lines += [f"| {n} | {fmt(s_min[n])} | {fmt(s_mean[n])} | {fmt(s_at[n])} |" for n in s_min]
         lines += ["", "![Rosenbrock](rosenbrock.png)", ""]
     sweep = parts.get("sweep")
     if sweep:
         k = args.adapt_steps[0]
         names = sorted({n for runs in sweep.values() for r in runs for n in r})
-        lines += [f"## Adaptation-distribution sweep: test sigma = {args.sweep_test_sigma}, adaptation sigma varies "
-                  f"({k} steps; min log10 loss)", "", "| adaptation sigma | " + " | ".join(names) + " |",
-                  "|---|" + "---|" * len(names)]
+        lines += [
+            f"## Adaptation-distribution sweep: test sigma = {args.sweep_test_sigma}, adaptation sigma varies "
+            f"({k} steps; min log10 loss)",
+            "",
+            "| adaptation sigma | " + " | ".join(names) + " |",
+            "|---|" + "---|" * len(names),
+        ]
         for s, runs in sweep.items():
             st = summarize(runs, "min")
             lines.append(f"| {s} | " + " | ".join(fmt(st[n]) for n in names) + " |")
         lines += ["", "![sweep](sweep.png)", ""]
     for neural in parts.get("neural", []):
         names = list(neural["runs"][0])
-        lines += [f"## Neural case: `{neural['optimizer']}` on a digits CNN (conv 3x3x16, conv 5x5x32, max-pool, FC; "
-                  f"unseen in meta-training), {neural['steps']} training steps, batch 128", "",
-                  f"Adam's lr was tuned on the validation loss over {sorted(float(v) for v in neural['adam_grid'])} -> {neural['adam_lr']:g}. "
-                  "Adaptation: `learned_optim.adapt(opt, model, F.cross_entropy, batches, steps=5, unroll=20)` "
-                  "from the model's initial weights on 105 extra training batches.", "",
-                  "| optimizer | final train loss (last 20 steps) | test accuracy |", "|---|---|---|"]
+        lines += [
+            f"## Neural case: `{neural['optimizer']}` on a digits CNN (conv 3x3x16, conv 5x5x32, max-pool, FC; "
+            f"unseen in meta-training), {neural['steps']} training steps, batch 128",
+            "",
+            f"Adam's lr was tuned on the validation loss over {sorted(float(v) for v in neural['adam_grid'])} -> {neural['adam_lr']:g}. "
+            "Adaptation: `learned_optim.adapt(opt, model, F.cross_entropy, batches, steps=5, unroll=20)` "
+            "from the model's initial weights on 105 extra training batches.",
+            "",
+            "| optimizer | final train loss (last 20 steps) | test accuracy |",
+            "|---|---|---|",
+        ]
         for n in names:
-            lines.append(f"| {n} | {fmt(mean_confidence_interval([r[n]['final_train_loss'] for r in neural['runs']]))} | "
-                         f"{fmt(mean_confidence_interval([r[n]['test_accuracy'] for r in neural['runs']]))} |")
+            lines.append(
+                f"| {n} | {fmt(mean_confidence_interval([r[n]['final_train_loss'] for r in neural['runs']]))} | "
+                f"{fmt(mean_confidence_interval([r[n]['test_accuracy'] for r in neural['runs']]))} |"
+            )
         lines += [""]
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
@@ -467,15 +561,29 @@ def write_report(out: Path, args: argparse.Namespace, parts: dict[str, Any], com
 def card_section(args: argparse.Namespace, parts: dict[str, Any], command: str) -> tuple[str, dict[str, Any]]:
     """The model cards' evaluation section (markdown) and the ``training.results`` summary."""
     table = parts["table"]
-    lines = ["## Evaluation", "",
-             "M-L2O LASSO benchmark (SPEC §4), measured by (from the repository root):", "", "```bash", command, "```",
-             "", f"Test: {args.test_steps} steps on held-out LASSO instances (d=10, 128 instances, W ~ N(0, sigma^2), "
-             f"far outside the training range sigma in [0.1, 1]); {args.runs} runs, mean ± 95% CI. Adaptation: K Adam "
-             f"(lr {args.adapt_lr:g}) steps on the net's weights, each on a {args.segment}-step segment of other "
-             "instances of the same sigma. M-L2O = `m-l2o` adapted, TL = `rnnprop-lasso` adapted, DT = "
-             "`rnnprop-lasso` as is, Vanilla = a random RNNProp adapted. Paired = mean per-run difference "
-             "(negative: M-L2O better).", ""]
-    results: dict[str, Any] = {"command": command, "runs": args.runs, "test_steps": args.test_steps, "min_log10_loss": {}}
+    lines = [
+        "## Evaluation",
+        "",
+        "M-L2O LASSO benchmark (SPEC §4), measured by (from the repository root):",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        f"Test: {args.test_steps} steps on held-out LASSO instances (d=10, 128 instances, W ~ N(0, sigma^2), "
+        f"far outside the training range sigma in [0.1, 1]); {args.runs} runs, mean ± 95% CI. Adaptation: K Adam "
+        f"(lr {args.adapt_lr:g}) steps on the net's weights, each on a {args.segment}-step segment of other "
+        "instances of the same sigma. M-L2O = `m-l2o` adapted, TL = `rnnprop-lasso` adapted, DT = "
+        "`rnnprop-lasso` as is, Vanilla = a random RNNProp adapted. Paired = mean per-run difference "
+        "(negative: M-L2O better).",
+        "",
+    ]
+    results: dict[str, Any] = {
+        "command": command,
+        "runs": args.runs,
+        "test_steps": args.test_steps,
+        "min_log10_loss": {},
+    }
     for k in args.adapt_steps:
         lines += [f"Minimum log10 loss, K = {k} adaptation steps:", ""] + table_markdown(table, k, "min") + [""]
         lines += verdict(table, k) + [""]
@@ -483,11 +591,18 @@ def card_section(args: argparse.Namespace, parts: dict[str, Any], command: str) 
             lines += [f"log10 of the optimality gap min_t f_t - f* (f* exact, by LARS), K = {k}:", ""]
             lines += table_markdown(table, k, "gap") + [""]
         results["min_log10_loss"][f"{k}_adaptation_steps"] = {
-            sigma: {name.split("/")[0]: [round(v, 4) for v in mean_ci]
-                    for name, mean_ci in summarize(runs, "min").items() if "/" not in name or name.endswith(f"/{k}")}
-            for sigma, runs in table.items()}
-    lines += ["Curves, the mean log10 loss, the Rosenbrock transfer, the adaptation-distribution sweep and the "
-              "neural case: `examples/figures/m_l2o/README.md`.", ""]
+            sigma: {
+                name.split("/")[0]: [round(v, 4) for v in mean_ci]
+                for name, mean_ci in summarize(runs, "min").items()
+                if "/" not in name or name.endswith(f"/{k}")
+            }
+            for sigma, runs in table.items()
+        }
+    lines += [
+        "Curves, the mean log10 loss, the Rosenbrock transfer, the adaptation-distribution sweep and the "
+        "neural case: `examples/figures/m_l2o/README.md`.",
+        "",
+    ]
     return "\n".join(lines), results
 
 
@@ -517,8 +632,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--m-l2o", default="m-l2o", help="M-L2O optimizer (zoo name or folder)")
     parser.add_argument("--baseline", default="rnnprop-lasso", help="normally meta-trained optimizer for DT/TL")
-    parser.add_argument("--parts", nargs="+", default=["table", "rosenbrock", "sweep", "neural"],
-                        choices=["table", "rosenbrock", "sweep", "neural"])
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        default=["table", "rosenbrock", "sweep", "neural"],
+        choices=["table", "rosenbrock", "sweep", "neural"],
+    )
     parser.add_argument("--sigmas", nargs="+", type=int, default=[10, 25, 50, 100, 200])
     parser.add_argument("--adapt-steps", nargs="+", type=int, default=[5, 50])
     parser.add_argument("--runs", type=int, default=10)
@@ -529,15 +648,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--curve-sigmas", nargs="+", type=int, default=[10, 50, 200])
     parser.add_argument("--sweep-test-sigma", type=int, default=100)
     parser.add_argument("--sweep-adapt-sigmas", nargs="+", type=float, default=[1, 10, 25, 50, 100, 200])
-    parser.add_argument("--neural-optimizer", nargs="+", default=["m-l2o", "rnnprop"],
-                        help="zoo optimizers for the neural case (rnnprop: RNNProp meta-trained on digits MLPs)")
+    parser.add_argument(
+        "--neural-optimizer",
+        nargs="+",
+        default=["m-l2o", "rnnprop"],
+        help="zoo optimizers for the neural case (rnnprop: RNNProp meta-trained on digits MLPs)",
+    )
     parser.add_argument("--neural-steps", type=int, default=300)
     parser.add_argument("--out", default="examples/figures/m_l2o")
     parser.add_argument("--recompute", action="store_true", help="recompute parts whose JSON exists")
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 runs, 50 test steps, 2 sigmas")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--update-cards", action="store_true",
-                        help="write the table into the model cards and config.json of the two zoo folders")
+    parser.add_argument(
+        "--update-cards",
+        action="store_true",
+        help="write the table into the model cards and config.json of the two zoo folders",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.runs, args.test_steps, args.sigmas, args.adapt_steps = 2, 50, [10, 200], [2]
@@ -560,19 +686,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif part == "sweep":
             parts[part] = part_sweep(runner, args)
         else:
-            parts[part] = [cached(args, f"neural-{Path(name).name}", lambda name=name: part_neural(args, name))
-                           for name in args.neural_optimizer]
+            parts[part] = [
+                cached(args, f"neural-{Path(name).name}", lambda name=name: part_neural(args, name))
+                for name in args.neural_optimizer
+            ]
         log(f"{part}: done in {time.perf_counter() - started:.0f}s")
     if "table" in parts:
         for sigma in args.curve_sigmas:
             if str(sigma) in parts["table"]:
                 k = args.adapt_steps[0]
-                plot_curves(parts["table"][str(sigma)], [f"Vanilla/{k}", f"M-L2O/{k}", "DT", f"TL/{k}"],
-                            f"LASSO sigma={sigma}, {k} adaptation steps", out / f"lasso_sigma{sigma}.png")
+                plot_curves(
+                    parts["table"][str(sigma)],
+                    [f"Vanilla/{k}", f"M-L2O/{k}", "DT", f"TL/{k}"],
+                    f"LASSO sigma={sigma}, {k} adaptation steps",
+                    out / f"lasso_sigma{sigma}.png",
+                )
     if "rosenbrock" in parts:
         k = args.adapt_steps[0]
-        plot_curves(parts["rosenbrock"]["runs"], [f"Vanilla/{k}", f"M-L2O/{k}", "DT", f"TL/{k}"],
-                    f"Rosenbrock (trained on LASSO), {k} adaptation steps", out / "rosenbrock.png")
+        plot_curves(
+            parts["rosenbrock"]["runs"],
+            [f"Vanilla/{k}", f"M-L2O/{k}", "DT", f"TL/{k}"],
+            f"Rosenbrock (trained on LASSO), {k} adaptation steps",
+            out / "rosenbrock.png",
+        )
     if "sweep" in parts:
         plot_sweep(parts["sweep"], args.sweep_test_sigma, out / "sweep.png")
     write_report(out, args, parts, command)

@@ -54,7 +54,7 @@ def main(checkpoint: str = "rnnprop", epochs: int = 2) -> list[float]:
                 opt.step()
                 scheduler.step()
                 losses.append(loss.item())
-            print(f"epoch {epoch}: mean loss {sum(losses[-len(loader):]) / len(loader):.4f}")
+            print(f"epoch {epoch}: mean loss {sum(losses[-len(loader) :]) / len(loader):.4f}")
 
         # --- resume exactly where training stopped --------------------------------------------------
         path = Path(tmp) / "resume.pt"

@@ -67,8 +67,9 @@ from learned_optim.meta.stepsize import (  # noqa: E402
 FIGURES = Path(__file__).resolve().parent / "figures"
 
 
-def grid_optimum(lam: torch.Tensor, c: torch.Tensor, t: int, points: int = 200_001
-                 ) -> tuple[float, torch.Tensor, torch.Tensor]:
+def grid_optimum(
+    lam: torch.Tensor, c: torch.Tensor, t: int, points: int = 200_001
+) -> tuple[float, torch.Tensor, torch.Tensor]:
     """Grid search of the stable log objective on ``[0, 4/L]`` (the minimiser lies below ``2/L``)."""
     etas = torch.linspace(0.0, 4.0 / float(lam[-1]), points, dtype=torch.float64)
     values = log_objective(etas, lam, c, t)
@@ -92,17 +93,23 @@ def methods(H: torch.Tensor, w0: torch.Tensor, lam: torch.Tensor, c: torch.Tenso
     lam32, c32 = lam.float(), c.float()
     return {
         "last loss f(w_t), backprop, float32": autograd_value_and_grad(
-            lambda e: unrolled_last_loss(e, H32, w32, t), torch.float32),
+            lambda e: unrolled_last_loss(e, H32, w32, t), torch.float32
+        ),
         "last loss f(w_t), backprop, float64": autograd_value_and_grad(
-            lambda e: unrolled_last_loss(e, H, w0, t), torch.float64),
+            lambda e: unrolled_last_loss(e, H, w0, t), torch.float64
+        ),
         "(1/t) log f(w_t), backprop, float32": autograd_value_and_grad(
-            lambda e: torch.log(unrolled_last_loss(e, H32, w32, t)) / t, torch.float32),
+            lambda e: torch.log(unrolled_last_loss(e, H32, w32, t)) / t, torch.float32
+        ),
         "(1/t) log f(w_t), backprop, float64": autograd_value_and_grad(
-            lambda e: torch.log(unrolled_last_loss(e, H, w0, t)) / t, torch.float64),
+            lambda e: torch.log(unrolled_last_loss(e, H, w0, t)) / t, torch.float64
+        ),
         "(1/t) log f(w_t), stable closed form, float32": autograd_value_and_grad(
-            lambda e: log_objective(e, lam32, c32, t), torch.float32),
+            lambda e: log_objective(e, lam32, c32, t), torch.float32
+        ),
         "(1/t) log f(w_t), stable closed form, float64": autograd_value_and_grad(
-            lambda e: log_objective(e, lam, c, t), torch.float64),
+            lambda e: log_objective(e, lam, c, t), torch.float64
+        ),
     }
 
 
@@ -115,8 +122,9 @@ def fmt(x: float | None, spec: str = ".5f") -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the quadratic (X and w0)")
     p.add_argument("--d", type=int, default=20)
     p.add_argument("--t", type=int, default=80)
@@ -145,12 +153,21 @@ def main(argv: list[str] | None = None) -> dict:
     t = args.t
     eta_star, grid_etas, grid_values = grid_optimum(lam, c, t)
     L, alpha = float(lam[-1]), float(lam[0])
-    print(f"quadratic d={args.d} seed={args.seed}: alpha = {alpha:.4g}, L = {L:.4g}, 2/L = {2 / L:.5f}, "
-          f"2/(alpha+L) = {2 / (alpha + L):.5f}")
-    print(f"grid optimum of (1/t) log f(w_t), t={t}: eta* = {eta_star:.5f} "
-          f"(grid step {float(grid_etas[1]):.2e}), objective {float(grid_values.min()):.5f}")
-    out["quadratic"] = {"alpha": alpha, "L": L, "eta_grid_opt": eta_star,
-                        "objective_at_opt": float(grid_values.min()), "grid_step": float(grid_etas[1])}
+    print(
+        f"quadratic d={args.d} seed={args.seed}: alpha = {alpha:.4g}, L = {L:.4g}, 2/L = {2 / L:.5f}, "
+        f"2/(alpha+L) = {2 / (alpha + L):.5f}"
+    )
+    print(
+        f"grid optimum of (1/t) log f(w_t), t={t}: eta* = {eta_star:.5f} "
+        f"(grid step {float(grid_etas[1]):.2e}), objective {float(grid_values.min()):.5f}"
+    )
+    out["quadratic"] = {
+        "alpha": alpha,
+        "L": L,
+        "eta_grid_opt": eta_star,
+        "objective_at_opt": float(grid_values.min()),
+        "grid_step": float(grid_etas[1]),
+    }
 
     # ---- main comparison: meta-training from eta0 ---------------------------------------------
     runs = {}
@@ -169,10 +186,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     checkpoints = [k for k in (100, 300, 1000, args.steps) if k <= args.steps]
     checkpoints = sorted(set(checkpoints))
-    header = (f"{'method':48s} " + " ".join(f"{'eta@' + str(k):>9s}" for k in checkpoints)
-              + f" {'rel.err':>9s} {'NaN/inf':>7s} {'grad=0':>6s} {'<=5% from':>9s} {'<=1% from':>9s}")
-    print(f"\nMeta-training eta from eta0={args.eta0}, meta step 1/(100 sqrt k), t={t}; "
-          f"grid optimum eta* = {eta_star:.5f}")
+    header = (
+        f"{'method':48s} "
+        + " ".join(f"{'eta@' + str(k):>9s}" for k in checkpoints)
+        + f" {'rel.err':>9s} {'NaN/inf':>7s} {'grad=0':>6s} {'<=5% from':>9s} {'<=1% from':>9s}"
+    )
+    print(
+        f"\nMeta-training eta from eta0={args.eta0}, meta step 1/(100 sqrt k), t={t}; "
+        f"grid optimum eta* = {eta_star:.5f}"
+    )
     print(header)
     print("-" * len(header))
     out["runs"] = {}
@@ -180,24 +202,38 @@ def main(argv: list[str] | None = None) -> dict:
         final = trace.final
         rel = abs(final - eta_star) / eta_star if math.isfinite(final) else math.inf
         s5, s1 = settle_step(trace.etas, eta_star, 0.05), settle_step(trace.etas, eta_star, 0.01)
-        print(f"{name:48s} " + " ".join(f"{fmt(trace.etas[k], '9.5f')}" for k in checkpoints)
-              + f" {fmt(rel, '9.2e')} {trace.nonfinite:7d} {trace.zero_grads:6d}"
-              f" {fmt(s5, '9d'):>9s} {fmt(s1, '9d'):>9s}")
-        out["runs"][name] = {"etas": trace.etas, "meta_objective": trace.values, "meta_grad": trace.grads,
-                             "nonfinite_grads": trace.nonfinite, "zero_grads": trace.zero_grads,
-                             "final_eta": final, "final_rel_err": rel,
-                             "settle_5pct": s5, "settle_1pct": s1,
-                             "first_grad": trace.grads[0] if trace.grads else None}
+        print(
+            f"{name:48s} "
+            + " ".join(f"{fmt(trace.etas[k], '9.5f')}" for k in checkpoints)
+            + f" {fmt(rel, '9.2e')} {trace.nonfinite:7d} {trace.zero_grads:6d}"
+            f" {fmt(s5, '9d'):>9s} {fmt(s1, '9d'):>9s}"
+        )
+        out["runs"][name] = {
+            "etas": trace.etas,
+            "meta_objective": trace.values,
+            "meta_grad": trace.grads,
+            "nonfinite_grads": trace.nonfinite,
+            "zero_grads": trace.zero_grads,
+            "final_eta": final,
+            "final_rel_err": rel,
+            "settle_5pct": s5,
+            "settle_1pct": s1,
+            "first_grad": trace.grads[0] if trace.grads else None,
+        }
     first = {n: r.grads[0] for n, r in runs.items()}
     print("\nmeta-gradient at eta0 = {:g}:".format(args.eta0))
     for n, g in first.items():
         print(f"  {n:48s} {g: .4e}")
 
     # ---- settling on several random quadratics (stable objective only) --------------------------
-    print(f"\nStable log objective on {args.num_quadratics} random quadratics, eta0={args.eta0}, "
-          f"{args.long_steps} meta steps:")
-    hdr = (f"{'seed':>4s} {'L':>7s} {'alpha':>8s} {'eta*':>8s} {'eta@300':>8s} {'eta@1000':>8s} {'final':>8s} "
-           f"{'<=5% from':>9s} {'<=1% from':>9s}")
+    print(
+        f"\nStable log objective on {args.num_quadratics} random quadratics, eta0={args.eta0}, "
+        f"{args.long_steps} meta steps:"
+    )
+    hdr = (
+        f"{'seed':>4s} {'L':>7s} {'alpha':>8s} {'eta*':>8s} {'eta@300':>8s} {'eta@1000':>8s} {'final':>8s} "
+        f"{'<=5% from':>9s} {'<=1% from':>9s}"
+    )
     print(hdr)
     print("-" * len(hdr))
     out["seeds"] = []
@@ -205,22 +241,41 @@ def main(argv: list[str] | None = None) -> dict:
         Hs, ws = random_quadratic(args.d, seed=seed)
         lam_s, c_s = quadratic_spectrum(Hs, ws)
         opt_s, _, _ = grid_optimum(lam_s, c_s, t)
-        tr = meta_train_step_size(autograd_value_and_grad(lambda e: log_objective(e, lam_s, c_s, t)),
-                                  args.eta0, args.long_steps)
+        tr = meta_train_step_size(
+            autograd_value_and_grad(lambda e: log_objective(e, lam_s, c_s, t)), args.eta0, args.long_steps
+        )
         e300 = tr.etas[min(300, args.long_steps)]
         e1000 = tr.etas[min(1000, args.long_steps)]
         s5, s1 = settle_step(tr.etas, opt_s, 0.05), settle_step(tr.etas, opt_s, 0.01)
-        print(f"{seed:4d} {float(lam_s[-1]):7.2f} {float(lam_s[0]):8.4f} {opt_s:8.5f} {e300:8.5f} {e1000:8.5f} "
-              f"{tr.final:8.5f} {fmt(s5, '9d'):>9s} {fmt(s1, '9d'):>9s}")
-        out["seeds"].append({"seed": seed, "L": float(lam_s[-1]), "alpha": float(lam_s[0]), "eta_grid_opt": opt_s,
-                             "eta_300": e300, "eta_1000": e1000, "final_eta": tr.final,
-                             "settle_5pct": s5, "settle_1pct": s1})
+        print(
+            f"{seed:4d} {float(lam_s[-1]):7.2f} {float(lam_s[0]):8.4f} {opt_s:8.5f} {e300:8.5f} {e1000:8.5f} "
+            f"{tr.final:8.5f} {fmt(s5, '9d'):>9s} {fmt(s1, '9d'):>9s}"
+        )
+        out["seeds"].append(
+            {
+                "seed": seed,
+                "L": float(lam_s[-1]),
+                "alpha": float(lam_s[0]),
+                "eta_grid_opt": opt_s,
+                "eta_300": e300,
+                "eta_1000": e1000,
+                "final_eta": tr.final,
+                "settle_5pct": s5,
+                "settle_1pct": s1,
+            }
+        )
 
     # ---- sweep over t and eta0 -----------------------------------------------------------------
-    print(f"\nSweep over t and eta0 (quadratic seed {args.seed}, {args.sweep_steps} meta steps): "
-          "final eta (meta steps with NaN/inf gradient, with gradient exactly 0)")
-    sweep_methods = ["last loss f(w_t), backprop, float64", "(1/t) log f(w_t), backprop, float32",
-                     "(1/t) log f(w_t), backprop, float64", "(1/t) log f(w_t), stable closed form, float64"]
+    print(
+        f"\nSweep over t and eta0 (quadratic seed {args.seed}, {args.sweep_steps} meta steps): "
+        "final eta (meta steps with NaN/inf gradient, with gradient exactly 0)"
+    )
+    sweep_methods = [
+        "last loss f(w_t), backprop, float64",
+        "(1/t) log f(w_t), backprop, float32",
+        "(1/t) log f(w_t), backprop, float64",
+        "(1/t) log f(w_t), stable closed form, float64",
+    ]
     short = ["last-loss bp f64", "log bp f32", "log bp f64", "log stable f64"]
     print("  columns: " + "; ".join(f"{a} = {b}" for a, b in zip(short, sweep_methods)))
     hdr = f"{'t':>5s} {'eta0':>5s} {'eta*':>8s} " + " ".join(f"{m:>22s}" for m in short)
@@ -235,8 +290,12 @@ def main(argv: list[str] | None = None) -> dict:
             all_methods = methods(H, w0, lam, c, ts)
             for m in sweep_methods:
                 tr = meta_train_step_size(all_methods[m], e0, args.sweep_steps)
-                row[m] = {"final_eta": tr.final, "nonfinite": tr.nonfinite, "zero_grads": tr.zero_grads,
-                          "first_grad": tr.grads[0]}
+                row[m] = {
+                    "final_eta": tr.final,
+                    "nonfinite": tr.nonfinite,
+                    "zero_grads": tr.zero_grads,
+                    "first_grad": tr.grads[0],
+                }
                 cells.append(f"{fmt(tr.final, '.4g')} ({tr.nonfinite}, {tr.zero_grads})")
             print(f"{ts:5d} {e0:5.2g} {opt_t:8.5f} " + " ".join(f"{cell:>22s}" for cell in cells))
             out["sweep"].append(row)
@@ -290,8 +349,13 @@ def plot(runs, lam, c, t, eta_star, grid_etas, grid_values, args, path: Path) ->
     mask = grid_etas <= 3 * eta_star
     ax.plot(grid_etas[mask].numpy(), grid_values[mask].numpy(), label="(1/t) log f(w_t) (stable closed form)")
     ax.axvline(eta_star, color="k", lw=0.8, ls="--", label="grid optimum")
-    ax.axhline(math.log(torch.finfo(torch.float32).max) / t, color="C3", ls=":", lw=1,
-               label="f(w_t) overflows float32 above this")
+    ax.axhline(
+        math.log(torch.finfo(torch.float32).max) / t,
+        color="C3",
+        ls=":",
+        lw=1,
+        label="f(w_t) overflows float32 above this",
+    )
     ax.set_xlabel("eta")
     ax.set_ylabel("(1/t) log f(w_t)")
     sec = ax.secondary_yaxis("right", functions=(lambda v: v * t / math.log(10), lambda v: v * math.log(10) / t))
@@ -307,8 +371,7 @@ def plot(runs, lam, c, t, eta_star, grid_etas, grid_values, args, path: Path) ->
     ax.plot(e.numpy(), log10_g_last.numpy(), label="|d f(w_t)/d eta| (last loss)")
     ax.plot(e.numpy(), torch.log10(g_log).numpy(), label="|d (1/t) log f(w_t)/d eta| (log objective)")
     for dt, color in ((torch.float32, "C3"), (torch.float64, "C4")):
-        ax.axhline(math.log10(torch.finfo(dt).max), color=color, ls=":", lw=1,
-                   label=f"{str(dt).split('.')[-1]} max")
+        ax.axhline(math.log10(torch.finfo(dt).max), color=color, ls=":", lw=1, label=f"{str(dt).split('.')[-1]} max")
     ax.axvline(2 / float(lam[-1]), color="gray", lw=0.8, ls="--", label="2/L")
     ax.set_xlabel("eta")
     ax.set_ylabel("log10 |meta-gradient|")

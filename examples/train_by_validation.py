@@ -78,8 +78,9 @@ def config_seed(base: int, n: int, sigma: float, salt: int) -> int:
     return (base * 1_000_003 + n * 7_919 + round(sigma * 1000) * 104_729 + salt) % (2**62)
 
 
-def meta_objectives(n: int, d: int, sigma: float, etas: torch.Tensor, t: int, num_tasks: int, chunk: int,
-                    seed: int) -> dict:
+def meta_objectives(
+    n: int, d: int, sigma: float, etas: torch.Tensor, t: int, num_tasks: int, chunk: int, seed: int
+) -> dict:
     """Average meta-loss (and fraction of guarded runs) over ``num_tasks`` tasks for each η and mode."""
     gen = torch.Generator().manual_seed(seed)
     guard = GUARD_FACTOR * sigma
@@ -95,12 +96,15 @@ def meta_objectives(n: int, d: int, sigma: float, etas: torch.Tensor, t: int, nu
             total[mode] += half_mse(w, X_meta, y_meta).sum(0)
             diverged[mode] += div.double().sum(0)
         done += b
-    return {m: {"meta_objective": (total[m] / num_tasks).tolist(),
-                "diverged_fraction": (diverged[m] / num_tasks).tolist()} for m in MODES}
+    return {
+        m: {"meta_objective": (total[m] / num_tasks).tolist(), "diverged_fraction": (diverged[m] / num_tasks).tolist()}
+        for m in MODES
+    }
 
 
-def test_step_sizes(n: int, d: int, sigma: float, t: int, eta_tbt: float, eta_tbv: float, num_tasks: int,
-                    seed: int) -> dict:
+def test_step_sizes(
+    n: int, d: int, sigma: float, t: int, eta_tbt: float, eta_tbv: float, num_tasks: int, seed: int
+) -> dict:
     """Test RMSE (‖w_t − w*‖), population RMSE and train RMSE of the chosen η's on fresh tasks."""
     gen = torch.Generator().manual_seed(seed)
     X, y, w_star = sample_least_squares_tasks(num_tasks, n, d, sigma, gen)
@@ -111,9 +115,14 @@ def test_step_sizes(n: int, d: int, sigma: float, t: int, eta_tbt: float, eta_tb
         w, div = gd_least_squares(X_tr, y_tr, [eta], t, guard)
         dist = (w[:, 0] - w_star).norm(dim=-1)
         train_rmse = (2 * half_mse(w, X_tr, y_tr)[:, 0]).sqrt()
-        results[label] = {"eta": eta, "n_train": X_tr.shape[-2], "test_rmse": dist.tolist(),
-                          "pop_rmse": (dist**2 + sigma**2).sqrt().tolist(), "train_rmse": train_rmse.tolist(),
-                          "diverged": div[:, 0].tolist()}
+        results[label] = {
+            "eta": eta,
+            "n_train": X_tr.shape[-2],
+            "test_rmse": dist.tolist(),
+            "pop_rmse": (dist**2 + sigma**2).sqrt().tolist(),
+            "train_rmse": train_rmse.tolist(),
+            "diverged": div[:, 0].tolist(),
+        }
     return results
 
 
@@ -123,8 +132,9 @@ def summary(values: list[float]) -> tuple[float, float, float]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--d", type=int, default=1000)
     p.add_argument("--t", type=int, default=40)
     p.add_argument("--tasks", type=int, default=300, help="meta-training tasks per configuration")
@@ -136,8 +146,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--grid", type=int, default=25, help="number of step sizes in logspace(-6, 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=FIGURES)
-    p.add_argument("--reuse", type=Path, default=None,
-                   help="a previous output JSON: configurations it holds with identical settings are not recomputed")
+    p.add_argument(
+        "--reuse",
+        type=Path,
+        default=None,
+        help="a previous output JSON: configurations it holds with identical settings are not recomputed",
+    )
     p.add_argument("--quick", action="store_true", help="tiny smoke run (d=100)")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
@@ -148,10 +162,15 @@ def main(argv: list[str] | None = None) -> dict:
     etas = torch.logspace(-6, 0, args.grid, dtype=torch.float64)
     configs = [(args.sigma_n, s) for s in args.sigmas] + [(n, args.n_sigma) for n in args.ns]
     configs = list(dict.fromkeys(configs))
-    out: dict = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                 "etas": etas.tolist(), "results": []}
-    print(f"d={args.d}, t={args.t}, {args.tasks} meta-training tasks, {args.test_tasks} test tasks, "
-          f"eta grid = {args.grid} points in logspace(-6, 0), guard ||w|| >= {GUARD_FACTOR:g} sigma")
+    out: dict = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "etas": etas.tolist(),
+        "results": [],
+    }
+    print(
+        f"d={args.d}, t={args.t}, {args.tasks} meta-training tasks, {args.test_tasks} test tasks, "
+        f"eta grid = {args.grid} points in logspace(-6, 0), guard ||w|| >= {GUARD_FACTOR:g} sigma"
+    )
     same = ("d", "t", "tasks", "test_tasks", "grid", "seed")
     reusable = {}
     if args.reuse is not None and args.reuse.exists():
@@ -170,8 +189,9 @@ def main(argv: list[str] | None = None) -> dict:
         chunk = max(1, min(25, 12_500 // n))
         meta = meta_objectives(n, args.d, sigma, etas, args.t, args.tasks, chunk, config_seed(args.seed, n, sigma, 1))
         chosen = {m: float(etas[int(torch.tensor(meta[m]["meta_objective"]).argmin())]) for m in MODES}
-        test = test_step_sizes(n, args.d, sigma, args.t, chosen["tbt"], chosen["tbv"], args.test_tasks,
-                               config_seed(args.seed, n, sigma, 2))
+        test = test_step_sizes(
+            n, args.d, sigma, args.t, chosen["tbt"], chosen["tbv"], args.test_tasks, config_seed(args.seed, n, sigma, 2)
+        )
         row = {"n": n, "sigma": sigma, "meta": meta, "eta_tbt": chosen["tbt"], "eta_tbv": chosen["tbv"], "test": test}
         for label, r in test.items():
             r["test_rmse_mean"], r["test_rmse_min"], r["test_rmse_max"] = summary(r["test_rmse"])
@@ -181,38 +201,50 @@ def main(argv: list[str] | None = None) -> dict:
         row["tbv_wins"] = sum(a > b for a, b in zip(test["TbT"]["test_rmse"], test["TbV"]["test_rmse"]))
         row["seconds"] = time.time() - t0
         out["results"].append(row)
-        print(f"  n={n:5d} sigma={sigma:4g}: eta_TbT={chosen['tbt']:.3g} eta_TbV={chosen['tbv']:.3g}  "
-              f"test RMSE TbT={test['TbT']['test_rmse_mean']:.3f} TbV={test['TbV']['test_rmse_mean']:.3f}  "
-              f"({row['seconds']:.0f}s)", flush=True)
+        print(
+            f"  n={n:5d} sigma={sigma:4g}: eta_TbT={chosen['tbt']:.3g} eta_TbV={chosen['tbv']:.3g}  "
+            f"test RMSE TbT={test['TbT']['test_rmse_mean']:.3f} TbV={test['TbV']['test_rmse_mean']:.3f}  "
+            f"({row['seconds']:.0f}s)",
+            flush=True,
+        )
 
     def find(n, sigma):
         return next(r for r in out["results"] if r["n"] == n and r["sigma"] == sigma)
 
     def table(rows, title):
         print(f"\n{title}")
-        hdr = (f"{'n':>5s} {'sigma':>5s} {'eta_TbT':>8s} {'eta_TbV':>8s} | {'TbT test RMSE [min,max]':>24s} "
-               f"{'TbV test RMSE [min,max]':>24s} {'gap':>7s} {'wins':>5s} | {'TbV-eta all n':>13s} | "
-               f"{'train TbT':>9s} {'train TbV':>9s} | {'div TbT':>7s} {'div TbV':>7s}")
+        hdr = (
+            f"{'n':>5s} {'sigma':>5s} {'eta_TbT':>8s} {'eta_TbV':>8s} | {'TbT test RMSE [min,max]':>24s} "
+            f"{'TbV test RMSE [min,max]':>24s} {'gap':>7s} {'wins':>5s} | {'TbV-eta all n':>13s} | "
+            f"{'train TbT':>9s} {'train TbV':>9s} | {'div TbT':>7s} {'div TbV':>7s}"
+        )
         print(hdr)
         print("-" * len(hdr))
         for r in rows:
             a, b, c = r["test"]["TbT"], r["test"]["TbV"], r["test"]["TbV eta, all n"]
             i_t, i_v = out["etas"].index(r["eta_tbt"]), out["etas"].index(r["eta_tbv"])
-            print(f"{r['n']:5d} {r['sigma']:5g} {r['eta_tbt']:8.3g} {r['eta_tbv']:8.3g} | "
-                  f"{a['test_rmse_mean']:8.3f} [{a['test_rmse_min']:.3f},{a['test_rmse_max']:.3f}]"
-                  f" {b['test_rmse_mean']:8.3f} [{b['test_rmse_min']:.3f},{b['test_rmse_max']:.3f}]"
-                  f" {r['gap']:7.3f} {r['tbv_wins']:>2d}/{len(a['test_rmse']):<2d} | {c['test_rmse_mean']:13.3f} | "
-                  f"{a['train_rmse_mean']:9.3f} {b['train_rmse_mean']:9.3f} | "
-                  f"{r['meta']['tbt']['diverged_fraction'][i_t]:7.2f} "
-                  f"{r['meta']['tbv']['diverged_fraction'][i_v]:7.2f}")
+            print(
+                f"{r['n']:5d} {r['sigma']:5g} {r['eta_tbt']:8.3g} {r['eta_tbv']:8.3g} | "
+                f"{a['test_rmse_mean']:8.3f} [{a['test_rmse_min']:.3f},{a['test_rmse_max']:.3f}]"
+                f" {b['test_rmse_mean']:8.3f} [{b['test_rmse_min']:.3f},{b['test_rmse_max']:.3f}]"
+                f" {r['gap']:7.3f} {r['tbv_wins']:>2d}/{len(a['test_rmse']):<2d} | {c['test_rmse_mean']:13.3f} | "
+                f"{a['train_rmse_mean']:9.3f} {b['train_rmse_mean']:9.3f} | "
+                f"{r['meta']['tbt']['diverged_fraction'][i_t]:7.2f} "
+                f"{r['meta']['tbv']['diverged_fraction'][i_v]:7.2f}"
+            )
 
     sig_rows = [find(args.sigma_n, s) for s in args.sigmas]
     n_rows = [find(n, args.n_sigma) for n in args.ns]
-    print("\ntest RMSE = ||w_t - w*|| = sqrt(excess risk), mean over test tasks [min, max]; gap = TbT - TbV; "
-          "wins = test tasks where TbV < TbT;\n'TbV-eta all n' = TbV's eta used to train on all n samples; "
-          "train = train RMSE; div = fraction of meta-training tasks hitting the guard at the chosen eta")
-    table(sig_rows, f"sigma sweep, n = {args.sigma_n} (TbT: {args.sigma_n}, TbV: {args.sigma_n // 2} + "
-                    f"{args.sigma_n - args.sigma_n // 2})")
+    print(
+        "\ntest RMSE = ||w_t - w*|| = sqrt(excess risk), mean over test tasks [min, max]; gap = TbT - TbV; "
+        "wins = test tasks where TbV < TbT;\n'TbV-eta all n' = TbV's eta used to train on all n samples; "
+        "train = train RMSE; div = fraction of meta-training tasks hitting the guard at the chosen eta"
+    )
+    table(
+        sig_rows,
+        f"sigma sweep, n = {args.sigma_n} (TbT: {args.sigma_n}, TbV: {args.sigma_n // 2} + "
+        f"{args.sigma_n - args.sigma_n // 2})",
+    )
     table(n_rows, f"n sweep, sigma = {args.n_sigma:g} (TbV splits n evenly)")
 
     # ---- the claims -------------------------------------------------------------------------
@@ -221,15 +253,18 @@ def main(argv: list[str] | None = None) -> dict:
     claims["TbV lower test RMSE in every configuration"] = {
         "holds": len(lower) == len(out["results"]),
         "detail": f"{len(lower)}/{len(out['results'])} configurations; not in "
-                  f"{[(r['n'], r['sigma']) for r in out['results'] if r['gap'] <= 0]}"}
+        f"{[(r['n'], r['sigma']) for r in out['results'] if r['gap'] <= 0]}",
+    }
     sig_gaps = [r["gap"] for r in sig_rows]
     claims["gap grows with sigma"] = {
         "holds": all(b > a for a, b in zip(sig_gaps, sig_gaps[1:])),
-        "detail": "gaps " + ", ".join(f"sigma={s:g}: {g:.3f}" for s, g in zip(args.sigmas, sig_gaps))}
+        "detail": "gaps " + ", ".join(f"sigma={s:g}: {g:.3f}" for s, g in zip(args.sigmas, sig_gaps)),
+    }
     n_gaps = [r["gap"] for r in n_rows]
     claims["gap shrinks with n"] = {
         "holds": all(b < a for a, b in zip(n_gaps, n_gaps[1:])),
-        "detail": "gaps " + ", ".join(f"n={n}: {g:.3f}" for n, g in zip(args.ns, n_gaps))}
+        "detail": "gaps " + ", ".join(f"n={n}: {g:.3f}" for n, g in zip(args.ns, n_gaps)),
+    }
     out["claims"] = claims
     print("\nclaims:")
     for name, cl in claims.items():
@@ -255,8 +290,9 @@ def plot(out, sig_rows, n_rows, args, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     for ax, rows, key, xlabel, title in (
-            (axes[0], sig_rows, "sigma", "noise sigma", f"(a) n = {args.sigma_n}"),
-            (axes[1], n_rows, "n", "samples n", f"(b) sigma = {args.n_sigma:g}")):
+        (axes[0], sig_rows, "sigma", "noise sigma", f"(a) n = {args.sigma_n}"),
+        (axes[1], n_rows, "n", "samples n", f"(b) sigma = {args.n_sigma:g}"),
+    ):
         x = [r[key] for r in rows]
         for label, color in (("TbT", "C0"), ("TbV", "C1"), ("TbV eta, all n", "C2")):
             m = [r["test"][label]["test_rmse_mean"] for r in rows]
@@ -265,8 +301,9 @@ def plot(out, sig_rows, n_rows, args, path: Path) -> None:
             ls = "--" if label == "TbV eta, all n" else "-"
             ax.errorbar(x, m, yerr=[lo, hi], fmt="o" + ls, color=color, capsize=3, label=f"{label} test")
             if label != "TbV eta, all n":
-                ax.plot(x, [r["test"][label]["train_rmse_mean"] for r in rows], "x:", color=color,
-                        label=f"{label} train")
+                ax.plot(
+                    x, [r["test"][label]["train_rmse_mean"] for r in rows], "x:", color=color, label=f"{label} train"
+                )
         ax.axhline(1.0, color="gray", lw=0.8, ls=":", label="w = 0")
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -278,8 +315,9 @@ def plot(out, sig_rows, n_rows, args, path: Path) -> None:
     etas = out["etas"]
     for i, r in enumerate(sig_rows):
         for mode, ls in (("tbt", "-"), ("tbv", "--")):
-            ax.plot(etas, r["meta"][mode]["meta_objective"], ls, color=f"C{i}",
-                    label=f"{mode.upper()} sigma={r['sigma']:g}")
+            ax.plot(
+                etas, r["meta"][mode]["meta_objective"], ls, color=f"C{i}", label=f"{mode.upper()} sigma={r['sigma']:g}"
+            )
             j = etas.index(r[f"eta_{mode}"])
             ax.plot(etas[j], r["meta"][mode]["meta_objective"][j], "o", color=f"C{i}")
     ax.set_xscale("log")

@@ -59,16 +59,29 @@ def main(checkpoint: str = "rnnprop", max_steps: int = 100, output_dir: str | No
     with tempfile.TemporaryDirectory() as tmp:
         rule, config = learned_optim.load_rule(checkpoint)
 
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=32, n_layer=1, n_head=2,
-                                           bos_token_id=0, eos_token_id=0))
+        model = GPT2LMHeadModel(
+            GPT2Config(vocab_size=32, n_positions=16, n_embd=32, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)
+        )
         args = TrainingArguments(
-            output_dir=output_dir or str(Path(tmp) / "out"), max_steps=max_steps, per_device_train_batch_size=16,
-            weight_decay=0.01, lr_scheduler_type="constant", use_cpu=True, report_to="none",
-            save_strategy="no", logging_steps=max(1, max_steps // 10), disable_tqdm=True,
-            dataloader_num_workers=0, seed=0)
+            output_dir=output_dir or str(Path(tmp) / "out"),
+            max_steps=max_steps,
+            per_device_train_batch_size=16,
+            weight_decay=0.01,
+            lr_scheduler_type="constant",
+            use_cpu=True,
+            report_to="none",
+            save_strategy="no",
+            logging_steps=max(1, max_steps // 10),
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            seed=0,
+        )
         trainer = Trainer(
-            model=model, args=args, train_dataset=CountingSequences(),
-            optimizer_cls_and_kwargs=(learned_optim.LearnedOptimizer, {"rule": rule, **config.get("optimizer", {})}))
+            model=model,
+            args=args,
+            train_dataset=CountingSequences(),
+            optimizer_cls_and_kwargs=(learned_optim.LearnedOptimizer, {"rule": rule, **config.get("optimizer", {})}),
+        )
         result = trainer.train()
     print(f"trained {trainer.state.global_step} steps, mean training loss {result.training_loss:.4f}")
     return trainer

@@ -12,10 +12,23 @@ from .optimizer import LearnedOptimizer, NonFiniteGradientError
 __version__ = "0.1.0"
 
 __all__ = [
-    "LearnedOptimizer", "NonFiniteGradientError", "CheckpointError",
-    "from_pretrained", "list_pretrained", "load_rule", "save_pretrained",
-    "adapt", "AdaptationError", "AdaptationResult",
-    "UpdateRule", "DMLSTM", "RNNProp", "MLPUpdate", "FAMILIES", "build_rule", "functional_update",
+    "LearnedOptimizer",
+    "NonFiniteGradientError",
+    "CheckpointError",
+    "from_pretrained",
+    "list_pretrained",
+    "load_rule",
+    "save_pretrained",
+    "adapt",
+    "AdaptationError",
+    "AdaptationResult",
+    "UpdateRule",
+    "DMLSTM",
+    "RNNProp",
+    "MLPUpdate",
+    "FAMILIES",
+    "build_rule",
+    "functional_update",
 ]
 
 from .integrations.timm import register_timm_optimizers as _register_timm_optimizers

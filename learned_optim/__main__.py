@@ -21,8 +21,15 @@ import torch
 
 from . import hub
 
-__all__ = ["main", "demo_main", "build_demo_parser", "DEMO_TASK", "NoPretrainedOptimizerError", "default_optimizer",
-           "DEMO_OPTIMIZER"]
+__all__ = [
+    "main",
+    "demo_main",
+    "build_demo_parser",
+    "DEMO_TASK",
+    "NoPretrainedOptimizerError",
+    "default_optimizer",
+    "DEMO_OPTIMIZER",
+]
 
 #: Task family of the demo: an unseen optimizee for optimizers meta-trained on the sigmoid MLP.
 DEMO_TASK = "digits-mlp20-relu"
@@ -51,7 +58,8 @@ def _no_zoo_message() -> str:
         "substitutes an untrained net.\n"
         "Pass a checkpoint folder (config.json + model.safetensors, as written by save_pretrained or by a "
         "meta-training run) or a Hugging Face Hub repo id:\n"
-        "    python -m learned_optim demo --optimizer DIR")
+        "    python -m learned_optim demo --optimizer DIR"
+    )
 
 
 #: The zoo entry the demo prefers: the one with the best measured results on the demo task (see its card).
@@ -73,15 +81,28 @@ def build_demo_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m learned_optim demo",
         description="Train a fresh model on the embedded digits with a pretrained learned optimizer and with "
-                    "Adam tuned on a validation grid; print a comparison table, save a plot and JSON.")
-    parser.add_argument("--optimizer", default=None, metavar="NAME_OR_DIR",
-                        help=f"zoo name, checkpoint folder or Hub repo id (default: {DEMO_OPTIMIZER})")
+        "Adam tuned on a validation grid; print a comparison table, save a plot and JSON.",
+    )
+    parser.add_argument(
+        "--optimizer",
+        default=None,
+        metavar="NAME_OR_DIR",
+        help=f"zoo name, checkpoint folder or Hub repo id (default: {DEMO_OPTIMIZER})",
+    )
     parser.add_argument("--task", default=DEMO_TASK, help=f"task family to train (default {DEMO_TASK})")
-    parser.add_argument("--out", type=Path, default=Path("learned_optim_demo"),
-                        help="folder for the plot, JSON, CSV and markdown (default ./learned_optim_demo)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (default 1: the demo's models are tiny, and more threads only "
-                        "add synchronisation, which is very slow when the cores are shared)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("learned_optim_demo"),
+        help="folder for the plot, JSON, CSV and markdown (default ./learned_optim_demo)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: the demo's models are tiny, and more threads only "
+        "add synchronisation, which is very slow when the cores are shared)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--steps", type=int, default=1000, help=argparse.SUPPRESS)
     parser.add_argument("--seeds", type=int, default=5, help=argparse.SUPPRESS)
@@ -105,23 +126,38 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     print(f"Learned optimizer: {learned.label} ({learned.info['family']}, {learned.info['path']})")
     if not learned.info["meta_trained"]:
-        print(f"NOTE: {learned.label} records no meta-training in its config.json; if its weights are untrained, "
-              "the comparison below says nothing about learned optimizers.")
+        print(
+            f"NOTE: {learned.label} records no meta-training in its config.json; if its weights are untrained, "
+            "the comparison below says nothing about learned optimizers."
+        )
     tune_steps = args.tune_steps or args.steps
-    print(f"Task: {args.task}, {args.steps} steps, {args.seeds} seeds; Adam's lr tuned on the validation split "
-          f"over {[float(v) for v in args.lr_grid]} ({tune_steps} steps each).")
-    results = evaluate([learned, "adam"], [args.task], args.steps, args.seeds, lr_grid=args.lr_grid,
-                       tune_steps=tune_steps, progress=not args.no_progress,
-                       command="python -m learned_optim demo " + shlex.join(argv))
+    print(
+        f"Task: {args.task}, {args.steps} steps, {args.seeds} seeds; Adam's lr tuned on the validation split "
+        f"over {[float(v) for v in args.lr_grid]} ({tune_steps} steps each)."
+    )
+    results = evaluate(
+        [learned, "adam"],
+        [args.task],
+        args.steps,
+        args.seeds,
+        lr_grid=args.lr_grid,
+        tune_steps=tune_steps,
+        progress=not args.no_progress,
+        command="python -m learned_optim demo " + shlex.join(argv),
+    )
     files = results.write(args.out)
     print()
     print(results.markdown())
     for tuning in results.tuning:
-        print(f"{tuning.optimizer}'s learning-rate search took {tuning.wall_time:.1f} s more; "
-              f"the learned optimizer ran untuned.")
+        print(
+            f"{tuning.optimizer}'s learning-rate search took {tuning.wall_time:.1f} s more; "
+            f"the learned optimizer ran untuned."
+        )
     plots = [str(p) for k, p in files.items() if k.startswith("plot:")]
-    print(f"Plot: {', '.join(plots)}\nResults: {files['json']} (also {files['summary_csv'].name}, "
-          f"{files['curves_csv'].name}, {files['markdown'].name})")
+    print(
+        f"Plot: {', '.join(plots)}\nResults: {files['json']} (also {files['summary_csv'].name}, "
+        f"{files['curves_csv'].name}, {files['markdown'].name})"
+    )
     return 0
 
 
@@ -139,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .evaluate import main as evaluate_main
 
             return evaluate_main(rest, prog="python -m learned_optim evaluate")
-    except ImportError as e:   # an optional dependency of the command is missing: one line, no traceback
+    except ImportError as e:  # an optional dependency of the command is missing: one line, no traceback
         print(f"python -m learned_optim {command}: {e}", file=sys.stderr)
         return 2
     print(f"python -m learned_optim: unknown command {command!r}\n\n{_USAGE}", file=sys.stderr)

@@ -79,10 +79,19 @@ class AdaptationResult:
 
 
 # ------------------------------------------------------------------------------ the transactional core
-def adapt_weights(rule: UpdateRule, segment_loss: Callable[[Mapping[str, Tensor], int], Tensor], *, steps: int,
-                  lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), grad_clip: float | None = None,
-                  nonfinite: str = "raise", device: torch.device | None = None, progress: bool = False,
-                  skipped: list[int] | None = None) -> list[float]:
+def adapt_weights(
+    rule: UpdateRule,
+    segment_loss: Callable[[Mapping[str, Tensor], int], Tensor],
+    *,
+    steps: int,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    grad_clip: float | None = None,
+    nonfinite: str = "raise",
+    device: torch.device | None = None,
+    progress: bool = False,
+    skipped: list[int] | None = None,
+) -> list[float]:
     """``steps`` Adam steps on ``rule``'s weights, committed to ``rule`` only when all succeeded.
 
     ``segment_loss(weights, k)`` returns the meta-loss of adaptation step ``k`` as a differentiable
@@ -115,8 +124,10 @@ def adapt_weights(rule: UpdateRule, segment_loss: Callable[[Mapping[str, Tensor]
             grads = None
         else:
             if not loss.requires_grad:
-                raise AdaptationError(f"adaptation step {k + 1}: the meta-loss does not depend on the optimizer's "
-                                      "weights (every learned step was a no-op: lr 0, or the run diverged at once)")
+                raise AdaptationError(
+                    f"adaptation step {k + 1}: the meta-loss does not depend on the optimizer's "
+                    "weights (every learned step was a no-op: lr 0, or the run diverged at once)"
+                )
             grads = torch.autograd.grad(loss, [weights[n] for n in names], allow_unused=True)
             grads = [torch.zeros_like(weights[n]) if g is None else g for n, g in zip(names, grads)]
             norm = math.sqrt(sum(float(g.double().square().sum()) for g in grads))
@@ -124,9 +135,11 @@ def adapt_weights(rule: UpdateRule, segment_loss: Callable[[Mapping[str, Tensor]
                 problem = f"the meta-gradient norm is {norm}"
         if problem is not None:
             if nonfinite == "raise":
-                raise AdaptationError(f"adaptation step {k + 1} of {steps}: {problem}; the adaptation was rolled "
-                                      "back (the optimizer's net is unchanged). Try a smaller lr or unroll, or "
-                                      "nonfinite='skip'.")
+                raise AdaptationError(
+                    f"adaptation step {k + 1} of {steps}: {problem}; the adaptation was rolled "
+                    "back (the optimizer's net is unchanged). Try a smaller lr or unroll, or "
+                    "nonfinite='skip'."
+                )
             losses.append(float("nan"))
             if skipped is not None:
                 skipped.append(k)
@@ -163,17 +176,21 @@ class _Batches:
             if self.seen == 0:
                 raise ValueError("adapt: `batches` is empty; pass an iterable of (inputs, targets) pairs") from None
             if not self.reiterable:
-                raise ValueError(f"adapt: `batches` ran out after {self.seen} batches; adaptation needs "
-                                 f"{self.needed} (steps * (unroll + 1)). Pass a re-iterable (a DataLoader or a "
-                                 "list is cycled) or a longer iterator.") from None
+                raise ValueError(
+                    f"adapt: `batches` ran out after {self.seen} batches; adaptation needs "
+                    f"{self.needed} (steps * (unroll + 1)). Pass a re-iterable (a DataLoader or a "
+                    "list is cycled) or a longer iterator."
+                ) from None
             self.iterator = iter(self.source)
             try:
                 batch = next(self.iterator)
             except StopIteration:
                 raise ValueError("adapt: `batches` is empty on re-iteration") from None
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise TypeError(f"adapt: every batch must be an (inputs, targets) pair, got {type(batch).__name__}"
-                            + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+            raise TypeError(
+                f"adapt: every batch must be an (inputs, targets) pair, got {type(batch).__name__}"
+                + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+            )
         self.seen += 1
         if self.example is None:
             self.example = batch
@@ -211,10 +228,24 @@ def _to(x: Any, device: torch.device) -> Any:
     return to_device(x, device)
 
 
-def adapt(opt: Any, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], batches: Iterable[Any], steps: int = 5,
-          unroll: int = 20, lr: float = 1e-3, restore_model: bool = True, *, chain: bool = True,
-          objective: str = "sum", second_order: bool = False, grad_clip: float | None = None,
-          nonfinite: str = "raise", description: str | None = None, progress: bool = False) -> AdaptationResult:
+def adapt(
+    opt: Any,
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], Tensor],
+    batches: Iterable[Any],
+    steps: int = 5,
+    unroll: int = 20,
+    lr: float = 1e-3,
+    restore_model: bool = True,
+    *,
+    chain: bool = True,
+    objective: str = "sum",
+    second_order: bool = False,
+    grad_clip: float | None = None,
+    nonfinite: str = "raise",
+    description: str | None = None,
+    progress: bool = False,
+) -> AdaptationResult:
     """Adapt ``opt``'s learned net to ``model`` + ``loss_fn`` on ``batches`` (see the module docstring).
 
     Args:
@@ -266,8 +297,10 @@ def adapt(opt: Any, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], bat
         raise ValueError("adapt: the log objectives need a positive loss; use objective='sum' with maximize=True")
     device = named[0][1].device
     if len({p.device for _, p in named}) > 1:
-        raise ValueError("adapt: the optimized parameters are on several devices "
-                         f"{sorted(str(d) for d in {p.device for _, p in named})}; adapt one device's at a time")
+        raise ValueError(
+            "adapt: the optimized parameters are on several devices "
+            f"{sorted(str(d) for d in {p.device for _, p in named})}; adapt one device's at a time"
+        )
     # the unrolls run a copy of the net on the model's device (buffers included); adapt_weights commits
     # the adapted weights into opt.rule wherever it lives
     rule = opt.rule if next(opt.rule.parameters()).device == device else copy.deepcopy(opt.rule).to(device)
@@ -298,8 +331,10 @@ def adapt(opt: Any, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], bat
         out = functional_call(model, {**params, **buffers}, (_to(inputs, device),))
         loss = loss_fn(out, _to(targets, device))
         if not isinstance(loss, Tensor) or loss.numel() != 1:
-            raise ValueError(f"adapt: loss_fn must return a scalar tensor, got "
-                             f"{type(loss).__name__}{'' if not isinstance(loss, Tensor) else tuple(loss.shape)}")
+            raise ValueError(
+                f"adapt: loss_fn must return a scalar tensor, got "
+                f"{type(loss).__name__}{'' if not isinstance(loss, Tensor) else tuple(loss.shape)}"
+            )
         return sign * loss.reshape(())
 
     def run(weights: Mapping[str, Tensor], point: _Point) -> tuple[Tensor, _Point]:
@@ -311,22 +346,28 @@ def adapt(opt: Any, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], bat
         for i in range(unroll):
             loss = loss_at(params, buffers)
             if not checked["done"]:
-                grads_probe = (torch.autograd.grad(loss, list(params.values()), retain_graph=True, allow_unused=True)
-                               if loss.requires_grad else [None])
+                grads_probe = (
+                    torch.autograd.grad(loss, list(params.values()), retain_graph=True, allow_unused=True)
+                    if loss.requires_grad
+                    else [None]
+                )
                 if all(g is None for g in grads_probe):
-                    raise ValueError("adapt: the loss does not depend on the parameters optimized by `opt` "
-                                     "(loss_fn(model(inputs), targets) has no gradient with respect to them)")
+                    raise ValueError(
+                        "adapt: the loss does not depend on the parameters optimized by `opt` "
+                        "(loss_fn(model(inputs), targets) has no gradient with respect to them)"
+                    )
                 checked["done"] = True
             if current["first_loss"] is None:
                 current["first_loss"] = float(loss.detach())
             if i > 0:
                 terms.append(loss)
-            grads = torch.autograd.grad(loss, list(params.values()), create_graph=second_order, retain_graph=True,
-                                        allow_unused=True)
+            grads = torch.autograd.grad(
+                loss, list(params.values()), create_graph=second_order, retain_graph=True, allow_unused=True
+            )
             new_params = dict(params)
             for (n, theta), g in zip(params.items(), grads):
                 step_lr, wd = hyper[n]
-                if g is None or step_lr == 0.0:     # the optimizer skips grad-less params; lr 0 is a no-op
+                if g is None or step_lr == 0.0:  # the optimizer skips grad-less params; lr 0 is a no-op
                     continue
                 counts[n] += 1
                 deltas, new_state = apply_rule(rule, weights, {n: g}, {n: theta}, {n: state[n]}, counts[n])
@@ -339,19 +380,32 @@ def adapt(opt: Any, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], bat
         losses = torch.stack(terms)
         first = current["first_loss"]
         meta = meta_objective(objective, losses, initial_loss=first, last_step=max(counts.values()))
-        end = _Point({n: v.detach() for n, v in params.items()},
-                     {n: {k: v.detach() for k, v in st.items()} for n, st in state.items()}, counts, buffers)
+        end = _Point(
+            {n: v.detach() for n, v in params.items()},
+            {n: {k: v.detach() for k, v in st.items()} for n, st in state.items()},
+            counts,
+            buffers,
+        )
         return meta, end
 
     def segment_loss(weights: Mapping[str, Tensor], k: int) -> Tensor:
         meta, end = run(weights, current["point"] if chain else start)
         finite = all(bool(torch.isfinite(v).all()) for v in end.params.values())
-        current["point"] = end if finite else start      # the last finite end point
+        current["point"] = end if finite else start  # the last finite end point
         return meta
 
     skipped: list[int] = []
-    meta_losses = adapt_weights(rule, segment_loss, steps=steps, lr=lr, grad_clip=grad_clip, nonfinite=nonfinite,
-                                device=device, progress=progress, skipped=skipped)
+    meta_losses = adapt_weights(
+        rule,
+        segment_loss,
+        steps=steps,
+        lr=lr,
+        grad_clip=grad_clip,
+        nonfinite=nonfinite,
+        device=device,
+        progress=progress,
+        skipped=skipped,
+    )
     if rule is not opt.rule:
         with torch.no_grad():
             for (_, p), (_, q) in zip(opt.rule.named_parameters(), rule.named_parameters()):
@@ -366,9 +420,16 @@ def adapt(opt: Any, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], bat
         "batches_seen": source.seen,
         "optimizer_lr": _single({v[0] for v in hyper.values()}),
         "optimizer_weight_decay": _single({v[1] for v in hyper.values()}),
-        "steps": steps, "unroll": unroll, "lr": lr, "chain": chain, "objective": objective,
-        "second_order": second_order, "grad_clip": grad_clip, "skipped_steps": skipped,
-        "meta_loss_first": meta_losses[0], "meta_loss_last": meta_losses[-1],
+        "steps": steps,
+        "unroll": unroll,
+        "lr": lr,
+        "chain": chain,
+        "objective": objective,
+        "second_order": second_order,
+        "grad_clip": grad_clip,
+        "skipped_steps": skipped,
+        "meta_loss_first": meta_losses[0],
+        "meta_loss_last": meta_losses[-1],
         "description": description,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
@@ -378,7 +439,7 @@ def adapt(opt: Any, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], bat
     rule.adaptations.append(record)
     if not restore_model:
         end = current["point"]
-        state_dtype = getattr(opt, "_state_dtype", lambda key: opt.state_dtype)   # per state name, if supported
+        state_dtype = getattr(opt, "_state_dtype", lambda key: opt.state_dtype)  # per state name, if supported
         with torch.no_grad():
             for n, p in named:
                 p.copy_(end.params[n])
@@ -389,5 +450,6 @@ def adapt(opt: Any, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], bat
             for n, b in model.named_buffers():
                 if n in end.buffers:
                     b.copy_(end.buffers[n])
-    return AdaptationResult(meta_losses=meta_losses, batches_seen=source.seen, skipped_steps=len(skipped),
-                            record=record)
+    return AdaptationResult(
+        meta_losses=meta_losses, batches_seen=source.seen, skipped_steps=len(skipped), record=record
+    )

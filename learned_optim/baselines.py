@@ -49,13 +49,21 @@ ENTROPY_SGD_GRID: tuple[float, ...] = (1.0, 0.3, 0.1, 0.03, 0.01)
 
 def _require_closure(closure: Callable[[], Tensor] | None, name: str) -> Callable[[], Tensor]:
     if closure is None:
-        raise RuntimeError(f"{name} evaluates the loss several times per step: pass step(closure), a closure that "
-                           "zeroes the gradients, computes the loss, calls backward() and returns the loss")
+        raise RuntimeError(
+            f"{name} evaluates the loss several times per step: pass step(closure), a closure that "
+            "zeroes the gradients, computes the loss, calls backward() and returns the loss"
+        )
     return torch.enable_grad()(closure)
 
 
-def _sgd_direction(states: Mapping[Tensor, dict[str, Any]], param: Tensor, direction: Tensor,
-                   group: Mapping[str, Any], *, nesterov: bool = False) -> Tensor:
+def _sgd_direction(
+    states: Mapping[Tensor, dict[str, Any]],
+    param: Tensor,
+    direction: Tensor,
+    group: Mapping[str, Any],
+    *,
+    nesterov: bool = False,
+) -> Tensor:
     r"""The step direction of ``torch.optim.SGD`` (dampening 0) for ``param`` given its gradient-like ``direction``.
 
     :math:`d \leftarrow d + \lambda\theta` (``weight_decay``); with ``momentum`` :math:`\mu > 0` the buffer
@@ -86,8 +94,8 @@ def _sam_class() -> type:
 
         def step(self, closure=None):  # type: ignore[override]
             closure = _require_closure(closure, "SAM")
-            loss = closure()           # g at theta (SAM.step expects it to be there already)
-            super().step(closure)      # perturb to theta + rho g/|g|, recompute, restore, base step
+            loss = closure()  # g at theta (SAM.step expects it to be there already)
+            super().step(closure)  # perturb to theta + rho g/|g|, recompute, restore, base step
             return loss
 
     return HarnessSAM
@@ -118,16 +126,31 @@ def _gsam_class() -> type:
     return HarnessGSAM
 
 
-def sam(params: Iterable[Any], lr: float = 0.1, *, rho: float = 0.05, adaptive: bool = False,
-        momentum: float = 0.0, weight_decay: float = 0.0) -> Optimizer:
+def sam(
+    params: Iterable[Any],
+    lr: float = 0.1,
+    *,
+    rho: float = 0.05,
+    adaptive: bool = False,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+) -> Optimizer:
     r"""SAM (Foret et al. 2021) over SGD: :math:`g_p = \nabla L(\theta + \rho g/\|g\|)`, then an SGD step
     with :math:`g_p`. ``pytorch_optimizer.SAM``; ``step(closure)`` returns the loss at :math:`\theta`."""
-    return _sam_class()(params, torch.optim.SGD, rho=rho, adaptive=adaptive, lr=lr, momentum=momentum,
-                        weight_decay=weight_decay)
+    return _sam_class()(
+        params, torch.optim.SGD, rho=rho, adaptive=adaptive, lr=lr, momentum=momentum, weight_decay=weight_decay
+    )
 
 
-def gsam(params: Iterable[Any], lr: float = 0.1, *, rho: float = 0.05, alpha: float = 0.4,
-         momentum: float = 0.0, weight_decay: float = 0.0) -> Optimizer:
+def gsam(
+    params: Iterable[Any],
+    lr: float = 0.1,
+    *,
+    rho: float = 0.05,
+    alpha: float = 0.4,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+) -> Optimizer:
     r"""GSAM (Zhuang et al. 2022) over SGD: the update direction is
     :math:`g_p - \alpha(g - \mathrm{proj}_{g_p} g)`, with a constant :math:`\rho`.
     ``pytorch_optimizer.GSAM`` (its ``model`` argument, used to switch batch-norm running statistics
@@ -161,15 +184,36 @@ class GAM(Optimizer):
     needs a closure and returns the loss at :math:`\theta`.
     """
 
-    def __init__(self, params: Iterable[Any], lr: float = 0.1, *, grad_rho: float = 0.03,
-                 grad_norm_rho: float = 0.2, grad_beta_0: float = 0.1, grad_beta_1: float = 0.1,
-                 grad_gamma: float = 0.05, momentum: float = 0.0, weight_decay: float = 0.0,
-                 eps: float = 1e-12) -> None:
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 0.1,
+        *,
+        grad_rho: float = 0.03,
+        grad_norm_rho: float = 0.2,
+        grad_beta_0: float = 0.1,
+        grad_beta_1: float = 0.1,
+        grad_gamma: float = 0.05,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        eps: float = 1e-12,
+    ) -> None:
         if lr < 0 or grad_rho < 0 or grad_norm_rho < 0 or momentum < 0 or weight_decay < 0:
             raise ValueError("lr, grad_rho, grad_norm_rho, momentum and weight_decay must be >= 0")
-        super().__init__(params, dict(lr=lr, grad_rho=grad_rho, grad_norm_rho=grad_norm_rho, grad_beta_0=grad_beta_0,
-                                      grad_beta_1=grad_beta_1, grad_gamma=grad_gamma, momentum=momentum,
-                                      weight_decay=weight_decay, eps=eps))
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                grad_rho=grad_rho,
+                grad_norm_rho=grad_norm_rho,
+                grad_beta_0=grad_beta_0,
+                grad_beta_1=grad_beta_1,
+                grad_gamma=grad_gamma,
+                momentum=momentum,
+                weight_decay=weight_decay,
+                eps=eps,
+            ),
+        )
 
     def _params(self) -> list[tuple[Tensor, dict[str, Any]]]:
         return [(p, g) for g in self.param_groups for p in g["params"]]
@@ -244,13 +288,39 @@ class EntropySGD(Optimizer):
     ``step`` returns); the SGLD noise comes from the optimizer's own generator (``seed``).
     """
 
-    def __init__(self, params: Iterable[Any], lr: float = 1.0, *, L: int = 20, gamma: float = 0.03,
-                 scoping: float = 1e-3, sgld_lr: float = 0.1, noise: float = 1e-4, ema: float = 0.75,
-                 momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 0.0, seed: int = 0) -> None:
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1.0,
+        *,
+        L: int = 20,
+        gamma: float = 0.03,
+        scoping: float = 1e-3,
+        sgld_lr: float = 0.1,
+        noise: float = 1e-4,
+        ema: float = 0.75,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+    ) -> None:
         if L < 1 or lr < 0 or gamma < 0 or sgld_lr <= 0 or not 0 <= ema < 1 or momentum < 0:
             raise ValueError("need L >= 1, lr >= 0, gamma >= 0, sgld_lr > 0, 0 <= ema < 1 and momentum >= 0")
-        super().__init__(params, dict(lr=lr, L=L, gamma=gamma, scoping=scoping, sgld_lr=sgld_lr, noise=noise,
-                                      ema=ema, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay))
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                L=L,
+                gamma=gamma,
+                scoping=scoping,
+                sgld_lr=sgld_lr,
+                noise=noise,
+                ema=ema,
+                momentum=momentum,
+                nesterov=nesterov,
+                weight_decay=weight_decay,
+            ),
+        )
         self.generator = torch.Generator().manual_seed(seed)
         self.steps_taken = 0
 
@@ -286,12 +356,27 @@ class EntropySGD(Optimizer):
 
 
 # ------------------------------------------------------------------------------------------ registry
-register_baseline(BaselineInfo("sam", sam, "pytorch_optimizer.SAM over SGD (rho 0.05); 2 gradients per step",
-                               SAM_GRID), overwrite=True)
-register_baseline(BaselineInfo("gsam", gsam, "pytorch_optimizer.GSAM over SGD (rho 0.05, alpha 0.4); "
-                               "2 gradients per step", SAM_GRID), overwrite=True)
-register_baseline(BaselineInfo("gam", GAM, "GAM (Zhang et al. 2023) over SGD, reference CIFAR hyperparameters; "
-                               "4 gradients per step", SAM_GRID), overwrite=True)
-register_baseline(BaselineInfo("entropy-sgd", EntropySGD, "Entropy-SGD (Chaudhari et al. 2017): L=20 SGLD steps, "
-                               "gamma 0.03, Nesterov momentum 0.9; 20 gradients per step", ENTROPY_SGD_GRID),
-                  overwrite=True)
+register_baseline(
+    BaselineInfo("sam", sam, "pytorch_optimizer.SAM over SGD (rho 0.05); 2 gradients per step", SAM_GRID),
+    overwrite=True,
+)
+register_baseline(
+    BaselineInfo("gsam", gsam, "pytorch_optimizer.GSAM over SGD (rho 0.05, alpha 0.4); 2 gradients per step", SAM_GRID),
+    overwrite=True,
+)
+register_baseline(
+    BaselineInfo(
+        "gam", GAM, "GAM (Zhang et al. 2023) over SGD, reference CIFAR hyperparameters; 4 gradients per step", SAM_GRID
+    ),
+    overwrite=True,
+)
+register_baseline(
+    BaselineInfo(
+        "entropy-sgd",
+        EntropySGD,
+        "Entropy-SGD (Chaudhari et al. 2017): L=20 SGLD steps, "
+        "gamma 0.03, Nesterov momentum 0.9; 20 gradients per step",
+        ENTROPY_SGD_GRID,
+    ),
+    overwrite=True,
+)

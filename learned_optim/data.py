@@ -39,8 +39,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "DATASETS", "DatasetInfo", "Split", "DataSplits",
-    "load_splits", "resize_images", "split_indices", "expected_files", "clear_cache", "canonical_name",
+    "DATASETS",
+    "DatasetInfo",
+    "Split",
+    "DataSplits",
+    "load_splits",
+    "resize_images",
+    "split_indices",
+    "expected_files",
+    "clear_cache",
+    "canonical_name",
 ]
 
 
@@ -134,7 +142,7 @@ def split_indices(n: int, sizes: tuple[int, ...], seed: int) -> list[Tensor]:
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     out, start = [], 0
     for s in sizes:
-        out.append(perm[start:start + s])
+        out.append(perm[start : start + s])
         start += s
     return out
 
@@ -155,8 +163,7 @@ def resize_images(x: Tensor, image_size: int | None = None, channels: int | None
             raise ValueError(f"cannot convert {x.shape[1]} channels to {channels}")
     if image_size is not None and tuple(x.shape[-2:]) != (image_size, image_size):
         shrinking = image_size < min(x.shape[-2:])
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear",
-                          align_corners=False, antialias=shrinking)
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=shrinking)
     return x
 
 
@@ -230,10 +237,13 @@ def load_splits(
     x_train, x_val, x_test = ((t - mean) / std for t in (x_train, x_val, x_test))
 
     result = DataSplits(
-        train=Split(x_train.contiguous(), y_train), val=Split(x_val.contiguous(), y_val),
-        test=Split(x_test.contiguous(), y_test), info=info,
+        train=Split(x_train.contiguous(), y_train),
+        val=Split(x_val.contiguous(), y_val),
+        test=Split(x_test.contiguous(), y_test),
+        info=info,
         indices={"train": train_idx, "val": val_idx, "test": test_idx},
-        mean=mean.flatten(), std=std.flatten(),
+        mean=mean.flatten(),
+        std=std.flatten(),
     )
     _CACHE[key] = result
     return result
@@ -244,7 +254,9 @@ def _load_digits() -> tuple[Tensor, Tensor]:
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:  # pragma: no cover - scikit-learn is a declared extra
-        raise ImportError("the embedded 'digits' data set needs scikit-learn: the 'meta' extra (pip install -e '.[meta]' in a checkout)") from e
+        raise ImportError(
+            "the embedded 'digits' data set needs scikit-learn: the 'meta' extra (pip install -e '.[meta]' in a checkout)"
+        ) from e
     bunch = load_digits()
     x = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.as_tensor(bunch.target, dtype=torch.int64)
@@ -279,8 +291,11 @@ def _load_torchvision(name: str, root: str, download: bool, verify_checksums: bo
         folder, files = expected_files(name, root)
         missing = [f for f in files if not (folder / f).is_file()]
         if missing:
-            where = (f"data_root {root!r} does not exist (torchvision expects {files} in {folder})"
-                     if not Path(root).exists() else f"{missing} missing in {folder}")
+            where = (
+                f"data_root {root!r} does not exist (torchvision expects {files} in {folder})"
+                if not Path(root).exists()
+                else f"{missing} missing in {folder}"
+            )
             raise FileNotFoundError(
                 f"{cls.__name__} data not found: {where}. Get them with load_splits({name!r}, data_root={root!r}, "
                 f"download=True) on a machine with internet, or copy an existing torchvision "
@@ -293,8 +308,12 @@ def _load_torchvision(name: str, root: str, download: bool, verify_checksums: bo
     except RuntimeError as e:
         raise FileNotFoundError(
             f"torchvision could not read {cls.__name__} from {root!r}: {e}"
-            + (" (the files exist but their MD5 sums differ from the official release; pass "
-               "verify_checksums=False to read them anyway)" if name == "cifar10" and not download else "")
+            + (
+                " (the files exist but their MD5 sums differ from the official release; pass "
+                "verify_checksums=False to read them anyway)"
+                if name == "cifar10" and not download
+                else ""
+            )
         ) from e
     return _to_tensors(train), _to_tensors(test)
 

@@ -59,9 +59,25 @@ from .meta.tasks.base import Params, Task, TaskFamily
 from .optimizer import NonFiniteGradientError
 
 __all__ = [
-    "DEFAULT_LR_GRID", "BaselineInfo", "BASELINES", "register_baseline", "OptimizerSpec", "resolve_optimizer",
-    "TaskSource", "resolve_task", "RunResult", "TuningResult", "EvaluationResults", "evaluate", "tune_lr",
-    "mean_confidence_interval", "plot_curves", "train_run", "parse_float_list", "build_parser", "main",
+    "DEFAULT_LR_GRID",
+    "BaselineInfo",
+    "BASELINES",
+    "register_baseline",
+    "OptimizerSpec",
+    "resolve_optimizer",
+    "TaskSource",
+    "resolve_task",
+    "RunResult",
+    "TuningResult",
+    "EvaluationResults",
+    "evaluate",
+    "tune_lr",
+    "mean_confidence_interval",
+    "plot_curves",
+    "train_run",
+    "parse_float_list",
+    "build_parser",
+    "main",
 ]
 
 #: Learning-rate grid of the baselines (the appendix of "Learning to Generalize Provably in L2O").
@@ -136,8 +152,9 @@ def _build_learned(path: str, params: list[Tensor], lr: float | None) -> Optimiz
     return from_pretrained(path, params, **({} if lr is None else {"lr": lr}))
 
 
-def resolve_optimizer(spec: str | OptimizerSpec, *, lr_grid: Sequence[float] | None = None,
-                      learned_lr: float | None = None) -> OptimizerSpec:
+def resolve_optimizer(
+    spec: str | OptimizerSpec, *, lr_grid: Sequence[float] | None = None, learned_lr: float | None = None
+) -> OptimizerSpec:
     """Turn a name into an :class:`OptimizerSpec`.
 
     A name in :data:`BASELINES` is that baseline, tuned over ``lr_grid`` (default: its own grid);
@@ -153,16 +170,29 @@ def resolve_optimizer(spec: str | OptimizerSpec, *, lr_grid: Sequence[float] | N
         grid = tuple(float(lr) for lr in (lr_grid if lr_grid is not None else baseline.lr_grid))
         if not grid:
             raise ValueError(f"the learning-rate grid of {baseline.name!r} is empty")
-        return OptimizerSpec(baseline.name, baseline.build, lr_grid=grid, kind="baseline",
-                             info={"source": baseline.name, "description": baseline.description})
+        return OptimizerSpec(
+            baseline.name,
+            baseline.build,
+            lr_grid=grid,
+            kind="baseline",
+            info={"source": baseline.name, "description": baseline.description},
+        )
     folder = resolve_checkpoint(spec)
     rule, config = load_rule_from_dir(folder)
     label = str(spec) if not Path(spec).is_dir() else (config.get("name") or Path(spec).resolve().name)
     return OptimizerSpec(
-        label, functools.partial(_build_learned, str(folder)), lr=learned_lr,
+        label,
+        functools.partial(_build_learned, str(folder)),
+        lr=learned_lr,
         kind="learned",
-        info={"source": str(spec), "path": str(folder), "family": rule.family, "name": config.get("name"),
-              "meta_trained": bool(config.get("training"))})
+        info={
+            "source": str(spec),
+            "path": str(folder),
+            "family": rule.family,
+            "name": config.get("name"),
+            "meta_trained": bool(config.get("training")),
+        },
+    )
 
 
 # ------------------------------------------------------------------------------------------ tasks
@@ -190,8 +220,10 @@ def resolve_task(task: str | Task | TaskFamily | TaskSource) -> TaskSource:
         try:
             from .meta.tasks import make_family
         except ImportError as err:
-            raise ImportError(f"cannot build task {task!r}: learned_optim.meta.tasks.make_family is not "
-                              f"available ({err}); pass Task or TaskFamily objects instead") from None
+            raise ImportError(
+                f"cannot build task {task!r}: learned_optim.meta.tasks.make_family is not "
+                f"available ({err}); pass Task or TaskFamily objects instead"
+            ) from None
         return TaskSource(task, make_family(task))
     raise TypeError(f"a task must be a name, a Task or a TaskFamily, got {type(task).__name__}")
 
@@ -239,7 +271,7 @@ class RunResult:
         """Mean training loss over the last ``window`` steps (NaN for a diverged run)."""
         if self.diverged_at is not None or not self.train_loss:
             return math.nan
-        tail = self.train_loss[-max(1, window):]
+        tail = self.train_loss[-max(1, window) :]
         return sum(tail) / len(tail)
 
     def final(self, name: str) -> float:
@@ -268,9 +300,20 @@ def _out_of_bound(params: Params, bound: float | None) -> bool:
     return not bool(norm <= bound)
 
 
-def train_run(task: Task, init: Params, spec: OptimizerSpec, lr: float | None, *, steps: int, seed: int,
-              task_label: str, eval_split: str = "test", eval_every: int | None = None,
-              on_step: Callable[[], None] | None = None, flatness: FlatnessOptions | None = None) -> RunResult:
+def train_run(
+    task: Task,
+    init: Params,
+    spec: OptimizerSpec,
+    lr: float | None,
+    *,
+    steps: int,
+    seed: int,
+    task_label: str,
+    eval_split: str = "test",
+    eval_every: int | None = None,
+    on_step: Callable[[], None] | None = None,
+    flatness: FlatnessOptions | None = None,
+) -> RunResult:
     """Train a copy of ``init`` (made into leaf tensors) on ``task`` with ``spec`` for ``steps`` steps.
 
     Training batches come from the seed's training stream, so every optimizer sees the same ones;
@@ -345,9 +388,21 @@ def train_run(task: Task, init: Params, spec: OptimizerSpec, lr: float | None, *
     if flatness is not None and diverged_at is None:
         point = converged_params if converged_params is not None else params
         flat = task_flatness(task, point, flatness, _generator(seed, _FLATNESS_STREAM))
-    return RunResult(task_label, spec.label, seed, None if actual_lr is None else _as_float(actual_lr), eval_split,
-                     losses, eval_steps, evals, elapsed / max(1, taken), wall, diverged_at, flat,
-                     converged_at if diverged_at is None else None)
+    return RunResult(
+        task_label,
+        spec.label,
+        seed,
+        None if actual_lr is None else _as_float(actual_lr),
+        eval_split,
+        losses,
+        eval_steps,
+        evals,
+        elapsed / max(1, taken),
+        wall,
+        diverged_at,
+        flat,
+        converged_at if diverged_at is None else None,
+    )
 
 
 # ------------------------------------------------------------------------------------------ lr tuning
@@ -367,12 +422,20 @@ class TuningResult:
     def describe(self) -> str:
         """One line: the grid, each lr's validation loss and the choice."""
         tried = ", ".join(f"{lr:g}: {loss:.4g}" for lr, loss in zip(self.grid, self.val_loss))
-        return (f"[tune] {self.optimizer} on {self.task}: grid {{{tried}}} (final validation loss, mean of "
-                f"{_count(len(self.seeds), 'seed')}, {_count(self.steps, 'step')}) -> lr = {self.chosen_lr:g}")
+        return (
+            f"[tune] {self.optimizer} on {self.task}: grid {{{tried}}} (final validation loss, mean of "
+            f"{_count(len(self.seeds), 'seed')}, {_count(self.steps, 'step')}) -> lr = {self.chosen_lr:g}"
+        )
 
 
-def tune_lr(spec: OptimizerSpec, source: TaskSource, *, steps: int, seeds: Sequence[int],
-            on_step: Callable[[], None] | None = None) -> TuningResult:
+def tune_lr(
+    spec: OptimizerSpec,
+    source: TaskSource,
+    *,
+    steps: int,
+    seeds: Sequence[int],
+    on_step: Callable[[], None] | None = None,
+) -> TuningResult:
     """Pick the lr of ``spec.lr_grid`` with the lowest mean final *validation* loss over ``seeds``.
 
     A diverged run counts as an infinite loss; ties go to the earlier grid entry. If every lr diverges
@@ -384,18 +447,26 @@ def tune_lr(spec: OptimizerSpec, source: TaskSource, *, steps: int, seeds: Seque
     instances = [_instance(source, seed) for seed in seeds]
     val_loss = []
     for lr in spec.lr_grid:
-        finals = [train_run(task, init, spec, lr, steps=steps, seed=seed, task_label=source.label,
-                            eval_split="val", on_step=on_step).final("loss")
-                  for seed, (task, init) in zip(seeds, instances)]
+        finals = [
+            train_run(
+                task, init, spec, lr, steps=steps, seed=seed, task_label=source.label, eval_split="val", on_step=on_step
+            ).final("loss")
+            for seed, (task, init) in zip(seeds, instances)
+        ]
         val_loss.append(sum(finals) / len(finals) if all(math.isfinite(v) for v in finals) else math.inf)
     if all(not math.isfinite(v) for v in val_loss):
         chosen = min(spec.lr_grid)
-        warnings.warn(f"{spec.label} diverged on {source.label} with every lr of {list(spec.lr_grid)}; "
-                      f"using the smallest, {chosen:g}", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"{spec.label} diverged on {source.label} with every lr of {list(spec.lr_grid)}; "
+            f"using the smallest, {chosen:g}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     else:
         chosen = spec.lr_grid[min(range(len(val_loss)), key=lambda i: (val_loss[i], i))]
-    return TuningResult(source.label, spec.label, list(spec.lr_grid), val_loss, chosen, list(seeds), steps,
-                        time.perf_counter() - start)
+    return TuningResult(
+        source.label, spec.label, list(spec.lr_grid), val_loss, chosen, list(seeds), steps, time.perf_counter() - start
+    )
 
 
 # ------------------------------------------------------------------------------------------ statistics
@@ -490,10 +561,17 @@ class EvaluationResults:
         rows = []
         for (task, optimizer), runs in groups.items():
             row: dict[str, Any] = {
-                "task": task, "optimizer": optimizer, "lr": runs[0].lr, "lr_tuned": (task, optimizer) in tuned,
-                "seeds": len(runs), "diverged": sum(r.diverged_at is not None for r in runs)}
-            columns = {"final_train_loss": [r.final_train_loss(window) for r in runs],
-                       f"{split}_loss": [r.final("loss") for r in runs]}
+                "task": task,
+                "optimizer": optimizer,
+                "lr": runs[0].lr,
+                "lr_tuned": (task, optimizer) in tuned,
+                "seeds": len(runs),
+                "diverged": sum(r.diverged_at is not None for r in runs),
+            }
+            columns = {
+                "final_train_loss": [r.final_train_loss(window) for r in runs],
+                f"{split}_loss": [r.final("loss") for r in runs],
+            }
             columns.update({f"{split}_{m}": [r.final(m) for r in runs] for m in self.metric_names})
             columns["time_per_step_ms"] = [1e3 * r.time_per_step for r in runs]
             columns["wall_time_s"] = [r.wall_time for r in runs]
@@ -517,26 +595,37 @@ class EvaluationResults:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in self.summary:
             lr = "default" if row["lr"] is None else f"{row['lr']:g}"
-            cells = [row["task"], row["optimizer"], lr + (" (tuned)" if row["lr_tuned"] else ""),
-                     _fmt(row["final_train_loss"], row["final_train_loss_ci95"]),
-                     _fmt(row[f"{split}_loss"], row[f"{split}_loss_ci95"])]
-            cells += [_fmt(row[f"{split}_{m}"], row[f"{split}_{m}_ci95"], 100.0 if m == "accuracy" else 1.0)
-                      for m in metrics]
-            cells += [_fmt(row["time_per_step_ms"], row["time_per_step_ms_ci95"], digits=3),
-                      _fmt(row["wall_time_s"], row["wall_time_s_ci95"], digits=3),
-                      f"{row['diverged']}/{row['seeds']}"]
+            cells = [
+                row["task"],
+                row["optimizer"],
+                lr + (" (tuned)" if row["lr_tuned"] else ""),
+                _fmt(row["final_train_loss"], row["final_train_loss_ci95"]),
+                _fmt(row[f"{split}_loss"], row[f"{split}_loss_ci95"]),
+            ]
+            cells += [
+                _fmt(row[f"{split}_{m}"], row[f"{split}_{m}_ci95"], 100.0 if m == "accuracy" else 1.0) for m in metrics
+            ]
+            cells += [
+                _fmt(row["time_per_step_ms"], row["time_per_step_ms_ci95"], digits=3),
+                _fmt(row["wall_time_s"], row["wall_time_s_ci95"], digits=3),
+                f"{row['diverged']}/{row['seeds']}",
+            ]
             lines.append("| " + " | ".join(cells) + " |")
         c = self.config
-        note = (f"Mean ± 95% confidence interval (t-distribution) over {_count(c['seeds'], 'seed')}, "
-                f"{_count(c['steps'], 'step')}; final train loss = mean minibatch loss of the last "
-                f"{_count(c['final_window'], 'step')}; {split} values after the last step; wall time includes "
-                f"the {split} evaluations.")
-        if self.tuning:                 # steps and seeds from the tuning records (merged results mix configs)
+        note = (
+            f"Mean ± 95% confidence interval (t-distribution) over {_count(c['seeds'], 'seed')}, "
+            f"{_count(c['steps'], 'step')}; final train loss = mean minibatch loss of the last "
+            f"{_count(c['final_window'], 'step')}; {split} values after the last step; wall time includes "
+            f"the {split} evaluations."
+        )
+        if self.tuning:  # steps and seeds from the tuning records (merged results mix configs)
             tune_steps = " / ".join(str(n) for n in sorted({t.steps for t in self.tuning}))
             tune_seeds = max(len(t.seeds) for t in self.tuning)
-            note += (f" Baseline learning rates tuned on the validation split over "
-                     f"{sorted({lr for t in self.tuning for lr in t.grid}, reverse=True)} "
-                     f"({tune_steps} steps, {_count(tune_seeds, 'separate seed')}).")
+            note += (
+                f" Baseline learning rates tuned on the validation split over "
+                f"{sorted({lr for t in self.tuning for lr in t.grid}, reverse=True)} "
+                f"({tune_steps} steps, {_count(tune_seeds, 'separate seed')})."
+            )
         if c.get("command"):
             note += f"\n\nCommand: `{c['command']}`"
         return "\n".join(lines) + "\n\n" + note + "\n" + self._flatness_markdown()
@@ -555,45 +644,79 @@ class EvaluationResults:
             return ""
         options = self.config.get("flatness") or {}
         header = ["Task", "Optimizer", *names, "Converged at (step)"]
-        lines = ["", "Flatness at the point of convergence", "", "| " + " | ".join(header) + " |",
-                 "|" + "---|" * len(header)]
+        lines = [
+            "",
+            "Flatness at the point of convergence",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+        ]
         for row in self.summary:
-            cells = [row["task"], row["optimizer"], *(_fmt(row[n], row[f"{n}_ci95"]) for n in names),
-                     _fmt(row["converged_at"], row["converged_at_ci95"], digits=4)]
+            cells = [
+                row["task"],
+                row["optimizer"],
+                *(_fmt(row[n], row[f"{n}_ci95"]) for n in names),
+                _fmt(row["converged_at"], row["converged_at_ci95"], digits=4),
+            ]
             lines.append("| " + " | ".join(cells) + " |")
-        note = (f"Point of convergence: the first step after which the training loss did not improve for "
-                f"{options.get('patience', '?')} steps (the last step for runs that never stalled; those count "
-                f"as missing in the last column). Hessian trace ({options.get('probes', '?')} Hutchinson probes) "
-                f"and top eigenvalue on {options.get('hessian_batches', '?')} `{options.get('hessian_split', '?')}` "
-                f"batches; sharpness@r = max loss increase and max_grad_norm@r = max gradient norm in the "
-                f"L-infinity ball of radius r on the `{options.get('pga_split', '?')}` batch, by "
-                f"{options.get('steps', '?')} steps of projected gradient ascent (step {options.get('step_fraction', '?')} r, "
-                f"Gaussian start of std {options.get('init_fraction', '?')} r). Mean ± 95% CI over seeds.")
+        note = (
+            f"Point of convergence: the first step after which the training loss did not improve for "
+            f"{options.get('patience', '?')} steps (the last step for runs that never stalled; those count "
+            f"as missing in the last column). Hessian trace ({options.get('probes', '?')} Hutchinson probes) "
+            f"and top eigenvalue on {options.get('hessian_batches', '?')} `{options.get('hessian_split', '?')}` "
+            f"batches; sharpness@r = max loss increase and max_grad_norm@r = max gradient norm in the "
+            f"L-infinity ball of radius r on the `{options.get('pga_split', '?')}` batch, by "
+            f"{options.get('steps', '?')} steps of projected gradient ascent (step {options.get('step_fraction', '?')} r, "
+            f"Gaussian start of std {options.get('init_fraction', '?')} r). Mean ± 95% CI over seeds."
+        )
         return "\n".join(lines) + "\n\n" + note + "\n"
 
     def card_results(self) -> dict[str, Any]:
         """The summary in the compact form a checkpoint's config.json keeps (``training.results``)."""
         split = self.config.get("eval_split", "test")
         keys = ["final_train_loss", f"{split}_loss", *(f"{split}_{m}" for m in self.metric_names)]
-        rows = [{"task": r["task"], "optimizer": r["optimizer"], "lr": r["lr"], "diverged": r["diverged"],
-                 **{k: [r[k], r[f"{k}_ci95"]] for k in keys}} for r in self.summary]
-        return _json_safe({"command": self.config.get("command"), "steps": self.config["steps"],
-                           "seeds": self.config["seeds"], "format": "metric: [mean, 95% CI half-width]",
-                           "summary": rows})
+        rows = [
+            {
+                "task": r["task"],
+                "optimizer": r["optimizer"],
+                "lr": r["lr"],
+                "diverged": r["diverged"],
+                **{k: [r[k], r[f"{k}_ci95"]] for k in keys},
+            }
+            for r in self.summary
+        ]
+        return _json_safe(
+            {
+                "command": self.config.get("command"),
+                "steps": self.config["steps"],
+                "seeds": self.config["seeds"],
+                "format": "metric: [mean, 95% CI half-width]",
+                "summary": rows,
+            }
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, strict-JSON-ready data (NaN and inf become ``null``)."""
-        return _json_safe({"config": self.config, "summary": self.summary,
-                           "tuning": [dataclasses.asdict(t) for t in self.tuning],
-                           "runs": [dataclasses.asdict(r) for r in self.runs]})
+        return _json_safe(
+            {
+                "config": self.config,
+                "summary": self.summary,
+                "tuning": [dataclasses.asdict(t) for t in self.tuning],
+                "runs": [dataclasses.asdict(r) for r in self.runs],
+            }
+        )
 
     # ------------------------------------------------------------------ files
     def write(self, out_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
         """Write results.json, summary.csv, curves.csv, summary.md and (``plots``) curves_<task>.png."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        files = {"json": out / "results.json", "summary_csv": out / "summary.csv",
-                 "curves_csv": out / "curves.csv", "markdown": out / "summary.md"}
+        files = {
+            "json": out / "results.json",
+            "summary_csv": out / "summary.csv",
+            "curves_csv": out / "curves.csv",
+            "markdown": out / "summary.md",
+        }
         files["json"].write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
         self._write_summary_csv(files["summary_csv"])
         self._write_curves_csv(files["curves_csv"])
@@ -608,8 +731,10 @@ class EvaluationResults:
         with path.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
-            writer.writerows({k: ("" if isinstance(v, float) and not math.isfinite(v) else v)
-                              for k, v in row.items()} for row in self.summary)
+            writer.writerows(
+                {k: ("" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+                for row in self.summary
+            )
 
     def _write_curves_csv(self, path: Path) -> None:
         split = self.config.get("eval_split", "test")
@@ -623,8 +748,16 @@ class EvaluationResults:
                     train = run.train_loss[step] if step < len(run.train_loss) else math.nan
                     i = at.get(step)
                     evals = [run.evals.get(n, [])[i] if i is not None and n in run.evals else math.nan for n in names]
-                    writer.writerow([run.task, run.optimizer, run.seed, run.lr, step,
-                                     *("" if not math.isfinite(v) else repr(v) for v in (train, *evals))])
+                    writer.writerow(
+                        [
+                            run.task,
+                            run.optimizer,
+                            run.seed,
+                            run.lr,
+                            step,
+                            *("" if not math.isfinite(v) else repr(v) for v in (train, *evals)),
+                        ]
+                    )
 
 
 def _band(curves: list[list[float]]) -> tuple[list[float], list[float], list[float]]:
@@ -641,7 +774,7 @@ def _smooth(values: list[float], window: int) -> list[float]:
     """Trailing moving average (over finite values) for plotting noisy minibatch losses."""
     out = []
     for i in range(len(values)):
-        tail = [v for v in values[max(0, i - window + 1): i + 1] if math.isfinite(v)]
+        tail = [v for v in values[max(0, i - window + 1) : i + 1] if math.isfinite(v)]
         out.append(sum(tail) / len(tail) if tail else math.nan)
     return out
 
@@ -677,15 +810,19 @@ def plot_curves(results: EvaluationResults, out_dir: str | Path) -> dict[str, Pa
                 mean, low, high = ([math.exp(v) for v in c] for c in logs)
             else:
                 mean, low, high = _band(smoothed)
-            line, = axes[0].plot(range(len(mean)), mean, label=label)
+            (line,) = axes[0].plot(range(len(mean)), mean, label=label)
             axes[0].fill_between(range(len(mean)), low, high, color=line.get_color(), alpha=0.2)
             for ax, name in zip(axes[1:], names):
                 mean, low, high = _band([r.evals.get(name, []) for r in mine])
                 ax.plot(mine[0].eval_steps, mean, marker=".", color=line.get_color(), label=label)
                 ax.fill_between(mine[0].eval_steps, low, high, color=line.get_color(), alpha=0.2)
         average = "geometric mean" if log_scale else "mean"
-        axes[0].set(title=f"{task}: training loss", xlabel="step", yscale="log" if log_scale else "linear",
-                    ylabel=f"minibatch loss ({average}, moving avg {window})")
+        axes[0].set(
+            title=f"{task}: training loss",
+            xlabel="step",
+            yscale="log" if log_scale else "linear",
+            ylabel=f"minibatch loss ({average}, moving avg {window})",
+        )
         for ax, name in zip(axes[1:], names):
             ax.set(title=f"{task}: {split} {name}", xlabel="step", ylabel=f"{split} {name}")
         for ax in axes:
@@ -698,12 +835,24 @@ def plot_curves(results: EvaluationResults, out_dir: str | Path) -> dict[str, Pa
 
 
 # ------------------------------------------------------------------------------------------ evaluate
-def evaluate(optimizers: Sequence[str | OptimizerSpec], tasks: Sequence[str | Task | TaskFamily | TaskSource],
-             steps: int, seeds: int | Sequence[int], *, lr_grid: Sequence[float] | None = None,
-             tune_steps: int | None = None, tune_seeds: int = 1, eval_every: int | None = None,
-             eval_split: str = "test", learned_lr: float | None = None, final_window: int = 10,
-             progress: bool = True, log: Callable[[str], None] | None = None,
-             command: str | None = None, flatness: FlatnessOptions | bool | None = None) -> EvaluationResults:
+def evaluate(
+    optimizers: Sequence[str | OptimizerSpec],
+    tasks: Sequence[str | Task | TaskFamily | TaskSource],
+    steps: int,
+    seeds: int | Sequence[int],
+    *,
+    lr_grid: Sequence[float] | None = None,
+    tune_steps: int | None = None,
+    tune_seeds: int = 1,
+    eval_every: int | None = None,
+    eval_split: str = "test",
+    learned_lr: float | None = None,
+    final_window: int = 10,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    command: str | None = None,
+    flatness: FlatnessOptions | bool | None = None,
+) -> EvaluationResults:
     """Run every optimizer on every task for ``steps`` steps and ``seeds`` seeds.
 
     Args:
@@ -759,14 +908,25 @@ def evaluate(optimizers: Sequence[str | OptimizerSpec], tasks: Sequence[str | Ta
     eval_every = max(1, steps // 20) if eval_every is None else eval_every
     tune_seed_list = [TUNE_SEED_OFFSET + i for i in range(tune_seeds)]
     tuned_specs = [s for s in specs if s.lr_grid]
-    total = len(sources) * (sum(len(s.lr_grid) for s in tuned_specs) * tune_seeds * tune_steps
-                            + len(specs) * len(seed_list) * steps)
+    total = len(sources) * (
+        sum(len(s.lr_grid) for s in tuned_specs) * tune_seeds * tune_steps + len(specs) * len(seed_list) * steps
+    )
     config = {
-        "steps": steps, "seeds": len(seed_list), "seed_list": seed_list, "tasks": [s.label for s in sources],
+        "steps": steps,
+        "seeds": len(seed_list),
+        "seed_list": seed_list,
+        "tasks": [s.label for s in sources],
         "optimizers": [{"label": s.label, "kind": s.kind, "lr": s.lr, "lr_grid": s.lr_grid, **s.info} for s in specs],
-        "tune_steps": tune_steps, "tune_seeds": tune_seeds, "tune_seed_list": tune_seed_list,
-        "tune_split": "val", "eval_split": eval_split, "eval_every": eval_every, "final_window": final_window,
-        "confidence": 0.95, "command": command, "torch": torch.__version__,
+        "tune_steps": tune_steps,
+        "tune_seeds": tune_seeds,
+        "tune_seed_list": tune_seed_list,
+        "tune_split": "val",
+        "eval_split": eval_split,
+        "eval_every": eval_every,
+        "final_window": final_window,
+        "confidence": 0.95,
+        "command": command,
+        "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "flatness": dataclasses.asdict(flatness) if flatness is not None else None,
     }
@@ -790,9 +950,21 @@ def evaluate(optimizers: Sequence[str | OptimizerSpec], tasks: Sequence[str | Ta
                 task, init = _instance(source, seed)
                 for spec in specs:
                     bar.set_description(f"{source.label} | {spec.label} | seed {seed}")
-                    runs.append(train_run(task, init, spec, lrs[spec.label], steps=steps, seed=seed,
-                                          task_label=source.label, eval_split=eval_split,
-                                          eval_every=eval_every, on_step=tick, flatness=flatness))
+                    runs.append(
+                        train_run(
+                            task,
+                            init,
+                            spec,
+                            lrs[spec.label],
+                            steps=steps,
+                            seed=seed,
+                            task_label=source.label,
+                            eval_split=eval_split,
+                            eval_every=eval_every,
+                            on_step=tick,
+                            flatness=flatness,
+                        )
+                    )
     return EvaluationResults(config, tuning, runs)
 
 
@@ -812,41 +984,81 @@ def _names(text: str) -> list[str]:
 def build_parser(prog: str = "python -m learned_optim evaluate") -> argparse.ArgumentParser:
     """The argument parser of the ``evaluate`` command."""
     parser = argparse.ArgumentParser(
-        prog=prog, description="Evaluate learned optimizers against learning-rate-tuned baselines on unseen tasks: "
-        "curves, final values with 95% confidence intervals, JSON/CSV/PNG/markdown outputs.")
-    parser.add_argument("--optimizer", action="append", default=[], metavar="NAME_OR_DIR",
-                        help="learned optimizer: zoo name, checkpoint folder or Hub repo id (repeatable)")
-    parser.add_argument("--baselines", type=_names, default=["adam", "sgd"],
-                        help=f"comma-separated baselines, tuned on the validation split (known: "
-                        f"{', '.join(BASELINES)}; default adam,sgd; '' for none)")
-    parser.add_argument("--tasks", type=_names, required=True,
-                        help="comma-separated task family names, e.g. digits-mlp20-relu,digits-conv "
-                        "(all: learned_optim.meta.tasks.TASK_FAMILIES)")
+        prog=prog,
+        description="Evaluate learned optimizers against learning-rate-tuned baselines on unseen tasks: "
+        "curves, final values with 95% confidence intervals, JSON/CSV/PNG/markdown outputs.",
+    )
+    parser.add_argument(
+        "--optimizer",
+        action="append",
+        default=[],
+        metavar="NAME_OR_DIR",
+        help="learned optimizer: zoo name, checkpoint folder or Hub repo id (repeatable)",
+    )
+    parser.add_argument(
+        "--baselines",
+        type=_names,
+        default=["adam", "sgd"],
+        help=f"comma-separated baselines, tuned on the validation split (known: "
+        f"{', '.join(BASELINES)}; default adam,sgd; '' for none)",
+    )
+    parser.add_argument(
+        "--tasks",
+        type=_names,
+        required=True,
+        help="comma-separated task family names, e.g. digits-mlp20-relu,digits-conv "
+        "(all: learned_optim.meta.tasks.TASK_FAMILIES)",
+    )
     parser.add_argument("--steps", type=int, default=1000, help="training steps per run (default 1000)")
     parser.add_argument("--seeds", type=int, default=10, help="seeds 0..N-1 (default 10)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--lr-grid", type=parse_float_list, default=None,
-                        help=f"baseline learning-rate grid (default {','.join(f'{v:g}' for v in DEFAULT_LR_GRID)})")
+    parser.add_argument(
+        "--lr-grid",
+        type=parse_float_list,
+        default=None,
+        help=f"baseline learning-rate grid (default {','.join(f'{v:g}' for v in DEFAULT_LR_GRID)})",
+    )
     parser.add_argument("--tune-steps", type=int, default=None, help="steps per tuning run (default: --steps)")
     parser.add_argument("--tune-seeds", type=int, default=1, help="seeds per tuning run (default 1)")
-    parser.add_argument("--eval-every", type=int, default=None,
-                        help="steps between test evaluations (default steps/20)")
-    parser.add_argument("--learned-lr", type=float, default=None,
-                        help="step multiplier of the learned optimizers (default: the checkpoint's, 1.0)")
+    parser.add_argument(
+        "--eval-every", type=int, default=None, help="steps between test evaluations (default steps/20)"
+    )
+    parser.add_argument(
+        "--learned-lr",
+        type=float,
+        default=None,
+        help="step multiplier of the learned optimizers (default: the checkpoint's, 1.0)",
+    )
     parser.add_argument("--final-window", type=int, default=10, help="final train loss = mean of the last N steps")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's). 1 is much faster for small models "
-                        "when the CPU cores are shared with other work")
-    parser.add_argument("--flatness", action="store_true",
-                        help="also measure flatness (Hessian trace/top eigenvalue, PGA sharpness, max gradient norm) "
-                        "at each run's point of convergence (learned_optim.flatness.FlatnessOptions)")
-    parser.add_argument("--flatness-patience", type=int, default=100,
-                        help="point of convergence: the training loss has not improved for this many steps (default 100)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: torch's). 1 is much faster for small models "
+        "when the CPU cores are shared with other work",
+    )
+    parser.add_argument(
+        "--flatness",
+        action="store_true",
+        help="also measure flatness (Hessian trace/top eigenvalue, PGA sharpness, max gradient norm) "
+        "at each run's point of convergence (learned_optim.flatness.FlatnessOptions)",
+    )
+    parser.add_argument(
+        "--flatness-patience",
+        type=int,
+        default=100,
+        help="point of convergence: the training loss has not improved for this many steps (default 100)",
+    )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--record-card", metavar="CHECKPOINT_DIR", action="append", default=[],
-                        help="also write the table into that checkpoint's model card (section 'Evaluation: "
-                             "<tasks>') and the summary into its config.json training.results (repeatable)")
+    parser.add_argument(
+        "--record-card",
+        metavar="CHECKPOINT_DIR",
+        action="append",
+        default=[],
+        help="also write the table into that checkpoint's model card (section 'Evaluation: "
+        "<tasks>') and the summary into its config.json training.results (repeatable)",
+    )
     return parser
 
 
@@ -864,11 +1076,21 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m learned_optim
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        results = evaluate(optimizers, args.tasks, args.steps, args.seeds, lr_grid=args.lr_grid,
-                           tune_steps=args.tune_steps, tune_seeds=args.tune_seeds, eval_every=args.eval_every,
-                           learned_lr=args.learned_lr, final_window=args.final_window,
-                           progress=not args.no_progress, command=f"{prog} {shlex.join(argv)}",
-                           flatness=FlatnessOptions(patience=args.flatness_patience) if args.flatness else None)
+        results = evaluate(
+            optimizers,
+            args.tasks,
+            args.steps,
+            args.seeds,
+            lr_grid=args.lr_grid,
+            tune_steps=args.tune_steps,
+            tune_seeds=args.tune_seeds,
+            eval_every=args.eval_every,
+            learned_lr=args.learned_lr,
+            final_window=args.final_window,
+            progress=not args.no_progress,
+            command=f"{prog} {shlex.join(argv)}",
+            flatness=FlatnessOptions(patience=args.flatness_patience) if args.flatness else None,
+        )
     except (CheckpointError, ValueError, ImportError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2

@@ -56,8 +56,18 @@ from torch.func import functional_call, jvp, vmap
 from torch.func import grad as func_grad
 
 __all__ = [
-    "RADII", "PGA_STEPS", "STEP_FRACTION", "INIT_FRACTION", "hessian_trace", "hessian_top_eigenvalue",
-    "pga_sharpness", "pga_max_grad_norm", "gradient_norm", "flatness_report", "FlatnessOptions", "task_flatness",
+    "RADII",
+    "PGA_STEPS",
+    "STEP_FRACTION",
+    "INIT_FRACTION",
+    "hessian_trace",
+    "hessian_top_eigenvalue",
+    "pga_sharpness",
+    "pga_max_grad_norm",
+    "gradient_norm",
+    "flatness_report",
+    "FlatnessOptions",
+    "task_flatness",
 ]
 
 #: Radii of the :math:`L_\infty` balls (the learning-regularizers paper's).
@@ -122,8 +132,12 @@ def _batch_size(batch: Any) -> int:
     return 1
 
 
-def _objective(model: nn.Module | Mapping[str, Tensor], loss_fn: Callable[..., Tensor], data: Iterable[Any],
-               max_batches: int | None) -> _Objective:
+def _objective(
+    model: nn.Module | Mapping[str, Tensor],
+    loss_fn: Callable[..., Tensor],
+    data: Iterable[Any],
+    max_batches: int | None,
+) -> _Objective:
     batches = list(itertools.islice(iter(data), max_batches)) if max_batches is not None else list(data)
     if not batches:
         raise ValueError("no batches to measure the loss on")
@@ -155,9 +169,17 @@ def _norm(tensors: Mapping[str, Tensor]) -> float:
 
 
 # ------------------------------------------------------------------------------------------ Hessian
-def hessian_trace(model: nn.Module | Mapping[str, Tensor], loss_fn: Callable[..., Tensor], data: Iterable[Any], *,
-                  probes: int = 100, seed: int = 0, max_batches: int | None = None, vectorize: bool = True,
-                  probe_chunk: int = 10) -> float:
+def hessian_trace(
+    model: nn.Module | Mapping[str, Tensor],
+    loss_fn: Callable[..., Tensor],
+    data: Iterable[Any],
+    *,
+    probes: int = 100,
+    seed: int = 0,
+    max_batches: int | None = None,
+    vectorize: bool = True,
+    probe_chunk: int = 10,
+) -> float:
     r"""Hutchinson estimate of :math:`\operatorname{tr}\nabla^2 L(\theta)` with ``probes`` Rademacher vectors.
 
     Each probe sees every batch (so the estimate is unbiased for the weighted-mean loss); probes are
@@ -174,6 +196,7 @@ def hessian_trace(model: nn.Module | Mapping[str, Tensor], loss_fn: Callable[...
         zs = {k: (torch.randint(0, 2, (n, *v.shape), generator=gen) * 2 - 1).to(v) for k, v in obj.params.items()}
         chunk = torch.zeros(n, dtype=torch.float64)
         for w, b in zip(obj.weights, obj.batches):
+
             def quadratic_form(z: Params, b: Any = b) -> Tensor:
                 hz = jvp(func_grad(lambda p: obj.loss(p, b)), (obj.params,), (z,))[1]
                 return sum((hz[k] * z[k]).sum() for k in z)  # type: ignore[return-value]
@@ -187,9 +210,16 @@ def hessian_trace(model: nn.Module | Mapping[str, Tensor], loss_fn: Callable[...
     return float(torch.cat(values).mean())
 
 
-def hessian_top_eigenvalue(model: nn.Module | Mapping[str, Tensor], loss_fn: Callable[..., Tensor],
-                           data: Iterable[Any], *, iters: int = 20, tol: float = 1e-4, seed: int = 0,
-                           max_batches: int | None = None) -> float:
+def hessian_top_eigenvalue(
+    model: nn.Module | Mapping[str, Tensor],
+    loss_fn: Callable[..., Tensor],
+    data: Iterable[Any],
+    *,
+    iters: int = 20,
+    tol: float = 1e-4,
+    seed: int = 0,
+    max_batches: int | None = None,
+) -> float:
     r"""The Hessian eigenvalue of largest magnitude (signed) by power iteration from a Gaussian start.
 
     Stops after ``iters`` iterations or when the Rayleigh quotient changes by less than ``tol``
@@ -217,8 +247,10 @@ def hessian_top_eigenvalue(model: nn.Module | Mapping[str, Tensor], loss_fn: Cal
 
 # ------------------------------------------------------------------------------------------ PGA
 def _start(params: Params, radius: float, init_fraction: float, gen: torch.Generator) -> Params:
-    return {k: (init_fraction * radius * torch.randn(p.shape, generator=gen)).clamp(-radius, radius).to(p)
-            for k, p in params.items()}
+    return {
+        k: (init_fraction * radius * torch.randn(p.shape, generator=gen)).clamp(-radius, radius).to(p)
+        for k, p in params.items()
+    }
 
 
 def _shifted(params: Params, delta: Params) -> Params:
@@ -230,9 +262,17 @@ def _ascend(delta: Params, direction: Params, radius: float, step_fraction: floa
     return {k: (delta[k] + step * direction[k].sign()).clamp(-radius, radius) for k in delta}
 
 
-def _projected_ascent(params: Params, probe: Callable[[Params], tuple[float, Params | None]],
-                      final: Callable[[Params], float], *, radii: Sequence[float], steps: int, step_fraction: float,
-                      init_fraction: float, seed: int) -> dict[float, float]:
+def _projected_ascent(
+    params: Params,
+    probe: Callable[[Params], tuple[float, Params | None]],
+    final: Callable[[Params], float],
+    *,
+    radii: Sequence[float],
+    steps: int,
+    step_fraction: float,
+    init_fraction: float,
+    seed: int,
+) -> dict[float, float]:
     r"""The module docstring's projected gradient ascent of :math:`F(\theta+\delta)`, for each radius.
 
     ``probe(point)`` gives :math:`F` at the point and the ascent direction (``None`` stops the ascent);
@@ -252,30 +292,59 @@ def _projected_ascent(params: Params, probe: Callable[[Params], tuple[float, Par
     return out
 
 
-def pga_sharpness(model: nn.Module | Mapping[str, Tensor], loss_fn: Callable[..., Tensor], data: Iterable[Any], *,
-                  radii: Sequence[float] = RADII, steps: int = PGA_STEPS, step_fraction: float = STEP_FRACTION,
-                  init_fraction: float = INIT_FRACTION, seed: int = 0,
-                  max_batches: int | None = None) -> dict[float, float]:
+def pga_sharpness(
+    model: nn.Module | Mapping[str, Tensor],
+    loss_fn: Callable[..., Tensor],
+    data: Iterable[Any],
+    *,
+    radii: Sequence[float] = RADII,
+    steps: int = PGA_STEPS,
+    step_fraction: float = STEP_FRACTION,
+    init_fraction: float = INIT_FRACTION,
+    seed: int = 0,
+    max_batches: int | None = None,
+) -> dict[float, float]:
     r"""Largest loss increase :math:`\max_{\|\delta\|_\infty\le r} L(\theta+\delta) - L(\theta)` found by
     projected gradient ascent (see the module docstring), for each radius ``r`` in ``radii``."""
     obj = _objective(model, loss_fn, data, max_batches)
     base = obj.value(obj.params)
-    best = _projected_ascent(obj.params, obj.grad, obj.value, radii=radii, steps=steps, step_fraction=step_fraction,
-                             init_fraction=init_fraction, seed=seed)
+    best = _projected_ascent(
+        obj.params,
+        obj.grad,
+        obj.value,
+        radii=radii,
+        steps=steps,
+        step_fraction=step_fraction,
+        init_fraction=init_fraction,
+        seed=seed,
+    )
     return {radius: value - base for radius, value in best.items()}
 
 
-def gradient_norm(model: nn.Module | Mapping[str, Tensor], loss_fn: Callable[..., Tensor], data: Iterable[Any], *,
-                  max_batches: int | None = None) -> float:
+def gradient_norm(
+    model: nn.Module | Mapping[str, Tensor],
+    loss_fn: Callable[..., Tensor],
+    data: Iterable[Any],
+    *,
+    max_batches: int | None = None,
+) -> float:
     r""":math:`\|\nabla L(\theta)\|_2` at the current weights."""
     obj = _objective(model, loss_fn, data, max_batches)
     return _norm(obj.grad(obj.params)[1])
 
 
-def pga_max_grad_norm(model: nn.Module | Mapping[str, Tensor], loss_fn: Callable[..., Tensor],
-                      data: Iterable[Any], *, radii: Sequence[float] = RADII, steps: int = PGA_STEPS,
-                      step_fraction: float = STEP_FRACTION, init_fraction: float = INIT_FRACTION, seed: int = 0,
-                      max_batches: int | None = None) -> dict[float, float]:
+def pga_max_grad_norm(
+    model: nn.Module | Mapping[str, Tensor],
+    loss_fn: Callable[..., Tensor],
+    data: Iterable[Any],
+    *,
+    radii: Sequence[float] = RADII,
+    steps: int = PGA_STEPS,
+    step_fraction: float = STEP_FRACTION,
+    init_fraction: float = INIT_FRACTION,
+    seed: int = 0,
+    max_batches: int | None = None,
+) -> dict[float, float]:
     r"""Largest gradient norm :math:`\max_{\|\delta\|_\infty\le r}\|\nabla L(\theta+\delta)\|` found by
     projected gradient ascent, for each radius. The ascent direction is
     :math:`\nabla_\delta\|\nabla L\| = H\nabla L/\|\nabla L\|` (a Hessian-vector product per step)."""
@@ -286,23 +355,44 @@ def pga_max_grad_norm(model: nn.Module | Mapping[str, Tensor], loss_fn: Callable
         norm = _norm(g)
         return norm, (obj.hvp(point, {k: v / norm for k, v in g.items()}) if norm != 0 else None)
 
-    return _projected_ascent(obj.params, probe, lambda point: _norm(obj.grad(point)[1]), radii=radii, steps=steps,
-                             step_fraction=step_fraction, init_fraction=init_fraction, seed=seed)
+    return _projected_ascent(
+        obj.params,
+        probe,
+        lambda point: _norm(obj.grad(point)[1]),
+        radii=radii,
+        steps=steps,
+        step_fraction=step_fraction,
+        init_fraction=init_fraction,
+        seed=seed,
+    )
 
 
 # ------------------------------------------------------------------------------------------ reports
-def flatness_report(model: nn.Module | Mapping[str, Tensor], loss_fn: Callable[..., Tensor], data: Iterable[Any], *,
-                    radii: Sequence[float] = RADII, probes: int = 100, iters: int = 20, steps: int = PGA_STEPS,
-                    step_fraction: float = STEP_FRACTION, init_fraction: float = INIT_FRACTION, seed: int = 0,
-                    max_batches: int | None = None) -> dict[str, float]:
+def flatness_report(
+    model: nn.Module | Mapping[str, Tensor],
+    loss_fn: Callable[..., Tensor],
+    data: Iterable[Any],
+    *,
+    radii: Sequence[float] = RADII,
+    probes: int = 100,
+    iters: int = 20,
+    steps: int = PGA_STEPS,
+    step_fraction: float = STEP_FRACTION,
+    init_fraction: float = INIT_FRACTION,
+    seed: int = 0,
+    max_batches: int | None = None,
+) -> dict[str, float]:
     """Every measure on the same batches: ``loss``, ``grad_norm``, ``hessian_trace``,
     ``hessian_eigenvalue``, ``sharpness@<r>`` and ``max_grad_norm@<r>`` for each radius."""
     batches = list(itertools.islice(iter(data), max_batches)) if max_batches is not None else list(data)
     obj = _objective(model, loss_fn, batches, None)
     pga = {"radii": radii, "steps": steps, "step_fraction": step_fraction, "init_fraction": init_fraction, "seed": seed}
-    report = {"loss": obj.value(obj.params), "grad_norm": gradient_norm(model, loss_fn, batches),
-              "hessian_trace": hessian_trace(model, loss_fn, batches, probes=probes, seed=seed),
-              "hessian_eigenvalue": hessian_top_eigenvalue(model, loss_fn, batches, iters=iters, seed=seed)}
+    report = {
+        "loss": obj.value(obj.params),
+        "grad_norm": gradient_norm(model, loss_fn, batches),
+        "hessian_trace": hessian_trace(model, loss_fn, batches, probes=probes, seed=seed),
+        "hessian_eigenvalue": hessian_top_eigenvalue(model, loss_fn, batches, iters=iters, seed=seed),
+    }
     report.update({f"sharpness@{r:g}": v for r, v in pga_sharpness(model, loss_fn, batches, **pga).items()})
     report.update({f"max_grad_norm@{r:g}": v for r, v in pga_max_grad_norm(model, loss_fn, batches, **pga).items()})
     return report
@@ -345,8 +435,9 @@ class FlatnessOptions:
         self.metrics = tuple(self.metrics)
 
 
-def task_flatness(task: Any, params: Mapping[str, Tensor], options: FlatnessOptions,
-                  generator: torch.Generator) -> dict[str, float]:
+def task_flatness(
+    task: Any, params: Mapping[str, Tensor], options: FlatnessOptions, generator: torch.Generator
+) -> dict[str, float]:
     """The :class:`FlatnessOptions` metrics of a :class:`~learned_optim.meta.tasks.Task` at ``params``
     (batches drawn from ``generator``)."""
     params = {k: v.detach() for k, v in params.items()}
@@ -360,11 +451,17 @@ def task_flatness(task: Any, params: Mapping[str, Tensor], options: FlatnessOpti
             out["hessian_eigenvalue"] = hessian_top_eigenvalue(params, task.loss, batches, iters=o.iters, seed=o.seed)
     if {"sharpness", "max_grad_norm"} & set(o.metrics):
         batches = [task.batch(o.pga_split, generator)]
-        pga = {"radii": o.radii, "steps": o.steps, "step_fraction": o.step_fraction, "init_fraction": o.init_fraction,
-               "seed": o.seed}
+        pga = {
+            "radii": o.radii,
+            "steps": o.steps,
+            "step_fraction": o.step_fraction,
+            "init_fraction": o.init_fraction,
+            "seed": o.seed,
+        }
         if "sharpness" in o.metrics:
             out.update({f"sharpness@{r:g}": v for r, v in pga_sharpness(params, task.loss, batches, **pga).items()})
         if "max_grad_norm" in o.metrics:
-            out.update({f"max_grad_norm@{r:g}": v
-                        for r, v in pga_max_grad_norm(params, task.loss, batches, **pga).items()})
+            out.update(
+                {f"max_grad_norm@{r:g}": v for r, v in pga_max_grad_norm(params, task.loss, batches, **pga).items()}
+            )
     return out

@@ -27,9 +27,20 @@ from safetensors.torch import load_file, save_file
 from .nets.base import FAMILIES, UpdateRule, build_rule
 
 __all__ = [
-    "CheckpointError", "CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME", "FORMAT_VERSION",
-    "save_pretrained", "load_rule", "resolve_checkpoint", "list_pretrained", "from_pretrained",
-    "push_to_hub", "zoo_dir", "record_evaluation", "parent_record",
+    "CheckpointError",
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "CARD_NAME",
+    "FORMAT_VERSION",
+    "save_pretrained",
+    "load_rule",
+    "resolve_checkpoint",
+    "list_pretrained",
+    "from_pretrained",
+    "push_to_hub",
+    "zoo_dir",
+    "record_evaluation",
+    "parent_record",
 ]
 
 CONFIG_NAME = "config.json"
@@ -59,7 +70,7 @@ def _default_card(config: Mapping[str, Any]) -> str:
         "",
         "```python",
         "import learned_optim",
-        "opt = learned_optim.from_pretrained(\"<this folder or repo id>\", model.parameters())",
+        'opt = learned_optim.from_pretrained("<this folder or repo id>", model.parameters())',
         "```",
         "",
         "## Net configuration",
@@ -82,31 +93,48 @@ def _adaptation_lines(training: Mapping[str, Any]) -> list[str]:
     parent = training.get("parent") or {}
     lines = ["", "## Adaptation", ""]
     if parent:
-        lines += [f"Adapted from `{parent.get('name') or parent.get('source')}` (loaded from "
-                  f"`{parent.get('source')}`{', revision ' + str(parent['revision']) if parent.get('revision') else ''})"
-                  " with `learned_optim.adapt`; the parent's training and results are under `training.parent` in "
-                  "config.json and do not describe this net.", ""]
+        lines += [
+            f"Adapted from `{parent.get('name') or parent.get('source')}` (loaded from "
+            f"`{parent.get('source')}`{', revision ' + str(parent['revision']) if parent.get('revision') else ''})"
+            " with `learned_optim.adapt`; the parent's training and results are under `training.parent` in "
+            "config.json and do not describe this net.",
+            "",
+        ]
     for i, r in enumerate(records, 1):
         what = f"{r.get('model')} ({r.get('num_parameters')} parameters), loss `{r.get('loss_fn')}`"
         if r.get("description"):
             what += f", data: {r['description']}"
-        lines.append(f"{i}. {r.get('date')}: {what}; {r.get('steps')} Adam steps (lr {r.get('lr')}) on unrolls of "
-                     f"{r.get('unroll')} optimizer steps (optimizer lr {r.get('optimizer_lr')}), "
-                     f"{r.get('batches_seen')} batches like {json.dumps(r.get('example_batch'))}; meta-loss "
-                     f"{r.get('meta_loss_first')} -> {r.get('meta_loss_last')}.")
+        lines.append(
+            f"{i}. {r.get('date')}: {what}; {r.get('steps')} Adam steps (lr {r.get('lr')}) on unrolls of "
+            f"{r.get('unroll')} optimizer steps (optimizer lr {r.get('optimizer_lr')}), "
+            f"{r.get('batches_seen')} batches like {json.dumps(r.get('example_batch'))}; meta-loss "
+            f"{r.get('meta_loss_first')} -> {r.get('meta_loss_last')}."
+        )
     return lines
 
 
 def parent_record(config: Mapping[str, Any], **where: Any) -> dict[str, Any]:
     """What a checkpoint derived from another records of it (``training.parent``): ``where`` it was loaded
     from (e.g. ``source=``/``revision=`` or ``init_from=``), then its name, family, net and training."""
-    return {**where, "name": config.get("name"), "family": config.get("family"), "net": config.get("net"),
-            "training": config.get("training")}
+    return {
+        **where,
+        "name": config.get("name"),
+        "family": config.get("family"),
+        "net": config.get("net"),
+        "training": config.get("training"),
+    }
 
 
-def save_pretrained(rule: UpdateRule, save_directory: str | os.PathLike, *, name: str | None = None,
-                    description: str | None = None, training: Mapping[str, Any] | None = None,
-                    optimizer_defaults: Mapping[str, Any] | None = None, card: str | None = None) -> Path:
+def save_pretrained(
+    rule: UpdateRule,
+    save_directory: str | os.PathLike,
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    training: Mapping[str, Any] | None = None,
+    optimizer_defaults: Mapping[str, Any] | None = None,
+    card: str | None = None,
+) -> Path:
     """Write ``rule`` as a checkpoint folder (config.json, model.safetensors, README.md).
 
     Args:
@@ -128,8 +156,7 @@ def save_pretrained(rule: UpdateRule, save_directory: str | os.PathLike, *, name
     """
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
-    name, description, training, optimizer_defaults = _inherited(rule, name, description, training,
-                                                                 optimizer_defaults)
+    name, description, training, optimizer_defaults = _inherited(rule, name, description, training, optimizer_defaults)
     config: dict[str, Any] = {
         "library": LIBRARY_NAME,
         "format_version": FORMAT_VERSION,
@@ -147,8 +174,13 @@ def save_pretrained(rule: UpdateRule, save_directory: str | os.PathLike, *, name
     return directory
 
 
-def _inherited(rule: UpdateRule, name: str | None, description: str | None, training: Mapping[str, Any] | None,
-               optimizer_defaults: Mapping[str, Any] | None) -> tuple[Any, ...]:
+def _inherited(
+    rule: UpdateRule,
+    name: str | None,
+    description: str | None,
+    training: Mapping[str, Any] | None,
+    optimizer_defaults: Mapping[str, Any] | None,
+) -> tuple[Any, ...]:
     """``save_pretrained``'s arguments completed from the net's parent checkpoint and adaptations."""
     origin: Mapping[str, Any] = getattr(rule, "pretrained_origin", None) or {}
     adaptations = list(getattr(rule, "adaptations", None) or [])
@@ -163,9 +195,11 @@ def _inherited(rule: UpdateRule, name: str | None, description: str | None, trai
         name = parent["name"] + ("-adapted" if adaptations else "")
     if description is None and adaptations:
         last = adaptations[-1]
-        description = (f"{parent.get('name') or parent.get('source')} adapted with learned_optim.adapt on "
-                       f"{last.get('model')} / {last.get('loss_fn')}"
-                       + (f" ({last['description']})" if last.get("description") else ""))
+        description = (
+            f"{parent.get('name') or parent.get('source')} adapted with learned_optim.adapt on "
+            f"{last.get('model')} / {last.get('loss_fn')}"
+            + (f" ({last['description']})" if last.get("description") else "")
+        )
     elif description is None:
         description = origin.get("description")
     if optimizer_defaults is None:
@@ -189,14 +223,18 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} must hold a JSON object, got {type(config).__name__}")
     if config.get("library") != LIBRARY_NAME:
-        raise CheckpointError(f"{path} is not a learned_optim checkpoint (library={config.get('library')!r}); "
-                              "foreign checkpoints (e.g. transformers models) cannot be loaded as optimizers")
+        raise CheckpointError(
+            f"{path} is not a learned_optim checkpoint (library={config.get('library')!r}); "
+            "foreign checkpoints (e.g. transformers models) cannot be loaded as optimizers"
+        )
     version = config.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise CheckpointError(f"{path}: format_version must be an integer, got {version!r}")
     if version > FORMAT_VERSION or version < 1:
-        raise CheckpointError(f"{path}: checkpoint format version {version} is not supported by this "
-                              f"learned_optim (supports 1..{FORMAT_VERSION}); upgrade learned_optim")
+        raise CheckpointError(
+            f"{path}: checkpoint format version {version} is not supported by this "
+            f"learned_optim (supports 1..{FORMAT_VERSION}); upgrade learned_optim"
+        )
     family = config.get("family")
     if family not in FAMILIES:
         raise CheckpointError(f"{path}: unknown net family {family!r}; known families: {sorted(FAMILIES)}")
@@ -219,18 +257,23 @@ def load_rule_from_dir(directory: str | os.PathLike) -> tuple[UpdateRule, dict[s
     try:
         weights = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{weights_path} is not a readable safetensors file (truncated or another "
-                              f"format?): {err}") from None
+        raise CheckpointError(
+            f"{weights_path} is not a readable safetensors file (truncated or another format?): {err}"
+        ) from None
     expected = rule.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"{weights_path} does not match the {config['family']} net of its config: "
-                              f"missing tensors {missing}, unexpected tensors {unexpected}")
+        raise CheckpointError(
+            f"{weights_path} does not match the {config['family']} net of its config: "
+            f"missing tensors {missing}, unexpected tensors {unexpected}"
+        )
     for key, tensor in weights.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise CheckpointError(f"{weights_path}: tensor {key!r} has shape {tuple(tensor.shape)}, the net "
-                                  f"needs {tuple(expected[key].shape)}")
+            raise CheckpointError(
+                f"{weights_path}: tensor {key!r} has shape {tuple(tensor.shape)}, the net "
+                f"needs {tuple(expected[key].shape)}"
+            )
         if not tensor.is_floating_point():
             raise CheckpointError(f"{weights_path}: tensor {key!r} has non-floating dtype {tensor.dtype}")
         if not torch.isfinite(tensor).all():
@@ -242,8 +285,9 @@ def load_rule_from_dir(directory: str | os.PathLike) -> tuple[UpdateRule, dict[s
 PENDING_EVALUATION_HEADING = "## Evaluation"
 
 
-def record_evaluation(directory: str | os.PathLike, tasks: Sequence[str], markdown: str,
-                      results: Mapping[str, Any]) -> None:
+def record_evaluation(
+    directory: str | os.PathLike, tasks: Sequence[str], markdown: str, results: Mapping[str, Any]
+) -> None:
     """Put measured evaluation results on ``tasks`` into a checkpoint's card and config.
 
     The card (README.md) gets ``markdown`` as its section "## Evaluation: <tasks>", replacing an
@@ -266,10 +310,10 @@ def record_evaluation(directory: str | os.PathLike, tasks: Sequence[str], markdo
 
     if PENDING_EVALUATION_HEADING in lines:
         start = lines.index(PENDING_EVALUATION_HEADING)
-        del lines[start:section_end(start)]
+        del lines[start : section_end(start)]
     if heading in lines:
         start = lines.index(heading)
-        lines[start:section_end(start)] = section
+        lines[start : section_end(start)] = section
     else:
         lines += ["", *section]
     card_path.write_text("\n".join(lines).rstrip() + "\n")
@@ -298,20 +342,27 @@ def list_pretrained() -> list[dict[str, Any]]:
     for name, directory in _zoo_entries().items():
         config = read_config(directory)
         training = config.get("training") or {}
-        entries.append({
-            "name": name,
-            "family": config["family"],
-            "description": config.get("description"),
-            "trained_on": training.get("tasks"),
-            "results": training.get("results"),
-            "path": str(directory),
-        })
+        entries.append(
+            {
+                "name": name,
+                "family": config["family"],
+                "description": config.get("description"),
+                "trained_on": training.get("tasks"),
+                "results": training.get("results"),
+                "path": str(directory),
+            }
+        )
     return entries
 
 
-def resolve_checkpoint(name_or_path: str | os.PathLike, *, revision: str | None = None,
-                       cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
-                       token: str | bool | None = None) -> Path:
+def resolve_checkpoint(
+    name_or_path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+) -> Path:
     """Find the folder of a checkpoint.
 
     Resolution order: an existing local directory; a zoo name from :func:`list_pretrained`; a
@@ -325,22 +376,34 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, *, revision: str | None 
     zoo = _zoo_entries()
     if name in zoo:
         if revision is not None:
-            raise CheckpointError(f"{name!r} is a bundled zoo entry, which has no revisions; revision= applies "
-                                  "to Hub repo ids ('owner/name')")
+            raise CheckpointError(
+                f"{name!r} is a bundled zoo entry, which has no revisions; revision= applies "
+                "to Hub repo ids ('owner/name')"
+            )
         return zoo[name]
     if "/" not in name or name.count("/") > 1:
-        raise CheckpointError(f"{name!r} is neither a local checkpoint folder, nor a zoo name "
-                              f"({sorted(zoo) or 'the zoo is empty'}), nor a Hub repo id of the form 'owner/name'")
+        raise CheckpointError(
+            f"{name!r} is neither a local checkpoint folder, nor a zoo name "
+            f"({sorted(zoo) or 'the zoo is empty'}), nor a Hub repo id of the form 'owner/name'"
+        )
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        folder = snapshot_download(name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
-                                   token=token, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME],
-                                   library_name=LIBRARY_NAME)
+        folder = snapshot_download(
+            name,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+            allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME],
+            library_name=LIBRARY_NAME,
+        )
     except LocalEntryNotFoundError as err:
-        raise CheckpointError(f"{name!r} (revision {revision or 'main'}) is not in the local Hub cache and the "
-                              f"Hub cannot be reached (offline?): {err}") from None
+        raise CheckpointError(
+            f"{name!r} (revision {revision or 'main'}) is not in the local Hub cache and the "
+            f"Hub cannot be reached (offline?): {err}"
+        ) from None
     except HfHubHTTPError as err:
         raise CheckpointError(f"could not fetch {name!r} from the Hugging Face Hub: {err}") from None
     return Path(folder)
@@ -351,9 +414,16 @@ def load_rule(name_or_path: str | os.PathLike, **resolve_kwargs: Any) -> tuple[U
     return load_rule_from_dir(resolve_checkpoint(name_or_path, **resolve_kwargs))
 
 
-def from_pretrained(name_or_path: str | os.PathLike, params: Iterable[Any], *, revision: str | None = None,
-                    cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
-                    token: str | bool | None = None, **optimizer_kwargs: Any):
+def from_pretrained(
+    name_or_path: str | os.PathLike,
+    params: Iterable[Any],
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+    **optimizer_kwargs: Any,
+):
     """A :class:`~learned_optim.LearnedOptimizer` over ``params`` running a pretrained net.
 
     ``name_or_path`` is a local checkpoint folder, a zoo name (see :func:`list_pretrained`) or a
@@ -363,18 +433,29 @@ def from_pretrained(name_or_path: str | os.PathLike, params: Iterable[Any], *, r
     """
     from .optimizer import LearnedOptimizer
 
-    rule, config = load_rule(name_or_path, revision=revision, cache_dir=cache_dir,
-                             local_files_only=local_files_only, token=token)
+    rule, config = load_rule(
+        name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
+    )
     # remembered for save_pretrained (after learned_optim.adapt: what the adapted net derives from)
-    rule.pretrained_origin = {"parent": parent_record(config, source=str(name_or_path), revision=revision),
-                              "description": config.get("description"), "optimizer": config.get("optimizer", {})}
+    rule.pretrained_origin = {
+        "parent": parent_record(config, source=str(name_or_path), revision=revision),
+        "description": config.get("description"),
+        "optimizer": config.get("optimizer", {}),
+    }
     kwargs = {**config.get("optimizer", {}), **optimizer_kwargs}
     return LearnedOptimizer(params, rule, **kwargs)
 
 
-def push_to_hub(rule: UpdateRule, repo_id: str, *, private: bool | None = None, token: str | None = None,
-                revision: str | None = None, commit_message: str = "Upload learned optimizer",
-                **save_kwargs: Any) -> str:
+def push_to_hub(
+    rule: UpdateRule,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+    commit_message: str = "Upload learned optimizer",
+    **save_kwargs: Any,
+) -> str:
     """Save ``rule`` to a temporary folder and upload it as Hub repo ``repo_id``; returns the commit URL."""
     from huggingface_hub import HfApi
 

@@ -44,8 +44,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "enabled", "set_enabled", "enabled_as", "lstm_cell_into", "elu_", "mlp_feature_mean_square",
-           "mlp_update", "build_error"]
+__all__ = [
+    "available",
+    "enabled",
+    "set_enabled",
+    "enabled_as",
+    "lstm_cell_into",
+    "elu_",
+    "mlp_feature_mean_square",
+    "mlp_update",
+    "build_error",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -106,9 +115,14 @@ def _compile(compiler: str, flags: list[str], target: Path) -> None:
     os.close(fd)
     try:
         sources = [str(f) for f in sorted(_SOURCE_DIR.glob("*.cpp"))]
-        subprocess.run([compiler, *flags, f"-I{_SOURCE_DIR}", "-o", tmp, *sources], check=True, capture_output=True,
-                       text=True, timeout=600)
-        os.replace(tmp, target)   # atomic: concurrent builders never load a half-written file
+        subprocess.run(
+            [compiler, *flags, f"-I{_SOURCE_DIR}", "-o", tmp, *sources],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        os.replace(tmp, target)  # atomic: concurrent builders never load a half-written file
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -121,9 +135,12 @@ def _build() -> ctypes.CDLL:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     source = b"\0".join(f.name.encode() + f.read_bytes() for f in sorted(_SOURCE_DIR.glob("*.[ch]*")))
     errors = []
-    for flags in (_FLAGS + _NATIVE, _FLAGS):   # -march=native is not known to every compiler
-        key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(flags).encode(),
-                                         platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
+    for flags in (_FLAGS + _NATIVE, _FLAGS):  # -march=native is not known to every compiler
+        key = hashlib.sha256(
+            b"\0".join(
+                [source, version.encode(), " ".join(flags).encode(), platform.machine().encode(), _cpu_flags().encode()]
+            )
+        ).hexdigest()[:16]
         target = _cache_dir() / f"learned_optim-{key}.so"
         try:
             if not target.exists():
@@ -145,8 +162,27 @@ def _build() -> ctypes.CDLL:
     f32, c_int = ctypes.c_float, ctypes.c_int
     lib.lo_mlp_feature_sumsq_f32.argtypes = [i64, c_int, ptr, ptr, ptr, ptr, ptr, f32, ptr, c_int]
     lib.lo_mlp_feature_sumsq_f32.restype = c_int
-    lib.lo_mlp_update_f32.argtypes = [i64, c_int, c_int, ptr, ptr, ptr, ptr, ptr, f32, ptr, ptr, ptr, ptr, f32, f32,
-                                      ptr, ptr, ptr, c_int]
+    lib.lo_mlp_update_f32.argtypes = [
+        i64,
+        c_int,
+        c_int,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+        f32,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+        f32,
+        f32,
+        ptr,
+        ptr,
+        ptr,
+        c_int,
+    ]
     lib.lo_mlp_update_f32.restype = c_int
     return lib
 
@@ -158,7 +194,7 @@ def _library() -> ctypes.CDLL | None:
             if not _loaded:
                 try:
                     _lib = _build()
-                except Exception as err:   # any build/load problem means: use the ATen path
+                except Exception as err:  # any build/load problem means: use the ATen path
                     _error = f"{type(err).__name__}: {err}"
                     logger.warning("learned_optim: native kernels unavailable, using the ATen path (%s)", _error)
                 _loaded = True
@@ -212,9 +248,24 @@ def lstm_cell_into(x: Tensor, h: Tensor, c: Tensor, weight: Tensor, bias: Tensor
         return False
     weight, bias = weight.contiguous(), bias.contiguous()
     threads = _threads(n)
-    status = lib.lo_lstm_cell_f32(n, x.shape[1], hidden, x.data_ptr(), x.stride(0), h.data_ptr(), h.stride(0),
-                                  c.data_ptr(), c.stride(0), weight.data_ptr(), bias.data_ptr(), h_out.data_ptr(),
-                                  h_out.stride(0), c_out.data_ptr(), c_out.stride(0), threads)
+    status = lib.lo_lstm_cell_f32(
+        n,
+        x.shape[1],
+        hidden,
+        x.data_ptr(),
+        x.stride(0),
+        h.data_ptr(),
+        h.stride(0),
+        c.data_ptr(),
+        c.stride(0),
+        weight.data_ptr(),
+        bias.data_ptr(),
+        h_out.data_ptr(),
+        h_out.stride(0),
+        c_out.data_ptr(),
+        c_out.stride(0),
+        threads,
+    )
     return status == 0
 
 
@@ -231,8 +282,9 @@ def elu_(z: Tensor) -> Tensor:
     return z
 
 
-def mlp_feature_mean_square(grad: Tensor, param: Tensor, m: Tensor, v: Tensor, decay: Tensor,
-                            eps: float) -> Tensor | None:
+def mlp_feature_mean_square(
+    grad: Tensor, param: Tensor, m: Tensor, v: Tensor, decay: Tensor, eps: float
+) -> Tensor | None:
     r"""Mean over coordinates of each MLP feature's square (``MLPUpdate.tensor_stats``), or ``None``.
 
     ``grad, param`` ``(n,)``, ``m, v`` ``(n, D)`` the moments *before* this step's EMA update, ``decay``
@@ -244,14 +296,36 @@ def mlp_feature_mean_square(grad: Tensor, param: Tensor, m: Tensor, v: Tensor, d
         return None
     n, d = m.shape
     out = torch.empty(2 + 4 * d, dtype=torch.float64)
-    status = lib.lo_mlp_feature_sumsq_f32(n, d, grad.data_ptr(), param.data_ptr(), m.data_ptr(), v.data_ptr(),
-                                          decay.data_ptr(), eps, out.data_ptr(), _threads(n))
+    status = lib.lo_mlp_feature_sumsq_f32(
+        n,
+        d,
+        grad.data_ptr(),
+        param.data_ptr(),
+        m.data_ptr(),
+        v.data_ptr(),
+        decay.data_ptr(),
+        eps,
+        out.data_ptr(),
+        _threads(n),
+    )
     return None if status else (out / n).to(torch.float32)
 
 
-def mlp_update(grad: Tensor, param: Tensor, m: Tensor, v: Tensor, decay: Tensor, eps: float, w1: Tensor, b1: Tensor,
-               w2: Tensor, b2: Tensor, magnitude_scale: float, step_scale: float,
-               out: Mapping[str, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor] | None:
+def mlp_update(
+    grad: Tensor,
+    param: Tensor,
+    m: Tensor,
+    v: Tensor,
+    decay: Tensor,
+    eps: float,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    magnitude_scale: float,
+    step_scale: float,
+    out: Mapping[str, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor] | None:
     r"""The MLP rule's ``(delta, m', v')`` for one hidden layer (``MLPUpdate.forward``), or ``None``.
 
     ``w1`` ``(H, 2 + 4D)`` with the feature normalisation folded into its columns and ``b1`` ``(H,)``
@@ -265,10 +339,30 @@ def mlp_update(grad: Tensor, param: Tensor, m: Tensor, v: Tensor, decay: Tensor,
     n, d = m.shape
     w1, b1, w2, b2 = (t.detach().to(torch.float32).contiguous() for t in (w1, b1, w2, b2))
     delta = torch.empty_like(grad)
-    m_new, v_new = (out["m"], out["v"]) if out is not None and _flat_f32(out["m"], out["v"]) else (
-        torch.empty_like(m), torch.empty_like(v))
-    status = lib.lo_mlp_update_f32(n, d, w1.shape[0], grad.data_ptr(), param.data_ptr(), m.data_ptr(), v.data_ptr(),
-                                   decay.data_ptr(), eps, w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2.data_ptr(),
-                                   magnitude_scale, step_scale, delta.data_ptr(), m_new.data_ptr(), v_new.data_ptr(),
-                                   _threads(n))
+    m_new, v_new = (
+        (out["m"], out["v"])
+        if out is not None and _flat_f32(out["m"], out["v"])
+        else (torch.empty_like(m), torch.empty_like(v))
+    )
+    status = lib.lo_mlp_update_f32(
+        n,
+        d,
+        w1.shape[0],
+        grad.data_ptr(),
+        param.data_ptr(),
+        m.data_ptr(),
+        v.data_ptr(),
+        decay.data_ptr(),
+        eps,
+        w1.data_ptr(),
+        b1.data_ptr(),
+        w2.data_ptr(),
+        b2.data_ptr(),
+        magnitude_scale,
+        step_scale,
+        delta.data_ptr(),
+        m_new.data_ptr(),
+        v_new.data_ptr(),
+        _threads(n),
+    )
     return None if status else (delta, m_new, v_new)

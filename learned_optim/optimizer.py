@@ -41,6 +41,7 @@ def _pad_rows(x: Tensor, rows: int) -> Tensor:
         return x
     return torch.cat([x, x.new_zeros((rows - x.shape[0], *x.shape[1:]))])
 
+
 NonFinitePolicy = Literal["raise", "skip"]
 
 
@@ -138,12 +139,16 @@ class LearnedOptimizer(Optimizer):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         dtypes = state_dtype.values() if isinstance(state_dtype, Mapping) else [state_dtype]
         if not all(isinstance(d, torch.dtype) and d.is_floating_point for d in dtypes):
-            raise ValueError(f"state_dtype must be a floating dtype or a mapping of state names to them, got {state_dtype}")
+            raise ValueError(
+                f"state_dtype must be a floating dtype or a mapping of state names to them, got {state_dtype}"
+            )
         if isinstance(state_dtype, Mapping):
             unknown = set(state_dtype) - set(rule.state_shapes())
             if unknown:
-                raise ValueError(f"state_dtype names {sorted(unknown)}, but the {rule.family} net keeps "
-                                 f"{sorted(rule.state_shapes())}")
+                raise ValueError(
+                    f"state_dtype names {sorted(unknown)}, but the {rule.family} net keeps "
+                    f"{sorted(rule.state_shapes())}"
+                )
             state_dtype = dict(state_dtype)
         self.rule = rule.requires_grad_(False)
         self.chunk_size = chunk_size
@@ -156,9 +161,9 @@ class LearnedOptimizer(Optimizer):
         super().__init__(params, defaults)
         devices = {p.device for group in self.param_groups for p in group["params"]}
         if not self.compile and any(d.type == "cpu" for d in devices):
-            kernels.available()   # build (or load) the native kernels now rather than inside the first step
-        if len(devices) == 1 and next(iter(devices)).type != "meta":     # meta: not materialised yet
-            self.rule.to(devices.pop())     # e.g. a model already moved to CUDA
+            kernels.available()  # build (or load) the native kernels now rather than inside the first step
+        if len(devices) == 1 and next(iter(devices)).type != "meta":  # meta: not materialised yet
+            self.rule.to(devices.pop())  # e.g. a model already moved to CUDA
 
     # ------------------------------------------------------------------ pickling / copying
     _EXTRA_ATTRS = ("rule", "chunk_size", "nonfinite", "state_dtype", "skipped_steps", "compile")
@@ -171,7 +176,7 @@ class LearnedOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("compile", False)
         super().__setstate__(state)
-        self._compiled_rule = None   # a compiled wrapper is never pickled; rebuilt at the next step
+        self._compiled_rule = None  # a compiled wrapper is never pickled; rebuilt at the next step
 
     def _state_dtype(self, key: str) -> torch.dtype:
         if isinstance(self.state_dtype, Mapping):
@@ -181,16 +186,25 @@ class LearnedOptimizer(Optimizer):
     def _init_state(self, p: Tensor) -> dict[str, Tensor]:
         """Fresh state of ``p``: a float32 step count and the net's zero state in :meth:`_state_dtype`."""
         local = _local(p)
-        state = {k: v.to(self._state_dtype(k)) for k, v in
-                 self.rule.init_state(local.numel(), device=p.device, dtype=torch.float32).items()}
-        if _is_dtensor(p):   # state sharded like the parameter: global shape param.shape + state shape
+        state = {
+            k: v.to(self._state_dtype(k))
+            for k, v in self.rule.init_state(local.numel(), device=p.device, dtype=torch.float32).items()
+        }
+        if _is_dtensor(p):  # state sharded like the parameter: global shape param.shape + state shape
             from torch.distributed.tensor import DTensor
 
             shapes = self.rule.state_shapes()
-            state = {k: DTensor.from_local(v.view(*local.shape, *shapes[k]), p.device_mesh, p.placements,
-                                           run_check=False, shape=(*p.shape, *shapes[k]),
-                                           stride=torch.empty((*p.shape, *shapes[k]), device="meta").stride())
-                     for k, v in state.items()}
+            state = {
+                k: DTensor.from_local(
+                    v.view(*local.shape, *shapes[k]),
+                    p.device_mesh,
+                    p.placements,
+                    run_check=False,
+                    shape=(*p.shape, *shapes[k]),
+                    stride=torch.empty((*p.shape, *shapes[k]), device="meta").stride(),
+                )
+                for k, v in state.items()
+            }
         return {"step": torch.zeros((), dtype=torch.float32), **state}
 
     def _net(self) -> Callable[..., Any]:
@@ -204,20 +218,22 @@ class LearnedOptimizer(Optimizer):
 
             def run(grad: Tensor, param: Tensor, state: dict[str, Tensor], step: Tensor, stats: Tensor | None):
                 for t in (grad, param, *state.values()):
-                    torch._dynamo.maybe_mark_dynamic(t, 0)   # one graph for every chunk length
+                    torch._dynamo.maybe_mark_dynamic(t, 0)  # one graph for every chunk length
                 try:
                     return compiled(grad, param, state, step, stats)
                 except Exception as err:
                     if not type(err).__module__.startswith(("torch._dynamo", "torch._inductor")):
                         raise
-                    raise RuntimeError(f"torch.compile of the {self.rule.family} net failed ({type(err).__name__}: "
-                                       f"{err}); pass compile=False to run it eagerly") from err
+                    raise RuntimeError(
+                        f"torch.compile of the {self.rule.family} net failed ({type(err).__name__}: "
+                        f"{err}); pass compile=False to run it eagerly"
+                    ) from err
 
             self._compiled_rule = run
         return self._compiled_rule
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}[{self.rule.family}]" + super().__repr__()[len(type(self).__name__):]
+        return f"{type(self).__name__}[{self.rule.family}]" + super().__repr__()[len(type(self).__name__) :]
 
     # ------------------------------------------------------------------ step
     def _params_with_grad(self) -> list[tuple[dict[str, Any], Tensor]]:
@@ -229,8 +245,10 @@ class LearnedOptimizer(Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 if p.is_complex() or p.grad.is_complex():
-                    raise RuntimeError(f"{type(self).__name__} does not support complex parameters; "
-                                       "optimize torch.view_as_real(param) instead")
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support complex parameters; "
+                        "optimize torch.view_as_real(param) instead"
+                    )
                 found.append((group, p))
         return found
 
@@ -245,7 +263,7 @@ class LearnedOptimizer(Optimizer):
         if not items:
             return None
         finite = torch.stack([torch.isfinite(_local(p.grad)).all().cpu() for _, p in items])
-        if any(_is_dtensor(p) for _, p in items):   # a shard's NaN stops the step on every rank
+        if any(_is_dtensor(p) for _, p in items):  # a shard's NaN stops the step on every rank
             import torch.distributed as dist
 
             flags = finite.to(device=items[0][1].device, dtype=torch.int32)
@@ -270,7 +288,8 @@ class LearnedOptimizer(Optimizer):
                 return loss
             raise NonFiniteGradientError(
                 f"non-finite gradient (NaN or inf) in parameter {self._param_name(*bad)}; nothing was "
-                "updated. Pass nonfinite='skip' to skip such steps, or use torch.amp.GradScaler.")
+                "updated. Pass nonfinite='skip' to skip such steps, or use torch.amp.GradScaler."
+            )
         for group, p in items:
             state = self.state[p]
             if not state:
@@ -282,8 +301,9 @@ class LearnedOptimizer(Optimizer):
             self._update_tensor(p, state, lr, group["weight_decay"], group["maximize"])
         return loss
 
-    def _update_tensor(self, p: Tensor, state: dict[str, Tensor], lr: float | Tensor, weight_decay: float,
-                       maximize: bool) -> None:
+    def _update_tensor(
+        self, p: Tensor, state: dict[str, Tensor], lr: float | Tensor, weight_decay: float, maximize: bool
+    ) -> None:
         rule, dtype, net = self.rule, self.rule.compute_dtype, self._net()
         sharded = _is_dtensor(p)
         groups = [p.device_mesh.get_group(i) for i, pl in enumerate(p.placements) if pl.is_shard()] if sharded else []
@@ -300,7 +320,7 @@ class LearnedOptimizer(Optimizer):
             stats = rule.tensor_stats(grad, flat, coord_state, step)
         else:
             stats = self._sharded_stats(grad, flat, coord_state, step, groups)
-        if n == 0:   # an empty shard (after joining the statistics' all-reduce)
+        if n == 0:  # an empty shard (after joining the statistics' all-reduce)
             return
         chunk = n if self.chunk_size is None else self.chunk_size
         if chunk == "auto":
@@ -316,11 +336,13 @@ class LearnedOptimizer(Optimizer):
             theta = flat[part].to(dtype)
             chunk_state = {k: _pad_rows(v[part].to(dtype), padded) for k, v in coord_state.items()}
             # the state storage itself (not a cast or padded copy): the rule may write the new state into it
-            in_place = not self.compile and all(v.data_ptr() == coord_state[k][part].data_ptr()
-                                                for k, v in chunk_state.items())
+            in_place = not self.compile and all(
+                v.data_ptr() == coord_state[k][part].data_ptr() for k, v in chunk_state.items()
+            )
             extra = {"out_state": chunk_state} if in_place else {}
-            delta, new_state = net(_pad_rows(grad[part].to(dtype), padded), _pad_rows(theta, padded), chunk_state,
-                                   step, stats, **extra)
+            delta, new_state = net(
+                _pad_rows(grad[part].to(dtype), padded), _pad_rows(theta, padded), chunk_state, step, stats, **extra
+            )
             delta = delta[:rows]
             if weight_decay != 0.0:
                 theta = theta * (1.0 - lr * weight_decay)
@@ -331,17 +353,19 @@ class LearnedOptimizer(Optimizer):
         if not contiguous:
             p.copy_(flat.view_as(p))
 
-    def _sharded_stats(self, grad: Tensor, flat: Tensor, coord_state: dict[str, Tensor], step: Tensor,
-                       groups: list[Any]) -> Tensor | None:
+    def _sharded_stats(
+        self, grad: Tensor, flat: Tensor, coord_state: dict[str, Tensor], step: Tensor, groups: list[Any]
+    ) -> Tensor | None:
         """Per-tensor statistics of a sharded tensor: the shards' means, weighted by their sizes and
         all-reduced over the mesh dimensions that shard it (statistics are means over coordinates)."""
         import torch.distributed as dist
 
         n = flat.numel()
-        if n == 0:   # an empty shard still joins the all-reduce, with zero weight
+        if n == 0:  # an empty shard still joins the all-reduce, with zero weight
             one = flat.new_zeros(1)
-            local = self.rule.tensor_stats(one, one, {k: v.new_zeros((1, *v.shape[1:])) for k, v in coord_state.items()},
-                                           step)
+            local = self.rule.tensor_stats(
+                one, one, {k: v.new_zeros((1, *v.shape[1:])) for k, v in coord_state.items()}, step
+            )
             local = None if local is None else local * 0.0
         else:
             local = self.rule.tensor_stats(grad, flat, coord_state, step)
@@ -372,13 +396,16 @@ class LearnedOptimizer(Optimizer):
                 continue
             keys = set(saved) - {"step"}
             if keys != set(expected):
-                raise ValueError(f"state of parameter {pid} has keys {sorted(keys)}, but this "
-                                 f"{self.rule.family} net keeps {sorted(expected)}: state from another optimizer?")
+                raise ValueError(
+                    f"state of parameter {pid} has keys {sorted(keys)}, but this "
+                    f"{self.rule.family} net keeps {sorted(expected)}: state from another optimizer?"
+                )
             for k, shape in expected.items():
                 want = (*p.shape, *shape) if _is_dtensor(p) else (p.numel(), *shape)
                 if tuple(saved[k].shape) != want:
-                    raise ValueError(f"state {k!r} of parameter {pid} has shape {tuple(saved[k].shape)}, "
-                                     f"expected {want}")
+                    raise ValueError(
+                        f"state {k!r} of parameter {pid} has shape {tuple(saved[k].shape)}, expected {want}"
+                    )
         super().load_state_dict(state_dict)
         for pid, p in zip(saved_ids, params):
             saved = state_dict["state"].get(pid)
@@ -400,8 +427,9 @@ class LearnedOptimizer(Optimizer):
 
         save_pretrained(self.rule, save_directory, **card)
 
-    def adapt(self, model: torch.nn.Module, loss_fn: Callable[..., Tensor], batches: Iterable[Any],
-              **kwargs: Any) -> Any:
+    def adapt(
+        self, model: torch.nn.Module, loss_fn: Callable[..., Tensor], batches: Iterable[Any], **kwargs: Any
+    ) -> Any:
         """Fine-tune this optimizer's net on ``model`` + ``loss_fn`` (M-L2O); see :func:`learned_optim.adapt`."""
         from .adapt import adapt
 

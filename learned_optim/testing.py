@@ -14,8 +14,17 @@ from .nets.base import UpdateRule, functional_update
 __all__ = ["fit_sign_descent"]
 
 
-def fit_sign_descent(rule: UpdateRule, *, iters: int = 100, n: int = 32, unroll: int = 8, target: float = 0.005,
-                     seed: int = 0, max_first_step: int = 40, grad_decades: int = 0) -> UpdateRule:
+def fit_sign_descent(
+    rule: UpdateRule,
+    *,
+    iters: int = 100,
+    n: int = 32,
+    unroll: int = 8,
+    target: float = 0.005,
+    seed: int = 0,
+    max_first_step: int = 40,
+    grad_decades: int = 0,
+) -> UpdateRule:
     r"""Fit ``rule`` in place by regression of its step toward ``-target * sign(g)`` on random quadratics.
 
     For each of ``iters`` random diagonal quadratics :math:`f(x) = \tfrac12 \sum_i c_i x_i^2`

@@ -82,9 +82,13 @@ def checkpoint_dir(tmp_path: Path, make_rule: Callable[..., UpdateRule]) -> Path
     """A checkpoint folder of an untrained RNNProp net with optimizer defaults ``lr=0.5, weight_decay=0.01``."""
     directory = tmp_path / "checkpoint"
     learned_optim.save_pretrained(
-        make_rule("rnnprop", seed=1), directory, name="test-rnnprop",
-        description="untrained RNNProp for tests", optimizer_defaults={"lr": 0.5, "weight_decay": 0.01},
-        training={"tasks": ["none (untrained test net)"], "results": {"note": "untrained"}})
+        make_rule("rnnprop", seed=1),
+        directory,
+        name="test-rnnprop",
+        description="untrained RNNProp for tests",
+        optimizer_defaults={"lr": 0.5, "weight_decay": 0.01},
+        training={"tasks": ["none (untrained test net)"], "results": {"note": "untrained"}},
+    )
     return directory
 
 
@@ -93,16 +97,19 @@ TEMP_ZOO_NAME = "testzoo-mlp"
 
 
 @pytest.fixture
-def temp_zoo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-             make_rule: Callable[..., UpdateRule]) -> tuple[Path, str]:
+def temp_zoo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_rule: Callable[..., UpdateRule]) -> tuple[Path, str]:
     """A temporary zoo with one untrained MLP entry, installed by patching ``learned_optim.hub.zoo_dir``.
 
     Returns ``(zoo_root, entry_name)``.
     """
     root = tmp_path / "zoo"
     learned_optim.save_pretrained(
-        make_rule("mlp", seed=2), root / TEMP_ZOO_NAME, name=TEMP_ZOO_NAME,
-        description="untrained MLP optimizer (test zoo entry)", optimizer_defaults={"lr": 1.0},
-        training={"tasks": ["quadratic (test)"], "results": {"final_loss": 0.5}})
+        make_rule("mlp", seed=2),
+        root / TEMP_ZOO_NAME,
+        name=TEMP_ZOO_NAME,
+        description="untrained MLP optimizer (test zoo entry)",
+        optimizer_defaults={"lr": 1.0},
+        training={"tasks": ["quadratic (test)"], "results": {"final_loss": 0.5}},
+    )
     monkeypatch.setattr(learned_optim.hub, "zoo_dir", lambda: root)
     return root, TEMP_ZOO_NAME

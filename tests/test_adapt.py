@@ -22,8 +22,7 @@ def _setup(seed: int = 0, *, lr: float = 1.0, weight_decay: float = 0.0, n_batch
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
     opt = LearnedOptimizer(model.parameters(), RNNProp(hidden_size=6), lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed + 1)
-    batches = [(torch.randn(16, 4, generator=gen), torch.randint(0, 3, (16,), generator=gen))
-               for _ in range(n_batches)]
+    batches = [(torch.randn(16, 4, generator=gen), torch.randint(0, 3, (16,), generator=gen)) for _ in range(n_batches)]
     return model, opt, batches
 
 
@@ -39,18 +38,19 @@ def test_adapt_changes_the_net_but_not_the_model_and_leaves_the_optimizer_ready(
     model, opt, batches = _setup()
     opt.zero_grad()
     F.cross_entropy(model(batches[0][0]), batches[0][1]).backward()
-    opt.step()                                   # existing optimizer state: adaptation starts from it
+    opt.step()  # existing optimizer state: adaptation starts from it
     model_before, net_before = copy.deepcopy(model.state_dict()), _net(opt)
     grads_before = [p.grad.clone() for p in model.parameters()]
     opt_state_before = copy.deepcopy(opt.state_dict())
     result = learned_optim.adapt(opt, model, F.cross_entropy, batches, steps=3, unroll=4)
-    assert len(result.meta_losses) == 3 and result.batches_seen == 15      # 3 * (4 + 1), the list is cycled
+    assert len(result.meta_losses) == 3 and result.batches_seen == 15  # 3 * (4 + 1), the list is cycled
     assert not _same(_net(opt), net_before)
-    assert _same(model.state_dict(), model_before)                       # incl. BatchNorm running stats
-    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads_before))   # .grad untouched
+    assert _same(model.state_dict(), model_before)  # incl. BatchNorm running stats
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads_before))  # .grad untouched
     after = opt.state_dict()
-    assert all(torch.equal(v, after["state"][i][k]) for i, st in opt_state_before["state"].items()
-               for k, v in st.items())
+    assert all(
+        torch.equal(v, after["state"][i][k]) for i, st in opt_state_before["state"].items() for k, v in st.items()
+    )
     assert not any(p.requires_grad for p in opt.rule.parameters())
     opt.zero_grad()
     F.cross_entropy(model(batches[1][0]), batches[1][1]).backward()
@@ -75,13 +75,14 @@ def test_adapt_method_and_restore_model_false_match_the_optimizer_step():
     for (name, p), q in zip(model.named_parameters(), reference_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
     with torch.no_grad():
-        reference_model(batches[5][0])        # adapt's last forward: the meta-loss at the final point
+        reference_model(batches[5][0])  # adapt's last forward: the meta-loss at the final point
     for name, b in model.named_buffers():
         torch.testing.assert_close(b, dict(reference_model.named_buffers())[name])
     p0 = next(model.parameters())
     assert float(opt.state[p0]["step"]) == 5
-    torch.testing.assert_close(opt.state[p0]["lstm"], reference_opt.state[next(reference_model.parameters())]["lstm"],
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        opt.state[p0]["lstm"], reference_opt.state[next(reference_model.parameters())]["lstm"], rtol=1e-5, atol=1e-6
+    )
 
 
 def test_errors_leave_everything_unchanged():
@@ -110,7 +111,7 @@ def test_non_finite_meta_gradient_rolls_back_the_whole_adaptation():
     net, state = _net(opt), copy.deepcopy(model.state_dict())
     calls = {"n": 0}
 
-    def flaky(out, y):                     # fine for two adaptation steps (2 * 5 calls), then NaN
+    def flaky(out, y):  # fine for two adaptation steps (2 * 5 calls), then NaN
         calls["n"] += 1
         loss = F.cross_entropy(out, y)
         return loss * float("nan") if calls["n"] > 10 else loss
@@ -119,7 +120,7 @@ def test_non_finite_meta_gradient_rolls_back_the_whole_adaptation():
         learned_optim.adapt(opt, model, flaky, batches, steps=4, unroll=4)
     assert _same(_net(opt), net) and _same(model.state_dict(), state)
     calls["n"] = 0
-    with pytest.raises(AdaptationError, match="step 3 of 4"):       # nor is the model moved when asked to
+    with pytest.raises(AdaptationError, match="step 3 of 4"):  # nor is the model moved when asked to
         learned_optim.adapt(opt, model, flaky, batches, steps=4, unroll=4, restore_model=False)
     assert _same(_net(opt), net) and _same(model.state_dict(), state) and not opt.state
     calls["n"] = 0
@@ -182,9 +183,14 @@ def test_save_pretrained_after_adapting_a_pretrained_net_records_its_parent(tmp_
     """from_pretrained -> adapt -> save_pretrained keeps the parent's name, defaults and provenance, and a
     second generation chains; the parent's results are not passed off as the adapted net's."""
     model, opt, batches = _setup()
-    learned_optim.save_pretrained(opt.rule, tmp_path / "parent", name="toy-l2o", description="a toy net",
-                                  training={"tasks": "toy", "results": {"toy": {"final_loss": 0.1}}},
-                                  optimizer_defaults={"lr": 0.5})
+    learned_optim.save_pretrained(
+        opt.rule,
+        tmp_path / "parent",
+        name="toy-l2o",
+        description="a toy net",
+        training={"tasks": "toy", "results": {"toy": {"final_loss": 0.1}}},
+        optimizer_defaults={"lr": 0.5},
+    )
     opt = learned_optim.from_pretrained(tmp_path / "parent", model.parameters(), lr=0.25, weight_decay=0.01)
     model_before = copy.deepcopy(model.state_dict())
     opt.save_pretrained(str(tmp_path / "unadapted"))
@@ -199,7 +205,7 @@ def test_save_pretrained_after_adapting_a_pretrained_net_records_its_parent(tmp_
     config = json.loads((tmp_path / "adapted" / "config.json").read_text())
     assert config["name"] == "toy-l2o-adapted"
     assert "toy-l2o adapted" in config["description"] and "toy batches" in config["description"]
-    assert config["optimizer"] == {"lr": 0.25}                     # the lr the net was adapted at
+    assert config["optimizer"] == {"lr": 0.25}  # the lr the net was adapted at
     (record,) = config["training"]["adaptation"]
     assert record["optimizer_lr"] == 0.25 and record["optimizer_weight_decay"] == 0.01
     parent = config["training"]["parent"]

@@ -60,7 +60,7 @@ def test_gam_step():
 
     g0 = A @ X0
     g1 = A @ (X0 + rho * unit(g0))
-    x2 = X0 + rho2 * unit(g1 - g0)             # for a quadratic g1 - g0 = rho A g0/|g0|: the Hg direction
+    x2 = X0 + rho2 * unit(g1 - g0)  # for a quadratic g1 - g0 = rho A g0/|g0|: the Hg direction
     g2 = A @ x2
     g3 = A @ (x2 + rho * unit(g2))
     p = g0 + (1 - b0) * g2
@@ -122,12 +122,25 @@ def test_baselines_registered_and_run_in_the_harness_with_flatness():
 
     assert {"sam", "gsam", "gam", "entropy-sgd"} <= set(BASELINES)
     options = FlatnessOptions(patience=5, probes=2, iters=3, radii=(0.01, 0.1), steps=2, hessian_batches=1)
-    results = evaluate(["sgd", "sam", "gsam", "gam", "entropy-sgd"], [LinearTask()], steps=25, seeds=2,
-                       lr_grid=[0.1], progress=False, log=lambda line: None, flatness=options)
+    results = evaluate(
+        ["sgd", "sam", "gsam", "gam", "entropy-sgd"],
+        [LinearTask()],
+        steps=25,
+        seeds=2,
+        lr_grid=[0.1],
+        progress=False,
+        log=lambda line: None,
+        flatness=options,
+    )
     rows = {row["optimizer"]: row for row in results.summary}
     assert set(rows) == {"sgd", "sam", "gsam", "gam", "entropy-sgd"}
     for row in rows.values():
-        assert row["hessian_trace"] > 0 and row["hessian_eigenvalue"] > 0 and "sharpness@0.1" in row and "max_grad_norm@0.01" in row
+        assert (
+            row["hessian_trace"] > 0
+            and row["hessian_eigenvalue"] > 0
+            and "sharpness@0.1" in row
+            and "max_grad_norm@0.01" in row
+        )
     runs = results.runs
     assert all(r.flatness is not None for r in runs)
     text = results.markdown()

@@ -33,11 +33,33 @@ def gen():
 def _table(folder: Path, runs: dict[str, float], seeds=(0, 1)) -> Path:
     """A ``table`` output folder with one run per (optimizer, seed); ``runs`` maps labels to test accuracy."""
     results = ev.EvaluationResults(
-        {"steps": 2, "seeds": len(seeds), "seed_list": list(seeds), "eval_split": "test", "final_window": 1,
-         "tasks": ["t"]}, [],
-        [ev.RunResult("t", label, seed, 1.0, "test", [1.0, 0.5], [0, 2],
-                      {"loss": [2.0, 0.3], "accuracy": [0.1, accuracy + 0.001 * seed]}, 0.001, 0.01, None)
-         for label, accuracy in runs.items() for seed in seeds])
+        {
+            "steps": 2,
+            "seeds": len(seeds),
+            "seed_list": list(seeds),
+            "eval_split": "test",
+            "final_window": 1,
+            "tasks": ["t"],
+        },
+        [],
+        [
+            ev.RunResult(
+                "t",
+                label,
+                seed,
+                1.0,
+                "test",
+                [1.0, 0.5],
+                [0, 2],
+                {"loss": [2.0, 0.3], "accuracy": [0.1, accuracy + 0.001 * seed]},
+                0.001,
+                0.01,
+                None,
+            )
+            for label, accuracy in runs.items()
+            for seed in seeds
+        ],
+    )
     results.write(folder, plots=False)
     return folder
 
@@ -55,39 +77,71 @@ def test_merge_drop_replaces_one_entrys_rows(gen, tmp_path, capsys):
     new = _table(tmp_path / "new", {"l2o-lstm-hessian-ev": 0.95})
     out = tmp_path / "merged"
     # the same optimizer, task and seed in two inputs is refused, with the option that resolves it
-    with pytest.raises(SystemExit, match=rf"l2o-lstm-hessian-ev on t \(seed 0\) is in both .*--drop l2o-lstm-hessian-ev@"):
+    with pytest.raises(
+        SystemExit, match=rf"l2o-lstm-hessian-ev on t \(seed 0\) is in both .*--drop l2o-lstm-hessian-ev@"
+    ):
         gen.main(["merge", str(old), str(new), "--out", str(out), "--no-plots"])
-    assert gen.main(["merge", str(old), str(new), "--drop", f"l2o-lstm-hessian-ev@{old}", "--out", str(out),
-                     "--no-plots"]) == 0
+    assert (
+        gen.main(["merge", str(old), str(new), "--drop", f"l2o-lstm-hessian-ev@{old}", "--out", str(out), "--no-plots"])
+        == 0
+    )
     merged = _merged_accuracy(out)
     assert merged["l2o-lstm-hessian-ev"] == pytest.approx([0.95, 0.951])  # the new rows, not the old ones
     assert merged["l2o-lstm"] == pytest.approx([0.90, 0.901])
     assert set(merged) == {"l2o-lstm", "l2o-lstm-hessian-ev"}
     # or keep the old rows under another label
-    assert gen.main(["merge", str(old), str(new), "--rename", f"l2o-lstm-hessian-ev@{old}=l2o-lstm-hessian-ev-w0.02",
-                     "--out", str(out), "--no-plots"]) == 0
+    assert (
+        gen.main(
+            [
+                "merge",
+                str(old),
+                str(new),
+                "--rename",
+                f"l2o-lstm-hessian-ev@{old}=l2o-lstm-hessian-ev-w0.02",
+                "--out",
+                str(out),
+                "--no-plots",
+            ]
+        )
+        == 0
+    )
     merged = _merged_accuracy(out)
     assert merged["l2o-lstm-hessian-ev"] == pytest.approx([0.95, 0.951])
     assert merged["l2o-lstm-hessian-ev-w0.02"] == pytest.approx([0.80, 0.801])
-    assert "l2o-lstm-hessian-ev-w0.02" in (out / "claims.md").read_text()   # a learned entry in the claim checks
+    assert "l2o-lstm-hessian-ev-w0.02" in (out / "claims.md").read_text()  # a learned entry in the claim checks
 
 
-@pytest.mark.parametrize("drop, message", [
-    ("l2o-lstm-sam@{old}", "has no runs of l2o-lstm-sam"),
-    ("l2o-lstm@{elsewhere}", "is not one of the inputs"),
-])
+@pytest.mark.parametrize(
+    "drop, message",
+    [
+        ("l2o-lstm-sam@{old}", "has no runs of l2o-lstm-sam"),
+        ("l2o-lstm@{elsewhere}", "is not one of the inputs"),
+    ],
+)
 def test_merge_drop_rejects_what_it_cannot_drop(gen, tmp_path, drop, message):
     old = _table(tmp_path / "old", {"l2o-lstm": 0.90})
     with pytest.raises(SystemExit, match=message):
-        gen.main(["merge", str(old), "--drop", drop.format(old=old, elsewhere=tmp_path / "x"),
-                  "--out", str(tmp_path / "m"), "--no-plots"])
+        gen.main(
+            [
+                "merge",
+                str(old),
+                "--drop",
+                drop.format(old=old, elsewhere=tmp_path / "x"),
+                "--out",
+                str(tmp_path / "m"),
+                "--no-plots",
+            ]
+        )
 
 
-@pytest.mark.parametrize("option, value, message", [
-    ("--drop", "l2o-lstm", "expected LABEL@INPUT_FOLDER"),
-    ("--rename", "l2o-lstm=x", "expected LABEL@INPUT_FOLDER"),
-    ("--rename", "l2o-lstm@{old}", "expected LABEL@INPUT_FOLDER=NEW_LABEL"),
-])
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--drop", "l2o-lstm", "expected LABEL@INPUT_FOLDER"),
+        ("--rename", "l2o-lstm=x", "expected LABEL@INPUT_FOLDER"),
+        ("--rename", "l2o-lstm@{old}", "expected LABEL@INPUT_FOLDER=NEW_LABEL"),
+    ],
+)
 def test_merge_options_need_label_at_folder(gen, tmp_path, capsys, option, value, message):
     old = _table(tmp_path / "old", {"l2o-lstm": 0.90})
     with pytest.raises(SystemExit):
@@ -100,18 +154,38 @@ def test_select_reports_w0_and_the_best_nonzero_weight_per_kind(gen, tmp_path, c
     weight, i.e. w = 0 overall and 0.01 among the non-zero hessian_trace weights."""
     torch.manual_seed(0)
     net = DMLSTM()
-    for name, blocks in [("control", []),
-                         ("hessian-0.01", [{"kind": "hessian_trace", "weight": 0.01}]),
-                         ("hessian-0.03", [{"kind": "hessian_trace", "weight": 0.03}]),
-                         ("sam-3", [{"kind": "sam", "weight": 3.0}])]:
+    for name, blocks in [
+        ("control", []),
+        ("hessian-0.01", [{"kind": "hessian_trace", "weight": 0.01}]),
+        ("hessian-0.03", [{"kind": "hessian_trace", "weight": 0.03}]),
+        ("sam-3", [{"kind": "sam", "weight": 3.0}]),
+    ]:
         run = tmp_path / "runs" / name
         save_pretrained(net, run / "model", name=name, description="test fixture with untrained weights")
         (run / "config.json").write_text(json.dumps({"regularizers": blocks}))
     out = tmp_path / "select.json"
-    assert gen.main(["select", "--by-kind", "--runs", str(tmp_path / "runs" / "*"), "--tasks", "digits-mlp20-relu",
-                     "--steps", "2", "--seeds", "1", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        gen.main(
+            [
+                "select",
+                "--by-kind",
+                "--runs",
+                str(tmp_path / "runs" / "*"),
+                "--tasks",
+                "digits-mlp20-relu",
+                "--steps",
+                "2",
+                "--seeds",
+                "1",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     chosen = json.loads(out.read_text())
-    assert len({c["val_accuracy"] for c in chosen["candidates"]}) == 1          # the tie the rule must break
+    assert len({c["val_accuracy"] for c in chosen["candidates"]}) == 1  # the tie the rule must break
     assert chosen["selected"]["model"].endswith("control/model")
     assert chosen["selected_by_kind"]["hessian_trace"]["model"].endswith("control/model")
     assert chosen["best_nonzero_by_kind"]["hessian_trace"]["weights"] == [0.01]
@@ -122,10 +196,14 @@ def test_select_reports_w0_and_the_best_nonzero_weight_per_kind(gen, tmp_path, c
 def _scale_trainer(tmp_path, weight: float):
     from learned_optim.meta import MetaTrainer
 
-    config = {"name": "scale", "seed": 0, "net": {"family": "dm_lstm", "config": {"hidden_size": 4, "num_layers": 1}},
-              "task": {"family": "quadratic", "kwargs": {"dim": 3, "num_instances": 4}},
-              "unroll": {"trajectory_length": 6, "segment_length": 3},
-              "regularizers": [{"kind": "jacobian_trace", "weight": weight, "where": "final"}]}
+    config = {
+        "name": "scale",
+        "seed": 0,
+        "net": {"family": "dm_lstm", "config": {"hidden_size": 4, "num_layers": 1}},
+        "task": {"family": "quadratic", "kwargs": {"dim": 3, "num_instances": 4}},
+        "unroll": {"trajectory_length": 6, "segment_length": 3},
+        "regularizers": [{"kind": "jacobian_trace", "weight": weight, "where": "final"}],
+    }
     return MetaTrainer(config, out_dir=tmp_path / f"w{weight}", progress=False)
 
 
@@ -139,7 +217,7 @@ def test_regularizer_scale_is_linear_in_the_weight_and_leaves_the_net_alone(tmp_
     assert all(torch.equal(v, one.rule.state_dict()[k]) for k, v in before.items())
     assert scale.gradient_ratios(_scale_trainer(tmp_path, 3.0), 3) == pytest.approx([3 * r for r in ratios], rel=1e-6)
     with pytest.raises(SystemExit):
-        scale.main(["smoke"])                     # a config without regularizers: nothing to measure
+        scale.main(["smoke"])  # a config without regularizers: nothing to measure
     assert "has no regularizers" in capsys.readouterr().err
 
 
@@ -150,5 +228,5 @@ def test_select_rule_breaks_float32_ties_towards_the_smaller_weight(gen):
     gam10 = {"val_accuracy": 0.9538888931274414, "weights": [10.0]}
     assert gen.best_of([gam10, gam3, control]) is control
     assert gen.best_of([gam10, gam3]) is gam3
-    assert gen.best_of([{"val_accuracy": 0.9584, "weights": [3.0]}, control])["weights"] == [3.0]   # a real win
+    assert gen.best_of([{"val_accuracy": 0.9584, "weights": [3.0]}, control])["weights"] == [3.0]  # a real win
     assert gen.best_of([{"val_accuracy": float("nan"), "weights": []}, gam10]) is gam10

@@ -23,8 +23,13 @@ from learned_optim.hub import CARD_NAME, CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NA
 CUSTOM_CONFIGS = {
     "dm_lstm": {"hidden_size": 7, "num_layers": 3, "preprocess_k": 10.0, "output_scale": 0.1},
     "rnnprop": {"hidden_size": 6, "beta1": 0.9, "beta2": 0.99, "eps": 1e-6, "output_scale": 0.05},
-    "mlp": {"hidden_size": 9, "num_hidden_layers": 2, "decays": (0.9, 0.99), "time_scales": (10.0, 100.0),
-            "step_scale": 0.01},
+    "mlp": {
+        "hidden_size": 9,
+        "num_hidden_layers": 2,
+        "decays": (0.9, 0.99),
+        "time_scales": (10.0, 100.0),
+        "step_scale": 0.01,
+    },
 }
 
 
@@ -39,8 +44,14 @@ def test_save_and_load_round_trip(family, make_rule, tmp_path, custom):
     overrides = CUSTOM_CONFIGS.get(family, {}) if custom else {}
     rule = make_rule(family, seed=3, **overrides)
     training = {"tasks": ["mlp-digits"], "command": "learned-optim train ...", "results": {"loss": 0.12}}
-    save_pretrained(rule, tmp_path / "ck", name="my-opt", description="a test optimizer", training=training,
-                    optimizer_defaults={"lr": 0.5})
+    save_pretrained(
+        rule,
+        tmp_path / "ck",
+        name="my-opt",
+        description="a test optimizer",
+        training=training,
+        optimizer_defaults={"lr": 0.5},
+    )
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME, CARD_NAME])
     config = json.loads((tmp_path / "ck" / CONFIG_NAME).read_text())
     assert config["library"] == "learned_optim" and config["format_version"] == FORMAT_VERSION
@@ -61,8 +72,7 @@ def test_optimizer_save_pretrained_and_from_pretrained(family, make_rule, tmp_pa
     """opt.save_pretrained(dir) then from_pretrained(dir, params) rebuilds the same net and defaults."""
     params = [torch.nn.Parameter(torch.randn(4))]
     opt = LearnedOptimizer(params, make_rule(family, seed=4))
-    opt.save_pretrained(tmp_path / "ck", optimizer_defaults={"lr": 0.25, "weight_decay": 0.01},
-                        card="# custom card\n")
+    opt.save_pretrained(tmp_path / "ck", optimizer_defaults={"lr": 0.25, "weight_decay": 0.01}, card="# custom card\n")
     assert (tmp_path / "ck" / CARD_NAME).read_text() == "# custom card\n"
     restored = learned_optim.from_pretrained(str(tmp_path / "ck"), params)
     assert isinstance(restored, LearnedOptimizer) and _weights_equal(restored.rule, opt.rule)
@@ -116,30 +126,52 @@ def _nan(t: torch.Tensor) -> torch.Tensor:
 #: name -> (how to break a valid checkpoint folder, regex the error message must match)
 BAD_CHECKPOINTS: dict[str, tuple[Callable[[Path], None], str]] = {
     "missing-config": (lambda d: (d / CONFIG_NAME).unlink(), r"config\.json does not exist"),
-    "invalid-json": (lambda d: (d / CONFIG_NAME).write_text("{\"family\": \"mlp\",,}"), "not valid JSON"),
+    "invalid-json": (lambda d: (d / CONFIG_NAME).write_text('{"family": "mlp",,}'), "not valid JSON"),
     "json-not-object": (lambda d: (d / CONFIG_NAME).write_text("[1, 2]"), "must hold a JSON object"),
-    "foreign-config": (lambda d: (d / CONFIG_NAME).write_text(json.dumps(
-        {"architectures": ["BertModel"], "model_type": "bert", "hidden_size": 768,
-         "transformers_version": "4.45.0"})), "not a learned_optim checkpoint"),
-    "format-version-too-new": (lambda d: _rewrite_config(d, lambda c: c.update(format_version=FORMAT_VERSION + 1)),
-                               "format version 2 is not supported"),
-    "format-version-not-int": (lambda d: _rewrite_config(d, lambda c: c.update(format_version="1")),
-                               "format_version must be an integer"),
+    "foreign-config": (
+        lambda d: (d / CONFIG_NAME).write_text(
+            json.dumps(
+                {
+                    "architectures": ["BertModel"],
+                    "model_type": "bert",
+                    "hidden_size": 768,
+                    "transformers_version": "4.45.0",
+                }
+            )
+        ),
+        "not a learned_optim checkpoint",
+    ),
+    "format-version-too-new": (
+        lambda d: _rewrite_config(d, lambda c: c.update(format_version=FORMAT_VERSION + 1)),
+        "format version 2 is not supported",
+    ),
+    "format-version-not-int": (
+        lambda d: _rewrite_config(d, lambda c: c.update(format_version="1")),
+        "format_version must be an integer",
+    ),
     "unknown-family": (lambda d: _rewrite_config(d, lambda c: c.update(family="velo")), "unknown net family 'velo'"),
-    "unknown-net-field": (lambda d: _rewrite_config(d, lambda c: c["net"].update(dropout=0.1)),
-                          r"invalid net configuration.*dropout"),
-    "wrongly-typed-net-field": (lambda d: _rewrite_config(d, lambda c: c["net"].update(hidden_size="20")),
-                                r"invalid net configuration.*Config.hidden_size must be int, got .20."),
+    "unknown-net-field": (
+        lambda d: _rewrite_config(d, lambda c: c["net"].update(dropout=0.1)),
+        r"invalid net configuration.*dropout",
+    ),
+    "wrongly-typed-net-field": (
+        lambda d: _rewrite_config(d, lambda c: c["net"].update(hidden_size="20")),
+        r"invalid net configuration.*Config.hidden_size must be int, got .20.",
+    ),
     "missing-weights": (lambda d: (d / WEIGHTS_NAME).unlink(), r"model\.safetensors does not exist"),
     "truncated-weights": (_truncate, "not a readable safetensors file"),
     "torch-pickle-as-safetensors": (_torch_pickle, "not a readable safetensors file"),
     "plain-pickle-as-safetensors": (_plain_pickle, "not a readable safetensors file"),
     "missing-tensor": (lambda d: _rewrite_weights(d, lambda w: w.pop(sorted(w)[0])), r"missing tensors \['"),
-    "unexpected-tensor": (lambda d: _rewrite_weights(d, lambda w: w.__setitem__("extra.weight", torch.ones(2))),
-                          r"unexpected tensors \['extra\.weight'\]"),
+    "unexpected-tensor": (
+        lambda d: _rewrite_weights(d, lambda w: w.__setitem__("extra.weight", torch.ones(2))),
+        r"unexpected tensors \['extra\.weight'\]",
+    ),
     "wrong-shape": (lambda d: _set_first(d, lambda t: torch.zeros(t.numel() + 1)), "has shape"),
-    "non-floating-tensor": (lambda d: _set_first(d, lambda t: torch.zeros(t.shape, dtype=torch.int64)),
-                            "non-floating dtype"),
+    "non-floating-tensor": (
+        lambda d: _set_first(d, lambda t: torch.zeros(t.shape, dtype=torch.int64)),
+        "non-floating dtype",
+    ),
     "non-finite-weights": (lambda d: _set_first(d, _nan), "holds NaN or inf"),
 }
 
@@ -147,6 +179,7 @@ BAD_CHECKPOINTS: dict[str, tuple[Callable[[Path], None], str]] = {
 @pytest.fixture
 def no_unpickling(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make every Python-level unpickling entry point fail the test if it is called."""
+
     def forbidden(*args, **kwargs):
         raise AssertionError("a checkpoint loader tried to unpickle data")
 

@@ -49,9 +49,16 @@ GLOBAL_BATCH = 16
 #: curriculum/imitation, in float64 (the gradient is recovered from the weight change): each of the 2 ranks
 #: unrolls its own task, the meta-gradients are averaged.
 META_LR = 0.1
-META_OVERRIDES = ["meta_epochs=1", "unroll.trajectory_length=3", "unroll.segment_length=3", "curriculum.enabled=false",
-                  "imitation.enabled=false", f"meta_optimizer={{name: sgd, lr: {META_LR}, grad_clip: null}}",
-                  "checkpoint_every=100", "dtype=float64"]
+META_OVERRIDES = [
+    "meta_epochs=1",
+    "unroll.trajectory_length=3",
+    "unroll.segment_length=3",
+    "curriculum.enabled=false",
+    "imitation.enabled=false",
+    f"meta_optimizer={{name: sgd, lr: {META_LR}, grad_clip: null}}",
+    "checkpoint_every=100",
+    "dtype=float64",
+]
 
 
 # ====================================================================================== worker side
@@ -78,7 +85,7 @@ def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _local_batch(step: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
     x, y = _batch(step)
     per = GLOBAL_BATCH // world
-    return x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
+    return x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
 
 
 def _train(model: nn.Module, opt, steps, batch_of) -> None:
@@ -126,10 +133,12 @@ def scenario_ddp(rank: int, world: int, out: Path) -> dict:
         _train(model, opt, range(STEPS), lambda t: _local_batch(t, rank, world))
         params = _flat(model.parameters())
         reference = _single_process(family)
-        result[family] = {"max_diff_vs_single_process": _max_diff(params, reference),
-                          "max_abs_param": float(reference.abs().max()),
-                          "moved": _max_diff(params, _flat(_model().parameters())),
-                          "identical_across_ranks": _same_on_all_ranks(params)}
+        result[family] = {
+            "max_diff_vs_single_process": _max_diff(params, reference),
+            "max_abs_param": float(reference.abs().max()),
+            "moved": _max_diff(params, _flat(_model().parameters())),
+            "identical_across_ranks": _same_on_all_ranks(params),
+        }
     return result
 
 
@@ -158,14 +167,18 @@ def scenario_zero(rank: int, world: int, out: Path) -> dict:
         dist.broadcast_object_list(payload, src=0)
         resumed_model = DDP(_model())
         resumed_model.module.load_state_dict(model.module.state_dict())
-        resumed = ZeroRedundancyOptimizer(resumed_model.parameters(), optimizer_class=LearnedOptimizer, rule=rule,
-                                          lr=1.0)
-        resumed.load_state_dict(copy.deepcopy(payload[0]))   # as from disk: rank 0's dict shares live tensors
+        resumed = ZeroRedundancyOptimizer(
+            resumed_model.parameters(), optimizer_class=LearnedOptimizer, rule=rule, lr=1.0
+        )
+        resumed.load_state_dict(copy.deepcopy(payload[0]))  # as from disk: rank 0's dict shares live tensors
         _train(model, zero, range(STEPS, STEPS + 2), batch_of)
         _train(resumed_model, resumed, range(STEPS, STEPS + 2), batch_of)
-        result[family] = {"identical_to_unsharded": identical, "params_owned_by_rank": owned,
-                          "resume_identical": torch.equal(_flat(model.parameters()), _flat(resumed_model.parameters())),
-                          "identical_across_ranks": _same_on_all_ranks(_flat(model.parameters()))}
+        result[family] = {
+            "identical_to_unsharded": identical,
+            "params_owned_by_rank": owned,
+            "resume_identical": torch.equal(_flat(model.parameters()), _flat(resumed_model.parameters())),
+            "identical_across_ranks": _same_on_all_ranks(_flat(model.parameters())),
+        }
     return result
 
 
@@ -190,20 +203,29 @@ def scenario_dcp(rank: int, world: int, out: Path) -> dict:
         fresh = DDP(_model(seed=7))
         fresh_opt = LearnedOptimizer(fresh.parameters(), rule)
         before = _flat(fresh.parameters()).clone()
-        model_sd2, optim_sd2 = get_state_dict(fresh, fresh_opt)   # runs the zero-lr state-creation step
-        noop = torch.equal(before, _flat(fresh.parameters())) and all(
-            float(s["step"]) == 0.0 for s in fresh_opt.state.values()) and len(fresh_opt.state) > 0
+        model_sd2, optim_sd2 = get_state_dict(fresh, fresh_opt)  # runs the zero-lr state-creation step
+        noop = (
+            torch.equal(before, _flat(fresh.parameters()))
+            and all(float(s["step"]) == 0.0 for s in fresh_opt.state.values())
+            and len(fresh_opt.state) > 0
+        )
         state = {"model": model_sd2, "optim": optim_sd2}
         dcp.load(state, checkpoint_id=str(path))
         set_state_dict(fresh, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         restored = torch.equal(_flat(fresh.parameters()), _flat(model.parameters()))
         _train(model, opt, range(STEPS, STEPS + 2), batch_of)
         _train(fresh, fresh_opt, range(STEPS, STEPS + 2), batch_of)
-        same_state = all(torch.equal(opt.state[a][k], fresh_opt.state[b][k])
-                         for a, b in zip(model.parameters(), fresh.parameters()) for k in opt.state[a])
-        result[family] = {"zero_lr_init_is_noop": noop, "restored_params": restored,
-                          "continued_identically": torch.equal(_flat(model.parameters()), _flat(fresh.parameters())),
-                          "continued_state_identical": same_state}
+        same_state = all(
+            torch.equal(opt.state[a][k], fresh_opt.state[b][k])
+            for a, b in zip(model.parameters(), fresh.parameters())
+            for k in opt.state[a]
+        )
+        result[family] = {
+            "zero_lr_init_is_noop": noop,
+            "restored_params": restored,
+            "continued_identically": torch.equal(_flat(model.parameters()), _flat(fresh.parameters())),
+            "continued_state_identical": same_state,
+        }
     return result
 
 
@@ -266,8 +288,9 @@ def scenario_fsdp2(rank: int, world: int, out: Path) -> dict:
             "local_numels": local_sizes,
             "state_is_dtensor": state_is_dtensor,
             "nan_on_one_rank_skipped": unchanged and opt.skipped_steps == 1,
-            "dcp_continued_identically": all(torch.equal(a.to_local(), b.to_local())
-                                             for a, b in zip(model.parameters(), fresh.parameters())),
+            "dcp_continued_identically": all(
+                torch.equal(a.to_local(), b.to_local()) for a, b in zip(model.parameters(), fresh.parameters())
+            ),
         }
     return result
 
@@ -281,13 +304,26 @@ def scenario_meta(rank: int, world: int, out: Path) -> dict:
 
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        code = cli(["train", "smoke", "--out", str(out / "meta-dp"), "--no-progress",
-                    *[a for o in META_OVERRIDES for a in ("--set", o)]])
+        code = cli(
+            [
+                "train",
+                "smoke",
+                "--out",
+                str(out / "meta-dp"),
+                "--no-progress",
+                *[a for o in META_OVERRIDES for a in ("--set", o)],
+            ]
+        )
     return {"exit_code": code, "stdout": stdout.getvalue()}
 
 
-SCENARIOS = {"ddp": scenario_ddp, "zero": scenario_zero, "dcp": scenario_dcp, "fsdp2": scenario_fsdp2,
-             "meta": scenario_meta}
+SCENARIOS = {
+    "ddp": scenario_ddp,
+    "zero": scenario_zero,
+    "dcp": scenario_dcp,
+    "fsdp2": scenario_fsdp2,
+    "meta": scenario_meta,
+}
 
 
 def main(out_dir: str) -> None:
@@ -312,10 +348,18 @@ def main(out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def torchrun_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("distributed")
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           __file__, str(out)], env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__, str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     for res in results:
@@ -334,7 +378,7 @@ def test_ddp_gives_the_single_process_parameters(torchrun_results, family):
     for res in _scenario(torchrun_results, "ddp"):
         r = res[family]
         assert r["identical_across_ranks"]
-        assert r["moved"] > 1e-4   # the steps did something
+        assert r["moved"] > 1e-4  # the steps did something
         assert r["max_diff_vs_single_process"] <= 1e-6 * max(1.0, r["max_abs_param"]), r
 
 
@@ -345,7 +389,7 @@ def test_zero_redundancy_optimizer(torchrun_results, family):
         r = res[family]
         assert r["identical_to_unsharded"] and r["identical_across_ranks"], r
         assert r["resume_identical"], r
-    assert all(res[family]["params_owned_by_rank"] > 0 for res in ranks)   # really partitioned
+    assert all(res[family]["params_owned_by_rank"] > 0 for res in ranks)  # really partitioned
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -365,7 +409,7 @@ def test_fsdp2_fully_shard(torchrun_results, family):
         r = res[family]
         assert r["state_is_dtensor"] and r["nan_on_one_rank_skipped"] and r["dcp_continued_identically"], r
         assert r["max_diff_vs_single_process"] <= 1e-6, r
-    assert 0 in ranks[1][family]["local_numels"]   # an empty shard was exercised
+    assert 0 in ranks[1][family]["local_numels"]  # an empty shard was exercised
 
 
 # ------------------------------------------------------------------------------ data-parallel meta-training
@@ -384,11 +428,11 @@ def test_data_parallel_meta_training_matches_one_process_with_the_same_tasks(tor
 
     ranks = _scenario(torchrun_results, "meta")
     assert all(r["exit_code"] == 0 for r in ranks), ranks
-    assert "on 2 processes" in ranks[0]["stdout"] and not ranks[1]["stdout"]   # rank 0 reports
+    assert "on 2 processes" in ranks[0]["stdout"] and not ranks[1]["stdout"]  # rank 0 reports
     out = Path(torchrun_results[0]["out_dir"]) / "meta-dp"
     assert (out / "model" / "model.safetensors").is_file()
 
-    def final_net(folder: Path) -> dict[str, torch.Tensor]:   # the net's weights in a rank's final checkpoint
+    def final_net(folder: Path) -> dict[str, torch.Tensor]:  # the net's weights in a rank's final checkpoint
         tensors = _net_weights(next(folder.glob("state-*.safetensors")))
         return {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
 
@@ -411,7 +455,7 @@ def test_data_parallel_meta_training_matches_one_process_with_the_same_tasks(tor
         grad_single = (start[k] - (after[0][k] + after[1][k]) / 2) / META_LR
         assert grad_single.abs().max() > 0 or k.endswith("bias")
         worst = max(worst, float((grad_dp - grad_single).abs().max() / (grad_single.abs().max() + 1e-12)))
-    assert worst < 1e-9, worst   # float64: only the order of the two-rank sum differs
+    assert worst < 1e-9, worst  # float64: only the order of the two-rank sum differs
     # and the two tasks really differ (the average is not just one rank's gradient)
     assert any(not torch.allclose(after[0][k], after[1][k]) for k in shipped)
 

@@ -85,15 +85,29 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # the CLIs under test call t
 def checkpoint(tmp_path):
     """TEST FIXTURE: a freshly initialised (untrained) DM-LSTM saved as a checkpoint folder."""
     torch.manual_seed(0)
-    return save_pretrained(DMLSTM(), tmp_path / "fixture-untrained", name="fixture-untrained",
-                           description="test fixture with untrained weights")
+    return save_pretrained(
+        DMLSTM(),
+        tmp_path / "fixture-untrained",
+        name="fixture-untrained",
+        description="test fixture with untrained weights",
+    )
 
 
 # ------------------------------------------------------------------------------------------ harness
 def test_tiny_run_writes_files_with_the_right_columns(tmp_path, checkpoint):
     lines = []
-    results = ev.evaluate([str(checkpoint), "adam", "sgd"], [TinyFamily()], steps=6, seeds=2, lr_grid=[0.1, 0.01],
-                          tune_steps=3, eval_every=2, progress=False, log=lines.append, command="pytest run")
+    results = ev.evaluate(
+        [str(checkpoint), "adam", "sgd"],
+        [TinyFamily()],
+        steps=6,
+        seeds=2,
+        lr_grid=[0.1, 0.01],
+        tune_steps=3,
+        eval_every=2,
+        progress=False,
+        log=lines.append,
+        command="pytest run",
+    )
     files = results.write(tmp_path / "out")
 
     assert {k for k in files if not k.startswith("plot:")} == {"json", "summary_csv", "curves_csv", "markdown"}
@@ -103,8 +117,15 @@ def test_tiny_run_writes_files_with_the_right_columns(tmp_path, checkpoint):
     with files["summary_csv"].open() as f:
         rows = list(csv.DictReader(f))
     stats = ["final_train_loss", "test_loss", "test_accuracy", "time_per_step_ms", "wall_time_s"]
-    assert list(rows[0]) == ["task", "optimizer", "lr", "lr_tuned", "seeds", "diverged",
-                             *(c for s in stats for c in (s, f"{s}_ci95"))]
+    assert list(rows[0]) == [
+        "task",
+        "optimizer",
+        "lr",
+        "lr_tuned",
+        "seeds",
+        "diverged",
+        *(c for s in stats for c in (s, f"{s}_ci95")),
+    ]
     assert [r["optimizer"] for r in rows] == ["fixture-untrained", "adam", "sgd"]
     assert [r["lr_tuned"] for r in rows] == ["False", "True", "True"]
     assert float(rows[0]["lr"]) == 1.0  # the learned optimizer's multiplier is not tuned
@@ -132,8 +153,10 @@ def test_tiny_run_writes_files_with_the_right_columns(tmp_path, checkpoint):
     assert len(lines) == 2 and lines[0].startswith("[tune] adam on tiny-family: grid {0.1: ") and "-> lr = " in lines[0]
 
     table = files["markdown"].read_text()
-    assert table.startswith("| Task | Optimizer | lr | Final train loss | Test loss | Test accuracy (%) | "
-                            "Time / step (ms) | Wall time / run (s) | Diverged |")
+    assert table.startswith(
+        "| Task | Optimizer | lr | Final train loss | Test loss | Test accuracy (%) | "
+        "Time / step (ms) | Wall time / run (s) | Diverged |"
+    )
     assert table.count("\n| tiny-family |") == 3 and "95% confidence interval" in table and "`pytest run`" in table
     assert "tuned on the validation split over [0.1, 0.01] (3 steps, 1 separate seed)" in table
     # merged results keep the first input's config: the note must come from the tuning records themselves
@@ -142,8 +165,16 @@ def test_tiny_run_writes_files_with_the_right_columns(tmp_path, checkpoint):
 
 
 def test_same_init_and_batches_per_seed_for_every_optimizer(checkpoint):
-    results = ev.evaluate([str(checkpoint), "adam"], [TinyFamily()], steps=2, seeds=[3, 4], lr_grid=[0.1],
-                          tune_steps=1, progress=False, log=lambda _: None)
+    results = ev.evaluate(
+        [str(checkpoint), "adam"],
+        [TinyFamily()],
+        steps=2,
+        seeds=[3, 4],
+        lr_grid=[0.1],
+        tune_steps=1,
+        progress=False,
+        log=lambda _: None,
+    )
     by = {(r.optimizer, r.seed): r for r in results.runs}
     for seed in (3, 4):  # same initial test loss and same first minibatch loss
         assert by["adam", seed].evals["loss"][0] == by["fixture-untrained", seed].evals["loss"][0]
@@ -167,12 +198,26 @@ def test_confidence_interval_on_known_numbers():
 
 def test_summary_reports_mean_and_t_interval_over_seeds():
     def run(seed, accuracy, diverged=None):
-        return ev.RunResult("t", "opt", seed, 0.1, "test", [1.0, 0.5], [0, 2],
-                            {"loss": [2.0, 0.3], "accuracy": [0.1, accuracy]}, 0.001, 0.01, diverged)
+        return ev.RunResult(
+            "t",
+            "opt",
+            seed,
+            0.1,
+            "test",
+            [1.0, 0.5],
+            [0, 2],
+            {"loss": [2.0, 0.3], "accuracy": [0.1, accuracy]},
+            0.001,
+            0.01,
+            diverged,
+        )
 
-    results = ev.EvaluationResults({"steps": 2, "seeds": 4, "final_window": 1},
-                                   [], [run(0, 0.9), run(1, 0.8), run(2, 1.0), run(3, 0.99, diverged=1)])
-    row, = results.summary
+    results = ev.EvaluationResults(
+        {"steps": 2, "seeds": 4, "final_window": 1},
+        [],
+        [run(0, 0.9), run(1, 0.8), run(2, 1.0), run(3, 0.99, diverged=1)],
+    )
+    (row,) = results.summary
     assert row["seeds"] == 4 and row["diverged"] == 1
     assert row["test_accuracy"] == pytest.approx(0.9)
     assert row["test_accuracy_ci95"] == pytest.approx(4.3026527297 * 0.1 / math.sqrt(3), rel=1e-9)
@@ -193,8 +238,9 @@ def test_grid_picks_the_best_validation_lr():
     assert "grid {0.01: " in result.describe() and result.describe().endswith("-> lr = 0.25")
 
     lines = []
-    results = ev.evaluate(["sgd"], [SplitQuadratic()], steps=1, seeds=2, lr_grid=[0.01, 0.25, 1.0], progress=False,
-                          log=lines.append)
+    results = ev.evaluate(
+        ["sgd"], [SplitQuadratic()], steps=1, seeds=2, lr_grid=[0.01, 0.25, 1.0], progress=False, log=lines.append
+    )
     assert [r.lr for r in results.runs] == [0.25, 0.25] and results.tuning[0].chosen_lr == 0.25
     assert results.summary[0]["test_loss"] == 0.0 and lines == [results.tuning[0].describe()]
 
@@ -216,19 +262,21 @@ def test_the_tasks_divergence_bound_counts_as_divergence():
     task.divergence_bound = 10.0
     spec = ev.resolve_optimizer("sgd")
     spec.lr_grid, spec.lr = None, 4.0  # x: 0 -> 4 -> -8 -> 28: out of bound after the third update
-    run, = ev.evaluate([spec], [task], steps=5, seeds=1, progress=False).runs
+    (run,) = ev.evaluate([spec], [task], steps=5, seeds=1, progress=False).runs
     assert run.diverged_at == 3 and run.train_loss[:3] == [0.5, 4.5, 40.5] and math.isnan(run.train_loss[3])
 
 
 def test_baseline_registry_is_pluggable():
-    info = ev.BaselineInfo("sgd-momentum-test", torch.optim.SGD, "SGD with momentum 0.9", lr_grid=(0.5,),
-                           defaults={"momentum": 0.9})
+    info = ev.BaselineInfo(
+        "sgd-momentum-test", torch.optim.SGD, "SGD with momentum 0.9", lr_grid=(0.5,), defaults={"momentum": 0.9}
+    )
     ev.register_baseline(info)
     try:
         with pytest.raises(ValueError, match="already registered"):
             ev.register_baseline(info)
-        results = ev.evaluate(["SGD-Momentum-Test"], [SplitQuadratic()], steps=1, seeds=1, progress=False,
-                              log=lambda _: None)
+        results = ev.evaluate(
+            ["SGD-Momentum-Test"], [SplitQuadratic()], steps=1, seeds=1, progress=False, log=lambda _: None
+        )
         assert results.tuning[0].grid == [0.5] and results.runs[0].lr == 0.5
     finally:
         del ev.BASELINES["sgd-momentum-test"]
@@ -237,8 +285,9 @@ def test_baseline_registry_is_pluggable():
 # ------------------------------------------------------------------------------------------ CLI
 def test_cli_bad_checkpoint_and_unknown_baseline(tmp_path, capsys):
     (tmp_path / "bad").mkdir()
-    code = ev.main(["--optimizer", str(tmp_path / "bad"), "--tasks", "x", "--out", str(tmp_path / "o"),
-                    "--no-progress"])
+    code = ev.main(
+        ["--optimizer", str(tmp_path / "bad"), "--tasks", "x", "--out", str(tmp_path / "o"), "--no-progress"]
+    )
     assert code == 2 and "config.json does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         ev.main(["--baselines", "adamw-nope", "--tasks", "x", "--out", str(tmp_path / "o")])
@@ -247,9 +296,28 @@ def test_cli_bad_checkpoint_and_unknown_baseline(tmp_path, capsys):
 
 def test_cli_on_a_real_task_family(tmp_path, checkpoint, capsys):
     out = tmp_path / "cli-out"
-    code = ev.main(["--optimizer", str(checkpoint), "--tasks", "digits-mlp20-relu", "--baselines", "adam",
-                    "--steps", "3", "--seeds", "2", "--lr-grid", "0.01,0.001", "--tune-steps", "1",
-                    "--out", str(out), "--no-progress", "--no-plots"])
+    code = ev.main(
+        [
+            "--optimizer",
+            str(checkpoint),
+            "--tasks",
+            "digits-mlp20-relu",
+            "--baselines",
+            "adam",
+            "--steps",
+            "3",
+            "--seeds",
+            "2",
+            "--lr-grid",
+            "0.01,0.001",
+            "--tune-steps",
+            "1",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--no-plots",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0 and "[tune] adam on digits-mlp20-relu: grid {0.01: " in printed
     assert "| digits-mlp20-relu | fixture-untrained | 1 |" in printed
@@ -264,9 +332,26 @@ def test_cli_records_results_into_the_checkpoint_card(tmp_path, checkpoint, caps
     card_path.write_text("# card\n\n## Evaluation\n\nNot yet.\n\n## Config\n\nkept\n")
     learned_optim.hub.record_evaluation(checkpoint, ["digits-conv"], "conv table", {"steps": 7})
     for steps in ("2", "3"):
-        code = ev.main(["--optimizer", str(checkpoint), "--tasks", "digits-mlp20-relu", "--baselines", "",
-                        "--steps", steps, "--seeds", "2", "--out", str(tmp_path / steps), "--no-progress",
-                        "--no-plots", "--record-card", str(checkpoint)])
+        code = ev.main(
+            [
+                "--optimizer",
+                str(checkpoint),
+                "--tasks",
+                "digits-mlp20-relu",
+                "--baselines",
+                "",
+                "--steps",
+                steps,
+                "--seeds",
+                "2",
+                "--out",
+                str(tmp_path / steps),
+                "--no-progress",
+                "--no-plots",
+                "--record-card",
+                str(checkpoint),
+            ]
+        )
         assert code == 0
     card = (checkpoint / "README.md").read_text()
     assert card.count("## Evaluation: digits-mlp20-relu") == 1 and "--steps 3" in card and "--steps 2" not in card

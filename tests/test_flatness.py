@@ -35,9 +35,11 @@ def test_hessian_trace_and_eigenvalue_of_a_weighted_quadratic():
     assert abs(estimate - float(H.trace())) < 4 * math.sqrt(2 * float(off) / 4000)
     eig = torch.linalg.eigvalsh(H)
     assert flatness.hessian_top_eigenvalue(params, loss, batches, iters=200, tol=1e-12) == pytest.approx(
-        float(eig.abs().max()), rel=1e-8)
+        float(eig.abs().max()), rel=1e-8
+    )
     assert flatness.hessian_trace(params, loss, batches, probes=30, vectorize=False) == pytest.approx(
-        flatness.hessian_trace(params, loss, batches, probes=30))
+        flatness.hessian_trace(params, loss, batches, probes=30)
+    )
 
 
 class Net(nn.Module):
@@ -73,9 +75,11 @@ def test_module_api_matches_exact_hessian_and_leaves_the_model_alone():
     eig = torch.linalg.eigvalsh(H)
     top = eig[eig.abs().argmax()]
     assert flatness.hessian_top_eigenvalue(model, F.cross_entropy, loader, iters=300, tol=1e-12) == pytest.approx(
-        float(top), rel=1e-6)
+        float(top), rel=1e-6
+    )
     assert flatness.gradient_norm(model, F.cross_entropy, loader) == pytest.approx(
-        float(torch.func.grad(full_loss)(vec).norm()), rel=1e-10)
+        float(torch.func.grad(full_loss)(vec).norm()), rel=1e-10
+    )
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
     with pytest.raises(ValueError, match="no batches"):
@@ -114,8 +118,14 @@ def test_report_and_task_flatness():
     loss, batches, H = quadratic_batches()
     params = {"x": torch.tensor([0.3, -1.0, 2.0], dtype=D64)}
     report = flatness.flatness_report(params, loss, batches, radii=(0.01,), probes=8, iters=5, steps=3)
-    assert set(report) == {"loss", "grad_norm", "hessian_trace", "hessian_eigenvalue", "sharpness@0.01",
-                           "max_grad_norm@0.01"}
+    assert set(report) == {
+        "loss",
+        "grad_norm",
+        "hessian_trace",
+        "hessian_eigenvalue",
+        "sharpness@0.01",
+        "max_grad_norm@0.01",
+    }
     with pytest.raises(ValueError, match="unknown flatness metric"):
         flatness.FlatnessOptions(metrics=("hessian",))
 

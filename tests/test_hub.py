@@ -93,8 +93,9 @@ def test_from_pretrained_hub_repo_offline(hub_cache, hf_offline):
     assert opt.param_groups[0]["lr"] == 0.5
 
 
-@pytest.mark.parametrize("revision, expected", [("main", "main"), ("v1", "v1"), (COMMIT_V1, "v1"),
-                                                (COMMIT_MAIN, "main")])
+@pytest.mark.parametrize(
+    "revision, expected", [("main", "main"), ("v1", "v1"), (COMMIT_V1, "v1"), (COMMIT_MAIN, "main")]
+)
 def test_revision_pinning(hub_cache, hf_offline, revision, expected):
     """A branch, a tag or a commit hash selects that revision's snapshot."""
     cache, nets = hub_cache
@@ -223,8 +224,9 @@ def test_push_to_hub_uploads_exactly_the_checkpoint(monkeypatch, make_rule, tmp_
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
     rule = make_rule("dm_lstm", seed=7)
     opt = LearnedOptimizer(_params(), rule)
-    url = opt.push_to_hub("me/my-l2o", private=True, name="my-l2o", optimizer_defaults={"lr": 0.3},
-                          commit_message="first upload")
+    url = opt.push_to_hub(
+        "me/my-l2o", private=True, name="my-l2o", optimizer_defaults={"lr": 0.3}, commit_message="first upload"
+    )
     assert url == f"https://huggingface.co/me/my-l2o/commit/{'c' * 40}"
     assert calls["create_repo"] == ("me/my-l2o", {"private": True, "exist_ok": True})
     repo_id, files, kwargs = calls["upload_folder"]

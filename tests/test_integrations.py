@@ -68,8 +68,9 @@ def timm_registry(temp_zoo, make_rule, restore_timm_registry):
 
 def _timm_model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3),
-                         nn.LayerNorm(3))
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3), nn.LayerNorm(3)
+    )
 
 
 def test_timm_registers_zoo_entries(timm_registry):
@@ -104,8 +105,9 @@ def test_timm_create_optimizer_v2_groups_and_trains(timm_registry):
     groups = {g["weight_decay"]: {id(p) for p in g["params"]} for g in opt.param_groups}
     assert set(groups) == {0.0, 0.05}
     assert groups[0.05] == {id(model[0].weight), id(model[4].weight)}
-    assert groups[0.0] == {id(p) for p in (model[0].bias, model[1].weight, model[1].bias, model[4].bias,
-                                           model[5].weight, model[5].bias)}
+    assert groups[0.0] == {
+        id(p) for p in (model[0].bias, model[1].weight, model[1].bias, model[4].bias, model[5].weight, model[5].bias)
+    }
     assert all(g["lr"] == 1.0 for g in opt.param_groups)  # the checkpoint's default
 
     before = [p.detach().clone() for p in model.parameters()]
@@ -171,7 +173,7 @@ def test_quickstart_example_runs_with_the_zoo_default(capsys):
     example = load_example("quickstart")
     losses = example.main(epochs=2)
     assert len(losses) == 40 and all(math.isfinite(loss) for loss in losses)
-    assert sum(losses[20:]) < sum(losses[:20])          # the zoo's rnnprop makes progress
+    assert sum(losses[20:]) < sum(losses[:20])  # the zoo's rnnprop makes progress
     assert "resumed optimizer at step 40 of 40" in capsys.readouterr().out
 
 

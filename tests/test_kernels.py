@@ -20,7 +20,9 @@ import learned_optim
 from learned_optim import LearnedOptimizer, kernels
 from learned_optim.nets.cells import fused_gate_weights, lstm_cell
 
-needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"native kernels unavailable: {kernels.build_error()}")
+needs_kernels = pytest.mark.skipif(
+    not kernels.available(), reason=f"native kernels unavailable: {kernels.build_error()}"
+)
 
 
 def _fused(cell: nn.LSTMCell) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,7 +42,7 @@ def _case(n: int, inputs: int, hidden: int, seed: int = 0, scale: float = 2.0):
     torch.manual_seed(seed)
     cell = nn.LSTMCell(inputs, hidden).requires_grad_(False)
     x = torch.randn(n, inputs, generator=gen) * scale
-    state = torch.randn(n, 2, hidden, generator=gen)   # h and c as strided views, like the optimizer's state
+    state = torch.randn(n, 2, hidden, generator=gen)  # h and c as strided views, like the optimizer's state
     return cell, x, state[:, 0], state[:, 1]
 
 
@@ -58,7 +60,7 @@ def test_lstm_kernel_equals_nn_lstmcell(n, inputs, hidden):
 
 @needs_kernels
 def test_lstm_kernel_saturates_like_aten_on_huge_inputs():
-    cell, x, h, c = _case(64, 1, 20)   # one input: every gate's pre-activation is w x + O(1), no cancellation
+    cell, x, h, c = _case(64, 1, 20)  # one input: every gate's pre-activation is w x + O(1), no cancellation
     x[:, 0] = torch.tensor([3e38, -3e38, 1e30, -1e30, 1e6, -1e6, 88.0, -88.0]).repeat(8)
     ran, h_new, c_new = _run_kernel(cell, x, h, c)
     assert ran
@@ -100,10 +102,10 @@ def test_lstm_kernel_rows_do_not_depend_on_blocking_or_threads(hidden):
 
 def test_lstm_kernel_declines_what_it_does_not_handle():
     cell, x, h, c = _case(8, 2, 65)
-    assert not _run_kernel(cell, x, h, c)[0]                      # hidden size above 64
+    assert not _run_kernel(cell, x, h, c)[0]  # hidden size above 64
     cell, x, h, c = _case(8, 2, 20)
-    assert not _run_kernel(cell, x.double(), h.double(), c.double())[0]   # not float32
-    assert not _run_kernel(cell, x.t().contiguous().t(), h, c)[0]        # columns not contiguous
+    assert not _run_kernel(cell, x.double(), h.double(), c.double())[0]  # not float32
+    assert not _run_kernel(cell, x.t().contiguous().t(), h, c)[0]  # columns not contiguous
     with kernels.enabled_as(False):
         assert not _run_kernel(cell, x, h, c)[0]
     # whatever the kernel declines, lstm_cell still computes the cell (ATen path)
@@ -119,7 +121,7 @@ def test_optimizer_steps_with_and_without_kernels_agree(family, make_rule):
     rule = make_rule(family)
     gen = torch.Generator().manual_seed(0)
     start = torch.randn(5000, generator=gen)
-    grads = [torch.randn(5000, generator=gen) * 10.0 ** -i for i in range(5)]
+    grads = [torch.randn(5000, generator=gen) * 10.0**-i for i in range(5)]
     results = []
     for use in (True, False):
         p = nn.Parameter(start.clone())
@@ -151,7 +153,7 @@ def test_elu_kernel_nan_and_fallbacks():
     out = kernels.elu_(z.clone())
     assert torch.isnan(out[1]) and out[3] == -1.0 and out[4] == float("inf")
     torch.testing.assert_close(out[[0, 2]], nn.functional.elu(z[[0, 2]]))
-    strided = torch.randn(10, 4).t()        # not contiguous: ATen's elu_
+    strided = torch.randn(10, 4).t()  # not contiguous: ATen's elu_
     expected = nn.functional.elu(strided)
     torch.testing.assert_close(kernels.elu_(strided), expected, rtol=0, atol=0)
 
@@ -178,7 +180,7 @@ def test_mlp_kernels_equal_the_aten_path(n):
     assert kernels.mlp_feature_mean_square(grad_, param, state["m"], state["v"], rule.decay, 1e-6) is not None
     torch.testing.assert_close(stats, stats_ref, rtol=2e-6, atol=0)
     torch.testing.assert_close(delta, delta_ref, rtol=2e-5, atol=1e-9)
-    for k in ("m", "v"):   # EMAs can cancel: compare at the operands' float32 precision
+    for k in ("m", "v"):  # EMAs can cancel: compare at the operands' float32 precision
         torch.testing.assert_close(new[k], new_ref[k], rtol=1e-6, atol=1e-6 * float(state[k].abs().max()))
 
 
@@ -197,16 +199,33 @@ def test_mlp_statistics_do_not_depend_on_threads_and_update_rows_not_on_blocking
     with torch.no_grad():
         whole = rule(grad_, param, state, step, one)[0]
         cut = 4099
-        parts = [rule(grad_[s], param[s], {k: v[s] for k, v in state.items()}, step, one)[0]
-                 for s in (slice(0, cut), slice(cut, None))]
+        parts = [
+            rule(grad_[s], param[s], {k: v[s] for k, v in state.items()}, step, one)[0]
+            for s in (slice(0, cut), slice(cut, None))
+        ]
     assert torch.equal(torch.cat(parts), whole)
 
 
 def test_mlp_kernel_declines_what_it_does_not_handle(make_rule):
     rule, grad_, param, state, step = _mlp_case(40)
-    assert kernels.mlp_update(grad_, param, state["m"].t().contiguous().t(), state["v"], rule.decay, 1e-6,
-                              torch.zeros(32, 22), torch.zeros(32), torch.zeros(2, 32), torch.zeros(2), 1e-3, 1e-3) is None
-    deep = make_rule("mlp", num_hidden_layers=2)   # two hidden layers: the ATen path, which must still work
+    assert (
+        kernels.mlp_update(
+            grad_,
+            param,
+            state["m"].t().contiguous().t(),
+            state["v"],
+            rule.decay,
+            1e-6,
+            torch.zeros(32, 22),
+            torch.zeros(32),
+            torch.zeros(2, 32),
+            torch.zeros(2),
+            1e-3,
+            1e-3,
+        )
+        is None
+    )
+    deep = make_rule("mlp", num_hidden_layers=2)  # two hidden layers: the ATen path, which must still work
     with torch.no_grad():
         stats = deep.tensor_stats(grad_, param, state, step)
         delta, _ = deep(grad_, param, state, step, stats)
@@ -232,14 +251,14 @@ def _probe(env: dict[str, str], tmp_path) -> str:
 def test_no_compiler_falls_back_to_aten_with_a_warning(tmp_path):
     out = _probe({"CXX": "/nonexistent/c++"}, tmp_path)
     assert "available False" in out and "no C++ compiler found" in out and "finite True" in out
-    assert "native kernels unavailable, using the ATen path" in out   # the warning, logged once
+    assert "native kernels unavailable, using the ATen path" in out  # the warning, logged once
     assert not list(tmp_path.rglob("*.so"))
 
 
 def test_environment_switch_disables_the_kernels(tmp_path):
     out = _probe({"LEARNED_OPTIM_KERNELS": "0"}, tmp_path)
     assert "available False" in out and "finite True" in out
-    assert not list(tmp_path.rglob("*.so"))   # not even built
+    assert not list(tmp_path.rglob("*.so"))  # not even built
 
 
 @needs_kernels

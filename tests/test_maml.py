@@ -33,9 +33,20 @@ def _tiny_setup(seed: int = 0):
 
 def _outer(rule, weights, setup, maml: MAMLConfig, steps: int = 3):
     _, st, s, qt, q = setup
-    cfg = UnrollConfig(trajectory_length=100, segment_length=steps, second_order=True)   # exact optimizee terms
-    return maml_segment(rule, weights, st, s, qt, q, steps, support_generator=torch.Generator().manual_seed(3),
-                        query_generator=torch.Generator().manual_seed(4), unroll_config=cfg, maml=maml)
+    cfg = UnrollConfig(trajectory_length=100, segment_length=steps, second_order=True)  # exact optimizee terms
+    return maml_segment(
+        rule,
+        weights,
+        st,
+        s,
+        qt,
+        q,
+        steps,
+        support_generator=torch.Generator().manual_seed(3),
+        query_generator=torch.Generator().manual_seed(4),
+        unroll_config=cfg,
+        maml=maml,
+    )
 
 
 def _direction(weights):
@@ -47,8 +58,9 @@ def _direction(weights):
 def test_second_order_meta_gradient_matches_finite_differences(inner_update, inner_steps):
     setup = _tiny_setup()
     rule = setup[0]
-    maml = MAMLConfig(enabled=True, inner_lr=0.05, inner_steps=inner_steps, first_order=False,
-                      inner_update=inner_update)
+    maml = MAMLConfig(
+        enabled=True, inner_lr=0.05, inner_steps=inner_steps, first_order=False, inner_update=inner_update
+    )
     weights = {k: v.detach().clone().requires_grad_(True) for k, v in rule.named_parameters()}
     result = _outer(rule, weights, setup, maml)
     grads = torch.autograd.grad(result.loss, list(weights.values()))
@@ -83,35 +95,44 @@ def test_first_order_meta_gradient_is_the_query_gradient_at_the_adapted_weights(
 
     v = _direction(weights)
     eps = 1e-6
-    numeric = float(query_loss({k: fast[k] + eps * v[k] for k in fast}).detach()
-                    - query_loss({k: fast[k] - eps * v[k] for k in fast}).detach()) / (2 * eps)
+    numeric = float(
+        query_loss({k: fast[k] + eps * v[k] for k in fast}).detach()
+        - query_loss({k: fast[k] - eps * v[k] for k in fast}).detach()
+    ) / (2 * eps)
     analytic = sum(float((g * v[k]).sum()) for g, k in zip(fo, weights))
     assert analytic == pytest.approx(numeric, rel=1e-5, abs=1e-9)
     # and it is not the exact (second-order) meta-gradient
     so_weights = {k: v.detach().clone().requires_grad_(True) for k, v in rule.named_parameters()}
-    so = torch.autograd.grad(_outer(rule, so_weights, setup, MAMLConfig(enabled=True, inner_lr=0.05,
-                                                                         first_order=False)).loss,
-                             list(so_weights.values()))
+    so = torch.autograd.grad(
+        _outer(rule, so_weights, setup, MAMLConfig(enabled=True, inner_lr=0.05, first_order=False)).loss,
+        list(so_weights.values()),
+    )
     assert not all(torch.allclose(a, b, rtol=1e-6, atol=1e-12) for a, b in zip(fo, so))
 
 
 def test_sample_task_kwargs():
     gen = torch.Generator().manual_seed(0)
-    draws = [sample_task_kwargs({"sigma": [0.1, 1.0], "b": {"loguniform": [1.0, 100.0]}, "c": 3}, gen)
-             for _ in range(200)]
+    draws = [
+        sample_task_kwargs({"sigma": [0.1, 1.0], "b": {"loguniform": [1.0, 100.0]}, "c": 3}, gen) for _ in range(200)
+    ]
     assert {d["sigma"] for d in draws} == {0.1, 1.0}
     assert all(1.0 <= d["b"] <= 100.0 and d["c"] == 3 for d in draws)
-    assert sum(d["b"] < 10.0 for d in draws) == pytest.approx(100, abs=30)      # log-uniform: half below 10
+    assert sum(d["b"] < 10.0 for d in draws) == pytest.approx(100, abs=30)  # log-uniform: half below 10
     with pytest.raises(ValueError):
         sample_task_kwargs({"sigma": {"loguniform": [0.0, 1.0]}}, gen)
 
 
 def _config(query: str = "new_instance", **maml) -> dict:
-    return {"name": "maml-test", "seed": 0, "net": {"family": "rnnprop", "config": {"hidden_size": 4}},
-            "task": {"family": "lasso", "kwargs": {"dim": 3, "num_instances": 4}},
-            "unroll": {"trajectory_length": 6 if query != "next_segment" else 12, "segment_length": 3},
-            "maml": {"enabled": True, "task_kwargs": {"sigma": [0.1, 1.0]}, "query": query, **maml},
-            "meta_epochs": 3, "checkpoint_every": 2}
+    return {
+        "name": "maml-test",
+        "seed": 0,
+        "net": {"family": "rnnprop", "config": {"hidden_size": 4}},
+        "task": {"family": "lasso", "kwargs": {"dim": 3, "num_instances": 4}},
+        "unroll": {"trajectory_length": 6 if query != "next_segment" else 12, "segment_length": 3},
+        "maml": {"enabled": True, "task_kwargs": {"sigma": [0.1, 1.0]}, "query": query, **maml},
+        "meta_epochs": 3,
+        "checkpoint_every": 2,
+    }
 
 
 @pytest.mark.parametrize("query", ["new_instance", "same_instance", "next_segment"])
@@ -145,8 +166,12 @@ def test_maml_config_validation():
     with pytest.raises(ValueError, match="inner_update"):
         MetaTrainConfig.from_dict({"maml": {"enabled": True, "inner_update": "rmsprop"}})
     with pytest.raises(ValueError, match="next_segment"):
-        MetaTrainConfig.from_dict({"maml": {"enabled": True, "query": "next_segment"},
-                                   "unroll": {"trajectory_length": 30, "segment_length": 20}})
+        MetaTrainConfig.from_dict(
+            {
+                "maml": {"enabled": True, "query": "next_segment"},
+                "unroll": {"trajectory_length": 30, "segment_length": 20},
+            }
+        )
 
 
 def test_adapt_on_task_returns_an_adapted_copy():
@@ -160,4 +185,3 @@ def test_adapt_on_task_returns_an_adapted_copy():
     assert any(not torch.equal(v, adapted.state_dict()[k]) for k, v in original.items())
     curve = evaluate_rule(adapted, family.sample(torch.Generator().manual_seed(9)), steps=10)
     assert curve.shape == (11,) and bool(torch.isfinite(curve).all())
-

@@ -49,9 +49,13 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     overrides = ["--set", "meta_epochs=60", "--set", "curriculum.enabled=false", "--set", "checkpoint_every=7"]
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "learned_optim.meta", "train", "smoke", "--out", str(out),
-                             "--no-progress", *overrides], env=env, cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "learned_optim.meta", "train", "smoke", "--out", str(out), "--no-progress", *overrides],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 60
     while not list((out / "checkpoint").glob("state-*.json")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -63,11 +67,14 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
 
     reference = tmp_path / "reference"
     assert main(["train", "smoke", "--out", str(reference), "--no-progress", *overrides]) == 0
-    a, b = load_file(str(out / "model" / "model.safetensors")), load_file(str(reference / "model" / "model.safetensors"))
+    a, b = (
+        load_file(str(out / "model" / "model.safetensors")),
+        load_file(str(reference / "model" / "model.safetensors")),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     meta_steps = [r["meta_step"] for r in steps if r["event"] == "meta_step"]
-    assert meta_steps == list(range(1, 121))          # the log was rewound to the checkpoint: no duplicates
+    assert meta_steps == list(range(1, 121))  # the log was rewound to the checkpoint: no duplicates
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
@@ -84,5 +91,7 @@ def test_bundled_configs_are_valid(path):
     else:
         rule = learned_optim.build_rule(config.net.family, config.net.config)
     name, lr = config.meta_optimizer.resolved(rule.family)
-    default_name, default_lr = {"dm_lstm": ("adam", 1e-3), "rnnprop": ("adam", 1e-3), "mlp": ("rmsprop", 1e-2)}[rule.family]
+    default_name, default_lr = {"dm_lstm": ("adam", 1e-3), "rnnprop": ("adam", 1e-3), "mlp": ("rmsprop", 1e-2)}[
+        rule.family
+    ]
     assert name == default_name and lr == (default_lr if config.meta_optimizer.lr is None else config.meta_optimizer.lr)

@@ -24,7 +24,7 @@ def test_lengths_train_at_the_stage_and_evaluate_at_the_next():
     cur = Curriculum(CurriculumConfig(enabled=True, stages=[100, 200, 500]))
     assert (cur.train_length, cur.eval_length) == (100, 200)
     cur.stage = 2
-    assert (cur.train_length, cur.eval_length) == (500, 500)   # the last stage evaluates at its own length
+    assert (cur.train_length, cur.eval_length) == (500, 500)  # the last stage evaluates at its own length
 
 
 def test_evaluation_schedule_counts_meta_epochs():
@@ -33,12 +33,31 @@ def test_evaluation_schedule_counts_meta_epochs():
 
 
 def test_advance_after_min_evals_with_an_improvement_then_stop_without_one():
-    cur, trace = run([5.0, 6.0, 7.0,      # stage 0: first eval improves (vs inf) -> advance after 3 evals
-                      4.0, 4.5, 3.9,      # stage 1: improvements -> advance
-                      4.0, 4.1, 3.95])    # stage 2: nothing beats 3.9 -> stop (not completed)
+    cur, trace = run(
+        [
+            5.0,
+            6.0,
+            7.0,  # stage 0: first eval improves (vs inf) -> advance after 3 evals
+            4.0,
+            4.5,
+            3.9,  # stage 1: improvements -> advance
+            4.0,
+            4.1,
+            3.95,
+        ]
+    )  # stage 2: nothing beats 3.9 -> stop (not completed)
     actions = [t[2] for t in trace]
-    assert actions == ["continue", "continue", "advance", "continue", "continue", "advance",
-                       "continue", "continue", "finish"]
+    assert actions == [
+        "continue",
+        "continue",
+        "advance",
+        "continue",
+        "continue",
+        "advance",
+        "continue",
+        "continue",
+        "finish",
+    ]
     assert [t[1] for t in trace] == [True, False, False, True, False, True, False, False, False]
     assert [t[0][0] for t in trace] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert cur.finished and cur.reason == "no_improvement" and cur.best_score == 3.9 and cur.stage == 2

@@ -59,7 +59,9 @@ def test_imitation_unroll_follows_adam_and_trains_the_net_towards_it():
     task = Bowl()
     start = start_trajectory(rule, task, torch.Generator().manual_seed(0))
     cfg = ImitationConfig(enabled=True, teacher_lr=0.01)
-    result = imitation_unroll(rule, dict(rule.named_parameters()), task, start, 5, generator=torch.Generator(), config=cfg)
+    result = imitation_unroll(
+        rule, dict(rule.named_parameters()), task, start, 5, generator=torch.Generator(), config=cfg
+    )
     # the optimizee moved exactly as Adam would
     p = torch.nn.Parameter(start.params["x"].clone())
     q = torch.nn.Parameter(start.params["y"].clone())
@@ -76,8 +78,9 @@ def test_imitation_unroll_follows_adam_and_trains_the_net_towards_it():
     first = float(result.loss.detach())
     for _ in range(30):
         opt.zero_grad()
-        loss = imitation_unroll(rule, dict(rule.named_parameters()), task, start, 5, generator=torch.Generator(),
-                                config=cfg).loss
+        loss = imitation_unroll(
+            rule, dict(rule.named_parameters()), task, start, 5, generator=torch.Generator(), config=cfg
+        ).loss
         loss.backward()
         opt.step()
     assert float(loss.detach()) < 0.5 * first

@@ -31,9 +31,9 @@ def test_log_last_objective_divides_by_the_global_step():
 
 
 def test_log_objective_is_stable_where_the_naive_ratio_overflows():
-    losses = torch.tensor([1e30, 3e35], requires_grad=True)   # float32
+    losses = torch.tensor([1e30, 3e35], requires_grad=True)  # float32
     f0 = 1e-10
-    naive = torch.log(losses / f0).mean()                     # 1e40 and 3e45 overflow float32
+    naive = torch.log(losses / f0).mean()  # 1e40 and 3e45 overflow float32
     assert not torch.isfinite(naive)
     value = meta_objective("log", losses, initial_loss=f0)
     expected = 0.5 * (math.log(1e30 / 1e-10) + math.log(3e35 / 1e-10))

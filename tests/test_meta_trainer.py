@@ -23,8 +23,7 @@ class TinyQuadTask(Task):
         self.W, self.y = W, y
 
     def init_params(self, generator):
-        return {"x": 0.1 * torch.randn(self.W.shape[1], generator=generator),
-                "b": torch.zeros(1)}
+        return {"x": 0.1 * torch.randn(self.W.shape[1], generator=generator), "b": torch.zeros(1)}
 
     def batch(self, split, generator):
         noise = 0.05 * torch.randn(self.y.shape, generator=generator)
@@ -47,11 +46,13 @@ class TinyQuadFamily(TaskFamily):
 
 def tiny_config(**changes) -> MetaTrainConfig:
     data = {
-        "name": "tiny", "seed": 3,
+        "name": "tiny",
+        "seed": 3,
         "net": {"family": "dm_lstm", "config": {"hidden_size": 4, "num_layers": 1}},
         "task": {"family": f"{__name__}:TinyQuadFamily", "kwargs": {"dim": 4}},
         "unroll": {"trajectory_length": 6, "segment_length": 3},
-        "meta_epochs": 4, "checkpoint_every": 3,
+        "meta_epochs": 4,
+        "checkpoint_every": 3,
     }
     for key, value in changes.items():
         node = data
@@ -90,7 +91,9 @@ def test_training_writes_a_loadable_zoo_folder_log_and_checkpoint(tmp_path):
     assert [r["meta_step"] for r in records] == list(range(1, 9))
     assert {"meta_loss", "grad_norm", "objective", "loss_last", "trajectory_step"} <= set(records[0])
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoint").iterdir()) == [
-        "state-000000008.json", "state-000000008.safetensors"]
+        "state-000000008.json",
+        "state-000000008.safetensors",
+    ]
     # a finished run is never silently overwritten
     with pytest.raises(FileExistsError, match="resume"):
         MetaTrainer(tiny_config(), out_dir=tmp_path / "run", progress=False).train()
@@ -115,19 +118,26 @@ def test_same_seed_same_run_other_seed_other_run(tmp_path):
 def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path, stop_after):
     # curriculum + imitation on, so their states, the best-net snapshot and both meta-optimizers
     # go through the checkpoint too
-    changes = dict(curriculum__enabled=True, curriculum__stages=[3, 6], curriculum__eval_every=1,
-                   curriculum__eval_runs=2, curriculum__min_evals=3, imitation__enabled=True,
-                   imitation__probabilities=[0.5], meta_epochs=6)
+    changes = dict(
+        curriculum__enabled=True,
+        curriculum__stages=[3, 6],
+        curriculum__eval_every=1,
+        curriculum__eval_runs=2,
+        curriculum__min_evals=3,
+        imitation__enabled=True,
+        imitation__probabilities=[0.5],
+        meta_epochs=6,
+    )
     full = MetaTrainer(tiny_config(**changes), out_dir=tmp_path / "full", progress=False)
     full_folder = full.train()
     assert full.meta_steps > 8
 
     first = MetaTrainer(tiny_config(**changes), out_dir=tmp_path / "cut", progress=False)
-    assert first.train(stop_after=stop_after) is None          # "killed" after stop_after meta-steps
+    assert first.train(stop_after=stop_after) is None  # "killed" after stop_after meta-steps
     assert first.meta_steps == stop_after
     second = MetaTrainer(tiny_config(**changes), out_dir=tmp_path / "cut", progress=False)
     assert second.load_checkpoint()
-    assert second.meta_steps == stop_after // 3 * 3               # lost at most one checkpoint interval
+    assert second.meta_steps == stop_after // 3 * 3  # lost at most one checkpoint interval
     third = MetaTrainer(tiny_config(**changes), out_dir=tmp_path / "cut", progress=False, command="resumed")
     cut_folder = third.train(resume=True)
 
@@ -149,8 +159,14 @@ def test_resume_refuses_a_changed_config(tmp_path):
 
 
 def test_curriculum_run_finishes_cleanly_with_the_best_net(tmp_path):
-    config = tiny_config(curriculum__enabled=True, curriculum__stages=[3, 6], curriculum__eval_every=1,
-                         curriculum__eval_runs=1, curriculum__min_evals=1, meta_epochs=50)
+    config = tiny_config(
+        curriculum__enabled=True,
+        curriculum__stages=[3, 6],
+        curriculum__eval_every=1,
+        curriculum__eval_runs=1,
+        curriculum__min_evals=1,
+        meta_epochs=50,
+    )
     trainer = MetaTrainer(config, out_dir=tmp_path, progress=False)
     trainer.train()
     assert trainer.finish_reason in ("curriculum_completed", "curriculum_no_improvement")
@@ -158,12 +174,11 @@ def test_curriculum_run_finishes_cleanly_with_the_best_net(tmp_path):
     evals = [r for r in meta_records(tmp_path) if r["event"] == "eval"]
     assert evals[0]["eval_length"] == 6 and evals[-1]["action"] == "finish"
     best = trainer.curriculum.best_score
-    assert trainer.evaluate(evals[-1]["eval_length"], 1) == pytest.approx(best)   # the best net is shipped
+    assert trainer.evaluate(evals[-1]["eval_length"], 1) == pytest.approx(best)  # the best net is shipped
 
 
 def test_init_from_fine_tunes_a_folder_keeping_its_architecture(tmp_path):
-    parent = MetaTrainer(tiny_config(name="parent", meta_epochs=1), out_dir=tmp_path / "parent",
-                         progress=False).train()
+    parent = MetaTrainer(tiny_config(name="parent", meta_epochs=1), out_dir=tmp_path / "parent", progress=False).train()
     child_config = tiny_config(name="child", meta_epochs=1, init_from=str(parent), net__family=None, net__config={})
     child = MetaTrainer(child_config, out_dir=tmp_path / "child", progress=False)
     parent_weights = weights_of(parent)
@@ -181,11 +196,15 @@ def test_init_from_fine_tunes_a_folder_keeping_its_architecture(tmp_path):
 def test_meta_optimizer_defaults_follow_the_net_family(tmp_path):
     lstm = MetaTrainer(tiny_config(), out_dir=tmp_path / "a", progress=False)
     assert isinstance(lstm.meta_optimizer, torch.optim.Adam) and lstm.meta_lr == 1e-3
-    mlp = MetaTrainer(tiny_config(net__family="mlp", net__config={"hidden_size": 4}), out_dir=tmp_path / "b",
-                      progress=False)
+    mlp = MetaTrainer(
+        tiny_config(net__family="mlp", net__config={"hidden_size": 4}), out_dir=tmp_path / "b", progress=False
+    )
     assert isinstance(mlp.meta_optimizer, torch.optim.RMSprop) and mlp.meta_lr == 1e-2
-    clipped = MetaTrainer(tiny_config(meta_optimizer__grad_clip=1e-9, meta_optimizer__name="sgd",
-                                      meta_optimizer__lr=0.1), out_dir=tmp_path / "c", progress=False)
+    clipped = MetaTrainer(
+        tiny_config(meta_optimizer__grad_clip=1e-9, meta_optimizer__name="sgd", meta_optimizer__lr=0.1),
+        out_dir=tmp_path / "c",
+        progress=False,
+    )
     before = {k: v.clone() for k, v in clipped.rule.state_dict().items()}
     metrics = clipped.step()
     change = max(float((v - before[k]).abs().max()) for k, v in clipped.rule.state_dict().items())
@@ -193,8 +212,9 @@ def test_meta_optimizer_defaults_follow_the_net_family(tmp_path):
 
 
 def test_train_by_validation_and_log_objective_config(tmp_path):
-    trainer = MetaTrainer(tiny_config(objective__kind="log", objective__split="val", meta_epochs=1),
-                          out_dir=tmp_path, progress=False)
+    trainer = MetaTrainer(
+        tiny_config(objective__kind="log", objective__split="val", meta_epochs=1), out_dir=tmp_path, progress=False
+    )
     metrics = trainer.step()
     assert metrics["objective"] < 1.0 and metrics["meta_split_loss_last"] > 0
 

@@ -29,8 +29,10 @@ class QuarticTask(Task):
     def init_params(self, generator):
         d = self.data["train"][0].shape[1]
         W = self.data["train"][0]
-        return {"x": self.scale * torch.randn(d, generator=generator, dtype=W.dtype),
-                "b": self.scale * torch.randn(2, 1, generator=generator, dtype=W.dtype)}
+        return {
+            "x": self.scale * torch.randn(d, generator=generator, dtype=W.dtype),
+            "b": self.scale * torch.randn(2, 1, generator=generator, dtype=W.dtype),
+        }
 
     def batch(self, split, generator):
         W, y = self.data[split]
@@ -50,6 +52,7 @@ class QuarticFamily(TaskFamily):
     def sample(self, generator):
         def draw(*shape):
             return torch.randn(*shape, generator=generator, dtype=self.dtype)
+
         return QuarticTask(draw(6, self.dim), draw(6), draw(6, self.dim), draw(6))
 
 
@@ -83,8 +86,10 @@ def test_two_step_meta_gradient_matches_central_differences_float64(family):
         with torch.no_grad():
             plus = {k: v + eps * direction[k] for k, v in weights.items()}
             minus = {k: v - eps * direction[k] for k, v in weights.items()}
-        numeric = (segment_loss(rule, plus, task, trajectory, second_order=True)[0]
-                   - segment_loss(rule, minus, task, trajectory, second_order=True)[0]) / (2 * eps)
+        numeric = (
+            segment_loss(rule, plus, task, trajectory, second_order=True)[0]
+            - segment_loss(rule, minus, task, trajectory, second_order=True)[0]
+        ) / (2 * eps)
         assert abs(float(analytic)) > 1e-6
         assert float(analytic) == pytest.approx(float(numeric.detach()), rel=1e-6, abs=1e-9)
 
@@ -92,8 +97,9 @@ def test_two_step_meta_gradient_matches_central_differences_float64(family):
 def test_first_order_meta_gradient_drops_second_order_terms():
     rule, task, trajectory = make("rnnprop", output_scale=0.3)
     weights = dict(rule.named_parameters())
-    exact = torch.autograd.grad(segment_loss(rule, weights, task, trajectory, steps=3, second_order=True)[0],
-                                list(weights.values()))
+    exact = torch.autograd.grad(
+        segment_loss(rule, weights, task, trajectory, steps=3, second_order=True)[0], list(weights.values())
+    )
     first = torch.autograd.grad(segment_loss(rule, weights, task, trajectory, steps=3)[0], list(weights.values()))
     assert all(torch.isfinite(g).all() for g in first)
     assert not all(torch.allclose(a, b) for a, b in zip(exact, first))
@@ -103,10 +109,13 @@ def test_first_order_meta_gradient_drops_second_order_terms():
 def test_step_checkpointing_gives_the_same_meta_gradient(second_order):
     rule, task, trajectory = make("dm_lstm", output_scale=0.3)
     weights = dict(rule.named_parameters())
-    plain = torch.autograd.grad(segment_loss(rule, weights, task, trajectory, steps=4, second_order=second_order)[0],
-                                list(weights.values()))
-    ckpt = torch.autograd.grad(segment_loss(rule, weights, task, trajectory, steps=4, second_order=second_order,
-                                            checkpoint_steps=True)[0], list(weights.values()))
+    plain = torch.autograd.grad(
+        segment_loss(rule, weights, task, trajectory, steps=4, second_order=second_order)[0], list(weights.values())
+    )
+    ckpt = torch.autograd.grad(
+        segment_loss(rule, weights, task, trajectory, steps=4, second_order=second_order, checkpoint_steps=True)[0],
+        list(weights.values()),
+    )
     for a, b in zip(plain, ckpt):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
@@ -146,13 +155,22 @@ def test_segments_detach_state_and_continue_the_step_count():
 
 def test_train_by_validation_losses_use_the_val_batch():
     rule, task, trajectory = make("dm_lstm", output_scale=0.3)
-    result = unroll(rule, dict(rule.named_parameters()), task, trajectory, 3,
-                    generator=torch.Generator().manual_seed(0), meta_split="val", keep_points=True)
+    result = unroll(
+        rule,
+        dict(rule.named_parameters()),
+        task,
+        trajectory,
+        3,
+        generator=torch.Generator().manual_seed(0),
+        meta_split="val",
+        keep_points=True,
+    )
     val = task.batch("val", None)
     for point, value in zip(result.points, result.losses):
         torch.testing.assert_close(value.detach(), task.loss(point, val).detach())
-    torch.testing.assert_close(torch.tensor(result.end.initial_loss, dtype=torch.float64),
-                               task.loss(trajectory.params, val))
+    torch.testing.assert_close(
+        torch.tensor(result.end.initial_loss, dtype=torch.float64), task.loss(trajectory.params, val)
+    )
 
 
 def test_hook_terms_are_added_at_every_point():
@@ -163,8 +181,16 @@ def test_hook_terms_are_added_at_every_point():
         calls.append(step)
         return 0.5 * params["x"].square().sum()
 
-    result = unroll(rule, dict(rule.named_parameters()), task, trajectory, 3,
-                    generator=torch.Generator().manual_seed(0), hook=hook, keep_points=True)
+    result = unroll(
+        rule,
+        dict(rule.named_parameters()),
+        task,
+        trajectory,
+        3,
+        generator=torch.Generator().manual_seed(0),
+        hook=hook,
+        keep_points=True,
+    )
     assert calls == [1, 2, 3]
     expected = sum(0.5 * p["x"].square().sum() for p in result.points)
     torch.testing.assert_close(result.extra, expected)
@@ -177,7 +203,7 @@ def test_divergence_guard_freezes_the_run_without_nan():
     loss, result = segment_loss(rule, weights, task, trajectory, steps=6, max_param_norm=20.0)
     assert result.end.diverged and result.diverged_at is not None
     assert torch.isfinite(result.losses).all() and math.isfinite(float(loss.detach()))
-    frozen = result.losses[result.diverged_at - 1:]
+    frozen = result.losses[result.diverged_at - 1 :]
     penalty = result.end.penalty
     assert penalty >= 10.0 * result.end.initial_loss
     assert torch.equal(frozen, torch.full_like(frozen, penalty))

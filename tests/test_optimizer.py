@@ -35,11 +35,11 @@ FAMILY_NAMES = sorted(learned_optim.FAMILIES)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-
 @pytest.fixture(autouse=True)
 def _aten_cells():
     with kernels.enabled_as(False):
         yield
+
 
 # ------------------------------------------------------------------------------------------ helpers
 
@@ -82,9 +82,12 @@ def predict_step(opt: LearnedOptimizer) -> dict[Tensor, tuple[Tensor, dict[str, 
             if p.grad is None:
                 continue
             old = opt.state.get(p) or {}
-            state = ({k: v.clone() for k, v in old.items() if k != "step"} if old
-                     else rule.init_state(p.numel(), device=p.device))
-            step = (old["step"].clone() if old else torch.zeros((), dtype=torch.float32))
+            state = (
+                {k: v.clone() for k, v in old.items() if k != "step"}
+                if old
+                else rule.init_state(p.numel(), device=p.device)
+            )
+            step = old["step"].clone() if old else torch.zeros((), dtype=torch.float32)
             if lr == 0.0:
                 expected[p] = (p.detach().clone(), {"step": step, **state})
                 continue
@@ -113,8 +116,9 @@ def assert_step_matches(opt: LearnedOptimizer, expected: dict[Tensor, tuple[Tens
 def snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[list[Tensor], dict]:
     """Deep copies of the parameters and of the optimizer state, for bit-identity checks."""
     params = [p.detach().clone() for p in model.parameters()]
-    state = {i: {k: v.clone() for k, v in opt.state[p].items()}
-             for i, p in enumerate(model.parameters()) if p in opt.state}
+    state = {
+        i: {k: v.clone() for k, v in opt.state[p].items()} for i, p in enumerate(model.parameters()) if p in opt.state
+    }
     return params, state
 
 
@@ -158,8 +162,11 @@ def test_step_is_lr_times_rule_delta_per_group(family, make_rule):
     """Per-group lr and decoupled weight decay: theta - lr*wd*theta + lr*delta, for several steps."""
     model = make_model()
     first, rest = list(model[0].parameters()), [p for m in list(model)[1:] for p in m.parameters()]
-    opt = LearnedOptimizer([{"params": first, "lr": 0.5, "weight_decay": 0.1},
-                            {"params": rest, "lr": 2.0}], make_rule(family), weight_decay=0.0)
+    opt = LearnedOptimizer(
+        [{"params": first, "lr": 0.5, "weight_decay": 0.1}, {"params": rest, "lr": 2.0}],
+        make_rule(family),
+        weight_decay=0.0,
+    )
     assert opt.param_groups[1]["weight_decay"] == 0.0
     for seed in range(3):
         backward(model, opt, seed)
@@ -226,8 +233,9 @@ def test_tensor_lr(family, make_rule):
 SCHEDULERS: dict[str, Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]] = {
     "StepLR": lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5),
     "LambdaLR": lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 / (1.0 + epoch)),
-    "OneCycleLR": lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2.0, total_steps=10,
-                                                                  cycle_momentum=False),
+    "OneCycleLR": lambda opt: torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=2.0, total_steps=10, cycle_momentum=False
+    ),
 }
 
 
@@ -301,6 +309,7 @@ def test_step_closure_returns_loss(family, make_rule):
 @pytest.mark.parametrize("named", [False, True], ids=["unnamed", "named"])
 def test_state_dict_round_trip_resumes_bit_identically(family, make_rule, named):
     """Save after 2 steps (torch.save + weights_only load), resume in a new optimizer: identical steps."""
+
     def build(model):
         params = model.named_parameters() if named else model.parameters()
         return LearnedOptimizer(params, make_rule(family), lr=torch.tensor(0.7), weight_decay=0.01)
@@ -485,8 +494,17 @@ def _param(shape: tuple[int, ...], noncontiguous: bool) -> nn.Parameter:
     return nn.Parameter(torch.randn(shape, generator=gen))
 
 
-CHUNK_SHAPES = [((5,), False), ((7,), False), ((23,), False), ((13, 9), False), ((3, 4, 5), False),
-                ((13, 9), True), ((8, 3), True), ((301,), False), ((20, 17), True)]
+CHUNK_SHAPES = [
+    ((5,), False),
+    ((7,), False),
+    ((23,), False),
+    ((13, 9), False),
+    ((3, 4, 5), False),
+    ((13, 9), True),
+    ((8, 3), True),
+    ((301,), False),
+    ((20, 17), True),
+]
 
 
 def test_chunked_equals_unchunked(family, make_rule):
@@ -504,8 +522,12 @@ def test_chunked_equals_unchunked(family, make_rule):
             for p in params:
                 p.grad = torch.randn(p.shape, generator=gen)
             opt.step()
-        results.append(([p.detach().clone() for p in params],
-                        {i: {k: v.clone() for k, v in opt.state[p].items()} for i, p in enumerate(params)}))
+        results.append(
+            (
+                [p.detach().clone() for p in params],
+                {i: {k: v.clone() for k, v in opt.state[p].items()} for i, p in enumerate(params)},
+            )
+        )
         assert all(not p.is_contiguous() for p, (_, nc) in zip(params, CHUNK_SHAPES) if nc)
     assert_identical(results[0], results[2])
     assert_identical(results[1], results[2])
@@ -556,8 +578,13 @@ def test_invalid_arguments_raise(family, make_rule):
     """Invalid constructor arguments fail at construction, not at the first step."""
     params = list(make_model().parameters())
     rule = make_rule(family)
-    for kwargs in ({"lr": -1.0}, {"weight_decay": -0.1}, {"chunk_size": 0}, {"nonfinite": "ignore"},
-                   {"state_dtype": torch.int32}):
+    for kwargs in (
+        {"lr": -1.0},
+        {"weight_decay": -0.1},
+        {"chunk_size": 0},
+        {"nonfinite": "ignore"},
+        {"state_dtype": torch.int32},
+    ):
         with pytest.raises(ValueError):
             LearnedOptimizer(params, rule, **kwargs)
     with pytest.raises(TypeError, match="UpdateRule"):
@@ -646,8 +673,10 @@ def test_float64_gradcheck_of_one_functional_step(family, make_rule):
     n = 5
     grad = torch.randn(n, generator=gen, dtype=torch.float64)
     param = torch.randn(n, generator=gen, dtype=torch.float64)
-    state = {k: 0.1 * torch.randn((n, *shape), generator=gen, dtype=torch.float64)
-             for k, shape in rule.state_shapes().items()}
+    state = {
+        k: 0.1 * torch.randn((n, *shape), generator=gen, dtype=torch.float64)
+        for k, shape in rule.state_shapes().items()
+    }
     if "v" in state:  # second moments are non-negative
         state["v"] = state["v"].abs()
     step = torch.tensor(3.0, dtype=torch.float64)
@@ -672,7 +701,7 @@ def test_cuda_step_matches_cpu(family, make_rule):
     model = make_model()
     cuda_model = make_model().cuda()
     opt = LearnedOptimizer(model.parameters(), make_rule(family))
-    cuda_opt = LearnedOptimizer(cuda_model.parameters(), make_rule(family))   # moves the net to the params' device
+    cuda_opt = LearnedOptimizer(cuda_model.parameters(), make_rule(family))  # moves the net to the params' device
     assert all(w.is_cuda for w in cuda_opt.rule.parameters())
     for seed in range(2):
         backward(model, opt, seed)
@@ -687,7 +716,16 @@ def test_cuda_step_matches_cpu(family, make_rule):
 
 def test_public_api_exports():
     """The names the README documents are importable from the top level."""
-    for name in ("LearnedOptimizer", "NonFiniteGradientError", "CheckpointError", "from_pretrained",
-                 "list_pretrained", "save_pretrained", "load_rule", "FAMILIES", "functional_update"):
+    for name in (
+        "LearnedOptimizer",
+        "NonFiniteGradientError",
+        "CheckpointError",
+        "from_pretrained",
+        "list_pretrained",
+        "save_pretrained",
+        "load_rule",
+        "FAMILIES",
+        "functional_update",
+    ):
         assert hasattr(learned_optim, name), name
     assert set(FAMILY_NAMES) >= {"dm_lstm", "rnnprop", "mlp"}

@@ -155,8 +155,9 @@ def test_compiled_step_matches_eager_and_is_chunk_invariant(make_rule):
     def run(compile_, chunk_size):
         gen = torch.Generator().manual_seed(0)
         params = [nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
-        opt = LearnedOptimizer(params, make_rule("rnnprop", hidden_size=6), compile=compile_, chunk_size=chunk_size,
-                               weight_decay=0.01)
+        opt = LearnedOptimizer(
+            params, make_rule("rnnprop", hidden_size=6), compile=compile_, chunk_size=chunk_size, weight_decay=0.01
+        )
         for _ in range(3):
             for p in params:
                 p.grad = torch.randn(p.shape, generator=gen) * 0.1
@@ -184,6 +185,7 @@ def test_compiled_step_matches_eager_and_is_chunk_invariant(make_rule):
 def test_bf16_recurrent_state_option(family, make_rule):
     """``state_dtype={"lstm": torch.bfloat16}``: half the recurrent state's bytes, moments stay float32,
     the dtype survives a state_dict round trip, and the trajectory stays close to the float32 one."""
+
     def run(state_dtype, steps=5):
         gen = torch.Generator().manual_seed(0)
         p = nn.Parameter(torch.randn(500, generator=gen))
@@ -200,7 +202,7 @@ def test_bf16_recurrent_state_option(family, make_rule):
     assert s16["lstm"].nbytes * 2 == s32["lstm"].nbytes
     assert all(s16[k].dtype == torch.float32 for k in s16 if k != "lstm")
     moved = (p32.detach() - run(torch.float32, steps=0)[0].detach()).abs().max()
-    assert (p16 - p32).abs().max() < 0.05 * moved       # bf16 rounding of h, c: a small perturbation
+    assert (p16 - p32).abs().max() < 0.05 * moved  # bf16 rounding of h, c: a small perturbation
     clone = LearnedOptimizer([p16], make_rule(family), state_dtype={"lstm": torch.bfloat16})
     clone.load_state_dict(opt16.state_dict())
     assert clone.state[p16]["lstm"].dtype == torch.bfloat16 and torch.equal(clone.state[p16]["lstm"], s16["lstm"])
@@ -217,7 +219,7 @@ def test_pretrained_fast_path_matches_the_functional_path(name):
     path (``functional_update`` over the whole tensor, differentiable) to float rounding (~1e-6 relative)."""
     rule, _ = learned_optim.load_rule(name)
     gen = torch.Generator().manual_seed(0)
-    n = 3000   # not a multiple of the chunk or of the row alignment: padded chunks are exercised
+    n = 3000  # not a multiple of the chunk or of the row alignment: padded chunks are exercised
     p = nn.Parameter(torch.randn(n, generator=gen))
     opt = LearnedOptimizer([p], rule, chunk_size=1024)
     state = rule.init_state(n)
@@ -241,7 +243,7 @@ def test_state_written_in_place_equals_the_returned_state(family, use_kernels, m
     """The optimizer lets rules write the new state into its storage (``out_state``, aliasing ``state``);
     the step is bit-identical to the rule's out-of-place calls on copies, padded last chunk included."""
     rule = make_rule(family)
-    n, chunk = 3 * 128 + 5, 128             # two full chunks and a padded one
+    n, chunk = 3 * 128 + 5, 128  # two full chunks and a padded one
     grad_, param, state, step = _inputs(rule, n)
     p = nn.Parameter(param.clone())
     p.grad = grad_.clone()
@@ -264,6 +266,6 @@ def test_state_written_in_place_equals_the_returned_state(family, use_kernels, m
                 deltas.append(d[:rows])
                 for k, v in new.items():
                     new_states.setdefault(k, []).append(v[:rows])
-    assert torch.equal(p.detach(), param + 1.0 * torch.cat(deltas))   # lr = 1 (the default)
+    assert torch.equal(p.detach(), param + 1.0 * torch.cat(deltas))  # lr = 1 (the default)
     for k, parts in new_states.items():
         assert torch.equal(opt.state[p][k], torch.cat(parts)), k

@@ -20,7 +20,7 @@ def test_readme_has_the_usage_and_adapt_examples():
 def test_readme_python_block_runs(index, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     exec(compile(BLOCKS[index], f"README.md python block {index}", "exec"), {"__name__": "__readme__"})
-    for config in tmp_path.glob("*/config.json"):        # a block that saves: the checkpoint loads
+    for config in tmp_path.glob("*/config.json"):  # a block that saves: the checkpoint loads
         import learned_optim
 
         learned_optim.load_rule(config.parent)

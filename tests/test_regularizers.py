@@ -12,8 +12,19 @@ from learned_optim import build_rule
 from learned_optim.features import log_and_sign
 from learned_optim.meta.config import MetaTrainConfig, UnrollConfig
 from learned_optim.meta.regularizers import (
-    RegularizerHook, combine_hooks, gam_term, gsam_term, hutchinson_trace, jacobian_trace, local_entropy_mean,
-    local_entropy_surrogate, net_input_layer, parse_blocks, sam_term, smoothing_term, top_eigenvalue,
+    RegularizerHook,
+    combine_hooks,
+    gam_term,
+    gsam_term,
+    hutchinson_trace,
+    jacobian_trace,
+    local_entropy_mean,
+    local_entropy_surrogate,
+    net_input_layer,
+    parse_blocks,
+    sam_term,
+    smoothing_term,
+    top_eigenvalue,
 )
 from learned_optim.meta.tasks.base import Task, TaskFamily
 from learned_optim.meta.unroll import StepInputs, start_trajectory, task_loss_and_grad, unroll
@@ -49,8 +60,12 @@ def small_net():
     """A 3-4-3 tanh MLP with softmax cross-entropy on 12 fixed points (25 + 15 params, float64)."""
     g = gen(1)
     x, y = torch.randn(12, 3, generator=g, dtype=D64), torch.randint(0, 3, (12,), generator=g)
-    params = {"w1": 0.8 * torch.randn(3, 4, generator=g, dtype=D64), "b1": 0.1 * torch.randn(4, generator=g, dtype=D64),
-              "w2": 0.8 * torch.randn(4, 3, generator=g, dtype=D64), "b2": 0.1 * torch.randn(3, generator=g, dtype=D64)}
+    params = {
+        "w1": 0.8 * torch.randn(3, 4, generator=g, dtype=D64),
+        "b1": 0.1 * torch.randn(4, generator=g, dtype=D64),
+        "w2": 0.8 * torch.randn(4, 3, generator=g, dtype=D64),
+        "b2": 0.1 * torch.randn(3, generator=g, dtype=D64),
+    }
 
     def loss(p):
         return F.cross_entropy(torch.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"], y)
@@ -83,7 +98,7 @@ def test_hutchinson_exact_on_diagonal_quadratic_and_unbiased_on_a_net():
     n = 3000
     estimate = hutchinson_trace(loss, params, probes=n, generator=gen(2)).item()
     off = H.square().sum() - H.diagonal().square().sum()
-    stderr = math.sqrt(2 * float(off) / n)           # Var(z^T H z) = 2 sum_{i != j} H_ij^2 for Rademacher z
+    stderr = math.sqrt(2 * float(off) / n)  # Var(z^T H z) = 2 sum_{i != j} H_ij^2 for Rademacher z
     assert abs(estimate - float(H.trace())) < 4 * stderr
 
 
@@ -91,7 +106,7 @@ def test_hutchinson_fresh_probes_loop_equals_vmap_and_gradient():
     loss, params = small_net()
     a = hutchinson_trace(loss, params, probes=5, generator=gen(3))
     b = hutchinson_trace(loss, params, probes=5, generator=gen(4))
-    assert a.item() != b.item()                      # fresh probes at every call
+    assert a.item() != b.item()  # fresh probes at every call
     c = hutchinson_trace(loss, params, probes=5, generator=gen(3), vectorize=False)
     torch.testing.assert_close(a, c)
     # differentiable in theta: the gradient of z^T H(theta) z (fixed probes) against central differences
@@ -103,7 +118,9 @@ def test_hutchinson_fresh_probes_loop_equals_vmap_and_gradient():
         plus["w1"], minus["w1"] = params["w1"].clone(), params["w1"].clone()
         plus["w1"][idx] += h
         minus["w1"][idx] -= h
-        fd = (hutchinson_trace(loss, plus, 5, generator=gen(3)) - hutchinson_trace(loss, minus, 5, generator=gen(3))) / (2 * h)
+        fd = (
+            hutchinson_trace(loss, plus, 5, generator=gen(3)) - hutchinson_trace(loss, minus, 5, generator=gen(3))
+        ) / (2 * h)
         assert grad_w1[idx].item() == pytest.approx(fd.item(), rel=1e-6, abs=1e-9)
 
 
@@ -119,9 +136,11 @@ def test_top_eigenvalue_on_quadratic_and_small_net():
     H, f, vec = exact_hessian(loss, params)
     eigvals = torch.linalg.eigvalsh(H)
     top = eigvals[eigvals.abs().argmax()]
-    assert top_eigenvalue(loss, params, 150, generator=gen(7), absolute=False).item() == pytest.approx(top.item(), rel=1e-6)
+    assert top_eigenvalue(loss, params, 150, generator=gen(7), absolute=False).item() == pytest.approx(
+        top.item(), rel=1e-6
+    )
     ten = top_eigenvalue(loss, params, 10, generator=gen(7)).item()
-    assert 0 < ten <= abs(top.item()) * (1 + 1e-9)   # a Rayleigh quotient never exceeds the spectral norm
+    assert 0 < ten <= abs(top.item()) * (1 + 1e-9)  # a Rayleigh quotient never exceeds the spectral norm
 
     # Hellmann-Feynman: its gradient is that of the exact top eigenvalue (central differences on eigvalsh)
     leaf = {k: v.clone().requires_grad_(True) for k, v in params.items()}
@@ -180,8 +199,7 @@ def test_local_entropy_sgld_samples_the_gibbs_measure():
     # temperature 1 (noise = 1): SGLD samples exp(-L - gamma/2 |theta - .|^2) (Euler-Maruyama keeps the
     # mean of a Gaussian exact); the plain mean of 1800 samples (ema=0) estimates it with std < 0.07
     # (stationary variance <= 1 times the autocorrelation factor (1 + rho) / (1 - rho) <= 7.7, over 1800)
-    mu = local_entropy_mean(loss, p, gamma=gamma, steps=2000, lr=0.2, noise=1.0, ema=0.0, burn_in=200,
-                            generator=gen(8))
+    mu = local_entropy_mean(loss, p, gamma=gamma, steps=2000, lr=0.2, noise=1.0, ema=0.0, burn_in=200, generator=gen(8))
     torch.testing.assert_close(flat(mu), mean, rtol=0, atol=0.25)
     # the default EMA (0.25) with the SPEC's tiny noise follows the chain: close to the noiseless flow
     mu_ema = local_entropy_mean(loss, p, gamma=gamma, steps=300, lr=0.2, generator=gen(8))
@@ -204,7 +222,7 @@ def direction(term_fn, theta, *args, **kwargs):
 def test_sam_direction_and_gap():
     A, theta, loss = sam_case()
     rho = 0.1
-    g = A @ theta                                    # (1, 3, -1)
+    g = A @ theta  # (1, 3, -1)
     eps = rho * g / math.sqrt(11.0)
     value, d = direction(sam_term, theta, loss, rho=rho)
     assert value.item() == pytest.approx(0.5 * float((theta + eps) @ A @ (theta + eps)), rel=1e-12)
@@ -222,7 +240,7 @@ def test_gsam_direction():
     expected = g_p - alpha * (g - (g @ g_p) / (g_p @ g_p) * g_p)
     value, d = direction(gsam_term, theta, loss, rho=rho, alpha=alpha)
     torch.testing.assert_close(d, expected)
-    assert float((d - g_p) @ g_p) == pytest.approx(0.0, abs=1e-12)   # the extra part is orthogonal to g_p
+    assert float((d - g_p) @ g_p) == pytest.approx(0.0, abs=1e-12)  # the extra part is orthogonal to g_p
     sam_value, sam_d = direction(sam_term, theta, loss, rho=rho)
     assert value.item() == pytest.approx(sam_value.item())
     torch.testing.assert_close(direction(gsam_term, theta, loss, rho=rho, alpha=0.0)[1], sam_d)
@@ -231,7 +249,7 @@ def test_gsam_direction():
 def test_gam_direction():
     A, theta, loss = sam_case()
     rho = 0.2
-    hg = A @ (A @ theta)                             # H g for a quadratic
+    hg = A @ (A @ theta)  # H g for a quadratic
     delta = rho * hg / hg.norm()
     g_shift = A @ (theta + delta)
     value, d = direction(gam_term, theta, loss, rho=rho)
@@ -251,7 +269,7 @@ def step_inputs(family: str, dtype=torch.float32, seed: int = 0, **overrides) ->
     for value in state.values():
         for key, s in value.items():
             s.normal_(0, 0.1, generator=g)
-            if key == "v":          # second moments are non-negative
+            if key == "v":  # second moments are non-negative
                 s.abs_()
     return StepInputs(rule, dict(rule.named_parameters()), grads, params, state, 3)
 
@@ -272,19 +290,20 @@ def test_smoothing_finds_the_net_input_and_is_differentiable(family):
     handle = layer.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
     try:
         from learned_optim.meta.unroll import apply_rule
+
         apply_rule(inputs.rule, None, inputs.grads, inputs.params, inputs.state, inputs.step)
     finally:
         handle.remove()
     hooks_before = dict(layer._forward_pre_hooks)
-    if family in ("rnnprop", "dm_lstm"):   # the input layer runs as a module: feature-space smoothing
-        assert [x.shape[0] for x in seen] == [15, 4]     # one call per tensor, one row per coordinate
-        assert seen[0].shape[1] == 2                      # the two Adam-ratio / log-and-sign features
-        if family == "dm_lstm":                           # the identity tap sees exactly the features
+    if family in ("rnnprop", "dm_lstm"):  # the input layer runs as a module: feature-space smoothing
+        assert [x.shape[0] for x in seen] == [15, 4]  # one call per tensor, one row per coordinate
+        assert seen[0].shape[1] == 2  # the two Adam-ratio / log-and-sign features
+        if family == "dm_lstm":  # the identity tap sees exactly the features
             features = log_and_sign(inputs.grads["w"].reshape(-1), inputs.rule.config.preprocess_k)
             torch.testing.assert_close(seen[0], features, rtol=0, atol=0)
         check_smoothing(inputs, "features", 1.0)
-        assert dict(layer._forward_pre_hooks) == hooks_before   # the shifting hook is removed again
-    else:      # the MLP optimizer evaluates its layers functionally: a clear error pointing to space: gradient
+        assert dict(layer._forward_pre_hooks) == hooks_before  # the shifting hook is removed again
+    else:  # the MLP optimizer evaluates its layers functionally: a clear error pointing to space: gradient
         assert not seen
         with pytest.raises(RuntimeError, match="ran 0 times.*space: gradient"):
             smoothing_term(inputs)
@@ -294,7 +313,7 @@ def test_smoothing_finds_the_net_input_and_is_differentiable(family):
 def test_feature_smoothing_refuses_a_tap_that_runs_twice():
     inputs = step_inputs("dm_lstm")
     rule = inputs.rule
-    rule.head = torch.nn.Sequential(rule.input_layer, rule.head)   # the tap now also sees the LSTM output
+    rule.head = torch.nn.Sequential(rule.input_layer, rule.head)  # the tap now also sees the LSTM output
     with pytest.raises(RuntimeError, match="ran 2 times in one update.*space: gradient"):
         smoothing_term(inputs)
 
@@ -309,18 +328,24 @@ def test_smoothing_ascent_beats_its_random_start():
 
 # ----------------------------------------------------------------------------------- config blocks
 def test_blocks_parse_validate_and_schedule():
-    blocks = parse_blocks([{"kind": "hessian_trace", "weight": 1e-3, "probes": 4},
-                           {"kind": "sam", "weight": 1, "rho": 0.1, "where": "segment_end"},
-                           {"kind": "sam", "weight": 0.5, "name": "sam-final", "every": 2}])
+    blocks = parse_blocks(
+        [
+            {"kind": "hessian_trace", "weight": 1e-3, "probes": 4},
+            {"kind": "sam", "weight": 1, "rho": 0.1, "where": "segment_end"},
+            {"kind": "sam", "weight": 0.5, "name": "sam-final", "every": 2},
+        ]
+    )
     assert [b.name for b in blocks] == ["hessian_trace", "sam", "sam-final"]
     assert blocks[0].where == "posterior" and blocks[0].regularizer.probes == 4
     assert blocks[2].where == "final" and isinstance(blocks[1].weight, float)
-    for bad, message in [({"kind": "hessian", "weight": 1}, "kind must be one of"),
-                         ({"kind": "sam"}, "'weight'"),
-                         ({"kind": "sam", "weight": 1, "probes": 3}, "no field"),
-                         ({"kind": "sam", "weight": 1, "where": "end"}, "where must be"),
-                         ({"kind": "hessian_trace", "weight": 1, "probes": 0}, "probes"),
-                         ({"kind": "hessian_trace", "weight": "1"}, "weight must be float")]:
+    for bad, message in [
+        ({"kind": "hessian", "weight": 1}, "kind must be one of"),
+        ({"kind": "sam"}, "'weight'"),
+        ({"kind": "sam", "weight": 1, "probes": 3}, "no field"),
+        ({"kind": "sam", "weight": 1, "where": "end"}, "where must be"),
+        ({"kind": "hessian_trace", "weight": 1, "probes": 0}, "probes"),
+        ({"kind": "hessian_trace", "weight": "1"}, "weight must be float"),
+    ]:
         with pytest.raises(ValueError, match=message):
             parse_blocks([bad])
     with pytest.raises(ValueError, match="repeat"):
@@ -333,8 +358,7 @@ def test_blocks_parse_validate_and_schedule():
     assert active["sam"] == [20, 40, 60, 80, 100]
     assert active["sam-final"] == [100]
 
-    config = MetaTrainConfig.from_dict({"net": {"family": "dm_lstm"},
-                                        "regularizers": [{"kind": "gam", "weight": 0.1}]})
+    config = MetaTrainConfig.from_dict({"net": {"family": "dm_lstm"}, "regularizers": [{"kind": "gam", "weight": 0.1}]})
     assert config.to_dict()["regularizers"] == [{"kind": "gam", "weight": 0.1}]
     with pytest.raises(ValueError, match=r"config\.regularizers\[0\]"):
         MetaTrainConfig.from_dict({"regularizers": [{"kind": "gam", "weight": 0.1, "rho": -1}]})
@@ -351,8 +375,10 @@ class TinyTask(Task):
         self.data = (torch.randn(10, 3, generator=g, dtype=D64), torch.randint(0, 2, (10,), generator=g))
 
     def init_params(self, generator):
-        return {"w": 0.5 * torch.randn(3, 3, generator=generator, dtype=D64),
-                "v": 0.5 * torch.randn(3, 2, generator=generator, dtype=D64)}
+        return {
+            "w": 0.5 * torch.randn(3, 3, generator=generator, dtype=D64),
+            "v": 0.5 * torch.randn(3, 2, generator=generator, dtype=D64),
+        }
 
     def batch(self, split, generator):
         return self.data
@@ -362,25 +388,38 @@ class TinyTask(Task):
         return F.cross_entropy(torch.tanh(x @ params["w"]) @ params["v"], y)
 
 
-BLOCKS = [{"kind": "hessian_trace", "weight": 0.3, "probes": 3},
-          {"kind": "hessian_eigenvalue", "weight": 0.2, "iters": 60},
-          {"kind": "jacobian_trace", "weight": 2.0},
-          {"kind": "smoothing", "weight": 5e3, "epsilon": 0.05, "steps": 3, "space": "gradient"},
-          {"kind": "smoothing", "weight": 3e3, "epsilon": 0.05, "steps": 3, "space": "features"}]
+BLOCKS = [
+    {"kind": "hessian_trace", "weight": 0.3, "probes": 3},
+    {"kind": "hessian_eigenvalue", "weight": 0.2, "iters": 60},
+    {"kind": "jacobian_trace", "weight": 2.0},
+    {"kind": "smoothing", "weight": 5e3, "epsilon": 0.05, "steps": 3, "space": "gradient"},
+    {"kind": "smoothing", "weight": 3e3, "epsilon": 0.05, "steps": 3, "space": "features"},
+]
 
 
 def meta_loss(rule, weights, blocks, second_order=True):
     task = TinyTask()
-    hook = RegularizerHook([dict(b, where="all") for b in blocks], seed=0)   # same probes at every evaluation
+    hook = RegularizerHook([dict(b, where="all") for b in blocks], seed=0)  # same probes at every evaluation
     hook.begin_trajectory(3)
     trajectory = start_trajectory(rule, task, gen(12))
-    result = unroll(rule, weights, task, trajectory, 3, generator=gen(13), hook=hook,
-                    config=UnrollConfig(second_order=second_order, max_param_norm=None))
+    result = unroll(
+        rule,
+        weights,
+        task,
+        trajectory,
+        3,
+        generator=gen(13),
+        hook=hook,
+        config=UnrollConfig(second_order=second_order, max_param_norm=None),
+    )
     return result.losses.sum() + result.extra, result.extra
 
 
-@pytest.mark.parametrize("blocks", [BLOCKS[:3], BLOCKS[3:4], BLOCKS[4:]],
-                         ids=["hessian-ev-jacobian", "smoothing-gradient", "smoothing-features"])
+@pytest.mark.parametrize(
+    "blocks",
+    [BLOCKS[:3], BLOCKS[3:4], BLOCKS[4:]],
+    ids=["hessian-ev-jacobian", "smoothing-gradient", "smoothing-features"],
+)
 def test_regularized_meta_gradient_matches_finite_differences(blocks):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -402,12 +441,18 @@ def test_regularized_meta_gradient_matches_finite_differences(blocks):
 def test_trainer_builds_the_hook_from_config(tmp_path):
     from learned_optim.meta import MetaTrainer
 
-    config = {"name": "reg-smoke", "net": {"family": "dm_lstm", "config": {"hidden_size": 4, "num_layers": 1}},
-              "task": {"family": "quadratic", "kwargs": {"dim": 3, "num_instances": 4}},
-              "unroll": {"trajectory_length": 6, "segment_length": 3}, "meta_epochs": 1, "checkpoint_every": 10,
-              "regularizers": [{"kind": "hessian_trace", "weight": 0.01, "probes": 2, "where": "segment_end"},
-                               {"kind": "smoothing", "weight": 1.0, "steps": 2, "where": "final",
-                                "space": "gradient", "epsilon": 0.1}]}
+    config = {
+        "name": "reg-smoke",
+        "net": {"family": "dm_lstm", "config": {"hidden_size": 4, "num_layers": 1}},
+        "task": {"family": "quadratic", "kwargs": {"dim": 3, "num_instances": 4}},
+        "unroll": {"trajectory_length": 6, "segment_length": 3},
+        "meta_epochs": 1,
+        "checkpoint_every": 10,
+        "regularizers": [
+            {"kind": "hessian_trace", "weight": 0.01, "probes": 2, "where": "segment_end"},
+            {"kind": "smoothing", "weight": 1.0, "steps": 2, "where": "final", "space": "gradient", "epsilon": 0.1},
+        ],
+    }
     trainer = MetaTrainer(config, out_dir=tmp_path / "run", progress=False)
     first = trainer.step()
     second = trainer.step()
@@ -427,12 +472,19 @@ class TinyFamily(TaskFamily):
         return TinyTask()
 
 
-REPRO_CONFIG = {"name": "reg-repro", "dtype": "float64",
-                "net": {"family": "dm_lstm", "config": {"hidden_size": 4, "num_layers": 1}},
-                "task": {"family": "quadratic"}, "unroll": {"trajectory_length": 6, "segment_length": 3},
-                "meta_epochs": 3, "checkpoint_every": 2,
-                "regularizers": [{"kind": "hessian_eigenvalue", "weight": 0.5, "iters": 3, "where": "all"},
-                                 {"kind": "hessian_trace", "weight": 0.1, "probes": 2, "where": "all"}]}
+REPRO_CONFIG = {
+    "name": "reg-repro",
+    "dtype": "float64",
+    "net": {"family": "dm_lstm", "config": {"hidden_size": 4, "num_layers": 1}},
+    "task": {"family": "quadratic"},
+    "unroll": {"trajectory_length": 6, "segment_length": 3},
+    "meta_epochs": 3,
+    "checkpoint_every": 2,
+    "regularizers": [
+        {"kind": "hessian_eigenvalue", "weight": 0.5, "iters": 3, "where": "all"},
+        {"kind": "hessian_trace", "weight": 0.1, "probes": 2, "where": "all"},
+    ],
+}
 
 
 def _weights_after(trainer, steps):
@@ -450,11 +502,15 @@ def test_regularized_meta_training_is_reproducible_from_its_config(tmp_path):
     runs = []
     for global_seed in (1, 2):
         torch.manual_seed(global_seed)
-        runs.append(_weights_after(MetaTrainer(REPRO_CONFIG, out_dir=tmp_path / f"g{global_seed}", family=TinyFamily(),
-                                               progress=False), 4))
+        runs.append(
+            _weights_after(
+                MetaTrainer(REPRO_CONFIG, out_dir=tmp_path / f"g{global_seed}", family=TinyFamily(), progress=False), 4
+            )
+        )
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
-    other = _weights_after(MetaTrainer(dict(REPRO_CONFIG, seed=5), out_dir=tmp_path / "s5", family=TinyFamily(),
-                                       progress=False), 4)
+    other = _weights_after(
+        MetaTrainer(dict(REPRO_CONFIG, seed=5), out_dir=tmp_path / "s5", family=TinyFamily(), progress=False), 4
+    )
     assert not all(torch.equal(runs[0][k], other[k]) for k in runs[0])
 
     interrupted = MetaTrainer(REPRO_CONFIG, out_dir=tmp_path / "resume", family=TinyFamily(), progress=False)
@@ -479,20 +535,31 @@ def test_bundled_regularized_configs_load():
         assert config.init_from == "l2o-lstm" and config.name == path.stem
         kinds[path.stem] = [b["kind"] for b in config.regularizers]
         RegularizerHook(config.regularizers, segment_length=config.unroll.segment_length)
-    expected = {"l2o-lstm-control": [], "l2o-lstm-entropy": ["local_entropy"], "l2o-lstm-gam": ["gam", "smoothing"],
-                "l2o-lstm-gsam": ["gsam"], "l2o-lstm-hessian": ["hessian_trace"],
-                "l2o-lstm-hessian-ev": ["hessian_eigenvalue"], "l2o-lstm-jacobian": ["jacobian_trace"],
-                "l2o-lstm-sam": ["sam"]}
-    assert {name: kinds.get(name) for name in expected} == expected   # other l2o-lstm-* fine-tunes may exist (-tbv)
+    expected = {
+        "l2o-lstm-control": [],
+        "l2o-lstm-entropy": ["local_entropy"],
+        "l2o-lstm-gam": ["gam", "smoothing"],
+        "l2o-lstm-gsam": ["gsam"],
+        "l2o-lstm-hessian": ["hessian_trace"],
+        "l2o-lstm-hessian-ev": ["hessian_eigenvalue"],
+        "l2o-lstm-jacobian": ["jacobian_trace"],
+        "l2o-lstm-sam": ["sam"],
+    }
+    assert {name: kinds.get(name) for name in expected} == expected  # other l2o-lstm-* fine-tunes may exist (-tbv)
 
 
 def test_model_card_lists_the_regularizers(tmp_path):
     from learned_optim.meta import MetaTrainer
 
-    config = {"name": "reg-card", "net": {"family": "dm_lstm", "config": {"hidden_size": 4, "num_layers": 1}},
-              "task": {"family": "quadratic", "kwargs": {"dim": 3, "num_instances": 4}},
-              "unroll": {"trajectory_length": 3, "segment_length": 3}, "meta_epochs": 1, "checkpoint_every": 10,
-              "regularizers": [{"kind": "jacobian_trace", "weight": 0.5}]}
+    config = {
+        "name": "reg-card",
+        "net": {"family": "dm_lstm", "config": {"hidden_size": 4, "num_layers": 1}},
+        "task": {"family": "quadratic", "kwargs": {"dim": 3, "num_instances": 4}},
+        "unroll": {"trajectory_length": 3, "segment_length": 3},
+        "meta_epochs": 1,
+        "checkpoint_every": 10,
+        "regularizers": [{"kind": "jacobian_trace", "weight": 0.5}],
+    }
     folder = MetaTrainer(config, out_dir=tmp_path / "run", progress=False).train()
     card = (folder / "README.md").read_text()
     assert "## Flatness regularizers" in card and "| jacobian_trace | 0.5 | posterior |" in card

@@ -93,10 +93,12 @@ def test_naive_backprop_fails_in_the_spec_setting():
     """SPEC §5: 20-d quadratic, t = 80, eta0 = 0.1: plain backprop gives NaN (float32) / ~1e130 (float64)."""
     H, w0 = random_quadratic(20, seed=0)
     lam, c = quadratic_spectrum(H, w0)
-    _, g32_last = autograd_value_and_grad(lambda e: unrolled_last_loss(e, H.float(), w0.float(), 80),
-                                          torch.float32)(0.1)
-    _, g32_log = autograd_value_and_grad(lambda e: torch.log(unrolled_last_loss(e, H.float(), w0.float(), 80)) / 80,
-                                         torch.float32)(0.1)
+    _, g32_last = autograd_value_and_grad(lambda e: unrolled_last_loss(e, H.float(), w0.float(), 80), torch.float32)(
+        0.1
+    )
+    _, g32_log = autograd_value_and_grad(
+        lambda e: torch.log(unrolled_last_loss(e, H.float(), w0.float(), 80)) / 80, torch.float32
+    )(0.1)
     _, g64_last = autograd_value_and_grad(lambda e: unrolled_last_loss(e, H, w0, 80))(0.1)
     assert not math.isfinite(g32_last) and not math.isfinite(g32_log)
     assert abs(g64_last) > 1e100

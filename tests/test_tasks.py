@@ -10,8 +10,18 @@ import torch.nn.functional as F
 from torch.func import grad, jvp
 
 from learned_optim.meta.tasks import (
-    PRESETS, TASK_FAMILIES, TEST_SIGMAS, TRAIN_SIGMAS, LinearRegressionTask, MixtureFamily, QuadraticTask, RosenbrockFamily,
-    StepSizeQuadraticTask, Task, TaskFamily, make_family,
+    PRESETS,
+    TASK_FAMILIES,
+    TEST_SIGMAS,
+    TRAIN_SIGMAS,
+    LinearRegressionTask,
+    MixtureFamily,
+    QuadraticTask,
+    RosenbrockFamily,
+    StepSizeQuadraticTask,
+    Task,
+    TaskFamily,
+    make_family,
 )
 
 
@@ -309,8 +319,20 @@ def test_tasks_pickle():
 
 
 def test_registry():
-    assert {"quadratic", "lasso", "rosenbrock", "least-squares", "cubic-regression", "stepsize-quadratic", "mlp",
-            "conv", "resnet", "timm", "mixture", "digits-mlp20-sigmoid"} <= set(TASK_FAMILIES)
+    assert {
+        "quadratic",
+        "lasso",
+        "rosenbrock",
+        "least-squares",
+        "cubic-regression",
+        "stepsize-quadratic",
+        "mlp",
+        "conv",
+        "resnet",
+        "timm",
+        "mixture",
+        "digits-mlp20-sigmoid",
+    } <= set(TASK_FAMILIES)
     for name, cls in TASK_FAMILIES.items():
         assert cls.name == name and issubclass(cls, TaskFamily)
     with pytest.raises(KeyError, match="registered"):
@@ -327,8 +349,9 @@ def test_mixture_samples_components_by_weight():
     assert len(default.components) == 18
     names = {default.sample(gen(s)).name for s in range(40)}
     assert len(names) > 8 and all(n.startswith("digits-mlp") for n in names)
-    mix = MixtureFamily(components=["quadratic", {"name": "rosenbrock", "num_instances": 2}, "lasso"],
-                        weights=[1, 1, 0])
+    mix = MixtureFamily(
+        components=["quadratic", {"name": "rosenbrock", "num_instances": 2}, "lasso"], weights=[1, 1, 0]
+    )
     names = [mix.sample(gen(s)).name for s in range(30)]
     assert set(names) == {"quadratic", "rosenbrock"}
     assert mix.config["components"][1] == {"name": "rosenbrock", **mix.components[1].config}

@@ -42,8 +42,13 @@ def register_timm_optimizers() -> list[str]:
         if name.lower() in default_registry.list_optimizers():  # timm stores names lower-cased
             continue
         factory = functools.partial(_zoo_optimizer, name)
-        default_registry.register(OptimInfo(
-            name=name, opt_class=factory, has_eps=False,
-            description=entry.get("description") or f"learned_optim {entry['family']} learned optimizer"))
+        default_registry.register(
+            OptimInfo(
+                name=name,
+                opt_class=factory,
+                has_eps=False,
+                description=entry.get("description") or f"learned_optim {entry['family']} learned optimizer",
+            )
+        )
         registered.append(name)
     return registered

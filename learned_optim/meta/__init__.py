@@ -10,9 +10,15 @@ unroll function itself is ``learned_optim.meta.unroll.unroll`` (the submodule ow
 import importlib
 
 _LAZY = {
-    "MetaTrainer": "trainer", "MetaTrainConfig": "config", "load_config": "config",
-    "start_trajectory": "unroll", "Trajectory": "unroll", "MetaLossHook": "unroll",
-    "meta_objective": "objectives", "Curriculum": "curriculum", "imitation_unroll": "imitation",
+    "MetaTrainer": "trainer",
+    "MetaTrainConfig": "config",
+    "load_config": "config",
+    "start_trajectory": "unroll",
+    "Trajectory": "unroll",
+    "MetaLossHook": "unroll",
+    "meta_objective": "objectives",
+    "Curriculum": "curriculum",
+    "imitation_unroll": "imitation",
 }
 
 __all__ = sorted(_LAZY)

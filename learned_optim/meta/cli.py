@@ -48,17 +48,25 @@ def resolve_config_path(config: str) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m learned_optim.meta",
-                                     description="Meta-train learned optimizers.")
+    parser = argparse.ArgumentParser(prog="python -m learned_optim.meta", description="Meta-train learned optimizers.")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="meta-train an optimizer from a JSON/YAML config",
-                           description="Meta-train an optimizer; writes OUT/log.jsonl, OUT/checkpoint/ and OUT/model/.")
+    train = sub.add_parser(
+        "train",
+        help="meta-train an optimizer from a JSON/YAML config",
+        description="Meta-train an optimizer; writes OUT/log.jsonl, OUT/checkpoint/ and OUT/model/.",
+    )
     train.add_argument("config", help="config file, or the name of a bundled config (e.g. l2o-lstm)")
     train.add_argument("--device", choices=["cpu", "cuda"], default=None, help="overrides the config's device")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     train.add_argument("--out", default=None, help="run folder (default: the config's out_dir or runs/<name>)")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config field by dotted key, e.g. --set unroll.segment_length=10 (repeatable)")
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field by dotted key, e.g. --set unroll.segment_length=10 (repeatable)",
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     sub.add_parser("configs", help="list the bundled configs")
     return parser
@@ -86,8 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(resolve_config_path(args.config), args.overrides)
         if world > 1:
             created_group = _init_process_group(args.device or config.device)
-        trainer = MetaTrainer(config, out_dir=args.out, device=args.device, progress=not args.no_progress,
-                              command=command)
+        trainer = MetaTrainer(
+            config, out_dir=args.out, device=args.device, progress=not args.no_progress, command=command
+        )
         folder = trainer.train(resume=args.resume)
     except (ValueError, KeyError, FileNotFoundError, FileExistsError, ImportError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -98,8 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             dist.destroy_process_group()
     if trainer.rank == 0:
-        print(f"meta-training finished ({trainer.finish_reason}) after {trainer.meta_steps} meta-steps"
-              f"{f' on {world} processes' if world > 1 else ''}; optimizer written to {folder}")
+        print(
+            f"meta-training finished ({trainer.finish_reason}) after {trainer.meta_steps} meta-steps"
+            f"{f' on {world} processes' if world > 1 else ''}; optimizer written to {folder}"
+        )
     return 0
 
 

@@ -30,8 +30,18 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 from .._validation import check_value
 
 __all__ = [
-    "NetSection", "TaskSection", "UnrollConfig", "ObjectiveConfig", "MetaOptimizerConfig", "CurriculumConfig",
-    "ImitationConfig", "MAMLConfig", "MetaTrainConfig", "load_config", "apply_overrides", "parse_override",
+    "NetSection",
+    "TaskSection",
+    "UnrollConfig",
+    "ObjectiveConfig",
+    "MetaOptimizerConfig",
+    "CurriculumConfig",
+    "ImitationConfig",
+    "MAMLConfig",
+    "MetaTrainConfig",
+    "load_config",
+    "apply_overrides",
+    "parse_override",
 ]
 
 #: Meta-optimizer defaults per net family (SPEC §2): Adam 1e-3 for the LSTM nets, RMSprop 1e-2 for the MLP.
@@ -51,8 +61,9 @@ class _Section:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"config{'.' + where if where else ''}: unknown field(s) {unknown}; "
-                             f"known fields: {sorted(known)}")
+            raise ValueError(
+                f"config{'.' + where if where else ''}: unknown field(s) {unknown}; known fields: {sorted(known)}"
+            )
         kwargs = {}
         for key, value in values.items():
             name = f"{where}.{key}".strip(".")
@@ -259,8 +270,9 @@ class MAMLConfig(_Section):
         if self.inner_update not in ("sgd", "adam"):
             raise ValueError(f"{where}.inner_update must be 'sgd' or 'adam', got {self.inner_update!r}")
         if self.query not in ("new_instance", "same_instance", "next_segment"):
-            raise ValueError(f"{where}.query must be 'new_instance', 'same_instance' or 'next_segment', "
-                             f"got {self.query!r}")
+            raise ValueError(
+                f"{where}.query must be 'new_instance', 'same_instance' or 'next_segment', got {self.query!r}"
+            )
 
 
 @dataclasses.dataclass
@@ -317,8 +329,10 @@ class MetaTrainConfig(_Section):
         if self.maml.enabled and self.maml.query == "next_segment":
             lengths = [self.unroll.trajectory_length, *(self.curriculum.stages if self.curriculum.enabled else [])]
             if any(int(n) % (2 * self.unroll.segment_length) for n in lengths):
-                raise ValueError(f"{where}: maml.query 'next_segment' needs every trajectory length to be a multiple "
-                                 "of 2 * unroll.segment_length (a support and a query segment per meta-step)")
+                raise ValueError(
+                    f"{where}: maml.query 'next_segment' needs every trajectory length to be a multiple "
+                    "of 2 * unroll.segment_length (a support and a query segment per meta-step)"
+                )
 
     @classmethod
     def load(cls, path: str | os.PathLike, overrides: Sequence[str] = ()) -> MetaTrainConfig:
@@ -334,7 +348,9 @@ def _read_mapping(path: Path) -> dict[str, Any]:
         try:
             import yaml
         except ImportError:
-            raise ImportError("YAML configs need PyYAML: the 'meta' extra (pip install -e '.[meta]' in a checkout) (or use a JSON config)") from None
+            raise ImportError(
+                "YAML configs need PyYAML: the 'meta' extra (pip install -e '.[meta]' in a checkout) (or use a JSON config)"
+            ) from None
         data = yaml.safe_load(text)
     else:
         data = json.loads(text)
@@ -350,6 +366,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, raw = item.split("=", 1)
     try:
         import yaml
+
         value = yaml.safe_load(raw)
     except ImportError:
         try:

@@ -100,9 +100,14 @@ class Curriculum:
         return Decision(new_best, "advance", stage=self.stage)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "evals_in_stage": self.evals_in_stage, "improved": self.improved,
-                "best_score": None if math.isinf(self.best_score) else self.best_score,
-                "finished": self.finished, "reason": self.reason}
+        return {
+            "stage": self.stage,
+            "evals_in_stage": self.evals_in_stage,
+            "improved": self.improved,
+            "best_score": None if math.isinf(self.best_score) else self.best_score,
+            "finished": self.finished,
+            "reason": self.reason,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.stage = int(state["stage"])

@@ -46,8 +46,9 @@ class ImitationResult:
     end: Trajectory
 
 
-def adam_delta(grad: Tensor, m: Tensor, v: Tensor, step: int, *, lr: float, betas: tuple[float, float],
-               eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def adam_delta(
+    grad: Tensor, m: Tensor, v: Tensor, step: int, *, lr: float, betas: tuple[float, float], eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
     r"""Adam's step :math:`\Delta^{\mathrm{Adam}}_t` and the new moments ``(delta, m, v)`` at 1-based ``step``."""
     b1, b2 = betas
     m = ema(m, grad, b1)
@@ -64,9 +65,16 @@ def imitation_loss(teacher: Mapping[str, Tensor], student: Mapping[str, Tensor])
     return 0.5 * total / n
 
 
-def imitation_unroll(rule: UpdateRule, weights: Mapping[str, Tensor] | None, task: Task, trajectory: Trajectory,
-                     num_steps: int, *, generator: torch.Generator,
-                     config: ImitationConfig | None = None) -> ImitationResult:
+def imitation_unroll(
+    rule: UpdateRule,
+    weights: Mapping[str, Tensor] | None,
+    task: Task,
+    trajectory: Trajectory,
+    num_steps: int,
+    *,
+    generator: torch.Generator,
+    config: ImitationConfig | None = None,
+) -> ImitationResult:
     """Run ``num_steps`` teacher steps from ``trajectory`` and the net's imitation loss along them.
 
     The teacher's moments live in ``trajectory.extra[name] = {"m": ..., "v": ...}`` (created at zero).
@@ -79,7 +87,8 @@ def imitation_unroll(rule: UpdateRule, weights: Mapping[str, Tensor] | None, tas
     dtype = next((p.dtype for p in params.values() if p.is_floating_point()), None)
     state = {k: dict(st) for k, st in trajectory.opt_state.items()}
     teacher = {k: dict(st) for k, st in trajectory.extra.items()} or {
-        k: {"m": torch.zeros_like(p), "v": torch.zeros_like(p)} for k, p in params.items()}
+        k: {"m": torch.zeros_like(p), "v": torch.zeros_like(p)} for k, p in params.items()
+    }
     terms: list[Tensor] = []
     train_losses: list[float] = []
     step = trajectory.step
@@ -88,23 +97,31 @@ def imitation_unroll(rule: UpdateRule, weights: Mapping[str, Tensor] | None, tas
             t = step + 1
             leaves = {k: v.requires_grad_(True) for k, v in params.items()}
             loss, grads = task_loss_and_grad(task, leaves, to_device(task.batch("train", generator), device, dtype))
-            if not math.isfinite(float(loss.detach())) or not all(bool(torch.isfinite(g).all()) for g in grads.values()):
+            if not math.isfinite(float(loss.detach())) or not all(
+                bool(torch.isfinite(g).all()) for g in grads.values()
+            ):
                 break
             train_losses.append(float(loss.detach()))
             student, state = apply_rule(rule, weights, grads, leaves, state, t)
             target = {}
             for k, g in grads.items():
                 target[k], teacher[k]["m"], teacher[k]["v"] = adam_delta(
-                    g, teacher[k]["m"], teacher[k]["v"], t, lr=cfg.teacher_lr, betas=betas, eps=cfg.teacher_eps)
+                    g, teacher[k]["m"], teacher[k]["v"], t, lr=cfg.teacher_lr, betas=betas, eps=cfg.teacher_eps
+                )
             terms.append(imitation_loss(target, student))
             params = {k: (leaves[k] + target[k]).detach() for k in params}
             step = t
     ref = next(iter(params.values()))
     loss = torch.stack(terms).mean() if terms else ref.new_zeros(())
     diverged = len(terms) < num_steps
-    end = Trajectory(params=params, opt_state={k: {s: v.detach() for s, v in st.items()} for k, st in state.items()},
-                     step=trajectory.step + num_steps, initial_loss=trajectory.initial_loss,
-                     diverged=trajectory.diverged or diverged, penalty=trajectory.penalty,
-                     last_loss=trajectory.last_loss,
-                     extra={k: {s: v.detach() for s, v in st.items()} for k, st in teacher.items()})
+    end = Trajectory(
+        params=params,
+        opt_state={k: {s: v.detach() for s, v in st.items()} for k, st in state.items()},
+        step=trajectory.step + num_steps,
+        initial_loss=trajectory.initial_loss,
+        diverged=trajectory.diverged or diverged,
+        penalty=trajectory.penalty,
+        last_loss=trajectory.last_loss,
+        extra={k: {s: v.detach() for s, v in st.items()} for k, st in teacher.items()},
+    )
     return ImitationResult(loss=loss, train_losses=torch.tensor(train_losses, dtype=torch.float64), end=end)

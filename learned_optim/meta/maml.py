@@ -55,8 +55,15 @@ from .unroll import MetaLossHook, Trajectory, start_trajectory, unroll
 if TYPE_CHECKING:
     from .trainer import MetaTrainer
 
-__all__ = ["sample_task_kwargs", "inner_step", "MAMLSegment", "maml_segment", "MAMLRunner", "adapt_on_task",
-           "evaluate_rule"]
+__all__ = [
+    "sample_task_kwargs",
+    "inner_step",
+    "MAMLSegment",
+    "maml_segment",
+    "MAMLRunner",
+    "adapt_on_task",
+    "evaluate_rule",
+]
 
 
 # ------------------------------------------------------------------------------------ task arguments
@@ -79,15 +86,23 @@ def sample_task_kwargs(spec: Mapping[str, Any], generator: torch.Generator) -> d
             if not (lo <= hi and (kind == "uniform" or lo > 0)):
                 raise ValueError(f"maml.task_kwargs.{key}: invalid {kind} bounds {bounds}")
             u = float(torch.rand((), generator=generator, dtype=torch.float64))
-            out[key] = lo + (hi - lo) * u if kind == "uniform" else math.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * u)
+            out[key] = (
+                lo + (hi - lo) * u if kind == "uniform" else math.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * u)
+            )
         else:
             out[key] = value
     return out
 
 
 # ----------------------------------------------------------------------------------------- inner step
-def inner_step(weights: Mapping[str, Tensor], loss: Tensor, config: MAMLConfig, *, k: int,
-               moments: dict[str, tuple[Tensor, Tensor]] | None = None) -> tuple[dict[str, Tensor], float]:
+def inner_step(
+    weights: Mapping[str, Tensor],
+    loss: Tensor,
+    config: MAMLConfig,
+    *,
+    k: int,
+    moments: dict[str, tuple[Tensor, Tensor]] | None = None,
+) -> tuple[dict[str, Tensor], float]:
     r"""One inner update :math:`\phi' = \phi - \alpha\,u(\nabla_\phi L)`; returns ``(phi', grad_norm)``.
 
     Non-finite inner gradients leave :math:`\phi` unchanged (``grad_norm`` is then ``nan``). With
@@ -150,11 +165,24 @@ class MAMLSegment:
     fast_weights: dict[str, Tensor]
 
 
-def maml_segment(rule: UpdateRule, weights: Mapping[str, Tensor], support_task: Task, support: Trajectory,
-                 query_task: Task | None, query: Trajectory | None, num_steps: int, *,
-                 support_generator: torch.Generator, query_generator: torch.Generator | None,
-                 unroll_config: UnrollConfig, maml: MAMLConfig, objective: str = "sum", split: str = "train",
-                 hook: MetaLossHook | None = None, query_steps: int | None = None) -> MAMLSegment:
+def maml_segment(
+    rule: UpdateRule,
+    weights: Mapping[str, Tensor],
+    support_task: Task,
+    support: Trajectory,
+    query_task: Task | None,
+    query: Trajectory | None,
+    num_steps: int,
+    *,
+    support_generator: torch.Generator,
+    query_generator: torch.Generator | None,
+    unroll_config: UnrollConfig,
+    maml: MAMLConfig,
+    objective: str = "sum",
+    split: str = "train",
+    hook: MetaLossHook | None = None,
+    query_steps: int | None = None,
+) -> MAMLSegment:
     """One MAML meta-step (see the module docstring): inner steps on a support segment, then the query.
 
     ``query_task``/``query`` ``None`` means ``next_segment``: the query (``query_steps`` steps, default
@@ -171,8 +199,16 @@ def maml_segment(rule: UpdateRule, weights: Mapping[str, Tensor], support_task: 
     after = rewind
     for k in range(maml.inner_steps):
         support_generator.set_state(rewind)
-        res = unroll(rule, fast, support_task, support, num_steps, generator=support_generator,
-                     config=unroll_config, meta_split=split)
+        res = unroll(
+            rule,
+            fast,
+            support_task,
+            support,
+            num_steps,
+            generator=support_generator,
+            config=unroll_config,
+            meta_split=split,
+        )
         if support_end is None:
             support_end, after = res.end, support_generator.get_state()
         inner = _objective(objective, res.losses, res.end)
@@ -184,12 +220,29 @@ def maml_segment(rule: UpdateRule, weights: Mapping[str, Tensor], support_task: 
     if query_task is None:
         query_task, query, query_generator = support_task, support_end, support_generator
     assert query is not None and query_generator is not None
-    res = unroll(rule, fast, query_task, query, num_steps if query_steps is None else query_steps,
-                 generator=query_generator, config=unroll_config, meta_split=split, hook=hook)
+    res = unroll(
+        rule,
+        fast,
+        query_task,
+        query,
+        num_steps if query_steps is None else query_steps,
+        generator=query_generator,
+        config=unroll_config,
+        meta_split=split,
+        hook=hook,
+    )
     outer = _objective(objective, res.losses, res.end) + res.extra
-    return MAMLSegment(loss=outer, inner_losses=inner_losses, inner_grad_norms=norms, support_end=support_end,
-                       query_end=res.end, train_losses=res.train_losses, query_losses=res.losses.detach(),
-                       diverged_at=res.diverged_at, fast_weights=fast)
+    return MAMLSegment(
+        loss=outer,
+        inner_losses=inner_losses,
+        inner_grad_norms=norms,
+        support_end=support_end,
+        query_end=res.end,
+        train_losses=res.train_losses,
+        query_losses=res.losses.detach(),
+        diverged_at=res.diverged_at,
+        fast_weights=fast,
+    )
 
 
 # ------------------------------------------------------------------------------ the trainer's helper
@@ -221,8 +274,9 @@ class MAMLRunner:
         key = json.dumps(task_kwargs, sort_keys=True, default=str)
         if key not in self._families:
             cfg = self.trainer.config.task
-            self._families[key] = make_task_family(cfg.family, {**cfg.kwargs, **task_kwargs},
-                                                   device=self.trainer.device, dtype=self.trainer.dtype)
+            self._families[key] = make_task_family(
+                cfg.family, {**cfg.kwargs, **task_kwargs}, device=self.trainer.device, dtype=self.trainer.dtype
+            )
             while len(self._families) > 16:
                 self._families.popitem(last=False)
         self._families.move_to_end(key)
@@ -254,13 +308,17 @@ class MAMLRunner:
         t = self.trainer
         assert t.task is not None
         self.query_task, gen = self._query_for(index, t.task)
-        self.query = None if self.query_task is None else start_trajectory(
-            t.rule, self.query_task, gen, device=t.device, dtype=t.dtype)
+        self.query = (
+            None
+            if self.query_task is None
+            else start_trajectory(t.rule, self.query_task, gen, device=t.device, dtype=t.dtype)
+        )
         self.query_generator = self._gen("maml-query-data", index)
 
     # -- one meta-step ---------------------------------------------------------------------------------
-    def segment(self, weights: Mapping[str, Tensor], num_steps: int) -> tuple[Tensor, dict[str, Any], Tensor,
-                                                                                Trajectory, int | None]:
+    def segment(
+        self, weights: Mapping[str, Tensor], num_steps: int
+    ) -> tuple[Tensor, dict[str, Any], Tensor, Trajectory, int | None]:
         """One meta-step on the current task pair: ``(outer loss, metrics, train losses, end, diverged_at)``.
 
         ``end`` is the trajectory the trainer keeps (the support one; with ``next_segment`` the single
@@ -271,20 +329,35 @@ class MAMLRunner:
         assert t.task is not None and t.trajectory is not None
         next_segment = self.config.query == "next_segment"
         n_support = num_steps // 2 if next_segment else num_steps
-        result = maml_segment(t.rule, weights, t.task, t.trajectory, self.query_task, self.query,
-                              max(n_support, 1), support_generator=t.data_generator,
-                              query_generator=None if next_segment else self.query_generator,
-                              unroll_config=cfg.unroll, maml=self.config, objective=cfg.objective.kind,
-                              split=cfg.objective.split, hook=t.hook,
-                              query_steps=num_steps - n_support if next_segment else None)
+        result = maml_segment(
+            t.rule,
+            weights,
+            t.task,
+            t.trajectory,
+            self.query_task,
+            self.query,
+            max(n_support, 1),
+            support_generator=t.data_generator,
+            query_generator=None if next_segment else self.query_generator,
+            unroll_config=cfg.unroll,
+            maml=self.config,
+            objective=cfg.objective.kind,
+            split=cfg.objective.split,
+            hook=t.hook,
+            query_steps=num_steps - n_support if next_segment else None,
+        )
         if next_segment:
             end = result.query_end
         else:
             end, self.query = result.support_end, result.query_end
-        metrics = {"inner_loss": result.inner_losses[0], "inner_loss_last": result.inner_losses[-1],
-                   "inner_grad_norm": result.inner_grad_norms[0], "outer_loss": float(result.loss.detach()),
-                   "query_loss_last": float(result.query_losses[-1]) if len(result.query_losses) else None,
-                   "task_kwargs": self.task_kwargs}
+        metrics = {
+            "inner_loss": result.inner_losses[0],
+            "inner_loss_last": result.inner_losses[-1],
+            "inner_grad_norm": result.inner_grad_norms[0],
+            "outer_loss": float(result.loss.detach()),
+            "query_loss_last": float(result.query_losses[-1]) if len(result.query_losses) else None,
+            "task_kwargs": self.task_kwargs,
+        }
         return result.loss, metrics, result.train_losses, end, result.diverged_at
 
     @property
@@ -309,16 +382,28 @@ class MAMLRunner:
             return
         self.task_kwargs = dict(meta["task_kwargs"])
         self.query_task, _ = self._query_for(index, t.task)
-        self.query = (None if meta["query"] is None
-                      else Trajectory.from_tensors("maml.query", tensors, meta["query"], device=t.device))
+        self.query = (
+            None
+            if meta["query"] is None
+            else Trajectory.from_tensors("maml.query", tensors, meta["query"], device=t.device)
+        )
         self.query_generator.set_state(tensors["maml.rng.query"])
 
 
 # --------------------------------------------------------------------------- adaptation and evaluation
-def adapt_on_task(rule: UpdateRule, family: TaskFamily | Task, *, steps: int = 5, lr: float = 1e-3,
-                  segment_length: int = 20, trajectory_length: int = 100, seed: int = 0,
-                  objective: str = "sum", unroll_config: UnrollConfig | None = None,
-                  grad_clip: float | None = None) -> tuple[UpdateRule, list[float]]:
+def adapt_on_task(
+    rule: UpdateRule,
+    family: TaskFamily | Task,
+    *,
+    steps: int = 5,
+    lr: float = 1e-3,
+    segment_length: int = 20,
+    trajectory_length: int = 100,
+    seed: int = 0,
+    objective: str = "sum",
+    unroll_config: UnrollConfig | None = None,
+    grad_clip: float | None = None,
+) -> tuple[UpdateRule, list[float]]:
     r"""Test-time adaptation (M-L2O's adaptation stage): ``steps`` Adam updates of a copy of ``rule``.
 
     Each update is one truncated segment of ``segment_length`` learned steps on the adaptation task
@@ -353,12 +438,12 @@ def adapt_on_task(rule: UpdateRule, family: TaskFamily | Task, *, steps: int = 5
 
 
 @torch.no_grad()
-def evaluate_rule(rule: UpdateRule, task: Task, *, steps: int = 1000, seed: int = 0,
-                  config: UnrollConfig | None = None) -> Tensor:
+def evaluate_rule(
+    rule: UpdateRule, task: Task, *, steps: int = 1000, seed: int = 0, config: UnrollConfig | None = None
+) -> Tensor:
     """Losses ``f(theta_0), f(theta_1), ..., f(theta_steps)`` of ``rule`` run on ``task`` (no graph)."""
     gen = torch.Generator().manual_seed(seed)
     traj = start_trajectory(rule, task, gen)
     cfg = config or UnrollConfig(trajectory_length=steps, segment_length=steps)
     res = unroll(rule, None, task, traj, steps, generator=gen, config=cfg, track_graph=False)
     return torch.cat([res.train_losses[:1], res.losses.detach().double()])
-

@@ -23,8 +23,15 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["OBJECTIVES", "safe_log", "sum_objective", "last_objective", "log_objective", "log_last_objective",
-           "meta_objective"]
+__all__ = [
+    "OBJECTIVES",
+    "safe_log",
+    "sum_objective",
+    "last_objective",
+    "log_objective",
+    "log_last_objective",
+    "meta_objective",
+]
 
 OBJECTIVES = ("sum", "last", "log", "log_last")
 
@@ -63,8 +70,9 @@ def log_last_objective(losses: Tensor, initial_loss: float | Tensor, last_step: 
     return (safe_log(losses[-1]) - _log_initial(initial_loss)) / last_step
 
 
-def meta_objective(kind: str, losses: Tensor, *, initial_loss: float | Tensor | None = None,
-                   last_step: int | None = None) -> Tensor:
+def meta_objective(
+    kind: str, losses: Tensor, *, initial_loss: float | Tensor | None = None, last_step: int | None = None
+) -> Tensor:
     """Dispatch on ``kind`` (one of :data:`OBJECTIVES`); ``losses`` is the ``(L,)`` vector of a segment."""
     if losses.numel() == 0:
         raise ValueError("a meta-objective needs at least one loss")

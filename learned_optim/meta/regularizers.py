@@ -78,10 +78,32 @@ from .._validation import check_value
 from .unroll import StepInputs, apply_rule
 
 __all__ = [
-    "WHERE", "REGULARIZERS", "Regularizer", "RegularizerBlock", "RegularizerHook", "parse_blocks", "combine_hooks",
-    "HessianTrace", "HessianEigenvalue", "JacobianTrace", "LocalEntropy", "SAM", "GSAM", "GAM", "Smoothing",
-    "hvp", "hutchinson_trace", "top_eigenvalue", "jacobian_trace", "local_entropy_mean", "local_entropy_surrogate",
-    "sam_term", "gsam_term", "gam_term", "smoothing_term", "net_input_layer",
+    "WHERE",
+    "REGULARIZERS",
+    "Regularizer",
+    "RegularizerBlock",
+    "RegularizerHook",
+    "parse_blocks",
+    "combine_hooks",
+    "HessianTrace",
+    "HessianEigenvalue",
+    "JacobianTrace",
+    "LocalEntropy",
+    "SAM",
+    "GSAM",
+    "GAM",
+    "Smoothing",
+    "hvp",
+    "hutchinson_trace",
+    "top_eigenvalue",
+    "jacobian_trace",
+    "local_entropy_mean",
+    "local_entropy_surrogate",
+    "sam_term",
+    "gsam_term",
+    "gam_term",
+    "smoothing_term",
+    "net_input_layer",
 ]
 
 Params = dict[str, Tensor]
@@ -128,8 +150,14 @@ def hvp(loss_fn: LossFn, params: Mapping[str, Tensor], vector: Mapping[str, Tens
 
 
 # ------------------------------------------------------------------------------------------ the terms
-def hutchinson_trace(loss_fn: LossFn, params: Mapping[str, Tensor], probes: int = 10, *,
-                     generator: torch.Generator | None = None, vectorize: bool = True) -> Tensor:
+def hutchinson_trace(
+    loss_fn: LossFn,
+    params: Mapping[str, Tensor],
+    probes: int = 10,
+    *,
+    generator: torch.Generator | None = None,
+    vectorize: bool = True,
+) -> Tensor:
     r"""Hutchinson's estimate :math:`\frac1n\sum_{i=1}^n z_i^\top \nabla^2 L(\theta) z_i` of the Hessian trace.
 
     The :math:`z_i` are fresh Rademacher vectors (drawn from ``generator``, or torch's global RNG),
@@ -149,15 +177,23 @@ def hutchinson_trace(loss_fn: LossFn, params: Mapping[str, Tensor], probes: int 
         try:
             values = vmap(quadratic_form, in_dims=(None, 0))(params, zs)
         except RuntimeError as err:
-            raise RuntimeError(f"torch.func.vmap could not batch the Hutchinson probes over this loss ({err}); "
-                               "set vectorize: false in the hessian_trace block") from err
+            raise RuntimeError(
+                f"torch.func.vmap could not batch the Hutchinson probes over this loss ({err}); "
+                "set vectorize: false in the hessian_trace block"
+            ) from err
     else:
         values = torch.stack([quadratic_form(params, {k: z[i] for k, z in zs.items()}) for i in range(probes)])
     return values.mean()
 
 
-def top_eigenvalue(loss_fn: LossFn, params: Mapping[str, Tensor], iters: int = 10, *,
-                   generator: torch.Generator | None = None, absolute: bool = True) -> Tensor:
+def top_eigenvalue(
+    loss_fn: LossFn,
+    params: Mapping[str, Tensor],
+    iters: int = 10,
+    *,
+    generator: torch.Generator | None = None,
+    absolute: bool = True,
+) -> Tensor:
     r"""The Hessian eigenvalue of largest magnitude by power iteration.
 
     :math:`v_0 \sim N(0, I)`, :math:`v_{k+1} = Hv_k/\|Hv_k\|` for ``iters`` iterations on the detached
@@ -196,9 +232,18 @@ def jacobian_trace(loss_fn: LossFn, params: Mapping[str, Tensor], reduction: str
     return total  # type: ignore[return-value]
 
 
-def local_entropy_mean(loss_fn: LossFn, params: Mapping[str, Tensor], *, gamma: float = 1e-4, steps: int = 20,
-                       lr: float = 0.1, noise: float = 1e-4, ema: float = 0.25, burn_in: int = 0,
-                       generator: torch.Generator | None = None) -> Params:
+def local_entropy_mean(
+    loss_fn: LossFn,
+    params: Mapping[str, Tensor],
+    *,
+    gamma: float = 1e-4,
+    steps: int = 20,
+    lr: float = 0.1,
+    noise: float = 1e-4,
+    ema: float = 0.25,
+    burn_in: int = 0,
+    generator: torch.Generator | None = None,
+) -> Params:
     r"""SGLD estimate :math:`\mu \approx E[\theta']`, :math:`\theta' \sim \exp(-L(\theta') - \frac\gamma2\|\theta-\theta'\|^2)`.
 
     Starting at :math:`\theta' = \mu = \theta` (detached), ``steps`` steps of
@@ -225,11 +270,13 @@ def local_entropy_mean(loss_fn: LossFn, params: Mapping[str, Tensor], *, gamma: 
     kick = math.sqrt(2.0 * lr) * noise
     for i in range(steps):
         g = grad_fn(x)
-        x = {k: (x[k] - lr * (g[k].detach() + gamma * (x[k] - theta[k])) + kick * _randn(x[k], generator)).detach()
-             for k in x}
+        x = {
+            k: (x[k] - lr * (g[k].detach() + gamma * (x[k] - theta[k])) + kick * _randn(x[k], generator)).detach()
+            for k in x
+        }
         if i < burn_in:
             continue
-        if ema == 0 or (burn_in and i == burn_in):   # plain mean (its first sample replaces theta)
+        if ema == 0 or (burn_in and i == burn_in):  # plain mean (its first sample replaces theta)
             count = i - burn_in + 1
             weight = 1.0 / count if ema == 0 else 1.0
             mu = {k: mu[k] + weight * (x[k] - mu[k]) for k in x}
@@ -324,12 +371,20 @@ def net_input_layer(rule: nn.Module) -> nn.Module:
     for module in rule.modules():
         if module is not rule and any(True for _ in module.parameters(recurse=False)):
             return module
-    raise ValueError(f"{type(rule).__name__} has no parametrised submodule to take as its input layer; "
-                     "define an `input_layer` attribute")
+    raise ValueError(
+        f"{type(rule).__name__} has no parametrised submodule to take as its input layer; "
+        "define an `input_layer` attribute"
+    )
 
 
-def _run_net(inputs: StepInputs, name: str, weights: Mapping[str, Tensor] | None, layer: nn.Module | None,
-             offset: Tensor | None, capture: list[Tensor] | None = None) -> Tensor:
+def _run_net(
+    inputs: StepInputs,
+    name: str,
+    weights: Mapping[str, Tensor] | None,
+    layer: nn.Module | None,
+    offset: Tensor | None,
+    capture: list[Tensor] | None = None,
+) -> Tensor:
     """The update of tensor ``name`` with the input of ``layer`` shifted by ``offset`` (or recorded);
     ``layer=None``: the offset shifts the gradient fed to the net (and ``capture`` records it)."""
     grad = inputs.grads[name]
@@ -338,8 +393,9 @@ def _run_net(inputs: StepInputs, name: str, weights: Mapping[str, Tensor] | None
             capture.append(grad.reshape(-1))
         if offset is not None:
             grad = grad + offset.reshape(grad.shape)
-        deltas, _ = apply_rule(inputs.rule, weights, {name: grad}, {name: inputs.params[name]},
-                               {name: inputs.state[name]}, inputs.step)
+        deltas, _ = apply_rule(
+            inputs.rule, weights, {name: grad}, {name: inputs.params[name]}, {name: inputs.state[name]}, inputs.step
+        )
         return deltas[name]
 
     def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
@@ -351,16 +407,25 @@ def _run_net(inputs: StepInputs, name: str, weights: Mapping[str, Tensor] | None
 
     handle = layer.register_forward_pre_hook(pre_hook)
     try:
-        deltas, _ = apply_rule(inputs.rule, weights, {name: grad}, {name: inputs.params[name]},
-                               {name: inputs.state[name]}, inputs.step)
+        deltas, _ = apply_rule(
+            inputs.rule, weights, {name: grad}, {name: inputs.params[name]}, {name: inputs.state[name]}, inputs.step
+        )
     finally:
         handle.remove()
     return deltas[name]
 
 
-def smoothing_term(inputs: StepInputs, *, epsilon: float = 1.0, steps: int = 10, step_fraction: float = 0.2,
-                   init_std: float = 0.01, reduction: str = "sum", space: str = "features",
-                   generator: torch.Generator | None = None) -> Tensor:
+def smoothing_term(
+    inputs: StepInputs,
+    *,
+    epsilon: float = 1.0,
+    steps: int = 10,
+    step_fraction: float = 0.2,
+    init_std: float = 0.01,
+    reduction: str = "sum",
+    space: str = "features",
+    generator: torch.Generator | None = None,
+) -> Tensor:
     r"""Smoothness of the net in its input (Xiong & Hsieh 2022): :math:`\sum \|m(\tilde x) - m(x)\|^2`.
 
     For every parameter tensor, with the net's state and weights of the step held fixed, projected
@@ -392,9 +457,11 @@ def smoothing_term(inputs: StepInputs, *, epsilon: float = 1.0, steps: int = 10,
         with torch.no_grad():
             base = _run_net(inputs, name, frozen, layer, None, capture)
         if len(capture) != 1:
-            raise RuntimeError(f"{type(rule).__name__}: its input layer {type(layer).__name__} ran {len(capture)} "
-                               "times in one update; feature-space smoothing needs a module the net calls once on its "
-                               "features (an `input_layer` tap); use space: gradient for this net")
+            raise RuntimeError(
+                f"{type(rule).__name__}: its input layer {type(layer).__name__} ran {len(capture)} "
+                "times in one update; feature-space smoothing needs a module the net calls once on its "
+                "features (an `input_layer` tap); use space: gradient for this net"
+            )
         x = capture[0]
         delta = (init_std * _randn(x, generator)).clamp(-epsilon, epsilon)
         for _ in range(steps):
@@ -419,8 +486,14 @@ class Regularizer:
     default_where: ClassVar[str] = "posterior"
     wants_step_inputs: ClassVar[bool] = False
 
-    def term(self, loss_fn: LossFn, params: Mapping[str, Tensor], *, inputs: StepInputs | None,
-             generator: torch.Generator | None) -> Tensor:
+    def term(
+        self,
+        loss_fn: LossFn,
+        params: Mapping[str, Tensor],
+        *,
+        inputs: StepInputs | None,
+        generator: torch.Generator | None,
+    ) -> Tensor:
         raise NotImplementedError
 
     def check(self) -> None:
@@ -491,8 +564,17 @@ class LocalEntropy(Regularizer):
             raise ValueError("need gamma > 0, steps >= 1, 0 <= ema <= 1 and 0 <= burn_in < steps")
 
     def term(self, loss_fn, params, *, inputs, generator):
-        mean = local_entropy_mean(loss_fn, params, gamma=self.gamma, steps=self.steps, lr=self.lr, noise=self.noise,
-                                  ema=self.ema, burn_in=self.burn_in, generator=generator)
+        mean = local_entropy_mean(
+            loss_fn,
+            params,
+            gamma=self.gamma,
+            steps=self.steps,
+            lr=self.lr,
+            noise=self.noise,
+            ema=self.ema,
+            burn_in=self.burn_in,
+            generator=generator,
+        )
         return local_entropy_surrogate(params, mean, self.gamma)
 
 
@@ -571,14 +653,22 @@ class Smoothing(Regularizer):
     def term(self, loss_fn, params, *, inputs, generator):
         if inputs is None:
             raise RuntimeError("the smoothing regularizer needs the step inputs (call it through RegularizerHook)")
-        return smoothing_term(inputs, epsilon=self.epsilon, steps=self.steps, step_fraction=self.step_fraction,
-                              init_std=self.init_std, reduction=self.reduction, space=self.space,
-                              generator=generator)
+        return smoothing_term(
+            inputs,
+            epsilon=self.epsilon,
+            steps=self.steps,
+            step_fraction=self.step_fraction,
+            init_std=self.init_std,
+            reduction=self.reduction,
+            space=self.space,
+            generator=generator,
+        )
 
 
 #: Every regularizer kind by name.
-REGULARIZERS: dict[str, type[Regularizer]] = {cls.kind: cls for cls in (
-    HessianTrace, HessianEigenvalue, JacobianTrace, LocalEntropy, SAM, GSAM, GAM, Smoothing)}
+REGULARIZERS: dict[str, type[Regularizer]] = {
+    cls.kind: cls for cls in (HessianTrace, HessianEigenvalue, JacobianTrace, LocalEntropy, SAM, GSAM, GAM, Smoothing)
+}
 
 
 # ------------------------------------------------------------------------------------------ blocks
@@ -596,8 +686,14 @@ class RegularizerBlock:
         self.name = self.name or self.regularizer.kind
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.regularizer.kind, "weight": self.weight, "where": self.where, "every": self.every,
-                "name": self.name, **dataclasses.asdict(self.regularizer)}
+        return {
+            "kind": self.regularizer.kind,
+            "weight": self.weight,
+            "where": self.where,
+            "every": self.every,
+            "name": self.name,
+            **dataclasses.asdict(self.regularizer),
+        }
 
 
 def parse_block(block: Mapping[str, Any], where: str = "regularizers[0]") -> RegularizerBlock:
@@ -625,8 +721,10 @@ def parse_block(block: Mapping[str, Any], where: str = "regularizers[0]") -> Reg
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"{where}: {kind} has no field(s) {unknown}; its fields: kind, weight, where, every, name, "
-                         f"{', '.join(sorted(known))}")
+        raise ValueError(
+            f"{where}: {kind} has no field(s) {unknown}; its fields: kind, weight, where, every, name, "
+            f"{', '.join(sorted(known))}"
+        )
     regularizer = cls(**{k: check_value(f"{where}.{k}", hints[k], v) for k, v in values.items()})
     try:
         regularizer.check()
@@ -635,11 +733,13 @@ def parse_block(block: Mapping[str, Any], where: str = "regularizers[0]") -> Reg
     return RegularizerBlock(regularizer, weight, place, every, name)
 
 
-def parse_blocks(blocks: Sequence[Mapping[str, Any] | RegularizerBlock] | None,
-                 where: str = "regularizers") -> list[RegularizerBlock]:
+def parse_blocks(
+    blocks: Sequence[Mapping[str, Any] | RegularizerBlock] | None, where: str = "regularizers"
+) -> list[RegularizerBlock]:
     """Parse a list of config blocks; block names must be unique (a repeated kind needs ``name``)."""
-    parsed = [b if isinstance(b, RegularizerBlock) else parse_block(b, f"{where}[{i}]")
-              for i, b in enumerate(blocks or [])]
+    parsed = [
+        b if isinstance(b, RegularizerBlock) else parse_block(b, f"{where}[{i}]") for i, b in enumerate(blocks or [])
+    ]
     names = [b.name for b in parsed]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
@@ -662,8 +762,13 @@ class RegularizerHook:
     over the calls since the last pop, for logging.
     """
 
-    def __init__(self, blocks: Sequence[Mapping[str, Any] | RegularizerBlock], *, segment_length: int | None = None,
-                 seed: int | None = None) -> None:
+    def __init__(
+        self,
+        blocks: Sequence[Mapping[str, Any] | RegularizerBlock],
+        *,
+        segment_length: int | None = None,
+        seed: int | None = None,
+    ) -> None:
         self.blocks = parse_blocks(blocks)
         self.segment_length = segment_length
         self.generator = None if seed is None else torch.Generator().manual_seed(seed)
@@ -686,14 +791,17 @@ class RegularizerHook:
             assert self.segment_length
             return step % self.segment_length == 0 or (self.length is not None and step == self.length)
         if self.length is None:
-            raise RuntimeError(f"where: {block.where} needs the trajectory length; call begin_trajectory(length) "
-                               "before unrolling (the MetaTrainer does)")
+            raise RuntimeError(
+                f"where: {block.where} needs the trajectory length; call begin_trajectory(length) "
+                "before unrolling (the MetaTrainer does)"
+            )
         if block.where == "final":
             return step == self.length
         return step > self.length // 2  # posterior: the second half
 
-    def __call__(self, params: Mapping[str, Tensor], task: Any, batch: Any, step: int, *,
-                 inputs: StepInputs | None = None) -> Tensor | None:
+    def __call__(
+        self, params: Mapping[str, Tensor], task: Any, batch: Any, step: int, *, inputs: StepInputs | None = None
+    ) -> Tensor | None:
         def loss_fn(p: Mapping[str, Tensor]) -> Tensor:
             return task.loss(p, batch)
 

@@ -75,12 +75,24 @@ from torch import Tensor
 
 __all__ = [
     # quadratic
-    "random_quadratic", "quadratic_spectrum", "log_last_loss", "log_objective", "log_objective_grad",
-    "last_loss_closed_form", "unrolled_last_loss", "autograd_value_and_grad", "MetaTrace",
-    "meta_train_step_size", "meta_lr",
+    "random_quadratic",
+    "quadratic_spectrum",
+    "log_last_loss",
+    "log_objective",
+    "log_objective_grad",
+    "last_loss_closed_form",
+    "unrolled_last_loss",
+    "autograd_value_and_grad",
+    "MetaTrace",
+    "meta_train_step_size",
+    "meta_lr",
     # least squares
-    "sample_least_squares_tasks", "split_task", "gd_least_squares", "gd_least_squares_reference",
-    "half_mse", "GUARD_FACTOR",
+    "sample_least_squares_tasks",
+    "split_task",
+    "gd_least_squares",
+    "gd_least_squares_reference",
+    "half_mse",
+    "GUARD_FACTOR",
 ]
 
 # ----------------------------------------------------------------------------------------------
@@ -159,8 +171,9 @@ def unrolled_last_loss(eta: Tensor, H: Tensor, w0: Tensor, t: int) -> Tensor:
     return 0.5 * w @ (H @ w)
 
 
-def autograd_value_and_grad(objective: Callable[[Tensor], Tensor], dtype: torch.dtype = torch.float64
-                            ) -> Callable[[float], tuple[float, float]]:
+def autograd_value_and_grad(
+    objective: Callable[[Tensor], Tensor], dtype: torch.dtype = torch.float64
+) -> Callable[[float], tuple[float, float]]:
     """Wrap a scalar ``objective(eta_tensor)`` as ``eta -> (value, d value / d eta)`` by backprop."""
 
     def value_and_grad(eta: float) -> tuple[float, float]:
@@ -196,8 +209,12 @@ class MetaTrace:
         return sum(g == 0.0 for g in self.grads)
 
 
-def meta_train_step_size(value_and_grad: Callable[[float], tuple[float, float]], eta0: float, steps: int,
-                         lr: Callable[[int], float] = meta_lr) -> MetaTrace:
+def meta_train_step_size(
+    value_and_grad: Callable[[float], tuple[float, float]],
+    eta0: float,
+    steps: int,
+    lr: Callable[[int], float] = meta_lr,
+) -> MetaTrace:
     """Projected meta-gradient descent on η: ``η_k = max(0, η_{k−1} − lr(k)·F'(η_{k−1}))``.
 
     A non-finite meta-gradient leaves η unchanged (what a framework that skips NaN updates does); such
@@ -225,8 +242,9 @@ def meta_train_step_size(value_and_grad: Callable[[float], tuple[float, float]],
 GUARD_FACTOR = 40.0
 
 
-def sample_least_squares_tasks(num_tasks: int, n: int, d: int, sigma: float, generator: torch.Generator,
-                               dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor, Tensor]:
+def sample_least_squares_tasks(
+    num_tasks: int, n: int, d: int, sigma: float, generator: torch.Generator, dtype: torch.dtype = torch.float64
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(X, y, w_star)`` of shapes ``(B, n, d)``, ``(B, n)``, ``(B, d)``: ``‖w*‖ = 1``, ``y = Xw* + σξ``."""
     w_star = torch.randn(num_tasks, d, generator=generator, dtype=dtype)
     w_star = w_star / w_star.norm(dim=-1, keepdim=True)
@@ -256,8 +274,9 @@ def half_mse(w: Tensor, X: Tensor, y: Tensor) -> Tensor:
     return 0.5 * residual.pow(2).mean(-1)
 
 
-def gd_least_squares(X: Tensor, y: Tensor, etas: Tensor | Sequence[float], t: int, guard: float
-                     ) -> tuple[Tensor, Tensor]:
+def gd_least_squares(
+    X: Tensor, y: Tensor, etas: Tensor | Sequence[float], t: int, guard: float
+) -> tuple[Tensor, Tensor]:
     r"""GD from 0 on ``½·mean (Xw − y)²`` for every step size at once, with the divergence guard.
 
     ``X (B, n, d)``, ``y (B, n)``, ``etas (E,)`` → ``(w_t (B, E, d), diverged (B, E) bool)``: the same

@@ -59,8 +59,12 @@ from .unroll import MetaLossHook, Trajectory, UnrollResult, start_trajectory, un
 __all__ = ["MetaTrainer", "derive_seed", "make_task_family", "build_meta_optimizer"]
 
 CHECKPOINT_FORMAT = 1
-_META_OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop,
-                    "sgd": torch.optim.SGD}
+_META_OPTIMIZERS = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "rmsprop": torch.optim.RMSprop,
+    "sgd": torch.optim.SGD,
+}
 
 
 def derive_seed(seed: int, *keys: Any) -> int:
@@ -75,8 +79,13 @@ def _generator(seed: int) -> torch.Generator:
     return gen
 
 
-def make_task_family(family: str, kwargs: Mapping[str, Any] | None = None, *,
-                     device: torch.device | None = None, dtype: torch.dtype | None = None) -> TaskFamily:
+def make_task_family(
+    family: str,
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> TaskFamily:
     """``learned_optim.meta.tasks.make_family(family, **kwargs)``, or ``"module:attr"(**kwargs)``.
 
     For registry families, a non-CPU ``device`` and a non-float32 ``dtype`` are passed on as the
@@ -99,16 +108,18 @@ def make_task_family(family: str, kwargs: Mapping[str, Any] | None = None, *,
         try:
             from .tasks import make_family
         except ImportError as err:
-            raise ImportError(f"cannot build task family {family!r}: learned_optim.meta.tasks.make_family "
-                              f"is not available ({err})") from None
+            raise ImportError(
+                f"cannot build task family {family!r}: learned_optim.meta.tasks.make_family is not available ({err})"
+            ) from None
         result = make_family(family, **kwargs)
     if not isinstance(result, TaskFamily):
         raise TypeError(f"task family {family!r} built a {type(result).__name__}, not a TaskFamily")
     return result
 
 
-def build_meta_optimizer(params: Sequence[Tensor], name: str, lr: float,
-                         kwargs: Mapping[str, Any] | None = None) -> torch.optim.Optimizer:
+def build_meta_optimizer(
+    params: Sequence[Tensor], name: str, lr: float, kwargs: Mapping[str, Any] | None = None
+) -> torch.optim.Optimizer:
     """The torch optimizer of the net's weights (``adam``, ``adamw``, ``rmsprop`` or ``sgd``)."""
     try:
         cls = _META_OPTIMIZERS[name.lower()]
@@ -130,13 +141,14 @@ def _optimizer_to_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _optimizer_from_tensors(opt: torch.optim.Optimizer, prefix: str, tensors: Mapping[str, Tensor],
-                            meta: Mapping[str, Any]) -> None:
+def _optimizer_from_tensors(
+    opt: torch.optim.Optimizer, prefix: str, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]
+) -> None:
     state: dict[int, dict[str, Any]] = {}
     head = prefix + "."
     for key, value in tensors.items():
         if key.startswith(head):
-            pid, name = key[len(head):].split(".", 1)
+            pid, name = key[len(head) :].split(".", 1)
             state.setdefault(int(pid), {})[name] = value
     for key, value in meta["scalars"].items():
         pid, name = key.split(".", 1)
@@ -213,10 +225,19 @@ class MetaTrainer:
         folder = trainer.train()            # runs/l2o-lstm/model, loadable by learned_optim.from_pretrained
     """
 
-    def __init__(self, config: MetaTrainConfig | Mapping[str, Any] | str | os.PathLike, *,
-                 out_dir: str | os.PathLike | None = None, device: str | None = None,
-                 family: TaskFamily | None = None, hook: MetaLossHook | None = None, progress: bool = True,
-                 command: str | None = None, rank: int | None = None, world_size: int | None = None) -> None:
+    def __init__(
+        self,
+        config: MetaTrainConfig | Mapping[str, Any] | str | os.PathLike,
+        *,
+        out_dir: str | os.PathLike | None = None,
+        device: str | None = None,
+        family: TaskFamily | None = None,
+        hook: MetaLossHook | None = None,
+        progress: bool = True,
+        command: str | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
         if isinstance(config, (str, os.PathLike)):
             config = load_config(config)
         elif isinstance(config, Mapping):
@@ -234,17 +255,23 @@ class MetaTrainer:
         self.out_dir = Path(out_dir or config.out_dir or Path("runs") / config.name)
         self.hook = hook
         self.regularizer_hook = None
-        if config.regularizers:   # flatness-aware meta-loss terms (learned_optim.meta.regularizers)
+        if config.regularizers:  # flatness-aware meta-loss terms (learned_optim.meta.regularizers)
             from .regularizers import RegularizerHook, combine_hooks
 
             # their own stream, seeded from the config: torch's global RNG starts from a random seed in each process
-            self.regularizer_hook = RegularizerHook(config.regularizers, segment_length=config.unroll.segment_length,
-                                                    seed=derive_seed(config.seed, "regularizers", self.rank))
+            self.regularizer_hook = RegularizerHook(
+                config.regularizers,
+                segment_length=config.unroll.segment_length,
+                seed=derive_seed(config.seed, "regularizers", self.rank),
+            )
             self.hook = combine_hooks(hook, self.regularizer_hook)
         self.progress = progress
         self.command = command or "MetaTrainer(config).train()  # Python API"
-        self.family = family if family is not None else make_task_family(
-            config.task.family, config.task.kwargs, device=self.device, dtype=self.dtype)
+        self.family = (
+            family
+            if family is not None
+            else make_task_family(config.task.family, config.task.kwargs, device=self.device, dtype=self.dtype)
+        )
         self._eval_family: TaskFamily | None = None if config.task.eval_kwargs and family is None else self.family
 
         self.parent: dict[str, Any] | None = None
@@ -253,16 +280,18 @@ class MetaTrainer:
         self.meta_optimizer_name, self.meta_lr = name, lr
         params = list(self.rule.parameters())
         self.meta_optimizer = build_meta_optimizer(params, name, lr, config.meta_optimizer.kwargs)
-        self.imitation_optimizer = (torch.optim.Adam(params, lr=config.imitation.lr)
-                                    if config.imitation.enabled else None)
+        self.imitation_optimizer = (
+            torch.optim.Adam(params, lr=config.imitation.lr) if config.imitation.enabled else None
+        )
         self.curriculum = Curriculum(config.curriculum) if config.curriculum.enabled else None
         self.maml = None
-        if config.maml.enabled:     # M-L2O: the query side of each meta-step (see learned_optim.meta.maml)
+        if config.maml.enabled:  # M-L2O: the query side of each meta-step (see learned_optim.meta.maml)
             from .maml import MAMLRunner
+
             self.maml = MAMLRunner(self)
 
-        self.meta_steps = 0           # meta-gradient updates so far
-        self.meta_epochs = 0          # completed trajectories
+        self.meta_steps = 0  # meta-gradient updates so far
+        self.meta_epochs = 0  # completed trajectories
         self.trajectory: Trajectory | None = None
         self.task: Task | None = None
         self.trajectory_mode = "unroll"
@@ -284,11 +313,15 @@ class MetaTrainer:
         if cfg.init_from is not None:
             rule, parent_config = load_rule(cfg.init_from)
             if cfg.net.family is not None and cfg.net.family != rule.family:
-                raise ValueError(f"init_from {cfg.init_from!r} is a {rule.family!r} net but net.family is "
-                                 f"{cfg.net.family!r}; fine-tuning keeps the parent's architecture (drop net.family)")
+                raise ValueError(
+                    f"init_from {cfg.init_from!r} is a {rule.family!r} net but net.family is "
+                    f"{cfg.net.family!r}; fine-tuning keeps the parent's architecture (drop net.family)"
+                )
             if cfg.net.config and {**rule.config.to_dict(), **cfg.net.config} != rule.config.to_dict():
-                raise ValueError(f"init_from keeps the parent's architecture {rule.config.to_dict()}; "
-                                 f"net.config {cfg.net.config} differs (drop net.config)")
+                raise ValueError(
+                    f"init_from keeps the parent's architecture {rule.config.to_dict()}; "
+                    f"net.config {cfg.net.config} differs (drop net.config)"
+                )
             self.parent = parent_record(parent_config, init_from=str(cfg.init_from))
             return rule
         with torch.random.fork_rng(devices=[]):
@@ -299,8 +332,9 @@ class MetaTrainer:
     def eval_family(self) -> TaskFamily:
         if self._eval_family is None:
             task: TaskSection = self.config.task
-            self._eval_family = make_task_family(task.family, {**task.kwargs, **task.eval_kwargs},
-                                                 device=self.device, dtype=self.dtype)
+            self._eval_family = make_task_family(
+                task.family, {**task.kwargs, **task.eval_kwargs}, device=self.device, dtype=self.dtype
+            )
         return self._eval_family
 
     @property
@@ -327,8 +361,9 @@ class MetaTrainer:
         self.task, gen = self._task_for(self._task_index)
         self.trajectory = start_trajectory(self.rule, self.task, gen, device=self.device, dtype=self.dtype)
         self.data_generator = _generator(derive_seed(self.config.seed, "data", self._task_index))
-        self.trajectory_length = (self.curriculum.train_length if self.curriculum is not None
-                                  else self.config.unroll.trajectory_length)
+        self.trajectory_length = (
+            self.curriculum.train_length if self.curriculum is not None else self.config.unroll.trajectory_length
+        )
         self.trajectory_mode = "unroll"
         if self.maml is not None:
             self.maml.begin(index)
@@ -350,26 +385,36 @@ class MetaTrainer:
         per_step = 1 if self.maml is None or self.trajectory_mode == "imitation" else self.maml.steps_per_meta_step
         n = min(per_step * cfg.unroll.segment_length, self.trajectory_length - self.trajectory.step)
         weights = self._weights()
-        metrics: dict[str, Any] = {"event": "meta_step", "meta_step": self.meta_steps + 1,
-                                   "meta_epoch": self.meta_epochs, "stage": self.stage, "mode": self.trajectory_mode,
-                                   "trajectory_step": self.trajectory.step + n,
-                                   "trajectory_length": self.trajectory_length}
+        metrics: dict[str, Any] = {
+            "event": "meta_step",
+            "meta_step": self.meta_steps + 1,
+            "meta_epoch": self.meta_epochs,
+            "stage": self.stage,
+            "mode": self.trajectory_mode,
+            "trajectory_step": self.trajectory.step + n,
+            "trajectory_length": self.trajectory_length,
+        }
         if self.trajectory_mode == "imitation":
-            result = imitation_unroll(self.rule, weights, self.task, self.trajectory, n,
-                                      generator=self.data_generator, config=cfg.imitation)
+            result = imitation_unroll(
+                self.rule, weights, self.task, self.trajectory, n, generator=self.data_generator, config=cfg.imitation
+            )
             loss, optimizer = result.loss, self.imitation_optimizer
             metrics["imitation_loss"] = float(loss.detach())
             train_losses, end, diverged_at = result.train_losses, result.end, None
         elif self.maml is not None:
             loss, maml_metrics, train_losses, end, diverged_at = self.maml.segment(weights, n)
             optimizer = self.meta_optimizer
-            metrics.update(maml_metrics, objective=maml_metrics["outer_loss"],
-                           meta_split_loss_last=maml_metrics["query_loss_last"])
+            metrics.update(
+                maml_metrics, objective=maml_metrics["outer_loss"], meta_split_loss_last=maml_metrics["query_loss_last"]
+            )
         else:
             result, objective = self.segment_objective(weights, n)
             loss, optimizer = objective + result.extra, self.meta_optimizer
-            metrics.update(objective=float(objective.detach()), extra=float(result.extra.detach()),
-                           meta_split_loss_last=float(result.losses[-1].detach()))
+            metrics.update(
+                objective=float(objective.detach()),
+                extra=float(result.extra.detach()),
+                meta_split_loss_last=float(result.losses[-1].detach()),
+            )
             if hasattr(self.hook, "pop_values"):
                 metrics["regularizers"] = self.hook.pop_values()
             train_losses, end, diverged_at = result.train_losses, result.end, result.diverged_at
@@ -394,11 +439,16 @@ class MetaTrainer:
         meta_loss = float(loss.detach())
         if math.isfinite(meta_loss):
             self.recent_meta_losses.append(meta_loss)
-        metrics.update(meta_loss=meta_loss, grad_norm=grad_norm, skipped=skipped, diverged=end.diverged,
-                       diverged_at=diverged_at,
-                       loss_first=float(train_losses[0]) if len(train_losses) else None,
-                       loss_last=float(train_losses[-1]) if len(train_losses) else None,
-                       seconds=time.perf_counter() - started)
+        metrics.update(
+            meta_loss=meta_loss,
+            grad_norm=grad_norm,
+            skipped=skipped,
+            diverged=end.diverged,
+            diverged_at=diverged_at,
+            loss_first=float(train_losses[0]) if len(train_losses) else None,
+            loss_last=float(train_losses[-1]) if len(train_losses) else None,
+            seconds=time.perf_counter() - started,
+        )
         self._log(metrics)
         if end.step >= self.trajectory_length:
             self._end_trajectory(metrics)
@@ -408,10 +458,20 @@ class MetaTrainer:
         """The next ``n`` steps of the current trajectory (hook terms in ``result.extra``) and their meta-objective,
         without touching the net, its optimizer or ``self.trajectory`` (the segment's end is ``result.end``)."""
         cfg = self.config
-        result = unroll(self.rule, weights, self.task, self.trajectory, n, generator=self.data_generator,
-                        config=cfg.unroll, meta_split=cfg.objective.split, hook=self.hook)
-        objective = meta_objective(cfg.objective.kind, result.losses, initial_loss=result.end.initial_loss,
-                                   last_step=result.end.step)
+        result = unroll(
+            self.rule,
+            weights,
+            self.task,
+            self.trajectory,
+            n,
+            generator=self.data_generator,
+            config=cfg.unroll,
+            meta_split=cfg.objective.split,
+            hook=self.hook,
+        )
+        objective = meta_objective(
+            cfg.objective.kind, result.losses, initial_loss=result.end.initial_loss, last_step=result.end.step
+        )
         return result, objective
 
     def _average_gradients(self, skipped: bool) -> bool:
@@ -420,15 +480,18 @@ class MetaTrainer:
         import torch.distributed as dist
 
         params = list(self.rule.parameters())
-        flags = torch.tensor([float(p.grad is not None) for p in params] + [float(not skipped)], device=self.device,
-                             dtype=self.dtype)
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params] + [flags])
+        flags = torch.tensor(
+            [float(p.grad is not None) for p in params] + [float(not skipped)], device=self.device, dtype=self.dtype
+        )
+        flat = torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params] + [flags]
+        )
         dist.all_reduce(flat)
-        counts, live = flat[-len(flags):-1], float(flat[-1])
+        counts, live = flat[-len(flags) : -1], float(flat[-1])
         offset = 0
         for p, count in zip(params, counts.tolist()):
             n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p) / count if count > 0 else None
+            p.grad = flat[offset : offset + n].view_as(p) / count if count > 0 else None
             offset += n
         return live == 0
 
@@ -437,9 +500,16 @@ class MetaTrainer:
         final = last.get("meta_split_loss_last", last.get("loss_last"))
         if self.trajectory_mode == "unroll" and final is not None:
             self.recent_final_losses.append(float(final))
-        self._log({"event": "trajectory_end", "meta_epoch": self.meta_epochs, "mode": self.trajectory_mode,
-                   "initial_loss": self.trajectory.initial_loss, "final_loss": final,
-                   "diverged": self.trajectory.diverged})
+        self._log(
+            {
+                "event": "trajectory_end",
+                "meta_epoch": self.meta_epochs,
+                "mode": self.trajectory_mode,
+                "initial_loss": self.trajectory.initial_loss,
+                "final_loss": final,
+                "diverged": self.trajectory.diverged,
+            }
+        )
         self.meta_epochs += 1
         self.trajectory, self.task = None, None
         if self.curriculum is not None and self.curriculum.should_evaluate(self.meta_epochs):
@@ -456,9 +526,17 @@ class MetaTrainer:
             gen = _generator(derive_seed(self.config.seed, "eval-task", r))
             task = self.eval_family.sample(gen)
             trajectory = start_trajectory(self.rule, task, gen, device=self.device, dtype=self.dtype)
-            result = unroll(self.rule, None, task, trajectory, length,
-                            generator=_generator(derive_seed(self.config.seed, "eval-data", r)),
-                            config=self.config.unroll, meta_split=self.config.objective.split, track_graph=False)
+            result = unroll(
+                self.rule,
+                None,
+                task,
+                trajectory,
+                length,
+                generator=_generator(derive_seed(self.config.seed, "eval-data", r)),
+                config=self.config.unroll,
+                meta_split=self.config.objective.split,
+                track_graph=False,
+            )
             values.append(float(result.losses[-1] if score == "final" else result.losses.mean()))
         return sum(values) / len(values)
 
@@ -475,10 +553,24 @@ class MetaTrainer:
             self.rule.load_state_dict(self.best_weights)
         if decision.action == "finish":
             self.finished, self.finish_reason = True, f"curriculum_{decision.reason}"
-        self.last_eval = {"meta_epoch": self.meta_epochs, "stage": stage, "eval_length": length, "score": score,
-                          "best_score": cur.best_score}
-        self._log({"event": "eval", **self.last_eval, "new_best": decision.new_best, "action": decision.action,
-                   "reason": decision.reason, "next_stage": cur.stage, "seconds": time.perf_counter() - started})
+        self.last_eval = {
+            "meta_epoch": self.meta_epochs,
+            "stage": stage,
+            "eval_length": length,
+            "score": score,
+            "best_score": cur.best_score,
+        }
+        self._log(
+            {
+                "event": "eval",
+                **self.last_eval,
+                "new_best": decision.new_best,
+                "action": decision.action,
+                "reason": decision.reason,
+                "next_stage": cur.stage,
+                "seconds": time.perf_counter() - started,
+            }
+        )
 
     # --------------------------------------------------------------------------------------- logging
     @property
@@ -502,13 +594,14 @@ class MetaTrainer:
     def _latest_checkpoint(self) -> Path | None:
         if not self.checkpoint_dir.is_dir():
             return None
-        found = sorted(p for p in self.checkpoint_dir.glob("state-*.json")
-                       if p.with_suffix(".safetensors").is_file())
+        found = sorted(p for p in self.checkpoint_dir.glob("state-*.json") if p.with_suffix(".safetensors").is_file())
         return found[-1] if found else None
 
     def save_checkpoint(self) -> Path:
         """Write the full trainer state (atomically) and drop older checkpoints; returns the JSON path."""
-        tensors: dict[str, Tensor] = {f"net.{k}": v.detach().contiguous().cpu() for k, v in self.rule.state_dict().items()}
+        tensors: dict[str, Tensor] = {
+            f"net.{k}": v.detach().contiguous().cpu() for k, v in self.rule.state_dict().items()
+        }
         meta: dict[str, Any] = {"format": CHECKPOINT_FORMAT, "config": self.config.to_dict()}
         opt_tensors, meta["meta_optimizer"] = _optimizer_to_tensors(self.meta_optimizer, "meta_opt")
         tensors.update(opt_tensors)
@@ -523,6 +616,7 @@ class MetaTrainer:
             tensors["rng.regularizers"] = self.regularizer_hook.generator.get_state()
         try:
             import numpy as np
+
             np_state = np.random.get_state()
             tensors["rng.numpy"] = torch.from_numpy(np_state[1].astype("int64"))
             meta["rng_numpy"] = [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])]
@@ -538,12 +632,18 @@ class MetaTrainer:
             tensors.update(maml_tensors)
         self._log_handle and self._log_handle.flush()
         meta.update(
-            meta_steps=self.meta_steps, meta_epochs=self.meta_epochs,
+            meta_steps=self.meta_steps,
+            meta_epochs=self.meta_epochs,
             curriculum=self.curriculum.state_dict() if self.curriculum is not None else None,
-            last_eval=self.last_eval, recent_meta_losses=list(self.recent_meta_losses),
-            recent_final_losses=list(self.recent_final_losses), wall_time=self._elapsed(),
-            commands=self.commands, finished=self.finished, finish_reason=self.finish_reason,
-            parent=self.parent, log_bytes=self.log_path.stat().st_size if self.log_path.exists() else 0,
+            last_eval=self.last_eval,
+            recent_meta_losses=list(self.recent_meta_losses),
+            recent_final_losses=list(self.recent_final_losses),
+            wall_time=self._elapsed(),
+            commands=self.commands,
+            finished=self.finished,
+            finish_reason=self.finish_reason,
+            parent=self.parent,
+            log_bytes=self.log_path.stat().st_size if self.log_path.exists() else 0,
         )
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         stem = self.checkpoint_dir / f"state-{self.meta_steps:09d}"
@@ -580,6 +680,7 @@ class MetaTrainer:
             self.regularizer_hook.generator.set_state(tensors["rng.regularizers"])
         if "rng.numpy" in tensors and meta.get("rng_numpy"):
             import numpy as np
+
             kind, pos, has_gauss, cached = meta["rng_numpy"]
             np.random.set_state((kind, tensors["rng.numpy"].numpy().astype("uint32"), pos, has_gauss, cached))
         _set_python_rng_state(meta["rng_python"])
@@ -622,10 +723,12 @@ class MetaTrainer:
         if resume:
             resumed = self.load_checkpoint()
         elif self._latest_checkpoint() is not None:
-            raise FileExistsError(f"{self.out_dir} already holds a run's checkpoints; pass resume=True (--resume) "
-                                  "to continue it or choose another out_dir (--out)")
+            raise FileExistsError(
+                f"{self.out_dir} already holds a run's checkpoints; pass resume=True (--resume) "
+                "to continue it or choose another out_dir (--out)"
+            )
         if resumed and self.log_path.exists() and self.log_path.stat().st_size > self._resume_log_bytes:
-            with open(self.log_path, "ab") as handle:   # drop the records written after the checkpoint
+            with open(self.log_path, "ab") as handle:  # drop the records written after the checkpoint
                 handle.truncate(self._resume_log_bytes)
         elif not resumed and self.log_path.exists():
             self.log_path.unlink()
@@ -637,15 +740,30 @@ class MetaTrainer:
         self.commands.append(self.command)
         if self.rank == 0:
             (self.out_dir / "config.json").write_text(self.config.to_json() + "\n")
-        self._log({"event": "resume" if resumed else "start", "meta_step": self.meta_steps,
-                   "rank": self.rank, "world_size": self.world_size,
-                   "meta_epoch": self.meta_epochs, "command": self.command, "device": str(self.device),
-                   "meta_optimizer": self.meta_optimizer_name, "meta_lr": self.meta_lr,
-                   "config": self.config.to_dict()})
+        self._log(
+            {
+                "event": "resume" if resumed else "start",
+                "meta_step": self.meta_steps,
+                "rank": self.rank,
+                "world_size": self.world_size,
+                "meta_epoch": self.meta_epochs,
+                "command": self.command,
+                "device": str(self.device),
+                "meta_optimizer": self.meta_optimizer_name,
+                "meta_lr": self.meta_lr,
+                "config": self.config.to_dict(),
+            }
+        )
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=self.config.meta_epochs, initial=self.meta_epochs, unit="traj", desc=self.config.name,
-                   disable=not self.progress or self.rank != 0, dynamic_ncols=True)
+        bar = tqdm(
+            total=self.config.meta_epochs,
+            initial=self.meta_epochs,
+            unit="traj",
+            desc=self.config.name,
+            disable=not self.progress or self.rank != 0,
+            dynamic_ncols=True,
+        )
         session_steps = 0
         try:
             while not self.finished:
@@ -656,14 +774,25 @@ class MetaTrainer:
                 session_steps += 1
                 bar.update(self.meta_epochs - epochs_before)
                 last = metrics["loss_last"]
-                bar.set_postfix(stage=self.stage, meta_loss=f"{metrics['meta_loss']:.4g}",
-                                loss="-" if last is None else f"{last:.4g}", refresh=False)
+                bar.set_postfix(
+                    stage=self.stage,
+                    meta_loss=f"{metrics['meta_loss']:.4g}",
+                    loss="-" if last is None else f"{last:.4g}",
+                    refresh=False,
+                )
                 if self.meta_steps % self.config.checkpoint_every == 0 and not self.finished:
                     self.save_checkpoint()
             if self.best_weights is not None:
-                self.rule.load_state_dict(self.best_weights)   # ship the best evaluated net
-            self._log({"event": "finish", "reason": self.finish_reason, "meta_steps": self.meta_steps,
-                       "meta_epochs": self.meta_epochs, "wall_time": self._elapsed()})
+                self.rule.load_state_dict(self.best_weights)  # ship the best evaluated net
+            self._log(
+                {
+                    "event": "finish",
+                    "reason": self.finish_reason,
+                    "meta_steps": self.meta_steps,
+                    "meta_epochs": self.meta_epochs,
+                    "wall_time": self._elapsed(),
+                }
+            )
             self.save_checkpoint()
             return self.save_model() if self.rank == 0 else self.model_dir
         finally:
@@ -677,18 +806,26 @@ class MetaTrainer:
     # ------------------------------------------------------------------------------------ the result
     def final_metrics(self) -> dict[str, Any]:
         """Summary of the meta-training run recorded in the zoo folder."""
+
         def mean(values) -> float | None:
             values = list(values)
             return sum(values) / len(values) if values else None
 
-        out = {"meta_steps": self.meta_steps, "meta_epochs": self.meta_epochs, "finish_reason": self.finish_reason,
-               f"mean_meta_loss_last_{len(self.recent_meta_losses)}_steps": mean(self.recent_meta_losses),
-               f"mean_final_{self.config.objective.split}_loss_last_{len(self.recent_final_losses)}_trajectories":
-                   mean(self.recent_final_losses)}
+        out = {
+            "meta_steps": self.meta_steps,
+            "meta_epochs": self.meta_epochs,
+            "finish_reason": self.finish_reason,
+            f"mean_meta_loss_last_{len(self.recent_meta_losses)}_steps": mean(self.recent_meta_losses),
+            f"mean_final_{self.config.objective.split}_loss_last_{len(self.recent_final_losses)}_trajectories": mean(
+                self.recent_final_losses
+            ),
+        }
         if self.curriculum is not None:
-            out.update(curriculum_stage=self.curriculum.stage,
-                       curriculum_stage_length=self.curriculum.train_length,
-                       curriculum_best_score=None if math.isinf(self.curriculum.best_score) else self.curriculum.best_score)
+            out.update(
+                curriculum_stage=self.curriculum.stage,
+                curriculum_stage_length=self.curriculum.train_length,
+                curriculum_best_score=None if math.isinf(self.curriculum.best_score) else self.curriculum.best_score,
+            )
         if self.last_eval is not None:
             out["last_eval"] = self.last_eval
         return out
@@ -706,16 +843,28 @@ class MetaTrainer:
                 "resumed_with": self.commands[1:],
                 "wall_time_seconds": round(wall, 1),
                 "expected_time": cfg.expected_time,
-                "hardware": {"device": str(self.device), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                             "platform": platform.platform(), "torch": torch.__version__},
+                "hardware": {
+                    "device": str(self.device),
+                    "cpu_count": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(),
+                    "platform": platform.platform(),
+                    "torch": torch.__version__,
+                },
                 "meta_optimizer": {"name": self.meta_optimizer_name, "lr": self.meta_lr},
                 "metrics": metrics,
                 "config": cfg.to_dict(),
             },
             "parent": self.parent,
         }
-        return save_pretrained(self.rule, directory, name=cfg.name, description=cfg.description, training=training,
-                               optimizer_defaults={"lr": 1.0}, card=self._card(training))
+        return save_pretrained(
+            self.rule,
+            directory,
+            name=cfg.name,
+            description=cfg.description,
+            training=training,
+            optimizer_defaults={"lr": 1.0},
+            card=self._card(training),
+        )
 
     def _card(self, training: Mapping[str, Any]) -> str:
         cfg, meta = self.config, training["meta_training"]
@@ -727,10 +876,17 @@ class MetaTrainer:
         hours, rest = divmod(int(seconds), 3600)
         wall = f"{seconds:.1f} s" if seconds < 60 else f"{hours}h{rest // 60:02d}m{rest % 60:02d}s"
         lines += [
-            "## Meta-training", "",
+            "## Meta-training",
+            "",
             f"Meta-trained on the `{cfg.task.family}` task family with `learned_optim.meta` "
-            f"({self.meta_steps} meta-steps, {self.meta_epochs} trajectories; finished: {self.finish_reason}).", "",
-            "Command (from the repository root):", "", "```bash", meta["command"], "```", "",
+            f"({self.meta_steps} meta-steps, {self.meta_epochs} trajectories; finished: {self.finish_reason}).",
+            "",
+            "Command (from the repository root):",
+            "",
+            "```bash",
+            meta["command"],
+            "```",
+            "",
             f"- Wall time: {wall} on {meta['hardware']['device']} "
             f"({meta['hardware']['cpu_count']} CPU cores visible, {meta['hardware']['torch_threads']} torch threads)",
         ]
@@ -738,27 +894,42 @@ class MetaTrainer:
             lines.append(f"- Expected time of this recipe: {cfg.expected_time}")
         if meta["resumed_with"]:
             lines.append(f"- Interrupted and resumed {len(meta['resumed_with'])} time(s)")
-        lines += [f"- Meta-optimizer: {self.meta_optimizer_name}, lr {self.meta_lr:g}"
-                  + (f", gradient clipping {cfg.meta_optimizer.grad_clip:g}" if cfg.meta_optimizer.grad_clip else ""),
-                  f"- Objective: `{cfg.objective.kind}` on `{cfg.objective.split}` losses; segments of "
-                  f"{cfg.unroll.segment_length} steps", ""]
+        lines += [
+            f"- Meta-optimizer: {self.meta_optimizer_name}, lr {self.meta_lr:g}"
+            + (f", gradient clipping {cfg.meta_optimizer.grad_clip:g}" if cfg.meta_optimizer.grad_clip else ""),
+            f"- Objective: `{cfg.objective.kind}` on `{cfg.objective.split}` losses; segments of "
+            f"{cfg.unroll.segment_length} steps",
+            "",
+        ]
         if training.get("parent"):
             parent = training["parent"]
-            lines += ["## Parent", "", f"Fine-tuned from `{parent['init_from']}` "
-                      f"(zoo name: {parent.get('name')!s}, family `{parent.get('family')}`), keeping its architecture.", ""]
+            lines += [
+                "## Parent",
+                "",
+                f"Fine-tuned from `{parent['init_from']}` "
+                f"(zoo name: {parent.get('name')!s}, family `{parent.get('family')}`), keeping its architecture.",
+                "",
+            ]
         if cfg.regularizers:
-            lines += ["## Flatness regularizers", "",
-                      "Meta-loss terms added during meta-training only (`learned_optim.meta.regularizers`); at "
-                      "meta-test time the optimizer costs the same per step as an unregularized one. Smoothing of "
-                      f"the net: {'on' if any(b.get('kind') == 'smoothing' for b in cfg.regularizers) else 'off'}.", "",
-                      "| kind | weight | where | settings |", "|---|---|---|---|"]
+            lines += [
+                "## Flatness regularizers",
+                "",
+                "Meta-loss terms added during meta-training only (`learned_optim.meta.regularizers`); at "
+                "meta-test time the optimizer costs the same per step as an unregularized one. Smoothing of "
+                f"the net: {'on' if any(b.get('kind') == 'smoothing' for b in cfg.regularizers) else 'off'}.",
+                "",
+                "| kind | weight | where | settings |",
+                "|---|---|---|---|",
+            ]
             from .regularizers import parse_blocks
 
             for block in parse_blocks(cfg.regularizers):
                 resolved = block.to_dict()
                 rest = {k: v for k, v in resolved.items() if k not in ("kind", "weight", "where", "name")}
-                lines.append(f"| {resolved['kind']} | {resolved['weight']:g} | {resolved['where']} | "
-                             f"{', '.join(f'{k}={v}' for k, v in rest.items())} |")
+                lines.append(
+                    f"| {resolved['kind']} | {resolved['weight']:g} | {resolved['where']} | "
+                    f"{', '.join(f'{k}={v}' for k, v in rest.items())} |"
+                )
             lines.append("")
         lines += ["## Final meta-training metrics", "", "| metric | value |", "|---|---|"]
         for key, value in meta["metrics"].items():
@@ -767,7 +938,17 @@ class MetaTrainer:
             elif isinstance(value, Mapping):
                 value = ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items())
             lines.append(f"| {key} | {value} |")
-        lines += ["", "## Evaluation", "", "No meta-test results recorded yet.", "",
-                  "## Config", "", "```json", json.dumps(cfg.to_dict(), indent=2), "```", ""]
+        lines += [
+            "",
+            "## Evaluation",
+            "",
+            "No meta-test results recorded yet.",
+            "",
+            "## Config",
+            "",
+            "```json",
+            json.dumps(cfg.to_dict(), indent=2),
+            "```",
+            "",
+        ]
         return "\n".join(lines)
-

@@ -39,8 +39,17 @@ from ..nets.base import UpdateRule, functional_update
 from .config import UnrollConfig
 from .tasks.base import Task
 
-__all__ = ["Trajectory", "UnrollResult", "MetaLossHook", "StepInputs", "start_trajectory", "apply_rule", "task_loss_and_grad",
-           "unroll", "to_device"]
+__all__ = [
+    "Trajectory",
+    "UnrollResult",
+    "MetaLossHook",
+    "StepInputs",
+    "start_trajectory",
+    "apply_rule",
+    "task_loss_and_grad",
+    "unroll",
+    "to_device",
+]
 
 StateDict = dict[str, dict[str, Tensor]]
 
@@ -115,13 +124,25 @@ class Trajectory:
             for i, n in enumerate(names):
                 for key, value in store.get(n, {}).items():
                     tensors[f"{prefix}.{group}.{i}.{key}"] = value
-        meta = {"names": names, "step": self.step, "initial_loss": self.initial_loss, "diverged": self.diverged,
-                "penalty": self.penalty, "last_loss": self.last_loss, "has_extra": bool(self.extra)}
+        meta = {
+            "names": names,
+            "step": self.step,
+            "initial_loss": self.initial_loss,
+            "diverged": self.diverged,
+            "penalty": self.penalty,
+            "last_loss": self.last_loss,
+            "has_extra": bool(self.extra),
+        }
         return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, meta
 
     @classmethod
-    def from_tensors(cls, prefix: str, tensors: Mapping[str, Tensor], meta: Mapping[str, Any],
-                     device: torch.device | str | None = None) -> Trajectory:
+    def from_tensors(
+        cls,
+        prefix: str,
+        tensors: Mapping[str, Tensor],
+        meta: Mapping[str, Any],
+        device: torch.device | str | None = None,
+    ) -> Trajectory:
         names = meta["names"]
         params = {n: tensors[f"{prefix}.params.{i}"].to(device) for i, n in enumerate(names)}
         stores: dict[str, StateDict] = {"state": {n: {} for n in names}, "extra": {}}
@@ -131,11 +152,18 @@ class Trajectory:
             for group in ("state", "extra"):
                 head = f"{prefix}.{group}."
                 if key.startswith(head):
-                    index, name = key[len(head):].split(".", 1)
+                    index, name = key[len(head) :].split(".", 1)
                     stores[group][names[int(index)]][name] = value.to(device)
-        return cls(params=params, opt_state=stores["state"], step=int(meta["step"]),
-                   initial_loss=meta["initial_loss"], diverged=bool(meta["diverged"]), penalty=meta["penalty"],
-                   last_loss=meta["last_loss"], extra=stores["extra"])
+        return cls(
+            params=params,
+            opt_state=stores["state"],
+            step=int(meta["step"]),
+            initial_loss=meta["initial_loss"],
+            diverged=bool(meta["diverged"]),
+            penalty=meta["penalty"],
+            last_loss=meta["last_loss"],
+            extra=stores["extra"],
+        )
 
 
 @dataclasses.dataclass
@@ -180,8 +208,14 @@ def _compute_dtype(rule: UpdateRule, weights: Mapping[str, Tensor] | None) -> to
     return rule.compute_dtype
 
 
-def start_trajectory(rule: UpdateRule, task: Task, generator: torch.Generator, *,
-                     device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Trajectory:
+def start_trajectory(
+    rule: UpdateRule,
+    task: Task,
+    generator: torch.Generator,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Trajectory:
     r"""Draw :math:`\theta_0` from ``task.init_params(generator)`` and give every tensor fresh net state."""
     compute = rule.compute_dtype
     params = {}
@@ -192,8 +226,14 @@ def start_trajectory(rule: UpdateRule, task: Task, generator: torch.Generator, *
     return Trajectory(params=params, opt_state=opt_state)
 
 
-def apply_rule(rule: UpdateRule, weights: Mapping[str, Tensor] | None, grads: Mapping[str, Tensor],
-               params: Mapping[str, Tensor], opt_state: StateDict, step: int) -> tuple[dict[str, Tensor], StateDict]:
+def apply_rule(
+    rule: UpdateRule,
+    weights: Mapping[str, Tensor] | None,
+    grads: Mapping[str, Tensor],
+    params: Mapping[str, Tensor],
+    opt_state: StateDict,
+    step: int,
+) -> tuple[dict[str, Tensor], StateDict]:
     r"""The net's update :math:`\Delta` of every tensor (flat views) and the new per-coordinate state.
 
     ``step`` is the 1-based step count, passed to the net as a 0-d tensor in its compute dtype (as the
@@ -203,19 +243,22 @@ def apply_rule(rule: UpdateRule, weights: Mapping[str, Tensor] | None, grads: Ma
     deltas, new_state = {}, {}
     for name, param in params.items():
         t = torch.tensor(float(step), dtype=dtype, device=param.device)
-        delta, state = functional_update(rule, weights, grads[name].reshape(-1).to(dtype),
-                                         param.reshape(-1).to(dtype), opt_state[name], t)
+        delta, state = functional_update(
+            rule, weights, grads[name].reshape(-1).to(dtype), param.reshape(-1).to(dtype), opt_state[name], t
+        )
         deltas[name] = delta.reshape(param.shape).to(param.dtype)
         new_state[name] = state
     return deltas, new_state
 
 
-def task_loss_and_grad(task: Task, params: Mapping[str, Tensor], batch: Any, *,
-                       create_graph: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+def task_loss_and_grad(
+    task: Task, params: Mapping[str, Tensor], batch: Any, *, create_graph: bool = False
+) -> tuple[Tensor, dict[str, Tensor]]:
     """``f(params; batch)`` and its gradient (detached unless ``create_graph``); the loss stays in the graph."""
     loss = task.loss(params, batch)
-    grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph, retain_graph=True,
-                                allow_unused=True)
+    grads = torch.autograd.grad(
+        loss, list(params.values()), create_graph=create_graph, retain_graph=True, allow_unused=True
+    )
     return loss, {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(params.items(), grads)}
 
 
@@ -223,10 +266,20 @@ def _global_norm(params: Mapping[str, Tensor]) -> float:
     return math.sqrt(sum(float(p.detach().double().square().sum()) for p in params.values()))
 
 
-def unroll(rule: UpdateRule, weights: Mapping[str, Tensor] | None, task: Task, trajectory: Trajectory,
-           num_steps: int, *, generator: torch.Generator, config: UnrollConfig | None = None,
-           meta_split: str = "train", hook: MetaLossHook | Callable[..., Tensor | None] | None = None,
-           keep_points: bool = False, track_graph: bool = True) -> UnrollResult:
+def unroll(
+    rule: UpdateRule,
+    weights: Mapping[str, Tensor] | None,
+    task: Task,
+    trajectory: Trajectory,
+    num_steps: int,
+    *,
+    generator: torch.Generator,
+    config: UnrollConfig | None = None,
+    meta_split: str = "train",
+    hook: MetaLossHook | Callable[..., Tensor | None] | None = None,
+    keep_points: bool = False,
+    track_graph: bool = True,
+) -> UnrollResult:
     r"""Run ``num_steps`` learned steps from ``trajectory`` and collect the meta-loss terms.
 
     Args:
@@ -304,8 +357,7 @@ def unroll(rule: UpdateRule, weights: Mapping[str, Tensor] | None, task: Task, t
                 continue
             batch = batch_of("train")
             if cfg.checkpoint_steps and track_graph:
-                loss, new_params, new_state, grads = checkpoint(one_step, params, state, batch, t,
-                                                                use_reentrant=False)
+                loss, new_params, new_state, grads = checkpoint(one_step, params, state, batch, t, use_reentrant=False)
             else:
                 loss, new_params, new_state, grads = one_step(params, state, batch, t)
             loss_value = float(loss.detach())
@@ -349,13 +401,30 @@ def unroll(rule: UpdateRule, weights: Mapping[str, Tensor] | None, task: Task, t
                 meta_losses.append(penalty)
 
     ref = next(iter(params.values()))
-    losses = torch.stack([v if isinstance(v, Tensor) else torch.tensor(v, dtype=ref.dtype, device=ref.device)
-                          for v in meta_losses]) if meta_losses else ref.new_zeros(0)
+    losses = (
+        torch.stack(
+            [v if isinstance(v, Tensor) else torch.tensor(v, dtype=ref.dtype, device=ref.device) for v in meta_losses]
+        )
+        if meta_losses
+        else ref.new_zeros(0)
+    )
     if isinstance(extra, float):
         extra = ref.new_tensor(extra).detach()
-    end = Trajectory(params={k: v.detach() for k, v in params.items()},
-                     opt_state={k: {s: v.detach() for s, v in st.items()} for k, st in state.items()},
-                     step=step0 + num_steps, initial_loss=initial_loss, diverged=diverged, penalty=penalty,
-                     last_loss=last_loss, extra=trajectory.extra)
-    return UnrollResult(losses=losses, train_losses=torch.tensor(train_losses, dtype=torch.float64), extra=extra,
-                        points=points, end=end, diverged_at=diverged_at)
+    end = Trajectory(
+        params={k: v.detach() for k, v in params.items()},
+        opt_state={k: {s: v.detach() for s, v in st.items()} for k, st in state.items()},
+        step=step0 + num_steps,
+        initial_loss=initial_loss,
+        diverged=diverged,
+        penalty=penalty,
+        last_loss=last_loss,
+        extra=trajectory.extra,
+    )
+    return UnrollResult(
+        losses=losses,
+        train_losses=torch.tensor(train_losses, dtype=torch.float64),
+        extra=extra,
+        points=points,
+        end=end,
+        diverged_at=diverged_at,
+    )

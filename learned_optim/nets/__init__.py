@@ -6,6 +6,16 @@ from .mlp import MLPConfig, MLPUpdate
 from .rnnprop import RNNProp, RNNPropConfig
 
 __all__ = [
-    "FAMILIES", "NetConfig", "UpdateRule", "build_rule", "functional_update", "register_family",
-    "DMLSTM", "DMLSTMConfig", "MLPUpdate", "MLPConfig", "RNNProp", "RNNPropConfig",
+    "FAMILIES",
+    "NetConfig",
+    "UpdateRule",
+    "build_rule",
+    "functional_update",
+    "register_family",
+    "DMLSTM",
+    "DMLSTMConfig",
+    "MLPUpdate",
+    "MLPConfig",
+    "RNNProp",
+    "RNNPropConfig",
 ]

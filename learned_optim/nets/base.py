@@ -80,8 +80,9 @@ class UpdateRule(nn.Module):
         """Trailing shape of each per-coordinate state tensor (the leading axis is the coordinate)."""
         raise NotImplementedError
 
-    def init_state(self, numel: int, *, device: torch.device | str | None = None,
-                   dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    def init_state(
+        self, numel: int, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    ) -> dict[str, Tensor]:
         """Fresh per-coordinate state for a tensor of ``numel`` coordinates (all zeros)."""
         return {k: torch.zeros((numel, *shape), device=device, dtype=dtype) for k, shape in self.state_shapes().items()}
 
@@ -93,9 +94,15 @@ class UpdateRule(nn.Module):
         """
         return None
 
-    def forward(self, grad: Tensor, param: Tensor, state: Mapping[str, Tensor], step: Tensor,
-                stats: Tensor | None = None, out_state: Mapping[str, Tensor] | None = None
-                ) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self,
+        grad: Tensor,
+        param: Tensor,
+        state: Mapping[str, Tensor],
+        step: Tensor,
+        stats: Tensor | None = None,
+        out_state: Mapping[str, Tensor] | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -122,8 +129,14 @@ def build_rule(family: str, config: Mapping[str, Any] | None = None) -> UpdateRu
     return cls(cls.config_class.from_dict(config or {}))
 
 
-def functional_update(rule: UpdateRule, weights: Mapping[str, Tensor] | None, grad: Tensor, param: Tensor,
-                      state: Mapping[str, Tensor], step: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+def functional_update(
+    rule: UpdateRule,
+    weights: Mapping[str, Tensor] | None,
+    grad: Tensor,
+    param: Tensor,
+    state: Mapping[str, Tensor],
+    step: Tensor,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """The update of a whole tensor with the net's weights given explicitly (meta-training caller).
 
     ``weights=None`` uses the module's own parameters. Differentiable in ``weights``, ``grad``,

@@ -46,7 +46,7 @@ def inplace_allowed(*tensors: Tensor) -> bool:
 def _gate_scale(hidden_size: int, like: Tensor) -> Tensor:
     """``[1]*2H + [2]*H + [1]*H``: doubles the ``g`` gate rows (PyTorch's gate order is i, f, g, o)."""
     scale = torch.ones(4 * hidden_size, dtype=like.dtype, device=like.device)
-    scale[2 * hidden_size:3 * hidden_size] = 2.0
+    scale[2 * hidden_size : 3 * hidden_size] = 2.0
     return scale
 
 
@@ -56,8 +56,17 @@ def fused_gate_weights(weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor, bi
     return torch.cat([weight_ih, weight_hh], dim=1) * scale.unsqueeze(1), (bias_ih + bias_hh) * scale
 
 
-def lstm_cell(x: Tensor, h: Tensor, c: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor,
-              bias_hh: Tensor, *, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+def lstm_cell(
+    x: Tensor,
+    h: Tensor,
+    c: Tensor,
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias_ih: Tensor,
+    bias_hh: Tensor,
+    *,
+    out: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
     r"""One step of an LSTM cell over a batch of rows, in ``nn.LSTMCell``'s parametrisation.
 
     .. math::
@@ -81,8 +90,14 @@ def lstm_cell(x: Tensor, h: Tensor, c: Tensor, weight_ih: Tensor, weight_hh: Ten
         c_new = f * c + i * (s * 2 - 1)
         h_new = (torch.sigmoid(c_new * 2) * 2 - 1) * o
         return h_new, c_new
-    h_out, c_out = out if out is not None else (torch.empty_like(h, memory_format=torch.contiguous_format),
-                                                torch.empty_like(c, memory_format=torch.contiguous_format))
+    h_out, c_out = (
+        out
+        if out is not None
+        else (
+            torch.empty_like(h, memory_format=torch.contiguous_format),
+            torch.empty_like(c, memory_format=torch.contiguous_format),
+        )
+    )
     if kernels.lstm_cell_into(x, h, c, weight, bias, h_out, c_out):
         return h_out, c_out
     # Same operations, same order, in place (bit-identical to the branch above).

@@ -59,21 +59,42 @@ class DMLSTM(UpdateRule):
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
         return {"lstm": (self.config.num_layers, 2, self.config.hidden_size)}
 
-    def forward(self, grad: Tensor, param: Tensor, state: Mapping[str, Tensor], step: Tensor,
-                stats: Tensor | None = None, out_state: Mapping[str, Tensor] | None = None
-                ) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self,
+        grad: Tensor,
+        param: Tensor,
+        state: Mapping[str, Tensor],
+        step: Tensor,
+        stats: Tensor | None = None,
+        out_state: Mapping[str, Tensor] | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         x = self.input_layer(log_and_sign(grad, self.config.preprocess_k))
         hidden = state["lstm"]
-        if inplace_allowed(grad, hidden):   # no graph: write (h, c) straight into the new state
+        if inplace_allowed(grad, hidden):  # no graph: write (h, c) straight into the new state
             new = out_state["lstm"] if out_state is not None else torch.empty_like(hidden)
             for layer, cell in enumerate(self.cells):
-                x, _ = lstm_cell(x, hidden[:, layer, 0], hidden[:, layer, 1], cell.weight_ih, cell.weight_hh,
-                                 cell.bias_ih, cell.bias_hh, out=(new[:, layer, 0], new[:, layer, 1]))
+                x, _ = lstm_cell(
+                    x,
+                    hidden[:, layer, 0],
+                    hidden[:, layer, 1],
+                    cell.weight_ih,
+                    cell.weight_hh,
+                    cell.bias_ih,
+                    cell.bias_hh,
+                    out=(new[:, layer, 0], new[:, layer, 1]),
+                )
         else:
             layers = []
             for layer, cell in enumerate(self.cells):
-                x, c = lstm_cell(x, hidden[:, layer, 0], hidden[:, layer, 1], cell.weight_ih, cell.weight_hh,
-                                 cell.bias_ih, cell.bias_hh)
+                x, c = lstm_cell(
+                    x,
+                    hidden[:, layer, 0],
+                    hidden[:, layer, 1],
+                    cell.weight_ih,
+                    cell.weight_hh,
+                    cell.bias_ih,
+                    cell.bias_hh,
+                )
                 layers.append(torch.stack([x, c], dim=1))
             new = torch.stack(layers, dim=1)
         delta = self.head(x).squeeze(-1) * self.config.output_scale

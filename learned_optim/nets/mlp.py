@@ -87,20 +87,28 @@ class MLPUpdate(UpdateRule):
         """Mean square of each coordinate feature over the whole tensor, shape ``(2 + 4D,)``."""
         dtype = self.compute_dtype
         if inplace_allowed(grad, param, state["m"]) and dtype == torch.float32:
-            fused = kernels.mlp_feature_mean_square(grad, param, state["m"], state["v"], self.decay,
-                                                    self.config.moment_eps)
+            fused = kernels.mlp_feature_mean_square(
+                grad, param, state["m"], state["v"], self.decay, self.config.moment_eps
+            )
             if fused is not None:
                 return fused.to(grad.device)
 
         def features_of(block: slice) -> Tensor:
-            return self._coordinate_features(grad[block].to(dtype), param[block].to(dtype),
-                                             state["m"][block].to(dtype), state["v"][block].to(dtype))[0]
+            return self._coordinate_features(
+                grad[block].to(dtype), param[block].to(dtype), state["m"][block].to(dtype), state["v"][block].to(dtype)
+            )[0]
 
         return blocked_mean_square(features_of, grad.shape[0])
 
-    def forward(self, grad: Tensor, param: Tensor, state: Mapping[str, Tensor], step: Tensor,
-                stats: Tensor | None = None, out_state: Mapping[str, Tensor] | None = None
-                ) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self,
+        grad: Tensor,
+        param: Tensor,
+        state: Mapping[str, Tensor],
+        step: Tensor,
+        stats: Tensor | None = None,
+        out_state: Mapping[str, Tensor] | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         if stats is None:
             raise ValueError("MLPUpdate needs the per-tensor statistics from tensor_stats()")
         c = self.config
@@ -113,12 +121,25 @@ class MLPUpdate(UpdateRule):
         bias = first.bias + torch.mv(first.weight[:, k:], times)
         *hidden, last = self.mlp[1:]
         if c.num_hidden_layers == 1 and inplace_allowed(grad, param, state["m"], weight):
-            fused = kernels.mlp_update(grad, param, state["m"], state["v"], self.decay, c.moment_eps, weight, bias,
-                                       last.weight, last.bias, c.magnitude_scale, c.step_scale, out=out_state)
+            fused = kernels.mlp_update(
+                grad,
+                param,
+                state["m"],
+                state["v"],
+                self.decay,
+                c.moment_eps,
+                weight,
+                bias,
+                last.weight,
+                last.bias,
+                c.magnitude_scale,
+                c.step_scale,
+                out=out_state,
+            )
             if fused is not None:
                 return fused[0], {"m": fused[1], "v": fused[2]}
         features, m, v = self._coordinate_features(grad, param, state["m"], state["v"])
-        x = torch.addmm(bias, features.t(), weight.t())   # (n, H); BLAS reads the feature-major matrix as is
+        x = torch.addmm(bias, features.t(), weight.t())  # (n, H); BLAS reads the feature-major matrix as is
         inplace = inplace_allowed(grad, x)
         for layer in hidden:
             x = (x.relu_() if inplace else torch.relu(x)) if isinstance(layer, nn.ReLU) else layer(x)

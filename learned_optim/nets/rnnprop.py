@@ -52,9 +52,15 @@ class RNNProp(UpdateRule):
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
         return {"m": (), "v": (), "lstm": (2, self.config.hidden_size)}
 
-    def forward(self, grad: Tensor, param: Tensor, state: Mapping[str, Tensor], step: Tensor,
-                stats: Tensor | None = None, out_state: Mapping[str, Tensor] | None = None
-                ) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self,
+        grad: Tensor,
+        param: Tensor,
+        state: Mapping[str, Tensor],
+        step: Tensor,
+        stats: Tensor | None = None,
+        out_state: Mapping[str, Tensor] | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         c = self.config
         m = ema(state["m"], grad, c.beta1)
         v = ema(state["v"], grad.square(), c.beta2)
@@ -63,13 +69,22 @@ class RNNProp(UpdateRule):
         hidden, cell = state["lstm"], self.cell
         fast = inplace_allowed(grad, hidden, x)
         x = kernels.elu_(x) if fast else nn.functional.elu(x)
-        if fast:   # no graph: write (h, c) straight into the new state
+        if fast:  # no graph: write (h, c) straight into the new state
             new = out_state["lstm"] if out_state is not None else torch.empty_like(hidden)
-            h, _ = lstm_cell(x, hidden[:, 0], hidden[:, 1], cell.weight_ih, cell.weight_hh, cell.bias_ih,
-                             cell.bias_hh, out=(new[:, 0], new[:, 1]))
+            h, _ = lstm_cell(
+                x,
+                hidden[:, 0],
+                hidden[:, 1],
+                cell.weight_ih,
+                cell.weight_hh,
+                cell.bias_ih,
+                cell.bias_hh,
+                out=(new[:, 0], new[:, 1]),
+            )
         else:
-            h, c_new = lstm_cell(x, hidden[:, 0], hidden[:, 1], cell.weight_ih, cell.weight_hh, cell.bias_ih,
-                                 cell.bias_hh)
+            h, c_new = lstm_cell(
+                x, hidden[:, 0], hidden[:, 1], cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh
+            )
             new = torch.stack([h, c_new], dim=1)
         delta = torch.tanh(self.head(h).squeeze(-1)) * c.output_scale
         return delta, {"m": m, "v": v, "lstm": new}

@@ -12,8 +12,14 @@ from torch import Tensor
 from .base import SPLITS
 
 __all__ = [
-    "child_seed", "seeded_global_rng", "sample_choice", "normal", "uniform",
-    "resolve_dtype", "check_split", "family_config",
+    "child_seed",
+    "seeded_global_rng",
+    "sample_choice",
+    "normal",
+    "uniform",
+    "resolve_dtype",
+    "check_split",
+    "family_config",
 ]
 
 
@@ -43,15 +49,29 @@ def sample_choice(value: Any, generator: torch.Generator) -> Any:
     return value
 
 
-def normal(shape: Sequence[int], std: float | Tensor, generator: torch.Generator, *,
-           dtype: torch.dtype, device: torch.device | str, mean: float = 0.0) -> Tensor:
+def normal(
+    shape: Sequence[int],
+    std: float | Tensor,
+    generator: torch.Generator,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    mean: float = 0.0,
+) -> Tensor:
     """``mean + std * N(0, 1)`` of ``shape``, drawn on the CPU from ``generator`` then moved."""
     z = torch.randn(tuple(shape), generator=generator, dtype=dtype)
     return (mean + std * z).to(device)
 
 
-def uniform(shape: Sequence[int], low: float, high: float, generator: torch.Generator, *,
-            dtype: torch.dtype, device: torch.device | str) -> Tensor:
+def uniform(
+    shape: Sequence[int],
+    low: float,
+    high: float,
+    generator: torch.Generator,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> Tensor:
     """``U[low, high)`` of ``shape``, drawn on the CPU from ``generator`` then moved."""
     u = torch.rand(tuple(shape), generator=generator, dtype=dtype)
     return (low + (high - low) * u).to(device)
@@ -78,6 +98,7 @@ def family_config(frame_locals: dict[str, Any]) -> dict[str, Any]:
     dtypes and devices become strings, so the dict is JSON-serialisable when the arguments are and
     ``make_family(family.name, **family.config)`` rebuilds the family.
     """
+
     def plain(v: Any) -> Any:
         if isinstance(v, torch.dtype):
             return str(v).removeprefix("torch.")
@@ -85,5 +106,4 @@ def family_config(frame_locals: dict[str, Any]) -> dict[str, Any]:
             return str(v)
         return v
 
-    return {k: plain(v) for k, v in frame_locals.items()
-            if k not in ("self", "__class__") and not k.startswith("_")}
+    return {k: plain(v) for k, v in frame_locals.items() if k not in ("self", "__class__") and not k.startswith("_")}

@@ -37,8 +37,13 @@ class MixtureFamily(TaskFamily):
 
     name = "mixture"
 
-    def __init__(self, *, components: Sequence[ComponentSpec] | None = None,
-                 weights: Sequence[float] | None = None, **shared: Any) -> None:
+    def __init__(
+        self,
+        *,
+        components: Sequence[ComponentSpec] | None = None,
+        weights: Sequence[float] | None = None,
+        **shared: Any,
+    ) -> None:
         from .registry import make_family
 
         specs = list(DEFAULT_MLP_MIX if components is None else components)
@@ -53,7 +58,11 @@ class MixtureFamily(TaskFamily):
             else:
                 spec = dict(spec)
                 self.components.append(make_family(spec.pop("name"), **{**shared, **spec}))
-        w = torch.ones(len(specs), dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        w = (
+            torch.ones(len(specs), dtype=torch.float64)
+            if weights is None
+            else torch.as_tensor(weights, dtype=torch.float64)
+        )
         if w.shape != (len(specs),) or bool((w < 0).any()) or float(w.sum()) <= 0:
             raise ValueError(f"weights must be {len(specs)} non-negative numbers, not all 0; got {weights}")
         self.weights = w / w.sum()

@@ -37,14 +37,26 @@ from ._common import check_split, child_seed, family_config, resolve_dtype, seed
 from .base import Params, Task, TaskFamily
 
 __all__ = [
-    "ACTIVATIONS", "ClassificationTask", "ImageClassificationFamily",
-    "MLPFamily", "ConvFamily", "ResNetFamily", "TimmFamily",
-    "build_mlp", "build_conv_net", "ResNet", "PRESETS",
+    "ACTIVATIONS",
+    "ClassificationTask",
+    "ImageClassificationFamily",
+    "MLPFamily",
+    "ConvFamily",
+    "ResNetFamily",
+    "TimmFamily",
+    "build_mlp",
+    "build_conv_net",
+    "ResNet",
+    "PRESETS",
 ]
 
 #: Activation names accepted by the MLP / Conv families.
 ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "gelu": nn.GELU,
+    "sigmoid": nn.Sigmoid,
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "elu": nn.ELU,
+    "gelu": nn.GELU,
 }
 
 
@@ -59,8 +71,9 @@ def _activation(name: str) -> nn.Module:
 # Architectures
 
 
-def build_mlp(input_shape: Sequence[int], hidden_sizes: Sequence[int], num_classes: int,
-              activation: str) -> nn.Sequential:
+def build_mlp(
+    input_shape: Sequence[int], hidden_sizes: Sequence[int], num_classes: int, activation: str
+) -> nn.Sequential:
     """Flatten -> [Linear -> activation] per hidden size -> Linear. Parameters ``fc1.weight``, ..."""
     layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
     width = 1
@@ -74,8 +87,14 @@ def build_mlp(input_shape: Sequence[int], hidden_sizes: Sequence[int], num_class
     return nn.Sequential(layers)
 
 
-def build_conv_net(input_shape: Sequence[int], channels: Sequence[int], kernel_sizes: Sequence[int],
-                   num_classes: int, activation: str, pool: int) -> nn.Sequential:
+def build_conv_net(
+    input_shape: Sequence[int],
+    channels: Sequence[int],
+    kernel_sizes: Sequence[int],
+    num_classes: int,
+    activation: str,
+    pool: int,
+) -> nn.Sequential:
     """The papers' Conv optimizee: [Conv(k x k, "same" padding) -> activation] per layer ->
     MaxPool(pool) -> Flatten -> Linear.
 
@@ -126,8 +145,9 @@ class ResNet(nn.Module):
     stages of ``widths`` (16, 32, 64) channels with strides 1, 2, 2, global average pool, Linear.
     Batch norm uses batch statistics only (see the module docstring)."""
 
-    def __init__(self, in_channels: int, num_classes: int, depth: int = 20,
-                 widths: Sequence[int] = (16, 32, 64)) -> None:
+    def __init__(
+        self, in_channels: int, num_classes: int, depth: int = 20, widths: Sequence[int] = (16, 32, 64)
+    ) -> None:
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"ResNet depth must be 6n + 2, got {depth}")
@@ -162,9 +182,18 @@ class ClassificationTask(Task):
         num_classes: for :meth:`metrics`.
     """
 
-    def __init__(self, build_module: Callable[[], nn.Module], splits: Mapping[str, tuple[Tensor, Tensor]], *,
-                 batch_size: int | None, eval_batch_size: int | None, num_classes: int,
-                 dtype: torch.dtype, device: torch.device, name: str) -> None:
+    def __init__(
+        self,
+        build_module: Callable[[], nn.Module],
+        splits: Mapping[str, tuple[Tensor, Tensor]],
+        *,
+        batch_size: int | None,
+        eval_batch_size: int | None,
+        num_classes: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        name: str,
+    ) -> None:
         self._build = build_module
         self.splits = dict(splits)
         self.batch_size, self.eval_batch_size, self.num_classes = batch_size, eval_batch_size, num_classes
@@ -195,8 +224,10 @@ class ClassificationTask(Task):
     def logits(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         if params.keys() != self.param_names:
             missing, extra = self.param_names - params.keys(), params.keys() - self.param_names
-            raise KeyError(f"{self.name}: parameter names differ from the module's (missing "
-                           f"{sorted(missing)}, unexpected {sorted(extra)})")
+            raise KeyError(
+                f"{self.name}: parameter names differ from the module's (missing "
+                f"{sorted(missing)}, unexpected {sorted(extra)})"
+            )
         return functional_call(self.module, dict(params), (x,))
 
     def loss(self, params: Mapping[str, Tensor], batch: tuple[Tensor, Tensor]) -> Tensor:
@@ -208,8 +239,10 @@ class ClassificationTask(Task):
         """``{"loss": mean cross-entropy, "accuracy": fraction of argmax predictions equal to y}``."""
         x, y = batch
         logits = self.logits(params, x)
-        return {"loss": float(F.cross_entropy(logits, y)),
-                "accuracy": float((logits.argmax(dim=-1) == y).float().mean())}
+        return {
+            "loss": float(F.cross_entropy(logits, y)),
+            "accuracy": float((logits.argmax(dim=-1) == y).float().mean()),
+        }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -235,13 +268,25 @@ class ImageClassificationFamily(TaskFamily):
         dtype, device: of the data and parameters.
     """
 
-    def __init__(self, *, dataset: str = "digits", data_root: str | os.PathLike | None = None,
-                 download: bool = False, image_size: int | None = None, channels: int | None = None,
-                 batch_size: int | None = 128, eval_batch_size: int | None = None,
-                 n_train: int | None = None, train_shard: Sequence[int] | None = None,
-                 label_noise: float = 0.0, val_fraction: float = 0.1, split_seed: int = 0,
-                 verify_checksums: bool = True, dtype: torch.dtype | str = torch.float32,
-                 device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        *,
+        dataset: str = "digits",
+        data_root: str | os.PathLike | None = None,
+        download: bool = False,
+        image_size: int | None = None,
+        channels: int | None = None,
+        batch_size: int | None = 128,
+        eval_batch_size: int | None = None,
+        n_train: int | None = None,
+        train_shard: Sequence[int] | None = None,
+        label_noise: float = 0.0,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        verify_checksums: bool = True,
+        dtype: torch.dtype | str = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
         self.config = family_config(locals())
         if data_root is not None:
             self.config["data_root"] = os.fspath(data_root)
@@ -255,13 +300,20 @@ class ImageClassificationFamily(TaskFamily):
             raise ValueError(f"train_shard must be (i, k) with 0 <= i < k, got {train_shard}")
         self.dtype, self.device = resolve_dtype(dtype), torch.device(device)
         splits = data_lib.load_splits(
-            self.dataset, data_root=data_root, download=download, image_size=image_size,
-            channels=channels, val_fraction=val_fraction, split_seed=split_seed,
-            verify_checksums=verify_checksums)
+            self.dataset,
+            data_root=data_root,
+            download=download,
+            image_size=image_size,
+            channels=channels,
+            val_fraction=val_fraction,
+            split_seed=split_seed,
+            verify_checksums=verify_checksums,
+        )
         self.num_classes = splits.num_classes
         self.input_shape = splits.image_shape
-        self._data = {s: (splits[s].x.to(self.device, self.dtype), splits[s].y.to(self.device))
-                      for s in ("train", "val", "test")}
+        self._data = {
+            s: (splits[s].x.to(self.device, self.dtype), splits[s].y.to(self.device)) for s in ("train", "val", "test")
+        }
 
     @abc.abstractmethod
     def build_module(self) -> nn.Module:
@@ -277,7 +329,7 @@ class ImageClassificationFamily(TaskFamily):
         if self.train_shard is not None:
             i, k = self.train_shard
             size = len(y) // k
-            x, y = x[i * size:(i + 1) * size], y[i * size:(i + 1) * size]
+            x, y = x[i * size : (i + 1) * size], y[i * size : (i + 1) * size]
         if self.n_train is not None and self.n_train < len(y):
             idx = torch.randperm(len(y), generator=generator)[: self.n_train].to(y.device)
             x, y = x[idx], y[idx]
@@ -294,9 +346,16 @@ class ImageClassificationFamily(TaskFamily):
             for s in ("train", "val"):
                 x, y = splits[s]
                 splits[s] = (x, self._corrupt(y, generator))
-        return ClassificationTask(self.build_module, splits, batch_size=self.batch_size,
-                                  eval_batch_size=self.eval_batch_size, num_classes=self.num_classes,
-                                  dtype=self.dtype, device=self.device, name=self.task_name)
+        return ClassificationTask(
+            self.build_module,
+            splits,
+            batch_size=self.batch_size,
+            eval_batch_size=self.eval_batch_size,
+            num_classes=self.num_classes,
+            dtype=self.dtype,
+            device=self.device,
+            name=self.task_name,
+        )
 
 
 class MLPFamily(ImageClassificationFamily):
@@ -326,8 +385,15 @@ class ConvFamily(ImageClassificationFamily):
 
     name = "conv"
 
-    def __init__(self, *, channels: Sequence[int] = (16, 32), kernel_sizes: Sequence[int] = (3, 5),
-                 activation: str = "relu", pool: int = 2, **data: Any) -> None:
+    def __init__(
+        self,
+        *,
+        channels: Sequence[int] = (16, 32),
+        kernel_sizes: Sequence[int] = (3, 5),
+        activation: str = "relu",
+        pool: int = 2,
+        **data: Any,
+    ) -> None:
         _activation(activation)
         self.conv_channels = tuple(int(c) for c in channels)
         self.kernel_sizes = tuple(int(k) for k in kernel_sizes)
@@ -335,12 +401,14 @@ class ConvFamily(ImageClassificationFamily):
             raise ValueError(f"channels {channels} and kernel_sizes {kernel_sizes} differ in length")
         self.activation, self.pool = activation, pool
         super().__init__(**data)
-        self.config.update(channels=self.conv_channels, kernel_sizes=self.kernel_sizes,
-                           activation=activation, pool=pool)
+        self.config.update(
+            channels=self.conv_channels, kernel_sizes=self.kernel_sizes, activation=activation, pool=pool
+        )
 
     def build_module(self) -> nn.Module:
-        return build_conv_net(self.input_shape, self.conv_channels, self.kernel_sizes,
-                              self.num_classes, self.activation, self.pool)
+        return build_conv_net(
+            self.input_shape, self.conv_channels, self.kernel_sizes, self.num_classes, self.activation, self.pool
+        )
 
     @property
     def task_name(self) -> str:
@@ -378,8 +446,14 @@ class TimmFamily(ImageClassificationFamily):
 
     name = "timm"
 
-    def __init__(self, *, model_name: str = "test_resnet", model_kwargs: Mapping[str, Any] | None = None,
-                 image_size: int | None = 32, **data: Any) -> None:
+    def __init__(
+        self,
+        *,
+        model_name: str = "test_resnet",
+        model_kwargs: Mapping[str, Any] | None = None,
+        image_size: int | None = 32,
+        **data: Any,
+    ) -> None:
         import timm
 
         if not timm.is_model(model_name):
@@ -391,8 +465,13 @@ class TimmFamily(ImageClassificationFamily):
     def build_module(self) -> nn.Module:
         import timm
 
-        return timm.create_model(self.model_name, pretrained=False, num_classes=self.num_classes,
-                                 in_chans=self.input_shape[0], **self.model_kwargs)
+        return timm.create_model(
+            self.model_name,
+            pretrained=False,
+            num_classes=self.num_classes,
+            in_chans=self.input_shape[0],
+            **self.model_kwargs,
+        )
 
     @property
     def task_name(self) -> str:
@@ -408,26 +487,51 @@ def _preset(base: type[ImageClassificationFamily], name: str, doc: str, **defaul
         base.__init__(self, **{**defaults, **config})
 
     cls_name = "".join(part.capitalize() for part in name.replace("-", " ").split()) + "Family"
-    cls = type(cls_name, (base,), {"__init__": __init__, "name": name, "preset_defaults": dict(defaults),
-                                   "__doc__": f"{doc} Preset of :class:`{base.__name__}` with {defaults}.",
-                                   "__module__": __name__})
+    cls = type(
+        cls_name,
+        (base,),
+        {
+            "__init__": __init__,
+            "name": name,
+            "preset_defaults": dict(defaults),
+            "__doc__": f"{doc} Preset of :class:`{base.__name__}` with {defaults}.",
+            "__module__": __name__,
+        },
+    )
     globals()[cls_name] = cls  # importable by name, so instances pickle
     return cls
 
 
 #: The papers' named optimizees (meta-training task and meta-test set, SPEC §6).
-PRESETS: dict[str, type] = {cls.name: cls for cls in (
-    _preset(MLPFamily, "digits-mlp20-sigmoid", "The papers' meta-training task (on digits)."),
-    _preset(MLPFamily, "digits-mlp20-relu", "Meta-test: MLP-ReLU, one hidden layer of 20.", activation="relu"),
-    _preset(MLPFamily, "digits-mlp20x20x20-relu", "Meta-test: a deeper MLP, three ReLU layers of 20.",
-            hidden_sizes=(20, 20, 20), activation="relu"),
-    _preset(ConvFamily, "digits-conv", "Meta-test: the papers' Conv (3x3x16, 5x5x32, max-pool, FC)."),
-    _preset(ConvFamily, "digits-conv4", "Meta-test: a larger conv net, four conv layers.",
-            channels=(16, 32, 32, 64), kernel_sizes=(3, 3, 3, 3)),
-    _preset(ResNetFamily, "digits-resnet20", "Meta-test: ResNet-20."),
-    _preset(TimmFamily, "digits-timm-resnet", "Meta-test: a tiny timm ResNet on 32x32 digits."),
-    _preset(MLPFamily, "mnist-mlp20-sigmoid", "The papers' meta-training task on MNIST (needs data_root).",
-            dataset="mnist"),
-    _preset(ConvFamily, "mnist-conv", "The papers' Conv-MNIST (needs data_root).", dataset="mnist"),
-    _preset(ConvFamily, "cifar10-conv", "The papers' Conv net on CIFAR-10 (needs data_root).", dataset="cifar10"),
-)}
+PRESETS: dict[str, type] = {
+    cls.name: cls
+    for cls in (
+        _preset(MLPFamily, "digits-mlp20-sigmoid", "The papers' meta-training task (on digits)."),
+        _preset(MLPFamily, "digits-mlp20-relu", "Meta-test: MLP-ReLU, one hidden layer of 20.", activation="relu"),
+        _preset(
+            MLPFamily,
+            "digits-mlp20x20x20-relu",
+            "Meta-test: a deeper MLP, three ReLU layers of 20.",
+            hidden_sizes=(20, 20, 20),
+            activation="relu",
+        ),
+        _preset(ConvFamily, "digits-conv", "Meta-test: the papers' Conv (3x3x16, 5x5x32, max-pool, FC)."),
+        _preset(
+            ConvFamily,
+            "digits-conv4",
+            "Meta-test: a larger conv net, four conv layers.",
+            channels=(16, 32, 32, 64),
+            kernel_sizes=(3, 3, 3, 3),
+        ),
+        _preset(ResNetFamily, "digits-resnet20", "Meta-test: ResNet-20."),
+        _preset(TimmFamily, "digits-timm-resnet", "Meta-test: a tiny timm ResNet on 32x32 digits."),
+        _preset(
+            MLPFamily,
+            "mnist-mlp20-sigmoid",
+            "The papers' meta-training task on MNIST (needs data_root).",
+            dataset="mnist",
+        ),
+        _preset(ConvFamily, "mnist-conv", "The papers' Conv-MNIST (needs data_root).", dataset="mnist"),
+        _preset(ConvFamily, "cifar10-conv", "The papers' Conv net on CIFAR-10 (needs data_root).", dataset="cifar10"),
+    )
+}

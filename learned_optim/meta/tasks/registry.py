@@ -8,7 +8,11 @@ from .base import TaskFamily
 from .mixture import MixtureFamily
 from .neural import PRESETS, ConvFamily, MLPFamily, ResNetFamily, TimmFamily
 from .synthetic import (
-    LassoFamily, LeastSquaresFamily, PolynomialRegressionFamily, QuadraticFamily, RosenbrockFamily,
+    LassoFamily,
+    LeastSquaresFamily,
+    PolynomialRegressionFamily,
+    QuadraticFamily,
+    RosenbrockFamily,
     StepSizeQuadraticFamily,
 )
 
@@ -28,9 +32,20 @@ def register_family(cls: type[TaskFamily]) -> type[TaskFamily]:
     return cls
 
 
-for _cls in (QuadraticFamily, LassoFamily, RosenbrockFamily, LeastSquaresFamily, PolynomialRegressionFamily,
-             StepSizeQuadraticFamily, MLPFamily, ConvFamily, ResNetFamily, TimmFamily, MixtureFamily,
-             *PRESETS.values()):
+for _cls in (
+    QuadraticFamily,
+    LassoFamily,
+    RosenbrockFamily,
+    LeastSquaresFamily,
+    PolynomialRegressionFamily,
+    StepSizeQuadraticFamily,
+    MLPFamily,
+    ConvFamily,
+    ResNetFamily,
+    TimmFamily,
+    MixtureFamily,
+    *PRESETS.values(),
+):
     register_family(_cls)
 
 

@@ -20,11 +20,18 @@ from ._common import check_split, family_config, normal, resolve_dtype, sample_c
 from .base import Params, Task, TaskFamily
 
 __all__ = [
-    "TRAIN_SIGMAS", "TEST_SIGMAS",
-    "QuadraticTask", "QuadraticFamily", "LassoFamily",
-    "RosenbrockTask", "RosenbrockFamily",
-    "LinearRegressionTask", "LeastSquaresFamily", "PolynomialRegressionFamily",
-    "StepSizeQuadraticTask", "StepSizeQuadraticFamily",
+    "TRAIN_SIGMAS",
+    "TEST_SIGMAS",
+    "QuadraticTask",
+    "QuadraticFamily",
+    "LassoFamily",
+    "RosenbrockTask",
+    "RosenbrockFamily",
+    "LinearRegressionTask",
+    "LeastSquaresFamily",
+    "PolynomialRegressionFamily",
+    "StepSizeQuadraticTask",
+    "StepSizeQuadraticFamily",
 ]
 
 #: sigma of W ~ N(0, sigma^2) for meta-training quadratic/LASSO tasks (M-L2O reference mixture).
@@ -58,8 +65,18 @@ class QuadraticTask(Task):
     ``sigma`` holds the per-instance scale of ``W`` (shape ``(n,)``, float64, for reporting).
     """
 
-    def __init__(self, W: Tensor, y: Tensor, sigma: Tensor, *, quad_scale: float, l1: float,
-                 init_std: float, reduction: str = "mean", name: str = "quadratic") -> None:
+    def __init__(
+        self,
+        W: Tensor,
+        y: Tensor,
+        sigma: Tensor,
+        *,
+        quad_scale: float,
+        l1: float,
+        init_std: float,
+        reduction: str = "mean",
+        name: str = "quadratic",
+    ) -> None:
         self.W, self.y, self.sigma = W, y, sigma
         self.quad_scale, self.l1, self.init_std, self.reduction = quad_scale, l1, init_std, reduction
         self.name = name
@@ -100,10 +117,18 @@ class QuadraticFamily(TaskFamily):
     name = "quadratic"
     _quad_scale = 1.0
 
-    def __init__(self, *, dim: int = 10, num_instances: int = 128,
-                 sigma: float | Sequence[float] = TRAIN_SIGMAS, sigma_per_instance: bool = False,
-                 init_std: float = 0.01, reduction: str = "mean",
-                 dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        *,
+        dim: int = 10,
+        num_instances: int = 128,
+        sigma: float | Sequence[float] = TRAIN_SIGMAS,
+        sigma_per_instance: bool = False,
+        init_std: float = 0.01,
+        reduction: str = "mean",
+        dtype: torch.dtype | str = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
         self.config = family_config(locals())
         self.dim, self.num_instances, self.sigma = dim, num_instances, sigma
         self.sigma_per_instance, self.init_std, self.reduction = sigma_per_instance, init_std, reduction
@@ -120,8 +145,16 @@ class QuadraticFamily(TaskFamily):
         sigma = self._sigmas(generator)
         W = normal((n, d, d), sigma.view(n, 1, 1).to(self.dtype), generator, dtype=self.dtype, device=self.device)
         y = uniform((n, d), 0.0, 1.0, generator, dtype=self.dtype, device=self.device)
-        return QuadraticTask(W, y, sigma.to(self.device), quad_scale=self._quad_scale, l1=self.l1,
-                             init_std=self.init_std, reduction=self.reduction, name=self.name)
+        return QuadraticTask(
+            W,
+            y,
+            sigma.to(self.device),
+            quad_scale=self._quad_scale,
+            l1=self.l1,
+            init_std=self.init_std,
+            reduction=self.reduction,
+            name=self.name,
+        )
 
 
 class LassoFamily(QuadraticFamily):
@@ -152,16 +185,35 @@ class RosenbrockTask(Task):
     minimum 0 at ``x_i = (a, a^2)``. Parameters ``{"x": (n, 2)}``; no data (``batch`` returns None).
     """
 
-    def __init__(self, num_instances: int, *, a: float, b: float, init_mean: float, init_std: float,
-                 reduction: str, dtype: torch.dtype, device: torch.device, name: str = "rosenbrock") -> None:
+    def __init__(
+        self,
+        num_instances: int,
+        *,
+        a: float,
+        b: float,
+        init_mean: float,
+        init_std: float,
+        reduction: str,
+        dtype: torch.dtype,
+        device: torch.device,
+        name: str = "rosenbrock",
+    ) -> None:
         self.num_instances, self.a, self.b = num_instances, a, b
         self.init_mean, self.init_std, self.reduction = init_mean, init_std, reduction
         self.dtype, self.device, self.name = dtype, device, name
 
     def init_params(self, generator: torch.Generator) -> Params:
         """``x0 ~ N(init_mean, init_std^2)`` (N(0, 1) by default, as M-L2O)."""
-        return {"x": normal((self.num_instances, 2), self.init_std, generator, mean=self.init_mean,
-                            dtype=self.dtype, device=self.device)}
+        return {
+            "x": normal(
+                (self.num_instances, 2),
+                self.init_std,
+                generator,
+                mean=self.init_mean,
+                dtype=self.dtype,
+                device=self.device,
+            )
+        }
 
     def batch(self, split: str, generator: torch.Generator) -> None:
         check_split(split)
@@ -179,20 +231,35 @@ class RosenbrockFamily(TaskFamily):
 
     name = "rosenbrock"
 
-    def __init__(self, *, num_instances: int = 128, a: float | Sequence[float] = 1.0,
-                 b: float | Sequence[float] = 100.0, init_mean: float = 0.0, init_std: float = 1.0,
-                 reduction: str = "mean", dtype: torch.dtype | str = torch.float32,
-                 device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        *,
+        num_instances: int = 128,
+        a: float | Sequence[float] = 1.0,
+        b: float | Sequence[float] = 100.0,
+        init_mean: float = 0.0,
+        init_std: float = 1.0,
+        reduction: str = "mean",
+        dtype: torch.dtype | str = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
         self.config = family_config(locals())
         self.num_instances, self.a, self.b = num_instances, a, b
         self.init_mean, self.init_std, self.reduction = init_mean, init_std, reduction
         self.dtype, self.device = resolve_dtype(dtype), torch.device(device)
 
     def sample(self, generator: torch.Generator) -> RosenbrockTask:
-        return RosenbrockTask(self.num_instances, a=float(sample_choice(self.a, generator)),
-                              b=float(sample_choice(self.b, generator)), init_mean=self.init_mean,
-                              init_std=self.init_std, reduction=self.reduction, dtype=self.dtype,
-                              device=self.device, name=self.name)
+        return RosenbrockTask(
+            self.num_instances,
+            a=float(sample_choice(self.a, generator)),
+            b=float(sample_choice(self.b, generator)),
+            init_mean=self.init_mean,
+            init_std=self.init_std,
+            reduction=self.reduction,
+            dtype=self.dtype,
+            device=self.device,
+            name=self.name,
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -210,9 +277,16 @@ class LinearRegressionTask(Task):
     val and test are always whole. :meth:`metrics` gives the RMSE ``sqrt(mean residual^2)``.
     """
 
-    def __init__(self, splits: Mapping[str, tuple[Tensor, Tensor]], *, init_std: float = 0.0,
-                 batch_size: int | None = None, divergence_bound: float | None = None,
-                 name: str = "linear-regression", **info: Any) -> None:
+    def __init__(
+        self,
+        splits: Mapping[str, tuple[Tensor, Tensor]],
+        *,
+        init_std: float = 0.0,
+        batch_size: int | None = None,
+        divergence_bound: float | None = None,
+        name: str = "linear-regression",
+        **info: Any,
+    ) -> None:
         self.splits = dict(splits)
         self.init_std, self.batch_size, self.divergence_bound, self.name = init_std, batch_size, divergence_bound, name
         #: Instance facts (e.g. the ground truth ``w_star``, ``noise_std``).
@@ -260,10 +334,20 @@ class LeastSquaresFamily(TaskFamily):
 
     name = "least-squares"
 
-    def __init__(self, *, dim: int = 1000, n_train: int = 250, n_val: int = 250, n_test: int = 1000,
-                 noise_std: float | Sequence[float] = 1.0, batch_size: int | None = None,
-                 init_std: float = 0.0, divergence_factor: float | None = 40.0,
-                 dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        *,
+        dim: int = 1000,
+        n_train: int = 250,
+        n_val: int = 250,
+        n_test: int = 1000,
+        noise_std: float | Sequence[float] = 1.0,
+        batch_size: int | None = None,
+        init_std: float = 0.0,
+        divergence_factor: float | None = 40.0,
+        dtype: torch.dtype | str = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
         self.config = family_config(locals())
         self.dim, self.sizes = dim, {"train": n_train, "val": n_val, "test": n_test}
         self.noise_std, self.batch_size, self.init_std = noise_std, batch_size, init_std
@@ -280,8 +364,15 @@ class LeastSquaresFamily(TaskFamily):
             x = normal((n, self.dim), 1.0, generator, **kw)
             splits[split] = (x, x @ w_star + normal((n,), noise_std, generator, **kw))
         bound = None if self.divergence_factor is None else self.divergence_factor * noise_std
-        return LinearRegressionTask(splits, init_std=self.init_std, batch_size=self.batch_size,
-                                    divergence_bound=bound, name=self.name, w_star=w_star, noise_std=noise_std)
+        return LinearRegressionTask(
+            splits,
+            init_std=self.init_std,
+            batch_size=self.batch_size,
+            divergence_bound=bound,
+            name=self.name,
+            w_star=w_star,
+            noise_std=noise_std,
+        )
 
 
 class PolynomialRegressionFamily(TaskFamily):
@@ -301,10 +392,21 @@ class PolynomialRegressionFamily(TaskFamily):
 
     name = "cubic-regression"
 
-    def __init__(self, *, degree: int = 3, n_train: int = 100, n_val: int = 100, n_test: int = 1000,
-                 noise_std: float | Sequence[float] = 0.1, coef_std: float = 1.0,
-                 input_range: float = 1.0, batch_size: int | None = None, init_std: float = 0.0,
-                 dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        *,
+        degree: int = 3,
+        n_train: int = 100,
+        n_val: int = 100,
+        n_test: int = 1000,
+        noise_std: float | Sequence[float] = 0.1,
+        coef_std: float = 1.0,
+        input_range: float = 1.0,
+        batch_size: int | None = None,
+        init_std: float = 0.0,
+        dtype: torch.dtype | str = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
         self.config = family_config(locals())
         self.degree, self.sizes = degree, {"train": n_train, "val": n_val, "test": n_test}
         self.noise_std, self.coef_std, self.input_range = noise_std, coef_std, input_range
@@ -323,8 +425,9 @@ class PolynomialRegressionFamily(TaskFamily):
         for split, n in self.sizes.items():
             phi = self.features(uniform((n,), -self.input_range, self.input_range, generator, **kw))
             splits[split] = (phi, phi @ coef + normal((n,), noise_std, generator, **kw))
-        return LinearRegressionTask(splits, init_std=self.init_std, batch_size=self.batch_size,
-                                    name=self.name, coef=coef, noise_std=noise_std)
+        return LinearRegressionTask(
+            splits, init_std=self.init_std, batch_size=self.batch_size, name=self.name, coef=coef, noise_std=noise_std
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -383,8 +486,11 @@ class StepSizeQuadraticTask(Task):
         c = Q.T @ w0
         eta = torch.as_tensor(eta, dtype=lam.dtype, device=lam.device)
         tiny = torch.finfo(lam.dtype).tiny
-        log_terms = (torch.log(0.5 * lam.clamp_min(tiny)) + torch.log(c.square().clamp_min(tiny))
-                     + 2 * steps * torch.log((1 - eta * lam).abs().clamp_min(tiny)))
+        log_terms = (
+            torch.log(0.5 * lam.clamp_min(tiny))
+            + torch.log(c.square().clamp_min(tiny))
+            + 2 * steps * torch.log((1 - eta * lam).abs().clamp_min(tiny))
+        )
         return torch.logsumexp(log_terms, dim=0)
 
 
@@ -398,8 +504,14 @@ class StepSizeQuadraticFamily(TaskFamily):
 
     name = "stepsize-quadratic"
 
-    def __init__(self, *, dim: int = 20, fixed_init: bool = True,
-                 dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        *,
+        dim: int = 20,
+        fixed_init: bool = True,
+        dtype: torch.dtype | str = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
         self.config = family_config(locals())
         self.dim, self.fixed_init = dim, fixed_init
         self.dtype, self.device = resolve_dtype(dtype), torch.device(device)
