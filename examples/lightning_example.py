@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-from pathlib import Path
 
 import lightning as L
 import torch

@@ -25,7 +25,6 @@ numbers) and PNG figures. Parts already computed are re-used from their JSON unl
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import sys
@@ -411,7 +410,7 @@ def plot_sweep(sweep: dict[str, Any], test_sigma: float, path: Path) -> None:
 def table_markdown(table: dict[str, Any], k: int, metric: str) -> list[str]:
     cols = [f"Vanilla/{k}", f"M-L2O/{k}", "DT", f"TL/{k}", "M-L2O (no adapt)"]
     lines = [
-        f"| sigma | Vanilla L2O | M-L2O | DT | TL | M-L2O (no adapt) | M-L2O - TL (paired) | M-L2O - DT (paired) |",
+        "| sigma | Vanilla L2O | M-L2O | DT | TL | M-L2O (no adapt) | M-L2O - TL (paired) | M-L2O - DT (paired) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for sigma, runs in table.items():

@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
             "first_grad": trace.grads[0] if trace.grads else None,
         }
     first = {n: r.grads[0] for n, r in runs.items()}
-    print("\nmeta-gradient at eta0 = {:g}:".format(args.eta0))
+    print(f"\nmeta-gradient at eta0 = {args.eta0:g}:")
     for n, g in first.items():
         print(f"  {n:48s} {g: .4e}")
 

@@ -85,7 +85,7 @@ def _sgd_direction(
 
 
 # ------------------------------------------------------------------------------------------ SAM / GSAM
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sam_class() -> type:
     from pytorch_optimizer import SAM
 
@@ -111,7 +111,7 @@ class _ConstantRho:
         return self.rho
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gsam_class() -> type:
     from pytorch_optimizer import GSAM
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from learned_optim.evaluate import BASELINES, evaluate
 from learned_optim.baselines import GAM, EntropySGD, gsam, sam
+from learned_optim.evaluate import BASELINES, evaluate
 from learned_optim.meta.tasks.base import Task
 
 D64 = torch.float64

@@ -78,7 +78,7 @@ def test_merge_drop_replaces_one_entrys_rows(gen, tmp_path, capsys):
     out = tmp_path / "merged"
     # the same optimizer, task and seed in two inputs is refused, with the option that resolves it
     with pytest.raises(
-        SystemExit, match=rf"l2o-lstm-hessian-ev on t \(seed 0\) is in both .*--drop l2o-lstm-hessian-ev@"
+        SystemExit, match=r"l2o-lstm-hessian-ev on t \(seed 0\) is in both .*--drop l2o-lstm-hessian-ev@"
     ):
         gen.main(["merge", str(old), str(new), "--out", str(out), "--no-plots"])
     assert (

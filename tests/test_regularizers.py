@@ -27,7 +27,7 @@ from learned_optim.meta.regularizers import (
     top_eigenvalue,
 )
 from learned_optim.meta.tasks.base import Task, TaskFamily
-from learned_optim.meta.unroll import StepInputs, start_trajectory, task_loss_and_grad, unroll
+from learned_optim.meta.unroll import StepInputs, start_trajectory, unroll
 
 D64 = torch.float64
 

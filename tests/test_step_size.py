@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+
 import mpmath  # a dependency of torch (through sympy)
 import pytest
 import torch
