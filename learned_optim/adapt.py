@@ -59,6 +59,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ._numerics import global_norm
 from .nets.base import UpdateRule
 
 __all__ = ["adapt", "adapt_weights", "AdaptationError", "AdaptationResult"]
@@ -130,7 +131,7 @@ def adapt_weights(
                 )
             grads = torch.autograd.grad(loss, [weights[n] for n in names], allow_unused=True)
             grads = [torch.zeros_like(weights[n]) if g is None else g for n, g in zip(names, grads)]
-            norm = math.sqrt(sum(float(g.double().square().sum()) for g in grads))
+            norm = global_norm(grads)
             if not math.isfinite(norm):
                 problem = f"the meta-gradient norm is {norm}"
         if problem is not None:
@@ -146,7 +147,7 @@ def adapt_weights(
             continue
         assert grads is not None
         if grad_clip is not None:
-            total = math.sqrt(sum(float(g.double().square().sum()) for g in grads))
+            total = global_norm(grads)
             if total > grad_clip:
                 grads = [g * (grad_clip / total) for g in grads]
         for n, g in zip(names, grads):

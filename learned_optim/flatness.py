@@ -52,8 +52,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jvp, vmap
-from torch.func import grad as func_grad
+from torch.func import functional_call
+
+from ._numerics import global_norm, seeded_generator
+from .meta import curvature
 
 __all__ = [
     "RADII",
@@ -114,7 +116,7 @@ class _Objective:
     def hvp(self, params: Mapping[str, Tensor], vector: Mapping[str, Tensor]) -> Params:
         out = {k: torch.zeros_like(v) for k, v in params.items()}
         for w, b in zip(self.weights, self.batches):
-            hv = jvp(func_grad(lambda p: self.loss(p, b)), (dict(params),), (dict(vector),))[1]
+            hv = curvature.hvp(lambda p, b=b: self.loss(p, b), params, vector)
             for k in out:
                 out[k] += w * hv[k].detach()
         return out
@@ -160,14 +162,6 @@ def _objective(
     return _Objective(params, loss, batches, [s / total for s in sizes])
 
 
-def _generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _norm(tensors: Mapping[str, Tensor]) -> float:
-    return math.sqrt(sum(float(v.double().square().sum()) for v in tensors.values()))
-
-
 # ------------------------------------------------------------------------------------------ Hessian
 def hessian_trace(
     model: nn.Module | Mapping[str, Tensor],
@@ -189,22 +183,14 @@ def hessian_trace(
     if probes < 1:
         raise ValueError(f"probes must be >= 1, got {probes}")
     obj = _objective(model, loss_fn, data, max_batches)
-    gen = _generator(seed)
+    gen = seeded_generator(seed)
     values: list[Tensor] = []
     for start in range(0, probes, probe_chunk):
         n = min(probe_chunk, probes - start)
-        zs = {k: (torch.randint(0, 2, (n, *v.shape), generator=gen) * 2 - 1).to(v) for k, v in obj.params.items()}
+        zs = {k: curvature.rademacher(v, gen, (n, *v.shape)) for k, v in obj.params.items()}
         chunk = torch.zeros(n, dtype=torch.float64)
         for w, b in zip(obj.weights, obj.batches):
-
-            def quadratic_form(z: Params, b: Any = b) -> Tensor:
-                hz = jvp(func_grad(lambda p: obj.loss(p, b)), (obj.params,), (z,))[1]
-                return sum((hz[k] * z[k]).sum() for k in z)  # type: ignore[return-value]
-
-            if vectorize:
-                forms = vmap(quadratic_form)(zs)
-            else:
-                forms = torch.stack([quadratic_form({k: z[i] for k, z in zs.items()}) for i in range(n)])
+            forms = curvature.hutchinson_forms(lambda p, b=b: obj.loss(p, b), obj.params, zs, vectorize=vectorize)
             chunk += w * forms.detach().double().cpu()
         values.append(chunk)
     return float(torch.cat(values).mean())
@@ -226,22 +212,16 @@ def hessian_top_eigenvalue(
     (relative). Power iteration converges at the rate :math:`|\lambda_2/\lambda_1|` per iteration.
     """
     obj = _objective(model, loss_fn, data, max_batches)
-    gen = _generator(seed)
-    v = {k: torch.randn(p.shape, generator=gen).to(p) for k, p in obj.params.items()}
-    scale = _norm(v)
-    v = {k: x / scale for k, x in v.items()}
-    value = math.nan
-    for _ in range(max(1, iters)):
-        hv = obj.hvp(obj.params, v)
-        new = float(sum(float((hv[k] * v[k]).double().sum()) for k in v))
-        norm = _norm(hv)
-        if norm == 0:
-            return 0.0
-        v = {k: x / norm for k, x in hv.items()}
-        converged = math.isfinite(value) and abs(new - value) <= tol * abs(new)
-        value = new
-        if converged:
-            break
+    gen = seeded_generator(seed)
+    start = {k: torch.randn(p.shape, generator=gen).to(p) for k, p in obj.params.items()}
+    _, value = curvature.power_iteration(
+        lambda v: obj.hvp(obj.params, v),
+        start,
+        iters,
+        norm_of=lambda vec: global_norm(vec.values()),
+        rayleigh=lambda hv, v: float(sum(float((hv[k] * v[k]).double().sum()) for k in v)),
+        tol=tol,
+    )
     return value
 
 
@@ -280,7 +260,7 @@ def _projected_ascent(
     """
     out = {}
     for i, radius in enumerate(radii):
-        delta = _start(params, radius, init_fraction, _generator(seed + i))
+        delta = _start(params, radius, init_fraction, seeded_generator(seed + i))
         best = -math.inf
         for _ in range(steps):
             value, direction = probe(_shifted(params, delta))
@@ -330,7 +310,7 @@ def gradient_norm(
 ) -> float:
     r""":math:`\|\nabla L(\theta)\|_2` at the current weights."""
     obj = _objective(model, loss_fn, data, max_batches)
-    return _norm(obj.grad(obj.params)[1])
+    return global_norm(obj.grad(obj.params)[1].values())
 
 
 def pga_max_grad_norm(
@@ -352,13 +332,13 @@ def pga_max_grad_norm(
 
     def probe(point: Params) -> tuple[float, Params | None]:
         g = obj.grad(point)[1]
-        norm = _norm(g)
+        norm = global_norm(g.values())
         return norm, (obj.hvp(point, {k: v / norm for k, v in g.items()}) if norm != 0 else None)
 
     return _projected_ascent(
         obj.params,
         probe,
-        lambda point: _norm(obj.grad(point)[1]),
+        lambda point: global_norm(obj.grad(point)[1].values()),
         radii=radii,
         steps=steps,
         step_fraction=step_fraction,

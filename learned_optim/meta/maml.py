@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from .._numerics import global_norm
 from ..nets.base import UpdateRule
 from .config import MAMLConfig, UnrollConfig
 from .objectives import meta_objective
@@ -115,7 +116,7 @@ def inner_step(
     second = not config.first_order
     grads = torch.autograd.grad(loss, [weights[n] for n in names], create_graph=second, allow_unused=True)
     grads = [torch.zeros_like(weights[n]) if g is None else g for n, g in zip(names, grads)]
-    norm = math.sqrt(sum(float(g.detach().double().square().sum()) for g in grads))
+    norm = global_norm(grads)
     if not math.isfinite(norm):
         return dict(weights), float("nan")
     if not second:

@@ -66,15 +66,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.func import grad as func_grad
-from torch.func import jvp, vmap
 
 from .._validation import check_value
+from .curvature import LossFn, Params, dot, gaussian, hutchinson_forms, hvp, norm, power_iteration, rademacher
 from .unroll import StepInputs, apply_rule
 
 __all__ = [
@@ -106,47 +106,13 @@ __all__ = [
     "net_input_layer",
 ]
 
-Params = dict[str, Tensor]
-LossFn = Callable[[Mapping[str, Tensor]], Tensor]
-
 #: Where in the trajectory a block applies.
 WHERE = ("posterior", "all", "final", "segment_end")
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _randn(like: Tensor, generator: torch.Generator | None, shape: Sequence[int] | None = None) -> Tensor:
-    shape = tuple(like.shape) if shape is None else tuple(shape)
-    if generator is None:
-        return torch.randn(shape, dtype=like.dtype, device=like.device)
-    return torch.randn(shape, generator=generator, dtype=like.dtype, device=generator.device).to(like.device)
-
-
-def _rademacher(like: Tensor, generator: torch.Generator | None, shape: Sequence[int]) -> Tensor:
-    if generator is None:
-        bits = torch.randint(0, 2, tuple(shape), device=like.device)
-    else:
-        bits = torch.randint(0, 2, tuple(shape), generator=generator, device=generator.device).to(like.device)
-    return bits.to(like.dtype) * 2 - 1
-
-
 def _detached(params: Mapping[str, Tensor]) -> Params:
     return {k: v.detach() for k, v in params.items()}
-
-
-def _dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
-    return sum((a[k] * b[k]).sum() for k in a)  # type: ignore[return-value]
-
-
-def _norm(a: Mapping[str, Tensor]) -> Tensor:
-    return torch.sqrt(sum(v.square().sum() for v in a.values()))  # type: ignore[arg-type]
-
-
-def hvp(loss_fn: LossFn, params: Mapping[str, Tensor], vector: Mapping[str, Tensor]) -> Params:
-    r"""Hessian-vector product :math:`\nabla^2 L(\theta)\,v` by forward-over-reverse (``jvp`` of ``grad``).
-
-    Differentiable in ``params`` (and ``vector``) when they are in an autograd graph.
-    """
-    return jvp(func_grad(loss_fn), (dict(params),), (dict(vector),))[1]
 
 
 # ------------------------------------------------------------------------------------------ the terms
@@ -167,22 +133,16 @@ def hutchinson_trace(
     """
     if probes < 1:
         raise ValueError(f"probes must be >= 1, got {probes}")
-    params = dict(params)
-    zs = {k: _rademacher(v, generator, (probes, *v.shape)) for k, v in params.items()}
-
-    def quadratic_form(p: Params, z: Params) -> Tensor:
-        return _dot(z, hvp(loss_fn, p, z))
-
-    if vectorize:
-        try:
-            values = vmap(quadratic_form, in_dims=(None, 0))(params, zs)
-        except RuntimeError as err:
-            raise RuntimeError(
-                f"torch.func.vmap could not batch the Hutchinson probes over this loss ({err}); "
-                "set vectorize: false in the hessian_trace block"
-            ) from err
-    else:
-        values = torch.stack([quadratic_form(params, {k: z[i] for k, z in zs.items()}) for i in range(probes)])
+    zs = {k: rademacher(v, generator, (probes, *v.shape)) for k, v in params.items()}
+    try:
+        values = hutchinson_forms(loss_fn, params, zs, vectorize=vectorize)
+    except RuntimeError as err:
+        if not vectorize:
+            raise
+        raise RuntimeError(
+            f"torch.func.vmap could not batch the Hutchinson probes over this loss ({err}); "
+            "set vectorize: false in the hessian_trace block"
+        ) from err
     return values.mean()
 
 
@@ -206,16 +166,9 @@ def top_eigenvalue(
         raise ValueError(f"iters must be >= 1, got {iters}")
     params = dict(params)
     fixed = _detached(params)
-    v = {k: _randn(p, generator) for k, p in fixed.items()}
-    scale = _norm(v)
-    v = {k: x / scale for k, x in v.items()}
-    for _ in range(iters):
-        hv = {k: x.detach() for k, x in hvp(loss_fn, fixed, v).items()}
-        scale = _norm(hv)
-        if not bool(scale > 0):
-            break
-        v = {k: x / scale for k, x in hv.items()}
-    value = _dot(v, hvp(loss_fn, params, v))
+    start = {k: gaussian(p, generator) for k, p in fixed.items()}
+    v, _ = power_iteration(lambda u: {k: x.detach() for k, x in hvp(loss_fn, fixed, u).items()}, start, iters)
+    value = dot(v, hvp(loss_fn, dict(params), v))
     return value.abs() if absolute else value
 
 
@@ -271,7 +224,7 @@ def local_entropy_mean(
     for i in range(steps):
         g = grad_fn(x)
         x = {
-            k: (x[k] - lr * (g[k].detach() + gamma * (x[k] - theta[k])) + kick * _randn(x[k], generator)).detach()
+            k: (x[k] - lr * (g[k].detach() + gamma * (x[k] - theta[k])) + kick * gaussian(x[k], generator)).detach()
             for k in x
         }
         if i < burn_in:
@@ -294,7 +247,7 @@ def local_entropy_surrogate(params: Mapping[str, Tensor], mean: Mapping[str, Ten
 
 def _sam_perturbation(loss_fn: LossFn, fixed: Params, rho: float) -> tuple[Params, Params]:
     g = {k: v.detach() for k, v in func_grad(loss_fn)(fixed).items()}
-    scale = rho / (_norm(g) + 1e-12)
+    scale = rho / (norm(g) + 1e-12)
     return g, {k: v * scale for k, v in g.items()}
 
 
@@ -326,10 +279,10 @@ def gsam_term(loss_fn: LossFn, params: Mapping[str, Tensor], rho: float = 0.05, 
     fixed = _detached(params)
     g, eps = _sam_perturbation(loss_fn, fixed, rho)
     g_p = {k: v.detach() for k, v in func_grad(loss_fn)({k: fixed[k] + eps[k] for k in fixed}).items()}
-    coef = _dot(g, g_p) / (_dot(g_p, g_p) + 1e-24)
+    coef = dot(g, g_p) / (dot(g_p, g_p) + 1e-24)
     g_perp = {k: g[k] - coef * g_p[k] for k in g}
     value = loss_fn({k: params[k] + eps[k] for k in params})
-    return value - alpha * _dot(g_perp, {k: params[k] - fixed[k] for k in params})
+    return value - alpha * dot(g_perp, {k: params[k] - fixed[k] for k in params})
 
 
 def gam_term(loss_fn: LossFn, params: Mapping[str, Tensor], rho: float = 0.2) -> Tensor:
@@ -346,9 +299,9 @@ def gam_term(loss_fn: LossFn, params: Mapping[str, Tensor], rho: float = 0.2) ->
     fixed = _detached(params)
     g = {k: v.detach() for k, v in func_grad(loss_fn)(fixed).items()}
     hg = {k: v.detach() for k, v in hvp(loss_fn, fixed, g).items()}
-    scale = rho / (_norm(hg) + 1e-12)
+    scale = rho / (norm(hg) + 1e-12)
     shifted = {k: params[k] + hg[k] * scale for k in params}
-    return rho * _norm(func_grad(loss_fn)(shifted))
+    return rho * norm(func_grad(loss_fn)(shifted))
 
 
 # ------------------------------------------------------------------------------------------ smoothing
@@ -463,7 +416,7 @@ def smoothing_term(
                 "features (an `input_layer` tap); use space: gradient for this net"
             )
         x = capture[0]
-        delta = (init_std * _randn(x, generator)).clamp(-epsilon, epsilon)
+        delta = (init_std * gaussian(x, generator)).clamp(-epsilon, epsilon)
         for _ in range(steps):
             delta.requires_grad_(True)
             with torch.enable_grad():

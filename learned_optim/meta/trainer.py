@@ -47,6 +47,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .._numerics import seeded_generator
 from ..hub import _default_card, load_rule, parent_record, save_pretrained
 from ..nets.base import UpdateRule, build_rule
 from .config import MetaTrainConfig, TaskSection, load_config
@@ -71,12 +72,6 @@ def derive_seed(seed: int, *keys: Any) -> int:
     """A 63-bit seed determined by ``seed`` and ``keys`` (stable across runs, platforms and Python versions)."""
     text = "/".join(str(k) for k in (seed, *keys)).encode()
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
-
-
-def _generator(seed: int) -> torch.Generator:
-    gen = torch.Generator()
-    gen.manual_seed(seed)
-    return gen
 
 
 def make_task_family(
@@ -348,7 +343,7 @@ class MetaTrainer:
     def _task_for(self, index: int) -> tuple[Task, torch.Generator]:
         if self.maml is not None:
             return self.maml.support_task_for(index)
-        gen = _generator(derive_seed(self.config.seed, "task", index))
+        gen = seeded_generator(derive_seed(self.config.seed, "task", index))
         return self.family.sample(gen), gen
 
     @property
@@ -360,7 +355,7 @@ class MetaTrainer:
         index = self.meta_epochs
         self.task, gen = self._task_for(self._task_index)
         self.trajectory = start_trajectory(self.rule, self.task, gen, device=self.device, dtype=self.dtype)
-        self.data_generator = _generator(derive_seed(self.config.seed, "data", self._task_index))
+        self.data_generator = seeded_generator(derive_seed(self.config.seed, "data", self._task_index))
         self.trajectory_length = (
             self.curriculum.train_length if self.curriculum is not None else self.config.unroll.trajectory_length
         )
@@ -369,7 +364,7 @@ class MetaTrainer:
             self.maml.begin(index)
         if self.config.imitation.enabled:
             p = self.config.imitation.probability(self.stage)
-            coin = float(torch.rand((), generator=_generator(derive_seed(self.config.seed, "imitation", index))))
+            coin = float(torch.rand((), generator=seeded_generator(derive_seed(self.config.seed, "imitation", index))))
             if coin < p:
                 self.trajectory_mode = "imitation"
         if self.hook is not None and hasattr(self.hook, "begin_trajectory"):
@@ -523,7 +518,7 @@ class MetaTrainer:
         ``length`` steps of the current net (no graph; the divergence guard applies)."""
         values = []
         for r in range(runs):
-            gen = _generator(derive_seed(self.config.seed, "eval-task", r))
+            gen = seeded_generator(derive_seed(self.config.seed, "eval-task", r))
             task = self.eval_family.sample(gen)
             trajectory = start_trajectory(self.rule, task, gen, device=self.device, dtype=self.dtype)
             result = unroll(
@@ -532,7 +527,7 @@ class MetaTrainer:
                 task,
                 trajectory,
                 length,
-                generator=_generator(derive_seed(self.config.seed, "eval-data", r)),
+                generator=seeded_generator(derive_seed(self.config.seed, "eval-data", r)),
                 config=self.config.unroll,
                 meta_split=self.config.objective.split,
                 track_graph=False,

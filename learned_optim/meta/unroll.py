@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from .._numerics import global_norm
 from ..nets.base import UpdateRule, functional_update
 from .config import UnrollConfig
 from .tasks.base import Task
@@ -262,10 +263,6 @@ def task_loss_and_grad(
     return loss, {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(params.items(), grads)}
 
 
-def _global_norm(params: Mapping[str, Tensor]) -> float:
-    return math.sqrt(sum(float(p.detach().double().square().sum()) for p in params.values()))
-
-
 def unroll(
     rule: UpdateRule,
     weights: Mapping[str, Tensor] | None,
@@ -372,7 +369,7 @@ def unroll(
                 meta_losses.append(penalty)
                 continue
             finite = all(bool(torch.isfinite(p.detach()).all()) for p in new_params.values())
-            if not finite or (bound is not None and _global_norm(new_params) > bound):
+            if not finite or (bound is not None and global_norm(new_params.values()) > bound):
                 freeze(t)
                 meta_losses.append(penalty)
                 continue

@@ -1,0 +1,24 @@
+"""Numeric helpers shared by the shipped core, meta-training and the research tooling (one definition each)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+__all__ = ["global_norm", "seeded_generator"]
+
+
+def global_norm(tensors: Iterable[Tensor]) -> float:
+    r""":math:`\sqrt{\sum_i \|t_i\|_2^2}` over all the tensors, accumulated in float64, as a Python float.
+
+    For reporting and for decisions (clipping, divergence, non-finite checks): detached, never in a graph.
+    """
+    return math.sqrt(sum(float(t.detach().double().square().sum()) for t in tensors))
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    """A fresh CPU ``torch.Generator`` seeded with ``seed`` (independent of torch's global RNG)."""
+    return torch.Generator().manual_seed(seed)
