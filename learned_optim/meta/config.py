@@ -27,7 +27,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+import torch
+
 from .._validation import check_value
+from .objectives import OBJECTIVES
 
 __all__ = [
     "NetSection",
@@ -47,7 +50,13 @@ __all__ = [
 #: Meta-optimizer defaults per net family (SPEC §2): Adam 1e-3 for the LSTM nets, RMSprop 1e-2 for the MLP.
 DEFAULT_META_OPTIMIZER = {"dm_lstm": ("adam", 1e-3), "rnnprop": ("adam", 1e-3), "mlp": ("rmsprop", 1e-2)}
 
-OBJECTIVES = ("sum", "last", "log", "log_last")
+#: The torch optimizers that can train the net's weights, by config name.
+META_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "rmsprop": torch.optim.RMSprop,
+    "sgd": torch.optim.SGD,
+}
 SPLITS = ("train", "val")
 
 
@@ -184,8 +193,8 @@ class MetaOptimizerConfig(_Section):
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def validate(self, where: str) -> None:
-        if self.name is not None and self.name.lower() not in ("adam", "adamw", "rmsprop", "sgd"):
-            raise ValueError(f"{where}.name: {self.name!r} is not one of adam, adamw, rmsprop, sgd")
+        if self.name is not None and self.name.lower() not in META_OPTIMIZERS:
+            raise ValueError(f"{where}.name: {self.name!r} is not one of {', '.join(META_OPTIMIZERS)}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"{where}.lr must be positive")
         if self.grad_clip is not None and not self.grad_clip > 0:

@@ -50,7 +50,7 @@ from torch import Tensor
 from .._numerics import seeded_generator
 from ..hub import _default_card, load_rule, parent_record, save_pretrained
 from ..nets.base import UpdateRule, build_rule
-from .config import MetaTrainConfig, TaskSection, load_config
+from .config import META_OPTIMIZERS, MetaTrainConfig, TaskSection, load_config
 from .curriculum import Curriculum
 from .imitation import imitation_unroll
 from .objectives import meta_objective
@@ -60,12 +60,6 @@ from .unroll import MetaLossHook, Trajectory, UnrollResult, start_trajectory, un
 __all__ = ["MetaTrainer", "derive_seed", "make_task_family", "build_meta_optimizer"]
 
 CHECKPOINT_FORMAT = 1
-_META_OPTIMIZERS = {
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-    "rmsprop": torch.optim.RMSprop,
-    "sgd": torch.optim.SGD,
-}
 
 
 def derive_seed(seed: int, *keys: Any) -> int:
@@ -117,9 +111,9 @@ def build_meta_optimizer(
 ) -> torch.optim.Optimizer:
     """The torch optimizer of the net's weights (``adam``, ``adamw``, ``rmsprop`` or ``sgd``)."""
     try:
-        cls = _META_OPTIMIZERS[name.lower()]
+        cls = META_OPTIMIZERS[name.lower()]
     except KeyError:
-        raise ValueError(f"unknown meta-optimizer {name!r}; choose one of {sorted(_META_OPTIMIZERS)}") from None
+        raise ValueError(f"unknown meta-optimizer {name!r}; choose one of {sorted(META_OPTIMIZERS)}") from None
     return cls(params, lr=lr, **dict(kwargs or {}))
 
 
