@@ -85,14 +85,14 @@ __all__ = [
     "RegularizerHook",
     "parse_blocks",
     "combine_hooks",
-    "HessianTrace",
-    "HessianEigenvalue",
-    "JacobianTrace",
-    "LocalEntropy",
-    "SAM",
-    "GSAM",
-    "GAM",
-    "Smoothing",
+    "HessianTraceRegularizer",
+    "HessianEigenvalueRegularizer",
+    "JacobianTraceRegularizer",
+    "LocalEntropyRegularizer",
+    "SAMRegularizer",
+    "GSAMRegularizer",
+    "GAMRegularizer",
+    "SmoothingRegularizer",
     "hvp",
     "hutchinson_trace",
     "top_eigenvalue",
@@ -454,7 +454,7 @@ class Regularizer:
 
 
 @dataclasses.dataclass
-class HessianTrace(Regularizer):
+class HessianTraceRegularizer(Regularizer):
     """Hutchinson trace of the Hessian (:func:`hutchinson_trace`)."""
 
     kind = "hessian_trace"
@@ -470,7 +470,7 @@ class HessianTrace(Regularizer):
 
 
 @dataclasses.dataclass
-class HessianEigenvalue(Regularizer):
+class HessianEigenvalueRegularizer(Regularizer):
     """Largest-magnitude Hessian eigenvalue by power iteration (:func:`top_eigenvalue`)."""
 
     kind = "hessian_eigenvalue"
@@ -486,7 +486,7 @@ class HessianEigenvalue(Regularizer):
 
 
 @dataclasses.dataclass
-class JacobianTrace(Regularizer):
+class JacobianTraceRegularizer(Regularizer):
     """:math:`g^T g` (:func:`jacobian_trace`)."""
 
     kind = "jacobian_trace"
@@ -501,7 +501,7 @@ class JacobianTrace(Regularizer):
 
 
 @dataclasses.dataclass
-class LocalEntropy(Regularizer):
+class LocalEntropyRegularizer(Regularizer):
     """Negative local entropy through its gradient (:func:`local_entropy_mean`, :func:`local_entropy_surrogate`)."""
 
     kind = "local_entropy"
@@ -532,7 +532,7 @@ class LocalEntropy(Regularizer):
 
 
 @dataclasses.dataclass
-class SAM(Regularizer):
+class SAMRegularizer(Regularizer):
     """SAM's perturbed loss (:func:`sam_term`)."""
 
     kind = "sam"
@@ -549,7 +549,7 @@ class SAM(Regularizer):
 
 
 @dataclasses.dataclass
-class GSAM(Regularizer):
+class GSAMRegularizer(Regularizer):
     """Perturbed loss with the GSAM gradient (:func:`gsam_term`)."""
 
     kind = "gsam"
@@ -566,7 +566,7 @@ class GSAM(Regularizer):
 
 
 @dataclasses.dataclass
-class GAM(Regularizer):
+class GAMRegularizer(Regularizer):
     """First-order flatness (:func:`gam_term`)."""
 
     kind = "gam"
@@ -582,7 +582,7 @@ class GAM(Regularizer):
 
 
 @dataclasses.dataclass
-class Smoothing(Regularizer):
+class SmoothingRegularizer(Regularizer):
     """Smoothness of the net in its input features (:func:`smoothing_term`)."""
 
     kind = "smoothing"
@@ -620,7 +620,17 @@ class Smoothing(Regularizer):
 
 #: Every regularizer kind by name.
 REGULARIZERS: dict[str, type[Regularizer]] = {
-    cls.kind: cls for cls in (HessianTrace, HessianEigenvalue, JacobianTrace, LocalEntropy, SAM, GSAM, GAM, Smoothing)
+    cls.kind: cls
+    for cls in (
+        HessianTraceRegularizer,
+        HessianEigenvalueRegularizer,
+        JacobianTraceRegularizer,
+        LocalEntropyRegularizer,
+        SAMRegularizer,
+        GSAMRegularizer,
+        GAMRegularizer,
+        SmoothingRegularizer,
+    )
 }
 
 
