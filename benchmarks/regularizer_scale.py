@@ -53,7 +53,7 @@ def gradient_ratios(trainer: MetaTrainer, segments: int) -> list[float]:
             g_obj = torch.autograd.grad(objective, params, retain_graph=True, allow_unused=True)
             g_reg = torch.autograd.grad(result.extra, params, allow_unused=True)
             ratios.append(_norm(g_reg) / max(_norm(g_obj), 1e-30))
-        if hasattr(trainer.hook, "pop_values"):
+        if trainer.hook is not None:
             trainer.hook.pop_values()
         trainer.trajectory = result.end
         if result.end.step >= trainer.trajectory_length:

@@ -235,3 +235,18 @@ def test_evaluation_mode_builds_no_graph():
     rule, task, trajectory = make("dm_lstm")
     result = unroll(rule, None, task, trajectory, 5, generator=torch.Generator(), track_graph=False)
     assert not result.losses.requires_grad and len(result.losses) == 5
+
+
+def test_hooks_follow_one_declared_protocol():
+    """A plain function becomes a FunctionHook with the protocol's no-op defaults; anything else is refused."""
+    from learned_optim.meta.unroll import FunctionHook, MetaLossHook, as_hook
+
+    hook = as_hook(lambda params, task, batch, step: None)
+    assert isinstance(hook, FunctionHook) and not hook.wants_step_inputs
+    hook.begin_trajectory(10)
+    assert hook.pop_values() == {}
+    assert as_hook(None) is None
+    own = MetaLossHook()
+    assert as_hook(own) is own
+    with pytest.raises(TypeError, match="callable"):
+        as_hook(3)

@@ -66,7 +66,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -75,7 +75,7 @@ from torch.func import grad as func_grad
 
 from .._validation import check_value
 from .curvature import LossFn, Params, dot, gaussian, hutchinson_forms, hvp, norm, power_iteration, rademacher
-from .unroll import StepInputs, apply_rule
+from .unroll import MetaLossHook, StepInputs, apply_rule, as_hook
 
 __all__ = [
     "WHERE",
@@ -711,7 +711,7 @@ def parse_blocks(
 
 
 # ------------------------------------------------------------------------------------------ the hook
-class RegularizerHook:
+class RegularizerHook(MetaLossHook):
     """The meta-loss hook of a list of regularizer blocks (see the module docstring).
 
     Args:
@@ -785,23 +785,23 @@ class RegularizerHook:
         return out
 
 
-class _CombinedHook:
+class _CombinedHook(MetaLossHook):
     """Sum of several meta-loss hooks, forwarding ``begin_trajectory``/``pop_values``/step inputs."""
 
-    def __init__(self, hooks: Sequence[Any]) -> None:
+    def __init__(self, hooks: Sequence[MetaLossHook]) -> None:
         self.hooks = list(hooks)
-        self.wants_step_inputs = any(getattr(h, "wants_step_inputs", False) for h in self.hooks)
+        self.wants_step_inputs = any(h.wants_step_inputs for h in self.hooks)
 
     def begin_trajectory(self, length: int) -> None:
         for h in self.hooks:
-            if hasattr(h, "begin_trajectory"):
-                h.begin_trajectory(length)
+            h.begin_trajectory(length)
 
-    def __call__(self, params, task, batch, step, *, inputs: StepInputs | None = None):
+    def __call__(
+        self, params: Mapping[str, Tensor], task: Any, batch: Any, step: int, *, inputs: StepInputs | None = None
+    ) -> Tensor | None:
         total = None
         for h in self.hooks:
-            kwargs = {"inputs": inputs} if getattr(h, "wants_step_inputs", False) else {}
-            term = h(params, task, batch, step, **kwargs)
+            term = h(params, task, batch, step, inputs=inputs if h.wants_step_inputs else None)
             if term is not None:
                 total = term if total is None else total + term
         return total
@@ -809,14 +809,14 @@ class _CombinedHook:
     def pop_values(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for h in self.hooks:
-            if hasattr(h, "pop_values"):
-                out.update(h.pop_values())
+            out.update(h.pop_values())
         return out
 
 
-def combine_hooks(*hooks: Any) -> Any:
-    """One hook summing the given ones (``None`` entries dropped; a single hook is returned as is)."""
-    present = [h for h in hooks if h is not None]
+def combine_hooks(*hooks: MetaLossHook | Callable[..., Tensor | None] | None) -> MetaLossHook | None:
+    """One hook summing the given ones (``None`` entries dropped, functions wrapped by
+    :func:`~learned_optim.meta.unroll.as_hook`; a single hook is returned as is)."""
+    present = [h for h in (as_hook(h) for h in hooks) if h is not None]
     if not present:
         return None
     return present[0] if len(present) == 1 else _CombinedHook(present)

@@ -55,7 +55,7 @@ from .curriculum import Curriculum
 from .imitation import imitation_unroll
 from .objectives import meta_objective
 from .tasks.base import Task, TaskFamily
-from .unroll import MetaLossHook, Trajectory, UnrollResult, start_trajectory, unroll
+from .unroll import MetaLossHook, Trajectory, UnrollResult, as_hook, start_trajectory, unroll
 
 __all__ = ["MetaTrainer", "derive_seed", "make_task_family", "build_meta_optimizer"]
 
@@ -242,7 +242,7 @@ class MetaTrainer:
         if self.world_size > 1 and config.maml.enabled:
             raise ValueError("data-parallel meta-training (world size > 1) does not support maml yet")
         self.out_dir = Path(out_dir or config.out_dir or Path("runs") / config.name)
-        self.hook = hook
+        self.hook = as_hook(hook)
         self.regularizer_hook = None
         if config.regularizers:  # flatness-aware meta-loss terms (learned_optim.meta.regularizers)
             from .regularizers import RegularizerHook, combine_hooks
@@ -361,7 +361,7 @@ class MetaTrainer:
             coin = float(torch.rand((), generator=seeded_generator(derive_seed(self.config.seed, "imitation", index))))
             if coin < p:
                 self.trajectory_mode = "imitation"
-        if self.hook is not None and hasattr(self.hook, "begin_trajectory"):
+        if self.hook is not None:
             self.hook.begin_trajectory(self.trajectory_length)
 
     def step(self) -> dict[str, Any]:
@@ -404,7 +404,7 @@ class MetaTrainer:
                 extra=float(result.extra.detach()),
                 meta_split_loss_last=float(result.losses[-1].detach()),
             )
-            if hasattr(self.hook, "pop_values"):
+            if self.hook is not None:
                 metrics["regularizers"] = self.hook.pop_values()
             train_losses, end, diverged_at = result.train_losses, result.end, result.diverged_at
         assert optimizer is not None
@@ -689,7 +689,7 @@ class MetaTrainer:
             self.task, _ = self._task_for(self._task_index)
             self.trajectory = Trajectory.from_tensors("traj", tensors, traj, device=self.device)
             self.trajectory_mode, self.trajectory_length = traj["mode"], int(traj["length"])
-            if self.hook is not None and hasattr(self.hook, "begin_trajectory"):
+            if self.hook is not None:
                 self.hook.begin_trajectory(self.trajectory_length)
         else:
             self.trajectory, self.task = None, None

@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -44,6 +44,8 @@ __all__ = [
     "Trajectory",
     "UnrollResult",
     "MetaLossHook",
+    "FunctionHook",
+    "as_hook",
     "StepInputs",
     "start_trajectory",
     "apply_rule",
@@ -55,19 +57,55 @@ __all__ = [
 StateDict = dict[str, dict[str, Tensor]]
 
 
-class MetaLossHook(Protocol):
-    r"""Extra meta-loss term at a trajectory point (regularizers plug in here).
+class MetaLossHook:
+    r"""Extra meta-loss term at a trajectory point (regularizers plug in here): the declared hook protocol.
 
     Called after every step that was not frozen by the guard with ``params`` = :math:`\theta_t` (in the
-    graph of the net's weights), the task, the train batch that produced :math:`g_t`, and the global
-    1-based step ``t``. Returns a scalar added to the meta-loss, or ``None``. A hook that needs the
-    trajectory length may define ``begin_trajectory(length: int)``; the trainer calls it at every new
-    trajectory. A hook that needs the inputs of the update that produced :math:`\theta_t` (e.g. to run
-    the net again on perturbed inputs) sets the attribute ``wants_step_inputs = True`` and is then
-    called with the keyword argument ``inputs=`` a :class:`StepInputs`.
+    graph of the net's weights), the task, the train batch that produced :math:`g_t`, the global
+    1-based step ``t`` and, when the hook sets :attr:`wants_step_inputs`, ``inputs=`` the
+    :class:`StepInputs` of the update that produced :math:`\theta_t` (e.g. to run the net again on
+    perturbed inputs; ``None`` otherwise). Returns a scalar added to the meta-loss, or ``None``.
+
+    The trainer calls :meth:`begin_trajectory` at every new trajectory and logs what :meth:`pop_values`
+    returns after every meta-step; both do nothing by default. A plain function
+    ``hook(params, task, batch, step)`` is accepted wherever a hook is, through :func:`as_hook`.
     """
 
-    def __call__(self, params: Mapping[str, Tensor], task: Task, batch: Any, step: int) -> Tensor | None: ...
+    #: Whether the hook is called with ``inputs=`` a :class:`StepInputs`.
+    wants_step_inputs: bool = False
+
+    def __call__(
+        self, params: Mapping[str, Tensor], task: Task, batch: Any, step: int, *, inputs: StepInputs | None = None
+    ) -> Tensor | None:
+        raise NotImplementedError
+
+    def begin_trajectory(self, length: int) -> None:
+        """A new trajectory of ``length`` steps starts."""
+
+    def pop_values(self) -> dict[str, float]:
+        """Values to log since the last call (e.g. each term's mean raw value)."""
+        return {}
+
+
+class FunctionHook(MetaLossHook):
+    """A plain function ``fn(params, task, batch, step) -> Tensor | None`` as a :class:`MetaLossHook`."""
+
+    def __init__(self, fn: Callable[..., Tensor | None]) -> None:
+        self.fn = fn
+
+    def __call__(
+        self, params: Mapping[str, Tensor], task: Task, batch: Any, step: int, *, inputs: StepInputs | None = None
+    ) -> Tensor | None:
+        return self.fn(params, task, batch, step)
+
+
+def as_hook(hook: MetaLossHook | Callable[..., Tensor | None] | None) -> MetaLossHook | None:
+    """``hook`` as a :class:`MetaLossHook` (a plain function is wrapped in a :class:`FunctionHook`)."""
+    if hook is None or isinstance(hook, MetaLossHook):
+        return hook
+    if not callable(hook):
+        raise TypeError(f"a meta-loss hook must be a MetaLossHook or a callable, got {type(hook).__name__}")
+    return FunctionHook(hook)
 
 
 @dataclasses.dataclass
@@ -295,6 +333,7 @@ def unroll(
         track_graph: ``False`` runs without building the graph of the net (evaluation); losses detached.
     """
     cfg = config or UnrollConfig()
+    hook = as_hook(hook)
     if meta_split not in ("train", "val"):
         raise ValueError(f"meta_split must be 'train' or 'val', got {meta_split!r}")
     dtype = next((p.dtype for p in trajectory.params.values() if p.is_floating_point()), None)
@@ -385,11 +424,10 @@ def unroll(
             if keep_points:
                 points.append(params)
             if hook is not None and track_graph:
-                if getattr(hook, "wants_step_inputs", False):
-                    inputs = StepInputs(rule, weights, grads, previous[0], previous[1], t)
-                    term = hook(params, task, batch, t, inputs=inputs)
-                else:
-                    term = hook(params, task, batch, t)
+                inputs = (
+                    StepInputs(rule, weights, grads, previous[0], previous[1], t) if hook.wants_step_inputs else None
+                )
+                term = hook(params, task, batch, t, inputs=inputs)
                 if term is not None:
                     extra = extra + term
         if meta_split == "train" and not diverged and num_steps > 0:
