@@ -51,7 +51,9 @@ def check_value(path: str, annotation: Any, value: Any) -> Any:
             fixed = kind is tuple and args and not (len(args) == 2 and args[1] is Ellipsis)
             if isinstance(value, (list, tuple)) and (not fixed or len(value) == len(args)):
                 items = args if fixed else [args[0] if args else Any] * len(value)
-                return kind(check_value(f"{path}[{i}]", item, v) for i, (item, v) in enumerate(zip(items, value)))
+                return kind(
+                    check_value(f"{path}[{i}]", item, v) for i, (item, v) in enumerate(zip(items, value, strict=True))
+                )
             expected.append(f"a list of {len(args)} items" if fixed else "a list")
         elif isinstance(kind, type) and issubclass(kind, Mapping):
             if isinstance(value, Mapping):

@@ -10,7 +10,8 @@ a short differentiable unroll of ``unroll`` optimizer steps on *your* model, fun
 current state,
 
 .. math::
-    g_t = \nabla_\theta \ell(\theta_{t-1}; B_t),\quad (\Delta_t, s_t) = \mathrm{net}_\phi(g_t, \theta_{t-1}, s_{t-1}, t),
+    g_t = \nabla_\theta \ell(\theta_{t-1}; B_t),
+    \quad (\Delta_t, s_t) = \mathrm{net}_\phi(g_t, \theta_{t-1}, s_{t-1}, t),
     \quad \theta_t = \theta_{t-1}(1 - \eta\lambda) + \eta\,\Delta_t
 
 (exactly the optimizer's step: its ``lr`` :math:`\eta`, decoupled ``weight_decay`` :math:`\lambda` and
@@ -129,7 +130,7 @@ def adapt_weights(
                     "weights (every learned step was a no-op: lr 0, or the run diverged at once)"
                 )
             grads = torch.autograd.grad(loss, [weights[n] for n in names], allow_unused=True)
-            grads = [torch.zeros_like(weights[n]) if g is None else g for n, g in zip(names, grads)]
+            grads = [torch.zeros_like(weights[n]) if g is None else g for n, g in zip(names, grads, strict=True)]
             norm = math.sqrt(sum(float(g.double().square().sum()) for g in grads))
             if not math.isfinite(norm):
                 problem = f"the meta-gradient norm is {norm}"
@@ -149,7 +150,7 @@ def adapt_weights(
             total = math.sqrt(sum(float(g.double().square().sum()) for g in grads))
             if total > grad_clip:
                 grads = [g * (grad_clip / total) for g in grads]
-        for n, g in zip(names, grads):
+        for n, g in zip(names, grads, strict=True):
             weights[n].grad = g
         optimizer.step()
         losses.append(value)
@@ -365,7 +366,7 @@ def adapt(
                 loss, list(params.values()), create_graph=second_order, retain_graph=True, allow_unused=True
             )
             new_params = dict(params)
-            for (n, theta), g in zip(params.items(), grads):
+            for (n, theta), g in zip(params.items(), grads, strict=True):
                 step_lr, wd = hyper[n]
                 if g is None or step_lr == 0.0:  # the optimizer skips grad-less params; lr 0 is a no-op
                     continue
@@ -408,7 +409,7 @@ def adapt(
     )
     if rule is not opt.rule:
         with torch.no_grad():
-            for (_, p), (_, q) in zip(opt.rule.named_parameters(), rule.named_parameters()):
+            for (_, p), (_, q) in zip(opt.rule.named_parameters(), rule.named_parameters(), strict=True):
                 p.copy_(q.to(device=p.device, dtype=p.dtype))
         rule = opt.rule
     record = {

@@ -421,7 +421,7 @@ class TuningResult:
 
     def describe(self) -> str:
         """One line: the grid, each lr's validation loss and the choice."""
-        tried = ", ".join(f"{lr:g}: {loss:.4g}" for lr, loss in zip(self.grid, self.val_loss))
+        tried = ", ".join(f"{lr:g}: {loss:.4g}" for lr, loss in zip(self.grid, self.val_loss, strict=True))
         return (
             f"[tune] {self.optimizer} on {self.task}: grid {{{tried}}} (final validation loss, mean of "
             f"{_count(len(self.seeds), 'seed')}, {_count(self.steps, 'step')}) -> lr = {self.chosen_lr:g}"
@@ -451,7 +451,7 @@ def tune_lr(
             train_run(
                 task, init, spec, lr, steps=steps, seed=seed, task_label=source.label, eval_split="val", on_step=on_step
             ).final("loss")
-            for seed, (task, init) in zip(seeds, instances)
+            for seed, (task, init) in zip(seeds, instances, strict=True)
         ]
         val_loss.append(sum(finals) / len(finals) if all(math.isfinite(v) for v in finals) else math.inf)
     if all(not math.isfinite(v) for v in val_loss):
@@ -666,7 +666,8 @@ class EvaluationResults:
             f"and top eigenvalue on {options.get('hessian_batches', '?')} `{options.get('hessian_split', '?')}` "
             f"batches; sharpness@r = max loss increase and max_grad_norm@r = max gradient norm in the "
             f"L-infinity ball of radius r on the `{options.get('pga_split', '?')}` batch, by "
-            f"{options.get('steps', '?')} steps of projected gradient ascent (step {options.get('step_fraction', '?')} r, "
+            f"{options.get('steps', '?')} steps of projected gradient ascent "
+            f"(step {options.get('step_fraction', '?')} r, "
             f"Gaussian start of std {options.get('init_fraction', '?')} r). Mean ± 95% CI over seeds."
         )
         return "\n".join(lines) + "\n\n" + note + "\n"
@@ -763,7 +764,7 @@ class EvaluationResults:
 def _band(curves: list[list[float]]) -> tuple[list[float], list[float], list[float]]:
     """Pointwise mean and 95% t-interval over runs (non-finite values dropped)."""
     mean, low, high = [], [], []
-    for values in zip(*curves):
+    for values in zip(*curves, strict=True):
         m, h = mean_confidence_interval(values)
         h = 0.0 if not math.isfinite(h) else h
         mean.append(m), low.append(m - h), high.append(m + h)
@@ -812,7 +813,7 @@ def plot_curves(results: EvaluationResults, out_dir: str | Path) -> dict[str, Pa
                 mean, low, high = _band(smoothed)
             (line,) = axes[0].plot(range(len(mean)), mean, label=label)
             axes[0].fill_between(range(len(mean)), low, high, color=line.get_color(), alpha=0.2)
-            for ax, name in zip(axes[1:], names):
+            for ax, name in zip(axes[1:], names, strict=True):
                 mean, low, high = _band([r.evals.get(name, []) for r in mine])
                 ax.plot(mine[0].eval_steps, mean, marker=".", color=line.get_color(), label=label)
                 ax.fill_between(mine[0].eval_steps, low, high, color=line.get_color(), alpha=0.2)
@@ -823,7 +824,7 @@ def plot_curves(results: EvaluationResults, out_dir: str | Path) -> dict[str, Pa
             yscale="log" if log_scale else "linear",
             ylabel=f"minibatch loss ({average}, moving avg {window})",
         )
-        for ax, name in zip(axes[1:], names):
+        for ax, name in zip(axes[1:], names, strict=True):
             ax.set(title=f"{task}: {split} {name}", xlabel="step", ylabel=f"{split} {name}")
         for ax in axes:
             ax.grid(alpha=0.3)

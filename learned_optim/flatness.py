@@ -92,29 +92,29 @@ class _Objective:
 
     def total(self, params: Mapping[str, Tensor]) -> Tensor:
         """The batch-size-weighted mean loss (one graph over all batches: for small data only)."""
-        return sum(w * self.loss(params, b) for w, b in zip(self.weights, self.batches))  # type: ignore[return-value]
+        return sum(w * self.loss(params, b) for w, b in zip(self.weights, self.batches, strict=True))  # type: ignore[return-value]
 
     def value(self, params: Mapping[str, Tensor]) -> float:
         with torch.no_grad():
-            return float(sum(w * float(self.loss(params, b)) for w, b in zip(self.weights, self.batches)))
+            return float(sum(w * float(self.loss(params, b)) for w, b in zip(self.weights, self.batches, strict=True)))
 
     def grad(self, params: Mapping[str, Tensor]) -> tuple[float, Params]:
         """Loss and gradient, accumulated batch by batch."""
         total, out = 0.0, {k: torch.zeros_like(v) for k, v in params.items()}
         leaf = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        for w, b in zip(self.weights, self.batches):
+        for w, b in zip(self.weights, self.batches, strict=True):
             loss = self.loss(leaf, b)
             grads = torch.autograd.grad(loss, list(leaf.values()), allow_unused=True)
             total += w * float(loss.detach())
-            for (k, _), g in zip(leaf.items(), grads):
+            for (k, _), g in zip(leaf.items(), grads, strict=True):
                 if g is not None:
                     out[k] += w * g
         return total, out
 
     def hvp(self, params: Mapping[str, Tensor], vector: Mapping[str, Tensor]) -> Params:
         out = {k: torch.zeros_like(v) for k, v in params.items()}
-        for w, b in zip(self.weights, self.batches):
-            hv = jvp(func_grad(lambda p: self.loss(p, b)), (dict(params),), (dict(vector),))[1]
+        for w, b in zip(self.weights, self.batches, strict=True):
+            hv = jvp(func_grad(lambda p, b=b: self.loss(p, b)), (dict(params),), (dict(vector),))[1]
             for k in out:
                 out[k] += w * hv[k].detach()
         return out
@@ -195,7 +195,7 @@ def hessian_trace(
         n = min(probe_chunk, probes - start)
         zs = {k: (torch.randint(0, 2, (n, *v.shape), generator=gen) * 2 - 1).to(v) for k, v in obj.params.items()}
         chunk = torch.zeros(n, dtype=torch.float64)
-        for w, b in zip(obj.weights, obj.batches):
+        for w, b in zip(obj.weights, obj.batches, strict=True):
 
             def quadratic_form(z: Params, b: Any = b) -> Tensor:
                 hz = jvp(func_grad(lambda p: obj.loss(p, b)), (obj.params,), (z,))[1]

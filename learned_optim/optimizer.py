@@ -390,7 +390,7 @@ class LearnedOptimizer(Optimizer):
         if len(saved_ids) != len(params):
             raise ValueError(f"state_dict has {len(saved_ids)} parameters, this optimizer has {len(params)}")
         expected = self.rule.state_shapes()
-        for pid, p in zip(saved_ids, params):
+        for pid, p in zip(saved_ids, params, strict=True):
             saved = state_dict["state"].get(pid)
             if not saved:
                 continue
@@ -407,7 +407,7 @@ class LearnedOptimizer(Optimizer):
                         f"state {k!r} of parameter {pid} has shape {tuple(saved[k].shape)}, expected {want}"
                     )
         super().load_state_dict(state_dict)
-        for pid, p in zip(saved_ids, params):
+        for pid, p in zip(saved_ids, params, strict=True):
             saved = state_dict["state"].get(pid)
             if not saved:
                 continue

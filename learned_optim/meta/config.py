@@ -281,10 +281,10 @@ class MetaTrainConfig(_Section):
 
     Fields beyond the sections: ``name``/``description`` (recorded in the zoo folder), ``expected_time``
     (free text, how long the recipe takes on the machine it was sized for), ``seed`` (makes the run
-    reproducible), ``device``, ``dtype`` (``float32`` or ``float64``, for both the net and the optimizee), ``num_threads``
-    (torch CPU threads while training; 1 by default because the small per-step ops of meta-training run
-    several times faster single-threaded on a busy CPU than with 2 contending threads; ``None`` keeps
-    torch's setting),
+    reproducible), ``device``, ``dtype`` (``float32`` or ``float64``, for both the net and the optimizee),
+    ``num_threads`` (torch CPU threads while training; 1 by default because the small per-step ops of
+    meta-training run several times faster single-threaded on a busy CPU than with 2 contending threads;
+    ``None`` keeps torch's setting),
     ``init_from`` (zoo name or folder to fine-tune; its architecture replaces ``net``), ``meta_epochs``
     (trajectories to train; the cap when the curriculum is on), ``checkpoint_every`` (meta-steps between
     checkpoints), ``out_dir`` (run folder; ``runs/<name>`` when unset), ``regularizers`` (flatness-aware
@@ -349,7 +349,8 @@ def _read_mapping(path: Path) -> dict[str, Any]:
             import yaml
         except ImportError:
             raise ImportError(
-                "YAML configs need PyYAML: the 'meta' extra (pip install -e '.[meta]' in a checkout) (or use a JSON config)"
+                "YAML configs need PyYAML: the 'meta' extra (pip install -e '.[meta]' in a checkout) "
+                "(or use a JSON config)"
             ) from None
         data = yaml.safe_load(text)
     else:

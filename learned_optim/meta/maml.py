@@ -114,14 +114,14 @@ def inner_step(
         return dict(weights), 0.0
     second = not config.first_order
     grads = torch.autograd.grad(loss, [weights[n] for n in names], create_graph=second, allow_unused=True)
-    grads = [torch.zeros_like(weights[n]) if g is None else g for n, g in zip(names, grads)]
+    grads = [torch.zeros_like(weights[n]) if g is None else g for n, g in zip(names, grads, strict=True)]
     norm = math.sqrt(sum(float(g.detach().double().square().sum()) for g in grads))
     if not math.isfinite(norm):
         return dict(weights), float("nan")
     if not second:
         grads = [g.detach() for g in grads]
     out = {}
-    for n, g in zip(names, grads):
+    for n, g in zip(names, grads, strict=True):
         if config.inner_update == "adam":
             assert moments is not None
             m, v = moments.get(n, (torch.zeros_like(g), torch.zeros_like(g)))

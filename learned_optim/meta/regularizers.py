@@ -244,7 +244,8 @@ def local_entropy_mean(
     burn_in: int = 0,
     generator: torch.Generator | None = None,
 ) -> Params:
-    r"""SGLD estimate :math:`\mu \approx E[\theta']`, :math:`\theta' \sim \exp(-L(\theta') - \frac\gamma2\|\theta-\theta'\|^2)`.
+    r"""SGLD estimate :math:`\mu \approx E[\theta']` of
+    :math:`\theta' \sim \exp(-L(\theta') - \frac\gamma2\|\theta-\theta'\|^2)`.
 
     Starting at :math:`\theta' = \mu = \theta` (detached), ``steps`` steps of
 

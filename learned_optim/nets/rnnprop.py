@@ -33,7 +33,8 @@ class RNNProp(UpdateRule):
         m \leftarrow \beta_1 m + (1-\beta_1) g,\quad v \leftarrow \beta_2 v + (1-\beta_2) g^2,\quad
         \hat m = \tfrac{m}{1-\beta_1^t},\ \hat v = \tfrac{v}{1-\beta_2^t}
 
-        x = \mathrm{ELU}\Big(A\Big[\tfrac{\hat m}{\sqrt{\hat v}+\epsilon}, \tfrac{g}{\sqrt{\hat v}+\epsilon}\Big]\Big),\quad
+        x = \mathrm{ELU}\Big(A\Big[\tfrac{\hat m}{\sqrt{\hat v}+\epsilon},
+        \tfrac{g}{\sqrt{\hat v}+\epsilon}\Big]\Big),\quad
         (h, c) \leftarrow \mathrm{LSTM}(x, (h, c)),\quad \Delta\theta = s\,\tanh(W h + b)
 
     State per coordinate: ``m``, ``v`` (scalars) and ``lstm`` of shape ``(2, hidden_size)``.

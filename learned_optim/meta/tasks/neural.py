@@ -106,7 +106,7 @@ def build_conv_net(
         raise ValueError(f"channels {channels} and kernel_sizes {kernel_sizes} differ in length")
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     cin = int(input_shape[0])
-    for i, (c, k) in enumerate(zip(channels, kernel_sizes), start=1):
+    for i, (c, k) in enumerate(zip(channels, kernel_sizes, strict=True), start=1):
         layers[f"conv{i}"] = nn.Conv2d(cin, c, k, padding=k // 2)
         layers[f"act{i}"] = _activation(activation)
         cin = c
