@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Mapping
-from typing import Any, Union, get_args, get_origin
+from typing import Any, Union, cast, get_args, get_origin
 
 __all__ = ["check_value"]
 
@@ -45,7 +45,7 @@ def check_value(path: str, annotation: Any, value: Any) -> Any:
         kind, args = get_origin(option) or option, get_args(option)
         if kind in _SCALARS:
             if isinstance(value, _SCALARS[kind]) and (kind is bool or not isinstance(value, bool)):
-                return float(value) if kind is float else value
+                return float(cast(float, value)) if kind is float else value
             expected.append(kind.__name__)
         elif kind in (list, tuple):
             fixed = kind is tuple and args and not (len(args) == 2 and args[1] is Ellipsis)

@@ -111,7 +111,7 @@ def adapt_weights(
     weights = {n: p.detach().to(device=device).clone().requires_grad_(True) for n, p in rule.named_parameters()}
     optimizer = torch.optim.Adam(list(weights.values()), lr=lr, betas=betas)
     losses: list[float] = []
-    iterator = range(steps)
+    iterator: Iterable[int] = range(steps)
     if progress:
         from tqdm.auto import tqdm
 
@@ -120,17 +120,17 @@ def adapt_weights(
         loss = segment_loss(weights, k)
         value = float(loss.detach())
         problem = None
+        grads: list[Tensor] | None = None
         if not math.isfinite(value):
             problem = f"the meta-loss is {value}"
-            grads = None
         else:
             if not loss.requires_grad:
                 raise AdaptationError(
                     f"adaptation step {k + 1}: the meta-loss does not depend on the optimizer's "
                     "weights (every learned step was a no-op: lr 0, or the run diverged at once)"
                 )
-            grads = torch.autograd.grad(loss, [weights[n] for n in names], allow_unused=True)
-            grads = [torch.zeros_like(weights[n]) if g is None else g for n, g in zip(names, grads, strict=True)]
+            raw = torch.autograd.grad(loss, [weights[n] for n in names], allow_unused=True)
+            grads = [torch.zeros_like(weights[n]) if g is None else g for n, g in zip(names, raw, strict=True)]
             norm = math.sqrt(sum(float(g.double().square().sum()) for g in grads))
             if not math.isfinite(norm):
                 problem = f"the meta-gradient norm is {norm}"
@@ -324,7 +324,7 @@ def adapt(
         return _Point(params, state, counts, buffers)
 
     start = initial_point()
-    current = {"point": start, "first_loss": None}
+    current: dict[str, Any] = {"point": start, "first_loss": None}
     checked = {"done": False}
 
     def loss_at(params: Mapping[str, Tensor], buffers: dict[str, Tensor]) -> Tensor:
@@ -440,7 +440,7 @@ def adapt(
     rule.adaptations.append(record)
     if not restore_model:
         end = current["point"]
-        state_dtype = getattr(opt, "_state_dtype", lambda key: opt.state_dtype)  # per state name, if supported
+        state_dtype = opt._state_dtype  # per state name
         with torch.no_grad():
             for n, p in named:
                 p.copy_(end.params[n])

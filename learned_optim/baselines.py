@@ -92,7 +92,7 @@ def _sam_class() -> type:
     class HarnessSAM(SAM):
         """``pytorch_optimizer.SAM`` whose ``step(closure)`` also computes the first gradient."""
 
-        def step(self, closure=None):  # type: ignore[override]
+        def step(self, closure=None):
             closure = _require_closure(closure, "SAM")
             loss = closure()  # g at theta (SAM.step expects it to be there already)
             super().step(closure)  # perturb to theta + rho g/|g|, recompute, restore, base step
@@ -118,9 +118,10 @@ def _gsam_class() -> type:
     class HarnessGSAM(GSAM):
         """``pytorch_optimizer.GSAM`` taking the standard closure (GSAM's own returns ``(outputs, loss)``)."""
 
-        def step(self, closure=None):  # type: ignore[override]
+        def step(self, closure=None):
             closure = _require_closure(closure, "GSAM")
-            _, loss = super().step(lambda: (None, closure()))
+            # GSAM calls its closure for (outputs, loss), though pytorch_optimizer annotates it as returning a float
+            _, loss = super().step(lambda: (None, closure()))  # type: ignore[arg-type, return-value]
             return loss
 
     return HarnessGSAM

@@ -149,7 +149,8 @@ class OptimizerSpec:
 
 
 def _build_learned(path: str, params: list[Tensor], lr: float | None) -> Optimizer:
-    return from_pretrained(path, params, **({} if lr is None else {"lr": lr}))
+    kwargs: dict[str, Any] = {} if lr is None else {"lr": lr}
+    return from_pretrained(path, params, **kwargs)
 
 
 def resolve_optimizer(
@@ -172,7 +173,7 @@ def resolve_optimizer(
             raise ValueError(f"the learning-rate grid of {baseline.name!r} is empty")
         return OptimizerSpec(
             baseline.name,
-            baseline.build,
+            baseline.build,  # type: ignore[arg-type]  # a baseline always has a grid, so build never gets lr=None
             lr_grid=grid,
             kind="baseline",
             info={"source": baseline.name, "description": baseline.description},
@@ -311,7 +312,7 @@ def train_run(
     task_label: str,
     eval_split: str = "test",
     eval_every: int | None = None,
-    on_step: Callable[[], None] | None = None,
+    on_step: Callable[[], object] | None = None,
     flatness: FlatnessOptions | None = None,
 ) -> RunResult:
     """Train a copy of ``init`` (made into leaf tensors) on ``task`` with ``spec`` for ``steps`` steps.
@@ -359,7 +360,7 @@ def train_run(
 
         tick = time.perf_counter()
         try:
-            optimizer.step(closure)
+            optimizer.step(closure)  # type: ignore[arg-type]  # torch annotates closures as returning float
             loss = _as_float(first[0])
         except NonFiniteGradientError:
             loss = math.nan
@@ -434,7 +435,7 @@ def tune_lr(
     *,
     steps: int,
     seeds: Sequence[int],
-    on_step: Callable[[], None] | None = None,
+    on_step: Callable[[], object] | None = None,
 ) -> TuningResult:
     """Pick the lr of ``spec.lr_grid`` with the lowest mean final *validation* loss over ``seeds``.
 
@@ -767,7 +768,9 @@ def _band(curves: list[list[float]]) -> tuple[list[float], list[float], list[flo
     for values in zip(*curves, strict=True):
         m, h = mean_confidence_interval(values)
         h = 0.0 if not math.isfinite(h) else h
-        mean.append(m), low.append(m - h), high.append(m + h)
+        mean.append(m)
+        low.append(m - h)
+        high.append(m + h)
     return mean, low, high
 
 
@@ -910,7 +913,7 @@ def evaluate(
     tune_seed_list = [TUNE_SEED_OFFSET + i for i in range(tune_seeds)]
     tuned_specs = [s for s in specs if s.lr_grid]
     total = len(sources) * (
-        sum(len(s.lr_grid) for s in tuned_specs) * tune_seeds * tune_steps + len(specs) * len(seed_list) * steps
+        sum(len(s.lr_grid or ()) for s in tuned_specs) * tune_seeds * tune_steps + len(specs) * len(seed_list) * steps
     )
     config = {
         "steps": steps,

@@ -90,6 +90,10 @@ class _Objective:
     batches: list[Any]
     weights: list[float]
 
+    def loss_on(self, batch: Any) -> Callable[[Mapping[str, Tensor]], Tensor]:
+        """The loss on one batch as a function of the parameters alone (for the ``torch.func`` transforms)."""
+        return lambda p: self.loss(p, batch)
+
     def total(self, params: Mapping[str, Tensor]) -> Tensor:
         """The batch-size-weighted mean loss (one graph over all batches: for small data only)."""
         return sum(w * self.loss(params, b) for w, b in zip(self.weights, self.batches, strict=True))  # type: ignore[return-value]
@@ -114,7 +118,7 @@ class _Objective:
     def hvp(self, params: Mapping[str, Tensor], vector: Mapping[str, Tensor]) -> Params:
         out = {k: torch.zeros_like(v) for k, v in params.items()}
         for w, b in zip(self.weights, self.batches, strict=True):
-            hv = jvp(func_grad(lambda p, b=b: self.loss(p, b)), (dict(params),), (dict(vector),))[1]
+            hv = jvp(func_grad(self.loss_on(b)), (dict(params),), (dict(vector),))[1]
             for k in out:
                 out[k] += w * hv[k].detach()
         return out
@@ -198,8 +202,8 @@ def hessian_trace(
         for w, b in zip(obj.weights, obj.batches, strict=True):
 
             def quadratic_form(z: Params, b: Any = b) -> Tensor:
-                hz = jvp(func_grad(lambda p: obj.loss(p, b)), (obj.params,), (z,))[1]
-                return sum((hz[k] * z[k]).sum() for k in z)  # type: ignore[return-value]
+                hz = jvp(func_grad(obj.loss_on(b)), (obj.params,), (z,))[1]
+                return sum((hz[k] * z[k]).sum() for k in z)
 
             if vectorize:
                 forms = vmap(quadratic_form)(zs)
@@ -386,7 +390,13 @@ def flatness_report(
     ``hessian_eigenvalue``, ``sharpness@<r>`` and ``max_grad_norm@<r>`` for each radius."""
     batches = list(itertools.islice(iter(data), max_batches)) if max_batches is not None else list(data)
     obj = _objective(model, loss_fn, batches, None)
-    pga = {"radii": radii, "steps": steps, "step_fraction": step_fraction, "init_fraction": init_fraction, "seed": seed}
+    pga: dict[str, Any] = {
+        "radii": radii,
+        "steps": steps,
+        "step_fraction": step_fraction,
+        "init_fraction": init_fraction,
+        "seed": seed,
+    }
     report = {
         "loss": obj.value(obj.params),
         "grad_norm": gradient_norm(model, loss_fn, batches),
@@ -451,7 +461,7 @@ def task_flatness(
             out["hessian_eigenvalue"] = hessian_top_eigenvalue(params, task.loss, batches, iters=o.iters, seed=o.seed)
     if {"sharpness", "max_grad_norm"} & set(o.metrics):
         batches = [task.batch(o.pga_split, generator)]
-        pga = {
+        pga: dict[str, Any] = {
             "radii": o.radii,
             "steps": o.steps,
             "step_fraction": o.step_fraction,

@@ -25,7 +25,7 @@ import os
 import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from .._validation import check_value
 
@@ -51,11 +51,16 @@ OBJECTIVES = ("sum", "last", "log", "log_last")
 SPLITS = ("train", "val")
 
 
+_S = TypeVar("_S", bound="_Section")
+
+
 class _Section:
     """Mixin: strict construction from nested mappings and conversion back to plain JSON types."""
 
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]  # every section is a dataclass
+
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any] | None, *, where: str = "") -> Any:
+    def from_dict(cls: type[_S], values: Mapping[str, Any] | None, *, where: str = "") -> _S:
         values = dict(values or {})
         hints = get_type_hints(cls)
         known = {f.name for f in dataclasses.fields(cls)}

@@ -113,8 +113,8 @@ def inner_step(
     if not loss.requires_grad:
         return dict(weights), 0.0
     second = not config.first_order
-    grads = torch.autograd.grad(loss, [weights[n] for n in names], create_graph=second, allow_unused=True)
-    grads = [torch.zeros_like(weights[n]) if g is None else g for n, g in zip(names, grads, strict=True)]
+    raw = torch.autograd.grad(loss, [weights[n] for n in names], create_graph=second, allow_unused=True)
+    grads = [torch.zeros_like(weights[n]) if g is None else g for n, g in zip(names, raw, strict=True)]
     norm = math.sqrt(sum(float(g.detach().double().square().sum()) for g in grads))
     if not math.isfinite(norm):
         return dict(weights), float("nan")

@@ -229,7 +229,7 @@ def jacobian_trace(loss_fn: LossFn, params: Mapping[str, Tensor], reduction: str
     total = sum(v.square().sum() for v in g.values())
     if reduction == "mean":
         total = total / sum(v.numel() for v in g.values())
-    return total  # type: ignore[return-value]
+    return total
 
 
 def local_entropy_mean(

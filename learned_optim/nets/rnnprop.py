@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -42,8 +43,9 @@ class RNNProp(UpdateRule):
 
     family = "rnnprop"
     config_class = RNNPropConfig
+    config: RNNPropConfig
 
-    def __init__(self, config: RNNPropConfig | None = None, **overrides) -> None:
+    def __init__(self, config: RNNPropConfig | None = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
         c = self.config
         self.input = nn.Linear(2, c.hidden_size)
