@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         w = 10  # compare 10-step window means (single-batch losses are noisy)
         mean32 = [sum(ref[i : i + w]) / w for i in range(0, args.steps - w + 1, w)]
         mean16 = [sum(low[i : i + w]) / w for i in range(0, args.steps - w + 1, w)]
-        diff = [abs(a - b) for a, b in zip(mean32, mean16)]
+        diff = [abs(a - b) for a, b in zip(mean32, mean16, strict=True)]
         rows.append(
             [
                 family,

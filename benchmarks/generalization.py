@@ -290,7 +290,7 @@ def merge(args: argparse.Namespace) -> int:
             if spec.get("label") == label:
                 spec["label"] = new
     origin: dict[tuple[str, str, int], str] = {}
-    for folder, part in zip(args.inputs, parts):
+    for folder, part in zip(args.inputs, parts, strict=True):
         for r in part.runs:
             key = (r.task, r.optimizer, r.seed)
             if key in origin:

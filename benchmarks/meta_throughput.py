@@ -22,6 +22,7 @@ the net's forward through ``functional_call``), ``theta + delta``.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -45,9 +46,9 @@ class Setup:
         task_family = make_family("mlp")
         gens = [torch.Generator().manual_seed(100 + i) for i in range(tasks)]
         self.tasks = [task_family.sample(g) for g in gens]
-        self.params = [t.init_params(g) for t, g in zip(self.tasks, gens)]
+        self.params = [t.init_params(g) for t, g in zip(self.tasks, gens, strict=True)]
         self.states = [{n: self.rule.init_state(p.numel()) for n, p in ps.items()} for ps in self.params]
-        self.batches = [[t.batch("train", g) for _ in range(segment)] for t, g in zip(self.tasks, gens)]
+        self.batches = [[t.batch("train", g) for _ in range(segment)] for t, g in zip(self.tasks, gens, strict=True)]
         self.loss = self.tasks[0].loss  # same architecture for every instance: the same function
         self.meta_opt = torch.optim.Adam(self.rule.parameters(), lr=1e-4)
 
@@ -60,7 +61,7 @@ class Setup:
 
     def meta_loss_loop(self, weights) -> torch.Tensor:
         total = 0.0
-        for params, state, batches in zip(self.params, self.states, self.batches):
+        for params, state, batches in zip(self.params, self.states, self.batches, strict=True):
             for t, batch in enumerate(batches, start=1):
                 params, state, loss = self.inner(weights, params, state, batch, t)
                 total = total + loss
@@ -74,7 +75,7 @@ class Setup:
         total = 0.0
         for t in range(1, self.segment + 1):
             batch = tuple(torch.stack([b[t - 1][i] for b in self.batches]) for i in range(2))
-            params, state, loss = torch.func.vmap(lambda p, s, b: self.inner(weights, p, s, b, t))(params, state, batch)
+            params, state, loss = torch.func.vmap(functools.partial(self.inner, weights, t=t))(params, state, batch)
             total = total + loss.sum()
         return total / len(self.params)
 
@@ -105,9 +106,12 @@ def main(argv: list[str] | None = None) -> None:
         for tasks in args.tasks:
             setup = Setup(family, tasks, args.segment)
             loop, batched = setup.gradients(False), setup.gradients(True)
-            agree = max(float((a - b).abs().max() / (a.abs().max() + 1e-30)) for a, b in zip(loop, batched))
+            agree = max(
+                float((a - b).abs().max() / (a.abs().max() + 1e-30)) for a, b in zip(loop, batched, strict=True)
+            )
             timings = measure(
-                {"loop": lambda: setup.meta_step(False), "vmap": lambda: setup.meta_step(True)}, repeats=args.repeats
+                {"loop": functools.partial(setup.meta_step, False), "vmap": functools.partial(setup.meta_step, True)},
+                repeats=args.repeats,
             )
             lt, vt = timings["loop"].cpu_best, timings["vmap"].cpu_best
             rows.append(

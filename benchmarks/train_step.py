@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -54,6 +55,20 @@ def build(name: str) -> tuple[nn.Module, tuple[int, ...]]:
     raise ValueError(name)
 
 
+def iteration(
+    model: nn.Module, opt: torch.optim.Optimizer | None, x: torch.Tensor, y: torch.Tensor
+) -> Callable[[], None]:
+    """One training iteration on the batch ``(x, y)``: forward, backward and (if ``opt``) a step."""
+
+    def run() -> None:
+        model.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        if opt is not None:
+            opt.step()
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["conv", "resnet18", "mlp1m"])
@@ -73,18 +88,9 @@ def main(argv: list[str] | None = None) -> None:
         y = torch.randint(0, 10, (args.batch,), generator=gen)
         n_params = sum(p.numel() for p in base.parameters())
 
-        def iteration(model: nn.Module, opt: torch.optim.Optimizer | None):
-            def run() -> None:
-                model.zero_grad(set_to_none=True)
-                nn.functional.cross_entropy(model(x), y).backward()
-                if opt is not None:
-                    opt.step()
-
-            return run
-
-        candidates = {"fwd+bwd only": iteration(copy.deepcopy(base), None)}
+        candidates = {"fwd+bwd only": iteration(copy.deepcopy(base), None, x, y)}
         model = copy.deepcopy(base)
-        candidates["Adam"] = iteration(model, torch.optim.Adam(model.parameters(), lr=1e-3))
+        candidates["Adam"] = iteration(model, torch.optim.Adam(model.parameters(), lr=1e-3), x, y)
         for family in args.families:
             torch.manual_seed(0)
             rule = learned_optim.FAMILIES[family]()
@@ -92,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
             for label, compile_ in variants:
                 model = copy.deepcopy(base)
                 opt = LearnedOptimizer(model.parameters(), rule, compile=compile_)
-                candidates[f"{family} {label}"] = iteration(model, opt)
+                candidates[f"{family} {label}"] = iteration(model, opt, x, y)
         for f in candidates.values():  # compile / warm up outside the timed rotation
             f()
         timings = measure(candidates, repeats=args.repeats)

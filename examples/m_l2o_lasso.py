@@ -102,7 +102,8 @@ class Runner:
         methods: Sequence[str] = ("Vanilla", "M-L2O", "DT", "TL"),
         curves: bool = False,
     ) -> dict[str, Any]:
-        """Every method on one run: adaptation instances from ``adapt_family`` (seed ``seed``), test on ``test_task``."""
+        """Every method on one run: adaptation instances from ``adapt_family`` (seed ``seed``), test on
+        ``test_task``."""
         out: dict[str, Any] = {}
         test_seed = derive_seed(0, "test-run", seed)
 
@@ -201,7 +202,7 @@ def lasso_optimum(task) -> float:
 
     W, y = task.W.double().cpu().numpy(), task.y.double().cpu().numpy()
     d, values = W.shape[2], []
-    for Wi, yi in zip(W, y):
+    for Wi, yi in zip(W, y, strict=True):
         # sklearn minimises 1/(2 d) ||y - W x||^2 + alpha ||x||_1 = (1/d) (1/2 ||.||^2 + d alpha ||x||_1)
         model = LassoLars(alpha=task.l1 / d, fit_intercept=False, max_iter=10_000, eps=1e-16)
         with warnings.catch_warnings():
@@ -355,10 +356,10 @@ def part_neural(args: argparse.Namespace, name: str) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ reporting
 def band(curves: list[list[float]]) -> tuple[list[float], list[float], list[float]]:
-    stats = [mean_confidence_interval(col) for col in zip(*curves)]
+    stats = [mean_confidence_interval(col) for col in zip(*curves, strict=True)]
     mean = [m for m, _ in stats]
     half = [h if math.isfinite(h) else 0.0 for _, h in stats]
-    return mean, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)]
+    return mean, [m - h for m, h in zip(mean, half, strict=True)], [m + h for m, h in zip(mean, half, strict=True)]
 
 
 def plot_curves(runs: list[dict[str, Any]], names: Sequence[str], title: str, path: Path) -> None:
@@ -541,7 +542,8 @@ def write_report(out: Path, args: argparse.Namespace, parts: dict[str, Any], com
             f"## Neural case: `{neural['optimizer']}` on a digits CNN (conv 3x3x16, conv 5x5x32, max-pool, FC; "
             f"unseen in meta-training), {neural['steps']} training steps, batch 128",
             "",
-            f"Adam's lr was tuned on the validation loss over {sorted(float(v) for v in neural['adam_grid'])} -> {neural['adam_lr']:g}. "
+            f"Adam's lr was tuned on the validation loss over {sorted(float(v) for v in neural['adam_grid'])} "
+            f"-> {neural['adam_lr']:g}. "
             "Adaptation: `learned_optim.adapt(opt, model, F.cross_entropy, batches, steps=5, unroll=20)` "
             "from the model's initial weights on 105 extra training batches.",
             "",

@@ -42,6 +42,7 @@ t = 1000 unrolled steps (34 min in total on the shared 2-core machine under a lo
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
         lam_s, c_s = quadratic_spectrum(Hs, ws)
         opt_s, _, _ = grid_optimum(lam_s, c_s, t)
         tr = meta_train_step_size(
-            autograd_value_and_grad(lambda e: log_objective(e, lam_s, c_s, t)), args.eta0, args.long_steps
+            autograd_value_and_grad(functools.partial(log_objective, lam=lam_s, c=c_s, t=t)), args.eta0, args.long_steps
         )
         e300 = tr.etas[min(300, args.long_steps)]
         e1000 = tr.etas[min(1000, args.long_steps)]
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
         "(1/t) log f(w_t), stable closed form, float64",
     ]
     short = ["last-loss bp f64", "log bp f32", "log bp f64", "log stable f64"]
-    print("  columns: " + "; ".join(f"{a} = {b}" for a, b in zip(short, sweep_methods)))
+    print("  columns: " + "; ".join(f"{a} = {b}" for a, b in zip(short, sweep_methods, strict=True)))
     hdr = f"{'t':>5s} {'eta0':>5s} {'eta*':>8s} " + " ".join(f"{m:>22s}" for m in short)
     print(hdr)
     print("-" * len(hdr))
@@ -322,7 +323,7 @@ def plot(runs, lam, c, t, eta_star, grid_etas, grid_values, args, path: Path) ->
     fig, axes = plt.subplots(1, 4, figsize=(22, 4.9))
     styles = ["-", "--", "-", "--", ":", "-"]
     ax = axes[0]
-    for (name, trace), ls in zip(runs.items(), styles):
+    for (name, trace), ls in zip(runs.items(), styles, strict=True):
         bad = f" ({trace.nonfinite} NaN/inf steps)" if trace.nonfinite else ""
         ax.plot(range(len(trace.etas)), trace.etas, ls, label=name + bad, lw=1.3)
     ax.axhline(eta_star, color="k", lw=0.8, ls="--", label=f"grid optimum {eta_star:.4f}")
@@ -334,7 +335,7 @@ def plot(runs, lam, c, t, eta_star, grid_etas, grid_values, args, path: Path) ->
     ax.legend(fontsize=6.5, loc="center right")
 
     ax = axes[1]
-    for (name, trace), ls, color in zip(runs.items(), styles, [f"C{i}" for i in range(6)]):
+    for (name, trace), ls, color in zip(runs.items(), styles, [f"C{i}" for i in range(6)], strict=True):
         if "log" in name and trace.nonfinite == 0:
             ax.plot(range(len(trace.etas)), trace.etas, ls, color=color, label=name, lw=1.0)
     ax.axhline(eta_star, color="k", lw=0.8, ls="--", label="grid optimum")

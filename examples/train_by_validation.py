@@ -55,6 +55,7 @@ import argparse
 import json
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -193,12 +194,12 @@ def main(argv: list[str] | None = None) -> dict:
             n, args.d, sigma, args.t, chosen["tbt"], chosen["tbv"], args.test_tasks, config_seed(args.seed, n, sigma, 2)
         )
         row = {"n": n, "sigma": sigma, "meta": meta, "eta_tbt": chosen["tbt"], "eta_tbv": chosen["tbv"], "test": test}
-        for label, r in test.items():
+        for r in test.values():
             r["test_rmse_mean"], r["test_rmse_min"], r["test_rmse_max"] = summary(r["test_rmse"])
             r["train_rmse_mean"] = summary(r["train_rmse"])[0]
             r["pop_rmse_mean"] = summary(r["pop_rmse"])[0]
         row["gap"] = test["TbT"]["test_rmse_mean"] - test["TbV"]["test_rmse_mean"]
-        row["tbv_wins"] = sum(a > b for a, b in zip(test["TbT"]["test_rmse"], test["TbV"]["test_rmse"]))
+        row["tbv_wins"] = sum(a > b for a, b in zip(test["TbT"]["test_rmse"], test["TbV"]["test_rmse"], strict=True))
         row["seconds"] = time.time() - t0
         out["results"].append(row)
         print(
@@ -257,13 +258,13 @@ def main(argv: list[str] | None = None) -> dict:
     }
     sig_gaps = [r["gap"] for r in sig_rows]
     claims["gap grows with sigma"] = {
-        "holds": all(b > a for a, b in zip(sig_gaps, sig_gaps[1:])),
-        "detail": "gaps " + ", ".join(f"sigma={s:g}: {g:.3f}" for s, g in zip(args.sigmas, sig_gaps)),
+        "holds": all(b > a for a, b in pairwise(sig_gaps)),
+        "detail": "gaps " + ", ".join(f"sigma={s:g}: {g:.3f}" for s, g in zip(args.sigmas, sig_gaps, strict=True)),
     }
     n_gaps = [r["gap"] for r in n_rows]
     claims["gap shrinks with n"] = {
-        "holds": all(b < a for a, b in zip(n_gaps, n_gaps[1:])),
-        "detail": "gaps " + ", ".join(f"n={n}: {g:.3f}" for n, g in zip(args.ns, n_gaps)),
+        "holds": all(b < a for a, b in pairwise(n_gaps)),
+        "detail": "gaps " + ", ".join(f"n={n}: {g:.3f}" for n, g in zip(args.ns, n_gaps, strict=True)),
     }
     out["claims"] = claims
     print("\nclaims:")
@@ -296,8 +297,8 @@ def plot(out, sig_rows, n_rows, args, path: Path) -> None:
         x = [r[key] for r in rows]
         for label, color in (("TbT", "C0"), ("TbV", "C1"), ("TbV eta, all n", "C2")):
             m = [r["test"][label]["test_rmse_mean"] for r in rows]
-            lo = [mm - r["test"][label]["test_rmse_min"] for mm, r in zip(m, rows)]
-            hi = [r["test"][label]["test_rmse_max"] - mm for mm, r in zip(m, rows)]
+            lo = [mm - r["test"][label]["test_rmse_min"] for mm, r in zip(m, rows, strict=True)]
+            hi = [r["test"][label]["test_rmse_max"] - mm for mm, r in zip(m, rows, strict=True)]
             ls = "--" if label == "TbV eta, all n" else "-"
             ax.errorbar(x, m, yerr=[lo, hi], fmt="o" + ls, color=color, capsize=3, label=f"{label} test")
             if label != "TbV eta, all n":

@@ -4,12 +4,17 @@
 >>> opt = learned_optim.from_pretrained("l2o-lstm", model.parameters())  # doctest: +SKIP
 """
 
+from importlib import metadata as _metadata
+
 from .adapt import AdaptationError, AdaptationResult, adapt
 from .hub import CheckpointError, from_pretrained, list_pretrained, load_rule, save_pretrained
 from .nets import DMLSTM, FAMILIES, MLPUpdate, RNNProp, UpdateRule, build_rule, functional_update
 from .optimizer import LearnedOptimizer, NonFiniteGradientError
 
-__version__ = "0.1.0"
+try:  # the one place the version is written is pyproject.toml; installs record it in the package metadata
+    __version__ = _metadata.version("learned-optim")
+except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "LearnedOptimizer",

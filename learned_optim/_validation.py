@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Mapping
-from typing import Any, Union, get_args, get_origin
+from typing import Any, Union, cast, get_args, get_origin
 
 __all__ = ["check_value"]
 
@@ -45,13 +45,15 @@ def check_value(path: str, annotation: Any, value: Any) -> Any:
         kind, args = get_origin(option) or option, get_args(option)
         if kind in _SCALARS:
             if isinstance(value, _SCALARS[kind]) and (kind is bool or not isinstance(value, bool)):
-                return float(value) if kind is float else value
+                return float(cast(float, value)) if kind is float else value
             expected.append(kind.__name__)
         elif kind in (list, tuple):
             fixed = kind is tuple and args and not (len(args) == 2 and args[1] is Ellipsis)
             if isinstance(value, (list, tuple)) and (not fixed or len(value) == len(args)):
                 items = args if fixed else [args[0] if args else Any] * len(value)
-                return kind(check_value(f"{path}[{i}]", item, v) for i, (item, v) in enumerate(zip(items, value)))
+                return kind(
+                    check_value(f"{path}[{i}]", item, v) for i, (item, v) in enumerate(zip(items, value, strict=True))
+                )
             expected.append(f"a list of {len(args)} items" if fixed else "a list")
         elif isinstance(kind, type) and issubclass(kind, Mapping):
             if isinstance(value, Mapping):

@@ -10,7 +10,8 @@ a short differentiable unroll of ``unroll`` optimizer steps on *your* model, fun
 current state,
 
 .. math::
-    g_t = \nabla_\theta \ell(\theta_{t-1}; B_t),\quad (\Delta_t, s_t) = \mathrm{net}_\phi(g_t, \theta_{t-1}, s_{t-1}, t),
+    g_t = \nabla_\theta \ell(\theta_{t-1}; B_t),
+    \quad (\Delta_t, s_t) = \mathrm{net}_\phi(g_t, \theta_{t-1}, s_{t-1}, t),
     \quad \theta_t = \theta_{t-1}(1 - \eta\lambda) + \eta\,\Delta_t
 
 (exactly the optimizer's step: its ``lr`` :math:`\eta`, decoupled ``weight_decay`` :math:`\lambda` and
@@ -111,7 +112,7 @@ def adapt_weights(
     weights = {n: p.detach().to(device=device).clone().requires_grad_(True) for n, p in rule.named_parameters()}
     optimizer = torch.optim.Adam(list(weights.values()), lr=lr, betas=betas)
     losses: list[float] = []
-    iterator = range(steps)
+    iterator: Iterable[int] = range(steps)
     if progress:
         from tqdm.auto import tqdm
 
@@ -120,17 +121,17 @@ def adapt_weights(
         loss = segment_loss(weights, k)
         value = float(loss.detach())
         problem = None
+        grads: list[Tensor] | None = None
         if not math.isfinite(value):
             problem = f"the meta-loss is {value}"
-            grads = None
         else:
             if not loss.requires_grad:
                 raise AdaptationError(
                     f"adaptation step {k + 1}: the meta-loss does not depend on the optimizer's "
                     "weights (every learned step was a no-op: lr 0, or the run diverged at once)"
                 )
-            grads = torch.autograd.grad(loss, [weights[n] for n in names], allow_unused=True)
-            grads = [torch.zeros_like(weights[n]) if g is None else g for n, g in zip(names, grads)]
+            raw = torch.autograd.grad(loss, [weights[n] for n in names], allow_unused=True)
+            grads = [torch.zeros_like(weights[n]) if g is None else g for n, g in zip(names, raw, strict=True)]
             norm = global_norm(grads)
             if not math.isfinite(norm):
                 problem = f"the meta-gradient norm is {norm}"
@@ -150,7 +151,7 @@ def adapt_weights(
             total = global_norm(grads)
             if total > grad_clip:
                 grads = [g * (grad_clip / total) for g in grads]
-        for n, g in zip(names, grads):
+        for n, g in zip(names, grads, strict=True):
             weights[n].grad = g
         optimizer.step()
         losses.append(value)
@@ -324,7 +325,7 @@ def adapt(
         return _Point(params, state, counts, buffers)
 
     start = initial_point()
-    current = {"point": start, "first_loss": None}
+    current: dict[str, Any] = {"point": start, "first_loss": None}
     checked = {"done": False}
 
     def loss_at(params: Mapping[str, Tensor], buffers: dict[str, Tensor]) -> Tensor:
@@ -366,7 +367,7 @@ def adapt(
                 loss, list(params.values()), create_graph=second_order, retain_graph=True, allow_unused=True
             )
             new_params = dict(params)
-            for (n, theta), g in zip(params.items(), grads):
+            for (n, theta), g in zip(params.items(), grads, strict=True):
                 step_lr, wd = hyper[n]
                 if g is None or step_lr == 0.0:  # the optimizer skips grad-less params; lr 0 is a no-op
                     continue
@@ -409,7 +410,7 @@ def adapt(
     )
     if rule is not opt.rule:
         with torch.no_grad():
-            for (_, p), (_, q) in zip(opt.rule.named_parameters(), rule.named_parameters()):
+            for (_, p), (_, q) in zip(opt.rule.named_parameters(), rule.named_parameters(), strict=True):
                 p.copy_(q.to(device=p.device, dtype=p.dtype))
         rule = opt.rule
     record = {
@@ -440,7 +441,7 @@ def adapt(
     rule.adaptations.append(record)
     if not restore_model:
         end = current["point"]
-        state_dtype = getattr(opt, "_state_dtype", lambda key: opt.state_dtype)  # per state name, if supported
+        state_dtype = opt._state_dtype  # per state name
         with torch.no_grad():
             for n, p in named:
                 p.copy_(end.params[n])

@@ -92,7 +92,7 @@ def _sam_class() -> type:
     class HarnessSAM(SAM):
         """``pytorch_optimizer.SAM`` whose ``step(closure)`` also computes the first gradient."""
 
-        def step(self, closure=None):  # type: ignore[override]
+        def step(self, closure=None):
             closure = _require_closure(closure, "SAM")
             loss = closure()  # g at theta (SAM.step expects it to be there already)
             super().step(closure)  # perturb to theta + rho g/|g|, recompute, restore, base step
@@ -118,9 +118,10 @@ def _gsam_class() -> type:
     class HarnessGSAM(GSAM):
         """``pytorch_optimizer.GSAM`` taking the standard closure (GSAM's own returns ``(outputs, loss)``)."""
 
-        def step(self, closure=None):  # type: ignore[override]
+        def step(self, closure=None):
             closure = _require_closure(closure, "GSAM")
-            _, loss = super().step(lambda: (None, closure()))
+            # GSAM calls its closure for (outputs, loss), though pytorch_optimizer annotates it as returning a float
+            _, loss = super().step(lambda: (None, closure()))  # type: ignore[arg-type, return-value]
             return loss
 
     return HarnessGSAM
@@ -230,7 +231,7 @@ class GAM(Optimizer):
         """Move every parameter by ``radius * direction / |direction|`` (global norm); returns the shifts."""
         norm = self._norm(direction)
         shifts = []
-        for (p, group), d in zip(self._params(), direction):
+        for (p, group), d in zip(self._params(), direction, strict=True):
             shift = d * (group[radius_key] / (norm + group["eps"]))
             p.add_(shift)
             shifts.append(shift)
@@ -238,7 +239,7 @@ class GAM(Optimizer):
 
     @torch.no_grad()
     def _unshift(self, shifts: list[Tensor]) -> None:
-        for (p, _), s in zip(self._params(), shifts):
+        for (p, _), s in zip(self._params(), shifts, strict=True):
             p.sub_(s)
 
     @torch.no_grad()
@@ -250,7 +251,7 @@ class GAM(Optimizer):
         closure()
         g1 = self._grads()
         self._unshift(shift0)
-        shift1 = self._shift([a - b for a, b in zip(g1, g0)], "grad_norm_rho")
+        shift1 = self._shift([a - b for a, b in zip(g1, g0, strict=True)], "grad_norm_rho")
         closure()
         g2 = self._grads()
         shift2 = self._shift(g2, "grad_rho")
@@ -260,11 +261,11 @@ class GAM(Optimizer):
         self._unshift(shift1)
         group0 = self.param_groups[0]
         b0, b1, gamma = group0["grad_beta_0"], group0["grad_beta_1"], group0["grad_gamma"]
-        pro = [a + (1.0 - b0) * c for a, c in zip(g0, g2)]
-        new = [b1 * a + (1.0 - b1) * c for a, c in zip(g1, g3)]
-        inner = sum((a * b).sum() for a, b in zip(pro, new))
+        pro = [a + (1.0 - b0) * c for a, c in zip(g0, g2, strict=True)]
+        new = [b1 * a + (1.0 - b1) * c for a, c in zip(g1, g3, strict=True)]
+        inner = sum((a * b).sum() for a, b in zip(pro, new, strict=True))
         coef = inner / (self._norm(new).square() + group0["eps"])
-        for (p, group), d, q in zip(self._params(), new, pro):
+        for (p, group), d, q in zip(self._params(), new, pro, strict=True):
             p.add_(_sgd_direction(self.state, p, d - gamma * (q - coef * d), group), alpha=-group["lr"])
         return loss
 
@@ -335,10 +336,10 @@ class EntropySGD(Optimizer):
         mu = [a.clone() for a in anchor]
         loss = None
         L = self.param_groups[0]["L"]
-        for i in range(L):
+        for _ in range(L):
             value = closure()
             loss = value if loss is None else loss
-            for (p, group), a, m in zip(params, anchor, mu):
+            for (p, group), a, m in zip(params, anchor, mu, strict=True):
                 gamma = group["gamma"] * (1.0 + group["scoping"]) ** self.steps_taken
                 grad = torch.zeros_like(p) if p.grad is None else p.grad
                 drift = grad + gamma * (p - a)
@@ -347,7 +348,7 @@ class EntropySGD(Optimizer):
                 if kick:
                     p.add_(self._noise(p), alpha=kick)
                 m.mul_(group["ema"]).add_(p, alpha=1.0 - group["ema"])
-        for (p, group), a, m in zip(params, anchor, mu):
+        for (p, group), a, m in zip(params, anchor, mu, strict=True):
             p.copy_(a)
             p.add_(_sgd_direction(self.state, p, a - m, group, nesterov=group["nesterov"]), alpha=-group["lr"])
         self.steps_taken += 1

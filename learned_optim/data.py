@@ -255,7 +255,8 @@ def _load_digits() -> tuple[Tensor, Tensor]:
         from sklearn.datasets import load_digits
     except ImportError as e:  # pragma: no cover - scikit-learn is a declared extra
         raise ImportError(
-            "the embedded 'digits' data set needs scikit-learn: the 'meta' extra (pip install -e '.[meta]' in a checkout)"
+            "the embedded 'digits' data set needs scikit-learn: "
+            "the 'meta' extra (pip install -e '.[meta]' in a checkout)"
         ) from e
     bunch = load_digits()
     x = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0

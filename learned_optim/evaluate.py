@@ -149,7 +149,8 @@ class OptimizerSpec:
 
 
 def _build_learned(path: str, params: list[Tensor], lr: float | None) -> Optimizer:
-    return from_pretrained(path, params, **({} if lr is None else {"lr": lr}))
+    kwargs: dict[str, Any] = {} if lr is None else {"lr": lr}
+    return from_pretrained(path, params, **kwargs)
 
 
 def resolve_optimizer(
@@ -172,7 +173,7 @@ def resolve_optimizer(
             raise ValueError(f"the learning-rate grid of {baseline.name!r} is empty")
         return OptimizerSpec(
             baseline.name,
-            baseline.build,
+            baseline.build,  # type: ignore[arg-type]  # a baseline always has a grid, so build never gets lr=None
             lr_grid=grid,
             kind="baseline",
             info={"source": baseline.name, "description": baseline.description},
@@ -311,7 +312,7 @@ def train_run(
     task_label: str,
     eval_split: str = "test",
     eval_every: int | None = None,
-    on_step: Callable[[], None] | None = None,
+    on_step: Callable[[], object] | None = None,
     flatness: FlatnessOptions | None = None,
 ) -> RunResult:
     """Train a copy of ``init`` (made into leaf tensors) on ``task`` with ``spec`` for ``steps`` steps.
@@ -359,7 +360,7 @@ def train_run(
 
         tick = time.perf_counter()
         try:
-            optimizer.step(closure)
+            optimizer.step(closure)  # type: ignore[arg-type]  # torch annotates closures as returning float
             loss = _as_float(first[0])
         except NonFiniteGradientError:
             loss = math.nan
@@ -421,7 +422,7 @@ class TuningResult:
 
     def describe(self) -> str:
         """One line: the grid, each lr's validation loss and the choice."""
-        tried = ", ".join(f"{lr:g}: {loss:.4g}" for lr, loss in zip(self.grid, self.val_loss))
+        tried = ", ".join(f"{lr:g}: {loss:.4g}" for lr, loss in zip(self.grid, self.val_loss, strict=True))
         return (
             f"[tune] {self.optimizer} on {self.task}: grid {{{tried}}} (final validation loss, mean of "
             f"{_count(len(self.seeds), 'seed')}, {_count(self.steps, 'step')}) -> lr = {self.chosen_lr:g}"
@@ -434,7 +435,7 @@ def tune_lr(
     *,
     steps: int,
     seeds: Sequence[int],
-    on_step: Callable[[], None] | None = None,
+    on_step: Callable[[], object] | None = None,
 ) -> TuningResult:
     """Pick the lr of ``spec.lr_grid`` with the lowest mean final *validation* loss over ``seeds``.
 
@@ -451,7 +452,7 @@ def tune_lr(
             train_run(
                 task, init, spec, lr, steps=steps, seed=seed, task_label=source.label, eval_split="val", on_step=on_step
             ).final("loss")
-            for seed, (task, init) in zip(seeds, instances)
+            for seed, (task, init) in zip(seeds, instances, strict=True)
         ]
         val_loss.append(sum(finals) / len(finals) if all(math.isfinite(v) for v in finals) else math.inf)
     if all(not math.isfinite(v) for v in val_loss):
@@ -666,7 +667,8 @@ class EvaluationResults:
             f"and top eigenvalue on {options.get('hessian_batches', '?')} `{options.get('hessian_split', '?')}` "
             f"batches; sharpness@r = max loss increase and max_grad_norm@r = max gradient norm in the "
             f"L-infinity ball of radius r on the `{options.get('pga_split', '?')}` batch, by "
-            f"{options.get('steps', '?')} steps of projected gradient ascent (step {options.get('step_fraction', '?')} r, "
+            f"{options.get('steps', '?')} steps of projected gradient ascent "
+            f"(step {options.get('step_fraction', '?')} r, "
             f"Gaussian start of std {options.get('init_fraction', '?')} r). Mean ± 95% CI over seeds."
         )
         return "\n".join(lines) + "\n\n" + note + "\n"
@@ -763,10 +765,12 @@ class EvaluationResults:
 def _band(curves: list[list[float]]) -> tuple[list[float], list[float], list[float]]:
     """Pointwise mean and 95% t-interval over runs (non-finite values dropped)."""
     mean, low, high = [], [], []
-    for values in zip(*curves):
+    for values in zip(*curves, strict=True):
         m, h = mean_confidence_interval(values)
         h = 0.0 if not math.isfinite(h) else h
-        mean.append(m), low.append(m - h), high.append(m + h)
+        mean.append(m)
+        low.append(m - h)
+        high.append(m + h)
     return mean, low, high
 
 
@@ -812,7 +816,7 @@ def plot_curves(results: EvaluationResults, out_dir: str | Path) -> dict[str, Pa
                 mean, low, high = _band(smoothed)
             (line,) = axes[0].plot(range(len(mean)), mean, label=label)
             axes[0].fill_between(range(len(mean)), low, high, color=line.get_color(), alpha=0.2)
-            for ax, name in zip(axes[1:], names):
+            for ax, name in zip(axes[1:], names, strict=True):
                 mean, low, high = _band([r.evals.get(name, []) for r in mine])
                 ax.plot(mine[0].eval_steps, mean, marker=".", color=line.get_color(), label=label)
                 ax.fill_between(mine[0].eval_steps, low, high, color=line.get_color(), alpha=0.2)
@@ -823,7 +827,7 @@ def plot_curves(results: EvaluationResults, out_dir: str | Path) -> dict[str, Pa
             yscale="log" if log_scale else "linear",
             ylabel=f"minibatch loss ({average}, moving avg {window})",
         )
-        for ax, name in zip(axes[1:], names):
+        for ax, name in zip(axes[1:], names, strict=True):
             ax.set(title=f"{task}: {split} {name}", xlabel="step", ylabel=f"{split} {name}")
         for ax in axes:
             ax.grid(alpha=0.3)
@@ -909,7 +913,7 @@ def evaluate(
     tune_seed_list = [TUNE_SEED_OFFSET + i for i in range(tune_seeds)]
     tuned_specs = [s for s in specs if s.lr_grid]
     total = len(sources) * (
-        sum(len(s.lr_grid) for s in tuned_specs) * tune_seeds * tune_steps + len(specs) * len(seed_list) * steps
+        sum(len(s.lr_grid or ()) for s in tuned_specs) * tune_seeds * tune_steps + len(specs) * len(seed_list) * steps
     )
     config = {
         "steps": steps,

@@ -92,31 +92,35 @@ class _Objective:
     batches: list[Any]
     weights: list[float]
 
+    def loss_on(self, batch: Any) -> Callable[[Mapping[str, Tensor]], Tensor]:
+        """The loss on one batch as a function of the parameters alone (for the ``torch.func`` transforms)."""
+        return lambda p: self.loss(p, batch)
+
     def total(self, params: Mapping[str, Tensor]) -> Tensor:
         """The batch-size-weighted mean loss (one graph over all batches: for small data only)."""
-        return sum(w * self.loss(params, b) for w, b in zip(self.weights, self.batches))  # type: ignore[return-value]
+        return sum(w * self.loss(params, b) for w, b in zip(self.weights, self.batches, strict=True))  # type: ignore[return-value]
 
     def value(self, params: Mapping[str, Tensor]) -> float:
         with torch.no_grad():
-            return float(sum(w * float(self.loss(params, b)) for w, b in zip(self.weights, self.batches)))
+            return float(sum(w * float(self.loss(params, b)) for w, b in zip(self.weights, self.batches, strict=True)))
 
     def grad(self, params: Mapping[str, Tensor]) -> tuple[float, Params]:
         """Loss and gradient, accumulated batch by batch."""
         total, out = 0.0, {k: torch.zeros_like(v) for k, v in params.items()}
         leaf = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        for w, b in zip(self.weights, self.batches):
+        for w, b in zip(self.weights, self.batches, strict=True):
             loss = self.loss(leaf, b)
             grads = torch.autograd.grad(loss, list(leaf.values()), allow_unused=True)
             total += w * float(loss.detach())
-            for (k, _), g in zip(leaf.items(), grads):
+            for (k, _), g in zip(leaf.items(), grads, strict=True):
                 if g is not None:
                     out[k] += w * g
         return total, out
 
     def hvp(self, params: Mapping[str, Tensor], vector: Mapping[str, Tensor]) -> Params:
         out = {k: torch.zeros_like(v) for k, v in params.items()}
-        for w, b in zip(self.weights, self.batches):
-            hv = curvature.hvp(lambda p, b=b: self.loss(p, b), params, vector)
+        for w, b in zip(self.weights, self.batches, strict=True):
+            hv = curvature.hvp(self.loss_on(b), params, vector)
             for k in out:
                 out[k] += w * hv[k].detach()
         return out
@@ -189,8 +193,8 @@ def hessian_trace(
         n = min(probe_chunk, probes - start)
         zs = {k: curvature.rademacher(v, gen, (n, *v.shape)) for k, v in obj.params.items()}
         chunk = torch.zeros(n, dtype=torch.float64)
-        for w, b in zip(obj.weights, obj.batches):
-            forms = curvature.hutchinson_forms(lambda p, b=b: obj.loss(p, b), obj.params, zs, vectorize=vectorize)
+        for w, b in zip(obj.weights, obj.batches, strict=True):
+            forms = curvature.hutchinson_forms(obj.loss_on(b), obj.params, zs, vectorize=vectorize)
             chunk += w * forms.detach().double().cpu()
         values.append(chunk)
     return float(torch.cat(values).mean())
@@ -366,7 +370,13 @@ def flatness_report(
     ``hessian_eigenvalue``, ``sharpness@<r>`` and ``max_grad_norm@<r>`` for each radius."""
     batches = list(itertools.islice(iter(data), max_batches)) if max_batches is not None else list(data)
     obj = _objective(model, loss_fn, batches, None)
-    pga = {"radii": radii, "steps": steps, "step_fraction": step_fraction, "init_fraction": init_fraction, "seed": seed}
+    pga: dict[str, Any] = {
+        "radii": radii,
+        "steps": steps,
+        "step_fraction": step_fraction,
+        "init_fraction": init_fraction,
+        "seed": seed,
+    }
     report = {
         "loss": obj.value(obj.params),
         "grad_norm": gradient_norm(model, loss_fn, batches),
@@ -431,7 +441,7 @@ def task_flatness(
             out["hessian_eigenvalue"] = hessian_top_eigenvalue(params, task.loss, batches, iters=o.iters, seed=o.seed)
     if {"sharpness", "max_grad_norm"} & set(o.metrics):
         batches = [task.batch(o.pga_split, generator)]
-        pga = {
+        pga: dict[str, Any] = {
             "radii": o.radii,
             "steps": o.steps,
             "step_fraction": o.step_fraction,

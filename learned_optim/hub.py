@@ -18,13 +18,16 @@ import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .nets.base import FAMILIES, UpdateRule, build_rule
+
+if TYPE_CHECKING:
+    from .optimizer import LearnedOptimizer
 
 __all__ = [
     "CheckpointError",
@@ -393,7 +396,7 @@ def resolve_checkpoint(
         folder = snapshot_download(
             name,
             revision=revision,
-            cache_dir=cache_dir,
+            cache_dir=None if cache_dir is None else Path(cache_dir),
             local_files_only=local_files_only,
             token=token,
             allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME],
@@ -423,7 +426,7 @@ def from_pretrained(
     local_files_only: bool = False,
     token: str | bool | None = None,
     **optimizer_kwargs: Any,
-):
+) -> LearnedOptimizer:
     """A :class:`~learned_optim.LearnedOptimizer` over ``params`` running a pretrained net.
 
     ``name_or_path`` is a local checkpoint folder, a zoo name (see :func:`list_pretrained`) or a

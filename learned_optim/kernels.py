@@ -16,8 +16,8 @@ Same math; their ``exp`` is a polynomial accurate to about 1 float32 ulp, so res
 ATen path by a few ulps (tested in ``tests/test_kernels.py``).
 
 The source is plain C++ (GCC/Clang vector extensions, no torch headers), compiled once per machine with
-the system compiler (``$CXX``, else ``c++``; a few seconds) into one library in a cache folder and loaded with ``ctypes``:
-no ninja, no Python-version-specific build, no ABI tie to torch. Nothing is ever downloaded.
+the system compiler (``$CXX``, else ``c++``; a few seconds) into one library in a cache folder and loaded
+with ``ctypes``: no ninja, no Python-version-specific build, no ABI tie to torch. Nothing is ever downloaded.
 
 * Cache: ``$LEARNED_OPTIM_CACHE`` or ``$XDG_CACHE_HOME/learned_optim`` (default ``~/.cache/learned_optim``),
   in ``kernels/learned_optim-<hash>.so``; the hash covers the sources, the compiler's version, the flags

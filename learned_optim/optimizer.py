@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from itertools import chain
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeGuard, cast
 
 import torch
 from torch import Tensor
@@ -13,6 +13,9 @@ from torch.optim import Optimizer
 
 from . import kernels
 from .nets.base import UpdateRule
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = ["LearnedOptimizer", "NonFiniteGradientError", "DEFAULT_CHUNK_SIZE", "KERNEL_CHUNK_SIZE", "ROW_ALIGN"]
 
@@ -45,7 +48,7 @@ def _pad_rows(x: Tensor, rows: int) -> Tensor:
 NonFinitePolicy = Literal["raise", "skip"]
 
 
-def _is_dtensor(t: Tensor) -> bool:
+def _is_dtensor(t: Tensor) -> TypeGuard[DTensor]:
     """A ``torch.distributed.tensor.DTensor`` (e.g. a parameter sharded by FSDP2's ``fully_shard``)."""
     return type(t).__name__ == "DTensor" and hasattr(t, "_local_tensor")
 
@@ -200,7 +203,7 @@ class LearnedOptimizer(Optimizer):
                     p.device_mesh,
                     p.placements,
                     run_check=False,
-                    shape=(*p.shape, *shapes[k]),
+                    shape=torch.Size((*p.shape, *shapes[k])),
                     stride=torch.empty((*p.shape, *shapes[k]), device="meta").stride(),
                 )
                 for k, v in state.items()
@@ -216,7 +219,9 @@ class LearnedOptimizer(Optimizer):
             logger.info("LearnedOptimizer: compiling the %s net with torch.compile(%s)", self.rule.family, options)
             compiled = torch.compile(self.rule, **options)
 
-            def run(grad: Tensor, param: Tensor, state: dict[str, Tensor], step: Tensor, stats: Tensor | None):
+            def run(
+                grad: Tensor, param: Tensor, state: dict[str, Tensor], step: Tensor, stats: Tensor | None
+            ) -> tuple[Tensor, dict[str, Tensor]]:
                 for t in (grad, param, *state.values()):
                     torch._dynamo.maybe_mark_dynamic(t, 0)  # one graph for every chunk length
                 try:
@@ -252,7 +257,7 @@ class LearnedOptimizer(Optimizer):
                 found.append((group, p))
         return found
 
-    def _param_name(self, group: Mapping[str, Any], p: Tensor) -> str:
+    def _param_name(self, group: dict[str, Any], p: Tensor) -> str:
         names = group.get("param_names")
         index = next(i for i, q in enumerate(group["params"]) if q is p)
         if names is not None:
@@ -262,7 +267,7 @@ class LearnedOptimizer(Optimizer):
     def _find_nonfinite(self, items: list[tuple[dict[str, Any], Tensor]]) -> tuple[dict[str, Any], Tensor] | None:
         if not items:
             return None
-        finite = torch.stack([torch.isfinite(_local(p.grad)).all().cpu() for _, p in items])
+        finite = torch.stack([torch.isfinite(_local(cast(Tensor, p.grad))).all().cpu() for _, p in items])
         if any(_is_dtensor(p) for _, p in items):  # a shard's NaN stops the step on every rank
             import torch.distributed as dist
 
@@ -274,7 +279,7 @@ class LearnedOptimizer(Optimizer):
         return items[int((~finite).nonzero()[0])]
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
         loss = None
         if closure is not None:
@@ -306,8 +311,10 @@ class LearnedOptimizer(Optimizer):
     ) -> None:
         rule, dtype, net = self.rule, self.rule.compute_dtype, self._net()
         sharded = _is_dtensor(p)
-        groups = [p.device_mesh.get_group(i) for i, pl in enumerate(p.placements) if pl.is_shard()] if sharded else []
-        grad = _local(p.grad).reshape(-1)
+        groups = (
+            [p.device_mesh.get_group(i) for i, pl in enumerate(p.placements) if pl.is_shard()] if _is_dtensor(p) else []
+        )
+        grad = _local(cast(Tensor, p.grad)).reshape(-1)
         p = _local(p)
         if maximize:
             grad = -grad
@@ -390,7 +397,7 @@ class LearnedOptimizer(Optimizer):
         if len(saved_ids) != len(params):
             raise ValueError(f"state_dict has {len(saved_ids)} parameters, this optimizer has {len(params)}")
         expected = self.rule.state_shapes()
-        for pid, p in zip(saved_ids, params):
+        for pid, p in zip(saved_ids, params, strict=True):
             saved = state_dict["state"].get(pid)
             if not saved:
                 continue
@@ -407,7 +414,7 @@ class LearnedOptimizer(Optimizer):
                         f"state {k!r} of parameter {pid} has shape {tuple(saved[k].shape)}, expected {want}"
                     )
         super().load_state_dict(state_dict)
-        for pid, p in zip(saved_ids, params):
+        for pid, p in zip(saved_ids, params, strict=True):
             saved = state_dict["state"].get(pid)
             if not saved:
                 continue

@@ -46,7 +46,7 @@ def test_adapt_changes_the_net_but_not_the_model_and_leaves_the_optimizer_ready(
     assert len(result.meta_losses) == 3 and result.batches_seen == 15  # 3 * (4 + 1), the list is cycled
     assert not _same(_net(opt), net_before)
     assert _same(model.state_dict(), model_before)  # incl. BatchNorm running stats
-    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads_before))  # .grad untouched
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads_before, strict=True))  # .grad untouched
     after = opt.state_dict()
     assert all(
         torch.equal(v, after["state"][i][k]) for i, st in opt_state_before["state"].items() for k, v in st.items()
@@ -72,7 +72,7 @@ def test_adapt_method_and_restore_model_false_match_the_optimizer_step():
             F.cross_entropy(reference_model(x), y).backward()
             reference_opt.step()
     opt.adapt(model, F.cross_entropy, batches, steps=1, unroll=5, restore_model=False)
-    for (name, p), q in zip(model.named_parameters(), reference_model.parameters()):
+    for (name, p), q in zip(model.named_parameters(), reference_model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
     with torch.no_grad():
         reference_model(batches[5][0])  # adapt's last forward: the meta-loss at the final point

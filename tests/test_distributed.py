@@ -217,7 +217,7 @@ def scenario_dcp(rank: int, world: int, out: Path) -> dict:
         _train(fresh, fresh_opt, range(STEPS, STEPS + 2), batch_of)
         same_state = all(
             torch.equal(opt.state[a][k], fresh_opt.state[b][k])
-            for a, b in zip(model.parameters(), fresh.parameters())
+            for a, b in zip(model.parameters(), fresh.parameters(), strict=True)
             for k in opt.state[a]
         )
         result[family] = {
@@ -289,7 +289,8 @@ def scenario_fsdp2(rank: int, world: int, out: Path) -> dict:
             "state_is_dtensor": state_is_dtensor,
             "nan_on_one_rank_skipped": unchanged and opt.skipped_steps == 1,
             "dcp_continued_identically": all(
-                torch.equal(a.to_local(), b.to_local()) for a, b in zip(model.parameters(), fresh.parameters())
+                torch.equal(a.to_local(), b.to_local())
+                for a, b in zip(model.parameters(), fresh.parameters(), strict=True)
             ),
         }
     return result

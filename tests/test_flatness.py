@@ -63,7 +63,7 @@ def test_module_api_matches_exact_hessian_and_leaves_the_model_alone():
     sizes = [p.numel() for _, p in model.named_parameters()]
 
     def full_loss(vec):
-        p = {n: v.reshape(s) for n, v, s in zip(names, torch.split(vec, sizes), shapes)}
+        p = {n: v.reshape(s) for n, v, s in zip(names, torch.split(vec, sizes), shapes, strict=True)}
         return F.cross_entropy(torch.func.functional_call(model, p, (x,)), y)
 
     vec = torch.cat([p.detach().reshape(-1) for p in model.parameters()])

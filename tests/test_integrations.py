@@ -116,7 +116,7 @@ def test_timm_create_optimizer_v2_groups_and_trains(timm_registry):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
-    for b, p in zip(before, model.parameters()):
+    for b, p in zip(before, model.parameters(), strict=True):
         assert torch.isfinite(p).all() and not torch.equal(b, p)
         assert float(opt.state[p]["step"]) == 3.0
 

@@ -65,7 +65,7 @@ def test_second_order_meta_gradient_matches_finite_differences(inner_update, inn
     result = _outer(rule, weights, setup, maml)
     grads = torch.autograd.grad(result.loss, list(weights.values()))
     v = _direction(weights)
-    analytic = sum(float((g * v[k]).sum()) for g, k in zip(grads, weights))
+    analytic = sum(float((g * v[k]).sum()) for g, k in zip(grads, weights, strict=True))
     eps = 1e-6
 
     def shifted(sign: float):
@@ -99,7 +99,7 @@ def test_first_order_meta_gradient_is_the_query_gradient_at_the_adapted_weights(
         query_loss({k: fast[k] + eps * v[k] for k in fast}).detach()
         - query_loss({k: fast[k] - eps * v[k] for k in fast}).detach()
     ) / (2 * eps)
-    analytic = sum(float((g * v[k]).sum()) for g, k in zip(fo, weights))
+    analytic = sum(float((g * v[k]).sum()) for g, k in zip(fo, weights, strict=True))
     assert analytic == pytest.approx(numeric, rel=1e-5, abs=1e-9)
     # and it is not the exact (second-order) meta-gradient
     so_weights = {k: v.detach().clone().requires_grad_(True) for k, v in rule.named_parameters()}
@@ -107,7 +107,7 @@ def test_first_order_meta_gradient_is_the_query_gradient_at_the_adapted_weights(
         _outer(rule, so_weights, setup, MAMLConfig(enabled=True, inner_lr=0.05, first_order=False)).loss,
         list(so_weights.values()),
     )
-    assert not all(torch.allclose(a, b, rtol=1e-6, atol=1e-12) for a, b in zip(fo, so))
+    assert not all(torch.allclose(a, b, rtol=1e-6, atol=1e-12) for a, b in zip(fo, so, strict=True))
 
 
 def test_sample_task_kwargs():

@@ -82,7 +82,7 @@ def test_two_step_meta_gradient_matches_central_differences_float64(family):
     eps = 1e-6
     for _ in range(3):
         direction = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in weights.items()}
-        analytic = sum((g * direction[k]).sum() for g, k in zip(grads, weights))
+        analytic = sum((g * direction[k]).sum() for g, k in zip(grads, weights, strict=True))
         with torch.no_grad():
             plus = {k: v + eps * direction[k] for k, v in weights.items()}
             minus = {k: v - eps * direction[k] for k, v in weights.items()}
@@ -102,7 +102,7 @@ def test_first_order_meta_gradient_drops_second_order_terms():
     )
     first = torch.autograd.grad(segment_loss(rule, weights, task, trajectory, steps=3)[0], list(weights.values()))
     assert all(torch.isfinite(g).all() for g in first)
-    assert not all(torch.allclose(a, b) for a, b in zip(exact, first))
+    assert not all(torch.allclose(a, b) for a, b in zip(exact, first, strict=True))
 
 
 @pytest.mark.parametrize("second_order", [False, True])
@@ -116,7 +116,7 @@ def test_step_checkpointing_gives_the_same_meta_gradient(second_order):
         segment_loss(rule, weights, task, trajectory, steps=4, second_order=second_order, checkpoint_steps=True)[0],
         list(weights.values()),
     )
-    for a, b in zip(plain, ckpt):
+    for a, b in zip(plain, ckpt, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
@@ -130,7 +130,7 @@ def test_unroll_applies_the_shared_update_and_tracks_the_trajectory():
     for t in range(1, 4):
         leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
         loss = task.loss(leaves, task.batch("train", None))
-        grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+        grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values())), strict=True))
         with torch.no_grad():
             deltas, state = apply_rule(rule, None, grads, leaves, state, t)
             params = {k: leaves[k] + deltas[k] for k in leaves}
@@ -166,7 +166,7 @@ def test_train_by_validation_losses_use_the_val_batch():
         keep_points=True,
     )
     val = task.batch("val", None)
-    for point, value in zip(result.points, result.losses):
+    for point, value in zip(result.points, result.losses, strict=True):
         torch.testing.assert_close(value.detach(), task.loss(point, val).detach())
     torch.testing.assert_close(
         torch.tensor(result.end.initial_loss, dtype=torch.float64), task.loss(trajectory.params, val)

@@ -125,7 +125,7 @@ def snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[list[Tensor]
 def assert_identical(a: tuple[list[Tensor], dict], b: tuple[list[Tensor], dict]) -> None:
     """Two snapshots are bit-identical (same dtypes, same values, same state keys)."""
     assert len(a[0]) == len(b[0])
-    for x, y in zip(a[0], b[0]):
+    for x, y in zip(a[0], b[0], strict=True):
         assert x.dtype == y.dtype and torch.equal(x, y)
     assert a[1].keys() == b[1].keys()
     for i in a[1]:
@@ -224,7 +224,7 @@ def test_tensor_lr(family, make_rule):
         assert isinstance(opt.param_groups[0]["lr"], Tensor) == isinstance(lr, Tensor)
         assert float(opt.param_groups[0]["lr"]) == pytest.approx(0.075)
         results.append([p.detach().clone() for p in model.parameters()])
-    for a, b in zip(*results):
+    for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError):
         LearnedOptimizer(make_model().parameters(), make_rule(family), lr=torch.tensor([0.1, 0.2]))
@@ -263,7 +263,7 @@ def test_params_without_grad_are_skipped(family, make_rule):
     before = [p.detach().clone() for p in model.parameters()]
     assert opt.step() is None
     assert not opt.state
-    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
     backward(model, opt, 0)
     model[3].bias.grad = None
     opt.step()
@@ -278,7 +278,7 @@ def test_lr_zero_is_exact_noop_that_creates_state(family, make_rule):
     before = [p.detach().clone() for p in model.parameters()]
     backward(model, opt, 0)
     opt.step()
-    for a, p in zip(before, model.parameters()):
+    for a, p in zip(before, model.parameters(), strict=True):
         assert torch.equal(a, p)
         state = opt.state[p]
         assert set(state) == {"step", *opt.rule.state_shapes()}
@@ -360,7 +360,7 @@ def test_load_state_dict_onto_params_of_another_dtype(family, make_rule, dtype):
     backward(other, other_opt, 2)
     expected = predict_step(other_opt)
     other_opt.step()
-    for p, (value, state) in expected.items():
+    for p, (value, _) in expected.items():
         assert p.dtype == dtype
         torch.testing.assert_close(p.detach(), value, rtol=0, atol=0)
         assert all(opt_state.dtype == torch.float32 for opt_state in other_opt.state[p].values())
@@ -387,7 +387,7 @@ def test_load_state_dict_onto_another_device(family, make_rule, device):
     moved_opt.zero_grad()
     nn.functional.mse_loss(moved(x), y).backward()
     moved_opt.step()
-    for a, b in zip(model.parameters(), moved.parameters()):
+    for a, b in zip(model.parameters(), moved.parameters(), strict=True):
         torch.testing.assert_close(a.detach(), b.detach().cpu(), rtol=1e-5, atol=1e-6)
 
 
@@ -528,7 +528,7 @@ def test_chunked_equals_unchunked(family, make_rule):
                 {i: {k: v.clone() for k, v in opt.state[p].items()} for i, p in enumerate(params)},
             )
         )
-        assert all(not p.is_contiguous() for p, (_, nc) in zip(params, CHUNK_SHAPES) if nc)
+        assert all(not p.is_contiguous() for p, (_, nc) in zip(params, CHUNK_SHAPES, strict=True) if nc)
     assert_identical(results[0], results[2])
     assert_identical(results[1], results[2])
 
@@ -649,7 +649,7 @@ def test_grad_scaler(family, make_rule, autocast):
     if autocast is None:  # power-of-two scaling is exact: the same step as without the scaler
         assert_identical(snapshot(model, opt), snapshot(reference, reference_opt))
     else:
-        for a, b in zip(model.parameters(), reference.parameters()):
+        for a, b in zip(model.parameters(), reference.parameters(), strict=True):
             torch.testing.assert_close(a, b, rtol=0.05, atol=2e-3)
     before = snapshot(model, opt)
     scale = scaler.get_scale()
@@ -682,7 +682,7 @@ def test_float64_gradcheck_of_one_functional_step(family, make_rule):
     step = torch.tensor(3.0, dtype=torch.float64)
 
     def one_step(*w: Tensor) -> tuple[Tensor, ...]:
-        delta, new_state = functional_update(rule, dict(zip(names, w)), grad, param, state, step)
+        delta, new_state = functional_update(rule, dict(zip(names, w, strict=True)), grad, param, state, step)
         return (delta, *new_state.values())
 
     assert torch.autograd.gradcheck(one_step, weights)
@@ -710,7 +710,7 @@ def test_cuda_step_matches_cpu(family, make_rule):
         cuda_opt.zero_grad()
         nn.functional.mse_loss(cuda_model(x), y).backward()
         cuda_opt.step()
-    for a, b in zip(model.parameters(), cuda_model.parameters()):
+    for a, b in zip(model.parameters(), cuda_model.parameters(), strict=True):
         torch.testing.assert_close(a.detach(), b.detach().cpu(), rtol=1e-4, atol=1e-5)
 
 

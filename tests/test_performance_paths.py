@@ -3,7 +3,8 @@
 * :func:`learned_optim.nets.cells.lstm_cell` (fused gate GEMM, ``tanh`` via ``sigmoid``) equals
   ``nn.LSTMCell`` with the same weights (to float rounding);
 * its ATen in-place branch (taken under ``no_grad`` when the native kernel does not apply) is
-  bit-identical to the differentiable branch (taken by meta-training), and the branch choice follows the autograd context;
+  bit-identical to the differentiable branch (taken by meta-training), and the branch choice follows the autograd
+  context;
 * the differentiable path still supports ``torch.func`` (``jvp`` of ``grad``, ``vmap``);
 * the optimizer's ``compile=True`` path (``torch.compile`` of the same ``forward``) matches eager;
 * ``state_dtype`` for the recurrent state (bf16 option) halves its memory and stays close to fp32.
@@ -97,9 +98,9 @@ def test_forward_mode_hvp_through_functional_update(family, make_rule):
     _, hvp = jvp(grad(loss), (weights,), (tangent,))
     w = {n: v.clone().requires_grad_(True) for n, v in weights.items()}
     g = torch.autograd.grad(loss(w), list(w.values()), create_graph=True)
-    dot = sum((gi * tangent[n]).sum() for gi, n in zip(g, names))
+    dot = sum((gi * tangent[n]).sum() for gi, n in zip(g, names, strict=True))
     reference = torch.autograd.grad(dot, list(w.values()))
-    for n, r in zip(names, reference):
+    for n, r in zip(names, reference, strict=True):
         torch.testing.assert_close(hvp[n], r, rtol=1e-8, atol=1e-10)
 
 
@@ -167,10 +168,10 @@ def test_compiled_step_matches_eager_and_is_chunk_invariant(make_rule):
     _, eager, eager_state = run(False, 128)
     opt, compiled, compiled_state = run(True, 128)
     _, unchunked, unchunked_state = run(True, None)
-    for a, b, c in zip(eager, compiled, unchunked):
+    for a, b, c in zip(eager, compiled, unchunked, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
         assert torch.equal(b, c)
-    for a, b, c in zip(eager_state, compiled_state, unchunked_state):
+    for a, b, c in zip(eager_state, compiled_state, unchunked_state, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
         assert torch.equal(b, c)
     # the compiled wrapper is not pickled: copies keep the option and compile again lazily
@@ -259,7 +260,7 @@ def test_state_written_in_place_equals_the_returned_state(family, use_kernels, m
                 rows = s.stop - start
                 pad = (-rows) % 64
 
-                def padded(t):
+                def padded(t, s=s, pad=pad):
                     return torch.cat([t[s], t.new_zeros((pad, *t.shape[1:]))])
 
                 d, new = rule(padded(grad_), padded(param), {k: padded(v) for k, v in state.items()}, step, stats)

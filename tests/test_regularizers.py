@@ -80,7 +80,7 @@ def exact_hessian(loss, params):
 
     def f(vec):
         parts = torch.split(vec, sizes)
-        return loss({n: v.reshape(s) for n, v, s in zip(names, parts, shapes)})
+        return loss({n: v.reshape(s) for n, v, s in zip(names, parts, shapes, strict=True)})
 
     vec = torch.cat([params[n].reshape(-1) for n in names]).detach()
     return torch.func.hessian(f)(vec), f, vec
@@ -430,7 +430,7 @@ def test_regularized_meta_gradient_matches_finite_differences(blocks):
     assert extra.item() > 0
     grads = torch.autograd.grad(total, [weights[n] for n in names])
     u = {n: torch.randn(weights[n].shape, generator=gen(14), dtype=D64) for n in names}
-    analytic = sum((g * u[n]).sum() for g, n in zip(grads, names)).item()
+    analytic = sum((g * u[n]).sum() for g, n in zip(grads, names, strict=True)).item()
     h = 1e-6
     with torch.no_grad():
         plus = meta_loss(rule, {n: weights[n] + h * u[n] for n in names}, blocks)[0].item()

@@ -31,7 +31,7 @@ def exact_log_last_loss(eta: float, lam: torch.Tensor, c: torch.Tensor, t: int) 
     """log f(w_t) in 40-digit arithmetic with unbounded exponent range (an independent reference)."""
     with mpmath.workdps(40):
         total = mpmath.mpf(0)
-        for li, ci in zip(lam.tolist(), c.tolist()):
+        for li, ci in zip(lam.tolist(), c.tolist(), strict=True):
             li, ci = mpmath.mpf(li), mpmath.mpf(ci)  # exact conversion of the float64 inputs
             total += li * ci**2 * (1 - mpmath.mpf(eta) * li) ** (2 * t)
         return float(mpmath.log(total / 2))

@@ -20,7 +20,7 @@ from learned_optim.nets.mlp import MLPConfig
         (bool, True, True),
         (str, "a", "a"),
         (float | None, None, None),
-        (Optional[int], 4, 4),
+        (Optional[int], 4, 4),  # noqa: UP045 (typing.Optional is a different object from int | None: both are tested)
         (list[int], (1, 2), [1, 2]),
         (list[float], [1, 0.5], [1.0, 0.5]),
         (tuple[float, ...], [1, 2], (1.0, 2.0)),

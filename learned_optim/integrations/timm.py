@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..optimizer import LearnedOptimizer
 
 __all__ = ["register_timm_optimizers"]
 
 
-def _zoo_optimizer(name: str, params: Any, lr: float | None = None, **kwargs: Any):
+def _zoo_optimizer(name: str, params: Any, lr: float | None = None, **kwargs: Any) -> LearnedOptimizer:
     from ..hub import from_pretrained
 
     if lr is not None:
@@ -45,7 +48,7 @@ def register_timm_optimizers() -> list[str]:
         default_registry.register(
             OptimInfo(
                 name=name,
-                opt_class=factory,
+                opt_class=factory,  # type: ignore[arg-type]  # timm calls opt_class(params, **kwargs): any factory
                 has_eps=False,
                 description=entry.get("description") or f"learned_optim {entry['family']} learned optimizer",
             )

@@ -25,7 +25,7 @@ import os
 import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import torch
 
@@ -60,11 +60,16 @@ META_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 SPLITS = ("train", "val")
 
 
+_S = TypeVar("_S", bound="_Section")
+
+
 class _Section:
     """Mixin: strict construction from nested mappings and conversion back to plain JSON types."""
 
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]  # every section is a dataclass
+
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any] | None, *, where: str = "") -> Any:
+    def from_dict(cls: type[_S], values: Mapping[str, Any] | None, *, where: str = "") -> _S:
         values = dict(values or {})
         hints = get_type_hints(cls)
         known = {f.name for f in dataclasses.fields(cls)}
@@ -290,10 +295,10 @@ class MetaTrainConfig(_Section):
 
     Fields beyond the sections: ``name``/``description`` (recorded in the zoo folder), ``expected_time``
     (free text, how long the recipe takes on the machine it was sized for), ``seed`` (makes the run
-    reproducible), ``device``, ``dtype`` (``float32`` or ``float64``, for both the net and the optimizee), ``num_threads``
-    (torch CPU threads while training; 1 by default because the small per-step ops of meta-training run
-    several times faster single-threaded on a busy CPU than with 2 contending threads; ``None`` keeps
-    torch's setting),
+    reproducible), ``device``, ``dtype`` (``float32`` or ``float64``, for both the net and the optimizee),
+    ``num_threads`` (torch CPU threads while training; 1 by default because the small per-step ops of
+    meta-training run several times faster single-threaded on a busy CPU than with 2 contending threads;
+    ``None`` keeps torch's setting),
     ``init_from`` (zoo name or folder to fine-tune; its architecture replaces ``net``), ``meta_epochs``
     (trajectories to train; the cap when the curriculum is on), ``checkpoint_every`` (meta-steps between
     checkpoints), ``out_dir`` (run folder; ``runs/<name>`` when unset), ``regularizers`` (flatness-aware
@@ -358,7 +363,8 @@ def _read_mapping(path: Path) -> dict[str, Any]:
             import yaml
         except ImportError:
             raise ImportError(
-                "YAML configs need PyYAML: the 'meta' extra (pip install -e '.[meta]' in a checkout) (or use a JSON config)"
+                "YAML configs need PyYAML: the 'meta' extra (pip install -e '.[meta]' in a checkout) "
+                "(or use a JSON config)"
             ) from None
         data = yaml.safe_load(text)
     else:

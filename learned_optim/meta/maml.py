@@ -114,15 +114,15 @@ def inner_step(
     if not loss.requires_grad:
         return dict(weights), 0.0
     second = not config.first_order
-    grads = torch.autograd.grad(loss, [weights[n] for n in names], create_graph=second, allow_unused=True)
-    grads = [torch.zeros_like(weights[n]) if g is None else g for n, g in zip(names, grads)]
+    raw = torch.autograd.grad(loss, [weights[n] for n in names], create_graph=second, allow_unused=True)
+    grads = [torch.zeros_like(weights[n]) if g is None else g for n, g in zip(names, raw, strict=True)]
     norm = global_norm(grads)
     if not math.isfinite(norm):
         return dict(weights), float("nan")
     if not second:
         grads = [g.detach() for g in grads]
     out = {}
-    for n, g in zip(names, grads):
+    for n, g in zip(names, grads, strict=True):
         if config.inner_update == "adam":
             assert moments is not None
             m, v = moments.get(n, (torch.zeros_like(g), torch.zeros_like(g)))

@@ -80,11 +80,11 @@ def meta_objective(
         return sum_objective(losses)
     if kind == "last":
         return last_objective(losses)
-    if kind in ("log", "log_last") and initial_loss is None:
-        raise ValueError(f"the {kind!r} objective needs the initial loss f_0")
-    if kind == "log":
-        return log_objective(losses, initial_loss)
-    if kind == "log_last":
+    if kind in ("log", "log_last"):
+        if initial_loss is None:
+            raise ValueError(f"the {kind!r} objective needs the initial loss f_0")
+        if kind == "log":
+            return log_objective(losses, initial_loss)
         if last_step is None:
             raise ValueError("the 'log_last' objective needs last_step")
         return log_last_objective(losses, initial_loss, last_step)

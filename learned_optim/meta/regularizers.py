@@ -182,7 +182,7 @@ def jacobian_trace(loss_fn: LossFn, params: Mapping[str, Tensor], reduction: str
     total = sum(v.square().sum() for v in g.values())
     if reduction == "mean":
         total = total / sum(v.numel() for v in g.values())
-    return total  # type: ignore[return-value]
+    return total
 
 
 def local_entropy_mean(
@@ -197,7 +197,8 @@ def local_entropy_mean(
     burn_in: int = 0,
     generator: torch.Generator | None = None,
 ) -> Params:
-    r"""SGLD estimate :math:`\mu \approx E[\theta']`, :math:`\theta' \sim \exp(-L(\theta') - \frac\gamma2\|\theta-\theta'\|^2)`.
+    r"""SGLD estimate :math:`\mu \approx E[\theta']` of
+    :math:`\theta' \sim \exp(-L(\theta') - \frac\gamma2\|\theta-\theta'\|^2)`.
 
     Starting at :math:`\theta' = \mu = \theta` (detached), ``steps`` steps of
 

@@ -478,7 +478,7 @@ class MetaTrainer:
         dist.all_reduce(flat)
         counts, live = flat[-len(flags) : -1], float(flat[-1])
         offset = 0
-        for p, count in zip(params, counts.tolist()):
+        for p, count in zip(params, counts.tolist(), strict=True):
             n = p.numel()
             p.grad = flat[offset : offset + n].view_as(p) / count if count > 0 else None
             offset += n
@@ -606,7 +606,8 @@ class MetaTrainer:
         try:
             import numpy as np
 
-            np_state = np.random.get_state()
+            # the global legacy RNG is what user code and libraries draw from: checkpoint it as it is
+            np_state = np.random.get_state()  # noqa: NPY002
             tensors["rng.numpy"] = torch.from_numpy(np_state[1].astype("int64"))
             meta["rng_numpy"] = [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])]
         except ImportError:
@@ -671,7 +672,8 @@ class MetaTrainer:
             import numpy as np
 
             kind, pos, has_gauss, cached = meta["rng_numpy"]
-            np.random.set_state((kind, tensors["rng.numpy"].numpy().astype("uint32"), pos, has_gauss, cached))
+            np_state = (kind, tensors["rng.numpy"].numpy().astype("uint32"), pos, has_gauss, cached)
+            np.random.set_state(np_state)  # noqa: NPY002 (restores the global RNG checkpointed above)
         _set_python_rng_state(meta["rng_python"])
         if self.curriculum is not None:
             self.curriculum.load_state_dict(meta["curriculum"])

@@ -298,7 +298,7 @@ def task_loss_and_grad(
     grads = torch.autograd.grad(
         loss, list(params.values()), create_graph=create_graph, retain_graph=True, allow_unused=True
     )
-    return loss, {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(params.items(), grads)}
+    return loss, {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(params.items(), grads, strict=True)}
 
 
 def unroll(

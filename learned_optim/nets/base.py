@@ -60,6 +60,10 @@ class UpdateRule(nn.Module):
     family: ClassVar[str]
     #: The :class:`NetConfig` subclass holding this family's hyperparameters.
     config_class: ClassVar[type[NetConfig]]
+    #: Set by :func:`learned_optim.from_pretrained`: the checkpoint the net was loaded from (for ``save_pretrained``).
+    pretrained_origin: dict[str, Any]
+    #: Appended to by :func:`learned_optim.adapt`: one record per adaptation of the net.
+    adaptations: list[dict[str, Any]]
 
     def __init__(self, config: NetConfig | None = None, **overrides: Any) -> None:
         super().__init__()

@@ -6,7 +6,8 @@ Base of L2O-DM and of L2O-DM-CL (Chen et al., 2020) and of the Hessian/entropy-r
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -47,8 +48,9 @@ class DMLSTM(UpdateRule):
 
     family = "dm_lstm"
     config_class = DMLSTMConfig
+    config: DMLSTMConfig
 
-    def __init__(self, config: DMLSTMConfig | None = None, **overrides) -> None:
+    def __init__(self, config: DMLSTMConfig | None = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
         c = self.config
         sizes = [2] + [c.hidden_size] * c.num_layers
@@ -72,7 +74,7 @@ class DMLSTM(UpdateRule):
         hidden = state["lstm"]
         if inplace_allowed(grad, hidden):  # no graph: write (h, c) straight into the new state
             new = out_state["lstm"] if out_state is not None else torch.empty_like(hidden)
-            for layer, cell in enumerate(self.cells):
+            for layer, cell in enumerate(cast(Iterable[nn.LSTMCell], self.cells)):
                 x, _ = lstm_cell(
                     x,
                     hidden[:, layer, 0],
@@ -85,7 +87,7 @@ class DMLSTM(UpdateRule):
                 )
         else:
             layers = []
-            for layer, cell in enumerate(self.cells):
+            for layer, cell in enumerate(cast(Iterable[nn.LSTMCell], self.cells)):
                 x, c = lstm_cell(
                     x,
                     hidden[:, layer, 0],

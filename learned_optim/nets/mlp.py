@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -46,8 +47,10 @@ class MLPUpdate(UpdateRule):
 
     family = "mlp"
     config_class = MLPConfig
+    config: MLPConfig
+    decay: Tensor  # buffer
 
-    def __init__(self, config: MLPConfig | None = None, **overrides) -> None:
+    def __init__(self, config: MLPConfig | None = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
         c = self.config
         layers: list[nn.Module] = []
@@ -115,11 +118,12 @@ class MLPUpdate(UpdateRule):
         # First layer on [u / rms(u), time features]: the per-tensor scaling is folded into its weight
         # columns and the (per-tensor constant) time features into its bias, so the GEMM runs on the
         # raw coordinate features (same math; no normalised or time-feature copies of the batch).
-        first, k = self.mlp[0], self.num_coordinate_features
+        first, k = cast(nn.Linear, self.mlp[0]), self.num_coordinate_features
         times = time_features(step, c.time_scales).to(first.weight.dtype)
         weight = first.weight[:, :k] * torch.rsqrt(stats + c.rms_eps)
         bias = first.bias + torch.mv(first.weight[:, k:], times)
         *hidden, last = self.mlp[1:]
+        last = cast(nn.Linear, last)
         if c.num_hidden_layers == 1 and inplace_allowed(grad, param, state["m"], weight):
             fused = kernels.mlp_update(
                 grad,

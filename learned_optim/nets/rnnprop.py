@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +34,8 @@ class RNNProp(UpdateRule):
         m \leftarrow \beta_1 m + (1-\beta_1) g,\quad v \leftarrow \beta_2 v + (1-\beta_2) g^2,\quad
         \hat m = \tfrac{m}{1-\beta_1^t},\ \hat v = \tfrac{v}{1-\beta_2^t}
 
-        x = \mathrm{ELU}\Big(A\Big[\tfrac{\hat m}{\sqrt{\hat v}+\epsilon}, \tfrac{g}{\sqrt{\hat v}+\epsilon}\Big]\Big),\quad
+        x = \mathrm{ELU}\Big(A\Big[\tfrac{\hat m}{\sqrt{\hat v}+\epsilon},
+        \tfrac{g}{\sqrt{\hat v}+\epsilon}\Big]\Big),\quad
         (h, c) \leftarrow \mathrm{LSTM}(x, (h, c)),\quad \Delta\theta = s\,\tanh(W h + b)
 
     State per coordinate: ``m``, ``v`` (scalars) and ``lstm`` of shape ``(2, hidden_size)``.
@@ -41,8 +43,9 @@ class RNNProp(UpdateRule):
 
     family = "rnnprop"
     config_class = RNNPropConfig
+    config: RNNPropConfig
 
-    def __init__(self, config: RNNPropConfig | None = None, **overrides) -> None:
+    def __init__(self, config: RNNPropConfig | None = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
         c = self.config
         self.input = nn.Linear(2, c.hidden_size)

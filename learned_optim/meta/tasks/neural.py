@@ -25,7 +25,7 @@ import abc
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -106,7 +106,7 @@ def build_conv_net(
         raise ValueError(f"channels {channels} and kernel_sizes {kernel_sizes} differ in length")
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     cin = int(input_shape[0])
-    for i, (c, k) in enumerate(zip(channels, kernel_sizes), start=1):
+    for i, (c, k) in enumerate(zip(channels, kernel_sizes, strict=True), start=1):
         layers[f"conv{i}"] = nn.Conv2d(cin, c, k, padding=k // 2)
         layers[f"act{i}"] = _activation(activation)
         cin = c
@@ -482,7 +482,9 @@ class TimmFamily(ImageClassificationFamily):
 # Named presets: a base family with other defaults (every argument can still be overridden)
 
 
-def _preset(base: type[ImageClassificationFamily], name: str, doc: str, **defaults: Any) -> type:
+def _preset(
+    base: type[ImageClassificationFamily], name: str, doc: str, **defaults: Any
+) -> type[ImageClassificationFamily]:
     def __init__(self: Any, **config: Any) -> None:
         base.__init__(self, **{**defaults, **config})
 
@@ -499,11 +501,11 @@ def _preset(base: type[ImageClassificationFamily], name: str, doc: str, **defaul
         },
     )
     globals()[cls_name] = cls  # importable by name, so instances pickle
-    return cls
+    return cast(type[ImageClassificationFamily], cls)
 
 
 #: The papers' named optimizees (meta-training task and meta-test set, SPEC §6).
-PRESETS: dict[str, type] = {
+PRESETS: dict[str, type[ImageClassificationFamily]] = {
     cls.name: cls
     for cls in (
         _preset(MLPFamily, "digits-mlp20-sigmoid", "The papers' meta-training task (on digits)."),

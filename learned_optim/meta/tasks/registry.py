@@ -32,7 +32,7 @@ def register_family(cls: type[TaskFamily]) -> type[TaskFamily]:
     return cls
 
 
-for _cls in (
+_BUILT_IN: tuple[type[TaskFamily], ...] = (
     QuadraticFamily,
     LassoFamily,
     RosenbrockFamily,
@@ -45,7 +45,8 @@ for _cls in (
     TimmFamily,
     MixtureFamily,
     *PRESETS.values(),
-):
+)
+for _cls in _BUILT_IN:
     register_family(_cls)
 
 

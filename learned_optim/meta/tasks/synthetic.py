@@ -356,7 +356,7 @@ class LeastSquaresFamily(TaskFamily):
 
     def sample(self, generator: torch.Generator) -> LinearRegressionTask:
         noise_std = float(sample_choice(self.noise_std, generator))
-        kw = {"dtype": self.dtype, "device": self.device}
+        kw: dict[str, Any] = {"dtype": self.dtype, "device": self.device}
         w_star = normal((self.dim,), 1.0, generator, **kw)
         w_star = w_star / w_star.norm()
         splits = {}
@@ -419,7 +419,7 @@ class PolynomialRegressionFamily(TaskFamily):
 
     def sample(self, generator: torch.Generator) -> LinearRegressionTask:
         noise_std = float(sample_choice(self.noise_std, generator))
-        kw = {"dtype": self.dtype, "device": self.device}
+        kw: dict[str, Any] = {"dtype": self.dtype, "device": self.device}
         coef = normal((self.degree + 1,), self.coef_std, generator, **kw)
         splits = {}
         for split, n in self.sizes.items():
@@ -517,7 +517,7 @@ class StepSizeQuadraticFamily(TaskFamily):
         self.dtype, self.device = resolve_dtype(dtype), torch.device(device)
 
     def sample(self, generator: torch.Generator) -> StepSizeQuadraticTask:
-        kw = {"dtype": self.dtype, "device": self.device}
+        kw: dict[str, Any] = {"dtype": self.dtype, "device": self.device}
         X = normal((self.dim, self.dim), 1.0, generator, **kw)
         w0 = normal((self.dim,), 1.0, generator, **kw) if self.fixed_init else None
         return StepSizeQuadraticTask(X.T @ X, w0, name=self.name)
