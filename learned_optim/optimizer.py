@@ -91,7 +91,8 @@ class LearnedOptimizer(Optimizer):
         foreach: accepted for API compatibility with ``torch.optim``; the step is always chunked.
         chunk_size: coordinates per net call (rounded up to a multiple of :data:`ROW_ALIGN`);
             ``None`` applies the net to whole tensors at once; ``"auto"`` (default) takes
-            :data:`KERNEL_CHUNK_SIZE` where the native kernels run the net (float32 on CPU, eager) and
+            :data:`KERNEL_CHUNK_SIZE` where native kernels run in the net (float32 on CPU, eager, and
+            :func:`learned_optim.kernels.serves` the family: built, and measured faster than ATen here) and
             :data:`DEFAULT_CHUNK_SIZE` elsewhere. On CPU the result is bit-identical whatever the chunk
             size; on GPU, cuBLAS may round differently per chunk shape.
         nonfinite: what a NaN/inf gradient does: ``"raise"`` (default) raises
@@ -324,7 +325,9 @@ class LearnedOptimizer(Optimizer):
             return
         chunk = n if self.chunk_size is None else self.chunk_size
         if chunk == "auto":
-            native = not self.compile and p.device.type == "cpu" and dtype == torch.float32 and kernels.available()
+            native = (
+                not self.compile and p.device.type == "cpu" and dtype == torch.float32 and kernels.serves(rule.family)
+            )
             chunk = KERNEL_CHUNK_SIZE if native else DEFAULT_CHUNK_SIZE
         chunk = -(-chunk // ROW_ALIGN) * ROW_ALIGN
         if isinstance(lr, Tensor):

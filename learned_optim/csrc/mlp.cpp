@@ -8,7 +8,7 @@
 // time features' contribution (see MLPUpdate.forward). The statistics pass returns, per feature, the sum
 // of u_f^2 over the tensor, from which the caller takes the rms.
 //
-// Sixteen coordinates per vector: features, hidden units and outputs are computed lane by lane, so no
+// L coordinates per vector (vec.h): features, hidden units and outputs are computed lane by lane, so no
 // (rows x F) feature matrix or (rows x H) hidden matrix is ever written to memory, and each coordinate's
 // result does not depend on the rows around it, the chunking or the thread count.
 
@@ -29,7 +29,7 @@ struct Moments {
     float eps;
 };
 
-// Features of rows [r, r + 16) into u[F]; the updated moments into m_new, v_new (16 x D, row-major).
+// Features of rows [r, r + L) into u[F]; the updated moments into m_new, v_new (L x D, row-major).
 // Rows past n read zeros (through a padded copy), so every lane is computed the same way.
 inline void features(const Moments& p, int64_t r, vf* u, float* m_new, float* v_new) {
     const int D = p.d;

@@ -1,5 +1,11 @@
-// Shared by the learned_optim kernels: 16-float vectors (GCC/Clang vector extensions; one AVX-512
-// register, or split by the compiler into narrower ones on other targets) and their exp/sigmoid.
+// Shared by the learned_optim kernels: float vectors of the width of one register of the instruction set the
+// library is compiled for (GCC/Clang vector extensions), and their exp/sigmoid.
+//
+// The build compiles one library per instruction set (learned_optim.kernels picks one at run time from the
+// CPU's flags): AVX-512 (16 floats, 32 registers), AVX2+FMA (8 floats, 16 registers), and a portable build
+// (4 floats: SSE2 on x86-64, NEON on ARM; 16 registers assumed, 32 on AArch64). The code is written in L
+// and in LO_REGISTERS, so each build keeps its vectors and register blocks the size of the real registers
+// instead of wider vectors that the compiler would split (and spill).
 #pragma once
 
 #include <algorithm>
@@ -10,9 +16,21 @@
 
 namespace lo {
 
+#if defined(__AVX512F__)
 constexpr int L = 16;  // floats per vector
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
+constexpr int LO_REGISTERS = 32;
+#elif defined(__AVX2__)
+constexpr int L = 8;
+constexpr int LO_REGISTERS = 16;
+#elif defined(__aarch64__)
+constexpr int L = 4;
+constexpr int LO_REGISTERS = 32;
+#else
+constexpr int L = 4;
+constexpr int LO_REGISTERS = 16;
+#endif
+typedef float vf __attribute__((vector_size(4 * L)));
+typedef int32_t vi __attribute__((vector_size(4 * L)));
 
 inline vf splat(float a) { return vf{} + a; }
 
