@@ -291,6 +291,10 @@ def _build() -> tuple[ctypes.CDLL, Path, str]:
         c_int,
     ]
     lib.lo_mlp_update_f32.restype = c_int
+    lib.lo_mlp_feature_sumsq_segments_f32.argtypes = [i64, ptr, *lib.lo_mlp_feature_sumsq_f32.argtypes[1:]]
+    lib.lo_mlp_feature_sumsq_segments_f32.restype = c_int
+    lib.lo_mlp_update_segments_f32.argtypes = [i64, ptr, *lib.lo_mlp_update_f32.argtypes[1:]]
+    lib.lo_mlp_update_segments_f32.restype = c_int
     lib.lo_vector_lanes.argtypes = []
     lib.lo_vector_lanes.restype = c_int
     return lib, target, target_isa
@@ -421,7 +425,7 @@ def _guard_workloads(n: int) -> dict[str, Callable[[], object]]:
     dm_state = {"lstm": torch.randn(n, *dm.state_shapes()["lstm"], generator=gen) * 0.1}
     dm_out = {"lstm": torch.empty_like(dm_state["lstm"])}
     mlp = MLPUpdate().requires_grad_(False)
-    d = len(mlp.config.decays)
+    d = mlp.state_shapes()["m"][0]
     mlp_state = {"m": torch.randn(n, d, generator=gen) * 1e-3, "v": torch.rand(n, d, generator=gen) * 1e-5}
     mlp_out = {k: torch.empty_like(v) for k, v in mlp_state.items()}
     z = torch.randn(n, 20, generator=gen)
@@ -590,22 +594,42 @@ def elu_(z: Tensor) -> Tensor:
     return z
 
 
+def _offsets(sizes: tuple[int, ...] | None, n: int) -> Tensor:
+    """int64 segment offsets ``[0, n_1, n_1 + n_2, ..., n]`` (one segment of ``n`` rows when ``sizes`` is None)."""
+    if sizes is None:
+        return torch.tensor([0, n], dtype=torch.int64)
+    return torch.tensor([0, *sizes], dtype=torch.int64).cumsum_(0)
+
+
 def mlp_feature_mean_square(
-    grad: Tensor, param: Tensor, m: Tensor, v: Tensor, decay: Tensor, eps: float
+    grad: Tensor,
+    param: Tensor,
+    m: Tensor,
+    v: Tensor,
+    decay: Tensor,
+    eps: float,
+    sizes: tuple[int, ...] | None = None,
 ) -> Tensor | None:
     r"""Mean over coordinates of each MLP feature's square (``MLPUpdate.tensor_stats``), or ``None``.
 
     ``grad, param`` ``(n,)``, ``m, v`` ``(n, D)`` the moments *before* this step's EMA update, ``decay``
-    ``(D,)``. ``None`` when the kernel does not apply (not contiguous float32 CPU, ``D > 8``, kernels
-    off or unavailable); the caller then computes it with ATen.
+    ``(D,)``. ``sizes``: the rows are that many tensors packed one after the other (``sum(sizes) <= n``;
+    rows past the last are ignored); the result is then ``(len(sizes), 2 + 4D)``, each row the bits the call
+    on that tensor alone gives. ``None`` when the kernel does not apply (not contiguous float32 CPU,
+    ``D > 8``, kernels off, unavailable or not faster here); the caller then computes it with ATen.
     """
     lib = _kernel("mlp") if _flat_f32(grad, param, m, v, decay) and m.dim() == 2 and grad.numel() > 0 else None
     if lib is None:
         return None
     n, d = m.shape
-    out = torch.empty(2 + 4 * d, dtype=torch.float64)
-    status = lib.lo_mlp_feature_sumsq_f32(
-        n,
+    offsets = _offsets(sizes, n)
+    k = offsets.numel() - 1
+    if int(offsets[-1]) > n or (sizes is not None and min(sizes) < 1):
+        raise ValueError(f"segment sizes {sizes} do not fit {n} rows (each must be >= 1)")
+    out = torch.empty(k, 2 + 4 * d, dtype=torch.float64)
+    status = lib.lo_mlp_feature_sumsq_segments_f32(
+        k,
+        offsets.data_ptr(),
         d,
         grad.data_ptr(),
         param.data_ptr(),
@@ -616,7 +640,10 @@ def mlp_feature_mean_square(
         out.data_ptr(),
         _threads(n),
     )
-    return None if status else (out / n).to(torch.float32)
+    if status:
+        return None
+    means = (out / offsets.diff().unsqueeze(1)).to(torch.float32)
+    return means if sizes is not None else means[0]
 
 
 def mlp_update(
@@ -633,18 +660,25 @@ def mlp_update(
     magnitude_scale: float,
     step_scale: float,
     out: Mapping[str, Tensor] | None = None,
+    sizes: tuple[int, ...] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor] | None:
     r"""The MLP rule's ``(delta, m', v')`` for one hidden layer (``MLPUpdate.forward``), or ``None``.
 
     ``w1`` ``(H, 2 + 4D)`` with the feature normalisation folded into its columns and ``b1`` ``(H,)``
     with the time features folded in; ``w2`` ``(2, H)``, ``b2`` ``(2,)``. ``out``: optional ``{"m", "v"}``
-    tensors to write ``m', v'`` into (they may be ``m, v`` themselves). ``None`` when the kernel does not
-    apply; the caller then computes it with ATen.
+    tensors to write ``m', v'`` into (they may be ``m, v`` themselves). ``sizes``: the rows are that many
+    tensors packed one after the other, and ``w1`` is ``(len(sizes), H, 2 + 4D)``, one per tensor; rows past
+    the last tensor are left unset. ``None`` when the kernel does not apply; the caller then computes it
+    with ATen.
     """
     lib = _kernel("mlp") if _flat_f32(grad, param, m, v, decay) and m.dim() == 2 else None
     if lib is None:
         return None
     n, d = m.shape
+    offsets = _offsets(sizes, n)
+    k = offsets.numel() - 1
+    if int(offsets[-1]) > n or w1.dim() != (2 if sizes is None else 3) or (sizes is not None and w1.shape[0] != k):
+        raise ValueError(f"mlp_update: segment sizes {sizes} and first-layer weights {tuple(w1.shape)} do not match")
     w1, b1, w2, b2 = (t.detach().to(torch.float32).contiguous() for t in (w1, b1, w2, b2))
     delta = torch.empty_like(grad)
     m_new, v_new = (
@@ -652,10 +686,11 @@ def mlp_update(
         if out is not None and _flat_f32(out["m"], out["v"])
         else (torch.empty_like(m), torch.empty_like(v))
     )
-    status = lib.lo_mlp_update_f32(
-        n,
+    status = lib.lo_mlp_update_segments_f32(
+        k,
+        offsets.data_ptr(),
         d,
-        w1.shape[0],
+        w1.shape[-2],
         grad.data_ptr(),
         param.data_ptr(),
         m.data_ptr(),

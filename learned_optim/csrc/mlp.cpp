@@ -161,3 +161,39 @@ int lo_mlp_update_f32(int64_t n, int d, int hidden, const float* grad, const flo
 }
 
 }  // extern "C"
+
+extern "C" {
+
+// The two functions above over k packed tensors (the optimizer's packed step): segment s holds rows
+// [offsets[s], offsets[s + 1]), its own first-layer weight w1s + s H F (the per-tensor feature scaling
+// folded in) and its own F sums in out + s F. Each segment is computed exactly as the single-tensor call
+// on it would compute it, so the packed step gives the per-tensor step's bits.
+int lo_mlp_feature_sumsq_segments_f32(int64_t k, const int64_t* offsets, int d, const float* grad, const float* param,
+                                      const float* m, const float* v, const float* decay, float eps, double* out,
+                                      int threads) {
+    const int F = 2 + 4 * d;
+    for (int64_t s = 0; s < k; ++s) {
+        const int64_t o = offsets[s], n = offsets[s + 1] - o;
+        if (lo_mlp_feature_sumsq_f32(n, d, grad + o, param + o, m + o * d, v + o * d, decay, eps, out + s * F, threads))
+            return 1;
+    }
+    return 0;
+}
+
+int lo_mlp_update_segments_f32(int64_t k, const int64_t* offsets, int d, int hidden, const float* grad,
+                               const float* param, const float* m, const float* v, const float* decay, float eps,
+                               const float* w1s, const float* b1, const float* w2, const float* b2,
+                               float magnitude_scale, float step_scale, float* delta, float* m_out, float* v_out,
+                               int threads) {
+    const int F = 2 + 4 * d;
+    for (int64_t s = 0; s < k; ++s) {
+        const int64_t o = offsets[s], n = offsets[s + 1] - o;
+        if (lo_mlp_update_f32(n, d, hidden, grad + o, param + o, m + o * d, v + o * d, decay, eps,
+                              w1s + s * hidden * F, b1, w2, b2, magnitude_scale, step_scale, delta + o, m_out + o * d,
+                              v_out + o * d, threads))
+            return 1;
+    }
+    return 0;
+}
+
+}  // extern "C"
