@@ -37,10 +37,10 @@ def _model(dtype: torch.dtype = torch.float32) -> nn.Module:
 
 def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int = 0) -> None:
     gen = torch.Generator().manual_seed(seed)
-    dtype = next(model.parameters()).dtype
+    first = next(model.parameters())
     for _ in range(steps):
         opt.zero_grad()
-        model(torch.randn(8, 1, 16, generator=gen).to(dtype)).square().mean().backward()
+        model(torch.randn(8, 1, 16, generator=gen).to(first)).square().mean().backward()
         opt.step()
 
 
@@ -94,6 +94,37 @@ def test_packs_follow_step_counts_and_chunk_limits(make_rule):
     packs, singles = opt._plan_packs(params)
     assert any(q is params[1] for q in singles) and not any(q is params[1] for pack in packs for q in pack)
     assert opt._plan_packs(params[:1]) == ([], params[:1])
+
+
+def test_tensors_above_the_byte_limit_are_stepped_alone(make_rule, monkeypatch):
+    import learned_optim.optimizer as optimizer_module
+
+    model = _model()
+    opt = LearnedOptimizer(model.parameters(), make_rule("dm_lstm"))
+    _train(model, opt, 1)
+    params = list(model.parameters())
+    per_coordinate = 4 + 4 + 4 * 2 * 2 * 20  # float32 value, gradient and (2, 2, 20) LSTM state
+    assert opt._bytes_per_coordinate(params[0]) == per_coordinate
+    monkeypatch.setattr(optimizer_module, "PACK_MAX_BYTES", 30 * per_coordinate)  # 30 coordinates and up: alone
+    packs, singles = opt._plan_packs(params)
+    assert sorted(p.numel() for p in singles) == sorted(p.numel() for p in params if p.numel() >= 30)
+    assert all(p.numel() < 30 for pack in packs for p in pack)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_step_on_cuda_matches_the_per_tensor_step(family, make_rule):
+    """Same ATen code on CUDA: packed and per-tensor steps agree to float rounding (cuBLAS may round a
+    row differently by the row count), and the state stays on the device, per parameter."""
+    runs = []
+    for cls in (LearnedOptimizer, PerTensor):
+        model = _model().cuda()
+        opt = cls(model.parameters(), make_rule(family), weight_decay=0.01)
+        _train(model, opt, 3)
+        runs.append((model, opt))
+    for p, q in zip(runs[0][0].parameters(), runs[1][0].parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+        assert all(v.device.type == "cuda" for k, v in runs[0][1].state[p].items() if k != "step")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
