@@ -29,8 +29,9 @@ cannot execute is an error and leaves the ATen path). Only the selected one is b
 against the ATen path of the same rule on the machine at hand (:data:`GUARD_ROWS` coordinates, one thread,
 thread CPU time, best of :data:`GUARD_REPEATS` interleaved rounds): ``lstm_cell`` through a DM-LSTM step,
 ``elu`` on RNNProp's input activation, ``mlp`` through an MLP rule's statistics and update. The ratios
-(ATen time / kernel time) are cached beside the library (``<library>.guard.json``); a kernel whose ratio is
-below :data:`MIN_SPEEDUP` is not used, and the ATen path runs instead. :func:`report` says which path
+(ATen time / kernel time) are cached beside the library (``<library>.guard.json``; measured again under
+another torch); a kernel whose ratio is below :data:`MIN_SPEEDUP` is not used, and the ATen path runs
+instead. :func:`report` says which path
 each rule takes and why; :func:`forced` runs the kernels whatever the guard says (tests, benchmarks).
 
 * Cache: ``$LEARNED_OPTIM_CACHE`` or ``$XDG_CACHE_HOME/learned_optim`` (default ``~/.cache/learned_optim``),
@@ -488,6 +489,7 @@ def _valid_guard(record: Any) -> bool:
     return (
         isinstance(record, dict)
         and record.get("isa") == _isa
+        and record.get("torch") == torch.__version__  # another torch: another ATen to compare with
         and all(
             isinstance(record.get(part), dict) and all(isinstance(record[part].get(k), (int, float)) for k in KERNELS)
             for part in ("ratios", "aten_ms", "kernel_ms")

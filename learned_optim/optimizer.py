@@ -291,11 +291,11 @@ class LearnedOptimizer(Optimizer):
             return None
         # max |g| per tensor (one foreach kernel): NaN and inf propagate; empty tensors are finite
         grads = [_local(p.grad) for _, p in items]  # type: ignore[arg-type]  # params with grads only
-        present = [g for g in grads if g.numel() > 0]
-        maxima = iter(torch._foreach_norm(present, float("inf")) if present else [])
-        finite = torch.stack(
-            [torch.isfinite(next(maxima)).cpu() if g.numel() > 0 else torch.tensor(True) for g in grads]
-        )
+        present = [i for i, g in enumerate(grads) if g.numel() > 0]
+        finite = torch.ones(len(grads), dtype=torch.bool)
+        if present:
+            maxima = torch._foreach_norm([grads[i] for i in present], float("inf"))
+            finite[present] = torch.isfinite(torch.stack([m.to(maxima[0].device) for m in maxima])).cpu()
         if any(_is_dtensor(p) for _, p in items):  # a shard's NaN stops the step on every rank
             import torch.distributed as dist
 
