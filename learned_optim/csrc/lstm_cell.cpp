@@ -191,6 +191,57 @@ void rows20(const Problem& p, int64_t begin, int64_t end) {
         std::memcpy(p.c_out + (r + k) * p.cos, tco + k * H20, H20 * sizeof(float));
     }
 }
+#elif defined(__AVX2__)
+// Hidden size 20, AVX2 build (8-float vectors, 16 registers: one row per block, its 10 gate vectors in
+// registers, the weights streamed from L1): vectors 4b + 0..3 hold i, f, g, o of units 8b..8b+7 (b = 0, 1),
+// vector 8 holds [i, f] and vector 9 [g, o] of units 16-19 (four lanes each). Units 0-15 are updated in
+// registers, the tail in four-float vectors; no scratch memory between the GEMM and the outputs.
+constexpr bool kSpecial20 = true;
+
+inline int permuted_column20(int64_t gate, int64_t unit) {
+    if (unit < 16) return static_cast<int>(((unit / 8) * 4 + gate) * 8 + unit % 8);
+    return static_cast<int>(64 + gate * 4 + (unit - 16));
+}
+
+inline vf4 load4(const float* p) {
+    vf4 v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+
+inline void store4(float* p, vf4 v) { std::memcpy(p, &v, sizeof v); }
+
+#if defined(__clang__)
+#define LO_HALF(v, first) __builtin_shufflevector(v, v, first, first + 1, first + 2, first + 3)
+#else
+#define LO_HALF(v, first) vf4{v[first], v[first + 1], v[first + 2], v[first + 3]}
+#endif
+
+inline void block20(const Problem& p, int64_t r) {
+    vf acc[1][10];
+    gate_gemm<10, 1>(p, p.x + r * p.xs, p.xs, p.h + r * p.hs, p.hs, acc);
+    const float* c = p.c + r * p.cs;
+    float* c_out = p.c_out + r * p.cos;
+    float* h_out = p.h_out + r * p.hos;
+    vf a[10];
+#pragma GCC unroll 10
+    for (int g = 0; g < 10; ++g) a[g] = sigmoid_v(acc[0][g]);
+    for (int b = 0; b < 2; ++b) {
+        const vf c_new = a[4 * b + 1] * load(c + 8 * b) + a[4 * b] * (a[4 * b + 2] * 2.0f - 1.0f);
+        const vf h_new = (sigmoid_v(c_new * 2.0f) * 2.0f - 1.0f) * a[4 * b + 3];
+        store(c_out + 8 * b, c_new);
+        store(h_out + 8 * b, h_new);
+    }
+    const vf4 i = LO_HALF(a[8], 0), f = LO_HALF(a[8], 4), g = LO_HALF(a[9], 0), o = LO_HALF(a[9], 4);
+    const vf4 c_new = f * load4(c + 16) + i * (g * 2.0f - 1.0f);
+    const vf4 h_new = (sigmoid_t<vf4, vi4>(c_new * 2.0f) * 2.0f - 1.0f) * o;
+    store4(c_out + 16, c_new);
+    store4(h_out + 16, h_new);
+}
+
+void rows20(const Problem& p, int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) block20(p, r);
+}
 #else
 constexpr bool kSpecial20 = false;
 inline int permuted_column20(int64_t, int64_t) { return 0; }
