@@ -62,7 +62,10 @@ def _case(n: int, inputs: int, hidden: int, seed: int = 0, scale: float = 2.0):
 def test_lstm_kernel_equals_nn_lstmcell(n, inputs, hidden):
     cell, x, h, c = _case(n, inputs, hidden)
     ran, h_new, c_new = _run_kernel(cell, x, h, c)
-    assert ran
+    largest = min(64, 8 * kernels.vector_lanes())  # 4H <= min(256, 32 L) floats (csrc/lstm_cell.cpp)
+    assert ran == (hidden <= largest)
+    if not ran:
+        return
     h_ref, c_ref = cell(x, (h, c))
     torch.testing.assert_close(h_new, h_ref, rtol=2e-6, atol=2e-6)
     torch.testing.assert_close(c_new, c_ref, rtol=2e-6, atol=2e-6)
