@@ -9,8 +9,9 @@ For each family and size (one parameter tensor of that many coordinates, a fixed
 round-robin in the same process (see ``benchmarks/_common.py``):
 
 * ``Adam``: ``torch.optim.Adam`` with its defaults;
-* ``eager``: ``LearnedOptimizer(rule)`` (chunked, in-place fast path with the native kernels of
-  :mod:`learned_optim.kernels`, the default);
+* ``eager``: ``LearnedOptimizer(rule)`` (chunked, in-place fast path; the native kernels of
+  :mod:`learned_optim.kernels` where their guard measured them faster than ATen on this machine: the default);
+* ``kernels``: the same with the native kernels forced on (``kernels.forced()``), whatever the guard says;
 * ``ATen``: the same with the native kernels switched off (``LEARNED_OPTIM_KERNELS=0``): ATen ops only;
 * ``compiled``: ``LearnedOptimizer(rule, compile=True)`` (``torch.compile`` of the same forward);
 * ``reference``: the same net written the plain eager way, kept here as the baseline: ``nn.LSTM``
@@ -24,6 +25,11 @@ step time) against the measured GEMM throughput of the machine in the same run (
 the time of the step's GEMMs alone at their real shapes, optimizer-state bytes per parameter, and
 the peak transient memory of one step (peak RSS over the step minus RSS before it, each in a fresh
 subprocess with glibc's mmap threshold fixed so freed buffers are returned to the OS).
+
+The header prints the CPU's instruction sets, the kernels' build (``LEARNED_OPTIM_ISA`` picks another one
+the CPU runs) and :func:`learned_optim.kernels.report` (the guard's verdict per kernel). To measure an
+AVX2-only machine's situation on an AVX-512 one, cap ATen and MKL too:
+``LEARNED_OPTIM_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2``.
 """
 
 from __future__ import annotations
@@ -65,6 +71,11 @@ from learned_optim.features import (
 
 FAMILIES = ["dm_lstm", "rnnprop", "mlp"]
 REFERENCE_BLOCK = 1 << 20
+
+
+def isa_line() -> str:
+    """The CPU's vector instruction sets as the kernels see them, and the kernels' build."""
+    return f"CPU runs {'/'.join(kernels.supported_isas())}, kernels built for {kernels.isa() or 'none'}"
 
 
 def parse_size(text: str) -> int:
@@ -242,9 +253,11 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     torch.set_num_threads(args.threads)
-    print(f"# Optimizer step time\n\n{machine_header()}\n")
-    status = "built and on" if kernels.available() else f"off ({kernels.build_error() or 'disabled'})"
-    print(f"Native kernels: {status}\n")
+    print(f"# Optimizer step time\n\n{machine_header()}\n\n{isa_line()}\n")
+    status = f"built ({kernels.isa()})" if kernels.available() else f"off ({kernels.build_error() or 'disabled'})"
+    print(f"Native kernels: {status}; ATen CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    print(f"MKL_ENABLE_INSTRUCTIONS={os.environ.get('MKL_ENABLE_INSTRUCTIONS', '(unset)')}\n")
+    print("```\n" + kernels.report() + "\n```\n")
     peak = matmul_gflops()
     print(f"Measured GEMM throughput (1024^3 float32, best of 5): {peak:.1f} GFLOP/s = the compute limit below.\n")
     results = []
@@ -257,6 +270,14 @@ def main(argv: list[str] | None = None) -> None:
             adam = torch.optim.Adam([p])
             eager = LearnedOptimizer([p], rule)
             candidates = {"adam": adam.step, "eager": eager.step}
+            if kernels.available() and family in kernels.RULE_KERNELS:
+                forced = LearnedOptimizer([p], rule)
+
+                def forced_step(opt=forced):
+                    with kernels.forced():
+                        opt.step()
+
+                candidates["kernels"] = forced_step
             if not args.no_aten:
                 aten = LearnedOptimizer([p], rule)
 
@@ -317,11 +338,13 @@ def main(argv: list[str] | None = None) -> None:
                 f"{r['n'] / 1e6:g}M",
                 ms(g("adam_cpu_s")),
                 ms(g("eager_cpu_s")),
+                ms(g("kernels_cpu_s")),
                 ms(g("aten_cpu_s")),
                 ms(g("compiled_cpu_s")),
                 ms(g("reference_cpu_s")),
                 ratio(g("eager_cpu_s"), g("adam_cpu_s")),
-                ratio(g("aten_cpu_s"), g("eager_cpu_s")),
+                ratio(g("aten_cpu_s"), g("kernels_cpu_s")),
+                "kernels" if kernels.serves(r["family"]) else "ATen",
                 ratio(g("reference_cpu_s"), g("eager_cpu_s")),
                 ratio(g("reference_cpu_s"), g("aten_cpu_s")),
                 ratio(g("reference_cpu_s"), g("compiled_cpu_s")),
@@ -334,12 +357,14 @@ def main(argv: list[str] | None = None) -> None:
                 "net",
                 "params",
                 "Adam",
-                "learned eager (native kernels)",
-                "learned eager (ATen only)",
+                "learned eager (default)",
+                "kernels forced",
+                "ATen only",
                 "learned compiled",
                 "eager reference",
                 "eager / Adam",
-                "speed-up kernels vs ATen",
+                "kernels vs ATen (ATen / kernels)",
+                "default path (guard)",
                 "speed-up eager vs ref",
                 "speed-up ATen vs ref",
                 "speed-up compiled vs ref",
@@ -349,7 +374,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     rows = []
     for r in results:
-        best = min(v for v in (r.get("eager_cpu_s"), r.get("aten_cpu_s"), r.get("compiled_cpu_s")) if v is not None)
+        best = min(
+            v
+            for v in (r.get("eager_cpu_s"), r.get("kernels_cpu_s"), r.get("aten_cpu_s"), r.get("compiled_cpu_s"))
+            if v is not None
+        )
         gf = r["flops_per_coord"] * r["n"] / 1e9
         rows.append(
             [
@@ -368,7 +397,7 @@ def main(argv: list[str] | None = None) -> None:
                 ),
             ]
         )
-    print(f"\n## Efficiency (best learned path; compute limit = GEMM FLOPs / {peak:.1f} GFLOP/s)\n")
+    print(f"\n## Efficiency (best learned path; compute limit = GEMM FLOPs / {peak:.1f} GFLOP/s on {isa_line()})\n")
     print(
         table(
             [

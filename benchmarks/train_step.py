@@ -4,13 +4,22 @@
 
     python benchmarks/train_step.py                         # conv, resnet18, mlp1m; every family
     python benchmarks/train_step.py --models conv --no-compile
+    python benchmarks/train_step.py --models cnn5k transformer resnet18 --no-compile --per-tensor --overhead
 
 Models (random data of the right shape; the speed does not depend on the values):
 
 * ``conv``: the papers' Conv-MNIST CNN (``learned_optim.meta.tasks.neural.build_conv_net``: conv 3x3x16,
   conv 5x5x32, max-pool, one FC; 75.7k parameters) on 28x28x1 images, batch 128;
 * ``resnet18``: ``timm.create_model("resnet18", num_classes=10)`` (11.2M parameters) on 32x32x3 images, batch 128;
-* ``mlp1m``: a 2-layer MLP 784 -> 1262 -> 10 (1.0M parameters), batch 128.
+* ``mlp1m``: a 2-layer MLP 784 -> 1262 -> 10 (1.0M parameters), batch 128;
+* ``cnn5k``: a 1-D ConvNet (conv 1->24 k5, 24->24 k5, 24->24 k3, global mean, FC 24->10: 5.0k parameters in
+  8 tensors) on sequences of 64, batch 128;
+* ``transformer``: a char-level transformer (vocab 64, width 64, 3 post-norm layers of 4 heads and FF 128,
+  learned positions, causal mask; 113k parameters in 42 tensors) on 64 tokens, batch 32, next-token loss.
+
+``--per-tensor`` adds each family with the packed step switched off (one net call per tensor, as before
+the packed step), ``--overhead`` times the step alone on 200 tensors of 1k parameters against one tensor of
+200k (the per-tensor overhead), for Adam and every family.
 
 Every optimizer gets its own copy of the model; one iteration (``zero_grad``, forward, cross-entropy,
 backward, ``step``) of each is timed round-robin in the same process (CPU time, see
@@ -40,8 +49,47 @@ from learned_optim import LearnedOptimizer  # noqa: E402
 FAMILIES = ["dm_lstm", "rnnprop", "mlp"]
 
 
+class PerTensor(LearnedOptimizer):
+    """The optimizer with the packed step switched off: every tensor gets its own net call."""
+
+    def _plan_packs(self, params):
+        return [], params
+
+
+class CharTransformer(nn.Module):
+    """Embedding + learned positions, post-norm encoder layers with a causal mask, linear head."""
+
+    def __init__(self, vocab: int = 64, width: int = 64, layers: int = 3, length: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.pos = nn.Parameter(torch.randn(length, width) * 0.02)
+        layer = nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.0, batch_first=True)
+        self.body = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(length), persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens) + self.pos[: tokens.shape[1]]
+        return self.head(self.norm(self.body(x, mask=self.mask, is_causal=True)))
+
+
 def build(name: str) -> tuple[nn.Module, tuple[int, ...]]:
     torch.manual_seed(0)
+    if name == "cnn5k":
+        return nn.Sequential(
+            nn.Conv1d(1, 24, 5),
+            nn.ReLU(),
+            nn.Conv1d(24, 24, 5),
+            nn.ReLU(),
+            nn.Conv1d(24, 24, 3),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool1d(1),
+            nn.Flatten(),
+            nn.Linear(24, 10),
+        ), (1, 64)
+    if name == "transformer":
+        return CharTransformer(), (64,)
     if name == "conv":
         from learned_optim.meta.tasks.neural import build_conv_net
 
@@ -62,7 +110,8 @@ def iteration(
 
     def run() -> None:
         model.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
+        out = model(x)
+        nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y).backward()
         if opt is not None:
             opt.step()
 
@@ -77,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--per-tensor", action="store_true", help="also the per-tensor step (packing off)")
+    parser.add_argument("--overhead", action="store_true", help="also 200 x 1k tensors vs 1 x 200k, step only")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"# End-to-end training step (batch {args.batch})\n\n{machine_header()}\n")
@@ -84,9 +135,15 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.models:
         base, shape = build(name)
         gen = torch.Generator().manual_seed(1)
-        x = torch.randn(args.batch, *shape, generator=gen)
-        y = torch.randint(0, 10, (args.batch,), generator=gen)
+        batch = 32 if name == "transformer" else args.batch
+        if name == "transformer":
+            x = torch.randint(0, 64, (batch, *shape), generator=gen)
+            y = torch.randint(0, 64, (batch * shape[0],), generator=gen)
+        else:
+            x = torch.randn(batch, *shape, generator=gen)
+            y = torch.randint(0, 10, (batch,), generator=gen)
         n_params = sum(p.numel() for p in base.parameters())
+        n_tensors = sum(1 for _ in base.parameters())
 
         candidates = {"fwd+bwd only": iteration(copy.deepcopy(base), None, x, y)}
         model = copy.deepcopy(base)
@@ -94,10 +151,12 @@ def main(argv: list[str] | None = None) -> None:
         for family in args.families:
             torch.manual_seed(0)
             rule = learned_optim.FAMILIES[family]()
-            variants = [("eager", False)] + ([] if args.no_compile else [("compiled", True)])
-            for label, compile_ in variants:
+            variants = [("eager", False, LearnedOptimizer)]
+            variants += [] if args.no_compile else [("compiled", True, LearnedOptimizer)]
+            variants += [("per-tensor", False, PerTensor)] if args.per_tensor else []
+            for label, compile_, cls in variants:
                 model = copy.deepcopy(base)
-                opt = LearnedOptimizer(model.parameters(), rule, compile=compile_)
+                opt = cls(model.parameters(), rule, compile=compile_)
                 candidates[f"{family} {label}"] = iteration(model, opt, x, y)
         for f in candidates.values():  # compile / warm up outside the timed rotation
             f()
@@ -109,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(
                 [
                     name,
-                    f"{n_params / 1e6:.3g}M",
+                    f"{n_params / 1e6:.3g}M / {n_tensors}",
                     label,
                     f"{t.cpu_best * 1e3:.4g}",
                     f"{t.wall_median * 1e3:.4g}",
@@ -120,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(
             [
                 name,
-                f"{n_params / 1e6:.3g}M",
+                f"{n_params / 1e6:.3g}M / {n_tensors}",
                 "fwd+bwd only",
                 f"{fb * 1e3:.4g}",
                 f"{timings['fwd+bwd only'].wall_median * 1e3:.4g}",
@@ -133,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         table(
             [
                 "model",
-                "params",
+                "params / tensors",
                 "optimizer",
                 "iteration ms (CPU, best)",
                 "wall ms (median)",
@@ -143,7 +202,40 @@ def main(argv: list[str] | None = None) -> None:
             rows,
         )
     )
+    if args.overhead:
+        print("\n## Step alone: 200 tensors of 1k parameters vs one tensor of 200k (ms CPU, best)\n")
+        print(overhead_table(args.families, args.repeats, args.per_tensor))
     print(f"\nLoad at the end: {machine_header().split('load average ')[1]}")
+
+
+def overhead_table(families: list[str], repeats: int, per_tensor: bool) -> str:
+    """Step time on 200 x 1k parameters over step time on 1 x 200k, per optimizer (same run)."""
+    gen = torch.Generator().manual_seed(0)
+
+    def params(count: int, size: int) -> list[nn.Parameter]:
+        out = [nn.Parameter(torch.randn(size, generator=gen) * 0.1) for _ in range(count)]
+        for p in out:
+            p.grad = torch.randn(size, generator=gen) * 1e-3
+        return out
+
+    many, one = params(200, 1000), params(1, 200_000)
+    candidates: dict[str, object] = {}
+    makers: list[tuple[str, object]] = [("Adam", lambda ps: torch.optim.Adam(ps))]
+    for family in families:
+        torch.manual_seed(0)
+        rule = learned_optim.FAMILIES[family]()
+        makers.append((family, lambda ps, rule=rule: LearnedOptimizer(ps, rule)))
+        if per_tensor:
+            makers.append((f"{family} per-tensor", lambda ps, rule=rule: PerTensor(ps, rule)))
+    for label, make in makers:
+        candidates[f"{label} 200x1k"] = make(many).step
+        candidates[f"{label} 1x200k"] = make(one).step
+    timings = measure(candidates, repeats=repeats)
+    rows = []
+    for label, _ in makers:
+        a, b = timings[f"{label} 200x1k"].cpu_best, timings[f"{label} 1x200k"].cpu_best
+        rows.append([label, f"{a * 1e3:.4g}", f"{b * 1e3:.4g}", f"{a / b:.2f}x"])
+    return table(["optimizer", "200 x 1k", "1 x 200k", "ratio (target <= 3x)"], rows)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,27 @@ Same math; their ``exp`` is a polynomial accurate to about 1 float32 ulp, so res
 ATen path by a few ulps (tested in ``tests/test_kernels.py``).
 
 The source is plain C++ (GCC/Clang vector extensions, no torch headers), compiled once per machine with
-the system compiler (``$CXX``, else ``c++``; a few seconds) into one library in a cache folder and loaded
-with ``ctypes``: no ninja, no Python-version-specific build, no ABI tie to torch. Nothing is ever downloaded.
+the system compiler (``$CXX``, else ``c++``; 10-25 seconds) into one library in a cache folder and loaded with
+``ctypes``: no ninja, no Python-version-specific build, no ABI tie to torch. Nothing is ever downloaded.
+
+**Instruction set, picked at run time.** The same sources build for three targets (``csrc/vec.h``): ``avx512``
+(16-float vectors, 32 registers), ``avx2`` (AVX2 + FMA: 8-float vectors, register blocks sized for 16
+registers) and ``portable`` (no ISA flags: 4-float vectors, SSE2 on x86-64, NEON on ARM). :func:`isa` is the
+best one the CPU's flags allow, or ``$LEARNED_OPTIM_ISA`` (``avx512``, ``avx2`` or ``portable``; one the CPU
+cannot execute is an error and leaves the ATen path). Only the selected one is built.
+
+**The guard: a kernel runs only where it is measured faster.** Right after a build, each kernel is timed
+against the ATen path of the same rule on the machine at hand (:data:`GUARD_ROWS` coordinates, one thread,
+thread CPU time, best of :data:`GUARD_REPEATS` interleaved rounds): ``lstm_cell`` through a DM-LSTM step,
+``elu`` on RNNProp's input activation, ``mlp`` through an MLP rule's statistics and update. The ratios
+(ATen time / kernel time) are cached beside the library (``<library>.guard.json``; measured again under
+another torch); a kernel whose ratio is below :data:`MIN_SPEEDUP` is not used, and the ATen path runs
+instead. :func:`report` says which path
+each rule takes and why; :func:`forced` runs the kernels whatever the guard says (tests, benchmarks).
 
 * Cache: ``$LEARNED_OPTIM_CACHE`` or ``$XDG_CACHE_HOME/learned_optim`` (default ``~/.cache/learned_optim``),
-  in ``kernels/learned_optim-<hash>.so``; the hash covers the sources, the compiler's version, the flags
-  and the CPU's feature flags (the build uses ``-march=native``).
+  in ``kernels/learned_optim-<hash>.so``; the hash covers the sources, the compiler's version, the ISA's
+  flags and the CPU's model and feature flags (the guard's measurements belong to the machine).
 * ``LEARNED_OPTIM_KERNELS=0`` disables the kernels (the ATen path runs); so does :func:`set_enabled`.
 * If there is no compiler or the build fails, a warning is logged once and the ATen path runs.
 """
@@ -31,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -38,8 +54,10 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -54,18 +72,54 @@ __all__ = [
     "mlp_feature_mean_square",
     "mlp_update",
     "build_error",
+    "isa",
+    "supported_isas",
+    "ISAS",
+    "KERNELS",
+    "RULE_KERNELS",
+    "MIN_SPEEDUP",
+    "forced",
+    "uses",
+    "serves",
+    "guard",
+    "report",
+    "library_path",
+    "vector_lanes",
 ]
 
 logger = logging.getLogger(__name__)
 
 _SOURCE_DIR = Path(__file__).with_name("csrc")
 _FLAGS = ["-O3", "-ffp-contract=fast", "-fno-math-errno", "-fPIC", "-shared", "-std=gnu++17", "-pthread", "-Wno-psabi"]
-_NATIVE = ["-march=native"]
 
-_lock = threading.Lock()
+#: The instruction-set targets, best first: compiler flags and the CPU flags (``/proc/cpuinfo``) they need.
+ISAS: dict[str, tuple[list[str], frozenset[str]]] = {
+    "avx512": (
+        ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"],
+        frozenset({"avx512f", "avx512dq", "avx512bw", "avx512vl", "avx2", "fma", "f16c"}),
+    ),
+    "avx2": (["-mavx2", "-mfma", "-mf16c"], frozenset({"avx2", "fma", "f16c"})),
+    "portable": ([], frozenset()),
+}
+
+#: The kernels the guard measures, and the ones each family's step calls.
+KERNELS = ("lstm_cell", "elu", "mlp")
+RULE_KERNELS: dict[str, tuple[str, ...]] = {"dm_lstm": ("lstm_cell",), "rnnprop": ("elu", "lstm_cell"), "mlp": ("mlp",)}
+
+#: A kernel is used only if the ATen path of the same rule takes at least this many times its time here.
+MIN_SPEEDUP = 1.5
+#: Coordinates per guard measurement, and interleaved rounds (kernel, ATen) of which the best counts.
+GUARD_ROWS = 1 << 14
+GUARD_REPEATS = 7
+
+_lock = threading.RLock()
 _lib: ctypes.CDLL | None = None
+_lib_path: Path | None = None
+_isa: str | None = None
+_guard: dict[str, Any] | None = None
 _error: str | None = None
 _loaded = False
+_force = False
 _enabled = os.environ.get("LEARNED_OPTIM_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
@@ -91,6 +145,21 @@ def enabled() -> bool:
     return _enabled
 
 
+@contextlib.contextmanager
+def forced() -> Iterator[None]:
+    """Context manager: every kernel that is built runs inside the block, whatever the guard measured.
+
+    For tests of the kernels' results and for benchmarks that compare them with ATen; the ATen path still
+    runs where a kernel does not apply (dtype, device, shape) or when the kernels are off or unavailable.
+    """
+    global _force
+    previous, _force = _force, True
+    try:
+        yield
+    finally:
+        _force = previous
+
+
 def _cache_dir() -> Path:
     root = os.environ.get("LEARNED_OPTIM_CACHE")
     if root:
@@ -99,14 +168,48 @@ def _cache_dir() -> Path:
     return Path(xdg) / "learned_optim" / "kernels"
 
 
-def _cpu_flags() -> str:
+def _cpuinfo(prefixes: tuple[str, ...]) -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
+            if line.startswith(prefixes):
+                return line.split(":", 1)[-1].strip()
     except OSError:
         pass
-    return platform.processor()
+    return ""
+
+
+def _cpu_flags() -> str:
+    return _cpuinfo(("flags", "Features")) or platform.processor()
+
+
+def _cpu_model() -> str:
+    return _cpuinfo(("model name",)) or platform.processor() or platform.machine()
+
+
+def supported_isas() -> list[str]:
+    """The targets of :data:`ISAS` this CPU can execute, best first (``portable`` always)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ["portable"]
+    flags = set(_cpu_flags().split())
+    return [name for name, (_, needs) in ISAS.items() if needs <= flags]
+
+
+def _requested_isa() -> str:
+    """``$LEARNED_OPTIM_ISA`` if set (validated against the CPU), else the best supported target."""
+    supported = supported_isas()
+    wanted = os.environ.get("LEARNED_OPTIM_ISA", "").strip().lower()
+    if not wanted:
+        return supported[0]
+    if wanted not in ISAS:
+        raise ValueError(f"LEARNED_OPTIM_ISA={wanted!r} is not one of {sorted(ISAS)}")
+    if wanted not in supported:
+        raise ValueError(f"LEARNED_OPTIM_ISA={wanted!r}, but this CPU only runs {supported}")
+    return wanted
+
+
+def isa() -> str | None:
+    """The instruction set of the loaded kernels (builds them on the first call), ``None`` if unavailable."""
+    return _isa if _library() is not None else None
 
 
 def _compile(compiler: str, flags: list[str], target: Path) -> None:
@@ -128,31 +231,36 @@ def _compile(compiler: str, flags: list[str], target: Path) -> None:
             os.unlink(tmp)
 
 
-def _build() -> ctypes.CDLL:
+def _build() -> tuple[ctypes.CDLL, Path, str]:
+    target_isa = _requested_isa()
     compiler = shutil.which(os.environ.get("CXX", "c++"))
     if compiler is None:
         raise RuntimeError(f"no C++ compiler found (looked for {os.environ.get('CXX', 'c++')!r}; set $CXX)")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     source = b"\0".join(f.name.encode() + f.read_bytes() for f in sorted(_SOURCE_DIR.glob("*.[ch]*")))
-    errors = []
-    for flags in (_FLAGS + _NATIVE, _FLAGS):  # -march=native is not known to every compiler
-        key = hashlib.sha256(
-            b"\0".join(
-                [source, version.encode(), " ".join(flags).encode(), platform.machine().encode(), _cpu_flags().encode()]
-            )
-        ).hexdigest()[:16]
-        target = _cache_dir() / f"learned_optim-{key}.so"
-        try:
-            if not target.exists():
-                logger.info("learned_optim: compiling native kernels into %s", target)
-                _compile(compiler, flags, target)
-            lib = ctypes.CDLL(str(target))
-            break
-        except (OSError, subprocess.SubprocessError) as err:
-            detail = getattr(err, "stderr", None) or err
-            errors.append(f"{' '.join(flags)}: {str(detail).strip()[-400:]}")
-    else:
-        raise RuntimeError("building the native kernels failed: " + " | ".join(errors))
+    flags = _FLAGS + ISAS[target_isa][0]
+    key = hashlib.sha256(
+        b"\0".join(
+            [
+                source,
+                version.encode(),
+                " ".join(flags).encode(),
+                platform.machine().encode(),
+                _cpu_model().encode(),
+                _cpu_flags().encode(),
+            ]
+        )
+    ).hexdigest()[:16]
+    target = _cache_dir() / f"learned_optim-{key}.so"
+    try:
+        if not target.exists():
+            logger.info("learned_optim: compiling native kernels (%s) into %s", target_isa, target)
+            _compile(compiler, flags, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as err:
+        detail = getattr(err, "stderr", None) or err
+        message = f"building the native kernels failed: {' '.join(flags)}: {str(detail).strip()[-400:]}"
+        raise RuntimeError(message) from err
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn = lib.lo_lstm_cell_f32
     fn.argtypes = [i64, i64, i64, ptr, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, i64, ptr, i64, ctypes.c_int]
@@ -184,26 +292,232 @@ def _build() -> ctypes.CDLL:
         c_int,
     ]
     lib.lo_mlp_update_f32.restype = c_int
-    return lib
+    lib.lo_mlp_feature_sumsq_segments_f32.argtypes = [i64, ptr, *lib.lo_mlp_feature_sumsq_f32.argtypes[1:]]
+    lib.lo_mlp_feature_sumsq_segments_f32.restype = c_int
+    lib.lo_mlp_update_segments_f32.argtypes = [i64, ptr, *lib.lo_mlp_update_f32.argtypes[1:]]
+    lib.lo_mlp_update_segments_f32.restype = c_int
+    lib.lo_vector_lanes.argtypes = []
+    lib.lo_vector_lanes.restype = c_int
+    return lib, target, target_isa
 
 
 def _library() -> ctypes.CDLL | None:
-    global _lib, _error, _loaded
+    global _lib, _lib_path, _isa, _error, _loaded, _guard
     if not _loaded:
         with _lock:
             if not _loaded:
                 try:
-                    _lib = _build()
+                    _lib, _lib_path, _isa = _build()
                 except Exception as err:  # any build/load problem means: use the ATen path
                     _error = f"{type(err).__name__}: {err}"
                     logger.warning("learned_optim: native kernels unavailable, using the ATen path (%s)", _error)
-                _loaded = True
+                _loaded = True  # before the guard: its measurement calls the kernels (under forced())
+                if _lib is not None and _lib_path is not None:
+                    _guard = _load_or_measure_guard(_lib_path.with_suffix(".guard.json"))
     return _lib
 
 
 def _native() -> ctypes.CDLL | None:
     """The library when the kernels are switched on and built (builds it on the first call), else ``None``."""
     return _library() if _enabled else None
+
+
+def _kernel(name: str) -> ctypes.CDLL | None:
+    """The library if kernel ``name`` is to run: switched on, built, and measured faster (or :func:`forced`)."""
+    lib = _native()
+    if lib is None or not (_force or _guard_allows(name)):
+        return None
+    return lib
+
+
+def _guard_allows(name: str) -> bool:
+    ratio = None if _guard is None else _guard["ratios"].get(name)
+    return ratio is not None and ratio >= MIN_SPEEDUP
+
+
+def library_path() -> Path | None:
+    """The loaded library's file (builds it on the first call); its guard record is ``<stem>.guard.json``."""
+    return _lib_path if _library() is not None else None
+
+
+def vector_lanes() -> int | None:
+    """Floats per vector of the loaded build (16 AVX-512, 8 AVX2, 4 portable), ``None`` if unavailable."""
+    lib = _library()
+    return None if lib is None else int(lib.lo_vector_lanes())
+
+
+def uses(name: str) -> bool:
+    """Whether kernel ``name`` (one of :data:`KERNELS`) runs where it applies (builds the kernels if needed)."""
+    if name not in KERNELS:
+        raise ValueError(f"unknown kernel {name!r}; kernels: {list(KERNELS)}")
+    return _kernel(name) is not None
+
+
+def serves(family: str) -> bool:
+    """Whether any native kernel runs in the step of net family ``family`` (false for families without one)."""
+    return any(uses(k) for k in RULE_KERNELS.get(family, ()))
+
+
+def guard() -> dict[str, Any] | None:
+    """The guard's record for the loaded library (ISA, CPU, ratios ATen / kernel, times), ``None`` if none."""
+    _library()
+    return None if _guard is None else dict(_guard)
+
+
+def report() -> str:
+    """Which path each net family's step takes on this machine, and why (ISA, measured ratio, threshold)."""
+    from .nets.base import FAMILIES  # lazy: the nets import this module
+
+    lib = _library()
+    lines = [f"learned_optim native kernels on {_cpu_model()} (CPU runs {', '.join(supported_isas())})"]
+    if not _enabled:
+        lines.append("  switched off (LEARNED_OPTIM_KERNELS=0 or set_enabled(False)): every family runs on ATen")
+    elif lib is None or _guard is None:
+        lines.append(f"  unavailable ({_error or 'no guard measurement'}): every family runs on ATen")
+    else:
+        lines.append(
+            f"  library {_lib_path} (ISA {_isa}, {vector_lanes()}-float vectors); guard: a kernel runs "
+            f"if ATen takes >= {MIN_SPEEDUP}x its time ({_guard['rows']} coordinates, 1 thread, measured "
+            f"{_guard['measured']}, load {_guard['load']}){'; forced on' if _force else ''}"
+        )
+        for name in KERNELS:
+            ratio = _guard["ratios"][name]
+            verdict = "used" if uses(name) else "NOT used (ATen runs)"
+            lines.append(
+                f"  kernel {name}: {verdict}: ATen {_guard['aten_ms'][name]:.3g} ms / kernel "
+                f"{_guard['kernel_ms'][name]:.3g} ms = {ratio:.2f}x"
+            )
+    for family in sorted(FAMILIES):
+        names = RULE_KERNELS.get(family, ())
+        if not names:
+            lines.append(f"  {family}: ATen (no native kernel for this family)")
+            continue
+        used = [k for k in names if _enabled and lib is not None and uses(k)]
+        path = "native kernels " + ", ".join(used) if used else "ATen"
+        rest = [k for k in names if k not in used]
+        lines.append(f"  {family}: {path}" + (f"; ATen for {', '.join(rest)}" if used and rest else ""))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ the guard
+def _best_of(candidates: dict[str, Callable[[], object]]) -> dict[str, float]:
+    """Best thread CPU time (seconds) of each candidate over GUARD_REPEATS interleaved rounds, after a warm-up."""
+    best = dict.fromkeys(candidates, float("inf"))
+    for f in candidates.values():
+        f()
+    for _ in range(GUARD_REPEATS):
+        for name, f in candidates.items():
+            start = time.thread_time()
+            f()
+            best[name] = min(best[name], time.thread_time() - start)
+    return best
+
+
+def _guard_workloads(n: int) -> dict[str, Callable[[], object]]:
+    """One call of each kernel's rule code (the same call runs the kernel or ATen, by the switches)."""
+    from .nets import DMLSTM, MLPUpdate  # lazy: the nets import this module
+
+    gen = torch.Generator().manual_seed(0)
+    grad = torch.randn(n, generator=gen) * 10.0 ** torch.randint(-6, -1, (n,), generator=gen)
+    param = torch.randn(n, generator=gen)
+    step = torch.tensor(10.0)
+    torch.manual_seed(0)
+    dm = DMLSTM().requires_grad_(False)
+    dm_state = {"lstm": torch.randn(n, *dm.state_shapes()["lstm"], generator=gen) * 0.1}
+    dm_out = {"lstm": torch.empty_like(dm_state["lstm"])}
+    mlp = MLPUpdate().requires_grad_(False)
+    d = mlp.state_shapes()["m"][0]
+    mlp_state = {"m": torch.randn(n, d, generator=gen) * 1e-3, "v": torch.rand(n, d, generator=gen) * 1e-5}
+    mlp_out = {k: torch.empty_like(v) for k, v in mlp_state.items()}
+    z = torch.randn(n, 20, generator=gen)
+    z_work = torch.empty_like(z)
+
+    def lstm_cell() -> object:
+        return dm(grad, param, dm_state, step, None, out_state=dm_out)
+
+    def elu() -> object:
+        return elu_(z_work.copy_(z))
+
+    def mlp_rule() -> object:
+        return mlp(grad, param, mlp_state, step, mlp.tensor_stats(grad, param, mlp_state, step), out_state=mlp_out)
+
+    return {"lstm_cell": lstm_cell, "elu": elu, "mlp": mlp_rule}
+
+
+def _measure_guard() -> dict[str, Any]:
+    """Time every kernel against the ATen path of its rule (see the module docstring)."""
+    global _force, _enabled
+    threads = torch.get_num_threads()
+    aten_ms, kernel_ms = {}, {}
+    try:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            for name, work in _guard_workloads(GUARD_ROWS).items():
+                previous_force, previous_enabled = _force, _enabled
+
+                def on(work: Callable[[], object] = work) -> None:
+                    global _force, _enabled
+                    _force, _enabled = True, True
+                    work()
+
+                def off(work: Callable[[], object] = work) -> None:
+                    global _force, _enabled
+                    _force, _enabled = False, False
+                    work()
+
+                try:
+                    best = _best_of({"kernel": on, "aten": off})
+                finally:
+                    _force, _enabled = previous_force, previous_enabled
+                kernel_ms[name], aten_ms[name] = best["kernel"] * 1e3, best["aten"] * 1e3
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "isa": _isa,
+        "cpu": _cpu_model(),
+        "rows": GUARD_ROWS,
+        "measured": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "load": " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?",
+        "torch": torch.__version__,
+        "ratios": {k: aten_ms[k] / max(kernel_ms[k], 1e-9) for k in KERNELS},
+        "aten_ms": aten_ms,
+        "kernel_ms": kernel_ms,
+    }
+
+
+def _valid_guard(record: Any) -> bool:
+    return (
+        isinstance(record, dict)
+        and record.get("isa") == _isa
+        and record.get("torch") == torch.__version__  # another torch: another ATen to compare with
+        and all(
+            isinstance(record.get(part), dict) and all(isinstance(record[part].get(k), (int, float)) for k in KERNELS)
+            for part in ("ratios", "aten_ms", "kernel_ms")
+        )
+    )
+
+
+def _load_or_measure_guard(path: Path) -> dict[str, Any] | None:
+    """The guard record cached at ``path``, or a fresh measurement written there (atomically)."""
+    try:
+        record = json.loads(path.read_text())
+        if _valid_guard(record):
+            return record
+    except (OSError, ValueError):
+        pass
+    try:
+        record = _measure_guard()
+    except Exception as err:  # no measurement: the kernels stay unused (the ATen path is always correct)
+        logger.warning("learned_optim: measuring the native kernels failed, using the ATen path (%s)", err)
+        return None
+    fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(tmp, path)
+    slower = [k for k in KERNELS if record["ratios"][k] < MIN_SPEEDUP]
+    if slower:
+        logger.info("learned_optim: kernels %s are not %sx faster than ATen here; ATen runs them", slower, MIN_SPEEDUP)
+    return record
 
 
 def available() -> bool:
@@ -243,7 +557,7 @@ def lstm_cell_into(x: Tensor, h: Tensor, c: Tensor, weight: Tensor, bias: Tensor
     n, hidden = h.shape[0], h.shape[-1]
     if not (all(_rows_ok(t, n) for t in (x, h, c, h_out, c_out)) and _cpu_f32(weight, bias)):
         return False
-    lib = _native()
+    lib = _kernel("lstm_cell")
     if lib is None:
         return False
     weight, bias = weight.contiguous(), bias.contiguous()
@@ -275,29 +589,49 @@ def elu_(z: Tensor) -> Tensor:
     The native kernel for contiguous float32 CPU tensors, ``torch.nn.functional.elu_`` otherwise
     (or when the kernels are off or unavailable). For inference only: records no autograd graph.
     """
-    lib = _native() if _flat_f32(z) else None
+    lib = _kernel("elu") if _flat_f32(z) else None
     if lib is None:
         return torch.nn.functional.elu_(z)
     lib.lo_elu_f32(z.numel(), z.data_ptr(), _threads(z.numel()))
     return z
 
 
+def _offsets(sizes: tuple[int, ...] | None, n: int) -> Tensor:
+    """int64 segment offsets ``[0, n_1, n_1 + n_2, ..., n]`` (one segment of ``n`` rows when ``sizes`` is None)."""
+    if sizes is None:
+        return torch.tensor([0, n], dtype=torch.int64)
+    return torch.tensor([0, *sizes], dtype=torch.int64).cumsum_(0)
+
+
 def mlp_feature_mean_square(
-    grad: Tensor, param: Tensor, m: Tensor, v: Tensor, decay: Tensor, eps: float
+    grad: Tensor,
+    param: Tensor,
+    m: Tensor,
+    v: Tensor,
+    decay: Tensor,
+    eps: float,
+    sizes: tuple[int, ...] | None = None,
 ) -> Tensor | None:
     r"""Mean over coordinates of each MLP feature's square (``MLPUpdate.tensor_stats``), or ``None``.
 
     ``grad, param`` ``(n,)``, ``m, v`` ``(n, D)`` the moments *before* this step's EMA update, ``decay``
-    ``(D,)``. ``None`` when the kernel does not apply (not contiguous float32 CPU, ``D > 8``, kernels
-    off or unavailable); the caller then computes it with ATen.
+    ``(D,)``. ``sizes``: the rows are that many tensors packed one after the other (``sum(sizes) <= n``;
+    rows past the last are ignored); the result is then ``(len(sizes), 2 + 4D)``, each row the bits the call
+    on that tensor alone gives. ``None`` when the kernel does not apply (not contiguous float32 CPU,
+    ``D > 8``, kernels off, unavailable or not faster here); the caller then computes it with ATen.
     """
-    lib = _native() if _flat_f32(grad, param, m, v, decay) and m.dim() == 2 and grad.numel() > 0 else None
+    lib = _kernel("mlp") if _flat_f32(grad, param, m, v, decay) and m.dim() == 2 and grad.numel() > 0 else None
     if lib is None:
         return None
     n, d = m.shape
-    out = torch.empty(2 + 4 * d, dtype=torch.float64)
-    status = lib.lo_mlp_feature_sumsq_f32(
-        n,
+    offsets = _offsets(sizes, n)
+    k = offsets.numel() - 1
+    if int(offsets[-1]) > n or (sizes is not None and min(sizes) < 1):
+        raise ValueError(f"segment sizes {sizes} do not fit {n} rows (each must be >= 1)")
+    out = torch.empty(k, 2 + 4 * d, dtype=torch.float64)
+    status = lib.lo_mlp_feature_sumsq_segments_f32(
+        k,
+        offsets.data_ptr(),
         d,
         grad.data_ptr(),
         param.data_ptr(),
@@ -308,7 +642,10 @@ def mlp_feature_mean_square(
         out.data_ptr(),
         _threads(n),
     )
-    return None if status else (out / n).to(torch.float32)
+    if status:
+        return None
+    means = (out / offsets.diff().unsqueeze(1)).to(torch.float32)
+    return means if sizes is not None else means[0]
 
 
 def mlp_update(
@@ -325,18 +662,25 @@ def mlp_update(
     magnitude_scale: float,
     step_scale: float,
     out: Mapping[str, Tensor] | None = None,
+    sizes: tuple[int, ...] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor] | None:
     r"""The MLP rule's ``(delta, m', v')`` for one hidden layer (``MLPUpdate.forward``), or ``None``.
 
     ``w1`` ``(H, 2 + 4D)`` with the feature normalisation folded into its columns and ``b1`` ``(H,)``
     with the time features folded in; ``w2`` ``(2, H)``, ``b2`` ``(2,)``. ``out``: optional ``{"m", "v"}``
-    tensors to write ``m', v'`` into (they may be ``m, v`` themselves). ``None`` when the kernel does not
-    apply; the caller then computes it with ATen.
+    tensors to write ``m', v'`` into (they may be ``m, v`` themselves). ``sizes``: the rows are that many
+    tensors packed one after the other, and ``w1`` is ``(len(sizes), H, 2 + 4D)``, one per tensor; rows past
+    the last tensor are left unset. ``None`` when the kernel does not apply; the caller then computes it
+    with ATen.
     """
-    lib = _native() if _flat_f32(grad, param, m, v, decay) and m.dim() == 2 else None
+    lib = _kernel("mlp") if _flat_f32(grad, param, m, v, decay) and m.dim() == 2 else None
     if lib is None:
         return None
     n, d = m.shape
+    offsets = _offsets(sizes, n)
+    k = offsets.numel() - 1
+    if int(offsets[-1]) > n or w1.dim() != (2 if sizes is None else 3) or (sizes is not None and w1.shape[0] != k):
+        raise ValueError(f"mlp_update: segment sizes {sizes} and first-layer weights {tuple(w1.shape)} do not match")
     w1, b1, w2, b2 = (t.detach().to(torch.float32).contiguous() for t in (w1, b1, w2, b2))
     delta = torch.empty_like(grad)
     m_new, v_new = (
@@ -344,10 +688,11 @@ def mlp_update(
         if out is not None and _flat_f32(out["m"], out["v"])
         else (torch.empty_like(m), torch.empty_like(v))
     )
-    status = lib.lo_mlp_update_f32(
-        n,
+    status = lib.lo_mlp_update_segments_f32(
+        k,
+        offsets.data_ptr(),
         d,
-        w1.shape[0],
+        w1.shape[-2],
         grad.data_ptr(),
         param.data_ptr(),
         m.data_ptr(),

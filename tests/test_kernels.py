@@ -1,11 +1,14 @@
 """The native CPU kernels (``learned_optim.kernels``) compute what the ATen path computes.
 
 The kernels are built on first use with the system C++ compiler; where there is none the tests that
-need them skip with the build error (the ATen fallback is tested either way). No timing here.
+need them skip with the build error (the ATen fallback is tested either way). The kernels run here under
+``kernels.forced()`` (whatever the guard measured on this machine); the guard's dispatch is tested with
+planted measurements. No timing here.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -23,6 +26,13 @@ from learned_optim.nets.cells import fused_gate_weights, lstm_cell
 needs_kernels = pytest.mark.skipif(
     not kernels.available(), reason=f"native kernels unavailable: {kernels.build_error()}"
 )
+
+
+@pytest.fixture(autouse=True)
+def _kernels_forced():
+    """The kernels' results are tested wherever they are built, whether or not the guard lets them run."""
+    with kernels.forced():
+        yield
 
 
 def _fused(cell: nn.LSTMCell) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +62,10 @@ def _case(n: int, inputs: int, hidden: int, seed: int = 0, scale: float = 2.0):
 def test_lstm_kernel_equals_nn_lstmcell(n, inputs, hidden):
     cell, x, h, c = _case(n, inputs, hidden)
     ran, h_new, c_new = _run_kernel(cell, x, h, c)
-    assert ran
+    largest = min(64, 8 * kernels.vector_lanes())  # 4H <= min(256, 32 L) floats (csrc/lstm_cell.cpp)
+    assert ran == (hidden <= largest)
+    if not ran:
+        return
     h_ref, c_ref = cell(x, (h, c))
     torch.testing.assert_close(h_new, h_ref, rtol=2e-6, atol=2e-6)
     torch.testing.assert_close(c_new, c_ref, rtol=2e-6, atol=2e-6)
@@ -287,36 +300,110 @@ def test_auto_chunk_size_follows_the_kernels(make_rule):
         with kernels.enabled_as(use):
             p.grad = torch.full((n,), 1e-3)
             opt.step()
-        expected = KERNEL_CHUNK_SIZE if use and kernels.available() else DEFAULT_CHUNK_SIZE
+        expected = KERNEL_CHUNK_SIZE if use and kernels.serves("dm_lstm") else DEFAULT_CHUNK_SIZE
         assert rows[0] == expected and len(rows) == -(-n // expected)
     with pytest.raises(ValueError, match="chunk_size"):
         LearnedOptimizer([p], rule, chunk_size="big")
 
 
-def test_portable_build_without_march_native(tmp_path):
-    """The fallback build (no -march=native: baseline ISA, 16-float vectors split by the compiler) compiles
-    and computes the same cell (the x86 register pinning is AVX-512 only)."""
+@pytest.mark.parametrize("isa", [i for i in kernels.ISAS if i != kernels.supported_isas()[0]])
+def test_other_instruction_sets_build_and_compute_the_same_cell(isa):
+    """Each ISA build this CPU can run but would not pick (``LEARNED_OPTIM_ISA``) compiles, reports its
+    vector width and computes the same cell, on the generic path (hidden 7) and the zoo's hidden size 20."""
+    if isa not in kernels.supported_isas():
+        pytest.skip(f"this CPU cannot run {isa}")
     code = textwrap.dedent("""
         import torch
         from torch import nn
         from learned_optim import kernels
         from learned_optim.nets.cells import fused_gate_weights
-        kernels._NATIVE = []
         assert kernels.available(), kernels.build_error()
+        assert kernels.isa() == ISA and kernels.vector_lanes() == {"avx512": 16, "avx2": 8}.get(ISA, 4)
         torch.manual_seed(0)
-        for inputs, hidden in [(2, 20), (3, 7)]:
-            cell = nn.LSTMCell(inputs, hidden).requires_grad_(False)
-            x, state = torch.randn(101, inputs) * 2, torch.randn(101, 2, hidden)
-            out = torch.empty(101, 2, hidden)
-            w, b = fused_gate_weights(cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
-            assert kernels.lstm_cell_into(x, state[:, 0], state[:, 1], w, b, out[:, 0], out[:, 1])
-            h, c = cell(x, (state[:, 0], state[:, 1]))
-            torch.testing.assert_close(out[:, 0], h, rtol=2e-6, atol=2e-6)
-            torch.testing.assert_close(out[:, 1], c, rtol=2e-6, atol=2e-6)
+        with kernels.forced():  # whatever its guard measured
+            for inputs, hidden in [(2, 20), (3, 7)]:
+                cell = nn.LSTMCell(inputs, hidden).requires_grad_(False)
+                x, state = torch.randn(101, inputs) * 2, torch.randn(101, 2, hidden)
+                out = torch.empty(101, 2, hidden)
+                w, b = fused_gate_weights(cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+                assert kernels.lstm_cell_into(x, state[:, 0], state[:, 1], w, b, out[:, 0], out[:, 1])
+                h, c = cell(x, (state[:, 0], state[:, 1]))
+                torch.testing.assert_close(out[:, 0], h, rtol=2e-6, atol=2e-6)
+                torch.testing.assert_close(out[:, 1], c, rtol=2e-6, atol=2e-6)
         print("ok")
     """)
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("no C++ compiler")
-    env = {**os.environ, "LEARNED_OPTIM_CACHE": str(tmp_path)}
+    # the usual cache (each ISA's library is built once per machine and source version, like any user's)
+    env = {**os.environ, "LEARNED_OPTIM_CACHE": str(kernels._cache_dir().parent), "LEARNED_OPTIM_ISA": isa}
+    code = f"ISA = {isa!r}\n" + code
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_isa_override_must_name_an_isa_the_cpu_runs(tmp_path):
+    out = _probe({"LEARNED_OPTIM_ISA": "sse9"}, tmp_path)
+    assert "available False" in out and "is not one of" in out and "finite True" in out
+
+
+_PLANT_PROBE = textwrap.dedent("""
+    import json, torch
+    from torch import nn
+    from learned_optim import kernels
+    from learned_optim.nets.cells import fused_gate_weights
+    cell = nn.LSTMCell(2, 20).requires_grad_(False)
+    x, state = torch.randn(8, 2), torch.randn(8, 2, 20)
+    out = torch.empty(8, 2, 20)
+    w, b = fused_gate_weights(cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+    n = 40
+    g, p, m, v = torch.randn(n), torch.randn(n), torch.zeros(n, 5), torch.ones(n, 5)
+    mlp = kernels.mlp_feature_mean_square(g, p, m, v, torch.full((5,), 0.9), 1e-6)
+    print(json.dumps({
+        "lstm_cell_ran": kernels.lstm_cell_into(x, state[:, 0], state[:, 1], w, b, out[:, 0], out[:, 1]),
+        "mlp_ran": mlp is not None,
+        "uses": {k: kernels.uses(k) for k in kernels.KERNELS},
+        "serves": {f: kernels.serves(f) for f in ("dm_lstm", "rnnprop", "mlp")},
+        "report": kernels.report(),
+    }))
+""")
+
+
+@needs_kernels
+def test_dispatch_follows_planted_guard_measurements(tmp_path):
+    """A kernel runs only if its cached guard ratio (ATen time / kernel time) reaches MIN_SPEEDUP: the
+    built library is copied into a fresh cache with planted measurements beside it, and a new process
+    dispatches by them (without rebuilding or measuring again)."""
+    library = kernels.library_path()
+    assert library is not None and library.with_suffix(".guard.json").exists()  # the guard of this build
+    record = json.loads(library.with_suffix(".guard.json").read_text())
+    cache = tmp_path / "kernels"
+    cache.mkdir()
+    shutil.copy(library, cache / library.name)
+    planted_path = (cache / library.name).with_suffix(".guard.json")
+    threshold = kernels.MIN_SPEEDUP
+    for ratios in (
+        {"lstm_cell": 0.4, "elu": 9.0, "mlp": threshold - 0.01},
+        {"lstm_cell": threshold, "elu": 1.0, "mlp": 2.5},
+    ):
+        planted = {**record, "ratios": ratios}
+        planted_path.write_text(json.dumps(planted))
+        stamp = planted_path.stat().st_mtime_ns
+        env = {**os.environ, "LEARNED_OPTIM_CACHE": str(tmp_path), "LEARNED_OPTIM_KERNELS": "1"}
+        proc = subprocess.run(
+            [sys.executable, "-c", _PLANT_PROBE], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        seen = json.loads(proc.stdout.strip().splitlines()[-1])
+        expected = {k: v >= threshold for k, v in ratios.items()}
+        assert seen["uses"] == expected
+        assert seen["lstm_cell_ran"] == expected["lstm_cell"] and seen["mlp_ran"] == expected["mlp"]
+        assert seen["serves"] == {
+            "dm_lstm": expected["lstm_cell"],
+            "rnnprop": expected["lstm_cell"] or expected["elu"],
+            "mlp": expected["mlp"],
+        }
+        for name, ratio in ratios.items():
+            verdict = "used" if expected[name] else "NOT used (ATen runs)"
+            assert f"kernel {name}: {verdict}" in seen["report"] and f"= {ratio:.2f}x" in seen["report"]
+        assert planted_path.stat().st_mtime_ns == stamp  # read, not measured again
+        assert len(list(cache.glob("*.so"))) == 1  # not rebuilt

@@ -362,7 +362,9 @@ def test_load_state_dict_onto_params_of_another_dtype(family, make_rule, dtype):
     other_opt.step()
     for p, (value, _) in expected.items():
         assert p.dtype == dtype
-        torch.testing.assert_close(p.detach(), value, rtol=0, atol=0)
+        # the packed step (all tensors in one net call) may round a GEMM row differently from the per-tensor
+        # call on ATen (MKL picks its path by the row count): at most 1 float32 ulp of the new value
+        torch.testing.assert_close(p.detach(), value, rtol=1.2e-7, atol=0)
         assert all(opt_state.dtype == torch.float32 for opt_state in other_opt.state[p].values())
 
 

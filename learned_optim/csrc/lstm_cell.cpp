@@ -34,10 +34,11 @@ struct Problem {
 
 // acc[r] = bias + W [x_r, h_r] for R rows at the given row pointers (strides in floats): the first I weight
 // rows multiply x, the next H multiply h. The weights of one k are held in registers across the R rows
-// where they fit beside the R x G accumulators (AVX-512: 32 vector registers).
+// where they fit beside the R x G accumulators (LO_REGISTERS vector registers, two kept for the broadcast
+// input and the address arithmetic).
 template <int G, int R>
 inline void gate_gemm(const Problem& p, const float* x, int64_t xs, const float* h, int64_t hs, vf (&acc)[R][G]) {
-    constexpr bool pin = (R + 1) * G <= 30;
+    constexpr bool pin = (R + 1) * G <= LO_REGISTERS - 2;
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 16
@@ -53,6 +54,10 @@ inline void gate_gemm(const Problem& p, const float* x, int64_t xs, const float*
                 wk[g] = w[g];
 #if defined(__AVX512F__)
                 if constexpr (pin) asm("" : "+v"(wk[g]));  // not re-read from memory for every row
+#elif defined(__x86_64__)
+                if constexpr (pin) asm("" : "+x"(wk[g]));
+#elif defined(__aarch64__)
+                if constexpr (pin) asm("" : "+w"(wk[g]));
 #endif
             }
 #pragma GCC unroll 16
@@ -92,9 +97,16 @@ inline void block(const Problem& p, int64_t r0, float* scratch /* R x (G + hv) x
     }
 }
 
+// Rows per block: as many as keep the R x G accumulators (and, for R = 4, the G weight vectors of one k)
+// in registers; one row per block beyond that.
+template <int G>
+constexpr int rows_per_block() {
+    return 5 * G <= LO_REGISTERS - 2 ? 4 : (2 * G <= LO_REGISTERS - 4 ? 2 : 1);
+}
+
 template <int G>
 void rows(const Problem& p, int64_t begin, int64_t end) {
-    constexpr int R = G <= 6 ? 4 : (G <= 12 ? 2 : 1);
+    constexpr int R = rows_per_block<G>();
     const int hv = static_cast<int>((p.hidden + L - 1) / L);
     std::vector<float> scratch(static_cast<size_t>(R) * (G + hv) * L);
     int64_t r = begin;
@@ -102,11 +114,14 @@ void rows(const Problem& p, int64_t begin, int64_t end) {
     for (; r < end; ++r) block<G, 1>(p, r, scratch.data());
 }
 
-// Hidden size 20 (the zoo's): the gate columns are permuted so that vectors 0-3 hold i, f, g, o of units
-// 0-15 and vector 4 holds [i, f, g, o] of units 16-19 (four lanes each). Units 0-15 of a row are then
+constexpr int H20 = 20;
+
+#if defined(__AVX512F__)
+// Hidden size 20 (the zoo's), AVX-512 build only (16-float vectors; the other builds take the generic path):
+// the gate columns are permuted so that vectors 0-3 hold i, f, g, o of units 0-15 and vector 4 holds [i, f, g, o] of units 16-19 (four lanes each). Units 0-15 of a row are then
 // updated in registers, lane by lane; the four-lane tails of four rows are transposed into whole vectors
 // (one sigmoid for all four tails). Nothing goes through memory between the GEMM and the outputs.
-constexpr int H20 = 20;
+constexpr bool kSpecial20 = true;
 
 inline int permuted_column20(int64_t gate, int64_t unit) {
     return static_cast<int>(unit < 16 ? gate * 16 + unit : 64 + gate * 4 + (unit - 16));
@@ -176,6 +191,79 @@ void rows20(const Problem& p, int64_t begin, int64_t end) {
         std::memcpy(p.c_out + (r + k) * p.cos, tco + k * H20, H20 * sizeof(float));
     }
 }
+#elif defined(__AVX2__)
+// Hidden size 20, AVX2 build (8-float vectors, 16 registers: one row per block, its 10 gate vectors in
+// registers, the weights streamed from L1): vectors 4b + 0..3 hold i, f, g, o of units 8b..8b+7 (b = 0, 1),
+// vector 8 holds [i, f] and vector 9 [g, o] of units 16-19 (four lanes each). Units 0-15 are updated in
+// registers, the tail in four-float vectors; no scratch memory between the GEMM and the outputs.
+constexpr bool kSpecial20 = true;
+
+inline int permuted_column20(int64_t gate, int64_t unit) {
+    if (unit < 16) return static_cast<int>(((unit / 8) * 4 + gate) * 8 + unit % 8);
+    return static_cast<int>(64 + gate * 4 + (unit - 16));
+}
+
+inline vf4 load4(const float* p) {
+    vf4 v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+
+inline void store4(float* p, vf4 v) { std::memcpy(p, &v, sizeof v); }
+
+#if defined(__clang__)
+#define LO_HALF(v, first) __builtin_shufflevector(v, v, first, first + 1, first + 2, first + 3)
+#else
+#define LO_HALF(v, first) vf4{v[first], v[first + 1], v[first + 2], v[first + 3]}
+#endif
+
+inline void block20(const Problem& p, int64_t r) {
+    vf acc[1][10];
+    gate_gemm<10, 1>(p, p.x + r * p.xs, p.xs, p.h + r * p.hs, p.hs, acc);
+    const float* c = p.c + r * p.cs;
+    float* c_out = p.c_out + r * p.cos;
+    float* h_out = p.h_out + r * p.hos;
+    vf a[10];
+#pragma GCC unroll 10
+    for (int g = 0; g < 10; ++g) a[g] = sigmoid_v(acc[0][g]);
+    for (int b = 0; b < 2; ++b) {
+        const vf c_new = a[4 * b + 1] * load(c + 8 * b) + a[4 * b] * (a[4 * b + 2] * 2.0f - 1.0f);
+        const vf h_new = (sigmoid_v(c_new * 2.0f) * 2.0f - 1.0f) * a[4 * b + 3];
+        store(c_out + 8 * b, c_new);
+        store(h_out + 8 * b, h_new);
+    }
+    const vf4 i = LO_HALF(a[8], 0), f = LO_HALF(a[8], 4), g = LO_HALF(a[9], 0), o = LO_HALF(a[9], 4);
+    const vf4 c_new = f * load4(c + 16) + i * (g * 2.0f - 1.0f);
+    const vf4 h_new = (sigmoid_t<vf4, vi4>(c_new * 2.0f) * 2.0f - 1.0f) * o;
+    store4(c_out + 16, c_new);
+    store4(h_out + 16, h_new);
+}
+
+void rows20(const Problem& p, int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) block20(p, r);
+}
+#else
+constexpr bool kSpecial20 = false;
+inline int permuted_column20(int64_t, int64_t) { return 0; }
+void rows20(const Problem&, int64_t, int64_t) {}
+#endif
+
+// Gate vectors per row: 4H <= min(256, 32 L) floats, i.e. H <= 64 (AVX-512, AVX2) or 32 (portable).
+constexpr int MAX_GROUPS = std::min(32, 256 / L);
+
+// rows<G> over all rows for the problem's G (one instantiation per G up to MAX_GROUPS); 1 if G is too large.
+template <int G>
+int run_groups(const Problem& p, int threads) {
+    if (p.groups == G) {
+        parallel_rows(p.n, threads, [&p](int64_t begin, int64_t end) { rows<G>(p, begin, end); });
+        return 0;
+    }
+    if constexpr (G < MAX_GROUPS) {
+        return run_groups<G + 1>(p, threads);
+    } else {
+        return 1;
+    }
+}
 
 }  // namespace
 
@@ -187,7 +275,8 @@ int lo_lstm_cell_f32(int64_t n, int64_t in, int64_t hidden, const float* x, int6
                      const float* c, int64_t cs, const float* weight, const float* bias, float* h_out, int64_t hos,
                      float* c_out, int64_t cos, int threads) {
     const int groups = static_cast<int>((4 * hidden + L - 1) / L);
-    if (hidden < 1 || groups > 16) return 1;
+    if (hidden < 1 || groups > MAX_GROUPS) return 1;
+    const bool h20 = kSpecial20 && hidden == H20;
     const int64_t width = in + hidden;
     std::vector<vf> wt(static_cast<size_t>(width * groups) + 1), b(groups);
     float* wtf = reinterpret_cast<float*>(wt.data());
@@ -195,23 +284,16 @@ int lo_lstm_cell_f32(int64_t n, int64_t in, int64_t hidden, const float* x, int6
     std::memset(wtf, 0, wt.size() * sizeof(vf));
     std::memset(bf, 0, b.size() * sizeof(vf));
     for (int64_t j = 0; j < 4 * hidden; ++j) {
-        const int64_t col = hidden == H20 ? permuted_column20(j / H20, j % H20) : j;
+        const int64_t col = h20 ? permuted_column20(j / H20, j % H20) : j;
         bf[col] = bias[j];
         for (int64_t k = 0; k < width; ++k) wtf[k * groups * L + col] = weight[j * width + k];
     }
     const Problem p{n, in, hidden, groups, x, h, c, xs, hs, cs, h_out, c_out, hos, cos, wt.data(), b.data()};
-    if (hidden == H20) {
+    if (h20) {
         parallel_rows(p.n, threads, [&p](int64_t begin, int64_t end) { rows20(p, begin, end); });
         return 0;
     }
-    switch (groups) {
-#define LO_CASE(G) \
-    case G: parallel_rows(p.n, threads, [&p](int64_t begin, int64_t end) { rows<G>(p, begin, end); }); return 0;
-        LO_CASE(1) LO_CASE(2) LO_CASE(3) LO_CASE(4) LO_CASE(5) LO_CASE(6) LO_CASE(7) LO_CASE(8)
-        LO_CASE(9) LO_CASE(10) LO_CASE(11) LO_CASE(12) LO_CASE(13) LO_CASE(14) LO_CASE(15) LO_CASE(16)
-#undef LO_CASE
-    }
-    return 1;
+    return run_groups<1>(p, threads);
 }
 
 }  // extern "C"

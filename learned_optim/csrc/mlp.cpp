@@ -8,7 +8,7 @@
 // time features' contribution (see MLPUpdate.forward). The statistics pass returns, per feature, the sum
 // of u_f^2 over the tensor, from which the caller takes the rms.
 //
-// Sixteen coordinates per vector: features, hidden units and outputs are computed lane by lane, so no
+// L coordinates per vector (vec.h): features, hidden units and outputs are computed lane by lane, so no
 // (rows x F) feature matrix or (rows x H) hidden matrix is ever written to memory, and each coordinate's
 // result does not depend on the rows around it, the chunking or the thread count.
 
@@ -29,16 +29,26 @@ struct Moments {
     float eps;
 };
 
-// Features of rows [r, r + 16) into u[F]; the updated moments into m_new, v_new (16 x D, row-major).
-// Rows past n read zeros (through a padded copy), so every lane is computed the same way.
+// Features of rows [r, r + L) into u[F]; with kMoments, the updated moments into m_new, v_new (L x D,
+// row-major). A block past n reads zeros (through a padded copy), so every lane is computed the same way;
+// a full block is read in place.
+template <bool kMoments>
 inline void features(const Moments& p, int64_t r, vf* u, float* m_new, float* v_new) {
     const int D = p.d;
     const int64_t rows = std::min<int64_t>(L, p.n - r);
-    float g[L] = {}, th[L] = {}, m[L * MAX_D] = {}, v[L * MAX_D] = {};
-    std::memcpy(g, p.grad + r, rows * sizeof(float));
-    std::memcpy(th, p.param + r, rows * sizeof(float));
-    std::memcpy(m, p.m + r * D, rows * D * sizeof(float));
-    std::memcpy(v, p.v + r * D, rows * D * sizeof(float));
+    float pad_g[L], pad_th[L], pad_m[L * MAX_D], pad_v[L * MAX_D];
+    const float *g = p.grad + r, *th = p.param + r, *m = p.m + r * D, *v = p.v + r * D;
+    if (rows < L) {
+        std::memset(pad_g, 0, sizeof pad_g);
+        std::memset(pad_th, 0, sizeof pad_th);
+        std::memset(pad_m, 0, sizeof pad_m);
+        std::memset(pad_v, 0, sizeof pad_v);
+        std::memcpy(pad_g, g, rows * sizeof(float));
+        std::memcpy(pad_th, th, rows * sizeof(float));
+        std::memcpy(pad_m, m, rows * D * sizeof(float));
+        std::memcpy(pad_v, v, rows * D * sizeof(float));
+        g = pad_g, th = pad_th, m = pad_m, v = pad_v;
+    }
     const vf gv = load(g);
     u[0] = gv;
     u[1] = load(th);
@@ -56,11 +66,13 @@ inline void features(const Moments& p, int64_t r, vf* u, float* m_new, float* v_
         u[2 + D + j] = vn;
         u[2 + 2 * D + j] = mn * rs;
         u[2 + 3 * D + j] = rs;
-        store(mj, mn);
-        store(vj, vn);
-        for (int i = 0; i < L; ++i) {
-            m_new[i * D + j] = mj[i];
-            v_new[i * D + j] = vj[i];
+        if constexpr (kMoments) {
+            store(mj, mn);
+            store(vj, vn);
+            for (int i = 0; i < L; ++i) {
+                m_new[i * D + j] = mj[i];
+                v_new[i * D + j] = vj[i];
+            }
         }
     }
 }
@@ -81,12 +93,11 @@ int lo_mlp_feature_sumsq_f32(int64_t n, int d, const float* grad, const float* p
     const Moments p{n, d, grad, param, m, v, decay, eps};
     parallel_rows(blocks, threads, [&](int64_t begin, int64_t end) {
         vf u[MAX_F];
-        float m_new[L * MAX_D], v_new[L * MAX_D];
         for (int64_t b = begin; b < end; ++b) {
             vf acc[MAX_F];
             for (int f = 0; f < F; ++f) acc[f] = vf{};
             for (int64_t r = b * BLOCK; r < std::min(n, (b + 1) * BLOCK); r += L) {
-                features(p, r, u, m_new, v_new);
+                features<false>(p, r, u, nullptr, nullptr);
                 if (r + L > n) {  // padded lanes must not count
                     const int valid = static_cast<int>(n - r);
                     for (int f = 0; f < F; ++f)
@@ -121,7 +132,7 @@ int lo_mlp_update_f32(int64_t n, int d, int hidden, const float* grad, const flo
         float m_new[L * MAX_D], v_new[L * MAX_D];
         for (int64_t grp = begin; grp < end; ++grp) {
             const int64_t r = grp * L;
-            features(p, r, u, m_new, v_new);
+            features<true>(p, r, u, m_new, v_new);
             vf dir = splat(b2[0]), mag = splat(b2[1]);
             int k = 0;
             for (; k + 4 <= hidden; k += 4) {  // four hidden units at a time: independent FMA chains
@@ -157,6 +168,42 @@ int lo_mlp_update_f32(int64_t n, int d, int hidden, const float* grad, const flo
             std::memcpy(v_out + r * d, v_new, rows * d * sizeof(float));
         }
     });
+    return 0;
+}
+
+}  // extern "C"
+
+extern "C" {
+
+// The two functions above over k packed tensors (the optimizer's packed step): segment s holds rows
+// [offsets[s], offsets[s + 1]), its own first-layer weight w1s + s H F (the per-tensor feature scaling
+// folded in) and its own F sums in out + s F. Each segment is computed exactly as the single-tensor call
+// on it would compute it, so the packed step gives the per-tensor step's bits.
+int lo_mlp_feature_sumsq_segments_f32(int64_t k, const int64_t* offsets, int d, const float* grad, const float* param,
+                                      const float* m, const float* v, const float* decay, float eps, double* out,
+                                      int threads) {
+    const int F = 2 + 4 * d;
+    for (int64_t s = 0; s < k; ++s) {
+        const int64_t o = offsets[s], n = offsets[s + 1] - o;
+        if (lo_mlp_feature_sumsq_f32(n, d, grad + o, param + o, m + o * d, v + o * d, decay, eps, out + s * F, threads))
+            return 1;
+    }
+    return 0;
+}
+
+int lo_mlp_update_segments_f32(int64_t k, const int64_t* offsets, int d, int hidden, const float* grad,
+                               const float* param, const float* m, const float* v, const float* decay, float eps,
+                               const float* w1s, const float* b1, const float* w2, const float* b2,
+                               float magnitude_scale, float step_scale, float* delta, float* m_out, float* v_out,
+                               int threads) {
+    const int F = 2 + 4 * d;
+    for (int64_t s = 0; s < k; ++s) {
+        const int64_t o = offsets[s], n = offsets[s + 1] - o;
+        if (lo_mlp_update_f32(n, d, hidden, grad + o, param + o, m + o * d, v + o * d, decay, eps,
+                              w1s + s * hidden * F, b1, w2, b2, magnitude_scale, step_scale, delta + o, m_out + o * d,
+                              v_out + o * d, threads))
+            return 1;
+    }
     return 0;
 }
 

@@ -1,5 +1,11 @@
-// Shared by the learned_optim kernels: 16-float vectors (GCC/Clang vector extensions; one AVX-512
-// register, or split by the compiler into narrower ones on other targets) and their exp/sigmoid.
+// Shared by the learned_optim kernels: float vectors of the width of one register of the instruction set the
+// library is compiled for (GCC/Clang vector extensions), and their exp/sigmoid.
+//
+// The build compiles one library per instruction set (learned_optim.kernels picks one at run time from the
+// CPU's flags): AVX-512 (16 floats, 32 registers), AVX2+FMA (8 floats, 16 registers), and a portable build
+// (4 floats: SSE2 on x86-64, NEON on ARM; 16 registers assumed, 32 on AArch64). The code is written in L
+// and in LO_REGISTERS, so each build keeps its vectors and register blocks the size of the real registers
+// instead of wider vectors that the compiler would split (and spill).
 #pragma once
 
 #include <algorithm>
@@ -10,39 +16,63 @@
 
 namespace lo {
 
+#if defined(__AVX512F__)
 constexpr int L = 16;  // floats per vector
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
+constexpr int LO_REGISTERS = 32;
+#elif defined(__AVX2__)
+constexpr int L = 8;
+constexpr int LO_REGISTERS = 16;
+#elif defined(__aarch64__)
+constexpr int L = 4;
+constexpr int LO_REGISTERS = 32;
+#else
+constexpr int L = 4;
+constexpr int LO_REGISTERS = 16;
+#endif
+typedef float vf __attribute__((vector_size(4 * L)));
+typedef int32_t vi __attribute__((vector_size(4 * L)));
 
 inline vf splat(float a) { return vf{} + a; }
 
-// e^-x for float32 vectors: x = -(n ln2 + f) with n = round(-x / ln2), |f| <= ln2 / 2, and e^f by the
-// Cephes degree-6 polynomial written in u = -f (signs folded into the coefficients). x is clamped to
-// [-88, 87] so that 2^n stays a normal float. One-constant range reduction: the error it adds grows with
-// |n| but is then relative to an e^-x that is far from 1, so it is invisible in sigmoid(x).
-inline vf exp_neg_v(vf x) {
-    x = splat(-88.0f) > x ? splat(-88.0f) : x;
-    x = splat(87.0f) < x ? splat(87.0f) : x;
-    const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to the nearest integer
-    const vf r = x * -1.44269504088896341f + magic;
-    const vf n = r - magic;
-    const vi ni = (vi)r - (vi)magic;
-    const vf u = x + n * 0.693147180559945309f;   // = -f
-    vf q = splat(-1.9875691500e-4f);
+// Four-float vectors (one SSE/NEON register), for the AVX2 build's four-unit tails.
+typedef float vf4 __attribute__((vector_size(16)));
+typedef int32_t vi4 __attribute__((vector_size(16)));
+
+// e^-x for float32 vectors (V: vf or vf4, VI its int32 vector): x = -(n ln2 + f) with n = round(-x / ln2),
+// |f| <= ln2 / 2, and e^f by the Cephes degree-6 polynomial written in u = -f (signs folded into the
+// coefficients). x is clamped to [-88, 87] so that 2^n stays a normal float. One-constant range reduction:
+// the error it adds grows with |n| but is then relative to an e^-x that is far from 1, so it is invisible
+// in sigmoid(x).
+template <class V, class VI>
+inline V exp_neg_t(V x) {
+    const V lo = V{} - 88.0f, hi = V{} + 87.0f;
+    x = lo > x ? lo : x;
+    x = hi < x ? hi : x;
+    const V magic = V{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
+    const V r = x * -1.44269504088896341f + magic;
+    const V n = r - magic;
+    const VI ni = (VI)r - (VI)magic;
+    const V u = x + n * 0.693147180559945309f;  // = -f
+    V q = V{} - 1.9875691500e-4f;
     q = q * u + 1.3981999507e-3f;
     q = q * u + -8.3334519073e-3f;
     q = q * u + 4.1665795894e-2f;
     q = q * u + -1.6666665459e-1f;
     q = q * u + 5.0000001201e-1f;
-    const vf y = (u * u) * q + (1.0f - u);       // e^f = 1 + f + f^2 P(f)
-    return (vf)((vi)y + (ni << 23));
+    const V y = (u * u) * q + (1.0f - u);  // e^f = 1 + f + f^2 P(f)
+    return (V)((VI)y + (ni << 23));
 }
 
+inline vf exp_neg_v(vf x) { return exp_neg_t<vf, vi>(x); }
+
 // sigmoid(x) = 1 / (1 + e^-x); NaN in, NaN out.
-inline vf sigmoid_v(vf x) {
-    const vf s = 1.0f / (1.0f + exp_neg_v(x));
+template <class V, class VI>
+inline V sigmoid_t(V x) {
+    const V s = 1.0f / (1.0f + exp_neg_t<V, VI>(x));
     return x == x ? s : x;
 }
+
+inline vf sigmoid_v(vf x) { return sigmoid_t<vf, vi>(x); }
 
 // Correctly rounded square root lane by lane (vectorized by the compiler under -fno-math-errno).
 inline vf sqrt_v(vf x) {

@@ -1,6 +1,6 @@
 """The learned update rules, one file per family, all registered in :data:`FAMILIES`."""
 
-from .base import FAMILIES, NetConfig, UpdateRule, build_rule, functional_update, register_family
+from .base import FAMILIES, NetConfig, Segments, UpdateRule, build_rule, functional_update, register_family
 from .dm_lstm import DMLSTM, DMLSTMConfig
 from .mlp import MLPConfig, MLPUpdate
 from .rnnprop import RNNProp, RNNPropConfig
@@ -8,6 +8,7 @@ from .rnnprop import RNNProp, RNNPropConfig
 __all__ = [
     "FAMILIES",
     "NetConfig",
+    "Segments",
     "UpdateRule",
     "build_rule",
     "functional_update",

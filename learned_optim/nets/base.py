@@ -17,11 +17,22 @@ features are purely per coordinate). Two callers share it:
   return them, which saves copying the new state back; rules may ignore it;
 * meta-training calls :func:`functional_update`, i.e. the same ``forward`` through
   ``torch.func.functional_call`` with the net's weights as explicit, differentiable inputs.
+
+**Packed calls.** A rule whose class sets ``packs_segments = True`` lets the optimizer step many tensors
+of a param group in one call: their coordinates are concatenated (then zero rows up to a multiple of the
+optimizer's row alignment), and the layout is passed as ``segments=`` (a :class:`Segments`). Then
+``stats`` is :meth:`UpdateRule.segment_stats` (the per-tensor statistics of every segment, stacked along
+a new first axis, or ``None``), and ``forward`` must compute for the rows of each segment what the call
+on that tensor alone computes (per-tensor quantities by segment, e.g. ``segments.expand(stats)`` per row,
+``segments.mean(x)`` per segment); padding rows may get any value. Every packed tensor has the same step
+count. Rules without per-tensor quantities just ignore ``segments``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import typing
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -32,7 +43,7 @@ from torch.func import functional_call
 
 from .._validation import check_value
 
-__all__ = ["NetConfig", "UpdateRule", "FAMILIES", "register_family", "build_rule", "functional_update"]
+__all__ = ["NetConfig", "UpdateRule", "Segments", "FAMILIES", "register_family", "build_rule", "functional_update"]
 
 
 @dataclasses.dataclass
@@ -53,6 +64,51 @@ class NetConfig:
         return cls(**converted)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Segments:
+    r"""Layout of a packed batch: tensors of ``sizes`` coordinates one after the other, then zero rows up to
+    ``rows`` (``rows >= sum(sizes)``). Segment :math:`s` is rows :math:`[o_s, o_s + n_s)` with
+    :math:`o_s = \sum_{j<s} n_j`."""
+
+    sizes: tuple[int, ...]
+    rows: int
+    device: torch.device = torch.device("cpu")
+
+    def __post_init__(self) -> None:
+        if not self.sizes or min(self.sizes) < 1 or sum(self.sizes) > self.rows:
+            raise ValueError(f"Segments: sizes {self.sizes} must be >= 1 each and fit in {self.rows} rows")
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def slices(self) -> list[slice]:
+        """The rows of each segment."""
+        ends = list(itertools.accumulate(self.sizes))
+        return [slice(end - n, end) for n, end in zip(self.sizes, ends, strict=True)]
+
+    @functools.cached_property
+    def index(self) -> Tensor:
+        """``(rows,)`` int64: the segment of each row; padding rows get ``len(self)``."""
+        counts = torch.tensor([*self.sizes, self.rows - sum(self.sizes)], device=self.device)
+        return torch.repeat_interleave(torch.arange(len(self) + 1, device=self.device), counts)
+
+    def expand(self, per_segment: Tensor) -> Tensor:
+        """``(k, *S)`` per-segment values to ``(rows, *S)`` per row (each segment's value on its rows, 0 on padding)."""
+        padded = torch.cat([per_segment, per_segment.new_zeros((1, *per_segment.shape[1:]))])
+        return padded.index_select(0, self.index)
+
+    def sum(self, per_row: Tensor) -> Tensor:
+        r"""``(rows, *S)`` per-row values to ``(k, *S)`` sums over each segment's rows, :math:`\sum_{i \in s} x_i`
+        (padding excluded)."""
+        out = per_row.new_zeros((len(self) + 1, *per_row.shape[1:]))
+        return out.index_add_(0, self.index, per_row)[:-1]
+
+    def mean(self, per_row: Tensor) -> Tensor:
+        r"""Per-segment means :math:`\frac{1}{n_s}\sum_{i \in s} x_i`, shape ``(k, *S)``."""
+        sizes = torch.tensor(self.sizes, dtype=per_row.dtype, device=per_row.device)
+        return self.sum(per_row) / sizes.view(-1, *([1] * (per_row.dim() - 1)))
+
+
 class UpdateRule(nn.Module):
     """Base class of the coordinatewise update rules (see the module docstring for the contract)."""
 
@@ -64,6 +120,8 @@ class UpdateRule(nn.Module):
     pretrained_origin: dict[str, Any]
     #: Appended to by :func:`learned_optim.adapt`: one record per adaptation of the net.
     adaptations: list[dict[str, Any]]
+    #: ``forward`` takes ``segments=`` and steps packed tensors (see "Packed calls" in the module docstring).
+    packs_segments: ClassVar[bool] = False
 
     def __init__(self, config: NetConfig | None = None, **overrides: Any) -> None:
         super().__init__()
@@ -98,6 +156,21 @@ class UpdateRule(nn.Module):
         """
         return None
 
+    def segment_stats(
+        self, grad: Tensor, param: Tensor, state: Mapping[str, Tensor], step: Tensor, segments: Segments
+    ) -> Tensor | None:
+        """:meth:`tensor_stats` of every segment of a packed batch, stacked along a new first axis (``None``
+        for rules without statistics). Default: :meth:`tensor_stats` on each segment's rows (the same bits
+        as per tensor); rules override it with a segment reduction."""
+        if type(self).tensor_stats is UpdateRule.tensor_stats:  # no statistics: skip k calls returning None
+            return None
+        per_segment = [
+            self.tensor_stats(grad[s], param[s], {k: v[s] for k, v in state.items()}, step) for s in segments.slices()
+        ]
+        if any(t is None for t in per_segment):
+            return None
+        return torch.stack(typing.cast(list[Tensor], per_segment))
+
     def forward(
         self,
         grad: Tensor,
@@ -106,6 +179,7 @@ class UpdateRule(nn.Module):
         step: Tensor,
         stats: Tensor | None = None,
         out_state: Mapping[str, Tensor] | None = None,
+        segments: Segments | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 

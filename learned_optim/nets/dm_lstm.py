@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..features import log_and_sign
-from .base import NetConfig, UpdateRule, register_family
+from .base import NetConfig, Segments, UpdateRule, register_family
 from .cells import inplace_allowed, lstm_cell
 
 __all__ = ["DMLSTMConfig", "DMLSTM"]
@@ -49,6 +49,7 @@ class DMLSTM(UpdateRule):
     family = "dm_lstm"
     config_class = DMLSTMConfig
     config: DMLSTMConfig
+    packs_segments = True
 
     def __init__(self, config: DMLSTMConfig | None = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
@@ -69,6 +70,7 @@ class DMLSTM(UpdateRule):
         step: Tensor,
         stats: Tensor | None = None,
         out_state: Mapping[str, Tensor] | None = None,
+        segments: Segments | None = None,  # coordinatewise: packed tensors need nothing per segment
     ) -> tuple[Tensor, dict[str, Tensor]]:
         x = self.input_layer(log_and_sign(grad, self.config.preprocess_k))
         hidden = state["lstm"]

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import kernels
-from ..features import blocked_mean_square, ema, rsqrt_features, time_features
-from .base import NetConfig, UpdateRule, register_family
+from ..features import STATS_BLOCK, blocked_mean_square, ema, rsqrt_features, time_features
+from .base import NetConfig, Segments, UpdateRule, register_family
 from .cells import inplace_allowed
 
 __all__ = ["MLPConfig", "MLPUpdate"]
@@ -49,6 +49,7 @@ class MLPUpdate(UpdateRule):
     config_class = MLPConfig
     config: MLPConfig
     decay: Tensor  # buffer
+    packs_segments = True
 
     def __init__(self, config: MLPConfig | None = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
@@ -103,6 +104,28 @@ class MLPUpdate(UpdateRule):
 
         return blocked_mean_square(features_of, grad.shape[0])
 
+    def segment_stats(
+        self, grad: Tensor, param: Tensor, state: Mapping[str, Tensor], step: Tensor, segments: Segments
+    ) -> Tensor | None:
+        """:meth:`tensor_stats` of each packed segment, ``(k, 2 + 4D)``, with the bits of the per-tensor call:
+        the native kernel per segment, or on ATen the packed features squared once and summed per segment
+        (segments are shorter than :data:`~learned_optim.features.STATS_BLOCK`: one block, as per tensor)."""
+        dtype = self.compute_dtype
+        if inplace_allowed(grad, param, state["m"]) and dtype == torch.float32:
+            fused = kernels.mlp_feature_mean_square(
+                grad, param, state["m"], state["v"], self.decay, self.config.moment_eps, sizes=segments.sizes
+            )
+            if fused is not None:
+                return fused.to(grad.device)
+        if max(segments.sizes) > STATS_BLOCK:
+            return super().segment_stats(grad, param, state, step, segments)
+        features = self._coordinate_features(
+            grad.to(dtype), param.to(dtype), state["m"].to(dtype), state["v"].to(dtype)
+        )[0]
+        squares = features.square()
+        sums = torch.stack([squares[:, s].sum(dim=1) for s in segments.slices()])
+        return sums / torch.tensor(segments.sizes, dtype=sums.dtype, device=sums.device).unsqueeze(1)
+
     def forward(
         self,
         grad: Tensor,
@@ -111,16 +134,20 @@ class MLPUpdate(UpdateRule):
         step: Tensor,
         stats: Tensor | None = None,
         out_state: Mapping[str, Tensor] | None = None,
+        segments: Segments | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         if stats is None:
             raise ValueError("MLPUpdate needs the per-tensor statistics from tensor_stats()")
         c = self.config
         # First layer on [u / rms(u), time features]: the per-tensor scaling is folded into its weight
         # columns and the (per-tensor constant) time features into its bias, so the GEMM runs on the
-        # raw coordinate features (same math; no normalised or time-feature copies of the batch).
+        # raw coordinate features (same math; no normalised or time-feature copies of the batch). Packed
+        # tensors (``segments``): one folded weight per segment, (k, H, F). The ATen path scales the
+        # features instead (per row: the same bits for a tensor alone and in a pack, one GEMM per pack).
         first, k = cast(nn.Linear, self.mlp[0]), self.num_coordinate_features
         times = time_features(step, c.time_scales).to(first.weight.dtype)
-        weight = first.weight[:, :k] * torch.rsqrt(stats + c.rms_eps)
+        scale = torch.rsqrt(stats + c.rms_eps)
+        weight = first.weight[:, :k] * (scale if segments is None else scale.unsqueeze(1))
         bias = first.bias + torch.mv(first.weight[:, k:], times)
         *hidden, last = self.mlp[1:]
         last = cast(nn.Linear, last)
@@ -139,11 +166,13 @@ class MLPUpdate(UpdateRule):
                 c.magnitude_scale,
                 c.step_scale,
                 out=out_state,
+                sizes=None if segments is None else segments.sizes,
             )
             if fused is not None:
                 return fused[0], {"m": fused[1], "v": fused[2]}
         features, m, v = self._coordinate_features(grad, param, state["m"], state["v"])
-        x = torch.addmm(bias, features.t(), weight.t())  # (n, H); BLAS reads the feature-major matrix as is
+        features = features * (scale.unsqueeze(1) if segments is None else segments.expand(scale).t())
+        x = torch.addmm(bias, features.t(), first.weight[:, :k].t())  # (n, H); BLAS reads it feature-major
         inplace = inplace_allowed(grad, x)
         for layer in hidden:
             x = (x.relu_() if inplace else torch.relu(x)) if isinstance(layer, nn.ReLU) else layer(x)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .. import kernels
 from ..features import adam_ratio_features, bias_corrected, ema
-from .base import NetConfig, UpdateRule, register_family
+from .base import NetConfig, Segments, UpdateRule, register_family
 from .cells import inplace_allowed, lstm_cell
 
 __all__ = ["RNNPropConfig", "RNNProp"]
@@ -44,6 +44,7 @@ class RNNProp(UpdateRule):
     family = "rnnprop"
     config_class = RNNPropConfig
     config: RNNPropConfig
+    packs_segments = True
 
     def __init__(self, config: RNNPropConfig | None = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
@@ -63,6 +64,7 @@ class RNNProp(UpdateRule):
         step: Tensor,
         stats: Tensor | None = None,
         out_state: Mapping[str, Tensor] | None = None,
+        segments: Segments | None = None,  # coordinatewise: packed tensors need nothing per segment
     ) -> tuple[Tensor, dict[str, Tensor]]:
         c = self.config
         m = ema(state["m"], grad, c.beta1)

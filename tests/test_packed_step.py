@@ -1,0 +1,173 @@
+"""The packed step (small tensors of a param group stepped in one net call) equals the per-tensor step.
+
+With the native kernels (forced on, whatever the guard measured) every row is computed alone, so the
+packed step is bit-identical; on ATen the bound is one float32 ulp of each new value (BLAS may round a
+GEMM row differently by the row count). Also: packs follow step counts and dtypes, per-tensor state
+stays in ``opt.state[p]`` and resumes bit-identically, and :class:`Segments` reduces by segment.
+No timing here.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import learned_optim
+from learned_optim import LearnedOptimizer, kernels
+from learned_optim.nets.base import Segments
+
+FAMILIES = sorted(learned_optim.FAMILIES)
+
+
+class PerTensor(LearnedOptimizer):
+    """Packing off: the reference, one net call per tensor."""
+
+    def _plan_packs(self, params):
+        return [], params
+
+
+def _model(dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(1, 6, 5), nn.ReLU(), nn.Conv1d(6, 8, 3), nn.Flatten(), nn.Linear(8 * 10, 4))
+    return nn.Sequential(model, nn.LayerNorm(4)).to(dtype)
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    first = next(model.parameters())
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.randn(8, 1, 16, generator=gen).to(first)).square().mean().backward()
+        opt.step()
+
+
+def _run(family, make_rule, cls, use_kernels, dtype=torch.float32, steps=3, **kwargs):
+    model = _model(dtype)
+    opt = cls(model.parameters(), make_rule(family), weight_decay=0.01, **kwargs)
+    with kernels.forced() if use_kernels else kernels.enabled_as(False):
+        _train(model, opt, steps)
+    return model, opt
+
+
+@pytest.mark.parametrize("use_kernels", [True, False], ids=["kernels", "aten"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_step_equals_the_per_tensor_step(family, use_kernels, make_rule):
+    if use_kernels and not kernels.available():
+        pytest.skip(f"native kernels unavailable: {kernels.build_error()}")
+    packed, opt = _run(family, make_rule, LearnedOptimizer, use_kernels)
+    alone, ref = _run(family, make_rule, PerTensor, use_kernels)
+    assert len(opt._plan_packs(list(packed.parameters()))[0]) == 1  # all 8 tensors in one pack
+    tol = dict(rtol=0, atol=0) if use_kernels else dict(rtol=1.2e-7, atol=1e-12)
+    for p, q in zip(packed.parameters(), alone.parameters(), strict=True):
+        torch.testing.assert_close(p, q, **tol)
+        for k in ref.state[q]:
+            torch.testing.assert_close(opt.state[p][k], ref.state[q][k], **(tol if k == "step" else {}))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_bf16_params_and_bf16_state(family, make_rule):
+    """bf16 params (and bf16 state where the rule keeps an LSTM state) step as the per-tensor path does."""
+    state_dtype = {"lstm": torch.bfloat16} if "lstm" in make_rule(family).state_shapes() else torch.float32
+    runs = [
+        _run(family, make_rule, cls, False, dtype=torch.bfloat16, state_dtype=state_dtype)
+        for cls in (LearnedOptimizer, PerTensor)
+    ]
+    for p, q in zip(runs[0][0].parameters(), runs[1][0].parameters(), strict=True):
+        assert p.dtype == torch.bfloat16
+        torch.testing.assert_close(p, q, rtol=8e-3, atol=1e-6)  # within one bf16 rounding of the update
+        for k, v in runs[0][1].state[p].items():
+            assert v.dtype == runs[1][1].state[q][k].dtype
+
+
+def test_packs_follow_step_counts_and_chunk_limits(make_rule):
+    model = _model()
+    opt = LearnedOptimizer(model.parameters(), make_rule("dm_lstm"), chunk_size=128)
+    _train(model, opt, 1)
+    params = list(model.parameters())
+    packs, singles = opt._plan_packs(params)
+    assert all(sum(p.numel() for p in pack) <= 128 for pack in packs)
+    assert [p.numel() for p in singles] == [p.numel() for p in params if p.numel() >= 128]
+    opt.state[params[1]]["step"] += 5  # another step count: never in a pack with the others
+    packs, singles = opt._plan_packs(params)
+    assert any(q is params[1] for q in singles) and not any(q is params[1] for pack in packs for q in pack)
+    assert opt._plan_packs(params[:1]) == ([], params[:1])
+
+
+def test_tensors_above_the_byte_limit_are_stepped_alone(make_rule, monkeypatch):
+    import learned_optim.optimizer as optimizer_module
+
+    model = _model()
+    opt = LearnedOptimizer(model.parameters(), make_rule("dm_lstm"))
+    _train(model, opt, 1)
+    params = list(model.parameters())
+    per_coordinate = 4 + 4 + 4 * 2 * 2 * 20  # float32 value, gradient and (2, 2, 20) LSTM state
+    assert opt._bytes_per_coordinate(params[0]) == per_coordinate
+    monkeypatch.setattr(optimizer_module, "PACK_MAX_BYTES", 30 * per_coordinate)  # 30 coordinates and up: alone
+    packs, singles = opt._plan_packs(params)
+    assert sorted(p.numel() for p in singles) == sorted(p.numel() for p in params if p.numel() >= 30)
+    assert all(p.numel() < 30 for pack in packs for p in pack)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_step_on_cuda_matches_the_per_tensor_step(family, make_rule):
+    """Same ATen code on CUDA: packed and per-tensor steps agree to float rounding (cuBLAS may round a
+    row differently by the row count), and the state stays on the device, per parameter."""
+    runs = []
+    for cls in (LearnedOptimizer, PerTensor):
+        model = _model().cuda()
+        opt = cls(model.parameters(), make_rule(family), weight_decay=0.01)
+        _train(model, opt, 3)
+        runs.append((model, opt))
+    for p, q in zip(runs[0][0].parameters(), runs[1][0].parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+        assert all(v.device.type == "cuda" for k, v in runs[0][1].state[p].items() if k != "step")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_state_dict_resume_is_bit_identical(family, make_rule):
+    """State stays per parameter: save after 2 packed steps, load into a fresh optimizer, step on alike."""
+    model, opt = _run(family, make_rule, LearnedOptimizer, False, steps=2)
+    assert all(opt.state[p]["step"] == 2 for p in model.parameters())
+    clone = copy.deepcopy(model)
+    resumed = LearnedOptimizer(clone.parameters(), make_rule(family), weight_decay=0.01)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    with kernels.enabled_as(False):
+        _train(model, opt, 2, seed=5)
+        _train(clone, resumed, 2, seed=5)
+    for p, q in zip(model.parameters(), clone.parameters(), strict=True):
+        assert torch.equal(p, q)
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, resumed.state[q][k])
+            assert v.dim() == 0 or v.shape[0] == p.numel()  # per parameter, not a packed buffer
+
+
+def test_packed_nonfinite_gradient_skips_or_raises(make_rule):
+    model = _model()
+    opt = LearnedOptimizer(model.parameters(), make_rule("mlp"), nonfinite="skip")
+    _train(model, opt, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    params = list(model.parameters())
+    params[2].grad[0] = float("nan")
+    opt.step()
+    assert opt.skipped_steps == 1 and all(torch.equal(a, b) for a, b in zip(before, params, strict=True))
+    params[2].grad[0] = float("inf")
+    opt.nonfinite = "raise"
+    with pytest.raises(learned_optim.NonFiniteGradientError, match="#2 of param group 0"):
+        opt.step()
+
+
+def test_segments_reduce_and_expand_by_segment():
+    seg = Segments((3, 1, 2), 8)
+    assert seg.index.tolist() == [0, 0, 0, 1, 2, 2, 3, 3]
+    x = torch.arange(8.0).unsqueeze(1).repeat(1, 2)
+    torch.testing.assert_close(seg.sum(x), torch.tensor([[3.0, 3.0], [3.0, 3.0], [9.0, 9.0]]))
+    torch.testing.assert_close(seg.mean(x)[:, 0], torch.tensor([1.0, 3.0, 4.5]))
+    assert seg.expand(torch.tensor([1.0, 2.0, 3.0])).tolist() == [1, 1, 1, 2, 3, 3, 0, 0]
+    with pytest.raises(ValueError, match="must be >= 1 each and fit"):
+        Segments((3, 0), 8)
+    with pytest.raises(ValueError, match="must be >= 1 each and fit"):
+        Segments((5, 5), 8)
