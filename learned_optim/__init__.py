@@ -6,7 +6,7 @@
 
 from .adapt import AdaptationError, AdaptationResult, adapt
 from .hub import CheckpointError, from_pretrained, list_pretrained, load_rule, save_pretrained
-from .nets import DMLSTM, FAMILIES, MLPUpdate, RNNProp, UpdateRule, build_rule, functional_update
+from .nets import DMLSTM, FAMILIES, AdafacMLP, MLPUpdate, RNNProp, UpdateRule, build_rule, functional_update
 from .optimizer import LearnedOptimizer, NonFiniteGradientError
 
 __version__ = "0.1.0"
@@ -26,6 +26,7 @@ __all__ = [
     "DMLSTM",
     "RNNProp",
     "MLPUpdate",
+    "AdafacMLP",
     "FAMILIES",
     "build_rule",
     "functional_update",

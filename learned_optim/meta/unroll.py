@@ -222,7 +222,9 @@ def start_trajectory(
     for name, value in task.init_params(generator).items():
         value = value.detach()
         params[name] = value.to(device=device, dtype=dtype if dtype is not None and value.is_floating_point() else None)
-    opt_state = {n: rule.init_state(p.numel(), device=p.device, dtype=compute) for n, p in params.items()}
+    opt_state = {
+        n: rule.init_state(p.numel(), device=p.device, dtype=compute, shape=p.shape) for n, p in params.items()
+    }
     return Trajectory(params=params, opt_state=opt_state)
 
 
@@ -244,7 +246,13 @@ def apply_rule(
     for name, param in params.items():
         t = torch.tensor(float(step), dtype=dtype, device=param.device)
         delta, state = functional_update(
-            rule, weights, grads[name].reshape(-1).to(dtype), param.reshape(-1).to(dtype), opt_state[name], t
+            rule,
+            weights,
+            grads[name].reshape(-1).to(dtype),
+            param.reshape(-1).to(dtype),
+            opt_state[name],
+            t,
+            param.shape,
         )
         deltas[name] = delta.reshape(param.shape).to(param.dtype)
         new_state[name] = state
