@@ -110,10 +110,10 @@ def matrix_view(shape: Sequence[int]) -> tuple[int, int]:
     return math.prod(int(s) for s in shape), 1
 
 
-def factored_moments(grad: Tensor, row: Tensor, col: Tensor, decays: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def factored_moments(grad_sq: Tensor, row: Tensor, col: Tensor, decays: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     r"""Adafactor's factored second moments, one EMA per decay :math:`\beta_k`.
 
-    With :math:`G = g^2 + \epsilon` viewed as ``(rows, cols)`` (``grad`` already in that shape):
+    With :math:`G = g^2 + \epsilon` viewed as ``(rows, cols)`` (``grad_sq`` is :math:`g^2` in that shape):
 
     .. math::
         r_{ik} \leftarrow \beta_k r_{ik} + (1-\beta_k)\,\tfrac{1}{C}\textstyle\sum_j G_{ij},\qquad
@@ -121,8 +121,9 @@ def factored_moments(grad: Tensor, row: Tensor, col: Tensor, decays: Tensor, eps
 
     ``row``: ``(rows, K)``, ``col``: ``(cols, K)``, ``decays``: ``(K,)``. Returns the new ``(row, col)``.
     """
-    sq = grad.square() + eps
-    return ema(row, sq.mean(dim=1, keepdim=True), decays), ema(col, sq.mean(dim=0).unsqueeze(1), decays)
+    row_mean = grad_sq.mean(dim=1, keepdim=True) + eps
+    col_mean = grad_sq.mean(dim=0).unsqueeze(1) + eps
+    return ema(row, row_mean, decays), ema(col, col_mean, decays)
 
 
 def factored_preconditioner(row: Tensor, col: Tensor) -> Tensor:

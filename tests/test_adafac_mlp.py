@@ -50,10 +50,9 @@ def direct_features(rule: AdafacMLP, grads: list[Tensor], params: list[Tensor]) 
         precs.append(1 / torch.sqrt(v_fac))
         row_vals.append(r[:, None].expand(rows, cols))
         col_vals.append(col[None, :].expand(rows, cols))
-    feats += [g * q for q in precs] + row_vals + col_vals
-    feats += [1 / torch.sqrt(r + c.factored_rsqrt_eps) for r in row_vals]
-    feats += [1 / torch.sqrt(x + c.factored_rsqrt_eps) for x in col_vals]
-    feats += [m * q for m, q in zip(ms, precs, strict=True)]
+    feats += [g * q for q in precs] + [m * q for m, q in zip(ms, precs, strict=True)]
+    feats += row_vals + [1 / torch.sqrt(r + c.factored_rsqrt_eps) for r in row_vals]
+    feats += col_vals + [1 / torch.sqrt(x + c.factored_rsqrt_eps) for x in col_vals]
     return torch.stack([f.reshape(-1) for f in feats])
 
 
@@ -67,7 +66,10 @@ def run_steps(rule: AdafacMLP, shape: tuple[int, ...], steps: int, seed: int = 0
         grad = torch.randn(n, generator=gen) * 10.0 ** float(torch.randint(-4, 1, (), generator=gen))
         grads.append(grad.reshape(shape))
         params.append(param.reshape(shape))
-        features, _ = rule.coordinate_features(grad, param, state, torch.tensor(float(t)), shape)
+        blocks, scale, row_f, col_f, _ = rule.features(grad, param, state, torch.tensor(float(t)), shape)
+        rows, cols = matrix_view(shape)
+        index = torch.arange(n)
+        features = torch.cat([torch.cat(blocks) * scale[:, None], row_f[:, index // cols], col_f[:, index % cols]])
         delta, state = functional_update(rule, None, grad, param, state, torch.tensor(float(t)), shape)
         param = param + 1e-2 * delta
     return features, delta, state, grads, params
@@ -97,7 +99,7 @@ def test_vector_factored_statistics_are_the_full_second_moment():
     full = torch.zeros(6, 2)
     for _ in range(5):
         g = torch.randn(6, 1, generator=gen)
-        row, col = factored_moments(g, row, col, decays, 0.0)
+        row, col = factored_moments(g.square(), row, col, decays, 0.0)
         full = full * decays + (1 - decays) * g.square()
     torch.testing.assert_close(factored_preconditioner(row, col), torch.rsqrt(full).t())
 

@@ -25,6 +25,7 @@ from ..features import (
     time_features,
 )
 from .base import NetConfig, UpdateRule, register_family
+from .cells import inplace_allowed
 
 __all__ = ["AdafacMLPConfig", "AdafacMLP", "mup_scale"]
 
@@ -92,7 +93,7 @@ class AdafacMLP(UpdateRule):
 
     .. math::
         u = \big[g,\ \theta,\ m_j,\ v,\ \hat m_j (\hat v + \epsilon)^{-1/2},\ (\hat v + \epsilon)^{-1/2},\
-        g\,\phi_k,\ r_k,\ c_k,\ (r_k + \epsilon_f)^{-1/2},\ (c_k + \epsilon_f)^{-1/2},\ m_k \phi_k\big]
+        g\,\phi_k,\ m_k \phi_k,\ r_k,\ (r_k + \epsilon_f)^{-1/2},\ c_k,\ (c_k + \epsilon_f)^{-1/2}\big]
 
     (:math:`r_k, c_k` broadcast to the coordinates of their row/column). **Every feature is divided by
     its RMS over the whole tensor**, :math:`u_f / \sqrt{\overline{u_f^2} + \epsilon_u}`; optional time
@@ -113,8 +114,11 @@ class AdafacMLP(UpdateRule):
     ``second_moment_decay``) with per-tensor RMS-normalised updates. ``init="random"``: truncated
     normal weights, std :math:`1/\sqrt{\mathrm{fan\_in}}`, zero biases (small_fc_lopt's init).
 
-    Whole-tensor rule (``forward`` takes ``shape=``; see :mod:`learned_optim.nets.base`). Transient
-    memory of a step: about ``(28 + 2 * hidden_size)`` floats per coordinate of the tensor.
+    Whole-tensor rule (``forward`` takes ``shape=``; see :mod:`learned_optim.nets.base`). Computed
+    feature-major: the per-tensor normalisation is folded into the first layer's weight columns, and the
+    row/column features enter as a rank-structured term (one row of ``hidden_size`` values per row and per
+    column of the tensor) instead of being broadcast to every coordinate. Transient memory of a step:
+    about ``16 + 2 * hidden_size`` floats per coordinate of the tensor.
     """
 
     family = "adafac_mlp"
@@ -193,43 +197,41 @@ class AdafacMLP(UpdateRule):
         """The per-tensor step scale :math:`s` (:func:`mup_scale`, or 1 with ``mup`` off)."""
         return mup_scale(shape, self.config.mup_base_fan_in) if self.config.mup else 1.0
 
-    def coordinate_features(
+    def features(
         self, grad: Tensor, param: Tensor, state: Mapping[str, Tensor], step: Tensor, shape: Sequence[int]
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The un-normalised features ``(F, n)`` (feature-major, rows in the class docstring's order) and the
-        new state."""
+    ) -> tuple[list[Tensor], Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        r"""The un-normalised features, feature-major, and the new state.
+
+        Returns ``(blocks, scale, row_features, col_features, new_state)``: ``blocks`` are the per-coordinate
+        features as ``(k, n)`` tensors in the order :math:`g, \theta, m_j, v, \hat m_j/\sqrt{\hat v+\epsilon}
+        (1-\beta_j^t), 1/\sqrt{\hat v+\epsilon}, g\phi_k, m_k\phi_k` (16 rows for :math:`J=3`), ``scale`` the
+        ``(16,)`` per-row factors that turn them into the documented features (the bias correction
+        :math:`1/(1-\beta_j^t)` of the ratio rows, 1 elsewhere), ``row_features`` ``(2K, rows)``: :math:`r_k,
+        (r_k+\epsilon_f)^{-1/2}` and ``col_features`` ``(2K, cols)``: :math:`c_k, (c_k+\epsilon_f)^{-1/2}` (a
+        row/column feature of coordinate :math:`(i, j)` is that of its row :math:`i` / column :math:`j`).
+        Feature :math:`f` of coordinate :math:`i` is ``scale[f] * cat(blocks)[f, i]``, then the row, then the
+        column features: 28 in all for :math:`J = K = 3`.
+        """
         c = self.config
         rows, cols = matrix_view(shape)
         if rows * cols != grad.shape[0]:
             raise ValueError(f"AdafacMLP: shape {tuple(shape)} does not match a flat tensor of {grad.shape[0]}")
-        m = ema(state["m"].t(), grad, self.momentum_decay.to(grad.dtype))  # (J, n)
-        v = ema(state["v"].t(), grad.square(), c.second_moment_decay)  # (1, n)
+        beta = self.momentum_decay.to(grad.dtype)  # (J, 1)
+        m = ema(state["m"].t(), grad, beta)  # (J, n)
+        sq = grad.square()
+        v = ema(state["v"].t(), sq, c.second_moment_decay)  # (1, n)
         row, col = factored_moments(
-            grad.view(rows, cols), state["row"], state["col"], self.factored_decay.to(grad.dtype), c.factored_eps
+            sq.view(rows, cols), state["row"], state["col"], self.factored_decay.to(grad.dtype), c.factored_eps
         )
-        m_hat = m / (1.0 - self.momentum_decay.to(grad.dtype) ** step)
-        ratio, rsqrt = rsqrt_features(m_hat, bias_corrected(v, c.second_moment_decay, step), c.moment_eps)
+        ratio, rsqrt = rsqrt_features(m, bias_corrected(v, c.second_moment_decay, step), c.moment_eps)
         precond = factored_preconditioner(row, col)  # (K, n)
-        row_b = row.t().unsqueeze(2).expand(-1, rows, cols).reshape(row.shape[1], -1)
-        col_b = col.t().unsqueeze(1).expand(-1, rows, cols).reshape(col.shape[1], -1)
+        blocks = [grad.unsqueeze(0), param.unsqueeze(0), m, v, ratio, rsqrt, grad * precond, m * precond]
+        j = len(c.momentum_decays)
+        scale = torch.cat([grad.new_ones(3 + j), 1.0 / (1.0 - beta.squeeze(1) ** step), grad.new_ones(1 + 2 * j)])
         eps_f = c.factored_rsqrt_eps
-        features = torch.cat(
-            [
-                grad.unsqueeze(0),
-                param.unsqueeze(0),
-                m,
-                v,
-                ratio,
-                rsqrt,
-                grad * precond,
-                row_b,
-                col_b,
-                torch.rsqrt(row_b + eps_f),
-                torch.rsqrt(col_b + eps_f),
-                m * precond,
-            ]
-        )
-        return features, {"m": m.t(), "v": v.t(), "row": row, "col": col}
+        row_features = torch.cat([row.t(), torch.rsqrt(row.t() + eps_f)])
+        col_features = torch.cat([col.t(), torch.rsqrt(col.t() + eps_f)])
+        return blocks, scale, row_features, col_features, {"m": m.t(), "v": v.t(), "row": row, "col": col}
 
     def forward(
         self,
@@ -244,16 +246,38 @@ class AdafacMLP(UpdateRule):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         c = self.config
         shape = (grad.shape[0],) if shape is None else tuple(shape)
-        features, new_state = self.coordinate_features(grad, param, state, step, shape)
-        x = rms_normalize(features, dim=1, eps=c.feature_rms_eps).t()  # (n, F)
+        rows, cols = matrix_view(shape)
+        n = grad.shape[0]
+        blocks, scale, row_features, col_features, new_state = self.features(grad, param, state, step, shape)
+        # Mean square of each feature over the tensor (a row/column feature repeats over its row/column).
+        dense_ms = torch.cat([torch.linalg.vector_norm(b, dim=1) for b in blocks]).square() / n
+        ms = torch.cat([dense_ms, row_features.square().mean(dim=1), col_features.square().mean(dim=1)])
+        factor = torch.cat([scale, torch.ones_like(ms[scale.shape[0] :])])
+        # u_f / sqrt(mean(u_f^2) + eps) with u_f = factor_f * raw_f: folded into the first layer's columns,
+        # so the GEMMs run on the raw feature rows (no normalised copy of the batch).
         first, *rest = self.mlp
         assert isinstance(first, nn.Linear)
+        k = self.num_coordinate_features
+        weight = first.weight[:, :k] * (factor * torch.rsqrt(factor.square() * ms + c.feature_rms_eps))
         bias: Tensor = first.bias
-        if c.time_scales:  # per-tensor constant inputs: folded into the first layer's bias
-            k = self.num_coordinate_features
+        if c.time_scales:  # per-tensor constant inputs: folded into the bias
             bias = bias + torch.mv(first.weight[:, k:], time_features(step, c.time_scales).to(bias.dtype))
-        x = torch.addmm(bias, x, first.weight[:, : self.num_coordinate_features].t())
+        # first layer, feature-major (H, n): the dense rows block by block, plus the rank-structured
+        # row and column terms broadcast over the (rows, cols) view
+        d = scale.shape[0]
+        row_term = weight[:, d : d + row_features.shape[0]] @ row_features  # (H, rows)
+        col_term = weight[:, d + row_features.shape[0] :] @ col_features  # (H, cols)
+        base = (row_term.unsqueeze(2) + col_term.unsqueeze(1) + bias[:, None, None]).reshape(-1, n)
+        x, offset = base, 0
+        inplace = inplace_allowed(grad, weight)  # no graph to record: accumulate into one buffer
+        for block in blocks:
+            part = weight[:, offset : offset + block.shape[0]]
+            x = x.addmm_(part, block) if inplace else torch.addmm(x, part, block)
+            offset += block.shape[0]
         for layer in rest:
-            x = layer(x)
-        direction = rms_normalize(x.squeeze(1), dim=0, eps=c.direction_rms_eps)
+            if isinstance(layer, nn.Linear):
+                x = torch.addmm(layer.bias.unsqueeze(1), layer.weight, x)
+            else:
+                x = x.relu_() if inplace else torch.relu(x)
+        direction = rms_normalize(x.squeeze(0), dim=0, eps=c.direction_rms_eps)
         return -self.step_scale(shape) * direction, new_state
