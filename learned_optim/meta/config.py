@@ -38,6 +38,7 @@ __all__ = [
     "CurriculumConfig",
     "ImitationConfig",
     "MAMLConfig",
+    "EstimatorConfig",
     "MetaTrainConfig",
     "load_config",
     "apply_overrides",
@@ -125,7 +126,7 @@ class TaskSection(_Section):
 
 @dataclasses.dataclass
 class UnrollConfig(_Section):
-    """Truncated-BPTT unroll of the learned optimizer (see :mod:`learned_optim.meta.unroll`).
+    r"""Truncated-BPTT unroll of the learned optimizer (see :mod:`learned_optim.meta.unroll`).
 
     Fields:
         trajectory_length: optimizee steps per trajectory (one meta-epoch); replaced by the current
@@ -138,6 +139,8 @@ class UnrollConfig(_Section):
             ``divergence_bound`` of its own (``None``: only non-finite values trigger the guard).
         diverged_loss_factor: a frozen (diverged) run counts the loss ``factor * max(f_0, f_frozen)``
             for every remaining step.
+        lr: the inner learning rate :math:`\eta` of :math:`\theta \leftarrow \theta + \eta\Delta` (``None``:
+            the net's ``default_lr``: 1 where ``lr`` multiplies a learned step, 1e-3 for ``adafac_mlp``).
     """
 
     trajectory_length: int = 100
@@ -146,8 +149,11 @@ class UnrollConfig(_Section):
     checkpoint_steps: bool = False
     max_param_norm: float | None = 1e4
     diverged_loss_factor: float = 10.0
+    lr: float | None = None
 
     def validate(self, where: str) -> None:
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"{where}.lr must be positive or null")
         if self.trajectory_length < 1 or self.segment_length < 1:
             raise ValueError(f"{where}: trajectory_length and segment_length must be >= 1")
         if self.max_param_norm is not None and not self.max_param_norm > 0:
@@ -276,6 +282,24 @@ class MAMLConfig(_Section):
 
 
 @dataclasses.dataclass
+class EstimatorConfig(_Section):
+    r"""How a segment's meta-gradient is estimated: ``kind`` ``tbptt`` (backpropagation through the segment,
+    truncated BPTT: the default) or ``pes`` (persistent evolution strategies, :mod:`learned_optim.meta.pes`:
+    ``num_pairs`` antithetic pairs of particles with perturbations :math:`N(0, \sigma^2)` of the net's
+    weights, ``sigma`` :math:`= \sigma`; each truncation is one segment of ``unroll.segment_length`` steps)."""
+
+    kind: str = "tbptt"
+    num_pairs: int = 4
+    sigma: float = 0.01
+
+    def validate(self, where: str) -> None:
+        if self.kind not in ("tbptt", "pes"):
+            raise ValueError(f"{where}.kind must be 'tbptt' or 'pes', got {self.kind!r}")
+        if self.num_pairs < 1 or not self.sigma > 0:
+            raise ValueError(f"{where}: num_pairs must be >= 1 and sigma positive")
+
+
+@dataclasses.dataclass
 class MetaTrainConfig(_Section):
     """Everything a meta-training run needs (see the module docstring for the file layout).
 
@@ -287,7 +311,8 @@ class MetaTrainConfig(_Section):
     torch's setting),
     ``init_from`` (zoo name or folder to fine-tune; its architecture replaces ``net``), ``meta_epochs``
     (trajectories to train; the cap when the curriculum is on), ``checkpoint_every`` (meta-steps between
-    checkpoints), ``out_dir`` (run folder; ``runs/<name>`` when unset), ``regularizers`` (flatness-aware
+    checkpoints), ``out_dir`` (run folder; ``runs/<name>`` when unset), ``estimator`` (truncated BPTT or PES,
+    :class:`EstimatorConfig`), ``regularizers`` (flatness-aware
     meta-loss terms, a list of blocks ``{kind, weight, where, every, ...}``; see
     :mod:`learned_optim.meta.regularizers`; several combine by summing).
     """
@@ -308,6 +333,7 @@ class MetaTrainConfig(_Section):
     curriculum: CurriculumConfig = dataclasses.field(default_factory=CurriculumConfig)
     imitation: ImitationConfig = dataclasses.field(default_factory=ImitationConfig)
     maml: MAMLConfig = dataclasses.field(default_factory=MAMLConfig)
+    estimator: EstimatorConfig = dataclasses.field(default_factory=EstimatorConfig)
     regularizers: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     meta_epochs: int = 100
     checkpoint_every: int = 50
@@ -322,6 +348,11 @@ class MetaTrainConfig(_Section):
             raise ValueError(f"{where}: meta_epochs and checkpoint_every must be >= 1")
         if self.net.family is None and self.init_from is None:
             raise ValueError(f"{where}: set net.family, or init_from to fine-tune an existing optimizer")
+        if self.estimator.kind == "pes" and (self.maml.enabled or self.imitation.enabled or self.regularizers):
+            raise ValueError(
+                f"{where}: estimator 'pes' does not combine with maml, imitation or regularizers "
+                "(they need backpropagation through the segment); use estimator.kind: tbptt for them"
+            )
         if self.regularizers:
             from .regularizers import parse_blocks  # checked when the config is loaded, not at the first step
 

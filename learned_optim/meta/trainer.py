@@ -3,7 +3,9 @@
 One *meta-step* is one truncated-BPTT segment of one trajectory followed by one update of the net's
 weights; one *meta-epoch* is one trajectory (a freshly sampled task run for ``trajectory_length`` steps,
 or the curriculum stage's length). Per meta-epoch, with the imitation probability of the current stage,
-the segments of that trajectory imitate Adam instead (:mod:`learned_optim.meta.imitation`).
+the segments of that trajectory imitate Adam instead (:mod:`learned_optim.meta.imitation`). With
+``estimator.kind: pes`` each segment is a PES truncation instead (:mod:`learned_optim.meta.pes`): its
+particles carry their own trajectories, and the meta-gradient is PES's estimate instead of backprop.
 
 Run folder (``out_dir``)::
 
@@ -289,6 +291,11 @@ class MetaTrainer:
             from .maml import MAMLRunner
 
             self.maml = MAMLRunner(self)
+        self.pes = None
+        if config.estimator.kind == "pes":  # persistent evolution strategies (learned_optim.meta.pes)
+            from .pes import PESRunner
+
+            self.pes = PESRunner(self)
 
         self.meta_steps = 0  # meta-gradient updates so far
         self.meta_epochs = 0  # completed trajectories
@@ -367,6 +374,8 @@ class MetaTrainer:
         self.trajectory_mode = "unroll"
         if self.maml is not None:
             self.maml.begin(index)
+        if self.pes is not None:
+            self.pes.begin(self.trajectory)
         if self.config.imitation.enabled:
             p = self.config.imitation.probability(self.stage)
             coin = float(torch.rand((), generator=_generator(derive_seed(self.config.seed, "imitation", index))))
@@ -401,6 +410,10 @@ class MetaTrainer:
             loss, optimizer = result.loss, self.imitation_optimizer
             metrics["imitation_loss"] = float(loss.detach())
             train_losses, end, diverged_at = result.train_losses, result.end, None
+        elif self.pes is not None:
+            loss, pes_metrics, train_losses, end = self.pes.segment(weights, n)
+            optimizer, diverged_at = self.meta_optimizer, None
+            metrics.update(pes_metrics, objective=float(loss.detach()))
         elif self.maml is not None:
             loss, maml_metrics, train_losses, end, diverged_at = self.maml.segment(weights, n)
             optimizer = self.meta_optimizer
@@ -630,6 +643,9 @@ class MetaTrainer:
         if self.maml is not None:
             maml_tensors, meta["maml"] = self.maml.to_tensors()
             tensors.update(maml_tensors)
+        if self.pes is not None:
+            pes_tensors, meta["pes"] = self.pes.to_tensors()
+            tensors.update(pes_tensors)
         self._log_handle and self._log_handle.flush()
         meta.update(
             meta_steps=self.meta_steps,
@@ -706,6 +722,8 @@ class MetaTrainer:
             self.trajectory, self.task = None, None
         if self.maml is not None:
             self.maml.load(tensors, meta.get("maml") if traj is not None else None, self.meta_epochs)
+        if self.pes is not None:
+            self.pes.load(tensors, meta.get("pes") if traj is not None else None)
         return True
 
     # ------------------------------------------------------------------------------------ main loop

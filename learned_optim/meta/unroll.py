@@ -5,10 +5,11 @@ A trajectory runs the learned update on one task instance from :math:`\theta_0`:
 .. math::
     g_t = \nabla_\theta f(\theta_{t-1}; B_t),\qquad
     (\Delta_t, s_t) = \mathrm{net}_\phi(g_t, \theta_{t-1}, s_{t-1}, t),\qquad
-    \theta_t = \theta_{t-1} + \Delta_t
+    \theta_t = \theta_{t-1} + \eta\,\Delta_t
 
-with the net applied to every parameter tensor as a flat ``(n,)`` view through
-:func:`learned_optim.nets.base.functional_update` (the same ``forward`` the runtime optimizer calls;
+with :math:`\eta` the config's ``lr`` (default the rule's ``default_lr``: 1 for the nets whose step is
+learned, a real learning rate for ``adafac_mlp``), and the net applied to every parameter tensor as a
+flat ``(n,)`` view through :func:`learned_optim.nets.base.functional_update` (the same ``forward`` the runtime optimizer calls;
 here through ``torch.func.functional_call`` with the weights :math:`\phi` as explicit inputs). The
 gradient :math:`g_t` is detached unless ``second_order`` is set, in which case the graph keeps
 :math:`\partial g_t/\partial\theta_{t-1}` and the meta-gradient is exact.
@@ -311,6 +312,7 @@ def unroll(
     dtype = next((p.dtype for p in trajectory.params.values() if p.is_floating_point()), None)
     device = next(iter(trajectory.params.values())).device
     second_order = cfg.second_order and track_graph
+    lr = cfg.lr if cfg.lr is not None else rule.default_lr
     task_bound = getattr(task, "divergence_bound", None)
     bound = task_bound if task_bound is not None else cfg.max_param_norm
 
@@ -330,7 +332,7 @@ def unroll(
         loss, grads = task_loss_and_grad(task, params, batch, create_graph=second_order)
         with torch.set_grad_enabled(track_graph):
             deltas, new_state = apply_rule(rule, weights, grads, params, state, t)
-            new_params = {k: params[k] + deltas[k] for k in params}
+            new_params = {k: params[k] + lr * deltas[k] for k in params}
         return loss, new_params, new_state, grads
 
     meta_losses: list[Tensor | float] = []
