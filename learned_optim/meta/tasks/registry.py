@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .base import TaskFamily
+from .distribution import MetaMixFamily
 from .mixture import MixtureFamily
 from .neural import PRESETS, ConvFamily, MLPFamily, ResNetFamily, TimmFamily
 from .synthetic import (
@@ -44,6 +45,7 @@ for _cls in (
     ResNetFamily,
     TimmFamily,
     MixtureFamily,
+    MetaMixFamily,
     *PRESETS.values(),
 ):
     register_family(_cls)
