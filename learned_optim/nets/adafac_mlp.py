@@ -249,8 +249,9 @@ class AdafacMLP(UpdateRule):
         rows, cols = matrix_view(shape)
         n = grad.shape[0]
         blocks, scale, row_features, col_features, new_state = self.features(grad, param, state, step, shape)
+        dense = torch.cat(blocks)  # (16, n)
         # Mean square of each feature over the tensor (a row/column feature repeats over its row/column).
-        dense_ms = torch.cat([torch.linalg.vector_norm(b, dim=1) for b in blocks]).square() / n
+        dense_ms = torch.linalg.vector_norm(dense, dim=1).square() / n
         ms = torch.cat([dense_ms, row_features.square().mean(dim=1), col_features.square().mean(dim=1)])
         factor = torch.cat([scale, torch.ones_like(ms[scale.shape[0] :])])
         # u_f / sqrt(mean(u_f^2) + eps) with u_f = factor_f * raw_f: folded into the first layer's columns,
@@ -262,18 +263,14 @@ class AdafacMLP(UpdateRule):
         bias: Tensor = first.bias
         if c.time_scales:  # per-tensor constant inputs: folded into the bias
             bias = bias + torch.mv(first.weight[:, k:], time_features(step, c.time_scales).to(bias.dtype))
-        # first layer, feature-major (H, n): the dense rows block by block, plus the rank-structured
-        # row and column terms broadcast over the (rows, cols) view
+        # first layer, feature-major (H, n): the dense rows, plus the rank-structured row and column
+        # terms broadcast over the (rows, cols) view
         d = scale.shape[0]
-        row_term = weight[:, d : d + row_features.shape[0]] @ row_features  # (H, rows)
+        row_term = torch.addmm(bias.unsqueeze(1), weight[:, d : d + row_features.shape[0]], row_features)  # (H, R)
         col_term = weight[:, d + row_features.shape[0] :] @ col_features  # (H, cols)
-        base = (row_term.unsqueeze(2) + col_term.unsqueeze(1) + bias[:, None, None]).reshape(-1, n)
-        x, offset = base, 0
-        inplace = inplace_allowed(grad, weight)  # no graph to record: accumulate into one buffer
-        for block in blocks:
-            part = weight[:, offset : offset + block.shape[0]]
-            x = x.addmm_(part, block) if inplace else torch.addmm(x, part, block)
-            offset += block.shape[0]
+        base = (row_term.unsqueeze(2) + col_term.unsqueeze(1)).reshape(-1, n)
+        inplace = inplace_allowed(grad, weight)  # no graph to record: activations in place
+        x = base.addmm_(weight[:, :d], dense) if inplace else torch.addmm(base, weight[:, :d], dense)
         for layer in rest:
             if isinstance(layer, nn.Linear):
                 x = torch.addmm(layer.bias.unsqueeze(1), layer.weight, x)
