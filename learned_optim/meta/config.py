@@ -45,8 +45,14 @@ __all__ = [
     "parse_override",
 ]
 
-#: Meta-optimizer defaults per net family (SPEC §2): Adam 1e-3 for the LSTM nets, RMSprop 1e-2 for the MLP.
-DEFAULT_META_OPTIMIZER = {"dm_lstm": ("adam", 1e-3), "rnnprop": ("adam", 1e-3), "mlp": ("rmsprop", 1e-2)}
+#: Meta-optimizer defaults per net family (SPEC §2): Adam 1e-3 for the LSTM nets and adafac_mlp, RMSprop 1e-2
+#: for the MLP.
+DEFAULT_META_OPTIMIZER = {
+    "dm_lstm": ("adam", 1e-3),
+    "rnnprop": ("adam", 1e-3),
+    "mlp": ("rmsprop", 1e-2),
+    "adafac_mlp": ("adam", 1e-3),
+}
 
 OBJECTIVES = ("sum", "last", "log", "log_last")
 SPLITS = ("train", "val")
