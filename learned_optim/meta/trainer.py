@@ -880,7 +880,8 @@ class MetaTrainer:
             name=cfg.name,
             description=cfg.description,
             training=training,
-            optimizer_defaults={"lr": 1.0},
+            # the lr the net was meta-trained with (unroll.lr; else the family's default: 1.0 for step multipliers)
+            optimizer_defaults={"lr": cfg.unroll.lr if cfg.unroll.lr is not None else self.rule.default_lr},
             card=self._card(training),
         )
 
