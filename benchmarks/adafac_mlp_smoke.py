@@ -10,8 +10,9 @@ prints:
 
 * the time per meta-step, and the extrapolated time of the full recipe (its ``meta_epochs``);
 * the meta-objective of the untrained (Adam-initialised) and of the smoke-trained net on the same
-  ``--eval-tasks`` fixed held-out draws of the task distribution: the mean over tasks of
-  :math:`\\log(f_T / f_0)` after ``--eval-steps`` inner steps (lower is better), with the per-task difference;
+  ``--eval-tasks`` fixed evaluation draws of the task distribution (the trainer's evaluation tasks, not
+  its training draws): the mean over tasks of :math:`\\log(f_T / f_0)` after ``--eval-steps`` inner steps
+  (``MetaTrainer.evaluate_runs(score="log_final")``; lower is better), with the per-task difference;
 * that ``model/`` (written by ``save_pretrained``) loads with ``learned_optim.from_pretrained`` and steps.
 """
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import time
 from pathlib import Path
@@ -29,29 +29,7 @@ import torch
 import learned_optim
 from learned_optim.meta.cli import resolve_config_path
 from learned_optim.meta.config import load_config
-from learned_optim.meta.trainer import MetaTrainer, _generator, derive_seed
-from learned_optim.meta.unroll import start_trajectory, unroll
-
-
-def log_ratios(trainer: MetaTrainer, tasks: int, steps: int) -> list[float]:
-    """``log(f_T / f_0)`` of the trainer's current net on ``tasks`` fixed evaluation draws (train losses)."""
-    out = []
-    for r in range(tasks):
-        gen = _generator(derive_seed(10_000, "smoke-eval-task", r))
-        task = trainer.eval_family.sample(gen)
-        trajectory = start_trajectory(trainer.rule, task, gen, device=trainer.device, dtype=trainer.dtype)
-        result = unroll(
-            trainer.rule,
-            None,
-            task,
-            trajectory,
-            steps,
-            generator=_generator(derive_seed(10_000, "smoke-eval-data", r)),
-            config=trainer.config.unroll,
-            track_graph=False,
-        )
-        out.append(math.log(float(result.losses[-1]) / result.end.initial_loss))
-    return out
+from learned_optim.meta.trainer import MetaTrainer
 
 
 def main() -> None:
@@ -72,7 +50,7 @@ def main() -> None:
         return MetaTrainer(load_config(path, overrides), out_dir=out, progress=False, command="smoke")
 
     first = trainer()
-    before = log_ratios(first, args.eval_tasks, args.eval_steps)
+    before = first.evaluate_runs(args.eval_steps, args.eval_tasks, score="log_final")
     started = time.perf_counter()
     assert first.train(stop_after=args.stop_at) is None
     second = trainer()
@@ -91,7 +69,7 @@ def main() -> None:
     print(
         f"full recipe: {full.meta_epochs} trajectories x {per_traj:.0f} meta-steps -> {full_hours:.2f} h at this rate"
     )
-    after = log_ratios(second, args.eval_tasks, args.eval_steps)
+    after = second.evaluate_runs(args.eval_steps, args.eval_tasks, score="log_final")
     diffs = [a - b for a, b in zip(after, before, strict=True)]
     print(
         f"eval ({args.eval_tasks} held-out draws, {args.eval_steps} steps), mean log(f_T/f_0): "

@@ -534,6 +534,14 @@ class MetaTrainer:
     def evaluate(self, length: int, runs: int, *, score: str = "final") -> float:
         """Mean over ``runs`` fixed evaluation tasks of the final (or mean) meta-split loss after
         ``length`` steps of the current net (no graph; the divergence guard applies)."""
+        values = self.evaluate_runs(length, runs, score=score)
+        return sum(values) / len(values)
+
+    def evaluate_runs(self, length: int, runs: int, *, score: str = "final") -> list[float]:
+        """:meth:`evaluate`'s value per evaluation task; ``score``: ``"final"`` loss, ``"mean"`` loss, or
+        ``"log_final"``, :math:`\log(f_T / f_0)` (comparable across tasks of different loss scales)."""
+        if score not in ("final", "mean", "log_final"):
+            raise ValueError(f"score must be 'final', 'mean' or 'log_final', got {score!r}")
         values = []
         for r in range(runs):
             gen = _generator(derive_seed(self.config.seed, "eval-task", r))
@@ -550,8 +558,11 @@ class MetaTrainer:
                 meta_split=self.config.objective.split,
                 track_graph=False,
             )
-            values.append(float(result.losses[-1] if score == "final" else result.losses.mean()))
-        return sum(values) / len(values)
+            if score == "log_final":
+                values.append(math.log(float(result.losses[-1]) / result.end.initial_loss))
+            else:
+                values.append(float(result.losses[-1] if score == "final" else result.losses.mean()))
+        return values
 
     def _curriculum_evaluation(self) -> None:
         assert self.curriculum is not None
