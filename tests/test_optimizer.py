@@ -423,7 +423,7 @@ def test_load_state_dict_with_wrong_state_shape_raises(family, make_rule):
     backward(model, source, 0)
     source.step()
     opt = LearnedOptimizer(make_model().parameters(), make_rule(family))
-    with pytest.raises(ValueError, match="has shape"):
+    with pytest.raises(ValueError, match="has shape|has keys"):  # adafac_mlp keeps one state per momentum
         opt.load_state_dict(source.state_dict())
     saved = LearnedOptimizer(model.parameters(), make_rule(family))
     backward(model, saved, 0)

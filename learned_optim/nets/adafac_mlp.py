@@ -76,11 +76,12 @@ def mup_scale(shape: Sequence[int], base_fan_in: int) -> float:
 class AdafacMLP(UpdateRule):
     r"""Per-tensor normalised Adafactor-feature MLP with an RMS-normalised, μP-scaled direction.
 
-    State per coordinate: momenta :math:`m_j` (decays ``momentum_decays``, :math:`j = 1..J`) and the
-    second moment :math:`v` (decay ``second_moment_decay``); per tensor: Adafactor's row and column
-    statistics :math:`r, c` (:func:`~learned_optim.features.factored_moments`, decays
-    ``factored_decays``, :math:`K = J`), on the tensor's :func:`~learned_optim.features.matrix_view`
-    (a vector is an ``(n, 1)`` matrix, for which the factored statistics are the full second moment).
+    State per coordinate (4 floats for :math:`J = 3`): momenta :math:`m_j` (decays ``momentum_decays``,
+    :math:`j = 1..J`; state ``m0, m1, ...``) and the second moment :math:`v` (decay
+    ``second_moment_decay``); per tensor: Adafactor's row and column statistics :math:`r, c`
+    (:func:`~learned_optim.features.factored_moments`, decays ``factored_decays``, :math:`K = J`), on the
+    tensor's :func:`~learned_optim.features.matrix_view` (a vector is an ``(n, 1)`` matrix, for which
+    the factored statistics are the full second moment).
     At step :math:`t` with gradient :math:`g`:
 
     .. math::
@@ -186,7 +187,9 @@ class AdafacMLP(UpdateRule):
         last.weight[0, 0], last.weight[0, 1] = 1.0, -1.0  # relu(x) - relu(-x) = x
 
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {"m": (len(self.config.momentum_decays),), "v": (1,)}
+        # one contiguous (n,) vector per momentum (not an (n, J) block): the features are computed
+        # feature-major, and transposing an (n, J) state in and out costs more than the arithmetic
+        return {**{f"m{j}": () for j in range(len(self.config.momentum_decays))}, "v": ()}
 
     def tensor_state_shapes(self, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
         rows, cols = matrix_view(shape)
@@ -217,21 +220,22 @@ class AdafacMLP(UpdateRule):
         if rows * cols != grad.shape[0]:
             raise ValueError(f"AdafacMLP: shape {tuple(shape)} does not match a flat tensor of {grad.shape[0]}")
         beta = self.momentum_decay.to(grad.dtype)  # (J, 1)
-        m = ema(state["m"].t(), grad, beta)  # (J, n)
+        j = len(c.momentum_decays)
+        m = ema(torch.stack([state[f"m{i}"] for i in range(j)]), grad, beta)  # (J, n)
         sq = grad.square()
-        v = ema(state["v"].t(), sq, c.second_moment_decay)  # (1, n)
+        v = ema(state["v"], sq, c.second_moment_decay).unsqueeze(0)  # (1, n)
         row, col = factored_moments(
             sq.view(rows, cols), state["row"], state["col"], self.factored_decay.to(grad.dtype), c.factored_eps
         )
         ratio, rsqrt = rsqrt_features(m, bias_corrected(v, c.second_moment_decay, step), c.moment_eps)
         precond = factored_preconditioner(row, col)  # (K, n)
         blocks = [grad.unsqueeze(0), param.unsqueeze(0), m, v, ratio, rsqrt, grad * precond, m * precond]
-        j = len(c.momentum_decays)
         scale = torch.cat([grad.new_ones(3 + j), 1.0 / (1.0 - beta.squeeze(1) ** step), grad.new_ones(1 + 2 * j)])
         eps_f = c.factored_rsqrt_eps
         row_features = torch.cat([row.t(), torch.rsqrt(row.t() + eps_f)])
         col_features = torch.cat([col.t(), torch.rsqrt(col.t() + eps_f)])
-        return blocks, scale, row_features, col_features, {"m": m.t(), "v": v.t(), "row": row, "col": col}
+        new_state = {**{f"m{i}": m[i] for i in range(j)}, "v": v[0], "row": row, "col": col}
+        return blocks, scale, row_features, col_features, new_state
 
     def forward(
         self,
