@@ -123,6 +123,20 @@ def test_applied_update_has_rms_lr_times_scale_per_tensor(mup):
             torch.testing.assert_close(float(rms / (lr * scale)), 1.0, rtol=1e-4, atol=0)
 
 
+def test_direction_normalisation_switch():
+    """normalize_direction=False (the ablation) applies the MLP output as is: its RMS follows the input scale."""
+    gen = torch.Generator().manual_seed(0)
+    grad, param = torch.randn(40, generator=gen), torch.randn(40, generator=gen)
+    on, off = AdafacMLP(init="random"), AdafacMLP(init="random", normalize_direction=False)
+    off.load_state_dict(on.state_dict())
+    step = torch.tensor(1.0)
+    d_on, _ = on(grad, param, on.init_state(40), step)
+    d_off, _ = off(grad, param, off.init_state(40), step)
+    torch.testing.assert_close(d_on.square().mean().sqrt(), torch.tensor(1.0))
+    torch.testing.assert_close(d_on, d_off / d_off.square().mean().sqrt())  # the same direction, unnormalised
+    assert abs(float(d_off.detach().square().mean().sqrt()) - 1.0) > 1e-3
+
+
 def test_mup_scale_per_shape():
     assert mup_scale((10,), 64) == 1.0  # bias / norm gain
     assert mup_scale((), 64) == 1.0

@@ -76,12 +76,12 @@ def test_pes_estimate_rejects_mismatched_shapes():
 
 
 def pes_config(**changes):
-    return tiny_config(
-        net={"family": "adafac_mlp", "config": {"hidden_size": 4}},
-        estimator={"kind": "pes", "num_pairs": 2, "sigma": 0.01},
-        unroll={"trajectory_length": 6, "segment_length": 3, "lr": 0.01},
-        **changes,
-    )
+    base = {
+        "net": {"family": "adafac_mlp", "config": {"hidden_size": 4}},
+        "estimator": {"kind": "pes", "num_pairs": 2, "sigma": 0.01},
+        "unroll": {"trajectory_length": 6, "segment_length": 3, "lr": 0.01},
+    }
+    return tiny_config(**{**base, **changes})
 
 
 def test_pes_run_resumes_bit_for_bit(tmp_path):
@@ -106,3 +106,14 @@ def test_pes_run_resumes_bit_for_bit(tmp_path):
 def test_pes_refuses_estimators_that_need_backprop():
     with pytest.raises(ValueError, match="does not combine"):
         pes_config(imitation={"enabled": True})
+
+
+def test_adafac_mlp_meta_trains_with_truncated_bptt_too(tmp_path):
+    """The PES-vs-TBPTT ablation runs: backprop flows through the whole-tensor rule (its per-tensor reductions)."""
+    config = pes_config(estimator={"kind": "tbptt"}, meta_epochs=1)
+    trainer = MetaTrainer(config, out_dir=tmp_path, progress=False)
+    initial = {k: v.clone() for k, v in trainer.rule.state_dict().items()}
+    trainer.train()
+    steps = [r for r in meta_records(tmp_path) if r["event"] == "meta_step"]
+    assert len(steps) == 2 and all(r["grad_norm"] > 0 and not r["skipped"] for r in steps)
+    assert any(not torch.equal(initial[k], v) for k, v in trainer.rule.state_dict().items())

@@ -45,6 +45,7 @@ class AdafacMLPConfig(NetConfig):
     factored_rsqrt_eps: float = 1e-8
     feature_rms_eps: float = 1e-12
     direction_rms_eps: float = 1e-12
+    normalize_direction: bool = True
     mup: bool = True
     mup_base_fan_in: int = 64
     init: str = "adam"
@@ -100,8 +101,8 @@ class AdafacMLP(UpdateRule):
     its RMS over the whole tensor**, :math:`u_f / \sqrt{\overline{u_f^2} + \epsilon_u}`; optional time
     features :math:`\tanh(t/\tau - 1)` are appended unnormalised. An MLP (``num_hidden_layers`` ReLU
     layers of ``hidden_size``) maps each coordinate's features to a direction :math:`d`, which is
-    **RMS-normalised over the tensor** and scaled by the tensor's μP scale :math:`s` (:func:`mup_scale`;
-    1 when ``mup`` is off):
+    **RMS-normalised over the tensor** (``normalize_direction``; off for ablations: :math:`\Delta\theta = -s\,d`)
+    and scaled by the tensor's μP scale :math:`s` (:func:`mup_scale`; 1 when ``mup`` is off):
 
     .. math:: \Delta\theta = -\,s\,\frac{d}{\sqrt{\overline{d^2} + \epsilon_d}}
 
@@ -280,5 +281,7 @@ class AdafacMLP(UpdateRule):
                 x = torch.addmm(layer.bias.unsqueeze(1), layer.weight, x)
             else:
                 x = x.relu_() if inplace else torch.relu(x)
-        direction = rms_normalize(x.squeeze(0), dim=0, eps=c.direction_rms_eps)
+        direction = x.squeeze(0)
+        if c.normalize_direction:
+            direction = rms_normalize(direction, dim=0, eps=c.direction_rms_eps)
         return -self.step_scale(shape) * direction, new_state
