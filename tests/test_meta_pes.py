@@ -79,7 +79,7 @@ def pes_config(**changes):
     base = {
         "net": {"family": "adafac_mlp", "config": {"hidden_size": 4}},
         "estimator": {"kind": "pes", "num_pairs": 2, "sigma": 0.01},
-        "unroll": {"trajectory_length": 6, "segment_length": 3, "lr": 0.01},
+        "unroll": {"trajectory_length": 6, "segment_length": 3, "lr": 0.01, "lr_range": [0.003, 0.03]},
     }
     return tiny_config(**{**base, **changes})
 
@@ -97,6 +97,8 @@ def test_pes_run_resumes_bit_for_bit(tmp_path):
     records = meta_records(tmp_path / "full")
     assert records == meta_records(tmp_path / "cut")
     assert all("pes_loss_plus" in r for r in records)
+    lrs = {r["meta_epoch"]: r["inner_lr"] for r in records}  # one inner lr per trajectory, kept across resume
+    assert len(set(lrs.values())) == 4 and all(0.003 <= v <= 0.03 for v in lrs.values())
     assert json.loads((cut_folder / "config.json").read_text())["family"] == "adafac_mlp"
     # the meta-gradient moved the net: PES is not a no-op
     initial = MetaTrainer(pes_config(), out_dir=tmp_path / "init", progress=False).rule.state_dict()

@@ -146,7 +146,11 @@ class UnrollConfig(_Section):
         diverged_loss_factor: a frozen (diverged) run counts the loss ``factor * max(f_0, f_frozen)``
             for every remaining step.
         lr: the inner learning rate :math:`\eta` of :math:`\theta \leftarrow \theta + \eta\Delta` (``None``:
-            the net's ``default_lr``: 1 where ``lr`` multiplies a learned step, 1e-3 for ``adafac_mlp``).
+            the net's ``default_lr``: 1 where ``lr`` multiplies a learned step, 1e-3 for ``adafac_mlp``); the
+            curriculum's evaluation runs and the checkpoint's default ``lr`` use it.
+        lr_range: ``[lo, hi]``: each training trajectory draws its own :math:`\eta` log-uniformly in this range
+            (for a net whose step is ``lr`` times a learned direction: robustness to the user's lr and
+            schedule); ``None``: every trajectory uses ``lr``.
     """
 
     trajectory_length: int = 100
@@ -156,10 +160,13 @@ class UnrollConfig(_Section):
     max_param_norm: float | None = 1e4
     diverged_loss_factor: float = 10.0
     lr: float | None = None
+    lr_range: list[float] | None = None
 
     def validate(self, where: str) -> None:
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"{where}.lr must be positive or null")
+        if self.lr_range is not None and not (len(self.lr_range) == 2 and 0 < self.lr_range[0] <= self.lr_range[1]):
+            raise ValueError(f"{where}.lr_range must be [lo, hi] with 0 < lo <= hi, or null")
         if self.trajectory_length < 1 or self.segment_length < 1:
             raise ValueError(f"{where}: trajectory_length and segment_length must be >= 1")
         if self.max_param_norm is not None and not self.max_param_norm > 0:

@@ -367,6 +367,10 @@ class MetaTrainer:
         index = self.meta_epochs
         self.task, gen = self._task_for(self._task_index)
         self.trajectory = start_trajectory(self.rule, self.task, gen, device=self.device, dtype=self.dtype)
+        lr_range = self.config.unroll.lr_range
+        if lr_range is not None:  # this trajectory's inner lr, log-uniform in the range
+            u = float(torch.rand((), generator=_generator(derive_seed(self.config.seed, "lr", self._task_index))))
+            self.trajectory.lr = math.exp(math.log(lr_range[0]) + u * (math.log(lr_range[1]) - math.log(lr_range[0])))
         self.data_generator = _generator(derive_seed(self.config.seed, "data", self._task_index))
         self.trajectory_length = (
             self.curriculum.train_length if self.curriculum is not None else self.config.unroll.trajectory_length
@@ -403,6 +407,8 @@ class MetaTrainer:
             "trajectory_step": self.trajectory.step + n,
             "trajectory_length": self.trajectory_length,
         }
+        if self.trajectory.lr is not None:
+            metrics["inner_lr"] = self.trajectory.lr
         if self.trajectory_mode == "imitation":
             result = imitation_unroll(
                 self.rule, weights, self.task, self.trajectory, n, generator=self.data_generator, config=cfg.imitation
@@ -538,7 +544,7 @@ class MetaTrainer:
         return sum(values) / len(values)
 
     def evaluate_runs(self, length: int, runs: int, *, score: str = "final") -> list[float]:
-        """:meth:`evaluate`'s value per evaluation task; ``score``: ``"final"`` loss, ``"mean"`` loss, or
+        r""":meth:`evaluate`'s value per evaluation task; ``score``: ``"final"`` loss, ``"mean"`` loss, or
         ``"log_final"``, :math:`\log(f_T / f_0)` (comparable across tasks of different loss scales)."""
         if score not in ("final", "mean", "log_final"):
             raise ValueError(f"score must be 'final', 'mean' or 'log_final', got {score!r}")

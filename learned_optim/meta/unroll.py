@@ -7,11 +7,11 @@ A trajectory runs the learned update on one task instance from :math:`\theta_0`:
     (\Delta_t, s_t) = \mathrm{net}_\phi(g_t, \theta_{t-1}, s_{t-1}, t),\qquad
     \theta_t = \theta_{t-1} + \eta\,\Delta_t
 
-with :math:`\eta` the config's ``lr`` (default the rule's ``default_lr``: 1 for the nets whose step is
-learned, a real learning rate for ``adafac_mlp``), and the net applied to every parameter tensor as a
-flat ``(n,)`` view through :func:`learned_optim.nets.base.functional_update` (the same ``forward`` the runtime optimizer calls;
-here through ``torch.func.functional_call`` with the weights :math:`\phi` as explicit inputs). The
-gradient :math:`g_t` is detached unless ``second_order`` is set, in which case the graph keeps
+with :math:`\eta` the trajectory's ``lr`` or the config's ``lr`` (default the rule's ``default_lr``: 1 for
+the nets whose step is learned, a real learning rate for ``adafac_mlp``), and the net applied to every
+parameter tensor as a flat ``(n,)`` view through :func:`learned_optim.nets.base.functional_update` (the
+same ``forward`` the runtime optimizer calls; here through ``torch.func.functional_call`` with the
+weights :math:`\phi` as explicit inputs). The gradient :math:`g_t` is detached unless ``second_order`` is set, in which case the graph keeps
 :math:`\partial g_t/\partial\theta_{t-1}` and the meta-gradient is exact.
 
 A trajectory of :math:`T` steps is cut in segments of ``segment_length`` steps; :func:`unroll` runs one
@@ -98,6 +98,8 @@ class Trajectory:
         diverged: the guard froze the run; ``penalty`` is the loss it counts per remaining step.
         last_loss: the last finite meta-split loss (for the penalty).
         extra: further per-tensor state a caller carries along (e.g. the imitation teacher's moments).
+        lr: this trajectory's inner learning rate :math:`\eta` (``None``: the unroll config's ``lr``, else
+            the net's ``default_lr``); set per trajectory when meta-training samples it (``unroll.lr_range``).
     """
 
     params: dict[str, Tensor]
@@ -108,6 +110,7 @@ class Trajectory:
     penalty: float | None = None
     last_loss: float | None = None
     extra: StateDict = dataclasses.field(default_factory=dict)
+    lr: float | None = None
 
     def detached(self) -> Trajectory:
         return dataclasses.replace(
@@ -133,6 +136,7 @@ class Trajectory:
             "penalty": self.penalty,
             "last_loss": self.last_loss,
             "has_extra": bool(self.extra),
+            "lr": self.lr,
         }
         return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, meta
 
@@ -164,6 +168,7 @@ class Trajectory:
             penalty=meta["penalty"],
             last_loss=meta["last_loss"],
             extra=stores["extra"],
+            lr=meta.get("lr"),
         )
 
 
@@ -312,7 +317,7 @@ def unroll(
     dtype = next((p.dtype for p in trajectory.params.values() if p.is_floating_point()), None)
     device = next(iter(trajectory.params.values())).device
     second_order = cfg.second_order and track_graph
-    lr = cfg.lr if cfg.lr is not None else rule.default_lr
+    lr = trajectory.lr if trajectory.lr is not None else cfg.lr if cfg.lr is not None else rule.default_lr
     task_bound = getattr(task, "divergence_bound", None)
     bound = task_bound if task_bound is not None else cfg.max_param_norm
 
@@ -429,6 +434,7 @@ def unroll(
         penalty=penalty,
         last_loss=last_loss,
         extra=trajectory.extra,
+        lr=trajectory.lr,
     )
     return UnrollResult(
         losses=losses,
