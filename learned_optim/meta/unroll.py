@@ -11,8 +11,8 @@ with :math:`\eta` the trajectory's ``lr`` or the config's ``lr`` (default the ru
 the nets whose step is learned, a real learning rate for ``adafac_mlp``), and the net applied to every
 parameter tensor as a flat ``(n,)`` view through :func:`learned_optim.nets.base.functional_update` (the
 same ``forward`` the runtime optimizer calls; here through ``torch.func.functional_call`` with the
-weights :math:`\phi` as explicit inputs). The gradient :math:`g_t` is detached unless ``second_order`` is set, in which case the graph keeps
-:math:`\partial g_t/\partial\theta_{t-1}` and the meta-gradient is exact.
+weights :math:`\phi` as explicit inputs). The gradient :math:`g_t` is detached unless ``second_order`` is
+set, in which case the graph keeps :math:`\partial g_t/\partial\theta_{t-1}` and the meta-gradient is exact.
 
 A trajectory of :math:`T` steps is cut in segments of ``segment_length`` steps; :func:`unroll` runs one
 segment and returns the meta-loss terms of the points :math:`\theta_{s+1}, \dots, \theta_{s+L}` it
