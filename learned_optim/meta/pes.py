@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from .config import EstimatorConfig, MetaTrainConfig
 from .objectives import meta_objective
 from .unroll import Trajectory, unroll
 
@@ -93,7 +94,7 @@ class PESRunner:
 
     def __init__(self, trainer: MetaTrainer) -> None:
         self.trainer = trainer
-        self.config = trainer.config.estimator
+        self.config: EstimatorConfig = trainer.config.estimator  # type: ignore[union-attr]  # built by then
         self.names = [n for n, _ in trainer.rule.named_parameters()]
         self.shapes = [p.shape for _, p in trainer.rule.named_parameters()]
         self.particles: list[Trajectory] = []
@@ -124,8 +125,8 @@ class PESRunner:
         from .trainer import _generator, derive_seed
 
         trainer = self.trainer
-        cfg = trainer.config
-        assert self.xi is not None and trainer.task is not None
+        cfg, task = trainer.config, trainer.task
+        assert isinstance(cfg, MetaTrainConfig) and self.xi is not None and task is not None
         start = self.particles[0].step
         theta = torch.cat([weights[k].detach().reshape(-1) for k in self.names])
         noise = _generator(derive_seed(cfg.seed, "pes-noise", trainer._task_index, start))
@@ -140,7 +141,7 @@ class PESRunner:
                 result = unroll(
                     trainer.rule,
                     self._unflatten(row),
-                    trainer.task,
+                    task,
                     particle,
                     n,
                     generator=_generator(data_seed),
