@@ -105,9 +105,10 @@ def matrix_view(shape: Sequence[int]) -> tuple[int, int]:
     ``(numel, 1)`` for a vector or scalar. With one column the factored statistics reduce to the full
     per-coordinate second moment (see :func:`factored_preconditioner`).
     """
-    if len(shape) >= 2:
-        return int(shape[0]), math.prod(int(s) for s in shape[1:])
-    return math.prod(int(s) for s in shape), 1
+    sizes = [int(s) for s in shape]  # a list, not a generator: torch.compile traces this
+    if len(sizes) >= 2:
+        return sizes[0], math.prod(sizes[1:])
+    return math.prod(sizes), 1
 
 
 def factored_moments(grad_sq: Tensor, row: Tensor, col: Tensor, decays: Tensor, eps: float) -> tuple[Tensor, Tensor]:
