@@ -183,3 +183,21 @@ def test_bad_shape_and_config_raise_clear_errors():
         AdafacMLP(momentum_decays=(0.9,))
     with pytest.raises(ValueError, match="init must be"):
         AdafacMLP(init="zeros")
+
+
+def test_adapt_fine_tunes_the_net_with_a_real_lr():
+    """adapt (M-L2O) runs through the whole-tensor rule: the net changes, the model does not, training goes on."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = LearnedOptimizer(model.parameters(), AdafacMLP(hidden_size=4), lr=1e-2, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 4, generator=gen), torch.randint(0, 3, (16,), generator=gen)) for _ in range(6)]
+    net_before = {k: v.clone() for k, v in opt.rule.state_dict().items()}
+    model_before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt.adapt(model, nn.functional.cross_entropy, batches, steps=2, unroll=2)
+    assert any(not torch.equal(net_before[k], v) for k, v in opt.rule.state_dict().items())
+    assert all(torch.equal(model_before[k], v) for k, v in model.state_dict().items())
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(batches[0][0]), batches[0][1]).backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
