@@ -8,7 +8,7 @@ from importlib import metadata as _metadata
 
 from .adapt import AdaptationError, AdaptationResult, adapt
 from .hub import CheckpointError, from_pretrained, list_pretrained, load_rule, save_pretrained
-from .nets import DMLSTM, FAMILIES, MLPUpdate, RNNProp, UpdateRule, build_rule, functional_update
+from .nets import DMLSTM, FAMILIES, AdafacMLP, MLPUpdate, RNNProp, UpdateRule, build_rule, functional_update
 from .optimizer import LearnedOptimizer, NonFiniteGradientError
 
 try:  # the one place the version is written is pyproject.toml; installs record it in the package metadata
@@ -31,6 +31,7 @@ __all__ = [
     "DMLSTM",
     "RNNProp",
     "MLPUpdate",
+    "AdafacMLP",
     "FAMILIES",
     "build_rule",
     "functional_update",

@@ -315,10 +315,10 @@ def adapt(
         for n, p in named:
             saved = opt.state.get(p) or {}
             if saved:
-                state[n] = {k: saved[k].detach().to(device=device, dtype=dtype).clone() for k in rule.state_shapes()}
+                state[n] = {k: saved[k].detach().to(device=device, dtype=dtype).clone() for k in rule.state_names()}
                 counts[n] = int(saved["step"])
             else:
-                state[n] = rule.init_state(p.numel(), device=device, dtype=dtype)
+                state[n] = rule.init_state(p.numel(), device=device, dtype=dtype, shape=p.shape)
                 counts[n] = 0
             params[n] = p.detach().clone()
         buffers = {n: b.detach().clone() for n, b in model.named_buffers()}

@@ -21,6 +21,10 @@ __all__ = [
     "rsqrt_features",
     "time_features",
     "blocked_mean_square",
+    "rms_normalize",
+    "matrix_view",
+    "factored_moments",
+    "factored_preconditioner",
     "STATS_BLOCK",
 ]
 
@@ -86,3 +90,53 @@ def blocked_mean_square(features_of: Callable[[slice], Tensor], numel: int) -> T
     if total is None:
         raise ValueError("cannot take statistics of an empty tensor")
     return total / numel
+
+
+def rms_normalize(x: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
+    r"""Divide by the root mean square along ``dim``: :math:`x / \sqrt{\overline{x^2} + \epsilon}`."""
+    return x * torch.rsqrt(x.square().mean(dim=dim, keepdim=True) + eps)
+
+
+def matrix_view(shape: Sequence[int]) -> tuple[int, int]:
+    r"""The 2-D view ``(rows, cols)`` that factored statistics use for a tensor of ``shape``.
+
+    ``(shape[0], prod(shape[1:]))`` for two or more dimensions (a ``Linear`` weight ``(out, in)`` as is;
+    a conv weight ``(out, in, kh, kw)`` as ``(out, in*kh*kw)``: rows are output units, columns fan-in);
+    ``(numel, 1)`` for a vector or scalar. With one column the factored statistics reduce to the full
+    per-coordinate second moment (see :func:`factored_preconditioner`).
+    """
+    sizes = [int(s) for s in shape]  # a list, not a generator: torch.compile traces this
+    if len(sizes) >= 2:
+        return sizes[0], math.prod(sizes[1:])
+    return math.prod(sizes), 1
+
+
+def factored_moments(grad_sq: Tensor, row: Tensor, col: Tensor, decays: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    r"""Adafactor's factored second moments, one EMA per decay :math:`\beta_k`.
+
+    With :math:`G = g^2 + \epsilon` viewed as ``(rows, cols)`` (``grad_sq`` is :math:`g^2` in that shape):
+
+    .. math::
+        r_{ik} \leftarrow \beta_k r_{ik} + (1-\beta_k)\,\tfrac{1}{C}\textstyle\sum_j G_{ij},\qquad
+        c_{jk} \leftarrow \beta_k c_{jk} + (1-\beta_k)\,\tfrac{1}{R}\textstyle\sum_i G_{ij}
+
+    ``row``: ``(rows, K)``, ``col``: ``(cols, K)``, ``decays``: ``(K,)``. Returns the new ``(row, col)``.
+    """
+    row_mean = grad_sq.mean(dim=1, keepdim=True) + eps
+    col_mean = grad_sq.mean(dim=0).unsqueeze(1) + eps
+    return ema(row, row_mean, decays), ema(col, col_mean, decays)
+
+
+def factored_preconditioner(row: Tensor, col: Tensor) -> Tensor:
+    r"""Adafactor's normaliser :math:`(\hat v_{ij})^{-1/2}` per coordinate and decay, shape ``(K, rows*cols)``.
+
+    .. math:: \hat v_{ijk} = \frac{r_{ik}\, c_{jk}}{\tfrac1R\sum_{i'} r_{i'k}},\qquad
+        \text{i.e.}\quad \hat v^{-1/2} = \operatorname{rsqrt}(r / \bar r) \cdot \operatorname{rsqrt}(c)
+
+    the rank-1 estimate of the second moment from its row and column means (coordinates in row-major
+    order, as ``tensor.reshape(-1)``). With one column (a vector), :math:`c = \bar r` and the estimate
+    is the per-coordinate second moment :math:`r` itself.
+    """
+    row_factor = torch.rsqrt(row / row.mean(dim=0, keepdim=True))  # (R, K)
+    col_factor = torch.rsqrt(col)  # (C, K)
+    return (row_factor.t().unsqueeze(2) * col_factor.t().unsqueeze(1)).reshape(row.shape[1], -1)

@@ -114,7 +114,9 @@ class LearnedOptimizer(Optimizer):
         rule: the update rule (its weights are not optimizer state; they travel with pickling/deepcopy
             and are saved by :meth:`save_pretrained`). It is moved to the parameters' device when they
             all share one (e.g. a model already on CUDA).
-        lr: step multiplier (float or 0-d tensor), default 1.0.
+        lr: step multiplier (float or 0-d tensor); default the rule's ``default_lr``: 1.0 for the nets whose
+            step is learned, a real learning rate (1e-3) for nets whose step has RMS ``lr`` times a
+            per-tensor scale (``adafac_mlp``).
         weight_decay: decoupled weight decay.
         maximize: maximize the objective instead of minimizing it.
         foreach: accepted for API compatibility with ``torch.optim``; the step is always chunked.
@@ -145,7 +147,7 @@ class LearnedOptimizer(Optimizer):
         self,
         params: Iterable[Any],
         rule: UpdateRule,
-        lr: float | Tensor = 1.0,
+        lr: float | Tensor | None = None,
         *,
         weight_decay: float = 0.0,
         maximize: bool = False,
@@ -157,6 +159,8 @@ class LearnedOptimizer(Optimizer):
     ) -> None:
         if not isinstance(rule, UpdateRule):
             raise TypeError(f"rule must be a learned_optim UpdateRule, got {type(rule).__name__}")
+        if lr is None:
+            lr = rule.default_lr if isinstance(rule, UpdateRule) else 1.0
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("a tensor lr must have exactly one element")
         if not 0.0 <= float(lr):
@@ -173,11 +177,10 @@ class LearnedOptimizer(Optimizer):
                 f"state_dtype must be a floating dtype or a mapping of state names to them, got {state_dtype}"
             )
         if isinstance(state_dtype, Mapping):
-            unknown = set(state_dtype) - set(rule.state_shapes())
+            unknown = set(state_dtype) - rule.state_names()
             if unknown:
                 raise ValueError(
-                    f"state_dtype names {sorted(unknown)}, but the {rule.family} net keeps "
-                    f"{sorted(rule.state_shapes())}"
+                    f"state_dtype names {sorted(unknown)}, but the {rule.family} net keeps {sorted(rule.state_names())}"
                 )
             state_dtype = dict(state_dtype)
         self.rule = rule.requires_grad_(False)
@@ -216,10 +219,13 @@ class LearnedOptimizer(Optimizer):
     def _init_state(self, p: Tensor) -> dict[str, Tensor]:
         """Fresh state of ``p``: a float32 step count and the net's zero state in :meth:`_state_dtype`."""
         local = _local(p)
-        state = {
-            k: v.to(self._state_dtype(k))
-            for k, v in self.rule.init_state(local.numel(), device=p.device, dtype=torch.float32).items()
-        }
+        if _is_dtensor(p) and self.rule.whole_tensor:
+            raise ValueError(
+                f"the {self.rule.family} net updates whole tensors (per-tensor statistics of its own output and "
+                "factored state); FSDP2-sharded (DTensor) parameters are not supported by it"
+            )
+        fresh = self.rule.init_state(local.numel(), device=p.device, dtype=torch.float32, shape=tuple(local.shape))
+        state = {k: v.to(self._state_dtype(k)) for k, v in fresh.items()}
         if _is_dtensor(p):  # state sharded like the parameter: global shape param.shape + state shape
             from torch.distributed.tensor import DTensor
 
@@ -247,12 +253,17 @@ class LearnedOptimizer(Optimizer):
             compiled = torch.compile(self.rule, **options)
 
             def run(
-                grad: Tensor, param: Tensor, state: dict[str, Tensor], step: Tensor, stats: Tensor | None
+                grad: Tensor,
+                param: Tensor,
+                state: dict[str, Tensor],
+                step: Tensor,
+                stats: Tensor | None,
+                **kwargs: Any,
             ) -> tuple[Tensor, dict[str, Tensor]]:
                 for t in (grad, param, *state.values()):
                     torch._dynamo.maybe_mark_dynamic(t, 0)  # one graph for every chunk length
                 try:
-                    return compiled(grad, param, state, step, stats)
+                    return compiled(grad, param, state, step, stats, **kwargs)
                 except Exception as err:
                     if not type(err).__module__.startswith(("torch._dynamo", "torch._inductor")):
                         raise
@@ -465,6 +476,11 @@ class LearnedOptimizer(Optimizer):
             stats = self._sharded_stats(grad, flat, coord_state, step, groups)
         if n == 0:  # an empty shard (after joining the statistics' all-reduce)
             return
+        if rule.whole_tensor:
+            self._update_whole_tensor(flat, grad, state, step, stats, lr, weight_decay, tuple(p.shape))
+            if not contiguous:
+                p.copy_(flat.view_as(p))
+            return
         chunk = self._chunk_rows(p.device) or -(-n // ROW_ALIGN) * ROW_ALIGN
         if isinstance(lr, Tensor):
             lr = lr.to(device=p.device, dtype=dtype)
@@ -491,6 +507,32 @@ class LearnedOptimizer(Optimizer):
                     coord_state[k][part] = v[:rows]
         if not contiguous:
             p.copy_(flat.view_as(p))
+
+    def _update_whole_tensor(
+        self,
+        flat: Tensor,
+        grad: Tensor,
+        state: dict[str, Tensor],
+        step: Tensor,
+        stats: Tensor | None,
+        lr: float | Tensor,
+        weight_decay: float,
+        shape: tuple[int, ...],
+    ) -> None:
+        """One call of a whole-tensor rule on the flat tensor (no chunks, no padding); see ``UpdateRule``."""
+        rule, dtype, n = self.rule, self.rule.compute_dtype, flat.numel()
+        names = [*rule.state_shapes(), *rule.tensor_state_shapes(shape)]
+        per_coord = rule.state_shapes()
+        current = {k: (state[k].view(n, *per_coord[k]) if k in per_coord else state[k]).to(dtype) for k in names}
+        delta, new_state = self._net()(grad.to(dtype), flat.to(dtype), current, step, stats, shape=shape)
+        theta = flat.to(dtype)
+        if isinstance(lr, Tensor):
+            lr = lr.to(device=flat.device, dtype=dtype)
+        if weight_decay != 0.0:
+            theta = theta * (1.0 - lr * weight_decay)
+        flat.copy_(theta + lr * delta)
+        for k in names:
+            state[k].copy_(new_state[k].view_as(state[k]))
 
     def _sharded_stats(
         self, grad: Tensor, flat: Tensor, coord_state: dict[str, Tensor], step: Tensor, groups: list[Any]
@@ -528,19 +570,22 @@ class LearnedOptimizer(Optimizer):
         params = list(chain.from_iterable(g["params"] for g in self.param_groups))
         if len(saved_ids) != len(params):
             raise ValueError(f"state_dict has {len(saved_ids)} parameters, this optimizer has {len(params)}")
-        expected = self.rule.state_shapes()
+        per_coord = self.rule.state_shapes()
         for pid, p in zip(saved_ids, params, strict=True):
             saved = state_dict["state"].get(pid)
             if not saved:
                 continue
             keys = set(saved) - {"step"}
+            expected = {
+                **{k: (*p.shape, *s) if _is_dtensor(p) else (p.numel(), *s) for k, s in per_coord.items()},
+                **self.rule.tensor_state_shapes(tuple(p.shape)),
+            }
             if keys != set(expected):
                 raise ValueError(
                     f"state of parameter {pid} has keys {sorted(keys)}, but this "
                     f"{self.rule.family} net keeps {sorted(expected)}: state from another optimizer?"
                 )
-            for k, shape in expected.items():
-                want = (*p.shape, *shape) if _is_dtensor(p) else (p.numel(), *shape)
+            for k, want in expected.items():
                 if tuple(saved[k].shape) != want:
                     raise ValueError(
                         f"state {k!r} of parameter {pid} has shape {tuple(saved[k].shape)}, expected {want}"
@@ -552,7 +597,7 @@ class LearnedOptimizer(Optimizer):
                 continue
             state = self.state[p]
             state["step"] = saved["step"].detach().clone().to(torch.float32)
-            for k in expected:
+            for k in set(saved) - {"step"}:
                 state[k] = saved[k].detach().to(device=p.device, dtype=self._state_dtype(k), copy=True)
 
     # ------------------------------------------------------------------ checkpoints

@@ -30,6 +30,17 @@ CUSTOM_CONFIGS = {
         "time_scales": (10.0, 100.0),
         "step_scale": 0.01,
     },
+    "adafac_mlp": {
+        "hidden_size": 6,
+        "num_hidden_layers": 3,
+        "momentum_decays": (0.9, 0.95),
+        "factored_decays": (0.9, 0.95),
+        "time_scales": (10.0,),
+        "mup": False,
+        "mup_base_fan_in": 32,
+        "normalize_direction": False,
+        "init": "random",
+    },
 }
 
 

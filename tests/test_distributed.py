@@ -41,7 +41,10 @@ import pytest
 import torch
 from torch import nn
 
-FAMILIES = ["dm_lstm", "mlp", "rnnprop"]
+FAMILIES = ["adafac_mlp", "dm_lstm", "mlp", "rnnprop"]
+#: adafac_mlp updates whole tensors (factored row/column state, per-tensor RMS of its own output): it refuses
+#: FSDP2-sharded parameters with a clear error instead (checked in the fsdp2 scenario).
+FSDP_FAMILIES = [f for f in FAMILIES if f != "adafac_mlp"]
 STEPS = 3
 GLOBAL_BATCH = 16
 
@@ -154,7 +157,9 @@ def scenario_zero(rank: int, world: int, out: Path) -> dict:
     for family in FAMILIES:
         rule = _rule(family)
         model = DDP(_model())
-        zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=LearnedOptimizer, rule=rule, lr=1.0)
+        zero = ZeroRedundancyOptimizer(
+            model.parameters(), optimizer_class=LearnedOptimizer, rule=rule, lr=rule.default_lr
+        )
         _train(model, zero, range(STEPS), batch_of)
         plain_model = DDP(_model())
         plain = LearnedOptimizer(plain_model.parameters(), rule)
@@ -168,7 +173,7 @@ def scenario_zero(rank: int, world: int, out: Path) -> dict:
         resumed_model = DDP(_model())
         resumed_model.module.load_state_dict(model.module.state_dict())
         resumed = ZeroRedundancyOptimizer(
-            resumed_model.parameters(), optimizer_class=LearnedOptimizer, rule=rule, lr=1.0
+            resumed_model.parameters(), optimizer_class=LearnedOptimizer, rule=rule, lr=rule.default_lr
         )
         resumed.load_state_dict(copy.deepcopy(payload[0]))  # as from disk: rank 0's dict shares live tensors
         _train(model, zero, range(STEPS, STEPS + 2), batch_of)
@@ -253,7 +258,16 @@ def scenario_fsdp2(rank: int, world: int, out: Path) -> dict:
 
     batch_of = lambda t: _local_batch(t, rank, world)  # noqa: E731
     result: dict = {"supported": True}
-    for family in FAMILIES:
+    sharded = _fsdp_model()
+    refusing = LearnedOptimizer(sharded.parameters(), _rule("adafac_mlp"))
+    x, y = batch_of(0)
+    nn.functional.mse_loss(sharded(x), y).backward()
+    try:
+        refusing.step()
+        result["adafac_mlp_refused"] = "no error"
+    except ValueError as err:
+        result["adafac_mlp_refused"] = str(err)
+    for family in FSDP_FAMILIES:
         rule = _rule(family)
         model = _fsdp_model()
         opt = LearnedOptimizer(model.parameters(), rule, nonfinite="skip")
@@ -401,7 +415,7 @@ def test_distributed_checkpoint_round_trip(torchrun_results, family):
         assert r["restored_params"] and r["continued_identically"] and r["continued_state_identical"], r
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FSDP_FAMILIES)
 def test_fsdp2_fully_shard(torchrun_results, family):
     ranks = _scenario(torchrun_results, "fsdp2")
     if not ranks[0]["supported"]:
@@ -411,6 +425,14 @@ def test_fsdp2_fully_shard(torchrun_results, family):
         assert r["state_is_dtensor"] and r["nan_on_one_rank_skipped"] and r["dcp_continued_identically"], r
         assert r["max_diff_vs_single_process"] <= 1e-6, r
     assert 0 in ranks[1][family]["local_numels"]  # an empty shard was exercised
+
+
+def test_fsdp2_refuses_a_whole_tensor_rule_clearly(torchrun_results):
+    ranks = _scenario(torchrun_results, "fsdp2")
+    if not ranks[0]["supported"]:
+        pytest.skip(ranks[0]["reason"])
+    for res in ranks:
+        assert "FSDP2-sharded (DTensor) parameters are not supported" in res["adafac_mlp_refused"], res
 
 
 # ------------------------------------------------------------------------------ data-parallel meta-training

@@ -91,7 +91,10 @@ def test_bundled_configs_are_valid(path):
     else:
         rule = learned_optim.build_rule(config.net.family, config.net.config)
     name, lr = config.meta_optimizer.resolved(rule.family)
-    default_name, default_lr = {"dm_lstm": ("adam", 1e-3), "rnnprop": ("adam", 1e-3), "mlp": ("rmsprop", 1e-2)}[
-        rule.family
-    ]
+    default_name, default_lr = {
+        "dm_lstm": ("adam", 1e-3),
+        "rnnprop": ("adam", 1e-3),
+        "mlp": ("rmsprop", 1e-2),
+        "adafac_mlp": ("adam", 1e-3),
+    }[rule.family]
     assert name == default_name and lr == (default_lr if config.meta_optimizer.lr is None else config.meta_optimizer.lr)

@@ -265,11 +265,11 @@ def step_inputs(family: str, dtype=torch.float32, seed: int = 0, **overrides) ->
     g = gen(seed)
     params = {"w": torch.randn(5, 3, generator=g, dtype=dtype), "b": torch.randn(4, generator=g, dtype=dtype)}
     grads = {k: 1e-2 * torch.randn(v.shape, generator=g, dtype=dtype) for k, v in params.items()}
-    state = {k: rule.init_state(v.numel(), dtype=dtype) for k, v in params.items()}
+    state = {k: rule.init_state(v.numel(), dtype=dtype, shape=v.shape) for k, v in params.items()}
     for value in state.values():
         for key, s in value.items():
             s.normal_(0, 0.1, generator=g)
-            if key == "v":  # second moments are non-negative
+            if key in ("v", "row", "col"):  # second moments are non-negative
                 s.abs_()
     return StepInputs(rule, dict(rule.named_parameters()), grads, params, state, 3)
 

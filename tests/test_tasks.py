@@ -42,6 +42,7 @@ SMALL = {
     "resnet": {"batch_size": 4, "eval_batch_size": 8, "depth": 8, "widths": (4, 8, 8)},
     "timm": {"batch_size": 4, "eval_batch_size": 8, "image_size": 16},
     "mixture": {"batch_size": 8, "eval_batch_size": 16},
+    "meta-mix": {"batch_sizes": [8], "eval_batch_size": 16, "widths": [8]},
 }
 NEEDS_ROOT = ("mnist-", "cifar10-")
 #: Families whose theta_0 is fixed per task (gradient descent from 0, or the paper's fixed w0).

@@ -41,14 +41,21 @@ __all__ = [
     "CurriculumConfig",
     "ImitationConfig",
     "MAMLConfig",
+    "EstimatorConfig",
     "MetaTrainConfig",
     "load_config",
     "apply_overrides",
     "parse_override",
 ]
 
-#: Meta-optimizer defaults per net family (SPEC §2): Adam 1e-3 for the LSTM nets, RMSprop 1e-2 for the MLP.
-DEFAULT_META_OPTIMIZER = {"dm_lstm": ("adam", 1e-3), "rnnprop": ("adam", 1e-3), "mlp": ("rmsprop", 1e-2)}
+#: Meta-optimizer defaults per net family (SPEC §2): Adam 1e-3 for the LSTM nets and adafac_mlp, RMSprop 1e-2
+#: for the MLP.
+DEFAULT_META_OPTIMIZER = {
+    "dm_lstm": ("adam", 1e-3),
+    "rnnprop": ("adam", 1e-3),
+    "mlp": ("rmsprop", 1e-2),
+    "adafac_mlp": ("adam", 1e-3),
+}
 
 #: The torch optimizers that can train the net's weights, by config name.
 META_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -139,7 +146,7 @@ class TaskSection(_Section):
 
 @dataclasses.dataclass
 class UnrollConfig(_Section):
-    """Truncated-BPTT unroll of the learned optimizer (see :mod:`learned_optim.meta.unroll`).
+    r"""Truncated-BPTT unroll of the learned optimizer (see :mod:`learned_optim.meta.unroll`).
 
     Fields:
         trajectory_length: optimizee steps per trajectory (one meta-epoch); replaced by the current
@@ -152,6 +159,12 @@ class UnrollConfig(_Section):
             ``divergence_bound`` of its own (``None``: only non-finite values trigger the guard).
         diverged_loss_factor: a frozen (diverged) run counts the loss ``factor * max(f_0, f_frozen)``
             for every remaining step.
+        lr: the inner learning rate :math:`\eta` of :math:`\theta \leftarrow \theta + \eta\Delta` (``None``:
+            the net's ``default_lr``: 1 where ``lr`` multiplies a learned step, 1e-3 for ``adafac_mlp``); the
+            curriculum's evaluation runs and the checkpoint's default ``lr`` use it.
+        lr_range: ``[lo, hi]``: each training trajectory draws its own :math:`\eta` log-uniformly in this range
+            (for a net whose step is ``lr`` times a learned direction: robustness to the user's lr and
+            schedule); ``None``: every trajectory uses ``lr``.
     """
 
     trajectory_length: int = 100
@@ -160,8 +173,14 @@ class UnrollConfig(_Section):
     checkpoint_steps: bool = False
     max_param_norm: float | None = 1e4
     diverged_loss_factor: float = 10.0
+    lr: float | None = None
+    lr_range: list[float] | None = None
 
     def validate(self, where: str) -> None:
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"{where}.lr must be positive or null")
+        if self.lr_range is not None and not (len(self.lr_range) == 2 and 0 < self.lr_range[0] <= self.lr_range[1]):
+            raise ValueError(f"{where}.lr_range must be [lo, hi] with 0 < lo <= hi, or null")
         if self.trajectory_length < 1 or self.segment_length < 1:
             raise ValueError(f"{where}: trajectory_length and segment_length must be >= 1")
         if self.max_param_norm is not None and not self.max_param_norm > 0:
@@ -290,6 +309,24 @@ class MAMLConfig(_Section):
 
 
 @dataclasses.dataclass
+class EstimatorConfig(_Section):
+    r"""How a segment's meta-gradient is estimated: ``kind`` ``tbptt`` (backpropagation through the segment,
+    truncated BPTT: the default) or ``pes`` (persistent evolution strategies, :mod:`learned_optim.meta.pes`:
+    ``num_pairs`` antithetic pairs of particles with perturbations :math:`N(0, \sigma^2)` of the net's
+    weights, ``sigma`` :math:`= \sigma`; each truncation is one segment of ``unroll.segment_length`` steps)."""
+
+    kind: str = "tbptt"
+    num_pairs: int = 4
+    sigma: float = 0.01
+
+    def validate(self, where: str) -> None:
+        if self.kind not in ("tbptt", "pes"):
+            raise ValueError(f"{where}.kind must be 'tbptt' or 'pes', got {self.kind!r}")
+        if self.num_pairs < 1 or not self.sigma > 0:
+            raise ValueError(f"{where}: num_pairs must be >= 1 and sigma positive")
+
+
+@dataclasses.dataclass
 class MetaTrainConfig(_Section):
     """Everything a meta-training run needs (see the module docstring for the file layout).
 
@@ -301,7 +338,8 @@ class MetaTrainConfig(_Section):
     ``None`` keeps torch's setting),
     ``init_from`` (zoo name or folder to fine-tune; its architecture replaces ``net``), ``meta_epochs``
     (trajectories to train; the cap when the curriculum is on), ``checkpoint_every`` (meta-steps between
-    checkpoints), ``out_dir`` (run folder; ``runs/<name>`` when unset), ``regularizers`` (flatness-aware
+    checkpoints), ``out_dir`` (run folder; ``runs/<name>`` when unset), ``estimator`` (truncated BPTT or PES,
+    :class:`EstimatorConfig`), ``regularizers`` (flatness-aware
     meta-loss terms, a list of blocks ``{kind, weight, where, every, ...}``; see
     :mod:`learned_optim.meta.regularizers`; several combine by summing).
     """
@@ -322,6 +360,7 @@ class MetaTrainConfig(_Section):
     curriculum: CurriculumConfig = dataclasses.field(default_factory=CurriculumConfig)
     imitation: ImitationConfig = dataclasses.field(default_factory=ImitationConfig)
     maml: MAMLConfig = dataclasses.field(default_factory=MAMLConfig)
+    estimator: EstimatorConfig = dataclasses.field(default_factory=EstimatorConfig)
     regularizers: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     meta_epochs: int = 100
     checkpoint_every: int = 50
@@ -336,6 +375,11 @@ class MetaTrainConfig(_Section):
             raise ValueError(f"{where}: meta_epochs and checkpoint_every must be >= 1")
         if self.net.family is None and self.init_from is None:
             raise ValueError(f"{where}: set net.family, or init_from to fine-tune an existing optimizer")
+        if self.estimator.kind == "pes" and (self.maml.enabled or self.imitation.enabled or self.regularizers):
+            raise ValueError(
+                f"{where}: estimator 'pes' does not combine with maml, imitation or regularizers "
+                "(they need backpropagation through the segment); use estimator.kind: tbptt for them"
+            )
         if self.regularizers:
             from .regularizers import parse_blocks  # checked when the config is loaded, not at the first step
 

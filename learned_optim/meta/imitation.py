@@ -124,5 +124,6 @@ def imitation_unroll(
         penalty=trajectory.penalty,
         last_loss=trajectory.last_loss,
         extra={k: {s: v.detach() for s, v in st.items()} for k, st in teacher.items()},
+        lr=trajectory.lr,
     )
     return ImitationResult(loss=loss, train_losses=torch.tensor(train_losses, dtype=torch.float64), end=end)

@@ -3,7 +3,9 @@
 One *meta-step* is one truncated-BPTT segment of one trajectory followed by one update of the net's
 weights; one *meta-epoch* is one trajectory (a freshly sampled task run for ``trajectory_length`` steps,
 or the curriculum stage's length). Per meta-epoch, with the imitation probability of the current stage,
-the segments of that trajectory imitate Adam instead (:mod:`learned_optim.meta.imitation`).
+the segments of that trajectory imitate Adam instead (:mod:`learned_optim.meta.imitation`). With
+``estimator.kind: pes`` each segment is a PES truncation instead (:mod:`learned_optim.meta.pes`): its
+particles carry their own trajectories, and the meta-gradient is PES's estimate instead of backprop.
 
 Run folder (``out_dir``)::
 
@@ -278,6 +280,11 @@ class MetaTrainer:
             from .maml import MAMLRunner
 
             self.maml = MAMLRunner(self)
+        self.pes = None
+        if config.estimator.kind == "pes":  # persistent evolution strategies (learned_optim.meta.pes)
+            from .pes import PESRunner
+
+            self.pes = PESRunner(self)
 
         self.meta_steps = 0  # meta-gradient updates so far
         self.meta_epochs = 0  # completed trajectories
@@ -349,6 +356,10 @@ class MetaTrainer:
         index = self.meta_epochs
         self.task, gen = self._task_for(self._task_index)
         self.trajectory = start_trajectory(self.rule, self.task, gen, device=self.device, dtype=self.dtype)
+        lr_range = self.config.unroll.lr_range
+        if lr_range is not None:  # this trajectory's inner lr, log-uniform in the range
+            u = float(torch.rand((), generator=seeded_generator(derive_seed(self.config.seed, "lr", self._task_index))))
+            self.trajectory.lr = math.exp(math.log(lr_range[0]) + u * (math.log(lr_range[1]) - math.log(lr_range[0])))
         self.data_generator = seeded_generator(derive_seed(self.config.seed, "data", self._task_index))
         self.trajectory_length = (
             self.curriculum.train_length if self.curriculum is not None else self.config.unroll.trajectory_length
@@ -356,6 +367,8 @@ class MetaTrainer:
         self.trajectory_mode = "unroll"
         if self.maml is not None:
             self.maml.begin(index)
+        if self.pes is not None:
+            self.pes.begin(self.trajectory)
         if self.config.imitation.enabled:
             p = self.config.imitation.probability(self.stage)
             coin = float(torch.rand((), generator=seeded_generator(derive_seed(self.config.seed, "imitation", index))))
@@ -383,6 +396,8 @@ class MetaTrainer:
             "trajectory_step": self.trajectory.step + n,
             "trajectory_length": self.trajectory_length,
         }
+        if self.trajectory.lr is not None:
+            metrics["inner_lr"] = self.trajectory.lr
         if self.trajectory_mode == "imitation":
             result = imitation_unroll(
                 self.rule, weights, self.task, self.trajectory, n, generator=self.data_generator, config=cfg.imitation
@@ -390,6 +405,10 @@ class MetaTrainer:
             loss, optimizer = result.loss, self.imitation_optimizer
             metrics["imitation_loss"] = float(loss.detach())
             train_losses, end, diverged_at = result.train_losses, result.end, None
+        elif self.pes is not None:
+            loss, pes_metrics, train_losses, end = self.pes.segment(weights, n)
+            optimizer, diverged_at = self.meta_optimizer, None
+            metrics.update(pes_metrics, objective=float(loss.detach()))
         elif self.maml is not None:
             loss, maml_metrics, train_losses, end, diverged_at = self.maml.segment(weights, n)
             optimizer = self.meta_optimizer
@@ -510,6 +529,14 @@ class MetaTrainer:
     def evaluate(self, length: int, runs: int, *, score: str = "final") -> float:
         """Mean over ``runs`` fixed evaluation tasks of the final (or mean) meta-split loss after
         ``length`` steps of the current net (no graph; the divergence guard applies)."""
+        values = self.evaluate_runs(length, runs, score=score)
+        return sum(values) / len(values)
+
+    def evaluate_runs(self, length: int, runs: int, *, score: str = "final") -> list[float]:
+        r""":meth:`evaluate`'s value per evaluation task; ``score``: ``"final"`` loss, ``"mean"`` loss, or
+        ``"log_final"``, :math:`\log(f_T / f_0)` (comparable across tasks of different loss scales)."""
+        if score not in ("final", "mean", "log_final"):
+            raise ValueError(f"score must be 'final', 'mean' or 'log_final', got {score!r}")
         values = []
         for r in range(runs):
             gen = seeded_generator(derive_seed(self.config.seed, "eval-task", r))
@@ -526,8 +553,11 @@ class MetaTrainer:
                 meta_split=self.config.objective.split,
                 track_graph=False,
             )
-            values.append(float(result.losses[-1] if score == "final" else result.losses.mean()))
-        return sum(values) / len(values)
+            if score == "log_final":
+                values.append(math.log(float(result.losses[-1]) / result.end.initial_loss))
+            else:
+                values.append(float(result.losses[-1] if score == "final" else result.losses.mean()))
+        return values
 
     def _curriculum_evaluation(self) -> None:
         assert self.curriculum is not None
@@ -620,6 +650,9 @@ class MetaTrainer:
         if self.maml is not None:
             maml_tensors, meta["maml"] = self.maml.to_tensors()
             tensors.update(maml_tensors)
+        if self.pes is not None:
+            pes_tensors, meta["pes"] = self.pes.to_tensors()
+            tensors.update(pes_tensors)
         self._log_handle and self._log_handle.flush()
         meta.update(
             meta_steps=self.meta_steps,
@@ -697,6 +730,8 @@ class MetaTrainer:
             self.trajectory, self.task = None, None
         if self.maml is not None:
             self.maml.load(tensors, meta.get("maml") if traj is not None else None, self.meta_epochs)
+        if self.pes is not None:
+            self.pes.load(tensors, meta.get("pes") if traj is not None else None)
         return True
 
     # ------------------------------------------------------------------------------------ main loop
@@ -853,7 +888,8 @@ class MetaTrainer:
             name=cfg.name,
             description=cfg.description,
             training=training,
-            optimizer_defaults={"lr": 1.0},
+            # the lr the net was meta-trained with (unroll.lr; else the family's default: 1.0 for step multipliers)
+            optimizer_defaults={"lr": cfg.unroll.lr if cfg.unroll.lr is not None else self.rule.default_lr},
             card=self._card(training),
         )
 

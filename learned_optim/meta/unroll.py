@@ -5,13 +5,14 @@ A trajectory runs the learned update on one task instance from :math:`\theta_0`:
 .. math::
     g_t = \nabla_\theta f(\theta_{t-1}; B_t),\qquad
     (\Delta_t, s_t) = \mathrm{net}_\phi(g_t, \theta_{t-1}, s_{t-1}, t),\qquad
-    \theta_t = \theta_{t-1} + \Delta_t
+    \theta_t = \theta_{t-1} + \eta\,\Delta_t
 
-with the net applied to every parameter tensor as a flat ``(n,)`` view through
-:func:`learned_optim.nets.base.functional_update` (the same ``forward`` the runtime optimizer calls;
-here through ``torch.func.functional_call`` with the weights :math:`\phi` as explicit inputs). The
-gradient :math:`g_t` is detached unless ``second_order`` is set, in which case the graph keeps
-:math:`\partial g_t/\partial\theta_{t-1}` and the meta-gradient is exact.
+with :math:`\eta` the trajectory's ``lr`` or the config's ``lr`` (default the rule's ``default_lr``: 1 for
+the nets whose step is learned, a real learning rate for ``adafac_mlp``), and the net applied to every
+parameter tensor as a flat ``(n,)`` view through :func:`learned_optim.nets.base.functional_update` (the
+same ``forward`` the runtime optimizer calls; here through ``torch.func.functional_call`` with the
+weights :math:`\phi` as explicit inputs). The gradient :math:`g_t` is detached unless ``second_order`` is
+set, in which case the graph keeps :math:`\partial g_t/\partial\theta_{t-1}` and the meta-gradient is exact.
 
 A trajectory of :math:`T` steps is cut in segments of ``segment_length`` steps; :func:`unroll` runs one
 segment and returns the meta-loss terms of the points :math:`\theta_{s+1}, \dots, \theta_{s+L}` it
@@ -136,6 +137,8 @@ class Trajectory:
         diverged: the guard froze the run; ``penalty`` is the loss it counts per remaining step.
         last_loss: the last finite meta-split loss (for the penalty).
         extra: further per-tensor state a caller carries along (e.g. the imitation teacher's moments).
+        lr: this trajectory's inner learning rate :math:`\eta` (``None``: the unroll config's ``lr``, else
+            the net's ``default_lr``); set per trajectory when meta-training samples it (``unroll.lr_range``).
     """
 
     params: dict[str, Tensor]
@@ -146,6 +149,7 @@ class Trajectory:
     penalty: float | None = None
     last_loss: float | None = None
     extra: StateDict = dataclasses.field(default_factory=dict)
+    lr: float | None = None
 
     def detached(self) -> Trajectory:
         return dataclasses.replace(
@@ -171,6 +175,7 @@ class Trajectory:
             "penalty": self.penalty,
             "last_loss": self.last_loss,
             "has_extra": bool(self.extra),
+            "lr": self.lr,
         }
         return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, meta
 
@@ -202,6 +207,7 @@ class Trajectory:
             penalty=meta["penalty"],
             last_loss=meta["last_loss"],
             extra=stores["extra"],
+            lr=meta.get("lr"),
         )
 
 
@@ -261,7 +267,9 @@ def start_trajectory(
     for name, value in task.init_params(generator).items():
         value = value.detach()
         params[name] = value.to(device=device, dtype=dtype if dtype is not None and value.is_floating_point() else None)
-    opt_state = {n: rule.init_state(p.numel(), device=p.device, dtype=compute) for n, p in params.items()}
+    opt_state = {
+        n: rule.init_state(p.numel(), device=p.device, dtype=compute, shape=p.shape) for n, p in params.items()
+    }
     return Trajectory(params=params, opt_state=opt_state)
 
 
@@ -283,7 +291,13 @@ def apply_rule(
     for name, param in params.items():
         t = torch.tensor(float(step), dtype=dtype, device=param.device)
         delta, state = functional_update(
-            rule, weights, grads[name].reshape(-1).to(dtype), param.reshape(-1).to(dtype), opt_state[name], t
+            rule,
+            weights,
+            grads[name].reshape(-1).to(dtype),
+            param.reshape(-1).to(dtype),
+            opt_state[name],
+            t,
+            param.shape,
         )
         deltas[name] = delta.reshape(param.shape).to(param.dtype)
         new_state[name] = state
@@ -339,6 +353,7 @@ def unroll(
     dtype = next((p.dtype for p in trajectory.params.values() if p.is_floating_point()), None)
     device = next(iter(trajectory.params.values())).device
     second_order = cfg.second_order and track_graph
+    lr = trajectory.lr if trajectory.lr is not None else cfg.lr if cfg.lr is not None else rule.default_lr
     task_bound = getattr(task, "divergence_bound", None)
     bound = task_bound if task_bound is not None else cfg.max_param_norm
 
@@ -358,7 +373,7 @@ def unroll(
         loss, grads = task_loss_and_grad(task, params, batch, create_graph=second_order)
         with torch.set_grad_enabled(track_graph):
             deltas, new_state = apply_rule(rule, weights, grads, params, state, t)
-            new_params = {k: params[k] + deltas[k] for k in params}
+            new_params = {k: params[k] + lr * deltas[k] for k in params}
         return loss, new_params, new_state, grads
 
     meta_losses: list[Tensor | float] = []
@@ -454,6 +469,7 @@ def unroll(
         penalty=penalty,
         last_loss=last_loss,
         extra=trajectory.extra,
+        lr=trajectory.lr,
     )
     return UnrollResult(
         losses=losses,

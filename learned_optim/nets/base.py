@@ -26,6 +26,15 @@ a new first axis, or ``None``), and ``forward`` must compute for the rows of eac
 on that tensor alone computes (per-tensor quantities by segment, e.g. ``segments.expand(stats)`` per row,
 ``segments.mean(x)`` per segment); padding rows may get any value. Every packed tensor has the same step
 count. Rules without per-tensor quantities just ignore ``segments``.
+
+*Whole-tensor rules* (class attribute ``whole_tensor = True``) need more than a chunk of coordinates:
+the tensor's shape (factored statistics, a per-shape step scale) and reductions of their own output
+over the tensor (a per-tensor normalised step). Both callers then call ``forward`` once per tensor on
+the whole flat tensor, never on chunks or padded rows, with the keyword ``shape=`` the parameter's
+shape. Such a rule may also keep *per-tensor state* whose shapes depend on the parameter's shape
+(:meth:`UpdateRule.tensor_state_shapes`, e.g. Adafactor's row and column statistics); it travels in the
+same ``state`` dict as the per-coordinate state, and :meth:`UpdateRule.init_state` creates it when given
+``shape=``.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import math
 import typing
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -122,6 +132,11 @@ class UpdateRule(nn.Module):
     adaptations: list[dict[str, Any]]
     #: ``forward`` takes ``segments=`` and steps packed tensors (see "Packed calls" in the module docstring).
     packs_segments: ClassVar[bool] = False
+    #: ``forward`` runs on whole tensors and takes ``shape=`` (see the module docstring).
+    whole_tensor: ClassVar[bool] = False
+    #: The optimizer's ``lr`` when none is given: 1.0 where ``lr`` multiplies the learned step; a real
+    #: learning rate (e.g. 1e-3) for nets whose step has a fixed size per unit of ``lr``.
+    default_lr: ClassVar[float] = 1.0
 
     def __init__(self, config: NetConfig | None = None, **overrides: Any) -> None:
         super().__init__()
@@ -142,11 +157,34 @@ class UpdateRule(nn.Module):
         """Trailing shape of each per-coordinate state tensor (the leading axis is the coordinate)."""
         raise NotImplementedError
 
+    def tensor_state_shapes(self, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        """Full shape of each per-tensor state tensor of a parameter of ``shape`` (default: none).
+
+        Only whole-tensor rules may keep such state; its names are the same for every shape.
+        """
+        return {}
+
     def init_state(
-        self, numel: int, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+        self,
+        numel: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        shape: tuple[int, ...] | torch.Size | None = None,
     ) -> dict[str, Tensor]:
-        """Fresh per-coordinate state for a tensor of ``numel`` coordinates (all zeros)."""
-        return {k: torch.zeros((numel, *shape), device=device, dtype=dtype) for k, shape in self.state_shapes().items()}
+        """Fresh state (all zeros) for a tensor of ``numel`` coordinates: the per-coordinate state, and the
+        per-tensor state of a parameter of ``shape`` (``None``: a vector, ``(numel,)``)."""
+        shape = (numel,) if shape is None else tuple(shape)
+        if math.prod(shape) != numel:
+            raise ValueError(f"init_state: shape {shape} does not have {numel} elements")
+        state = {k: torch.zeros((numel, *s), device=device, dtype=dtype) for k, s in self.state_shapes().items()}
+        for k, s in self.tensor_state_shapes(shape).items():
+            state[k] = torch.zeros(s, device=device, dtype=dtype)
+        return state
+
+    def state_names(self) -> set[str]:
+        """Names of all state tensors the rule keeps (per coordinate and per tensor)."""
+        return set(self.state_shapes()) | set(self.tensor_state_shapes((1,)))
 
     def tensor_stats(self, grad: Tensor, param: Tensor, state: Mapping[str, Tensor], step: Tensor) -> Tensor | None:
         """Per-tensor statistics the per-coordinate update needs (default: none).
@@ -214,13 +252,16 @@ def functional_update(
     param: Tensor,
     state: Mapping[str, Tensor],
     step: Tensor,
+    shape: tuple[int, ...] | torch.Size | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The update of a whole tensor with the net's weights given explicitly (meta-training caller).
 
-    ``weights=None`` uses the module's own parameters. Differentiable in ``weights``, ``grad``,
-    ``param`` and ``state``.
+    ``grad``/``param`` are the flat tensor; ``shape`` is the parameter's shape (``None``: a vector), passed
+    on to whole-tensor rules. ``weights=None`` uses the module's own parameters. Differentiable in
+    ``weights``, ``grad``, ``param`` and ``state``.
     """
     stats = rule.tensor_stats(grad, param, state, step)
+    kwargs = {"shape": tuple(grad.shape) if shape is None else tuple(shape)} if rule.whole_tensor else {}
     if weights is None:
-        return rule(grad, param, state, step, stats)
-    return functional_call(rule, dict(weights), (grad, param, state, step, stats))
+        return rule(grad, param, state, step, stats, **kwargs)
+    return functional_call(rule, dict(weights), (grad, param, state, step, stats), kwargs)

@@ -13,6 +13,9 @@ with :func:`make_family` (all names in :data:`TASK_FAMILIES`):
 ``mlp``, ``conv``,         image classifiers on digits (default) or MNIST / Fashion-MNIST /
 ``resnet``, ``timm``       CIFAR-10 from ``data_root``
 ``mixture``                a mixture of families (default: 18 MLP shapes on digits)
+``meta-mix``               the generalist meta-training distribution: MLPs, teachers, CNNs, autoencoders,
+                           transformers and GRUs on digits and generated data, random batch sizes,
+                           optional parameter rescaling (:mod:`~learned_optim.meta.tasks.distribution`)
 presets                    ``digits-mlp20-sigmoid`` (the papers' meta-training task),
                            ``digits-mlp20-relu``, ``digits-mlp20x20x20-relu``, ``digits-conv``,
                            ``digits-conv4``, ``digits-resnet20``, ``digits-timm-resnet``,
@@ -21,6 +24,7 @@ presets                    ``digits-mlp20-sigmoid`` (the papers' meta-training t
 """
 
 from .base import SPLITS, Params, Task, TaskFamily
+from .distribution import KINDS, MetaMixFamily, ModuleTask, RescaledTask
 from .mixture import DEFAULT_MLP_MIX, MixtureFamily
 from .neural import (
     ACTIVATIONS,
@@ -83,5 +87,9 @@ __all__ = [
     "build_conv_net",
     "PRESETS",
     "MixtureFamily",
+    "MetaMixFamily",
+    "ModuleTask",
+    "RescaledTask",
+    "KINDS",
     "DEFAULT_MLP_MIX",
 ]

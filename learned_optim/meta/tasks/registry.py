@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .base import TaskFamily
+from .distribution import MetaMixFamily
 from .mixture import MixtureFamily
 from .neural import PRESETS, ConvFamily, MLPFamily, ResNetFamily, TimmFamily
 from .synthetic import (
@@ -44,6 +45,7 @@ _BUILT_IN: tuple[type[TaskFamily], ...] = (
     ResNetFamily,
     TimmFamily,
     MixtureFamily,
+    MetaMixFamily,
     *PRESETS.values(),
 )
 for _cls in _BUILT_IN:

@@ -1,0 +1,202 @@
+r"""Persistent evolution strategies (PES; Vicol, Metz & Sohl-Dickstein 2021), beside truncated BPTT.
+
+A trajectory of :math:`T` inner steps is cut into truncations of :math:`K` steps. PES keeps :math:`N`
+antithetic *pairs* of particles on the same inner problem; particle :math:`i^\pm` runs the net with
+weights :math:`\phi \pm \epsilon_i`, :math:`\epsilon_i \sim N(0, \sigma^2 I)` drawn afresh every
+truncation, and carries its own inner state (optimizee parameters and optimizer state) from truncation
+to truncation. Each pair also carries the accumulated perturbation
+
+.. math:: \xi_i \leftarrow \xi_i + \epsilon_i \qquad (\xi_i = 0 \text{ when its inner problem starts}),
+
+and the truncation's estimate of the meta-gradient is
+
+.. math:: \hat g = \frac{1}{2N\sigma^2} \sum_{i=1}^{N} \xi_i \,\big(L_i^{+} - L_i^{-}\big)
+
+with :math:`L_i^\pm` the truncation's meta-objective of particle :math:`i^\pm`. Summed over the
+truncations of a trajectory (at fixed :math:`\phi`) it is an unbiased estimate of the gradient of the
+Gaussian-smoothed full-trajectory objective :math:`\mathbb E_\epsilon[\sum_k L_k(\phi + \epsilon)]` (the
+true gradient up to :math:`O(\sigma^2)` smoothing), unlike truncated BPTT, whose segments ignore the
+effect of the weights on the state they inherit. No backpropagation through the inner steps.
+
+:func:`pes_estimate` is the estimator on flat weight vectors; :class:`PESRunner` is the meta-trainer's
+side of it (``estimator: {kind: pes}`` in the config), checkpointed with the trainer so that ``--resume``
+continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .._numerics import seeded_generator
+from .config import EstimatorConfig, MetaTrainConfig
+from .objectives import meta_objective
+from .unroll import Trajectory, unroll
+
+if TYPE_CHECKING:
+    from .trainer import MetaTrainer
+
+__all__ = ["PESResult", "pes_estimate", "PESRunner"]
+
+
+@dataclasses.dataclass
+class PESResult:
+    """One truncation: ``gradient`` :math:`\\hat g` ``(D,)``, the new accumulated perturbations ``xi``
+    ``(N, D)``, the particles' objectives ``losses`` ``(2N,)`` (:math:`L^+_{1..N}, L^-_{1..N}`) and their new
+    inner ``state`` (whatever ``unroll_fn`` returned)."""
+
+    gradient: Tensor
+    xi: Tensor
+    losses: Tensor
+    state: Any
+
+
+def pes_estimate(
+    unroll_fn: Callable[[Tensor, Any], tuple[Tensor, Any]],
+    theta: Tensor,
+    state: Any,
+    xi: Tensor,
+    epsilon: Tensor,
+    sigma: float,
+) -> PESResult:
+    r"""One PES truncation from flat weights ``theta`` ``(D,)``.
+
+    ``epsilon`` ``(N, D)``: this truncation's perturbations, drawn from :math:`N(0, \sigma^2 I)`;
+    ``xi`` ``(N, D)``: the pairs' accumulated perturbations before it. ``unroll_fn(weights, state)`` runs
+    the truncation for the ``2N`` particles with weights ``weights`` ``(2N, D)`` (rows
+    :math:`\theta + \epsilon_1, \dots, \theta + \epsilon_N, \theta - \epsilon_1, \dots, \theta - \epsilon_N`)
+    from their inner ``state`` and returns their objectives ``(2N,)`` and new state.
+    """
+    if epsilon.ndim != 2 or epsilon.shape != xi.shape or epsilon.shape[1] != theta.numel():
+        raise ValueError(
+            f"pes_estimate: epsilon {tuple(epsilon.shape)} and xi {tuple(xi.shape)} must both be (N, {theta.numel()})"
+        )
+    n = epsilon.shape[0]
+    weights = torch.cat([theta + epsilon, theta - epsilon])
+    losses, new_state = unroll_fn(weights, state)
+    xi = xi + epsilon
+    gradient = (xi * (losses[:n] - losses[n:]).unsqueeze(1)).sum(dim=0) / (2 * n * sigma**2)
+    return PESResult(gradient=gradient, xi=xi, losses=losses, state=new_state)
+
+
+class PESRunner:
+    """The meta-trainer's PES estimator: ``2N`` particles on the trainer's current task.
+
+    All particles start from the trainer's :math:`\\theta_0` and see the same batches (one generator per
+    truncation, seeded by the run seed, the task index and the truncation's first step: common random
+    numbers, so that :math:`L^+ - L^-` measures the perturbation, not the data). The perturbations are
+    drawn from a generator seeded the same way. What persists between truncations (the particles'
+    trajectories and :math:`\\xi`) goes into the trainer's checkpoint.
+    """
+
+    def __init__(self, trainer: MetaTrainer) -> None:
+        self.trainer = trainer
+        self.config: EstimatorConfig = trainer.config.estimator
+        self.names = [n for n, _ in trainer.rule.named_parameters()]
+        self.shapes = [p.shape for _, p in trainer.rule.named_parameters()]
+        self.particles: list[Trajectory] = []
+        self.xi: Tensor | None = None
+
+    @property
+    def num_particles(self) -> int:
+        return 2 * self.config.num_pairs
+
+    def _unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        out, offset = {}, 0
+        for name, shape in zip(self.names, self.shapes, strict=True):
+            size = shape.numel()
+            out[name] = flat[offset : offset + size].view(shape)
+            offset += size
+        return out
+
+    def begin(self, trajectory: Trajectory) -> None:
+        """New inner problem: every particle starts at ``trajectory`` and :math:`\\xi = 0`."""
+        self.particles = [trajectory.detached() for _ in range(self.num_particles)]
+        dim = sum(s.numel() for s in self.shapes)
+        self.xi = torch.zeros((self.config.num_pairs, dim), device=self.trainer.device, dtype=self.trainer.dtype)
+
+    def segment(self, weights: Mapping[str, Tensor], n: int) -> tuple[Tensor, dict[str, Any], Tensor, Trajectory]:
+        """One truncation of ``n`` steps. Returns a surrogate loss whose value is the particles' mean objective
+        and whose gradient in ``weights`` is :math:`\\hat g`, the metrics, particle ``1+``'s train losses and
+        its trajectory end (the trainer's bookkeeping of steps)."""
+        from .trainer import derive_seed
+
+        trainer = self.trainer
+        cfg, task = trainer.config, trainer.task
+        assert isinstance(cfg, MetaTrainConfig) and self.xi is not None and task is not None
+        start = self.particles[0].step
+        theta = torch.cat([weights[k].detach().reshape(-1) for k in self.names])
+        noise = seeded_generator(derive_seed(cfg.seed, "pes-noise", trainer._task_index, start))
+        epsilon = torch.randn(self.xi.shape, generator=noise, dtype=self.xi.dtype).to(self.xi.device)
+        epsilon = epsilon * self.config.sigma
+        data_seed = derive_seed(cfg.seed, "pes-data", trainer._task_index, start)
+        train_losses: list[Tensor] = []
+
+        def run(all_weights: Tensor, particles: list[Trajectory]) -> tuple[Tensor, list[Trajectory]]:
+            objectives, ends = [], []
+            for row, particle in zip(all_weights, particles, strict=True):
+                result = unroll(
+                    trainer.rule,
+                    self._unflatten(row),
+                    task,
+                    particle,
+                    n,
+                    generator=seeded_generator(data_seed),
+                    config=cfg.unroll,
+                    meta_split=cfg.objective.split,
+                    track_graph=False,
+                )
+                objectives.append(
+                    meta_objective(
+                        cfg.objective.kind,
+                        result.losses,
+                        initial_loss=result.end.initial_loss,
+                        last_step=result.end.step,
+                    ).detach()
+                )
+                train_losses.append(result.train_losses)
+                ends.append(result.end)
+            return torch.stack(objectives).to(all_weights.dtype), ends
+
+        with torch.no_grad():
+            out = pes_estimate(run, theta, self.particles, self.xi, epsilon, self.config.sigma)
+        self.particles, self.xi = out.state, out.xi
+        mean = out.losses.mean()
+        gradient = self._unflatten(out.gradient)
+        surrogate = mean + sum(
+            (weights[k] * gradient[k]).sum() - (weights[k].detach() * gradient[k]).sum() for k in self.names
+        )
+        metrics = {
+            "pes_loss_plus": float(out.losses[: self.config.num_pairs].mean()),
+            "pes_loss_minus": float(out.losses[self.config.num_pairs :].mean()),
+            "pes_grad_norm": float(out.gradient.norm()),
+            "pes_diverged": sum(int(p.diverged) for p in self.particles),
+        }
+        return surrogate, metrics, train_losses[0], self.particles[0]
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def to_tensors(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        tensors: dict[str, Tensor] = {}
+        meta: dict[str, Any] = {"particles": []}
+        if self.xi is not None:
+            tensors["pes.xi"] = self.xi.detach().contiguous().cpu()
+        for i, particle in enumerate(self.particles):
+            t, m = particle.to_tensors(f"pes.particle.{i}")
+            tensors.update({k: v.clone() for k, v in t.items()})  # particles may share storage (safetensors refuses)
+            meta["particles"].append(m)
+        return tensors, meta
+
+    def load(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any] | None) -> None:
+        if meta is None or "pes.xi" not in tensors:
+            self.particles, self.xi = [], None
+            return
+        device = self.trainer.device
+        self.xi = tensors["pes.xi"].to(device)
+        self.particles = [
+            Trajectory.from_tensors(f"pes.particle.{i}", tensors, m, device=device)
+            for i, m in enumerate(meta["particles"])
+        ]

@@ -1,0 +1,291 @@
+r"""A per-tensor normalised Adafactor-feature MLP (small_fc_lopt / AdafacMLPLOpt, with Celo2's and μLO's step).
+
+Features of Metz et al. (2022, "Practical tradeoffs between memory, compute and performance in learned
+optimizers"), the per-tensor RMS-normalised direction of Celo2 (Moudgil et al.), and the per-tensor μP
+step scale of μLO (Thérien et al. 2024). The learning rate and weight decay stay outside the net, so
+a user's LR scheduler and decoupled weight decay act exactly as with AdamW.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..features import (
+    bias_corrected,
+    ema,
+    factored_moments,
+    factored_preconditioner,
+    matrix_view,
+    rms_normalize,
+    rsqrt_features,
+    time_features,
+)
+from .base import NetConfig, Segments, UpdateRule, register_family
+from .cells import inplace_allowed
+
+__all__ = ["AdafacMLPConfig", "AdafacMLP", "mup_scale"]
+
+
+@dataclasses.dataclass
+class AdafacMLPConfig(NetConfig):
+    """Hyperparameters of :class:`AdafacMLP` (defaults: Celo2-sized MLP, small_fc_lopt features)."""
+
+    hidden_size: int = 8
+    num_hidden_layers: int = 2
+    momentum_decays: tuple[float, ...] = (0.9, 0.99, 0.999)
+    second_moment_decay: float = 0.999
+    factored_decays: tuple[float, ...] = (0.9, 0.99, 0.999)
+    time_scales: tuple[float, ...] = ()
+    moment_eps: float = 1e-16
+    factored_eps: float = 1e-30
+    factored_rsqrt_eps: float = 1e-8
+    feature_rms_eps: float = 1e-12
+    direction_rms_eps: float = 1e-12
+    normalize_direction: bool = True
+    mup: bool = True
+    mup_base_fan_in: int = 64
+    init: str = "adam"
+    adam_feature_decay: float = 0.9
+
+
+def mup_scale(shape: Sequence[int], base_fan_in: int) -> float:
+    r"""The per-tensor μP step scale of a parameter of ``shape``.
+
+    .. math:: s = \begin{cases} \min(1,\ b / \mathrm{fan\_in}) & \text{2 or more dimensions} \\
+        1 & \text{vectors and scalars (biases, norm gains)} \end{cases}
+
+    with :math:`\mathrm{fan\_in} = \prod_{d \ge 1} \mathrm{shape}_d` (a ``Linear`` weight ``(out, in)``: ``in``;
+    a conv weight ``(out, in, kh, kw)``: ``in*kh*kw``) and :math:`b` = ``base_fan_in``. This is μLO's
+    :math:`1/\mathrm{fan\_in}` for hidden matrices, relative to a base width at which the step is the
+    plain ``lr`` (so ``lr`` keeps AdamW's scale); input layers, whose fan-in is the data dimension (at
+    most :math:`b` for the tasks in view), get 1. A shape cannot tell an output layer from a hidden one:
+    output matrices also get :math:`1/\mathrm{fan\_in}` (μP's rule for Adam's output-layer learning rate;
+    μLO's 1 there assumes a ``1/width`` output multiplier in the model, which plain models lack), and an
+    embedding table ``(vocab, dim)`` is treated as a matrix of fan-in ``dim``.
+    """
+    if len(shape) < 2:
+        return 1.0
+    rows, fan_in = matrix_view(shape)
+    return min(1.0, base_fan_in / max(fan_in, 1))
+
+
+@register_family
+class AdafacMLP(UpdateRule):
+    r"""Per-tensor normalised Adafactor-feature MLP with an RMS-normalised, μP-scaled direction.
+
+    State per coordinate (4 floats for :math:`J = 3`): momenta :math:`m_j` (decays ``momentum_decays``,
+    :math:`j = 1..J`; state ``m0, m1, ...``) and the second moment :math:`v` (decay
+    ``second_moment_decay``); per tensor: Adafactor's row and column statistics :math:`r, c`
+    (:func:`~learned_optim.features.factored_moments`, decays ``factored_decays``, :math:`K = J`), on the
+    tensor's :func:`~learned_optim.features.matrix_view` (a vector is an ``(n, 1)`` matrix, for which
+    the factored statistics are the full second moment).
+    At step :math:`t` with gradient :math:`g`:
+
+    .. math::
+        m_j \leftarrow \mathrm{ema}_{\beta_j}(m_j, g),\quad v \leftarrow \mathrm{ema}_{\beta_v}(v, g^2),\quad
+        (r, c) \leftarrow \mathrm{factored}(r, c, g),\quad
+        \hat m_j = \frac{m_j}{1-\beta_j^t},\ \hat v = \frac{v}{1-\beta_v^t},\
+        \phi_k = \hat v^{-1/2}_{\mathrm{fac},k}
+
+    and the 28 coordinate features (for :math:`J = K = 3`)
+
+    .. math::
+        u = \big[g,\ \theta,\ m_j,\ v,\ \hat m_j (\hat v + \epsilon)^{-1/2},\ (\hat v + \epsilon)^{-1/2},\
+        g\,\phi_k,\ m_k \phi_k,\ r_k,\ (r_k + \epsilon_f)^{-1/2},\ c_k,\ (c_k + \epsilon_f)^{-1/2}\big]
+
+    (:math:`r_k, c_k` broadcast to the coordinates of their row/column). **Every feature is divided by
+    its RMS over the whole tensor**, :math:`u_f / \sqrt{\overline{u_f^2} + \epsilon_u}`; optional time
+    features :math:`\tanh(t/\tau - 1)` are appended unnormalised. An MLP (``num_hidden_layers`` ReLU
+    layers of ``hidden_size``) maps each coordinate's features to a direction :math:`d`, which is
+    **RMS-normalised over the tensor** (``normalize_direction``; off for ablations: :math:`\Delta\theta = -s\,d`)
+    and scaled by the tensor's μP scale :math:`s` (:func:`mup_scale`; 1 when ``mup`` is off):
+
+    .. math:: \Delta\theta = -\,s\,\frac{d}{\sqrt{\overline{d^2} + \epsilon_d}}
+
+    so the runtime's :math:`\theta \leftarrow \theta(1 - \mathrm{lr}\,\lambda) + \mathrm{lr}\,\Delta\theta`
+    moves every tensor by RMS exactly :math:`\mathrm{lr}\cdot s` per step. ``lr`` is a real learning rate.
+
+    ``init="adam"`` builds the MLP so that :math:`d` equals the normalised feature
+    :math:`\hat m (\hat v + \epsilon)^{-1/2}` at decay ``adam_feature_decay`` exactly (two hidden units
+    carry :math:`\pm x` through the ReLUs; the other units are random with zero output weights): the
+    untrained net is AdamW (:math:`\beta_1` = ``adam_feature_decay``, :math:`\beta_2` =
+    ``second_moment_decay``) with per-tensor RMS-normalised updates. ``init="random"``: truncated
+    normal weights, std :math:`1/\sqrt{\mathrm{fan\_in}}`, zero biases (small_fc_lopt's init).
+
+    Whole-tensor rule (``forward`` takes ``shape=``; see :mod:`learned_optim.nets.base`). Computed
+    feature-major: the per-tensor normalisation is folded into the first layer's weight columns, and the
+    row/column features enter as a rank-structured term (one row of ``hidden_size`` values per row and per
+    column of the tensor) instead of being broadcast to every coordinate. Transient memory of a step:
+    about ``16 + 2 * hidden_size`` floats per coordinate of the tensor.
+    """
+
+    family = "adafac_mlp"
+    config_class = AdafacMLPConfig
+    config: AdafacMLPConfig
+    momentum_decay: Tensor
+    factored_decay: Tensor
+    whole_tensor = True
+    default_lr = 1e-3
+
+    def __init__(self, config: AdafacMLPConfig | None = None, **overrides: Any) -> None:
+        super().__init__(config, **overrides)
+        c = self.config
+        if len(c.momentum_decays) != len(c.factored_decays):
+            raise ValueError("AdafacMLP: momentum_decays and factored_decays must have the same length")
+        if c.init not in ("adam", "random"):
+            raise ValueError(f"AdafacMLP: init must be 'adam' or 'random', got {c.init!r}")
+        if c.num_hidden_layers < 1 or c.hidden_size < 2:
+            raise ValueError("AdafacMLP needs num_hidden_layers >= 1 and hidden_size >= 2")
+        if c.init == "adam" and c.adam_feature_decay not in c.momentum_decays:
+            raise ValueError(f"AdafacMLP: adam_feature_decay {c.adam_feature_decay} is not in momentum_decays")
+        layers: list[nn.Module] = []
+        width = self.num_features
+        for _ in range(c.num_hidden_layers):
+            layers += [nn.Linear(width, c.hidden_size), nn.ReLU()]
+            width = c.hidden_size
+        layers.append(nn.Linear(width, 1))
+        self.mlp = nn.Sequential(*layers)
+        self.register_buffer("momentum_decay", torch.tensor(c.momentum_decays).unsqueeze(1), persistent=False)
+        self.register_buffer("factored_decay", torch.tensor(c.factored_decays), persistent=False)
+        self.reset_parameters()
+
+    @property
+    def num_coordinate_features(self) -> int:
+        j = len(self.config.momentum_decays)
+        return 4 + 8 * j
+
+    @property
+    def num_features(self) -> int:
+        return self.num_coordinate_features + len(self.config.time_scales)
+
+    @property
+    def adam_feature_index(self) -> int:
+        """Row of :math:`\\hat m (\\hat v + \\epsilon)^{-1/2}` at ``adam_feature_decay`` among the features."""
+        c = self.config
+        return 3 + len(c.momentum_decays) + c.momentum_decays.index(c.adam_feature_decay)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise the weights as ``config.init`` says (see the class docstring)."""
+        linears = [m for m in self.mlp if isinstance(m, nn.Linear)]
+        for layer in linears:
+            nn.init.trunc_normal_(layer.weight, std=layer.in_features**-0.5)
+            nn.init.zeros_(layer.bias)
+        if self.config.init != "adam":
+            return
+        first, *hidden, last = linears
+        first.weight[:2] = 0.0
+        first.weight[0, self.adam_feature_index] = 1.0
+        first.weight[1, self.adam_feature_index] = -1.0
+        for layer in hidden:  # units 0 and 1 pass relu(x), relu(-x) through unchanged
+            layer.weight[:2] = 0.0
+            layer.weight[0, 0] = layer.weight[1, 1] = 1.0
+        last.weight.zero_()
+        last.weight[0, 0], last.weight[0, 1] = 1.0, -1.0  # relu(x) - relu(-x) = x
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        # one contiguous (n,) vector per momentum (not an (n, J) block): the features are computed
+        # feature-major, and transposing an (n, J) state in and out costs more than the arithmetic
+        return {**{f"m{j}": () for j in range(len(self.config.momentum_decays))}, "v": ()}
+
+    def tensor_state_shapes(self, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        rows, cols = matrix_view(shape)
+        k = len(self.config.factored_decays)
+        return {"row": (rows, k), "col": (cols, k)}
+
+    def step_scale(self, shape: Sequence[int]) -> float:
+        """The per-tensor step scale :math:`s` (:func:`mup_scale`, or 1 with ``mup`` off)."""
+        return mup_scale(shape, self.config.mup_base_fan_in) if self.config.mup else 1.0
+
+    def features(
+        self, grad: Tensor, param: Tensor, state: Mapping[str, Tensor], step: Tensor, shape: Sequence[int]
+    ) -> tuple[list[Tensor], Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        r"""The un-normalised features, feature-major, and the new state.
+
+        Returns ``(blocks, scale, row_features, col_features, new_state)``: ``blocks`` are the per-coordinate
+        features as ``(k, n)`` tensors in the order :math:`g, \theta, m_j, v, \hat m_j/\sqrt{\hat v+\epsilon}
+        (1-\beta_j^t), 1/\sqrt{\hat v+\epsilon}, g\phi_k, m_k\phi_k` (16 rows for :math:`J=3`), ``scale`` the
+        ``(16,)`` per-row factors that turn them into the documented features (the bias correction
+        :math:`1/(1-\beta_j^t)` of the ratio rows, 1 elsewhere), ``row_features`` ``(2K, rows)``: :math:`r_k,
+        (r_k+\epsilon_f)^{-1/2}` and ``col_features`` ``(2K, cols)``: :math:`c_k, (c_k+\epsilon_f)^{-1/2}` (a
+        row/column feature of coordinate :math:`(i, j)` is that of its row :math:`i` / column :math:`j`).
+        Feature :math:`f` of coordinate :math:`i` is ``scale[f] * cat(blocks)[f, i]``, then the row, then the
+        column features: 28 in all for :math:`J = K = 3`.
+        """
+        c = self.config
+        rows, cols = matrix_view(shape)
+        if rows * cols != grad.shape[0]:
+            raise ValueError(f"AdafacMLP: shape {tuple(shape)} does not match a flat tensor of {grad.shape[0]}")
+        beta = self.momentum_decay.to(grad.dtype)  # (J, 1)
+        j = len(c.momentum_decays)
+        m = ema(torch.stack([state[f"m{i}"] for i in range(j)]), grad, beta)  # (J, n)
+        sq = grad.square()
+        v = ema(state["v"], sq, c.second_moment_decay).unsqueeze(0)  # (1, n)
+        row, col = factored_moments(
+            sq.view(rows, cols), state["row"], state["col"], self.factored_decay.to(grad.dtype), c.factored_eps
+        )
+        ratio, rsqrt = rsqrt_features(m, bias_corrected(v, c.second_moment_decay, step), c.moment_eps)
+        precond = factored_preconditioner(row, col)  # (K, n)
+        blocks = [grad.unsqueeze(0), param.unsqueeze(0), m, v, ratio, rsqrt, grad * precond, m * precond]
+        scale = torch.cat([grad.new_ones(3 + j), 1.0 / (1.0 - beta.squeeze(1) ** step), grad.new_ones(1 + 2 * j)])
+        eps_f = c.factored_rsqrt_eps
+        row_features = torch.cat([row.t(), torch.rsqrt(row.t() + eps_f)])
+        col_features = torch.cat([col.t(), torch.rsqrt(col.t() + eps_f)])
+        new_state = {**{f"m{i}": m[i] for i in range(j)}, "v": v[0], "row": row, "col": col}
+        return blocks, scale, row_features, col_features, new_state
+
+    def forward(
+        self,
+        grad: Tensor,
+        param: Tensor,
+        state: Mapping[str, Tensor],
+        step: Tensor,
+        stats: Tensor | None = None,
+        out_state: Mapping[str, Tensor] | None = None,
+        segments: Segments | None = None,
+        *,
+        shape: Sequence[int] | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        if segments is not None:
+            raise ValueError("adafac_mlp steps whole tensors: it does not take packed segments")
+        c = self.config
+        shape = (grad.shape[0],) if shape is None else tuple(shape)
+        rows, cols = matrix_view(shape)
+        n = grad.shape[0]
+        blocks, scale, row_features, col_features, new_state = self.features(grad, param, state, step, shape)
+        dense = torch.cat(blocks)  # (16, n)
+        # Mean square of each feature over the tensor (a row/column feature repeats over its row/column).
+        dense_ms = torch.linalg.vector_norm(dense, dim=1).square() / n
+        ms = torch.cat([dense_ms, row_features.square().mean(dim=1), col_features.square().mean(dim=1)])
+        factor = torch.cat([scale, torch.ones_like(ms[scale.shape[0] :])])
+        # u_f / sqrt(mean(u_f^2) + eps) with u_f = factor_f * raw_f: folded into the first layer's columns,
+        # so the GEMMs run on the raw feature rows (no normalised copy of the batch).
+        first, *rest = self.mlp
+        assert isinstance(first, nn.Linear)
+        k = self.num_coordinate_features
+        weight = first.weight[:, :k] * (factor * torch.rsqrt(factor.square() * ms + c.feature_rms_eps))
+        bias: Tensor = first.bias
+        if c.time_scales:  # per-tensor constant inputs: folded into the bias
+            bias = bias + torch.mv(first.weight[:, k:], time_features(step, c.time_scales).to(bias.dtype))
+        # first layer, feature-major (H, n): the dense rows, plus the rank-structured row and column
+        # terms broadcast over the (rows, cols) view
+        d = scale.shape[0]
+        row_term = torch.addmm(bias.unsqueeze(1), weight[:, d : d + row_features.shape[0]], row_features)  # (H, R)
+        col_term = weight[:, d + row_features.shape[0] :] @ col_features  # (H, cols)
+        base = (row_term.unsqueeze(2) + col_term.unsqueeze(1)).reshape(-1, n)
+        inplace = inplace_allowed(grad, weight)  # no graph to record: activations in place
+        x = base.addmm_(weight[:, :d], dense) if inplace else torch.addmm(base, weight[:, :d], dense)
+        for layer in rest:
+            if isinstance(layer, nn.Linear):
+                x = torch.addmm(layer.bias.unsqueeze(1), layer.weight, x)
+            else:
+                x = x.relu_() if inplace else torch.relu(x)
+        direction = x.squeeze(0)
+        if c.normalize_direction:
+            direction = rms_normalize(direction, dim=0, eps=c.direction_rms_eps)
+        return -self.step_scale(shape) * direction, new_state

@@ -1,0 +1,203 @@
+"""The per-tensor normalised Adafactor-feature MLP (``adafac_mlp``): features, step size, μP scale, Adam init.
+
+The runtime battery (``tests/test_optimizer.py``, ``tests/test_checkpoints.py``) covers it like every family;
+these tests check its own math against direct, loop-based computations.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from learned_optim import AdafacMLP, LearnedOptimizer, functional_update
+from learned_optim.features import factored_moments, factored_preconditioner, matrix_view
+from learned_optim.nets.adafac_mlp import mup_scale
+
+SHAPES = [(7,), (5, 3), (4, 2, 3, 3), (1, 6), (6, 1)]
+
+
+def direct_features(rule: AdafacMLP, grads: list[Tensor], params: list[Tensor]) -> Tensor:
+    """The 28 features after ``len(grads)`` steps, element by element from the definitions (no vectorised helper)."""
+    c = rule.config
+    shape = grads[0].shape
+    rows, cols = matrix_view(shape)
+    t = len(grads)
+    g = grads[-1].reshape(rows, cols).double()
+    p = params[-1].reshape(rows, cols).double()
+
+    def ema_of(values: list[Tensor], beta: float) -> Tensor:
+        out = torch.zeros_like(values[0])
+        for x in values:
+            out = beta * out + (1 - beta) * x
+        return out
+
+    sq = [x.reshape(rows, cols).double() ** 2 + c.factored_eps for x in grads]
+    feats = [g, p]
+    ms = [ema_of([x.reshape(rows, cols).double() for x in grads], b) for b in c.momentum_decays]
+    v = ema_of([x.reshape(rows, cols).double() ** 2 for x in grads], c.second_moment_decay)
+    feats += ms + [v]
+    v_hat = v / (1 - c.second_moment_decay**t)
+    feats += [m / (1 - b**t) / torch.sqrt(v_hat + c.moment_eps) for m, b in zip(ms, c.momentum_decays, strict=True)]
+    feats.append(1 / torch.sqrt(v_hat + c.moment_eps))
+    row_vals, col_vals, precs = [], [], []
+    for b in c.factored_decays:
+        r = torch.stack([ema_of([s[i].mean() for s in sq], b) for i in range(rows)])  # (R,)
+        col = torch.stack([ema_of([s[:, j].mean() for s in sq], b) for j in range(cols)])  # (C,)
+        v_fac = r[:, None] * col[None, :] / r.mean()  # Adafactor's rank-1 second moment
+        precs.append(1 / torch.sqrt(v_fac))
+        row_vals.append(r[:, None].expand(rows, cols))
+        col_vals.append(col[None, :].expand(rows, cols))
+    feats += [g * q for q in precs] + [m * q for m, q in zip(ms, precs, strict=True)]
+    feats += row_vals + [1 / torch.sqrt(r + c.factored_rsqrt_eps) for r in row_vals]
+    feats += col_vals + [1 / torch.sqrt(x + c.factored_rsqrt_eps) for x in col_vals]
+    return torch.stack([f.reshape(-1) for f in feats])
+
+
+def run_steps(rule: AdafacMLP, shape: tuple[int, ...], steps: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    n = math.prod(shape)
+    state = rule.init_state(n, shape=shape)
+    grads, params = [], []
+    param = torch.randn(n, generator=gen)
+    for t in range(1, steps + 1):
+        grad = torch.randn(n, generator=gen) * 10.0 ** float(torch.randint(-4, 1, (), generator=gen))
+        grads.append(grad.reshape(shape))
+        params.append(param.reshape(shape))
+        blocks, scale, row_f, col_f, _ = rule.features(grad, param, state, torch.tensor(float(t)), shape)
+        rows, cols = matrix_view(shape)
+        index = torch.arange(n)
+        features = torch.cat([torch.cat(blocks) * scale[:, None], row_f[:, index // cols], col_f[:, index % cols]])
+        delta, state = functional_update(rule, None, grad, param, state, torch.tensor(float(t)), shape)
+        param = param + 1e-2 * delta
+    return features, delta, state, grads, params
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_features_and_factored_statistics_match_a_direct_computation(shape):
+    rule = AdafacMLP(init="random")
+    features, delta, state, grads, params = run_steps(rule, shape, steps=4)
+    direct = direct_features(rule, grads, params)
+    assert features.shape == (28, math.prod(shape)) == direct.shape
+    torch.testing.assert_close(features.double(), direct, rtol=2e-4, atol=0)
+    # the whole step from the direct features: per-tensor RMS normalisation, the MLP, normalised direction
+    x = direct / torch.sqrt(direct.square().mean(dim=1, keepdim=True) + rule.config.feature_rms_eps)
+    d = rule.mlp.double()(x.t()).squeeze(1)
+    rule.float()
+    expected = -rule.step_scale(shape) * d / torch.sqrt(d.square().mean() + rule.config.direction_rms_eps)
+    torch.testing.assert_close(delta.double(), expected, rtol=2e-3, atol=2e-4)
+    rows, cols = matrix_view(shape)
+    assert state["row"].shape == (rows, 3) and state["col"].shape == (cols, 3)
+
+
+def test_vector_factored_statistics_are_the_full_second_moment():
+    gen = torch.Generator().manual_seed(0)
+    decays = torch.tensor([0.9, 0.99])
+    row, col = torch.zeros(6, 2), torch.zeros(1, 2)
+    full = torch.zeros(6, 2)
+    for _ in range(5):
+        g = torch.randn(6, 1, generator=gen)
+        row, col = factored_moments(g.square(), row, col, decays, 0.0)
+        full = full * decays + (1 - decays) * g.square()
+    torch.testing.assert_close(factored_preconditioner(row, col), torch.rsqrt(full).t())
+
+
+@pytest.mark.parametrize("mup", [True, False])
+def test_applied_update_has_rms_lr_times_scale_per_tensor(mup):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 200), nn.ReLU(), nn.Conv1d(200, 30, 1), nn.Flatten(), nn.LayerNorm(30))
+    lr = 3e-3
+    opt = LearnedOptimizer(model.parameters(), AdafacMLP(init="random", mup=mup), lr=lr)
+    x = torch.randn(16, 8)
+    for _ in range(3):
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.zero_grad()
+        model[4](model[2](model[1](model[0](x)).unsqueeze(-1)).squeeze(-1)).square().mean().backward()
+        opt.step()
+        for b, p in zip(before, model.parameters(), strict=True):
+            rms = (p.detach() - b).square().mean().sqrt()
+            scale = opt.rule.step_scale(p.shape)
+            assert scale == (mup_scale(p.shape, 64) if mup else 1.0)
+            torch.testing.assert_close(float(rms / (lr * scale)), 1.0, rtol=1e-4, atol=0)
+
+
+def test_direction_normalisation_switch():
+    """normalize_direction=False (the ablation) applies the MLP output as is: its RMS follows the input scale."""
+    gen = torch.Generator().manual_seed(0)
+    grad, param = torch.randn(40, generator=gen), torch.randn(40, generator=gen)
+    on, off = AdafacMLP(init="random"), AdafacMLP(init="random", normalize_direction=False)
+    off.load_state_dict(on.state_dict())
+    step = torch.tensor(1.0)
+    d_on, _ = on(grad, param, on.init_state(40), step)
+    d_off, _ = off(grad, param, off.init_state(40), step)
+    torch.testing.assert_close(d_on.square().mean().sqrt(), torch.tensor(1.0))
+    torch.testing.assert_close(d_on, d_off / d_off.square().mean().sqrt())  # the same direction, unnormalised
+    assert abs(float(d_off.detach().square().mean().sqrt()) - 1.0) > 1e-3
+
+
+def test_mup_scale_per_shape():
+    assert mup_scale((10,), 64) == 1.0  # bias / norm gain
+    assert mup_scale((), 64) == 1.0
+    assert mup_scale((512, 64), 64) == 1.0  # input layer: fan-in at most the base
+    assert mup_scale((256, 512), 64) == 64 / 512  # hidden matrix: 1/fan_in relative to the base
+    assert mup_scale((10, 128), 64) == 0.5  # output matrix too (μP's Adam output-layer rule)
+    assert mup_scale((32, 16, 3, 3), 64) == 64 / 144  # conv: fan-in in * kh * kw
+    assert AdafacMLP(mup=False).step_scale((256, 512)) == 1.0
+
+
+def test_untrained_net_is_adamw_with_normalised_updates():
+    """init="adam": each tensor's step is Adam's (betas 0.9, 0.999) rescaled to RMS lr * scale."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 4))
+    twin = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 4))
+    twin.load_state_dict(model.state_dict())
+    opt = LearnedOptimizer(model.parameters(), AdafacMLP(), lr=1e-3, weight_decay=0.1)
+    adam = torch.optim.Adam(twin.parameters(), lr=1.0)  # its step, before our normalisation
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        x, y = torch.randn(16, 8, generator=gen), torch.randn(16, 4, generator=gen)
+        for m, o in ((model, opt), (twin, adam)):
+            o.zero_grad()
+            nn.functional.mse_loss(m(x), y).backward()
+        ours_before = [p.detach().clone() for p in model.parameters()]
+        adam_before = [p.detach().clone() for p in twin.parameters()]
+        opt.step()
+        adam.step()
+        for a, p, b, q in zip(ours_before, model.parameters(), adam_before, twin.parameters(), strict=True):
+            adam_dir = q.detach() - b
+            expected = (
+                -1e-3 * 0.1 * a + 1e-3 * opt.rule.step_scale(p.shape) * adam_dir / adam_dir.square().mean().sqrt()
+            )
+            # eps differs (Adam: 1e-8 outside the sqrt; ours 1e-16 inside): 0.3% of the step at most
+            torch.testing.assert_close(p.detach() - a, expected, rtol=1e-3, atol=3e-6)
+            q.data.copy_(p.detach())  # follow our trajectory so both see the same gradients
+
+
+def test_bad_shape_and_config_raise_clear_errors():
+    rule = AdafacMLP()
+    with pytest.raises(ValueError, match="does not match a flat tensor"):
+        rule(torch.zeros(6), torch.zeros(6), rule.init_state(6), torch.tensor(1.0), shape=(4, 2))
+    with pytest.raises(ValueError, match="same length"):
+        AdafacMLP(momentum_decays=(0.9,))
+    with pytest.raises(ValueError, match="init must be"):
+        AdafacMLP(init="zeros")
+
+
+def test_adapt_fine_tunes_the_net_with_a_real_lr():
+    """adapt (M-L2O) runs through the whole-tensor rule: the net changes, the model does not, training goes on."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = LearnedOptimizer(model.parameters(), AdafacMLP(hidden_size=4), lr=1e-2, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 4, generator=gen), torch.randint(0, 3, (16,), generator=gen)) for _ in range(6)]
+    net_before = {k: v.clone() for k, v in opt.rule.state_dict().items()}
+    model_before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt.adapt(model, nn.functional.cross_entropy, batches, steps=2, unroll=2)
+    assert any(not torch.equal(net_before[k], v) for k, v in opt.rule.state_dict().items())
+    assert all(torch.equal(model_before[k], v) for k, v in model.state_dict().items())
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(batches[0][0]), batches[0][1]).backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
