@@ -55,7 +55,7 @@ def test_cosine_schedule_warms_up_and_decays_to_zero():
 # ------------------------------------------------------------------------------------------ tuning
 def test_tuning_picks_the_planted_best_point():
     grid = brun.FULL_GRIDS["adamw"].settings("adamw")
-    planted = grid[5]
+    planted = grid[3]
     val = {s: 1.0 + abs(math.log10(s.lr / planted.lr)) + (0.0 if s == planted else 0.01) for s in grid}
     val[grid[0]] = math.nan  # a diverged point counts as +inf
 
@@ -64,8 +64,8 @@ def test_tuning_picks_the_planted_best_point():
 
     result = brun.tune("adamw", grid, evaluate, task="t", seeds=[1, 2])
     assert result.chosen == planted
-    assert math.isinf(result.val_loss[0]) and result.val_loss[5] == pytest.approx(1.0)
-    assert "-> lr 0.003, wd 0.1, cosine" in result.describe()
+    assert math.isinf(result.val_loss[0]) and result.val_loss[3] == pytest.approx(1.0)
+    assert planted.describe() == "lr 0.003, wd 0.1, cosine" and result.describe().endswith("-> " + planted.describe())
 
 
 def test_a_tiny_real_run_records_curves_and_finals():
@@ -148,6 +148,9 @@ def test_cli_record_card_and_list_pretrained(tmp_path, monkeypatch, capsys):
     assert "## Evaluation: bench suite v1 (quick)" in (card / "README.md").read_text()
     assert "bench suite v1 (quick)" in hub.read_config(card)["training"]["results"]
     assert "IQM val loss" in capsys.readouterr().out
+    monkeypatch.setattr(hub, "zoo_dir", lambda: tmp_path)
+    (entry,) = [e for e in hub.list_pretrained() if e["name"] == "ckpt"]
+    assert [a["contender"] for a in entry["suite"]["bench suite v1 (quick)"]][0] == "adamw"
 
 
 @pytest.mark.parametrize(
@@ -179,7 +182,7 @@ def test_bench_command_is_dispatched(capsys):
 def test_learned_tuned_grid_is_relative_to_a_multiplier_default():
     opt = brun.learned_optimizer("l2o-mlp")
     grid = opt.tuned_grid(brun.FULL_GRIDS["adamw"])
-    assert [s.lr for s in grid] == [0.3, 1.0, 3.0] and opt.default_setting().lr == 1.0
+    assert [s.lr for s in grid] == [0.1, 0.3, 1.0] and opt.default_setting().lr == 1.0
     real = brun.BenchOptimizer("x", "learned", lambda *a: None, {}, default_lr=1e-3)
     assert [s.lr for s in real.tuned_grid(brun.FULL_GRIDS["adamw"])] == list(brun.FULL_GRIDS["adamw"].lr)
 

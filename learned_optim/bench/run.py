@@ -78,7 +78,7 @@ SUITE_VERSION = 1
 TUNE_SEED = 1_000_000
 LR_RULES = ("adamw", "tuned", "default")
 #: The ``tuned`` rule's grid, relative to the checkpoint's default lr, when that default is a multiplier.
-LEARNED_LR_MULTIPLIERS: tuple[float, ...] = (0.3, 1.0, 3.0)
+LEARNED_LR_MULTIPLIERS: tuple[float, ...] = (0.1, 0.3, 1.0)
 WARMUP_FRACTION = 0.05
 
 
@@ -99,9 +99,9 @@ class Grid:
 
 
 FULL_GRIDS: dict[str, Grid] = {
-    "adamw": Grid((3e-4, 1e-3, 3e-3, 1e-2), (0.0, 0.1), "cosine"),
-    "adam": Grid((3e-4, 1e-3, 3e-3, 1e-2)),
-    "sgd-momentum": Grid((1e-2, 3e-2, 1e-1, 3e-1)),
+    "adamw": Grid((1e-3, 3e-3, 1e-2), (0.0, 0.1), "cosine"),
+    "adam": Grid((1e-3, 3e-3, 1e-2)),
+    "sgd-momentum": Grid((1e-2, 3e-2, 1e-1)),
 }
 QUICK_GRIDS: dict[str, Grid] = {
     "adamw": Grid((1e-3, 1e-2), (0.0, 0.1), "cosine"),

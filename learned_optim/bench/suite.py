@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..evaluate import _json_safe, mean_confidence_interval
+from ..hub import BENCH_RESULTS_PREFIX
 from . import stats
 from .data import stdlib_corpus
 from .run import (
@@ -62,7 +63,7 @@ class Contender:
 
 def card_key(quick: bool) -> str:
     """The key under which ``--record-card`` files the results (config.json ``training.results``)."""
-    return f"bench suite v{SUITE_VERSION}" + (" (quick)" if quick else "")
+    return f"{BENCH_RESULTS_PREFIX} v{SUITE_VERSION}" + (" (quick)" if quick else "")
 
 
 def _final(record: dict[str, Any], name: str) -> float:
