@@ -106,3 +106,16 @@ def test_unknown_task_names_the_known_ones():
 def test_missing_data_root(tmp_path):
     with pytest.raises(bdata.DataRootError, match="lacks the standard-library files"):
         bdata.stdlib_corpus(str(tmp_path))
+
+
+def test_data_bits_do_not_depend_on_the_thread_count():
+    task = get_task("shapes-cnn")
+    one = task.bind(steps=5).config_hash
+    bdata.shapes.cache_clear()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        two = task.bind(steps=5).config_hash
+    finally:
+        torch.set_num_threads(previous)
+    assert one == two

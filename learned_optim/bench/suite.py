@@ -255,6 +255,17 @@ def _fmt(mean: float, half: float, scale: float = 1.0, digits: int = 4) -> str:
     return text if not math.isfinite(half) else f"{text} ± {half * scale:.2g}"
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``), else what :mod:`platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 # ------------------------------------------------------------------------------------------ run
 def run_suite(
     optimizers: Sequence[str] = (),
@@ -371,7 +382,7 @@ def run_suite(
         "python": platform.python_version(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
+        "machine": _cpu_model(),
         "runs_trained": store.trained,
         "runs_reused": store.reused,
         "command": command,

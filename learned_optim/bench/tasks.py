@@ -124,8 +124,18 @@ class BenchTask:
         }
 
     def bind(self, data_root: str | None = None, steps: int | None = None) -> Workload:
-        """Load the data (``data_root``: folder of the text corpus, default this Python's stdlib)."""
-        splits = self.data(data_root) if self.uses_data_root else self.data()
+        """Load the data (``data_root``: folder of the text corpus, default this Python's stdlib).
+
+        The data is made with one torch thread whatever the caller's setting: reductions (the train
+        split's mean and standard deviation) round differently with other thread counts, which would
+        change the data's bits and fingerprint.
+        """
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            splits = self.data(data_root) if self.uses_data_root else self.data()
+        finally:
+            torch.set_num_threads(threads)
         return Workload(self, splits, self.steps if steps is None else int(steps))
 
 
