@@ -327,7 +327,7 @@ _TASK_LIST = [
         eval_size=500,
         source="procedurally drawn 16x16 shapes (6 classes, random position/size/contrast, Gaussian noise 0.35); "
         "8000/2000/2000 drawn from seeds 101/202/303",
-        compare="chance is 16.7%; a well-trained CNN is near 100% test accuracy",
+        compare="chance is 16.7% (ln 6 = 1.79 nats); the tuned baselines of the same run",
         differs="a convolutional net (4 conv layers, max-pooling) on synthetic images; the zoo saw only MLPs "
         "(and an unrelated digits conv in evaluation)",
     ),
@@ -339,7 +339,8 @@ _TASK_LIST = [
         steps=500,
         batch_size=32,
         source="scikit-learn's 8x8 digits through learned_optim.data.load_splits('digits'): 1077/360/360",
-        compare="the digits MLPs of the zoo's cards reach ~95-97%; a ResNet can reach ~98-99% test accuracy",
+        compare="tuned Adam reaches 96.6% with the 20-unit ReLU MLP and 99.1% with the digits conv net of the zoo's "
+        "evaluations (README)",
         differs="a residual net with BatchNorm (78k parameters, 9 conv layers) instead of a 20-unit MLP; "
         "same images as meta-training, a different model and problem geometry",
     ),
@@ -387,7 +388,7 @@ _TASK_LIST = [
         steps=600,
         batch_size=16,
         source=f"byte-level corpus of Python standard-library source files, split by file ({_STDLIB_SPLIT})",
-        compare=_LM_COMPARE + "; good small char models reach ~1.0-1.5",
+        compare=_LM_COMPARE,
         differs="a byte-level GRU language model (96k parameters) on source code",
     ),
     _stdlib_lm(
