@@ -7,6 +7,9 @@
 
 ``python -m learned_optim evaluate ...``
     The meta-test harness of :mod:`learned_optim.evaluate` (``--help`` for its options).
+
+``python -m learned_optim bench ...``
+    The benchmark suite of unseen, realistic tasks, :mod:`learned_optim.bench` (``--help`` for its options).
 """
 
 from __future__ import annotations
@@ -36,12 +39,13 @@ DEMO_TASK = "digits-mlp20-relu"
 #: Adam's learning-rate grid in the demo (a small version of the evaluation grid).
 DEMO_LR_GRID = (1e-1, 1e-2, 1e-3, 1e-4)
 
-_USAGE = """usage: python -m learned_optim {demo,evaluate} [options]
+_USAGE = """usage: python -m learned_optim {demo,evaluate,bench} [options]
 
 commands:
   demo        train a fresh digits model with a pretrained learned optimizer and with tuned Adam,
               print a comparison table, save a plot and JSON
   evaluate    evaluate optimizers against learning-rate-tuned baselines on unseen tasks
+  bench       the benchmark suite: unseen realistic tasks against tuned AdamW, Adam and SGD
 
 'python -m learned_optim COMMAND --help' describes a command's options.
 """
@@ -162,7 +166,7 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Dispatch ``demo`` and ``evaluate``; returns the exit status."""
+    """Dispatch ``demo``, ``evaluate`` and ``bench``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_USAGE, file=sys.stdout if argv else sys.stderr)
@@ -175,6 +179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .evaluate import main as evaluate_main
 
             return evaluate_main(rest, prog="python -m learned_optim evaluate")
+        if command == "bench":
+            from .bench.cli import main as bench_main
+
+            return bench_main(rest)
     except ImportError as e:  # an optional dependency of the command is missing: one line, no traceback
         print(f"python -m learned_optim {command}: {e}", file=sys.stderr)
         return 2

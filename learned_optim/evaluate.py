@@ -124,6 +124,7 @@ def register_baseline(info: BaselineInfo, *, overwrite: bool = False) -> Baselin
 
 register_baseline(BaselineInfo("adam", torch.optim.Adam, "torch.optim.Adam, default betas and eps"))
 register_baseline(BaselineInfo("sgd", torch.optim.SGD, "torch.optim.SGD without momentum"))
+register_baseline(BaselineInfo("adamw", torch.optim.AdamW, "torch.optim.AdamW, default betas, eps, weight decay 0.01"))
 
 
 # ------------------------------------------------------------------------------------------ optimizers
@@ -1095,8 +1096,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m learned_optim
             command=f"{prog} {shlex.join(argv)}",
             flatness=FlatnessOptions(patience=args.flatness_patience) if args.flatness else None,
         )
-    except (CheckpointError, ValueError, ImportError) as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+    except (CheckpointError, ValueError, ImportError, KeyError) as err:  # KeyError: unknown task name
+        print(f"{prog}: error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
         return 2
     files = results.write(args.out, plots=not args.no_plots)
     for checkpoint in args.record_card:

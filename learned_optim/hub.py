@@ -286,6 +286,8 @@ def load_rule_from_dir(directory: str | os.PathLike) -> tuple[UpdateRule, dict[s
 
 
 PENDING_EVALUATION_HEADING = "## Evaluation"
+#: Results recorded by the benchmark suite (``learned_optim.bench``) are filed under keys starting with this.
+BENCH_RESULTS_PREFIX = "bench suite"
 
 
 def record_evaluation(
@@ -340,11 +342,17 @@ def _zoo_entries() -> dict[str, Path]:
 
 
 def list_pretrained() -> list[dict[str, Any]]:
-    """The bundled zoo: one dict per entry with its name, family, description, training and results."""
+    """The bundled zoo: one dict per entry with its name, family, description, training and results.
+
+    ``suite`` holds the aggregates of the benchmark suite (``python -m learned_optim bench --record-card``)
+    per recorded suite run (key ``"bench suite v<N>"``, ``" (quick)"`` for the quick selection), or ``None``.
+    """
     entries = []
     for name, directory in _zoo_entries().items():
         config = read_config(directory)
         training = config.get("training") or {}
+        results = training.get("results") or {}
+        suite = {k: v.get("aggregates") for k, v in results.items() if k.startswith(BENCH_RESULTS_PREFIX)}
         entries.append(
             {
                 "name": name,
@@ -352,6 +360,7 @@ def list_pretrained() -> list[dict[str, Any]]:
                 "description": config.get("description"),
                 "trained_on": training.get("tasks"),
                 "results": training.get("results"),
+                "suite": suite or None,
                 "path": str(directory),
             }
         )

@@ -1,0 +1,433 @@
+r"""Running the suite: optimizers and their tuning grids, the training loop, the run store, tuning.
+
+**Baselines** (built from :data:`learned_optim.evaluate.BASELINES`), each tuned on the validation split
+of one separate tuning seed with the same budget (the task's full horizon per grid point):
+
+* ``adamw``: ``torch.optim.AdamW`` with a linear warm-up over the first 5% of the steps then a cosine
+  decay to 0 (:func:`lr_factor`), tuned over lr x weight decay;
+* ``adam``: ``torch.optim.Adam`` at a constant lr, tuned over lr;
+* ``sgd-momentum``: ``torch.optim.SGD`` with momentum 0.9 at a constant lr, tuned over lr.
+
+**Learned optimizers** (zoo name, checkpoint folder or Hub id) run under one or more *lr rules*:
+
+* ``adamw``: the user swaps the class and keeps AdamW's tuned lr, weight decay and schedule;
+* ``tuned``: its own lr tuned on the same budget: the checkpoint's default lr times
+  :data:`LEARNED_LR_MULTIPLIERS` when that default is a step multiplier (``>= 0.1``, the old zoo's 1.0),
+  AdamW's lr grid when it is a real learning rate; its default weight decay and schedule;
+* ``default``: the checkpoint's default lr and weight decay and its schedule (``config.json``'s
+  top-level ``"schedule"``, ``"constant"`` when absent), the same for every task.
+
+**Runs**: :func:`train` trains the model of a seed on the seed's batches (every optimizer sees the same
+initialisation and batches), records the training loss of every step, the validation loss (and
+accuracy) at step 0 and every ``eval_every`` steps, the final test values and the wall time per step
+(forward, backward, update and scheduler; batch drawing and evaluation excluded). A non-finite loss or
+gradient ends the run (``nonfinite_at``); ``diverged`` is true for that or for a final validation loss
+above the initial one.
+
+**Store**: every finished run is one JSON record in ``<out>/runs/`` named by the SHA-256 of (suite
+version, task config hash, optimizer identity, lr / weight decay / schedule, seed); a rerun, a resume
+after interruption or another optimizer's run in the same folder (or with ``--baseline-dir``) reuses
+the records instead of training again. The task config hash covers the model, data fingerprint,
+horizon, batch size and evaluation, and the optimizer identity covers the checkpoint's weights, so a
+change to either makes new keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch.optim import Optimizer
+
+from ..evaluate import BASELINES, mean_confidence_interval, resolve_optimizer
+from ..hub import CONFIG_NAME, WEIGHTS_NAME, read_config
+from ..optimizer import NonFiniteGradientError
+from .tasks import Workload
+
+__all__ = [
+    "SUITE_VERSION",
+    "TUNE_SEED",
+    "LR_RULES",
+    "LEARNED_LR_MULTIPLIERS",
+    "Grid",
+    "FULL_GRIDS",
+    "QUICK_GRIDS",
+    "Setting",
+    "BenchOptimizer",
+    "baseline_optimizer",
+    "learned_optimizer",
+    "UnknownOptimizerError",
+    "lr_factor",
+    "train",
+    "RunStore",
+    "Tuning",
+    "tune",
+]
+
+#: Bumped whenever a change alters what a run measures; part of every run's key.
+SUITE_VERSION = 1
+#: Seed of the tuning runs (never an evaluation seed).
+TUNE_SEED = 1_000_000
+LR_RULES = ("adamw", "tuned", "default")
+#: The ``tuned`` rule's grid, relative to the checkpoint's default lr, when that default is a multiplier.
+LEARNED_LR_MULTIPLIERS: tuple[float, ...] = (0.1, 0.3, 1.0)
+WARMUP_FRACTION = 0.05
+
+
+class UnknownOptimizerError(ValueError):
+    """Neither a suite baseline nor a loadable learned optimizer (the message says what exists)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """A baseline's tuning grid: every (lr, weight decay) pair, with one schedule."""
+
+    lr: tuple[float, ...]
+    weight_decay: tuple[float, ...] = (0.0,)
+    schedule: str = "constant"
+
+    def settings(self, optimizer: str) -> list[Setting]:
+        return [Setting(optimizer, lr, wd, self.schedule) for lr in self.lr for wd in self.weight_decay]
+
+
+FULL_GRIDS: dict[str, Grid] = {
+    "adamw": Grid((1e-3, 3e-3, 1e-2), (0.0, 0.1), "cosine"),
+    "adam": Grid((1e-3, 3e-3, 1e-2)),
+    "sgd-momentum": Grid((1e-2, 3e-2, 1e-1)),
+}
+QUICK_GRIDS: dict[str, Grid] = {
+    "adamw": Grid((1e-3, 1e-2), (0.0, 0.1), "cosine"),
+    "adam": Grid((1e-3, 1e-2)),
+    "sgd-momentum": Grid((3e-2, 3e-1)),
+}
+QUICK_LEARNED_LR_MULTIPLIERS: tuple[float, ...] = (0.3, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """The hyper-parameters of one run: optimizer name, lr, decoupled weight decay, schedule."""
+
+    optimizer: str
+    lr: float
+    weight_decay: float
+    schedule: str
+
+    def describe(self) -> str:
+        wd = f", wd {self.weight_decay:g}" if self.weight_decay else ""
+        return f"lr {self.lr:g}{wd}, {self.schedule}"
+
+
+def lr_factor(schedule: str, step: int, steps: int) -> float:
+    r"""The multiplier of the base lr at ``step`` (0-based) of ``steps``.
+
+    ``constant``: 1. ``cosine``: :math:`(t+1)/w` for :math:`t < w = \max(1, \lfloor 0.05\,T \rfloor)`, then
+    :math:`\tfrac12\bigl(1+\cos(\pi\,(t-w)/(T-w))\bigr)` (decays to 0 at the last step).
+    """
+    if schedule == "constant":
+        return 1.0
+    if schedule != "cosine":
+        raise ValueError(f"unknown schedule {schedule!r}; known: constant, cosine")
+    warm = max(1, int(WARMUP_FRACTION * steps))
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+
+@dataclasses.dataclass
+class BenchOptimizer:
+    """An optimizer under test: ``build(params, lr, weight_decay)`` and what identifies it in run keys."""
+
+    name: str
+    kind: str  # "baseline" | "learned"
+    build: Callable[[list[torch.Tensor], float, float], Optimizer]
+    identity: dict[str, Any]
+    default_lr: float | None = None
+    default_weight_decay: float = 0.0
+    default_schedule: str = "constant"
+
+    def tuned_grid(self, adamw_grid: Grid, quick: bool = False) -> list[Setting]:
+        """The ``tuned`` rule's grid (see the module docstring)."""
+        assert self.default_lr is not None
+        if self.default_lr >= 0.1:
+            mult = QUICK_LEARNED_LR_MULTIPLIERS if quick else LEARNED_LR_MULTIPLIERS
+            lrs: Sequence[float] = [self.default_lr * m for m in mult]
+        else:
+            lrs = adamw_grid.lr
+        return [Setting(self.name, lr, self.default_weight_decay, self.default_schedule) for lr in lrs]
+
+    def default_setting(self) -> Setting:
+        assert self.default_lr is not None
+        return Setting(self.name, self.default_lr, self.default_weight_decay, self.default_schedule)
+
+
+_BASELINE_CLASSES = {"adamw": ("adamw", {}), "adam": ("adam", {}), "sgd-momentum": ("sgd", {"momentum": 0.9})}
+
+
+def baseline_optimizer(name: str) -> BenchOptimizer:
+    """``adamw``, ``adam`` or ``sgd-momentum``, built from the class of :data:`~learned_optim.evaluate.BASELINES`."""
+    if name not in _BASELINE_CLASSES:
+        raise UnknownOptimizerError(f"unknown baseline {name!r}; the suite's baselines: {', '.join(_BASELINE_CLASSES)}")
+    registered, extra = _BASELINE_CLASSES[name]
+    cls = BASELINES[registered].opt_class
+
+    def build(params: list[torch.Tensor], lr: float, weight_decay: float) -> Optimizer:
+        return cls(params, lr=lr, weight_decay=weight_decay, **extra)
+
+    return BenchOptimizer(name, "baseline", build, {"class": f"{cls.__module__}.{cls.__qualname__}", **extra})
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def learned_optimizer(name_or_dir: str) -> BenchOptimizer:
+    """A learned optimizer (zoo name, checkpoint folder or Hub id) with its checkpoint's defaults.
+
+    Raises :class:`UnknownOptimizerError` naming the zoo entries and baselines when it cannot be loaded.
+    """
+    from ..hub import CheckpointError, from_pretrained, list_pretrained
+
+    try:
+        spec = resolve_optimizer(name_or_dir)
+    except (CheckpointError, OSError, ValueError) as err:
+        raise UnknownOptimizerError(
+            f"cannot load optimizer {name_or_dir!r}: {str(err).splitlines()[0]}; zoo: "
+            f"{', '.join(e['name'] for e in list_pretrained())}; the suite's baselines (--baselines): "
+            f"{', '.join(_BASELINE_CLASSES)}"
+        ) from None
+    if spec.kind != "learned":
+        raise UnknownOptimizerError(f"{name_or_dir!r} is an evaluate baseline; pass it with --baselines instead")
+    folder = Path(spec.info["path"])
+    config = read_config(folder)
+    defaults = config.get("optimizer") or {}
+
+    def build(params: list[torch.Tensor], lr: float, weight_decay: float) -> Optimizer:
+        return from_pretrained(str(folder), params, lr=lr, weight_decay=weight_decay)
+
+    identity = {
+        "weights": _sha256(folder / WEIGHTS_NAME),
+        "config": hashlib.sha256((folder / CONFIG_NAME).read_bytes()).hexdigest()[:16],
+    }
+    return BenchOptimizer(
+        spec.label,
+        "learned",
+        build,
+        identity,
+        default_lr=float(defaults.get("lr", 1.0)),
+        default_weight_decay=float(defaults.get("weight_decay", 0.0)),
+        default_schedule=str(config.get("schedule", "constant")),
+    )
+
+
+# ------------------------------------------------------------------------------------------ one run
+def _round(v: float) -> float | None:
+    return float(f"{v:.6g}") if math.isfinite(v) else None
+
+
+def train(workload: Workload, optimizer: BenchOptimizer, setting: Setting, seed: int) -> dict[str, Any]:
+    """One run (see the module docstring); returns its record (without the key)."""
+    steps, every = workload.steps, workload.eval_every
+    model = workload.build_model(seed)
+    opt = optimizer.build(list(model.parameters()), setting.lr, setting.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(setting.schedule, t, steps))
+    generator = torch.Generator().manual_seed(seed)
+    val_steps: list[int] = []
+    val: dict[str, list[float]] = {}
+
+    def record(step: int) -> float:
+        values = workload.measure(model, "val")
+        val_steps.append(step)
+        for k, v in values.items():
+            val.setdefault(k, []).append(v)
+        return values["loss"]
+
+    initial = record(0)
+    train_loss: list[float] = []
+    nonfinite_at, elapsed, start = None, 0.0, time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for step in range(steps):
+            batch = workload.batch(generator)
+
+            def closure(batch=batch) -> torch.Tensor:
+                opt.zero_grad(set_to_none=True)
+                loss = workload.loss(model, batch)
+                loss.backward()
+                return loss
+
+            tick = time.perf_counter()
+            try:
+                # torch's stub types the closure as returning a float; like torch.optim, ours returns the loss
+                loss = float(cast(torch.Tensor, opt.step(closure)))  # type: ignore[arg-type]
+            except NonFiniteGradientError:
+                loss = math.nan
+            scheduler.step()
+            elapsed += time.perf_counter() - tick
+            train_loss.append(loss)
+            if not math.isfinite(loss):
+                nonfinite_at = step
+                break
+            if (step + 1) % every == 0 or step + 1 == steps:
+                if not math.isfinite(record(step + 1)):
+                    nonfinite_at = step + 1
+                    break
+    final_val = val["loss"][-1] if nonfinite_at is None else math.nan
+    test = workload.measure(model, "test") if nonfinite_at is None else {}
+    return {
+        "suite_version": SUITE_VERSION,
+        "task": workload.name,
+        "task_hash": workload.config_hash,
+        "optimizer": setting.optimizer,
+        "identity": optimizer.identity,
+        "setting": dataclasses.asdict(setting),
+        "seed": seed,
+        "steps": steps,
+        "train_loss": [_round(v) for v in train_loss],
+        "val_steps": val_steps,
+        "val": {k: [_round(v) for v in vs] for k, vs in val.items()},
+        "initial_val_loss": _round(initial),
+        "final": {
+            "val_loss": _round(final_val),
+            **({"val_accuracy": _round(val["accuracy"][-1])} if "accuracy" in val and nonfinite_at is None else {}),
+            **{f"test_{k}": _round(v) for k, v in test.items()},
+        },
+        "nonfinite_at": nonfinite_at,
+        "diverged": nonfinite_at is not None or not final_val <= initial,
+        "time_per_step": elapsed / max(1, len(train_loss)),
+        "wall_time": time.perf_counter() - start,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+# ------------------------------------------------------------------------------------------ store
+class RunStore:
+    """Finished runs as JSON files ``<folder>/runs/<key>.json`` (see the module docstring).
+
+    ``reuse=False`` trains every run again (and overwrites the records); ``extra`` folders are read too
+    (e.g. a folder of baseline runs shared by several optimizers) but never written.
+    """
+
+    def __init__(self, folder: str | os.PathLike, *, extra: Sequence[str | os.PathLike] = (), reuse: bool = True):
+        self.folder = Path(folder) / "runs"
+        self.extra = [Path(e) / "runs" for e in extra]
+        self.reuse = reuse
+        self.trained = 0
+        self.reused = 0
+
+    @staticmethod
+    def key(workload: Workload, optimizer: BenchOptimizer, setting: Setting, seed: int) -> str:
+        what = {
+            "suite_version": SUITE_VERSION,
+            "task": workload.config_hash,
+            "optimizer": setting.optimizer,
+            "identity": optimizer.identity,
+            "setting": dataclasses.asdict(setting),
+            "seed": seed,
+        }
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        if not self.reuse:
+            return None
+        for folder in (self.folder, *self.extra):
+            path = folder / f"{key}.json"
+            if path.is_file():
+                return json.loads(path.read_text())
+        return None
+
+    def put(self, record: dict[str, Any]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".{record['key']}.tmp"
+        tmp.write_text(json.dumps(record, allow_nan=False) + "\n")
+        tmp.replace(self.folder / f"{record['key']}.json")
+
+    def run(
+        self,
+        workload: Workload,
+        optimizer: BenchOptimizer,
+        setting: Setting,
+        seed: int,
+        on_done: Callable[[int], object] | None = None,
+    ) -> dict[str, Any]:
+        """The record of this run: from the store, or trained now and stored."""
+        key = self.key(workload, optimizer, setting, seed)
+        record = self.get(key)
+        if record is None:
+            record = {"key": key, **train(workload, optimizer, setting, seed)}
+            self.put(record)
+            self.trained += 1
+        else:
+            self.reused += 1
+        if on_done is not None:
+            on_done(workload.steps)
+        return record
+
+
+# ------------------------------------------------------------------------------------------ tuning
+def _final_val(record: dict[str, Any]) -> float:
+    v = record["final"]["val_loss"]
+    return math.inf if v is None else float(v)
+
+
+@dataclasses.dataclass
+class Tuning:
+    """One grid search: each setting's final validation loss (mean over the tuning seeds) and the choice."""
+
+    task: str
+    contender: str
+    settings: list[Setting]
+    val_loss: list[float]
+    chosen: Setting
+    seeds: list[int]
+
+    def describe(self) -> str:
+        tried = ", ".join(f"{s.describe()}: {v:.4g}" for s, v in zip(self.settings, self.val_loss, strict=True))
+        return f"[tune] {self.contender} on {self.task}: {{{tried}}} -> {self.chosen.describe()}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "contender": self.contender,
+            "grid": [
+                {**dataclasses.asdict(s), "val_loss": v if math.isfinite(v) else None}
+                for s, v in zip(self.settings, self.val_loss, strict=True)
+            ],
+            "chosen": dataclasses.asdict(self.chosen),
+            "seeds": self.seeds,
+        }
+
+
+def tune(
+    contender: str,
+    settings: Sequence[Setting],
+    evaluate: Callable[[Setting, int], dict[str, Any]],
+    *,
+    task: str,
+    seeds: Sequence[int] = (TUNE_SEED,),
+) -> Tuning:
+    """Pick the setting with the lowest mean final validation loss over ``seeds``.
+
+    ``evaluate(setting, seed)`` returns a run record. A run with a non-finite loss counts as +inf; ties
+    go to the earlier setting; if every setting fails, the first (smallest lr) is kept.
+    """
+    if not settings:
+        raise ValueError(f"empty tuning grid for {contender} on {task}")
+    losses = []
+    for setting in settings:
+        finals = [_final_val(evaluate(setting, seed)) for seed in seeds]
+        losses.append(mean_confidence_interval(finals)[0] if all(math.isfinite(v) for v in finals) else math.inf)
+    best = min(range(len(settings)), key=lambda i: (losses[i], i))
+    return Tuning(task, contender, list(settings), losses, settings[best], list(seeds))

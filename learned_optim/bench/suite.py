@@ -1,0 +1,390 @@
+"""The suite end to end: plan, tune, evaluate, summarise, write (JSON, CSV, markdown, plots).
+
+Python::
+
+    from learned_optim.bench import run_suite
+    results = run_suite(["rnnprop-tbv"], quick=True, out="bench-out")
+    print(results.markdown())
+
+Every contender of a task runs on the seeds ``0 .. seeds-1`` (the same initialisations and batches);
+tuning uses the separate seed :data:`~learned_optim.bench.run.TUNE_SEED`. Contenders are the baselines
+(``adamw`` is always there: it is the reference of the speed-ups, normalised losses and win/tie/loss
+counts) and each learned optimizer under each lr rule, labelled ``"<name> [<rule>]"``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import platform
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..evaluate import _json_safe, mean_confidence_interval
+from ..hub import BENCH_RESULTS_PREFIX
+from . import stats
+from .data import stdlib_corpus
+from .run import (
+    FULL_GRIDS,
+    LR_RULES,
+    QUICK_GRIDS,
+    SUITE_VERSION,
+    TUNE_SEED,
+    BenchOptimizer,
+    RunStore,
+    Setting,
+    Tuning,
+    baseline_optimizer,
+    learned_optimizer,
+    tune,
+)
+from .tasks import QUICK, QUICK_STEPS_FRACTION, TASKS, Workload, get_task
+
+__all__ = ["REFERENCE", "BASELINE_NAMES", "Contender", "SuiteResults", "run_suite", "card_key"]
+
+REFERENCE = "adamw"
+BASELINE_NAMES = ("adamw", "adam", "sgd-momentum")
+
+
+@dataclasses.dataclass
+class Contender:
+    """An optimizer under one lr rule (``rule`` is ``None`` for a baseline, which is always tuned)."""
+
+    label: str
+    optimizer: BenchOptimizer
+    rule: str | None = None
+
+
+def card_key(quick: bool) -> str:
+    """The key under which ``--record-card`` files the results (config.json ``training.results``)."""
+    return f"{BENCH_RESULTS_PREFIX} v{SUITE_VERSION}" + (" (quick)" if quick else "")
+
+
+def _final(record: dict[str, Any], name: str) -> float:
+    """A final value of a run; a run that ended non-finite counts with its initial validation loss."""
+    v = record["final"].get(name)
+    if v is None and name.endswith("_loss"):
+        v = record["initial_val_loss"]
+    return math.nan if v is None else float(v)
+
+
+@dataclasses.dataclass
+class SuiteResults:
+    """Everything one suite run measured: config, tunings, and the evaluation records per (task, contender)."""
+
+    config: dict[str, Any]
+    tuning: list[Tuning]
+    records: dict[str, dict[str, list[dict[str, Any]]]]  # task -> contender -> one record per seed
+    settings: dict[str, dict[str, Setting]]  # task -> contender -> the setting it ran with
+
+    # ------------------------------------------------------------------ summaries
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per (task, contender): means ± 95% t-intervals over seeds, ratios to AdamW, the outcome."""
+        out = []
+        for task, by_contender in self.records.items():
+            ref = by_contender[REFERENCE]
+            ref_val = [_final(r, "val_loss") for r in ref]
+            ref_test = [_final(r, "test_loss") for r in ref]
+            for contender, recs in by_contender.items():
+                row: dict[str, Any] = {"task": task, "contender": contender}
+                row["setting"] = self.settings[task][contender].describe()
+                row["seeds"] = len(recs)
+                for name in ("val_loss", "test_loss", "test_accuracy"):
+                    row[name], row[f"{name}_ci95"] = mean_confidence_interval([_final(r, name) for r in recs])
+                speed = [
+                    stats.speedup(r["val_steps"], r["val"]["loss"], q["val_steps"], q["val"]["loss"], r["steps"])
+                    for r, q in zip(recs, ref, strict=True)
+                ]
+                row["speedup"], row["speedup_ci95"] = mean_confidence_interval(speed)
+                row["norm_val_loss"] = row["val_loss"] / mean_confidence_interval(ref_val)[0]
+                row["norm_test_loss"] = row["test_loss"] / mean_confidence_interval(ref_test)[0]
+                diff, half, outcome = stats.paired_outcome([_final(r, "test_loss") for r in recs], ref_test)
+                row["test_loss_diff"], row["test_loss_diff_ci95"], row["outcome"] = diff, half, outcome
+                row["diverged"] = sum(bool(r["diverged"]) for r in recs)
+                row["nonfinite"] = sum(r["nonfinite_at"] is not None for r in recs)
+                row["ms_per_step"] = 1e3 * sum(r["time_per_step"] for r in recs) / len(recs)
+                out.append(row)
+        return out
+
+    def aggregates(self, rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """Per contender over tasks: IQMs of normalised val/test loss and of speed-up, wins/ties/losses."""
+        rows = self.rows() if rows is None else rows
+        out = []
+        for contender in dict.fromkeys(r["contender"] for r in rows):
+            mine = [r for r in rows if r["contender"] == contender]
+            agg: dict[str, Any] = {"contender": contender, "tasks": len(mine)}
+            for name in ("norm_val_loss", "norm_test_loss", "speedup"):
+                agg[f"iqm_{name}"] = stats.iqm([r[name] for r in mine])
+            for outcome, column in stats.OUTCOME_COUNTS.items():
+                agg[column] = sum(r["outcome"] == outcome for r in mine)
+            agg["diverged_runs"] = sum(r["diverged"] for r in mine)
+            agg["runs"] = sum(r["seeds"] for r in mine)
+            out.append(agg)
+        return out
+
+    # ------------------------------------------------------------------ text
+    def markdown(self) -> str:
+        """The aggregate table, the per-task table and a note on how they were made."""
+        rows = self.rows()
+        c = self.config
+        lines = [
+            "| Optimizer | IQM val loss / AdamW | IQM test loss / AdamW | IQM speed-up | W / T / L vs AdamW "
+            "(test loss) | Diverged runs |",
+            "|---|---|---|---|---|---|",
+        ]
+        for a in self.aggregates(rows):
+            lines.append(
+                f"| {a['contender']} | {a['iqm_norm_val_loss']:.3f} | {a['iqm_norm_test_loss']:.3f} | "
+                f"{a['iqm_speedup']:.2f}x | {a['wins']} / {a['ties']} / {a['losses']} | "
+                f"{a['diverged_runs']}/{a['runs']} |"
+            )
+        lines += [
+            "",
+            "| Task | Optimizer | Setting | Val loss | Test loss | Test acc (%) | Val / AdamW | Speed-up | "
+            "vs AdamW | Diverged | ms / step |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            acc = _fmt(r["test_accuracy"], r["test_accuracy_ci95"], 100.0)
+            lines.append(
+                f"| {r['task']} | {r['contender']} | {r['setting']} | {_fmt(r['val_loss'], r['val_loss_ci95'])} | "
+                f"{_fmt(r['test_loss'], r['test_loss_ci95'])} | {acc} | {r['norm_val_loss']:.3f} | "
+                f"{_fmt(r['speedup'], r['speedup_ci95'], digits=3)}x | {r['outcome']} | "
+                f"{r['diverged']}/{r['seeds']} | {r['ms_per_step']:.3g} |"
+            )
+        note = (
+            f"Suite v{c['suite_version']}{' (quick selection)' if c['quick'] else ''}: {len(self.records)} tasks, "
+            f"{len(c['seeds'])} seed(s) each ({c['seeds']}), mean ± 95% t-interval over seeds. Baselines and the "
+            f"`tuned` rule were tuned on the validation split of seed {TUNE_SEED} with the full horizon. IQM = "
+            "interquartile mean over tasks; speed-up = horizon / first evaluation step reaching tuned AdamW's final "
+            "validation loss (< 1: AdamW's step reaching the optimizer's final loss / horizon; 0: non-finite); "
+            "W / T / L: paired 95% interval of the test-loss difference to AdamW below / containing / above 0. "
+            f"Diverged: non-finite, or final validation loss above the initial one. torch {c['torch']}, "
+            f"{c['threads']} thread(s), {c['machine']}; stdlib corpus {c['corpus_fingerprint']} (Python "
+            f"{c['python']})."
+        )
+        if c.get("command"):
+            note += f"\n\nCommand: `{c['command']}`"
+        return "\n".join(lines) + "\n\n" + note + "\n"
+
+    def tuning_markdown(self) -> str:
+        """Every grid with its validation losses and the chosen setting."""
+        lines = ["| Task | Contender | Grid: setting -> final val loss | Chosen |", "|---|---|---|---|"]
+        for t in self.tuning:
+            grid = "; ".join(f"{s.describe()} -> {v:.4g}" for s, v in zip(t.settings, t.val_loss, strict=True))
+            lines.append(f"| {t.task} | {t.contender} | {grid} | {t.chosen.describe()} |")
+        return "\n".join(lines) + "\n"
+
+    def card_results(self) -> dict[str, Any]:
+        """Compact results for a checkpoint's config.json (``training.results``)."""
+        rows = self.rows()
+        keep = ("task", "contender", "setting", "val_loss", "test_loss", "test_accuracy", "speedup", "outcome")
+        return _json_safe(
+            {
+                "command": self.config.get("command"),
+                "suite_version": self.config["suite_version"],
+                "quick": self.config["quick"],
+                "seeds": len(self.config["seeds"]),
+                "aggregates": self.aggregates(rows),
+                "summary": [{k: r[k] for k in keep} for r in rows],
+            }
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        rows = self.rows()
+        return _json_safe(
+            {
+                "config": self.config,
+                "aggregates": self.aggregates(rows),
+                "summary": rows,
+                "tuning": [t.to_dict() for t in self.tuning],
+                "runs": [
+                    {"task": task, "contender": contender, "key": r["key"], "seed": r["seed"], "final": r["final"]}
+                    for task, by in self.records.items()
+                    for contender, recs in by.items()
+                    for r in recs
+                ],
+            }
+        )
+
+    # ------------------------------------------------------------------ files
+    def write(self, out_dir: str | os.PathLike, *, plots: bool = True) -> dict[str, Path]:
+        """results.json, summary.csv, aggregates.csv, summary.md, tuning.md, curves_<task>.png, summary.png."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        files = {
+            "json": out / "results.json",
+            "summary_csv": out / "summary.csv",
+            "aggregates_csv": out / "aggregates.csv",
+            "markdown": out / "summary.md",
+            "tuning": out / "tuning.md",
+        }
+        data = self.to_dict()
+        files["json"].write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
+        _write_csv(files["summary_csv"], data["summary"])
+        _write_csv(files["aggregates_csv"], data["aggregates"])
+        files["markdown"].write_text(self.markdown())
+        files["tuning"].write_text(self.tuning_markdown())
+        if plots:
+            from .plots import plot_summary, plot_task_curves
+
+            for task, path in plot_task_curves(self, out).items():
+                files[f"plot:{task}"] = path
+            files["plot:summary"] = plot_summary(self, out)
+        return files
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+
+
+def _fmt(mean: float, half: float, scale: float = 1.0, digits: int = 4) -> str:
+    if not math.isfinite(mean):
+        return "n/a"
+    text = f"{mean * scale:.{digits}g}"
+    return text if not math.isfinite(half) else f"{text} ± {half * scale:.2g}"
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``), else what :mod:`platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ------------------------------------------------------------------------------------------ run
+def run_suite(
+    optimizers: Sequence[str] = (),
+    *,
+    out: str | os.PathLike,
+    tasks: Sequence[str] | None = None,
+    baselines: Sequence[str] = BASELINE_NAMES,
+    lr_rules: Sequence[str] = ("default", "tuned"),
+    seeds: int | None = None,
+    quick: bool = False,
+    data_root: str | None = None,
+    extra_run_dirs: Sequence[str | os.PathLike] = (),
+    reuse: bool = True,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    command: str | None = None,
+) -> SuiteResults:
+    """Run (or reuse from ``out``'s run store) the suite for the baselines and ``optimizers``.
+
+    Args:
+        optimizers: learned optimizers (zoo names, checkpoint folders, Hub ids).
+        out: output folder; its ``runs/`` holds one JSON record per finished run (reused on a rerun).
+        tasks: task names (default: all of :data:`~learned_optim.bench.tasks.TASKS`, or
+            :data:`~learned_optim.bench.tasks.QUICK` with ``quick``).
+        baselines: among ``adamw`` (always run: the reference), ``adam``, ``sgd-momentum``.
+        lr_rules: for the learned optimizers, among ``adamw``, ``tuned``, ``default``.
+        seeds: evaluation seeds ``0 .. seeds-1`` (default 3, or 1 with ``quick``).
+        quick: the quick selection: :data:`QUICK` tasks at :data:`QUICK_STEPS_FRACTION` of their steps,
+            1 seed, the small grids :data:`~learned_optim.bench.run.QUICK_GRIDS`.
+        data_root: folder of the text corpus (default: this Python's standard library).
+        extra_run_dirs: more output folders whose run records may be reused (never written).
+        reuse: reuse stored records (``False`` retrains and overwrites).
+    """
+    from tqdm.auto import tqdm
+
+    task_names = list(tasks) if tasks else list(QUICK if quick else TASKS)
+    bench_tasks = [get_task(n) for n in task_names]
+    rules = list(dict.fromkeys(lr_rules))
+    bad = [r for r in rules if r not in LR_RULES]
+    if bad:
+        raise ValueError(f"unknown lr rule(s) {bad}; known: {', '.join(LR_RULES)}")
+    names = list(dict.fromkeys([REFERENCE, *baselines]))
+    base = {n: baseline_optimizer(n) for n in names}
+    learned = [learned_optimizer(o) for o in optimizers]
+    if len({o.name for o in learned}) != len(learned):
+        raise ValueError(f"learned optimizers must have distinct names, got {[o.name for o in learned]}")
+    n_seeds = (1 if quick else 3) if seeds is None else int(seeds)
+    if n_seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {n_seeds}")
+    seed_list = list(range(n_seeds))
+    grids = QUICK_GRIDS if quick else FULL_GRIDS
+    corpus = stdlib_corpus(data_root) if any(t.uses_data_root for t in bench_tasks) else None
+    workloads: list[Workload] = [
+        t.bind(data_root, max(1, round(t.steps * QUICK_STEPS_FRACTION)) if quick else None) for t in bench_tasks
+    ]
+    contenders = [Contender(n, o) for n, o in base.items()]
+    contenders += [Contender(f"{o.name} [{r}]", o, r) for o in learned for r in rules]
+
+    def planned_runs() -> int:
+        per = sum(len(grids[n].settings(n)) for n in names) + len(contenders) * n_seeds
+        per += sum(len(o.tuned_grid(grids[REFERENCE], quick)) for o in learned if "tuned" in rules)
+        return per
+
+    total = sum(w.steps for w in workloads) * planned_runs()
+    store = RunStore(out, extra=extra_run_dirs, reuse=reuse)
+    tunings: list[Tuning] = []
+    records: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    settings: dict[str, dict[str, Setting]] = {}
+    with tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True, mininterval=1.0) as bar:
+        say = log or bar.write
+        for w in workloads:
+
+            def runner(opt: BenchOptimizer, w: Workload = w) -> Callable[[Setting, int], dict[str, Any]]:
+                return lambda setting, seed: store.run(w, opt, setting, seed, bar.update)
+
+            chosen: dict[str, Setting] = {}
+            for name, opt in base.items():
+                bar.set_description(f"{w.name} | tuning {name}")
+                result = tune(name, grids[name].settings(name), runner(opt), task=w.name)
+                tunings.append(result)
+                say(result.describe())
+                chosen[name] = result.chosen
+            for c in contenders[len(base) :]:
+                o = c.optimizer
+                if c.rule == "adamw":
+                    ref = chosen[REFERENCE]
+                    chosen[c.label] = Setting(o.name, ref.lr, ref.weight_decay, ref.schedule)
+                elif c.rule == "default":
+                    chosen[c.label] = o.default_setting()
+                else:
+                    bar.set_description(f"{w.name} | tuning {c.label}")
+                    result = tune(c.label, o.tuned_grid(grids[REFERENCE], quick), runner(o), task=w.name)
+                    tunings.append(result)
+                    say(result.describe())
+                    chosen[c.label] = result.chosen
+            records[w.name] = {}
+            for c in contenders:
+                bar.set_description(f"{w.name} | {c.label}")
+                records[w.name][c.label] = [runner(c.optimizer)(chosen[c.label], s) for s in seed_list]
+            settings[w.name] = chosen
+    config = {
+        "suite_version": SUITE_VERSION,
+        "quick": quick,
+        "tasks": {w.name: {**w.config, "config_hash": w.config_hash} for w in workloads},
+        "contenders": [
+            {"label": c.label, "optimizer": c.optimizer.name, "rule": c.rule, "identity": c.optimizer.identity}
+            for c in contenders
+        ],
+        "grids": {n: dataclasses.asdict(grids[n]) for n in names},
+        "seeds": seed_list,
+        "tune_seed": TUNE_SEED,
+        "lr_rules": rules,
+        "corpus_fingerprint": None if corpus is None else corpus.fingerprint,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": _cpu_model(),
+        "runs_trained": store.trained,
+        "runs_reused": store.reused,
+        "command": command,
+    }
+    return SuiteResults(config, tunings, records, settings)

@@ -1,0 +1,193 @@
+"""The suite's tuning, statistics, run store, quick selection and command-line errors."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from learned_optim.__main__ import main as cli_main
+from learned_optim.bench import QUICK, run_suite, stats
+from learned_optim.bench import run as brun
+from learned_optim.bench.cli import main as bench_main
+from learned_optim.bench.tasks import QUICK_STEPS_FRACTION, TASKS
+
+
+# ------------------------------------------------------------------------------------------ statistics
+def test_iqm_on_hand_made_numbers():
+    assert stats.iqm([1, 2, 3, 4, 100, 6, 7, 8]) == pytest.approx((3 + 4 + 6 + 7) / 4)
+    assert stats.iqm([1.0, math.nan, 3.0, None]) == pytest.approx(2.0)
+    assert math.isnan(stats.iqm([]))
+
+
+def test_speedup_reached_not_reached_and_nonfinite():
+    ref_steps, ref = [0, 25, 50, 75, 100], [5.0, 3.0, 2.0, 1.5, 1.0]
+    assert stats.speedup([0, 25, 50, 75, 100], [5.0, 1.0, 0.9, 0.8, 0.7], ref_steps, ref, 100) == 4.0
+    assert stats.speedup([0, 25, 50, 75, 100], [5.0, 4.0, 3.0, 2.5, 2.0], ref_steps, ref, 100) == 0.5
+    assert stats.speedup(ref_steps, ref, ref_steps, ref, 100) == 1.0
+    assert stats.speedup([0, 25], [5.0, None], ref_steps, ref, 100) == 0.0
+
+
+def test_paired_outcome_on_hand_made_numbers():
+    ref = [1.0, 2.0, 3.0]
+    mean, half, outcome = stats.paired_outcome([0.5, 1.6, 2.4], ref)
+    assert mean == pytest.approx(-0.5) and outcome == "win"
+    # differences -0.5, -0.4, -0.6: sd 0.1, t(0.975, 2) = 4.303 -> half = 4.303 * 0.1 / sqrt(3)
+    assert half == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-5)
+    assert stats.paired_outcome([1.5, 2.4, 3.6], ref)[2] == "loss"
+    assert stats.paired_outcome([0.0, 2.5, 3.4], ref)[2] == "tie"
+    assert stats.paired_outcome([0.0], [1.0])[2] == "tie"  # one seed: no interval
+
+
+def test_cosine_schedule_warms_up_and_decays_to_zero():
+    steps = 200
+    factors = [brun.lr_factor("cosine", t, steps) for t in range(steps)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0) and factors[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 189 / 190)))
+    assert all(a >= b for a, b in itertools.pairwise(factors[9:]))
+    assert brun.lr_factor("constant", 7, steps) == 1.0
+    with pytest.raises(ValueError, match="unknown schedule"):
+        brun.lr_factor("linear", 0, steps)
+
+
+# ------------------------------------------------------------------------------------------ tuning
+def test_tuning_picks_the_planted_best_point():
+    grid = brun.FULL_GRIDS["adamw"].settings("adamw")
+    planted = grid[3]
+    val = {s: 1.0 + abs(math.log10(s.lr / planted.lr)) + (0.0 if s == planted else 0.01) for s in grid}
+    val[grid[0]] = math.nan  # a diverged point counts as +inf
+
+    def evaluate(setting, seed):
+        return {"final": {"val_loss": None if math.isnan(val[setting]) else val[setting]}}
+
+    result = brun.tune("adamw", grid, evaluate, task="t", seeds=[1, 2])
+    assert result.chosen == planted
+    assert math.isinf(result.val_loss[0]) and result.val_loss[3] == pytest.approx(1.0)
+    assert planted.describe() == "lr 0.003, wd 0.1, cosine" and result.describe().endswith("-> " + planted.describe())
+
+
+def test_a_tiny_real_run_records_curves_and_finals():
+    w = TASKS["breast-cancer-mlp"].bind(steps=20)
+    record = brun.train(w, brun.baseline_optimizer("adamw"), brun.Setting("adamw", 1e-2, 0.1, "cosine"), seed=0)
+    assert len(record["train_loss"]) == 20 and record["val_steps"][0] == 0 and record["val_steps"][-1] == 20
+    assert record["final"]["val_loss"] < record["initial_val_loss"] and not record["diverged"]
+    assert 0.5 < record["final"]["test_accuracy"] <= 1.0
+
+
+# ------------------------------------------------------------------------------------------ the suite
+def _fake_train(calls):
+    def train(workload, optimizer, setting, seed):
+        calls.append((workload.name, workload.steps, setting, seed))
+        # a deterministic fake: lower lr*10 distance to 1e-2 is better, learned optimizers slightly worse
+        loss = 1.0 + abs(math.log10(setting.lr / 1e-2)) + (0.1 if optimizer.kind == "learned" else 0.0)
+        steps = [0, workload.steps // 2, workload.steps]
+        return {
+            "task": workload.name,
+            "optimizer": setting.optimizer,
+            "setting": {},
+            "seed": seed,
+            "steps": workload.steps,
+            "train_loss": [loss] * workload.steps,
+            "val_steps": steps,
+            "val": {"loss": [3.0, 2.0, loss]},
+            "initial_val_loss": 3.0,
+            "final": {"val_loss": loss, "test_loss": loss + 0.01 * seed},
+            "nonfinite_at": None,
+            "diverged": False,
+            "time_per_step": 1e-3,
+        }
+
+    return train
+
+
+def test_quick_runs_exactly_the_quick_selection_and_reuses_stored_runs(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(brun, "train", _fake_train(calls))
+    results = run_suite(["l2o-mlp"], out=tmp_path, quick=True, progress=False, lr_rules=["default", "tuned", "adamw"])
+    assert list(results.records) == list(QUICK)
+    assert {(name, steps) for name, steps, _, _ in calls} == {
+        (n, max(1, round(TASKS[n].steps * QUICK_STEPS_FRACTION))) for n in QUICK
+    }
+    assert {seed for *_, seed in calls} == {0, brun.TUNE_SEED}
+    per_task = len(calls) // len(QUICK)
+    # grids 4 + 2 + 2 and l2o-mlp's 2 multipliers; evaluation: 3 baselines + 3 rules, 1 seed, minus the
+    # duplicates that the store answers (the tuned rule choosing a point already run is not retrained)
+    assert 10 < per_task <= 16
+    rows = results.rows()
+    assert {r["contender"] for r in rows} == {
+        "adamw",
+        "adam",
+        "sgd-momentum",
+        "l2o-mlp [default]",
+        "l2o-mlp [tuned]",
+        "l2o-mlp [adamw]",
+    }
+    assert all(r["setting"] == "lr 0.01, cosine" for r in rows if r["contender"] == "adamw")
+    files = results.write(tmp_path, plots=False)
+    assert files["markdown"].read_text().startswith("| Optimizer | IQM val loss / AdamW")
+    calls.clear()
+    again = run_suite(["l2o-mlp"], out=tmp_path, quick=True, progress=False, lr_rules=["default", "tuned", "adamw"])
+    assert calls == [] and again.config["runs_trained"] == 0 and again.rows() == rows
+
+
+def test_cli_record_card_and_list_pretrained(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from learned_optim import hub
+
+    monkeypatch.setattr(brun, "train", _fake_train([]))
+    card = tmp_path / "ckpt"
+    shutil.copytree(hub.zoo_dir() / "l2o-mlp", card)
+    code = bench_main(
+        ["--optimizer", str(card), "--quick", "--tasks", "diabetes-mlp", "--out", str(tmp_path / "o"), "--no-plots"]
+        + ["--no-progress", "--record-card", str(card)]
+    )
+    assert code == 0
+    assert "## Evaluation: bench suite v1 (quick)" in (card / "README.md").read_text()
+    assert "bench suite v1 (quick)" in hub.read_config(card)["training"]["results"]
+    assert "IQM val loss" in capsys.readouterr().out
+    monkeypatch.setattr(hub, "zoo_dir", lambda: tmp_path)
+    (entry,) = [e for e in hub.list_pretrained() if e["name"] == "ckpt"]
+    assert [a["contender"] for a in entry["suite"]["bench suite v1 (quick)"]][0] == "adamw"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--tasks", "nosuch"], "unknown task 'nosuch'; known: diabetes-mlp"),
+        (["--optimizer", "nosuch-optimizer"], "cannot load optimizer 'nosuch-optimizer'"),
+        (["--tasks", "stdlib-gru-lm", "--data-root", "/nonexistent-root"], "data root '/nonexistent-root'"),
+        (["--baselines", "adagrad"], "unknown baseline 'adagrad'"),
+    ],
+)
+def test_bad_input_is_one_line_error(argv, message, tmp_path, capsys):
+    assert bench_main([*argv, "--out", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_evaluate_unknown_task_is_one_line_error(tmp_path, capsys):
+    assert cli_main(["evaluate", "--tasks", "nosuch", "--out", str(tmp_path), "--baselines", "adam"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown task family 'nosuch'; registered:" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_command_is_dispatched(capsys):
+    assert cli_main(["bench", "--list", "--tasks", "copy-gru"]) == 0
+    assert "`copy-gru` | sequence" in capsys.readouterr().out
+
+
+def test_learned_tuned_grid_is_relative_to_a_multiplier_default():
+    opt = brun.learned_optimizer("l2o-mlp")
+    grid = opt.tuned_grid(brun.FULL_GRIDS["adamw"])
+    assert [s.lr for s in grid] == [0.1, 0.3, 1.0] and opt.default_setting().lr == 1.0
+    real = brun.BenchOptimizer("x", "learned", lambda *a: None, {}, default_lr=1e-3)
+    assert [s.lr for s in real.tuned_grid(brun.FULL_GRIDS["adamw"])] == list(brun.FULL_GRIDS["adamw"].lr)
+
+
+def test_unused_torch_state_untouched():
+    state = torch.random.get_rng_state()
+    TASKS["diabetes-mlp"].bind(steps=5).build_model(0)
+    assert torch.equal(state, torch.random.get_rng_state())
