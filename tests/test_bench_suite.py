@@ -30,6 +30,24 @@ def test_speedup_reached_not_reached_and_nonfinite():
     assert stats.speedup([0, 25], [5.0, None], ref_steps, ref, 100) == 0.0
 
 
+def test_training_curve_averages_windows_of_the_horizon():
+    steps, values = stats.training_curve([4.0, 2.0, 3.0, 1.0, 1.0, 1.0], horizon=6, windows=3)
+    assert steps == [2, 4, 6] and values == [3.0, 2.0, 1.0]
+    steps, values = stats.training_curve([4.0, 2.0, 3.0, math.nan], horizon=6, windows=3)  # stopped early
+    assert steps == [2, 4] and values[0] == 3.0 and math.isnan(values[1])
+    decreasing = stats.training_curve([4.0] * 25 + [3.0] * 25 + [2.0] * 25 + [1.0] * 25, horizon=100, windows=4)
+    assert stats.speedup(*decreasing, *decreasing, 100) == 1.0  # the reference against itself
+    plateau = stats.training_curve([5.0] * 25 + [1.0] * 75, horizon=100, windows=4)
+    assert stats.speedup(*plateau, *plateau, 100) == 2.0  # it was at its final level from step 50
+
+
+def test_divergence_is_judged_on_the_training_loss():
+    assert not stats.diverged([2.0] + [1.0] * 99, None)
+    assert stats.diverged([2.0] + [1.0] * 94 + [3.0] * 5, None)  # the last 5% above the start
+    assert stats.diverged([2.0, 1.0], 1) and stats.diverged([], 0) and not stats.diverged([], None)
+    assert stats.diverged([2.0] + [1.0] * 98 + [math.nan], None)
+
+
 def test_paired_outcome_on_hand_made_numbers():
     ref = [1.0, 2.0, 3.0]
     mean, half, outcome = stats.paired_outcome([0.5, 1.6, 2.4], ref)

@@ -21,8 +21,8 @@ of one separate tuning seed with the same budget (the task's full horizon per gr
 initialisation and batches), records the training loss of every step, the validation loss (and
 accuracy) at step 0 and every ``eval_every`` steps, the final test values and the wall time per step
 (forward, backward, update and scheduler; batch drawing and evaluation excluded). A non-finite loss or
-gradient ends the run (``nonfinite_at``); ``diverged`` is true for that or for a final validation loss
-above the initial one.
+gradient ends the run (``nonfinite_at``); ``diverged`` is :func:`learned_optim.bench.stats.diverged` (that,
+or a final training loss above the first step's).
 
 **Store**: every finished run is one JSON record in ``<out>/runs/`` named by the SHA-256 of (suite
 version, task config hash, optimizer identity, lr / weight decay / schedule, seed); a rerun, a resume
@@ -50,6 +50,7 @@ from torch.optim import Optimizer
 from ..evaluate import BASELINES, mean_confidence_interval, resolve_optimizer
 from ..hub import CONFIG_NAME, WEIGHTS_NAME, read_config
 from ..optimizer import NonFiniteGradientError
+from . import stats
 from .tasks import Workload
 
 __all__ = [
@@ -304,7 +305,7 @@ def train(workload: Workload, optimizer: BenchOptimizer, setting: Setting, seed:
             **{f"test_{k}": _round(v) for k, v in test.items()},
         },
         "nonfinite_at": nonfinite_at,
-        "diverged": nonfinite_at is not None or not final_val <= initial,
+        "diverged": stats.diverged(train_loss, nonfinite_at),
         "time_per_step": elapsed / max(1, len(train_loss)),
         "wall_time": time.perf_counter() - start,
         "torch": torch.__version__,

@@ -1,13 +1,20 @@
 r"""Statistics of the suite, in the style of VeLOdrome (google/learned_optimization).
 
-* Speed-up of a run against the reference (tuned AdamW on the same task and seed), :func:`speedup`:
-  with :math:`L^*` the reference's final validation loss and :math:`T` the horizon, if the run's
-  validation loss first reaches :math:`L^*` at measured step :math:`s` (steps > 0 on the evaluation
-  grid, every ``T/20`` steps), the speed-up is :math:`T/s \ge 1` (at most 20 by the grid's
-  resolution). If it never reaches :math:`L^*`, the speed-up is :math:`s'/T < 1` with :math:`s'` the
-  step at which the *reference* first reached the run's own final loss (how much earlier AdamW was
-  where the run ended); a run with a non-finite loss has speed-up 0. The reference itself gets
-  :math:`T/s \ge 1` by the same rule (more than 1 when its validation loss was lower earlier).
+* Speed-up of a run against the reference (tuned AdamW on the same task and seed), :func:`speedup` on
+  the curves of :func:`training_curve` (the training loss averaged over windows of ``T/20`` steps, one
+  point per window, :math:`T` the horizon): with :math:`L^*` the reference's last point, if the run's
+  curve first reaches :math:`L^*` at step :math:`s`, the speed-up is :math:`T/s \ge 1` (at most 20 by
+  the windows). If it never reaches :math:`L^*`, the speed-up is :math:`s'/T < 1` with :math:`s'` the
+  step at which the *reference* first reached the run's own last point (how much earlier AdamW was
+  where the run ended); a run with a non-finite loss has speed-up 0. The reference is 1 against itself
+  wherever its averaged training loss still decreases at the end. The issue that asked for this suite
+  defined the speed-up on the *validation* loss; measured that way (in the first full run), AdamW had an
+  interquartile-mean speed-up of 2.44 against itself, because on the tasks that overfit (the small and
+  noisy-label tables) every validation curve dips below its final value early: speed-up measures how
+  fast an optimizer trains, and the final validation and test losses measure what it generalises to.
+* Divergence of a run, :func:`diverged`: a non-finite loss or gradient, or a final *training* loss (the
+  mean over the last 5% of steps) above the first step's. Validation loss rising above its initial
+  value is overfitting, measured by the final losses, not divergence.
 * Normalised loss: the mean over seeds of a final loss divided by the reference's mean (< 1 is better).
   A run that ended with a non-finite loss counts with its initial validation loss (no progress).
 * :func:`iqm`: the interquartile mean over tasks (``scipy.stats.trim_mean(x, 0.25)``).
@@ -23,7 +30,16 @@ from collections.abc import Sequence
 
 from ..evaluate import mean_confidence_interval
 
-__all__ = ["iqm", "first_reach", "speedup", "paired_outcome", "OUTCOMES", "OUTCOME_COUNTS"]
+__all__ = [
+    "iqm",
+    "first_reach",
+    "training_curve",
+    "speedup",
+    "diverged",
+    "paired_outcome",
+    "OUTCOMES",
+    "OUTCOME_COUNTS",
+]
 
 OUTCOMES = ("win", "tie", "loss")
 #: Plural column names of the outcome counts.
@@ -46,6 +62,32 @@ def first_reach(steps: Sequence[int], values: Sequence[float | None], target: fl
     return None
 
 
+def training_curve(
+    train_loss: Sequence[float | None], horizon: int, windows: int = 20
+) -> tuple[list[int], list[float]]:
+    """The training loss averaged over ``windows`` equal windows of the horizon: ``(end steps, means)``.
+
+    A run that stopped early (non-finite loss) has points only for its complete windows, the last of them
+    NaN if a non-finite value fell in it."""
+    width = max(1, horizon // windows)
+    steps, values = [], []
+    for end in range(width, len(train_loss) + 1, width):
+        window = [float(v) if v is not None else math.nan for v in train_loss[end - width : end]]
+        steps.append(end)
+        values.append(sum(window) / len(window))
+    return steps, values
+
+
+def diverged(train_loss: Sequence[float | None], nonfinite_at: int | None) -> bool:
+    """A non-finite loss or gradient (``nonfinite_at``), or the mean training loss of the last 5% of the
+    steps above the first step's (see the module docstring)."""
+    if nonfinite_at is not None or not train_loss:
+        return nonfinite_at is not None
+    tail = [float(v) if v is not None else math.nan for v in train_loss[-max(1, len(train_loss) // 20) :]]
+    first = train_loss[0]
+    return first is None or not sum(tail) / len(tail) <= first
+
+
 def speedup(
     steps: Sequence[int],
     values: Sequence[float | None],
@@ -53,7 +95,7 @@ def speedup(
     ref_values: Sequence[float | None],
     horizon: int,
 ) -> float:
-    """Speed-up of a validation curve against the reference curve (see the module docstring)."""
+    """Speed-up of a curve against the reference curve (see the module docstring)."""
     target = ref_values[-1] if ref_values else None
     if target is None or not math.isfinite(target):
         return math.nan

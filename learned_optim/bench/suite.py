@@ -98,7 +98,11 @@ class SuiteResults:
                 for name in ("val_loss", "test_loss", "test_accuracy"):
                     row[name], row[f"{name}_ci95"] = mean_confidence_interval([_final(r, name) for r in recs])
                 speed = [
-                    stats.speedup(r["val_steps"], r["val"]["loss"], q["val_steps"], q["val"]["loss"], r["steps"])
+                    stats.speedup(
+                        *stats.training_curve(r["train_loss"], r["steps"]),
+                        *stats.training_curve(q["train_loss"], q["steps"]),
+                        r["steps"],
+                    )
                     for r, q in zip(recs, ref, strict=True)
                 ]
                 row["speedup"], row["speedup_ci95"] = mean_confidence_interval(speed)
@@ -106,7 +110,7 @@ class SuiteResults:
                 row["norm_test_loss"] = row["test_loss"] / mean_confidence_interval(ref_test)[0]
                 diff, half, outcome = stats.paired_outcome([_final(r, "test_loss") for r in recs], ref_test)
                 row["test_loss_diff"], row["test_loss_diff_ci95"], row["outcome"] = diff, half, outcome
-                row["diverged"] = sum(bool(r["diverged"]) for r in recs)
+                row["diverged"] = sum(stats.diverged(r["train_loss"], r["nonfinite_at"]) for r in recs)
                 row["nonfinite"] = sum(r["nonfinite_at"] is not None for r in recs)
                 row["ms_per_step"] = 1e3 * sum(r["time_per_step"] for r in recs) / len(recs)
                 out.append(row)
