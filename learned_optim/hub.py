@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -346,6 +347,9 @@ def list_pretrained() -> list[dict[str, Any]]:
 
     ``suite`` holds the aggregates of the benchmark suite (``python -m learned_optim bench --record-card``)
     per recorded suite run (key ``"bench suite v<N>"``, ``" (quick)"`` for the quick selection), or ``None``.
+    ``kind`` is ``"general"`` for an entry recommended to train models with, ``"research"`` for a
+    reproduction kept with its evidence (``research`` then says what it is for; config.json's top-level
+    ``"research"``); general-purpose entries come first.
     """
     entries = []
     for name, directory in _zoo_entries().items():
@@ -356,6 +360,8 @@ def list_pretrained() -> list[dict[str, Any]]:
         entries.append(
             {
                 "name": name,
+                "kind": "research" if config.get("research") else "general",
+                "research": config.get("research"),
                 "family": config["family"],
                 "description": config.get("description"),
                 "trained_on": training.get("tasks"),
@@ -364,7 +370,11 @@ def list_pretrained() -> list[dict[str, Any]]:
                 "path": str(directory),
             }
         )
-    return entries
+    return sorted(entries, key=lambda e: e["kind"] != "general")
+
+
+#: Research entries whose note :func:`from_pretrained` has already shown in this process.
+_research_warned: set[str] = set()
 
 
 def resolve_checkpoint(
@@ -454,6 +464,10 @@ def from_pretrained(
         "description": config.get("description"),
         "optimizer": config.get("optimizer", {}),
     }
+    note, name = config.get("research"), str(config.get("name") or name_or_path)
+    if note and name not in _research_warned:
+        _research_warned.add(name)
+        warnings.warn(f"{name} is a research reproduction, not a general-purpose optimizer: {note}", stacklevel=2)
     kwargs = {**config.get("optimizer", {}), **optimizer_kwargs}
     return LearnedOptimizer(params, rule, **kwargs)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import huggingface_hub
@@ -243,3 +244,22 @@ def test_from_pretrained_places_the_net_with_the_params_but_never_on_meta(tmp_pa
     for device in ("cpu", "meta"):
         opt = learned_optim.from_pretrained(tmp_path / "ck", torch.nn.Linear(3, 2, device=device).parameters())
         assert all(v.device.type == "cpu" and torch.equal(v, weights[k]) for k, v in opt.rule.state_dict().items())
+
+
+def test_zoo_separates_general_entries_from_research_reproductions(monkeypatch):
+    """list_pretrained labels every entry; from_pretrained on a research entry warns once per process."""
+    from learned_optim import hub
+
+    entries = learned_optim.list_pretrained()
+    kinds = [e["kind"] for e in entries]
+    assert set(kinds) <= {"general", "research"} and kinds == sorted(kinds, key=lambda k: k != "general")
+    research = [e for e in entries if e["kind"] == "research"]
+    assert research and all(e["research"] for e in research)
+    monkeypatch.setattr(hub, "_research_warned", set())
+    name = research[0]["name"]
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    with pytest.warns(UserWarning, match=f"{name} is a research reproduction"):
+        learned_optim.from_pretrained(name, params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        learned_optim.from_pretrained(name, params)  # once per process
