@@ -271,7 +271,7 @@ def train(workload: Workload, optimizer: BenchOptimizer, setting: Setting, seed:
             tick = time.perf_counter()
             try:
                 # torch's stub types the closure as returning a float; like torch.optim, ours returns the loss
-                loss = float(cast(torch.Tensor, opt.step(closure)))  # type: ignore[arg-type]
+                loss = float(cast(torch.Tensor, opt.step(closure)).detach())  # type: ignore[arg-type]
             except NonFiniteGradientError:
                 loss = math.nan
             scheduler.step()
