@@ -209,3 +209,23 @@ def test_unused_torch_state_untouched():
     state = torch.random.get_rng_state()
     TASKS["diabetes-mlp"].bind(steps=5).build_model(0)
     assert torch.equal(state, torch.random.get_rng_state())
+
+
+def test_learned_identity_ignores_descriptions_but_not_the_step(tmp_path):
+    """Stored runs stay valid when a card or description changes, and not when the net or its defaults do."""
+    import json
+    import shutil
+
+    from learned_optim.bench.run import learned_optimizer
+    from learned_optim.hub import resolve_checkpoint
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(resolve_checkpoint("l2o-mlp"), folder)
+    before = learned_optimizer(str(folder)).identity
+    config = json.loads((folder / "config.json").read_text())
+    config["description"], config["research"] = "another text", "another note"
+    (folder / "config.json").write_text(json.dumps(config))
+    assert learned_optimizer(str(folder)).identity == before
+    config["optimizer"] = {**config.get("optimizer", {}), "lr": 0.5}
+    (folder / "config.json").write_text(json.dumps(config))
+    assert learned_optimizer(str(folder)).identity != before

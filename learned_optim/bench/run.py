@@ -48,7 +48,7 @@ import torch
 from torch.optim import Optimizer
 
 from ..evaluate import BASELINES, mean_confidence_interval, resolve_optimizer
-from ..hub import CONFIG_NAME, WEIGHTS_NAME, read_config
+from ..hub import WEIGHTS_NAME, read_config
 from ..optimizer import NonFiniteGradientError
 from . import stats
 from .tasks import Workload
@@ -217,9 +217,11 @@ def learned_optimizer(name_or_dir: str) -> BenchOptimizer:
     def build(params: list[torch.Tensor], lr: float, weight_decay: float) -> Optimizer:
         return from_pretrained(str(folder), params, lr=lr, weight_decay=weight_decay)
 
+    # what the step depends on (not descriptions, cards or recorded results, which must not invalidate runs)
+    stepping = {k: config.get(k) for k in ("family", "net", "optimizer", "schedule")}
     identity = {
         "weights": _sha256(folder / WEIGHTS_NAME),
-        "config": hashlib.sha256((folder / CONFIG_NAME).read_bytes()).hexdigest()[:16],
+        "config": hashlib.sha256(json.dumps(stepping, sort_keys=True).encode()).hexdigest()[:16],
     }
     return BenchOptimizer(
         spec.label,
