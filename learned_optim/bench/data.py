@@ -1,7 +1,7 @@
 r"""Offline data of the benchmark suite: fixed, seeded, disjoint train / validation / test splits.
 
 Every source here is on any machine with this package's dependencies, nothing is downloaded, and none
-of it is the reserved data (the ``mnist1d`` package, Shakespeare's texts):
+of it is data the project reserves for independent evaluation:
 
 * :func:`stdlib_corpus`: bytes of a fixed list of the Python standard library's own source files,
   split **by file** (:data:`STDLIB_FILES`), so no line of a validation or test file is in training.
