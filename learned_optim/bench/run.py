@@ -100,9 +100,9 @@ class Grid:
 
 
 FULL_GRIDS: dict[str, Grid] = {
-    "adamw": Grid((1e-3, 3e-3, 1e-2), (0.0, 0.1), "cosine"),
-    "adam": Grid((1e-3, 3e-3, 1e-2)),
-    "sgd-momentum": Grid((1e-2, 3e-2, 1e-1)),
+    "adamw": Grid((3e-4, 1e-3, 3e-3, 1e-2, 3e-2), (0.0, 0.1), "cosine"),
+    "adam": Grid((3e-4, 1e-3, 3e-3, 1e-2, 3e-2)),
+    "sgd-momentum": Grid((3e-3, 1e-2, 3e-2, 1e-1, 3e-1)),
 }
 QUICK_GRIDS: dict[str, Grid] = {
     "adamw": Grid((1e-3, 1e-2), (0.0, 0.1), "cosine"),
