@@ -88,7 +88,7 @@ def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
 
 
 class GemmRecorder(TorchDispatchMode):
-    """Records ``(M, K, N)`` of every ``mm``/``addmm`` dispatched while active."""
+    """Records ``(M, K, N)`` of every ``mm``/``addmm`` (also in place and ``out=``) dispatched while active."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -97,8 +97,8 @@ class GemmRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         aten = torch.ops.aten
-        if func in (aten.mm.default, aten.addmm.default):
-            a, b = (args[0], args[1]) if func is aten.mm.default else (args[1], args[2])
+        if func in (aten.mm.default, aten.mm.out, aten.addmm.default, aten.addmm.out, aten.addmm_.default):
+            a, b = (args[0], args[1]) if func in (aten.mm.default, aten.mm.out) else (args[1], args[2])
             self.shapes.append((a.shape[0], a.shape[1], b.shape[1]))
         return func(*args, **kwargs)
 

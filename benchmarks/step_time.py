@@ -35,7 +35,9 @@ AVX2-only machine's situation on an AVX-512 one, cap ATen and MKL too:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -69,8 +71,9 @@ from learned_optim.features import (
     time_features,
 )
 
-FAMILIES = ["dm_lstm", "rnnprop", "mlp"]
+FAMILIES = ["dm_lstm", "rnnprop", "mlp", "adafac_mlp"]
 REFERENCE_BLOCK = 1 << 20
+FLOP_COUNT_CHUNK = 8192
 
 
 def isa_line() -> str:
@@ -89,10 +92,21 @@ def make_rule(family: str):
     return learned_optim.FAMILIES[family]().requires_grad_(False)
 
 
-def make_param(n: int) -> nn.Parameter:
+def param_shape(family: str, n: int) -> tuple[int, ...]:
+    """One tensor of ``n`` coordinates: a vector for the coordinatewise nets, the squarest matrix with ``n``
+    entries for whole-tensor rules (their factored statistics and μP scale read the shape)."""
+    if not learned_optim.FAMILIES[family].whole_tensor:
+        return (n,)
+    rows = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
+    return (rows, n // rows)
+
+
+def make_param(n: int, family: str = "mlp") -> nn.Parameter:
     gen = torch.Generator().manual_seed(0)
     p = nn.Parameter(torch.randn(n, generator=gen) * 0.1)
     p.grad = torch.randn(n, generator=gen) * 10 ** torch.randint(-5, -1, (n,), generator=gen).float()
+    shape = param_shape(family, n)
+    p.data, p.grad = p.data.view(shape), p.grad.view(shape)
     return p
 
 
@@ -118,6 +132,10 @@ class Reference:
             self.h = torch.zeros(1, self.n, c.hidden_size)
             self.c = torch.zeros(1, self.n, c.hidden_size)
             self.m, self.v = torch.zeros(self.n), torch.zeros(self.n)
+        elif rule.family == "adafac_mlp":  # its one-shot formulation: all features of the tensor at once
+            self.one_shot = copy.deepcopy(rule)
+            self.one_shot.coordinate_block = self.n
+            self.state = rule.init_state(self.n, shape=tuple(p.shape))
         else:
             d = len(c.decays)
             self.m, self.v = torch.zeros(self.n, d), torch.zeros(self.n, d)
@@ -157,6 +175,11 @@ class Reference:
     def step(self) -> None:
         self.t += 1
         step = torch.tensor(float(self.t))
+        if self.rule.family == "adafac_mlp":
+            flat = self.p.data.view(-1)
+            delta, self.state = self.one_shot(self.p.grad.view(-1), flat, self.state, step, shape=self.p.shape)
+            flat += self.rule.default_lr * delta  # its lr is a real learning rate (the others': 1.0)
+            return
         flat, grad = self.p.data, self.p.grad
         # the MLP net's statistics are per tensor: one block; the LSTMs go per 1M block above 1M
         size = self.n if self.rule.family == "mlp" else REFERENCE_BLOCK
@@ -168,7 +191,7 @@ class Reference:
 def reference_agreement(family: str) -> float:
     """Max |delta_reference - delta_rule| over 3 steps on 10k coordinates (the baseline is the same net)."""
     rule = make_rule(family)
-    p, q = make_param(10_000), make_param(10_000)
+    p, q = make_param(10_000, family), make_param(10_000, family)
     ref, opt = Reference(rule, p), LearnedOptimizer([q], rule)
     worst = 0.0
     for _ in range(3):
@@ -187,10 +210,10 @@ def state_bytes_per_param(opt: torch.optim.Optimizer, n: int) -> float:
     return total / n
 
 
-def flops_per_coordinate(family: str, chunk: int = 8192) -> tuple[float, list[tuple[int, int, int]]]:
+def flops_per_coordinate(family: str, chunk: int = FLOP_COUNT_CHUNK) -> tuple[float, list[tuple[int, int, int]]]:
     """GEMM FLOPs per coordinate, counted on the ATen path (the native kernels run the same GEMMs unseen)."""
     rule = make_rule(family)
-    p = make_param(chunk)
+    p = make_param(chunk, family)
     opt = LearnedOptimizer([p], rule, chunk_size=chunk)
     with kernels.enabled_as(False):
         opt.step()
@@ -202,7 +225,7 @@ def flops_per_coordinate(family: str, chunk: int = 8192) -> tuple[float, list[tu
 def child_memory(family: str, mode: str, n: int) -> dict:
     """(subprocess) peak transient RSS of one step after a warm-up step."""
     torch.set_num_threads(1)
-    p = make_param(n)
+    p = make_param(n, family)
     if mode == "adam":
         opt = torch.optim.Adam([p])
         step = opt.step
@@ -266,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
         repeats = args.repeats or (5 if n <= 1_000_000 else 3)
         for family in args.families:
             rule = make_rule(family)
-            p = make_param(n)
+            p = make_param(n, family)
             adam = torch.optim.Adam([p])
             eager = LearnedOptimizer([p], rule)
             candidates = {"adam": adam.step, "eager": eager.step}
@@ -298,8 +321,7 @@ def main(argv: list[str] | None = None) -> None:
             with torch.no_grad():
                 p.copy_(original)
             per_coord, shapes = flops_per_coordinate(family)
-            chunk = shapes[0][0] if shapes else 8192
-            gemm_s = gemm_only_seconds(shapes, calls=-(-n // chunk), repeats=2)
+            gemm_s = gemm_only_seconds(shapes, calls=-(-n // FLOP_COUNT_CHUNK), repeats=2)
             flops = per_coord * n
             row = {
                 "family": family,

@@ -524,15 +524,24 @@ class LearnedOptimizer(Optimizer):
         names = [*rule.state_shapes(), *rule.tensor_state_shapes(shape)]
         per_coord = rule.state_shapes()
         current = {k: (state[k].view(n, *per_coord[k]) if k in per_coord else state[k]).to(dtype) for k in names}
-        delta, new_state = self._net()(grad.to(dtype), flat.to(dtype), current, step, stats, shape=shape)
-        theta = flat.to(dtype)
+        # the state storage itself (not a cast copy): the rule may write the new state into it
+        in_place = not self.compile and all(current[k].data_ptr() == state[k].data_ptr() for k in names)
+        extra = {"out_state": current} if in_place else {}
+        delta, new_state = self._net()(grad.to(dtype), flat.to(dtype), current, step, stats, shape=shape, **extra)
         if isinstance(lr, Tensor):
             lr = lr.to(device=flat.device, dtype=dtype)
-        if weight_decay != 0.0:
-            theta = theta * (1.0 - lr * weight_decay)
-        flat.copy_(theta + lr * delta)
+        if flat.dtype == dtype and not torch.is_grad_enabled():  # theta <- theta (1 - lr wd) + lr delta, in place
+            if weight_decay != 0.0:
+                flat.mul_(1.0 - lr * weight_decay)
+            flat.add_(delta * lr if isinstance(lr, Tensor) else delta, alpha=1.0 if isinstance(lr, Tensor) else lr)
+        else:
+            theta = flat.to(dtype)
+            if weight_decay != 0.0:
+                theta = theta * (1.0 - lr * weight_decay)
+            flat.copy_(theta + lr * delta)
         for k in names:
-            state[k].copy_(new_state[k].view_as(state[k]))
+            if not (in_place and new_state[k] is current[k]):
+                state[k].copy_(new_state[k].view_as(state[k]))
 
     def _sharded_stats(
         self, grad: Tensor, flat: Tensor, coord_state: dict[str, Tensor], step: Tensor, groups: list[Any]

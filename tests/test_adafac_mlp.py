@@ -201,3 +201,72 @@ def test_adapt_fine_tunes_the_net_with_a_real_lr():
     nn.functional.cross_entropy(model(batches[0][0]), batches[0][1]).backward()
     opt.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("shape", "block", "config"),
+    [
+        ((37, 23), 100, {}),  # blocks of 4 rows, the last one shorter
+        ((5, 300), 100, {"time_scales": (10.0, 100.0)}),  # a row longer than the block: one row per block
+        ((900,), 128, {"normalize_direction": False}),  # a vector: one column
+        ((6, 4, 3, 3), 50, {"mup": False}),  # a conv weight as (out, in*kh*kw)
+    ],
+)
+@pytest.mark.parametrize("in_place", [False, True])
+def test_blocked_inference_path_matches_the_one_shot_path(shape, block, config, in_place):
+    """Without autograd, tensors above ``coordinate_block`` coordinates are stepped block by block in two
+    passes; the update and the new state equal the one-shot (differentiable) computation's."""
+    torch.manual_seed(0)
+    rule = AdafacMLP(**config)
+    with torch.no_grad():  # every feature matters (the Adam init reads one): random weights and biases
+        for weight in rule.parameters():
+            weight.normal_(0.0, 0.5)
+    n = math.prod(shape)
+    grad, param = torch.randn(n), torch.randn(n)
+    state = rule.init_state(n, shape=shape)
+    for name, value in state.items():
+        value.copy_(torch.rand_like(value) * 0.1 + (0.01 if name in ("v", "row", "col") else 0.0))
+    step = torch.tensor(7.0)
+    with torch.enable_grad():  # autograd on: the one-shot path
+        want, want_state = rule(grad, param, state, step, shape=shape)
+    rule.coordinate_block = block
+    blocked_state = {k: v.clone() for k, v in state.items()}
+    with torch.no_grad():
+        extra = {"out_state": blocked_state} if in_place else {}
+        got, got_state = rule(grad, param, blocked_state, step, shape=shape, **extra)
+    torch.testing.assert_close(got, want.detach(), rtol=1e-4, atol=1e-6)
+    for name, value in want_state.items():
+        torch.testing.assert_close(got_state[name], value.detach(), rtol=1e-5, atol=1e-7)
+        if in_place:
+            assert got_state[name].data_ptr() == blocked_state[name].data_ptr()
+    if not in_place:  # the given state is left as it was
+        for name, value in blocked_state.items():
+            assert torch.equal(value, state[name])
+
+
+@pytest.mark.parametrize("lr", [3e-3, torch.tensor(3e-3)])
+def test_optimizer_steps_large_tensors_in_place_like_small_ones(lr):
+    """The runtime's in-place path for whole-tensor rules (state written by the rule, parameter updated in
+    place, weight decay, a tensor lr) gives the same trajectory as the one-shot path."""
+    torch.manual_seed(1)
+    rule = AdafacMLP()
+    with torch.no_grad():
+        for weight in rule.parameters():
+            weight.normal_(0.0, 0.5)
+    blocked = AdafacMLP(rule.config)
+    blocked.load_state_dict(rule.state_dict())
+    blocked.coordinate_block = 64
+    start = torch.randn(40, 30)
+    params = [nn.Parameter(start.clone()) for _ in range(2)]
+    optimizers = [
+        LearnedOptimizer([p], r, lr=lr, weight_decay=0.1) for p, r in zip(params, (rule, blocked), strict=True)
+    ]
+    for i in range(4):
+        grad = torch.randn(40, 30) * (i + 1)
+        for p, opt in zip(params, optimizers, strict=True):
+            p.grad = grad.clone()
+            opt.step()
+    torch.testing.assert_close(params[1], params[0], rtol=1e-5, atol=1e-6)
+    for name, value in optimizers[0].state[params[0]].items():
+        torch.testing.assert_close(optimizers[1].state[params[1]][name], value, rtol=1e-5, atol=1e-7)
+    assert not torch.equal(params[0], start)

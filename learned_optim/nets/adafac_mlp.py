@@ -121,7 +121,9 @@ class AdafacMLP(UpdateRule):
     feature-major: the per-tensor normalisation is folded into the first layer's weight columns, and the
     row/column features enter as a rank-structured term (one row of ``hidden_size`` values per row and per
     column of the tensor) instead of being broadcast to every coordinate. Transient memory of a step:
-    about ``16 + 2 * hidden_size`` floats per coordinate of the tensor.
+    about ``16 + 2 * hidden_size`` floats per coordinate of the tensor with autograd (meta-training);
+    without it (the optimizer's step) tensors above :attr:`coordinate_block` coordinates go block by block
+    (:meth:`_blocked_forward`), about ``16 + 2 * hidden_size`` floats per coordinate of one block.
     """
 
     family = "adafac_mlp"
@@ -131,6 +133,9 @@ class AdafacMLP(UpdateRule):
     factored_decay: Tensor
     whole_tensor = True
     default_lr = 1e-3
+    #: Coordinates per block of the inference path (:meth:`_blocked_forward`); whole rows of the
+    #: matrix view, so at least one row. Tensors up to this size take the one-shot path.
+    coordinate_block: int = 1 << 16
 
     def __init__(self, config: AdafacMLPConfig | None = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
@@ -257,30 +262,21 @@ class AdafacMLP(UpdateRule):
         shape = (grad.shape[0],) if shape is None else tuple(shape)
         rows, cols = matrix_view(shape)
         n = grad.shape[0]
+        if rows * cols != n:
+            raise ValueError(f"AdafacMLP: shape {tuple(shape)} does not match a flat tensor of {n}")
+        if n > self.coordinate_block and inplace_allowed(grad, param, *self.parameters()):
+            return self._blocked_forward(grad, param, state, step, shape, out_state)
         blocks, scale, row_features, col_features, new_state = self.features(grad, param, state, step, shape)
         dense = torch.cat(blocks)  # (16, n)
         # Mean square of each feature over the tensor (a row/column feature repeats over its row/column).
         dense_ms = torch.linalg.vector_norm(dense, dim=1).square() / n
-        ms = torch.cat([dense_ms, row_features.square().mean(dim=1), col_features.square().mean(dim=1)])
-        factor = torch.cat([scale, torch.ones_like(ms[scale.shape[0] :])])
-        # u_f / sqrt(mean(u_f^2) + eps) with u_f = factor_f * raw_f: folded into the first layer's columns,
-        # so the GEMMs run on the raw feature rows (no normalised copy of the batch).
-        first, *rest = self.mlp
-        assert isinstance(first, nn.Linear)
-        k = self.num_coordinate_features
-        weight = first.weight[:, :k] * (factor * torch.rsqrt(factor.square() * ms + c.feature_rms_eps))
-        bias: Tensor = first.bias
-        if c.time_scales:  # per-tensor constant inputs: folded into the bias
-            bias = bias + torch.mv(first.weight[:, k:], time_features(step, c.time_scales).to(bias.dtype))
+        weight, row_term, col_term = self._first_layer(dense_ms, scale, row_features, col_features, step)
         # first layer, feature-major (H, n): the dense rows, plus the rank-structured row and column
         # terms broadcast over the (rows, cols) view
-        d = scale.shape[0]
-        row_term = torch.addmm(bias.unsqueeze(1), weight[:, d : d + row_features.shape[0]], row_features)  # (H, R)
-        col_term = weight[:, d + row_features.shape[0] :] @ col_features  # (H, cols)
         base = (row_term.unsqueeze(2) + col_term.unsqueeze(1)).reshape(-1, n)
         inplace = inplace_allowed(grad, weight)  # no graph to record: activations in place
-        x = base.addmm_(weight[:, :d], dense) if inplace else torch.addmm(base, weight[:, :d], dense)
-        for layer in rest:
+        x = base.addmm_(weight, dense) if inplace else torch.addmm(base, weight, dense)
+        for layer in self.mlp[1:]:
             if isinstance(layer, nn.Linear):
                 x = torch.addmm(layer.bias.unsqueeze(1), layer.weight, x)
             else:
@@ -289,3 +285,124 @@ class AdafacMLP(UpdateRule):
         if c.normalize_direction:
             direction = rms_normalize(direction, dim=0, eps=c.direction_rms_eps)
         return -self.step_scale(shape) * direction, new_state
+
+    def _first_layer(
+        self, dense_ms: Tensor, scale: Tensor, row_features: Tensor, col_features: Tensor, step: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        r"""The first layer with the per-tensor RMS normalisation folded in.
+
+        Feature :math:`f` enters as :math:`u_f / \sqrt{\overline{u_f^2} + \epsilon_u}` with :math:`u_f =
+        \mathrm{scale}_f\,\mathrm{raw}_f`, so the normalisation is a per-column factor of the first
+        layer's weight and the GEMM runs on the raw dense rows (no normalised copy). ``dense_ms`` is the
+        mean square of each raw dense row over the tensor. Returns ``(weight, row_term, col_term)``:
+        the ``(H, 16)`` weight over the raw dense rows, ``(H, rows)`` the bias (with the time features,
+        per-tensor constants) plus the row features' contribution, ``(H, cols)`` the column features'.
+        """
+        c = self.config
+        first = self.mlp[0]
+        assert isinstance(first, nn.Linear)
+        k, d, nr = self.num_coordinate_features, scale.shape[0], row_features.shape[0]
+        ms = torch.cat([dense_ms, row_features.square().mean(dim=1), col_features.square().mean(dim=1)])
+        factor = torch.cat([scale, torch.ones_like(ms[d:])])
+        weight = first.weight[:, :k] * (factor * torch.rsqrt(factor.square() * ms + c.feature_rms_eps))
+        bias: Tensor = first.bias
+        if c.time_scales:  # per-tensor constant inputs: folded into the bias
+            bias = bias + torch.mv(first.weight[:, k:], time_features(step, c.time_scales).to(bias.dtype))
+        row_term = torch.addmm(bias.unsqueeze(1), weight[:, d : d + nr], row_features)
+        col_term = weight[:, d + nr :] @ col_features
+        return weight[:, :d], row_term, col_term
+
+    @torch.no_grad()
+    def _blocked_forward(
+        self,
+        grad: Tensor,
+        param: Tensor,
+        state: Mapping[str, Tensor],
+        step: Tensor,
+        shape: tuple[int, ...],
+        out_state: Mapping[str, Tensor] | None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """:meth:`forward` without autograd, over blocks of whole rows of the matrix view.
+
+        The same math in two passes over blocks of about :attr:`coordinate_block` coordinates, so the
+        transient memory is two blocks of features and activations instead of ``16 + 2 * hidden_size``
+        floats per coordinate (whose allocation, page by page, cost more than the arithmetic): the first
+        pass updates the state and sums each feature's squares; the second recomputes the features and
+        runs the MLP with the normalisation folded into its first layer. Equal to the one-shot path up
+        to float rounding. ``out_state`` (the state storage itself) receives the new state in place.
+        """
+        c = self.config
+        rows, cols = matrix_view(shape)
+        n, j, dtype = grad.shape[0], len(c.momentum_decays), grad.dtype
+        beta = self.momentum_decay.to(dtype).squeeze(1)
+        # Adafactor's statistics first: the preconditioner of every block needs the new row and column means
+        grad_rc = grad.view(rows, cols)
+        row_mean = torch.linalg.vector_norm(grad_rc, dim=1).square_().div_(cols).add_(c.factored_eps)
+        col_mean = torch.linalg.vector_norm(grad_rc, dim=0).square_().div_(rows).add_(c.factored_eps)
+        decay = self.factored_decay.to(dtype)
+        row, col = ema(state["row"], row_mean.unsqueeze(1), decay), ema(state["col"], col_mean.unsqueeze(1), decay)
+        row_factor = torch.rsqrt(row / row.mean(dim=0, keepdim=True)).t().unsqueeze(2)  # (K, R, 1)
+        col_factor = torch.rsqrt(col).t().unsqueeze(1)  # (K, 1, C)
+        names = [*(f"m{i}" for i in range(j)), "v"]
+        new = {k: out_state[k] if out_state is not None else torch.empty_like(state[k]) for k in names}
+        new["row"], new["col"] = (out_state["row"].copy_(row), out_state["col"].copy_(col)) if out_state else (row, col)
+        v_correction = 1.0 / (1.0 - c.second_moment_decay**step)
+        block_rows = max(1, self.coordinate_block // cols)
+        blocks = [(r, min(r + block_rows, rows)) for r in range(0, rows, block_rows)]
+        features = grad.new_empty(4 + 4 * j, block_rows * cols)
+
+        def fill(r0: int, r1: int) -> Tensor:
+            """Raw dense features (rows as in :meth:`features`) of the coordinates of rows ``r0:r1``."""
+            a, b = r0 * cols, r1 * cols
+            u = features[:, : b - a]
+            g = grad[a:b]
+            u[0].copy_(g)
+            u[1].copy_(param[a:b])
+            for i, k in enumerate(names):
+                u[2 + i].copy_(new[k][a:b])
+            rsqrt = u[3 + 2 * j]
+            torch.mul(u[2 + j], v_correction, out=rsqrt).add_(c.moment_eps).rsqrt_()
+            torch.mul(u[2 : 2 + j], rsqrt, out=u[3 + j : 3 + 2 * j])
+            phi = u[4 + 2 * j : 4 + 3 * j]
+            torch.mul(row_factor[:, r0:r1], col_factor, out=phi.view(j, r1 - r0, cols))
+            torch.mul(phi, u[2 : 2 + j], out=u[4 + 3 * j :])
+            phi.mul_(g)
+            return u
+
+        sums = grad.new_zeros(features.shape[0])
+        for r0, r1 in blocks:  # pass 1: the new state, and the features' sums of squares
+            a, b = r0 * cols, r1 * cols
+            g = grad[a:b]
+            for i in range(j):
+                torch.lerp(state[f"m{i}"][a:b], g, 1.0 - beta[i], out=new[f"m{i}"][a:b])
+            torch.mul(state["v"][a:b], c.second_moment_decay, out=new["v"][a:b]).addcmul_(
+                g, g, value=1.0 - c.second_moment_decay
+            )
+            sums += torch.linalg.vector_norm(fill(r0, r1), dim=1).square_()
+        scale = torch.cat([grad.new_ones(3 + j), 1.0 / (1.0 - beta**step), grad.new_ones(1 + 2 * j)])
+        eps_f = c.factored_rsqrt_eps
+        row_features = torch.cat([row.t(), torch.rsqrt(row.t() + eps_f)])
+        col_features = torch.cat([col.t(), torch.rsqrt(col.t() + eps_f)])
+        weight, row_term, col_term = self._first_layer(sums / n, scale, row_features, col_features, step)
+        hidden = self.config.hidden_size
+        acts = [grad.new_empty(hidden, features.shape[1]) for _ in range(2)]
+        direction = grad.new_empty(n)
+        for r0, r1 in blocks:  # pass 2: features again, through the MLP
+            a, b = r0 * cols, r1 * cols
+            u = fill(r0, r1)
+            x = acts[0][:, : b - a]
+            torch.add(row_term[:, r0:r1, None], col_term[:, None, :], out=x.view(hidden, r1 - r0, cols))
+            x.addmm_(weight, u).relu_()
+            linears = [m for m in self.mlp[1:] if isinstance(m, nn.Linear)]
+            for index, layer in enumerate(linears):
+                last = index == len(linears) - 1
+                y = direction[a:b].unsqueeze(0) if last else acts[(index + 1) % 2][:, : b - a]
+                torch.addmm(layer.bias.unsqueeze(1), layer.weight, x, out=y)
+                x = y if last else y.relu_()
+        step_scale = -self.step_scale(shape)
+        if c.normalize_direction:
+            mean_square = torch.dot(direction, direction) / n
+            direction.mul_(torch.rsqrt(mean_square + c.direction_rms_eps) * step_scale)
+        else:
+            direction.mul_(step_scale)
+        return direction, new
