@@ -34,16 +34,18 @@ __all__ = [
     "DEMO_OPTIMIZER",
 ]
 
-#: Task family of the demo: an unseen optimizee for optimizers meta-trained on the sigmoid MLP.
-DEMO_TASK = "digits-mlp20-relu"
-#: Adam's learning-rate grid in the demo (a small version of the evaluation grid).
-DEMO_LR_GRID = (1e-1, 1e-2, 1e-3, 1e-4)
+#: The demo's task: one of the benchmark suite's (:mod:`learned_optim.bench.tasks`), none of which any zoo
+#: entry was meta-trained or selected on.
+DEMO_TASK = "shapes-cnn"
+#: How the demo sets the learned optimizer's lr: its checkpoint's default lr and schedule (no tuning at
+#: all), and AdamW's tuned lr, weight decay and schedule (a user who swaps the class).
+DEMO_LR_RULES = ("default", "adamw")
 
 _USAGE = """usage: python -m learned_optim {demo,evaluate,bench} [options]
 
 commands:
-  demo        train a fresh digits model with a pretrained learned optimizer and with tuned Adam,
-              print a comparison table, save a plot and JSON
+  demo        train a model of the benchmark suite with the best pretrained learned optimizer and
+              with tuned AdamW, print a comparison table, save plots and JSON
   evaluate    evaluate optimizers against learning-rate-tuned baselines on unseen tasks
   bench       the benchmark suite: unseen realistic tasks against tuned AdamW, Adam and SGD
 
@@ -67,7 +69,7 @@ def _no_zoo_message() -> str:
 
 
 #: The zoo entry the demo prefers: the one with the best measured results on the demo task (see its card).
-DEMO_OPTIMIZER = "rnnprop-tbv"
+DEMO_OPTIMIZER = "adafac-mlp"
 
 
 def default_optimizer() -> str:
@@ -79,13 +81,12 @@ def default_optimizer() -> str:
 
 
 def build_demo_parser() -> argparse.ArgumentParser:
-    """Options of ``demo``; ``--steps``, ``--seeds``, ``--tune-steps`` and ``--lr-grid`` are hidden (for tests)."""
-    from .evaluate import parse_float_list
-
+    """Options of ``demo``; ``--steps`` is hidden (for tests)."""
     parser = argparse.ArgumentParser(
         prog="python -m learned_optim demo",
-        description="Train a fresh model on the embedded digits with a pretrained learned optimizer and with "
-        "Adam tuned on a validation grid; print a comparison table, save a plot and JSON.",
+        description="Train a model of the benchmark suite (a task no zoo entry was meta-trained on) with a "
+        "pretrained learned optimizer and with AdamW tuned on the validation split (lr x weight decay, cosine "
+        "schedule with warm-up); print the comparison, save plots and JSON.",
     )
     parser.add_argument(
         "--optimizer",
@@ -93,75 +94,70 @@ def build_demo_parser() -> argparse.ArgumentParser:
         metavar="NAME_OR_DIR",
         help=f"zoo name, checkpoint folder or Hub repo id (default: {DEMO_OPTIMIZER})",
     )
-    parser.add_argument("--task", default=DEMO_TASK, help=f"task family to train (default {DEMO_TASK})")
+    parser.add_argument("--task", default=DEMO_TASK, help=f"a task of the benchmark suite (default {DEMO_TASK})")
+    parser.add_argument("--seeds", type=int, default=3, help="evaluation seeds (default 3)")
     parser.add_argument(
         "--out",
         type=Path,
         default=Path("learned_optim_demo"),
-        help="folder for the plot, JSON, CSV and markdown (default ./learned_optim_demo)",
+        help="folder for the plots, JSON, CSV, markdown and the run store (default ./learned_optim_demo)",
     )
     parser.add_argument(
         "--threads",
         type=int,
         default=1,
-        help="torch intra-op threads (default 1: the demo's models are tiny, and more threads only "
+        help="torch intra-op threads (default 1: the suite's models are small, and more threads only "
         "add synchronisation, which is very slow when the cores are shared)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--steps", type=int, default=1000, help=argparse.SUPPRESS)
-    parser.add_argument("--seeds", type=int, default=5, help=argparse.SUPPRESS)
-    parser.add_argument("--tune-steps", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--lr-grid", type=parse_float_list, default=list(DEMO_LR_GRID), help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
 
 def demo_main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; returns the exit status (2 with a message on stderr when no optimizer is available)."""
-    from .evaluate import evaluate, resolve_optimizer
+    from .bench.cli import print_report
+    from .bench.data import DataRootError
+    from .bench.run import UnknownOptimizerError, learned_optimizer
+    from .bench.suite import run_suite
+    from .bench.tasks import UnknownTaskError
 
     argv = list(sys.argv[2:] if argv is None else argv)
     args = build_demo_parser().parse_args(argv)
+    prog = "python -m learned_optim demo"
     try:
         name = args.optimizer or default_optimizer()
-        learned = resolve_optimizer(name)
-    except (NoPretrainedOptimizerError, hub.CheckpointError) as err:
-        print(f"python -m learned_optim demo: error: {err}", file=sys.stderr)
+        learned = learned_optimizer(name)
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+        assert learned.path is not None
+        config = hub.read_config(learned.path)
+        print(f"Learned optimizer: {learned.name} ({config.get('family')}, {learned.path})")
+        if not (config.get("training") or {}).get("meta_training"):
+            print(
+                f"NOTE: {learned.name} records no meta-training in its config.json; if its weights are untrained, "
+                "the comparison below says nothing about learned optimizers."
+            )
+        print(
+            f"Task: {args.task} (benchmark suite), {args.seeds} seeds; AdamW tuned on the validation split; "
+            f"{learned.name} with its default lr and schedule (no tuning) and with AdamW's tuned ones."
+        )
+        results = run_suite(
+            [name],
+            out=args.out,
+            tasks=[args.task],
+            baselines=("adamw",),
+            lr_rules=DEMO_LR_RULES,
+            seeds=args.seeds,
+            steps=args.steps,
+            progress=not args.no_progress,
+            command=f"{prog} {shlex.join(argv)}".strip(),
+        )
+    except (NoPretrainedOptimizerError, UnknownOptimizerError, UnknownTaskError, DataRootError, ValueError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
-    torch.set_num_threads(args.threads)
-    print(f"Learned optimizer: {learned.label} ({learned.info['family']}, {learned.info['path']})")
-    if not learned.info["meta_trained"]:
-        print(
-            f"NOTE: {learned.label} records no meta-training in its config.json; if its weights are untrained, "
-            "the comparison below says nothing about learned optimizers."
-        )
-    tune_steps = args.tune_steps or args.steps
-    print(
-        f"Task: {args.task}, {args.steps} steps, {args.seeds} seeds; Adam's lr tuned on the validation split "
-        f"over {[float(v) for v in args.lr_grid]} ({tune_steps} steps each)."
-    )
-    results = evaluate(
-        [learned, "adam"],
-        [args.task],
-        args.steps,
-        args.seeds,
-        lr_grid=args.lr_grid,
-        tune_steps=tune_steps,
-        progress=not args.no_progress,
-        command="python -m learned_optim demo " + shlex.join(argv),
-    )
-    files = results.write(args.out)
-    print()
-    print(results.markdown())
-    for tuning in results.tuning:
-        print(
-            f"{tuning.optimizer}'s learning-rate search took {tuning.wall_time:.1f} s more; "
-            f"the learned optimizer ran untuned."
-        )
-    plots = [str(p) for k, p in files.items() if k.startswith("plot:")]
-    print(
-        f"Plot: {', '.join(plots)}\nResults: {files['json']} (also {files['summary_csv'].name}, "
-        f"{files['curves_csv'].name}, {files['markdown'].name})"
-    )
+    print_report(results, results.write(args.out))
     return 0
 
 

@@ -13,19 +13,19 @@ import pytest
 import torch
 
 import learned_optim
-from learned_optim import DMLSTM, save_pretrained
-from learned_optim.__main__ import DEMO_TASK, main
+from learned_optim import AdafacMLP, save_pretrained
+from learned_optim.__main__ import main
 
-TINY = ["--steps", "4", "--seeds", "2", "--tune-steps", "2", "--lr-grid", "0.01,0.001", "--no-progress"]
+TINY = ["--task", "diabetes-mlp", "--steps", "6", "--seeds", "2", "--no-progress"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the CLIs under test call torch.set_num_threads
 
 
 def _fixture_checkpoint(folder: Path) -> Path:
-    """TEST FIXTURE: an untrained DM-LSTM checkpoint (no 'training' record, so the demo flags it)."""
+    """TEST FIXTURE: an untrained adafac_mlp checkpoint (no 'training' record, so the demo flags it)."""
     torch.manual_seed(0)
-    return save_pretrained(DMLSTM(), folder, name="fixture-untrained", description="test fixture, untrained")
+    return save_pretrained(AdafacMLP(), folder, name="fixture-untrained", description="test fixture, untrained")
 
 
 @pytest.fixture
@@ -42,27 +42,37 @@ def test_demo_end_to_end_with_a_temporary_checkpoint(tmp_path, capsys, empty_zoo
     assert main(["demo", "--optimizer", str(checkpoint), "--out", str(out), *TINY]) == 0
     printed = capsys.readouterr().out
     assert "records no meta-training" in printed  # an untrained net is never presented as pretrained
-    assert "[tune] adam on " + DEMO_TASK + ": grid {0.01: " in printed
-    assert f"| {DEMO_TASK} | fixture-untrained | 1 |" in printed and f"| {DEMO_TASK} | adam | " in printed
-    for column in ("Final train loss", "Test accuracy (%)", "Time / step (ms)", "Wall time / run (s)"):
+    assert "[tune] adamw on diabetes-mlp: {lr 0.0003, cosine: " in printed
+    for label in ("adamw", "fixture-untrained [default]", "fixture-untrained [adamw]"):
+        assert f"| diabetes-mlp | {label} | " in printed
+    assert "| adam |" not in printed and "sgd-momentum" not in printed  # the demo compares with AdamW only
+    for column in ("Val / AdamW", "Speed-up", "vs AdamW", "ms / step"):
         assert column in printed
-    png = out / f"curves_{DEMO_TASK}.png"
+    png = out / "curves_diabetes-mlp.png"
     assert png.read_bytes()[:4] == b"\x89PNG" and str(png) in printed
     results = json.loads((out / "results.json").read_text())
-    assert [row["optimizer"] for row in results["summary"]] == ["fixture-untrained", "adam"]
-    assert results["config"]["steps"] == 4 and results["config"]["seeds"] == 2
-    assert results["tuning"][0]["grid"] == [0.01, 0.001]
-    assert all(0.0 <= row["test_accuracy"] <= 1.0 for row in results["summary"])
+    assert [row["contender"] for row in results["summary"]] == [
+        "adamw",
+        "fixture-untrained [default]",
+        "fixture-untrained [adamw]",
+    ]
+    assert results["config"]["tasks"]["diabetes-mlp"]["steps"] == 6 and results["config"]["seeds"] == [0, 1]
+    assert results["config"]["command"].startswith("python -m learned_optim demo --optimizer ")
+    # a rerun reuses every stored run
+    assert main(["demo", "--optimizer", str(checkpoint), "--out", str(out), *TINY]) == 0
+    assert "runs trained 0, reused " in capsys.readouterr().out
 
 
-def test_demo_defaults_to_the_first_zoo_entry(tmp_path, monkeypatch, capsys):
+def test_demo_defaults_to_the_first_zoo_entry_without_the_demo_optimizer(tmp_path, monkeypatch, capsys):
     zoo = tmp_path / "zoo"
+    meta_trained = {"meta_training": {"command": "test fixture, untrained"}}
     for name in ("zz-second", "aa-first"):  # TEST FIXTURES in a temporary zoo
-        save_pretrained(DMLSTM(), zoo / name, name=name, training={"tasks": ["test fixture, untrained"]})
+        save_pretrained(AdafacMLP(), zoo / name, name=name, training=meta_trained)
     monkeypatch.setattr(learned_optim.hub, "zoo_dir", lambda: zoo)
-    assert main(["demo", "--out", str(tmp_path / "out"), *TINY, "--steps", "1", "--seeds", "1"]) == 0
+    args = ["demo", "--out", str(tmp_path / "out"), *TINY, "--steps", "2", "--seeds", "1"]
+    assert main(args) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith("Learned optimizer: aa-first (dm_lstm, ")
+    assert printed.startswith("Learned optimizer: aa-first (adafac_mlp, ")
     assert "records no meta-training" not in printed
 
 

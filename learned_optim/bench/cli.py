@@ -13,10 +13,10 @@ import torch
 from ..hub import CheckpointError, record_evaluation
 from .data import DataRootError
 from .run import LR_RULES, UnknownOptimizerError
-from .suite import BASELINE_NAMES, card_key, run_suite
+from .suite import BASELINE_NAMES, SuiteResults, card_key, run_suite
 from .tasks import QUICK, TASKS, UnknownTaskError, tasks_markdown
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "print_report"]
 
 PROG = "python -m learned_optim bench"
 
@@ -127,8 +127,13 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     for checkpoint in args.record_card:
         record_evaluation(checkpoint, [card_key(args.quick)], results.markdown(), results.card_results())
         files[f"card:{checkpoint}"] = Path(checkpoint) / "README.md"
+    print_report(results, files)
+    return 0
+
+
+def print_report(results: SuiteResults, files: dict[str, Path]) -> None:
+    """Print the suite's tables, how many runs were trained or reused, and the files written."""
     print()
     print(results.markdown())
     print(f"runs trained {results.config['runs_trained']}, reused {results.config['runs_reused']}")
     print("wrote " + ", ".join(str(p) for p in files.values()))
-    return 0

@@ -153,6 +153,8 @@ class BenchOptimizer:
     default_lr: float | None = None
     default_weight_decay: float = 0.0
     default_schedule: str = "constant"
+    #: A learned optimizer's checkpoint folder.
+    path: Path | None = None
 
     def tuned_grid(self, adamw_grid: Grid, quick: bool = False) -> list[Setting]:
         """The ``tuned`` rule's grid (see the module docstring)."""
@@ -231,6 +233,7 @@ def learned_optimizer(name_or_dir: str) -> BenchOptimizer:
         default_lr=float(defaults.get("lr", 1.0)),
         default_weight_decay=float(defaults.get("weight_decay", 0.0)),
         default_schedule=str(config.get("schedule", "constant")),
+        path=folder,
     )
 
 

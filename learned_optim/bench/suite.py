@@ -281,6 +281,7 @@ def run_suite(
     lr_rules: Sequence[str] = ("default", "tuned"),
     seeds: int | None = None,
     quick: bool = False,
+    steps: int | None = None,
     data_root: str | None = None,
     extra_run_dirs: Sequence[str | os.PathLike] = (),
     reuse: bool = True,
@@ -300,6 +301,8 @@ def run_suite(
         seeds: evaluation seeds ``0 .. seeds-1`` (default 3, or 1 with ``quick``).
         quick: the quick selection: :data:`QUICK` tasks at :data:`QUICK_STEPS_FRACTION` of their steps,
             1 seed, the small grids :data:`~learned_optim.bench.run.QUICK_GRIDS`.
+        steps: the horizon of every task (default: each task's own, a quarter of it with ``quick``); for
+            smoke runs and tests (runs of another horizon are different runs in the store).
         data_root: folder of the text corpus (default: this Python's standard library).
         extra_run_dirs: more output folders whose run records may be reused (never written).
         reuse: reuse stored records (``False`` retrains and overwrites).
@@ -324,7 +327,8 @@ def run_suite(
     grids = QUICK_GRIDS if quick else FULL_GRIDS
     corpus = stdlib_corpus(data_root) if any(t.uses_data_root for t in bench_tasks) else None
     workloads: list[Workload] = [
-        t.bind(data_root, max(1, round(t.steps * QUICK_STEPS_FRACTION)) if quick else None) for t in bench_tasks
+        t.bind(data_root, steps or (max(1, round(t.steps * QUICK_STEPS_FRACTION)) if quick else None))
+        for t in bench_tasks
     ]
     contenders = [Contender(n, o) for n, o in base.items()]
     contenders += [Contender(f"{o.name} [{r}]", o, r) for o in learned for r in rules]
