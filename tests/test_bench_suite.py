@@ -83,7 +83,7 @@ def test_tuning_picks_the_planted_best_point():
     result = brun.tune("adamw", grid, evaluate, task="t", seeds=[1, 2])
     assert result.chosen == planted
     assert math.isinf(result.val_loss[0]) and result.val_loss[3] == pytest.approx(1.0)
-    assert planted.describe() == "lr 0.003, wd 0.1, cosine" and result.describe().endswith("-> " + planted.describe())
+    assert planted.describe() == "lr 0.001, wd 0.1, cosine" and result.describe().endswith("-> " + planted.describe())
 
 
 def test_a_tiny_real_run_records_curves_and_finals():
