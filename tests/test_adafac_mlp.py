@@ -175,8 +175,35 @@ def test_untrained_net_is_adamw_with_normalised_updates():
             q.data.copy_(p.detach())  # follow our trajectory so both see the same gradients
 
 
+@pytest.mark.parametrize("block", [None, 16])
+def test_untrained_net_with_adam_magnitude_is_exactly_adamw(block):
+    """init="adam", step_magnitude="adam", mup off: the normalised direction times the RMS of Adam's own
+    step is Adam's step, so the untrained optimizer is torch.optim.AdamW (one-shot and blocked paths)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 4))
+    twin = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 4))
+    twin.load_state_dict(model.state_dict())
+    rule = AdafacMLP(step_magnitude="adam", mup=False)
+    if block is not None:
+        rule.coordinate_block = block
+    opt = LearnedOptimizer(model.parameters(), rule, lr=1e-2, weight_decay=0.1)
+    adamw = torch.optim.AdamW(twin.parameters(), lr=1e-2, betas=(0.9, 0.999), weight_decay=0.1)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        x, y = torch.randn(16, 8, generator=gen), torch.randn(16, 4, generator=gen)
+        for m, o in ((model, opt), (twin, adamw)):
+            o.zero_grad()
+            nn.functional.mse_loss(m(x), y).backward()
+            o.step()
+    # eps differs (Adam: 1e-8 outside the sqrt; ours 1e-16 inside)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
 def test_bad_shape_and_config_raise_clear_errors():
     rule = AdafacMLP()
+    with pytest.raises(ValueError, match="step_magnitude must be"):
+        AdafacMLP(step_magnitude="huge")
     with pytest.raises(ValueError, match="does not match a flat tensor"):
         rule(torch.zeros(6), torch.zeros(6), rule.init_state(6), torch.tensor(1.0), shape=(4, 2))
     with pytest.raises(ValueError, match="same length"):
@@ -209,7 +236,7 @@ def test_adapt_fine_tunes_the_net_with_a_real_lr():
         ((37, 23), 100, {}),  # blocks of 4 rows, the last one shorter
         ((5, 300), 100, {"time_scales": (10.0, 100.0)}),  # a row longer than the block: one row per block
         ((900,), 128, {"normalize_direction": False}),  # a vector: one column
-        ((6, 4, 3, 3), 50, {"mup": False}),  # a conv weight as (out, in*kh*kw)
+        ((6, 4, 3, 3), 50, {"mup": False, "step_magnitude": "adam"}),  # a conv weight as (out, in*kh*kw)
     ],
 )
 @pytest.mark.parametrize("in_place", [False, True])

@@ -47,6 +47,7 @@ class AdafacMLPConfig(NetConfig):
     feature_rms_eps: float = 1e-12
     direction_rms_eps: float = 1e-12
     normalize_direction: bool = True
+    step_magnitude: str = "unit"
     mup: bool = True
     mup_base_fan_in: int = 64
     init: str = "adam"
@@ -105,16 +106,21 @@ class AdafacMLP(UpdateRule):
     **RMS-normalised over the tensor** (``normalize_direction``; off for ablations: :math:`\Delta\theta = -s\,d`)
     and scaled by the tensor's μP scale :math:`s` (:func:`mup_scale`; 1 when ``mup`` is off):
 
-    .. math:: \Delta\theta = -\,s\,\frac{d}{\sqrt{\overline{d^2} + \epsilon_d}}
+    .. math:: \Delta\theta = -\,s\,a\,\frac{d}{\sqrt{\overline{d^2} + \epsilon_d}}
 
     so the runtime's :math:`\theta \leftarrow \theta(1 - \mathrm{lr}\,\lambda) + \mathrm{lr}\,\Delta\theta`
-    moves every tensor by RMS exactly :math:`\mathrm{lr}\cdot s` per step. ``lr`` is a real learning rate.
+    moves every tensor by RMS exactly :math:`\mathrm{lr}\cdot s\cdot a` per step. ``lr`` is a real learning
+    rate. The per-tensor magnitude :math:`a` is ``step_magnitude``: ``"unit"``, :math:`a = 1` (Celo2: the
+    step's size is the lr schedule's alone); ``"adam"``, :math:`a` = the RMS over the tensor of Adam's own
+    step :math:`\hat m (\hat v + \epsilon)^{-1/2}` at decay ``adam_feature_decay``, so the net sets the
+    direction and Adam's signal-to-noise ratio still shrinks the step where gradients are mostly noise.
 
     ``init="adam"`` builds the MLP so that :math:`d` equals the normalised feature
     :math:`\hat m (\hat v + \epsilon)^{-1/2}` at decay ``adam_feature_decay`` exactly (two hidden units
     carry :math:`\pm x` through the ReLUs; the other units are random with zero output weights): the
     untrained net is AdamW (:math:`\beta_1` = ``adam_feature_decay``, :math:`\beta_2` =
-    ``second_moment_decay``) with per-tensor RMS-normalised updates. ``init="random"``: truncated
+    ``second_moment_decay``) with per-tensor RMS-normalised updates, exactly AdamW (times :math:`s`) with
+    ``step_magnitude="adam"``. ``init="random"``: truncated
     normal weights, std :math:`1/\sqrt{\mathrm{fan\_in}}`, zero biases (small_fc_lopt's init).
 
     Whole-tensor rule (``forward`` takes ``shape=``; see :mod:`learned_optim.nets.base`). Computed
@@ -146,7 +152,9 @@ class AdafacMLP(UpdateRule):
             raise ValueError(f"AdafacMLP: init must be 'adam' or 'random', got {c.init!r}")
         if c.num_hidden_layers < 1 or c.hidden_size < 2:
             raise ValueError("AdafacMLP needs num_hidden_layers >= 1 and hidden_size >= 2")
-        if c.init == "adam" and c.adam_feature_decay not in c.momentum_decays:
+        if c.step_magnitude not in ("unit", "adam"):
+            raise ValueError(f"AdafacMLP: step_magnitude must be 'unit' or 'adam', got {c.step_magnitude!r}")
+        if (c.init == "adam" or c.step_magnitude == "adam") and c.adam_feature_decay not in c.momentum_decays:
             raise ValueError(f"AdafacMLP: adam_feature_decay {c.adam_feature_decay} is not in momentum_decays")
         layers: list[nn.Module] = []
         width = self.num_features
@@ -284,7 +292,14 @@ class AdafacMLP(UpdateRule):
         direction = x.squeeze(0)
         if c.normalize_direction:
             direction = rms_normalize(direction, dim=0, eps=c.direction_rms_eps)
-        return -self.step_scale(shape) * direction, new_state
+        return -self.step_scale(shape) * self._magnitude(dense_ms, scale) * direction, new_state
+
+    def _magnitude(self, dense_ms: Tensor, scale: Tensor) -> Tensor | float:
+        """The per-tensor step magnitude :math:`a` (``step_magnitude``) from the dense rows' mean squares."""
+        if self.config.step_magnitude == "unit":
+            return 1.0
+        i = self.adam_feature_index  # RMS of the bias-corrected m_j / sqrt(v_hat + eps): Adam's step
+        return scale[i] * dense_ms[i].sqrt()
 
     def _first_layer(
         self, dense_ms: Tensor, scale: Tensor, row_features: Tensor, col_features: Tensor, step: Tensor
@@ -399,7 +414,7 @@ class AdafacMLP(UpdateRule):
                 y = direction[a:b].unsqueeze(0) if last else acts[(index + 1) % 2][:, : b - a]
                 torch.addmm(layer.bias.unsqueeze(1), layer.weight, x, out=y)
                 x = y if last else y.relu_()
-        step_scale = -self.step_scale(shape)
+        step_scale = -self.step_scale(shape) * self._magnitude(sums / n, scale)
         if c.normalize_direction:
             mean_square = torch.dot(direction, direction) / n
             direction.mul_(torch.rsqrt(mean_square + c.direction_rms_eps) * step_scale)
