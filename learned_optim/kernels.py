@@ -10,7 +10,11 @@ differentiable path never uses them.
   ``expm1`` one element at a time;
 * :func:`mlp_feature_mean_square` and :func:`mlp_update` (``csrc/mlp.cpp``), the MLP net's statistics
   pass and update: features, hidden layer and output per 16 coordinates in registers, instead of a
-  (rows x 22) feature matrix built by ~30 ATen ops, twice (statistics, then update).
+  (rows x 22) feature matrix built by ~30 ATen ops, twice (statistics, then update);
+* :func:`adafac_state_sumsq` and :func:`adafac_direction` (``csrc/adafac.cpp``), the two passes of
+  ``AdafacMLP``'s inference step (state update and feature sums of squares; features, MLP and direction),
+  each one sweep over the tensor with the 16 features and the hidden units in registers, instead of ~30 ATen
+  elementwise passes and GEMMs per block of rows.
 
 Same math; their ``exp`` is a polynomial accurate to about 1 float32 ulp, so results differ from the
 ATen path by a few ulps (tested in ``tests/test_kernels.py``).
@@ -28,7 +32,10 @@ cannot execute is an error and leaves the ATen path). Only the selected one is b
 **The guard: a kernel runs only where it is measured faster.** Right after a build, each kernel is timed
 against the ATen path of the same rule on the machine at hand (:data:`GUARD_ROWS` coordinates, one thread,
 thread CPU time, best of :data:`GUARD_REPEATS` interleaved rounds): ``lstm_cell`` through a DM-LSTM step,
-``elu`` on RNNProp's input activation, ``mlp`` through an MLP rule's statistics and update. The ratios
+``elu`` on RNNProp's input activation, ``mlp`` through an MLP rule's statistics and update, ``adafac_mlp``
+through an ``AdafacMLP`` step on a matrix of :data:`ADAFAC_GUARD_SCALE` times as many coordinates (above
+its ``coordinate_block``: the large tensors its step time lives in; the kernel path then serves all sizes,
+as it was also measured faster on small tensors, where both paths are mostly per-call overhead). The ratios
 (ATen time / kernel time) are cached beside the library (``<library>.guard.json``; measured again under
 another torch); a kernel whose ratio is below :data:`MIN_SPEEDUP` is not used, and the ATen path runs
 instead. :func:`report` says which path

@@ -125,6 +125,13 @@ class AdafacMLP(UpdateRule):
     about ``16 + 2 * hidden_size`` floats per coordinate of the tensor with autograd (meta-training);
     without it (the optimizer's step) tensors above :attr:`coordinate_block` coordinates go block by block
     (:meth:`_blocked_forward`), about ``16 + 2 * hidden_size`` floats per coordinate of one block.
+
+    Paths of the step without autograd: the native CPU kernel (:mod:`learned_optim.kernels`, kernel
+    ``adafac_mlp``: contiguous float32 CPU tensors, up to 8 momenta and ``hidden_size`` 32) wherever the
+    kernels' guard uses it, for tensors of any size: :meth:`_blocked_forward`'s two passes, each one sweep over
+    memory with no transient per coordinate; else the ATen blocked path above :attr:`coordinate_block`, the
+    one-shot path below it. The ATen paths define the math (the kernel is tested equal to them) and the
+    one-shot path is the only one with autograd (meta-training).
     """
 
     family = "adafac_mlp"
@@ -332,7 +339,10 @@ class AdafacMLP(UpdateRule):
         floats per coordinate (whose allocation, page by page, cost more than the arithmetic): the first
         pass updates the state and sums each feature's squares; the second recomputes the features and
         runs the MLP with the normalisation folded into its first layer. Equal to the one-shot path up
-        to float rounding. ``out_state`` (the state storage itself) receives the new state in place.
+        to float rounding. ``out_state`` (the state storage itself) receives the new state in place. Each
+        pass runs the native kernel (:func:`~learned_optim.kernels.adafac_state_sumsq`,
+        :func:`~learned_optim.kernels.adafac_direction`) where it applies and is used: one sweep over the
+        tensor, no blocks; the ATen blocks otherwise.
         """
         c = self.config
         rows, cols = matrix_view(shape)
