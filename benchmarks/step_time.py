@@ -177,7 +177,8 @@ class Reference:
         step = torch.tensor(float(self.t))
         if self.rule.family == "adafac_mlp":
             flat = self.p.data.view(-1)
-            delta, self.state = self.one_shot(self.p.grad.view(-1), flat, self.state, step, shape=self.p.shape)
+            with kernels.enabled_as(False):  # the ATen one-shot formulation, not the native kernel path
+                delta, self.state = self.one_shot(self.p.grad.view(-1), flat, self.state, step, shape=self.p.shape)
             flat += self.rule.default_lr * delta  # its lr is a real learning rate (the others': 1.0)
             return
         flat, grad = self.p.data, self.p.grad

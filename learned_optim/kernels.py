@@ -10,7 +10,11 @@ differentiable path never uses them.
   ``expm1`` one element at a time;
 * :func:`mlp_feature_mean_square` and :func:`mlp_update` (``csrc/mlp.cpp``), the MLP net's statistics
   pass and update: features, hidden layer and output per 16 coordinates in registers, instead of a
-  (rows x 22) feature matrix built by ~30 ATen ops, twice (statistics, then update).
+  (rows x 22) feature matrix built by ~30 ATen ops, twice (statistics, then update);
+* :func:`adafac_state_sumsq` and :func:`adafac_direction` (``csrc/adafac.cpp``), the two passes of
+  ``AdafacMLP``'s inference step (state update and feature sums of squares; features, MLP and direction),
+  each one sweep over the tensor with the 16 features and the hidden units in registers, instead of ~30 ATen
+  elementwise passes and GEMMs per block of rows.
 
 Same math; their ``exp`` is a polynomial accurate to about 1 float32 ulp, so results differ from the
 ATen path by a few ulps (tested in ``tests/test_kernels.py``).
@@ -28,7 +32,10 @@ cannot execute is an error and leaves the ATen path). Only the selected one is b
 **The guard: a kernel runs only where it is measured faster.** Right after a build, each kernel is timed
 against the ATen path of the same rule on the machine at hand (:data:`GUARD_ROWS` coordinates, one thread,
 thread CPU time, best of :data:`GUARD_REPEATS` interleaved rounds): ``lstm_cell`` through a DM-LSTM step,
-``elu`` on RNNProp's input activation, ``mlp`` through an MLP rule's statistics and update. The ratios
+``elu`` on RNNProp's input activation, ``mlp`` through an MLP rule's statistics and update, ``adafac_mlp``
+through an ``AdafacMLP`` step on a matrix of :data:`ADAFAC_GUARD_SCALE` times as many coordinates (above
+its ``coordinate_block``: the large tensors its step time lives in; the kernel path then serves all sizes,
+as it was also measured faster on small tensors, where both paths are mostly per-call overhead). The ratios
 (ATen time / kernel time) are cached beside the library (``<library>.guard.json``; measured again under
 another torch); a kernel whose ratio is below :data:`MIN_SPEEDUP` is not used, and the ATen path runs
 instead. :func:`report` says which path
@@ -55,7 +62,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +78,10 @@ __all__ = [
     "elu_",
     "mlp_feature_mean_square",
     "mlp_update",
+    "adafac_state_sumsq",
+    "adafac_direction",
+    "ADAFAC_MAX_MOMENTA",
+    "ADAFAC_MAX_HIDDEN",
     "build_error",
     "isa",
     "supported_isas",
@@ -103,14 +114,22 @@ ISAS: dict[str, tuple[list[str], frozenset[str]]] = {
 }
 
 #: The kernels the guard measures, and the ones each family's step calls.
-KERNELS = ("lstm_cell", "elu", "mlp")
-RULE_KERNELS: dict[str, tuple[str, ...]] = {"dm_lstm": ("lstm_cell",), "rnnprop": ("elu", "lstm_cell"), "mlp": ("mlp",)}
+KERNELS = ("lstm_cell", "elu", "mlp", "adafac_mlp")
+RULE_KERNELS: dict[str, tuple[str, ...]] = {
+    "dm_lstm": ("lstm_cell",),
+    "rnnprop": ("elu", "lstm_cell"),
+    "mlp": ("mlp",),
+    "adafac_mlp": ("adafac_mlp",),
+}
 
 #: A kernel is used only if the ATen path of the same rule takes at least this many times its time here.
 MIN_SPEEDUP = 1.5
 #: Coordinates per guard measurement, and interleaved rounds (kernel, ATen) of which the best counts.
 GUARD_ROWS = 1 << 14
 GUARD_REPEATS = 7
+#: ``adafac_mlp`` is measured on a matrix of this many times :data:`GUARD_ROWS` coordinates (see the module
+#: docstring): the per-tensor whole-tensor rule's step time is that of its large tensors.
+ADAFAC_GUARD_SCALE = 8
 
 _lock = threading.RLock()
 _lib: ctypes.CDLL | None = None
@@ -296,6 +315,26 @@ def _build() -> tuple[ctypes.CDLL, Path, str]:
     lib.lo_mlp_feature_sumsq_segments_f32.restype = c_int
     lib.lo_mlp_update_segments_f32.argtypes = [i64, ptr, *lib.lo_mlp_update_f32.argtypes[1:]]
     lib.lo_mlp_update_segments_f32.restype = c_int
+    lib.lo_adafac_state_sumsq_f32.argtypes = [i64, i64, c_int, *[ptr] * 7, f32, f32, f32, ptr, ptr, ptr, c_int]
+    lib.lo_adafac_state_sumsq_f32.restype = c_int
+    lib.lo_adafac_direction_f32.argtypes = [
+        i64,
+        i64,
+        c_int,
+        *[ptr] * 4,
+        f32,
+        f32,
+        ptr,
+        ptr,
+        c_int,
+        c_int,
+        *[ptr] * 6,
+        f32,
+        ptr,
+        ptr,
+        c_int,
+    ]
+    lib.lo_adafac_direction_f32.restype = c_int
     lib.lo_vector_lanes.argtypes = []
     lib.lo_vector_lanes.restype = c_int
     return lib, target, target_isa
@@ -415,7 +454,7 @@ def _best_of(candidates: dict[str, Callable[[], object]]) -> dict[str, float]:
 
 def _guard_workloads(n: int) -> dict[str, Callable[[], object]]:
     """One call of each kernel's rule code (the same call runs the kernel or ATen, by the switches)."""
-    from .nets import DMLSTM, MLPUpdate  # lazy: the nets import this module
+    from .nets import DMLSTM, AdafacMLP, MLPUpdate  # lazy: the nets import this module
 
     gen = torch.Generator().manual_seed(0)
     grad = torch.randn(n, generator=gen) * 10.0 ** torch.randint(-6, -1, (n,), generator=gen)
@@ -431,6 +470,16 @@ def _guard_workloads(n: int) -> dict[str, Callable[[], object]]:
     mlp_out = {k: torch.empty_like(v) for k, v in mlp_state.items()}
     z = torch.randn(n, 20, generator=gen)
     z_work = torch.empty_like(z)
+    # adafac_mlp on a matrix of ADAFAC_GUARD_SCALE * n coordinates: above AdafacMLP.coordinate_block, the
+    # regime its step time lives in, where the kernel replaces the ATen blocked path
+    adafac = AdafacMLP().requires_grad_(False)
+    adafac_shape = (ADAFAC_GUARD_SCALE * n // 512, 512)
+    adafac_n = adafac_shape[0] * adafac_shape[1]
+    adafac_grad, adafac_param = torch.randn(adafac_n, generator=gen) * 1e-3, torch.randn(adafac_n, generator=gen)
+    adafac_state = adafac.init_state(adafac_n, shape=adafac_shape)
+    for value in adafac_state.values():
+        value.copy_(torch.rand(value.shape, generator=gen) * 1e-6)
+    adafac_out = {k: torch.empty_like(v) for k, v in adafac_state.items()}
 
     def lstm_cell() -> object:
         return dm(grad, param, dm_state, step, None, out_state=dm_out)
@@ -441,7 +490,10 @@ def _guard_workloads(n: int) -> dict[str, Callable[[], object]]:
     def mlp_rule() -> object:
         return mlp(grad, param, mlp_state, step, mlp.tensor_stats(grad, param, mlp_state, step), out_state=mlp_out)
 
-    return {"lstm_cell": lstm_cell, "elu": elu, "mlp": mlp_rule}
+    def adafac_rule() -> object:
+        return adafac(adafac_grad, adafac_param, adafac_state, step, out_state=adafac_out, shape=adafac_shape)
+
+    return {"lstm_cell": lstm_cell, "elu": elu, "mlp": mlp_rule, "adafac_mlp": adafac_rule}
 
 
 def _measure_guard() -> dict[str, Any]:
@@ -711,3 +763,182 @@ def mlp_update(
         _threads(n),
     )
     return None if status else (delta, m_new, v_new)
+
+
+#: What the ``adafac_mlp`` kernel handles (``csrc/adafac.cpp``): momenta :math:`J` (``4 + 4J`` dense
+#: features) and the MLP's hidden size; beyond them its wrappers return ``None`` (the ATen path runs).
+ADAFAC_MAX_MOMENTA = 8
+ADAFAC_MAX_HIDDEN = 32
+
+
+def _pointers(tensors: Sequence[Tensor]) -> ctypes.Array[ctypes.c_void_p]:
+    """The tensors' data pointers as a C ``float* const*`` array."""
+    return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
+
+
+def _adafac_view(
+    grad: Tensor, vectors: Sequence[Tensor], row_factor: Tensor, col_factor: Tensor, j: int
+) -> tuple[int, int] | None:
+    """The ``(rows, cols)`` view of an ``adafac_mlp`` kernel call (``ValueError`` on shapes that do not fit),
+    or ``None`` when the kernel does not apply to these tensors (dtype, device, layout, ``J``)."""
+    n = grad.numel()
+    if row_factor.dim() != 2 or col_factor.dim() != 2 or row_factor.shape[0] != j or col_factor.shape[0] != j:
+        raise ValueError(
+            f"adafac kernel: row_factor {tuple(row_factor.shape)} and col_factor {tuple(col_factor.shape)} "
+            f"must be (J, rows) and (J, cols) with J = {j} momenta"
+        )
+    rows, cols = row_factor.shape[1], col_factor.shape[1]
+    if rows * cols != n or any(t.dim() != 1 or t.numel() != n for t in (grad, *vectors)):
+        shapes = [tuple(t.shape) for t in (grad, *vectors)]
+        raise ValueError(f"adafac kernel: vectors {shapes} must all be ({n},) and rows * cols = {rows} * {cols} = {n}")
+    if not (_flat_f32(grad, *vectors, row_factor, col_factor) and 1 <= j <= ADAFAC_MAX_MOMENTA and n > 0):
+        return None
+    return rows, cols
+
+
+def adafac_state_sumsq(
+    grad: Tensor,
+    param: Tensor,
+    m: Sequence[Tensor],
+    v: Tensor,
+    m_out: Sequence[Tensor],
+    v_out: Tensor,
+    beta: Sequence[float],
+    beta_v: float,
+    v_correction: float,
+    eps: float,
+    row_factor: Tensor,
+    col_factor: Tensor,
+) -> Tensor | None:
+    r"""Pass 1 of ``AdafacMLP``'s inference step (the new state and the features' sums of squares), or ``None``.
+
+    The tensor is its ``(rows, cols)`` matrix view, flat in row-major order: ``grad``, ``param``, ``v`` and
+    the :math:`J` momenta ``m`` are ``(rows * cols,)`` vectors. Writes
+
+    .. math:: m_j' = m_j + (1-\beta_j)(g - m_j),\qquad v' = \beta_v v + (1-\beta_v)\,g^2
+
+    into ``m_out``, ``v_out`` (they may be ``m``, ``v`` themselves: in place) and returns the ``(4 + 4J,)``
+    float64 sums over the tensor of the squares of the raw dense features (the rows of
+    ``AdafacMLP.features``' blocks, without its ``scale``)
+
+    .. math:: u = \big[g,\ \theta,\ m_j',\ v',\ m_j' s,\ s,\ g\,\phi_k,\ m_k' \phi_k\big],\qquad
+        s = (k_v v' + \epsilon)^{-1/2},\qquad \phi_k(r, c) = a_{kr}\, e_{kc}
+
+    with :math:`k_v` = ``v_correction`` (:math:`1/(1-\beta_v^t)`), ``row_factor`` :math:`a` ``(J, rows)`` and
+    ``col_factor`` :math:`e` ``(J, cols)`` (the factored preconditioner's factors). The sums do not depend on
+    the thread count. ``None`` when the kernel does not apply (not all contiguous float32 CPU tensors,
+    :math:`J` above :data:`ADAFAC_MAX_MOMENTA`, kernels off, unavailable or not faster here): the caller then
+    computes it with ATen.
+    """
+    j = len(beta)
+    if len(m) != j or len(m_out) != j:
+        raise ValueError(f"adafac_state_sumsq: {len(m)} momenta and {len(m_out)} outputs for {j} decays")
+    view = _adafac_view(grad, [param, *m, v, *m_out, v_out], row_factor, col_factor, j)
+    lib = _kernel("adafac_mlp") if view is not None else None
+    if lib is None or view is None:
+        return None
+    rows, cols = view
+    out = torch.empty(4 + 4 * j, dtype=torch.float64)
+    status = lib.lo_adafac_state_sumsq_f32(
+        rows,
+        cols,
+        j,
+        grad.data_ptr(),
+        param.data_ptr(),
+        _pointers(m),
+        v.data_ptr(),
+        _pointers(m_out),
+        v_out.data_ptr(),
+        (ctypes.c_float * j)(*beta),
+        beta_v,
+        v_correction,
+        eps,
+        row_factor.data_ptr(),
+        col_factor.data_ptr(),
+        out.data_ptr(),
+        _threads(grad.numel()),
+    )
+    return None if status else out
+
+
+def adafac_direction(
+    grad: Tensor,
+    param: Tensor,
+    m: Sequence[Tensor],
+    v: Tensor,
+    v_correction: float,
+    eps: float,
+    row_factor: Tensor,
+    col_factor: Tensor,
+    weight: Tensor,
+    row_term: Tensor,
+    col_term: Tensor,
+    layers: Sequence[tuple[Tensor, Tensor]],
+    out: Tensor | None = None,
+) -> tuple[Tensor, float] | None:
+    r"""Pass 2 of ``AdafacMLP``'s inference step (the raw direction and its sum of squares), or ``None``.
+
+    From the *new* state ``m``, ``v`` (as :func:`adafac_state_sumsq` wrote it) the same raw features
+    :math:`u` (``4 + 4J`` per coordinate), then the MLP per coordinate :math:`(r, c)` of the
+    ``(rows, cols)`` view:
+
+    .. math:: h_1 = \mathrm{relu}\big(W u + t^{\mathrm{row}}_{:, r} + t^{\mathrm{col}}_{:, c}\big),\quad
+        h_l = \mathrm{relu}(W_l h_{l-1} + b_l),\quad d = w_o^\top h + b_o
+
+    with ``weight`` :math:`W` ``(H, 4 + 4J)`` (the per-tensor feature normalisation folded into its
+    columns), ``row_term`` ``(H, rows)`` and ``col_term`` ``(H, cols)`` (the first layer's bias and its
+    row and column features: ``AdafacMLP._first_layer``), and ``layers`` the ``(weight, bias)`` of the
+    MLP's later layers: hidden ``(H, H), (H,)``, then the output ``(1, H), (1,)``. Writes :math:`d` into
+    ``out`` (a new vector if ``None``) and returns ``(d, sum of d^2)`` (float64 sum, independent of the thread
+    count). ``None`` when the kernel does not apply (as :func:`adafac_state_sumsq`, or ``H`` above
+    :data:`ADAFAC_MAX_HIDDEN`): the caller then computes it with ATen.
+    """
+    j = len(m)
+    direction = torch.empty_like(grad) if out is None else out
+    view = _adafac_view(grad, [param, *m, v, direction], row_factor, col_factor, j)
+    hidden = weight.shape[0]
+    *inner, (w_out, b_out) = layers
+    if weight.shape != (hidden, 4 + 4 * j) or row_term.shape != (hidden, row_factor.shape[1]):
+        raise ValueError(f"adafac_direction: weight {tuple(weight.shape)}, row_term {tuple(row_term.shape)} do not fit")
+    if col_term.shape != (hidden, col_factor.shape[1]) or w_out.shape != (1, hidden) or b_out.shape != (1,):
+        raise ValueError(f"adafac_direction: col_term {tuple(col_term.shape)} or output layer {tuple(w_out.shape)}")
+    if any(w.shape != (hidden, hidden) or b.shape != (hidden,) for w, b in inner):
+        raise ValueError(f"adafac_direction: hidden layers must be ({hidden}, {hidden}) with ({hidden},) biases")
+    supported = view is not None and hidden <= ADAFAC_MAX_HIDDEN and _cpu_f32(weight, row_term, col_term)
+    lib = _kernel("adafac_mlp") if supported else None
+    if lib is None or view is None:
+        return None
+    rows, cols = view
+
+    def flat(tensors: list[Tensor]) -> Tensor:
+        return torch.cat([t.detach().reshape(-1) for t in tensors]).float() if tensors else grad.new_zeros(1)
+
+    weight, row_term, col_term = (t.detach().float().contiguous() for t in (weight, row_term, col_term))
+    inner_w, inner_b, w_out = flat([w for w, _ in inner]), flat([b for _, b in inner]), flat([w_out])
+    sumsq = ctypes.c_double()
+    status = lib.lo_adafac_direction_f32(
+        rows,
+        cols,
+        j,
+        grad.data_ptr(),
+        param.data_ptr(),
+        _pointers(m),
+        v.data_ptr(),
+        v_correction,
+        eps,
+        row_factor.data_ptr(),
+        col_factor.data_ptr(),
+        hidden,
+        len(layers),
+        weight.data_ptr(),
+        row_term.data_ptr(),
+        col_term.data_ptr(),
+        inner_w.data_ptr(),
+        inner_b.data_ptr(),
+        w_out.data_ptr(),
+        float(b_out),
+        direction.data_ptr(),
+        ctypes.byref(sumsq),
+        _threads(grad.numel()),
+    )
+    return None if status else (direction, sumsq.value)

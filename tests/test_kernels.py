@@ -9,6 +9,7 @@ planted measurements. No timing here.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -247,6 +248,105 @@ def test_mlp_kernel_declines_what_it_does_not_handle(make_rule):
     torch.testing.assert_close(delta, reference, rtol=2e-5, atol=1e-9)
 
 
+def _adafac_case(shape: tuple[int, ...], seed: int = 0, **config):
+    """An AdafacMLP with random weights *and biases* (the Adam init reads one feature only) and a random state."""
+    torch.manual_seed(seed)
+    rule = learned_optim.AdafacMLP(**config).requires_grad_(False)
+    for weight in rule.parameters():
+        weight.normal_(0.0, 0.5)
+    n = math.prod(shape)
+    grad, param = torch.randn(n) * 10.0 ** torch.randint(-4, 0, (n,)), torch.randn(n)
+    state = rule.init_state(n, shape=shape)
+    for name, value in state.items():
+        value.copy_(torch.rand_like(value) * 0.1 + (0.01 if name in ("v", "row", "col") else 0.0))
+    return rule, grad, param, state, torch.tensor(7.0)
+
+
+def _adafac_step(rule, grad, param, state, step, shape, in_place):
+    """One step on a copy of ``state``: the rule's direction, its new state, and the copy it was given."""
+    given = {k: v.clone() for k, v in state.items()}
+    with torch.no_grad():
+        delta, new = rule(grad, param, given, step, shape=shape, **({"out_state": given} if in_place else {}))
+    return delta, new, given
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    ("shape", "config"),
+    [
+        ((37, 23), {}),
+        ((2, 5000), {"time_scales": (10.0, 100.0)}),  # rows longer than the kernel's blocks (4096 coordinates)
+        ((10_001,), {"hidden_size": 5, "num_hidden_layers": 1}),  # a vector: lanes along the rows, 3 blocks
+        ((6, 4, 3, 3), {"hidden_size": 32, "num_hidden_layers": 3, "mup": False}),  # a conv weight (6, 36)
+        ((3, 1), {"momentum_decays": (0.5,), "factored_decays": (0.9,), "adam_feature_decay": 0.5}),
+        ((1, 7), {"normalize_direction": False}),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("in_place", [False, True])
+def test_adafac_kernels_equal_the_aten_path(shape, config, in_place):
+    """Direction and new state of the kernel path equal the ATen blocked path's (the reference: tested against
+    the one-shot, differentiable path in tests/test_adafac_mlp.py), with the state in place or separate."""
+    rule, grad, param, state, step = _adafac_case(shape, **config)
+    assert kernels.uses("adafac_mlp")  # forced
+    delta, new, given = _adafac_step(rule, grad, param, state, step, shape, in_place)
+    with kernels.enabled_as(False):
+        rule.coordinate_block = 64  # the ATen blocked path, several blocks
+        want, want_new, _ = _adafac_step(rule, grad, param, state, step, shape, in_place)
+    torch.testing.assert_close(delta, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+    assert set(new) == set(want_new)
+    for name, value in want_new.items():
+        torch.testing.assert_close(new[name], value, rtol=1e-6, atol=1e-9)
+        assert (new[name].data_ptr() == given[name].data_ptr()) == in_place
+        if not in_place:
+            assert torch.equal(given[name], state[name])  # the given state is left as it was
+
+
+@needs_kernels
+def test_adafac_kernel_sums_do_not_depend_on_threads():
+    rule, grad, param, state, step = _adafac_case((300, 70))
+    j = len(rule.config.momentum_decays)
+    factors = torch.rand(j, 300), torch.rand(j, 70)
+    momenta = [state[f"m{i}"] for i in range(j)]
+    outs = [[torch.empty_like(m) for m in momenta] for _ in range(2)]
+    sums = []
+    threads = torch.get_num_threads()
+    try:
+        for count, out in zip((1, 2), outs, strict=True):
+            torch.set_num_threads(count)
+            args = (grad, param, momenta, state["v"], out, torch.empty_like(grad), (0.9, 0.99, 0.999), 0.999)
+            sums.append(kernels.adafac_state_sumsq(*args, 1.5, 1e-16, *factors))
+    finally:
+        torch.set_num_threads(threads)
+    assert sums[0] is not None and sums[0].dtype == torch.float64 and torch.equal(sums[0], sums[1])
+    assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
+
+
+def test_adafac_kernel_declines_what_it_does_not_handle():
+    shape = (20, 30)
+    rule, grad, param, state, step = _adafac_case(shape, hidden_size=kernels.ADAFAC_MAX_HIDDEN + 1)
+    calls = []
+    original = kernels.adafac_direction
+    with pytest.MonkeyPatch.context() as patch:  # the wrapper declines: the ATen pass runs, with the same result
+        patch.setattr(kernels, "adafac_direction", lambda *a, **k: calls.append(original(*a, **k)))
+        delta, new, _ = _adafac_step(rule, grad, param, state, step, shape, False)
+    assert calls == [None] or not kernels.available()
+    with kernels.enabled_as(False):
+        want, want_new, _ = _adafac_step(rule, grad, param, state, step, shape, False)
+    torch.testing.assert_close(delta, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+    n, j = grad.numel(), 3
+    factors = torch.rand(j, 20), torch.rand(j, 30)
+    momenta = [torch.zeros(n) for _ in range(j)]
+    args = (momenta, torch.ones(n), momenta, torch.ones(n), (0.9, 0.99, 0.999), 0.999, 1.0, 1e-16)
+    assert kernels.adafac_state_sumsq(grad.double(), param.double(), *args, *factors) is None  # not float32
+    with kernels.enabled_as(False):
+        assert kernels.adafac_state_sumsq(grad, param, *args, *factors) is None  # kernels off
+    with pytest.raises(ValueError, match="rows \\* cols"):
+        kernels.adafac_state_sumsq(grad, param, *args, torch.rand(j, 21), factors[1])
+    with pytest.raises(ValueError, match="row_factor"):
+        kernels.adafac_state_sumsq(grad, param, *args, torch.rand(2, 20), factors[1])
+
+
 def _probe(env: dict[str, str], tmp_path) -> str:
     code = textwrap.dedent("""
         import torch, learned_optim
@@ -358,11 +458,16 @@ _PLANT_PROBE = textwrap.dedent("""
     n = 40
     g, p, m, v = torch.randn(n), torch.randn(n), torch.zeros(n, 5), torch.ones(n, 5)
     mlp = kernels.mlp_feature_mean_square(g, p, m, v, torch.full((5,), 0.9), 1e-6)
+    ms = [torch.zeros(n) for _ in range(3)]
+    factors = torch.ones(3, 8), torch.ones(3, 5)
+    ones = torch.ones(n)
+    adafac = kernels.adafac_state_sumsq(g, p, ms, ones, ms, ones, (0.9, 0.9, 0.9), 0.9, 1.0, 1e-6, *factors)
     print(json.dumps({
+        "adafac_mlp_ran": adafac is not None,
         "lstm_cell_ran": kernels.lstm_cell_into(x, state[:, 0], state[:, 1], w, b, out[:, 0], out[:, 1]),
         "mlp_ran": mlp is not None,
         "uses": {k: kernels.uses(k) for k in kernels.KERNELS},
-        "serves": {f: kernels.serves(f) for f in ("dm_lstm", "rnnprop", "mlp")},
+        "serves": {f: kernels.serves(f) for f in ("dm_lstm", "rnnprop", "mlp", "adafac_mlp")},
         "report": kernels.report(),
     }))
 """)
@@ -382,8 +487,8 @@ def test_dispatch_follows_planted_guard_measurements(tmp_path):
     planted_path = (cache / library.name).with_suffix(".guard.json")
     threshold = kernels.MIN_SPEEDUP
     for ratios in (
-        {"lstm_cell": 0.4, "elu": 9.0, "mlp": threshold - 0.01},
-        {"lstm_cell": threshold, "elu": 1.0, "mlp": 2.5},
+        {"lstm_cell": 0.4, "elu": 9.0, "mlp": threshold - 0.01, "adafac_mlp": 3.0},
+        {"lstm_cell": threshold, "elu": 1.0, "mlp": 2.5, "adafac_mlp": threshold - 0.01},
     ):
         planted = {**record, "ratios": ratios}
         planted_path.write_text(json.dumps(planted))
@@ -397,10 +502,12 @@ def test_dispatch_follows_planted_guard_measurements(tmp_path):
         expected = {k: v >= threshold for k, v in ratios.items()}
         assert seen["uses"] == expected
         assert seen["lstm_cell_ran"] == expected["lstm_cell"] and seen["mlp_ran"] == expected["mlp"]
+        assert seen["adafac_mlp_ran"] == expected["adafac_mlp"]
         assert seen["serves"] == {
             "dm_lstm": expected["lstm_cell"],
             "rnnprop": expected["lstm_cell"] or expected["elu"],
             "mlp": expected["mlp"],
+            "adafac_mlp": expected["adafac_mlp"],
         }
         for name, ratio in ratios.items():
             verdict = "used" if expected[name] else "NOT used (ATen runs)"

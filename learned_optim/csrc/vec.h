@@ -89,6 +89,30 @@ inline vf load(const float* p) {
 
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 
+// The first `count` (1..L) floats at p, the other lanes zero; a full vector is read in place.
+inline vf load_partial(const float* p, int count) {
+    if (count == L) return load(p);
+    float pad[L] = {};
+    std::memcpy(pad, p, count * sizeof(float));
+    return load(pad);
+}
+
+// v with the lanes from `count` (1..L) on set to zero (padding lanes that must not count in a sum).
+inline vf keep_first(vf v, int count) {
+    if (count == L) return v;
+    vf out{};
+    for (int i = 0; i < count; ++i) out[i] = v[i];
+    return out;
+}
+
+// Stores the first `count` (1..L) lanes of v at p.
+inline void store_partial(float* p, vf v, int count) {
+    if (count == L) return store(p, v);
+    float tmp[L];
+    store(tmp, v);
+    std::memcpy(p, tmp, count * sizeof(float));
+}
+
 // fn(begin, end) over [0, n) split into `threads` contiguous ranges (the calling thread takes the first).
 template <class Fn>
 void parallel_rows(int64_t n, int threads, Fn fn) {

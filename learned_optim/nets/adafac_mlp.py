@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import kernels
 from ..features import (
     bias_corrected,
     ema,
@@ -130,6 +131,13 @@ class AdafacMLP(UpdateRule):
     about ``16 + 2 * hidden_size`` floats per coordinate of the tensor with autograd (meta-training);
     without it (the optimizer's step) tensors above :attr:`coordinate_block` coordinates go block by block
     (:meth:`_blocked_forward`), about ``16 + 2 * hidden_size`` floats per coordinate of one block.
+
+    Paths of the step without autograd: the native CPU kernel (:mod:`learned_optim.kernels`, kernel
+    ``adafac_mlp``: contiguous float32 CPU tensors, up to 8 momenta and ``hidden_size`` 32) wherever the
+    kernels' guard uses it, for tensors of any size: :meth:`_blocked_forward`'s two passes, each one sweep over
+    memory with no transient per coordinate; else the ATen blocked path above :attr:`coordinate_block`, the
+    one-shot path below it. The ATen paths define the math (the kernel is tested equal to them) and the
+    one-shot path is the only one with autograd (meta-training).
     """
 
     family = "adafac_mlp"
@@ -272,7 +280,9 @@ class AdafacMLP(UpdateRule):
         n = grad.shape[0]
         if rows * cols != n:
             raise ValueError(f"AdafacMLP: shape {tuple(shape)} does not match a flat tensor of {n}")
-        if n > self.coordinate_block and inplace_allowed(grad, param, *self.parameters()):
+        if inplace_allowed(grad, param, *self.parameters()) and (
+            n > self.coordinate_block or kernels.uses("adafac_mlp")
+        ):
             return self._blocked_forward(grad, param, state, step, shape, out_state)
         blocks, scale, row_features, col_features, new_state = self.features(grad, param, state, step, shape)
         dense = torch.cat(blocks)  # (16, n)
@@ -344,7 +354,10 @@ class AdafacMLP(UpdateRule):
         floats per coordinate (whose allocation, page by page, cost more than the arithmetic): the first
         pass updates the state and sums each feature's squares; the second recomputes the features and
         runs the MLP with the normalisation folded into its first layer. Equal to the one-shot path up
-        to float rounding. ``out_state`` (the state storage itself) receives the new state in place.
+        to float rounding. ``out_state`` (the state storage itself) receives the new state in place. Each
+        pass runs the native kernel (:func:`~learned_optim.kernels.adafac_state_sumsq`,
+        :func:`~learned_optim.kernels.adafac_direction`) where it applies and is used: one sweep over the
+        tensor, no blocks; the ATen blocks otherwise.
         """
         c = self.config
         rows, cols = matrix_view(shape)
@@ -356,20 +369,22 @@ class AdafacMLP(UpdateRule):
         col_mean = torch.linalg.vector_norm(grad_rc, dim=0).square_().div_(rows).add_(c.factored_eps)
         decay = self.factored_decay.to(dtype)
         row, col = ema(state["row"], row_mean.unsqueeze(1), decay), ema(state["col"], col_mean.unsqueeze(1), decay)
-        row_factor = torch.rsqrt(row / row.mean(dim=0, keepdim=True)).t().unsqueeze(2)  # (K, R, 1)
-        col_factor = torch.rsqrt(col).t().unsqueeze(1)  # (K, 1, C)
+        row_factor = torch.rsqrt(row / row.mean(dim=0, keepdim=True)).t().contiguous()  # (K, R)
+        col_factor = torch.rsqrt(col).t().contiguous()  # (K, C)
         names = [*(f"m{i}" for i in range(j)), "v"]
         new = {k: out_state[k] if out_state is not None else torch.empty_like(state[k]) for k in names}
         new["row"], new["col"] = (out_state["row"].copy_(row), out_state["col"].copy_(col)) if out_state else (row, col)
-        v_correction = 1.0 / (1.0 - c.second_moment_decay**step)
-        block_rows = max(1, self.coordinate_block // cols)
+        v_correction = float(1.0 / (1.0 - c.second_moment_decay**step))
+        block_rows = min(rows, max(1, self.coordinate_block // cols))
         blocks = [(r, min(r + block_rows, rows)) for r in range(0, rows, block_rows)]
-        features = grad.new_empty(4 + 4 * j, block_rows * cols)
+        buffers: list[Tensor] = []  # the ATen passes' per-block features, allocated only if they run
 
         def fill(r0: int, r1: int) -> Tensor:
             """Raw dense features (rows as in :meth:`features`) of the coordinates of rows ``r0:r1``."""
+            if not buffers:
+                buffers.append(grad.new_empty(4 + 4 * j, block_rows * cols))
             a, b = r0 * cols, r1 * cols
-            u = features[:, : b - a]
+            u = buffers[0][:, : b - a]
             g = grad[a:b]
             u[0].copy_(g)
             u[1].copy_(param[a:b])
@@ -379,44 +394,64 @@ class AdafacMLP(UpdateRule):
             torch.mul(u[2 + j], v_correction, out=rsqrt).add_(c.moment_eps).rsqrt_()
             torch.mul(u[2 : 2 + j], rsqrt, out=u[3 + j : 3 + 2 * j])
             phi = u[4 + 2 * j : 4 + 3 * j]
-            torch.mul(row_factor[:, r0:r1], col_factor, out=phi.view(j, r1 - r0, cols))
+            torch.mul(row_factor[:, r0:r1, None], col_factor[:, None, :], out=phi.view(j, r1 - r0, cols))
             torch.mul(phi, u[2 : 2 + j], out=u[4 + 3 * j :])
             phi.mul_(g)
             return u
 
-        sums = grad.new_zeros(features.shape[0])
-        for r0, r1 in blocks:  # pass 1: the new state, and the features' sums of squares
-            a, b = r0 * cols, r1 * cols
-            g = grad[a:b]
-            for i in range(j):
-                torch.lerp(state[f"m{i}"][a:b], g, 1.0 - beta[i], out=new[f"m{i}"][a:b])
-            torch.mul(state["v"][a:b], c.second_moment_decay, out=new["v"][a:b]).addcmul_(
-                g, g, value=1.0 - c.second_moment_decay
-            )
-            sums += torch.linalg.vector_norm(fill(r0, r1), dim=1).square_()
+        def state_and_sums() -> Tensor:
+            """Pass 1 on ATen: the new state, and the features' sums of squares."""
+            sums = grad.new_zeros(4 + 4 * j)
+            for r0, r1 in blocks:
+                a, b = r0 * cols, r1 * cols
+                g = grad[a:b]
+                for i in range(j):
+                    torch.lerp(state[f"m{i}"][a:b], g, 1.0 - beta[i], out=new[f"m{i}"][a:b])
+                torch.mul(state["v"][a:b], c.second_moment_decay, out=new["v"][a:b]).addcmul_(
+                    g, g, value=1.0 - c.second_moment_decay
+                )
+                sums += torch.linalg.vector_norm(fill(r0, r1), dim=1).square_()
+            return sums
+
+        def direction_and_sum_squares() -> tuple[Tensor, Tensor]:
+            """Pass 2 on ATen: the features again, through the MLP; the raw direction and its sum of squares."""
+            direction = grad.new_empty(n)
+            acts = [grad.new_empty(hidden, block_rows * cols) for _ in range(2)]
+            for r0, r1 in blocks:
+                a, b = r0 * cols, r1 * cols
+                u = fill(r0, r1)
+                x = acts[0][:, : b - a]
+                torch.add(row_term[:, r0:r1, None], col_term[:, None, :], out=x.view(hidden, r1 - r0, cols))
+                x.addmm_(weight, u).relu_()
+                for index, layer in enumerate(linears):
+                    last = index == len(linears) - 1
+                    y = direction[a:b].unsqueeze(0) if last else acts[(index + 1) % 2][:, : b - a]
+                    torch.addmm(layer.bias.unsqueeze(1), layer.weight, x, out=y)
+                    x = y if last else y.relu_()
+            return direction, torch.dot(direction, direction)
+
+        # each pass: the native kernel (csrc/adafac.cpp) where it applies and is used, else ATen
+        momenta, new_momenta = [state[f"m{i}"] for i in range(j)], [new[f"m{i}"] for i in range(j)]
+        fused_sums = kernels.adafac_state_sumsq(
+            grad, param, momenta, state["v"], new_momenta, new["v"], c.momentum_decays, c.second_moment_decay,
+            v_correction, c.moment_eps, row_factor, col_factor,
+        )  # fmt: skip
+        sums = state_and_sums() if fused_sums is None else fused_sums.to(dtype)
         scale = torch.cat([grad.new_ones(3 + j), 1.0 / (1.0 - beta**step), grad.new_ones(1 + 2 * j)])
         eps_f = c.factored_rsqrt_eps
         row_features = torch.cat([row.t(), torch.rsqrt(row.t() + eps_f)])
         col_features = torch.cat([col.t(), torch.rsqrt(col.t() + eps_f)])
         weight, row_term, col_term = self._first_layer(sums / n, scale, row_features, col_features, step)
         hidden = self.config.hidden_size
-        acts = [grad.new_empty(hidden, features.shape[1]) for _ in range(2)]
-        direction = grad.new_empty(n)
-        for r0, r1 in blocks:  # pass 2: features again, through the MLP
-            a, b = r0 * cols, r1 * cols
-            u = fill(r0, r1)
-            x = acts[0][:, : b - a]
-            torch.add(row_term[:, r0:r1, None], col_term[:, None, :], out=x.view(hidden, r1 - r0, cols))
-            x.addmm_(weight, u).relu_()
-            linears = [m for m in self.mlp[1:] if isinstance(m, nn.Linear)]
-            for index, layer in enumerate(linears):
-                last = index == len(linears) - 1
-                y = direction[a:b].unsqueeze(0) if last else acts[(index + 1) % 2][:, : b - a]
-                torch.addmm(layer.bias.unsqueeze(1), layer.weight, x, out=y)
-                x = y if last else y.relu_()
+        linears = [m for m in self.mlp[1:] if isinstance(m, nn.Linear)]
+        fused = kernels.adafac_direction(
+            grad, param, new_momenta, new["v"], v_correction, c.moment_eps, row_factor, col_factor,
+            weight, row_term, col_term, [(layer.weight, layer.bias) for layer in linears],
+        )  # fmt: skip
+        direction, sum_squares = direction_and_sum_squares() if fused is None else fused
         step_scale = -self.step_scale(shape) * self._magnitude(sums / n, scale)
         if c.normalize_direction:
-            mean_square = torch.dot(direction, direction) / n
+            mean_square = torch.as_tensor(sum_squares / n, dtype=dtype)
             direction.mul_(torch.rsqrt(mean_square + c.direction_rms_eps) * step_scale)
         else:
             direction.mul_(step_scale)

@@ -1,0 +1,281 @@
+// The adafac_mlp update rule (learned_optim.nets.adafac_mlp.AdafacMLP) for float32 on CPU: the two passes
+// of its inference path, each fused into one sweep over memory.
+//
+// The tensor is viewed as a (rows, cols) matrix (features.matrix_view), coordinate i = r cols + c. With J
+// momentum decays b_j, the second-moment decay b_v and its bias correction k_v = 1 / (1 - b_v^t), and the
+// factored preconditioner phi_k(r, c) = a_k[r] e_k[c] (a = rsqrt(row / mean(row)), e = rsqrt(col), from
+// the new Adafactor statistics, computed by the caller):
+//
+//   m_j' = m_j + (1 - b_j)(g - m_j),   v' = b_v v + (1 - b_v) g^2,   s = 1 / sqrt(k_v v' + eps)
+//   u = [g, theta, m_j', v', m_j' s, s, g phi_k, m_k' phi_k]                          (F = 4 + 4J raw features)
+//
+// Pass 1 (lo_adafac_state_sumsq_f32) writes m_j', v' (in place allowed) and the sum over the tensor of each
+// u_f^2. Pass 2 (lo_adafac_direction_f32) recomputes u from the new state and runs the MLP
+//
+//   h_1 = relu(W_1 u + row_term[:, r] + col_term[:, c]),   h_l = relu(W_l h_{l-1} + b_l),   d = w_o h + b_o
+//
+// where W_1 (H, F) has the per-tensor feature normalisation folded into its columns and row_term (H, rows),
+// col_term (H, cols) carry the first layer's bias and the row and column features (AdafacMLP._first_layer);
+// it writes d and returns the sum of d^2 (the caller RMS-normalises and scales d).
+//
+// L coordinates per vector (vec.h), lanes along a row (along the vector for a one-column matrix): no feature
+// or activation matrix is ever written to memory. Sums are taken per block of about BLOCK coordinates (whole
+// rows; float lanes flushed into double every FLUSH vectors) and the blocks' sums are added in order, so they
+// do not depend on the thread count; a coordinate's outputs do not depend on the coordinates around it.
+
+#include <type_traits>
+
+#include "vec.h"
+
+using namespace lo;
+
+namespace {
+
+constexpr int MAX_J = 8;
+constexpr int MAX_F = 4 + 4 * MAX_J;
+constexpr int MAX_H = 32;
+constexpr int64_t BLOCK = 4096;
+constexpr int FLUSH = 256;
+// Hidden units computed together: independent FMA chains that fit in the registers beside the features.
+constexpr int UNITS = LO_REGISTERS >= 32 ? 8 : 4;
+
+struct Geometry {
+    int64_t rows, cols;
+    bool column() const { return cols == 1; }  // a vector: lanes run along the rows
+    int64_t rows_per_block() const { return column() ? BLOCK : std::max<int64_t>(1, BLOCK / cols); }
+    int64_t blocks() const { return (rows + rows_per_block() - 1) / rows_per_block(); }
+};
+
+// Up to L coordinates [i, i + count) of one row r, from column c (or, in a column, rows r.. r + count).
+struct Span {
+    int64_t i;
+    int count;
+    int64_t r, c;
+};
+
+// fn(span) over the coordinates of block `block`, in order.
+template <class Fn>
+void for_each_span(const Geometry& geo, int64_t block, Fn fn) {
+    const int64_t per = geo.rows_per_block(), r0 = block * per, r1 = std::min(geo.rows, r0 + per);
+    if (geo.column()) {
+        for (int64_t r = r0; r < r1; r += L) fn(Span{r, static_cast<int>(std::min<int64_t>(L, r1 - r)), r, 0});
+        return;
+    }
+    for (int64_t r = r0; r < r1; ++r)
+        for (int64_t c = 0; c < geo.cols; c += L)
+            fn(Span{r * geo.cols + c, static_cast<int>(std::min<int64_t>(L, geo.cols - c)), r, c});
+}
+
+// The lanes' values of a per-row array a (rows) and of a per-column array e (cols).
+inline vf row_part(const Geometry& geo, const Span& s, const float* a) {
+    return geo.column() ? load_partial(a + s.r, s.count) : splat(a[s.r]);
+}
+
+inline vf col_part(const Geometry& geo, const Span& s, const float* e) {
+    return geo.column() ? splat(e[0]) : load_partial(e + s.c, s.count);
+}
+
+struct Inputs {
+    Geometry geo;
+    const float *grad, *param;
+    const float* const* m;  // J vectors
+    const float* v;
+    float v_correction, eps;
+    const float *row_factor, *col_factor;  // (J, rows), (J, cols)
+};
+
+struct StateUpdate {
+    float* const* m_out;  // J vectors (may be the m vectors themselves)
+    float* v_out;
+    const float* beta;  // (J)
+    float beta_v;
+};
+
+// The raw features of span s into u[4 + 4J]. With `update`, the state is first updated (and written out) and
+// the features are those of the new state; without, m and v already are the new state.
+template <int J>
+inline void features(const Inputs& p, const Span& s, const StateUpdate* update, vf* u) {
+    const int n = s.count;
+    const vf g = load_partial(p.grad + s.i, n);
+    vf v = load_partial(p.v + s.i, n);
+    if (update != nullptr) {
+        v = v * update->beta_v + (g * g) * (1.0f - update->beta_v);
+        store_partial(update->v_out + s.i, v, n);
+    }
+    const vf rs = 1.0f / sqrt_v(v * p.v_correction + p.eps);
+    u[0] = g;
+    u[1] = load_partial(p.param + s.i, n);
+    u[2 + J] = v;
+    u[3 + 2 * J] = rs;
+    for (int k = 0; k < J; ++k) {
+        vf m = load_partial(p.m[k] + s.i, n);
+        if (update != nullptr) {
+            m = m + (g - m) * (1.0f - update->beta[k]);
+            store_partial(update->m_out[k] + s.i, m, n);
+        }
+        const vf phi = row_part(p.geo, s, p.row_factor + k * p.geo.rows) *
+                       col_part(p.geo, s, p.col_factor + k * p.geo.cols);
+        u[2 + k] = m;
+        u[3 + J + k] = m * rs;
+        u[4 + 2 * J + k] = g * phi;
+        u[4 + 3 * J + k] = m * phi;
+    }
+}
+
+// out[0..K) = the sums over the tensor of the squares of the K vectors fn(span, x) writes per span (lanes past
+// the span's count excluded), deterministic whatever `threads` (see the top of this file).
+template <int K, class Fn>
+void sum_squares(const Geometry& geo, double* out, int threads, Fn fn) {
+    constexpr int k = K;
+    const int64_t blocks = geo.blocks();
+    std::vector<double> partial(static_cast<size_t>(blocks * k), 0.0);
+    parallel_rows(blocks, threads, [&](int64_t begin, int64_t end) {
+        vf x[K], acc[K];
+        for (int64_t b = begin; b < end; ++b) {
+            double* sums = partial.data() + b * k;
+            int pending = 0;
+            auto flush = [&] {
+                for (int f = 0; f < k; ++f) {
+                    double total = 0.0;
+                    for (int i = 0; i < L; ++i) total += acc[f][i];
+                    sums[f] += total;
+                    acc[f] = vf{};
+                }
+                pending = 0;
+            };
+            for (int f = 0; f < k; ++f) acc[f] = vf{};
+            for_each_span(geo, b, [&](const Span& s) {
+                fn(s, x);
+                if (s.count < L)
+                    for (int f = 0; f < k; ++f) x[f] = keep_first(x[f], s.count);
+#pragma GCC unroll 40
+                for (int f = 0; f < k; ++f) acc[f] += x[f] * x[f];
+                if (++pending == FLUSH) flush();
+            });
+            flush();
+        }
+    });
+    for (int f = 0; f < k; ++f) out[f] = 0.0;
+    for (int64_t b = 0; b < blocks; ++b)
+        for (int f = 0; f < k; ++f) out[f] += partial[b * k + f];
+}
+
+inline vf relu(vf x) { return x > vf{} ? x : vf{}; }
+
+// One dense layer on vectors: y[h] = relu(init(h) + sum_i w[i, h] x[i]) for h < units (a multiple of UNITS;
+// w is (inputs, units), transposed and zero-padded), UNITS hidden units (independent FMA chains) at a time;
+// N > 0: `inputs` is N, so the loop over the inputs unrolls and x stays in registers.
+template <int N, class Init>
+inline void dense_relu(int units, int inputs_, const float* w, const vf* x, vf* y, Init init) {
+    const int inputs = N > 0 ? N : inputs_;
+    for (int h0 = 0; h0 < units; h0 += UNITS) {
+        vf a[UNITS];
+#pragma GCC unroll 8
+        for (int q = 0; q < UNITS; ++q) a[q] = init(h0 + q);
+#pragma GCC unroll 40
+        for (int i = 0; i < inputs; ++i) {
+            const float* wi = w + i * units + h0;
+#pragma GCC unroll 8
+            for (int q = 0; q < UNITS; ++q) a[q] += wi[q] * x[i];
+        }
+#pragma GCC unroll 8
+        for (int q = 0; q < UNITS; ++q) y[h0 + q] = relu(a[q]);
+    }
+}
+
+// w . x for `units` vectors x (a multiple of UNITS), in UNITS independent chains.
+inline vf dot(int units, const float* w, const vf* x) {
+    vf a[UNITS] = {};
+    for (int h0 = 0; h0 < units; h0 += UNITS)
+#pragma GCC unroll 8
+        for (int q = 0; q < UNITS; ++q) a[q] += w[h0 + q] * x[h0 + q];
+    for (int width = UNITS / 2; width > 0; width /= 2)
+        for (int q = 0; q < width; ++q) a[q] += a[q + width];
+    return a[0];
+}
+
+// fn(std::integral_constant<int, J>) for the number of momenta j in 1..MAX_J (the features' loops unrolled
+// at compile time); 1 for any other j.
+template <class Fn>
+int with_momenta(int j, Fn fn) {
+    static_assert(MAX_J == 8, "one case per supported J");
+    switch (j) {
+        case 1: return fn(std::integral_constant<int, 1>{});
+        case 2: return fn(std::integral_constant<int, 2>{});
+        case 3: return fn(std::integral_constant<int, 3>{});
+        case 4: return fn(std::integral_constant<int, 4>{});
+        case 5: return fn(std::integral_constant<int, 5>{});
+        case 6: return fn(std::integral_constant<int, 6>{});
+        case 7: return fn(std::integral_constant<int, 7>{});
+        case 8: return fn(std::integral_constant<int, 8>{});
+        default: return 1;
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Pass 1: the new state into m_out[j], v_out and the F sums of squares into out (double). row_factor (J, rows)
+// and col_factor (J, cols) row-major. Returns nonzero (and does nothing) for sizes it does not handle.
+int lo_adafac_state_sumsq_f32(int64_t rows, int64_t cols, int j, const float* grad, const float* param,
+                              const float* const* m, const float* v, float* const* m_out, float* v_out,
+                              const float* beta, float beta_v, float v_correction, float eps, const float* row_factor,
+                              const float* col_factor, double* out, int threads) {
+    if (rows < 1 || cols < 1) return 1;
+    const Inputs p{{rows, cols}, grad, param, m, v, v_correction, eps, row_factor, col_factor};
+    const StateUpdate update{m_out, v_out, beta, beta_v};
+    return with_momenta(j, [&](auto momenta) {
+        constexpr int J = decltype(momenta)::value;
+        sum_squares<4 + 4 * J>(p.geo, out, threads, [&](const Span& s, vf* u) { features<J>(p, s, &update, u); });
+        return 0;
+    });
+}
+
+// Pass 2: the raw direction into `direction` (rows * cols) and the sum of its squares into *sumsq. m, v: the
+// new state. w1 (H, F), row_term (H, rows), col_term (H, cols); `layers` ReLU layers in all, so
+// layers - 1 hidden ones: w (layers - 1, H, H), b (layers - 1, H); the output layer w_out (H), b_out.
+int lo_adafac_direction_f32(int64_t rows, int64_t cols, int j, const float* grad, const float* param,
+                            const float* const* m, const float* v, float v_correction, float eps,
+                            const float* row_factor, const float* col_factor, int hidden, int layers, const float* w1,
+                            const float* row_term, const float* col_term, const float* w, const float* b,
+                            const float* w_out, float b_out, float* direction, double* sumsq, int threads) {
+    if (rows < 1 || cols < 1 || j < 1 || j > MAX_J || hidden < 1 || hidden > MAX_H || layers < 1) return 1;
+    const Inputs p{{rows, cols}, grad, param, m, v, v_correction, eps, row_factor, col_factor};
+    const int F = 4 + 4 * j, H = hidden, HP = (hidden + UNITS - 1) / UNITS * UNITS;
+    // the weights transposed to (inputs, units), with the hidden units zero-padded to a multiple of UNITS (a
+    // padded unit is relu(0) = 0 and its outgoing weights are zero)
+    std::vector<float> w1p(static_cast<size_t>(F * HP), 0.0f), wp(static_cast<size_t>((layers - 1) * HP * HP), 0.0f),
+        bp(static_cast<size_t>((layers - 1) * HP), 0.0f), wop(static_cast<size_t>(HP), 0.0f);
+    for (int h = 0; h < H; ++h) {
+        for (int f = 0; f < F; ++f) w1p[f * HP + h] = w1[h * F + f];
+        wop[h] = w_out[h];
+        for (int l = 0; l < layers - 1; ++l) {
+            for (int i = 0; i < H; ++i) wp[(l * HP + i) * HP + h] = w[(l * H + h) * H + i];
+            bp[l * HP + h] = b[l * H + h];
+        }
+    }
+    return with_momenta(j, [&](auto momenta) {
+        constexpr int J = decltype(momenta)::value;
+        sum_squares<1>(p.geo, sumsq, threads, [&](const Span& s, vf* out) {
+            vf u[4 + 4 * J], acts[2][MAX_H];
+            vf *x = acts[0], *y = acts[1];
+            features<J>(p, s, nullptr, u);
+            dense_relu<4 + 4 * J>(HP, F, w1p.data(), u, x, [&](int h) {
+                return h < H ? row_part(p.geo, s, row_term + h * rows) + col_part(p.geo, s, col_term + h * cols)
+                             : vf{};
+            });
+            for (int l = 0; l < layers - 1; ++l) {
+                const float* bias = bp.data() + l * HP;
+                dense_relu<0>(HP, HP, wp.data() + l * HP * HP, x, y, [&](int h) { return splat(bias[h]); });
+                std::swap(x, y);
+            }
+            const vf d = dot(HP, wop.data(), x) + b_out;
+            store_partial(direction + s.i, d, s.count);
+            out[0] = d;
+        });
+        return 0;
+    });
+}
+
+}  // extern "C"
