@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import machine_header, measure, table  # noqa: E402
 
 import learned_optim  # noqa: E402
+from learned_optim.functional import apply_rule  # noqa: E402
 from learned_optim.meta.tasks import make_family  # noqa: E402
-from learned_optim.meta.unroll import apply_rule  # noqa: E402
 
 
 class Setup:

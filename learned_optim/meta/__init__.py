@@ -10,15 +10,15 @@ unroll function itself is ``learned_optim.meta.unroll.unroll`` (the submodule ow
 import importlib
 
 _LAZY = {
-    "MetaTrainer": "trainer",
-    "MetaTrainConfig": "config",
-    "load_config": "config",
-    "start_trajectory": "unroll",
-    "Trajectory": "unroll",
-    "MetaLossHook": "unroll",
-    "meta_objective": "objectives",
-    "Curriculum": "curriculum",
-    "imitation_unroll": "imitation",
+    "MetaTrainer": ".trainer",
+    "MetaTrainConfig": ".config",
+    "load_config": ".config",
+    "start_trajectory": ".unroll",
+    "Trajectory": ".unroll",
+    "MetaLossHook": ".unroll",
+    "meta_objective": "..objectives",  # the shipped core's (adapt uses it too)
+    "Curriculum": ".curriculum",
+    "imitation_unroll": ".imitation",
 }
 
 __all__ = sorted(_LAZY)
@@ -26,6 +26,6 @@ __all__ = sorted(_LAZY)
 
 def __getattr__(name: str):
     if name in _LAZY:
-        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        module = importlib.import_module(_LAZY[name], __name__)
         return getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -30,7 +30,7 @@ from typing import Any, ClassVar, TypeVar, Union, get_args, get_origin, get_type
 import torch
 
 from .._validation import check_value
-from .objectives import OBJECTIVES
+from ..objectives import OBJECTIVES
 
 __all__ = [
     "NetSection",
@@ -192,7 +192,7 @@ class UnrollConfig(_Section):
 @dataclasses.dataclass
 class ObjectiveConfig(_Section):
     """Meta-objective ``kind`` (one of ``sum``, ``last``, ``log``, ``log_last``; see
-    :mod:`learned_optim.meta.objectives`) on the losses of ``split``: ``train`` (train-by-train) or
+    :mod:`learned_optim.objectives`) on the losses of ``split``: ``train`` (train-by-train) or
     ``val`` (train-by-validation: the optimizee trains on train batches, the meta-loss uses val batches)."""
 
     kind: str = "sum"

@@ -52,10 +52,10 @@ from torch import Tensor
 from .._numerics import seeded_generator
 from ..hub import _default_card, load_rule, parent_record, save_pretrained
 from ..nets.base import UpdateRule, build_rule
+from ..objectives import meta_objective
 from .config import META_OPTIMIZERS, MetaTrainConfig, TaskSection, load_config
 from .curriculum import Curriculum
 from .imitation import imitation_unroll
-from .objectives import meta_objective
 from .tasks.base import Task, TaskFamily
 from .unroll import MetaLossHook, Trajectory, UnrollResult, as_hook, start_trajectory, unroll
 
