@@ -45,6 +45,7 @@ __all__ = [
     "zoo_dir",
     "record_evaluation",
     "parent_record",
+    "model_card",
 ]
 
 CONFIG_NAME = "config.json"
@@ -60,7 +61,14 @@ class CheckpointError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- saving
-def _default_card(config: Mapping[str, Any]) -> str:
+def model_card(config: Mapping[str, Any], sections: Sequence[str] = ()) -> str:
+    """A checkpoint's model card (README.md), the one writer of cards.
+
+    Front matter, title, usage and the net's configuration from ``config`` (a config.json's content:
+    ``name``, ``family``, ``net``), then ``sections`` (markdown lines of the caller's own sections, e.g.
+    the meta-trainer's), then the adaptation records and the training record of ``config["training"]``.
+    :func:`record_evaluation` later adds or replaces "## Evaluation: ..." sections.
+    """
     training = config.get("training") or {}
     lines = [
         "---",
@@ -83,6 +91,8 @@ def _default_card(config: Mapping[str, Any]) -> str:
         json.dumps(config["net"], indent=2),
         "```",
     ]
+    if sections:
+        lines += ["", *sections]
     lines += _adaptation_lines(training)
     if training:
         lines += ["", "## Training", "", "```json", json.dumps(training, indent=2, default=str), "```"]
@@ -174,7 +184,7 @@ def save_pretrained(
     weights = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in rule.state_dict().items()}
     save_file(weights, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "library": LIBRARY_NAME})
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
-    (directory / CARD_NAME).write_text(card if card is not None else _default_card(config))
+    (directory / CARD_NAME).write_text(card if card is not None else model_card(config))
     return directory
 
 
@@ -307,7 +317,7 @@ def record_evaluation(
     training = config.setdefault("training", {})
     training["results"] = {**(training.get("results") or {}), key: dict(results)}
     card_path = directory / CARD_NAME
-    lines = (card_path.read_text() if card_path.is_file() else _default_card(config)).splitlines()
+    lines = (card_path.read_text() if card_path.is_file() else model_card(config)).splitlines()
     heading = f"## Evaluation: {key}"
     section = [heading, "", *markdown.strip().splitlines(), ""]
 

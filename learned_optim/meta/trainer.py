@@ -50,7 +50,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .._numerics import seeded_generator
-from ..hub import _default_card, load_rule, parent_record, save_pretrained
+from ..hub import load_rule, model_card, parent_record, save_pretrained
 from ..nets.base import UpdateRule, build_rule
 from ..objectives import meta_objective
 from .config import META_OPTIMIZERS, MetaTrainConfig, TaskSection, load_config
@@ -895,8 +895,7 @@ class MetaTrainer:
 
     def _card(self, training: Mapping[str, Any]) -> str:
         cfg, meta = self.config, training["meta_training"]
-        head = _default_card({"name": cfg.name, "family": self.rule.family, "net": self.rule.config.to_dict()})
-        lines = [head.rstrip("\n"), ""]
+        lines: list[str] = []
         if cfg.description:
             lines += [cfg.description, ""]
         seconds = float(meta["wall_time_seconds"])
@@ -976,6 +975,5 @@ class MetaTrainer:
             "```json",
             json.dumps(cfg.to_dict(), indent=2),
             "```",
-            "",
         ]
-        return "\n".join(lines)
+        return model_card({"name": cfg.name, "family": self.rule.family, "net": self.rule.config.to_dict()}, lines)
