@@ -428,9 +428,7 @@ def adapt(
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
     }
-    if not hasattr(rule, "adaptations"):
-        rule.adaptations = []
-    rule.adaptations.append(record)
+    rule.provenance.adaptations.append(record)
     if not restore_model:
         end = current["point"]
         state_dtype = opt._state_dtype  # per state name

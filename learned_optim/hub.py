@@ -196,8 +196,8 @@ def _inherited(
     optimizer_defaults: Mapping[str, Any] | None,
 ) -> tuple[Any, ...]:
     """``save_pretrained``'s arguments completed from the net's parent checkpoint and adaptations."""
-    origin: Mapping[str, Any] = getattr(rule, "pretrained_origin", None) or {}
-    adaptations = list(getattr(rule, "adaptations", None) or [])
+    origin: Mapping[str, Any] = rule.provenance.origin or {}
+    adaptations = list(rule.provenance.adaptations)
     training = dict(training or {})
     if adaptations:
         training.setdefault("adaptation", adaptations)
@@ -469,7 +469,7 @@ def from_pretrained(
         name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
     )
     # remembered for save_pretrained (after learned_optim.adapt: what the adapted net derives from)
-    rule.pretrained_origin = {
+    rule.provenance.origin = {
         "parent": parent_record(config, source=str(name_or_path), revision=revision),
         "description": config.get("description"),
         "optimizer": config.get("optimizer", {}),
