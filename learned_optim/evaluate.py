@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .baselines import BASELINES, DEFAULT_LR_GRID, BaselineInfo, register_baseline
 from .flatness import FlatnessOptions, task_flatness
 from .hub import CheckpointError, from_pretrained, load_rule_from_dir, record_evaluation, resolve_checkpoint
 from .meta.tasks.base import Params, Task, TaskFamily
@@ -80,51 +81,10 @@ __all__ = [
     "main",
 ]
 
-#: Learning-rate grid of the baselines (the appendix of "Learning to Generalize Provably in L2O").
-DEFAULT_LR_GRID: tuple[float, ...] = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
 #: Tuning runs use seeds ``TUNE_SEED_OFFSET + i`` so the learning rate is never chosen on evaluation seeds.
 TUNE_SEED_OFFSET = 1_000_000
 #: Random streams derived from one seed (see :func:`_generator`).
 _TASK_STREAM, _TRAIN_STREAM, _EVAL_STREAM, _FLATNESS_STREAM, _N_STREAMS = 0, 1, 2, 3, 4
-
-
-# ------------------------------------------------------------------------------------------ baselines
-@dataclasses.dataclass(frozen=True)
-class BaselineInfo:
-    """A baseline optimizer: how to build it and which learning rates to tune it over.
-
-    ``opt_class(params, lr=lr, **defaults)`` must return a ``torch.optim.Optimizer`` whose
-    ``step(closure)`` accepts the standard closure (zero grads, forward, backward, return the loss),
-    so optimizers that evaluate the closure several times per step (SAM, GSAM) fit as well.
-    """
-
-    name: str
-    opt_class: Callable[..., Optimizer]
-    description: str = ""
-    lr_grid: tuple[float, ...] = DEFAULT_LR_GRID
-    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-
-    def build(self, params: list[Tensor], lr: float) -> Optimizer:
-        """The optimizer over ``params`` with learning rate ``lr``."""
-        return self.opt_class(params, lr=lr, **self.defaults)
-
-
-#: The baselines known by name to :func:`evaluate` and the CLI. Add more with :func:`register_baseline`.
-BASELINES: dict[str, BaselineInfo] = {}
-
-
-def register_baseline(info: BaselineInfo, *, overwrite: bool = False) -> BaselineInfo:
-    """Add ``info`` to :data:`BASELINES` (names are case-insensitive; an existing name needs ``overwrite``)."""
-    key = info.name.lower()
-    if key in BASELINES and not overwrite:
-        raise ValueError(f"baseline {info.name!r} is already registered; pass overwrite=True to replace it")
-    BASELINES[key] = info
-    return info
-
-
-register_baseline(BaselineInfo("adam", torch.optim.Adam, "torch.optim.Adam, default betas and eps"))
-register_baseline(BaselineInfo("sgd", torch.optim.SGD, "torch.optim.SGD without momentum"))
-register_baseline(BaselineInfo("adamw", torch.optim.AdamW, "torch.optim.AdamW, default betas, eps, weight decay 0.01"))
 
 
 # ------------------------------------------------------------------------------------------ optimizers
@@ -1109,10 +1069,5 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m learned_optim
     return 0
 
 
-from . import baselines as _baselines  # noqa: E402,F401  (registers sam, gsam, gam, entropy-sgd)
-
 if __name__ == "__main__":
-    # run the package's module, not this __main__ copy: the baselines registered themselves there
-    from learned_optim.evaluate import main as _main
-
-    sys.exit(_main(prog="python -m learned_optim.evaluate"))
+    sys.exit(main(prog="python -m learned_optim.evaluate"))

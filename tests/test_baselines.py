@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from learned_optim.baselines import GAM, EntropySGD, gsam, sam
-from learned_optim.evaluate import BASELINES, evaluate
+from learned_optim.baselines import BASELINES
+from learned_optim.evaluate import evaluate
 from learned_optim.meta.tasks.base import Task
 
 D64 = torch.float64
