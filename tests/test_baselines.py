@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from learned_optim.baselines import GAM, EntropySGD, gsam, sam
-from learned_optim.baselines import BASELINES
+from learned_optim.baselines import BASELINES, GAM, EntropySGD, gsam, sam
 from learned_optim.evaluate import evaluate
 from learned_optim.meta.tasks.base import Task
 
