@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import importlib
 import json
 import math
 import os
@@ -77,35 +76,22 @@ def make_task_family(
     device: torch.device | None = None,
     dtype: torch.dtype | None = None,
 ) -> TaskFamily:
-    """``learned_optim.meta.tasks.make_family(family, **kwargs)``, or ``"module:attr"(**kwargs)``.
+    """:func:`learned_optim.meta.tasks.make_family` (a registered name or ``"module:attr"``) on the
+    trainer's device and dtype.
 
     For registry families, a non-CPU ``device`` and a non-float32 ``dtype`` are passed on as the
     family's ``device``/``dtype`` arguments unless ``kwargs`` sets them (so the task data lives where
     the unroll runs); ``"module:attr"`` factories get ``kwargs`` only.
     """
+    from .tasks import make_family
+
     kwargs = dict(kwargs or {})
     if ":" not in family:
         if device is not None and device.type != "cpu":
             kwargs.setdefault("device", str(device))
         if dtype is not None and dtype != torch.float32:
             kwargs.setdefault("dtype", str(dtype).removeprefix("torch."))
-    if ":" in family:
-        module, _, attr = family.partition(":")
-        factory = importlib.import_module(module)
-        for part in attr.split("."):
-            factory = getattr(factory, part)
-        result = factory(**kwargs)
-    else:
-        try:
-            from .tasks import make_family
-        except ImportError as err:
-            raise ImportError(
-                f"cannot build task family {family!r}: learned_optim.meta.tasks.make_family is not available ({err})"
-            ) from None
-        result = make_family(family, **kwargs)
-    if not isinstance(result, TaskFamily):
-        raise TypeError(f"task family {family!r} built a {type(result).__name__}, not a TaskFamily")
-    return result
+    return make_family(family, **kwargs)
 
 
 def build_meta_optimizer(
