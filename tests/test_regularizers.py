@@ -26,8 +26,8 @@ from learned_optim.meta.regularizers import (
     smoothing_term,
     top_eigenvalue,
 )
-from learned_optim.meta.tasks.base import Task, TaskFamily
 from learned_optim.meta.unroll import StepInputs, start_trajectory, unroll
+from learned_optim.tasks.base import Task, TaskFamily
 
 D64 = torch.float64
 

@@ -3,7 +3,7 @@
 >>> from learned_optim.meta import MetaTrainer
 >>> MetaTrainer("learned_optim/meta/configs/smoke.yaml", out_dir="runs/smoke").train()  # doctest: +SKIP
 
-The names below are imported on first use, so importing ``learned_optim.meta.tasks`` stays light. The
+The names below are imported on first use, so importing ``learned_optim.tasks`` stays light. The
 unroll function itself is ``learned_optim.meta.unroll.unroll`` (the submodule owns the name ``unroll``).
 """
 

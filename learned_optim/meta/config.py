@@ -132,9 +132,9 @@ class NetSection(_Section):
 
 @dataclasses.dataclass
 class TaskSection(_Section):
-    """The optimizee distribution: ``learned_optim.meta.tasks.make_family(family, **kwargs)``.
+    """The optimizee distribution: ``learned_optim.tasks.make_family(family, **kwargs)``.
 
-    ``family`` may also be ``"package.module:attribute"``, a :class:`~learned_optim.meta.tasks.base.TaskFamily`
+    ``family`` may also be ``"package.module:attribute"``, a :class:`~learned_optim.tasks.base.TaskFamily`
     subclass or factory called with ``kwargs`` (for task families defined outside the package).
     ``eval_kwargs`` override ``kwargs`` for the curriculum's evaluation runs.
     """

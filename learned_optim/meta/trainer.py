@@ -52,10 +52,10 @@ from .._numerics import seeded_generator
 from ..hub import load_rule, model_card, parent_record, save_pretrained
 from ..nets.base import UpdateRule, build_rule
 from ..objectives import meta_objective
+from ..tasks.base import Task, TaskFamily
 from .config import META_OPTIMIZERS, MetaTrainConfig, TaskSection, load_config
 from .curriculum import Curriculum
 from .imitation import imitation_unroll
-from .tasks.base import Task, TaskFamily
 from .unroll import MetaLossHook, Trajectory, UnrollResult, as_hook, start_trajectory, unroll
 
 __all__ = ["MetaTrainer", "derive_seed", "make_task_family", "build_meta_optimizer"]
@@ -76,14 +76,14 @@ def make_task_family(
     device: torch.device | None = None,
     dtype: torch.dtype | None = None,
 ) -> TaskFamily:
-    """:func:`learned_optim.meta.tasks.make_family` (a registered name or ``"module:attr"``) on the
+    """:func:`learned_optim.tasks.make_family` (a registered name or ``"module:attr"``) on the
     trainer's device and dtype.
 
     For registry families, a non-CPU ``device`` and a non-float32 ``dtype`` are passed on as the
     family's ``device``/``dtype`` arguments unless ``kwargs`` sets them (so the task data lives where
     the unroll runs); ``"module:attr"`` factories get ``kwargs`` only.
     """
-    from .tasks import make_family
+    from ..tasks import make_family
 
     kwargs = dict(kwargs or {})
     if ":" not in family:

@@ -39,8 +39,8 @@ from torch.utils.checkpoint import checkpoint
 from .._numerics import global_norm
 from ..functional import StateDict, apply_rule, decoupled_update, to_device
 from ..nets.base import UpdateRule
+from ..tasks.base import Task
 from .config import UnrollConfig
-from .tasks.base import Task
 
 __all__ = [
     "Trajectory",
