@@ -45,7 +45,7 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
 
 def curve(rule, state_dtype, steps: int, batch: int) -> tuple[list[float], int, float]:
     """Train losses, the optimizer state's bytes and the held-out accuracy (last 297 digits)."""
-    from learned_optim.meta.tasks.neural import build_conv_net
+    from learned_optim.tasks.neural import build_conv_net
 
     x, y = digits()
     (x, x_test), (y, y_test) = (x[:1500], x[1500:]), (y[:1500], y[1500:])

@@ -8,7 +8,7 @@ Three commands (run from the repository root):
     ``l2o-lstm-control``, every regularized ``l2o-lstm-*`` entry that exists, learning-rate-tuned Adam and
     SGD, SAM and GSAM (``pytorch_optimizer``), GAM and Entropy-SGD, for 10 seeds (95% t-intervals):
     test accuracy, final training loss, time per step, and flatness at the point of convergence
-    (Hessian trace and top eigenvalue, PGA sharpness, max gradient norm; ``learned_optim.flatness``).
+    (Hessian trace and top eigenvalue, PGA sharpness, max gradient norm; ``learned_optim.bench.flatness``).
     Writes the harness's files (``results.json``, ``summary.csv``, ``summary.md``, curves) and
     ``claims.md``: the papers' claims, each checked with paired (same seed, same initialisation, same
     batches) differences and their 95% intervals.
@@ -51,7 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from learned_optim.evaluate import (
+from learned_optim.bench.evaluate import (
     EvaluationResults,
     RunResult,
     TuningResult,
@@ -59,7 +59,7 @@ from learned_optim.evaluate import (
     mean_confidence_interval,
     resolve_optimizer,
 )
-from learned_optim.flatness import FlatnessOptions
+from learned_optim.bench.flatness import FlatnessOptions
 from learned_optim.hub import CheckpointError, record_evaluation, resolve_checkpoint
 
 VANILLA = "l2o-lstm"
@@ -93,8 +93,8 @@ def data_tasks(data_root: str | None) -> list[Any]:
     """Fashion-MNIST / CIFAR-10 Conv tasks when their files are under ``data_root`` (no download)."""
     if not data_root:
         return []
-    from learned_optim.evaluate import TaskSource
-    from learned_optim.meta.tasks import make_family
+    from learned_optim.bench.evaluate import TaskSource
+    from learned_optim.tasks import make_family
 
     tasks = []
     for dataset in ("fashion-mnist", "cifar10"):

@@ -6,7 +6,7 @@
     python benchmarks/meta_throughput.py --tasks 4 16 --families dm_lstm
 
 One meta-step = a truncated segment of ``--segment`` learned-optimizer steps on each of ``--tasks``
-instances of the digits MLP task family (``learned_optim.meta.tasks.make_family("mlp")``: different
+instances of the digits MLP task family (``learned_optim.tasks.make_family("mlp")``: different
 initialisations and batches per instance), the train-by-train meta-loss (mean over instances of the
 sum over steps of the loss at the new point), its backward into the net's weights and an Adam step.
 Each inner step is the trainer's: detached task gradient, ``apply_rule`` (``functional_update``:
@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import machine_header, measure, table  # noqa: E402
 
 import learned_optim  # noqa: E402
-from learned_optim.meta.tasks import make_family  # noqa: E402
-from learned_optim.meta.unroll import apply_rule  # noqa: E402
+from learned_optim.functional import apply_rule  # noqa: E402
+from learned_optim.tasks import make_family  # noqa: E402
 
 
 class Setup:

@@ -8,7 +8,7 @@
 
 Models (random data of the right shape; the speed does not depend on the values):
 
-* ``conv``: the papers' Conv-MNIST CNN (``learned_optim.meta.tasks.neural.build_conv_net``: conv 3x3x16,
+* ``conv``: the papers' Conv-MNIST CNN (``learned_optim.tasks.neural.build_conv_net``: conv 3x3x16,
   conv 5x5x32, max-pool, one FC; 75.7k parameters) on 28x28x1 images, batch 128;
 * ``resnet18``: ``timm.create_model("resnet18", num_classes=10)`` (11.2M parameters) on 32x32x3 images, batch 128;
 * ``mlp1m``: a 2-layer MLP 784 -> 1262 -> 10 (1.0M parameters), batch 128;
@@ -91,7 +91,7 @@ def build(name: str) -> tuple[nn.Module, tuple[int, ...]]:
     if name == "transformer":
         return CharTransformer(), (64,)
     if name == "conv":
-        from learned_optim.meta.tasks.neural import build_conv_net
+        from learned_optim.tasks.neural import build_conv_net
 
         return build_conv_net((1, 28, 28), (16, 32), (3, 5), 10, "relu", 2), (1, 28, 28)
     if name == "resnet18":

@@ -3,7 +3,7 @@ r"""Screen candidate learned optimizers on the *validation* split (recipe select
 ``python benchmarks/validation_screen.py OUT CANDIDATE... [--tasks A,B] [--seeds 5] [--steps 1000] [--adam]``
 
 Every candidate (zoo name, checkpoint folder, or ``runs/<run>/model``) trains each task for ``--steps`` steps
-on seeds ``0..N-1`` (:func:`learned_optim.evaluate.evaluate` with ``eval_split="val"``; ``--adam`` adds Adam
+on seeds ``0..N-1`` (:func:`learned_optim.bench.evaluate.evaluate` with ``eval_split="val"``; ``--adam`` adds Adam
 with its learning rate tuned on the validation split as a reference). Prints, per task and candidate, the
 validation accuracy and loss after the last step (mean +- 95% t-interval over seeds), the final training loss
 (mean of the last 10 minibatch losses) and the mean training loss over all steps,
@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from learned_optim.evaluate import evaluate, mean_confidence_interval, resolve_optimizer
+from learned_optim.bench.evaluate import evaluate, mean_confidence_interval, resolve_optimizer
 
 
 def label(candidate: str) -> str:

@@ -36,11 +36,11 @@ from typing import Any
 import torch
 
 import learned_optim
-from learned_optim.evaluate import mean_confidence_interval
+from learned_optim.bench.evaluate import mean_confidence_interval
 from learned_optim.meta.maml import adapt_on_task, evaluate_rule
-from learned_optim.meta.tasks import make_family
 from learned_optim.meta.trainer import derive_seed
 from learned_optim.nets import RNNProp, UpdateRule
+from learned_optim.tasks import make_family
 
 PAPER = {  # SPEC §4, Table 1: min log10 loss, Vanilla / M-L2O / DT / TL (5 adaptation steps)
     10: (0.033, -3.712, -4.233, -4.077),
@@ -279,8 +279,8 @@ def part_neural(args: argparse.Namespace, name: str) -> dict[str, Any]:
     """A zoo optimizer adapted 5 steps on a digits CNN (unseen) vs unadapted vs validation-tuned Adam."""
     from torch.nn import functional as F
 
-    from learned_optim.data import load_splits
-    from learned_optim.meta.tasks import build_conv_net
+    from learned_optim.tasks import build_conv_net
+    from learned_optim.tasks.data import load_splits
 
     splits = load_splits("digits")
     train, val, test = splits

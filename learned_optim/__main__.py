@@ -6,7 +6,7 @@
     table and save a plot and the results (JSON, CSV, markdown). A few minutes on two CPU cores.
 
 ``python -m learned_optim evaluate ...``
-    The meta-test harness of :mod:`learned_optim.evaluate` (``--help`` for its options).
+    The meta-test harness of :mod:`learned_optim.bench.evaluate` (``--help`` for its options).
 
 ``python -m learned_optim bench ...``
     The benchmark suite of unseen, realistic tasks, :mod:`learned_optim.bench` (``--help`` for its options).
@@ -172,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == "demo":
             return demo_main(rest)
         if command == "evaluate":
-            from .evaluate import main as evaluate_main
+            from .bench.evaluate import main as evaluate_main
 
             return evaluate_main(rest, prog="python -m learned_optim evaluate")
         if command == "bench":

@@ -61,7 +61,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ._numerics import global_norm
+from .functional import apply_rule, decoupled_update, to_device
 from .nets.base import UpdateRule
+from .objectives import OBJECTIVES, meta_objective
 
 __all__ = ["adapt", "adapt_weights", "AdaptationError", "AdaptationResult"]
 
@@ -224,12 +226,6 @@ def _single(values: set[float]) -> float | list[float]:
     return next(iter(values)) if len(values) == 1 else sorted(values)
 
 
-def _to(x: Any, device: torch.device) -> Any:
-    from .meta.unroll import to_device
-
-    return to_device(x, device)
-
-
 def adapt(
     opt: Any,
     model: nn.Module,
@@ -262,7 +258,7 @@ def adapt(
             last unroll and sets the optimizer's state to match (the adaptation steps count as training).
         chain: each unroll continues from the previous one's end (default) instead of the start.
         objective: ``"sum"`` (meta-training default) or ``"log"`` (mean log loss ratio), or any of
-            :data:`learned_optim.meta.objectives.OBJECTIVES`.
+            :data:`learned_optim.objectives.OBJECTIVES`.
         second_order: keep the optimizee's second-order terms (differentiate through the gradients).
         grad_clip: clip the meta-gradient's global norm.
         nonfinite: ``"raise"`` (default; nothing is kept) or ``"skip"`` a step whose meta-loss or
@@ -275,8 +271,6 @@ def adapt(
         a loss that does not depend on the parameters) and :class:`AdaptationError` for non-finite
         meta-gradients; in every failure the optimizer and the model are left unchanged.
     """
-    from .meta.objectives import OBJECTIVES, meta_objective
-    from .meta.unroll import apply_rule
     from .optimizer import LearnedOptimizer
 
     if not isinstance(opt, LearnedOptimizer):
@@ -330,8 +324,8 @@ def adapt(
 
     def loss_at(params: Mapping[str, Tensor], buffers: dict[str, Tensor]) -> Tensor:
         inputs, targets = source.next()
-        out = functional_call(model, {**params, **buffers}, (_to(inputs, device),))
-        loss = loss_fn(out, _to(targets, device))
+        out = functional_call(model, {**params, **buffers}, (to_device(inputs, device),))
+        loss = loss_fn(out, to_device(targets, device))
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ValueError(
                 f"adapt: loss_fn must return a scalar tensor, got "
@@ -373,9 +367,7 @@ def adapt(
                     continue
                 counts[n] += 1
                 deltas, new_state = apply_rule(rule, weights, {n: g}, {n: theta}, {n: state[n]}, counts[n])
-                if wd:
-                    theta = theta * (1.0 - step_lr * wd)
-                new_params[n] = theta + step_lr * deltas[n]
+                new_params[n] = decoupled_update(theta, deltas[n], step_lr, wd)
                 state[n] = new_state[n]
             params = new_params
         terms.append(loss_at(params, buffers))
@@ -436,9 +428,7 @@ def adapt(
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
     }
-    if not hasattr(rule, "adaptations"):
-        rule.adaptations = []
-    rule.adaptations.append(record)
+    rule.provenance.adaptations.append(record)
     if not restore_model:
         end = current["point"]
         state_dtype = opt._state_dtype  # per state name

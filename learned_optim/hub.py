@@ -45,6 +45,7 @@ __all__ = [
     "zoo_dir",
     "record_evaluation",
     "parent_record",
+    "model_card",
 ]
 
 CONFIG_NAME = "config.json"
@@ -60,7 +61,14 @@ class CheckpointError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- saving
-def _default_card(config: Mapping[str, Any]) -> str:
+def model_card(config: Mapping[str, Any], sections: Sequence[str] = ()) -> str:
+    """A checkpoint's model card (README.md), the one writer of cards.
+
+    Front matter, title, usage and the net's configuration from ``config`` (a config.json's content:
+    ``name``, ``family``, ``net``), then ``sections`` (markdown lines of the caller's own sections, e.g.
+    the meta-trainer's), then the adaptation records and the training record of ``config["training"]``.
+    :func:`record_evaluation` later adds or replaces "## Evaluation: ..." sections.
+    """
     training = config.get("training") or {}
     lines = [
         "---",
@@ -83,6 +91,8 @@ def _default_card(config: Mapping[str, Any]) -> str:
         json.dumps(config["net"], indent=2),
         "```",
     ]
+    if sections:
+        lines += ["", *sections]
     lines += _adaptation_lines(training)
     if training:
         lines += ["", "## Training", "", "```json", json.dumps(training, indent=2, default=str), "```"]
@@ -174,7 +184,7 @@ def save_pretrained(
     weights = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in rule.state_dict().items()}
     save_file(weights, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "library": LIBRARY_NAME})
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
-    (directory / CARD_NAME).write_text(card if card is not None else _default_card(config))
+    (directory / CARD_NAME).write_text(card if card is not None else model_card(config))
     return directory
 
 
@@ -186,8 +196,8 @@ def _inherited(
     optimizer_defaults: Mapping[str, Any] | None,
 ) -> tuple[Any, ...]:
     """``save_pretrained``'s arguments completed from the net's parent checkpoint and adaptations."""
-    origin: Mapping[str, Any] = getattr(rule, "pretrained_origin", None) or {}
-    adaptations = list(getattr(rule, "adaptations", None) or [])
+    origin: Mapping[str, Any] = rule.provenance.origin or {}
+    adaptations = list(rule.provenance.adaptations)
     training = dict(training or {})
     if adaptations:
         training.setdefault("adaptation", adaptations)
@@ -307,7 +317,7 @@ def record_evaluation(
     training = config.setdefault("training", {})
     training["results"] = {**(training.get("results") or {}), key: dict(results)}
     card_path = directory / CARD_NAME
-    lines = (card_path.read_text() if card_path.is_file() else _default_card(config)).splitlines()
+    lines = (card_path.read_text() if card_path.is_file() else model_card(config)).splitlines()
     heading = f"## Evaluation: {key}"
     section = [heading, "", *markdown.strip().splitlines(), ""]
 
@@ -459,7 +469,7 @@ def from_pretrained(
         name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
     )
     # remembered for save_pretrained (after learned_optim.adapt: what the adapted net derives from)
-    rule.pretrained_origin = {
+    rule.provenance.origin = {
         "parent": parent_record(config, source=str(name_or_path), revision=revision),
         "description": config.get("description"),
         "optimizer": config.get("optimizer", {}),

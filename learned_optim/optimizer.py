@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import kernels
+from .functional import decoupled_update
 from .nets.base import Segments, UpdateRule
 
 if TYPE_CHECKING:
@@ -443,10 +444,7 @@ class LearnedOptimizer(Optimizer):
         delta, new_state = net(grad, theta, state, step, stats, out_state=state, segments=segments)
         if isinstance(lr, Tensor):
             lr = lr.to(device=device, dtype=dtype)
-        theta = theta[:total]
-        if weight_decay != 0.0:
-            theta = theta * (1.0 - lr * weight_decay)
-        new_theta = (theta + lr * delta[:total]).split(sizes)
+        new_theta = decoupled_update(theta[:total], delta[:total], lr, weight_decay).split(sizes)
         torch._foreach_copy_(params, [t.view(p.shape) for t, p in zip(new_theta, params, strict=True)])
         for k in shapes:
             targets = [s[k] for s in states]
@@ -498,10 +496,7 @@ class LearnedOptimizer(Optimizer):
             delta, new_state = net(
                 _pad_rows(grad[part].to(dtype), padded), _pad_rows(theta, padded), chunk_state, step, stats, **extra
             )
-            delta = delta[:rows]
-            if weight_decay != 0.0:
-                theta = theta * (1.0 - lr * weight_decay)
-            flat[part] = theta + lr * delta
+            flat[part] = decoupled_update(theta, delta[:rows], lr, weight_decay)
             for k, v in new_state.items():
                 if not (in_place and v is chunk_state[k]):
                     coord_state[k][part] = v[:rows]
@@ -535,10 +530,7 @@ class LearnedOptimizer(Optimizer):
                 flat.mul_(1.0 - lr * weight_decay)
             flat.add_(delta * lr if isinstance(lr, Tensor) else delta, alpha=1.0 if isinstance(lr, Tensor) else lr)
         else:
-            theta = flat.to(dtype)
-            if weight_decay != 0.0:
-                theta = theta * (1.0 - lr * weight_decay)
-            flat.copy_(theta + lr * delta)
+            flat.copy_(decoupled_update(flat.to(dtype), delta, lr, weight_decay))
         for k in names:
             if not (in_place and new_state[k] is current[k]):
                 state[k].copy_(new_state[k].view_as(state[k]))

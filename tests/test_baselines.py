@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from learned_optim.baselines import GAM, EntropySGD, gsam, sam
-from learned_optim.evaluate import BASELINES, evaluate
-from learned_optim.meta.tasks.base import Task
+from learned_optim.bench.baselines import BASELINES, GAM, EntropySGD, gsam, sam
+from learned_optim.bench.evaluate import evaluate
+from learned_optim.tasks.base import Task
 
 D64 = torch.float64
 A = torch.diag(torch.tensor([1.0, 3.0, 0.5], dtype=D64))
@@ -118,7 +118,7 @@ class LinearTask(Task):
 
 def test_baselines_registered_and_run_in_the_harness_with_flatness():
     pytest.importorskip("pytorch_optimizer")
-    from learned_optim.flatness import FlatnessOptions
+    from learned_optim.bench.flatness import FlatnessOptions
 
     assert {"sam", "gsam", "gam", "entropy-sgd"} <= set(BASELINES)
     options = FlatnessOptions(patience=5, probes=2, iters=3, radii=(0.01, 0.1), steps=2, hessian_batches=1)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from learned_optim import DMLSTM, save_pretrained
-from learned_optim import evaluate as ev
+from learned_optim.bench import evaluate as ev
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 pytestmark = pytest.mark.usefixtures("one_thread")  # the script's commands call torch.set_num_threads

@@ -1,4 +1,4 @@
-"""learned_optim.data: the embedded digits splits and the torchvision on-disk loading path."""
+"""learned_optim.tasks.data: the embedded digits splits and the torchvision on-disk loading path."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from learned_optim import data
+from learned_optim.tasks import data
 
 
 @pytest.fixture(autouse=True)

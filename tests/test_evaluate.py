@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 import learned_optim
 from learned_optim import DMLSTM, save_pretrained
-from learned_optim import evaluate as ev
-from learned_optim.meta.tasks.base import Task, TaskFamily
+from learned_optim.bench import evaluate as ev
+from learned_optim.tasks.base import Task, TaskFamily
 
 # ------------------------------------------------------------------------------------------ tiny tasks
 

@@ -1,4 +1,4 @@
-"""learned_optim.flatness: Hessian trace / top eigenvalue against torch.func.hessian, PGA against closed forms."""
+"""learned_optim.bench.flatness: Hessian trace / top eigenvalue against torch.func.hessian, PGA against closed forms."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from learned_optim import flatness
+from learned_optim.bench import flatness
 
 D64 = torch.float64
 

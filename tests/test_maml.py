@@ -10,11 +10,11 @@ import torch
 
 from learned_optim.meta.config import MAMLConfig, MetaTrainConfig, UnrollConfig
 from learned_optim.meta.maml import adapt_on_task, evaluate_rule, maml_segment, sample_task_kwargs
-from learned_optim.meta.objectives import meta_objective
-from learned_optim.meta.tasks import make_family
 from learned_optim.meta.trainer import MetaTrainer
 from learned_optim.meta.unroll import start_trajectory, unroll
 from learned_optim.nets import RNNProp
+from learned_optim.objectives import meta_objective
+from learned_optim.tasks import make_family
 
 F64 = torch.float64
 

@@ -81,7 +81,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
 def test_bundled_configs_are_valid(path):
     config = load_config(path)
     assert config.expected_time and config.description
-    from learned_optim.meta.tasks import TASK_FAMILIES
+    from learned_optim.tasks import TASK_FAMILIES
 
     assert config.task.family in TASK_FAMILIES
     if path.stem != "smoke":

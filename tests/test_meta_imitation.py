@@ -8,8 +8,8 @@ import torch
 from learned_optim import build_rule
 from learned_optim.meta.config import ImitationConfig
 from learned_optim.meta.imitation import adam_delta, imitation_loss, imitation_unroll
-from learned_optim.meta.tasks.base import Task
 from learned_optim.meta.unroll import start_trajectory
+from learned_optim.tasks.base import Task
 
 
 class Bowl(Task):

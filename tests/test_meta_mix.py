@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from learned_optim.meta.tasks import KINDS, MetaMixFamily, RescaledTask, make_family
+from learned_optim.tasks import KINDS, MetaMixFamily, RescaledTask, make_family
 
 
 def gen(seed: int) -> torch.Generator:

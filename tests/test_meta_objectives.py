@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from learned_optim.meta.objectives import meta_objective, safe_log
+from learned_optim.objectives import meta_objective, safe_log
 
 
 def test_sum_and_last_objectives():

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 import learned_optim
 from learned_optim.meta.config import MetaTrainConfig, load_config
-from learned_optim.meta.tasks.base import Task, TaskFamily
 from learned_optim.meta.trainer import MetaTrainer
+from learned_optim.tasks.base import Task, TaskFamily
 
 
 class TinyQuadTask(Task):

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from learned_optim import build_rule
+from learned_optim.functional import apply_rule
 from learned_optim.meta.config import UnrollConfig
-from learned_optim.meta.objectives import meta_objective
-from learned_optim.meta.tasks.base import Task, TaskFamily
-from learned_optim.meta.unroll import apply_rule, start_trajectory, unroll
+from learned_optim.meta.unroll import start_trajectory, unroll
+from learned_optim.objectives import meta_objective
+from learned_optim.tasks.base import Task, TaskFamily
 
 FAMILIES = ["dm_lstm", "rnnprop", "mlp"]
 

@@ -26,8 +26,8 @@ from learned_optim.meta.regularizers import (
     smoothing_term,
     top_eigenvalue,
 )
-from learned_optim.meta.tasks.base import Task, TaskFamily
 from learned_optim.meta.unroll import StepInputs, start_trajectory, unroll
+from learned_optim.tasks.base import Task, TaskFamily
 
 D64 = torch.float64
 
@@ -289,7 +289,7 @@ def test_smoothing_finds_the_net_input_and_is_differentiable(family):
     seen = []
     handle = layer.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
     try:
-        from learned_optim.meta.unroll import apply_rule
+        from learned_optim.functional import apply_rule
 
         apply_rule(inputs.rule, None, inputs.grads, inputs.params, inputs.state, inputs.step)
     finally:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import grad, jvp
 
-from learned_optim.meta.tasks import (
+from learned_optim.tasks import (
     PRESETS,
     TASK_FAMILIES,
     TEST_SIGMAS,
@@ -358,3 +358,20 @@ def test_mixture_samples_components_by_weight():
     assert mix.config["components"][1] == {"name": "rosenbrock", **mix.components[1].config}
     with pytest.raises(ValueError):
         MixtureFamily(components=["quadratic"], weights=[1, 2])
+
+
+def test_task_names_resolve_the_same_way_everywhere():
+    """A registered name and a "module:attr" factory build the same family for the meta-trainer and the
+    evaluation harness (one resolution, :func:`learned_optim.tasks.make_family`)."""
+    from learned_optim.bench.evaluate import resolve_task
+    from learned_optim.meta.trainer import make_task_family
+    from learned_optim.tasks import LassoFamily, make_family
+
+    for name in ("lasso", "learned_optim.tasks.synthetic:LassoFamily"):
+        assert isinstance(make_family(name), LassoFamily)
+        assert isinstance(make_task_family(name), LassoFamily)
+        assert isinstance(resolve_task(name).source, LassoFamily)
+    with pytest.raises(TypeError, match="not a TaskFamily"):
+        make_family("builtins:dict", x=4.0)
+    with pytest.raises(KeyError, match="unknown task family"):
+        make_family("no-such-family")

@@ -8,7 +8,7 @@ of it is data the project reserves for independent evaluation:
   The text varies slightly with the Python version: :attr:`TokenSplits.fingerprint` (a SHA-256 of the
   three byte streams) is part of every task's config hash and of the results.
 * :func:`tabular`: scikit-learn's bundled tables (diabetes, breast cancer) and generators
-  (``make_friedman1``, ``make_classification``), cut by :func:`learned_optim.data.split_indices`
+  (``make_friedman1``, ``make_classification``), cut by :func:`learned_optim.tasks.data.split_indices`
   (one seeded permutation), features (and regression targets) standardised by the train split's
   mean and standard deviation.
 * :func:`shapes`: 16x16 grey images of six procedurally drawn shapes with random position, size and
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..data import load_splits, split_indices
+from ..tasks.data import load_splits, split_indices
 
 __all__ = [
     "SPLITS",
@@ -239,7 +239,7 @@ def tabular(name: str, *, label_noise: float = 0.0, split_seed: int = 0) -> Arra
 # ------------------------------------------------------------------------------------------ images
 @functools.cache
 def digits_splits() -> ArraySplits:
-    """scikit-learn's 8x8 digits as :func:`learned_optim.data.load_splits` cuts them (1077/360/360)."""
+    """scikit-learn's 8x8 digits as :func:`learned_optim.tasks.data.load_splits` cuts them (1077/360/360)."""
     splits = load_splits("digits")
     return ArraySplits({s: splits[s].x for s in SPLITS}, {s: splits[s].y for s in SPLITS})
 

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..evaluate import _band, _slug, _smooth
+from .evaluate import _band, _slug, _smooth
 
 if TYPE_CHECKING:
     from .suite import SuiteResults

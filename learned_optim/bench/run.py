@@ -1,6 +1,6 @@
 r"""Running the suite: optimizers and their tuning grids, the training loop, the run store, tuning.
 
-**Baselines** (built from :data:`learned_optim.evaluate.BASELINES`), each tuned on the validation split
+**Baselines** (built from :data:`learned_optim.bench.baselines.BASELINES`), each tuned on the validation split
 of one separate tuning seed with the same budget (the task's full horizon per grid point):
 
 * ``adamw``: ``torch.optim.AdamW`` with a linear warm-up over the first 5% of the steps then a cosine
@@ -47,10 +47,11 @@ from typing import Any, cast
 import torch
 from torch.optim import Optimizer
 
-from ..evaluate import BASELINES, mean_confidence_interval, resolve_optimizer
 from ..hub import WEIGHTS_NAME, read_config
 from ..optimizer import NonFiniteGradientError
 from . import stats
+from .baselines import BASELINES
+from .evaluate import mean_confidence_interval, resolve_optimizer
 from .tasks import Workload
 
 __all__ = [
@@ -175,7 +176,7 @@ _BASELINE_CLASSES = {"adamw": ("adamw", {}), "adam": ("adam", {}), "sgd-momentum
 
 
 def baseline_optimizer(name: str) -> BenchOptimizer:
-    """``adamw``, ``adam`` or ``sgd-momentum``, built from the class of :data:`~learned_optim.evaluate.BASELINES`."""
+    """``adamw``, ``adam`` or ``sgd-momentum``, built from the class in :data:`.baselines.BASELINES`."""
     if name not in _BASELINE_CLASSES:
         raise UnknownOptimizerError(f"unknown baseline {name!r}; the suite's baselines: {', '.join(_BASELINE_CLASSES)}")
     registered, extra = _BASELINE_CLASSES[name]

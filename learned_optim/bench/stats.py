@@ -19,7 +19,7 @@ r"""Statistics of the suite, in the style of VeLOdrome (google/learned_optimizat
   A run that ended with a non-finite loss counts with its initial validation loss (no progress).
 * :func:`iqm`: the interquartile mean over tasks (``scipy.stats.trim_mean(x, 0.25)``).
 * :func:`paired_outcome`: per seed differences (run minus reference) of a final loss, their mean and
-  95% t-interval (:func:`learned_optim.evaluate.mean_confidence_interval`); ``win`` when the interval
+  95% t-interval (:func:`learned_optim.bench.evaluate.mean_confidence_interval`); ``win`` when the interval
   lies below 0, ``loss`` above, ``tie`` when it contains 0 or cannot be formed (one seed).
 """
 
@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from ..evaluate import mean_confidence_interval
+from .evaluate import mean_confidence_interval
 
 __all__ = [
     "iqm",

@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
-from ..evaluate import _json_safe, mean_confidence_interval
 from ..hub import BENCH_RESULTS_PREFIX
 from . import stats
 from .data import stdlib_corpus
+from .evaluate import _json_safe, mean_confidence_interval
 from .run import (
     FULL_GRIDS,
     LR_RULES,

@@ -338,7 +338,7 @@ _TASK_LIST = [
         _P(models.ResNetBN, 1, 10, (16, 32, 64), 1),
         steps=500,
         batch_size=32,
-        source="scikit-learn's 8x8 digits through learned_optim.data.load_splits('digits'): 1077/360/360",
+        source="scikit-learn's 8x8 digits through learned_optim.tasks.data.load_splits('digits'): 1077/360/360",
         compare="tuned Adam reaches 96.6% with the 20-unit ReLU MLP and 99.1% with the digits conv net of the zoo's "
         "evaluations (README)",
         differs="a residual net with BatchNorm (78k parameters, 9 conv layers) instead of a 20-unit MLP; "

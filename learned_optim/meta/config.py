@@ -30,7 +30,7 @@ from typing import Any, ClassVar, TypeVar, Union, get_args, get_origin, get_type
 import torch
 
 from .._validation import check_value
-from .objectives import OBJECTIVES
+from ..objectives import OBJECTIVES
 
 __all__ = [
     "NetSection",
@@ -132,9 +132,9 @@ class NetSection(_Section):
 
 @dataclasses.dataclass
 class TaskSection(_Section):
-    """The optimizee distribution: ``learned_optim.meta.tasks.make_family(family, **kwargs)``.
+    """The optimizee distribution: ``learned_optim.tasks.make_family(family, **kwargs)``.
 
-    ``family`` may also be ``"package.module:attribute"``, a :class:`~learned_optim.meta.tasks.base.TaskFamily`
+    ``family`` may also be ``"package.module:attribute"``, a :class:`~learned_optim.tasks.base.TaskFamily`
     subclass or factory called with ``kwargs`` (for task families defined outside the package).
     ``eval_kwargs`` override ``kwargs`` for the curriculum's evaluation runs.
     """
@@ -192,7 +192,7 @@ class UnrollConfig(_Section):
 @dataclasses.dataclass
 class ObjectiveConfig(_Section):
     """Meta-objective ``kind`` (one of ``sum``, ``last``, ``log``, ``log_last``; see
-    :mod:`learned_optim.meta.objectives`) on the losses of ``split``: ``train`` (train-by-train) or
+    :mod:`learned_optim.objectives`) on the losses of ``split``: ``train`` (train-by-train) or
     ``val`` (train-by-validation: the optimizee trains on train batches, the meta-loss uses val batches)."""
 
     kind: str = "sum"

@@ -2,7 +2,7 @@ r"""Curvature of a loss over a dict of tensors: Hessian-vector products, Hutchin
 
 The one home of these primitives, used by the meta-training regularizers
 (:mod:`learned_optim.meta.regularizers`, differentiable in :math:`\theta`) and by the flatness diagnostics
-(:mod:`learned_optim.flatness`, plain numbers at a model's current weights). ``loss_fn`` maps a dict of
+(:mod:`learned_optim.bench.flatness`, plain numbers at a model's current weights). ``loss_fn`` maps a dict of
 parameter tensors to a scalar; vectors are dicts with the same keys.
 
 * :func:`hvp`: :math:`\nabla^2 L(\theta)\,v` by forward-over-reverse (``jvp`` of ``grad``);

@@ -29,10 +29,11 @@ import torch
 from torch import Tensor
 
 from ..features import bias_corrected, ema
+from ..functional import apply_rule, to_device
 from ..nets.base import UpdateRule
+from ..tasks.base import Task
 from .config import ImitationConfig
-from .tasks.base import Task
-from .unroll import Trajectory, apply_rule, task_loss_and_grad, to_device
+from .unroll import Trajectory, task_loss_and_grad
 
 __all__ = ["ImitationResult", "adam_delta", "imitation_loss", "imitation_unroll"]
 

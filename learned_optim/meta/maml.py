@@ -48,9 +48,9 @@ from torch import Tensor
 
 from .._numerics import global_norm
 from ..nets.base import UpdateRule
+from ..objectives import meta_objective
+from ..tasks.base import Task, TaskFamily
 from .config import MAMLConfig, UnrollConfig
-from .objectives import meta_objective
-from .tasks.base import Task, TaskFamily
 from .unroll import MetaLossHook, Trajectory, start_trajectory, unroll
 
 if TYPE_CHECKING:

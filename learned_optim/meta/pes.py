@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 
 from .._numerics import seeded_generator
+from ..objectives import meta_objective
 from .config import EstimatorConfig, MetaTrainConfig
-from .objectives import meta_objective
 from .unroll import Trajectory, unroll
 
 if TYPE_CHECKING:

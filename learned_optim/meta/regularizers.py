@@ -74,8 +74,9 @@ from torch import Tensor, nn
 from torch.func import grad as func_grad
 
 from .._validation import check_value
+from ..functional import apply_rule
 from .curvature import LossFn, Params, dot, gaussian, hutchinson_forms, hvp, norm, power_iteration, rademacher
-from .unroll import MetaLossHook, StepInputs, apply_rule, as_hook
+from .unroll import MetaLossHook, StepInputs, as_hook
 
 __all__ = [
     "WHERE",

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import importlib
 import json
 import math
 import os
@@ -50,13 +49,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .._numerics import seeded_generator
-from ..hub import _default_card, load_rule, parent_record, save_pretrained
+from ..hub import load_rule, model_card, parent_record, save_pretrained
 from ..nets.base import UpdateRule, build_rule
+from ..objectives import meta_objective
+from ..tasks.base import Task, TaskFamily
 from .config import META_OPTIMIZERS, MetaTrainConfig, TaskSection, load_config
 from .curriculum import Curriculum
 from .imitation import imitation_unroll
-from .objectives import meta_objective
-from .tasks.base import Task, TaskFamily
 from .unroll import MetaLossHook, Trajectory, UnrollResult, as_hook, start_trajectory, unroll
 
 __all__ = ["MetaTrainer", "derive_seed", "make_task_family", "build_meta_optimizer"]
@@ -77,35 +76,22 @@ def make_task_family(
     device: torch.device | None = None,
     dtype: torch.dtype | None = None,
 ) -> TaskFamily:
-    """``learned_optim.meta.tasks.make_family(family, **kwargs)``, or ``"module:attr"(**kwargs)``.
+    """:func:`learned_optim.tasks.make_family` (a registered name or ``"module:attr"``) on the
+    trainer's device and dtype.
 
     For registry families, a non-CPU ``device`` and a non-float32 ``dtype`` are passed on as the
     family's ``device``/``dtype`` arguments unless ``kwargs`` sets them (so the task data lives where
     the unroll runs); ``"module:attr"`` factories get ``kwargs`` only.
     """
+    from ..tasks import make_family
+
     kwargs = dict(kwargs or {})
     if ":" not in family:
         if device is not None and device.type != "cpu":
             kwargs.setdefault("device", str(device))
         if dtype is not None and dtype != torch.float32:
             kwargs.setdefault("dtype", str(dtype).removeprefix("torch."))
-    if ":" in family:
-        module, _, attr = family.partition(":")
-        factory = importlib.import_module(module)
-        for part in attr.split("."):
-            factory = getattr(factory, part)
-        result = factory(**kwargs)
-    else:
-        try:
-            from .tasks import make_family
-        except ImportError as err:
-            raise ImportError(
-                f"cannot build task family {family!r}: learned_optim.meta.tasks.make_family is not available ({err})"
-            ) from None
-        result = make_family(family, **kwargs)
-    if not isinstance(result, TaskFamily):
-        raise TypeError(f"task family {family!r} built a {type(result).__name__}, not a TaskFamily")
-    return result
+    return make_family(family, **kwargs)
 
 
 def build_meta_optimizer(
@@ -895,8 +881,7 @@ class MetaTrainer:
 
     def _card(self, training: Mapping[str, Any]) -> str:
         cfg, meta = self.config, training["meta_training"]
-        head = _default_card({"name": cfg.name, "family": self.rule.family, "net": self.rule.config.to_dict()})
-        lines = [head.rstrip("\n"), ""]
+        lines: list[str] = []
         if cfg.description:
             lines += [cfg.description, ""]
         seconds = float(meta["wall_time_seconds"])
@@ -976,6 +961,5 @@ class MetaTrainer:
             "```json",
             json.dumps(cfg.to_dict(), indent=2),
             "```",
-            "",
         ]
-        return "\n".join(lines)
+        return model_card({"name": cfg.name, "family": self.rule.family, "net": self.rule.config.to_dict()}, lines)

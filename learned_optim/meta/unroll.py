@@ -9,8 +9,8 @@ A trajectory runs the learned update on one task instance from :math:`\theta_0`:
 
 with :math:`\eta` the trajectory's ``lr`` or the config's ``lr`` (default the rule's ``default_lr``: 1 for
 the nets whose step is learned, a real learning rate for ``adafac_mlp``), and the net applied to every
-parameter tensor as a flat ``(n,)`` view through :func:`learned_optim.nets.base.functional_update` (the
-same ``forward`` the runtime optimizer calls; here through ``torch.func.functional_call`` with the
+parameter tensor as a flat ``(n,)`` view by :func:`learned_optim.functional.apply_rule` (the one
+differentiable step, shared with the runtime optimizer and :func:`learned_optim.adapt`; here with the
 weights :math:`\phi` as explicit inputs). The gradient :math:`g_t` is detached unless ``second_order`` is
 set, in which case the graph keeps :math:`\partial g_t/\partial\theta_{t-1}` and the meta-gradient is exact.
 
@@ -37,9 +37,10 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from .._numerics import global_norm
-from ..nets.base import UpdateRule, functional_update
+from ..functional import StateDict, apply_rule, decoupled_update, to_device
+from ..nets.base import UpdateRule
+from ..tasks.base import Task
 from .config import UnrollConfig
-from .tasks.base import Task
 
 __all__ = [
     "Trajectory",
@@ -49,13 +50,9 @@ __all__ = [
     "as_hook",
     "StepInputs",
     "start_trajectory",
-    "apply_rule",
     "task_loss_and_grad",
     "unroll",
-    "to_device",
 ]
-
-StateDict = dict[str, dict[str, Tensor]]
 
 
 class MetaLossHook:
@@ -233,26 +230,6 @@ class UnrollResult:
     diverged_at: int | None = None
 
 
-def to_device(batch: Any, device: torch.device | str | None, dtype: torch.dtype | None = None) -> Any:
-    """Move the tensors of a (nested) batch to ``device``; floating tensors are cast to ``dtype``."""
-    if isinstance(batch, Tensor):
-        if dtype is not None and batch.is_floating_point():
-            return batch.to(device=device, dtype=dtype)
-        return batch.to(device) if device is not None else batch
-    if isinstance(batch, Mapping):
-        return type(batch)((k, to_device(v, device, dtype)) for k, v in batch.items())
-    if isinstance(batch, (list, tuple)):
-        items = [to_device(v, device, dtype) for v in batch]
-        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
-    return batch
-
-
-def _compute_dtype(rule: UpdateRule, weights: Mapping[str, Tensor] | None) -> torch.dtype:
-    if weights:
-        return next(iter(weights.values())).dtype
-    return rule.compute_dtype
-
-
 def start_trajectory(
     rule: UpdateRule,
     task: Task,
@@ -271,37 +248,6 @@ def start_trajectory(
         n: rule.init_state(p.numel(), device=p.device, dtype=compute, shape=p.shape) for n, p in params.items()
     }
     return Trajectory(params=params, opt_state=opt_state)
-
-
-def apply_rule(
-    rule: UpdateRule,
-    weights: Mapping[str, Tensor] | None,
-    grads: Mapping[str, Tensor],
-    params: Mapping[str, Tensor],
-    opt_state: StateDict,
-    step: int,
-) -> tuple[dict[str, Tensor], StateDict]:
-    r"""The net's update :math:`\Delta` of every tensor (flat views) and the new per-coordinate state.
-
-    ``step`` is the 1-based step count, passed to the net as a 0-d tensor in its compute dtype (as the
-    runtime optimizer does). Deltas come back in each parameter's shape and dtype.
-    """
-    dtype = _compute_dtype(rule, weights)
-    deltas, new_state = {}, {}
-    for name, param in params.items():
-        t = torch.tensor(float(step), dtype=dtype, device=param.device)
-        delta, state = functional_update(
-            rule,
-            weights,
-            grads[name].reshape(-1).to(dtype),
-            param.reshape(-1).to(dtype),
-            opt_state[name],
-            t,
-            param.shape,
-        )
-        deltas[name] = delta.reshape(param.shape).to(param.dtype)
-        new_state[name] = state
-    return deltas, new_state
 
 
 def task_loss_and_grad(
@@ -373,7 +319,7 @@ def unroll(
         loss, grads = task_loss_and_grad(task, params, batch, create_graph=second_order)
         with torch.set_grad_enabled(track_graph):
             deltas, new_state = apply_rule(rule, weights, grads, params, state, t)
-            new_params = {k: params[k] + lr * deltas[k] for k in params}
+            new_params = {k: decoupled_update(params[k], deltas[k], lr) for k in params}
         return loss, new_params, new_state, grads
 
     meta_losses: list[Tensor | float] = []

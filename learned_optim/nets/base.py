@@ -53,7 +53,16 @@ from torch.func import functional_call
 
 from .._validation import check_value
 
-__all__ = ["NetConfig", "UpdateRule", "Segments", "FAMILIES", "register_family", "build_rule", "functional_update"]
+__all__ = [
+    "NetConfig",
+    "Provenance",
+    "UpdateRule",
+    "Segments",
+    "FAMILIES",
+    "register_family",
+    "build_rule",
+    "functional_update",
+]
 
 
 @dataclasses.dataclass
@@ -119,6 +128,20 @@ class Segments:
         return self.sum(per_row) / sizes.view(-1, *([1] * (per_row.dim() - 1)))
 
 
+@dataclasses.dataclass
+class Provenance:
+    """The lineage of a net's weights, which :func:`learned_optim.save_pretrained` writes into config.json.
+
+    ``origin``: set by :func:`learned_optim.from_pretrained`, the checkpoint the net was loaded from
+    (``parent``: its :func:`~learned_optim.hub.parent_record`, saved as ``training.parent``;
+    ``description`` and ``optimizer`` defaults, inherited when saving). ``adaptations``: one record per
+    :func:`learned_optim.adapt` run since (saved as ``training.adaptation``). A fresh net has neither.
+    """
+
+    origin: dict[str, Any] | None = None
+    adaptations: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
 class UpdateRule(nn.Module):
     """Base class of the coordinatewise update rules (see the module docstring for the contract)."""
 
@@ -126,10 +149,8 @@ class UpdateRule(nn.Module):
     family: ClassVar[str]
     #: The :class:`NetConfig` subclass holding this family's hyperparameters.
     config_class: ClassVar[type[NetConfig]]
-    #: Set by :func:`learned_optim.from_pretrained`: the checkpoint the net was loaded from (for ``save_pretrained``).
-    pretrained_origin: dict[str, Any]
-    #: Appended to by :func:`learned_optim.adapt`: one record per adaptation of the net.
-    adaptations: list[dict[str, Any]]
+    #: Where the weights came from (:class:`Provenance`), what ``save_pretrained`` records of their lineage.
+    provenance: Provenance
     #: ``forward`` takes ``segments=`` and steps packed tensors (see "Packed calls" in the module docstring).
     packs_segments: ClassVar[bool] = False
     #: ``forward`` runs on whole tensors and takes ``shape=`` (see the module docstring).
@@ -147,6 +168,7 @@ class UpdateRule(nn.Module):
         if not isinstance(config, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
         self.config = config
+        self.provenance = Provenance()
 
     @property
     def compute_dtype(self) -> torch.dtype:

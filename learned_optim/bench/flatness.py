@@ -25,13 +25,13 @@ norm. The reported value is the largest :math:`F` seen over the start and all it
 
 Usage with an ``nn.Module`` (``loss_fn(outputs, targets)``, batches ``(inputs, targets)``)::
 
-    from learned_optim import flatness
+    from learned_optim.bench import flatness
     model.eval()
     flatness.hessian_trace(model, torch.nn.functional.cross_entropy, val_loader, probes=50)
     flatness.pga_sharpness(model, torch.nn.functional.cross_entropy, val_loader)  # {0.001: ..., ..., 0.1: ...}
 
 or functionally, with a dict of tensors and ``loss_fn(params, batch)`` (e.g. a
-:class:`learned_optim.meta.tasks.Task`'s ``loss``)::
+:class:`learned_optim.tasks.Task`'s ``loss``)::
 
     flatness.hessian_trace(params, task.loss, [task.batch("val", generator)])
 
@@ -54,8 +54,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ._numerics import global_norm, seeded_generator
-from .meta import curvature
+from .._numerics import global_norm, seeded_generator
+from ..meta import curvature
 
 __all__ = [
     "RADII",
@@ -390,7 +390,7 @@ def flatness_report(
 
 @dataclasses.dataclass
 class FlatnessOptions:
-    """Flatness-at-convergence metrics of the evaluation harness (:func:`learned_optim.evaluate.evaluate`).
+    """Flatness-at-convergence metrics of the evaluation harness (:func:`learned_optim.bench.evaluate.evaluate`).
 
     A run's *point of convergence* is its parameters at the first step where the minibatch training
     loss has not improved on its best value for ``patience`` consecutive steps (the learning-regularizers
@@ -428,7 +428,7 @@ class FlatnessOptions:
 def task_flatness(
     task: Any, params: Mapping[str, Tensor], options: FlatnessOptions, generator: torch.Generator
 ) -> dict[str, float]:
-    """The :class:`FlatnessOptions` metrics of a :class:`~learned_optim.meta.tasks.Task` at ``params``
+    """The :class:`FlatnessOptions` metrics of a :class:`~learned_optim.tasks.Task` at ``params``
     (batches drawn from ``generator``)."""
     params = {k: v.detach() for k, v in params.items()}
     out: dict[str, float] = {}

@@ -13,7 +13,7 @@ training *and* evaluation), which keeps the loss pure and ``torch.func``-transfo
 with the global RNG temporarily seeded from ``generator`` (restored afterwards): the same
 distribution in meta-training and meta-testing, reproducible from the generator's seed.
 
-Data comes from :func:`learned_optim.data.load_splits` (digits by default, or MNIST /
+Data comes from :func:`learned_optim.tasks.data.load_splits` (digits by default, or MNIST /
 Fashion-MNIST / CIFAR-10 from ``data_root``). ``batch("train", g)`` draws ``batch_size`` examples
 without replacement; ``batch("val" | "test", g)`` returns the whole split (or ``eval_batch_size``
 examples when set).
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ... import data as data_lib
+from . import data as data_lib
 from ._common import check_split, child_seed, family_config, resolve_dtype, seeded_global_rng
 from .base import Params, Task, TaskFamily
 
@@ -255,7 +255,7 @@ class ImageClassificationFamily(TaskFamily):
     Data args:
         dataset: ``"digits"`` (default, embedded), ``"mnist"``, ``"fashion-mnist"``, ``"cifar10"``.
         data_root, download, val_fraction, split_seed, verify_checksums: passed to
-            :func:`learned_optim.data.load_splits` (no download unless ``download=True``).
+            :func:`learned_optim.tasks.data.load_splits` (no download unless ``download=True``).
         image_size, channels: resize / convert the images (``None``: native).
         batch_size: training minibatch (128, the papers'); ``None``: full batch.
         eval_batch_size: val/test batch (``None``: the whole split).

@@ -15,7 +15,7 @@ with :func:`make_family` (all names in :data:`TASK_FAMILIES`):
 ``mixture``                a mixture of families (default: 18 MLP shapes on digits)
 ``meta-mix``               the generalist meta-training distribution: MLPs, teachers, CNNs, autoencoders,
                            transformers and GRUs on digits and generated data, random batch sizes,
-                           optional parameter rescaling (:mod:`~learned_optim.meta.tasks.distribution`)
+                           optional parameter rescaling (:mod:`~learned_optim.tasks.distribution`)
 presets                    ``digits-mlp20-sigmoid`` (the papers' meta-training task),
                            ``digits-mlp20-relu``, ``digits-mlp20x20x20-relu``, ``digits-conv``,
                            ``digits-conv4``, ``digits-resnet20``, ``digits-timm-resnet``,

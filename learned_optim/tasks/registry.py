@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from .base import TaskFamily
@@ -53,11 +54,24 @@ for _cls in _BUILT_IN:
 
 
 def make_family(name: str, **config: Any) -> TaskFamily:
-    """Build the family registered as ``name`` with constructor arguments ``config``.
+    """Build the task family ``name`` with constructor arguments ``config``: the one resolution of task
+    names, for meta-training, MAML and the evaluation harness alike.
+
+    ``name`` is a family registered in :data:`TASK_FAMILIES`, or ``"module:attr"``, a factory importable
+    from ``module`` (``attr`` may be dotted) that returns a :class:`TaskFamily`.
 
     >>> family = make_family("lasso", sigma=(10.0, 25.0))
     >>> task = family.sample(torch.Generator().manual_seed(0))  # doctest: +SKIP
     """
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        factory: Any = importlib.import_module(module)
+        for part in attr.split("."):
+            factory = getattr(factory, part)
+        result = factory(**config)
+        if not isinstance(result, TaskFamily):
+            raise TypeError(f"task family {name!r} built a {type(result).__name__}, not a TaskFamily")
+        return result
     try:
         cls = TASK_FAMILIES[name]
     except KeyError:

@@ -12,7 +12,7 @@ grid and the choice are printed and recorded. A learned optimizer runs with the 
 checkpoint records (``1.0`` unless it says otherwise, or unless ``learned_lr`` is given), untuned.
 
 Optionally (``flatness=FlatnessOptions()``, ``--flatness``), every evaluation run also measures the
-flatness of the loss at its point of convergence (see :class:`learned_optim.flatness.FlatnessOptions`):
+flatness of the loss at its point of convergence (see :class:`learned_optim.bench.flatness.FlatnessOptions`):
 Hessian trace and top eigenvalue, PGA sharpness and max gradient norm in L-infinity balls.
 
 Final values are reported as mean ± the half-width of a 95% confidence interval from the
@@ -22,13 +22,13 @@ and one ``curves_<task>.png`` per task.
 
 Python::
 
-    from learned_optim.evaluate import evaluate
+    from learned_optim.bench.evaluate import evaluate
     results = evaluate(["l2o-lstm", "adam", "sgd"], ["digits-mlp20-relu"], steps=1000, seeds=10)
     results.write("eval-out"); print(results.markdown())
 
 Command line (``python -m learned_optim evaluate`` is the same command)::
 
-    python -m learned_optim.evaluate --optimizer l2o-lstm --optimizer path/to/folder \\
+    python -m learned_optim.bench.evaluate --optimizer l2o-lstm --optimizer path/to/folder \\
         --tasks digits-mlp20-relu,digits-conv --steps 1000 --seeds 10 --out DIR
 """
 
@@ -53,10 +53,11 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ..hub import CheckpointError, from_pretrained, load_rule_from_dir, record_evaluation, resolve_checkpoint
+from ..optimizer import NonFiniteGradientError
+from ..tasks.base import Params, Task, TaskFamily
+from .baselines import BASELINES, DEFAULT_LR_GRID, BaselineInfo, register_baseline
 from .flatness import FlatnessOptions, task_flatness
-from .hub import CheckpointError, from_pretrained, load_rule_from_dir, record_evaluation, resolve_checkpoint
-from .meta.tasks.base import Params, Task, TaskFamily
-from .optimizer import NonFiniteGradientError
 
 __all__ = [
     "DEFAULT_LR_GRID",
@@ -80,51 +81,10 @@ __all__ = [
     "main",
 ]
 
-#: Learning-rate grid of the baselines (the appendix of "Learning to Generalize Provably in L2O").
-DEFAULT_LR_GRID: tuple[float, ...] = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
 #: Tuning runs use seeds ``TUNE_SEED_OFFSET + i`` so the learning rate is never chosen on evaluation seeds.
 TUNE_SEED_OFFSET = 1_000_000
 #: Random streams derived from one seed (see :func:`_generator`).
 _TASK_STREAM, _TRAIN_STREAM, _EVAL_STREAM, _FLATNESS_STREAM, _N_STREAMS = 0, 1, 2, 3, 4
-
-
-# ------------------------------------------------------------------------------------------ baselines
-@dataclasses.dataclass(frozen=True)
-class BaselineInfo:
-    """A baseline optimizer: how to build it and which learning rates to tune it over.
-
-    ``opt_class(params, lr=lr, **defaults)`` must return a ``torch.optim.Optimizer`` whose
-    ``step(closure)`` accepts the standard closure (zero grads, forward, backward, return the loss),
-    so optimizers that evaluate the closure several times per step (SAM, GSAM) fit as well.
-    """
-
-    name: str
-    opt_class: Callable[..., Optimizer]
-    description: str = ""
-    lr_grid: tuple[float, ...] = DEFAULT_LR_GRID
-    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-
-    def build(self, params: list[Tensor], lr: float) -> Optimizer:
-        """The optimizer over ``params`` with learning rate ``lr``."""
-        return self.opt_class(params, lr=lr, **self.defaults)
-
-
-#: The baselines known by name to :func:`evaluate` and the CLI. Add more with :func:`register_baseline`.
-BASELINES: dict[str, BaselineInfo] = {}
-
-
-def register_baseline(info: BaselineInfo, *, overwrite: bool = False) -> BaselineInfo:
-    """Add ``info`` to :data:`BASELINES` (names are case-insensitive; an existing name needs ``overwrite``)."""
-    key = info.name.lower()
-    if key in BASELINES and not overwrite:
-        raise ValueError(f"baseline {info.name!r} is already registered; pass overwrite=True to replace it")
-    BASELINES[key] = info
-    return info
-
-
-register_baseline(BaselineInfo("adam", torch.optim.Adam, "torch.optim.Adam, default betas and eps"))
-register_baseline(BaselineInfo("sgd", torch.optim.SGD, "torch.optim.SGD without momentum"))
-register_baseline(BaselineInfo("adamw", torch.optim.AdamW, "torch.optim.AdamW, default betas, eps, weight decay 0.01"))
 
 
 # ------------------------------------------------------------------------------------------ optimizers
@@ -213,17 +173,17 @@ class TaskSource:
 
 
 def resolve_task(task: str | Task | TaskFamily | TaskSource) -> TaskSource:
-    """A task name (built with :func:`learned_optim.meta.tasks.make_family`), a family or a task."""
+    """A task name (built with :func:`learned_optim.tasks.make_family`), a family or a task."""
     if isinstance(task, TaskSource):
         return task
     if isinstance(task, (Task, TaskFamily)):
         return TaskSource(getattr(task, "name", type(task).__name__), task)
     if isinstance(task, str):
         try:
-            from .meta.tasks import make_family
+            from ..tasks import make_family
         except ImportError as err:
             raise ImportError(
-                f"cannot build task {task!r}: learned_optim.meta.tasks.make_family is not "
+                f"cannot build task {task!r}: learned_optim.tasks.make_family is not "
                 f"available ({err}); pass Task or TaskFamily objects instead"
             ) from None
         return TaskSource(task, make_family(task))
@@ -863,7 +823,7 @@ def evaluate(
     Args:
         optimizers: baseline names (:data:`BASELINES`), zoo names, checkpoint folders, Hub repo ids
             or :class:`OptimizerSpec` objects.
-        tasks: task family names for :func:`learned_optim.meta.tasks.make_family`, ``TaskFamily``
+        tasks: task family names for :func:`learned_optim.tasks.make_family`, ``TaskFamily``
             objects (a task sampled per seed) or ``Task`` objects.
         steps: training steps per run.
         seeds: number of seeds (``0 .. seeds-1``) or the explicit seeds. Within a seed every optimizer
@@ -879,7 +839,7 @@ def evaluate(
         log: where the tuning lines go (default: ``tqdm.write`` to stdout).
         command: the command line to quote in the markdown note.
         flatness: measure flatness at each evaluation run's point of convergence
-            (:class:`~learned_optim.flatness.FlatnessOptions`; ``True`` for the defaults).
+            (:class:`~learned_optim.bench.flatness.FlatnessOptions`; ``True`` for the defaults).
     """
     from tqdm.auto import tqdm
 
@@ -1012,7 +972,7 @@ def build_parser(prog: str = "python -m learned_optim evaluate") -> argparse.Arg
         type=_names,
         required=True,
         help="comma-separated task family names, e.g. digits-mlp20-relu,digits-conv "
-        "(all: learned_optim.meta.tasks.TASK_FAMILIES)",
+        "(all: learned_optim.tasks.TASK_FAMILIES)",
     )
     parser.add_argument("--steps", type=int, default=1000, help="training steps per run (default 1000)")
     parser.add_argument("--seeds", type=int, default=10, help="seeds 0..N-1 (default 10)")
@@ -1046,7 +1006,7 @@ def build_parser(prog: str = "python -m learned_optim evaluate") -> argparse.Arg
         "--flatness",
         action="store_true",
         help="also measure flatness (Hessian trace/top eigenvalue, PGA sharpness, max gradient norm) "
-        "at each run's point of convergence (learned_optim.flatness.FlatnessOptions)",
+        "at each run's point of convergence (learned_optim.bench.flatness.FlatnessOptions)",
     )
     parser.add_argument(
         "--flatness-patience",
@@ -1109,10 +1069,5 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m learned_optim
     return 0
 
 
-from . import baselines as _baselines  # noqa: E402,F401  (registers sam, gsam, gam, entropy-sgd)
-
 if __name__ == "__main__":
-    # run the package's module, not this __main__ copy: the baselines registered themselves there
-    from learned_optim.evaluate import main as _main
-
-    sys.exit(_main(prog="python -m learned_optim.evaluate"))
+    sys.exit(main(prog="python -m learned_optim.bench.evaluate"))

@@ -13,7 +13,7 @@ per-tensor parameter rescaling, all from the task's ``torch.Generator``:
 ``gru``                   GRU LM on synthetic sequences
 ========================= ===========================================================================
 
-Data: the embedded digits (:func:`learned_optim.data.load_splits`: train / val splits), or generated
+Data: the embedded digits (:func:`learned_optim.tasks.data.load_splits`: train / val splits), or generated
 per task and drawn fresh for every batch (so ``val`` batches are held-out draws of the same
 distribution, for train-by-validation): Gaussian mixtures (``k`` classes in ``d`` dimensions, centres
 :math:`N(0, 9 r^2 I / d)`, unit noise), random-teacher regression
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ... import data as data_lib
+from . import data as data_lib
 from ._common import check_split, child_seed, family_config, resolve_dtype, sample_choice, seeded_global_rng
 from .base import Params, Task, TaskFamily
 from .neural import ACTIVATIONS, build_conv_net, build_mlp

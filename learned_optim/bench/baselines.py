@@ -1,7 +1,7 @@
 r"""Flatness-seeking baselines for the evaluation harness: SAM, GSAM, GAM and Entropy-SGD.
 
-Registered in :data:`learned_optim.evaluate.BASELINES` (importing :mod:`learned_optim.evaluate` imports
-this module), so ``evaluate([...], baselines)`` and ``python -m learned_optim evaluate --baselines
+The registry of baseline optimizers, :data:`BASELINES` (``adam``, ``sgd``, ``adamw`` and these four),
+so ``evaluate([...], baselines)`` and ``python -m learned_optim evaluate --baselines
 adam,sgd,sam,gsam,gam,entropy-sgd`` know them; each is tuned over its learning-rate grid on the
 validation split like Adam and SGD. All take the harness's standard closure (zero grads, forward,
 backward, return the loss), which they call several times per step: their time per step in the
@@ -27,6 +27,7 @@ Entropy-SGD included) all use that step's minibatch.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -36,12 +37,62 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .evaluate import BaselineInfo, register_baseline
+__all__ = [
+    "DEFAULT_LR_GRID",
+    "BaselineInfo",
+    "BASELINES",
+    "register_baseline",
+    "GAM",
+    "EntropySGD",
+    "sam",
+    "gsam",
+    "SAM_GRID",
+    "ENTROPY_SGD_GRID",
+]
 
-__all__ = ["GAM", "EntropySGD", "sam", "gsam", "SAM_GRID", "ENTROPY_SGD_GRID"]
+#: Learning-rate grid of the baselines (the appendix of "Learning to Generalize Provably in L2O").
+DEFAULT_LR_GRID: tuple[float, ...] = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselineInfo:
+    """A baseline optimizer: how to build it and which learning rates to tune it over.
+
+    ``opt_class(params, lr=lr, **defaults)`` must return a ``torch.optim.Optimizer`` whose
+    ``step(closure)`` accepts the standard closure (zero grads, forward, backward, return the loss),
+    so optimizers that evaluate the closure several times per step (SAM, GSAM) fit as well.
+    """
+
+    name: str
+    opt_class: Callable[..., Optimizer]
+    description: str = ""
+    lr_grid: tuple[float, ...] = DEFAULT_LR_GRID
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def build(self, params: list[Tensor], lr: float) -> Optimizer:
+        """The optimizer over ``params`` with learning rate ``lr``."""
+        return self.opt_class(params, lr=lr, **self.defaults)
+
+
+#: The baselines known by name to :func:`evaluate` and the CLI. Add more with :func:`register_baseline`.
+BASELINES: dict[str, BaselineInfo] = {}
+
+
+def register_baseline(info: BaselineInfo, *, overwrite: bool = False) -> BaselineInfo:
+    """Add ``info`` to :data:`BASELINES` (names are case-insensitive; an existing name needs ``overwrite``)."""
+    key = info.name.lower()
+    if key in BASELINES and not overwrite:
+        raise ValueError(f"baseline {info.name!r} is already registered; pass overwrite=True to replace it")
+    BASELINES[key] = info
+    return info
+
+
+register_baseline(BaselineInfo("adam", torch.optim.Adam, "torch.optim.Adam, default betas and eps"))
+register_baseline(BaselineInfo("sgd", torch.optim.SGD, "torch.optim.SGD without momentum"))
+register_baseline(BaselineInfo("adamw", torch.optim.AdamW, "torch.optim.AdamW, default betas, eps, weight decay 0.01"))
 
 #: Learning rates tried for the SGD-based flatness baselines (the harness's default grid).
-SAM_GRID: tuple[float, ...] = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
+SAM_GRID: tuple[float, ...] = DEFAULT_LR_GRID
 #: Entropy-SGD's outer learning rate multiplies :math:`\theta - \mu` (about ``L * sgld_lr / 2`` gradients),
 #: so its useful range sits higher (the authors used 1 on MNIST).
 ENTROPY_SGD_GRID: tuple[float, ...] = (1.0, 0.3, 0.1, 0.03, 0.01)

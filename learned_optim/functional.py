@@ -1,0 +1,89 @@
+r"""The one differentiable learned step, shared by the runtime optimizer, :func:`learned_optim.adapt` and
+meta-training (:mod:`learned_optim.meta.unroll`, MAML, imitation, the regularizers).
+
+For every parameter tensor :math:`\theta` with gradient :math:`g` and net state :math:`s`:
+
+.. math::
+    (\Delta, s') = \mathrm{net}_\phi(g, \theta, s, t),\qquad
+    \theta' = \theta\,(1 - \eta\lambda) + \eta\,\Delta
+
+with :math:`\eta` the learning rate and :math:`\lambda` the decoupled weight decay (AdamW's). The net runs
+on a flat ``(n,)`` view of each tensor through :func:`learned_optim.nets.base.functional_update` (its
+``forward``, with the weights :math:`\phi` substituted by ``torch.func.functional_call`` when given, so
+the step is differentiable in :math:`\phi`). Everything here is out of place and graph-friendly; the
+optimizer's in-place fast paths are the same math under ``no_grad``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .nets.base import UpdateRule, functional_update
+
+__all__ = ["StateDict", "apply_rule", "decoupled_update", "to_device"]
+
+#: Net state of several tensors: tensor name -> state name -> tensor.
+StateDict = dict[str, dict[str, Tensor]]
+
+
+def decoupled_update(theta: Tensor, delta: Tensor, lr: float | Tensor, weight_decay: float = 0.0) -> Tensor:
+    r""":math:`\theta (1 - \eta\lambda) + \eta\,\Delta` (out of place): the step with decoupled weight decay."""
+    if weight_decay != 0.0:
+        theta = theta * (1.0 - lr * weight_decay)
+    return theta + lr * delta
+
+
+def to_device(batch: Any, device: torch.device | str | None, dtype: torch.dtype | None = None) -> Any:
+    """Move the tensors of a (nested) batch to ``device``; floating tensors are cast to ``dtype``."""
+    if isinstance(batch, Tensor):
+        if dtype is not None and batch.is_floating_point():
+            return batch.to(device=device, dtype=dtype)
+        return batch.to(device) if device is not None else batch
+    kind: Any = type(batch)  # a dict subclass or a namedtuple is rebuilt as itself
+    if isinstance(batch, Mapping):
+        return kind((k, to_device(v, device, dtype)) for k, v in batch.items())
+    if isinstance(batch, (list, tuple)):
+        items = [to_device(v, device, dtype) for v in batch]
+        return kind(*items) if hasattr(batch, "_fields") else kind(items)
+    return batch
+
+
+def _compute_dtype(rule: UpdateRule, weights: Mapping[str, Tensor] | None) -> torch.dtype:
+    if weights:
+        return next(iter(weights.values())).dtype
+    return rule.compute_dtype
+
+
+def apply_rule(
+    rule: UpdateRule,
+    weights: Mapping[str, Tensor] | None,
+    grads: Mapping[str, Tensor],
+    params: Mapping[str, Tensor],
+    opt_state: StateDict,
+    step: int,
+) -> tuple[dict[str, Tensor], StateDict]:
+    r"""The net's update :math:`\Delta` of every tensor (flat views) and the new per-coordinate state.
+
+    ``step`` is the 1-based step count, passed to the net as a 0-d tensor in its compute dtype (as the
+    runtime optimizer does). Deltas come back in each parameter's shape and dtype.
+    """
+    dtype = _compute_dtype(rule, weights)
+    deltas, new_state = {}, {}
+    for name, param in params.items():
+        t = torch.tensor(float(step), dtype=dtype, device=param.device)
+        delta, state = functional_update(
+            rule,
+            weights,
+            grads[name].reshape(-1).to(dtype),
+            param.reshape(-1).to(dtype),
+            opt_state[name],
+            t,
+            param.shape,
+        )
+        deltas[name] = delta.reshape(param.shape).to(param.dtype)
+        new_state[name] = state
+    return deltas, new_state
