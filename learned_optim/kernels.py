@@ -17,7 +17,7 @@ differentiable path never uses them.
   elementwise passes and GEMMs per block of rows.
 
 Same math; their ``exp`` is a polynomial accurate to about 1 float32 ulp, so results differ from the
-ATen path by a few ulps (tested in ``tests/test_kernels.py``).
+ATen path by a few ulps (tested in ``tests/core/test_kernels.py``).
 
 The source is plain C++ (GCC/Clang vector extensions, no torch headers), compiled once per machine with
 the system compiler (``$CXX``, else ``c++``; 10-25 seconds) into one library in a cache folder and loaded with

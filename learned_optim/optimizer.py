@@ -100,7 +100,7 @@ class LearnedOptimizer(Optimizer):
     step grows with the number of coordinates, not of tensors. With the native kernels the result is the
     per-tensor step's bits (each row is computed alone); on ATen it is too wherever BLAS rounds a GEMM row
     the same whatever the row count (MKL may not: seen as 1 float32 ulp in rare elements; tested with that
-    bound in ``tests/test_packed_step.py``). Larger tensors, FSDP2 shards, ``compile=True`` and
+    bound in ``tests/core/test_packed_step.py``). Larger tensors, FSDP2 shards, ``compile=True`` and
     ``chunk_size=None`` take the per-tensor path.
 
     Parameters sharded by FSDP2 (``fully_shard``: ``DTensor`` parameters) are updated shard by shard,

@@ -1,7 +1,7 @@
 """Helpers for tests and benchmarks that need a net which actually descends without meta-training it.
 
 :func:`fit_sign_descent` is a few-second stand-in for meta-training: it regresses a net's step toward
-signSGD's, so that the optimizer battery (``tests/test_optimizer.py``) and the benchmarks
+signSGD's, so that the optimizer battery (``tests/core/test_optimizer.py``) and the benchmarks
 (``benchmarks/bf16_state.py``) can compare code paths on loss curves that go down.
 """
 

@@ -15,7 +15,7 @@ state_dict keys and shapes are those of ``nn.LSTMCell``), arranged for speed on 
   one pass over the rows; its ``exp`` differs from ATen's by about an ulp) or, where that does not
   apply, by ATen with the activations applied in place. That ATen branch performs the same
   floating-point operations in the same order as the out-of-place branch, so the two give
-  bit-identical results (tested in ``tests/test_performance_paths.py``); the out-of-place branch is
+  bit-identical results (tested in ``tests/core/test_performance_paths.py``); the out-of-place branch is
   the differentiable one that meta-training, ``gradcheck`` and ``jvp`` go through.
 """
 

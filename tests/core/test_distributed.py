@@ -3,7 +3,7 @@
 The checks run in 2 CPU processes (gloo) launched once by ``torchrun``; this file is also the worker
 script::
 
-    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/test_distributed.py OUT_DIR
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/core/test_distributed.py OUT_DIR
 
 Each rank runs every scenario, records numbers (maximum differences, flags) to ``OUT_DIR/rank<r>.json``
 and the pytest side asserts on them, so one launch (~10-20 s on a loaded 2-core machine) covers all
@@ -366,7 +366,7 @@ def torchrun_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]),
     }
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__, str(out)],

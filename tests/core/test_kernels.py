@@ -286,7 +286,7 @@ def _adafac_step(rule, grad, param, state, step, shape, in_place):
 @pytest.mark.parametrize("in_place", [False, True])
 def test_adafac_kernels_equal_the_aten_path(shape, config, in_place):
     """Direction and new state of the kernel path equal the ATen blocked path's (the reference: tested against
-    the one-shot, differentiable path in tests/test_adafac_mlp.py), with the state in place or separate."""
+    the one-shot, differentiable path in tests/nets/test_adafac_mlp.py), with the state in place or separate."""
     rule, grad, param, state, step = _adafac_case(shape, **config)
     assert kernels.uses("adafac_mlp")  # forced
     delta, new, given = _adafac_step(rule, grad, param, state, step, shape, in_place)

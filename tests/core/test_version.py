@@ -7,7 +7,7 @@ import pytest
 
 import learned_optim
 
-PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
 
 def test_version_is_the_installed_metadata_version():

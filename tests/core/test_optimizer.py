@@ -11,7 +11,7 @@ with ``delta`` computed by calling the update rule directly through
 the test itself, because a randomly initialised net does not descend.
 
 The runtime's LSTM cells run on the ATen path here (native kernels off): some checks are exact, and the
-kernel rounds differently (by about an ulp); ``tests/test_kernels.py`` checks the kernel against the
+kernel rounds differently (by about an ulp); ``tests/core/test_kernels.py`` checks the kernel against the
 ATen path, inside the optimizer included.
 """
 

@@ -14,7 +14,7 @@ import torch
 from learned_optim import DMLSTM, save_pretrained
 from learned_optim.bench import evaluate as ev
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 pytestmark = pytest.mark.usefixtures("one_thread")  # the script's commands call torch.set_num_threads
 
 

@@ -18,7 +18,7 @@ import learned_optim
 from learned_optim.meta.cli import CONFIG_DIR, main
 from learned_optim.meta.config import load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_smoke_config_produces_a_loadable_zoo_folder(tmp_path, capsys):

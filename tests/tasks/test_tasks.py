@@ -286,7 +286,7 @@ def test_label_noise_subsets_and_shards():
 
 
 def test_mlp_family_on_torchvision_folder(tmp_path):
-    from tests.test_data import _write_mnist
+    from tests.tasks.test_data import _write_mnist
 
     _write_mnist(tmp_path)
     task = make_family("mnist-mlp20-sigmoid", data_root=tmp_path, batch_size=4).sample(gen())

@@ -1,6 +1,6 @@
 """The per-tensor normalised Adafactor-feature MLP (``adafac_mlp``): features, step size, μP scale, Adam init.
 
-The runtime battery (``tests/test_optimizer.py``, ``tests/test_checkpoints.py``) covers it like every family;
+The runtime battery (``tests/core/test_optimizer.py``, ``tests/core/test_checkpoints.py``) covers it like every family;
 these tests check its own math against direct, loop-based computations.
 """
 
@@ -258,7 +258,7 @@ def test_blocked_inference_path_matches_the_one_shot_path(shape, block, config, 
         want, want_state = rule(grad, param, state, step, shape=shape)
     rule.coordinate_block = block
     blocked_state = {k: v.clone() for k, v in state.items()}
-    with torch.no_grad(), kernels.enabled_as(False):  # the ATen blocked path (the kernel: tests/test_kernels.py)
+    with torch.no_grad(), kernels.enabled_as(False):  # the ATen blocked path (the kernel: tests/core/test_kernels.py)
         extra = {"out_state": blocked_state} if in_place else {}
         got, got_state = rule(grad, param, blocked_state, step, shape=shape, **extra)
     torch.testing.assert_close(got, want.detach(), rtol=1e-4, atol=1e-6)

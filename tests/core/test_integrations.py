@@ -21,7 +21,7 @@ import learned_optim
 from learned_optim import LearnedOptimizer, save_pretrained
 from learned_optim.integrations.timm import register_timm_optimizers
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def load_example(name: str) -> ModuleType:
