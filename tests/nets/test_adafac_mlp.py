@@ -147,12 +147,18 @@ def test_mup_scale_per_shape():
     assert AdafacMLP(mup=False).step_scale((256, 512)) == 1.0
 
 
-def test_untrained_net_is_adamw_with_normalised_updates():
-    """init="adam": each tensor's step is Adam's (betas 0.9, 0.999) rescaled to RMS lr * scale."""
+def _model_and_twin() -> tuple[nn.Module, nn.Module]:
+    """A small MLP and an identical copy, for stepping with two optimizers side by side."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 4))
     twin = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 4))
     twin.load_state_dict(model.state_dict())
+    return model, twin
+
+
+def test_untrained_net_is_adamw_with_normalised_updates():
+    """init="adam": each tensor's step is Adam's (betas 0.9, 0.999) rescaled to RMS lr * scale."""
+    model, twin = _model_and_twin()
     opt = LearnedOptimizer(model.parameters(), AdafacMLP(), lr=1e-3, weight_decay=0.1)
     adam = torch.optim.Adam(twin.parameters(), lr=1.0)  # its step, before our normalisation
     gen = torch.Generator().manual_seed(1)
@@ -179,10 +185,7 @@ def test_untrained_net_is_adamw_with_normalised_updates():
 def test_untrained_net_with_adam_magnitude_is_exactly_adamw(block):
     """init="adam", step_magnitude="adam", mup off: the normalised direction times the RMS of Adam's own
     step is Adam's step, so the untrained optimizer is torch.optim.AdamW (one-shot and blocked paths)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 4))
-    twin = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 4))
-    twin.load_state_dict(model.state_dict())
+    model, twin = _model_and_twin()
     rule = AdafacMLP(step_magnitude="adam", mup=False)
     if block is not None:
         rule.coordinate_block = block
