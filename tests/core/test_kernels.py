@@ -514,3 +514,14 @@ def test_dispatch_follows_planted_guard_measurements(tmp_path):
             assert f"kernel {name}: {verdict}" in seen["report"] and f"= {ratio:.2f}x" in seen["report"]
         assert planted_path.stat().st_mtime_ns == stamp  # read, not measured again
         assert len(list(cache.glob("*.so"))) == 1  # not rebuilt
+
+
+def test_a_guard_record_of_other_workloads_is_measured_again():
+    """The cached guard is valid only for this ISA, this torch and the workloads it timed (a changed guard
+    workload must not reuse ratios measured on the old one)."""
+    library = kernels.library_path()
+    assert library is not None
+    record = json.loads(library.with_suffix(".guard.json").read_text())
+    assert kernels._valid_guard(record)
+    assert not kernels._valid_guard({**record, "workloads": "measured-on-other-workloads"})
+    assert not kernels._valid_guard({k: v for k, v in record.items() if k != "workloads"})
