@@ -69,7 +69,7 @@ def _no_zoo_message() -> str:
 
 
 #: The zoo entry the demo prefers: the one with the best measured results on the demo task (see its card).
-DEMO_OPTIMIZER = "adafac-mlp"
+DEMO_OPTIMIZER = "adafac-mlp-adam-magnitude"
 
 
 def default_optimizer() -> str:
