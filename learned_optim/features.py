@@ -137,6 +137,12 @@ def factored_preconditioner(row: Tensor, col: Tensor) -> Tensor:
     order, as ``tensor.reshape(-1)``). With one column (a vector), :math:`c = \bar r` and the estimate
     is the per-coordinate second moment :math:`r` itself.
     """
-    row_factor = torch.rsqrt(row / row.mean(dim=0, keepdim=True))  # (R, K)
-    col_factor = torch.rsqrt(col)  # (C, K)
+    row_factor, col_factor = factored_rsqrt_factors(row, col)
     return (row_factor.t().unsqueeze(2) * col_factor.t().unsqueeze(1)).reshape(row.shape[1], -1)
+
+
+def factored_rsqrt_factors(row: Tensor, col: Tensor) -> tuple[Tensor, Tensor]:
+    r"""The two factors of :func:`factored_preconditioner`, :math:`\hat v_{ijk}^{-1/2} = a_{ik} b_{jk}`:
+    ``(rsqrt(r / mean(r)), rsqrt(c))``, shapes ``(R, K)`` and ``(C, K)`` (for callers that apply them to a
+    block of rows at a time instead of materialising the ``(K, R*C)`` product)."""
+    return torch.rsqrt(row / row.mean(dim=0, keepdim=True)), torch.rsqrt(col)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .nets.base import UpdateRule, functional_update
 
-__all__ = ["StateDict", "apply_rule", "decoupled_update", "to_device"]
+__all__ = ["StateDict", "apply_rule", "decoupled_update", "decoupled_update_", "to_device"]
 
 #: Net state of several tensors: tensor name -> state name -> tensor.
 StateDict = dict[str, dict[str, Tensor]]
@@ -35,6 +35,13 @@ def decoupled_update(theta: Tensor, delta: Tensor, lr: float | Tensor, weight_de
     if weight_decay != 0.0:
         theta = theta * (1.0 - lr * weight_decay)
     return theta + lr * delta
+
+
+def decoupled_update_(theta: Tensor, delta: Tensor, lr: float | Tensor, weight_decay: float = 0.0) -> Tensor:
+    r"""In place (no autograd): :math:`\theta \leftarrow \theta (1 - \eta\lambda) + \eta\,\Delta`; returns ``theta``."""
+    if weight_decay != 0.0:
+        theta.mul_(1.0 - lr * weight_decay)
+    return theta.add_(delta * lr) if isinstance(lr, Tensor) else theta.add_(delta, alpha=lr)
 
 
 def to_device(batch: Any, device: torch.device | str | None, dtype: torch.dtype | None = None) -> Any:

@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import kernels
-from .functional import decoupled_update
+from .functional import decoupled_update, decoupled_update_
 from .nets.base import Segments, UpdateRule
 
 if TYPE_CHECKING:
@@ -525,10 +525,8 @@ class LearnedOptimizer(Optimizer):
         delta, new_state = self._net()(grad.to(dtype), flat.to(dtype), current, step, stats, shape=shape, **extra)
         if isinstance(lr, Tensor):
             lr = lr.to(device=flat.device, dtype=dtype)
-        if flat.dtype == dtype and not torch.is_grad_enabled():  # theta <- theta (1 - lr wd) + lr delta, in place
-            if weight_decay != 0.0:
-                flat.mul_(1.0 - lr * weight_decay)
-            flat.add_(delta * lr if isinstance(lr, Tensor) else delta, alpha=1.0 if isinstance(lr, Tensor) else lr)
+        if flat.dtype == dtype and not torch.is_grad_enabled():
+            decoupled_update_(flat, delta, lr, weight_decay)
         else:
             flat.copy_(decoupled_update(flat.to(dtype), delta, lr, weight_decay))
         for k in names:

@@ -21,6 +21,7 @@ from ..features import (
     ema,
     factored_moments,
     factored_preconditioner,
+    factored_rsqrt_factors,
     matrix_view,
     rms_normalize,
     rsqrt_features,
@@ -253,12 +254,19 @@ class AdafacMLP(UpdateRule):
         ratio, rsqrt = rsqrt_features(m, bias_corrected(v, c.second_moment_decay, step), c.moment_eps)
         precond = factored_preconditioner(row, col)  # (K, n)
         blocks = [grad.unsqueeze(0), param.unsqueeze(0), m, v, ratio, rsqrt, grad * precond, m * precond]
-        scale = torch.cat([grad.new_ones(3 + j), 1.0 / (1.0 - beta.squeeze(1) ** step), grad.new_ones(1 + 2 * j)])
-        eps_f = c.factored_rsqrt_eps
+        new_state = {**{f"m{i}": m[i] for i in range(j)}, "v": v[0], "row": row, "col": col}
+        return blocks, *self._per_tensor_features(row, col, beta.squeeze(1), step), new_state
+
+    def _per_tensor_features(
+        self, row: Tensor, col: Tensor, beta: Tensor, step: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(scale, row_features, col_features)`` of :meth:`features` from the new row and column statistics
+        and the momentum decays ``beta`` ``(J,)``."""
+        j, eps_f = beta.shape[0], self.config.factored_rsqrt_eps
+        scale = torch.cat([row.new_ones(3 + j), 1.0 / (1.0 - beta**step), row.new_ones(1 + 2 * j)])
         row_features = torch.cat([row.t(), torch.rsqrt(row.t() + eps_f)])
         col_features = torch.cat([col.t(), torch.rsqrt(col.t() + eps_f)])
-        new_state = {**{f"m{i}": m[i] for i in range(j)}, "v": v[0], "row": row, "col": col}
-        return blocks, scale, row_features, col_features, new_state
+        return scale, row_features, col_features
 
     def forward(
         self,
@@ -369,8 +377,7 @@ class AdafacMLP(UpdateRule):
         col_mean = torch.linalg.vector_norm(grad_rc, dim=0).square_().div_(rows).add_(c.factored_eps)
         decay = self.factored_decay.to(dtype)
         row, col = ema(state["row"], row_mean.unsqueeze(1), decay), ema(state["col"], col_mean.unsqueeze(1), decay)
-        row_factor = torch.rsqrt(row / row.mean(dim=0, keepdim=True)).t().contiguous()  # (K, R)
-        col_factor = torch.rsqrt(col).t().contiguous()  # (K, C)
+        row_factor, col_factor = (f.t().contiguous() for f in factored_rsqrt_factors(row, col))  # (K, R), (K, C)
         names = [*(f"m{i}" for i in range(j)), "v"]
         new = {k: out_state[k] if out_state is not None else torch.empty_like(state[k]) for k in names}
         new["row"], new["col"] = (out_state["row"].copy_(row), out_state["col"].copy_(col)) if out_state else (row, col)
@@ -437,10 +444,7 @@ class AdafacMLP(UpdateRule):
             v_correction, c.moment_eps, row_factor, col_factor,
         )  # fmt: skip
         sums = state_and_sums() if fused_sums is None else fused_sums.to(dtype)
-        scale = torch.cat([grad.new_ones(3 + j), 1.0 / (1.0 - beta**step), grad.new_ones(1 + 2 * j)])
-        eps_f = c.factored_rsqrt_eps
-        row_features = torch.cat([row.t(), torch.rsqrt(row.t() + eps_f)])
-        col_features = torch.cat([col.t(), torch.rsqrt(col.t() + eps_f)])
+        scale, row_features, col_features = self._per_tensor_features(row, col, beta, step)
         weight, row_term, col_term = self._first_layer(sums / n, scale, row_features, col_features, step)
         hidden = self.config.hidden_size
         linears = [m for m in self.mlp[1:] if isinstance(m, nn.Linear)]
