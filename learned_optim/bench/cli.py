@@ -10,8 +10,10 @@ from pathlib import Path
 
 import torch
 
-from ..hub import CheckpointError, record_evaluation
+from ..hub import CheckpointError
 from .data import DataRootError
+from .evaluate import parse_names
+from .report import write_report
 from .run import LR_RULES, UnknownOptimizerError
 from .suite import BASELINE_NAMES, SuiteResults, card_key, run_suite
 from .tasks import QUICK, TASKS, UnknownTaskError, tasks_markdown
@@ -19,10 +21,6 @@ from .tasks import QUICK, TASKS, UnknownTaskError, tasks_markdown
 __all__ = ["build_parser", "main", "print_report"]
 
 PROG = "python -m learned_optim bench"
-
-
-def _names(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
@@ -41,11 +39,14 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         help="learned optimizer: zoo name, checkpoint folder or Hub repo id (repeatable)",
     )
     parser.add_argument(
-        "--tasks", type=_names, default=None, help=f"comma-separated tasks (default: all; known: {', '.join(TASKS)})"
+        "--tasks",
+        type=parse_names,
+        default=None,
+        help=f"comma-separated tasks (default: all; known: {', '.join(TASKS)})",
     )
     parser.add_argument(
         "--baselines",
-        type=_names,
+        type=parse_names,
         default=list(BASELINE_NAMES),
         help=f"comma-separated baselines among {', '.join(BASELINE_NAMES)} (adamw always runs: it is the reference)",
     )
@@ -123,10 +124,9 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     except (UnknownTaskError, UnknownOptimizerError, DataRootError, CheckpointError, ValueError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
-    files = results.write(args.out, plots=not args.no_plots)
-    for checkpoint in args.record_card:
-        record_evaluation(checkpoint, [card_key(args.quick)], results.markdown(), results.card_results())
-        files[f"card:{checkpoint}"] = Path(checkpoint) / "README.md"
+    files = write_report(
+        results, args.out, plots=not args.no_plots, record_card=args.record_card, sections=[card_key(args.quick)]
+    )
     print_report(results, files)
     return 0
 

@@ -51,7 +51,8 @@ from ..hub import WEIGHTS_NAME, read_config
 from ..optimizer import NonFiniteGradientError
 from . import stats
 from .baselines import BASELINES
-from .evaluate import mean_confidence_interval, resolve_optimizer
+from .specs import resolve_optimizer
+from .stats import mean_confidence_interval
 from .tasks import Workload
 
 __all__ = [

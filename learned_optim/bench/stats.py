@@ -19,18 +19,18 @@ r"""Statistics of the suite, in the style of VeLOdrome (google/learned_optimizat
   A run that ended with a non-finite loss counts with its initial validation loss (no progress).
 * :func:`iqm`: the interquartile mean over tasks (``scipy.stats.trim_mean(x, 0.25)``).
 * :func:`paired_outcome`: per seed differences (run minus reference) of a final loss, their mean and
-  95% t-interval (:func:`learned_optim.bench.evaluate.mean_confidence_interval`); ``win`` when the interval
+  95% t-interval (:func:`mean_confidence_interval`); ``win`` when the interval
   lies below 0, ``loss`` above, ``tie`` when it contains 0 or cannot be formed (one seed).
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
-
-from .evaluate import mean_confidence_interval
+from collections.abc import Iterable, Sequence
 
 __all__ = [
+    "mean_confidence_interval",
     "iqm",
     "first_reach",
     "training_curve",
@@ -44,6 +44,31 @@ __all__ = [
 OUTCOMES = ("win", "tie", "loss")
 #: Plural column names of the outcome counts.
 OUTCOME_COUNTS = {"win": "wins", "tie": "ties", "loss": "losses"}
+
+
+def mean_confidence_interval(values: Iterable[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Mean and half-width of the two-sided t-distribution confidence interval of the mean.
+
+    ``half = t_{(1+confidence)/2, n-1} * s / sqrt(n)`` with ``s`` the sample standard deviation.
+    Non-finite values are dropped; with no value both are NaN, with one value the half-width is NaN.
+    """
+    finite = [float(v) for v in values if math.isfinite(float(v))]
+    n = len(finite)
+    if n == 0:
+        return math.nan, math.nan
+    mean = sum(finite) / n
+    if n == 1:
+        return mean, math.nan
+    std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (n - 1))
+    return mean, _t_quantile((1.0 + confidence) / 2.0, n - 1) * std / math.sqrt(n)
+
+
+@functools.lru_cache(maxsize=256)
+def _t_quantile(q: float, dof: int) -> float:
+    """Quantile ``q`` of Student's t-distribution with ``dof`` degrees of freedom (scipy)."""
+    from scipy.stats import t as student_t
+
+    return float(student_t.ppf(q, dof))
 
 
 def iqm(values: Sequence[float]) -> float:

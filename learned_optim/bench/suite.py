@@ -29,7 +29,7 @@ import torch
 from ..hub import BENCH_RESULTS_PREFIX
 from . import stats
 from .data import stdlib_corpus
-from .evaluate import _json_safe, mean_confidence_interval
+from .report import fmt_ci, json_safe
 from .run import (
     FULL_GRIDS,
     LR_RULES,
@@ -96,7 +96,7 @@ class SuiteResults:
                 row["setting"] = self.settings[task][contender].describe()
                 row["seeds"] = len(recs)
                 for name in ("val_loss", "test_loss", "test_accuracy"):
-                    row[name], row[f"{name}_ci95"] = mean_confidence_interval([_final(r, name) for r in recs])
+                    row[name], row[f"{name}_ci95"] = stats.mean_confidence_interval([_final(r, name) for r in recs])
                 speed = [
                     stats.speedup(
                         *stats.training_curve(r["train_loss"], r["steps"]),
@@ -105,9 +105,9 @@ class SuiteResults:
                     )
                     for r, q in zip(recs, ref, strict=True)
                 ]
-                row["speedup"], row["speedup_ci95"] = mean_confidence_interval(speed)
-                row["norm_val_loss"] = row["val_loss"] / mean_confidence_interval(ref_val)[0]
-                row["norm_test_loss"] = row["test_loss"] / mean_confidence_interval(ref_test)[0]
+                row["speedup"], row["speedup_ci95"] = stats.mean_confidence_interval(speed)
+                row["norm_val_loss"] = row["val_loss"] / stats.mean_confidence_interval(ref_val)[0]
+                row["norm_test_loss"] = row["test_loss"] / stats.mean_confidence_interval(ref_test)[0]
                 diff, half, outcome = stats.paired_outcome([_final(r, "test_loss") for r in recs], ref_test)
                 row["test_loss_diff"], row["test_loss_diff_ci95"], row["outcome"] = diff, half, outcome
                 row["diverged"] = sum(stats.diverged(r["train_loss"], r["nonfinite_at"]) for r in recs)
@@ -155,11 +155,11 @@ class SuiteResults:
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
-            acc = _fmt(r["test_accuracy"], r["test_accuracy_ci95"], 100.0)
+            acc = fmt_ci(r["test_accuracy"], r["test_accuracy_ci95"], 100.0)
             lines.append(
-                f"| {r['task']} | {r['contender']} | {r['setting']} | {_fmt(r['val_loss'], r['val_loss_ci95'])} | "
-                f"{_fmt(r['test_loss'], r['test_loss_ci95'])} | {acc} | {r['norm_val_loss']:.3f} | "
-                f"{_fmt(r['speedup'], r['speedup_ci95'], digits=3)}x | {r['outcome']} | "
+                f"| {r['task']} | {r['contender']} | {r['setting']} | {fmt_ci(r['val_loss'], r['val_loss_ci95'])} | "
+                f"{fmt_ci(r['test_loss'], r['test_loss_ci95'])} | {acc} | {r['norm_val_loss']:.3f} | "
+                f"{fmt_ci(r['speedup'], r['speedup_ci95'], digits=3)}x | {r['outcome']} | "
                 f"{r['diverged']}/{r['seeds']} | {r['ms_per_step']:.3g} |"
             )
         note = (
@@ -190,7 +190,7 @@ class SuiteResults:
         """Compact results for a checkpoint's config.json (``training.results``)."""
         rows = self.rows()
         keep = ("task", "contender", "setting", "val_loss", "test_loss", "test_accuracy", "speedup", "outcome")
-        return _json_safe(
+        return json_safe(
             {
                 "command": self.config.get("command"),
                 "suite_version": self.config["suite_version"],
@@ -203,7 +203,7 @@ class SuiteResults:
 
     def to_dict(self) -> dict[str, Any]:
         rows = self.rows()
-        return _json_safe(
+        return json_safe(
             {
                 "config": self.config,
                 "aggregates": self.aggregates(rows),
@@ -251,13 +251,6 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
-
-
-def _fmt(mean: float, half: float, scale: float = 1.0, digits: int = 4) -> str:
-    if not math.isfinite(mean):
-        return "n/a"
-    text = f"{mean * scale:.{digits}g}"
-    return text if not math.isfinite(half) else f"{text} ± {half * scale:.2g}"
 
 
 def _cpu_model() -> str:
