@@ -38,14 +38,12 @@ import json
 import math
 import os
 import platform
-import random
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .._numerics import seeded_generator
@@ -53,14 +51,22 @@ from ..hub import load_rule, model_card, parent_record, save_pretrained
 from ..nets.base import UpdateRule, build_rule
 from ..objectives import meta_objective
 from ..tasks.base import Task, TaskFamily
+from .checkpoint import (
+    latest_checkpoint,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    read_checkpoint,
+    rng_from_tensors,
+    rng_to_tensors,
+    write_checkpoint,
+)
 from .config import META_OPTIMIZERS, MetaTrainConfig, TaskSection, load_config
 from .curriculum import Curriculum
+from .distributed import average_gradients, data_parallel
 from .imitation import imitation_unroll
 from .unroll import MetaLossHook, Trajectory, UnrollResult, as_hook, start_trajectory, unroll
 
 __all__ = ["MetaTrainer", "derive_seed", "make_task_family", "build_meta_optimizer"]
-
-CHECKPOINT_FORMAT = 1
 
 
 def derive_seed(seed: int, *keys: Any) -> int:
@@ -103,75 +109,6 @@ def build_meta_optimizer(
     except KeyError:
         raise ValueError(f"unknown meta-optimizer {name!r}; choose one of {sorted(META_OPTIMIZERS)}") from None
     return cls(params, lr=lr, **dict(kwargs or {}))
-
-
-# ------------------------------------------------------------------------------ state <-> tensors + JSON
-def _optimizer_to_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for pid, state in sd["state"].items():
-        for key, value in state.items():
-            if isinstance(value, Tensor):
-                tensors[f"{prefix}.{pid}.{key}"] = value.detach().contiguous().cpu()
-            else:
-                scalars[f"{pid}.{key}"] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _optimizer_from_tensors(
-    opt: torch.optim.Optimizer, prefix: str, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]
-) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    head = prefix + "."
-    for key, value in tensors.items():
-        if key.startswith(head):
-            pid, name = key[len(head) :].split(".", 1)
-            state.setdefault(int(pid), {})[name] = value
-    for key, value in meta["scalars"].items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
-def _data_parallel(rank: int | None, world_size: int | None) -> tuple[int, int, bool]:
-    """``(rank, world_size, all-reduce gradients?)`` from the arguments or the torch.distributed group."""
-    import torch.distributed as dist
-
-    initialized = dist.is_available() and dist.is_initialized()
-    if rank is None and world_size is None and initialized:
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-    rank, world_size = rank or 0, world_size or 1
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in range for world_size {world_size}")
-    return rank, world_size, world_size > 1 and initialized
-
-
-def _python_rng_state() -> list[Any]:
-    version, internal, gauss = random.getstate()
-    return [version, list(internal), gauss]
-
-
-def _set_python_rng_state(state: Sequence[Any]) -> None:
-    random.setstate((state[0], tuple(state[1]), state[2]))
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def _config_differences(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, Mapping) and isinstance(vb, Mapping):
-            out += _config_differences(va, vb, f"{prefix}{key}.")
-        elif va != vb:
-            out.append(f"{prefix}{key}: {vb!r} -> {va!r}")
-    return out
 
 
 class MetaTrainer:
@@ -226,7 +163,7 @@ class MetaTrainer:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' was requested but CUDA is not available; use --device cpu")
         self.dtype = getattr(torch, config.dtype)
-        self.rank, self.world_size, self._synchronize = _data_parallel(rank, world_size)
+        self.rank, self.world_size, self._synchronize = data_parallel(rank, world_size)
         if self.world_size > 1 and config.maml.enabled:
             raise ValueError("data-parallel meta-training (world size > 1) does not support maml yet")
         self.out_dir = Path(out_dir or config.out_dir or Path("runs") / config.name)
@@ -419,7 +356,7 @@ class MetaTrainer:
         if not skipped:
             loss.backward()
         if self._synchronize:
-            skipped = self._average_gradients(skipped)
+            skipped = average_gradients(list(self.rule.parameters()), skipped, self.dtype)
         if not skipped:
             params = [p for p in self.rule.parameters() if p.grad is not None]
             clip = cfg.meta_optimizer.grad_clip
@@ -467,27 +404,6 @@ class MetaTrainer:
             cfg.objective.kind, result.losses, initial_loss=result.end.initial_loss, last_step=result.end.step
         )
         return result, objective
-
-    def _average_gradients(self, skipped: bool) -> bool:
-        """All-reduce the net's gradients to their mean over the ranks that have one (one flat
-        buffer); returns whether every rank skipped (then no rank steps)."""
-        import torch.distributed as dist
-
-        params = list(self.rule.parameters())
-        flags = torch.tensor(
-            [float(p.grad is not None) for p in params] + [float(not skipped)], device=self.device, dtype=self.dtype
-        )
-        flat = torch.cat(
-            [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params] + [flags]
-        )
-        dist.all_reduce(flat)
-        counts, live = flat[-len(flags) : -1], float(flat[-1])
-        offset = 0
-        for p, count in zip(params, counts.tolist(), strict=True):
-            n = p.numel()
-            p.grad = flat[offset : offset + n].view_as(p) / count if count > 0 else None
-            offset += n
-        return live == 0
 
     def _end_trajectory(self, last: Mapping[str, Any]) -> None:
         assert self.trajectory is not None
@@ -596,39 +512,23 @@ class MetaTrainer:
             self._log_handle.flush()
 
     # ------------------------------------------------------------------------------------ checkpoints
-    def _latest_checkpoint(self) -> Path | None:
-        if not self.checkpoint_dir.is_dir():
-            return None
-        found = sorted(p for p in self.checkpoint_dir.glob("state-*.json") if p.with_suffix(".safetensors").is_file())
-        return found[-1] if found else None
-
     def save_checkpoint(self) -> Path:
-        """Write the full trainer state (atomically) and drop older checkpoints; returns the JSON path."""
+        """Write the full trainer state (:mod:`~learned_optim.meta.checkpoint`, atomically) and drop older
+        checkpoints; returns the JSON path."""
         tensors: dict[str, Tensor] = {
             f"net.{k}": v.detach().contiguous().cpu() for k, v in self.rule.state_dict().items()
         }
-        meta: dict[str, Any] = {"format": CHECKPOINT_FORMAT, "config": self.config.to_dict()}
-        opt_tensors, meta["meta_optimizer"] = _optimizer_to_tensors(self.meta_optimizer, "meta_opt")
+        meta: dict[str, Any] = {"config": self.config.to_dict()}
+        opt_tensors, meta["meta_optimizer"] = optimizer_to_tensors(self.meta_optimizer, "meta_opt")
         tensors.update(opt_tensors)
         if self.imitation_optimizer is not None:
-            opt_tensors, meta["imitation_optimizer"] = _optimizer_to_tensors(self.imitation_optimizer, "imitation_opt")
+            opt_tensors, meta["imitation_optimizer"] = optimizer_to_tensors(self.imitation_optimizer, "imitation_opt")
             tensors.update(opt_tensors)
         if self.best_weights is not None:
             tensors.update({f"best.{k}": v.detach().contiguous().cpu() for k, v in self.best_weights.items()})
-        tensors["rng.torch"] = torch.get_rng_state()
-        tensors["rng.data"] = self.data_generator.get_state()
-        if self.regularizer_hook is not None:
-            tensors["rng.regularizers"] = self.regularizer_hook.generator.get_state()
-        try:
-            import numpy as np
-
-            # the global legacy RNG is what user code and libraries draw from: checkpoint it as it is
-            np_state = np.random.get_state()  # noqa: NPY002
-            tensors["rng.numpy"] = torch.from_numpy(np_state[1].astype("int64"))
-            meta["rng_numpy"] = [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])]
-        except ImportError:
-            pass
-        meta["rng_python"] = _python_rng_state()
+        rng_tensors, rng_meta = rng_to_tensors(self._generators())
+        tensors.update(rng_tensors)
+        meta.update(rng_meta)
         if self.trajectory is not None:
             traj_tensors, meta["trajectory"] = self.trajectory.to_tensors("traj")
             tensors.update(traj_tensors)
@@ -654,46 +554,28 @@ class MetaTrainer:
             parent=self.parent,
             log_bytes=self.log_path.stat().st_size if self.log_path.exists() else 0,
         )
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        stem = self.checkpoint_dir / f"state-{self.meta_steps:09d}"
-        _atomic_write(stem.with_suffix(".safetensors"), lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-        _atomic_write(stem.with_suffix(".json"), lambda p: p.write_text(json.dumps(meta, indent=1) + "\n"))
-        for old in self.checkpoint_dir.glob("state-*"):
-            if old.stem != stem.name and not old.name.startswith("."):
-                old.unlink(missing_ok=True)
-        return stem.with_suffix(".json")
+        return write_checkpoint(self.checkpoint_dir, self.meta_steps, tensors, meta)
+
+    def _generators(self) -> dict[str, torch.Generator]:
+        """The run's own random generators, by checkpoint name (besides the global ones)."""
+        generators = {"data": self.data_generator}
+        if self.regularizer_hook is not None:
+            generators["regularizers"] = self.regularizer_hook.generator
+        return generators
 
     def load_checkpoint(self, path: str | os.PathLike | None = None) -> bool:
         """Restore the trainer from ``path`` (a ``state-*.json``) or the latest checkpoint; False if none."""
-        json_path = Path(path) if path is not None else self._latest_checkpoint()
+        json_path = Path(path) if path is not None else latest_checkpoint(self.checkpoint_dir)
         if json_path is None:
             return False
-        meta = json.loads(json_path.read_text())
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{json_path}: unsupported trainer checkpoint format {meta.get('format')!r}")
-        saved, current = dict(meta["config"]), self.config.to_dict()
-        saved.pop("device", None), current.pop("device", None)
-        diffs = _config_differences(current, saved)
-        if diffs:
-            raise ValueError(f"cannot resume {json_path}: the config differs from the checkpoint's: {diffs}")
-        tensors = load_file(str(json_path.with_suffix(".safetensors")))
+        tensors, meta = read_checkpoint(json_path, self.config.to_dict())
         self.rule.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")}, strict=True)
-        _optimizer_from_tensors(self.meta_optimizer, "meta_opt", tensors, meta["meta_optimizer"])
+        optimizer_from_tensors(self.meta_optimizer, "meta_opt", tensors, meta["meta_optimizer"])
         if self.imitation_optimizer is not None:
-            _optimizer_from_tensors(self.imitation_optimizer, "imitation_opt", tensors, meta["imitation_optimizer"])
+            optimizer_from_tensors(self.imitation_optimizer, "imitation_opt", tensors, meta["imitation_optimizer"])
         best = {k[5:]: v.to(self.device) for k, v in tensors.items() if k.startswith("best.")}
         self.best_weights = best or None
-        torch.set_rng_state(tensors["rng.torch"])
-        self.data_generator.set_state(tensors["rng.data"])
-        if self.regularizer_hook is not None and "rng.regularizers" in tensors:
-            self.regularizer_hook.generator.set_state(tensors["rng.regularizers"])
-        if "rng.numpy" in tensors and meta.get("rng_numpy"):
-            import numpy as np
-
-            kind, pos, has_gauss, cached = meta["rng_numpy"]
-            np_state = (kind, tensors["rng.numpy"].numpy().astype("uint32"), pos, has_gauss, cached)
-            np.random.set_state(np_state)  # noqa: NPY002 (restores the global RNG checkpointed above)
-        _set_python_rng_state(meta["rng_python"])
+        rng_from_tensors(tensors, meta, self._generators())
         if self.curriculum is not None:
             self.curriculum.load_state_dict(meta["curriculum"])
         self.meta_steps, self.meta_epochs = int(meta["meta_steps"]), int(meta["meta_epochs"])
@@ -734,7 +616,7 @@ class MetaTrainer:
         resumed = False
         if resume:
             resumed = self.load_checkpoint()
-        elif self._latest_checkpoint() is not None:
+        elif latest_checkpoint(self.checkpoint_dir) is not None:
             raise FileExistsError(
                 f"{self.out_dir} already holds a run's checkpoints; pass resume=True (--resume) "
                 "to continue it or choose another out_dir (--out)"
