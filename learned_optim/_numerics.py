@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["global_norm", "seeded_generator"]
+__all__ = ["global_norm", "seeded_generator", "derive_seed"]
 
 
 def global_norm(tensors: Iterable[Tensor]) -> float:
@@ -22,3 +24,9 @@ def global_norm(tensors: Iterable[Tensor]) -> float:
 def seeded_generator(seed: int) -> torch.Generator:
     """A fresh CPU ``torch.Generator`` seeded with ``seed`` (independent of torch's global RNG)."""
     return torch.Generator().manual_seed(seed)
+
+
+def derive_seed(seed: int, *keys: Any) -> int:
+    """A 63-bit seed determined by ``seed`` and ``keys`` (stable across runs, platforms and Python versions)."""
+    text = "/".join(str(k) for k in (seed, *keys)).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1

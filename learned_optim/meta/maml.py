@@ -41,20 +41,18 @@ import json
 import math
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .._numerics import global_norm
+from .._numerics import derive_seed, global_norm, seeded_generator
 from ..nets.base import UpdateRule
 from ..objectives import meta_objective
 from ..tasks.base import Task, TaskFamily
-from .config import MAMLConfig, UnrollConfig
+from ..tasks.registry import make_task_family
+from .config import MAMLConfig, MetaTrainConfig, UnrollConfig
 from .unroll import MetaLossHook, Trajectory, start_trajectory, unroll
-
-if TYPE_CHECKING:
-    from .trainer import MetaTrainer
 
 __all__ = [
     "sample_task_kwargs",
@@ -250,15 +248,18 @@ def maml_segment(
 class MAMLRunner:
     """The MAML side of a :class:`~learned_optim.meta.trainer.MetaTrainer` run (``maml.enabled``).
 
-    Per meta-epoch ``index`` it draws the task arguments, the support task (the trainer's ``task``,
-    whose trajectory is the trainer's ``trajectory``) and the query task with its own trajectory and
-    batch generator; :meth:`segment` computes one meta-step's outer loss. Everything is drawn from
-    seeds derived from ``(config.seed, purpose, index)``, so a resumed run re-draws the same tasks.
+    Per meta-epoch ``index`` it draws the task arguments and the support task (:meth:`support_task_for`;
+    the trainer keeps it and its trajectory and passes them back in), and the query task with its own
+    trajectory and batch generator (:meth:`begin`); :meth:`segment` computes one meta-step's outer loss.
+    Everything is drawn from seeds derived from ``(config.seed, purpose, index)``, so a resumed run
+    re-draws the same tasks. It holds the run's config and task family, never the trainer.
     """
 
-    def __init__(self, trainer: MetaTrainer) -> None:
-        self.trainer = trainer
-        self.config: MAMLConfig = trainer.config.maml
+    def __init__(self, run: MetaTrainConfig, family: TaskFamily, *, device: torch.device, dtype: torch.dtype) -> None:
+        self.run = run
+        self.config: MAMLConfig = run.maml
+        self.family = family
+        self.device, self.dtype = device, dtype
         self.task_kwargs: dict[str, Any] = {}
         self.query_task: Task | None = None
         self.query: Trajectory | None = None
@@ -267,16 +268,14 @@ class MAMLRunner:
 
     # -- tasks -------------------------------------------------------------------------------------
     def family_for(self, task_kwargs: Mapping[str, Any]) -> TaskFamily:
-        """The trainer's task family with ``task_kwargs`` overriding its kwargs (a small LRU cache)."""
-        from .trainer import make_task_family
-
+        """The run's task family with ``task_kwargs`` overriding its kwargs (a small LRU cache)."""
         if not task_kwargs:
-            return self.trainer.family
+            return self.family
         key = json.dumps(task_kwargs, sort_keys=True, default=str)
         if key not in self._families:
-            cfg = self.trainer.config.task
+            cfg = self.run.task
             self._families[key] = make_task_family(
-                cfg.family, {**cfg.kwargs, **task_kwargs}, device=self.trainer.device, dtype=self.trainer.dtype
+                cfg.family, {**cfg.kwargs, **task_kwargs}, device=self.device, dtype=self.dtype
             )
             while len(self._families) > 16:
                 self._families.popitem(last=False)
@@ -284,11 +283,7 @@ class MAMLRunner:
         return self._families[key]
 
     def _gen(self, *keys: Any) -> torch.Generator:
-        from .trainer import derive_seed
-
-        gen = torch.Generator()
-        gen.manual_seed(derive_seed(self.trainer.config.seed, *keys))
-        return gen
+        return seeded_generator(derive_seed(self.run.seed, *keys))
 
     def support_task_for(self, index: int) -> tuple[Task, torch.Generator]:
         """Draw meta-epoch ``index``'s task arguments and its support task (the trainer's ``_task_for``)."""
@@ -304,47 +299,51 @@ class MAMLRunner:
             return support_task, gen
         return None, gen
 
-    def begin(self, index: int) -> None:
+    def begin(self, index: int, rule: UpdateRule, support_task: Task) -> None:
         """Start meta-epoch ``index``'s query trajectory (after the trainer started the support one)."""
-        t = self.trainer
-        assert t.task is not None
-        self.query_task, gen = self._query_for(index, t.task)
+        self.query_task, gen = self._query_for(index, support_task)
         self.query = (
             None
             if self.query_task is None
-            else start_trajectory(t.rule, self.query_task, gen, device=t.device, dtype=t.dtype)
+            else start_trajectory(rule, self.query_task, gen, device=self.device, dtype=self.dtype)
         )
         self.query_generator = self._gen("maml-query-data", index)
 
     # -- one meta-step ---------------------------------------------------------------------------------
     def segment(
-        self, weights: Mapping[str, Tensor], num_steps: int
+        self,
+        rule: UpdateRule,
+        weights: Mapping[str, Tensor],
+        support_task: Task,
+        support: Trajectory,
+        support_generator: torch.Generator,
+        num_steps: int,
+        hook: MetaLossHook | None = None,
     ) -> tuple[Tensor, dict[str, Any], Tensor, Trajectory, int | None]:
         """One meta-step on the current task pair: ``(outer loss, metrics, train losses, end, diverged_at)``.
 
+        ``support`` is the trainer's trajectory on ``support_task`` (batches from ``support_generator``);
         ``end`` is the trajectory the trainer keeps (the support one; with ``next_segment`` the single
         trajectory after support + query). The query trajectory advances in place.
         """
-        t = self.trainer
-        cfg = t.config
-        assert t.task is not None and t.trajectory is not None
+        cfg = self.run
         next_segment = self.config.query == "next_segment"
         n_support = num_steps // 2 if next_segment else num_steps
         result = maml_segment(
-            t.rule,
+            rule,
             weights,
-            t.task,
-            t.trajectory,
+            support_task,
+            support,
             self.query_task,
             self.query,
             max(n_support, 1),
-            support_generator=t.data_generator,
+            support_generator=support_generator,
             query_generator=None if next_segment else self.query_generator,
             unroll_config=cfg.unroll,
             maml=self.config,
             objective=cfg.objective.kind,
             split=cfg.objective.split,
-            hook=t.hook,
+            hook=hook,
             query_steps=num_steps - n_support if next_segment else None,
         )
         if next_segment:
@@ -375,18 +374,19 @@ class MAMLRunner:
             tensors.update(traj_tensors)
         return tensors, meta
 
-    def load(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any] | None, index: int) -> None:
+    def load(
+        self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any] | None, index: int, support_task: Task | None
+    ) -> None:
         """Restore the in-flight query after the trainer restored its task (``support_task_for(index)``)."""
-        t = self.trainer
-        if meta is None or t.task is None:
+        if meta is None or support_task is None:
             self.query_task, self.query = None, None
             return
         self.task_kwargs = dict(meta["task_kwargs"])
-        self.query_task, _ = self._query_for(index, t.task)
+        self.query_task, _ = self._query_for(index, support_task)
         self.query = (
             None
             if meta["query"] is None
-            else Trajectory.from_tensors("maml.query", tensors, meta["query"], device=t.device)
+            else Trajectory.from_tensors("maml.query", tensors, meta["query"], device=self.device)
         )
         self.query_generator.set_state(tensors["maml.rng.query"])
 
@@ -417,8 +417,6 @@ def adapt_on_task(
 
     cfg = unroll_config or UnrollConfig(trajectory_length=trajectory_length, segment_length=segment_length)
     adapted = copy.deepcopy(rule).requires_grad_(False)
-    from .trainer import derive_seed
-
     data = torch.Generator().manual_seed(derive_seed(seed, "adapt-data"))
     state: dict[str, Any] = {"task": None, "trajectory": None, "instance": 0}
 

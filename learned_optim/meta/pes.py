@@ -27,18 +27,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .._numerics import seeded_generator
+from .._numerics import derive_seed, seeded_generator
+from ..nets.base import UpdateRule
 from ..objectives import meta_objective
+from ..tasks.base import Task
 from .config import EstimatorConfig, MetaTrainConfig
 from .unroll import Trajectory, unroll
-
-if TYPE_CHECKING:
-    from .trainer import MetaTrainer
 
 __all__ = ["PESResult", "pes_estimate", "PESRunner"]
 
@@ -90,14 +89,16 @@ class PESRunner:
     truncation, seeded by the run seed, the task index and the truncation's first step: common random
     numbers, so that :math:`L^+ - L^-` measures the perturbation, not the data). The perturbations are
     drawn from a generator seeded the same way. What persists between truncations (the particles'
-    trajectories and :math:`\\xi`) goes into the trainer's checkpoint.
+    trajectories and :math:`\\xi`) goes into the trainer's checkpoint. It holds the run's config and the
+    net, never the trainer: the trainer passes the task, its index and the weights in.
     """
 
-    def __init__(self, trainer: MetaTrainer) -> None:
-        self.trainer = trainer
-        self.config: EstimatorConfig = trainer.config.estimator
-        self.names = [n for n, _ in trainer.rule.named_parameters()]
-        self.shapes = [p.shape for _, p in trainer.rule.named_parameters()]
+    def __init__(self, run: MetaTrainConfig, rule: UpdateRule, *, device: torch.device, dtype: torch.dtype) -> None:
+        self.run, self.rule = run, rule
+        self.config: EstimatorConfig = run.estimator
+        self.device, self.dtype = device, dtype
+        self.names = [n for n, _ in rule.named_parameters()]
+        self.shapes = [p.shape for _, p in rule.named_parameters()]
         self.particles: list[Trajectory] = []
         self.xi: Tensor | None = None
 
@@ -117,30 +118,29 @@ class PESRunner:
         """New inner problem: every particle starts at ``trajectory`` and :math:`\\xi = 0`."""
         self.particles = [trajectory.detached() for _ in range(self.num_particles)]
         dim = sum(s.numel() for s in self.shapes)
-        self.xi = torch.zeros((self.config.num_pairs, dim), device=self.trainer.device, dtype=self.trainer.dtype)
+        self.xi = torch.zeros((self.config.num_pairs, dim), device=self.device, dtype=self.dtype)
 
-    def segment(self, weights: Mapping[str, Tensor], n: int) -> tuple[Tensor, dict[str, Any], Tensor, Trajectory]:
-        """One truncation of ``n`` steps. Returns a surrogate loss whose value is the particles' mean objective
-        and whose gradient in ``weights`` is :math:`\\hat g`, the metrics, particle ``1+``'s train losses and
-        its trajectory end (the trainer's bookkeeping of steps)."""
-        from .trainer import derive_seed
-
-        trainer = self.trainer
-        cfg, task = trainer.config, trainer.task
-        assert isinstance(cfg, MetaTrainConfig) and self.xi is not None and task is not None
+    def segment(
+        self, weights: Mapping[str, Tensor], task: Task, task_index: int, n: int
+    ) -> tuple[Tensor, dict[str, Any], Tensor, Trajectory]:
+        """One truncation of ``n`` steps on ``task`` (the trainer's ``task_index``-th). Returns a surrogate loss
+        whose value is the particles' mean objective and whose gradient in ``weights`` is :math:`\\hat g`, the
+        metrics, particle ``1+``'s train losses and its trajectory end (the trainer's bookkeeping of steps)."""
+        cfg = self.run
+        assert self.xi is not None
         start = self.particles[0].step
         theta = torch.cat([weights[k].detach().reshape(-1) for k in self.names])
-        noise = seeded_generator(derive_seed(cfg.seed, "pes-noise", trainer._task_index, start))
+        noise = seeded_generator(derive_seed(cfg.seed, "pes-noise", task_index, start))
         epsilon = torch.randn(self.xi.shape, generator=noise, dtype=self.xi.dtype).to(self.xi.device)
         epsilon = epsilon * self.config.sigma
-        data_seed = derive_seed(cfg.seed, "pes-data", trainer._task_index, start)
+        data_seed = derive_seed(cfg.seed, "pes-data", task_index, start)
         train_losses: list[Tensor] = []
 
         def run(all_weights: Tensor, particles: list[Trajectory]) -> tuple[Tensor, list[Trajectory]]:
             objectives, ends = [], []
             for row, particle in zip(all_weights, particles, strict=True):
                 result = unroll(
-                    trainer.rule,
+                    self.rule,
                     self._unflatten(row),
                     task,
                     particle,
@@ -194,7 +194,7 @@ class PESRunner:
         if meta is None or "pes.xi" not in tensors:
             self.particles, self.xi = [], None
             return
-        device = self.trainer.device
+        device = self.device
         self.xi = tensors["pes.xi"].to(device)
         self.particles = [
             Trajectory.from_tensors(f"pes.particle.{i}", tensors, m, device=device)

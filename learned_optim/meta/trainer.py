@@ -33,7 +33,6 @@ evaluation runs of the curriculum.
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import math
 import os
@@ -46,11 +45,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._numerics import seeded_generator
+from .._numerics import derive_seed, seeded_generator
 from ..hub import load_rule, model_card, parent_record, save_pretrained
 from ..nets.base import UpdateRule, build_rule
 from ..objectives import meta_objective
 from ..tasks.base import Task, TaskFamily
+from ..tasks.registry import make_task_family
 from .checkpoint import (
     latest_checkpoint,
     optimizer_from_tensors,
@@ -67,37 +67,6 @@ from .imitation import imitation_unroll
 from .unroll import MetaLossHook, Trajectory, UnrollResult, as_hook, start_trajectory, unroll
 
 __all__ = ["MetaTrainer", "derive_seed", "make_task_family", "build_meta_optimizer"]
-
-
-def derive_seed(seed: int, *keys: Any) -> int:
-    """A 63-bit seed determined by ``seed`` and ``keys`` (stable across runs, platforms and Python versions)."""
-    text = "/".join(str(k) for k in (seed, *keys)).encode()
-    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
-
-
-def make_task_family(
-    family: str,
-    kwargs: Mapping[str, Any] | None = None,
-    *,
-    device: torch.device | None = None,
-    dtype: torch.dtype | None = None,
-) -> TaskFamily:
-    """:func:`learned_optim.tasks.make_family` (a registered name or ``"module:attr"``) on the
-    trainer's device and dtype.
-
-    For registry families, a non-CPU ``device`` and a non-float32 ``dtype`` are passed on as the
-    family's ``device``/``dtype`` arguments unless ``kwargs`` sets them (so the task data lives where
-    the unroll runs); ``"module:attr"`` factories get ``kwargs`` only.
-    """
-    from ..tasks import make_family
-
-    kwargs = dict(kwargs or {})
-    if ":" not in family:
-        if device is not None and device.type != "cpu":
-            kwargs.setdefault("device", str(device))
-        if dtype is not None and dtype != torch.float32:
-            kwargs.setdefault("dtype", str(dtype).removeprefix("torch."))
-    return make_family(family, **kwargs)
 
 
 def build_meta_optimizer(
@@ -202,12 +171,12 @@ class MetaTrainer:
         if config.maml.enabled:  # M-L2O: the query side of each meta-step (see learned_optim.meta.maml)
             from .maml import MAMLRunner
 
-            self.maml = MAMLRunner(self)
+            self.maml = MAMLRunner(config, self.family, device=self.device, dtype=self.dtype)
         self.pes = None
         if config.estimator.kind == "pes":  # persistent evolution strategies (learned_optim.meta.pes)
             from .pes import PESRunner
 
-            self.pes = PESRunner(self)
+            self.pes = PESRunner(config, self.rule, device=self.device, dtype=self.dtype)
 
         self.meta_steps = 0  # meta-gradient updates so far
         self.meta_epochs = 0  # completed trajectories
@@ -289,7 +258,7 @@ class MetaTrainer:
         )
         self.trajectory_mode = "unroll"
         if self.maml is not None:
-            self.maml.begin(index)
+            self.maml.begin(index, self.rule, self.task)
         if self.pes is not None:
             self.pes.begin(self.trajectory)
         if self.config.imitation.enabled:
@@ -329,11 +298,15 @@ class MetaTrainer:
             metrics["imitation_loss"] = float(loss.detach())
             train_losses, end, diverged_at = result.train_losses, result.end, None
         elif self.pes is not None:
-            loss, pes_metrics, train_losses, end = self.pes.segment(weights, n)
+            assert self.task is not None
+            loss, pes_metrics, train_losses, end = self.pes.segment(weights, self.task, self._task_index, n)
             optimizer, diverged_at = self.meta_optimizer, None
             metrics.update(pes_metrics, objective=float(loss.detach()))
         elif self.maml is not None:
-            loss, maml_metrics, train_losses, end, diverged_at = self.maml.segment(weights, n)
+            assert self.task is not None and self.trajectory is not None
+            loss, maml_metrics, train_losses, end, diverged_at = self.maml.segment(
+                self.rule, weights, self.task, self.trajectory, self.data_generator, n, self.hook
+            )
             optimizer = self.meta_optimizer
             metrics.update(
                 maml_metrics, objective=maml_metrics["outer_loss"], meta_split_loss_last=maml_metrics["query_loss_last"]
@@ -597,7 +570,7 @@ class MetaTrainer:
         else:
             self.trajectory, self.task = None, None
         if self.maml is not None:
-            self.maml.load(tensors, meta.get("maml") if traj is not None else None, self.meta_epochs)
+            self.maml.load(tensors, meta.get("maml") if traj is not None else None, self.meta_epochs, self.task)
         if self.pes is not None:
             self.pes.load(tensors, meta.get("pes") if traj is not None else None)
         return True

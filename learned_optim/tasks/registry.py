@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from typing import Any
+
+import torch
 
 from .base import TaskFamily
 from .distribution import MetaMixFamily
@@ -18,7 +21,7 @@ from .synthetic import (
     StepSizeQuadraticFamily,
 )
 
-__all__ = ["TASK_FAMILIES", "register_family", "make_family"]
+__all__ = ["TASK_FAMILIES", "register_family", "make_family", "make_task_family"]
 
 #: Every task family by name. Presets (e.g. ``"digits-mlp20-sigmoid"``) are subclasses of a base
 #: family with other defaults.
@@ -77,3 +80,25 @@ def make_family(name: str, **config: Any) -> TaskFamily:
     except KeyError:
         raise KeyError(f"unknown task family {name!r}; registered: {sorted(TASK_FAMILIES)}") from None
     return cls(**config)
+
+
+def make_task_family(
+    family: str,
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> TaskFamily:
+    """:func:`make_family` (a registered name or ``"module:attr"``) on a device and dtype (meta-training's).
+
+    For registry families, a non-CPU ``device`` and a non-float32 ``dtype`` are passed on as the
+    family's ``device``/``dtype`` arguments unless ``kwargs`` sets them (so the task data lives where
+    the unroll runs); ``"module:attr"`` factories get ``kwargs`` only.
+    """
+    kwargs = dict(kwargs or {})
+    if ":" not in family:
+        if device is not None and device.type != "cpu":
+            kwargs.setdefault("device", str(device))
+        if dtype is not None and dtype != torch.float32:
+            kwargs.setdefault("dtype", str(dtype).removeprefix("torch."))
+    return make_family(family, **kwargs)
