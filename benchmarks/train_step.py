@@ -46,7 +46,7 @@ from _common import machine_header, measure, table  # noqa: E402
 import learned_optim  # noqa: E402
 from learned_optim import LearnedOptimizer  # noqa: E402
 
-FAMILIES = ["dm_lstm", "rnnprop", "mlp"]
+FAMILIES = ["dm_lstm", "rnnprop", "mlp", "adafac_mlp"]
 
 
 class PerTensor(LearnedOptimizer):

@@ -100,7 +100,9 @@ class LearnedOptimizer(Optimizer):
     step grows with the number of coordinates, not of tensors. With the native kernels the result is the
     per-tensor step's bits (each row is computed alone); on ATen it is too wherever BLAS rounds a GEMM row
     the same whatever the row count (MKL may not: seen as 1 float32 ulp in rare elements; tested with that
-    bound in ``tests/core/test_packed_step.py``). Larger tensors, FSDP2 shards, ``compile=True`` and
+    bound in ``tests/core/test_packed_step.py``). Whole-tensor rules (``adafac_mlp``) pack whole tensors below
+    their ``pack_max_coordinates`` with their per-tensor state, on ATen: equal to their per-tensor step to
+    float rounding (bound in the same test). Larger tensors, FSDP2 shards, ``compile=True`` and
     ``chunk_size=None`` take the per-tensor path.
 
     Parameters sharded by FSDP2 (``fully_shard``: ``DTensor`` parameters) are updated shard by shard,
@@ -389,6 +391,7 @@ class LearnedOptimizer(Optimizer):
             limit = limits.setdefault(p.device, self._chunk_rows(p.device))
             n = p.numel()
             small = not _is_dtensor(p) and limit is not None and 0 < n < limit
+            small = small and (self.rule.pack_max_coordinates is None or n < self.rule.pack_max_coordinates)
             if not (small and n * self._bytes_per_coordinate(p) < PACK_MAX_BYTES):
                 singles.append(p)
                 continue
@@ -440,8 +443,14 @@ class LearnedOptimizer(Optimizer):
         step = states[0]["step"].to(device=device, dtype=dtype)
         segments = Segments(sizes, rows, device)
         stats = rule.segment_stats(grad, theta, state, step, segments)
+        extra: dict[str, Any] = {}
+        tensor_keys: list[str] = []
+        if rule.whole_tensor:  # per-tensor state (e.g. factored statistics): packed one tensor after the other
+            extra["shapes"] = [tuple(p.shape) for p in params]
+            tensor_keys = list(rule.tensor_state_shapes(extra["shapes"][0]))
+            state.update({k: torch.cat([s[k] for s in states]).to(dtype) for k in tensor_keys})
         # the packed state is this step's own copy: the rule may write the new state into it
-        delta, new_state = net(grad, theta, state, step, stats, out_state=state, segments=segments)
+        delta, new_state = net(grad, theta, state, step, stats, out_state=state, segments=segments, **extra)
         if isinstance(lr, Tensor):
             lr = lr.to(device=device, dtype=dtype)
         new_theta = decoupled_update(theta[:total], delta[:total], lr, weight_decay).split(sizes)
@@ -450,6 +459,9 @@ class LearnedOptimizer(Optimizer):
             targets = [s[k] for s in states]
             pieces = new_state[k][:total].split(sizes)
             torch._foreach_copy_(targets, [t.view(s.shape) for t, s in zip(pieces, targets, strict=True)])
+        for k in tensor_keys:
+            targets = [s[k] for s in states]
+            torch._foreach_copy_(targets, list(new_state[k].split([t.shape[0] for t in targets])))
 
     def _update_tensor(
         self, p: Tensor, state: dict[str, Tensor], lr: float | Tensor, weight_decay: float, maximize: bool

@@ -34,7 +34,9 @@ the whole flat tensor, never on chunks or padded rows, with the keyword ``shape=
 shape. Such a rule may also keep *per-tensor state* whose shapes depend on the parameter's shape
 (:meth:`UpdateRule.tensor_state_shapes`, e.g. Adafactor's row and column statistics); it travels in the
 same ``state`` dict as the per-coordinate state, and :meth:`UpdateRule.init_state` creates it when given
-``shape=``.
+``shape=``. A whole-tensor rule that also sets ``packs_segments`` takes packed whole tensors from the
+optimizer: ``segments=`` with ``shapes=`` (one shape per segment, no chunks), and its per-tensor state
+packed too (each key's per-tensor tensors concatenated along their first axis, in segment order).
 """
 
 from __future__ import annotations
@@ -153,6 +155,9 @@ class UpdateRule(nn.Module):
     provenance: Provenance
     #: ``forward`` takes ``segments=`` and steps packed tensors (see "Packed calls" in the module docstring).
     packs_segments: ClassVar[bool] = False
+    #: A tensor joins a pack only if it has fewer coordinates than this (``None``: the optimizer's byte limit
+    #: alone), for rules whose per-tensor path is much cheaper per coordinate than their packed one.
+    pack_max_coordinates: ClassVar[int | None] = None
     #: ``forward`` runs on whole tensors and takes ``shape=`` (see the module docstring).
     whole_tensor: ClassVar[bool] = False
     #: The optimizer's ``lr`` when none is given: 1.0 where ``lr`` multiplies the learned step; a real

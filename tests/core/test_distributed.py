@@ -45,6 +45,7 @@ FAMILIES = ["adafac_mlp", "dm_lstm", "mlp", "rnnprop"]
 #: adafac_mlp updates whole tensors (factored row/column state, per-tensor RMS of its own output): it refuses
 #: FSDP2-sharded parameters with a clear error instead (checked in the fsdp2 scenario).
 FSDP_FAMILIES = [f for f in FAMILIES if f != "adafac_mlp"]
+WHOLE_TENSOR_FAMILIES = ["adafac_mlp"]
 STEPS = 3
 GLOBAL_BATCH = 16
 
@@ -166,6 +167,8 @@ def scenario_zero(rank: int, world: int, out: Path) -> dict:
         _train(plain_model, plain, range(STEPS), batch_of)
         owned = sum(len(g["params"]) for g in zero.optim.param_groups)
         identical = torch.equal(_flat(model.parameters()), _flat(plain_model.parameters()))
+        moved = (_flat(plain_model.parameters()) - _flat(_model().parameters())).square().mean().sqrt()
+        rel_diff = float((_flat(model.parameters()) - _flat(plain_model.parameters())).abs().max() / moved)
         # consolidate on rank 0, hand the state dict to every rank, resume a fresh ZeRO optimizer
         zero.consolidate_state_dict(to=0)
         payload = [zero.state_dict() if rank == 0 else None]
@@ -180,6 +183,7 @@ def scenario_zero(rank: int, world: int, out: Path) -> dict:
         _train(resumed_model, resumed, range(STEPS, STEPS + 2), batch_of)
         result[family] = {
             "identical_to_unsharded": identical,
+            "max_diff_vs_unsharded_per_rms_move": rel_diff,
             "params_owned_by_rank": owned,
             "resume_identical": torch.equal(_flat(model.parameters()), _flat(resumed_model.parameters())),
             "identical_across_ranks": _same_on_all_ranks(_flat(model.parameters())),
@@ -402,8 +406,13 @@ def test_zero_redundancy_optimizer(torchrun_results, family):
     ranks = _scenario(torchrun_results, "zero")
     for res in ranks:
         r = res[family]
-        assert r["identical_to_unsharded"] and r["identical_across_ranks"], r
-        assert r["resume_identical"], r
+        if family in WHOLE_TENSOR_FAMILIES:
+            # each rank packs only the tensors it owns, and adafac_mlp's packed step equals its per-tensor
+            # step to float rounding (tests/core/test_packed_step.py), not bit for bit: same bound here
+            assert r["max_diff_vs_unsharded_per_rms_move"] <= 2e-3, r
+        else:
+            assert r["identical_to_unsharded"], r
+        assert r["identical_across_ranks"] and r["resume_identical"], r
     assert all(res[family]["params_owned_by_rank"] > 0 for res in ranks)  # really partitioned
 
 

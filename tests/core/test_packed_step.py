@@ -59,14 +59,28 @@ def test_packed_step_equals_the_per_tensor_step(family, use_kernels, make_rule):
         pytest.skip(f"native kernels unavailable: {kernels.build_error()}")
     packed, opt = _run(family, make_rule, LearnedOptimizer, use_kernels)
     alone, ref = _run(family, make_rule, PerTensor, use_kernels)
-    # all 8 tensors in one pack; whole-tensor rules (adafac_mlp) opt out and step per tensor
-    packs = 1 if learned_optim.FAMILIES[family].packs_segments else 0
-    assert len(opt._plan_packs(list(packed.parameters()))[0]) == packs
+    assert len(opt._plan_packs(list(packed.parameters()))[0]) == 1  # all 8 tensors in one pack
+    if learned_optim.FAMILIES[family].whole_tensor:
+        _assert_whole_tensor_rounding(packed, opt, alone, ref)
+        return
     tol = dict(rtol=0, atol=0) if use_kernels else dict(rtol=1.2e-7, atol=1e-12)
     for p, q in zip(packed.parameters(), alone.parameters(), strict=True):
         torch.testing.assert_close(p, q, **tol)
         for k in ref.state[q]:
             torch.testing.assert_close(opt.state[p][k], ref.state[q][k], **(tol if k == "step" else {}))
+
+
+def _assert_whole_tensor_rounding(packed, opt, alone, ref, bound=2e-3):
+    """adafac_mlp's packed step (ATen, whatever the kernels) multiplies the features by their per-tensor
+    normaliser where the per-tensor step folds it into the first layer (or the kernel fuses it), and sums by
+    segment in float64: equal to float rounding, which the per-tensor normalisations of a random net amplify.
+    The bound, ``bound`` of each tensor's RMS displacement (parameters) or RMS value (state) after 3 steps,
+    is about what the per-tensor step's own two paths differ by here (kernel vs ATen: up to 1.4e-3)."""
+    for p, q, p0 in zip(packed.parameters(), alone.parameters(), _model().parameters(), strict=True):
+        moved = (q - p0).square().mean().sqrt()
+        assert (p - q).abs().max() <= bound * moved
+        for k, v in ref.state[q].items():
+            assert (opt.state[p][k] - v).abs().max() <= bound * v.float().square().mean().sqrt() + 1e-12, k
 
 
 @pytest.mark.parametrize("family", FAMILIES)
