@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -11,7 +12,7 @@ from typing import Any, Protocol
 
 from ..hub import record_evaluation
 
-__all__ = ["json_safe", "slug", "plural", "fmt_ci", "Report", "write_report"]
+__all__ = ["json_safe", "slug", "plural", "fmt_ci", "Report", "write_report", "output_files", "write_json"]
 
 
 def json_safe(value: Any) -> Any:
@@ -64,3 +65,15 @@ def write_report(
         record_evaluation(checkpoint, list(sections), results.markdown(), results.card_results())
         files[f"card:{checkpoint}"] = Path(checkpoint) / "README.md"
     return files
+
+
+def output_files(out_dir: str | os.PathLike, names: Mapping[str, str]) -> dict[str, Path]:
+    """Create ``out_dir`` and return ``{key: out_dir / file name}`` for ``names`` (key -> file name)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return {key: out / name for key, name in names.items()}
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Strict JSON (no NaN: pass :func:`json_safe` data), indented, with a final newline."""
+    path.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import math
 import os
 from pathlib import Path
 from typing import Any
 
-from .report import fmt_ci, json_safe, plural
+from .report import fmt_ci, json_safe, output_files, plural, write_json
 from .stats import mean_confidence_interval
 from .training import RunResult, TuningResult
 
@@ -206,15 +205,17 @@ class EvaluationResults:
     # ------------------------------------------------------------------ files
     def write(self, out_dir: str | os.PathLike, *, plots: bool = True) -> dict[str, Path]:
         """Write results.json, summary.csv, curves.csv, summary.md and (``plots``) curves_<task>.png."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        files = {
-            "json": out / "results.json",
-            "summary_csv": out / "summary.csv",
-            "curves_csv": out / "curves.csv",
-            "markdown": out / "summary.md",
-        }
-        files["json"].write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
+        files = output_files(
+            out_dir,
+            {
+                "json": "results.json",
+                "summary_csv": "summary.csv",
+                "curves_csv": "curves.csv",
+                "markdown": "summary.md",
+            },
+        )
+        out = files["json"].parent
+        write_json(files["json"], self.to_dict())
         self._write_summary_csv(files["summary_csv"])
         self._write_curves_csv(files["curves_csv"])
         files["markdown"].write_text(self.markdown())

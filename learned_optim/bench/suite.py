@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import math
 import os
 import platform
@@ -29,7 +28,7 @@ import torch
 from ..hub import BENCH_RESULTS_PREFIX
 from . import stats
 from .data import stdlib_corpus
-from .report import fmt_ci, json_safe
+from .report import fmt_ci, json_safe, output_files, write_json
 from .run import (
     FULL_GRIDS,
     LR_RULES,
@@ -221,17 +220,17 @@ class SuiteResults:
     # ------------------------------------------------------------------ files
     def write(self, out_dir: str | os.PathLike, *, plots: bool = True) -> dict[str, Path]:
         """results.json, summary.csv, aggregates.csv, summary.md, tuning.md, curves_<task>.png, summary.png."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        files = {
-            "json": out / "results.json",
-            "summary_csv": out / "summary.csv",
-            "aggregates_csv": out / "aggregates.csv",
-            "markdown": out / "summary.md",
-            "tuning": out / "tuning.md",
+        names = {
+            "json": "results.json",
+            "summary_csv": "summary.csv",
+            "aggregates_csv": "aggregates.csv",
+            "markdown": "summary.md",
+            "tuning": "tuning.md",
         }
+        files = output_files(out_dir, names)
+        out = files["json"].parent
         data = self.to_dict()
-        files["json"].write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
+        write_json(files["json"], data)
         _write_csv(files["summary_csv"], data["summary"])
         _write_csv(files["aggregates_csv"], data["aggregates"])
         files["markdown"].write_text(self.markdown())
