@@ -70,27 +70,46 @@ def rademacher(like: Tensor, generator: torch.Generator | None, shape: Sequence[
     return bits.to(like.dtype) * 2 - 1
 
 
-def hvp(loss_fn: LossFn, params: Mapping[str, Tensor], vector: Mapping[str, Tensor]) -> Params:
-    r"""Hessian-vector product :math:`\nabla^2 L(\theta)\,v` by forward-over-reverse (``jvp`` of ``grad``).
+#: How :func:`hvp` differentiates twice: ``"forward"`` (forward-over-reverse, ``jvp`` of ``grad``: one
+#: forward-mode pass, the default) or ``"reverse"`` (reverse-over-reverse, :math:`\nabla_\theta (\nabla L \cdot v)`:
+#: for losses whose forward-mode derivative torch cannot take, e.g. it raised "ZeroTensors are immutable"
+#: on an ``nn.Module`` MSE task of meta-mix).
+HVP_MODES = ("forward", "reverse")
+
+
+def hvp(
+    loss_fn: LossFn, params: Mapping[str, Tensor], vector: Mapping[str, Tensor], *, mode: str = "forward"
+) -> Params:
+    r"""Hessian-vector product :math:`\nabla^2 L(\theta)\,v`, by forward-over-reverse (``mode="forward"``,
+    ``jvp`` of ``grad``) or reverse-over-reverse (``mode="reverse"``; see :data:`HVP_MODES`).
 
     Differentiable in ``params`` (and ``vector``) when they are in an autograd graph.
     """
-    return jvp(func_grad(loss_fn), (dict(params),), (dict(vector),))[1]
+    if mode == "forward":
+        return jvp(func_grad(loss_fn), (dict(params),), (dict(vector),))[1]
+    if mode != "reverse":
+        raise ValueError(f"hvp mode must be one of {HVP_MODES}, got {mode!r}")
+    v = dict(vector)
+
+    def grad_dot_vector(p: Params) -> Tensor:
+        return dot(func_grad(loss_fn)(p), v)
+
+    return func_grad(grad_dot_vector)(dict(params))
 
 
 def hutchinson_forms(
-    loss_fn: LossFn, params: Mapping[str, Tensor], probes: Params, *, vectorize: bool = True
+    loss_fn: LossFn, params: Mapping[str, Tensor], probes: Params, *, vectorize: bool = True, mode: str = "forward"
 ) -> Tensor:
     r"""The quadratic forms :math:`z_i^\top \nabla^2 L(\theta)\,z_i` of a batch of probes.
 
     ``probes`` holds, per key, ``n`` vectors stacked on a leading dimension; returns the ``n`` forms (a
     tensor differentiable in ``params``). ``vectorize`` batches them with ``torch.func.vmap``; ``False``
-    evaluates the probes one by one, for losses that ``vmap`` cannot batch.
+    evaluates the probes one by one, for losses that ``vmap`` cannot batch; ``mode`` is :func:`hvp`'s.
     """
     params = dict(params)
 
     def form(z: Params) -> Tensor:
-        return dot(z, hvp(loss_fn, params, z))
+        return dot(z, hvp(loss_fn, params, z, mode=mode))
 
     if vectorize:
         return vmap(form)(probes)

@@ -26,7 +26,8 @@ kind                term :math:`R(\theta)` (its gradient w.r.t. :math:`\theta` i
                                                                                                ``where``
 =================== ========================================================================= ==========
 hessian_trace       Hutchinson :math:`\frac1n\sum_i z_i^\top H z_i`, fresh Rademacher          posterior
-                    :math:`z_i` at every call, :math:`Hz` by ``jvp(grad)`` (``probes`` 10)
+                    :math:`z_i` at every call, :math:`Hz` by ``jvp(grad)`` (``probes`` 10;
+                    ``hvp: reverse``: by ``grad`` of :math:`\nabla L \cdot z`)
 hessian_eigenvalue  :math:`|v^\top H v|`, :math:`v` from ``iters`` (10) power iterations         posterior
                     (largest-magnitude eigenvalue; ``absolute: false`` keeps the sign)
 jacobian_trace      :math:`g^\top g` (``reduction: sum``) or its mean over coordinates          posterior
@@ -75,7 +76,18 @@ from torch.func import grad as func_grad
 
 from .._validation import check_value
 from ..functional import apply_rule
-from .curvature import LossFn, Params, dot, gaussian, hutchinson_forms, hvp, norm, power_iteration, rademacher
+from .curvature import (
+    HVP_MODES,
+    LossFn,
+    Params,
+    dot,
+    gaussian,
+    hutchinson_forms,
+    hvp,
+    norm,
+    power_iteration,
+    rademacher,
+)
 from .unroll import MetaLossHook, StepInputs, as_hook
 
 __all__ = [
@@ -124,19 +136,21 @@ def hutchinson_trace(
     *,
     generator: torch.Generator | None = None,
     vectorize: bool = True,
+    hvp_mode: str = "forward",
 ) -> Tensor:
     r"""Hutchinson's estimate :math:`\frac1n\sum_{i=1}^n z_i^\top \nabla^2 L(\theta) z_i` of the Hessian trace.
 
     The :math:`z_i` are fresh Rademacher vectors (drawn from ``generator``, or torch's global RNG),
     :math:`Hz` comes from :func:`hvp`. ``vectorize`` batches the probes with ``torch.func.vmap``
-    (several times faster); set it to ``False`` for losses that ``vmap`` cannot batch. The result is a
+    (several times faster); set it to ``False`` for losses that ``vmap`` cannot batch. ``hvp_mode`` is
+    :func:`~learned_optim.meta.curvature.hvp`'s ``mode`` (``"reverse"`` where forward mode fails). The result is a
     0-d tensor differentiable in ``params``; its expectation is :math:`\operatorname{tr} H` exactly.
     """
     if probes < 1:
         raise ValueError(f"probes must be >= 1, got {probes}")
     zs = {k: rademacher(v, generator, (probes, *v.shape)) for k, v in params.items()}
     try:
-        values = hutchinson_forms(loss_fn, params, zs, vectorize=vectorize)
+        values = hutchinson_forms(loss_fn, params, zs, vectorize=vectorize, mode=hvp_mode)
     except RuntimeError as err:
         if not vectorize:
             raise
@@ -462,13 +476,18 @@ class HessianTraceRegularizer(Regularizer):
     kind = "hessian_trace"
     probes: int = 10
     vectorize: bool = True
+    hvp: str = "forward"
 
     def check(self) -> None:
         if self.probes < 1:
             raise ValueError("probes must be >= 1")
+        if self.hvp not in HVP_MODES:
+            raise ValueError(f"hvp must be one of {HVP_MODES}")
 
     def term(self, loss_fn, params, *, inputs, generator):
-        return hutchinson_trace(loss_fn, params, self.probes, generator=generator, vectorize=self.vectorize)
+        return hutchinson_trace(
+            loss_fn, params, self.probes, generator=generator, vectorize=self.vectorize, hvp_mode=self.hvp
+        )
 
 
 @dataclasses.dataclass

@@ -19,10 +19,41 @@ def quadratic(p):
 PARAMS = {"a": torch.tensor([0.3, -1.0], dtype=torch.float64), "b": torch.tensor([2.0], dtype=torch.float64)}
 
 
-def test_hvp_is_the_hessian_times_the_vector():
+@pytest.mark.parametrize("mode", curvature.HVP_MODES)
+def test_hvp_is_the_hessian_times_the_vector(mode):
     v = {"a": torch.tensor([1.0, 2.0], dtype=torch.float64), "b": torch.tensor([-1.0], dtype=torch.float64)}
-    hv = curvature.hvp(quadratic, PARAMS, v)
+    hv = curvature.hvp(quadratic, PARAMS, v, mode=mode)
     torch.testing.assert_close(torch.cat([hv["a"], hv["b"]]), H @ torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64))
+
+
+def test_reverse_hvp_where_forward_mode_fails():
+    """An nn.Module MSE task of meta-mix on which jvp(grad) raises ("ZeroTensors are immutable", torch 2.14):
+    the reverse-over-reverse product still runs, and equals the Hessian (torch.autograd.functional) times v."""
+    from learned_optim.tasks import make_family
+
+    family = make_family("meta-mix", widths=[32], depths=[1], batch_sizes=[16], eval_batch_size=16, rescale=None)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):  # the first MSE task of the distribution
+        task = family.sample(gen)
+        if getattr(task, "loss_kind", None) == "mse":
+            break
+    else:
+        pytest.skip("no MSE task drawn")
+    params = {k: v.detach().double() for k, v in task.init_params(gen).items()}
+    batch = [b.double() if b.is_floating_point() else b for b in task.batch("train", gen)]
+    v = {k: torch.randn(p.shape, generator=gen, dtype=torch.float64) for k, p in params.items()}
+    hv = curvature.hvp(lambda p: task.loss(p, batch), params, v, mode="reverse")
+    names = list(params)
+
+    def flat_loss(*flat):
+        return task.loss(dict(zip(names, flat, strict=True)), batch)
+
+    hessian = torch.autograd.functional.hessian(flat_loss, tuple(params[k] for k in names))
+    for i, k in enumerate(names):
+        expected = sum((hessian[i][j].reshape(params[k].numel(), -1) @ v[n].reshape(-1)) for j, n in enumerate(names))
+        torch.testing.assert_close(hv[k].reshape(-1), expected)
+    with pytest.raises(ValueError, match="hvp mode"):
+        curvature.hvp(lambda p: task.loss(p, batch), params, v, mode="sideways")
 
 
 @pytest.mark.parametrize("vectorize", [True, False])
