@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.func import grad as func_grad
 from torch.func import jvp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = [
     "LossFn",
@@ -94,7 +95,9 @@ def hvp(
     def grad_dot_vector(p: Params) -> Tensor:
         return dot(func_grad(loss_fn)(p), v)
 
-    return func_grad(grad_dot_vector)(dict(params))
+    # attention through the math kernel: the fused CPU (flash) kernel has no second derivative
+    with sdpa_kernel(SDPBackend.MATH):
+        return func_grad(grad_dot_vector)(dict(params))
 
 
 def hutchinson_forms(

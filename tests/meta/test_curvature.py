@@ -91,3 +91,26 @@ def test_global_norm_accumulates_in_float64():
     big = torch.full((4,), 3e19, dtype=torch.float32)  # its square overflows float32
     assert global_norm([big, torch.tensor([0.0])]) == pytest.approx(6e19)
     assert global_norm([]) == 0.0
+
+
+def test_reverse_hvp_through_attention():
+    """Reverse-over-reverse through scaled_dot_product_attention (the fused CPU kernel has no second
+    derivative, so hvp runs attention on the math kernel): equal to central differences of the gradient."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 4, generator=gen, dtype=torch.float64)
+    params = {
+        "q": torch.randn(4, 4, generator=gen, dtype=torch.float64),
+        "k": torch.randn(4, 4, generator=gen, dtype=torch.float64),
+    }
+
+    def loss(p):
+        out = torch.nn.functional.scaled_dot_product_attention(x @ p["q"], x @ p["k"], x, is_causal=True)
+        return out.square().mean()
+
+    v = {k: torch.randn(t.shape, generator=gen, dtype=torch.float64) for k, t in params.items()}
+    hv = curvature.hvp(loss, params, v, mode="reverse")
+    eps = 1e-5
+    plus = torch.func.grad(loss)({k: params[k] + eps * v[k] for k in params})
+    minus = torch.func.grad(loss)({k: params[k] - eps * v[k] for k in params})
+    for k in params:
+        torch.testing.assert_close(hv[k], (plus[k] - minus[k]) / (2 * eps), rtol=1e-6, atol=1e-8)
