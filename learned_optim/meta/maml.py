@@ -417,13 +417,13 @@ def adapt_on_task(
 
     cfg = unroll_config or UnrollConfig(trajectory_length=trajectory_length, segment_length=segment_length)
     adapted = copy.deepcopy(rule).requires_grad_(False)
-    data = torch.Generator().manual_seed(derive_seed(seed, "adapt-data"))
+    data = seeded_generator(derive_seed(seed, "adapt-data"))
     state: dict[str, Any] = {"task": None, "trajectory": None, "instance": 0}
 
     def segment_loss(weights: Mapping[str, Tensor], k: int) -> Tensor:
         traj = state["trajectory"]
         if traj is None or traj.step >= trajectory_length:
-            gen = torch.Generator().manual_seed(derive_seed(seed, "adapt-instance", state["instance"]))
+            gen = seeded_generator(derive_seed(seed, "adapt-instance", state["instance"]))
             state["instance"] += 1
             state["task"] = family.sample(gen) if isinstance(family, TaskFamily) else family
             traj = start_trajectory(adapted, state["task"], gen)

@@ -279,6 +279,15 @@ class AdafacMLP(UpdateRule):
         j = beta.shape[0]
         return torch.cat([like.new_ones(3 + j), 1.0 / (1.0 - beta**step), like.new_ones(1 + 2 * j)])
 
+    def _first_bias(self, step: Tensor) -> Tensor:
+        """The first layer's bias with the time features (per-tensor constant inputs) folded in."""
+        first = self.mlp[0]
+        assert isinstance(first, nn.Linear)
+        c, k = self.config, self.num_coordinate_features
+        if not c.time_scales:
+            return first.bias
+        return first.bias + torch.mv(first.weight[:, k:], time_features(step, c.time_scales).to(first.bias.dtype))
+
     def _factored_features(self, stats: Tensor) -> Tensor:
         """``(2K, rows)`` from ``(rows, K)`` row (or column) statistics: :math:`r_k, (r_k + \\epsilon_f)^{-1/2}`."""
         return torch.cat([stats.t(), torch.rsqrt(stats.t() + self.config.factored_rsqrt_eps)])
@@ -356,10 +365,7 @@ class AdafacMLP(UpdateRule):
         ms = torch.cat([dense_ms, row_features.square().mean(dim=1), col_features.square().mean(dim=1)])
         factor = torch.cat([scale, torch.ones_like(ms[d:])])
         weight = first.weight[:, :k] * (factor * torch.rsqrt(factor.square() * ms + c.feature_rms_eps))
-        bias: Tensor = first.bias
-        if c.time_scales:  # per-tensor constant inputs: folded into the bias
-            bias = bias + torch.mv(first.weight[:, k:], time_features(step, c.time_scales).to(bias.dtype))
-        row_term = torch.addmm(bias.unsqueeze(1), weight[:, d : d + nr], row_features)
+        row_term = torch.addmm(self._first_bias(step).unsqueeze(1), weight[:, d : d + nr], row_features)
         col_term = weight[:, d + nr :] @ col_features
         return weight[:, :d], row_term, col_term
 
@@ -406,28 +412,26 @@ class AdafacMLP(UpdateRule):
         row_features, col_features = self._factored_features(row), self._factored_features(col)  # (2K, .)
         first = self.mlp[0]
         assert isinstance(first, nn.Linear)
-        k, d, nr = self.num_coordinate_features, 4 + 4 * j, 2 * len(c.factored_decays)
-        bias: Tensor = first.bias
-        if c.time_scales:  # per-tensor constant inputs: folded into the bias
-            bias = bias + torch.mv(first.weight[:, k:], time_features(step, c.time_scales).to(bias.dtype))
+        scale = self._feature_scale(beta.squeeze(1), step, grad).unsqueeze(1)  # (16, 1)
+        k, d, nr = self.num_coordinate_features, scale.shape[0], row_features.shape[0]
+        bias = self._first_bias(step)
         phi = grad.new_empty(j, grad.shape[0])
-        rms = [grad.new_empty(2 * j, len(shapes)) for _ in range(2)]
+        row_rms, col_rms = grad.new_empty(nr, len(shapes)), grad.new_empty(nr, len(shapes))
         for s, ((a, b), (r0, r1), (c0, c1), (rows, cols)) in enumerate(layout.bounds):
             row_factor, col_factor = factored_rsqrt_factors(row[r0:r1], col[c0:c1])
             torch.mul(row_factor.t().unsqueeze(2), col_factor.t().unsqueeze(1), out=phi[:, a:b].view(j, rows, cols))
-            torch.linalg.vector_norm(row_features[:, r0:r1], dim=1, out=rms[0][:, s])
-            torch.linalg.vector_norm(col_features[:, c0:c1], dim=1, out=rms[1][:, s])
+            torch.linalg.vector_norm(row_features[:, r0:r1], dim=1, out=row_rms[:, s])
+            torch.linalg.vector_norm(col_features[:, c0:c1], dim=1, out=col_rms[:, s])
         counts = layout.counts(grad)
         # each row/column feature over its RMS on the tensor (a row feature repeats over the row's columns)
-        row_norm = torch.rsqrt(rms[0].square() / counts[1] + c.feature_rms_eps)
-        col_norm = torch.rsqrt(rms[1].square() / counts[2] + c.feature_rms_eps)
+        row_norm = torch.rsqrt(row_rms.square() / counts[1] + c.feature_rms_eps)
+        col_norm = torch.rsqrt(col_rms.square() / counts[2] + c.feature_rms_eps)
         ratio, rsqrt = rsqrt_features(m, bias_corrected(v, c.second_moment_decay, step).unsqueeze(0), c.moment_eps)
         dense = torch.cat([grad.unsqueeze(0), param.unsqueeze(0), m, v.unsqueeze(0), ratio, rsqrt, grad * phi, m * phi])
         dense_rms = grad.new_empty(d, len(shapes))
         for s, ((a, b), _, _, _) in enumerate(layout.bounds):
             torch.linalg.vector_norm(dense[:, a:b], dim=1, out=dense_rms[:, s])
         dense_ms = dense_rms.square() / counts[0]  # (16, S): each feature's mean square over its tensor
-        scale = self._feature_scale(beta.squeeze(1), step, grad).unsqueeze(1)
         normaliser = scale * torch.rsqrt(scale.square() * dense_ms + c.feature_rms_eps)  # (16, S)
         row_weight, col_weight = first.weight[:, d : d + nr], first.weight[:, d + nr : k]
         x = grad.new_empty(hidden, grad.shape[0])
