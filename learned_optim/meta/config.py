@@ -23,7 +23,7 @@ import dataclasses
 import json
 import os
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -58,7 +58,7 @@ DEFAULT_META_OPTIMIZER = {
 }
 
 #: The torch optimizers that can train the net's weights, by config name.
-META_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+META_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
     "adamw": torch.optim.AdamW,
     "rmsprop": torch.optim.RMSprop,

@@ -40,7 +40,7 @@ import platform
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from torch import Tensor
@@ -193,7 +193,7 @@ class MetaTrainer:
         self.commands: list[str] = []
         self.finished = False
         self.finish_reason: str | None = None
-        self._log_handle = None
+        self._log_handle: TextIO | None = None
 
     # ------------------------------------------------------------------------------------- building
     def _build_rule(self) -> UpdateRule:
@@ -212,6 +212,7 @@ class MetaTrainer:
                 )
             self.parent = parent_record(parent_config, init_from=str(cfg.init_from))
             return rule
+        assert cfg.net.family is not None  # the config requires net.family without init_from
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(cfg.seed, "net"))
             return build_rule(cfg.net.family, cfg.net.config)
@@ -279,6 +280,8 @@ class MetaTrainer:
         per_step = 1 if self.maml is None or self.trajectory_mode == "imitation" else self.maml.steps_per_meta_step
         n = min(per_step * cfg.unroll.segment_length, self.trajectory_length - self.trajectory.step)
         weights = self._weights()
+        optimizer: torch.optim.Optimizer | None
+        diverged_at: int | None
         metrics: dict[str, Any] = {
             "event": "meta_step",
             "meta_step": self.meta_steps + 1,
@@ -291,12 +294,12 @@ class MetaTrainer:
         if self.trajectory.lr is not None:
             metrics["inner_lr"] = self.trajectory.lr
         if self.trajectory_mode == "imitation":
-            result = imitation_unroll(
+            imitation = imitation_unroll(
                 self.rule, weights, self.task, self.trajectory, n, generator=self.data_generator, config=cfg.imitation
             )
-            loss, optimizer = result.loss, self.imitation_optimizer
+            loss, optimizer = imitation.loss, self.imitation_optimizer
             metrics["imitation_loss"] = float(loss.detach())
-            train_losses, end, diverged_at = result.train_losses, result.end, None
+            train_losses, end, diverged_at = imitation.train_losses, imitation.end, None
         elif self.pes is not None:
             assert self.task is not None
             loss, pes_metrics, train_losses, end = self.pes.segment(weights, self.task, self._task_index, n)
@@ -362,6 +365,7 @@ class MetaTrainer:
         """The next ``n`` steps of the current trajectory (hook terms in ``result.extra``) and their meta-objective,
         without touching the net, its optimizer or ``self.trajectory`` (the segment's end is ``result.end``)."""
         cfg = self.config
+        assert self.task is not None and self.trajectory is not None, "no trajectory in progress"
         result = unroll(
             self.rule,
             weights,
@@ -429,6 +433,7 @@ class MetaTrainer:
                 track_graph=False,
             )
             if score == "log_final":
+                assert result.end.initial_loss is not None  # set by the unroll's first step
                 values.append(math.log(float(result.losses[-1]) / result.end.initial_loss))
             else:
                 values.append(float(result.losses[-1] if score == "final" else result.losses.mean()))
@@ -532,7 +537,7 @@ class MetaTrainer:
     def _generators(self) -> dict[str, torch.Generator]:
         """The run's own random generators, by checkpoint name (besides the global ones)."""
         generators = {"data": self.data_generator}
-        if self.regularizer_hook is not None:
+        if self.regularizer_hook is not None and self.regularizer_hook.generator is not None:
             generators["regularizers"] = self.regularizer_hook.generator
         return generators
 
@@ -553,8 +558,10 @@ class MetaTrainer:
             self.curriculum.load_state_dict(meta["curriculum"])
         self.meta_steps, self.meta_epochs = int(meta["meta_steps"]), int(meta["meta_epochs"])
         self.last_eval = meta["last_eval"]
-        self.recent_meta_losses.clear(), self.recent_meta_losses.extend(meta["recent_meta_losses"])
-        self.recent_final_losses.clear(), self.recent_final_losses.extend(meta["recent_final_losses"])
+        self.recent_meta_losses.clear()
+        self.recent_meta_losses.extend(meta["recent_meta_losses"])
+        self.recent_final_losses.clear()
+        self.recent_final_losses.extend(meta["recent_final_losses"])
         self.wall_time = float(meta["wall_time"])
         self.commands = list(meta["commands"])
         self.finished, self.finish_reason = bool(meta["finished"]), meta["finish_reason"]
@@ -678,7 +685,7 @@ class MetaTrainer:
             values = list(values)
             return sum(values) / len(values) if values else None
 
-        out = {
+        out: dict[str, Any] = {
             "meta_steps": self.meta_steps,
             "meta_epochs": self.meta_epochs,
             "finish_reason": self.finish_reason,
@@ -791,11 +798,11 @@ class MetaTrainer:
             from .regularizers import parse_blocks
 
             for block in parse_blocks(cfg.regularizers):
-                resolved = block.to_dict()
-                rest = {k: v for k, v in resolved.items() if k not in ("kind", "weight", "where", "name")}
+                fields = block.to_dict()
+                settings = {k: v for k, v in fields.items() if k not in ("kind", "weight", "where", "name")}
                 lines.append(
-                    f"| {resolved['kind']} | {resolved['weight']:g} | {resolved['where']} | "
-                    f"{', '.join(f'{k}={v}' for k, v in rest.items())} |"
+                    f"| {fields['kind']} | {fields['weight']:g} | {fields['where']} | "
+                    f"{', '.join(f'{k}={v}' for k, v in settings.items())} |"
                 )
             lines.append("")
         lines += ["## Final meta-training metrics", "", "| metric | value |", "|---|---|"]

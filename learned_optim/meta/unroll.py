@@ -327,11 +327,13 @@ def unroll(
     points: list[dict[str, Tensor]] = []
     extra: Tensor | float = 0.0
 
-    def freeze(t: int) -> None:
+    def freeze(t: int) -> float:
+        """Freeze the run at step ``t``; returns the loss every remaining step counts."""
         nonlocal diverged, diverged_at, penalty
         diverged, diverged_at = True, t
         reference = max(v for v in (initial_loss, last_loss, 0.0) if v is not None and math.isfinite(v))
         penalty = cfg.diverged_loss_factor * reference if reference > 0 else 1.0
+        return penalty
 
     def record(value: Tensor) -> bool:
         """Append a meta-split loss; returns False (and freezes) when it is not finite."""
@@ -349,6 +351,7 @@ def unroll(
         for i in range(num_steps):
             t = step0 + i + 1
             if diverged:
+                assert penalty is not None  # set with `diverged`, here or in an earlier segment
                 meta_losses.append(penalty)
                 train_losses.append(penalty)
                 continue
@@ -363,15 +366,14 @@ def unroll(
             train_losses.append(loss_value)
             if i > 0 and meta_split == "train" and not record(loss):
                 # theta_{t-1} is not a finite point: freeze there (its entry and the rest count the penalty)
-                freeze(t - 1)
-                meta_losses.append(penalty)
-                train_losses[-1] = penalty
-                meta_losses.append(penalty)
+                frozen = freeze(t - 1)
+                meta_losses.append(frozen)
+                train_losses[-1] = frozen
+                meta_losses.append(frozen)
                 continue
             finite = all(bool(torch.isfinite(p.detach()).all()) for p in new_params.values())
             if not finite or (bound is not None and global_norm(new_params.values()) > bound):
-                freeze(t)
-                meta_losses.append(penalty)
+                meta_losses.append(freeze(t))
                 continue
             if not track_graph:
                 new_params = fresh(new_params)
@@ -379,8 +381,7 @@ def unroll(
             previous = (params, state)
             params, state = new_params, new_state
             if meta_split == "val" and not record(task.loss(params, batch_of("val"))):
-                freeze(t)
-                meta_losses.append(penalty)
+                meta_losses.append(freeze(t))
                 continue
             if keep_points:
                 points.append(params)
@@ -393,8 +394,7 @@ def unroll(
                     extra = extra + term
         if meta_split == "train" and not diverged and num_steps > 0:
             if not record(task.loss(params, batch_of("train"))):
-                freeze(step0 + num_steps)
-                meta_losses.append(penalty)
+                meta_losses.append(freeze(step0 + num_steps))
 
     ref = next(iter(params.values()))
     losses = (
