@@ -22,6 +22,7 @@ from torch import nn
 
 import learned_optim
 from learned_optim import LearnedOptimizer, kernels
+from learned_optim.kernels import _build, _guard
 from learned_optim.nets.cells import fused_gate_weights, lstm_cell
 
 needs_kernels = pytest.mark.skipif(
@@ -435,7 +436,7 @@ def test_other_instruction_sets_build_and_compute_the_same_cell(isa):
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("no C++ compiler")
     # the usual cache (each ISA's library is built once per machine and source version, like any user's)
-    env = {**os.environ, "LEARNED_OPTIM_CACHE": str(kernels._cache_dir().parent), "LEARNED_OPTIM_ISA": isa}
+    env = {**os.environ, "LEARNED_OPTIM_CACHE": str(_build.cache_dir().parent), "LEARNED_OPTIM_ISA": isa}
     code = f"ISA = {isa!r}\n" + code
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
@@ -522,6 +523,7 @@ def test_a_guard_record_of_other_workloads_is_measured_again():
     library = kernels.library_path()
     assert library is not None
     record = json.loads(library.with_suffix(".guard.json").read_text())
-    assert kernels._valid_guard(record)
-    assert not kernels._valid_guard({**record, "workloads": "measured-on-other-workloads"})
-    assert not kernels._valid_guard({k: v for k, v in record.items() if k != "workloads"})
+    assert _guard.valid(record, kernels.isa())
+    assert not _guard.valid({**record, "workloads": "measured-on-other-workloads"}, kernels.isa())
+    assert not _guard.valid({k: v for k, v in record.items() if k != "workloads"}, kernels.isa())
+    assert not _guard.valid(record, "another-isa")

@@ -1,0 +1,112 @@
+"""Native CPU kernels: built from ``learned_optim/csrc`` on first use, with the ATen path as fallback.
+
+They serve the nets' inference path (the optimizer's step, under ``no_grad``); meta-training's
+differentiable path never uses them.
+
+* :func:`lstm_cell_into` (``csrc/lstm_cell.cpp``), behind :func:`learned_optim.nets.cells.lstm_cell`:
+  per block of rows the gate GEMM stays in registers and goes straight through the activations and the
+  state update, instead of an MKL GEMM followed by elementwise ATen kernels over 20-wide gate slices;
+* :func:`elu_` (``csrc/elementwise.cpp``), RNNProp's input activation: ATen's CPU ELU computes
+  ``expm1`` one element at a time;
+* :func:`mlp_feature_mean_square` and :func:`mlp_update` (``csrc/mlp.cpp``), the MLP net's statistics
+  pass and update: features, hidden layer and output per 16 coordinates in registers, instead of a
+  (rows x 22) feature matrix built by ~30 ATen ops, twice (statistics, then update);
+* :func:`adafac_state_sumsq` and :func:`adafac_direction` (``csrc/adafac.cpp``), the two passes of
+  ``AdafacMLP``'s inference step (state update and feature sums of squares; features, MLP and direction),
+  each one sweep over the tensor with the 16 features and the hidden units in registers, instead of ~30 ATen
+  elementwise passes and GEMMs per block of rows.
+
+Same math; their ``exp`` is a polynomial accurate to about 1 float32 ulp, so results differ from the
+ATen path by a few ulps (tested in ``tests/core/test_kernels.py``).
+
+The source is plain C++ (GCC/Clang vector extensions, no torch headers), compiled once per machine with
+the system compiler (``$CXX``, else ``c++``; 10-25 seconds) into one library in a cache folder and loaded with
+``ctypes``: no ninja, no Python-version-specific build, no ABI tie to torch. Nothing is ever downloaded.
+
+**Instruction set, picked at run time.** The same sources build for three targets (``csrc/vec.h``): ``avx512``
+(16-float vectors, 32 registers), ``avx2`` (AVX2 + FMA: 8-float vectors, register blocks sized for 16
+registers) and ``portable`` (no ISA flags: 4-float vectors, SSE2 on x86-64, NEON on ARM). :func:`isa` is the
+best one the CPU's flags allow, or ``$LEARNED_OPTIM_ISA`` (``avx512``, ``avx2`` or ``portable``; one the CPU
+cannot execute is an error and leaves the ATen path). Only the selected one is built.
+
+**The guard: a kernel runs only where it is measured faster.** Right after a build, each kernel is timed
+against the ATen path of the same rule on the machine at hand (``_guard.GUARD_ROWS`` coordinates, one
+thread, thread CPU time, best of ``_guard.GUARD_REPEATS`` interleaved rounds): ``lstm_cell`` through a
+DM-LSTM step, ``elu`` on RNNProp's input activation, ``mlp`` through an MLP rule's statistics and update,
+``adafac_mlp`` through an ``AdafacMLP`` step on a matrix of ``_guard.ADAFAC_GUARD_SCALE`` times as many
+coordinates (above its ``coordinate_block``: the large tensors its step time lives in; the kernel path then
+serves all sizes, as it was also measured faster on small tensors, where both paths are mostly per-call
+overhead). The ratios (ATen time / kernel time) are cached beside the library (``<library>.guard.json``;
+measured again under another torch or other guard workloads); a kernel whose ratio is below
+:data:`MIN_SPEEDUP` is not used, and the ATen path runs instead. :func:`report` says which path each rule
+takes and why; :func:`forced` runs the kernels whatever the guard says (tests, benchmarks).
+
+* Cache: ``$LEARNED_OPTIM_CACHE`` or ``$XDG_CACHE_HOME/learned_optim`` (default ``~/.cache/learned_optim``),
+  in ``kernels/learned_optim-<hash>.so``; the hash covers the sources, the compiler's version, the ISA's
+  flags and the CPU's model and feature flags (the guard's measurements belong to the machine).
+* ``LEARNED_OPTIM_KERNELS=0`` disables the kernels (the ATen path runs); so does :func:`set_enabled`.
+* If there is no compiler or the build fails, a warning is logged once and the ATen path runs.
+
+Layout: ``_build`` (targets, compile, cache), ``_guard`` (the measurement), ``_runtime`` (the switches, the
+library loaded on first use, the verdicts), ``_ops`` (the entry points the nets call).
+"""
+
+from __future__ import annotations
+
+from ._build import ISAS, supported_isas
+from ._guard import KERNELS, MIN_SPEEDUP
+from ._ops import (
+    ADAFAC_MAX_HIDDEN,
+    ADAFAC_MAX_MOMENTA,
+    adafac_direction,
+    adafac_state_sumsq,
+    elu_,
+    lstm_cell_into,
+    mlp_feature_mean_square,
+    mlp_update,
+)
+from ._runtime import (
+    RULE_KERNELS,
+    available,
+    build_error,
+    enabled,
+    enabled_as,
+    forced,
+    guard,
+    isa,
+    library_path,
+    report,
+    serves,
+    set_enabled,
+    uses,
+    vector_lanes,
+)
+
+__all__ = [
+    "available",
+    "enabled",
+    "set_enabled",
+    "enabled_as",
+    "lstm_cell_into",
+    "elu_",
+    "mlp_feature_mean_square",
+    "mlp_update",
+    "adafac_state_sumsq",
+    "adafac_direction",
+    "ADAFAC_MAX_MOMENTA",
+    "ADAFAC_MAX_HIDDEN",
+    "build_error",
+    "isa",
+    "supported_isas",
+    "ISAS",
+    "KERNELS",
+    "RULE_KERNELS",
+    "MIN_SPEEDUP",
+    "forced",
+    "uses",
+    "serves",
+    "guard",
+    "report",
+    "library_path",
+    "vector_lanes",
+]

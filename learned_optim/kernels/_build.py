@@ -1,0 +1,192 @@
+"""Building the native kernels: the instruction-set targets, the CPU's flags, the compile into the cache folder
+and the ``ctypes`` signatures of the library (see :mod:`learned_optim.kernels`)."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger("learned_optim.kernels")
+
+SOURCE_DIR = Path(__file__).resolve().parent.parent / "csrc"
+FLAGS = ["-O3", "-ffp-contract=fast", "-fno-math-errno", "-fPIC", "-shared", "-std=gnu++17", "-pthread", "-Wno-psabi"]
+
+#: The instruction-set targets, best first: compiler flags and the CPU flags (``/proc/cpuinfo``) they need.
+ISAS: dict[str, tuple[list[str], frozenset[str]]] = {
+    "avx512": (
+        ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"],
+        frozenset({"avx512f", "avx512dq", "avx512bw", "avx512vl", "avx2", "fma", "f16c"}),
+    ),
+    "avx2": (["-mavx2", "-mfma", "-mf16c"], frozenset({"avx2", "fma", "f16c"})),
+    "portable": ([], frozenset()),
+}
+
+
+def cache_dir() -> Path:
+    """Where the built libraries and their guard records live (``$LEARNED_OPTIM_CACHE/kernels``, else the XDG
+    cache folder)."""
+    root = os.environ.get("LEARNED_OPTIM_CACHE")
+    if root:
+        return Path(root) / "kernels"
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg) / "learned_optim" / "kernels"
+
+
+def _cpuinfo(prefixes: tuple[str, ...]) -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(prefixes):
+                return line.split(":", 1)[-1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def cpu_flags() -> str:
+    """The CPU's feature flags (``/proc/cpuinfo``), or what ``platform`` knows."""
+    return _cpuinfo(("flags", "Features")) or platform.processor()
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` knows."""
+    return _cpuinfo(("model name",)) or platform.processor() or platform.machine()
+
+
+def supported_isas() -> list[str]:
+    """The targets of :data:`ISAS` this CPU can execute, best first (``portable`` always)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ["portable"]
+    flags = set(cpu_flags().split())
+    return [name for name, (_, needs) in ISAS.items() if needs <= flags]
+
+
+def requested_isa() -> str:
+    """``$LEARNED_OPTIM_ISA`` if set (validated against the CPU), else the best supported target."""
+    supported = supported_isas()
+    wanted = os.environ.get("LEARNED_OPTIM_ISA", "").strip().lower()
+    if not wanted:
+        return supported[0]
+    if wanted not in ISAS:
+        raise ValueError(f"LEARNED_OPTIM_ISA={wanted!r} is not one of {sorted(ISAS)}")
+    if wanted not in supported:
+        raise ValueError(f"LEARNED_OPTIM_ISA={wanted!r}, but this CPU only runs {supported}")
+    return wanted
+
+
+def compile_library(compiler: str, flags: list[str], target: Path) -> None:
+    """Compile every ``csrc/*.cpp`` into the shared library ``target`` (written atomically)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        sources = [str(f) for f in sorted(SOURCE_DIR.glob("*.cpp"))]
+        subprocess.run(
+            [compiler, *flags, f"-I{SOURCE_DIR}", "-o", tmp, *sources],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        os.replace(tmp, target)  # atomic: concurrent builders never load a half-written file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def build() -> tuple[ctypes.CDLL, Path, str]:
+    """Build (or find in the cache) the library for :func:`requested_isa` and declare its functions' signatures;
+    returns the library, its file and its ISA. Raises ``RuntimeError`` when there is no compiler or it fails."""
+    target_isa = requested_isa()
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    if compiler is None:
+        raise RuntimeError(f"no C++ compiler found (looked for {os.environ.get('CXX', 'c++')!r}; set $CXX)")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    source = b"\0".join(f.name.encode() + f.read_bytes() for f in sorted(SOURCE_DIR.glob("*.[ch]*")))
+    flags = FLAGS + ISAS[target_isa][0]
+    key = hashlib.sha256(
+        b"\0".join(
+            [
+                source,
+                version.encode(),
+                " ".join(flags).encode(),
+                platform.machine().encode(),
+                cpu_model().encode(),
+                cpu_flags().encode(),
+            ]
+        )
+    ).hexdigest()[:16]
+    target = cache_dir() / f"learned_optim-{key}.so"
+    try:
+        if not target.exists():
+            logger.info("learned_optim: compiling native kernels (%s) into %s", target_isa, target)
+            compile_library(compiler, flags, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as err:
+        detail = getattr(err, "stderr", None) or err
+        message = f"building the native kernels failed: {' '.join(flags)}: {str(detail).strip()[-400:]}"
+        raise RuntimeError(message) from err
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn = lib.lo_lstm_cell_f32
+    fn.argtypes = [i64, i64, i64, ptr, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, i64, ptr, i64, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    lib.lo_elu_f32.argtypes = [i64, ptr, ctypes.c_int]
+    lib.lo_elu_f32.restype = None
+    f32, c_int = ctypes.c_float, ctypes.c_int
+    lib.lo_mlp_feature_sumsq_f32.argtypes = [i64, c_int, ptr, ptr, ptr, ptr, ptr, f32, ptr, c_int]
+    lib.lo_mlp_feature_sumsq_f32.restype = c_int
+    lib.lo_mlp_update_f32.argtypes = [
+        i64,
+        c_int,
+        c_int,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+        f32,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+        f32,
+        f32,
+        ptr,
+        ptr,
+        ptr,
+        c_int,
+    ]
+    lib.lo_mlp_update_f32.restype = c_int
+    lib.lo_mlp_feature_sumsq_segments_f32.argtypes = [i64, ptr, *lib.lo_mlp_feature_sumsq_f32.argtypes[1:]]
+    lib.lo_mlp_feature_sumsq_segments_f32.restype = c_int
+    lib.lo_mlp_update_segments_f32.argtypes = [i64, ptr, *lib.lo_mlp_update_f32.argtypes[1:]]
+    lib.lo_mlp_update_segments_f32.restype = c_int
+    lib.lo_adafac_state_sumsq_f32.argtypes = [i64, i64, c_int, *[ptr] * 7, f32, f32, f32, ptr, ptr, ptr, c_int]
+    lib.lo_adafac_state_sumsq_f32.restype = c_int
+    lib.lo_adafac_direction_f32.argtypes = [
+        i64,
+        i64,
+        c_int,
+        *[ptr] * 4,
+        f32,
+        f32,
+        ptr,
+        ptr,
+        c_int,
+        c_int,
+        *[ptr] * 6,
+        f32,
+        ptr,
+        ptr,
+        c_int,
+    ]
+    lib.lo_adafac_direction_f32.restype = c_int
+    lib.lo_vector_lanes.argtypes = []
+    lib.lo_vector_lanes.restype = c_int
+    return lib, target, target_isa

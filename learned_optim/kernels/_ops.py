@@ -1,0 +1,375 @@
+"""The kernels' entry points: each checks that its kernel applies to the tensors (dtype, device, layout, sizes)
+and is to run here, calls it, and otherwise returns the signal for the ATen path (see
+:mod:`learned_optim.kernels`)."""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from ._runtime import library_for
+
+
+def _threads(n: int) -> int:
+    return torch.get_num_threads() if n >= 4096 else 1
+
+
+def _cpu_f32(*tensors: Tensor) -> bool:
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+
+
+def _flat_f32(*tensors: Tensor) -> bool:
+    return _cpu_f32(*tensors) and all(t.is_contiguous() for t in tensors)
+
+
+def _rows_ok(t: Tensor, n: int) -> bool:
+    return t.dim() == 2 and t.shape[0] == n and _cpu_f32(t) and (t.stride(1) == 1 or t.shape[1] == 1)
+
+
+def lstm_cell_into(x: Tensor, h: Tensor, c: Tensor, weight: Tensor, bias: Tensor, h_out: Tensor, c_out: Tensor) -> bool:
+    r"""Run the fused LSTM cell into ``h_out, c_out`` if the kernel applies; return whether it ran.
+
+    ``weight`` is ``[W_ih, W_hh]`` ``(4H, I + H)`` and ``bias`` ``b_ih + b_hh`` ``(4H,)``, both with the
+    ``g``-gate rows already doubled (see :func:`learned_optim.nets.cells.lstm_cell`). Applies to float32
+    CPU tensors whose rows are contiguous (any row stride) when no autograd graph is being recorded;
+    the outputs must not overlap the inputs of *other* rows. Uses ``torch.get_num_threads()`` threads.
+    """
+    n, hidden = h.shape[0], h.shape[-1]
+    if not (all(_rows_ok(t, n) for t in (x, h, c, h_out, c_out)) and _cpu_f32(weight, bias)):
+        return False
+    lib = library_for("lstm_cell")
+    if lib is None:
+        return False
+    weight, bias = weight.contiguous(), bias.contiguous()
+    threads = _threads(n)
+    status = lib.lo_lstm_cell_f32(
+        n,
+        x.shape[1],
+        hidden,
+        x.data_ptr(),
+        x.stride(0),
+        h.data_ptr(),
+        h.stride(0),
+        c.data_ptr(),
+        c.stride(0),
+        weight.data_ptr(),
+        bias.data_ptr(),
+        h_out.data_ptr(),
+        h_out.stride(0),
+        c_out.data_ptr(),
+        c_out.stride(0),
+        threads,
+    )
+    return status == 0
+
+
+def elu_(z: Tensor) -> Tensor:
+    r"""ELU (:math:`\alpha = 1`) in place: :math:`z` for :math:`z > 0`, else :math:`e^z - 1`.
+
+    The native kernel for contiguous float32 CPU tensors, ``torch.nn.functional.elu_`` otherwise
+    (or when the kernels are off or unavailable). For inference only: records no autograd graph.
+    """
+    lib = library_for("elu") if _flat_f32(z) else None
+    if lib is None:
+        return torch.nn.functional.elu_(z)
+    lib.lo_elu_f32(z.numel(), z.data_ptr(), _threads(z.numel()))
+    return z
+
+
+def _offsets(sizes: tuple[int, ...] | None, n: int) -> Tensor:
+    """int64 segment offsets ``[0, n_1, n_1 + n_2, ..., n]`` (one segment of ``n`` rows when ``sizes`` is None)."""
+    if sizes is None:
+        return torch.tensor([0, n], dtype=torch.int64)
+    return torch.tensor([0, *sizes], dtype=torch.int64).cumsum_(0)
+
+
+def mlp_feature_mean_square(
+    grad: Tensor,
+    param: Tensor,
+    m: Tensor,
+    v: Tensor,
+    decay: Tensor,
+    eps: float,
+    sizes: tuple[int, ...] | None = None,
+) -> Tensor | None:
+    r"""Mean over coordinates of each MLP feature's square (``MLPUpdate.tensor_stats``), or ``None``.
+
+    ``grad, param`` ``(n,)``, ``m, v`` ``(n, D)`` the moments *before* this step's EMA update, ``decay``
+    ``(D,)``. ``sizes``: the rows are that many tensors packed one after the other (``sum(sizes) <= n``;
+    rows past the last are ignored); the result is then ``(len(sizes), 2 + 4D)``, each row the bits the call
+    on that tensor alone gives. ``None`` when the kernel does not apply (not contiguous float32 CPU,
+    ``D > 8``, kernels off, unavailable or not faster here); the caller then computes it with ATen.
+    """
+    lib = library_for("mlp") if _flat_f32(grad, param, m, v, decay) and m.dim() == 2 and grad.numel() > 0 else None
+    if lib is None:
+        return None
+    n, d = m.shape
+    offsets = _offsets(sizes, n)
+    k = offsets.numel() - 1
+    if int(offsets[-1]) > n or (sizes is not None and min(sizes) < 1):
+        raise ValueError(f"segment sizes {sizes} do not fit {n} rows (each must be >= 1)")
+    out = torch.empty(k, 2 + 4 * d, dtype=torch.float64)
+    status = lib.lo_mlp_feature_sumsq_segments_f32(
+        k,
+        offsets.data_ptr(),
+        d,
+        grad.data_ptr(),
+        param.data_ptr(),
+        m.data_ptr(),
+        v.data_ptr(),
+        decay.data_ptr(),
+        eps,
+        out.data_ptr(),
+        _threads(n),
+    )
+    if status:
+        return None
+    means = (out / offsets.diff().unsqueeze(1)).to(torch.float32)
+    return means if sizes is not None else means[0]
+
+
+def mlp_update(
+    grad: Tensor,
+    param: Tensor,
+    m: Tensor,
+    v: Tensor,
+    decay: Tensor,
+    eps: float,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    magnitude_scale: float,
+    step_scale: float,
+    out: Mapping[str, Tensor] | None = None,
+    sizes: tuple[int, ...] | None = None,
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    r"""The MLP rule's ``(delta, m', v')`` for one hidden layer (``MLPUpdate.forward``), or ``None``.
+
+    ``w1`` ``(H, 2 + 4D)`` with the feature normalisation folded into its columns and ``b1`` ``(H,)``
+    with the time features folded in; ``w2`` ``(2, H)``, ``b2`` ``(2,)``. ``out``: optional ``{"m", "v"}``
+    tensors to write ``m', v'`` into (they may be ``m, v`` themselves). ``sizes``: the rows are that many
+    tensors packed one after the other, and ``w1`` is ``(len(sizes), H, 2 + 4D)``, one per tensor; rows past
+    the last tensor are left unset. ``None`` when the kernel does not apply; the caller then computes it
+    with ATen.
+    """
+    lib = library_for("mlp") if _flat_f32(grad, param, m, v, decay) and m.dim() == 2 else None
+    if lib is None:
+        return None
+    n, d = m.shape
+    offsets = _offsets(sizes, n)
+    k = offsets.numel() - 1
+    if int(offsets[-1]) > n or w1.dim() != (2 if sizes is None else 3) or (sizes is not None and w1.shape[0] != k):
+        raise ValueError(f"mlp_update: segment sizes {sizes} and first-layer weights {tuple(w1.shape)} do not match")
+    w1, b1, w2, b2 = (t.detach().to(torch.float32).contiguous() for t in (w1, b1, w2, b2))
+    delta = torch.empty_like(grad)
+    m_new, v_new = (
+        (out["m"], out["v"])
+        if out is not None and _flat_f32(out["m"], out["v"])
+        else (torch.empty_like(m), torch.empty_like(v))
+    )
+    status = lib.lo_mlp_update_segments_f32(
+        k,
+        offsets.data_ptr(),
+        d,
+        w1.shape[-2],
+        grad.data_ptr(),
+        param.data_ptr(),
+        m.data_ptr(),
+        v.data_ptr(),
+        decay.data_ptr(),
+        eps,
+        w1.data_ptr(),
+        b1.data_ptr(),
+        w2.data_ptr(),
+        b2.data_ptr(),
+        magnitude_scale,
+        step_scale,
+        delta.data_ptr(),
+        m_new.data_ptr(),
+        v_new.data_ptr(),
+        _threads(n),
+    )
+    return None if status else (delta, m_new, v_new)
+
+
+#: What the ``adafac_mlp`` kernel handles (``csrc/adafac.cpp``): momenta :math:`J` (``4 + 4J`` dense
+#: features) and the MLP's hidden size; beyond them its wrappers return ``None`` (the ATen path runs).
+ADAFAC_MAX_MOMENTA = 8
+ADAFAC_MAX_HIDDEN = 32
+
+
+def _pointers(tensors: Sequence[Tensor]) -> ctypes.Array[ctypes.c_void_p]:
+    """The tensors' data pointers as a C ``float* const*`` array."""
+    return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
+
+
+def _adafac_view(
+    grad: Tensor, vectors: Sequence[Tensor], row_factor: Tensor, col_factor: Tensor, j: int
+) -> tuple[int, int] | None:
+    """The ``(rows, cols)`` view of an ``adafac_mlp`` kernel call (``ValueError`` on shapes that do not fit),
+    or ``None`` when the kernel does not apply to these tensors (dtype, device, layout, ``J``)."""
+    n = grad.numel()
+    if row_factor.dim() != 2 or col_factor.dim() != 2 or row_factor.shape[0] != j or col_factor.shape[0] != j:
+        raise ValueError(
+            f"adafac kernel: row_factor {tuple(row_factor.shape)} and col_factor {tuple(col_factor.shape)} "
+            f"must be (J, rows) and (J, cols) with J = {j} momenta"
+        )
+    rows, cols = row_factor.shape[1], col_factor.shape[1]
+    if rows * cols != n or any(t.dim() != 1 or t.numel() != n for t in (grad, *vectors)):
+        shapes = [tuple(t.shape) for t in (grad, *vectors)]
+        raise ValueError(f"adafac kernel: vectors {shapes} must all be ({n},) and rows * cols = {rows} * {cols} = {n}")
+    if not (_flat_f32(grad, *vectors, row_factor, col_factor) and 1 <= j <= ADAFAC_MAX_MOMENTA and n > 0):
+        return None
+    return rows, cols
+
+
+def adafac_state_sumsq(
+    grad: Tensor,
+    param: Tensor,
+    m: Sequence[Tensor],
+    v: Tensor,
+    m_out: Sequence[Tensor],
+    v_out: Tensor,
+    beta: Sequence[float],
+    beta_v: float,
+    v_correction: float,
+    eps: float,
+    row_factor: Tensor,
+    col_factor: Tensor,
+) -> Tensor | None:
+    r"""Pass 1 of ``AdafacMLP``'s inference step (the new state and the features' sums of squares), or ``None``.
+
+    The tensor is its ``(rows, cols)`` matrix view, flat in row-major order: ``grad``, ``param``, ``v`` and
+    the :math:`J` momenta ``m`` are ``(rows * cols,)`` vectors. Writes
+
+    .. math:: m_j' = m_j + (1-\beta_j)(g - m_j),\qquad v' = \beta_v v + (1-\beta_v)\,g^2
+
+    into ``m_out``, ``v_out`` (they may be ``m``, ``v`` themselves: in place) and returns the ``(4 + 4J,)``
+    float64 sums over the tensor of the squares of the raw dense features (the rows of
+    ``AdafacMLP.features``' blocks, without its ``scale``)
+
+    .. math:: u = \big[g,\ \theta,\ m_j',\ v',\ m_j' s,\ s,\ g\,\phi_k,\ m_k' \phi_k\big],\qquad
+        s = (k_v v' + \epsilon)^{-1/2},\qquad \phi_k(r, c) = a_{kr}\, e_{kc}
+
+    with :math:`k_v` = ``v_correction`` (:math:`1/(1-\beta_v^t)`), ``row_factor`` :math:`a` ``(J, rows)`` and
+    ``col_factor`` :math:`e` ``(J, cols)`` (the factored preconditioner's factors). The sums do not depend on
+    the thread count. ``None`` when the kernel does not apply (not all contiguous float32 CPU tensors,
+    :math:`J` above :data:`ADAFAC_MAX_MOMENTA`, kernels off, unavailable or not faster here): the caller then
+    computes it with ATen.
+    """
+    j = len(beta)
+    if len(m) != j or len(m_out) != j:
+        raise ValueError(f"adafac_state_sumsq: {len(m)} momenta and {len(m_out)} outputs for {j} decays")
+    view = _adafac_view(grad, [param, *m, v, *m_out, v_out], row_factor, col_factor, j)
+    lib = library_for("adafac_mlp") if view is not None else None
+    if lib is None or view is None:
+        return None
+    rows, cols = view
+    out = torch.empty(4 + 4 * j, dtype=torch.float64)
+    status = lib.lo_adafac_state_sumsq_f32(
+        rows,
+        cols,
+        j,
+        grad.data_ptr(),
+        param.data_ptr(),
+        _pointers(m),
+        v.data_ptr(),
+        _pointers(m_out),
+        v_out.data_ptr(),
+        (ctypes.c_float * j)(*beta),
+        beta_v,
+        v_correction,
+        eps,
+        row_factor.data_ptr(),
+        col_factor.data_ptr(),
+        out.data_ptr(),
+        _threads(grad.numel()),
+    )
+    return None if status else out
+
+
+def adafac_direction(
+    grad: Tensor,
+    param: Tensor,
+    m: Sequence[Tensor],
+    v: Tensor,
+    v_correction: float,
+    eps: float,
+    row_factor: Tensor,
+    col_factor: Tensor,
+    weight: Tensor,
+    row_term: Tensor,
+    col_term: Tensor,
+    layers: Sequence[tuple[Tensor, Tensor]],
+    out: Tensor | None = None,
+) -> tuple[Tensor, float] | None:
+    r"""Pass 2 of ``AdafacMLP``'s inference step (the raw direction and its sum of squares), or ``None``.
+
+    From the *new* state ``m``, ``v`` (as :func:`adafac_state_sumsq` wrote it) the same raw features
+    :math:`u` (``4 + 4J`` per coordinate), then the MLP per coordinate :math:`(r, c)` of the
+    ``(rows, cols)`` view:
+
+    .. math:: h_1 = \mathrm{relu}\big(W u + t^{\mathrm{row}}_{:, r} + t^{\mathrm{col}}_{:, c}\big),\quad
+        h_l = \mathrm{relu}(W_l h_{l-1} + b_l),\quad d = w_o^\top h + b_o
+
+    with ``weight`` :math:`W` ``(H, 4 + 4J)`` (the per-tensor feature normalisation folded into its
+    columns), ``row_term`` ``(H, rows)`` and ``col_term`` ``(H, cols)`` (the first layer's bias and its
+    row and column features: ``AdafacMLP._first_layer``), and ``layers`` the ``(weight, bias)`` of the
+    MLP's later layers: hidden ``(H, H), (H,)``, then the output ``(1, H), (1,)``. Writes :math:`d` into
+    ``out`` (a new vector if ``None``) and returns ``(d, sum of d^2)`` (float64 sum, independent of the thread
+    count). ``None`` when the kernel does not apply (as :func:`adafac_state_sumsq`, or ``H`` above
+    :data:`ADAFAC_MAX_HIDDEN`): the caller then computes it with ATen.
+    """
+    j = len(m)
+    direction = torch.empty_like(grad) if out is None else out
+    view = _adafac_view(grad, [param, *m, v, direction], row_factor, col_factor, j)
+    hidden = weight.shape[0]
+    *inner, (w_out, b_out) = layers
+    if weight.shape != (hidden, 4 + 4 * j) or row_term.shape != (hidden, row_factor.shape[1]):
+        raise ValueError(f"adafac_direction: weight {tuple(weight.shape)}, row_term {tuple(row_term.shape)} do not fit")
+    if col_term.shape != (hidden, col_factor.shape[1]) or w_out.shape != (1, hidden) or b_out.shape != (1,):
+        raise ValueError(f"adafac_direction: col_term {tuple(col_term.shape)} or output layer {tuple(w_out.shape)}")
+    if any(w.shape != (hidden, hidden) or b.shape != (hidden,) for w, b in inner):
+        raise ValueError(f"adafac_direction: hidden layers must be ({hidden}, {hidden}) with ({hidden},) biases")
+    supported = view is not None and hidden <= ADAFAC_MAX_HIDDEN and _cpu_f32(weight, row_term, col_term)
+    lib = library_for("adafac_mlp") if supported else None
+    if lib is None or view is None:
+        return None
+    rows, cols = view
+
+    def flat(tensors: list[Tensor]) -> Tensor:
+        return torch.cat([t.detach().reshape(-1) for t in tensors]).float() if tensors else grad.new_zeros(1)
+
+    weight, row_term, col_term = (t.detach().float().contiguous() for t in (weight, row_term, col_term))
+    inner_w, inner_b, w_out = flat([w for w, _ in inner]), flat([b for _, b in inner]), flat([w_out])
+    sumsq = ctypes.c_double()
+    status = lib.lo_adafac_direction_f32(
+        rows,
+        cols,
+        j,
+        grad.data_ptr(),
+        param.data_ptr(),
+        _pointers(m),
+        v.data_ptr(),
+        v_correction,
+        eps,
+        row_factor.data_ptr(),
+        col_factor.data_ptr(),
+        hidden,
+        len(layers),
+        weight.data_ptr(),
+        row_term.data_ptr(),
+        col_term.data_ptr(),
+        inner_w.data_ptr(),
+        inner_b.data_ptr(),
+        w_out.data_ptr(),
+        float(b_out),
+        direction.data_ptr(),
+        ctypes.byref(sumsq),
+        _threads(grad.numel()),
+    )
+    return None if status else (direction, sumsq.value)
