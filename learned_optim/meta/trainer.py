@@ -46,11 +46,12 @@ import torch
 from torch import Tensor
 
 from .._numerics import derive_seed, seeded_generator
-from ..hub import load_rule, model_card, parent_record, save_pretrained
+from ..hub import load_rule, parent_record, save_pretrained
 from ..nets.base import UpdateRule, build_rule
 from ..objectives import meta_objective
 from ..tasks.base import Task, TaskFamily
 from ..tasks.registry import make_task_family
+from .card import meta_training_card
 from .checkpoint import (
     latest_checkpoint,
     optimizer_from_tensors,
@@ -738,90 +739,5 @@ class MetaTrainer:
             training=training,
             # the lr the net was meta-trained with (unroll.lr; else the family's default: 1.0 for step multipliers)
             optimizer_defaults={"lr": cfg.unroll.lr if cfg.unroll.lr is not None else self.rule.default_lr},
-            card=self._card(training),
+            card=meta_training_card(cfg, training, self.rule),
         )
-
-    def _card(self, training: Mapping[str, Any]) -> str:
-        cfg, meta = self.config, training["meta_training"]
-        lines: list[str] = []
-        if cfg.description:
-            lines += [cfg.description, ""]
-        seconds = float(meta["wall_time_seconds"])
-        hours, rest = divmod(int(seconds), 3600)
-        wall = f"{seconds:.1f} s" if seconds < 60 else f"{hours}h{rest // 60:02d}m{rest % 60:02d}s"
-        lines += [
-            "## Meta-training",
-            "",
-            f"Meta-trained on the `{cfg.task.family}` task family with `learned_optim.meta` "
-            f"({self.meta_steps} meta-steps, {self.meta_epochs} trajectories; finished: {self.finish_reason}).",
-            "",
-            "Command (from the repository root):",
-            "",
-            "```bash",
-            meta["command"],
-            "```",
-            "",
-            f"- Wall time: {wall} on {meta['hardware']['device']} "
-            f"({meta['hardware']['cpu_count']} CPU cores visible, {meta['hardware']['torch_threads']} torch threads)",
-        ]
-        if cfg.expected_time:
-            lines.append(f"- Expected time of this recipe: {cfg.expected_time}")
-        if meta["resumed_with"]:
-            lines.append(f"- Interrupted and resumed {len(meta['resumed_with'])} time(s)")
-        lines += [
-            f"- Meta-optimizer: {self.meta_optimizer_name}, lr {self.meta_lr:g}"
-            + (f", gradient clipping {cfg.meta_optimizer.grad_clip:g}" if cfg.meta_optimizer.grad_clip else ""),
-            f"- Objective: `{cfg.objective.kind}` on `{cfg.objective.split}` losses; segments of "
-            f"{cfg.unroll.segment_length} steps",
-            "",
-        ]
-        if training.get("parent"):
-            parent = training["parent"]
-            lines += [
-                "## Parent",
-                "",
-                f"Fine-tuned from `{parent['init_from']}` "
-                f"(zoo name: {parent.get('name')!s}, family `{parent.get('family')}`), keeping its architecture.",
-                "",
-            ]
-        if cfg.regularizers:
-            lines += [
-                "## Flatness regularizers",
-                "",
-                "Meta-loss terms added during meta-training only (`learned_optim.meta.regularizers`); at "
-                "meta-test time the optimizer costs the same per step as an unregularized one. Smoothing of "
-                f"the net: {'on' if any(b.get('kind') == 'smoothing' for b in cfg.regularizers) else 'off'}.",
-                "",
-                "| kind | weight | where | settings |",
-                "|---|---|---|---|",
-            ]
-            from .regularizers import parse_blocks
-
-            for block in parse_blocks(cfg.regularizers):
-                fields = block.to_dict()
-                settings = {k: v for k, v in fields.items() if k not in ("kind", "weight", "where", "name")}
-                lines.append(
-                    f"| {fields['kind']} | {fields['weight']:g} | {fields['where']} | "
-                    f"{', '.join(f'{k}={v}' for k, v in settings.items())} |"
-                )
-            lines.append("")
-        lines += ["## Final meta-training metrics", "", "| metric | value |", "|---|---|"]
-        for key, value in meta["metrics"].items():
-            if isinstance(value, float):
-                value = f"{value:.6g}"
-            elif isinstance(value, Mapping):
-                value = ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items())
-            lines.append(f"| {key} | {value} |")
-        lines += [
-            "",
-            "## Evaluation",
-            "",
-            "No meta-test results recorded yet.",
-            "",
-            "## Config",
-            "",
-            "```json",
-            json.dumps(cfg.to_dict(), indent=2),
-            "```",
-        ]
-        return model_card({"name": cfg.name, "family": self.rule.family, "net": self.rule.config.to_dict()}, lines)
