@@ -15,7 +15,7 @@ from .data import DataRootError
 from .evaluate import parse_names
 from .report import write_report
 from .run import LR_RULES, UnknownOptimizerError
-from .suite import BASELINE_NAMES, SuiteResults, card_key, run_suite
+from .suite import BASELINE_NAMES, DEFAULT_BASELINES, SuiteResults, card_key, run_suite
 from .tasks import QUICK, TASKS, UnknownTaskError, tasks_markdown
 
 __all__ = ["build_parser", "main", "print_report"]
@@ -47,8 +47,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser.add_argument(
         "--baselines",
         type=parse_names,
-        default=list(BASELINE_NAMES),
-        help=f"comma-separated baselines among {', '.join(BASELINE_NAMES)} (adamw always runs: it is the reference)",
+        default=list(DEFAULT_BASELINES),
+        help=f"comma-separated baselines among {', '.join(BASELINE_NAMES)} (default {','.join(DEFAULT_BASELINES)}; "
+        "adamw always runs: it is the reference)",
     )
     parser.add_argument(
         "--lr-rule",

@@ -6,7 +6,13 @@ of one separate tuning seed with the same budget (the task's full horizon per gr
 * ``adamw``: ``torch.optim.AdamW`` with a linear warm-up over the first 5% of the steps then a cosine
   decay to 0 (:func:`lr_factor`), tuned over lr x weight decay;
 * ``adam``: ``torch.optim.Adam`` at a constant lr, tuned over lr;
-* ``sgd-momentum``: ``torch.optim.SGD`` with momentum 0.9 at a constant lr, tuned over lr.
+* ``sgd-momentum``: ``torch.optim.SGD`` with momentum 0.9 at a constant lr, tuned over lr;
+* the flatness-seeking baselines, on request (``--baselines``; the seeds' comparisons): ``sam`` (SAM,
+  :math:`\rho` 0.05), ``gsam`` (GSAM, :math:`\rho` 0.05, :math:`\alpha` 0.4) and ``gam`` (GAM, the reference
+  CIFAR settings), each over SGD with momentum 0.9, and ``entropy-sgd`` (Entropy-SGD, 20 SGLD steps), all with
+  AdamW's warm-up and cosine schedule, tuned over lr (:func:`learned_optim.bench.baselines.sam` and the others:
+  2, 2, 4 and 20 gradients per step). Their second pass updates a BatchNorm model's running statistics
+  again (``digits-resnet-bn``), as ``pytorch_optimizer``'s SAM and GSAM do when not told otherwise.
 
 **Learned optimizers** (zoo name, checkpoint folder or Hub id) run under one or more *lr rules*:
 
@@ -50,7 +56,7 @@ from torch.optim import Optimizer
 from ..hub import WEIGHTS_NAME, read_config
 from ..optimizer import NonFiniteGradientError
 from . import stats
-from .baselines import BASELINES
+from .baselines import BASELINES, ENTROPY_SGD_GRID
 from .specs import resolve_optimizer
 from .stats import mean_confidence_interval
 from .tasks import Workload
@@ -105,11 +111,15 @@ FULL_GRIDS: dict[str, Grid] = {
     "adamw": Grid((3e-4, 1e-3, 3e-3, 1e-2, 3e-2), (0.0, 0.1), "cosine"),
     "adam": Grid((3e-4, 1e-3, 3e-3, 1e-2, 3e-2)),
     "sgd-momentum": Grid((3e-3, 1e-2, 3e-2, 1e-1, 3e-1)),
+    **dict.fromkeys(("sam", "gsam", "gam"), Grid((3e-3, 1e-2, 3e-2, 1e-1, 3e-1), schedule="cosine")),
+    "entropy-sgd": Grid(ENTROPY_SGD_GRID, schedule="cosine"),
 }
 QUICK_GRIDS: dict[str, Grid] = {
     "adamw": Grid((1e-3, 1e-2), (0.0, 0.1), "cosine"),
     "adam": Grid((1e-3, 1e-2)),
     "sgd-momentum": Grid((3e-2, 3e-1)),
+    **dict.fromkeys(("sam", "gsam", "gam"), Grid((3e-2, 3e-1), schedule="cosine")),
+    "entropy-sgd": Grid((1.0, 0.1), schedule="cosine"),
 }
 QUICK_LEARNED_LR_MULTIPLIERS: tuple[float, ...] = (0.3, 1.0)
 
@@ -173,11 +183,20 @@ class BenchOptimizer:
         return Setting(self.name, self.default_lr, self.default_weight_decay, self.default_schedule)
 
 
-_BASELINE_CLASSES = {"adamw": ("adamw", {}), "adam": ("adam", {}), "sgd-momentum": ("sgd", {"momentum": 0.9})}
+#: The suite's baselines: name -> (the :data:`.baselines.BASELINES` entry, its fixed keyword arguments).
+_BASELINE_CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
+    "adamw": ("adamw", {}),
+    "adam": ("adam", {}),
+    "sgd-momentum": ("sgd", {"momentum": 0.9}),
+    "sam": ("sam", {"momentum": 0.9}),
+    "gsam": ("gsam", {"momentum": 0.9}),
+    "gam": ("gam", {"momentum": 0.9}),
+    "entropy-sgd": ("entropy-sgd", {}),
+}
 
 
 def baseline_optimizer(name: str) -> BenchOptimizer:
-    """``adamw``, ``adam`` or ``sgd-momentum``, built from the class in :data:`.baselines.BASELINES`."""
+    """A suite baseline by name (see the module docstring), built from its :data:`.baselines.BASELINES` entry."""
     if name not in _BASELINE_CLASSES:
         raise UnknownOptimizerError(f"unknown baseline {name!r}; the suite's baselines: {', '.join(_BASELINE_CLASSES)}")
     registered, extra = _BASELINE_CLASSES[name]

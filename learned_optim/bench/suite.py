@@ -45,10 +45,13 @@ from .run import (
 )
 from .tasks import QUICK, QUICK_STEPS_FRACTION, TASKS, Workload, get_task
 
-__all__ = ["REFERENCE", "BASELINE_NAMES", "Contender", "SuiteResults", "run_suite", "card_key"]
+__all__ = ["REFERENCE", "BASELINE_NAMES", "DEFAULT_BASELINES", "Contender", "SuiteResults", "run_suite", "card_key"]
 
 REFERENCE = "adamw"
-BASELINE_NAMES = ("adamw", "adam", "sgd-momentum")
+#: Every baseline the suite knows (see :mod:`learned_optim.bench.run`), and the ones it runs by default (the
+#: flatness-seeking ones cost 2-20 gradients per step).
+BASELINE_NAMES = ("adamw", "adam", "sgd-momentum", "sam", "gsam", "gam", "entropy-sgd")
+DEFAULT_BASELINES = ("adamw", "adam", "sgd-momentum")
 
 
 @dataclasses.dataclass
@@ -269,7 +272,7 @@ def run_suite(
     *,
     out: str | os.PathLike,
     tasks: Sequence[str] | None = None,
-    baselines: Sequence[str] = BASELINE_NAMES,
+    baselines: Sequence[str] = DEFAULT_BASELINES,
     lr_rules: Sequence[str] = ("default", "tuned"),
     seeds: int | None = None,
     quick: bool = False,
@@ -288,7 +291,8 @@ def run_suite(
         out: output folder; its ``runs/`` holds one JSON record per finished run (reused on a rerun).
         tasks: task names (default: all of :data:`~learned_optim.bench.tasks.TASKS`, or
             :data:`~learned_optim.bench.tasks.QUICK` with ``quick``).
-        baselines: among ``adamw`` (always run: the reference), ``adam``, ``sgd-momentum``.
+        baselines: among :data:`BASELINE_NAMES` (``adamw`` always runs: the reference); default
+            :data:`DEFAULT_BASELINES`.
         lr_rules: for the learned optimizers, among ``adamw``, ``tuned``, ``default``.
         seeds: evaluation seeds ``0 .. seeds-1`` (default 3, or 1 with ``quick``).
         quick: the quick selection: :data:`QUICK` tasks at :data:`QUICK_STEPS_FRACTION` of their steps,

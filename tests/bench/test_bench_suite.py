@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 
@@ -11,6 +12,7 @@ import torch
 from learned_optim.__main__ import main as cli_main
 from learned_optim.bench import QUICK, run_suite, stats
 from learned_optim.bench import run as brun
+from learned_optim.bench import suite as bsuite
 from learned_optim.bench.cli import main as bench_main
 from learned_optim.bench.tasks import QUICK_STEPS_FRACTION, TASKS
 
@@ -95,6 +97,31 @@ def test_a_tiny_real_run_records_curves_and_finals():
 
 
 # ------------------------------------------------------------------------------------------ the suite
+@pytest.mark.parametrize(
+    ("name", "built_by"), [("sam", "sam"), ("gsam", "gsam"), ("gam", "GAM"), ("entropy-sgd", "EntropySGD")]
+)
+def test_the_flatness_baselines_train_a_real_task(name, built_by):
+    """The SAM family and Entropy-SGD run in the suite's loop (their closure re-evaluates the loss): the
+    training loss falls, the record is finite, and the run key names the optimizer's builder."""
+    w = TASKS["breast-cancer-mlp"].bind(steps=30)
+    optimizer = brun.baseline_optimizer(name)
+    assert optimizer.identity["class"] == f"learned_optim.bench.baselines.{built_by}"
+    grid = brun.FULL_GRIDS[name]
+    assert grid.schedule == "cosine" and len(grid.settings(name)) == 5
+    record = brun.train(w, optimizer, brun.Setting(name, grid.lr[2], 0.0, "cosine"), seed=0)
+    assert record["nonfinite_at"] is None and not record["diverged"]
+    assert record["train_loss"][-1] < record["train_loss"][0]
+    assert math.isfinite(record["final"]["test_loss"])
+
+
+def test_the_suite_runs_the_cheap_baselines_unless_asked():
+    assert inspect.signature(run_suite).parameters["baselines"].default == bsuite.DEFAULT_BASELINES
+    assert bsuite.DEFAULT_BASELINES == ("adamw", "adam", "sgd-momentum")
+    assert set(bsuite.DEFAULT_BASELINES) < set(bsuite.BASELINE_NAMES)
+    with pytest.raises(brun.UnknownOptimizerError, match="sam, gsam, gam, entropy-sgd"):
+        brun.baseline_optimizer("lion")
+
+
 def _fake_train(calls):
     def train(workload, optimizer, setting, seed):
         calls.append((workload.name, workload.steps, setting, seed))
