@@ -69,6 +69,7 @@ __all__ = [
     "Grid",
     "FULL_GRIDS",
     "QUICK_GRIDS",
+    "BASELINE_NAMES",
     "Setting",
     "BenchOptimizer",
     "baseline_optimizer",
@@ -193,12 +194,14 @@ _BASELINE_CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
     "gam": ("gam", {"momentum": 0.9}),
     "entropy-sgd": ("entropy-sgd", {}),
 }
+#: Every baseline the suite knows, by name.
+BASELINE_NAMES: tuple[str, ...] = tuple(_BASELINE_CLASSES)
 
 
 def baseline_optimizer(name: str) -> BenchOptimizer:
     """A suite baseline by name (see the module docstring), built from its :data:`.baselines.BASELINES` entry."""
     if name not in _BASELINE_CLASSES:
-        raise UnknownOptimizerError(f"unknown baseline {name!r}; the suite's baselines: {', '.join(_BASELINE_CLASSES)}")
+        raise UnknownOptimizerError(f"unknown baseline {name!r}; the suite's baselines: {', '.join(BASELINE_NAMES)}")
     registered, extra = _BASELINE_CLASSES[name]
     cls = BASELINES[registered].opt_class
 
@@ -229,7 +232,7 @@ def learned_optimizer(name_or_dir: str) -> BenchOptimizer:
         raise UnknownOptimizerError(
             f"cannot load optimizer {name_or_dir!r}: {str(err).splitlines()[0]}; zoo: "
             f"{', '.join(e['name'] for e in list_pretrained())}; the suite's baselines (--baselines): "
-            f"{', '.join(_BASELINE_CLASSES)}"
+            f"{', '.join(BASELINE_NAMES)}"
         ) from None
     if spec.kind != "learned":
         raise UnknownOptimizerError(f"{name_or_dir!r} is an evaluate baseline; pass it with --baselines instead")

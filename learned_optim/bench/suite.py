@@ -30,6 +30,7 @@ from . import stats
 from .data import stdlib_corpus
 from .report import fmt_ci, json_safe, output_files, write_json
 from .run import (
+    BASELINE_NAMES,
     FULL_GRIDS,
     LR_RULES,
     QUICK_GRIDS,
@@ -48,9 +49,8 @@ from .tasks import QUICK, QUICK_STEPS_FRACTION, TASKS, Workload, get_task
 __all__ = ["REFERENCE", "BASELINE_NAMES", "DEFAULT_BASELINES", "Contender", "SuiteResults", "run_suite", "card_key"]
 
 REFERENCE = "adamw"
-#: Every baseline the suite knows (see :mod:`learned_optim.bench.run`), and the ones it runs by default (the
-#: flatness-seeking ones cost 2-20 gradients per step).
-BASELINE_NAMES = ("adamw", "adam", "sgd-momentum", "sam", "gsam", "gam", "entropy-sgd")
+#: The baselines the suite runs by default, among :data:`BASELINE_NAMES` (the flatness-seeking ones cost 2-20
+#: gradients per step).
 DEFAULT_BASELINES = ("adamw", "adam", "sgd-momentum")
 
 
