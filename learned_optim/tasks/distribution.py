@@ -21,6 +21,13 @@ distribution, for train-by-validation): Gaussian mixtures (``k`` classes in ``d`
 Markov chain over a small vocabulary (each token's successors: a few tokens with Dirichlet weights). None
 of the benchmark suite's tasks or data.
 
+Finite training sets: with ``finite_train_probability`` :math:`p > 0`, each draw, with probability
+:math:`p`, trains on a fixed pool of :math:`n` examples (``train_set_sizes``): drawn once per task from its
+train distribution (for digits, a random subset of the train split); train batches are drawn from the pool,
+val and test batches stay held-out draws. Fitting and generalizing then part ways within a trajectory, so
+train-by-validation rewards steps that generalize rather than steps that memorize the pool; on fresh-draw
+data the two objectives agree in expectation.
+
 Task augmentation (Celo): with ``rescale=(lo, hi)`` each parameter tensor :math:`k` gets a factor
 :math:`s_k` drawn log-uniformly in ``[lo, hi]``; the optimizee's variables are :math:`\phi_k = \theta_k/s_k`
 and the loss is :math:`f(s \odot \phi)`, so gradients scale by :math:`s_k` and parameters by :math:`1/s_k`
@@ -194,6 +201,8 @@ class MetaMixFamily(TaskFamily):
         mixture_data_probability: chance that an ``mlp`` task classifies a Gaussian mixture instead of digits.
         seq_len, vocab: synthetic sequence length and vocabulary size (transformer and GRU).
         rescale: ``(lo, hi)`` range of the log-uniform per-tensor parameter rescaling, or ``None``.
+        finite_train_probability: chance that a draw trains on a finite pool of examples (0: never).
+        train_set_sizes: pool sizes drawn per finite-data task.
         dtype, device: of the data and parameters.
     """
 
@@ -212,6 +221,8 @@ class MetaMixFamily(TaskFamily):
         seq_len: int = 16,
         vocab: int = 16,
         rescale: Sequence[float] | None = None,
+        finite_train_probability: float = 0.0,
+        train_set_sizes: Sequence[int] = (128, 256, 512),
         dtype: torch.dtype | str = torch.float32,
         device: str | torch.device = "cpu",
     ) -> None:
@@ -227,6 +238,10 @@ class MetaMixFamily(TaskFamily):
             raise ValueError("meta-mix: widths (each >= 8), depths and batch_sizes must be non-empty")
         if rescale is not None and not (len(rescale) == 2 and 0 < rescale[0] <= rescale[1]):
             raise ValueError(f"meta-mix: rescale must be (lo, hi) with 0 < lo <= hi, got {rescale}")
+        if not 0.0 <= finite_train_probability <= 1.0:
+            raise ValueError(f"meta-mix: finite_train_probability must be in [0, 1], got {finite_train_probability}")
+        if finite_train_probability > 0 and (not train_set_sizes or min(train_set_sizes) < 1):
+            raise ValueError(f"meta-mix: train_set_sizes must be positive, got {list(train_set_sizes)}")
         self.kind_names = [k for k in KINDS if weights.get(k, 0.0) > 0]
         if not self.kind_names:
             raise ValueError("meta-mix: at least one kind needs a positive weight")
@@ -236,6 +251,7 @@ class MetaMixFamily(TaskFamily):
         self.eval_batch_size, self.mixture_p = int(eval_batch_size), float(mixture_data_probability)
         self.seq_len, self.vocab = int(seq_len), int(vocab)
         self.rescale = None if rescale is None else (float(rescale[0]), float(rescale[1]))
+        self.finite_p, self.train_set_sizes = float(finite_train_probability), [int(n) for n in train_set_sizes]
         self.dtype, self.device = resolve_dtype(dtype), torch.device(device)
         digits = data_lib.load_splits("digits")
         self.digits = {s: (digits[s].x.to(self.dtype), digits[s].y) for s in ("train", "val", "test")}
@@ -288,6 +304,20 @@ class MetaMixFamily(TaskFamily):
 
         return sample
 
+    @staticmethod
+    def _finite_train(sampler: Sampler, size: int, generator: torch.Generator) -> Sampler:
+        """``sampler`` with its train split replaced by a fixed pool of ``size`` of its train examples."""
+        pool_x, pool_y = sampler("train", generator, size)
+        pool_size = len(pool_y)
+
+        def sample(split: str, gen: torch.Generator, batch: int) -> tuple[Tensor, Tensor]:
+            if split != "train":
+                return sampler(split, gen, batch)
+            idx = torch.randperm(pool_size, generator=gen)[: min(batch, pool_size)]
+            return pool_x[idx], pool_y[idx]
+
+        return sample
+
     # ---------------------------------------------------------------------------------------- sampling
     def sample(self, generator: torch.Generator) -> Task:
         kind = self.kind_names[int(torch.multinomial(self.kind_weights, 1, generator=generator))]
@@ -333,6 +363,10 @@ class MetaMixFamily(TaskFamily):
             vocab = self.vocab
             build, loss_kind = (lambda: GRULM(vocab, 16, hidden_size)), "seq_ce"
             name = f"mix-gru{hidden_size}"
+        if self.finite_p > 0 and float(torch.rand((), generator=generator)) < self.finite_p:
+            train_size = int(sample_choice(self.train_set_sizes, generator))
+            sampler = self._finite_train(sampler, train_size, generator)
+            name = f"{name}-n{train_size}"
         task: Task = ModuleTask(
             build,
             sampler,

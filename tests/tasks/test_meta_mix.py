@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -68,3 +70,42 @@ def test_bad_arguments_raise_clear_errors():
         MetaMixFamily(activations=["swish"])
     with pytest.raises(ValueError, match="rescale"):
         MetaMixFamily(rescale=(2.0, 1.0))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "teacher", "transformer", "conv"])
+def test_finite_train_pool_limits_train_batches_and_keeps_val_held_out(kind):
+    family = make_family(
+        "meta-mix", kinds={kind: 1.0}, batch_sizes=[32], finite_train_probability=1.0, train_set_sizes=[48]
+    )
+    task, again = family.sample(gen(0)), family.sample(gen(0))
+    assert task.name.endswith("-n48-b32")
+    seen: set[bytes] = set()
+    data = gen(1)
+    for _ in range(20):
+        x, _ = task.batch("train", data)
+        assert len(x) == 32
+        seen.update(row.numpy().tobytes() for row in x.flatten(1))
+    assert len(seen) <= 48  # every train batch comes from the task's pool of 48 examples
+    x_val, _ = task.batch("val", gen(2))
+    assert not {row.numpy().tobytes() for row in x_val.flatten(1)} <= seen  # val data is not the pool
+    b1, b2 = task.batch("train", gen(3)), again.batch("train", gen(3))
+    assert all(torch.equal(u, v) for u, v in zip(b1, b2, strict=True))  # the pool is a function of the seed
+
+
+def test_finite_train_probability_mixes_pools_and_fresh_data():
+    family = make_family("meta-mix", finite_train_probability=0.5, train_set_sizes=[64, 128])
+    names = [family.sample(gen(s)).name for s in range(40)]
+    sizes = [re.search(r"-n(\d+)-b\d+$", n) for n in names]
+    finite = [int(m.group(1)) for m in sizes if m]
+    assert 5 < len(finite) < 35 and set(finite) == {64, 128}
+    assert (
+        make_family("meta-mix").sample(gen(7)).name
+        == make_family("meta-mix", finite_train_probability=0.0, train_set_sizes=[64]).sample(gen(7)).name
+    )  # off by default: the draws of existing recipes are unchanged
+
+
+def test_finite_train_arguments_are_checked():
+    with pytest.raises(ValueError, match="finite_train_probability"):
+        MetaMixFamily(finite_train_probability=1.5)
+    with pytest.raises(ValueError, match="train_set_sizes"):
+        MetaMixFamily(finite_train_probability=0.5, train_set_sizes=[0])
