@@ -12,6 +12,7 @@ name            what                                                            
                                                                                        evaluations/step
 =============== ===================================================================== ================
 ``sam``         ``pytorch_optimizer.SAM`` over SGD, :math:`\rho` = 0.05 (Foret et al.)  2
+``sam-adamw``   ``pytorch_optimizer.SAM`` over AdamW, :math:`\rho` = 0.05                2
 ``gsam``        ``pytorch_optimizer.GSAM`` over SGD, :math:`\rho` = 0.05,               2
                 :math:`\alpha` = 0.4 (Zhuang et al. 2022)
 ``gam``         :class:`GAM`, written here from Zhang et al. (2023) and the authors'   4
@@ -45,8 +46,10 @@ __all__ = [
     "GAM",
     "EntropySGD",
     "sam",
+    "sam_adamw",
     "gsam",
     "SAM_GRID",
+    "SAM_ADAMW_GRID",
     "ENTROPY_SGD_GRID",
 ]
 
@@ -93,6 +96,8 @@ register_baseline(BaselineInfo("adamw", torch.optim.AdamW, "torch.optim.AdamW, d
 
 #: Learning rates tried for the SGD-based flatness baselines (the harness's default grid).
 SAM_GRID: tuple[float, ...] = DEFAULT_LR_GRID
+#: Learning rates tried for SAM over AdamW: Adam's usual range.
+SAM_ADAMW_GRID: tuple[float, ...] = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4)
 #: Entropy-SGD's outer learning rate multiplies :math:`\theta - \mu` (about ``L * sgld_lr / 2`` gradients),
 #: so its useful range sits higher (the authors used 1 on MNIST).
 ENTROPY_SGD_GRID: tuple[float, ...] = (1.0, 0.3, 0.1, 0.03, 0.01)
@@ -191,6 +196,23 @@ def sam(
     with :math:`g_p`. ``pytorch_optimizer.SAM``; ``step(closure)`` returns the loss at :math:`\theta`."""
     return _sam_class()(
         params, torch.optim.SGD, rho=rho, adaptive=adaptive, lr=lr, momentum=momentum, weight_decay=weight_decay
+    )
+
+
+def sam_adamw(
+    params: Iterable[Any],
+    lr: float = 1e-3,
+    *,
+    rho: float = 0.05,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> Optimizer:
+    r"""SAM over AdamW: :math:`g_p = \nabla L(\theta + \rho g/\|g\|)`, then a ``torch.optim.AdamW`` step
+    (decoupled weight decay) with :math:`g_p` as its gradient: SAM's flatness term on the baseline the learned
+    optimizers are measured against. ``pytorch_optimizer.SAM``; ``step(closure)`` returns the loss at :math:`\theta`."""
+    return _sam_class()(
+        params, torch.optim.AdamW, rho=rho, adaptive=False, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps
     )
 
 
@@ -410,6 +432,12 @@ class EntropySGD(Optimizer):
 # ------------------------------------------------------------------------------------------ registry
 register_baseline(
     BaselineInfo("sam", sam, "pytorch_optimizer.SAM over SGD (rho 0.05); 2 gradients per step", SAM_GRID),
+    overwrite=True,
+)
+register_baseline(
+    BaselineInfo(
+        "sam-adamw", sam_adamw, "pytorch_optimizer.SAM over AdamW (rho 0.05); 2 gradients per step", SAM_ADAMW_GRID
+    ),
     overwrite=True,
 )
 register_baseline(

@@ -11,8 +11,9 @@ of one separate tuning seed with the same budget (the task's full horizon per gr
   :math:`\rho` 0.05), ``gsam`` (GSAM, :math:`\rho` 0.05, :math:`\alpha` 0.4) and ``gam`` (GAM, the reference
   CIFAR settings), each over SGD with momentum 0.9, and ``entropy-sgd`` (Entropy-SGD, 20 SGLD steps), all with
   AdamW's warm-up and cosine schedule, tuned over lr (:func:`learned_optim.bench.baselines.sam` and the others:
-  2, 2, 4 and 20 gradients per step). Their second pass updates a BatchNorm model's running statistics
-  again (``digits-resnet-bn``), as ``pytorch_optimizer``'s SAM and GSAM do when not told otherwise.
+  2, 2, 4 and 20 gradients per step); and ``sam-adamw``, SAM (:math:`\rho` 0.05) over AdamW with AdamW's grid
+  and schedule, the flatness term on the baseline itself. Their second pass updates a BatchNorm model's
+  running statistics again (``digits-resnet-bn``), as ``pytorch_optimizer``'s SAM and GSAM do when not told otherwise.
 
 **Learned optimizers** (zoo name, checkpoint folder or Hub id) run under one or more *lr rules*:
 
@@ -108,19 +109,23 @@ class Grid:
         return [Setting(optimizer, lr, wd, self.schedule) for lr in self.lr for wd in self.weight_decay]
 
 
+ADAMW_FULL_GRID = Grid((3e-4, 1e-3, 3e-3, 1e-2, 3e-2), (0.0, 0.1), "cosine")
+ADAMW_QUICK_GRID = Grid((1e-3, 1e-2), (0.0, 0.1), "cosine")
 FULL_GRIDS: dict[str, Grid] = {
-    "adamw": Grid((3e-4, 1e-3, 3e-3, 1e-2, 3e-2), (0.0, 0.1), "cosine"),
+    "adamw": ADAMW_FULL_GRID,
     "adam": Grid((3e-4, 1e-3, 3e-3, 1e-2, 3e-2)),
     "sgd-momentum": Grid((3e-3, 1e-2, 3e-2, 1e-1, 3e-1)),
     **dict.fromkeys(("sam", "gsam", "gam"), Grid((3e-3, 1e-2, 3e-2, 1e-1, 3e-1), schedule="cosine")),
     "entropy-sgd": Grid(ENTROPY_SGD_GRID, schedule="cosine"),
+    "sam-adamw": ADAMW_FULL_GRID,
 }
 QUICK_GRIDS: dict[str, Grid] = {
-    "adamw": Grid((1e-3, 1e-2), (0.0, 0.1), "cosine"),
+    "adamw": ADAMW_QUICK_GRID,
     "adam": Grid((1e-3, 1e-2)),
     "sgd-momentum": Grid((3e-2, 3e-1)),
     **dict.fromkeys(("sam", "gsam", "gam"), Grid((3e-2, 3e-1), schedule="cosine")),
     "entropy-sgd": Grid((1.0, 0.1), schedule="cosine"),
+    "sam-adamw": ADAMW_QUICK_GRID,
 }
 QUICK_LEARNED_LR_MULTIPLIERS: tuple[float, ...] = (0.3, 1.0)
 
@@ -193,6 +198,7 @@ _BASELINE_CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
     "gsam": ("gsam", {"momentum": 0.9}),
     "gam": ("gam", {"momentum": 0.9}),
     "entropy-sgd": ("entropy-sgd", {}),
+    "sam-adamw": ("sam-adamw", {}),
 }
 #: Every baseline the suite knows, by name.
 BASELINE_NAMES: tuple[str, ...] = tuple(_BASELINE_CLASSES)

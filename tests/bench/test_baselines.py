@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from learned_optim.bench.baselines import BASELINES, GAM, EntropySGD, gsam, sam
+from learned_optim.bench.baselines import BASELINES, GAM, EntropySGD, gsam, sam, sam_adamw
 from learned_optim.bench.evaluate import evaluate
 from learned_optim.tasks.base import Task
 
@@ -37,6 +37,18 @@ def test_sam_step():
     g = A @ X0
     expected = X0 - lr * A @ (X0 + rho * g / g.norm())
     x, loss, calls = run_step(sam, lr=lr, rho=rho)
+    torch.testing.assert_close(x, expected)
+    assert loss == pytest.approx(float(0.5 * X0 @ A @ X0)) and calls == 2
+
+
+def test_sam_adamw_step():
+    """SAM's perturbed gradient fed to AdamW: the first step is lr * g_p / (|g_p| + eps) after decoupled decay."""
+    pytest.importorskip("pytorch_optimizer")
+    lr, rho, wd = 0.1, 0.05, 0.1
+    g = A @ X0
+    g_p = A @ (X0 + rho * g / g.norm())
+    expected = X0 * (1 - lr * wd) - lr * g_p / (g_p.abs() + 1e-8)
+    x, loss, calls = run_step(sam_adamw, lr=lr, rho=rho, weight_decay=wd)
     torch.testing.assert_close(x, expected)
     assert loss == pytest.approx(float(0.5 * X0 @ A @ X0)) and calls == 2
 

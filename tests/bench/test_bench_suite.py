@@ -98,16 +98,23 @@ def test_a_tiny_real_run_records_curves_and_finals():
 
 # ------------------------------------------------------------------------------------------ the suite
 @pytest.mark.parametrize(
-    ("name", "built_by"), [("sam", "sam"), ("gsam", "gsam"), ("gam", "GAM"), ("entropy-sgd", "EntropySGD")]
+    ("name", "built_by", "grid_size"),
+    [
+        ("sam", "sam", 5),
+        ("gsam", "gsam", 5),
+        ("gam", "GAM", 5),
+        ("entropy-sgd", "EntropySGD", 5),
+        ("sam-adamw", "sam_adamw", 10),
+    ],
 )
-def test_the_flatness_baselines_train_a_real_task(name, built_by):
+def test_the_flatness_baselines_train_a_real_task(name, built_by, grid_size):
     """The SAM family and Entropy-SGD run in the suite's loop (their closure re-evaluates the loss): the
     training loss falls, the record is finite, and the run key names the optimizer's builder."""
     w = TASKS["breast-cancer-mlp"].bind(steps=30)
     optimizer = brun.baseline_optimizer(name)
     assert optimizer.identity["class"] == f"learned_optim.bench.baselines.{built_by}"
     grid = brun.FULL_GRIDS[name]
-    assert grid.schedule == "cosine" and len(grid.settings(name)) == 5
+    assert grid.schedule == "cosine" and len(grid.settings(name)) == grid_size
     record = brun.train(w, optimizer, brun.Setting(name, grid.lr[2], 0.0, "cosine"), seed=0)
     assert record["nonfinite_at"] is None and not record["diverged"]
     assert record["train_loss"][-1] < record["train_loss"][0]
@@ -118,7 +125,7 @@ def test_the_suite_runs_the_cheap_baselines_unless_asked():
     assert inspect.signature(run_suite).parameters["baselines"].default == bsuite.DEFAULT_BASELINES
     assert bsuite.DEFAULT_BASELINES == ("adamw", "adam", "sgd-momentum")
     assert set(bsuite.DEFAULT_BASELINES) < set(bsuite.BASELINE_NAMES)
-    with pytest.raises(brun.UnknownOptimizerError, match="sam, gsam, gam, entropy-sgd"):
+    with pytest.raises(brun.UnknownOptimizerError, match="sam, gsam, gam, entropy-sgd, sam-adamw"):
         brun.baseline_optimizer("lion")
 
 
