@@ -62,6 +62,12 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     )
     parser.add_argument("--seeds", type=int, default=None, help="evaluation seeds 0..N-1 (default 3; 1 with --quick)")
     parser.add_argument(
+        "--flatness",
+        action="store_true",
+        help="also measure each evaluation run's final weights: Hessian trace and top eigenvalue, PGA sharpness "
+        "(learned_optim.bench.run.SUITE_FLATNESS); measured runs are separate records, trained again",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help=f"the quick selection: {', '.join(QUICK)} at a quarter of their steps, 1 seed, small grids",
@@ -121,6 +127,7 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
             reuse=args.resume,
             progress=not args.no_progress,
             command=f"{prog} {shlex.join(argv)}",
+            flatness=args.flatness,
         )
     except (UnknownTaskError, UnknownOptimizerError, DataRootError, CheckpointError, ValueError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)

@@ -39,7 +39,9 @@ Call ``model.eval()`` first for models with batch norm or dropout: the measures 
 deterministic loss, and batch-norm running-statistic updates do not compose with ``jvp``. ``data`` is
 an iterable of batches (a ``DataLoader``, or a list holding one batch); ``max_batches`` caps how many
 are used. ``vectorize=False`` runs the Hutchinson probes one by one for losses ``torch.func.vmap``
-cannot batch.
+cannot batch; ``hvp_mode="reverse"`` takes Hessian-vector products by reverse-over-reverse
+(:func:`learned_optim.meta.curvature.hvp`) for models whose operators have no forward-mode derivative
+(CPU LSTMs, fused attention, ``nn.Flatten`` of zero tangents).
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ class _Objective:
     loss: Callable[[Mapping[str, Tensor], Any], Tensor]
     batches: list[Any]
     weights: list[float]
+    hvp_mode: str = "forward"
 
     def loss_on(self, batch: Any) -> Callable[[Mapping[str, Tensor]], Tensor]:
         """The loss on one batch as a function of the parameters alone (for the ``torch.func`` transforms)."""
@@ -120,7 +123,7 @@ class _Objective:
     def hvp(self, params: Mapping[str, Tensor], vector: Mapping[str, Tensor]) -> Params:
         out = {k: torch.zeros_like(v) for k, v in params.items()}
         for w, b in zip(self.weights, self.batches, strict=True):
-            hv = curvature.hvp(self.loss_on(b), params, vector)
+            hv = curvature.hvp(self.loss_on(b), params, vector, mode=self.hvp_mode)
             for k in out:
                 out[k] += w * hv[k].detach()
         return out
@@ -143,6 +146,7 @@ def _objective(
     loss_fn: Callable[..., Tensor],
     data: Iterable[Any],
     max_batches: int | None,
+    hvp_mode: str = "forward",
 ) -> _Objective:
     batches = list(itertools.islice(iter(data), max_batches)) if max_batches is not None else list(data)
     if not batches:
@@ -163,7 +167,7 @@ def _objective(
         raise TypeError(f"model must be an nn.Module or a dict of tensors, got {type(model).__name__}")
     sizes = [_batch_size(b) for b in batches]
     total = float(sum(sizes))
-    return _Objective(params, loss, batches, [s / total for s in sizes])
+    return _Objective(params, loss, batches, [s / total for s in sizes], hvp_mode)
 
 
 # ------------------------------------------------------------------------------------------ Hessian
@@ -177,6 +181,7 @@ def hessian_trace(
     max_batches: int | None = None,
     vectorize: bool = True,
     probe_chunk: int = 10,
+    hvp_mode: str = "forward",
 ) -> float:
     r"""Hutchinson estimate of :math:`\operatorname{tr}\nabla^2 L(\theta)` with ``probes`` Rademacher vectors.
 
@@ -186,7 +191,7 @@ def hessian_trace(
     """
     if probes < 1:
         raise ValueError(f"probes must be >= 1, got {probes}")
-    obj = _objective(model, loss_fn, data, max_batches)
+    obj = _objective(model, loss_fn, data, max_batches, hvp_mode)
     gen = seeded_generator(seed)
     values: list[Tensor] = []
     for start in range(0, probes, probe_chunk):
@@ -194,7 +199,7 @@ def hessian_trace(
         zs = {k: curvature.rademacher(v, gen, (n, *v.shape)) for k, v in obj.params.items()}
         chunk = torch.zeros(n, dtype=torch.float64)
         for w, b in zip(obj.weights, obj.batches, strict=True):
-            forms = curvature.hutchinson_forms(obj.loss_on(b), obj.params, zs, vectorize=vectorize)
+            forms = curvature.hutchinson_forms(obj.loss_on(b), obj.params, zs, vectorize=vectorize, mode=hvp_mode)
             chunk += w * forms.detach().double().cpu()
         values.append(chunk)
     return float(torch.cat(values).mean())
@@ -209,13 +214,14 @@ def hessian_top_eigenvalue(
     tol: float = 1e-4,
     seed: int = 0,
     max_batches: int | None = None,
+    hvp_mode: str = "forward",
 ) -> float:
     r"""The Hessian eigenvalue of largest magnitude (signed) by power iteration from a Gaussian start.
 
     Stops after ``iters`` iterations or when the Rayleigh quotient changes by less than ``tol``
     (relative). Power iteration converges at the rate :math:`|\lambda_2/\lambda_1|` per iteration.
     """
-    obj = _objective(model, loss_fn, data, max_batches)
+    obj = _objective(model, loss_fn, data, max_batches, hvp_mode)
     gen = seeded_generator(seed)
     start = {k: torch.randn(p.shape, generator=gen).to(p) for k, p in obj.params.items()}
     _, value = curvature.power_iteration(
@@ -328,11 +334,12 @@ def pga_max_grad_norm(
     init_fraction: float = INIT_FRACTION,
     seed: int = 0,
     max_batches: int | None = None,
+    hvp_mode: str = "forward",
 ) -> dict[float, float]:
     r"""Largest gradient norm :math:`\max_{\|\delta\|_\infty\le r}\|\nabla L(\theta+\delta)\|` found by
     projected gradient ascent, for each radius. The ascent direction is
     :math:`\nabla_\delta\|\nabla L\| = H\nabla L/\|\nabla L\|` (a Hessian-vector product per step)."""
-    obj = _objective(model, loss_fn, data, max_batches)
+    obj = _objective(model, loss_fn, data, max_batches, hvp_mode)
 
     def probe(point: Params) -> tuple[float, Params | None]:
         g = obj.grad(point)[1]
@@ -399,7 +406,7 @@ class FlatnessOptions:
     power iterations) of the loss on ``hessian_batches`` minibatches of ``hessian_split``, and the PGA
     sharpness and max gradient norm for ``radii`` on one batch of ``pga_split`` (the validation split,
     as in the paper). ``metrics`` selects among ``hessian_trace``, ``hessian_eigenvalue``,
-    ``sharpness`` and ``max_grad_norm``.
+    ``sharpness`` and ``max_grad_norm``. ``hvp_mode`` and ``vectorize`` are :func:`hessian_trace`'s.
     """
 
     patience: int = 100
@@ -414,6 +421,8 @@ class FlatnessOptions:
     pga_split: str = "val"
     seed: int = 0
     metrics: tuple[str, ...] = ("hessian_trace", "hessian_eigenvalue", "sharpness", "max_grad_norm")
+    hvp_mode: str = "forward"
+    vectorize: bool = True
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.metrics) - {"hessian_trace", "hessian_eigenvalue", "sharpness", "max_grad_norm"})
@@ -421,6 +430,8 @@ class FlatnessOptions:
             raise ValueError(f"unknown flatness metric(s) {unknown}")
         if self.patience < 1:
             raise ValueError("patience must be >= 1")
+        if self.hvp_mode not in curvature.HVP_MODES:
+            raise ValueError(f"hvp_mode must be one of {curvature.HVP_MODES}, got {self.hvp_mode!r}")
         self.radii = tuple(float(r) for r in self.radii)
         self.metrics = tuple(self.metrics)
 
@@ -436,9 +447,13 @@ def task_flatness(
     if {"hessian_trace", "hessian_eigenvalue"} & set(o.metrics):
         batches = [task.batch(o.hessian_split, generator) for _ in range(o.hessian_batches)]
         if "hessian_trace" in o.metrics:
-            out["hessian_trace"] = hessian_trace(params, task.loss, batches, probes=o.probes, seed=o.seed)
+            out["hessian_trace"] = hessian_trace(
+                params, task.loss, batches, probes=o.probes, seed=o.seed, vectorize=o.vectorize, hvp_mode=o.hvp_mode
+            )
         if "hessian_eigenvalue" in o.metrics:
-            out["hessian_eigenvalue"] = hessian_top_eigenvalue(params, task.loss, batches, iters=o.iters, seed=o.seed)
+            out["hessian_eigenvalue"] = hessian_top_eigenvalue(
+                params, task.loss, batches, iters=o.iters, seed=o.seed, hvp_mode=o.hvp_mode
+            )
     if {"sharpness", "max_grad_norm"} & set(o.metrics):
         batches = [task.batch(o.pga_split, generator)]
         pga: dict[str, Any] = {
@@ -452,6 +467,9 @@ def task_flatness(
             out.update({f"sharpness@{r:g}": v for r, v in pga_sharpness(params, task.loss, batches, **pga).items()})
         if "max_grad_norm" in o.metrics:
             out.update(
-                {f"max_grad_norm@{r:g}": v for r, v in pga_max_grad_norm(params, task.loss, batches, **pga).items()}
+                {
+                    f"max_grad_norm@{r:g}": v
+                    for r, v in pga_max_grad_norm(params, task.loss, batches, hvp_mode=o.hvp_mode, **pga).items()
+                }
             )
     return out

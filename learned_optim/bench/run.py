@@ -29,10 +29,14 @@ initialisation and batches), records the training loss of every step, the valida
 accuracy) at step 0 and every ``eval_every`` steps, the final test values and the wall time per step
 (forward, backward, update and scheduler; batch drawing and evaluation excluded). A non-finite loss or
 gradient ends the run (``nonfinite_at``); ``diverged`` is :func:`learned_optim.bench.stats.diverged` (that,
-or a final training loss above the first step's).
+or a final training loss above the first step's). With ``flatness`` (:data:`SUITE_FLATNESS`, ``--flatness``) a
+finished run also measures how flat the loss is at its final weights (:mod:`learned_optim.bench.flatness` through
+:class:`~learned_optim.bench.tasks.FunctionalWorkload`: Hessian trace and top eigenvalue on training batches, PGA
+sharpness on a validation batch), recorded under ``flatness``.
 
 **Store**: every finished run is one JSON record in ``<out>/runs/`` named by the SHA-256 of (suite
-version, task config hash, optimizer identity, lr / weight decay / schedule, seed); a rerun, a resume
+version, task config hash, optimizer identity, lr / weight decay / schedule, seed, and the flatness options
+when flatness is measured); a rerun, a resume
 after interruption or another optimizer's run in the same folder (or with ``--baseline-dir``) reuses
 the records instead of training again. The task config hash covers the model, data fingerprint,
 horizon, batch size and evaluation, and the optimizer identity covers the checkpoint's weights, so a
@@ -58,6 +62,7 @@ from ..hub import WEIGHTS_NAME, read_config
 from ..optimizer import NonFiniteGradientError
 from . import stats
 from .baselines import BASELINES, ENTROPY_SGD_GRID
+from .flatness import FlatnessOptions, task_flatness
 from .specs import resolve_optimizer
 from .stats import mean_confidence_interval
 from .tasks import Workload
@@ -78,6 +83,7 @@ __all__ = [
     "UnknownOptimizerError",
     "lr_factor",
     "train",
+    "SUITE_FLATNESS",
     "RunStore",
     "Tuning",
     "tune",
@@ -88,6 +94,18 @@ SUITE_VERSION = 1
 #: Seed of the tuning runs (never an evaluation seed).
 TUNE_SEED = 1_000_000
 LR_RULES = ("adamw", "tuned", "default")
+#: The flatness measures of the suite's ``--flatness``, at the final weights: reverse-over-reverse
+#: Hessian-vector products (the suite's LSTMs and fused attention have no forward-mode derivative), 10 probes
+#: and 10 power iterations on 2 training batches, PGA sharpness at three radii on one validation batch.
+SUITE_FLATNESS = FlatnessOptions(
+    probes=10,
+    iters=10,
+    radii=(0.001, 0.01, 0.05),
+    hessian_batches=2,
+    metrics=("hessian_trace", "hessian_eigenvalue", "sharpness"),
+    hvp_mode="reverse",
+    vectorize=False,
+)
 #: The ``tuned`` rule's grid, relative to the checkpoint's default lr, when that default is a multiplier.
 LEARNED_LR_MULTIPLIERS: tuple[float, ...] = (0.1, 0.3, 1.0)
 WARMUP_FRACTION = 0.05
@@ -272,7 +290,13 @@ def _round(v: float) -> float | None:
     return float(f"{v:.6g}") if math.isfinite(v) else None
 
 
-def train(workload: Workload, optimizer: BenchOptimizer, setting: Setting, seed: int) -> dict[str, Any]:
+def train(
+    workload: Workload,
+    optimizer: BenchOptimizer,
+    setting: Setting,
+    seed: int,
+    flatness: FlatnessOptions | None = None,
+) -> dict[str, Any]:
     """One run (see the module docstring); returns its record (without the key)."""
     steps, every = workload.steps, workload.eval_every
     model = workload.build_model(seed)
@@ -321,6 +345,16 @@ def train(workload: Workload, optimizer: BenchOptimizer, setting: Setting, seed:
                     break
     final_val = val["loss"][-1] if nonfinite_at is None else math.nan
     test = workload.measure(model, "test") if nonfinite_at is None else {}
+    flat: dict[str, Any] = {}
+    if flatness is not None:
+        tick = time.perf_counter()
+        functional = workload.functional(model)
+        values = (
+            {}
+            if nonfinite_at is not None
+            else task_flatness(functional, functional.params(), flatness, torch.Generator().manual_seed(seed))
+        )
+        flat = {"flatness": {k: _round(v) for k, v in values.items()}, "flatness_time": time.perf_counter() - tick}
     return {
         "suite_version": SUITE_VERSION,
         "task": workload.name,
@@ -341,6 +375,7 @@ def train(workload: Workload, optimizer: BenchOptimizer, setting: Setting, seed:
         },
         "nonfinite_at": nonfinite_at,
         "diverged": stats.diverged(train_loss, nonfinite_at),
+        **flat,
         "time_per_step": elapsed / max(1, len(train_loss)),
         "wall_time": time.perf_counter() - start,
         "torch": torch.__version__,
@@ -364,8 +399,14 @@ class RunStore:
         self.reused = 0
 
     @staticmethod
-    def key(workload: Workload, optimizer: BenchOptimizer, setting: Setting, seed: int) -> str:
-        what = {
+    def key(
+        workload: Workload,
+        optimizer: BenchOptimizer,
+        setting: Setting,
+        seed: int,
+        flatness: FlatnessOptions | None = None,
+    ) -> str:
+        what: dict[str, Any] = {
             "suite_version": SUITE_VERSION,
             "task": workload.config_hash,
             "optimizer": setting.optimizer,
@@ -373,6 +414,8 @@ class RunStore:
             "setting": dataclasses.asdict(setting),
             "seed": seed,
         }
+        if flatness is not None:  # a run measured for flatness is another record (keys without it unchanged)
+            what["flatness"] = dataclasses.asdict(flatness)
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
 
     def get(self, key: str) -> dict[str, Any] | None:
@@ -397,12 +440,14 @@ class RunStore:
         setting: Setting,
         seed: int,
         on_done: Callable[[int], object] | None = None,
+        flatness: FlatnessOptions | None = None,
     ) -> dict[str, Any]:
-        """The record of this run: from the store, or trained now and stored."""
-        key = self.key(workload, optimizer, setting, seed)
+        """The record of this run (with its flatness measures if ``flatness``): from the store, or trained now
+        and stored."""
+        key = self.key(workload, optimizer, setting, seed, flatness)
         record = self.get(key)
         if record is None:
-            record = {"key": key, **train(workload, optimizer, setting, seed)}
+            record = {"key": key, **train(workload, optimizer, setting, seed, flatness)}
             self.put(record)
             self.trained += 1
         else:

@@ -28,12 +28,14 @@ import torch
 from ..hub import BENCH_RESULTS_PREFIX
 from . import stats
 from .data import stdlib_corpus
+from .flatness import FlatnessOptions
 from .report import fmt_ci, json_safe, output_files, write_json
 from .run import (
     BASELINE_NAMES,
     FULL_GRIDS,
     LR_RULES,
     QUICK_GRIDS,
+    SUITE_FLATNESS,
     SUITE_VERSION,
     TUNE_SEED,
     BenchOptimizer,
@@ -66,6 +68,17 @@ class Contender:
 def card_key(quick: bool) -> str:
     """The key under which ``--record-card`` files the results (config.json ``training.results``)."""
     return f"{BENCH_RESULTS_PREFIX} v{SUITE_VERSION}" + (" (quick)" if quick else "")
+
+
+#: The flatness measures a record may hold, in table order (plus ``sharpness@<radius>`` per radius).
+FLATNESS_MEASURES = ("hessian_trace", "hessian_eigenvalue")
+
+
+def _flatness_names(records: list[dict[str, Any]]) -> list[str]:
+    """The flatness measures recorded by every one of ``records`` (none if a record was not measured)."""
+    if not records or any("flatness" not in r for r in records):
+        return []
+    return [n for n in records[0]["flatness"] if all(n in r["flatness"] for r in records)]
 
 
 def _final(record: dict[str, Any], name: str) -> float:
@@ -115,6 +128,9 @@ class SuiteResults:
                 row["diverged"] = sum(stats.diverged(r["train_loss"], r["nonfinite_at"]) for r in recs)
                 row["nonfinite"] = sum(r["nonfinite_at"] is not None for r in recs)
                 row["ms_per_step"] = 1e3 * sum(r["time_per_step"] for r in recs) / len(recs)
+                for name in _flatness_names(recs):
+                    values = [math.nan if r["flatness"].get(name) is None else r["flatness"][name] for r in recs]
+                    row[name], row[f"{name}_ci95"] = stats.mean_confidence_interval(values)
                 out.append(row)
         return out
 
@@ -178,7 +194,26 @@ class SuiteResults:
         )
         if c.get("command"):
             note += f"\n\nCommand: `{c['command']}`"
-        return "\n".join(lines) + "\n\n" + note + "\n"
+        return "\n".join(lines + self._flatness_lines(rows)) + "\n\n" + note + "\n"
+
+    @staticmethod
+    def _flatness_lines(rows: list[dict[str, Any]]) -> list[str]:
+        """The flatness table (runs measured with ``flatness``): each measure's mean ± 95% interval over seeds."""
+        names = list(dict.fromkeys(n for r in rows for n in FLATNESS_MEASURES if n in r))
+        names += sorted({k for r in rows for k in r if k.startswith("sharpness@") and not k.endswith("_ci95")})
+        if not names:
+            return []
+        lines = [
+            "",
+            "Flatness at the final weights (Hessian on training batches, PGA sharpness on a validation batch):",
+            "",
+            "| Task | Optimizer | " + " | ".join(names) + " |",
+            "|---|---|" + "---|" * len(names),
+        ]
+        for r in rows:
+            cells = [fmt_ci(r[n], r[f"{n}_ci95"], digits=3) if n in r else "" for n in names]
+            lines.append(f"| {r['task']} | {r['contender']} | " + " | ".join(cells) + " |")
+        return lines
 
     def tuning_markdown(self) -> str:
         """Every grid with its validation losses and the chosen setting."""
@@ -283,6 +318,7 @@ def run_suite(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     command: str | None = None,
+    flatness: FlatnessOptions | bool | None = None,
 ) -> SuiteResults:
     """Run (or reuse from ``out``'s run store) the suite for the baselines and ``optimizers``.
 
@@ -302,6 +338,10 @@ def run_suite(
         data_root: folder of the text corpus (default: this Python's standard library).
         extra_run_dirs: more output folders whose run records may be reused (never written).
         reuse: reuse stored records (``False`` retrains and overwrites).
+        flatness: measure the flatness of every evaluation run's final weights
+            (:class:`~learned_optim.bench.flatness.FlatnessOptions`; ``True`` for
+            :data:`~learned_optim.bench.run.SUITE_FLATNESS`). Tuning runs are not measured; measured runs are
+            separate records, so stored runs without the measures are trained again.
     """
     from tqdm.auto import tqdm
 
@@ -320,6 +360,7 @@ def run_suite(
     if n_seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {n_seeds}")
     seed_list = list(range(n_seeds))
+    flat = SUITE_FLATNESS if flatness is True else (flatness or None)
     grids = QUICK_GRIDS if quick else FULL_GRIDS
     corpus = stdlib_corpus(data_root) if any(t.uses_data_root for t in bench_tasks) else None
     workloads: list[Workload] = [
@@ -343,8 +384,10 @@ def run_suite(
         say = log or bar.write
         for w in workloads:
 
-            def runner(opt: BenchOptimizer, w: Workload = w) -> Callable[[Setting, int], dict[str, Any]]:
-                return lambda setting, seed: store.run(w, opt, setting, seed, bar.update)
+            def runner(
+                opt: BenchOptimizer, w: Workload = w, flatness: FlatnessOptions | None = None
+            ) -> Callable[[Setting, int], dict[str, Any]]:
+                return lambda setting, seed: store.run(w, opt, setting, seed, bar.update, flatness)
 
             chosen: dict[str, Setting] = {}
             for name, opt in base.items():
@@ -369,7 +412,7 @@ def run_suite(
             records[w.name] = {}
             for c in contenders:
                 bar.set_description(f"{w.name} | {c.label}")
-                records[w.name][c.label] = [runner(c.optimizer)(chosen[c.label], s) for s in seed_list]
+                records[w.name][c.label] = [runner(c.optimizer, flatness=flat)(chosen[c.label], s) for s in seed_list]
             settings[w.name] = chosen
     config = {
         "suite_version": SUITE_VERSION,
@@ -382,6 +425,7 @@ def run_suite(
         "grids": {n: dataclasses.asdict(grids[n]) for n in names},
         "seeds": seed_list,
         "tune_seed": TUNE_SEED,
+        "flatness": None if flat is None else dataclasses.asdict(flat),
         "lr_rules": rules,
         "corpus_fingerprint": None if corpus is None else corpus.fingerprint,
         "python": platform.python_version(),

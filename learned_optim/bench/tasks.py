@@ -28,7 +28,7 @@ import dataclasses
 import functools
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -41,6 +41,7 @@ from . import models
 __all__ = [
     "BenchTask",
     "Workload",
+    "FunctionalWorkload",
     "TASKS",
     "QUICK",
     "QUICK_STEPS_FRACTION",
@@ -217,10 +218,13 @@ class Workload:
 
     def _loss_and_correct(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None, int]:
         x, y = batch
-        kind = self.task.kind
         with self._autocast():
             out = model(x)
-        out = out.float()
+        return self._score(out.float(), x, y)
+
+    def _score(self, out: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None, int]:
+        """The loss of the model's output ``out`` on ``(x, y)``, the correct predictions and the count scored."""
+        kind = self.task.kind
         if kind == "regress":
             return F.mse_loss(out, y), None, len(y)
         if kind == "autoencode":
@@ -251,6 +255,42 @@ class Workload:
         if self.task.kind in ("classify", "sequence", "lm"):
             values["accuracy"] = correct / count
         return values
+
+    def functional(self, model: nn.Module) -> FunctionalWorkload:
+        """The loss at ``model``'s weights as a pure function of the parameters (for flatness measures)."""
+        return FunctionalWorkload(self, model)
+
+
+class FunctionalWorkload:
+    r"""A :class:`Workload`'s loss as a function of a parameter dict, at a trained model, in the interface of a
+    :class:`~learned_optim.tasks.Task` (``loss(params, batch)``, ``batch(split, generator)``), so the
+    :mod:`~learned_optim.bench.flatness` measures apply to the suite's models.
+
+    The loss is the training objective in ``model.eval()`` mode (BatchNorm on its running statistics, a
+    deterministic function of the parameters; buffers are copied and never updated) and in float32, without the
+    task's bf16 autocast (curvature is measured in full precision). ``train`` batches are the workload's training
+    batches; ``val`` and ``test`` batches are ``batch_size`` rows of the split's evaluation subset.
+    """
+
+    def __init__(self, workload: Workload, model: nn.Module) -> None:
+        self.workload, self.module = workload, model.eval()
+        self.buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+
+    def params(self) -> dict[str, Tensor]:
+        """The model's current trainable parameters (detached)."""
+        return {n: p.detach() for n, p in self.module.named_parameters() if p.requires_grad}
+
+    def batch(self, split: str, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        if split == "train":
+            return self.workload.batch(generator)
+        x, y = self.workload.eval_data(split)
+        idx = torch.randperm(len(x), generator=generator)[: self.workload.task.batch_size]
+        return x[idx], y[idx]
+
+    def loss(self, params: Mapping[str, Tensor], batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        out = torch.func.functional_call(self.module, {**self.buffers, **params}, (x,))
+        return self.workload._score(out.float(), x, y)[0]
 
 
 # ------------------------------------------------------------------------------------------ the suite

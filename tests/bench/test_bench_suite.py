@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import itertools
 import math
@@ -130,7 +131,7 @@ def test_the_suite_runs_the_cheap_baselines_unless_asked():
 
 
 def _fake_train(calls):
-    def train(workload, optimizer, setting, seed):
+    def train(workload, optimizer, setting, seed, flatness=None):
         calls.append((workload.name, workload.steps, setting, seed))
         # a deterministic fake: lower lr*10 distance to 1e-2 is better, learned optimizers slightly worse
         loss = 1.0 + abs(math.log10(setting.lr / 1e-2)) + (0.1 if optimizer.kind == "learned" else 0.0)
@@ -149,6 +150,7 @@ def _fake_train(calls):
             "nonfinite_at": None,
             "diverged": False,
             "time_per_step": 1e-3,
+            **({"flatness": {"hessian_trace": 10.0 * loss + seed, "sharpness@0.01": loss}} if flatness else {}),
         }
 
     return train
@@ -182,6 +184,49 @@ def test_quick_runs_exactly_the_quick_selection_and_reuses_stored_runs(tmp_path,
     calls.clear()
     again = run_suite(["l2o-mlp"], out=tmp_path, quick=True, progress=False, lr_rules=["default", "tuned", "adamw"])
     assert calls == [] and again.config["runs_trained"] == 0 and again.rows() == rows
+
+
+def test_flatness_is_measured_on_the_evaluation_runs_only_and_tabled(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(brun, "train", _fake_train(calls))
+    plain = run_suite(out=tmp_path, tasks=["diabetes-mlp"], quick=True, progress=False)
+    assert "Flatness" not in plain.markdown() and plain.config["flatness"] is None
+    calls.clear()
+    measured = run_suite(out=tmp_path, tasks=["diabetes-mlp"], quick=True, progress=False, flatness=True)
+    # the tuning runs are reused; the 3 evaluation runs (one seed) are new records that carry the measures
+    assert len(calls) == 3 and {seed for *_, seed in calls} == {0}
+    assert measured.config["flatness"]["hvp_mode"] == "reverse"
+    row = next(r for r in measured.rows() if r["contender"] == "adamw")
+    assert row["hessian_trace"] == pytest.approx(10.0 * row["val_loss"]) and "sharpness@0.01" in row
+    text = measured.markdown()
+    assert "Flatness at the final weights" in text and "| hessian_trace | sharpness@0.01 |" in text
+
+
+def test_a_real_run_measures_flatness_at_its_final_weights():
+    w = TASKS["breast-cancer-mlp"].bind(steps=10)
+    adamw, setting = brun.baseline_optimizer("adamw"), brun.Setting("adamw", 1e-2, 0.0, "cosine")
+    options = dataclasses.replace(brun.SUITE_FLATNESS, probes=2, iters=3, radii=(0.01,))
+    record = brun.train(w, adamw, setting, seed=0, flatness=options)
+    flat = record["flatness"]
+    assert set(flat) == {"hessian_trace", "hessian_eigenvalue", "sharpness@0.01"}
+    assert flat["hessian_eigenvalue"] > 0 and flat["sharpness@0.01"] >= 0 and math.isfinite(flat["hessian_trace"])
+    assert brun.RunStore.key(w, adamw, setting, 0, options) != brun.RunStore.key(w, adamw, setting, 0)
+
+
+@pytest.mark.parametrize("name", ["digits-resnet-bn", "shapes-autoencoder-bf16"])
+def test_the_functional_loss_is_the_eval_mode_full_precision_objective(name):
+    """FunctionalWorkload's loss at the model's own weights is the workload's loss in eval mode (BatchNorm on
+    running statistics), computed in float32 even for a bf16-autocast task; buffers are left alone."""
+    w = TASKS[name].bind(steps=10)
+    model = w.build_model(0)
+    functional = w.functional(model)
+    batch = functional.batch("val", torch.Generator().manual_seed(0))
+    assert len(batch[0]) == w.task.batch_size
+    before = {k: b.clone() for k, b in model.named_buffers()}
+    with torch.no_grad():
+        expected = w._score(model(batch[0]).float(), *batch)[0]
+    torch.testing.assert_close(functional.loss(functional.params(), batch), expected)
+    assert all(torch.equal(before[k], b) for k, b in model.named_buffers())
 
 
 def test_cli_record_card_and_list_pretrained(tmp_path, monkeypatch, capsys):

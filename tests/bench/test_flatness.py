@@ -40,6 +40,13 @@ def test_hessian_trace_and_eigenvalue_of_a_weighted_quadratic():
     assert flatness.hessian_trace(params, loss, batches, probes=30, vectorize=False) == pytest.approx(
         flatness.hessian_trace(params, loss, batches, probes=30)
     )
+    # reverse-over-reverse products give the same numbers (the suite's mode, for LSTMs and fused attention)
+    assert flatness.hessian_trace(
+        params, loss, batches, probes=30, vectorize=False, hvp_mode="reverse"
+    ) == pytest.approx(flatness.hessian_trace(params, loss, batches, probes=30))
+    assert flatness.hessian_top_eigenvalue(
+        params, loss, batches, iters=200, tol=1e-12, hvp_mode="reverse"
+    ) == pytest.approx(float(eig.abs().max()), rel=1e-8)
 
 
 class Net(nn.Module):
@@ -128,6 +135,8 @@ def test_report_and_task_flatness():
     }
     with pytest.raises(ValueError, match="unknown flatness metric"):
         flatness.FlatnessOptions(metrics=("hessian",))
+    with pytest.raises(ValueError, match="hvp_mode"):
+        flatness.FlatnessOptions(hvp_mode="backward")
 
     class Task:
         def batch(self, split, generator):
