@@ -12,7 +12,17 @@ from typing import Any, Protocol
 
 from ..hub import record_evaluation
 
-__all__ = ["json_safe", "slug", "plural", "fmt_ci", "Report", "write_report", "output_files", "write_json"]
+__all__ = [
+    "json_safe",
+    "slug",
+    "plural",
+    "fmt_ci",
+    "table_lines",
+    "Report",
+    "write_report",
+    "output_files",
+    "write_json",
+]
 
 
 def json_safe(value: Any) -> Any:
@@ -34,6 +44,11 @@ def slug(name: str) -> str:
 def plural(n: int, noun: str) -> str:
     """``"1 seed"``, ``"3 seeds"``."""
     return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def table_lines(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A markdown table: the header line, the rule, one line per row of cells."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
 def fmt_ci(mean: float, half: float, scale: float = 1.0, digits: int = 4) -> str:

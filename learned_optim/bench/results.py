@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .report import fmt_ci, json_safe, output_files, plural, write_json
+from .report import fmt_ci, json_safe, output_files, plural, table_lines, write_json
 from .stats import mean_confidence_interval
 from .training import RunResult, TuningResult
 
@@ -139,21 +139,16 @@ class EvaluationResults:
             return ""
         options = self.config.get("flatness") or {}
         header = ["Task", "Optimizer", *names, "Converged at (step)"]
-        lines = [
-            "",
-            "Flatness at the point of convergence",
-            "",
-            "| " + " | ".join(header) + " |",
-            "|" + "---|" * len(header),
-        ]
-        for row in self.summary:
-            cells = [
+        cells = [
+            [
                 row["task"],
                 row["optimizer"],
                 *(fmt_ci(row[n], row[f"{n}_ci95"]) for n in names),
                 fmt_ci(row["converged_at"], row["converged_at_ci95"], digits=4),
             ]
-            lines.append("| " + " | ".join(cells) + " |")
+            for row in self.summary
+        ]
+        lines = ["", "Flatness at the point of convergence", "", *table_lines(header, cells)]
         note = (
             f"Point of convergence: the first step after which the training loss did not improve for "
             f"{options.get('patience', '?')} steps (the last step for runs that never stalled; those count "

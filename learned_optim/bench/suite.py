@@ -29,7 +29,7 @@ from ..hub import BENCH_RESULTS_PREFIX
 from . import stats
 from .data import stdlib_corpus
 from .flatness import FlatnessOptions
-from .report import fmt_ci, json_safe, output_files, write_json
+from .report import fmt_ci, json_safe, output_files, table_lines, write_json
 from .run import (
     BASELINE_NAMES,
     FULL_GRIDS,
@@ -203,17 +203,12 @@ class SuiteResults:
         names += sorted({k for r in rows for k in r if k.startswith("sharpness@") and not k.endswith("_ci95")})
         if not names:
             return []
-        lines = [
-            "",
-            "Flatness at the final weights (Hessian on training batches, PGA sharpness on a validation batch):",
-            "",
-            "| Task | Optimizer | " + " | ".join(names) + " |",
-            "|---|---|" + "---|" * len(names),
+        cells = [
+            [r["task"], r["contender"], *(fmt_ci(r[n], r[f"{n}_ci95"], digits=3) if n in r else "" for n in names)]
+            for r in rows
         ]
-        for r in rows:
-            cells = [fmt_ci(r[n], r[f"{n}_ci95"], digits=3) if n in r else "" for n in names]
-            lines.append(f"| {r['task']} | {r['contender']} | " + " | ".join(cells) + " |")
-        return lines
+        title = "Flatness at the final weights (Hessian on training batches, PGA sharpness on a validation batch):"
+        return ["", title, "", *table_lines(["Task", "Optimizer", *names], cells)]
 
     def tuning_markdown(self) -> str:
         """Every grid with its validation losses and the chosen setting."""
