@@ -1,7 +1,9 @@
 r"""Running the suite: optimizers and their tuning grids, the training loop, the run store, tuning.
 
 **Baselines** (built from :data:`learned_optim.bench.baselines.BASELINES`), each tuned on the validation split
-of one separate tuning seed with the same budget (the task's full horizon per grid point):
+of one separate tuning seed with the same budget (the task's full horizon per grid point; in the full suite a
+winning lr at the edge of the grid extends the grid past it, up to :data:`EDGE_EXTENSIONS` times, see
+:func:`tune`):
 
 * ``adamw``: ``torch.optim.AdamW`` with a linear warm-up over the first 5% of the steps then a cosine
   decay to 0 (:func:`lr_factor`), tuned over lr x weight decay;
@@ -87,6 +89,8 @@ __all__ = [
     "RunStore",
     "Tuning",
     "tune",
+    "ladder_neighbour",
+    "EDGE_EXTENSIONS",
 ]
 
 #: Bumped whenever a change alters what a run measures; part of every run's key.
@@ -146,6 +150,8 @@ QUICK_GRIDS: dict[str, Grid] = {
     "sam-adamw": ADAMW_QUICK_GRID,
 }
 QUICK_LEARNED_LR_MULTIPLIERS: tuple[float, ...] = (0.3, 1.0)
+#: How many times the full suite's tuning extends a grid past an edge lr that won (:func:`tune`).
+EDGE_EXTENSIONS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -491,6 +497,20 @@ class Tuning:
         }
 
 
+def ladder_neighbour(lr: float, up: bool) -> float:
+    """The next learning rate above (``up``) or below ``lr`` on the 1-3-10 ladder of the grids (3e-2 -> 1e-1,
+    3e-4 -> 1e-4); off-ladder values move by a factor sqrt(10)."""
+    exponent = math.floor(math.log10(lr) + 1e-9)
+    mantissa = lr / 10**exponent
+    if math.isclose(mantissa, 1.0, rel_tol=1e-6):
+        value = 3 * 10**exponent if up else 3 * 10 ** (exponent - 1)
+    elif math.isclose(mantissa, 3.0, rel_tol=1e-6):
+        value = 10 ** (exponent + 1) if up else 10**exponent
+    else:
+        value = lr * math.sqrt(10) if up else lr / math.sqrt(10)
+    return float(f"{value:.6g}")
+
+
 def tune(
     contender: str,
     settings: Sequence[Setting],
@@ -498,17 +518,38 @@ def tune(
     *,
     task: str,
     seeds: Sequence[int] = (TUNE_SEED,),
+    extend_edges: int = 0,
 ) -> Tuning:
     """Pick the setting with the lowest mean final validation loss over ``seeds``.
 
     ``evaluate(setting, seed)`` returns a run record. A run with a non-finite loss counts as +inf; ties
-    go to the earlier setting; if every setting fails, the first (smallest lr) is kept.
+    go to the earlier setting; if every setting fails, the first (smallest lr) is kept. With
+    ``extend_edges`` :math:`k > 0`, a choice at the smallest or largest lr tried extends the grid past that edge
+    (:func:`ladder_neighbour`, at every weight decay and schedule of the grid) and picks again, at most
+    :math:`k` times per edge, so that the chosen lr is interior unless the grid was extended :math:`k` times.
     """
     if not settings:
         raise ValueError(f"empty tuning grid for {contender} on {task}")
-    losses = []
-    for setting in settings:
-        finals = [_final_val(evaluate(setting, seed)) for seed in seeds]
-        losses.append(mean_confidence_interval(finals)[0] if all(math.isfinite(v) for v in finals) else math.inf)
-    best = min(range(len(settings)), key=lambda i: (losses[i], i))
-    return Tuning(task, contender, list(settings), losses, settings[best], list(seeds))
+    tried: list[Setting] = []
+    losses: list[float] = []
+
+    def run(batch: Sequence[Setting]) -> None:
+        for setting in batch:
+            finals = [_final_val(evaluate(setting, seed)) for seed in seeds]
+            tried.append(setting)
+            losses.append(mean_confidence_interval(finals)[0] if all(math.isfinite(v) for v in finals) else math.inf)
+
+    run(settings)
+    extended = {True: 0, False: 0}
+    while True:
+        best = min(range(len(tried)), key=lambda i: (losses[i], i))
+        lrs = [s.lr for s in tried]
+        if not math.isfinite(losses[best]) or min(lrs) == max(lrs):
+            break
+        up = tried[best].lr == max(lrs)
+        if not (up or tried[best].lr == min(lrs)) or extended[up] >= extend_edges:
+            break
+        extended[up] += 1
+        lr = ladder_neighbour(tried[best].lr, up)
+        run(list(dict.fromkeys(dataclasses.replace(s, lr=lr) for s in settings)))
+    return Tuning(task, contender, tried, losses, tried[best], list(seeds))

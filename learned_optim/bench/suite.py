@@ -32,6 +32,7 @@ from .flatness import FlatnessOptions
 from .report import fmt_ci, json_safe, output_files, table_lines, write_json
 from .run import (
     BASELINE_NAMES,
+    EDGE_EXTENSIONS,
     FULL_GRIDS,
     LR_RULES,
     QUICK_GRIDS,
@@ -357,6 +358,7 @@ def run_suite(
     seed_list = list(range(n_seeds))
     flat = SUITE_FLATNESS if flatness is True else (flatness or None)
     grids = QUICK_GRIDS if quick else FULL_GRIDS
+    extend = 0 if quick else EDGE_EXTENSIONS
     corpus = stdlib_corpus(data_root) if any(t.uses_data_root for t in bench_tasks) else None
     workloads: list[Workload] = [
         t.bind(data_root, steps or (max(1, round(t.steps * QUICK_STEPS_FRACTION)) if quick else None))
@@ -387,7 +389,7 @@ def run_suite(
             chosen: dict[str, Setting] = {}
             for name, opt in base.items():
                 bar.set_description(f"{w.name} | tuning {name}")
-                result = tune(name, grids[name].settings(name), runner(opt), task=w.name)
+                result = tune(name, grids[name].settings(name), runner(opt), task=w.name, extend_edges=extend)
                 tunings.append(result)
                 say(result.describe())
                 chosen[name] = result.chosen
@@ -400,7 +402,8 @@ def run_suite(
                     chosen[c.label] = o.default_setting()
                 else:
                     bar.set_description(f"{w.name} | tuning {c.label}")
-                    result = tune(c.label, o.tuned_grid(grids[REFERENCE], quick), runner(o), task=w.name)
+                    grid = o.tuned_grid(grids[REFERENCE], quick)
+                    result = tune(c.label, grid, runner(o), task=w.name, extend_edges=extend)
                     tunings.append(result)
                     say(result.describe())
                     chosen[c.label] = result.chosen
@@ -420,6 +423,7 @@ def run_suite(
         "grids": {n: dataclasses.asdict(grids[n]) for n in names},
         "seeds": seed_list,
         "tune_seed": TUNE_SEED,
+        "edge_extensions": extend,
         "flatness": None if flat is None else dataclasses.asdict(flat),
         "lr_rules": rules,
         "corpus_fingerprint": None if corpus is None else corpus.fingerprint,

@@ -89,6 +89,49 @@ def test_tuning_picks_the_planted_best_point():
     assert planted.describe() == "lr 0.001, wd 0.1, cosine" and result.describe().endswith("-> " + planted.describe())
 
 
+def test_ladder_neighbours_continue_the_grids():
+    assert [brun.ladder_neighbour(lr, True) for lr in (3e-2, 1e-1, 3e-4)] == [0.1, 0.3, 1e-3]
+    assert [brun.ladder_neighbour(lr, False) for lr in (3e-4, 1e-4, 3e-2)] == [1e-4, 3e-5, 1e-2]
+    assert brun.ladder_neighbour(2e-3, True) == pytest.approx(2e-3 * math.sqrt(10), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("optimum", "expected_lr", "extra"), [(0.2, 0.3, 2), (0.05, 3e-2, 1), (1e-4, 1e-4, 2), (1e-6, 3e-5, 2)]
+)
+def test_a_winning_edge_extends_the_grid_until_the_choice_is_interior(optimum, expected_lr, extra):
+    """A bowl in log-lr with its minimum at ``optimum``: the grid grows past the winning edge (both weight
+    decays), at most twice per edge, and the choice is the best point tried."""
+    grid = brun.FULL_GRIDS["adamw"].settings("adamw")
+
+    def evaluate(setting, seed):
+        return {"final": {"val_loss": 1.0 + abs(math.log10(setting.lr / optimum)) + setting.weight_decay}}
+
+    result = brun.tune("adamw", grid, evaluate, task="t", extend_edges=2)
+    assert result.settings[: len(grid)] == grid and len(result.settings) == len(grid) + 2 * extra
+    assert result.chosen == brun.Setting("adamw", expected_lr, 0.0, "cosine")
+    assert {s.weight_decay for s in result.settings[len(grid) :]} == {0.0, 0.1}
+    assert brun.tune("adamw", grid, evaluate, task="t").settings == grid  # off by default
+
+
+def test_the_full_suite_extends_edges_and_the_quick_one_does_not(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(brun, "train", _fake_train(calls))  # its optimum, lr 1e-2, is interior in the full grid
+    assert (
+        run_suite(out=tmp_path / "q", tasks=["diabetes-mlp"], quick=True, progress=False).config["edge_extensions"] == 0
+    )
+
+    def edge_train(workload, optimizer, setting, seed, flatness=None):
+        record = _fake_train(calls)(workload, optimizer, setting, seed)
+        loss = 1.0 + abs(math.log10(setting.lr / 0.3))  # the best lr lies past the grid's top, 3e-2
+        return {**record, "final": {"val_loss": loss, "test_loss": loss}}
+
+    monkeypatch.setattr(brun, "train", edge_train)
+    full = run_suite(out=tmp_path / "f", tasks=["diabetes-mlp"], baselines=["adamw"], progress=False, seeds=1)
+    (tuning,) = full.tuning
+    assert tuning.chosen.lr == 0.3 and full.config["edge_extensions"] == brun.EDGE_EXTENSIONS
+    assert "lr 0.1, cosine -> " in full.tuning_markdown() and "lr 0.3, wd 0.1, cosine -> " in full.tuning_markdown()
+
+
 def test_a_tiny_real_run_records_curves_and_finals():
     w = TASKS["breast-cancer-mlp"].bind(steps=20)
     record = brun.train(w, brun.baseline_optimizer("adamw"), brun.Setting("adamw", 1e-2, 0.1, "cosine"), seed=0)
