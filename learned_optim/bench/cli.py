@@ -62,6 +62,13 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     )
     parser.add_argument("--seeds", type=int, default=None, help="evaluation seeds 0..N-1 (default 3; 1 with --quick)")
     parser.add_argument(
+        "--adapt-steps",
+        type=int,
+        default=0,
+        help="also run each learned optimizer adapted to every run's model first: N steps of learned_optim.adapt "
+        "on the first N*20 training steps (M-L2O's test-time adaptation), as NAME+adaptN (default 0: off)",
+    )
+    parser.add_argument(
         "--flatness",
         action="store_true",
         help="also measure each evaluation run's final weights: Hessian trace and top eigenvalue, PGA sharpness "
@@ -128,6 +135,7 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
             progress=not args.no_progress,
             command=f"{prog} {shlex.join(argv)}",
             flatness=args.flatness,
+            adapt_steps=args.adapt_steps,
         )
     except (UnknownTaskError, UnknownOptimizerError, DataRootError, CheckpointError, ValueError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)

@@ -17,7 +17,9 @@ winning lr at the edge of the grid extends the grid past it, up to :data:`EDGE_E
   and schedule, the flatness term on the baseline itself. Their second pass updates a BatchNorm model's
   running statistics again (``digits-resnet-bn``), as ``pytorch_optimizer``'s SAM and GSAM do when not told otherwise.
 
-**Learned optimizers** (zoo name, checkpoint folder or Hub id) run under one or more *lr rules*:
+**Learned optimizers** (zoo name, checkpoint folder or Hub id), each also adapted to every run's model first
+with ``adapt_steps`` (``--adapt-steps``, M-L2O's test-time adaptation, :func:`adapt_before_training`), run
+under one or more *lr rules*:
 
 * ``adamw``: the user swaps the class and keeps AdamW's tuned lr, weight decay and schedule;
 * ``tuned``: its own lr tuned on the same budget: the checkpoint's default lr times
@@ -150,6 +152,11 @@ QUICK_GRIDS: dict[str, Grid] = {
     "sam-adamw": ADAMW_QUICK_GRID,
 }
 QUICK_LEARNED_LR_MULTIPLIERS: tuple[float, ...] = (0.3, 1.0)
+#: Test-time adaptation in the suite (``--adapt-steps``): unroll length, Adam lr on the net's weights, and the
+#: offset of the seed of the adaptation's batch stream.
+ADAPT_UNROLL = 20
+ADAPT_LR = 1e-3
+ADAPT_SEED_OFFSET = 2_000_000
 #: How many times the full suite's tuning extends a grid past an edge lr that won (:func:`tune`).
 EDGE_EXTENSIONS = 2
 
@@ -197,6 +204,8 @@ class BenchOptimizer:
     default_schedule: str = "constant"
     #: A learned optimizer's checkpoint folder.
     path: Path | None = None
+    #: Test-time adaptation of a learned optimizer's net before training (:func:`adapt_before_training`).
+    adapt_steps: int = 0
 
     def tuned_grid(self, adamw_grid: Grid, quick: bool = False) -> list[Setting]:
         """The ``tuned`` rule's grid (see the module docstring)."""
@@ -249,11 +258,15 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def learned_optimizer(name_or_dir: str) -> BenchOptimizer:
-    """A learned optimizer (zoo name, checkpoint folder or Hub id) with its checkpoint's defaults.
+def learned_optimizer(name_or_dir: str, adapt_steps: int = 0) -> BenchOptimizer:
+    """A learned optimizer (zoo name, checkpoint folder or Hub id) with its checkpoint's defaults; with
+    ``adapt_steps`` > 0, adapted to each run's model before training (:func:`adapt_before_training`; named
+    ``<name>+adapt<steps>``, a different identity).
 
     Raises :class:`UnknownOptimizerError` naming the zoo entries and baselines when it cannot be loaded.
     """
+    if adapt_steps < 0:
+        raise ValueError(f"adapt_steps must be >= 0, got {adapt_steps}")
     from ..hub import CheckpointError, from_pretrained, list_pretrained
 
     try:
@@ -275,12 +288,14 @@ def learned_optimizer(name_or_dir: str) -> BenchOptimizer:
 
     # what the step depends on (not descriptions, cards or recorded results, which must not invalidate runs)
     stepping = {k: config.get(k) for k in ("family", "net", "optimizer", "schedule")}
-    identity = {
+    identity: dict[str, Any] = {
         "weights": _sha256(folder / WEIGHTS_NAME),
         "config": hashlib.sha256(json.dumps(stepping, sort_keys=True).encode()).hexdigest()[:16],
     }
+    if adapt_steps:
+        identity["adapt"] = {"steps": adapt_steps, "unroll": ADAPT_UNROLL, "lr": ADAPT_LR}
     return BenchOptimizer(
-        spec.label,
+        f"{spec.label}+adapt{adapt_steps}" if adapt_steps else spec.label,
         "learned",
         build,
         identity,
@@ -288,12 +303,47 @@ def learned_optimizer(name_or_dir: str) -> BenchOptimizer:
         default_weight_decay=float(defaults.get("weight_decay", 0.0)),
         default_schedule=str(config.get("schedule", "constant")),
         path=folder,
+        adapt_steps=adapt_steps,
     )
 
 
 # ------------------------------------------------------------------------------------------ one run
 def _round(v: float) -> float | None:
     return float(f"{v:.6g}") if math.isfinite(v) else None
+
+
+def adapt_before_training(
+    opt: Optimizer, model: torch.nn.Module, workload: Workload, steps: int, seed: int
+) -> dict[str, Any]:
+    """M-L2O's test-time adaptation in a suite run: :func:`learned_optim.adapt` with ``steps`` Adam steps (lr
+    :data:`ADAPT_LR`) of :data:`ADAPT_UNROLL`-step unrolls on the run's model from its initialisation, at the
+    run's lr, on training batches of a stream of their own (seed ``ADAPT_SEED_OFFSET + seed``: the run's batch
+    stream is the other contenders'); the model and the optimizer's state are restored, non-finite steps are
+    skipped. Returns what to record: the meta-losses, the skipped steps and the wall time."""
+    from ..adapt import adapt
+
+    generator = torch.Generator().manual_seed(ADAPT_SEED_OFFSET + seed)
+    batches = []
+    for _ in range(steps * (ADAPT_UNROLL + 1)):
+        x, y = workload.batch(generator)
+        batches.append((x, (x, y)))
+    tick = time.perf_counter()
+    result = adapt(
+        opt,
+        model,
+        lambda out, xy: workload.score(out.float(), *xy)[0],
+        batches,
+        steps=steps,
+        unroll=ADAPT_UNROLL,
+        lr=ADAPT_LR,
+        objective="log",
+        nonfinite="skip",
+    )
+    return {
+        "meta_losses": [_round(v) for v in result.meta_losses],
+        "skipped_steps": result.skipped_steps,
+        "time": time.perf_counter() - tick,
+    }
 
 
 def train(
@@ -307,6 +357,9 @@ def train(
     steps, every = workload.steps, workload.eval_every
     model = workload.build_model(seed)
     opt = optimizer.build(list(model.parameters()), setting.lr, setting.weight_decay)
+    adaptation: dict[str, Any] = {}
+    if optimizer.adapt_steps:  # at the run's full lr, before the schedule's warm-up scales it
+        adaptation = {"adaptation": adapt_before_training(opt, model, workload, optimizer.adapt_steps, seed)}
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(setting.schedule, t, steps))
     generator = torch.Generator().manual_seed(seed)
     val_steps: list[int] = []
@@ -381,6 +434,7 @@ def train(
         },
         "nonfinite_at": nonfinite_at,
         "diverged": stats.diverged(train_loss, nonfinite_at),
+        **adaptation,
         **flat,
         "time_per_step": elapsed / max(1, len(train_loss)),
         "wall_time": time.perf_counter() - start,

@@ -315,6 +315,7 @@ def run_suite(
     log: Callable[[str], None] | None = None,
     command: str | None = None,
     flatness: FlatnessOptions | bool | None = None,
+    adapt_steps: int = 0,
 ) -> SuiteResults:
     """Run (or reuse from ``out``'s run store) the suite for the baselines and ``optimizers``.
 
@@ -338,6 +339,9 @@ def run_suite(
             (:class:`~learned_optim.bench.flatness.FlatnessOptions`; ``True`` for
             :data:`~learned_optim.bench.run.SUITE_FLATNESS`). Tuning runs are not measured; measured runs are
             separate records, so stored runs without the measures are trained again.
+        adapt_steps: also run every learned optimizer adapted to each run's model first, ``adapt_steps`` steps of
+            :func:`learned_optim.adapt` (:func:`~learned_optim.bench.run.adapt_before_training`), as the
+            contender ``<name>+adapt<steps>`` beside the unadapted one.
     """
     from tqdm.auto import tqdm
 
@@ -350,6 +354,7 @@ def run_suite(
     names = list(dict.fromkeys([REFERENCE, *baselines]))
     base = {n: baseline_optimizer(n) for n in names}
     learned = [learned_optimizer(o) for o in optimizers]
+    learned += [learned_optimizer(o, adapt_steps) for o in optimizers if adapt_steps]
     if len({o.name for o in learned}) != len(learned):
         raise ValueError(f"learned optimizers must have distinct names, got {[o.name for o in learned]}")
     n_seeds = (1 if quick else 3) if seeds is None else int(seeds)
@@ -425,6 +430,7 @@ def run_suite(
         "tune_seed": TUNE_SEED,
         "edge_extensions": extend,
         "flatness": None if flat is None else dataclasses.asdict(flat),
+        "adapt_steps": adapt_steps,
         "lr_rules": rules,
         "corpus_fingerprint": None if corpus is None else corpus.fingerprint,
         "python": platform.python_version(),

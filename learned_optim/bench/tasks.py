@@ -220,9 +220,9 @@ class Workload:
         x, y = batch
         with self._autocast():
             out = model(x)
-        return self._score(out.float(), x, y)
+        return self.score(out.float(), x, y)
 
-    def _score(self, out: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None, int]:
+    def score(self, out: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None, int]:
         """The loss of the model's output ``out`` on ``(x, y)``, the correct predictions and the count scored."""
         kind = self.task.kind
         if kind == "regress":
@@ -290,7 +290,7 @@ class FunctionalWorkload:
     def loss(self, params: Mapping[str, Tensor], batch: tuple[Tensor, Tensor]) -> Tensor:
         x, y = batch
         out = torch.func.functional_call(self.module, {**self.buffers, **params}, (x,))
-        return self.workload._score(out.float(), x, y)[0]
+        return self.workload.score(out.float(), x, y)[0]
 
 
 # ------------------------------------------------------------------------------------------ the suite

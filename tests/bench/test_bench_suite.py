@@ -267,9 +267,37 @@ def test_the_functional_loss_is_the_eval_mode_full_precision_objective(name):
     assert len(batch[0]) == w.task.batch_size
     before = {k: b.clone() for k, b in model.named_buffers()}
     with torch.no_grad():
-        expected = w._score(model(batch[0]).float(), *batch)[0]
+        expected = w.score(model(batch[0]).float(), *batch)[0]
     torch.testing.assert_close(functional.loss(functional.params(), batch), expected)
     assert all(torch.equal(before[k], b) for k, b in model.named_buffers())
+
+
+def test_an_adapted_contender_adapts_then_trains_from_the_same_start_on_the_same_batches():
+    w = TASKS["breast-cancer-mlp"].bind(steps=8)
+    plain, adapted = (
+        brun.learned_optimizer("adafac-mlp-adam-magnitude-tbv"),
+        brun.learned_optimizer("adafac-mlp-adam-magnitude-tbv", adapt_steps=2),
+    )
+    assert adapted.name == "adafac-mlp-adam-magnitude-tbv+adapt2" and adapted.identity["adapt"]["steps"] == 2
+    assert {k: v for k, v in adapted.identity.items() if k != "adapt"} == plain.identity
+    setting = brun.Setting(plain.name, 1e-3, 0.0, "cosine")
+    a, p = brun.train(w, adapted, setting, seed=0), brun.train(w, plain, setting, seed=0)
+    assert len(a["adaptation"]["meta_losses"]) == 2 and a["adaptation"]["skipped_steps"] == 0
+    assert "adaptation" not in p
+    # adapt() left the model and the run's batch stream alone: the first training loss is the same
+    assert a["train_loss"][0] == p["train_loss"][0] and a["initial_val_loss"] == p["initial_val_loss"]
+    assert a["train_loss"][1:] != p["train_loss"][1:]  # ... and the adapted net steps differently
+    with pytest.raises(ValueError, match="adapt_steps"):
+        brun.learned_optimizer("adafac-mlp-adam-magnitude-tbv", adapt_steps=-1)
+
+
+def test_adapt_steps_adds_an_adapted_contender_per_learned_optimizer(tmp_path, monkeypatch):
+    monkeypatch.setattr(brun, "train", _fake_train([]))
+    results = run_suite(
+        ["l2o-mlp"], out=tmp_path, tasks=["diabetes-mlp"], quick=True, progress=False, lr_rules=["adamw"], adapt_steps=3
+    )
+    labels = [r["contender"] for r in results.rows()]
+    assert "l2o-mlp [adamw]" in labels and "l2o-mlp+adapt3 [adamw]" in labels and results.config["adapt_steps"] == 3
 
 
 def test_cli_record_card_and_list_pretrained(tmp_path, monkeypatch, capsys):
