@@ -316,10 +316,11 @@ def adapt_before_training(
     opt: Optimizer, model: torch.nn.Module, workload: Workload, steps: int, seed: int
 ) -> dict[str, Any]:
     """M-L2O's test-time adaptation in a suite run: :func:`learned_optim.adapt` with ``steps`` Adam steps (lr
-    :data:`ADAPT_LR`) of :data:`ADAPT_UNROLL`-step unrolls on the run's model from its initialisation, at the
-    run's lr, on training batches of a stream of their own (seed ``ADAPT_SEED_OFFSET + seed``: the run's batch
-    stream is the other contenders'); the model and the optimizer's state are restored, non-finite steps are
-    skipped. Returns what to record: the meta-losses, the skipped steps and the wall time."""
+    :data:`ADAPT_LR`) of :data:`ADAPT_UNROLL`-step unrolls chained from the run's initialisation (the first
+    ``steps * ADAPT_UNROLL`` steps of training), at the run's lr, on training batches of a stream of their own
+    (seed ``ADAPT_SEED_OFFSET + seed``: the run's batch stream is the other contenders'); the model and the
+    optimizer's state are restored, non-finite steps are skipped. Returns what to record: the meta-losses, the
+    skipped steps and the wall time."""
     from ..adapt import adapt
 
     generator = torch.Generator().manual_seed(ADAPT_SEED_OFFSET + seed)
@@ -407,12 +408,10 @@ def train(
     flat: dict[str, Any] = {}
     if flatness is not None:
         tick = time.perf_counter()
-        functional = workload.functional(model)
-        values = (
-            {}
-            if nonfinite_at is not None
-            else task_flatness(functional, functional.params(), flatness, torch.Generator().manual_seed(seed))
-        )
+        values: dict[str, float] = {}
+        if nonfinite_at is None:
+            functional = workload.functional(model)
+            values = task_flatness(functional, functional.params(), flatness, torch.Generator().manual_seed(seed))
         flat = {"flatness": {k: _round(v) for k, v in values.items()}, "flatness_time": time.perf_counter() - tick}
     return {
         "suite_version": SUITE_VERSION,

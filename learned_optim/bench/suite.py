@@ -71,10 +71,6 @@ def card_key(quick: bool) -> str:
     return f"{BENCH_RESULTS_PREFIX} v{SUITE_VERSION}" + (" (quick)" if quick else "")
 
 
-#: The flatness measures a record may hold, in table order (plus ``sharpness@<radius>`` per radius).
-FLATNESS_MEASURES = ("hessian_trace", "hessian_eigenvalue")
-
-
 def _flatness_names(records: list[dict[str, Any]]) -> list[str]:
     """The flatness measures recorded by every one of ``records`` (none if a record was not measured)."""
     if not records or any("flatness" not in r for r in records):
@@ -197,11 +193,12 @@ class SuiteResults:
             note += f"\n\nCommand: `{c['command']}`"
         return "\n".join(lines + self._flatness_lines(rows)) + "\n\n" + note + "\n"
 
-    @staticmethod
-    def _flatness_lines(rows: list[dict[str, Any]]) -> list[str]:
-        """The flatness table (runs measured with ``flatness``): each measure's mean ± 95% interval over seeds."""
-        names = list(dict.fromkeys(n for r in rows for n in FLATNESS_MEASURES if n in r))
-        names += sorted({k for r in rows for k in r if k.startswith("sharpness@") and not k.endswith("_ci95")})
+    def _flatness_lines(self, rows: list[dict[str, Any]]) -> list[str]:
+        """The flatness table (runs measured with ``flatness``): each measure's mean ± 95% interval over seeds,
+        one column per measure the records hold, in the order they were measured."""
+        names = list(
+            dict.fromkeys(n for by in self.records.values() for recs in by.values() for n in _flatness_names(recs))
+        )
         if not names:
             return []
         cells = [
