@@ -2,8 +2,8 @@ r"""Running the suite: optimizers and their tuning grids, the training loop, the
 
 **Baselines** (built from :data:`learned_optim.bench.baselines.BASELINES`), each tuned on the validation split
 of one separate tuning seed with the same budget (the task's full horizon per grid point; in the full suite a
-winning lr at the edge of the grid extends the grid past it, up to :data:`EDGE_EXTENSIONS` times, see
-:func:`tune`):
+winning lr or weight decay at the edge of the grid extends the grid past it, up to :data:`EDGE_EXTENSIONS` times
+per edge, see :func:`tune`):
 
 * ``adamw``: ``torch.optim.AdamW`` with a linear warm-up over the first 5% of the steps then a cosine
   decay to 0 (:func:`lr_factor`), tuned over lr x weight decay;
@@ -577,9 +577,16 @@ def tune(
 
     ``evaluate(setting, seed)`` returns a run record. A run with a non-finite loss counts as +inf; ties
     go to the earlier setting; if every setting fails, the first (smallest lr) is kept. With
-    ``extend_edges`` :math:`k > 0`, a choice at the smallest or largest lr tried extends the grid past that edge
-    (:func:`ladder_neighbour`, at every weight decay and schedule of the grid) and picks again, at most
-    :math:`k` times per edge, so that the chosen lr is interior unless the grid was extended :math:`k` times.
+    ``extend_edges`` :math:`k > 0` the grid grows past a winning edge, along each axis that the grid tunes
+    (two or more values), at most :math:`k` times per edge, so that the choice is interior unless an axis
+    was extended :math:`k` times:
+
+    * lr: a choice at the smallest or largest lr tried adds :func:`ladder_neighbour` past it, at every weight
+      decay and schedule tried;
+    * weight decay: a choice at the largest weight decay tried adds the next one up the ladder (0.1 -> 0.3 ->
+      1), at every lr and schedule tried; at the smallest, the next one down unless it is 0 (no decay).
+
+    The lr edge is extended first; the grid stays the product of the values tried on each axis.
     """
     if not settings:
         raise ValueError(f"empty tuning grid for {contender} on {task}")
@@ -587,22 +594,36 @@ def tune(
     losses: list[float] = []
 
     def run(batch: Sequence[Setting]) -> None:
-        for setting in batch:
+        for setting in dict.fromkeys(batch):
+            if setting in tried:
+                continue
             finals = [_final_val(evaluate(setting, seed)) for seed in seeds]
             tried.append(setting)
             losses.append(mean_confidence_interval(finals)[0] if all(math.isfinite(v) for v in finals) else math.inf)
 
+    def extension(field: str) -> list[Setting] | None:
+        """The settings that extend the grid past the best setting's ``field`` value, if it sits at an edge."""
+        values = sorted({getattr(s, field) for s in tried})
+        value = getattr(tried[best], field)
+        if len(values) < 2 or value not in (values[0], values[-1]):
+            return None
+        up = value == values[-1]
+        if extended[field, up] >= extend_edges or (field == "weight_decay" and not up and value == 0.0):
+            return None
+        extended[field, up] += 1
+        new = ladder_neighbour(value, up)
+        if field == "lr":
+            return [dataclasses.replace(s, lr=new) for s in tried]
+        return [dataclasses.replace(s, weight_decay=new) for s in tried]
+
     run(settings)
-    extended = {True: 0, False: 0}
+    extended = dict.fromkeys(((f, up) for f in ("lr", "weight_decay") for up in (False, True)), 0)
     while True:
         best = min(range(len(tried)), key=lambda i: (losses[i], i))
-        lrs = [s.lr for s in tried]
-        if not math.isfinite(losses[best]) or min(lrs) == max(lrs):
+        if not math.isfinite(losses[best]):
             break
-        up = tried[best].lr == max(lrs)
-        if not (up or tried[best].lr == min(lrs)) or extended[up] >= extend_edges:
+        batch = extension("lr") or extension("weight_decay")
+        if batch is None:
             break
-        extended[up] += 1
-        lr = ladder_neighbour(tried[best].lr, up)
-        run(list(dict.fromkeys(dataclasses.replace(s, lr=lr) for s in settings)))
+        run(batch)
     return Tuning(task, contender, tried, losses, tried[best], list(seeds))

@@ -113,6 +113,44 @@ def test_a_winning_edge_extends_the_grid_until_the_choice_is_interior(optimum, e
     assert brun.tune("adamw", grid, evaluate, task="t").settings == grid  # off by default
 
 
+@pytest.mark.parametrize(
+    ("best_wd", "expected_wd", "added"), [(0.3, 0.3, 2), (10.0, 1.0, 2), (0.05, 0.1, 1), (0.0, 0.0, 0)]
+)
+def test_a_winning_largest_weight_decay_extends_the_grid_up_the_ladder(best_wd, expected_wd, added):
+    """A bowl in log-lr (minimum at 1e-2, interior) and in log-weight-decay (minimum at ``best_wd``; no decay
+    costs as much as a factor 1000 off, any decay as a factor 10 when no decay is best): a win at the grid's
+    largest weight decay adds 0.3, then 1, at every lr tried, until the choice is interior or the cap is hit;
+    no decay winning extends nothing (there is nothing below 0)."""
+    grid = brun.FULL_GRIDS["adamw"].settings("adamw")
+
+    def evaluate(setting, seed):
+        wd = setting.weight_decay
+        wd_cost = abs(math.log10(wd / best_wd)) if wd and best_wd else 0.0 if wd == best_wd else 1.0 if wd else 3.0
+        return {"final": {"val_loss": 1.0 + abs(math.log10(setting.lr / 1e-2)) + wd_cost}}
+
+    result = brun.tune("adamw", grid, evaluate, task="t", extend_edges=2)
+    lrs = sorted({s.lr for s in grid})
+    assert result.settings[: len(grid)] == grid and len(result.settings) == len(grid) + added * len(lrs)
+    assert result.chosen == brun.Setting("adamw", 1e-2, expected_wd, "cosine")
+    assert {s.weight_decay for s in result.settings[len(grid) :]} == set([0.3, 1.0][:added])
+
+
+def test_both_axes_extend_and_the_grid_stays_a_product():
+    """Optimum past the top lr and the top weight decay: lr grows first (at every weight decay), then weight
+    decay (at every lr, the new ones included); every (lr, wd) pair tried once."""
+    grid = brun.FULL_GRIDS["adamw"].settings("adamw")
+
+    def evaluate(setting, seed):
+        wd_cost = abs(math.log10(setting.weight_decay / 0.3)) if setting.weight_decay else 1.0
+        return {"final": {"val_loss": 1.0 + abs(math.log10(setting.lr / 0.1)) + wd_cost}}
+
+    result = brun.tune("adamw", grid, evaluate, task="t", extend_edges=2)
+    lrs, wds = {s.lr for s in result.settings}, {s.weight_decay for s in result.settings}
+    assert lrs == {3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3} and wds == {0.0, 0.1, 0.3, 1.0}
+    assert len(result.settings) == len(set(result.settings)) == len(lrs) * len(wds)
+    assert result.chosen == brun.Setting("adamw", 0.1, 0.3, "cosine")
+
+
 def test_the_full_suite_extends_edges_and_the_quick_one_does_not(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(brun, "train", _fake_train(calls))  # its optimum, lr 1e-2, is interior in the full grid
