@@ -72,6 +72,7 @@ __all__ = [
     "flatness_report",
     "FlatnessOptions",
     "task_flatness",
+    "frozen_functional",
 ]
 
 #: Radii of the :math:`L_\infty` balls (the learning-regularizers paper's).
@@ -141,6 +142,20 @@ def _batch_size(batch: Any) -> int:
     return 1
 
 
+def frozen_functional(model: nn.Module) -> tuple[Params, Callable[[Mapping[str, Tensor], Any], Any]]:
+    """``model`` as a function of its trainable parameters: ``(params, forward)``, ``params`` its trainable
+    parameters now (detached) and ``forward(p, inputs)`` its output at parameters ``p``, with the buffers frozen
+    (copied now and never updated: in ``eval()`` mode BatchNorm reads those running statistics), so the loss is
+    a deterministic function of ``p`` that any number of probes may evaluate."""
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+
+    def forward(p: Mapping[str, Tensor], inputs: Any) -> Any:
+        return functional_call(model, {**buffers, **p}, (inputs,))
+
+    return params, forward
+
+
 def _objective(
     model: nn.Module | Mapping[str, Tensor],
     loss_fn: Callable[..., Tensor],
@@ -152,14 +167,12 @@ def _objective(
     if not batches:
         raise ValueError("no batches to measure the loss on")
     if isinstance(model, nn.Module):
-        params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-        buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+        params, forward = frozen_functional(model)
         if not params:
             raise ValueError("the model has no trainable parameters")
 
         def loss(p: Mapping[str, Tensor], batch: Any) -> Tensor:
-            inputs, targets = batch[0], batch[1]
-            return loss_fn(functional_call(model, {**buffers, **p}, (inputs,)), targets)
+            return loss_fn(forward(p, batch[0]), batch[1])
     elif isinstance(model, Mapping):
         params = {n: p.detach() for n, p in model.items()}
         loss = loss_fn

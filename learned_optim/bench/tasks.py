@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from . import data as bdata
 from . import models
+from .flatness import frozen_functional
 
 __all__ = [
     "BenchTask",
@@ -273,12 +274,12 @@ class FunctionalWorkload:
     """
 
     def __init__(self, workload: Workload, model: nn.Module) -> None:
-        self.workload, self.module = workload, model.eval()
-        self.buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+        self.workload = workload
+        self._params, self._forward = frozen_functional(model.eval())
 
     def params(self) -> dict[str, Tensor]:
-        """The model's current trainable parameters (detached)."""
-        return {n: p.detach() for n, p in self.module.named_parameters() if p.requires_grad}
+        """The model's trainable parameters when this was built (detached)."""
+        return dict(self._params)
 
     def batch(self, split: str, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         if split == "train":
@@ -289,8 +290,7 @@ class FunctionalWorkload:
 
     def loss(self, params: Mapping[str, Tensor], batch: tuple[Tensor, Tensor]) -> Tensor:
         x, y = batch
-        out = torch.func.functional_call(self.module, {**self.buffers, **params}, (x,))
-        return self.workload.score(out.float(), x, y)[0]
+        return self.workload.score(self._forward(params, x).float(), x, y)[0]
 
 
 # ------------------------------------------------------------------------------------------ the suite
