@@ -52,6 +52,7 @@ from ..objectives import meta_objective
 from ..tasks.base import Task, TaskFamily
 from ..tasks.registry import make_task_family
 from .config import MAMLConfig, MetaTrainConfig, UnrollConfig
+from .imitation import adam_delta
 from .unroll import MetaLossHook, Trajectory, start_trajectory, unroll
 
 __all__ = [
@@ -124,12 +125,11 @@ def inner_step(
         if config.inner_update == "adam":
             assert moments is not None
             m, v = moments.get(n, (torch.zeros_like(g), torch.zeros_like(g)))
-            m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g.square()
+            delta, m, v = adam_delta(g, m, v, k + 1, lr=config.inner_lr, betas=(0.9, 0.999), eps=1e-8)
             moments[n] = (m, v)
-            step = (m / (1 - 0.9 ** (k + 1))) / ((v / (1 - 0.999 ** (k + 1))).sqrt() + 1e-8)
+            out[n] = weights[n] + delta
         else:
-            step = g
-        out[n] = weights[n] - config.inner_lr * step
+            out[n] = weights[n] - config.inner_lr * g
     return out, norm
 
 
