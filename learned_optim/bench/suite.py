@@ -32,7 +32,6 @@ from .flatness import FlatnessOptions
 from .report import fmt_ci, json_safe, output_files, table_lines, write_json
 from .run import (
     BASELINE_NAMES,
-    EDGE_EXTENSIONS,
     FULL_GRIDS,
     LR_RULES,
     QUICK_GRIDS,
@@ -42,12 +41,11 @@ from .run import (
     BenchOptimizer,
     RunStore,
     Setting,
-    Tuning,
     baseline_optimizer,
     learned_optimizer,
-    tune,
 )
 from .tasks import QUICK, QUICK_STEPS_FRACTION, TASKS, Workload, get_task
+from .tuning import EDGE_EXTENSIONS, Tuning, tune
 
 __all__ = ["REFERENCE", "BASELINE_NAMES", "DEFAULT_BASELINES", "Contender", "SuiteResults", "run_suite", "card_key"]
 

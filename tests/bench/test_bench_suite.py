@@ -14,6 +14,7 @@ from learned_optim.__main__ import main as cli_main
 from learned_optim.bench import QUICK, run_suite, stats
 from learned_optim.bench import run as brun
 from learned_optim.bench import suite as bsuite
+from learned_optim.bench import tuning as btuning
 from learned_optim.bench.cli import main as bench_main
 from learned_optim.bench.tasks import QUICK_STEPS_FRACTION, TASKS
 
@@ -83,16 +84,16 @@ def test_tuning_picks_the_planted_best_point():
     def evaluate(setting, seed):
         return {"final": {"val_loss": None if math.isnan(val[setting]) else val[setting]}}
 
-    result = brun.tune("adamw", grid, evaluate, task="t", seeds=[1, 2])
+    result = btuning.tune("adamw", grid, evaluate, task="t", seeds=[1, 2])
     assert result.chosen == planted
     assert math.isinf(result.val_loss[0]) and result.val_loss[3] == pytest.approx(1.0)
     assert planted.describe() == "lr 0.001, wd 0.1, cosine" and result.describe().endswith("-> " + planted.describe())
 
 
 def test_ladder_neighbours_continue_the_grids():
-    assert [brun.ladder_neighbour(lr, True) for lr in (3e-2, 1e-1, 3e-4)] == [0.1, 0.3, 1e-3]
-    assert [brun.ladder_neighbour(lr, False) for lr in (3e-4, 1e-4, 3e-2)] == [1e-4, 3e-5, 1e-2]
-    assert brun.ladder_neighbour(2e-3, True) == pytest.approx(2e-3 * math.sqrt(10), rel=1e-5)
+    assert [btuning.ladder_neighbour(lr, True) for lr in (3e-2, 1e-1, 3e-4)] == [0.1, 0.3, 1e-3]
+    assert [btuning.ladder_neighbour(lr, False) for lr in (3e-4, 1e-4, 3e-2)] == [1e-4, 3e-5, 1e-2]
+    assert btuning.ladder_neighbour(2e-3, True) == pytest.approx(2e-3 * math.sqrt(10), rel=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -106,11 +107,11 @@ def test_a_winning_edge_extends_the_grid_until_the_choice_is_interior(optimum, e
     def evaluate(setting, seed):
         return {"final": {"val_loss": 1.0 + abs(math.log10(setting.lr / optimum)) + setting.weight_decay}}
 
-    result = brun.tune("adamw", grid, evaluate, task="t", extend_edges=2)
+    result = btuning.tune("adamw", grid, evaluate, task="t", extend_edges=2)
     assert result.settings[: len(grid)] == grid and len(result.settings) == len(grid) + 2 * extra
     assert result.chosen == brun.Setting("adamw", expected_lr, 0.0, "cosine")
     assert {s.weight_decay for s in result.settings[len(grid) :]} == {0.0, 0.1}
-    assert brun.tune("adamw", grid, evaluate, task="t").settings == grid  # off by default
+    assert btuning.tune("adamw", grid, evaluate, task="t").settings == grid  # off by default
 
 
 @pytest.mark.parametrize(
@@ -128,7 +129,7 @@ def test_a_winning_largest_weight_decay_extends_the_grid_up_the_ladder(best_wd, 
         wd_cost = abs(math.log10(wd / best_wd)) if wd and best_wd else 0.0 if wd == best_wd else 1.0 if wd else 3.0
         return {"final": {"val_loss": 1.0 + abs(math.log10(setting.lr / 1e-2)) + wd_cost}}
 
-    result = brun.tune("adamw", grid, evaluate, task="t", extend_edges=2)
+    result = btuning.tune("adamw", grid, evaluate, task="t", extend_edges=2)
     lrs = sorted({s.lr for s in grid})
     assert result.settings[: len(grid)] == grid and len(result.settings) == len(grid) + added * len(lrs)
     assert result.chosen == brun.Setting("adamw", 1e-2, expected_wd, "cosine")
@@ -144,7 +145,7 @@ def test_both_axes_extend_and_the_grid_stays_a_product():
         wd_cost = abs(math.log10(setting.weight_decay / 0.3)) if setting.weight_decay else 1.0
         return {"final": {"val_loss": 1.0 + abs(math.log10(setting.lr / 0.1)) + wd_cost}}
 
-    result = brun.tune("adamw", grid, evaluate, task="t", extend_edges=2)
+    result = btuning.tune("adamw", grid, evaluate, task="t", extend_edges=2)
     lrs, wds = {s.lr for s in result.settings}, {s.weight_decay for s in result.settings}
     assert lrs == {3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3} and wds == {0.0, 0.1, 0.3, 1.0}
     assert len(result.settings) == len(set(result.settings)) == len(lrs) * len(wds)
@@ -166,7 +167,7 @@ def test_the_full_suite_extends_edges_and_the_quick_one_does_not(tmp_path, monke
     monkeypatch.setattr(brun, "train", edge_train)
     full = run_suite(out=tmp_path / "f", tasks=["diabetes-mlp"], baselines=["adamw"], progress=False, seeds=1)
     (tuning,) = full.tuning
-    assert tuning.chosen.lr == 0.3 and full.config["edge_extensions"] == brun.EDGE_EXTENSIONS
+    assert tuning.chosen.lr == 0.3 and full.config["edge_extensions"] == btuning.EDGE_EXTENSIONS
     assert "lr 0.1, cosine -> " in full.tuning_markdown() and "lr 0.3, wd 0.1, cosine -> " in full.tuning_markdown()
 
 
