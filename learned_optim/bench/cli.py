@@ -101,6 +101,12 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--list", action="store_true", help="print the task table and exit")
     parser.add_argument(
+        "--selection-set",
+        action="store_true",
+        help="run the recipe-selection set instead of the suite (other tasks, for choosing recipes; never a result, "
+        "never recorded on a card)",
+    )
+    parser.add_argument(
         "--record-card",
         metavar="CHECKPOINT_DIR",
         action="append",
@@ -116,8 +122,10 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     args = build_parser(prog).parse_args(argv)
     try:
         if args.list:
-            print(tasks_markdown(args.tasks), end="")
+            print(tasks_markdown(args.tasks, args.selection_set), end="")
             return 0
+        if args.selection_set and args.record_card:
+            raise ValueError("--record-card takes suite results only: the selection set's are never a result")
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
@@ -136,6 +144,7 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
             command=f"{prog} {shlex.join(argv)}",
             flatness=args.flatness,
             adapt_steps=args.adapt_steps,
+            selection=args.selection_set,
         )
     except (UnknownTaskError, UnknownOptimizerError, DataRootError, CheckpointError, ValueError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)

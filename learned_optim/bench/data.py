@@ -37,6 +37,8 @@ from ..tasks.data import load_splits, split_indices
 __all__ = [
     "SPLITS",
     "STDLIB_FILES",
+    "SELECTION_STDLIB_FILES",
+    "CORPORA",
     "ArraySplits",
     "TokenSplits",
     "DataRootError",
@@ -77,6 +79,26 @@ STDLIB_FILES: dict[str, tuple[str, ...]] = {
     "val": ("configparser.py", "textwrap.py", "string.py"),
     "test": ("shutil.py", "calendar.py", "fractions.py"),
 }
+#: The selection set's corpus (:data:`learned_optim.bench.tasks.SELECTION`): other standard-library files, none of
+#: them in :data:`STDLIB_FILES`, so choosing a recipe never reads the suite's text.
+SELECTION_STDLIB_FILES: dict[str, tuple[str, ...]] = {
+    "train": (
+        "pickle.py",
+        "locale.py",
+        "gettext.py",
+        "csv.py",
+        "heapq.py",
+        "bisect.py",
+        "random.py",
+        "statistics.py",
+        "tokenize.py",
+        "ast.py",
+    ),
+    "val": ("sched.py", "queue.py", "shlex.py"),
+    "test": ("glob.py", "fnmatch.py", "colorsys.py"),
+}
+#: Corpus name -> its files per split.
+CORPORA: dict[str, dict[str, tuple[str, ...]]] = {"suite": STDLIB_FILES, "selection": SELECTION_STDLIB_FILES}
 
 
 class DataRootError(FileNotFoundError):
@@ -129,20 +151,23 @@ def stdlib_root() -> Path:
 
 
 @functools.cache
-def stdlib_corpus(root: str | os.PathLike | None = None) -> TokenSplits:
-    """The byte-level corpus of :data:`STDLIB_FILES` read from ``root`` (default :func:`stdlib_root`).
+def stdlib_corpus(root: str | os.PathLike | None = None, corpus: str = "suite") -> TokenSplits:
+    """The byte-level corpus ``corpus`` of :data:`CORPORA` (:data:`STDLIB_FILES` or
+    :data:`SELECTION_STDLIB_FILES`) read from ``root`` (default :func:`stdlib_root`).
 
     Each split is its files' bytes joined in the listed order with a newline between files.
     Raises :class:`DataRootError` naming the folder and the missing files.
     """
+    if corpus not in CORPORA:
+        raise KeyError(f"unknown corpus {corpus!r}; known: {sorted(CORPORA)}")
     folder = Path(root) if root is not None else stdlib_root()
     if not folder.is_dir():
         raise DataRootError(f"data root {str(folder)!r} is not a folder (it should hold the Python standard library)")
-    missing = [f for files in STDLIB_FILES.values() for f in files if not (folder / f).is_file()]
+    missing = [f for files in CORPORA[corpus].values() for f in files if not (folder / f).is_file()]
     if missing:
         raise DataRootError(f"data root {str(folder)!r} lacks the standard-library files {missing}")
     tokens = {}
-    for split, files in STDLIB_FILES.items():
+    for split, files in CORPORA[corpus].items():
         data = b"\n".join((folder / f).read_bytes() for f in files)
         tokens[split] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int64)
     return TokenSplits(tokens)
@@ -197,12 +222,29 @@ def _blobs40() -> tuple[Tensor, Tensor, str]:
     return torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.int64), "classification"
 
 
+def _wine() -> tuple[Tensor, Tensor, str]:
+    from sklearn.datasets import load_wine
+
+    d = load_wine()
+    return torch.tensor(d.data, dtype=torch.float32), torch.tensor(d.target, dtype=torch.int64), "classification"
+
+
+def _friedman2() -> tuple[Tensor, Tensor, str]:
+    from sklearn.datasets import make_friedman2
+
+    x, y = make_friedman2(n_samples=3000, noise=60.0, random_state=1)
+    return torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32), "regression"
+
+
 #: name -> (loader, (train, val, test) sizes).
 TABLES = {
     "diabetes": (_diabetes, (266, 88, 88)),  # sklearn load_diabetes: 442 patients, 10 features
     "breast-cancer": (_breast_cancer, (341, 114, 114)),  # sklearn load_breast_cancer: 569, 30 features
     "friedman1": (_friedman, (4000, 1000, 1000)),  # sklearn make_friedman1, noise 1.0
     "classification40": (_blobs40, (4000, 1000, 1000)),  # sklearn make_classification, 6 classes
+    # the selection set's (learned_optim.bench.tasks.SELECTION)
+    "wine": (_wine, (106, 36, 36)),  # sklearn load_wine: 178 wines, 13 features, 3 cultivars
+    "friedman2": (_friedman2, (2000, 500, 500)),  # sklearn make_friedman2, noise 60
 }
 
 

@@ -44,7 +44,7 @@ from .run import (
     baseline_optimizer,
     learned_optimizer,
 )
-from .tasks import QUICK, QUICK_STEPS_FRACTION, TASKS, Workload, get_task
+from .tasks import QUICK, QUICK_STEPS_FRACTION, SELECTION_TASKS, TASKS, Workload, get_task
 from .tuning import EDGE_EXTENSIONS, Tuning, tune
 
 __all__ = ["REFERENCE", "BASELINE_NAMES", "DEFAULT_BASELINES", "Contender", "SuiteResults", "run_suite", "card_key"]
@@ -62,6 +62,10 @@ class Contender:
     label: str
     optimizer: BenchOptimizer
     rule: str | None = None
+
+
+#: How tables of the recipe-selection set introduce themselves (their numbers choose recipes, never report them).
+SELECTION_NOTE = "Recipe-selection set (for choosing recipes; never a result) of suite"
 
 
 def card_key(quick: bool) -> str:
@@ -176,7 +180,8 @@ class SuiteResults:
                 f"{r['diverged']}/{r['seeds']} | {r['ms_per_step']:.3g} |"
             )
         note = (
-            f"Suite v{c['suite_version']}{' (quick selection)' if c['quick'] else ''}: {len(self.records)} tasks, "
+            f"{SELECTION_NOTE if c.get('selection') else 'Suite'} v{c['suite_version']}"
+            f"{' (quick selection)' if c['quick'] else ''}: {len(self.records)} tasks, "
             f"{len(c['seeds'])} seed(s) each ({c['seeds']}), mean ± 95% t-interval over seeds. Baselines and the "
             f"`tuned` rule were tuned on the validation split of seed {TUNE_SEED} with the full horizon. IQM = "
             "interquartile mean over tasks; speed-up = horizon / first step at which the training loss, averaged "
@@ -311,6 +316,7 @@ def run_suite(
     command: str | None = None,
     flatness: FlatnessOptions | bool | None = None,
     adapt_steps: int = 0,
+    selection: bool = False,
 ) -> SuiteResults:
     """Run (or reuse from ``out``'s run store) the suite for the baselines and ``optimizers``.
 
@@ -337,11 +343,15 @@ def run_suite(
         adapt_steps: also run every learned optimizer adapted to each run's model first, ``adapt_steps`` steps of
             :func:`learned_optim.adapt` (:func:`~learned_optim.bench.run.adapt_before_training`), as the
             contender ``<name>+adapt<steps>`` beside the unadapted one.
+        selection: run the recipe-selection set (:data:`~learned_optim.bench.tasks.SELECTION_TASKS`, all of it
+            by default) instead of the suite: for choosing recipes, never reported as a result (not with ``quick``).
     """
     from tqdm.auto import tqdm
 
-    task_names = list(tasks) if tasks else list(QUICK if quick else TASKS)
-    bench_tasks = [get_task(n) for n in task_names]
+    if selection and quick:
+        raise ValueError("the selection set has no quick variant: drop --quick (it runs in a few minutes)")
+    task_names = list(tasks) if tasks else list(SELECTION_TASKS if selection else QUICK if quick else TASKS)
+    bench_tasks = [get_task(n, selection) for n in task_names]
     rules = list(dict.fromkeys(lr_rules))
     bad = [r for r in rules if r not in LR_RULES]
     if bad:
@@ -359,7 +369,8 @@ def run_suite(
     flat = SUITE_FLATNESS if flatness is True else (flatness or None)
     grids = QUICK_GRIDS if quick else FULL_GRIDS
     extend = 0 if quick else EDGE_EXTENSIONS
-    corpus = stdlib_corpus(data_root) if any(t.uses_data_root for t in bench_tasks) else None
+    uses_corpus = any(t.uses_data_root for t in bench_tasks)
+    corpus = stdlib_corpus(data_root, "selection" if selection else "suite") if uses_corpus else None
     workloads: list[Workload] = [
         t.bind(data_root, steps or (max(1, round(t.steps * QUICK_STEPS_FRACTION)) if quick else None))
         for t in bench_tasks
@@ -415,6 +426,7 @@ def run_suite(
     config = {
         "suite_version": SUITE_VERSION,
         "quick": quick,
+        "selection": selection,
         "tasks": {w.name: {**w.config, "config_hash": w.config_hash} for w in workloads},
         "contenders": [
             {"label": c.label, "optimizer": c.optimizer.name, "rule": c.rule, "identity": c.optimizer.identity}

@@ -20,6 +20,11 @@ uses its running statistics).
 The zoo's meta-training used 8x8-digits MLPs with one hidden layer of ~20 sigmoid/relu/tanh units
 (10-50k coordinates at most, unrolls of 100-500 steps); each task's ``differs`` field says how it
 departs from that. :data:`TASKS` lists the suite; :data:`QUICK` the ``--quick`` selection.
+
+:data:`SELECTION_TASKS` is the **recipe-selection set**, apart from the suite: tasks of the same kinds on other
+data (other scikit-learn tables, other standard-library files, another sequence task) and other models, on which
+recipes, ablations and regularizer weights are *chosen*, so that the suite, which *reports* quality, never
+chooses anything. Its numbers are never a result.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ __all__ = [
     "Workload",
     "FunctionalWorkload",
     "TASKS",
+    "SELECTION_TASKS",
     "QUICK",
     "QUICK_STEPS_FRACTION",
     "get_task",
@@ -301,9 +307,10 @@ _STDLIB_SPLIT = "learned_optim.bench.data.STDLIB_FILES: 15 train files ~1.2 MB, 
 _LM_COMPARE = "uniform over bytes is ln 256 = 5.55 nats per byte; the train unigram model scores 3.04 on val"
 
 
-def _stdlib_lm(name: str, model: Callable[[], nn.Module], **fields: Any) -> BenchTask:
-    """A byte-level language-model task on :func:`~learned_optim.bench.data.stdlib_corpus` (context 32)."""
-    return BenchTask(name, "lm", _P(bdata.stdlib_corpus), model, context=32, eval_size=256, **fields)
+def _stdlib_lm(name: str, model: Callable[[], nn.Module], corpus: str = "suite", **fields: Any) -> BenchTask:
+    """A byte-level language-model task on :func:`~learned_optim.bench.data.stdlib_corpus` ``corpus`` (context 32)."""
+    data = _P(bdata.stdlib_corpus) if corpus == "suite" else _P(bdata.stdlib_corpus, corpus=corpus)
+    return BenchTask(name, "lm", data, model, context=32, eval_size=256, **fields)
 
 
 _TASK_LIST = [
@@ -454,27 +461,81 @@ _TASK_LIST = [
 #: The suite, by name.
 TASKS: dict[str, BenchTask] = {t.name: t for t in _TASK_LIST}
 
+_SELECTION_LIST = [
+    BenchTask(
+        "select-wine-mlp",
+        "classify",
+        _P(bdata.tabular, "wine"),
+        _P(models.MLP, 13, (64, 64), 3, "relu"),
+        steps=800,
+        batch_size=16,
+        source="scikit-learn load_wine (178 wines, 13 features, 3 cultivars), seeded 106/36/36, standardised",
+        compare="logistic regression reaches ~97% test accuracy",
+        differs="little data (106 rows): generalisation matters more than fitting",
+    ),
+    BenchTask(
+        "select-friedman2-wide-mlp",
+        "regress",
+        _P(bdata.tabular, "friedman2"),
+        _P(models.MLP, 4, (512, 512), 1, "silu"),
+        steps=1000,
+        batch_size=64,
+        source="scikit-learn make_friedman2 (3,000 rows, noise 60, random_state 1), seeded 2000/500/500, standardised",
+        compare="the noise floor is ~0.025 of the target variance",
+        differs="a wide MLP (hidden fan-in 512, 266k parameters): the width question (muP scale 0.125)",
+    ),
+    BenchTask(
+        "select-copy-lstm",
+        "sequence",
+        _P(bdata.copy_sequences, 8, 6),
+        _P(models.SequenceRNN, 8, 6, 16, 96, "lstm"),
+        steps=800,
+        batch_size=32,
+        source="the copy task of copy-gru with 8 symbols of 6 (same generator and seeds, other length and alphabet)",
+        compare="chance is ln 6 = 1.79 nats per token; solved is ~0 nats",
+        differs="an LSTM (44k parameters) on a memory task",
+    ),
+    _stdlib_lm(
+        "select-stdlib-transformer-wide",
+        _P(models.TransformerLM, 256, 256, 1, 4, 1024, 32),
+        steps=400,
+        batch_size=8,
+        source="byte-level corpus of other standard-library files "
+        "(learned_optim.bench.data.SELECTION_STDLIB_FILES, none of the suite's), split by file",
+        compare="uniform over bytes is ln 256 = 5.55 nats per byte",
+        differs="a one-layer transformer of width 256 (0.93M parameters)",
+        corpus="selection",
+    ),
+]
+
+#: The recipe-selection set, by name (see the module docstring): never reported as a result.
+SELECTION_TASKS: dict[str, BenchTask] = {t.name: t for t in _SELECTION_LIST}
+
 #: The ``--quick`` selection (run with :data:`QUICK_STEPS_FRACTION` of their steps, 1 seed, small grids).
 QUICK: tuple[str, ...] = ("diabetes-mlp", "shapes-cnn", "copy-gru", "stdlib-transformer-lm")
 QUICK_STEPS_FRACTION = 0.25
 
 
-def get_task(name: str) -> BenchTask:
-    """The task ``name`` of :data:`TASKS`; :class:`UnknownTaskError` lists the known names otherwise."""
+def get_task(name: str, selection: bool = False) -> BenchTask:
+    """The task ``name`` of :data:`TASKS` (``selection``: of :data:`SELECTION_TASKS`); :class:`UnknownTaskError`
+    lists the known names otherwise."""
+    registry = SELECTION_TASKS if selection else TASKS
     try:
-        return TASKS[name]
+        return registry[name]
     except KeyError:
-        raise UnknownTaskError(f"unknown task {name!r}; known: {', '.join(TASKS)}") from None
+        which = "selection-set task" if selection else "task"
+        raise UnknownTaskError(f"unknown {which} {name!r}; known: {', '.join(registry)}") from None
 
 
-def tasks_markdown(names: list[str] | None = None) -> str:
-    """A markdown table of the tasks: size, horizon, data and split, what to compare to, how it differs."""
+def tasks_markdown(names: list[str] | None = None, selection: bool = False) -> str:
+    """A markdown table of the tasks (``selection``: of the selection set): size, horizon, data and split, what to
+    compare to, how it differs."""
     lines = [
         "| Task | Kind | Parameters | Steps (quick) | Batch | Data and split | Compare to | Unlike meta-training |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name in names or list(TASKS):
-        t = get_task(name)
+    for name in names or list(SELECTION_TASKS if selection else TASKS):
+        t = get_task(name, selection)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             params = sum(p.numel() for p in t.model().parameters())

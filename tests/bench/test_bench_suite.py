@@ -339,6 +339,15 @@ def test_adapt_steps_adds_an_adapted_contender_per_learned_optimizer(tmp_path, m
     assert "l2o-mlp [adamw]" in labels and "l2o-mlp+adapt3 [adamw]" in labels and results.config["adapt_steps"] == 3
 
 
+def test_the_selection_set_runs_apart_and_says_it_is_no_result(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(brun, "train", _fake_train(calls))
+    results = run_suite(["l2o-mlp"], out=tmp_path, selection=True, progress=False, lr_rules=["adamw"], seeds=1)
+    assert results.config["selection"] and {c[0] for c in calls} == set(bsuite.SELECTION_TASKS)
+    assert "never a result" in results.markdown()
+    assert not run_suite(out=tmp_path, tasks=["diabetes-mlp"], progress=False, seeds=1).config["selection"]
+
+
 def test_cli_record_card_and_list_pretrained(tmp_path, monkeypatch, capsys):
     import shutil
 
@@ -367,6 +376,9 @@ def test_cli_record_card_and_list_pretrained(tmp_path, monkeypatch, capsys):
         (["--optimizer", "nosuch-optimizer"], "cannot load optimizer 'nosuch-optimizer'"),
         (["--tasks", "stdlib-gru-lm", "--data-root", "/nonexistent-root"], "data root '/nonexistent-root'"),
         (["--baselines", "adagrad"], "unknown baseline 'adagrad'"),
+        (["--selection-set", "--tasks", "diabetes-mlp"], "unknown selection-set task 'diabetes-mlp'; known: select-"),
+        (["--selection-set", "--quick"], "the selection set has no quick variant"),
+        (["--selection-set", "--record-card", "x"], "--record-card takes suite results only"),
     ],
 )
 def test_bad_input_is_one_line_error(argv, message, tmp_path, capsys):

@@ -11,7 +11,7 @@ import torch
 import learned_optim
 from learned_optim.bench import QUICK, TASKS, get_task
 from learned_optim.bench import data as bdata
-from learned_optim.bench.tasks import UnknownTaskError
+from learned_optim.bench.tasks import SELECTION_TASKS, UnknownTaskError
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +119,34 @@ def test_data_bits_do_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(previous)
     assert one == two
+
+
+def test_the_selection_set_is_apart_from_the_suite():
+    """Recipes are chosen on tasks the suite never reports: other names, other (data, model) pairs, other text."""
+    assert not set(SELECTION_TASKS) & set(TASKS)
+    suite = {(repr(t.spec()["data"]), repr(t.spec()["model"])) for t in TASKS.values()}
+    assert not suite & {(repr(t.spec()["data"]), repr(t.spec()["model"])) for t in SELECTION_TASKS.values()}
+    suite_files = {f for files in bdata.STDLIB_FILES.values() for f in files}
+    selection_files = [set(files) for files in bdata.SELECTION_STDLIB_FILES.values()]
+    assert not suite_files & set().union(*selection_files)
+    assert not (selection_files[0] & selection_files[1]) and not (selection_files[1] & selection_files[2])
+    lm = [t for t in SELECTION_TASKS.values() if t.kind == "lm"]
+    assert lm and all(t.bind(steps=3).splits.fingerprint != bdata.stdlib_corpus().fingerprint for t in lm)
+    with pytest.raises(UnknownTaskError, match="selection-set task 'diabetes-mlp'; known: select-"):
+        get_task("diabetes-mlp", selection=True)
+
+
+@pytest.mark.parametrize("name", list(SELECTION_TASKS))
+def test_selection_task_trains_three_steps(name):
+    w = SELECTION_TASKS[name].bind(steps=3)
+    model = w.build_model(0)
+    opt = learned_optim.from_pretrained("adafac-mlp-adam-magnitude-tbv", model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(3):
+        opt.zero_grad()
+        loss = w.loss(model, w.batch(gen))
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert all(torch.isfinite(torch.tensor(losses)))
