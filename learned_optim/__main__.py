@@ -68,9 +68,9 @@ def _no_zoo_message() -> str:
     )
 
 
-#: The zoo entry the demo prefers: the best on the benchmark suite (interquartile mean of the validation loss
-#: over its tasks, with AdamW's tuned settings; see its card), whatever it does on the demo task.
-DEMO_OPTIMIZER = "adafac-mlp-adam-magnitude-tbv"
+#: The zoo entry the demo prefers: the flagship, chosen among the recipes on the recipe-selection set (never on
+#: the suite; benchmarks/results/bench/selection/README.md), whatever it does on the demo task.
+DEMO_OPTIMIZER = "adafac-mlp-adam-magnitude-tbv-nomup"
 
 
 def default_optimizer() -> str:
