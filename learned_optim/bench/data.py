@@ -79,7 +79,7 @@ STDLIB_FILES: dict[str, tuple[str, ...]] = {
     "val": ("configparser.py", "textwrap.py", "string.py"),
     "test": ("shutil.py", "calendar.py", "fractions.py"),
 }
-#: The selection set's corpus (:data:`learned_optim.bench.tasks.SELECTION`): other standard-library files, none of
+#: The selection set's corpus (:data:`learned_optim.bench.tasks.SELECTION_TASKS`): other standard-library files, none of
 #: them in :data:`STDLIB_FILES`, so choosing a recipe never reads the suite's text.
 SELECTION_STDLIB_FILES: dict[str, tuple[str, ...]] = {
     "train": (
@@ -242,7 +242,7 @@ TABLES = {
     "breast-cancer": (_breast_cancer, (341, 114, 114)),  # sklearn load_breast_cancer: 569, 30 features
     "friedman1": (_friedman, (4000, 1000, 1000)),  # sklearn make_friedman1, noise 1.0
     "classification40": (_blobs40, (4000, 1000, 1000)),  # sklearn make_classification, 6 classes
-    # the selection set's (learned_optim.bench.tasks.SELECTION)
+    # the selection set's (learned_optim.bench.tasks.SELECTION_TASKS)
     "wine": (_wine, (106, 36, 36)),  # sklearn load_wine: 178 wines, 13 features, 3 cultivars
     "friedman2": (_friedman2, (2000, 500, 500)),  # sklearn make_friedman2, noise 60
 }

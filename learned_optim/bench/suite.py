@@ -27,7 +27,6 @@ import torch
 
 from ..hub import BENCH_RESULTS_PREFIX
 from . import stats
-from .data import stdlib_corpus
 from .flatness import FlatnessOptions
 from .report import fmt_ci, json_safe, output_files, table_lines, write_json
 from .run import (
@@ -369,8 +368,6 @@ def run_suite(
     flat = SUITE_FLATNESS if flatness is True else (flatness or None)
     grids = QUICK_GRIDS if quick else FULL_GRIDS
     extend = 0 if quick else EDGE_EXTENSIONS
-    uses_corpus = any(t.uses_data_root for t in bench_tasks)
-    corpus = stdlib_corpus(data_root, "selection" if selection else "suite") if uses_corpus else None
     workloads: list[Workload] = [
         t.bind(data_root, steps or (max(1, round(t.steps * QUICK_STEPS_FRACTION)) if quick else None))
         for t in bench_tasks
@@ -439,7 +436,8 @@ def run_suite(
         "flatness": None if flat is None else dataclasses.asdict(flat),
         "adapt_steps": adapt_steps,
         "lr_rules": rules,
-        "corpus_fingerprint": None if corpus is None else corpus.fingerprint,
+        # the text corpus the tasks read (each lm task binds its own, the same for all tasks of a run)
+        "corpus_fingerprint": next((w.splits.fingerprint for w in workloads if w.task.uses_data_root), None),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

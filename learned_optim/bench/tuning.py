@@ -101,10 +101,10 @@ def tune(
             tried.append(setting)
             losses.append(mean_confidence_interval(finals)[0] if all(math.isfinite(v) for v in finals) else math.inf)
 
-    def extension(field: str) -> list[Setting] | None:
-        """The settings that extend the grid past the best setting's ``field`` value, if it sits at an edge."""
+    def extension(field: str, best: Setting) -> list[Setting] | None:
+        """The settings that extend the grid past ``best``'s ``field`` value, if it sits at an edge."""
         values = sorted({getattr(s, field) for s in tried})
-        value = getattr(tried[best], field)
+        value = getattr(best, field)
         if len(values) < 2 or value not in (values[0], values[-1]):
             return None
         up = value == values[-1]
@@ -122,7 +122,7 @@ def tune(
         best = min(range(len(tried)), key=lambda i: (losses[i], i))
         if not math.isfinite(losses[best]):
             break
-        batch = extension("lr") or extension("weight_decay")
+        batch = extension("lr", tried[best]) or extension("weight_decay", tried[best])
         if batch is None:
             break
         run(batch)
