@@ -26,26 +26,10 @@ import os
 import shlex
 import sys
 from collections.abc import Sequence
-from pathlib import Path
+
+from .config import CONFIG_DIR, load_config, resolve_config_path
 
 __all__ = ["main", "build_parser", "resolve_config_path", "CONFIG_DIR"]
-
-#: The bundled example configs.
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-
-
-def resolve_config_path(config: str) -> Path:
-    """A config file path, or the bundled ``configs/<config>.yaml|.json`` when ``config`` is a bare name."""
-    path = Path(config)
-    if path.is_file():
-        return path
-    for suffix in (".yaml", ".yml", ".json"):
-        candidate = CONFIG_DIR / f"{config}{suffix}"
-        if candidate.is_file():
-            return candidate
-    bundled = sorted(p.stem for p in CONFIG_DIR.glob("*.y*ml")) + sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
-    raise FileNotFoundError(f"config {config!r} is neither a file nor a bundled config ({', '.join(bundled)})")
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m learned_optim.meta", description="Meta-train learned optimizers.")
@@ -76,14 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.command == "configs":
-        from .config import load_config
-
         for path in sorted(CONFIG_DIR.glob("*.yaml")):
             cfg = load_config(path)
             print(f"{path.stem}\n    {cfg.description or ''}\n    time: {cfg.expected_time or 'not stated'}")
         return 0
 
-    from .config import load_config
     from .trainer import MetaTrainer
 
     world = int(os.environ.get("WORLD_SIZE", "1"))

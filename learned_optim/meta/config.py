@@ -15,6 +15,15 @@ A config file mirrors :class:`MetaTrainConfig`::
 
 Unknown keys are errors (a typo never silently falls back to a default). ``--set unroll.segment_length=10``
 on the command line maps to :func:`apply_overrides`.
+
+A file may start from another one with ``base: <name or path>`` (a bundled config's name, or a path relative
+to the file): the base's mapping is read (recursively) and the file's keys are merged over it, sections key by
+key, lists and scalars replaced whole. A family of fine-tunes that differ in one block is then one base file
+and one short file per member::
+
+    base: adafac-mlp-adam-magnitude-tbv-nomup-control
+    name: adafac-mlp-adam-magnitude-tbv-nomup-sam
+    regularizers: [{kind: sam, weight: 1, where: segment_end, rho: 0.05}]
 """
 
 from __future__ import annotations
@@ -41,6 +50,8 @@ __all__ = [
     "CurriculumConfig",
     "ImitationConfig",
     "MAMLConfig",
+    "CONFIG_DIR",
+    "resolve_config_path",
     "EstimatorConfig",
     "MetaTrainConfig",
     "load_config",
@@ -400,6 +411,50 @@ class MetaTrainConfig(_Section):
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
 
 
+#: The bundled configs (``python -m learned_optim.meta train <name>``).
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def resolve_config_path(config: str | os.PathLike, relative_to: Path | None = None) -> Path:
+    """A config file path (tried relative to ``relative_to`` first), or the bundled ``configs/<config>.yaml|.json``."""
+    for path in ([relative_to / config] if relative_to is not None else []) + [Path(config)]:
+        if path.is_file():
+            return path
+    for suffix in (".yaml", ".yml", ".json"):
+        candidate = CONFIG_DIR / f"{config}{suffix}"
+        if candidate.is_file():
+            return candidate
+    bundled = sorted(p.stem for p in CONFIG_DIR.glob("*.y*ml")) + sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+    raise FileNotFoundError(f"config {str(config)!r} is neither a file nor a bundled config ({', '.join(bundled)})")
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``: mappings merged key by key, anything else replaced."""
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_config_mapping(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's mapping with its ``base:`` chain resolved (a cycle is an error)."""
+    resolved = path.resolve()
+    if resolved in seen:
+        chain = " -> ".join(str(p) for p in (*seen, resolved))
+        raise ValueError(f"config base chain loops: {chain}")
+    data = _read_mapping(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ValueError(f"{path}: 'base' must be a config name or path, got {base!r}")
+    base_path = resolve_config_path(base, relative_to=path.parent)
+    return _merge(_read_config_mapping(base_path, (*seen, resolved)), data)
+
+
 def _read_mapping(path: Path) -> dict[str, Any]:
     text = path.read_text()
     if path.suffix.lower() in (".yaml", ".yml"):
@@ -453,5 +508,5 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> MetaTrainConfig:
     """Read a JSON (``.json``) or YAML (``.yaml``/``.yml``) config file and apply ``key=value`` overrides."""
-    data = apply_overrides(_read_mapping(Path(path)), overrides)
+    data = apply_overrides(_read_config_mapping(Path(path)), overrides)
     return MetaTrainConfig.from_dict(data)

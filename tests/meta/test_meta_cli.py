@@ -98,3 +98,40 @@ def test_bundled_configs_are_valid(path):
         "adafac_mlp": ("adam", 1e-3),
     }[rule.family]
     assert name == default_name and lr == (default_lr if config.meta_optimizer.lr is None else config.meta_optimizer.lr)
+
+
+def test_config_base_is_merged_section_by_section(tmp_path):
+    """``base:`` reads the parent config and merges the file over it: sections key by key, lists replaced."""
+    (tmp_path / "parent.yaml").write_text((CONFIG_DIR / "smoke.yaml").read_text())
+    parent = load_config(tmp_path / "parent.yaml")
+    (tmp_path / "child.yaml").write_text(
+        "base: parent.yaml\nname: child\nunroll: {segment_length: 5}\n"
+        "regularizers: [{kind: sam, weight: 2, where: segment_end, rho: 0.05}]\n"
+    )
+    child = load_config(tmp_path / "child.yaml", ["seed=7"])
+    assert child.name == "child" and child.seed == 7
+    assert child.unroll.segment_length == 5
+    assert child.unroll.trajectory_length == parent.unroll.trajectory_length  # the rest of the section kept
+    assert child.task == parent.task and child.net == parent.net
+    assert child.regularizers == [{"kind": "sam", "weight": 2, "where": "segment_end", "rho": 0.05}]
+
+
+def test_config_base_by_bundled_name_and_errors(tmp_path):
+    variant = load_config(CONFIG_DIR / "adafac-mlp-adam-magnitude-tbv-nomup-sam.yaml")
+    control = load_config(CONFIG_DIR / "adafac-mlp-adam-magnitude-tbv-nomup-control.yaml")
+    assert variant.regularizers and not control.regularizers
+    assert variant.to_dict() | {"name": None, "description": None, "regularizers": None} == control.to_dict() | {
+        "name": None,
+        "description": None,
+        "regularizers": None,
+    }
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ValueError, match="loops"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: [smoke]\n")
+    with pytest.raises(ValueError, match="'base' must be"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("base: no-such-config\n")
+    with pytest.raises(FileNotFoundError, match="no-such-config"):
+        load_config(tmp_path / "d.yaml")
