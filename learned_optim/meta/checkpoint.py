@@ -14,11 +14,16 @@ import os
 import random
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from .unroll import Trajectory
+
+if TYPE_CHECKING:
+    from .trainer import MetaTrainer
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -29,6 +34,8 @@ __all__ = [
     "latest_checkpoint",
     "write_checkpoint",
     "read_checkpoint",
+    "trainer_state_to_tensors",
+    "trainer_state_from_tensors",
 ]
 
 #: Version of the checkpoint layout; a checkpoint of another version is refused.
@@ -157,3 +164,85 @@ def read_checkpoint(json_path: Path, config: Mapping[str, Any]) -> tuple[dict[st
     if diffs:
         raise ValueError(f"cannot resume {json_path}: the config differs from the checkpoint's: {diffs}")
     return load_file(str(json_path.with_suffix(".safetensors"))), meta
+
+
+def trainer_state_to_tensors(trainer: MetaTrainer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """A :class:`~learned_optim.meta.trainer.MetaTrainer`'s whole state as (tensors, JSON): the net's weights,
+    the meta-optimizers' states, the best weights, every generator, the in-flight trajectory, MAML's and PES's
+    state, the counters and the log's length (a resume truncates the log there)."""
+    tensors: dict[str, Tensor] = {
+        f"net.{k}": v.detach().contiguous().cpu() for k, v in trainer.rule.state_dict().items()
+    }
+    meta: dict[str, Any] = {"config": trainer.config.to_dict()}
+    opt_tensors, meta["meta_optimizer"] = optimizer_to_tensors(trainer.meta_optimizer, "meta_opt")
+    tensors.update(opt_tensors)
+    if trainer.imitation_optimizer is not None:
+        opt_tensors, meta["imitation_optimizer"] = optimizer_to_tensors(trainer.imitation_optimizer, "imitation_opt")
+        tensors.update(opt_tensors)
+    if trainer.best_weights is not None:
+        tensors.update({f"best.{k}": v.detach().contiguous().cpu() for k, v in trainer.best_weights.items()})
+    rng_tensors, rng_meta = rng_to_tensors(trainer.generators())
+    tensors.update(rng_tensors)
+    meta.update(rng_meta)
+    if trainer.trajectory is not None:
+        traj_tensors, meta["trajectory"] = trainer.trajectory.to_tensors("traj")
+        tensors.update(traj_tensors)
+        meta["trajectory"].update(mode=trainer.trajectory_mode, length=trainer.trajectory_length)
+    if trainer.maml is not None:
+        maml_tensors, meta["maml"] = trainer.maml.to_tensors()
+        tensors.update(maml_tensors)
+    if trainer.pes is not None:
+        pes_tensors, meta["pes"] = trainer.pes.to_tensors()
+        tensors.update(pes_tensors)
+    meta.update(
+        meta_steps=trainer.meta_steps,
+        meta_epochs=trainer.meta_epochs,
+        curriculum=trainer.curriculum.state_dict() if trainer.curriculum is not None else None,
+        last_eval=trainer.last_eval,
+        recent_meta_losses=list(trainer.recent_meta_losses),
+        recent_final_losses=list(trainer.recent_final_losses),
+        wall_time=trainer.elapsed(),
+        commands=trainer.commands,
+        finished=trainer.finished,
+        finish_reason=trainer.finish_reason,
+        parent=trainer.parent,
+        log_bytes=trainer.log_path.stat().st_size if trainer.log_path.exists() else 0,
+    )
+    return tensors, meta
+
+
+def trainer_state_from_tensors(trainer: MetaTrainer, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    """Restore what :func:`trainer_state_to_tensors` saved into ``trainer`` (built from the same config)."""
+    trainer.rule.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")}, strict=True)
+    optimizer_from_tensors(trainer.meta_optimizer, "meta_opt", tensors, meta["meta_optimizer"])
+    if trainer.imitation_optimizer is not None:
+        optimizer_from_tensors(trainer.imitation_optimizer, "imitation_opt", tensors, meta["imitation_optimizer"])
+    best = {k[5:]: v.to(trainer.device) for k, v in tensors.items() if k.startswith("best.")}
+    trainer.best_weights = best or None
+    rng_from_tensors(tensors, meta, trainer.generators())
+    if trainer.curriculum is not None:
+        trainer.curriculum.load_state_dict(meta["curriculum"])
+    trainer.meta_steps, trainer.meta_epochs = int(meta["meta_steps"]), int(meta["meta_epochs"])
+    trainer.last_eval = meta["last_eval"]
+    trainer.recent_meta_losses.clear()
+    trainer.recent_meta_losses.extend(meta["recent_meta_losses"])
+    trainer.recent_final_losses.clear()
+    trainer.recent_final_losses.extend(meta["recent_final_losses"])
+    trainer.wall_time = float(meta["wall_time"])
+    trainer.commands = list(meta["commands"])
+    trainer.finished, trainer.finish_reason = bool(meta["finished"]), meta["finish_reason"]
+    trainer.parent = meta.get("parent", trainer.parent)
+    trainer.resume_log_bytes = int(meta["log_bytes"])
+    traj = meta.get("trajectory")
+    if traj is not None:
+        trainer.task, _ = trainer.task_for(trainer.task_index)
+        trainer.trajectory = Trajectory.from_tensors("traj", tensors, traj, device=trainer.device)
+        trainer.trajectory_mode, trainer.trajectory_length = traj["mode"], int(traj["length"])
+        if trainer.hook is not None:
+            trainer.hook.begin_trajectory(trainer.trajectory_length)
+    else:
+        trainer.trajectory, trainer.task = None, None
+    if trainer.maml is not None:
+        trainer.maml.load(tensors, meta.get("maml") if traj is not None else None, trainer.meta_epochs, trainer.task)
+    if trainer.pes is not None:
+        trainer.pes.load(tensors, meta.get("pes") if traj is not None else None)

@@ -31,6 +31,7 @@ from .config import CONFIG_DIR, load_config, resolve_config_path
 
 __all__ = ["main", "build_parser", "resolve_config_path", "CONFIG_DIR"]
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m learned_optim.meta", description="Meta-train learned optimizers.")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -54,11 +54,9 @@ from ..tasks.registry import make_task_family
 from .card import meta_training_card
 from .checkpoint import (
     latest_checkpoint,
-    optimizer_from_tensors,
-    optimizer_to_tensors,
     read_checkpoint,
-    rng_from_tensors,
-    rng_to_tensors,
+    trainer_state_from_tensors,
+    trainer_state_to_tensors,
     write_checkpoint,
 )
 from .config import META_OPTIMIZERS, MetaTrainConfig, TaskSection, load_config
@@ -191,6 +189,7 @@ class MetaTrainer:
         self.recent_meta_losses: collections.deque[float] = collections.deque(maxlen=50)
         self.recent_final_losses: collections.deque[float] = collections.deque(maxlen=20)
         self.wall_time = 0.0
+        self.resume_log_bytes = 0  # the log's length at the checkpoint a resume starts from
         self.commands: list[str] = []
         self.finished = False
         self.finish_reason: str | None = None
@@ -235,26 +234,26 @@ class MetaTrainer:
         return dict(self.rule.named_parameters())
 
     # ----------------------------------------------------------------------------------- trajectories
-    def _task_for(self, index: int) -> tuple[Task, torch.Generator]:
+    def task_for(self, index: int) -> tuple[Task, torch.Generator]:
         if self.maml is not None:
             return self.maml.support_task_for(index)
         gen = seeded_generator(derive_seed(self.config.seed, "task", index))
         return self.family.sample(gen), gen
 
     @property
-    def _task_index(self) -> int:
+    def task_index(self) -> int:
         """This rank's trajectory index: ranks split the tasks (``meta_epoch`` on a single process)."""
         return self.meta_epochs * self.world_size + self.rank
 
     def _begin_trajectory(self) -> None:
         index = self.meta_epochs
-        self.task, gen = self._task_for(self._task_index)
+        self.task, gen = self.task_for(self.task_index)
         self.trajectory = start_trajectory(self.rule, self.task, gen, device=self.device, dtype=self.dtype)
         lr_range = self.config.unroll.lr_range
         if lr_range is not None:  # this trajectory's inner lr, log-uniform in the range
-            u = float(torch.rand((), generator=seeded_generator(derive_seed(self.config.seed, "lr", self._task_index))))
+            u = float(torch.rand((), generator=seeded_generator(derive_seed(self.config.seed, "lr", self.task_index))))
             self.trajectory.lr = math.exp(math.log(lr_range[0]) + u * (math.log(lr_range[1]) - math.log(lr_range[0])))
-        self.data_generator = seeded_generator(derive_seed(self.config.seed, "data", self._task_index))
+        self.data_generator = seeded_generator(derive_seed(self.config.seed, "data", self.task_index))
         self.trajectory_length = (
             self.curriculum.train_length if self.curriculum is not None else self.config.unroll.trajectory_length
         )
@@ -303,7 +302,7 @@ class MetaTrainer:
             train_losses, end, diverged_at = imitation.train_losses, imitation.end, None
         elif self.pes is not None:
             assert self.task is not None
-            loss, pes_metrics, train_losses, end = self.pes.segment(weights, self.task, self._task_index, n)
+            loss, pes_metrics, train_losses, end = self.pes.segment(weights, self.task, self.task_index, n)
             optimizer, diverged_at = self.meta_optimizer, None
             metrics.update(pes_metrics, objective=float(loss.detach()))
         elif self.maml is not None:
@@ -494,48 +493,11 @@ class MetaTrainer:
     def save_checkpoint(self) -> Path:
         """Write the full trainer state (:mod:`~learned_optim.meta.checkpoint`, atomically) and drop older
         checkpoints; returns the JSON path."""
-        tensors: dict[str, Tensor] = {
-            f"net.{k}": v.detach().contiguous().cpu() for k, v in self.rule.state_dict().items()
-        }
-        meta: dict[str, Any] = {"config": self.config.to_dict()}
-        opt_tensors, meta["meta_optimizer"] = optimizer_to_tensors(self.meta_optimizer, "meta_opt")
-        tensors.update(opt_tensors)
-        if self.imitation_optimizer is not None:
-            opt_tensors, meta["imitation_optimizer"] = optimizer_to_tensors(self.imitation_optimizer, "imitation_opt")
-            tensors.update(opt_tensors)
-        if self.best_weights is not None:
-            tensors.update({f"best.{k}": v.detach().contiguous().cpu() for k, v in self.best_weights.items()})
-        rng_tensors, rng_meta = rng_to_tensors(self._generators())
-        tensors.update(rng_tensors)
-        meta.update(rng_meta)
-        if self.trajectory is not None:
-            traj_tensors, meta["trajectory"] = self.trajectory.to_tensors("traj")
-            tensors.update(traj_tensors)
-            meta["trajectory"].update(mode=self.trajectory_mode, length=self.trajectory_length)
-        if self.maml is not None:
-            maml_tensors, meta["maml"] = self.maml.to_tensors()
-            tensors.update(maml_tensors)
-        if self.pes is not None:
-            pes_tensors, meta["pes"] = self.pes.to_tensors()
-            tensors.update(pes_tensors)
-        self._log_handle and self._log_handle.flush()
-        meta.update(
-            meta_steps=self.meta_steps,
-            meta_epochs=self.meta_epochs,
-            curriculum=self.curriculum.state_dict() if self.curriculum is not None else None,
-            last_eval=self.last_eval,
-            recent_meta_losses=list(self.recent_meta_losses),
-            recent_final_losses=list(self.recent_final_losses),
-            wall_time=self._elapsed(),
-            commands=self.commands,
-            finished=self.finished,
-            finish_reason=self.finish_reason,
-            parent=self.parent,
-            log_bytes=self.log_path.stat().st_size if self.log_path.exists() else 0,
-        )
-        return write_checkpoint(self.checkpoint_dir, self.meta_steps, tensors, meta)
+        if self._log_handle is not None:
+            self._log_handle.flush()  # the checkpoint records the log's length
+        return write_checkpoint(self.checkpoint_dir, self.meta_steps, *trainer_state_to_tensors(self))
 
-    def _generators(self) -> dict[str, torch.Generator]:
+    def generators(self) -> dict[str, torch.Generator]:
         """The run's own random generators, by checkpoint name (besides the global ones)."""
         generators = {"data": self.data_generator}
         if self.regularizer_hook is not None and self.regularizer_hook.generator is not None:
@@ -547,44 +509,11 @@ class MetaTrainer:
         json_path = Path(path) if path is not None else latest_checkpoint(self.checkpoint_dir)
         if json_path is None:
             return False
-        tensors, meta = read_checkpoint(json_path, self.config.to_dict())
-        self.rule.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")}, strict=True)
-        optimizer_from_tensors(self.meta_optimizer, "meta_opt", tensors, meta["meta_optimizer"])
-        if self.imitation_optimizer is not None:
-            optimizer_from_tensors(self.imitation_optimizer, "imitation_opt", tensors, meta["imitation_optimizer"])
-        best = {k[5:]: v.to(self.device) for k, v in tensors.items() if k.startswith("best.")}
-        self.best_weights = best or None
-        rng_from_tensors(tensors, meta, self._generators())
-        if self.curriculum is not None:
-            self.curriculum.load_state_dict(meta["curriculum"])
-        self.meta_steps, self.meta_epochs = int(meta["meta_steps"]), int(meta["meta_epochs"])
-        self.last_eval = meta["last_eval"]
-        self.recent_meta_losses.clear()
-        self.recent_meta_losses.extend(meta["recent_meta_losses"])
-        self.recent_final_losses.clear()
-        self.recent_final_losses.extend(meta["recent_final_losses"])
-        self.wall_time = float(meta["wall_time"])
-        self.commands = list(meta["commands"])
-        self.finished, self.finish_reason = bool(meta["finished"]), meta["finish_reason"]
-        self.parent = meta.get("parent", self.parent)
-        self._resume_log_bytes = int(meta["log_bytes"])
-        traj = meta.get("trajectory")
-        if traj is not None:
-            self.task, _ = self._task_for(self._task_index)
-            self.trajectory = Trajectory.from_tensors("traj", tensors, traj, device=self.device)
-            self.trajectory_mode, self.trajectory_length = traj["mode"], int(traj["length"])
-            if self.hook is not None:
-                self.hook.begin_trajectory(self.trajectory_length)
-        else:
-            self.trajectory, self.task = None, None
-        if self.maml is not None:
-            self.maml.load(tensors, meta.get("maml") if traj is not None else None, self.meta_epochs, self.task)
-        if self.pes is not None:
-            self.pes.load(tensors, meta.get("pes") if traj is not None else None)
+        trainer_state_from_tensors(self, *read_checkpoint(json_path, self.config.to_dict()))
         return True
 
     # ------------------------------------------------------------------------------------ main loop
-    def _elapsed(self) -> float:
+    def elapsed(self) -> float:
         return self.wall_time + (time.perf_counter() - self._session_start if hasattr(self, "_session_start") else 0.0)
 
     def train(self, *, resume: bool = False, stop_after: int | None = None) -> Path | None:
@@ -602,9 +531,9 @@ class MetaTrainer:
                 f"{self.out_dir} already holds a run's checkpoints; pass resume=True (--resume) "
                 "to continue it or choose another out_dir (--out)"
             )
-        if resumed and self.log_path.exists() and self.log_path.stat().st_size > self._resume_log_bytes:
+        if resumed and self.log_path.exists() and self.log_path.stat().st_size > self.resume_log_bytes:
             with open(self.log_path, "ab") as handle:  # drop the records written after the checkpoint
-                handle.truncate(self._resume_log_bytes)
+                handle.truncate(self.resume_log_bytes)
         elif not resumed and self.log_path.exists():
             self.log_path.unlink()
         self._log_handle = open(self.log_path, "a")
@@ -665,7 +594,7 @@ class MetaTrainer:
                     "reason": self.finish_reason,
                     "meta_steps": self.meta_steps,
                     "meta_epochs": self.meta_epochs,
-                    "wall_time": self._elapsed(),
+                    "wall_time": self.elapsed(),
                 }
             )
             self.save_checkpoint()
@@ -673,7 +602,7 @@ class MetaTrainer:
         finally:
             torch.set_num_threads(threads)
             bar.close()
-            self.wall_time = self._elapsed()
+            self.wall_time = self.elapsed()
             del self._session_start
             self._log_handle.close()
             self._log_handle = None
@@ -710,7 +639,7 @@ class MetaTrainer:
         cfg = self.config
         directory = Path(directory) if directory is not None else self.model_dir
         metrics = self.final_metrics()
-        wall = self._elapsed()
+        wall = self.elapsed()
         training = {
             "tasks": {"family": cfg.task.family, "kwargs": cfg.task.kwargs},
             "meta_training": {
