@@ -73,8 +73,9 @@ def rademacher(like: Tensor, generator: torch.Generator | None, shape: Sequence[
 
 #: How :func:`hvp` differentiates twice: ``"forward"`` (forward-over-reverse, ``jvp`` of ``grad``: one
 #: forward-mode pass, the default) or ``"reverse"`` (reverse-over-reverse, :math:`\nabla_\theta (\nabla L \cdot v)`:
-#: for losses whose forward-mode derivative torch cannot take, e.g. it raised "ZeroTensors are immutable"
-#: on an ``nn.Module`` MSE task of meta-mix).
+#: for losses whose forward-mode derivative torch cannot take: ``F.mse_loss(..., reduction="mean")`` raises
+#: "ZeroTensors are immutable" under forward-over-reverse in torch <= 2.14, pytorch/pytorch#123996, as on
+#: meta-mix's ``nn.Module`` MSE tasks).
 HVP_MODES = ("forward", "reverse")
 
 

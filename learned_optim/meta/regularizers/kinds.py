@@ -78,13 +78,18 @@ class HessianEigenvalueRegularizer(Regularizer):
     kind = "hessian_eigenvalue"
     iters: int = 10
     absolute: bool = True
+    hvp: str = "forward"
 
     def check(self) -> None:
         if self.iters < 1:
             raise ValueError("iters must be >= 1")
+        if self.hvp not in HVP_MODES:
+            raise ValueError(f"hvp must be one of {HVP_MODES}")
 
     def term(self, loss_fn, params, *, inputs, generator):
-        return top_eigenvalue(loss_fn, params, self.iters, generator=generator, absolute=self.absolute)
+        return top_eigenvalue(
+            loss_fn, params, self.iters, generator=generator, absolute=self.absolute, hvp_mode=self.hvp
+        )
 
 
 @dataclasses.dataclass

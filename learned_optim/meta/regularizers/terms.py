@@ -68,6 +68,7 @@ def top_eigenvalue(
     *,
     generator: torch.Generator | None = None,
     absolute: bool = True,
+    hvp_mode: str = "forward",
 ) -> Tensor:
     r"""The Hessian eigenvalue of largest magnitude by power iteration.
 
@@ -76,14 +77,17 @@ def top_eigenvalue(
     graph: at an eigenvector its gradient is :math:`v^\top (\partial H) v`, the derivative of the
     eigenvalue itself (Hellmann-Feynman), so :math:`v` is rightly treated as a constant. Returns its
     absolute value (the spectral norm :math:`\|H\|_2` once converged) unless ``absolute=False``.
+    ``hvp_mode``: how the Hessian-vector products differentiate twice (:data:`~learned_optim.meta.curvature.HVP_MODES`).
     """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
     params = dict(params)
     fixed = _detached(params)
     start = {k: gaussian(p, generator) for k, p in fixed.items()}
-    v, _ = power_iteration(lambda u: {k: x.detach() for k, x in hvp(loss_fn, fixed, u).items()}, start, iters)
-    value = dot(v, hvp(loss_fn, dict(params), v))
+    v, _ = power_iteration(
+        lambda u: {k: x.detach() for k, x in hvp(loss_fn, fixed, u, mode=hvp_mode).items()}, start, iters
+    )
+    value = dot(v, hvp(loss_fn, dict(params), v, mode=hvp_mode))
     return value.abs() if absolute else value
 
 
