@@ -158,9 +158,10 @@ def test_top_eigenvalue_on_quadratic_and_small_net():
         assert g_b2[i].item() == pytest.approx(fd.item(), rel=1e-4, abs=1e-8)
 
 
-def test_top_eigenvalue_reverse_hvp_on_an_mse_loss_forward_mode_cannot_take():
+def test_reverse_hvp_on_an_mse_loss_forward_mode_cannot_take():
     """``F.mse_loss`` (mean) breaks forward-over-reverse in torch (pytorch#123996); ``hvp_mode="reverse"`` and
-    the regularizer's ``hvp: reverse`` take it, to the same value as forward mode on the explicit formula."""
+    the regularizers' ``hvp: reverse`` (top eigenvalue, GAM) take it, to the same value as forward mode on the
+    explicit formula."""
     x, t = torch.randn(16, 3, generator=gen(8), dtype=D64), torch.randn(16, 2, generator=gen(9), dtype=D64)
     params = {"w": torch.randn(3, 2, generator=gen(10), dtype=D64)}
 
@@ -180,8 +181,14 @@ def test_top_eigenvalue_reverse_hvp_on_an_mse_loss_forward_mode_cannot_take():
     block_config = {"kind": "hessian_eigenvalue", "weight": 1.0, "iters": 20, "hvp": "reverse"}
     (block,) = parse_blocks([block_config], where="test")
     torch.testing.assert_close(block.regularizer.term(mse, params, inputs=None, generator=gen(11)), forward)
-    with pytest.raises(ValueError, match="hvp must be one of"):
-        parse_blocks([{"kind": "hessian_eigenvalue", "weight": 1.0, "hvp": "sideways"}], where="test")
+    torch.testing.assert_close(gam_term(mse, params, 0.2, hvp_mode="reverse"), gam_term(explicit, params, 0.2))
+    (block,) = parse_blocks([{"kind": "gam", "weight": 1.0, "hvp": "reverse"}], where="test")
+    torch.testing.assert_close(
+        block.regularizer.term(mse, params, inputs=None, generator=None), gam_term(explicit, params)
+    )
+    for kind in ("hessian_eigenvalue", "gam", "hessian_trace"):
+        with pytest.raises(ValueError, match="hvp must be one of"):
+            parse_blocks([{"kind": kind, "weight": 1.0, "hvp": "sideways"}], where="test")
 
 
 # ----------------------------------------------------------------------------------- Jacobian trace

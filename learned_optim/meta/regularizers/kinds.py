@@ -50,6 +50,11 @@ class Regularizer:
         """Raise ``ValueError`` on out-of-range hyperparameters."""
 
 
+def _check_hvp(mode: str) -> None:
+    if mode not in HVP_MODES:
+        raise ValueError(f"hvp must be one of {HVP_MODES}")
+
+
 @dataclasses.dataclass
 class HessianTraceRegularizer(Regularizer):
     """Hutchinson trace of the Hessian (:func:`hutchinson_trace`)."""
@@ -62,8 +67,7 @@ class HessianTraceRegularizer(Regularizer):
     def check(self) -> None:
         if self.probes < 1:
             raise ValueError("probes must be >= 1")
-        if self.hvp not in HVP_MODES:
-            raise ValueError(f"hvp must be one of {HVP_MODES}")
+        _check_hvp(self.hvp)
 
     def term(self, loss_fn, params, *, inputs, generator):
         return hutchinson_trace(
@@ -83,8 +87,7 @@ class HessianEigenvalueRegularizer(Regularizer):
     def check(self) -> None:
         if self.iters < 1:
             raise ValueError("iters must be >= 1")
-        if self.hvp not in HVP_MODES:
-            raise ValueError(f"hvp must be one of {HVP_MODES}")
+        _check_hvp(self.hvp)
 
     def term(self, loss_fn, params, *, inputs, generator):
         return top_eigenvalue(
@@ -179,13 +182,15 @@ class GAMRegularizer(Regularizer):
     kind = "gam"
     default_where = "final"
     rho: float = 0.2
+    hvp: str = "forward"
 
     def check(self) -> None:
         if not self.rho > 0:
             raise ValueError("rho must be positive")
+        _check_hvp(self.hvp)
 
     def term(self, loss_fn, params, *, inputs, generator):
-        return gam_term(loss_fn, params, self.rho)
+        return gam_term(loss_fn, params, self.rho, hvp_mode=self.hvp)
 
 
 @dataclasses.dataclass

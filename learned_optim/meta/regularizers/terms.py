@@ -205,20 +205,20 @@ def gsam_term(loss_fn: LossFn, params: Mapping[str, Tensor], rho: float = 0.05, 
     return value - alpha * dot(g_perp, {k: params[k] - fixed[k] for k in params})
 
 
-def gam_term(loss_fn: LossFn, params: Mapping[str, Tensor], rho: float = 0.2) -> Tensor:
+def gam_term(loss_fn: LossFn, params: Mapping[str, Tensor], rho: float = 0.2, *, hvp_mode: str = "forward") -> Tensor:
     r"""GAM's first-order flatness :math:`\rho\max_{\|\delta\|\le\rho}\|\nabla L(\theta+\delta)\|` (Zhang et
     al. 2023) with the maximiser approximated by one normalised ascent step on :math:`\|\nabla L\|`:
 
     .. math:: \delta = \rho\,\frac{Hg}{\|Hg\|}\quad(\nabla_\theta\|g\| = Hg/\|g\|),\qquad
               R = \rho\,\|\nabla L(\theta + \mathrm{sg}(\delta))\|
 
-    :math:`Hg` by :func:`hvp`. The gradient w.r.t. :math:`\theta` is
-    :math:`\rho\,H(\theta+\delta)\,g(\theta+\delta)/\|g(\theta+\delta)\|`.
+    :math:`Hg` by :func:`hvp` (``hvp_mode``, :data:`~learned_optim.meta.curvature.HVP_MODES`). The gradient
+    w.r.t. :math:`\theta` is :math:`\rho\,H(\theta+\delta)\,g(\theta+\delta)/\|g(\theta+\delta)\|`.
     """
     params = dict(params)
     fixed = _detached(params)
     g = {k: v.detach() for k, v in func_grad(loss_fn)(fixed).items()}
-    hg = {k: v.detach() for k, v in hvp(loss_fn, fixed, g).items()}
+    hg = {k: v.detach() for k, v in hvp(loss_fn, fixed, g, mode=hvp_mode).items()}
     scale = rho / (norm(hg) + 1e-12)
     shifted = {k: params[k] + hg[k] * scale for k in params}
     return rho * norm(func_grad(loss_fn)(shifted))
