@@ -15,6 +15,7 @@ parameter tensors to a scalar; vectors are dicts with the same keys.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 
@@ -34,6 +35,7 @@ __all__ = [
     "hvp",
     "hutchinson_forms",
     "power_iteration",
+    "twice_differentiable",
 ]
 
 Params = dict[str, Tensor]
@@ -71,6 +73,12 @@ def rademacher(like: Tensor, generator: torch.Generator | None, shape: Sequence[
     return bits.to(like.dtype) * 2 - 1
 
 
+def twice_differentiable() -> contextlib.AbstractContextManager[None]:
+    """A context in which the loss's graph can be differentiated twice: attention through the math kernel
+    (the fused CPU flash kernel's backward has no derivative)."""
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 #: How :func:`hvp` differentiates twice: ``"forward"`` (forward-over-reverse, ``jvp`` of ``grad``: one
 #: forward-mode pass, the default) or ``"reverse"`` (reverse-over-reverse, :math:`\nabla_\theta (\nabla L \cdot v)`:
 #: for losses whose forward-mode derivative torch cannot take: ``F.mse_loss(..., reduction="mean")`` raises
@@ -96,8 +104,7 @@ def hvp(
     def grad_dot_vector(p: Params) -> Tensor:
         return dot(func_grad(loss_fn)(p), v)
 
-    # attention through the math kernel: the fused CPU (flash) kernel has no second derivative
-    with sdpa_kernel(SDPBackend.MATH):
+    with twice_differentiable():
         return func_grad(grad_dot_vector)(dict(params))
 
 

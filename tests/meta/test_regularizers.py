@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from learned_optim import build_rule
 from learned_optim.features import log_and_sign
 from learned_optim.meta.config import MetaTrainConfig, UnrollConfig
+from learned_optim.meta.curvature import hvp
 from learned_optim.meta.regularizers import (
     RegularizerHook,
     combine_hooks,
@@ -597,3 +598,21 @@ def test_model_card_lists_the_regularizers(tmp_path):
     card = (folder / "README.md").read_text()
     assert "## Flatness regularizers" in card and "| jacobian_trace | 0.5 | posterior |" in card
     assert "Smoothing of the net: off" in card
+
+
+def test_jacobian_term_differentiable_through_attention():
+    """The Jacobian term's meta-gradient differentiates the loss twice; through attention that needs the math
+    kernel (the fused CPU flash kernel's backward has no derivative): its gradient is 2 H g."""
+    x = torch.randn(2, 6, 8, generator=gen(12))
+    params = {k: torch.randn(8, 8, generator=gen(13 + i)).requires_grad_(True) for i, k in enumerate("qk")}
+
+    def loss(p):
+        out = F.scaled_dot_product_attention(x @ p["q"], x @ p["k"], x, is_causal=True)
+        return out.square().mean()
+
+    (g_q, g_k) = torch.autograd.grad(jacobian_trace(loss, params), [params["q"], params["k"]])
+    detached = {k: v.detach() for k, v in params.items()}
+    g = torch.func.grad(loss)(detached)
+    hg = hvp(loss, detached, g, mode="reverse")
+    torch.testing.assert_close(g_q, 2 * hg["q"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(g_k, 2 * hg["k"], rtol=1e-4, atol=1e-6)

@@ -20,6 +20,7 @@ from ..curvature import (
     norm,
     power_iteration,
     rademacher,
+    twice_differentiable,
 )
 
 
@@ -97,7 +98,8 @@ def jacobian_trace(loss_fn: LossFn, params: Mapping[str, Tensor], reduction: str
     :math:`gg^\top` of the Hessian. Differentiable in ``params`` (its gradient is :math:`2Hg`)."""
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-    g = func_grad(loss_fn)(dict(params))
+    with twice_differentiable():  # the meta-gradient differentiates g once more
+        g = func_grad(loss_fn)(dict(params))
     total = sum(v.square().sum() for v in g.values())
     if reduction == "mean":
         total = total / sum(v.numel() for v in g.values())
