@@ -5,18 +5,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from itertools import chain
-from typing import TYPE_CHECKING, Any, Literal, TypeGuard, cast
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import kernels
+from . import kernels, packing
 from .functional import decoupled_update, decoupled_update_
-from .nets.base import Segments, UpdateRule
-
-if TYPE_CHECKING:
-    from torch.distributed.tensor import DTensor
+from .nets.base import UpdateRule
+from .packing import PACK_MAX_BYTES, ROW_ALIGN, is_dtensor
 
 __all__ = [
     "LearnedOptimizer",
@@ -40,37 +38,12 @@ DEFAULT_CHUNK_SIZE = 1 << 13
 #: per-call overhead (1M-parameter step 5-25% faster than with 8192 on the benchmark machine).
 KERNEL_CHUNK_SIZE = 1 << 17
 
-#: Chunks are cut at, and zero-padded to, multiples of this many coordinates. BLAS kernels round
-#: differently for different row counts (below ~16 rows MKL takes other code paths), so fixed
-#: alignment is what makes the result independent of ``chunk_size`` bit for bit.
-ROW_ALIGN = 64
-
-
-#: A tensor joins a pack (the packed step) only if its parameter, gradient and state take fewer bytes than this.
-#: Packing copies them into the pack and the results back (~0.17 us per coordinate of DM-LSTM's 328 bytes on
-#: the benchmark machine), while a tensor stepped alone costs a fixed ~0.5 ms (its own net call and
-#: statistics): the two break even near 1 MiB for every family (DM-LSTM ~3k coordinates, MLP ~20k).
-PACK_MAX_BYTES = 1 << 20
-
-
-def _pad_rows(x: Tensor, rows: int) -> Tensor:
-    """``x`` with zero rows appended along dim 0 up to ``rows``."""
-    if x.shape[0] == rows:
-        return x
-    return torch.cat([x, x.new_zeros((rows - x.shape[0], *x.shape[1:]))])
-
-
 NonFinitePolicy = Literal["raise", "skip"]
-
-
-def _is_dtensor(t: Tensor) -> TypeGuard[DTensor]:
-    """A ``torch.distributed.tensor.DTensor`` (e.g. a parameter sharded by FSDP2's ``fully_shard``)."""
-    return type(t).__name__ == "DTensor" and hasattr(t, "_local_tensor")
 
 
 def _local(t: Tensor) -> Tensor:
     """The local shard of a DTensor (a view of its storage), or ``t`` itself."""
-    return t._local_tensor if _is_dtensor(t) else t
+    return t._local_tensor if is_dtensor(t) else t
 
 
 class NonFiniteGradientError(RuntimeError):
@@ -222,14 +195,14 @@ class LearnedOptimizer(Optimizer):
     def _init_state(self, p: Tensor) -> dict[str, Tensor]:
         """Fresh state of ``p``: a float32 step count and the net's zero state in :meth:`_state_dtype`."""
         local = _local(p)
-        if _is_dtensor(p) and self.rule.whole_tensor:
+        if is_dtensor(p) and self.rule.whole_tensor:
             raise ValueError(
                 f"the {self.rule.family} net updates whole tensors (per-tensor statistics of its own output and "
                 "factored state); FSDP2-sharded (DTensor) parameters are not supported by it"
             )
         fresh = self.rule.init_state(local.numel(), device=p.device, dtype=torch.float32, shape=tuple(local.shape))
         state = {k: v.to(self._state_dtype(k)) for k, v in fresh.items()}
-        if _is_dtensor(p):  # state sharded like the parameter: global shape param.shape + state shape
+        if is_dtensor(p):  # state sharded like the parameter: global shape param.shape + state shape
             from torch.distributed.tensor import DTensor
 
             shapes = self.rule.state_shapes()
@@ -315,7 +288,7 @@ class LearnedOptimizer(Optimizer):
         if present:
             maxima = torch._foreach_norm([grads[i] for i in present], float("inf"))
             finite[present] = torch.isfinite(torch.stack([m.to(maxima[0].device) for m in maxima])).cpu()
-        if any(_is_dtensor(p) for _, p in items):  # a shard's NaN stops the step on every rank
+        if any(is_dtensor(p) for _, p in items):  # a shard's NaN stops the step on every rank
             import torch.distributed as dist
 
             flags = finite.to(device=items[0][1].device, dtype=torch.int32)
@@ -360,7 +333,9 @@ class LearnedOptimizer(Optimizer):
             for p in singles:
                 self._update_tensor(p, self.state[p], lr, weight_decay, maximize)
             for pack in packs:
-                self._update_packed(pack, lr, weight_decay, maximize)
+                packing.packed_step(
+                    pack, [self.state[p] for p in pack], self.rule, self._net(), lr, weight_decay, maximize
+                )
         return loss
 
     def _chunk_rows(self, device: torch.device) -> int | None:
@@ -376,100 +351,21 @@ class LearnedOptimizer(Optimizer):
                 and kernels.serves(self.rule.family)
             )
             chunk = KERNEL_CHUNK_SIZE if native else DEFAULT_CHUNK_SIZE
-        return -(-chunk // ROW_ALIGN) * ROW_ALIGN
+        return packing.align_rows(chunk)
 
     def _plan_packs(self, params: list[Tensor]) -> tuple[list[list[Tensor]], list[Tensor]]:
-        """Split a group's parameters into packs (lists of >= 2 tensors stepped together, at most one chunk
-        of coordinates each) and the tensors stepped alone (see "Packed step" in the class docstring)."""
+        """Split a group's parameters into packs and the tensors stepped alone (:func:`packing.plan_packs`)."""
         if not self.rule.packs_segments or self.compile or self.chunk_size is None or len(params) < 2:
             return [], params
-        names = list(self.rule.state_shapes())
-        singles: list[Tensor] = []
-        buckets: dict[tuple[Any, ...], list[Tensor]] = {}
-        limits: dict[torch.device, int | None] = {}
-        for p in params:
-            limit = limits.setdefault(p.device, self._chunk_rows(p.device))
-            n = p.numel()
-            small = not _is_dtensor(p) and limit is not None and 0 < n < limit
-            small = small and (self.rule.pack_max_coordinates is None or n < self.rule.pack_max_coordinates)
-            if not (small and n * self._bytes_per_coordinate(p) < PACK_MAX_BYTES):
-                singles.append(p)
-                continue
-            state = self.state[p]
-            grad_dtype = p.grad.dtype if p.grad is not None else None
-            key = (p.device, p.dtype, grad_dtype, float(state["step"]), *(state[k].dtype for k in names))
-            buckets.setdefault(key, []).append(p)
-        packs: list[list[Tensor]] = []
-        for members in buckets.values():
-            limit = limits[members[0].device]
-            assert limit is not None
-            pack: list[Tensor] = []
-            total = 0
-            for p in members:
-                if pack and total + p.numel() > limit:
-                    packs.append(pack)
-                    pack, total = [], 0
-                pack.append(p)
-                total += p.numel()
-            packs.append(pack)
-        singles += [pack[0] for pack in packs if len(pack) == 1]
-        return [pack for pack in packs if len(pack) > 1], singles
-
-    def _bytes_per_coordinate(self, p: Tensor) -> int:
-        """Bytes per coordinate of ``p``: value, gradient and per-coordinate state (what packing copies)."""
-        state = self.state[p]
-        grad_size = p.grad.element_size() if p.grad is not None else 0
-        return p.element_size() + grad_size + sum(state[k][:1].nbytes for k in self.rule.state_shapes())
-
-    def _update_packed(self, params: list[Tensor], lr: float | Tensor, weight_decay: float, maximize: bool) -> None:
-        """One net call for several tensors: concatenated (zero rows up to :data:`ROW_ALIGN`), stepped with
-        per-segment statistics, and copied back into each parameter and its own state."""
-        rule, dtype, net = self.rule, self.rule.compute_dtype, self._net()
-        states = [self.state[p] for p in params]
-        sizes = tuple(p.numel() for p in params)
-        total = sum(sizes)
-        rows = -(-total // ROW_ALIGN) * ROW_ALIGN
-        device = params[0].device
-
-        def packed(parts: list[Tensor]) -> Tensor:
-            pad = parts[0].new_zeros((rows - total, *parts[0].shape[1:]))
-            return torch.cat([*parts, pad]).to(dtype)
-
-        grads = [p.grad.reshape(-1) for p in params]  # type: ignore[union-attr]  # params with grads only
-        grad = packed([-g for g in grads] if maximize else grads)
-        theta = packed([p.detach().reshape(-1) for p in params])
-        shapes = rule.state_shapes()
-        state = {k: packed([s[k].view(n, *shapes[k]) for s, n in zip(states, sizes, strict=True)]) for k in shapes}
-        step = states[0]["step"].to(device=device, dtype=dtype)
-        segments = Segments(sizes, rows, device)
-        stats = rule.segment_stats(grad, theta, state, step, segments)
-        extra: dict[str, Any] = {}
-        tensor_keys: list[str] = []
-        if rule.whole_tensor:  # per-tensor state (e.g. factored statistics): packed one tensor after the other
-            extra["shapes"] = [tuple(p.shape) for p in params]
-            tensor_keys = list(rule.tensor_state_shapes(extra["shapes"][0]))
-            state.update({k: torch.cat([s[k] for s in states]).to(dtype) for k in tensor_keys})
-        # the packed state is this step's own copy: the rule may write the new state into it
-        delta, new_state = net(grad, theta, state, step, stats, out_state=state, segments=segments, **extra)
-        if isinstance(lr, Tensor):
-            lr = lr.to(device=device, dtype=dtype)
-        new_theta = decoupled_update(theta[:total], delta[:total], lr, weight_decay).split(sizes)
-        torch._foreach_copy_(params, [t.view(p.shape) for t, p in zip(new_theta, params, strict=True)])
-        for k in shapes:
-            targets = [s[k] for s in states]
-            pieces = new_state[k][:total].split(sizes)
-            torch._foreach_copy_(targets, [t.view(s.shape) for t, s in zip(pieces, targets, strict=True)])
-        for k in tensor_keys:
-            targets = [s[k] for s in states]
-            torch._foreach_copy_(targets, list(new_state[k].split([t.shape[0] for t in targets])))
+        return packing.plan_packs(params, self.state, self.rule, self._chunk_rows)
 
     def _update_tensor(
         self, p: Tensor, state: dict[str, Tensor], lr: float | Tensor, weight_decay: float, maximize: bool
     ) -> None:
         rule, dtype, net = self.rule, self.rule.compute_dtype, self._net()
-        sharded = _is_dtensor(p)
+        sharded = is_dtensor(p)
         groups = (
-            [p.device_mesh.get_group(i) for i, pl in enumerate(p.placements) if pl.is_shard()] if _is_dtensor(p) else []
+            [p.device_mesh.get_group(i) for i, pl in enumerate(p.placements) if pl.is_shard()] if is_dtensor(p) else []
         )
         grad = _local(cast(Tensor, p.grad)).reshape(-1)
         p = _local(p)
@@ -491,22 +387,27 @@ class LearnedOptimizer(Optimizer):
             if not contiguous:
                 p.copy_(flat.view_as(p))
             return
-        chunk = self._chunk_rows(p.device) or -(-n // ROW_ALIGN) * ROW_ALIGN
+        chunk = self._chunk_rows(p.device) or packing.align_rows(n)
         if isinstance(lr, Tensor):
             lr = lr.to(device=p.device, dtype=dtype)
         for start in range(0, n, chunk):
             part = slice(start, min(start + chunk, n))
             rows = part.stop - start
-            padded = -(-rows // ROW_ALIGN) * ROW_ALIGN
+            padded = packing.align_rows(rows)
             theta = flat[part].to(dtype)
-            chunk_state = {k: _pad_rows(v[part].to(dtype), padded) for k, v in coord_state.items()}
+            chunk_state = {k: packing.pad_rows(v[part].to(dtype), padded) for k, v in coord_state.items()}
             # the state storage itself (not a cast or padded copy): the rule may write the new state into it
             in_place = not self.compile and all(
                 v.data_ptr() == coord_state[k][part].data_ptr() for k, v in chunk_state.items()
             )
             extra = {"out_state": chunk_state} if in_place else {}
             delta, new_state = net(
-                _pad_rows(grad[part].to(dtype), padded), _pad_rows(theta, padded), chunk_state, step, stats, **extra
+                packing.pad_rows(grad[part].to(dtype), padded),
+                packing.pad_rows(theta, padded),
+                chunk_state,
+                step,
+                stats,
+                **extra,
             )
             flat[part] = decoupled_update(theta, delta[:rows], lr, weight_decay)
             for k, v in new_state.items():
@@ -588,7 +489,7 @@ class LearnedOptimizer(Optimizer):
                 continue
             keys = set(saved) - {"step"}
             expected = {
-                **{k: (*p.shape, *s) if _is_dtensor(p) else (p.numel(), *s) for k, s in per_coord.items()},
+                **{k: (*p.shape, *s) if is_dtensor(p) else (p.numel(), *s) for k, s in per_coord.items()},
                 **self.rule.tensor_state_shapes(tuple(p.shape)),
             }
             if keys != set(expected):

@@ -113,15 +113,15 @@ def test_packs_follow_step_counts_and_chunk_limits(make_rule):
 
 
 def test_tensors_above_the_byte_limit_are_stepped_alone(make_rule, monkeypatch):
-    import learned_optim.optimizer as optimizer_module
+    import learned_optim.packing as packing_module
 
     model = _model()
     opt = LearnedOptimizer(model.parameters(), make_rule("dm_lstm"))
     _train(model, opt, 1)
     params = list(model.parameters())
     per_coordinate = 4 + 4 + 4 * 2 * 2 * 20  # float32 value, gradient and (2, 2, 20) LSTM state
-    assert opt._bytes_per_coordinate(params[0]) == per_coordinate
-    monkeypatch.setattr(optimizer_module, "PACK_MAX_BYTES", 30 * per_coordinate)  # 30 coordinates and up: alone
+    assert packing_module._bytes_per_coordinate(params[0], opt.state[params[0]], opt.rule) == per_coordinate
+    monkeypatch.setattr(packing_module, "PACK_MAX_BYTES", 30 * per_coordinate)  # 30 coordinates and up: alone
     packs, singles = opt._plan_packs(params)
     assert sorted(p.numel() for p in singles) == sorted(p.numel() for p in params if p.numel() >= 30)
     assert all(p.numel() < 30 for pack in packs for p in pack)
