@@ -7,6 +7,8 @@ meta-training. Nets import these; no net defines its own copy.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -25,6 +27,8 @@ __all__ = [
     "matrix_view",
     "factored_moments",
     "factored_preconditioner",
+    "FactoredPackLayout",
+    "factored_pack_layout",
     "STATS_BLOCK",
 ]
 
@@ -146,3 +150,38 @@ def factored_rsqrt_factors(row: Tensor, col: Tensor) -> tuple[Tensor, Tensor]:
     ``(rsqrt(r / mean(r)), rsqrt(c))``, shapes ``(R, K)`` and ``(C, K)`` (for callers that apply them to a
     block of rows at a time instead of materialising the ``(K, R*C)`` product)."""
     return torch.rsqrt(row / row.mean(dim=0, keepdim=True)), torch.rsqrt(col)
+
+
+@dataclasses.dataclass(frozen=True)
+class FactoredPackLayout:
+    """Each tensor's place in a pack of several tensors' coordinates and factored statistics (the packed step,
+    :mod:`learned_optim.packing`): its coordinates ``(a, b)``, its rows in the packed row statistics, its columns
+    in the packed column statistics, its :func:`matrix_view` ``(rows, cols)``."""
+
+    shapes: tuple[tuple[int, ...], ...]
+    bounds: tuple[tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int]], ...]
+    coordinates: int
+    rows: int
+    cols: int
+
+    def counts(self, like: Tensor) -> Tensor:
+        """``(3, S)``: each tensor's coordinates, rows and columns (the denominators of its means)."""
+        return like.new_tensor(
+            [[b - a for (a, b), *_ in self.bounds], *zip(*(v for *_, v in self.bounds), strict=True)]
+        )
+
+    def step_scales(self, step_scale: Callable[[tuple[int, ...]], float], like: Tensor) -> Tensor:
+        """``(S,)``: ``step_scale`` of each tensor's shape (e.g. a rule's per-tensor muP scale)."""
+        return like.new_tensor([step_scale(shape) for shape in self.shapes])
+
+
+@functools.lru_cache(maxsize=256)
+def factored_pack_layout(shapes: tuple[tuple[int, ...], ...]) -> FactoredPackLayout:
+    """The :class:`FactoredPackLayout` of tensors of ``shapes`` packed one after the other (cached)."""
+    bounds = []
+    a = r0 = c0 = 0
+    for shape in shapes:
+        rows, cols = matrix_view(shape)
+        bounds.append(((a, a + rows * cols), (r0, r0 + rows), (c0, c0 + cols), (rows, cols)))
+        a, r0, c0 = a + rows * cols, r0 + rows, c0 + cols
+    return FactoredPackLayout(shapes, tuple(bounds), a, r0, c0)

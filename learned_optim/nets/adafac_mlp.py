@@ -9,7 +9,6 @@ a user's LR scheduler and decoupled weight decay act exactly as with AdamW.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,6 +20,7 @@ from ..features import (
     bias_corrected,
     ema,
     factored_moments,
+    factored_pack_layout,
     factored_preconditioner,
     factored_rsqrt_factors,
     matrix_view,
@@ -394,7 +394,7 @@ class AdafacMLP(UpdateRule):
         c = self.config
         j, dtype, hidden = len(c.momentum_decays), grad.dtype, c.hidden_size
         beta = self.momentum_decay.to(dtype)  # (J, 1)
-        layout = _pack_layout(tuple(shapes))
+        layout = factored_pack_layout(tuple(shapes))
         if tuple(b - a for (a, b), *_ in layout.bounds) != segments.sizes:
             raise ValueError(f"AdafacMLP: shapes {shapes} do not match the packed sizes {segments.sizes}")
         m = ema(torch.stack([state[f"m{i}"] for i in range(j)]), grad, beta)  # (J, R)
@@ -447,7 +447,7 @@ class AdafacMLP(UpdateRule):
         for layer in self.mlp[2:]:
             x = torch.addmm(layer.bias.unsqueeze(1), layer.weight, x) if isinstance(layer, nn.Linear) else x.relu_()
         direction = x.squeeze(0)
-        step_scale = -layout.step_scales(self, grad)
+        step_scale = -layout.step_scales(self.step_scale, grad)
         if c.step_magnitude == "adam":
             step_scale = step_scale * scale[self.adam_feature_index] * dense_ms[self.adam_feature_index].sqrt()
         if c.normalize_direction:
@@ -575,36 +575,3 @@ class AdafacMLP(UpdateRule):
         else:
             direction.mul_(step_scale)
         return direction, new
-
-
-@dataclasses.dataclass(frozen=True)
-class _PackLayout:
-    """Each tensor's place in a pack (``AdafacMLP._packed_forward``): its coordinates ``(a, b)``, its rows in
-    the packed row statistics, its columns in the packed column statistics, its matrix view."""
-
-    shapes: tuple[tuple[int, ...], ...]
-    bounds: tuple[tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int]], ...]
-    coordinates: int
-    rows: int
-    cols: int
-
-    def counts(self, like: Tensor) -> Tensor:
-        """``(3, S)``: each tensor's coordinates, rows and columns (the denominators of its means)."""
-        return like.new_tensor(
-            [[b - a for (a, b), *_ in self.bounds], *zip(*(v for *_, v in self.bounds), strict=True)]
-        )
-
-    def step_scales(self, rule: AdafacMLP, like: Tensor) -> Tensor:
-        """``(S,)``: each tensor's step scale (:meth:`AdafacMLP.step_scale`)."""
-        return like.new_tensor([rule.step_scale(shape) for shape in self.shapes])
-
-
-@functools.lru_cache(maxsize=256)
-def _pack_layout(shapes: tuple[tuple[int, ...], ...]) -> _PackLayout:
-    bounds = []
-    a = r0 = c0 = 0
-    for shape in shapes:
-        rows, cols = matrix_view(shape)
-        bounds.append(((a, a + rows * cols), (r0, r0 + rows), (c0, c0 + cols), (rows, cols)))
-        a, r0, c0 = a + rows * cols, r0 + rows, c0 + cols
-    return _PackLayout(shapes, tuple(bounds), a, r0, c0)
