@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import platform
 from collections.abc import Mapping
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from ..hub import model_card
+import torch
+
+from ..hub import model_card, save_pretrained
 from ..nets.base import UpdateRule
 from .config import MetaTrainConfig
 from .regularizers import parse_blocks
 
-__all__ = ["meta_training_card"]
+if TYPE_CHECKING:
+    from .trainer import MetaTrainer
+
+__all__ = ["meta_training_card", "run_metrics", "save_run_model"]
 
 
 def meta_training_card(cfg: MetaTrainConfig, training: Mapping[str, Any], rule: UpdateRule) -> str:
@@ -101,3 +110,69 @@ def meta_training_card(cfg: MetaTrainConfig, training: Mapping[str, Any], rule: 
         "```",
     ]
     return model_card({"name": cfg.name, "family": rule.family, "net": rule.config.to_dict()}, lines)
+
+
+def run_metrics(trainer: MetaTrainer) -> dict[str, Any]:
+    """Summary of a meta-training run recorded in its zoo folder: counters, finish reason, recent meta-losses and
+    final losses, the curriculum's stage and best score, the last evaluation."""
+
+    def mean(values) -> float | None:
+        values = list(values)
+        return sum(values) / len(values) if values else None
+
+    out: dict[str, Any] = {
+        "meta_steps": trainer.meta_steps,
+        "meta_epochs": trainer.meta_epochs,
+        "finish_reason": trainer.finish_reason,
+        f"mean_meta_loss_last_{len(trainer.recent_meta_losses)}_steps": mean(trainer.recent_meta_losses),
+        f"mean_final_{trainer.config.objective.split}_loss_last_{len(trainer.recent_final_losses)}_trajectories": mean(
+            trainer.recent_final_losses
+        ),
+    }
+    if trainer.curriculum is not None:
+        out.update(
+            curriculum_stage=trainer.curriculum.stage,
+            curriculum_stage_length=trainer.curriculum.train_length,
+            curriculum_best_score=None if math.isinf(trainer.curriculum.best_score) else trainer.curriculum.best_score,
+        )
+    if trainer.last_eval is not None:
+        out["last_eval"] = trainer.last_eval
+    return out
+
+
+def save_run_model(trainer: MetaTrainer, directory: Path) -> Path:
+    """Write a run's net as a zoo folder (``hub.save_pretrained``) with its training record in config.json and
+    :func:`meta_training_card` as README."""
+    cfg = trainer.config
+    metrics = run_metrics(trainer)
+    wall = trainer.elapsed()
+    training = {
+        "tasks": {"family": cfg.task.family, "kwargs": cfg.task.kwargs},
+        "meta_training": {
+            "command": trainer.commands[0] if trainer.commands else trainer.command,
+            "resumed_with": trainer.commands[1:],
+            "wall_time_seconds": round(wall, 1),
+            "expected_time": cfg.expected_time,
+            "hardware": {
+                "device": str(trainer.device),
+                "cpu_count": os.cpu_count(),
+                "torch_threads": torch.get_num_threads(),
+                "platform": platform.platform(),
+                "torch": torch.__version__,
+            },
+            "meta_optimizer": {"name": trainer.meta_optimizer_name, "lr": trainer.meta_lr},
+            "metrics": metrics,
+            "config": cfg.to_dict(),
+        },
+        "parent": trainer.parent,
+    }
+    return save_pretrained(
+        trainer.rule,
+        directory,
+        name=cfg.name,
+        description=cfg.description,
+        training=training,
+        # the lr the net was meta-trained with (unroll.lr; else the family's default: 1.0 for step multipliers)
+        optimizer_defaults={"lr": cfg.unroll.lr if cfg.unroll.lr is not None else trainer.rule.default_lr},
+        card=meta_training_card(cfg, training, trainer.rule),
+    )

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import torch
+from torch import Tensor
 
 from .._validation import check_value
 from ..objectives import OBJECTIVES
@@ -52,6 +53,7 @@ __all__ = [
     "MAMLConfig",
     "CONFIG_DIR",
     "resolve_config_path",
+    "build_meta_optimizer",
     "EstimatorConfig",
     "MetaTrainConfig",
     "load_config",
@@ -510,3 +512,14 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> MetaT
     """Read a JSON (``.json``) or YAML (``.yaml``/``.yml``) config file and apply ``key=value`` overrides."""
     data = apply_overrides(_read_config_mapping(Path(path)), overrides)
     return MetaTrainConfig.from_dict(data)
+
+
+def build_meta_optimizer(
+    params: Sequence[Tensor], name: str, lr: float, kwargs: Mapping[str, Any] | None = None
+) -> torch.optim.Optimizer:
+    """The torch optimizer of the net's weights (``adam``, ``adamw``, ``rmsprop`` or ``sgd``)."""
+    try:
+        cls = META_OPTIMIZERS[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown meta-optimizer {name!r}; choose one of {sorted(META_OPTIMIZERS)}") from None
+    return cls(params, lr=lr, **dict(kwargs or {}))

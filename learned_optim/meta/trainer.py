@@ -36,9 +36,8 @@ import collections
 import json
 import math
 import os
-import platform
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -46,12 +45,12 @@ import torch
 from torch import Tensor
 
 from .._numerics import derive_seed, seeded_generator
-from ..hub import load_rule, parent_record, save_pretrained
+from ..hub import load_rule, parent_record
 from ..nets.base import UpdateRule, build_rule
 from ..objectives import meta_objective
 from ..tasks.base import Task, TaskFamily
 from ..tasks.registry import make_task_family
-from .card import meta_training_card
+from .card import run_metrics, save_run_model
 from .checkpoint import (
     latest_checkpoint,
     read_checkpoint,
@@ -59,24 +58,13 @@ from .checkpoint import (
     trainer_state_to_tensors,
     write_checkpoint,
 )
-from .config import META_OPTIMIZERS, MetaTrainConfig, TaskSection, load_config
+from .config import MetaTrainConfig, TaskSection, build_meta_optimizer, load_config
 from .curriculum import Curriculum
 from .distributed import average_gradients, data_parallel
 from .imitation import imitation_unroll
-from .unroll import MetaLossHook, Trajectory, UnrollResult, as_hook, start_trajectory, unroll
+from .unroll import MetaLossHook, Trajectory, UnrollResult, as_hook, evaluation_scores, start_trajectory, unroll
 
 __all__ = ["MetaTrainer", "derive_seed", "make_task_family", "build_meta_optimizer"]
-
-
-def build_meta_optimizer(
-    params: Sequence[Tensor], name: str, lr: float, kwargs: Mapping[str, Any] | None = None
-) -> torch.optim.Optimizer:
-    """The torch optimizer of the net's weights (``adam``, ``adamw``, ``rmsprop`` or ``sgd``)."""
-    try:
-        cls = META_OPTIMIZERS[name.lower()]
-    except KeyError:
-        raise ValueError(f"unknown meta-optimizer {name!r}; choose one of {sorted(META_OPTIMIZERS)}") from None
-    return cls(params, lr=lr, **dict(kwargs or {}))
 
 
 class MetaTrainer:
@@ -412,32 +400,20 @@ class MetaTrainer:
         return sum(values) / len(values)
 
     def evaluate_runs(self, length: int, runs: int, *, score: str = "final") -> list[float]:
-        r""":meth:`evaluate`'s value per evaluation task; ``score``: ``"final"`` loss, ``"mean"`` loss, or
-        ``"log_final"``, :math:`\log(f_T / f_0)` (comparable across tasks of different loss scales)."""
-        if score not in ("final", "mean", "log_final"):
-            raise ValueError(f"score must be 'final', 'mean' or 'log_final', got {score!r}")
-        values = []
-        for r in range(runs):
-            gen = seeded_generator(derive_seed(self.config.seed, "eval-task", r))
-            task = self.eval_family.sample(gen)
-            trajectory = start_trajectory(self.rule, task, gen, device=self.device, dtype=self.dtype)
-            result = unroll(
-                self.rule,
-                None,
-                task,
-                trajectory,
-                length,
-                generator=seeded_generator(derive_seed(self.config.seed, "eval-data", r)),
-                config=self.config.unroll,
-                meta_split=self.config.objective.split,
-                track_graph=False,
-            )
-            if score == "log_final":
-                assert result.end.initial_loss is not None  # set by the unroll's first step
-                values.append(math.log(float(result.losses[-1]) / result.end.initial_loss))
-            else:
-                values.append(float(result.losses[-1] if score == "final" else result.losses.mean()))
-        return values
+        """:meth:`evaluate`'s value per evaluation task (:func:`~.unroll.evaluation_scores`; ``score``: ``"final"``,
+        ``"mean"`` or ``"log_final"``), on the run's fixed evaluation tasks."""
+        return evaluation_scores(
+            self.rule,
+            self.eval_family,
+            self.config.unroll,
+            length,
+            runs,
+            seed=self.config.seed,
+            meta_split=self.config.objective.split,
+            score=score,
+            device=self.device,
+            dtype=self.dtype,
+        )
 
     def _curriculum_evaluation(self) -> None:
         assert self.curriculum is not None
@@ -609,64 +585,9 @@ class MetaTrainer:
 
     # ------------------------------------------------------------------------------------ the result
     def final_metrics(self) -> dict[str, Any]:
-        """Summary of the meta-training run recorded in the zoo folder."""
-
-        def mean(values) -> float | None:
-            values = list(values)
-            return sum(values) / len(values) if values else None
-
-        out: dict[str, Any] = {
-            "meta_steps": self.meta_steps,
-            "meta_epochs": self.meta_epochs,
-            "finish_reason": self.finish_reason,
-            f"mean_meta_loss_last_{len(self.recent_meta_losses)}_steps": mean(self.recent_meta_losses),
-            f"mean_final_{self.config.objective.split}_loss_last_{len(self.recent_final_losses)}_trajectories": mean(
-                self.recent_final_losses
-            ),
-        }
-        if self.curriculum is not None:
-            out.update(
-                curriculum_stage=self.curriculum.stage,
-                curriculum_stage_length=self.curriculum.train_length,
-                curriculum_best_score=None if math.isinf(self.curriculum.best_score) else self.curriculum.best_score,
-            )
-        if self.last_eval is not None:
-            out["last_eval"] = self.last_eval
-        return out
+        """Summary of the meta-training run recorded in the zoo folder (:func:`~.card.run_metrics`)."""
+        return run_metrics(self)
 
     def save_model(self, directory: str | os.PathLike | None = None) -> Path:
         """Write the net as a zoo folder (``hub.save_pretrained``) with a model card of the run."""
-        cfg = self.config
-        directory = Path(directory) if directory is not None else self.model_dir
-        metrics = self.final_metrics()
-        wall = self.elapsed()
-        training = {
-            "tasks": {"family": cfg.task.family, "kwargs": cfg.task.kwargs},
-            "meta_training": {
-                "command": self.commands[0] if self.commands else self.command,
-                "resumed_with": self.commands[1:],
-                "wall_time_seconds": round(wall, 1),
-                "expected_time": cfg.expected_time,
-                "hardware": {
-                    "device": str(self.device),
-                    "cpu_count": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(),
-                    "platform": platform.platform(),
-                    "torch": torch.__version__,
-                },
-                "meta_optimizer": {"name": self.meta_optimizer_name, "lr": self.meta_lr},
-                "metrics": metrics,
-                "config": cfg.to_dict(),
-            },
-            "parent": self.parent,
-        }
-        return save_pretrained(
-            self.rule,
-            directory,
-            name=cfg.name,
-            description=cfg.description,
-            training=training,
-            # the lr the net was meta-trained with (unroll.lr; else the family's default: 1.0 for step multipliers)
-            optimizer_defaults={"lr": cfg.unroll.lr if cfg.unroll.lr is not None else self.rule.default_lr},
-            card=meta_training_card(cfg, training, self.rule),
-        )
+        return save_run_model(self, Path(directory) if directory is not None else self.model_dir)

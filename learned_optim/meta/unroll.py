@@ -36,10 +36,10 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .._numerics import global_norm
+from .._numerics import derive_seed, global_norm, seeded_generator
 from ..functional import StateDict, apply_rule, decoupled_update, to_device
 from ..nets.base import UpdateRule
-from ..tasks.base import Task
+from ..tasks.base import Task, TaskFamily
 from .config import UnrollConfig
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "start_trajectory",
     "task_loss_and_grad",
     "unroll",
+    "evaluation_scores",
 ]
 
 
@@ -425,3 +426,46 @@ def unroll(
         end=end,
         diverged_at=diverged_at,
     )
+
+
+def evaluation_scores(
+    rule: UpdateRule,
+    family: TaskFamily,
+    config: UnrollConfig,
+    length: int,
+    runs: int,
+    *,
+    seed: int,
+    meta_split: str = "train",
+    score: str = "final",
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> list[float]:
+    r"""``rule`` run without a graph for ``length`` steps on ``runs`` fixed tasks of ``family`` (task and batches
+    drawn from ``(seed, "eval-task"|"eval-data", r)``; the divergence guard applies), one score per task:
+    the ``"final"`` or ``"mean"`` meta-split loss, or ``"log_final"``, :math:`\log(f_T / f_0)` (comparable
+    across tasks of different loss scales)."""
+    if score not in ("final", "mean", "log_final"):
+        raise ValueError(f"score must be 'final', 'mean' or 'log_final', got {score!r}")
+    values = []
+    for r in range(runs):
+        gen = seeded_generator(derive_seed(seed, "eval-task", r))
+        task = family.sample(gen)
+        trajectory = start_trajectory(rule, task, gen, device=device, dtype=dtype)
+        result = unroll(
+            rule,
+            None,
+            task,
+            trajectory,
+            length,
+            generator=seeded_generator(derive_seed(seed, "eval-data", r)),
+            config=config,
+            meta_split=meta_split,
+            track_graph=False,
+        )
+        if score == "log_final":
+            assert result.end.initial_loss is not None  # set by the unroll's first step
+            values.append(math.log(float(result.losses[-1]) / result.end.initial_loss))
+        else:
+            values.append(float(result.losses[-1] if score == "final" else result.losses.mean()))
+    return values
