@@ -600,9 +600,9 @@ def test_model_card_lists_the_regularizers(tmp_path):
     assert "Smoothing of the net: off" in card
 
 
-def test_jacobian_term_differentiable_through_attention():
-    """The Jacobian term's meta-gradient differentiates the loss twice; through attention that needs the math
-    kernel (the fused CPU flash kernel's backward has no derivative): its gradient is 2 H g."""
+def test_jacobian_and_gam_terms_differentiable_through_attention():
+    """The Jacobian and GAM terms' meta-gradients differentiate the loss twice; through attention that needs the
+    math kernel (the fused CPU flash kernel's backward has no derivative). The Jacobian term's gradient is 2 H g."""
     x = torch.randn(2, 6, 8, generator=gen(12))
     params = {k: torch.randn(8, 8, generator=gen(13 + i)).requires_grad_(True) for i, k in enumerate("qk")}
 
@@ -616,3 +616,5 @@ def test_jacobian_term_differentiable_through_attention():
     hg = hvp(loss, detached, g, mode="reverse")
     torch.testing.assert_close(g_q, 2 * hg["q"], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(g_k, 2 * hg["k"], rtol=1e-4, atol=1e-6)
+    (gam_q,) = torch.autograd.grad(gam_term(loss, params, 0.2, hvp_mode="reverse"), [params["q"]])
+    assert torch.isfinite(gam_q).all() and gam_q.abs().sum() > 0

@@ -223,4 +223,5 @@ def gam_term(loss_fn: LossFn, params: Mapping[str, Tensor], rho: float = 0.2, *,
     hg = {k: v.detach() for k, v in hvp(loss_fn, fixed, g, mode=hvp_mode).items()}
     scale = rho / (norm(hg) + 1e-12)
     shifted = {k: params[k] + hg[k] * scale for k in params}
-    return rho * norm(func_grad(loss_fn)(shifted))
+    with twice_differentiable():  # the meta-gradient differentiates this gradient once more
+        return rho * norm(func_grad(loss_fn)(shifted))
