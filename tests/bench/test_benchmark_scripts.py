@@ -230,3 +230,38 @@ def test_select_rule_breaks_float32_ties_towards_the_smaller_weight(gen):
     assert gen.best_of([gam10, gam3]) is gam3
     assert gen.best_of([{"val_accuracy": 0.9584, "weights": [3.0]}, control])["weights"] == [3.0]  # a real win
     assert gen.best_of([{"val_accuracy": float("nan"), "weights": []}, gam10]) is gam10
+
+
+def test_paired_suite_compares_two_contenders_run_by_run(tmp_path, capsys):
+    """benchmarks/paired_suite.py: paired differences per task (A's win when the whole interval is below 0), the
+    Hessian-trace ratio from the run records, and a clear error for an unknown contender."""
+    paired = _script("paired_suite")
+    runs, store = [], tmp_path / "runs"
+    store.mkdir()
+    a_test = {"t1": [1.0, 1.1, 0.9], "t2": [2.0, 2.5, 1.5]}
+    for task, values in a_test.items():
+        for seed, value in enumerate(values):
+            for contender, test, trace in (("A", value - 0.5, 1.0), ("B", value, 4.0)):
+                if task == "t2" and contender == "A":
+                    test = value + (0.3, -0.3, 0.1)[seed]  # noisy: a tie
+                key = f"{task}-{contender}-{seed}"
+                runs.append(
+                    {
+                        "task": task,
+                        "contender": contender,
+                        "key": key,
+                        "seed": seed,
+                        "final": {"val_loss": test, "test_loss": test},
+                    }
+                )
+                (store / f"{key}.json").write_text(json.dumps({"flatness": {"hessian_trace": trace}}))
+    (tmp_path / "results.json").write_text(json.dumps({"runs": runs}))
+    rows = paired.paired_rows(paired.pooled_runs([tmp_path / "results.json"]), "A", "B")
+    assert [r["task"] for r in rows] == ["t1", "t2"]
+    assert rows[0]["test_loss"][0] == pytest.approx(-0.5) and rows[0]["test_loss"][2] == "win"
+    assert rows[1]["test_loss"][2] == "tie"
+    assert rows[0]["trace_ratio"] == pytest.approx(0.25)
+    assert paired.main([str(tmp_path / "results.json"), "--a", "A", "--b", "B"]) == 0
+    assert "1 wins / 1 ties / 0 losses over 2 tasks" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        paired.main([str(tmp_path / "results.json"), "--a", "C", "--b", "B"])
