@@ -10,6 +10,9 @@ below 0), and, where the runs were measured with ``--flatness``, the ratio of th
     python benchmarks/paired_suite.py RESULTS.json [RESULTS.json ...] \
         --a "adafac-mlp-adam-magnitude-tbv-nomup-gsam [adamw]" --b "adafac-mlp-adam-magnitude-tbv-nomup-control [adamw]"
 
+``--a``/``--b`` repeated give several pairs (e.g. both meta-seeds of a fine-tune and of its control), whose
+paired differences are pooled per task.
+
 Each ``RESULTS.json`` is a ``results.json`` written by ``python -m learned_optim bench``; runs are pooled over
 the files (the first record of a (task, contender, seed) wins). The flatness measures are read from the run
 records (``runs/<key>.json`` beside each file, or in a ``--store`` folder such as
@@ -45,30 +48,34 @@ def pooled_runs(paths: Sequence[str | Path], stores: Sequence[str | Path] = ()) 
     return runs
 
 
-def paired_rows(runs: Runs, a: str, b: str) -> list[dict]:
-    """One row per task where both contenders have runs on the same seeds (at least two)."""
+def paired_rows(runs: Runs, pairs: Sequence[tuple[str, str]]) -> list[dict]:
+    """One row per task: the paired differences over every ``(a, b)`` pair's common seeds, pooled (e.g. a
+    regularized fine-tune and its control at two meta-seeds), where there are at least two pairs of runs."""
     rows = []
     for task in dict.fromkeys(t for t, _, _ in runs):
-        seeds = sorted(s for t, c, s in runs if t == task and c == a and (task, b, s) in runs)
-        if len(seeds) < 2:
+        matched = [(a, b, s) for a, b in pairs for t, c, s in runs if t == task and c == a and (task, b, s) in runs]
+        if len(matched) < 2:
             continue
-        row: dict = {"task": task, "seeds": len(seeds)}
+        row: dict = {"task": task, "seeds": len(matched)}
         for metric in ("test_loss", "val_loss"):
-            va = [float(runs[task, a, s]["final"][metric]) for s in seeds]
-            vb = [float(runs[task, b, s]["final"][metric]) for s in seeds]
+            va = [float(runs[task, a, s]["final"][metric]) for a, _, s in matched]
+            vb = [float(runs[task, b, s]["final"][metric]) for _, b, s in matched]
             row[metric] = paired_outcome(va, vb)
-        traces = [[(runs[task, c, s]["flatness"] or {}).get("hessian_trace") for s in seeds] for c in (a, b)]
+        traces = [
+            [(runs[task, m[side], m[2]]["flatness"] or {}).get("hessian_trace") for m in matched] for side in (0, 1)
+        ]
         if all(v is not None for side in traces for v in side):
-            row["trace_ratio"] = (sum(traces[0]) / len(seeds)) / (sum(traces[1]) / len(seeds))
+            row["trace_ratio"] = sum(traces[0]) / sum(traces[1])
         rows.append(row)
     return rows
 
 
-def markdown(rows: list[dict], a: str, b: str) -> str:
+def markdown(rows: list[dict], pairs: Sequence[tuple[str, str]]) -> str:
+    named = "; ".join(f"A = `{a}`, B = `{b}`" for a, b in pairs)
     lines = [
-        f"A = `{a}`, B = `{b}`; paired over seeds (same initialisation and batches), 95% t-interval.",
+        f"{named}; paired over seeds (same initialisation and batches), pooled over the pairs, 95% t-interval.",
         "",
-        "| task | seeds | test loss A - B | outcome for A | val loss A - B | outcome | trace A / B |",
+        "| task | pairs of runs | test loss A - B | outcome for A | val loss A - B | outcome | trace A / B |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -92,19 +99,26 @@ def markdown(rows: list[dict], a: str, b: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="+", help="results.json files of `python -m learned_optim bench`")
-    parser.add_argument("--a", required=True, help="contender A, as named in the tables (e.g. 'NAME [adamw]')")
-    parser.add_argument("--b", required=True, help="contender B, the reference (e.g. the control)")
+    parser.add_argument(
+        "--a", required=True, action="append", help="contender A, as named in the tables (e.g. 'NAME [adamw]')"
+    )
+    parser.add_argument(
+        "--b", required=True, action="append", help="contender B, the reference (e.g. the control); one per --a"
+    )
     parser.add_argument("--store", action="append", default=[], help="a folder of run records (repeatable)")
     args = parser.parse_args(argv)
+    if len(args.a) != len(args.b):
+        parser.error("give one --b for each --a (the pairs are compared run by run, then pooled)")
+    pairs = list(zip(args.a, args.b, strict=True))
     runs = pooled_runs(args.results, args.store)
     contenders = sorted({c for _, c, _ in runs})
-    for name in (args.a, args.b):
+    for name in (*args.a, *args.b):
         if name not in contenders:
             parser.error(f"no runs of {name!r}; the files hold {contenders}")
-    rows = paired_rows(runs, args.a, args.b)
+    rows = paired_rows(runs, pairs)
     if not rows:
         parser.error("no task with runs of both contenders on the same seeds (two or more)")
-    print(markdown(rows, args.a, args.b))
+    print(markdown(rows, pairs))
     return 0
 
 

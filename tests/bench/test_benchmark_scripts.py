@@ -256,12 +256,16 @@ def test_paired_suite_compares_two_contenders_run_by_run(tmp_path, capsys):
                 )
                 (store / f"{key}.json").write_text(json.dumps({"flatness": {"hessian_trace": trace}}))
     (tmp_path / "results.json").write_text(json.dumps({"runs": runs}))
-    rows = paired.paired_rows(paired.pooled_runs([tmp_path / "results.json"]), "A", "B")
+    rows = paired.paired_rows(paired.pooled_runs([tmp_path / "results.json"]), [("A", "B")])
     assert [r["task"] for r in rows] == ["t1", "t2"]
     assert rows[0]["test_loss"][0] == pytest.approx(-0.5) and rows[0]["test_loss"][2] == "win"
     assert rows[1]["test_loss"][2] == "tie"
     assert rows[0]["trace_ratio"] == pytest.approx(0.25)
     assert paired.main([str(tmp_path / "results.json"), "--a", "A", "--b", "B"]) == 0
     assert "1 wins / 1 ties / 0 losses over 2 tasks" in capsys.readouterr().out
+    pooled = paired.paired_rows(paired.pooled_runs([tmp_path / "results.json"]), [("A", "B"), ("A", "B")])
+    assert pooled[0]["seeds"] == 6 and pooled[0]["test_loss"][0] == pytest.approx(-0.5)
     with pytest.raises(SystemExit):
         paired.main([str(tmp_path / "results.json"), "--a", "C", "--b", "B"])
+    with pytest.raises(SystemExit):
+        paired.main([str(tmp_path / "results.json"), "--a", "A", "--a", "A", "--b", "B"])
