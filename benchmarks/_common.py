@@ -7,7 +7,9 @@ Timing rules (the machine these numbers come from is shared and noisy):
 * the primary figure is the *CPU time* of the process (``time.process_time``), best of the repeats: on
   a machine whose cores are shared with other jobs it counts the time this process actually ran,
   where wall time also counts time spent waiting for a core. Median wall time is printed alongside;
-* the load average and the thread count are printed with every table.
+* the load average and the thread count are printed with every table;
+* on a CUDA device (``device="cuda"``) the device is synchronised before and after every timed call and
+  the primary figure is the *wall time* of the call: the process's CPU time would count only the launches.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 __all__ = [
     "Timing",
     "measure",
+    "clock_name",
     "machine_header",
     "matmul_gflops",
     "GemmRecorder",
@@ -38,29 +41,53 @@ __all__ = [
 
 @dataclasses.dataclass
 class Timing:
-    cpu_best: float  # seconds of process CPU time, best of the repeats
-    cpu_median: float
+    best: float  # seconds, best of the repeats: process CPU time on CPU, synchronised wall time on CUDA
+    median: float  # the same clock's median
     wall_median: float
     repeats: int
 
     def fmt(self, scale: float = 1e3, unit: str = "ms") -> str:
-        return f"{self.cpu_best * scale:.3g} {unit} (wall {self.wall_median * scale:.3g})"
+        return f"{self.best * scale:.3g} {unit} (wall {self.wall_median * scale:.3g})"
 
 
-def measure(candidates: Mapping[str, Callable[[], object]], repeats: int = 5, warmup: int = 1) -> dict[str, Timing]:
-    """Time every candidate ``repeats`` times, round-robin, after ``warmup`` untimed calls each."""
+def clock_name(device: str | torch.device = "cpu") -> str:
+    """What :attr:`Timing.best` counts on ``device``."""
+    return "wall, synchronised" if torch.device(device).type == "cuda" else "CPU"
+
+
+def measure(
+    candidates: Mapping[str, Callable[[], object]],
+    repeats: int = 5,
+    warmup: int = 1,
+    device: str | torch.device = "cpu",
+) -> dict[str, Timing]:
+    """Time every candidate ``repeats`` times, round-robin, after ``warmup`` untimed calls each.
+
+    On CUDA every call is bracketed by ``torch.cuda.synchronize`` and timed by the wall clock."""
+    on_cuda = torch.device(device).type == "cuda"
+
+    def sync() -> None:
+        if on_cuda:
+            torch.cuda.synchronize(device)
+
     for f in candidates.values():
         for _ in range(warmup):
             f()
-    cpu: dict[str, list[float]] = {k: [] for k in candidates}
+    primary: dict[str, list[float]] = {k: [] for k in candidates}
     wall: dict[str, list[float]] = {k: [] for k in candidates}
     for _ in range(repeats):
         for name, f in candidates.items():
+            sync()
             w0, c0 = time.perf_counter(), time.process_time()
             f()
-            cpu[name].append(time.process_time() - c0)
-            wall[name].append(time.perf_counter() - w0)
-    return {k: Timing(min(cpu[k]), statistics.median(cpu[k]), statistics.median(wall[k]), repeats) for k in candidates}
+            sync()
+            w1, c1 = time.perf_counter(), time.process_time()
+            primary[name].append(w1 - w0 if on_cuda else c1 - c0)
+            wall[name].append(w1 - w0)
+    return {
+        k: Timing(min(primary[k]), statistics.median(primary[k]), statistics.median(wall[k]), repeats)
+        for k in candidates
+    }
 
 
 def _cpu_model() -> str:
@@ -71,19 +98,23 @@ def _cpu_model() -> str:
         return platform.processor() or "unknown CPU"
 
 
-def machine_header() -> str:
+def machine_header(device: str | torch.device = "cpu") -> str:
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?", "?", "?")
+    gpu = ""
+    if torch.device(device).type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        gpu = f"GPU {props.name} ({props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}), "
     return (
-        f"torch {torch.__version__}, {_cpu_model()}, {os.cpu_count()} cores visible, "
+        f"torch {torch.__version__}, {gpu}{_cpu_model()}, {os.cpu_count()} cores visible, "
         f"torch threads {torch.get_num_threads()}, load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} "
         f"(1/5/15 min)"
     )
 
 
-def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
-    """Measured float32 GEMM throughput (GFLOP/s) of an ``n x n x n`` product: the compute limit."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    t = measure({"mm": lambda: torch.mm(a, b)}, repeats=repeats)["mm"].cpu_best
+def matmul_gflops(n: int = 1024, repeats: int = 5, device: str | torch.device = "cpu") -> float:
+    """Measured float32 GEMM throughput (GFLOP/s) of an ``n x n x n`` product on ``device``: the compute limit."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    t = measure({"mm": lambda: torch.mm(a, b)}, repeats=repeats, device=device)["mm"].best
     return 2 * n**3 / t / 1e9
 
 
@@ -107,16 +138,21 @@ class GemmRecorder(TorchDispatchMode):
         return sum(2 * m * k * n for m, k, n in self.shapes)
 
 
-def gemm_only_seconds(shapes: Sequence[tuple[int, int, int]], calls: int, repeats: int = 3) -> float:
-    """CPU seconds of just the GEMMs of ``calls`` chunks of the given shapes (random data)."""
-    mats = [(torch.randn(m, k), torch.randn(k, n), torch.empty(m, n)) for m, k, n in shapes]
+def gemm_only_seconds(
+    shapes: Sequence[tuple[int, int, int]], calls: int, repeats: int = 3, device: str | torch.device = "cpu"
+) -> float:
+    """Seconds (:func:`measure`'s clock) of just the GEMMs of ``calls`` chunks of the given shapes (random data)."""
+    mats = [
+        (torch.randn(m, k, device=device), torch.randn(k, n, device=device), torch.empty(m, n, device=device))
+        for m, k, n in shapes
+    ]
 
     def run() -> None:
         for _ in range(calls):
             for a, b, out in mats:
                 torch.mm(a, b, out=out)
 
-    return measure({"gemm": run}, repeats=repeats)["gemm"].cpu_best
+    return measure({"gemm": run}, repeats=repeats, device=device)["gemm"].best
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

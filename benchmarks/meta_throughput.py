@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
                 {"loop": functools.partial(setup.meta_step, False), "vmap": functools.partial(setup.meta_step, True)},
                 repeats=args.repeats,
             )
-            lt, vt = timings["loop"].cpu_best, timings["vmap"].cpu_best
+            lt, vt = timings["loop"].best, timings["vmap"].best
             rows.append(
                 [
                     family,

@@ -4,6 +4,7 @@
 
     python benchmarks/step_time.py                      # 1M and 10M parameters, every family
     python benchmarks/step_time.py --sizes 1M --families dm_lstm --no-memory
+    python benchmarks/step_time.py --device cuda --sizes 1M 10M 100M     # GPU: Adam, eager, compiled
 
 For each family and size (one parameter tensor of that many coordinates, a fixed gradient) it times,
 round-robin in the same process (see ``benchmarks/_common.py``):
@@ -25,6 +26,10 @@ step time) against the measured GEMM throughput of the machine in the same run (
 the time of the step's GEMMs alone at their real shapes, optimizer-state bytes per parameter, and
 the peak transient memory of one step (peak RSS over the step minus RSS before it, each in a fresh
 subprocess with glibc's mmap threshold fixed so freed buffers are returned to the OS).
+
+With ``--device cuda`` the parameter, its gradient, the net and the state live on the GPU; the columns
+are Adam, eager and compiled (the native kernels, the eager reference and the RSS measurement are CPU
+only), the clock is the synchronised wall time and the compute limit is the GPU's float32 GEMM rate.
 
 The header prints the CPU's instruction sets, the kernels' build (``LEARNED_OPTIM_ISA`` picks another one
 the CPU runs) and :func:`learned_optim.kernels.report` (the guard's verdict per kernel). To measure an
@@ -51,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import (
     GemmRecorder,
+    clock_name,
     gemm_only_seconds,
     machine_header,
     matmul_gflops,
@@ -101,12 +107,12 @@ def param_shape(family: str, n: int) -> tuple[int, ...]:
     return (rows, n // rows)
 
 
-def make_param(n: int, family: str = "mlp") -> nn.Parameter:
+def make_param(n: int, family: str = "mlp", device: str | torch.device = "cpu") -> nn.Parameter:
     gen = torch.Generator().manual_seed(0)
-    p = nn.Parameter(torch.randn(n, generator=gen) * 0.1)
-    p.grad = torch.randn(n, generator=gen) * 10 ** torch.randint(-5, -1, (n,), generator=gen).float()
     shape = param_shape(family, n)
-    p.data, p.grad = p.data.view(shape), p.grad.view(shape)
+    p = nn.Parameter((torch.randn(n, generator=gen) * 0.1).view(shape).to(device))
+    grad = torch.randn(n, generator=gen) * 10 ** torch.randint(-5, -1, (n,), generator=gen).float()
+    p.grad = grad.view(shape).to(device)
     return p
 
 
@@ -269,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-reference", action="store_true", help="skip the eager reference column")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (Adam, eager and compiled only)")
     parser.add_argument("--child-memory", nargs=3, metavar=("FAMILY", "MODE", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child_memory:
@@ -277,24 +284,32 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     torch.set_num_threads(args.threads)
-    print(f"# Optimizer step time\n\n{machine_header()}\n\n{isa_line()}\n")
+    device = torch.device(args.device)
+    on_cpu = device.type == "cpu"
+    if not on_cpu:
+        args.no_aten = args.no_reference = args.no_memory = True
+    print(f"# Optimizer step time ({device})\n\n{machine_header(device)}\n\n{isa_line()}\n")
     status = f"built ({kernels.isa()})" if kernels.available() else f"off ({kernels.build_error() or 'disabled'})"
     print(f"Native kernels: {status}; ATen CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"MKL_ENABLE_INSTRUCTIONS={os.environ.get('MKL_ENABLE_INSTRUCTIONS', '(unset)')}\n")
     print("```\n" + kernels.report() + "\n```\n")
-    peak = matmul_gflops()
-    print(f"Measured GEMM throughput (1024^3 float32, best of 5): {peak:.1f} GFLOP/s = the compute limit below.\n")
+    gemm_n = 1024 if on_cpu else 8192
+    peak = matmul_gflops(gemm_n, device=device)
+    print(
+        f"Measured GEMM throughput ({gemm_n}^3 float32 on {device}, best of 5): {peak:.1f} GFLOP/s "
+        "= the compute limit below.\n"
+    )
     results = []
     for size in args.sizes:
         n = parse_size(size)
         repeats = args.repeats or (5 if n <= 1_000_000 else 3)
         for family in args.families:
             rule = make_rule(family)
-            p = make_param(n, family)
+            p = make_param(n, family, device)
             adam = torch.optim.Adam([p])
             eager = LearnedOptimizer([p], rule)
             candidates = {"adam": adam.step, "eager": eager.step}
-            if kernels.available() and family in kernels.RULE_KERNELS:
+            if on_cpu and kernels.available() and family in kernels.RULE_KERNELS:
                 forced = LearnedOptimizer([p], rule)
 
                 def forced_step(opt=forced):
@@ -318,11 +333,11 @@ def main(argv: list[str] | None = None) -> None:
                 candidates["reference"] = Reference(rule, p).step
             with torch.no_grad():
                 original = p.detach().clone()
-            timings = measure(candidates, repeats=repeats)
+            timings = measure(candidates, repeats=repeats, device=device)
             with torch.no_grad():
                 p.copy_(original)
             per_coord, shapes = flops_per_coordinate(family)
-            gemm_s = gemm_only_seconds(shapes, calls=-(-n // FLOP_COUNT_CHUNK), repeats=2)
+            gemm_s = gemm_only_seconds(shapes, calls=-(-n // FLOP_COUNT_CHUNK), repeats=2, device=device)
             flops = per_coord * n
             row = {
                 "family": family,
@@ -333,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
                 "limit_s": flops / (peak * 1e9),
                 "state_bytes_per_param": state_bytes_per_param(eager, n),
                 "adam_state_bytes_per_param": state_bytes_per_param(adam, n),
-                **{f"{k}_cpu_s": v.cpu_best for k, v in timings.items()},
+                **{f"{k}_cpu_s": v.best for k, v in timings.items()},
                 **{f"{k}_wall_median_s": v.wall_median for k, v in timings.items()},
             }
             if not args.no_memory and n <= 1_000_000:
@@ -367,13 +382,13 @@ def main(argv: list[str] | None = None) -> None:
                 ms(g("reference_cpu_s")),
                 ratio(g("eager_cpu_s"), g("adam_cpu_s")),
                 ratio(g("aten_cpu_s"), g("kernels_cpu_s")),
-                "kernels" if kernels.serves(r["family"]) else "ATen",
+                "kernels" if on_cpu and kernels.serves(r["family"]) else "ATen",
                 ratio(g("reference_cpu_s"), g("eager_cpu_s")),
                 ratio(g("reference_cpu_s"), g("aten_cpu_s")),
                 ratio(g("reference_cpu_s"), g("compiled_cpu_s")),
             ]
         )
-    print("\n## Step time (ms of CPU time, best of the repeats; ratios from the same run)\n")
+    print(f"\n## Step time (ms of {clock_name(device)} time, best of the repeats; ratios from the same run)\n")
     print(
         table(
             [
@@ -420,7 +435,8 @@ def main(argv: list[str] | None = None) -> None:
                 ),
             ]
         )
-    print(f"\n## Efficiency (best learned path; compute limit = GEMM FLOPs / {peak:.1f} GFLOP/s on {isa_line()})\n")
+    hardware = isa_line() if on_cpu else torch.cuda.get_device_name(device)
+    print(f"\n## Efficiency (best learned path; compute limit = GEMM FLOPs / {peak:.1f} GFLOP/s on {hardware})\n")
     print(
         table(
             [

@@ -5,6 +5,7 @@
     python benchmarks/train_step.py                         # conv, resnet18, mlp1m; every family
     python benchmarks/train_step.py --models conv --no-compile
     python benchmarks/train_step.py --models cnn5k transformer resnet18 --no-compile --per-tensor --overhead
+    python benchmarks/train_step.py --device cuda --models transformer resnet18 mlp1m --overhead
 
 Models (random data of the right shape; the speed does not depend on the values):
 
@@ -22,7 +23,8 @@ the packed step), ``--overhead`` times the step alone on 200 tensors of 1k param
 200k (the per-tensor overhead), for Adam and every family.
 
 Every optimizer gets its own copy of the model; one iteration (``zero_grad``, forward, cross-entropy,
-backward, ``step``) of each is timed round-robin in the same process (CPU time, see
+backward, ``step``) of each is timed round-robin in the same process (CPU time; with ``--device cuda``
+the model, the batch and the optimizers live on the GPU and the figure is the synchronised wall time: see
 ``benchmarks/_common.py``). The optimizer's share is the same iteration minus the forward/backward
 alone, measured in the same rotation.
 """
@@ -41,7 +43,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import machine_header, measure, table  # noqa: E402
+from _common import clock_name, machine_header, measure, table  # noqa: E402
 
 import learned_optim  # noqa: E402
 from learned_optim import LearnedOptimizer  # noqa: E402
@@ -128,12 +130,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--per-tensor", action="store_true", help="also the per-tensor step (packing off)")
     parser.add_argument("--overhead", action="store_true", help="also 200 x 1k tensors vs 1 x 200k, step only")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (then wall time, synchronised)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"# End-to-end training step (batch {args.batch})\n\n{machine_header()}\n")
+    device = torch.device(args.device)
+    print(f"# End-to-end training step (batch {args.batch}, {device})\n\n{machine_header(device)}\n")
     rows = []
     for name in args.models:
         base, shape = build(name)
+        base.to(device)
         gen = torch.Generator().manual_seed(1)
         batch = 32 if name == "transformer" else args.batch
         if name == "transformer":
@@ -142,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             x = torch.randn(batch, *shape, generator=gen)
             y = torch.randint(0, 10, (batch,), generator=gen)
+        x, y = x.to(device), y.to(device)
         n_params = sum(p.numel() for p in base.parameters())
         n_tensors = sum(1 for _ in base.parameters())
 
@@ -160,8 +166,8 @@ def main(argv: list[str] | None = None) -> None:
                 candidates[f"{family} {label}"] = iteration(model, opt, x, y)
         for f in candidates.values():  # compile / warm up outside the timed rotation
             f()
-        timings = measure(candidates, repeats=args.repeats)
-        fb, adam = timings["fwd+bwd only"].cpu_best, timings["Adam"].cpu_best
+        timings = measure(candidates, repeats=args.repeats, device=device)
+        fb, adam = timings["fwd+bwd only"].best, timings["Adam"].best
         for label, t in timings.items():
             if label == "fwd+bwd only":
                 continue
@@ -170,10 +176,10 @@ def main(argv: list[str] | None = None) -> None:
                     name,
                     f"{n_params / 1e6:.3g}M / {n_tensors}",
                     label,
-                    f"{t.cpu_best * 1e3:.4g}",
+                    f"{t.best * 1e3:.4g}",
                     f"{t.wall_median * 1e3:.4g}",
-                    f"{t.cpu_best / adam:.2f}x",
-                    f"{max(t.cpu_best - fb, 0.0) * 1e3:.4g}",
+                    f"{t.best / adam:.2f}x",
+                    f"{max(t.best - fb, 0.0) * 1e3:.4g}",
                 ]
             )
         rows.append(
@@ -194,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
                 "model",
                 "params / tensors",
                 "optimizer",
-                "iteration ms (CPU, best)",
+                f"iteration ms ({clock_name(device)}, best)",
                 "wall ms (median)",
                 "vs Adam iteration",
                 "optimizer share ms",
@@ -203,19 +209,19 @@ def main(argv: list[str] | None = None) -> None:
         )
     )
     if args.overhead:
-        print("\n## Step alone: 200 tensors of 1k parameters vs one tensor of 200k (ms CPU, best)\n")
-        print(overhead_table(args.families, args.repeats, args.per_tensor))
+        print(f"\n## Step alone: 200 tensors of 1k parameters vs one tensor of 200k (ms {clock_name(device)}, best)\n")
+        print(overhead_table(args.families, args.repeats, args.per_tensor, device))
     print(f"\nLoad at the end: {machine_header().split('load average ')[1]}")
 
 
-def overhead_table(families: list[str], repeats: int, per_tensor: bool) -> str:
+def overhead_table(families: list[str], repeats: int, per_tensor: bool, device: torch.device) -> str:
     """Step time on 200 x 1k parameters over step time on 1 x 200k, per optimizer (same run)."""
     gen = torch.Generator().manual_seed(0)
 
     def params(count: int, size: int) -> list[nn.Parameter]:
-        out = [nn.Parameter(torch.randn(size, generator=gen) * 0.1) for _ in range(count)]
+        out = [nn.Parameter((torch.randn(size, generator=gen) * 0.1).to(device)) for _ in range(count)]
         for p in out:
-            p.grad = torch.randn(size, generator=gen) * 1e-3
+            p.grad = (torch.randn(size, generator=gen) * 1e-3).to(device)
         return out
 
     many, one = params(200, 1000), params(1, 200_000)
@@ -230,10 +236,10 @@ def overhead_table(families: list[str], repeats: int, per_tensor: bool) -> str:
     for label, make in makers:
         candidates[f"{label} 200x1k"] = make(many).step
         candidates[f"{label} 1x200k"] = make(one).step
-    timings = measure(candidates, repeats=repeats)
+    timings = measure(candidates, repeats=repeats, device=device)
     rows = []
     for label, _ in makers:
-        a, b = timings[f"{label} 200x1k"].cpu_best, timings[f"{label} 1x200k"].cpu_best
+        a, b = timings[f"{label} 200x1k"].best, timings[f"{label} 1x200k"].best
         rows.append([label, f"{a * 1e3:.4g}", f"{b * 1e3:.4g}", f"{a / b:.2f}x"])
     return table(["optimizer", "200 x 1k", "1 x 200k", "ratio (target <= 3x)"], rows)
 

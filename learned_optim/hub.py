@@ -419,8 +419,12 @@ def resolve_checkpoint(
             f"({sorted(zoo) or 'the zoo is empty'}), nor a Hub repo id of the form 'owner/name'"
         )
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
+    not_cached = (
+        f"{name!r} (revision {revision or 'main'}) is not in the local Hub cache and the Hub cannot be reached "
+        "(offline?)"
+    )
     try:
         folder = snapshot_download(
             name,
@@ -432,13 +436,25 @@ def resolve_checkpoint(
             library_name=LIBRARY_NAME,
         )
     except LocalEntryNotFoundError as err:
-        raise CheckpointError(
-            f"{name!r} (revision {revision or 'main'}) is not in the local Hub cache and the "
-            f"Hub cannot be reached (offline?): {err}"
-        ) from None
+        raise CheckpointError(f"{not_cached}: {err}") from None
+    except OfflineModeIsEnabled as err:
+        # some huggingface_hub versions (1.33) list the repo online even for a commit hash already in the cache
+        cached = _cached_snapshot(name, revision, cache_dir)
+        if cached is None:
+            raise CheckpointError(f"{not_cached}: {err}") from None
+        return cached
     except HfHubHTTPError as err:
         raise CheckpointError(f"could not fetch {name!r} from the Hugging Face Hub: {err}") from None
     return Path(folder)
+
+
+def _cached_snapshot(repo_id: str, revision: str | None, cache_dir: str | os.PathLike | None) -> Path | None:
+    """The folder of ``repo_id``'s snapshot at ``revision`` in the Hub cache, read without the network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cache = None if cache_dir is None else Path(cache_dir)
+    found = try_to_load_from_cache(repo_id, CONFIG_NAME, cache_dir=cache, revision=revision)
+    return Path(found).parent if isinstance(found, str) else None
 
 
 def load_rule(name_or_path: str | os.PathLike, **resolve_kwargs: Any) -> tuple[UpdateRule, dict[str, Any]]:

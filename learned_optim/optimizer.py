@@ -38,6 +38,10 @@ DEFAULT_CHUNK_SIZE = 1 << 13
 #: per-call overhead (1M-parameter step 5-25% faster than with 8192 on the benchmark machine).
 KERNEL_CHUNK_SIZE = 1 << 17
 
+#: Coordinates per net call on a GPU: a step's cost there is kernel launches, not cache misses, so chunks
+#: are as large as a bounded transient allows (DM-LSTM: ~1.5 GB of temporaries at 1M coordinates).
+ACCELERATOR_CHUNK_SIZE = 1 << 20
+
 NonFinitePolicy = Literal["raise", "skip"]
 
 
@@ -99,9 +103,10 @@ class LearnedOptimizer(Optimizer):
         chunk_size: coordinates per net call (rounded up to a multiple of :data:`ROW_ALIGN`);
             ``None`` applies the net to whole tensors at once; ``"auto"`` (default) takes
             :data:`KERNEL_CHUNK_SIZE` where native kernels run in the net (float32 on CPU, eager, and
-            :func:`learned_optim.kernels.serves` the family: built, and measured faster than ATen here) and
-            :data:`DEFAULT_CHUNK_SIZE` elsewhere. On CPU the result is bit-identical whatever the chunk
-            size; on GPU, cuBLAS may round differently per chunk shape.
+            :func:`learned_optim.kernels.serves` the family: built, and measured faster than ATen here),
+            :data:`ACCELERATOR_CHUNK_SIZE` on a GPU and :data:`DEFAULT_CHUNK_SIZE` elsewhere. On CPU the
+            result is bit-identical whatever the chunk size; on GPU, cuBLAS may round differently per
+            chunk shape.
         nonfinite: what a NaN/inf gradient does: ``"raise"`` (default) raises
             :class:`NonFiniteGradientError` naming the parameter before anything is modified;
             ``"skip"`` skips the whole step (parameters and state untouched) and counts it in
@@ -350,7 +355,10 @@ class LearnedOptimizer(Optimizer):
                 and self.rule.compute_dtype == torch.float32
                 and kernels.serves(self.rule.family)
             )
-            chunk = KERNEL_CHUNK_SIZE if native else DEFAULT_CHUNK_SIZE
+            if native:
+                chunk = KERNEL_CHUNK_SIZE
+            else:
+                chunk = DEFAULT_CHUNK_SIZE if device.type == "cpu" else ACCELERATOR_CHUNK_SIZE
         return packing.align_rows(chunk)
 
     def _plan_packs(self, params: list[Tensor]) -> tuple[list[list[Tensor]], list[Tensor]]:

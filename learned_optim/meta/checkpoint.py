@@ -72,10 +72,13 @@ def optimizer_from_tensors(
 
 
 def rng_to_tensors(generators: Mapping[str, torch.Generator]) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Every random state a run draws from: torch's global generator (``rng.torch``), each of
-    ``generators`` (``rng.<name>``), numpy's global legacy generator (what user code and libraries draw
-    from) and Python's ``random``; as tensors and JSON."""
+    """Every random state a run draws from: torch's global generator (``rng.torch``), each CUDA device's
+    (``rng.cuda.<index>``, once CUDA is initialised), each of ``generators`` (``rng.<name>``), numpy's
+    global legacy generator (what user code and libraries draw from) and Python's ``random``; as tensors
+    and JSON."""
     tensors = {"rng.torch": torch.get_rng_state(), **{f"rng.{k}": g.get_state() for k, g in generators.items()}}
+    if torch.cuda.is_initialized():
+        tensors |= {f"rng.cuda.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())}
     meta: dict[str, Any] = {}
     try:
         import numpy as np
@@ -94,8 +97,12 @@ def rng_to_tensors(generators: Mapping[str, torch.Generator]) -> tuple[dict[str,
 def rng_from_tensors(
     tensors: Mapping[str, Tensor], meta: Mapping[str, Any], generators: Mapping[str, torch.Generator]
 ) -> None:
-    """Restore the random states :func:`rng_to_tensors` saved (a generator the checkpoint lacks is left as is)."""
+    """Restore the random states :func:`rng_to_tensors` saved (a generator the checkpoint lacks is left as is;
+    so is a CUDA device this process does not have)."""
     torch.set_rng_state(tensors["rng.torch"])
+    for i in range(torch.cuda.device_count()):
+        if f"rng.cuda.{i}" in tensors:
+            torch.cuda.set_rng_state(tensors[f"rng.cuda.{i}"], i)
     for name, generator in generators.items():
         if f"rng.{name}" in tensors:
             generator.set_state(tensors[f"rng.{name}"])

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .base import SPLITS
 
@@ -38,6 +38,25 @@ def seeded_global_rng(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+def build_functional_module(
+    build: Callable[[], nn.Module], seed: int, device: torch.device, dtype: torch.dtype
+) -> nn.Module:
+    """The module ``build()`` makes under ``seed``, made a pure function of its parameters for ``functional_call``.
+
+    BatchNorm layers use batch statistics only (no running buffers to update); every module is in eval mode
+    (no dropout), except recurrent layers without dropout, whose mode changes nothing but which cuDNN
+    differentiates only in training mode.
+    """
+    with seeded_global_rng(seed):
+        module = build()
+    torch.func.replace_all_batch_norm_modules_(module)
+    module.to(device=device, dtype=dtype).eval()
+    for layer in module.modules():
+        if isinstance(layer, nn.RNNBase) and layer.dropout == 0:
+            layer.train()
+    return module
 
 
 def sample_choice(value: Any, generator: torch.Generator) -> Any:

@@ -49,7 +49,15 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from . import data as data_lib
-from ._common import check_split, child_seed, family_config, resolve_dtype, sample_choice, seeded_global_rng
+from ._common import (
+    build_functional_module,
+    check_split,
+    child_seed,
+    family_config,
+    resolve_dtype,
+    sample_choice,
+    seeded_global_rng,
+)
 from .base import Params, Task, TaskFamily
 from .neural import ACTIVATIONS, build_conv_net, build_mlp
 
@@ -148,9 +156,7 @@ class ModuleTask(Task):
         self.module = self._fresh_module(0)
 
     def _fresh_module(self, seed: int) -> nn.Module:
-        with seeded_global_rng(seed):
-            module = self._build()
-        return module.to(device=self.device, dtype=self.dtype).eval()
+        return build_functional_module(self._build, seed, self.device, self.dtype)
 
     def init_params(self, generator: torch.Generator) -> Params:
         return {n: p.detach() for n, p in self._fresh_module(child_seed(generator)).named_parameters()}

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from . import data as data_lib
-from ._common import check_split, child_seed, family_config, resolve_dtype, seeded_global_rng
+from ._common import build_functional_module, check_split, child_seed, family_config, resolve_dtype
 from .base import Params, Task, TaskFamily
 
 __all__ = [
@@ -203,10 +203,7 @@ class ClassificationTask(Task):
         self.param_names = frozenset(n for n, _ in self.module.named_parameters())
 
     def _fresh_module(self, seed: int) -> nn.Module:
-        with seeded_global_rng(seed):
-            module = self._build()
-        torch.func.replace_all_batch_norm_modules_(module)  # batch statistics only: a pure forward
-        return module.to(device=self.device, dtype=self.dtype).eval()
+        return build_functional_module(self._build, seed, self.device, self.dtype)
 
     def init_params(self, generator: torch.Generator) -> Params:
         module = self._fresh_module(child_seed(generator))

@@ -239,13 +239,16 @@ def scenario_dcp(rank: int, world: int, out: Path) -> dict:
 
 
 def _fsdp_model(seed: int = 0) -> nn.Module:
+    """The model sharded over a CPU mesh (gloo): without a mesh, FSDP2 would put it on a GPU when one exists."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
     model = _model(seed)
     for layer in model:
         if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 

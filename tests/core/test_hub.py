@@ -106,6 +106,30 @@ def test_revision_pinning(hub_cache, hf_offline, revision, expected):
     assert opt.param_groups[0]["lr"] == {"main": 0.5, "v1": 2.0}[expected]
 
 
+@pytest.mark.parametrize(
+    "revision, expected", [("main", "main"), ("v1", "v1"), (COMMIT_V1, "v1"), (COMMIT_MAIN, "main"), ("f" * 40, None)]
+)
+def test_offline_hub_that_lists_the_repo_falls_back_to_the_cache(
+    hub_cache, hf_offline, monkeypatch, revision, expected
+):
+    """huggingface_hub 1.33 raises OfflineModeIsEnabled for a cached commit hash (it lists the repo first): the
+    snapshot is then read from the cache, and a revision not there is a CheckpointError, not a network error."""
+    import huggingface_hub
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    def listing_snapshot_download(*args, **kwargs):
+        raise OfflineModeIsEnabled("Cannot reach https://huggingface.co/api/models/owner/name/tree: offline mode")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", listing_snapshot_download)
+    cache, nets = hub_cache
+    if expected is None:
+        with pytest.raises(CheckpointError, match="not in the local Hub cache"):
+            learned_optim.from_pretrained(REPO_ID, _params(), cache_dir=cache, revision=revision)
+        return
+    opt = learned_optim.from_pretrained(REPO_ID, _params(), cache_dir=cache, revision=revision)
+    assert _weights_equal(opt.rule, nets[expected])
+
+
 @pytest.mark.parametrize("repo_id, revision", [("owner/missing", None), (REPO_ID, "v2"), (REPO_ID, "f" * 40)])
 def test_repo_or_revision_not_in_cache_is_a_checkpoint_error(hub_cache, hf_offline, repo_id, revision):
     cache, _ = hub_cache

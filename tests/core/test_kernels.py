@@ -407,6 +407,20 @@ def test_auto_chunk_size_follows_the_kernels(make_rule):
         LearnedOptimizer([p], rule, chunk_size="big")
 
 
+def test_auto_chunk_size_on_an_accelerator_is_large(make_rule):
+    """A GPU step pays per kernel launch: "auto" takes ACCELERATOR_CHUNK_SIZE there, whatever the CPU kernels
+    say (the device is only read, so this runs without one); an explicit size is kept."""
+    from learned_optim.optimizer import ACCELERATOR_CHUNK_SIZE
+
+    p = nn.Parameter(torch.zeros(4))
+    for use in (True, False):
+        with kernels.enabled_as(use):
+            assert (
+                LearnedOptimizer([p], make_rule("dm_lstm"))._chunk_rows(torch.device("cuda")) == ACCELERATOR_CHUNK_SIZE
+            )
+    assert LearnedOptimizer([p], make_rule("mlp"), chunk_size=4096)._chunk_rows(torch.device("cuda")) == 4096
+
+
 @pytest.mark.parametrize("isa", [i for i in kernels.ISAS if i != kernels.supported_isas()[0]])
 def test_other_instruction_sets_build_and_compute_the_same_cell(isa):
     """Each ISA build this CPU can run but would not pick (``LEARNED_OPTIM_ISA``) compiles, reports its

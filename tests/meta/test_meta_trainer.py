@@ -247,3 +247,20 @@ def test_float64_run(tmp_path):
     assert trainer.rule.compute_dtype == torch.float64
     metrics = trainer.step()
     assert trainer.trajectory.params["x"].dtype == torch.float64 and metrics["grad_norm"] > 0
+
+
+def test_checkpointed_random_state_includes_each_cuda_device(monkeypatch):
+    """A CUDA run draws from the devices' generators too (global randn on the device): they are saved once CUDA is
+    initialised and restored on resume, per device index (mocked here: the logic, not a GPU)."""
+    from learned_optim.meta.checkpoint import rng_from_tensors, rng_to_tensors
+
+    states = [torch.tensor([1, 2, 3], dtype=torch.uint8), torch.tensor([4, 5], dtype=torch.uint8)]
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: states)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # resumed on a machine with one device
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.__setitem__(device, state))
+    tensors, meta = rng_to_tensors({})
+    assert torch.equal(tensors["rng.cuda.0"], states[0]) and torch.equal(tensors["rng.cuda.1"], states[1])
+    rng_from_tensors(tensors, meta, {})
+    assert list(restored) == [0] and torch.equal(restored[0], states[0])

@@ -300,3 +300,13 @@ def test_optimizer_steps_large_tensors_in_place_like_small_ones(lr):
     for name, value in optimizers[0].state[params[0]].items():
         torch.testing.assert_close(optimizers[1].state[params[1]][name], value, rtol=1e-5, atol=1e-7)
     assert not torch.equal(params[0], start)
+
+
+def test_inference_blocks_are_large_on_an_accelerator():
+    """A GPU block costs its kernel launches, not its memory traffic: blocks there are 16x the CPU's (the device is
+    only read, so this runs without one)."""
+    rule = AdafacMLP()
+    assert rule.block_coordinates(torch.device("cpu")) == rule.coordinate_block
+    assert (
+        rule.block_coordinates(torch.device("cuda")) == rule.accelerator_coordinate_block >= 16 * rule.coordinate_block
+    )

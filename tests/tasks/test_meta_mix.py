@@ -109,3 +109,24 @@ def test_finite_train_arguments_are_checked():
         MetaMixFamily(finite_train_probability=1.5)
     with pytest.raises(ValueError, match="train_set_sizes"):
         MetaMixFamily(finite_train_probability=0.5, train_set_sizes=[0])
+
+
+def test_task_modules_are_pure_functions_that_cudnn_can_differentiate():
+    """Dropout off (eval mode) everywhere except a dropout-free RNN, which stays in training mode: cuDNN's RNN
+    backward refuses eval mode (``--device cuda`` meta-training died on the GRU kind), and for an RNN without
+    dropout the mode changes nothing. An RNN with dropout stays in eval mode."""
+    from torch import nn
+
+    from learned_optim.tasks._common import build_functional_module
+
+    task = make_family("meta-mix", kinds={"gru": 1.0}, widths=[16], batch_sizes=[8]).sample(gen(0))
+    rnns = [m for m in task.module.modules() if isinstance(m, nn.RNNBase)]
+    assert rnns and all(m.training for m in rnns)
+    assert not any(m.training for m in task.module.modules() if not isinstance(m, nn.RNNBase))
+
+    def build():
+        return nn.Sequential(nn.Dropout(0.5), nn.LSTM(4, 4, num_layers=2, dropout=0.5), nn.BatchNorm1d(4))
+
+    module = build_functional_module(build, 0, torch.device("cpu"), torch.float32)
+    assert not any(m.training for m in module.modules())
+    assert not module[2].track_running_stats  # batch statistics only
