@@ -229,11 +229,21 @@ def _wine() -> tuple[Tensor, Tensor, str]:
     return torch.tensor(d.data, dtype=torch.float32), torch.tensor(d.target, dtype=torch.int64), "classification"
 
 
-def _friedman2() -> tuple[Tensor, Tensor, str]:
-    from sklearn.datasets import make_friedman2
+def _classification24() -> tuple[Tensor, Tensor, str]:
+    from sklearn.datasets import make_classification
 
-    x, y = make_friedman2(n_samples=3000, noise=60.0, random_state=1)
-    return torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32), "regression"
+    x, y = make_classification(
+        n_samples=5000,
+        n_features=24,
+        n_informative=12,
+        n_redundant=4,
+        n_classes=4,
+        n_clusters_per_class=2,
+        class_sep=1.0,
+        flip_y=0.02,
+        random_state=7,
+    )
+    return torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.int64), "classification"
 
 
 #: name -> (loader, (train, val, test) sizes).
@@ -244,7 +254,7 @@ TABLES = {
     "classification40": (_blobs40, (4000, 1000, 1000)),  # sklearn make_classification, 6 classes
     # the selection set's (learned_optim.bench.tasks.SELECTION_TASKS)
     "wine": (_wine, (106, 36, 36)),  # sklearn load_wine: 178 wines, 13 features, 3 cultivars
-    "friedman2": (_friedman2, (2000, 500, 500)),  # sklearn make_friedman2, noise 60
+    "classification24": (_classification24, (3000, 1000, 1000)),  # sklearn make_classification, 4 classes
 }
 
 
