@@ -36,6 +36,7 @@ __all__ = [
     "WEIGHTS_NAME",
     "CARD_NAME",
     "FORMAT_VERSION",
+    "SCHEDULES",
     "save_pretrained",
     "load_rule",
     "resolve_checkpoint",
@@ -54,6 +55,8 @@ CARD_NAME = "README.md"
 LIBRARY_NAME = "learned_optim"
 #: Highest checkpoint format this version reads and the one it writes.
 FORMAT_VERSION = 1
+#: The lr schedules a checkpoint can recommend (config.json's top-level ``"schedule"``).
+SCHEDULES = ("constant", "cosine")
 
 
 class CheckpointError(ValueError):
@@ -148,6 +151,7 @@ def save_pretrained(
     training: Mapping[str, Any] | None = None,
     optimizer_defaults: Mapping[str, Any] | None = None,
     card: str | None = None,
+    schedule: str | None = None,
 ) -> Path:
     """Write ``rule`` as a checkpoint folder (config.json, model.safetensors, README.md).
 
@@ -159,6 +163,9 @@ def save_pretrained(
         optimizer_defaults: recommended :class:`~learned_optim.LearnedOptimizer` keyword defaults
             (e.g. ``{"lr": 1.0}``), applied by :func:`from_pretrained` unless overridden.
         card: model card text; a card generated from the config is written when omitted.
+        schedule: the lr schedule the checkpoint recommends with its default lr (one of :data:`SCHEDULES`:
+            ``"cosine"``, warm-up then cosine decay, or ``"constant"``), recorded as config.json's top-level
+            ``"schedule"`` (what ``bench --lr-rule default`` and the demo follow; ``"constant"`` when absent).
 
     A net loaded by :func:`from_pretrained` remembers its checkpoint, and :func:`learned_optim.adapt`
     records every adaptation on the net. Saving such a net fills what is not passed: ``training.parent``
@@ -168,6 +175,8 @@ def save_pretrained(
     parent's, with ``lr`` set to the one of the last adaptation). The generated card then has an
     "## Adaptation" section.
     """
+    if schedule is not None and schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES} or None, got {schedule!r}")
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
     name, description, training, optimizer_defaults = _inherited(rule, name, description, training, optimizer_defaults)
@@ -181,6 +190,8 @@ def save_pretrained(
         "optimizer": dict(optimizer_defaults or {}),
         "training": dict(training or {}),
     }
+    if schedule is not None:
+        config["schedule"] = schedule
     weights = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in rule.state_dict().items()}
     save_file(weights, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "library": LIBRARY_NAME})
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")

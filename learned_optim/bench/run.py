@@ -62,7 +62,7 @@ from typing import Any, cast
 import torch
 from torch.optim import Optimizer
 
-from ..hub import WEIGHTS_NAME, read_config
+from ..hub import SCHEDULES, WEIGHTS_NAME, read_config
 from ..optimizer import NonFiniteGradientError
 from . import stats
 from .baselines import BASELINES, ENTROPY_SGD_GRID
@@ -177,7 +177,7 @@ def lr_factor(schedule: str, step: int, steps: int) -> float:
     if schedule == "constant":
         return 1.0
     if schedule != "cosine":
-        raise ValueError(f"unknown schedule {schedule!r}; known: constant, cosine")
+        raise ValueError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
     warm = max(1, int(WARMUP_FRACTION * steps))
     if step < warm:
         return (step + 1) / warm

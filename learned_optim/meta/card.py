@@ -175,4 +175,5 @@ def save_run_model(trainer: MetaTrainer, directory: Path) -> Path:
         # the lr the net was meta-trained with (unroll.lr; else the family's default: 1.0 for step multipliers)
         optimizer_defaults={"lr": cfg.unroll.lr if cfg.unroll.lr is not None else trainer.rule.default_lr},
         card=meta_training_card(cfg, training, trainer.rule),
+        schedule=cfg.schedule,
     )

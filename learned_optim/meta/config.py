@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from .._validation import check_value
+from ..hub import SCHEDULES
 from ..objectives import OBJECTIVES
 
 __all__ = [
@@ -349,7 +350,10 @@ class MetaTrainConfig(_Section):
     ``num_threads`` (torch CPU threads while training; 1 by default because the small per-step ops of
     meta-training run several times faster single-threaded on a busy CPU than with 2 contending threads;
     ``None`` keeps torch's setting),
-    ``init_from`` (zoo name or folder to fine-tune; its architecture replaces ``net``), ``meta_epochs``
+    ``schedule`` (the lr schedule the trained net recommends with its default lr, ``cosine`` or ``constant``:
+    written to the zoo folder's config.json, what ``bench --lr-rule default`` and the demo follow; unset: none
+    recorded, i.e. constant), ``init_from`` (zoo name or folder to fine-tune; its architecture replaces ``net``),
+    ``meta_epochs
     (trajectories to train; the cap when the curriculum is on), ``checkpoint_every`` (meta-steps between
     checkpoints), ``out_dir`` (run folder; ``runs/<name>`` when unset), ``estimator`` (truncated BPTT or PES,
     :class:`EstimatorConfig`), ``regularizers`` (flatness-aware
@@ -364,6 +368,7 @@ class MetaTrainConfig(_Section):
     device: str = "cpu"
     dtype: str = "float32"
     num_threads: int | None = 1
+    schedule: str | None = None
     net: NetSection = dataclasses.field(default_factory=NetSection)
     init_from: str | None = None
     task: TaskSection = dataclasses.field(default_factory=TaskSection)
@@ -384,6 +389,8 @@ class MetaTrainConfig(_Section):
             raise ValueError(f"{where}.dtype must be 'float32' or 'float64'")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"{where}.num_threads must be >= 1 or null")
+        if self.schedule is not None and self.schedule not in SCHEDULES:
+            raise ValueError(f"{where}.schedule must be one of {', '.join(SCHEDULES)} or null, got {self.schedule!r}")
         if self.meta_epochs < 1 or self.checkpoint_every < 1:
             raise ValueError(f"{where}: meta_epochs and checkpoint_every must be >= 1")
         if self.net.family is None and self.init_from is None:

@@ -38,6 +38,21 @@ def test_smoke_config_produces_a_loadable_zoo_folder(tmp_path, capsys):
     opt.step()
 
 
+def test_recommended_schedule_reaches_the_zoo_folder(tmp_path, capsys):
+    """The config's ``schedule`` is written as config.json's top-level "schedule" (what ``bench --lr-rule default``
+    follows); none is recorded when it is unset; an unknown one is refused before training."""
+    out = tmp_path / "run"
+    args = ["train", "smoke", "--out", str(out), "--no-progress", "--set", "meta_epochs=1"]
+    assert main([*args, "--set", "curriculum.enabled=false", "--set", "schedule=cosine"]) == 0
+    assert learned_optim.load_rule(out / "model")[1]["schedule"] == "cosine"
+    assert main([*args, "--out", str(tmp_path / "plain"), "--set", "curriculum.enabled=false"]) == 0
+    assert "schedule" not in learned_optim.load_rule(tmp_path / "plain" / "model")[1]
+    assert main([*args, "--out", str(tmp_path / "bad"), "--set", "schedule=linear"]) == 2
+    assert "schedule must be one of constant, cosine" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        learned_optim.save_pretrained(learned_optim.load_rule(out / "model")[0], tmp_path / "x", schedule="step")
+
+
 def test_cli_reports_config_errors(tmp_path, capsys):
     assert main(["train", "smoke", "--out", str(tmp_path), "--set", "unroll.segmnt_length=3"]) == 2
     assert "segmnt_length" in capsys.readouterr().err
