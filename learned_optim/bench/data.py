@@ -27,7 +27,9 @@ import functools
 import hashlib
 import os
 import sysconfig
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -205,20 +207,11 @@ def _friedman() -> tuple[Tensor, Tensor, str]:
     return torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32), "regression"
 
 
-def _blobs40() -> tuple[Tensor, Tensor, str]:
+def _classification(**params: Any) -> tuple[Tensor, Tensor, str]:
+    """A scikit-learn ``make_classification`` table drawn with ``params``."""
     from sklearn.datasets import make_classification
 
-    x, y = make_classification(
-        n_samples=6000,
-        n_features=40,
-        n_informative=16,
-        n_redundant=8,
-        n_classes=6,
-        n_clusters_per_class=3,
-        class_sep=1.5,
-        flip_y=0.0,
-        random_state=0,
-    )
+    x, y = make_classification(**params)
     return torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.int64), "classification"
 
 
@@ -229,32 +222,43 @@ def _wine() -> tuple[Tensor, Tensor, str]:
     return torch.tensor(d.data, dtype=torch.float32), torch.tensor(d.target, dtype=torch.int64), "classification"
 
 
-def _classification24() -> tuple[Tensor, Tensor, str]:
-    from sklearn.datasets import make_classification
-
-    x, y = make_classification(
-        n_samples=5000,
-        n_features=24,
-        n_informative=12,
-        n_redundant=4,
-        n_classes=4,
-        n_clusters_per_class=2,
-        class_sep=1.0,
-        flip_y=0.02,
-        random_state=7,
-    )
-    return torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.int64), "classification"
-
-
 #: name -> (loader, (train, val, test) sizes).
-TABLES = {
+TABLES: dict[str, tuple[Callable[[], tuple[Tensor, Tensor, str]], tuple[int, int, int]]] = {
     "diabetes": (_diabetes, (266, 88, 88)),  # sklearn load_diabetes: 442 patients, 10 features
     "breast-cancer": (_breast_cancer, (341, 114, 114)),  # sklearn load_breast_cancer: 569, 30 features
     "friedman1": (_friedman, (4000, 1000, 1000)),  # sklearn make_friedman1, noise 1.0
-    "classification40": (_blobs40, (4000, 1000, 1000)),  # sklearn make_classification, 6 classes
+    "classification40": (  # sklearn make_classification, 6 classes
+        functools.partial(
+            _classification,
+            n_samples=6000,
+            n_features=40,
+            n_informative=16,
+            n_redundant=8,
+            n_classes=6,
+            n_clusters_per_class=3,
+            class_sep=1.5,
+            flip_y=0.0,
+            random_state=0,
+        ),
+        (4000, 1000, 1000),
+    ),
     # the selection set's (learned_optim.bench.tasks.SELECTION_TASKS)
     "wine": (_wine, (106, 36, 36)),  # sklearn load_wine: 178 wines, 13 features, 3 cultivars
-    "classification24": (_classification24, (3000, 1000, 1000)),  # sklearn make_classification, 4 classes
+    "classification24": (  # sklearn make_classification, 4 classes
+        functools.partial(
+            _classification,
+            n_samples=5000,
+            n_features=24,
+            n_informative=12,
+            n_redundant=4,
+            n_classes=4,
+            n_clusters_per_class=2,
+            class_sep=1.0,
+            flip_y=0.02,
+            random_state=7,
+        ),
+        (3000, 1000, 1000),
+    ),
 }
 
 
