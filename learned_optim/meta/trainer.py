@@ -177,6 +177,7 @@ class MetaTrainer:
         self.recent_meta_losses: collections.deque[float] = collections.deque(maxlen=50)
         self.recent_final_losses: collections.deque[float] = collections.deque(maxlen=20)
         self.wall_time = 0.0
+        self._session_start: float | None = None  # perf_counter() at the start of the train() call running now
         self.resume_log_bytes = 0  # the log's length at the checkpoint a resume starts from
         self.commands: list[str] = []
         self.finished = False
@@ -490,7 +491,9 @@ class MetaTrainer:
 
     # ------------------------------------------------------------------------------------ main loop
     def elapsed(self) -> float:
-        return self.wall_time + (time.perf_counter() - self._session_start if hasattr(self, "_session_start") else 0.0)
+        """Seconds of training so far: earlier sessions' (``wall_time``) and the running one's."""
+        running = 0.0 if self._session_start is None else time.perf_counter() - self._session_start
+        return self.wall_time + running
 
     def train(self, *, resume: bool = False, stop_after: int | None = None) -> Path | None:
         """Run (or with ``resume=True`` continue) meta-training; returns the zoo folder ``out_dir/model``.
@@ -579,7 +582,7 @@ class MetaTrainer:
             torch.set_num_threads(threads)
             bar.close()
             self.wall_time = self.elapsed()
-            del self._session_start
+            self._session_start = None
             self._log_handle.close()
             self._log_handle = None
 
