@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from learned_optim.bench.run import read_run_record
 from learned_optim.bench.stats import paired_outcome
 
 Runs = dict[tuple[str, str, int], dict]
@@ -41,8 +42,7 @@ def pooled_runs(paths: Sequence[str | Path], stores: Sequence[str | Path] = ()) 
     for path in paths:
         folders = [Path(path).parent / "runs", *map(Path, stores)]
         for run in json.loads(Path(path).read_text())["runs"]:
-            records = (folder / f"{run['key']}.json" for folder in folders)
-            record = next((json.loads(r.read_text()) for r in records if r.is_file()), {})
+            record = read_run_record(folders, run["key"]) or {}
             entry = {"final": run["final"], "flatness": record.get("flatness")}
             runs.setdefault((run["task"], run["contender"], int(run["seed"])), entry)
     return runs

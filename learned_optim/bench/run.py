@@ -38,7 +38,8 @@ finished run also measures how flat the loss is at its final weights (:mod:`lear
 :class:`~learned_optim.bench.tasks.FunctionalWorkload`: Hessian trace and top eigenvalue on training batches, PGA
 sharpness on a validation batch), recorded under ``flatness``.
 
-**Store**: every finished run is one JSON record in ``<out>/runs/`` named by the SHA-256 of (suite
+**Store**: every finished run is one gzip-compressed JSON record ``<out>/runs/<key>.json.gz`` (plain
+``<key>.json`` records of earlier versions are read too), the key the SHA-256 of (suite
 version, task config hash, optimizer identity, lr / weight decay / schedule, seed, and the flatness options
 when flatness is measured); a rerun, a resume
 after interruption or another optimizer's run in the same folder (or with ``--baseline-dir``) reuses
@@ -50,6 +51,7 @@ change to either makes new keys.
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import hashlib
 import json
 import math
@@ -88,6 +90,7 @@ __all__ = [
     "train",
     "SUITE_FLATNESS",
     "RunStore",
+    "read_run_record",
 ]
 
 #: Bumped whenever a change alters what a run measures; part of every run's key.
@@ -436,6 +439,21 @@ def train(
 
 
 # ------------------------------------------------------------------------------------------ store
+#: A stored run's file name after its key (gzip-compressed JSON); :func:`read_run_record` also reads ``.json``.
+RECORD_SUFFIX = ".json.gz"
+
+
+def read_run_record(folders: Sequence[str | os.PathLike], key: str) -> dict[str, Any] | None:
+    """The stored run ``key`` from the first of ``folders`` (each a ``runs/`` folder) that holds it, or ``None``."""
+    for folder in map(Path, folders):
+        packed, plain = folder / f"{key}{RECORD_SUFFIX}", folder / f"{key}.json"
+        if packed.is_file():
+            return json.loads(gzip.decompress(packed.read_bytes()))
+        if plain.is_file():
+            return json.loads(plain.read_text())
+    return None
+
+
 class RunStore:
     """Finished runs as JSON files ``<folder>/runs/<key>.json`` (see the module docstring).
 
@@ -471,19 +489,14 @@ class RunStore:
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
 
     def get(self, key: str) -> dict[str, Any] | None:
-        if not self.reuse:
-            return None
-        for folder in (self.folder, *self.extra):
-            path = folder / f"{key}.json"
-            if path.is_file():
-                return json.loads(path.read_text())
-        return None
+        return read_run_record((self.folder, *self.extra), key) if self.reuse else None
 
     def put(self, record: dict[str, Any]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.folder / f".{record['key']}.tmp"
-        tmp.write_text(json.dumps(record, allow_nan=False) + "\n")
-        tmp.replace(self.folder / f"{record['key']}.json")
+        data = (json.dumps(record, allow_nan=False) + "\n").encode()
+        tmp.write_bytes(gzip.compress(data, mtime=0))  # mtime 0: the same record is the same bytes
+        tmp.replace(self.folder / f"{record['key']}{RECORD_SUFFIX}")
 
     def run(
         self,

@@ -268,6 +268,27 @@ def test_quick_runs_exactly_the_quick_selection_and_reuses_stored_runs(tmp_path,
     assert calls == [] and again.config["runs_trained"] == 0 and again.rows() == rows
 
 
+def test_run_records_are_compressed_deterministic_and_plain_ones_still_read(tmp_path):
+    """Records are written as gzip JSON with a fixed header time (the same record is the same bytes, so a rerun
+    leaves git clean); the plain .json records of earlier versions are read, the folder written first."""
+    import gzip
+    import json
+
+    store = brun.RunStore(tmp_path / "a", extra=[tmp_path / "b"])
+    record = {"key": "k1", "final": {"val_loss": 0.5}}
+    store.put(record)
+    path = tmp_path / "a" / "runs" / "k1.json.gz"
+    first = path.read_bytes()
+    assert json.loads(gzip.decompress(first)) == record
+    store.put(record)
+    assert path.read_bytes() == first and not list((tmp_path / "a" / "runs").glob("*.json"))
+    (tmp_path / "b" / "runs").mkdir(parents=True)
+    (tmp_path / "b" / "runs" / "k2.json").write_text(json.dumps({"key": "k2"}))
+    (tmp_path / "b" / "runs" / "k1.json").write_text(json.dumps({"key": "k1", "final": "older"}))
+    assert store.get("k2") == {"key": "k2"} and store.get("k1") == record and store.get("k3") is None
+    assert brun.RunStore(tmp_path / "a", reuse=False).get("k1") is None
+
+
 def test_flatness_is_measured_on_the_evaluation_runs_only_and_tabled(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(brun, "train", _fake_train(calls))
