@@ -8,8 +8,9 @@
 # 2. every test that needs CUDA (the ones skipped on a CPU machine), then the whole suite with a GPU present;
 # 3. benchmarks/step_time.py and benchmarks/train_step.py on the device (synchronised wall time, Adam side by side);
 # 4. a short meta-training of the flagship's family on the device against the same on one CPU thread (seconds per
-#    meta-step from each run's log), an interrupted run resumed with --resume, and one meta-step each of the
-#    SAM and top-eigenvalue fine-tunes (double backward and Hessian-vector products on the device).
+#    meta-step from each run's log), an interrupted run resumed with --resume, and one meta-epoch each of the
+#    SAM, top-eigenvalue and local-entropy (the flagship's) fine-tunes (double backward, Hessian-vector products
+#    and the entropy inner loop on the device).
 #
 # Each stage has its own time limit and writes OUTDIR/<stage>.log, so one stage failing costs only itself;
 # OUTDIR/summary.log collects each stage's exit status, time and last lines.
@@ -90,7 +91,7 @@ for path in sys.argv[1:]:
         print(f"   {path.rsplit('/', 1)[-1]}: {len(steps)} meta-steps logged, median {statistics.median(e['seconds'] for e in steps):.3f} s each; "
               f"last (meta-step {last['meta_step']}): meta_loss {last['meta_loss']!r} grad_norm {last['grad_norm']!r}")
 PY
-for variant in sam hessian-ev; do
+for variant in sam hessian-ev entropy; do
   meta "meta_$variant" "$dev" "$variant" "$flagship-$variant" --set meta_epochs=1
 done
 # the whole suite with a GPU present, in whatever time is left of a 9-minute budget
