@@ -13,7 +13,8 @@
 #    and the entropy inner loop on the device).
 #
 # Each stage has its own time limit and writes OUTDIR/<stage>.log, so one stage failing costs only itself;
-# OUTDIR/summary.log collects each stage's exit status, time and last lines.
+# OUTDIR/summary.log collects each stage's exit status, time and last lines. It runs from a checkout without
+# installing (PYTHONPATH), under the machine's own torch; the baseline tests need pytorch-optimizer installed.
 set -u
 out=${1:?usage: device_check.sh OUTDIR}
 mkdir -p "$out"
