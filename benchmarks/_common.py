@@ -50,9 +50,13 @@ class Timing:
         return f"{self.best * scale:.3g} {unit} (wall {self.wall_median * scale:.3g})"
 
 
+def on_cuda(device: str | torch.device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
 def clock_name(device: str | torch.device = "cpu") -> str:
     """What :attr:`Timing.best` counts on ``device``."""
-    return "wall, synchronised" if torch.device(device).type == "cuda" else "CPU"
+    return "wall, synchronised" if on_cuda(device) else "CPU"
 
 
 def measure(
@@ -64,10 +68,10 @@ def measure(
     """Time every candidate ``repeats`` times, round-robin, after ``warmup`` untimed calls each.
 
     On CUDA every call is bracketed by ``torch.cuda.synchronize`` and timed by the wall clock."""
-    on_cuda = torch.device(device).type == "cuda"
+    cuda = on_cuda(device)
 
     def sync() -> None:
-        if on_cuda:
+        if cuda:
             torch.cuda.synchronize(device)
 
     for f in candidates.values():
@@ -82,7 +86,7 @@ def measure(
             f()
             sync()
             w1, c1 = time.perf_counter(), time.process_time()
-            primary[name].append(w1 - w0 if on_cuda else c1 - c0)
+            primary[name].append(w1 - w0 if cuda else c1 - c0)
             wall[name].append(w1 - w0)
     return {
         k: Timing(min(primary[k]), statistics.median(primary[k]), statistics.median(wall[k]), repeats)
@@ -101,7 +105,7 @@ def _cpu_model() -> str:
 def machine_header(device: str | torch.device = "cpu") -> str:
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?", "?", "?")
     gpu = ""
-    if torch.device(device).type == "cuda":
+    if on_cuda(device):
         props = torch.cuda.get_device_properties(device)
         gpu = f"GPU {props.name} ({props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}), "
     return (

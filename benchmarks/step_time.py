@@ -274,7 +274,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-aten", action="store_true", help="skip the ATen-only (native kernels off) column")
     parser.add_argument("--no-reference", action="store_true", help="skip the eager reference column")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument(
+        "--json", default=None, help="also write the results to this JSON file (the *_cpu_s fields use its clock)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (Adam, eager and compiled only)")
     parser.add_argument("--child-memory", nargs=3, metavar=("FAMILY", "MODE", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -460,7 +462,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(f"\nLoad at the end: {machine_header().split('load average ')[1]}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"gemm_gflops": peak, "rows": results}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({"gemm_gflops": peak, "clock": clock_name(device), "rows": results}, indent=1)
+        )
 
 
 if __name__ == "__main__":

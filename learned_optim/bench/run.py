@@ -455,7 +455,7 @@ def read_run_record(folders: Sequence[str | os.PathLike], key: str) -> dict[str,
 
 
 class RunStore:
-    """Finished runs as JSON files ``<folder>/runs/<key>.json`` (see the module docstring).
+    """Finished runs as records ``<folder>/runs/<key>.json.gz`` (:func:`read_run_record`; see the module docstring).
 
     ``reuse=False`` trains every run again (and overwrites the records); ``extra`` folders are read too
     (e.g. a folder of baseline runs shared by several optimizers) but never written.

@@ -461,6 +461,11 @@ _TASK_LIST = [
 #: The suite, by name.
 TASKS: dict[str, BenchTask] = {t.name: t for t in _TASK_LIST}
 
+_SELECTION_CORPUS = (
+    "byte-level corpus of other standard-library files "
+    "(learned_optim.bench.data.SELECTION_STDLIB_FILES, none of the suite's), split by file"
+)
+
 _SELECTION_LIST = [
     BenchTask(
         "select-wine-mlp",
@@ -528,8 +533,7 @@ _SELECTION_LIST = [
         _P(models.SequenceRNN, 256, 256, 24, 160, "lstm"),
         steps=500,
         batch_size=16,
-        source="byte-level corpus of other standard-library files "
-        "(learned_optim.bench.data.SELECTION_STDLIB_FILES, none of the suite's), split by file",
+        source=_SELECTION_CORPUS,
         compare="uniform over bytes is ln 256 = 5.55 nats per byte",
         differs="a byte-level LSTM language model (0.16M parameters)",
         corpus="selection",
@@ -539,8 +543,7 @@ _SELECTION_LIST = [
         _P(models.TransformerLM, 256, 256, 1, 4, 1024, 32),
         steps=400,
         batch_size=8,
-        source="byte-level corpus of other standard-library files "
-        "(learned_optim.bench.data.SELECTION_STDLIB_FILES, none of the suite's), split by file",
+        source=_SELECTION_CORPUS,
         compare="uniform over bytes is ln 256 = 5.55 nats per byte",
         differs="a one-layer transformer of width 256 (0.93M parameters)",
         corpus="selection",
