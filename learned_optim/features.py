@@ -29,6 +29,7 @@ __all__ = [
     "factored_preconditioner",
     "FactoredPackLayout",
     "factored_pack_layout",
+    "PackRun",
     "STATS_BLOCK",
 ]
 
@@ -148,18 +149,43 @@ def factored_preconditioner(row: Tensor, col: Tensor) -> Tensor:
 def factored_rsqrt_factors(row: Tensor, col: Tensor) -> tuple[Tensor, Tensor]:
     r"""The two factors of :func:`factored_preconditioner`, :math:`\hat v_{ijk}^{-1/2} = a_{ik} b_{jk}`:
     ``(rsqrt(r / mean(r)), rsqrt(c))``, shapes ``(R, K)`` and ``(C, K)`` (for callers that apply them to a
-    block of rows at a time instead of materialising the ``(K, R*C)`` product)."""
-    return torch.rsqrt(row / row.mean(dim=0, keepdim=True)), torch.rsqrt(col)
+    block of rows at a time instead of materialising the ``(K, R*C)`` product). Leading batch dimensions
+    (several tensors of one shape, ``(..., R, K)`` and ``(..., C, K)``) are kept: the mean is per tensor."""
+    return torch.rsqrt(row / row.mean(dim=-2, keepdim=True)), torch.rsqrt(col)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackRun:
+    """Consecutive tensors of one :func:`matrix_view` ``(rows, cols)`` in a pack: tensors ``s0:s1``, their
+    coordinates ``a:b`` (viewed as ``(s1 - s0, rows, cols)``), packed rows ``r0:r1`` and columns ``c0:c1``."""
+
+    s0: int
+    s1: int
+    a: int
+    b: int
+    r0: int
+    r1: int
+    c0: int
+    c1: int
+    rows: int
+    cols: int
+
+    @property
+    def count(self) -> int:
+        """How many tensors the run holds."""
+        return self.s1 - self.s0
 
 
 @dataclasses.dataclass(frozen=True)
 class FactoredPackLayout:
     """Each tensor's place in a pack of several tensors' coordinates and factored statistics (the packed step,
     :mod:`learned_optim.packing`): its coordinates ``(a, b)``, its rows in the packed row statistics, its columns
-    in the packed column statistics, its :func:`matrix_view` ``(rows, cols)``."""
+    in the packed column statistics, its :func:`matrix_view` ``(rows, cols)``; and the runs of consecutive
+    tensors of one view (:class:`PackRun`), which a per-tensor statistic takes with one batched operation."""
 
     shapes: tuple[tuple[int, ...], ...]
     bounds: tuple[tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int]], ...]
+    runs: tuple[PackRun, ...]
     coordinates: int
     rows: int
     cols: int
@@ -179,9 +205,15 @@ class FactoredPackLayout:
 def factored_pack_layout(shapes: tuple[tuple[int, ...], ...]) -> FactoredPackLayout:
     """The :class:`FactoredPackLayout` of tensors of ``shapes`` packed one after the other (cached)."""
     bounds = []
+    runs: list[PackRun] = []
     a = r0 = c0 = 0
-    for shape in shapes:
+    for s, shape in enumerate(shapes):
         rows, cols = matrix_view(shape)
         bounds.append(((a, a + rows * cols), (r0, r0 + rows), (c0, c0 + cols), (rows, cols)))
+        last = runs[-1] if runs else None
+        if last is not None and (last.rows, last.cols) == (rows, cols):
+            runs[-1] = dataclasses.replace(last, s1=s + 1, b=a + rows * cols, r1=r0 + rows, c1=c0 + cols)
+        else:
+            runs.append(PackRun(s, s + 1, a, a + rows * cols, r0, r0 + rows, c0, c0 + cols, rows, cols))
         a, r0, c0 = a + rows * cols, r0 + rows, c0 + cols
-    return FactoredPackLayout(shapes, tuple(bounds), a, r0, c0)
+    return FactoredPackLayout(shapes, tuple(bounds), tuple(runs), a, r0, c0)

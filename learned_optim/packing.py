@@ -9,6 +9,7 @@ own state. The result equals stepping each tensor alone (see ``tests/core/test_p
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeGuard
 
@@ -64,7 +65,8 @@ def is_dtensor(t: Tensor) -> TypeGuard[DTensor]:
 def _bytes_per_coordinate(p: Tensor, state: Mapping[str, Tensor], rule: UpdateRule) -> int:
     """Bytes per coordinate of ``p``: value, gradient and per-coordinate state (what packing copies)."""
     grad_size = p.grad.element_size() if p.grad is not None else 0
-    return p.element_size() + grad_size + sum(state[k][:1].nbytes for k in rule.state_shapes())
+    per_coordinate_state = rule.state_shapes().items()
+    return p.element_size() + grad_size + sum(state[k].element_size() * math.prod(t) for k, t in per_coordinate_state)
 
 
 def plan_packs(
@@ -75,13 +77,16 @@ def plan_packs(
 ) -> tuple[list[list[Tensor]], list[Tensor]]:
     """Split parameters into packs (lists of >= 2 tensors stepped together, at most ``chunk_rows(device)``
     coordinates each, every member under :data:`PACK_MAX_BYTES` and the rule's ``pack_max_coordinates``) and the
-    tensors stepped alone. ``states``: each parameter's optimizer state."""
+    tensors stepped alone. ``states``: each parameter's optimizer state. A pack lists its tensors ordered by shape
+    (stably), so that tensors of one shape are consecutive and a rule takes their per-tensor statistics at once."""
     names = list(rule.state_shapes())
     singles: list[Tensor] = []
     buckets: dict[tuple[Any, ...], list[Tensor]] = {}
     limits: dict[torch.device, int | None] = {}
     for p in params:
-        limit = limits.setdefault(p.device, chunk_rows(p.device))
+        if p.device not in limits:
+            limits[p.device] = chunk_rows(p.device)
+        limit = limits[p.device]
         n = p.numel()
         small = not is_dtensor(p) and limit is not None and 0 < n < limit
         small = small and (rule.pack_max_coordinates is None or n < rule.pack_max_coordinates)
@@ -95,6 +100,7 @@ def plan_packs(
     packs: list[list[Tensor]] = []
     for members in buckets.values():
         limit = limits[members[0].device]
+        members.sort(key=lambda p: (p.dim(), tuple(p.shape)))
         assert limit is not None
         pack: list[Tensor] = []
         total = 0

@@ -393,8 +393,9 @@ class AdafacMLP(UpdateRule):
         tensor's ``(rows_s, K)`` row statistics one after the other, ``state["col"]`` their column
         statistics. The elementwise features, the moments and the MLP run once for the whole pack; what
         is per tensor (Adafactor's row and column means, the rank-structured row/column terms, the feature
-        and direction RMS) is one broadcast or reduction per tensor on its slice, as the per-tensor step
-        computes it. The per-tensor feature normalisation multiplies the features instead of being folded
+        and direction RMS) is one batched broadcast or reduction per run of consecutive tensors of one shape
+        (:class:`~learned_optim.features.PackRun`; the optimizer orders a pack by shape), as the per-tensor
+        step computes it for each. The per-tensor feature normalisation multiplies the features instead of being folded
         into the first layer's weights, so the result equals the per-tensor step to float rounding (bound
         in ``tests/core/test_packed_step.py``). Padding rows get any value.
         """
@@ -407,12 +408,13 @@ class AdafacMLP(UpdateRule):
         m = ema(torch.stack([state[f"m{i}"] for i in range(j)]), grad, beta)  # (J, R)
         sq = grad.square()
         v = ema(state["v"], sq, c.second_moment_decay)
-        # Adafactor's row and column means of g^2, tensor by tensor, then one EMA for the whole pack
+        # Adafactor's row and column means of g^2, tensor by tensor (a run of same-shaped tensors at once), then
+        # one EMA for the whole pack
         row_mean, col_mean = grad.new_empty(layout.rows), grad.new_empty(layout.cols)
-        for (a, b), (r0, r1), (c0, c1), (rows, cols) in layout.bounds:
-            g2 = sq[a:b].view(rows, cols)
-            torch.mean(g2, dim=1, out=row_mean[r0:r1])
-            torch.mean(g2, dim=0, out=col_mean[c0:c1])
+        for run in layout.runs:
+            g2 = sq[run.a : run.b].view(run.count, run.rows, run.cols)
+            torch.mean(g2, dim=2, out=row_mean[run.r0 : run.r1].view(run.count, run.rows))
+            torch.mean(g2, dim=1, out=col_mean[run.c0 : run.c1].view(run.count, run.cols))
         decay = self.factored_decay.to(dtype)
         row = ema(state["row"], (row_mean + c.factored_eps).unsqueeze(1), decay)  # (sum of rows, K)
         col = ema(state["col"], (col_mean + c.factored_eps).unsqueeze(1), decay)  # (sum of cols, K)
@@ -424,11 +426,20 @@ class AdafacMLP(UpdateRule):
         bias = self._first_bias(step)
         phi = grad.new_empty(j, grad.shape[0])
         row_rms, col_rms = grad.new_empty(nr, len(shapes)), grad.new_empty(nr, len(shapes))
-        for s, ((a, b), (r0, r1), (c0, c1), (rows, cols)) in enumerate(layout.bounds):
-            row_factor, col_factor = factored_rsqrt_factors(row[r0:r1], col[c0:c1])
-            torch.mul(row_factor.t().unsqueeze(2), col_factor.t().unsqueeze(1), out=phi[:, a:b].view(j, rows, cols))
-            torch.linalg.vector_norm(row_features[:, r0:r1], dim=1, out=row_rms[:, s])
-            torch.linalg.vector_norm(col_features[:, c0:c1], dim=1, out=col_rms[:, s])
+        for run in layout.runs:
+            n, rows, cols = run.count, run.rows, run.cols
+            row_factor, col_factor = factored_rsqrt_factors(
+                row[run.r0 : run.r1].view(n, rows, -1), col[run.c0 : run.c1].view(n, cols, -1)
+            )  # (n, rows, K), (n, cols, K)
+            torch.mul(
+                row_factor.permute(2, 0, 1).unsqueeze(3),
+                col_factor.permute(2, 0, 1).unsqueeze(2),
+                out=phi[:, run.a : run.b].view(j, n, rows, cols),
+            )
+            out = row_rms[:, run.s0 : run.s1]
+            torch.linalg.vector_norm(row_features[:, run.r0 : run.r1].view(nr, n, rows), dim=2, out=out)
+            out = col_rms[:, run.s0 : run.s1]
+            torch.linalg.vector_norm(col_features[:, run.c0 : run.c1].view(nr, n, cols), dim=2, out=out)
         counts = layout.counts(grad)
         # each row/column feature over its RMS on the tensor (a row feature repeats over the row's columns)
         row_norm = torch.rsqrt(row_rms.square() / counts[1] + c.feature_rms_eps)
@@ -436,8 +447,9 @@ class AdafacMLP(UpdateRule):
         ratio, rsqrt = rsqrt_features(m, bias_corrected(v, c.second_moment_decay, step).unsqueeze(0), c.moment_eps)
         dense = torch.cat([grad.unsqueeze(0), param.unsqueeze(0), m, v.unsqueeze(0), ratio, rsqrt, grad * phi, m * phi])
         dense_rms = grad.new_empty(d, len(shapes))
-        for s, ((a, b), _, _, _) in enumerate(layout.bounds):
-            torch.linalg.vector_norm(dense[:, a:b], dim=1, out=dense_rms[:, s])
+        for run in layout.runs:
+            per_tensor = dense[:, run.a : run.b].view(d, run.count, -1)
+            torch.linalg.vector_norm(per_tensor, dim=2, out=dense_rms[:, run.s0 : run.s1])
         dense_ms = dense_rms.square() / counts[0]  # (16, S): each feature's mean square over its tensor
         normaliser = scale * torch.rsqrt(scale.square() * dense_ms + c.feature_rms_eps)  # (16, S)
         row_weight, col_weight = first.weight[:, d : d + nr], first.weight[:, d + nr : k]
@@ -445,11 +457,23 @@ class AdafacMLP(UpdateRule):
         if segments.rows > layout.coordinates:
             x[:, layout.coordinates :] = 0.0
             dense[:, layout.coordinates :] = 0.0
-        for s, ((a, b), (r0, r1), (c0, c1), (rows, cols)) in enumerate(layout.bounds):
-            row_term = torch.addmm(bias.unsqueeze(1), row_weight * row_norm[:, s], row_features[:, r0:r1])
-            col_term = (col_weight * col_norm[:, s]) @ col_features[:, c0:c1]
-            torch.add(row_term.unsqueeze(2), col_term.unsqueeze(1), out=x[:, a:b].view(hidden, rows, cols))
-            dense[:, a:b] *= normaliser[:, s : s + 1]
+        for run in layout.runs:
+            n, rows, cols, segment = run.count, run.rows, run.cols, slice(run.s0, run.s1)
+            # the first layer's row/column terms over the features normalised per tensor: (H, n*rows), (H, n*cols)
+            scaled_rows = row_features[:, run.r0 : run.r1].view(nr, n, rows) * row_norm[:, segment].unsqueeze(2)
+            row_term = torch.addmm(bias.unsqueeze(1), row_weight, scaled_rows.view(nr, n * rows))
+            scaled_cols = col_features[:, run.c0 : run.c1].view(nr, n, cols) * col_norm[:, segment].unsqueeze(2)
+            col_term = col_weight @ scaled_cols.view(nr, n * cols)
+            if cols == 1:  # vectors: a 3-D broadcast (TensorIterator is several times slower with the 4-D one)
+                out = x[:, run.a : run.b].view(hidden, n, rows)
+                torch.add(row_term.view(hidden, n, rows), col_term.view(hidden, n, 1), out=out)
+            else:
+                torch.add(
+                    row_term.view(hidden, n, rows, 1),
+                    col_term.view(hidden, n, 1, cols),
+                    out=x[:, run.a : run.b].view(hidden, n, rows, cols),
+                )
+            dense[:, run.a : run.b].view(d, n, -1).mul_(normaliser[:, segment].unsqueeze(2))
         x.addmm_(first.weight[:, :d], dense).relu_()
         for layer in self.mlp[2:]:
             x = torch.addmm(layer.bias.unsqueeze(1), layer.weight, x) if isinstance(layer, nn.Linear) else x.relu_()
@@ -459,11 +483,12 @@ class AdafacMLP(UpdateRule):
             step_scale = step_scale * scale[self.adam_feature_index] * dense_ms[self.adam_feature_index].sqrt()
         if c.normalize_direction:
             direction_rms = grad.new_empty(len(shapes))
-            for s, ((a, b), _, _, _) in enumerate(layout.bounds):
-                torch.linalg.vector_norm(direction[a:b], out=direction_rms[s])
+            for run in layout.runs:
+                per_tensor = direction[run.a : run.b].view(run.count, -1)
+                torch.linalg.vector_norm(per_tensor, dim=1, out=direction_rms[run.s0 : run.s1])
             step_scale = step_scale * torch.rsqrt(direction_rms.square() / counts[0] + c.direction_rms_eps)
-        for s, ((a, b), _, _, _) in enumerate(layout.bounds):
-            direction[a:b] *= step_scale[s]
+        for run in layout.runs:
+            direction[run.a : run.b].view(run.count, -1).mul_(step_scale[run.s0 : run.s1].unsqueeze(1))
         new_state = {**{f"m{i}": m[i] for i in range(j)}, "v": v, "row": row, "col": col}
         return direction, new_state
 

@@ -70,13 +70,13 @@ def test_packed_step_equals_the_per_tensor_step(family, use_kernels, make_rule):
             torch.testing.assert_close(opt.state[p][k], ref.state[q][k], **(tol if k == "step" else {}))
 
 
-def _assert_whole_tensor_rounding(packed, opt, alone, ref, bound=2e-3):
+def _assert_whole_tensor_rounding(packed, opt, alone, ref, bound=2e-3, make_model=_model):
     """adafac_mlp's packed step (ATen, whatever the kernels) multiplies the features by their per-tensor
     normaliser where the per-tensor step folds it into the first layer (or the kernel fuses it), and sums by
     segment in float64: equal to float rounding, which the per-tensor normalisations of a random net amplify.
     The bound, ``bound`` of each tensor's RMS displacement (parameters) or RMS value (state) after 3 steps,
     is about what the per-tensor step's own two paths differ by here (kernel vs ATen: up to 1.4e-3)."""
-    for p, q, p0 in zip(packed.parameters(), alone.parameters(), _model().parameters(), strict=True):
+    for p, q, p0 in zip(packed.parameters(), alone.parameters(), make_model().parameters(), strict=True):
         moved = (q - p0).square().mean().sqrt()
         assert (p - q).abs().max() <= bound * moved
         for k, v in ref.state[q].items():
@@ -189,3 +189,41 @@ def test_segments_reduce_and_expand_by_segment():
         Segments((3, 0), 8)
     with pytest.raises(ValueError, match="must be >= 1 each and fit"):
         Segments((5, 5), 8)
+
+
+def _repeated_shapes_model() -> nn.Module:
+    """Three blocks of the same shapes, interleaved (a stack of identical layers, as in a transformer)."""
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Linear(6, 6), nn.LayerNorm(6), nn.Conv1d(6, 6, 1)) for _ in range(3)]
+    return nn.ModuleList(blocks)
+
+
+def _train_repeated(model: nn.Module, opt: torch.optim.Optimizer, steps: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        opt.zero_grad()
+        x = torch.randn(5, 6, generator=gen)
+        for linear, norm, conv in model:
+            x = conv(norm(torch.tanh(linear(x))).unsqueeze(2)).squeeze(2)
+        x.square().mean().backward()
+        opt.step()
+
+
+def test_packs_order_tensors_by_shape_and_runs_equal_the_per_tensor_step(make_rule):
+    """A pack lists same-shaped tensors consecutively (adafac_mlp then takes each run's per-tensor statistics
+    with one batched operation): the result still equals stepping each tensor alone, to float rounding."""
+    runs = []
+    for cls in (LearnedOptimizer, PerTensor):
+        model = _repeated_shapes_model()
+        opt = cls(model.parameters(), make_rule("adafac_mlp"), weight_decay=0.01)
+        with kernels.enabled_as(False):
+            _train_repeated(model, opt, 3)
+        runs.append((model, opt))
+    (packed, opt), (alone, ref) = runs
+    packs, singles = opt._plan_packs(list(packed.parameters()))
+    assert len(packs) == 1 and not singles
+    shapes = [tuple(p.shape) for p in packs[0]]
+    assert shapes == sorted(shapes, key=lambda s: (len(s), s))  # 12 vectors of 6, then 3 (6, 6), 3 (6, 6, 1)
+    layout = learned_optim.features.factored_pack_layout(tuple(shapes))
+    assert [(r.count, r.rows, r.cols) for r in layout.runs] == [(12, 6, 1), (6, 6, 6)]  # (6,6,1) views as (6,6)
+    _assert_whole_tensor_rounding(packed, opt, alone, ref, make_model=_repeated_shapes_model)
