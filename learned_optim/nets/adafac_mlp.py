@@ -521,7 +521,8 @@ class AdafacMLP(UpdateRule):
         # Adafactor's statistics first: the preconditioner of every block needs the new row and column means
         grad_rc = grad.view(rows, cols)
         row_mean = torch.linalg.vector_norm(grad_rc, dim=1).square_().div_(cols).add_(c.factored_eps)
-        col_mean = torch.linalg.vector_norm(grad_rc, dim=0).square_().div_(rows).add_(c.factored_eps)
+        # (ATen's vector_norm over dim 0 is 3-12x slower than a sum of the squares down the columns)
+        col_mean = torch.sum(grad_rc * grad_rc, dim=0).div_(rows).add_(c.factored_eps)
         decay = self.factored_decay.to(dtype)
         row, col = ema(state["row"], row_mean.unsqueeze(1), decay), ema(state["col"], col_mean.unsqueeze(1), decay)
         row_factor, col_factor = (f.t().contiguous() for f in factored_rsqrt_factors(row, col))  # (K, R), (K, C)
