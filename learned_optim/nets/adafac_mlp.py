@@ -395,9 +395,9 @@ class AdafacMLP(UpdateRule):
         is per tensor (Adafactor's row and column means, the rank-structured row/column terms, the feature
         and direction RMS) is one batched broadcast or reduction per run of consecutive tensors of one shape
         (:class:`~learned_optim.features.PackRun`; the optimizer orders a pack by shape), as the per-tensor
-        step computes it for each. The per-tensor feature normalisation multiplies the features instead of being folded
-        into the first layer's weights, so the result equals the per-tensor step to float rounding (bound
-        in ``tests/core/test_packed_step.py``). Padding rows get any value.
+        step computes it for each. The per-tensor feature normalisation multiplies the features instead of
+        being folded into the first layer's weights, so the result equals the per-tensor step to float
+        rounding (bound in ``tests/core/test_packed_step.py``). Padding rows get any value.
         """
         c = self.config
         j, dtype, hidden = len(c.momentum_decays), grad.dtype, c.hidden_size
