@@ -105,12 +105,15 @@ def predict_step(opt: LearnedOptimizer) -> dict[Tensor, tuple[Tensor, dict[str, 
 def assert_step_matches(opt: LearnedOptimizer, expected: dict[Tensor, tuple[Tensor, dict[str, Tensor]]]) -> None:
     """Parameters and state after ``opt.step()`` equal :func:`predict_step`'s prediction."""
     assert expected, "the step updated no parameter"
+    # The packed step and this per-tensor prediction round their GEMMs differently, and by how much depends on
+    # the CPU path ATen and MKL pick at run time (ATEN_CPU_CAPABILITY=default differs by 2-3 float32 ulps):
+    # tolerances of a few tens of ulps, still far below any error in the rule (lr * wd * theta ~ 1e-2).
     for p, (value, state) in expected.items():
-        torch.testing.assert_close(p.detach(), value, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(p.detach(), value, rtol=1e-5, atol=1e-6)
         assert set(opt.state[p]) == set(state)
         for k, v in state.items():
             assert opt.state[p][k].dtype == torch.float32, k
-            torch.testing.assert_close(opt.state[p][k], v, rtol=1e-6, atol=1e-7, msg=f"state {k!r}")
+            torch.testing.assert_close(opt.state[p][k], v, rtol=1e-5, atol=1e-6, msg=f"state {k!r}")
 
 
 def snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[list[Tensor], dict]:
@@ -365,8 +368,8 @@ def test_load_state_dict_onto_params_of_another_dtype(family, make_rule, dtype):
     for p, (value, _) in expected.items():
         assert p.dtype == dtype
         # the packed step (all tensors in one net call) may round a GEMM row differently from the per-tensor
-        # call on ATen (MKL picks its path by the row count): at most 1 float32 ulp of the new value
-        torch.testing.assert_close(p.detach(), value, rtol=1.2e-7, atol=0)
+        # call on ATen (MKL picks its path by the row count and the CPU): a few float32 ulps of the new value
+        torch.testing.assert_close(p.detach(), value, rtol=1e-6, atol=0)
         assert all(opt_state.dtype == torch.float32 for opt_state in other_opt.state[p].values())
 
 
