@@ -77,9 +77,9 @@ class LearnedOptimizer(Optimizer):
     step grows with the number of coordinates, not of tensors. With the native kernels the result is the
     per-tensor step's bits (each row is computed alone); on ATen it is too wherever BLAS rounds a GEMM row
     the same whatever the row count (MKL may not: seen as 1 float32 ulp in rare elements; tested with that
-    bound in ``tests/core/test_packed_step.py``). Whole-tensor rules (``adafac_mlp``) pack whole tensors below
-    their ``pack_max_coordinates`` with their per-tensor state, on ATen: equal to their per-tensor step to
-    float rounding (bound in the same test). Larger tensors, FSDP2 shards, ``compile=True`` and
+    bound in ``tests/core/test_packed_step.py``). Whole-tensor rules (``adafac_mlp``) pack whole tensors with
+    their per-tensor state: in one native call where its kernel runs, else by ATen ops, equal to their
+    per-tensor step to float rounding (bound in the same test). Larger tensors, FSDP2 shards, ``compile=True`` and
     ``chunk_size=None`` take the per-tensor path.
 
     Parameters sharded by FSDP2 (``fully_shard``: ``DTensor`` parameters) are updated shard by shard,

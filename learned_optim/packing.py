@@ -76,9 +76,9 @@ def plan_packs(
     chunk_rows: Callable[[torch.device], int | None],
 ) -> tuple[list[list[Tensor]], list[Tensor]]:
     """Split parameters into packs (lists of >= 2 tensors stepped together, at most ``chunk_rows(device)``
-    coordinates each, every member under :data:`PACK_MAX_BYTES` and the rule's ``pack_max_coordinates``) and the
-    tensors stepped alone. ``states``: each parameter's optimizer state. A pack lists its tensors ordered by shape
-    (stably), so that tensors of one shape are consecutive and a rule takes their per-tensor statistics at once."""
+    coordinates each, every member under :data:`PACK_MAX_BYTES`) and the tensors stepped alone. ``states``: each
+    parameter's optimizer state. A pack lists its tensors ordered by shape (stably), so that tensors of one shape
+    are consecutive and a rule takes their per-tensor statistics at once."""
     names = list(rule.state_shapes())
     singles: list[Tensor] = []
     buckets: dict[tuple[Any, ...], list[Tensor]] = {}
@@ -89,7 +89,6 @@ def plan_packs(
         limit = limits[p.device]
         n = p.numel()
         small = not is_dtensor(p) and limit is not None and 0 < n < limit
-        small = small and (rule.pack_max_coordinates is None or n < rule.pack_max_coordinates)
         if not (small and n * _bytes_per_coordinate(p, states[p], rule) < PACK_MAX_BYTES):
             singles.append(p)
             continue

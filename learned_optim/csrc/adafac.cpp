@@ -23,7 +23,9 @@
 // rows; float lanes flushed into double every FLUSH vectors) and the blocks' sums are added in order, so they
 // do not depend on the thread count; a coordinate's outputs do not depend on the coordinates around it.
 
+#include <cmath>
 #include <type_traits>
+#include <vector>
 
 #include "vec.h"
 
@@ -276,6 +278,136 @@ int lo_adafac_direction_f32(int64_t rows, int64_t cols, int j, const float* grad
         });
         return 0;
     });
+}
+
+// The whole inference step of a pack of S tensors stored one after the other (the optimizer's packed step,
+// AdafacMLP._packed_forward), tensor s being the (rows_s, cols_s) matrix view views[2s], views[2s + 1] at
+// coordinate a_s, row a^r_s and column a^c_s (the running sums of n_s, rows_s, cols_s). Per tensor, with the
+// K = J factored decays d_k:
+//
+//   r_k' = d_k r_k + (1 - d_k)(mean_c g^2 + eps_f),  c_k' = d_k c_k + (1 - d_k)(mean_r g^2 + eps_f)   (into row_out, col_out)
+//   a_k = rsqrt(r_k' / mean_r r_k'),  e_k = rsqrt(c_k')                  (the factors of pass 1 and 2 above)
+//   row features [r_k', rsqrt(r_k' + eps_r)] (2K, rows), column features likewise, each scaled by the
+//   rsqrt of its mean square over the tensor plus eps_u; pass 1 (new m, v; the dense features' sums of
+//   squares S_f), so that dense feature f enters as z_f u_f with z_f = q_f / sqrt(q_f^2 S_f / n + eps_u)
+//   (q: feature_scale, the bias corrections of the ratio rows); the first layer's bias b1 and its row and
+//   column features become row_term and col_term; pass 2 (the raw direction d and sum d^2); then
+//
+//   delta = -step_scales[s] * [q_a sqrt(S_a / n)] * [rsqrt(sum d^2 / n + eps_d)] * d
+//
+// the first bracket for an Adam magnitude (adam_index >= 0), the second with `normalize`. w1 is the first
+// layer's whole weight (H, 4 + 4J + 4J): dense, row, then column features. Writes delta into `direction`.
+int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const float* grad, const float* param,
+                            const float* const* m, const float* v, float* const* m_out, float* v_out,
+                            const float* row, const float* col, float* row_out, float* col_out, const float* beta,
+                            float beta_v, float v_correction, float moment_eps, const float* factored_decay,
+                            float factored_eps, float factored_rsqrt_eps, const float* feature_scale,
+                            float feature_rms_eps, int hidden, int layers, const float* w1, const float* b1,
+                            const float* w, const float* b, const float* w_out, float b_out, int adam_index,
+                            int normalize, float direction_rms_eps, const float* step_scales, float* direction,
+                            int threads) {
+    if (tensors < 1 || j < 1 || j > MAX_J || hidden < 1 || hidden > MAX_H || layers < 1) return 1;
+    for (int64_t s = 0; s < tensors; ++s)
+        if (views[2 * s] < 1 || views[2 * s + 1] < 1) return 1;  // before anything is written
+    const int K = j, F = 4 + 4 * j, NR = 2 * K, KIN = F + 2 * NR, H = hidden;
+    int64_t a = 0, r0 = 0, c0 = 0;
+    for (int64_t s = 0; s < tensors; ++s) {
+        const int64_t rows = views[2 * s], cols = views[2 * s + 1], n = rows * cols;
+        const float* g = grad + a;
+        // Adafactor's row and column means of g^2, then their EMAs
+        std::vector<double> row_sum(static_cast<size_t>(rows), 0.0), col_sum(static_cast<size_t>(cols), 0.0);
+        for (int64_t r = 0; r < rows; ++r)
+            for (int64_t c = 0; c < cols; ++c) {
+                const float g2 = g[r * cols + c] * g[r * cols + c];
+                row_sum[r] += g2;
+                col_sum[c] += g2;
+            }
+        const float *row_in = row + r0 * K, *col_in = col + c0 * K;
+        float *row_new = row_out + r0 * K, *col_new = col_out + c0 * K;
+        for (int k = 0; k < K; ++k) {
+            const float d = factored_decay[k], keep = 1.0f - d;
+            for (int64_t r = 0; r < rows; ++r)
+                row_new[r * K + k] = row_in[r * K + k] * d + (static_cast<float>(row_sum[r] / cols) + factored_eps) * keep;
+            for (int64_t c = 0; c < cols; ++c)
+                col_new[c * K + k] = col_in[c * K + k] * d + (static_cast<float>(col_sum[c] / rows) + factored_eps) * keep;
+        }
+        // the factors a (K, rows), e (K, cols); the row and column features' normalisers
+        std::vector<float> row_factor(static_cast<size_t>(K * rows)), col_factor(static_cast<size_t>(K * cols));
+        float row_norm[2 * MAX_J], col_norm[2 * MAX_J];
+        for (int k = 0; k < K; ++k) {
+            double mean = 0.0, ms_value = 0.0, ms_rsqrt = 0.0;
+            for (int64_t r = 0; r < rows; ++r) mean += row_new[r * K + k];
+            const float row_mean = static_cast<float>(mean / rows);
+            for (int64_t r = 0; r < rows; ++r) {
+                const float x = row_new[r * K + k], y = 1.0f / std::sqrt(x + factored_rsqrt_eps);
+                row_factor[k * rows + r] = 1.0f / std::sqrt(x / row_mean);
+                ms_value += static_cast<double>(x) * x;
+                ms_rsqrt += static_cast<double>(y) * y;
+            }
+            row_norm[k] = 1.0f / std::sqrt(static_cast<float>(ms_value / rows) + feature_rms_eps);
+            row_norm[K + k] = 1.0f / std::sqrt(static_cast<float>(ms_rsqrt / rows) + feature_rms_eps);
+            ms_value = ms_rsqrt = 0.0;
+            for (int64_t c = 0; c < cols; ++c) {
+                const float x = col_new[c * K + k], y = 1.0f / std::sqrt(x + factored_rsqrt_eps);
+                col_factor[k * cols + c] = 1.0f / std::sqrt(x);
+                ms_value += static_cast<double>(x) * x;
+                ms_rsqrt += static_cast<double>(y) * y;
+            }
+            col_norm[k] = 1.0f / std::sqrt(static_cast<float>(ms_value / cols) + feature_rms_eps);
+            col_norm[K + k] = 1.0f / std::sqrt(static_cast<float>(ms_rsqrt / cols) + feature_rms_eps);
+        }
+        const float* ms_[MAX_J];
+        float* ms_out[MAX_J];
+        for (int k = 0; k < j; ++k) ms_[k] = m[k] + a, ms_out[k] = m_out[k] + a;
+        const int tensor_threads = n >= 4096 ? threads : 1;
+        double sums[4 + 4 * MAX_J];
+        int status = lo_adafac_state_sumsq_f32(rows, cols, j, g, param + a, ms_, v + a, ms_out, v_out + a, beta, beta_v,
+                                               v_correction, moment_eps, row_factor.data(), col_factor.data(), sums,
+                                               tensor_threads);
+        if (status) return status;
+        // the first layer with the per-tensor normalisation folded in
+        float dense_ms[4 + 4 * MAX_J];
+        std::vector<float> w1_dense(static_cast<size_t>(H * F)), row_term(static_cast<size_t>(H * rows)),
+            col_term(static_cast<size_t>(H * cols));
+        for (int f = 0; f < F; ++f) dense_ms[f] = static_cast<float>(sums[f] / static_cast<double>(n));
+        for (int h = 0; h < H; ++h) {
+            const float* wh = w1 + h * KIN;
+            for (int f = 0; f < F; ++f) {
+                const float q = feature_scale[f];
+                w1_dense[h * F + f] = wh[f] * (q / std::sqrt(q * q * dense_ms[f] + feature_rms_eps));
+            }
+            for (int64_t r = 0; r < rows; ++r) {
+                float t = b1[h];
+                for (int k = 0; k < K; ++k) {
+                    const float x = row_new[r * K + k];
+                    t += wh[F + k] * row_norm[k] * x + wh[F + K + k] * row_norm[K + k] / std::sqrt(x + factored_rsqrt_eps);
+                }
+                row_term[h * rows + r] = t;
+            }
+            for (int64_t c = 0; c < cols; ++c) {
+                float t = 0.0f;
+                for (int k = 0; k < K; ++k) {
+                    const float x = col_new[c * K + k];
+                    t += wh[F + NR + k] * col_norm[k] * x +
+                         wh[F + NR + K + k] * col_norm[K + k] / std::sqrt(x + factored_rsqrt_eps);
+                }
+                col_term[h * cols + c] = t;
+            }
+        }
+        double sumsq = 0.0;
+        float* d = direction + a;
+        status = lo_adafac_direction_f32(rows, cols, j, g, param + a, ms_out, v_out + a, v_correction, moment_eps,
+                                         row_factor.data(), col_factor.data(), H, layers, w1_dense.data(),
+                                         row_term.data(), col_term.data(), w, b, w_out, b_out, d, &sumsq,
+                                         tensor_threads);
+        if (status) return status;
+        float scale = -step_scales[s];
+        if (adam_index >= 0) scale *= feature_scale[adam_index] * std::sqrt(dense_ms[adam_index]);
+        if (normalize) scale *= 1.0f / std::sqrt(static_cast<float>(sumsq / static_cast<double>(n)) + direction_rms_eps);
+        for (int64_t i = 0; i < n; ++i) d[i] *= scale;
+        a += n, r0 += rows, c0 += cols;
+    }
+    return 0;
 }
 
 }  // extern "C"

@@ -187,6 +187,32 @@ def build() -> tuple[ctypes.CDLL, Path, str]:
         c_int,
     ]
     lib.lo_adafac_direction_f32.restype = c_int
+    lib.lo_adafac_pack_step_f32.argtypes = [
+        i64,
+        ptr,
+        c_int,
+        *[ptr] * 10,
+        ptr,
+        f32,
+        f32,
+        f32,
+        ptr,
+        f32,
+        f32,
+        ptr,
+        f32,
+        c_int,
+        c_int,
+        *[ptr] * 5,
+        f32,
+        c_int,
+        c_int,
+        f32,
+        ptr,
+        ptr,
+        c_int,
+    ]
+    lib.lo_adafac_pack_step_f32.restype = c_int
     lib.lo_vector_lanes.argtypes = []
     lib.lo_vector_lanes.restype = c_int
     return lib, target, target_isa

@@ -373,3 +373,117 @@ def adafac_direction(
         _threads(grad.numel()),
     )
     return None if status else (direction, sumsq.value)
+
+
+def adafac_pack_step(
+    views: Sequence[tuple[int, int]],
+    grad: Tensor,
+    param: Tensor,
+    m: Sequence[Tensor],
+    v: Tensor,
+    m_out: Sequence[Tensor],
+    v_out: Tensor,
+    row: Tensor,
+    col: Tensor,
+    row_out: Tensor,
+    col_out: Tensor,
+    config: Mapping[str, float],
+    beta: Sequence[float],
+    factored_decay: Sequence[float],
+    feature_scale: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    layers: Sequence[tuple[Tensor, Tensor]],
+    adam_index: int | None,
+    normalize: bool,
+    step_scales: Tensor,
+) -> Tensor | None:
+    r"""``AdafacMLP``'s whole inference step for a pack of tensors in one call, or ``None``.
+
+    The tensors' coordinates lie one after the other in ``grad``, ``param``, ``v`` and the :math:`J` momenta
+    ``m`` (each tensor its ``views[s] = (rows, cols)`` matrix view, row-major; padding rows past the last
+    tensor are left alone), their factored statistics in ``row`` ``(sum of rows, K)`` and ``col`` ``(sum of
+    cols, K)``. Per tensor, the kernel updates Adafactor's row and column statistics into ``row_out``,
+    ``col_out``, takes their factors and the row/column features' per-tensor RMS, runs pass 1
+    (:func:`adafac_state_sumsq`: the new momenta and second moment into ``m_out``, ``v_out``, which may be
+    the inputs themselves), folds each dense feature's per-tensor normaliser
+    :math:`q_f / \sqrt{q_f^2 \overline{u_f^2} + \epsilon_u}` (``feature_scale`` :math:`q`) into the first layer
+    ``weight`` ``(H, 4 + 4J + 4K)`` (dense, row, column features) and its ``bias`` into the row term, runs pass
+    2 (:func:`adafac_direction`) and scales the direction by ``-step_scales[s]``, the Adam magnitude
+    :math:`q_a \sqrt{\overline{u_a^2}}` (``adam_index`` :math:`a`; ``None`` for a unit magnitude) and, with
+    ``normalize``, the rsqrt of its mean square: ``AdafacMLP._packed_forward``'s math, tensor by tensor in C++.
+    ``config``: ``beta_v``, ``v_correction``, ``moment_eps``, ``factored_eps``, ``factored_rsqrt_eps``,
+    ``feature_rms_eps``, ``direction_rms_eps``. Returns the step (a new vector shaped like ``grad``, zero on
+    the padding rows); ``None`` when the kernel does not apply (as :func:`adafac_direction`, or :math:`K \ne
+    J`): the caller then runs the ATen ops.
+    """
+    j, s = len(m), len(views)
+    hidden = weight.shape[0]
+    *inner, (w_out, b_out) = layers
+    total = sum(r * c for r, c in views)
+    rows, cols = sum(r for r, _ in views), sum(c for _, c in views)
+    if len(m_out) != j or len(beta) != j or row.shape != (rows, len(factored_decay)) or col.shape[0] != cols:
+        raise ValueError(f"adafac_pack_step: state of {j} momenta, row {tuple(row.shape)}, col {tuple(col.shape)}")
+    if grad.dim() != 1 or grad.numel() < total or weight.shape[1] != 4 + 4 * j + 4 * len(factored_decay):
+        raise ValueError(f"adafac_pack_step: {grad.numel()} coordinates for {total}, weight {tuple(weight.shape)}")
+    vectors = [grad, param, *m, v, *m_out, v_out]
+    supported = (
+        len(factored_decay) == j
+        and 1 <= j <= ADAFAC_MAX_MOMENTA
+        and hidden <= ADAFAC_MAX_HIDDEN
+        and s > 0
+        and all(t.shape == grad.shape for t in vectors)
+        and _flat_f32(*vectors, row, col, row_out, col_out)
+        and _cpu_f32(weight, bias, feature_scale, step_scales)
+    )
+    lib = library_for("adafac_mlp") if supported else None
+    if lib is None:
+        return None
+
+    def flat(tensors: list[Tensor]) -> Tensor:
+        return torch.cat([t.detach().reshape(-1) for t in tensors]).float() if tensors else grad.new_zeros(1)
+
+    weight, bias, feature_scale, step_scales = (
+        t.detach().float().contiguous() for t in (weight, bias, feature_scale, step_scales)
+    )
+    inner_w, inner_b, w_out = flat([w for w, _ in inner]), flat([b for _, b in inner]), flat([w_out])
+    direction = torch.zeros_like(grad)
+    status = lib.lo_adafac_pack_step_f32(
+        s,
+        (ctypes.c_int64 * (2 * s))(*(x for view in views for x in view)),
+        j,
+        grad.data_ptr(),
+        param.data_ptr(),
+        _pointers(m),
+        v.data_ptr(),
+        _pointers(m_out),
+        v_out.data_ptr(),
+        row.data_ptr(),
+        col.data_ptr(),
+        row_out.data_ptr(),
+        col_out.data_ptr(),
+        (ctypes.c_float * j)(*beta),
+        config["beta_v"],
+        config["v_correction"],
+        config["moment_eps"],
+        (ctypes.c_float * j)(*factored_decay),
+        config["factored_eps"],
+        config["factored_rsqrt_eps"],
+        feature_scale.data_ptr(),
+        config["feature_rms_eps"],
+        hidden,
+        len(layers),
+        weight.data_ptr(),
+        bias.data_ptr(),
+        inner_w.data_ptr(),
+        inner_b.data_ptr(),
+        w_out.data_ptr(),
+        float(b_out),
+        -1 if adam_index is None else adam_index,
+        int(normalize),
+        config["direction_rms_eps"],
+        step_scales.data_ptr(),
+        direction.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return None if status else direction

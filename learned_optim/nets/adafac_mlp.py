@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .. import kernels
 from ..features import (
+    FactoredPackLayout,
     bias_corrected,
     ema,
     factored_moments,
@@ -136,12 +137,12 @@ class AdafacMLP(UpdateRule):
 
     Paths of the step without autograd: the native CPU kernel (:mod:`learned_optim.kernels`, kernel
     ``adafac_mlp``: contiguous float32 CPU tensors, up to 8 momenta and ``hidden_size`` 32) wherever the
-    kernels' guard uses it, for tensors of any size: :meth:`_blocked_forward`'s two passes, each one sweep over
-    memory with no transient per coordinate; else the ATen blocked path above :meth:`block_coordinates`, the
-    one-shot path below it. The ATen paths define the math (the kernel is tested equal to them) and the
-    one-shot path is the only one with autograd (meta-training). The optimizer steps the tensors of a param
-    group below :attr:`pack_max_coordinates` together (:meth:`_packed_forward`: one set of ops for all of
-    them, so a model of many small tensors does not pay a tensor's fixed cost many times).
+    kernels' guard uses it, for one tensor or a pack of any size (:meth:`_native_forward`: the whole step in one
+    call, each tensor in two sweeps over memory with no transient per coordinate); else the ATen blocked path
+    above :meth:`block_coordinates`, the one-shot path below it. The ATen paths define the math (the kernel is
+    tested equal to them) and the one-shot path is the only one with autograd (meta-training). The optimizer
+    steps the small tensors of a param group together (:meth:`_packed_forward`, one call or one set of ops for
+    all of them, so a model of many small tensors does not pay a tensor's fixed cost many times).
     """
 
     family = "adafac_mlp"
@@ -151,10 +152,6 @@ class AdafacMLP(UpdateRule):
     factored_decay: Tensor
     whole_tensor = True
     packs_segments = True
-    #: Tensors from this size on step alone: their per-tensor path (the fused kernel, or the blocked ATen
-    #: passes) costs less per coordinate than the packed ATen ops, which win only where a tensor's fixed
-    #: cost dominates (a 42-tensor transformer's step 34 -> 20 ms with 8192, 29 ms packing every tensor).
-    pack_max_coordinates = 8192
     default_lr = 1e-3
     #: Coordinates per block of the inference path (:meth:`_blocked_forward`) on CPU; whole rows of the
     #: matrix view, so at least one row. Tensors up to this size take the one-shot path.
@@ -315,7 +312,7 @@ class AdafacMLP(UpdateRule):
         if segments is not None:
             if shapes is None or len(shapes) != len(segments):
                 raise ValueError("adafac_mlp: a packed call needs shapes=, one shape per segment")
-            return self._packed_forward(grad, param, state, step, segments, [tuple(s) for s in shapes])
+            return self._packed_forward(grad, param, state, step, segments, [tuple(s) for s in shapes], out_state)
         c = self.config
         shape = (grad.shape[0],) if shape is None else tuple(shape)
         rows, cols = matrix_view(shape)
@@ -325,6 +322,9 @@ class AdafacMLP(UpdateRule):
         if inplace_allowed(grad, param, *self.parameters()) and (
             n > self.block_coordinates(grad.device) or kernels.uses("adafac_mlp")
         ):
+            native = self._native_forward(grad, param, state, step, factored_pack_layout((shape,)), out_state)
+            if native is not None:
+                return native
             return self._blocked_forward(grad, param, state, step, shape, out_state)
         blocks, scale, row_features, col_features, new_state = self.features(grad, param, state, step, shape)
         dense = torch.cat(blocks)  # (16, n)
@@ -385,6 +385,7 @@ class AdafacMLP(UpdateRule):
         step: Tensor,
         segments: Segments,
         shapes: list[tuple[int, ...]],
+        out_state: Mapping[str, Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         r""":meth:`forward` of several tensors at once (the optimizer's packed step), without autograd.
 
@@ -397,7 +398,9 @@ class AdafacMLP(UpdateRule):
         (:class:`~learned_optim.features.PackRun`; the optimizer orders a pack by shape), as the per-tensor
         step computes it for each. The per-tensor feature normalisation multiplies the features instead of
         being folded into the first layer's weights, so the result equals the per-tensor step to float
-        rounding (bound in ``tests/core/test_packed_step.py``). Padding rows get any value.
+        rounding (bound in ``tests/core/test_packed_step.py``). Padding rows get any value. Where the native
+        kernel applies (:meth:`_native_forward`) the same math runs in one call, tensor by tensor, and the new
+        state goes into ``out_state`` (the packed state itself may be given); the ATen ops below otherwise.
         """
         c = self.config
         j, dtype, hidden = len(c.momentum_decays), grad.dtype, c.hidden_size
@@ -405,6 +408,9 @@ class AdafacMLP(UpdateRule):
         layout = factored_pack_layout(tuple(shapes))
         if tuple(b - a for (a, b), *_ in layout.bounds) != segments.sizes:
             raise ValueError(f"AdafacMLP: shapes {shapes} do not match the packed sizes {segments.sizes}")
+        native = self._native_forward(grad, param, state, step, layout, out_state)
+        if native is not None:
+            return native
         m = ema(torch.stack([state[f"m{i}"] for i in range(j)]), grad, beta)  # (J, R)
         sq = grad.square()
         v = ema(state["v"], sq, c.second_moment_decay)
@@ -491,6 +497,47 @@ class AdafacMLP(UpdateRule):
             direction[run.a : run.b].view(run.count, -1).mul_(step_scale[run.s0 : run.s1].unsqueeze(1))
         new_state = {**{f"m{i}": m[i] for i in range(j)}, "v": v, "row": row, "col": col}
         return direction, new_state
+
+    def _native_forward(
+        self,
+        grad: Tensor,
+        param: Tensor,
+        state: Mapping[str, Tensor],
+        step: Tensor,
+        layout: FactoredPackLayout,
+        out_state: Mapping[str, Tensor] | None,
+    ) -> tuple[Tensor, dict[str, Tensor]] | None:
+        """The inference step of the tensors of ``layout`` (one, or a pack) in one native call
+        (:func:`~learned_optim.kernels.adafac_pack_step`: :meth:`_packed_forward`'s math tensor by tensor, each
+        tensor in the two fused sweeps of :meth:`_blocked_forward`'s kernel), the new state written into
+        ``out_state`` (new tensors if ``None``); ``None`` where the kernel does not apply or is not used here,
+        or autograd records (meta-training)."""
+        c = self.config
+        if not (grad.device.type == "cpu" and inplace_allowed(grad, param, *self.parameters())):
+            return None
+        j = len(c.momentum_decays)
+        momenta, names = [f"m{i}" for i in range(j)], [*(f"m{i}" for i in range(j)), "v", "row", "col"]
+        new = {k: out_state[k] if out_state is not None else torch.empty_like(state[k]) for k in names}
+        linears = [layer for layer in self.mlp if isinstance(layer, nn.Linear)]
+        scalars = {
+            "beta_v": c.second_moment_decay,
+            "v_correction": float(1.0 / (1.0 - c.second_moment_decay**step)),
+            "moment_eps": c.moment_eps,
+            "factored_eps": c.factored_eps,
+            "factored_rsqrt_eps": c.factored_rsqrt_eps,
+            "feature_rms_eps": c.feature_rms_eps,
+            "direction_rms_eps": c.direction_rms_eps,
+        }
+        first, later = linears[0].weight[:, : self.num_coordinate_features], linears[1:]
+        delta = kernels.adafac_pack_step(
+            [view for *_, view in layout.bounds], grad, param, [state[k] for k in momenta], state["v"],
+            [new[k] for k in momenta], new["v"], state["row"], state["col"], new["row"], new["col"], scalars,
+            c.momentum_decays, c.factored_decays, self._feature_scale(self.momentum_decay.squeeze(1), step, grad),
+            first, self._first_bias(step), [(layer.weight, layer.bias) for layer in later],
+            self.adam_feature_index if c.step_magnitude == "adam" else None, c.normalize_direction,
+            layout.step_scales(self.step_scale, grad),
+        )  # fmt: skip
+        return None if delta is None else (delta, new)
 
     @torch.no_grad()
     def _blocked_forward(

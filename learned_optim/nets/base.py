@@ -155,9 +155,6 @@ class UpdateRule(nn.Module):
     provenance: Provenance
     #: ``forward`` takes ``segments=`` and steps packed tensors (see "Packed calls" in the module docstring).
     packs_segments: ClassVar[bool] = False
-    #: A tensor joins a pack only if it has fewer coordinates than this (``None``: the optimizer's byte limit
-    #: alone), for rules whose per-tensor path is much cheaper per coordinate than their packed one.
-    pack_max_coordinates: ClassVar[int | None] = None
     #: ``forward`` runs on whole tensors and takes ``shape=`` (see the module docstring).
     whole_tensor: ClassVar[bool] = False
     #: The optimizer's ``lr`` when none is given: 1.0 where ``lr`` multiplies the learned step; a real

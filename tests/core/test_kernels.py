@@ -281,6 +281,7 @@ def _adafac_step(rule, grad, param, state, step, shape, in_place):
         ((6, 4, 3, 3), {"hidden_size": 32, "num_hidden_layers": 3, "mup": False}),  # a conv weight (6, 36)
         ((3, 1), {"momentum_decays": (0.5,), "factored_decays": (0.9,), "adam_feature_decay": 0.5}),
         ((1, 7), {"normalize_direction": False}),
+        ((9, 4), {"step_magnitude": "unit"}),
     ],
     ids=str,
 )
@@ -301,6 +302,40 @@ def test_adafac_kernels_equal_the_aten_path(shape, config, in_place):
         assert (new[name].data_ptr() == given[name].data_ptr()) == in_place
         if not in_place:
             assert torch.equal(given[name], state[name])  # the given state is left as it was
+
+
+@needs_kernels
+def test_adafac_pack_step_equals_the_aten_packed_step():
+    """The native pack step (every tensor of a pack in one kernel call) equals the ATen packed forward (per-tensor
+    statistics by runs of one shape), tensor by tensor: three optimizer steps over vectors, matrices and conv
+    weights in one pack, with random net weights and biases and time features."""
+    shapes = [(6,), (6,), (40,), (4, 5), (4, 5), (3, 2, 2), (7, 1), (5, 3, 2)]
+    gen = torch.Generator().manual_seed(1)
+    values = [torch.randn(s, generator=gen) for s in shapes]
+    scales = [[10.0 ** torch.randint(-4, 0, s, generator=gen) for s in shapes] for _ in range(3)]
+    grads = [[torch.randn(x.shape, generator=gen) * x for x in step] for step in scales]
+    runs, calls = [], []
+    original = kernels.adafac_pack_step
+    for use_kernels in (True, False):
+        rule = _adafac_case((1,), time_scales=(10.0, 100.0))[0]
+        params = [nn.Parameter(v.clone()) for v in values]
+        opt = LearnedOptimizer(params, rule, lr=0.1, weight_decay=0.01)
+        with kernels.forced() if use_kernels else kernels.enabled_as(False), pytest.MonkeyPatch.context() as patch:
+            patch.setattr(kernels, "adafac_pack_step", lambda *a, **k: calls.append(original(*a, **k)) or calls[-1])
+            for step_grads in grads:
+                for p, g in zip(params, step_grads, strict=True):
+                    p.grad = g.clone()
+                opt.step()
+        packs, singles = opt._plan_packs(params)
+        assert len(packs) == 1 and not singles
+        runs.append((params, opt))
+    assert len(calls) == 6 and all(c is not None for c in calls[:3]) and all(c is None for c in calls[3:])
+    (native, native_opt), (aten, aten_opt) = runs
+    for p, q, v in zip(native, aten, values, strict=True):
+        moved, want = p.detach() - v, q.detach() - v
+        torch.testing.assert_close(moved, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+        for name, value in aten_opt.state[q].items():
+            torch.testing.assert_close(native_opt.state[p][name], value, rtol=1e-5, atol=1e-9)
 
 
 @needs_kernels
