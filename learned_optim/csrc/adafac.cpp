@@ -285,8 +285,8 @@ int lo_adafac_direction_f32(int64_t rows, int64_t cols, int j, const float* grad
 // coordinate a_s, row a^r_s and column a^c_s (the running sums of n_s, rows_s, cols_s). Per tensor, with the
 // K = J factored decays d_k:
 //
-//   r_k' = d_k r_k + (1 - d_k)(mean_c g^2 + eps_f),  c_k' = d_k c_k + (1 - d_k)(mean_r g^2 + eps_f)   (into row_out, col_out)
-//   a_k = rsqrt(r_k' / mean_r r_k'),  e_k = rsqrt(c_k')                  (the factors of pass 1 and 2 above)
+//   r_k' = d_k r_k + (1 - d_k)(mean_c g^2 + eps_f),  c_k' = d_k c_k + (1 - d_k)(mean_r g^2 + eps_f)
+//   (written into row_out, col_out);  a_k = rsqrt(r_k' / mean_r r_k'),  e_k = rsqrt(c_k')  (passes 1 and 2's factors);
 //   row features [r_k', rsqrt(r_k' + eps_r)] (2K, rows), column features likewise, each scaled by the
 //   rsqrt of its mean square over the tensor plus eps_u; pass 1 (new m, v; the dense features' sums of
 //   squares S_f), so that dense feature f enters as z_f u_f with z_f = q_f / sqrt(q_f^2 S_f / n + eps_u)
@@ -316,45 +316,55 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
         const float* g = grad + a;
         // Adafactor's row and column means of g^2, then their EMAs
         std::vector<double> row_sum(static_cast<size_t>(rows), 0.0), col_sum(static_cast<size_t>(cols), 0.0);
-        for (int64_t r = 0; r < rows; ++r)
+        for (int64_t r = 0; r < rows; ++r) {
+            const float* gr = g + r * cols;
+            double total = 0.0;
             for (int64_t c = 0; c < cols; ++c) {
-                const float g2 = g[r * cols + c] * g[r * cols + c];
-                row_sum[r] += g2;
+                const float g2 = gr[c] * gr[c];
+                total += g2;
                 col_sum[c] += g2;
             }
+            row_sum[r] = total;
+        }
         const float *row_in = row + r0 * K, *col_in = col + c0 * K;
         float *row_new = row_out + r0 * K, *col_new = col_out + c0 * K;
-        for (int k = 0; k < K; ++k) {
-            const float d = factored_decay[k], keep = 1.0f - d;
-            for (int64_t r = 0; r < rows; ++r)
-                row_new[r * K + k] = row_in[r * K + k] * d + (static_cast<float>(row_sum[r] / cols) + factored_eps) * keep;
-            for (int64_t c = 0; c < cols; ++c)
-                col_new[c * K + k] = col_in[c * K + k] * d + (static_cast<float>(col_sum[c] / rows) + factored_eps) * keep;
+        for (int64_t r = 0; r < rows; ++r) {
+            const float mean = static_cast<float>(row_sum[r] / cols) + factored_eps;
+            for (int k = 0; k < K; ++k)
+                row_new[r * K + k] = row_in[r * K + k] * factored_decay[k] + mean * (1.0f - factored_decay[k]);
         }
-        // the factors a (K, rows), e (K, cols); the row and column features' normalisers
+        for (int64_t c = 0; c < cols; ++c) {
+            const float mean = static_cast<float>(col_sum[c] / rows) + factored_eps;
+            for (int k = 0; k < K; ++k)
+                col_new[c * K + k] = col_in[c * K + k] * factored_decay[k] + mean * (1.0f - factored_decay[k]);
+        }
+        // the row features (2K, rows): r_k', rsqrt(r_k' + eps_r), and the column features (2K, cols); the
+        // factors a (K, rows), e (K, cols); each feature's normaliser, the rsqrt of its mean square plus eps_u
+        std::vector<float> row_features(static_cast<size_t>(NR * rows)), col_features(static_cast<size_t>(NR * cols));
         std::vector<float> row_factor(static_cast<size_t>(K * rows)), col_factor(static_cast<size_t>(K * cols));
         float row_norm[2 * MAX_J], col_norm[2 * MAX_J];
+        auto features_of = [&](const float* stats, int64_t count, float* out, float* norm) {
+            for (int k = 0; k < K; ++k) {
+                float *x = out + k * count, *y = out + (K + k) * count;
+                for (int64_t i = 0; i < count; ++i) x[i] = stats[i * K + k];
+                for (int64_t i = 0; i < count; ++i) y[i] = 1.0f / std::sqrt(x[i] + factored_rsqrt_eps);
+            }
+            for (int f = 0; f < NR; ++f) {
+                const float* x = out + f * count;
+                double ms = 0.0;
+                for (int64_t i = 0; i < count; ++i) ms += static_cast<double>(x[i]) * x[i];
+                norm[f] = 1.0f / std::sqrt(static_cast<float>(ms / count) + feature_rms_eps);
+            }
+        };
+        features_of(row_new, rows, row_features.data(), row_norm);
+        features_of(col_new, cols, col_features.data(), col_norm);
         for (int k = 0; k < K; ++k) {
-            double mean = 0.0, ms_value = 0.0, ms_rsqrt = 0.0;
-            for (int64_t r = 0; r < rows; ++r) mean += row_new[r * K + k];
-            const float row_mean = static_cast<float>(mean / rows);
-            for (int64_t r = 0; r < rows; ++r) {
-                const float x = row_new[r * K + k], y = 1.0f / std::sqrt(x + factored_rsqrt_eps);
-                row_factor[k * rows + r] = 1.0f / std::sqrt(x / row_mean);
-                ms_value += static_cast<double>(x) * x;
-                ms_rsqrt += static_cast<double>(y) * y;
-            }
-            row_norm[k] = 1.0f / std::sqrt(static_cast<float>(ms_value / rows) + feature_rms_eps);
-            row_norm[K + k] = 1.0f / std::sqrt(static_cast<float>(ms_rsqrt / rows) + feature_rms_eps);
-            ms_value = ms_rsqrt = 0.0;
-            for (int64_t c = 0; c < cols; ++c) {
-                const float x = col_new[c * K + k], y = 1.0f / std::sqrt(x + factored_rsqrt_eps);
-                col_factor[k * cols + c] = 1.0f / std::sqrt(x);
-                ms_value += static_cast<double>(x) * x;
-                ms_rsqrt += static_cast<double>(y) * y;
-            }
-            col_norm[k] = 1.0f / std::sqrt(static_cast<float>(ms_value / cols) + feature_rms_eps);
-            col_norm[K + k] = 1.0f / std::sqrt(static_cast<float>(ms_rsqrt / cols) + feature_rms_eps);
+            const float* x = row_features.data() + k * rows;
+            double total = 0.0;
+            for (int64_t r = 0; r < rows; ++r) total += x[r];
+            const float mean = static_cast<float>(total / rows);
+            for (int64_t r = 0; r < rows; ++r) row_factor[k * rows + r] = 1.0f / std::sqrt(x[r] / mean);
+            for (int64_t c = 0; c < cols; ++c) col_factor[k * cols + c] = 1.0f / std::sqrt(col_features[k * cols + c]);
         }
         const float* ms_[MAX_J];
         float* ms_out[MAX_J];
@@ -376,22 +386,15 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
                 const float q = feature_scale[f];
                 w1_dense[h * F + f] = wh[f] * (q / std::sqrt(q * q * dense_ms[f] + feature_rms_eps));
             }
-            for (int64_t r = 0; r < rows; ++r) {
-                float t = b1[h];
-                for (int k = 0; k < K; ++k) {
-                    const float x = row_new[r * K + k];
-                    t += wh[F + k] * row_norm[k] * x + wh[F + K + k] * row_norm[K + k] / std::sqrt(x + factored_rsqrt_eps);
-                }
-                row_term[h * rows + r] = t;
-            }
-            for (int64_t c = 0; c < cols; ++c) {
-                float t = 0.0f;
-                for (int k = 0; k < K; ++k) {
-                    const float x = col_new[c * K + k];
-                    t += wh[F + NR + k] * col_norm[k] * x +
-                         wh[F + NR + K + k] * col_norm[K + k] / std::sqrt(x + factored_rsqrt_eps);
-                }
-                col_term[h * cols + c] = t;
+            float* rt = row_term.data() + h * rows;
+            float* ct = col_term.data() + h * cols;
+            for (int64_t r = 0; r < rows; ++r) rt[r] = b1[h];
+            for (int64_t c = 0; c < cols; ++c) ct[c] = 0.0f;
+            for (int f = 0; f < NR; ++f) {
+                const float wr = wh[F + f] * row_norm[f], wc = wh[F + NR + f] * col_norm[f];
+                const float *x = row_features.data() + f * rows, *y = col_features.data() + f * cols;
+                for (int64_t r = 0; r < rows; ++r) rt[r] += wr * x[r];
+                for (int64_t c = 0; c < cols; ++c) ct[c] += wc * y[c];
             }
         }
         double sumsq = 0.0;
@@ -403,7 +406,8 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
         if (status) return status;
         float scale = -step_scales[s];
         if (adam_index >= 0) scale *= feature_scale[adam_index] * std::sqrt(dense_ms[adam_index]);
-        if (normalize) scale *= 1.0f / std::sqrt(static_cast<float>(sumsq / static_cast<double>(n)) + direction_rms_eps);
+        if (normalize)
+            scale *= 1.0f / std::sqrt(static_cast<float>(sumsq / static_cast<double>(n)) + direction_rms_eps);
         for (int64_t i = 0; i < n; ++i) d[i] *= scale;
         a += n, r0 += rows, c0 += cols;
     }
