@@ -556,10 +556,8 @@ class AdafacMLP(UpdateRule):
         floats per coordinate (whose allocation, page by page, cost more than the arithmetic): the first
         pass updates the state and sums each feature's squares; the second recomputes the features and
         runs the MLP with the normalisation folded into its first layer. Equal to the one-shot path up
-        to float rounding. ``out_state`` (the state storage itself) receives the new state in place. Each
-        pass runs the native kernel (:func:`~learned_optim.kernels.adafac_state_sumsq`,
-        :func:`~learned_optim.kernels.adafac_direction`) where it applies and is used: one sweep over the
-        tensor, no blocks; the ATen blocks otherwise.
+        to float rounding. ``out_state`` (the state storage itself) receives the new state in place. The
+        native kernel runs the same two passes, each one sweep over the tensor (:meth:`_native_forward`).
         """
         c = self.config
         rows, cols = matrix_view(shape)
@@ -632,22 +630,12 @@ class AdafacMLP(UpdateRule):
                     x = y if last else y.relu_()
             return direction, torch.dot(direction, direction)
 
-        # each pass: the native kernel (csrc/adafac.cpp) where it applies and is used, else ATen
-        momenta, new_momenta = [state[f"m{i}"] for i in range(j)], [new[f"m{i}"] for i in range(j)]
-        fused_sums = kernels.adafac_state_sumsq(
-            grad, param, momenta, state["v"], new_momenta, new["v"], c.momentum_decays, c.second_moment_decay,
-            v_correction, c.moment_eps, row_factor, col_factor,
-        )  # fmt: skip
-        sums = state_and_sums() if fused_sums is None else fused_sums.to(dtype)
+        sums = state_and_sums()
         scale, row_features, col_features = self._per_tensor_features(row, col, beta, step)
         weight, row_term, col_term = self._first_layer(sums / n, scale, row_features, col_features, step)
         hidden = self.config.hidden_size
         linears = [m for m in self.mlp[1:] if isinstance(m, nn.Linear)]
-        fused = kernels.adafac_direction(
-            grad, param, new_momenta, new["v"], v_correction, c.moment_eps, row_factor, col_factor,
-            weight, row_term, col_term, [(layer.weight, layer.bias) for layer in linears],
-        )  # fmt: skip
-        direction, sum_squares = direction_and_sum_squares() if fused is None else fused
+        direction, sum_squares = direction_and_sum_squares()
         step_scale = -self.step_scale(shape) * self._magnitude(sums / n, scale)
         if c.normalize_direction:
             mean_square = torch.as_tensor(sum_squares / n, dtype=dtype)

@@ -362,9 +362,9 @@ def test_adafac_kernel_declines_what_it_does_not_handle():
     shape = (20, 30)
     rule, grad, param, state, step = _adafac_case(shape, hidden_size=kernels.ADAFAC_MAX_HIDDEN + 1)
     calls = []
-    original = kernels.adafac_direction
-    with pytest.MonkeyPatch.context() as patch:  # the wrapper declines: the ATen pass runs, with the same result
-        patch.setattr(kernels, "adafac_direction", lambda *a, **k: calls.append(original(*a, **k)))
+    original = kernels.adafac_pack_step
+    with pytest.MonkeyPatch.context() as patch:  # the wrapper declines: the ATen passes run, with the same result
+        patch.setattr(kernels, "adafac_pack_step", lambda *a, **k: calls.append(original(*a, **k)))
         delta, new, _ = _adafac_step(rule, grad, param, state, step, shape, False)
     assert calls == [None] or not kernels.available()
     with kernels.enabled_as(False):
