@@ -314,8 +314,12 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
     for (int64_t s = 0; s < tensors; ++s) {
         const int64_t rows = views[2 * s], cols = views[2 * s + 1], n = rows * cols;
         const float* g = grad + a;
-        // Adafactor's row and column means of g^2, then their EMAs
-        std::vector<double> row_sum(static_cast<size_t>(rows), 0.0), col_sum(static_cast<size_t>(cols), 0.0);
+        // Adafactor's row and column means of g^2 and their EMAs (row_out, col_out); with the rows, each K's mean
+        // of the new row statistics and the row features' sums of squares
+        std::vector<double> col_sum(static_cast<size_t>(cols), 0.0);
+        const float *row_in = row + r0 * K, *col_in = col + c0 * K;
+        float *row_new = row_out + r0 * K, *col_new = col_out + c0 * K;
+        double row_total[MAX_J] = {}, row_squares[2 * MAX_J] = {};
         for (int64_t r = 0; r < rows; ++r) {
             const float* gr = g + r * cols;
             double total = 0.0;
@@ -324,61 +328,56 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
                 total += g2;
                 col_sum[c] += g2;
             }
-            row_sum[r] = total;
-        }
-        const float *row_in = row + r0 * K, *col_in = col + c0 * K;
-        float *row_new = row_out + r0 * K, *col_new = col_out + c0 * K;
-        for (int64_t r = 0; r < rows; ++r) {
-            const float mean = static_cast<float>(row_sum[r] / cols) + factored_eps;
-            for (int k = 0; k < K; ++k)
-                row_new[r * K + k] = row_in[r * K + k] * factored_decay[k] + mean * (1.0f - factored_decay[k]);
+            const float mean = static_cast<float>(total / cols) + factored_eps;
+            for (int k = 0; k < K; ++k) {
+                const float x = row_in[r * K + k] * factored_decay[k] + mean * (1.0f - factored_decay[k]);
+                const float y = 1.0f / std::sqrt(x + factored_rsqrt_eps);
+                row_new[r * K + k] = x;
+                row_total[k] += x;
+                row_squares[k] += static_cast<double>(x) * x;
+                row_squares[K + k] += static_cast<double>(y) * y;
+            }
         }
         for (int64_t c = 0; c < cols; ++c) {
             const float mean = static_cast<float>(col_sum[c] / rows) + factored_eps;
             for (int k = 0; k < K; ++k)
                 col_new[c * K + k] = col_in[c * K + k] * factored_decay[k] + mean * (1.0f - factored_decay[k]);
         }
-        // the row features (2K, rows): r_k', rsqrt(r_k' + eps_r), and the column features (2K, cols); the
-        // factors a (K, rows), e (K, cols); each feature's normaliser, the rsqrt of its mean square plus eps_u
-        std::vector<float> row_features(static_cast<size_t>(NR * rows)), col_features(static_cast<size_t>(NR * cols));
+        // the factors a (K, rows), e (K, cols); the column features (2K, cols): c_k', rsqrt(c_k' + eps_r); each
+        // row or column feature's normaliser, the rsqrt of its mean square over the tensor plus eps_u
         std::vector<float> row_factor(static_cast<size_t>(K * rows)), col_factor(static_cast<size_t>(K * cols));
+        std::vector<float> col_features(static_cast<size_t>(NR * cols));
         float row_norm[2 * MAX_J], col_norm[2 * MAX_J];
-        auto features_of = [&](const float* stats, int64_t count, float* out, float* norm) {
-            for (int k = 0; k < K; ++k) {
-                float *x = out + k * count, *y = out + (K + k) * count;
-                for (int64_t i = 0; i < count; ++i) x[i] = stats[i * K + k];
-                for (int64_t i = 0; i < count; ++i) y[i] = 1.0f / std::sqrt(x[i] + factored_rsqrt_eps);
-            }
-            for (int f = 0; f < NR; ++f) {
-                const float* x = out + f * count;
-                double ms = 0.0;
-                for (int64_t i = 0; i < count; ++i) ms += static_cast<double>(x[i]) * x[i];
-                norm[f] = 1.0f / std::sqrt(static_cast<float>(ms / count) + feature_rms_eps);
-            }
-        };
-        features_of(row_new, rows, row_features.data(), row_norm);
-        features_of(col_new, cols, col_features.data(), col_norm);
+        for (int f = 0; f < NR; ++f)
+            row_norm[f] = 1.0f / std::sqrt(static_cast<float>(row_squares[f] / rows) + feature_rms_eps);
         for (int k = 0; k < K; ++k) {
-            const float* x = row_features.data() + k * rows;
-            double total = 0.0;
-            for (int64_t r = 0; r < rows; ++r) total += x[r];
-            const float mean = static_cast<float>(total / rows);
-            for (int64_t r = 0; r < rows; ++r) row_factor[k * rows + r] = 1.0f / std::sqrt(x[r] / mean);
-            for (int64_t c = 0; c < cols; ++c) col_factor[k * cols + c] = 1.0f / std::sqrt(col_features[k * cols + c]);
+            const float mean = static_cast<float>(row_total[k] / rows);
+            for (int64_t r = 0; r < rows; ++r) row_factor[k * rows + r] = 1.0f / std::sqrt(row_new[r * K + k] / mean);
+            float *x = col_features.data() + k * cols, *y = col_features.data() + (K + k) * cols;
+            for (int64_t c = 0; c < cols; ++c) {
+                x[c] = col_new[c * K + k];
+                y[c] = 1.0f / std::sqrt(x[c] + factored_rsqrt_eps);
+                col_factor[k * cols + c] = 1.0f / std::sqrt(x[c]);
+            }
+        }
+        for (int f = 0; f < NR; ++f) {
+            const float* x = col_features.data() + f * cols;
+            double squares = 0.0;
+            for (int64_t c = 0; c < cols; ++c) squares += static_cast<double>(x[c]) * x[c];
+            col_norm[f] = 1.0f / std::sqrt(static_cast<float>(squares / cols) + feature_rms_eps);
         }
         const float* ms_[MAX_J];
         float* ms_out[MAX_J];
         for (int k = 0; k < j; ++k) ms_[k] = m[k] + a, ms_out[k] = m_out[k] + a;
-        const int tensor_threads = n >= 4096 ? threads : 1;
         double sums[4 + 4 * MAX_J];
         int status = lo_adafac_state_sumsq_f32(rows, cols, j, g, param + a, ms_, v + a, ms_out, v_out + a, beta, beta_v,
                                                v_correction, moment_eps, row_factor.data(), col_factor.data(), sums,
-                                               tensor_threads);
+                                               n >= 4096 ? threads : 1);
         if (status) return status;
-        // the first layer with the per-tensor normalisation folded in
-        float dense_ms[4 + 4 * MAX_J];
-        std::vector<float> w1_dense(static_cast<size_t>(H * F)), row_term(static_cast<size_t>(H * rows)),
-            col_term(static_cast<size_t>(H * cols));
+        // the first layer with the per-tensor normalisation folded in: the dense features' weights (H, F), the
+        // row features' weights (H, 2K) and the column term (H, cols)
+        float dense_ms[4 + 4 * MAX_J], w_rows[MAX_H][2 * MAX_J];
+        std::vector<float> w1_dense(static_cast<size_t>(H * F)), col_term(static_cast<size_t>(H * cols), 0.0f);
         for (int f = 0; f < F; ++f) dense_ms[f] = static_cast<float>(sums[f] / static_cast<double>(n));
         for (int h = 0; h < H; ++h) {
             const float* wh = w1 + h * KIN;
@@ -386,24 +385,48 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
                 const float q = feature_scale[f];
                 w1_dense[h * F + f] = wh[f] * (q / std::sqrt(q * q * dense_ms[f] + feature_rms_eps));
             }
-            float* rt = row_term.data() + h * rows;
             float* ct = col_term.data() + h * cols;
-            for (int64_t r = 0; r < rows; ++r) rt[r] = b1[h];
-            for (int64_t c = 0; c < cols; ++c) ct[c] = 0.0f;
             for (int f = 0; f < NR; ++f) {
-                const float wr = wh[F + f] * row_norm[f], wc = wh[F + NR + f] * col_norm[f];
-                const float *x = row_features.data() + f * rows, *y = col_features.data() + f * cols;
-                for (int64_t r = 0; r < rows; ++r) rt[r] += wr * x[r];
+                w_rows[h][f] = wh[F + f] * row_norm[f];
+                const float wc = wh[F + NR + f] * col_norm[f], *y = col_features.data() + f * cols;
                 for (int64_t c = 0; c < cols; ++c) ct[c] += wc * y[c];
             }
         }
+        // pass 2 over blocks of whole rows (a long vector's row terms would be H floats per coordinate)
+        const int64_t block_rows = std::max<int64_t>(1, BLOCK * 16 / cols);
+        std::vector<float> block_factor(static_cast<size_t>(K * std::min(rows, block_rows)));
+        std::vector<float> row_term(static_cast<size_t>(H * std::min(rows, block_rows)));
+        std::vector<float> block_features(static_cast<size_t>(NR * std::min(rows, block_rows)));
         double sumsq = 0.0;
         float* d = direction + a;
-        status = lo_adafac_direction_f32(rows, cols, j, g, param + a, ms_out, v_out + a, v_correction, moment_eps,
-                                         row_factor.data(), col_factor.data(), H, layers, w1_dense.data(),
-                                         row_term.data(), col_term.data(), w, b, w_out, b_out, d, &sumsq,
-                                         tensor_threads);
-        if (status) return status;
+        for (int64_t rb = 0; rb < rows; rb += block_rows) {
+            const int64_t br = std::min(block_rows, rows - rb), offset = rb * cols;
+            for (int k = 0; k < K; ++k)
+                std::copy(row_factor.data() + k * rows + rb, row_factor.data() + k * rows + rb + br,
+                          block_factor.data() + k * br);
+            for (int k = 0; k < K; ++k) {
+                float *x = block_features.data() + k * br, *y = block_features.data() + (K + k) * br;
+                for (int64_t r = 0; r < br; ++r) x[r] = row_new[(rb + r) * K + k];
+                for (int64_t r = 0; r < br; ++r) y[r] = 1.0f / std::sqrt(x[r] + factored_rsqrt_eps);
+            }
+            for (int h = 0; h < H; ++h) {
+                float* t = row_term.data() + h * br;
+                std::fill(t, t + br, b1[h]);
+                for (int f = 0; f < NR; ++f) {
+                    const float w_f = w_rows[h][f], *x = block_features.data() + f * br;
+                    for (int64_t r = 0; r < br; ++r) t[r] += w_f * x[r];
+                }
+            }
+            const float* block_m[MAX_J];
+            for (int k = 0; k < j; ++k) block_m[k] = ms_out[k] + offset;
+            double block_sumsq = 0.0;
+            status = lo_adafac_direction_f32(br, cols, j, g + offset, param + a + offset, block_m, v_out + a + offset,
+                                             v_correction, moment_eps, block_factor.data(), col_factor.data(), H,
+                                             layers, w1_dense.data(), row_term.data(), col_term.data(), w, b, w_out,
+                                             b_out, d + offset, &block_sumsq, br * cols >= 4096 ? threads : 1);
+            if (status) return status;
+            sumsq += block_sumsq;
+        }
         float scale = -step_scales[s];
         if (adam_index >= 0) scale *= feature_scale[adam_index] * std::sqrt(dense_ms[adam_index]);
         if (normalize)
