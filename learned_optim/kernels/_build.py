@@ -188,30 +188,9 @@ def build() -> tuple[ctypes.CDLL, Path, str]:
     ]
     lib.lo_adafac_direction_f32.restype = c_int
     lib.lo_adafac_pack_step_f32.argtypes = [
-        i64,
-        ptr,
-        c_int,
-        *[ptr] * 10,
-        ptr,
-        f32,
-        f32,
-        f32,
-        ptr,
-        f32,
-        f32,
-        ptr,
-        f32,
-        c_int,
-        c_int,
-        *[ptr] * 5,
-        f32,
-        c_int,
-        c_int,
-        f32,
-        ptr,
-        ptr,
-        c_int,
-    ]
+        i64, ptr, c_int, *[ptr] * 11, f32, f32, f32, ptr, f32, f32, ptr, f32,  # views, tensors, state, scalars
+        c_int, c_int, *[ptr] * 5, f32, c_int, c_int, f32, ptr, ptr, c_int,  # net, magnitude, scales, out, threads
+    ]  # fmt: skip
     lib.lo_adafac_pack_step_f32.restype = c_int
     lib.lo_vector_lanes.argtypes = []
     lib.lo_vector_lanes.restype = c_int

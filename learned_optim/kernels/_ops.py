@@ -227,6 +227,16 @@ def _adafac_view(
     return rows, cols
 
 
+def _mlp_layers(inner: Sequence[tuple[Tensor, Tensor]], w_out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The adafac kernel's later MLP layers as flat float32 buffers: hidden weights ``(L - 1, H, H)``, their biases
+    ``(L - 1, H)`` (one unused float when there are none) and the output weights ``(H,)``."""
+
+    def flat(tensors: list[Tensor]) -> Tensor:
+        return torch.cat([t.detach().reshape(-1) for t in tensors]).float() if tensors else w_out.new_zeros(1).float()
+
+    return flat([w for w, _ in inner]), flat([b for _, b in inner]), flat([w_out])
+
+
 def adafac_state_sumsq(
     grad: Tensor,
     param: Tensor,
@@ -341,11 +351,8 @@ def adafac_direction(
         return None
     rows, cols = view
 
-    def flat(tensors: list[Tensor]) -> Tensor:
-        return torch.cat([t.detach().reshape(-1) for t in tensors]).float() if tensors else grad.new_zeros(1)
-
     weight, row_term, col_term = (t.detach().float().contiguous() for t in (weight, row_term, col_term))
-    inner_w, inner_b, w_out = flat([w for w, _ in inner]), flat([b for _, b in inner]), flat([w_out])
+    inner_w, inner_b, w_out = _mlp_layers(inner, w_out)
     sumsq = ctypes.c_double()
     status = lib.lo_adafac_direction_f32(
         rows,
@@ -440,13 +447,10 @@ def adafac_pack_step(
     if lib is None:
         return None
 
-    def flat(tensors: list[Tensor]) -> Tensor:
-        return torch.cat([t.detach().reshape(-1) for t in tensors]).float() if tensors else grad.new_zeros(1)
-
     weight, bias, feature_scale, step_scales = (
         t.detach().float().contiguous() for t in (weight, bias, feature_scale, step_scales)
     )
-    inner_w, inner_b, w_out = flat([w for w, _ in inner]), flat([b for _, b in inner]), flat([w_out])
+    inner_w, inner_b, w_out = _mlp_layers(inner, w_out)
     direction = torch.zeros_like(grad)
     status = lib.lo_adafac_pack_step_f32(
         s,
