@@ -286,13 +286,17 @@ class LearnedOptimizer(Optimizer):
     def _find_nonfinite(self, items: list[tuple[dict[str, Any], Tensor]]) -> tuple[dict[str, Any], Tensor] | None:
         if not items:
             return None
-        # max |g| per tensor (one foreach kernel): NaN and inf propagate; empty tensors are finite
+        # the 2-norm per tensor (one foreach kernel; NaN and inf propagate, empty tensors are finite), then the exact
+        # max |g| of a tensor whose 2-norm is not finite, as huge finite values overflow the sum of squares (the
+        # inf-norm itself is ~40x slower on CPU: 2.9 ms against 0.07 ms at 1M coordinates)
         grads = [_local(cast(Tensor, p.grad)) for _, p in items]  # params with grads only
         present = [i for i, g in enumerate(grads) if g.numel() > 0]
         finite = torch.ones(len(grads), dtype=torch.bool)
         if present:
-            maxima = torch._foreach_norm([grads[i] for i in present], float("inf"))
-            finite[present] = torch.isfinite(torch.stack([m.to(maxima[0].device) for m in maxima])).cpu()
+            norms = torch._foreach_norm([grads[i] for i in present], 2.0)
+            finite[present] = torch.isfinite(torch.stack([m.to(norms[0].device) for m in norms])).cpu()
+            for i in (~finite).nonzero().flatten().tolist():
+                finite[i] = bool(torch.isfinite(torch.linalg.vector_norm(grads[i], float("inf"))))
         if any(is_dtensor(p) for _, p in items):  # a shard's NaN stops the step on every rank
             import torch.distributed as dist
 

@@ -451,7 +451,8 @@ def adafac_pack_step(
         t.detach().float().contiguous() for t in (weight, bias, feature_scale, step_scales)
     )
     inner_w, inner_b, w_out = _mlp_layers(inner, w_out)
-    direction = torch.zeros_like(grad)
+    direction = torch.empty_like(grad)
+    direction[total:] = 0.0  # the padding rows
     status = lib.lo_adafac_pack_step_f32(
         s,
         (ctypes.c_int64 * (2 * s))(*(x for view in views for x in view)),

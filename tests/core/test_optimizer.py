@@ -635,6 +635,20 @@ def test_nonfinite_gradient_skip_policy(family, make_rule):
     assert_step_matches(opt, expected)
 
 
+def test_huge_finite_gradients_are_not_taken_for_nonfinite_ones():
+    """The non-finite check sums squares (fast) and rechecks a tensor whose sum overflows with its exact max |g|:
+    gradients of 1e30 (finite; their squares overflow float32) step, an inf among them still raises."""
+    p = nn.Parameter(torch.zeros(6))
+    opt = LearnedOptimizer([p], learned_optim.MLPUpdate(), lr=1.0)
+    p.grad = torch.full((6,), 1e30)
+    assert torch.isinf(torch.linalg.vector_norm(p.grad))  # the sum of squares does overflow
+    opt.step()
+    assert opt.state[p]["step"] == 1.0
+    p.grad[2] = float("inf")
+    with pytest.raises(NonFiniteGradientError):
+        opt.step()
+
+
 # ------------------------------------------------------------------------------------------ mixed precision
 
 
