@@ -513,7 +513,8 @@ class AdafacMLP(UpdateRule):
         ``out_state`` (new tensors if ``None``); ``None`` where the kernel does not apply or is not used here,
         or autograd records (meta-training)."""
         c = self.config
-        if not (grad.device.type == "cpu" and inplace_allowed(grad, param, *self.parameters())):
+        native = grad.device.type == "cpu" and kernels.uses("adafac_mlp")
+        if not (native and inplace_allowed(grad, param, *self.parameters())):
             return None
         j = len(c.momentum_decays)
         momenta, names = [f"m{i}" for i in range(j)], [*(f"m{i}" for i in range(j)), "v", "row", "col"]
