@@ -509,7 +509,7 @@ class AdafacMLP(UpdateRule):
     ) -> tuple[Tensor, dict[str, Tensor]] | None:
         """The inference step of the tensors of ``layout`` (one, or a pack) in one native call
         (:func:`~learned_optim.kernels.adafac_pack_step`: :meth:`_packed_forward`'s math tensor by tensor, each
-        tensor in the two fused sweeps of :meth:`_blocked_forward`'s kernel), the new state written into
+        tensor's two passes of :meth:`_blocked_forward` fused into one sweep each), the new state written into
         ``out_state`` (new tensors if ``None``); ``None`` where the kernel does not apply or is not used here,
         or autograd records (meta-training)."""
         c = self.config
