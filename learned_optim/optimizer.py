@@ -446,11 +446,16 @@ class LearnedOptimizer(Optimizer):
         current = {k: (state[k].view(n, *per_coord[k]) if k in per_coord else state[k]).to(dtype) for k in names}
         # the state storage itself (not a cast copy): the rule may write the new state into it
         in_place = not self.compile and all(current[k].data_ptr() == state[k].data_ptr() for k in names)
-        extra = {"out_state": current} if in_place else {}
+        extra: dict[str, Any] = {"out_state": current} if in_place else {}
+        update_in_place = flat.dtype == dtype and not torch.is_grad_enabled()
+        if in_place and update_in_place and rule.applies_update:
+            extra["update"] = (lr, weight_decay)  # the rule may apply it to flat itself
         delta, new_state = self._net()(grad.to(dtype), flat.to(dtype), current, step, stats, shape=shape, **extra)
         if isinstance(lr, Tensor):
             lr = lr.to(device=flat.device, dtype=dtype)
-        if flat.dtype == dtype and not torch.is_grad_enabled():
+        if delta is None:
+            pass  # applied by the rule
+        elif update_in_place:
             decoupled_update_(flat, delta, lr, weight_decay)
         else:
             flat.copy_(decoupled_update(flat.to(dtype), delta, lr, weight_decay))

@@ -151,11 +151,16 @@ def packed_step(
         extra["shapes"] = [tuple(p.shape) for p in params]
         tensor_keys = list(rule.tensor_state_shapes(extra["shapes"][0]))
         state.update({k: torch.cat([s[k] for s in states]).to(dtype) for k in tensor_keys})
+    if rule.applies_update and net is rule and not torch.is_grad_enabled():
+        extra["update"] = (lr, weight_decay)  # the rule may apply it to theta, this step's own copy, itself
     # the packed state is this step's own copy: the rule may write the new state into it
     delta, new_state = net(grad, theta, state, step, stats, out_state=state, segments=segments, **extra)
     if isinstance(lr, Tensor):
         lr = lr.to(device=device, dtype=dtype)
-    new_theta = decoupled_update(theta[:total], delta[:total], lr, weight_decay).split(sizes)
+    if delta is None:  # applied by the rule
+        new_theta = theta[:total].split(sizes)
+    else:
+        new_theta = decoupled_update(theta[:total], delta[:total], lr, weight_decay).split(sizes)
     torch._foreach_copy_(params, [t.view(p.shape) for t, p in zip(new_theta, params, strict=True)])
     for k in shapes:
         targets = [s[k] for s in states]

@@ -166,10 +166,12 @@ inline vf relu(vf x) { return x > vf{} ? x : vf{}; }
 
 // One dense layer on vectors: y[h] = relu(init(h) + sum_i w[i, h] x[i]) for h < units (a multiple of UNITS;
 // w is (inputs, units), transposed and zero-padded), UNITS hidden units (independent FMA chains) at a time;
-// N > 0: `inputs` is N, so the loop over the inputs unrolls and x stays in registers.
-template <int N, class Init>
-inline void dense_relu(int units, int inputs_, const float* w, const vf* x, vf* y, Init init) {
+// N > 0: `inputs` is N, so the loop over the inputs unrolls and x stays in registers; U > 0: `units` is U,
+// so the layer's activations stay in registers too (with a run-time width they go through the stack).
+template <int N, int U, class Init>
+inline void dense_relu(int units_, int inputs_, const float* w, const vf* x, vf* y, Init init) {
     const int inputs = N > 0 ? N : inputs_;
+    const int units = U > 0 ? U : units_;
     for (int h0 = 0; h0 < units; h0 += UNITS) {
         vf a[UNITS];
 #pragma GCC unroll 8
@@ -185,8 +187,10 @@ inline void dense_relu(int units, int inputs_, const float* w, const vf* x, vf* 
     }
 }
 
-// w . x for `units` vectors x (a multiple of UNITS), in UNITS independent chains.
-inline vf dot(int units, const float* w, const vf* x) {
+// w . x for `units` vectors x (a multiple of UNITS; U if U > 0), in UNITS independent chains.
+template <int U>
+inline vf dot(int units_, const float* w, const vf* x) {
+    const int units = U > 0 ? U : units_;
     vf a[UNITS] = {};
     for (int h0 = 0; h0 < units; h0 += UNITS)
 #pragma GCC unroll 8
@@ -212,6 +216,15 @@ int with_momenta(int j, Fn fn) {
         case 8: return fn(std::integral_constant<int, 8>{});
         default: return 1;
     }
+}
+
+// fn(std::integral_constant<int, W>) with W the padded hidden width hp when it is 8 or 16 (the MLP's layers
+// unrolled at compile time, activations in registers), else W = 0 (the width read at run time).
+template <class Fn>
+int with_width(int hp, Fn fn) {
+    if (hp == 8) return fn(std::integral_constant<int, 8>{});
+    if (hp == 16) return fn(std::integral_constant<int, 16>{});
+    return fn(std::integral_constant<int, 0>{});
 }
 
 }  // namespace
@@ -258,25 +271,27 @@ int lo_adafac_direction_f32(int64_t rows, int64_t cols, int j, const float* grad
         }
     }
     return with_momenta(j, [&](auto momenta) {
-        constexpr int J = decltype(momenta)::value;
-        sum_squares<1>(p.geo, sumsq, threads, [&](const Span& s, vf* out) {
-            vf u[4 + 4 * J], acts[2][MAX_H];
-            vf *x = acts[0], *y = acts[1];
-            features<J>(p, s, nullptr, u);
-            dense_relu<4 + 4 * J>(HP, F, w1p.data(), u, x, [&](int h) {
-                return h < H ? row_part(p.geo, s, row_term + h * rows) + col_part(p.geo, s, col_term + h * cols)
-                             : vf{};
+        return with_width(HP, [&](auto width) {
+            constexpr int J = decltype(momenta)::value, W = decltype(width)::value;
+            sum_squares<1>(p.geo, sumsq, threads, [&](const Span& s, vf* out) {
+                vf u[4 + 4 * J], acts[2][W > 0 ? W : MAX_H];
+                vf *x = acts[0], *y = acts[1];
+                features<J>(p, s, nullptr, u);
+                dense_relu<4 + 4 * J, W>(HP, F, w1p.data(), u, x, [&](int h) {
+                    return h < H ? row_part(p.geo, s, row_term + h * rows) + col_part(p.geo, s, col_term + h * cols)
+                                 : vf{};
+                });
+                for (int l = 0; l < layers - 1; ++l) {
+                    const float* bias = bp.data() + l * HP;
+                    dense_relu<W, W>(HP, HP, wp.data() + l * HP * HP, x, y, [&](int h) { return splat(bias[h]); });
+                    std::swap(x, y);
+                }
+                const vf d = dot<W>(HP, wop.data(), x) + b_out;
+                store_partial(direction + s.i, d, s.count);
+                out[0] = d;
             });
-            for (int l = 0; l < layers - 1; ++l) {
-                const float* bias = bp.data() + l * HP;
-                dense_relu<0>(HP, HP, wp.data() + l * HP * HP, x, y, [&](int h) { return splat(bias[h]); });
-                std::swap(x, y);
-            }
-            const vf d = dot(HP, wop.data(), x) + b_out;
-            store_partial(direction + s.i, d, s.count);
-            out[0] = d;
+            return 0;
         });
-        return 0;
     });
 }
 
@@ -296,7 +311,9 @@ int lo_adafac_direction_f32(int64_t rows, int64_t cols, int j, const float* grad
 //   delta = -step_scales[s] * [q_a sqrt(S_a / n)] * [rsqrt(sum d^2 / n + eps_d)] * d
 //
 // the first bracket for an Adam magnitude (adam_index >= 0), the second with `normalize`. w1 is the first
-// layer's whole weight (H, 4 + 4J + 4J): dense, row, then column features. Writes delta into `direction`.
+// layer's whole weight (H, 4 + 4J + 4J): dense, row, then column features. Writes delta into `direction`; or,
+// with param_out (the parameters themselves, or a copy of them), applies the decoupled update there in the
+// same sweep, param_out = param (1 - lr wd) + lr delta, and uses `direction` as scratch for d only.
 int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const float* grad, const float* param,
                             const float* const* m, const float* v, float* const* m_out, float* v_out,
                             const float* row, const float* col, float* row_out, float* col_out, const float* beta,
@@ -305,7 +322,7 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
                             float feature_rms_eps, int hidden, int layers, const float* w1, const float* b1,
                             const float* w, const float* b, const float* w_out, float b_out, int adam_index,
                             int normalize, float direction_rms_eps, const float* step_scales, float* direction,
-                            int threads) {
+                            float* param_out, double lr, double weight_decay, int threads) {
     if (tensors < 1 || j < 1 || j > MAX_J || hidden < 1 || hidden > MAX_H || layers < 1) return 1;
     for (int64_t s = 0; s < tensors; ++s)
         if (views[2 * s] < 1 || views[2 * s + 1] < 1) return 1;  // before anything is written
@@ -322,12 +339,22 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
         double row_total[MAX_J] = {}, row_squares[2 * MAX_J] = {};
         for (int64_t r = 0; r < rows; ++r) {
             const float* gr = g + r * cols;
-            double total = 0.0;
-            for (int64_t c = 0; c < cols; ++c) {
+            // eight partial sums of the row (one dependency chain would cost an add's latency per coordinate)
+            double lanes[8] = {}, total = 0.0;
+            int64_t c = 0;
+            for (; c + 8 <= cols; c += 8)
+#pragma GCC unroll 8
+                for (int k = 0; k < 8; ++k) {
+                    const float g2 = gr[c + k] * gr[c + k];
+                    lanes[k] += g2;
+                    col_sum[c + k] += g2;
+                }
+            for (; c < cols; ++c) {
                 const float g2 = gr[c] * gr[c];
                 total += g2;
                 col_sum[c] += g2;
             }
+            for (int k = 0; k < 8; ++k) total += lanes[k];
             const float mean = static_cast<float>(total / cols) + factored_eps;
             for (int k = 0; k < K; ++k) {
                 const float x = row_in[r * K + k] * factored_decay[k] + mean * (1.0f - factored_decay[k]);
@@ -431,7 +458,15 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
         if (adam_index >= 0) scale *= feature_scale[adam_index] * std::sqrt(dense_ms[adam_index]);
         if (normalize)
             scale *= 1.0f / std::sqrt(static_cast<float>(sumsq / static_cast<double>(n)) + direction_rms_eps);
-        for (int64_t i = 0; i < n; ++i) d[i] *= scale;
+        if (param_out != nullptr) {
+            // the factors rounded to float once, as ATen's in-place mul_ and add_ of the Python update round them
+            const float keep = static_cast<float>(1.0 - lr * weight_decay), rate = static_cast<float>(lr);
+            const float* theta = param + a;
+            float* out = param_out + a;
+            for (int64_t i = 0; i < n; ++i) out[i] = theta[i] * keep + rate * (scale * d[i]);
+        } else {
+            for (int64_t i = 0; i < n; ++i) d[i] *= scale;
+        }
         a += n, r0 += rows, c0 += cols;
     }
     return 0;

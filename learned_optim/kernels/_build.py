@@ -138,7 +138,7 @@ def build() -> tuple[ctypes.CDLL, Path, str]:
     fn.restype = ctypes.c_int
     lib.lo_elu_f32.argtypes = [i64, ptr, ctypes.c_int]
     lib.lo_elu_f32.restype = None
-    f32, c_int = ctypes.c_float, ctypes.c_int
+    f32, f64, c_int = ctypes.c_float, ctypes.c_double, ctypes.c_int
     lib.lo_mlp_feature_sumsq_f32.argtypes = [i64, c_int, ptr, ptr, ptr, ptr, ptr, f32, ptr, c_int]
     lib.lo_mlp_feature_sumsq_f32.restype = c_int
     lib.lo_mlp_update_f32.argtypes = [
@@ -189,7 +189,8 @@ def build() -> tuple[ctypes.CDLL, Path, str]:
     lib.lo_adafac_direction_f32.restype = c_int
     lib.lo_adafac_pack_step_f32.argtypes = [
         i64, ptr, c_int, *[ptr] * 11, f32, f32, f32, ptr, f32, f32, ptr, f32,  # views, tensors, state, scalars
-        c_int, c_int, *[ptr] * 5, f32, c_int, c_int, f32, ptr, ptr, c_int,  # net, magnitude, scales, out, threads
+        c_int, c_int, *[ptr] * 5, f32, c_int, c_int, f32, ptr, ptr,  # net, magnitude, scales, out
+        ptr, f64, f64, c_int,  # the decoupled update (param_out, lr, weight decay), threads
     ]  # fmt: skip
     lib.lo_adafac_pack_step_f32.restype = c_int
     lib.lo_vector_lanes.argtypes = []

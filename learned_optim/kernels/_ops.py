@@ -404,6 +404,7 @@ def adafac_pack_step(
     adam_index: int | None,
     normalize: bool,
     step_scales: Tensor,
+    update: tuple[float | Tensor, float] | None = None,
 ) -> Tensor | None:
     r"""``AdafacMLP``'s whole inference step for a pack of tensors in one call, or ``None``.
 
@@ -420,9 +421,12 @@ def adafac_pack_step(
     :math:`q_a \sqrt{\overline{u_a^2}}` (``adam_index`` :math:`a`; ``None`` for a unit magnitude) and, with
     ``normalize``, the rsqrt of its mean square: ``AdafacMLP._packed_forward``'s math, tensor by tensor in C++.
     ``config``: ``beta_v``, ``v_correction``, ``moment_eps``, ``factored_eps``, ``factored_rsqrt_eps``,
-    ``feature_rms_eps``, ``direction_rms_eps``. Returns the step (a new vector shaped like ``grad``, zero on
-    the padding rows); ``None`` when the kernel does not apply (as :func:`adafac_direction`, or :math:`K \ne
-    J`): the caller then runs the ATen ops.
+    ``feature_rms_eps``, ``direction_rms_eps``. Returns the step :math:`\Delta` (a new vector shaped like
+    ``grad``, zero on the padding rows); with ``update = (lr, weight_decay)``, applies the decoupled update
+    :math:`\theta \leftarrow \theta (1 - \eta\lambda) + \eta\Delta` to ``param`` in place instead (in the
+    sweep that scales the direction, so :math:`\Delta` is never written; padding rows untouched) and returns
+    ``param``. ``None`` when the kernel does not apply (as :func:`adafac_direction`, or :math:`K \ne J`): the
+    caller then runs the ATen ops.
     """
     j, s = len(m), len(views)
     hidden = weight.shape[0]
@@ -453,6 +457,7 @@ def adafac_pack_step(
     inner_w, inner_b, w_out = _mlp_layers(inner, w_out)
     direction = torch.empty_like(grad)
     direction[total:] = 0.0  # the padding rows
+    lr, weight_decay = (0.0, 0.0) if update is None else (float(update[0]), float(update[1]))
     status = lib.lo_adafac_pack_step_f32(
         s,
         (ctypes.c_int64 * (2 * s))(*(x for view in views for x in view)),
@@ -489,6 +494,11 @@ def adafac_pack_step(
         config["direction_rms_eps"],
         step_scales.data_ptr(),
         direction.data_ptr(),
+        None if update is None else param.data_ptr(),
+        lr,
+        weight_decay,
         torch.get_num_threads(),
     )
-    return None if status else direction
+    if status:
+        return None
+    return direction if update is None else param

@@ -29,7 +29,7 @@ from ..features import (
     rsqrt_features,
     time_features,
 )
-from .base import NetConfig, Segments, UpdateRule, register_family
+from .base import DecoupledUpdate, NetConfig, Segments, UpdateRule, register_family
 from .cells import inplace_allowed
 
 __all__ = ["AdafacMLPConfig", "AdafacMLP", "mup_scale"]
@@ -152,6 +152,7 @@ class AdafacMLP(UpdateRule):
     factored_decay: Tensor
     whole_tensor = True
     packs_segments = True
+    applies_update = True  # in its native kernel's last sweep
     default_lr = 1e-3
     #: Coordinates per block of the inference path (:meth:`_blocked_forward`) on CPU; whole rows of the
     #: matrix view, so at least one row. Tensors up to this size take the one-shot path.
@@ -296,7 +297,7 @@ class AdafacMLP(UpdateRule):
         """``(2K, rows)`` from ``(rows, K)`` row (or column) statistics: :math:`r_k, (r_k + \\epsilon_f)^{-1/2}`."""
         return torch.cat([stats.t(), torch.rsqrt(stats.t() + self.config.factored_rsqrt_eps)])
 
-    def forward(
+    def forward(  # type: ignore[override]  # the step is None only when given update= (base contract)
         self,
         grad: Tensor,
         param: Tensor,
@@ -308,11 +309,13 @@ class AdafacMLP(UpdateRule):
         *,
         shape: Sequence[int] | None = None,
         shapes: Sequence[Sequence[int]] | None = None,
-    ) -> tuple[Tensor, dict[str, Tensor]]:
+        update: DecoupledUpdate | None = None,
+    ) -> tuple[Tensor | None, dict[str, Tensor]]:
         if segments is not None:
             if shapes is None or len(shapes) != len(segments):
                 raise ValueError("adafac_mlp: a packed call needs shapes=, one shape per segment")
-            return self._packed_forward(grad, param, state, step, segments, [tuple(s) for s in shapes], out_state)
+            shape_list = [tuple(s) for s in shapes]
+            return self._packed_forward(grad, param, state, step, segments, shape_list, out_state, update)
         c = self.config
         shape = (grad.shape[0],) if shape is None else tuple(shape)
         rows, cols = matrix_view(shape)
@@ -322,7 +325,8 @@ class AdafacMLP(UpdateRule):
         if inplace_allowed(grad, param, *self.parameters()) and (
             n > self.block_coordinates(grad.device) or kernels.uses("adafac_mlp")
         ):
-            native = self._native_forward(grad, param, state, step, factored_pack_layout((shape,)), out_state)
+            layout = factored_pack_layout((shape,))
+            native = self._native_forward(grad, param, state, step, layout, out_state, update)
             if native is not None:
                 return native
             return self._blocked_forward(grad, param, state, step, shape, out_state)
@@ -386,7 +390,8 @@ class AdafacMLP(UpdateRule):
         segments: Segments,
         shapes: list[tuple[int, ...]],
         out_state: Mapping[str, Tensor] | None = None,
-    ) -> tuple[Tensor, dict[str, Tensor]]:
+        update: DecoupledUpdate | None = None,
+    ) -> tuple[Tensor | None, dict[str, Tensor]]:
         r""":meth:`forward` of several tensors at once (the optimizer's packed step), without autograd.
 
         The tensors' coordinates are concatenated (``segments``: their sizes, then zero padding rows),
@@ -408,7 +413,7 @@ class AdafacMLP(UpdateRule):
         layout = factored_pack_layout(tuple(shapes))
         if tuple(b - a for (a, b), *_ in layout.bounds) != segments.sizes:
             raise ValueError(f"AdafacMLP: shapes {shapes} do not match the packed sizes {segments.sizes}")
-        native = self._native_forward(grad, param, state, step, layout, out_state)
+        native = self._native_forward(grad, param, state, step, layout, out_state, update)
         if native is not None:
             return native
         m = ema(torch.stack([state[f"m{i}"] for i in range(j)]), grad, beta)  # (J, R)
@@ -506,12 +511,14 @@ class AdafacMLP(UpdateRule):
         step: Tensor,
         layout: FactoredPackLayout,
         out_state: Mapping[str, Tensor] | None,
-    ) -> tuple[Tensor, dict[str, Tensor]] | None:
+        update: DecoupledUpdate | None = None,
+    ) -> tuple[Tensor | None, dict[str, Tensor]] | None:
         """The inference step of the tensors of ``layout`` (one, or a pack) in one native call
         (:func:`~learned_optim.kernels.adafac_pack_step`: :meth:`_packed_forward`'s math tensor by tensor, each
         tensor's two passes of :meth:`_blocked_forward` fused into one sweep each), the new state written into
-        ``out_state`` (new tensors if ``None``); ``None`` where the kernel does not apply or is not used here,
-        or autograd records (meta-training)."""
+        ``out_state`` (new tensors if ``None``); with ``update``, the decoupled update applied to ``param`` in
+        the kernel's last sweep and ``None`` returned as the step. ``None`` where the kernel does not apply or
+        is not used here, or autograd records (meta-training)."""
         c = self.config
         native = grad.device.type == "cpu" and kernels.uses("adafac_mlp")
         if not (native and inplace_allowed(grad, param, *self.parameters())):
@@ -536,9 +543,11 @@ class AdafacMLP(UpdateRule):
             c.momentum_decays, c.factored_decays, self._feature_scale(self.momentum_decay.squeeze(1), step, grad),
             first, self._first_bias(step), [(layer.weight, layer.bias) for layer in later],
             self.adam_feature_index if c.step_magnitude == "adam" else None, c.normalize_direction,
-            layout.step_scales(self.step_scale, grad),
+            layout.step_scales(self.step_scale, grad), update,
         )  # fmt: skip
-        return None if delta is None else (delta, new)
+        if delta is None:
+            return None
+        return (None if update is not None else delta), new
 
     @torch.no_grad()
     def _blocked_forward(

@@ -37,6 +37,13 @@ same ``state`` dict as the per-coordinate state, and :meth:`UpdateRule.init_stat
 ``shape=``. A whole-tensor rule that also sets ``packs_segments`` takes packed whole tensors from the
 optimizer: ``segments=`` with ``shapes=`` (one shape per segment, no chunks), and its per-tensor state
 packed too (each key's per-tensor tensors concatenated along their first axis, in segment order).
+
+**Applying the update itself.** A rule whose class sets ``applies_update = True`` may be passed
+``update=(lr, weight_decay)`` (a :data:`DecoupledUpdate`) by the optimizer's in-place path (eager, no
+autograd, ``param`` the parameter's storage or the packed copy the optimizer writes back, in the compute
+dtype). It may then write ``theta * (1 - lr * weight_decay) + lr * delta`` into ``param`` itself and return
+``None`` as its delta, which saves the caller's sweep over the tensor (a native kernel does it in the sweep
+that scales its step); or ignore it and return ``delta`` as usual.
 """
 
 from __future__ import annotations
@@ -60,11 +67,17 @@ __all__ = [
     "Provenance",
     "UpdateRule",
     "Segments",
+    "DecoupledUpdate",
     "FAMILIES",
     "register_family",
     "build_rule",
     "functional_update",
 ]
+
+
+#: ``(lr, weight_decay)`` of the step :math:`\theta \leftarrow \theta (1 - \eta\lambda) + \eta\Delta`, passed as
+#: ``update=`` to a rule that applies it itself (see "Applying the update itself" above).
+DecoupledUpdate = tuple[float | Tensor, float]
 
 
 @dataclasses.dataclass
@@ -157,6 +170,8 @@ class UpdateRule(nn.Module):
     packs_segments: ClassVar[bool] = False
     #: ``forward`` runs on whole tensors and takes ``shape=`` (see the module docstring).
     whole_tensor: ClassVar[bool] = False
+    #: ``forward`` takes ``update=`` and may apply the decoupled update itself (see the module docstring).
+    applies_update: ClassVar[bool] = False
     #: The optimizer's ``lr`` when none is given: 1.0 where ``lr`` multiplies the learned step; a real
     #: learning rate (e.g. 1e-3) for nets whose step has a fixed size per unit of ``lr``.
     default_lr: ClassVar[float] = 1.0

@@ -339,6 +339,39 @@ def test_adafac_pack_step_equals_the_aten_packed_step():
 
 
 @needs_kernels
+@pytest.mark.parametrize("lr", [0.1, torch.tensor(0.1)], ids=["float", "tensor"])
+def test_adafac_kernel_applies_the_decoupled_update_itself(lr):
+    """Given ``update=(lr, weight_decay)``, the native step writes theta (1 - lr wd) + lr delta into ``param`` in
+    its last sweep and returns no delta (the same new state); the ATen path ignores it and returns delta; the
+    optimizer's step on one tensor is the same either way."""
+    shape = (37, 23)
+    rule, grad, param, state, step = _adafac_case(shape)
+    delta, want_new, _ = _adafac_step(rule, grad, param, state, step, shape, True)
+    theta, given = param.clone(), {k: v.clone() for k, v in state.items()}
+    with torch.no_grad():
+        none, new = rule(grad, theta, given, step, shape=shape, out_state=given, update=(lr, 0.01))
+    assert none is None
+    want = param * (1.0 - 0.1 * 0.01) + 0.1 * delta
+    torch.testing.assert_close(theta - param, want - param, rtol=1e-5, atol=1e-7 * float(delta.abs().max()))
+    for name, value in want_new.items():
+        assert torch.equal(new[name], value)
+    with kernels.enabled_as(False), torch.no_grad():
+        theta = param.clone()
+        aten, _ = rule(grad, theta, {k: v.clone() for k, v in state.items()}, step, shape=shape, update=(lr, 0.01))
+    assert aten is not None and torch.equal(theta, param)
+    moved = []
+    for use_kernels in (True, False):
+        p = nn.Parameter(param.view(shape).clone())
+        opt = LearnedOptimizer([p], rule, lr=lr, weight_decay=0.01)
+        with kernels.forced() if use_kernels else kernels.enabled_as(False):
+            for _ in range(3):
+                p.grad = grad.view(shape).clone()
+                opt.step()
+        moved.append(p.detach() - param.view(shape))
+    torch.testing.assert_close(moved[0], moved[1], rtol=1e-4, atol=1e-5 * float(moved[1].abs().max()))
+
+
+@needs_kernels
 def test_adafac_kernel_sums_do_not_depend_on_threads():
     rule, grad, param, state, step = _adafac_case((300, 70))
     j = len(rule.config.momentum_decays)
