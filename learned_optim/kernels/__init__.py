@@ -11,12 +11,11 @@ differentiable path never uses them.
 * :func:`mlp_feature_mean_square` and :func:`mlp_update` (``csrc/mlp.cpp``), the MLP net's statistics
   pass and update: features, hidden layer and output per 16 coordinates in registers, instead of a
   (rows x 22) feature matrix built by ~30 ATen ops, twice (statistics, then update);
-* :func:`adafac_state_sumsq` and :func:`adafac_direction` (``csrc/adafac.cpp``), the two passes of
-  ``AdafacMLP``'s inference step (state update and feature sums of squares; features, MLP and direction),
-  each one sweep over the tensor with the 16 features and the hidden units in registers, instead of ~30 ATen
-  elementwise passes and GEMMs per block of rows; and :func:`adafac_pack_step`, the whole step of one tensor
-  or of a pack of tensors in one call (Adafactor statistics, per-tensor normalisers, both passes, the
-  direction's scale), what ``AdafacMLP`` runs, instead of ~25 ATen ops per tensor around the passes.
+* :func:`adafac_pack_step` (``csrc/adafac.cpp``), ``AdafacMLP``'s whole inference step of one tensor or of
+  a pack of tensors in one call: Adafactor statistics, per-tensor normalisers, then its two passes (state
+  update and feature sums of squares; features, MLP and direction), each one sweep over the tensor with the
+  16 features and the hidden units in registers, and the direction's scale (or the decoupled update itself),
+  instead of ~30 ATen elementwise passes and GEMMs per block of rows and ~25 ATen ops per tensor around them.
 
 Same math; their ``exp`` is a polynomial accurate to about 1 float32 ulp, so results differ from the
 ATen path by a few ulps (tested in ``tests/core/test_kernels.py``).
@@ -60,9 +59,7 @@ from ._guard import KERNELS, MIN_SPEEDUP
 from ._ops import (
     ADAFAC_MAX_HIDDEN,
     ADAFAC_MAX_MOMENTA,
-    adafac_direction,
     adafac_pack_step,
-    adafac_state_sumsq,
     elu_,
     lstm_cell_into,
     mlp_feature_mean_square,
@@ -94,8 +91,6 @@ __all__ = [
     "elu_",
     "mlp_feature_mean_square",
     "mlp_update",
-    "adafac_state_sumsq",
-    "adafac_direction",
     "adafac_pack_step",
     "ADAFAC_MAX_MOMENTA",
     "ADAFAC_MAX_HIDDEN",

@@ -167,26 +167,6 @@ def build() -> tuple[ctypes.CDLL, Path, str]:
     lib.lo_mlp_feature_sumsq_segments_f32.restype = c_int
     lib.lo_mlp_update_segments_f32.argtypes = [i64, ptr, *lib.lo_mlp_update_f32.argtypes[1:]]
     lib.lo_mlp_update_segments_f32.restype = c_int
-    lib.lo_adafac_state_sumsq_f32.argtypes = [i64, i64, c_int, *[ptr] * 7, f32, f32, f32, ptr, ptr, ptr, c_int]
-    lib.lo_adafac_state_sumsq_f32.restype = c_int
-    lib.lo_adafac_direction_f32.argtypes = [
-        i64,
-        i64,
-        c_int,
-        *[ptr] * 4,
-        f32,
-        f32,
-        ptr,
-        ptr,
-        c_int,
-        c_int,
-        *[ptr] * 6,
-        f32,
-        ptr,
-        ptr,
-        c_int,
-    ]
-    lib.lo_adafac_direction_f32.restype = c_int
     lib.lo_adafac_pack_step_f32.argtypes = [
         i64, ptr, c_int, *[ptr] * 11, f32, f32, f32, ptr, f32, f32, ptr, f32,  # views, tensors, state, scalars
         c_int, c_int, *[ptr] * 5, f32, c_int, c_int, f32, ptr, ptr,  # net, magnitude, scales, out

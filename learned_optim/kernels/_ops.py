@@ -207,26 +207,6 @@ def _pointers(tensors: Sequence[Tensor]) -> ctypes.Array[ctypes.c_void_p]:
     return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
 
 
-def _adafac_view(
-    grad: Tensor, vectors: Sequence[Tensor], row_factor: Tensor, col_factor: Tensor, j: int
-) -> tuple[int, int] | None:
-    """The ``(rows, cols)`` view of an ``adafac_mlp`` kernel call (``ValueError`` on shapes that do not fit),
-    or ``None`` when the kernel does not apply to these tensors (dtype, device, layout, ``J``)."""
-    n = grad.numel()
-    if row_factor.dim() != 2 or col_factor.dim() != 2 or row_factor.shape[0] != j or col_factor.shape[0] != j:
-        raise ValueError(
-            f"adafac kernel: row_factor {tuple(row_factor.shape)} and col_factor {tuple(col_factor.shape)} "
-            f"must be (J, rows) and (J, cols) with J = {j} momenta"
-        )
-    rows, cols = row_factor.shape[1], col_factor.shape[1]
-    if rows * cols != n or any(t.dim() != 1 or t.numel() != n for t in (grad, *vectors)):
-        shapes = [tuple(t.shape) for t in (grad, *vectors)]
-        raise ValueError(f"adafac kernel: vectors {shapes} must all be ({n},) and rows * cols = {rows} * {cols} = {n}")
-    if not (_flat_f32(grad, *vectors, row_factor, col_factor) and 1 <= j <= ADAFAC_MAX_MOMENTA and n > 0):
-        return None
-    return rows, cols
-
-
 def _mlp_layers(inner: Sequence[tuple[Tensor, Tensor]], w_out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The adafac kernel's later MLP layers as flat float32 buffers: hidden weights ``(L - 1, H, H)``, their biases
     ``(L - 1, H)`` (one unused float when there are none) and the output weights ``(H,)``."""
@@ -235,151 +215,6 @@ def _mlp_layers(inner: Sequence[tuple[Tensor, Tensor]], w_out: Tensor) -> tuple[
         return torch.cat([t.detach().reshape(-1) for t in tensors]).float() if tensors else w_out.new_zeros(1).float()
 
     return flat([w for w, _ in inner]), flat([b for _, b in inner]), flat([w_out])
-
-
-def adafac_state_sumsq(
-    grad: Tensor,
-    param: Tensor,
-    m: Sequence[Tensor],
-    v: Tensor,
-    m_out: Sequence[Tensor],
-    v_out: Tensor,
-    beta: Sequence[float],
-    beta_v: float,
-    v_correction: float,
-    eps: float,
-    row_factor: Tensor,
-    col_factor: Tensor,
-) -> Tensor | None:
-    r"""Pass 1 of ``AdafacMLP``'s inference step (the new state and the features' sums of squares), or ``None``.
-
-    The tensor is its ``(rows, cols)`` matrix view, flat in row-major order: ``grad``, ``param``, ``v`` and
-    the :math:`J` momenta ``m`` are ``(rows * cols,)`` vectors. Writes
-
-    .. math:: m_j' = m_j + (1-\beta_j)(g - m_j),\qquad v' = \beta_v v + (1-\beta_v)\,g^2
-
-    into ``m_out``, ``v_out`` (they may be ``m``, ``v`` themselves: in place) and returns the ``(4 + 4J,)``
-    float64 sums over the tensor of the squares of the raw dense features (the rows of
-    ``AdafacMLP.features``' blocks, without its ``scale``)
-
-    .. math:: u = \big[g,\ \theta,\ m_j',\ v',\ m_j' s,\ s,\ g\,\phi_k,\ m_k' \phi_k\big],\qquad
-        s = (k_v v' + \epsilon)^{-1/2},\qquad \phi_k(r, c) = a_{kr}\, e_{kc}
-
-    with :math:`k_v` = ``v_correction`` (:math:`1/(1-\beta_v^t)`), ``row_factor`` :math:`a` ``(J, rows)`` and
-    ``col_factor`` :math:`e` ``(J, cols)`` (the factored preconditioner's factors). The sums do not depend on
-    the thread count. ``None`` when the kernel does not apply (not all contiguous float32 CPU tensors,
-    :math:`J` above :data:`ADAFAC_MAX_MOMENTA`, kernels off, unavailable or not faster here): the caller then
-    computes it with ATen.
-    """
-    j = len(beta)
-    if len(m) != j or len(m_out) != j:
-        raise ValueError(f"adafac_state_sumsq: {len(m)} momenta and {len(m_out)} outputs for {j} decays")
-    view = _adafac_view(grad, [param, *m, v, *m_out, v_out], row_factor, col_factor, j)
-    lib = library_for("adafac_mlp") if view is not None else None
-    if lib is None or view is None:
-        return None
-    rows, cols = view
-    out = torch.empty(4 + 4 * j, dtype=torch.float64)
-    status = lib.lo_adafac_state_sumsq_f32(
-        rows,
-        cols,
-        j,
-        grad.data_ptr(),
-        param.data_ptr(),
-        _pointers(m),
-        v.data_ptr(),
-        _pointers(m_out),
-        v_out.data_ptr(),
-        (ctypes.c_float * j)(*beta),
-        beta_v,
-        v_correction,
-        eps,
-        row_factor.data_ptr(),
-        col_factor.data_ptr(),
-        out.data_ptr(),
-        _threads(grad.numel()),
-    )
-    return None if status else out
-
-
-def adafac_direction(
-    grad: Tensor,
-    param: Tensor,
-    m: Sequence[Tensor],
-    v: Tensor,
-    v_correction: float,
-    eps: float,
-    row_factor: Tensor,
-    col_factor: Tensor,
-    weight: Tensor,
-    row_term: Tensor,
-    col_term: Tensor,
-    layers: Sequence[tuple[Tensor, Tensor]],
-    out: Tensor | None = None,
-) -> tuple[Tensor, float] | None:
-    r"""Pass 2 of ``AdafacMLP``'s inference step (the raw direction and its sum of squares), or ``None``.
-
-    From the *new* state ``m``, ``v`` (as :func:`adafac_state_sumsq` wrote it) the same raw features
-    :math:`u` (``4 + 4J`` per coordinate), then the MLP per coordinate :math:`(r, c)` of the
-    ``(rows, cols)`` view:
-
-    .. math:: h_1 = \mathrm{relu}\big(W u + t^{\mathrm{row}}_{:, r} + t^{\mathrm{col}}_{:, c}\big),\quad
-        h_l = \mathrm{relu}(W_l h_{l-1} + b_l),\quad d = w_o^\top h + b_o
-
-    with ``weight`` :math:`W` ``(H, 4 + 4J)`` (the per-tensor feature normalisation folded into its
-    columns), ``row_term`` ``(H, rows)`` and ``col_term`` ``(H, cols)`` (the first layer's bias and its
-    row and column features: ``AdafacMLP._first_layer``), and ``layers`` the ``(weight, bias)`` of the
-    MLP's later layers: hidden ``(H, H), (H,)``, then the output ``(1, H), (1,)``. Writes :math:`d` into
-    ``out`` (a new vector if ``None``) and returns ``(d, sum of d^2)`` (float64 sum, independent of the thread
-    count). ``None`` when the kernel does not apply (as :func:`adafac_state_sumsq`, or ``H`` above
-    :data:`ADAFAC_MAX_HIDDEN`): the caller then computes it with ATen.
-    """
-    j = len(m)
-    direction = torch.empty_like(grad) if out is None else out
-    view = _adafac_view(grad, [param, *m, v, direction], row_factor, col_factor, j)
-    hidden = weight.shape[0]
-    *inner, (w_out, b_out) = layers
-    if weight.shape != (hidden, 4 + 4 * j) or row_term.shape != (hidden, row_factor.shape[1]):
-        raise ValueError(f"adafac_direction: weight {tuple(weight.shape)}, row_term {tuple(row_term.shape)} do not fit")
-    if col_term.shape != (hidden, col_factor.shape[1]) or w_out.shape != (1, hidden) or b_out.shape != (1,):
-        raise ValueError(f"adafac_direction: col_term {tuple(col_term.shape)} or output layer {tuple(w_out.shape)}")
-    if any(w.shape != (hidden, hidden) or b.shape != (hidden,) for w, b in inner):
-        raise ValueError(f"adafac_direction: hidden layers must be ({hidden}, {hidden}) with ({hidden},) biases")
-    supported = view is not None and hidden <= ADAFAC_MAX_HIDDEN and _cpu_f32(weight, row_term, col_term)
-    lib = library_for("adafac_mlp") if supported else None
-    if lib is None or view is None:
-        return None
-    rows, cols = view
-
-    weight, row_term, col_term = (t.detach().float().contiguous() for t in (weight, row_term, col_term))
-    inner_w, inner_b, w_out = _mlp_layers(inner, w_out)
-    sumsq = ctypes.c_double()
-    status = lib.lo_adafac_direction_f32(
-        rows,
-        cols,
-        j,
-        grad.data_ptr(),
-        param.data_ptr(),
-        _pointers(m),
-        v.data_ptr(),
-        v_correction,
-        eps,
-        row_factor.data_ptr(),
-        col_factor.data_ptr(),
-        hidden,
-        len(layers),
-        weight.data_ptr(),
-        row_term.data_ptr(),
-        col_term.data_ptr(),
-        inner_w.data_ptr(),
-        inner_b.data_ptr(),
-        w_out.data_ptr(),
-        float(b_out),
-        direction.data_ptr(),
-        ctypes.byref(sumsq),
-        _threads(grad.numel()),
-    )
-    return None if status else (direction, sumsq.value)
 
 
 def adafac_pack_step(
@@ -412,12 +247,27 @@ def adafac_pack_step(
     ``m`` (each tensor its ``views[s] = (rows, cols)`` matrix view, row-major; padding rows past the last
     tensor are left alone), their factored statistics in ``row`` ``(sum of rows, K)`` and ``col`` ``(sum of
     cols, K)``. Per tensor, the kernel updates Adafactor's row and column statistics into ``row_out``,
-    ``col_out``, takes their factors and the row/column features' per-tensor RMS, runs pass 1
-    (:func:`adafac_state_sumsq`: the new momenta and second moment into ``m_out``, ``v_out``, which may be
-    the inputs themselves), folds each dense feature's per-tensor normaliser
+    ``col_out``, takes their factors and the row/column features' per-tensor RMS, runs pass 1 (one sweep: the
+    new momenta and second moment
+
+    .. math:: m_j' = m_j + (1-\beta_j)(g - m_j),\qquad v' = \beta_v v + (1-\beta_v)\,g^2
+
+    into ``m_out``, ``v_out``, which may be the inputs themselves, and the sums over the tensor of the squares of
+    the raw dense features
+
+    .. math:: u = \big[g,\ \theta,\ m_j',\ v',\ m_j' s,\ s,\ g\,\phi_k,\ m_k' \phi_k\big],\qquad
+        s = (k_v v' + \epsilon)^{-1/2},\qquad \phi_k(r, c) = a_{kr}\, e_{kc}
+
+    with :math:`k_v` the bias correction :math:`1/(1-\beta_v^t)` and :math:`a`, :math:`e` the factored
+    preconditioner's row and column factors; sums independent of the thread count), folds each dense feature's
+    per-tensor normaliser
     :math:`q_f / \sqrt{q_f^2 \overline{u_f^2} + \epsilon_u}` (``feature_scale`` :math:`q`) into the first layer
     ``weight`` ``(H, 4 + 4J + 4K)`` (dense, row, column features) and its ``bias`` into the row term, runs pass
-    2 (:func:`adafac_direction`) and scales the direction by ``-step_scales[s]``, the Adam magnitude
+    2 (one sweep: :math:`u` again from the new state, then per coordinate :math:`(r, c)` the MLP
+    :math:`h_1 = \mathrm{relu}(W u + t^{\mathrm{row}}_{:, r} + t^{\mathrm{col}}_{:, c})`,
+    :math:`h_l = \mathrm{relu}(W_l h_{l-1} + b_l)`, :math:`d = w_o^\top h + b_o`, with the later ``layers``
+    ``(weight, bias)``: hidden ``(H, H), (H,)``, output ``(1, H), (1,)``) and scales the direction by
+    ``-step_scales[s]``, the Adam magnitude
     :math:`q_a \sqrt{\overline{u_a^2}}` (``adam_index`` :math:`a`; ``None`` for a unit magnitude) and, with
     ``normalize``, the rsqrt of its mean square: ``AdafacMLP._packed_forward``'s math, tensor by tensor in C++.
     ``config``: ``beta_v``, ``v_correction``, ``moment_eps``, ``factored_eps``, ``factored_rsqrt_eps``,
@@ -425,8 +275,9 @@ def adafac_pack_step(
     ``grad``, zero on the padding rows); with ``update = (lr, weight_decay)``, applies the decoupled update
     :math:`\theta \leftarrow \theta (1 - \eta\lambda) + \eta\Delta` to ``param`` in place instead (in the
     sweep that scales the direction, so :math:`\Delta` is never written; padding rows untouched) and returns
-    ``param``. ``None`` when the kernel does not apply (as :func:`adafac_direction`, or :math:`K \ne J`): the
-    caller then runs the ATen ops.
+    ``param``. ``None`` when the kernel does not apply (not all contiguous float32 CPU tensors, :math:`J` above
+    :data:`ADAFAC_MAX_MOMENTA`, ``H`` above :data:`ADAFAC_MAX_HIDDEN`, :math:`K \ne J`, kernels off,
+    unavailable or not faster here): the caller then runs the ATen ops.
     """
     j, s = len(m), len(views)
     hidden = weight.shape[0]

@@ -372,48 +372,63 @@ def test_adafac_kernel_applies_the_decoupled_update_itself(lr):
 
 
 @needs_kernels
-def test_adafac_kernel_sums_do_not_depend_on_threads():
-    rule, grad, param, state, step = _adafac_case((300, 70))
-    j = len(rule.config.momentum_decays)
-    factors = torch.rand(j, 300), torch.rand(j, 70)
-    momenta = [state[f"m{i}"] for i in range(j)]
-    outs = [[torch.empty_like(m) for m in momenta] for _ in range(2)]
-    sums = []
+def test_adafac_kernel_does_not_depend_on_threads():
+    """The native step's sums (features' and direction's) are taken per block and added in order: its step and
+    new state are the same bit for bit with 1 and 2 threads."""
+    shape = (300, 70)  # 21k coordinates: both passes split their blocks over the threads
+    rule, grad, param, state, step = _adafac_case(shape)
+    results = []
     threads = torch.get_num_threads()
     try:
-        for count, out in zip((1, 2), outs, strict=True):
+        for count in (1, 2):
             torch.set_num_threads(count)
-            args = (grad, param, momenta, state["v"], out, torch.empty_like(grad), (0.9, 0.99, 0.999), 0.999)
-            sums.append(kernels.adafac_state_sumsq(*args, 1.5, 1e-16, *factors))
+            results.append(_adafac_step(rule, grad, param, state, step, shape, False))
     finally:
         torch.set_num_threads(threads)
-    assert sums[0] is not None and sums[0].dtype == torch.float64 and torch.equal(sums[0], sums[1])
-    assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
+    (delta, new, _), (delta2, new2, _) = results
+    assert torch.equal(delta, delta2)
+    assert all(torch.equal(new[k], new2[k]) for k in new)
+
+
+def _recorded_pack_step_call(rule, grad, param, state, step, shape):
+    """The arguments the rule passes to ``kernels.adafac_pack_step`` in one step, and what it returned."""
+    calls = []
+    original = kernels.adafac_pack_step
+
+    def record(*args, **kwargs):
+        calls.append((args, kwargs, original(*args, **kwargs)))
+        return calls[-1][2]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels, "adafac_pack_step", record)
+        result = _adafac_step(rule, grad, param, state, step, shape, False)
+    assert len(calls) == 1
+    return calls[0], result
 
 
 def test_adafac_kernel_declines_what_it_does_not_handle():
     shape = (20, 30)
     rule, grad, param, state, step = _adafac_case(shape, hidden_size=kernels.ADAFAC_MAX_HIDDEN + 1)
-    calls = []
-    original = kernels.adafac_pack_step
-    with pytest.MonkeyPatch.context() as patch:  # the wrapper declines: the ATen passes run, with the same result
-        patch.setattr(kernels, "adafac_pack_step", lambda *a, **k: calls.append(original(*a, **k)))
-        delta, new, _ = _adafac_step(rule, grad, param, state, step, shape, False)
-    assert calls == [None] or not kernels.available()
+    (_, _, returned), (delta, new, _) = _recorded_pack_step_call(rule, grad, param, state, step, shape)
+    assert returned is None  # the wrapper declines: the ATen passes run, with the same result
     with kernels.enabled_as(False):
         want, want_new, _ = _adafac_step(rule, grad, param, state, step, shape, False)
     torch.testing.assert_close(delta, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
-    n, j = grad.numel(), 3
-    factors = torch.rand(j, 20), torch.rand(j, 30)
-    momenta = [torch.zeros(n) for _ in range(j)]
-    args = (momenta, torch.ones(n), momenta, torch.ones(n), (0.9, 0.99, 0.999), 0.999, 1.0, 1e-16)
-    assert kernels.adafac_state_sumsq(grad.double(), param.double(), *args, *factors) is None  # not float32
-    with kernels.enabled_as(False):
-        assert kernels.adafac_state_sumsq(grad, param, *args, *factors) is None  # kernels off
-    with pytest.raises(ValueError, match="rows \\* cols"):
-        kernels.adafac_state_sumsq(grad, param, *args, torch.rand(j, 21), factors[1])
-    with pytest.raises(ValueError, match="row_factor"):
-        kernels.adafac_state_sumsq(grad, param, *args, torch.rand(2, 20), factors[1])
+    if not kernels.available():
+        return
+    rule = _adafac_case(shape)[0]
+    with kernels.forced():
+        (args, kwargs, returned), _ = _recorded_pack_step_call(rule, grad, param, state, step, shape)
+    assert returned is not None
+    views, grad_, param_, *rest = args
+    with kernels.forced():
+        assert kernels.adafac_pack_step(views, grad_.double(), param_.double(), *rest, **kwargs) is None  # float64
+        with kernels.enabled_as(False):
+            assert kernels.adafac_pack_step(*args, **kwargs) is None  # kernels off
+        with pytest.raises(ValueError, match="coordinates for"):
+            kernels.adafac_pack_step(views, grad_[:100], param_, *rest, **kwargs)
+        with pytest.raises(ValueError, match="row \\(20, 3\\)"):  # views that do not fit the statistics
+            kernels.adafac_pack_step([(21, 30)], grad_, param_, *rest, **kwargs)
 
 
 def _probe(env: dict[str, str], tmp_path) -> str:
@@ -532,7 +547,7 @@ def test_isa_override_must_name_an_isa_the_cpu_runs(tmp_path):
 _PLANT_PROBE = textwrap.dedent("""
     import json, torch
     from torch import nn
-    from learned_optim import kernels
+    from learned_optim import AdafacMLP, kernels
     from learned_optim.nets.cells import fused_gate_weights
     cell = nn.LSTMCell(2, 20).requires_grad_(False)
     x, state = torch.randn(8, 2), torch.randn(8, 2, 20)
@@ -541,12 +556,14 @@ _PLANT_PROBE = textwrap.dedent("""
     n = 40
     g, p, m, v = torch.randn(n), torch.randn(n), torch.zeros(n, 5), torch.ones(n, 5)
     mlp = kernels.mlp_feature_mean_square(g, p, m, v, torch.full((5,), 0.9), 1e-6)
-    ms = [torch.zeros(n) for _ in range(3)]
-    factors = torch.ones(3, 8), torch.ones(3, 5)
-    ones = torch.ones(n)
-    adafac = kernels.adafac_state_sumsq(g, p, ms, ones, ms, ones, (0.9, 0.9, 0.9), 0.9, 1.0, 1e-6, *factors)
+    calls, original = [], kernels.adafac_pack_step
+    kernels.adafac_pack_step = lambda *a, **k: calls.append(original(*a, **k)) or calls[-1]
+    rule = AdafacMLP().requires_grad_(False)
+    adafac_state = rule.init_state(n, shape=(8, 5))
+    with torch.no_grad():
+        rule(g, p, adafac_state, torch.tensor(1.0), shape=(8, 5), out_state=adafac_state)
     print(json.dumps({
-        "adafac_mlp_ran": adafac is not None,
+        "adafac_mlp_ran": bool(calls) and calls[-1] is not None,
         "lstm_cell_ran": kernels.lstm_cell_into(x, state[:, 0], state[:, 1], w, b, out[:, 0], out[:, 1]),
         "mlp_ran": mlp is not None,
         "uses": {k: kernels.uses(k) for k in kernels.KERNELS},
