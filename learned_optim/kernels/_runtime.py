@@ -18,10 +18,10 @@ from ._guard import KERNELS, MIN_SPEEDUP
 
 logger = logging.getLogger("learned_optim.kernels")
 
-#: The kernels each net family's step calls.
+#: The kernels each net family's step calls, the one that runs its net (and decides its chunk size) first.
 RULE_KERNELS: dict[str, tuple[str, ...]] = {
     "dm_lstm": ("lstm_cell",),
-    "rnnprop": ("elu", "lstm_cell"),
+    "rnnprop": ("lstm_cell", "elu"),
     "mlp": ("mlp",),
     "adafac_mlp": ("adafac_mlp",),
 }
@@ -144,8 +144,11 @@ def uses(name: str) -> bool:
 
 
 def serves(family: str) -> bool:
-    """Whether any native kernel runs in the step of net family ``family`` (false for families without one)."""
-    return any(uses(k) for k in RULE_KERNELS.get(family, ()))
+    """Whether the native kernel that runs the net of family ``family`` (its first in :data:`RULE_KERNELS`) is
+    used here; false for families without one. The optimizer's chunk size follows it: a family whose net runs on
+    ATen takes ATen's chunk size even if a smaller kernel (RNNProp's ELU) runs beside it."""
+    names = RULE_KERNELS.get(family, ())
+    return bool(names) and uses(names[0])
 
 
 def guard() -> dict[str, Any] | None:
