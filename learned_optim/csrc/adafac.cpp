@@ -9,8 +9,8 @@
 //   m_j' = m_j + (1 - b_j)(g - m_j),   v' = b_v v + (1 - b_v) g^2,   s = 1 / sqrt(k_v v' + eps)
 //   u = [g, theta, m_j', v', m_j' s, s, g phi_k, m_k' phi_k]                          (F = 4 + 4J raw features)
 //
-// Pass 1 (lo_adafac_state_sumsq_f32) writes m_j', v' (in place allowed) and the sum over the tensor of each
-// u_f^2. Pass 2 (lo_adafac_direction_f32) recomputes u from the new state and runs the MLP
+// Pass 1 (state_sumsq) writes m_j', v' (in place allowed) and the sum over the tensor of each
+// u_f^2. Pass 2 (direction_pass) recomputes u from the new state and runs the MLP
 //
 //   h_1 = relu(W_1 u + row_term[:, r] + col_term[:, c]),   h_l = relu(W_l h_{l-1} + b_l),   d = w_o h + b_o
 //
@@ -227,16 +227,12 @@ int with_width(int hp, Fn fn) {
     return fn(std::integral_constant<int, 0>{});
 }
 
-}  // namespace
-
-extern "C" {
-
 // Pass 1: the new state into m_out[j], v_out and the F sums of squares into out (double). row_factor (J, rows)
 // and col_factor (J, cols) row-major. Returns nonzero (and does nothing) for sizes it does not handle.
-int lo_adafac_state_sumsq_f32(int64_t rows, int64_t cols, int j, const float* grad, const float* param,
-                              const float* const* m, const float* v, float* const* m_out, float* v_out,
-                              const float* beta, float beta_v, float v_correction, float eps, const float* row_factor,
-                              const float* col_factor, double* out, int threads) {
+int state_sumsq(int64_t rows, int64_t cols, int j, const float* grad, const float* param,
+                const float* const* m, const float* v, float* const* m_out, float* v_out,
+                const float* beta, float beta_v, float v_correction, float eps, const float* row_factor,
+                const float* col_factor, double* out, int threads) {
     if (rows < 1 || cols < 1) return 1;
     const Inputs p{{rows, cols}, grad, param, m, v, v_correction, eps, row_factor, col_factor};
     const StateUpdate update{m_out, v_out, beta, beta_v};
@@ -250,11 +246,11 @@ int lo_adafac_state_sumsq_f32(int64_t rows, int64_t cols, int j, const float* gr
 // Pass 2: the raw direction into `direction` (rows * cols) and the sum of its squares into *sumsq. m, v: the
 // new state. w1 (H, F), row_term (H, rows), col_term (H, cols); `layers` ReLU layers in all, so
 // layers - 1 hidden ones: w (layers - 1, H, H), b (layers - 1, H); the output layer w_out (H), b_out.
-int lo_adafac_direction_f32(int64_t rows, int64_t cols, int j, const float* grad, const float* param,
-                            const float* const* m, const float* v, float v_correction, float eps,
-                            const float* row_factor, const float* col_factor, int hidden, int layers, const float* w1,
-                            const float* row_term, const float* col_term, const float* w, const float* b,
-                            const float* w_out, float b_out, float* direction, double* sumsq, int threads) {
+int direction_pass(int64_t rows, int64_t cols, int j, const float* grad, const float* param,
+                   const float* const* m, const float* v, float v_correction, float eps,
+                   const float* row_factor, const float* col_factor, int hidden, int layers, const float* w1,
+                   const float* row_term, const float* col_term, const float* w, const float* b,
+                   const float* w_out, float b_out, float* direction, double* sumsq, int threads) {
     if (rows < 1 || cols < 1 || j < 1 || j > MAX_J || hidden < 1 || hidden > MAX_H || layers < 1) return 1;
     const Inputs p{{rows, cols}, grad, param, m, v, v_correction, eps, row_factor, col_factor};
     const int F = 4 + 4 * j, H = hidden, HP = (hidden + UNITS - 1) / UNITS * UNITS;
@@ -294,6 +290,10 @@ int lo_adafac_direction_f32(int64_t rows, int64_t cols, int j, const float* grad
         });
     });
 }
+
+}  // namespace
+
+extern "C" {
 
 // The whole inference step of a pack of S tensors stored one after the other (the optimizer's packed step,
 // AdafacMLP._packed_forward), tensor s being the (rows_s, cols_s) matrix view views[2s], views[2s + 1] at
@@ -397,9 +397,9 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
         float* ms_out[MAX_J];
         for (int k = 0; k < j; ++k) ms_[k] = m[k] + a, ms_out[k] = m_out[k] + a;
         double sums[4 + 4 * MAX_J];
-        int status = lo_adafac_state_sumsq_f32(rows, cols, j, g, param + a, ms_, v + a, ms_out, v_out + a, beta, beta_v,
-                                               v_correction, moment_eps, row_factor.data(), col_factor.data(), sums,
-                                               n >= 4096 ? threads : 1);
+        int status = state_sumsq(rows, cols, j, g, param + a, ms_, v + a, ms_out, v_out + a, beta, beta_v,
+                                 v_correction, moment_eps, row_factor.data(), col_factor.data(), sums,
+                                 n >= 4096 ? threads : 1);
         if (status) return status;
         // the first layer with the per-tensor normalisation folded in: the dense features' weights (H, F), the
         // row features' weights (H, 2K) and the column term (H, cols)
@@ -447,10 +447,10 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
             const float* block_m[MAX_J];
             for (int k = 0; k < j; ++k) block_m[k] = ms_out[k] + offset;
             double block_sumsq = 0.0;
-            status = lo_adafac_direction_f32(br, cols, j, g + offset, param + a + offset, block_m, v_out + a + offset,
-                                             v_correction, moment_eps, block_factor.data(), col_factor.data(), H,
-                                             layers, w1_dense.data(), row_term.data(), col_term.data(), w, b, w_out,
-                                             b_out, d + offset, &block_sumsq, br * cols >= 4096 ? threads : 1);
+            status = direction_pass(br, cols, j, g + offset, param + a + offset, block_m, v_out + a + offset,
+                                    v_correction, moment_eps, block_factor.data(), col_factor.data(), H,
+                                    layers, w1_dense.data(), row_term.data(), col_term.data(), w, b, w_out,
+                                    b_out, d + offset, &block_sumsq, br * cols >= 4096 ? threads : 1);
             if (status) return status;
             sumsq += block_sumsq;
         }
