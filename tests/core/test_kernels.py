@@ -507,12 +507,14 @@ def test_auto_chunk_size_on_an_accelerator_is_large(make_rule):
 @pytest.mark.parametrize("isa", [i for i in kernels.ISAS if i != kernels.supported_isas()[0]])
 def test_other_instruction_sets_build_and_compute_the_same_cell(isa):
     """Each ISA build this CPU can run but would not pick (``LEARNED_OPTIM_ISA``) compiles, reports its
-    vector width and computes the same cell, on the generic path (hidden 7) and the zoo's hidden size 20."""
+    vector width and computes the same cell, on the generic path (hidden 7) and the zoo's hidden size 20, and the
+    same adafac_mlp step as ATen at hidden widths 8 and 16 (compiled in) and 5 (read at run time)."""
     if isa not in kernels.supported_isas():
         pytest.skip(f"this CPU cannot run {isa}")
     code = textwrap.dedent("""
         import torch
         from torch import nn
+        import learned_optim
         from learned_optim import kernels
         from learned_optim.nets.cells import fused_gate_weights
         assert kernels.available(), kernels.build_error()
@@ -528,6 +530,18 @@ def test_other_instruction_sets_build_and_compute_the_same_cell(isa):
                 h, c = cell(x, (state[:, 0], state[:, 1]))
                 torch.testing.assert_close(out[:, 0], h, rtol=2e-6, atol=2e-6)
                 torch.testing.assert_close(out[:, 1], c, rtol=2e-6, atol=2e-6)
+        for hidden in (8, 16, 5):  # the hidden widths compiled in (8, 16) and the run-time one
+            rule = learned_optim.AdafacMLP(hidden_size=hidden).requires_grad_(False)
+            for weight in rule.parameters():
+                weight.normal_(0.0, 0.5)
+            shape, n = (37, 23), 37 * 23
+            grad, param = torch.randn(n) * 1e-3, torch.randn(n)
+            state = {k: torch.rand_like(v) * 0.1 + 0.01 for k, v in rule.init_state(n, shape=shape).items()}
+            steps = []
+            for native in (True, False):
+                with kernels.forced() if native else kernels.enabled_as(False), torch.no_grad():
+                    steps.append(rule(grad, param, dict(state), torch.tensor(3.0), shape=shape)[0])
+            torch.testing.assert_close(steps[0], steps[1], rtol=1e-5, atol=1e-6 * float(steps[1].abs().max()))
         print("ok")
     """)
     if shutil.which(os.environ.get("CXX", "c++")) is None:
