@@ -134,23 +134,37 @@ int lo_mlp_update_f32(int64_t n, int d, int hidden, const float* grad, const flo
             const int64_t r = grp * L;
             features<true>(p, r, u, m_new, v_new);
             vf dir = splat(b2[0]), mag = splat(b2[1]);
+            // the output sums of four hidden units a[0..4), in the order the 4-unit loop below adds them
+            auto add_four = [&](int k, const vf* a) {
+                dir += w2[k] * a[0] + w2[k + 1] * a[1] + w2[k + 2] * a[2] + w2[k + 3] * a[3];
+                mag += w2[hidden + k] * a[0] + w2[hidden + k + 1] * a[1] + w2[hidden + k + 2] * a[2] +
+                       w2[hidden + k + 3] * a[3];
+            };
             int k = 0;
-            for (; k + 4 <= hidden; k += 4) {  // four hidden units at a time: independent FMA chains
-                vf a0 = splat(b1[k]), a1 = splat(b1[k + 1]), a2 = splat(b1[k + 2]), a3 = splat(b1[k + 3]);
-                const float *w0 = w1 + k * F, *wa = w0 + F, *wb = wa + F, *wc = wb + F;
-                for (int f = 0; f < F; ++f) {
-                    a0 += w0[f] * u[f];
-                    a1 += wa[f] * u[f];
-                    a2 += wb[f] * u[f];
-                    a3 += wc[f] * u[f];
-                }
-                const vf zero{};
-                a0 = a0 > zero ? a0 : zero;
-                a1 = a1 > zero ? a1 : zero;
-                a2 = a2 > zero ? a2 : zero;
-                a3 = a3 > zero ? a3 : zero;
-                dir += w2[k] * a0 + w2[k + 1] * a1 + w2[k + 2] * a2 + w2[k + 3] * a3;
-                mag += w2[hidden + k] * a0 + w2[hidden + k + 1] * a1 + w2[hidden + k + 2] * a2 + w2[hidden + k + 3] * a3;
+            // eight hidden units at a time: independent FMA chains enough to cover the FMA latency at two FMAs
+            // per cycle (four ran an AVX2 core at one per cycle); the features enter as memory operands
+            for (; k + 8 <= hidden; k += 8) {
+                vf a[8];
+#pragma GCC unroll 8
+                for (int q = 0; q < 8; ++q) a[q] = splat(b1[k + q]);
+                for (int f = 0; f < F; ++f)
+#pragma GCC unroll 8
+                    for (int q = 0; q < 8; ++q) a[q] += w1[(k + q) * F + f] * u[f];
+#pragma GCC unroll 8
+                for (int q = 0; q < 8; ++q) a[q] = a[q] > vf{} ? a[q] : vf{};
+                add_four(k, a);
+                add_four(k + 4, a + 4);
+            }
+            for (; k + 4 <= hidden; k += 4) {
+                vf a[4];
+#pragma GCC unroll 4
+                for (int q = 0; q < 4; ++q) a[q] = splat(b1[k + q]);
+                for (int f = 0; f < F; ++f)
+#pragma GCC unroll 4
+                    for (int q = 0; q < 4; ++q) a[q] += w1[(k + q) * F + f] * u[f];
+#pragma GCC unroll 4
+                for (int q = 0; q < 4; ++q) a[q] = a[q] > vf{} ? a[q] : vf{};
+                add_four(k, a);
             }
             for (; k < hidden; ++k) {
                 vf a = splat(b1[k]);
