@@ -453,12 +453,11 @@ class LearnedOptimizer(Optimizer):
         delta, new_state = self._net()(grad.to(dtype), flat.to(dtype), current, step, stats, shape=shape, **extra)
         if isinstance(lr, Tensor):
             lr = lr.to(device=flat.device, dtype=dtype)
-        if delta is None:
-            pass  # applied by the rule
-        elif update_in_place:
-            decoupled_update_(flat, delta, lr, weight_decay)
-        else:
-            flat.copy_(decoupled_update(flat.to(dtype), delta, lr, weight_decay))
+        if delta is not None:  # (None: the rule applied the update to flat itself)
+            if update_in_place:
+                decoupled_update_(flat, delta, lr, weight_decay)
+            else:
+                flat.copy_(decoupled_update(flat.to(dtype), delta, lr, weight_decay))
         for k in names:
             if not (in_place and new_state[k] is current[k]):
                 state[k].copy_(new_state[k].view_as(state[k]))
