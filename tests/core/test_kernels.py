@@ -508,7 +508,7 @@ def test_auto_chunk_size_on_an_accelerator_is_large(make_rule):
 def test_other_instruction_sets_build_and_compute_the_same_cell(isa):
     """Each ISA build this CPU can run but would not pick (``LEARNED_OPTIM_ISA``) compiles, reports its
     vector width and computes the same cell, on the generic path (hidden 7) and the zoo's hidden size 20, and the
-    same adafac_mlp step as ATen at hidden widths 8 and 16 (compiled in) and 5 (read at run time)."""
+    same adafac_mlp step as ATen at hidden widths 8 and 16 (compiled in) and 20 (padded to 24, read at run time)."""
     if isa not in kernels.supported_isas():
         pytest.skip(f"this CPU cannot run {isa}")
     code = textwrap.dedent("""
@@ -530,7 +530,7 @@ def test_other_instruction_sets_build_and_compute_the_same_cell(isa):
                 h, c = cell(x, (state[:, 0], state[:, 1]))
                 torch.testing.assert_close(out[:, 0], h, rtol=2e-6, atol=2e-6)
                 torch.testing.assert_close(out[:, 1], c, rtol=2e-6, atol=2e-6)
-        for hidden in (8, 16, 5):  # the hidden widths compiled in (8, 16) and the run-time one
+        for hidden in (8, 16, 20):  # the padded widths compiled in (8, 16) and one read at run time (24)
             rule = learned_optim.AdafacMLP(hidden_size=hidden).requires_grad_(False)
             for weight in rule.parameters():
                 weight.normal_(0.0, 0.5)
