@@ -279,6 +279,7 @@ def _adafac_step(rule, grad, param, state, step, shape, in_place):
         ((2, 5000), {"time_scales": (10.0, 100.0)}),  # rows longer than the kernel's blocks (4096 coordinates)
         ((10_001,), {"hidden_size": 5, "num_hidden_layers": 1}),  # a vector: lanes along the rows, 3 blocks
         ((6, 4, 3, 3), {"hidden_size": 32, "num_hidden_layers": 3, "mup": False}),  # a conv weight (6, 36)
+        ((12, 40), {"hidden_size": 16}),  # the kernel's other width compiled in (8: the default)
         ((3, 1), {"momentum_decays": (0.5,), "factored_decays": (0.9,), "adam_feature_decay": 0.5}),
         ((1, 7), {"normalize_direction": False}),
         ((9, 4), {"step_magnitude": "unit"}),
