@@ -77,6 +77,18 @@ inline void features(const Moments& p, int64_t r, vf* u, float* m_new, float* v_
     }
 }
 
+// a[q] = relu(b1[k + q] + sum_f w1[(k + q) F + f] u[f]) for the Q hidden units from k: Q independent FMA chains.
+template <int Q>
+inline void hidden_units(int k, int F, const float* w1, const float* b1, const vf* u, vf* a) {
+#pragma GCC unroll 8
+    for (int q = 0; q < Q; ++q) a[q] = splat(b1[k + q]);
+    for (int f = 0; f < F; ++f)
+#pragma GCC unroll 8
+        for (int q = 0; q < Q; ++q) a[q] += w1[(k + q) * F + f] * u[f];
+#pragma GCC unroll 8
+    for (int q = 0; q < Q; ++q) a[q] = a[q] > vf{} ? a[q] : vf{};
+}
+
 }  // namespace
 
 extern "C" {
@@ -145,25 +157,13 @@ int lo_mlp_update_f32(int64_t n, int d, int hidden, const float* grad, const flo
             // per cycle (four ran an AVX2 core at one per cycle); the features enter as memory operands
             for (; k + 8 <= hidden; k += 8) {
                 vf a[8];
-#pragma GCC unroll 8
-                for (int q = 0; q < 8; ++q) a[q] = splat(b1[k + q]);
-                for (int f = 0; f < F; ++f)
-#pragma GCC unroll 8
-                    for (int q = 0; q < 8; ++q) a[q] += w1[(k + q) * F + f] * u[f];
-#pragma GCC unroll 8
-                for (int q = 0; q < 8; ++q) a[q] = a[q] > vf{} ? a[q] : vf{};
+                hidden_units<8>(k, F, w1, b1, u, a);
                 add_four(k, a);
                 add_four(k + 4, a + 4);
             }
             for (; k + 4 <= hidden; k += 4) {
                 vf a[4];
-#pragma GCC unroll 4
-                for (int q = 0; q < 4; ++q) a[q] = splat(b1[k + q]);
-                for (int f = 0; f < F; ++f)
-#pragma GCC unroll 4
-                    for (int q = 0; q < 4; ++q) a[q] += w1[(k + q) * F + f] * u[f];
-#pragma GCC unroll 4
-                for (int q = 0; q < 4; ++q) a[q] = a[q] > vf{} ? a[q] : vf{};
+                hidden_units<4>(k, F, w1, b1, u, a);
                 add_four(k, a);
             }
             for (; k < hidden; ++k) {

@@ -22,7 +22,7 @@ from torch import nn
 
 import learned_optim
 from learned_optim import LearnedOptimizer, kernels
-from learned_optim.kernels import _build, _guard
+from learned_optim.kernels import _build, _guard, _runtime
 from learned_optim.nets.cells import fused_gate_weights, lstm_cell
 
 needs_kernels = pytest.mark.skipif(
@@ -629,6 +629,17 @@ def test_dispatch_follows_planted_guard_measurements(tmp_path):
             assert f"kernel {name}: {verdict}" in seen["report"] and f"= {ratio:.2f}x" in seen["report"]
         assert planted_path.stat().st_mtime_ns == stamp  # read, not measured again
         assert len(list(cache.glob("*.so"))) == 1  # not rebuilt
+
+
+@needs_kernels
+def test_measuring_the_guard_leaves_the_global_random_stream_alone():
+    """The guard runs once per machine, lazily, inside the user's first step: it must not reseed torch's global
+    generator (its workloads build nets with seeded initialisations), or a seeded script would draw other numbers
+    on its first run on a machine than on every later run."""
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    _guard.measure(kernels.isa(), _runtime._switched)
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_a_guard_record_of_other_workloads_is_measured_again():
