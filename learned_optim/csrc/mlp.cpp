@@ -167,9 +167,8 @@ int lo_mlp_update_f32(int64_t n, int d, int hidden, const float* grad, const flo
                 add_four(k, a);
             }
             for (; k < hidden; ++k) {
-                vf a = splat(b1[k]);
-                for (int f = 0; f < F; ++f) a += w1[k * F + f] * u[f];
-                a = a > vf{} ? a : vf{};
+                vf a;
+                hidden_units<1>(k, F, w1, b1, u, &a);
                 dir += w2[k] * a;
                 mag += w2[hidden + k] * a;
             }

@@ -173,9 +173,9 @@ def test_elu_kernel_nan_and_fallbacks():
     torch.testing.assert_close(kernels.elu_(strided), expected, rtol=0, atol=0)
 
 
-def _mlp_case(n: int, seed: int = 0):
+def _mlp_case(n: int, seed: int = 0, **config):
     gen = torch.Generator().manual_seed(seed)
-    rule = learned_optim.MLPUpdate().requires_grad_(False)
+    rule = learned_optim.MLPUpdate(**config).requires_grad_(False)
     grad_ = torch.randn(n, generator=gen) * 10.0 ** torch.randint(-6, 0, (n,), generator=gen)
     param = torch.randn(n, generator=gen)
     state = {"m": torch.randn(n, 5, generator=gen) * 1e-3, "v": torch.rand(n, 5, generator=gen) * 1e-5}
@@ -184,8 +184,9 @@ def _mlp_case(n: int, seed: int = 0):
 
 @needs_kernels
 @pytest.mark.parametrize("n", [1, 15, 17, 5000])
-def test_mlp_kernels_equal_the_aten_path(n):
-    rule, grad_, param, state, step = _mlp_case(n)
+@pytest.mark.parametrize("hidden", [32, 13], ids=["hidden32", "hidden13"])  # 13: the 8-, 4- and 1-unit blocks
+def test_mlp_kernels_equal_the_aten_path(n, hidden):
+    rule, grad_, param, state, step = _mlp_case(n, hidden_size=hidden)
     with torch.no_grad():
         stats = rule.tensor_stats(grad_, param, state, step)
         delta, new = rule(grad_, param, state, step, stats)
