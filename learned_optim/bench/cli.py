@@ -57,7 +57,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         choices=LR_RULES,
         default=["default", "tuned"],
         help="how learned optimizers get their lr: adamw (AdamW's tuned lr, weight decay and schedule), tuned "
-        "(own lr tuned on the same budget), default (checkpoint's lr and schedule); several allowed "
+        "(own lr tuned on the same budget), tuned-wd (own lr and weight decay tuned on AdamW's grid), default "
+        "(checkpoint's lr and schedule); several allowed "
         "(default: default tuned)",
     )
     parser.add_argument("--seeds", type=int, default=None, help="evaluation seeds 0..N-1 (default 3; 1 with --quick)")

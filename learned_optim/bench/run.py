@@ -25,6 +25,9 @@ under one or more *lr rules*:
 * ``tuned``: its own lr tuned on the same budget: the checkpoint's default lr times
   :data:`LEARNED_LR_MULTIPLIERS` when that default is a step multiplier (``>= 0.1``, the old zoo's 1.0),
   AdamW's lr grid when it is a real learning rate; its default weight decay and schedule;
+* ``tuned-wd``: tuned vs tuned on AdamW's whole grid: the ``tuned`` rule's learning rates times AdamW's
+  weight decays (and, in the full suite, the same growth past a winning edge on both axes), with its default
+  schedule;
 * ``default``: the checkpoint's default lr and weight decay and its schedule (``config.json``'s
   top-level ``"schedule"``, ``"constant"`` when absent), the same for every task.
 
@@ -97,7 +100,7 @@ __all__ = [
 SUITE_VERSION = 1
 #: Seed of the tuning runs (never an evaluation seed).
 TUNE_SEED = 1_000_000
-LR_RULES = ("adamw", "tuned", "default")
+LR_RULES = ("adamw", "tuned", "tuned-wd", "default")
 #: The flatness measures of the suite's ``--flatness``, at the final weights: reverse-over-reverse
 #: Hessian-vector products (the suite's LSTMs and fused attention have no forward-mode derivative), 10 probes
 #: and 10 power iterations on 2 training batches, PGA sharpness at three radii on one validation batch.
@@ -203,15 +206,16 @@ class BenchOptimizer:
     #: Test-time adaptation of a learned optimizer's net before training (:func:`adapt_before_training`).
     adapt_steps: int = 0
 
-    def tuned_grid(self, adamw_grid: Grid, quick: bool = False) -> list[Setting]:
-        """The ``tuned`` rule's grid (see the module docstring)."""
+    def tuned_grid(self, adamw_grid: Grid, quick: bool = False, weight_decay: bool = False) -> list[Setting]:
+        """The ``tuned`` rule's grid, or with ``weight_decay`` the ``tuned-wd`` rule's (see the module docstring)."""
         assert self.default_lr is not None
         if self.default_lr >= 0.1:
             mult = QUICK_LEARNED_LR_MULTIPLIERS if quick else LEARNED_LR_MULTIPLIERS
             lrs: Sequence[float] = [self.default_lr * m for m in mult]
         else:
             lrs = adamw_grid.lr
-        return [Setting(self.name, lr, self.default_weight_decay, self.default_schedule) for lr in lrs]
+        decays = adamw_grid.weight_decay if weight_decay else (self.default_weight_decay,)
+        return Grid(tuple(lrs), tuple(decays), self.default_schedule).settings(self.name)
 
     def default_setting(self) -> Setting:
         assert self.default_lr is not None

@@ -182,7 +182,7 @@ class SuiteResults:
             f"{SELECTION_NOTE if c.get('selection') else 'Suite'} v{c['suite_version']}"
             f"{' (quick selection)' if c['quick'] else ''}: {len(self.records)} tasks, "
             f"{len(c['seeds'])} seed(s) each ({c['seeds']}), mean ± 95% t-interval over seeds. Baselines and the "
-            f"`tuned` rule were tuned on the validation split of seed {TUNE_SEED} with the full horizon. IQM = "
+            f"`tuned` rules were tuned on the validation split of seed {TUNE_SEED} with the full horizon. IQM = "
             "interquartile mean over tasks; speed-up = horizon / first step at which the training loss, averaged "
             "over windows of horizon/20 steps, reaches tuned AdamW's last window (< 1: AdamW's step reaching the "
             "optimizer's last window / horizon; 0: non-finite); "
@@ -326,7 +326,8 @@ def run_suite(
             :data:`~learned_optim.bench.tasks.QUICK` with ``quick``).
         baselines: among :data:`BASELINE_NAMES` (``adamw`` always runs: the reference); default
             :data:`DEFAULT_BASELINES`.
-        lr_rules: for the learned optimizers, among ``adamw``, ``tuned``, ``default``.
+        lr_rules: for the learned optimizers, among :data:`~learned_optim.bench.run.LR_RULES` (``adamw``,
+            ``tuned``, ``tuned-wd``, ``default``; see :mod:`learned_optim.bench.run`).
         seeds: evaluation seeds ``0 .. seeds-1`` (default 3, or 1 with ``quick``).
         quick: the quick selection: :data:`QUICK` tasks at :data:`QUICK_STEPS_FRACTION` of their steps,
             1 seed, the small grids :data:`~learned_optim.bench.run.QUICK_GRIDS`.
@@ -377,7 +378,12 @@ def run_suite(
 
     def planned_runs() -> int:
         per = sum(len(grids[n].settings(n)) for n in names) + len(contenders) * n_seeds
-        per += sum(len(o.tuned_grid(grids[REFERENCE], quick)) for o in learned if "tuned" in rules)
+        per += sum(
+            len(o.tuned_grid(grids[REFERENCE], quick, weight_decay=r == "tuned-wd"))
+            for o in learned
+            for r in rules
+            if r.startswith("tuned")
+        )
         return per
 
     total = sum(w.steps for w in workloads) * planned_runs()
@@ -410,7 +416,7 @@ def run_suite(
                     chosen[c.label] = o.default_setting()
                 else:
                     bar.set_description(f"{w.name} | tuning {c.label}")
-                    grid = o.tuned_grid(grids[REFERENCE], quick)
+                    grid = o.tuned_grid(grids[REFERENCE], quick, weight_decay=c.rule == "tuned-wd")
                     result = tune(c.label, grid, runner(o), task=w.name, extend_edges=extend)
                     tunings.append(result)
                     say(result.describe())

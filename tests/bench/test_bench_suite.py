@@ -427,6 +427,42 @@ def test_learned_tuned_grid_is_relative_to_a_multiplier_default():
     assert [s.lr for s in real.tuned_grid(brun.FULL_GRIDS["adamw"])] == list(brun.FULL_GRIDS["adamw"].lr)
 
 
+def test_the_tuned_wd_rule_tunes_on_adamws_whole_grid():
+    """``tuned`` keeps the checkpoint's weight decay; ``tuned-wd`` tunes lr x weight decay as AdamW is tuned."""
+    adamw = brun.FULL_GRIDS["adamw"]
+    real = brun.BenchOptimizer("x", "learned", lambda *a: None, {}, default_lr=1e-3, default_schedule="cosine")
+    assert {s.weight_decay for s in real.tuned_grid(adamw)} == {0.0}
+    both = real.tuned_grid(adamw, weight_decay=True)
+    assert {(s.lr, s.weight_decay) for s in both} == set(itertools.product(adamw.lr, adamw.weight_decay))
+    assert {s.schedule for s in both} == {"cosine"} and {s.optimizer for s in both} == {"x"}
+    multiplier = brun.learned_optimizer("l2o-mlp").tuned_grid(adamw, weight_decay=True)
+    assert {(s.lr, s.weight_decay) for s in multiplier} == set(itertools.product((0.1, 0.3, 1.0), adamw.weight_decay))
+
+
+def test_the_tuned_wd_rule_finds_a_weight_decay_past_the_grid_in_the_full_suite(tmp_path, monkeypatch):
+    calls = []
+
+    def wd_train(workload, optimizer, setting, seed, flatness=None):
+        record = _fake_train(calls)(workload, optimizer, setting, seed)
+        loss = 1.0 + abs(math.log10(setting.lr / 1e-2)) + abs(math.log10((setting.weight_decay + 1e-3) / 0.3))
+        return {**record, "final": {"val_loss": loss, "test_loss": loss}}
+
+    monkeypatch.setattr(brun, "train", wd_train)
+    results = run_suite(
+        ["l2o-lstm"],  # a multiplier default (lr grid 0.1-1): both axes grow past their winning edges
+        out=tmp_path,
+        tasks=["diabetes-mlp"],
+        baselines=["adamw"],
+        progress=False,
+        seeds=1,
+        lr_rules=["tuned", "tuned-wd"],
+    )
+    chosen = {t.contender: t.chosen for t in results.tuning}
+    assert chosen["adamw"].weight_decay == chosen["l2o-lstm [tuned-wd]"].weight_decay == 0.3
+    assert chosen["l2o-lstm [tuned]"].weight_decay == 0.0 and chosen["l2o-lstm [tuned-wd]"].lr == 0.01
+    assert {r["contender"] for r in results.rows()} >= {"l2o-lstm [tuned]", "l2o-lstm [tuned-wd]"}
+
+
 def test_unused_torch_state_untouched():
     state = torch.random.get_rng_state()
     TASKS["diabetes-mlp"].bind(steps=5).build_model(0)
