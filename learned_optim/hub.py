@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .nets.base import FAMILIES, UpdateRule, build_rule
+from .schedules import SCHEDULES
 
 if TYPE_CHECKING:
     from .optimizer import LearnedOptimizer
@@ -55,8 +56,6 @@ CARD_NAME = "README.md"
 LIBRARY_NAME = "learned_optim"
 #: Highest checkpoint format this version reads and the one it writes.
 FORMAT_VERSION = 1
-#: The lr schedules a checkpoint can recommend (config.json's top-level ``"schedule"``).
-SCHEDULES = ("constant", "cosine")
 
 
 class CheckpointError(ValueError):

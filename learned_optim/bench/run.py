@@ -67,8 +67,9 @@ from typing import Any, cast
 import torch
 from torch.optim import Optimizer
 
-from ..hub import SCHEDULES, WEIGHTS_NAME, read_config
+from ..hub import WEIGHTS_NAME, read_config
 from ..optimizer import NonFiniteGradientError
+from ..schedules import lr_factor
 from . import stats
 from .baselines import BASELINES, ENTROPY_SGD_GRID
 from .flatness import FlatnessOptions, task_flatness
@@ -89,7 +90,6 @@ __all__ = [
     "baseline_optimizer",
     "learned_optimizer",
     "UnknownOptimizerError",
-    "lr_factor",
     "train",
     "SUITE_FLATNESS",
     "RunStore",
@@ -115,7 +115,6 @@ SUITE_FLATNESS = FlatnessOptions(
 )
 #: The ``tuned`` rule's grid, relative to the checkpoint's default lr, when that default is a multiplier.
 LEARNED_LR_MULTIPLIERS: tuple[float, ...] = (0.1, 0.3, 1.0)
-WARMUP_FRACTION = 0.05
 
 
 class UnknownOptimizerError(ValueError):
@@ -172,22 +171,6 @@ class Setting:
     def describe(self) -> str:
         wd = f", wd {self.weight_decay:g}" if self.weight_decay else ""
         return f"lr {self.lr:g}{wd}, {self.schedule}"
-
-
-def lr_factor(schedule: str, step: int, steps: int) -> float:
-    r"""The multiplier of the base lr at ``step`` (0-based) of ``steps``.
-
-    ``constant``: 1. ``cosine``: :math:`(t+1)/w` for :math:`t < w = \max(1, \lfloor 0.05\,T \rfloor)`, then
-    :math:`\tfrac12\bigl(1+\cos(\pi\,(t-w)/(T-w))\bigr)` (decays to 0 at the last step).
-    """
-    if schedule == "constant":
-        return 1.0
-    if schedule != "cosine":
-        raise ValueError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
-    warm = max(1, int(WARMUP_FRACTION * steps))
-    if step < warm:
-        return (step + 1) / warm
-    return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
 
 
 @dataclasses.dataclass

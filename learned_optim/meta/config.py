@@ -40,8 +40,8 @@ import torch
 from torch import Tensor
 
 from .._validation import check_value
-from ..hub import SCHEDULES
 from ..objectives import OBJECTIVES
+from ..schedules import SCHEDULES
 
 __all__ = [
     "NetSection",
@@ -179,6 +179,11 @@ class UnrollConfig(_Section):
         lr_range: ``[lo, hi]``: each training trajectory draws its own :math:`\eta` log-uniformly in this range
             (for a net whose step is ``lr`` times a learned direction: robustness to the user's lr and
             schedule); ``None``: every trajectory uses ``lr``.
+        schedule: the inner lr's schedule over each trajectory (one of :data:`~learned_optim.schedules.SCHEDULES`):
+            step :math:`t` of a trajectory of :math:`T` steps uses
+            :math:`\eta \cdot` :func:`~learned_optim.schedules.lr_factor` ``(schedule, t, T)``; ``"cosine"`` is the
+            warm-up and cosine decay to 0 of the benchmark suite and of the checkpoints' recommended schedule,
+            so the net meets in meta-training the small late steps it meets in use; ``"constant"``: :math:`\eta`.
     """
 
     trajectory_length: int = 100
@@ -189,8 +194,11 @@ class UnrollConfig(_Section):
     diverged_loss_factor: float = 10.0
     lr: float | None = None
     lr_range: list[float] | None = None
+    schedule: str = "constant"
 
     def validate(self, where: str) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"{where}.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"{where}.lr must be positive or null")
         if self.lr_range is not None and not (len(self.lr_range) == 2 and 0 < self.lr_range[0] <= self.lr_range[1]):

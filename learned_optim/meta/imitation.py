@@ -126,5 +126,6 @@ def imitation_unroll(
         last_loss=trajectory.last_loss,
         extra={k: {s: v.detach() for s, v in st.items()} for k, st in teacher.items()},
         lr=trajectory.lr,
+        horizon=trajectory.horizon,
     )
     return ImitationResult(loss=loss, train_losses=torch.tensor(train_losses, dtype=torch.float64), end=end)

@@ -246,6 +246,7 @@ class MetaTrainer:
         self.trajectory_length = (
             self.curriculum.train_length if self.curriculum is not None else self.config.unroll.trajectory_length
         )
+        self.trajectory.horizon = self.trajectory_length
         self.trajectory_mode = "unroll"
         if self.maml is not None:
             self.maml.begin(index, self.rule, self.task)

@@ -39,6 +39,7 @@ from torch.utils.checkpoint import checkpoint
 from .._numerics import derive_seed, global_norm, seeded_generator
 from ..functional import StateDict, apply_rule, decoupled_update, to_device
 from ..nets.base import UpdateRule
+from ..schedules import lr_factor
 from ..tasks.base import Task, TaskFamily
 from .config import UnrollConfig
 
@@ -137,6 +138,8 @@ class Trajectory:
         extra: further per-tensor state a caller carries along (e.g. the imitation teacher's moments).
         lr: this trajectory's inner learning rate :math:`\eta` (``None``: the unroll config's ``lr``, else
             the net's ``default_lr``); set per trajectory when meta-training samples it (``unroll.lr_range``).
+        horizon: the trajectory's length :math:`T`, the horizon of the unroll config's lr ``schedule``
+            (``None``: the config's ``trajectory_length``).
     """
 
     params: dict[str, Tensor]
@@ -148,6 +151,7 @@ class Trajectory:
     last_loss: float | None = None
     extra: StateDict = dataclasses.field(default_factory=dict)
     lr: float | None = None
+    horizon: int | None = None
 
     def detached(self) -> Trajectory:
         return dataclasses.replace(
@@ -174,6 +178,7 @@ class Trajectory:
             "last_loss": self.last_loss,
             "has_extra": bool(self.extra),
             "lr": self.lr,
+            "horizon": self.horizon,
         }
         return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, meta
 
@@ -206,6 +211,7 @@ class Trajectory:
             last_loss=meta["last_loss"],
             extra=stores["extra"],
             lr=meta.get("lr"),
+            horizon=meta.get("horizon"),
         )
 
 
@@ -301,6 +307,7 @@ def unroll(
     device = next(iter(trajectory.params.values())).device
     second_order = cfg.second_order and track_graph
     lr = trajectory.lr if trajectory.lr is not None else cfg.lr if cfg.lr is not None else rule.default_lr
+    horizon = trajectory.horizon if trajectory.horizon is not None else cfg.trajectory_length
     task_bound = getattr(task, "divergence_bound", None)
     bound = task_bound if task_bound is not None else cfg.max_param_norm
 
@@ -320,7 +327,8 @@ def unroll(
         loss, grads = task_loss_and_grad(task, params, batch, create_graph=second_order)
         with torch.set_grad_enabled(track_graph):
             deltas, new_state = apply_rule(rule, weights, grads, params, state, t)
-            new_params = {k: decoupled_update(params[k], deltas[k], lr) for k in params}
+            lr_t = lr * lr_factor(cfg.schedule, t - 1, horizon)
+            new_params = {k: decoupled_update(params[k], deltas[k], lr_t) for k in params}
         return loss, new_params, new_state, grads
 
     meta_losses: list[Tensor | float] = []
@@ -417,6 +425,7 @@ def unroll(
         last_loss=last_loss,
         extra=trajectory.extra,
         lr=trajectory.lr,
+        horizon=trajectory.horizon,
     )
     return UnrollResult(
         losses=losses,
@@ -452,6 +461,7 @@ def evaluation_scores(
         gen = seeded_generator(derive_seed(seed, "eval-task", r))
         task = family.sample(gen)
         trajectory = start_trajectory(rule, task, gen, device=device, dtype=dtype)
+        trajectory.horizon = length
         result = unroll(
             rule,
             None,

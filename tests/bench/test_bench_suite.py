@@ -17,6 +17,7 @@ from learned_optim.bench import suite as bsuite
 from learned_optim.bench import tuning as btuning
 from learned_optim.bench.cli import main as bench_main
 from learned_optim.bench.tasks import QUICK_STEPS_FRACTION, TASKS
+from learned_optim.schedules import lr_factor
 
 
 # ------------------------------------------------------------------------------------------ statistics
@@ -65,13 +66,13 @@ def test_paired_outcome_on_hand_made_numbers():
 
 def test_cosine_schedule_warms_up_and_decays_to_zero():
     steps = 200
-    factors = [brun.lr_factor("cosine", t, steps) for t in range(steps)]
+    factors = [lr_factor("cosine", t, steps) for t in range(steps)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert factors[10] == pytest.approx(1.0) and factors[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 189 / 190)))
     assert all(a >= b for a, b in itertools.pairwise(factors[9:]))
-    assert brun.lr_factor("constant", 7, steps) == 1.0
+    assert lr_factor("constant", 7, steps) == 1.0
     with pytest.raises(ValueError, match="unknown schedule"):
-        brun.lr_factor("linear", 0, steps)
+        lr_factor("linear", 0, steps)
 
 
 # ------------------------------------------------------------------------------------------ tuning

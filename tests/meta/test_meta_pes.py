@@ -84,12 +84,14 @@ def pes_config(**changes):
     return tiny_config(**{**base, **changes})
 
 
-def test_pes_run_resumes_bit_for_bit(tmp_path):
-    full = MetaTrainer(pes_config(), out_dir=tmp_path / "full", progress=False)
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_pes_run_resumes_bit_for_bit(tmp_path, schedule):
+    config = pes_config(unroll__schedule=schedule)
+    full = MetaTrainer(config, out_dir=tmp_path / "full", progress=False)
     full_folder = full.train()
-    first = MetaTrainer(pes_config(), out_dir=tmp_path / "cut", progress=False)
+    first = MetaTrainer(config, out_dir=tmp_path / "cut", progress=False)
     assert first.train(stop_after=4) is None  # killed mid-trajectory (checkpoint at meta-step 3)
-    resumed = MetaTrainer(pes_config(), out_dir=tmp_path / "cut", progress=False, command="resumed")
+    resumed = MetaTrainer(config, out_dir=tmp_path / "cut", progress=False, command="resumed")
     cut_folder = resumed.train(resume=True)
     assert resumed.meta_steps == full.meta_steps == 8
     wf, wc = weights_of(full_folder), weights_of(cut_folder)

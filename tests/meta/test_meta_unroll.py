@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -10,8 +11,9 @@ import torch
 from learned_optim import build_rule
 from learned_optim.functional import apply_rule
 from learned_optim.meta.config import UnrollConfig
-from learned_optim.meta.unroll import start_trajectory, unroll
+from learned_optim.meta.unroll import Trajectory, start_trajectory, unroll
 from learned_optim.objectives import meta_objective
+from learned_optim.schedules import lr_factor
 from learned_optim.tasks.base import Task, TaskFamily
 
 FAMILIES = ["dm_lstm", "rnnprop", "mlp"]
@@ -152,6 +154,34 @@ def test_segments_detach_state_and_continue_the_step_count():
     # one long segment reaches the same point as two short ones (same batches, same steps)
     whole = unroll(rule, weights, task, trajectory, 4, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(whole.end.params["x"], second.end.params["x"])
+
+
+@pytest.mark.parametrize("horizon", [None, 8])
+def test_the_inner_lr_schedule_scales_each_step(horizon):
+    """``unroll.schedule``: step t of a T-step trajectory moves by lr * lr_factor(schedule, t, T), exactly what
+    one-step segments at that lr do; T is the trajectory's ``horizon``, else the config's trajectory_length."""
+    rule, task, trajectory = make("adafac_mlp", hidden_size=4)
+    trajectory.lr, trajectory.horizon = 0.05, horizon
+    T = horizon or 6
+    cosine = UnrollConfig(trajectory_length=6, schedule="cosine")
+    whole = unroll(rule, None, task, trajectory, 5, generator=torch.Generator().manual_seed(3), config=cosine)
+    gen, end = torch.Generator().manual_seed(3), trajectory
+    for t in range(5):
+        step = dataclasses.replace(end, lr=0.05 * lr_factor("cosine", t, T))
+        end = unroll(rule, None, task, step, 1, generator=gen, config=UnrollConfig(trajectory_length=6)).end
+    torch.testing.assert_close(whole.end.params["x"], end.params["x"], rtol=0, atol=0)
+    assert whole.end.horizon == horizon and whole.end.lr == 0.05
+    constant = unroll(rule, None, task, trajectory, 5, generator=torch.Generator().manual_seed(3))
+    assert not torch.equal(constant.end.params["x"], whole.end.params["x"])
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        UnrollConfig(schedule="linear").validate("unroll")
+
+
+def test_a_trajectory_keeps_its_lr_and_horizon_through_a_checkpoint():
+    _, _, trajectory = make("mlp")
+    trajectory.lr, trajectory.horizon = 0.02, 300
+    back = Trajectory.from_tensors("t", *trajectory.to_tensors("t"), device="cpu")
+    assert (back.lr, back.horizon) == (0.02, 300)
 
 
 def test_train_by_validation_losses_use_the_val_batch():
