@@ -17,6 +17,10 @@ on CUDA, each rank on its ``LOCAL_RANK`` device) and passes it to :class:`MetaTr
 name such as ``l2o-lstm`` refers to the bundled ``learned_optim/meta/configs/<name>.yaml``. The run
 folder gets ``log.jsonl``, ``checkpoint/`` and, when training finishes, ``model/`` (a zoo folder for
 ``learned_optim.from_pretrained``).
+
+Weight averaging of fine-tunes of one parent (:func:`learned_optim.meta.soup.weight_soup`)::
+
+    python -m learned_optim.meta soup runs/ft-s0/model runs/ft-s1/model --out runs/ft-soup
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 
+from ..schedules import SCHEDULES
 from .config import CONFIG_DIR, load_config, resolve_config_path
 
 __all__ = ["main", "build_parser", "resolve_config_path", "CONFIG_DIR"]
@@ -54,6 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     sub.add_parser("configs", help="list the bundled configs")
+    soup = sub.add_parser(
+        "soup",
+        help="average the weights of fine-tunes of one parent into one checkpoint (a uniform model soup)",
+        description="Write the uniform weight average of two or more checkpoint folders of one net and parent.",
+    )
+    soup.add_argument("sources", nargs="+", help="checkpoint folders (the same family, net and parent)")
+    soup.add_argument("--out", required=True, help="folder to write")
+    soup.add_argument("--name", default=None, help="zoo name of the soup (default: the first source's + -soup)")
+    soup.add_argument("--description", default=None, help="its description (default: lists the ingredients)")
+    soup.add_argument(
+        "--schedule", choices=SCHEDULES, default=None, help="recommended lr schedule (default: the sources')"
+    )
     return parser
 
 
@@ -64,6 +81,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         for path in sorted(CONFIG_DIR.glob("*.yaml")):
             cfg = load_config(path)
             print(f"{path.stem}\n    {cfg.description or ''}\n    time: {cfg.expected_time or 'not stated'}")
+        return 0
+
+    if args.command == "soup":
+        from .soup import weight_soup
+
+        try:
+            soup_folder = weight_soup(
+                args.sources,
+                args.out,
+                name=args.name,
+                description=args.description,
+                schedule=args.schedule,
+                command=shlex.join(["python", "-m", "learned_optim.meta", *argv]),
+            )
+        except ValueError as err:  # CheckpointError included
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(f"soup of {len(args.sources)} checkpoints written to {soup_folder}")
         return 0
 
     from .trainer import MetaTrainer

@@ -1,0 +1,79 @@
+"""Weight soups: the average of fine-tunes of one parent, and what is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import learned_optim
+from learned_optim import build_rule, save_pretrained
+from learned_optim.hub import CheckpointError, load_rule_from_dir, parent_record
+from learned_optim.meta.cli import main as meta_main
+from learned_optim.meta.soup import weight_soup
+
+NET = {"hidden_size": 4}
+
+
+def fine_tune(folder, seed, parent="parent-net", family="adafac_mlp", net=NET, lr=1e-3, schedule="cosine"):
+    """A checkpoint as the meta-trainer writes a fine-tune of ``parent``: random weights of ``seed``."""
+    torch.manual_seed(seed)
+    rule = build_rule(family, net)
+    training = {"parent": parent_record({"name": parent, "family": family, "net": net}, init_from=parent)}
+    save_pretrained(
+        rule, folder, name=f"ft-{seed}", training=training, optimizer_defaults={"lr": lr}, schedule=schedule
+    )
+    return rule
+
+
+def test_a_soup_is_the_mean_of_its_ingredients_and_loads(tmp_path):
+    rules = [fine_tune(tmp_path / f"ft{i}", seed=i) for i in range(3)]
+    out = weight_soup([tmp_path / f"ft{i}" for i in range(3)], tmp_path / "soup", command="python -m x")
+    soup, config = load_rule_from_dir(out)
+    for key, value in soup.state_dict().items():
+        expected = torch.stack([r.state_dict()[key] for r in rules]).mean(0)
+        torch.testing.assert_close(value, expected)
+    assert config["name"] == "ft-0-soup" and config["schedule"] == "cosine" and config["optimizer"] == {"lr": 1e-3}
+    assert config["training"]["parent"]["name"] == "parent-net"
+    ingredients = config["training"]["soup"]["ingredients"]
+    assert [i["name"] for i in ingredients] == ["ft-0", "ft-1", "ft-2"] and len(ingredients[0]["weights_sha256"]) == 16
+    card = (out / "README.md").read_text()
+    assert "## Weight soup" in card and "python -m x" in card and "ft-2" in card
+    model = torch.nn.Linear(3, 2)
+    opt = learned_optim.from_pretrained(str(out), model.parameters())
+    model(torch.randn(4, 3)).square().sum().backward()
+    opt.step()
+
+
+@pytest.mark.parametrize(
+    "other, message",
+    [
+        ({"parent": "another-parent"}, "disagree on the parent checkpoint"),
+        ({"net": {"hidden_size": 8}}, "disagree on the net configuration"),
+        ({"family": "mlp", "net": {}}, "disagree on the family"),
+        ({"lr": 3e-3}, "disagree on the optimizer defaults"),
+        ({"schedule": "constant"}, "disagree on the lr schedule"),
+    ],
+)
+def test_a_soup_of_unrelated_checkpoints_is_refused(tmp_path, other, message):
+    fine_tune(tmp_path / "a", seed=0)
+    fine_tune(tmp_path / "b", seed=1, **other)
+    with pytest.raises(CheckpointError, match=message):
+        weight_soup([tmp_path / "a", tmp_path / "b"], tmp_path / "soup")
+    assert not (tmp_path / "soup").exists()
+
+
+def test_the_soup_command_writes_a_folder_and_fails_in_one_line(tmp_path, capsys):
+    fine_tune(tmp_path / "a", seed=0)
+    fine_tune(tmp_path / "b", seed=1)
+    assert (
+        meta_main(["soup", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "s"), "--name", "s"]) == 0
+    )
+    config = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert config["name"] == "s" and "learned_optim.meta soup" in config["training"]["soup"]["command"]
+    capsys.readouterr()
+    assert meta_main(["soup", str(tmp_path / "a"), "--out", str(tmp_path / "t")]) == 2
+    assert meta_main(["soup", str(tmp_path / "a"), str(tmp_path / "nope"), "--out", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith("error: a soup needs two or more") and "Traceback" not in "".join(err)
