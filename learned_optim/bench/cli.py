@@ -63,6 +63,12 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     )
     parser.add_argument("--seeds", type=int, default=None, help="evaluation seeds 0..N-1 (default 3; 1 with --quick)")
     parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="first evaluation seed (default 0): --first-seed K --seeds N runs seeds K..K+N-1 (fresh runs)",
+    )
+    parser.add_argument(
         "--adapt-steps",
         type=int,
         default=0,
@@ -137,6 +143,7 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
             baselines=args.baselines,
             lr_rules=args.lr_rule,
             seeds=args.seeds,
+            first_seed=args.first_seed,
             quick=args.quick,
             data_root=args.data_root,
             extra_run_dirs=args.baseline_dir,

@@ -305,6 +305,7 @@ def run_suite(
     baselines: Sequence[str] = DEFAULT_BASELINES,
     lr_rules: Sequence[str] = ("default", "tuned"),
     seeds: int | None = None,
+    first_seed: int = 0,
     quick: bool = False,
     steps: int | None = None,
     data_root: str | None = None,
@@ -328,7 +329,9 @@ def run_suite(
             :data:`DEFAULT_BASELINES`.
         lr_rules: for the learned optimizers, among :data:`~learned_optim.bench.run.LR_RULES` (``adamw``,
             ``tuned``, ``tuned-wd``, ``default``; see :mod:`learned_optim.bench.run`).
-        seeds: evaluation seeds ``0 .. seeds-1`` (default 3, or 1 with ``quick``).
+        seeds: how many evaluation seeds (default 3, or 1 with ``quick``): ``first_seed .. first_seed+seeds-1``.
+        first_seed: the first evaluation seed (default 0; a later block of seeds gives fresh runs of every
+            contender, e.g. to decide on seeds nobody has seen; the tuning seed is never an evaluation seed).
         quick: the quick selection: :data:`QUICK` tasks at :data:`QUICK_STEPS_FRACTION` of their steps,
             1 seed, the small grids :data:`~learned_optim.bench.run.QUICK_GRIDS`.
         steps: the horizon of every task (default: each task's own, a quarter of it with ``quick``); for
@@ -365,7 +368,9 @@ def run_suite(
     n_seeds = (1 if quick else 3) if seeds is None else int(seeds)
     if n_seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {n_seeds}")
-    seed_list = list(range(n_seeds))
+    seed_list = list(range(first_seed, first_seed + n_seeds))
+    if first_seed < 0 or TUNE_SEED in seed_list:
+        raise ValueError(f"evaluation seeds must be >= 0 and exclude the tuning seed {TUNE_SEED}, got {seed_list}")
     flat = SUITE_FLATNESS if flatness is True else (flatness or None)
     grids = QUICK_GRIDS if quick else FULL_GRIDS
     extend = 0 if quick else EDGE_EXTENSIONS

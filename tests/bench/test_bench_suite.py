@@ -269,6 +269,19 @@ def test_quick_runs_exactly_the_quick_selection_and_reuses_stored_runs(tmp_path,
     assert calls == [] and again.config["runs_trained"] == 0 and again.rows() == rows
 
 
+def test_a_later_block_of_evaluation_seeds_runs_fresh_and_keeps_the_tuning(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(brun, "train", _fake_train(calls))
+    first = run_suite(out=tmp_path, tasks=["diabetes-mlp"], quick=True, progress=False, seeds=2)
+    calls.clear()
+    later = run_suite(out=tmp_path, tasks=["diabetes-mlp"], quick=True, progress=False, seeds=2, first_seed=5)
+    assert first.config["seeds"] == [0, 1] and later.config["seeds"] == [5, 6]
+    assert {seed for *_, seed in calls} == {5, 6}  # the tuning runs are reused, the evaluation runs are new
+    assert [t.chosen for t in later.tuning] == [t.chosen for t in first.tuning]
+    with pytest.raises(ValueError, match="exclude the tuning seed"):
+        run_suite(out=tmp_path, tasks=["diabetes-mlp"], quick=True, progress=False, first_seed=brun.TUNE_SEED)
+
+
 def test_run_records_are_compressed_deterministic_and_plain_ones_still_read(tmp_path):
     """Records are written as gzip JSON with a fixed header time (the same record is the same bytes, so a rerun
     leaves git clean); the plain .json records of earlier versions are read, the folder written first."""
