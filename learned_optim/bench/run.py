@@ -54,6 +54,7 @@ change to either makes new keys.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import hashlib
 import json
@@ -241,6 +242,18 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+@functools.cache
+def code_fingerprint() -> str:
+    """SHA-256 (16 hex digits) of this package's source (``*.py`` and the native kernels' ``csrc``): recorded in
+    every run, not in its key, so a table can be audited for runs made by different code (a change of float
+    rounding, e.g. a kernel's summation order, can turn a run at the edge of stability into another run)."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".cpp", ".h") and p.is_file()):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def learned_optimizer(name_or_dir: str, adapt_steps: int = 0) -> BenchOptimizer:
     """A learned optimizer (zoo name, checkpoint folder or Hub id) with its checkpoint's defaults; with
     ``adapt_steps`` > 0, adapted to each run's model before training (:func:`adapt_before_training`; named
@@ -421,6 +434,7 @@ def train(
         "time_per_step": elapsed / max(1, len(train_loss)),
         "wall_time": time.perf_counter() - start,
         "torch": torch.__version__,
+        "code": code_fingerprint(),
         "threads": torch.get_num_threads(),
     }
 

@@ -178,6 +178,25 @@ def test_a_tiny_real_run_records_curves_and_finals():
     assert len(record["train_loss"]) == 20 and record["val_steps"][0] == 0 and record["val_steps"][-1] == 20
     assert record["final"]["val_loss"] < record["initial_val_loss"] and not record["diverged"]
     assert 0.5 < record["final"]["test_accuracy"] <= 1.0
+    assert record["code"] == brun.code_fingerprint() and len(record["code"]) == 16  # which code made the run
+
+
+def test_the_code_fingerprint_follows_the_package_source(tmp_path, monkeypatch):
+    """Any change to a source file changes the fingerprint that run records carry."""
+    package = tmp_path / "pkg"
+    (package / "bench").mkdir(parents=True)
+    (package / "csrc").mkdir()
+    (package / "bench" / "run.py").write_text("x = 1\n")
+    (package / "csrc" / "k.cpp").write_text("int k;\n")
+    monkeypatch.setattr(brun, "__file__", str(package / "bench" / "run.py"))
+    brun.code_fingerprint.cache_clear()
+    try:
+        before = brun.code_fingerprint()
+        (package / "csrc" / "k.cpp").write_text("int k = 1;\n")
+        brun.code_fingerprint.cache_clear()
+        assert brun.code_fingerprint() != before
+    finally:
+        brun.code_fingerprint.cache_clear()
 
 
 # ------------------------------------------------------------------------------------------ the suite
