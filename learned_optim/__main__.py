@@ -69,8 +69,8 @@ def _no_zoo_message() -> str:
 
 
 #: The zoo entry the demo prefers: the flagship, chosen among the recipes on the recipe-selection set (never on
-#: the suite; benchmarks/results/bench/selection-v2/README.md), whatever it does on the demo task.
-DEMO_OPTIMIZER = "adafac-mlp-adam-magnitude-tbv-nomup-entropy"
+#: the suite; benchmarks/results/bench/fresh-seeds/README.md), whatever it does on the demo task.
+DEMO_OPTIMIZER = "adafac-mlp-adam-magnitude-tbv-nomup-soup-all8"
 
 
 def default_optimizer() -> str:
