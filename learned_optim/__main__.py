@@ -135,7 +135,7 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
         assert learned.path is not None
         config = hub.read_config(learned.path)
         print(f"Learned optimizer: {learned.name} ({config.get('family')}, {learned.path})")
-        if not (config.get("training") or {}).get("meta_training"):
+        if not hub.records_meta_training(config):
             print(
                 f"NOTE: {learned.name} records no meta-training in its config.json; if its weights are untrained, "
                 "the comparison below says nothing about learned optimizers."

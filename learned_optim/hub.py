@@ -38,6 +38,7 @@ __all__ = [
     "CARD_NAME",
     "FORMAT_VERSION",
     "SCHEDULES",
+    "records_meta_training",
     "save_pretrained",
     "load_rule",
     "resolve_checkpoint",
@@ -192,7 +193,9 @@ def save_pretrained(
     if schedule is not None:
         config["schedule"] = schedule
     weights = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in rule.state_dict().items()}
-    save_file(weights, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "library": LIBRARY_NAME})
+    # one metadata entry: safetensors keeps the metadata in a hash map whose order varies from save to save, and
+    # the file's bytes (which identify a checkpoint's runs in the benchmark store) must depend on the weights only
+    save_file(weights, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
     (directory / CARD_NAME).write_text(card if card is not None else model_card(config))
     return directory
@@ -265,6 +268,16 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(config.get("net", {}), dict):
         raise CheckpointError(f"{path}: 'net' must be a JSON object of hyperparameters")
     return config
+
+
+def records_meta_training(config: Mapping[str, Any]) -> bool:
+    """Whether a checkpoint's config.json records that its weights were meta-trained: a meta-training record
+    (``training.meta_training``), or a weight soup (``training.soup``) whose every ingredient records one."""
+    training = config.get("training") or {}
+    if training.get("meta_training"):
+        return True
+    ingredients = (training.get("soup") or {}).get("ingredients") or []
+    return bool(ingredients) and all(i.get("meta_trained") for i in ingredients)
 
 
 def load_rule_from_dir(directory: str | os.PathLike) -> tuple[UpdateRule, dict[str, Any]]:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..hub import WEIGHTS_NAME, CheckpointError, load_rule_from_dir, model_card, save_pretrained
+from ..hub import WEIGHTS_NAME, CheckpointError, load_rule_from_dir, model_card, records_meta_training, save_pretrained
 
 __all__ = ["weight_soup"]
 
@@ -83,7 +83,12 @@ def weight_soup(
         averaged = {k: torch.stack([s[k].double() for s in states]).mean(0).to(v.dtype) for k, v in states[0].items()}
     soup.load_state_dict(averaged, strict=True)
     ingredients = [
-        {"folder": str(p), "name": c.get("name"), "weights_sha256": _digest(p / WEIGHTS_NAME)}
+        {
+            "folder": str(p),
+            "name": c.get("name"),
+            "weights_sha256": _digest(p / WEIGHTS_NAME),
+            "meta_trained": records_meta_training(c),
+        }
         for p, c in zip(paths, configs, strict=True)
     ]
     training = {"soup": {"ingredients": ingredients, "command": command}, "parent": parents[0]}

@@ -215,6 +215,14 @@ def test_bad_checkpoint_raises_clear_error(family, make_rule, tmp_path, kind, no
         learned_optim.from_pretrained(directory, [torch.nn.Parameter(torch.zeros(2))])
 
 
+def test_the_same_weights_save_to_the_same_bytes(tmp_path):
+    """The weights file is identified by its bytes (the benchmark store's run keys): saving the same net again
+    writes the same bytes, whatever order safetensors' hash map of metadata takes this time."""
+    rule = learned_optim.build_rule("adafac_mlp", {"hidden_size": 4})
+    saved = {(save_pretrained(rule, tmp_path / str(i)) / WEIGHTS_NAME).read_bytes() for i in range(16)}
+    assert len(saved) == 1
+
+
 def test_checkpoint_error_is_a_value_error():
     assert issubclass(CheckpointError, ValueError)
 

@@ -9,18 +9,23 @@ import torch
 
 import learned_optim
 from learned_optim import build_rule, save_pretrained
-from learned_optim.hub import CheckpointError, load_rule_from_dir, parent_record
+from learned_optim.hub import CheckpointError, load_rule_from_dir, parent_record, read_config, records_meta_training
 from learned_optim.meta.cli import main as meta_main
 from learned_optim.meta.soup import weight_soup
 
 NET = {"hidden_size": 4}
 
 
-def fine_tune(folder, seed, parent="parent-net", family="adafac_mlp", net=NET, lr=1e-3, schedule="cosine"):
+def fine_tune(
+    folder, seed, parent="parent-net", family="adafac_mlp", net=NET, lr=1e-3, schedule="cosine", meta_trained=True
+):
     """A checkpoint as the meta-trainer writes a fine-tune of ``parent``: random weights of ``seed``."""
     torch.manual_seed(seed)
     rule = build_rule(family, net)
-    training = {"parent": parent_record({"name": parent, "family": family, "net": net}, init_from=parent)}
+    training = {
+        "parent": parent_record({"name": parent, "family": family, "net": net}, init_from=parent),
+        **({"meta_training": {"command": "test fixture"}} if meta_trained else {}),
+    }
     save_pretrained(
         rule, folder, name=f"ft-{seed}", training=training, optimizer_defaults={"lr": lr}, schedule=schedule
     )
@@ -44,6 +49,17 @@ def test_a_soup_is_the_mean_of_its_ingredients_and_loads(tmp_path):
     opt = learned_optim.from_pretrained(str(out), model.parameters())
     model(torch.randn(4, 3)).square().sum().backward()
     opt.step()
+
+
+def test_a_soup_records_meta_training_only_when_every_ingredient_does(tmp_path):
+    fine_tune(tmp_path / "a", seed=0)
+    fine_tune(tmp_path / "b", seed=1)
+    fine_tune(tmp_path / "untrained", seed=2, meta_trained=False)
+    trained = weight_soup([tmp_path / "a", tmp_path / "b"], tmp_path / "s1")
+    mixed = weight_soup([tmp_path / "a", tmp_path / "untrained"], tmp_path / "s2")
+    assert records_meta_training(read_config(trained)) and not records_meta_training(read_config(mixed))
+    assert records_meta_training(read_config(weight_soup([trained, tmp_path / "b"], tmp_path / "s3")))  # soup of a soup
+    assert not records_meta_training({"training": {}}) and records_meta_training({"training": {"meta_training": 1}})
 
 
 @pytest.mark.parametrize(
