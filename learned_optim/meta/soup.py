@@ -29,6 +29,10 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+def _minutes(seconds: float | None) -> str:
+    return "not recorded" if seconds is None else f"{seconds / 60:.1f} min"
+
+
 def _one(values: list[Any], what: str, sources: Sequence[Path]) -> Any:
     """The single value every source agrees on (``None`` entries ignored), else a :class:`CheckpointError`."""
     distinct = {repr(v): v for v in values if v is not None}
@@ -82,15 +86,19 @@ def weight_soup(
     with torch.no_grad():
         averaged = {k: torch.stack([s[k].double() for s in states]).mean(0).to(v.dtype) for k, v in states[0].items()}
     soup.load_state_dict(averaged, strict=True)
-    ingredients = [
-        {
-            "folder": str(p),
-            "name": c.get("name"),
-            "weights_sha256": _digest(p / WEIGHTS_NAME),
-            "meta_trained": records_meta_training(c),
-        }
-        for p, c in zip(paths, configs, strict=True)
-    ]
+    ingredients: list[dict[str, Any]] = []
+    for path, c in zip(paths, configs, strict=True):
+        meta = (c.get("training") or {}).get("meta_training") or {}
+        ingredients.append(
+            {
+                "folder": str(path),
+                "name": c.get("name"),
+                "weights_sha256": _digest(path / WEIGHTS_NAME),
+                "meta_trained": records_meta_training(c),
+                "command": meta.get("command"),
+                "wall_time_seconds": meta.get("wall_time_seconds"),
+            }
+        )
     training = {"soup": {"ingredients": ingredients, "command": command}, "parent": parents[0]}
     name = name or f"{configs[0].get('name') or family}-soup"
     description = description or (
@@ -105,10 +113,20 @@ def weight_soup(
         f"The uniform average of the weights of {len(paths)} fine-tunes of `{parent_name}` "
         "(`learned_optim.meta.soup`):",
         "",
-        "| ingredient | folder | weights SHA-256 |",
-        "|---|---|---|",
-        *(f"| {i['name']} | `{i['folder']}` | {i['weights_sha256']} |" for i in ingredients),
+        "| ingredient | folder | weights SHA-256 | its meta-training command | wall time |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {i['name']} | `{i['folder']}` | {i['weights_sha256']} | `{i['command'] or 'not recorded'}` | "
+            f"{_minutes(i['wall_time_seconds'])} |"
+            for i in ingredients
+        ),
     ]
+    times = [i["wall_time_seconds"] for i in ingredients]
+    if all(isinstance(t, (int, float)) for t in times):
+        sections += [
+            "",
+            f"Meta-training of the ingredients: {_minutes(sum(times))} in all (each card has its machine).",
+        ]
     if command:
         sections += ["", "Command (from the repository root):", "", "```bash", command, "```"]
     return save_pretrained(

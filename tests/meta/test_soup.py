@@ -24,7 +24,7 @@ def fine_tune(
     rule = build_rule(family, net)
     training = {
         "parent": parent_record({"name": parent, "family": family, "net": net}, init_from=parent),
-        **({"meta_training": {"command": "test fixture"}} if meta_trained else {}),
+        **({"meta_training": {"command": f"train fixture {seed}", "wall_time_seconds": 60.0}} if meta_trained else {}),
     }
     save_pretrained(
         rule, folder, name=f"ft-{seed}", training=training, optimizer_defaults={"lr": lr}, schedule=schedule
@@ -44,7 +44,8 @@ def test_a_soup_is_the_mean_of_its_ingredients_and_loads(tmp_path):
     ingredients = config["training"]["soup"]["ingredients"]
     assert [i["name"] for i in ingredients] == ["ft-0", "ft-1", "ft-2"] and len(ingredients[0]["weights_sha256"]) == 16
     card = (out / "README.md").read_text()
-    assert "## Weight soup" in card and "python -m x" in card and "ft-2" in card
+    assert "## Weight soup" in card and "python -m x" in card and "ft-2" in card and "`train fixture 2`" in card
+    assert "3.0 min in all" in card and ingredients[1]["wall_time_seconds"] == 60.0
     model = torch.nn.Linear(3, 2)
     opt = learned_optim.from_pretrained(str(out), model.parameters())
     model(torch.randn(4, 3)).square().sum().backward()
