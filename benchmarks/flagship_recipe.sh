@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The flagship adafac-mlp-adam-magnitude-tbv-nomup-soup-all8 from scratch, in three stages, each resumable:
+#   1. the parent adafac-mlp-adam-magnitude-tbv-nomup (PES on meta-mix; 1 h 26 min here);
+#   2. eight TBPTT fine-tunes of that parent, two at a time (the 2 cores): no regularizer, SAM (weight 1), GSAM,
+#      local entropy, each at meta-seeds 0 and 1 (62.7 min of single-core time for the shipped ones: ~31 min);
+#   3. their uniform weight average (python -m learned_optim.meta soup; seconds).
+# About 2 h on this 2-core machine. Rerun the same command after an interruption: a stage whose net exists is
+# skipped, a run with a checkpoint resumes (--resume).
+#
+#   bash benchmarks/flagship_recipe.sh runs/flagship                      # the recipe
+#   bash benchmarks/flagship_recipe.sh runs/smoke --set meta_epochs=1     # a smoke run (every stage, one trajectory)
+#
+# Extra arguments go to every `learned_optim.meta train` call.
+set -euo pipefail
+out=${1:?usage: flagship_recipe.sh OUT_DIR [--set KEY=VALUE ...]}
+shift
+prefix=adafac-mlp-adam-magnitude-tbv-nomup
+
+train() {  # train CONFIG RUN_DIR [ARGS...]: skipped when the net exists, resumed when a checkpoint does
+    local config=$1 run=$2
+    shift 2
+    if [[ -f $run/model/model.safetensors ]]; then return; fi
+    local resume=()
+    if [[ -d $run/checkpoint ]]; then resume=(--resume); fi
+    python -m learned_optim.meta train "$config" --out "$run" --no-progress "${resume[@]}" "$@"
+}
+
+train "$prefix" "$out/parent" "$@"
+parent=$out/parent/model
+ingredients=()
+for kind in control sam gsam entropy; do
+    pids=()
+    for seed in 0 1; do
+        run=$out/$kind-s$seed
+        train "$prefix-$kind" "$run" --set "init_from=$parent" --set "seed=$seed" "$@" &
+        pids+=($!)
+        ingredients+=("$run/model")
+    done
+    for pid in "${pids[@]}"; do wait "$pid"; done
+done
+python -m learned_optim.meta soup "${ingredients[@]}" --schedule cosine --name "$prefix-soup-all8" --out "$out/soup-all8"
