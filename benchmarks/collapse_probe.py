@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import learned_optim  # noqa: E402
+from learned_optim.bench.run import BASELINE_NAMES, baseline_optimizer, learned_optimizer  # noqa: E402
 from learned_optim.bench.tasks import SELECTION_TASKS, get_task  # noqa: E402
 from learned_optim.schedules import lr_factor  # noqa: E402
 
@@ -28,10 +28,8 @@ def probe(task: str, optimizer: str, seed: int, lr: float, weight_decay: float, 
     workload = get_task(task, selection=task in SELECTION_TASKS).bind()
     model = workload.build_model(seed)
     params = list(model.parameters())
-    if optimizer == "adamw":
-        opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    else:
-        opt = learned_optim.from_pretrained(optimizer, params, lr=lr, weight_decay=weight_decay)
+    contender = baseline_optimizer(optimizer) if optimizer in BASELINE_NAMES else learned_optimizer(optimizer)
+    opt = contender.build(params, lr, weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor("cosine", t, workload.steps))
     generator = torch.Generator().manual_seed(seed)
     alive: dict[int, torch.Tensor] = {}
@@ -46,12 +44,14 @@ def probe(task: str, optimizer: str, seed: int, lr: float, weight_decay: float, 
         schedule.step()
         if t % every == 0 or t == steps - 1:
             dead = " ".join(f"{1 - float(alive[i].float().mean()):.2f}" for i in range(len(relus)))
-            print(f"{Path(optimizer).name:>48} step {t:4d}  loss {float(loss):.3f}  dead after each ReLU: {dead}")
+            print(f"{contender.name:>48} step {t:4d}  loss {loss.item():.3f}  dead after each ReLU: {dead}")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("optimizers", nargs="+", help="adamw, or learned optimizers (zoo names or folders)")
+    parser.add_argument(
+        "optimizers", nargs="+", help="suite baselines (adamw, ...) or learned optimizers (zoo names, folders)"
+    )
     parser.add_argument("--task", default="select-shapes24-cnn", help="a suite or selection-set task")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-2)

@@ -13,6 +13,7 @@ format version) and never unpickles anything: weights are read with ``safetensor
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -39,6 +40,7 @@ __all__ = [
     "FORMAT_VERSION",
     "SCHEDULES",
     "records_meta_training",
+    "weights_sha256",
     "save_pretrained",
     "load_rule",
     "resolve_checkpoint",
@@ -268,6 +270,16 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(config.get("net", {}), dict):
         raise CheckpointError(f"{path}: 'net' must be a JSON object of hyperparameters")
     return config
+
+
+def weights_sha256(directory: str | os.PathLike) -> str:
+    """SHA-256 (16 hex digits) of a checkpoint folder's weights file: what identifies its weights in the benchmark
+    store's run keys and in a weight soup's record of its ingredients."""
+    h = hashlib.sha256()
+    with (Path(directory) / WEIGHTS_NAME).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def records_meta_training(config: Mapping[str, Any]) -> bool:

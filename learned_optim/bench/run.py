@@ -68,7 +68,7 @@ from typing import Any, cast
 import torch
 from torch.optim import Optimizer
 
-from ..hub import WEIGHTS_NAME, read_config
+from ..hub import read_config, weights_sha256
 from ..optimizer import NonFiniteGradientError
 from ..schedules import lr_factor
 from . import stats
@@ -234,14 +234,6 @@ def baseline_optimizer(name: str) -> BenchOptimizer:
     return BenchOptimizer(name, "baseline", build, {"class": f"{cls.__module__}.{cls.__qualname__}", **extra})
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 @functools.cache
 def code_fingerprint() -> str:
     """SHA-256 (16 hex digits) of this package's source (``*.py`` and the native kernels' ``csrc``): recorded in
@@ -285,7 +277,7 @@ def learned_optimizer(name_or_dir: str, adapt_steps: int = 0) -> BenchOptimizer:
     # what the step depends on (not descriptions, cards or recorded results, which must not invalidate runs)
     stepping = {k: config.get(k) for k in ("family", "net", "optimizer", "schedule")}
     identity: dict[str, Any] = {
-        "weights": _sha256(folder / WEIGHTS_NAME),
+        "weights": weights_sha256(folder),
         "config": hashlib.sha256(json.dumps(stepping, sort_keys=True).encode()).hexdigest()[:16],
     }
     if adapt_steps:

@@ -12,7 +12,6 @@ anything else is refused with a clear error.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,13 +19,16 @@ from typing import Any
 
 import torch
 
-from ..hub import WEIGHTS_NAME, CheckpointError, load_rule_from_dir, model_card, records_meta_training, save_pretrained
+from ..hub import (
+    CheckpointError,
+    load_rule_from_dir,
+    model_card,
+    records_meta_training,
+    save_pretrained,
+    weights_sha256,
+)
 
 __all__ = ["weight_soup"]
-
-
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def _minutes(seconds: float | None) -> str:
@@ -93,7 +95,7 @@ def weight_soup(
             {
                 "folder": str(path),
                 "name": c.get("name"),
-                "weights_sha256": _digest(path / WEIGHTS_NAME),
+                "weights_sha256": weights_sha256(path),
                 "meta_trained": records_meta_training(c),
                 "command": meta.get("command"),
                 "wall_time_seconds": meta.get("wall_time_seconds"),
