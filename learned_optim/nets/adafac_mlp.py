@@ -157,6 +157,9 @@ class AdafacMLP(UpdateRule):
     #: Coordinates per block of the inference path (:meth:`_blocked_forward`) on CPU; whole rows of the
     #: matrix view, so at least one row. Tensors up to this size take the one-shot path.
     coordinate_block: int = 1 << 16
+    #: Blocks per chunk of the inference path's first pass (the state update and the features' sums of squares),
+    #: whose transient memory is two floats per coordinate of a chunk rather than a block's ``16 + 2 * hidden_size``.
+    sums_block_factor: int = 16
     #: The same on a GPU, where a block's cost is its ~25 kernel launches rather than its memory traffic:
     #: 64k-coordinate blocks made a 10M-parameter step on an H200 72 ms against Adam's 0.44 ms.
     accelerator_coordinate_block: int = 1 << 20
@@ -561,13 +564,15 @@ class AdafacMLP(UpdateRule):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """:meth:`forward` without autograd, over blocks of whole rows of the matrix view.
 
-        The same math in two passes over blocks of about :meth:`block_coordinates` coordinates, so the
-        transient memory is two blocks of features and activations instead of ``16 + 2 * hidden_size``
-        floats per coordinate (whose allocation, page by page, cost more than the arithmetic): the first
-        pass updates the state and sums each feature's squares; the second recomputes the features and
-        runs the MLP with the normalisation folded into its first layer. Equal to the one-shot path up
-        to float rounding. ``out_state`` (the state storage itself) receives the new state in place. The
-        native kernel runs the same two passes, each one sweep over the tensor (:meth:`_native_forward`).
+        The same math in two passes, so the transient memory is a few floats per coordinate of a block or chunk
+        instead of ``16 + 2 * hidden_size`` per coordinate of the tensor (whose allocation, page by page, cost more
+        than the arithmetic): the first pass updates the state and sums each feature's squares without making the
+        features (chunks of :attr:`sums_block_factor` blocks, two scratch floats per coordinate); the second makes
+        the features block by block (about :meth:`block_coordinates` coordinates: ``16 + 2 * hidden_size`` floats
+        per coordinate of one block) and runs the MLP with the normalisation folded into its first layer. Equal
+        to the one-shot path up to float rounding. ``out_state`` (the state storage itself) receives the new
+        state in place. The native kernel runs the same two passes, each one sweep over the tensor
+        (:meth:`_native_forward`).
         """
         c = self.config
         rows, cols = matrix_view(shape)
@@ -587,49 +592,63 @@ class AdafacMLP(UpdateRule):
         v_correction = float(1.0 / (1.0 - c.second_moment_decay**step))
         block_rows = min(rows, max(1, self.block_coordinates(grad.device) // cols))
         blocks = [(r, min(r + block_rows, rows)) for r in range(0, rows, block_rows)]
-        buffers: list[Tensor] = []  # the ATen passes' per-block features, allocated only if they run
-
-        def fill(r0: int, r1: int) -> Tensor:
-            """Raw dense features (rows as in :meth:`features`) of the coordinates of rows ``r0:r1``."""
-            if not buffers:
-                buffers.append(grad.new_empty(4 + 4 * j, block_rows * cols))
-            a, b = r0 * cols, r1 * cols
-            u = buffers[0][:, : b - a]
-            g = grad[a:b]
-            u[0].copy_(g)
-            u[1].copy_(param[a:b])
-            for i, k in enumerate(names):
-                u[2 + i].copy_(new[k][a:b])
-            rsqrt = u[3 + 2 * j]
-            torch.mul(u[2 + j], v_correction, out=rsqrt).add_(c.moment_eps).rsqrt_()
-            torch.mul(u[2 : 2 + j], rsqrt, out=u[3 + j : 3 + 2 * j])
-            phi = u[4 + 2 * j : 4 + 3 * j]
-            torch.mul(row_factor[:, r0:r1, None], col_factor[:, None, :], out=phi.view(j, r1 - r0, cols))
-            torch.mul(phi, u[2 : 2 + j], out=u[4 + 3 * j :])
-            phi.mul_(g)
-            return u
 
         def state_and_sums() -> Tensor:
-            """Pass 1 on ATen: the new state, and the features' sums of squares."""
+            r"""Pass 1 on ATen: the new state, and the features' sums of squares, without the features.
+
+            Over chunks of :attr:`sums_block_factor` blocks, the state update in place and each sum from the new
+            state (:math:`s^2 = w = 1 / (k_v v' + \epsilon)`, :math:`\phi_k^2 = a_k^2[r]\, e_k^2[c]`):
+
+            .. math:: \textstyle\sum m_j^2 s^2 = \langle m_j^2, w \rangle,\quad
+                \sum (g \phi_k)^2 = \langle a_k^2, G^2 e_k^2 \rangle,\quad
+                \sum (m_k \phi_k)^2 = \langle a_k^2, M_k^2 e_k^2 \rangle
+
+            with :math:`G^2, M_k^2` the squares as ``(rows, cols)`` matrices (a matrix-vector product each): two
+            chunk-sized scratch vectors instead of the 16 feature rows."""
+            chunk_rows = min(rows, block_rows * self.sums_block_factor)
+            scratch = grad.new_empty(2, chunk_rows * cols)
+            a2, e2 = row_factor.square(), col_factor.square()  # phi_k^2 = a2[k, r] e2[k, c]
             sums = grad.new_zeros(4 + 4 * j)
-            for r0, r1 in blocks:
+            for r0 in range(0, rows, chunk_rows):
+                r1 = min(r0 + chunk_rows, rows)
                 a, b = r0 * cols, r1 * cols
-                g = grad[a:b]
+                g, m_new, v_new = grad[a:b], [new[f"m{i}"][a:b] for i in range(j)], new["v"][a:b]
                 for i in range(j):
-                    torch.lerp(state[f"m{i}"][a:b], g, 1.0 - beta[i], out=new[f"m{i}"][a:b])
-                torch.mul(state["v"][a:b], c.second_moment_decay, out=new["v"][a:b]).addcmul_(
+                    torch.lerp(state[f"m{i}"][a:b], g, 1.0 - beta[i], out=m_new[i])
+                torch.mul(state["v"][a:b], c.second_moment_decay, out=v_new).addcmul_(
                     g, g, value=1.0 - c.second_moment_decay
                 )
-                sums += torch.linalg.vector_norm(fill(r0, r1), dim=1).square_()
+                w, square = scratch[0, : b - a], scratch[1, : b - a]
+                torch.mul(v_new, v_correction, out=w).add_(c.moment_eps).reciprocal_()
+                torch.mul(g, g, out=square)
+                gphi = (torch.mm(square.view(r1 - r0, cols), e2.t()) * a2[:, r0:r1].t()).sum(dim=0)
+                ratio, mphi = [], []
+                for i in range(j):
+                    torch.mul(m_new[i], m_new[i], out=square)
+                    ratio.append(torch.dot(square, w))
+                    mphi.append(torch.dot(torch.mv(square.view(r1 - r0, cols), e2[i]), a2[i, r0:r1]))
+                plain = [torch.dot(x, x) for x in (g, param[a:b], *m_new, v_new)]
+                sums += torch.cat([torch.stack([*plain, *ratio, w.sum()]), gphi, torch.stack(mphi)])
             return sums
 
         def direction_and_sum_squares() -> tuple[Tensor, Tensor]:
-            """Pass 2 on ATen: the features again, through the MLP; the raw direction and its sum of squares."""
+            """Pass 2 on ATen: the features again, block by block, through the MLP; the raw direction and its sum
+            of squares. The dense rows as in :meth:`features`, the normalisation in the first layer's weight."""
             direction = grad.new_empty(n)
+            features = grad.new_empty(4 + 4 * j, block_rows * cols)
             acts = [grad.new_empty(hidden, block_rows * cols) for _ in range(2)]
+            copied = [grad, param, *(new[k] for k in names)]  # rows 0 .. 2 + J as they are
             for r0, r1 in blocks:
                 a, b = r0 * cols, r1 * cols
-                u = fill(r0, r1)
+                u = features[:, : b - a]
+                for target, source in zip(u, copied, strict=False):
+                    target.copy_(source[a:b])
+                m, rsqrt, phi = u[2 : 2 + j], u[3 + 2 * j], u[4 + 2 * j : 4 + 3 * j]
+                torch.mul(u[2 + j], v_correction, out=rsqrt).add_(c.moment_eps).rsqrt_()
+                torch.mul(m, rsqrt, out=u[3 + j : 3 + 2 * j])
+                torch.mul(row_factor[:, r0:r1, None], col_factor[:, None, :], out=phi.view(j, r1 - r0, cols))
+                torch.mul(phi, m, out=u[4 + 3 * j :])
+                phi.mul_(u[0])
                 x = acts[0][:, : b - a]
                 torch.add(row_term[:, r0:r1, None], col_term[:, None, :], out=x.view(hidden, r1 - r0, cols))
                 x.addmm_(weight, u).relu_()
