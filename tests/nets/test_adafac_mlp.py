@@ -244,8 +244,9 @@ def test_adapt_fine_tunes_the_net_with_a_real_lr():
 )
 @pytest.mark.parametrize("in_place", [False, True])
 def test_blocked_inference_path_matches_the_one_shot_path(shape, block, config, in_place):
-    """Without autograd, tensors above ``coordinate_block`` coordinates are stepped block by block in two
-    passes; the update and the new state equal the one-shot (differentiable) computation's."""
+    """Without autograd, tensors above ``coordinate_block`` coordinates are stepped in two passes (the first over
+    chunks of ``sums_block_factor`` blocks, here several, the last one shorter; the second block by block); the
+    update and the new state equal the one-shot (differentiable) computation's."""
     torch.manual_seed(0)
     rule = AdafacMLP(**config)
     with torch.no_grad():  # every feature matters (the Adam init reads one): random weights and biases
@@ -259,7 +260,7 @@ def test_blocked_inference_path_matches_the_one_shot_path(shape, block, config, 
     step = torch.tensor(7.0)
     with torch.enable_grad():  # autograd on: the one-shot path
         want, want_state = rule(grad, param, state, step, shape=shape)
-    rule.coordinate_block = block
+    rule.coordinate_block, rule.sums_block_factor = block, 3
     blocked_state = {k: v.clone() for k, v in state.items()}
     with torch.no_grad(), kernels.enabled_as(False):  # the ATen blocked path (the kernel: tests/core/test_kernels.py)
         extra = {"out_state": blocked_state} if in_place else {}
