@@ -190,15 +190,17 @@ class BenchOptimizer:
     #: Test-time adaptation of a learned optimizer's net before training (:func:`adapt_before_training`).
     adapt_steps: int = 0
 
-    def tuned_grid(self, adamw_grid: Grid, quick: bool = False, weight_decay: bool = False) -> list[Setting]:
-        """The ``tuned`` rule's grid, or with ``weight_decay`` the ``tuned-wd`` rule's (see the module docstring)."""
+    def tuned_grid(self, adamw_grid: Grid, rule: str = "tuned", quick: bool = False) -> list[Setting]:
+        """The grid that ``rule`` (``tuned`` or ``tuned-wd``, see the module docstring) tunes this optimizer on."""
+        if rule not in ("tuned", "tuned-wd"):
+            raise ValueError(f"{rule!r} tunes nothing: the tuned rules are 'tuned' and 'tuned-wd'")
         assert self.default_lr is not None
         if self.default_lr >= 0.1:
             mult = QUICK_LEARNED_LR_MULTIPLIERS if quick else LEARNED_LR_MULTIPLIERS
             lrs: Sequence[float] = [self.default_lr * m for m in mult]
         else:
             lrs = adamw_grid.lr
-        decays = adamw_grid.weight_decay if weight_decay else (self.default_weight_decay,)
+        decays = adamw_grid.weight_decay if rule == "tuned-wd" else (self.default_weight_decay,)
         return Grid(tuple(lrs), tuple(decays), self.default_schedule).settings(self.name)
 
     def default_setting(self) -> Setting:

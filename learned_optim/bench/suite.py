@@ -384,10 +384,7 @@ def run_suite(
     def planned_runs() -> int:
         per = sum(len(grids[n].settings(n)) for n in names) + len(contenders) * n_seeds
         per += sum(
-            len(o.tuned_grid(grids[REFERENCE], quick, weight_decay=r == "tuned-wd"))
-            for o in learned
-            for r in rules
-            if r.startswith("tuned")
+            len(o.tuned_grid(grids[REFERENCE], r, quick)) for o in learned for r in rules if r.startswith("tuned")
         )
         return per
 
@@ -414,6 +411,7 @@ def run_suite(
                 chosen[name] = result.chosen
             for c in contenders[len(base) :]:
                 o = c.optimizer
+                assert c.rule is not None  # every learned contender has a rule
                 if c.rule == "adamw":
                     ref = chosen[REFERENCE]
                     chosen[c.label] = Setting(o.name, ref.lr, ref.weight_decay, ref.schedule)
@@ -421,7 +419,7 @@ def run_suite(
                     chosen[c.label] = o.default_setting()
                 else:
                     bar.set_description(f"{w.name} | tuning {c.label}")
-                    grid = o.tuned_grid(grids[REFERENCE], quick, weight_decay=c.rule == "tuned-wd")
+                    grid = o.tuned_grid(grids[REFERENCE], c.rule, quick)
                     result = tune(c.label, grid, runner(o), task=w.name, extend_edges=extend)
                     tunings.append(result)
                     say(result.describe())

@@ -465,11 +465,13 @@ def test_the_tuned_wd_rule_tunes_on_adamws_whole_grid():
     adamw = brun.FULL_GRIDS["adamw"]
     real = brun.BenchOptimizer("x", "learned", lambda *a: None, {}, default_lr=1e-3, default_schedule="cosine")
     assert {s.weight_decay for s in real.tuned_grid(adamw)} == {0.0}
-    both = real.tuned_grid(adamw, weight_decay=True)
+    both = real.tuned_grid(adamw, "tuned-wd")
     assert {(s.lr, s.weight_decay) for s in both} == set(itertools.product(adamw.lr, adamw.weight_decay))
     assert {s.schedule for s in both} == {"cosine"} and {s.optimizer for s in both} == {"x"}
-    multiplier = brun.learned_optimizer("l2o-mlp").tuned_grid(adamw, weight_decay=True)
+    multiplier = brun.learned_optimizer("l2o-mlp").tuned_grid(adamw, "tuned-wd")
     assert {(s.lr, s.weight_decay) for s in multiplier} == set(itertools.product((0.1, 0.3, 1.0), adamw.weight_decay))
+    with pytest.raises(ValueError, match="tunes nothing"):
+        real.tuned_grid(adamw, "adamw")
 
 
 def test_the_tuned_wd_rule_finds_a_weight_decay_past_the_grid_in_the_full_suite(tmp_path, monkeypatch):
