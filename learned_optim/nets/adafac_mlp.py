@@ -603,8 +603,8 @@ class AdafacMLP(UpdateRule):
                 \sum (g \phi_k)^2 = \langle a_k^2, G^2 e_k^2 \rangle,\quad
                 \sum (m_k \phi_k)^2 = \langle a_k^2, M_k^2 e_k^2 \rangle
 
-            with :math:`G^2, M_k^2` the squares as ``(rows, cols)`` matrices (a matrix-vector product each): two
-            chunk-sized scratch vectors instead of the 16 feature rows."""
+            with :math:`G^2, M_k^2` the squares as ``(rows, cols)`` matrices (a product with :math:`a^2` over the rows
+            each, then with :math:`e^2`): two chunk-sized scratch vectors instead of the 16 feature rows."""
             chunk_rows = min(rows, block_rows * self.sums_block_factor)
             scratch = grad.new_empty(2, chunk_rows * cols)
             a2, e2 = row_factor.square(), col_factor.square()  # phi_k^2 = a2[k, r] e2[k, c]
@@ -621,12 +621,13 @@ class AdafacMLP(UpdateRule):
                 w, square = scratch[0, : b - a], scratch[1, : b - a]
                 torch.mul(v_new, v_correction, out=w).add_(c.moment_eps).reciprocal_()
                 torch.mul(g, g, out=square)
-                gphi = (torch.mm(square.view(r1 - r0, cols), e2.t()) * a2[:, r0:r1].t()).sum(dim=0)
+                # reduced over the rows first: a (K, cols) transient, for a vector (cols 1) too
+                gphi = (torch.mm(a2[:, r0:r1], square.view(r1 - r0, cols)) * e2).sum(dim=1)
                 ratio, mphi = [], []
                 for i in range(j):
                     torch.mul(m_new[i], m_new[i], out=square)
                     ratio.append(torch.dot(square, w))
-                    mphi.append(torch.dot(torch.mv(square.view(r1 - r0, cols), e2[i]), a2[i, r0:r1]))
+                    mphi.append(torch.dot(torch.mv(square.view(r1 - r0, cols).t(), a2[i, r0:r1]), e2[i]))
                 plain = [torch.dot(x, x) for x in (g, param[a:b], *m_new, v_new)]
                 sums += torch.cat([torch.stack([*plain, *ratio, w.sum()]), gphi, torch.stack(mphi)])
             return sums
@@ -641,7 +642,7 @@ class AdafacMLP(UpdateRule):
             for r0, r1 in blocks:
                 a, b = r0 * cols, r1 * cols
                 u = features[:, : b - a]
-                for target, source in zip(u, copied, strict=False):
+                for target, source in zip(u[: len(copied)], copied, strict=True):
                     target.copy_(source[a:b])
                 m, rsqrt, phi = u[2 : 2 + j], u[3 + 2 * j], u[4 + 2 * j : 4 + 3 * j]
                 torch.mul(u[2 + j], v_correction, out=rsqrt).add_(c.moment_eps).rsqrt_()
