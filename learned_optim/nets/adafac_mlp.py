@@ -582,7 +582,8 @@ class AdafacMLP(UpdateRule):
         grad_rc = grad.view(rows, cols)
         row_mean = torch.linalg.vector_norm(grad_rc, dim=1).square_().div_(cols).add_(c.factored_eps)
         # (ATen's vector_norm over dim 0 is 3-12x slower than a sum of the squares down the columns)
-        col_mean = torch.sum(grad_rc * grad_rc, dim=0).div_(rows).add_(c.factored_eps)
+        grad_sq = grad_rc * grad_rc  # also the first pass's g^2
+        col_mean = torch.sum(grad_sq, dim=0).div_(rows).add_(c.factored_eps)
         decay = self.factored_decay.to(dtype)
         row, col = ema(state["row"], row_mean.unsqueeze(1), decay), ema(state["col"], col_mean.unsqueeze(1), decay)
         row_factor, col_factor = (f.t().contiguous() for f in factored_rsqrt_factors(row, col))  # (K, R), (K, C)
@@ -620,9 +621,8 @@ class AdafacMLP(UpdateRule):
                 )
                 w, square = scratch[0, : b - a], scratch[1, : b - a]
                 torch.mul(v_new, v_correction, out=w).add_(c.moment_eps).reciprocal_()
-                torch.mul(g, g, out=square)
                 # reduced over the rows first: a (K, cols) transient, for a vector (cols 1) too
-                gphi = (torch.mm(a2[:, r0:r1], square.view(r1 - r0, cols)) * e2).sum(dim=1)
+                gphi = (torch.mm(a2[:, r0:r1], grad_sq[r0:r1]) * e2).sum(dim=1)
                 ratio, mphi = [], []
                 for i in range(j):
                     torch.mul(m_new[i], m_new[i], out=square)
