@@ -5,6 +5,7 @@
     python benchmarks/step_time.py                      # 1M and 10M parameters, every family
     python benchmarks/step_time.py --sizes 1M --families dm_lstm --no-memory
     python benchmarks/step_time.py --device cuda --sizes 1M 10M 100M     # GPU: Adam, eager, compiled
+    python benchmarks/step_time.py --sizes 1M --families adafac_mlp --vector     # a 1-D tensor (a flat parameter)
 
 For each family and size (one parameter tensor of that many coordinates, a fixed gradient) it times,
 round-robin in the same process (see ``benchmarks/_common.py``):
@@ -98,10 +99,16 @@ def make_rule(family: str):
     return learned_optim.FAMILIES[family]().requires_grad_(False)
 
 
+#: ``--vector``: time whole-tensor rules on a vector too (a large bias, a flat FSDP parameter), whose factored
+#: statistics are per coordinate, instead of the squarest matrix.
+VECTOR = False
+
+
 def param_shape(family: str, n: int) -> tuple[int, ...]:
-    """One tensor of ``n`` coordinates: a vector for the coordinatewise nets, the squarest matrix with ``n``
-    entries for whole-tensor rules (their factored statistics and μP scale read the shape)."""
-    if not learned_optim.FAMILIES[family].whole_tensor:
+    """One tensor of ``n`` coordinates: a vector for the coordinatewise nets (and with :data:`VECTOR`), the
+    squarest matrix with ``n`` entries for whole-tensor rules (their factored statistics and μP scale read the
+    shape)."""
+    if VECTOR or not learned_optim.FAMILIES[family].whole_tensor:
         return (n,)
     rows = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
     return (rows, n // rows)
@@ -252,7 +259,7 @@ def child_memory(family: str, mode: str, n: int) -> dict:
 def memory_row(family: str, mode: str, n: int) -> float | None:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, __file__, "--child-memory", family, mode, str(n)],
+        [sys.executable, __file__, "--child-memory", family, mode, str(n), *(["--vector"] if VECTOR else [])],
         env=env,
         capture_output=True,
         text=True,
@@ -278,8 +285,11 @@ def main(argv: list[str] | None = None) -> None:
         "--json", default=None, help="also write the results to this JSON file (the *_cpu_s fields use its clock)"
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (Adam, eager and compiled only)")
+    parser.add_argument("--vector", action="store_true", help="one vector for every family (see VECTOR)")
     parser.add_argument("--child-memory", nargs=3, metavar=("FAMILY", "MODE", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    global VECTOR
+    VECTOR = args.vector
     if args.child_memory:
         family, mode, n = args.child_memory
         print(json.dumps(child_memory(family, mode, int(n))))

@@ -151,7 +151,13 @@ def factored_rsqrt_factors(row: Tensor, col: Tensor) -> tuple[Tensor, Tensor]:
     ``(rsqrt(r / mean(r)), rsqrt(c))``, shapes ``(R, K)`` and ``(C, K)`` (for callers that apply them to a
     block of rows at a time instead of materialising the ``(K, R*C)`` product). Leading batch dimensions
     (several tensors of one shape, ``(..., R, K)`` and ``(..., C, K)``) are kept: the mean is per tensor."""
-    return torch.rsqrt(row / row.mean(dim=-2, keepdim=True)), torch.rsqrt(col)
+    return factored_row_factor(row, row.mean(dim=-2, keepdim=True)), torch.rsqrt(col)
+
+
+def factored_row_factor(row: Tensor, row_mean: Tensor) -> Tensor:
+    r"""The row factor :math:`a_{ik} = (r_{ik} / \bar r_k)^{-1/2}` of :func:`factored_rsqrt_factors` for ``row``
+    ``(..., R', K)``, all rows or a block of them, given ``row_mean`` :math:`\bar r_k`, the mean over all rows."""
+    return torch.rsqrt(row / row_mean)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -294,6 +294,43 @@ int direction_pass(int64_t rows, int64_t cols, int j, const float* grad, const f
     });
 }
 
+// sums[k], sums[K + k], sums[2K + k] = the sums over the rows of x, x^2 and 1/(x + eps) (a row statistic, its
+// square and the square of its feature rsqrt(x + eps)) for x = stats[r K + k], the (rows, K) statistics
+// row-major. K vectors cover K L consecutive floats, lane i of vector q always holding statistic (q L + i) mod K:
+// float lanes flushed into double every FLUSH groups, one thread (deterministic).
+void row_feature_sums(const float* stats, int64_t rows, int K, float eps, double* sums) {
+    vf acc[3][MAX_J] = {};
+    const int64_t total = rows * K, group = static_cast<int64_t>(K) * L;
+    std::fill(sums, sums + 3 * K, 0.0);
+    int pending = 0;
+    auto flush = [&] {
+        for (int q = 0; q < K; ++q)
+            for (int i = 0; i < L; ++i)
+                for (int f = 0; f < 3; ++f) sums[f * K + (q * L + i) % K] += acc[f][q][i];
+        for (auto& per : acc)
+            for (int q = 0; q < K; ++q) per[q] = vf{};
+        pending = 0;
+    };
+    int64_t p = 0;
+    for (; p + group <= total; p += group) {
+        for (int q = 0; q < K; ++q) {
+            const vf x = load(stats + p + q * L), y = 1.0f / sqrt_v(x + eps);
+            acc[0][q] += x;
+            acc[1][q] += x * x;
+            acc[2][q] += y * y;
+        }
+        if (++pending == FLUSH) flush();
+    }
+    flush();
+    for (; p < total; ++p) {
+        const float x = stats[p], y = 1.0f / std::sqrt(x + eps);
+        const int k = static_cast<int>(p % K);
+        sums[k] += x;
+        sums[K + k] += x * x;
+        sums[2 * K + k] += y * y;
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -334,12 +371,11 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
     for (int64_t s = 0; s < tensors; ++s) {
         const int64_t rows = views[2 * s], cols = views[2 * s + 1], n = rows * cols;
         const float* g = grad + a;
-        // Adafactor's row and column means of g^2 and their EMAs (row_out, col_out); with the rows, each K's mean
-        // of the new row statistics and the row features' sums of squares
+        // Adafactor's row and column means of g^2 and their EMAs (row_out, col_out)
         std::vector<double> col_sum(static_cast<size_t>(cols), 0.0);
+        double column_lanes[8] = {};  // a vector's one column, summed in eight chains
         const float *row_in = row + r0 * K, *col_in = col + c0 * K;
         float *row_new = row_out + r0 * K, *col_new = col_out + c0 * K;
-        double row_total[MAX_J] = {}, row_squares[2 * MAX_J] = {};
         for (int64_t r = 0; r < rows; ++r) {
             const float* gr = g + r * cols;
             // eight partial sums of the row (one dependency chain would cost an add's latency per coordinate)
@@ -355,19 +391,18 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
             for (; c < cols; ++c) {
                 const float g2 = gr[c] * gr[c];
                 total += g2;
-                col_sum[c] += g2;
+                if (cols == 1)
+                    column_lanes[r & 7] += g2;
+                else
+                    col_sum[c] += g2;
             }
             for (int k = 0; k < 8; ++k) total += lanes[k];
             const float mean = static_cast<float>(total / cols) + factored_eps;
-            for (int k = 0; k < K; ++k) {
-                const float x = row_in[r * K + k] * factored_decay[k] + mean * (1.0f - factored_decay[k]);
-                const float y = 1.0f / std::sqrt(x + factored_rsqrt_eps);
-                row_new[r * K + k] = x;
-                row_total[k] += x;
-                row_squares[k] += static_cast<double>(x) * x;
-                row_squares[K + k] += static_cast<double>(y) * y;
-            }
+            for (int k = 0; k < K; ++k)
+                row_new[r * K + k] = row_in[r * K + k] * factored_decay[k] + mean * (1.0f - factored_decay[k]);
         }
+        if (cols == 1)
+            for (int k = 0; k < 8; ++k) col_sum[0] += column_lanes[k];
         for (int64_t c = 0; c < cols; ++c) {
             const float mean = static_cast<float>(col_sum[c] / rows) + factored_eps;
             for (int k = 0; k < K; ++k)
@@ -378,10 +413,12 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
         std::vector<float> row_factor(static_cast<size_t>(K * rows)), col_factor(static_cast<size_t>(K * cols));
         std::vector<float> col_features(static_cast<size_t>(NR * cols));
         float row_norm[2 * MAX_J], col_norm[2 * MAX_J];
+        double row_sums[3 * MAX_J];
+        row_feature_sums(row_new, rows, K, factored_rsqrt_eps, row_sums);
         for (int f = 0; f < NR; ++f)
-            row_norm[f] = 1.0f / std::sqrt(static_cast<float>(row_squares[f] / rows) + feature_rms_eps);
+            row_norm[f] = 1.0f / std::sqrt(static_cast<float>(row_sums[K + f] / rows) + feature_rms_eps);
         for (int k = 0; k < K; ++k) {
-            const float mean = static_cast<float>(row_total[k] / rows);
+            const float mean = static_cast<float>(row_sums[k] / rows);
             for (int64_t r = 0; r < rows; ++r) row_factor[k * rows + r] = 1.0f / std::sqrt(row_new[r * K + k] / mean);
             float *x = col_features.data() + k * cols, *y = col_features.data() + (K + k) * cols;
             for (int64_t c = 0; c < cols; ++c) {
@@ -439,12 +476,14 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
                 for (int64_t r = 0; r < br; ++r) x[r] = row_new[(rb + r) * K + k];
                 for (int64_t r = 0; r < br; ++r) y[r] = 1.0f / std::sqrt(x[r] + factored_rsqrt_eps);
             }
-            for (int h = 0; h < H; ++h) {
-                float* t = row_term.data() + h * br;
-                std::fill(t, t + br, b1[h]);
-                for (int f = 0; f < NR; ++f) {
-                    const float w_f = w_rows[h][f], *x = block_features.data() + f * br;
-                    for (int64_t r = 0; r < br; ++r) t[r] += w_f * x[r];
+            for (int64_t r = 0; r < br; r += L) {  // each feature read once, each term written once
+                const int count = static_cast<int>(std::min<int64_t>(L, br - r));
+                vf x[2 * MAX_J];
+                for (int f = 0; f < NR; ++f) x[f] = load_partial(block_features.data() + f * br + r, count);
+                for (int h = 0; h < H; ++h) {
+                    vf t = splat(b1[h]);
+                    for (int f = 0; f < NR; ++f) t += w_rows[h][f] * x[f];
+                    store_partial(row_term.data() + h * br + r, t, count);
                 }
             }
             const float* block_m[MAX_J];

@@ -23,6 +23,7 @@ from ..features import (
     factored_moments,
     factored_pack_layout,
     factored_preconditioner,
+    factored_row_factor,
     factored_rsqrt_factors,
     matrix_view,
     rms_normalize,
@@ -271,14 +272,8 @@ class AdafacMLP(UpdateRule):
         precond = factored_preconditioner(row, col)  # (K, n)
         blocks = [grad.unsqueeze(0), param.unsqueeze(0), m, v, ratio, rsqrt, grad * precond, m * precond]
         new_state = {**{f"m{i}": m[i] for i in range(j)}, "v": v[0], "row": row, "col": col}
-        return blocks, *self._per_tensor_features(row, col, beta.squeeze(1), step), new_state
-
-    def _per_tensor_features(
-        self, row: Tensor, col: Tensor, beta: Tensor, step: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """``(scale, row_features, col_features)`` of :meth:`features` from the new row and column statistics
-        and the momentum decays ``beta`` ``(J,)``."""
-        return self._feature_scale(beta, step, row), self._factored_features(row), self._factored_features(col)
+        scale = self._feature_scale(beta.squeeze(1), step, grad)
+        return blocks, scale, self._factored_features(row), self._factored_features(col), new_state
 
     @staticmethod
     def _feature_scale(beta: Tensor, step: Tensor, like: Tensor) -> Tensor:
@@ -337,7 +332,11 @@ class AdafacMLP(UpdateRule):
         dense = torch.cat(blocks)  # (16, n)
         # Mean square of each feature over the tensor (a row/column feature repeats over its row/column).
         dense_ms = torch.linalg.vector_norm(dense, dim=1).square() / n
-        weight, row_term, col_term = self._first_layer(dense_ms, scale, row_features, col_features, step)
+        weight, row_weight, col_weight, bias = self._first_layer(
+            dense_ms, scale, row_features.square().mean(dim=1), col_features.square().mean(dim=1), step
+        )
+        row_term = torch.addmm(bias.unsqueeze(1), row_weight, row_features)  # (H, rows)
+        col_term = col_weight @ col_features  # (H, cols)
         # first layer, feature-major (H, n): the dense rows, plus the rank-structured row and column
         # terms broadcast over the (rows, cols) view
         base = (row_term.unsqueeze(2) + col_term.unsqueeze(1)).reshape(-1, n)
@@ -361,27 +360,28 @@ class AdafacMLP(UpdateRule):
         return scale[i] * dense_ms[i].sqrt()
 
     def _first_layer(
-        self, dense_ms: Tensor, scale: Tensor, row_features: Tensor, col_features: Tensor, step: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        self, dense_ms: Tensor, scale: Tensor, row_ms: Tensor, col_ms: Tensor, step: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         r"""The first layer with the per-tensor RMS normalisation folded in.
 
         Feature :math:`f` enters as :math:`u_f / \sqrt{\overline{u_f^2} + \epsilon_u}` with :math:`u_f =
         \mathrm{scale}_f\,\mathrm{raw}_f`, so the normalisation is a per-column factor of the first
-        layer's weight and the GEMM runs on the raw dense rows (no normalised copy). ``dense_ms`` is the
-        mean square of each raw dense row over the tensor. Returns ``(weight, row_term, col_term)``:
-        the ``(H, 16)`` weight over the raw dense rows, ``(H, rows)`` the bias (with the time features,
-        per-tensor constants) plus the row features' contribution, ``(H, cols)`` the column features'.
+        layer's weight and the GEMM runs on the raw rows (no normalised copy). ``dense_ms``, ``row_ms`` and
+        ``col_ms`` are the mean squares over the tensor of the raw dense rows and of the row and column
+        features (:meth:`features`; a row feature's over the rows, as it repeats over the columns). Returns
+        ``(dense_weight, row_weight, col_weight, bias)``: the ``(H, 16)``, ``(H, 2K)``, ``(H, 2K)`` blocks of
+        the folded weight and the ``(H,)`` bias with the time features (per-tensor constants), so that the
+        first layer's pre-activation is ``dense_weight @ dense + (row_weight @ row_features + bias)[:, r] +
+        (col_weight @ col_features)[:, c]`` at coordinate ``(r, c)``.
         """
         c = self.config
         first = self.mlp[0]
         assert isinstance(first, nn.Linear)
-        k, d, nr = self.num_coordinate_features, scale.shape[0], row_features.shape[0]
-        ms = torch.cat([dense_ms, row_features.square().mean(dim=1), col_features.square().mean(dim=1)])
+        k, d, nr = self.num_coordinate_features, scale.shape[0], row_ms.shape[0]
+        ms = torch.cat([dense_ms, row_ms, col_ms])
         factor = torch.cat([scale, torch.ones_like(ms[d:])])
         weight = first.weight[:, :k] * (factor * torch.rsqrt(factor.square() * ms + c.feature_rms_eps))
-        row_term = torch.addmm(self._first_bias(step).unsqueeze(1), weight[:, d : d + nr], row_features)
-        col_term = weight[:, d + nr :] @ col_features
-        return weight[:, :d], row_term, col_term
+        return weight[:, :d], weight[:, d : d + nr], weight[:, d + nr :], self._first_bias(step)
 
     @torch.no_grad()
     def _packed_forward(
@@ -586,7 +586,8 @@ class AdafacMLP(UpdateRule):
         col_mean = torch.sum(grad_sq, dim=0).div_(rows).add_(c.factored_eps)
         decay = self.factored_decay.to(dtype)
         row, col = ema(state["row"], row_mean.unsqueeze(1), decay), ema(state["col"], col_mean.unsqueeze(1), decay)
-        row_factor, col_factor = (f.t().contiguous() for f in factored_rsqrt_factors(row, col))  # (K, R), (K, C)
+        # the row factor and the row features are made per chunk or block (a vector has a row per coordinate)
+        row_scale, col_factor = row.mean(dim=0), torch.rsqrt(col).t().contiguous()  # (K,), (K, C)
         names = [*(f"m{i}" for i in range(j)), "v"]
         new = {k: out_state[k] if out_state is not None else torch.empty_like(state[k]) for k in names}
         new["row"], new["col"] = (out_state["row"].copy_(row), out_state["col"].copy_(col)) if out_state else (row, col)
@@ -608,7 +609,7 @@ class AdafacMLP(UpdateRule):
             each, then with :math:`e^2`): two chunk-sized scratch vectors instead of the 16 feature rows."""
             chunk_rows = min(rows, block_rows * self.sums_block_factor)
             scratch = grad.new_empty(2, chunk_rows * cols)
-            a2, e2 = row_factor.square(), col_factor.square()  # phi_k^2 = a2[k, r] e2[k, c]
+            e2 = col_factor.square()  # phi_k^2 = a2[k, r] e2[k, c]
             sums = grad.new_zeros(4 + 4 * j)
             for r0 in range(0, rows, chunk_rows):
                 r1 = min(r0 + chunk_rows, rows)
@@ -621,13 +622,16 @@ class AdafacMLP(UpdateRule):
                 )
                 w, square = scratch[0, : b - a], scratch[1, : b - a]
                 torch.mul(v_new, v_correction, out=w).add_(c.moment_eps).reciprocal_()
+                # (K, chunk rows) as the transpose of a row-major block: a product with it needs no copy
+                a2 = factored_row_factor(row[r0:r1], row_scale).square_().t()
                 # reduced over the rows first: a (K, cols) transient, for a vector (cols 1) too
-                gphi = (torch.mm(a2[:, r0:r1], grad_sq[r0:r1]) * e2).sum(dim=1)
+                gphi = (torch.mm(a2, grad_sq[r0:r1]) * e2).sum(dim=1)
                 ratio, mphi = [], []
                 for i in range(j):
                     torch.mul(m_new[i], m_new[i], out=square)
                     ratio.append(torch.dot(square, w))
-                    mphi.append(torch.dot(torch.mv(square.view(r1 - r0, cols).t(), a2[i, r0:r1]), e2[i]))
+                    # all K rows of a2 in one product: as cheap as one (it reads M_i^2 once), no strided a2[i]
+                    mphi.append(torch.dot(torch.mm(a2, square.view(r1 - r0, cols))[i], e2[i]))
                 plain = [torch.dot(x, x) for x in (g, param[a:b], *m_new, v_new)]
                 sums += torch.cat([torch.stack([*plain, *ratio, w.sum()]), gphi, torch.stack(mphi)])
             return sums
@@ -639,7 +643,15 @@ class AdafacMLP(UpdateRule):
             features = grad.new_empty(4 + 4 * j, block_rows * cols)
             acts = [grad.new_empty(hidden, block_rows * cols) for _ in range(2)]
             copied = [grad, param, *(new[k] for k in names)]  # rows 0 .. 2 + J as they are
+            # the row factors and row terms of up to `span` rows at a time: a matrix's all at once (a block's would
+            # cost a few ops per block), a vector's (a row per coordinate) block by block
+            span, span_end = block_rows * max(1, self.block_coordinates(grad.device) // block_rows), 0
             for r0, r1 in blocks:
+                if r1 > span_end:
+                    span_start, span_end = r0, min(rows, r0 + span)
+                    stats = row[span_start:span_end]
+                    row_factors = factored_row_factor(stats, row_scale).t()  # (K, span rows)
+                    row_terms = torch.addmm(bias.unsqueeze(1), row_weight, self._factored_features(stats))
                 a, b = r0 * cols, r1 * cols
                 u = features[:, : b - a]
                 for target, source in zip(u[: len(copied)], copied, strict=True):
@@ -647,11 +659,12 @@ class AdafacMLP(UpdateRule):
                 m, rsqrt, phi = u[2 : 2 + j], u[3 + 2 * j], u[4 + 2 * j : 4 + 3 * j]
                 torch.mul(u[2 + j], v_correction, out=rsqrt).add_(c.moment_eps).rsqrt_()
                 torch.mul(m, rsqrt, out=u[3 + j : 3 + 2 * j])
-                torch.mul(row_factor[:, r0:r1, None], col_factor[:, None, :], out=phi.view(j, r1 - r0, cols))
+                in_span = slice(r0 - span_start, r1 - span_start)
+                torch.mul(row_factors[:, in_span, None], col_factor[:, None, :], out=phi.view(j, r1 - r0, cols))
                 torch.mul(phi, m, out=u[4 + 3 * j :])
                 phi.mul_(u[0])
                 x = acts[0][:, : b - a]
-                torch.add(row_term[:, r0:r1, None], col_term[:, None, :], out=x.view(hidden, r1 - r0, cols))
+                torch.add(row_terms[:, in_span, None], col_term[:, None, :], out=x.view(hidden, r1 - r0, cols))
                 x.addmm_(weight, u).relu_()
                 for index, layer in enumerate(linears):
                     last = index == len(linears) - 1
@@ -661,8 +674,12 @@ class AdafacMLP(UpdateRule):
             return direction, torch.dot(direction, direction)
 
         sums = state_and_sums()
-        scale, row_features, col_features = self._per_tensor_features(row, col, beta, step)
-        weight, row_term, col_term = self._first_layer(sums / n, scale, row_features, col_features, step)
+        scale, col_features = self._feature_scale(beta, step, grad), self._factored_features(col)
+        # the row features' mean squares without making them: r_k^2 and (r_k + eps)^-1, over the rows
+        row_ms = torch.cat([row.square().mean(dim=0), row.add(c.factored_rsqrt_eps).reciprocal_().mean(dim=0)])
+        col_ms = col_features.square().mean(dim=1)
+        weight, row_weight, col_weight, bias = self._first_layer(sums / n, scale, row_ms, col_ms, step)
+        col_term = col_weight @ col_features  # (H, cols)
         hidden = self.config.hidden_size
         linears = [m for m in self.mlp[1:] if isinstance(m, nn.Linear)]
         direction, sum_squares = direction_and_sum_squares()

@@ -238,7 +238,8 @@ def test_adapt_fine_tunes_the_net_with_a_real_lr():
     [
         ((37, 23), 100, {}),  # blocks of 4 rows, the last one shorter
         ((5, 300), 100, {"time_scales": (10.0, 100.0)}),  # a row longer than the block: one row per block
-        ((900,), 128, {"normalize_direction": False}),  # a vector: one column
+        ((900,), 128, {"normalize_direction": False}),  # a vector: one column, its row terms block by block
+        ((290, 2), 20, {}),  # a tall matrix: row terms made 20 rows (two blocks) at a time, the last span shorter
         ((6, 4, 3, 3), 50, {"mup": False, "step_magnitude": "adam"}),  # a conv weight as (out, in*kh*kw)
     ],
 )
