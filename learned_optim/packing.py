@@ -62,11 +62,11 @@ def is_dtensor(t: Tensor) -> TypeGuard[DTensor]:
     return type(t).__name__ == "DTensor" and hasattr(t, "_local_tensor")
 
 
-def _bytes_per_coordinate(p: Tensor, state: Mapping[str, Tensor], rule: UpdateRule) -> int:
-    """Bytes per coordinate of ``p``: value, gradient and per-coordinate state (what packing copies)."""
+def _bytes_per_coordinate(p: Tensor, state: Mapping[str, Tensor], floats: Mapping[str, int]) -> int:
+    """Bytes per coordinate of ``p``: value, gradient and per-coordinate state (what packing copies); ``floats``:
+    the numbers per coordinate of each per-coordinate state tensor."""
     grad_size = p.grad.element_size() if p.grad is not None else 0
-    per_coordinate_state = rule.state_shapes().items()
-    return p.element_size() + grad_size + sum(state[k].element_size() * math.prod(t) for k, t in per_coordinate_state)
+    return p.element_size() + grad_size + sum(state[k].element_size() * count for k, count in floats.items())
 
 
 def plan_packs(
@@ -79,7 +79,8 @@ def plan_packs(
     coordinates each, every member under :data:`PACK_MAX_BYTES`) and the tensors stepped alone. ``states``: each
     parameter's optimizer state. A pack lists its tensors ordered by shape (stably), so that tensors of one shape
     are consecutive and a rule takes their per-tensor statistics at once."""
-    names = list(rule.state_shapes())
+    floats = {k: math.prod(shape) for k, shape in rule.state_shapes().items()}
+    names = list(floats)
     singles: list[Tensor] = []
     buckets: dict[tuple[Any, ...], list[Tensor]] = {}
     limits: dict[torch.device, int | None] = {}
@@ -89,7 +90,7 @@ def plan_packs(
         limit = limits[p.device]
         n = p.numel()
         small = not is_dtensor(p) and limit is not None and 0 < n < limit
-        if not (small and n * _bytes_per_coordinate(p, states[p], rule) < PACK_MAX_BYTES):
+        if not (small and n * _bytes_per_coordinate(p, states[p], floats) < PACK_MAX_BYTES):
             singles.append(p)
             continue
         state = states[p]
@@ -140,8 +141,8 @@ def packed_step(
     grads = [p.grad.reshape(-1) for p in params]  # type: ignore[union-attr]  # params with grads only
     grad = packed([-g for g in grads] if maximize else grads)
     theta = packed([p.detach().reshape(-1) for p in params])
-    shapes = rule.state_shapes()
-    state = {k: packed([s[k].view(n, *shapes[k]) for s, n in zip(states, sizes, strict=True)]) for k in shapes}
+    shapes = rule.state_shapes()  # each per-coordinate state is (numel, *shape) (init_state, load_state_dict)
+    state = {k: packed([s[k] for s in states]) for k in shapes}
     step = states[0]["step"].to(device=device, dtype=dtype)
     segments = Segments(sizes, rows, device)
     stats = rule.segment_stats(grad, theta, state, step, segments)
@@ -163,9 +164,7 @@ def packed_step(
         new_theta = decoupled_update(theta[:total], delta[:total], lr, weight_decay).split(sizes)
     torch._foreach_copy_(params, [t.view(p.shape) for t, p in zip(new_theta, params, strict=True)])
     for k in shapes:
-        targets = [s[k] for s in states]
-        pieces = new_state[k][:total].split(sizes)
-        torch._foreach_copy_(targets, [t.view(s.shape) for t, s in zip(pieces, targets, strict=True)])
+        torch._foreach_copy_([s[k] for s in states], list(new_state[k][:total].split(sizes)))
     for k in tensor_keys:
         targets = [s[k] for s in states]
         torch._foreach_copy_(targets, list(new_state[k].split([t.shape[0] for t in targets])))

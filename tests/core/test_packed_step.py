@@ -10,6 +10,7 @@ No timing here.
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -120,7 +121,8 @@ def test_tensors_above_the_byte_limit_are_stepped_alone(make_rule, monkeypatch):
     _train(model, opt, 1)
     params = list(model.parameters())
     per_coordinate = 4 + 4 + 4 * 2 * 2 * 20  # float32 value, gradient and (2, 2, 20) LSTM state
-    assert packing_module._bytes_per_coordinate(params[0], opt.state[params[0]], opt.rule) == per_coordinate
+    floats = {k: math.prod(shape) for k, shape in opt.rule.state_shapes().items()}
+    assert packing_module._bytes_per_coordinate(params[0], opt.state[params[0]], floats) == per_coordinate
     monkeypatch.setattr(packing_module, "PACK_MAX_BYTES", 30 * per_coordinate)  # 30 coordinates and up: alone
     packs, singles = opt._plan_packs(params)
     assert sorted(p.numel() for p in singles) == sorted(p.numel() for p in params if p.numel() >= 30)
