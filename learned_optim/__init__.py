@@ -1,13 +1,15 @@
 """learned_optim: meta-trained optimizers for PyTorch.
 
 >>> import learned_optim
->>> opt = learned_optim.from_pretrained("l2o-lstm", model.parameters())  # doctest: +SKIP
+>>> opt = learned_optim.from_pretrained(learned_optim.FLAGSHIP, model.parameters(), lr=1e-3)  # doctest: +SKIP
+
+Keep AdamW's tuned lr, weight decay and schedule: the flagship replaces ``torch.optim.AdamW`` in a training loop.
 """
 
 from importlib import metadata as _metadata
 
 from .adapt import AdaptationError, AdaptationResult, adapt
-from .hub import CheckpointError, from_pretrained, list_pretrained, load_rule, save_pretrained
+from .hub import FLAGSHIP, CheckpointError, from_pretrained, list_pretrained, load_rule, save_pretrained
 from .nets import DMLSTM, FAMILIES, AdafacMLP, MLPUpdate, RNNProp, UpdateRule, build_rule, functional_update
 from .optimizer import LearnedOptimizer, NonFiniteGradientError
 
@@ -20,6 +22,7 @@ __all__ = [
     "LearnedOptimizer",
     "NonFiniteGradientError",
     "CheckpointError",
+    "FLAGSHIP",
     "from_pretrained",
     "list_pretrained",
     "load_rule",

@@ -31,7 +31,6 @@ __all__ = [
     "DEMO_TASK",
     "NoPretrainedOptimizerError",
     "default_optimizer",
-    "DEMO_OPTIMIZER",
 ]
 
 #: The demo's task: one of the benchmark suite's (:mod:`learned_optim.bench.tasks`), none of which any zoo
@@ -68,17 +67,13 @@ def _no_zoo_message() -> str:
     )
 
 
-#: The zoo entry the demo prefers: the flagship, chosen among the recipes on the recipe-selection set (never on
-#: the suite; benchmarks/results/bench/fresh-seeds/README.md), whatever it does on the demo task.
-DEMO_OPTIMIZER = "adafac-mlp-adam-magnitude-tbv-nomup-soup-all8"
-
-
 def default_optimizer() -> str:
-    """The demo's optimizer when none is given: :data:`DEMO_OPTIMIZER` if bundled, else the first zoo entry."""
+    """The demo's optimizer when none is given: the flagship (:data:`learned_optim.hub.FLAGSHIP`, whatever it does
+    on the demo task) if bundled, else the first zoo entry."""
     names = [entry["name"] for entry in hub.list_pretrained()]
     if not names:
         raise NoPretrainedOptimizerError(_no_zoo_message())
-    return DEMO_OPTIMIZER if DEMO_OPTIMIZER in names else names[0]
+    return hub.FLAGSHIP if hub.FLAGSHIP in names else names[0]
 
 
 def build_demo_parser() -> argparse.ArgumentParser:
@@ -93,7 +88,7 @@ def build_demo_parser() -> argparse.ArgumentParser:
         "--optimizer",
         default=None,
         metavar="NAME_OR_DIR",
-        help=f"zoo name, checkpoint folder or Hub repo id (default: {DEMO_OPTIMIZER})",
+        help=f"zoo name, checkpoint folder or Hub repo id (default: {hub.FLAGSHIP})",
     )
     parser.add_argument("--task", default=DEMO_TASK, help=f"a task of the benchmark suite (default {DEMO_TASK})")
     parser.add_argument("--seeds", type=int, default=3, help="evaluation seeds (default 3)")

@@ -371,6 +371,12 @@ def record_evaluation(
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
 
 
+#: The zoo's flagship, the general-purpose entry to replace AdamW with (keep AdamW's tuned lr, weight decay and
+#: schedule): chosen among the recipes by a pre-registered rule on the recipe-selection set, never on the benchmark
+#: suite (README "The zoo"; benchmarks/results/bench/fresh-seeds/README.md). The demo's default.
+FLAGSHIP = "adafac-mlp-adam-magnitude-tbv-nomup-soup-all8"
+
+
 def zoo_dir() -> Path:
     """Folder of the bundled zoo: inside the installed wheel, else ``pretrained/`` of a source checkout."""
     here = Path(__file__).resolve().parent
@@ -394,7 +400,8 @@ def list_pretrained() -> list[dict[str, Any]]:
     per recorded suite run (key ``"bench suite v<N>"``, ``" (quick)"`` for the quick selection), or ``None``.
     ``kind`` is ``"general"`` for an entry recommended to train models with, ``"research"`` for a
     reproduction kept with its evidence (``research`` then says what it is for; config.json's top-level
-    ``"research"``); general-purpose entries come first.
+    ``"research"``); ``flagship`` marks :data:`FLAGSHIP`. The flagship comes first, then the other general-purpose
+    entries, then the research ones.
     """
     entries = []
     for name, directory in _zoo_entries().items():
@@ -405,6 +412,7 @@ def list_pretrained() -> list[dict[str, Any]]:
         entries.append(
             {
                 "name": name,
+                "flagship": name == FLAGSHIP,
                 "kind": "research" if config.get("research") else "general",
                 "research": config.get("research"),
                 "family": config["family"],
@@ -415,7 +423,7 @@ def list_pretrained() -> list[dict[str, Any]]:
                 "path": str(directory),
             }
         )
-    return sorted(entries, key=lambda e: e["kind"] != "general")
+    return sorted(entries, key=lambda e: (not e["flagship"], e["kind"] != "general"))
 
 
 #: Research entries whose note :func:`from_pretrained` has already shown in this process.

@@ -99,11 +99,11 @@ def test_top_level_cli_dispatches(capsys):
     assert exit_info.value.code == 0 and "--tasks" in capsys.readouterr().out
 
 
-def test_default_optimizer_prefers_the_demo_entry(monkeypatch):
+def test_default_optimizer_prefers_the_flagship(monkeypatch):
     from learned_optim import __main__ as cli
 
-    monkeypatch.setattr(cli.hub, "list_pretrained", lambda: [{"name": "aaa"}, {"name": cli.DEMO_OPTIMIZER}])
-    assert cli.default_optimizer() == cli.DEMO_OPTIMIZER
+    monkeypatch.setattr(cli.hub, "list_pretrained", lambda: [{"name": "aaa"}, {"name": cli.hub.FLAGSHIP}])
+    assert cli.default_optimizer() == cli.hub.FLAGSHIP
     monkeypatch.setattr(cli.hub, "list_pretrained", lambda: [{"name": "aaa"}, {"name": "bbb"}])
     assert cli.default_optimizer() == "aaa"
 

@@ -277,6 +277,9 @@ def test_zoo_separates_general_entries_from_research_reproductions(monkeypatch):
     entries = learned_optim.list_pretrained()
     kinds = [e["kind"] for e in entries]
     assert set(kinds) <= {"general", "research"} and kinds == sorted(kinds, key=lambda k: k != "general")
+    # the flagship is bundled, general-purpose and listed first
+    assert [e["name"] for e in entries if e["flagship"]] == [learned_optim.FLAGSHIP] == [entries[0]["name"]]
+    assert entries[0]["kind"] == "general"
     research = [e for e in entries if e["kind"] == "research"]
     assert research and all(e["research"] for e in research)
     monkeypatch.setattr(hub, "_research_warned", set())
