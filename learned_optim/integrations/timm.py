@@ -1,7 +1,8 @@
 """Registers every zoo optimizer in timm's optimizer registry (when timm is importable).
 
-After ``import learned_optim``, ``timm.optim.create_optimizer_v2(model, "l2o-lstm", weight_decay=0.05)``
-builds the learned optimizer with timm's parameter grouping (no weight decay on biases and norms).
+After ``import learned_optim``, ``timm.optim.create_optimizer_v2(model, learned_optim.FLAGSHIP, lr=1e-3,
+weight_decay=0.05)`` (AdamW's lr and weight decay) builds the learned optimizer with timm's parameter grouping (no
+weight decay on biases and norms).
 """
 
 from __future__ import annotations
