@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 #: Coordinates per net call on the ATen path. Bounds the transient memory of a step independently of model
 #: size (DM-LSTM: roughly 1.5 KB of temporaries per coordinate, so ~12 MB per chunk). 8192 rows keep a
 #: chunk's gate activations near the size of a core's L2 cache; on the benchmark machine larger chunks
-#: were up to 1.8x slower (``benchmarks/step_time.py``).
+#: were up to 1.8x slower (``benchmarks/step_time.py``). A net may size its own
+#: (:meth:`~learned_optim.nets.base.UpdateRule.cpu_chunk_size`).
 DEFAULT_CHUNK_SIZE = 1 << 13
 
 #: Coordinates per net call when the native kernels run it (:mod:`learned_optim.kernels`: CPU, float32):
@@ -104,7 +105,8 @@ class LearnedOptimizer(Optimizer):
             ``None`` applies the net to whole tensors at once; ``"auto"`` (default) takes
             :data:`KERNEL_CHUNK_SIZE` where native kernels run in the net (float32 on CPU, eager, and
             :func:`learned_optim.kernels.serves` the family: built, and measured faster than ATen here),
-            :data:`ACCELERATOR_CHUNK_SIZE` on a GPU and :data:`DEFAULT_CHUNK_SIZE` elsewhere. On CPU the
+            :data:`ACCELERATOR_CHUNK_SIZE` on a GPU and elsewhere the net's
+            :meth:`~learned_optim.nets.base.UpdateRule.cpu_chunk_size`, else :data:`DEFAULT_CHUNK_SIZE`. On CPU the
             result is bit-identical whatever the chunk size; on GPU, cuBLAS may round differently per
             chunk shape.
         nonfinite: what a NaN/inf gradient does: ``"raise"`` (default) raises
@@ -361,8 +363,10 @@ class LearnedOptimizer(Optimizer):
             )
             if native:
                 chunk = KERNEL_CHUNK_SIZE
+            elif device.type == "cpu":
+                chunk = self.rule.cpu_chunk_size() or DEFAULT_CHUNK_SIZE
             else:
-                chunk = DEFAULT_CHUNK_SIZE if device.type == "cpu" else ACCELERATOR_CHUNK_SIZE
+                chunk = ACCELERATOR_CHUNK_SIZE
         return packing.align_rows(chunk)
 
     def _plan_packs(self, params: list[Tensor]) -> tuple[list[list[Tensor]], list[Tensor]]:

@@ -169,6 +169,13 @@ class AdafacMLP(UpdateRule):
         """Coordinates per block of the inference path on ``device`` (and the one-shot path's upper bound)."""
         return self.coordinate_block if device.type == "cpu" else self.accelerator_coordinate_block
 
+    def cpu_chunk_size(self) -> int:
+        """Packs of small tensors on the CPU's ATen path go up to the one-shot path's bound (:attr:`coordinate_block`):
+        a step's transient memory here is ~40 floats per coordinate, and fewer, larger packs cost fewer ops (a
+        42-tensor transformer's step 8.7-9.1 -> 5.7 ms against DM-LSTM's 8192; ``benchmarks/results/
+        step_adafac_session18.md``)."""
+        return self.coordinate_block
+
     def __init__(self, config: AdafacMLPConfig | None = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
         c = self.config

@@ -192,6 +192,12 @@ class UpdateRule(nn.Module):
         """The dtype the net runs in: that of its weights (float32 unless converted)."""
         return next(self.parameters()).dtype
 
+    def cpu_chunk_size(self) -> int | None:
+        """Coordinates per net call on the CPU's ATen path when the net knows better than the optimizer's
+        default (:data:`learned_optim.optimizer.DEFAULT_CHUNK_SIZE`, sized for DM-LSTM's ~1.5 KB of temporaries per
+        coordinate); ``None``: the default."""
+        return None
+
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
         """Trailing shape of each per-coordinate state tensor (the leading axis is the coordinate)."""
         raise NotImplementedError

@@ -493,6 +493,27 @@ def test_auto_chunk_size_follows_the_kernels(make_rule):
         LearnedOptimizer([p], rule, chunk_size="big")
 
 
+@pytest.mark.parametrize("family", ["adafac_mlp", "dm_lstm"])
+def test_auto_chunk_size_on_aten_is_the_nets_own(family, make_rule):
+    """On the CPU's ATen path a net may size its chunks (``UpdateRule.cpu_chunk_size``): adafac_mlp packs small
+    tensors up to its one-shot bound (20 tensors of 1000 coordinates: one call), DM-LSTM keeps DEFAULT_CHUNK_SIZE."""
+    from learned_optim.optimizer import DEFAULT_CHUNK_SIZE
+    from learned_optim.packing import align_rows
+
+    rule = make_rule(family)
+    rows = []
+    rule.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    params = [nn.Parameter(torch.zeros(1000)) for _ in range(20)]
+    opt = LearnedOptimizer(params, rule)
+    with kernels.enabled_as(False):
+        expected = align_rows(rule.coordinate_block) if family == "adafac_mlp" else DEFAULT_CHUNK_SIZE
+        assert opt._chunk_rows(torch.device("cpu")) == expected
+        for p in params:
+            p.grad = torch.full((1000,), 1e-3)
+        opt.step()
+    assert len(rows) == -(-20_000 // expected) and sum(rows) >= 20_000
+
+
 def test_auto_chunk_size_on_an_accelerator_is_large(make_rule):
     """A GPU step pays per kernel launch: "auto" takes ACCELERATOR_CHUNK_SIZE there, whatever the CPU kernels
     say (the device is only read, so this runs without one); an explicit size is kept."""
