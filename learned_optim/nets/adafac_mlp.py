@@ -172,7 +172,7 @@ class AdafacMLP(UpdateRule):
     def cpu_chunk_size(self) -> int:
         """Packs of small tensors on the CPU's ATen path go up to the one-shot path's bound (:attr:`coordinate_block`):
         a step's transient memory here is ~40 floats per coordinate, and fewer, larger packs cost fewer ops (a
-        42-tensor transformer's step 8.7-9.1 -> 5.7 ms against DM-LSTM's 8192; ``benchmarks/results/
+        42-tensor transformer's step 8.7 -> 6.0-6.4 ms against DM-LSTM's 8192; ``benchmarks/results/
         step_adafac_session18.md``)."""
         return self.coordinate_block
 
