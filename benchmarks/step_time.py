@@ -6,6 +6,7 @@
     python benchmarks/step_time.py --sizes 1M --families dm_lstm --no-memory
     python benchmarks/step_time.py --device cuda --sizes 1M 10M 100M     # GPU: Adam, eager, compiled
     python benchmarks/step_time.py --sizes 1M --families adafac_mlp --vector     # a 1-D tensor (a flat parameter)
+    python benchmarks/step_time.py --sizes 1M --families adafac_mlp --columns 10   # a narrow (100k, 10) matrix
 
 For each family and size (one parameter tensor of that many coordinates, a fixed gradient) it times,
 round-robin in the same process (see ``benchmarks/_common.py``):
@@ -99,17 +100,21 @@ def make_rule(family: str):
     return learned_optim.FAMILIES[family]().requires_grad_(False)
 
 
-#: ``--vector``: time whole-tensor rules on a vector too (a large bias, a flat FSDP parameter), whose factored
-#: statistics are per coordinate, instead of the squarest matrix.
-VECTOR = False
+#: ``--columns C``: time whole-tensor rules on an ``(n / C, C)`` matrix instead of the squarest one: ``--vector``
+#: (C = 1: a large bias, a flat FSDP parameter, whose factored statistics are per coordinate) or a narrow matrix
+#: (C under the vector width: a partial vector per row). ``None``: the squarest matrix.
+COLUMNS: int | None = None
 
 
 def param_shape(family: str, n: int) -> tuple[int, ...]:
-    """One tensor of ``n`` coordinates: a vector for the coordinatewise nets (and with :data:`VECTOR`), the
-    squarest matrix with ``n`` entries for whole-tensor rules (their factored statistics and μP scale read the
-    shape)."""
-    if VECTOR or not learned_optim.FAMILIES[family].whole_tensor:
+    """One tensor of ``n`` coordinates: a vector for the coordinatewise nets, the squarest matrix with ``n`` entries
+    for whole-tensor rules (their factored statistics and μP scale read the shape), or :data:`COLUMNS` columns."""
+    if not learned_optim.FAMILIES[family].whole_tensor:
         return (n,)
+    if COLUMNS is not None:
+        if n % COLUMNS:
+            raise SystemExit(f"--columns {COLUMNS} does not divide the size {n}")
+        return (n,) if COLUMNS == 1 else (n // COLUMNS, COLUMNS)
     rows = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
     return (rows, n // rows)
 
@@ -259,7 +264,15 @@ def child_memory(family: str, mode: str, n: int) -> dict:
 def memory_row(family: str, mode: str, n: int) -> float | None:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, __file__, "--child-memory", family, mode, str(n), *(["--vector"] if VECTOR else [])],
+        [
+            sys.executable,
+            __file__,
+            "--child-memory",
+            family,
+            mode,
+            str(n),
+            *(["--columns", str(COLUMNS)] if COLUMNS else []),
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -285,11 +298,12 @@ def main(argv: list[str] | None = None) -> None:
         "--json", default=None, help="also write the results to this JSON file (the *_cpu_s fields use its clock)"
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (Adam, eager and compiled only)")
-    parser.add_argument("--vector", action="store_true", help="one vector for every family (see VECTOR)")
+    parser.add_argument("--vector", action="store_true", help="--columns 1: one vector for every family")
+    parser.add_argument("--columns", type=int, default=None, help="whole-tensor rules on (n / C, C) (see COLUMNS)")
     parser.add_argument("--child-memory", nargs=3, metavar=("FAMILY", "MODE", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    global VECTOR
-    VECTOR = args.vector
+    global COLUMNS
+    COLUMNS = 1 if args.vector else args.columns
     if args.child_memory:
         family, mode, n = args.child_memory
         print(json.dumps(child_memory(family, mode, int(n))))
