@@ -338,9 +338,9 @@ class LearnedOptimizer(Optimizer):
         if steps:
             torch._foreach_add_(steps, 1.0)
         for group in self.param_groups:
-            params = todo.get(id(group), [])
-            packs, singles = self._plan_packs(params)
             lr, weight_decay, maximize = group["lr"], group["weight_decay"], group["maximize"]
+            params = self._step_in_place(todo.get(id(group), []), lr, weight_decay, maximize)
+            packs, singles = self._plan_packs(params)
             for p in singles:
                 self._update_tensor(p, self.state[p], lr, weight_decay, maximize)
             for pack in packs:
@@ -348,6 +348,27 @@ class LearnedOptimizer(Optimizer):
                     pack, [self.state[p] for p in pack], self.rule, self._net(), lr, weight_decay, maximize
                 )
         return loss
+
+    def _step_in_place(
+        self, params: list[Tensor], lr: float | Tensor, weight_decay: float, maximize: bool
+    ) -> list[Tensor]:
+        """The rule's in-place step (:meth:`UpdateRule.step_in_place`) over a group's parameters with one step
+        count at a time; returns those it left. Not compiled, not ``maximize``, not sharded (DTensor) ones."""
+        offered = type(self.rule).step_in_place is not UpdateRule.step_in_place
+        if not offered or self.compile or maximize or not params:
+            return params
+        plain = [p for p in params if not is_dtensor(p)]
+        if not plain:
+            return params
+        counts = torch.stack([self.state[p]["step"] for p in plain]).tolist()
+        by_count: dict[float, list[Tensor]] = {}
+        for p, count in zip(plain, counts, strict=True):
+            by_count.setdefault(count, []).append(p)
+        left: list[Tensor] = [p for p in params if is_dtensor(p)]
+        for same in by_count.values():
+            step = self.state[same[0]]["step"].to(dtype=self.rule.compute_dtype)
+            left += self.rule.step_in_place(same, [self.state[p] for p in same], step, lr, weight_decay)
+        return left
 
     def _chunk_rows(self, device: torch.device) -> int | None:
         """Coordinates per net call on ``device`` (a multiple of :data:`ROW_ALIGN`), ``None`` for whole tensors."""

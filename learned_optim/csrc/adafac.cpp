@@ -335,10 +335,11 @@ void row_feature_sums(const float* stats, int64_t rows, int K, float eps, double
 
 extern "C" {
 
-// The whole inference step of a pack of S tensors stored one after the other (the optimizer's packed step,
-// AdafacMLP._packed_forward), tensor s being the (rows_s, cols_s) matrix view views[2s], views[2s + 1] at
-// coordinate a_s, row a^r_s and column a^c_s (the running sums of n_s, rows_s, cols_s). Per tensor, with the
-// K = J factored decays d_k:
+// The whole inference step of S tensors, tensor s being the (rows_s, cols_s) matrix view views[2s], views[2s + 1]
+// whose arrays are grad[s], param[s], m[k S + s] (k < J), v[s] (n_s floats each), row[s] ((rows_s, K)) and col[s]
+// ((cols_s, K)), and likewise the outputs (which may be the inputs): the tensors' own storage (the optimizer's
+// in-place step, AdafacMLP.step_tensors) or places in pack buffers (its packed step, AdafacMLP._packed_forward).
+// Per tensor, with the K = J factored decays d_k:
 //
 //   r_k' = d_k r_k + (1 - d_k)(mean_c g^2 + eps_f),  c_k' = d_k c_k + (1 - d_k)(mean_r g^2 + eps_f)
 //   (written into row_out, col_out);  a_k = rsqrt(r_k' / mean_r r_k'),  e_k = rsqrt(c_k')  (passes 1 and 2's factors);
@@ -351,34 +352,35 @@ extern "C" {
 //   delta = -step_scales[s] * [q_a sqrt(S_a / n)] * [rsqrt(sum d^2 / n + eps_d)] * d
 //
 // the first bracket for an Adam magnitude (adam_index >= 0), the second with `normalize`. w1 is the first
-// layer's whole weight (H, 4 + 4J + 4J): dense, row, then column features. Writes delta into `direction`; or,
-// with param_out (the parameters themselves, or a copy of them), applies the decoupled update there in the
-// same sweep, param_out = param (1 - lr wd) + lr delta, and uses `direction` as scratch for d only.
-int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const float* grad, const float* param,
-                            const float* const* m, const float* v, float* const* m_out, float* v_out,
-                            const float* row, const float* col, float* row_out, float* col_out, const float* beta,
+// layer's whole weight (H, 4 + 4J + 4J): dense, row, then column features. Writes delta into direction[s]; or,
+// with param_out (param_out[s]: the parameters themselves, or a copy of them), applies the decoupled update there
+// in the same sweep, param_out = param (1 - lr wd) + lr delta, and uses direction[s] as scratch for d only (the
+// tensors are stepped one after the other: one scratch may serve them all).
+int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const float* const* grad,
+                            const float* const* param, const float* const* m, const float* const* v,
+                            float* const* m_out, float* const* v_out, const float* const* row,
+                            const float* const* col, float* const* row_out, float* const* col_out, const float* beta,
                             float beta_v, float v_correction, float moment_eps, const float* factored_decay,
                             float factored_eps, float factored_rsqrt_eps, const float* feature_scale,
                             float feature_rms_eps, int hidden, int layers, const float* w1, const float* b1,
                             const float* w, const float* b, const float* w_out, float b_out, int adam_index,
-                            int normalize, float direction_rms_eps, const float* step_scales, float* direction,
-                            float* param_out, double lr, double weight_decay, int threads) {
+                            int normalize, float direction_rms_eps, const float* step_scales, float* const* direction,
+                            float* const* param_out, double lr, double weight_decay, int threads) {
     if (tensors < 1 || j < 1 || j > MAX_J || hidden < 1 || hidden > MAX_H || layers < 1) return 1;
     for (int64_t s = 0; s < tensors; ++s)
         if (views[2 * s] < 1 || views[2 * s + 1] < 1) return 1;  // before anything is written
     const int H = hidden;
-    int64_t a = 0, r0 = 0, c0 = 0;
     for (int64_t s = 0; s < tensors; ++s) {
         const int64_t rows = views[2 * s], cols = views[2 * s + 1], n = rows * cols;
-        const float* g = grad + a;
+        const float *g = grad[s], *theta = param[s];
         // one instance per number of decays K (= J): its loops over the K row statistics unroll
         const int tensor_status = with_momenta(j, [&](auto momenta) {
             constexpr int K = decltype(momenta)::value, F = 4 + 4 * K, NR = 2 * K, KIN = F + 2 * NR;
             // Adafactor's row and column means of g^2 and their EMAs (row_out, col_out)
             std::vector<double> col_sum(static_cast<size_t>(cols), 0.0);
             double column_lanes[8] = {};  // a vector's one column, summed in eight chains
-            const float *row_in = row + r0 * K, *col_in = col + c0 * K;
-            float *row_new = row_out + r0 * K, *col_new = col_out + c0 * K;
+            const float *row_in = row[s], *col_in = col[s];
+            float *row_new = row_out[s], *col_new = col_out[s];
             // a vector (one column): a row per coordinate, its mean of g^2 the coordinate's own (the general loop's
             // sum of one float in double, divided by one, is that float); its column sum in eight chains
             for (int64_t r = 0; cols == 1 && r < rows; r += 8) {
@@ -448,9 +450,9 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
             }
             const float* ms_[MAX_J];
             float* ms_out[MAX_J];
-            for (int k = 0; k < j; ++k) ms_[k] = m[k] + a, ms_out[k] = m_out[k] + a;
+            for (int k = 0; k < j; ++k) ms_[k] = m[k * tensors + s], ms_out[k] = m_out[k * tensors + s];
             double sums[4 + 4 * MAX_J];
-            int status = state_sumsq(rows, cols, j, g, param + a, ms_, v + a, ms_out, v_out + a, beta, beta_v,
+            int status = state_sumsq(rows, cols, j, g, theta, ms_, v[s], ms_out, v_out[s], beta, beta_v,
                                      v_correction, moment_eps, row_factor.data(), col_factor.data(), sums,
                                      n >= 4096 ? threads : 1);
             if (status) return status;
@@ -478,7 +480,7 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
             std::vector<float> row_term(static_cast<size_t>(H * std::min(rows, block_rows)));
             std::vector<float> block_features(static_cast<size_t>(NR * std::min(rows, block_rows)));
             double sumsq = 0.0;
-            float* d = direction + a;
+            float* d = direction[s];
             for (int64_t rb = 0; rb < rows; rb += block_rows) {
                 const int64_t br = std::min(block_rows, rows - rb), offset = rb * cols;
                 for (int k = 0; k < K; ++k)
@@ -504,7 +506,7 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
                 const float* block_m[MAX_J];
                 for (int k = 0; k < j; ++k) block_m[k] = ms_out[k] + offset;
                 double block_sumsq = 0.0;
-                status = direction_pass(br, cols, j, g + offset, param + a + offset, block_m, v_out + a + offset,
+                status = direction_pass(br, cols, j, g + offset, theta + offset, block_m, v_out[s] + offset,
                                         v_correction, moment_eps, block_factor.data(), col_factor.data(), H,
                                         layers, w1_dense.data(), row_term.data(), col_term.data(), w, b, w_out,
                                         b_out, d + offset, &block_sumsq, br * cols >= 4096 ? threads : 1);
@@ -518,8 +520,7 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
             if (param_out != nullptr) {
                 // the factors rounded to float once, as ATen's in-place mul_ and add_ of the Python update round them
                 const float keep = static_cast<float>(1.0 - lr * weight_decay), rate = static_cast<float>(lr);
-                const float* theta = param + a;
-                float* out = param_out + a;
+                float* out = param_out[s];
                 for (int64_t i = 0; i < n; ++i) out[i] = theta[i] * keep + rate * (scale * d[i]);
             } else {
                 for (int64_t i = 0; i < n; ++i) d[i] *= scale;
@@ -527,7 +528,6 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
             return 0;
         });
         if (tensor_status) return tensor_status;
-        a += n, r0 += rows, c0 += cols;
     }
     return 0;
 }

@@ -279,50 +279,156 @@ def adafac_pack_step(
     :data:`ADAFAC_MAX_MOMENTA`, ``H`` above :data:`ADAFAC_MAX_HIDDEN`, :math:`K \ne J`, kernels off,
     unavailable or not faster here): the caller then runs the ATen ops.
     """
-    j, s = len(m), len(views)
-    hidden = weight.shape[0]
-    *inner, (w_out, b_out) = layers
-    total = sum(r * c for r, c in views)
-    rows, cols = sum(r for r, _ in views), sum(c for _, c in views)
+    j = len(m)
+    sizes = [r * c for r, c in views]
+    total, rows, cols = sum(sizes), sum(r for r, _ in views), sum(c for _, c in views)
     if len(m_out) != j or len(beta) != j or row.shape != (rows, len(factored_decay)) or col.shape[0] != cols:
         raise ValueError(f"adafac_pack_step: state of {j} momenta, row {tuple(row.shape)}, col {tuple(col.shape)}")
     if grad.dim() != 1 or grad.numel() < total or weight.shape[1] != 4 + 4 * j + 4 * len(factored_decay):
         raise ValueError(f"adafac_pack_step: {grad.numel()} coordinates for {total}, weight {tuple(weight.shape)}")
     vectors = [grad, param, *m, v, *m_out, v_out]
+    if not (all(t.shape == grad.shape for t in vectors) and _flat_f32(*vectors, row, col, row_out, col_out)):
+        return None
+    direction = torch.empty_like(grad)
+    direction[total:] = 0.0  # the padding rows
+
+    def places(buffer: Tensor, starts: list[int], floats: int = 1) -> list[int]:
+        """The address of each tensor's part of ``buffer`` (``floats`` per coordinate, row or column)."""
+        return [buffer.data_ptr() + 4 * floats * start for start in starts]
+
+    k = len(factored_decay)
+    a, r0, c0 = _starts(sizes), _starts([r for r, _ in views]), _starts([c for _, c in views])
+    table = [
+        *(places(t, a) for t in vectors),
+        *(places(t, r0, k) for t in (row,)),
+        *(places(t, c0, k) for t in (col,)),
+        *(places(t, r0, k) for t in (row_out,)),
+        *(places(t, c0, k) for t in (col_out,)),
+        places(direction, a),
+    ]
+    ran = _adafac_call(
+        views, table, config, beta, factored_decay, feature_scale, weight,
+        bias, layers, adam_index, normalize, step_scales, update,
+    )  # fmt: skip
+    if not ran:
+        return None
+    return direction if update is None else param
+
+
+def adafac_tensors_step(
+    shapes: Sequence[tuple[int, int]],
+    grads: Sequence[Tensor],
+    params: Sequence[Tensor],
+    m: Sequence[Sequence[Tensor]],
+    v: Sequence[Tensor],
+    row: Sequence[Tensor],
+    col: Sequence[Tensor],
+    config: Mapping[str, float],
+    beta: Sequence[float],
+    factored_decay: Sequence[float],
+    feature_scale: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    layers: Sequence[tuple[Tensor, Tensor]],
+    adam_index: int | None,
+    normalize: bool,
+    step_scales: Tensor,
+    update: tuple[float | Tensor, float],
+) -> bool:
+    """:func:`adafac_pack_step`'s step of several tensors, each in its own storage: no pack, nothing copied.
+
+    Tensor ``s`` is the ``shapes[s] = (rows, cols)`` matrix view of ``params[s]`` with gradient ``grads[s]``,
+    momenta ``m[k][s]``, second moment ``v[s]`` (each ``rows * cols`` floats) and factored statistics ``row[s]``
+    ``(rows, K)``, ``col[s]`` ``(cols, K)``; the new state is written over the state and the decoupled update
+    ``update = (lr, weight_decay)`` applied to the parameters, in place. Returns whether the kernel ran: ``False``
+    (nothing written) where it does not apply (any tensor not a contiguous float32 CPU tensor of the size its
+    view gives, or :func:`adafac_pack_step`'s limits), and the caller steps the tensors another way.
+    """
+    k = len(factored_decay)
+    sizes = [r * c for r, c in shapes]
+    vectors = [*grads, *params, *(t for momentum in m for t in momentum), *v]
+    fits = (
+        len(grads) == len(params) == len(v) == len(row) == len(col) == len(shapes)
+        and all(len(momentum) == len(shapes) for momentum in m)
+        and all(t.numel() == n for ts in (grads, params, *m, v) for t, n in zip(ts, sizes, strict=True))
+        and all(r.shape == (a, k) and c.shape == (b, k) for r, c, (a, b) in zip(row, col, shapes, strict=True))
+    )
+    if not (fits and _flat_f32(*vectors, *row, *col)):
+        return False
+    scratch = params[0].new_empty(max(sizes, default=0))  # pass 2's raw direction, one tensor at a time
+
+    def addresses(tensors: Sequence[Tensor]) -> list[int]:
+        return [t.data_ptr() for t in tensors]
+
+    momenta = [addresses(momentum) for momentum in m]
+    table = [
+        addresses(grads), addresses(params), *momenta, addresses(v), *momenta, addresses(v),
+        addresses(row), addresses(col), addresses(row), addresses(col), [scratch.data_ptr()] * len(shapes),
+    ]  # fmt: skip
+    return _adafac_call(
+        shapes, table, config, beta, factored_decay, feature_scale, weight, bias, layers, adam_index,
+        normalize, step_scales, update,
+    )  # fmt: skip
+
+
+def _starts(counts: Sequence[int]) -> list[int]:
+    """Where each of consecutive parts of these sizes starts."""
+    starts, total = [], 0
+    for count in counts:
+        starts.append(total)
+        total += count
+    return starts
+
+
+def _adafac_call(
+    views: Sequence[tuple[int, int]],
+    table: Sequence[Sequence[int]],
+    config: Mapping[str, float],
+    beta: Sequence[float],
+    factored_decay: Sequence[float],
+    feature_scale: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    layers: Sequence[tuple[Tensor, Tensor]],
+    adam_index: int | None,
+    normalize: bool,
+    step_scales: Tensor,
+    update: tuple[float | Tensor, float] | None,
+) -> bool:
+    """The adafac kernel over the tensors of ``views``, their arrays' addresses in ``table``: per array (grad,
+    param, the J momenta, v, the J new momenta, new v, row, col, new row, new col, direction) one address per
+    tensor. With ``update``, the decoupled update goes to the parameters themselves. Whether it ran."""
+    j, s = (len(table) - 9) // 2, len(views)
+    hidden = weight.shape[0]
+    *inner, (w_out, b_out) = layers
     supported = (
         len(factored_decay) == j
         and 1 <= j <= ADAFAC_MAX_MOMENTA
         and hidden <= ADAFAC_MAX_HIDDEN
         and s > 0
-        and all(t.shape == grad.shape for t in vectors)
-        and _flat_f32(*vectors, row, col, row_out, col_out)
         and _cpu_f32(weight, bias, feature_scale, step_scales)
     )
     lib = library_for("adafac_mlp") if supported else None
     if lib is None:
-        return None
-
+        return False
     weight, bias, feature_scale, step_scales = (
         t.detach().float().contiguous() for t in (weight, bias, feature_scale, step_scales)
     )
     inner_w, inner_b, w_out = _mlp_layers(inner, w_out)
-    direction = torch.empty_like(grad)
-    direction[total:] = 0.0  # the padding rows
+    # one int64 (pointer-sized) row per array, S addresses each
+    pointers = torch.tensor(table, dtype=torch.int64)
+    row_of = [pointers.data_ptr() + 8 * s * i for i in range(len(table))]
     lr, weight_decay = (0.0, 0.0) if update is None else (float(update[0]), float(update[1]))
     status = lib.lo_adafac_pack_step_f32(
         s,
         (ctypes.c_int64 * (2 * s))(*(x for view in views for x in view)),
         j,
-        grad.data_ptr(),
-        param.data_ptr(),
-        _pointers(m),
-        v.data_ptr(),
-        _pointers(m_out),
-        v_out.data_ptr(),
-        row.data_ptr(),
-        col.data_ptr(),
-        row_out.data_ptr(),
-        col_out.data_ptr(),
+        *row_of[:2],
+        row_of[2],  # the J momenta: J rows of S
+        row_of[2 + j],
+        row_of[3 + j],
+        row_of[3 + 2 * j],
+        *row_of[4 + 2 * j : 8 + 2 * j],
         (ctypes.c_float * j)(*beta),
         config["beta_v"],
         config["v_correction"],
@@ -344,12 +450,10 @@ def adafac_pack_step(
         int(normalize),
         config["direction_rms_eps"],
         step_scales.data_ptr(),
-        direction.data_ptr(),
-        None if update is None else param.data_ptr(),
+        row_of[8 + 2 * j],
+        row_of[1] if update is not None else None,  # the update in place
         lr,
         weight_decay,
         torch.get_num_threads(),
     )
-    if status:
-        return None
-    return direction if update is None else param
+    return status == 0

@@ -533,9 +533,23 @@ class AdafacMLP(UpdateRule):
         native = grad.device.type == "cpu" and kernels.uses("adafac_mlp")
         if not (native and inplace_allowed(grad, param, *self.parameters())):
             return None
-        j = len(c.momentum_decays)
-        momenta, names = [f"m{i}" for i in range(j)], [*(f"m{i}" for i in range(j)), "v", "row", "col"]
+        momenta = [f"m{i}" for i in range(len(c.momentum_decays))]
+        names = [*momenta, "v", "row", "col"]
         new = {k: out_state[k] if out_state is not None else torch.empty_like(state[k]) for k in names}
+        delta = kernels.adafac_pack_step(
+            [view for *_, view in layout.bounds], grad, param, [state[k] for k in momenta], state["v"],
+            [new[k] for k in momenta], new["v"], state["row"], state["col"], new["row"], new["col"],
+            step_scales=layout.step_scales(self.step_scale, grad), update=update, **self._kernel_net(step, grad),
+        )  # fmt: skip
+        if delta is None:
+            return None
+        return (None if update is not None else delta), new
+
+    def _kernel_net(self, step: Tensor, like: Tensor) -> dict[str, Any]:
+        """The net's weights and constants at ``step`` as the adafac kernel takes them (the keywords that
+        :func:`~learned_optim.kernels.adafac_pack_step` and :func:`~learned_optim.kernels.adafac_tensors_step`
+        share)."""
+        c = self.config
         linears = [layer for layer in self.mlp if isinstance(layer, nn.Linear)]
         scalars = {
             "beta_v": c.second_moment_decay,
@@ -546,18 +560,62 @@ class AdafacMLP(UpdateRule):
             "feature_rms_eps": c.feature_rms_eps,
             "direction_rms_eps": c.direction_rms_eps,
         }
-        first, later = linears[0].weight[:, : self.num_coordinate_features], linears[1:]
-        delta = kernels.adafac_pack_step(
-            [view for *_, view in layout.bounds], grad, param, [state[k] for k in momenta], state["v"],
-            [new[k] for k in momenta], new["v"], state["row"], state["col"], new["row"], new["col"], scalars,
-            c.momentum_decays, c.factored_decays, self._feature_scale(self.momentum_decay.squeeze(1), step, grad),
-            first, self._first_bias(step), [(layer.weight, layer.bias) for layer in later],
-            self.adam_feature_index if c.step_magnitude == "adam" else None, c.normalize_direction,
-            layout.step_scales(self.step_scale, grad), update,
+        return {
+            "config": scalars,
+            "beta": c.momentum_decays,
+            "factored_decay": c.factored_decays,
+            "feature_scale": self._feature_scale(self.momentum_decay.squeeze(1), step, like),
+            "weight": linears[0].weight[:, : self.num_coordinate_features],
+            "bias": self._first_bias(step),
+            "layers": [(layer.weight, layer.bias) for layer in linears[1:]],
+            "adam_index": self.adam_feature_index if c.step_magnitude == "adam" else None,
+            "normalize": c.normalize_direction,
+        }
+
+    @torch.no_grad()
+    def step_in_place(
+        self,
+        params: Sequence[Tensor],
+        states: Sequence[Mapping[str, Tensor]],
+        step: Tensor,
+        lr: float | Tensor,
+        weight_decay: float,
+    ) -> list[Tensor]:
+        """The native kernel over every tensor it takes, each in its own storage (see
+        :meth:`UpdateRule.step_in_place`): contiguous float32 CPU parameters, gradients and state. The same kernel
+        and arithmetic as the optimizer's per-tensor and packed steps (:meth:`_native_forward`), so the same
+        result bit for bit, without their copies into and out of packs."""
+        native = kernels.uses("adafac_mlp") and inplace_allowed(*self.parameters())
+        if not native or self.compute_dtype != torch.float32:
+            return list(params)
+        taken: list[tuple[Tensor, Tensor, Mapping[str, Tensor]]] = []  # parameter, gradient, state
+        rest: list[Tensor] = []
+        for p, state in zip(params, states, strict=True):
+            grad = p.grad
+            fits = p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous() and p.numel() > 0
+            if fits and grad is not None and grad.layout == torch.strided:
+                fits = grad.dtype == torch.float32 and grad.is_contiguous()
+            else:
+                fits = False
+            if fits and grad is not None:
+                taken.append((p, grad, state))
+            else:
+                rest.append(p)
+        if not taken:
+            return list(params)
+        tensors, grads, state_of = [p for p, _, _ in taken], [g for _, g, _ in taken], [s for *_, s in taken]
+        momenta = [f"m{i}" for i in range(len(self.config.momentum_decays))]
+        ran = kernels.adafac_tensors_step(
+            [matrix_view(p.shape) for p in tensors], grads, tensors,
+            [[state[k] for state in state_of] for k in momenta], [state["v"] for state in state_of],
+            [state["row"] for state in state_of], [state["col"] for state in state_of],
+            step_scales=torch.tensor([self.step_scale(p.shape) for p in tensors]), update=(lr, weight_decay),
+            **self._kernel_net(step, step),
         )  # fmt: skip
-        if delta is None:
-            return None
-        return (None if update is not None else delta), new
+        if not ran:
+            return list(params)
+        torch.autograd.graph.increment_version(tensors)  # written through their storage, as an in-place op would
+        return rest
 
     @torch.no_grad()
     def _blocked_forward(

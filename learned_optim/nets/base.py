@@ -44,6 +44,11 @@ autograd, ``param`` the parameter's storage or the packed copy the optimizer wri
 dtype). It may then write ``theta * (1 - lr * weight_decay) + lr * delta`` into ``param`` itself and return
 ``None`` as its delta, which saves the caller's sweep over the tensor (a native kernel does it in the sweep
 that scales its step); or ignore it and return ``delta`` as usual.
+
+**Stepping tensors in place.** :meth:`UpdateRule.step_in_place` lets a rule step tensors of a param group
+(eager, no autograd, same step count, not ``maximize``) in their own storage in one call, e.g. a native kernel
+given each tensor's addresses, with nothing packed or copied; it returns the tensors it left, which the
+optimizer steps as usual. The result must be what stepping each tensor alone gives. The default takes none.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ import functools
 import itertools
 import math
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -191,6 +196,19 @@ class UpdateRule(nn.Module):
     def compute_dtype(self) -> torch.dtype:
         """The dtype the net runs in: that of its weights (float32 unless converted)."""
         return next(self.parameters()).dtype
+
+    def step_in_place(
+        self,
+        params: Sequence[Tensor],
+        states: Sequence[Mapping[str, Tensor]],
+        step: Tensor,
+        lr: float | Tensor,
+        weight_decay: float,
+    ) -> list[Tensor]:
+        """Step those of ``params`` (their ``.grad``, their optimizer ``states``, the step count ``step`` shared by
+        all, in :attr:`compute_dtype`) that this rule can in place, parameters and state, and return the others
+        (see "Stepping tensors in place" in the module docstring). The default steps none."""
+        return list(params)
 
     def cpu_chunk_size(self) -> int | None:
         """Coordinates per net call on the CPU's ATen path when the net knows better than the optimizer's

@@ -307,6 +307,20 @@ def test_adafac_kernels_equal_the_aten_path(shape, config, in_place):
             assert torch.equal(given[name], state[name])  # the given state is left as it was
 
 
+class PacksOnly(LearnedOptimizer):
+    """The rule's in-place step off: small tensors go in packs (copied in and out), large ones alone."""
+
+    def _step_in_place(self, params, lr, weight_decay, maximize):
+        return params
+
+
+class PerTensor(PacksOnly):
+    """Neither the in-place step nor packs: one call per tensor."""
+
+    def _plan_packs(self, params):
+        return [], params
+
+
 @needs_kernels
 def test_adafac_pack_step_equals_the_aten_packed_step():
     """The native pack step (every tensor of a pack in one kernel call) equals the ATen packed forward (per-tensor
@@ -322,7 +336,7 @@ def test_adafac_pack_step_equals_the_aten_packed_step():
     for use_kernels in (True, False):
         rule = _adafac_case((1,), time_scales=(10.0, 100.0))[0]
         params = [nn.Parameter(v.clone()) for v in values]
-        opt = LearnedOptimizer(params, rule, lr=0.1, weight_decay=0.01)
+        opt = PacksOnly(params, rule, lr=0.1, weight_decay=0.01)
         with kernels.forced() if use_kernels else kernels.enabled_as(False), pytest.MonkeyPatch.context() as patch:
             patch.setattr(kernels, "adafac_pack_step", lambda *a, **k: calls.append(original(*a, **k)) or calls[-1])
             for step_grads in grads:
@@ -339,6 +353,120 @@ def test_adafac_pack_step_equals_the_aten_packed_step():
         torch.testing.assert_close(moved, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
         for name, value in aten_opt.state[q].items():
             torch.testing.assert_close(native_opt.state[p][name], value, rtol=1e-5, atol=1e-9)
+
+
+def _in_place_model() -> nn.Module:
+    """Vectors, narrow and wide matrices, conv weights, and a matrix above the pack's byte limit."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv1d(1, 6, 5), nn.Conv1d(6, 8, 3), nn.Flatten(), nn.Linear(80, 300), nn.Linear(300, 10),
+        nn.Linear(10, 3), nn.LayerNorm(3), nn.Linear(3, 12000),
+    )  # fmt: skip
+
+
+def _train_in_place(cls, steps=3, **kwargs):
+    model = _in_place_model()
+    opt = cls(model.parameters(), _adafac_case((1,), seed=3)[0], lr=0.01, weight_decay=0.1, **kwargs)
+    gen = torch.Generator().manual_seed(0)
+    with kernels.forced():
+        for _ in range(steps):
+            opt.zero_grad()
+            model(torch.randn(4, 1, 16, generator=gen)).square().mean().backward()
+            opt.step()
+    return model, opt
+
+
+@needs_kernels
+def test_adafac_in_place_step_equals_the_packed_and_per_tensor_steps_bit_for_bit(monkeypatch):
+    """The default step runs the kernel over every tensor's own storage in one call per step (nothing packed):
+    the same kernel arithmetic as the packed and per-tensor steps, so the same parameters and state bit for bit,
+    and each parameter's autograd version advances as with an in-place op."""
+    calls = {"tensors": 0, "pack": 0}
+    originals = kernels.adafac_tensors_step, kernels.adafac_pack_step
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(kernels, "adafac_tensors_step", counted("tensors", originals[0]))
+    monkeypatch.setattr(kernels, "adafac_pack_step", counted("pack", originals[1]))
+    model, opt = _train_in_place(LearnedOptimizer)
+    assert calls == {"tensors": 3, "pack": 0}
+    for cls in (PacksOnly, PerTensor):
+        other, other_opt = _train_in_place(cls)
+        for p, q in zip(model.parameters(), other.parameters(), strict=True):
+            assert torch.equal(p, q)
+            for name, value in other_opt.state[q].items():
+                assert torch.equal(opt.state[p][name], value), name
+    assert calls["pack"] > 0  # PacksOnly packed the small tensors
+    p = next(model.parameters())
+    version = p._version
+    p.grad = torch.randn_like(p)
+    with kernels.forced():
+        opt.step()
+    assert p._version > version
+
+
+@needs_kernels
+def test_adafac_in_place_step_leaves_what_it_cannot_take_to_the_usual_step(monkeypatch):
+    """A non-contiguous parameter and ``maximize`` go the packed or per-tensor way, with the per-tensor step's
+    result; each step count gets its own in-place call."""
+    taken = []
+    original = kernels.adafac_tensors_step
+
+    def recording(shapes, *args, **kwargs):
+        taken.append(list(shapes))
+        return original(shapes, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "adafac_tensors_step", recording)
+    model, opt = _train_in_place(LearnedOptimizer, steps=1)
+    assert len(taken) == 1 and len(taken[0]) == len(list(model.parameters()))
+    params = list(model.parameters())
+    with torch.no_grad():  # the (12000, 3) weight transposed in memory (non-contiguous)
+        params[-2].data = params[-2].data.t().contiguous().t()
+    opt.state[params[1]]["step"] += 5  # another step count
+    taken.clear()
+    with kernels.forced():
+        opt.step()
+    assert len(taken) == 2 and sorted(map(len, taken)) == [1, len(params) - 2]
+    assert (12000, 3) not in [view for call in taken for view in call]
+    taken.clear()
+    maximizing, max_opt = _train_in_place(LearnedOptimizer, maximize=True)
+    reference, ref_opt = _train_in_place(PerTensor, maximize=True)
+    assert not taken
+    for p, q in zip(maximizing.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+@needs_kernels
+def test_adafac_tensors_step_refuses_tensors_it_does_not_take():
+    """The in-place kernel entry returns False and writes nothing for a wrong size, dtype or layout."""
+    rule, grad, param, state, step = _adafac_case((6, 5))
+    kwargs = rule._kernel_net(step, grad)
+    shape, g, p = (6, 5), grad.clone(), param.clone()
+    m = [[state[f"m{i}"].clone()] for i in range(3)]
+    v, row, col = [state["v"].clone()], [state["row"].clone()], [state["col"].clone()]
+    before = [p.clone(), v[0].clone(), row[0].clone()]
+    scales = torch.ones(1)
+    with kernels.forced():
+        for bad in (
+            dict(shapes=[(5, 6)], grads=[g], params=[p]),  # the row statistics are (6, K)
+            dict(shapes=[shape], grads=[g.double()], params=[p]),
+            dict(shapes=[shape], grads=[g], params=[torch.randn(30, 2)[:, 0]]),  # strided
+            dict(shapes=[shape], grads=[g[:29]], params=[p]),
+        ):
+            assert not kernels.adafac_tensors_step(
+                bad["shapes"], bad["grads"], bad["params"], m, v, row, col, step_scales=scales, update=(0.1, 0.0),
+                **kwargs,
+            )  # fmt: skip
+        assert all(torch.equal(x, y) for x, y in zip(before, [p, v[0], row[0]], strict=True))
+        assert kernels.adafac_tensors_step(
+            [shape], [g], [p], m, v, row, col, step_scales=scales, update=(0.1, 0.0), **kwargs
+        )
+    assert not torch.equal(p, before[0]) and not torch.equal(v[0], before[1])
 
 
 @needs_kernels
