@@ -69,6 +69,11 @@ class LearnedOptimizer(Optimizer):
     so ``state_dict()`` carries it). ``lr`` is a multiplier on the learned step, so LR schedulers
     work; ``lr == 0`` is an exact no-op (state is created but nothing changes).
 
+    **In-place step.** First, a rule that offers :meth:`~learned_optim.nets.base.UpdateRule.step_in_place`
+    steps the tensors it can in their own storage, one call per step count, nothing copied: ``adafac_mlp``'s
+    native kernel takes every contiguous float32 CPU tensor of a group (eager, not ``maximize``, not FSDP2), with
+    the per-tensor step's bits. The tensors it leaves go on as below.
+
     **Packed step.** For rules that set ``packs_segments`` (every built-in family), the tensors of a
     param group smaller than one chunk and than :data:`PACK_MAX_BYTES` (value, gradient and state) that
     share device, dtypes and step count are stepped together:
