@@ -21,8 +21,12 @@ def _cpu_f32(*tensors: Tensor) -> bool:
     return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
 
 
+def _plain_f32(t: Tensor) -> bool:
+    return t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+
+
 def _flat_f32(*tensors: Tensor) -> bool:
-    return _cpu_f32(*tensors) and all(t.is_contiguous() for t in tensors)
+    return all(_plain_f32(t) for t in tensors)
 
 
 def _rows_ok(t: Tensor, n: int) -> bool:
@@ -344,17 +348,16 @@ def adafac_tensors_step(
     (nothing written) where it does not apply (any tensor not a contiguous float32 CPU tensor of the size its
     view gives, or :func:`adafac_pack_step`'s limits), and the caller steps the tensors another way.
     """
-    k = len(factored_decay)
-    sizes = [r * c for r, c in shapes]
-    vectors = [*grads, *params, *(t for momentum in m for t in momentum), *v]
-    fits = (
-        len(grads) == len(params) == len(v) == len(row) == len(col) == len(shapes)
-        and all(len(momentum) == len(shapes) for momentum in m)
-        and all(t.numel() == n for ts in (grads, params, *m, v) for t, n in zip(ts, sizes, strict=True))
-        and all(r.shape == (a, k) and c.shape == (b, k) for r, c, (a, b) in zip(row, col, shapes, strict=True))
-    )
-    if not (fits and _flat_f32(*vectors, *row, *col)):
+    k, count = len(factored_decay), len(shapes)
+    if not (len(grads) == len(params) == len(v) == len(row) == len(col) == count and all(len(x) == count for x in m)):
         return False
+    for i, (rows, cols) in enumerate(shapes):  # one plain loop: this runs every step, for every tensor
+        for t in (grads[i], params[i], *(momentum[i] for momentum in m), v[i]):
+            if t.numel() != rows * cols or not _plain_f32(t):
+                return False
+        if row[i].shape != (rows, k) or col[i].shape != (cols, k) or not (_plain_f32(row[i]) and _plain_f32(col[i])):
+            return False
+    sizes = [rows * cols for rows, cols in shapes]
     scratch = params[0].new_empty(max(sizes, default=0))  # pass 2's raw direction, one tensor at a time
 
     def addresses(tensors: Sequence[Tensor]) -> list[int]:
