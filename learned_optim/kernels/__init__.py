@@ -15,7 +15,9 @@ differentiable path never uses them.
   a pack of tensors in one call: Adafactor statistics, per-tensor normalisers, then its two passes (state
   update and feature sums of squares; features, MLP and direction), each one sweep over the tensor with the
   16 features and the hidden units in registers, and the direction's scale (or the decoupled update itself),
-  instead of ~30 ATen elementwise passes and GEMMs per block of rows and ~25 ATen ops per tensor around them.
+  instead of ~30 ATen elementwise passes and GEMMs per block of rows and ~25 ATen ops per tensor around them;
+  :func:`adafac_tensors_step`, the same kernel over tensors each in its own storage (the optimizer's in-place
+  step, ``AdafacMLP.step_in_place``: nothing packed or copied).
 
 Same math; their ``exp`` is a polynomial accurate to about 1 float32 ulp, so results differ from the
 ATen path by a few ulps (tested in ``tests/core/test_kernels.py``).
