@@ -61,6 +61,7 @@ from ._guard import KERNELS, MIN_SPEEDUP
 from ._ops import (
     ADAFAC_MAX_HIDDEN,
     ADAFAC_MAX_MOMENTA,
+    AdafacNet,
     adafac_pack_step,
     adafac_tensors_step,
     elu_,
@@ -94,6 +95,7 @@ __all__ = [
     "elu_",
     "mlp_feature_mean_square",
     "mlp_update",
+    "AdafacNet",
     "adafac_pack_step",
     "adafac_tensors_step",
     "ADAFAC_MAX_MOMENTA",

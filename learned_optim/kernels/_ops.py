@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -211,6 +212,28 @@ def _pointers(tensors: Sequence[Tensor]) -> ctypes.Array[ctypes.c_void_p]:
     return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
 
 
+class AdafacNet(NamedTuple):
+    """``AdafacMLP``'s net at one step as the adafac kernel takes it (``AdafacMLP._kernel_net``)."""
+
+    #: ``beta_v``, ``v_correction``, ``moment_eps``, ``factored_eps``, ``factored_rsqrt_eps``, ``feature_rms_eps``,
+    #: ``direction_rms_eps``
+    config: Mapping[str, float]
+    #: the J momentum decays and the K factored decays (K = J)
+    beta: Sequence[float]
+    factored_decay: Sequence[float]
+    #: ``(4 + 4J,)``: each dense feature's factor q (the bias corrections of the ratio rows, 1 elsewhere)
+    feature_scale: Tensor
+    #: the first layer's weight ``(H, 4 + 4J + 4K)`` (dense, row, then column features) and bias ``(H,)``
+    weight: Tensor
+    bias: Tensor
+    #: the later layers' ``(weight, bias)``: hidden ``(H, H), (H,)``, then the output ``(1, H), (1,)``
+    layers: Sequence[tuple[Tensor, Tensor]]
+    #: the dense feature whose RMS is the step's magnitude (an Adam magnitude), ``None`` for a unit magnitude
+    adam_index: int | None
+    #: RMS-normalise the direction per tensor
+    normalize: bool
+
+
 def _mlp_layers(inner: Sequence[tuple[Tensor, Tensor]], w_out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The adafac kernel's later MLP layers as flat float32 buffers: hidden weights ``(L - 1, H, H)``, their biases
     ``(L - 1, H)`` (one unused float when there are none) and the output weights ``(H,)``."""
@@ -233,15 +256,7 @@ def adafac_pack_step(
     col: Tensor,
     row_out: Tensor,
     col_out: Tensor,
-    config: Mapping[str, float],
-    beta: Sequence[float],
-    factored_decay: Sequence[float],
-    feature_scale: Tensor,
-    weight: Tensor,
-    bias: Tensor,
-    layers: Sequence[tuple[Tensor, Tensor]],
-    adam_index: int | None,
-    normalize: bool,
+    net: AdafacNet,
     step_scales: Tensor,
     update: tuple[float | Tensor, float] | None = None,
 ) -> Tensor | None:
@@ -274,8 +289,8 @@ def adafac_pack_step(
     ``-step_scales[s]``, the Adam magnitude
     :math:`q_a \sqrt{\overline{u_a^2}}` (``adam_index`` :math:`a`; ``None`` for a unit magnitude) and, with
     ``normalize``, the rsqrt of its mean square: ``AdafacMLP._packed_forward``'s math, tensor by tensor in C++.
-    ``config``: ``beta_v``, ``v_correction``, ``moment_eps``, ``factored_eps``, ``factored_rsqrt_eps``,
-    ``feature_rms_eps``, ``direction_rms_eps``. Returns the step :math:`\Delta` (a new vector shaped like
+    ``feature_scale``, ``weight``, ``bias``, ``layers``, ``adam_index`` and ``normalize`` are fields of ``net``
+    (:class:`AdafacNet`, with the decays and the constants). Returns the step :math:`\Delta` (a new vector shaped like
     ``grad``, zero on the padding rows); with ``update = (lr, weight_decay)``, applies the decoupled update
     :math:`\theta \leftarrow \theta (1 - \eta\lambda) + \eta\Delta` to ``param`` in place instead (in the
     sweep that scales the direction, so :math:`\Delta` is never written; padding rows untouched) and returns
@@ -286,9 +301,10 @@ def adafac_pack_step(
     j = len(m)
     sizes = [r * c for r, c in views]
     total, rows, cols = sum(sizes), sum(r for r, _ in views), sum(c for _, c in views)
-    if len(m_out) != j or len(beta) != j or row.shape != (rows, len(factored_decay)) or col.shape[0] != cols:
+    if len(m_out) != j or len(net.beta) != j or row.shape != (rows, len(net.factored_decay)) or col.shape[0] != cols:
         raise ValueError(f"adafac_pack_step: state of {j} momenta, row {tuple(row.shape)}, col {tuple(col.shape)}")
-    if grad.dim() != 1 or grad.numel() < total or weight.shape[1] != 4 + 4 * j + 4 * len(factored_decay):
+    weight = net.weight
+    if grad.dim() != 1 or grad.numel() < total or weight.shape[1] != 4 + 4 * j + 4 * len(net.factored_decay):
         raise ValueError(f"adafac_pack_step: {grad.numel()} coordinates for {total}, weight {tuple(weight.shape)}")
     vectors = [grad, param, *m, v, *m_out, v_out]
     if not (all(t.shape == grad.shape for t in vectors) and _flat_f32(*vectors, row, col, row_out, col_out)):
@@ -300,7 +316,7 @@ def adafac_pack_step(
         """The address of each tensor's part of ``buffer`` (``floats`` per coordinate, row or column)."""
         return [buffer.data_ptr() + 4 * floats * start for start in starts]
 
-    k = len(factored_decay)
+    k = len(net.factored_decay)
     a, r0, c0 = _starts(sizes), _starts([r for r, _ in views]), _starts([c for _, c in views])
     table = [
         *(places(t, a) for t in vectors),
@@ -311,8 +327,7 @@ def adafac_pack_step(
         places(direction, a),
     ]
     ran = _adafac_call(
-        views, table, config, beta, factored_decay, feature_scale, weight,
-        bias, layers, adam_index, normalize, step_scales, update,
+        views, table, net, step_scales, update,
     )  # fmt: skip
     if not ran:
         return None
@@ -327,15 +342,7 @@ def adafac_tensors_step(
     v: Sequence[Tensor],
     row: Sequence[Tensor],
     col: Sequence[Tensor],
-    config: Mapping[str, float],
-    beta: Sequence[float],
-    factored_decay: Sequence[float],
-    feature_scale: Tensor,
-    weight: Tensor,
-    bias: Tensor,
-    layers: Sequence[tuple[Tensor, Tensor]],
-    adam_index: int | None,
-    normalize: bool,
+    net: AdafacNet,
     step_scales: Tensor,
     update: tuple[float | Tensor, float],
 ) -> bool:
@@ -348,7 +355,7 @@ def adafac_tensors_step(
     (nothing written) where it does not apply (any tensor not a contiguous float32 CPU tensor of the size its
     view gives, or :func:`adafac_pack_step`'s limits), and the caller steps the tensors another way.
     """
-    k, count = len(factored_decay), len(shapes)
+    k, count = len(net.factored_decay), len(shapes)
     if not (len(grads) == len(params) == len(v) == len(row) == len(col) == count and all(len(x) == count for x in m)):
         return False
     for i, (rows, cols) in enumerate(shapes):  # one plain loop: this runs every step, for every tensor
@@ -369,8 +376,7 @@ def adafac_tensors_step(
         addresses(row), addresses(col), addresses(row), addresses(col), [scratch.data_ptr()] * len(shapes),
     ]  # fmt: skip
     return _adafac_call(
-        shapes, table, config, beta, factored_decay, feature_scale, weight, bias, layers, adam_index,
-        normalize, step_scales, update,
+        shapes, table, net, step_scales, update,
     )  # fmt: skip
 
 
@@ -386,15 +392,7 @@ def _starts(counts: Sequence[int]) -> list[int]:
 def _adafac_call(
     views: Sequence[tuple[int, int]],
     table: Sequence[Sequence[int]],
-    config: Mapping[str, float],
-    beta: Sequence[float],
-    factored_decay: Sequence[float],
-    feature_scale: Tensor,
-    weight: Tensor,
-    bias: Tensor,
-    layers: Sequence[tuple[Tensor, Tensor]],
-    adam_index: int | None,
-    normalize: bool,
+    net: AdafacNet,
     step_scales: Tensor,
     update: tuple[float | Tensor, float] | None,
 ) -> bool:
@@ -402,20 +400,20 @@ def _adafac_call(
     param, the J momenta, v, the J new momenta, new v, row, col, new row, new col, direction) one address per
     tensor. With ``update``, the decoupled update goes to the parameters themselves. Whether it ran."""
     j, s = (len(table) - 9) // 2, len(views)
-    hidden = weight.shape[0]
-    *inner, (w_out, b_out) = layers
+    hidden, config = net.weight.shape[0], net.config
+    *inner, (w_out, b_out) = net.layers
     supported = (
-        len(factored_decay) == j
+        len(net.factored_decay) == j
         and 1 <= j <= ADAFAC_MAX_MOMENTA
         and hidden <= ADAFAC_MAX_HIDDEN
         and s > 0
-        and _cpu_f32(weight, bias, feature_scale, step_scales)
+        and _cpu_f32(net.weight, net.bias, net.feature_scale, step_scales)
     )
     lib = library_for("adafac_mlp") if supported else None
     if lib is None:
         return False
     weight, bias, feature_scale, step_scales = (
-        t.detach().float().contiguous() for t in (weight, bias, feature_scale, step_scales)
+        t.detach().float().contiguous() for t in (net.weight, net.bias, net.feature_scale, step_scales)
     )
     inner_w, inner_b, w_out = _mlp_layers(inner, w_out)
     # one int64 (pointer-sized) row per array, S addresses each
@@ -432,25 +430,25 @@ def _adafac_call(
         row_of[3 + j],
         row_of[3 + 2 * j],
         *row_of[4 + 2 * j : 8 + 2 * j],
-        (ctypes.c_float * j)(*beta),
+        (ctypes.c_float * j)(*net.beta),
         config["beta_v"],
         config["v_correction"],
         config["moment_eps"],
-        (ctypes.c_float * j)(*factored_decay),
+        (ctypes.c_float * j)(*net.factored_decay),
         config["factored_eps"],
         config["factored_rsqrt_eps"],
         feature_scale.data_ptr(),
         config["feature_rms_eps"],
         hidden,
-        len(layers),
+        len(net.layers),
         weight.data_ptr(),
         bias.data_ptr(),
         inner_w.data_ptr(),
         inner_b.data_ptr(),
         w_out.data_ptr(),
         float(b_out),
-        -1 if adam_index is None else adam_index,
-        int(normalize),
+        -1 if net.adam_index is None else net.adam_index,
+        int(net.normalize),
         config["direction_rms_eps"],
         step_scales.data_ptr(),
         row_of[8 + 2 * j],

@@ -539,16 +539,14 @@ class AdafacMLP(UpdateRule):
         delta = kernels.adafac_pack_step(
             [view for *_, view in layout.bounds], grad, param, [state[k] for k in momenta], state["v"],
             [new[k] for k in momenta], new["v"], state["row"], state["col"], new["row"], new["col"],
-            step_scales=layout.step_scales(self.step_scale, grad), update=update, **self._kernel_net(step, grad),
+            self._kernel_net(step, grad), layout.step_scales(self.step_scale, grad), update,
         )  # fmt: skip
         if delta is None:
             return None
         return (None if update is not None else delta), new
 
-    def _kernel_net(self, step: Tensor, like: Tensor) -> dict[str, Any]:
-        """The net's weights and constants at ``step`` as the adafac kernel takes them (the keywords that
-        :func:`~learned_optim.kernels.adafac_pack_step` and :func:`~learned_optim.kernels.adafac_tensors_step`
-        share)."""
+    def _kernel_net(self, step: Tensor, like: Tensor) -> kernels.AdafacNet:
+        """The net's weights and constants at ``step`` as the adafac kernel takes them."""
         c = self.config
         linears = [layer for layer in self.mlp if isinstance(layer, nn.Linear)]
         scalars = {
@@ -560,17 +558,17 @@ class AdafacMLP(UpdateRule):
             "feature_rms_eps": c.feature_rms_eps,
             "direction_rms_eps": c.direction_rms_eps,
         }
-        return {
-            "config": scalars,
-            "beta": c.momentum_decays,
-            "factored_decay": c.factored_decays,
-            "feature_scale": self._feature_scale(self.momentum_decay.squeeze(1), step, like),
-            "weight": linears[0].weight[:, : self.num_coordinate_features],
-            "bias": self._first_bias(step),
-            "layers": [(layer.weight, layer.bias) for layer in linears[1:]],
-            "adam_index": self.adam_feature_index if c.step_magnitude == "adam" else None,
-            "normalize": c.normalize_direction,
-        }
+        return kernels.AdafacNet(
+            config=scalars,
+            beta=c.momentum_decays,
+            factored_decay=c.factored_decays,
+            feature_scale=self._feature_scale(self.momentum_decay.squeeze(1), step, like),
+            weight=linears[0].weight[:, : self.num_coordinate_features],
+            bias=self._first_bias(step),
+            layers=[(layer.weight, layer.bias) for layer in linears[1:]],
+            adam_index=self.adam_feature_index if c.step_magnitude == "adam" else None,
+            normalize=c.normalize_direction,
+        )
 
     @torch.no_grad()
     def step_in_place(
@@ -609,8 +607,7 @@ class AdafacMLP(UpdateRule):
             [matrix_view(p.shape) for p in tensors], grads, tensors,
             [[state[k] for state in state_of] for k in momenta], [state["v"] for state in state_of],
             [state["row"] for state in state_of], [state["col"] for state in state_of],
-            step_scales=torch.tensor([self.step_scale(p.shape) for p in tensors]), update=(lr, weight_decay),
-            **self._kernel_net(step, step),
+            self._kernel_net(step, step), torch.tensor([self.step_scale(p.shape) for p in tensors]), (lr, weight_decay),
         )  # fmt: skip
         if not ran:
             return list(params)

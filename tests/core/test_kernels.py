@@ -445,7 +445,7 @@ def test_adafac_in_place_step_leaves_what_it_cannot_take_to_the_usual_step(monke
 def test_adafac_tensors_step_refuses_tensors_it_does_not_take():
     """The in-place kernel entry returns False and writes nothing for a wrong size, dtype or layout."""
     rule, grad, param, state, step = _adafac_case((6, 5))
-    kwargs = rule._kernel_net(step, grad)
+    net = rule._kernel_net(step, grad)
     shape, g, p = (6, 5), grad.clone(), param.clone()
     m = [[state[f"m{i}"].clone()] for i in range(3)]
     v, row, col = [state["v"].clone()], [state["row"].clone()], [state["col"].clone()]
@@ -459,13 +459,10 @@ def test_adafac_tensors_step_refuses_tensors_it_does_not_take():
             dict(shapes=[shape], grads=[g[:29]], params=[p]),
         ):
             assert not kernels.adafac_tensors_step(
-                bad["shapes"], bad["grads"], bad["params"], m, v, row, col, step_scales=scales, update=(0.1, 0.0),
-                **kwargs,
-            )  # fmt: skip
+                bad["shapes"], bad["grads"], bad["params"], m, v, row, col, net, scales, (0.1, 0.0)
+            )
         assert all(torch.equal(x, y) for x, y in zip(before, [p, v[0], row[0]], strict=True))
-        assert kernels.adafac_tensors_step(
-            [shape], [g], [p], m, v, row, col, step_scales=scales, update=(0.1, 0.0), **kwargs
-        )
+        assert kernels.adafac_tensors_step([shape], [g], [p], m, v, row, col, net, scales, (0.1, 0.0))
     assert not torch.equal(p, before[0]) and not torch.equal(v[0], before[1])
 
 
