@@ -590,12 +590,12 @@ class AdafacMLP(UpdateRule):
         rest: list[Tensor] = []
         for p, state in zip(params, states, strict=True):
             grad = p.grad
-            fits = p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous() and p.numel() > 0
-            if fits and grad is not None and grad.layout == torch.strided:
-                fits = grad.dtype == torch.float32 and grad.is_contiguous()
-            else:
-                fits = False
-            if fits and grad is not None:
+            if (
+                grad is not None
+                and grad.layout == torch.strided
+                and p.numel() > 0
+                and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in (p, grad))
+            ):
                 taken.append((p, grad, state))
             else:
                 rest.append(p)
@@ -603,11 +603,12 @@ class AdafacMLP(UpdateRule):
             return list(params)
         tensors, grads, state_of = [p for p, _, _ in taken], [g for _, g, _ in taken], [s for *_, s in taken]
         momenta = [f"m{i}" for i in range(len(self.config.momentum_decays))]
+        scales = step.new_tensor([self.step_scale(p.shape) for p in tensors])  # the muP scale per tensor
         ran = kernels.adafac_tensors_step(
             [matrix_view(p.shape) for p in tensors], grads, tensors,
             [[state[k] for state in state_of] for k in momenta], [state["v"] for state in state_of],
             [state["row"] for state in state_of], [state["col"] for state in state_of],
-            self._kernel_net(step, step), torch.tensor([self.step_scale(p.shape) for p in tensors]), (lr, weight_decay),
+            self._kernel_net(step, step), scales, (lr, weight_decay),
         )  # fmt: skip
         if not ran:
             return list(params)
