@@ -38,6 +38,9 @@ constexpr int MAX_F = 4 + 4 * MAX_J;
 constexpr int MAX_H = 32;
 constexpr int64_t BLOCK = 4096;
 constexpr int FLUSH = 256;
+// Blocks per thread, at least: 4 blocks take ~30 us in pass 1 and ~120 us in pass 2 (AVX-512, hidden 8), against
+// ~10-40 us to start and join a thread.
+constexpr int64_t MIN_BLOCKS_PER_THREAD = 4;
 // Hidden units computed together: 8 independent FMA chains cover the FMA latency (4 cycles) at 2 FMAs per cycle.
 // With 16 registers (AVX2, SSE) the features then stay on the stack and enter the FMAs as memory operands; 4
 // chains, which left room for them in registers, ran pass 2 at 1 FMA per cycle (6.8 ms against 5.6-6.0 ms at 8
@@ -159,7 +162,7 @@ void sum_squares(const Geometry& geo, double* out, int threads, Fn fn) {
             });
             flush();
         }
-    });
+    }, MIN_BLOCKS_PER_THREAD);
     for (int f = 0; f < k; ++f) out[f] = 0.0;
     for (int64_t b = 0; b < blocks; ++b)
         for (int f = 0; f < k; ++f) out[f] += partial[b * k + f];
@@ -474,8 +477,10 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
                     for (int64_t c = 0; c < cols; ++c) ct[c] += wc * y[c];
                 }
             }
-            // pass 2 over blocks of whole rows (a long vector's row terms would be H floats per coordinate)
-            const int64_t block_rows = std::max<int64_t>(1, BLOCK * 16 / cols);
+            // pass 2 over spans of whole rows, at most 16 BLOCK rows each (the span's row terms are H floats per row:
+            // a long vector's would be H floats per coordinate); a matrix's rows in one span, its blocks over the
+            // threads
+            const int64_t block_rows = BLOCK * 16;
             std::vector<float> block_factor(static_cast<size_t>(K * std::min(rows, block_rows)));
             std::vector<float> row_term(static_cast<size_t>(H * std::min(rows, block_rows)));
             std::vector<float> block_features(static_cast<size_t>(NR * std::min(rows, block_rows)));

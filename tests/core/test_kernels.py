@@ -503,7 +503,7 @@ def test_adafac_kernel_applies_the_decoupled_update_itself(lr):
 def test_adafac_kernel_does_not_depend_on_threads():
     """The native step's sums (features' and direction's) are taken per block and added in order: its step and
     new state are the same bit for bit with 1 and 2 threads."""
-    shape = (300, 70)  # 21k coordinates: both passes split their blocks over the threads
+    shape = (300, 140)  # 11 blocks of 29 rows: both passes split them over 2 threads (at least 4 blocks each)
     rule, grad, param, state, step = _adafac_case(shape)
     results = []
     threads = torch.get_num_threads()
