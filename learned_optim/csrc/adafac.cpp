@@ -357,8 +357,8 @@ extern "C" {
 // the first bracket for an Adam magnitude (adam_index >= 0), the second with `normalize`. w1 is the first
 // layer's whole weight (H, 4 + 4J + 4J): dense, row, then column features. Writes delta into direction[s]; or,
 // with param_out (param_out[s]: the parameters themselves, or a copy of them), applies the decoupled update there
-// in the same sweep, param_out = param (1 - lr wd) + lr delta, and uses direction[s] as scratch for d only (the
-// tensors are stepped one after the other: one scratch may serve them all).
+// in the same sweep, param_out = param (1 - lr wd) + lr delta, and leaves `direction` alone (d goes to a scratch
+// vector per thread). With several threads, the tensors too small to be split go to the threads whole.
 int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const float* const* grad,
                             const float* const* param, const float* const* m, const float* const* v,
                             float* const* m_out, float* const* v_out, const float* const* row,
@@ -373,11 +373,14 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
     for (int64_t s = 0; s < tensors; ++s)
         if (views[2 * s] < 1 || views[2 * s + 1] < 1) return 1;  // before anything is written
     const int H = hidden;
-    for (int64_t s = 0; s < tensors; ++s) {
+    // tensor s alone, its blocks over `inner` threads; `scratch`: the raw direction's storage when the update is
+    // applied (the direction itself is not returned then)
+    auto step_tensor = [&](int64_t s, int inner, std::vector<float>& scratch) -> int {
         const int64_t rows = views[2 * s], cols = views[2 * s + 1], n = rows * cols;
         const float *g = grad[s], *theta = param[s];
+        const int threads = inner;
         // one instance per number of decays K (= J): its loops over the K row statistics unroll
-        const int tensor_status = with_momenta(j, [&](auto momenta) {
+        return with_momenta(j, [&](auto momenta) {
             constexpr int K = decltype(momenta)::value, F = 4 + 4 * K, NR = 2 * K, KIN = F + 2 * NR;
             // Adafactor's row and column means of g^2 and their EMAs (row_out, col_out)
             std::vector<double> col_sum(static_cast<size_t>(cols), 0.0);
@@ -485,7 +488,8 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
             std::vector<float> row_term(static_cast<size_t>(H * std::min(rows, block_rows)));
             std::vector<float> block_features(static_cast<size_t>(NR * std::min(rows, block_rows)));
             double sumsq = 0.0;
-            float* d = direction[s];
+            if (param_out != nullptr && scratch.size() < static_cast<size_t>(n)) scratch.resize(static_cast<size_t>(n));
+            float* d = param_out != nullptr ? scratch.data() : direction[s];
             for (int64_t rb = 0; rb < rows; rb += block_rows) {
                 const int64_t br = std::min(block_rows, rows - rb), offset = rb * cols;
                 for (int k = 0; k < K; ++k)
@@ -532,8 +536,44 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
             }
             return 0;
         });
-        if (tensor_status) return tensor_status;
+    };
+    // Tensors of fewer than 2 MIN_BLOCKS_PER_THREAD blocks are never split: with several threads they go to the
+    // threads whole (contiguous runs of about equal coordinates), then the others one by one, split by blocks.
+    // Each tensor's result is the same whichever thread computes it.
+    std::vector<int64_t> whole, split;
+    int64_t whole_coordinates = 0;
+    for (int64_t s = 0; s < tensors; ++s) {
+        const Geometry geo{views[2 * s], views[2 * s + 1]};
+        if (threads > 1 && geo.blocks() < 2 * MIN_BLOCKS_PER_THREAD) {
+            whole.push_back(s);
+            whole_coordinates += geo.rows * geo.cols;
+        } else {
+            split.push_back(s);
+        }
     }
+    const int runs = static_cast<int>(
+        std::max<int64_t>(1, std::min<int64_t>(threads, whole_coordinates / (MIN_BLOCKS_PER_THREAD * BLOCK))));
+    std::vector<int64_t> cuts{0};  // run t: whole[cuts[t] .. cuts[t + 1])
+    for (int64_t i = 0, done = 0; i < static_cast<int64_t>(whole.size()); ++i) {
+        done += views[2 * whole[i]] * views[2 * whole[i] + 1];
+        if (static_cast<int>(cuts.size()) < runs && done * runs >= whole_coordinates * static_cast<int64_t>(cuts.size()))
+            cuts.push_back(i + 1);
+    }
+    cuts.push_back(static_cast<int64_t>(whole.size()));
+    std::vector<int> status(cuts.size() - 1, 0);
+    auto run = [&](size_t t) {
+        std::vector<float> scratch;
+        for (int64_t i = cuts[t]; i < cuts[t + 1] && status[t] == 0; ++i) status[t] = step_tensor(whole[i], 1, scratch);
+    };
+    std::vector<std::thread> pool;
+    for (size_t t = 1; t + 1 < cuts.size(); ++t) pool.emplace_back(run, t);
+    run(0);
+    for (auto& th : pool) th.join();
+    for (int code : status)
+        if (code) return code;
+    std::vector<float> scratch;
+    for (int64_t s : split)
+        if (const int code = step_tensor(s, threads, scratch)) return code;
     return 0;
 }
 

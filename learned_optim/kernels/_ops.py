@@ -320,15 +320,13 @@ def adafac_pack_step(
     a, r0, c0 = _starts(sizes), _starts([r for r, _ in views]), _starts([c for _, c in views])
     table = [
         *(places(t, a) for t in vectors),
-        *(places(t, r0, k) for t in (row,)),
-        *(places(t, c0, k) for t in (col,)),
-        *(places(t, r0, k) for t in (row_out,)),
-        *(places(t, c0, k) for t in (col_out,)),
+        places(row, r0, k),
+        places(col, c0, k),
+        places(row_out, r0, k),
+        places(col_out, c0, k),
         places(direction, a),
     ]
-    ran = _adafac_call(
-        views, table, net, step_scales, update,
-    )  # fmt: skip
+    ran = _adafac_call(views, table, net, step_scales, update)
     if not ran:
         return None
     return direction if update is None else param
@@ -364,8 +362,6 @@ def adafac_tensors_step(
                 return False
         if row[i].shape != (rows, k) or col[i].shape != (cols, k) or not (_plain_f32(row[i]) and _plain_f32(col[i])):
             return False
-    sizes = [rows * cols for rows, cols in shapes]
-    scratch = params[0].new_empty(max(sizes, default=0))  # pass 2's raw direction, one tensor at a time
 
     def addresses(tensors: Sequence[Tensor]) -> list[int]:
         return [t.data_ptr() for t in tensors]
@@ -373,11 +369,9 @@ def adafac_tensors_step(
     momenta = [addresses(momentum) for momentum in m]
     table = [
         addresses(grads), addresses(params), *momenta, addresses(v), *momenta, addresses(v),
-        addresses(row), addresses(col), addresses(row), addresses(col), [scratch.data_ptr()] * len(shapes),
+        addresses(row), addresses(col), addresses(row), addresses(col), [0] * count,  # no direction: the update
     ]  # fmt: skip
-    return _adafac_call(
-        shapes, table, net, step_scales, update,
-    )  # fmt: skip
+    return _adafac_call(shapes, table, net, step_scales, update)
 
 
 def _starts(counts: Sequence[int]) -> list[int]:

@@ -442,6 +442,36 @@ def test_adafac_in_place_step_leaves_what_it_cannot_take_to_the_usual_step(monke
 
 
 @needs_kernels
+def test_adafac_in_place_step_does_not_depend_on_threads():
+    """With several threads the tensors too small to be split by blocks go to the threads whole (here twelve of one
+    or two blocks, 54k coordinates: two runs): parameters and state bit for bit those of one thread, and those of
+    the per-tensor step."""
+
+    def run(cls, threads):
+        torch.manual_seed(0)
+        params = [nn.Parameter(torch.randn(64, 64 + i)) for i in range(12)]
+        opt = cls(params, _adafac_case((1,), seed=3)[0], lr=0.01, weight_decay=0.1)
+        gen = torch.Generator().manual_seed(0)
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with kernels.forced():
+                for _ in range(3):
+                    for p in params:
+                        p.grad = torch.randn(p.shape, generator=gen)
+                    opt.step()
+        finally:
+            torch.set_num_threads(previous)
+        return params, opt
+
+    params, opt = run(LearnedOptimizer, 2)
+    for other, other_opt in (run(LearnedOptimizer, 1), run(PerTensor, 2)):
+        for p, q in zip(params, other, strict=True):
+            assert torch.equal(p, q)
+            assert all(torch.equal(opt.state[p][k], v) for k, v in other_opt.state[q].items())
+
+
+@needs_kernels
 def test_adafac_tensors_step_refuses_tensors_it_does_not_take():
     """The in-place kernel entry returns False and writes nothing for a wrong size, dtype or layout."""
     rule, grad, param, state, step = _adafac_case((6, 5))
