@@ -341,7 +341,7 @@ extern "C" {
 // The whole inference step of S tensors, tensor s being the (rows_s, cols_s) matrix view views[2s], views[2s + 1]
 // whose arrays are grad[s], param[s], m[k S + s] (k < J), v[s] (n_s floats each), row[s] ((rows_s, K)) and col[s]
 // ((cols_s, K)), and likewise the outputs (which may be the inputs): the tensors' own storage (the optimizer's
-// in-place step, AdafacMLP.step_tensors) or places in pack buffers (its packed step, AdafacMLP._packed_forward).
+// in-place step, AdafacMLP.step_in_place) or places in pack buffers (its packed step, AdafacMLP._packed_forward).
 // Per tensor, with the K = J factored decays d_k:
 //
 //   r_k' = d_k r_k + (1 - d_k)(mean_c g^2 + eps_f),  c_k' = d_k c_k + (1 - d_k)(mean_r g^2 + eps_f)
@@ -378,7 +378,6 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
     auto step_tensor = [&](int64_t s, int inner, std::vector<float>& scratch) -> int {
         const int64_t rows = views[2 * s], cols = views[2 * s + 1], n = rows * cols;
         const float *g = grad[s], *theta = param[s];
-        const int threads = inner;
         // one instance per number of decays K (= J): its loops over the K row statistics unroll
         return with_momenta(j, [&](auto momenta) {
             constexpr int K = decltype(momenta)::value, F = 4 + 4 * K, NR = 2 * K, KIN = F + 2 * NR;
@@ -460,7 +459,7 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
             double sums[4 + 4 * MAX_J];
             int status = state_sumsq(rows, cols, j, g, theta, ms_, v[s], ms_out, v_out[s], beta, beta_v,
                                      v_correction, moment_eps, row_factor.data(), col_factor.data(), sums,
-                                     n >= 4096 ? threads : 1);
+                                     n >= 4096 ? inner : 1);
             if (status) return status;
             // the first layer with the per-tensor normalisation folded in: the dense features' weights (H, F), the
             // row features' weights (H, 2K) and the column term (H, cols)
@@ -518,7 +517,7 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
                 status = direction_pass(br, cols, j, g + offset, theta + offset, block_m, v_out[s] + offset,
                                         v_correction, moment_eps, block_factor.data(), col_factor.data(), H,
                                         layers, w1_dense.data(), row_term.data(), col_term.data(), w, b, w_out,
-                                        b_out, d + offset, &block_sumsq, br * cols >= 4096 ? threads : 1);
+                                        b_out, d + offset, &block_sumsq, br * cols >= 4096 ? inner : 1);
                 if (status) return status;
                 sumsq += block_sumsq;
             }
