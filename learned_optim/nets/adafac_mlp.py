@@ -602,6 +602,9 @@ class AdafacMLP(UpdateRule):
         if not taken:
             return list(params)
         tensors, grads, state_of = [p for p, _, _ in taken], [g for _, g, _ in taken], [s for *_, s in taken]
+        spans = sorted((p.data_ptr(), p.data_ptr() + 4 * p.numel()) for p in tensors)
+        if any(end > start for (_, end), (start, _) in zip(spans, spans[1:], strict=False)):
+            return list(params)  # parameters sharing memory: the kernel may step tensors on several threads at once
         momenta = [f"m{i}" for i in range(len(self.config.momentum_decays))]
         scales = step.new_tensor([self.step_scale(p.shape) for p in tensors])  # the muP scale per tensor
         ran = kernels.adafac_tensors_step(

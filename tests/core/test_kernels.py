@@ -412,8 +412,8 @@ def test_adafac_in_place_step_equals_the_packed_and_per_tensor_steps_bit_for_bit
 
 @needs_kernels
 def test_adafac_in_place_step_leaves_what_it_cannot_take_to_the_usual_step(monkeypatch):
-    """A non-contiguous parameter and ``maximize`` go the packed or per-tensor way, with the per-tensor step's
-    result; each step count gets its own in-place call."""
+    """A non-contiguous parameter, parameters sharing memory and ``maximize`` go the packed or per-tensor way (with
+    the per-tensor step's result); each step count gets its own in-place call."""
     taken = []
     original = kernels.adafac_tensors_step
 
@@ -434,6 +434,13 @@ def test_adafac_in_place_step_leaves_what_it_cannot_take_to_the_usual_step(monke
     assert len(taken) == 2 and sorted(map(len, taken)) == [1, len(params) - 2]
     assert (12000, 3) not in [view for call in taken for view in call]
     taken.clear()
+    buffer = torch.randn(300)
+    overlapping = [nn.Parameter(buffer[:200]), nn.Parameter(buffer[100:])]  # two views of one storage
+    for q in overlapping:
+        q.grad = torch.randn_like(q)
+    with kernels.forced():
+        LearnedOptimizer(overlapping, _adafac_case((1,))[0]).step()
+    assert not taken  # stepped one after the other (never on two threads at once)
     maximizing, max_opt = _train_in_place(LearnedOptimizer, maximize=True)
     reference, ref_opt = _train_in_place(PerTensor, maximize=True)
     assert not taken
