@@ -71,8 +71,9 @@ class LearnedOptimizer(Optimizer):
 
     **In-place step.** First, a rule that offers :meth:`~learned_optim.nets.base.UpdateRule.step_in_place`
     steps the tensors it can in their own storage, one call per step count, nothing copied: ``adafac_mlp``'s
-    native kernel takes every contiguous float32 CPU tensor of a group (eager, not ``maximize``, not FSDP2), with
-    the per-tensor step's bits. The tensors it leaves go on as below.
+    native kernel takes every contiguous float32 CPU tensor of a group (eager, not ``maximize``, not FSDP2, no two
+    parameters sharing memory), with the per-tensor step's bits, and on several threads steps small tensors side by
+    side and splits large ones. The tensors it leaves go on as below.
 
     **Packed step.** For rules that set ``packs_segments`` (every built-in family), the tensors of a
     param group smaller than one chunk and than :data:`PACK_MAX_BYTES` (value, gradient and state) that
