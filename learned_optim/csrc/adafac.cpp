@@ -38,9 +38,11 @@ constexpr int MAX_F = 4 + 4 * MAX_J;
 constexpr int MAX_H = 32;
 constexpr int64_t BLOCK = 4096;
 constexpr int FLUSH = 256;
-// Blocks per thread, at least: 4 blocks take ~30 us in pass 1 and ~120 us in pass 2 (AVX-512, hidden 8), against
-// ~10-40 us to start and join a thread.
-constexpr int64_t MIN_BLOCKS_PER_THREAD = 4;
+// Blocks per thread, at least: 16 blocks take ~0.1 ms in pass 1 and ~0.5 ms in pass 2 (AVX-512, hidden 8). Starting
+// and joining a thread costs ~10-40 us, but a step usually follows torch's own parallel work (forward, backward),
+// whose OpenMP threads spin on the cores for a while after it: at 4 blocks per thread a transformer's step on two
+// threads took up to 2.5x as long as on one, measured between Adam steps (benchmarks/train_step.py --step-only).
+constexpr int64_t MIN_BLOCKS_PER_THREAD = 16;
 // Hidden units computed together: 8 independent FMA chains cover the FMA latency (4 cycles) at 2 FMAs per cycle.
 // With 16 registers (AVX2, SSE) the features then stay on the stack and enter the FMAs as memory operands; 4
 // chains, which left room for them in registers, ran pass 2 at 1 FMA per cycle (6.8 ms against 5.6-6.0 ms at 8

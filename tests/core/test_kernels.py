@@ -450,13 +450,13 @@ def test_adafac_in_place_step_leaves_what_it_cannot_take_to_the_usual_step(monke
 
 @needs_kernels
 def test_adafac_in_place_step_does_not_depend_on_threads():
-    """With several threads the tensors too small to be split by blocks go to the threads whole (here twelve of one
-    or two blocks, 54k coordinates: two runs): parameters and state bit for bit those of one thread, and those of
-    the per-tensor step."""
+    """With several threads the tensors too small to be split by blocks go to the threads whole (here 24 of two
+    blocks, 180k coordinates: two runs): parameters and state bit for bit those of one thread, and those of the
+    per-tensor step."""
 
     def run(cls, threads):
         torch.manual_seed(0)
-        params = [nn.Parameter(torch.randn(64, 64 + i)) for i in range(12)]
+        params = [nn.Parameter(torch.randn(100, 64 + i)) for i in range(24)]
         opt = cls(params, _adafac_case((1,), seed=3)[0], lr=0.01, weight_decay=0.1)
         gen = torch.Generator().manual_seed(0)
         previous = torch.get_num_threads()
@@ -540,7 +540,7 @@ def test_adafac_kernel_applies_the_decoupled_update_itself(lr):
 def test_adafac_kernel_does_not_depend_on_threads():
     """The native step's sums (features' and direction's) are taken per block and added in order: its step and
     new state are the same bit for bit with 1 and 2 threads."""
-    shape = (300, 140)  # 11 blocks of 29 rows: both passes split them over 2 threads (at least 4 blocks each)
+    shape = (300, 600)  # 50 blocks of 6 rows: both passes split them over 2 threads (at least 16 blocks each)
     rule, grad, param, state, step = _adafac_case(shape)
     results = []
     threads = torch.get_num_threads()
