@@ -6,6 +6,7 @@
     python benchmarks/train_step.py --models conv --no-compile
     python benchmarks/train_step.py --models cnn5k transformer resnet18 --no-compile --per-tensor --overhead
     python benchmarks/train_step.py --device cuda --models transformer resnet18 mlp1m --overhead
+    python benchmarks/train_step.py --models transformer mlp1m resnet18 --families adafac_mlp --step-only --threads 2
 
 Models (random data of the right shape; the speed does not depend on the values):
 
@@ -20,7 +21,9 @@ Models (random data of the right shape; the speed does not depend on the values)
 
 ``--per-tensor`` adds each family with the packed step switched off (one net call per tensor, as before
 the packed step), ``--overhead`` times the step alone on 200 tensors of 1k parameters against one tensor of
-200k (the per-tensor overhead), for Adam and every family.
+200k (the per-tensor overhead), for Adam and every family. ``--step-only`` times the optimizer step alone
+on each model's parameters (fixed gradients) instead of the iteration; with ``--threads`` above 1 read its wall
+column, as the CPU time adds up every thread's.
 
 Every optimizer gets its own copy of the model; one iteration (``zero_grad``, forward, cross-entropy,
 backward, ``step``) of each is timed round-robin in the same process (CPU time; with ``--device cuda``
@@ -131,9 +134,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-tensor", action="store_true", help="also the per-tensor step (packing off)")
     parser.add_argument("--overhead", action="store_true", help="also 200 x 1k tensors vs 1 x 200k, step only")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (then wall time, synchronised)")
+    parser.add_argument("--step-only", action="store_true", help="the step alone on each model's parameters")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.step_only:
+        print(f"# Optimizer step alone ({device}, {args.threads} thread(s))\n\n{machine_header(device)}\n")
+        print(step_only_table(args.models, args.families, args.repeats, device))
+        print(f"\nLoad at the end: {machine_header().split('load average ')[1]}")
+        return
     print(f"# End-to-end training step (batch {args.batch}, {device})\n\n{machine_header(device)}\n")
     rows = []
     for name in args.models:
@@ -212,6 +221,45 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n## Step alone: 200 tensors of 1k parameters vs one tensor of 200k (ms {clock_name(device)}, best)\n")
         print(overhead_table(args.families, args.repeats, args.per_tensor, device))
     print(f"\nLoad at the end: {machine_header().split('load average ')[1]}")
+
+
+def step_only_table(models: list[str], families: list[str], repeats: int, device: torch.device) -> str:
+    """The step alone on each model's parameters (fixed gradients), Adam and each family, in one rotation."""
+    rows = []
+    for name in models:
+        base = build(name)[0].to(device)
+        n_params, n_tensors = sum(p.numel() for p in base.parameters()), sum(1 for _ in base.parameters())
+        makers: list[tuple[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]]] = [
+            ("Adam", lambda ps: torch.optim.Adam(ps))
+        ]
+        for family in families:
+            torch.manual_seed(0)
+            rule = learned_optim.FAMILIES[family]()
+            makers.append((family, lambda ps, rule=rule: LearnedOptimizer(ps, rule)))
+        candidates = {}
+        for label, make in makers:
+            params = list(copy.deepcopy(base).parameters())
+            gen = torch.Generator().manual_seed(0)
+            for p in params:
+                p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(device)
+            candidates[label] = make(params).step
+        timings = measure(candidates, repeats=repeats, device=device)
+        adam = timings["Adam"]
+        for label, t in timings.items():
+            rows.append(
+                [
+                    name,
+                    f"{n_params / 1e6:.3g}M / {n_tensors}",
+                    label,
+                    f"{t.best * 1e3:.4g}",
+                    f"{t.wall_median * 1e3:.4g}",
+                    f"{t.best / adam.best:.2f}x",
+                    f"{t.wall_median / adam.wall_median:.2f}x",
+                ]
+            )
+        print(f"  measured {name}", file=sys.stderr, flush=True)
+    header = ["model", "params / tensors", "optimizer", f"step ms ({clock_name(device)}, best)", "wall ms (median)"]
+    return table([*header, f"vs Adam ({clock_name(device)})", "vs Adam (wall)"], rows)
 
 
 def overhead_table(families: list[str], repeats: int, per_tensor: bool, device: torch.device) -> str:
