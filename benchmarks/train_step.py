@@ -46,7 +46,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import clock_name, machine_header, measure, table  # noqa: E402
+from _common import Timing, clock_name, machine_header, measure, table  # noqa: E402
 
 import learned_optim  # noqa: E402
 from learned_optim import LearnedOptimizer  # noqa: E402
@@ -157,8 +157,6 @@ def main(argv: list[str] | None = None) -> None:
             x = torch.randn(batch, *shape, generator=gen)
             y = torch.randint(0, 10, (batch,), generator=gen)
         x, y = x.to(device), y.to(device)
-        n_params = sum(p.numel() for p in base.parameters())
-        n_tensors = sum(1 for _ in base.parameters())
 
         candidates = {"fwd+bwd only": iteration(copy.deepcopy(base), None, x, y)}
         model = copy.deepcopy(base)
@@ -181,27 +179,9 @@ def main(argv: list[str] | None = None) -> None:
             if label == "fwd+bwd only":
                 continue
             rows.append(
-                [
-                    name,
-                    f"{n_params / 1e6:.3g}M / {n_tensors}",
-                    label,
-                    f"{t.best * 1e3:.4g}",
-                    f"{t.wall_median * 1e3:.4g}",
-                    f"{t.best / adam:.2f}x",
-                    f"{max(t.best - fb, 0.0) * 1e3:.4g}",
-                ]
+                [*_row_head(name, base, label, t), f"{t.best / adam:.2f}x", f"{max(t.best - fb, 0.0) * 1e3:.4g}"]
             )
-        rows.append(
-            [
-                name,
-                f"{n_params / 1e6:.3g}M / {n_tensors}",
-                "fwd+bwd only",
-                f"{fb * 1e3:.4g}",
-                f"{timings['fwd+bwd only'].wall_median * 1e3:.4g}",
-                f"{fb / adam:.2f}x",
-                "0",
-            ]
-        )
+        rows.append([*_row_head(name, base, "fwd+bwd only", timings["fwd+bwd only"]), f"{fb / adam:.2f}x", "0"])
         print(f"  measured {name}", file=sys.stderr, flush=True)
     print(
         table(
@@ -223,12 +203,17 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nLoad at the end: {machine_header().split('load average ')[1]}")
 
 
+def _row_head(name: str, model: nn.Module, label: str, t: Timing) -> list[str]:
+    """A table row's model, its size, the optimizer, the best time and the median wall time (ms)."""
+    size = f"{sum(p.numel() for p in model.parameters()) / 1e6:.3g}M / {sum(1 for _ in model.parameters())}"
+    return [name, size, label, f"{t.best * 1e3:.4g}", f"{t.wall_median * 1e3:.4g}"]
+
+
 def step_only_table(models: list[str], families: list[str], repeats: int, device: torch.device) -> str:
     """The step alone on each model's parameters (fixed gradients), Adam and each family, in one rotation."""
     rows = []
     for name in models:
         base = build(name)[0].to(device)
-        n_params, n_tensors = sum(p.numel() for p in base.parameters()), sum(1 for _ in base.parameters())
         makers: list[tuple[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]]] = [
             ("Adam", lambda ps: torch.optim.Adam(ps))
         ]
@@ -246,17 +231,8 @@ def step_only_table(models: list[str], families: list[str], repeats: int, device
         timings = measure(candidates, repeats=repeats, device=device)
         adam = timings["Adam"]
         for label, t in timings.items():
-            rows.append(
-                [
-                    name,
-                    f"{n_params / 1e6:.3g}M / {n_tensors}",
-                    label,
-                    f"{t.best * 1e3:.4g}",
-                    f"{t.wall_median * 1e3:.4g}",
-                    f"{t.best / adam.best:.2f}x",
-                    f"{t.wall_median / adam.wall_median:.2f}x",
-                ]
-            )
+            ratios = [f"{t.best / adam.best:.2f}x", f"{t.wall_median / adam.wall_median:.2f}x"]
+            rows.append([*_row_head(name, base, label, t), *ratios])
         print(f"  measured {name}", file=sys.stderr, flush=True)
     header = ["model", "params / tensors", "optimizer", f"step ms ({clock_name(device)}, best)", "wall ms (median)"]
     return table([*header, f"vs Adam ({clock_name(device)})", "vs Adam (wall)"], rows)
