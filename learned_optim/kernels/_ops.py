@@ -207,11 +207,6 @@ ADAFAC_MAX_MOMENTA = 8
 ADAFAC_MAX_HIDDEN = 32
 
 
-def _pointers(tensors: Sequence[Tensor]) -> ctypes.Array[ctypes.c_void_p]:
-    """The tensors' data pointers as a C ``float* const*`` array."""
-    return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
-
-
 class AdafacNet(NamedTuple):
     """``AdafacMLP``'s net at one step as the adafac kernel takes it (``AdafacMLP._kernel_net``)."""
 
