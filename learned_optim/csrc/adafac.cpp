@@ -461,7 +461,7 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
             double sums[4 + 4 * MAX_J];
             int status = state_sumsq(rows, cols, j, g, theta, ms_, v[s], ms_out, v_out[s], beta, beta_v,
                                      v_correction, moment_eps, row_factor.data(), col_factor.data(), sums,
-                                     n >= 4096 ? inner : 1);
+                                     inner);
             if (status) return status;
             // the first layer with the per-tensor normalisation folded in: the dense features' weights (H, F), the
             // row features' weights (H, 2K) and the column term (H, cols)
@@ -519,7 +519,7 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
                 status = direction_pass(br, cols, j, g + offset, theta + offset, block_m, v_out[s] + offset,
                                         v_correction, moment_eps, block_factor.data(), col_factor.data(), H,
                                         layers, w1_dense.data(), row_term.data(), col_term.data(), w, b, w_out,
-                                        b_out, d + offset, &block_sumsq, br * cols >= 4096 ? inner : 1);
+                                        b_out, d + offset, &block_sumsq, inner);
                 if (status) return status;
                 sumsq += block_sumsq;
             }
