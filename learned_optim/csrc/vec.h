@@ -34,6 +34,15 @@ constexpr int L = 4;
 constexpr int LO_REGISTERS = 16;
 #endif
 typedef float vf __attribute__((vector_size(4 * L)));
+
+// On a large per-vector function (a lambda called once per L coordinates): inlined into its loop with 32 registers,
+// where its working set then stays in registers (the call, its stack frame and vzeroupper per span cost a fifth of
+// adafac's step on AVX-512); with 16 GCC decides (forcing it either way made AVX2's adafac step slower).
+#if defined(__AVX512F__) || defined(__aarch64__)  // the builds of LO_REGISTERS 32
+#define LO_INLINE_SPAN __attribute__((always_inline))
+#else
+#define LO_INLINE_SPAN
+#endif
 typedef int32_t vi __attribute__((vector_size(4 * L)));
 
 inline vf splat(float a) { return vf{} + a; }

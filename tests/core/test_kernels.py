@@ -279,7 +279,7 @@ def _adafac_step(rule, grad, param, state, step, shape, in_place):
         ((37, 23), {}),
         ((2, 5000), {"time_scales": (10.0, 100.0)}),  # rows longer than the kernel's blocks (4096 coordinates)
         ((10_001,), {"hidden_size": 5, "num_hidden_layers": 1}),  # a vector: lanes along the rows, 3 blocks
-        ((70_000,), {}),  # a vector longer than pass 2's blocks of 16 x 4096 rows (its row terms go per block)
+        ((70_000,), {"hidden_size": 5}),  # longer than pass 2's spans of 16 x 4096 rows; units padded to 8
         ((6, 4, 3, 3), {"hidden_size": 32, "num_hidden_layers": 3, "mup": False}),  # a conv weight (6, 36)
         ((12, 40), {"hidden_size": 16}),  # the kernel's other width compiled in (8: the default)
         ((3, 1), {"momentum_decays": (0.5,), "factored_decays": (0.9,), "adam_feature_decay": 0.5}),
