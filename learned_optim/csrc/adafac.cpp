@@ -39,11 +39,16 @@ constexpr int MAX_F = 4 + 4 * MAX_J;
 constexpr int MAX_H = 32;
 constexpr int64_t BLOCK = 4096;
 constexpr int FLUSH = 256;
-// Blocks per thread, at least: 16 blocks take ~0.1 ms in pass 1 and ~0.5 ms in pass 2 (AVX-512, hidden 8). Starting
-// and joining a thread costs ~10-40 us, but a step usually follows torch's own parallel work (forward, backward),
-// whose OpenMP threads spin on the cores for a while after it: at 4 blocks per thread a transformer's step on two
-// threads took up to 2.5x as long as on one, measured between Adam steps (benchmarks/train_step.py --step-only).
+// Blocks per thread, at least (4 blocks take ~25 us in pass 1 and ~0.1 ms in pass 2; AVX-512, hidden 8). A step
+// usually follows torch's own parallel work (forward, backward), whose OpenMP threads spin on the cores for a while
+// after it. Built with OpenMP (parallel_tasks) the kernel runs on those very threads, and 4 blocks pay; with threads
+// of its own they compete with the spinning ones, and at 4 blocks per thread a transformer's step on two threads
+// took up to 2.5x as long as on one, so 16 (measured between Adam steps: benchmarks/train_step.py --step-only).
+#if defined(_OPENMP)
+constexpr int64_t MIN_BLOCKS_PER_THREAD = 4;
+#else
 constexpr int64_t MIN_BLOCKS_PER_THREAD = 16;
+#endif
 // Hidden units computed together: 8 independent FMA chains cover the FMA latency (4 cycles) at 2 FMAs per cycle.
 // With 16 registers (AVX2, SSE) the features then stay on the stack and enter the FMAs as memory operands; 4
 // chains, which left room for them in registers, ran pass 2 at 1 FMA per cycle (6.8 ms against 5.6-6.0 ms at 8
@@ -602,10 +607,7 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
         Scratch scratch;
         for (int64_t i = cuts[t]; i < cuts[t + 1] && status[t] == 0; ++i) status[t] = step_tensor(whole[i], 1, scratch);
     };
-    std::vector<std::thread> pool;
-    for (size_t t = 1; t + 1 < cuts.size(); ++t) pool.emplace_back(run, t);
-    run(0);
-    for (auto& th : pool) th.join();
+    parallel_tasks(static_cast<int>(cuts.size()) - 1, [&](int t) { run(static_cast<size_t>(t)); });
     for (int code : status)
         if (code) return code;
     Scratch scratch;

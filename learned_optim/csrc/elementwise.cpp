@@ -50,4 +50,13 @@ extern "C" {
 // Floats per vector of this build (16 AVX-512, 8 AVX2, 4 portable): what learned_optim.kernels.report() shows.
 int lo_vector_lanes() { return L; }
 
+// Whether this build runs its threads on the process's OpenMP runtime (vec.h's parallel_tasks) rather than its own.
+int lo_uses_openmp() {
+#if defined(_OPENMP)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 }  // extern "C"

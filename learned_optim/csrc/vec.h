@@ -14,6 +14,10 @@
 #include <thread>
 #include <vector>
 
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -145,8 +149,32 @@ inline void store_partial(float* p, vf v, int count) {
 #endif
 }
 
-// fn(begin, end) over [0, n) split into `threads` contiguous ranges (the calling thread takes the first), each of
-// at least `min_per_thread` items (fewer threads otherwise: a thread costs ~10-40 us to start and join).
+// fn(task) for task in [0, tasks) on up to `tasks` threads at once (the calling thread among them), each task on one
+// thread. Built with OpenMP, the threads are those of the process's OpenMP runtime: in a torch process torch's own
+// (the library then links the libgomp that torch loaded, by its soname), whose workers, spinning after torch's last
+// parallel op, take the tasks at once; a new std::thread per task would compete with them for the cores instead.
+template <class Fn>
+void parallel_tasks(int tasks, Fn fn) {
+    if (tasks <= 1) {
+        if (tasks == 1) fn(0);
+        return;
+    }
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(tasks)
+    {
+        // the runtime may grant fewer threads than asked: each takes every team-size-th task
+        for (int task = omp_get_thread_num(); task < tasks; task += omp_get_num_threads()) fn(task);
+    }
+#else
+    std::vector<std::thread> pool;
+    for (int task = 1; task < tasks; ++task) pool.emplace_back(fn, task);
+    fn(0);
+    for (auto& th : pool) th.join();
+#endif
+}
+
+// fn(begin, end) over [0, n) split into `threads` contiguous ranges, each of at least `min_per_thread` items (fewer
+// threads otherwise), on parallel_tasks.
 template <class Fn>
 void parallel_rows(int64_t n, int threads, Fn fn, int64_t min_per_thread = 256) {
     threads = static_cast<int>(std::min<int64_t>(threads, n / std::max<int64_t>(min_per_thread, 1)));
@@ -155,10 +183,8 @@ void parallel_rows(int64_t n, int threads, Fn fn, int64_t min_per_thread = 256) 
         fn(int64_t{0}, n);
         return;
     }
-    std::vector<std::thread> pool;
-    for (int t = 1; t < threads && t * per < n; ++t) pool.emplace_back(fn, t * per, std::min(n, (t + 1) * per));
-    fn(int64_t{0}, std::min(n, per));
-    for (auto& th : pool) th.join();
+    const int ranges = static_cast<int>((n + per - 1) / per);
+    parallel_tasks(ranges, [&](int t) { fn(t * per, std::min(n, (t + 1) * per)); });
 }
 
 }  // namespace lo

@@ -48,6 +48,9 @@ takes and why; :func:`forced` runs the kernels whatever the guard says (tests, b
   in ``kernels/learned_optim-<hash>.so``; the hash covers the sources, the compiler's version, the ISA's
   flags and the CPU's model and feature flags (the guard's measurements belong to the machine).
 * ``LEARNED_OPTIM_KERNELS=0`` disables the kernels (the ATen path runs); so does :func:`set_enabled`.
+* Threads: ``torch.get_num_threads()``. Where torch runs GNU OpenMP (its Linux wheels) and the compiler is GCC, the
+  library is built with ``-fopenmp`` and its parallel regions run on torch's own OpenMP threads
+  (:func:`shares_torch_threads`); elsewhere, or with ``LEARNED_OPTIM_OPENMP=0``, it starts threads of its own.
 * If there is no compiler or the build fails, a warning is logged once and the ATen path runs.
 
 Layout: ``_build`` (targets, compile, cache), ``_guard`` (the measurement), ``_runtime`` (the switches, the
@@ -82,6 +85,7 @@ from ._runtime import (
     report,
     serves,
     set_enabled,
+    shares_torch_threads,
     uses,
     vector_lanes,
 )
@@ -113,5 +117,6 @@ __all__ = [
     "guard",
     "report",
     "library_path",
+    "shares_torch_threads",
     "vector_lanes",
 ]

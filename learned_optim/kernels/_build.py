@@ -29,6 +29,27 @@ ISAS: dict[str, tuple[list[str], frozenset[str]]] = {
 }
 
 
+def openmp_flags(compiler_version: str) -> list[str]:
+    """``["-fopenmp"]`` where the kernels can share torch's OpenMP threads, else ``[]``.
+
+    That is where this process has GNU OpenMP (``libgomp``) loaded, as torch's Linux wheels do (they bundle it), and
+    the compiler is GCC: the library then links ``libgomp.so.1``, which the dynamic linker resolves to the copy
+    already loaded, so the kernels' parallel regions run on torch's own OpenMP threads (which, spinning after
+    torch's last parallel op, take the work at once). Anywhere else (another OpenMP runtime, Clang's ``libomp``, no
+    ``/proc``) and with ``$LEARNED_OPTIM_OPENMP=0`` the kernels start threads of their own: a second runtime's would
+    compete with torch's for the cores."""
+    switched_off = os.environ.get("LEARNED_OPTIM_OPENMP", "1").strip().lower() in ("0", "false", "no", "off")
+    if switched_off or "clang" in compiler_version.lower():
+        return []
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    # by the file name of its soname (other packages' bundled copies are renamed, libgomp-<hash>.so.*)
+    loaded = any(line.rsplit("/", 1)[-1] == "libgomp.so.1" for line in maps)
+    return ["-fopenmp"] if loaded else []
+
+
 def cache_dir() -> Path:
     """Where the built libraries and their guard records live (``$LEARNED_OPTIM_CACHE/kernels``, else the XDG
     cache folder)."""
@@ -109,7 +130,7 @@ def build() -> tuple[ctypes.CDLL, Path, str]:
         raise RuntimeError(f"no C++ compiler found (looked for {os.environ.get('CXX', 'c++')!r}; set $CXX)")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     source = b"\0".join(f.name.encode() + f.read_bytes() for f in sorted(SOURCE_DIR.glob("*.[ch]*")))
-    flags = FLAGS + ISAS[target_isa][0]
+    flags = FLAGS + ISAS[target_isa][0] + openmp_flags(version)
     key = hashlib.sha256(
         b"\0".join(
             [
@@ -175,4 +196,6 @@ def build() -> tuple[ctypes.CDLL, Path, str]:
     lib.lo_adafac_pack_step_f32.restype = c_int
     lib.lo_vector_lanes.argtypes = []
     lib.lo_vector_lanes.restype = c_int
+    lib.lo_uses_openmp.argtypes = []
+    lib.lo_uses_openmp.restype = c_int
     return lib, target, target_isa

@@ -136,6 +136,13 @@ def vector_lanes() -> int | None:
     return None if lib is None else int(lib.lo_vector_lanes())
 
 
+def shares_torch_threads() -> bool | None:
+    """Whether the loaded build runs its threads on torch's OpenMP runtime (:func:`~learned_optim.kernels._build.
+    openmp_flags`) rather than threads of its own, ``None`` if unavailable."""
+    lib = _library()
+    return None if lib is None else bool(lib.lo_uses_openmp())
+
+
 def uses(name: str) -> bool:
     """Whether kernel ``name`` (one of :data:`KERNELS`) runs where it applies (builds the kernels if needed)."""
     if name not in KERNELS:
@@ -169,7 +176,8 @@ def report() -> str:
         lines.append(f"  unavailable ({_error or 'no guard measurement'}): every family runs on ATen")
     else:
         lines.append(
-            f"  library {_lib_path} (ISA {_isa}, {vector_lanes()}-float vectors); guard: a kernel runs "
+            f"  library {_lib_path} (ISA {_isa}, {vector_lanes()}-float vectors, threads: "
+            f"{'torch OpenMP runtime' if shares_torch_threads() else 'its own'}); guard: a kernel runs "
             f"if ATen takes >= {MIN_SPEEDUP}x its time ({_guard['rows']} coordinates, 1 thread, measured "
             f"{_guard['measured']}, load {_guard['load']}){'; forced on' if _force else ''}"
         )

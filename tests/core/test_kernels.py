@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -553,6 +554,37 @@ def test_adafac_kernel_does_not_depend_on_threads():
     (delta, new, _), (delta2, new2, _) = results
     assert torch.equal(delta, delta2)
     assert all(torch.equal(new[k], new2[k]) for k in new)
+
+
+@needs_kernels
+def test_kernels_share_torchs_openmp_threads_where_torch_runs_gnu_openmp():
+    """Where torch loaded GNU OpenMP and the compiler is GCC, the library is built with -fopenmp and links the very
+    libgomp torch loaded (no second OpenMP runtime in the process); LEARNED_OPTIM_OPENMP=0 and Clang leave it out."""
+    version = subprocess.run([os.environ.get("CXX", "c++"), "--version"], capture_output=True, text=True).stdout
+    wanted = _build.openmp_flags(version)
+    assert kernels.shares_torch_threads() == bool(wanted)
+    assert _build.openmp_flags("clang version 18.1.8") == []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LEARNED_OPTIM_OPENMP", "0")
+        assert _build.openmp_flags(version) == []
+    if wanted:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+        runtimes = {line.split()[-1] for line in maps if line.endswith("/libgomp.so.1")}
+        assert len(runtimes) == 1, runtimes  # (other packages' renamed copies, libgomp-<hash>.so.*, aside)
+
+
+@needs_kernels
+def test_kernels_with_threads_of_their_own_do_not_depend_on_threads():
+    """The build without OpenMP (LEARNED_OPTIM_OPENMP=0: std::thread per task, as where torch runs another OpenMP
+    runtime) passes the tests of 1 against 2 threads, bit for bit."""
+    env = {**os.environ, "LEARNED_OPTIM_OPENMP": "0", "LEARNED_OPTIM_CACHE": str(_build.cache_dir().parent)}
+    selected = "does_not_depend_on_threads"
+    check = "from learned_optim import kernels; assert kernels.shares_torch_threads() is False"
+    proc = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selected]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "2 passed" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
 def _recorded_pack_step_call(rule, grad, param, state, step, shape):
