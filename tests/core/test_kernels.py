@@ -541,7 +541,7 @@ def test_adafac_kernel_applies_the_decoupled_update_itself(lr):
 def test_adafac_kernel_does_not_depend_on_threads():
     """The native step's sums (features' and direction's) are taken per block and added in order: its step and
     new state are the same bit for bit with 1 and 2 threads."""
-    shape = (300, 600)  # 50 blocks of 6 rows: both passes split them over 2 threads (at least 16 blocks each)
+    shape = (300, 600)  # 50 blocks of 6 rows: both passes split them over 2 threads (at least 4 or 16 blocks each)
     rule, grad, param, state, step = _adafac_case(shape)
     results = []
     threads = torch.get_num_threads()
