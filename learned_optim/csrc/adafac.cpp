@@ -262,7 +262,8 @@ int state_sumsq(int64_t rows, int64_t cols, int j, const float* grad, const floa
     const StateUpdate update{m_out, v_out, beta, beta_v};
     return with_momenta(j, [&](auto momenta) {
         constexpr int J = decltype(momenta)::value;
-        sum_squares<4 + 4 * J>(p.geo, out, threads, [&](const Span& s, vf* u) LO_INLINE_SPAN { features<J>(p, s, &update, u); });
+        sum_squares<4 + 4 * J>(p.geo, out, threads,
+                               [&](const Span& s, vf* u) LO_INLINE_SPAN { features<J>(p, s, &update, u); });
         return 0;
     });
 }
