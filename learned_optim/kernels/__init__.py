@@ -51,6 +51,8 @@ takes and why; :func:`forced` runs the kernels whatever the guard says (tests, b
 * Threads: ``torch.get_num_threads()``. Where torch runs GNU OpenMP (its Linux wheels) and the compiler is GCC, the
   library is built with ``-fopenmp`` and its parallel regions run on torch's own OpenMP threads
   (:func:`shares_torch_threads`); elsewhere, or with ``LEARNED_OPTIM_OPENMP=0``, it starts threads of its own.
+  GNU OpenMP's threads do not survive ``fork()`` (torch's own parallel ops hang in a child forked after its parent
+  ran them), so in a forked child the OpenMP build runs on one thread.
 * If there is no compiler or the build fails, a warning is logged once and the ATen path runs.
 
 Layout: ``_build`` (targets, compile, cache), ``_guard`` (the measurement), ``_runtime`` (the switches, the
@@ -81,6 +83,7 @@ from ._runtime import (
     forced,
     guard,
     isa,
+    kernel_threads,
     library_path,
     report,
     serves,
@@ -117,6 +120,7 @@ __all__ = [
     "guard",
     "report",
     "library_path",
+    "kernel_threads",
     "shares_torch_threads",
     "vector_lanes",
 ]

@@ -11,11 +11,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._runtime import library_for
+from ._runtime import kernel_threads, library_for
 
 
 def _threads(n: int) -> int:
-    return torch.get_num_threads() if n >= 4096 else 1
+    return kernel_threads() if n >= 4096 else 1
 
 
 def _cpu_f32(*tensors: Tensor) -> bool:
@@ -40,7 +40,8 @@ def lstm_cell_into(x: Tensor, h: Tensor, c: Tensor, weight: Tensor, bias: Tensor
     ``weight`` is ``[W_ih, W_hh]`` ``(4H, I + H)`` and ``bias`` ``b_ih + b_hh`` ``(4H,)``, both with the
     ``g``-gate rows already doubled (see :func:`learned_optim.nets.cells.lstm_cell`). Applies to float32
     CPU tensors whose rows are contiguous (any row stride) when no autograd graph is being recorded;
-    the outputs must not overlap the inputs of *other* rows. Uses ``torch.get_num_threads()`` threads.
+    the outputs must not overlap the inputs of *other* rows. Uses :func:`~learned_optim.kernels.kernel_threads`
+    threads.
     """
     n, hidden = h.shape[0], h.shape[-1]
     if not (all(_rows_ok(t, n) for t in (x, h, c, h_out, c_out)) and _cpu_f32(weight, bias)):
@@ -444,6 +445,6 @@ def _adafac_call(
         row_of[1] if update is not None else None,  # the update in place
         lr,
         weight_decay,
-        torch.get_num_threads(),
+        kernel_threads(),
     )
     return status == 0

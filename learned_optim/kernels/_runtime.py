@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from . import _guard as guard_measurement
 from ._build import build, cpu_model, supported_isas
 from ._guard import KERNELS, MIN_SPEEDUP
@@ -35,6 +37,25 @@ _error: str | None = None
 _loaded = False
 _force = False
 _enabled = os.environ.get("LEARNED_OPTIM_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+_forked_child = False
+
+
+def _after_fork_in_child() -> None:
+    global _forked_child
+    _forked_child = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def kernel_threads() -> int:
+    """The threads a kernel call may use: ``torch.get_num_threads()``, but 1 in a process forked from this one when
+    the kernels run on torch's OpenMP threads (:func:`shares_torch_threads`). GNU OpenMP's threads do not survive
+    ``fork()``: a parallel region in the child would wait for ever, as torch's own parallel ops do there."""
+    if _forked_child and shares_torch_threads():
+        return 1
+    return torch.get_num_threads()
 
 
 def set_enabled(value: bool) -> bool:

@@ -574,6 +574,36 @@ def test_kernels_share_torchs_openmp_threads_where_torch_runs_gnu_openmp():
 
 
 @needs_kernels
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() here")
+def test_kernels_step_in_a_child_forked_after_their_threads_ran():
+    """GNU OpenMP's threads do not survive fork(): a child forked after the kernels ran on 2 threads steps on one
+    (``kernel_threads``) instead of waiting for ever on the parent's OpenMP workers, and the parent goes on on 2."""
+    code = textwrap.dedent("""
+        import os, torch, learned_optim
+        from learned_optim import kernels
+        torch.set_num_threads(2)
+        p = torch.nn.Parameter(torch.randn(1000, 1000))
+        grads = [torch.randn(1000, 1000) for _ in range(3)]  # (a large copy in the child would be torch's parallel op)
+        opt = learned_optim.LearnedOptimizer([p], learned_optim.AdafacMLP(), lr=1e-3)
+        with kernels.forced():
+            p.grad = grads[0]
+            opt.step()  # the parallel regions run: the OpenMP workers exist
+            pid = os.fork()
+            if pid == 0:
+                p.grad = grads[1]
+                opt.step()
+                os._exit(0 if kernels.kernel_threads() == (1 if kernels.shares_torch_threads() else 2) else 3)
+            _, status = os.waitpid(pid, 0)
+            assert kernels.kernel_threads() == 2
+            p.grad = grads[2]
+            opt.step()
+        print("child", os.waitstatus_to_exitcode(status), "finite", bool(torch.isfinite(p).all()))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "child 0 finite True" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+
+
+@needs_kernels
 def test_kernels_with_threads_of_their_own_do_not_depend_on_threads():
     """The build without OpenMP (LEARNED_OPTIM_OPENMP=0: std::thread per task, as where torch runs another OpenMP
     runtime) passes the tests of 1 against 2 threads, bit for bit."""
