@@ -73,6 +73,7 @@ from ._ops import (
     lstm_cell_into,
     mlp_feature_mean_square,
     mlp_update,
+    plain_f32,
 )
 from ._runtime import (
     RULE_KERNELS,
@@ -105,6 +106,7 @@ __all__ = [
     "AdafacNet",
     "adafac_pack_step",
     "adafac_tensors_step",
+    "plain_f32",
     "ADAFAC_MAX_MOMENTA",
     "ADAFAC_MAX_HIDDEN",
     "build_error",

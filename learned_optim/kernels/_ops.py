@@ -22,12 +22,14 @@ def _cpu_f32(*tensors: Tensor) -> bool:
     return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
 
 
-def _plain_f32(t: Tensor) -> bool:
+def plain_f32(t: Tensor) -> bool:
+    """Whether ``t`` is a contiguous float32 CPU tensor: what the adafac kernel reads and writes through its
+    address (:func:`adafac_tensors_step`)."""
     return t.dtype is torch.float32 and t.is_cpu and t.is_contiguous()  # (3x faster than comparing t.device)
 
 
 def _flat_f32(*tensors: Tensor) -> bool:
-    return all(_plain_f32(t) for t in tensors)
+    return all(plain_f32(t) for t in tensors)
 
 
 def _rows_ok(t: Tensor, n: int) -> bool:
@@ -354,18 +356,18 @@ def adafac_tensors_step(
         return False
     for i, (rows, cols) in enumerate(shapes):  # one plain loop: this runs every step, for every tensor
         for t in (grads[i], params[i], *(momentum[i] for momentum in m), v[i]):
-            if t.numel() != rows * cols or not _plain_f32(t):
+            if t.numel() != rows * cols or not plain_f32(t):
                 return False
-        if row[i].shape != (rows, k) or col[i].shape != (cols, k) or not (_plain_f32(row[i]) and _plain_f32(col[i])):
+        if row[i].shape != (rows, k) or col[i].shape != (cols, k) or not (plain_f32(row[i]) and plain_f32(col[i])):
             return False
 
     def addresses(tensors: Sequence[Tensor]) -> list[int]:
         return [t.data_ptr() for t in tensors]
 
-    momenta = [addresses(momentum) for momentum in m]
-    table = [
-        addresses(grads), addresses(params), *momenta, addresses(v), *momenta, addresses(v),
-        addresses(row), addresses(col), addresses(row), addresses(col), [0] * count,  # no direction: the update
+    momenta, second, rows_at, cols_at = [addresses(x) for x in m], addresses(v), addresses(row), addresses(col)
+    table = [  # the new state over the state, no direction (the update goes to the parameters)
+        addresses(grads), addresses(params), *momenta, second, *momenta, second,
+        rows_at, cols_at, rows_at, cols_at, [0] * count,
     ]  # fmt: skip
     return _adafac_call(shapes, table, net, step_scales, update)
 

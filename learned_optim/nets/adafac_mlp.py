@@ -594,7 +594,8 @@ class AdafacMLP(UpdateRule):
                 grad is not None
                 and grad.layout == torch.strided
                 and p.numel() > 0
-                and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in (p, grad))
+                and kernels.plain_f32(p)
+                and kernels.plain_f32(grad)
             ):
                 taken.append((p, grad, state))
             else:
