@@ -8,6 +8,7 @@ planted measurements. No timing here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,17 @@ def _kernels_forced():
 
 def _fused(cell: nn.LSTMCell) -> tuple[torch.Tensor, torch.Tensor]:
     return tuple(t.detach() for t in fused_gate_weights(cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh))
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    """torch (and the kernels it hands its thread count to) on ``count`` threads inside the block."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _run_kernel(cell, x, h, c):
@@ -107,12 +120,8 @@ def test_lstm_kernel_rows_do_not_depend_on_blocking_or_threads(hidden):
         parts = [_run_kernel(cell, x[s], h[s], c[s]) for s in (slice(0, cut), slice(cut, None))]
         assert torch.equal(torch.cat([parts[0][1], parts[1][1]]), h_all)
         assert torch.equal(torch.cat([parts[0][2], parts[1][2]]), c_all)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
+    with _torch_threads(2):
         _, h_two, c_two = _run_kernel(cell, x, h, c)
-    finally:
-        torch.set_num_threads(threads)
     assert torch.equal(h_two, h_all) and torch.equal(c_two, c_all)
 
 
@@ -206,12 +215,8 @@ def test_mlp_statistics_do_not_depend_on_threads_and_update_rows_not_on_blocking
     rule, grad_, param, state, step = _mlp_case(20_011)
     args = (grad_, param, state["m"], state["v"], rule.decay, 1e-6)
     one = kernels.mlp_feature_mean_square(*args)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
+    with _torch_threads(2):
         two = kernels.mlp_feature_mean_square(*args)
-    finally:
-        torch.set_num_threads(threads)
     assert torch.equal(one, two)
     with torch.no_grad():
         whole = rule(grad_, param, state, step, one)[0]
@@ -460,16 +465,11 @@ def test_adafac_in_place_step_does_not_depend_on_threads():
         params = [nn.Parameter(torch.randn(100, 64 + i)) for i in range(24)]
         opt = cls(params, _adafac_case((1,), seed=3)[0], lr=0.01, weight_decay=0.1)
         gen = torch.Generator().manual_seed(0)
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            with kernels.forced():
-                for _ in range(3):
-                    for p in params:
-                        p.grad = torch.randn(p.shape, generator=gen)
-                    opt.step()
-        finally:
-            torch.set_num_threads(previous)
+        with _torch_threads(threads), kernels.forced():
+            for _ in range(3):
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=gen)
+                opt.step()
         return params, opt
 
     params, opt = run(LearnedOptimizer, 2)
@@ -544,13 +544,9 @@ def test_adafac_kernel_does_not_depend_on_threads():
     shape = (300, 600)  # 50 blocks of 6 rows: both passes split them over 2 threads (at least 4 or 16 blocks each)
     rule, grad, param, state, step = _adafac_case(shape)
     results = []
-    threads = torch.get_num_threads()
-    try:
-        for count in (1, 2):
-            torch.set_num_threads(count)
+    for count in (1, 2):
+        with _torch_threads(count):
             results.append(_adafac_step(rule, grad, param, state, step, shape, False))
-    finally:
-        torch.set_num_threads(threads)
     (delta, new, _), (delta2, new2, _) = results
     assert torch.equal(delta, delta2)
     assert all(torch.equal(new[k], new2[k]) for k in new)
