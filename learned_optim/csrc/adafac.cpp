@@ -188,12 +188,20 @@ inline vf relu(vf x) {
 #endif
 }
 
+// The MLP's weights as pass 2 reads them. With 16 registers (AVX2, SSE), whose FMAs cannot broadcast a float from
+// memory, each weight is stored as a whole vector (its value in every lane), so that an FMA takes it as its memory
+// operand: one instruction where a broadcast and an FMA were two. With 32 registers (AVX-512 broadcasts from memory
+// inside the FMA; AArch64) a float each.
+using Weight = std::conditional_t<(LO_REGISTERS < 32), vf, float>;
+
+inline Weight as_weight(float w) { return w - Weight{}; }  // w - (+0) is w, -0 included
+
 // One dense layer on vectors: y[h] = relu(init(h) + sum_i w[i, h] x[i]) for h < units (a multiple of UNITS;
 // w is (inputs, units), transposed and zero-padded), UNITS hidden units (independent FMA chains) at a time;
 // N > 0: `inputs` is N, so the loop over the inputs unrolls and x stays in registers; U > 0: `units` is U,
 // so the layer's activations stay in registers too (with a run-time width they go through the stack).
 template <int N, int U, class Init>
-inline void dense_relu(int units_, int inputs_, const float* w, const vf* x, vf* y, Init init) {
+inline void dense_relu(int units_, int inputs_, const Weight* w, const vf* x, vf* y, Init init) {
     const int inputs = N > 0 ? N : inputs_;
     const int units = U > 0 ? U : units_;
     for (int h0 = 0; h0 < units; h0 += UNITS) {
@@ -202,7 +210,7 @@ inline void dense_relu(int units_, int inputs_, const float* w, const vf* x, vf*
         for (int q = 0; q < UNITS; ++q) a[q] = init(h0 + q);
 #pragma GCC unroll 40
         for (int i = 0; i < inputs; ++i) {
-            const float* wi = w + i * units + h0;
+            const Weight* wi = w + i * units + h0;
 #pragma GCC unroll 8
             for (int q = 0; q < UNITS; ++q) a[q] += wi[q] * x[i];
         }
@@ -213,7 +221,7 @@ inline void dense_relu(int units_, int inputs_, const float* w, const vf* x, vf*
 
 // w . x for `units` vectors x (a multiple of UNITS; U if U > 0), in UNITS independent chains.
 template <int U>
-inline vf dot(int units_, const float* w, const vf* x) {
+inline vf dot(int units_, const Weight* w, const vf* x) {
     const int units = U > 0 ? U : units_;
     vf a[UNITS] = {};
     for (int h0 = 0; h0 < units; h0 += UNITS)
@@ -289,13 +297,14 @@ int direction_pass(int64_t rows, int64_t cols, int j, const float* grad, const f
     const int F = 4 + 4 * j, H = hidden, HP = padded_width(hidden);
     // the weights transposed to (inputs, units), with the hidden units zero-padded to a multiple of UNITS (a
     // padded unit is relu(0) = 0 and its outgoing weights are zero)
-    std::vector<float> w1p(static_cast<size_t>(F * HP), 0.0f), wp(static_cast<size_t>((layers - 1) * HP * HP), 0.0f),
-        bp(static_cast<size_t>((layers - 1) * HP), 0.0f), wop(static_cast<size_t>(HP), 0.0f);
+    std::vector<Weight> w1p(static_cast<size_t>(F * HP)), wp(static_cast<size_t>((layers - 1) * HP * HP)),
+        wop(static_cast<size_t>(HP));  // zeros
+    std::vector<float> bp(static_cast<size_t>((layers - 1) * HP), 0.0f);
     for (int h = 0; h < H; ++h) {
-        for (int f = 0; f < F; ++f) w1p[f * HP + h] = w1[h * F + f];
-        wop[h] = w_out[h];
+        for (int f = 0; f < F; ++f) w1p[f * HP + h] = as_weight(w1[h * F + f]);
+        wop[h] = as_weight(w_out[h]);
         for (int l = 0; l < layers - 1; ++l) {
-            for (int i = 0; i < H; ++i) wp[(l * HP + i) * HP + h] = w[(l * H + h) * H + i];
+            for (int i = 0; i < H; ++i) wp[(l * HP + i) * HP + h] = as_weight(w[(l * H + h) * H + i]);
             bp[l * HP + h] = b[l * H + h];
         }
     }

@@ -49,7 +49,9 @@ typedef float vf __attribute__((vector_size(4 * L)));
 #endif
 typedef int32_t vi __attribute__((vector_size(4 * L)));
 
-inline vf splat(float a) { return vf{} + a; }
+// a in every lane (a - (+0) is a for every float, -0 included, so the compiler drops the subtraction; vf{} + a would
+// keep an add, since it makes a -0 into +0)
+inline vf splat(float a) { return a - vf{}; }
 
 // Four-float vectors (one SSE/NEON register), for the AVX2 build's four-unit tails.
 typedef float vf4 __attribute__((vector_size(16)));
