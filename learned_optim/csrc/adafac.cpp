@@ -123,6 +123,7 @@ inline void features(const Inputs& p, const Span& s, const StateUpdate* update, 
     u[1] = load_partial(p.param + s.i, n);
     u[2 + J] = v;
     u[3 + 2 * J] = rs;
+#pragma GCC unroll 8
     for (int k = 0; k < J; ++k) {
         vf m = load_partial(p.m[k] + s.i, n);
         if (update != nullptr) {

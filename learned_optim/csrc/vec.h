@@ -106,7 +106,11 @@ inline vf load(const float* p) {
     return v;
 }
 
-inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+// An unaligned vector of floats: a store through it may alias floats only (a memcpy's store may alias anything, so
+// that the compiler reloaded every pointer it had read from memory after each store).
+typedef float vf_unaligned __attribute__((vector_size(4 * L), aligned(4)));
+
+inline void store(float* p, vf v) { *reinterpret_cast<vf_unaligned*>(p) = v; }
 
 // The lane indices 0 .. L - 1.
 inline vi lane_index() {
