@@ -752,7 +752,8 @@ def test_auto_chunk_size_on_an_accelerator_is_large(make_rule):
 def test_other_instruction_sets_build_and_compute_the_same_cell(isa):
     """Each ISA build this CPU can run but would not pick (``LEARNED_OPTIM_ISA``) compiles, reports its
     vector width and computes the same cell, on the generic path (hidden 7) and the zoo's hidden size 20, and the
-    same adafac_mlp step as ATen at hidden widths 8 and 16 (compiled in) and 20 (padded to 24, read at run time)."""
+    same adafac_mlp step as ATen at hidden widths 8 and 16 (compiled in) and 20 (padded to 24, read at run time),
+    over a matrix and a vector."""
     if isa not in kernels.supported_isas():
         pytest.skip(f"this CPU cannot run {isa}")
     code = textwrap.dedent("""
@@ -774,11 +775,13 @@ def test_other_instruction_sets_build_and_compute_the_same_cell(isa):
                 h, c = cell(x, (state[:, 0], state[:, 1]))
                 torch.testing.assert_close(out[:, 0], h, rtol=2e-6, atol=2e-6)
                 torch.testing.assert_close(out[:, 1], c, rtol=2e-6, atol=2e-6)
-        for hidden in (8, 16, 20):  # the padded widths compiled in (8, 16) and one read at run time (24)
+        # the padded widths compiled in (8, 16) and one read at run time (24); a matrix and a vector, each with full
+        # spans and a partial one (on AVX2 and SSE the full spans have code of their own)
+        for hidden, shape in [(8, (37, 23)), (8, (1001,)), (16, (37, 23)), (20, (37, 23))]:
             rule = learned_optim.AdafacMLP(hidden_size=hidden).requires_grad_(False)
             for weight in rule.parameters():
                 weight.normal_(0.0, 0.5)
-            shape, n = (37, 23), 37 * 23
+            n = shape[0] * (shape[1] if len(shape) > 1 else 1)
             grad, param = torch.randn(n) * 1e-3, torch.randn(n)
             state = {k: torch.rand_like(v) * 0.1 + 0.01 for k, v in rule.init_state(n, shape=shape).items()}
             steps = []
