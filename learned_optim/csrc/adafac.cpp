@@ -69,12 +69,13 @@ struct Span {
     int64_t r, c;
 };
 
-// Whether full spans get a call of fn of their own, where their count is the constant L: without AVX-512's masked
-// moves, each partial load and store of a span tests its count (AVX2's masked store is slow), and the full spans' own
-// copy of the inlined per-span code has none of these tests (AVX2 build, a 1M step 9.1-9.9 -> 8.5-8.8 ms). With
-// AVX-512 every load and store is a masked one, the same for all spans, and a second copy only made the step slower
-// (7.0-7.1 -> 7.4-7.6 ms; a (131072, 8) tensor, whose spans are all partial, 14 -> 19 ms).
-constexpr bool FULL_SPANS_APART = !LO_MASKED_MOVES;
+// Whether full spans get a call of fn of their own, where their count is the constant L. Without AVX-512's masked
+// moves each partial load and store of a span tests its count (AVX2's masked store is slow), and the full spans' own
+// copy of the per-span code has none of these tests (AVX2 build, a 1M step 9.1-9.9 -> 8.5-8.8 ms). With AVX-512
+// every load and store is a masked one, the same for all spans, and a second copy only made the step slower
+// (7.0-7.1 -> 7.4-7.6 ms; a (131072, 8) tensor, whose spans are all partial, 14 -> 19 ms). Only on the 16-register
+// builds, where it was measured: AArch64 (32 registers, the per-span code force-inlined) keeps one call, unmeasured.
+constexpr bool FULL_SPANS_APART = !LO_MASKED_MOVES && LO_REGISTERS < 32;
 
 // fn(span) over the coordinates of block `block`, in order.
 template <class Fn>
