@@ -18,7 +18,7 @@
 #include <omp.h>
 #endif
 
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__SSE__)
 #include <immintrin.h>
 #endif
 
@@ -57,6 +57,25 @@ inline vf splat(float a) { return a - vf{}; }
 typedef float vf4 __attribute__((vector_size(16)));
 typedef int32_t vi4 __attribute__((vector_size(16)));
 
+// x clamped to [lo, hi] as (lo > x ? lo : x), then (hi < x ? hi : x): on x86 one max and one min instruction, which
+// return their second operand, x, when either is NaN, as the compare and select do (GCC left compares and blends
+// there; the AVX2 LSTM cell's step 4.96 -> 4.17 ms over 16k rows). Other targets keep the selects.
+template <class V>
+inline V clamp_t(V x, float lo, float hi) {
+    const V low = V{} + lo, high = V{} + hi;
+#if defined(__AVX512F__)
+    if constexpr (sizeof(V) == 64) return (V)_mm512_min_ps((__m512)high, _mm512_max_ps((__m512)low, (__m512)x));
+#endif
+#if defined(__AVX__)
+    if constexpr (sizeof(V) == 32) return (V)_mm256_min_ps((__m256)high, _mm256_max_ps((__m256)low, (__m256)x));
+#endif
+#if defined(__SSE__)
+    if constexpr (sizeof(V) == 16) return (V)_mm_min_ps((__m128)high, _mm_max_ps((__m128)low, (__m128)x));
+#endif
+    x = low > x ? low : x;
+    return high < x ? high : x;
+}
+
 // e^-x for float32 vectors (V: vf or vf4, VI its int32 vector): x = -(n ln2 + f) with n = round(-x / ln2),
 // |f| <= ln2 / 2, and e^f by the Cephes degree-6 polynomial written in u = -f (signs folded into the
 // coefficients). x is clamped to [-88, 87] so that 2^n stays a normal float. One-constant range reduction:
@@ -64,9 +83,7 @@ typedef int32_t vi4 __attribute__((vector_size(16)));
 // in sigmoid(x).
 template <class V, class VI>
 inline V exp_neg_t(V x) {
-    const V lo = V{} - 88.0f, hi = V{} + 87.0f;
-    x = lo > x ? lo : x;
-    x = hi < x ? hi : x;
+    x = clamp_t(x, -88.0f, 87.0f);
     const V magic = V{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
     const V r = x * -1.44269504088896341f + magic;
     const V n = r - magic;
