@@ -888,6 +888,27 @@ def test_measuring_the_guard_leaves_the_global_random_stream_alone():
     assert torch.equal(torch.get_rng_state(), state)
 
 
+def test_a_close_guard_call_is_measured_again_and_the_median_round_counts():
+    """A ratio (ATen time / kernel time) within CLOSE_CALL_BAND of MIN_SPEEDUP is measured CLOSE_CALL_ROUNDS times and
+    the round of median ratio counts: measured once near the bar on a busy machine, the verdict could go either way,
+    and it is cached. A clear ratio either side is measured once. Planted rounds, no timing."""
+    bar, rounds = _guard.MIN_SPEEDUP, _guard.CLOSE_CALL_ROUNDS
+
+    def planted(ratios):
+        left = iter(ratios)  # one more round than planted would raise StopIteration
+        return lambda: {"kernel": 2.0, "aten": 2.0 * next(left)}
+
+    for clear in (3.0 * bar, 0.4 * bar):
+        assert _guard._median_round(planted([clear])) == {"kernel": 2.0, "aten": 2.0 * clear, "rounds": 1}
+    # just under the bar once, then above it: the median round uses the kernel
+    close = [0.95 * bar] + [bar * (1.0 + 0.01 * i) for i in range(1, rounds)]
+    median = bar * (1.0 + 0.01 * (rounds // 2))
+    assert _guard._median_round(planted(close)) == {"kernel": 2.0, "aten": 2.0 * median, "rounds": rounds}
+    # just over the bar once, then under it: ATen
+    close = [1.05 * bar] + [bar * (1.0 - 0.01 * i) for i in range(1, rounds)]
+    assert _guard._median_round(planted(close))["aten"] / 2.0 < bar
+
+
 def test_a_guard_record_of_other_workloads_is_measured_again():
     """The cached guard is valid only for this ISA, this torch and the workloads it timed (a changed guard
     workload must not reuse ratios measured on the old one)."""
