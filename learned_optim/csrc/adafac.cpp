@@ -199,17 +199,8 @@ void sum_squares(const Geometry& geo, double* out, int threads, Fn fn) {
         for (int f = 0; f < k; ++f) out[f] += partial[b * k + f];
 }
 
-// max(x, 0), 0 for a NaN: on x86 one max instruction (which returns its second operand, +0, for a NaN or a -0) in
-// place of a compare and a blend.
-inline vf relu(vf x) {
-#if defined(__AVX512F__)
-    return (vf)_mm512_max_ps((__m512)x, _mm512_setzero_ps());
-#elif defined(__AVX2__)
-    return (vf)_mm256_max_ps((__m256)x, _mm256_setzero_ps());
-#else
-    return x > vf{} ? x : vf{};
-#endif
-}
+// max(x, 0), +0 for a NaN or a -0 (x86: one max instruction).
+inline vf relu(vf x) { return extreme<true>(x, vf{}); }
 
 // The MLP's weights as pass 2 reads them. With 16 registers (AVX2, SSE), whose FMAs cannot broadcast a float from
 // memory, each weight is stored as a whole vector (its value in every lane), so that an FMA takes it as its memory

@@ -57,23 +57,24 @@ inline vf splat(float a) { return a - vf{}; }
 typedef float vf4 __attribute__((vector_size(16)));
 typedef int32_t vi4 __attribute__((vector_size(16)));
 
-// x clamped to [lo, hi] as (lo > x ? lo : x), then (hi < x ? hi : x): on x86 one max and one min instruction, which
-// return their second operand, x, when either is NaN, as the compare and select do (GCC left compares and blends
-// there; the AVX2 LSTM cell's step 4.96 -> 4.17 ms over 16k rows). Other targets keep the selects.
-template <class V>
-inline V clamp_t(V x, float lo, float hi) {
-    const V low = V{} + lo, high = V{} + hi;
+// Max ? (a > b ? a : b) : (a < b ? a : b), lane by lane: on x86 one max or min instruction, which returns its second
+// operand, b, where the compare is false (a NaN on either side, or two zeros), exactly as the select does (GCC had
+// compiled the selects to a compare and a blend: the AVX2 LSTM cell's exp clamp took 4.96 -> 4.17 ms over 16k rows
+// as max and min). Other targets keep the select.
+template <bool Max, class V>
+inline V extreme(V a, V b) {
 #if defined(__AVX512F__)
-    if constexpr (sizeof(V) == 64) return (V)_mm512_min_ps((__m512)high, _mm512_max_ps((__m512)low, (__m512)x));
+    if constexpr (sizeof(V) == 64)
+        return (V)(Max ? _mm512_max_ps((__m512)a, (__m512)b) : _mm512_min_ps((__m512)a, (__m512)b));
 #endif
 #if defined(__AVX__)
-    if constexpr (sizeof(V) == 32) return (V)_mm256_min_ps((__m256)high, _mm256_max_ps((__m256)low, (__m256)x));
+    if constexpr (sizeof(V) == 32)
+        return (V)(Max ? _mm256_max_ps((__m256)a, (__m256)b) : _mm256_min_ps((__m256)a, (__m256)b));
 #endif
 #if defined(__SSE__)
-    if constexpr (sizeof(V) == 16) return (V)_mm_min_ps((__m128)high, _mm_max_ps((__m128)low, (__m128)x));
+    if constexpr (sizeof(V) == 16) return (V)(Max ? _mm_max_ps((__m128)a, (__m128)b) : _mm_min_ps((__m128)a, (__m128)b));
 #endif
-    x = low > x ? low : x;
-    return high < x ? high : x;
+    return (Max ? a > b : a < b) ? a : b;
 }
 
 // e^-x for float32 vectors (V: vf or vf4, VI its int32 vector): x = -(n ln2 + f) with n = round(-x / ln2),
@@ -83,7 +84,7 @@ inline V clamp_t(V x, float lo, float hi) {
 // in sigmoid(x).
 template <class V, class VI>
 inline V exp_neg_t(V x) {
-    x = clamp_t(x, -88.0f, 87.0f);
+    x = extreme<false>(V{} + 87.0f, extreme<true>(V{} - 88.0f, x));  // clamped to [-88, 87], NaN kept
     const V magic = V{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
     const V r = x * -1.44269504088896341f + magic;
     const V n = r - magic;
@@ -150,13 +151,12 @@ constexpr bool LO_MASKED_MOVES = false;
 
 // The first `count` (1..L) floats at p, the other lanes zero (nothing past p + count is read).
 inline vf load_partial(const float* p, int count) {
+    if (!LO_MASKED_MOVES && count == L) return load(p);
 #if defined(__AVX512F__)
     return (vf)_mm512_maskz_loadu_ps(first_lanes(count), p);
 #elif defined(__AVX2__)
-    if (count == L) return load(p);
     return (vf)_mm256_maskload_ps(p, (__m256i)(lane_index() < (vi{} + count)));
 #else
-    if (count == L) return load(p);
     vf v{};
     for (int i = 0; i < count; ++i) v[i] = p[i];
     return v;
@@ -165,23 +165,22 @@ inline vf load_partial(const float* p, int count) {
 
 // v with the lanes from `count` (1..L) on set to zero (padding lanes that must not count in a sum).
 inline vf keep_first(vf v, int count) {
+    if (!LO_MASKED_MOVES && count == L) return v;
 #if defined(__AVX512F__)
     return (vf)_mm512_maskz_mov_ps(first_lanes(count), (__m512)v);
 #else
-    if (count == L) return v;
     return lane_index() < (vi{} + count) ? v : vf{};
 #endif
 }
 
 // Stores the first `count` (1..L) lanes of v at p (nothing past p + count is written).
 inline void store_partial(float* p, vf v, int count) {
+    if (!LO_MASKED_MOVES && count == L) return store(p, v);
 #if defined(__AVX512F__)
     _mm512_mask_storeu_ps(p, first_lanes(count), (__m512)v);
 #elif defined(__AVX2__)
-    if (count == L) return store(p, v);
     _mm256_maskstore_ps(p, (__m256i)(lane_index() < (vi{} + count)), (__m256)v);
 #else
-    if (count == L) return store(p, v);
     for (int i = 0; i < count; ++i) p[i] = v[i];
 #endif
 }

@@ -57,11 +57,14 @@ def _median_round(measure_round: Callable[[], dict[str, float]]) -> dict[str, fl
     """One round of ``measure_round`` (its ``kernel`` and ``aten`` times), or, where its ratio ``aten / kernel`` is a
     close call (within :data:`CLOSE_CALL_BAND` of :data:`MIN_SPEEDUP`), the round of median ratio among
     :data:`CLOSE_CALL_ROUNDS`; with the number of rounds taken, under ``rounds``."""
+
+    def ratio(times: dict[str, float]) -> float:
+        return times["aten"] / max(times["kernel"], 1e-12)
+
     taken = [measure_round()]
-    first = taken[0]["aten"] / max(taken[0]["kernel"], 1e-12)
-    if MIN_SPEEDUP / CLOSE_CALL_BAND <= first <= MIN_SPEEDUP * CLOSE_CALL_BAND:
+    if MIN_SPEEDUP / CLOSE_CALL_BAND <= ratio(taken[0]) <= MIN_SPEEDUP * CLOSE_CALL_BAND:
         taken += [measure_round() for _ in range(CLOSE_CALL_ROUNDS - 1)]
-    taken.sort(key=lambda r: r["aten"] / max(r["kernel"], 1e-12))
+    taken.sort(key=ratio)
     return {**taken[len(taken) // 2], "rounds": len(taken)}
 
 
