@@ -40,7 +40,9 @@ DM-LSTM step, ``elu`` on RNNProp's input activation, ``mlp`` through an MLP rule
 coordinates (above its ``coordinate_block``: the large tensors its step time lives in; the kernel path then
 serves all sizes, as it was also measured faster on small tensors, where both paths are mostly per-call
 overhead). A ratio within ``_guard.CLOSE_CALL_BAND`` of :data:`MIN_SPEEDUP` is a close call, measured
-``_guard.CLOSE_CALL_ROUNDS`` times in all, and the round of median ratio counts. The ratios (ATen time / kernel
+``_guard.CLOSE_CALL_ROUNDS`` times in all, and the round of median ratio counts. A measurement taken on a busy
+machine (a 1-minute load average of at least the CPUs the process may use, ``_guard.busy``) counts until a later
+process finds the machine calm and measures again. The ratios (ATen time / kernel
 time) are cached beside the library (``<library>.guard.json``;
 measured again under another torch or other guard workloads); a kernel whose ratio is below
 :data:`MIN_SPEEDUP` is not used, and the ATen path runs instead. :func:`report` says which path each rule

@@ -196,11 +196,12 @@ def report() -> str:
     elif lib is None or _guard is None:
         lines.append(f"  unavailable ({_error or 'no guard measurement'}): every family runs on ATen")
     else:
+        busy_note = " on a busy machine: measured again once it is calm" if _guard.get("busy") else ""
         lines.append(
             f"  library {_lib_path} (ISA {_isa}, {vector_lanes()}-float vectors, threads: "
             f"{'torch OpenMP runtime' if shares_torch_threads() else 'its own'}); guard: a kernel runs "
             f"if ATen takes >= {MIN_SPEEDUP}x its time ({_guard['rows']} coordinates, 1 thread, measured "
-            f"{_guard['measured']}, load {_guard['load']}){'; forced on' if _force else ''}"
+            f"{_guard['measured']}, load {_guard['load']}{busy_note}){'; forced on' if _force else ''}"
         )
         for name in KERNELS:
             ratio = _guard["ratios"][name]

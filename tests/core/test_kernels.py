@@ -884,8 +884,9 @@ def test_measuring_the_guard_leaves_the_global_random_stream_alone():
     on its first run on a machine than on every later run."""
     torch.manual_seed(1234)
     state = torch.get_rng_state()
-    _guard.measure(kernels.isa(), _runtime._switched)
+    record = _guard.measure(kernels.isa(), _runtime._switched)
     assert torch.equal(torch.get_rng_state(), state)
+    assert _guard.valid(record, kernels.isa()) and isinstance(record["busy"], bool)
 
 
 def test_a_close_guard_call_is_measured_again_and_the_median_round_counts():
@@ -919,3 +920,34 @@ def test_a_guard_record_of_other_workloads_is_measured_again():
     assert not _guard.valid({**record, "workloads": "measured-on-other-workloads"}, kernels.isa())
     assert not _guard.valid({k: v for k, v in record.items() if k != "workloads"}, kernels.isa())
     assert not _guard.valid(record, "another-isa")
+
+
+def test_a_guard_measured_on_a_busy_machine_is_measured_again_when_it_is_calm(tmp_path, monkeypatch):
+    """A record measured while every core had another runnable thread counts for now, and the first process that
+    finds the machine calm measures it again (a verdict measured under load is otherwise cached for the build); a
+    calm record, or a busy one on a still busy machine, is read as it is. Planted loads and records, no timing."""
+    library = kernels.library_path()
+    assert library is not None
+    record = json.loads(library.with_suffix(".guard.json").read_text())
+    path = tmp_path / "guard.json"
+    fresh = {**record, "measured": "just now", "busy": False}
+    measured = []
+    monkeypatch.setattr(_guard, "measure", lambda isa, switched: measured.append(isa) or fresh)
+    for cached_busy, load, remeasured in (
+        (True, (0.5, 2), True),
+        (True, (2.0, 2), False),
+        (True, (3.5, 2), False),
+        (False, (0.5, 2), False),
+        (False, (3.5, 2), False),
+    ):
+        monkeypatch.setattr(_guard, "machine_load", lambda load=load: load)
+        assert _guard.busy() == (load[0] >= load[1])
+        planted = {**record, "busy": cached_busy}
+        path.write_text(json.dumps(planted))
+        measured.clear()
+        got = _guard.load_or_measure(path, kernels.isa(), _runtime._switched)
+        assert measured == ([kernels.isa()] if remeasured else [])
+        assert got == (fresh if remeasured else planted)
+        assert json.loads(path.read_text()) == got  # written where measured again
+    monkeypatch.setattr(_guard, "machine_load", lambda: None)  # no load average (not POSIX): never busy
+    assert not _guard.busy()
