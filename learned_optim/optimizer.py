@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from itertools import chain
 from typing import Any, Literal, cast
@@ -26,6 +28,22 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: What ``torch.optim.AdamW`` takes and this optimizer does not, and why (a user swapping the class keeps ``lr``,
+#: ``weight_decay``, ``maximize`` and the LR schedule).
+_UNSUPPORTED_ARGUMENTS = {
+    **dict.fromkeys(
+        ("betas", "eps", "amsgrad"),
+        "{} has no {!r}: the learned net fixes its own moment decays and epsilons (the checkpoint's config.json, "
+        "under 'net'); keep AdamW's lr, weight_decay and LR schedule and drop this argument",
+    ),
+    **dict.fromkeys(
+        ("fused", "capturable", "differentiable"),
+        "{} does not take {!r}: its step is the learned net's own code (a native CPU kernel where one is measured "
+        "faster), with no fused, capturable or differentiable variant (learned_optim.functional_update is the "
+        "differentiable step)",
+    ),
+}
 
 #: Coordinates per net call on the ATen path. Bounds the transient memory of a step independently of model
 #: size (DM-LSTM: roughly 1.5 KB of temporaries per coordinate, so ~12 MB per chunk). 8192 rows keep a
@@ -130,6 +148,8 @@ class LearnedOptimizer(Optimizer):
             seconds on CPU, needs a C++ compiler); if it fails the step raises: there is no silent
             fallback to eager. Results match eager to float rounding, not bit for bit; within the
             compiled path they are still independent of ``chunk_size``.
+        **unsupported: AdamW's ``betas``, ``eps``, ``amsgrad`` (the net fixes its own), ``fused``, ``capturable`` and
+            ``differentiable`` raise a ``TypeError`` that says why, as does any other unknown keyword.
     """
 
     def __init__(
@@ -145,7 +165,12 @@ class LearnedOptimizer(Optimizer):
         nonfinite: NonFinitePolicy = "raise",
         state_dtype: torch.dtype | Mapping[str, torch.dtype] = torch.float32,
         compile: bool | Mapping[str, Any] = False,
+        **unsupported: Any,
     ) -> None:
+        if unsupported:
+            name = next(iter(unsupported))
+            why = _UNSUPPORTED_ARGUMENTS.get(name, "{} got an unexpected keyword argument {!r}")
+            raise TypeError(why.format(type(self).__name__, name))
         if not isinstance(rule, UpdateRule):
             raise TypeError(f"rule must be a learned_optim UpdateRule, got {type(rule).__name__}")
         if lr is None:
@@ -281,6 +306,11 @@ class LearnedOptimizer(Optimizer):
                         f"{type(self).__name__} does not support complex parameters; "
                         "optimize torch.view_as_real(param) instead"
                     )
+                if not (p.is_floating_point() and p.grad.is_floating_point()):
+                    raise RuntimeError(
+                        f"{type(self).__name__} steps floating-point parameters only; a parameter of dtype {p.dtype} "
+                        f"has a gradient of dtype {p.grad.dtype}"
+                    )
                 found.append((group, p))
         return found
 
@@ -321,17 +351,31 @@ class LearnedOptimizer(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
-        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss.
+
+        The step runs with autocast off on the parameters' devices: a training step written wholly inside
+        ``torch.autocast`` would otherwise run the net's matrix products in low precision against its float32
+        state."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         items = self._params_with_grad()
+        with contextlib.ExitStack() as autocast_off:
+            for kind in {p.device.type for _, p in items}:
+                if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+                    autocast_off.enter_context(torch.autocast(kind, enabled=False))
+            self._update(items)
+        return loss
+
+    def _update(self, items: list[tuple[dict[str, Any], Tensor]]) -> None:
+        """The step of the parameters with gradients (``items``: each with its group), or nothing where a gradient
+        is not finite (:attr:`nonfinite`)."""
         bad = self._find_nonfinite(items)
         if bad is not None:
             if self.nonfinite == "skip":
                 self.skipped_steps += 1
-                return loss
+                return
             raise NonFiniteGradientError(
                 f"non-finite gradient (NaN or inf) in parameter {self._param_name(*bad)}; nothing was "
                 "updated. Pass nonfinite='skip' to skip such steps, or use torch.amp.GradScaler."
@@ -357,7 +401,6 @@ class LearnedOptimizer(Optimizer):
                 packing.packed_step(
                     pack, [self.state[p] for p in pack], self.rule, self._net(), lr, weight_decay, maximize
                 )
-        return loss
 
     def _step_in_place(
         self, params: list[Tensor], lr: float | Tensor, weight_decay: float, maximize: bool
@@ -527,8 +570,12 @@ class LearnedOptimizer(Optimizer):
         ``torch.optim.Optimizer`` casts floating state to the param dtype, which would round RNN
         state to bf16/fp16 for low-precision params; here each state tensor is instead taken from
         ``state_dict`` and moved to the param's device in :attr:`state_dtype`, so a resume is
-        bit-identical.
+        bit-identical. Load-state-dict hooks run as with ``torch.optim``: the pre-hooks (which may return a new
+        dict) before anything is checked or loaded, the post-hooks on the loaded state.
         """
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            state_dict = pre_hook(self, state_dict) or state_dict
         saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
         params = list(chain.from_iterable(g["params"] for g in self.param_groups))
         if len(saved_ids) != len(params):
@@ -553,7 +600,14 @@ class LearnedOptimizer(Optimizer):
                     raise ValueError(
                         f"state {k!r} of parameter {pid} has shape {tuple(saved[k].shape)}, expected {want}"
                     )
-        super().load_state_dict(state_dict)
+        pre_hooks, post_hooks = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()  # torch's load must not run them again
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()  # they see the state as loaded below
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre_hooks
+            self._optimizer_load_state_dict_post_hooks = post_hooks
         for pid, p in zip(saved_ids, params, strict=True):
             saved = state_dict["state"].get(pid)
             if not saved:
@@ -562,6 +616,8 @@ class LearnedOptimizer(Optimizer):
             state["step"] = saved["step"].detach().clone().to(torch.float32)
             for k in set(saved) - {"step"}:
                 state[k] = saved[k].detach().to(device=p.device, dtype=self._state_dtype(k), copy=True)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     # ------------------------------------------------------------------ checkpoints
     def save_pretrained(self, save_directory: str, **card: Any) -> None:

@@ -440,6 +440,59 @@ def test_load_state_dict_with_wrong_state_shape_raises(family, make_rule):
     assert not opt.state
 
 
+def test_load_state_dict_hooks_act_as_with_torch_optim(family, make_rule):
+    """A load-state-dict pre-hook edits (or replaces) the dict before it is checked and loaded, e.g. to drop the state
+    of a parameter the model no longer has; a post-hook sees the loaded state and its edits stay."""
+    model = make_model()
+    source = LearnedOptimizer(model.parameters(), make_rule(family))
+    backward(model, source, 0)
+    source.step()
+    saved = source.state_dict()
+    first_state = sorted(set(saved["state"][0]) - {"step"})[0]
+
+    def zero_the_state(opt, state_dict):
+        state_dict = copy.deepcopy(state_dict)
+        for state in state_dict["state"].values():
+            state[first_state].zero_()
+        return state_dict
+
+    opt = LearnedOptimizer(make_model().parameters(), make_rule(family))
+    opt.register_load_state_dict_pre_hook(zero_the_state)
+    seen = []
+    opt.register_load_state_dict_post_hook(lambda o: seen.append({p: dict(o.state[p]) for p in o.state}))
+    opt.load_state_dict(saved)
+    assert any(bool(s[first_state].abs().max() > 0) for s in source.state.values())
+    assert seen and all(not bool(s[first_state].abs().max() > 0) for s in opt.state.values())
+    assert all(seen[0][p][k] is opt.state[p][k] for p in opt.state for k in opt.state[p])
+
+    def one_step_of_every_state(opt):
+        for state in opt.state.values():
+            state["step"].fill_(1.0)
+
+    opt = LearnedOptimizer(make_model().parameters(), make_rule(family))
+    opt.register_load_state_dict_post_hook(one_step_of_every_state)
+    source.step()
+    opt.load_state_dict(source.state_dict())
+    assert all(float(s["step"]) == 1.0 for s in opt.state.values())
+
+    bigger = nn.Sequential(*make_model(), nn.Linear(3, 2))  # the checkpoint of a model with one more layer
+    bigger_opt = LearnedOptimizer(bigger.parameters(), make_rule(family))
+    nn.functional.mse_loss(bigger(batch(0)[0]), torch.zeros(16, 2)).backward()
+    bigger_opt.step()
+
+    def drop_the_last_layer(opt, state_dict):
+        group = state_dict["param_groups"][0]
+        dropped = group["params"][-2:]
+        state_dict["param_groups"] = [{**group, "params": group["params"][:-2]}]
+        state_dict["state"] = {k: v for k, v in state_dict["state"].items() if k not in dropped}
+
+    opt = LearnedOptimizer(make_model().parameters(), make_rule(family))
+    opt.register_load_state_dict_pre_hook(drop_the_last_layer)  # edits the (shallow) copy in place, returns None
+    opt.load_state_dict(bigger_opt.state_dict())
+    for p, q in zip(opt.param_groups[0]["params"], bigger_opt.param_groups[0]["params"][:-2], strict=True):
+        assert all(torch.equal(opt.state[p][k], bigger_opt.state[q][k]) for k in bigger_opt.state[q])
+
+
 # ------------------------------------------------------------------------------------------ copies and hooks
 
 
@@ -574,6 +627,16 @@ def test_sparse_gradients_raise(family, make_rule):
     assert torch.equal(before, emb.weight) and not opt.state
 
 
+def test_integer_params_raise(family, make_rule):
+    """A gradient on a parameter that is not floating point is rejected with a clear error before anything changes."""
+    weight, count = nn.Parameter(torch.randn(3)), nn.Parameter(torch.arange(4), requires_grad=False)
+    opt = LearnedOptimizer([weight, count], make_rule(family))
+    weight.grad, count.grad = torch.ones(3), torch.ones(4, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="floating-point parameters only.*torch.int64"):
+        opt.step()
+    assert not opt.state and torch.equal(count, torch.arange(4))
+
+
 def test_complex_params_raise(family, make_rule):
     """Complex parameters are rejected (the nets are real-valued coordinatewise rules)."""
     p = nn.Parameter(torch.randn(4, dtype=torch.complex64))
@@ -599,6 +662,17 @@ def test_invalid_arguments_raise(family, make_rule):
             LearnedOptimizer(params, rule, **kwargs)
     with pytest.raises(TypeError, match="UpdateRule"):
         LearnedOptimizer(params, nn.Linear(2, 1))
+    for name, value, why in (
+        ("betas", (0.9, 0.99), "fixes its own moment decays"),
+        ("eps", 1e-6, "fixes its own"),
+        ("amsgrad", True, "fixes its own"),
+        ("fused", True, "no fused, capturable or differentiable variant"),
+        ("capturable", False, "no fused"),
+        ("differentiable", False, "functional_update"),
+        ("momentum", 0.9, "unexpected keyword argument 'momentum'"),
+    ):
+        with pytest.raises(TypeError, match=why):
+            LearnedOptimizer(params, rule, **{name: value})
 
 
 @pytest.mark.parametrize("named", [False, True], ids=["unnamed", "named"])
@@ -683,6 +757,34 @@ def test_grad_scaler(family, make_rule, autocast):
     scaler.update()
     assert scaler.get_scale() < scale
     assert_identical(before, snapshot(model, opt))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_a_step_inside_autocast_is_the_step_outside_it(family, make_rule, dtype):
+    """A training step written wholly inside ``torch.autocast`` (the step too) steps exactly as one outside it: the
+    step runs with autocast off, on every path (a pack of small tensors, a tensor alone, one above the blocked path's
+    block, where the whole-tensor rule runs block by block)."""
+
+    def params(seed):
+        model = make_model(seed)
+        gen = torch.Generator().manual_seed(seed)
+        lone = nn.Parameter(torch.randn(7, generator=gen))
+        large = nn.Parameter(torch.randn(300, 300, generator=gen) / 300)  # above AdafacMLP.coordinate_block
+        return [list(model.parameters()), [lone], [large]]
+
+    for under, plain in zip(params(0), params(0), strict=True):
+        opts = [LearnedOptimizer(ps, make_rule(family), lr=0.01, weight_decay=0.1) for ps in (under, plain)]
+        for seed in range(2):
+            gen = torch.Generator().manual_seed(seed)
+            grads = [torch.randn(p.shape, generator=gen) * 1e-2 for p in under]
+            for p, q, g in zip(under, plain, grads, strict=True):
+                p.grad, q.grad = g.clone(), g.clone()
+            with torch.autocast("cpu", dtype=dtype):
+                opts[0].step()
+            opts[1].step()
+        for p, q in zip(under, plain, strict=True):
+            assert torch.equal(p, q)
+            assert all(torch.equal(opts[0].state[p][k], opts[1].state[q][k]) for k in opts[1].state[q])
 
 
 # ------------------------------------------------------------------------------------------ differentiability
