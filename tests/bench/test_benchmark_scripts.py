@@ -269,3 +269,29 @@ def test_paired_suite_compares_two_contenders_run_by_run(tmp_path, capsys):
         paired.main([str(tmp_path / "results.json"), "--a", "C", "--b", "B"])
     with pytest.raises(SystemExit):
         paired.main([str(tmp_path / "results.json"), "--a", "A", "--a", "A", "--b", "B"])
+
+
+def test_loss_scale_scales_the_training_loss_only(tmp_path, capsys):
+    """benchmarks/loss_scale.py: the wrapped workload's training loss is the task's times the scale and its
+    measurements are the task's; AdamW's step does not depend on the scale (so its final loss at scale 10 is its
+    loss at scale 1, to rounding), a learned optimizer runs at AdamW's tuned setting read from a results.json."""
+    script = _script("loss_scale")
+    workload = script.get_task("diabetes-mlp").bind(steps=3)
+    scaled = script.ScaledLoss(workload, 10.0)
+    model = workload.build_model(0)
+    batch = workload.batch(torch.Generator().manual_seed(0))
+    assert torch.allclose(scaled.loss(model, batch), 10.0 * workload.loss(model, batch))
+    assert scaled.measure(model, "val") == workload.measure(model, "val") and scaled.steps == 3
+    chosen = {"optimizer": "adamw", "lr": 0.01, "weight_decay": 0.1, "schedule": "cosine"}
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"tuning": [{"task": "diabetes-mlp", "contender": "adamw", "chosen": chosen}]}))
+    flagship = Path(__file__).resolve().parents[2] / "pretrained" / "adafac-mlp-adam-magnitude-tbv-nomup-soup-all8"
+    out = tmp_path / "finals.json"
+    args = ["--optimizer", str(flagship), "--results", str(results), "--scales", "10", "--seeds", "1", "--steps", "3"]
+    script.main([*args, "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "diabetes-mlp: lr 0.01, wd 0.1, cosine" in printed and "| diabetes-mlp | 10 |" in printed
+    finals = json.loads(out.read_text())["final_val_loss"]["diabetes-mlp"]
+    assert set(finals) == {"adamw", flagship.name}
+    adamw = finals["adamw"]
+    assert adamw["10.0"][0] == pytest.approx(adamw["1.0"][0], rel=1e-4)
