@@ -7,7 +7,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from itertools import chain
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -44,6 +44,14 @@ _UNSUPPORTED_ARGUMENTS = {
         "differentiable step)",
     ),
 }
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _eager_under_compile(fn: _F) -> _F:
+    """``fn``, which Dynamo skips: inside a ``torch.compile``d region it runs eagerly (``torch.compiler.disable``)."""
+    return cast(_F, torch.compiler.disable(fn))
+
 
 #: Coordinates per net call on the ATen path. Bounds the transient memory of a step independently of model
 #: size (DM-LSTM: roughly 1.5 KB of temporaries per coordinate, so ~12 MB per chunk). 8192 rows keep a
@@ -349,13 +357,16 @@ class LearnedOptimizer(Optimizer):
             return None
         return items[int((~finite).nonzero()[0])]
 
+    @_eager_under_compile
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss.
 
         The step runs with autocast off on the parameters' devices: a training step written wholly inside
         ``torch.autocast`` would otherwise run the net's matrix products in low precision against its float32
-        state."""
+        state. Under ``torch.compile`` (a compiled training step, or the step itself) Dynamo skips it and it runs
+        eagerly, with the eager step's bits: its native calls and data-dependent checks would only break the graph.
+        ``compile=True`` compiles the net inside the step."""
         loss = None
         if closure is not None:
             with torch.enable_grad():

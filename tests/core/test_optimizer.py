@@ -496,6 +496,29 @@ def test_load_state_dict_hooks_act_as_with_torch_optim(family, make_rule):
 # ------------------------------------------------------------------------------------------ copies and hooks
 
 
+def test_a_step_under_torch_compile_is_the_eager_step(family, make_rule):
+    """``torch.compile`` of a function that calls ``opt.step()`` (a compiled training step, or the step itself)
+    leaves the step to eager mode, with the eager step's bits: Dynamo does not trace into it (its native calls and
+    data-dependent checks would only break the graph), and nothing of it is compiled."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    rule = make_rule(family)
+    model, reference = make_model(), make_model()
+    opt = LearnedOptimizer(model.parameters(), rule, lr=0.01, weight_decay=0.1)
+    reference_opt = LearnedOptimizer(reference.parameters(), copy.deepcopy(rule), lr=0.01, weight_decay=0.1)
+    compiled_step = torch.compile(opt.step)
+    for seed in range(2):
+        backward(model, opt, seed)
+        compiled_step()
+        backward(reference, reference_opt, seed)
+        reference_opt.step()
+    assert_identical(snapshot(model, opt), snapshot(reference, reference_opt))
+    assert not counters["stats"]["unique_graphs"]
+    assert all("torch.compiler.disable()" in reason for reason in counters["graph_break"])  # the one break: the step
+
+
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 def test_copies_keep_the_net_and_step_identically(family, make_rule, how):
     """deepcopy/pickle of (model, optimizer) keep the net's weights, config and options."""
