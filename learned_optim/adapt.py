@@ -302,6 +302,13 @@ def adapt(
     rule = opt.rule if next(opt.rule.parameters()).device == device else copy.deepcopy(opt.rule).to(device)
     dtype = rule.compute_dtype
     hyper = {n: (float(groups[id(p)]["lr"]), float(groups[id(p)]["weight_decay"])) for n, p in named}
+    if all(lr == 0.0 for lr, _ in hyper.values()):
+        raise AdaptationError(
+            "adapt: the optimizer's lr is 0 for every parameter (e.g. the first step of a warm-up from 0), so every "
+            "unrolled step is a no-op and there is nothing to adapt; adapt where the lr is the one it trains with"
+        )
+    # the lr the user set (an LR scheduler's `initial_lr`), what a saved adapted checkpoint recommends
+    base_lr = {float(groups[id(p)].get("initial_lr", groups[id(p)]["lr"])) for _, p in named}
     source = _Batches(batches, steps * (unroll + 1))
 
     def initial_point() -> _Point:
@@ -400,6 +407,11 @@ def adapt(
         progress=progress,
         skipped=skipped,
     )
+    if len(skipped) == steps:
+        raise AdaptationError(
+            f"every one of the {steps} adaptation steps was skipped (non-finite meta-loss or meta-gradient: "
+            f"{meta_losses[0]}); the optimizer's net is unchanged. Try a smaller lr or unroll."
+        )
     if rule is not opt.rule:
         with torch.no_grad():
             for (_, p), (_, q) in zip(opt.rule.named_parameters(), rule.named_parameters(), strict=True):
@@ -413,6 +425,7 @@ def adapt(
         "example_batch": _describe(source.example),
         "batches_seen": source.seen,
         "optimizer_lr": _single({v[0] for v in hyper.values()}),
+        "optimizer_base_lr": _single(base_lr),
         "optimizer_weight_decay": _single({v[1] for v in hyper.values()}),
         "steps": steps,
         "unroll": unroll,
@@ -422,8 +435,8 @@ def adapt(
         "second_order": second_order,
         "grad_clip": grad_clip,
         "skipped_steps": skipped,
-        "meta_loss_first": meta_losses[0],
-        "meta_loss_last": meta_losses[-1],
+        "meta_loss_first": meta_losses[0] if math.isfinite(meta_losses[0]) else None,  # JSON has no NaN
+        "meta_loss_last": meta_losses[-1] if math.isfinite(meta_losses[-1]) else None,
         "description": description,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,

@@ -172,16 +172,20 @@ def save_pretrained(
     A net loaded by :func:`from_pretrained` remembers its checkpoint, and :func:`learned_optim.adapt`
     records every adaptation on the net. Saving such a net fills what is not passed: ``training.parent``
     (the checkpoint it was loaded from: source, revision, name, family, net, training), ``training.adaptation``
-    (one record per adaptation: model, loss, batches, steps, meta-losses, the optimizer lr it was adapted at),
-    ``name`` (the parent's, with ``-adapted`` once adapted), ``description`` and ``optimizer_defaults`` (the
-    parent's, with ``lr`` set to the one of the last adaptation). The generated card then has an
+    (one record per adaptation: model, loss, batches, steps, meta-losses, the optimizer lr it ran at and the one
+    set),
+    ``name`` (the parent's, with ``-adapted`` once adapted), ``description``, ``schedule`` and ``optimizer_defaults``
+    (the parent's, with ``lr`` set to the one the last adaptation's optimizer was given: an LR scheduler's
+    ``initial_lr``, not its lr of the moment), and the parent's ``research`` note. The generated card then has an
     "## Adaptation" section.
     """
     if schedule is not None and schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES} or None, got {schedule!r}")
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
-    name, description, training, optimizer_defaults = _inherited(rule, name, description, training, optimizer_defaults)
+    name, description, training, optimizer_defaults, schedule, research = _inherited(
+        rule, name, description, training, optimizer_defaults, schedule
+    )
     config: dict[str, Any] = {
         "library": LIBRARY_NAME,
         "format_version": FORMAT_VERSION,
@@ -194,6 +198,8 @@ def save_pretrained(
     }
     if schedule is not None:
         config["schedule"] = schedule
+    if research:
+        config["research"] = research
     weights = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in rule.state_dict().items()}
     # one metadata entry: safetensors keeps the metadata in a hash map whose order varies from save to save, and
     # the file's bytes (which identify a checkpoint's runs in the benchmark store) must depend on the weights only
@@ -209,15 +215,19 @@ def _inherited(
     description: str | None,
     training: Mapping[str, Any] | None,
     optimizer_defaults: Mapping[str, Any] | None,
+    schedule: str | None,
 ) -> tuple[Any, ...]:
-    """``save_pretrained``'s arguments completed from the net's parent checkpoint and adaptations."""
+    """``save_pretrained``'s arguments completed from the net's parent checkpoint and adaptations, and the parent's
+    research note (a net derived from a research reproduction is one too)."""
     origin: Mapping[str, Any] = rule.provenance.origin or {}
     adaptations = list(rule.provenance.adaptations)
     training = dict(training or {})
     if adaptations:
         training.setdefault("adaptation", adaptations)
     if not origin:
-        return name, description, training, optimizer_defaults
+        return name, description, training, optimizer_defaults, schedule, None
+    if schedule is None:
+        schedule = origin.get("schedule")
     parent = origin["parent"]
     training.setdefault("parent", parent)
     if name is None and parent.get("name"):
@@ -233,10 +243,11 @@ def _inherited(
         description = origin.get("description")
     if optimizer_defaults is None:
         optimizer_defaults = dict(origin.get("optimizer") or {})
-        lr = adaptations[-1].get("optimizer_lr") if adaptations else None
+        last = adaptations[-1] if adaptations else {}
+        lr = last.get("optimizer_base_lr", last.get("optimizer_lr"))  # the user's lr, not the schedule's at adapt time
         if isinstance(lr, (int, float)):
             optimizer_defaults["lr"] = lr
-    return name, description, training, optimizer_defaults
+    return name, description, training, optimizer_defaults, schedule, origin.get("research")
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -532,6 +543,8 @@ def from_pretrained(
         "parent": parent_record(config, source=str(name_or_path), revision=revision),
         "description": config.get("description"),
         "optimizer": config.get("optimizer", {}),
+        "schedule": config.get("schedule"),
+        "research": config.get("research"),
     }
     note, name = config.get("research"), str(config.get("name") or name_or_path)
     if note and name not in _research_warned:

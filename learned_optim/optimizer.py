@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import chain
 from typing import Any, Literal, TypeVar, cast
 
@@ -44,6 +44,9 @@ _UNSUPPORTED_ARGUMENTS = {
         "differentiable step)",
     ),
 }
+
+#: The key of the net's family and weights in :meth:`LearnedOptimizer.state_dict`.
+NET_STATE_KEY = "learned_net"
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -611,14 +614,14 @@ class LearnedOptimizer(Optimizer):
                     raise ValueError(
                         f"state {k!r} of parameter {pid} has shape {tuple(saved[k].shape)}, expected {want}"
                     )
-        pre_hooks, post_hooks = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()  # torch's load must not run them again
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()  # they see the state as loaded below
-        try:
+        net = self._checked_net_weights(state_dict.get(NET_STATE_KEY))
+        # torch's load must not run the pre-hooks again; the post-hooks see the state as loaded below
+        with self._torch_hooks_held("_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
             super().load_state_dict(state_dict)
-        finally:
-            self._optimizer_load_state_dict_pre_hooks = pre_hooks
-            self._optimizer_load_state_dict_post_hooks = post_hooks
+        if net is not None:
+            with torch.no_grad():
+                for name, value in self.rule.state_dict().items():
+                    value.copy_(net[name])
         for pid, p in zip(saved_ids, params, strict=True):
             saved = state_dict["state"].get(pid)
             if not saved:
@@ -629,6 +632,50 @@ class LearnedOptimizer(Optimizer):
                 state[k] = saved[k].detach().to(device=p.device, dtype=self._state_dtype(k), copy=True)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim``'s state dict (per-parameter state and param groups) and, under :data:`NET_STATE_KEY`, the
+        net's family and weights: the net is part of what the optimizer does, and :func:`learned_optim.adapt` changes
+        it, so a training checkpoint taken after an adaptation resumes with the adapted net. Post-hooks see the whole
+        dict."""
+        with self._torch_hooks_held("_optimizer_state_dict_post_hooks"):
+            state_dict = super().state_dict()
+        weights = {name: value.detach() for name, value in self.rule.state_dict().items()}
+        state_dict[NET_STATE_KEY] = {"family": self.rule.family, "weights": weights}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            state_dict = post_hook(self, state_dict) or state_dict
+        return state_dict
+
+    def _checked_net_weights(self, saved: Any) -> dict[str, Tensor] | None:
+        """The net weights of a state dict's :data:`NET_STATE_KEY` entry, checked against this optimizer's net
+        (``None`` when the state dict has none: one saved before the net was saved with the state, or by DCP)."""
+        if saved is None:
+            return None
+        expected = self.rule.state_dict()
+        weights = saved.get("weights") if isinstance(saved, Mapping) else None
+        family = saved.get("family") if isinstance(saved, Mapping) else None
+        if family != self.rule.family or not isinstance(weights, Mapping) or set(weights) != set(expected):
+            raise ValueError(
+                f"state_dict's net ({family!r} net with weights {sorted(weights or {})}) is not this optimizer's "
+                f"{self.rule.family} net (weights {sorted(expected)}): state from another optimizer?"
+            )
+        for name, value in expected.items():
+            if not isinstance(weights[name], Tensor) or weights[name].shape != value.shape:
+                raise ValueError(f"state_dict's net weight {name!r} is not a tensor of shape {tuple(value.shape)}")
+        return {name: weights[name].to(device=value.device, dtype=value.dtype) for name, value in expected.items()}
+
+    @contextlib.contextmanager
+    def _torch_hooks_held(self, *names: str) -> Iterator[None]:
+        """``torch.optim.Optimizer``'s hook tables ``names`` emptied inside the block, where this class calls its
+        base's method and runs those hooks itself, at the right moment."""
+        held = {name: getattr(self, name) for name in names}
+        for name in names:
+            setattr(self, name, OrderedDict())
+        try:
+            yield
+        finally:
+            for name, hooks in held.items():
+                setattr(self, name, hooks)
 
     # ------------------------------------------------------------------ checkpoints
     def save_pretrained(self, save_directory: str, **card: Any) -> None:

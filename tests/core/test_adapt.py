@@ -226,6 +226,52 @@ def test_save_pretrained_after_adapting_a_pretrained_net_records_its_parent(tmp_
     assert second["training"]["parent"]["training"]["parent"]["name"] == "toy-l2o"
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of")  # no optimizer step here
+def test_nothing_to_adapt_is_an_error_not_a_recorded_adaptation(tmp_path):
+    """At lr 0 (the first step of a warm-up from 0) every unrolled step is a no-op, and with every step skipped as
+    non-finite nothing changed: both raise AdaptationError, record nothing and leave the net as it was."""
+    model, opt, batches = _setup()
+    net = _net(opt)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: step / 10)  # lr 0 now
+    with pytest.raises(AdaptationError, match="lr is 0 for every parameter"):
+        opt.adapt(model, F.cross_entropy, batches, steps=2, unroll=3)
+    scheduler.step()
+
+    def always_nan(out, y):
+        return F.cross_entropy(out, y) * float("nan")
+
+    with pytest.raises(AdaptationError, match="every one of the 2 adaptation steps was skipped"):
+        opt.adapt(model, always_nan, batches, steps=2, unroll=3, nonfinite="skip")
+    assert _same(_net(opt), net) and opt.rule.provenance.adaptations == []
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of")  # no optimizer step here
+def test_an_adapted_checkpoint_keeps_the_parents_schedule_and_the_lr_that_was_set(tmp_path):
+    """Saved after adapting mid warm-up, the checkpoint recommends the lr the optimizer was given (the scheduler's
+    ``initial_lr``), not the warm-up's lr of the moment; it keeps the parent's schedule and research note, adapted
+    or not."""
+    model, opt, batches = _setup()
+    learned_optim.save_pretrained(opt.rule, tmp_path / "parent", name="toy", schedule="cosine")
+    config = json.loads((tmp_path / "parent" / "config.json").read_text())
+    config["research"] = "a reproduction of a paper's setting"
+    (tmp_path / "parent" / "config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="research reproduction"):
+        opt = learned_optim.from_pretrained(tmp_path / "parent", model.parameters(), lr=0.4)
+    opt.save_pretrained(str(tmp_path / "resaved"))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: (step + 1) / 100)
+    scheduler.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.008)
+    opt.adapt(model, F.cross_entropy, batches, steps=1, unroll=2)
+    opt.save_pretrained(str(tmp_path / "adapted"))
+    for folder in ("resaved", "adapted"):
+        saved = json.loads((tmp_path / folder / "config.json").read_text())
+        assert saved["schedule"] == "cosine" and saved["research"] == config["research"], folder
+    adapted = json.loads((tmp_path / "adapted" / "config.json").read_text())
+    (record,) = adapted["training"]["adaptation"]
+    assert record["optimizer_lr"] == pytest.approx(0.008) and record["optimizer_base_lr"] == 0.4
+    assert adapted["optimizer"]["lr"] == 0.4
+
+
 def test_parameters_on_several_devices_are_refused_before_anything_changes():
     model, opt, batches = _setup()
     net = _net(opt)

@@ -330,7 +330,7 @@ def test_state_dict_round_trip_resumes_bit_identically(family, make_rule, named)
     saved = torch.load(buffer, weights_only=True)
     if named:
         assert saved["opt"]["param_groups"][0]["param_names"] == [n for n, _ in model.named_parameters()]
-    assert set(saved["opt"]) == {"state", "param_groups"}  # the net's weights are not optimizer state
+    assert set(saved["opt"]) == {"state", "param_groups", learned_optim.optimizer.NET_STATE_KEY}
 
     resumed_model = make_model(seed=5)
     resumed_model.load_state_dict(saved["model"])
@@ -343,6 +343,51 @@ def test_state_dict_round_trip_resumes_bit_identically(family, make_rule, named)
         backward(resumed_model, resumed, seed)
         resumed.step()
     assert_identical(snapshot(model, opt), snapshot(resumed_model, resumed))
+
+
+def test_state_dict_carries_the_net_so_a_changed_net_resumes(family, make_rule):
+    """The state dict carries the net's weights (what ``adapt`` changes): an optimizer whose net changed after it was
+    built (here by hand) resumes in a fresh optimizer of the original net with the changed one, step for step. A
+    state dict without the entry (saved before it existed, or by DCP) keeps the optimizer's net; one with another
+    family's net, or another configuration's, is refused before anything changes."""
+    key = learned_optim.optimizer.NET_STATE_KEY
+    rule = make_rule(family)
+    model, resumed_model = make_model(), make_model()
+    opt = LearnedOptimizer(model.parameters(), copy.deepcopy(rule), lr=0.05)
+    with torch.no_grad():
+        for i, weight in enumerate(opt.rule.parameters()):
+            weight.mul_(1.0 + 0.1 * (i + 1))
+    backward(model, opt, 0)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    resumed = LearnedOptimizer(resumed_model.parameters(), copy.deepcopy(rule), lr=0.05)
+    resumed_model.load_state_dict(model.state_dict())
+    resumed.load_state_dict(saved)
+    for a, b in zip(opt.rule.state_dict().values(), resumed.rule.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    for seed in (1, 2):
+        backward(model, opt, seed)
+        opt.step()
+        backward(resumed_model, resumed, seed)
+        resumed.step()
+    assert_identical(snapshot(model, opt), snapshot(resumed_model, resumed))
+
+    untouched = LearnedOptimizer(make_model().parameters(), copy.deepcopy(rule), lr=0.05)
+    untouched.load_state_dict({k: v for k, v in saved.items() if k != key})
+    for a, b in zip(rule.state_dict().values(), untouched.rule.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    other_family = next(f for f in FAMILY_NAMES if f != family)
+    for foreign in (
+        {"family": other_family, "weights": saved[key]["weights"]},
+        {"family": family, "weights": {k: v[..., :1] for k, v in saved[key]["weights"].items()}},
+    ):
+        fresh = LearnedOptimizer(make_model().parameters(), copy.deepcopy(rule), lr=0.05)
+        with pytest.raises(ValueError, match="state_dict's net"):
+            fresh.load_state_dict({**saved, key: foreign})
+        assert not fresh.state
+        assert all(
+            torch.equal(a, b) for a, b in zip(rule.state_dict().values(), fresh.rule.state_dict().values(), strict=True)
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
