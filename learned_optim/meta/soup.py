@@ -69,6 +69,12 @@ def weight_soup(
     paths = [Path(s) for s in sources]
     if len(paths) < 2:
         raise ValueError(f"a soup needs two or more checkpoints, got {len(paths)}")
+    resolved = [p.resolve() for p in paths]
+    repeated = sorted({str(p) for p, r in zip(paths, resolved, strict=True) if resolved.count(r) > 1})
+    if repeated:
+        raise ValueError(f"a soup's ingredients must be distinct folders; given more than once: {repeated}")
+    if Path(out).resolve() in resolved:
+        raise ValueError(f"the soup's out folder {out} is one of its ingredients: it would be overwritten")
     loaded = [load_rule_from_dir(p) for p in paths]
     rules, configs = [r for r, _ in loaded], [c for _, c in loaded]
     family = _one([c["family"] for c in configs], "the family", paths)

@@ -37,6 +37,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
@@ -511,11 +512,23 @@ class MetaTrainer:
                 f"{self.out_dir} already holds a run's checkpoints; pass resume=True (--resume) "
                 "to continue it or choose another out_dir (--out)"
             )
+        if not resumed and (self.model_dir / "config.json").exists():
+            raise FileExistsError(
+                f"{self.model_dir} holds a finished run's net and {self.checkpoint_dir} no checkpoint to resume "
+                "from: choose another out_dir (--out), or remove the folder to train it again"
+            )
         if resumed and self.log_path.exists() and self.log_path.stat().st_size > self.resume_log_bytes:
             with open(self.log_path, "ab") as handle:  # drop the records written after the checkpoint
                 handle.truncate(self.resume_log_bytes)
-        elif not resumed and self.log_path.exists():
-            self.log_path.unlink()
+        elif not resumed and self.log_path.exists():  # a run stopped before its first checkpoint: its log is kept
+            kept = self.log_path.with_name(f"{self.log_path.stem}-before-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+            self.log_path.rename(kept)
+            if resume:
+                warnings.warn(
+                    f"no complete checkpoint in {self.checkpoint_dir} to resume from: training from the start (the "
+                    f"earlier log is kept as {kept})",
+                    stacklevel=2,
+                )
         self._log_handle = open(self.log_path, "a")
         threads = torch.get_num_threads()
         if self.config.num_threads is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -150,6 +151,29 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path, st
     assert any(r["event"] == "eval" for r in meta_records(tmp_path / "full"))
     meta = json.loads((cut_folder / "config.json").read_text())["training"]["meta_training"]
     assert meta["resumed_with"] == ["resumed"]
+
+
+def test_a_run_without_checkpoints_is_never_overwritten_silently(tmp_path):
+    """A finished run whose checkpoints are gone is refused, with or without resume (training again would overwrite
+    its net); the log of a run stopped before its first checkpoint is kept when training starts again, and a resume
+    that finds no checkpoint says so."""
+    finished = tmp_path / "finished"
+    folder = MetaTrainer(tiny_config(meta_epochs=1), out_dir=finished, progress=False).train()
+    shutil.rmtree(finished / "checkpoint")
+    weights, log = (folder / "model.safetensors").read_bytes(), (finished / "log.jsonl").read_text()
+    for resume in (False, True):
+        with pytest.raises(FileExistsError, match="finished run's net"):
+            MetaTrainer(tiny_config(meta_epochs=1), out_dir=finished, progress=False).train(resume=resume)
+    assert (folder / "model.safetensors").read_bytes() == weights and (finished / "log.jsonl").read_text() == log
+
+    stopped = tmp_path / "stopped"
+    MetaTrainer(tiny_config(), out_dir=stopped, progress=False).train(stop_after=2)  # before the first checkpoint
+    assert not list((stopped / "checkpoint").glob("state-*.json"))
+    first_log = (stopped / "log.jsonl").read_text()
+    with pytest.warns(UserWarning, match="no complete checkpoint.*earlier log is kept"):
+        MetaTrainer(tiny_config(), out_dir=stopped, progress=False).train(resume=True)
+    (kept,) = stopped.glob("log-before-*.jsonl")
+    assert kept.read_text() == first_log and (stopped / "model" / "config.json").exists()
 
 
 def test_resume_refuses_a_changed_config(tmp_path):

@@ -94,3 +94,16 @@ def test_the_soup_command_writes_a_folder_and_fails_in_one_line(tmp_path, capsys
     assert meta_main(["soup", str(tmp_path / "a"), str(tmp_path / "nope"), "--out", str(tmp_path / "t")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and err[0].startswith("error: a soup needs two or more") and "Traceback" not in "".join(err)
+
+
+def test_a_soup_over_one_of_its_ingredients_or_of_one_folder_twice_is_refused(tmp_path):
+    """Writing the soup into one of its ingredients would overwrite it, and a folder given twice would weigh double:
+    both are refused before anything is written."""
+    fine_tune(tmp_path / "a", seed=0)
+    fine_tune(tmp_path / "b", seed=1)
+    weights = (tmp_path / "a" / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="is one of its ingredients"):
+        weight_soup([tmp_path / "a", tmp_path / "b"], tmp_path / "b" / ".." / "a")
+    with pytest.raises(ValueError, match="given more than once"):
+        weight_soup([tmp_path / "a", tmp_path / "b", tmp_path / "a"], tmp_path / "soup")
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == weights and not (tmp_path / "soup").exists()
