@@ -251,6 +251,16 @@ def _inherited(
 
 
 # ---------------------------------------------------------------------------------------------- loading
+#: The optimizer defaults a checkpoint's config.json may record (``"optimizer"``), and their JSON types.
+OPTIMIZER_DEFAULTS: dict[str, tuple[type, ...]] = {
+    "lr": (int, float),
+    "weight_decay": (int, float),
+    "maximize": (bool,),
+    "chunk_size": (int, str, type(None)),
+    "nonfinite": (str,),
+}
+
+
 def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     """Read and validate ``config.json`` of a checkpoint folder."""
     path = Path(directory) / CONFIG_NAME
@@ -276,10 +286,22 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
             f"learned_optim (supports 1..{FORMAT_VERSION}); upgrade learned_optim"
         )
     family = config.get("family")
-    if family not in FAMILIES:
+    if not isinstance(family, str) or family not in FAMILIES:
         raise CheckpointError(f"{path}: unknown net family {family!r}; known families: {sorted(FAMILIES)}")
     if not isinstance(config.get("net", {}), dict):
         raise CheckpointError(f"{path}: 'net' must be a JSON object of hyperparameters")
+    defaults = config.get("optimizer", {})
+    if not isinstance(defaults, dict):
+        raise CheckpointError(f"{path}: 'optimizer' must be a JSON object of optimizer defaults, got {defaults!r}")
+    unknown = sorted(set(defaults) - set(OPTIMIZER_DEFAULTS))
+    if unknown:
+        raise CheckpointError(
+            f"{path}: unknown optimizer defaults {unknown}; a checkpoint may set {sorted(OPTIMIZER_DEFAULTS)}"
+        )
+    for key, value in defaults.items():
+        kinds = OPTIMIZER_DEFAULTS[key]
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):  # JSON true is no number
+            raise CheckpointError(f"{path}: optimizer default {key!r} has the wrong type: {value!r}")
     return config
 
 
@@ -309,7 +331,7 @@ def load_rule_from_dir(directory: str | os.PathLike) -> tuple[UpdateRule, dict[s
     config = read_config(directory)
     try:
         rule = build_rule(config["family"], config.get("net", {}))
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, RuntimeError) as err:  # RuntimeError: torch refusing a size (e.g. negative)
         raise CheckpointError(f"{directory / CONFIG_NAME}: invalid net configuration: {err}") from None
     weights_path = directory / WEIGHTS_NAME
     if not weights_path.is_file():

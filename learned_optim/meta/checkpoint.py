@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -162,15 +163,25 @@ def _config_differences(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str 
 def read_checkpoint(json_path: Path, config: Mapping[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """``(tensors, meta)`` of the checkpoint ``json_path``, after checking its format and that its config
     equals ``config`` (the run's, as a dict) up to ``device``; a clear ``ValueError`` otherwise."""
-    meta = json.loads(json_path.read_text())
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{json_path}: unsupported trainer checkpoint format {meta.get('format')!r}")
+    try:
+        meta = json.loads(json_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{json_path}: the trainer checkpoint is not valid JSON (truncated?): {err}") from None
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{json_path}: unsupported trainer checkpoint format {found!r}")
     saved, current = dict(meta["config"]), dict(config)
     saved.pop("device", None), current.pop("device", None)
     diffs = _config_differences(current, saved)
     if diffs:
         raise ValueError(f"cannot resume {json_path}: the config differs from the checkpoint's: {diffs}")
-    return load_file(str(json_path.with_suffix(".safetensors"))), meta
+    tensors_path = json_path.with_suffix(".safetensors")
+    try:
+        return load_file(str(tensors_path)), meta
+    except (SafetensorError, OSError) as err:
+        raise ValueError(
+            f"{tensors_path}: the trainer checkpoint's tensors are not readable (truncated?): {err}"
+        ) from None
 
 
 def trainer_state_to_tensors(trainer: MetaTrainer) -> tuple[dict[str, Tensor], dict[str, Any]]:

@@ -161,6 +161,23 @@ BAD_CHECKPOINTS: dict[str, tuple[Callable[[Path], None], str]] = {
         "format_version must be an integer",
     ),
     "unknown-family": (lambda d: _rewrite_config(d, lambda c: c.update(family="velo")), "unknown net family 'velo'"),
+    "family-not-a-string": (lambda d: _rewrite_config(d, lambda c: c.update(family=["mlp"])), "unknown net family"),
+    "negative-size": (
+        lambda d: _rewrite_config(d, lambda c: c["net"].update(hidden_size=-3)),
+        "invalid net configuration",
+    ),
+    "optimizer-defaults-null": (
+        lambda d: _rewrite_config(d, lambda c: c.update(optimizer=None)),
+        "'optimizer' must be a JSON object",
+    ),
+    "optimizer-default-unknown": (
+        lambda d: _rewrite_config(d, lambda c: c.update(optimizer={"lr": 0.1, "betas": [0.9, 0.99]})),
+        r"unknown optimizer defaults \['betas'\]",
+    ),
+    "optimizer-default-mistyped": (
+        lambda d: _rewrite_config(d, lambda c: c.update(optimizer={"lr": "1e-3"})),
+        "optimizer default 'lr' has the wrong type",
+    ),
     "unknown-net-field": (
         lambda d: _rewrite_config(d, lambda c: c["net"].update(dropout=0.1)),
         r"invalid net configuration.*dropout",

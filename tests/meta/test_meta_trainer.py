@@ -176,6 +176,19 @@ def test_a_run_without_checkpoints_is_never_overwritten_silently(tmp_path):
     assert kept.read_text() == first_log and (stopped / "model" / "config.json").exists()
 
 
+def test_a_corrupt_trainer_checkpoint_is_a_clear_error(tmp_path):
+    """A truncated checkpoint (its tensors or its JSON) stops a resume with a ValueError naming the file."""
+    MetaTrainer(tiny_config(), out_dir=tmp_path, progress=False).train(stop_after=3)
+    (state,) = (tmp_path / "checkpoint").glob("state-*.json")
+    tensors = state.with_suffix(".safetensors")
+    tensors.write_bytes(tensors.read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"{tensors.name}: the trainer checkpoint's tensors are not readable"):
+        MetaTrainer(tiny_config(), out_dir=tmp_path, progress=False).train(resume=True)
+    state.write_text(state.read_text()[:50])
+    with pytest.raises(ValueError, match=f"{state.name}: the trainer checkpoint is not valid JSON"):
+        MetaTrainer(tiny_config(), out_dir=tmp_path, progress=False).train(resume=True)
+
+
 def test_resume_refuses_a_changed_config(tmp_path):
     MetaTrainer(tiny_config(), out_dir=tmp_path, progress=False).train(stop_after=3)
     with pytest.raises(ValueError, match="segment_length"):
