@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import types
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -105,6 +106,11 @@ class _Section:
             section = _section_type(hints[key])
             if section is not None and (value is None or isinstance(value, Mapping)):
                 kwargs[key] = section.from_dict(value, where=name)
+            elif section is not None:
+                raise ValueError(
+                    f"config.{name} is a section of fields {sorted(f.name for f in dataclasses.fields(section))}: "
+                    f"give it a mapping (or set one field, e.g. --set {name}.<field>=...), got {value!r}"
+                )
             else:
                 kwargs[key] = check_value(f"config.{name}", hints[key], value)
         obj = cls(**kwargs)
@@ -482,12 +488,34 @@ def _read_mapping(path: Path) -> dict[str, Any]:
                 "YAML configs need PyYAML: the 'meta' extra (pip install -e '.[meta]' in a checkout) "
                 "(or use a JSON config)"
             ) from None
-        data = yaml.safe_load(text)
+        try:
+            data = _yaml_load(text)
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path} is not valid YAML: {err}") from None
     else:
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config file must hold a mapping at the top level")
     return data
+
+
+#: A float as YAML 1.2 writes it: YAML 1.1 (PyYAML) reads ``1e-4`` (no dot) as a string.
+_FLOAT = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$")
+
+
+def _yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` with YAML 1.2's floats, so that ``lr: 1e-4`` is a number as in JSON."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+    return yaml.load(text, Loader=Loader)  # noqa: S506  # a SafeLoader
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -497,13 +525,16 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, raw = item.split("=", 1)
     try:
         import yaml
-
-        value = yaml.safe_load(raw)
     except ImportError:
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
+    else:
+        try:
+            value = _yaml_load(raw)
+        except yaml.YAMLError as err:
+            raise ValueError(f"override {item!r}: the value is not valid YAML: {err}") from None
     return key.strip().split("."), value
 
 

@@ -271,6 +271,20 @@ def test_config_files_and_overrides(tmp_path):
         load_config(path, ["objective.kind=median"])
     with pytest.raises(ValueError, match="meta_epochs must be int"):
         load_config(path, ["meta_epochs=many"])
+    # YAML 1.2's floats (PyYAML's 1.1 reads 1e-4 as a string), in overrides and in files
+    assert load_config(path, ["meta_optimizer.lr=1e-4"]).meta_optimizer.lr == 1e-4
+    yaml_path.write_text("name: y\nnet: {family: rnnprop}\nmeta_optimizer: {lr: 3e-4}\n")
+    assert load_config(yaml_path).meta_optimizer.lr == 3e-4
+    assert load_config(path, ["name=1e3x"]).name == "1e3x"
+    # a whole section replaced by a scalar, malformed YAML: clear errors before any run
+    for override in ("unroll=5", "curriculum=true"):
+        with pytest.raises(ValueError, match=f"config.{override.split('=')[0]} is a section of fields"):
+            load_config(path, [override])
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_config(path, ["curriculum.stages=[4, 8"])
+    yaml_path.write_text("name: y\nnet: {family: rnnprop\n")
+    with pytest.raises(ValueError, match="c.yaml is not valid YAML"):
+        load_config(yaml_path)
 
 
 def test_eval_kwargs_build_the_evaluation_family(tmp_path):
