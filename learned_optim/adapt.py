@@ -15,7 +15,8 @@ current state,
     \quad \theta_t = \theta_{t-1}(1 - \eta\lambda) + \eta\,\Delta_t
 
 (exactly the optimizer's step: its ``lr`` :math:`\eta`, decoupled ``weight_decay`` :math:`\lambda` and
-``maximize`` per param group), and descends the meta-objective of the losses
+``maximize`` per param group; with bf16 parameters the unroll rounds each update to bf16 where the optimizer adds
+it in float32, so their trajectories part by a bf16 rounding per step), and descends the meta-objective of the losses
 :math:`\ell(\theta_1; B_2), \dots, \ell(\theta_T; B_{T+1})` (``objective="sum"``, the meta-training
 default, or ``"log"``, :math:`\frac1T\sum_t \log(\ell_t/\ell_0)`, insensitive to the loss's scale).
 With ``chain=True`` (default) each unroll continues where the previous one ended, so 5 unrolls of 20
@@ -380,7 +381,10 @@ def adapt(
         terms.append(loss_at(params, buffers))
         losses = torch.stack(terms)
         first = current["first_loss"]
-        meta = meta_objective(objective, losses, initial_loss=first, last_step=max(counts.values()))
+        if math.isfinite(first):
+            meta = meta_objective(objective, losses, initial_loss=first, last_step=max(counts.values()))
+        else:  # no log objective without f_0: a non-finite meta-loss, raised or skipped as `nonfinite` says
+            meta = losses.sum() * math.nan
         end = _Point(
             {n: v.detach() for n, v in params.items()},
             {n: {k: v.detach() for k, v in st.items()} for n, st in state.items()},
@@ -392,7 +396,8 @@ def adapt(
     def segment_loss(weights: Mapping[str, Tensor], k: int) -> Tensor:
         meta, end = run(weights, current["point"] if chain else start)
         finite = all(bool(torch.isfinite(v).all()) for v in end.params.values())
-        current["point"] = end if finite else start  # the last finite end point
+        if finite:  # else the next unroll starts again from the last finite end point
+            current["point"] = end
         return meta
 
     skipped: list[int] = []

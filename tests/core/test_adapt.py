@@ -226,6 +226,35 @@ def test_save_pretrained_after_adapting_a_pretrained_net_records_its_parent(tmp_
     assert second["training"]["parent"]["training"]["parent"]["name"] == "toy-l2o"
 
 
+def test_a_skipped_unroll_is_followed_by_one_from_the_last_finite_end_point():
+    """With ``chain`` and ``nonfinite="skip"``, an unroll that ends at non-finite weights is skipped and the next
+    starts where the last finite one ended (not from the model's weights); a log objective whose first loss is not
+    finite is a non-finite meta-loss like any other (skipped, or an AdaptationError), not a ValueError."""
+    model, opt, batches = _setup()
+    same = [batches[0]] * 4  # every unroll's first loss then depends on its starting weights only
+    first_losses, calls = [], {"n": 0}
+
+    def nan_in_the_second_unroll(out, y):
+        calls["n"] += 1
+        loss = F.cross_entropy(out, y)
+        if calls["n"] % 4 == 1:
+            first_losses.append(float(loss))
+        return loss * float("nan") if calls["n"] == 6 else loss
+
+    result = opt.adapt(model, nan_in_the_second_unroll, same, steps=3, unroll=3, nonfinite="skip")
+    assert result.skipped_steps == 1 and len(first_losses) == 3
+    assert first_losses[2] == first_losses[1] != first_losses[0]  # the third starts where the first ended
+
+    def nan_first(out, y):  # f_0, the log objective's reference, is NaN; every later loss is finite
+        calls["n"] += 1
+        return F.cross_entropy(out, y) * (float("nan") if calls["n"] == 1 else 1.0)
+
+    for nonfinite, error in (("skip", "every one of the 2 adaptation steps was skipped"), ("raise", "step 1 of 2")):
+        calls["n"] = 0
+        with pytest.raises(AdaptationError, match=error):
+            opt.adapt(model, nan_first, batches, steps=2, unroll=3, objective="log", nonfinite=nonfinite)
+
+
 @pytest.mark.filterwarnings("ignore:Detected call of")  # no optimizer step here
 def test_nothing_to_adapt_is_an_error_not_a_recorded_adaptation(tmp_path):
     """At lr 0 (the first step of a warm-up from 0) every unrolled step is a no-op, and with every step skipped as
