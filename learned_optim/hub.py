@@ -273,6 +273,9 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} must hold a JSON object, got {type(config).__name__}")
     if config.get("library") != LIBRARY_NAME:
+        run_net = Path(directory) / "model"
+        if (run_net / CONFIG_NAME).is_file():
+            raise CheckpointError(f"{directory} is a meta-training run's folder; its net is the checkpoint {run_net}")
         raise CheckpointError(
             f"{path} is not a learned_optim checkpoint (library={config.get('library')!r}); "
             "foreign checkpoints (e.g. transformers models) cannot be loaded as optimizers"
@@ -495,12 +498,20 @@ def resolve_checkpoint(
             f"({sorted(zoo) or 'the zoo is empty'}), nor a Hub repo id of the form 'owner/name'"
         )
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+    )
 
+    not_a_folder = "" if path.is_absolute() or name.startswith(".") else f"; there is no local folder {name} either"
     not_cached = (
         f"{name!r} (revision {revision or 'main'}) is not in the local Hub cache and the Hub cannot be reached "
-        "(offline?)"
+        f"(offline?){not_a_folder}"
     )
+    if path.is_absolute() or name.startswith("."):
+        raise CheckpointError(f"{name!r} is not a local checkpoint folder (no such directory)")
     try:
         folder = snapshot_download(
             name,
@@ -521,6 +532,8 @@ def resolve_checkpoint(
         return cached
     except HfHubHTTPError as err:
         raise CheckpointError(f"could not fetch {name!r} from the Hugging Face Hub: {err}") from None
+    except HFValidationError as err:
+        raise CheckpointError(f"{name!r} is not a valid Hub repo id ('owner/name'){not_a_folder}: {err}") from None
     return Path(folder)
 
 

@@ -137,6 +137,16 @@ def test_repo_or_revision_not_in_cache_is_a_checkpoint_error(hub_cache, hf_offli
         learned_optim.from_pretrained(repo_id, _params(), cache_dir=cache, revision=revision)
 
 
+def test_a_mistyped_folder_or_an_invalid_repo_id_is_a_checkpoint_error_that_says_so(hub_cache, hf_offline):
+    """A relative path that is no folder reads as a Hub repo id: the error says there is no such local folder either;
+    a name that is no valid repo id is a CheckpointError too (it was huggingface_hub's HFValidationError)."""
+    cache, _ = hub_cache
+    with pytest.raises(CheckpointError, match="not in the local Hub cache.*no local folder runs/mymodel"):
+        learned_optim.load_rule("runs/mymodel", cache_dir=cache)
+    with pytest.raises(CheckpointError, match="not a valid Hub repo id"):
+        learned_optim.load_rule("my model/v1!", cache_dir=cache)
+
+
 def test_local_files_only_needs_no_offline_mode(hub_cache, monkeypatch):
     """local_files_only=True reads the cache without any request (the Hub API is made to fail)."""
     cache, nets = hub_cache

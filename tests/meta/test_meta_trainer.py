@@ -95,6 +95,9 @@ def test_training_writes_a_loadable_zoo_folder_log_and_checkpoint(tmp_path):
         "state-000000008.json",
         "state-000000008.safetensors",
     ]
+    # the run folder is not the checkpoint, and says where that is
+    with pytest.raises(learned_optim.CheckpointError, match=r"meta-training run's folder; its net is .*run/model"):
+        learned_optim.load_rule(tmp_path / "run")
     # a finished run is never silently overwritten
     with pytest.raises(FileExistsError, match="resume"):
         MetaTrainer(tiny_config(), out_dir=tmp_path / "run", progress=False).train()
