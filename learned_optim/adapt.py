@@ -378,7 +378,9 @@ def adapt(
                 new_params[n] = decoupled_update(theta, deltas[n], step_lr, wd)
                 state[n] = new_state[n]
             params = new_params
-        terms.append(loss_at(params, buffers))
+        # the meta-objective's last loss is no training step: its forward must not move the end point's buffers
+        # (BatchNorm's running statistics), as the next unroll, or the model with restore_model=False, starts there
+        terms.append(loss_at(params, {n: b.clone() for n, b in buffers.items()}))
         losses = torch.stack(terms)
         first = current["first_loss"]
         if math.isfinite(first):
