@@ -482,6 +482,10 @@ def resolve_checkpoint(
     """
     path = Path(name_or_path)
     if path.is_dir():
+        if revision is not None:
+            raise CheckpointError(
+                f"{path} is a local folder, which has no revisions; revision= applies to Hub repo ids"
+            )
         return path
     name = str(name_or_path)
     zoo = _zoo_entries()

@@ -262,9 +262,10 @@ def learned_optimizer(name_or_dir: str, adapt_steps: int = 0) -> BenchOptimizer:
     try:
         spec = resolve_optimizer(name_or_dir)
     except (CheckpointError, OSError, ValueError) as err:
+        why = str(err).splitlines()[0]
+        zoo = "" if "zoo name" in why else f"; zoo: {', '.join(e['name'] for e in list_pretrained())}"  # listed once
         raise UnknownOptimizerError(
-            f"cannot load optimizer {name_or_dir!r}: {str(err).splitlines()[0]}; zoo: "
-            f"{', '.join(e['name'] for e in list_pretrained())}; the suite's baselines (--baselines): "
+            f"cannot load optimizer {name_or_dir!r}: {why}{zoo}; the suite's baselines (--baselines): "
             f"{', '.join(BASELINE_NAMES)}"
         ) from None
     if spec.kind != "learned":

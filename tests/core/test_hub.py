@@ -145,6 +145,9 @@ def test_a_mistyped_folder_or_an_invalid_repo_id_is_a_checkpoint_error_that_says
         learned_optim.load_rule("runs/mymodel", cache_dir=cache)
     with pytest.raises(CheckpointError, match="not a valid Hub repo id"):
         learned_optim.load_rule("my model/v1!", cache_dir=cache)
+    folder = learned_optim.hub.resolve_checkpoint(learned_optim.FLAGSHIP)
+    with pytest.raises(CheckpointError, match="local folder, which has no revisions"):
+        learned_optim.load_rule(folder, revision="v2")  # it would be recorded as the parent's revision
 
 
 def test_local_files_only_needs_no_offline_mode(hub_cache, monkeypatch):
