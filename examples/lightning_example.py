@@ -1,13 +1,14 @@
 """PyTorch Lightning: return a learned optimizer from ``configure_optimizers``.
 
 A ``LearnedOptimizer`` is a ``torch.optim.Optimizer``, so Lightning drives it like Adam: automatic
-optimization calls ``optimizer.step(closure)``, LR schedulers returned next to it scale the learned
-step (``lr`` is a multiplier, default 1.0), and ``Trainer`` checkpoints carry its state.
+optimization calls ``optimizer.step(closure)``, LR schedulers returned next to it drive its ``lr`` (the flagship's is a
+real learning rate, default 1e-3; the older nets' a multiplier of the learned step, default 1.0), and ``Trainer``
+checkpoints carry its state.
 
     pip install -e ".[integrations]"      # from a checkout
     python examples/lightning_example.py --checkpoint <zoo name | owner/repo | folder> --max-steps 200
 
-Without ``--checkpoint`` it uses the zoo's ``rnnprop`` (bundled, works offline).
+Without ``--checkpoint`` it uses the zoo's flagship (bundled, works offline).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def make_data(n: int = 512, seed: int = 0) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True, generator=gen)
 
 
-def main(checkpoint: str = "rnnprop", max_steps: int = 100) -> tuple[L.Trainer, LitRegressor]:
+def main(checkpoint: str = learned_optim.FLAGSHIP, max_steps: int = 100) -> tuple[L.Trainer, LitRegressor]:
     """Fit for ``max_steps`` optimizer steps on CPU; returns the trainer and the module."""
     L.seed_everything(0, verbose=False)
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,7 +81,9 @@ def main(checkpoint: str = "rnnprop", max_steps: int = 100) -> tuple[L.Trainer, 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", default="rnnprop", help="zoo name, Hub repo id or checkpoint folder")
+    parser.add_argument(
+        "--checkpoint", default=learned_optim.FLAGSHIP, help="zoo name, Hub repo id or checkpoint folder"
+    )
     parser.add_argument("--max-steps", type=int, default=100)
     args = parser.parse_args()
     main(args.checkpoint, args.max_steps)

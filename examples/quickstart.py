@@ -6,10 +6,10 @@ Runs the snippet of the design notes end to end::
     for x, y in loader:
         opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
 
-then shows the rest of the ``torch.optim`` contract it keeps: an LR scheduler (``lr`` multiplies the
-learned step), decoupled weight decay, and a ``state_dict`` resume.
+then shows the rest of the ``torch.optim`` contract it keeps: an LR scheduler (the flagship's ``lr`` is a real
+learning rate, its checkpoint's default 1e-3), decoupled weight decay, and a ``state_dict`` resume.
 
-    python examples/quickstart.py                      # the zoo's rnnprop (bundled, offline)
+    python examples/quickstart.py                      # the zoo's flagship (bundled, offline)
     python examples/quickstart.py --checkpoint <zoo name | owner/repo | folder>
 """
 
@@ -33,7 +33,7 @@ def make_loader(batches: int = 20, batch_size: int = 32, seed: int = 0) -> list[
     return [(x, torch.sin(x @ w)) for x in xs]
 
 
-def main(checkpoint: str = "rnnprop", epochs: int = 2) -> list[float]:
+def main(checkpoint: str = learned_optim.FLAGSHIP, epochs: int = 2) -> list[float]:
     """Train a small MLP with the learned optimizer; returns the training losses."""
     torch.manual_seed(0)
     print("zoo:", [entry["name"] for entry in learned_optim.list_pretrained()] or "empty")
@@ -68,7 +68,9 @@ def main(checkpoint: str = "rnnprop", epochs: int = 2) -> list[float]:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", default="rnnprop", help="zoo name, Hub repo id or checkpoint folder")
+    parser.add_argument(
+        "--checkpoint", default=learned_optim.FLAGSHIP, help="zoo name, Hub repo id or checkpoint folder"
+    )
     parser.add_argument("--epochs", type=int, default=2)
     args = parser.parse_args()
     main(args.checkpoint, args.epochs)

@@ -13,16 +13,16 @@ Notes for transformers >= 5:
 * the first element must be a ``torch.optim.Optimizer`` subclass. Any other callable (for example
   a ``functools.partial`` of ``learned_optim.from_pretrained``) is treated as an optimizer *factory*
   and called as ``factory()(model, **kwargs)``, which bypasses the Trainer's weight-decay groups;
-* ``TrainingArguments.learning_rate`` is not passed to an optimizer given this way: ``lr`` (the
-  multiplier of the learned step, default 1.0) comes from the kwargs. The Trainer's scheduler still
-  scales it, so use ``lr_scheduler_type="constant"`` to keep the learned step as it was meta-trained,
-  or a decaying schedule to anneal it.
+* ``TrainingArguments.learning_rate`` is not passed to an optimizer given this way: ``lr`` comes from the
+  kwargs (the checkpoint's default: a real learning rate, 1e-3, for the flagship; a multiplier of the learned step,
+  1.0, for the older nets). The Trainer's scheduler still scales it (the flagship recommends warm-up and cosine
+  decay; ``lr_scheduler_type="constant"`` keeps an older net's learned step as it was meta-trained).
 
     pip install -e ".[integrations]"      # from a checkout
     python examples/transformers_example.py --checkpoint <zoo name | owner/repo | folder> --max-steps 100
 
 The model is a tiny GPT-2 built from a config (random weights, no download). Without ``--checkpoint``
-the zoo's ``rnnprop`` (bundled, works offline) is used.
+the zoo's flagship (bundled, works offline) is used.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class CountingSequences(Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def main(checkpoint: str = "rnnprop", max_steps: int = 100, output_dir: str | None = None) -> Trainer:
+def main(checkpoint: str = learned_optim.FLAGSHIP, max_steps: int = 100, output_dir: str | None = None) -> Trainer:
     """Train a tiny randomly initialised GPT-2 for ``max_steps`` steps on CPU; returns the Trainer."""
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -89,7 +89,9 @@ def main(checkpoint: str = "rnnprop", max_steps: int = 100, output_dir: str | No
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", default="rnnprop", help="zoo name, Hub repo id or checkpoint folder")
+    parser.add_argument(
+        "--checkpoint", default=learned_optim.FLAGSHIP, help="zoo name, Hub repo id or checkpoint folder"
+    )
     parser.add_argument("--max-steps", type=int, default=100)
     args = parser.parse_args()
     main(args.checkpoint, args.max_steps)

@@ -95,8 +95,9 @@ class LearnedOptimizer(Optimizer):
 
     where :math:`\lambda` is the decoupled ``weight_decay``, the gradient is negated when
     ``maximize=True``, and :math:`s` is the net's per-coordinate state (kept in ``self.state[p]``
-    so ``state_dict()`` carries it). ``lr`` is a multiplier on the learned step, so LR schedulers
-    work; ``lr == 0`` is an exact no-op (state is created but nothing changes).
+    so ``state_dict()`` carries it, with the net's weights). ``lr`` multiplies the learned step: a real learning rate
+    for ``adafac_mlp``, whose step has RMS ``lr`` times a per-tensor scale, a multiplier (default 1.0) for the older
+    families; LR schedulers drive it. ``lr == 0`` is an exact no-op (state is created but nothing changes).
 
     **In-place step.** First, a rule that offers :meth:`~learned_optim.nets.base.UpdateRule.step_in_place`
     steps the tensors it can in their own storage, one call per step count, nothing copied: ``adafac_mlp``'s
@@ -127,11 +128,11 @@ class LearnedOptimizer(Optimizer):
 
     Args:
         params: iterable of parameters, named parameters or param-group dicts.
-        rule: the update rule (its weights are not optimizer state; they travel with pickling/deepcopy
-            and are saved by :meth:`save_pretrained`). It is moved to the parameters' device when they
-            all share one (e.g. a model already on CUDA).
-        lr: step multiplier (float or 0-d tensor); default the rule's ``default_lr``: 1.0 for the nets whose
-            step is learned, a real learning rate (1e-3) for nets whose step has RMS ``lr`` times a
+        rule: the update rule (its weights travel with pickling/deepcopy and :meth:`state_dict`, and are saved by
+            :meth:`save_pretrained`). It is moved to the parameters' device when they all share one (e.g. a model
+            already on CUDA).
+        lr: the multiplier of the learned step (float or 0-d tensor); default the rule's ``default_lr``: 1.0 for
+            the nets whose step is learned, a real learning rate (1e-3) for nets whose step has RMS ``lr`` times a
             per-tensor scale (``adafac_mlp``).
         weight_decay: decoupled weight decay.
         maximize: maximize the objective instead of minimizing it.

@@ -173,7 +173,7 @@ def test_quickstart_example_runs_with_the_zoo_default(capsys):
     example = load_example("quickstart")
     losses = example.main(epochs=2)
     assert len(losses) == 40 and all(math.isfinite(loss) for loss in losses)
-    assert sum(losses[20:]) < sum(losses[:20])  # the zoo's rnnprop makes progress
+    assert sum(losses[20:]) < sum(losses[:20])  # the zoo's flagship makes progress
     assert "resumed optimizer at step 40 of 40" in capsys.readouterr().out
 
 
