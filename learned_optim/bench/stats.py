@@ -119,13 +119,16 @@ def speedup(
     ref_steps: Sequence[int],
     ref_values: Sequence[float | None],
     horizon: int,
+    nonfinite: bool = False,
 ) -> float:
-    """Speed-up of a curve against the reference curve (see the module docstring)."""
+    """Speed-up of a curve against the reference curve (see the module docstring); 0 for a run that ended on a
+    non-finite loss (``nonfinite``, or a non-finite last window), wherever in the run: its curve (complete windows
+    only) can end before the non-finite value, or stay finite when the validation loss was the one that was not."""
     target = ref_values[-1] if ref_values else None
     if target is None or not math.isfinite(target):
         return math.nan
     final = values[-1] if values else None
-    if final is None or not math.isfinite(final):
+    if nonfinite or final is None or not math.isfinite(final):
         return 0.0
     reached = first_reach(steps, values, target)
     if reached is not None:

@@ -115,6 +115,7 @@ class SuiteResults:
                         *stats.training_curve(r["train_loss"], r["steps"]),
                         *stats.training_curve(q["train_loss"], q["steps"]),
                         r["steps"],
+                        nonfinite=r["nonfinite_at"] is not None,
                     )
                     for r, q in zip(recs, ref, strict=True)
                 ]

@@ -33,6 +33,12 @@ def test_speedup_reached_not_reached_and_nonfinite():
     assert stats.speedup([0, 25, 50, 75, 100], [5.0, 4.0, 3.0, 2.5, 2.0], ref_steps, ref, 100) == 0.5
     assert stats.speedup(ref_steps, ref, ref_steps, ref, 100) == 1.0
     assert stats.speedup([0, 25], [5.0, None], ref_steps, ref, 100) == 0.0
+    # a run that ended on a non-finite loss inside its last, incomplete window (the curve has complete windows only),
+    # or on a non-finite validation loss with every training loss finite: 0 too, not the speed-up of its curve
+    blown_up = stats.training_curve([5.0] * 25 + [0.5] * 45 + [math.nan], horizon=100, windows=4)
+    assert blown_up[0] == [25, 50] and all(math.isfinite(v) for v in blown_up[1])
+    assert stats.speedup(*blown_up, ref_steps, ref, 100, nonfinite=True) == 0.0
+    assert stats.speedup(*blown_up, ref_steps, ref, 100) == 2.0  # what the curve alone would say
 
 
 def test_training_curve_averages_windows_of_the_horizon():
@@ -286,6 +292,21 @@ def test_quick_runs_exactly_the_quick_selection_and_reuses_stored_runs(tmp_path,
     calls.clear()
     again = run_suite(["l2o-mlp"], out=tmp_path, quick=True, progress=False, lr_rules=["default", "tuned", "adamw"])
     assert calls == [] and again.config["runs_trained"] == 0 and again.rows() == rows
+
+
+def test_a_run_that_ended_non_finite_has_speedup_zero_in_the_rows(tmp_path, monkeypatch):
+    """The rows pass a run's non-finite end to the speed-up: its training curve can stay finite (the non-finite value
+    in the last, incomplete window, or a non-finite validation loss), and the speed-up must still be 0."""
+    monkeypatch.setattr(brun, "train", _fake_train([]))
+    results = run_suite(
+        ["l2o-mlp"], out=tmp_path, tasks=["diabetes-mlp"], quick=True, progress=False, lr_rules=["adamw"]
+    )
+    (row,) = [r for r in results.rows() if r["contender"] == "l2o-mlp [adamw]"]
+    assert row["speedup"] > 0
+    (record,) = results.records["diabetes-mlp"]["l2o-mlp [adamw]"]
+    record["nonfinite_at"] = record["steps"] - 1  # every training loss of its curve finite
+    (row,) = [r for r in results.rows() if r["contender"] == "l2o-mlp [adamw]"]
+    assert row["speedup"] == 0.0
 
 
 def test_a_later_block_of_evaluation_seeds_runs_fresh_and_keeps_the_tuning(tmp_path, monkeypatch):
