@@ -295,3 +295,36 @@ def test_loss_scale_scales_the_training_loss_only(tmp_path, capsys):
     assert set(finals) == {"adamw", flagship.name}
     adamw = finals["adamw"]
     assert adamw["10.0"][0] == pytest.approx(adamw["1.0"][0], rel=1e-4)
+
+
+def test_aggregate_uncertainty_reads_a_suite_and_resamples_seeds_in_pairs(tmp_path, capsys):
+    """benchmarks/aggregate_uncertainty.py: the suite's aggregates (IQM over tasks of the ratio of seed means), the
+    per-seed reading, and a paired seed bootstrap that is reproducible and spans the point value; without a run store
+    it says the speed-ups are missing."""
+    script = _script("aggregate_uncertainty")
+    runs = []
+    for t in range(4):
+        for seed in range(3):
+            for contender, val in (("adamw", 1.0 + seed), ("me [adamw]", (1.0 + seed) * (0.9 + 0.05 * t) + 0.1 * seed)):
+                final = {"val_loss": val, "test_loss": 2 * val}
+                runs.append({"task": f"t{t}", "contender": contender, "key": f"{t}{seed}{contender}", "seed": seed,
+                             "final": final})  # fmt: skip
+    results = {"runs": runs}
+    values = script.per_seed_values(results, "me [adamw]", [tmp_path / "no-store"])
+    assert values["val"].shape == (4, 2, 3) and "speedup" not in values
+    ratios = [values["val"][t, 0].mean() / values["val"][t, 1].mean() for t in range(4)]
+    assert script.aggregates(values)["val"] == pytest.approx(sorted(ratios)[1] / 2 + sorted(ratios)[2] / 2)
+    per_seed = [(values["val"][t, 0] / values["val"][t, 1]).mean() for t in range(4)]
+    assert script.aggregates(values, per_seed=True)["val"] == pytest.approx(
+        sorted(per_seed)[1] / 2 + sorted(per_seed)[2] / 2
+    )
+    draws = script.bootstrap(values, 200)
+    assert (draws["val"] == script.bootstrap(values, 200)["val"]).all()
+    assert draws["val"].min() <= script.aggregates(values)["val"] <= draws["val"].max()
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    assert script.main([str(path), "--contender", "me [adamw]", "--resamples", "50"]) == 0
+    printed = capsys.readouterr().out
+    assert "| val loss / AdamW |" in printed and "no speed-ups" in printed
+    with pytest.raises(SystemExit, match="no task has runs of 'you'"):
+        script.main([str(path), "--contender", "you"])

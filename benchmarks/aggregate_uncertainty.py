@@ -1,0 +1,151 @@
+r"""How sure are a contender's suite aggregates? A paired seed bootstrap, and the normalisation that the bars rest on.
+
+The suite reports, per contender, the interquartile mean over tasks of the final validation and test loss
+normalised by tuned AdamW's, and of the speed-up, as point values from 3 seeds per task. This script reads a suite
+``results.json`` (and the run store, for the training curves the speed-ups come from) and prints for one contender:
+
+* the suite's aggregates as it defines them: per task, the contender's mean over seeds over AdamW's mean
+  (:math:`\bar x / \bar r`), then the IQM over tasks;
+* the same with the ratio taken per seed (:math:`\overline{x/r}`), the other reasonable reading;
+* a 95% percentile interval of each aggregate from a paired, stratified bootstrap: each task's seeds resampled with
+  replacement, the same draw for the contender and AdamW; and the fraction of resamples meeting issue 15's bars
+  (loss IQM at most 1.0, speed-up IQM at least 1.3).
+
+It reads stored runs only and chooses nothing.
+
+    python benchmarks/aggregate_uncertainty.py benchmarks/results/bench/flagship-rerun-s18/results.json \
+        --contender "adafac-mlp-adam-magnitude-tbv-nomup-soup-all8 [adamw]" \
+        --store benchmarks/results/bench/full-runs/runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from learned_optim.bench import stats  # noqa: E402
+from learned_optim.bench.run import read_run_record  # noqa: E402
+from learned_optim.bench.suite import REFERENCE  # noqa: E402
+
+#: Issue 15's bars: (aggregate, "at most" or "at least", bound).
+BARS = {"val": ("at most", 1.0), "test": ("at most", 1.0), "speedup": ("at least", 1.3)}
+
+
+def per_seed_values(results: dict[str, Any], contender: str, stores: Sequence[Path]) -> dict[str, np.ndarray]:
+    """``(tasks, 2, seeds)`` arrays of final val and test loss (contender, AdamW) and ``(tasks, seeds)`` speed-ups,
+    the runs paired by seed."""
+    runs: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
+    for run in results["runs"]:
+        runs.setdefault(run["task"], {}).setdefault(run["contender"], {})[run["seed"]] = run
+    tasks = [t for t, by in runs.items() if contender in by and REFERENCE in by]
+    if not tasks:
+        known = sorted({c for by in runs.values() for c in by})
+        raise SystemExit(f"error: no task has runs of {contender!r} and {REFERENCE!r}; contenders: {known}")
+    out: dict[str, list[Any]] = {"val": [], "test": [], "speedup": []}
+    for task in tasks:
+        seeds = sorted(set(runs[task][contender]) & set(runs[task][REFERENCE]))
+        pairs = [(runs[task][contender][s], runs[task][REFERENCE][s]) for s in seeds]
+        for name, key in (("val", "val_loss"), ("test", "test_loss")):
+            out[name].append([[_final(c, key) for c, _ in pairs], [_final(r, key) for _, r in pairs]])
+        speedups = []
+        for c, r in pairs:
+            records = [read_run_record(stores, run["key"]) for run in (c, r)]
+            if any(record is None for record in records):
+                speedups = []
+                break
+            mine, ref = records
+            speedups.append(
+                stats.speedup(
+                    *stats.training_curve(mine["train_loss"], mine["steps"]),
+                    *stats.training_curve(ref["train_loss"], ref["steps"]),
+                    mine["steps"],
+                    nonfinite=mine["nonfinite_at"] is not None,
+                )
+            )
+        out["speedup"].append(speedups)
+    arrays = {k: np.array(v, dtype=float) for k, v in out.items() if k != "speedup"}
+    if all(len(s) == len(out["speedup"][0]) > 0 for s in out["speedup"]):
+        arrays["speedup"] = np.array(out["speedup"], dtype=float)
+    return arrays
+
+
+def _final(run: dict[str, Any], key: str) -> float:
+    value = run["final"].get(key)
+    return math.nan if value is None else float(value)
+
+
+def aggregates(values: dict[str, np.ndarray], per_seed: bool = False) -> dict[str, float]:
+    """The IQM over tasks of each measure: loss ratios of the seed means (the suite's), or the seed means of the
+    ratios (``per_seed``); the speed-up's seed mean."""
+    out = {}
+    for name in ("val", "test"):
+        mine, ref = values[name][:, 0], values[name][:, 1]
+        ratio = (mine / ref).mean(axis=1) if per_seed else mine.mean(axis=1) / ref.mean(axis=1)
+        out[name] = stats.iqm(ratio.tolist())
+    if "speedup" in values:
+        out["speedup"] = stats.iqm(values["speedup"].mean(axis=1).tolist())
+    return out
+
+
+def bootstrap(values: dict[str, np.ndarray], resamples: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """The aggregates of ``resamples`` paired, stratified resamples: each task's seeds drawn with replacement, the
+    same draw for every measure and for both optimizers."""
+    rng = np.random.default_rng(seed)
+    tasks, seeds = values["val"].shape[0], values["val"].shape[2]
+    rows = np.arange(tasks)[:, None]
+    draws: dict[str, list[float]] = {name: [] for name in values}
+    for _ in range(resamples):
+        pick = rng.integers(0, seeds, size=(tasks, seeds))
+        drawn = {
+            "val": values["val"][rows, :, pick].transpose(0, 2, 1),
+            "test": values["test"][rows, :, pick].transpose(0, 2, 1),
+        }
+        if "speedup" in values:
+            drawn["speedup"] = values["speedup"][rows, pick]
+        for name, value in aggregates(drawn).items():
+            draws[name].append(value)
+    return {name: np.array(v) for name, v in draws.items()}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, help="a suite results.json")
+    parser.add_argument("--contender", required=True, help='e.g. "NAME [adamw]", as in the results\' tables')
+    parser.add_argument("--store", type=Path, action="append", default=[], help="run store(s) (runs/ folders)")
+    parser.add_argument("--resamples", type=int, default=5000)
+    args = parser.parse_args(argv)
+    values = per_seed_values(
+        json.loads(args.results.read_text()), args.contender, args.store or [args.results.parent / "runs"]
+    )
+    point, per_seed = aggregates(values), aggregates(values, per_seed=True)
+    draws = bootstrap(values, args.resamples)
+    tasks, seeds = values["val"].shape[0], values["val"].shape[2]
+    print(f"{args.contender} against {REFERENCE}: {tasks} tasks, {seeds} seeds each; {args.resamples} resamples\n")
+    print("| aggregate (IQM over tasks) | suite's value (ratio of seed means) | ratio per seed "
+          "| bootstrap 95% interval | bar | resamples meeting it |\n|---|---|---|---|---|---|")  # fmt: skip
+    for name, (side, bound) in BARS.items():
+        if name not in draws:
+            continue
+        low, high = np.percentile(draws[name], [2.5, 97.5])
+        meets = (draws[name] <= bound) if side == "at most" else (draws[name] >= bound)
+        label = {"val": "val loss / AdamW", "test": "test loss / AdamW", "speedup": "speed-up"}[name]
+        other = f"{per_seed[name]:.4f}" if name != "speedup" else "-"
+        print(
+            f"| {label} | {point[name]:.4f} | {other} | [{low:.3f}, {high:.3f}] | {side} {bound} | {meets.mean():.2f} |"
+        )
+    if "speedup" not in draws:
+        print("\n(no speed-ups: the run store with the training curves was not found; pass --store)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
