@@ -117,12 +117,18 @@ def rng_from_tensors(
     random.setstate((version, tuple(internal), gauss))
 
 
+def complete_checkpoints(directory: Path) -> dict[int, Path]:
+    """The JSON halves of the complete checkpoints in ``directory``, by meta-step."""
+    if not directory.is_dir():
+        return {}
+    found = (p for p in directory.glob("state-*.json") if p.with_suffix(".safetensors").is_file())
+    return {int(p.stem.split("-")[1]): p for p in found}
+
+
 def latest_checkpoint(directory: Path) -> Path | None:
     """The JSON half of the newest complete checkpoint in ``directory`` (``None`` if there is none)."""
-    if not directory.is_dir():
-        return None
-    found = sorted(p for p in directory.glob("state-*.json") if p.with_suffix(".safetensors").is_file())
-    return found[-1] if found else None
+    found = complete_checkpoints(directory)
+    return found[max(found)] if found else None
 
 
 def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
@@ -133,9 +139,11 @@ def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     os.replace(tmp, path)
 
 
-def write_checkpoint(directory: Path, meta_step: int, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> Path:
-    """Write ``state-<meta_step>`` (tensors, then JSON; each atomically) and drop the older checkpoints;
-    returns the JSON path. ``meta`` gets the ``format`` key."""
+def write_checkpoint(
+    directory: Path, meta_step: int, tensors: Mapping[str, Tensor], meta: Mapping[str, Any], keep: int = 1
+) -> Path:
+    """Write ``state-<meta_step>`` (tensors, then JSON; each atomically) and drop the checkpoints older than the
+    ``keep`` newest; returns the JSON path. ``meta`` gets the ``format`` key."""
     directory.mkdir(parents=True, exist_ok=True)
     stem = directory / f"state-{meta_step:09d}"
     meta = {"format": CHECKPOINT_FORMAT, **meta}
@@ -143,8 +151,9 @@ def write_checkpoint(directory: Path, meta_step: int, tensors: Mapping[str, Tens
         stem.with_suffix(".safetensors"), lambda p: save_file(dict(tensors), str(p), metadata={"format": "pt"})
     )
     _atomic_write(stem.with_suffix(".json"), lambda p: p.write_text(json.dumps(meta, indent=1) + "\n"))
+    kept = {f"state-{step:09d}" for step in sorted(complete_checkpoints(directory))[-keep:]} | {stem.name}
     for old in directory.glob("state-*"):
-        if old.stem != stem.name and not old.name.startswith("."):
+        if old.stem not in kept and not old.name.startswith("."):
             old.unlink(missing_ok=True)
     return stem.with_suffix(".json")
 

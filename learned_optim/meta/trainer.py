@@ -53,6 +53,7 @@ from ..tasks.base import Task, TaskFamily
 from ..tasks.registry import make_task_family
 from .card import run_metrics, save_run_model
 from .checkpoint import (
+    complete_checkpoints,
     latest_checkpoint,
     read_checkpoint,
     trainer_state_from_tensors,
@@ -474,7 +475,10 @@ class MetaTrainer:
         checkpoints; returns the JSON path."""
         if self._log_handle is not None:
             self._log_handle.flush()  # the checkpoint records the log's length
-        return write_checkpoint(self.checkpoint_dir, self.meta_steps, *trainer_state_to_tensors(self))
+        # data-parallel: each rank keeps its last two, so that a rank killed while the others wrote a newer one still
+        # shares a meta-step with them (load_checkpoint resumes every rank from the newest step they all have)
+        keep = 2 if self.world_size > 1 else 1
+        return write_checkpoint(self.checkpoint_dir, self.meta_steps, *trainer_state_to_tensors(self), keep=keep)
 
     def generators(self) -> dict[str, torch.Generator]:
         """The run's own random generators, by checkpoint name (besides the global ones)."""
@@ -484,12 +488,33 @@ class MetaTrainer:
         return generators
 
     def load_checkpoint(self, path: str | os.PathLike | None = None) -> bool:
-        """Restore the trainer from ``path`` (a ``state-*.json``) or the latest checkpoint; False if none."""
+        """Restore the trainer from ``path`` (a ``state-*.json``) or the latest checkpoint; False if none. With
+        several ranks (a process group), every rank resumes from the newest meta-step all of them have a checkpoint
+        of, and one that has checkpoints none of the others share is an error."""
         json_path = Path(path) if path is not None else latest_checkpoint(self.checkpoint_dir)
+        if path is None and self._synchronize:
+            json_path = self._common_checkpoint()
         if json_path is None:
             return False
         trainer_state_from_tensors(self, *read_checkpoint(json_path, self.config.to_dict()))
         return True
+
+    def _common_checkpoint(self) -> Path | None:
+        """This rank's checkpoint at the newest meta-step every rank has one of (``None`` if no rank has any)."""
+        import torch.distributed as dist
+
+        mine = complete_checkpoints(self.checkpoint_dir)
+        every: list[Any] = [None] * self.world_size
+        dist.all_gather_object(every, sorted(mine))
+        common = set.intersection(*(set(steps) for steps in every))
+        if common:
+            return mine[max(common)]
+        if any(every):
+            raise ValueError(
+                f"cannot resume: the ranks' checkpoints share no meta-step ({dict(enumerate(every))}); a kill while "
+                "they were written? Remove the run's checkpoint folder to start again"
+            )
+        return None
 
     # ------------------------------------------------------------------------------------ main loop
     def elapsed(self) -> float:

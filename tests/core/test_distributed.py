@@ -339,12 +339,43 @@ def scenario_meta(rank: int, world: int, out: Path) -> dict:
     return {"exit_code": code, "stdout": stdout.getvalue()}
 
 
+def scenario_meta_resume(rank: int, world: int, out: Path) -> dict:
+    """Data-parallel meta-training killed while the ranks wrote a checkpoint (rank 1 has not written step 2, rank 0
+    has), resumed: every rank goes back to step 1, the newest step both have, and the run ends as an uninterrupted one
+    (the same weights bit for bit). Before, each rank resumed from its own newest checkpoint, out of step."""
+    import torch.distributed as dist
+
+    from learned_optim.meta.cli import resolve_config_path
+    from learned_optim.meta.config import load_config
+    from learned_optim.meta.trainer import MetaTrainer
+
+    overrides = [o for o in META_OVERRIDES if not o.startswith(("meta_epochs", "checkpoint_every"))]
+    config = load_config(resolve_config_path("smoke"), [*overrides, "meta_epochs=3", "checkpoint_every=1"])
+    full = MetaTrainer(config, out_dir=out / "meta-full", progress=False)
+    full.train()
+    cut = out / "meta-cut"
+    assert MetaTrainer(config, out_dir=cut, progress=False).train(stop_after=2) is None
+    mine = cut / "checkpoint" / ("" if rank == 0 else f"rank{rank}")
+    kept = sorted(p.name for p in mine.glob("state-*.json"))
+    if rank == 1:  # killed before its step-2 checkpoint was complete
+        (mine / "state-000000002.json").unlink()
+    dist.barrier()
+    resumed = MetaTrainer(config, out_dir=cut, progress=False)
+    resumed.train(resume=True)
+    same = all(
+        torch.equal(a, b)
+        for a, b in zip(full.rule.state_dict().values(), resumed.rule.state_dict().values(), strict=True)
+    )
+    return {"kept": kept, "same_as_uninterrupted": same, "meta_steps": resumed.meta_steps}
+
+
 SCENARIOS = {
     "ddp": scenario_ddp,
     "zero": scenario_zero,
     "dcp": scenario_dcp,
     "fsdp2": scenario_fsdp2,
     "meta": scenario_meta,
+    "meta_resume": scenario_meta_resume,
 }
 
 
@@ -497,3 +528,11 @@ def test_data_parallel_meta_training_matches_one_process_with_the_same_tasks(tor
 
 if __name__ == "__main__":
     main(sys.argv[1])
+
+
+def test_data_parallel_meta_training_resumes_every_rank_from_a_common_step(torchrun_results):
+    """Each rank keeps its last two checkpoints, and a resume takes every rank back to the newest meta-step all of
+    them have: a kill that left the ranks' newest checkpoints at different steps resumes as the uninterrupted run."""
+    for res in _scenario(torchrun_results, "meta_resume"):
+        assert res["kept"] == ["state-000000001.json", "state-000000002.json"]
+        assert res["same_as_uninterrupted"] and res["meta_steps"] == 3
