@@ -154,6 +154,8 @@ def evaluate(
         raise ValueError(f"optimizer labels must be unique, got {labels}")
     sources = [resolve_task(t) for t in tasks]
     tune_steps = steps if tune_steps is None else tune_steps
+    if tune_steps < 1:
+        raise ValueError(f"tune_steps must be >= 1, got {tune_steps}")
     eval_every = max(1, steps // 20) if eval_every is None else eval_every
     tune_seed_list = [TUNE_SEED_OFFSET + i for i in range(tune_seeds)]
     tuned_specs = [s for s in specs if s.lr_grid]
@@ -277,7 +279,8 @@ def build_parser(prog: str = "python -m learned_optim evaluate") -> argparse.Arg
         "--learned-lr",
         type=float,
         default=None,
-        help="step multiplier of the learned optimizers (default: the checkpoint's, 1.0)",
+        help="lr of the learned optimizers (default: the checkpoint's: a real learning rate, 1e-3, for adafac_mlp; "
+        "a multiplier of the learned step, 1.0, for the older families)",
     )
     parser.add_argument("--final-window", type=int, default=10, help="final train loss = mean of the last N steps")
     parser.add_argument(
@@ -324,7 +327,16 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m learned_optim
     if unknown:
         parser.error(f"unknown baseline(s) {unknown}; known: {sorted(BASELINES)}")
     if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():  # before hours of runs, not after them
+        parser.error(f"--out {out} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        parser.error(f"--out {out} cannot be created: {err}")
     try:
         results = evaluate(
             optimizers,

@@ -292,6 +292,14 @@ def test_cli_bad_checkpoint_and_unknown_baseline(tmp_path, capsys):
     with pytest.raises(SystemExit):
         ev.main(["--baselines", "adamw-nope", "--tasks", "x", "--out", str(tmp_path / "o")])
     assert "unknown baseline" in capsys.readouterr().err
+    # refused before any run: no tuning at all, an --out that cannot be written, no threads
+    code = ev.main(["--baselines", "adamw", "--tasks", "quadratic", "--tune-steps", "0", "--out", str(tmp_path / "o")])
+    assert code == 2 and "tune_steps must be >= 1" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")
+    for bad in (["--out", str(tmp_path / "a-file")], ["--threads", "0", "--out", str(tmp_path / "o")]):
+        with pytest.raises(SystemExit):
+            ev.main(["--baselines", "adamw", "--tasks", "quadratic", *bad])
+        assert "--out" in capsys.readouterr().err or bad[0] == "--threads"
 
 
 def test_cli_on_a_real_task_family(tmp_path, checkpoint, capsys):
