@@ -306,7 +306,7 @@ def _load_torchvision(name: str, root: str, download: bool, verify_checksums: bo
         cls = _unverified_cifar10()
     try:
         train, test = (cls(root, train=flag, download=download) for flag in (True, False))
-    except RuntimeError as e:
+    except (RuntimeError, AssertionError) as e:  # AssertionError: torchvision's reader of a corrupt (e.g. MNIST) file
         raise FileNotFoundError(
             f"torchvision could not read {cls.__name__} from {root!r}: {e}"
             + (

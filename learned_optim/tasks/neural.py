@@ -289,6 +289,9 @@ class ImageClassificationFamily(TaskFamily):
             self.config["data_root"] = os.fspath(data_root)
         if not 0.0 <= label_noise < 1.0:
             raise ValueError(f"label_noise must be in [0, 1), got {label_noise}")
+        for name, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("n_train", n_train)):
+            if size is not None and size < 1:  # (a negative size sliced from the end, 0 gave empty batches)
+                raise ValueError(f"{name} must be a positive number of examples or None, got {size}")
         self.dataset = data_lib.canonical_name(dataset)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.n_train, self.label_noise = n_train, label_noise

@@ -283,6 +283,25 @@ def test_label_noise_subsets_and_shards():
     assert len(halves[0]) == len(halves[1]) == 538
     assert not torch.equal(halves[0][:5], halves[1][:5])
     assert len(clean.batch("train", gen())[1]) == 128 and len(clean.batch("val", gen())[1]) == 360
+    for size in ({"batch_size": 0}, {"batch_size": -3}, {"eval_batch_size": 0}, {"n_train": -100}):
+        with pytest.raises(ValueError, match="must be a positive number of examples"):
+            make_family("mlp", **size)
+
+
+def test_a_corrupt_torchvision_file_is_a_clear_error(tmp_path):
+    """torchvision's MNIST reader fails on a corrupt file with a bare AssertionError: it becomes the same clear
+    FileNotFoundError (naming the root) as its RuntimeErrors."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
+        (raw / name).write_bytes(b"\x00" * 16)  # e.g. an interrupted copy
+    with pytest.raises(FileNotFoundError, match="torchvision could not read MNIST"):
+        make_family("mnist-mlp20-sigmoid", data_root=tmp_path)
 
 
 def test_mlp_family_on_torchvision_folder(tmp_path):
