@@ -462,6 +462,27 @@ def test_load_state_dict_from_another_optimizer_raises(family, make_rule, other)
     assert not opt.state
 
 
+def test_state_put_in_place_by_a_wrapper_from_another_net_raises_before_any_change(family, make_rule):
+    """A wrapper that loads the per-parameter state itself (ZeroRedundancyOptimizer writes ``optim.state[p]``) skips
+    load_state_dict's checks: state from another family is then refused at the step, before anything changes."""
+    other = next(
+        f
+        for f in FAMILY_NAMES
+        if f != family and len(make_rule(f).state_names()) != len(make_rule(family).state_names())
+    )
+    model = make_model()
+    source = LearnedOptimizer(model.parameters(), make_rule(other))
+    backward(model, source, 0)
+    source.step()
+    opt = LearnedOptimizer(model.parameters(), make_rule(family))
+    for p in model.parameters():
+        opt.state[p] = {k: v.clone() for k, v in source.state[p].items()}
+    before = snapshot(model, opt)
+    with pytest.raises(ValueError, match=f"{family} net keeps.*another optimizer"):
+        opt.step()
+    assert_identical(before, snapshot(model, opt))
+
+
 def test_load_state_dict_with_wrong_state_shape_raises(family, make_rule):
     """State of the same family but another net configuration, or for another param size, is refused."""
     model = make_model()
