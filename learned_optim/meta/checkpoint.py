@@ -234,12 +234,22 @@ def trainer_state_to_tensors(trainer: MetaTrainer) -> tuple[dict[str, Tensor], d
         finish_reason=trainer.finish_reason,
         parent=trainer.parent,
         log_bytes=trainer.log_path.stat().st_size if trainer.log_path.exists() else 0,
+        world_size=trainer.world_size,
     )
     return tensors, meta
 
 
 def trainer_state_from_tensors(trainer: MetaTrainer, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-    """Restore what :func:`trainer_state_to_tensors` saved into ``trainer`` (built from the same config)."""
+    """Restore what :func:`trainer_state_to_tensors` saved into ``trainer`` (built from the same config and run on as
+    many processes: each rank's tasks follow from the world size, so another one would continue another run)."""
+    saved_world = int(meta.get("world_size") or trainer.world_size)  # (checkpoints before session 22 do not say)
+    if saved_world != trainer.world_size:
+        raise ValueError(
+            f"cannot resume: the run was checkpointed on {saved_world} process(es) and this launch has "
+            f"{trainer.world_size}; resume it with torchrun --nproc-per-node {saved_world}"
+            if saved_world > 1
+            else f"cannot resume: the run was checkpointed on 1 process and this launch has {trainer.world_size}"
+        )
     trainer.rule.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")}, strict=True)
     optimizer_from_tensors(trainer.meta_optimizer, "meta_opt", tensors, meta["meta_optimizer"])
     if trainer.imitation_optimizer is not None:

@@ -198,6 +198,18 @@ def test_resume_refuses_a_changed_config(tmp_path):
         MetaTrainer(tiny_config(unroll__segment_length=2), out_dir=tmp_path, progress=False).train(resume=True)
 
 
+def test_resume_refuses_another_number_of_processes(tmp_path):
+    """Each rank's task stream follows from the world size: a run checkpointed on 2 processes resumed on 1 (or the
+    other way round) would continue another run, so it is refused (ranks simulated with rank=, world_size=)."""
+    MetaTrainer(tiny_config(), out_dir=tmp_path / "two", progress=False, rank=0, world_size=2).train(stop_after=3)
+    with pytest.raises(ValueError, match="checkpointed on 2 process.*this launch has 1.*--nproc-per-node 2"):
+        MetaTrainer(tiny_config(), out_dir=tmp_path / "two", progress=False).train(resume=True)
+    MetaTrainer(tiny_config(), out_dir=tmp_path / "one", progress=False).train(stop_after=3)
+    with pytest.raises(ValueError, match="checkpointed on 1 process and this launch has 2"):
+        MetaTrainer(tiny_config(), out_dir=tmp_path / "one", progress=False, rank=0, world_size=2).train(resume=True)
+    MetaTrainer(tiny_config(), out_dir=tmp_path / "one", progress=False).train(resume=True)  # the same count resumes
+
+
 def test_curriculum_run_finishes_cleanly_with_the_best_net(tmp_path):
     config = tiny_config(
         curriculum__enabled=True,
