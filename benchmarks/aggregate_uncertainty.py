@@ -62,15 +62,7 @@ def per_seed_values(results: dict[str, Any], contender: str, stores: Sequence[Pa
             if any(record is None for record in records):
                 speedups = []
                 break
-            mine, ref = records
-            speedups.append(
-                stats.speedup(
-                    *stats.training_curve(mine["train_loss"], mine["steps"]),
-                    *stats.training_curve(ref["train_loss"], ref["steps"]),
-                    mine["steps"],
-                    nonfinite=mine["nonfinite_at"] is not None,
-                )
-            )
+            speedups.append(stats.run_speedup(*records))
         out["speedup"].append(speedups)
     arrays = {k: np.array(v, dtype=float) for k, v in out.items() if k != "speedup"}
     if all(len(s) == len(out["speedup"][0]) > 0 for s in out["speedup"]):

@@ -21,6 +21,7 @@ same scale; then the interquartile mean over the tasks of the last two.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -92,11 +93,11 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name in names:
         workload = get_task(name).bind(steps=args.steps)
-        chosen = settings[name]
+        chosen = Setting(**settings[name])
         tick = time.perf_counter()
         finals[name] = {}
         for opt in (adamw, learned):
-            setting = Setting(opt.name, chosen["lr"], chosen["weight_decay"], chosen["schedule"])
+            setting = dataclasses.replace(chosen, optimizer=opt.name)
             finals[name][opt.name] = {
                 s: [final_val_loss(train(ScaledLoss(workload, s), opt, setting, seed)) for seed in range(args.seeds)]
                 for s in args.scales
@@ -105,8 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         for s in sorted(args.scales):
             a, b = by[adamw.name][s], by[learned.name][s]
             rows.append((name, s, a, b, a / by[adamw.name][1.0], b / by[learned.name][1.0], b / a))
-        print(f"  {name}: {Setting('adamw', **{k: chosen[k] for k in ('lr', 'weight_decay', 'schedule')}).describe()}"
-              f" ({time.perf_counter() - tick:.0f} s)", flush=True)  # fmt: skip
+        print(f"  {name}: {chosen.describe()} ({time.perf_counter() - tick:.0f} s)", flush=True)
     print("\n| task | loss scale | AdamW val | learned val | AdamW / its scale 1 | learned / its scale 1 | "
           "learned / AdamW |\n|---|---|---|---|---|---|---|")  # fmt: skip
     for name, s, a, b, ra, rb, rel in rows:

@@ -509,13 +509,13 @@ def resolve_checkpoint(
         OfflineModeIsEnabled,
     )
 
-    not_a_folder = "" if path.is_absolute() or name.startswith(".") else f"; there is no local folder {name} either"
+    if path.is_absolute() or name.startswith("."):
+        raise CheckpointError(f"{name!r} is not a local checkpoint folder (no such directory)")
+    not_a_folder = f"; there is no local folder {name} either"
     not_cached = (
         f"{name!r} (revision {revision or 'main'}) is not in the local Hub cache and the Hub cannot be reached "
         f"(offline?){not_a_folder}"
     )
-    if path.is_absolute() or name.startswith("."):
-        raise CheckpointError(f"{name!r} is not a local checkpoint folder (no such directory)")
     try:
         folder = snapshot_download(
             name,

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 __all__ = [
     "mean_confidence_interval",
@@ -35,6 +36,7 @@ __all__ = [
     "first_reach",
     "training_curve",
     "speedup",
+    "run_speedup",
     "diverged",
     "paired_outcome",
     "OUTCOMES",
@@ -135,6 +137,17 @@ def speedup(
         return horizon / reached
     ref_reached = first_reach(ref_steps, ref_values, final)
     return (ref_reached if ref_reached is not None else horizon) / horizon
+
+
+def run_speedup(record: Mapping[str, Any], reference: Mapping[str, Any]) -> float:
+    """:func:`speedup` of a run record against the reference run's record on the same task and seed: their training
+    curves (:func:`training_curve`), the run's horizon and whether it ended non-finite."""
+    return speedup(
+        *training_curve(record["train_loss"], record["steps"]),
+        *training_curve(reference["train_loss"], reference["steps"]),
+        record["steps"],
+        nonfinite=record["nonfinite_at"] is not None,
+    )
 
 
 def paired_outcome(

@@ -110,15 +110,7 @@ class SuiteResults:
                 row["seeds"] = len(recs)
                 for name in ("val_loss", "test_loss", "test_accuracy"):
                     row[name], row[f"{name}_ci95"] = stats.mean_confidence_interval([_final(r, name) for r in recs])
-                speed = [
-                    stats.speedup(
-                        *stats.training_curve(r["train_loss"], r["steps"]),
-                        *stats.training_curve(q["train_loss"], q["steps"]),
-                        r["steps"],
-                        nonfinite=r["nonfinite_at"] is not None,
-                    )
-                    for r, q in zip(recs, ref, strict=True)
-                ]
+                speed = [stats.run_speedup(r, q) for r, q in zip(recs, ref, strict=True)]
                 row["speedup"], row["speedup_ci95"] = stats.mean_confidence_interval(speed)
                 row["norm_val_loss"] = row["val_loss"] / stats.mean_confidence_interval(ref_val)[0]
                 row["norm_test_loss"] = row["test_loss"] / stats.mean_confidence_interval(ref_test)[0]

@@ -29,6 +29,7 @@ and one short file per member::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -506,8 +507,9 @@ def _read_mapping(path: Path) -> dict[str, Any]:
 _FLOAT = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$")
 
 
-def _yaml_load(text: str) -> Any:
-    """``yaml.safe_load`` with YAML 1.2's floats, so that ``lr: 1e-4`` is a number as in JSON."""
+@functools.cache
+def _yaml_loader() -> type:
+    """PyYAML's ``SafeLoader`` with YAML 1.2's floats (built once, on first use: PyYAML is optional)."""
     import yaml
 
     class Loader(yaml.SafeLoader):
@@ -515,7 +517,14 @@ def _yaml_load(text: str) -> Any:
 
     Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
-    return yaml.load(text, Loader=Loader)  # noqa: S506  # a SafeLoader
+    return Loader
+
+
+def _yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` with YAML 1.2's floats, so that ``lr: 1e-4`` is a number as in JSON."""
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_loader())  # noqa: S506  # a SafeLoader
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

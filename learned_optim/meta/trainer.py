@@ -491,9 +491,12 @@ class MetaTrainer:
         """Restore the trainer from ``path`` (a ``state-*.json``) or the latest checkpoint; False if none. With
         several ranks (a process group), every rank resumes from the newest meta-step all of them have a checkpoint
         of, and one that has checkpoints none of the others share is an error."""
-        json_path = Path(path) if path is not None else latest_checkpoint(self.checkpoint_dir)
-        if path is None and self._synchronize:
+        if path is not None:
+            json_path: Path | None = Path(path)
+        elif self._synchronize:
             json_path = self._common_checkpoint()
+        else:
+            json_path = latest_checkpoint(self.checkpoint_dir)
         if json_path is None:
             return False
         trainer_state_from_tensors(self, *read_checkpoint(json_path, self.config.to_dict()))
