@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from learned_optim.bench import stats  # noqa: E402
 from learned_optim.bench.run import read_run_record  # noqa: E402
-from learned_optim.bench.suite import REFERENCE  # noqa: E402
+from learned_optim.bench.suite import REFERENCE, final_value  # noqa: E402
 
 #: Issue 15's bars: (aggregate, "at most" or "at least", bound).
 BARS = {"val": ("at most", 1.0), "test": ("at most", 1.0), "speedup": ("at least", 1.3)}
@@ -54,25 +53,18 @@ def per_seed_values(results: dict[str, Any], contender: str, stores: Sequence[Pa
     for task in tasks:
         seeds = sorted(set(runs[task][contender]) & set(runs[task][REFERENCE]))
         pairs = [(runs[task][contender][s], runs[task][REFERENCE][s]) for s in seeds]
+        # the stored records where the store has them: the training curves, and a diverged run's final loss as the
+        # suite counts it (its initial validation loss; results.json leaves it empty, read as NaN here)
+        records = [[read_run_record(stores, run["key"]) for run in pair] for pair in pairs]
+        stored = all(record is not None for pair in records for record in pair)
+        measured = records if stored else pairs
         for name, key in (("val", "val_loss"), ("test", "test_loss")):
-            out[name].append([[_final(c, key) for c, _ in pairs], [_final(r, key) for _, r in pairs]])
-        speedups = []
-        for c, r in pairs:
-            records = [read_run_record(stores, run["key"]) for run in (c, r)]
-            if any(record is None for record in records):
-                speedups = []
-                break
-            speedups.append(stats.run_speedup(*records))
-        out["speedup"].append(speedups)
+            out[name].append([[final_value(pair[side], key) for pair in measured] for side in (0, 1)])
+        out["speedup"].append([stats.run_speedup(*pair) for pair in records] if stored else [])
     arrays = {k: np.array(v, dtype=float) for k, v in out.items() if k != "speedup"}
     if all(len(s) == len(out["speedup"][0]) > 0 for s in out["speedup"]):
         arrays["speedup"] = np.array(out["speedup"], dtype=float)
     return arrays
-
-
-def _final(run: dict[str, Any], key: str) -> float:
-    value = run["final"].get(key)
-    return math.nan if value is None else float(value)
 
 
 def aggregates(values: dict[str, np.ndarray], per_seed: bool = False) -> dict[str, float]:

@@ -19,7 +19,7 @@ import dataclasses
 import math
 import os
 import platform
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,16 @@ from .run import (
 from .tasks import QUICK, QUICK_STEPS_FRACTION, SELECTION_TASKS, TASKS, Workload, get_task
 from .tuning import EDGE_EXTENSIONS, Tuning, tune
 
-__all__ = ["REFERENCE", "BASELINE_NAMES", "DEFAULT_BASELINES", "Contender", "SuiteResults", "run_suite", "card_key"]
+__all__ = [
+    "REFERENCE",
+    "BASELINE_NAMES",
+    "DEFAULT_BASELINES",
+    "Contender",
+    "SuiteResults",
+    "run_suite",
+    "card_key",
+    "final_value",
+]
 
 REFERENCE = "adamw"
 #: The baselines the suite runs by default, among :data:`BASELINE_NAMES` (the flatness-seeking ones cost 2-20
@@ -79,11 +88,12 @@ def _flatness_names(records: list[dict[str, Any]]) -> list[str]:
     return [n for n in records[0]["flatness"] if all(n in r["flatness"] for r in records)]
 
 
-def _final(record: dict[str, Any], name: str) -> float:
-    """A final value of a run; a run that ended non-finite counts with its initial validation loss."""
+def final_value(record: Mapping[str, Any], name: str) -> float:
+    """A final value of a run record; a run that ended non-finite counts with its initial validation loss (NaN from
+    a summary without it, such as a ``results.json`` run entry)."""
     v = record["final"].get(name)
     if v is None and name.endswith("_loss"):
-        v = record["initial_val_loss"]
+        v = record.get("initial_val_loss")
     return math.nan if v is None else float(v)
 
 
@@ -102,19 +112,21 @@ class SuiteResults:
         out = []
         for task, by_contender in self.records.items():
             ref = by_contender[REFERENCE]
-            ref_val = [_final(r, "val_loss") for r in ref]
-            ref_test = [_final(r, "test_loss") for r in ref]
+            ref_val = [final_value(r, "val_loss") for r in ref]
+            ref_test = [final_value(r, "test_loss") for r in ref]
             for contender, recs in by_contender.items():
                 row: dict[str, Any] = {"task": task, "contender": contender}
                 row["setting"] = self.settings[task][contender].describe()
                 row["seeds"] = len(recs)
                 for name in ("val_loss", "test_loss", "test_accuracy"):
-                    row[name], row[f"{name}_ci95"] = stats.mean_confidence_interval([_final(r, name) for r in recs])
+                    row[name], row[f"{name}_ci95"] = stats.mean_confidence_interval(
+                        [final_value(r, name) for r in recs]
+                    )
                 speed = [stats.run_speedup(r, q) for r, q in zip(recs, ref, strict=True)]
                 row["speedup"], row["speedup_ci95"] = stats.mean_confidence_interval(speed)
                 row["norm_val_loss"] = row["val_loss"] / stats.mean_confidence_interval(ref_val)[0]
                 row["norm_test_loss"] = row["test_loss"] / stats.mean_confidence_interval(ref_test)[0]
-                diff, half, outcome = stats.paired_outcome([_final(r, "test_loss") for r in recs], ref_test)
+                diff, half, outcome = stats.paired_outcome([final_value(r, "test_loss") for r in recs], ref_test)
                 row["test_loss_diff"], row["test_loss_diff_ci95"], row["outcome"] = diff, half, outcome
                 row["diverged"] = sum(stats.diverged(r["train_loss"], r["nonfinite_at"]) for r in recs)
                 row["nonfinite"] = sum(r["nonfinite_at"] is not None for r in recs)

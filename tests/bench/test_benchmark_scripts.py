@@ -328,3 +328,14 @@ def test_aggregate_uncertainty_reads_a_suite_and_resamples_seeds_in_pairs(tmp_pa
     assert "| val loss / AdamW |" in printed and "no speed-ups" in printed
     with pytest.raises(SystemExit, match="no task has runs of 'you'"):
         script.main([str(path), "--contender", "you"])
+    # with the run store: speed-ups, and a diverged run's loss as the suite counts it (its initial validation loss)
+    store = tmp_path / "runs"
+    store.mkdir()
+    for run in runs:
+        diverged = run["key"] == "00me [adamw]"
+        record = {"final": {**run["final"], **({"val_loss": None} if diverged else {})}, "initial_val_loss": 5.0,
+                  "train_loss": [2.0] * 19 + [1.0], "steps": 20, "nonfinite_at": 7 if diverged else None}  # fmt: skip
+        (store / f"{run['key']}.json").write_text(json.dumps(record))
+    stored = script.per_seed_values(results, "me [adamw]", [store])
+    assert stored["val"][0, 0, 0] == 5.0 and stored["speedup"].shape == (4, 3)
+    assert stored["speedup"][0, 0] == 0.0 and stored["speedup"][1, 0] == 1.0  # diverged: 0; the same curve: 1
