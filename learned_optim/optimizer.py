@@ -396,16 +396,15 @@ class LearnedOptimizer(Optimizer):
                 "updated. Pass nonfinite='skip' to skip such steps, or use torch.amp.GradScaler."
             )
         todo: dict[int, list[Tensor]] = {}
-        kept = 1 + len(self.rule.state_names())  # "step" and the net's state
+        kept = {"step", *self.rule.state_names()}
         for group, p in items:
             state = self.state[p]
             if not state:
                 state.update(self._init_state(p))
-            elif len(state) != kept:  # state put there by a wrapper that loads it itself (ZeRO), not load_state_dict
+            elif state.keys() != kept:  # state put there by a wrapper that loads it itself (ZeRO), not load_state_dict
                 raise ValueError(
                     f"the state of parameter {self._param_name(group, p)} has keys {sorted(state)}, but this "
-                    f"{self.rule.family} net keeps {sorted({'step', *self.rule.state_names()})}: state from another "
-                    "optimizer? Nothing was updated"
+                    f"{self.rule.family} net keeps {sorted(kept)}: state from another optimizer? Nothing was updated"
                 )
             if float(group["lr"]) == 0.0:
                 continue

@@ -468,7 +468,7 @@ def test_state_put_in_place_by_a_wrapper_from_another_net_raises_before_any_chan
     other = next(
         f
         for f in FAMILY_NAMES
-        if f != family and len(make_rule(f).state_names()) != len(make_rule(family).state_names())
+        if f != family and set(make_rule(f).state_names()) != set(make_rule(family).state_names())
     )
     model = make_model()
     source = LearnedOptimizer(model.parameters(), make_rule(other))
@@ -479,6 +479,21 @@ def test_state_put_in_place_by_a_wrapper_from_another_net_raises_before_any_chan
         opt.state[p] = {k: v.clone() for k, v in source.state[p].items()}
     before = snapshot(model, opt)
     with pytest.raises(ValueError, match=f"{family} net keeps.*another optimizer"):
+        opt.step()
+    assert_identical(before, snapshot(model, opt))
+
+
+def test_state_put_in_place_with_as_many_but_other_keys_raises_before_any_change(family, make_rule):
+    """The step checks the state's key names, not only their count: a foreign state with as many keys is refused."""
+    model = make_model()
+    opt = LearnedOptimizer(model.parameters(), make_rule(family))
+    backward(model, opt, 0)
+    opt.step()
+    first = next(iter(model.parameters()))
+    name = next(k for k in opt.state[first] if k != "step")
+    opt.state[first]["foreign_" + name] = opt.state[first].pop(name)
+    before = snapshot(model, opt)
+    with pytest.raises(ValueError, match=f"has keys .*foreign_{name}.*{family} net keeps"):
         opt.step()
     assert_identical(before, snapshot(model, opt))
 
