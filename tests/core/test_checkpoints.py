@@ -6,6 +6,7 @@ unpickles anything; the pickle cases below make any unpickling attempt fail the 
 
 from __future__ import annotations
 
+import inspect
 import json
 import pickle
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import learned_optim
 from learned_optim import CheckpointError, LearnedOptimizer, load_rule, save_pretrained
-from learned_optim.hub import CARD_NAME, CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME
+from learned_optim.hub import CARD_NAME, CONFIG_NAME, FORMAT_VERSION, OPTIMIZER_DEFAULTS, WEIGHTS_NAME
 
 #: A non-default configuration per family, so the round trip proves every field is saved.
 CUSTOM_CONFIGS = {
@@ -238,6 +239,16 @@ def test_the_same_weights_save_to_the_same_bytes(tmp_path):
     rule = learned_optim.build_rule("adafac_mlp", {"hidden_size": 4})
     saved = {(save_pretrained(rule, tmp_path / str(i)) / WEIGHTS_NAME).read_bytes() for i in range(16)}
     assert len(saved) == 1
+
+
+def test_the_optimizer_defaults_a_checkpoint_may_set_are_the_optimizers_keywords_with_json_defaults():
+    """``OPTIMIZER_DEFAULTS`` lists keywords of :class:`LearnedOptimizer` whose own defaults are of the listed
+    JSON types, so the two cannot drift apart."""
+    keywords = inspect.signature(LearnedOptimizer).parameters
+    for key, kinds in OPTIMIZER_DEFAULTS.items():
+        assert key in keywords, key
+        default = keywords[key].default
+        assert default is None or isinstance(default, kinds), (key, default)
 
 
 def test_checkpoint_error_is_a_value_error():
