@@ -30,6 +30,8 @@ with one process computing the same two tasks' meta-gradients.
 from __future__ import annotations
 
 import copy
+import functools
+import io
 import json
 import os
 import subprocess
@@ -161,6 +163,18 @@ def scenario_zero(rank: int, world: int, out: Path) -> dict:
         zero = ZeroRedundancyOptimizer(
             model.parameters(), optimizer_class=LearnedOptimizer, rule=rule, lr=rule.default_lr
         )
+        # the rule bound to the class instead stays out of ZeRO's param groups: its state dict loads weights-only
+        bound_model = DDP(_model())
+        bound = ZeroRedundancyOptimizer(
+            bound_model.parameters(), optimizer_class=functools.partial(LearnedOptimizer, rule=rule)
+        )
+        _train(bound_model, bound, range(1), batch_of)
+        bound.consolidate_state_dict(to=0)
+        if rank == 0:
+            buffer = io.BytesIO()
+            torch.save(bound.state_dict(), buffer)
+            buffer.seek(0)
+            torch.load(buffer, weights_only=True)
         _train(model, zero, range(STEPS), batch_of)
         plain_model = DDP(_model())
         plain = LearnedOptimizer(plain_model.parameters(), rule)
