@@ -253,7 +253,7 @@ class ImageClassificationFamily(TaskFamily):
         dataset: ``"digits"`` (default, embedded), ``"mnist"``, ``"fashion-mnist"``, ``"cifar10"``.
         data_root, download, val_fraction, split_seed, verify_checksums: passed to
             :func:`learned_optim.tasks.data.load_splits` (no download unless ``download=True``).
-        image_size, channels: resize / convert the images (``None``: native).
+        image_size, image_channels: resize the images / convert them to 1 or 3 channels (``None``: native).
         batch_size: training minibatch (128, the papers'); ``None``: full batch.
         eval_batch_size: val/test batch (``None``: the whole split).
         n_train: keep a random subset of this many training examples, drawn per task.
@@ -272,7 +272,7 @@ class ImageClassificationFamily(TaskFamily):
         data_root: str | os.PathLike | None = None,
         download: bool = False,
         image_size: int | None = None,
-        channels: int | None = None,
+        image_channels: int | None = None,
         batch_size: int | None = 128,
         eval_batch_size: int | None = None,
         n_train: int | None = None,
@@ -304,7 +304,7 @@ class ImageClassificationFamily(TaskFamily):
             data_root=data_root,
             download=download,
             image_size=image_size,
-            channels=channels,
+            channels=image_channels,
             val_fraction=val_fraction,
             split_seed=split_seed,
             verify_checksums=verify_checksums,

@@ -316,6 +316,21 @@ def test_mlp_family_on_torchvision_folder(tmp_path):
         make_family("mnist-conv", data_root=tmp_path / "missing")
 
 
+@pytest.mark.parametrize("name", ["conv", "mlp", "resnet"])
+def test_image_families_convert_channels_beside_their_own_options(name):
+    """``image_channels`` converts the images for every image family, the conv net's widths (``channels``) included,
+    and the config keeps both and rebuilds the same family."""
+    family = make_family(name, image_channels=3, image_size=16, batch_size=2, eval_batch_size=2)
+    assert family.input_shape == (3, 16, 16) and family.config["image_channels"] == 3
+    rebuilt = make_family(family.name, **family.config)
+    assert rebuilt.input_shape == (3, 16, 16) and rebuilt.config == family.config
+    task = family.sample(gen())
+    x, y = task.batch("train", gen())
+    assert x.shape == (2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.isfinite(task.loss(task.init_params(gen()), (x, y)))
+
+
 # ------------------------------------------------------------------ registry and mixture
 
 
