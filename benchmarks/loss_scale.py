@@ -11,8 +11,9 @@ For each task of a suite ``results.json`` (``python -m learned_optim bench``), w
 tuning (the suite's ``adamw`` rule: the learned optimizer keeps AdamW's lr, weight decay and schedule), both train
 with the training loss multiplied by each scale; the validation and test losses are not scaled. Nothing is tuned
 or chosen here: this measures a property of a given optimizer. Printed per task and scale: the mean final
-validation loss of each (over the seeds), each over its own at scale 1, and the learned one over AdamW's at the
-same scale; then the interquartile mean over the tasks of the last two.
+validation loss of each (over the seeds; a run that diverged counts with its initial validation loss, as in the
+suite), each over its own at scale 1, and the learned one over AdamW's at the same scale; then the interquartile
+mean over the tasks of the last two.
 
     python benchmarks/loss_scale.py --optimizer pretrained/adafac-mlp-adam-magnitude-tbv-nomup-soup-all8 \
         --results benchmarks/results/bench/flagship-rerun-s18/results.json --scales 0.01 1 100 --seeds 2
@@ -38,6 +39,7 @@ from _common import machine_header  # noqa: E402
 
 from learned_optim.bench import stats  # noqa: E402
 from learned_optim.bench.run import Setting, baseline_optimizer, learned_optimizer, train  # noqa: E402
+from learned_optim.bench.suite import final_value  # noqa: E402
 from learned_optim.bench.tasks import Workload, get_task  # noqa: E402
 
 
@@ -58,12 +60,6 @@ def adamw_settings(results: Path) -> dict[str, dict[str, Any]]:
     """AdamW's chosen setting per task from a suite ``results.json``'s tuning."""
     tuning = json.loads(results.read_text())["tuning"]
     return {t["task"]: t["chosen"] for t in tuning if t["contender"] == "adamw"}
-
-
-def final_val_loss(record: dict[str, Any]) -> float:
-    """A run's final validation loss (NaN where it diverged)."""
-    value = record["final"]["val_loss"]
-    return math.nan if value is None else float(value)
 
 
 def mean(values: list[float]) -> float:
@@ -99,7 +95,10 @@ def main(argv: list[str] | None = None) -> None:
         for opt in (adamw, learned):
             setting = dataclasses.replace(chosen, optimizer=opt.name)
             finals[name][opt.name] = {
-                s: [final_val_loss(train(ScaledLoss(workload, s), opt, setting, seed)) for seed in range(args.seeds)]
+                s: [
+                    final_value(train(ScaledLoss(workload, s), opt, setting, seed), "val_loss")
+                    for seed in range(args.seeds)
+                ]
                 for s in args.scales
             }
         by = {o: {s: mean(v) for s, v in finals[name][o].items()} for o in (adamw.name, learned.name)}
