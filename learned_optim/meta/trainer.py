@@ -540,6 +540,13 @@ class MetaTrainer:
                 f"{self.out_dir} already holds a run's checkpoints; pass resume=True (--resume) "
                 "to continue it or choose another out_dir (--out)"
             )
+        if resumed and self.finished and (self.model_dir / "config.json").exists():
+            warnings.warn(
+                f"{self.out_dir} holds a run that finished ({self.finish_reason}) after {self.meta_steps} meta-steps; "
+                f"its net is {self.model_dir}. Nothing was trained or written",
+                stacklevel=2,
+            )
+            return self.model_dir
         if not resumed and (self.model_dir / "config.json").exists():
             raise FileExistsError(
                 f"{self.model_dir} holds a finished run's net and {self.checkpoint_dir} no checkpoint to resume "

@@ -98,9 +98,14 @@ def test_training_writes_a_loadable_zoo_folder_log_and_checkpoint(tmp_path):
     # the run folder is not the checkpoint, and says where that is
     with pytest.raises(learned_optim.CheckpointError, match=r"meta-training run's folder; its net is .*run/model"):
         learned_optim.load_rule(tmp_path / "run")
-    # a finished run is never silently overwritten
+    # a finished run is never silently overwritten, and resuming it writes nothing
     with pytest.raises(FileExistsError, match="resume"):
         MetaTrainer(tiny_config(), out_dir=tmp_path / "run", progress=False).train()
+    written = {p: p.read_bytes() for p in sorted((tmp_path / "run").rglob("*")) if p.is_file()}
+    with pytest.warns(UserWarning, match=r"finished \(meta_epochs\) after 8 meta-steps.*Nothing was trained"):
+        again = MetaTrainer(tiny_config(), out_dir=tmp_path / "run", progress=False).train(resume=True)
+    assert again == folder
+    assert {p: p.read_bytes() for p in sorted((tmp_path / "run").rglob("*")) if p.is_file()} == written
     # the result drives the runtime optimizer
     x = torch.nn.Parameter(torch.ones(3))
     opt = learned_optim.from_pretrained(folder, [x])
