@@ -105,31 +105,44 @@ def model_card(config: Mapping[str, Any], sections: Sequence[str] = ()) -> str:
 
 
 def _adaptation_lines(training: Mapping[str, Any]) -> list[str]:
-    """The card's "## Adaptation" section: the parent checkpoint and each :func:`learned_optim.adapt` run."""
-    records = training.get("adaptation") or []
-    if not records:
+    """The card's "## Adaptation" section: each generation of :func:`learned_optim.adapt` runs the net went through,
+    newest first, read from ``training.adaptation`` and the parents' records under ``training.parent`` (a net
+    loaded from an adapted checkpoint and saved again keeps its parent's adaptations in its card)."""
+    generations = []  # (where its parent's record is, the checkpoint adapted from, its adaptations), from this net back
+    record: Mapping[str, Any] = training
+    where = "training.parent"
+    while record:
+        parent = record.get("parent") or {}
+        if record.get("adaptation"):
+            generations.append((where, parent, record["adaptation"]))
+        record, where = parent.get("training") or {}, where + ".training.parent"
+    if not generations:
         return []
-    parent = training.get("parent") or {}
     lines = ["", "## Adaptation", ""]
-    if parent:
-        lines += [
-            f"Adapted from `{parent.get('name') or parent.get('source')}` (loaded from "
-            f"`{parent.get('source')}`{', revision ' + str(parent['revision']) if parent.get('revision') else ''})"
-            " with `learned_optim.adapt`; the parent's training and results are under `training.parent` in "
-            "config.json and do not describe this net.",
-            "",
-        ]
-    for i, r in enumerate(records, 1):
-        what = f"{r.get('model')} ({r.get('num_parameters')} parameters), loss `{r.get('loss_fn')}`"
-        if r.get("description"):
-            what += f", data: {r['description']}"
-        lines.append(
-            f"{i}. {r.get('date')}: {what}; {r.get('steps')} Adam steps (lr {r.get('lr')}) on unrolls of "
-            f"{r.get('unroll')} optimizer steps (optimizer lr {r.get('optimizer_lr')}), "
-            f"{r.get('batches_seen')} batches like {json.dumps(r.get('example_batch'))}; meta-loss "
-            f"{r.get('meta_loss_first')} -> {r.get('meta_loss_last')}."
-        )
-    return lines
+    if not training.get("adaptation"):
+        parent = training.get("parent") or {}
+        lines += [f"Saved again from `{parent.get('name') or parent.get('source')}` without further adaptation.", ""]
+    for where, parent, records in generations:
+        if parent:
+            lines += [
+                f"Adapted from `{parent.get('name') or parent.get('source')}` (loaded from "
+                f"`{parent.get('source')}`{', revision ' + str(parent['revision']) if parent.get('revision') else ''})"
+                f" with `learned_optim.adapt`; the parent's training and results are under `{where}` in "
+                "config.json and do not describe this net.",
+                "",
+            ]
+        for i, r in enumerate(records, 1):
+            what = f"{r.get('model')} ({r.get('num_parameters')} parameters), loss `{r.get('loss_fn')}`"
+            if r.get("description"):
+                what += f", data: {r['description']}"
+            lines.append(
+                f"{i}. {r.get('date')}: {what}; {r.get('steps')} Adam steps (lr {r.get('lr')}) on unrolls of "
+                f"{r.get('unroll')} optimizer steps (optimizer lr {r.get('optimizer_lr')}), "
+                f"{r.get('batches_seen')} batches like {json.dumps(r.get('example_batch'))}; meta-loss "
+                f"{r.get('meta_loss_first')} -> {r.get('meta_loss_last')}."
+            )
+        lines.append("")
+    return lines[:-1]
 
 
 def parent_record(config: Mapping[str, Any], **where: Any) -> dict[str, Any]:

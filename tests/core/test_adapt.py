@@ -222,6 +222,14 @@ def test_save_pretrained_after_adapting_a_pretrained_net_records_its_parent(tmp_
     assert second["name"] == "mine" and len(second["training"]["adaptation"]) == 1
     assert second["training"]["parent"]["name"] == "toy-l2o-adapted"
     assert second["training"]["parent"]["training"]["parent"]["name"] == "toy-l2o"
+    second_card = (tmp_path / "adapted2" / "README.md").read_text()
+    assert second_card.count("Adapted from") == 2 and "Adapted from `toy-l2o-adapted`" in second_card
+    # an adapted checkpoint loaded and saved again keeps its adaptations in the card
+    learned_optim.from_pretrained(tmp_path / "adapted", model2.parameters()).save_pretrained(tmp_path / "again")
+    again_card = (tmp_path / "again" / "README.md").read_text()
+    assert "## Adaptation" in again_card and "Saved again from `toy-l2o-adapted`" in again_card
+    assert "Adapted from `toy-l2o`" in again_card and "toy batches" in again_card
+    assert "under `training.parent.training.parent`" in again_card
 
 
 def test_restore_model_false_leaves_batchnorm_one_update_per_optimizer_step():
