@@ -8,8 +8,10 @@ In an imitation meta-epoch the optimizee follows the trajectory of the teacher, 
     \Delta^{\mathrm{Adam}}_t = -\eta\,\frac{m_t/(1-\beta_1^t)}{\sqrt{v_t/(1-\beta_2^t)} + \epsilon},\quad
     \theta_t = \theta_{t-1} + \Delta^{\mathrm{Adam}}_t
 
-while the net sees the same gradients (its own state evolving along that trajectory) and proposes
-:math:`\Delta^{\mathrm{net}}_t`. The segment's imitation loss is the mean over its steps of
+while the net sees the same gradients (its own state evolving along that trajectory) and would step by
+:math:`\Delta^{\mathrm{net}}_t = \eta_t\,u_t`, its output :math:`u_t` times the step's lr :math:`\eta_t` (the unroll's:
+the trajectory's lr and the config's schedule, :func:`learned_optim.meta.unroll.step_lr`). The segment's imitation
+loss is the mean over its steps of
 
 .. math:: \ell_t = \tfrac12 \,\|\Delta^{\mathrm{Adam}}_t - \Delta^{\mathrm{net}}_t\|^2 / n
 
@@ -32,8 +34,8 @@ from ..features import bias_corrected, ema
 from ..functional import apply_rule, to_device
 from ..nets.base import UpdateRule
 from ..tasks.base import Task
-from .config import ImitationConfig
-from .unroll import Trajectory, task_loss_and_grad
+from .config import ImitationConfig, UnrollConfig
+from .unroll import Trajectory, step_lr, task_loss_and_grad
 
 __all__ = ["ImitationResult", "adam_delta", "imitation_loss", "imitation_unroll"]
 
@@ -76,13 +78,16 @@ def imitation_unroll(
     *,
     generator: torch.Generator,
     config: ImitationConfig | None = None,
+    unroll_config: UnrollConfig | None = None,
 ) -> ImitationResult:
     """Run ``num_steps`` teacher steps from ``trajectory`` and the net's imitation loss along them.
 
     The teacher's moments live in ``trajectory.extra[name] = {"m": ..., "v": ...}`` (created at zero).
     If the optimizee loss stops being finite the segment ends there (the remaining steps add nothing).
+    ``unroll_config`` gives the lr schedule the net's output is scaled by, as in :func:`~.unroll.unroll`.
     """
     cfg = config or ImitationConfig()
+    unroll_cfg = unroll_config or UnrollConfig()
     betas = (float(cfg.teacher_betas[0]), float(cfg.teacher_betas[1]))
     params = {k: v.detach() for k, v in trajectory.params.items()}
     device = next(iter(params.values())).device
@@ -104,7 +109,9 @@ def imitation_unroll(
             ):
                 break
             train_losses.append(float(loss.detach()))
-            student, state = apply_rule(rule, weights, grads, leaves, state, t)
+            output, state = apply_rule(rule, weights, grads, leaves, state, t)
+            lr_t = step_lr(rule, trajectory, unroll_cfg, t)
+            student = {k: lr_t * u for k, u in output.items()}
             target = {}
             for k, g in grads.items():
                 target[k], teacher[k]["m"], teacher[k]["v"] = adam_delta(

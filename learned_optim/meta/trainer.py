@@ -78,7 +78,8 @@ class MetaTrainer:
         device: overrides ``config.device``.
         family: a :class:`TaskFamily` to use instead of building ``config.task`` (Python API only; pass
             the same one again to resume).
-        hook: extra meta-loss term per trajectory point (see :class:`~learned_optim.meta.unroll.MetaLossHook`).
+        hook: extra meta-loss term per trajectory point (see :class:`~learned_optim.meta.unroll.MetaLossHook`), in
+            truncated-BPTT and MAML meta-steps (not in imitation meta-epochs; refused with PES).
         progress: show a tqdm progress bar over meta-epochs.
         command: the command line recorded in the model card.
         rank, world_size: data-parallel meta-training (default: from an initialised
@@ -125,6 +126,11 @@ class MetaTrainer:
         if self.world_size > 1 and config.maml.enabled:
             raise ValueError("data-parallel meta-training (world size > 1) does not support maml yet")
         self.out_dir = Path(out_dir or config.out_dir or Path("runs") / config.name)
+        if hook is not None and config.estimator.kind == "pes":
+            raise ValueError(
+                "a meta-loss hook does not combine with estimator 'pes' (it needs backpropagation through the "
+                "segment); use estimator.kind: tbptt for it"
+            )
         self.hook = as_hook(hook)
         self.regularizer_hook = None
         if config.regularizers:  # flatness-aware meta-loss terms (learned_optim.meta.regularizers)
@@ -287,7 +293,14 @@ class MetaTrainer:
             metrics["inner_lr"] = self.trajectory.lr
         if self.trajectory_mode == "imitation":
             imitation = imitation_unroll(
-                self.rule, weights, self.task, self.trajectory, n, generator=self.data_generator, config=cfg.imitation
+                self.rule,
+                weights,
+                self.task,
+                self.trajectory,
+                n,
+                generator=self.data_generator,
+                config=cfg.imitation,
+                unroll_config=cfg.unroll,
             )
             loss, optimizer = imitation.loss, self.imitation_optimizer
             metrics["imitation_loss"] = float(loss.detach())
@@ -314,9 +327,9 @@ class MetaTrainer:
                 extra=float(result.extra.detach()),
                 meta_split_loss_last=float(result.losses[-1].detach()),
             )
-            if self.hook is not None:
-                metrics["regularizers"] = self.hook.pop_values()
             train_losses, end, diverged_at = result.train_losses, result.end, result.diverged_at
+        if self.hook is not None and self.trajectory_mode != "imitation":  # (imitation adds no hook term)
+            metrics["regularizers"] = self.hook.pop_values()
         assert optimizer is not None
         optimizer.zero_grad(set_to_none=True)
         skipped = not loss.requires_grad

@@ -51,6 +51,7 @@ __all__ = [
     "as_hook",
     "StepInputs",
     "start_trajectory",
+    "step_lr",
     "task_loss_and_grad",
     "unroll",
     "evaluation_scores",
@@ -257,6 +258,15 @@ def start_trajectory(
     return Trajectory(params=params, opt_state=opt_state)
 
 
+def step_lr(rule: UpdateRule, trajectory: Trajectory, config: UnrollConfig, t: int) -> float:
+    r"""The lr of the trajectory's 1-based step ``t``: :math:`\eta \cdot` ``lr_factor(schedule, t - 1, T)``, with
+    :math:`\eta` the trajectory's ``lr``, else the config's, else the rule's ``default_lr``, and :math:`T` the
+    trajectory's ``horizon``, else the config's ``trajectory_length``."""
+    lr = trajectory.lr if trajectory.lr is not None else config.lr if config.lr is not None else rule.default_lr
+    horizon = trajectory.horizon if trajectory.horizon is not None else config.trajectory_length
+    return lr * lr_factor(config.schedule, t - 1, horizon)
+
+
 def task_loss_and_grad(
     task: Task, params: Mapping[str, Tensor], batch: Any, *, create_graph: bool = False
 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -306,8 +316,6 @@ def unroll(
     dtype = next((p.dtype for p in trajectory.params.values() if p.is_floating_point()), None)
     device = next(iter(trajectory.params.values())).device
     second_order = cfg.second_order and track_graph
-    lr = trajectory.lr if trajectory.lr is not None else cfg.lr if cfg.lr is not None else rule.default_lr
-    horizon = trajectory.horizon if trajectory.horizon is not None else cfg.trajectory_length
     task_bound = getattr(task, "divergence_bound", None)
     bound = task_bound if task_bound is not None else cfg.max_param_norm
 
@@ -327,7 +335,7 @@ def unroll(
         loss, grads = task_loss_and_grad(task, params, batch, create_graph=second_order)
         with torch.set_grad_enabled(track_graph):
             deltas, new_state = apply_rule(rule, weights, grads, params, state, t)
-            lr_t = lr * lr_factor(cfg.schedule, t - 1, horizon)
+            lr_t = step_lr(rule, trajectory, cfg, t)
             new_params = {k: decoupled_update(params[k], deltas[k], lr_t) for k in params}
         return loss, new_params, new_state, grads
 

@@ -185,3 +185,27 @@ def test_adapt_on_task_returns_an_adapted_copy():
     assert any(not torch.equal(v, adapted.state_dict()[k]) for k, v in original.items())
     curve = evaluate_rule(adapted, family.sample(torch.Generator().manual_seed(9)), steps=10)
     assert curve.shape == (11,) and bool(torch.isfinite(curve).all())
+
+
+def test_maml_meta_steps_log_and_clear_the_regularizer_values(tmp_path):
+    """A MAML meta-step's regularizer values reach the log and leave the hook, as in truncated BPTT."""
+    cfg = {**_config(), "regularizers": [{"kind": "jacobian_trace", "weight": 0.01}]}
+    trainer = MetaTrainer(cfg, out_dir=tmp_path / "run", progress=False)
+    trainer.train()
+    steps = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if r["event"] == "meta_step"]
+    assert steps and all(set(r["regularizers"]) <= {"jacobian_trace"} for r in steps)
+    assert any(r["regularizers"] for r in steps)  # (at the trajectory's end: the block's default `where`)
+    assert trainer.regularizer_hook is not None and not any(trainer.regularizer_hook._values.values())
+
+
+def test_a_meta_loss_hook_with_pes_is_refused(tmp_path):
+    """PES runs no backpropagation through the segment, so a Python-API hook would be ignored: it is refused."""
+    cfg = {
+        "name": "pes-hook",
+        "net": {"family": "rnnprop", "config": {"hidden_size": 4}},
+        "task": {"family": "lasso", "kwargs": {"dim": 3, "num_instances": 4}},
+        "estimator": {"kind": "pes"},
+    }
+    with pytest.raises(ValueError, match="hook does not combine with estimator 'pes'"):
+        MetaTrainer(cfg, out_dir=tmp_path / "run", progress=False, hook=lambda *a, **k: None)

@@ -84,3 +84,32 @@ def test_imitation_unroll_follows_adam_and_trains_the_net_towards_it():
         loss.backward()
         opt.step()
     assert float(loss.detach()) < 0.5 * first
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_imitation_compares_adam_with_the_step_the_net_takes_at_its_lr(schedule):
+    """The net's output is scaled by the unroll's lr of each step (the trajectory's lr and the schedule) before it is
+    compared with Adam's step: a net stepping like Adam at lr 1e-3 has the loss of its output times 1e-3."""
+    from learned_optim.functional import apply_rule
+    from learned_optim.meta.config import UnrollConfig
+    from learned_optim.meta.unroll import step_lr, task_loss_and_grad
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        rule = build_rule("adafac_mlp")
+    task = Bowl()
+    start = start_trajectory(rule, task, torch.Generator().manual_seed(0))
+    cfg, unroll_cfg = ImitationConfig(enabled=True, teacher_lr=0.01), UnrollConfig(schedule=schedule)
+    result = imitation_unroll(
+        rule, None, task, start, 1, generator=torch.Generator(), config=cfg, unroll_config=unroll_cfg
+    )
+    _, grads = task_loss_and_grad(task, {k: v.detach().requires_grad_() for k, v in start.params.items()}, None)
+    output, _ = apply_rule(rule, None, grads, start.params, start.opt_state, 1)
+    lr = step_lr(rule, start, unroll_cfg, 1)
+    assert 0 < lr <= rule.default_lr
+    target = {k: adam_delta(g, torch.zeros_like(g), torch.zeros_like(g), 1, lr=0.01, betas=(0.9, 0.999), eps=1e-8)[0]
+              for k, g in grads.items()}  # fmt: skip
+    expected = imitation_loss(target, {k: lr * u for k, u in output.items()})
+    torch.testing.assert_close(result.loss.detach(), expected.detach())
+    raw = imitation_loss(target, output)
+    assert abs(float(expected) - float(raw)) > 1e-3 * float(raw)  # the lr matters
