@@ -9,11 +9,12 @@ that a malformed ``config.json`` / YAML value fails when it is loaded, with one 
 
 from __future__ import annotations
 
+import math
 import types
 from collections.abc import Mapping
 from typing import Any, Union, cast, get_args, get_origin
 
-__all__ = ["check_value"]
+__all__ = ["check_value", "positive_finite"]
 
 #: Accepted Python types per scalar annotation (``bool`` is never accepted as a number).
 _SCALARS: dict[type, tuple[type, ...]] = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
@@ -62,3 +63,8 @@ def check_value(path: str, annotation: Any, value: Any) -> Any:
         else:
             return value
     raise ValueError(f"{path} must be {' or '.join(expected)}, got {value!r}")
+
+
+def positive_finite(x: float) -> bool:
+    """Whether ``x`` is a positive finite number (a YAML ``.inf`` passes a bare ``x > 0``)."""
+    return math.isfinite(x) and x > 0

@@ -41,7 +41,7 @@ from typing import Any, ClassVar, TypeVar, Union, get_args, get_origin, get_type
 import torch
 from torch import Tensor
 
-from .._validation import check_value
+from .._validation import check_value, positive_finite
 from ..objectives import OBJECTIVES
 from ..schedules import SCHEDULES
 
@@ -206,16 +206,18 @@ class UnrollConfig(_Section):
     def validate(self, where: str) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"{where}.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"{where}.lr must be positive or null")
-        if self.lr_range is not None and not (len(self.lr_range) == 2 and 0 < self.lr_range[0] <= self.lr_range[1]):
-            raise ValueError(f"{where}.lr_range must be [lo, hi] with 0 < lo <= hi, or null")
+        if self.lr is not None and not positive_finite(self.lr):
+            raise ValueError(f"{where}.lr must be positive and finite, or null")
+        if self.lr_range is not None and not (
+            len(self.lr_range) == 2 and positive_finite(self.lr_range[1]) and 0 < self.lr_range[0] <= self.lr_range[1]
+        ):
+            raise ValueError(f"{where}.lr_range must be [lo, hi] with 0 < lo <= hi < inf, or null")
         if self.trajectory_length < 1 or self.segment_length < 1:
             raise ValueError(f"{where}: trajectory_length and segment_length must be >= 1")
-        if self.max_param_norm is not None and not self.max_param_norm > 0:
-            raise ValueError(f"{where}: max_param_norm must be positive or null")
-        if not self.diverged_loss_factor >= 1:
-            raise ValueError(f"{where}: diverged_loss_factor must be >= 1")
+        if self.max_param_norm is not None and not positive_finite(self.max_param_norm):
+            raise ValueError(f"{where}: max_param_norm must be positive and finite, or null")
+        if not (positive_finite(self.diverged_loss_factor) and self.diverged_loss_factor >= 1):
+            raise ValueError(f"{where}: diverged_loss_factor must be finite and >= 1")
 
 
 @dataclasses.dataclass
@@ -248,10 +250,10 @@ class MetaOptimizerConfig(_Section):
     def validate(self, where: str) -> None:
         if self.name is not None and self.name.lower() not in META_OPTIMIZERS:
             raise ValueError(f"{where}.name: {self.name!r} is not one of {', '.join(META_OPTIMIZERS)}")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"{where}.lr must be positive")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"{where}.grad_clip must be positive or null")
+        if self.lr is not None and not positive_finite(self.lr):
+            raise ValueError(f"{where}.lr must be positive and finite")
+        if self.grad_clip is not None and not positive_finite(self.grad_clip):
+            raise ValueError(f"{where}.grad_clip must be positive and finite, or null")
 
     def resolved(self, family: str) -> tuple[str, float]:
         name, lr = DEFAULT_META_OPTIMIZER.get(family, ("adam", 1e-3))
@@ -297,6 +299,10 @@ class ImitationConfig(_Section):
     def validate(self, where: str) -> None:
         if not self.probabilities or any(not 0.0 <= p <= 1.0 for p in self.probabilities):
             raise ValueError(f"{where}.probabilities must be a non-empty list of values in [0, 1]")
+        if not all(positive_finite(x) for x in (self.teacher_lr, self.teacher_eps, self.lr)):
+            raise ValueError(f"{where}: teacher_lr, teacher_eps and lr must be positive and finite")
+        if len(self.teacher_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.teacher_betas):
+            raise ValueError(f"{where}.teacher_betas must be two values in [0, 1), got {self.teacher_betas}")
 
     def probability(self, stage: int) -> float:
         return float(self.probabilities[min(stage, len(self.probabilities) - 1)])
@@ -327,8 +333,8 @@ class MAMLConfig(_Section):
     task_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def validate(self, where: str) -> None:
-        if not self.inner_lr > 0 or self.inner_steps < 1:
-            raise ValueError(f"{where}: inner_lr must be positive and inner_steps >= 1")
+        if not positive_finite(self.inner_lr) or self.inner_steps < 1:
+            raise ValueError(f"{where}: inner_lr must be positive and finite, and inner_steps >= 1")
         if self.inner_update not in ("sgd", "adam"):
             raise ValueError(f"{where}.inner_update must be 'sgd' or 'adam', got {self.inner_update!r}")
         if self.query not in ("new_instance", "same_instance", "next_segment"):
@@ -351,8 +357,8 @@ class EstimatorConfig(_Section):
     def validate(self, where: str) -> None:
         if self.kind not in ("tbptt", "pes"):
             raise ValueError(f"{where}.kind must be 'tbptt' or 'pes', got {self.kind!r}")
-        if self.num_pairs < 1 or not self.sigma > 0:
-            raise ValueError(f"{where}: num_pairs must be >= 1 and sigma positive")
+        if self.num_pairs < 1 or not positive_finite(self.sigma):
+            raise ValueError(f"{where}: num_pairs must be >= 1 and sigma positive and finite")
 
 
 @dataclasses.dataclass

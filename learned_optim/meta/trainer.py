@@ -345,6 +345,12 @@ class MetaTrainer:
             skipped = not math.isfinite(grad_norm)
             if not skipped:
                 optimizer.step()
+                if not all(bool(torch.isfinite(p).all()) for p in self.rule.parameters()):
+                    raise RuntimeError(
+                        f"meta-step {self.meta_steps + 1} made the net's weights non-finite (meta-gradient norm "
+                        f"{grad_norm:.4g}); nothing of this step was saved: resume from the last checkpoint "
+                        "(--resume) with a smaller meta_optimizer.lr or a grad_clip"
+                    )
         optimizer.zero_grad(set_to_none=True)
         self.meta_steps += 1
         self.trajectory = end

@@ -335,3 +335,47 @@ def test_checkpointed_random_state_includes_each_cuda_device(monkeypatch):
     assert torch.equal(tensors["rng.cuda.0"], states[0]) and torch.equal(tensors["rng.cuda.1"], states[1])
     rng_from_tensors(tensors, meta, {})
     assert list(restored) == [0] and torch.equal(restored[0], states[0])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("meta_optimizer.lr=.inf", "meta_optimizer.lr must be positive and finite"),
+        ("unroll.lr=.inf", "unroll.lr must be positive and finite"),
+        ("unroll.lr_range=[1.0,.inf]", "lr_range must be"),
+        ("estimator.sigma=.inf", "sigma positive and finite"),
+        ("maml.inner_lr=.inf", "inner_lr must be positive and finite"),
+        ("unroll.diverged_loss_factor=.inf", "diverged_loss_factor must be finite"),
+        ("regularizers=[{kind: sam, weight: 1, rho: .inf}]", "rho must be positive and finite"),
+        ("regularizers=[{kind: gsam, weight: 1, alpha: .inf}]", "finite alpha"),
+        ("regularizers=[{kind: local_entropy, weight: 1, lr: -0.1}]", "finite lr > 0"),
+        ("imitation.teacher_betas=[0.9]", "teacher_betas must be two values"),
+        ("imitation.teacher_lr=-1", "teacher_lr, teacher_eps and lr must be positive"),
+    ],
+)
+def test_config_values_out_of_range_or_infinite_are_refused_at_load(override, message):
+    from learned_optim.meta.config import resolve_config_path
+
+    with pytest.raises(ValueError, match=message):
+        load_config(resolve_config_path("smoke"), [override])
+
+
+def test_a_meta_step_that_makes_the_weights_non_finite_stops_the_run(tmp_path):
+    """Training does not go on (and ship) a net whose weights became NaN: the step raises, the checkpoints stay."""
+    trainer = MetaTrainer(tiny_config(meta_epochs=4, checkpoint_every=1), out_dir=tmp_path / "run", progress=False)
+    trainer.train(stop_after=2)
+    trainer.save_checkpoint()
+    resumed = MetaTrainer(tiny_config(meta_epochs=4, checkpoint_every=1), out_dir=tmp_path / "run", progress=False)
+    step = resumed.meta_optimizer.step
+
+    def poisoned_step(*args, **kwargs):
+        step(*args, **kwargs)
+        with torch.no_grad():
+            next(resumed.rule.parameters()).view(-1)[0] = float("nan")
+
+    resumed.meta_optimizer.step = poisoned_step
+    with pytest.raises(RuntimeError, match="made the net's weights non-finite.*resume from the last checkpoint"):
+        resumed.train(resume=True)
+    assert not (tmp_path / "run" / "model").exists()
+    again = MetaTrainer(tiny_config(meta_epochs=4, checkpoint_every=1), out_dir=tmp_path / "run", progress=False)
+    assert again.load_checkpoint() and all(bool(torch.isfinite(p).all()) for p in again.rule.parameters())

@@ -366,10 +366,11 @@ def test_blocks_parse_validate_and_schedule():
         [
             {"kind": "hessian_trace", "weight": 1e-3, "probes": 4},
             {"kind": "sam", "weight": 1, "rho": 0.1, "where": "segment_end"},
-            {"kind": "sam", "weight": 0.5, "name": "sam-final", "every": 2},
+            {"kind": "sam", "weight": 0.5, "name": "sam-final"},
+            {"kind": "gam", "weight": 0.5, "where": "posterior", "every": 7},
         ]
     )
-    assert [b.name for b in blocks] == ["hessian_trace", "sam", "sam-final"]
+    assert [b.name for b in blocks] == ["hessian_trace", "sam", "sam-final", "gam"]
     assert blocks[0].where == "posterior" and blocks[0].regularizer.probes == 4
     assert blocks[2].where == "final" and isinstance(blocks[1].weight, float)
     for bad, message in [
@@ -379,6 +380,8 @@ def test_blocks_parse_validate_and_schedule():
         ({"kind": "sam", "weight": 1, "where": "end"}, "where must be"),
         ({"kind": "hessian_trace", "weight": 1, "probes": 0}, "probes"),
         ({"kind": "hessian_trace", "weight": "1"}, "weight must be float"),
+        ({"kind": "sam", "weight": 1, "every": 4}, "every applies to where: all or posterior"),  # sam: final
+        ({"kind": "sam", "weight": 1, "where": "segment_end", "every": 3}, "segment_end already picks"),
     ]:
         with pytest.raises(ValueError, match=message):
             parse_blocks([bad])
@@ -391,6 +394,7 @@ def test_blocks_parse_validate_and_schedule():
     assert active["hessian_trace"] == list(range(51, 101))
     assert active["sam"] == [20, 40, 60, 80, 100]
     assert active["sam-final"] == [100]
+    assert active["gam"] == [56, 63, 70, 77, 84, 91, 98]
 
     config = MetaTrainConfig.from_dict({"net": {"family": "dm_lstm"}, "regularizers": [{"kind": "gam", "weight": 0.1}]})
     assert config.to_dict()["regularizers"] == [{"kind": "gam", "weight": 0.1}]

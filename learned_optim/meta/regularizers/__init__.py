@@ -17,7 +17,8 @@ Config blocks (``MetaTrainConfig.regularizers``, a list; several may be combined
 Every block has ``kind``, ``weight`` (:math:`\lambda`, required), ``where`` (which trajectory points:
 ``posterior`` = second half of the trajectory, :math:`t > T/2`; ``all``; ``final`` = the trajectory's
 last point :math:`t = T`; ``segment_end`` = the last point of every truncated-BPTT segment), ``every``
-(apply at steps :math:`t` with :math:`t \bmod \text{every} = 0` only, to bound the cost), an optional
+(apply at steps :math:`t` with :math:`t \bmod \text{every} = 0` only, to bound the cost; with ``all`` and
+``posterior``, as ``final`` and ``segment_end`` pick their points), an optional
 ``name`` (the key of its logged value) and the hyperparameters of its kind:
 
 =================== ========================================================================= ==========

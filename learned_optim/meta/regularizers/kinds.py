@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..._validation import check_value
+from ..._validation import check_value, positive_finite
 from ..curvature import HVP_MODES, LossFn
 from ..unroll import StepInputs
 from .smoothing import smoothing_term
@@ -123,8 +123,12 @@ class LocalEntropyRegularizer(Regularizer):
     burn_in: int = 0
 
     def check(self) -> None:
-        if not self.gamma > 0 or self.steps < 1 or not 0 <= self.ema <= 1 or not 0 <= self.burn_in < self.steps:
+        if not positive_finite(self.gamma) or self.steps < 1 or not 0 <= self.ema <= 1:
             raise ValueError("need gamma > 0, steps >= 1, 0 <= ema <= 1 and 0 <= burn_in < steps")
+        if not 0 <= self.burn_in < self.steps:
+            raise ValueError("need gamma > 0, steps >= 1, 0 <= ema <= 1 and 0 <= burn_in < steps")
+        if not positive_finite(self.lr) or not (math.isfinite(self.noise) and self.noise >= 0):
+            raise ValueError("need a finite lr > 0 and a finite noise >= 0")
 
     def term(self, loss_fn, params, *, inputs, generator):
         mean = local_entropy_mean(
@@ -151,8 +155,8 @@ class SAMRegularizer(Regularizer):
     gap: bool = False
 
     def check(self) -> None:
-        if not self.rho > 0:
-            raise ValueError("rho must be positive")
+        if not positive_finite(self.rho):
+            raise ValueError("rho must be positive and finite")
 
     def term(self, loss_fn, params, *, inputs, generator):
         return sam_term(loss_fn, params, self.rho, gap=self.gap)
@@ -168,8 +172,8 @@ class GSAMRegularizer(Regularizer):
     alpha: float = 0.4
 
     def check(self) -> None:
-        if not self.rho > 0 or self.alpha < 0:
-            raise ValueError("need rho > 0 and alpha >= 0")
+        if not positive_finite(self.rho) or not (math.isfinite(self.alpha) and self.alpha >= 0):
+            raise ValueError("need a finite rho > 0 and a finite alpha >= 0")
 
     def term(self, loss_fn, params, *, inputs, generator):
         return gsam_term(loss_fn, params, self.rho, self.alpha)
@@ -185,8 +189,8 @@ class GAMRegularizer(Regularizer):
     hvp: str = "forward"
 
     def check(self) -> None:
-        if not self.rho > 0:
-            raise ValueError("rho must be positive")
+        if not positive_finite(self.rho):
+            raise ValueError("rho must be positive and finite")
         _check_hvp(self.hvp)
 
     def term(self, loss_fn, params, *, inputs, generator):
@@ -208,7 +212,8 @@ class SmoothingRegularizer(Regularizer):
     space: str = "features"
 
     def check(self) -> None:
-        if not self.epsilon > 0 or self.steps < 0 or not self.step_fraction > 0 or self.init_std < 0:
+        finite = all(math.isfinite(x) for x in (self.epsilon, self.step_fraction, self.init_std))
+        if not finite or not self.epsilon > 0 or self.steps < 0 or not self.step_fraction > 0 or self.init_std < 0:
             raise ValueError("need epsilon > 0, steps >= 0, step_fraction > 0 and init_std >= 0")
         if self.reduction not in ("sum", "mean"):
             raise ValueError("reduction must be 'sum' or 'mean'")
@@ -295,6 +300,8 @@ def parse_block(block: Mapping[str, Any], where: str = "regularizers[0]") -> Reg
     every = check_value(f"{where}.every", int, values.pop("every", 1))
     if every < 1:
         raise ValueError(f"{where}.every must be >= 1")
+    if every > 1 and place in ("final", "segment_end"):  # (it applied only where both chose a step: maybe never)
+        raise ValueError(f"{where}: every applies to where: all or posterior; where: {place} already picks its points")
     name = check_value(f"{where}.name", str, values.pop("name", ""))
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
