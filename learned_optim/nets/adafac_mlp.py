@@ -543,6 +543,8 @@ class AdafacMLP(UpdateRule):
         )  # fmt: skip
         if delta is None:
             return None
+        if update is not None:  # written through its storage, as an in-place op would
+            torch.autograd.graph.increment_version(param)
         return (None if update is not None else delta), new
 
     def _kernel_net(self, step: Tensor, like: Tensor) -> kernels.AdafacNet:

@@ -951,3 +951,24 @@ def test_a_guard_measured_on_a_busy_machine_is_measured_again_when_it_is_calm(tm
         assert json.loads(path.read_text()) == got  # written where measured again
     monkeypatch.setattr(_guard, "machine_load", lambda: None)  # no load average (not POSIX): never busy
     assert not _guard.busy()
+
+
+@needs_kernels
+@pytest.mark.parametrize("variant", ["plain", "maximize", "column-major grad"])
+def test_the_adafac_kernels_parameter_update_counts_as_an_in_place_change(variant):
+    """Every native path that writes the parameter (the in-place step, and the whole-tensor step the optimizer takes
+    for maximize or a non-contiguous gradient) bumps its version, so autograd refuses a graph that saved the old
+    values, as after an ATen step."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(60, 60) * 0.05)
+    x = torch.randn(4, 60, requires_grad=True)
+    opt = learned_optim.LearnedOptimizer([w], learned_optim.AdafacMLP(), maximize=variant == "maximize")
+    loss = (x @ w).square().sum()  # saves w for the gradient of x
+    loss.backward(retain_graph=True)
+    if variant == "column-major grad":
+        w.grad = w.grad.t().contiguous().t()
+    before = w._version
+    opt.step()
+    assert w._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
