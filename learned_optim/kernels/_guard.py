@@ -12,7 +12,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +135,16 @@ def workloads(n: int) -> dict[str, Callable[[], object]]:
 Switch = Callable[[bool], contextlib.AbstractContextManager[None]]
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def measure(isa: str, switched: Switch) -> dict[str, Any]:
     """Time every kernel against the ATen path of its rule (see :mod:`learned_optim.kernels`)."""
     threads = torch.get_num_threads()
@@ -143,8 +153,14 @@ def measure(isa: str, switched: Switch) -> dict[str, Any]:
     try:
         torch.set_num_threads(1)
         # the workloads seed torch's global generator: the caller's random stream must not depend on whether
-        # this process happened to measure the guard (the first use on a machine) or read it from the cache
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        # this process happened to measure the guard (the first use on a machine) or read it from the cache; they
+        # run in float32 without autocast, whatever the caller's default dtype and autocast state
+        with (
+            torch.no_grad(),
+            torch.random.fork_rng(devices=[]),
+            _default_dtype(torch.float32),
+            torch.autocast("cpu", enabled=False),
+        ):
             for name, work in workloads(GUARD_ROWS).items():
 
                 def on(work: Callable[[], object] = work) -> None:
@@ -197,6 +213,17 @@ def valid(record: Any, isa: str) -> bool:
     )
 
 
+def _write_atomically(path: Path, record: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def load_or_measure(path: Path, isa: str, switched: Switch) -> dict[str, Any] | None:
     """The guard record cached at ``path``, or a fresh measurement written there (atomically): where there is none
     valid (:func:`valid`), or the cached one was measured on a busy machine and this one is calm now (:func:`busy`)."""
@@ -214,10 +241,10 @@ def load_or_measure(path: Path, isa: str, switched: Switch) -> dict[str, Any] | 
     except Exception as err:  # no measurement: the kernels stay unused (the ATen path is always correct)
         logger.warning("learned_optim: measuring the native kernels failed, using the ATen path (%s)", err)
         return None
-    fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        _write_atomically(path, record)
+    except OSError as err:  # a read-only cache: the measurement still counts, for this process
+        logger.warning("learned_optim: could not cache the kernels' guard record at %s (%s)", path, err)
     slower = [k for k in KERNELS if record["ratios"][k] < MIN_SPEEDUP]
     if slower:
         logger.info("learned_optim: kernels %s are not %sx faster than ATen here; ATen runs them", slower, MIN_SPEEDUP)

@@ -189,7 +189,7 @@ def report() -> str:
     """Which path each net family's step takes on this machine, and why (ISA, measured ratio, threshold)."""
     from ..nets.base import FAMILIES  # lazy: the nets import this module
 
-    lib = _library()
+    lib = _library() if _enabled else None  # switched off: nothing to build or measure
     lines = [f"learned_optim native kernels on {cpu_model()} (CPU runs {', '.join(supported_isas())})"]
     if not _enabled:
         lines.append("  switched off (LEARNED_OPTIM_KERNELS=0 or set_enabled(False)): every family runs on ATen")

@@ -654,14 +654,17 @@ def test_adafac_kernel_declines_what_it_does_not_handle():
             kernels.adafac_pack_step([(21, 30)], grad_, param_, *rest, **kwargs)
 
 
-def _probe(env: dict[str, str], tmp_path) -> str:
-    code = textwrap.dedent("""
+def _probe(env: dict[str, str], tmp_path, extra: str = "") -> str:
+    code = (
+        textwrap.dedent("""
         import torch, learned_optim
         from learned_optim import kernels
         p = torch.nn.Parameter(torch.ones(100)); p.grad = torch.full((100,), 0.1)
         learned_optim.LearnedOptimizer([p], learned_optim.DMLSTM()).step()
         print("available", kernels.available(), "error", kernels.build_error(), "finite", bool(torch.isfinite(p).all()))
     """)
+        + extra
+    )
     full = {**os.environ, "LEARNED_OPTIM_CACHE": str(tmp_path), **env}
     proc = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -676,9 +679,9 @@ def test_no_compiler_falls_back_to_aten_with_a_warning(tmp_path):
 
 
 def test_environment_switch_disables_the_kernels(tmp_path):
-    out = _probe({"LEARNED_OPTIM_KERNELS": "0"}, tmp_path)
-    assert "available False" in out and "finite True" in out
-    assert not list(tmp_path.rglob("*.so"))  # not even built
+    out = _probe({"LEARNED_OPTIM_KERNELS": "0"}, tmp_path, extra="print(kernels.report())")
+    assert "available False" in out and "finite True" in out and "switched off" in out
+    assert not list(tmp_path.rglob("*.so"))  # not even built, by the step or by report()
 
 
 @needs_kernels
@@ -884,9 +887,39 @@ def test_measuring_the_guard_leaves_the_global_random_stream_alone():
     on its first run on a machine than on every later run."""
     torch.manual_seed(1234)
     state = torch.get_rng_state()
-    record = _guard.measure(kernels.isa(), _runtime._switched)
+    # (and it measures float32 nets whatever the caller's default dtype and autocast: it failed under both)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            record = _guard.measure(kernels.isa(), _runtime._switched)
+        assert torch.get_default_dtype() == torch.float64
+    finally:
+        torch.set_default_dtype(previous)
     assert torch.equal(torch.get_rng_state(), state)
     assert _guard.valid(record, kernels.isa()) and isinstance(record["busy"], bool)
+
+
+def test_a_guard_record_that_cannot_be_cached_still_counts(tmp_path, monkeypatch, caplog):
+    """A read-only cache: the fresh measurement is used for the process (it raised PermissionError from the
+    optimizer's constructor, and the kernels stayed off) and the failed write is logged. Planted record."""
+    record = json.loads(_guard_record_path().read_text())
+    monkeypatch.setattr(_guard, "measure", lambda isa, switched: record)
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(_guard.tempfile, "mkstemp", read_only)
+    with caplog.at_level("WARNING", logger="learned_optim"):
+        assert _guard.load_or_measure(tmp_path / "guard.json", kernels.isa(), _runtime._switched) == record
+    assert "could not cache the kernels' guard record" in caplog.text
+    assert not list(tmp_path.iterdir())
+
+
+def _guard_record_path():
+    library = kernels.library_path()
+    assert library is not None
+    return library.with_suffix(".guard.json")
 
 
 def test_a_close_guard_call_is_measured_again_and_the_median_round_counts():
@@ -913,9 +946,7 @@ def test_a_close_guard_call_is_measured_again_and_the_median_round_counts():
 def test_a_guard_record_of_other_workloads_is_measured_again():
     """The cached guard is valid only for this ISA, this torch and the workloads it timed (a changed guard
     workload must not reuse ratios measured on the old one)."""
-    library = kernels.library_path()
-    assert library is not None
-    record = json.loads(library.with_suffix(".guard.json").read_text())
+    record = json.loads(_guard_record_path().read_text())
     assert _guard.valid(record, kernels.isa())
     assert not _guard.valid({**record, "workloads": "measured-on-other-workloads"}, kernels.isa())
     assert not _guard.valid({k: v for k, v in record.items() if k != "workloads"}, kernels.isa())
@@ -926,9 +957,7 @@ def test_a_guard_measured_on_a_busy_machine_is_measured_again_when_it_is_calm(tm
     """A record measured while every core had another runnable thread counts for now, and the first process that
     finds the machine calm measures it again (a verdict measured under load is otherwise cached for the build); a
     calm record, or a busy one on a still busy machine, is read as it is. Planted loads and records, no timing."""
-    library = kernels.library_path()
-    assert library is not None
-    record = json.loads(library.with_suffix(".guard.json").read_text())
+    record = json.loads(_guard_record_path().read_text())
     path = tmp_path / "guard.json"
     fresh = {**record, "measured": "just now", "busy": False}
     measured = []
