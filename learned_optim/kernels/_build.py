@@ -8,6 +8,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -101,34 +102,74 @@ def requested_isa() -> str:
     return wanted
 
 
-def compile_library(compiler: str, flags: list[str], target: Path) -> None:
-    """Compile every ``csrc/*.cpp`` into the shared library ``target`` (written atomically)."""
+def compile_library(compiler: list[str], flags: list[str], target: Path) -> None:
+    """Compile every ``csrc/*.cpp`` into the shared library ``target`` with ``compiler`` (a command: the compiler
+    and its leading arguments, e.g. ``["ccache", "g++"]``), written atomically and on disk (fsync) before its digest
+    (:func:`intact`)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
         sources = [str(f) for f in sorted(SOURCE_DIR.glob("*.cpp"))]
         subprocess.run(
-            [compiler, *flags, f"-I{SOURCE_DIR}", "-o", tmp, *sources],
+            [*compiler, *flags, f"-I{SOURCE_DIR}", "-o", tmp, *sources],
             check=True,
             capture_output=True,
             text=True,
             timeout=600,
         )
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # a crash after the rename must not leave a short file under the target's name
+        write_atomically(_digest_path(target), _sha256(Path(tmp)).encode())
         os.replace(tmp, target)  # atomic: concurrent builders never load a half-written file
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
+def _digest_path(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in its folder, flushed to disk and renamed over it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def intact(library: Path) -> bool:
+    """Whether the cached ``library`` is the file its build wrote: its SHA-256 is the one recorded beside it. A
+    damaged file (a copy cut short, a crash on a file system that had not written it) may map and then crash
+    the process (SIGBUS) at its first call, which no exception can catch."""
+    try:
+        return _digest_path(library).read_text().strip() == _sha256(library)
+    except OSError:
+        return False
+
+
 def build() -> tuple[ctypes.CDLL, Path, str]:
     """Build (or find in the cache) the library for :func:`requested_isa` and declare its functions' signatures;
-    returns the library, its file and its ISA. Raises ``RuntimeError`` when there is no compiler or it fails."""
+    returns the library, its file and its ISA. Raises ``RuntimeError`` when there is no compiler or it fails.
+    ``$CXX`` may hold a command with arguments (``ccache g++``)."""
     target_isa = requested_isa()
-    compiler = shutil.which(os.environ.get("CXX", "c++"))
-    if compiler is None:
+    command = shlex.split(os.environ.get("CXX", "c++")) or ["c++"]
+    found = shutil.which(command[0])
+    if found is None:
         raise RuntimeError(f"no C++ compiler found (looked for {os.environ.get('CXX', 'c++')!r}; set $CXX)")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    compiler = [found, *command[1:]]
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     source = b"\0".join(f.name.encode() + f.read_bytes() for f in sorted(SOURCE_DIR.glob("*.[ch]*")))
     flags = FLAGS + ISAS[target_isa][0] + openmp_flags(version)
     key = hashlib.sha256(
@@ -145,6 +186,11 @@ def build() -> tuple[ctypes.CDLL, Path, str]:
     ).hexdigest()[:16]
     target = cache_dir() / f"learned_optim-{key}.so"
     try:
+        if target.exists() and not intact(target):
+            logger.warning(
+                "learned_optim: the cached native kernels %s are damaged or unrecorded; building again", target
+            )
+            target.unlink(missing_ok=True)
         if not target.exists():
             logger.info("learned_optim: compiling native kernels (%s) into %s", target_isa, target)
             compile_library(compiler, flags, target)

@@ -10,7 +10,6 @@ import inspect
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ._build import cpu_model
+from ._build import cpu_model, write_atomically
 
 logger = logging.getLogger("learned_optim.kernels")
 
@@ -213,17 +212,6 @@ def valid(record: Any, isa: str) -> bool:
     )
 
 
-def _write_atomically(path: Path, record: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_or_measure(path: Path, isa: str, switched: Switch) -> dict[str, Any] | None:
     """The guard record cached at ``path``, or a fresh measurement written there (atomically): where there is none
     valid (:func:`valid`), or the cached one was measured on a busy machine and this one is calm now (:func:`busy`)."""
@@ -242,7 +230,7 @@ def load_or_measure(path: Path, isa: str, switched: Switch) -> dict[str, Any] | 
         logger.warning("learned_optim: measuring the native kernels failed, using the ATen path (%s)", err)
         return None
     try:
-        _write_atomically(path, record)
+        write_atomically(path, json.dumps(record, indent=1).encode())
     except OSError as err:  # a read-only cache: the measurement still counts, for this process
         logger.warning("learned_optim: could not cache the kernels' guard record at %s (%s)", path, err)
     slower = [k for k in KERNELS if record["ratios"][k] < MIN_SPEEDUP]
