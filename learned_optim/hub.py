@@ -318,6 +318,8 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
         kinds = OPTIMIZER_DEFAULTS[key]
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):  # JSON true is no number
             raise CheckpointError(f"{path}: optimizer default {key!r} has the wrong type: {value!r}")
+    if config.get("schedule") is not None and config["schedule"] not in SCHEDULES:
+        raise CheckpointError(f"{path}: schedule must be one of {SCHEDULES} or absent, got {config['schedule']!r}")
     return config
 
 

@@ -61,6 +61,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -68,7 +69,9 @@ from typing import Any, cast
 import torch
 from torch.optim import Optimizer
 
+from .._files import write_atomically
 from ..hub import read_config, weights_sha256
+from ..nets.base import FAMILIES
 from ..optimizer import NonFiniteGradientError
 from ..schedules import lr_factor
 from . import stats
@@ -290,9 +293,9 @@ def learned_optimizer(name_or_dir: str, adapt_steps: int = 0) -> BenchOptimizer:
         "learned",
         build,
         identity,
-        default_lr=float(defaults.get("lr", 1.0)),
+        default_lr=float(defaults.get("lr", FAMILIES[config["family"]].default_lr)),  # as from_pretrained takes it
         default_weight_decay=float(defaults.get("weight_decay", 0.0)),
-        default_schedule=str(config.get("schedule", "constant")),
+        default_schedule=config.get("schedule") or "constant",
         path=folder,
         adapt_steps=adapt_steps,
     )
@@ -440,13 +443,29 @@ RECORD_SUFFIX = ".json.gz"
 
 
 def read_run_record(folders: Sequence[str | os.PathLike], key: str) -> dict[str, Any] | None:
-    """The stored run ``key`` from the first of ``folders`` (each a ``runs/`` folder) that holds it, or ``None``."""
+    """The stored run ``key`` from the first of ``folders`` (each a ``runs/`` folder) that holds it, or ``None``.
+
+    A file that cannot be read as a run record, or whose record is another run's (a file copied or renamed under
+    the wrong key), is passed over with a warning naming it: the run is then looked up further or trained again."""
     for folder in map(Path, folders):
-        packed, plain = folder / f"{key}{RECORD_SUFFIX}", folder / f"{key}.json"
-        if packed.is_file():
-            return json.loads(gzip.decompress(packed.read_bytes()))
-        if plain.is_file():
-            return json.loads(plain.read_text())
+        for path, read in (
+            (folder / f"{key}{RECORD_SUFFIX}", lambda p: gzip.decompress(p.read_bytes())),
+            (folder / f"{key}.json", lambda p: p.read_bytes()),
+        ):
+            if not path.is_file():
+                continue
+            try:
+                record = json.loads(read(path))
+            except (OSError, EOFError, ValueError) as err:  # (gzip's and JSON's errors are OSError / ValueError)
+                warnings.warn(
+                    f"ignoring the unreadable run record {path} ({err}); the run is trained again", stacklevel=2
+                )
+                continue
+            if not isinstance(record, dict) or record.get("key") != key:
+                found = record.get("key") if isinstance(record, dict) else type(record).__name__
+                warnings.warn(f"ignoring {path}: it holds the record of run {found!r}, not {key!r}", stacklevel=2)
+                continue
+            return record
     return None
 
 
@@ -489,10 +508,9 @@ class RunStore:
 
     def put(self, record: dict[str, Any]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / f".{record['key']}.tmp"
         data = (json.dumps(record, allow_nan=False) + "\n").encode()
-        tmp.write_bytes(gzip.compress(data, mtime=0))  # mtime 0: the same record is the same bytes
-        tmp.replace(self.folder / f"{record['key']}{RECORD_SUFFIX}")
+        # mtime 0: the same record is the same bytes
+        write_atomically(self.folder / f"{record['key']}{RECORD_SUFFIX}", gzip.compress(data, mtime=0))
 
     def run(
         self,

@@ -119,9 +119,10 @@ class SuiteResults:
                 row["setting"] = self.settings[task][contender].describe()
                 row["seeds"] = len(recs)
                 for name in ("val_loss", "test_loss", "test_accuracy"):
-                    row[name], row[f"{name}_ci95"] = stats.mean_confidence_interval(
-                        [final_value(r, name) for r in recs]
-                    )
+                    values = [final_value(r, name) for r in recs]
+                    if name == "test_accuracy" and not all(math.isfinite(v) for v in values):
+                        values = []  # a seed that ended non-finite has no accuracy: n/a, not the other seeds' mean
+                    row[name], row[f"{name}_ci95"] = stats.mean_confidence_interval(values)
                 speed = [stats.run_speedup(r, q) for r, q in zip(recs, ref, strict=True)]
                 row["speedup"], row["speedup_ci95"] = stats.mean_confidence_interval(speed)
                 row["norm_val_loss"] = row["val_loss"] / stats.mean_confidence_interval(ref_val)[0]
@@ -194,7 +195,9 @@ class SuiteResults:
             "over windows of horizon/20 steps, reaches tuned AdamW's last window (< 1: AdamW's step reaching the "
             "optimizer's last window / horizon; 0: non-finite); "
             "W / T / L: paired 95% interval of the test-loss difference to AdamW below / containing / above 0. "
-            f"Diverged: non-finite, or a final training loss above the first step's. torch {c['torch']}, "
+            "Diverged: non-finite, or a final training loss above the first step's; a non-finite run counts with "
+            "its initial validation loss, and its contender's test accuracy is n/a. "
+            f"torch {c['torch']}, "
             f"{c['threads']} thread(s), {c['machine']}; stdlib corpus {c['corpus_fingerprint']} (Python "
             f"{c['python']})."
         )

@@ -11,8 +11,9 @@ import platform
 import shlex
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
+
+from .._files import write_atomically
 
 logger = logging.getLogger("learned_optim.kernels")
 
@@ -104,27 +105,22 @@ def requested_isa() -> str:
 
 def compile_library(compiler: list[str], flags: list[str], target: Path) -> None:
     """Compile every ``csrc/*.cpp`` into the shared library ``target`` with ``compiler`` (a command: the compiler
-    and its leading arguments, e.g. ``["ccache", "g++"]``), written atomically and on disk (fsync) before its digest
+    and its leading arguments, e.g. ``["ccache", "g++"]``), written atomically and recorded by its digest
     (:func:`intact`)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        sources = [str(f) for f in sorted(SOURCE_DIR.glob("*.cpp"))]
+    sources = [str(f) for f in sorted(SOURCE_DIR.glob("*.cpp"))]
+
+    def compile_into(path: Path) -> None:
         subprocess.run(
-            [*compiler, *flags, f"-I{SOURCE_DIR}", "-o", tmp, *sources],
+            [*compiler, *flags, f"-I{SOURCE_DIR}", "-o", str(path), *sources],
             check=True,
             capture_output=True,
             text=True,
             timeout=600,
         )
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())  # a crash after the rename must not leave a short file under the target's name
-        write_atomically(_digest_path(target), _sha256(Path(tmp)).encode())
-        os.replace(tmp, target)  # atomic: concurrent builders never load a half-written file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        write_atomically(_digest_path(target), _sha256(path).encode())  # before the library takes its name
+
+    write_atomically(target, compile_into)  # concurrent builders never load a half-written file
 
 
 def _digest_path(library: Path) -> Path:
@@ -133,20 +129,6 @@ def _digest_path(library: Path) -> Path:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in its folder, flushed to disk and renamed over it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def intact(library: Path) -> bool:

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from ._build import cpu_model, write_atomically
+from .._files import write_atomically
+from ._build import cpu_model
 
 logger = logging.getLogger("learned_optim.kernels")
 

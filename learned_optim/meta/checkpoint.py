@@ -10,9 +10,8 @@ safetensors (never unpickles) and refuses a checkpoint whose config differs from
 from __future__ import annotations
 
 import json
-import os
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -21,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .._files import write_atomically
 from .unroll import Trajectory
 
 if TYPE_CHECKING:
@@ -131,14 +131,6 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return found[max(found)] if found else None
 
 
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def write_checkpoint(
     directory: Path, meta_step: int, tensors: Mapping[str, Tensor], meta: Mapping[str, Any], keep: int = 1
 ) -> Path:
@@ -147,10 +139,10 @@ def write_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     stem = directory / f"state-{meta_step:09d}"
     meta = {"format": CHECKPOINT_FORMAT, **meta}
-    _atomic_write(
+    write_atomically(
         stem.with_suffix(".safetensors"), lambda p: save_file(dict(tensors), str(p), metadata={"format": "pt"})
     )
-    _atomic_write(stem.with_suffix(".json"), lambda p: p.write_text(json.dumps(meta, indent=1) + "\n"))
+    write_atomically(stem.with_suffix(".json"), lambda p: p.write_text(json.dumps(meta, indent=1) + "\n"))
     kept = {f"state-{step:09d}" for step in sorted(complete_checkpoints(directory))[-keep:]} | {stem.name}
     for old in directory.glob("state-*"):
         if old.stem not in kept and not old.name.startswith("."):

@@ -543,3 +543,72 @@ def test_learned_identity_ignores_descriptions_but_not_the_step(tmp_path):
     config["optimizer"] = {**config.get("optimizer", {}), "lr": 0.5}
     (folder / "config.json").write_text(json.dumps(config))
     assert learned_optimizer(str(folder)).identity != before
+
+
+def test_a_damaged_or_misplaced_run_record_is_passed_over_with_a_warning(tmp_path):
+    """A record file that cannot be read (cut short, empty, not JSON, foreign JSON) or that holds another run's
+    record (copied or renamed under the wrong key) is not reused: the run is looked up further, else trained again;
+    the warning names the file. It aborted the bench, or silently changed a row."""
+    import gzip
+    import json
+
+    store = brun.RunStore(tmp_path / "a", extra=[tmp_path / "b"])
+    good = {"key": "k1", "final": {"val_loss": 0.5}}
+    brun.RunStore(tmp_path / "b").put(good)  # a sound copy further along the lookup
+    runs = tmp_path / "a" / "runs"
+    runs.mkdir(parents=True)
+    damaged = {
+        "cut short": gzip.compress(json.dumps(good).encode())[:20],
+        "empty": b"",
+        "not JSON": gzip.compress(b"not json"),
+        "foreign JSON": gzip.compress(b"[1, 2]"),
+        "another run's record": gzip.compress(json.dumps({"key": "k9", "final": {"val_loss": 9.0}}).encode()),
+    }
+    for what, data in damaged.items():
+        (runs / "k1.json.gz").write_bytes(data)
+        with pytest.warns(UserWarning, match=r"ignoring .*a/runs/k1\.json\.gz"):
+            assert store.get("k1") == good, what
+        with pytest.warns(UserWarning):
+            assert brun.RunStore(tmp_path / "a").get("k1") is None, what
+
+
+def test_a_checkpoint_without_a_recorded_lr_runs_at_its_nets_default_lr(tmp_path):
+    """The `default` and `tuned` rules take a checkpoint's lr from its config, else its family's default lr, as
+    from_pretrained does (they took 1.0: AdafacMLP at 1000x its lr, and a multiplier grid); a null schedule is
+    constant and an unknown one is refused when the checkpoint is read."""
+    import json
+
+    from learned_optim import AdafacMLP, save_pretrained
+
+    folder = save_pretrained(AdafacMLP(), tmp_path / "ckpt")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["optimizer"] == {} and "schedule" not in config
+    opt = brun.learned_optimizer(str(folder))
+    assert opt.default_setting().lr == AdafacMLP.default_lr == 1e-3
+    assert [s.lr for s in opt.tuned_grid(brun.FULL_GRIDS["adamw"])] == list(brun.FULL_GRIDS["adamw"].lr)
+    (folder / "config.json").write_text(json.dumps({**config, "schedule": None}))
+    assert brun.learned_optimizer(str(folder)).default_setting().schedule == "constant"
+    (folder / "config.json").write_text(json.dumps({**config, "schedule": "linear"}))
+    with pytest.raises(brun.UnknownOptimizerError, match="schedule must be one of"):
+        brun.learned_optimizer(str(folder))
+
+
+def test_a_seed_that_ended_non_finite_makes_its_contenders_test_accuracy_not_available(tmp_path, monkeypatch):
+    """A non-finite run has no test accuracy: its contender's accuracy is n/a, not the mean of the seeds that
+    survived (which could rank a contender that diverged on most seeds above one that did not)."""
+    calls = []
+    fake = _fake_train(calls)
+
+    def train(workload, optimizer, setting, seed, flatness=None):
+        record = fake(workload, optimizer, setting, seed, flatness)
+        record["final"]["test_accuracy"] = 0.9
+        if optimizer.kind == "learned" and seed == 1:  # this seed ends non-finite: no final values
+            record.update(nonfinite_at=3, final={"val_loss": None})
+        return record
+
+    monkeypatch.setattr(brun, "train", train)
+    results = run_suite(["l2o-mlp"], out=tmp_path, tasks=["diabetes-mlp"], quick=True, seeds=2, progress=False)
+    rows = {r["contender"]: r for r in results.rows()}
+    learned = next(r for name, r in rows.items() if "l2o-mlp" in name)
+    assert math.isnan(learned["test_accuracy"]) and rows["adamw"]["test_accuracy"] == pytest.approx(0.9)
+    assert "n/a" in results.markdown()

@@ -254,7 +254,7 @@ def test_paired_suite_compares_two_contenders_run_by_run(tmp_path, capsys):
                         "final": {"val_loss": test, "test_loss": test},
                     }
                 )
-                (store / f"{key}.json").write_text(json.dumps({"flatness": {"hessian_trace": trace}}))
+                (store / f"{key}.json").write_text(json.dumps({"key": key, "flatness": {"hessian_trace": trace}}))
     (tmp_path / "results.json").write_text(json.dumps({"runs": runs}))
     rows = paired.paired_rows(paired.pooled_runs([tmp_path / "results.json"]), [("A", "B")])
     assert [r["task"] for r in rows] == ["t1", "t2"]
@@ -333,8 +333,9 @@ def test_aggregate_uncertainty_reads_a_suite_and_resamples_seeds_in_pairs(tmp_pa
     store.mkdir()
     for run in runs:
         diverged = run["key"] == "00me [adamw]"
-        record = {"final": {**run["final"], **({"val_loss": None} if diverged else {})}, "initial_val_loss": 5.0,
-                  "train_loss": [2.0] * 19 + [1.0], "steps": 20, "nonfinite_at": 7 if diverged else None}  # fmt: skip
+        record = {"key": run["key"], "final": {**run["final"], **({"val_loss": None} if diverged else {})},
+                  "initial_val_loss": 5.0, "train_loss": [2.0] * 19 + [1.0], "steps": 20,
+                  "nonfinite_at": 7 if diverged else None}  # fmt: skip
         (store / f"{run['key']}.json").write_text(json.dumps(record))
     stored = script.per_seed_values(results, "me [adamw]", [store])
     assert stored["val"][0, 0, 0] == 5.0 and stored["speedup"].shape == (4, 3)
