@@ -1,9 +1,10 @@
 """Command line of learned_optim.
 
 ``python -m learned_optim demo``
-    The README's main job: on the embedded scikit-learn digits, train a fresh model with a pretrained
-    zoo optimizer and with Adam (its learning rate tuned on a small validation grid), print a comparison
-    table and save a plot and the results (JSON, CSV, markdown). A few minutes on two CPU cores.
+    The README's main job: on a task of the benchmark suite that no zoo entry was meta-trained or selected on
+    (:data:`DEMO_TASK`), train fresh models with the flagship learned optimizer (its default lr and schedule, and
+    AdamW's tuned ones) and with AdamW tuned on the validation split; print the comparison and save plots and the
+    results (JSON, CSV, markdown). A few minutes on two CPU cores.
 
 ``python -m learned_optim evaluate ...``
     The meta-test harness of :mod:`learned_optim.bench.evaluate` (``--help`` for its options).
@@ -105,6 +106,7 @@ def build_demo_parser() -> argparse.ArgumentParser:
         help="torch intra-op threads (default 1: the suite's models are small, and more threads only "
         "add synchronisation, which is very slow when the cores are shared)",
     )
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)
     return parser
@@ -114,6 +116,7 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; returns the exit status (2 with a message on stderr when no optimizer is available)."""
     from .bench.cli import print_report
     from .bench.data import DataRootError
+    from .bench.report import check_outputs
     from .bench.run import UnknownOptimizerError, learned_optimizer
     from .bench.suite import run_suite
     from .bench.tasks import UnknownTaskError
@@ -126,6 +129,7 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
         learned = learned_optimizer(name)
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        check_outputs(args.out, plots=not args.no_plots)
         torch.set_num_threads(args.threads)
         assert learned.path is not None
         config = hub.read_config(learned.path)
@@ -153,7 +157,7 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
     except (NoPretrainedOptimizerError, UnknownOptimizerError, UnknownTaskError, DataRootError, ValueError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
-    print_report(results, results.write(args.out))
+    print_report(results, results.write(args.out, plots=not args.no_plots))
     return 0
 
 

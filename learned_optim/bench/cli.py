@@ -13,7 +13,7 @@ import torch
 from ..hub import CheckpointError
 from .data import DataRootError
 from .evaluate import parse_names
-from .report import write_report
+from .report import check_outputs, write_report
 from .run import LR_RULES, UnknownOptimizerError
 from .suite import BASELINE_NAMES, DEFAULT_BASELINES, SuiteResults, card_key, run_suite
 from .tasks import QUICK, TASKS, UnknownTaskError, tasks_markdown
@@ -135,6 +135,10 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
             raise ValueError("--record-card takes suite results only: the selection set's are never a result")
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        missing = [d for d in args.baseline_dir if not (Path(d) / "runs").is_dir()]
+        if missing:
+            raise ValueError(f"--baseline-dir {missing[0]} holds no run store (no runs/ folder in it)")
+        check_outputs(args.out, plots=not args.no_plots, record_card=args.record_card)
         torch.set_num_threads(args.threads)
         results = run_suite(
             args.optimizer,

@@ -54,7 +54,7 @@ from ..tasks.base import Task, TaskFamily
 from .baselines import BASELINES, DEFAULT_LR_GRID, BaselineInfo, register_baseline
 from .flatness import FlatnessOptions
 from .plots import plot_curves
-from .report import write_report
+from .report import check_outputs, write_report
 from .results import EvaluationResults
 from .specs import OptimizerSpec, TaskSource, resolve_optimizer, resolve_task, task_instance
 from .stats import mean_confidence_interval
@@ -330,13 +330,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m learned_optim
         if args.threads < 1:
             parser.error(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():  # before hours of runs, not after them
-        parser.error(f"--out {out} exists and is not a folder")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        parser.error(f"--out {out} cannot be created: {err}")
+        check_outputs(args.out, plots=not args.no_plots, record_card=args.record_card)
+    except ValueError as err:
+        parser.error(str(err))
     try:
         results = evaluate(
             optimizers,

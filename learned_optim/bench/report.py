@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -10,9 +11,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..hub import record_evaluation
+from .._files import write_atomically
+from ..hub import read_config, record_evaluation
 
 __all__ = [
+    "check_outputs",
     "json_safe",
     "slug",
     "plural",
@@ -82,6 +85,23 @@ def write_report(
     return files
 
 
+def check_outputs(out_dir: str | os.PathLike, *, plots: bool, record_card: Sequence[str] = ()) -> None:
+    """What :func:`write_report` needs, checked before the runs (hours of them) rather than after: ``out_dir`` a
+    folder that exists or can be made, matplotlib where ``plots`` are asked for, each ``record_card`` folder a
+    checkpoint. ``ValueError`` (a :class:`~learned_optim.CheckpointError` for a card folder) otherwise."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out {out} cannot be created: {err}") from None
+    if plots and importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("the plots need matplotlib (pip install matplotlib, or the 'meta' extra); or pass --no-plots")
+    for checkpoint in record_card:
+        read_config(checkpoint)
+
+
 def output_files(out_dir: str | os.PathLike, names: Mapping[str, str]) -> dict[str, Path]:
     """Create ``out_dir`` and return ``{key: out_dir / file name}`` for ``names`` (key -> file name)."""
     out = Path(out_dir)
@@ -91,4 +111,4 @@ def output_files(out_dir: str | os.PathLike, names: Mapping[str, str]) -> dict[s
 
 def write_json(path: Path, data: Any) -> None:
     """Strict JSON (no NaN: pass :func:`json_safe` data), indented, with a final newline."""
-    path.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
+    write_atomically(path, (json.dumps(data, indent=1, allow_nan=False) + "\n").encode())

@@ -363,7 +363,13 @@ def run_suite(
 
     if selection and quick:
         raise ValueError("the selection set has no quick variant: drop --quick (it runs in a few minutes)")
-    task_names = list(tasks) if tasks else list(SELECTION_TASKS if selection else QUICK if quick else TASKS)
+    if tasks is not None and not list(tasks):
+        raise ValueError("no task given: name one or more tasks, or leave the option out for the default set")
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    task_names = (
+        list(dict.fromkeys(tasks)) if tasks else list(SELECTION_TASKS if selection else QUICK if quick else TASKS)
+    )
     bench_tasks = [get_task(n, selection) for n in task_names]
     rules = list(dict.fromkeys(lr_rules))
     bad = [r for r in rules if r not in LR_RULES]

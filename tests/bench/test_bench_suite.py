@@ -612,3 +612,33 @@ def test_a_seed_that_ended_non_finite_makes_its_contenders_test_accuracy_not_ava
     learned = next(r for name, r in rows.items() if "l2o-mlp" in name)
     assert math.isnan(learned["test_accuracy"]) and rows["adamw"]["test_accuracy"] == pytest.approx(0.9)
     assert "n/a" in results.markdown()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--out", "{file}"], "exists and is not a folder"),
+        (["--record-card", "{tmp}"], "config.json does not exist"),
+        (["--baseline-dir", "{tmp}/typo"], "holds no run store"),
+        (["--tasks", ","], "no task given"),
+        (["--no-matplotlib"], "the plots need matplotlib"),
+    ],
+)
+def test_bench_refuses_bad_outputs_and_options_before_any_run(tmp_path, monkeypatch, capsys, args, message):
+    """An unusable --out, a --record-card folder that is no checkpoint, a --baseline-dir without runs, an empty task
+    list and plots without matplotlib are refused with one line and status 2 before anything is trained (they
+    failed after the whole suite, or silently retrained or ran the default tasks)."""
+    from learned_optim.bench import report
+
+    calls = []
+    monkeypatch.setattr(brun, "train", _fake_train(calls))
+    if args == ["--no-matplotlib"]:
+        monkeypatch.setattr(report.importlib.util, "find_spec", lambda name: None)
+        args = []
+    (tmp_path / "file").write_text("")
+    args = [a.format(file=tmp_path / "file", tmp=tmp_path) for a in args]
+    out = ["--out", str(tmp_path / "out")] if "--out" not in args else []
+    base = ["--optimizer", "l2o-mlp", "--quick", "--no-progress", *out]
+    tasks = [] if "--tasks" in args else ["--tasks", "diabetes-mlp"]
+    assert bench_main([*base, *tasks, *args]) == 2
+    assert message in capsys.readouterr().err and not calls

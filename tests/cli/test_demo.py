@@ -69,11 +69,12 @@ def test_demo_defaults_to_the_first_zoo_entry_without_the_demo_optimizer(tmp_pat
     for name in ("zz-second", "aa-first"):  # TEST FIXTURES in a temporary zoo
         save_pretrained(AdafacMLP(), zoo / name, name=name, training=meta_trained)
     monkeypatch.setattr(learned_optim.hub, "zoo_dir", lambda: zoo)
-    args = ["demo", "--out", str(tmp_path / "out"), *TINY, "--steps", "2", "--seeds", "1"]
+    args = ["demo", "--out", str(tmp_path / "out"), *TINY, "--steps", "2", "--seeds", "1", "--no-plots"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("Learned optimizer: aa-first (adafac_mlp, ")
     assert "records no meta-training" not in printed
+    assert (tmp_path / "out" / "results.json").is_file() and not list((tmp_path / "out").glob("*.png"))
 
 
 def test_demo_with_an_empty_zoo_explains_how_to_pass_a_checkpoint(tmp_path, capsys, empty_zoo):
