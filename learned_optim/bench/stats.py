@@ -92,14 +92,19 @@ def first_reach(steps: Sequence[int], values: Sequence[float | None], target: fl
 def training_curve(
     train_loss: Sequence[float | None], horizon: int, windows: int = 20
 ) -> tuple[list[int], list[float]]:
-    """The training loss averaged over ``windows`` equal windows of the horizon: ``(end steps, means)``.
+    """The training loss averaged over ``windows`` windows that cover the horizon: ``(end steps, means)``.
 
-    A run that stopped early (non-finite loss) has points only for its complete windows, the last of them
-    NaN if a non-finite value fell in it."""
-    width = max(1, horizon // windows)
+    Window ``i`` (from 1) ends at step ``ceil(i * horizon / windows)``: equal widths where ``windows`` divides the
+    horizon, else widths that differ by one, the first ending at or after ``horizon / windows`` (so a speed-up is
+    at most ``windows``). A run that stopped early (non-finite loss) has points only for its complete windows, the
+    last of them NaN if a non-finite value fell in it."""
+    count = min(windows, horizon)
+    ends = [-(-i * horizon // count) for i in range(1, count + 1)]  # ceil(i H / W)
     steps, values = [], []
-    for end in range(width, len(train_loss) + 1, width):
-        window = [float(v) if v is not None else math.nan for v in train_loss[end - width : end]]
+    for start, end in zip([0, *ends[:-1]], ends, strict=True):
+        if end > len(train_loss):
+            break
+        window = [float(v) if v is not None else math.nan for v in train_loss[start:end]]
         steps.append(end)
         values.append(sum(window) / len(window))
     return steps, values

@@ -50,6 +50,13 @@ def test_training_curve_averages_windows_of_the_horizon():
     assert stats.speedup(*decreasing, *decreasing, 100) == 1.0  # the reference against itself
     plateau = stats.training_curve([5.0] * 25 + [1.0] * 75, horizon=100, windows=4)
     assert stats.speedup(*plateau, *plateau, 100) == 2.0  # it was at its final level from step 50
+    # a horizon that the windows do not divide: they still cover it, the first ending at or after horizon / windows
+    # (the last 3 of 150 steps were left out, and a speed-up could reach 150 / 7 > 20)
+    steps, _ = stats.training_curve([1.0] * 150, horizon=150, windows=20)
+    assert len(steps) == 20 and steps[0] == 8 and steps[-1] == 150
+    fast = stats.training_curve([1.0] * 150, horizon=150, windows=20)
+    slow = stats.training_curve([2.0] * 149 + [1.0], horizon=150, windows=20)
+    assert stats.speedup(*fast, *slow, 150) <= 20.0
 
 
 def test_divergence_is_judged_on_the_training_loss():
