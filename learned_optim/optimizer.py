@@ -488,6 +488,8 @@ class LearnedOptimizer(Optimizer):
         n = flat.numel()
         coord_state = {k: _local(state[k]).view(n, *shape) for k, shape in rule.state_shapes().items()}
         if not sharded:
+            if n == 0:  # nothing to step (and no statistics of nothing)
+                return
             stats = rule.tensor_stats(grad, flat, coord_state, step)
         else:
             stats = self._sharded_stats(grad, flat, coord_state, step, groups)

@@ -965,3 +965,21 @@ def test_public_api_exports():
     ):
         assert hasattr(learned_optim, name), name
     assert set(FAMILY_NAMES) >= {"dm_lstm", "rnnprop", "mlp"}
+
+
+def test_a_zero_size_parameter_is_stepped_as_nothing_beside_the_others(family, make_rule):
+    """An empty parameter (a zero-width layer) with a gradient changes nothing and stops nothing: every family
+    steps the other parameters as it would without it (the MLP net raised on the empty tensor's statistics)."""
+    model = make_model()
+    empty = nn.Parameter(torch.zeros(0, 3))
+    with_empty = copy.deepcopy(model)
+    plain = LearnedOptimizer(model.parameters(), make_rule(family))
+    both = LearnedOptimizer([*with_empty.parameters(), empty], make_rule(family))
+    for opt, m in ((plain, model), (both, with_empty)):
+        backward(m, opt, 0)
+    empty.grad = torch.zeros(0, 3)
+    plain.step()
+    both.step()
+    for a, b in zip(model.parameters(), with_empty.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert empty.shape == (0, 3)
