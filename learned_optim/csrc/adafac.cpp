@@ -436,208 +436,210 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
                             const float* w, const float* b, const float* w_out, float b_out, int adam_index,
                             int normalize, float direction_rms_eps, const float* step_scales, float* const* direction,
                             float* const* param_out, double lr, double weight_decay, int threads) {
-    if (tensors < 1 || j < 1 || j > MAX_J || hidden < 1 || hidden > MAX_H || layers < 1) return 1;
-    for (int64_t s = 0; s < tensors; ++s)
-        if (views[2 * s] < 1 || views[2 * s + 1] < 1) return 1;  // before anything is written
-    const int H = hidden, HP = padded_width(hidden);
-    // tensor s alone, its blocks over `inner` threads; `scratch`: the raw direction's storage when the update is
-    // applied (the direction itself is not returned then)
-    auto step_tensor = [&](int64_t s, int inner, Scratch& scratch) -> int {
-        const int64_t rows = views[2 * s], cols = views[2 * s + 1], n = rows * cols;
-        const float *g = grad[s], *theta = param[s];
-        // one instance per number of decays K (= J): its loops over the K row statistics unroll
-        return with_momenta(j, [&](auto momenta) {
-            constexpr int K = decltype(momenta)::value, F = 4 + 4 * K, NR = 2 * K, KIN = F + 2 * NR;
-            // Adafactor's row and column means of g^2 and their EMAs (row_out, col_out)
-            std::vector<double> col_sum(static_cast<size_t>(cols), 0.0);
-            double column_lanes[8] = {};  // a vector's one column, summed in eight chains
-            const float *row_in = row[s], *col_in = col[s];
-            float *row_new = row_out[s], *col_new = col_out[s];
-            // a vector (one column): a row per coordinate, its mean of g^2 the coordinate's own (the general loop's
-            // sum of one float in double, divided by one, is that float); its column sum in eight chains
-            for (int64_t r = 0; cols == 1 && r < rows; r += 8) {
-                const int count = static_cast<int>(std::min<int64_t>(8, rows - r));
-                for (int q = 0; q < count; ++q) {
-                    const float g2 = g[r + q] * g[r + q], mean = g2 + factored_eps;
-                    column_lanes[q] += g2;
-#pragma GCC unroll 8
+    return guarded([&]() -> int {
+        if (tensors < 1 || j < 1 || j > MAX_J || hidden < 1 || hidden > MAX_H || layers < 1) return 1;
+        for (int64_t s = 0; s < tensors; ++s)
+            if (views[2 * s] < 1 || views[2 * s + 1] < 1) return 1;  // before anything is written
+        const int H = hidden, HP = padded_width(hidden);
+        // tensor s alone, its blocks over `inner` threads; `scratch`: the raw direction's storage when the update is
+        // applied (the direction itself is not returned then)
+        auto step_tensor = [&](int64_t s, int inner, Scratch& scratch) -> int {
+            const int64_t rows = views[2 * s], cols = views[2 * s + 1], n = rows * cols;
+            const float *g = grad[s], *theta = param[s];
+            // one instance per number of decays K (= J): its loops over the K row statistics unroll
+            return with_momenta(j, [&](auto momenta) {
+                constexpr int K = decltype(momenta)::value, F = 4 + 4 * K, NR = 2 * K, KIN = F + 2 * NR;
+                // Adafactor's row and column means of g^2 and their EMAs (row_out, col_out)
+                std::vector<double> col_sum(static_cast<size_t>(cols), 0.0);
+                double column_lanes[8] = {};  // a vector's one column, summed in eight chains
+                const float *row_in = row[s], *col_in = col[s];
+                float *row_new = row_out[s], *col_new = col_out[s];
+                // a vector (one column): a row per coordinate, its mean of g^2 the coordinate's own (the general loop's
+                // sum of one float in double, divided by one, is that float); its column sum in eight chains
+                for (int64_t r = 0; cols == 1 && r < rows; r += 8) {
+                    const int count = static_cast<int>(std::min<int64_t>(8, rows - r));
+                    for (int q = 0; q < count; ++q) {
+                        const float g2 = g[r + q] * g[r + q], mean = g2 + factored_eps;
+                        column_lanes[q] += g2;
+    #pragma GCC unroll 8
+                        for (int k = 0; k < K; ++k)
+                            row_new[(r + q) * K + k] =
+                                row_in[(r + q) * K + k] * factored_decay[k] + mean * (1.0f - factored_decay[k]);
+                    }
+                }
+                for (int64_t r = 0; cols > 1 && r < rows; ++r) {
+                    const float* gr = g + r * cols;
+                    // eight partial sums of the row (one dependency chain would cost an add's latency per coordinate)
+                    double lanes[8] = {}, total = 0.0;
+                    int64_t c = 0;
+                    for (; c + 8 <= cols; c += 8)
+    #pragma GCC unroll 8
+                        for (int k = 0; k < 8; ++k) {
+                            const float g2 = gr[c + k] * gr[c + k];
+                            lanes[k] += g2;
+                            col_sum[c + k] += g2;
+                        }
+                    for (; c < cols; ++c) {
+                        const float g2 = gr[c] * gr[c];
+                        total += g2;
+                        col_sum[c] += g2;
+                    }
+                    for (int k = 0; k < 8; ++k) total += lanes[k];
+                    const float mean = static_cast<float>(total / cols) + factored_eps;
                     for (int k = 0; k < K; ++k)
-                        row_new[(r + q) * K + k] =
-                            row_in[(r + q) * K + k] * factored_decay[k] + mean * (1.0f - factored_decay[k]);
+                        row_new[r * K + k] = row_in[r * K + k] * factored_decay[k] + mean * (1.0f - factored_decay[k]);
                 }
-            }
-            for (int64_t r = 0; cols > 1 && r < rows; ++r) {
-                const float* gr = g + r * cols;
-                // eight partial sums of the row (one dependency chain would cost an add's latency per coordinate)
-                double lanes[8] = {}, total = 0.0;
-                int64_t c = 0;
-                for (; c + 8 <= cols; c += 8)
-#pragma GCC unroll 8
-                    for (int k = 0; k < 8; ++k) {
-                        const float g2 = gr[c + k] * gr[c + k];
-                        lanes[k] += g2;
-                        col_sum[c + k] += g2;
-                    }
-                for (; c < cols; ++c) {
-                    const float g2 = gr[c] * gr[c];
-                    total += g2;
-                    col_sum[c] += g2;
-                }
-                for (int k = 0; k < 8; ++k) total += lanes[k];
-                const float mean = static_cast<float>(total / cols) + factored_eps;
-                for (int k = 0; k < K; ++k)
-                    row_new[r * K + k] = row_in[r * K + k] * factored_decay[k] + mean * (1.0f - factored_decay[k]);
-            }
-            if (cols == 1)
-                for (int k = 0; k < 8; ++k) col_sum[0] += column_lanes[k];
-            for (int64_t c = 0; c < cols; ++c) {
-                const float mean = static_cast<float>(col_sum[c] / rows) + factored_eps;
-                for (int k = 0; k < K; ++k)
-                    col_new[c * K + k] = col_in[c * K + k] * factored_decay[k] + mean * (1.0f - factored_decay[k]);
-            }
-            // the factors a (K, rows), e (K, cols); the column features (2K, cols): c_k', rsqrt(c_k' + eps_r); each
-            // row or column feature's normaliser, the rsqrt of its mean square over the tensor plus eps_u
-            std::vector<float> row_factor(static_cast<size_t>(K * rows)), col_factor(static_cast<size_t>(K * cols));
-            std::vector<float> col_features(static_cast<size_t>(NR * cols));
-            float row_norm[2 * MAX_J], col_norm[2 * MAX_J];
-            double row_sums[3 * MAX_J];
-            row_feature_sums(row_new, rows, K, factored_rsqrt_eps, row_sums);
-            for (int f = 0; f < NR; ++f)
-                row_norm[f] = 1.0f / std::sqrt(static_cast<float>(row_sums[K + f] / rows) + feature_rms_eps);
-            for (int k = 0; k < K; ++k) {
-                const float mean = static_cast<float>(row_sums[k] / rows);
-                for (int64_t r = 0; r < rows; ++r) row_factor[k * rows + r] = 1.0f / std::sqrt(row_new[r * K + k] / mean);
-                float *x = col_features.data() + k * cols, *y = col_features.data() + (K + k) * cols;
+                if (cols == 1)
+                    for (int k = 0; k < 8; ++k) col_sum[0] += column_lanes[k];
                 for (int64_t c = 0; c < cols; ++c) {
-                    x[c] = col_new[c * K + k];
-                    y[c] = 1.0f / std::sqrt(x[c] + factored_rsqrt_eps);
-                    col_factor[k * cols + c] = 1.0f / std::sqrt(x[c]);
+                    const float mean = static_cast<float>(col_sum[c] / rows) + factored_eps;
+                    for (int k = 0; k < K; ++k)
+                        col_new[c * K + k] = col_in[c * K + k] * factored_decay[k] + mean * (1.0f - factored_decay[k]);
                 }
-            }
-            for (int f = 0; f < NR; ++f) {
-                const float* x = col_features.data() + f * cols;
-                double squares = 0.0;
-                for (int64_t c = 0; c < cols; ++c) squares += static_cast<double>(x[c]) * x[c];
-                col_norm[f] = 1.0f / std::sqrt(static_cast<float>(squares / cols) + feature_rms_eps);
-            }
-            const float* ms_[MAX_J];
-            float* ms_out[MAX_J];
-            for (int k = 0; k < j; ++k) ms_[k] = m[k * tensors + s], ms_out[k] = m_out[k * tensors + s];
-            double sums[4 + 4 * MAX_J];
-            int status = state_sumsq(rows, cols, j, g, theta, ms_, v[s], ms_out, v_out[s], beta, beta_v,
-                                     v_correction, moment_eps, row_factor.data(), col_factor.data(), sums,
-                                     inner);
-            if (status) return status;
-            // the first layer with the per-tensor normalisation folded in: the dense features' weights (H, F), the
-            // row features' weights (H, 2K) and the column term (H, cols)
-            float dense_ms[4 + 4 * MAX_J], w_rows[MAX_H][2 * MAX_J];
-            std::vector<float> w1_dense(static_cast<size_t>(H * F)), col_term(static_cast<size_t>(HP * cols), 0.0f);
-            for (int f = 0; f < F; ++f) dense_ms[f] = static_cast<float>(sums[f] / static_cast<double>(n));
-            for (int h = 0; h < H; ++h) {
-                const float* wh = w1 + h * KIN;
-                for (int f = 0; f < F; ++f) {
-                    const float q = feature_scale[f];
-                    w1_dense[h * F + f] = wh[f] * (q / std::sqrt(q * q * dense_ms[f] + feature_rms_eps));
-                }
-                float* ct = col_term.data() + h * cols;
-                for (int f = 0; f < NR; ++f) {
-                    w_rows[h][f] = wh[F + f] * row_norm[f];
-                    const float wc = wh[F + NR + f] * col_norm[f], *y = col_features.data() + f * cols;
-                    for (int64_t c = 0; c < cols; ++c) ct[c] += wc * y[c];
-                }
-            }
-            // pass 2 over spans of whole rows, at most 16 BLOCK rows each (the span's row terms are H floats per row:
-            // a long vector's would be H floats per coordinate); a matrix's rows in one span, its blocks over the
-            // threads
-            const int64_t block_rows = BLOCK * 16;
-            std::vector<float> block_factor(static_cast<size_t>(K * std::min(rows, block_rows)));
-            std::vector<float> row_term(static_cast<size_t>(HP * std::min(rows, block_rows)));
-            std::vector<float> block_features(static_cast<size_t>(NR * std::min(rows, block_rows)));
-            double sumsq = 0.0;
-            float* d = param_out != nullptr ? scratch.get(n) : direction[s];
-            for (int64_t rb = 0; rb < rows; rb += block_rows) {
-                const int64_t br = std::min(block_rows, rows - rb), offset = rb * cols;
-                for (int k = 0; k < K; ++k)
-                    std::copy(row_factor.data() + k * rows + rb, row_factor.data() + k * rows + rb + br,
-                              block_factor.data() + k * br);
-                for (int64_t r = 0; r < br; ++r)  // the (br, K) statistics read once, transposed
-#pragma GCC unroll 8
-                    for (int k = 0; k < K; ++k) block_features[k * br + r] = row_new[(rb + r) * K + k];
+                // the factors a (K, rows), e (K, cols); the column features (2K, cols): c_k', rsqrt(c_k' + eps_r); each
+                // row or column feature's normaliser, the rsqrt of its mean square over the tensor plus eps_u
+                std::vector<float> row_factor(static_cast<size_t>(K * rows)), col_factor(static_cast<size_t>(K * cols));
+                std::vector<float> col_features(static_cast<size_t>(NR * cols));
+                float row_norm[2 * MAX_J], col_norm[2 * MAX_J];
+                double row_sums[3 * MAX_J];
+                row_feature_sums(row_new, rows, K, factored_rsqrt_eps, row_sums);
+                for (int f = 0; f < NR; ++f)
+                    row_norm[f] = 1.0f / std::sqrt(static_cast<float>(row_sums[K + f] / rows) + feature_rms_eps);
                 for (int k = 0; k < K; ++k) {
-                    float *x = block_features.data() + k * br, *y = block_features.data() + (K + k) * br;
-                    for (int64_t r = 0; r < br; ++r) y[r] = 1.0f / std::sqrt(x[r] + factored_rsqrt_eps);
-                }
-                for (int64_t r = 0; r < br; r += L) {  // each feature read once, each term written once
-                    const int count = static_cast<int>(std::min<int64_t>(L, br - r));
-                    vf x[2 * MAX_J];
-                    for (int f = 0; f < NR; ++f) x[f] = load_partial(block_features.data() + f * br + r, count);
-                    for (int h = 0; h < H; ++h) {
-                        vf t = splat(b1[h]);
-                        for (int f = 0; f < NR; ++f) t += w_rows[h][f] * x[f];
-                        store_partial(row_term.data() + h * br + r, t, count);
+                    const float mean = static_cast<float>(row_sums[k] / rows);
+                    for (int64_t r = 0; r < rows; ++r) row_factor[k * rows + r] = 1.0f / std::sqrt(row_new[r * K + k] / mean);
+                    float *x = col_features.data() + k * cols, *y = col_features.data() + (K + k) * cols;
+                    for (int64_t c = 0; c < cols; ++c) {
+                        x[c] = col_new[c * K + k];
+                        y[c] = 1.0f / std::sqrt(x[c] + factored_rsqrt_eps);
+                        col_factor[k * cols + c] = 1.0f / std::sqrt(x[c]);
                     }
                 }
-                std::fill(row_term.data() + H * br, row_term.data() + HP * br, 0.0f);  // the padded units' rows
-                const float* block_m[MAX_J];
-                for (int k = 0; k < j; ++k) block_m[k] = ms_out[k] + offset;
-                double block_sumsq = 0.0;
-                status = direction_pass(br, cols, j, g + offset, theta + offset, block_m, v_out[s] + offset,
-                                        v_correction, moment_eps, block_factor.data(), col_factor.data(), H,
-                                        layers, w1_dense.data(), row_term.data(), col_term.data(), w, b, w_out,
-                                        b_out, d + offset, &block_sumsq, inner);
+                for (int f = 0; f < NR; ++f) {
+                    const float* x = col_features.data() + f * cols;
+                    double squares = 0.0;
+                    for (int64_t c = 0; c < cols; ++c) squares += static_cast<double>(x[c]) * x[c];
+                    col_norm[f] = 1.0f / std::sqrt(static_cast<float>(squares / cols) + feature_rms_eps);
+                }
+                const float* ms_[MAX_J];
+                float* ms_out[MAX_J];
+                for (int k = 0; k < j; ++k) ms_[k] = m[k * tensors + s], ms_out[k] = m_out[k * tensors + s];
+                double sums[4 + 4 * MAX_J];
+                int status = state_sumsq(rows, cols, j, g, theta, ms_, v[s], ms_out, v_out[s], beta, beta_v,
+                                         v_correction, moment_eps, row_factor.data(), col_factor.data(), sums,
+                                         inner);
                 if (status) return status;
-                sumsq += block_sumsq;
-            }
-            float scale = -step_scales[s];
-            if (adam_index >= 0) scale *= feature_scale[adam_index] * std::sqrt(dense_ms[adam_index]);
-            if (normalize)
-                scale *= 1.0f / std::sqrt(static_cast<float>(sumsq / static_cast<double>(n)) + direction_rms_eps);
-            if (param_out != nullptr) {
-                // the factors rounded to float once, as ATen's in-place mul_ and add_ of the Python update round them
-                const float keep = static_cast<float>(1.0 - lr * weight_decay), rate = static_cast<float>(lr);
-                float* out = param_out[s];
-                for (int64_t i = 0; i < n; ++i) out[i] = theta[i] * keep + rate * (scale * d[i]);
+                // the first layer with the per-tensor normalisation folded in: the dense features' weights (H, F), the
+                // row features' weights (H, 2K) and the column term (H, cols)
+                float dense_ms[4 + 4 * MAX_J], w_rows[MAX_H][2 * MAX_J];
+                std::vector<float> w1_dense(static_cast<size_t>(H * F)), col_term(static_cast<size_t>(HP * cols), 0.0f);
+                for (int f = 0; f < F; ++f) dense_ms[f] = static_cast<float>(sums[f] / static_cast<double>(n));
+                for (int h = 0; h < H; ++h) {
+                    const float* wh = w1 + h * KIN;
+                    for (int f = 0; f < F; ++f) {
+                        const float q = feature_scale[f];
+                        w1_dense[h * F + f] = wh[f] * (q / std::sqrt(q * q * dense_ms[f] + feature_rms_eps));
+                    }
+                    float* ct = col_term.data() + h * cols;
+                    for (int f = 0; f < NR; ++f) {
+                        w_rows[h][f] = wh[F + f] * row_norm[f];
+                        const float wc = wh[F + NR + f] * col_norm[f], *y = col_features.data() + f * cols;
+                        for (int64_t c = 0; c < cols; ++c) ct[c] += wc * y[c];
+                    }
+                }
+                // pass 2 over spans of whole rows, at most 16 BLOCK rows each (the span's row terms are H floats per row:
+                // a long vector's would be H floats per coordinate); a matrix's rows in one span, its blocks over the
+                // threads
+                const int64_t block_rows = BLOCK * 16;
+                std::vector<float> block_factor(static_cast<size_t>(K * std::min(rows, block_rows)));
+                std::vector<float> row_term(static_cast<size_t>(HP * std::min(rows, block_rows)));
+                std::vector<float> block_features(static_cast<size_t>(NR * std::min(rows, block_rows)));
+                double sumsq = 0.0;
+                float* d = param_out != nullptr ? scratch.get(n) : direction[s];
+                for (int64_t rb = 0; rb < rows; rb += block_rows) {
+                    const int64_t br = std::min(block_rows, rows - rb), offset = rb * cols;
+                    for (int k = 0; k < K; ++k)
+                        std::copy(row_factor.data() + k * rows + rb, row_factor.data() + k * rows + rb + br,
+                                  block_factor.data() + k * br);
+                    for (int64_t r = 0; r < br; ++r)  // the (br, K) statistics read once, transposed
+    #pragma GCC unroll 8
+                        for (int k = 0; k < K; ++k) block_features[k * br + r] = row_new[(rb + r) * K + k];
+                    for (int k = 0; k < K; ++k) {
+                        float *x = block_features.data() + k * br, *y = block_features.data() + (K + k) * br;
+                        for (int64_t r = 0; r < br; ++r) y[r] = 1.0f / std::sqrt(x[r] + factored_rsqrt_eps);
+                    }
+                    for (int64_t r = 0; r < br; r += L) {  // each feature read once, each term written once
+                        const int count = static_cast<int>(std::min<int64_t>(L, br - r));
+                        vf x[2 * MAX_J];
+                        for (int f = 0; f < NR; ++f) x[f] = load_partial(block_features.data() + f * br + r, count);
+                        for (int h = 0; h < H; ++h) {
+                            vf t = splat(b1[h]);
+                            for (int f = 0; f < NR; ++f) t += w_rows[h][f] * x[f];
+                            store_partial(row_term.data() + h * br + r, t, count);
+                        }
+                    }
+                    std::fill(row_term.data() + H * br, row_term.data() + HP * br, 0.0f);  // the padded units' rows
+                    const float* block_m[MAX_J];
+                    for (int k = 0; k < j; ++k) block_m[k] = ms_out[k] + offset;
+                    double block_sumsq = 0.0;
+                    status = direction_pass(br, cols, j, g + offset, theta + offset, block_m, v_out[s] + offset,
+                                            v_correction, moment_eps, block_factor.data(), col_factor.data(), H,
+                                            layers, w1_dense.data(), row_term.data(), col_term.data(), w, b, w_out,
+                                            b_out, d + offset, &block_sumsq, inner);
+                    if (status) return status;
+                    sumsq += block_sumsq;
+                }
+                float scale = -step_scales[s];
+                if (adam_index >= 0) scale *= feature_scale[adam_index] * std::sqrt(dense_ms[adam_index]);
+                if (normalize)
+                    scale *= 1.0f / std::sqrt(static_cast<float>(sumsq / static_cast<double>(n)) + direction_rms_eps);
+                if (param_out != nullptr) {
+                    // the factors rounded to float once, as ATen's in-place mul_ and add_ of the Python update round them
+                    const float keep = static_cast<float>(1.0 - lr * weight_decay), rate = static_cast<float>(lr);
+                    float* out = param_out[s];
+                    for (int64_t i = 0; i < n; ++i) out[i] = theta[i] * keep + rate * (scale * d[i]);
+                } else {
+                    for (int64_t i = 0; i < n; ++i) d[i] *= scale;
+                }
+                return 0;
+            });
+        };
+        // Tensors of fewer than 2 MIN_BLOCKS_PER_THREAD blocks are never split: with several threads they go to the
+        // threads whole (contiguous runs of about equal coordinates), then the others one by one, split by blocks.
+        // Each tensor's result is the same whichever thread computes it.
+        std::vector<int64_t> whole, split;
+        int64_t whole_coordinates = 0;
+        for (int64_t s = 0; s < tensors; ++s) {
+            const Geometry geo{views[2 * s], views[2 * s + 1]};
+            if (threads > 1 && geo.blocks() < 2 * MIN_BLOCKS_PER_THREAD) {
+                whole.push_back(s);
+                whole_coordinates += geo.rows * geo.cols;
             } else {
-                for (int64_t i = 0; i < n; ++i) d[i] *= scale;
+                split.push_back(s);
             }
-            return 0;
-        });
-    };
-    // Tensors of fewer than 2 MIN_BLOCKS_PER_THREAD blocks are never split: with several threads they go to the
-    // threads whole (contiguous runs of about equal coordinates), then the others one by one, split by blocks.
-    // Each tensor's result is the same whichever thread computes it.
-    std::vector<int64_t> whole, split;
-    int64_t whole_coordinates = 0;
-    for (int64_t s = 0; s < tensors; ++s) {
-        const Geometry geo{views[2 * s], views[2 * s + 1]};
-        if (threads > 1 && geo.blocks() < 2 * MIN_BLOCKS_PER_THREAD) {
-            whole.push_back(s);
-            whole_coordinates += geo.rows * geo.cols;
-        } else {
-            split.push_back(s);
         }
-    }
-    const int runs = static_cast<int>(
-        std::max<int64_t>(1, std::min<int64_t>(threads, whole_coordinates / (MIN_BLOCKS_PER_THREAD * BLOCK))));
-    std::vector<int64_t> cuts{0};  // run t: whole[cuts[t] .. cuts[t + 1])
-    for (int64_t i = 0, done = 0; i < static_cast<int64_t>(whole.size()); ++i) {
-        done += views[2 * whole[i]] * views[2 * whole[i] + 1];
-        if (static_cast<int>(cuts.size()) < runs && done * runs >= whole_coordinates * static_cast<int64_t>(cuts.size()))
-            cuts.push_back(i + 1);
-    }
-    cuts.push_back(static_cast<int64_t>(whole.size()));
-    std::vector<int> status(cuts.size() - 1, 0);
-    auto run = [&](size_t t) {
+        const int runs = static_cast<int>(
+            std::max<int64_t>(1, std::min<int64_t>(threads, whole_coordinates / (MIN_BLOCKS_PER_THREAD * BLOCK))));
+        std::vector<int64_t> cuts{0};  // run t: whole[cuts[t] .. cuts[t + 1])
+        for (int64_t i = 0, done = 0; i < static_cast<int64_t>(whole.size()); ++i) {
+            done += views[2 * whole[i]] * views[2 * whole[i] + 1];
+            if (static_cast<int>(cuts.size()) < runs && done * runs >= whole_coordinates * static_cast<int64_t>(cuts.size()))
+                cuts.push_back(i + 1);
+        }
+        cuts.push_back(static_cast<int64_t>(whole.size()));
+        std::vector<int> status(cuts.size() - 1, 0);
+        auto run = [&](size_t t) {
+            Scratch scratch;
+            for (int64_t i = cuts[t]; i < cuts[t + 1] && status[t] == 0; ++i) status[t] = step_tensor(whole[i], 1, scratch);
+        };
+        parallel_tasks(static_cast<int>(cuts.size()) - 1, [&](int t) { run(static_cast<size_t>(t)); });
+        for (int code : status)
+            if (code) return code;
         Scratch scratch;
-        for (int64_t i = cuts[t]; i < cuts[t + 1] && status[t] == 0; ++i) status[t] = step_tensor(whole[i], 1, scratch);
-    };
-    parallel_tasks(static_cast<int>(cuts.size()) - 1, [&](int t) { run(static_cast<size_t>(t)); });
-    for (int code : status)
-        if (code) return code;
-    Scratch scratch;
-    for (int64_t s : split)
-        if (const int code = step_tensor(s, threads, scratch)) return code;
-    return 0;
+        for (int64_t s : split)
+            if (const int code = step_tensor(s, threads, scratch)) return code;
+        return 0;
+    });
 }
 
 }  // extern "C"

@@ -269,31 +269,33 @@ int run_groups(const Problem& p, int threads) {
 
 extern "C" {
 
-// Returns 0 on success, 1 if the hidden size is not supported (the caller falls back to ATen).
+// Returns DONE, UNSUPPORTED if the hidden size is not supported (the caller falls back to ATen), or OUT_OF_MEMORY.
 // weight: (4H, I + H) row-major, bias: (4H,), both with the g-gate rows already doubled.
 int lo_lstm_cell_f32(int64_t n, int64_t in, int64_t hidden, const float* x, int64_t xs, const float* h, int64_t hs,
                      const float* c, int64_t cs, const float* weight, const float* bias, float* h_out, int64_t hos,
                      float* c_out, int64_t cos, int threads) {
-    const int groups = static_cast<int>((4 * hidden + L - 1) / L);
-    if (hidden < 1 || groups > MAX_GROUPS) return 1;
-    const bool h20 = kSpecial20 && hidden == H20;
-    const int64_t width = in + hidden;
-    std::vector<vf> wt(static_cast<size_t>(width * groups) + 1), b(groups);
-    float* wtf = reinterpret_cast<float*>(wt.data());
-    float* bf = reinterpret_cast<float*>(b.data());
-    std::memset(wtf, 0, wt.size() * sizeof(vf));
-    std::memset(bf, 0, b.size() * sizeof(vf));
-    for (int64_t j = 0; j < 4 * hidden; ++j) {
-        const int64_t col = h20 ? permuted_column20(j / H20, j % H20) : j;
-        bf[col] = bias[j];
-        for (int64_t k = 0; k < width; ++k) wtf[k * groups * L + col] = weight[j * width + k];
-    }
-    const Problem p{n, in, hidden, groups, x, h, c, xs, hs, cs, h_out, c_out, hos, cos, wt.data(), b.data()};
-    if (h20) {
-        parallel_rows(p.n, threads, [&p](int64_t begin, int64_t end) { rows20(p, begin, end); });
-        return 0;
-    }
-    return run_groups<1>(p, threads);
+    return guarded([&]() -> int {
+        const int groups = static_cast<int>((4 * hidden + L - 1) / L);
+        if (hidden < 1 || groups > MAX_GROUPS) return 1;
+        const bool h20 = kSpecial20 && hidden == H20;
+        const int64_t width = in + hidden;
+        std::vector<vf> wt(static_cast<size_t>(width * groups) + 1), b(groups);
+        float* wtf = reinterpret_cast<float*>(wt.data());
+        float* bf = reinterpret_cast<float*>(b.data());
+        std::memset(wtf, 0, wt.size() * sizeof(vf));
+        std::memset(bf, 0, b.size() * sizeof(vf));
+        for (int64_t j = 0; j < 4 * hidden; ++j) {
+            const int64_t col = h20 ? permuted_column20(j / H20, j % H20) : j;
+            bf[col] = bias[j];
+            for (int64_t k = 0; k < width; ++k) wtf[k * groups * L + col] = weight[j * width + k];
+        }
+        const Problem p{n, in, hidden, groups, x, h, c, xs, hs, cs, h_out, c_out, hos, cos, wt.data(), b.data()};
+        if (h20) {
+            parallel_rows(p.n, threads, [&p](int64_t begin, int64_t end) { rows20(p, begin, end); });
+            return 0;
+        }
+        return run_groups<1>(p, threads);
+    });
 }
 
 }  // extern "C"

@@ -97,37 +97,39 @@ extern "C" {
 // blocks whose float partial sums are added in order, so the result does not depend on `threads`.
 int lo_mlp_feature_sumsq_f32(int64_t n, int d, const float* grad, const float* param, const float* m, const float* v,
                              const float* decay, float eps, double* out, int threads) {
-    if (d < 1 || d > MAX_D) return 1;
-    const int F = 2 + 4 * d;
-    constexpr int64_t BLOCK = 4096;
-    const int64_t blocks = (n + BLOCK - 1) / BLOCK;
-    std::vector<double> partial(static_cast<size_t>(blocks * F), 0.0);
-    const Moments p{n, d, grad, param, m, v, decay, eps};
-    parallel_rows(blocks, threads, [&](int64_t begin, int64_t end) {
-        vf u[MAX_F];
-        for (int64_t b = begin; b < end; ++b) {
-            vf acc[MAX_F];
-            for (int f = 0; f < F; ++f) acc[f] = vf{};
-            for (int64_t r = b * BLOCK; r < std::min(n, (b + 1) * BLOCK); r += L) {
-                features<false>(p, r, u, nullptr, nullptr);
-                if (r + L > n) {  // padded lanes must not count
-                    const int valid = static_cast<int>(n - r);
-                    for (int f = 0; f < F; ++f)
-                        for (int i = valid; i < L; ++i) u[f][i] = 0.0f;
+    return guarded([&]() -> int {
+        if (d < 1 || d > MAX_D) return 1;
+        const int F = 2 + 4 * d;
+        constexpr int64_t BLOCK = 4096;
+        const int64_t blocks = (n + BLOCK - 1) / BLOCK;
+        std::vector<double> partial(static_cast<size_t>(blocks * F), 0.0);
+        const Moments p{n, d, grad, param, m, v, decay, eps};
+        parallel_rows(blocks, threads, [&](int64_t begin, int64_t end) {
+            vf u[MAX_F];
+            for (int64_t b = begin; b < end; ++b) {
+                vf acc[MAX_F];
+                for (int f = 0; f < F; ++f) acc[f] = vf{};
+                for (int64_t r = b * BLOCK; r < std::min(n, (b + 1) * BLOCK); r += L) {
+                    features<false>(p, r, u, nullptr, nullptr);
+                    if (r + L > n) {  // padded lanes must not count
+                        const int valid = static_cast<int>(n - r);
+                        for (int f = 0; f < F; ++f)
+                            for (int i = valid; i < L; ++i) u[f][i] = 0.0f;
+                    }
+                    for (int f = 0; f < F; ++f) acc[f] += u[f] * u[f];
                 }
-                for (int f = 0; f < F; ++f) acc[f] += u[f] * u[f];
+                for (int f = 0; f < F; ++f) {
+                    double s = 0.0;
+                    for (int i = 0; i < L; ++i) s += acc[f][i];
+                    partial[b * F + f] = s;
+                }
             }
-            for (int f = 0; f < F; ++f) {
-                double s = 0.0;
-                for (int i = 0; i < L; ++i) s += acc[f][i];
-                partial[b * F + f] = s;
-            }
-        }
+        });
+        for (int f = 0; f < F; ++f) out[f] = 0.0;
+        for (int64_t b = 0; b < blocks; ++b)
+            for (int f = 0; f < F; ++f) out[f] += partial[b * F + f];
+        return 0;
     });
-    for (int f = 0; f < F; ++f) out[f] = 0.0;
-    for (int64_t b = 0; b < blocks; ++b)
-        for (int f = 0; f < F; ++f) out[f] += partial[b * F + f];
-    return 0;
 }
 
 // delta (n), m_out, v_out (n, D). w1: (H, F) row-major, b1: (H), w2: (2, H), b2: (2).
@@ -135,53 +137,55 @@ int lo_mlp_update_f32(int64_t n, int d, int hidden, const float* grad, const flo
                       const float* v, const float* decay, float eps, const float* w1, const float* b1,
                       const float* w2, const float* b2, float magnitude_scale, float step_scale, float* delta,
                       float* m_out, float* v_out, int threads) {
-    if (d < 1 || d > MAX_D || hidden < 1) return 1;
-    const int F = 2 + 4 * d;
-    const Moments p{n, d, grad, param, m, v, decay, eps};
-    const int64_t groups = (n + L - 1) / L;
-    parallel_rows(groups, threads, [&](int64_t begin, int64_t end) {
-        vf u[MAX_F];
-        float m_new[L * MAX_D], v_new[L * MAX_D];
-        for (int64_t grp = begin; grp < end; ++grp) {
-            const int64_t r = grp * L;
-            features<true>(p, r, u, m_new, v_new);
-            vf dir = splat(b2[0]), mag = splat(b2[1]);
-            // the output sums of four hidden units a[0..4), in the order the 4-unit loop below adds them
-            auto add_four = [&](int k, const vf* a) {
-                dir += w2[k] * a[0] + w2[k + 1] * a[1] + w2[k + 2] * a[2] + w2[k + 3] * a[3];
-                mag += w2[hidden + k] * a[0] + w2[hidden + k + 1] * a[1] + w2[hidden + k + 2] * a[2] +
-                       w2[hidden + k + 3] * a[3];
-            };
-            int k = 0;
-            // eight hidden units at a time: independent FMA chains enough to cover the FMA latency at two FMAs
-            // per cycle (four ran an AVX2 core at one per cycle); the features enter as memory operands
-            for (; k + 8 <= hidden; k += 8) {
-                vf a[8];
-                hidden_units<8>(k, F, w1, b1, u, a);
-                add_four(k, a);
-                add_four(k + 4, a + 4);
+    return guarded([&]() -> int {
+        if (d < 1 || d > MAX_D || hidden < 1) return 1;
+        const int F = 2 + 4 * d;
+        const Moments p{n, d, grad, param, m, v, decay, eps};
+        const int64_t groups = (n + L - 1) / L;
+        parallel_rows(groups, threads, [&](int64_t begin, int64_t end) {
+            vf u[MAX_F];
+            float m_new[L * MAX_D], v_new[L * MAX_D];
+            for (int64_t grp = begin; grp < end; ++grp) {
+                const int64_t r = grp * L;
+                features<true>(p, r, u, m_new, v_new);
+                vf dir = splat(b2[0]), mag = splat(b2[1]);
+                // the output sums of four hidden units a[0..4), in the order the 4-unit loop below adds them
+                auto add_four = [&](int k, const vf* a) {
+                    dir += w2[k] * a[0] + w2[k + 1] * a[1] + w2[k + 2] * a[2] + w2[k + 3] * a[3];
+                    mag += w2[hidden + k] * a[0] + w2[hidden + k + 1] * a[1] + w2[hidden + k + 2] * a[2] +
+                           w2[hidden + k + 3] * a[3];
+                };
+                int k = 0;
+                // eight hidden units at a time: independent FMA chains enough to cover the FMA latency at two FMAs
+                // per cycle (four ran an AVX2 core at one per cycle); the features enter as memory operands
+                for (; k + 8 <= hidden; k += 8) {
+                    vf a[8];
+                    hidden_units<8>(k, F, w1, b1, u, a);
+                    add_four(k, a);
+                    add_four(k + 4, a + 4);
+                }
+                for (; k + 4 <= hidden; k += 4) {
+                    vf a[4];
+                    hidden_units<4>(k, F, w1, b1, u, a);
+                    add_four(k, a);
+                }
+                for (; k < hidden; ++k) {
+                    vf a;
+                    hidden_units<1>(k, F, w1, b1, u, &a);
+                    dir += w2[k] * a;
+                    mag += w2[hidden + k] * a;
+                }
+                const vf out = -dir * exp_neg_v(mag * -magnitude_scale) * step_scale;
+                const int64_t rows = std::min<int64_t>(L, n - r);
+                float tmp[L];
+                store(tmp, out);
+                std::memcpy(delta + r, tmp, rows * sizeof(float));
+                std::memcpy(m_out + r * d, m_new, rows * d * sizeof(float));
+                std::memcpy(v_out + r * d, v_new, rows * d * sizeof(float));
             }
-            for (; k + 4 <= hidden; k += 4) {
-                vf a[4];
-                hidden_units<4>(k, F, w1, b1, u, a);
-                add_four(k, a);
-            }
-            for (; k < hidden; ++k) {
-                vf a;
-                hidden_units<1>(k, F, w1, b1, u, &a);
-                dir += w2[k] * a;
-                mag += w2[hidden + k] * a;
-            }
-            const vf out = -dir * exp_neg_v(mag * -magnitude_scale) * step_scale;
-            const int64_t rows = std::min<int64_t>(L, n - r);
-            float tmp[L];
-            store(tmp, out);
-            std::memcpy(delta + r, tmp, rows * sizeof(float));
-            std::memcpy(m_out + r * d, m_new, rows * d * sizeof(float));
-            std::memcpy(v_out + r * d, v_new, rows * d * sizeof(float));
-        }
+        });
+        return 0;
     });
-    return 0;
 }
 
 }  // extern "C"
@@ -198,8 +202,9 @@ int lo_mlp_feature_sumsq_segments_f32(int64_t k, const int64_t* offsets, int d, 
     const int F = 2 + 4 * d;
     for (int64_t s = 0; s < k; ++s) {
         const int64_t o = offsets[s], n = offsets[s + 1] - o;
-        if (lo_mlp_feature_sumsq_f32(n, d, grad + o, param + o, m + o * d, v + o * d, decay, eps, out + s * F, threads))
-            return 1;
+        if (const int code = lo_mlp_feature_sumsq_f32(n, d, grad + o, param + o, m + o * d, v + o * d, decay, eps,
+                                                      out + s * F, threads))
+            return code;
     }
     return 0;
 }
@@ -212,10 +217,10 @@ int lo_mlp_update_segments_f32(int64_t k, const int64_t* offsets, int d, int hid
     const int F = 2 + 4 * d;
     for (int64_t s = 0; s < k; ++s) {
         const int64_t o = offsets[s], n = offsets[s + 1] - o;
-        if (lo_mlp_update_f32(n, d, hidden, grad + o, param + o, m + o * d, v + o * d, decay, eps,
-                              w1s + s * hidden * F, b1, w2, b2, magnitude_scale, step_scale, delta + o, m_out + o * d,
-                              v_out + o * d, threads))
-            return 1;
+        if (const int code = lo_mlp_update_f32(n, d, hidden, grad + o, param + o, m + o * d, v + o * d, decay, eps,
+                                               w1s + s * hidden * F, b1, w2, b2, magnitude_scale, step_scale,
+                                               delta + o, m_out + o * d, v_out + o * d, threads))
+            return code;
     }
     return 0;
 }

@@ -11,6 +11,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <exception>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -189,24 +191,53 @@ inline void store_partial(float* p, vf v, int count) {
 // thread. Built with OpenMP, the threads are those of the process's OpenMP runtime: in a torch process torch's own
 // (the library then links the libgomp that torch loaded, by its soname), whose workers, spinning after torch's last
 // parallel op, take the tasks at once; a new std::thread per task would compete with them for the cores instead.
+// An exception in a task (std::bad_alloc) is caught on its thread and the first one rethrown on the calling thread
+// once every task has ended: one leaving an OpenMP region or a std::thread would terminate the process.
 template <class Fn>
 void parallel_tasks(int tasks, Fn fn) {
     if (tasks <= 1) {
         if (tasks == 1) fn(0);
         return;
     }
+    std::exception_ptr error;
+    std::mutex error_lock;
+    auto task_of = [&](int task) {
+        try {
+            fn(task);
+        } catch (...) {
+            const std::lock_guard<std::mutex> hold(error_lock);
+            if (!error) error = std::current_exception();
+        }
+    };
 #if defined(_OPENMP)
 #pragma omp parallel num_threads(tasks)
     {
         // the runtime may grant fewer threads than asked: each takes every team-size-th task
-        for (int task = omp_get_thread_num(); task < tasks; task += omp_get_num_threads()) fn(task);
+        for (int task = omp_get_thread_num(); task < tasks; task += omp_get_num_threads()) task_of(task);
     }
 #else
     std::vector<std::thread> pool;
-    for (int task = 1; task < tasks; ++task) pool.emplace_back(fn, task);
-    fn(0);
+    for (int task = 1; task < tasks; ++task) pool.emplace_back(task_of, task);
+    task_of(0);
     for (auto& th : pool) th.join();
 #endif
+    if (error) std::rethrow_exception(error);
+}
+
+// The status codes of the library's int functions.
+constexpr int DONE = 0;
+constexpr int UNSUPPORTED = 1;    // nothing written: the caller takes the ATen path
+constexpr int OUT_OF_MEMORY = 2;  // a C++ allocation failed part way: outputs may be partly written
+
+// fn()'s status, or OUT_OF_MEMORY where it threw (std::bad_alloc from a vector or new): an exception must not
+// leave a function called through ctypes, which would terminate the process.
+template <class Fn>
+int guarded(Fn fn) noexcept {
+    try {
+        return fn();
+    } catch (...) {
+        return OUT_OF_MEMORY;
+    }
 }
 
 // fn(begin, end) over [0, n) split into `threads` contiguous ranges, each of at least `min_per_thread` items (fewer

@@ -32,6 +32,23 @@ def _flat_f32(*tensors: Tensor) -> bool:
     return all(plain_f32(t) for t in tensors)
 
 
+#: The library's status codes (``vec.h``): done; not supported (nothing written: ATen runs it); out of memory.
+DONE, UNSUPPORTED, OUT_OF_MEMORY = 0, 1, 2
+
+
+def _ran(status: int, kernel: str) -> bool:
+    """Whether a kernel call with this status ran (``False``: nothing written, the caller takes the ATen path);
+    ``MemoryError`` where a C++ allocation failed part way (its outputs, the state in place, may be partly
+    written): an exception out of the library would have ended the process."""
+    if status == OUT_OF_MEMORY:
+        raise MemoryError(
+            f"the native {kernel} kernel ran out of memory part way through; its outputs (the optimizer's state and "
+            "parameters where it steps them in place) may be partly written: resume from a checkpoint, or run with "
+            "LEARNED_OPTIM_KERNELS=0"
+        )
+    return status == DONE
+
+
 def _rows_ok(t: Tensor, n: int) -> bool:
     return t.dim() == 2 and t.shape[0] == n and _cpu_f32(t) and (t.stride(1) == 1 or t.shape[1] == 1)
 
@@ -71,7 +88,7 @@ def lstm_cell_into(x: Tensor, h: Tensor, c: Tensor, weight: Tensor, bias: Tensor
         c_out.stride(0),
         threads,
     )
-    return status == 0
+    return _ran(status, "lstm_cell")
 
 
 def elu_(z: Tensor) -> Tensor:
@@ -133,7 +150,7 @@ def mlp_feature_mean_square(
         out.data_ptr(),
         _threads(n),
     )
-    if status:
+    if not _ran(status, "mlp"):
         return None
     means = (out / offsets.diff().unsqueeze(1)).to(torch.float32)
     return means if sizes is not None else means[0]
@@ -201,7 +218,7 @@ def mlp_update(
         v_new.data_ptr(),
         _threads(n),
     )
-    return None if status else (delta, m_new, v_new)
+    return (delta, m_new, v_new) if _ran(status, "mlp") else None
 
 
 #: What the ``adafac_mlp`` kernel handles (``csrc/adafac.cpp``): momenta :math:`J` (``4 + 4J`` dense
@@ -449,4 +466,4 @@ def _adafac_call(
         weight_decay,
         kernel_threads(),
     )
-    return status == 0
+    return _ran(status, "adafac_mlp")

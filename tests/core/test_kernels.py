@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 import learned_optim
+import learned_optim._files
 from learned_optim import LearnedOptimizer, kernels
 from learned_optim.kernels import _build, _guard, _runtime
 from learned_optim.nets.cells import fused_gate_weights, lstm_cell
@@ -920,7 +921,7 @@ def test_a_guard_record_that_cannot_be_cached_still_counts(tmp_path, monkeypatch
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(_build.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(learned_optim._files.tempfile, "mkstemp", read_only)
     with caplog.at_level("WARNING", logger="learned_optim"):
         assert _guard.load_or_measure(tmp_path / "guard.json", kernels.isa(), _runtime._switched) == record
     assert "could not cache the kernels' guard record" in caplog.text
@@ -1012,3 +1013,31 @@ def test_the_adafac_kernels_parameter_update_counts_as_an_in_place_change(varian
     assert w._version > before
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+@needs_kernels
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc/self/status: Linux")
+def test_running_out_of_memory_inside_a_kernel_raises_instead_of_ending_the_process():
+    """A failed C++ allocation in the adafac kernel (its scratch of a whole tensor, its row statistics) threw
+    std::bad_alloc through ctypes and the process aborted (SIGABRT); it now raises MemoryError, which a training
+    script can catch (to save a checkpoint). In a child process under an address-space limit."""
+    code = textwrap.dedent("""
+        import resource, torch, learned_optim
+        from learned_optim import kernels
+        torch.set_num_threads(1)
+        n = 4_000_000
+        p = torch.nn.Parameter(torch.zeros(n)); p.grad = torch.full((n,), 1e-3)
+        opt = learned_optim.LearnedOptimizer([p], learned_optim.AdafacMLP())
+        with kernels.forced():
+            opt.step()
+            size = int([l for l in open("/proc/self/status") if l.startswith("VmSize")][0].split()[1]) * 1024
+            resource.setrlimit(resource.RLIMIT_AS, (size + 8 * 2**20, resource.RLIM_INFINITY))
+            try:
+                opt.step()
+                print("stepped")
+            except MemoryError as err:
+                print("MemoryError:", err)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)  # (its cache)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert "MemoryError: the native adafac_mlp kernel ran out of memory" in proc.stdout, proc.stdout
