@@ -65,6 +65,12 @@ def lstm_cell_into(x: Tensor, h: Tensor, c: Tensor, weight: Tensor, bias: Tensor
     n, hidden = h.shape[0], h.shape[-1]
     if not (all(_rows_ok(t, n) for t in (x, h, c, h_out, c_out)) and _cpu_f32(weight, bias)):
         return False
+    widths = (c.shape[1], h_out.shape[1], c_out.shape[1])
+    if widths != (hidden,) * 3 or weight.shape != (4 * hidden, x.shape[1] + hidden) or bias.shape != (4 * hidden,):
+        raise ValueError(  # (the kernel would read and write past these tensors)
+            f"lstm_cell: x {tuple(x.shape)}, h {tuple(h.shape)}, c, h_out, c_out widths {widths}, weight "
+            f"{tuple(weight.shape)} and bias {tuple(bias.shape)} do not fit one cell of hidden size {hidden}"
+        )
     lib = library_for("lstm_cell")
     if lib is None:
         return False
@@ -104,6 +110,17 @@ def elu_(z: Tensor) -> Tensor:
     return z
 
 
+def _check_mlp_moments(grad: Tensor, param: Tensor, m: Tensor, v: Tensor, decay: Tensor) -> None:
+    """``ValueError`` unless ``grad, param`` are ``(n,)``-sized and ``m, v`` ``(n, D)`` with ``decay`` ``(D,)``: the
+    kernel reads that many floats of each."""
+    n, d = m.shape
+    if grad.numel() != n or param.numel() != n or v.shape != m.shape or decay.shape != (d,):
+        raise ValueError(
+            f"mlp kernel: grad {tuple(grad.shape)}, param {tuple(param.shape)}, m {tuple(m.shape)}, v "
+            f"{tuple(v.shape)} and decay {tuple(decay.shape)} do not fit {n} coordinates of {d} moments"
+        )
+
+
 def _offsets(sizes: tuple[int, ...] | None, n: int) -> Tensor:
     """int64 segment offsets ``[0, n_1, n_1 + n_2, ..., n]`` (one segment of ``n`` rows when ``sizes`` is None)."""
     if sizes is None:
@@ -132,6 +149,7 @@ def mlp_feature_mean_square(
     if lib is None:
         return None
     n, d = m.shape
+    _check_mlp_moments(grad, param, m, v, decay)
     offsets = _offsets(sizes, n)
     k = offsets.numel() - 1
     if int(offsets[-1]) > n or (sizes is not None and min(sizes) < 1):
@@ -185,10 +203,19 @@ def mlp_update(
     if lib is None:
         return None
     n, d = m.shape
+    _check_mlp_moments(grad, param, m, v, decay)
     offsets = _offsets(sizes, n)
     k = offsets.numel() - 1
     if int(offsets[-1]) > n or w1.dim() != (2 if sizes is None else 3) or (sizes is not None and w1.shape[0] != k):
         raise ValueError(f"mlp_update: segment sizes {sizes} and first-layer weights {tuple(w1.shape)} do not match")
+    hidden = w1.shape[-2]
+    if w1.shape[-1] != 2 + 4 * d or b1.shape != (hidden,) or w2.shape != (2, hidden) or b2.shape != (2,):
+        raise ValueError(
+            f"mlp_update: layers w1 {tuple(w1.shape)}, b1 {tuple(b1.shape)}, w2 {tuple(w2.shape)}, b2 "
+            f"{tuple(b2.shape)} do not fit {2 + 4 * d} features"
+        )
+    if out is not None and not (out["m"].shape == m.shape and out["v"].shape == v.shape):
+        raise ValueError(f"mlp_update: out m {tuple(out['m'].shape)}, v {tuple(out['v'].shape)} for {tuple(m.shape)}")
     w1, b1, w2, b2 = (t.detach().to(torch.float32).contiguous() for t in (w1, b1, w2, b2))
     delta = torch.empty_like(grad)
     m_new, v_new = (
@@ -316,8 +343,17 @@ def adafac_pack_step(
     j = len(m)
     sizes = [r * c for r, c in views]
     total, rows, cols = sum(sizes), sum(r for r, _ in views), sum(c for _, c in views)
-    if len(m_out) != j or len(net.beta) != j or row.shape != (rows, len(net.factored_decay)) or col.shape[0] != cols:
-        raise ValueError(f"adafac_pack_step: state of {j} momenta, row {tuple(row.shape)}, col {tuple(col.shape)}")
+    k = len(net.factored_decay)
+    if (
+        len(m_out) != j
+        or len(net.beta) != j
+        or not row.shape == row_out.shape == (rows, k)
+        or not (col.shape == col_out.shape == (cols, k))
+    ):
+        raise ValueError(
+            f"adafac_pack_step: state of {j} momenta, row {tuple(row.shape)} -> {tuple(row_out.shape)}, col "
+            f"{tuple(col.shape)} -> {tuple(col_out.shape)} for {rows} rows and {cols} columns of {k} statistics"
+        )
     weight = net.weight
     if grad.dim() != 1 or grad.numel() < total or weight.shape[1] != 4 + 4 * j + 4 * len(net.factored_decay):
         raise ValueError(f"adafac_pack_step: {grad.numel()} coordinates for {total}, weight {tuple(weight.shape)}")
@@ -331,7 +367,6 @@ def adafac_pack_step(
         """The address of each tensor's part of ``buffer`` (``floats`` per coordinate, row or column)."""
         return [buffer.data_ptr() + 4 * floats * start for start in starts]
 
-    k = len(net.factored_decay)
     a, r0, c0 = _starts(sizes), _starts([r for r, _ in views]), _starts([c for _, c in views])
     table = [
         *(places(t, a) for t in vectors),
@@ -421,6 +456,23 @@ def _adafac_call(
     lib = library_for("adafac_mlp") if supported else None
     if lib is None:
         return False
+    dense = 4 + 4 * j
+    shapes_fit = (
+        net.weight.shape == (hidden, dense + 4 * j)
+        and net.bias.shape == (hidden,)
+        and net.feature_scale.shape == (dense,)
+        and step_scales.numel() == s
+        and all(w.shape == (hidden, hidden) and b.shape == (hidden,) for w, b in inner)
+        and w_out.numel() == hidden
+        and (net.adam_index is None or 0 <= net.adam_index < dense)
+    )
+    if not shapes_fit:  # (the kernel would read past these tensors)
+        raise ValueError(
+            f"adafac kernel: a net of hidden size {hidden} for {j} momenta takes a weight ({hidden}, {dense + 4 * j}), "
+            f"bias ({hidden},), feature_scale ({dense},), one step scale per tensor ({s}); got weight "
+            f"{tuple(net.weight.shape)}, bias {tuple(net.bias.shape)}, feature_scale {tuple(net.feature_scale.shape)}, "
+            f"{step_scales.numel()} step scales, layers {[tuple(w.shape) for w, _ in net.layers]}"
+        )
     weight, bias, feature_scale, step_scales = (
         t.detach().float().contiguous() for t in (net.weight, net.bias, net.feature_scale, step_scales)
     )

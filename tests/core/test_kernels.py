@@ -506,6 +506,45 @@ def test_adafac_tensors_step_refuses_tensors_it_does_not_take():
 
 
 @needs_kernels
+def test_kernel_entry_points_refuse_widths_they_would_read_or_write_past():
+    """The public kernel functions check every width the C++ code indexes with and raise before the call, where the
+    kernel read past the weight (an input wider than it) or wrote past an output narrower than the hidden size."""
+    cell, x, h, c = _case(8, 5, 20)
+    w, b = _fused(cell)
+    out = torch.full((8, 2, 20), float("nan"))
+    for bad in (
+        (torch.randn(8, 6), h, c, w, b, out[:, 0], out[:, 1]),  # x one column wider than the weight
+        (x, h, c, w, b, torch.empty(8, 19), out[:, 1]),  # h_out narrower than H
+        (x, h, c, w, b[:-1], out[:, 0], out[:, 1]),
+    ):
+        with pytest.raises(ValueError, match="lstm_cell: .* do not fit one cell"):
+            kernels.lstm_cell_into(*bad)
+    rule, grad, param, state, step = _adafac_case((6, 5))
+    net = rule._kernel_net(step, grad)
+    m = [[state[f"m{i}"].clone()] for i in range(3)]
+    v, row, col = [state["v"].clone()], [state["row"].clone()], [state["col"].clone()]
+    p = param.clone()
+    with kernels.forced():
+        with pytest.raises(ValueError, match="one step scale per tensor"):  # the kernel reads step_scales[s]
+            kernels.adafac_tensors_step([(6, 5)], [grad], [p], m, v, row, col, net, torch.ones(0), (0.1, 0.0))
+        narrow = net._replace(bias=net.bias[:-1])
+        with pytest.raises(ValueError, match="adafac kernel: a net of hidden size"):
+            kernels.adafac_tensors_step([(6, 5)], [grad], [p], m, v, row, col, narrow, torch.ones(1), (0.1, 0.0))
+    assert torch.equal(p, param)
+    rule, grad_, param, state, step = _mlp_case(40)
+    layers = (torch.zeros(32, 22), torch.zeros(32), torch.zeros(2, 32), torch.zeros(2))
+    moments = (grad_, param, state["m"], state["v"], rule.decay, 1e-6)
+    with kernels.forced():
+        assert kernels.mlp_update(*moments, *layers, 1e-3, 1e-3) is not None
+        with pytest.raises(ValueError, match="mlp_update: layers"):
+            kernels.mlp_update(
+                *moments, torch.zeros(32, 22), torch.zeros(32), torch.zeros(2, 31), torch.zeros(2), 1e-3, 1e-3
+            )
+        with pytest.raises(ValueError, match="mlp kernel: grad"):
+            kernels.mlp_feature_mean_square(grad_[:-1], *moments[1:])
+
+
+@needs_kernels
 @pytest.mark.parametrize("lr", [0.1, torch.tensor(0.1)], ids=["float", "tensor"])
 def test_adafac_kernel_applies_the_decoupled_update_itself(lr):
     """Given ``update=(lr, weight_decay)``, the native step writes theta (1 - lr wd) + lr delta into ``param`` in
