@@ -406,12 +406,15 @@ def adafac_tensors_step(
     k, count = len(net.factored_decay), len(shapes)
     if not (len(grads) == len(params) == len(v) == len(row) == len(col) == count and all(len(x) == count for x in m)):
         return False
-    for i, (rows, cols) in enumerate(shapes):  # one plain loop: this runs every step, for every tensor
+    f32 = torch.float32
+    for i, (rows, cols) in enumerate(shapes):  # plain_f32 and the sizes inline: this runs every step, every tensor
+        n = rows * cols
         for t in (grads[i], params[i], *(momentum[i] for momentum in m), v[i]):
-            if t.numel() != rows * cols or not plain_f32(t):
+            if not (t.dtype is f32 and t.is_cpu and t.is_contiguous() and t.numel() == n):
                 return False
-        if row[i].shape != (rows, k) or col[i].shape != (cols, k) or not (plain_f32(row[i]) and plain_f32(col[i])):
-            return False
+        for t, length in ((row[i], rows), (col[i], cols)):
+            if not (t.dtype is f32 and t.is_cpu and t.is_contiguous() and t.shape == (length, k)):
+                return False
 
     def addresses(tensors: Sequence[Tensor]) -> list[int]:
         return [t.data_ptr() for t in tensors]
@@ -477,9 +480,16 @@ def _adafac_call(
         t.detach().float().contiguous() for t in (net.weight, net.bias, net.feature_scale, step_scales)
     )
     inner_w, inner_b, w_out = _mlp_layers(inner, w_out)
-    # one int64 (pointer-sized) row per array, S addresses each
-    pointers = torch.tensor(table, dtype=torch.int64)
-    row_of = [pointers.data_ptr() + 8 * s * i for i in range(len(table))]
+    # one int64 (pointer-sized) row of S addresses per array; an array given twice (the same list: a state read and
+    # written over) has one row
+    index: dict[int, int] = {}
+    rows = []
+    for addresses in table:
+        if id(addresses) not in index:
+            index[id(addresses)] = len(rows)
+            rows.append(addresses)
+    pointers = torch.tensor(rows, dtype=torch.int64)
+    row_of = [pointers.data_ptr() + 8 * s * index[id(addresses)] for addresses in table]
     lr, weight_decay = (0.0, 0.0) if update is None else (float(update[0]), float(update[1]))
     status = lib.lo_adafac_pack_step_f32(
         s,

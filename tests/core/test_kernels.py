@@ -317,7 +317,7 @@ def test_adafac_kernels_equal_the_aten_path(shape, config, in_place):
 class PacksOnly(LearnedOptimizer):
     """The rule's in-place step off: small tensors go in packs (copied in and out), large ones alone."""
 
-    def _step_in_place(self, params, lr, weight_decay, maximize):
+    def _step_in_place(self, params, states, lr, weight_decay, maximize):
         return params
 
 
