@@ -352,7 +352,7 @@ class LearnedOptimizer(Optimizer):
         norms = torch._foreach_norm([grads[i] for i in present], 2.0) if present else []
         if len(devices) > 1:
             norms = [m.to(norms[0].device) for m in norms]
-        stacked = torch.stack(norms) if norms else None
+        stacked = torch.stack(list(norms)) if norms else None
         # the usual case in one check (a sum of norms is finite only if each is); the rest finds the tensor to name
         if not sharded and (stacked is None or math.isfinite(stacked.sum().item())):
             return None

@@ -483,7 +483,7 @@ def _adafac_call(
     # one int64 (pointer-sized) row of S addresses per array; an array given twice (the same list: a state read and
     # written over) has one row
     index: dict[int, int] = {}
-    rows = []
+    rows: list[Sequence[int]] = []
     for addresses in table:
         if id(addresses) not in index:
             index[id(addresses)] = len(rows)
