@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import math
 import os
 import platform
@@ -411,12 +412,23 @@ def run_suite(
     settings: dict[str, dict[str, Setting]] = {}
     with tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True, mininterval=1.0) as bar:
         say = log or bar.write
+
+        planned = {w.name: w.steps * planned_runs() for w in workloads}
+
+        def advance(task: str, steps: int) -> None:
+            planned[task] -= steps
+            if planned[task] < 0 and bar.total is not None:  # a grid extended past an edge: runs not planned
+                bar.total += steps
+            bar.update(steps)
+
         for w in workloads:
 
             def runner(
                 opt: BenchOptimizer, w: Workload = w, flatness: FlatnessOptions | None = None
             ) -> Callable[[Setting, int], dict[str, Any]]:
-                return lambda setting, seed: store.run(w, opt, setting, seed, bar.update, flatness)
+                return lambda setting, seed: store.run(
+                    w, opt, setting, seed, functools.partial(advance, w.name), flatness
+                )
 
             chosen: dict[str, Setting] = {}
             for name, opt in base.items():

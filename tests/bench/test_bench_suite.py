@@ -511,15 +511,27 @@ def test_the_tuned_wd_rule_finds_a_weight_decay_past_the_grid_in_the_full_suite(
         return {**record, "final": {"val_loss": loss, "test_loss": loss}}
 
     monkeypatch.setattr(brun, "train", wd_train)
+    import tqdm.auto
+
+    bars = []
+
+    class Recorded(tqdm.auto.tqdm):
+        def close(self):
+            bars.append((self.n, self.total))
+            super().close()
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recorded)
     results = run_suite(
         ["l2o-lstm"],  # a multiplier default (lr grid 0.1-1): both axes grow past their winning edges
         out=tmp_path,
         tasks=["diabetes-mlp"],
         baselines=["adamw"],
-        progress=False,
+        progress=True,
         seeds=1,
         lr_rules=["tuned", "tuned-wd"],
     )
+    done, total = bars[0]  # (closed once by the suite, again when collected)
+    assert done == total > TASKS["diabetes-mlp"].steps  # the progress bar's total grows with the extended grids
     chosen = {t.contender: t.chosen for t in results.tuning}
     assert chosen["adamw"].weight_decay == chosen["l2o-lstm [tuned-wd]"].weight_decay == 0.3
     assert chosen["l2o-lstm [tuned]"].weight_decay == 0.0 and chosen["l2o-lstm [tuned-wd]"].lr == 0.01
