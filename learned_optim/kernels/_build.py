@@ -11,6 +11,7 @@ import platform
 import shlex
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 from .._files import write_atomically
@@ -123,6 +124,22 @@ def compile_library(compiler: list[str], flags: list[str], target: Path) -> None
     write_atomically(target, compile_into)  # concurrent builders never load a half-written file
 
 
+#: A temporary file in the cache older than this is a killed build's or write's, not one in progress.
+STALE_TEMPORARY_SECONDS = 3600.0
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Remove what killed builds left in the cache folder: temporary files (``.*.tmp``, and the ``tmp*.so`` of
+    earlier versions) older than :data:`STALE_TEMPORARY_SECONDS`."""
+    now = time.time()
+    for path in [*folder.glob(".*.tmp"), *folder.glob("tmp*.so")]:
+        try:
+            if now - path.stat().st_mtime > STALE_TEMPORARY_SECONDS:
+                path.unlink()
+        except OSError:  # gone already, or not ours to remove
+            pass
+
+
 def _digest_path(library: Path) -> Path:
     return library.with_name(library.name + ".sha256")
 
@@ -175,6 +192,7 @@ def build() -> tuple[ctypes.CDLL, Path, str]:
             target.unlink(missing_ok=True)
         if not target.exists():
             logger.info("learned_optim: compiling native kernels (%s) into %s", target_isa, target)
+            remove_stale_temporaries(target.parent)
             compile_library(compiler, flags, target)
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as err:

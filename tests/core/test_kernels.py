@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -1080,3 +1081,17 @@ def test_running_out_of_memory_inside_a_kernel_raises_instead_of_ending_the_proc
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)  # (its cache)
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
     assert "MemoryError: the native adafac_mlp kernel ran out of memory" in proc.stdout, proc.stdout
+
+
+def test_a_build_removes_what_killed_builds_left_in_the_cache(tmp_path):
+    """Temporary files older than STALE_TEMPORARY_SECONDS (a killed build's or write's) are removed; a recent one,
+    which may be another process's build in progress, and the libraries themselves stay."""
+    old, recent = tmp_path / ".learned_optim-abc.so.x1.tmp", tmp_path / ".learned_optim-abc.so.x2.tmp"
+    legacy, library = tmp_path / "tmpq1w2e3.so", tmp_path / "learned_optim-abc.so"
+    for path in (old, recent, legacy, library):
+        path.write_bytes(b"x")
+    stale = time.time() - _build.STALE_TEMPORARY_SECONDS - 60
+    for path in (old, legacy, library):
+        os.utime(path, (stale, stale))
+    _build.remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([recent.name, library.name])
