@@ -160,6 +160,8 @@ class SuiteResults:
         """The aggregate table, the per-task table and a note on how they were made."""
         rows = self.rows()
         c = self.config
+        recorded = {r.get("threads") for by in self.records.values() for recs in by.values() for r in recs}
+        trained_threads = " or ".join(str(t) for t in sorted(t for t in recorded if t is not None)) or "unrecorded"
         lines = [
             "| Optimizer | IQM val loss / AdamW | IQM test loss / AdamW | IQM speed-up | W / T / L vs AdamW "
             "(test loss) | Diverged runs |",
@@ -198,9 +200,9 @@ class SuiteResults:
             "W / T / L: paired 95% interval of the test-loss difference to AdamW below / containing / above 0. "
             "Diverged: non-finite, or a final training loss above the first step's; a non-finite run counts with "
             "its initial validation loss, and its contender's test accuracy is n/a. "
-            f"torch {c['torch']}, "
-            f"{c['threads']} thread(s), {c['machine']}; stdlib corpus {c['corpus_fingerprint']} (Python "
-            f"{c['python']})."
+            f"torch {c['torch']}, {c['threads']} thread(s), {c['machine']}; stdlib corpus "
+            f"{c['corpus_fingerprint']} (Python {c['python']}). ms / step: as each run measured it when it was "
+            f"trained ({trained_threads} thread(s); a run reused from the store keeps its own)."
         )
         if c.get("command"):
             note += f"\n\nCommand: `{c['command']}`"

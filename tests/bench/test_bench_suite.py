@@ -661,3 +661,13 @@ def test_bench_refuses_bad_outputs_and_options_before_any_run(tmp_path, monkeypa
     tasks = [] if "--tasks" in args else ["--tasks", "diabetes-mlp"]
     assert bench_main([*base, *tasks, *args]) == 2
     assert message in capsys.readouterr().err and not calls
+
+
+def test_the_table_note_gives_the_threads_the_runs_were_trained_with(tmp_path, monkeypatch):
+    """Reused runs keep their own time per step, measured with their own thread count: the note says which (it
+    gave the current process's only)."""
+    calls = []
+    fake = _fake_train(calls)
+    monkeypatch.setattr(brun, "train", lambda w, o, s, seed, f=None: {**fake(w, o, s, seed, f), "threads": seed + 1})
+    results = run_suite(["l2o-mlp"], out=tmp_path, tasks=["diabetes-mlp"], quick=True, seeds=2, progress=False)
+    assert "when it was trained (1 or 2 thread(s); a run reused from the store keeps its own)" in results.markdown()
