@@ -62,6 +62,7 @@ import math
 import os
 import time
 import warnings
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -456,7 +457,7 @@ def read_run_record(folders: Sequence[str | os.PathLike], key: str) -> dict[str,
                 continue
             try:
                 record = json.loads(read(path))
-            except (OSError, EOFError, ValueError) as err:  # (gzip's and JSON's errors are OSError / ValueError)
+            except (OSError, EOFError, zlib.error, ValueError) as err:  # (JSON's errors are ValueErrors)
                 warnings.warn(
                     f"ignoring the unreadable run record {path} ({err}); the run is trained again", stacklevel=2
                 )

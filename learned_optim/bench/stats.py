@@ -99,6 +99,8 @@ def training_curve(
     at most ``windows``). A run that stopped early (non-finite loss) has points only for its complete windows, the
     last of them NaN if a non-finite value fell in it."""
     count = min(windows, horizon)
+    if count < 1:
+        return [], []
     ends = [-(-i * horizon // count) for i in range(1, count + 1)]  # ceil(i H / W)
     steps, values = [], []
     for start, end in zip([0, *ends[:-1]], ends, strict=True):

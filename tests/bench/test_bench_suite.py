@@ -564,6 +564,10 @@ def test_learned_identity_ignores_descriptions_but_not_the_step(tmp_path):
     assert learned_optimizer(str(folder)).identity != before
 
 
+def _flip_byte(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]
+
+
 def test_a_damaged_or_misplaced_run_record_is_passed_over_with_a_warning(tmp_path):
     """A record file that cannot be read (cut short, empty, not JSON, foreign JSON) or that holds another run's
     record (copied or renamed under the wrong key) is not reused: the run is looked up further, else trained again;
@@ -578,6 +582,7 @@ def test_a_damaged_or_misplaced_run_record_is_passed_over_with_a_warning(tmp_pat
     runs.mkdir(parents=True)
     damaged = {
         "cut short": gzip.compress(json.dumps(good).encode())[:20],
+        "a byte flipped in the compressed body": _flip_byte(gzip.compress(json.dumps(good).encode()), 15),
         "empty": b"",
         "not JSON": gzip.compress(b"not json"),
         "foreign JSON": gzip.compress(b"[1, 2]"),

@@ -961,7 +961,7 @@ def test_a_guard_record_that_cannot_be_cached_still_counts(tmp_path, monkeypatch
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(learned_optim._files.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(learned_optim._files.os, "open", read_only)
     with caplog.at_level("WARNING", logger="learned_optim"):
         assert _guard.load_or_measure(tmp_path / "guard.json", kernels.isa(), _runtime._switched) == record
     assert "could not cache the kernels' guard record" in caplog.text
@@ -1049,7 +1049,8 @@ def test_the_adafac_kernels_parameter_update_counts_as_an_in_place_change(varian
     if variant == "column-major grad":
         w.grad = w.grad.t().contiguous().t()
     before = w._version
-    opt.step()
+    with kernels.forced():  # (the guard may hand this machine's step to ATen)
+        opt.step()
     assert w._version > before
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()

@@ -123,10 +123,10 @@ class LocalEntropyRegularizer(Regularizer):
     burn_in: int = 0
 
     def check(self) -> None:
-        if not positive_finite(self.gamma) or self.steps < 1 or not 0 <= self.ema <= 1:
-            raise ValueError("need gamma > 0, steps >= 1, 0 <= ema <= 1 and 0 <= burn_in < steps")
-        if not 0 <= self.burn_in < self.steps:
-            raise ValueError("need gamma > 0, steps >= 1, 0 <= ema <= 1 and 0 <= burn_in < steps")
+        if not (
+            positive_finite(self.gamma) and self.steps >= 1 and 0 <= self.ema <= 1 and 0 <= self.burn_in < self.steps
+        ):
+            raise ValueError("need a finite gamma > 0, steps >= 1, 0 <= ema <= 1 and 0 <= burn_in < steps")
         if not positive_finite(self.lr) or not (math.isfinite(self.noise) and self.noise >= 0):
             raise ValueError("need a finite lr > 0 and a finite noise >= 0")
 
