@@ -412,8 +412,8 @@ class LearnedOptimizer(Optimizer):
             state = self.state[p]
             if not state:
                 state.update(self._init_state(p))
-            elif state.keys() != kept:  # state put there by a wrapper that loads it itself (ZeRO), not load_state_dict
-                raise ValueError(
+            elif not kept <= state.keys():  # state put there by a wrapper that loads it (ZeRO), not load_state_dict
+                raise ValueError(  # (keys beyond the net's are a wrapper's own, e.g. timm's Lookahead's: fine)
                     f"the state of parameter {self._param_name(group, p)} has keys {sorted(state)}, but this "
                     f"{self.rule.family} net keeps {sorted(kept)}: state from another optimizer? Nothing was updated"
                 )
@@ -630,15 +630,15 @@ class LearnedOptimizer(Optimizer):
             saved = state_dict["state"].get(pid)
             if not saved:
                 continue
-            keys = set(saved) - {"step"}
             expected = {
                 **{k: (*p.shape, *s) if is_dtensor(p) else (p.numel(), *s) for k, s in per_coord.items()},
                 **self.rule.tensor_state_shapes(tuple(p.shape)),
             }
-            if keys != set(expected):
+            missing = sorted({"step", *expected} - set(saved))
+            if missing:  # (keys beyond the net's are a wrapper's, e.g. timm's Lookahead's slow weights: kept)
                 raise ValueError(
-                    f"state of parameter {pid} has keys {sorted(keys)}, but this "
-                    f"{self.rule.family} net keeps {sorted(expected)}: state from another optimizer?"
+                    f"state of parameter {pid} has keys {sorted(saved)}, but this {self.rule.family} net keeps "
+                    f"{sorted({'step', *expected})} (missing {missing}): state from another optimizer?"
                 )
             for k, want in expected.items():
                 if tuple(saved[k].shape) != want:
@@ -659,7 +659,7 @@ class LearnedOptimizer(Optimizer):
                 continue
             state = self.state[p]
             state["step"] = saved["step"].detach().clone().to(torch.float32)
-            for k in set(saved) - {"step"}:
+            for k in set(saved) & self.rule.state_names():  # (a wrapper's keys stay as torch loaded them)
                 state[k] = saved[k].detach().to(device=p.device, dtype=self._state_dtype(k), copy=True)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)

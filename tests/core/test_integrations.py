@@ -7,6 +7,7 @@ installed.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import math
 import sys
@@ -182,3 +183,32 @@ def test_quickstart_example_with_a_given_checkpoint(checkpoint_dir, capsys):
     losses = example.main(str(checkpoint_dir), epochs=1)
     assert len(losses) == 20
     assert "resumed optimizer at step 20 of 20" in capsys.readouterr().out
+
+
+def test_timm_lookahead_trains_past_its_slow_update_and_resumes_bit_identically(timm_registry):
+    """timm's ``lookahead_<name>`` keeps its slow weights in each parameter's state beside the net's: the step and
+    ``load_state_dict`` take state with keys beyond the net's (they refused it at the 7th step and at a resume)."""
+    import timm.optim
+
+    name, _ = timm_registry
+    x, y = torch.randn(8, 3, 6, 6), torch.randint(0, 3, (8,))
+
+    def train(opt, model, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    model = _timm_model()
+    opt = timm.optim.create_optimizer_v2(model, "lookahead_" + name)
+    train(opt, model, 8)  # past Lookahead's slow update (every 6 steps)
+    assert all("lookahead_slow_buff" in s for s in opt._base_optimizer.state.values())
+    saved, weights = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+    train(opt, model, 7)
+    resumed_model = _timm_model()
+    resumed_model.load_state_dict(weights)
+    resumed = timm.optim.create_optimizer_v2(resumed_model, "lookahead_" + name)
+    resumed.load_state_dict(saved)
+    train(resumed, resumed_model, 7)
+    for a, b in zip(model.parameters(), resumed_model.parameters(), strict=True):
+        assert torch.equal(a, b)
