@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .nets.base import UpdateRule, functional_update
 
-__all__ = ["StateDict", "apply_rule", "decoupled_update", "decoupled_update_", "to_device"]
+__all__ = ["StateDict", "apply_rule", "decoupled_update", "decoupled_update_", "stepped_parameter", "to_device"]
 
 #: Net state of several tensors: tensor name -> state name -> tensor.
 StateDict = dict[str, dict[str, Tensor]]
@@ -35,6 +35,18 @@ def decoupled_update(theta: Tensor, delta: Tensor, lr: float | Tensor, weight_de
     if weight_decay != 0.0:
         theta = theta * (1.0 - lr * weight_decay)
     return theta + lr * delta
+
+
+def stepped_parameter(
+    param: Tensor, theta: Tensor, delta: Tensor, lr: float | Tensor, weight_decay: float = 0.0
+) -> Tensor:
+    r"""The new value of ``param`` (out of place): :func:`decoupled_update` of ``theta``, its copy in the net's
+    dtype, in the wider of the two dtypes. A float64 parameter is updated in float64 (in the net's float32 it would
+    lose every step smaller than its float32 spacing, and its low bits); a bf16 or fp16 one gets the float32
+    result, rounded once."""
+    if param.dtype != theta.dtype and torch.promote_types(param.dtype, theta.dtype) == param.dtype:
+        return decoupled_update(param, delta.to(param.dtype), lr, weight_decay)
+    return decoupled_update(theta, delta, lr, weight_decay)
 
 
 def decoupled_update_(theta: Tensor, delta: Tensor, lr: float | Tensor, weight_decay: float = 0.0) -> Tensor:

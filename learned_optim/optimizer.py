@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import kernels, packing
-from .functional import decoupled_update, decoupled_update_
+from .functional import decoupled_update_, stepped_parameter
 from .nets.base import UpdateRule
 from .packing import PACK_MAX_BYTES, ROW_ALIGN, is_dtensor
 
@@ -544,7 +544,7 @@ class LearnedOptimizer(Optimizer):
                 stats,
                 **extra,
             )
-            flat[part] = decoupled_update(theta, delta[:rows], lr, weight_decay)
+            flat[part] = stepped_parameter(flat[part], theta, delta[:rows], lr, weight_decay)
             for k, v in new_state.items():
                 if not (in_place and v is chunk_state[k]):
                     coord_state[k][part] = v[:rows]
@@ -580,7 +580,7 @@ class LearnedOptimizer(Optimizer):
             if update_in_place:
                 decoupled_update_(flat, delta, lr, weight_decay)
             else:
-                flat.copy_(decoupled_update(flat.to(dtype), delta, lr, weight_decay))
+                flat.copy_(stepped_parameter(flat, flat.to(dtype), delta, lr, weight_decay))
         for k in names:
             if not (in_place and new_state[k] is current[k]):
                 state[k].copy_(new_state[k].view_as(state[k]))

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeGuard
 import torch
 from torch import Tensor
 
-from .functional import decoupled_update
+from .functional import decoupled_update, stepped_parameter
 from .nets.base import Segments, UpdateRule
 
 if TYPE_CHECKING:
@@ -152,7 +152,7 @@ def packed_step(
         extra["shapes"] = [tuple(p.shape) for p in params]
         tensor_keys = list(rule.tensor_state_shapes(extra["shapes"][0]))
         state.update({k: torch.cat([s[k] for s in states]).to(dtype) for k in tensor_keys})
-    if rule.applies_update and net is rule and not torch.is_grad_enabled():
+    if rule.applies_update and net is rule and not torch.is_grad_enabled() and params[0].dtype == dtype:
         extra["update"] = (lr, weight_decay)  # the rule may apply it to theta, this step's own copy, itself
     # the packed state is this step's own copy: the rule may write the new state into it
     delta, new_state = net(grad, theta, state, step, stats, out_state=state, segments=segments, **extra)
@@ -160,8 +160,11 @@ def packed_step(
         lr = lr.to(device=device, dtype=dtype)
     if delta is None:  # applied by the rule
         new_theta = theta[:total].split(sizes)
-    else:
+    elif params[0].dtype == dtype:  # (a pack's parameters share one dtype)
         new_theta = decoupled_update(theta[:total], delta[:total], lr, weight_decay).split(sizes)
+    else:
+        flat_params = torch.cat([p.detach().reshape(-1) for p in params])
+        new_theta = stepped_parameter(flat_params, theta[:total], delta[:total], lr, weight_decay).split(sizes)
     torch._foreach_copy_(params, [t.view(p.shape) for t, p in zip(new_theta, params, strict=True)])
     for k in shapes:
         torch._foreach_copy_([s[k] for s in states], list(new_state[k][:total].split(sizes)))

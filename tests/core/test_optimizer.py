@@ -984,3 +984,23 @@ def test_a_zero_size_parameter_is_stepped_as_nothing_beside_the_others(family, m
     for a, b in zip(model.parameters(), with_empty.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert empty.shape == (0, 3)
+
+
+def test_float64_parameters_are_stepped_in_float64(family, make_rule):
+    """The net runs in float32, but a float64 parameter is updated in float64, on every path (packed small tensors,
+    a tensor alone): it was rounded to float32 on every step, which wiped its low bits and lost every step below
+    float32's spacing."""
+    params = [nn.Parameter(torch.full((n,), 1000.0, dtype=torch.float64) + 1e-9) for n in (3, 7, 200_000)]
+    before = [p.detach().clone() for p in params]
+    opt = LearnedOptimizer(params, make_rule(family), lr=1e-20)
+    for p in params:
+        p.grad = torch.linspace(-1.0, 1.0, p.numel(), dtype=torch.float64)
+    opt.step()  # a step far below float64's spacing at 1000 changes nothing, low bits included
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+    for group in opt.param_groups:
+        group["lr"] = 1e-6 * (1e-3 if family == "adafac_mlp" else 1.0)  # below float32's spacing at 1000 (6e-5)
+    for _ in range(3):
+        opt.step()
+    for p, b in zip(params, before, strict=True):
+        assert p.dtype == torch.float64 and not torch.equal(p, b)
+        assert not torch.equal(p.detach().float().double(), p.detach())  # not float32 values
