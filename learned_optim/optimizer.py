@@ -225,6 +225,20 @@ class LearnedOptimizer(Optimizer):
         if len(devices) == 1 and next(iter(devices)).type != "meta":  # meta: not materialised yet
             self.rule.to(devices.pop())  # e.g. a model already moved to CUDA
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.add_param_group``, refusing a parameter listed twice in the group (torch only
+        warns): the learned step takes each parameter once per step, with one step count, where AdamW applies two
+        updates, so the result would match neither."""
+        params = param_group["params"]
+        listed = [params] if isinstance(params, Tensor) else list(params)
+        tensors = [p[1] if isinstance(p, tuple) else p for p in listed]  # (named parameters: (name, tensor))
+        if len({id(p) for p in tensors}) != len(tensors):
+            raise ValueError(
+                "a parameter is listed twice in one param group; list each once (tied weights: model.parameters() "
+                "lists a shared tensor once)"
+            )
+        super().add_param_group({**param_group, "params": listed})
+
     # ------------------------------------------------------------------ pickling / copying
     _EXTRA_ATTRS = ("rule", "chunk_size", "nonfinite", "state_dtype", "skipped_steps", "compile")
 
@@ -407,6 +421,7 @@ class LearnedOptimizer(Optimizer):
                 "updated. Pass nonfinite='skip' to skip such steps, or use torch.amp.GradScaler."
             )
         kept = {"step", *self.rule.state_names()}
+        sized = next(iter(self.rule.state_shapes()), None)  # a per-coordinate state: one row per coordinate
         todo: dict[int, tuple[list[Tensor], list[dict[str, Tensor]]]] = {}  # per group: its params, their states
         for group, p in items:
             state = self.state[p]
@@ -416,6 +431,11 @@ class LearnedOptimizer(Optimizer):
                 raise ValueError(  # (keys beyond the net's are a wrapper's own, e.g. timm's Lookahead's: fine)
                     f"the state of parameter {self._param_name(group, p)} has keys {sorted(state)}, but this "
                     f"{self.rule.family} net keeps {sorted(kept)}: state from another optimizer? Nothing was updated"
+                )
+            elif sized is not None and not is_dtensor(p) and state[sized].shape[0] != p.numel():
+                raise ValueError(
+                    f"parameter {self._param_name(group, p)} has {p.numel()} elements, but its optimizer state was "
+                    f"made for {state[sized].shape[0]} (a parameter resized in place?). Nothing was updated"
                 )
             if id(group) not in todo:
                 todo[id(group)] = ([], [])

@@ -1004,3 +1004,29 @@ def test_float64_parameters_are_stepped_in_float64(family, make_rule):
     for p, b in zip(params, before, strict=True):
         assert p.dtype == torch.float64 and not torch.equal(p, b)
         assert not torch.equal(p.detach().float().double(), p.detach())  # not float32 values
+
+
+def test_a_parameter_listed_twice_in_a_group_is_refused(family, make_rule):
+    """torch only warns; the learned step would advance the step count twice and update once (AdamW updates twice)."""
+    weight = next(make_model().parameters())
+    with pytest.raises(ValueError, match="listed twice in one param group"):
+        LearnedOptimizer([weight, weight], make_rule(family))
+    opt = LearnedOptimizer([weight], make_rule(family))
+    with pytest.raises(ValueError, match="listed twice"):
+        opt.add_param_group({"params": [("a", torch.nn.Parameter(torch.ones(2)))] * 2})
+
+
+def test_a_parameter_resized_in_place_is_named_before_any_change(family, make_rule):
+    """A parameter whose storage was replaced by a larger one (a grown vocabulary) no longer fits its state: the
+    step names it and changes nothing, the step counts included (they advanced before the failure)."""
+    model = make_model()
+    opt = LearnedOptimizer(model.parameters(), make_rule(family))
+    backward(model, opt, 0)
+    opt.step()
+    first = next(iter(model.parameters()))
+    first.data = torch.cat([first.data, first.data[:1]])
+    first.grad = torch.ones_like(first)
+    before = snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"has \d+ elements, but its optimizer state was made for \d+"):
+        opt.step()
+    assert_identical(before, snapshot(model, opt))
