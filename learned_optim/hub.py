@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -69,9 +70,10 @@ class CheckpointError(ValueError):
 def model_card(config: Mapping[str, Any], sections: Sequence[str] = ()) -> str:
     """A checkpoint's model card (README.md), the one writer of cards.
 
-    Front matter, title, usage and the net's configuration from ``config`` (a config.json's content:
-    ``name``, ``family``, ``net``), then ``sections`` (markdown lines of the caller's own sections, e.g.
-    the meta-trainer's), then the adaptation records and the training record of ``config["training"]``.
+    Front matter, title, the research warning (``research``) and the ``description``, usage and the net's
+    configuration from ``config`` (a config.json's content: ``name``, ``family``, ``net``), then ``sections``
+    (markdown lines of the caller's own sections, e.g. the meta-trainer's), then the adaptation records and the
+    training record of ``config["training"]``.
     :func:`record_evaluation` later adds or replaces "## Evaluation: ..." sections.
     """
     training = config.get("training") or {}
@@ -83,7 +85,13 @@ def model_card(config: Mapping[str, Any], sections: Sequence[str] = ()) -> str:
         "",
         f"# {config.get('name') or config['family']} (learned_optim)",
         "",
-        f"A `{config['family']}` learned optimizer for PyTorch.",
+        *(
+            [f"> **Research reproduction, not a general-purpose optimizer.** {config['research']}", ""]
+            if config.get("research")
+            else []
+        ),
+        f"A `{config['family']}` learned optimizer for PyTorch."
+        + (f" {config['description']}" if config.get("description") else ""),
         "",
         "```python",
         "import learned_optim",
@@ -444,6 +452,17 @@ def _zoo_entries() -> dict[str, Path]:
     return {d.name: d for d in sorted(root.iterdir()) if (d / CONFIG_NAME).is_file()}
 
 
+def _trained_on(training: Mapping[str, Any]) -> Any:
+    """The task family a checkpoint was meta-trained on: its own record's, else (a weight soup, an adapted or
+    fine-tuned net that records none) the nearest parent's."""
+    record: Mapping[str, Any] = training
+    while record:
+        if record.get("tasks"):
+            return record["tasks"]
+        record = (record.get("parent") or {}).get("training") or {}
+    return None
+
+
 def list_pretrained() -> list[dict[str, Any]]:
     """The bundled zoo: one dict per entry with its name, family, description, training and results.
 
@@ -468,7 +487,7 @@ def list_pretrained() -> list[dict[str, Any]]:
                 "research": config.get("research"),
                 "family": config["family"],
                 "description": config.get("description"),
-                "trained_on": training.get("tasks"),
+                "trained_on": _trained_on(training),
                 "results": training.get("results"),
                 "suite": suite or None,
                 "path": str(directory),
@@ -531,6 +550,12 @@ def resolve_checkpoint(
         f"{name!r} (revision {revision or 'main'}) is not in the local Hub cache and the Hub cannot be reached "
         f"(offline?){not_a_folder}"
     )
+    if revision is not None and re.fullmatch(r"[0-9a-f]{40}", revision):
+        # a commit never changes: its snapshot in the cache is the answer, without the network (huggingface_hub
+        # would first retry the Hub for ~20 s when it cannot be reached)
+        cached = _cached_snapshot(name, revision, cache_dir)
+        if cached is not None and (cached / WEIGHTS_NAME).is_file():
+            return cached
     try:
         folder = snapshot_download(
             name,

@@ -12,6 +12,7 @@ The Hub cache is written the way ``huggingface_hub`` writes it::
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import warnings
 from pathlib import Path
@@ -303,3 +304,50 @@ def test_zoo_separates_general_entries_from_research_reproductions(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         learned_optim.from_pretrained(name, params)  # once per process
+
+
+def test_a_cached_commit_is_read_without_asking_the_hub(hub_cache, monkeypatch):
+    """A commit never changes: pinned by its hash and in the cache, it is read without the network, with or without
+    offline mode (huggingface_hub retried an unreachable Hub for ~20 s first). A branch still asks the Hub."""
+    import huggingface_hub
+
+    calls = []
+
+    def unreachable(*args, **kwargs):
+        calls.append(kwargs.get("revision"))
+        raise huggingface_hub.errors.LocalEntryNotFoundError("the Hub cannot be reached")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    cache, nets = hub_cache
+    opt = learned_optim.from_pretrained(REPO_ID, _params(), cache_dir=cache, revision=COMMIT_V1)
+    assert _weights_equal(opt.rule, nets["v1"]) and calls == []
+    with pytest.raises(CheckpointError, match="not in the local Hub cache"):
+        learned_optim.from_pretrained(REPO_ID, _params(), cache_dir=cache, revision="v1")
+    assert calls == ["v1"]
+
+
+def test_list_pretrained_gives_a_soups_task_family_from_its_parent(tmp_path, make_rule, monkeypatch):
+    """A weight soup (the flagship) records no tasks of its own: its ingredients' parent's are the ones it was
+    meta-trained on (list_pretrained gave None)."""
+    tasks = {"family": "meta-mix", "kwargs": {"widths": [16]}}
+    save_pretrained(make_rule("mlp"), tmp_path / "plain", training={"tasks": tasks})
+    soup = {"soup": {"ingredients": []}, "parent": {"name": "plain", "training": {"tasks": tasks}}}
+    save_pretrained(make_rule("mlp"), tmp_path / "soup", training=soup)
+    save_pretrained(make_rule("mlp"), tmp_path / "bare")
+    monkeypatch.setattr(learned_optim.hub, "zoo_dir", lambda: tmp_path)
+    trained_on = {e["name"]: e["trained_on"] for e in learned_optim.list_pretrained()}
+    assert trained_on == {"plain": tasks, "soup": tasks, "bare": None}
+
+
+def test_a_saved_card_shows_the_research_warning_and_the_description(tmp_path, make_rule):
+    """A research net saved again (e.g. pushed to the Hub) keeps its warning in the card people read, not only in
+    config.json; the description is in the card too."""
+    save_pretrained(make_rule("mlp"), tmp_path / "a", description="Tuned for digits.", optimizer_defaults={"lr": 1.0})
+    config = json.loads((tmp_path / "a" / CONFIG_NAME).read_text())
+    (tmp_path / "a" / CONFIG_NAME).write_text(json.dumps({**config, "research": "A reproduction only."}))
+    opt = learned_optim.from_pretrained(tmp_path / "a", _params())
+    opt.save_pretrained(tmp_path / "b")
+    card = (tmp_path / "b" / CARD_NAME).read_text()
+    assert "> **Research reproduction, not a general-purpose optimizer.** A reproduction only." in card
+    assert "learned optimizer for PyTorch. Tuned for digits." in card
