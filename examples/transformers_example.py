@@ -15,8 +15,9 @@ Notes for transformers >= 5:
   and called as ``factory()(model, **kwargs)``, which bypasses the Trainer's weight-decay groups;
 * ``TrainingArguments.learning_rate`` is not passed to an optimizer given this way: ``lr`` comes from the
   kwargs (the checkpoint's default: a real learning rate, 1e-3, for the flagship; a multiplier of the learned step,
-  1.0, for the older nets). The Trainer's scheduler still scales it (the flagship recommends warm-up and cosine
-  decay; ``lr_scheduler_type="constant"`` keeps an older net's learned step as it was meta-trained).
+  1.0, for the older nets). The Trainer's scheduler still scales it: this example follows the checkpoint's
+  recorded schedule (the flagship's warm-up and cosine decay; ``lr_scheduler_type="constant"`` keeps an older net's
+  learned step as it was meta-trained).
 
     pip install -e ".[integrations]"      # from a checkout
     python examples/transformers_example.py --checkpoint <zoo name | owner/repo | folder> --max-steps 100
@@ -67,7 +68,9 @@ def main(checkpoint: str = learned_optim.FLAGSHIP, max_steps: int = 100, output_
             max_steps=max_steps,
             per_device_train_batch_size=16,
             weight_decay=0.01,
-            lr_scheduler_type="constant",
+            # the checkpoint's recommended schedule: warm-up and cosine for the flagship, constant for older nets
+            lr_scheduler_type="cosine" if config.get("schedule") == "cosine" else "constant",
+            warmup_steps=max(1, max_steps // 20) if config.get("schedule") == "cosine" else 0,
             use_cpu=True,
             report_to="none",
             save_strategy="no",

@@ -279,8 +279,8 @@ def build_parser(prog: str = "python -m learned_optim evaluate") -> argparse.Arg
         "--learned-lr",
         type=float,
         default=None,
-        help="lr of the learned optimizers (default: the checkpoint's: a real learning rate, 1e-3, for adafac_mlp; "
-        "a multiplier of the learned step, 1.0, for the older families)",
+        help="lr of the learned optimizers (default: the checkpoint's: a real learning rate for adafac_mlp, 1e-3 "
+        "or 3e-3; a multiplier of the learned step, 1.0, for the older families)",
     )
     parser.add_argument("--final-window", type=int, default=10, help="final train loss = mean of the last N steps")
     parser.add_argument(
