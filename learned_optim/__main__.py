@@ -182,6 +182,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as e:  # an optional dependency of the command is missing: one line, no traceback
         print(f"python -m learned_optim {command}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        stored = (  # (the suite stores each run as it finishes)
+            "; the runs that finished are stored under --out and the same command reuses them"
+            if command in ("bench", "demo")
+            else ""
+        )
+        print(f"\npython -m learned_optim {command}: interrupted{stored}", file=sys.stderr)
+        return 130
     print(f"python -m learned_optim: unknown command {command!r}\n\n{_USAGE}", file=sys.stderr)
     return 2
 

@@ -118,6 +118,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, KeyError, FileNotFoundError, FileExistsError, ImportError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        where = args.out or "the run folder"
+        print(
+            f"\ninterrupted; the same command with --resume goes on from the last checkpoint in {where}",
+            file=sys.stderr,
+        )
+        return 130
     finally:
         if created_group:
             import torch.distributed as dist

@@ -119,3 +119,16 @@ def test_a_missing_optional_dependency_is_one_line_not_a_traceback(monkeypatch, 
     assert main(["demo"]) == 2
     err = capsys.readouterr().err
     assert "needs scikit-learn" in err and "Traceback" not in err
+
+
+def test_an_interrupted_command_says_what_was_kept_without_a_traceback(monkeypatch, capsys):
+    """Ctrl-C in a long bench: one line saying that the finished runs are stored and reused, status 130."""
+    import learned_optim.bench.cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(learned_optim.bench.cli, "main", interrupted)
+    assert main(["bench", "--quick"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; the runs that finished are stored under --out" in err and "Traceback" not in err

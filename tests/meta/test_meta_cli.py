@@ -150,3 +150,16 @@ def test_config_base_by_bundled_name_and_errors(tmp_path):
     (tmp_path / "d.yaml").write_text("base: no-such-config\n")
     with pytest.raises(FileNotFoundError, match="no-such-config"):
         load_config(tmp_path / "d.yaml")
+
+
+def test_an_interrupted_meta_training_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    """Ctrl-C: one line naming --resume and the run folder, status 130, no traceback."""
+    from learned_optim.meta import trainer
+
+    def interrupted(self, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer.MetaTrainer, "train", interrupted)
+    out = tmp_path / "run"
+    assert main(["train", "smoke", "--out", str(out), "--no-progress", "--device", "cpu"]) == 130
+    assert f"--resume goes on from the last checkpoint in {out}" in capsys.readouterr().err
