@@ -229,15 +229,16 @@ class LearnedOptimizer(Optimizer):
         """``torch.optim.Optimizer.add_param_group``, refusing a parameter listed twice in the group (torch only
         warns): the learned step takes each parameter once per step, with one step count, where AdamW applies two
         updates, so the result would match neither."""
-        params = param_group["params"]
-        listed = [params] if isinstance(params, Tensor) else list(params)
-        tensors = [p[1] if isinstance(p, tuple) else p for p in listed]  # (named parameters: (name, tensor))
-        if len({id(p) for p in tensors}) != len(tensors):
-            raise ValueError(
-                "a parameter is listed twice in one param group; list each once (tied weights: model.parameters() "
-                "lists a shared tensor once)"
-            )
-        super().add_param_group({**param_group, "params": listed})
+        params = param_group.get("params") if isinstance(param_group, dict) else None
+        if params is not None and not isinstance(params, (Tensor, set)):  # (torch's own errors for the others)
+            param_group["params"] = listed = list(params)  # as torch does (a generator is read once, here)
+            tensors = [p[1] if isinstance(p, tuple) else p for p in listed]  # (named parameters: (name, tensor))
+            if len({id(p) for p in tensors}) != len(tensors):
+                raise ValueError(
+                    "a parameter is listed twice in one param group; list each once (tied weights: "
+                    "model.parameters() lists a shared tensor once)"
+                )
+        super().add_param_group(param_group)
 
     # ------------------------------------------------------------------ pickling / copying
     _EXTRA_ATTRS = ("rule", "chunk_size", "nonfinite", "state_dtype", "skipped_steps", "compile")
@@ -425,7 +426,7 @@ class LearnedOptimizer(Optimizer):
         todo: dict[int, tuple[list[Tensor], list[dict[str, Tensor]]]] = {}  # per group: its params, their states
         for group, p in items:
             state = self.state[p]
-            if not state:
+            if kept.isdisjoint(state):  # new, or only a wrapper's keys (Lookahead's slow weights after a skipped step)
                 state.update(self._init_state(p))
             elif not kept <= state.keys():  # state put there by a wrapper that loads it (ZeRO), not load_state_dict
                 raise ValueError(  # (keys beyond the net's are a wrapper's own, e.g. timm's Lookahead's: fine)
@@ -646,9 +647,10 @@ class LearnedOptimizer(Optimizer):
         if len(saved_ids) != len(params):
             raise ValueError(f"state_dict has {len(saved_ids)} parameters, this optimizer has {len(params)}")
         per_coord = self.rule.state_shapes()
+        names = {"step", *self.rule.state_names()}
         for pid, p in zip(saved_ids, params, strict=True):
             saved = state_dict["state"].get(pid)
-            if not saved:
+            if not saved or names.isdisjoint(saved):  # no state of the net's (at most a wrapper's own keys)
                 continue
             expected = {
                 **{k: (*p.shape, *s) if is_dtensor(p) else (p.numel(), *s) for k, s in per_coord.items()},
@@ -675,7 +677,7 @@ class LearnedOptimizer(Optimizer):
                     value.copy_(net[name])
         for pid, p in zip(saved_ids, params, strict=True):
             saved = state_dict["state"].get(pid)
-            if not saved:
+            if not saved or names.isdisjoint(saved):
                 continue
             state = self.state[p]
             state["step"] = saved["step"].detach().clone().to(torch.float32)

@@ -152,7 +152,9 @@ def packed_step(
         extra["shapes"] = [tuple(p.shape) for p in params]
         tensor_keys = list(rule.tensor_state_shapes(extra["shapes"][0]))
         state.update({k: torch.cat([s[k] for s in states]).to(dtype) for k in tensor_keys})
-    if rule.applies_update and net is rule and not torch.is_grad_enabled() and params[0].dtype == dtype:
+    # parameters wider than the net's dtype (float64) take the update in their own (stepped_parameter)
+    wider = torch.promote_types(params[0].dtype, dtype) != dtype  # (a pack's parameters share one dtype)
+    if rule.applies_update and net is rule and not torch.is_grad_enabled() and not wider:
         extra["update"] = (lr, weight_decay)  # the rule may apply it to theta, this step's own copy, itself
     # the packed state is this step's own copy: the rule may write the new state into it
     delta, new_state = net(grad, theta, state, step, stats, out_state=state, segments=segments, **extra)
@@ -160,7 +162,7 @@ def packed_step(
         lr = lr.to(device=device, dtype=dtype)
     if delta is None:  # applied by the rule
         new_theta = theta[:total].split(sizes)
-    elif params[0].dtype == dtype:  # (a pack's parameters share one dtype)
+    elif not wider:
         new_theta = decoupled_update(theta[:total], delta[:total], lr, weight_decay).split(sizes)
     else:
         flat_params = torch.cat([p.detach().reshape(-1) for p in params])

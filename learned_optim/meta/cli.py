@@ -107,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     launcher = ["torchrun", "--nproc-per-node", str(world), "-m"] if world > 1 else ["python", "-m"]
     command = shlex.join([*launcher, "learned_optim.meta", *argv])
     created_group = False
+    trainer: MetaTrainer | None = None
     try:
         config = load_config(resolve_config_path(args.config), args.overrides)
         if world > 1:
@@ -119,17 +120,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        where = args.out or "the run folder"
-        print(
-            f"\ninterrupted; the same command with --resume goes on from the last checkpoint in {where}",
-            file=sys.stderr,
-        )
+        how = "runs it" if trainer is None else f"--resume goes on from the last checkpoint in {trainer.out_dir}"
+        print(f"\ninterrupted; the same command with {how}", file=sys.stderr)
         return 130
     finally:
         if created_group:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+    assert trainer is not None
     if trainer.rank == 0:
         print(
             f"meta-training finished ({trainer.finish_reason}) after {trainer.meta_steps} meta-steps"

@@ -212,3 +212,24 @@ def test_timm_lookahead_trains_past_its_slow_update_and_resumes_bit_identically(
     train(resumed, resumed_model, 7)
     for a, b in zip(model.parameters(), resumed_model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_timm_lookahead_after_a_skipped_step_starts_the_nets_state_then(make_rule):
+    """With ``nonfinite="skip"`` a skipped first step leaves only Lookahead's slow weights in a parameter's state:
+    the next step starts the net's state beside them, and such a state dict loads (both refused it)."""
+    from timm.optim.lookahead import Lookahead
+
+    model = _timm_model()
+    opt = Lookahead(LearnedOptimizer(model.parameters(), make_rule("adafac_mlp"), nonfinite="skip"), k=1)
+    x, y = torch.randn(8, 3, 6, 6), torch.randint(0, 3, (8,))
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    opt.step()  # skipped by the learned optimizer; Lookahead still keeps its slow weights
+    assert all(set(s) == {"lookahead_slow_buff"} for s in opt._base_optimizer.state.values())
+    saved = copy.deepcopy(opt.state_dict())
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert all({"lookahead_slow_buff", "step", "m0"} <= set(s) for s in opt._base_optimizer.state.values())
+    fresh = Lookahead(LearnedOptimizer(_timm_model().parameters(), make_rule("adafac_mlp"), nonfinite="skip"), k=1)
+    fresh.load_state_dict(saved)
