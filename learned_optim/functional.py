@@ -24,7 +24,15 @@ from torch import Tensor
 
 from .nets.base import UpdateRule, functional_update
 
-__all__ = ["StateDict", "apply_rule", "decoupled_update", "decoupled_update_", "stepped_parameter", "to_device"]
+__all__ = [
+    "StateDict",
+    "apply_rule",
+    "decoupled_update",
+    "decoupled_update_",
+    "stepped_parameter",
+    "to_device",
+    "wider_dtype",
+]
 
 #: Net state of several tensors: tensor name -> state name -> tensor.
 StateDict = dict[str, dict[str, Tensor]]
@@ -37,6 +45,12 @@ def decoupled_update(theta: Tensor, delta: Tensor, lr: float | Tensor, weight_de
     return theta + lr * delta
 
 
+def wider_dtype(dtype: torch.dtype, than: torch.dtype) -> bool:
+    """Whether a parameter of ``dtype`` holds every value of the net's ``than`` and more (float64 against float32):
+    it then takes its update in its own dtype (:func:`stepped_parameter`)."""
+    return dtype != than and torch.promote_types(dtype, than) == dtype
+
+
 def stepped_parameter(
     param: Tensor, theta: Tensor, delta: Tensor, lr: float | Tensor, weight_decay: float = 0.0
 ) -> Tensor:
@@ -44,7 +58,7 @@ def stepped_parameter(
     dtype, in the wider of the two dtypes. A float64 parameter is updated in float64 (in the net's float32 it would
     lose every step smaller than its float32 spacing, and its low bits); a bf16 or fp16 one gets the float32
     result, rounded once."""
-    if param.dtype != theta.dtype and torch.promote_types(param.dtype, theta.dtype) == param.dtype:
+    if wider_dtype(param.dtype, theta.dtype):
         return decoupled_update(param, delta.to(param.dtype), lr, weight_decay)
     return decoupled_update(theta, delta, lr, weight_decay)
 

@@ -19,7 +19,7 @@ import os
 import re
 import tempfile
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -112,18 +112,24 @@ def model_card(config: Mapping[str, Any], sections: Sequence[str] = ()) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _lineage(training: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """A checkpoint's ``training`` record, then its parent's, its parent's parent's... (each under
+    ``training.parent``), each with where its own parent's record is in config.json."""
+    record, where = training, "training.parent"
+    while record:
+        yield where, record
+        record, where = (record.get("parent") or {}).get("training") or {}, where + ".training.parent"
+
+
 def _adaptation_lines(training: Mapping[str, Any]) -> list[str]:
     """The card's "## Adaptation" section: each generation of :func:`learned_optim.adapt` runs the net went through,
     newest first, read from ``training.adaptation`` and the parents' records under ``training.parent`` (a net
     loaded from an adapted checkpoint and saved again keeps its parent's adaptations in its card)."""
-    generations = []  # (where its parent's record is, the checkpoint adapted from, its adaptations), from this net back
-    record: Mapping[str, Any] = training
-    where = "training.parent"
-    while record:
-        parent = record.get("parent") or {}
-        if record.get("adaptation"):
-            generations.append((where, parent, record["adaptation"]))
-        record, where = parent.get("training") or {}, where + ".training.parent"
+    generations = [  # (where its parent's record is, the checkpoint adapted from, its adaptations), from this net back
+        (where, record.get("parent") or {}, record["adaptation"])
+        for where, record in _lineage(training)
+        if record.get("adaptation")
+    ]
     if not generations:
         return []
     lines = ["", "## Adaptation", ""]
@@ -455,12 +461,7 @@ def _zoo_entries() -> dict[str, Path]:
 def _trained_on(training: Mapping[str, Any]) -> Any:
     """The task family a checkpoint was meta-trained on: its own record's, else (a weight soup, an adapted or
     fine-tuned net that records none) the nearest parent's."""
-    record: Mapping[str, Any] = training
-    while record:
-        if record.get("tasks"):
-            return record["tasks"]
-        record = (record.get("parent") or {}).get("training") or {}
-    return None
+    return next((record["tasks"] for _, record in _lineage(training) if record.get("tasks")), None)
 
 
 def list_pretrained() -> list[dict[str, Any]]:

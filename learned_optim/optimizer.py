@@ -438,10 +438,9 @@ class LearnedOptimizer(Optimizer):
                     f"parameter {self._param_name(group, p)} has {p.numel()} elements, but its optimizer state was "
                     f"made for {state[sized].shape[0]} (a parameter resized in place?). Nothing was updated"
                 )
-            if id(group) not in todo:
-                todo[id(group)] = ([], [])
-            todo[id(group)][0].append(p)
-            todo[id(group)][1].append(state)
+            group_params, group_states = todo.setdefault(id(group), ([], []))
+            group_params.append(p)
+            group_states.append(state)
         for group in self.param_groups:
             if id(group) in todo and float(group["lr"]) == 0.0:
                 del todo[id(group)]
@@ -681,7 +680,7 @@ class LearnedOptimizer(Optimizer):
                 continue
             state = self.state[p]
             state["step"] = saved["step"].detach().clone().to(torch.float32)
-            for k in set(saved) & self.rule.state_names():  # (a wrapper's keys stay as torch loaded them)
+            for k in (names - {"step"}).intersection(saved):  # (a wrapper's keys stay as torch loaded them)
                 state[k] = saved[k].detach().to(device=p.device, dtype=self._state_dtype(k), copy=True)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeGuard
 import torch
 from torch import Tensor
 
-from .functional import decoupled_update, stepped_parameter
+from .functional import decoupled_update, stepped_parameter, wider_dtype
 from .nets.base import Segments, UpdateRule
 
 if TYPE_CHECKING:
@@ -153,7 +153,7 @@ def packed_step(
         tensor_keys = list(rule.tensor_state_shapes(extra["shapes"][0]))
         state.update({k: torch.cat([s[k] for s in states]).to(dtype) for k in tensor_keys})
     # parameters wider than the net's dtype (float64) take the update in their own (stepped_parameter)
-    wider = torch.promote_types(params[0].dtype, dtype) != dtype  # (a pack's parameters share one dtype)
+    wider = wider_dtype(params[0].dtype, dtype)  # (a pack's parameters share one dtype)
     if rule.applies_update and net is rule and not torch.is_grad_enabled() and not wider:
         extra["update"] = (lr, weight_decay)  # the rule may apply it to theta, this step's own copy, itself
     # the packed state is this step's own copy: the rule may write the new state into it

@@ -458,9 +458,7 @@ def read_run_record(folders: Sequence[str | os.PathLike], key: str) -> dict[str,
             try:
                 record = json.loads(read(path))
             except (OSError, EOFError, zlib.error, ValueError) as err:  # (JSON's errors are ValueErrors)
-                warnings.warn(
-                    f"ignoring the unreadable run record {path} ({err}); the run is trained again", stacklevel=2
-                )
+                warnings.warn(f"ignoring the unreadable run record {path} ({err})", stacklevel=2)
                 continue
             if not isinstance(record, dict) or record.get("key") != key:
                 found = record.get("key") if isinstance(record, dict) else type(record).__name__

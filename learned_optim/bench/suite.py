@@ -407,15 +407,15 @@ def run_suite(
         )
         return per
 
-    total = sum(w.steps for w in workloads) * planned_runs()
+    planned = {w.name: w.steps * planned_runs() for w in workloads}  # steps per task, grid extensions aside
     store = RunStore(out, extra=extra_run_dirs, reuse=reuse)
     tunings: list[Tuning] = []
     records: dict[str, dict[str, list[dict[str, Any]]]] = {}
     settings: dict[str, dict[str, Setting]] = {}
-    with tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True, mininterval=1.0) as bar:
+    with tqdm(
+        total=sum(planned.values()), disable=not progress, unit="step", dynamic_ncols=True, mininterval=1.0
+    ) as bar:
         say = log or bar.write
-
-        planned = {w.name: w.steps * planned_runs() for w in workloads}
 
         def advance(task: str, steps: int) -> None:
             planned[task] -= steps
