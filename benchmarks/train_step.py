@@ -7,6 +7,7 @@
     python benchmarks/train_step.py --models cnn5k transformer resnet18 --no-compile --per-tensor --overhead
     python benchmarks/train_step.py --device cuda --models transformer resnet18 mlp1m --overhead
     python benchmarks/train_step.py --models transformer mlp1m resnet18 --families adafac_mlp --step-only --threads 2
+    python benchmarks/train_step.py --models transformer cnn5k --families adafac_mlp --step-only --step-counts 4
 
 Models (random data of the right shape; the speed does not depend on the values):
 
@@ -23,7 +24,8 @@ Models (random data of the right shape; the speed does not depend on the values)
 the packed step), ``--overhead`` times the step alone on 200 tensors of 1k parameters against one tensor of
 200k (the per-tensor overhead), for Adam and every family. ``--step-only`` times the optimizer step alone
 on each model's parameters (fixed gradients) instead of the iteration; with ``--threads`` above 1 read its wall
-column, as the CPU time adds up every thread's.
+column, as the CPU time adds up every thread's. ``--step-counts N`` (step alone) spreads the parameters over N
+step counts, as when layers are unfrozen at different times or some parameters get no gradient at some steps.
 
 Every optimizer gets its own copy of the model; one iteration (``zero_grad``, forward, cross-entropy,
 backward, ``step``) of each is timed round-robin in the same process (CPU time; with ``--device cuda``
@@ -135,12 +137,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overhead", action="store_true", help="also 200 x 1k tensors vs 1 x 200k, step only")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (then wall time, synchronised)")
     parser.add_argument("--step-only", action="store_true", help="the step alone on each model's parameters")
+    parser.add_argument("--step-counts", type=int, default=1, help="step alone: parameters at this many step counts")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.step_only:
         print(f"# Optimizer step alone ({device}, {args.threads} thread(s))\n\n{machine_header(device)}\n")
-        print(step_only_table(args.models, args.families, args.repeats, device))
+        print(step_only_table(args.models, args.families, args.repeats, device, args.step_counts))
         print(f"\nLoad at the end: {machine_header().split('load average ')[1]}")
         return
     print(f"# End-to-end training step (batch {args.batch}, {device})\n\n{machine_header(device)}\n")
@@ -209,8 +212,13 @@ def _row_head(name: str, model: nn.Module, label: str, t: Timing) -> list[str]:
     return [name, size, label, f"{t.best * 1e3:.4g}", f"{t.wall_median * 1e3:.4g}"]
 
 
-def step_only_table(models: list[str], families: list[str], repeats: int, device: torch.device) -> str:
-    """The step alone on each model's parameters (fixed gradients), Adam and each family, in one rotation."""
+def step_only_table(
+    models: list[str], families: list[str], repeats: int, device: torch.device, step_counts: int = 1
+) -> str:
+    """The step alone on each model's parameters (fixed gradients), Adam and each family, in one rotation;
+    with ``step_counts`` above 1, parameter i at step count 1000 + 10 (i mod ``step_counts``)."""
+    if step_counts < 1:
+        raise SystemExit(f"--step-counts must be at least 1, got {step_counts}")
     rows = []
     for name in models:
         base = build(name)[0].to(device)
@@ -227,7 +235,12 @@ def step_only_table(models: list[str], families: list[str], repeats: int, device
             gen = torch.Generator().manual_seed(0)
             for p in params:
                 p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(device)
-            candidates[label] = make(params).step
+            opt = make(params)
+            if step_counts > 1:
+                opt.step()  # the state, then each parameter's count
+                for i, p in enumerate(params):
+                    opt.state[p]["step"].fill_(1000 + 10 * (i % step_counts))
+            candidates[label] = opt.step
         timings = measure(candidates, repeats=repeats, device=device)
         adam = timings["Adam"]
         for label, t in timings.items():

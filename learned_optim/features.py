@@ -75,9 +75,10 @@ def rsqrt_features(m: Tensor, v: Tensor, eps: float = 1e-6) -> tuple[Tensor, Ten
 
 
 def time_features(step: Tensor, scales: Sequence[float]) -> Tensor:
-    r"""Training-time features :math:`\tanh(t/s - 1)` for each timescale ``s`` (shape ``(len(scales),)``)."""
+    r"""Training-time features :math:`\tanh(t/s - 1)` for each timescale ``s``: shape ``(len(scales),)`` for one
+    step count ``step`` (0-d), ``(*step.shape, len(scales))`` for several."""
     s = torch.as_tensor(scales, dtype=torch.float32, device=step.device)
-    return torch.tanh(step.to(torch.float32) / s - 1.0)
+    return torch.tanh(step.to(torch.float32).unsqueeze(-1) / s - 1.0)
 
 
 def blocked_mean_square(features_of: Callable[[slice], Tensor], numel: int) -> Tensor:

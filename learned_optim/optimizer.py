@@ -101,14 +101,17 @@ class LearnedOptimizer(Optimizer):
     families; LR schedulers drive it. ``lr == 0`` is an exact no-op (state is created but nothing changes).
 
     **In-place step.** First, a rule that offers :meth:`~learned_optim.nets.base.UpdateRule.step_in_place`
-    steps the tensors it can in their own storage, one call per step count, nothing copied: ``adafac_mlp``'s
+    steps the tensors it can in their own storage, nothing copied, in one call (one per step count for a rule
+    without :attr:`~learned_optim.nets.base.UpdateRule.per_tensor_steps`): ``adafac_mlp``'s
     native kernel takes every contiguous float32 CPU tensor of a group (eager, not ``maximize``, not FSDP2, no two
     parameters sharing memory), with the per-tensor step's bits, and on several threads steps small tensors side by
     side and splits large ones. The tensors it leaves go on as below.
 
     **Packed step.** For rules that set ``packs_segments`` (every built-in family), the tensors of a
     param group smaller than one chunk and than :data:`PACK_MAX_BYTES` (value, gradient and state) that
-    share device, dtypes and step count are stepped together:
+    share device, dtypes and step count (any step counts for a rule with ``per_tensor_steps``: ``adafac_mlp``,
+    so that layers unfrozen at different times or parameters that miss some steps' gradients still share packs)
+    are stepped together:
     their gradients, parameters and state are concatenated into packs of up to one chunk, the net runs
     once per pack with the per-tensor statistics taken by segment (:class:`learned_optim.nets.Segments`),
     and the results are copied back into each parameter and its own ``self.state[p]``. So the cost of a
@@ -216,6 +219,7 @@ class LearnedOptimizer(Optimizer):
         self.state_dtype = state_dtype
         self.compile = dict(compile) if isinstance(compile, Mapping) else bool(compile)
         self._compiled_rule: Callable[..., Any] | None = None
+        self._tensor_state_shapes: dict[torch.Size, list[tuple[str, tuple[int, ...]]]] = {}
         self.skipped_steps = 0
         defaults = dict(lr=lr, weight_decay=weight_decay, maximize=maximize, foreach=foreach, differentiable=False)
         super().__init__(params, defaults)
@@ -252,6 +256,7 @@ class LearnedOptimizer(Optimizer):
         state.setdefault("compile", False)
         super().__setstate__(state)
         self._compiled_rule = None  # a compiled wrapper is never pickled; rebuilt at the next step
+        self._tensor_state_shapes = {}
 
     def _state_dtype(self, key: str) -> torch.dtype:
         if isinstance(self.state_dtype, Mapping):
@@ -344,6 +349,17 @@ class LearnedOptimizer(Optimizer):
                 found.append((group, p))
         return found
 
+    def _fits_tensor_state(self, p: Tensor, state: dict[str, Tensor]) -> bool:
+        """Whether the per-tensor state in ``state`` has the shapes :meth:`UpdateRule.tensor_state_shapes` gives
+        ``p``'s shape (looked up per shape: this runs every step, every parameter)."""
+        want = self._tensor_state_shapes.get(p.shape)
+        if want is None:
+            want = self._tensor_state_shapes[p.shape] = list(self.rule.tensor_state_shapes(tuple(p.shape)).items())
+        for k, shape in want:  # (a loop: a generator costs more than the comparisons here)
+            if state[k].shape != shape:
+                return False
+        return True
+
     def _param_name(self, group: dict[str, Any], p: Tensor) -> str:
         names = group.get("param_names")
         index = next(i for i, q in enumerate(group["params"]) if q is p)
@@ -423,6 +439,7 @@ class LearnedOptimizer(Optimizer):
             )
         kept = {"step", *self.rule.state_names()}
         sized = next(iter(self.rule.state_shapes()), None)  # a per-coordinate state: one row per coordinate
+        shaped = self.rule.whole_tensor  # per-tensor state shaped by the parameter's shape (tensor_state_shapes)
         todo: dict[int, tuple[list[Tensor], list[dict[str, Tensor]]]] = {}  # per group: its params, their states
         for group, p in items:
             state = self.state[p]
@@ -437,6 +454,12 @@ class LearnedOptimizer(Optimizer):
                 raise ValueError(
                     f"parameter {self._param_name(group, p)} has {p.numel()} elements, but its optimizer state was "
                     f"made for {state[sized].shape[0]} (a parameter resized in place?). Nothing was updated"
+                )
+            elif shaped and not is_dtensor(p) and not self._fits_tensor_state(p, state):
+                found = ", ".join(f"{k} {tuple(state[k].shape)}" for k in self.rule.tensor_state_shapes(tuple(p.shape)))
+                raise ValueError(
+                    f"parameter {self._param_name(group, p)}: its optimizer state ({found}) was made for another "
+                    f"shape than {tuple(p.shape)} (a parameter reshaped in place?). Nothing was updated"
                 )
             group_params, group_states = todo.setdefault(id(group), ([], []))
             group_params.append(p)
@@ -468,21 +491,17 @@ class LearnedOptimizer(Optimizer):
         maximize: bool,
     ) -> list[Tensor]:
         """The rule's in-place step (:meth:`UpdateRule.step_in_place`) over a group's parameters (``states``:
-        theirs) with one step count at a time; returns those it left. Not compiled, not ``maximize``, not sharded
-        (DTensor) ones."""
+        theirs) in one call (:attr:`UpdateRule.per_tensor_steps`) or one per step count; returns those it left. Not
+        compiled, not ``maximize``, not sharded (DTensor) ones."""
         offered = type(self.rule).step_in_place is not UpdateRule.step_in_place
         if not offered or self.compile or maximize or not params:
             return params
         plain = [(p, state) for p, state in zip(params, states, strict=True) if not is_dtensor(p)]
         if not plain:
             return params
-        counts = torch.stack([state["step"] for _, state in plain]).tolist()
-        by_count: dict[float, list[tuple[Tensor, dict[str, Tensor]]]] = {}
-        for pair, count in zip(plain, counts, strict=True):
-            by_count.setdefault(count, []).append(pair)
         left: list[Tensor] = [p for p in params if is_dtensor(p)]
-        for same in by_count.values():
-            step = same[0][1]["step"].to(dtype=self.rule.compute_dtype)
+        for same in packing.by_step_count(plain, self.rule):
+            step = packing.step_counts([state for _, state in same], self.rule.compute_dtype)
             left += self.rule.step_in_place([p for p, _ in same], [state for _, state in same], step, lr, weight_decay)
         return left
 

@@ -1,10 +1,11 @@
 """The packed step: the small tensors of a param group stepped together, one net call per pack.
 
-A *pack* is a list of at least two parameters (same device, dtype, gradient dtype, step count and state dtypes,
-together fewer coordinates than one chunk) whose gradients, values and per-coordinate state are concatenated
-(zero rows up to :data:`ROW_ALIGN`) and stepped by one call of the rule's net, with the per-tensor statistics
-taken by segment (:class:`learned_optim.nets.Segments`); the results are copied back into each parameter and its
-own state. The result equals stepping each tensor alone (see ``tests/core/test_packed_step.py``).
+A *pack* is a list of at least two parameters (same device, dtype, gradient dtype and state dtypes, and the same
+step count unless the rule takes one per tensor, together fewer coordinates than one chunk) whose gradients, values
+and per-coordinate state are concatenated (zero rows up to :data:`ROW_ALIGN`) and stepped by one call of the rule's
+net, with the per-tensor statistics taken by segment (:class:`learned_optim.nets.Segments`); the results are copied
+back into each parameter and its own state. The result equals stepping each tensor alone (see
+``tests/core/test_packed_step.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ __all__ = [
     "is_dtensor",
     "plan_packs",
     "packed_step",
+    "step_counts",
+    "by_step_count",
 ]
 
 #: Chunks are cut at, and zero-padded to, multiples of this many coordinates. BLAS kernels round
@@ -60,6 +63,33 @@ def align_rows(n: int) -> int:
 def is_dtensor(t: Tensor) -> TypeGuard[DTensor]:
     """A ``torch.distributed.tensor.DTensor`` (e.g. a parameter sharded by FSDP2's ``fully_shard``)."""
     return type(t).__name__ == "DTensor" and hasattr(t, "_local_tensor")
+
+
+def step_counts(states: Sequence[Mapping[str, Tensor]], dtype: torch.dtype) -> Tensor:
+    """The step count of the tensors of these optimizer ``states``, in ``dtype``: 0-d where they share one, else
+    each tensor's, ``(S,)`` (for a rule with :attr:`~learned_optim.nets.base.UpdateRule.per_tensor_steps`)."""
+    first = states[0]["step"]
+    if len(states) > 1:
+        counts = torch.stack([state["step"] for state in states])
+        values = counts.tolist()  # (one read, cheaper than a comparison op and its reduction)
+        if values.count(values[0]) != len(values):
+            return counts.to(dtype=dtype)
+    return first.to(dtype=dtype)
+
+
+def by_step_count(
+    pairs: Sequence[tuple[Tensor, dict[str, Tensor]]], rule: UpdateRule
+) -> list[list[tuple[Tensor, dict[str, Tensor]]]]:
+    """``pairs`` (parameter, its optimizer state) as the groups ``rule`` steps in one call: all of them where it
+    takes one step count per tensor (:attr:`~learned_optim.nets.base.UpdateRule.per_tensor_steps`), else those of
+    each step count."""
+    if rule.per_tensor_steps or len(pairs) < 2:
+        return [list(pairs)]
+    counts = torch.stack([state["step"] for _, state in pairs]).tolist()
+    groups: dict[float, list[tuple[Tensor, dict[str, Tensor]]]] = {}
+    for pair, count in zip(pairs, counts, strict=True):
+        groups.setdefault(count, []).append(pair)
+    return list(groups.values())
 
 
 def _bytes_per_coordinate(p: Tensor, state: Mapping[str, Tensor], floats: Mapping[str, int]) -> int:
@@ -95,7 +125,8 @@ def plan_packs(
             continue
         state = states[p]
         grad_dtype = p.grad.dtype if p.grad is not None else None
-        key = (p.device, p.dtype, grad_dtype, float(state["step"]), *(state[k].dtype for k in names))
+        count = None if rule.per_tensor_steps else float(state["step"])
+        key = (p.device, p.dtype, grad_dtype, count, *(state[k].dtype for k in names))
         buckets.setdefault(key, []).append(p)
     packs: list[list[Tensor]] = []
     for members in buckets.values():
@@ -143,7 +174,7 @@ def packed_step(
     theta = packed([p.detach().reshape(-1) for p in params])
     shapes = rule.state_shapes()  # each per-coordinate state is (numel, *shape) (init_state, load_state_dict)
     state = {k: packed([s[k] for s in states]) for k in shapes}
-    step = states[0]["step"].to(device=device, dtype=dtype)
+    step = step_counts(states, dtype).to(device=device)
     segments = Segments(sizes, rows, device)
     stats = rule.segment_stats(grad, theta, state, step, segments)
     extra: dict[str, Any] = {}

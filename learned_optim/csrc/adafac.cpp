@@ -409,7 +409,10 @@ extern "C" {
 // whose arrays are grad[s], param[s], m[k S + s] (k < J), v[s] (n_s floats each), row[s] ((rows_s, K)) and col[s]
 // ((cols_s, K)), and likewise the outputs (which may be the inputs): the tensors' own storage (the optimizer's
 // in-place step, AdafacMLP.step_in_place) or places in pack buffers (its packed step, AdafacMLP._packed_forward).
-// Per tensor, with the K = J factored decays d_k:
+// Per tensor, with the K = J factored decays d_k and the step-count terms: the second moment's bias correction
+// k_v = v_correction[c], the feature factors q = feature_scale[c F ..] (F = 4 + 4J) and the first layer's bias
+// b1[c H ..] (which carries the time features), where c = s with per_tensor_counts (the tensors' step counts differ)
+// and c = 0 without (one count, one set of terms for every tensor):
 //
 //   r_k' = d_k r_k + (1 - d_k)(mean_c g^2 + eps_f),  c_k' = d_k c_k + (1 - d_k)(mean_r g^2 + eps_f)
 //   (written into row_out, col_out);  a_k = rsqrt(r_k' / mean_r r_k'),  e_k = rsqrt(c_k')  (passes 1 and 2's factors);
@@ -430,9 +433,10 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
                             const float* const* param, const float* const* m, const float* const* v,
                             float* const* m_out, float* const* v_out, const float* const* row,
                             const float* const* col, float* const* row_out, float* const* col_out, const float* beta,
-                            float beta_v, float v_correction, float moment_eps, const float* factored_decay,
+                            float beta_v, const float* v_correction, float moment_eps, const float* factored_decay,
                             float factored_eps, float factored_rsqrt_eps, const float* feature_scale,
-                            float feature_rms_eps, int hidden, int layers, const float* w1, const float* b1,
+                            int per_tensor_counts, float feature_rms_eps, int hidden, int layers, const float* w1,
+                            const float* b1,
                             const float* w, const float* b, const float* w_out, float b_out, int adam_index,
                             int normalize, float direction_rms_eps, const float* step_scales, float* const* direction,
                             float* const* param_out, double lr, double weight_decay, int threads) {
@@ -445,10 +449,12 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
         // applied (the direction itself is not returned then)
         auto step_tensor = [&](int64_t s, int inner, Scratch& scratch) -> int {
             const int64_t rows = views[2 * s], cols = views[2 * s + 1], n = rows * cols;
-            const float *g = grad[s], *theta = param[s];
+            const int64_t c = per_tensor_counts ? s : 0;  // this tensor's step-count terms
+            const float *g = grad[s], *theta = param[s], *bias = b1 + c * H, correction = v_correction[c];
             // one instance per number of decays K (= J): its loops over the K row statistics unroll
             return with_momenta(j, [&](auto momenta) {
                 constexpr int K = decltype(momenta)::value, F = 4 + 4 * K, NR = 2 * K, KIN = F + 2 * NR;
+                const float* q = feature_scale + c * F;
                 // Adafactor's row and column means of g^2 and their EMAs (row_out, col_out)
                 std::vector<double> col_sum(static_cast<size_t>(cols), 0.0);
                 double column_lanes[8] = {};  // a vector's one column, summed in eight chains
@@ -526,7 +532,7 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
                 for (int k = 0; k < j; ++k) ms_[k] = m[k * tensors + s], ms_out[k] = m_out[k * tensors + s];
                 double sums[4 + 4 * MAX_J];
                 int status = state_sumsq(rows, cols, j, g, theta, ms_, v[s], ms_out, v_out[s], beta, beta_v,
-                                         v_correction, moment_eps, row_factor.data(), col_factor.data(), sums,
+                                         correction, moment_eps, row_factor.data(), col_factor.data(), sums,
                                          inner);
                 if (status) return status;
                 // the first layer with the per-tensor normalisation folded in: the dense features' weights (H, F), the
@@ -537,8 +543,7 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
                 for (int h = 0; h < H; ++h) {
                     const float* wh = w1 + h * KIN;
                     for (int f = 0; f < F; ++f) {
-                        const float q = feature_scale[f];
-                        w1_dense[h * F + f] = wh[f] * (q / std::sqrt(q * q * dense_ms[f] + feature_rms_eps));
+                        w1_dense[h * F + f] = wh[f] * (q[f] / std::sqrt(q[f] * q[f] * dense_ms[f] + feature_rms_eps));
                     }
                     float* ct = col_term.data() + h * cols;
                     for (int f = 0; f < NR; ++f) {
@@ -573,7 +578,7 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
                         vf x[2 * MAX_J];
                         for (int f = 0; f < NR; ++f) x[f] = load_partial(block_features.data() + f * br + r, count);
                         for (int h = 0; h < H; ++h) {
-                            vf t = splat(b1[h]);
+                            vf t = splat(bias[h]);
                             for (int f = 0; f < NR; ++f) t += w_rows[h][f] * x[f];
                             store_partial(row_term.data() + h * br + r, t, count);
                         }
@@ -583,14 +588,14 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
                     for (int k = 0; k < j; ++k) block_m[k] = ms_out[k] + offset;
                     double block_sumsq = 0.0;
                     status = direction_pass(br, cols, j, g + offset, theta + offset, block_m, v_out[s] + offset,
-                                            v_correction, moment_eps, block_factor.data(), col_factor.data(), H,
+                                            correction, moment_eps, block_factor.data(), col_factor.data(), H,
                                             layers, w1_dense.data(), row_term.data(), col_term.data(), w, b, w_out,
                                             b_out, d + offset, &block_sumsq, inner);
                     if (status) return status;
                     sumsq += block_sumsq;
                 }
                 float scale = -step_scales[s];
-                if (adam_index >= 0) scale *= feature_scale[adam_index] * std::sqrt(dense_ms[adam_index]);
+                if (adam_index >= 0) scale *= q[adam_index] * std::sqrt(dense_ms[adam_index]);
                 if (normalize)
                     scale *= 1.0f / std::sqrt(static_cast<float>(sumsq / static_cast<double>(n)) + direction_rms_eps);
                 if (param_out != nullptr) {

@@ -255,17 +255,23 @@ ADAFAC_MAX_HIDDEN = 32
 
 
 class AdafacNet(NamedTuple):
-    """``AdafacMLP``'s net at one step as the adafac kernel takes it (``AdafacMLP._kernel_net``)."""
+    """``AdafacMLP``'s net at a step count as the adafac kernel takes it (``AdafacMLP._kernel_net``): the terms
+    that depend on the step count (``v_correction``, ``feature_scale``, ``bias``) are either one for every tensor
+    or one per tensor (a leading axis of S, where the tensors' step counts differ)."""
 
-    #: ``beta_v``, ``v_correction``, ``moment_eps``, ``factored_eps``, ``factored_rsqrt_eps``, ``feature_rms_eps``,
-    #: ``direction_rms_eps``
+    #: ``beta_v``, ``moment_eps``, ``factored_eps``, ``factored_rsqrt_eps``, ``feature_rms_eps``, ``direction_rms_eps``
     config: Mapping[str, float]
+    #: the second moment's bias correction :math:`1 / (1 - \beta_v^t)`, ``()`` or ``(S,)`` (float64: the kernel
+    #: takes it rounded to float32 once)
+    v_correction: Tensor
     #: the J momentum decays and the K factored decays (K = J)
     beta: Sequence[float]
     factored_decay: Sequence[float]
-    #: ``(4 + 4J,)``: each dense feature's factor q (the bias corrections of the ratio rows, 1 elsewhere)
+    #: ``(4 + 4J,)`` or ``(S, 4 + 4J)``: each dense feature's factor q (the bias corrections of the ratio rows, 1
+    #: elsewhere)
     feature_scale: Tensor
-    #: the first layer's weight ``(H, 4 + 4J + 4K)`` (dense, row, then column features) and bias ``(H,)``
+    #: the first layer's weight ``(H, 4 + 4J + 4K)`` (dense, row, then column features) and bias ``(H,)`` or
+    #: ``(S, H)`` (with the time features folded in)
     weight: Tensor
     bias: Tensor
     #: the later layers' ``(weight, bias)``: hidden ``(H, H), (H,)``, then the output ``(1, H), (1,)``
@@ -462,8 +468,9 @@ def _adafac_call(
     dense = 4 + 4 * j
     shapes_fit = (
         net.weight.shape == (hidden, dense + 4 * j)
-        and net.bias.shape == (hidden,)
-        and net.feature_scale.shape == (dense,)
+        and net.bias.shape in ((hidden,), (s, hidden))
+        and net.feature_scale.shape in ((dense,), (s, dense))
+        and net.v_correction.shape in ((), (s,))
         and step_scales.numel() == s
         and all(w.shape == (hidden, hidden) and b.shape == (hidden,) for w, b in inner)
         and w_out.numel() == hidden
@@ -472,12 +479,20 @@ def _adafac_call(
     if not shapes_fit:  # (the kernel would read past these tensors)
         raise ValueError(
             f"adafac kernel: a net of hidden size {hidden} for {j} momenta takes a weight ({hidden}, {dense + 4 * j}), "
-            f"bias ({hidden},), feature_scale ({dense},), one step scale per tensor ({s}); got weight "
-            f"{tuple(net.weight.shape)}, bias {tuple(net.bias.shape)}, feature_scale {tuple(net.feature_scale.shape)}, "
+            f"bias ({hidden},), feature_scale ({dense},) and a v_correction, each also one per tensor ({s}), and one "
+            f"step scale per tensor; got weight {tuple(net.weight.shape)}, bias {tuple(net.bias.shape)}, "
+            f"feature_scale {tuple(net.feature_scale.shape)}, v_correction {tuple(net.v_correction.shape)}, "
             f"{step_scales.numel()} step scales, layers {[tuple(w.shape) for w, _ in net.layers]}"
         )
-    weight, bias, feature_scale, step_scales = (
-        t.detach().float().contiguous() for t in (net.weight, net.bias, net.feature_scale, step_scales)
+    per_tensor_counts = net.v_correction.dim() == 1  # the step-count terms one row per tensor (else one for all)
+    if (net.bias.dim() == 2, net.feature_scale.dim() == 2) != (per_tensor_counts, per_tensor_counts):
+        raise ValueError(
+            "adafac kernel: v_correction, bias and feature_scale are all one per tensor or all one for every tensor; "
+            f"got {tuple(net.v_correction.shape)}, {tuple(net.bias.shape)}, {tuple(net.feature_scale.shape)}"
+        )
+    weight, bias, feature_scale, v_correction, step_scales = (
+        t.detach().float().contiguous()
+        for t in (net.weight, net.bias, net.feature_scale, net.v_correction, step_scales)
     )
     inner_w, inner_b, w_out = _mlp_layers(inner, w_out)
     # one int64 (pointer-sized) row of S addresses per array; an array given twice (the same list: a state read and
@@ -503,12 +518,13 @@ def _adafac_call(
         *row_of[4 + 2 * j : 8 + 2 * j],
         (ctypes.c_float * j)(*net.beta),
         config["beta_v"],
-        config["v_correction"],
+        v_correction.data_ptr(),
         config["moment_eps"],
         (ctypes.c_float * j)(*net.factored_decay),
         config["factored_eps"],
         config["factored_rsqrt_eps"],
         feature_scale.data_ptr(),
+        int(per_tensor_counts),
         config["feature_rms_eps"],
         hidden,
         len(net.layers),

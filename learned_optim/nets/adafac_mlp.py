@@ -154,6 +154,7 @@ class AdafacMLP(UpdateRule):
     whole_tensor = True
     packs_segments = True
     applies_update = True  # in its native kernel's last sweep
+    per_tensor_steps = True
     default_lr = 1e-3
     #: Coordinates per block of the inference path (:meth:`_blocked_forward`) on CPU; whole rows of the
     #: matrix view, so at least one row. Tensors up to this size take the one-shot path.
@@ -285,18 +286,37 @@ class AdafacMLP(UpdateRule):
     @staticmethod
     def _feature_scale(beta: Tensor, step: Tensor, like: Tensor) -> Tensor:
         """The ``(16,)`` per-row factors of :meth:`features`' dense rows (for :math:`J = 3`): the bias
-        correction :math:`1/(1-\\beta_j^t)` of the ratio rows, 1 elsewhere; ``beta`` ``(J,)``."""
-        j = beta.shape[0]
-        return torch.cat([like.new_ones(3 + j), 1.0 / (1.0 - beta**step), like.new_ones(1 + 2 * j)])
+        correction :math:`1/(1-\\beta_j^t)` of the ratio rows, 1 elsewhere; ``beta`` ``(J,)``. For one step
+        count per tensor (``step`` ``(S,)``) one row per tensor, ``(S, 16)``."""
+        j, lead = beta.shape[0], step.shape
+        correction = 1.0 / (1.0 - (beta**step if step.dim() == 0 else beta ** step.unsqueeze(-1)))
+        return torch.cat([like.new_ones((*lead, 3 + j)), correction, like.new_ones((*lead, 1 + 2 * j))], dim=-1)
 
     def _first_bias(self, step: Tensor) -> Tensor:
-        """The first layer's bias with the time features (per-tensor constant inputs) folded in."""
+        """The first layer's bias with the time features (per-tensor constant inputs) folded in: ``(H,)``, or
+        ``(S, H)`` for one step count per tensor (``step`` ``(S,)``) when there are time features."""
         first = self.mlp[0]
         assert isinstance(first, nn.Linear)
         c, k = self.config, self.num_coordinate_features
         if not c.time_scales:
             return first.bias
-        return first.bias + torch.mv(first.weight[:, k:], time_features(step, c.time_scales).to(first.bias.dtype))
+        times = time_features(step, c.time_scales).to(first.bias.dtype)
+        if step.dim() == 0:
+            return first.bias + torch.mv(first.weight[:, k:], times)
+        return first.bias + times @ first.weight[:, k:].t()
+
+    def _count_terms(self, step: Tensor, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """What depends on the step count ``step`` (0-d): the second moment's bias correction
+        :math:`1/(1-\\beta_v^t)` (0-d), the dense features' factors (:meth:`_feature_scale`) and the first layer's
+        bias (:meth:`_first_bias`); for one count per tensor (``step`` ``(S,)``) each with a leading axis of S, each
+        row computed as for its count alone (the same bits as a step of those tensors by themselves)."""
+        if step.dim() > 0:
+            counts, index = torch.unique(step, return_inverse=True)
+            terms = [self._count_terms(count, like) for count in counts]
+            return tuple(torch.stack(parts)[index] for parts in zip(*terms, strict=True))  # type: ignore[return-value]
+        beta = self.momentum_decay.squeeze(1)
+        v_correction = 1.0 / (1.0 - self.config.second_moment_decay**step)
+        return v_correction, self._feature_scale(beta, step, like), self._first_bias(step)
 
     def _factored_features(self, stats: Tensor) -> Tensor:
         """``(2K, rows)`` from ``(rows, K)`` row (or column) statistics: :math:`r_k, (r_k + \\epsilon_f)^{-1/2}`."""
@@ -405,7 +425,9 @@ class AdafacMLP(UpdateRule):
         r""":meth:`forward` of several tensors at once (the optimizer's packed step), without autograd.
 
         The tensors' coordinates are concatenated (``segments``: their sizes, then zero padding rows),
-        ``shapes`` are their shapes, and the per-tensor state is packed too: ``state["row"]`` is every
+        ``shapes`` are their shapes, ``step`` their step count or each tensor's (``(S,)``, where they differ: each
+        tensor's bias corrections and time features its own), and the per-tensor state is packed too:
+        ``state["row"]`` is every
         tensor's ``(rows_s, K)`` row statistics one after the other, ``state["col"]`` their column
         statistics. The elementwise features, the moments and the MLP run once for the whole pack; what
         is per tensor (Adafactor's row and column means, the rank-structured row/column terms, the feature
@@ -419,8 +441,11 @@ class AdafacMLP(UpdateRule):
         """
         c = self.config
         j, dtype, hidden = len(c.momentum_decays), grad.dtype, c.hidden_size
+        d = 4 + 4 * j  # dense features
         beta = self.momentum_decay.to(dtype)  # (J, 1)
         layout = factored_pack_layout(tuple(shapes))
+        if step.dim() > 0 and step.shape != (len(shapes),):
+            raise ValueError(f"AdafacMLP: {step.numel()} step counts for {len(shapes)} packed tensors")
         if tuple(b - a for (a, b), *_ in layout.bounds) != segments.sizes:
             raise ValueError(f"AdafacMLP: shapes {shapes} do not match the packed sizes {segments.sizes}")
         native = self._native_forward(grad, param, state, step, layout, out_state, update)
@@ -442,8 +467,9 @@ class AdafacMLP(UpdateRule):
         row_features, col_features = self._factored_features(row), self._factored_features(col)  # (2K, .)
         first = self.mlp[0]
         assert isinstance(first, nn.Linear)
-        scale = self._feature_scale(beta.squeeze(1), step, grad).unsqueeze(1)  # (16, 1)
-        k, d, nr = self.num_coordinate_features, scale.shape[0], row_features.shape[0]
+        # (16, 1), or (16, S) for one step count per tensor; the bias (H,) or (S, H)
+        scale = self._feature_scale(beta.squeeze(1), step, grad).view(-1, d).t()
+        k, nr = self.num_coordinate_features, row_features.shape[0]
         bias = self._first_bias(step)
         phi = grad.new_empty(j, grad.shape[0])
         row_rms, col_rms = grad.new_empty(nr, len(shapes)), grad.new_empty(nr, len(shapes))
@@ -465,7 +491,9 @@ class AdafacMLP(UpdateRule):
         # each row/column feature over its RMS on the tensor (a row feature repeats over the row's columns)
         row_norm = torch.rsqrt(row_rms.square() / counts[1] + c.feature_rms_eps)
         col_norm = torch.rsqrt(col_rms.square() / counts[2] + c.feature_rms_eps)
-        ratio, rsqrt = rsqrt_features(m, bias_corrected(v, c.second_moment_decay, step).unsqueeze(0), c.moment_eps)
+        # one step count, or each row its tensor's (padding rows count 1, where the correction is finite)
+        row_step = step if step.dim() == 0 else segments.expand(step, padding=1.0)
+        ratio, rsqrt = rsqrt_features(m, bias_corrected(v, c.second_moment_decay, row_step).unsqueeze(0), c.moment_eps)
         dense = torch.cat([grad.unsqueeze(0), param.unsqueeze(0), m, v.unsqueeze(0), ratio, rsqrt, grad * phi, m * phi])
         dense_rms = grad.new_empty(d, len(shapes))
         for run in layout.runs:
@@ -482,7 +510,11 @@ class AdafacMLP(UpdateRule):
             n, rows, cols, segment = run.count, run.rows, run.cols, slice(run.s0, run.s1)
             # the first layer's row/column terms over the features normalised per tensor: (H, n*rows), (H, n*cols)
             scaled_rows = row_features[:, run.r0 : run.r1].view(nr, n, rows) * row_norm[:, segment].unsqueeze(2)
-            row_term = torch.addmm(bias.unsqueeze(1), row_weight, scaled_rows.view(nr, n * rows))
+            if bias.dim() == 1:
+                row_term = torch.addmm(bias.unsqueeze(1), row_weight, scaled_rows.view(nr, n * rows))
+            else:  # each tensor's own bias (time features at its step count)
+                row_term = (row_weight @ scaled_rows.view(nr, n * rows)).view(hidden, n, rows)
+                row_term = row_term.add_(bias[segment].t().unsqueeze(2)).view(hidden, n * rows)
             scaled_cols = col_features[:, run.c0 : run.c1].view(nr, n, cols) * col_norm[:, segment].unsqueeze(2)
             col_term = col_weight @ scaled_cols.view(nr, n * cols)
             if cols == 1:  # vectors: a 3-D broadcast (TensorIterator is several times slower with the 4-D one)
@@ -548,12 +580,13 @@ class AdafacMLP(UpdateRule):
         return (None if update is not None else delta), new
 
     def _kernel_net(self, step: Tensor, like: Tensor) -> kernels.AdafacNet:
-        """The net's weights and constants at ``step`` as the adafac kernel takes them."""
+        """The net's weights and constants at step count ``step`` (0-d, or one count per tensor ``(S,)``) as the
+        adafac kernel takes them."""
         c = self.config
         linears = [layer for layer in self.mlp if isinstance(layer, nn.Linear)]
+        v_correction, feature_scale, bias = self._count_terms(step, like)
         scalars = {
             "beta_v": c.second_moment_decay,
-            "v_correction": float(1.0 / (1.0 - c.second_moment_decay**step)),
             "moment_eps": c.moment_eps,
             "factored_eps": c.factored_eps,
             "factored_rsqrt_eps": c.factored_rsqrt_eps,
@@ -562,11 +595,12 @@ class AdafacMLP(UpdateRule):
         }
         return kernels.AdafacNet(
             config=scalars,
+            v_correction=v_correction,
             beta=c.momentum_decays,
             factored_decay=c.factored_decays,
-            feature_scale=self._feature_scale(self.momentum_decay.squeeze(1), step, like),
+            feature_scale=feature_scale,
             weight=linears[0].weight[:, : self.num_coordinate_features],
-            bias=self._first_bias(step),
+            bias=bias,
             layers=[(layer.weight, layer.bias) for layer in linears[1:]],
             adam_index=self.adam_feature_index if c.step_magnitude == "adam" else None,
             normalize=c.normalize_direction,
@@ -589,8 +623,9 @@ class AdafacMLP(UpdateRule):
         if not native or self.compute_dtype != torch.float32:
             return list(params)
         taken: list[tuple[Tensor, Tensor, Mapping[str, Tensor]]] = []  # parameter, gradient, state
+        taken_index: list[int] = []
         rest: list[Tensor] = []
-        for p, state in zip(params, states, strict=True):
+        for i, (p, state) in enumerate(zip(params, states, strict=True)):
             grad = p.grad
             if (
                 grad is not None
@@ -600,10 +635,13 @@ class AdafacMLP(UpdateRule):
                 and kernels.plain_f32(grad)
             ):
                 taken.append((p, grad, state))
+                taken_index.append(i)
             else:
                 rest.append(p)
         if not taken:
             return list(params)
+        if step.dim() > 0 and rest:  # the step counts of the tensors taken
+            step = step[taken_index]
         tensors, grads, state_of = [p for p, _, _ in taken], [g for _, g, _ in taken], [s for *_, s in taken]
         spans = sorted((p.data_ptr(), p.data_ptr() + 4 * p.numel()) for p in tensors)
         if any(end > start for (_, end), (start, _) in zip(spans, spans[1:], strict=False)):

@@ -25,7 +25,10 @@ optimizer's row alignment), and the layout is passed as ``segments=`` (a :class:
 a new first axis, or ``None``), and ``forward`` must compute for the rows of each segment what the call
 on that tensor alone computes (per-tensor quantities by segment, e.g. ``segments.expand(stats)`` per row,
 ``segments.mean(x)`` per segment); padding rows may get any value. Every packed tensor has the same step
-count. Rules without per-tensor quantities just ignore ``segments``.
+count, unless the class sets ``per_tensor_steps = True``: then ``step`` may be one count per segment, an
+``(S,)`` tensor, where the tensors' counts differ (layers unfrozen at different times, parameters that get no
+gradient at some steps), so that they still go in one call. Rules without per-tensor quantities just ignore
+``segments``.
 
 *Whole-tensor rules* (class attribute ``whole_tensor = True``) need more than a chunk of coordinates:
 the tensor's shape (factored statistics, a per-shape step scale) and reductions of their own output
@@ -46,7 +49,8 @@ dtype). It may then write ``theta * (1 - lr * weight_decay) + lr * delta`` into 
 that scales its step); or ignore it and return ``delta`` as usual.
 
 **Stepping tensors in place.** :meth:`UpdateRule.step_in_place` lets a rule step tensors of a param group
-(eager, no autograd, same step count, not ``maximize``) in their own storage in one call, e.g. a native kernel
+(eager, no autograd, one step count, or one per tensor with ``per_tensor_steps``, not ``maximize``) in their own
+storage in one call, e.g. a native kernel
 given each tensor's addresses, with nothing packed or copied; it returns the tensors it left, which the
 optimizer steps as usual. The result must be what stepping each tensor alone gives. The default takes none.
 """
@@ -131,9 +135,10 @@ class Segments:
         counts = torch.tensor([*self.sizes, self.rows - sum(self.sizes)], device=self.device)
         return torch.repeat_interleave(torch.arange(len(self) + 1, device=self.device), counts)
 
-    def expand(self, per_segment: Tensor) -> Tensor:
-        """``(k, *S)`` per-segment values to ``(rows, *S)`` per row (each segment's value on its rows, 0 on padding)."""
-        padded = torch.cat([per_segment, per_segment.new_zeros((1, *per_segment.shape[1:]))])
+    def expand(self, per_segment: Tensor, padding: float = 0.0) -> Tensor:
+        """``(k, *S)`` per-segment values to ``(rows, *S)`` per row (each segment's value on its rows, ``padding``
+        on the padding rows)."""
+        padded = torch.cat([per_segment, per_segment.new_full((1, *per_segment.shape[1:]), padding)])
         return padded.index_select(0, self.index)
 
     def sum(self, per_row: Tensor) -> Tensor:
@@ -177,6 +182,10 @@ class UpdateRule(nn.Module):
     whole_tensor: ClassVar[bool] = False
     #: ``forward`` takes ``update=`` and may apply the decoupled update itself (see the module docstring).
     applies_update: ClassVar[bool] = False
+    #: The packed ``forward`` and :meth:`step_in_place` take one step count per tensor, ``step`` ``(S,)``, where
+    #: the tensors' counts differ (see "Packed calls" in the module docstring); else the optimizer packs and steps
+    #: the tensors of each count apart.
+    per_tensor_steps: ClassVar[bool] = False
     #: The optimizer's ``lr`` when none is given: 1.0 where ``lr`` multiplies the learned step; a real
     #: learning rate (e.g. 1e-3) for nets whose step has a fixed size per unit of ``lr``.
     default_lr: ClassVar[float] = 1.0
@@ -206,8 +215,9 @@ class UpdateRule(nn.Module):
         weight_decay: float,
     ) -> list[Tensor]:
         """Step those of ``params`` (their ``.grad``, their optimizer ``states``, the step count ``step`` shared by
-        all, in :attr:`compute_dtype`) that this rule can in place, parameters and state, and return the others
-        (see "Stepping tensors in place" in the module docstring). The default steps none."""
+        all, or one per tensor ``(S,)`` with :attr:`per_tensor_steps`, in :attr:`compute_dtype`) that this rule can
+        in place, parameters and state, and return the others (see "Stepping tensors in place" in the module
+        docstring). The default steps none."""
         return list(params)
 
     def cpu_chunk_size(self) -> int | None:

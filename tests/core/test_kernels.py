@@ -363,6 +363,40 @@ def test_adafac_pack_step_equals_the_aten_packed_step():
             torch.testing.assert_close(native_opt.state[p][name], value, rtol=1e-5, atol=1e-9)
 
 
+@needs_kernels
+@pytest.mark.parametrize("cls", ["LearnedOptimizer", "PacksOnly"], ids=["in-place", "pack"])
+def test_adafac_kernel_steps_several_step_counts_in_one_call_bit_for_bit(cls):
+    """Tensors of different step counts go to the kernel in one call (in place, or in one pack), each with its
+    own count's bias corrections and time features: the parameters and state of stepping each tensor alone, bit
+    for bit."""
+    calls = []
+    originals = {name: getattr(kernels, name) for name in ("adafac_tensors_step", "adafac_pack_step")}
+    runs = []
+    for optimizer in (globals()[cls], PerTensor):
+        rule = _adafac_case((1,), time_scales=(10.0, 100.0))[0]
+        model = _in_place_model()
+        opt = optimizer(model.parameters(), rule, lr=0.01, weight_decay=0.1)
+        gen = torch.Generator().manual_seed(0)
+        with kernels.forced(), pytest.MonkeyPatch.context() as patch:
+            for name, fn in originals.items():
+                patch.setattr(kernels, name, lambda *a, fn=fn, name=name, **k: calls.append(name) or fn(*a, **k))
+            for step in range(3):
+                if step == 2:
+                    for i, p in enumerate(model.parameters()):
+                        opt.state[p]["step"] += 5.0 * (i % 4)  # four step counts
+                    calls.clear()
+                opt.zero_grad()
+                model(torch.randn(4, 1, 16, generator=gen)).square().mean().backward()
+                opt.step()
+        runs.append((model, opt, list(calls)))
+    (model, opt, mixed_calls), (alone, ref, _) = runs
+    assert mixed_calls == (["adafac_tensors_step"] if cls == "LearnedOptimizer" else ["adafac_pack_step"])
+    for p, q in zip(model.parameters(), alone.parameters(), strict=True):
+        assert torch.equal(p, q)
+        for name, value in ref.state[q].items():
+            assert torch.equal(opt.state[p][name], value), name
+
+
 def _in_place_model() -> nn.Module:
     """Vectors, narrow and wide matrices, conv weights, and a matrix above the pack's byte limit."""
     torch.manual_seed(0)
@@ -421,7 +455,7 @@ def test_adafac_in_place_step_equals_the_packed_and_per_tensor_steps_bit_for_bit
 @needs_kernels
 def test_adafac_in_place_step_leaves_what_it_cannot_take_to_the_usual_step(monkeypatch):
     """A non-contiguous parameter, parameters sharing memory and ``maximize`` go the packed or per-tensor way (with
-    the per-tensor step's result); each step count gets its own in-place call."""
+    the per-tensor step's result); tensors of several step counts go in one in-place call."""
     taken = []
     original = kernels.adafac_tensors_step
 
@@ -439,7 +473,7 @@ def test_adafac_in_place_step_leaves_what_it_cannot_take_to_the_usual_step(monke
     taken.clear()
     with kernels.forced():
         opt.step()
-    assert len(taken) == 2 and sorted(map(len, taken)) == [1, len(params) - 2]
+    assert len(taken) == 1 and len(taken[0]) == len(params) - 1
     assert (12000, 3) not in [view for call in taken for view in call]
     taken.clear()
     buffer = torch.randn(300)

@@ -1030,3 +1030,21 @@ def test_a_parameter_resized_in_place_is_named_before_any_change(family, make_ru
     with pytest.raises(ValueError, match=r"has \d+ elements, but its optimizer state was made for \d+"):
         opt.step()
     assert_identical(before, snapshot(model, opt))
+
+
+def test_a_parameter_reshaped_in_place_is_named_before_any_change(make_rule):
+    """A reshape that keeps the element count (a (6, 4) weight made (4, 6)) leaves a whole-tensor rule's per-tensor
+    state (adafac_mlp's row and column statistics) of the wrong shape: named, nothing changed (the step failed
+    inside the kernel or an ATen op after every step count had advanced)."""
+    model = make_model()
+    opt = LearnedOptimizer(model.parameters(), make_rule("adafac_mlp"))
+    backward(model, opt, 0)
+    opt.step()
+    weight = next(p for p in model.parameters() if p.dim() == 2 and p.shape[0] != p.shape[1])
+    weight.data = weight.data.t().contiguous()
+    weight.grad = torch.ones_like(weight)
+    before = snapshot(model, opt)
+    for use_kernels in (False, True):
+        with kernels.enabled_as(use_kernels), pytest.raises(ValueError, match="made for another shape than"):
+            opt.step()
+        assert_identical(before, snapshot(model, opt))

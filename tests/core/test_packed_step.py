@@ -113,6 +113,33 @@ def test_packs_follow_step_counts_and_chunk_limits(make_rule):
     assert opt._plan_packs(params[:1]) == ([], params[:1])
 
 
+@pytest.mark.parametrize("time_scales", [(), (10.0, 100.0)], ids=["plain", "time-features"])
+def test_adafac_packs_tensors_of_several_step_counts_together(time_scales):
+    """adafac_mlp takes one step count per packed tensor (``per_tensor_steps``): tensors of different counts
+    (layers unfrozen at different times) share one ATen pack, each with its own bias corrections and time features,
+    and step as they do alone (the packed step's rounding bound)."""
+    runs = []
+    for cls in (LearnedOptimizer, PerTensor):
+        torch.manual_seed(0)
+        rule = learned_optim.AdafacMLP(time_scales=time_scales).requires_grad_(False)
+        for weight in rule.parameters():  # random weights and biases: every feature and time feature counts
+            weight.normal_(0.0, 0.5)
+        model = _model()
+        opt = cls(model.parameters(), rule, lr=0.01, weight_decay=0.01)
+        with kernels.enabled_as(False):
+            _train(model, opt, 2)
+            for i, p in enumerate(model.parameters()):
+                opt.state[p]["step"] += 7.0 * i  # eight step counts
+            _train(model, opt, 1, seed=1)
+        runs.append((model, opt))
+    (packed, opt), (alone, ref) = runs
+    params = list(packed.parameters())
+    assert len({float(opt.state[p]["step"]) for p in params}) == len(params)
+    packs, singles = opt._plan_packs(params)
+    assert len(packs) == 1 and len(packs[0]) == len(params) and not singles
+    _assert_whole_tensor_rounding(packed, opt, alone, ref)
+
+
 def test_tensors_above_the_byte_limit_are_stepped_alone(make_rule, monkeypatch):
     import learned_optim.packing as packing_module
 
