@@ -9,7 +9,15 @@ Keep AdamW's tuned lr, weight decay and schedule: the flagship replaces ``torch.
 from importlib import metadata as _metadata
 
 from .adapt import AdaptationError, AdaptationResult, adapt
-from .hub import FLAGSHIP, CheckpointError, from_pretrained, list_pretrained, load_rule, save_pretrained
+from .hub import (
+    FLAGSHIP,
+    CheckpointError,
+    HubUploadError,
+    from_pretrained,
+    list_pretrained,
+    load_rule,
+    save_pretrained,
+)
 from .nets import DMLSTM, FAMILIES, AdafacMLP, MLPUpdate, RNNProp, UpdateRule, build_rule, functional_update
 from .optimizer import LearnedOptimizer, NonFiniteGradientError
 
@@ -22,6 +30,7 @@ __all__ = [
     "LearnedOptimizer",
     "NonFiniteGradientError",
     "CheckpointError",
+    "HubUploadError",
     "FLAGSHIP",
     "from_pretrained",
     "list_pretrained",

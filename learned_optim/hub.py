@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CheckpointError",
+    "HubUploadError",
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "CARD_NAME",
@@ -64,6 +65,11 @@ FORMAT_VERSION = 1
 
 class CheckpointError(ValueError):
     """A checkpoint folder is missing, malformed, foreign, or does not match its net."""
+
+
+class HubUploadError(RuntimeError):
+    """:func:`push_to_hub` could not create the Hub repo or upload the checkpoint (network down, offline mode,
+    authentication, a server error); the cause is chained."""
 
 
 # ---------------------------------------------------------------------------------------------- saving
@@ -644,12 +650,21 @@ def push_to_hub(
     commit_message: str = "Upload learned optimizer",
     **save_kwargs: Any,
 ) -> str:
-    """Save ``rule`` to a temporary folder and upload it as Hub repo ``repo_id``; returns the commit URL."""
+    """Save ``rule`` to a temporary folder and upload it as Hub repo ``repo_id`` (created if need be, in one commit);
+    returns the commit URL. The checkpoint is written before the Hub is contacted (its own errors come as they are);
+    a failure to reach the Hub or to upload raises :class:`HubUploadError` with the cause chained."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         save_pretrained(rule, tmp, **save_kwargs)
-        info = api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision, commit_message=commit_message)
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            info = api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision, commit_message=commit_message)
+        except Exception as err:  # the HTTP client's own errors differ by huggingface_hub version: caught whole
+            raise HubUploadError(
+                f"could not push the checkpoint to the Hugging Face Hub repo {repo_id!r} ({type(err).__name__}: "
+                f"{err}); nothing was committed (the repo may have been created): push again once the Hub can be "
+                "reached, or save_pretrained() to a folder and upload it later"
+            ) from err
     return str(getattr(info, "commit_url", info))

@@ -275,6 +275,36 @@ def test_push_to_hub_uploads_exactly_the_checkpoint(monkeypatch, make_rule, tmp_
     assert _weights_equal(uploaded.rule, rule) and uploaded.param_groups[0]["lr"] == 0.3
 
 
+def test_push_to_hub_names_what_failed_when_the_hub_cannot_be_reached(monkeypatch, make_rule, hf_offline):
+    """The HTTP client's own error (here a stand-in for httpx's ConnectError, which huggingface_hub lets through when
+    the network is down) comes as HubUploadError naming the repo, the cause chained; a bad card argument fails before
+    the Hub is contacted."""
+
+    class ConnectError(Exception):  # not an OSError, as httpx's is not
+        pass
+
+    contacted = []
+
+    def unreachable(self, *args, **kwargs):
+        contacted.append(args or kwargs)
+        raise ConnectError("[Errno -2] Name or service not known")
+
+    opt = LearnedOptimizer(_params(), make_rule("dm_lstm"))
+    for method in ("create_repo", "upload_folder"):
+        with monkeypatch.context() as patch:
+            patch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, *a, **k: None)
+            patch.setattr(huggingface_hub.HfApi, method, unreachable)
+            with pytest.raises(learned_optim.HubUploadError, match="'me/my-l2o'.*ConnectError.*push again") as caught:
+                opt.push_to_hub("me/my-l2o")
+            assert isinstance(caught.value.__cause__, ConnectError)
+    contacted.clear()
+    with monkeypatch.context() as patch:
+        patch.setattr(huggingface_hub.HfApi, "create_repo", unreachable)
+        with pytest.raises(TypeError):
+            opt.push_to_hub("me/my-l2o", no_such_card_field=1)
+    assert not contacted
+
+
 def test_from_pretrained_places_the_net_with_the_params_but_never_on_meta(tmp_path):
     """The net follows the params' device; params on the meta device (not materialised) leave it where it is."""
     save_pretrained(learned_optim.RNNProp(hidden_size=4), tmp_path / "ck")
