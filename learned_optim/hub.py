@@ -651,8 +651,10 @@ def push_to_hub(
     **save_kwargs: Any,
 ) -> str:
     """Save ``rule`` to a temporary folder and upload it as Hub repo ``repo_id`` (created if need be, in one commit);
-    returns the commit URL. The checkpoint is written before the Hub is contacted (its own errors come as they are);
-    a failure to reach the Hub or to upload raises :class:`HubUploadError` with the cause chained."""
+    returns the commit URL. The checkpoint is written before the Hub is contacted (its own errors come as they are,
+    as do errors in the arguments, e.g. an invalid repo id); a failure to reach the Hub or to upload
+    (network, offline mode, authentication, a missing revision) raises :class:`HubUploadError` with the cause
+    chained."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
@@ -661,10 +663,12 @@ def push_to_hub(
         try:
             api.create_repo(repo_id, private=private, exist_ok=True)
             info = api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision, commit_message=commit_message)
+        except (ValueError, TypeError):  # the arguments themselves (an invalid repo id): as they are
+            raise
         except Exception as err:  # the HTTP client's own errors differ by huggingface_hub version: caught whole
             raise HubUploadError(
                 f"could not push the checkpoint to the Hugging Face Hub repo {repo_id!r} ({type(err).__name__}: "
-                f"{err}); nothing was committed (the repo may have been created): push again once the Hub can be "
-                "reached, or save_pretrained() to a folder and upload it later"
+                f"{err}); nothing was committed (the repo may have been created). Check the network, the token and "
+                "its write access to the repo, then push again (or save_pretrained() to a folder, upload it later)"
             ) from err
     return str(getattr(info, "commit_url", info))

@@ -9,6 +9,9 @@ winning lr or weight decay at the edge of the grid extends the grid past it, see
   decay to 0 (:func:`lr_factor`), tuned over lr x weight decay;
 * ``adam``: ``torch.optim.Adam`` at a constant lr, tuned over lr;
 * ``sgd-momentum``: ``torch.optim.SGD`` with momentum 0.9 at a constant lr, tuned over lr;
+* ``adamw-default``, on request: ``torch.optim.AdamW`` *untuned*, at torch's defaults (lr 1e-3, weight decay
+  0.01) with AdamW's warm-up and cosine schedule: what a user who tunes nothing gets, the counterpart of the
+  learned optimizers' ``default`` rule (its grid is that one setting, never extended);
 * the flatness-seeking baselines, on request (``--baselines``; the seeds' comparisons): ``sam`` (SAM,
   :math:`\rho` 0.05), ``gsam`` (GSAM, :math:`\rho` 0.05, :math:`\alpha` 0.4) and ``gam`` (GAM, the reference
   CIFAR settings), each over SGD with momentum 0.9, and ``entropy-sgd`` (Entropy-SGD, 20 SGLD steps), all with
@@ -140,8 +143,11 @@ class Grid:
 
 ADAMW_FULL_GRID = Grid((3e-4, 1e-3, 3e-3, 1e-2, 3e-2), (0.0, 0.1), "cosine")
 ADAMW_QUICK_GRID = Grid((1e-3, 1e-2), (0.0, 0.1), "cosine")
+#: ``adamw-default``'s one setting: torch.optim.AdamW's default lr and weight decay, AdamW's schedule.
+ADAMW_DEFAULTS_GRID = Grid((1e-3,), (0.01,), "cosine")
 FULL_GRIDS: dict[str, Grid] = {
     "adamw": ADAMW_FULL_GRID,
+    "adamw-default": ADAMW_DEFAULTS_GRID,
     "adam": Grid((3e-4, 1e-3, 3e-3, 1e-2, 3e-2)),
     "sgd-momentum": Grid((3e-3, 1e-2, 3e-2, 1e-1, 3e-1)),
     **dict.fromkeys(("sam", "gsam", "gam"), Grid((3e-3, 1e-2, 3e-2, 1e-1, 3e-1), schedule="cosine")),
@@ -150,6 +156,7 @@ FULL_GRIDS: dict[str, Grid] = {
 }
 QUICK_GRIDS: dict[str, Grid] = {
     "adamw": ADAMW_QUICK_GRID,
+    "adamw-default": ADAMW_DEFAULTS_GRID,
     "adam": Grid((1e-3, 1e-2)),
     "sgd-momentum": Grid((3e-2, 3e-1)),
     **dict.fromkeys(("sam", "gsam", "gam"), Grid((3e-2, 3e-1), schedule="cosine")),
@@ -222,6 +229,7 @@ _BASELINE_CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
     "gam": ("gam", {"momentum": 0.9}),
     "entropy-sgd": ("entropy-sgd", {}),
     "sam-adamw": ("sam-adamw", {}),
+    "adamw-default": ("adamw", {}),
 }
 #: Every baseline the suite knows, by name.
 BASELINE_NAMES: tuple[str, ...] = tuple(_BASELINE_CLASSES)

@@ -261,8 +261,7 @@ class AdafacNet(NamedTuple):
 
     #: ``beta_v``, ``moment_eps``, ``factored_eps``, ``factored_rsqrt_eps``, ``feature_rms_eps``, ``direction_rms_eps``
     config: Mapping[str, float]
-    #: the second moment's bias correction :math:`1 / (1 - \beta_v^t)`, ``()`` or ``(S,)`` (float64: the kernel
-    #: takes it rounded to float32 once)
+    #: the second moment's bias correction :math:`1 / (1 - \beta_v^t)`, ``()`` or ``(S,)`` (float32)
     v_correction: Tensor
     #: the J momentum decays and the K factored decays (K = J)
     beta: Sequence[float]

@@ -288,8 +288,13 @@ class AdafacMLP(UpdateRule):
         """The ``(16,)`` per-row factors of :meth:`features`' dense rows (for :math:`J = 3`): the bias
         correction :math:`1/(1-\\beta_j^t)` of the ratio rows, 1 elsewhere; ``beta`` ``(J,)``. For one step
         count per tensor (``step`` ``(S,)``) one row per tensor, ``(S, 16)``."""
-        j, lead = beta.shape[0], step.shape
         correction = 1.0 / (1.0 - (beta**step if step.dim() == 0 else beta ** step.unsqueeze(-1)))
+        return AdafacMLP._feature_scale_of(correction, like)
+
+    @staticmethod
+    def _feature_scale_of(correction: Tensor, like: Tensor) -> Tensor:
+        """:meth:`_feature_scale` from the ratio rows' corrections ``(..., J)``: ``(..., 16)``."""
+        lead, j = correction.shape[:-1], correction.shape[-1]
         return torch.cat([like.new_ones((*lead, 3 + j)), correction, like.new_ones((*lead, 1 + 2 * j))], dim=-1)
 
     def _first_bias(self, step: Tensor) -> Tensor:
@@ -310,13 +315,18 @@ class AdafacMLP(UpdateRule):
         :math:`1/(1-\\beta_v^t)` (0-d), the dense features' factors (:meth:`_feature_scale`) and the first layer's
         bias (:meth:`_first_bias`); for one count per tensor (``step`` ``(S,)``) each with a leading axis of S, each
         row computed as for its count alone (the same bits as a step of those tensors by themselves)."""
-        if step.dim() > 0:
-            counts, index = torch.unique(step, return_inverse=True)
-            terms = [self._count_terms(count, like) for count in counts]
-            return tuple(torch.stack(parts)[index] for parts in zip(*terms, strict=True))  # type: ignore[return-value]
-        beta = self.momentum_decay.squeeze(1)
-        v_correction = 1.0 / (1.0 - self.config.second_moment_decay**step)
-        return v_correction, self._feature_scale(beta, step, like), self._first_bias(step)
+        beta, decay = self.momentum_decay.squeeze(1), self.config.second_moment_decay
+        if step.dim() == 0:
+            return 1.0 / (1.0 - decay**step), self._feature_scale(beta, step, like), self._first_bias(step)
+        # per distinct count, by the 0-d expressions (a vectorised pow or tanh may round differently)
+        counts, index = torch.unique(step, return_inverse=True)
+        v_correction = torch.stack([1.0 / (1.0 - decay**count) for count in counts])[index]
+        ratio = torch.stack([1.0 / (1.0 - beta**count) for count in counts])[index]
+        if self.config.time_scales:
+            bias = torch.stack([self._first_bias(count) for count in counts])[index]
+        else:
+            bias = self._first_bias(step).expand(step.shape[0], -1)
+        return v_correction, self._feature_scale_of(ratio, like), bias
 
     def _factored_features(self, stats: Tensor) -> Tensor:
         """``(2K, rows)`` from ``(rows, K)`` row (or column) statistics: :math:`r_k, (r_k + \\epsilon_f)^{-1/2}`."""

@@ -237,6 +237,25 @@ def test_the_flatness_baselines_train_a_real_task(name, built_by, grid_size):
     assert math.isfinite(record["final"]["test_loss"])
 
 
+def test_adamw_default_is_untuned_adamw_at_torchs_defaults():
+    """The untuned reference is AdamW itself (the same run identity) at torch.optim.AdamW's own default lr and weight
+    decay with AdamW's schedule, on a one-setting grid that tuning never extends."""
+    optimizer = brun.baseline_optimizer("adamw-default")
+    assert optimizer.identity == brun.baseline_optimizer("adamw").identity
+    torch_defaults = inspect.signature(torch.optim.AdamW).parameters
+    want = [
+        brun.Setting("adamw-default", torch_defaults["lr"].default, torch_defaults["weight_decay"].default, "cosine")
+    ]
+    for grids in (brun.FULL_GRIDS, brun.QUICK_GRIDS):
+        assert grids["adamw-default"].settings("adamw-default") == want
+        assert grids["adamw-default"].schedule == grids["adamw"].schedule
+    tried = []
+    result = btuning.tune(
+        "adamw-default", want, lambda s, seed: tried.append(s) or {"final": {"val_loss": 1.0}}, task="t", extend_edges=2
+    )
+    assert tried == want and result.chosen == want[0]
+
+
 def test_the_suite_runs_the_cheap_baselines_unless_asked():
     assert inspect.signature(run_suite).parameters["baselines"].default == bsuite.DEFAULT_BASELINES
     assert bsuite.DEFAULT_BASELINES == ("adamw", "adam", "sgd-momentum")

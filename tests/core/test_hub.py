@@ -303,6 +303,9 @@ def test_push_to_hub_names_what_failed_when_the_hub_cannot_be_reached(monkeypatc
         with pytest.raises(TypeError):
             opt.push_to_hub("me/my-l2o", no_such_card_field=1)
     assert not contacted
+    with pytest.raises(ValueError) as invalid:  # an invalid repo id is the caller's error, not the Hub's
+        opt.push_to_hub("not a repo id//x")
+    assert not isinstance(invalid.value, learned_optim.HubUploadError)
 
 
 def test_from_pretrained_places_the_net_with_the_params_but_never_on_meta(tmp_path):

@@ -140,6 +140,21 @@ def test_adafac_packs_tensors_of_several_step_counts_together(time_scales):
     _assert_whole_tensor_rounding(packed, opt, alone, ref)
 
 
+def test_segment_stats_give_each_segment_its_own_step_count():
+    """The default segment statistics call ``tensor_stats`` once per segment with that segment's count when the
+    step is one count per tensor (``per_tensor_steps``), and with the one count otherwise."""
+
+    class CountStats(learned_optim.AdafacMLP):
+        def tensor_stats(self, grad, param, state, step):
+            return step.reshape(1)  # the count it was given
+
+    rule, segments = CountStats(), Segments((2, 3), 64)
+    grad = torch.zeros(64)
+    per_tensor = rule.segment_stats(grad, grad, {}, torch.tensor([4.0, 9.0]), segments)
+    assert per_tensor.tolist() == [[4.0], [9.0]]
+    assert rule.segment_stats(grad, grad, {}, torch.tensor(5.0), segments).tolist() == [[5.0], [5.0]]
+
+
 def test_tensors_above_the_byte_limit_are_stepped_alone(make_rule, monkeypatch):
     import learned_optim.packing as packing_module
 
