@@ -188,10 +188,15 @@ def test_packed_step_on_cuda_matches_the_per_tensor_step(family, make_rule):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_packed_state_dict_resume_is_bit_identical(family, make_rule):
-    """State stays per parameter: save after 2 packed steps, load into a fresh optimizer, step on alike."""
+@pytest.mark.parametrize("counts", ["one count", "counts per tensor"])
+def test_packed_state_dict_resume_is_bit_identical(family, make_rule, counts):
+    """State stays per parameter: save after 2 packed steps, load into a fresh optimizer, step on alike; also with
+    the parameters at different step counts (packed together where the rule takes ``per_tensor_steps``)."""
     model, opt = _run(family, make_rule, LearnedOptimizer, False, steps=2)
     assert all(opt.state[p]["step"] == 2 for p in model.parameters())
+    if counts == "counts per tensor":
+        for i, p in enumerate(model.parameters()):
+            opt.state[p]["step"] += 3.0 * i
     clone = copy.deepcopy(model)
     resumed = LearnedOptimizer(clone.parameters(), make_rule(family), weight_decay=0.01)
     resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
