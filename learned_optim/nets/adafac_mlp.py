@@ -288,8 +288,12 @@ class AdafacMLP(UpdateRule):
         """The ``(16,)`` per-row factors of :meth:`features`' dense rows (for :math:`J = 3`): the bias
         correction :math:`1/(1-\\beta_j^t)` of the ratio rows, 1 elsewhere; ``beta`` ``(J,)``. For one step
         count per tensor (``step`` ``(S,)``) one row per tensor, ``(S, 16)``."""
-        correction = 1.0 / (1.0 - (beta**step if step.dim() == 0 else beta ** step.unsqueeze(-1)))
-        return AdafacMLP._feature_scale_of(correction, like)
+        return AdafacMLP._feature_scale_of(AdafacMLP._ratio_correction(beta, step), like)
+
+    @staticmethod
+    def _ratio_correction(beta: Tensor, step: Tensor) -> Tensor:
+        """The ratio rows' bias corrections :math:`1/(1-\\beta_j^t)`: ``(J,)``, or ``(S, J)`` for ``step`` ``(S,)``."""
+        return 1.0 / (1.0 - (beta**step if step.dim() == 0 else beta ** step.unsqueeze(-1)))
 
     @staticmethod
     def _feature_scale_of(correction: Tensor, like: Tensor) -> Tensor:
@@ -321,7 +325,7 @@ class AdafacMLP(UpdateRule):
         # per distinct count, by the 0-d expressions (a vectorised pow or tanh may round differently)
         counts, index = torch.unique(step, return_inverse=True)
         v_correction = torch.stack([1.0 / (1.0 - decay**count) for count in counts])[index]
-        ratio = torch.stack([1.0 / (1.0 - beta**count) for count in counts])[index]
+        ratio = torch.stack([self._ratio_correction(beta, count) for count in counts])[index]
         if self.config.time_scales:
             bias = torch.stack([self._first_bias(count) for count in counts])[index]
         else:
@@ -437,9 +441,8 @@ class AdafacMLP(UpdateRule):
         The tensors' coordinates are concatenated (``segments``: their sizes, then zero padding rows),
         ``shapes`` are their shapes, ``step`` their step count or each tensor's (``(S,)``, where they differ: each
         tensor's bias corrections and time features its own), and the per-tensor state is packed too:
-        ``state["row"]`` is every
-        tensor's ``(rows_s, K)`` row statistics one after the other, ``state["col"]`` their column
-        statistics. The elementwise features, the moments and the MLP run once for the whole pack; what
+        ``state["row"]`` is every tensor's ``(rows_s, K)`` row statistics one after the other, ``state["col"]`` their
+        column statistics. The elementwise features, the moments and the MLP run once for the whole pack; what
         is per tensor (Adafactor's row and column means, the rank-structured row/column terms, the feature
         and direction RMS) is one batched broadcast or reduction per run of consecutive tensors of one shape
         (:class:`~learned_optim.features.PackRun`; the optimizer orders a pack by shape), as the per-tensor
