@@ -816,16 +816,48 @@ def test_nonfinite_gradient_skip_policy(family, make_rule):
 
 def test_huge_finite_gradients_are_not_taken_for_nonfinite_ones():
     """The non-finite check sums squares (fast) and rechecks a tensor whose sum overflows with its exact max |g|:
-    gradients of 1e30 (finite; their squares overflow float32) step, an inf among them still raises."""
-    p = nn.Parameter(torch.zeros(6))
+    gradients of 1e18 (each square finite in float32, their sum not) step, an inf among them still raises."""
+    p = nn.Parameter(torch.zeros(1000))
     opt = LearnedOptimizer([p], learned_optim.MLPUpdate(), lr=1.0)
-    p.grad = torch.full((6,), 1e30)
+    p.grad = torch.full((1000,), 1e18)
     assert torch.isinf(torch.linalg.vector_norm(p.grad))  # the sum of squares does overflow
     opt.step()
-    assert opt.state[p]["step"] == 1.0
+    assert opt.state[p]["step"] == 1.0 and all(bool(v.isfinite().all()) for v in opt.state[p].values())
     p.grad[2] = float("inf")
     with pytest.raises(NonFiniteGradientError):
         opt.step()
+
+
+@pytest.mark.parametrize("use_kernels", [False, True], ids=["aten", "kernels"])
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.float64])
+def test_a_gradient_whose_square_overflows_counts_as_nonfinite(family, make_rule, use_kernels, grad_dtype):
+    """One finite entry whose square overflows float32 (1e20; 1e39 in a float64 gradient, inf once cast) would make
+    the second moments inf for good: the adafac net then stepped every coordinate by the same amount (kernels) or
+    made the tensor NaN (ATen), and no non-finite check fired. It is refused as a NaN is, nothing changed; skipped
+    with nonfinite='skip'. An entry of 1e18 steps."""
+    model = make_model().to(grad_dtype)
+    opt = LearnedOptimizer(model.parameters(), make_rule(family))
+    with kernels.enabled_as(use_kernels):
+        backward(model, opt, 0)
+        opt.step()
+        for huge in (1e20, 1e39) if grad_dtype == torch.float64 else (1e20,):
+            backward(model, opt, 1)
+            model[3].weight.grad[1, 2] = huge
+            before = snapshot(model, opt)
+            with pytest.raises(NonFiniteGradientError, match="whose square overflows the net's torch.float32"):
+                opt.step()
+            assert_identical(before, snapshot(model, opt))
+            opt.nonfinite = "skip"
+            opt.step()
+            assert opt.skipped_steps >= 1
+            assert_identical(before, snapshot(model, opt))
+            opt.nonfinite = "raise"
+        backward(model, opt, 2)
+        model[3].weight.grad[1, 2] = 1e18
+        opt.step()
+    for state in opt.state.values():
+        assert all(bool(v.isfinite().all()) for v in state.values())
+    assert all(bool(p.isfinite().all()) for p in model.parameters())
 
 
 # ------------------------------------------------------------------------------------------ mixed precision
