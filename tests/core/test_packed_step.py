@@ -113,8 +113,15 @@ def test_packs_follow_step_counts_and_chunk_limits(make_rule):
     assert opt._plan_packs(params[:1]) == ([], params[:1])
 
 
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+    ],
+)
 @pytest.mark.parametrize("time_scales", [(), (10.0, 100.0)], ids=["plain", "time-features"])
-def test_adafac_packs_tensors_of_several_step_counts_together(time_scales):
+def test_adafac_packs_tensors_of_several_step_counts_together(time_scales, device):
     """adafac_mlp takes one step count per packed tensor (``per_tensor_steps``): tensors of different counts
     (layers unfrozen at different times) share one ATen pack, each with its own bias corrections and time features,
     and step as they do alone (the packed step's rounding bound)."""
@@ -124,7 +131,7 @@ def test_adafac_packs_tensors_of_several_step_counts_together(time_scales):
         rule = learned_optim.AdafacMLP(time_scales=time_scales).requires_grad_(False)
         for weight in rule.parameters():  # random weights and biases: every feature and time feature counts
             weight.normal_(0.0, 0.5)
-        model = _model()
+        model = _model().to(device)
         opt = cls(model.parameters(), rule, lr=0.01, weight_decay=0.01)
         with kernels.enabled_as(False):
             _train(model, opt, 2)
@@ -137,7 +144,7 @@ def test_adafac_packs_tensors_of_several_step_counts_together(time_scales):
     assert len({float(opt.state[p]["step"]) for p in params}) == len(params)
     packs, singles = opt._plan_packs(params)
     assert len(packs) == 1 and len(packs[0]) == len(params) and not singles
-    _assert_whole_tensor_rounding(packed, opt, alone, ref)
+    _assert_whole_tensor_rounding(packed, opt, alone, ref, make_model=lambda: _model().to(device))
 
 
 def test_segment_stats_give_each_segment_its_own_step_count():
