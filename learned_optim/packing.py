@@ -65,11 +65,13 @@ def is_dtensor(t: Tensor) -> TypeGuard[DTensor]:
     return type(t).__name__ == "DTensor" and hasattr(t, "_local_tensor")
 
 
-def step_counts(states: Sequence[Mapping[str, Tensor]], dtype: torch.dtype) -> Tensor:
-    """The step count of the tensors of these optimizer ``states``, in ``dtype``: 0-d where they share one, else
-    each tensor's, ``(S,)`` (for a rule with :attr:`~learned_optim.nets.base.UpdateRule.per_tensor_steps`)."""
-    first = states[0]["step"]
-    if len(states) > 1:
+def step_counts(states: Sequence[Mapping[str, Tensor]], rule: UpdateRule) -> Tensor:
+    """The step count of the tensors of these optimizer ``states`` that ``rule`` steps in one call, in its
+    :attr:`~learned_optim.nets.base.UpdateRule.compute_dtype`: 0-d where they share one (always, for a rule without
+    :attr:`~learned_optim.nets.base.UpdateRule.per_tensor_steps`: the callers group its tensors by count), else each
+    tensor's, ``(S,)``."""
+    dtype, first = rule.compute_dtype, states[0]["step"]
+    if rule.per_tensor_steps and len(states) > 1:
         counts = torch.stack([state["step"] for state in states])
         values = counts.tolist()  # (one read, cheaper than a comparison op and its reduction)
         if values.count(values[0]) != len(values):
@@ -174,7 +176,7 @@ def packed_step(
     theta = packed([p.detach().reshape(-1) for p in params])
     shapes = rule.state_shapes()  # each per-coordinate state is (numel, *shape) (init_state, load_state_dict)
     state = {k: packed([s[k] for s in states]) for k in shapes}
-    step = step_counts(states, dtype).to(device=device)
+    step = step_counts(states, rule).to(device=device)
     segments = Segments(sizes, rows, device)
     stats = rule.segment_stats(grad, theta, state, step, segments)
     extra: dict[str, Any] = {}

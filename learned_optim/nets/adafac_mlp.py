@@ -295,6 +295,10 @@ class AdafacMLP(UpdateRule):
         """The ratio rows' bias corrections :math:`1/(1-\\beta_j^t)`: ``(J,)``, or ``(S, J)`` for ``step`` ``(S,)``."""
         return 1.0 / (1.0 - (beta**step if step.dim() == 0 else beta ** step.unsqueeze(-1)))
 
+    def _v_correction(self, step: Tensor) -> Tensor:
+        """The second moment's bias correction :math:`1/(1-\\beta_v^t)` at one step count ``step`` (0-d)."""
+        return 1.0 / (1.0 - self.config.second_moment_decay**step)
+
     @staticmethod
     def _feature_scale_of(correction: Tensor, like: Tensor) -> Tensor:
         """:meth:`_feature_scale` from the ratio rows' corrections ``(..., J)``: ``(..., 16)``."""
@@ -319,12 +323,12 @@ class AdafacMLP(UpdateRule):
         :math:`1/(1-\\beta_v^t)` (0-d), the dense features' factors (:meth:`_feature_scale`) and the first layer's
         bias (:meth:`_first_bias`); for one count per tensor (``step`` ``(S,)``) each with a leading axis of S, each
         row computed as for its count alone (the same bits as a step of those tensors by themselves)."""
-        beta, decay = self.momentum_decay.squeeze(1), self.config.second_moment_decay
+        beta = self.momentum_decay.squeeze(1)
         if step.dim() == 0:
-            return 1.0 / (1.0 - decay**step), self._feature_scale(beta, step, like), self._first_bias(step)
+            return self._v_correction(step), self._feature_scale(beta, step, like), self._first_bias(step)
         # per distinct count, by the 0-d expressions (a vectorised pow or tanh may round differently)
         counts, index = torch.unique(step, return_inverse=True)
-        v_correction = torch.stack([1.0 / (1.0 - decay**count) for count in counts])[index]
+        v_correction = torch.stack([self._v_correction(count) for count in counts])[index]
         ratio = torch.stack([self._ratio_correction(beta, count) for count in counts])[index]
         if self.config.time_scales:
             bias = torch.stack([self._first_bias(count) for count in counts])[index]
@@ -711,7 +715,7 @@ class AdafacMLP(UpdateRule):
         names = [*(f"m{i}" for i in range(j)), "v"]
         new = {k: out_state[k] if out_state is not None else torch.empty_like(state[k]) for k in names}
         new["row"], new["col"] = (out_state["row"].copy_(row), out_state["col"].copy_(col)) if out_state else (row, col)
-        v_correction = float(1.0 / (1.0 - c.second_moment_decay**step))
+        v_correction = float(self._v_correction(step))
         block_rows = min(rows, max(1, self.block_coordinates(grad.device) // cols))
         blocks = [(r, min(r + block_rows, rows)) for r in range(0, rows, block_rows)]
 

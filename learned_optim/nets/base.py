@@ -275,9 +275,8 @@ class UpdateRule(nn.Module):
         as per tensor); rules override it with a segment reduction."""
         if type(self).tensor_stats is UpdateRule.tensor_stats:  # no statistics: skip k calls returning None
             return None
-        steps = (
-            [step[i] for i in range(len(segments))] if step.dim() > 0 else [step] * len(segments)
-        )  # per_tensor_steps
+        # each segment's step count (one per segment under per_tensor_steps)
+        steps = list(step) if step.dim() > 0 else [step] * len(segments)
         per_segment = [
             self.tensor_stats(grad[s], param[s], {k: v[s] for k, v in state.items()}, count)
             for s, count in zip(segments.slices(), steps, strict=True)
