@@ -14,13 +14,26 @@ import torch
 
 from ..hub import model_card, save_pretrained
 from ..nets.base import UpdateRule
-from .config import MetaTrainConfig
+from .config import MetaTrainConfig, UnrollConfig
 from .regularizers import parse_blocks
 
 if TYPE_CHECKING:
     from .trainer import MetaTrainer
 
 __all__ = ["meta_training_card", "run_metrics", "save_run_model"]
+
+
+def _inner_loop(unroll: UnrollConfig) -> str:
+    """The inner loop's lr, schedule and weight decay as a card line."""
+    if unroll.lr_range is not None:
+        lr = f"lr drawn log-uniformly in [{unroll.lr_range[0]:g}, {unroll.lr_range[1]:g}] per trajectory"
+    else:
+        lr = f"lr {unroll.lr:g}" if unroll.lr is not None else "the net's default lr"
+    if unroll.weight_decays is not None:
+        decay = f"weight decay drawn from {', '.join(f'{d:g}' for d in unroll.weight_decays)} per trajectory"
+    else:
+        decay = f"weight decay {unroll.weight_decay:g}"
+    return f"{lr}, `{unroll.schedule}` schedule, {decay} (decoupled, as AdamW's)"
 
 
 def meta_training_card(cfg: MetaTrainConfig, training: Mapping[str, Any], rule: UpdateRule) -> str:
@@ -60,6 +73,7 @@ def meta_training_card(cfg: MetaTrainConfig, training: Mapping[str, Any], rule: 
         + (f", gradient clipping {cfg.meta_optimizer.grad_clip:g}" if cfg.meta_optimizer.grad_clip else ""),
         f"- Objective: `{cfg.objective.kind}` on `{cfg.objective.split}` losses; segments of "
         f"{cfg.unroll.segment_length} steps",
+        f"- Inner loop: {_inner_loop(cfg.unroll)}",
         "",
     ]
     if training.get("parent"):

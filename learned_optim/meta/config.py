@@ -191,6 +191,12 @@ class UnrollConfig(_Section):
             :math:`\eta \cdot` :func:`~learned_optim.schedules.lr_factor` ``(schedule, t, T)``; ``"cosine"`` is the
             warm-up and cosine decay to 0 of the benchmark suite and of the checkpoints' recommended schedule,
             so the net meets in meta-training the small late steps it meets in use; ``"constant"``: :math:`\eta`.
+        weight_decay: the inner decoupled weight decay :math:`\lambda` of
+            :math:`\theta \leftarrow \theta (1 - \eta_t\lambda) + \eta_t\Delta` (AdamW's; default 0: no decay), used
+            when ``weight_decays`` is ``None`` and by the curriculum's evaluation runs.
+        weight_decays: each training trajectory draws its :math:`\lambda` uniformly from this list (e.g. ``[0,
+            0.01, 0.1, 0.3, 1]``: the user's weight decay stays outside the net, which then meets in meta-training
+            the decays it meets in use); ``None``: every trajectory uses ``weight_decay``.
     """
 
     trajectory_length: int = 100
@@ -202,6 +208,8 @@ class UnrollConfig(_Section):
     lr: float | None = None
     lr_range: list[float] | None = None
     schedule: str = "constant"
+    weight_decay: float = 0.0
+    weight_decays: list[float] | None = None
 
     def validate(self, where: str) -> None:
         if self.schedule not in SCHEDULES:
@@ -218,6 +226,12 @@ class UnrollConfig(_Section):
             raise ValueError(f"{where}: max_param_norm must be positive and finite, or null")
         if not (positive_finite(self.diverged_loss_factor) and self.diverged_loss_factor >= 1):
             raise ValueError(f"{where}: diverged_loss_factor must be finite and >= 1")
+        decays = [self.weight_decay] if self.weight_decays is None else list(self.weight_decays)
+        if not decays or not all(d == 0 or positive_finite(d) for d in decays):
+            raise ValueError(f"{where}: weight_decay and weight_decays must be finite and >= 0 (a non-empty list)")
+        top_lr = self.lr_range[1] if self.lr_range is not None else self.lr
+        if top_lr is not None and top_lr * max(decays) >= 1:  # theta (1 - lr wd) would flip or vanish
+            raise ValueError(f"{where}: lr {top_lr:g} x weight decay {max(decays):g} must be < 1")
 
 
 @dataclasses.dataclass

@@ -134,5 +134,6 @@ def imitation_unroll(
         extra={k: {s: v.detach() for s, v in st.items()} for k, st in teacher.items()},
         lr=trajectory.lr,
         horizon=trajectory.horizon,
+        weight_decay=trajectory.weight_decay,
     )
     return ImitationResult(loss=loss, train_losses=torch.tensor(train_losses, dtype=torch.float64), end=end)

@@ -250,6 +250,10 @@ class MetaTrainer:
         if lr_range is not None:  # this trajectory's inner lr, log-uniform in the range
             u = float(torch.rand((), generator=seeded_generator(derive_seed(self.config.seed, "lr", self.task_index))))
             self.trajectory.lr = math.exp(math.log(lr_range[0]) + u * (math.log(lr_range[1]) - math.log(lr_range[0])))
+        decays = self.config.unroll.weight_decays
+        if decays is not None:  # this trajectory's weight decay, one of the list
+            draw = seeded_generator(derive_seed(self.config.seed, "weight_decay", self.task_index))
+            self.trajectory.weight_decay = decays[int(torch.randint(len(decays), (), generator=draw))]
         self.data_generator = seeded_generator(derive_seed(self.config.seed, "data", self.task_index))
         self.trajectory_length = (
             self.curriculum.train_length if self.curriculum is not None else self.config.unroll.trajectory_length
@@ -291,6 +295,8 @@ class MetaTrainer:
         }
         if self.trajectory.lr is not None:
             metrics["inner_lr"] = self.trajectory.lr
+        if self.trajectory.weight_decay is not None:
+            metrics["inner_weight_decay"] = self.trajectory.weight_decay
         if self.trajectory_mode == "imitation":
             imitation = imitation_unroll(
                 self.rule,

@@ -5,11 +5,12 @@ A trajectory runs the learned update on one task instance from :math:`\theta_0`:
 .. math::
     g_t = \nabla_\theta f(\theta_{t-1}; B_t),\qquad
     (\Delta_t, s_t) = \mathrm{net}_\phi(g_t, \theta_{t-1}, s_{t-1}, t),\qquad
-    \theta_t = \theta_{t-1} + \eta\,\Delta_t
+    \theta_t = \theta_{t-1} (1 - \eta_t\lambda) + \eta_t\,\Delta_t
 
-with :math:`\eta` the trajectory's ``lr`` or the config's ``lr`` (default the rule's ``default_lr``: 1 for
-the nets whose step is learned, a real learning rate for ``adafac_mlp``), and the net applied to every
-parameter tensor as a flat ``(n,)`` view by :func:`learned_optim.functional.apply_rule` (the one
+with :math:`\eta_t` the trajectory's ``lr`` or the config's ``lr`` (default the rule's ``default_lr``: 1 for
+the nets whose step is learned, a real learning rate for ``adafac_mlp``) times the config's lr ``schedule``,
+:math:`\lambda` the trajectory's or the config's decoupled ``weight_decay`` (AdamW's; 0 by default), and the
+net applied to every parameter tensor as a flat ``(n,)`` view by :func:`learned_optim.functional.apply_rule` (the one
 differentiable step, shared with the runtime optimizer and :func:`learned_optim.adapt`; here with the
 weights :math:`\phi` as explicit inputs). The gradient :math:`g_t` is detached unless ``second_order`` is
 set, in which case the graph keeps :math:`\partial g_t/\partial\theta_{t-1}` and the meta-gradient is exact.
@@ -141,6 +142,8 @@ class Trajectory:
             the net's ``default_lr``); set per trajectory when meta-training samples it (``unroll.lr_range``).
         horizon: the trajectory's length :math:`T`, the horizon of the unroll config's lr ``schedule``
             (``None``: the config's ``trajectory_length``).
+        weight_decay: this trajectory's decoupled weight decay :math:`\lambda` (``None``: the unroll config's
+            ``weight_decay``); set per trajectory when meta-training samples it (``unroll.weight_decays``).
     """
 
     params: dict[str, Tensor]
@@ -153,6 +156,7 @@ class Trajectory:
     extra: StateDict = dataclasses.field(default_factory=dict)
     lr: float | None = None
     horizon: int | None = None
+    weight_decay: float | None = None
 
     def detached(self) -> Trajectory:
         return dataclasses.replace(
@@ -180,6 +184,7 @@ class Trajectory:
             "has_extra": bool(self.extra),
             "lr": self.lr,
             "horizon": self.horizon,
+            "weight_decay": self.weight_decay,
         }
         return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, meta
 
@@ -213,6 +218,7 @@ class Trajectory:
             extra=stores["extra"],
             lr=meta.get("lr"),
             horizon=meta.get("horizon"),
+            weight_decay=meta.get("weight_decay"),
         )
 
 
@@ -265,6 +271,11 @@ def step_lr(rule: UpdateRule, trajectory: Trajectory, config: UnrollConfig, t: i
     lr = trajectory.lr if trajectory.lr is not None else config.lr if config.lr is not None else rule.default_lr
     horizon = trajectory.horizon if trajectory.horizon is not None else config.trajectory_length
     return lr * lr_factor(config.schedule, t - 1, horizon)
+
+
+def step_weight_decay(trajectory: Trajectory, config: UnrollConfig) -> float:
+    """The decoupled weight decay :math:`\\lambda` of the trajectory's steps: its own, else the config's."""
+    return trajectory.weight_decay if trajectory.weight_decay is not None else config.weight_decay
 
 
 def task_loss_and_grad(
@@ -327,6 +338,7 @@ def unroll(
     initial_loss, last_loss, penalty = trajectory.initial_loss, trajectory.last_loss, trajectory.penalty
     diverged, diverged_at = trajectory.diverged, None
     step0 = trajectory.step
+    weight_decay = step_weight_decay(trajectory, cfg)
 
     def batch_of(split: str) -> Any:
         return to_device(task.batch(split, generator), device, dtype)
@@ -336,7 +348,7 @@ def unroll(
         with torch.set_grad_enabled(track_graph):
             deltas, new_state = apply_rule(rule, weights, grads, params, state, t)
             lr_t = step_lr(rule, trajectory, cfg, t)
-            new_params = {k: decoupled_update(params[k], deltas[k], lr_t) for k in params}
+            new_params = {k: decoupled_update(params[k], deltas[k], lr_t, weight_decay) for k in params}
         return loss, new_params, new_state, grads
 
     meta_losses: list[Tensor | float] = []
@@ -434,6 +446,7 @@ def unroll(
         extra=trajectory.extra,
         lr=trajectory.lr,
         horizon=trajectory.horizon,
+        weight_decay=trajectory.weight_decay,
     )
     return UnrollResult(
         losses=losses,

@@ -79,7 +79,13 @@ def pes_config(**changes):
     base = {
         "net": {"family": "adafac_mlp", "config": {"hidden_size": 4}},
         "estimator": {"kind": "pes", "num_pairs": 2, "sigma": 0.01},
-        "unroll": {"trajectory_length": 6, "segment_length": 3, "lr": 0.01, "lr_range": [0.003, 0.03]},
+        "unroll": {
+            "trajectory_length": 6,
+            "segment_length": 3,
+            "lr": 0.01,
+            "lr_range": [0.003, 0.03],
+            "weight_decays": [0.0, 0.1, 1.0],
+        },
     }
     return tiny_config(**{**base, **changes})
 
@@ -101,6 +107,9 @@ def test_pes_run_resumes_bit_for_bit(tmp_path, schedule):
     assert all("pes_loss_plus" in r for r in records)
     lrs = {r["meta_epoch"]: r["inner_lr"] for r in records}  # one inner lr per trajectory, kept across resume
     assert len(set(lrs.values())) == 4 and all(0.003 <= v <= 0.03 for v in lrs.values())
+    decays = {r["meta_epoch"]: r["inner_weight_decay"] for r in records}  # and one weight decay
+    assert len({(r["meta_epoch"], r["inner_weight_decay"]) for r in records}) == 4
+    assert set(decays.values()) <= {0.0, 0.1, 1.0} and len(set(decays.values())) > 1
     assert json.loads((cut_folder / "config.json").read_text())["family"] == "adafac_mlp"
     # the meta-gradient moved the net: PES is not a no-op
     initial = MetaTrainer(pes_config(), out_dir=tmp_path / "init", progress=False).rule.state_dict()

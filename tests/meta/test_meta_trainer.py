@@ -346,6 +346,9 @@ def test_checkpointed_random_state_includes_each_cuda_device(monkeypatch):
         ("estimator.sigma=.inf", "sigma positive and finite"),
         ("maml.inner_lr=.inf", "inner_lr must be positive and finite"),
         ("unroll.diverged_loss_factor=.inf", "diverged_loss_factor must be finite"),
+        ("unroll.weight_decay=-0.1", "weight_decay and weight_decays must be finite and >= 0"),
+        ("unroll.weight_decays=[0.1,.inf]", "weight_decay and weight_decays must be finite and >= 0"),
+        ("unroll.weight_decays=[]", "a non-empty list"),
         ("regularizers=[{kind: sam, weight: 1, rho: .inf}]", "rho must be positive and finite"),
         ("regularizers=[{kind: gsam, weight: 1, alpha: .inf}]", "finite alpha"),
         ("regularizers=[{kind: local_entropy, weight: 1, lr: -0.1}]", "finite lr > 0"),
@@ -358,6 +361,19 @@ def test_config_values_out_of_range_or_infinite_are_refused_at_load(override, me
 
     with pytest.raises(ValueError, match=message):
         load_config(resolve_config_path("smoke"), [override])
+
+
+def test_an_inner_lr_times_weight_decay_of_one_or_more_is_refused():
+    """theta (1 - lr wd) flips sign or vanishes at lr wd >= 1: refused at load for the top of the lr range."""
+    from learned_optim.meta.config import resolve_config_path
+
+    smoke = resolve_config_path("smoke")
+    fine = load_config(smoke, ["unroll.lr_range=[0.001,0.1]", "unroll.weight_decays=[0.0,9.0]"])
+    assert fine.unroll.weight_decays == [0.0, 9.0]
+    with pytest.raises(ValueError, match="lr 0.1 x weight decay 10 must be < 1"):
+        load_config(smoke, ["unroll.lr_range=[0.001,0.1]", "unroll.weight_decays=[0.0,10.0]"])
+    with pytest.raises(ValueError, match="lr 0.5 x weight decay 2 must be < 1"):
+        load_config(smoke, ["unroll.lr=0.5", "unroll.weight_decay=2.0"])
 
 
 def test_a_meta_step_that_makes_the_weights_non_finite_stops_the_run(tmp_path):

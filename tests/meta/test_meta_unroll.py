@@ -177,11 +177,35 @@ def test_the_inner_lr_schedule_scales_each_step(horizon):
         UnrollConfig(schedule="linear").validate("unroll")
 
 
-def test_a_trajectory_keeps_its_lr_and_horizon_through_a_checkpoint():
+def test_a_trajectory_keeps_its_lr_horizon_and_weight_decay_through_a_checkpoint():
     _, _, trajectory = make("mlp")
-    trajectory.lr, trajectory.horizon = 0.02, 300
+    trajectory.lr, trajectory.horizon, trajectory.weight_decay = 0.02, 300, 0.3
     back = Trajectory.from_tensors("t", *trajectory.to_tensors("t"), device="cpu")
-    assert (back.lr, back.horizon) == (0.02, 300)
+    assert (back.lr, back.horizon, back.weight_decay) == (0.02, 300, 0.3)
+
+
+def test_inner_weight_decay_is_decoupled_as_adamw():
+    """``unroll.weight_decay`` (or the trajectory's own): each step is theta (1 - lr wd) + lr delta, AdamW's
+    decoupled decay, with delta the net's output at the undecayed theta; the trajectory's value wins."""
+    rule, task, trajectory = make("adafac_mlp", hidden_size=4)
+    trajectory.lr = 0.05
+    config = UnrollConfig(weight_decay=0.5)
+    result = unroll(rule, None, task, trajectory, 3, generator=torch.Generator().manual_seed(1), config=config)
+    params, state = dict(trajectory.params), trajectory.opt_state
+    for t in range(1, 4):
+        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        loss = task.loss(leaves, task.batch("train", None))
+        grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values())), strict=True))
+        with torch.no_grad():
+            deltas, state = apply_rule(rule, None, grads, leaves, state, t)
+            params = {k: leaves[k] * (1 - 0.05 * 0.5) + 0.05 * deltas[k] for k in leaves}
+    torch.testing.assert_close(result.end.params["x"], params["x"])
+    plain = unroll(rule, None, task, trajectory, 3, generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(plain.end.params["x"], params["x"])
+    own = dataclasses.replace(trajectory, weight_decay=0.5)  # the trajectory's decay over the config's 0
+    again = unroll(rule, None, task, own, 3, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(again.end.params["x"], result.end.params["x"], rtol=0, atol=0)
+    assert again.end.weight_decay == 0.5
 
 
 def test_train_by_validation_losses_use_the_val_batch():
