@@ -123,21 +123,29 @@ def test_step_checkpointing_gives_the_same_meta_gradient(second_order):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
-def test_unroll_applies_the_shared_update_and_tracks_the_trajectory():
-    rule, task, trajectory = make("mlp")
-    weights = dict(rule.named_parameters())
-    result = unroll(rule, weights, task, trajectory, 3, generator=torch.Generator().manual_seed(0), keep_points=True)
-    # replay by hand with apply_rule (the same functional_update) and plain autograd gradients
-    params = {k: v.clone() for k, v in trajectory.params.items()}
-    state = trajectory.opt_state
-    for t in range(1, 4):
+def replay(rule, task, trajectory, steps, lr=1.0, weight_decay=0.0):
+    """The trajectory's points stepped by hand: apply_rule (the same functional_update) on plain autograd
+    gradients of the (fixed-batch) task, theta (1 - lr wd) + lr delta."""
+    params, state, points = {k: v.clone() for k, v in trajectory.params.items()}, trajectory.opt_state, []
+    for t in range(1, steps + 1):
         leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
         loss = task.loss(leaves, task.batch("train", None))
         grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values())), strict=True))
         with torch.no_grad():
             deltas, state = apply_rule(rule, None, grads, leaves, state, t)
-            params = {k: leaves[k] + deltas[k] for k in leaves}
-        torch.testing.assert_close(result.points[t - 1]["x"].detach(), params["x"])
+            params = {k: leaves[k] * (1 - lr * weight_decay) + lr * deltas[k] for k in leaves}
+        points.append(params)
+    return points
+
+
+def test_unroll_applies_the_shared_update_and_tracks_the_trajectory():
+    rule, task, trajectory = make("mlp")
+    weights = dict(rule.named_parameters())
+    result = unroll(rule, weights, task, trajectory, 3, generator=torch.Generator().manual_seed(0), keep_points=True)
+    points = replay(rule, task, trajectory, 3)
+    for point, params in zip(result.points, points, strict=True):
+        torch.testing.assert_close(point["x"].detach(), params["x"])
+    params = points[-1]
     assert result.end.step == 3 and len(result.losses) == 3
     torch.testing.assert_close(result.losses[-1].detach(), task.loss(params, task.batch("train", None)))
     assert result.losses.requires_grad and not result.end.params["x"].requires_grad
@@ -191,14 +199,7 @@ def test_inner_weight_decay_is_decoupled_as_adamw():
     trajectory.lr = 0.05
     config = UnrollConfig(weight_decay=0.5)
     result = unroll(rule, None, task, trajectory, 3, generator=torch.Generator().manual_seed(1), config=config)
-    params, state = dict(trajectory.params), trajectory.opt_state
-    for t in range(1, 4):
-        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        loss = task.loss(leaves, task.batch("train", None))
-        grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values())), strict=True))
-        with torch.no_grad():
-            deltas, state = apply_rule(rule, None, grads, leaves, state, t)
-            params = {k: leaves[k] * (1 - 0.05 * 0.5) + 0.05 * deltas[k] for k in leaves}
+    params = replay(rule, task, trajectory, 3, lr=0.05, weight_decay=0.5)[-1]
     torch.testing.assert_close(result.end.params["x"], params["x"])
     plain = unroll(rule, None, task, trajectory, 3, generator=torch.Generator().manual_seed(1))
     assert not torch.allclose(plain.end.params["x"], params["x"])
