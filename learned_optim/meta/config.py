@@ -196,7 +196,8 @@ class UnrollConfig(_Section):
             when ``weight_decays`` is ``None`` and by the curriculum's evaluation runs.
         weight_decays: each training trajectory draws its :math:`\lambda` uniformly from this list (e.g. ``[0,
             0.01, 0.1, 0.3, 1]``: the user's weight decay stays outside the net, which then meets in meta-training
-            the decays it meets in use); ``None``: every trajectory uses ``weight_decay``.
+            the decays it meets in use); ``None``: every trajectory uses ``weight_decay``. Imitation segments
+            follow their teacher's own step, without decay.
     """
 
     trajectory_length: int = 100
