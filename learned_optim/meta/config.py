@@ -227,8 +227,9 @@ class UnrollConfig(_Section):
             raise ValueError(f"{where}: max_param_norm must be positive and finite, or null")
         if not (positive_finite(self.diverged_loss_factor) and self.diverged_loss_factor >= 1):
             raise ValueError(f"{where}: diverged_loss_factor must be finite and >= 1")
-        decays = [self.weight_decay] if self.weight_decays is None else list(self.weight_decays)
-        if not decays or not all(d == 0 or positive_finite(d) for d in decays):
+        # weight_decay is used even with a list (the curriculum's evaluation runs): both are checked
+        decays = [self.weight_decay, *(self.weight_decays or [])]
+        if self.weight_decays == [] or not all(d == 0 or positive_finite(d) for d in decays):
             raise ValueError(f"{where}: weight_decay and weight_decays must be finite and >= 0 (a non-empty list)")
         top_lr = self.lr_range[1] if self.lr_range is not None else self.lr
         if top_lr is not None and top_lr * max(decays) >= 1:  # theta (1 - lr wd) would flip or vanish

@@ -374,6 +374,11 @@ def test_an_inner_lr_times_weight_decay_of_one_or_more_is_refused():
         load_config(smoke, ["unroll.lr_range=[0.001,0.1]", "unroll.weight_decays=[0.0,10.0]"])
     with pytest.raises(ValueError, match="lr 0.5 x weight decay 2 must be < 1"):
         load_config(smoke, ["unroll.lr=0.5", "unroll.weight_decay=2.0"])
+    # weight_decay still steps the curriculum's evaluation runs when a list is given: checked too
+    with pytest.raises(ValueError, match="must be finite and >= 0"):
+        load_config(smoke, ["unroll.weight_decays=[0.1]", "unroll.weight_decay=-1.0"])
+    with pytest.raises(ValueError, match="lr 0.1 x weight decay 20 must be < 1"):
+        load_config(smoke, ["unroll.lr_range=[0.001,0.1]", "unroll.weight_decays=[0.1]", "unroll.weight_decay=20.0"])
 
 
 def test_a_meta_step_that_makes_the_weights_non_finite_stops_the_run(tmp_path):
