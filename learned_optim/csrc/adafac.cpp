@@ -162,14 +162,16 @@ inline void features(const Inputs& p, const Span& s, const StateUpdate* update, 
 }
 
 // out[0..K) = the sums over the tensor of the squares of the K vectors fn(span, x) writes per span (lanes past
-// the span's count excluded), deterministic whatever `threads` (see the top of this file).
-template <int K, class Fn>
+// the span's count excluded), deterministic whatever `threads` (see the top of this file). Vector WIDE (if any) is
+// squared and summed in double lanes: the second moment v ~ g^2, whose square leaves float's range from |g| ~ 4e9.
+template <int K, int WIDE = -1, class Fn>
 void sum_squares(const Geometry& geo, double* out, int threads, Fn fn) {
     constexpr int k = K;
     const int64_t blocks = geo.blocks();
     std::vector<double> partial(static_cast<size_t>(blocks * k), 0.0);
     parallel_rows(blocks, threads, [&](int64_t begin, int64_t end) {
         vf x[K], acc[K];
+        vd wide{};
         for (int64_t b = begin; b < end; ++b) {
             double* sums = partial.data() + b * k;
             int pending = 0;
@@ -180,6 +182,12 @@ void sum_squares(const Geometry& geo, double* out, int threads, Fn fn) {
                     sums[f] += total;
                     acc[f] = vf{};
                 }
+                if constexpr (WIDE >= 0) {
+                    double total = 0.0;
+                    for (int i = 0; i < L; ++i) total += wide[i];
+                    sums[WIDE] += total;
+                    wide = vd{};
+                }
                 pending = 0;
             };
             for (int f = 0; f < k; ++f) acc[f] = vf{};
@@ -188,7 +196,12 @@ void sum_squares(const Geometry& geo, double* out, int threads, Fn fn) {
                 if (s.count < L)
                     for (int f = 0; f < k; ++f) x[f] = keep_first(x[f], s.count);
 #pragma GCC unroll 40
-                for (int f = 0; f < k; ++f) acc[f] += x[f] * x[f];
+                for (int f = 0; f < k; ++f)
+                    if (f != WIDE) acc[f] += x[f] * x[f];
+                if constexpr (WIDE >= 0) {
+                    const vd w = widen(x[WIDE]);
+                    wide += w * w;
+                }
                 if (++pending == FLUSH) flush();
             });
             flush();
@@ -284,7 +297,7 @@ int state_sumsq(int64_t rows, int64_t cols, int j, const float* grad, const floa
     const StateUpdate update{m_out, v_out, beta, beta_v};
     return with_momenta(j, [&](auto momenta) {
         constexpr int J = decltype(momenta)::value;
-        sum_squares<4 + 4 * J>(p.geo, out, threads,
+        sum_squares<4 + 4 * J, 2 + J>(p.geo, out, threads,
                                [&](const Span& s, vf* u) LO_INLINE_SPAN { features<J>(p, s, &update, u); });
         return 0;
     });
@@ -351,27 +364,34 @@ int direction_pass(int64_t rows, int64_t cols, int j, const float* grad, const f
 // sums[k], sums[K + k], sums[2K + k] = the sums over the rows of x, x^2 and 1/(x + eps) (a row statistic, its
 // square and the square of its feature rsqrt(x + eps)) for x = stats[r K + k], the (rows, K) statistics
 // row-major. K vectors cover K L consecutive floats, lane i of vector q always holding statistic (q L + i) mod K:
-// float lanes flushed into double every FLUSH groups, one thread (deterministic).
+// float lanes flushed into double every FLUSH groups, one thread (deterministic); x^2 (x ~ g^2) in double lanes.
 void row_feature_sums(const float* stats, int64_t rows, int K, float eps, double* sums) {
-    vf acc[3][MAX_J] = {};
+    vf values[MAX_J] = {}, rsqrt_squares[MAX_J] = {};
+    vd squares[MAX_J] = {};
     const int64_t total = rows * K, group = static_cast<int64_t>(K) * L;
     std::fill(sums, sums + 3 * K, 0.0);
     int pending = 0;
     auto flush = [&] {
-        for (int q = 0; q < K; ++q)
-            for (int i = 0; i < L; ++i)
-                for (int f = 0; f < 3; ++f) sums[f * K + (q * L + i) % K] += acc[f][q][i];
-        for (auto& per : acc)
-            for (int q = 0; q < K; ++q) per[q] = vf{};
+        for (int q = 0; q < K; ++q) {
+            for (int i = 0; i < L; ++i) {
+                const int k = (q * L + i) % K;
+                sums[k] += values[q][i];
+                sums[K + k] += squares[q][i];
+                sums[2 * K + k] += rsqrt_squares[q][i];
+            }
+            values[q] = rsqrt_squares[q] = vf{};
+            squares[q] = vd{};
+        }
         pending = 0;
     };
     int64_t p = 0;
     for (; p + group <= total; p += group) {
         for (int q = 0; q < K; ++q) {
             const vf x = load(stats + p + q * L), y = 1.0f / sqrt_v(x + eps);
-            acc[0][q] += x;
-            acc[1][q] += x * x;
-            acc[2][q] += y * y;
+            const vd w = widen(x);
+            values[q] += x;
+            squares[q] += w * w;
+            rsqrt_squares[q] += y * y;
         }
         if (++pending == FLUSH) flush();
     }
@@ -380,9 +400,27 @@ void row_feature_sums(const float* stats, int64_t rows, int K, float eps, double
         const float x = stats[p], y = 1.0f / std::sqrt(x + eps);
         const int k = static_cast<int>(p % K);
         sums[k] += x;
-        sums[K + k] += x * x;
+        sums[K + k] += static_cast<double>(x) * x;
         sums[2 * K + k] += y * y;
     }
+}
+
+// The factor q / sqrt(q^2 ms + eps) that normalises a feature of scale q and mean square ms over its tensor, in
+// double (ms of a feature ~ g^2 is past float's range where the factor is not), rounded to float.
+inline float normaliser(float q, double ms, float eps) {
+    const double scale = q;
+    return static_cast<float>(scale / std::sqrt(scale * scale * ms + static_cast<double>(eps)));
+}
+
+// a + alpha b rounded as ATen's add_(b, alpha=alpha) rounds it: one fused multiply-add where the build has them (ATen's
+// CPU kernels use FMA there), else two roundings. Explicit, so that the compiler's contraction cannot fuse the product
+// inside a instead (a bf16 parameter updated here and by the Python update then rounded differently).
+inline float add_scaled(float a, float alpha, float b) {
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+    return std::fma(alpha, b, a);
+#else
+    return a + alpha * b;
+#endif
 }
 
 // A growable float buffer whose contents start undefined (std::vector would zero every float on each resize).
@@ -509,8 +547,7 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
                 float row_norm[2 * MAX_J], col_norm[2 * MAX_J];
                 double row_sums[3 * MAX_J];
                 row_feature_sums(row_new, rows, K, factored_rsqrt_eps, row_sums);
-                for (int f = 0; f < NR; ++f)
-                    row_norm[f] = 1.0f / std::sqrt(static_cast<float>(row_sums[K + f] / rows) + feature_rms_eps);
+                for (int f = 0; f < NR; ++f) row_norm[f] = normaliser(1.0f, row_sums[K + f] / rows, feature_rms_eps);
                 for (int k = 0; k < K; ++k) {
                     const float mean = static_cast<float>(row_sums[k] / rows);
                     for (int64_t r = 0; r < rows; ++r) row_factor[k * rows + r] = 1.0f / std::sqrt(row_new[r * K + k] / mean);
@@ -525,7 +562,7 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
                     const float* x = col_features.data() + f * cols;
                     double squares = 0.0;
                     for (int64_t c = 0; c < cols; ++c) squares += static_cast<double>(x[c]) * x[c];
-                    col_norm[f] = 1.0f / std::sqrt(static_cast<float>(squares / cols) + feature_rms_eps);
+                    col_norm[f] = normaliser(1.0f, squares / cols, feature_rms_eps);
                 }
                 const float* ms_[MAX_J];
                 float* ms_out[MAX_J];
@@ -537,14 +574,12 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
                 if (status) return status;
                 // the first layer with the per-tensor normalisation folded in: the dense features' weights (H, F), the
                 // row features' weights (H, 2K) and the column term (H, cols)
-                float dense_ms[4 + 4 * MAX_J], w_rows[MAX_H][2 * MAX_J];
+                float dense_norm[4 + 4 * MAX_J], w_rows[MAX_H][2 * MAX_J];
                 std::vector<float> w1_dense(static_cast<size_t>(H * F)), col_term(static_cast<size_t>(HP * cols), 0.0f);
-                for (int f = 0; f < F; ++f) dense_ms[f] = static_cast<float>(sums[f] / static_cast<double>(n));
+                for (int f = 0; f < F; ++f) dense_norm[f] = normaliser(q[f], sums[f] / static_cast<double>(n), feature_rms_eps);
                 for (int h = 0; h < H; ++h) {
                     const float* wh = w1 + h * KIN;
-                    for (int f = 0; f < F; ++f) {
-                        w1_dense[h * F + f] = wh[f] * (q[f] / std::sqrt(q[f] * q[f] * dense_ms[f] + feature_rms_eps));
-                    }
+                    for (int f = 0; f < F; ++f) w1_dense[h * F + f] = wh[f] * dense_norm[f];
                     float* ct = col_term.data() + h * cols;
                     for (int f = 0; f < NR; ++f) {
                         w_rows[h][f] = wh[F + f] * row_norm[f];
@@ -595,14 +630,15 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
                     sumsq += block_sumsq;
                 }
                 float scale = -step_scales[s];
-                if (adam_index >= 0) scale *= q[adam_index] * std::sqrt(dense_ms[adam_index]);
+                if (adam_index >= 0)
+                    scale *= q[adam_index] * static_cast<float>(std::sqrt(sums[adam_index] / static_cast<double>(n)));
                 if (normalize)
                     scale *= 1.0f / std::sqrt(static_cast<float>(sumsq / static_cast<double>(n)) + direction_rms_eps);
                 if (param_out != nullptr) {
                     // the factors rounded to float once, as ATen's in-place mul_ and add_ of the Python update round them
                     const float keep = static_cast<float>(1.0 - lr * weight_decay), rate = static_cast<float>(lr);
                     float* out = param_out[s];
-                    for (int64_t i = 0; i < n; ++i) out[i] = theta[i] * keep + rate * (scale * d[i]);
+                    for (int64_t i = 0; i < n; ++i) out[i] = add_scaled(theta[i] * keep, rate, scale * d[i]);
                 } else {
                     for (int64_t i = 0; i < n; ++i) d[i] *= scale;
                 }

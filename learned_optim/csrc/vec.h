@@ -54,6 +54,9 @@ typedef int32_t vi __attribute__((vector_size(4 * L)));
 // a in every lane (a - (+0) is a for every float, -0 included, so the compiler drops the subtraction; vf{} + a would
 // keep an add, since it makes a -0 into +0)
 inline vf splat(float a) { return a - vf{}; }
+// The lanes of a vf in double (two registers): squares and sums past float's range (a square of more than 1.8e19).
+typedef double vd __attribute__((vector_size(8 * L)));
+inline vd widen(vf x) { return __builtin_convertvector(x, vd); }
 
 // Four-float vectors (one SSE/NEON register), for the AVX2 build's four-unit tails.
 typedef float vf4 __attribute__((vector_size(16)));

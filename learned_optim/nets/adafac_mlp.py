@@ -59,6 +59,12 @@ class AdafacMLPConfig(NetConfig):
     adam_feature_decay: float = 0.9
 
 
+def mean_squares(x: Tensor, dim: int) -> Tensor:
+    """The mean of :math:`x^2` along ``dim``, in float64 (the row and column features :math:`r_k, c_k \\sim g^2` have
+    squares past float32's range from :math:`|g| \\approx 10^9` on)."""
+    return x.double().square().mean(dim=dim)
+
+
 def mup_scale(shape: Sequence[int], base_fan_in: int) -> float:
     r"""The per-tensor μP step scale of a parameter of ``shape``.
 
@@ -376,9 +382,9 @@ class AdafacMLP(UpdateRule):
         blocks, scale, row_features, col_features, new_state = self.features(grad, param, state, step, shape)
         dense = torch.cat(blocks)  # (16, n)
         # Mean square of each feature over the tensor (a row/column feature repeats over its row/column).
-        dense_ms = torch.linalg.vector_norm(dense, dim=1).square() / n
+        dense_ms = self._dense_sum_squares(dense) / n
         weight, row_weight, col_weight, bias = self._first_layer(
-            dense_ms, scale, row_features.square().mean(dim=1), col_features.square().mean(dim=1), step
+            dense_ms, scale, mean_squares(row_features, dim=1), mean_squares(col_features, dim=1), step
         )
         row_term = torch.addmm(bias.unsqueeze(1), row_weight, row_features)  # (H, rows)
         col_term = col_weight @ col_features  # (H, cols)
@@ -398,11 +404,27 @@ class AdafacMLP(UpdateRule):
         return -self.step_scale(shape) * self._magnitude(dense_ms, scale) * direction, new_state
 
     def _magnitude(self, dense_ms: Tensor, scale: Tensor) -> Tensor | float:
-        """The per-tensor step magnitude :math:`a` (``step_magnitude``) from the dense rows' mean squares."""
+        """The per-tensor step magnitude :math:`a` (``step_magnitude``) from the dense rows' mean squares (float64;
+        ``scale``'s dtype out)."""
         if self.config.step_magnitude == "unit":
             return 1.0
         i = self.adam_feature_index  # RMS of the bias-corrected m_j / sqrt(v_hat + eps): Adam's step
-        return scale[i] * dense_ms[i].sqrt()
+        return scale[i] * dense_ms[i].sqrt().to(scale.dtype)
+
+    @property
+    def v_feature_index(self) -> int:
+        """Row of the second moment :math:`v` among the dense features."""
+        return 2 + len(self.config.momentum_decays)
+
+    def _dense_sum_squares(self, dense: Tensor) -> Tensor:
+        r"""The dense rows' sums of squares along the last axis of ``dense`` (``(16, ..., n)``), in float64. The second
+        moment's row is squared in float64: :math:`v \sim g^2`, so :math:`\sum v^2 \sim n g^4` leaves float32's range
+        from :math:`|g| \approx 10^9` on; the other rows' float norms, whose squares :math:`\sum u^2` stay in it up to
+        :math:`n g^2 \approx 10^{38}`, are squared in float64."""
+        i = self.v_feature_index
+        v = torch.linalg.vector_norm(dense[i], dim=-1, dtype=torch.float64).unsqueeze(0)
+        norms = [torch.linalg.vector_norm(dense[:i], dim=-1), v, torch.linalg.vector_norm(dense[i + 1 :], dim=-1)]
+        return torch.cat([x.double() for x in norms]).square()
 
     def _first_layer(
         self, dense_ms: Tensor, scale: Tensor, row_ms: Tensor, col_ms: Tensor, step: Tensor
@@ -419,14 +441,21 @@ class AdafacMLP(UpdateRule):
         first layer's pre-activation is ``dense_weight @ dense + (row_weight @ row_features + bias)[:, r] +
         (col_weight @ col_features)[:, c]`` at coordinate ``(r, c)``.
         """
-        c = self.config
         first = self.mlp[0]
         assert isinstance(first, nn.Linear)
         k, d, nr = self.num_coordinate_features, scale.shape[0], row_ms.shape[0]
         ms = torch.cat([dense_ms, row_ms, col_ms])
-        factor = torch.cat([scale, torch.ones_like(ms[d:])])
-        weight = first.weight[:, :k] * (factor * torch.rsqrt(factor.square() * ms + c.feature_rms_eps))
+        factor = torch.cat([scale, torch.ones_like(scale[:1]).expand(ms.shape[0] - d)])
+        weight = first.weight[:, :k] * self._normaliser(factor, ms)
         return weight[:, :d], weight[:, d : d + nr], weight[:, d + nr :], self._first_bias(step)
+
+    def _normaliser(self, factor: Tensor, ms: Tensor) -> Tensor:
+        r""":math:`z = q / \sqrt{q^2 \overline{u^2} + \epsilon_u}`, the factor that turns a raw feature into its
+        per-tensor normalised value (``factor`` :math:`q`: the raw row's scale, ``ms`` its mean square
+        :math:`\overline{u^2}`), computed in float64 (a mean square of a feature of scale :math:`g^2` is past
+        float32's range where :math:`z` is not) and rounded to ``factor``'s dtype."""
+        q = factor.double()
+        return (q * torch.rsqrt(q.square() * ms + self.config.feature_rms_eps)).to(factor.dtype)
 
     @torch.no_grad()
     def _packed_forward(
@@ -489,7 +518,7 @@ class AdafacMLP(UpdateRule):
         k, nr = self.num_coordinate_features, row_features.shape[0]
         bias = self._first_bias(step)
         phi = grad.new_empty(j, grad.shape[0])
-        row_rms, col_rms = grad.new_empty(nr, len(shapes)), grad.new_empty(nr, len(shapes))
+        row_rms, col_rms = (grad.new_empty(nr, len(shapes), dtype=torch.float64) for _ in range(2))
         for run in layout.runs:
             n, rows, cols = run.count, run.rows, run.cols
             row_factor, col_factor = factored_rsqrt_factors(
@@ -500,24 +529,26 @@ class AdafacMLP(UpdateRule):
                 col_factor.permute(2, 0, 1).unsqueeze(2),
                 out=phi[:, run.a : run.b].view(j, n, rows, cols),
             )
-            out = row_rms[:, run.s0 : run.s1]
-            torch.linalg.vector_norm(row_features[:, run.r0 : run.r1].view(nr, n, rows), dim=2, out=out)
-            out = col_rms[:, run.s0 : run.s1]
-            torch.linalg.vector_norm(col_features[:, run.c0 : run.c1].view(nr, n, cols), dim=2, out=out)
+            wide = torch.float64  # the row and column features ~ g^2: squares past float32's range
+            row_view = row_features[:, run.r0 : run.r1].view(nr, n, rows)
+            torch.linalg.vector_norm(row_view, dim=2, dtype=wide, out=row_rms[:, run.s0 : run.s1])
+            col_view = col_features[:, run.c0 : run.c1].view(nr, n, cols)
+            torch.linalg.vector_norm(col_view, dim=2, dtype=wide, out=col_rms[:, run.s0 : run.s1])
         counts = layout.counts(grad)
         # each row/column feature over its RMS on the tensor (a row feature repeats over the row's columns)
-        row_norm = torch.rsqrt(row_rms.square() / counts[1] + c.feature_rms_eps)
-        col_norm = torch.rsqrt(col_rms.square() / counts[2] + c.feature_rms_eps)
+        ones = grad.new_ones(1, 1)
+        row_norm = self._normaliser(ones, row_rms.square() / counts[1])
+        col_norm = self._normaliser(ones, col_rms.square() / counts[2])
         # one step count, or each row its tensor's (padding rows count 1, where the correction is finite)
         row_step = step if step.dim() == 0 else segments.expand(step, padding=1.0)
         ratio, rsqrt = rsqrt_features(m, bias_corrected(v, c.second_moment_decay, row_step).unsqueeze(0), c.moment_eps)
         dense = torch.cat([grad.unsqueeze(0), param.unsqueeze(0), m, v.unsqueeze(0), ratio, rsqrt, grad * phi, m * phi])
-        dense_rms = grad.new_empty(d, len(shapes))
+        dense_ms = grad.new_empty(d, len(shapes), dtype=torch.float64)
         for run in layout.runs:
             per_tensor = dense[:, run.a : run.b].view(d, run.count, -1)
-            torch.linalg.vector_norm(per_tensor, dim=2, out=dense_rms[:, run.s0 : run.s1])
-        dense_ms = dense_rms.square() / counts[0]  # (16, S): each feature's mean square over its tensor
-        normaliser = scale * torch.rsqrt(scale.square() * dense_ms + c.feature_rms_eps)  # (16, S)
+            dense_ms[:, run.s0 : run.s1] = self._dense_sum_squares(per_tensor)
+        dense_ms /= counts[0]  # (16, S): each feature's mean square over its tensor
+        normaliser = self._normaliser(scale, dense_ms)  # (16, S)
         row_weight, col_weight = first.weight[:, d : d + nr], first.weight[:, d + nr : k]
         x = grad.new_empty(hidden, grad.shape[0])
         if segments.rows > layout.coordinates:
@@ -550,7 +581,7 @@ class AdafacMLP(UpdateRule):
         direction = x.squeeze(0)
         step_scale = -layout.step_scales(self.step_scale, grad)
         if c.step_magnitude == "adam":
-            step_scale = step_scale * scale[self.adam_feature_index] * dense_ms[self.adam_feature_index].sqrt()
+            step_scale = step_scale * self._magnitude(dense_ms, scale)
         if c.normalize_direction:
             direction_rms = grad.new_empty(len(shapes))
             for run in layout.runs:
@@ -734,7 +765,7 @@ class AdafacMLP(UpdateRule):
             chunk_rows = min(rows, block_rows * self.sums_block_factor)
             scratch = grad.new_empty(2, chunk_rows * cols)
             e2 = col_factor.square()  # phi_k^2 = a2[k, r] e2[k, c]
-            sums = grad.new_zeros(4 + 4 * j)
+            sums = grad.new_zeros(4 + 4 * j, dtype=torch.float64)
             for r0 in range(0, rows, chunk_rows):
                 r1 = min(r0 + chunk_rows, rows)
                 a, b = r0 * cols, r1 * cols
@@ -756,8 +787,10 @@ class AdafacMLP(UpdateRule):
                     ratio.append(torch.dot(square, w))
                     # all K rows of a2 in one product: as cheap as one (it reads M_i^2 once), no strided a2[i]
                     mphi.append(torch.dot(torch.mm(a2, square.view(r1 - r0, cols))[i], e2[i]))
-                plain = [torch.dot(x, x) for x in (g, param[a:b], *m_new, v_new)]
-                sums += torch.cat([torch.stack([*plain, *ratio, w.sum()]), gphi, torch.stack(mphi)])
+                plain = torch.stack([torch.dot(x, x) for x in (g, param[a:b], *m_new)])
+                v_squares = torch.linalg.vector_norm(v_new, dtype=torch.float64).square().unsqueeze(0)
+                rest = torch.cat([torch.stack([*ratio, w.sum()]), gphi, torch.stack(mphi)])
+                sums += torch.cat([plain.double(), v_squares, rest.double()])
             return sums
 
         def direction_and_sum_squares() -> tuple[Tensor, Tensor]:
@@ -800,8 +833,8 @@ class AdafacMLP(UpdateRule):
         sums = state_and_sums()
         scale, col_features = self._feature_scale(beta, step, grad), self._factored_features(col)
         # the row features' mean squares without making them: r_k^2 and (r_k + eps)^-1, over the rows
-        row_ms = torch.cat([row.square().mean(dim=0), row.add(c.factored_rsqrt_eps).reciprocal_().mean(dim=0)])
-        col_ms = col_features.square().mean(dim=1)
+        row_ms = torch.cat([mean_squares(row, dim=0), row.add(c.factored_rsqrt_eps).reciprocal_().double().mean(dim=0)])
+        col_ms = mean_squares(col_features, dim=1)
         weight, row_weight, col_weight, bias = self._first_layer(sums / n, scale, row_ms, col_ms, step)
         col_term = col_weight @ col_features  # (H, cols)
         hidden = self.config.hidden_size

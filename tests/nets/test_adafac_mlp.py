@@ -312,3 +312,48 @@ def test_inference_blocks_are_large_on_an_accelerator():
     assert (
         rule.block_coordinates(torch.device("cuda")) == rule.accelerator_coordinate_block >= 16 * rule.coordinate_block
     )
+
+
+class _PerTensor(LearnedOptimizer):
+    """No packs: every small tensor takes the one-shot path, every large one the blocked path (or the kernel)."""
+
+    def _plan_packs(self, params):
+        return [], params
+
+
+@pytest.mark.parametrize("path", ["aten-packed", "aten-per-tensor", "kernel"])
+@pytest.mark.parametrize("scale", [1.0, 1e10, 1e15])
+def test_every_path_keeps_the_step_at_extreme_gradient_scales(scale, path):
+    """Gradients up to 1e15: the second moment and the row/column statistics (~g^2) have mean squares of up to
+    ~1e60, past float32's range, yet each feature's normaliser (~1 / g^2) is an ordinary float. Every path (the
+    one-shot and blocked ATen steps, the packed one, the native kernel) takes the steps of a float64 run of the
+    same optimizer to float32's precision: a pack of small tensors, a (300, 300) matrix and a (70000,) vector above
+    the blocked path's bound, three steps. (The ATen paths sum g^2 over a tensor in float32: their range ends where
+    that sum overflows, n g^2 ~ 3e38; the kernel's sums are in double.)"""
+    if path == "kernel" and not kernels.available():
+        pytest.skip(f"native kernels unavailable: {kernels.build_error()}")
+    torch.manual_seed(0)
+    rule = AdafacMLP(step_magnitude="adam", mup=False)
+    with torch.no_grad():  # every feature matters (the Adam init reads one): random weights and biases
+        for weight in rule.parameters():
+            weight.normal_(0.0, 0.5)
+    shapes = [(64, 32), (32,), (16, 8), (300, 300), (70_000,)]
+    gen = torch.Generator().manual_seed(1)
+    start = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    grads = [[torch.randn(s, generator=gen, dtype=torch.float64) * scale for s in shapes] for _ in range(3)]
+    moved = {}
+    cls = _PerTensor if path == "aten-per-tensor" else LearnedOptimizer
+    for dtype in (torch.float64, torch.float32):
+        twin = AdafacMLP(rule.config).to(dtype)
+        twin.load_state_dict(rule.state_dict())
+        params = [nn.Parameter(x.to(dtype, copy=True)) for x in start]
+        opt = cls(params, twin, lr=1.0, weight_decay=0.0)
+        with kernels.forced() if path == "kernel" and dtype == torch.float32 else kernels.enabled_as(False):
+            for step in grads:
+                for p, g in zip(params, step, strict=True):
+                    p.grad = g.to(dtype, copy=True)
+                opt.step()
+        moved[dtype] = [(p.detach() - x.to(dtype)).double() for p, x in zip(params, start, strict=True)]
+    for got, want in zip(moved[torch.float32], moved[torch.float64], strict=True):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=5e-4 * float(want.abs().max()))
