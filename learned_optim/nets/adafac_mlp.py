@@ -20,6 +20,7 @@ from ..features import (
     FactoredPackLayout,
     bias_corrected,
     ema,
+    factored_means,
     factored_moments,
     factored_pack_layout,
     factored_preconditioner,
@@ -507,6 +508,10 @@ class AdafacMLP(UpdateRule):
             g2 = sq[run.a : run.b].view(run.count, run.rows, run.cols)
             torch.mean(g2, dim=2, out=row_mean[run.r0 : run.r1].view(run.count, run.rows))
             torch.mean(g2, dim=1, out=col_mean[run.c0 : run.c1].view(run.count, run.cols))
+        if not bool(torch.isfinite(row_mean).all() & torch.isfinite(col_mean).all()):  # float32 sums overflowed
+            for run in layout.runs:
+                rows_mean, cols_mean = factored_means(sq[run.a : run.b].view(run.count, run.rows, run.cols))
+                row_mean[run.r0 : run.r1], col_mean[run.c0 : run.c1] = rows_mean.reshape(-1), cols_mean.reshape(-1)
         decay = self.factored_decay.to(dtype)
         row = ema(state["row"], (row_mean + c.factored_eps).unsqueeze(1), decay)  # (sum of rows, K)
         col = ema(state["col"], (col_mean + c.factored_eps).unsqueeze(1), decay)  # (sum of cols, K)
@@ -735,10 +740,13 @@ class AdafacMLP(UpdateRule):
         beta = self.momentum_decay.to(dtype).squeeze(1)
         # Adafactor's statistics first: the preconditioner of every block needs the new row and column means
         grad_rc = grad.view(rows, cols)
-        row_mean = torch.linalg.vector_norm(grad_rc, dim=1).square_().div_(cols).add_(c.factored_eps)
+        row_mean = torch.linalg.vector_norm(grad_rc, dim=1).square_().div_(cols)
         # (ATen's vector_norm over dim 0 is 3-12x slower than a sum of the squares down the columns)
         grad_sq = grad_rc * grad_rc  # also the first pass's g^2
-        col_mean = torch.sum(grad_sq, dim=0).div_(rows).add_(c.factored_eps)
+        col_mean = torch.sum(grad_sq, dim=0).div_(rows)
+        if not bool(torch.isfinite(row_mean).all() & torch.isfinite(col_mean).all()):  # float32 sums overflowed
+            row_mean, col_mean = factored_means(grad_sq)
+        row_mean, col_mean = row_mean.add_(c.factored_eps), col_mean.add_(c.factored_eps)
         decay = self.factored_decay.to(dtype)
         row, col = ema(state["row"], row_mean.unsqueeze(1), decay), ema(state["col"], col_mean.unsqueeze(1), decay)
         # the row factor and the row features are made per chunk or block (a vector has a row per coordinate)
