@@ -27,6 +27,7 @@ from ..features import (
     factored_row_factor,
     factored_rsqrt_factors,
     matrix_view,
+    overflowed,
     rms_normalize,
     rsqrt_features,
     time_features,
@@ -508,7 +509,7 @@ class AdafacMLP(UpdateRule):
             g2 = sq[run.a : run.b].view(run.count, run.rows, run.cols)
             torch.mean(g2, dim=2, out=row_mean[run.r0 : run.r1].view(run.count, run.rows))
             torch.mean(g2, dim=1, out=col_mean[run.c0 : run.c1].view(run.count, run.cols))
-        if not bool(torch.isfinite(row_mean).all() & torch.isfinite(col_mean).all()):  # float32 sums overflowed
+        if overflowed(row_mean, col_mean):
             for run in layout.runs:
                 rows_mean, cols_mean = factored_means(sq[run.a : run.b].view(run.count, run.rows, run.cols))
                 row_mean[run.r0 : run.r1], col_mean[run.c0 : run.c1] = rows_mean.reshape(-1), cols_mean.reshape(-1)
@@ -744,7 +745,7 @@ class AdafacMLP(UpdateRule):
         # (ATen's vector_norm over dim 0 is 3-12x slower than a sum of the squares down the columns)
         grad_sq = grad_rc * grad_rc  # also the first pass's g^2
         col_mean = torch.sum(grad_sq, dim=0).div_(rows)
-        if not bool(torch.isfinite(row_mean).all() & torch.isfinite(col_mean).all()):  # float32 sums overflowed
+        if overflowed(row_mean, col_mean):
             row_mean, col_mean = factored_means(grad_sq)
         row_mean, col_mean = row_mean.add_(c.factored_eps), col_mean.add_(c.factored_eps)
         decay = self.factored_decay.to(dtype)
