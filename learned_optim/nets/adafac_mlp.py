@@ -553,6 +553,11 @@ class AdafacMLP(UpdateRule):
         for run in layout.runs:
             per_tensor = dense[:, run.a : run.b].view(d, run.count, -1)
             dense_ms[:, run.s0 : run.s1] = self._dense_sum_squares(per_tensor)
+        if overflowed(dense_ms):  # a float32 norm of a row ~ g past its range (n g^2 ~ 3e38): every row in float64
+            for run in layout.runs:
+                per_tensor = dense[:, run.a : run.b].view(d, run.count, -1)
+                wide = torch.linalg.vector_norm(per_tensor, dim=-1, dtype=torch.float64)
+                dense_ms[:, run.s0 : run.s1] = wide.square()
         dense_ms /= counts[0]  # (16, S): each feature's mean square over its tensor
         normaliser = self._normaliser(scale, dense_ms)  # (16, S)
         row_weight, col_weight = first.weight[:, d : d + nr], first.weight[:, d + nr : k]
@@ -796,10 +801,21 @@ class AdafacMLP(UpdateRule):
                     ratio.append(torch.dot(square, w))
                     # all K rows of a2 in one product: as cheap as one (it reads M_i^2 once), no strided a2[i]
                     mphi.append(torch.dot(torch.mm(a2, square.view(r1 - r0, cols))[i], e2[i]))
-                plain = torch.stack([torch.dot(x, x) for x in (g, param[a:b], *m_new)])
+                if overflowed(gphi, *mphi):  # the sums over the rows of g^2 and m^2 past float32's range
+                    a2w, e2w, chunk = a2.double(), e2.double(), (r1 - r0, cols)
+                    gphi = (torch.mm(a2w, grad_sq[r0:r1].double()) * e2w).sum(dim=1)
+                    mphi = [
+                        torch.dot(torch.mm(a2w, m.double().square().view(chunk))[i], e2w[i])
+                        for i, m in enumerate(m_new)
+                    ]
+                plain_rows = (g, param[a:b], *m_new)
+                plain = torch.stack([torch.dot(x, x) for x in plain_rows]).double()
+                if overflowed(plain):  # n g^2 past float32's range
+                    norms = [torch.linalg.vector_norm(x, dtype=torch.float64) for x in plain_rows]
+                    plain = torch.stack(norms).square()
                 v_squares = torch.linalg.vector_norm(v_new, dtype=torch.float64).square().unsqueeze(0)
-                rest = torch.cat([torch.stack([*ratio, w.sum()]), gphi, torch.stack(mphi)])
-                sums += torch.cat([plain.double(), v_squares, rest.double()])
+                rest = [torch.stack([*ratio, w.sum()]), gphi, torch.stack(mphi)]
+                sums += torch.cat([plain, v_squares, *(x.double() for x in rest)])
             return sums
 
         def direction_and_sum_squares() -> tuple[Tensor, Tensor]:
