@@ -130,27 +130,31 @@ def factored_moments(grad_sq: Tensor, row: Tensor, col: Tensor, decays: Tensor, 
 
     ``row``: ``(rows, K)``, ``col``: ``(cols, K)``, ``decays``: ``(K,)``. Returns the new ``(row, col)``.
     """
-    row_mean = grad_sq.mean(dim=1, keepdim=True) + eps
-    col_mean = grad_sq.mean(dim=0).unsqueeze(1) + eps
-    return ema(row, row_mean, decays), ema(col, col_mean, decays)
+    row_mean, col_mean = grad_sq.mean(dim=1), grad_sq.mean(dim=0)
+    if overflowed(row_mean, col_mean):
+        row_mean, col_mean = factored_means(grad_sq)
+    return ema(row, row_mean.unsqueeze(1) + eps, decays), ema(col, col_mean.unsqueeze(1) + eps, decays)
 
 
 def factored_means(grad_sq: Tensor) -> tuple[Tensor, Tensor]:
     r"""The row and column means of ``grad_sq`` (``(..., rows, cols)``), :math:`\tfrac1C\sum_j G_{ij}` and
     :math:`\tfrac1R\sum_i G_{ij}`, summed in float64 and rounded to its dtype: a float32 sum of :math:`n` squared
     gradients overflows from :math:`n g^2 \approx 3 \cdot 10^{38}` on, where their mean is an ordinary float. The
-    optimizer's steps without autograd take the float32 means, and these where those overflowed (:func:`overflowed`);
-    :func:`factored_moments` (the differentiable step, vmapped and compiled in meta-training) keeps float32's."""
+    steps take the float32 means, and these where those overflowed (:func:`overflowed`)."""
     wide = torch.float64
     return grad_sq.mean(dim=-1, dtype=wide).to(grad_sq.dtype), grad_sq.mean(dim=-2, dtype=wide).to(grad_sq.dtype)
 
 
 def overflowed(*sums: Tensor) -> bool:
-    """Whether any of ``sums`` is not finite (a float32 sum past its range), checked eagerly: under ``torch.compile``
-    (a data-dependent branch would break its graph) the answer is ``False``."""
-    if torch.compiler.is_compiling():
+    """Whether any of ``sums`` is not finite (a float32 sum past its range), checked eagerly. Where a data-dependent
+    branch is not possible (under ``torch.compile``, whose graph it would break, or on tensors of a ``torch.func``
+    transform such as ``vmap``) the answer is ``False``: those steps keep the float32 sums."""
+    if torch.compiler.is_compiling() or any(_functorch_wrapped(x) for x in sums):
         return False
     return not all(bool(torch.isfinite(x).all()) for x in sums)
+
+
+_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda tensor: False)
 
 
 def factored_preconditioner(row: Tensor, col: Tensor) -> Tensor:

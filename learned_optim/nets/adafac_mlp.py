@@ -426,7 +426,10 @@ class AdafacMLP(UpdateRule):
         i = self.v_feature_index
         v = torch.linalg.vector_norm(dense[i], dim=-1, dtype=torch.float64).unsqueeze(0)
         norms = [torch.linalg.vector_norm(dense[:i], dim=-1), v, torch.linalg.vector_norm(dense[i + 1 :], dim=-1)]
-        return torch.cat([x.double() for x in norms]).square()
+        sums = torch.cat([x.double() for x in norms]).square()
+        if overflowed(sums):  # a float32 norm of a row ~ g past its range (n g^2 ~ 3e38): every row in float64
+            sums = torch.linalg.vector_norm(dense, dim=-1, dtype=torch.float64).square()
+        return sums
 
     def _first_layer(
         self, dense_ms: Tensor, scale: Tensor, row_ms: Tensor, col_ms: Tensor, step: Tensor
@@ -553,11 +556,6 @@ class AdafacMLP(UpdateRule):
         for run in layout.runs:
             per_tensor = dense[:, run.a : run.b].view(d, run.count, -1)
             dense_ms[:, run.s0 : run.s1] = self._dense_sum_squares(per_tensor)
-        if overflowed(dense_ms):  # a float32 norm of a row ~ g past its range (n g^2 ~ 3e38): every row in float64
-            for run in layout.runs:
-                per_tensor = dense[:, run.a : run.b].view(d, run.count, -1)
-                wide = torch.linalg.vector_norm(per_tensor, dim=-1, dtype=torch.float64)
-                dense_ms[:, run.s0 : run.s1] = wide.square()
         dense_ms /= counts[0]  # (16, S): each feature's mean square over its tensor
         normaliser = self._normaliser(scale, dense_ms)  # (16, S)
         row_weight, col_weight = first.weight[:, d : d + nr], first.weight[:, d + nr : k]

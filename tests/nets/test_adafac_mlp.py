@@ -328,8 +328,9 @@ def test_every_path_keeps_the_step_at_extreme_gradient_scales(scale, path):
     ~1e68, past float32's range, yet each feature's normaliser (~1 / g^2) is an ordinary float. Every path (the
     one-shot and blocked ATen steps, the packed one, the native kernel) takes the steps of a float64 run of the
     same optimizer to float32's precision: a pack of small tensors, a (300, 300) matrix and a (70000,) vector above
-    the blocked path's bound, three steps. At 1e17 even float32 sums of g^2 over the vector (n g^2 ~ 7e38) overflow,
-    where the ATen steps sum in float64 instead (the kernel always does)."""
+    the blocked path's bound, three steps. At 1e17 even float32 sums of g^2 over the vectors (n g^2 ~ 4e38 and 7e38;
+    the (40000,) one in the pack, or alone on the one-shot path) overflow, where the ATen steps sum in float64 instead
+    (the kernel always does)."""
     if path == "kernel" and not kernels.available():
         pytest.skip(f"native kernels unavailable: {kernels.build_error()}")
     torch.manual_seed(0)
@@ -337,7 +338,7 @@ def test_every_path_keeps_the_step_at_extreme_gradient_scales(scale, path):
     with torch.no_grad():  # every feature matters (the Adam init reads one): random weights and biases
         for weight in rule.parameters():
             weight.normal_(0.0, 0.5)
-    shapes = [(64, 32), (32,), (16, 8), (300, 300), (70_000,)]
+    shapes = [(64, 32), (32,), (16, 8), (40_000,), (300, 300), (70_000,)]
     gen = torch.Generator().manual_seed(1)
     start = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
     grads = [[torch.randn(s, generator=gen, dtype=torch.float64) * scale for s in shapes] for _ in range(3)]
