@@ -28,6 +28,7 @@ __all__ = [
     "factored_moments",
     "factored_means",
     "overflowed",
+    "wide_sums",
     "factored_preconditioner",
     "FactoredPackLayout",
     "factored_pack_layout",
@@ -145,11 +146,19 @@ def factored_means(grad_sq: Tensor) -> tuple[Tensor, Tensor]:
     return grad_sq.mean(dim=-1, dtype=wide).to(grad_sq.dtype), grad_sq.mean(dim=-2, dtype=wide).to(grad_sq.dtype)
 
 
+def wide_sums() -> bool:
+    """Whether a step takes its sums over a tensor of squares of size :math:`g^2` and more in float64: the optimizer's
+    steps (no autograd) do, so that they hold at any gradient below the non-finite check's bound; the differentiable
+    step of meta-training keeps float32's, as each extra op of its small tensors costs it (float64 sums there made a
+    TBPTT meta-step ~20% slower), and its gradients stay far below :math:`10^8`."""
+    return not torch.is_grad_enabled()
+
+
 def overflowed(*sums: Tensor) -> bool:
-    """Whether any of ``sums`` is not finite (a float32 sum past its range), checked eagerly. Where a data-dependent
-    branch is not possible (under ``torch.compile``, whose graph it would break, or on tensors of a ``torch.func``
-    transform such as ``vmap``) the answer is ``False``: those steps keep the float32 sums."""
-    if torch.compiler.is_compiling() or any(_functorch_wrapped(x) for x in sums):
+    """Whether any of ``sums`` is not finite (a float32 sum past its range), checked eagerly where :func:`wide_sums`.
+    Where a data-dependent branch is not possible (under ``torch.compile``, whose graph it would break, or on tensors
+    of a ``torch.func`` transform such as ``vmap``) the answer is ``False``: those steps keep the float32 sums."""
+    if not wide_sums() or torch.compiler.is_compiling() or any(_functorch_wrapped(x) for x in sums):
         return False
     return not all(bool(torch.isfinite(x).all()) for x in sums)
 

@@ -31,6 +31,7 @@ from ..features import (
     rms_normalize,
     rsqrt_features,
     time_features,
+    wide_sums,
 )
 from .base import DecoupledUpdate, NetConfig, Segments, UpdateRule, register_family
 from .cells import inplace_allowed
@@ -62,9 +63,9 @@ class AdafacMLPConfig(NetConfig):
 
 
 def mean_squares(x: Tensor, dim: int) -> Tensor:
-    """The mean of :math:`x^2` along ``dim``, in float64 (the row and column features :math:`r_k, c_k \\sim g^2` have
-    squares past float32's range from :math:`|g| \\approx 10^9` on)."""
-    return x.double().square().mean(dim=dim)
+    """The mean of :math:`x^2` along ``dim``, in float64 where :func:`~learned_optim.features.wide_sums` (the row and
+    column features :math:`r_k, c_k \\sim g^2` have squares past float32's range from :math:`|g| \\approx 10^9` on)."""
+    return (x.double() if wide_sums() else x).square().mean(dim=dim)
 
 
 def mup_scale(shape: Sequence[int], base_fan_in: int) -> float:
@@ -419,10 +420,13 @@ class AdafacMLP(UpdateRule):
         return 2 + len(self.config.momentum_decays)
 
     def _dense_sum_squares(self, dense: Tensor) -> Tensor:
-        r"""The dense rows' sums of squares along the last axis of ``dense`` (``(16, ..., n)``), in float64. The second
-        moment's row is squared in float64: :math:`v \sim g^2`, so :math:`\sum v^2 \sim n g^4` leaves float32's range
-        from :math:`|g| \approx 10^9` on; the other rows' float norms, whose squares :math:`\sum u^2` stay in it up to
-        :math:`n g^2 \approx 10^{38}`, are squared in float64."""
+        r"""The dense rows' sums of squares along the last axis of ``dense`` (``(16, ..., n)``): in float64 where
+        :func:`~learned_optim.features.wide_sums` (else float32's). The second moment's row is squared in float64:
+        :math:`v \sim g^2`, so :math:`\sum v^2 \sim n g^4` leaves float32's range from :math:`|g| \approx 10^9` on;
+        the other rows' float norms, whose squares :math:`\sum u^2` stay in it up to :math:`n g^2 \approx 10^{38}`, are
+        squared in float64, and taken in float64 where they overflowed."""
+        if not wide_sums():
+            return torch.linalg.vector_norm(dense, dim=-1).square()
         i = self.v_feature_index
         v = torch.linalg.vector_norm(dense[i], dim=-1, dtype=torch.float64).unsqueeze(0)
         norms = [torch.linalg.vector_norm(dense[:i], dim=-1), v, torch.linalg.vector_norm(dense[i + 1 :], dim=-1)]
@@ -457,9 +461,9 @@ class AdafacMLP(UpdateRule):
     def _normaliser(self, factor: Tensor, ms: Tensor) -> Tensor:
         r""":math:`z = q / \sqrt{q^2 \overline{u^2} + \epsilon_u}`, the factor that turns a raw feature into its
         per-tensor normalised value (``factor`` :math:`q`: the raw row's scale, ``ms`` its mean square
-        :math:`\overline{u^2}`), computed in float64 (a mean square of a feature of scale :math:`g^2` is past
-        float32's range where :math:`z` is not) and rounded to ``factor``'s dtype."""
-        q = factor.double()
+        :math:`\overline{u^2}`), computed in the mean square's dtype (float64 where the sums are: a mean square of a
+        feature of scale :math:`g^2` is past float32's range where :math:`z` is not) and rounded to ``factor``'s."""
+        q = factor.to(ms.dtype)
         return (q * torch.rsqrt(q.square() * ms + self.config.feature_rms_eps)).to(factor.dtype)
 
     @torch.no_grad()
