@@ -407,8 +407,8 @@ class AdafacMLP(UpdateRule):
         return -self.step_scale(shape) * self._magnitude(dense_ms, scale) * direction, new_state
 
     def _magnitude(self, dense_ms: Tensor, scale: Tensor) -> Tensor | float:
-        """The per-tensor step magnitude :math:`a` (``step_magnitude``) from the dense rows' mean squares (float64;
-        ``scale``'s dtype out)."""
+        """The per-tensor step magnitude :math:`a` (``step_magnitude``) from the dense rows' mean squares (float64 where
+        :func:`~learned_optim.features.wide_sums`), in ``scale``'s dtype."""
         if self.config.step_magnitude == "unit":
             return 1.0
         i = self.adam_feature_index  # RMS of the bias-corrected m_j / sqrt(v_hat + eps): Adam's step
