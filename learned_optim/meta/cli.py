@@ -71,6 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     soup.add_argument(
         "--schedule", choices=SCHEDULES, default=None, help="recommended lr schedule (default: the sources')"
     )
+    soup.add_argument(
+        "--parent", default=None, help="the sources' common parent checkpoint folder (needed with --scale)"
+    )
+    soup.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="write parent + SCALE x (the sources' mean - parent): <1 toward the parent, >1 past the mean (default 1)",
+    )
     return parser
 
 
@@ -94,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 description=args.description,
                 schedule=args.schedule,
                 command=shlex.join(["python", "-m", "learned_optim.meta", *argv]),
+                parent=args.parent,
+                scale=args.scale,
             )
         except ValueError as err:  # CheckpointError included
             print(f"error: {err}", file=sys.stderr)

@@ -6,12 +6,19 @@ parent in weight space; their uniform average
 .. math:: \phi_{\mathrm{soup}} = \frac{1}{n} \sum_{i=1}^{n} \phi_i
 
 is one net of the same architecture whose behaviour is meant to be less tied to any one meta-seed's draw of tasks.
+Given the parent :math:`\phi_0` and a scale :math:`\lambda`, the soup moves along the mean fine-tuning displacement
+instead (interpolation toward the parent for :math:`\lambda < 1`, as WiSE-FT, Wortsman et al. 2022; extrapolation
+past the mean for :math:`\lambda > 1`, as task arithmetic, Ilharco et al. 2023):
+
+.. math:: \phi_{\lambda} = \phi_0 + \lambda \Big(\frac{1}{n} \sum_{i=1}^{n} \phi_i - \phi_0\Big)
+
 Only checkpoints of the same family and net configuration, fine-tuned from the same parent, are averaged;
 anything else is refused with a clear error.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,8 +59,10 @@ def weight_soup(
     description: str | None = None,
     schedule: str | None = None,
     command: str | None = None,
+    parent: str | os.PathLike | None = None,
+    scale: float = 1.0,
 ) -> Path:
-    """Write the uniform weight average of the checkpoint folders ``sources`` as a checkpoint folder ``out``.
+    r"""Write the uniform weight average of the checkpoint folders ``sources`` as a checkpoint folder ``out``.
 
     Args:
         sources: two or more checkpoint folders of one family and net configuration, fine-tuned from one parent
@@ -62,9 +71,13 @@ def weight_soup(
         name, description: the soup's zoo name and description (default: the first source's name + ``-soup``).
         schedule: the recommended lr schedule (default: the one the sources agree on).
         command: the command that made the soup, recorded in its card and config.
+        parent: the folder of the sources' common parent checkpoint :math:`\phi_0` (its name must be the one the
+            sources record, its family and net theirs); needed for a ``scale`` other than 1.
+        scale: :math:`\lambda`, the soup :math:`\phi_0 + \lambda (\bar\phi - \phi_0)`; 1 is the plain average.
 
     The sources' optimizer defaults (``lr``) must agree; the soup records every ingredient (folder, name,
-    weights' SHA-256) and the common parent under ``training``.
+    weights' SHA-256), the common parent under ``training`` and, for a scaled soup, the scale and the parent
+    folder's weights.
     """
     paths = [Path(s) for s in sources]
     if len(paths) < 2:
@@ -88,12 +101,30 @@ def weight_soup(
         )
     defaults = _one([c.get("optimizer") or {} for c in configs], "the optimizer defaults", paths)
     schedule = schedule or _one([c.get("schedule") for c in configs], "the lr schedule", paths)
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"a soup's scale must be a finite number above 0, got {scale}")
+    if scale != 1.0 and parent is None:
+        raise ValueError(f"a soup scaled by {scale} moves from its parent: give the parent's folder (parent=...)")
+    origin = None
+    if parent is not None:
+        origin, origin_config = load_rule_from_dir(parent)
+        if Path(parent).resolve() in resolved:
+            raise ValueError(f"the parent {parent} is also one of the soup's ingredients")
+        found = (origin_config.get("name"), origin_config["family"], origin_config.get("net"))
+        if found != (parent_name, family, configs[0].get("net")):
+            raise CheckpointError(
+                f"{parent} is not the ingredients' parent: it is {found[0]!r} ({found[1]}), they were fine-tuned "
+                f"from {parent_name!r} ({family}), or its net configuration differs"
+            )
 
     soup = rules[0]
     states = [r.state_dict() for r in rules]
     with torch.no_grad():
-        averaged = {k: torch.stack([s[k].double() for s in states]).mean(0).to(v.dtype) for k, v in states[0].items()}
-    soup.load_state_dict(averaged, strict=True)
+        averaged = {k: torch.stack([s[k].double() for s in states]).mean(0) for k in states[0]}
+        if origin is not None:
+            start = {k: v.double() for k, v in origin.state_dict().items()}
+            averaged = {k: start[k] + scale * (v - start[k]) for k, v in averaged.items()}
+    soup.load_state_dict({k: v.to(states[0][k].dtype) for k, v in averaged.items()}, strict=True)
     ingredients: list[dict[str, Any]] = []
     for path, c in zip(paths, configs, strict=True):
         meta = (c.get("training") or {}).get("meta_training") or {}
@@ -107,19 +138,29 @@ def weight_soup(
                 "wall_time_seconds": meta.get("wall_time_seconds"),
             }
         )
-    training = {"soup": {"ingredients": ingredients, "command": command}, "parent": parents[0]}
+    recipe: dict[str, Any] = {"ingredients": ingredients, "command": command}
+    if parent is not None:
+        recipe |= {"scale": scale, "parent_folder": str(parent), "parent_weights_sha256": weights_sha256(parent)}
+    training = {"soup": recipe, "parent": parents[0]}
     name = name or f"{configs[0].get('name') or family}-soup"
+    average = f"uniform weight average of {len(paths)} fine-tunes of {parent_name}"
     description = description or (
-        f"Uniform weight average of {len(paths)} fine-tunes of {parent_name}: "
+        (f"{parent_name} plus {scale:g} x its displacement to the " if parent is not None else "The ")
+        + f"{average}: "
         + ", ".join(str(i["name"]) for i in ingredients)
         + "."
     )
     config = {"name": name, "family": family, "net": soup.config.to_dict(), "training": training}
+    what = f"The uniform average of the weights of {len(paths)} fine-tunes of `{parent_name}`"
+    if parent is not None:
+        what = (
+            f"The parent `{parent_name}` (`{parent}`, weights SHA-256 {recipe['parent_weights_sha256']}) plus "
+            f"{scale:g} times the mean displacement of {len(paths)} fine-tunes of it"
+        )
     sections = [
         "## Weight soup",
         "",
-        f"The uniform average of the weights of {len(paths)} fine-tunes of `{parent_name}` "
-        "(`learned_optim.meta.soup`):",
+        f"{what} (`learned_optim.meta.soup`):",
         "",
         "| ingredient | folder | weights SHA-256 | its meta-training command | wall time |",
         "|---|---|---|---|---|",

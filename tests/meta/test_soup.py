@@ -107,3 +107,59 @@ def test_a_soup_over_one_of_its_ingredients_or_of_one_folder_twice_is_refused(tm
     with pytest.raises(ValueError, match="given more than once"):
         weight_soup([tmp_path / "a", tmp_path / "b", tmp_path / "a"], tmp_path / "soup")
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == weights and not (tmp_path / "soup").exists()
+
+
+def test_a_scaled_soup_moves_from_the_parent_along_the_mean_displacement(tmp_path):
+    parent_rule = build_rule("adafac_mlp", NET)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for p in parent_rule.parameters():
+            p.normal_()
+    save_pretrained(parent_rule, tmp_path / "parent", name="parent-net", optimizer_defaults={"lr": 1e-3})
+    rules = [fine_tune(tmp_path / f"ft{i}", seed=i) for i in range(2)]
+    sources = [tmp_path / "ft0", tmp_path / "ft1"]
+    for scale in (0.5, 1.0, 2.0):
+        out = weight_soup(sources, tmp_path / f"soup{scale}", parent=tmp_path / "parent", scale=scale)
+        soup, config = load_rule_from_dir(out)
+        for key, value in soup.state_dict().items():
+            start = parent_rule.state_dict()[key]
+            mean = (rules[0].state_dict()[key] + rules[1].state_dict()[key]) / 2
+            torch.testing.assert_close(value, start + scale * (mean - start))
+        recipe = config["training"]["soup"]
+        assert recipe["scale"] == scale and recipe["parent_folder"] == str(tmp_path / "parent")
+        assert len(recipe["parent_weights_sha256"]) == 16 and config["training"]["parent"]["name"] == "parent-net"
+        assert f"plus {scale:g} times the mean displacement" in (out / "README.md").read_text()
+    plain = load_rule_from_dir(weight_soup(sources, tmp_path / "plain"))[0].state_dict()
+    for key, value in load_rule_from_dir(tmp_path / "soup1.0")[0].state_dict().items():
+        torch.testing.assert_close(value, plain[key])
+
+
+def test_a_scaled_soup_needs_the_ingredients_own_parent(tmp_path):
+    fine_tune(tmp_path / "a", seed=0)
+    fine_tune(tmp_path / "b", seed=1)
+    sources = [tmp_path / "a", tmp_path / "b"]
+    with pytest.raises(ValueError, match="give the parent's folder"):
+        weight_soup(sources, tmp_path / "s", scale=2.0)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="finite number above 0"):
+            weight_soup(sources, tmp_path / "s", parent=tmp_path / "a", scale=bad)
+    with pytest.raises(ValueError, match="also one of the soup's ingredients"):
+        weight_soup(sources, tmp_path / "s", parent=tmp_path / "a", scale=2.0)
+    save_pretrained(build_rule("adafac_mlp", NET), tmp_path / "stranger", name="another-net")
+    save_pretrained(build_rule("adafac_mlp", {"hidden_size": 6}), tmp_path / "wider", name="parent-net")
+    for folder in ("stranger", "wider"):
+        with pytest.raises(CheckpointError, match="is not the ingredients' parent"):
+            weight_soup(sources, tmp_path / "s", parent=tmp_path / folder, scale=2.0)
+    assert not (tmp_path / "s").exists()
+
+
+def test_the_soup_command_takes_a_parent_and_a_scale(tmp_path, capsys):
+    save_pretrained(build_rule("adafac_mlp", NET), tmp_path / "parent", name="parent-net")
+    fine_tune(tmp_path / "a", seed=0)
+    fine_tune(tmp_path / "b", seed=1)
+    args = ["soup", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "s")]
+    assert meta_main([*args, "--scale", "1.5"]) == 2
+    assert "give the parent's folder" in capsys.readouterr().err
+    assert meta_main([*args, "--scale", "1.5", "--parent", str(tmp_path / "parent")]) == 0
+    config = read_config(tmp_path / "s")
+    assert config["training"]["soup"]["scale"] == 1.5 and "--scale 1.5" in config["training"]["soup"]["command"]
