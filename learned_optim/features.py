@@ -156,9 +156,16 @@ def wide_sums() -> bool:
 
 def overflowed(*sums: Tensor) -> bool:
     """Whether any of ``sums`` is not finite (a float32 sum past its range), checked eagerly where :func:`wide_sums`.
-    Where a data-dependent branch is not possible (under ``torch.compile``, whose graph it would break, or on tensors
-    of a ``torch.func`` transform such as ``vmap``) the answer is ``False``: those steps keep the float32 sums."""
-    if not wide_sums() or torch.compiler.is_compiling() or any(_functorch_wrapped(x) for x in sums):
+    On an accelerator the answer is ``True`` without a look: reading the flag would make the host wait for the
+    device at every check (several per tensor and step), and the float64 sums it guards cost little there. Where a
+    data-dependent branch is not possible on the CPU (under ``torch.compile``, whose graph it would break, or on
+    tensors of a ``torch.func`` transform such as ``vmap``) the answer is ``False``: those steps keep the float32
+    sums."""
+    if not wide_sums():
+        return False
+    if any(x.device.type != "cpu" for x in sums):
+        return True
+    if torch.compiler.is_compiling() or any(_functorch_wrapped(x) for x in sums):
         return False
     return not all(bool(torch.isfinite(x).all()) for x in sums)
 

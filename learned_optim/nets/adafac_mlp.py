@@ -762,7 +762,7 @@ class AdafacMLP(UpdateRule):
         names = [*(f"m{i}" for i in range(j)), "v"]
         new = {k: out_state[k] if out_state is not None else torch.empty_like(state[k]) for k in names}
         new["row"], new["col"] = (out_state["row"].copy_(row), out_state["col"].copy_(col)) if out_state else (row, col)
-        v_correction = float(self._v_correction(step))
+        v_correction = self._v_correction(step).to(dtype)  # a 0-d tensor: a float would make a GPU step wait for it
         block_rows = min(rows, max(1, self.block_coordinates(grad.device) // cols))
         blocks = [(r, min(r + block_rows, rows)) for r in range(0, rows, block_rows)]
 

@@ -7,13 +7,14 @@ these tests check its own math against direct, loop-based computations.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
 from torch import Tensor, nn
 
 from learned_optim import AdafacMLP, LearnedOptimizer, functional_update, kernels
-from learned_optim.features import factored_moments, factored_preconditioner, matrix_view
+from learned_optim.features import factored_moments, factored_preconditioner, matrix_view, overflowed, wide_sums
 from learned_optim.nets.adafac_mlp import mup_scale
 
 SHAPES = [(7,), (5, 3), (4, 2, 3, 3), (1, 6), (6, 1)]
@@ -321,16 +322,20 @@ class _PerTensor(LearnedOptimizer):
         return [], params
 
 
-@pytest.mark.parametrize("path", ["aten-packed", "aten-per-tensor", "kernel"])
+@pytest.mark.parametrize(
+    "path", ["aten-packed", "aten-per-tensor", "aten-packed-as-on-gpu", "aten-per-tensor-as-on-gpu", "kernel"]
+)
 @pytest.mark.parametrize("scale", [1.0, 1e10, 1e15, 1e17])
-def test_every_path_keeps_the_step_at_extreme_gradient_scales(scale, path):
+def test_every_path_keeps_the_step_at_extreme_gradient_scales(scale, path, monkeypatch):
     """Gradients up to 1e17: the second moment and the row/column statistics (~g^2) have mean squares of up to
     ~1e68, past float32's range, yet each feature's normaliser (~1 / g^2) is an ordinary float. Every path (the
     one-shot and blocked ATen steps, the packed one, the native kernel) takes the steps of a float64 run of the
     same optimizer to float32's precision: a pack of small tensors, a (300, 300) matrix and a (70000,) vector above
     the blocked path's bound, three steps. At 1e17 even float32 sums of g^2 over the vectors (n g^2 ~ 4e38 and 7e38;
     the (40000,) one in the pack, or alone on the one-shot path) overflow, where the ATen steps sum in float64 instead
-    (the kernel always does)."""
+    (the kernel always does). ``-as-on-gpu``: the float32 run's overflow checks answered as on an accelerator
+    (always the float64 sums, no look at the float32 ones), so that the sums a GPU takes are checked at every scale
+    against the float64 run's, which has no overflow to redo."""
     if path == "kernel" and not kernels.available():
         pytest.skip(f"native kernels unavailable: {kernels.build_error()}")
     torch.manual_seed(0)
@@ -343,12 +348,15 @@ def test_every_path_keeps_the_step_at_extreme_gradient_scales(scale, path):
     start = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
     grads = [[torch.randn(s, generator=gen, dtype=torch.float64) * scale for s in shapes] for _ in range(3)]
     moved = {}
-    cls = _PerTensor if path == "aten-per-tensor" else LearnedOptimizer
+    cls = _PerTensor if path.startswith("aten-per-tensor") else LearnedOptimizer
     for dtype in (torch.float64, torch.float32):
         twin = AdafacMLP(rule.config).to(dtype)
         twin.load_state_dict(rule.state_dict())
         params = [nn.Parameter(x.to(dtype, copy=True)) for x in start]
         opt = cls(params, twin, lr=1.0, weight_decay=0.0)
+        if path.endswith("-as-on-gpu") and dtype == torch.float32:
+            for module in ("learned_optim.features", "learned_optim.nets.adafac_mlp"):
+                monkeypatch.setattr(f"{module}.overflowed", lambda *sums: wide_sums())
         with kernels.forced() if path == "kernel" and dtype == torch.float32 else kernels.enabled_as(False):
             for step in grads:
                 for p, g in zip(params, step, strict=True):
@@ -358,3 +366,43 @@ def test_every_path_keeps_the_step_at_extreme_gradient_scales(scale, path):
     for got, want in zip(moved[torch.float32], moved[torch.float64], strict=True):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want, rtol=1e-4, atol=5e-4 * float(want.abs().max()))
+
+
+def test_the_overflow_check_reads_a_cpu_sum_and_never_an_accelerators():
+    """On the CPU the check looks at the float32 sums; on another device it answers True without reading them (a
+    read would make the host wait for the device at each check): a ``meta`` tensor, which has no values to read,
+    stands in for one. With autograd recording the float32 sums are kept everywhere."""
+    finite, past = torch.tensor([1.0, 3e38]), torch.tensor([1.0, math.inf])
+    elsewhere = torch.empty(2, device="meta")
+    with torch.no_grad():
+        assert not overflowed(finite) and overflowed(finite, past) and overflowed(elsewhere)
+    assert not overflowed(past) and not overflowed(elsewhere)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_step_waits_for_the_device_no_more_often_for_more_or_larger_tensors():
+    """The host waits for the device once per step (the non-finite gradient check), not once per tensor, block or
+    overflow check: a step of one small tensor and one of a pack, a matrix and a vector above the blocked path's
+    bound synchronize as often (counted by ``torch.cuda.set_sync_debug_mode``'s warnings)."""
+
+    def synchronizations(shapes: list[tuple[int, ...]]) -> int:
+        torch.manual_seed(0)
+        params = [nn.Parameter(torch.randn(s, device="cuda")) for s in shapes]
+        opt = LearnedOptimizer(params, AdafacMLP().cuda(), lr=1e-3)
+        for _ in range(2):  # the first step makes the state
+            for p in params:
+                p.grad = torch.randn_like(p)
+            torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    opt.step()
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    above_the_block = 2 * AdafacMLP().accelerator_coordinate_block + 1
+    one = synchronizations([(8, 8)])
+    many = synchronizations([(8, 8), (64, 32), (32,), (300, 300), (above_the_block,)])
+    assert many == one <= 2, (one, many)
