@@ -7,8 +7,12 @@ r"""Statistics of the suite, in the style of VeLOdrome (google/learned_optimizat
   the windows). If it never reaches :math:`L^*`, the speed-up is :math:`s'/T < 1` with :math:`s'` the
   step at which the *reference* first reached the run's own last point (how much earlier AdamW was
   where the run ended); a run with a non-finite loss has speed-up 0. The reference is 1 against itself
-  wherever its averaged training loss still decreases at the end. The issue that asked for this suite
-  defined the speed-up on the *validation* loss; measured that way (in the first full run), AdamW had an
+  wherever its averaged training loss still decreases at the end. Above 1 the speed-up takes only the values
+  :math:`20/k` (1.33 at 15 windows, 1.25 at 16): beside it the suite reports the same speed-up at the
+  resolution of one step (:func:`sliding_training_curve`: the same width of average, ending at every step),
+  to show where a contender sits between two of those levels. Both count a curve's first dip below the target,
+  so noise moves both above 1: tuned AdamW against itself scores about 1.2 on the suite. The issue that asked for
+  this suite defined the speed-up on the *validation* loss; measured that way (in the first full run), AdamW had an
   interquartile-mean speed-up of 2.44 against itself, because on the tasks that overfit (the small and
   noisy-label tables) every validation curve dips below its final value early: speed-up measures how
   fast an optimizer trains, and the final validation and test losses measure what it generalises to.
@@ -35,6 +39,7 @@ __all__ = [
     "iqm",
     "first_reach",
     "training_curve",
+    "sliding_training_curve",
     "speedup",
     "run_speedup",
     "diverged",
@@ -112,6 +117,27 @@ def training_curve(
     return steps, values
 
 
+def sliding_training_curve(
+    train_loss: Sequence[float | None], horizon: int, windows: int = 20
+) -> tuple[list[int], list[float]]:
+    r"""The training loss averaged over the last :math:`w = \lceil T / \text{windows} \rceil` steps, ending at
+    every step :math:`s \ge w` (``(end steps, means)``): :func:`training_curve`'s average at the resolution of one
+    step, ending on the same last window where ``windows`` divides the horizon. A window that holds a non-finite
+    value (or ``None``) is NaN."""
+    width = -(-horizon // windows) if windows >= 1 else 0
+    if width < 1 or len(train_loss) < width:
+        return [], []
+    values = [float(v) if v is not None else math.nan for v in train_loss[:horizon]]
+    prefix, bad = [0.0], [0]
+    for v in values:
+        finite = math.isfinite(v)
+        prefix.append(prefix[-1] + (v if finite else 0.0))
+        bad.append(bad[-1] + (not finite))
+    steps = list(range(width, len(values) + 1))
+    means = [(prefix[e] - prefix[e - width]) / width if bad[e] == bad[e - width] else math.nan for e in steps]
+    return steps, means
+
+
 def diverged(train_loss: Sequence[float | None], nonfinite_at: int | None) -> bool:
     """A non-finite loss or gradient (``nonfinite_at``), or the mean training loss of the last 5% of the
     steps above the first step's (see the module docstring)."""
@@ -146,12 +172,14 @@ def speedup(
     return (ref_reached if ref_reached is not None else horizon) / horizon
 
 
-def run_speedup(record: Mapping[str, Any], reference: Mapping[str, Any]) -> float:
+def run_speedup(record: Mapping[str, Any], reference: Mapping[str, Any], per_step: bool = False) -> float:
     """:func:`speedup` of a run record against the reference run's record on the same task and seed: their training
-    curves (:func:`training_curve`), the run's horizon and whether it ended non-finite."""
+    curves (:func:`training_curve`, or :func:`sliding_training_curve` with ``per_step``), the run's horizon and
+    whether it ended non-finite."""
+    curve = sliding_training_curve if per_step else training_curve
     return speedup(
-        *training_curve(record["train_loss"], record["steps"]),
-        *training_curve(reference["train_loss"], reference["steps"]),
+        *curve(record["train_loss"], record["steps"]),
+        *curve(reference["train_loss"], reference["steps"]),
         record["steps"],
         nonfinite=record["nonfinite_at"] is not None,
     )

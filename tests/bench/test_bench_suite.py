@@ -695,3 +695,24 @@ def test_the_table_note_gives_the_threads_the_runs_were_trained_with(tmp_path, m
     monkeypatch.setattr(brun, "train", lambda w, o, s, seed, f=None: {**fake(w, o, s, seed, f), "threads": seed + 1})
     results = run_suite(["l2o-mlp"], out=tmp_path, tasks=["diabetes-mlp"], quick=True, seeds=2, progress=False)
     assert "when it was trained (1 or 2 thread(s); a run reused from the store keeps its own)" in results.markdown()
+
+
+def test_the_per_step_curve_is_the_windows_average_at_every_step():
+    losses = [4.0, 2.0, 3.0, 1.0, 1.0, 1.0]
+    steps, values = stats.sliding_training_curve(losses, horizon=6, windows=3)
+    assert steps == [2, 3, 4, 5, 6] and values == [3.0, 2.5, 2.0, 1.0, 1.0]
+    coarse = stats.training_curve(losses, horizon=6, windows=3)
+    assert values[-1] == coarse[1][-1] and [values[steps.index(s)] for s in coarse[0]] == coarse[1]
+    steps, values = stats.sliding_training_curve([4.0, 2.0, math.nan, 1.0, 1.0], horizon=6, windows=3)
+    assert steps == [2, 3, 4, 5] and values[0] == 3.0 and math.isnan(values[1]) and math.isnan(values[2])
+    assert values[3] == 1.0 and stats.sliding_training_curve([1.0], horizon=6, windows=3) == ([], [])
+    # a run at the reference's final level from step 18: the 20 windows of 5 steps credit it at the end of the first
+    # window wholly there (100 / 25), the per-step curve where its 5-step average first gets there (100 / 22)
+    reference = {"train_loss": [5.0] * 75 + [1.0] * 25, "steps": 100, "nonfinite_at": None}
+    record = {"train_loss": [5.0] * 17 + [1.0] * 83, "steps": 100, "nonfinite_at": None}
+    assert stats.run_speedup(record, reference) == 4.0
+    assert stats.run_speedup(record, reference, per_step=True) == 100 / 22
+    # on a plateau the reference is at its final level before the end: above 1 against itself, at both resolutions
+    assert stats.run_speedup(reference, reference, per_step=True) == stats.run_speedup(reference, reference) == 1.25
+    blown_up = {"train_loss": [5.0] * 20 + [math.nan], "steps": 100, "nonfinite_at": 20}
+    assert stats.run_speedup(blown_up, reference, per_step=True) == 0.0
