@@ -1,8 +1,9 @@
-"""Helpers for tests and benchmarks that need a net which actually descends without meta-training it.
+"""Helpers for tests and benchmarks that compare the optimizer's code paths.
 
 :func:`fit_sign_descent` is a few-second stand-in for meta-training: it regresses a net's step toward
 signSGD's, so that the optimizer battery (``tests/core/test_optimizer.py``) and the benchmarks
-(``benchmarks/bf16_state.py``) can compare code paths on loss curves that go down.
+(``benchmarks/bf16_state.py``) can compare code paths on loss curves that go down. :class:`PerTensorSteps` is the
+optimizer with packing off, the reference of the packed steps.
 """
 
 from __future__ import annotations
@@ -10,8 +11,17 @@ from __future__ import annotations
 import torch
 
 from .nets.base import UpdateRule, functional_update
+from .optimizer import LearnedOptimizer
 
-__all__ = ["fit_sign_descent"]
+__all__ = ["PerTensorSteps", "fit_sign_descent"]
+
+
+class PerTensorSteps(LearnedOptimizer):
+    """:class:`~learned_optim.LearnedOptimizer` with packing off: every tensor is stepped alone (a small one on the
+    one-shot path, a large one on the blocked path or the native kernel), never in a pack of small tensors."""
+
+    def _plan_packs(self, params: list[torch.Tensor]) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
+        return [], params
 
 
 def fit_sign_descent(

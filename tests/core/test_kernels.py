@@ -29,6 +29,7 @@ import learned_optim._files
 from learned_optim import LearnedOptimizer, kernels
 from learned_optim.kernels import _build, _guard, _runtime
 from learned_optim.nets.cells import fused_gate_weights, lstm_cell
+from learned_optim.testing import PerTensorSteps
 
 needs_kernels = pytest.mark.skipif(
     not kernels.available(), reason=f"native kernels unavailable: {kernels.build_error()}"
@@ -322,11 +323,8 @@ class PacksOnly(LearnedOptimizer):
         return params
 
 
-class PerTensor(PacksOnly):
+class PerTensor(PacksOnly, PerTensorSteps):
     """Neither the in-place step nor packs: one call per tensor."""
-
-    def _plan_packs(self, params):
-        return [], params
 
 
 @needs_kernels

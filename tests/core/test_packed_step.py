@@ -19,15 +19,9 @@ from torch import nn
 import learned_optim
 from learned_optim import LearnedOptimizer, kernels
 from learned_optim.nets.base import Segments
+from learned_optim.testing import PerTensorSteps
 
 FAMILIES = sorted(learned_optim.FAMILIES)
-
-
-class PerTensor(LearnedOptimizer):
-    """Packing off: the reference, one net call per tensor."""
-
-    def _plan_packs(self, params):
-        return [], params
 
 
 def _model(dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -59,7 +53,7 @@ def test_packed_step_equals_the_per_tensor_step(family, use_kernels, make_rule):
     if use_kernels and not kernels.available():
         pytest.skip(f"native kernels unavailable: {kernels.build_error()}")
     packed, opt = _run(family, make_rule, LearnedOptimizer, use_kernels)
-    alone, ref = _run(family, make_rule, PerTensor, use_kernels)
+    alone, ref = _run(family, make_rule, PerTensorSteps, use_kernels)
     assert len(opt._plan_packs(list(packed.parameters()))[0]) == 1  # all 8 tensors in one pack
     if learned_optim.FAMILIES[family].whole_tensor:
         _assert_whole_tensor_rounding(packed, opt, alone, ref)
@@ -90,7 +84,7 @@ def test_packed_bf16_params_and_bf16_state(family, make_rule):
     state_dtype = {"lstm": torch.bfloat16} if "lstm" in make_rule(family).state_shapes() else torch.float32
     runs = [
         _run(family, make_rule, cls, False, dtype=torch.bfloat16, state_dtype=state_dtype)
-        for cls in (LearnedOptimizer, PerTensor)
+        for cls in (LearnedOptimizer, PerTensorSteps)
     ]
     for p, q in zip(runs[0][0].parameters(), runs[1][0].parameters(), strict=True):
         assert p.dtype == torch.bfloat16
@@ -126,7 +120,7 @@ def test_adafac_packs_tensors_of_several_step_counts_together(time_scales, devic
     (layers unfrozen at different times) share one ATen pack, each with its own bias corrections and time features,
     and step as they do alone (the packed step's rounding bound)."""
     runs = []
-    for cls in (LearnedOptimizer, PerTensor):
+    for cls in (LearnedOptimizer, PerTensorSteps):
         torch.manual_seed(0)
         rule = learned_optim.AdafacMLP(time_scales=time_scales).requires_grad_(False)
         for weight in rule.parameters():  # random weights and biases: every feature and time feature counts
@@ -184,7 +178,7 @@ def test_packed_step_on_cuda_matches_the_per_tensor_step(family, make_rule):
     """Same ATen code on CUDA: packed and per-tensor steps agree to float rounding (cuBLAS may round a
     row differently by the row count), and the state stays on the device, per parameter."""
     runs = []
-    for cls in (LearnedOptimizer, PerTensor):
+    for cls in (LearnedOptimizer, PerTensorSteps):
         model = _model().cuda()
         opt = cls(model.parameters(), make_rule(family), weight_decay=0.01)
         _train(model, opt, 3)
@@ -269,7 +263,7 @@ def test_packs_order_tensors_by_shape_and_runs_equal_the_per_tensor_step(make_ru
     """A pack lists same-shaped tensors consecutively (adafac_mlp then takes each run's per-tensor statistics
     with one batched operation): the result still equals stepping each tensor alone, to float rounding."""
     runs = []
-    for cls in (LearnedOptimizer, PerTensor):
+    for cls in (LearnedOptimizer, PerTensorSteps):
         model = _repeated_shapes_model()
         opt = cls(model.parameters(), make_rule("adafac_mlp"), weight_decay=0.01)
         with kernels.enabled_as(False):

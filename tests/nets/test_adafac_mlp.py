@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from learned_optim import AdafacMLP, LearnedOptimizer, functional_update, kernels
 from learned_optim.features import factored_moments, factored_preconditioner, matrix_view, overflowed, wide_sums
 from learned_optim.nets.adafac_mlp import mup_scale
+from learned_optim.testing import PerTensorSteps
 
 SHAPES = [(7,), (5, 3), (4, 2, 3, 3), (1, 6), (6, 1)]
 
@@ -315,13 +316,6 @@ def test_inference_blocks_are_large_on_an_accelerator():
     )
 
 
-class _PerTensor(LearnedOptimizer):
-    """No packs: every small tensor takes the one-shot path, every large one the blocked path (or the kernel)."""
-
-    def _plan_packs(self, params):
-        return [], params
-
-
 @pytest.mark.parametrize(
     "path", ["aten-packed", "aten-per-tensor", "aten-packed-as-on-gpu", "aten-per-tensor-as-on-gpu", "kernel"]
 )
@@ -348,7 +342,7 @@ def test_every_path_keeps_the_step_at_extreme_gradient_scales(scale, path, monke
     start = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
     grads = [[torch.randn(s, generator=gen, dtype=torch.float64) * scale for s in shapes] for _ in range(3)]
     moved = {}
-    cls = _PerTensor if path.startswith("aten-per-tensor") else LearnedOptimizer
+    cls = PerTensorSteps if path.startswith("aten-per-tensor") else LearnedOptimizer
     for dtype in (torch.float64, torch.float32):
         twin = AdafacMLP(rule.config).to(dtype)
         twin.load_state_dict(rule.state_dict())
