@@ -11,11 +11,20 @@ normalised by tuned AdamW's, and of the speed-up, as point values from 3 seeds p
   replacement, the same draw for the contender and AdamW; and the fraction of resamples meeting issue 15's bars
   (loss IQM at most 1.0, speed-up IQM at least 1.3).
 
+With ``--against OTHER`` it compares two contenders of the same results on the same tasks and seeds instead: each
+aggregate of the contender minus OTHER's, in the same paired resamples (the seeds of a task drawn once for both and
+AdamW), with its 95% interval and the fraction of resamples where the contender is ahead: how sure a decision
+between two nets is on those seeds.
+
 It reads stored runs only and chooses nothing.
 
     python benchmarks/aggregate_uncertainty.py benchmarks/results/bench/flagship-rerun-s18/results.json \
         --contender "adafac-mlp-adam-magnitude-tbv-nomup-soup-all8 [adamw]" \
         --store benchmarks/results/bench/full-runs/runs
+    python benchmarks/aggregate_uncertainty.py benchmarks/results/bench/soup-scale/stage2/results.json \
+        --contender "adafac-mlp-adam-magnitude-tbv-nomup-soup-all8-x2 [adamw]" \
+        --against "adafac-mlp-adam-magnitude-tbv-nomup-soup-all8 [adamw]" \
+        --store benchmarks/results/bench/selection-runs/runs
 """
 
 from __future__ import annotations
@@ -83,21 +92,56 @@ def aggregates(values: dict[str, np.ndarray], per_seed: bool = False) -> dict[st
 def bootstrap(values: dict[str, np.ndarray], resamples: int, seed: int = 0) -> dict[str, np.ndarray]:
     """The aggregates of ``resamples`` paired, stratified resamples: each task's seeds drawn with replacement, the
     same draw for every measure and for both optimizers."""
+    return paired_bootstrap([values], resamples, seed)[0]
+
+
+def paired_bootstrap(
+    contenders: Sequence[dict[str, np.ndarray]], resamples: int, seed: int = 0
+) -> list[dict[str, np.ndarray]]:
+    """:func:`bootstrap` of several contenders' values (:func:`per_seed_values`, the same tasks and seeds) with the
+    same draws for all of them."""
     rng = np.random.default_rng(seed)
-    tasks, seeds = values["val"].shape[0], values["val"].shape[2]
+    shape = contenders[0]["val"].shape
+    if any(values["val"].shape != shape for values in contenders):
+        raise SystemExit(
+            f"error: the contenders' runs differ in tasks or seeds: {[v['val'].shape for v in contenders]}"
+        )
+    tasks, seeds = shape[0], shape[2]
     rows = np.arange(tasks)[:, None]
-    draws: dict[str, list[float]] = {name: [] for name in values}
+    draws: list[dict[str, list[float]]] = [{name: [] for name in values} for values in contenders]
     for _ in range(resamples):
         pick = rng.integers(0, seeds, size=(tasks, seeds))
-        drawn = {
-            "val": values["val"][rows, :, pick].transpose(0, 2, 1),
-            "test": values["test"][rows, :, pick].transpose(0, 2, 1),
-        }
-        if "speedup" in values:
-            drawn["speedup"] = values["speedup"][rows, pick]
-        for name, value in aggregates(drawn).items():
-            draws[name].append(value)
-    return {name: np.array(v) for name, v in draws.items()}
+        for values, out in zip(contenders, draws, strict=True):
+            drawn = {name: values[name][rows, :, pick].transpose(0, 2, 1) for name in ("val", "test")}
+            if "speedup" in values:
+                drawn["speedup"] = values["speedup"][rows, pick]
+            for name, value in aggregates(drawn).items():
+                out[name].append(value)
+    return [{name: np.array(v) for name, v in out.items()} for out in draws]
+
+
+LABELS = {"val": "val loss / AdamW", "test": "test loss / AdamW", "speedup": "speed-up"}
+
+
+def print_comparison(contender: str, other: str, values: list[dict[str, np.ndarray]], resamples: int) -> None:
+    """The table of ``--against``: each aggregate of both, their difference, its interval, how often it favours
+    ``contender`` (a lower loss ratio, a higher speed-up)."""
+    points = [aggregates(v) for v in values]
+    draws = paired_bootstrap(values, resamples)
+    tasks, seeds = values[0]["val"].shape[0], values[0]["val"].shape[2]
+    print(f"{contender} against {other}: {tasks} tasks, {seeds} seeds each (paired); {resamples} resamples\n")
+    print("| aggregate (IQM over tasks) | contender | other | difference | bootstrap 95% interval "
+          "| resamples where the contender is ahead |\n|---|---|---|---|---|---|")  # fmt: skip
+    for name, label in LABELS.items():
+        if not all(name in d for d in draws):
+            continue
+        difference = draws[0][name] - draws[1][name]
+        low, high = np.percentile(difference, [2.5, 97.5])
+        ahead = (difference > 0) if name == "speedup" else (difference < 0)
+        print(
+            f"| {label} | {points[0][name]:.4f} | {points[1][name]:.4f} | {points[0][name] - points[1][name]:+.4f} "
+            f"| [{low:+.3f}, {high:+.3f}] | {ahead.mean():.2f} |"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -106,10 +150,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--contender", required=True, help='e.g. "NAME [adamw]", as in the results\' tables')
     parser.add_argument("--store", type=Path, action="append", default=[], help="run store(s) (runs/ folders)")
     parser.add_argument("--resamples", type=int, default=5000)
+    parser.add_argument("--against", default=None, help="another contender of the same results: a paired comparison")
     args = parser.parse_args(argv)
-    values = per_seed_values(
-        json.loads(args.results.read_text()), args.contender, args.store or [args.results.parent / "runs"]
-    )
+    results, stores = json.loads(args.results.read_text()), args.store or [args.results.parent / "runs"]
+    values = per_seed_values(results, args.contender, stores)
+    if args.against is not None:
+        print_comparison(
+            args.contender, args.against, [values, per_seed_values(results, args.against, stores)], args.resamples
+        )
+        return 0
     point, per_seed = aggregates(values), aggregates(values, per_seed=True)
     draws = bootstrap(values, args.resamples)
     tasks, seeds = values["val"].shape[0], values["val"].shape[2]
@@ -121,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         low, high = np.percentile(draws[name], [2.5, 97.5])
         meets = (draws[name] <= bound) if side == "at most" else (draws[name] >= bound)
-        label = {"val": "val loss / AdamW", "test": "test loss / AdamW", "speedup": "speed-up"}[name]
+        label = LABELS[name]
         other = f"{per_seed[name]:.4f}" if name != "speedup" else "-"
         print(
             f"| {label} | {point[name]:.4f} | {other} | [{low:.3f}, {high:.3f}] | {side} {bound} | {meets.mean():.2f} |"

@@ -340,3 +340,22 @@ def test_aggregate_uncertainty_reads_a_suite_and_resamples_seeds_in_pairs(tmp_pa
     stored = script.per_seed_values(results, "me [adamw]", [store])
     assert stored["val"][0, 0, 0] == 5.0 and stored["speedup"].shape == (4, 3)
     assert stored["speedup"][0, 0] == 0.0 and stored["speedup"][1, 0] == 1.0  # diverged: 0; the same curve: 1
+    # two contenders paired: the same resamples for both, the difference of each aggregate and who is ahead
+    for t in range(4):
+        for seed in range(3):
+            final = {"val_loss": 1.0 + seed + 0.5, "test_loss": 2.0}
+            runs.append({"task": f"t{t}", "contender": "worse [adamw]", "key": f"w{t}{seed}", "seed": seed,
+                         "final": final})  # fmt: skip
+    path.write_text(json.dumps(results))
+    me, worse = (
+        script.per_seed_values(results, name, [tmp_path / "no-store"]) for name in ("me [adamw]", "worse [adamw]")
+    )
+    paired = script.paired_bootstrap([me, worse], 100)
+    assert (paired[0]["val"] == script.bootstrap(me, 100)["val"]).all()  # the same draws as alone
+    assert script.main([str(path), "--contender", "me [adamw]", "--against", "worse [adamw]", "--resamples", "50"]) == 0
+    printed = capsys.readouterr().out
+    row = next(line for line in printed.splitlines() if line.startswith("| val loss / AdamW |"))
+    assert row.endswith("| 1.00 |") and "paired" in printed
+    short = {**worse, "val": worse["val"][:, :, :2], "test": worse["test"][:, :, :2]}
+    with pytest.raises(SystemExit, match="differ in tasks or seeds"):
+        script.paired_bootstrap([me, short], 10)
