@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 import learned_optim
 from learned_optim import build_rule, save_pretrained
-from learned_optim.hub import CheckpointError, load_rule_from_dir, parent_record, read_config, records_meta_training
+from learned_optim.hub import (
+    CheckpointError,
+    load_rule_from_dir,
+    parent_record,
+    read_config,
+    records_meta_training,
+    weights_sha256,
+)
 from learned_optim.meta.cli import main as meta_main
 from learned_optim.meta.soup import weight_soup
 
@@ -163,3 +171,16 @@ def test_the_soup_command_takes_a_parent_and_a_scale(tmp_path, capsys):
     assert meta_main([*args, "--scale", "1.5", "--parent", str(tmp_path / "parent")]) == 0
     config = read_config(tmp_path / "s")
     assert config["training"]["soup"]["scale"] == 1.5 and "--scale 1.5" in config["training"]["soup"]["command"]
+
+
+def test_the_shipped_flagship_is_the_soup_of_its_recorded_ingredients(tmp_path):
+    """Provenance of the zoo's flagship: the ingredients its config records are in the repository with the recorded
+    weights (SHA-256), and their soup made today equals the shipped weights bit for bit."""
+    root = Path(__file__).resolve().parents[2]
+    flagship = root / "pretrained" / learned_optim.FLAGSHIP
+    ingredients = read_config(flagship)["training"]["soup"]["ingredients"]
+    folders = [root / i["folder"] for i in ingredients]
+    assert len(folders) == 8 and [weights_sha256(f) for f in folders] == [i["weights_sha256"] for i in ingredients]
+    rebuilt = load_rule_from_dir(weight_soup(folders, tmp_path / "soup"))[0].state_dict()
+    shipped = load_rule_from_dir(flagship)[0].state_dict()
+    assert rebuilt.keys() == shipped.keys() and all(torch.equal(rebuilt[k], shipped[k]) for k in shipped)
