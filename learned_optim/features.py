@@ -29,6 +29,7 @@ __all__ = [
     "factored_means",
     "overflowed",
     "wide_sums",
+    "wide_sums_directly",
     "factored_preconditioner",
     "FactoredPackLayout",
     "factored_pack_layout",
@@ -131,9 +132,12 @@ def factored_moments(grad_sq: Tensor, row: Tensor, col: Tensor, decays: Tensor, 
 
     ``row``: ``(rows, K)``, ``col``: ``(cols, K)``, ``decays``: ``(K,)``. Returns the new ``(row, col)``.
     """
-    row_mean, col_mean = grad_sq.mean(dim=1), grad_sq.mean(dim=0)
-    if overflowed(row_mean, col_mean):
+    if wide_sums_directly(grad_sq):
         row_mean, col_mean = factored_means(grad_sq)
+    else:
+        row_mean, col_mean = grad_sq.mean(dim=1), grad_sq.mean(dim=0)
+        if overflowed(row_mean, col_mean):
+            row_mean, col_mean = factored_means(grad_sq)
     return ema(row, row_mean.unsqueeze(1) + eps, decays), ema(col, col_mean.unsqueeze(1) + eps, decays)
 
 
@@ -141,7 +145,8 @@ def factored_means(grad_sq: Tensor) -> tuple[Tensor, Tensor]:
     r"""The row and column means of ``grad_sq`` (``(..., rows, cols)``), :math:`\tfrac1C\sum_j G_{ij}` and
     :math:`\tfrac1R\sum_i G_{ij}`, summed in float64 and rounded to its dtype: a float32 sum of :math:`n` squared
     gradients overflows from :math:`n g^2 \approx 3 \cdot 10^{38}` on, where their mean is an ordinary float. The
-    steps take the float32 means, and these where those overflowed (:func:`overflowed`)."""
+    steps take the float32 means on the CPU, and these where those overflowed (:func:`overflowed`); on an
+    accelerator these alone (:func:`wide_sums_directly`)."""
     wide = torch.float64
     return grad_sq.mean(dim=-1, dtype=wide).to(grad_sq.dtype), grad_sq.mean(dim=-2, dtype=wide).to(grad_sq.dtype)
 
@@ -154,13 +159,20 @@ def wide_sums() -> bool:
     return not torch.is_grad_enabled()
 
 
+def wide_sums_directly(like: Tensor) -> bool:
+    """Whether a step takes the float64 sums of its :math:`g^2`-size statistics directly, without float32 ones and
+    the :func:`overflowed` check first: on an accelerator, where :func:`wide_sums`. Reading the check's flag would
+    make the host wait for the device (once per pack or tensor, twice per block of a large one); a float64 sum
+    there costs a launch like a float32 one. On the CPU the float32 sums are faster and the check is cheap."""
+    return wide_sums() and like.device.type != "cpu"
+
+
 def overflowed(*sums: Tensor) -> bool:
     """Whether any of ``sums`` is not finite (a float32 sum past its range), checked eagerly where :func:`wide_sums`.
-    On an accelerator the answer is ``True`` without a look: reading the flag would make the host wait for the
-    device at every check (several per tensor and step), and the float64 sums it guards cost little there. Where a
-    data-dependent branch is not possible on the CPU (under ``torch.compile``, whose graph it would break, or on
+    Where a data-dependent branch is not possible (under ``torch.compile``, whose graph it would break, or on
     tensors of a ``torch.func`` transform such as ``vmap``) the answer is ``False``: those steps keep the float32
-    sums."""
+    sums. Never asked of an accelerator's tensors (:func:`wide_sums_directly`), whose answer would be ``True``
+    without a look."""
     if not wide_sums():
         return False
     if any(x.device.type != "cpu" for x in sums):

@@ -32,6 +32,7 @@ from ..features import (
     rsqrt_features,
     time_features,
     wide_sums,
+    wide_sums_directly,
 )
 from .base import DecoupledUpdate, NetConfig, Segments, UpdateRule, register_family
 from .cells import inplace_allowed
@@ -427,6 +428,8 @@ class AdafacMLP(UpdateRule):
         squared in float64, and taken in float64 where they overflowed."""
         if not wide_sums():
             return torch.linalg.vector_norm(dense, dim=-1).square()
+        if wide_sums_directly(dense):
+            return torch.linalg.vector_norm(dense, dim=-1, dtype=torch.float64).square()
         i = self.v_feature_index
         v = torch.linalg.vector_norm(dense[i], dim=-1, dtype=torch.float64).unsqueeze(0)
         norms = [torch.linalg.vector_norm(dense[:i], dim=-1), v, torch.linalg.vector_norm(dense[i + 1 :], dim=-1)]
@@ -512,14 +515,21 @@ class AdafacMLP(UpdateRule):
         # Adafactor's row and column means of g^2, tensor by tensor (a run of same-shaped tensors at once), then
         # one EMA for the whole pack
         row_mean, col_mean = grad.new_empty(layout.rows), grad.new_empty(layout.cols)
-        for run in layout.runs:
-            g2 = sq[run.a : run.b].view(run.count, run.rows, run.cols)
-            torch.mean(g2, dim=2, out=row_mean[run.r0 : run.r1].view(run.count, run.rows))
-            torch.mean(g2, dim=1, out=col_mean[run.c0 : run.c1].view(run.count, run.cols))
-        if overflowed(row_mean, col_mean):
+
+        def wide_means() -> None:
             for run in layout.runs:
                 rows_mean, cols_mean = factored_means(sq[run.a : run.b].view(run.count, run.rows, run.cols))
                 row_mean[run.r0 : run.r1], col_mean[run.c0 : run.c1] = rows_mean.reshape(-1), cols_mean.reshape(-1)
+
+        if wide_sums_directly(grad):
+            wide_means()
+        else:
+            for run in layout.runs:
+                g2 = sq[run.a : run.b].view(run.count, run.rows, run.cols)
+                torch.mean(g2, dim=2, out=row_mean[run.r0 : run.r1].view(run.count, run.rows))
+                torch.mean(g2, dim=1, out=col_mean[run.c0 : run.c1].view(run.count, run.cols))
+            if overflowed(row_mean, col_mean):
+                wide_means()
         decay = self.factored_decay.to(dtype)
         row = ema(state["row"], (row_mean + c.factored_eps).unsqueeze(1), decay)  # (sum of rows, K)
         col = ema(state["col"], (col_mean + c.factored_eps).unsqueeze(1), decay)  # (sum of cols, K)
@@ -748,12 +758,16 @@ class AdafacMLP(UpdateRule):
         beta = self.momentum_decay.to(dtype).squeeze(1)
         # Adafactor's statistics first: the preconditioner of every block needs the new row and column means
         grad_rc = grad.view(rows, cols)
-        row_mean = torch.linalg.vector_norm(grad_rc, dim=1).square_().div_(cols)
-        # (ATen's vector_norm over dim 0 is 3-12x slower than a sum of the squares down the columns)
         grad_sq = grad_rc * grad_rc  # also the first pass's g^2
-        col_mean = torch.sum(grad_sq, dim=0).div_(rows)
-        if overflowed(row_mean, col_mean):
+        wide = wide_sums_directly(grad)  # every sum of g^2-size terms in float64 at once, no check read back
+        if wide:
             row_mean, col_mean = factored_means(grad_sq)
+        else:
+            row_mean = torch.linalg.vector_norm(grad_rc, dim=1).square_().div_(cols)
+            # (ATen's vector_norm over dim 0 is 3-12x slower than a sum of the squares down the columns)
+            col_mean = torch.sum(grad_sq, dim=0).div_(rows)
+            if overflowed(row_mean, col_mean):
+                row_mean, col_mean = factored_means(grad_sq)
         row_mean, col_mean = row_mean.add_(c.factored_eps), col_mean.add_(c.factored_eps)
         decay = self.factored_decay.to(dtype)
         row, col = ema(state["row"], row_mean.unsqueeze(1), decay), ema(state["col"], col_mean.unsqueeze(1), decay)
@@ -796,14 +810,14 @@ class AdafacMLP(UpdateRule):
                 # (K, chunk rows) as the transpose of a row-major block: a product with it needs no copy
                 a2 = factored_row_factor(row[r0:r1], row_scale).square_().t()
                 # reduced over the rows first: a (K, cols) transient, for a vector (cols 1) too
-                gphi = (torch.mm(a2, grad_sq[r0:r1]) * e2).sum(dim=1)
                 ratio, mphi = [], []
                 for i in range(j):
                     torch.mul(m_new[i], m_new[i], out=square)
                     ratio.append(torch.dot(square, w))
-                    # all K rows of a2 in one product: as cheap as one (it reads M_i^2 once), no strided a2[i]
-                    mphi.append(torch.dot(torch.mm(a2, square.view(r1 - r0, cols))[i], e2[i]))
-                if overflowed(gphi, *mphi):  # the sums over the rows of g^2 and m^2 past float32's range
+                    if not wide:  # all K rows of a2 in one product: as cheap as one (it reads M_i^2 once)
+                        mphi.append(torch.dot(torch.mm(a2, square.view(r1 - r0, cols))[i], e2[i]))
+                gphi = None if wide else (torch.mm(a2, grad_sq[r0:r1]) * e2).sum(dim=1)
+                if gphi is None or overflowed(gphi, *mphi):  # sums over the rows of g^2, m^2 past float32's range
                     a2w, e2w, chunk = a2.double(), e2.double(), (r1 - r0, cols)
                     gphi = (torch.mm(a2w, grad_sq[r0:r1].double()) * e2w).sum(dim=1)
                     mphi = [
@@ -811,8 +825,8 @@ class AdafacMLP(UpdateRule):
                         for i, m in enumerate(m_new)
                     ]
                 plain_rows = (g, param[a:b], *m_new)
-                plain = torch.stack([torch.dot(x, x) for x in plain_rows]).double()
-                if overflowed(plain):  # n g^2 past float32's range
+                plain = None if wide else torch.stack([torch.dot(x, x) for x in plain_rows]).double()
+                if plain is None or overflowed(plain):  # n g^2 past float32's range
                     norms = [torch.linalg.vector_norm(x, dtype=torch.float64) for x in plain_rows]
                     plain = torch.stack(norms).square()
                 v_squares = torch.linalg.vector_norm(v_new, dtype=torch.float64).square().unsqueeze(0)

@@ -316,6 +316,10 @@ def test_inference_blocks_are_large_on_an_accelerator():
     )
 
 
+def _never_asked(*sums: Tensor) -> bool:
+    raise AssertionError("an accelerator's step reads no overflow flag back")
+
+
 @pytest.mark.parametrize(
     "path", ["aten-packed", "aten-per-tensor", "aten-packed-as-on-gpu", "aten-per-tensor-as-on-gpu", "kernel"]
 )
@@ -327,9 +331,9 @@ def test_every_path_keeps_the_step_at_extreme_gradient_scales(scale, path, monke
     same optimizer to float32's precision: a pack of small tensors, a (300, 300) matrix and a (70000,) vector above
     the blocked path's bound, three steps. At 1e17 even float32 sums of g^2 over the vectors (n g^2 ~ 4e38 and 7e38;
     the (40000,) one in the pack, or alone on the one-shot path) overflow, where the ATen steps sum in float64 instead
-    (the kernel always does). ``-as-on-gpu``: the float32 run's overflow checks answered as on an accelerator
-    (always the float64 sums, no look at the float32 ones), so that the sums a GPU takes are checked at every scale
-    against the float64 run's, which has no overflow to redo."""
+    (the kernel always does). ``-as-on-gpu``: the float32 run takes the float64 sums directly, as on an
+    accelerator (:func:`~learned_optim.features.wide_sums_directly`: no float32 sums, no check), so that the sums a
+    GPU takes are checked at every scale against the float64 run's, which has no overflow to redo."""
     if path == "kernel" and not kernels.available():
         pytest.skip(f"native kernels unavailable: {kernels.build_error()}")
     torch.manual_seed(0)
@@ -350,7 +354,8 @@ def test_every_path_keeps_the_step_at_extreme_gradient_scales(scale, path, monke
         opt = cls(params, twin, lr=1.0, weight_decay=0.0)
         if path.endswith("-as-on-gpu") and dtype == torch.float32:
             for module in ("learned_optim.features", "learned_optim.nets.adafac_mlp"):
-                monkeypatch.setattr(f"{module}.overflowed", lambda *sums: wide_sums())
+                monkeypatch.setattr(f"{module}.wide_sums_directly", lambda like: wide_sums())
+                monkeypatch.setattr(f"{module}.overflowed", _never_asked)
         with kernels.forced() if path == "kernel" and dtype == torch.float32 else kernels.enabled_as(False):
             for step in grads:
                 for p, g in zip(params, step, strict=True):
