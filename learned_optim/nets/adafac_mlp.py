@@ -56,6 +56,7 @@ class AdafacMLPConfig(NetConfig):
     feature_rms_eps: float = 1e-12
     direction_rms_eps: float = 1e-12
     normalize_direction: bool = True
+    direction_clip: float | None = None
     step_magnitude: str = "unit"
     mup: bool = True
     mup_base_fan_in: int = 64
@@ -121,10 +122,13 @@ class AdafacMLP(UpdateRule):
     **RMS-normalised over the tensor** (``normalize_direction``; off for ablations: :math:`\Delta\theta = -s\,d`)
     and scaled by the tensor's μP scale :math:`s` (:func:`mup_scale`; 1 when ``mup`` is off):
 
-    .. math:: \Delta\theta = -\,s\,a\,\frac{d}{\sqrt{\overline{d^2} + \epsilon_d}}
+    .. math:: \Delta\theta = -\,s\,a\,\mathrm{clip}_{\pm\kappa}\big(d / \sqrt{\overline{d^2} + \epsilon_d}\big)
 
     so the runtime's :math:`\theta \leftarrow \theta(1 - \mathrm{lr}\,\lambda) + \mathrm{lr}\,\Delta\theta`
-    moves every tensor by RMS exactly :math:`\mathrm{lr}\cdot s\cdot a` per step. ``lr`` is a real learning
+    moves every tensor by RMS exactly :math:`\mathrm{lr}\cdot s\cdot a` per step (at most, with the clip:
+    ``direction_clip`` :math:`\kappa` bounds each coordinate of the normalised direction at :math:`\kappa` times
+    its RMS, a guard against a few coordinates taking most of the step; ``None``, the default, clips nothing; the
+    native kernel does not take it, so a clipped net steps on the ATen paths). ``lr`` is a real learning
     rate. The per-tensor magnitude :math:`a` is ``step_magnitude``: ``"unit"``, :math:`a = 1` (Celo2: the
     step's size is the lr schedule's alone); ``"adam"``, :math:`a` = the RMS over the tensor of Adam's own
     step :math:`\hat m (\hat v + \epsilon)^{-1/2}` at decay ``adam_feature_decay``, so the net sets the
@@ -176,6 +180,11 @@ class AdafacMLP(UpdateRule):
     #: 64k-coordinate blocks made a 10M-parameter step on an H200 72 ms against Adam's 0.44 ms.
     accelerator_coordinate_block: int = 1 << 20
 
+    def _uses_kernel(self) -> bool:
+        """Whether the native kernel steps this net here: built and used (:func:`~learned_optim.kernels.uses`), and
+        no ``direction_clip`` (which it does not take)."""
+        return self.config.direction_clip is None and kernels.uses("adafac_mlp")
+
     def block_coordinates(self, device: torch.device) -> int:
         """Coordinates per block of the inference path on ``device`` (and the one-shot path's upper bound)."""
         return self.coordinate_block if device.type == "cpu" else self.accelerator_coordinate_block
@@ -192,6 +201,11 @@ class AdafacMLP(UpdateRule):
         c = self.config
         if len(c.momentum_decays) != len(c.factored_decays):
             raise ValueError("AdafacMLP: momentum_decays and factored_decays must have the same length")
+        if c.direction_clip is not None and not (c.normalize_direction and c.direction_clip > 0):
+            raise ValueError(
+                f"AdafacMLP: direction_clip bounds the normalised direction: it needs normalize_direction and a "
+                f"bound above 0, got {c.direction_clip} with normalize_direction={c.normalize_direction}"
+            )
         if c.init not in ("adam", "random"):
             raise ValueError(f"AdafacMLP: init must be 'adam' or 'random', got {c.init!r}")
         if c.num_hidden_layers < 1 or c.hidden_size < 2:
@@ -376,7 +390,7 @@ class AdafacMLP(UpdateRule):
         if rows * cols != n:
             raise ValueError(f"AdafacMLP: shape {tuple(shape)} does not match a flat tensor of {n}")
         if inplace_allowed(grad, param, *self.parameters()) and (
-            n > self.block_coordinates(grad.device) or kernels.uses("adafac_mlp")
+            n > self.block_coordinates(grad.device) or self._uses_kernel()
         ):
             layout = factored_pack_layout((shape,))
             native = self._native_forward(grad, param, state, step, layout, out_state, update)
@@ -405,6 +419,8 @@ class AdafacMLP(UpdateRule):
         direction = x.squeeze(0)
         if c.normalize_direction:
             direction = rms_normalize(direction, dim=0, eps=c.direction_rms_eps)
+            if c.direction_clip is not None:
+                direction = direction.clamp(-c.direction_clip, c.direction_clip)
         return -self.step_scale(shape) * self._magnitude(dense_ms, scale) * direction, new_state
 
     def _magnitude(self, dense_ms: Tensor, scale: Tensor) -> Tensor | float:
@@ -610,7 +626,14 @@ class AdafacMLP(UpdateRule):
             for run in layout.runs:
                 per_tensor = direction[run.a : run.b].view(run.count, -1)
                 torch.linalg.vector_norm(per_tensor, dim=1, out=direction_rms[run.s0 : run.s1])
-            step_scale = step_scale * torch.rsqrt(direction_rms.square() / counts[0] + c.direction_rms_eps)
+            normaliser = torch.rsqrt(direction_rms.square() / counts[0] + c.direction_rms_eps)
+            if c.direction_clip is not None:  # normalised, clipped, then scaled
+                for run in layout.runs:
+                    per_tensor = direction[run.a : run.b].view(run.count, -1)
+                    per_tensor.mul_(normaliser[run.s0 : run.s1].unsqueeze(1))
+                    per_tensor.clamp_(-c.direction_clip, c.direction_clip)
+            else:
+                step_scale = step_scale * normaliser
         for run in layout.runs:
             direction[run.a : run.b].view(run.count, -1).mul_(step_scale[run.s0 : run.s1].unsqueeze(1))
         new_state = {**{f"m{i}": m[i] for i in range(j)}, "v": v, "row": row, "col": col}
@@ -633,7 +656,7 @@ class AdafacMLP(UpdateRule):
         the kernel's last sweep and ``None`` returned as the step. ``None`` where the kernel does not apply or
         is not used here, or autograd records (meta-training)."""
         c = self.config
-        native = grad.device.type == "cpu" and kernels.uses("adafac_mlp")
+        native = grad.device.type == "cpu" and self._uses_kernel()
         if not (native and inplace_allowed(grad, param, *self.parameters())):
             return None
         momenta = [f"m{i}" for i in range(len(c.momentum_decays))]
@@ -690,7 +713,7 @@ class AdafacMLP(UpdateRule):
         :meth:`UpdateRule.step_in_place`): contiguous float32 CPU parameters, gradients and state. The same kernel
         and arithmetic as the optimizer's per-tensor and packed steps (:meth:`_native_forward`), so the same
         result bit for bit, without their copies into and out of packs."""
-        native = kernels.uses("adafac_mlp") and inplace_allowed(*self.parameters())
+        native = self._uses_kernel() and inplace_allowed(*self.parameters())
         if not native or self.compute_dtype != torch.float32:
             return list(params)
         taken: list[tuple[Tensor, Tensor, Mapping[str, Tensor]]] = []  # parameter, gradient, state
@@ -884,7 +907,11 @@ class AdafacMLP(UpdateRule):
         step_scale = -self.step_scale(shape) * self._magnitude(sums / n, scale)
         if c.normalize_direction:
             mean_square = torch.as_tensor(sum_squares / n, dtype=dtype)
-            direction.mul_(torch.rsqrt(mean_square + c.direction_rms_eps) * step_scale)
+            if c.direction_clip is not None:  # normalised, clipped, then scaled
+                direction.mul_(torch.rsqrt(mean_square + c.direction_rms_eps))
+                direction.clamp_(-c.direction_clip, c.direction_clip).mul_(step_scale)
+            else:
+                direction.mul_(torch.rsqrt(mean_square + c.direction_rms_eps) * step_scale)
         else:
             direction.mul_(step_scale)
         return direction, new
