@@ -139,6 +139,48 @@ def test_direction_normalisation_switch():
     assert abs(float(d_off.detach().square().mean().sqrt()) - 1.0) > 1e-3
 
 
+def test_the_direction_clip_bounds_each_normalised_coordinate_on_every_path():
+    """``direction_clip`` kappa: the normalised direction clamped at +-kappa, coordinates under the bound unchanged;
+    the one-shot, packed and blocked paths agree (float rounding) and equal the unclipped step clamped at kappa
+    times its RMS; the native kernel is not used for it; a clip without the normalisation, or at 0, is refused."""
+    torch.manual_seed(0)
+    clipped = AdafacMLP(mup=False, direction_clip=2.0)
+    with torch.no_grad():  # heavy-tailed directions: random weights
+        for weight in clipped.parameters():
+            weight.normal_(0.0, 0.7)
+    free = AdafacMLP(mup=False)
+    free.load_state_dict(clipped.state_dict())
+    gen = torch.Generator().manual_seed(1)
+    grad, param = torch.randn(600, generator=gen) ** 3, torch.randn(600, generator=gen)
+    d_clip, _ = clipped(grad, param, clipped.init_state(600), torch.tensor(1.0))
+    d_free, _ = free(grad, param, free.init_state(600), torch.tensor(1.0))
+    assert float(d_free.detach().abs().max()) > 2.5  # the bound binds on some coordinates
+    torch.testing.assert_close(d_clip, d_free.clamp(-2.0, 2.0))
+    shapes = [(64, 32), (32,), (16, 8), (300, 300), (70_000,)]  # a pack, the one-shot path, the blocked path
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [torch.randn(s, generator=gen) ** 3 for s in shapes]
+    if kernels.available():
+        with kernels.forced():
+            assert free._uses_kernel() and not clipped._uses_kernel()
+    moved = []
+    with kernels.enabled_as(False):  # the free net on the same ATen paths as the clipped one
+        for cls, rule in ((LearnedOptimizer, clipped), (PerTensorSteps, clipped), (LearnedOptimizer, free)):
+            params = [nn.Parameter(x.clone()) for x in start]
+            opt = cls(params, rule, lr=1.0)
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+            moved.append([p.detach() - x for p, x in zip(params, start, strict=True)])
+    for packed, alone, unclipped in zip(*moved, strict=True):
+        torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-6)
+        # the free step is s a d / rms(d), of RMS s a: the clipped one is it clamped at 2 s a
+        bound = 2.0 * float(unclipped.square().mean().sqrt())
+        torch.testing.assert_close(packed, unclipped.clamp(-bound, bound), rtol=1e-4, atol=1e-6 * bound)
+    for bad in ({"direction_clip": 0.0}, {"direction_clip": 2.0, "normalize_direction": False}):
+        with pytest.raises(ValueError, match="direction_clip bounds the normalised direction"):
+            AdafacMLP(**bad)
+
+
 def test_mup_scale_per_shape():
     assert mup_scale((10,), 64) == 1.0  # bias / norm gain
     assert mup_scale((), 64) == 1.0
