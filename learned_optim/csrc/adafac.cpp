@@ -23,6 +23,7 @@
 // rows; float lanes flushed into double every FLUSH vectors) and the blocks' sums are added in order, so they
 // do not depend on the thread count; a coordinate's outputs do not depend on the coordinates around it.
 
+#include <algorithm>
 #include <cmath>
 #include <memory>
 #include <type_traits>
@@ -460,9 +461,10 @@ extern "C" {
 //   (q: feature_scale, the bias corrections of the ratio rows); the first layer's bias b1 and its row and
 //   column features become row_term and col_term; pass 2 (the raw direction d and sum d^2); then
 //
-//   delta = -step_scales[s] * [q_a sqrt(S_a / n)] * [rsqrt(sum d^2 / n + eps_d)] * d
+//   delta = -step_scales[s] * [q_a sqrt(S_a / n)] * clip([rsqrt(sum d^2 / n + eps_d)] * d)
 //
-// the first bracket for an Adam magnitude (adam_index >= 0), the second with `normalize`. w1 is the first
+// the first bracket for an Adam magnitude (adam_index >= 0), the second with `normalize`; clip bounds each
+// coordinate of the normalised direction at +-direction_clip where that is above 0 (else clips nothing). w1 is the first
 // layer's whole weight (H, 4 + 4J + 4J): dense, row, then column features. Writes delta into direction[s]; or,
 // with param_out (param_out[s]: the parameters themselves, or a copy of them), applies the decoupled update there
 // in the same sweep, param_out = param (1 - lr wd) + lr delta, and leaves `direction` alone (d goes to a scratch
@@ -476,7 +478,8 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
                             int per_tensor_counts, float feature_rms_eps, int hidden, int layers, const float* w1,
                             const float* b1,
                             const float* w, const float* b, const float* w_out, float b_out, int adam_index,
-                            int normalize, float direction_rms_eps, const float* step_scales, float* const* direction,
+                            int normalize, float direction_rms_eps, float direction_clip, const float* step_scales,
+                            float* const* direction,
                             float* const* param_out, double lr, double weight_decay, int threads) {
     return guarded([&]() -> int {
         if (tensors < 1 || j < 1 || j > MAX_J || hidden < 1 || hidden > MAX_H || layers < 1) return 1;
@@ -632,8 +635,15 @@ int lo_adafac_pack_step_f32(int64_t tensors, const int64_t* views, int j, const 
                 float scale = -step_scales[s];
                 if (adam_index >= 0)
                     scale *= q[adam_index] * static_cast<float>(std::sqrt(sums[adam_index] / static_cast<double>(n)));
-                if (normalize)
-                    scale *= 1.0f / std::sqrt(static_cast<float>(sumsq / static_cast<double>(n)) + direction_rms_eps);
+                const bool clip = normalize && direction_clip > 0.0f;
+                float unit = 1.0f;  // the direction's normaliser: before the clip, else folded into the scale
+                if (normalize) {
+                    unit = 1.0f / std::sqrt(static_cast<float>(sumsq / static_cast<double>(n)) + direction_rms_eps);
+                    if (!clip) scale *= unit;
+                }
+                if (clip) {  // normalised, clipped, then scaled, as the ATen steps
+                    for (int64_t i = 0; i < n; ++i) d[i] = std::clamp(d[i] * unit, -direction_clip, direction_clip);
+                }
                 if (param_out != nullptr) {
                     // the factors rounded to float once, as ATen's in-place mul_ and add_ of the Python update round them
                     const float keep = static_cast<float>(1.0 - lr * weight_decay), rate = static_cast<float>(lr);

@@ -236,7 +236,7 @@ def build() -> tuple[ctypes.CDLL, Path, str]:
     lib.lo_mlp_update_segments_f32.restype = c_int
     lib.lo_adafac_pack_step_f32.argtypes = [
         i64, ptr, c_int, *[ptr] * 11, f32, ptr, f32, ptr, f32, f32, ptr, c_int, f32,  # views, tensors, state, scalars
-        c_int, c_int, *[ptr] * 5, f32, c_int, c_int, f32, ptr, ptr,  # net, magnitude, scales, out
+        c_int, c_int, *[ptr] * 5, f32, c_int, c_int, f32, f32, ptr, ptr,  # net, magnitude, clip, scales, out
         ptr, f64, f64, c_int,  # the decoupled update (param_out, lr, weight decay), threads
     ]  # fmt: skip
     lib.lo_adafac_pack_step_f32.restype = c_int

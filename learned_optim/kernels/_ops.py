@@ -279,6 +279,8 @@ class AdafacNet(NamedTuple):
     adam_index: int | None
     #: RMS-normalise the direction per tensor
     normalize: bool
+    #: bound on each coordinate of the normalised direction (0: none)
+    direction_clip: float = 0.0
 
 
 def _mlp_layers(inner: Sequence[tuple[Tensor, Tensor]], w_out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -536,6 +538,7 @@ def _adafac_call(
         -1 if net.adam_index is None else net.adam_index,
         int(net.normalize),
         config["direction_rms_eps"],
+        float(net.direction_clip),
         step_scales.data_ptr(),
         row_of[8 + 2 * j],
         row_of[1] if update is not None else None,  # the update in place

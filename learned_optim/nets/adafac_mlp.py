@@ -127,12 +127,12 @@ class AdafacMLP(UpdateRule):
     so the runtime's :math:`\theta \leftarrow \theta(1 - \mathrm{lr}\,\lambda) + \mathrm{lr}\,\Delta\theta`
     moves every tensor by RMS exactly :math:`\mathrm{lr}\cdot s\cdot a` per step (at most, with the clip:
     ``direction_clip`` :math:`\kappa` bounds each coordinate of the normalised direction at :math:`\kappa` times
-    its RMS, a guard against a few coordinates taking most of the step; ``None``, the default, clips nothing; the
-    native kernel does not take it, so a clipped net steps on the ATen paths). ``lr`` is a real learning
-    rate. The per-tensor magnitude :math:`a` is ``step_magnitude``: ``"unit"``, :math:`a = 1` (Celo2: the
-    step's size is the lr schedule's alone); ``"adam"``, :math:`a` = the RMS over the tensor of Adam's own
-    step :math:`\hat m (\hat v + \epsilon)^{-1/2}` at decay ``adam_feature_decay``, so the net sets the
-    direction and Adam's signal-to-noise ratio still shrinks the step where gradients are mostly noise.
+    its RMS, a guard against a few coordinates taking most of the step; ``None``, the default, clips nothing).
+    ``lr`` is a real learning rate. The per-tensor magnitude :math:`a` is ``step_magnitude``: ``"unit"``,
+    :math:`a = 1` (Celo2: the step's size is the lr schedule's alone); ``"adam"``, :math:`a` = the RMS over the
+    tensor of Adam's own step :math:`\hat m (\hat v + \epsilon)^{-1/2}` at decay ``adam_feature_decay``, so the
+    net sets the direction and Adam's signal-to-noise ratio still shrinks the step where gradients are mostly
+    noise.
 
     ``init="adam"`` builds the MLP so that :math:`d` equals the normalised feature
     :math:`\hat m (\hat v + \epsilon)^{-1/2}` at decay ``adam_feature_decay`` exactly (two hidden units
@@ -179,11 +179,6 @@ class AdafacMLP(UpdateRule):
     #: The same on a GPU, where a block's cost is its ~25 kernel launches rather than its memory traffic:
     #: 64k-coordinate blocks made a 10M-parameter step on an H200 72 ms against Adam's 0.44 ms.
     accelerator_coordinate_block: int = 1 << 20
-
-    def _uses_kernel(self) -> bool:
-        """Whether the native kernel steps this net here: built and used (:func:`~learned_optim.kernels.uses`), and
-        no ``direction_clip`` (which it does not take)."""
-        return self.config.direction_clip is None and kernels.uses("adafac_mlp")
 
     def block_coordinates(self, device: torch.device) -> int:
         """Coordinates per block of the inference path on ``device`` (and the one-shot path's upper bound)."""
@@ -390,7 +385,7 @@ class AdafacMLP(UpdateRule):
         if rows * cols != n:
             raise ValueError(f"AdafacMLP: shape {tuple(shape)} does not match a flat tensor of {n}")
         if inplace_allowed(grad, param, *self.parameters()) and (
-            n > self.block_coordinates(grad.device) or self._uses_kernel()
+            n > self.block_coordinates(grad.device) or kernels.uses("adafac_mlp")
         ):
             layout = factored_pack_layout((shape,))
             native = self._native_forward(grad, param, state, step, layout, out_state, update)
@@ -656,7 +651,7 @@ class AdafacMLP(UpdateRule):
         the kernel's last sweep and ``None`` returned as the step. ``None`` where the kernel does not apply or
         is not used here, or autograd records (meta-training)."""
         c = self.config
-        native = grad.device.type == "cpu" and self._uses_kernel()
+        native = grad.device.type == "cpu" and kernels.uses("adafac_mlp")
         if not (native and inplace_allowed(grad, param, *self.parameters())):
             return None
         momenta = [f"m{i}" for i in range(len(c.momentum_decays))]
@@ -698,6 +693,7 @@ class AdafacMLP(UpdateRule):
             layers=[(layer.weight, layer.bias) for layer in linears[1:]],
             adam_index=self.adam_feature_index if c.step_magnitude == "adam" else None,
             normalize=c.normalize_direction,
+            direction_clip=c.direction_clip or 0.0,
         )
 
     @torch.no_grad()
@@ -713,7 +709,7 @@ class AdafacMLP(UpdateRule):
         :meth:`UpdateRule.step_in_place`): contiguous float32 CPU parameters, gradients and state. The same kernel
         and arithmetic as the optimizer's per-tensor and packed steps (:meth:`_native_forward`), so the same
         result bit for bit, without their copies into and out of packs."""
-        native = self._uses_kernel() and inplace_allowed(*self.parameters())
+        native = kernels.uses("adafac_mlp") and inplace_allowed(*self.parameters())
         if not native or self.compute_dtype != torch.float32:
             return list(params)
         taken: list[tuple[Tensor, Tensor, Mapping[str, Tensor]]] = []  # parameter, gradient, state

@@ -141,8 +141,8 @@ def test_direction_normalisation_switch():
 
 def test_the_direction_clip_bounds_each_normalised_coordinate_on_every_path():
     """``direction_clip`` kappa: the normalised direction clamped at +-kappa, coordinates under the bound unchanged;
-    the one-shot, packed and blocked paths agree (float rounding) and equal the unclipped step clamped at kappa
-    times its RMS; the native kernel is not used for it; a clip without the normalisation, or at 0, is refused."""
+    the one-shot, packed and blocked paths and the native kernel agree (float rounding) and equal the unclipped
+    step clamped at kappa times its RMS; a clip without the normalisation, or at 0, is refused."""
     torch.manual_seed(0)
     clipped = AdafacMLP(mup=False, direction_clip=2.0)
     with torch.no_grad():  # heavy-tailed directions: random weights
@@ -159,9 +159,6 @@ def test_the_direction_clip_bounds_each_normalised_coordinate_on_every_path():
     shapes = [(64, 32), (32,), (16, 8), (300, 300), (70_000,)]  # a pack, the one-shot path, the blocked path
     start = [torch.randn(s, generator=gen) for s in shapes]
     grads = [torch.randn(s, generator=gen) ** 3 for s in shapes]
-    if kernels.available():
-        with kernels.forced():
-            assert free._uses_kernel() and not clipped._uses_kernel()
     moved = []
     with kernels.enabled_as(False):  # the free net on the same ATen paths as the clipped one
         for cls, rule in ((LearnedOptimizer, clipped), (PerTensorSteps, clipped), (LearnedOptimizer, free)):
@@ -171,6 +168,15 @@ def test_the_direction_clip_bounds_each_normalised_coordinate_on_every_path():
                 p.grad = g.clone()
             opt.step()
             moved.append([p.detach() - x for p, x in zip(params, start, strict=True)])
+    if kernels.available():  # the native kernel's clip: the same steps to float rounding
+        params = [nn.Parameter(x.clone()) for x in start]
+        opt = LearnedOptimizer(params, clipped, lr=1.0)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        with kernels.forced():
+            opt.step()
+        for p, x, aten in zip(params, start, moved[0], strict=True):
+            torch.testing.assert_close(p.detach() - x, aten, rtol=0, atol=5e-4 * float(aten.abs().max()))
     for packed, alone, unclipped in zip(*moved, strict=True):
         torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-6)
         # the free step is s a d / rms(d), of RMS s a: the clipped one is it clamped at 2 s a
