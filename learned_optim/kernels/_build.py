@@ -11,6 +11,7 @@ import platform
 import shlex
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +20,17 @@ from .._files import write_atomically
 logger = logging.getLogger("learned_optim.kernels")
 
 SOURCE_DIR = Path(__file__).resolve().parent.parent / "csrc"
+
+
+def read_sources(folder: Path) -> dict[str, bytes]:
+    """The kernels' C++ sources and headers in ``folder``, by file name."""
+    return {f.name: f.read_bytes() for f in sorted(folder.glob("*.[ch]*"))}
+
+
+#: The sources as this process imported them: the library is built from these and keyed by them, so that a
+#: process whose Python bindings (the functions' signatures below) were imported before an edit of ``csrc/``
+#: never loads a library built from the edited files, whose signatures may differ.
+SOURCES = read_sources(SOURCE_DIR)
 FLAGS = ["-O3", "-ffp-contract=fast", "-fno-math-errno", "-fPIC", "-shared", "-std=gnu++17", "-pthread", "-Wno-psabi"]
 
 #: The instruction-set targets, best first: compiler flags and the CPU flags (``/proc/cpuinfo``) they need.
@@ -105,20 +117,23 @@ def requested_isa() -> str:
 
 
 def compile_library(compiler: list[str], flags: list[str], target: Path) -> None:
-    """Compile every ``csrc/*.cpp`` into the shared library ``target`` with ``compiler`` (a command: the compiler
-    and its leading arguments, e.g. ``["ccache", "g++"]``), written atomically and recorded by its digest
-    (:func:`intact`)."""
+    """Compile every ``*.cpp`` of :data:`SOURCES` (``csrc/`` as imported) into the shared library ``target`` with
+    ``compiler`` (a command: the compiler and its leading arguments, e.g. ``["ccache", "g++"]``), written
+    atomically and recorded by its digest (:func:`intact`)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    sources = [str(f) for f in sorted(SOURCE_DIR.glob("*.cpp"))]
 
     def compile_into(path: Path) -> None:
-        subprocess.run(
-            [*compiler, *flags, f"-I{SOURCE_DIR}", "-o", str(path), *sources],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        with tempfile.TemporaryDirectory(prefix="learned_optim-csrc-") as folder:
+            for name, text in SOURCES.items():
+                (Path(folder) / name).write_bytes(text)
+            sources = [str(Path(folder) / name) for name in SOURCES if name.endswith(".cpp")]
+            subprocess.run(
+                [*compiler, *flags, f"-I{folder}", "-o", str(path), *sources],
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
         write_atomically(_digest_path(target), _sha256(path).encode())  # before the library takes its name
 
     write_atomically(target, compile_into)  # concurrent builders never load a half-written file
@@ -169,7 +184,7 @@ def build() -> tuple[ctypes.CDLL, Path, str]:
         raise RuntimeError(f"no C++ compiler found (looked for {os.environ.get('CXX', 'c++')!r}; set $CXX)")
     compiler = [found, *command[1:]]
     version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    source = b"\0".join(f.name.encode() + f.read_bytes() for f in sorted(SOURCE_DIR.glob("*.[ch]*")))
+    source = b"\0".join(name.encode() + text for name, text in SOURCES.items())
     flags = FLAGS + ISAS[target_isa][0] + openmp_flags(version)
     key = hashlib.sha256(
         b"\0".join(

@@ -1131,3 +1131,17 @@ def test_a_build_removes_what_killed_builds_left_in_the_cache(tmp_path):
         os.utime(path, (stale, stale))
     _build.remove_stale_temporaries(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([recent.name, library.name])
+
+
+@needs_kernels
+def test_the_library_is_built_from_the_sources_as_imported(tmp_path, monkeypatch):
+    """An edit of ``csrc/`` after import (a developer changing a kernel's signature while a long run goes on) changes
+    nothing for a running process: its library is keyed and built from the sources it imported, the ones its
+    bindings declare the signatures of, not from what the disk holds now."""
+    _, library, _ = _build.build()
+    edited = tmp_path / "csrc"
+    edited.mkdir()
+    (edited / "adafac.cpp").write_text("int lo_adafac_pack_step_f32(int changed_signature) { return 0; }\n")
+    monkeypatch.setattr(_build, "SOURCE_DIR", edited)
+    _, again, _ = _build.build()
+    assert again == library and set(_build.SOURCES) >= {"adafac.cpp", "vec.h"}
