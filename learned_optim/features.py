@@ -27,6 +27,7 @@ __all__ = [
     "matrix_view",
     "factored_moments",
     "factored_means",
+    "checked_factored_means",
     "overflowed",
     "wide_sums",
     "wide_sums_directly",
@@ -132,12 +133,7 @@ def factored_moments(grad_sq: Tensor, row: Tensor, col: Tensor, decays: Tensor, 
 
     ``row``: ``(rows, K)``, ``col``: ``(cols, K)``, ``decays``: ``(K,)``. Returns the new ``(row, col)``.
     """
-    if wide_sums_directly(grad_sq):
-        row_mean, col_mean = factored_means(grad_sq)
-    else:
-        row_mean, col_mean = grad_sq.mean(dim=1), grad_sq.mean(dim=0)
-        if overflowed(row_mean, col_mean):
-            row_mean, col_mean = factored_means(grad_sq)
+    row_mean, col_mean = checked_factored_means(grad_sq)
     return ema(row, row_mean.unsqueeze(1) + eps, decays), ema(col, col_mean.unsqueeze(1) + eps, decays)
 
 
@@ -149,6 +145,20 @@ def factored_means(grad_sq: Tensor) -> tuple[Tensor, Tensor]:
     accelerator these alone (:func:`wide_sums_directly`)."""
     wide = torch.float64
     return grad_sq.mean(dim=-1, dtype=wide).to(grad_sq.dtype), grad_sq.mean(dim=-2, dtype=wide).to(grad_sq.dtype)
+
+
+def checked_factored_means(
+    grad_sq: Tensor, float32_means: Callable[[], tuple[Tensor, Tensor]] | None = None
+) -> tuple[Tensor, Tensor]:
+    """The row and column means of ``grad_sq`` (``(rows, cols)``) as the steps take them: on an accelerator
+    :func:`factored_means` directly (:func:`wide_sums_directly`); elsewhere the float32 means (``float32_means()``,
+    by default ``grad_sq.mean`` over each axis), and :func:`factored_means` where those overflowed."""
+    if wide_sums_directly(grad_sq):
+        return factored_means(grad_sq)
+    row_mean, col_mean = float32_means() if float32_means is not None else (grad_sq.mean(dim=1), grad_sq.mean(dim=0))
+    if overflowed(row_mean, col_mean):
+        return factored_means(grad_sq)
+    return row_mean, col_mean
 
 
 def wide_sums() -> bool:

@@ -86,6 +86,11 @@ def iqm(values: Sequence[float]) -> float:
     return float(trim_mean(finite, 0.25)) if finite else math.nan
 
 
+def _floats(values: Sequence[float | None]) -> list[float]:
+    """``values`` as floats, a missing one (``None``, a loss the run never measured) as NaN."""
+    return [float(v) if v is not None else math.nan for v in values]
+
+
 def first_reach(steps: Sequence[int], values: Sequence[float | None], target: float) -> int | None:
     """The first step > 0 whose value is finite and <= ``target`` (``None`` if there is none)."""
     for s, v in zip(steps, values, strict=True):
@@ -111,7 +116,7 @@ def training_curve(
     for start, end in zip([0, *ends[:-1]], ends, strict=True):
         if end > len(train_loss):
             break
-        window = [float(v) if v is not None else math.nan for v in train_loss[start:end]]
+        window = _floats(train_loss[start:end])
         steps.append(end)
         values.append(sum(window) / len(window))
     return steps, values
@@ -127,7 +132,7 @@ def sliding_training_curve(
     width = -(-horizon // windows) if windows >= 1 else 0
     if width < 1 or len(train_loss) < width:
         return [], []
-    values = [float(v) if v is not None else math.nan for v in train_loss[:horizon]]
+    values = _floats(train_loss[:horizon])
     prefix, bad = [0.0], [0]
     for v in values:
         finite = math.isfinite(v)
@@ -143,7 +148,7 @@ def diverged(train_loss: Sequence[float | None], nonfinite_at: int | None) -> bo
     steps above the first step's (see the module docstring)."""
     if nonfinite_at is not None or not train_loss:
         return nonfinite_at is not None
-    tail = [float(v) if v is not None else math.nan for v in train_loss[-max(1, len(train_loss) // 20) :]]
+    tail = _floats(train_loss[-max(1, len(train_loss) // 20) :])
     first = train_loss[0]
     return first is None or not sum(tail) / len(tail) <= first
 

@@ -19,6 +19,7 @@ from .. import kernels
 from ..features import (
     FactoredPackLayout,
     bias_corrected,
+    checked_factored_means,
     ema,
     factored_means,
     factored_moments,
@@ -616,21 +617,20 @@ class AdafacMLP(UpdateRule):
         step_scale = -layout.step_scales(self.step_scale, grad)
         if c.step_magnitude == "adam":
             step_scale = step_scale * self._magnitude(dense_ms, scale)
+        clip = c.direction_clip  # set only with normalize_direction (checked in __init__)
         if c.normalize_direction:
             direction_rms = grad.new_empty(len(shapes))
             for run in layout.runs:
                 per_tensor = direction[run.a : run.b].view(run.count, -1)
                 torch.linalg.vector_norm(per_tensor, dim=1, out=direction_rms[run.s0 : run.s1])
             normaliser = torch.rsqrt(direction_rms.square() / counts[0] + c.direction_rms_eps)
-            if c.direction_clip is not None:  # normalised, clipped, then scaled
-                for run in layout.runs:
-                    per_tensor = direction[run.a : run.b].view(run.count, -1)
-                    per_tensor.mul_(normaliser[run.s0 : run.s1].unsqueeze(1))
-                    per_tensor.clamp_(-c.direction_clip, c.direction_clip)
-            else:
+            if clip is None:
                 step_scale = step_scale * normaliser
         for run in layout.runs:
-            direction[run.a : run.b].view(run.count, -1).mul_(step_scale[run.s0 : run.s1].unsqueeze(1))
+            per_tensor = direction[run.a : run.b].view(run.count, -1)
+            if clip is not None:  # normalised, clipped, then scaled
+                per_tensor.mul_(normaliser[run.s0 : run.s1].unsqueeze(1)).clamp_(-clip, clip)
+            per_tensor.mul_(step_scale[run.s0 : run.s1].unsqueeze(1))
         new_state = {**{f"m{i}": m[i] for i in range(j)}, "v": v, "row": row, "col": col}
         return direction, new_state
 
@@ -779,14 +779,14 @@ class AdafacMLP(UpdateRule):
         grad_rc = grad.view(rows, cols)
         grad_sq = grad_rc * grad_rc  # also the first pass's g^2
         wide = wide_sums_directly(grad)  # every sum of g^2-size terms in float64 at once, no check read back
-        if wide:
-            row_mean, col_mean = factored_means(grad_sq)
-        else:
-            row_mean = torch.linalg.vector_norm(grad_rc, dim=1).square_().div_(cols)
+        row_mean, col_mean = checked_factored_means(
+            grad_sq,
             # (ATen's vector_norm over dim 0 is 3-12x slower than a sum of the squares down the columns)
-            col_mean = torch.sum(grad_sq, dim=0).div_(rows)
-            if overflowed(row_mean, col_mean):
-                row_mean, col_mean = factored_means(grad_sq)
+            lambda: (
+                torch.linalg.vector_norm(grad_rc, dim=1).square_().div_(cols),
+                torch.sum(grad_sq, dim=0).div_(rows),
+            ),
+        )
         row_mean, col_mean = row_mean.add_(c.factored_eps), col_mean.add_(c.factored_eps)
         decay = self.factored_decay.to(dtype)
         row, col = ema(state["row"], row_mean.unsqueeze(1), decay), ema(state["col"], col_mean.unsqueeze(1), decay)
