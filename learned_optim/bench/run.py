@@ -12,9 +12,6 @@ winning lr or weight decay at the edge of the grid extends the grid past it, see
 * ``adamw-default``, on request: ``torch.optim.AdamW`` *untuned*, at torch's defaults (lr 1e-3, weight decay
   0.01) with AdamW's warm-up and cosine schedule: what a user who tunes nothing gets, the counterpart of the
   learned optimizers' ``default`` rule (its grid is that one setting, never extended);
-* ``adamw-beta2-0.95``, on request: ``adamw`` with the second-moment decay 0.95 instead of torch's 0.999 (the
-  value of language-model recipes and of Celo2's learned optimizer), tuned on AdamW's grid: the reference for a
-  learned optimizer run at that decay;
 * the flatness-seeking baselines, on request (``--baselines``; the seeds' comparisons): ``sam`` (SAM,
   :math:`\rho` 0.05), ``gsam`` (GSAM, :math:`\rho` 0.05, :math:`\alpha` 0.4) and ``gam`` (GAM, the reference
   CIFAR settings), each over SGD with momentum 0.9, and ``entropy-sgd`` (Entropy-SGD, 20 SGLD steps), all with
@@ -156,7 +153,6 @@ FULL_GRIDS: dict[str, Grid] = {
     **dict.fromkeys(("sam", "gsam", "gam"), Grid((3e-3, 1e-2, 3e-2, 1e-1, 3e-1), schedule="cosine")),
     "entropy-sgd": Grid(ENTROPY_SGD_GRID, schedule="cosine"),
     "sam-adamw": ADAMW_FULL_GRID,
-    "adamw-beta2-0.95": ADAMW_FULL_GRID,
 }
 QUICK_GRIDS: dict[str, Grid] = {
     "adamw": ADAMW_QUICK_GRID,
@@ -166,7 +162,6 @@ QUICK_GRIDS: dict[str, Grid] = {
     **dict.fromkeys(("sam", "gsam", "gam"), Grid((3e-2, 3e-1), schedule="cosine")),
     "entropy-sgd": Grid((1.0, 0.1), schedule="cosine"),
     "sam-adamw": ADAMW_QUICK_GRID,
-    "adamw-beta2-0.95": ADAMW_QUICK_GRID,
 }
 QUICK_LEARNED_LR_MULTIPLIERS: tuple[float, ...] = (0.3, 1.0)
 #: Test-time adaptation in the suite (``--adapt-steps``): unroll length, Adam lr on the net's weights, and the
@@ -235,7 +230,6 @@ _BASELINE_CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
     "entropy-sgd": ("entropy-sgd", {}),
     "sam-adamw": ("sam-adamw", {}),
     "adamw-default": ("adamw", {}),
-    "adamw-beta2-0.95": ("adamw", {"betas": (0.9, 0.95)}),
 }
 #: Every baseline the suite knows, by name.
 BASELINE_NAMES: tuple[str, ...] = tuple(_BASELINE_CLASSES)

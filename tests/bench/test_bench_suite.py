@@ -256,18 +256,6 @@ def test_adamw_default_is_untuned_adamw_at_torchs_defaults():
     assert tried == want and result.chosen == want[0]
 
 
-def test_adamw_beta2_095_is_adamw_at_that_decay_on_adamws_grid():
-    """The reference for a learned optimizer run at second-moment decay 0.95: torch.optim.AdamW with betas
-    (0.9, 0.95), its own run identity, tuned on AdamW's grids and schedule."""
-    optimizer = brun.baseline_optimizer("adamw-beta2-0.95")
-    assert optimizer.identity != brun.baseline_optimizer("adamw").identity
-    built = optimizer.build([torch.nn.Parameter(torch.zeros(3))], 1e-3, 0.1)
-    assert isinstance(built, torch.optim.AdamW) and built.defaults["betas"] == (0.9, 0.95)
-    assert built.defaults["lr"] == 1e-3 and built.defaults["weight_decay"] == 0.1
-    for grids in (brun.FULL_GRIDS, brun.QUICK_GRIDS):
-        assert grids["adamw-beta2-0.95"] == grids["adamw"]
-
-
 def test_the_suite_runs_the_cheap_baselines_unless_asked():
     assert inspect.signature(run_suite).parameters["baselines"].default == bsuite.DEFAULT_BASELINES
     assert bsuite.DEFAULT_BASELINES == ("adamw", "adam", "sgd-momentum")
