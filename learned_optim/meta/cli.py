@@ -21,6 +21,7 @@ folder gets ``log.jsonl``, ``checkpoint/`` and, when training finishes, ``model/
 Weight averaging of fine-tunes of one parent (:func:`learned_optim.meta.soup.weight_soup`)::
 
     python -m learned_optim.meta soup runs/ft-s0/model runs/ft-s1/model --out runs/ft-soup
+    python -m learned_optim.meta soup runs/ft-s0/model runs/ft-s1/model --out runs/b2 --net second_moment_decay=0.95
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ import os
 import shlex
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from ..schedules import SCHEDULES
-from .config import CONFIG_DIR, load_config, resolve_config_path
+from .config import CONFIG_DIR, load_config, parse_override, resolve_config_path
 
 __all__ = ["main", "build_parser", "resolve_config_path", "CONFIG_DIR"]
 
@@ -80,7 +82,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="write parent + SCALE x (the sources' mean - parent): <1 toward the parent, >1 past the mean (default 1)",
     )
+    soup.add_argument(
+        "--net",
+        dest="net_overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="change a net setting the weights do not depend on, e.g. --net second_moment_decay=0.95 (repeatable)",
+    )
     return parser
+
+
+def _net_settings(items: Sequence[str]) -> dict[str, Any]:
+    """``["field=value", ...]`` (values parsed as YAML) -> ``{field: value}``; net fields have no dots."""
+    settings = {}
+    for item in items:
+        keys, value = parse_override(item)
+        if len(keys) != 1:
+            raise ValueError(f"--net {item!r}: give a field of the net's configuration, e.g. second_moment_decay=0.95")
+        settings[keys[0]] = value
+    return settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -105,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 command=shlex.join(["python", "-m", "learned_optim.meta", *argv]),
                 parent=args.parent,
                 scale=args.scale,
+                net_overrides=_net_settings(args.net_overrides),
             )
         except ValueError as err:  # CheckpointError included
             print(f"error: {err}", file=sys.stderr)

@@ -13,14 +13,15 @@ past the mean for :math:`\lambda > 1`, as task arithmetic, Ilharco et al. 2023):
 .. math:: \phi_{\lambda} = \phi_0 + \lambda \Big(\frac{1}{n} \sum_{i=1}^{n} \phi_i - \phi_0\Big)
 
 Only checkpoints of the same family and net configuration, fine-tuned from the same parent, are averaged;
-anything else is refused with a clear error.
+anything else is refused with a clear error. Settings of the net that its weights do not depend on (a decay, a
+clip) can be changed in the soup (``net_overrides``): the weights stay the average, and the change is recorded.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from ..hub import (
     save_pretrained,
     weights_sha256,
 )
+from ..nets import UpdateRule, build_rule
 
 __all__ = ["weight_soup"]
 
@@ -51,6 +53,31 @@ def _one(values: list[Any], what: str, sources: Sequence[Path]) -> Any:
     return next(iter(distinct.values()), None)
 
 
+def _listing(overrides: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k} {v!r}" for k, v in overrides.items())
+
+
+def _with_net_settings(rule: UpdateRule, family: str, overrides: dict[str, Any]) -> UpdateRule:
+    """``rule``'s weights in a net of ``family`` whose configuration is ``rule``'s with ``overrides``; a
+    :class:`ValueError` when a field is unknown or invalid or the weights do not fit the changed net."""
+    try:
+        changed = build_rule(family, {**rule.config.to_dict(), **overrides})
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"net settings {_listing(overrides)}: {err}") from None
+    weights, needed = rule.state_dict(), changed.state_dict()
+    differing = sorted(
+        k
+        for k in weights.keys() | needed.keys()
+        if k not in weights or k not in needed or weights[k].shape != needed[k].shape
+    )
+    if differing:
+        raise ValueError(
+            f"net settings {_listing(overrides)} change the net's weights ({', '.join(differing)}), which a soup keeps"
+        )
+    changed.load_state_dict(weights, strict=True)
+    return changed
+
+
 def weight_soup(
     sources: Sequence[str | os.PathLike],
     out: str | os.PathLike,
@@ -61,6 +88,7 @@ def weight_soup(
     command: str | None = None,
     parent: str | os.PathLike | None = None,
     scale: float = 1.0,
+    net_overrides: Mapping[str, Any] | None = None,
 ) -> Path:
     r"""Write the uniform weight average of the checkpoint folders ``sources`` as a checkpoint folder ``out``.
 
@@ -74,6 +102,8 @@ def weight_soup(
         parent: the folder of the sources' common parent checkpoint :math:`\phi_0` (its name must be the one the
             sources record, its family and net theirs); needed for a ``scale`` other than 1.
         scale: :math:`\lambda`, the soup :math:`\phi_0 + \lambda (\bar\phi - \phi_0)`; 1 is the plain average.
+        net_overrides: net configuration fields to change in the soup, e.g. ``{"second_moment_decay": 0.95}``: only
+            fields that leave every weight's shape as it is (the averaged weights are loaded strictly).
 
     The sources' optimizer defaults (``lr``) must agree; the soup records every ingredient (folder, name,
     weights' SHA-256), the common parent under ``training`` and, for a scaled soup, the scale and the parent
@@ -125,6 +155,9 @@ def weight_soup(
             start = {k: v.double() for k, v in origin.state_dict().items()}
             averaged = {k: start[k] + scale * (v - start[k]) for k, v in averaged.items()}
     soup.load_state_dict({k: v.to(states[0][k].dtype) for k, v in averaged.items()}, strict=True)
+    overrides = dict(net_overrides or {})
+    if overrides:
+        soup = _with_net_settings(soup, family, overrides)
     ingredients: list[dict[str, Any]] = []
     for path, c in zip(paths, configs, strict=True):
         meta = (c.get("training") or {}).get("meta_training") or {}
@@ -141,6 +174,8 @@ def weight_soup(
     recipe: dict[str, Any] = {"ingredients": ingredients, "command": command}
     if parent is not None:
         recipe |= {"scale": scale, "parent_folder": str(parent), "parent_weights_sha256": weights_sha256(parent)}
+    if overrides:
+        recipe["net_overrides"] = overrides
     training = {"soup": recipe, "parent": parents[0]}
     name = name or f"{configs[0].get('name') or family}-soup"
     average = f"uniform weight average of {len(paths)} fine-tunes of {parent_name}"
@@ -148,6 +183,7 @@ def weight_soup(
         (f"{parent_name} plus {scale:g} x its displacement to the " if parent is not None else "The ")
         + f"{average}: "
         + ", ".join(str(i["name"]) for i in ingredients)
+        + (f"; net settings changed: {_listing(overrides)}" if overrides else "")
         + "."
     )
     config = {"name": name, "family": family, "net": soup.config.to_dict(), "training": training}
@@ -170,6 +206,10 @@ def weight_soup(
             for i in ingredients
         ),
     ]
+    if overrides:
+        net = configs[0].get("net") or {}
+        changes = ", ".join(f"`{k}` {net.get(k, 'unset')!r} -> {v!r}" for k, v in overrides.items())
+        sections += ["", f"Net settings changed from the ingredients' (the weights are the average): {changes}."]
     times = [i["wall_time_seconds"] for i in ingredients]
     if all(isinstance(t, (int, float)) for t in times):
         sections += [

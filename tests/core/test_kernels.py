@@ -294,6 +294,7 @@ def _adafac_step(rule, grad, param, state, step, shape, in_place):
         ((3, 1), {"momentum_decays": (0.5,), "factored_decays": (0.9,), "adam_feature_decay": 0.5}),
         ((1, 7), {"normalize_direction": False}),
         ((9, 4), {"step_magnitude": "unit"}),
+        ((37, 23), {"second_moment_decay": 0.95, "step_magnitude": "adam"}),
     ],
     ids=str,
 )

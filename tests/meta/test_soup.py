@@ -173,6 +173,43 @@ def test_the_soup_command_takes_a_parent_and_a_scale(tmp_path, capsys):
     assert config["training"]["soup"]["scale"] == 1.5 and "--scale 1.5" in config["training"]["soup"]["command"]
 
 
+def test_a_soup_can_change_net_settings_its_weights_do_not_depend_on(tmp_path, capsys):
+    """``net_overrides`` / ``--net``: the soup's weights are the plain average bit for bit, its net configuration has
+    the new values, and the change is recorded in its config and card; a field that is unknown, invalid or changes
+    the weights' shapes is refused before anything is written."""
+    fine_tune(tmp_path / "a", seed=0)
+    fine_tune(tmp_path / "b", seed=1)
+    sources = [tmp_path / "a", tmp_path / "b"]
+    plain = load_rule_from_dir(weight_soup(sources, tmp_path / "plain"))[0].state_dict()
+    out = weight_soup(sources, tmp_path / "b2", net_overrides={"second_moment_decay": 0.95, "direction_clip": 3.0})
+    rule, config = load_rule_from_dir(out)
+    assert rule.config.second_moment_decay == 0.95 and rule.config.direction_clip == 3.0
+    assert config["net"]["hidden_size"] == NET["hidden_size"]
+    assert all(torch.equal(value, plain[key]) for key, value in rule.state_dict().items())
+    assert config["training"]["soup"]["net_overrides"] == {"second_moment_decay": 0.95, "direction_clip": 3.0}
+    assert "`second_moment_decay` 0.999 -> 0.95" in (out / "README.md").read_text()
+    assert "net settings changed: second_moment_decay 0.95" in config["description"]
+    for overrides, message in (
+        ({"hidden_size": 8}, "change the net's weights"),
+        ({"second_moment_dacay": 0.9}, "has no field"),
+        ({"second_moment_decay": "fast"}, "second_moment_decay"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            weight_soup(sources, tmp_path / "refused", net_overrides=overrides)
+    assert not (tmp_path / "refused").exists()
+    args = ["soup", *map(str, sources), "--out", str(tmp_path / "cli")]
+    assert meta_main([*args, "--net", "second_moment_decay=0.95"]) == 0
+    recipe = read_config(tmp_path / "cli")["training"]["soup"]
+    assert (
+        recipe["net_overrides"] == {"second_moment_decay": 0.95}
+        and "--net second_moment_decay=0.95" in recipe["command"]
+    )
+    capsys.readouterr()
+    assert meta_main([*args, "--net", "unroll.lr=1"]) == 2 and meta_main([*args, "--net", "hidden_size=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("error: ") for line in err)
+
+
 def test_the_shipped_flagship_is_the_soup_of_its_recorded_ingredients(tmp_path):
     """Provenance of the zoo's flagship: the ingredients its config records are in the repository with the recorded
     weights (SHA-256), and their soup made today equals the shipped weights bit for bit."""

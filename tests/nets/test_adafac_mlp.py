@@ -231,16 +231,18 @@ def test_untrained_net_is_adamw_with_normalised_updates():
             q.data.copy_(p.detach())  # follow our trajectory so both see the same gradients
 
 
+@pytest.mark.parametrize("beta2", [0.999, 0.95])
 @pytest.mark.parametrize("block", [None, 16])
-def test_untrained_net_with_adam_magnitude_is_exactly_adamw(block):
+def test_untrained_net_with_adam_magnitude_is_exactly_adamw(block, beta2):
     """init="adam", step_magnitude="adam", mup off: the normalised direction times the RMS of Adam's own
-    step is Adam's step, so the untrained optimizer is torch.optim.AdamW (one-shot and blocked paths)."""
+    step is Adam's step, so the untrained optimizer is torch.optim.AdamW (one-shot and blocked paths), with
+    the net's second-moment decay as AdamW's beta2."""
     model, twin = _model_and_twin()
-    rule = AdafacMLP(step_magnitude="adam", mup=False)
+    rule = AdafacMLP(step_magnitude="adam", mup=False, second_moment_decay=beta2)
     if block is not None:
         rule.coordinate_block = block
     opt = LearnedOptimizer(model.parameters(), rule, lr=1e-2, weight_decay=0.1)
-    adamw = torch.optim.AdamW(twin.parameters(), lr=1e-2, betas=(0.9, 0.999), weight_decay=0.1)
+    adamw = torch.optim.AdamW(twin.parameters(), lr=1e-2, betas=(0.9, beta2), weight_decay=0.1)
     gen = torch.Generator().manual_seed(1)
     for _ in range(20):
         x, y = torch.randn(16, 8, generator=gen), torch.randn(16, 4, generator=gen)
@@ -291,6 +293,7 @@ def test_adapt_fine_tunes_the_net_with_a_real_lr():
         ((900,), 128, {"normalize_direction": False}),  # a vector: one column, its row terms block by block
         ((290, 2), 20, {}),  # a tall matrix: row terms made 20 rows (two blocks) at a time, the last span shorter
         ((6, 4, 3, 3), 50, {"mup": False, "step_magnitude": "adam"}),  # a conv weight as (out, in*kh*kw)
+        ((37, 23), 100, {"second_moment_decay": 0.95, "step_magnitude": "adam"}),
     ],
 )
 @pytest.mark.parametrize("in_place", [False, True])
