@@ -35,7 +35,6 @@ from ..hub import (
     save_pretrained,
     weights_sha256,
 )
-from ..nets import UpdateRule, build_rule
 
 __all__ = ["weight_soup"]
 
@@ -51,31 +50,6 @@ def _one(values: list[Any], what: str, sources: Sequence[Path]) -> Any:
         listing = ", ".join(f"{s}: {v!r}" for s, v in zip(sources, values, strict=True))
         raise CheckpointError(f"soup ingredients disagree on {what} ({listing})")
     return next(iter(distinct.values()), None)
-
-
-def _listing(overrides: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k} {v!r}" for k, v in overrides.items())
-
-
-def _with_net_settings(rule: UpdateRule, family: str, overrides: dict[str, Any]) -> UpdateRule:
-    """``rule``'s weights in a net of ``family`` whose configuration is ``rule``'s with ``overrides``; a
-    :class:`ValueError` when a field is unknown or invalid or the weights do not fit the changed net."""
-    try:
-        changed = build_rule(family, {**rule.config.to_dict(), **overrides})
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise ValueError(f"net settings {_listing(overrides)}: {err}") from None
-    weights, needed = rule.state_dict(), changed.state_dict()
-    differing = sorted(
-        k
-        for k in weights.keys() | needed.keys()
-        if k not in weights or k not in needed or weights[k].shape != needed[k].shape
-    )
-    if differing:
-        raise ValueError(
-            f"net settings {_listing(overrides)} change the net's weights ({', '.join(differing)}), which a soup keeps"
-        )
-    changed.load_state_dict(weights, strict=True)
-    return changed
 
 
 def weight_soup(
@@ -157,7 +131,7 @@ def weight_soup(
     soup.load_state_dict({k: v.to(states[0][k].dtype) for k, v in averaged.items()}, strict=True)
     overrides = dict(net_overrides or {})
     if overrides:
-        soup = _with_net_settings(soup, family, overrides)
+        soup = soup.reconfigured(**overrides)
     ingredients: list[dict[str, Any]] = []
     for path, c in zip(paths, configs, strict=True):
         meta = (c.get("training") or {}).get("meta_training") or {}
@@ -183,7 +157,7 @@ def weight_soup(
         (f"{parent_name} plus {scale:g} x its displacement to the " if parent is not None else "The ")
         + f"{average}: "
         + ", ".join(str(i["name"]) for i in ingredients)
-        + (f"; net settings changed: {_listing(overrides)}" if overrides else "")
+        + ("; net settings changed: " + ", ".join(f"{k} {v!r}" for k, v in overrides.items()) if overrides else "")
         + "."
     )
     config = {"name": name, "family": family, "net": soup.config.to_dict(), "training": training}

@@ -202,12 +202,20 @@ class MetaTrainer:
                     f"init_from {cfg.init_from!r} is a {rule.family!r} net but net.family is "
                     f"{cfg.net.family!r}; fine-tuning keeps the parent's architecture (drop net.family)"
                 )
-            if cfg.net.config and {**rule.config.to_dict(), **cfg.net.config} != rule.config.to_dict():
-                raise ValueError(
-                    f"init_from keeps the parent's architecture {rule.config.to_dict()}; "
-                    f"net.config {cfg.net.config} differs (drop net.config)"
-                )
-            self.parent = parent_record(parent_config, init_from=str(cfg.init_from))
+            parent_net = rule.config.to_dict()
+            changed = {
+                k: v for k, v in (cfg.net.config or {}).items() if parent_net.get(k, v) != v or k not in parent_net
+            }
+            if changed:  # settings the weights do not depend on (a decay, a clip) may differ from the parent's
+                try:
+                    rule = rule.reconfigured(**changed)
+                except ValueError as err:
+                    raise ValueError(
+                        f"init_from keeps the parent's weights; net.config may change only settings they do not "
+                        f"depend on: {err}"
+                    ) from None
+            extra = {"net_overrides": changed} if changed else {}
+            self.parent = parent_record(parent_config, init_from=str(cfg.init_from), **extra)
             return rule
         assert cfg.net.family is not None  # the config requires net.family without init_from
         with torch.random.fork_rng(devices=[]):

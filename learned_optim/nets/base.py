@@ -201,6 +201,30 @@ class UpdateRule(nn.Module):
         self.config = config
         self.provenance = Provenance()
 
+    def reconfigured(self, **settings: Any) -> UpdateRule:
+        """These weights in a net of the same family whose configuration has ``settings`` changed: for settings the
+        weights do not depend on (a decay, a clip, an epsilon), e.g. ``rule.reconfigured(second_moment_decay=0.95)``.
+        A :class:`ValueError` when a field is unknown or invalid, or when a weight of the changed net differs in name
+        or shape; the provenance is kept."""
+        listing = ", ".join(f"{k}={v!r}" for k, v in settings.items())
+        try:
+            changed = build_rule(self.family, {**self.config.to_dict(), **settings})
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"net settings {listing}: {err}") from None
+        weights, needed = self.state_dict(), changed.state_dict()
+        differing = sorted(
+            k
+            for k in weights.keys() | needed.keys()
+            if k not in weights or k not in needed or weights[k].shape != needed[k].shape
+        )
+        if differing:
+            raise ValueError(f"net settings {listing} change the net's weights ({', '.join(differing)})")
+        changed.to(dtype=self.compute_dtype, device=next(self.parameters()).device)
+        changed.load_state_dict(weights, strict=True)
+        changed.provenance = self.provenance
+        changed.requires_grad_(any(p.requires_grad for p in self.parameters()))
+        return changed
+
     @property
     def compute_dtype(self) -> torch.dtype:
         """The dtype the net runs in: that of its weights (float32 unless converted)."""

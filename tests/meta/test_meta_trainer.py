@@ -250,6 +250,32 @@ def test_init_from_fine_tunes_a_folder_keeping_its_architecture(tmp_path):
         MetaTrainer(tiny_config(init_from=str(parent), net__family="rnnprop"), out_dir=tmp_path / "x", progress=False)
 
 
+def test_init_from_may_change_settings_the_parents_weights_do_not_depend_on(tmp_path):
+    """A fine-tune at another second-moment decay: the parent's weights, the new setting in the net and in the
+    parent record; a setting that changes a weight's shape is refused."""
+    adafac = {"net__family": "adafac_mlp", "net__config": {"hidden_size": 4}}
+    parent = MetaTrainer(tiny_config(name="parent", meta_epochs=1, **adafac), out_dir=tmp_path / "p", progress=False)
+    folder = parent.train()
+    child_config = tiny_config(
+        name="child", meta_epochs=1, init_from=str(folder), net__family=None, net__config={"second_moment_decay": 0.95}
+    )
+    child = MetaTrainer(child_config, out_dir=tmp_path / "child", progress=False)
+    assert child.rule.config.second_moment_decay == 0.95 and child.rule.config.hidden_size == 4
+    assert all(torch.equal(weights_of(folder)[k], v) for k, v in child.rule.state_dict().items())
+    config = json.loads((child.train() / "config.json").read_text())
+    assert config["net"]["second_moment_decay"] == 0.95
+    assert config["training"]["parent"]["net_overrides"] == {"second_moment_decay": 0.95}
+    same = tiny_config(init_from=str(folder), net__family=None, net__config={"hidden_size": 4})
+    assert "net_overrides" not in MetaTrainer(same, out_dir=tmp_path / "same", progress=False).parent
+    for bad, message in (({"hidden_size": 8}, "change the net's weights"), ({"hidden_sise": 4}, "has no field")):
+        with pytest.raises(ValueError, match=message):
+            MetaTrainer(
+                tiny_config(init_from=str(folder), net__family=None, net__config=bad),
+                out_dir=tmp_path / "x",
+                progress=False,
+            )
+
+
 def test_meta_optimizer_defaults_follow_the_net_family(tmp_path):
     lstm = MetaTrainer(tiny_config(), out_dir=tmp_path / "a", progress=False)
     assert isinstance(lstm.meta_optimizer, torch.optim.Adam) and lstm.meta_lr == 1e-3

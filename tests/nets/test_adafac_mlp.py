@@ -255,6 +255,20 @@ def test_untrained_net_with_adam_magnitude_is_exactly_adamw(block, beta2):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
 
 
+def test_reconfigured_keeps_the_weights_dtype_and_provenance_and_refuses_a_change_of_shape():
+    rule = AdafacMLP(hidden_size=4).double().requires_grad_(False)
+    changed = rule.reconfigured(second_moment_decay=0.95, direction_clip=3.0)
+    assert (changed.config.second_moment_decay, changed.config.direction_clip) == (0.95, 3.0)
+    assert changed.config.hidden_size == 4 and changed.provenance is rule.provenance
+    assert changed.compute_dtype == torch.float64 and not any(p.requires_grad for p in changed.parameters())
+    assert all(torch.equal(v, rule.state_dict()[k]) for k, v in changed.state_dict().items())
+    assert rule.config.second_moment_decay == 0.999  # the original is left as it was
+    with pytest.raises(ValueError, match="change the net's weights"):
+        rule.reconfigured(hidden_size=8)
+    with pytest.raises(ValueError, match="momentum_decays"):
+        rule.reconfigured(momentum_decays=(0.9,))  # fewer features: the first layer's shape changes
+
+
 def test_bad_shape_and_config_raise_clear_errors():
     rule = AdafacMLP()
     with pytest.raises(ValueError, match="step_magnitude must be"):
