@@ -203,9 +203,7 @@ class MetaTrainer:
                     f"{cfg.net.family!r}; fine-tuning keeps the parent's architecture (drop net.family)"
                 )
             parent_net = rule.config.to_dict()
-            changed = {
-                k: v for k, v in (cfg.net.config or {}).items() if parent_net.get(k, v) != v or k not in parent_net
-            }
+            changed = {k: v for k, v in (cfg.net.config or {}).items() if k not in parent_net or parent_net[k] != v}
             if changed:  # settings the weights do not depend on (a decay, a clip) may differ from the parent's
                 try:
                     rule = rule.reconfigured(**changed)
