@@ -11,9 +11,12 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 from torch import Tensor
+
+_Sums = TypeVar("_Sums", bound=Tensor | tuple[Tensor, ...])
 
 __all__ = [
     "log_and_sign",
@@ -28,6 +31,7 @@ __all__ = [
     "factored_moments",
     "factored_means",
     "checked_factored_means",
+    "checked_sums",
     "overflowed",
     "wide_sums",
     "wide_sums_directly",
@@ -150,15 +154,23 @@ def factored_means(grad_sq: Tensor) -> tuple[Tensor, Tensor]:
 def checked_factored_means(
     grad_sq: Tensor, float32_means: Callable[[], tuple[Tensor, Tensor]] | None = None
 ) -> tuple[Tensor, Tensor]:
-    """The row and column means of ``grad_sq`` (``(rows, cols)``) as the steps take them: on an accelerator
-    :func:`factored_means` directly (:func:`wide_sums_directly`); elsewhere the float32 means (``float32_means()``,
-    by default ``grad_sq.mean`` over each axis), and :func:`factored_means` where those overflowed."""
-    if wide_sums_directly(grad_sq):
-        return factored_means(grad_sq)
-    row_mean, col_mean = float32_means() if float32_means is not None else (grad_sq.mean(dim=1), grad_sq.mean(dim=0))
-    if overflowed(row_mean, col_mean):
-        return factored_means(grad_sq)
-    return row_mean, col_mean
+    """The row and column means of ``grad_sq`` (``(rows, cols)``) as the steps take them (:func:`checked_sums`):
+    the float32 means (``float32_means()``, by default ``grad_sq.mean`` over each axis), or :func:`factored_means`."""
+    narrow = float32_means or (lambda: (grad_sq.mean(dim=1), grad_sq.mean(dim=0)))
+    return checked_sums(grad_sq, narrow, lambda: factored_means(grad_sq))
+
+
+def checked_sums(like: Tensor, narrow: Callable[[], _Sums], wide: Callable[[], _Sums]) -> _Sums:
+    """A step's sums over :math:`g^2`-size terms, where float32's range may not hold them: ``wide()`` (the float64
+    sums) directly on an accelerator (:func:`wide_sums_directly`, ``like`` tells the device); elsewhere ``narrow()``
+    (the float32 sums, faster on a CPU), and ``wide()`` instead where any of those overflowed (:func:`overflowed`).
+    Both return a tensor or a tuple of tensors; ``narrow()`` may be as inexact as float32 where it is finite."""
+    if wide_sums_directly(like):
+        return wide()
+    sums = narrow()
+    if overflowed(*((sums,) if isinstance(sums, Tensor) else sums)):
+        return wide()
+    return sums
 
 
 def wide_sums() -> bool:

@@ -20,6 +20,7 @@ from ..features import (
     FactoredPackLayout,
     bias_corrected,
     checked_factored_means,
+    checked_sums,
     ema,
     factored_means,
     factored_moments,
@@ -28,7 +29,6 @@ from ..features import (
     factored_row_factor,
     factored_rsqrt_factors,
     matrix_view,
-    overflowed,
     rms_normalize,
     rsqrt_features,
     time_features,
@@ -440,15 +440,17 @@ class AdafacMLP(UpdateRule):
         squared in float64, and taken in float64 where they overflowed."""
         if not wide_sums():
             return torch.linalg.vector_norm(dense, dim=-1).square()
-        if wide_sums_directly(dense):
-            return torch.linalg.vector_norm(dense, dim=-1, dtype=torch.float64).square()
         i = self.v_feature_index
-        v = torch.linalg.vector_norm(dense[i], dim=-1, dtype=torch.float64).unsqueeze(0)
-        norms = [torch.linalg.vector_norm(dense[:i], dim=-1), v, torch.linalg.vector_norm(dense[i + 1 :], dim=-1)]
-        sums = torch.cat([x.double() for x in norms]).square()
-        if overflowed(sums):  # a float32 norm of a row ~ g past its range (n g^2 ~ 3e38): every row in float64
-            sums = torch.linalg.vector_norm(dense, dim=-1, dtype=torch.float64).square()
-        return sums
+
+        def narrow() -> Tensor:  # overflows where a float32 norm of a row ~ g does (n g^2 ~ 3e38)
+            v = torch.linalg.vector_norm(dense[i], dim=-1, dtype=torch.float64).unsqueeze(0)
+            norms = [torch.linalg.vector_norm(dense[:i], dim=-1), v, torch.linalg.vector_norm(dense[i + 1 :], dim=-1)]
+            return torch.cat([x.double() for x in norms]).square()
+
+        def wide() -> Tensor:
+            return torch.linalg.vector_norm(dense, dim=-1, dtype=torch.float64).square()
+
+        return checked_sums(dense, narrow, wide)
 
     def _first_layer(
         self, dense_ms: Tensor, scale: Tensor, row_ms: Tensor, col_ms: Tensor, step: Tensor
@@ -528,20 +530,18 @@ class AdafacMLP(UpdateRule):
         # one EMA for the whole pack
         row_mean, col_mean = grad.new_empty(layout.rows), grad.new_empty(layout.cols)
 
-        def wide_means() -> None:
-            for run in layout.runs:
-                rows_mean, cols_mean = factored_means(sq[run.a : run.b].view(run.count, run.rows, run.cols))
-                row_mean[run.r0 : run.r1], col_mean[run.c0 : run.c1] = rows_mean.reshape(-1), cols_mean.reshape(-1)
-
-        if wide_sums_directly(grad):
-            wide_means()
-        else:
+        def means(wide: bool) -> tuple[Tensor, Tensor]:
             for run in layout.runs:
                 g2 = sq[run.a : run.b].view(run.count, run.rows, run.cols)
-                torch.mean(g2, dim=2, out=row_mean[run.r0 : run.r1].view(run.count, run.rows))
-                torch.mean(g2, dim=1, out=col_mean[run.c0 : run.c1].view(run.count, run.cols))
-            if overflowed(row_mean, col_mean):
-                wide_means()
+                if wide:
+                    rows_mean, cols_mean = factored_means(g2)
+                    row_mean[run.r0 : run.r1], col_mean[run.c0 : run.c1] = rows_mean.reshape(-1), cols_mean.reshape(-1)
+                else:
+                    torch.mean(g2, dim=2, out=row_mean[run.r0 : run.r1].view(run.count, run.rows))
+                    torch.mean(g2, dim=1, out=col_mean[run.c0 : run.c1].view(run.count, run.cols))
+            return row_mean, col_mean
+
+        checked_sums(grad, lambda: means(wide=False), lambda: means(wide=True))
         decay = self.factored_decay.to(dtype)
         row = ema(state["row"], (row_mean + c.factored_eps).unsqueeze(1), decay)  # (sum of rows, K)
         col = ema(state["col"], (col_mean + c.factored_eps).unsqueeze(1), decay)  # (sum of cols, K)
@@ -815,8 +815,9 @@ class AdafacMLP(UpdateRule):
             scratch = grad.new_empty(2, chunk_rows * cols)
             e2 = col_factor.square()  # phi_k^2 = a2[k, r] e2[k, c]
             sums = grad.new_zeros(4 + 4 * j, dtype=torch.float64)
-            for r0 in range(0, rows, chunk_rows):
-                r1 = min(r0 + chunk_rows, rows)
+
+            def chunk_sums(r0: int, r1: int) -> Tensor:
+                """The state of rows ``r0:r1`` updated in place, and their sums of squares in float64."""
                 a, b = r0 * cols, r1 * cols
                 g, m_new, v_new = grad[a:b], [new[f"m{i}"][a:b] for i in range(j)], new["v"][a:b]
                 for i in range(j):
@@ -827,30 +828,41 @@ class AdafacMLP(UpdateRule):
                 w, square = scratch[0, : b - a], scratch[1, : b - a]
                 torch.mul(v_new, v_correction, out=w).add_(c.moment_eps).reciprocal_()
                 # (K, chunk rows) as the transpose of a row-major block: a product with it needs no copy
-                a2 = factored_row_factor(row[r0:r1], row_scale).square_().t()
+                a2, chunk = factored_row_factor(row[r0:r1], row_scale).square_().t(), (r1 - r0, cols)
                 # reduced over the rows first: a (K, cols) transient, for a vector (cols 1) too
-                ratio, mphi = [], []
+                ratio, narrow_mphi = [], []
                 for i in range(j):
                     torch.mul(m_new[i], m_new[i], out=square)
                     ratio.append(torch.dot(square, w))
-                    if not wide:  # all K rows of a2 in one product: as cheap as one (it reads M_i^2 once)
-                        mphi.append(torch.dot(torch.mm(a2, square.view(r1 - r0, cols))[i], e2[i]))
-                gphi = None if wide else (torch.mm(a2, grad_sq[r0:r1]) * e2).sum(dim=1)
-                if gphi is None or overflowed(gphi, *mphi):  # sums over the rows of g^2, m^2 past float32's range
-                    a2w, e2w, chunk = a2.double(), e2.double(), (r1 - r0, cols)
-                    gphi = (torch.mm(a2w, grad_sq[r0:r1].double()) * e2w).sum(dim=1)
+                    if not wide:  # the float32 sums share this square; all K rows of a2 in one product: as cheap as one
+                        narrow_mphi.append(torch.dot(torch.mm(a2, square.view(chunk))[i], e2[i]))
+
+                def narrow_phi() -> tuple[Tensor, Tensor]:
+                    return (torch.mm(a2, grad_sq[r0:r1]) * e2).sum(dim=1), torch.stack(narrow_mphi)
+
+                def wide_phi() -> tuple[Tensor, Tensor]:
+                    a2w, e2w = a2.double(), e2.double()
                     mphi = [
                         torch.dot(torch.mm(a2w, m.double().square().view(chunk))[i], e2w[i])
                         for i, m in enumerate(m_new)
                     ]
+                    return (torch.mm(a2w, grad_sq[r0:r1].double()) * e2w).sum(dim=1), torch.stack(mphi)
+
+                gphi, mphi = checked_sums(grad, narrow_phi, wide_phi)  # sums over the rows of g^2 and m^2
                 plain_rows = (g, param[a:b], *m_new)
-                plain = None if wide else torch.stack([torch.dot(x, x) for x in plain_rows]).double()
-                if plain is None or overflowed(plain):  # n g^2 past float32's range
-                    norms = [torch.linalg.vector_norm(x, dtype=torch.float64) for x in plain_rows]
-                    plain = torch.stack(norms).square()
+                plain = checked_sums(  # sums of n g^2
+                    grad,
+                    lambda: torch.stack([torch.dot(x, x) for x in plain_rows]).double(),
+                    lambda: torch.stack(
+                        [torch.linalg.vector_norm(x, dtype=torch.float64) for x in plain_rows]
+                    ).square(),
+                )
                 v_squares = torch.linalg.vector_norm(v_new, dtype=torch.float64).square().unsqueeze(0)
-                rest = [torch.stack([*ratio, w.sum()]), gphi, torch.stack(mphi)]
-                sums += torch.cat([plain, v_squares, *(x.double() for x in rest)])
+                rest = [torch.stack([*ratio, w.sum()]), gphi, mphi]
+                return torch.cat([plain, v_squares, *(x.double() for x in rest)])
+
+            for r0 in range(0, rows, chunk_rows):
+                sums += chunk_sums(r0, min(r0 + chunk_rows, rows))
             return sums
 
         def direction_and_sum_squares() -> tuple[Tensor, Tensor]:
