@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
 from torch import Tensor, nn
 
 from learned_optim import AdafacMLP, LearnedOptimizer, functional_update, kernels
-from learned_optim.features import factored_moments, factored_preconditioner, matrix_view, overflowed, wide_sums
+from learned_optim.features import (
+    checked_sums,
+    factored_moments,
+    factored_preconditioner,
+    matrix_view,
+    overflowed,
+    wide_sums,
+)
 from learned_optim.nets.adafac_mlp import mup_scale
 from learned_optim.testing import PerTensorSteps
 
@@ -441,6 +449,34 @@ def test_the_overflow_check_reads_a_cpu_sum_and_never_an_accelerators():
     with torch.no_grad():
         assert not overflowed(finite) and overflowed(finite, past) and overflowed(elsewhere)
     assert not overflowed(past) and not overflowed(elsewhere)
+
+
+def test_checked_sums_takes_float32_sums_unless_they_overflowed_and_float64_sums_directly_on_an_accelerator():
+    """:func:`~learned_optim.features.checked_sums`: on the CPU the float32 sums when finite (the float64 ones never
+    made), the float64 ones when any float32 sum overflowed (in a tuple too); on an accelerator (a ``meta`` tensor
+    stands in) the float64 sums without making the float32 ones; under autograd the float32 sums whatever they are."""
+    x = torch.tensor([3e19, 1.0])
+    made: list[str] = []
+
+    def sums(kind: str, dtype: torch.dtype) -> Callable[[], tuple[Tensor, Tensor]]:
+        def make() -> tuple[Tensor, Tensor]:
+            made.append(kind)
+            return x.to(dtype).square().sum(), x.to(dtype).sum()
+
+        return make
+
+    with torch.no_grad():
+        small = checked_sums(x[1:], lambda: x[1:].square().sum(), lambda: pytest.fail("float64 sums made"))
+        assert small.item() == 1.0
+        narrow_sum, wide_sum = checked_sums(x, sums("narrow", torch.float32), sums("wide", torch.float64))
+        assert made == ["narrow", "wide"] and wide_sum.dtype == torch.float64 and math.isfinite(narrow_sum.item())
+        on_device = torch.empty(2, device="meta")
+        made.clear()
+        checked_sums(on_device, sums("narrow", torch.float32), sums("wide", torch.float64))
+        assert made == ["wide"]
+    made.clear()
+    past = checked_sums(x, sums("narrow", torch.float32), sums("wide", torch.float64))
+    assert made == ["narrow"] and math.isinf(past[0].item())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
