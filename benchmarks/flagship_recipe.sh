@@ -4,7 +4,7 @@
 #   2. eight TBPTT fine-tunes of that parent, two at a time (the 2 cores): no regularizer, SAM (weight 1), GSAM,
 #      local entropy, each at meta-seeds 0 and 1 (62.7 min of single-core time for the shipped ones: ~31 min);
 #   3. their uniform weight average (python -m learned_optim.meta soup; seconds).
-# About 2 h on this 2-core machine. Rerun the same command after an interruption: a stage whose net exists is
+# About 2 h on this 2-core machine (AMD EPYC); 100 min on session 29's Intel Xeon (run at decay 0.95, the same compute). Rerun the same command after an interruption: a stage whose net exists is
 # skipped, a run with a checkpoint resumes (--resume).
 #
 #   bash benchmarks/flagship_recipe.sh runs/flagship                      # the recipe
