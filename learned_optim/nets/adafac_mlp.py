@@ -541,7 +541,7 @@ class AdafacMLP(UpdateRule):
                     torch.mean(g2, dim=1, out=col_mean[run.c0 : run.c1].view(run.count, run.cols))
             return row_mean, col_mean
 
-        checked_sums(grad, lambda: means(wide=False), lambda: means(wide=True))
+        row_mean, col_mean = checked_sums(grad, lambda: means(wide=False), lambda: means(wide=True))
         decay = self.factored_decay.to(dtype)
         row = ema(state["row"], (row_mean + c.factored_eps).unsqueeze(1), decay)  # (sum of rows, K)
         col = ema(state["col"], (col_mean + c.factored_eps).unsqueeze(1), decay)  # (sum of cols, K)

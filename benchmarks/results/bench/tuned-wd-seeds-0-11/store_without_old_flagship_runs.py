@@ -4,11 +4,11 @@ seeds 0-5, which older code made, so that a bench run with ``--baseline-dir OUT`
     python benchmarks/results/bench/tuned-wd-seeds-0-11/store_without_old_flagship_runs.py OUT
 """
 
-import gzip
-import json
 import os
 import sys
 from pathlib import Path
+
+from learned_optim.bench.run import RECORD_SUFFIX, read_run_record
 
 FLAGSHIP = "adafac-mlp-adam-magnitude-tbv-nomup-soup-all8"
 STORE = Path(__file__).resolve().parents[1] / "full-runs" / "runs"
@@ -18,9 +18,10 @@ def main(out: Path) -> None:
     target = out / "runs"
     target.mkdir(parents=True, exist_ok=True)
     kept = left_out = 0
-    for run in sorted(STORE.glob("*.json.gz")):
-        with gzip.open(run, "rt") as f:
-            record = json.load(f)
+    for run in sorted(STORE.glob(f"*{RECORD_SUFFIX}")):
+        record = read_run_record([STORE], run.name.removesuffix(RECORD_SUFFIX))
+        if record is None:  # (read_run_record warned which file and why)
+            continue
         if record["optimizer"] == FLAGSHIP and record["seed"] < 6:
             left_out += 1
             continue
