@@ -61,9 +61,13 @@ def log_and_sign(grad: Tensor, k: float = 5.0, eps: float = 1e-20) -> Tensor:
     return torch.stack([magnitude, sign], dim=-1)
 
 
-def ema(average: Tensor, value: Tensor, decay: float | Tensor) -> Tensor:
-    r"""Exponential moving average :math:`a \leftarrow \beta a + (1-\beta) x` (out of place)."""
-    return average * decay + value * (1.0 - decay)
+def ema(average: Tensor, value: Tensor, decay: float | Tensor, out: Tensor | None = None) -> Tensor:
+    r"""Exponential moving average :math:`a \leftarrow \beta a + (1-\beta) x`: out of place, or into ``out`` (no
+    autograd; ``out`` may be ``average`` itself) without a transient of the broadcast shape."""
+    if out is None:
+        return average * decay + value * (1.0 - decay)
+    torch.mul(average, decay, out=out)
+    return out.addcmul_(value, 1.0 - decay) if isinstance(decay, Tensor) else out.add_(value, alpha=1.0 - decay)
 
 
 def bias_corrected(average: Tensor, decay: float, step: Tensor) -> Tensor:

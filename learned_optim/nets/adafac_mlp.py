@@ -789,12 +789,14 @@ class AdafacMLP(UpdateRule):
         )
         row_mean, col_mean = row_mean.add_(c.factored_eps), col_mean.add_(c.factored_eps)
         decay = self.factored_decay.to(dtype)
-        row, col = ema(state["row"], row_mean.unsqueeze(1), decay), ema(state["col"], col_mean.unsqueeze(1), decay)
+        # into the state storage where given (a vector's row statistics are K floats per coordinate)
+        row = ema(state["row"], row_mean.unsqueeze(1), decay, out=out_state["row"] if out_state else None)
+        col = ema(state["col"], col_mean.unsqueeze(1), decay, out=out_state["col"] if out_state else None)
         # the row factor and the row features are made per chunk or block (a vector has a row per coordinate)
         row_scale, col_factor = row.mean(dim=0), torch.rsqrt(col).t().contiguous()  # (K,), (K, C)
         names = [*(f"m{i}" for i in range(j)), "v"]
         new = {k: out_state[k] if out_state is not None else torch.empty_like(state[k]) for k in names}
-        new["row"], new["col"] = (out_state["row"].copy_(row), out_state["col"].copy_(col)) if out_state else (row, col)
+        new["row"], new["col"] = row, col
         v_correction = self._v_correction(step).to(dtype)  # a 0-d tensor: a float would make a GPU step wait for it
         block_rows = min(rows, max(1, self.block_coordinates(grad.device) // cols))
         blocks = [(r, min(r + block_rows, rows)) for r in range(0, rows, block_rows)]
@@ -849,17 +851,16 @@ class AdafacMLP(UpdateRule):
                     return (torch.mm(a2w, grad_sq[r0:r1].double()) * e2w).sum(dim=1), torch.stack(mphi)
 
                 gphi, mphi = checked_sums(grad, narrow_phi, wide_phi)  # sums over the rows of g^2 and m^2
-                plain_rows = (g, param[a:b], *m_new)
-                plain = checked_sums(  # sums of n g^2
+                plain_rows = (g, param[a:b], *m_new, v_new)
+                plain = checked_sums(  # sums of n g^2 (of n g^4 for v: its float32 sum overflows from |g| ~ 1e9 on)
                     grad,
                     lambda: torch.stack([torch.dot(x, x) for x in plain_rows]).double(),
                     lambda: torch.stack(
                         [torch.linalg.vector_norm(x, dtype=torch.float64) for x in plain_rows]
                     ).square(),
                 )
-                v_squares = torch.linalg.vector_norm(v_new, dtype=torch.float64).square().unsqueeze(0)
                 rest = [torch.stack([*ratio, w.sum()]), gphi, mphi]
-                return torch.cat([plain, v_squares, *(x.double() for x in rest)])
+                return torch.cat([plain, *(x.double() for x in rest)])
 
             for r0 in range(0, rows, chunk_rows):
                 sums += chunk_sums(r0, min(r0 + chunk_rows, rows))
@@ -870,7 +871,11 @@ class AdafacMLP(UpdateRule):
             of squares. The dense rows as in :meth:`features`, the normalisation in the first layer's weight."""
             direction = grad.new_empty(n)
             features = grad.new_empty(4 + 4 * j, block_rows * cols)
-            acts = [grad.new_empty(hidden, block_rows * cols) for _ in range(2)]
+            # a row of ones under the activations: the layers' biases ride in their GEMMs (an addmm copies its bias
+            # into the output first, a pass over it per layer)
+            acts = [grad.new_empty(hidden + 1, block_rows * cols) for _ in range(2)]
+            for buffer in acts:
+                buffer[hidden].fill_(1.0)
             copied = [grad, param, *(new[k] for k in names)]  # rows 0 .. 2 + J as they are
             # the row factors and row terms of up to `span` rows at a time: a matrix's all at once (a block's would
             # cost a few ops per block), a vector's (a row per coordinate) block by block
@@ -892,25 +897,37 @@ class AdafacMLP(UpdateRule):
                 torch.mul(row_factors[:, in_span, None], col_factor[:, None, :], out=phi.view(j, r1 - r0, cols))
                 torch.mul(phi, m, out=u[4 + 3 * j :])
                 phi.mul_(u[0])
-                x = acts[0][:, : b - a]
+                x = acts[0][:hidden, : b - a]
                 torch.add(row_terms[:, in_span, None], col_term[:, None, :], out=x.view(hidden, r1 - r0, cols))
                 x.addmm_(weight, u).relu_()
-                for index, layer in enumerate(linears):
-                    last = index == len(linears) - 1
-                    y = direction[a:b].unsqueeze(0) if last else acts[(index + 1) % 2][:, : b - a]
-                    torch.addmm(layer.bias.unsqueeze(1), layer.weight, x, out=y)
-                    x = y if last else y.relu_()
+                for index, layer_weight in enumerate(biased_weights):  # x and the ones row below it
+                    last = index == len(biased_weights) - 1
+                    y = direction[a:b].unsqueeze(0) if last else acts[(index + 1) % 2][:hidden, : b - a]
+                    torch.mm(layer_weight, acts[index % 2][:, : b - a], out=y)
+                    if not last:
+                        y.relu_()
             return direction, torch.dot(direction, direction)
 
         sums = state_and_sums()
         scale, col_features = self._feature_scale(beta, step, grad), self._factored_features(col)
         # the row features' mean squares without making them: r_k^2 and (r_k + eps)^-1, over the rows
-        row_ms = torch.cat([mean_squares(row, dim=0), row.add(c.factored_rsqrt_eps).reciprocal_().double().mean(dim=0)])
+        # (a vector's r_k^2: a float32 Gram matrix of its (n, K) statistics, 4x faster than their float64 squares)
+        row_ms = checked_sums(
+            grad,
+            lambda: torch.cat(
+                [torch.mm(row.t(), row).diagonal() / rows, row.add(c.factored_rsqrt_eps).reciprocal_().mean(dim=0)]
+            ).double(),
+            lambda: torch.cat(
+                [mean_squares(row, dim=0), row.add(c.factored_rsqrt_eps).reciprocal_().double().mean(dim=0)]
+            ),
+        )
         col_ms = mean_squares(col_features, dim=1)
         weight, row_weight, col_weight, bias = self._first_layer(sums / n, scale, row_ms, col_ms, step)
         col_term = col_weight @ col_features  # (H, cols)
         hidden = self.config.hidden_size
-        linears = [m for m in self.mlp[1:] if isinstance(m, nn.Linear)]
+        biased_weights = [  # [W | b] of the layers after the first
+            torch.cat([m.weight, m.bias.unsqueeze(1)], dim=1) for m in self.mlp[1:] if isinstance(m, nn.Linear)
+        ]
         direction, sum_squares = direction_and_sum_squares()
         step_scale = -self.step_scale(shape) * self._magnitude(sums / n, scale)
         if c.normalize_direction:

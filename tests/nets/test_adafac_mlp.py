@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from learned_optim import AdafacMLP, LearnedOptimizer, functional_update, kernels
 from learned_optim.features import (
     checked_sums,
+    ema,
     factored_moments,
     factored_preconditioner,
     matrix_view,
@@ -112,6 +113,23 @@ def test_vector_factored_statistics_are_the_full_second_moment():
         row, col = factored_moments(g.square(), row, col, decays, 0.0)
         full = full * decays + (1 - decays) * g.square()
     torch.testing.assert_close(factored_preconditioner(row, col), torch.rsqrt(full).t())
+
+
+@pytest.mark.parametrize("decay", [torch.tensor([0.9, 0.99, 0.999]), 0.9])
+def test_ema_into_storage_equals_the_out_of_place_average(decay):
+    """``ema(..., out=)``, the blocked step's update of the row statistics in their storage: a ``(n, 1)`` value
+    broadcast against ``(K,)`` decays (or one float decay), into ``out`` or into the average itself, equals the
+    out-of-place average up to rounding, and the average is left as it was unless it is ``out``."""
+    gen = torch.Generator().manual_seed(0)
+    average, value = torch.rand(50, 3, generator=gen), torch.rand(50, 1, generator=gen)
+    want = ema(average, value, decay)
+    out = torch.empty(50, 3)
+    kept = average.clone()
+    assert ema(average, value, decay, out=out) is out
+    torch.testing.assert_close(out, want)
+    assert torch.equal(average, kept)
+    assert ema(average, value, decay, out=average) is average
+    torch.testing.assert_close(average, want)
 
 
 @pytest.mark.parametrize("mup", [True, False])
@@ -316,6 +334,8 @@ def test_adapt_fine_tunes_the_net_with_a_real_lr():
         ((290, 2), 20, {}),  # a tall matrix: row terms made 20 rows (two blocks) at a time, the last span shorter
         ((6, 4, 3, 3), 50, {"mup": False, "step_magnitude": "adam"}),  # a conv weight as (out, in*kh*kw)
         ((37, 23), 100, {"second_moment_decay": 0.95, "step_magnitude": "adam"}),
+        ((37, 23), 100, {"num_hidden_layers": 3}),  # the activations' two buffers taken in turn, twice
+        ((900,), 128, {"num_hidden_layers": 1}),  # the output layer straight after the first
     ],
 )
 @pytest.mark.parametrize("in_place", [False, True])
