@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import platform
 import re
 import statistics
 import time
@@ -24,6 +23,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from learned_optim.kernels._build import cpu_model
 
 __all__ = [
     "Timing",
@@ -94,14 +95,6 @@ def measure(
     }
 
 
-def _cpu_model() -> str:
-    try:
-        text = open("/proc/cpuinfo").read()
-        return re.search(r"model name\s*:\s*(.*)", text).group(1).strip()
-    except (OSError, AttributeError):
-        return platform.processor() or "unknown CPU"
-
-
 def machine_header(device: str | torch.device = "cpu") -> str:
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?", "?", "?")
     gpu = ""
@@ -109,7 +102,7 @@ def machine_header(device: str | torch.device = "cpu") -> str:
         props = torch.cuda.get_device_properties(device)
         gpu = f"GPU {props.name} ({props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}), "
     return (
-        f"torch {torch.__version__}, {gpu}{_cpu_model()}, {os.cpu_count()} cores visible, "
+        f"torch {torch.__version__}, {gpu}{cpu_model()}, {os.cpu_count()} cores visible, "
         f"torch threads {torch.get_num_threads()}, load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} "
         f"(1/5/15 min)"
     )

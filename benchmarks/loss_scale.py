@@ -38,9 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from _common import machine_header  # noqa: E402
 
 from learned_optim.bench import stats  # noqa: E402
-from learned_optim.bench.run import Setting, baseline_optimizer, learned_optimizer, train  # noqa: E402
-from learned_optim.bench.suite import final_value  # noqa: E402
+from learned_optim.bench.run import baseline_optimizer, learned_optimizer, train  # noqa: E402
+from learned_optim.bench.suite import REFERENCE, final_value  # noqa: E402
 from learned_optim.bench.tasks import Workload, get_task  # noqa: E402
+from learned_optim.bench.tuning import chosen_settings  # noqa: E402
 
 
 class ScaledLoss:
@@ -54,12 +55,6 @@ class ScaledLoss:
 
     def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         return self.workload.loss(model, batch) * self.scale
-
-
-def adamw_settings(results: Path) -> dict[str, dict[str, Any]]:
-    """AdamW's chosen setting per task from a suite ``results.json``'s tuning."""
-    tuning = json.loads(results.read_text())["tuning"]
-    return {t["task"]: t["chosen"] for t in tuning if t["contender"] == "adamw"}
 
 
 def mean(values: list[float]) -> float:
@@ -79,9 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     if 1.0 not in args.scales:
         args.scales.append(1.0)
     torch.set_num_threads(1)
-    settings = adamw_settings(args.results)
+    settings = chosen_settings(json.loads(args.results.read_text()), REFERENCE)
     names = args.tasks.split(",") if args.tasks else list(settings)
-    learned, adamw = learned_optimizer(args.optimizer), baseline_optimizer("adamw")
+    learned, adamw = learned_optimizer(args.optimizer), baseline_optimizer(REFERENCE)
     print(machine_header())
     print(f"\n{learned.name} against AdamW, both at AdamW's tuned setting per task ({args.results}); "
           f"seeds 0..{args.seeds - 1}; the training loss times each scale\n")  # fmt: skip
@@ -89,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name in names:
         workload = get_task(name).bind(steps=args.steps)
-        chosen = Setting(**settings[name])
+        chosen = settings[name]
         tick = time.perf_counter()
         finals[name] = {}
         for opt in (adamw, learned):

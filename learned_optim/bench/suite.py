@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..hub import BENCH_RESULTS_PREFIX
+from ..kernels._build import cpu_model
 from . import stats
 from .flatness import FlatnessOptions
 from .report import fmt_ci, json_safe, output_files, table_lines, write_json
@@ -302,17 +303,6 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
 
 
-def _cpu_model() -> str:
-    """The CPU's model name (Linux ``/proc/cpuinfo``), else what :mod:`platform` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 # ------------------------------------------------------------------------------------------ run
 def run_suite(
     optimizers: Sequence[str] = (),
@@ -484,7 +474,7 @@ def run_suite(
         "python": platform.python_version(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "machine": _cpu_model(),
+        "machine": cpu_model(),
         "runs_trained": store.trained,
         "runs_reused": store.reused,
         "command": command,

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .run import TUNE_SEED, Setting
 from .stats import mean_confidence_interval
 
-__all__ = ["EDGE_EXTENSIONS", "Tuning", "ladder_neighbour", "tune"]
+__all__ = ["EDGE_EXTENSIONS", "Tuning", "chosen_settings", "ladder_neighbour", "tune"]
 
 #: How many times the full suite's tuning extends a grid past an edge, per edge and axis (:func:`tune`).
 EDGE_EXTENSIONS = 2
@@ -48,6 +48,12 @@ class Tuning:
             "chosen": dataclasses.asdict(self.chosen),
             "seeds": self.seeds,
         }
+
+
+def chosen_settings(results: Mapping[str, Any], contender: str) -> dict[str, Setting]:
+    """Per task, the setting ``contender``'s tuning chose, from a suite's ``results.json`` (its ``tuning`` entries,
+    :meth:`Tuning.to_dict`)."""
+    return {t["task"]: Setting(**t["chosen"]) for t in results["tuning"] if t["contender"] == contender}
 
 
 def ladder_neighbour(lr: float, up: bool) -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -359,3 +360,39 @@ def test_aggregate_uncertainty_reads_a_suite_and_resamples_seeds_in_pairs(tmp_pa
     short = {**worse, "val": worse["val"][:, :, :2], "test": worse["test"][:, :, :2]}
     with pytest.raises(SystemExit, match="differ in tasks or seeds"):
         script.paired_bootstrap([me, short], 10)
+
+
+def test_long_horizon_late_rise_reads_the_windowed_training_curve():
+    """benchmarks/long_horizon.py's late rise: 0 for a curve that only falls, the rise of a late window above the
+    lowest earlier one relative to it (a spike), nothing from the first tenth of the run, NaN for a non-finite run."""
+    script = _script("long_horizon")
+    falling = [1.0 / (t + 1) for t in range(200)]
+    assert script.late_rise(falling, 200) == 0.0
+    spiked = [*falling[:150], *(3 * falling[150] for _ in range(10)), *falling[160:]]  # a flat window at 3x step 150
+    lowest = sum(falling[140:150]) / 10  # the window before the spike, of 10 steps (200 / 20)
+    assert script.late_rise(spiked, 200) == pytest.approx((3 * falling[150] - lowest) / lowest)
+    early = [5.0 if 5 <= t < 10 else 1.0 for t in range(200)]  # a rise within the first tenth only
+    assert script.late_rise(early, 200) == 0.0
+    assert math.isnan(script.late_rise([*falling[:100], math.nan, *falling[101:]], 200))
+
+
+def test_long_horizon_runs_both_at_adamws_setting_over_the_longer_horizon(tmp_path, capsys):
+    """benchmarks/long_horizon.py end to end: AdamW and the flagship at AdamW's chosen setting (read from a
+    results.json), ``factor`` times the horizon, stored runs reused by a second call; an untuned task is refused."""
+    script = _script("long_horizon")
+    chosen = {"optimizer": "adamw", "lr": 0.01, "weight_decay": 0.1, "schedule": "cosine"}
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"tuning": [{"task": "diabetes-mlp", "contender": "adamw", "chosen": chosen}]}))
+    flagship = Path(__file__).resolve().parents[2] / "pretrained" / "adafac-mlp-adam-magnitude-tbv-nomup-soup-all8"
+    args = ["--optimizer", str(flagship), "--tasks", "diabetes-mlp", "--factor", "3", "--seeds", "2", "--steps", "10"]
+    args += ["--settings-from", str(results), "--out", str(tmp_path / "out")]
+    script.main(args)
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert [r["contender"] for r in rows] == ["adamw", flagship.name]
+    assert all(r["steps"] == 30 and r["setting"] == "lr 0.01, wd 0.1, cosine" for r in rows)
+    assert rows[0]["val_ratio"] == 1.0 and len(rows[1]["late_rise"]) == 2
+    assert "(4 trained, 0 reused)" in capsys.readouterr().out
+    script.main(args)
+    assert "(0 trained, 4 reused)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        script.main([*args[:4], "breast-cancer-mlp", *args[5:]])
