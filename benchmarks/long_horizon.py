@@ -8,10 +8,11 @@ AdamW's lr, weight decay and warm-up + cosine schedule as tuned at the suite's h
 
 * final validation loss (mean over seeds) and its ratio to AdamW's; the paired 95% outcome on the test loss;
 * the speed-up against AdamW on the same seed (:func:`learned_optim.bench.stats.run_speedup`, the suite's);
-* **late rise**: the largest amount by which the training loss, averaged over the suite's windows of horizon/20 steps,
-  rose above its lowest earlier window after the first tenth of the run, as a fraction of that lowest value (0: it
-  never went back up by a window; a late spike shows here, and so does minibatch noise: AdamW's value on the same
-  seeds is the noise level to read it against);
+* **late rise**: the largest share of its progress that the training loss, averaged over the suite's windows of
+  horizon/20 steps, gave back after the first tenth of the run: :math:`\max_w (L_w - \min_{v<w} L_v) / (L_1 -
+  \min_{v<w} L_v)` over the windows :math:`w` past the first tenth (0: it never went back up by a window; 1: back to
+  where it started; a late spike shows here, and so does minibatch noise: AdamW's value on the same seeds is the
+  noise level to read it against);
 * diverged runs (the suite's definition).
 
 Runs are stored in ``OUT/runs`` like the suite's (:class:`~learned_optim.bench.run.RunStore`, keyed by the task at its
@@ -53,16 +54,17 @@ RISE_WINDOWS, RISE_AFTER = 20, 0.1
 
 
 def late_rise(train_loss: Sequence[float | None], horizon: int) -> float:
-    """How far the windowed training loss rose above its lowest earlier window after the first
-    :data:`RISE_AFTER` of the run, relative to that lowest window: :math:`\\max_{w > w_0} (L_w - \\min_{v < w}
-    L_v) / \\min_{v < w} L_v` over windows of ``horizon / RISE_WINDOWS`` steps (NaN for a non-finite window)."""
+    r"""The largest share of its progress the windowed training loss gave back after the first :data:`RISE_AFTER` of
+    the run: :math:`\max_{w} (L_w - \min_{v < w} L_v) / (L_1 - \min_{v < w} L_v)` over windows of ``horizon /
+    RISE_WINDOWS`` steps past that point, :math:`L_1` the first window's (NaN for a non-finite window). Read against
+    the progress made rather than the lowest loss, which near a loss of 0 turns minibatch noise into rises of 10x."""
     steps, values = stats.training_curve(train_loss, horizon, RISE_WINDOWS)
     rise, lowest = 0.0, math.inf
     for end, value in zip(steps, values, strict=True):
         if not math.isfinite(value):
             return math.nan
-        if end > RISE_AFTER * horizon and lowest > 0:
-            rise = max(rise, (value - lowest) / lowest)
+        if end > RISE_AFTER * horizon and values[0] > lowest:
+            rise = max(rise, (value - lowest) / (values[0] - lowest))
         lowest = min(lowest, value)
     return rise
 

@@ -364,13 +364,14 @@ def test_aggregate_uncertainty_reads_a_suite_and_resamples_seeds_in_pairs(tmp_pa
 
 def test_long_horizon_late_rise_reads_the_windowed_training_curve():
     """benchmarks/long_horizon.py's late rise: 0 for a curve that only falls, the rise of a late window above the
-    lowest earlier one relative to it (a spike), nothing from the first tenth of the run, NaN for a non-finite run."""
+    lowest earlier one as a share of the progress down to it (a spike), nothing from the first tenth of the run, NaN
+    for a non-finite run."""
     script = _script("long_horizon")
     falling = [1.0 / (t + 1) for t in range(200)]
     assert script.late_rise(falling, 200) == 0.0
     spiked = [*falling[:150], *(3 * falling[150] for _ in range(10)), *falling[160:]]  # a flat window at 3x step 150
-    lowest = sum(falling[140:150]) / 10  # the window before the spike, of 10 steps (200 / 20)
-    assert script.late_rise(spiked, 200) == pytest.approx((3 * falling[150] - lowest) / lowest)
+    first, lowest = sum(falling[:10]) / 10, sum(falling[140:150]) / 10  # windows of 10 steps (200 / 20)
+    assert script.late_rise(spiked, 200) == pytest.approx((3 * falling[150] - lowest) / (first - lowest))
     early = [5.0 if 5 <= t < 10 else 1.0 for t in range(200)]  # a rise within the first tenth only
     assert script.late_rise(early, 200) == 0.0
     assert math.isnan(script.late_rise([*falling[:100], math.nan, *falling[101:]], 200))
