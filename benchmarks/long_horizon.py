@@ -78,6 +78,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--settings-from", required=True, help="a suite results.json with AdamW's tuning")
     parser.add_argument("--out", required=True, help="folder for runs/ and the tables")
+    parser.add_argument(
+        "--baseline-dir", action="append", default=[], help="another output folder whose runs are reused, never written"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, help="a shorter horizon than each task's, before the factor (smoke runs)")
     args = parser.parse_args(argv)
@@ -89,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     missing = [t for t in tasks if t not in settings]
     if missing:
         parser.error(f"{args.settings_from} has no AdamW tuning for {missing}; it has {sorted(settings)}")
-    store = RunStore(args.out)
+    store = RunStore(args.out, extra=args.baseline_dir)
     adamw, learned = baseline_optimizer(REFERENCE), learned_optimizer(args.optimizer)
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     rows, lines = [], []
@@ -136,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     table = "\n".join([*header, *lines])
     print(table)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps({"factor": args.factor, "rows": rows}, indent=1) + "\n")
 

@@ -395,5 +395,7 @@ def test_long_horizon_runs_both_at_adamws_setting_over_the_longer_horizon(tmp_pa
     assert "(4 trained, 0 reused)" in capsys.readouterr().out
     script.main(args)
     assert "(0 trained, 4 reused)" in capsys.readouterr().out
+    script.main([*args[:-1], str(tmp_path / "elsewhere"), "--baseline-dir", str(tmp_path / "out")])
+    assert "(0 trained, 4 reused)" in capsys.readouterr().out and not (tmp_path / "elsewhere" / "runs").exists()
     with pytest.raises(SystemExit):
         script.main([*args[:4], "breast-cancer-mlp", *args[5:]])
