@@ -829,8 +829,9 @@ class AdafacMLP(UpdateRule):
                 )
                 w, square = scratch[0, : b - a], scratch[1, : b - a]
                 torch.mul(v_new, v_correction, out=w).add_(c.moment_eps).reciprocal_()
-                # (K, chunk rows) as the transpose of a row-major block: a product with it needs no copy
-                a2, chunk = factored_row_factor(row[r0:r1], row_scale).square_().t(), (r1 - r0, cols)
+                # the square of factored_row_factor, a^2 = r_mean / r, in one op (a vector's rows are (n, K): three
+                # ops over them cost 4x one); (K, chunk rows) as the transpose of a row-major block: no copy
+                a2, chunk = torch.div(row_scale, row[r0:r1]).t(), (r1 - r0, cols)
                 # reduced over the rows first: a (K, cols) transient, for a vector (cols 1) too
                 ratio, narrow_mphi = [], []
                 for i in range(j):
