@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from _common import machine_header  # noqa: E402
 
 from learned_optim.bench import stats  # noqa: E402
-from learned_optim.bench.run import RunStore, baseline_optimizer, learned_optimizer  # noqa: E402
+from learned_optim.bench.run import RunStore, Setting, baseline_optimizer, learned_optimizer  # noqa: E402
 from learned_optim.bench.suite import REFERENCE, final_value  # noqa: E402
 from learned_optim.bench.tasks import get_task  # noqa: E402
 from learned_optim.bench.tuning import chosen_settings  # noqa: E402
@@ -83,9 +83,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, help="a shorter horizon than each task's, before the factor (smoke runs)")
+    parser.add_argument(
+        "--lr-scale", type=float, default=1.0, help="the learned optimizer's lr as this times AdamW's (a diagnostic)"
+    )
     args = parser.parse_args(argv)
-    if args.factor < 1 or args.seeds < 1:
-        parser.error("--factor and --seeds must be at least 1")
+    if args.factor < 1 or args.seeds < 1 or not args.lr_scale > 0:
+        parser.error("--factor and --seeds must be at least 1, --lr-scale above 0")
     torch.set_num_threads(args.threads)
     settings = chosen_settings(json.loads(Path(args.settings_from).read_text()), REFERENCE)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -101,9 +104,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         workload = task.bind(steps=(args.steps or task.steps) * args.factor)
         chosen = settings[name]
         records: dict[str, list[dict[str, Any]]] = {}
+        used: dict[str, Setting] = {}
         for label, optimizer in ((REFERENCE, adamw), (learned.name, learned)):
-            setting = dataclasses.replace(chosen, optimizer=label)
-            records[label] = [store.run(workload, optimizer, setting, seed) for seed in seeds]
+            lr = chosen.lr * (args.lr_scale if optimizer is learned else 1.0)
+            used[label] = dataclasses.replace(chosen, optimizer=label, lr=lr)
+            records[label] = [store.run(workload, optimizer, used[label], seed) for seed in seeds]
             print(f"{name} x{args.factor}: {label} done ({store.trained} trained, {store.reused} reused)", flush=True)
         reference = records[REFERENCE]
         for label, runs in records.items():
@@ -114,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "task": name,
                 "contender": label,
                 "steps": workload.steps,
-                "setting": chosen.describe(),
+                "setting": used[label].describe(),
                 "val_loss": statistics.fmean(val),
                 "val_ratio": statistics.fmean(val) / statistics.fmean(ref_val),
                 "test_outcome": outcome,

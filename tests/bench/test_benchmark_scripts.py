@@ -397,5 +397,11 @@ def test_long_horizon_runs_both_at_adamws_setting_over_the_longer_horizon(tmp_pa
     assert "(0 trained, 4 reused)" in capsys.readouterr().out
     script.main([*args[:-1], str(tmp_path / "elsewhere"), "--baseline-dir", str(tmp_path / "out")])
     assert "(0 trained, 4 reused)" in capsys.readouterr().out and not (tmp_path / "elsewhere" / "runs").exists()
+    script.main([*args, "--lr-scale", "0.5"])  # the learned optimizer's lr only: AdamW's runs reused, its runs new
+    assert "(2 trained, 2 reused)" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert [r["setting"] for r in rows] == ["lr 0.01, wd 0.1, cosine", "lr 0.005, wd 0.1, cosine"]
     with pytest.raises(SystemExit):
         script.main([*args[:4], "breast-cancer-mlp", *args[5:]])
+    with pytest.raises(SystemExit):
+        script.main([*args, "--lr-scale", "0"])
