@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from learned_optim.kernels._build import cpu_model
+from learned_optim.kernels import cpu_model
 
 __all__ = [
     "Timing",

@@ -233,10 +233,11 @@ def factored_rsqrt_factors(row: Tensor, col: Tensor) -> tuple[Tensor, Tensor]:
     return factored_row_factor(row, row.mean(dim=-2, keepdim=True)), torch.rsqrt(col)
 
 
-def factored_row_factor(row: Tensor, row_mean: Tensor) -> Tensor:
+def factored_row_factor(row: Tensor, row_mean: Tensor, squared: bool = False) -> Tensor:
     r"""The row factor :math:`a_{ik} = (r_{ik} / \bar r_k)^{-1/2}` of :func:`factored_rsqrt_factors` for ``row``
-    ``(..., R', K)``, all rows or a block of them, given ``row_mean`` :math:`\bar r_k`, the mean over all rows."""
-    return torch.rsqrt(row / row_mean)
+    ``(..., R', K)``, all rows or a block of them, given ``row_mean`` :math:`\bar r_k`, the mean over all rows;
+    ``squared``: :math:`a_{ik}^2 = \bar r_k / r_{ik}`, in one op."""
+    return row_mean / row if squared else torch.rsqrt(row / row_mean)
 
 
 @dataclasses.dataclass(frozen=True)

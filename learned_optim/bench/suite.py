@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..hub import BENCH_RESULTS_PREFIX
-from ..kernels._build import cpu_model
+from ..kernels import cpu_model
 from . import stats
 from .flatness import FlatnessOptions
 from .report import fmt_ci, json_safe, output_files, table_lines, write_json

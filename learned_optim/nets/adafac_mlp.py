@@ -829,9 +829,9 @@ class AdafacMLP(UpdateRule):
                 )
                 w, square = scratch[0, : b - a], scratch[1, : b - a]
                 torch.mul(v_new, v_correction, out=w).add_(c.moment_eps).reciprocal_()
-                # the square of factored_row_factor, a^2 = r_mean / r, in one op (a vector's rows are (n, K): three
-                # ops over them cost 4x one); (K, chunk rows) as the transpose of a row-major block: no copy
-                a2, chunk = torch.div(row_scale, row[r0:r1]).t(), (r1 - r0, cols)
+                # a^2 in one op (a vector's rows are (n, K): three ops over them cost 4x one); (K, chunk rows) as the
+                # transpose of a row-major block: no copy
+                a2, chunk = factored_row_factor(row[r0:r1], row_scale, squared=True).t(), (r1 - r0, cols)
                 # reduced over the rows first: a (K, cols) transient, for a vector (cols 1) too
                 ratio, narrow_mphi = [], []
                 for i in range(j):
@@ -913,14 +913,11 @@ class AdafacMLP(UpdateRule):
         scale, col_features = self._feature_scale(beta, step, grad), self._factored_features(col)
         # the row features' mean squares without making them: r_k^2 and (r_k + eps)^-1, over the rows
         # (a vector's r_k^2: a float32 Gram matrix of its (n, K) statistics, 4x faster than their float64 squares)
+        inverse = row.add(c.factored_rsqrt_eps).reciprocal_()
         row_ms = checked_sums(
             grad,
-            lambda: torch.cat(
-                [torch.mm(row.t(), row).diagonal() / rows, row.add(c.factored_rsqrt_eps).reciprocal_().mean(dim=0)]
-            ).double(),
-            lambda: torch.cat(
-                [mean_squares(row, dim=0), row.add(c.factored_rsqrt_eps).reciprocal_().double().mean(dim=0)]
-            ),
+            lambda: torch.cat([torch.mm(row.t(), row).diagonal() / rows, inverse.mean(dim=0)]).double(),
+            lambda: torch.cat([mean_squares(row, dim=0), inverse.double().mean(dim=0)]),
         )
         col_ms = mean_squares(col_features, dim=1)
         weight, row_weight, col_weight, bias = self._first_layer(sums / n, scale, row_ms, col_ms, step)
