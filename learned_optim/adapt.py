@@ -65,6 +65,7 @@ from ._numerics import global_norm
 from .functional import apply_rule, decoupled_update, to_device
 from .nets.base import UpdateRule
 from .objectives import OBJECTIVES, meta_objective
+from .schedules import group_lr_ratio
 
 __all__ = ["adapt", "adapt_weights", "AdaptationError", "AdaptationResult"]
 
@@ -303,6 +304,8 @@ def adapt(
     rule = opt.rule if next(opt.rule.parameters()).device == device else copy.deepcopy(opt.rule).to(device)
     dtype = rule.compute_dtype
     hyper = {n: (float(groups[id(p)]["lr"]), float(groups[id(p)]["weight_decay"])) for n, p in named}
+    # where each group's schedule stands (nets with an lr-ratio input): the optimizer's next step would see this
+    lr_ratios = {n: group_lr_ratio(groups[id(p)])[1] for n, p in named}
     if all(lr == 0.0 for lr, _ in hyper.values()):
         raise AdaptationError(
             "adapt: the optimizer's lr is 0 for every parameter (e.g. the first step of a warm-up from 0), so every "
@@ -374,6 +377,7 @@ def adapt(
                 if g is None or step_lr == 0.0:  # the optimizer skips grad-less params; lr 0 is a no-op
                     continue
                 counts[n] += 1
+                rule.set_lr_ratio(lr_ratios[n])
                 deltas, new_state = apply_rule(rule, weights, {n: g}, {n: theta}, {n: state[n]}, counts[n])
                 new_params[n] = decoupled_update(theta, deltas[n], step_lr, wd)
                 state[n] = new_state[n]

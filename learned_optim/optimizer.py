@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import kernels, packing
+from . import kernels, packing, schedules
 from .functional import decoupled_update_, stepped_parameter
 from .nets.base import UpdateRule
 from .packing import PACK_MAX_BYTES, ROW_ALIGN, is_dtensor
@@ -98,7 +98,10 @@ class LearnedOptimizer(Optimizer):
     ``maximize=True``, and :math:`s` is the net's per-coordinate state (kept in ``self.state[p]``
     so ``state_dict()`` carries it, with the net's weights). ``lr`` multiplies the learned step: a real learning rate
     for ``adafac_mlp``, whose step has RMS ``lr`` times a per-tensor scale, a multiplier (default 1.0) for the older
-    families; LR schedulers drive it. ``lr == 0`` is an exact no-op (state is created but nothing changes).
+    families; LR schedulers drive it. ``lr == 0`` is an exact no-op (state is created but nothing changes). A net
+    that reads where the schedule stands (:attr:`~learned_optim.nets.base.UpdateRule.uses_lr_ratio`, e.g.
+    ``adafac_mlp`` with ``lr_ratio_input``) gets each group's :math:`\rho = \mathrm{lr} / \mathrm{peak}` before its
+    tensors step, the peak being the largest lr the group has had (its ``"peak_lr"``, kept in ``state_dict()``).
 
     **In-place step.** First, a rule that offers :meth:`~learned_optim.nets.base.UpdateRule.step_in_place`
     steps the tensors it can in their own storage, nothing copied, in one call (one per step count for a rule
@@ -483,6 +486,9 @@ class LearnedOptimizer(Optimizer):
             torch._foreach_add_(steps, 1.0)
         for group in self.param_groups:
             lr, weight_decay, maximize = group["lr"], group["weight_decay"], group["maximize"]
+            if self.rule.uses_lr_ratio:
+                group["peak_lr"], ratio = schedules.group_lr_ratio(group)
+                self.rule.set_lr_ratio(ratio)
             params, states = todo.get(id(group), ([], []))
             params = self._step_in_place(params, states, lr, weight_decay, maximize)
             packs, singles = self._plan_packs(params)

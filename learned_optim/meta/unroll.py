@@ -40,7 +40,7 @@ from torch.utils.checkpoint import checkpoint
 from .._numerics import derive_seed, global_norm, seeded_generator
 from ..functional import StateDict, apply_rule, decoupled_update, to_device
 from ..nets.base import UpdateRule
-from ..schedules import lr_factor
+from ..schedules import lr_factor, lr_ratio
 from ..tasks.base import Task, TaskFamily
 from .config import UnrollConfig
 
@@ -53,6 +53,7 @@ __all__ = [
     "StepInputs",
     "start_trajectory",
     "step_lr",
+    "step_lr_ratio",
     "task_loss_and_grad",
     "unroll",
     "evaluation_scores",
@@ -269,8 +270,19 @@ def step_lr(rule: UpdateRule, trajectory: Trajectory, config: UnrollConfig, t: i
     :math:`\eta` the trajectory's ``lr``, else the config's, else the rule's ``default_lr``, and :math:`T` the
     trajectory's ``horizon``, else the config's ``trajectory_length``."""
     lr = trajectory.lr if trajectory.lr is not None else config.lr if config.lr is not None else rule.default_lr
-    horizon = trajectory.horizon if trajectory.horizon is not None else config.trajectory_length
-    return lr * lr_factor(config.schedule, t - 1, horizon)
+    return lr * lr_factor(config.schedule, t - 1, _horizon(trajectory, config))
+
+
+def step_lr_ratio(trajectory: Trajectory, config: UnrollConfig, t: int) -> float:
+    r"""The lr ratio :math:`\rho_t` of the trajectory's 1-based step ``t`` (:func:`~learned_optim.schedules.lr_ratio`
+    of the config's schedule over the trajectory's horizon, as :func:`step_lr`), what a net with
+    :attr:`~learned_optim.nets.base.UpdateRule.uses_lr_ratio` sees there."""
+    return lr_ratio(config.schedule, t - 1, _horizon(trajectory, config))
+
+
+def _horizon(trajectory: Trajectory, config: UnrollConfig) -> int:
+    """The length :math:`T` of the trajectory's schedule: its ``horizon``, else the config's ``trajectory_length``."""
+    return trajectory.horizon if trajectory.horizon is not None else config.trajectory_length
 
 
 def step_weight_decay(trajectory: Trajectory, config: UnrollConfig) -> float:
@@ -346,6 +358,7 @@ def unroll(
     def one_step(params: dict[str, Tensor], state: StateDict, batch: Any, t: int):
         loss, grads = task_loss_and_grad(task, params, batch, create_graph=second_order)
         with torch.set_grad_enabled(track_graph):
+            rule.set_lr_ratio(step_lr_ratio(trajectory, cfg, t))
             deltas, new_state = apply_rule(rule, weights, grads, params, state, t)
             lr_t = step_lr(rule, trajectory, cfg, t)
             new_params = {k: decoupled_update(params[k], deltas[k], lr_t, weight_decay) for k in params}

@@ -51,6 +51,7 @@ class AdafacMLPConfig(NetConfig):
     second_moment_decay: float = 0.999
     factored_decays: tuple[float, ...] = (0.9, 0.99, 0.999)
     time_scales: tuple[float, ...] = ()
+    lr_ratio_input: bool = False
     moment_eps: float = 1e-16
     factored_eps: float = 1e-30
     factored_rsqrt_eps: float = 1e-8
@@ -118,7 +119,9 @@ class AdafacMLP(UpdateRule):
 
     (:math:`r_k, c_k` broadcast to the coordinates of their row/column). **Every feature is divided by
     its RMS over the whole tensor**, :math:`u_f / \sqrt{\overline{u_f^2} + \epsilon_u}`; optional time
-    features :math:`\tanh(t/\tau - 1)` are appended unnormalised. An MLP (``num_hidden_layers`` ReLU
+    features :math:`\tanh(t/\tau - 1)` and, with ``lr_ratio_input``, the lr ratio :math:`\rho_t = \eta_t /
+    \max_{s \le t} \eta_s` (where the user's schedule stands against its peak so far: 1 through a warm-up and at
+    a constant lr, falling to 0 with a decay; no horizon) are appended unnormalised. An MLP (``num_hidden_layers`` ReLU
     layers of ``hidden_size``) maps each coordinate's features to a direction :math:`d`, which is
     **RMS-normalised over the tensor** (``normalize_direction``; off for ablations: :math:`\Delta\theta = -s\,d`)
     and scaled by the tensor's μP scale :math:`s` (:func:`mup_scale`; 1 when ``mup`` is off):
@@ -166,6 +169,7 @@ class AdafacMLP(UpdateRule):
     config: AdafacMLPConfig
     momentum_decay: Tensor
     factored_decay: Tensor
+    lr_ratio: Tensor
     whole_tensor = True
     packs_segments = True
     applies_update = True  # in its native kernel's last sweep
@@ -219,6 +223,8 @@ class AdafacMLP(UpdateRule):
         self.mlp = nn.Sequential(*layers)
         self.register_buffer("momentum_decay", torch.tensor(c.momentum_decays).unsqueeze(1), persistent=False)
         self.register_buffer("factored_decay", torch.tensor(c.factored_decays), persistent=False)
+        #: The lr ratio of the step being computed (``lr_ratio_input``; :meth:`set_lr_ratio`, not saved).
+        self.register_buffer("lr_ratio", torch.ones(()), persistent=False)
         self.reset_parameters()
 
     @property
@@ -228,7 +234,38 @@ class AdafacMLP(UpdateRule):
 
     @property
     def num_features(self) -> int:
-        return self.num_coordinate_features + len(self.config.time_scales)
+        return len(self.input_names)
+
+    @property
+    def input_names(self) -> list[str]:
+        """The first layer's inputs in order: the coordinate features (:meth:`features`), then the per-tensor
+        constants (time features, the lr ratio)."""
+        c = self.config
+        return (
+            [f"feature{i}" for i in range(self.num_coordinate_features)]
+            + [f"time{scale:g}" for scale in c.time_scales]
+            + (["lr_ratio"] if c.lr_ratio_input else [])
+        )
+
+    @property
+    def uses_lr_ratio(self) -> bool:
+        return self.config.lr_ratio_input
+
+    def set_lr_ratio(self, ratio: float) -> None:
+        if self.config.lr_ratio_input:
+            self.lr_ratio.fill_(ratio)
+
+    def weights_for(self, changed: UpdateRule) -> dict[str, Tensor]:
+        """This net's weights for ``changed`` (:meth:`UpdateRule.reconfigured`): where ``changed``'s inputs are this
+        net's followed by new ones (e.g. ``lr_ratio_input`` turned on), the new inputs' first-layer columns are zero,
+        so the changed net computes what this one does."""
+        weights = self.state_dict()
+        mine, theirs = self.input_names, getattr(changed, "input_names", None)
+        if theirs is None or len(theirs) <= len(mine) or theirs[: len(mine)] != mine:
+            return weights
+        first = weights["mlp.0.weight"]
+        weights["mlp.0.weight"] = torch.cat([first, first.new_zeros(first.shape[0], len(theirs) - len(mine))], dim=1)
+        return weights
 
     @property
     def adam_feature_index(self) -> int:
@@ -326,17 +363,21 @@ class AdafacMLP(UpdateRule):
         return torch.cat([like.new_ones((*lead, 3 + j)), correction, like.new_ones((*lead, 1 + 2 * j))], dim=-1)
 
     def _first_bias(self, step: Tensor) -> Tensor:
-        """The first layer's bias with the time features (per-tensor constant inputs) folded in: ``(H,)``, or
-        ``(S, H)`` for one step count per tensor (``step`` ``(S,)``) when there are time features."""
+        """The first layer's bias with the per-tensor constant inputs (time features, the lr ratio) folded in:
+        ``(H,)``, or ``(S, H)`` for one step count per tensor (``step`` ``(S,)``) when there are time features."""
         first = self.mlp[0]
         assert isinstance(first, nn.Linear)
         c, k = self.config, self.num_coordinate_features
-        if not c.time_scales:
+        if not c.time_scales and not c.lr_ratio_input:
             return first.bias
-        times = time_features(step, c.time_scales).to(first.bias.dtype)
-        if step.dim() == 0:
-            return first.bias + torch.mv(first.weight[:, k:], times)
-        return first.bias + times @ first.weight[:, k:].t()
+        lead = step.shape if c.time_scales else ()
+        constants = [time_features(step, c.time_scales)] if c.time_scales else []
+        if c.lr_ratio_input:
+            constants.append(self.lr_ratio.expand(*lead, 1))
+        inputs = torch.cat([x.to(first.bias.dtype) for x in constants], dim=-1)
+        if inputs.dim() == 1:
+            return first.bias + torch.mv(first.weight[:, k:], inputs)
+        return first.bias + inputs @ first.weight[:, k:].t()
 
     def _count_terms(self, step: Tensor, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """What depends on the step count ``step`` (0-d): the second moment's bias correction
@@ -352,8 +393,8 @@ class AdafacMLP(UpdateRule):
         ratio = torch.stack([self._ratio_correction(beta, count) for count in counts])[index]
         if self.config.time_scales:
             bias = torch.stack([self._first_bias(count) for count in counts])[index]
-        else:
-            bias = self._first_bias(step).expand(step.shape[0], -1)
+        else:  # the same for every tensor
+            bias = self._first_bias(step[0]).expand(step.shape[0], -1)
         return v_correction, self._feature_scale_of(ratio, like), bias
 
     def _factored_features(self, stats: Tensor) -> Tensor:

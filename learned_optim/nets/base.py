@@ -201,9 +201,21 @@ class UpdateRule(nn.Module):
         self.config = config
         self.provenance = Provenance()
 
+    @property
+    def uses_lr_ratio(self) -> bool:
+        r"""Whether the net reads the lr ratio :math:`\rho_t = \eta_t / \max_{s \le t} \eta_s` (where the user's
+        schedule stands relative to its peak; :meth:`set_lr_ratio`). The optimizer then tracks each param group's
+        largest lr (``"peak_lr"``, saved with its ``state_dict``) and sets the ratio before stepping the group; the
+        meta-trainer's unroll sets it from its schedule (:func:`learned_optim.schedules.lr_ratio`)."""
+        return False
+
+    def set_lr_ratio(self, ratio: float) -> None:
+        """Set the lr ratio the following calls see (see :attr:`uses_lr_ratio`); nets that do not read it ignore it."""
+
     def reconfigured(self, **settings: Any) -> UpdateRule:
         """These weights in a net of the same family whose configuration has ``settings`` changed: for settings the
-        weights do not depend on (a decay, a clip, an epsilon), e.g. ``rule.reconfigured(second_moment_decay=0.95)``.
+        weights do not depend on (a decay, a clip, an epsilon), e.g. ``rule.reconfigured(second_moment_decay=0.95)``,
+        or that :meth:`weights_for` maps (an added input with zero weight).
         A :class:`ValueError` when a field is unknown or invalid, or when a weight of the changed net differs in name
         or shape; the provenance is kept."""
         listing = ", ".join(f"{k}={v!r}" for k, v in settings.items())
@@ -211,7 +223,7 @@ class UpdateRule(nn.Module):
             changed = build_rule(self.family, {**self.config.to_dict(), **settings})
         except (TypeError, ValueError, RuntimeError) as err:
             raise ValueError(f"net settings {listing}: {err}") from None
-        weights, needed = self.state_dict(), changed.state_dict()
+        weights, needed = self.weights_for(changed), changed.state_dict()
         differing = sorted(
             k
             for k in weights.keys() | needed.keys()
@@ -224,6 +236,12 @@ class UpdateRule(nn.Module):
         changed.provenance = self.provenance
         changed.requires_grad_(any(p.requires_grad for p in self.parameters()))
         return changed
+
+    def weights_for(self, changed: UpdateRule) -> dict[str, Tensor]:
+        """This net's weights for ``changed``, a net of the same family with another configuration
+        (:meth:`reconfigured`): its own state dict; a family may map them where the change keeps the function (a new
+        input entering with zero weight)."""
+        return self.state_dict()
 
     @property
     def compute_dtype(self) -> torch.dtype:

@@ -83,6 +83,36 @@ def test_adapt_method_and_restore_model_false_match_the_optimizer_step():
     )
 
 
+def test_adapt_unrolls_at_the_lr_ratio_the_optimizer_steps_at():
+    """A net with ``lr_ratio_input`` is adapted where its param group's schedule stands (lr / peak lr, here 0.25):
+    restore_model=False leaves the model where the optimizer's own steps at that ratio take it, not where steps at
+    ratio 1 (a group that never saw a higher lr) do."""
+    torch.manual_seed(0)
+    rule = learned_optim.AdafacMLP(lr_ratio_input=True, hidden_size=4).requires_grad_(False)
+    for weight in rule.parameters():
+        weight.normal_(0.0, 0.5)
+    _, _, batches = _setup()
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))  # no BatchNorm: its bias's ~1e-9 gradient
+    ends = {}  # is noise that the per-tensor normalised features amplify, whatever the ratio
+    for peak in (0.04, None):
+        reference_model = copy.deepcopy(model)
+        reference_opt = LearnedOptimizer(reference_model.parameters(), copy.deepcopy(rule), lr=0.01)
+        if peak is not None:
+            reference_opt.param_groups[0]["peak_lr"] = peak
+        with learned_optim.kernels.enabled_as(False):
+            for x, y in batches[:3]:
+                reference_opt.zero_grad()
+                F.cross_entropy(reference_model(x), y).backward()
+                reference_opt.step()
+        ends[peak] = [p.detach().clone() for p in reference_model.parameters()]
+    opt = LearnedOptimizer(model.parameters(), copy.deepcopy(rule), lr=0.01)
+    opt.param_groups[0]["peak_lr"] = 0.04
+    opt.adapt(model, F.cross_entropy, batches, steps=1, unroll=3, restore_model=False)
+    for p, q in zip(model.parameters(), ends[0.04], strict=True):
+        torch.testing.assert_close(p.detach(), q, rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(q, r) for q, r in zip(ends[0.04], ends[None], strict=True))
+
+
 def test_errors_leave_everything_unchanged():
     model, opt, batches = _setup()
     net, state = _net(opt), copy.deepcopy(model.state_dict())

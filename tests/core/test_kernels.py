@@ -265,6 +265,7 @@ def _adafac_case(shape: tuple[int, ...], seed: int = 0, **config):
     rule = learned_optim.AdafacMLP(**config).requires_grad_(False)
     for weight in rule.parameters():
         weight.normal_(0.0, 0.5)
+    rule.set_lr_ratio(0.3)  # read by nets with lr_ratio_input only
     n = math.prod(shape)
     grad, param = torch.randn(n) * 10.0 ** torch.randint(-4, 0, (n,)), torch.randn(n)
     state = rule.init_state(n, shape=shape)
@@ -287,6 +288,7 @@ def _adafac_step(rule, grad, param, state, step, shape, in_place):
     [
         ((37, 23), {}),
         ((2, 5000), {"time_scales": (10.0, 100.0)}),  # rows longer than the kernel's blocks (4096 coordinates)
+        ((37, 23), {"lr_ratio_input": True}),  # the lr ratio in the first bias (set to 0.3 by _adafac_case)
         ((10_001,), {"hidden_size": 5, "num_hidden_layers": 1}),  # a vector: lanes along the rows, 3 blocks
         ((70_000,), {"hidden_size": 5}),  # longer than pass 2's spans of 16 x 4096 rows; units padded to 8
         ((6, 4, 3, 3), {"hidden_size": 32, "num_hidden_layers": 3, "mup": False}),  # a conv weight (6, 36)

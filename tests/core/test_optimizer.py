@@ -345,6 +345,49 @@ def test_state_dict_round_trip_resumes_bit_identically(family, make_rule, named)
     assert_identical(snapshot(model, opt), snapshot(resumed_model, resumed))
 
 
+def test_the_lr_ratio_follows_the_users_schedule_and_resumes_bit_identically():
+    """A net with ``lr_ratio_input`` sees rho = lr / (largest lr so far) of its param group at every step, whatever
+    scheduler sets the lr (here warm-up then cosine, ``lr_factor``): 1 through the warm-up, the cosine factor after
+    it. The group's peak lr is saved with the state dict, so a run resumed after the peak steps bit for bit as the
+    uninterrupted one (a resumed run that lost it would restart at rho = 1)."""
+    horizon = 20
+
+    def build(model):
+        torch.manual_seed(0)
+        rule = learned_optim.AdafacMLP(lr_ratio_input=True, hidden_size=4).requires_grad_(False)
+        for weight in rule.parameters():
+            weight.normal_(0.0, 0.5)
+        opt = LearnedOptimizer(model.parameters(), rule, lr=0.05, weight_decay=0.01)
+        factor = lambda t: learned_optim.schedules.lr_factor("cosine", t, horizon)  # noqa: E731
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+    model = make_model()
+    opt, schedule = build(model)
+    seen = []
+    for t in range(horizon):
+        if t == 10:
+            saved = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": schedule.state_dict()}
+            saved = copy.deepcopy(saved)
+        backward(model, opt, t)
+        opt.step()
+        schedule.step()
+        seen.append(float(opt.rule.lr_ratio))
+    want = [learned_optim.schedules.lr_ratio("cosine", t, horizon) for t in range(horizon)]
+    assert seen == pytest.approx(want, rel=1e-6) and seen[0] == 1.0 and seen[-1] < 0.01
+    assert saved["opt"]["param_groups"][0]["peak_lr"] == pytest.approx(0.05)
+
+    resumed_model = make_model(seed=5)
+    resumed_model.load_state_dict(saved["model"])
+    resumed, resumed_schedule = build(resumed_model)
+    resumed.load_state_dict(saved["opt"])
+    resumed_schedule.load_state_dict(saved["sched"])
+    for t in range(10, horizon):
+        backward(resumed_model, resumed, t)
+        resumed.step()
+        resumed_schedule.step()
+    assert_identical(snapshot(model, opt), snapshot(resumed_model, resumed))
+
+
 def test_state_dict_carries_the_net_so_a_changed_net_resumes(family, make_rule):
     """The state dict carries the net's weights (what ``adapt`` changes): an optimizer whose net changed after it was
     built (here by hand) resumes in a fresh optimizer of the original net with the changed one, step for step. A

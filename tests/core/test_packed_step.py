@@ -114,19 +114,24 @@ def test_packs_follow_step_counts_and_chunk_limits(make_rule):
         pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
     ],
 )
-@pytest.mark.parametrize("time_scales", [(), (10.0, 100.0)], ids=["plain", "time-features"])
-def test_adafac_packs_tensors_of_several_step_counts_together(time_scales, device):
+@pytest.mark.parametrize(
+    "config",
+    [{}, {"time_scales": (10.0, 100.0)}, {"lr_ratio_input": True}],
+    ids=["plain", "time-features", "lr-ratio"],
+)
+def test_adafac_packs_tensors_of_several_step_counts_together(config, device):
     """adafac_mlp takes one step count per packed tensor (``per_tensor_steps``): tensors of different counts
     (layers unfrozen at different times) share one ATen pack, each with its own bias corrections and time features,
     and step as they do alone (the packed step's rounding bound)."""
     runs = []
     for cls in (LearnedOptimizer, PerTensorSteps):
         torch.manual_seed(0)
-        rule = learned_optim.AdafacMLP(time_scales=time_scales).requires_grad_(False)
+        rule = learned_optim.AdafacMLP(**config).requires_grad_(False)
         for weight in rule.parameters():  # random weights and biases: every feature and time feature counts
             weight.normal_(0.0, 0.5)
         model = _model().to(device)
         opt = cls(model.parameters(), rule, lr=0.01, weight_decay=0.01)
+        opt.param_groups[0]["peak_lr"] = 0.04  # an lr ratio of 0.25 (read with lr_ratio_input only)
         with kernels.enabled_as(False):
             _train(model, opt, 2)
             for i, p in enumerate(model.parameters()):

@@ -13,7 +13,7 @@ from learned_optim.functional import apply_rule
 from learned_optim.meta.config import UnrollConfig
 from learned_optim.meta.unroll import Trajectory, start_trajectory, unroll
 from learned_optim.objectives import meta_objective
-from learned_optim.schedules import lr_factor
+from learned_optim.schedules import group_lr_ratio, lr_factor, lr_ratio
 from learned_optim.tasks.base import Task, TaskFamily
 
 FAMILIES = ["dm_lstm", "rnnprop", "mlp"]
@@ -183,6 +183,37 @@ def test_the_inner_lr_schedule_scales_each_step(horizon):
     assert not torch.equal(constant.end.params["x"], whole.end.params["x"])
     with pytest.raises(ValueError, match="schedule must be one of"):
         UnrollConfig(schedule="linear").validate("unroll")
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+@pytest.mark.parametrize("steps", [1, 7, 20, 333])
+def test_the_lr_ratio_is_the_schedule_against_its_running_peak(schedule, steps):
+    """``lr_ratio(schedule, t, T)`` = lr_factor(t) / max over s <= t of lr_factor(s), computed directly."""
+    factors = [lr_factor(schedule, t, steps) for t in range(steps)]
+    for t in range(steps):
+        assert lr_ratio(schedule, t, steps) == pytest.approx(factors[t] / max(factors[: t + 1]), rel=1e-12)
+    assert group_lr_ratio({"lr": 0.5, "peak_lr": 2.0}) == (2.0, 0.25)
+    assert group_lr_ratio({"lr": 3.0, "peak_lr": 2.0}) == (3.0, 1.0)  # a new peak
+    assert group_lr_ratio({"lr": 0.0}) == (0.0, 1.0)  # nothing has run at a positive lr
+    with pytest.raises(ValueError, match="unknown schedule"):
+        lr_ratio("linear", 0, 10)
+
+
+def test_the_unroll_gives_a_net_with_the_lr_ratio_input_its_trajectorys_ratio():
+    """Each inner step of a trajectory under ``unroll.schedule`` sets the net's lr ratio before the net runs: the
+    schedule's ratio over the trajectory's horizon, what the runtime optimizer computes from the lr a scheduler
+    sets (tests/core/test_optimizer.py), so meta-training sees what users run."""
+    rule, task, trajectory = make("adafac_mlp", hidden_size=4, lr_ratio_input=True)
+    trajectory.lr, trajectory.horizon = 0.05, 40
+    seen = []
+    set_ratio = rule.set_lr_ratio
+    rule.set_lr_ratio = lambda ratio: (seen.append(ratio), set_ratio(ratio))  # type: ignore[method-assign]
+    cosine = UnrollConfig(trajectory_length=6, schedule="cosine")
+    first = unroll(rule, None, task, trajectory, 5, generator=torch.Generator().manual_seed(3), config=cosine)
+    unroll(rule, None, task, first.end, 30, generator=torch.Generator().manual_seed(4), config=cosine)
+    assert seen == [lr_ratio("cosine", t, 40) for t in range(35)]
+    assert seen[0] == seen[2] == 1.0 and seen[-1] < seen[3] < 1.0  # a warm-up of 2 steps, then the decay
+    assert float(rule.lr_ratio) == seen[-1]
 
 
 def test_a_trajectory_keeps_its_lr_horizon_and_weight_decay_through_a_checkpoint():

@@ -330,6 +330,7 @@ def test_adapt_fine_tunes_the_net_with_a_real_lr():
     [
         ((37, 23), 100, {}),  # blocks of 4 rows, the last one shorter
         ((5, 300), 100, {"time_scales": (10.0, 100.0)}),  # a row longer than the block: one row per block
+        ((37, 23), 100, {"time_scales": (10.0,), "lr_ratio_input": True}),  # both per-tensor constants
         ((900,), 128, {"normalize_direction": False}),  # a vector: one column, its row terms block by block
         ((290, 2), 20, {}),  # a tall matrix: row terms made 20 rows (two blocks) at a time, the last span shorter
         ((6, 4, 3, 3), 50, {"mup": False, "step_magnitude": "adam"}),  # a conv weight as (out, in*kh*kw)
@@ -348,6 +349,7 @@ def test_blocked_inference_path_matches_the_one_shot_path(shape, block, config, 
     with torch.no_grad():  # every feature matters (the Adam init reads one): random weights and biases
         for weight in rule.parameters():
             weight.normal_(0.0, 0.5)
+    rule.set_lr_ratio(0.3)  # read by nets with lr_ratio_input only
     n = math.prod(shape)
     grad, param = torch.randn(n), torch.randn(n)
     state = rule.init_state(n, shape=shape)
@@ -526,3 +528,59 @@ def test_a_cuda_step_waits_for_the_device_no_more_often_for_more_or_larger_tenso
     one = synchronizations([(8, 8)])
     many = synchronizations([(8, 8), (64, 32), (32,), (300, 300), (above_the_block,)])
     assert many == one <= 2, (one, many)
+
+
+# ------------------------------------------------------------------------------------------- the lr ratio input
+
+
+def _random_net(**config) -> AdafacMLP:
+    torch.manual_seed(0)
+    rule = AdafacMLP(**config).requires_grad_(False)
+    for weight in rule.parameters():
+        weight.normal_(0.0, 0.5)
+    return rule
+
+
+def _direction(rule: AdafacMLP, shape=(12, 9)) -> Tensor:
+    n = math.prod(shape)
+    gen = torch.Generator().manual_seed(3)
+    grad, param = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    delta, _ = rule(grad, param, rule.init_state(n, shape=shape), torch.tensor(4.0), shape=shape)
+    return delta
+
+
+def test_the_lr_ratio_input_is_a_per_tensor_constant_of_the_first_layer():
+    """With ``lr_ratio_input`` the net's last input is the lr ratio rho (set by the runtime): its step equals that
+    of the same net without the input whose first-layer bias is b + w_rho * rho, and differs between ratios."""
+    rule = _random_net(lr_ratio_input=True)
+    assert rule.uses_lr_ratio and rule.input_names[-1] == "lr_ratio" and rule.num_features == 29
+    assert "lr_ratio" not in rule.state_dict()  # set per step, never saved
+    plain = AdafacMLP().requires_grad_(False)
+    weights = rule.state_dict()
+    for ratio in (0.25, 1.0):
+        rule.set_lr_ratio(ratio)
+        folded = {**weights, "mlp.0.weight": weights["mlp.0.weight"][:, :-1]}
+        folded["mlp.0.bias"] = weights["mlp.0.bias"] + ratio * weights["mlp.0.weight"][:, -1]
+        plain.load_state_dict(folded)
+        torch.testing.assert_close(_direction(rule), _direction(plain), rtol=1e-5, atol=1e-7)
+    rule.set_lr_ratio(0.25)
+    low = _direction(rule)
+    rule.set_lr_ratio(1.0)
+    assert not torch.allclose(low, _direction(rule))
+    assert not AdafacMLP().uses_lr_ratio
+
+
+def test_reconfigured_adds_the_lr_ratio_input_with_zero_weight():
+    """A trained net fine-tuned with the lr ratio (``init_from`` + ``lr_ratio_input``) starts as the same function:
+    the new input's first-layer column is zero, every other weight is the parent's; dropping an input still
+    refuses (it would drop trained weights)."""
+    parent = _random_net(time_scales=(10.0,))
+    child = parent.reconfigured(lr_ratio_input=True)
+    assert child.input_names == [*parent.input_names, "lr_ratio"]
+    assert torch.equal(child.mlp[0].weight[:, -1], torch.zeros(parent.config.hidden_size))
+    assert torch.equal(child.mlp[0].weight[:, :-1], parent.mlp[0].weight)
+    for ratio in (0.1, 1.0):
+        child.set_lr_ratio(ratio)
+        assert torch.equal(_direction(child), _direction(parent))
+    with pytest.raises(ValueError, match="change the net's weights"):
+        child.reconfigured(lr_ratio_input=False)
