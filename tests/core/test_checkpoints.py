@@ -37,6 +37,7 @@ CUSTOM_CONFIGS = {
         "momentum_decays": (0.9, 0.95),
         "factored_decays": (0.9, 0.95),
         "time_scales": (10.0,),
+        "lr_ratio_input": True,
         "mup": False,
         "mup_base_fan_in": 32,
         "normalize_direction": False,
