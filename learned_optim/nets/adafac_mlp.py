@@ -394,7 +394,7 @@ class AdafacMLP(UpdateRule):
         if self.config.time_scales:
             bias = torch.stack([self._first_bias(count) for count in counts])[index]
         else:  # the same for every tensor
-            bias = self._first_bias(step[0]).expand(step.shape[0], -1)
+            bias = self._first_bias(step).expand(step.shape[0], -1)
         return v_correction, self._feature_scale_of(ratio, like), bias
 
     def _factored_features(self, stats: Tensor) -> Tensor:
