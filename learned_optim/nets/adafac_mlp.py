@@ -9,6 +9,7 @@ a user's LR scheduler and decoupled weight decay act exactly as with AdamW.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -60,6 +61,7 @@ class AdafacMLPConfig(NetConfig):
     normalize_direction: bool = True
     direction_clip: float | None = None
     step_magnitude: str = "unit"
+    magnitude_head_bound: float | None = None
     mup: bool = True
     mup_base_fan_in: int = 64
     init: str = "adam"
@@ -136,7 +138,11 @@ class AdafacMLP(UpdateRule):
     :math:`a = 1` (Celo2: the step's size is the lr schedule's alone); ``"adam"``, :math:`a` = the RMS over the
     tensor of Adam's own step :math:`\hat m (\hat v + \epsilon)^{-1/2}` at decay ``adam_feature_decay``, so the
     net sets the direction and Adam's signal-to-noise ratio still shrinks the step where gradients are mostly
-    noise.
+    noise. With ``magnitude_head_bound`` :math:`B` the net also scales each tensor's step by a learned factor
+    read from the tensor's mean last hidden activations :math:`\bar z = \frac1n \sum_i z_i` (a linear head on
+    a mean pool, as in DeepSets): :math:`a \leftarrow a\, B^{\tanh(w_\mu \cdot \bar z + b_\mu)} \in [a/B, aB]`; the head
+    starts at zero (factor 1: a fine-tune with it starts from its parent's function). The native kernel does not
+    take the head: such a net steps on the ATen paths.
 
     ``init="adam"`` builds the MLP so that :math:`d` equals the normalised feature
     :math:`\hat m (\hat v + \epsilon)^{-1/2}` at decay ``adam_feature_decay`` exactly (two hidden units
@@ -214,6 +220,8 @@ class AdafacMLP(UpdateRule):
             raise ValueError(f"AdafacMLP: step_magnitude must be 'unit' or 'adam', got {c.step_magnitude!r}")
         if (c.init == "adam" or c.step_magnitude == "adam") and c.adam_feature_decay not in c.momentum_decays:
             raise ValueError(f"AdafacMLP: adam_feature_decay {c.adam_feature_decay} is not in momentum_decays")
+        if c.magnitude_head_bound is not None and not c.magnitude_head_bound > 1.0:
+            raise ValueError(f"AdafacMLP: magnitude_head_bound must be above 1, got {c.magnitude_head_bound}")
         layers: list[nn.Module] = []
         width = self.num_features
         for _ in range(c.num_hidden_layers):
@@ -221,6 +229,8 @@ class AdafacMLP(UpdateRule):
             width = c.hidden_size
         layers.append(nn.Linear(width, 1))
         self.mlp = nn.Sequential(*layers)
+        #: The per-tensor magnitude head (``magnitude_head_bound``): mean last hidden activations -> log factor.
+        self.magnitude_head = nn.Linear(width, 1) if c.magnitude_head_bound is not None else None
         self.register_buffer("momentum_decay", torch.tensor(c.momentum_decays).unsqueeze(1), persistent=False)
         self.register_buffer("factored_decay", torch.tensor(c.factored_decays), persistent=False)
         #: The lr ratio of the step being computed (``lr_ratio_input``; :meth:`set_lr_ratio`, not saved).
@@ -258,8 +268,12 @@ class AdafacMLP(UpdateRule):
     def weights_for(self, changed: UpdateRule) -> dict[str, Tensor]:
         """This net's weights for ``changed`` (:meth:`UpdateRule.reconfigured`): where ``changed``'s inputs are this
         net's followed by new ones (e.g. ``lr_ratio_input`` turned on), the new inputs' first-layer columns are zero,
-        so the changed net computes what this one does."""
+        and where ``changed`` adds the magnitude head, the head is zero (a factor of 1), so the changed net computes
+        what this one does."""
         weights = self.state_dict()
+        head = getattr(changed, "magnitude_head", None)
+        if head is not None and self.magnitude_head is None:
+            weights.update({f"magnitude_head.{k}": torch.zeros_like(v) for k, v in head.state_dict().items()})
         mine, theirs = self.input_names, getattr(changed, "input_names", None)
         if theirs is None or len(theirs) <= len(mine) or theirs[: len(mine)] != mine:
             return weights
@@ -280,6 +294,9 @@ class AdafacMLP(UpdateRule):
         for layer in linears:
             nn.init.trunc_normal_(layer.weight, std=layer.in_features**-0.5)
             nn.init.zeros_(layer.bias)
+        if self.magnitude_head is not None:  # a factor of 1 to start from
+            nn.init.zeros_(self.magnitude_head.weight)
+            nn.init.zeros_(self.magnitude_head.bias)
         if self.config.init != "adam":
             return
         first, *hidden, last = linears
@@ -448,17 +465,20 @@ class AdafacMLP(UpdateRule):
         base = (row_term.unsqueeze(2) + col_term.unsqueeze(1)).reshape(-1, n)
         inplace = inplace_allowed(grad, weight)  # no graph to record: activations in place
         x = base.addmm_(weight, dense) if inplace else torch.addmm(base, weight, dense)
-        for layer in self.mlp[1:]:
+        *hidden_layers, last = self.mlp[1:]
+        for layer in hidden_layers:
             if isinstance(layer, nn.Linear):
                 x = torch.addmm(layer.bias.unsqueeze(1), layer.weight, x)
             else:
                 x = x.relu_() if inplace else torch.relu(x)
-        direction = x.squeeze(0)
+        assert isinstance(last, nn.Linear)
+        factor = self._magnitude_factor(x.mean(dim=1) if self.magnitude_head is not None else None)
+        direction = torch.addmm(last.bias.unsqueeze(1), last.weight, x).squeeze(0)
         if c.normalize_direction:
             direction = rms_normalize(direction, dim=0, eps=c.direction_rms_eps)
             if c.direction_clip is not None:
                 direction = direction.clamp(-c.direction_clip, c.direction_clip)
-        return -self.step_scale(shape) * self._magnitude(dense_ms, scale) * direction, new_state
+        return -self.step_scale(shape) * self._magnitude(dense_ms, scale) * factor * direction, new_state
 
     def _magnitude(self, dense_ms: Tensor, scale: Tensor) -> Tensor | float:
         """The per-tensor step magnitude :math:`a` (``step_magnitude``) from the dense rows' mean squares (float64 where
@@ -467,6 +487,16 @@ class AdafacMLP(UpdateRule):
             return 1.0
         i = self.adam_feature_index  # RMS of the bias-corrected m_j / sqrt(v_hat + eps): Adam's step
         return scale[i] * dense_ms[i].sqrt().to(scale.dtype)
+
+    def _magnitude_factor(self, pooled: Tensor | None) -> Tensor | float:
+        r"""The magnitude head's factor :math:`B^{\tanh(w_\mu \cdot \bar z + b_\mu)}` of each tensor from its mean last
+        hidden activations ``pooled`` (``(H,)``, or ``(H, S)`` for ``S`` tensors: a factor each); 1 without the
+        head (``pooled`` then ``None``)."""
+        head, bound = self.magnitude_head, self.config.magnitude_head_bound
+        if head is None or bound is None or pooled is None:
+            return 1.0
+        logit = head.weight.squeeze(0) @ pooled.to(head.weight.dtype) + head.bias.squeeze(0)
+        return torch.exp(math.log(bound) * torch.tanh(logit))
 
     @property
     def v_feature_index(self) -> int:
@@ -652,10 +682,17 @@ class AdafacMLP(UpdateRule):
                 )
             dense[:, run.a : run.b].view(d, n, -1).mul_(normaliser[:, segment].unsqueeze(2))
         x.addmm_(first.weight[:, :d], dense).relu_()
-        for layer in self.mlp[2:]:
+        *hidden_layers, last = self.mlp[2:]
+        for layer in hidden_layers:
             x = torch.addmm(layer.bias.unsqueeze(1), layer.weight, x) if isinstance(layer, nn.Linear) else x.relu_()
-        direction = x.squeeze(0)
         step_scale = -layout.step_scales(self.step_scale, grad)
+        if self.magnitude_head is not None:  # each tensor's mean last hidden activations
+            pooled = x.new_empty(hidden, len(shapes))
+            for run in layout.runs:
+                pooled[:, run.s0 : run.s1] = x[:, run.a : run.b].view(hidden, run.count, -1).mean(dim=2)
+            step_scale = step_scale * self._magnitude_factor(pooled)
+        assert isinstance(last, nn.Linear)
+        direction = torch.addmm(last.bias.unsqueeze(1), last.weight, x).squeeze(0)
         if c.step_magnitude == "adam":
             step_scale = step_scale * self._magnitude(dense_ms, scale)
         clip = c.direction_clip  # set only with normalize_direction (checked in __init__)
@@ -692,7 +729,7 @@ class AdafacMLP(UpdateRule):
         the kernel's last sweep and ``None`` returned as the step. ``None`` where the kernel does not apply or
         is not used here, or autograd records (meta-training)."""
         c = self.config
-        native = grad.device.type == "cpu" and kernels.uses("adafac_mlp")
+        native = grad.device.type == "cpu" and self._kernel_takes_net and kernels.uses("adafac_mlp")
         if not (native and inplace_allowed(grad, param, *self.parameters())):
             return None
         momenta = [f"m{i}" for i in range(len(c.momentum_decays))]
@@ -708,6 +745,11 @@ class AdafacMLP(UpdateRule):
         if update is not None:  # written through its storage, as an in-place op would
             torch.autograd.graph.increment_version(param)
         return (None if update is not None else delta), new
+
+    @property
+    def _kernel_takes_net(self) -> bool:
+        """Whether the native kernel computes this net's step (it has no magnitude head)."""
+        return self.magnitude_head is None
 
     def _kernel_net(self, step: Tensor, like: Tensor) -> kernels.AdafacNet:
         """The net's weights and constants at step count ``step`` (0-d, or one count per tensor ``(S,)``) as the
@@ -750,7 +792,7 @@ class AdafacMLP(UpdateRule):
         :meth:`UpdateRule.step_in_place`): contiguous float32 CPU parameters, gradients and state. The same kernel
         and arithmetic as the optimizer's per-tensor and packed steps (:meth:`_native_forward`), so the same
         result bit for bit, without their copies into and out of packs."""
-        native = kernels.uses("adafac_mlp") and inplace_allowed(*self.parameters())
+        native = self._kernel_takes_net and kernels.uses("adafac_mlp") and inplace_allowed(*self.parameters())
         if not native or self.compute_dtype != torch.float32:
             return list(params)
         taken: list[tuple[Tensor, Tensor, Mapping[str, Tensor]]] = []  # parameter, gradient, state
@@ -908,9 +950,10 @@ class AdafacMLP(UpdateRule):
                 sums += chunk_sums(r0, min(r0 + chunk_rows, rows))
             return sums
 
-        def direction_and_sum_squares() -> tuple[Tensor, Tensor]:
-            """Pass 2 on ATen: the features again, block by block, through the MLP; the raw direction and its sum
-            of squares. The dense rows as in :meth:`features`, the normalisation in the first layer's weight."""
+        def direction_and_sum_squares() -> tuple[Tensor, Tensor, Tensor]:
+            """Pass 2 on ATen: the features again, block by block, through the MLP; the raw direction, its sum
+            of squares and the mean last hidden activations (zero without the magnitude head). The dense rows as in
+            :meth:`features`, the normalisation in the first layer's weight."""
             direction = grad.new_empty(n)
             features = grad.new_empty(4 + 4 * j, block_rows * cols)
             # a row of ones under the activations: the layers' biases ride in their GEMMs (an addmm copies its bias
@@ -918,6 +961,7 @@ class AdafacMLP(UpdateRule):
             acts = [grad.new_empty(hidden + 1, block_rows * cols) for _ in range(2)]
             for buffer in acts:
                 buffer[hidden].fill_(1.0)
+            activation_sums = grad.new_zeros(hidden, dtype=torch.float64)  # of the last hidden layer (magnitude head)
             copied = [grad, param, *(new[k] for k in names)]  # rows 0 .. 2 + J as they are
             # the row factors and row terms of up to `span` rows at a time: a matrix's all at once (a block's would
             # cost a few ops per block), a vector's (a row per coordinate) block by block
@@ -944,11 +988,13 @@ class AdafacMLP(UpdateRule):
                 x.addmm_(weight, u).relu_()
                 for index, layer_weight in enumerate(biased_weights):  # x and the ones row below it
                     last = index == len(biased_weights) - 1
+                    if last and self.magnitude_head is not None:
+                        activation_sums += acts[index % 2][:hidden, : b - a].sum(dim=1, dtype=torch.float64)
                     y = direction[a:b].unsqueeze(0) if last else acts[(index + 1) % 2][:hidden, : b - a]
                     torch.mm(layer_weight, acts[index % 2][:, : b - a], out=y)
                     if not last:
                         y.relu_()
-            return direction, torch.dot(direction, direction)
+            return direction, torch.dot(direction, direction), activation_sums / n
 
         sums = state_and_sums()
         scale, col_features = self._feature_scale(beta, step, grad), self._factored_features(col)
@@ -967,8 +1013,9 @@ class AdafacMLP(UpdateRule):
         biased_weights = [  # [W | b] of the layers after the first
             torch.cat([m.weight, m.bias.unsqueeze(1)], dim=1) for m in self.mlp[1:] if isinstance(m, nn.Linear)
         ]
-        direction, sum_squares = direction_and_sum_squares()
-        step_scale = -self.step_scale(shape) * self._magnitude(sums / n, scale)
+        direction, sum_squares, mean_activations = direction_and_sum_squares()
+        factor = self._magnitude_factor(mean_activations if self.magnitude_head is not None else None)
+        step_scale = -self.step_scale(shape) * self._magnitude(sums / n, scale) * factor
         if c.normalize_direction:
             mean_square = torch.as_tensor(sum_squares / n, dtype=dtype)
             if c.direction_clip is not None:  # normalised, clipped, then scaled

@@ -38,6 +38,7 @@ CUSTOM_CONFIGS = {
         "factored_decays": (0.9, 0.95),
         "time_scales": (10.0,),
         "lr_ratio_input": True,
+        "magnitude_head_bound": 2.5,
         "mup": False,
         "mup_base_fan_in": 32,
         "normalize_direction": False,

@@ -337,6 +337,8 @@ def test_adapt_fine_tunes_the_net_with_a_real_lr():
         ((37, 23), 100, {"second_moment_decay": 0.95, "step_magnitude": "adam"}),
         ((37, 23), 100, {"num_hidden_layers": 3}),  # the activations' two buffers taken in turn, twice
         ((900,), 128, {"num_hidden_layers": 1}),  # the output layer straight after the first
+        ((37, 23), 100, {"magnitude_head_bound": 3.0}),  # the head's mean activations summed over blocks
+        ((900,), 128, {"magnitude_head_bound": 3.0, "num_hidden_layers": 1, "direction_clip": 2.0}),
     ],
 )
 @pytest.mark.parametrize("in_place", [False, True])
@@ -584,3 +586,67 @@ def test_reconfigured_adds_the_lr_ratio_input_with_zero_weight():
         assert torch.equal(_direction(child), _direction(parent))
     with pytest.raises(ValueError, match="change the net's weights"):
         child.reconfigured(lr_ratio_input=False)
+
+
+# ------------------------------------------------------------------------------------------- the magnitude head
+
+
+def test_the_magnitude_head_scales_the_step_by_its_factor_of_the_mean_last_activations():
+    """With ``magnitude_head_bound`` B the step is the headless step times B^tanh(w . mean(z) + b), z the last hidden
+    layer's activations: read through a net whose direction is hidden unit k itself (output weight e_k, no
+    normalisation, unit magnitude), the step with the head on unit k is the step without it times
+    B^tanh(mean(z_k) + b)."""
+    bound, k, bias = 3.0, 2, -0.4
+    plain = dict(normalize_direction=False, step_magnitude="unit", mup=False, num_hidden_layers=1)
+    rule = _random_net(magnitude_head_bound=bound, **plain)
+    rule.mlp[-1].weight.zero_()
+    rule.mlp[-1].weight[0, k] = 1.0
+    rule.mlp[-1].bias.zero_()
+    rule.magnitude_head.weight.zero_()
+    rule.magnitude_head.bias.fill_(bias)
+    z_k = -_direction(rule) / bound ** math.tanh(bias)  # a head of bias alone: a factor known in closed form
+    assert (z_k >= 0).all() and z_k.max() > 0  # a ReLU unit's activations, some of them positive
+    rule.magnitude_head.weight[0, k] = 1.0
+    factor = bound ** math.tanh(float(z_k.mean()) + bias)
+    torch.testing.assert_close(_direction(rule), -factor * z_k, rtol=1e-5, atol=1e-8)
+    rule.magnitude_head.bias.fill_(100.0)  # saturated: the bound
+    torch.testing.assert_close(_direction(rule), -bound * z_k, rtol=1e-5, atol=1e-8)
+
+
+def test_reconfigured_adds_a_zero_magnitude_head_that_meta_training_moves():
+    """A trained net fine-tuned with the head (``init_from`` + ``magnitude_head_bound``) starts as the same function
+    (the head is zero: a factor of exactly 1), and the meta-gradient reaches the head through the one-shot path."""
+    parent = _random_net()
+    child = parent.reconfigured(magnitude_head_bound=2.0)
+    assert torch.equal(child.magnitude_head.weight, torch.zeros(1, parent.config.hidden_size))
+    assert torch.equal(_direction(child), _direction(parent))
+    child.requires_grad_(True)
+    n, shape = 108, (12, 9)
+    grad, param = torch.randn(n), torch.randn(n)
+    delta, _ = child(grad, param, child.init_state(n, shape=shape), torch.tensor(4.0), shape=shape)
+    (delta * param).sum().backward()
+    assert child.magnitude_head.weight.grad.abs().sum() > 0 and child.magnitude_head.bias.grad.abs() > 0
+    with pytest.raises(ValueError, match="above 1"):
+        AdafacMLP(magnitude_head_bound=1.0)
+
+
+def test_a_net_with_the_magnitude_head_steps_on_aten_where_the_kernel_is_on():
+    """The native kernel does not compute the head: with the kernels on, ``step_in_place`` takes no tensor and the
+    optimizer's step equals the ATen step with the kernels off."""
+    rule = _random_net(magnitude_head_bound=2.0, hidden_size=8)
+    params = []
+    for enabled in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2))
+        opt = LearnedOptimizer(model.parameters(), rule, lr=0.01)
+        with kernels.enabled_as(enabled):
+            for _ in range(3):
+                opt.zero_grad()
+                model(torch.randn(4, 6)).square().mean().backward()
+                opt.step()
+            if enabled:
+                taken = [p for p in model.parameters()]
+                assert rule.step_in_place(taken, [opt.state[p] for p in taken], torch.tensor(1.0), 0.01, 0.0) == taken
+        params.append([p.detach().clone() for p in model.parameters()])
+    for on, off in zip(*params, strict=True):
+        assert torch.equal(on, off)
