@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         workload = task.bind(steps=args.steps or task.steps)
         factors.clear()
         train(workload, learned, settings[name], args.seed)
-        factors[:] = [step for step in factors if step]  # a step the closure's NaN stopped records nothing
+        factors[:] = [step for step in factors if step]  # steps that stepped no tensor (lr 0, a non-finite gradient)
         if not factors:
             parser.error(f"{args.optimizer} gave no factor on {name}: it has no magnitude head")
         tenth = max(1, len(factors) // 10)
