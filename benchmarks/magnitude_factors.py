@@ -20,6 +20,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from _common import machine_header  # noqa: E402
 
 from learned_optim import LearnedOptimizer  # noqa: E402
-from learned_optim.bench.run import learned_optimizer, train  # noqa: E402
+from learned_optim.bench.run import BenchOptimizer, Setting, learned_optimizer, train  # noqa: E402
 from learned_optim.bench.suite import REFERENCE  # noqa: E402
 from learned_optim.bench.tasks import SELECTION_TASKS, get_task  # noqa: E402
 from learned_optim.bench.tuning import chosen_settings  # noqa: E402
@@ -41,6 +42,31 @@ def quantiles(values: Sequence[float]) -> str:
     ordered = sorted(values)
     at = [ordered[round(q * (len(ordered) - 1))] for q in (0.0, 0.1, 0.5, 0.9, 1.0)]
     return " / ".join(f"{x:.3f}" for x in at)
+
+
+def recorded_factors(workload: Any, learned: BenchOptimizer, setting: Setting, seed: int) -> list[list[float]]:
+    """One run of ``learned`` on ``workload`` (:func:`~learned_optim.bench.run.train`) and the factors its net's
+    magnitude head gave: one list per optimizer step that stepped a tensor, a factor per tensor (none without a
+    head). The net's and the optimizer's methods are wrapped for the run only."""
+    factors: list[list[float]] = []
+    net_factor, optimizer_step = AdafacMLP._magnitude_factor, LearnedOptimizer.step
+
+    def recording_factor(self: AdafacMLP, pooled: torch.Tensor | None) -> torch.Tensor | float:
+        factor = net_factor(self, pooled)
+        if isinstance(factor, torch.Tensor):
+            factors[-1].extend(factor.detach().reshape(-1).tolist())
+        return factor
+
+    def recording_step(self: LearnedOptimizer, closure: Any = None) -> Any:
+        factors.append([])
+        return optimizer_step(self, closure)
+
+    with (
+        mock.patch.object(AdafacMLP, "_magnitude_factor", recording_factor),
+        mock.patch.object(LearnedOptimizer, "step", recording_step),
+    ):
+        train(workload, learned, setting, seed)
+    return [step for step in factors if step]  # not the steps that stepped no tensor (lr 0, a non-finite gradient)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -55,21 +81,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = chosen_settings(json.loads(Path(args.settings_from).read_text()), REFERENCE)
     tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else sorted(settings)
     learned = learned_optimizer(args.optimizer)
-    factors: list[list[float]] = []  # one list per optimizer step: the factor of every tensor it stepped
-    net_factor, optimizer_step = AdafacMLP._magnitude_factor, LearnedOptimizer.step
-
-    def recording_factor(self: AdafacMLP, pooled: torch.Tensor | None) -> torch.Tensor | float:
-        factor = net_factor(self, pooled)
-        if isinstance(factor, torch.Tensor):
-            factors[-1].extend(factor.detach().reshape(-1).tolist())
-        return factor
-
-    def recording_step(self: LearnedOptimizer, closure: Any = None) -> Any:
-        factors.append([])
-        return optimizer_step(self, closure)
-
-    AdafacMLP._magnitude_factor = recording_factor  # type: ignore[method-assign]
-    LearnedOptimizer.step = recording_step  # type: ignore[method-assign]
     print(f"{args.optimizer}, seed {args.seed}, AdamW's setting from {args.settings_from}; {machine_header()}\n")
     print(
         "| task | steps | factors | factor: min / 10% / median / 90% / max | first tenth (median) "
@@ -79,9 +90,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name in tasks:
         task = get_task(name, selection=name in SELECTION_TASKS)
         workload = task.bind(steps=args.steps or task.steps)
-        factors.clear()
-        train(workload, learned, settings[name], args.seed)
-        factors[:] = [step for step in factors if step]  # steps that stepped no tensor (lr 0, a non-finite gradient)
+        factors = recorded_factors(workload, learned, settings[name], args.seed)
         if not factors:
             parser.error(f"{args.optimizer} gave no factor on {name}: it has no magnitude head")
         tenth = max(1, len(factors) // 10)

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from learned_optim import DMLSTM, save_pretrained
+from learned_optim import DMLSTM, AdafacMLP, LearnedOptimizer, save_pretrained
 from learned_optim.bench import evaluate as ev
+from learned_optim.bench.run import Setting, learned_optimizer
+from learned_optim.bench.tasks import get_task
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 pytestmark = pytest.mark.usefixtures("one_thread")  # the script's commands call torch.set_num_threads
@@ -405,3 +407,29 @@ def test_long_horizon_runs_both_at_adamws_setting_over_the_longer_horizon(tmp_pa
         script.main([*args[:4], "breast-cancer-mlp", *args[5:]])
     with pytest.raises(SystemExit):
         script.main([*args, "--lr-scale", "0"])
+
+
+def test_magnitude_factors_records_the_heads_factor_of_every_tensor_at_every_step(tmp_path, capsys):
+    """benchmarks/magnitude_factors.py: a head of bias b alone gives every tensor B^tanh(b) at every step; the wrapped
+    methods are restored after the run; a net without a head is refused."""
+    script = _script("magnitude_factors")
+    chosen = {"optimizer": "adamw", "lr": 0.01, "weight_decay": 0.1, "schedule": "cosine"}
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"tuning": [{"task": "diabetes-mlp", "contender": "adamw", "chosen": chosen}]}))
+    rule = AdafacMLP(magnitude_head_bound=2.0, step_magnitude="adam", mup=False).requires_grad_(False)
+    rule.magnitude_head.bias.fill_(0.5)
+    save_pretrained(rule, tmp_path / "net", name="head-net", description="a net with a magnitude head")
+    save_pretrained(AdafacMLP(), tmp_path / "plain", name="plain-net", description="a net without one")
+    args = ["--optimizer", str(tmp_path / "net"), "--settings-from", str(results), "--tasks", "diabetes-mlp"]
+    task = get_task("diabetes-mlp").bind(steps=10)
+    before = AdafacMLP.__dict__["_magnitude_factor"], LearnedOptimizer.__dict__["step"]
+    factors = script.recorded_factors(task, learned_optimizer(str(tmp_path / "net")), Setting(**chosen), 0)
+    assert (AdafacMLP.__dict__["_magnitude_factor"], LearnedOptimizer.__dict__["step"]) == before
+    tensors = len(list(task.build_model(0).parameters()))
+    assert len(factors) == 10 and all(len(step) == tensors for step in factors)
+    assert all(math.isclose(f, 2.0 ** math.tanh(0.5), rel_tol=1e-6) for step in factors for f in step)
+    script.main([*args, "--steps", "10"])
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert row.startswith(f"| diabetes-mlp | 10 | {10 * tensors} | ") and f"{2.0 ** math.tanh(0.5):.3f} | 1.000 |" in row
+    with pytest.raises(SystemExit):
+        script.main([*args[:1], str(tmp_path / "plain"), *args[2:], "--steps", "5"])
