@@ -430,6 +430,7 @@ def test_magnitude_factors_records_the_heads_factor_of_every_tensor_at_every_ste
     assert all(math.isclose(f, 2.0 ** math.tanh(0.5), rel_tol=1e-6) for step in factors for f in step)
     script.main([*args, "--steps", "10"])
     row = capsys.readouterr().out.splitlines()[-1]
-    assert row.startswith(f"| diabetes-mlp | 10 | {10 * tensors} | ") and f"{2.0 ** math.tanh(0.5):.3f} | 1.000 |" in row
+    factor = 2.0 ** math.tanh(0.5)
+    assert row.startswith(f"| diabetes-mlp | 10 | {10 * tensors} | ") and f"{factor:.3f} | 1.000 |" in row
     with pytest.raises(SystemExit):
         script.main([*args[:1], str(tmp_path / "plain"), *args[2:], "--steps", "5"])
