@@ -491,7 +491,7 @@ class AdafacMLP(UpdateRule):
     def _magnitude_factor(self, pooled: Tensor | None) -> Tensor | float:
         r"""The magnitude head's factor :math:`B^{\tanh(w_\mu \cdot \bar z + b_\mu)}` of each tensor from its mean last
         hidden activations ``pooled`` (``(H,)``, or ``(H, S)`` for ``S`` tensors: a factor each); 1 without the
-        head (``pooled`` then ``None``)."""
+        head, whatever ``pooled`` is (a caller that would have to compute it may pass ``None``)."""
         head, bound = self.magnitude_head, self.config.magnitude_head_bound
         if head is None or bound is None or pooled is None:
             return 1.0
@@ -1014,7 +1014,7 @@ class AdafacMLP(UpdateRule):
             torch.cat([m.weight, m.bias.unsqueeze(1)], dim=1) for m in self.mlp[1:] if isinstance(m, nn.Linear)
         ]
         direction, sum_squares, mean_activations = direction_and_sum_squares()
-        factor = self._magnitude_factor(mean_activations if self.magnitude_head is not None else None)
+        factor = self._magnitude_factor(mean_activations)
         step_scale = -self.step_scale(shape) * self._magnitude(sums / n, scale) * factor
         if c.normalize_direction:
             mean_square = torch.as_tensor(sum_squares / n, dtype=dtype)
