@@ -27,6 +27,7 @@ __all__ = [
     "time_features",
     "blocked_mean_square",
     "rms_normalize",
+    "newton_schulz_orthogonalize",
     "matrix_view",
     "factored_moments",
     "factored_means",
@@ -114,6 +115,33 @@ def blocked_mean_square(features_of: Callable[[slice], Tensor], numel: int) -> T
 def rms_normalize(x: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
     r"""Divide by the root mean square along ``dim``: :math:`x / \sqrt{\overline{x^2} + \epsilon}`."""
     return x * torch.rsqrt(x.square().mean(dim=dim, keepdim=True) + eps)
+
+
+#: Coefficients :math:`(a, b, c)` of the quintic Newton–Schulz iteration of Muon (K. Jordan, 2024), chosen for
+#: the steepest slope at 0: a few steps take every singular value to roughly [0.7, 1.2], not exactly to 1.
+NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz_orthogonalize(x: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
+    r"""An approximate orthogonal polar factor :math:`U V^\top` of each matrix in ``x`` (``(..., rows, cols)``;
+    :math:`x = U \Sigma V^\top`): ``steps`` quintic Newton–Schulz iterations from :math:`X_0 = x / (\lVert x
+    \rVert_F + \epsilon)`,
+
+    .. math:: A = X_k X_k^\top,\quad X_{k+1} = a X_k + (b A + c A^2) X_k
+
+    on the wide orientation (the transpose of a tall matrix, so :math:`A` is the smaller Gram matrix), with
+    :data:`NEWTON_SCHULZ_COEFFICIENTS`. Each step maps every singular value :math:`\sigma \mapsto a\sigma +
+    b\sigma^3 + c\sigma^5` and keeps the singular vectors: the result is :math:`U f(\Sigma) V^\top` with
+    :math:`f(\Sigma)` near the identity. Invariant to a positive scale of ``x``; differentiable (matrix products
+    only), in ``x``'s dtype."""
+    tall = x.shape[-2] > x.shape[-1]
+    y = x.mT if tall else x
+    y = y / (torch.linalg.matrix_norm(y, keepdim=True) + eps)
+    a, b, c = NEWTON_SCHULZ_COEFFICIENTS
+    for _ in range(steps):
+        gram = y @ y.mT
+        y = a * y + (b * gram + c * gram @ gram) @ y
+    return y.mT if tall else y
 
 
 def matrix_view(shape: Sequence[int]) -> tuple[int, int]:

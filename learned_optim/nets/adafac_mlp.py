@@ -30,6 +30,7 @@ from ..features import (
     factored_row_factor,
     factored_rsqrt_factors,
     matrix_view,
+    newton_schulz_orthogonalize,
     rms_normalize,
     rsqrt_features,
     time_features,
@@ -60,6 +61,7 @@ class AdafacMLPConfig(NetConfig):
     direction_rms_eps: float = 1e-12
     normalize_direction: bool = True
     direction_clip: float | None = None
+    newton_schulz_steps: int = 0
     step_magnitude: str = "unit"
     magnitude_head_bound: float | None = None
     mup: bool = True
@@ -144,6 +146,15 @@ class AdafacMLP(UpdateRule):
     starts at zero (factor 1: a fine-tune with it starts from its parent's function). The native kernel does not
     take the head: such a net steps on the ATen paths.
 
+    With ``newton_schulz_steps`` :math:`k > 0` the direction of every matrix (a :func:`matrix_view` of at least two rows
+    and two columns: linear and conv weights, embeddings) is replaced by its approximate orthogonal polar factor
+    before the RMS normalisation, :math:`d \leftarrow \mathrm{NS}_k(d_{\mathrm{rows} \times \mathrm{cols}})`
+    (:func:`~learned_optim.features.newton_schulz_orthogonalize`; Muon's orthogonalisation, which Celo2 applies on top
+    of its learned rule for hidden matrices): every singular direction of the net's step moves by about the same
+    amount, and the per-tensor step RMS stays :math:`\mathrm{lr}\cdot s\cdot a` (AdamW's with ``"adam"``), so AdamW's
+    lr still transfers. Vectors are not orthogonalised. The native kernel does not orthogonalise: such a net steps
+    on the ATen paths (a step costs about :math:`2k` products of the matrix with its smaller Gram matrix more).
+
     ``init="adam"`` builds the MLP so that :math:`d` equals the normalised feature
     :math:`\hat m (\hat v + \epsilon)^{-1/2}` at decay ``adam_feature_decay`` exactly (two hidden units
     carry :math:`\pm x` through the ReLUs; the other units are random with zero output weights): the
@@ -211,6 +222,12 @@ class AdafacMLP(UpdateRule):
             raise ValueError(
                 f"AdafacMLP: direction_clip bounds the normalised direction: it needs normalize_direction and a "
                 f"bound above 0, got {c.direction_clip} with normalize_direction={c.normalize_direction}"
+            )
+        if c.newton_schulz_steps < 0 or (c.newton_schulz_steps > 0 and not c.normalize_direction):
+            raise ValueError(
+                f"AdafacMLP: newton_schulz_steps orthogonalises the direction before its RMS normalisation: it needs "
+                f"normalize_direction and 0 or more steps, got {c.newton_schulz_steps} with "
+                f"normalize_direction={c.normalize_direction}"
             )
         if c.init not in ("adam", "random"):
             raise ValueError(f"AdafacMLP: init must be 'adam' or 'random', got {c.init!r}")
@@ -474,11 +491,24 @@ class AdafacMLP(UpdateRule):
         assert isinstance(last, nn.Linear)
         factor = self._magnitude_factor(x.mean(dim=1) if self.magnitude_head is not None else None)
         direction = torch.addmm(last.bias.unsqueeze(1), last.weight, x).squeeze(0)
+        if self._orthogonalizes(rows, cols):
+            direction = self._orthogonalized(direction, rows, cols)
         if c.normalize_direction:
             direction = rms_normalize(direction, dim=0, eps=c.direction_rms_eps)
             if c.direction_clip is not None:
                 direction = direction.clamp(-c.direction_clip, c.direction_clip)
         return -self.step_scale(shape) * self._magnitude(dense_ms, scale) * factor * direction, new_state
+
+    def _orthogonalizes(self, rows: int, cols: int) -> bool:
+        """Whether the direction of a tensor of matrix view ``(rows, cols)`` is orthogonalised (``newton_schulz_steps``:
+        matrices of at least two rows and two columns; vectors, scalars and single rows or columns are not)."""
+        return self.config.newton_schulz_steps > 0 and min(rows, cols) >= 2
+
+    def _orthogonalized(self, direction: Tensor, rows: int, cols: int) -> Tensor:
+        """The directions of ``direction`` (one or several tensors of view ``(rows, cols)``, flat and consecutive)
+        replaced by their approximate polar factors (:func:`~learned_optim.features.newton_schulz_orthogonalize`)."""
+        matrices = direction.view(-1, rows, cols)
+        return newton_schulz_orthogonalize(matrices, self.config.newton_schulz_steps).reshape(direction.shape)
 
     def _magnitude(self, dense_ms: Tensor, scale: Tensor) -> Tensor | float:
         """The per-tensor step magnitude :math:`a` (``step_magnitude``) from the dense rows' mean squares (float64 where
@@ -696,6 +726,9 @@ class AdafacMLP(UpdateRule):
         if c.step_magnitude == "adam":
             step_scale = step_scale * self._magnitude(dense_ms, scale)
         clip = c.direction_clip  # set only with normalize_direction (checked in __init__)
+        for run in layout.runs:
+            if self._orthogonalizes(run.rows, run.cols):
+                direction[run.a : run.b] = self._orthogonalized(direction[run.a : run.b], run.rows, run.cols)
         if c.normalize_direction:
             direction_rms = grad.new_empty(len(shapes))
             for run in layout.runs:
@@ -748,8 +781,8 @@ class AdafacMLP(UpdateRule):
 
     @property
     def _kernel_takes_net(self) -> bool:
-        """Whether the native kernel computes this net's step (it has no magnitude head)."""
-        return self.magnitude_head is None
+        """Whether the native kernel computes this net's step (it has no magnitude head and does not orthogonalise)."""
+        return self.magnitude_head is None and self.config.newton_schulz_steps == 0
 
     def _kernel_net(self, step: Tensor, like: Tensor) -> kernels.AdafacNet:
         """The net's weights and constants at step count ``step`` (0-d, or one count per tensor ``(S,)``) as the
@@ -1014,6 +1047,9 @@ class AdafacMLP(UpdateRule):
             torch.cat([m.weight, m.bias.unsqueeze(1)], dim=1) for m in self.mlp[1:] if isinstance(m, nn.Linear)
         ]
         direction, sum_squares, mean_activations = direction_and_sum_squares()
+        if self._orthogonalizes(rows, cols):
+            direction = self._orthogonalized(direction, rows, cols)
+            sum_squares = torch.dot(direction, direction)
         factor = self._magnitude_factor(mean_activations)
         step_scale = -self.step_scale(shape) * self._magnitude(sums / n, scale) * factor
         if c.normalize_direction:

@@ -116,8 +116,14 @@ def test_packs_follow_step_counts_and_chunk_limits(make_rule):
 )
 @pytest.mark.parametrize(
     "config",
-    [{}, {"time_scales": (10.0, 100.0)}, {"lr_ratio_input": True}, {"magnitude_head_bound": 2.0}],
-    ids=["plain", "time-features", "lr-ratio", "magnitude-head"],
+    [
+        {},
+        {"time_scales": (10.0, 100.0)},
+        {"lr_ratio_input": True},
+        {"magnitude_head_bound": 2.0},
+        {"newton_schulz_steps": 5},
+    ],
+    ids=["plain", "time-features", "lr-ratio", "magnitude-head", "orthogonalized"],
 )
 def test_adafac_packs_tensors_of_several_step_counts_together(config, device):
     """adafac_mlp takes one step count per packed tensor (``per_tensor_steps``): tensors of different counts

@@ -21,6 +21,7 @@ from learned_optim.features import (
     factored_moments,
     factored_preconditioner,
     matrix_view,
+    newton_schulz_orthogonalize,
     overflowed,
     wide_sums,
 )
@@ -339,6 +340,8 @@ def test_adapt_fine_tunes_the_net_with_a_real_lr():
         ((900,), 128, {"num_hidden_layers": 1}),  # the output layer straight after the first
         ((37, 23), 100, {"magnitude_head_bound": 3.0}),  # the head's mean activations summed over blocks
         ((900,), 128, {"magnitude_head_bound": 3.0, "num_hidden_layers": 1, "direction_clip": 2.0}),
+        ((37, 23), 100, {"newton_schulz_steps": 5}),  # the whole direction orthogonalised after the blocks
+        ((6, 4, 3, 3), 50, {"newton_schulz_steps": 3, "step_magnitude": "adam", "direction_clip": 1.5}),
     ],
 )
 @pytest.mark.parametrize("in_place", [False, True])
@@ -630,10 +633,11 @@ def test_reconfigured_adds_a_zero_magnitude_head_that_meta_training_moves():
         AdafacMLP(magnitude_head_bound=1.0)
 
 
-def test_a_net_with_the_magnitude_head_steps_on_aten_where_the_kernel_is_on():
-    """The native kernel does not compute the head: with the kernels on, ``step_in_place`` takes no tensor and the
-    optimizer's step equals the ATen step with the kernels off."""
-    rule = _random_net(magnitude_head_bound=2.0, hidden_size=8)
+@pytest.mark.parametrize("config", [{"magnitude_head_bound": 2.0}, {"newton_schulz_steps": 5}])
+def test_a_net_the_kernel_does_not_compute_steps_on_aten_where_the_kernel_is_on(config):
+    """The native kernel computes neither the magnitude head nor the orthogonalisation: with the kernels on,
+    ``step_in_place`` takes no tensor and the optimizer's step equals the ATen step with the kernels off."""
+    rule = _random_net(hidden_size=8, **config)
     params = []
     for enabled in (True, False):
         torch.manual_seed(0)
@@ -650,3 +654,58 @@ def test_a_net_with_the_magnitude_head_steps_on_aten_where_the_kernel_is_on():
         params.append([p.detach().clone() for p in model.parameters()])
     for on, off in zip(*params, strict=True):
         assert torch.equal(on, off)
+
+
+# ------------------------------------------------------------------------------- the orthogonalised direction
+
+
+@pytest.mark.parametrize("shape", [(12, 9), (9, 12), (4, 2, 3, 3)], ids=str)
+def test_newton_schulz_keeps_the_singular_vectors_and_brings_the_singular_values_near_one(shape):
+    """Against an SVD: the result is U f(S) V^T for x = U S V^T (off-diagonal entries of U^T y V vanish), every
+    f(sigma) within Muon's iteration's band around 1 after 5 steps, the same for 1000 x, and a batch of matrices
+    is each matrix's result."""
+    torch.manual_seed(0)
+    rows, cols = matrix_view(shape)
+    x = torch.randn(rows, cols, dtype=torch.float64)
+    y = newton_schulz_orthogonalize(x, 5)
+    u, _, vh = torch.linalg.svd(x, full_matrices=False)
+    core = u.T @ y @ vh.T
+    off_diagonal = core - torch.diag(torch.diagonal(core))
+    assert off_diagonal.abs().max() < 1e-10
+    assert torch.diagonal(core).min() > 0.6 and torch.diagonal(core).max() < 1.25
+    torch.testing.assert_close(newton_schulz_orthogonalize(1000.0 * x, 5), y)
+    batch = torch.stack([x, 2.0 * torch.randn(rows, cols, dtype=torch.float64)])
+    torch.testing.assert_close(newton_schulz_orthogonalize(batch, 5)[1], newton_schulz_orthogonalize(batch[1], 5))
+    torch.testing.assert_close(newton_schulz_orthogonalize(batch, 5)[0], y)
+
+
+@pytest.mark.parametrize("shape", [(12, 9), (4, 2, 3, 3), (30,), (1, 6), (6, 1)], ids=str)
+def test_the_step_is_the_normalised_polar_factor_of_the_nets_raw_direction(shape):
+    """With ``newton_schulz_steps`` k the step of a matrix is -a * rms_normalize(NS_k(d)) with d the raw direction
+    of the same weights (read through ``normalize_direction=False``, unit magnitude, no muP: a step of -d), on the
+    matrix view; vectors and single rows or columns step as without it. The meta-gradient flows through it."""
+    plain = dict(step_magnitude="unit", mup=False)
+    raw = _direction(_random_net(normalize_direction=False, **plain), shape).neg()
+    rows, cols = matrix_view(shape)
+    rule = _random_net(newton_schulz_steps=4, **plain)
+    got = _direction(rule, shape)
+    if min(rows, cols) >= 2:
+        polar = newton_schulz_orthogonalize(raw.view(rows, cols), 4).reshape(-1)
+        want = -polar / polar.square().mean().sqrt()
+        assert not torch.allclose(got, _direction(_random_net(**plain), shape), atol=1e-3)
+    else:
+        want = _direction(_random_net(**plain), shape)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    rule.requires_grad_(True)
+    n = math.prod(shape)
+    grad, param = torch.randn(n), torch.randn(n)
+    delta, _ = rule(grad, param, rule.init_state(n, shape=shape), torch.tensor(4.0), shape=shape)
+    (delta * param).sum().backward()
+    assert all(torch.isfinite(w.grad).all() for w in rule.parameters()) and rule.mlp[0].weight.grad.abs().sum() > 0
+
+
+def test_orthogonalisation_needs_the_normalised_direction():
+    with pytest.raises(ValueError, match="normalize_direction"):
+        AdafacMLP(newton_schulz_steps=5, normalize_direction=False)
+    with pytest.raises(ValueError, match="0 or more"):
+        AdafacMLP(newton_schulz_steps=-1)
