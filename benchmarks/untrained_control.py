@@ -9,6 +9,10 @@ function does not depend on the seed. The folder is a normal checkpoint (``from_
 
     python benchmarks/untrained_control.py adafac-mlp-adam-magnitude --out runs/adafac-mlp-adam-magnitude-untrained
     python -m learned_optim bench --optimizer runs/adafac-mlp-adam-magnitude-untrained --lr-rule adamw ...
+
+``--net FIELD=VALUE`` changes a net setting the weights do not depend on (as ``meta soup --net``), e.g. the
+untrained net with its direction orthogonalised: ``--net newton_schulz_steps=5`` (AdamW's direction through
+Newton-Schulz, rescaled to AdamW's per-tensor RMS).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from learned_optim.hub import save_pretrained  # noqa: E402
-from learned_optim.meta.cli import resolve_config_path  # noqa: E402
+from learned_optim.meta.cli import net_settings, resolve_config_path  # noqa: E402
 from learned_optim.meta.config import load_config  # noqa: E402
 from learned_optim.nets.base import build_rule  # noqa: E402
 
@@ -35,15 +39,25 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument(
         "--schedule", default="cosine", help="the lr schedule recorded for the bench's default rule (default cosine)"
     )
+    parser.add_argument(
+        "--net",
+        dest="net_overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="change a net setting the weights do not depend on, e.g. --net newton_schulz_steps=5 (repeatable)",
+    )
     args = parser.parse_args(argv)
     config = load_config(resolve_config_path(args.recipe))
     torch.manual_seed(config.seed)
-    rule = build_rule(config.net.family, config.net.config)
+    overrides = net_settings(args.net_overrides)
+    rule = build_rule(config.net.family, {**config.net.config, **overrides})
+    changed = "".join(f", {k}={v!r}" for k, v in overrides.items())
     folder = save_pretrained(
         rule,
         args.out,
-        name=f"{config.name}-untrained",
-        description=f"CONTROL, untrained: the net of recipe {config.name} before meta-training",
+        name=f"{config.name}-untrained" + "".join(f"-{k}-{v}" for k, v in overrides.items()),
+        description=f"CONTROL, untrained: the net of recipe {config.name} before meta-training{changed}",
         optimizer_defaults={"lr": config.unroll.lr if config.unroll.lr is not None else rule.default_lr},
     )
     path = folder / "config.json"

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _net_settings(items: Sequence[str]) -> dict[str, Any]:
+def net_settings(items: Sequence[str]) -> dict[str, Any]:
     """``["field=value", ...]`` (values parsed as YAML) -> ``{field: value}``; net fields have no dots."""
     settings = {}
     for item in items:
@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 command=shlex.join(["python", "-m", "learned_optim.meta", *argv]),
                 parent=args.parent,
                 scale=args.scale,
-                net_overrides=_net_settings(args.net_overrides),
+                net_overrides=net_settings(args.net_overrides),
             )
         except ValueError as err:  # CheckpointError included
             print(f"error: {err}", file=sys.stderr)

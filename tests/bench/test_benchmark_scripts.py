@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from learned_optim import DMLSTM, AdafacMLP, LearnedOptimizer, save_pretrained
 from learned_optim.bench import evaluate as ev
@@ -434,3 +435,22 @@ def test_magnitude_factors_records_the_heads_factor_of_every_tensor_at_every_ste
     assert row.startswith(f"| diabetes-mlp | 10 | {10 * tensors} | ") and f"{factor:.3f} | 1.000 |" in row
     with pytest.raises(SystemExit):
         script.main([*args[:1], str(tmp_path / "plain"), *args[2:], "--steps", "5"])
+
+
+def test_untrained_control_writes_the_recipes_net_before_meta_training_with_net_settings_changed(tmp_path, capsys):
+    """The control is the recipe's hand-built (Adam-init) net; ``--net`` changes a setting the weights do not depend
+    on (the orthogonalised direction here), and the name and description say so."""
+    script = _script("untrained_control")
+    plain = script.main(["adafac-mlp-adam-magnitude-tbv-nomup", "--out", str(tmp_path / "plain")])
+    changed = script.main(
+        ["adafac-mlp-adam-magnitude-tbv-nomup", "--net", "newton_schulz_steps=5", "--out", str(tmp_path / "ns")]
+    )
+    configs = [json.loads((folder / "config.json").read_text()) for folder in (plain, changed)]
+    assert configs[0]["net"]["newton_schulz_steps"] == 0 and configs[1]["net"]["newton_schulz_steps"] == 5
+    assert {k: v for k, v in configs[0]["net"].items() if k != "newton_schulz_steps"} == {
+        k: v for k, v in configs[1]["net"].items() if k != "newton_schulz_steps"
+    }
+    assert configs[1]["name"] == "adafac-mlp-adam-magnitude-tbv-nomup-untrained-newton_schulz_steps-5"
+    assert "newton_schulz_steps=5" in configs[1]["description"] and configs[1]["schedule"] == "cosine"
+    weights = [load_file(folder / "model.safetensors") for folder in (plain, changed)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # the Adam init: seed-free
