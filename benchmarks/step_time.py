@@ -7,6 +7,7 @@
     python benchmarks/step_time.py --device cuda --sizes 1M 10M 100M     # GPU: Adam, eager, compiled
     python benchmarks/step_time.py --sizes 1M --families adafac_mlp --vector     # a 1-D tensor (a flat parameter)
     python benchmarks/step_time.py --sizes 1M --families adafac_mlp --columns 10   # a narrow (100k, 10) matrix
+    python benchmarks/step_time.py --sizes 1M --families adafac_mlp --net newton_schulz_steps=5   # a net setting
 
 For each family and size (one parameter tensor of that many coordinates, a fixed gradient) it times,
 round-robin in the same process (see ``benchmarks/_common.py``):
@@ -49,6 +50,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -78,6 +80,7 @@ from learned_optim.features import (
     rsqrt_features,  # noqa: E402
     time_features,
 )
+from learned_optim.meta.cli import net_settings  # noqa: E402
 
 FAMILIES = ["dm_lstm", "rnnprop", "mlp", "adafac_mlp"]
 REFERENCE_BLOCK = 1 << 20
@@ -97,7 +100,11 @@ def parse_size(text: str) -> int:
 
 def make_rule(family: str):
     torch.manual_seed(0)
-    return learned_optim.FAMILIES[family]().requires_grad_(False)
+    return learned_optim.FAMILIES[family](**NET_SETTINGS).requires_grad_(False)
+
+
+#: ``--net FIELD=VALUE``: net settings every timed family is built with (e.g. ``newton_schulz_steps=5``).
+NET_SETTINGS: dict[str, Any] = {}
 
 
 #: ``--columns C``: time whole-tensor rules on an ``(n / C, C)`` matrix instead of the squarest one: ``--vector``
@@ -272,6 +279,7 @@ def memory_row(family: str, mode: str, n: int) -> float | None:
             mode,
             str(n),
             *(["--columns", str(COLUMNS)] if COLUMNS else []),
+            *(f"--net={k}={v}" for k, v in NET_SETTINGS.items()),
         ],
         env=env,
         capture_output=True,
@@ -300,10 +308,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (Adam, eager and compiled only)")
     parser.add_argument("--vector", action="store_true", help="--columns 1: one vector for every family")
     parser.add_argument("--columns", type=int, default=None, help="whole-tensor rules on (n / C, C) (see COLUMNS)")
+    parser.add_argument(
+        "--net",
+        dest="net_settings",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="build every family's net with this setting, e.g. --net newton_schulz_steps=5 (repeatable)",
+    )
     parser.add_argument("--child-memory", nargs=3, metavar=("FAMILY", "MODE", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     global COLUMNS
     COLUMNS = 1 if args.vector else args.columns
+    NET_SETTINGS.update(net_settings(args.net_settings))
     if args.child_memory:
         family, mode, n = args.child_memory
         print(json.dumps(child_memory(family, mode, int(n))))
