@@ -152,8 +152,9 @@ class AdafacMLP(UpdateRule):
     (:func:`~learned_optim.features.newton_schulz_orthogonalize`; Muon's orthogonalisation, which Celo2 applies on top
     of its learned rule for hidden matrices): every singular direction of the net's step moves by about the same
     amount, and the per-tensor step RMS stays :math:`\mathrm{lr}\cdot s\cdot a` (AdamW's with ``"adam"``), so AdamW's
-    lr still transfers. Vectors are not orthogonalised. The native kernel does not orthogonalise: such a net steps
-    on the ATen paths (a step costs about :math:`2k` products of the matrix with its smaller Gram matrix more).
+    lr still transfers. Vectors are not orthogonalised. The native kernel computes the step and the orthogonalisation
+    runs on it after (:meth:`_orthogonalize_steps_`; with ``direction_clip`` on the ATen paths only); a step costs
+    about :math:`3k` products of the matrix with its smaller Gram matrix more.
 
     ``init="adam"`` builds the MLP so that :math:`d` equals the normalised feature
     :math:`\hat m (\hat v + \epsilon)^{-1/2}` at decay ``adam_feature_decay`` exactly (two hidden units
@@ -765,6 +766,8 @@ class AdafacMLP(UpdateRule):
         native = grad.device.type == "cpu" and self._kernel_takes_net and kernels.uses("adafac_mlp")
         if not (native and inplace_allowed(grad, param, *self.parameters())):
             return None
+        if c.newton_schulz_steps > 0:  # the kernel's step, orthogonalised here: the caller applies it
+            update = None
         momenta = [f"m{i}" for i in range(len(c.momentum_decays))]
         names = [*momenta, "v", "row", "col"]
         new = {k: out_state[k] if out_state is not None else torch.empty_like(state[k]) for k in names}
@@ -775,14 +778,30 @@ class AdafacMLP(UpdateRule):
         )  # fmt: skip
         if delta is None:
             return None
+        if c.newton_schulz_steps > 0:
+            self._orthogonalize_steps_(delta, layout)
         if update is not None:  # written through its storage, as an in-place op would
             torch.autograd.graph.increment_version(param)
         return (None if update is not None else delta), new
 
     @property
     def _kernel_takes_net(self) -> bool:
-        """Whether the native kernel computes this net's step (it has no magnitude head and does not orthogonalise)."""
-        return self.magnitude_head is None and self.config.newton_schulz_steps == 0
+        """Whether the native kernel computes this net's step: not with the magnitude head; with the orthogonalisation
+        only without ``direction_clip`` (the kernel's clipped step cannot be orthogonalised after the fact)."""
+        c = self.config
+        return self.magnitude_head is None and (c.newton_schulz_steps == 0 or c.direction_clip is None)
+
+    def _orthogonalize_steps_(self, delta: Tensor, layout: FactoredPackLayout) -> None:
+        r"""Orthogonalise, in place, the kernel's steps :math:`\Delta = -s\,a\,d / \mathrm{RMS}(d)` of the matrices
+        of ``layout``, each to :math:`\mathrm{NS}_k(\Delta)` rescaled to :math:`\Delta`'s RMS: the orthogonalised
+        direction of :meth:`forward` (the iteration is odd and invariant to a positive scale), to float rounding."""
+        for run in layout.runs:
+            if self._orthogonalizes(run.rows, run.cols):
+                steps = delta[run.a : run.b].view(run.count, run.rows, run.cols)
+                polar = newton_schulz_orthogonalize(steps, self.config.newton_schulz_steps)
+                rms = torch.linalg.vector_norm(steps, dim=(1, 2), keepdim=True)
+                polar_rms = torch.linalg.vector_norm(polar, dim=(1, 2), keepdim=True)
+                steps.copy_(polar * (rms / polar_rms.clamp_min(torch.finfo(polar.dtype).tiny)))
 
     def _kernel_net(self, step: Tensor, like: Tensor) -> kernels.AdafacNet:
         """The net's weights and constants at step count ``step`` (0-d, or one count per tensor ``(S,)``) as the
@@ -826,7 +845,7 @@ class AdafacMLP(UpdateRule):
         and arithmetic as the optimizer's per-tensor and packed steps (:meth:`_native_forward`), so the same
         result bit for bit, without their copies into and out of packs."""
         native = self._kernel_takes_net and kernels.uses("adafac_mlp") and inplace_allowed(*self.parameters())
-        if not native or self.compute_dtype != torch.float32:
+        if not native or self.compute_dtype != torch.float32 or self.config.newton_schulz_steps > 0:
             return list(params)
         taken: list[tuple[Tensor, Tensor, Mapping[str, Tensor]]] = []  # parameter, gradient, state
         taken_index: list[int] = []

@@ -297,6 +297,8 @@ def _adafac_step(rule, grad, param, state, step, shape, in_place):
         ((1, 7), {"normalize_direction": False}),
         ((9, 4), {"step_magnitude": "unit"}),
         ((37, 23), {"second_moment_decay": 0.95, "step_magnitude": "adam"}),
+        ((37, 23), {"newton_schulz_steps": 5, "step_magnitude": "adam"}),  # the kernel's step orthogonalised after
+        ((6, 4, 3, 3), {"newton_schulz_steps": 3}),
     ],
     ids=str,
 )
@@ -331,10 +333,12 @@ class PerTensor(PacksOnly, PerTensorSteps):
 
 
 @needs_kernels
-def test_adafac_pack_step_equals_the_aten_packed_step():
+@pytest.mark.parametrize("config", [{}, {"newton_schulz_steps": 5}], ids=["plain", "orthogonalized"])
+def test_adafac_pack_step_equals_the_aten_packed_step(config):
     """The native pack step (every tensor of a pack in one kernel call) equals the ATen packed forward (per-tensor
     statistics by runs of one shape), tensor by tensor: three optimizer steps over vectors, matrices and conv
-    weights in one pack, with random net weights and biases and time features."""
+    weights in one pack, with random net weights and biases and time features; with the orthogonalisation, the
+    kernel's steps orthogonalised after the call equal the ATen path's orthogonalised direction."""
     shapes = [(6,), (6,), (40,), (4, 5), (4, 5), (3, 2, 2), (7, 1), (5, 3, 2)]
     gen = torch.Generator().manual_seed(1)
     values = [torch.randn(s, generator=gen) for s in shapes]
@@ -343,7 +347,7 @@ def test_adafac_pack_step_equals_the_aten_packed_step():
     runs, calls = [], []
     original = kernels.adafac_pack_step
     for use_kernels in (True, False):
-        rule = _adafac_case((1,), time_scales=(10.0, 100.0))[0]
+        rule = _adafac_case((1,), time_scales=(10.0, 100.0), **config)[0]
         params = [nn.Parameter(v.clone()) for v in values]
         opt = PacksOnly(params, rule, lr=0.1, weight_decay=0.01)
         with kernels.forced() if use_kernels else kernels.enabled_as(False), pytest.MonkeyPatch.context() as patch:
@@ -1148,3 +1152,29 @@ def test_the_library_is_built_from_the_sources_as_imported(tmp_path, monkeypatch
     monkeypatch.setattr(_build, "SOURCE_DIR", edited)
     _, again, _ = _build.build()
     assert again == library and set(_build.SOURCES) >= {"adafac.cpp", "vec.h"}
+
+
+@needs_kernels
+def test_adafac_orthogonalising_net_leaves_the_in_place_step_to_the_kernel_and_orthogonalisation():
+    """The in-place kernel writes each update as it makes it, before a matrix's whole step is known: an
+    orthogonalising net's ``step_in_place`` takes no tensor, and the optimizer's step (packs, kernel, then the
+    orthogonalisation) equals the ATen step to float rounding."""
+    moved = []
+    for use_kernels in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2))
+        start = [p.detach().clone() for p in model.parameters()]
+        rule = _adafac_case((1,), newton_schulz_steps=5)[0]
+        opt = LearnedOptimizer(model.parameters(), rule, lr=0.01, weight_decay=0.1)
+        with kernels.forced() if use_kernels else kernels.enabled_as(False):
+            for _ in range(3):
+                opt.zero_grad()
+                model(torch.randn(4, 6)).square().mean().backward()
+                opt.step()
+            params = list(model.parameters())
+            if use_kernels:
+                states = [opt.state[p] for p in params]
+                assert rule.step_in_place(params, states, torch.tensor(1.0), 0.01, 0.0) == params
+        moved.append([p.detach() - p0 for p, p0 in zip(params, start, strict=True)])
+    for native, aten in zip(*moved, strict=True):
+        torch.testing.assert_close(native, aten, rtol=1e-4, atol=1e-5 * float(aten.abs().max()))

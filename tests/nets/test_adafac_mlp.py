@@ -633,10 +633,12 @@ def test_reconfigured_adds_a_zero_magnitude_head_that_meta_training_moves():
         AdafacMLP(magnitude_head_bound=1.0)
 
 
-@pytest.mark.parametrize("config", [{"magnitude_head_bound": 2.0}, {"newton_schulz_steps": 5}])
+@pytest.mark.parametrize(
+    "config", [{"magnitude_head_bound": 2.0}, {"newton_schulz_steps": 5, "direction_clip": 2.0}], ids=str
+)
 def test_a_net_the_kernel_does_not_compute_steps_on_aten_where_the_kernel_is_on(config):
-    """The native kernel computes neither the magnitude head nor the orthogonalisation: with the kernels on,
-    ``step_in_place`` takes no tensor and the optimizer's step equals the ATen step with the kernels off."""
+    """The native kernel computes neither the magnitude head nor an orthogonalised clipped step: with the kernels
+    on, ``step_in_place`` takes no tensor and the optimizer's step equals the ATen step with the kernels off."""
     rule = _random_net(hidden_size=8, **config)
     params = []
     for enabled in (True, False):
