@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# The flagship adafac-mlp-adam-magnitude-tbv-nomup-soup-all8 from scratch, in three stages, each resumable:
+# The flagship adafac-mlp-adam-magnitude-tbv-nomup-soup-all8-orthogonal from scratch, in four stages, each resumable:
 #   1. the parent adafac-mlp-adam-magnitude-tbv-nomup (PES on meta-mix; 1 h 26 min here);
 #   2. eight TBPTT fine-tunes of that parent, two at a time (the 2 cores): no regularizer, SAM (weight 1), GSAM,
 #      local entropy, each at meta-seeds 0 and 1 (62.7 min of single-core time for the shipped ones: ~31 min);
-#   3. their uniform weight average (python -m learned_optim.meta soup; seconds).
-# About 2 h on this 2-core machine (AMD EPYC); 100 min on session 29's Intel Xeon (run at decay 0.95, the same compute). Rerun the same command after an interruption: a stage whose net exists is
-# skipped, a run with a checkpoint resumes (--resume).
+#   3. their uniform weight average (python -m learned_optim.meta soup; seconds): the flagship of sessions 16-32;
+#   4. the soup fine-tuned with each matrix's direction orthogonalised (TBPTT, 1,000 meta-steps; 12 min on session
+#      33's Intel Xeon).
+# Stages 1-3 took about 2 h on the 2-core AMD EPYC and 100 min on session 29's Intel Xeon (run at decay 0.95, the same
+# compute): with stage 4, about 2 h 10 min and 1 h 52 min. Rerun the same command after an interruption: a stage whose
+# net exists is skipped, a run with a checkpoint resumes (--resume).
 #
 #   bash benchmarks/flagship_recipe.sh runs/flagship                      # the recipe
 #   bash benchmarks/flagship_recipe.sh runs/smoke --set meta_epochs=1     # a smoke run (every stage, one trajectory)
@@ -39,3 +42,4 @@ for kind in control sam gsam entropy; do
     for pid in "${pids[@]}"; do wait "$pid"; done
 done
 python -m learned_optim.meta soup "${ingredients[@]}" --schedule cosine --name "$prefix-soup-all8" --out "$out/soup-all8"
+train "$prefix-soup-all8-orthogonal" "$out/orthogonal" --set "init_from=$out/soup-all8" "$@"

@@ -444,8 +444,8 @@ def record_evaluation(
 
 #: The zoo's flagship, the general-purpose entry to replace AdamW with (keep AdamW's tuned lr, weight decay and
 #: schedule): chosen among the recipes by a pre-registered rule on the recipe-selection set, never on the benchmark
-#: suite (README "The zoo"; benchmarks/results/bench/fresh-seeds/README.md). The demo's default.
-FLAGSHIP = "adafac-mlp-adam-magnitude-tbv-nomup-soup-all8"
+#: suite (README "The zoo"; benchmarks/results/bench/orthogonal/README.md). The demo's default.
+FLAGSHIP = "adafac-mlp-adam-magnitude-tbv-nomup-soup-all8-orthogonal"
 
 
 def zoo_dir() -> Path:

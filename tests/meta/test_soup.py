@@ -210,14 +210,26 @@ def test_a_soup_can_change_net_settings_its_weights_do_not_depend_on(tmp_path, c
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
 
 
-def test_the_shipped_flagship_is_the_soup_of_its_recorded_ingredients(tmp_path):
-    """Provenance of the zoo's flagship: the ingredients its config records are in the repository with the recorded
-    weights (SHA-256), and their soup made today equals the shipped weights bit for bit."""
+def test_the_shipped_soup_is_the_soup_of_its_recorded_ingredients(tmp_path):
+    """Provenance of the zoo's soup (the flagship's parent): the ingredients its config records are in the repository
+    with the recorded weights (SHA-256), and their soup made today equals the shipped weights bit for bit."""
     root = Path(__file__).resolve().parents[2]
-    flagship = root / "pretrained" / learned_optim.FLAGSHIP
+    flagship = root / "pretrained" / "adafac-mlp-adam-magnitude-tbv-nomup-soup-all8"
     ingredients = read_config(flagship)["training"]["soup"]["ingredients"]
     folders = [root / i["folder"] for i in ingredients]
     assert len(folders) == 8 and [weights_sha256(f) for f in folders] == [i["weights_sha256"] for i in ingredients]
     rebuilt = load_rule_from_dir(weight_soup(folders, tmp_path / "soup"))[0].state_dict()
     shipped = load_rule_from_dir(flagship)[0].state_dict()
     assert rebuilt.keys() == shipped.keys() and all(torch.equal(rebuilt[k], shipped[k]) for k in shipped)
+
+
+def test_the_shipped_flagship_is_a_fine_tune_of_the_shipped_soup_with_its_net_recorded():
+    """The flagship's config records the soup as its parent (name, family, net) and the one net setting it changed;
+    the shipped soup is that parent."""
+    root = Path(__file__).resolve().parents[2]
+    flagship = read_config(root / "pretrained" / learned_optim.FLAGSHIP)
+    parent = flagship["training"]["parent"]
+    soup = read_config(root / "pretrained" / parent["name"])
+    assert parent["family"] == soup["family"] == flagship["family"] and parent["net"] == soup["net"]
+    changed = {k for k in flagship["net"] if flagship["net"][k] != soup["net"].get(k, flagship["net"][k])}
+    assert changed <= set(parent["net_overrides"]) and flagship["net"]["newton_schulz_steps"] == 5
