@@ -80,7 +80,7 @@ from learned_optim.features import (
     rsqrt_features,  # noqa: E402
     time_features,
 )
-from learned_optim.meta.cli import net_settings  # noqa: E402
+from learned_optim.meta.cli import add_net_settings_option, net_settings  # noqa: E402
 
 FAMILIES = ["dm_lstm", "rnnprop", "mlp", "adafac_mlp"]
 REFERENCE_BLOCK = 1 << 20
@@ -308,19 +308,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (Adam, eager and compiled only)")
     parser.add_argument("--vector", action="store_true", help="--columns 1: one vector for every family")
     parser.add_argument("--columns", type=int, default=None, help="whole-tensor rules on (n / C, C) (see COLUMNS)")
-    parser.add_argument(
-        "--net",
-        dest="net_settings",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="build every family's net with this setting, e.g. --net newton_schulz_steps=5 (repeatable)",
+    add_net_settings_option(
+        parser, "build every family's net with this setting, e.g. --net newton_schulz_steps=5 (repeatable)"
     )
     parser.add_argument("--child-memory", nargs=3, metavar=("FAMILY", "MODE", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     global COLUMNS
     COLUMNS = 1 if args.vector else args.columns
-    NET_SETTINGS.update(net_settings(args.net_settings))
+    NET_SETTINGS.update(net_settings(args.net_overrides))
     if args.child_memory:
         family, mode, n = args.child_memory
         print(json.dumps(child_memory(family, mode, int(n))))

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from learned_optim.hub import save_pretrained  # noqa: E402
-from learned_optim.meta.cli import net_settings, resolve_config_path  # noqa: E402
+from learned_optim.meta.cli import add_net_settings_option, net_settings, resolve_config_path  # noqa: E402
 from learned_optim.meta.config import load_config  # noqa: E402
 from learned_optim.nets.base import build_rule  # noqa: E402
 
@@ -39,13 +39,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument(
         "--schedule", default="cosine", help="the lr schedule recorded for the bench's default rule (default cosine)"
     )
-    parser.add_argument(
-        "--net",
-        dest="net_overrides",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="change a net setting the weights do not depend on, e.g. --net newton_schulz_steps=5 (repeatable)",
+    add_net_settings_option(
+        parser, "change a net setting the weights do not depend on, e.g. --net newton_schulz_steps=5 (repeatable)"
     )
     args = parser.parse_args(argv)
     config = load_config(resolve_config_path(args.recipe))

@@ -82,15 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="write parent + SCALE x (the sources' mean - parent): <1 toward the parent, >1 past the mean (default 1)",
     )
-    soup.add_argument(
-        "--net",
-        dest="net_overrides",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="change a net setting the weights do not depend on, e.g. --net second_moment_decay=0.95 (repeatable)",
+    add_net_settings_option(
+        soup, "change a net setting the weights do not depend on, e.g. --net second_moment_decay=0.95 (repeatable)"
     )
     return parser
+
+
+def add_net_settings_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--net FIELD=VALUE`` (repeatable) into ``args.net_overrides``, read by :func:`net_settings`."""
+    parser.add_argument("--net", dest="net_overrides", action="append", default=[], metavar="FIELD=VALUE", help=help)
 
 
 def net_settings(items: Sequence[str]) -> dict[str, Any]:

@@ -506,8 +506,9 @@ class AdafacMLP(UpdateRule):
         return self.config.newton_schulz_steps > 0 and min(rows, cols) >= 2
 
     def _orthogonalized(self, direction: Tensor, rows: int, cols: int) -> Tensor:
-        """The directions of ``direction`` (one or several tensors of view ``(rows, cols)``, flat and consecutive)
-        replaced by their approximate polar factors (:func:`~learned_optim.features.newton_schulz_orthogonalize`)."""
+        """The directions of ``direction`` (one or several consecutive tensors of view ``(rows, cols)``, flat or as
+        ``(count, rows, cols)``) replaced by their approximate polar factors, in ``direction``'s shape
+        (:func:`~learned_optim.features.newton_schulz_orthogonalize`)."""
         matrices = direction.view(-1, rows, cols)
         return newton_schulz_orthogonalize(matrices, self.config.newton_schulz_steps).reshape(direction.shape)
 
@@ -766,7 +767,8 @@ class AdafacMLP(UpdateRule):
         native = grad.device.type == "cpu" and self._kernel_takes_net and kernels.uses("adafac_mlp")
         if not (native and inplace_allowed(grad, param, *self.parameters())):
             return None
-        if c.newton_schulz_steps > 0:  # the kernel's step, orthogonalised here: the caller applies it
+        orthogonal = c.newton_schulz_steps > 0
+        if orthogonal:  # the kernel's step, orthogonalised here: the caller applies it
             update = None
         momenta = [f"m{i}" for i in range(len(c.momentum_decays))]
         names = [*momenta, "v", "row", "col"]
@@ -778,7 +780,7 @@ class AdafacMLP(UpdateRule):
         )  # fmt: skip
         if delta is None:
             return None
-        if c.newton_schulz_steps > 0:
+        if orthogonal:
             self._orthogonalize_steps_(delta, layout)
         if update is not None:  # written through its storage, as an in-place op would
             torch.autograd.graph.increment_version(param)
@@ -798,7 +800,7 @@ class AdafacMLP(UpdateRule):
         for run in layout.runs:
             if self._orthogonalizes(run.rows, run.cols):
                 steps = delta[run.a : run.b].view(run.count, run.rows, run.cols)
-                polar = newton_schulz_orthogonalize(steps, self.config.newton_schulz_steps)
+                polar = self._orthogonalized(steps, run.rows, run.cols)
                 rms = torch.linalg.vector_norm(steps, dim=(1, 2), keepdim=True)
                 polar_rms = torch.linalg.vector_norm(polar, dim=(1, 2), keepdim=True)
                 steps.copy_(polar * (rms / polar_rms.clamp_min(torch.finfo(polar.dtype).tiny)))

@@ -214,12 +214,12 @@ def test_the_shipped_soup_is_the_soup_of_its_recorded_ingredients(tmp_path):
     """Provenance of the zoo's soup (the flagship's parent): the ingredients its config records are in the repository
     with the recorded weights (SHA-256), and their soup made today equals the shipped weights bit for bit."""
     root = Path(__file__).resolve().parents[2]
-    flagship = root / "pretrained" / "adafac-mlp-adam-magnitude-tbv-nomup-soup-all8"
-    ingredients = read_config(flagship)["training"]["soup"]["ingredients"]
+    soup = root / "pretrained" / "adafac-mlp-adam-magnitude-tbv-nomup-soup-all8"
+    ingredients = read_config(soup)["training"]["soup"]["ingredients"]
     folders = [root / i["folder"] for i in ingredients]
     assert len(folders) == 8 and [weights_sha256(f) for f in folders] == [i["weights_sha256"] for i in ingredients]
     rebuilt = load_rule_from_dir(weight_soup(folders, tmp_path / "soup"))[0].state_dict()
-    shipped = load_rule_from_dir(flagship)[0].state_dict()
+    shipped = load_rule_from_dir(soup)[0].state_dict()
     assert rebuilt.keys() == shipped.keys() and all(torch.equal(rebuilt[k], shipped[k]) for k in shipped)
 
 
