@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Iterable
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["global_norm", "seeded_generator", "derive_seed"]
+__all__ = ["global_norm", "seeded_generator", "derive_seed", "bfloat16_matmul_is_native"]
 
 
 def global_norm(tensors: Iterable[Tensor]) -> float:
@@ -30,3 +31,17 @@ def derive_seed(seed: int, *keys: Any) -> int:
     """A 63-bit seed determined by ``seed`` and ``keys`` (stable across runs, platforms and Python versions)."""
     text = "/".join(str(k) for k in (seed, *keys)).encode()
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
+
+
+@functools.cache
+def bfloat16_matmul_is_native(device_type: str) -> bool:
+    """Whether matrix products in bfloat16 run on native bfloat16 units on this machine's ``device_type``: a CUDA GPU
+    that supports bfloat16; a CPU with AMX-BF16 tiles or AVX512-BF16 dot products (where oneDNN's bfloat16 GEMM
+    beats float32's; elsewhere bfloat16 is converted to float32 and costs more). A property of the hardware, read
+    once per process, so a run's numerics do not depend on timings."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+    return False

@@ -122,7 +122,7 @@ def rms_normalize(x: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
 NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-def newton_schulz_orthogonalize(x: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
+def newton_schulz_orthogonalize(x: Tensor, steps: int, eps: float = 1e-7, dtype: torch.dtype | None = None) -> Tensor:
     r"""An approximate orthogonal polar factor :math:`U V^\top` of each matrix in ``x`` (``(..., rows, cols)``;
     :math:`x = U \Sigma V^\top`): ``steps`` quintic Newton–Schulz iterations from :math:`X_0 = x / (\lVert x
     \rVert_F + \epsilon)`,
@@ -133,14 +133,17 @@ def newton_schulz_orthogonalize(x: Tensor, steps: int, eps: float = 1e-7) -> Ten
     :data:`NEWTON_SCHULZ_COEFFICIENTS`. Each step maps every singular value :math:`\sigma \mapsto a\sigma +
     b\sigma^3 + c\sigma^5` and keeps the singular vectors: the result is :math:`U f(\Sigma) V^\top` with
     :math:`f(\Sigma)` near the identity. Invariant to a positive scale of ``x``; differentiable (matrix products
-    only), in ``x``'s dtype."""
+    only). The products run in ``dtype`` (``x``'s when ``None``; ``torch.bfloat16`` as Muon runs them, several times
+    faster where the hardware has bfloat16 units, relative error ~1e-2 against ~1e-5 in float32); the result is in
+    ``x``'s dtype."""
     tall = x.shape[-2] > x.shape[-1]
     y = x.mT if tall else x
-    y = y / (torch.linalg.matrix_norm(y, keepdim=True) + eps)
+    y = (y / (torch.linalg.matrix_norm(y, keepdim=True) + eps)).to(dtype or x.dtype)
     a, b, c = NEWTON_SCHULZ_COEFFICIENTS
     for _ in range(steps):
         gram = y @ y.mT
         y = a * y + (b * gram + c * gram @ gram) @ y
+    y = y.to(x.dtype)
     return y.mT if tall else y
 
 

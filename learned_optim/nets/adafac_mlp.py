@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import kernels
+from .._numerics import bfloat16_matmul_is_native
 from ..features import (
     FactoredPackLayout,
     bias_corrected,
@@ -62,12 +63,17 @@ class AdafacMLPConfig(NetConfig):
     normalize_direction: bool = True
     direction_clip: float | None = None
     newton_schulz_steps: int = 0
+    newton_schulz_dtype: str = "float32"
     step_magnitude: str = "unit"
     magnitude_head_bound: float | None = None
     mup: bool = True
     mup_base_fan_in: int = 64
     init: str = "adam"
     adam_feature_decay: float = 0.9
+
+
+#: ``AdafacMLPConfig.newton_schulz_dtype``'s fixed choices; ``"auto"`` picks one per device at run time.
+NEWTON_SCHULZ_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def mean_squares(x: Tensor, dim: int) -> Tensor:
@@ -152,7 +158,9 @@ class AdafacMLP(UpdateRule):
     (:func:`~learned_optim.features.newton_schulz_orthogonalize`; Muon's orthogonalisation, which Celo2 applies on top
     of its learned rule for hidden matrices): every singular direction of the net's step moves by about the same
     amount, and the per-tensor step RMS stays :math:`\mathrm{lr}\cdot s\cdot a` (AdamW's with ``"adam"``), so AdamW's
-    lr still transfers. Vectors are not orthogonalised. The native kernel computes the step and the orthogonalisation
+    lr still transfers. Vectors are not orthogonalised. The iteration's products run in ``newton_schulz_dtype``:
+    ``"float32"``, ``"bfloat16"`` (Muon's choice), or ``"auto"``, bfloat16 where the device has native bfloat16
+    products (:meth:`newton_schulz_products_dtype`). The native kernel computes the step and the orthogonalisation
     runs on it after (:meth:`_orthogonalize_steps_`; with ``direction_clip`` on the ATen paths only); a step costs
     about :math:`3k` products of the matrix with its smaller Gram matrix more.
 
@@ -229,6 +237,10 @@ class AdafacMLP(UpdateRule):
                 f"AdafacMLP: newton_schulz_steps orthogonalises the direction before its RMS normalisation: it needs "
                 f"normalize_direction and 0 or more steps, got {c.newton_schulz_steps} with "
                 f"normalize_direction={c.normalize_direction}"
+            )
+        if c.newton_schulz_dtype not in (*NEWTON_SCHULZ_DTYPES, "auto"):
+            raise ValueError(
+                f"AdafacMLP: newton_schulz_dtype must be 'float32', 'bfloat16' or 'auto', got {c.newton_schulz_dtype!r}"
             )
         if c.init not in ("adam", "random"):
             raise ValueError(f"AdafacMLP: init must be 'adam' or 'random', got {c.init!r}")
@@ -510,7 +522,18 @@ class AdafacMLP(UpdateRule):
         ``(count, rows, cols)``) replaced by their approximate polar factors, in ``direction``'s shape
         (:func:`~learned_optim.features.newton_schulz_orthogonalize`)."""
         matrices = direction.view(-1, rows, cols)
-        return newton_schulz_orthogonalize(matrices, self.config.newton_schulz_steps).reshape(direction.shape)
+        dtype = self.newton_schulz_products_dtype(direction.device)
+        polar = newton_schulz_orthogonalize(matrices, self.config.newton_schulz_steps, dtype=dtype)
+        return polar.reshape(direction.shape)
+
+    def newton_schulz_products_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype of the orthogonalisation's matrix products on ``device`` (``newton_schulz_dtype``; ``"auto"``:
+        bfloat16 where the hardware runs bfloat16 products natively, :func:`~learned_optim._numerics.
+        bfloat16_matmul_is_native`, else float32)."""
+        choice = self.config.newton_schulz_dtype
+        if choice == "auto":
+            return torch.bfloat16 if bfloat16_matmul_is_native(device.type) else torch.float32
+        return NEWTON_SCHULZ_DTYPES[choice]
 
     def _magnitude(self, dense_ms: Tensor, scale: Tensor) -> Tensor | float:
         """The per-tensor step magnitude :math:`a` (``step_magnitude``) from the dense rows' mean squares (float64 where

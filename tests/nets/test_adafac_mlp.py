@@ -711,3 +711,51 @@ def test_orthogonalisation_needs_the_normalised_direction():
         AdafacMLP(newton_schulz_steps=5, normalize_direction=False)
     with pytest.raises(ValueError, match="0 or more"):
         AdafacMLP(newton_schulz_steps=-1)
+    with pytest.raises(ValueError, match="newton_schulz_dtype must be 'float32', 'bfloat16' or 'auto'"):
+        AdafacMLP(newton_schulz_steps=5, newton_schulz_dtype="float16")
+
+
+def test_newton_schulz_in_bfloat16_products():
+    """With ``dtype=torch.bfloat16`` the products run in bfloat16 (the result differs from float32's by bfloat16's
+    rounding, ~1e-2, not float32's) and come back in the input's dtype, with the same singular vectors to that
+    accuracy and the singular values in the same band."""
+    torch.manual_seed(0)
+    x = torch.randn(40, 24)
+    want = newton_schulz_orthogonalize(x, 5)
+    got = newton_schulz_orthogonalize(x, 5, dtype=torch.bfloat16)
+    assert got.dtype == torch.float32
+    error = float((got - want).norm() / want.norm())
+    assert 1e-4 < error < 5e-2
+    singular = torch.linalg.svdvals(got.double())
+    assert singular.min() > 0.55 and singular.max() < 1.3
+    torch.testing.assert_close(newton_schulz_orthogonalize(x.double(), 5, dtype=torch.float32).float(), want)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_newton_schulz_dtype_is_bfloat16_where_the_hardware_has_it(monkeypatch, native):
+    """``newton_schulz_dtype="auto"`` runs the products in bfloat16 where :func:`bfloat16_matmul_is_native` says the
+    device has bfloat16 units, in float32 elsewhere: its step equals the fixed choice's bit for bit."""
+    import learned_optim.nets.adafac_mlp as module
+
+    monkeypatch.setattr(module, "bfloat16_matmul_is_native", lambda device_type: native)
+    rule = _random_net(newton_schulz_steps=5, newton_schulz_dtype="auto")
+    expected = torch.bfloat16 if native else torch.float32
+    assert rule.newton_schulz_products_dtype(torch.device("cpu")) == expected
+    fixed = _random_net(newton_schulz_steps=5, newton_schulz_dtype="bfloat16" if native else "float32")
+    assert torch.equal(_direction(rule), _direction(fixed))
+    other = _random_net(newton_schulz_steps=5, newton_schulz_dtype="float32" if native else "bfloat16")
+    assert not torch.allclose(_direction(rule), _direction(other), rtol=0.0, atol=1e-4)
+
+
+def test_bfloat16_matmul_is_native_reads_the_cpu_flags(monkeypatch):
+    """The CPU has native bfloat16 products with AMX tiles or AVX512-BF16, not with neither; other devices without
+    CUDA's bfloat16 support have none."""
+    from learned_optim._numerics import bfloat16_matmul_is_native
+
+    for amx, avx512_bf16 in [(True, False), (False, True), (False, False)]:
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        bfloat16_matmul_is_native.cache_clear()
+        assert bfloat16_matmul_is_native("cpu") == (amx or avx512_bf16)
+    bfloat16_matmul_is_native.cache_clear()
+    assert not bfloat16_matmul_is_native("meta")
