@@ -454,3 +454,19 @@ def test_untrained_control_writes_the_recipes_net_before_meta_training_with_net_
     assert "newton_schulz_steps=5" in configs[1]["description"] and configs[1]["schedule"] == "cosine"
     weights = [load_file(folder / "model.safetensors") for folder in (plain, changed)]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # the Adam init: seed-free
+
+
+def test_suite_iteration_time_times_adamw_and_each_learned_optimizer_with_its_variant(tmp_path, capsys, monkeypatch):
+    """One row per optimizer and task: AdamW (1.00x), the checkpoint, and its variant with a net setting changed
+    (the same weights, reconfigured), with the machine's lscpu line."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    script = _script("suite_iteration_time")
+    torch.manual_seed(0)
+    folder = save_pretrained(AdafacMLP(newton_schulz_steps=2), tmp_path / "ns", name="ns-net")
+    script.main(["--tasks", "breast-cancer-mlp", "--optimizer", str(folder), "--net", "newton_schulz_dtype=bfloat16",
+                 "--repeats", "1"])  # fmt: skip
+    out = capsys.readouterr().out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| breast-cancer-mlp")]
+    assert [r[2] for r in rows] == ["adamw", "ns", "ns [newton_schulz_dtype=bfloat16]"]
+    assert rows[0][4].startswith("1.00x") and all(float(r[3]) > 0 for r in rows)
+    assert "lscpu" in out

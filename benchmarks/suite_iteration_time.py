@@ -1,0 +1,110 @@
+"""Training iteration time on the benchmark suite's own models: AdamW against learned optimizers, side by side.
+
+::
+
+    python benchmarks/suite_iteration_time.py --optimizer adafac-mlp-adam-magnitude-tbv-nomup-soup-all8-orthogonal
+    python benchmarks/suite_iteration_time.py --optimizer NAME_OR_FOLDER --net newton_schulz_dtype=bfloat16 \\
+        --tasks stdlib-transformer-lm-2m shapes-cnn
+
+For every task (its model at seed 0 and one training batch, as the suite draws them) one iteration, ``zero_grad``,
+forward, the task's loss, backward and the optimizer's ``step``, is timed for ``torch.optim.AdamW`` and for each
+learned optimizer (``from_pretrained`` with its checkpoint's defaults), each on its own copy of the model,
+round-robin in one process (``benchmarks/_common.py``: process CPU time, best of the repeats, one torch thread by
+default). ``--net FIELD=VALUE`` (repeatable) adds, for every learned optimizer, a variant whose net has those
+settings changed (``UpdateRule.reconfigured``: the same weights), e.g. the orthogonalisation's products in bfloat16.
+Prints the machine (``lscpu``'s model and flags) with the table: a speed figure holds for the machine it was
+measured on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from _common import machine_header, measure, table  # noqa: E402
+
+from learned_optim import LearnedOptimizer, from_pretrained  # noqa: E402
+from learned_optim.bench.tasks import get_task  # noqa: E402
+from learned_optim.hub import load_rule  # noqa: E402
+from learned_optim.meta.cli import add_net_settings_option, net_settings  # noqa: E402
+
+#: The suite's models whose iteration the orthogonalisation changes most (session 33's four).
+DEFAULT_TASKS = ("stdlib-transformer-lm-2m", "stdlib-transformer-lm", "shapes-cnn", "digits-resnet-bn")
+
+
+def cpu_flags_line() -> str:
+    """``lscpu``'s model name and the flags that decide the fast paths (AVX-512, AMX, bfloat16)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "lscpu unavailable"
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    flags = [f for f in fields.get("Flags", "").split() if f.startswith(("avx", "amx", "fma"))]
+    return f"lscpu: {fields.get('Model name', '?').strip()}; flags {' '.join(flags)}"
+
+
+def optimizers(names: list[str], settings: dict[str, object]) -> dict[str, Callable[[list], torch.optim.Optimizer]]:
+    """AdamW and every learned optimizer (and, with ``settings``, its reconfigured variant) as factories."""
+    made: dict[str, Callable[[list], torch.optim.Optimizer]] = {"adamw": lambda p: torch.optim.AdamW(p, lr=1e-3)}
+    for name in names:
+        label = Path(name).name
+        made[label] = lambda p, name=name: from_pretrained(name, p)
+        if settings:
+            listing = ",".join(f"{k}={v}" for k, v in settings.items())
+
+            def variant(p: list, name: str = name) -> torch.optim.Optimizer:
+                rule, config = load_rule(name)
+                return LearnedOptimizer(p, rule.reconfigured(**settings), **config.get("optimizer", {}))
+
+            made[f"{label} [{listing}]"] = variant
+    return made
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), help="suite task names")
+    parser.add_argument("--optimizer", action="append", default=[], help="learned optimizer (repeatable)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    add_net_settings_option(parser, "a variant of every learned optimizer with this net setting (repeatable)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    factories = optimizers(args.optimizer, net_settings(args.net_overrides))
+    print(f"# Training iteration time on the suite's models\n\n{machine_header()}\n\n{cpu_flags_line()}\n")
+    rows = []
+    for task_name in args.tasks:
+        workload = get_task(task_name).bind()
+        batch = workload.batch(torch.Generator().manual_seed(0))
+        model = workload.build_model(0)
+        steps: dict[str, Callable[[], object]] = {}
+        for label, make in factories.items():
+            copy_ = copy.deepcopy(model)
+            opt = make(list(copy_.parameters()))
+
+            def iteration(
+                copy_: torch.nn.Module = copy_, opt: torch.optim.Optimizer = opt, workload=workload, batch=batch
+            ) -> None:
+                opt.zero_grad(set_to_none=True)
+                workload.loss(copy_, batch).backward()
+                opt.step()
+
+            steps[label] = iteration
+        timings = measure(steps, repeats=args.repeats, warmup=2)
+        reference = timings["adamw"].best
+        params = sum(p.numel() for p in model.parameters())
+        for label, t in timings.items():
+            rows.append([task_name, f"{params / 1e6:.2f}M", label, f"{t.best * 1e3:.1f}", f"{t.best / reference:.2f}x"])
+    print(table(["task", "params", "optimizer", "ms / iteration (CPU, best)", "/ AdamW"], rows))
+    print(f"\nLoad at the end: {machine_header().split('load average ')[1]}")
+
+
+if __name__ == "__main__":
+    main()
