@@ -160,7 +160,7 @@ class AdafacMLP(UpdateRule):
     amount, and the per-tensor step RMS stays :math:`\mathrm{lr}\cdot s\cdot a` (AdamW's with ``"adam"``), so AdamW's
     lr still transfers. Vectors are not orthogonalised. The iteration's products run in ``newton_schulz_dtype``:
     ``"float32"``, ``"bfloat16"`` (Muon's choice), or ``"auto"``, bfloat16 where the device has native bfloat16
-    products (:meth:`newton_schulz_products_dtype`). The native kernel computes the step and the orthogonalisation
+    products and the matrix is large enough to gain (:meth:`newton_schulz_products_dtype`). The native kernel computes the step and the orthogonalisation
     runs on it after (:meth:`_orthogonalize_steps_`; with ``direction_clip`` on the ATen paths only); a step costs
     about :math:`3k` products of the matrix with its smaller Gram matrix more.
 
@@ -210,6 +210,9 @@ class AdafacMLP(UpdateRule):
     #: The same on a GPU, where a block's cost is its ~25 kernel launches rather than its memory traffic:
     #: 64k-coordinate blocks made a 10M-parameter step on an H200 72 ms against Adam's 0.44 ms.
     accelerator_coordinate_block: int = 1 << 20
+    #: ``newton_schulz_dtype="auto"`` takes bfloat16 products only for matrices whose smaller side (the Gram matrix's
+    #: size) is at least this: below it the conversions cost more than the products save (measured on an AMX Xeon).
+    bfloat16_min_side: int = 256
 
     def block_coordinates(self, device: torch.device) -> int:
         """Coordinates per block of the inference path on ``device`` (and the one-shot path's upper bound)."""
@@ -522,17 +525,20 @@ class AdafacMLP(UpdateRule):
         ``(count, rows, cols)``) replaced by their approximate polar factors, in ``direction``'s shape
         (:func:`~learned_optim.features.newton_schulz_orthogonalize`)."""
         matrices = direction.view(-1, rows, cols)
-        dtype = self.newton_schulz_products_dtype(direction.device)
+        dtype = self.newton_schulz_products_dtype(direction.device, rows, cols)
         polar = newton_schulz_orthogonalize(matrices, self.config.newton_schulz_steps, dtype=dtype)
         return polar.reshape(direction.shape)
 
-    def newton_schulz_products_dtype(self, device: torch.device) -> torch.dtype:
-        """The dtype of the orthogonalisation's matrix products on ``device`` (``newton_schulz_dtype``; ``"auto"``:
-        bfloat16 where the hardware runs bfloat16 products natively, :func:`~learned_optim._numerics.
-        bfloat16_matmul_is_native`, else float32)."""
+    def newton_schulz_products_dtype(self, device: torch.device, rows: int, cols: int) -> torch.dtype:
+        """The dtype of the orthogonalisation's matrix products for a ``(rows, cols)`` matrix on ``device``
+        (``newton_schulz_dtype``; ``"auto"``: bfloat16 where the hardware runs bfloat16 products natively,
+        :func:`~learned_optim._numerics.bfloat16_matmul_is_native`, and the matrix's smaller side is at least
+        :attr:`bfloat16_min_side`, else float32). A function of the hardware and the shape only, never of timings, so
+        a run's numerics are the same in every process on one machine."""
         choice = self.config.newton_schulz_dtype
         if choice == "auto":
-            return torch.bfloat16 if bfloat16_matmul_is_native(device.type) else torch.float32
+            large = min(rows, cols) >= self.bfloat16_min_side
+            return torch.bfloat16 if large and bfloat16_matmul_is_native(device.type) else torch.float32
         return NEWTON_SCHULZ_DTYPES[choice]
 
     def _magnitude(self, dense_ms: Tensor, scale: Tensor) -> Tensor | float:

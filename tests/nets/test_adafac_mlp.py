@@ -732,15 +732,20 @@ def test_newton_schulz_in_bfloat16_products():
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_auto_newton_schulz_dtype_is_bfloat16_where_the_hardware_has_it(monkeypatch, native):
+def test_auto_newton_schulz_dtype_is_bfloat16_where_the_hardware_has_it_on_large_matrices(monkeypatch, native):
     """``newton_schulz_dtype="auto"`` runs the products in bfloat16 where :func:`bfloat16_matmul_is_native` says the
-    device has bfloat16 units, in float32 elsewhere: its step equals the fixed choice's bit for bit."""
+    device has bfloat16 units and the matrix's smaller side reaches ``bfloat16_min_side``, in float32 elsewhere: its
+    step equals the fixed choice's bit for bit."""
     import learned_optim.nets.adafac_mlp as module
 
     monkeypatch.setattr(module, "bfloat16_matmul_is_native", lambda device_type: native)
     rule = _random_net(newton_schulz_steps=5, newton_schulz_dtype="auto")
+    cpu, side = torch.device("cpu"), rule.bfloat16_min_side
+    assert rule.newton_schulz_products_dtype(cpu, side - 1, 4 * side) == torch.float32
+    assert rule.newton_schulz_products_dtype(cpu, 4 * side, side - 1) == torch.float32
     expected = torch.bfloat16 if native else torch.float32
-    assert rule.newton_schulz_products_dtype(torch.device("cpu")) == expected
+    assert rule.newton_schulz_products_dtype(cpu, side, side) == expected
+    rule.bfloat16_min_side = 9  # the (12, 9) matrix of _direction counts as large
     fixed = _random_net(newton_schulz_steps=5, newton_schulz_dtype="bfloat16" if native else "float32")
     assert torch.equal(_direction(rule), _direction(fixed))
     other = _random_net(newton_schulz_steps=5, newton_schulz_dtype="float32" if native else "bfloat16")
