@@ -51,6 +51,7 @@ __all__ = [
     "push_to_hub",
     "zoo_dir",
     "record_evaluation",
+    "reconfigure_checkpoint",
     "parent_record",
     "model_card",
 ]
@@ -422,16 +423,26 @@ def record_evaluation(
     config = read_config(directory)
     training = config.setdefault("training", {})
     training["results"] = {**(training.get("results") or {}), key: dict(results)}
+    _write_card_section(
+        directory, config, f"## Evaluation: {key}", markdown.strip().splitlines(), drop=PENDING_EVALUATION_HEADING
+    )
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
+
+
+def _write_card_section(
+    directory: Path, config: Mapping[str, Any], heading: str, body: Sequence[str], drop: str | None = None
+) -> None:
+    """Write the card of ``directory`` (one generated from ``config`` when it has none) with the section ``heading``
+    (up to the next "## " heading) set to ``body``, appended when absent, and the section ``drop`` removed."""
     card_path = directory / CARD_NAME
     lines = (card_path.read_text() if card_path.is_file() else model_card(config)).splitlines()
-    heading = f"## Evaluation: {key}"
-    section = [heading, "", *markdown.strip().splitlines(), ""]
+    section = [heading, "", *body, ""]
 
     def section_end(start: int) -> int:
         return next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
 
-    if PENDING_EVALUATION_HEADING in lines:
-        start = lines.index(PENDING_EVALUATION_HEADING)
+    if drop is not None and drop in lines:
+        start = lines.index(drop)
         del lines[start : section_end(start)]
     if heading in lines:
         start = lines.index(heading)
@@ -439,7 +450,48 @@ def record_evaluation(
     else:
         lines += ["", *section]
     card_path.write_text("\n".join(lines).rstrip() + "\n")
+
+
+RECONFIGURED_HEADING = "## Settings changed after training"
+
+
+def reconfigure_checkpoint(
+    directory: str | os.PathLike, settings: Mapping[str, Any], command: str | None = None
+) -> dict[str, Any]:
+    """Change, in place, net settings of a checkpoint folder that its weights do not depend on (a decay, an epsilon,
+    the orthogonalisation's product dtype), e.g. ``{"newton_schulz_dtype": "auto"}``.
+
+    The net with the new settings is built and the weights loaded into it strictly
+    (:meth:`~learned_optim.nets.base.UpdateRule.reconfigured`: a :class:`ValueError` when a setting is unknown or
+    invalid or would change a weight, and nothing is written). config.json's ``net`` gets the new values and
+    ``training.reconfigured`` one record more (the settings, their values before, ``command``); the card a section
+    "## Settings changed after training" listing every such record; model.safetensors is not touched. Returns the
+    record."""
+    directory = Path(directory)
+    rule, config = load_rule_from_dir(directory)
+    before = rule.config.to_dict()
+    unchanged = sorted(k for k, v in settings.items() if k in before and before[k] == v)
+    if unchanged:
+        raise ValueError(f"{directory}: {', '.join(unchanged)} already set to the value given; nothing to change")
+    changed = rule.reconfigured(**settings)
+    record = {"settings": dict(settings), "before": {k: before.get(k) for k in settings}, "command": command}
+    config["net"] = changed.config.to_dict()
+    training = config.setdefault("training", {})
+    training["reconfigured"] = [*(training.get("reconfigured") or []), record]
+    body = [
+        "The weights are the trained ones; these net settings, which they do not depend on, were changed after "
+        "training (`learned_optim.hub.reconfigure_checkpoint`):",
+        "",
+        *(
+            "- "
+            + ", ".join(f"`{k}` {r['before'].get(k)!r} -> {v!r}" for k, v in r["settings"].items())
+            + (f" (`{r['command']}`)" if r.get("command") else "")
+            for r in training["reconfigured"]
+        ),
+    ]
+    _write_card_section(directory, config, RECONFIGURED_HEADING, body)
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
+    return record
 
 
 #: The zoo's flagship, the general-purpose entry to replace AdamW with (keep AdamW's tuned lr, weight decay and

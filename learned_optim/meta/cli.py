@@ -85,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_net_settings_option(
         soup, "change a net setting the weights do not depend on, e.g. --net second_moment_decay=0.95 (repeatable)"
     )
+    reconfigure = sub.add_parser(
+        "reconfigure",
+        help="change, in place, net settings of a checkpoint folder that its weights do not depend on",
+        description="Change net settings a checkpoint's weights do not depend on, in its config.json, recorded there "
+        "and in its card (learned_optim.hub.reconfigure_checkpoint); the weights are not touched.",
+    )
+    reconfigure.add_argument("folder", help="the checkpoint folder")
+    add_net_settings_option(reconfigure, "the setting to change, e.g. --net newton_schulz_dtype=auto (repeatable)")
     return parser
 
 
@@ -132,6 +140,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         print(f"soup of {len(args.sources)} checkpoints written to {soup_folder}")
+        return 0
+
+    if args.command == "reconfigure":
+        from ..hub import reconfigure_checkpoint
+
+        settings = net_settings(args.net_overrides)
+        if not settings:
+            print("error: give at least one --net FIELD=VALUE", file=sys.stderr)
+            return 2
+        try:
+            reconfigure_checkpoint(
+                args.folder, settings, command=shlex.join(["python", "-m", "learned_optim.meta", *argv])
+            )
+        except (ValueError, OSError) as err:  # CheckpointError included
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(f"{args.folder}: " + ", ".join(f"{k} = {v!r}" for k, v in settings.items()))
         return 0
 
     from .trainer import MetaTrainer

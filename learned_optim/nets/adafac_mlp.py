@@ -160,9 +160,10 @@ class AdafacMLP(UpdateRule):
     amount, and the per-tensor step RMS stays :math:`\mathrm{lr}\cdot s\cdot a` (AdamW's with ``"adam"``), so AdamW's
     lr still transfers. Vectors are not orthogonalised. The iteration's products run in ``newton_schulz_dtype``:
     ``"float32"``, ``"bfloat16"`` (Muon's choice), or ``"auto"``, bfloat16 where the device has native bfloat16
-    products and the matrix is large enough to gain (:meth:`newton_schulz_products_dtype`). The native kernel computes the step and the orthogonalisation
-    runs on it after (:meth:`_orthogonalize_steps_`; with ``direction_clip`` on the ATen paths only); a step costs
-    about :math:`3k` products of the matrix with its smaller Gram matrix more.
+    products and the matrix is large enough to gain (:meth:`newton_schulz_products_dtype`). The native kernel
+    computes the step and the orthogonalisation runs on it after (:meth:`_orthogonalize_steps_`; with
+    ``direction_clip`` on the ATen paths only); a step costs about :math:`3k` products of the matrix with its smaller
+    Gram matrix more.
 
     ``init="adam"`` builds the MLP so that :math:`d` equals the normalised feature
     :math:`\hat m (\hat v + \epsilon)^{-1/2}` at decay ``adam_feature_decay`` exactly (two hidden units

@@ -264,3 +264,42 @@ def test_unknown_name_is_a_clear_error(tmp_path, monkeypatch):
         load_rule("no-such-optimizer")
     with pytest.raises(CheckpointError, match="neither a local checkpoint folder"):
         load_rule("a/b/c")
+
+
+def test_reconfigure_checkpoint_changes_a_setting_in_place_and_records_it(tmp_path, capsys):
+    """``meta reconfigure FOLDER --net FIELD=VALUE``: config.json's net gets the value (the loaded net runs with it),
+    ``training.reconfigured`` and the card record the change and the command, the weights file is byte for byte the
+    same and the card's other sections stay; a second change adds a record. A setting that would change the weights,
+    an unknown or invalid one, or one already set is refused in one line with nothing written."""
+    from learned_optim.hub import RECONFIGURED_HEADING, reconfigure_checkpoint
+    from learned_optim.meta.cli import main as meta_main
+
+    folder = save_pretrained(learned_optim.AdafacMLP(newton_schulz_steps=5), tmp_path / "ns", name="ns")
+    weights = (folder / WEIGHTS_NAME).read_bytes()
+    card = (folder / CARD_NAME).read_text()
+    assert meta_main(["reconfigure", str(folder), "--net", "newton_schulz_dtype=auto"]) == 0
+    rule, config = load_rule(folder)
+    assert rule.config.newton_schulz_dtype == "auto" and config["net"]["newton_schulz_dtype"] == "auto"
+    (record,) = config["training"]["reconfigured"]
+    assert record["settings"] == {"newton_schulz_dtype": "auto"}
+    assert record["before"] == {"newton_schulz_dtype": "float32"}
+    assert "learned_optim.meta reconfigure" in record["command"]
+    assert (folder / WEIGHTS_NAME).read_bytes() == weights
+    new_card = (folder / CARD_NAME).read_text()
+    assert new_card.startswith(card.rstrip()) and RECONFIGURED_HEADING in new_card
+    assert "`newton_schulz_dtype` 'float32' -> 'auto'" in new_card
+    reconfigure_checkpoint(folder, {"second_moment_decay": 0.95})
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    assert [r["settings"] for r in config["training"]["reconfigured"]] == [
+        {"newton_schulz_dtype": "auto"},
+        {"second_moment_decay": 0.95},
+    ]
+    assert (folder / CARD_NAME).read_text().count(RECONFIGURED_HEADING) == 1
+    before = {name: (folder / name).read_bytes() for name in (CONFIG_NAME, CARD_NAME, WEIGHTS_NAME)}
+    capsys.readouterr()
+    for bad in ("hidden_size=16", "no_such_field=1", "newton_schulz_dtype=float16", "second_moment_decay=0.95"):
+        assert meta_main(["reconfigure", str(folder), "--net", bad]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and all(line.startswith("error: ") for line in err)
+    assert "already set" in err[3]
+    assert {name: (folder / name).read_bytes() for name in before} == before
