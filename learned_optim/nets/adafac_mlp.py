@@ -212,8 +212,10 @@ class AdafacMLP(UpdateRule):
     #: 64k-coordinate blocks made a 10M-parameter step on an H200 72 ms against Adam's 0.44 ms.
     accelerator_coordinate_block: int = 1 << 20
     #: ``newton_schulz_dtype="auto"`` takes bfloat16 products only for matrices whose smaller side (the Gram matrix's
-    #: size) is at least this: below it the conversions cost more than the products save (measured on an AMX Xeon).
-    bfloat16_min_side: int = 256
+    #: size) is at least this: below it the conversions cost as much as the products save or more (5 steps, one
+    #: thread, Intel Xeon with AMX: 128 x 128 0.68x, 128 x 512 0.97x, 160 x 640 2.0x, 192 x 192 1.3x, 1000 x 1000 3.1x
+    #: float32's speed; ``benchmarks/results/bench/orthogonal-bf16/README.md``).
+    bfloat16_min_side: int = 160
 
     def block_coordinates(self, device: torch.device) -> int:
         """Coordinates per block of the inference path on ``device`` (and the one-shot path's upper bound)."""
