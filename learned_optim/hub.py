@@ -59,6 +59,9 @@ __all__ = [
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
+#: Card sections that :func:`reconfigure_checkpoint` rewrites (the net's configuration) and adds.
+NET_CONFIGURATION_HEADING = "## Net configuration"
+RECONFIGURED_HEADING = "## Settings changed after training"
 LIBRARY_NAME = "learned_optim"
 #: Highest checkpoint format this version reads and the one it writes.
 FORMAT_VERSION = 1
@@ -105,7 +108,7 @@ def model_card(config: Mapping[str, Any], sections: Sequence[str] = ()) -> str:
         'opt = learned_optim.from_pretrained("<this folder or repo id>", model.parameters())',
         "```",
         "",
-        "## Net configuration",
+        NET_CONFIGURATION_HEADING,
         "",
         "```json",
         json.dumps(config["net"], indent=2),
@@ -430,13 +433,19 @@ def record_evaluation(
 
 
 def _write_card_section(
-    directory: Path, config: Mapping[str, Any], heading: str, body: Sequence[str], drop: str | None = None
+    directory: Path,
+    config: Mapping[str, Any],
+    heading: str,
+    body: Sequence[str],
+    drop: str | None = None,
+    json_blocks: Mapping[str, Any] | None = None,
 ) -> None:
     """Write the card of ``directory`` (one generated from ``config`` when it has none) with the section ``heading``
-    (up to the next "## " heading) set to ``body``, appended when absent, and the section ``drop`` removed."""
+    (up to the next "## " heading) set to ``body``, appended when absent, the section ``drop`` removed, and in each
+    section of ``json_blocks`` (heading -> value) that the card has, its first fenced JSON block set to the value (the
+    rest of that section kept)."""
     card_path = directory / CARD_NAME
     lines = (card_path.read_text() if card_path.is_file() else model_card(config)).splitlines()
-    section = [heading, "", *body, ""]
 
     def section_end(start: int) -> int:
         return next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
@@ -444,15 +453,19 @@ def _write_card_section(
     if drop is not None and drop in lines:
         start = lines.index(drop)
         del lines[start : section_end(start)]
+    for other, value in (json_blocks or {}).items():
+        if other in lines:
+            start = lines.index(other)
+            opening = next((i for i in range(start, section_end(start)) if lines[i] == "```json"), None)
+            closing = next((i for i in range(opening + 1, len(lines)) if lines[i] == "```"), None) if opening else None
+            if opening is not None and closing is not None:
+                lines[opening + 1 : closing] = json.dumps(value, indent=2).splitlines()
     if heading in lines:
         start = lines.index(heading)
-        lines[start : section_end(start)] = section
+        lines[start : section_end(start)] = [heading, "", *body, ""]
     else:
-        lines += ["", *section]
+        lines += ["", heading, "", *body, ""]
     card_path.write_text("\n".join(lines).rstrip() + "\n")
-
-
-RECONFIGURED_HEADING = "## Settings changed after training"
 
 
 def reconfigure_checkpoint(
@@ -464,8 +477,9 @@ def reconfigure_checkpoint(
     The net with the new settings is built and the weights loaded into it strictly
     (:meth:`~learned_optim.nets.base.UpdateRule.reconfigured`: a :class:`ValueError` when a setting is unknown or
     invalid or would change a weight, and nothing is written). config.json's ``net`` gets the new values and
-    ``training.reconfigured`` one record more (the settings, their values before, ``command``); the card a section
-    "## Settings changed after training" listing every such record; model.safetensors is not touched. Returns the
+    ``training.reconfigured`` one record more (the settings, their values before, ``command``); the card its net
+    configuration anew and a section "## Settings changed after training" listing every such record; model.safetensors
+    is not touched. Returns the
     record."""
     directory = Path(directory)
     rule, config = load_rule_from_dir(directory)
@@ -489,7 +503,9 @@ def reconfigure_checkpoint(
             for r in training["reconfigured"]
         ),
     ]
-    _write_card_section(directory, config, RECONFIGURED_HEADING, body)
+    _write_card_section(
+        directory, config, RECONFIGURED_HEADING, body, json_blocks={NET_CONFIGURATION_HEADING: config["net"]}
+    )
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
     return record
 
