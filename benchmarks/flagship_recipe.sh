@@ -5,7 +5,8 @@
 #      local entropy, each at meta-seeds 0 and 1 (62.7 min of single-core time for the shipped ones: ~31 min);
 #   3. their uniform weight average (python -m learned_optim.meta soup; seconds): the flagship of sessions 16-32;
 #   4. the soup fine-tuned with each matrix's direction orthogonalised (TBPTT, 1,000 meta-steps; 12 min on session
-#      33's Intel Xeon).
+#      33's Intel Xeon), then its orthogonalisation's products set to bfloat16 where the hardware has the units
+#      (python -m learned_optim.meta reconfigure ... --net newton_schulz_dtype=auto; session 34).
 # Stages 1-3 took about 2 h on the 2-core AMD EPYC and 100 min on session 29's Intel Xeon (run at decay 0.95, the same
 # compute): with stage 4, about 2 h 10 min and 1 h 52 min. Rerun the same command after an interruption: a stage whose
 # net exists is skipped, a run with a checkpoint resumes (--resume).
@@ -43,3 +44,6 @@ for kind in control sam gsam entropy; do
 done
 python -m learned_optim.meta soup "${ingredients[@]}" --schedule cosine --name "$prefix-soup-all8" --out "$out/soup-all8"
 train "$prefix-soup-all8-orthogonal" "$out/orthogonal" --set "init_from=$out/soup-all8" "$@"
+if ! grep -q '"newton_schulz_dtype": "auto"' "$out/orthogonal/model/config.json"; then
+    python -m learned_optim.meta reconfigure "$out/orthogonal/model" --net newton_schulz_dtype=auto
+fi
