@@ -457,8 +457,10 @@ def _write_card_section(
         if other in lines:
             start = lines.index(other)
             opening = next((i for i in range(start, section_end(start)) if lines[i] == "```json"), None)
-            closing = next((i for i in range(opening + 1, len(lines)) if lines[i] == "```"), None) if opening else None
-            if opening is not None and closing is not None:
+            if opening is None:
+                continue
+            closing = next((i for i in range(opening + 1, len(lines)) if lines[i] == "```"), None)
+            if closing is not None:
                 lines[opening + 1 : closing] = json.dumps(value, indent=2).splitlines()
     if heading in lines:
         start = lines.index(heading)
@@ -479,8 +481,7 @@ def reconfigure_checkpoint(
     invalid or would change a weight, and nothing is written). config.json's ``net`` gets the new values and
     ``training.reconfigured`` one record more (the settings, their values before, ``command``); the card its net
     configuration anew and a section "## Settings changed after training" listing every such record; model.safetensors
-    is not touched. Returns the
-    record."""
+    is not touched. Returns the record."""
     directory = Path(directory)
     rule, config = load_rule_from_dir(directory)
     before = rule.config.to_dict()
