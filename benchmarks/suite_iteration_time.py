@@ -8,8 +8,8 @@
 
 For every task (its model at seed 0 and one training batch, as the suite draws them) one iteration, ``zero_grad``,
 forward, the task's loss, backward and the optimizer's ``step``, is timed for ``torch.optim.AdamW`` and for each
-learned optimizer (``from_pretrained`` with its checkpoint's defaults), each on its own copy of the model,
-round-robin in one process (``benchmarks/_common.py``: process CPU time, best of the repeats, one torch thread by
+learned optimizer (its checkpoint's net and defaults, as ``from_pretrained`` builds it), each on its own copy of the
+model, round-robin in one process (``benchmarks/_common.py``: process CPU time, best of the repeats, one torch thread by
 default). ``--net FIELD=VALUE`` (repeatable) adds, for every learned optimizer, a variant whose net has those
 settings changed (``UpdateRule.reconfigured``: the same weights), e.g. the orthogonalisation's products in bfloat16.
 Prints the machine (``lscpu``'s model and flags) with the table: a speed figure holds for the machine it was
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import subprocess
+import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -31,9 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from _common import machine_header, measure, table  # noqa: E402
 
-from learned_optim import LearnedOptimizer, from_pretrained  # noqa: E402
+from learned_optim import LearnedOptimizer  # noqa: E402
 from learned_optim.bench.tasks import get_task  # noqa: E402
 from learned_optim.hub import load_rule  # noqa: E402
+from learned_optim.kernels import cpu_flags, cpu_model  # noqa: E402
 from learned_optim.meta.cli import add_net_settings_option, net_settings  # noqa: E402
 
 #: The suite's models whose iteration the orthogonalisation changes most (session 33's four).
@@ -41,30 +42,27 @@ DEFAULT_TASKS = ("stdlib-transformer-lm-2m", "stdlib-transformer-lm", "shapes-cn
 
 
 def cpu_flags_line() -> str:
-    """``lscpu``'s model name and the flags that decide the fast paths (AVX-512, AMX, bfloat16)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "lscpu unavailable"
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    flags = [f for f in fields.get("Flags", "").split() if f.startswith(("avx", "amx", "fma"))]
-    return f"lscpu: {fields.get('Model name', '?').strip()}; flags {' '.join(flags)}"
+    """The CPU's model name and the flags that decide the fast paths (AVX-512, AMX, bfloat16), as ``lscpu`` shows them
+    (both read from ``/proc/cpuinfo`` by :mod:`learned_optim.kernels`)."""
+    flags = [f for f in cpu_flags().split() if f.startswith(("avx", "amx", "fma"))]
+    return f"lscpu: {cpu_model()}; flags {' '.join(flags)}"
+
+
+def learned(name: str, settings: dict[str, object], params: list) -> torch.optim.Optimizer:
+    """The learned optimizer ``name`` with its checkpoint's defaults, its net reconfigured with ``settings``."""
+    rule, config = load_rule(name)
+    return LearnedOptimizer(params, rule.reconfigured(**settings) if settings else rule, **config.get("optimizer", {}))
 
 
 def optimizers(names: list[str], settings: dict[str, object]) -> dict[str, Callable[[list], torch.optim.Optimizer]]:
     """AdamW and every learned optimizer (and, with ``settings``, its reconfigured variant) as factories."""
     made: dict[str, Callable[[list], torch.optim.Optimizer]] = {"adamw": lambda p: torch.optim.AdamW(p, lr=1e-3)}
+    listing = ",".join(f"{k}={v}" for k, v in settings.items())
     for name in names:
         label = Path(name).name
-        made[label] = lambda p, name=name: from_pretrained(name, p)
+        made[label] = functools.partial(learned, name, {})
         if settings:
-            listing = ",".join(f"{k}={v}" for k, v in settings.items())
-
-            def variant(p: list, name: str = name) -> torch.optim.Optimizer:
-                rule, config = load_rule(name)
-                return LearnedOptimizer(p, rule.reconfigured(**settings), **config.get("optimizer", {}))
-
-            made[f"{label} [{listing}]"] = variant
+            made[f"{label} [{listing}]"] = functools.partial(learned, name, settings)
     return made
 
 

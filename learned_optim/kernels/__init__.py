@@ -65,7 +65,7 @@ library loaded on first use, the verdicts), ``_ops`` (the entry points the nets 
 
 from __future__ import annotations
 
-from ._build import ISAS, cpu_model, supported_isas
+from ._build import ISAS, cpu_flags, cpu_model, supported_isas
 from ._guard import KERNELS, MIN_SPEEDUP
 from ._ops import (
     ADAFAC_MAX_HIDDEN,
@@ -117,6 +117,7 @@ __all__ = [
     "isa",
     "supported_isas",
     "cpu_model",
+    "cpu_flags",
     "ISAS",
     "KERNELS",
     "RULE_KERNELS",
