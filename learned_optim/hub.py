@@ -241,7 +241,7 @@ def save_pretrained(
     # one metadata entry: safetensors keeps the metadata in a hash map whose order varies from save to save, and
     # the file's bytes (which identify a checkpoint's runs in the benchmark store) must depend on the weights only
     save_file(weights, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
+    _write_config(directory, config)
     (directory / CARD_NAME).write_text(card if card is not None else model_card(config))
     return directory
 
@@ -296,6 +296,11 @@ OPTIMIZER_DEFAULTS: dict[str, tuple[type, ...]] = {
     "chunk_size": (int, str, type(None)),
     "nonfinite": (str,),
 }
+
+
+def _write_config(directory: Path, config: Mapping[str, Any]) -> None:
+    """Write ``config`` as the folder's config.json (indented JSON, values JSON lacks as strings)."""
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
 
 
 def read_config(directory: str | os.PathLike) -> dict[str, Any]:
@@ -429,7 +434,7 @@ def record_evaluation(
     _write_card_section(
         directory, config, f"## Evaluation: {key}", markdown.strip().splitlines(), drop=PENDING_EVALUATION_HEADING
     )
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
+    _write_config(directory, config)
 
 
 def _write_card_section(
@@ -507,7 +512,7 @@ def reconfigure_checkpoint(
     _write_card_section(
         directory, config, RECONFIGURED_HEADING, body, json_blocks={NET_CONFIGURATION_HEADING: config["net"]}
     )
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
+    _write_config(directory, config)
     return record
 
 
