@@ -6,7 +6,8 @@
 #   3. their uniform weight average (python -m learned_optim.meta soup; seconds): the flagship of sessions 16-32;
 #   4. the soup fine-tuned with each matrix's direction orthogonalised (TBPTT, 1,000 meta-steps; 12 min on session
 #      33's Intel Xeon), then its orthogonalisation's products set to bfloat16 where the hardware has the units
-#      (python -m learned_optim.meta reconfigure ... --net newton_schulz_dtype=auto; session 34).
+#      (python -m learned_optim.meta reconfigure ... --net newton_schulz_dtype=auto; session 34) and its
+#      Newton-Schulz steps cut from 5 to 3 (--net newton_schulz_steps=3; session 35): two records, as the shipped one.
 # Stages 1-3 took about 2 h on the 2-core AMD EPYC and 100 min on session 29's Intel Xeon (run at decay 0.95, the same
 # compute): with stage 4, about 2 h 10 min and 1 h 52 min. Rerun the same command after an interruption: a stage whose
 # net exists is skipped, a run with a checkpoint resumes (--resume).
@@ -44,6 +45,13 @@ for kind in control sam gsam entropy; do
 done
 python -m learned_optim.meta soup "${ingredients[@]}" --schedule cosine --name "$prefix-soup-all8" --out "$out/soup-all8"
 train "$prefix-soup-all8-orthogonal" "$out/orthogonal" --set "init_from=$out/soup-all8" "$@"
-if ! grep -q '"newton_schulz_dtype": "auto"' "$out/orthogonal/model/config.json"; then
-    python -m learned_optim.meta reconfigure "$out/orthogonal/model" --net newton_schulz_dtype=auto
-fi
+reconfigure_once() {  # reconfigure_once FIELD VALUE JSON_VALUE: the flagship's net setting, unless already made
+    local current
+    current=$(python -c 'import json, sys; print(json.dumps(json.load(open(sys.argv[1]))["net"].get(sys.argv[2])))' \
+        "$out/orthogonal/model/config.json" "$1")
+    if [[ $current != "$3" ]]; then
+        python -m learned_optim.meta reconfigure "$out/orthogonal/model" --net "$1=$2"
+    fi
+}
+reconfigure_once newton_schulz_dtype auto '"auto"'
+reconfigure_once newton_schulz_steps 3 3
