@@ -64,6 +64,7 @@ class AdafacMLPConfig(NetConfig):
     direction_clip: float | None = None
     newton_schulz_steps: int = 0
     newton_schulz_dtype: str = "float32"
+    newton_schulz_min_side: int = 2
     step_magnitude: str = "unit"
     magnitude_head_bound: float | None = None
     mup: bool = True
@@ -152,8 +153,10 @@ class AdafacMLP(UpdateRule):
     starts at zero (factor 1: a fine-tune with it starts from its parent's function). The native kernel does not
     take the head: such a net steps on the ATen paths.
 
-    With ``newton_schulz_steps`` :math:`k > 0` the direction of every matrix (a :func:`matrix_view` of at least two rows
-    and two columns: linear and conv weights, embeddings) is replaced by its approximate orthogonal polar factor
+    With ``newton_schulz_steps`` :math:`k > 0` the direction of every matrix (a :func:`matrix_view` whose smaller side
+    is at least ``newton_schulz_min_side``, 2 by default: linear and conv weights, embeddings; a larger bound leaves
+    thin matrices, such as a classifier head over a few classes or a tabular input layer, to the net's own direction)
+    is replaced by its approximate orthogonal polar factor
     before the RMS normalisation, :math:`d \leftarrow \mathrm{NS}_k(d_{\mathrm{rows} \times \mathrm{cols}})`
     (:func:`~learned_optim.features.newton_schulz_orthogonalize`; Muon's orthogonalisation, which Celo2 applies on top
     of its learned rule for hidden matrices): every singular direction of the net's step moves by about the same
@@ -243,6 +246,11 @@ class AdafacMLP(UpdateRule):
                 f"AdafacMLP: newton_schulz_steps orthogonalises the direction before its RMS normalisation: it needs "
                 f"normalize_direction and 0 or more steps, got {c.newton_schulz_steps} with "
                 f"normalize_direction={c.normalize_direction}"
+            )
+        if c.newton_schulz_min_side < 2:
+            raise ValueError(
+                f"AdafacMLP: newton_schulz_min_side is the smallest matrix side that is orthogonalised (a single row "
+                f"or column has nothing to orthogonalise): it must be at least 2, got {c.newton_schulz_min_side}"
             )
         if c.newton_schulz_dtype not in (*NEWTON_SCHULZ_DTYPES, "auto"):
             raise ValueError(
@@ -520,8 +528,10 @@ class AdafacMLP(UpdateRule):
 
     def _orthogonalizes(self, rows: int, cols: int) -> bool:
         """Whether the direction of a tensor of matrix view ``(rows, cols)`` is orthogonalised (``newton_schulz_steps``:
-        matrices of at least two rows and two columns; vectors, scalars and single rows or columns are not)."""
-        return self.config.newton_schulz_steps > 0 and min(rows, cols) >= 2
+        matrices whose smaller side is at least ``newton_schulz_min_side``; vectors, scalars and single rows or columns
+        never)."""
+        c = self.config
+        return c.newton_schulz_steps > 0 and min(rows, cols) >= c.newton_schulz_min_side
 
     def _orthogonalized(self, direction: Tensor, rows: int, cols: int) -> Tensor:
         """The directions of ``direction`` (one or several consecutive tensors of view ``(rows, cols)``, flat or as

@@ -706,11 +706,41 @@ def test_the_step_is_the_normalised_polar_factor_of_the_nets_raw_direction(shape
     assert all(torch.isfinite(w.grad).all() for w in rule.parameters()) and rule.mlp[0].weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("native", [False, True], ids=["aten", "kernels"])
+def test_newton_schulz_min_side_leaves_thinner_matrices_to_the_nets_direction(native):
+    """With ``newton_schulz_min_side`` m a matrix whose smaller side is below m steps as without the
+    orthogonalisation and the others as with it, in one optimizer over both (the packed ATen path and the native
+    kernel's, whose steps are orthogonalised after it)."""
+    shapes = [(12, 9), (40, 30), (30,)]
+
+    def steps(**config) -> list[Tensor]:
+        torch.manual_seed(1)
+        params = [nn.Parameter(torch.randn(shape)) for shape in shapes]
+        opt = LearnedOptimizer(params, _random_net(step_magnitude="adam", mup=False, **config), lr=1e-2)
+        before = [p.detach().clone() for p in params]
+        with kernels.enabled_as(native):
+            for _ in range(3):
+                for p in params:
+                    p.grad = torch.randn_like(p)
+                opt.step()
+        return [p.detach() - b for p, b in zip(params, before, strict=True)]
+
+    plain, every = steps(), steps(newton_schulz_steps=3)
+    wide_only = steps(newton_schulz_steps=3, newton_schulz_min_side=10)
+    torch.testing.assert_close(wide_only[0], plain[0], rtol=1e-4, atol=1e-7)  # 12 x 9: below 10
+    torch.testing.assert_close(wide_only[1], every[1], rtol=1e-4, atol=1e-7)  # 40 x 30
+    torch.testing.assert_close(wide_only[2], plain[2], rtol=1e-4, atol=1e-7)  # a vector, never
+    assert not torch.allclose(every[0], plain[0], atol=1e-4)
+    torch.testing.assert_close(steps(newton_schulz_steps=3, newton_schulz_min_side=9)[0], every[0])
+
+
 def test_orthogonalisation_needs_the_normalised_direction():
     with pytest.raises(ValueError, match="normalize_direction"):
         AdafacMLP(newton_schulz_steps=5, normalize_direction=False)
     with pytest.raises(ValueError, match="0 or more"):
         AdafacMLP(newton_schulz_steps=-1)
+    with pytest.raises(ValueError, match="newton_schulz_min_side .* at least 2, got 1"):
+        AdafacMLP(newton_schulz_steps=5, newton_schulz_min_side=1)
     with pytest.raises(ValueError, match="newton_schulz_dtype must be 'float32', 'bfloat16' or 'auto'"):
         AdafacMLP(newton_schulz_steps=5, newton_schulz_dtype="float16")
 
