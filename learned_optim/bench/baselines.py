@@ -1,11 +1,11 @@
-r"""Flatness-seeking baselines for the evaluation harness: SAM, GSAM, GAM and Entropy-SGD.
+r"""Flatness-seeking baselines for the evaluation harness: SAM, GSAM, GAM and Entropy-SGD; and Muon with AdamW.
 
-The registry of baseline optimizers, :data:`BASELINES` (``adam``, ``sgd``, ``adamw`` and these four),
+The registry of baseline optimizers, :data:`BASELINES` (``adam``, ``sgd``, ``adamw`` and these six),
 so ``evaluate([...], baselines)`` and ``python -m learned_optim evaluate --baselines
-adam,sgd,sam,gsam,gam,entropy-sgd`` know them; each is tuned over its learning-rate grid on the
+adam,sgd,sam,gsam,gam,entropy-sgd,muon-adamw`` know them; each is tuned over its learning-rate grid on the
 validation split like Adam and SGD. All take the harness's standard closure (zero grads, forward,
-backward, return the loss), which they call several times per step: their time per step in the
-harness tables is therefore the honest cost of one update.
+backward, return the loss), which the flatness-seeking ones call several times per step: their time per step in
+the harness tables is therefore the honest cost of one update.
 
 =============== ===================================================================== ================
 name            what                                                                   gradient
@@ -18,10 +18,12 @@ name            what                                                            
 ``gam``         :class:`GAM`, written here from Zhang et al. (2023) and the authors'   4
                 algorithm; SGD update
 ``entropy-sgd`` :class:`EntropySGD`, written here from Chaudhari et al. (2017)         ``L`` (20)
+``muon-adamw``  :class:`MuonAdamW`: Muon (Jordan et al. 2024) on every matrix, update    1
+                RMS matched to AdamW's (Liu et al. 2025); AdamW on the rest
 =============== ===================================================================== ================
 
 ``pytorch_optimizer`` is an optional dependency (``pip install 'learned-optim[baselines]'``); building
-``sam``/``gsam`` without it raises ``ImportError``; ``gam`` and ``entropy-sgd`` need only torch. In the
+``sam``/``gsam`` without it raises ``ImportError``; ``gam``, ``entropy-sgd`` and ``muon-adamw`` need only torch. In the
 harness, one step is one minibatch: the extra gradient evaluations of these methods (the SGLD steps of
 Entropy-SGD included) all use that step's minibatch.
 """
@@ -37,6 +39,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
+from torch.optim.adamw import adamw
+
+from ..features import matrix_view, newton_schulz_orthogonalize
 
 __all__ = [
     "DEFAULT_LR_GRID",
@@ -45,12 +50,14 @@ __all__ = [
     "register_baseline",
     "GAM",
     "EntropySGD",
+    "MuonAdamW",
     "sam",
     "sam_adamw",
     "gsam",
     "SAM_GRID",
     "SAM_ADAMW_GRID",
     "ENTROPY_SGD_GRID",
+    "MUON_ADAMW_GRID",
 ]
 
 #: Learning-rate grid of the baselines (the appendix of "Learning to Generalize Provably in L2O").
@@ -429,6 +436,174 @@ class EntropySGD(Optimizer):
         return loss
 
 
+# ------------------------------------------------------------------------------------------ Muon + AdamW
+#: Learning rates tried for Muon with AdamW in :func:`evaluate`: its update RMS is matched to AdamW's (Liu et al.
+#: 2025), so it shares AdamW's range, the one :data:`SAM_ADAMW_GRID` tries.
+MUON_ADAMW_GRID: tuple[float, ...] = SAM_ADAMW_GRID
+
+
+class MuonAdamW(Optimizer):
+    r"""Muon on every matrix, AdamW on everything else: one optimizer, one set of param groups.
+
+    A parameter whose :func:`~learned_optim.features.matrix_view` ``(A, B) = (shape[0], prod(shape[1:]))`` has
+    :math:`\min(A, B) \ge 2` (a ``Linear`` weight as is, a conv weight ``(out, in, kh, kw)`` as ``(out, in*kh*kw)``)
+    takes a **Muon** step (Jordan et al. 2024, "Muon: an optimizer for hidden layers in neural networks"), in
+    ``torch.optim.Muon``'s form (momentum :math:`\mu` = 0.95, Nesterov, ``adjust_lr_fn="match_rms_adamw"``):
+
+    .. math::
+        B_t &= \mu B_{t-1} + (1-\mu)\,G_t, \qquad D_t = (1-\mu)\,G_t + \mu B_t \;\;(B_t \text{ without Nesterov}),\\
+        O_t &= \mathrm{NS}_k(D_t) \approx U V^\top \quad (D_t = U \Sigma V^\top,\ A \times B \text{ view}),\\
+        \theta_t &= \theta_{t-1}(1 - \eta\lambda) - 0.2\,\eta\sqrt{\max(A, B)}\; O_t
+
+    (:math:`\eta` the group's lr, :math:`\lambda` its weight decay). :math:`B_t` is :math:`(1-\mu)` times the
+    textbook sum :math:`\mu B_{t-1} + G_t` and :math:`D_t` :math:`(1-\mu)` times :math:`G_t + \mu B_t`; the
+    orthogonalisation is invariant to that positive scale (up to its :math:`\epsilon`), so both forms give the same
+    step, and this one keeps ``momentum_buffer`` interchangeable with ``torch.optim.Muon``'s.
+    :math:`\mathrm{NS}_k` is :func:`~learned_optim.features.newton_schulz_orthogonalize`: ``ns_steps`` (5) quintic
+    iterations with Muon's coefficients :data:`~learned_optim.features.NEWTON_SCHULZ_COEFFICIENTS` from
+    :math:`D / (\lVert D\rVert_F + \epsilon)`, :math:`\epsilon` = ``ns_eps`` (1e-7), on the wide orientation, as
+    ``torch.optim.Muon`` does; its products run in ``ns_dtype`` (``None``: the parameter's dtype; pass
+    ``torch.bfloat16`` for ``torch.optim.Muon``'s rounding, which always casts to bfloat16).
+    The scale :math:`0.2\sqrt{\max(A, B)}` (Liu et al. 2025, "Muon is scalable for LLM training") matches the
+    update's RMS to AdamW's: an orthogonal :math:`A \times B` matrix has RMS :math:`1/\sqrt{\max(A, B)}`, so the
+    step's RMS is :math:`0.2\,\eta`, about AdamW's, and AdamW's learning rate and weight decay transfer.
+
+    **Every other parameter** (biases, norm gains, scalars, a single row or column such as a one-output head) takes
+    an **AdamW** step with the same :math:`\eta` and :math:`\lambda` (Loshchilov & Hutter 2019; ``betas`` (0.9,
+    0.999), ``eps`` 1e-8, torch's defaults), through torch's own functional ``torch.optim.adamw.adamw``, so its
+    state and steps are ``torch.optim.AdamW``'s exactly:
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2,\quad
+        \theta_t = \theta_{t-1}(1 - \eta\lambda) - \eta\,\frac{m_t / (1-\beta_1^t)}{\sqrt{v_t / (1-\beta_2^t)} +
+        \varepsilon}.
+
+    Why not ``torch.optim.Muon`` itself: in torch 2.14 its constructor raises ``ValueError`` for any parameter that
+    is not 2-D (conv weights, biases), so a model needs it and an AdamW side by side, two optimizers that one LR
+    scheduler cannot drive; and a conv weight needs the matrix view. The class keeps its param groups whole (a
+    scheduler writes ``group["lr"]`` once for both rules); the matrix or not decision is a function of the shape.
+
+    As in ``torch.optim.AdamW`` and ``torch.optim.Muon``, sparse gradients raise ``RuntimeError`` (and so does a
+    complex matrix, as in ``torch.optim.Muon``), and a non-finite gradient is not checked: it propagates into the
+    parameters and state as it does there (the suite's loop ends a run at the first non-finite loss).
+    ``step(closure)`` evaluates the closure once, under ``torch.enable_grad``, and returns its loss.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        *,
+        weight_decay: float = 0.01,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        ns_eps: float = 1e-7,
+        ns_dtype: torch.dtype | None = None,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        if lr < 0 or weight_decay < 0 or not 0 <= momentum < 1 or ns_steps < 1 or ns_eps < 0 or eps < 0:
+            raise ValueError(
+                "MuonAdamW needs lr >= 0, weight_decay >= 0, 0 <= momentum < 1, ns_steps >= 1, ns_eps >= 0, eps >= 0"
+            )
+        if not all(0 <= beta < 1 for beta in betas):
+            raise ValueError(f"MuonAdamW: betas must lie in [0, 1), got {betas}")
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                weight_decay=weight_decay,
+                momentum=momentum,
+                nesterov=nesterov,
+                ns_steps=ns_steps,
+                ns_eps=ns_eps,
+                ns_dtype=ns_dtype,
+                betas=betas,
+                eps=eps,
+            ),
+        )
+
+    @staticmethod
+    def takes_muon_step(shape: Iterable[int]) -> bool:
+        """Whether a parameter of ``shape`` is a matrix that Muon updates: its matrix view has two sides >= 2."""
+        return min(matrix_view(tuple(shape))) >= 2
+
+    @staticmethod
+    def muon_scale(shape: Iterable[int]) -> float:
+        r""":math:`0.2\sqrt{\max(A, B)}` of the matrix view ``(A, B)`` of ``shape``: the factor on the lr that matches
+        an orthogonalised update's RMS to AdamW's (``torch.optim.Muon``'s ``adjust_lr_fn="match_rms_adamw"``)."""
+        return 0.2 * math.sqrt(max(matrix_view(tuple(shape))))
+
+    def _muon_step(self, param: Tensor, grad: Tensor, group: Mapping[str, Any]) -> None:
+        if torch.is_complex(param):
+            raise RuntimeError("MuonAdamW does not support complex matrices (torch.optim.Muon neither)")
+        state = self.state[param]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+        buffer, momentum = state["momentum_buffer"], group["momentum"]
+        buffer.lerp_(grad, 1 - momentum)
+        direction = grad.lerp(buffer, momentum) if group["nesterov"] else buffer
+        polar = newton_schulz_orthogonalize(
+            direction.reshape(matrix_view(param.shape)), group["ns_steps"], eps=group["ns_eps"], dtype=group["ns_dtype"]
+        )
+        param.mul_(1 - group["lr"] * group["weight_decay"])
+        param.add_(polar.reshape(param.shape), alpha=-group["lr"] * self.muon_scale(param.shape))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            vectors: list[Tensor] = []
+            grads: list[Tensor] = []
+            exp_avgs: list[Tensor] = []
+            exp_avg_sqs: list[Tensor] = []
+            steps: list[Tensor] = []
+            has_complex = False
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    raise RuntimeError("MuonAdamW does not support sparse gradients")
+                if self.takes_muon_step(param.shape):
+                    self._muon_step(param, param.grad, group)
+                    continue
+                state = self.state[param]
+                if not state:  # torch.optim.AdamW's state: a CPU step count (float64 under a float64 default)
+                    step_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+                    state["step"] = torch.tensor(0.0, dtype=step_dtype)
+                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                has_complex |= torch.is_complex(param)
+                vectors.append(param)
+                grads.append(param.grad)
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                steps.append(state["step"])
+            if vectors:
+                beta1, beta2 = group["betas"]
+                adamw(
+                    vectors,
+                    grads,
+                    exp_avgs,
+                    exp_avg_sqs,
+                    [],
+                    steps,
+                    has_complex=has_complex,
+                    amsgrad=False,
+                    beta1=beta1,
+                    beta2=beta2,
+                    lr=group["lr"],
+                    weight_decay=group["weight_decay"],
+                    eps=group["eps"],
+                    maximize=False,
+                )
+        return loss
+
+
 # ------------------------------------------------------------------------------------------ registry
 register_baseline(
     BaselineInfo("sam", sam, "pytorch_optimizer.SAM over SGD (rho 0.05); 2 gradients per step", SAM_GRID),
@@ -457,6 +632,16 @@ register_baseline(
         "Entropy-SGD (Chaudhari et al. 2017): L=20 SGLD steps, "
         "gamma 0.03, Nesterov momentum 0.9; 20 gradients per step",
         ENTROPY_SGD_GRID,
+    ),
+    overwrite=True,
+)
+register_baseline(
+    BaselineInfo(
+        "muon-adamw",
+        MuonAdamW,
+        "Muon (momentum 0.95, Nesterov, 5 Newton-Schulz steps, update RMS matched to AdamW's) on every matrix, "
+        "AdamW on the other parameters, weight decay 0.01; 1 gradient per step",
+        MUON_ADAMW_GRID,
     ),
     overwrite=True,
 )
