@@ -19,6 +19,11 @@ winning lr or weight decay at the edge of the grid extends the grid past it, see
   2, 2, 4 and 20 gradients per step); and ``sam-adamw``, SAM (:math:`\rho` 0.05) over AdamW with AdamW's grid
   and schedule, the flatness term on the baseline itself. Their second pass updates a BatchNorm model's
   running statistics again (``digits-resnet-bn``), as ``pytorch_optimizer``'s SAM and GSAM do when not told otherwise.
+* ``muon-adamw``, on request: Muon (momentum 0.95, Nesterov, 5 Newton-Schulz steps) on every matrix (conv
+  weights by their matrix view) with its update's RMS matched to AdamW's (:math:`0.2\sqrt{\max(A, B)}`), AdamW on
+  the other parameters (:class:`learned_optim.bench.baselines.MuonAdamW`), tuned like ``adamw``: AdamW's grid,
+  its growth past a winning edge and its warm-up and cosine schedule; one gradient per step. Plain Muon, the
+  reference for the learned optimizers that orthogonalise their matrices' updates with the same iteration.
 
 **Learned optimizers** (zoo name, checkpoint folder or Hub id), each also adapted to every run's model first
 with ``adapt_steps`` (``--adapt-steps``, M-L2O's test-time adaptation, :func:`adapt_before_training`), run
@@ -153,6 +158,7 @@ FULL_GRIDS: dict[str, Grid] = {
     **dict.fromkeys(("sam", "gsam", "gam"), Grid((3e-3, 1e-2, 3e-2, 1e-1, 3e-1), schedule="cosine")),
     "entropy-sgd": Grid(ENTROPY_SGD_GRID, schedule="cosine"),
     "sam-adamw": ADAMW_FULL_GRID,
+    "muon-adamw": ADAMW_FULL_GRID,
 }
 QUICK_GRIDS: dict[str, Grid] = {
     "adamw": ADAMW_QUICK_GRID,
@@ -162,6 +168,7 @@ QUICK_GRIDS: dict[str, Grid] = {
     **dict.fromkeys(("sam", "gsam", "gam"), Grid((3e-2, 3e-1), schedule="cosine")),
     "entropy-sgd": Grid((1.0, 0.1), schedule="cosine"),
     "sam-adamw": ADAMW_QUICK_GRID,
+    "muon-adamw": ADAMW_QUICK_GRID,
 }
 QUICK_LEARNED_LR_MULTIPLIERS: tuple[float, ...] = (0.3, 1.0)
 #: Test-time adaptation in the suite (``--adapt-steps``): unroll length, Adam lr on the net's weights, and the
@@ -229,6 +236,7 @@ _BASELINE_CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
     "gam": ("gam", {"momentum": 0.9}),
     "entropy-sgd": ("entropy-sgd", {}),
     "sam-adamw": ("sam-adamw", {}),
+    "muon-adamw": ("muon-adamw", {}),
     "adamw-default": ("adamw", {}),
 }
 #: Every baseline the suite knows, by name.

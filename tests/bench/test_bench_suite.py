@@ -237,6 +237,24 @@ def test_the_flatness_baselines_train_a_real_task(name, built_by, grid_size):
     assert math.isfinite(record["final"]["test_loss"])
 
 
+def test_muon_adamw_is_tuned_exactly_like_adamw_and_trains_a_real_task():
+    """Plain Muon (with AdamW beside it) is a suite baseline on AdamW's grids and schedule, its run key names its
+    class, the suite's lr and weight decay reach it, and it trains a real task: the loss falls, the record is finite."""
+    optimizer = brun.baseline_optimizer("muon-adamw")
+    assert optimizer.identity == {"class": "learned_optim.bench.baselines.MuonAdamW"}
+    assert brun.FULL_GRIDS["muon-adamw"] is brun.ADAMW_FULL_GRID is brun.FULL_GRIDS["adamw"]
+    assert brun.QUICK_GRIDS["muon-adamw"] is brun.ADAMW_QUICK_GRID is brun.QUICK_GRIDS["adamw"]
+    built = optimizer.build([torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.zeros(3))], 3e-3, 0.1)
+    assert type(built).__name__ == "MuonAdamW"
+    assert built.defaults["lr"] == 3e-3 and built.defaults["weight_decay"] == 0.1
+    w = TASKS["breast-cancer-mlp"].bind(steps=30)
+    grid = brun.FULL_GRIDS["muon-adamw"]
+    record = brun.train(w, optimizer, brun.Setting("muon-adamw", grid.lr[2], 0.1, "cosine"), seed=0)
+    assert record["nonfinite_at"] is None and not record["diverged"]
+    assert record["train_loss"][-1] < record["train_loss"][0]
+    assert math.isfinite(record["final"]["test_loss"])
+
+
 def test_adamw_default_is_untuned_adamw_at_torchs_defaults():
     """The untuned reference is AdamW itself (the same run identity) at torch.optim.AdamW's own default lr and weight
     decay with AdamW's schedule, on a one-setting grid that tuning never extends."""
@@ -260,7 +278,7 @@ def test_the_suite_runs_the_cheap_baselines_unless_asked():
     assert inspect.signature(run_suite).parameters["baselines"].default == bsuite.DEFAULT_BASELINES
     assert bsuite.DEFAULT_BASELINES == ("adamw", "adam", "sgd-momentum")
     assert set(bsuite.DEFAULT_BASELINES) < set(bsuite.BASELINE_NAMES)
-    with pytest.raises(brun.UnknownOptimizerError, match="sam, gsam, gam, entropy-sgd, sam-adamw"):
+    with pytest.raises(brun.UnknownOptimizerError, match="sam, gsam, gam, entropy-sgd, sam-adamw, muon-adamw"):
         brun.baseline_optimizer("lion")
 
 
