@@ -12,7 +12,9 @@ function does not depend on the seed. The folder is a normal checkpoint (``from_
 
 ``--net FIELD=VALUE`` changes a net setting the weights do not depend on (as ``meta soup --net``), e.g. the
 untrained net with its direction orthogonalised: ``--net newton_schulz_steps=5`` (AdamW's direction through
-Newton-Schulz, rescaled to AdamW's per-tensor RMS).
+Newton-Schulz, rescaled to AdamW's per-tensor RMS). ``--net init=momentum`` builds the other hand-built net of the
+family: the momentum's direction instead of Adam's (with ``newton_schulz_steps``, Muon's orthogonalised momentum at
+AdamW's per-tensor step RMS).
 """
 
 from __future__ import annotations

@@ -173,7 +173,10 @@ class AdafacMLP(UpdateRule):
     carry :math:`\pm x` through the ReLUs; the other units are random with zero output weights): the
     untrained net is AdamW (:math:`\beta_1` = ``adam_feature_decay``, :math:`\beta_2` =
     ``second_moment_decay``) with per-tensor RMS-normalised updates, exactly AdamW (times :math:`s`) with
-    ``step_magnitude="adam"``. ``init="random"``: truncated
+    ``step_magnitude="adam"``. ``init="momentum"`` carries the normalised momentum :math:`m` at
+    ``adam_feature_decay`` the same way: with ``newton_schulz_steps`` the untrained net orthogonalises a momentum, as
+    Muon does (an EMA, without Nesterov's look-ahead), and with ``step_magnitude="adam"`` moves each tensor by
+    AdamW's per-tensor step RMS. ``init="random"``: truncated
     normal weights, std :math:`1/\sqrt{\mathrm{fan\_in}}`, zero biases (small_fc_lopt's init).
 
     Whole-tensor rule (``forward`` takes ``shape=``; see :mod:`learned_optim.nets.base`). Computed
@@ -256,13 +259,13 @@ class AdafacMLP(UpdateRule):
             raise ValueError(
                 f"AdafacMLP: newton_schulz_dtype must be 'float32', 'bfloat16' or 'auto', got {c.newton_schulz_dtype!r}"
             )
-        if c.init not in ("adam", "random"):
-            raise ValueError(f"AdafacMLP: init must be 'adam' or 'random', got {c.init!r}")
+        if c.init not in ("adam", "momentum", "random"):
+            raise ValueError(f"AdafacMLP: init must be 'adam', 'momentum' or 'random', got {c.init!r}")
         if c.num_hidden_layers < 1 or c.hidden_size < 2:
             raise ValueError("AdafacMLP needs num_hidden_layers >= 1 and hidden_size >= 2")
         if c.step_magnitude not in ("unit", "adam"):
             raise ValueError(f"AdafacMLP: step_magnitude must be 'unit' or 'adam', got {c.step_magnitude!r}")
-        if (c.init == "adam" or c.step_magnitude == "adam") and c.adam_feature_decay not in c.momentum_decays:
+        if (c.init != "random" or c.step_magnitude == "adam") and c.adam_feature_decay not in c.momentum_decays:
             raise ValueError(f"AdafacMLP: adam_feature_decay {c.adam_feature_decay} is not in momentum_decays")
         if c.magnitude_head_bound is not None and not c.magnitude_head_bound > 1.0:
             raise ValueError(f"AdafacMLP: magnitude_head_bound must be above 1, got {c.magnitude_head_bound}")
@@ -331,6 +334,12 @@ class AdafacMLP(UpdateRule):
         c = self.config
         return 3 + len(c.momentum_decays) + c.momentum_decays.index(c.adam_feature_decay)
 
+    @property
+    def momentum_feature_index(self) -> int:
+        """Row of the momentum :math:`m` at ``adam_feature_decay`` among the features."""
+        c = self.config
+        return 2 + c.momentum_decays.index(c.adam_feature_decay)
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Initialise the weights as ``config.init`` says (see the class docstring)."""
@@ -341,12 +350,13 @@ class AdafacMLP(UpdateRule):
         if self.magnitude_head is not None:  # a factor of 1 to start from
             nn.init.zeros_(self.magnitude_head.weight)
             nn.init.zeros_(self.magnitude_head.bias)
-        if self.config.init != "adam":
+        if self.config.init == "random":
             return
+        carried = self.adam_feature_index if self.config.init == "adam" else self.momentum_feature_index
         first, *hidden, last = linears
         first.weight[:2] = 0.0
-        first.weight[0, self.adam_feature_index] = 1.0
-        first.weight[1, self.adam_feature_index] = -1.0
+        first.weight[0, carried] = 1.0
+        first.weight[1, carried] = -1.0
         for layer in hidden:  # units 0 and 1 pass relu(x), relu(-x) through unchanged
             layer.weight[:2] = 0.0
             layer.weight[0, 0] = layer.weight[1, 1] = 1.0

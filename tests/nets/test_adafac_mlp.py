@@ -282,6 +282,44 @@ def test_untrained_net_with_adam_magnitude_is_exactly_adamw(block, beta2):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("path", ["kernel", "aten"])
+@pytest.mark.parametrize("steps", [0, 3])
+def test_untrained_net_with_momentum_init_steps_along_the_orthogonalised_momentum(steps, path):
+    """init="momentum": the direction is the EMA momentum at adam_feature_decay (through Newton-Schulz with
+    newton_schulz_steps, Muon's direction without the look-ahead), moved by AdamW's per-tensor step RMS
+    (step_magnitude="adam"); the kernel and ATen paths give the same steps."""
+    torch.manual_seed(0)
+    param = nn.Parameter(torch.randn(6, 10))
+    rule = AdafacMLP(
+        init="momentum", adam_feature_decay=0.99, step_magnitude="adam", mup=False, newton_schulz_steps=steps
+    )
+    opt = LearnedOptimizer([param], rule, lr=1e-2)
+    twin = nn.Parameter(param.detach().clone())
+    adam = torch.optim.Adam([twin], lr=1.0, betas=(0.99, 0.999), eps=0.0)  # its step's RMS is the magnitude
+    momentum = torch.zeros_like(param)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(8):
+        grad = torch.randn(6, 10, generator=gen)
+        momentum.mul_(0.99).add_(grad, alpha=0.01)
+        before = param.detach().clone()
+        param.grad, twin.grad = grad.clone(), grad.clone()
+        twin.data.copy_(before)
+        with kernels.forced() if path == "kernel" else kernels.enabled_as(False):
+            opt.step()
+        adam.step()
+        magnitude = (twin.detach() - before).square().mean().sqrt()
+        direction = newton_schulz_orthogonalize(momentum.unsqueeze(0), steps).squeeze(0) if steps else momentum
+        expected = -1e-2 * magnitude * direction / direction.square().mean().sqrt()
+        torch.testing.assert_close(param.detach() - before, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_momentum_init_needs_its_decay_among_the_momenta():
+    with pytest.raises(ValueError, match="adam_feature_decay 0.95 is not in momentum_decays"):
+        AdafacMLP(init="momentum", adam_feature_decay=0.95)
+    with pytest.raises(ValueError, match="init must be 'adam', 'momentum' or 'random'"):
+        AdafacMLP(init="muon")
+
+
 def test_reconfigured_keeps_the_weights_dtype_and_provenance_and_refuses_a_change_of_shape():
     rule = AdafacMLP(hidden_size=4).double().requires_grad_(False)
     changed = rule.reconfigured(second_moment_decay=0.95, direction_clip=3.0)
