@@ -5,11 +5,14 @@
     python benchmarks/suite_iteration_time.py --optimizer adafac-mlp-adam-magnitude-tbv-nomup-soup-all8-orthogonal
     python benchmarks/suite_iteration_time.py --optimizer NAME_OR_FOLDER --net newton_schulz_dtype=bfloat16 \\
         --tasks stdlib-transformer-lm-2m shapes-cnn
+    python benchmarks/suite_iteration_time.py --optimizer NAME_OR_FOLDER --baseline muon-adamw
 
 For every task (its model at seed 0 and one training batch, as the suite draws them) one iteration, ``zero_grad``,
 forward, the task's loss, backward and the optimizer's ``step``, is timed for ``torch.optim.AdamW`` and for each
-learned optimizer (its checkpoint's net and defaults, as ``from_pretrained`` builds it), each on its own copy of the
-model, round-robin in one process (``benchmarks/_common.py``: process CPU time, best of the repeats, one torch thread by
+learned optimizer (its checkpoint's net and defaults, as ``from_pretrained`` builds it) and each ``--baseline`` of the
+suite's registry (:data:`learned_optim.bench.baselines.BASELINES`, at lr 1e-3; one closure per step, so SAM-like
+baselines that evaluate it several times are timed with their extra gradients), each on its own copy of the model,
+round-robin in one process (``benchmarks/_common.py``: process CPU time, best of the repeats, one torch thread by
 default). ``--net FIELD=VALUE`` (repeatable) adds, for every learned optimizer, a variant whose net has those
 settings changed (``UpdateRule.reconfigured``: the same weights), e.g. the orthogonalisation's products in bfloat16.
 Prints the machine (``lscpu``'s model and flags) with the table: a speed figure holds for the machine it was
@@ -32,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from _common import machine_header, measure, table  # noqa: E402
 
 from learned_optim import LearnedOptimizer  # noqa: E402
+from learned_optim.bench.baselines import BASELINES  # noqa: E402
 from learned_optim.bench.tasks import get_task  # noqa: E402
 from learned_optim.hub import load_rule  # noqa: E402
 from learned_optim.kernels import cpu_flags, cpu_model  # noqa: E402
@@ -54,9 +58,16 @@ def learned(name: str, settings: dict[str, object], params: list) -> torch.optim
     return LearnedOptimizer(params, rule.reconfigured(**settings) if settings else rule, **config.get("optimizer", {}))
 
 
-def optimizers(names: list[str], settings: dict[str, object]) -> dict[str, Callable[[list], torch.optim.Optimizer]]:
-    """AdamW and every learned optimizer (and, with ``settings``, its reconfigured variant) as factories."""
+def optimizers(
+    names: list[str], settings: dict[str, object], baselines: list[str] = ()
+) -> dict[str, Callable[[list], torch.optim.Optimizer]]:
+    """AdamW, the ``baselines`` and every learned optimizer (and, with ``settings``, its reconfigured variant) as
+    factories."""
     made: dict[str, Callable[[list], torch.optim.Optimizer]] = {"adamw": lambda p: torch.optim.AdamW(p, lr=1e-3)}
+    for name in baselines:
+        if name.lower() not in BASELINES:
+            raise SystemExit(f"unknown baseline {name!r}; known: {', '.join(sorted(BASELINES))}")
+        made[name] = functools.partial(BASELINES[name.lower()].build, lr=1e-3)
     listing = ",".join(f"{k}={v}" for k, v in settings.items())
     for name in names:
         label = Path(name).name
@@ -70,12 +81,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), help="suite task names")
     parser.add_argument("--optimizer", action="append", default=[], help="learned optimizer (repeatable)")
+    parser.add_argument("--baseline", action="append", default=[], help="suite baseline, e.g. muon-adamw (repeatable)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     add_net_settings_option(parser, "a variant of every learned optimizer with this net setting (repeatable)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    factories = optimizers(args.optimizer, net_settings(args.net_overrides))
+    factories = optimizers(args.optimizer, net_settings(args.net_overrides), args.baseline)
     print(f"# Training iteration time on the suite's models\n\n{machine_header()}\n\n{cpu_flags_line()}\n")
     rows = []
     for task_name in args.tasks:
@@ -90,9 +102,13 @@ def main(argv: list[str] | None = None) -> None:
             def iteration(
                 copy_: torch.nn.Module = copy_, opt: torch.optim.Optimizer = opt, workload=workload, batch=batch
             ) -> None:
-                opt.zero_grad(set_to_none=True)
-                workload.loss(copy_, batch).backward()
-                opt.step()
+                def closure() -> torch.Tensor:
+                    opt.zero_grad(set_to_none=True)
+                    loss = workload.loss(copy_, batch)
+                    loss.backward()
+                    return loss
+
+                opt.step(closure)
 
             steps[label] = iteration
         timings = measure(steps, repeats=args.repeats, warmup=2)

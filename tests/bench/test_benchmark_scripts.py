@@ -470,3 +470,14 @@ def test_suite_iteration_time_times_adamw_and_each_learned_optimizer_with_its_va
     assert [r[2] for r in rows] == ["adamw", "ns", "ns [newton_schulz_dtype=bfloat16]"]
     assert rows[0][4].startswith("1.00x") and all(float(r[3]) > 0 for r in rows)
     assert "lscpu" in out
+
+
+def test_suite_iteration_time_times_a_suite_baseline_and_refuses_an_unknown_one(capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    script = _script("suite_iteration_time")
+    script.main(["--tasks", "breast-cancer-mlp", "--baseline", "muon-adamw", "--repeats", "1"])
+    out = capsys.readouterr().out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| breast-cancer-mlp")]
+    assert [r[2] for r in rows] == ["adamw", "muon-adamw"] and float(rows[1][3]) > 0
+    with pytest.raises(SystemExit, match="unknown baseline 'lion'"):
+        script.main(["--tasks", "breast-cancer-mlp", "--baseline", "lion", "--repeats", "1"])
