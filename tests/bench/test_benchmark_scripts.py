@@ -17,6 +17,7 @@ from learned_optim import DMLSTM, AdafacMLP, LearnedOptimizer, save_pretrained
 from learned_optim.bench import evaluate as ev
 from learned_optim.bench.run import Setting, learned_optimizer
 from learned_optim.bench.tasks import get_task
+from learned_optim.hub import load_rule
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 pytestmark = pytest.mark.usefixtures("one_thread")  # the script's commands call torch.set_num_threads
@@ -454,6 +455,13 @@ def test_untrained_control_writes_the_recipes_net_before_meta_training_with_net_
     assert "newton_schulz_steps=5" in configs[1]["description"] and configs[1]["schedule"] == "cosine"
     weights = [load_file(folder / "model.safetensors") for folder in (plain, changed)]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # the Adam init: seed-free
+    momentum = script.main(
+        ["adafac-mlp-adam-magnitude-tbv-nomup", "--net", "init=momentum", "--out", str(tmp_path / "m")]
+    )
+    rule = load_rule(str(momentum))[0]
+    assert rule.config.init == "momentum"
+    first = load_file(momentum / "model.safetensors")["mlp.0.weight"]
+    assert first[0, rule.momentum_feature_index] == 1.0 and first[0, rule.adam_feature_index] == 0.0
 
 
 def test_suite_iteration_time_times_adamw_and_each_learned_optimizer_with_its_variant(tmp_path, capsys, monkeypatch):
