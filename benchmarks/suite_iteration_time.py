@@ -25,7 +25,7 @@ import argparse
 import copy
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -59,7 +59,7 @@ def learned(name: str, settings: dict[str, object], params: list) -> torch.optim
 
 
 def optimizers(
-    names: list[str], settings: dict[str, object], baselines: list[str] = ()
+    names: list[str], settings: dict[str, object], baselines: Sequence[str] = ()
 ) -> dict[str, Callable[[list], torch.optim.Optimizer]]:
     """AdamW, the ``baselines`` and every learned optimizer (and, with ``settings``, its reconfigured variant) as
     factories."""

@@ -329,16 +329,16 @@ class AdafacMLP(UpdateRule):
         return weights
 
     @property
-    def adam_feature_index(self) -> int:
-        """Row of :math:`\\hat m (\\hat v + \\epsilon)^{-1/2}` at ``adam_feature_decay`` among the features."""
-        c = self.config
-        return 3 + len(c.momentum_decays) + c.momentum_decays.index(c.adam_feature_decay)
-
-    @property
     def momentum_feature_index(self) -> int:
-        """Row of the momentum :math:`m` at ``adam_feature_decay`` among the features."""
+        """Row of the momentum :math:`m` at ``adam_feature_decay`` among the features (after :math:`g, \\theta`)."""
         c = self.config
         return 2 + c.momentum_decays.index(c.adam_feature_decay)
+
+    @property
+    def adam_feature_index(self) -> int:
+        """Row of :math:`\\hat m (\\hat v + \\epsilon)^{-1/2}` at ``adam_feature_decay`` among the features (after the
+        momenta and :math:`v`)."""
+        return self.momentum_feature_index + len(self.config.momentum_decays) + 1
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
