@@ -66,6 +66,7 @@ class AdafacMLPConfig(NetConfig):
     newton_schulz_dtype: str = "float32"
     newton_schulz_min_side: int = 2
     step_magnitude: str = "unit"
+    orthogonal_step_rms: float | None = None
     magnitude_head_bound: float | None = None
     mup: bool = True
     mup_base_fan_in: int = 64
@@ -161,7 +162,11 @@ class AdafacMLP(UpdateRule):
     (:func:`~learned_optim.features.newton_schulz_orthogonalize`; Muon's orthogonalisation, which Celo2 applies on top
     of its learned rule for hidden matrices): every singular direction of the net's step moves by about the same
     amount, and the per-tensor step RMS stays :math:`\mathrm{lr}\cdot s\cdot a` (AdamW's with ``"adam"``), so AdamW's
-    lr still transfers. Vectors are not orthogonalised. The iteration's products run in ``newton_schulz_dtype``:
+    lr still transfers. With ``orthogonal_step_rms`` :math:`\rho` the orthogonalised matrices take :math:`a = \rho`
+    instead, whatever ``step_magnitude`` (Muon's update size: :math:`\rho = 0.2` is its RMS matched to AdamW's, so
+    AdamW's lr and weight decay transfer; the step no longer shrinks where Adam's signal-to-noise ratio is low, and
+    the decoupled weight decay sets the weights' scale against it); the other tensors keep ``step_magnitude``'s
+    :math:`a`. Vectors are not orthogonalised. The iteration's products run in ``newton_schulz_dtype``:
     ``"float32"``, ``"bfloat16"`` (Muon's choice), or ``"auto"``, bfloat16 where the device has native bfloat16
     products and the matrix is large enough to gain (:meth:`newton_schulz_products_dtype`). The native kernel
     computes the step and the orthogonalisation runs on it after (:meth:`_orthogonalize_steps_`; with
@@ -267,6 +272,12 @@ class AdafacMLP(UpdateRule):
             raise ValueError(f"AdafacMLP: step_magnitude must be 'unit' or 'adam', got {c.step_magnitude!r}")
         if (c.init != "random" or c.step_magnitude == "adam") and c.adam_feature_decay not in c.momentum_decays:
             raise ValueError(f"AdafacMLP: adam_feature_decay {c.adam_feature_decay} is not in momentum_decays")
+        if c.orthogonal_step_rms is not None and not (c.newton_schulz_steps > 0 and c.orthogonal_step_rms > 0):
+            raise ValueError(
+                f"AdafacMLP: orthogonal_step_rms fixes the step size of the orthogonalised matrices: it needs "
+                f"newton_schulz_steps > 0 and a size above 0, got {c.orthogonal_step_rms} with "
+                f"newton_schulz_steps={c.newton_schulz_steps}"
+            )
         if c.magnitude_head_bound is not None and not c.magnitude_head_bound > 1.0:
             raise ValueError(f"AdafacMLP: magnitude_head_bound must be above 1, got {c.magnitude_head_bound}")
         layers: list[nn.Module] = []
@@ -534,7 +545,8 @@ class AdafacMLP(UpdateRule):
             direction = rms_normalize(direction, dim=0, eps=c.direction_rms_eps)
             if c.direction_clip is not None:
                 direction = direction.clamp(-c.direction_clip, c.direction_clip)
-        return -self.step_scale(shape) * self._magnitude(dense_ms, scale) * factor * direction, new_state
+        magnitude = self._tensor_magnitude(dense_ms, scale, rows, cols)
+        return -self.step_scale(shape) * magnitude * factor * direction, new_state
 
     def _orthogonalizes(self, rows: int, cols: int) -> bool:
         """Whether the direction of a tensor of matrix view ``(rows, cols)`` is orthogonalised (``newton_schulz_steps``:
@@ -571,6 +583,18 @@ class AdafacMLP(UpdateRule):
             return 1.0
         i = self.adam_feature_index  # RMS of the bias-corrected m_j / sqrt(v_hat + eps): Adam's step
         return scale[i] * dense_ms[i].sqrt().to(scale.dtype)
+
+    def _fixed_magnitude(self, rows: int, cols: int) -> float | None:
+        """``orthogonal_step_rms`` for a tensor of matrix view ``(rows, cols)`` that is orthogonalised, when set;
+        ``None`` where the tensor's magnitude is ``step_magnitude``'s."""
+        fixed = self.config.orthogonal_step_rms
+        return fixed if fixed is not None and self._orthogonalizes(rows, cols) else None
+
+    def _tensor_magnitude(self, dense_ms: Tensor, scale: Tensor, rows: int, cols: int) -> Tensor | float:
+        """The magnitude :math:`a` of one tensor of matrix view ``(rows, cols)``: :meth:`_fixed_magnitude`, else
+        :meth:`_magnitude`."""
+        fixed = self._fixed_magnitude(rows, cols)
+        return fixed if fixed is not None else self._magnitude(dense_ms, scale)
 
     def _magnitude_factor(self, pooled: Tensor | None) -> Tensor | float:
         r"""The magnitude head's factor :math:`B^{\tanh(w_\mu \cdot \bar z + b_\mu)}` of each tensor from its mean last
@@ -777,8 +801,13 @@ class AdafacMLP(UpdateRule):
             step_scale = step_scale * self._magnitude_factor(pooled)
         assert isinstance(last, nn.Linear)
         direction = torch.addmm(last.bias.unsqueeze(1), last.weight, x).squeeze(0)
-        if c.step_magnitude == "adam":
-            step_scale = step_scale * self._magnitude(dense_ms, scale)
+        if c.step_magnitude == "adam" or c.orthogonal_step_rms is not None:
+            magnitude = step_scale.new_ones(len(shapes)) * self._magnitude(dense_ms, scale)
+            for run in layout.runs:
+                fixed = self._fixed_magnitude(run.rows, run.cols)
+                if fixed is not None:
+                    magnitude[run.s0 : run.s1] = fixed
+            step_scale = step_scale * magnitude
         clip = c.direction_clip  # set only with normalize_direction (checked in __init__)
         for run in layout.runs:
             if self._orthogonalizes(run.rows, run.cols):
@@ -847,15 +876,21 @@ class AdafacMLP(UpdateRule):
 
     def _orthogonalize_steps_(self, delta: Tensor, layout: FactoredPackLayout) -> None:
         r"""Orthogonalise, in place, the kernel's steps :math:`\Delta = -s\,a\,d / \mathrm{RMS}(d)` of the matrices
-        of ``layout``, each to :math:`\mathrm{NS}_k(\Delta)` rescaled to :math:`\Delta`'s RMS: the orthogonalised
-        direction of :meth:`forward` (the iteration is odd and invariant to a positive scale), to float rounding."""
+        of ``layout``, each to :math:`\mathrm{NS}_k(\Delta)` rescaled to :math:`\Delta`'s RMS (to :math:`s\,\rho`
+        with ``orthogonal_step_rms`` :math:`\rho`): the orthogonalised direction of :meth:`forward` (the iteration is
+        odd and invariant to a positive scale), to float rounding."""
         for run in layout.runs:
             if self._orthogonalizes(run.rows, run.cols):
                 steps = delta[run.a : run.b].view(run.count, run.rows, run.cols)
                 polar = self._orthogonalized(steps, run.rows, run.cols)
-                rms = torch.linalg.vector_norm(steps, dim=(1, 2), keepdim=True)
-                polar_rms = torch.linalg.vector_norm(polar, dim=(1, 2), keepdim=True)
-                steps.copy_(polar * (rms / polar_rms.clamp_min(torch.finfo(polar.dtype).tiny)))
+                fixed = self._fixed_magnitude(run.rows, run.cols)
+                if fixed is None:
+                    norm = torch.linalg.vector_norm(steps, dim=(1, 2), keepdim=True)
+                else:  # s rho sqrt(n): the Frobenius norm of a step of RMS s rho
+                    scales = layout.step_scales(self.step_scale, delta)[run.s0 : run.s1]
+                    norm = (scales * (fixed * math.sqrt(run.rows * run.cols))).view(-1, 1, 1)
+                polar_norm = torch.linalg.vector_norm(polar, dim=(1, 2), keepdim=True)
+                steps.copy_(polar * (norm / polar_norm.clamp_min(torch.finfo(polar.dtype).tiny)))
 
     def _kernel_net(self, step: Tensor, like: Tensor) -> kernels.AdafacNet:
         """The net's weights and constants at step count ``step`` (0-d, or one count per tensor ``(S,)``) as the
@@ -1124,7 +1159,7 @@ class AdafacMLP(UpdateRule):
             direction = self._orthogonalized(direction, rows, cols)
             sum_squares = torch.dot(direction, direction)
         factor = self._magnitude_factor(mean_activations)
-        step_scale = -self.step_scale(shape) * self._magnitude(sums / n, scale) * factor
+        step_scale = -self.step_scale(shape) * self._tensor_magnitude(sums / n, scale, rows, cols) * factor
         if c.normalize_direction:
             mean_square = torch.as_tensor(sum_squares / n, dtype=dtype)
             if c.direction_clip is not None:  # normalised, clipped, then scaled

@@ -122,8 +122,9 @@ def test_packs_follow_step_counts_and_chunk_limits(make_rule):
         {"lr_ratio_input": True},
         {"magnitude_head_bound": 2.0},
         {"newton_schulz_steps": 5},
+        {"newton_schulz_steps": 3, "step_magnitude": "adam", "orthogonal_step_rms": 0.2},
     ],
-    ids=["plain", "time-features", "lr-ratio", "magnitude-head", "orthogonalized"],
+    ids=["plain", "time-features", "lr-ratio", "magnitude-head", "orthogonalized", "orthogonal-step-rms"],
 )
 def test_adafac_packs_tensors_of_several_step_counts_together(config, device):
     """adafac_mlp takes one step count per packed tensor (``per_tensor_steps``): tensors of different counts

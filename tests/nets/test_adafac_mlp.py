@@ -380,6 +380,8 @@ def test_adapt_fine_tunes_the_net_with_a_real_lr():
         ((900,), 128, {"magnitude_head_bound": 3.0, "num_hidden_layers": 1, "direction_clip": 2.0}),
         ((37, 23), 100, {"newton_schulz_steps": 5}),  # the whole direction orthogonalised after the blocks
         ((6, 4, 3, 3), 50, {"newton_schulz_steps": 3, "step_magnitude": "adam", "direction_clip": 1.5}),
+        ((37, 23), 100, {"newton_schulz_steps": 3, "step_magnitude": "adam", "orthogonal_step_rms": 0.2}),
+        ((900,), 128, {"newton_schulz_steps": 3, "step_magnitude": "adam", "orthogonal_step_rms": 0.2}),  # Adam's a
     ],
 )
 @pytest.mark.parametrize("in_place", [False, True])
@@ -770,6 +772,43 @@ def test_newton_schulz_min_side_leaves_thinner_matrices_to_the_nets_direction(na
     torch.testing.assert_close(wide_only[2], plain[2], rtol=1e-4, atol=1e-7)  # a vector, never
     assert not torch.allclose(every[0], plain[0], atol=1e-4)
     torch.testing.assert_close(steps(newton_schulz_steps=3, newton_schulz_min_side=9)[0], every[0])
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["aten", "kernels"])
+def test_orthogonal_step_rms_fixes_the_size_of_the_orthogonalised_matrices_steps(native):
+    """With ``orthogonal_step_rms`` rho each orthogonalised matrix moves by RMS exactly lr * s * rho (s its muP
+    scale) in the direction it takes without it, whatever Adam's step RMS; a vector and a matrix left to the net's
+    own direction (``newton_schulz_min_side``) step as without it. The packed ATen path and the native kernel's."""
+    shapes = [(12, 9), (40, 30), (3, 50), (30,)]
+    lr, rho = 1e-2, 0.2
+
+    def steps(**config) -> list[Tensor]:
+        torch.manual_seed(1)
+        params = [nn.Parameter(torch.randn(shape)) for shape in shapes]
+        rule = _random_net(step_magnitude="adam", newton_schulz_steps=3, newton_schulz_min_side=5, **config)
+        opt = LearnedOptimizer(params, rule, lr=lr)
+        before = [p.detach().clone() for p in params]
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+        with kernels.enabled_as(native):
+            opt.step()
+        return [p.detach() - b for p, b in zip(params, before, strict=True)]
+
+    adam, fixed = steps(), steps(orthogonal_step_rms=rho)
+    scale = AdafacMLP(mup=True).step_scale
+    for shape, a, f in zip(shapes[:2], adam, fixed, strict=False):  # orthogonalised
+        torch.testing.assert_close(f.square().mean().sqrt(), torch.tensor(lr * scale(shape) * rho), rtol=1e-4, atol=0)
+        torch.testing.assert_close(f / f.norm(), a / a.norm(), rtol=1e-4, atol=1e-5)  # p + step rounded
+        assert a.square().mean().sqrt() > 2 * lr * scale(shape) * rho  # Adam's: RMS(m / sqrt(v)) = 1 at step 1
+    for a, f in zip(adam[2:], fixed[2:], strict=True):  # (3, 50) below the min side, the vector
+        torch.testing.assert_close(f, a)
+
+
+def test_orthogonal_step_rms_needs_the_orthogonalisation():
+    with pytest.raises(ValueError, match="orthogonal_step_rms .* newton_schulz_steps > 0"):
+        AdafacMLP(orthogonal_step_rms=0.2)
+    with pytest.raises(ValueError, match="a size above 0, got 0.0"):
+        AdafacMLP(newton_schulz_steps=3, orthogonal_step_rms=0.0)
 
 
 def test_orthogonalisation_needs_the_normalised_direction():
