@@ -67,6 +67,7 @@ class AdafacMLPConfig(NetConfig):
     newton_schulz_min_side: int = 2
     step_magnitude: str = "unit"
     orthogonal_step_rms: float | None = None
+    orthogonal_step_floor: float | None = None
     magnitude_head_bound: float | None = None
     mup: bool = True
     mup_base_fan_in: int = 64
@@ -165,8 +166,10 @@ class AdafacMLP(UpdateRule):
     lr still transfers. With ``orthogonal_step_rms`` :math:`\rho` the orthogonalised matrices take :math:`a = \rho`
     instead, whatever ``step_magnitude`` (Muon's update size: :math:`\rho = 0.2` is its RMS matched to AdamW's, so
     AdamW's lr and weight decay transfer; the step no longer shrinks where Adam's signal-to-noise ratio is low, and
-    the decoupled weight decay sets the weights' scale against it); the other tensors keep ``step_magnitude``'s
-    :math:`a`. Vectors are not orthogonalised. The iteration's products run in ``newton_schulz_dtype``:
+    the decoupled weight decay sets the weights' scale against it); with ``orthogonal_step_floor`` :math:`\rho` they
+    take :math:`\max(a, \rho)`: ``step_magnitude``'s size where it is larger, Muon's where it has fallen below. The
+    other tensors keep ``step_magnitude``'s :math:`a`. Vectors are not orthogonalised. The iteration's products run
+    in ``newton_schulz_dtype``:
     ``"float32"``, ``"bfloat16"`` (Muon's choice), or ``"auto"``, bfloat16 where the device has native bfloat16
     products and the matrix is large enough to gain (:meth:`newton_schulz_products_dtype`). The native kernel
     computes the step and the orthogonalisation runs on it after (:meth:`_orthogonalize_steps_`; with
@@ -272,12 +275,16 @@ class AdafacMLP(UpdateRule):
             raise ValueError(f"AdafacMLP: step_magnitude must be 'unit' or 'adam', got {c.step_magnitude!r}")
         if (c.init != "random" or c.step_magnitude == "adam") and c.adam_feature_decay not in c.momentum_decays:
             raise ValueError(f"AdafacMLP: adam_feature_decay {c.adam_feature_decay} is not in momentum_decays")
-        if c.orthogonal_step_rms is not None and not (c.newton_schulz_steps > 0 and c.orthogonal_step_rms > 0):
-            raise ValueError(
-                f"AdafacMLP: orthogonal_step_rms fixes the step size of the orthogonalised matrices: it needs "
-                f"newton_schulz_steps > 0 and a size above 0, got {c.orthogonal_step_rms} with "
-                f"newton_schulz_steps={c.newton_schulz_steps}"
-            )
+        for name in ("orthogonal_step_rms", "orthogonal_step_floor"):
+            size = getattr(c, name)
+            if size is not None and not (c.newton_schulz_steps > 0 and size > 0):
+                raise ValueError(
+                    f"AdafacMLP: {name} sets the step size of the orthogonalised matrices: it needs "
+                    f"newton_schulz_steps > 0 and a size above 0, got {size} with "
+                    f"newton_schulz_steps={c.newton_schulz_steps}"
+                )
+        if c.orthogonal_step_rms is not None and c.orthogonal_step_floor is not None:
+            raise ValueError("AdafacMLP: orthogonal_step_rms fixes the size that orthogonal_step_floor bounds: set one")
         if c.magnitude_head_bound is not None and not c.magnitude_head_bound > 1.0:
             raise ValueError(f"AdafacMLP: magnitude_head_bound must be above 1, got {c.magnitude_head_bound}")
         layers: list[nn.Module] = []
@@ -545,7 +552,7 @@ class AdafacMLP(UpdateRule):
             direction = rms_normalize(direction, dim=0, eps=c.direction_rms_eps)
             if c.direction_clip is not None:
                 direction = direction.clamp(-c.direction_clip, c.direction_clip)
-        magnitude = self._tensor_magnitude(dense_ms, scale, rows, cols)
+        magnitude = self._orthogonal_magnitude(self._magnitude(dense_ms, scale), rows, cols)
         return -self.step_scale(shape) * magnitude * factor * direction, new_state
 
     def _orthogonalizes(self, rows: int, cols: int) -> bool:
@@ -584,17 +591,24 @@ class AdafacMLP(UpdateRule):
         i = self.adam_feature_index  # RMS of the bias-corrected m_j / sqrt(v_hat + eps): Adam's step
         return scale[i] * dense_ms[i].sqrt().to(scale.dtype)
 
-    def _fixed_magnitude(self, rows: int, cols: int) -> float | None:
-        """``orthogonal_step_rms`` for a tensor of matrix view ``(rows, cols)`` that is orthogonalised, when set;
-        ``None`` where the tensor's magnitude is ``step_magnitude``'s."""
-        fixed = self.config.orthogonal_step_rms
-        return fixed if fixed is not None and self._orthogonalizes(rows, cols) else None
+    @property
+    def _sets_orthogonal_magnitude(self) -> bool:
+        """Whether ``orthogonal_step_rms`` or ``orthogonal_step_floor`` is set."""
+        return self.config.orthogonal_step_rms is not None or self.config.orthogonal_step_floor is not None
 
-    def _tensor_magnitude(self, dense_ms: Tensor, scale: Tensor, rows: int, cols: int) -> Tensor | float:
-        """The magnitude :math:`a` of one tensor of matrix view ``(rows, cols)``: :meth:`_fixed_magnitude`, else
-        :meth:`_magnitude`."""
-        fixed = self._fixed_magnitude(rows, cols)
-        return fixed if fixed is not None else self._magnitude(dense_ms, scale)
+    def _orthogonal_magnitude(self, magnitude: Tensor | float, rows: int, cols: int) -> Tensor | float:
+        """The magnitude :math:`a` of one tensor (or of consecutive tensors) of matrix view ``(rows, cols)`` whose
+        ``step_magnitude`` size is ``magnitude``: where the tensor is orthogonalised, ``orthogonal_step_rms`` when set,
+        at least ``orthogonal_step_floor`` when set; ``magnitude`` elsewhere."""
+        c = self.config
+        if not self._orthogonalizes(rows, cols):
+            return magnitude
+        if c.orthogonal_step_rms is not None:
+            return c.orthogonal_step_rms
+        if c.orthogonal_step_floor is not None:
+            floor = c.orthogonal_step_floor
+            return magnitude.clamp_min(floor) if isinstance(magnitude, Tensor) else max(magnitude, floor)
+        return magnitude
 
     def _magnitude_factor(self, pooled: Tensor | None) -> Tensor | float:
         r"""The magnitude head's factor :math:`B^{\tanh(w_\mu \cdot \bar z + b_\mu)}` of each tensor from its mean last
@@ -801,12 +815,11 @@ class AdafacMLP(UpdateRule):
             step_scale = step_scale * self._magnitude_factor(pooled)
         assert isinstance(last, nn.Linear)
         direction = torch.addmm(last.bias.unsqueeze(1), last.weight, x).squeeze(0)
-        if c.step_magnitude == "adam" or c.orthogonal_step_rms is not None:
+        if c.step_magnitude == "adam" or self._sets_orthogonal_magnitude:
             magnitude = step_scale.new_ones(len(shapes)) * self._magnitude(dense_ms, scale)
             for run in layout.runs:
-                fixed = self._fixed_magnitude(run.rows, run.cols)
-                if fixed is not None:
-                    magnitude[run.s0 : run.s1] = fixed
+                per_tensor = magnitude[run.s0 : run.s1]
+                magnitude[run.s0 : run.s1] = self._orthogonal_magnitude(per_tensor, run.rows, run.cols)
             step_scale = step_scale * magnitude
         clip = c.direction_clip  # set only with normalize_direction (checked in __init__)
         for run in layout.runs:
@@ -876,19 +889,18 @@ class AdafacMLP(UpdateRule):
 
     def _orthogonalize_steps_(self, delta: Tensor, layout: FactoredPackLayout) -> None:
         r"""Orthogonalise, in place, the kernel's steps :math:`\Delta = -s\,a\,d / \mathrm{RMS}(d)` of the matrices
-        of ``layout``, each to :math:`\mathrm{NS}_k(\Delta)` rescaled to :math:`\Delta`'s RMS (to :math:`s\,\rho`
-        with ``orthogonal_step_rms`` :math:`\rho`): the orthogonalised direction of :meth:`forward` (the iteration is
-        odd and invariant to a positive scale), to float rounding."""
+        of ``layout``, each to :math:`\mathrm{NS}_k(\Delta)` rescaled to :math:`\Delta`'s RMS :math:`s\,a` (to
+        :math:`s\,a'`, :math:`a'` the :meth:`_orthogonal_magnitude` of :math:`a`, where that is set): the orthogonalised
+        direction of :meth:`forward` (the iteration is odd and invariant to a positive scale), to float rounding."""
         for run in layout.runs:
             if self._orthogonalizes(run.rows, run.cols):
                 steps = delta[run.a : run.b].view(run.count, run.rows, run.cols)
                 polar = self._orthogonalized(steps, run.rows, run.cols)
-                fixed = self._fixed_magnitude(run.rows, run.cols)
-                if fixed is None:
-                    norm = torch.linalg.vector_norm(steps, dim=(1, 2), keepdim=True)
-                else:  # s rho sqrt(n): the Frobenius norm of a step of RMS s rho
-                    scales = layout.step_scales(self.step_scale, delta)[run.s0 : run.s1]
-                    norm = (scales * (fixed * math.sqrt(run.rows * run.cols))).view(-1, 1, 1)
+                norm = torch.linalg.vector_norm(steps, dim=(1, 2), keepdim=True)  # s a sqrt(n)
+                if self._sets_orthogonal_magnitude:
+                    root_n = math.sqrt(run.rows * run.cols)
+                    scales = layout.step_scales(self.step_scale, delta)[run.s0 : run.s1].view(-1, 1, 1) * root_n
+                    norm = scales * self._orthogonal_magnitude(norm / scales, run.rows, run.cols)
                 polar_norm = torch.linalg.vector_norm(polar, dim=(1, 2), keepdim=True)
                 steps.copy_(polar * (norm / polar_norm.clamp_min(torch.finfo(polar.dtype).tiny)))
 
@@ -1159,7 +1171,8 @@ class AdafacMLP(UpdateRule):
             direction = self._orthogonalized(direction, rows, cols)
             sum_squares = torch.dot(direction, direction)
         factor = self._magnitude_factor(mean_activations)
-        step_scale = -self.step_scale(shape) * self._tensor_magnitude(sums / n, scale, rows, cols) * factor
+        magnitude = self._orthogonal_magnitude(self._magnitude(sums / n, scale), rows, cols)
+        step_scale = -self.step_scale(shape) * magnitude * factor
         if c.normalize_direction:
             mean_square = torch.as_tensor(sum_squares / n, dtype=dtype)
             if c.direction_clip is not None:  # normalised, clipped, then scaled

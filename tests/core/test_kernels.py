@@ -301,6 +301,7 @@ def _adafac_step(rule, grad, param, state, step, shape, in_place):
         ((6, 4, 3, 3), {"newton_schulz_steps": 3}),
         ((37, 23), {"newton_schulz_steps": 5, "newton_schulz_dtype": "bfloat16"}),
         ((37, 23), {"newton_schulz_steps": 3, "step_magnitude": "adam", "orthogonal_step_rms": 0.2}),  # s rho
+        ((37, 23), {"newton_schulz_steps": 3, "step_magnitude": "adam", "orthogonal_step_floor": 0.5}),
     ],
     ids=str,
 )

@@ -123,8 +123,17 @@ def test_packs_follow_step_counts_and_chunk_limits(make_rule):
         {"magnitude_head_bound": 2.0},
         {"newton_schulz_steps": 5},
         {"newton_schulz_steps": 3, "step_magnitude": "adam", "orthogonal_step_rms": 0.2},
+        {"newton_schulz_steps": 3, "step_magnitude": "adam", "orthogonal_step_floor": 0.5},
     ],
-    ids=["plain", "time-features", "lr-ratio", "magnitude-head", "orthogonalized", "orthogonal-step-rms"],
+    ids=[
+        "plain",
+        "time-features",
+        "lr-ratio",
+        "magnitude-head",
+        "orthogonalized",
+        "orthogonal-step-rms",
+        "orthogonal-step-floor",
+    ],
 )
 def test_adafac_packs_tensors_of_several_step_counts_together(config, device):
     """adafac_mlp takes one step count per packed tensor (``per_tensor_steps``): tensors of different counts

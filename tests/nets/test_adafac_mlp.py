@@ -382,6 +382,7 @@ def test_adapt_fine_tunes_the_net_with_a_real_lr():
         ((6, 4, 3, 3), 50, {"newton_schulz_steps": 3, "step_magnitude": "adam", "direction_clip": 1.5}),
         ((37, 23), 100, {"newton_schulz_steps": 3, "step_magnitude": "adam", "orthogonal_step_rms": 0.2}),
         ((900,), 128, {"newton_schulz_steps": 3, "step_magnitude": "adam", "orthogonal_step_rms": 0.2}),  # Adam's a
+        ((37, 23), 100, {"newton_schulz_steps": 3, "step_magnitude": "adam", "orthogonal_step_floor": 0.5}),
     ],
 )
 @pytest.mark.parametrize("in_place", [False, True])
@@ -774,13 +775,23 @@ def test_newton_schulz_min_side_leaves_thinner_matrices_to_the_nets_direction(na
     torch.testing.assert_close(steps(newton_schulz_steps=3, newton_schulz_min_side=9)[0], every[0])
 
 
+@pytest.mark.parametrize(
+    ("setting", "size", "want"),
+    [
+        ("orthogonal_step_rms", 0.2, 0.2),  # fixed below Adam's (1 at step 1)
+        ("orthogonal_step_rms", 3.0, 3.0),  # and above it
+        ("orthogonal_step_floor", 3.0, 3.0),  # a floor above Adam's size lifts it
+        ("orthogonal_step_floor", 0.2, None),  # one below it leaves Adam's
+    ],
+)
 @pytest.mark.parametrize("native", [False, True], ids=["aten", "kernels"])
-def test_orthogonal_step_rms_fixes_the_size_of_the_orthogonalised_matrices_steps(native):
+def test_orthogonal_step_size_settings(native, setting, size, want):
     """With ``orthogonal_step_rms`` rho each orthogonalised matrix moves by RMS exactly lr * s * rho (s its muP
-    scale) in the direction it takes without it, whatever Adam's step RMS; a vector and a matrix left to the net's
-    own direction (``newton_schulz_min_side``) step as without it. The packed ATen path and the native kernel's."""
+    scale), with ``orthogonal_step_floor`` rho by lr * s * max(a, rho) (a: Adam's step RMS, 1 at the first step), in
+    the direction it takes without them; a vector and a matrix left to the net's own direction
+    (``newton_schulz_min_side``) step as without them. The packed ATen path and the native kernel's."""
     shapes = [(12, 9), (40, 30), (3, 50), (30,)]
-    lr, rho = 1e-2, 0.2
+    lr = 1e-2
 
     def steps(**config) -> list[Tensor]:
         torch.manual_seed(1)
@@ -794,21 +805,26 @@ def test_orthogonal_step_rms_fixes_the_size_of_the_orthogonalised_matrices_steps
             opt.step()
         return [p.detach() - b for p, b in zip(params, before, strict=True)]
 
-    adam, fixed = steps(), steps(orthogonal_step_rms=rho)
+    adam, sized = steps(), steps(**{setting: size})
     scale = AdafacMLP(mup=True).step_scale
-    for shape, a, f in zip(shapes[:2], adam, fixed, strict=False):  # orthogonalised
-        torch.testing.assert_close(f.square().mean().sqrt(), torch.tensor(lr * scale(shape) * rho), rtol=1e-4, atol=0)
+    for shape, a, f in zip(shapes[:2], adam, sized, strict=False):  # orthogonalised
+        adam_rms = a.square().mean().sqrt()
+        torch.testing.assert_close(adam_rms, torch.tensor(lr * scale(shape)), rtol=1e-3, atol=0)
+        expected = adam_rms if want is None else torch.tensor(lr * scale(shape) * want)
+        torch.testing.assert_close(f.square().mean().sqrt(), expected, rtol=1e-3, atol=0)
         torch.testing.assert_close(f / f.norm(), a / a.norm(), rtol=1e-4, atol=1e-5)  # p + step rounded
-        assert a.square().mean().sqrt() > 2 * lr * scale(shape) * rho  # Adam's: RMS(m / sqrt(v)) = 1 at step 1
-    for a, f in zip(adam[2:], fixed[2:], strict=True):  # (3, 50) below the min side, the vector
+    for a, f in zip(adam[2:], sized[2:], strict=True):  # (3, 50) below the min side, the vector
         torch.testing.assert_close(f, a)
 
 
-def test_orthogonal_step_rms_needs_the_orthogonalisation():
-    with pytest.raises(ValueError, match="orthogonal_step_rms .* newton_schulz_steps > 0"):
-        AdafacMLP(orthogonal_step_rms=0.2)
-    with pytest.raises(ValueError, match="a size above 0, got 0.0"):
-        AdafacMLP(newton_schulz_steps=3, orthogonal_step_rms=0.0)
+def test_orthogonal_step_size_settings_need_the_orthogonalisation():
+    for name in ("orthogonal_step_rms", "orthogonal_step_floor"):
+        with pytest.raises(ValueError, match=f"{name} .* newton_schulz_steps > 0"):
+            AdafacMLP(**{name: 0.2})
+        with pytest.raises(ValueError, match="a size above 0, got 0.0"):
+            AdafacMLP(newton_schulz_steps=3, **{name: 0.0})
+    with pytest.raises(ValueError, match="set one"):
+        AdafacMLP(newton_schulz_steps=3, orthogonal_step_rms=0.2, orthogonal_step_floor=0.2)
 
 
 def test_orthogonalisation_needs_the_normalised_direction():

@@ -27,6 +27,7 @@ LEARNED = {
     "flag": "pretrained/adafac-mlp-adam-magnitude-tbv-nomup-soup-all8-orthogonal",
     "flagrms": f"{NETS}/orthogonal-fixed-rms/nets/flagship-rms02",
     "handrms": f"{NETS}/orthogonal-fixed-rms/nets/untrained-orthogonal-ns3-rms02",
+    "flagfloor": f"{NETS}/orthogonal-fixed-rms/nets/flagship-floor02",
 }
 MUON: dict[str, dict[str, Any]] = {
     "muon": {},
