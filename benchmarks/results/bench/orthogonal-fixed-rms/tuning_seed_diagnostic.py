@@ -28,6 +28,7 @@ LEARNED = {
     "flagrms": f"{NETS}/orthogonal-fixed-rms/nets/flagship-rms02",
     "handrms": f"{NETS}/orthogonal-fixed-rms/nets/untrained-orthogonal-ns3-rms02",
     "flagfloor": f"{NETS}/orthogonal-fixed-rms/nets/flagship-floor02",
+    "flagfloor16": f"{NETS}/orthogonal-fixed-rms/nets/flagship-floor02-min16",
 }
 MUON: dict[str, dict[str, Any]] = {
     "muon": {},
