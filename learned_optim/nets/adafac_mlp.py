@@ -892,14 +892,14 @@ class AdafacMLP(UpdateRule):
         of ``layout``, each to :math:`\mathrm{NS}_k(\Delta)` rescaled to :math:`\Delta`'s RMS :math:`s\,a` (to
         :math:`s\,a'`, :math:`a'` the :meth:`_orthogonal_magnitude` of :math:`a`, where that is set): the orthogonalised
         direction of :meth:`forward` (the iteration is odd and invariant to a positive scale), to float rounding."""
+        step_scales = layout.step_scales(self.step_scale, delta) if self._sets_orthogonal_magnitude else None
         for run in layout.runs:
             if self._orthogonalizes(run.rows, run.cols):
                 steps = delta[run.a : run.b].view(run.count, run.rows, run.cols)
                 polar = self._orthogonalized(steps, run.rows, run.cols)
                 norm = torch.linalg.vector_norm(steps, dim=(1, 2), keepdim=True)  # s a sqrt(n)
-                if self._sets_orthogonal_magnitude:
-                    root_n = math.sqrt(run.rows * run.cols)
-                    scales = layout.step_scales(self.step_scale, delta)[run.s0 : run.s1].view(-1, 1, 1) * root_n
+                if step_scales is not None:
+                    scales = step_scales[run.s0 : run.s1].view(-1, 1, 1) * math.sqrt(run.rows * run.cols)
                     norm = scales * self._orthogonal_magnitude(norm / scales, run.rows, run.cols)
                 polar_norm = torch.linalg.vector_norm(polar, dim=(1, 2), keepdim=True)
                 steps.copy_(polar * (norm / polar_norm.clamp_min(torch.finfo(polar.dtype).tiny)))
