@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The flagship adafac-mlp-adam-magnitude-tbv-nomup-soup-all8-orthogonal from scratch, in four stages, each resumable:
-#   1. the parent adafac-mlp-adam-magnitude-tbv-nomup (PES on meta-mix; 1 h 26 min here);
+#   1. the parent adafac-mlp-adam-magnitude-tbv-nomup (PES on meta-mix; 1 h 26 min on one core), particle-parallel on
+#      the 2 cores (torchrun --parallel particles: each process unrolls half of every truncation's PES particles; the
+#      one-process run bit for bit, in less time; set PARENT_PROCESSES=1 for one process);
 #   2. eight TBPTT fine-tunes of that parent, two at a time (the 2 cores): no regularizer, SAM (weight 1), GSAM,
 #      local entropy, each at meta-seeds 0 and 1 (62.7 min of single-core time for the shipped ones: ~31 min);
 #   3. their uniform weight average (python -m learned_optim.meta soup; seconds): the flagship of sessions 16-32;
@@ -21,16 +23,25 @@ out=${1:?usage: flagship_recipe.sh OUT_DIR [--set KEY=VALUE ...]}
 shift
 prefix=adafac-mlp-adam-magnitude-tbv-nomup
 
+parent_processes=${PARENT_PROCESSES:-2}
+
 train() {  # train CONFIG RUN_DIR [ARGS...]: skipped when the net exists, resumed when a checkpoint does
     local config=$1 run=$2
     shift 2
     if [[ -f $run/model/model.safetensors ]]; then return; fi
     local resume=()
     if [[ -d $run/checkpoint ]]; then resume=(--resume); fi
-    python -m learned_optim.meta train "$config" --out "$run" --no-progress "${resume[@]}" "$@"
+    "${launcher[@]}" -m learned_optim.meta train "$config" --out "$run" --no-progress "${resume[@]}" "$@"
 }
 
-train "$prefix" "$out/parent" "$@"
+launcher=(python)
+if ((parent_processes > 1)); then
+    launcher=(torchrun --standalone --nproc-per-node "$parent_processes")
+    train "$prefix" "$out/parent" --parallel particles "$@"
+else
+    train "$prefix" "$out/parent" "$@"
+fi
+launcher=(python)
 parent=$out/parent/model
 ingredients=()
 for kind in control sam gsam entropy; do

@@ -226,21 +226,24 @@ def trainer_state_to_tensors(trainer: MetaTrainer) -> tuple[dict[str, Tensor], d
         finish_reason=trainer.finish_reason,
         parent=trainer.parent,
         log_bytes=trainer.log_path.stat().st_size if trainer.log_path.exists() else 0,
-        world_size=trainer.world_size,
+        world_size=trainer.data_world_size,
     )
     return tensors, meta
 
 
 def trainer_state_from_tensors(trainer: MetaTrainer, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
     """Restore what :func:`trainer_state_to_tensors` saved into ``trainer`` (built from the same config and run on as
-    many processes: each rank's tasks follow from the world size, so another one would continue another run)."""
-    saved_world = int(meta.get("world_size") or trainer.world_size)  # (checkpoints before session 22 do not say)
-    if saved_world != trainer.world_size:
+    many data-parallel processes: each rank's tasks follow from the world size, so another one would continue another
+    run; a single-process or particle-parallel run, whose tasks do not depend on the processes, records 1 and resumes
+    on one process or particle-parallel on any number)."""
+    saved_world = int(meta.get("world_size") or trainer.data_world_size)  # (checkpoints before session 22: none)
+    if saved_world != trainer.data_world_size:
         raise ValueError(
-            f"cannot resume: the run was checkpointed on {saved_world} process(es) and this launch has "
-            f"{trainer.world_size}; resume it with torchrun --nproc-per-node {saved_world}"
+            f"cannot resume: the run was checkpointed on {saved_world} process(es) (data-parallel) and this launch has "
+            f"{trainer.data_world_size}; resume it with torchrun --nproc-per-node {saved_world}"
             if saved_world > 1
-            else f"cannot resume: the run was checkpointed on 1 process and this launch has {trainer.world_size}"
+            else f"cannot resume: the run was checkpointed on 1 process and this launch has {trainer.data_world_size} "
+            "(data-parallel); resume it on one process, or particle-parallel (--parallel particles) on any number"
         )
     trainer.rule.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")}, strict=True)
     optimizer_from_tensors(trainer.meta_optimizer, "meta_opt", tensors, meta["meta_optimizer"])

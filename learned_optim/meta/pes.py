@@ -37,6 +37,7 @@ from ..nets.base import UpdateRule
 from ..objectives import meta_objective
 from ..tasks.base import Task
 from .config import EstimatorConfig, MetaTrainConfig
+from .distributed import block_bounds, broadcast_json, broadcast_tensors, gather_blocks
 from .unroll import Trajectory, unroll
 
 __all__ = ["PESResult", "pes_estimate", "PESRunner"]
@@ -91,12 +92,35 @@ class PESRunner:
     drawn from a generator seeded the same way. What persists between truncations (the particles'
     trajectories and :math:`\\xi`) goes into the trainer's checkpoint. It holds the run's config and the
     net, never the trainer: the trainer passes the task, its index and the weights in.
+
+    Particle-parallel (``world_size`` > 1, a process group): rank ``r`` unrolls only its contiguous block of
+    the particles (:func:`~.distributed.block_bounds`) and the ranks exchange the particles' objectives and
+    divergence flags after each truncation, so every rank computes the same :math:`\\hat g` from the same
+    numbers as one process would: the run is the single-process run bit for bit, in about ``1 / world_size``
+    of its time. The other ranks' particles are stale copies until a checkpoint gathers them
+    (:meth:`to_tensors`), so a checkpoint holds every particle and resumes on any number of processes.
     """
 
-    def __init__(self, run: MetaTrainConfig, rule: UpdateRule, *, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        run: MetaTrainConfig,
+        rule: UpdateRule,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         self.run, self.rule = run, rule
         self.config: EstimatorConfig = run.estimator
         self.device, self.dtype = device, dtype
+        if world_size > self.num_particles:
+            raise ValueError(
+                f"particle-parallel PES on {world_size} processes needs at least as many particles, has "
+                f"{self.num_particles} (estimator.num_pairs: {self.config.num_pairs})"
+            )
+        self.rank, self.world_size = rank, world_size
+        self.bounds = block_bounds(self.num_particles, world_size)
         self.names = [n for n, _ in rule.named_parameters()]
         self.shapes = [p.shape for _, p in rule.named_parameters()]
         self.particles: list[Trajectory] = []
@@ -128,7 +152,8 @@ class PESRunner:
         metrics, particle ``1+``'s train losses and its trajectory end (the trainer's bookkeeping of steps)."""
         cfg = self.run
         assert self.xi is not None
-        start = self.particles[0].step
+        first, last = self.bounds[self.rank]
+        start = self.particles[first].step  # every particle has taken the same steps
         theta = torch.cat([weights[k].detach().reshape(-1) for k in self.names])
         noise = seeded_generator(derive_seed(cfg.seed, "pes-noise", task_index, start))
         epsilon = torch.randn(self.xi.shape, generator=noise, dtype=self.xi.dtype).to(self.xi.device)
@@ -137,8 +162,9 @@ class PESRunner:
         train_losses: list[Tensor] = []
 
         def run(all_weights: Tensor, particles: list[Trajectory]) -> tuple[Tensor, list[Trajectory]]:
-            objectives, ends = [], []
-            for row, particle in zip(all_weights, particles, strict=True):
+            objectives, ends = [], list(particles)
+            for i in range(first, last):
+                row, particle = all_weights[i], particles[i]
                 result = unroll(
                     self.rule,
                     self._unflatten(row),
@@ -159,12 +185,18 @@ class PESRunner:
                     ).detach()
                 )
                 train_losses.append(result.train_losses)
-                ends.append(result.end)
-            return torch.stack(objectives).to(all_weights.dtype), ends
+                ends[i] = result.end
+            mine = torch.stack(objectives).to(all_weights.dtype)
+            if self.world_size > 1:  # every particle's objective, from the rank that unrolled it
+                return gather_blocks(mine, self.bounds), ends
+            return mine, ends
 
         with torch.no_grad():
             out = pes_estimate(run, theta, self.particles, self.xi, epsilon, self.config.sigma)
         self.particles, self.xi = out.state, out.xi
+        diverged = torch.tensor([float(p.diverged) for p in self.particles], dtype=out.losses.dtype)
+        if self.world_size > 1:
+            diverged = gather_blocks(diverged[first:last].to(self.device), self.bounds).cpu()
         mean = out.losses.mean()
         gradient = self._unflatten(out.gradient)
         surrogate = mean + sum(
@@ -174,12 +206,24 @@ class PESRunner:
             "pes_loss_plus": float(out.losses[: self.config.num_pairs].mean()),
             "pes_loss_minus": float(out.losses[self.config.num_pairs :].mean()),
             "pes_grad_norm": float(out.gradient.norm()),
-            "pes_diverged": sum(int(p.diverged) for p in self.particles),
+            "pes_diverged": int(diverged.sum()),
         }
-        return surrogate, metrics, train_losses[0], self.particles[0]
+        return surrogate, metrics, train_losses[0], self.particles[first]
 
     # ------------------------------------------------------------------------------ checkpoints
+    def gather_particles(self) -> None:
+        """Particle-parallel: every rank's particles sent to every rank, so each holds all of them up to date."""
+        for owner, (start, end) in enumerate(self.bounds):
+            for i in range(start, end):
+                tensors, meta = self.particles[i].to_tensors("particle")
+                meta = broadcast_json(meta, owner, self.device)
+                tensors = broadcast_tensors(tensors, owner, self.device)
+                self.particles[i] = Trajectory.from_tensors("particle", tensors, meta, device=self.device)
+
     def to_tensors(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Every particle's trajectory and :math:`\\xi` (particle-parallel: collective, every rank calls it)."""
+        if self.world_size > 1 and self.particles:
+            self.gather_particles()
         tensors: dict[str, Tensor] = {}
         meta: dict[str, Any] = {"particles": []}
         if self.xi is not None:

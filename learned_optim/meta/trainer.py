@@ -91,6 +91,11 @@ class MetaTrainer:
             ``log.rank<r>.jsonl`` and ``checkpoint/rank<r>/`` (its trajectory), so ``--resume`` restarts
             every rank where it was. Without a process group, ``rank``/``world_size`` only select the
             tasks (a single-process stand-in for one rank).
+        parallel: what the ranks of a process group split: ``"data"`` (the trajectories, as above) or
+            ``"particles"`` (PES only: every rank runs the same trajectory and unrolls its share of the PES
+            particles, :class:`~learned_optim.meta.pes.PESRunner`; the run is the single-process one bit for
+            bit, faster; rank 0 alone writes the log, the checkpoints and the model, and a checkpoint
+            resumes on any number of processes).
 
     Example::
 
@@ -110,6 +115,7 @@ class MetaTrainer:
         command: str | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        parallel: str = "data",
     ) -> None:
         if isinstance(config, (str, os.PathLike)):
             config = load_config(config)
@@ -122,7 +128,18 @@ class MetaTrainer:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' was requested but CUDA is not available; use --device cpu")
         self.dtype = getattr(torch, config.dtype)
-        self.rank, self.world_size, self._synchronize = data_parallel(rank, world_size)
+        self.rank, self.world_size, in_group = data_parallel(rank, world_size)
+        if parallel not in ("data", "particles"):
+            raise ValueError(f"parallel must be 'data' or 'particles', got {parallel!r}")
+        self.parallel = parallel
+        if parallel == "particles" and config.estimator.kind != "pes":
+            raise ValueError("particle-parallel meta-training splits PES particles: it needs estimator.kind 'pes'")
+        if parallel == "particles" and self.world_size > 1 and not in_group:
+            raise ValueError("particle-parallel meta-training on several ranks needs a torch.distributed process group")
+        self._synchronize = in_group and parallel == "data"  # data-parallel: average the ranks' meta-gradients
+        # who splits the trajectories: the ranks (data-parallel), or nobody (one process, or particle-parallel)
+        self.data_rank, self.data_world_size = (self.rank, self.world_size) if parallel == "data" else (0, 1)
+        self.writes_files = parallel == "data" or self.rank == 0
         if self.world_size > 1 and config.maml.enabled:
             raise ValueError("data-parallel meta-training (world size > 1) does not support maml yet")
         self.out_dir = Path(out_dir or config.out_dir or Path("runs") / config.name)
@@ -140,7 +157,7 @@ class MetaTrainer:
             self.regularizer_hook = RegularizerHook(
                 config.regularizers,
                 segment_length=config.unroll.segment_length,
-                seed=derive_seed(config.seed, "regularizers", self.rank),
+                seed=derive_seed(config.seed, "regularizers", self.data_rank),
             )
             self.hook = combine_hooks(hook, self.regularizer_hook)
         self.progress = progress
@@ -171,7 +188,15 @@ class MetaTrainer:
         if config.estimator.kind == "pes":  # persistent evolution strategies (learned_optim.meta.pes)
             from .pes import PESRunner
 
-            self.pes = PESRunner(config, self.rule, device=self.device, dtype=self.dtype)
+            particle_split = (self.rank, self.world_size) if parallel == "particles" else (0, 1)
+            self.pes = PESRunner(
+                config,
+                self.rule,
+                device=self.device,
+                dtype=self.dtype,
+                rank=particle_split[0],
+                world_size=particle_split[1],
+            )
 
         self.meta_steps = 0  # meta-gradient updates so far
         self.meta_epochs = 0  # completed trajectories
@@ -245,8 +270,9 @@ class MetaTrainer:
 
     @property
     def task_index(self) -> int:
-        """This rank's trajectory index: ranks split the tasks (``meta_epoch`` on a single process)."""
-        return self.meta_epochs * self.world_size + self.rank
+        """This rank's trajectory index: data-parallel ranks split the tasks (``meta_epoch`` on a single process
+        and particle-parallel)."""
+        return self.meta_epochs * self.data_world_size + self.data_rank
 
     def _begin_trajectory(self) -> None:
         index = self.meta_epochs
@@ -485,11 +511,11 @@ class MetaTrainer:
     # --------------------------------------------------------------------------------------- logging
     @property
     def log_path(self) -> Path:
-        return self.out_dir / ("log.jsonl" if self.rank == 0 else f"log.rank{self.rank}.jsonl")
+        return self.out_dir / ("log.jsonl" if self.data_rank == 0 else f"log.rank{self.data_rank}.jsonl")
 
     @property
     def checkpoint_dir(self) -> Path:
-        return self.out_dir / "checkpoint" / ("" if self.rank == 0 else f"rank{self.rank}")
+        return self.out_dir / "checkpoint" / ("" if self.data_rank == 0 else f"rank{self.data_rank}")
 
     @property
     def model_dir(self) -> Path:
@@ -501,15 +527,18 @@ class MetaTrainer:
             self._log_handle.flush()
 
     # ------------------------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> Path | None:
         """Write the full trainer state (:mod:`~learned_optim.meta.checkpoint`, atomically) and drop older
-        checkpoints; returns the JSON path."""
+        checkpoints; returns the JSON path (``None`` on a particle-parallel rank > 0, which writes nothing)."""
         if self._log_handle is not None:
             self._log_handle.flush()  # the checkpoint records the log's length
         # data-parallel: each rank keeps its last two, so that a rank killed while the others wrote a newer one still
         # shares a meta-step with them (load_checkpoint resumes every rank from the newest step they all have)
-        keep = 2 if self.world_size > 1 else 1
-        return write_checkpoint(self.checkpoint_dir, self.meta_steps, *trainer_state_to_tensors(self), keep=keep)
+        keep = 2 if self.data_world_size > 1 else 1
+        state = trainer_state_to_tensors(self)  # (particle-parallel: collective, so every rank builds it)
+        if not self.writes_files:
+            return None
+        return write_checkpoint(self.checkpoint_dir, self.meta_steps, *state, keep=keep)
 
     def generators(self) -> dict[str, torch.Generator]:
         """The run's own random generators, by checkpoint name (besides the global ones)."""
@@ -583,7 +612,9 @@ class MetaTrainer:
                 f"{self.model_dir} holds a finished run's net and {self.checkpoint_dir} no checkpoint to resume "
                 "from: choose another out_dir (--out), or remove the folder to train it again"
             )
-        if resumed and self.log_path.exists() and self.log_path.stat().st_size > self.resume_log_bytes:
+        if not self.writes_files:  # particle-parallel rank > 0: rank 0 logs the run
+            pass
+        elif resumed and self.log_path.exists() and self.log_path.stat().st_size > self.resume_log_bytes:
             with open(self.log_path, "ab") as handle:  # drop the records written after the checkpoint
                 handle.truncate(self.resume_log_bytes)
         elif not resumed and self.log_path.exists():  # a run stopped before its first checkpoint: its log is kept
@@ -595,7 +626,7 @@ class MetaTrainer:
                     f"earlier log is kept as {kept})",
                     stacklevel=2,
                 )
-        self._log_handle = open(self.log_path, "a")
+        self._log_handle = open(self.log_path, "a") if self.writes_files else None
         threads = torch.get_num_threads()
         if self.config.num_threads is not None:
             torch.set_num_threads(self.config.num_threads)
@@ -663,7 +694,8 @@ class MetaTrainer:
             bar.close()
             self.wall_time = self.elapsed()
             self._session_start = None
-            self._log_handle.close()
+            if self._log_handle is not None:
+                self._log_handle.close()
             self._log_handle = None
 
     # ------------------------------------------------------------------------------------ the result
