@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from learned_optim.kernels import cpu_model
+from learned_optim.kernels import cpu_flags, cpu_model
 
 __all__ = [
     "Timing",
@@ -106,6 +106,13 @@ def machine_header(device: str | torch.device = "cpu") -> str:
         f"torch threads {torch.get_num_threads()}, load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} "
         f"(1/5/15 min)"
     )
+
+
+def cpu_flags_line() -> str:
+    """The CPU's model name and the flags that decide the fast paths (AVX-512, AMX, bfloat16), as ``lscpu`` shows them
+    (both read from ``/proc/cpuinfo`` by :mod:`learned_optim.kernels`)."""
+    flags = [f for f in cpu_flags().split() if f.startswith(("avx", "amx", "fma"))]
+    return f"lscpu: {cpu_model()}; flags {' '.join(flags)}"
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 5, device: str | torch.device = "cpu") -> float:

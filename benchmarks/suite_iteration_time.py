@@ -32,24 +32,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from _common import machine_header, measure, table  # noqa: E402
+from _common import cpu_flags_line, machine_header, measure, table  # noqa: E402
 
 from learned_optim import LearnedOptimizer  # noqa: E402
 from learned_optim.bench.baselines import BASELINES  # noqa: E402
 from learned_optim.bench.tasks import get_task  # noqa: E402
 from learned_optim.hub import load_rule  # noqa: E402
-from learned_optim.kernels import cpu_flags, cpu_model  # noqa: E402
 from learned_optim.meta.cli import add_net_settings_option, net_settings  # noqa: E402
 
 #: The suite's models whose iteration the orthogonalisation changes most (session 33's four).
 DEFAULT_TASKS = ("stdlib-transformer-lm-2m", "stdlib-transformer-lm", "shapes-cnn", "digits-resnet-bn")
-
-
-def cpu_flags_line() -> str:
-    """The CPU's model name and the flags that decide the fast paths (AVX-512, AMX, bfloat16), as ``lscpu`` shows them
-    (both read from ``/proc/cpuinfo`` by :mod:`learned_optim.kernels`)."""
-    flags = [f for f in cpu_flags().split() if f.startswith(("avx", "amx", "fma"))]
-    return f"lscpu: {cpu_model()}; flags {' '.join(flags)}"
 
 
 def learned(name: str, settings: dict[str, object], params: list) -> torch.optim.Optimizer:

@@ -24,7 +24,8 @@ batch (DDP averages the two half-batch gradients, i.e. the full-batch mean gradi
 
 Data-parallel meta-training runs the meta-training CLI (``learned_optim.meta.cli.main``, what
 ``torchrun --nproc-per-node 2 -m learned_optim.meta train`` runs) in the same launch, and is compared
-with one process computing the same two tasks' meta-gradients.
+with one process computing the same two tasks' meta-gradients. Particle-parallel PES (``--parallel
+particles``) runs there too, whole and interrupted, and is compared bit for bit with one process.
 """
 
 from __future__ import annotations
@@ -64,6 +65,15 @@ META_OVERRIDES = [
     f"meta_optimizer={{name: sgd, lr: {META_LR}, grad_clip: null}}",
     "checkpoint_every=100",
     "dtype=float64",
+]
+#: PES on the smoke config: 2 pairs (4 particles, 2 per rank), 3 trajectories of 2 truncations, a checkpoint
+#: after every meta-step (so an interruption after meta-step 3 leaves the particles mid-trajectory).
+PES_OVERRIDES = [
+    "meta_epochs=3",
+    "estimator={kind: pes, num_pairs: 2, sigma: 0.01}",
+    "curriculum.enabled=false",
+    "imitation.enabled=false",
+    "checkpoint_every=1",
 ]
 
 
@@ -383,6 +393,41 @@ def scenario_meta_resume(rank: int, world: int, out: Path) -> dict:
     return {"kept": kept, "same_as_uninterrupted": same, "meta_steps": resumed.meta_steps}
 
 
+def scenario_meta_particles(rank: int, world: int, out: Path) -> dict:
+    """Particle-parallel PES through the CLI, and the same run interrupted after meta-step 3 and resumed
+    particle-parallel (a copy of the interrupted run is left for a one-process resume on the pytest side)."""
+    import contextlib
+    import io
+    import shutil
+
+    import torch.distributed as dist
+
+    from learned_optim.meta.cli import main as cli
+    from learned_optim.meta.cli import resolve_config_path
+    from learned_optim.meta.config import load_config
+    from learned_optim.meta.trainer import MetaTrainer
+
+    sets = [a for o in PES_OVERRIDES for a in ("--set", o)]
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = cli(
+            ["train", "smoke", "--out", str(out / "pes-particles"), "--no-progress", "--parallel", "particles", *sets]
+        )
+    config = load_config(resolve_config_path("smoke"), PES_OVERRIDES)
+    cut = out / "pes-particles-cut"
+    first = MetaTrainer(config, out_dir=cut, progress=False, parallel="particles")
+    assert first.pes is not None
+    bounds = first.pes.bounds[rank]
+    assert first.train(stop_after=3) is None
+    dist.barrier()
+    if rank == 0:
+        shutil.copytree(cut, out / "pes-particles-cut-copy")
+    dist.barrier()
+    resumed = MetaTrainer(config, out_dir=cut, progress=False, parallel="particles")
+    resumed.train(resume=True)
+    return {"exit_code": code, "stdout": stdout.getvalue(), "particles": list(bounds), "meta_steps": resumed.meta_steps}
+
+
 SCENARIOS = {
     "ddp": scenario_ddp,
     "zero": scenario_zero,
@@ -390,6 +435,7 @@ SCENARIOS = {
     "fsdp2": scenario_fsdp2,
     "meta": scenario_meta,
     "meta_resume": scenario_meta_resume,
+    "meta_particles": scenario_meta_particles,
 }
 
 
@@ -550,3 +596,41 @@ def test_data_parallel_meta_training_resumes_every_rank_from_a_common_step(torch
     for res in _scenario(torchrun_results, "meta_resume"):
         assert res["kept"] == ["state-000000001.json", "state-000000002.json"]
         assert res["same_as_uninterrupted"] and res["meta_steps"] == 3
+
+
+def test_particle_parallel_pes_is_the_single_process_run_bit_for_bit(torchrun_results, tmp_path):
+    """``--parallel particles`` on 2 ranks (each unrolling 2 of the 4 particles) ships the weights and logs the
+    meta-steps of one process running all 4, bit for bit; whole, interrupted mid-trajectory and resumed on the 2
+    ranks, or resumed on one process from the same checkpoint. Rank 1 writes no log and no checkpoint of its own."""
+    import shutil
+
+    from learned_optim.meta.cli import resolve_config_path
+    from learned_optim.meta.config import load_config
+    from learned_optim.meta.trainer import MetaTrainer
+
+    ranks = _scenario(torchrun_results, "meta_particles")
+    assert all(r["exit_code"] == 0 for r in ranks), ranks
+    assert [r["particles"] for r in ranks] == [[0, 2], [2, 4]]  # really split
+    assert "on 2 processes" in ranks[0]["stdout"] and not ranks[1]["stdout"]
+    assert all(r["meta_steps"] == 6 for r in ranks)
+    out = Path(torchrun_results[0]["out_dir"])
+    config = load_config(resolve_config_path("smoke"), PES_OVERRIDES)
+    single = MetaTrainer(config, out_dir=tmp_path / "single", progress=False)
+    single.train()
+    expected = _net_weights(tmp_path / "single" / "model" / "model.safetensors")
+    copy = tmp_path / "cut-copy"
+    shutil.copytree(out / "pes-particles-cut-copy", copy)
+    assert MetaTrainer(config, out_dir=copy, progress=False).train(resume=True) is not None  # one process resumes
+    initial = MetaTrainer(config, out_dir=tmp_path / "init", progress=False).rule.state_dict()
+    assert any(not torch.equal(initial[k], expected[k]) for k in expected)  # the meta-steps moved the net
+
+    def steps(run: Path) -> list[dict]:
+        records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in records if r["event"] == "meta_step"]
+
+    for run in (out / "pes-particles", out / "pes-particles-cut", copy):
+        got = _net_weights(run / "model" / "model.safetensors")
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected), run
+        assert steps(run) == steps(tmp_path / "single"), run
+        assert not (run / "log.rank1.jsonl").exists() and not (run / "checkpoint" / "rank1").exists()
+    assert all("pes_loss_plus" in r for r in steps(tmp_path / "single"))

@@ -130,3 +130,32 @@ def test_adafac_mlp_meta_trains_with_truncated_bptt_too(tmp_path):
     steps = [r for r in meta_records(tmp_path) if r["event"] == "meta_step"]
     assert len(steps) == 2 and all(r["grad_norm"] > 0 and not r["skipped"] for r in steps)
     assert any(not torch.equal(initial[k], v) for k, v in trainer.rule.state_dict().items())
+
+
+def test_particle_parallel_is_refused_where_it_cannot_be_the_single_process_run(tmp_path):
+    """``parallel="particles"`` splits PES particles (the bit-for-bit comparison with one process runs in 2 ranks in
+    tests/core/test_distributed.py): refused without PES, on ranks without a process group, with more ranks than
+    particles; an unknown mode is refused too."""
+    from learned_optim.meta.pes import PESRunner
+
+    with pytest.raises(ValueError, match="needs estimator.kind 'pes'"):
+        MetaTrainer(pes_config(estimator={"kind": "tbptt"}), out_dir=tmp_path, parallel="particles")
+    with pytest.raises(ValueError, match="needs a torch.distributed process group"):
+        MetaTrainer(pes_config(), out_dir=tmp_path, parallel="particles", rank=0, world_size=2)
+    with pytest.raises(ValueError, match="parallel must be 'data' or 'particles'"):
+        MetaTrainer(pes_config(), out_dir=tmp_path, parallel="tasks")
+    trainer = MetaTrainer(pes_config(), out_dir=tmp_path, parallel="particles")  # one process: all 4 particles
+    assert trainer.pes is not None and trainer.pes.bounds == [(0, 4)]
+    with pytest.raises(ValueError, match="needs at least as many particles, has 4"):
+        PESRunner(trainer.config, trainer.rule, device=trainer.device, dtype=trainer.dtype, rank=0, world_size=5)
+
+
+def test_particle_blocks_cover_every_particle_once_as_evenly_as_possible():
+    from learned_optim.meta.distributed import block_bounds
+
+    assert block_bounds(8, 2) == [(0, 4), (4, 8)]
+    assert block_bounds(6, 4) == [(0, 1), (1, 3), (3, 4), (4, 6)]
+    for total, world in [(2, 2), (8, 3), (16, 5)]:
+        bounds = block_bounds(total, world)
+        assert [b[0] for b in bounds[1:]] == [b[1] for b in bounds[:-1]] and bounds[0][0] == 0
+        assert bounds[-1][1] == total and max(e - s for s, e in bounds) - min(e - s for s, e in bounds) <= 1
