@@ -131,7 +131,12 @@ class LearnedOptimizer(Optimizer):
     parameter's placements (global shape ``param.shape + state_shape``), so
     ``torch.distributed.checkpoint`` can save and reshard it. Per-tensor statistics (the MLP net's
     feature RMS) are all-reduced over the shards, and a non-finite gradient on any rank skips or
-    raises on every rank.
+    raises on every rank. A whole-tensor rule (``adafac_mlp``: factored row/column statistics, per-tensor
+    normalisation, the orthogonalised direction) steps each sharded tensor whole: every rank all-gathers the
+    tensor, its gradient and its per-coordinate state, runs the unsharded step and keeps its own shard (the
+    single-process step's result; transiently one whole tensor's parameter, gradient and state per rank, and
+    the same step computed on every rank); its per-tensor state (the factored statistics, of the whole
+    tensor's rows and columns) is a replicated ``DTensor``.
 
     Args:
         params: iterable of parameters, named parameters or param-group dicts.
@@ -270,15 +275,10 @@ class LearnedOptimizer(Optimizer):
     def _init_state(self, p: Tensor) -> dict[str, Tensor]:
         """Fresh state of ``p``: a float32 step count and the net's zero state in :meth:`_state_dtype`."""
         local = _local(p)
-        if is_dtensor(p) and self.rule.whole_tensor:
-            raise ValueError(
-                f"the {self.rule.family} net updates whole tensors (per-tensor statistics of its own output and "
-                "factored state); FSDP2-sharded (DTensor) parameters are not supported by it"
-            )
         fresh = self.rule.init_state(local.numel(), device=p.device, dtype=torch.float32, shape=tuple(local.shape))
         state = {k: v.to(self._state_dtype(k)) for k, v in fresh.items()}
-        if is_dtensor(p):  # state sharded like the parameter: global shape param.shape + state shape
-            from torch.distributed.tensor import DTensor
+        if is_dtensor(p):  # per-coordinate state sharded like the parameter: global shape param.shape + state shape
+            from torch.distributed.tensor import DTensor, Replicate
 
             shapes = self.rule.state_shapes()
             state = {
@@ -291,7 +291,13 @@ class LearnedOptimizer(Optimizer):
                     stride=torch.empty((*p.shape, *shapes[k]), device="meta").stride(),
                 )
                 for k, v in state.items()
+                if k in shapes
             }
+            # per-tensor state (a whole-tensor rule's) of the whole tensor, the same on every rank
+            replicated = [Replicate()] * p.device_mesh.ndim
+            for k, shape in self.rule.tensor_state_shapes(tuple(p.shape)).items():
+                zeros = torch.zeros(shape, device=local.device, dtype=self._state_dtype(k))
+                state[k] = DTensor.from_local(zeros, p.device_mesh, replicated, run_check=False)
         return {"step": torch.zeros((), dtype=torch.float32), **state}
 
     def _net(self) -> Callable[..., Any]:
@@ -553,6 +559,9 @@ class LearnedOptimizer(Optimizer):
     ) -> None:
         rule, dtype, net = self.rule, self.rule.compute_dtype, self._net()
         sharded = is_dtensor(p)
+        if sharded and rule.whole_tensor:
+            self._update_sharded_whole_tensor(p, state, lr, weight_decay, maximize)
+            return
         groups = (
             [p.device_mesh.get_group(i) for i, pl in enumerate(p.placements) if pl.is_shard()] if is_dtensor(p) else []
         )
@@ -640,6 +649,40 @@ class LearnedOptimizer(Optimizer):
         for k in names:
             if not (in_place and new_state[k] is current[k]):
                 state[k].copy_(new_state[k].view_as(state[k]))
+
+    def _update_sharded_whole_tensor(
+        self, p: Tensor, state: dict[str, Tensor], lr: float | Tensor, weight_decay: float, maximize: bool
+    ) -> None:
+        """A whole-tensor rule's step of an FSDP2-sharded tensor: the whole tensor, its gradient and per-coordinate
+        state gathered on every rank, the unsharded step (:meth:`_update_whole_tensor`), each rank's shard kept."""
+        from torch.distributed.tensor import DTensor, Replicate
+
+        sharded_grad = p.grad
+        assert is_dtensor(p) and sharded_grad is not None and is_dtensor(sharded_grad)
+        mesh, replicated = p.device_mesh, [Replicate()] * p.device_mesh.ndim
+        per_coord = self.rule.state_shapes()
+        flat = p.full_tensor().contiguous().view(-1)
+        grad = sharded_grad.full_tensor().contiguous().view(-1)
+        if maximize:
+            grad = -grad
+        whole = {
+            k: (cast(DTensor, v).full_tensor().contiguous() if k in per_coord else _local(v)) for k, v in state.items()
+        }
+        step = state["step"].to(device=flat.device, dtype=self.rule.compute_dtype)
+        if flat.numel() == 0:
+            return
+        coord_state = {k: whole[k].view(flat.numel(), *s) for k, s in per_coord.items()}
+        stats = self.rule.tensor_stats(grad, flat, coord_state, step)
+        self._update_whole_tensor(flat, grad, whole, step, stats, lr, weight_decay, tuple(p.shape))
+
+        def keep_shard(target: Tensor, value: Tensor) -> None:  # this rank's shard of ``value``, into ``target``
+            placements = cast(DTensor, target).placements
+            shard = DTensor.from_local(value, mesh, replicated, run_check=False).redistribute(mesh, placements)
+            _local(target).copy_(shard.to_local())
+
+        keep_shard(p, flat.view(p.shape))
+        for k in per_coord:
+            keep_shard(state[k], whole[k])
 
     def _sharded_stats(
         self, grad: Tensor, flat: Tensor, coord_state: dict[str, Tensor], step: Tensor, groups: list[Any]
