@@ -10,7 +10,8 @@ For every parameter tensor :math:`\theta` with gradient :math:`g` and net state 
 with :math:`\eta` the learning rate and :math:`\lambda` the decoupled weight decay (AdamW's). The net runs
 on a flat ``(n,)`` view of each tensor through :func:`learned_optim.nets.base.functional_update` (its
 ``forward``, with the weights :math:`\phi` substituted by ``torch.func.functional_call`` when given, so
-the step is differentiable in :math:`\phi`). Everything here is out of place and graph-friendly; the
+the step is differentiable in :math:`\phi`; :func:`apply_rule` substitutes them once for all the tensors of a
+step). Everything here is out of place and graph-friendly; the
 optimizer's in-place fast paths are the same math under ``no_grad``.
 """
 
@@ -20,7 +21,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.func import functional_call
 
 from .nets.base import UpdateRule, functional_update
 
@@ -91,6 +93,20 @@ def _compute_dtype(rule: UpdateRule, weights: Mapping[str, Tensor] | None) -> to
     return rule.compute_dtype
 
 
+class _EveryTensor(nn.Module):
+    """The net's update of each tensor of one step, as one module call: ``functional_call`` on it substitutes the
+    net's weights once per step instead of once per tensor (the same operations, so the same bits)."""
+
+    def __init__(self, rule: UpdateRule) -> None:
+        super().__init__()
+        self.rule = rule
+
+    def forward(
+        self, grads: Mapping[str, Tensor], params: Mapping[str, Tensor], opt_state: StateDict, step: int
+    ) -> tuple[dict[str, Tensor], StateDict]:
+        return apply_rule(self.rule, None, grads, params, opt_state, step)
+
+
 def apply_rule(
     rule: UpdateRule,
     weights: Mapping[str, Tensor] | None,
@@ -104,6 +120,9 @@ def apply_rule(
     ``step`` is the 1-based step count, passed to the net as a 0-d tensor in its compute dtype (as the
     runtime optimizer does). Deltas come back in each parameter's shape and dtype.
     """
+    if weights is not None and len(params) > 1:  # the weights substituted once for every tensor
+        prefixed = {f"rule.{name}": value for name, value in weights.items()}
+        return functional_call(_EveryTensor(rule), prefixed, (grads, params, opt_state, step))
     dtype = _compute_dtype(rule, weights)
     deltas, new_state = {}, {}
     for name, param in params.items():

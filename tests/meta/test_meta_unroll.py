@@ -337,3 +337,30 @@ def test_hooks_follow_one_declared_protocol():
     assert as_hook(own) is own
     with pytest.raises(TypeError, match="callable"):
         as_hook(3)
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "adafac_mlp"])
+def test_apply_rule_with_weights_is_each_tensors_functional_update(family):
+    """apply_rule substitutes the net's weights once for all the tensors of a step: every delta, new state and
+    meta-gradient is the per-tensor functional_update's, bit for bit."""
+    from learned_optim.nets.base import functional_update
+
+    torch.manual_seed(0)
+    rule = build_rule(family)
+    weights = {k: v.detach().clone().requires_grad_(True) for k, v in rule.named_parameters()}
+    params = {"w": torch.randn(5, 3), "b": torch.randn(5), "v": torch.randn(7)}
+    grads = {k: torch.randn_like(v) for k, v in params.items()}
+    state = {k: rule.init_state(v.numel(), shape=v.shape) for k, v in params.items()}
+    deltas, new_state = apply_rule(rule, weights, grads, params, state, 3)
+    (together,) = [torch.autograd.grad(sum(d.square().sum() for d in deltas.values()), list(weights.values()))]
+    alone = {}
+    for name, p in params.items():
+        delta, s = functional_update(
+            rule, weights, grads[name].reshape(-1), p.reshape(-1), state[name], torch.tensor(3.0), p.shape
+        )
+        alone[name] = delta.reshape(p.shape)
+        assert torch.equal(deltas[name], alone[name]), name
+        assert all(torch.equal(new_state[name][k], s[k]) for k in s), name
+    separate = torch.autograd.grad(sum(d.square().sum() for d in alone.values()), list(weights.values()))
+    assert all(torch.equal(a, b) for a, b in zip(together, separate, strict=True))
+    assert any(g.abs().sum() > 0 for g in together)
