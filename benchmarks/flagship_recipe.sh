@@ -10,8 +10,10 @@
 #      33's Intel Xeon), then its orthogonalisation's products set to bfloat16 where the hardware has the units
 #      (python -m learned_optim.meta reconfigure ... --net newton_schulz_dtype=auto; session 34) and its
 #      Newton-Schulz steps cut from 5 to 3 (--net newton_schulz_steps=3; session 35): two records, as the shipped one.
-# Stages 1-3 took about 2 h on the 2-core AMD EPYC and 100 min on session 29's Intel Xeon (run at decay 0.95, the same
-# compute): with stage 4, about 2 h 10 min and 1 h 52 min. Rerun the same command after an interruption: a stage whose
+# With the parent on one process, stages 1-3 took about 2 h on the 2-core AMD EPYC and 100 min on session 29's Intel
+# Xeon (run at decay 0.95, the same compute): with stage 4, about 2 h 10 min and 1 h 52 min. With the parent
+# particle-parallel (session 38, the same AMD EPYC): 1 h 41 min 33 s in all (parent 46 min, fine-tunes 44 min,
+# stage 4 11 min; benchmarks/results/bench/recipe-reproduction/). Rerun the same command after an interruption: a stage whose
 # net exists is skipped, a run with a checkpoint resumes (--resume).
 #
 #   bash benchmarks/flagship_recipe.sh runs/flagship                      # the recipe
