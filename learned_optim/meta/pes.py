@@ -96,8 +96,9 @@ class PESRunner:
     Particle-parallel (``world_size`` > 1, a process group): rank ``r`` unrolls only its contiguous block of
     the particles (:func:`~.distributed.block_bounds`) and the ranks exchange the particles' objectives and
     divergence flags after each truncation, so every rank computes the same :math:`\\hat g` from the same
-    numbers as one process would: the run is the single-process run bit for bit, in about ``1 / world_size``
-    of its time. The other ranks' particles are stale copies until a checkpoint gathers them
+    numbers as one process would: the run is the single-process run bit for bit, each rank unrolling
+    ``1 / world_size`` of the particles (1.5x the meta-steps per second on two cores of a 2-vCPU VM,
+    ``benchmarks/particle_parallel.py``). The other ranks' particles are stale copies until a checkpoint gathers them
     (:meth:`to_tensors`), so a checkpoint holds every particle and resumes on any number of processes.
     """
 
@@ -149,7 +150,8 @@ class PESRunner:
     ) -> tuple[Tensor, dict[str, Any], Tensor, Trajectory]:
         """One truncation of ``n`` steps on ``task`` (the trainer's ``task_index``-th). Returns a surrogate loss
         whose value is the particles' mean objective and whose gradient in ``weights`` is :math:`\\hat g`, the
-        metrics, particle ``1+``'s train losses and its trajectory end (the trainer's bookkeeping of steps)."""
+        metrics, and the train losses and trajectory end of this rank's first particle (particle ``1+`` on one
+        process and on rank 0; the trainer's bookkeeping of steps)."""
         cfg = self.run
         assert self.xi is not None
         first, last = self.bounds[self.rank]
