@@ -262,13 +262,13 @@ def scenario_dcp(rank: int, world: int, out: Path) -> dict:
     return result
 
 
-def _fsdp_model(seed: int = 0) -> nn.Module:
+def _fsdp_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The model sharded over a CPU mesh (gloo): without a mesh, FSDP2 would put it on a GPU when one exists."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
-    model = _model(seed)
+    model = _model(seed).to(dtype)
     for layer in model:
         if isinstance(layer, nn.Linear):
             fully_shard(layer, mesh=mesh)
@@ -276,17 +276,17 @@ def _fsdp_model(seed: int = 0) -> nn.Module:
     return model
 
 
-def _same_as_unsharded_steps(family: str, config: dict, batch_of) -> bool:
-    """FSDP2 steps of ``family`` against one process stepping the whole model with the same (gathered) gradients,
-    each tensor in one net call (``chunk_size=None``): bit for bit after every step?"""
+def _same_as_unsharded_steps(family: str, config: dict, batch_of, dtype: torch.dtype = torch.float32) -> bool:
+    """FSDP2 steps of ``family`` (parameters in ``dtype``) against one process stepping the whole model with the same
+    (gathered) gradients, each tensor in one net call (``chunk_size=None``): bit for bit after every step?"""
     from learned_optim import LearnedOptimizer
 
-    model, twin = _fsdp_model(), _model()
+    model, twin = _fsdp_model(dtype=dtype), _model().to(dtype)
     opt = LearnedOptimizer(model.parameters(), _rule(family, **config))
     twin_opt = LearnedOptimizer(twin.parameters(), _rule(family, **config), chunk_size=None)
     same = True
     for t in range(STEPS):
-        x, y = batch_of(t)
+        x, y = (v.to(dtype) for v in batch_of(t))
         opt.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
         for sharded, whole in zip(model.parameters(), twin.parameters(), strict=True):
@@ -344,6 +344,9 @@ def scenario_fsdp2(rank: int, world: int, out: Path) -> dict:
         result[case] = {
             "max_diff_vs_single_process": _max_diff(full, reference),
             "same_as_unsharded_steps": _same_as_unsharded_steps(family, config, batch_of)
+            if family in WHOLE_TENSOR_FAMILIES
+            else None,
+            "same_as_unsharded_steps_bf16_params": _same_as_unsharded_steps(family, config, batch_of, torch.bfloat16)
             if family in WHOLE_TENSOR_FAMILIES
             else None,
             "moved": moved,
@@ -540,9 +543,9 @@ def test_fsdp2_fully_shard(torchrun_results, case):
     """Every family steps FSDP2 shards as one process steps the whole model (an empty shard included), keeps DTensor
     state that DCP round-trips, and skips a step whose NaN is on one rank's shard only. The whole-tensor rule's
     sharded step is its one-shot step on the gathered tensor: with the same gradients, one process's one-shot step
-    (``chunk_size=None``) bit for bit; against a single-process run, which sees the full batch's gradient (not the
-    average of the shards', another rounding) and takes the packed path (tests/core/test_packed_step.py), to float
-    rounding, far below the steps' size."""
+    (``chunk_size=None``) bit for bit, with float32 and with bfloat16 parameters; against a single-process run, which
+    sees the full batch's gradient (not the average of the shards', another rounding) and takes the packed path
+    (tests/core/test_packed_step.py), to float rounding, far below the steps' size."""
     ranks = _scenario(torchrun_results, "fsdp2")
     if not ranks[0]["supported"]:
         pytest.skip(ranks[0]["reason"])
@@ -551,7 +554,7 @@ def test_fsdp2_fully_shard(torchrun_results, case):
         assert r["state_is_dtensor"] and r["nan_on_one_rank_skipped"] and r["dcp_continued_identically"], r
         assert r["moved"] > 1e-4, r  # the steps did something
         if FSDP_CASES[case][0] in WHOLE_TENSOR_FAMILIES:
-            assert r["same_as_unsharded_steps"], r
+            assert r["same_as_unsharded_steps"] and r["same_as_unsharded_steps_bf16_params"], r
             assert r["max_diff_vs_single_process"] <= 1e-4 * r["moved"], r
         else:
             assert r["max_diff_vs_single_process"] <= 1e-6, r
