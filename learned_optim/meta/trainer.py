@@ -131,7 +131,6 @@ class MetaTrainer:
         self.rank, self.world_size, in_group = data_parallel(rank, world_size)
         if parallel not in ("data", "particles"):
             raise ValueError(f"parallel must be 'data' or 'particles', got {parallel!r}")
-        self.parallel = parallel
         if parallel == "particles" and config.estimator.kind != "pes":
             raise ValueError("particle-parallel meta-training splits PES particles: it needs estimator.kind 'pes'")
         if parallel == "particles" and self.world_size > 1 and not in_group:
