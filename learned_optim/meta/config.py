@@ -364,15 +364,24 @@ class EstimatorConfig(_Section):
     r"""How a segment's meta-gradient is estimated: ``kind`` ``tbptt`` (backpropagation through the segment,
     truncated BPTT: the default) or ``pes`` (persistent evolution strategies, :mod:`learned_optim.meta.pes`:
     ``num_pairs`` antithetic pairs of particles with perturbations :math:`N(0, \sigma^2)` of the net's
-    weights, ``sigma`` :math:`= \sigma`; each truncation is one segment of ``unroll.segment_length`` steps)."""
+    weights, ``sigma`` :math:`= \sigma`; each truncation is one segment of ``unroll.segment_length`` steps).
+
+    ``batch_particles`` (PES only): unroll the particles together, every inner step one call batched over them by
+    ``torch.func.vmap`` (:func:`~learned_optim.meta.unroll.unroll_particles`) instead of one particle after the
+    other. The same estimate to float rounding, not bit for bit (batched products round differently), so a run
+    with it is a run of its own (``--resume`` continues it bit for bit); its speed depends on the task mix and the
+    machine (``benchmarks/batched_particles.py``)."""
 
     kind: str = "tbptt"
     num_pairs: int = 4
     sigma: float = 0.01
+    batch_particles: bool = False
 
     def validate(self, where: str) -> None:
         if self.kind not in ("tbptt", "pes"):
             raise ValueError(f"{where}.kind must be 'tbptt' or 'pes', got {self.kind!r}")
+        if self.batch_particles and self.kind != "pes":
+            raise ValueError(f"{where}.batch_particles batches PES particles: it needs kind 'pes'")
         if self.num_pairs < 1 or not positive_finite(self.sigma):
             raise ValueError(f"{where}: num_pairs must be >= 1 and sigma positive and finite")
 

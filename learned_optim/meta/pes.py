@@ -38,7 +38,7 @@ from ..objectives import meta_objective
 from ..tasks.base import Task
 from .config import EstimatorConfig, MetaTrainConfig
 from .distributed import block_bounds, broadcast_json, broadcast_tensors, gather_blocks
-from .unroll import Trajectory, unroll
+from .unroll import Trajectory, unroll, unroll_particles
 
 __all__ = ["PESResult", "pes_estimate", "PESRunner"]
 
@@ -132,10 +132,11 @@ class PESRunner:
         return 2 * self.config.num_pairs
 
     def _unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        """The net's weights by name from flat ``(D,)`` weights, or stacked ``(P, D)`` ones (each ``(P, *shape)``)."""
         out, offset = {}, 0
         for name, shape in zip(self.names, self.shapes, strict=True):
             size = shape.numel()
-            out[name] = flat[offset : offset + size].view(shape)
+            out[name] = flat[..., offset : offset + size].reshape(*flat.shape[:-1], *shape)
             offset += size
         return out
 
@@ -165,19 +166,32 @@ class PESRunner:
 
         def run(all_weights: Tensor, particles: list[Trajectory]) -> tuple[Tensor, list[Trajectory]]:
             objectives, ends = [], list(particles)
-            for i in range(first, last):
-                row, particle = all_weights[i], particles[i]
-                result = unroll(
+            options: dict[str, Any] = {"config": cfg.unroll, "meta_split": cfg.objective.split}
+            if self.config.batch_particles:
+                results = unroll_particles(
                     self.rule,
-                    self._unflatten(row),
+                    self._unflatten(all_weights[first:last]),
                     task,
-                    particle,
+                    particles[first:last],
                     n,
                     generator=seeded_generator(data_seed),
-                    config=cfg.unroll,
-                    meta_split=cfg.objective.split,
-                    track_graph=False,
+                    **options,
                 )
+            else:
+                results = [
+                    unroll(
+                        self.rule,
+                        self._unflatten(all_weights[i]),
+                        task,
+                        particles[i],
+                        n,
+                        generator=seeded_generator(data_seed),
+                        track_graph=False,
+                        **options,
+                    )
+                    for i in range(first, last)
+                ]
+            for i, result in zip(range(first, last), results, strict=True):
                 objectives.append(
                     meta_objective(
                         cfg.objective.kind,

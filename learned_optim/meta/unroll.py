@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.func import grad_and_value, vjp, vmap
 from torch.utils.checkpoint import checkpoint
 
 from .._numerics import derive_seed, global_norm, seeded_generator
@@ -56,6 +57,7 @@ __all__ = [
     "step_lr_ratio",
     "task_loss_and_grad",
     "unroll",
+    "unroll_particles",
     "evaluation_scores",
 ]
 
@@ -339,16 +341,14 @@ def unroll(
     dtype = next((p.dtype for p in trajectory.params.values() if p.is_floating_point()), None)
     device = next(iter(trajectory.params.values())).device
     second_order = cfg.second_order and track_graph
-    task_bound = getattr(task, "divergence_bound", None)
-    bound = task_bound if task_bound is not None else cfg.max_param_norm
+    bound = _divergence_bound(task, cfg)
 
     def fresh(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return {k: v.detach().requires_grad_(v.is_floating_point()) for k, v in tensors.items()}
 
     params = fresh(trajectory.params)
     state = {k: {s: v.detach() for s, v in st.items()} for k, st in trajectory.opt_state.items()}
-    initial_loss, last_loss, penalty = trajectory.initial_loss, trajectory.last_loss, trajectory.penalty
-    diverged, diverged_at = trajectory.diverged, None
+    guard = _Guard.of(trajectory, cfg, track_graph)
     step0 = trajectory.step
     weight_decay = step_weight_decay(trajectory, cfg)
 
@@ -364,66 +364,35 @@ def unroll(
             new_params = {k: decoupled_update(params[k], deltas[k], lr_t, weight_decay) for k in params}
         return loss, new_params, new_state, grads
 
-    meta_losses: list[Tensor | float] = []
-    train_losses: list[float] = []
     points: list[dict[str, Tensor]] = []
     extra: Tensor | float = 0.0
 
-    def freeze(t: int) -> float:
-        """Freeze the run at step ``t``; returns the loss every remaining step counts."""
-        nonlocal diverged, diverged_at, penalty
-        diverged, diverged_at = True, t
-        reference = max(v for v in (initial_loss, last_loss, 0.0) if v is not None and math.isfinite(v))
-        penalty = cfg.diverged_loss_factor * reference if reference > 0 else 1.0
-        return penalty
-
-    def record(value: Tensor) -> bool:
-        """Append a meta-split loss; returns False (and freezes) when it is not finite."""
-        nonlocal last_loss
-        v = float(value.detach())
-        if not math.isfinite(v):
-            return False
-        last_loss = v
-        meta_losses.append(value if track_graph else value.detach())
-        return True
-
     with torch.enable_grad():
-        if initial_loss is None and not diverged and meta_split == "val":
-            initial_loss = float(task.loss(params, batch_of("val")).detach())
+        if guard.initial_loss is None and not guard.diverged and meta_split == "val":
+            guard.initial_loss = float(task.loss(params, batch_of("val")).detach())
         for i in range(num_steps):
             t = step0 + i + 1
-            if diverged:
-                assert penalty is not None  # set with `diverged`, here or in an earlier segment
-                meta_losses.append(penalty)
-                train_losses.append(penalty)
+            if guard.diverged:
+                guard.frozen_step()
                 continue
             batch = batch_of("train")
             if cfg.checkpoint_steps and track_graph:
                 loss, new_params, new_state, grads = checkpoint(one_step, params, state, batch, t, use_reentrant=False)
             else:
                 loss, new_params, new_state, grads = one_step(params, state, batch, t)
-            loss_value = float(loss.detach())
-            if initial_loss is None:
-                initial_loss = loss_value
-            train_losses.append(loss_value)
-            if i > 0 and meta_split == "train" and not record(loss):
-                # theta_{t-1} is not a finite point: freeze there (its entry and the rest count the penalty)
-                frozen = freeze(t - 1)
-                meta_losses.append(frozen)
-                train_losses[-1] = frozen
-                meta_losses.append(frozen)
+            if not guard.took_step(loss, first=i == 0, meta_split=meta_split, t=t):
                 continue
             finite = all(bool(torch.isfinite(p.detach()).all()) for p in new_params.values())
             if not finite or (bound is not None and global_norm(new_params.values()) > bound):
-                meta_losses.append(freeze(t))
+                guard.meta_losses.append(guard.freeze(t))
                 continue
             if not track_graph:
                 new_params = fresh(new_params)
                 new_state = {k: {s: v.detach() for s, v in st.items()} for k, st in new_state.items()}
             previous = (params, state)
             params, state = new_params, new_state
-            if meta_split == "val" and not record(task.loss(params, batch_of("val"))):
-                meta_losses.append(freeze(t))
+            if meta_split == "val" and not guard.record(task.loss(params, batch_of("val"))):
+                guard.meta_losses.append(guard.freeze(t))
                 continue
             if keep_points:
                 points.append(params)
@@ -434,41 +403,308 @@ def unroll(
                 term = hook(params, task, batch, t, inputs=inputs)
                 if term is not None:
                     extra = extra + term
-        if meta_split == "train" and not diverged and num_steps > 0:
-            if not record(task.loss(params, batch_of("train"))):
-                meta_losses.append(freeze(step0 + num_steps))
+        if meta_split == "train" and not guard.diverged and num_steps > 0:
+            guard.record_last(task.loss(params, batch_of("train")), step0 + num_steps)
 
     ref = next(iter(params.values()))
-    losses = (
-        torch.stack(
-            [v if isinstance(v, Tensor) else torch.tensor(v, dtype=ref.dtype, device=ref.device) for v in meta_losses]
-        )
-        if meta_losses
-        else ref.new_zeros(0)
-    )
     if isinstance(extra, float):
         extra = ref.new_tensor(extra).detach()
-    end = Trajectory(
-        params={k: v.detach() for k, v in params.items()},
-        opt_state={k: {s: v.detach() for s, v in st.items()} for k, st in state.items()},
-        step=step0 + num_steps,
-        initial_loss=initial_loss,
-        diverged=diverged,
-        penalty=penalty,
-        last_loss=last_loss,
-        extra=trajectory.extra,
-        lr=trajectory.lr,
-        horizon=trajectory.horizon,
-        weight_decay=trajectory.weight_decay,
-    )
-    return UnrollResult(
-        losses=losses,
-        train_losses=torch.tensor(train_losses, dtype=torch.float64),
-        extra=extra,
-        points=points,
-        end=end,
-        diverged_at=diverged_at,
-    )
+    return guard.result(trajectory, params, state, num_steps, ref, extra=extra, points=points)
+
+
+def unroll_particles(
+    rule: UpdateRule,
+    weights: Mapping[str, Tensor],
+    task: Task,
+    trajectories: Sequence[Trajectory],
+    num_steps: int,
+    *,
+    generator: torch.Generator,
+    config: UnrollConfig | None = None,
+    meta_split: str = "train",
+) -> list[UnrollResult]:
+    r""":func:`unroll` without a graph for ``P`` particles at once: particle :math:`p` runs the net with weights
+    ``weights[name][p]`` (each stacked on a leading axis of ``P``) from ``trajectories[p]``, and every step is one
+    call batched over the particles by ``torch.func.vmap``: the task's loss and gradient
+    (``vmap(grad_and_value(task.loss))``), the net's update (:func:`~learned_optim.functional.apply_rule`, on its
+    ATen path: the native kernels have no batching rule) and the meta-split losses.
+
+    The particles see the same batches, drawn once from ``generator`` in the order :func:`unroll` draws them for
+    each (common random numbers, as PES's particles, each with a generator of the same seed, see in the loop); they
+    must stand at the same step with the same lr, schedule horizon and weight decay. The divergence guard is
+    :func:`unroll`'s, per particle: a particle it freezes keeps its last good point (``torch.where`` on a
+    per-particle mask) and counts the penalty while the others go on. The results equal ``P`` calls of
+    :func:`unroll` (``track_graph=False``) to float rounding, not bit for bit: batched products round differently.
+    """
+    cfg = config or UnrollConfig()
+    if meta_split not in ("train", "val"):
+        raise ValueError(f"meta_split must be 'train' or 'val', got {meta_split!r}")
+    if not trajectories:
+        return []
+    first = trajectories[0]
+    shared = ("step", "lr", "horizon", "weight_decay")
+    for other in trajectories[1:]:
+        if any(getattr(other, k) != getattr(first, k) for k in shared) or list(other.params) != list(first.params):
+            raise ValueError(f"unroll_particles: the particles must share their tensors and {', '.join(shared)}")
+    count = len(trajectories)
+    for name, value in weights.items():
+        if value.shape[:1] != (count,):
+            raise ValueError(f"unroll_particles: weights[{name!r}] {tuple(value.shape)} is not stacked over {count}")
+    params = {k: torch.stack([tr.params[k].detach() for tr in trajectories]) for k in first.params}
+    state = {
+        k: {s: torch.stack([tr.opt_state[k][s].detach() for tr in trajectories]) for s in first.opt_state[k]}
+        for k in first.opt_state
+    }
+    guards = [_Guard.of(tr, cfg, track_graph=False) for tr in trajectories]
+    dtype = next((p.dtype for p in params.values() if p.is_floating_point()), None)
+    device = next(iter(params.values())).device
+    bound = _divergence_bound(task, cfg)
+    weight_decay = step_weight_decay(first, cfg)
+
+    def batch_of(split: str) -> Any:
+        return to_device(task.batch(split, generator), device, dtype)
+
+    def learned_step(
+        w: Mapping[str, Tensor], g: dict[str, Tensor], p: dict[str, Tensor], s: StateDict, t: int, lr: float
+    ) -> tuple[dict[str, Tensor], StateDict]:
+        deltas, new_state = apply_rule(rule, w, g, p, s, t)
+        return {k: decoupled_update(p[k], deltas[k], lr, weight_decay) for k in p}, new_state
+
+    def loss_only(p: dict[str, Tensor], batch: Any) -> Tensor:
+        # the forward of vjp, whose pullback is never run: some ops (nn.GRU's) batch only under a grad transform
+        return vjp(lambda q: task.loss(q, batch), p)[0]
+
+    loss_and_grad = vmap(grad_and_value(task.loss), in_dims=(0, None))
+    losses_at = vmap(loss_only, in_dims=(0, None))
+    # the large tensors of a net with a native kernel: one kernel call per particle (see NATIVE_LOOP_MIN_COORDINATES)
+    looped = [
+        k for k, v in first.params.items() if v.numel() >= NATIVE_LOOP_MIN_COORDINATES and rule.steps_natively(device)
+    ]
+    batched = [k for k in first.params if k not in looped]
+    step_batched = vmap(learned_step, in_dims=(0, 0, 0, 0, None, None))
+
+    def step_all(
+        grads: dict[str, Tensor], params: dict[str, Tensor], state: StateDict, t: int, lr: float
+    ) -> tuple[dict[str, Tensor], StateDict]:
+        new_params: dict[str, Tensor] = {}
+        new_state: StateDict = {}
+        if batched:
+            new_params, new_state = step_batched(
+                weights, _pick(grads, batched), _pick(params, batched), _pick(state, batched), t, lr
+            )
+        if looped:
+            each = [
+                learned_step(
+                    _particle(weights, p),
+                    _particle(_pick(grads, looped), p),
+                    _particle(_pick(params, looped), p),
+                    {k: _particle(state[k], p) for k in looped},
+                    t,
+                    lr,
+                )
+                for p in range(count)
+            ]
+            for k in looped:
+                new_params[k] = torch.stack([e[0][k] for e in each])
+                new_state[k] = {s: torch.stack([e[1][k][s] for e in each]) for s in state[k]}
+        return new_params, new_state
+
+    def live() -> list[bool]:
+        return [not g.diverged for g in guards]
+
+    def keep(mask: list[bool], new: Tensor, old: Tensor) -> Tensor:
+        where = torch.tensor(mask, device=new.device).view(-1, *([1] * (new.dim() - 1)))
+        return torch.where(where, new, old)
+
+    with torch.no_grad():
+        if meta_split == "val" and any(g.initial_loss is None and not g.diverged for g in guards):
+            initial = losses_at(params, batch_of("val"))
+            for g, value in zip(guards, initial, strict=True):
+                if g.initial_loss is None and not g.diverged:
+                    g.initial_loss = float(value)
+        for i in range(num_steps):
+            t = first.step + i + 1
+            running = live()
+            for g, alive in zip(guards, running, strict=True):
+                if not alive:
+                    g.frozen_step()
+            if not any(running):
+                continue
+            batch = batch_of("train")
+            grads, losses = loss_and_grad(params, batch)
+            rule.set_lr_ratio(step_lr_ratio(first, cfg, t))
+            new_params, new_state = step_all(grads, params, state, t, step_lr(rule, first, cfg, t))
+            finite = torch.stack([torch.isfinite(v).flatten(1).all(1) for v in new_params.values()]).all(0).tolist()
+            norms = torch.stack([v.double().square().flatten(1).sum(1) for v in new_params.values()]).sum(0).sqrt()
+            accepted = [False] * count
+            for p, g in enumerate(guards):
+                if not running[p] or not g.took_step(losses[p], first=i == 0, meta_split=meta_split, t=t):
+                    continue
+                if not finite[p] or (bound is not None and float(norms[p]) > bound):
+                    g.meta_losses.append(g.freeze(t))
+                    continue
+                accepted[p] = True
+            params = {k: keep(accepted, new_params[k], v) for k, v in params.items()}
+            state = {k: {s: keep(accepted, new_state[k][s], v) for s, v in st.items()} for k, st in state.items()}
+            if meta_split == "val" and any(accepted):
+                values = losses_at(params, batch_of("val"))
+                for p, g in enumerate(guards):
+                    if accepted[p] and not g.record(values[p]):
+                        g.meta_losses.append(g.freeze(t))
+        if meta_split == "train" and num_steps > 0 and any(live()):
+            running = live()
+            values = losses_at(params, batch_of("train"))
+            for p, g in enumerate(guards):
+                if running[p]:
+                    g.record_last(values[p], first.step + num_steps)
+
+    return [
+        g.result(
+            tr,
+            {k: v[p] for k, v in params.items()},
+            {k: {s: v[p] for s, v in st.items()} for k, st in state.items()},
+            num_steps,
+            next(iter(params.values())),
+        )
+        for p, (g, tr) in enumerate(zip(guards, trajectories, strict=True))
+    ]
+
+
+#: Tensors of at least this many coordinates are stepped one particle at a time by :func:`unroll_particles` where the
+#: net has a native kernel (:meth:`~learned_optim.nets.base.UpdateRule.steps_natively`): the batched ATen step
+#: of ``adafac_mlp`` over 8 particles took 0.38x-0.65x the time of 8 kernel calls at 1k-8k coordinates, 0.98x at
+#: 128 x 128 and 1.9x at 256 x 128 (Intel Xeon with AVX-512, one thread,
+#: ``benchmarks/results/particle-parallel/vmap_probe.py``).
+NATIVE_LOOP_MIN_COORDINATES = 1 << 14
+
+
+def _pick(tensors: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    return {k: tensors[k] for k in names}
+
+
+def _particle(tensors: Mapping[str, Tensor], p: int) -> dict[str, Tensor]:
+    """Particle ``p``'s slice of tensors stacked over the particles."""
+    return {k: v[p] for k, v in tensors.items()}
+
+
+def _divergence_bound(task: Task, config: UnrollConfig) -> float | None:
+    r"""The guard's bound on :math:`\|\theta_t\|_2`: the task's ``divergence_bound``, else the config's
+    ``max_param_norm``."""
+    task_bound = getattr(task, "divergence_bound", None)
+    return task_bound if task_bound is not None else config.max_param_norm
+
+
+@dataclasses.dataclass
+class _Guard:
+    """One trajectory's meta-loss terms, train losses and divergence guard through a segment (the bookkeeping
+    :func:`unroll` and :func:`unroll_particles` share; see the module docstring for the guard)."""
+
+    diverged_loss_factor: float
+    track_graph: bool
+    initial_loss: float | None
+    last_loss: float | None
+    penalty: float | None
+    diverged: bool
+    diverged_at: int | None = None
+    meta_losses: list[Tensor | float] = dataclasses.field(default_factory=list)
+    train_losses: list[float] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def of(cls, trajectory: Trajectory, config: UnrollConfig, track_graph: bool) -> _Guard:
+        return cls(
+            config.diverged_loss_factor,
+            track_graph,
+            trajectory.initial_loss,
+            trajectory.last_loss,
+            trajectory.penalty,
+            trajectory.diverged,
+        )
+
+    def freeze(self, t: int) -> float:
+        """Freeze the run at step ``t``; returns the loss every remaining step counts."""
+        self.diverged, self.diverged_at = True, t
+        reference = max(v for v in (self.initial_loss, self.last_loss, 0.0) if v is not None and math.isfinite(v))
+        self.penalty = self.diverged_loss_factor * reference if reference > 0 else 1.0
+        return self.penalty
+
+    def frozen_step(self) -> None:
+        """A step of a run the guard froze earlier: it counts the penalty."""
+        assert self.penalty is not None  # set with `diverged`, here or in an earlier segment
+        self.meta_losses.append(self.penalty)
+        self.train_losses.append(self.penalty)
+
+    def record(self, value: Tensor) -> bool:
+        """Append a meta-split loss; returns False (and records nothing) when it is not finite."""
+        v = float(value.detach())
+        if not math.isfinite(v):
+            return False
+        self.last_loss = v
+        self.meta_losses.append(value if self.track_graph else value.detach())
+        return True
+
+    def took_step(self, loss: Tensor, *, first: bool, meta_split: str, t: int) -> bool:
+        r"""Step ``t``'s train loss :math:`f(\theta_{t-1}; B_t)` seen; with ``meta_split="train"`` it is also the
+        meta-loss term of :math:`\theta_{t-1}` (not on a segment's ``first`` step: the previous segment counted it).
+        Returns False, frozen at :math:`\theta_{t-1}` (its term and step ``t``'s count the penalty), where that
+        term is not finite."""
+        value = float(loss.detach())
+        if self.initial_loss is None:
+            self.initial_loss = value
+        self.train_losses.append(value)
+        if first or meta_split != "train" or self.record(loss):
+            return True
+        frozen = self.freeze(t - 1)  # theta_{t-1} is not a finite point
+        self.meta_losses.append(frozen)
+        self.train_losses[-1] = frozen
+        self.meta_losses.append(frozen)
+        return False
+
+    def record_last(self, loss: Tensor, t: int) -> None:
+        r"""The train-split meta-loss term of the segment's last point :math:`\theta_t`; freezes there if not finite."""
+        if not self.record(loss):
+            self.meta_losses.append(self.freeze(t))
+
+    def result(
+        self,
+        trajectory: Trajectory,
+        params: Mapping[str, Tensor],
+        state: StateDict,
+        num_steps: int,
+        ref: Tensor,
+        *,
+        extra: Tensor | None = None,
+        points: list[dict[str, Tensor]] | None = None,
+    ) -> UnrollResult:
+        """The segment's :class:`UnrollResult`: ``trajectory`` continued to ``params``, ``state`` after ``num_steps``
+        steps (``ref``: a tensor of the losses' dtype and device)."""
+        losses = (
+            torch.stack(
+                [
+                    v if isinstance(v, Tensor) else torch.tensor(v, dtype=ref.dtype, device=ref.device)
+                    for v in self.meta_losses
+                ]
+            )
+            if self.meta_losses
+            else ref.new_zeros(0)
+        )
+        end = dataclasses.replace(
+            trajectory,
+            params={k: v.detach() for k, v in params.items()},
+            opt_state={k: {s: v.detach() for s, v in st.items()} for k, st in state.items()},
+            step=trajectory.step + num_steps,
+            initial_loss=self.initial_loss,
+            diverged=self.diverged,
+            penalty=self.penalty,
+            last_loss=self.last_loss,
+        )
+        return UnrollResult(
+            losses=losses,
+            train_losses=torch.tensor(self.train_losses, dtype=torch.float64),
+            extra=ref.new_zeros(()) if extra is None else extra,
+            points=points or [],
+            end=end,
+            diverged_at=self.diverged_at,
+        )
 
 
 def evaluation_scores(

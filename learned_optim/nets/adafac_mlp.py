@@ -880,6 +880,9 @@ class AdafacMLP(UpdateRule):
             torch.autograd.graph.increment_version(param)
         return (None if update is not None else delta), new
 
+    def steps_natively(self, device: torch.device) -> bool:
+        return device.type == "cpu" and self._kernel_takes_net and kernels.uses("adafac_mlp")
+
     @property
     def _kernel_takes_net(self) -> bool:
         """Whether the native kernel computes this net's step: not with the magnitude head; with the orthogonalisation

@@ -212,6 +212,13 @@ class UpdateRule(nn.Module):
     def set_lr_ratio(self, ratio: float) -> None:
         """Set the lr ratio the following calls see (see :attr:`uses_lr_ratio`); nets that do not read it ignore it."""
 
+    def steps_natively(self, device: torch.device) -> bool:
+        """Whether :meth:`forward` without autograd on ``device`` runs a native kernel (:mod:`learned_optim.kernels`,
+        kept by its guard on this machine). ``torch.func.vmap`` cannot batch one: a batched caller
+        (:func:`learned_optim.meta.unroll.unroll_particles`) steps the large tensors of such a net one call at a time
+        instead, on the kernel. False here: nets whose kernel is not worth it under a batched caller leave it so."""
+        return False
+
     def reconfigured(self, **settings: Any) -> UpdateRule:
         """These weights in a net of the same family whose configuration has ``settings`` changed: for settings the
         weights do not depend on (a decay, a clip, an epsilon), e.g. ``rule.reconfigured(second_moment_decay=0.95)``,

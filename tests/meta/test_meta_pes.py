@@ -8,8 +8,10 @@ import pytest
 import torch
 from test_meta_trainer import meta_records, tiny_config, weights_of
 
+from learned_optim.meta import pes
 from learned_optim.meta.pes import pes_estimate
 from learned_optim.meta.trainer import MetaTrainer
+from learned_optim.meta.unroll import unroll_particles
 
 D64 = torch.float64
 CURVATURE = torch.tensor([0.2, 0.5, 1.0, 1.5, 1.9], dtype=D64)
@@ -114,6 +116,35 @@ def test_pes_run_resumes_bit_for_bit(tmp_path, schedule):
     # the meta-gradient moved the net: PES is not a no-op
     initial = MetaTrainer(pes_config(), out_dir=tmp_path / "init", progress=False).rule.state_dict()
     assert any(not torch.equal(initial[k], wf[k]) for k in wf)
+
+
+def test_pes_with_batched_particles_estimates_as_the_loop_and_resumes_bit_for_bit(tmp_path, monkeypatch):
+    """``estimator.batch_particles``: the particles unrolled together (vmap) give the loop's PES estimate to float
+    rounding (first meta-step: objectives and gradient norm), and such a run, cut and resumed, is itself bit for bit."""
+    batched = pes_config(estimator={"kind": "pes", "num_pairs": 2, "sigma": 0.01, "batch_particles": True})
+    particles_per_call = []
+
+    def counting(rule, weights, task, trajectories, *args, **kwargs):
+        particles_per_call.append(len(trajectories))
+        return unroll_particles(rule, weights, task, trajectories, *args, **kwargs)
+
+    monkeypatch.setattr(pes, "unroll_particles", counting)
+    MetaTrainer(pes_config(), out_dir=tmp_path / "loop", progress=False).train(stop_after=1)
+    full_folder = MetaTrainer(batched, out_dir=tmp_path / "full", progress=False).train()
+    loop, together = meta_records(tmp_path / "loop")[0], meta_records(tmp_path / "full")[0]
+    for key in ("pes_loss_plus", "pes_loss_minus", "pes_grad_norm"):
+        assert together[key] == pytest.approx(loop[key], rel=1e-5), key
+    assert MetaTrainer(batched, out_dir=tmp_path / "cut", progress=False).train(stop_after=4) is None
+    cut_folder = MetaTrainer(batched, out_dir=tmp_path / "cut", progress=False).train(resume=True)
+    wf, wc = weights_of(full_folder), weights_of(cut_folder)
+    assert all(torch.equal(wf[k], wc[k]) for k in wf)
+    assert meta_records(tmp_path / "full") == meta_records(tmp_path / "cut")
+    assert set(particles_per_call) == {4}  # every truncation: the 4 particles in one call
+
+
+def test_batched_particles_need_pes():
+    with pytest.raises(ValueError, match="batch_particles batches PES particles"):
+        pes_config(estimator={"kind": "tbptt", "batch_particles": True})
 
 
 def test_pes_refuses_estimators_that_need_backprop():

@@ -10,11 +10,13 @@ import torch
 
 from learned_optim import build_rule
 from learned_optim.functional import apply_rule
+from learned_optim.meta import unroll as unroll_module
 from learned_optim.meta.config import UnrollConfig
-from learned_optim.meta.unroll import Trajectory, start_trajectory, unroll
+from learned_optim.meta.unroll import Trajectory, start_trajectory, unroll, unroll_particles
 from learned_optim.objectives import meta_objective
 from learned_optim.schedules import group_lr_ratio, lr_factor, lr_ratio
 from learned_optim.tasks.base import Task, TaskFamily
+from learned_optim.tasks.registry import make_family
 
 FAMILIES = ["dm_lstm", "rnnprop", "mlp"]
 
@@ -364,3 +366,134 @@ def test_apply_rule_with_weights_is_each_tensors_functional_update(family):
     separate = torch.autograd.grad(sum(d.square().sum() for d in alone.values()), list(weights.values()))
     assert all(torch.equal(a, b) for a, b in zip(together, separate, strict=True))
     assert any(g.abs().sum() > 0 for g in together)
+
+
+# ------------------------------------------------------------------------------ particles unrolled together
+
+
+def particle_weights(rule, count, scale=0.05, seed=3):
+    """``count`` perturbations of the rule's weights, stacked on a leading axis."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        k: v.detach() + scale * torch.randn((count, *v.shape), generator=gen, dtype=v.dtype)
+        for k, v in rule.named_parameters()
+    }
+
+
+def one_by_one(rule, weights, task, trajectories, steps, seed=7, **options):
+    return [
+        unroll(
+            rule,
+            {k: v[p] for k, v in weights.items()},
+            task,
+            trajectory,
+            steps,
+            generator=torch.Generator().manual_seed(seed),
+            track_graph=False,
+            **options,
+        )
+        for p, trajectory in enumerate(trajectories)
+    ]
+
+
+def together(rule, weights, task, trajectories, steps, seed=7, **options):
+    return unroll_particles(
+        rule, weights, task, trajectories, steps, generator=torch.Generator().manual_seed(seed), **options
+    )
+
+
+def assert_same_segments(expected, got, rtol):
+    assert len(expected) == len(got)
+    for a, b in zip(expected, got, strict=True):
+        assert (a.end.diverged, a.diverged_at, a.end.step) == (b.end.diverged, b.diverged_at, b.end.step)
+        torch.testing.assert_close(b.losses, a.losses, rtol=rtol, atol=0)
+        torch.testing.assert_close(b.train_losses, a.train_losses, rtol=rtol, atol=0)
+        for k in a.end.params:
+            torch.testing.assert_close(b.end.params[k], a.end.params[k], rtol=rtol, atol=rtol)
+            for s in a.end.opt_state[k]:
+                torch.testing.assert_close(b.end.opt_state[k][s], a.end.opt_state[k][s], rtol=rtol, atol=rtol)
+        for field in ("initial_loss", "last_loss", "penalty"):
+            x, y = getattr(a.end, field), getattr(b.end, field)
+            assert (x is None) == (y is None) and (x is None or math.isclose(x, y, rel_tol=rtol))
+
+
+@pytest.mark.parametrize("meta_split", ["train", "val"])
+@pytest.mark.parametrize("family", [*FAMILIES, "adafac_mlp"])
+def test_particles_unrolled_together_are_the_particles_unrolled_one_by_one(family, meta_split):
+    """Every family, float64: each particle's losses, end point and net state equal its own unroll's to rounding,
+    over two segments (the second continues the first's ends)."""
+    rule, task, trajectory = make(family, **({"hidden_size": 4} if family == "adafac_mlp" else {}))
+    weights = particle_weights(rule, 3)
+    config = UnrollConfig(lr=0.05 if family == "adafac_mlp" else None)
+    expected = [trajectory.detached() for _ in range(3)]
+    got = [trajectory.detached() for _ in range(3)]
+    for _ in range(2):
+        loop = one_by_one(rule, weights, task, expected, 3, config=config, meta_split=meta_split)
+        batched = together(rule, weights, task, got, 3, config=config, meta_split=meta_split)
+        assert_same_segments(loop, batched, rtol=1e-9)
+        expected, got = [r.end for r in loop], [r.end for r in batched]
+    assert not torch.equal(loop[0].losses, loop[1].losses)  # the particles really differ
+
+
+def test_particles_unrolled_together_share_the_batches_each_would_draw():
+    """A task with random batches, train-by-validation: one draw of train and val batches serves every particle
+    in the order each would draw its own."""
+    family = make_family("mlp", dataset="digits", hidden_sizes=[8], batch_size=16)
+    task = family.sample(torch.Generator().manual_seed(0))
+    rule = build_rule("adafac_mlp", {"hidden_size": 4})
+    trajectory = start_trajectory(rule, task, torch.Generator().manual_seed(1))
+    weights = particle_weights(rule, 2)
+    config = UnrollConfig(lr=0.01)
+    loop = one_by_one(rule, weights, task, [trajectory] * 2, 4, config=config, meta_split="val")
+    batched = together(rule, weights, task, [trajectory] * 2, 4, config=config, meta_split="val")
+    assert_same_segments(loop, batched, rtol=1e-4)
+    shifted = together(rule, weights, task, [trajectory] * 2, 4, seed=8, config=config, meta_split="val")
+    assert not torch.allclose(shifted[0].losses, loop[0].losses, rtol=1e-3)
+
+
+@pytest.mark.parametrize("meta_split", ["train", "val"])
+def test_the_guard_freezes_each_particle_unrolled_together_as_its_own_unroll(meta_split):
+    """Particles whose steps differ in size: the guard freezes some (at their own steps, with their own
+    penalties) while the others go on, as in their own unrolls."""
+    rule, task, trajectory = make("dm_lstm", output_scale=2.0)
+    weights = particle_weights(rule, 4, scale=0.6, seed=0)
+    config = UnrollConfig(max_param_norm=12.0)
+    loop = one_by_one(rule, weights, task, [trajectory] * 4, 8, config=config, meta_split=meta_split)
+    batched = together(rule, weights, task, [trajectory] * 4, 8, config=config, meta_split=meta_split)
+    assert_same_segments(loop, batched, rtol=1e-9)
+    assert [r.diverged_at for r in loop] == [3, None, 2, 5]  # frozen at different steps, one never
+    options = {"config": config, "meta_split": meta_split}
+    again = together(rule, weights, task, [r.end for r in batched], 2, **options)
+    assert_same_segments(one_by_one(rule, weights, task, [r.end for r in loop], 2, **options), again, 1e-9)
+
+
+def test_large_tensors_of_a_net_with_a_native_kernel_step_one_particle_at_a_time(monkeypatch):
+    """Where the net runs a native kernel, tensors of NATIVE_LOOP_MIN_COORDINATES or more are stepped per particle
+    (vmap cannot batch the kernel), the others batched: the same results either way."""
+    rule, task, trajectory = make("adafac_mlp", hidden_size=4)
+    weights = particle_weights(rule, 3)
+    config = UnrollConfig(lr=0.05)
+    loop = one_by_one(rule, weights, task, [trajectory] * 3, 3, config=config)
+    monkeypatch.setattr(unroll_module, "NATIVE_LOOP_MIN_COORDINATES", 3)  # x (4,) one at a time, b (2, 1) batched
+    calls = []
+    original = unroll_module.apply_rule
+
+    def counting(rule, weights, grads, *args):
+        calls.append(sorted(grads))
+        return original(rule, weights, grads, *args)
+
+    monkeypatch.setattr(rule, "steps_natively", lambda device: True)
+    monkeypatch.setattr(unroll_module, "apply_rule", counting)
+    batched = together(rule, weights, task, [trajectory] * 3, 3, config=config)
+    assert_same_segments(loop, batched, rtol=1e-9)
+    assert calls.count(["b"]) == 3 and calls.count(["x"]) == 9  # one batched call, three per-particle calls a step
+
+
+def test_unroll_particles_refuses_particles_that_do_not_stand_together():
+    rule, task, trajectory = make("dm_lstm")
+    weights = particle_weights(rule, 2)
+    later = dataclasses.replace(trajectory.detached(), step=3)
+    with pytest.raises(ValueError, match="must share"):
+        together(rule, weights, task, [trajectory, later], 2)
+    with pytest.raises(ValueError, match="not stacked over 3"):
+        together(rule, weights, task, [trajectory] * 3, 2)
