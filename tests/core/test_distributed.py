@@ -445,7 +445,20 @@ def scenario_meta_particles(rank: int, world: int, out: Path) -> dict:
     dist.barrier()
     resumed = MetaTrainer(config, out_dir=cut, progress=False, parallel="particles")
     resumed.train(resume=True)
-    return {"exit_code": code, "stdout": stdout.getvalue(), "particles": list(bounds), "meta_steps": resumed.meta_steps}
+    batched = ["--set", "estimator.batch_particles=true"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        batched_code = cli(
+            ["train", "smoke", "--out", str(out / "pes-particles-batched"), "--no-progress", "--parallel", "particles"]
+            + sets
+            + batched
+        )
+    return {
+        "exit_code": code,
+        "batched_exit_code": batched_code,
+        "stdout": stdout.getvalue(),
+        "particles": list(bounds),
+        "meta_steps": resumed.meta_steps,
+    }
 
 
 SCENARIOS = {
@@ -657,3 +670,13 @@ def test_particle_parallel_pes_is_the_single_process_run_bit_for_bit(torchrun_re
         assert steps(run) == steps(tmp_path / "single"), run
         assert not (run / "log.rank1.jsonl").exists() and not (run / "checkpoint" / "rank1").exists()
     assert all("pes_loss_plus" in r for r in steps(tmp_path / "single"))
+    # each rank unrolls its 2 particles together (vmap): the one-process batched run to float rounding
+    assert all(r["batched_exit_code"] == 0 for r in ranks)
+    batched = load_config(resolve_config_path("smoke"), [*PES_OVERRIDES, "estimator.batch_particles=true"])
+    MetaTrainer(batched, out_dir=tmp_path / "batched", progress=False).train()
+    expected = _net_weights(tmp_path / "batched" / "model" / "model.safetensors")
+    got = _net_weights(out / "pes-particles-batched" / "model" / "model.safetensors")
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-6, atol=1e-9)
+    for a, b in zip(steps(out / "pes-particles-batched"), steps(tmp_path / "batched"), strict=True):
+        assert a["pes_loss_plus"] == pytest.approx(b["pes_loss_plus"], rel=1e-6)
