@@ -654,33 +654,29 @@ class LearnedOptimizer(Optimizer):
         self, p: Tensor, state: dict[str, Tensor], lr: float | Tensor, weight_decay: float, maximize: bool
     ) -> None:
         """A whole-tensor rule's step of an FSDP2-sharded tensor: the whole tensor, its gradient and per-coordinate
-        state gathered on every rank, the unsharded step (:meth:`_update_whole_tensor`), each rank's shard kept."""
+        state gathered on every rank, the unsharded step (:meth:`_update_tensor` of the gathered tensors), each rank's
+        shard kept."""
         from torch.distributed.tensor import DTensor, Replicate
 
         sharded_grad = p.grad
         assert is_dtensor(p) and sharded_grad is not None and is_dtensor(sharded_grad)
         mesh, replicated = p.device_mesh, [Replicate()] * p.device_mesh.ndim
         per_coord = self.rule.state_shapes()
-        flat = p.full_tensor().contiguous().view(-1)
-        grad = sharded_grad.full_tensor().contiguous().view(-1)
-        if maximize:
-            grad = -grad
+        whole_p = p.full_tensor().contiguous()
+        whole_p.grad = sharded_grad.full_tensor().contiguous()
         whole = {
             k: (cast(DTensor, v).full_tensor().contiguous() if k in per_coord else _local(v)) for k, v in state.items()
         }
-        step = state["step"].to(device=flat.device, dtype=self.rule.compute_dtype)
-        if flat.numel() == 0:
+        if whole_p.numel() == 0:
             return
-        coord_state = {k: whole[k].view(flat.numel(), *s) for k, s in per_coord.items()}
-        stats = self.rule.tensor_stats(grad, flat, coord_state, step)
-        self._update_whole_tensor(flat, grad, whole, step, stats, lr, weight_decay, tuple(p.shape))
+        self._update_tensor(whole_p, whole, lr, weight_decay, maximize)  # the unsharded step, in place in whole_p
 
         def keep_shard(target: Tensor, value: Tensor) -> None:  # this rank's shard of ``value``, into ``target``
             placements = cast(DTensor, target).placements
             shard = DTensor.from_local(value, mesh, replicated, run_check=False).redistribute(mesh, placements)
             _local(target).copy_(shard.to_local())
 
-        keep_shard(p, flat.view(p.shape))
+        keep_shard(p, whole_p)
         for k in per_coord:
             keep_shard(state[k], whole[k])
 
