@@ -95,11 +95,14 @@ class PESRunner:
 
     Particle-parallel (``world_size`` > 1, a process group): rank ``r`` unrolls only its contiguous block of
     the particles (:func:`~.distributed.block_bounds`) and the ranks exchange the particles' objectives and
-    divergence flags after each truncation, so every rank computes the same :math:`\\hat g` from the same
-    numbers as one process would: the run is the single-process run bit for bit, each rank unrolling
+    divergence flags after each truncation (one ``all_gather``), so every rank computes the same :math:`\\hat g`
+    from the same numbers as one process would: the run is the single-process run bit for bit, each rank unrolling
     ``1 / world_size`` of the particles (1.5x the meta-steps per second on two cores of a 2-vCPU VM,
     ``benchmarks/particle_parallel.py``). The other ranks' particles are stale copies until a checkpoint gathers them
     (:meth:`to_tensors`), so a checkpoint holds every particle and resumes on any number of processes.
+
+    With ``estimator.batch_particles`` a process's particles are unrolled together, each inner step one call batched
+    over them (:func:`~.unroll.unroll_particles`), instead of one after the other: the same estimate to float rounding.
     """
 
     def __init__(
@@ -202,17 +205,17 @@ class PESRunner:
                 )
                 train_losses.append(result.train_losses)
                 ends[i] = result.end
-            mine = torch.stack(objectives).to(all_weights.dtype)
-            if self.world_size > 1:  # every particle's objective, from the rank that unrolled it
-                return gather_blocks(mine, self.bounds), ends
-            return mine, ends
+            flags = torch.tensor([float(ends[i].diverged) for i in range(first, last)], device=all_weights.device)
+            mine = torch.stack([torch.stack(objectives).to(all_weights.dtype), flags.to(all_weights.dtype)], dim=1)
+            if self.world_size > 1:  # every particle's objective and flag, from the rank that unrolled it (one call)
+                mine = gather_blocks(mine, self.bounds)
+            diverged.append(mine[:, 1])
+            return mine[:, 0], ends
 
+        diverged: list[Tensor] = []
         with torch.no_grad():
             out = pes_estimate(run, theta, self.particles, self.xi, epsilon, self.config.sigma)
         self.particles, self.xi = out.state, out.xi
-        diverged = torch.tensor([float(p.diverged) for p in self.particles], dtype=out.losses.dtype)
-        if self.world_size > 1:
-            diverged = gather_blocks(diverged[first:last].to(self.device), self.bounds).cpu()
         mean = out.losses.mean()
         gradient = self._unflatten(out.gradient)
         surrogate = mean + sum(
@@ -222,7 +225,7 @@ class PESRunner:
             "pes_loss_plus": float(out.losses[: self.config.num_pairs].mean()),
             "pes_loss_minus": float(out.losses[self.config.num_pairs :].mean()),
             "pes_grad_norm": float(out.gradient.norm()),
-            "pes_diverged": int(diverged.sum()),
+            "pes_diverged": int(diverged[0].sum()),
         }
         return surrogate, metrics, train_losses[0], self.particles[first]
 
