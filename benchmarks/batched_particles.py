@@ -9,8 +9,8 @@ Runs the same PES recipe (``--trajectories`` trajectories of the bundled ``--con
 order) from scratch through the meta-training command line, one run after the other so that none shares the cores
 with another: the particles unrolled one after the other (the default), unrolled together (``--set
 estimator.batch_particles=true``: each inner step one call batched over the particles by ``torch.func.vmap``) and,
-unless ``--processes 0``, unrolled together on each rank of a particle-parallel run (``torchrun --nproc-per-node P
-... --parallel particles``). Prints each run's wall time and median seconds per meta-step (from its log, the first
+unless ``--processes 0``, both again on each rank of a particle-parallel run (``torchrun --nproc-per-node P ...
+--parallel particles``). Prints each run's wall time and median seconds per meta-step (from its log, the first
 trajectory left out), their ratios to the first run, and how far the batched run's first PES estimate is from the
 loop's (they differ by float rounding only: the relative difference of the particles' objectives and of the
 estimate's norm).
@@ -57,14 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     }
     if args.processes:
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
-        runs[f"{args.processes} processes, --parallel particles, batched"] = [
-            *torchrun,
-            str(args.processes),
-            *train,
-            *batched,
-            "--parallel",
-            "particles",
-        ]
+        parallel = [*torchrun, str(args.processes), *train, "--parallel", "particles"]
+        runs[f"{args.processes} processes, --parallel particles, one by one"] = parallel
+        runs[f"{args.processes} processes, --parallel particles, batched"] = [*parallel, *batched]
     print(f"# PES particles one by one against batched\n\n{machine_header()}\n\n{cpu_flags_line()}\n")
     print(f"config {args.config}, {args.trajectories} trajectories from scratch, run one after the other\n")
     work = Path(tempfile.mkdtemp(prefix="batched-particles-"))

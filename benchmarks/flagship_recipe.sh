@@ -2,7 +2,9 @@
 # The flagship adafac-mlp-adam-magnitude-tbv-nomup-soup-all8-orthogonal from scratch, in four stages, each resumable:
 #   1. the parent adafac-mlp-adam-magnitude-tbv-nomup (PES on meta-mix; 1 h 26 min on one core), particle-parallel on
 #      the 2 cores (torchrun --parallel particles: each process unrolls half of every truncation's PES particles; the
-#      one-process run bit for bit, in less time; set PARENT_PROCESSES=1 for one process);
+#      one-process run bit for bit, in less time; set PARENT_PROCESSES=1 for one process; PARENT_BATCHED=1 unrolls
+#      each process's particles together, estimator.batch_particles: faster, but a run of its own, not the shipped
+#      run's bits, benchmarks/results/batched-particles/);
 #   2. eight TBPTT fine-tunes of that parent, two at a time (the 2 cores): no regularizer, SAM (weight 1), GSAM,
 #      local entropy, each at meta-seeds 0 and 1 (62.7 min of single-core time for the shipped ones: ~31 min);
 #   3. their uniform weight average (python -m learned_optim.meta soup; seconds): the flagship of sessions 16-32;
@@ -26,6 +28,8 @@ shift
 prefix=adafac-mlp-adam-magnitude-tbv-nomup
 
 parent_processes=${PARENT_PROCESSES:-2}
+parent_options=()
+if [[ ${PARENT_BATCHED:-0} == 1 ]]; then parent_options=(--set estimator.batch_particles=true); fi
 
 train() {  # train CONFIG RUN_DIR [ARGS...]: skipped when the net exists, resumed when a checkpoint does
     local config=$1 run=$2
@@ -39,9 +43,9 @@ train() {  # train CONFIG RUN_DIR [ARGS...]: skipped when the net exists, resume
 launcher=(python)
 if ((parent_processes > 1)); then
     launcher=(torchrun --standalone --nproc-per-node "$parent_processes")
-    train "$prefix" "$out/parent" --parallel particles "$@"
+    train "$prefix" "$out/parent" --parallel particles "${parent_options[@]}" "$@"
 else
-    train "$prefix" "$out/parent" "$@"
+    train "$prefix" "$out/parent" "${parent_options[@]}" "$@"
 fi
 launcher=(python)
 parent=$out/parent/model
