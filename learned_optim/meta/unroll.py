@@ -434,7 +434,9 @@ def unroll_particles(
     must stand at the same step with the same lr, schedule horizon and weight decay. The divergence guard is
     :func:`unroll`'s, per particle: a particle it freezes keeps its last good point (``torch.where`` on a
     per-particle mask) and counts the penalty while the others go on. The results equal ``P`` calls of
-    :func:`unroll` (``track_graph=False``) to float rounding, not bit for bit: batched products round differently.
+    :func:`unroll` (``track_graph=False``) to float rounding, not bit for bit: batched products round differently,
+    and under ``vmap`` a net keeps its float32 sums over a tensor where they would overflow (past gradients of
+    :math:`\sim 10^9`, :func:`~learned_optim.features.overflowed`; the divergence guard then freezes the particle).
     """
     cfg = config or UnrollConfig()
     if meta_split not in ("train", "val"):
