@@ -16,6 +16,12 @@ single-process run bit for bit, faster: 1.5x the meta-steps per second on a 2-vC
 
     torchrun --nproc-per-node 2 -m learned_optim.meta train adafac-mlp-adam-magnitude-tbv-nomup --parallel particles
 
+PES particles unrolled together, each inner step one ``torch.func.vmap`` call over a process's particles (the same
+estimate to float rounding, not bit for bit: a run of its own; 1.48x the meta-steps per second on one process,
+``benchmarks/batched_particles.py``)::
+
+    python -m learned_optim.meta train adafac-mlp-adam-magnitude-tbv-nomup --set estimator.batch_particles=true
+
 Under ``torchrun`` (``WORLD_SIZE`` > 1) the command initialises the process group (gloo on CPU, NCCL
 on CUDA, each rank on its ``LOCAL_RANK`` device) and passes it to :class:`MetaTrainer`.
 
