@@ -370,18 +370,26 @@ class EstimatorConfig(_Section):
     ``torch.func.vmap`` (:func:`~learned_optim.meta.unroll.unroll_particles`) instead of one particle after the
     other. The same estimate to float rounding, not bit for bit (batched products round differently), so a run
     with it is a run of its own (``--resume`` continues it bit for bit); its speed depends on the task mix and the
-    machine (``benchmarks/batched_particles.py``)."""
+    machine (``benchmarks/batched_particles.py``).
+
+    ``instances`` (PES only): task instances per truncation, each with ``num_pairs`` pairs of its own: instance 0 is
+    the trainer's trajectory, the others draw their own :math:`\theta_0` from the same task and their own batches,
+    so the estimate averages over ``instances * num_pairs`` pairs and several starting points and data streams of
+    the task (``2 * num_pairs * instances`` particles; with ``batch_particles`` all of them in one batched call)."""
 
     kind: str = "tbptt"
     num_pairs: int = 4
     sigma: float = 0.01
     batch_particles: bool = False
+    instances: int = 1
 
     def validate(self, where: str) -> None:
         if self.kind not in ("tbptt", "pes"):
             raise ValueError(f"{where}.kind must be 'tbptt' or 'pes', got {self.kind!r}")
         if self.batch_particles and self.kind != "pes":
             raise ValueError(f"{where}.batch_particles batches PES particles: it needs kind 'pes'")
+        if self.instances < 1 or (self.instances > 1 and self.kind != "pes"):
+            raise ValueError(f"{where}.instances must be >= 1, and above 1 only with kind 'pes'")
         if self.num_pairs < 1 or not positive_finite(self.sigma):
             raise ValueError(f"{where}: num_pairs must be >= 1 and sigma positive and finite")
 

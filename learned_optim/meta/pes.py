@@ -38,7 +38,7 @@ from ..objectives import meta_objective
 from ..tasks.base import Task
 from .config import EstimatorConfig, MetaTrainConfig
 from .distributed import block_bounds, broadcast_json, broadcast_tensors, gather_blocks
-from .unroll import Trajectory, unroll, unroll_particles
+from .unroll import Trajectory, start_trajectory, unroll, unroll_particles
 
 __all__ = ["PESResult", "pes_estimate", "PESRunner"]
 
@@ -101,8 +101,11 @@ class PESRunner:
     ``benchmarks/particle_parallel.py``). The other ranks' particles are stale copies until a checkpoint gathers them
     (:meth:`to_tensors`), so a checkpoint holds every particle and resumes on any number of processes.
 
-    With ``estimator.batch_particles`` a process's particles are unrolled together, each inner step one call batched
-    over them (:func:`~.unroll.unroll_particles`), instead of one after the other: the same estimate to float rounding.
+    With ``estimator.instances`` :math:`K > 1` the pairs are spread over :math:`K` instances of the task (their own
+    :math:`\\theta_0` and batches; :meth:`instance_of`), the estimate unchanged in form over all
+    :math:`N = K \\cdot` ``num_pairs`` pairs. With ``estimator.batch_particles`` a process's particles are unrolled
+    together, each inner step one call batched over them (:func:`~.unroll.unroll_particles`, a batch stream per
+    instance), instead of one after the other: the same estimate to float rounding.
     """
 
     def __init__(
@@ -121,7 +124,8 @@ class PESRunner:
         if world_size > self.num_particles:
             raise ValueError(
                 f"particle-parallel PES on {world_size} processes needs at least as many particles, has "
-                f"{self.num_particles} (estimator.num_pairs: {self.config.num_pairs})"
+                f"{self.num_particles} (estimator.num_pairs: {self.config.num_pairs}, instances: "
+                f"{self.config.instances})"
             )
         self.rank, self.world_size = rank, world_size
         self.bounds = block_bounds(self.num_particles, world_size)
@@ -131,8 +135,18 @@ class PESRunner:
         self.xi: Tensor | None = None
 
     @property
+    def num_pairs(self) -> int:
+        """Antithetic pairs of a truncation: ``num_pairs`` on each of the ``instances`` task instances."""
+        return self.config.num_pairs * self.config.instances
+
+    @property
     def num_particles(self) -> int:
-        return 2 * self.config.num_pairs
+        return 2 * self.num_pairs
+
+    def instance_of(self, particle: int) -> int:
+        """The task instance particle ``particle`` runs on (particles ``i`` and ``i + num_pairs`` are a pair, the
+        pairs of instance :math:`k` the :math:`k`-th ``estimator.num_pairs`` of them)."""
+        return (particle % self.num_pairs) // self.config.num_pairs
 
     def _unflatten(self, flat: Tensor) -> dict[str, Tensor]:
         """The net's weights by name from flat ``(D,)`` weights, or stacked ``(P, D)`` ones (each ``(P, *shape)``)."""
@@ -143,11 +157,19 @@ class PESRunner:
             offset += size
         return out
 
-    def begin(self, trajectory: Trajectory) -> None:
-        """New inner problem: every particle starts at ``trajectory`` and :math:`\\xi = 0`."""
-        self.particles = [trajectory.detached() for _ in range(self.num_particles)]
+    def begin(self, trajectory: Trajectory, task: Task, task_index: int) -> None:
+        """New inner problem, the trainer's ``task_index``-th: the particles of instance 0 start at ``trajectory``,
+        those of instance :math:`k > 0` at their own :math:`\\theta_0` drawn from ``task`` (a generator seeded by the
+        run seed, the task index and :math:`k`) with ``trajectory``'s lr, horizon and weight decay; :math:`\\xi = 0`."""
+        starts = [trajectory]
+        for k in range(1, self.config.instances):
+            draw = seeded_generator(derive_seed(self.run.seed, "pes-instance", task_index, k))
+            other = start_trajectory(self.rule, task, draw, device=self.device, dtype=self.dtype)
+            other.lr, other.horizon, other.weight_decay = trajectory.lr, trajectory.horizon, trajectory.weight_decay
+            starts.append(other)
+        self.particles = [starts[self.instance_of(i)].detached() for i in range(self.num_particles)]
         dim = sum(s.numel() for s in self.shapes)
-        self.xi = torch.zeros((self.config.num_pairs, dim), device=self.device, dtype=self.dtype)
+        self.xi = torch.zeros((self.num_pairs, dim), device=self.device, dtype=self.dtype)
 
     def segment(
         self, weights: Mapping[str, Tensor], task: Task, task_index: int, n: int
@@ -164,20 +186,24 @@ class PESRunner:
         noise = seeded_generator(derive_seed(cfg.seed, "pes-noise", task_index, start))
         epsilon = torch.randn(self.xi.shape, generator=noise, dtype=self.xi.dtype).to(self.xi.device)
         epsilon = epsilon * self.config.sigma
-        data_seed = derive_seed(cfg.seed, "pes-data", task_index, start)
+        # instance 0's batches as before instances existed (so that one instance is the earlier run bit for bit)
+        data_seeds = [derive_seed(cfg.seed, "pes-data", task_index, start)]
+        data_seeds += [derive_seed(cfg.seed, "pes-data", task_index, start, k) for k in range(1, self.config.instances)]
         train_losses: list[Tensor] = []
 
         def run(all_weights: Tensor, particles: list[Trajectory]) -> tuple[Tensor, list[Trajectory]]:
             objectives, ends = [], list(particles)
             options: dict[str, Any] = {"config": cfg.unroll, "meta_split": cfg.objective.split}
-            if self.config.batch_particles:
+            if self.config.batch_particles:  # one batch stream per instance of this block
+                instances = sorted({self.instance_of(i) for i in range(first, last)})
                 results = unroll_particles(
                     self.rule,
                     self._unflatten(all_weights[first:last]),
                     task,
                     particles[first:last],
                     n,
-                    generator=seeded_generator(data_seed),
+                    generator=[seeded_generator(data_seeds[k]) for k in instances],
+                    streams=[instances.index(self.instance_of(i)) for i in range(first, last)],
                     **options,
                 )
             else:
@@ -188,7 +214,7 @@ class PESRunner:
                         task,
                         particles[i],
                         n,
-                        generator=seeded_generator(data_seed),
+                        generator=seeded_generator(data_seeds[self.instance_of(i)]),
                         track_graph=False,
                         **options,
                     )
@@ -222,8 +248,8 @@ class PESRunner:
             (weights[k] * gradient[k]).sum() - (weights[k].detach() * gradient[k]).sum() for k in self.names
         )
         metrics = {
-            "pes_loss_plus": float(out.losses[: self.config.num_pairs].mean()),
-            "pes_loss_minus": float(out.losses[self.config.num_pairs :].mean()),
+            "pes_loss_plus": float(out.losses[: self.num_pairs].mean()),
+            "pes_loss_minus": float(out.losses[self.num_pairs :].mean()),
             "pes_grad_norm": float(out.gradient.norm()),
             "pes_diverged": int(diverged[0].sum()),
         }
@@ -257,6 +283,11 @@ class PESRunner:
         if meta is None or "pes.xi" not in tensors:
             self.particles, self.xi = [], None
             return
+        if len(meta["particles"]) != self.num_particles:
+            raise ValueError(
+                f"the checkpoint holds {len(meta['particles'])} PES particles, the config makes {self.num_particles} "
+                "(estimator.num_pairs and instances must be the run's)"
+            )
         device = self.device
         self.xi = tensors["pes.xi"].to(device)
         self.particles = [

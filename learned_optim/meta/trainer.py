@@ -294,7 +294,7 @@ class MetaTrainer:
         if self.maml is not None:
             self.maml.begin(index, self.rule, self.task)
         if self.pes is not None:
-            self.pes.begin(self.trajectory)
+            self.pes.begin(self.trajectory, self.task, self.task_index)
         if self.config.imitation.enabled:
             p = self.config.imitation.probability(self.stage)
             coin = float(torch.rand((), generator=seeded_generator(derive_seed(self.config.seed, "imitation", index))))

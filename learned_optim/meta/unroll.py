@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.func import grad_and_value, vjp, vmap
+from torch.utils._pytree import tree_map
 from torch.utils.checkpoint import checkpoint
 
 from .._numerics import derive_seed, global_norm, seeded_generator
@@ -419,9 +420,10 @@ def unroll_particles(
     trajectories: Sequence[Trajectory],
     num_steps: int,
     *,
-    generator: torch.Generator,
+    generator: torch.Generator | Sequence[torch.Generator],
     config: UnrollConfig | None = None,
     meta_split: str = "train",
+    streams: Sequence[int] | None = None,
 ) -> list[UnrollResult]:
     r""":func:`unroll` without a graph for ``P`` particles at once: particle :math:`p` runs the net with weights
     ``weights[name][p]`` (each stacked on a leading axis of ``P``) from ``trajectories[p]``, and every step is one
@@ -430,8 +432,11 @@ def unroll_particles(
     ATen path: the native kernels have no batching rule) and the meta-split losses.
 
     The particles see the same batches, drawn once from ``generator`` in the order :func:`unroll` draws them for
-    each (common random numbers, as PES's particles, each with a generator of the same seed, see in the loop); they
-    must stand at the same step with the same lr, schedule horizon and weight decay. The divergence guard is
+    each (common random numbers, as PES's particles, each with a generator of the same seed, see in the loop). Or
+    ``generator`` is a sequence of generators, one per batch stream (e.g. per task instance), ``streams[p]`` the
+    stream of particle :math:`p`: each step draws a batch from every stream, and each particle sees its stream's,
+    as its own :func:`unroll` with that stream's generator would. The particles must stand at the same step with the
+    same lr, schedule horizon and weight decay. The divergence guard is
     :func:`unroll`'s, per particle: a particle it freezes keeps its last good point (``torch.where`` on a
     per-particle mask) and counts the penalty while the others go on. The results equal ``P`` calls of
     :func:`unroll` (``track_graph=False``) to float rounding, not bit for bit: batched products round differently,
@@ -463,8 +468,19 @@ def unroll_particles(
     bound = _divergence_bound(task, cfg)
     weight_decay = step_weight_decay(first, cfg)
 
+    generators = [generator] if isinstance(generator, torch.Generator) else list(generator)
+    stream_of = [0] * count if streams is None else list(streams)
+    if len(stream_of) != count or not all(0 <= i < len(generators) for i in stream_of):
+        raise ValueError(f"unroll_particles: streams must give each of the {count} particles one of the generators")
+    per_particle = torch.tensor(stream_of, device=device)
+
     def batch_of(split: str) -> Any:
-        return to_device(task.batch(split, generator), device, dtype)
+        drawn = [to_device(task.batch(split, g), device, dtype) for g in generators]
+        if len(drawn) == 1:
+            return drawn[0]
+        return tree_map(lambda *xs: torch.stack(xs).index_select(0, per_particle), *drawn)  # each particle's stream's
+
+    batch_axis = None if len(generators) == 1 else 0
 
     def learned_step(
         w: Mapping[str, Tensor], g: dict[str, Tensor], p: dict[str, Tensor], s: StateDict, t: int, lr: float
@@ -476,8 +492,8 @@ def unroll_particles(
         # the forward of vjp, whose pullback is never run: some ops (nn.GRU's) batch only under a grad transform
         return vjp(lambda q: task.loss(q, batch), p)[0]
 
-    loss_and_grad = vmap(grad_and_value(task.loss), in_dims=(0, None))
-    losses_at = vmap(loss_only, in_dims=(0, None))
+    loss_and_grad = vmap(grad_and_value(task.loss), in_dims=(0, batch_axis))
+    losses_at = vmap(loss_only, in_dims=(0, batch_axis))
     # the large tensors of a net with a native kernel: one kernel call per particle (see NATIVE_LOOP_MIN_COORDINATES)
     looped = [
         k for k, v in first.params.items() if v.numel() >= NATIVE_LOOP_MIN_COORDINATES and rule.steps_natively(device)

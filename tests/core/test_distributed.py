@@ -76,6 +76,9 @@ PES_OVERRIDES = [
     "checkpoint_every=1",
 ]
 
+#: The same with the particles batched (vmap) and spread over 2 task instances: 8 particles, each rank's 4 on both.
+BATCHED_PES = ["estimator.batch_particles=true", "estimator.instances=2"]
+
 
 # ====================================================================================== worker side
 def _model(seed: int = 0) -> nn.Module:
@@ -445,7 +448,7 @@ def scenario_meta_particles(rank: int, world: int, out: Path) -> dict:
     dist.barrier()
     resumed = MetaTrainer(config, out_dir=cut, progress=False, parallel="particles")
     resumed.train(resume=True)
-    batched = ["--set", "estimator.batch_particles=true"]
+    batched = [a for o in BATCHED_PES for a in ("--set", o)]
     with contextlib.redirect_stdout(io.StringIO()):
         batched_code = cli(
             ["train", "smoke", "--out", str(out / "pes-particles-batched"), "--no-progress", "--parallel", "particles"]
@@ -670,9 +673,9 @@ def test_particle_parallel_pes_is_the_single_process_run_bit_for_bit(torchrun_re
         assert steps(run) == steps(tmp_path / "single"), run
         assert not (run / "log.rank1.jsonl").exists() and not (run / "checkpoint" / "rank1").exists()
     assert all("pes_loss_plus" in r for r in steps(tmp_path / "single"))
-    # each rank unrolls its 2 particles together (vmap): the one-process batched run to float rounding
+    # each rank unrolls its 4 particles (2 task instances) together: the one-process batched run to float rounding
     assert all(r["batched_exit_code"] == 0 for r in ranks)
-    batched = load_config(resolve_config_path("smoke"), [*PES_OVERRIDES, "estimator.batch_particles=true"])
+    batched = load_config(resolve_config_path("smoke"), [*PES_OVERRIDES, *BATCHED_PES])
     MetaTrainer(batched, out_dir=tmp_path / "batched", progress=False).train()
     expected = _net_weights(tmp_path / "batched" / "model" / "model.safetensors")
     got = _net_weights(out / "pes-particles-batched" / "model" / "model.safetensors")

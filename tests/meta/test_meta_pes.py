@@ -145,6 +145,47 @@ def test_pes_with_batched_particles_estimates_as_the_loop_and_resumes_bit_for_bi
 def test_batched_particles_need_pes():
     with pytest.raises(ValueError, match="batch_particles batches PES particles"):
         pes_config(estimator={"kind": "tbptt", "batch_particles": True})
+    for bad in ({"kind": "tbptt", "instances": 2}, {"kind": "pes", "instances": 0}):
+        with pytest.raises(ValueError, match="instances must be"):
+            pes_config(estimator=bad)
+
+
+def instances_config(batch_particles: bool):
+    estimator = {"kind": "pes", "num_pairs": 1, "sigma": 0.01, "instances": 2, "batch_particles": batch_particles}
+    return pes_config(estimator=estimator)
+
+
+def test_pes_over_task_instances_spreads_the_pairs_over_starting_points_and_data(tmp_path):
+    """``estimator.instances: 2`` with one pair each: 4 particles, each pair on its own task instance (its own
+    theta_0 and batches), the + and - particle of a pair on the same one; one by one and batched (one call, a batch
+    stream per instance) give the same estimate to rounding; a batched run resumes bit for bit, and not with another
+    number of instances."""
+    trainer = MetaTrainer(instances_config(False), out_dir=tmp_path / "loop", progress=False)
+    assert trainer.pes is not None and trainer.pes.num_particles == 4
+    assert [trainer.pes.instance_of(i) for i in range(4)] == [0, 1, 0, 1]
+    trainer.train(stop_after=1)
+    particles = trainer.pes.particles
+    assert all(p.step == 3 for p in particles)
+    theta = [torch.cat([v.reshape(-1) for v in p.params.values()]) for p in particles]
+    assert not torch.allclose(theta[0], theta[1])  # two instances apart
+    assert torch.allclose(theta[0], theta[2], atol=0.1) and torch.allclose(theta[1], theta[3], atol=0.1)
+    batched = instances_config(True)
+    full_folder = MetaTrainer(batched, out_dir=tmp_path / "full", progress=False).train()
+    loop, together = meta_records(tmp_path / "loop")[0], meta_records(tmp_path / "full")[0]
+    for key in ("pes_loss_plus", "pes_loss_minus", "pes_grad_norm"):
+        assert together[key] == pytest.approx(loop[key], rel=1e-5), key
+    assert MetaTrainer(batched, out_dir=tmp_path / "cut", progress=False).train(stop_after=4) is None
+    cut_folder = MetaTrainer(batched, out_dir=tmp_path / "cut", progress=False).train(resume=True)
+    wf, wc = weights_of(full_folder), weights_of(cut_folder)
+    assert all(torch.equal(wf[k], wc[k]) for k in wf)
+    assert meta_records(tmp_path / "full") == meta_records(tmp_path / "cut")
+    one_instance = pes_config(estimator={"kind": "pes", "num_pairs": 1, "sigma": 0.01})
+    with pytest.raises(ValueError, match="estimator.instances: 2 -> 1"):
+        MetaTrainer(one_instance, out_dir=tmp_path / "cut", progress=False).train(resume=True)
+    other = MetaTrainer(one_instance, out_dir=tmp_path / "other", progress=False).pes
+    assert other is not None
+    with pytest.raises(ValueError, match="holds 4 PES particles, the config makes 2"):
+        other.load(*trainer.pes.to_tensors())
 
 
 def test_pes_refuses_estimators_that_need_backprop():

@@ -453,6 +453,38 @@ def test_particles_unrolled_together_share_the_batches_each_would_draw():
     assert not torch.allclose(shifted[0].losses, loop[0].losses, rtol=1e-3)
 
 
+def test_particles_unrolled_together_each_see_their_own_batch_stream():
+    """One generator per stream (e.g. per task instance): each particle sees its stream's batches, as its own
+    unroll with that generator; particles on different instances start from different points."""
+    family = make_family("mlp", dataset="digits", hidden_sizes=[8], batch_size=16)
+    task = family.sample(torch.Generator().manual_seed(0))
+    rule = build_rule("adafac_mlp", {"hidden_size": 4})
+    starts = [start_trajectory(rule, task, torch.Generator().manual_seed(s)) for s in (1, 2)]
+    trajectories, streams = [starts[0], starts[1], starts[1], starts[0]], [0, 1, 1, 0]
+    weights = particle_weights(rule, 4)
+    config = UnrollConfig(lr=0.01)
+    loop = [
+        one_by_one(
+            rule,
+            {k: v[p : p + 1] for k, v in weights.items()},
+            task,
+            [trajectories[p]],
+            3,
+            seed=7 + streams[p],
+            config=config,
+            meta_split="val",
+        )[0]
+        for p in range(4)
+    ]
+    generators = [torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)]
+    batched = unroll_particles(
+        rule, weights, task, trajectories, 3, generator=generators, streams=streams, config=config, meta_split="val"
+    )
+    assert_same_segments(loop, batched, rtol=1e-4)
+    with pytest.raises(ValueError, match="streams"):
+        unroll_particles(rule, weights, task, trajectories, 1, generator=generators, streams=[0, 1, 2, 0])
+
+
 @pytest.mark.parametrize("kind", ["gru", "transformer", "conv"])
 def test_particles_unrolled_together_on_sequence_models_and_convolutions(kind):
     """The meta-mix kinds whose ops vmap treats apart (nn.GRU batches only under a grad transform; the transformer's
