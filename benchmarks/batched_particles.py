@@ -4,6 +4,7 @@
 
     python benchmarks/batched_particles.py                       # the flagship's parent recipe, 8 trajectories
     python benchmarks/batched_particles.py --trajectories 4 --processes 0
+    python benchmarks/batched_particles.py --processes 0 --set estimator.instances=2   # 2 task instances, 16 particles
 
 Runs the same PES recipe (``--trajectories`` trajectories of the bundled ``--config``, the same tasks in the same
 order) from scratch through the meta-training command line, one run after the other so that none shares the cores
@@ -46,10 +47,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default="adafac-mlp-adam-magnitude-tbv-nomup", help="a bundled PES config")
     parser.add_argument("--trajectories", type=int, default=8, help="meta_epochs of each run")
     parser.add_argument("--processes", type=int, default=2, help="processes of the particle-parallel run (0: none)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for every run (repeatable)"
+    )
     args = parser.parse_args(argv)
 
     train = ["-m", "learned_optim.meta", "train", args.config, "--no-progress", "--set"]
     train.append(f"meta_epochs={args.trajectories}")
+    train += [a for override in args.set for a in ("--set", override)]
     batched = ["--set", "estimator.batch_particles=true"]
     runs = {
         "1 process, one by one": [sys.executable, *train],
@@ -61,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
         runs[f"{args.processes} processes, --parallel particles, one by one"] = parallel
         runs[f"{args.processes} processes, --parallel particles, batched"] = [*parallel, *batched]
     print(f"# PES particles one by one against batched\n\n{machine_header()}\n\n{cpu_flags_line()}\n")
-    print(f"config {args.config}, {args.trajectories} trajectories from scratch, run one after the other\n")
+    overrides = "".join(f", --set {o}" for o in args.set)
+    print(f"config {args.config}{overrides}, {args.trajectories} trajectories from scratch, run one after the other\n")
     work = Path(tempfile.mkdtemp(prefix="batched-particles-"))
     results, firsts = {}, []
     try:
