@@ -530,9 +530,9 @@ def unroll_particles(
     def live() -> list[bool]:
         return [not g.diverged for g in guards]
 
-    def keep(mask: list[bool], new: Tensor, old: Tensor) -> Tensor:
-        where = torch.tensor(mask, device=new.device).view(-1, *([1] * (new.dim() - 1)))
-        return torch.where(where, new, old)
+    def keep(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
+        """``new`` for the particles of ``mask`` (``(P,)`` booleans), ``old`` for the others."""
+        return torch.where(mask.view(-1, *([1] * (new.dim() - 1))), new, old)
 
     with torch.no_grad():
         if meta_split == "val" and any(g.initial_loss is None and not g.diverged for g in guards):
@@ -562,8 +562,9 @@ def unroll_particles(
                     g.meta_losses.append(g.freeze(t))
                     continue
                 accepted[p] = True
-            params = {k: keep(accepted, new_params[k], v) for k, v in params.items()}
-            state = {k: {s: keep(accepted, new_state[k][s], v) for s, v in st.items()} for k, st in state.items()}
+            mask = torch.tensor(accepted, device=device)
+            params = {k: keep(mask, new_params[k], v) for k, v in params.items()}
+            state = {k: {s: keep(mask, new_state[k][s], v) for s, v in st.items()} for k, st in state.items()}
             if meta_split == "val" and any(accepted):
                 values = losses_at(params, batch_of("val"))
                 for p, g in enumerate(guards):
