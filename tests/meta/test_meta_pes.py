@@ -118,6 +118,21 @@ def test_pes_run_resumes_bit_for_bit(tmp_path, schedule):
     assert any(not torch.equal(initial[k], wf[k]) for k in wf)
 
 
+def assert_batched_run_estimates_as_the_loop_and_resumes(batched, tmp_path):
+    """A run of config ``batched`` (``batch_particles``) in ``tmp_path / "full"``: its first PES estimate equals that of
+    the loop run already in ``tmp_path / "loop"`` to float rounding, and the same run cut after meta-step 4 and
+    resumed is it bit for bit (net and log)."""
+    full_folder = MetaTrainer(batched, out_dir=tmp_path / "full", progress=False).train()
+    loop, together = meta_records(tmp_path / "loop")[0], meta_records(tmp_path / "full")[0]
+    for key in ("pes_loss_plus", "pes_loss_minus", "pes_grad_norm"):
+        assert together[key] == pytest.approx(loop[key], rel=1e-5), key
+    assert MetaTrainer(batched, out_dir=tmp_path / "cut", progress=False).train(stop_after=4) is None
+    cut_folder = MetaTrainer(batched, out_dir=tmp_path / "cut", progress=False).train(resume=True)
+    wf, wc = weights_of(full_folder), weights_of(cut_folder)
+    assert all(torch.equal(wf[k], wc[k]) for k in wf)
+    assert meta_records(tmp_path / "full") == meta_records(tmp_path / "cut")
+
+
 def test_pes_with_batched_particles_estimates_as_the_loop_and_resumes_bit_for_bit(tmp_path, monkeypatch):
     """``estimator.batch_particles``: the particles unrolled together (vmap) give the loop's PES estimate to float
     rounding (first meta-step: objectives and gradient norm), and such a run, cut and resumed, is itself bit for bit."""
@@ -130,15 +145,7 @@ def test_pes_with_batched_particles_estimates_as_the_loop_and_resumes_bit_for_bi
 
     monkeypatch.setattr(pes, "unroll_particles", counting)
     MetaTrainer(pes_config(), out_dir=tmp_path / "loop", progress=False).train(stop_after=1)
-    full_folder = MetaTrainer(batched, out_dir=tmp_path / "full", progress=False).train()
-    loop, together = meta_records(tmp_path / "loop")[0], meta_records(tmp_path / "full")[0]
-    for key in ("pes_loss_plus", "pes_loss_minus", "pes_grad_norm"):
-        assert together[key] == pytest.approx(loop[key], rel=1e-5), key
-    assert MetaTrainer(batched, out_dir=tmp_path / "cut", progress=False).train(stop_after=4) is None
-    cut_folder = MetaTrainer(batched, out_dir=tmp_path / "cut", progress=False).train(resume=True)
-    wf, wc = weights_of(full_folder), weights_of(cut_folder)
-    assert all(torch.equal(wf[k], wc[k]) for k in wf)
-    assert meta_records(tmp_path / "full") == meta_records(tmp_path / "cut")
+    assert_batched_run_estimates_as_the_loop_and_resumes(batched, tmp_path)
     assert set(particles_per_call) == {4}  # every truncation: the 4 particles in one call
 
 
@@ -169,16 +176,7 @@ def test_pes_over_task_instances_spreads_the_pairs_over_starting_points_and_data
     theta = [torch.cat([v.reshape(-1) for v in p.params.values()]) for p in particles]
     assert not torch.allclose(theta[0], theta[1])  # two instances apart
     assert torch.allclose(theta[0], theta[2], atol=0.1) and torch.allclose(theta[1], theta[3], atol=0.1)
-    batched = instances_config(True)
-    full_folder = MetaTrainer(batched, out_dir=tmp_path / "full", progress=False).train()
-    loop, together = meta_records(tmp_path / "loop")[0], meta_records(tmp_path / "full")[0]
-    for key in ("pes_loss_plus", "pes_loss_minus", "pes_grad_norm"):
-        assert together[key] == pytest.approx(loop[key], rel=1e-5), key
-    assert MetaTrainer(batched, out_dir=tmp_path / "cut", progress=False).train(stop_after=4) is None
-    cut_folder = MetaTrainer(batched, out_dir=tmp_path / "cut", progress=False).train(resume=True)
-    wf, wc = weights_of(full_folder), weights_of(cut_folder)
-    assert all(torch.equal(wf[k], wc[k]) for k in wf)
-    assert meta_records(tmp_path / "full") == meta_records(tmp_path / "cut")
+    assert_batched_run_estimates_as_the_loop_and_resumes(instances_config(True), tmp_path)
     one_instance = pes_config(estimator={"kind": "pes", "num_pairs": 1, "sigma": 0.01})
     with pytest.raises(ValueError, match="estimator.instances: 2 -> 1"):
         MetaTrainer(one_instance, out_dir=tmp_path / "cut", progress=False).train(resume=True)
