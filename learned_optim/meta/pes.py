@@ -97,9 +97,10 @@ class PESRunner:
     the particles (:func:`~.distributed.block_bounds`) and the ranks exchange the particles' objectives and
     divergence flags after each truncation (one ``all_gather``), so every rank computes the same :math:`\\hat g`
     from the same numbers as one process would: the run is the single-process run bit for bit, each rank unrolling
-    ``1 / world_size`` of the particles (1.5x the meta-steps per second on two cores of a 2-vCPU VM,
-    ``benchmarks/particle_parallel.py``). The other ranks' particles are stale copies until a checkpoint gathers them
-    (:meth:`to_tensors`), so a checkpoint holds every particle and resumes on any number of processes.
+    ``1 / world_size`` of the particles (on two processes 1.5x the meta-steps per second on a 2-vCPU AMD VM, 1.9x on
+    a 2-core Intel Xeon; ``benchmarks/particle_parallel.py``, ``benchmarks/batched_particles.py``). The other ranks'
+    particles are stale copies until a checkpoint gathers them (:meth:`to_tensors`), so a checkpoint holds every
+    particle and resumes on any number of processes.
 
     With ``estimator.instances`` :math:`K > 1` the pairs are spread over :math:`K` instances of the task (their own
     :math:`\\theta_0` and batches; :meth:`instance_of`), the estimate unchanged in form over all
