@@ -22,6 +22,15 @@ def global_norm(tensors: Iterable[Tensor]) -> float:
     return math.sqrt(sum(float(t.detach().double().square().sum()) for t in tensors))
 
 
+def functorch_wrapped(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a tensor of a ``torch.func`` transform (``vmap``, ``grad``, ``jvp``...): no data-dependent
+    branch, in-place activation or op without a batching rule on it. ``False`` where torch does not tell."""
+    return _is_functorch_wrapped(tensor)
+
+
+_is_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda tensor: False)
+
+
 def seeded_generator(seed: int) -> torch.Generator:
     """A fresh CPU ``torch.Generator`` seeded with ``seed`` (independent of torch's global RNG)."""
     return torch.Generator().manual_seed(seed)

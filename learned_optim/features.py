@@ -16,6 +16,8 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
+from ._numerics import functorch_wrapped
+
 _Sums = TypeVar("_Sums", bound=Tensor | tuple[Tensor, ...])
 
 __all__ = [
@@ -234,12 +236,9 @@ def overflowed(*sums: Tensor) -> bool:
         return False
     if any(x.device.type != "cpu" for x in sums):
         return True
-    if torch.compiler.is_compiling() or any(_functorch_wrapped(x) for x in sums):
+    if torch.compiler.is_compiling() or any(functorch_wrapped(x) for x in sums):
         return False
     return not all(bool(torch.isfinite(x).all()) for x in sums)
-
-
-_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda tensor: False)
 
 
 def factored_preconditioner(row: Tensor, col: Tensor) -> Tensor:

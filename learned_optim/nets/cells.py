@@ -26,6 +26,7 @@ import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from .. import kernels
+from .._numerics import functorch_wrapped
 
 __all__ = ["lstm_cell", "fused_gate_weights", "inplace_allowed"]
 
@@ -39,8 +40,7 @@ def inplace_allowed(*tensors: Tensor) -> bool:
     """
     if torch.is_grad_enabled() or _forward_ad._current_level >= 0 or torch.compiler.is_compiling():
         return False
-    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return not any(is_wrapped(t) for t in tensors)
+    return not any(functorch_wrapped(t) for t in tensors)
 
 
 def _gate_scale(hidden_size: int, like: Tensor) -> Tensor:

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .._numerics import functorch_wrapped
 from . import data as data_lib
 from ._common import (
     build_functional_module,
@@ -82,7 +83,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     :math:`-\infty` above the diagonal): ``F.scaled_dot_product_attention``, or the formula written out inside
     ``torch.func`` transforms, where ``vmap`` has no batching rule for the CPU kernel (it would fall back to a loop,
     3x slower than one call per particle in :func:`~learned_optim.meta.unroll.unroll_particles`)."""
-    if not torch._C._functorch.is_functorch_wrapped_tensor(q):
+    if not functorch_wrapped(q):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     t = q.shape[-2]
     scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
