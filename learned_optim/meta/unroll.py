@@ -385,7 +385,7 @@ def unroll(
                 continue
             finite = all(bool(torch.isfinite(p.detach()).all()) for p in new_params.values())
             if not finite or (bound is not None and global_norm(new_params.values()) > bound):
-                guard.meta_losses.append(guard.freeze(t))
+                guard.stop(t)
                 continue
             if not track_graph:
                 new_params = fresh(new_params)
@@ -393,7 +393,7 @@ def unroll(
             previous = (params, state)
             params, state = new_params, new_state
             if meta_split == "val" and not guard.record(task.loss(params, batch_of("val"))):
-                guard.meta_losses.append(guard.freeze(t))
+                guard.stop(t)
                 continue
             if keep_points:
                 points.append(params)
@@ -559,7 +559,7 @@ def unroll_particles(
                 if not running[p] or not g.took_step(losses[p], first=i == 0, meta_split=meta_split, t=t):
                     continue
                 if not finite[p] or (bound is not None and float(norms[p]) > bound):
-                    g.meta_losses.append(g.freeze(t))
+                    g.stop(t)
                     continue
                 accepted[p] = True
             mask = torch.tensor(accepted, device=device)
@@ -569,7 +569,7 @@ def unroll_particles(
                 values = losses_at(params, batch_of("val"))
                 for p, g in enumerate(guards):
                     if accepted[p] and not g.record(values[p]):
-                        g.meta_losses.append(g.freeze(t))
+                        g.stop(t)
         if meta_split == "train" and num_steps > 0 and any(live()):
             running = live()
             values = losses_at(params, batch_of("train"))
@@ -646,6 +646,10 @@ class _Guard:
         self.penalty = self.diverged_loss_factor * reference if reference > 0 else 1.0
         return self.penalty
 
+    def stop(self, t: int) -> None:
+        """Freeze the run at step ``t``; that step's meta-loss term counts the penalty."""
+        self.meta_losses.append(self.freeze(t))
+
     def frozen_step(self) -> None:
         """A step of a run the guard froze earlier: it counts the penalty."""
         assert self.penalty is not None  # set with `diverged`, here or in an earlier segment
@@ -681,7 +685,7 @@ class _Guard:
     def record_last(self, loss: Tensor, t: int) -> None:
         r"""The train-split meta-loss term of the segment's last point :math:`\theta_t`; freezes there if not finite."""
         if not self.record(loss):
-            self.meta_losses.append(self.freeze(t))
+            self.stop(t)
 
     def result(
         self,
