@@ -187,8 +187,8 @@ def read_checkpoint(json_path: Path, config: Mapping[str, Any]) -> tuple[dict[st
 
 def trainer_state_to_tensors(trainer: MetaTrainer) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """A :class:`~learned_optim.meta.trainer.MetaTrainer`'s whole state as (tensors, JSON): the net's weights,
-    the meta-optimizers' states, the best weights, every generator, the in-flight trajectory, MAML's and PES's
-    state, the counters and the log's length (a resume truncates the log there)."""
+    the meta-optimizers' states, the best weights, every generator, the in-flight trajectory (and its other task
+    instances), MAML's and PES's state, the counters and the log's length (a resume truncates the log there)."""
     tensors: dict[str, Tensor] = {
         f"net.{k}": v.detach().contiguous().cpu() for k, v in trainer.rule.state_dict().items()
     }
@@ -213,6 +213,9 @@ def trainer_state_to_tensors(trainer: MetaTrainer) -> tuple[dict[str, Tensor], d
     if trainer.pes is not None:
         pes_tensors, meta["pes"] = trainer.pes.to_tensors()
         tensors.update(pes_tensors)
+    if trainer.instances is not None and trainer.trajectory is not None:
+        instance_tensors, meta["instances"] = trainer.instances.to_tensors()
+        tensors.update(instance_tensors)
     meta.update(
         meta_steps=trainer.meta_steps,
         meta_epochs=trainer.meta_epochs,
@@ -278,3 +281,5 @@ def trainer_state_from_tensors(trainer: MetaTrainer, tensors: dict[str, Tensor],
         trainer.maml.load(tensors, meta.get("maml") if traj is not None else None, trainer.meta_epochs, trainer.task)
     if trainer.pes is not None:
         trainer.pes.load(tensors, meta.get("pes") if traj is not None else None)
+    if trainer.instances is not None:
+        trainer.instances.load(tensors, meta.get("instances", {"instances": []}) if traj is not None else None)

@@ -366,16 +366,20 @@ class EstimatorConfig(_Section):
     ``num_pairs`` antithetic pairs of particles with perturbations :math:`N(0, \sigma^2)` of the net's
     weights, ``sigma`` :math:`= \sigma`; each truncation is one segment of ``unroll.segment_length`` steps).
 
-    ``batch_particles`` (PES only): unroll the particles together, every inner step one call batched over them by
-    ``torch.func.vmap`` (:func:`~learned_optim.meta.unroll.unroll_particles`) instead of one particle after the
-    other. The same estimate to float rounding, not bit for bit (batched products round differently), so a run
-    with it is a run of its own (``--resume`` continues it bit for bit); its speed depends on the task mix and the
-    machine (``benchmarks/batched_particles.py``).
+    ``instances``: task instances per truncation. Instance 0 is the trainer's trajectory; the others draw their own
+    :math:`\theta_0` from the same task and their own batches, and are carried from truncation to truncation with
+    it. With PES each instance has ``num_pairs`` pairs of its own, so the estimate averages over ``instances *
+    num_pairs`` pairs and several starting points and data streams of the task (``2 * num_pairs * instances``
+    particles). With truncated BPTT the meta-objective is the mean of the instances' objectives, its gradient the
+    mean of their meta-gradients (:class:`~learned_optim.meta.instances.TaskInstances`; not with maml, imitation or
+    regularizers, whose terms follow one trajectory).
 
-    ``instances`` (PES only): task instances per truncation, each with ``num_pairs`` pairs of its own: instance 0 is
-    the trainer's trajectory, the others draw their own :math:`\theta_0` from the same task and their own batches,
-    so the estimate averages over ``instances * num_pairs`` pairs and several starting points and data streams of
-    the task (``2 * num_pairs * instances`` particles; with ``batch_particles`` all of them in one batched call)."""
+    ``batch_particles``: unroll the particles (PES) or the task instances (truncated BPTT, ``instances`` > 1)
+    together, every inner step one call batched over them by ``torch.func.vmap``
+    (:func:`~learned_optim.meta.unroll.unroll_particles`) instead of one after the other. The same estimate to
+    float rounding, not bit for bit (batched products round differently), so a run with it is a run of its own
+    (``--resume`` continues it bit for bit); its speed depends on the task mix and the machine
+    (``benchmarks/batched_particles.py``)."""
 
     kind: str = "tbptt"
     num_pairs: int = 4
@@ -386,10 +390,13 @@ class EstimatorConfig(_Section):
     def validate(self, where: str) -> None:
         if self.kind not in ("tbptt", "pes"):
             raise ValueError(f"{where}.kind must be 'tbptt' or 'pes', got {self.kind!r}")
-        if self.batch_particles and self.kind != "pes":
-            raise ValueError(f"{where}.batch_particles batches PES particles: it needs kind 'pes'")
-        if self.instances < 1 or (self.instances > 1 and self.kind != "pes"):
-            raise ValueError(f"{where}.instances must be >= 1, and above 1 only with kind 'pes'")
+        if self.instances < 1:
+            raise ValueError(f"{where}.instances must be >= 1, got {self.instances}")
+        if self.batch_particles and self.kind == "tbptt" and self.instances == 1:
+            raise ValueError(
+                f"{where}.batch_particles batches PES particles or, with truncated BPTT, task instances: it needs "
+                "kind 'pes' or instances > 1"
+            )
         if self.num_pairs < 1 or not positive_finite(self.sigma):
             raise ValueError(f"{where}: num_pairs must be >= 1 and sigma positive and finite")
 
@@ -454,6 +461,14 @@ class MetaTrainConfig(_Section):
                 f"{where}: estimator 'pes' does not combine with maml, imitation or regularizers "
                 "(they need backpropagation through the segment); use estimator.kind: tbptt for them"
             )
+        if self.estimator.kind == "tbptt" and self.estimator.instances > 1:
+            if self.maml.enabled or self.imitation.enabled or self.regularizers:
+                raise ValueError(
+                    f"{where}: estimator.instances > 1 with truncated BPTT does not combine with maml, imitation or "
+                    "regularizers (their terms follow one trajectory)"
+                )
+            if self.estimator.batch_particles and self.unroll.checkpoint_steps:
+                raise ValueError(f"{where}: estimator.batch_particles does not combine with unroll.checkpoint_steps")
         if self.regularizers:
             from .regularizers import parse_blocks  # checked when the config is loaded, not at the first step
 

@@ -38,7 +38,7 @@ from ..objectives import meta_objective
 from ..tasks.base import Task
 from .config import EstimatorConfig, MetaTrainConfig
 from .distributed import block_bounds, broadcast_json, broadcast_tensors, gather_blocks
-from .unroll import Trajectory, start_trajectory, unroll, unroll_particles
+from .unroll import Trajectory, start_instance, unroll, unroll_particles
 
 __all__ = ["PESResult", "pes_estimate", "PESRunner"]
 
@@ -164,10 +164,8 @@ class PESRunner:
         run seed, the task index and :math:`k`) with ``trajectory``'s lr, horizon and weight decay; :math:`\\xi = 0`."""
         starts = [trajectory]
         for k in range(1, self.config.instances):
-            draw = seeded_generator(derive_seed(self.run.seed, "pes-instance", task_index, k))
-            other = start_trajectory(self.rule, task, draw, device=self.device, dtype=self.dtype)
-            other.lr, other.horizon, other.weight_decay = trajectory.lr, trajectory.horizon, trajectory.weight_decay
-            starts.append(other)
+            seed = derive_seed(self.run.seed, "pes-instance", task_index, k)
+            starts.append(start_instance(self.rule, task, trajectory, seed, device=self.device, dtype=self.dtype))
         self.particles = [starts[self.instance_of(i)].detached() for i in range(self.num_particles)]
         dim = sum(s.numel() for s in self.shapes)
         self.xi = torch.zeros((self.num_pairs, dim), device=self.device, dtype=self.dtype)

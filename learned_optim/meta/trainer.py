@@ -197,6 +197,17 @@ class MetaTrainer:
                 world_size=particle_split[1],
             )
 
+        self.instances = None
+        if config.estimator.kind == "tbptt" and config.estimator.instances > 1:  # (learned_optim.meta.instances)
+            if self.hook is not None:
+                raise ValueError(
+                    "a meta-loss hook does not combine with estimator.instances > 1 under truncated BPTT (its terms "
+                    "follow one trajectory)"
+                )
+            from .instances import TaskInstances
+
+            self.instances = TaskInstances(config, self.rule, device=self.device, dtype=self.dtype)
+
         self.meta_steps = 0  # meta-gradient updates so far
         self.meta_epochs = 0  # completed trajectories
         self.trajectory: Trajectory | None = None
@@ -295,6 +306,8 @@ class MetaTrainer:
             self.maml.begin(index, self.rule, self.task)
         if self.pes is not None:
             self.pes.begin(self.trajectory, self.task, self.task_index)
+        if self.instances is not None:
+            self.instances.begin(self.trajectory, self.task, self.task_index)
         if self.config.imitation.enabled:
             p = self.config.imitation.probability(self.stage)
             coin = float(torch.rand((), generator=seeded_generator(derive_seed(self.config.seed, "imitation", index))))
@@ -365,6 +378,8 @@ class MetaTrainer:
                 meta_split_loss_last=float(result.losses[-1].detach()),
             )
             train_losses, end, diverged_at = result.train_losses, result.end, result.diverged_at
+            if self.instances is not None:
+                metrics["instances_diverged"] = sum(other.diverged for other in self.instances.others)
         if self.hook is not None and self.trajectory_mode != "imitation":  # (imitation adds no hook term)
             metrics["regularizers"] = self.hook.pop_values()
         assert optimizer is not None
@@ -411,9 +426,18 @@ class MetaTrainer:
 
     def segment_objective(self, weights: Mapping[str, Tensor], n: int) -> tuple[UnrollResult, Tensor]:
         """The next ``n`` steps of the current trajectory (hook terms in ``result.extra``) and their meta-objective,
-        without touching the net, its optimizer or ``self.trajectory`` (the segment's end is ``result.end``)."""
+        without touching the net, its optimizer or ``self.trajectory`` (the segment's end is ``result.end``). With
+        task instances (``estimator.instances``) the objective is the mean of theirs, ``result`` instance 0's (the
+        trainer's trajectory), and the other instances move on to their segment's end."""
         cfg = self.config
         assert self.task is not None and self.trajectory is not None, "no trajectory in progress"
+        if self.instances is not None:
+            results = self.instances.segment(weights, self.task, self.trajectory, self.data_generator, n)
+            objectives = [
+                meta_objective(cfg.objective.kind, r.losses, initial_loss=r.end.initial_loss, last_step=r.end.step)
+                for r in results
+            ]
+            return results[0], torch.stack(objectives).mean()
         result = unroll(
             self.rule,
             weights,
@@ -542,6 +566,8 @@ class MetaTrainer:
     def generators(self) -> dict[str, torch.Generator]:
         """The run's own random generators, by checkpoint name (besides the global ones)."""
         generators = {"data": self.data_generator}
+        if self.instances is not None:
+            generators.update(self.instances.named_generators())
         if self.regularizer_hook is not None and self.regularizer_hook.generator is not None:
             generators["regularizers"] = self.regularizer_hook.generator
         return generators

@@ -54,6 +54,7 @@ __all__ = [
     "as_hook",
     "StepInputs",
     "start_trajectory",
+    "start_instance",
     "step_lr",
     "step_lr_ratio",
     "task_loss_and_grad",
@@ -268,6 +269,23 @@ def start_trajectory(
     return Trajectory(params=params, opt_state=opt_state)
 
 
+def start_instance(
+    rule: UpdateRule,
+    task: Task,
+    beside: Trajectory,
+    seed: int,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Trajectory:
+    r"""Another instance of ``task`` beside the trajectory ``beside``: its own :math:`\theta_0`, drawn from a
+    generator seeded with ``seed`` (:func:`start_trajectory`), with ``beside``'s lr, schedule horizon and weight
+    decay, so that it can be unrolled with it (:func:`unroll_particles`)."""
+    other = start_trajectory(rule, task, seeded_generator(seed), device=device, dtype=dtype)
+    other.lr, other.horizon, other.weight_decay = beside.lr, beside.horizon, beside.weight_decay
+    return other
+
+
 def step_lr(rule: UpdateRule, trajectory: Trajectory, config: UnrollConfig, t: int) -> float:
     r"""The lr of the trajectory's 1-based step ``t``: :math:`\eta \cdot` ``lr_factor(schedule, t - 1, T)``, with
     :math:`\eta` the trajectory's ``lr``, else the config's, else the rule's ``default_lr``, and :math:`T` the
@@ -424,12 +442,22 @@ def unroll_particles(
     config: UnrollConfig | None = None,
     meta_split: str = "train",
     streams: Sequence[int] | None = None,
+    shared_weights: bool = False,
+    track_graph: bool = False,
 ) -> list[UnrollResult]:
-    r""":func:`unroll` without a graph for ``P`` particles at once: particle :math:`p` runs the net with weights
-    ``weights[name][p]`` (each stacked on a leading axis of ``P``) from ``trajectories[p]``, and every step is one
-    call batched over the particles by ``torch.func.vmap``: the task's loss and gradient
-    (``vmap(grad_and_value(task.loss))``), the net's update (:func:`~learned_optim.functional.apply_rule`, on its
-    ATen path: the native kernels have no batching rule) and the meta-split losses.
+    r""":func:`unroll` for ``P`` particles at once: particle :math:`p` runs the net with weights ``weights[name][p]``
+    (each stacked on a leading axis of ``P``; with ``shared_weights`` every particle runs ``weights`` itself) from
+    ``trajectories[p]``, and every step is one call batched over the particles by ``torch.func.vmap``: the task's
+    loss and gradient (``vmap(grad_and_value(task.loss))``), the net's update
+    (:func:`~learned_optim.functional.apply_rule`, on its ATen path: the native kernels have no batching rule) and
+    the meta-split losses.
+
+    Without a graph by default (PES's particles). With ``track_graph`` the losses stay in the graph of ``weights``,
+    as :func:`unroll`'s do (truncated BPTT over several task instances: the meta-gradient of the particles' summed
+    objectives is the sum of their :func:`unroll` meta-gradients, to float rounding); the optimizee's gradient is
+    detached unless ``config.second_order``, and ``config.checkpoint_steps`` and meta-loss hooks are not supported.
+    A particle whose gradient is not finite steps from a zero gradient instead (and the guard rejects the step, as
+    :func:`unroll` does) so that no infinity enters the graph the others backpropagate through.
 
     The particles see the same batches, drawn once from ``generator`` in the order :func:`unroll` draws them for
     each (common random numbers, as PES's particles, each with a generator of the same seed, see in the loop). Or
@@ -455,14 +483,17 @@ def unroll_particles(
             raise ValueError(f"unroll_particles: the particles must share their tensors and {', '.join(shared)}")
     count = len(trajectories)
     for name, value in weights.items():
-        if value.shape[:1] != (count,):
+        if not shared_weights and value.shape[:1] != (count,):
             raise ValueError(f"unroll_particles: weights[{name!r}] {tuple(value.shape)} is not stacked over {count}")
+    if track_graph and cfg.checkpoint_steps:
+        raise ValueError("unroll_particles: config.checkpoint_steps is not supported with track_graph")
+    second_order = cfg.second_order and track_graph
     params = {k: torch.stack([tr.params[k].detach() for tr in trajectories]) for k in first.params}
     state = {
         k: {s: torch.stack([tr.opt_state[k][s].detach() for tr in trajectories]) for s in first.opt_state[k]}
         for k in first.opt_state
     }
-    guards = [_Guard.of(tr, cfg, track_graph=False) for tr in trajectories]
+    guards = [_Guard.of(tr, cfg, track_graph=track_graph) for tr in trajectories]
     dtype = next((p.dtype for p in params.values() if p.is_floating_point()), None)
     device = next(iter(params.values())).device
     bound = _divergence_bound(task, cfg)
@@ -494,12 +525,15 @@ def unroll_particles(
 
     loss_and_grad = vmap(grad_and_value(task.loss), in_dims=(0, batch_axis))
     losses_at = vmap(loss_only, in_dims=(0, batch_axis))
-    # the large tensors of a net with a native kernel: one kernel call per particle (see NATIVE_LOOP_MIN_COORDINATES)
+    # the large tensors of a net with a native kernel: one kernel call per particle (see NATIVE_LOOP_MIN_COORDINATES;
+    # the kernels have no autograd, so never with a graph)
     looped = [
-        k for k, v in first.params.items() if v.numel() >= NATIVE_LOOP_MIN_COORDINATES and rule.steps_natively(device)
+        k
+        for k, v in first.params.items()
+        if not track_graph and v.numel() >= NATIVE_LOOP_MIN_COORDINATES and rule.steps_natively(device)
     ]
     batched = [k for k in first.params if k not in looped]
-    step_batched = vmap(learned_step, in_dims=(0, 0, 0, 0, None, None))
+    step_batched = vmap(learned_step, in_dims=(None if shared_weights else 0, 0, 0, 0, None, None))
 
     def step_all(
         grads: dict[str, Tensor], params: dict[str, Tensor], state: StateDict, t: int, lr: float
@@ -513,7 +547,7 @@ def unroll_particles(
         if looped:
             each = [
                 learned_step(
-                    _particle(weights, p),
+                    weights if shared_weights else _particle(weights, p),
                     _particle(_pick(grads, looped), p),
                     _particle(_pick(params, looped), p),
                     {k: _particle(state[k], p) for k in looped},
@@ -534,7 +568,16 @@ def unroll_particles(
         """``new`` for the particles of ``mask`` (``(P,)`` booleans), ``old`` for the others."""
         return torch.where(mask.view(-1, *([1] * (new.dim() - 1))), new, old)
 
-    with torch.no_grad():
+    def finite_gradients(grads: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[bool]]:
+        """The gradients (detached unless second order), a particle's replaced by zeros where any is not finite."""
+        if not second_order:
+            grads = {k: v.detach() for k, v in grads.items()}
+        if not track_graph:
+            return grads, [True] * count
+        ok = torch.stack([torch.isfinite(v.detach()).flatten(1).all(1) for v in grads.values()]).all(0)
+        return {k: keep(ok, v, torch.zeros_like(v)) for k, v in grads.items()}, ok.tolist()
+
+    with torch.set_grad_enabled(track_graph):
         if meta_split == "val" and any(g.initial_loss is None and not g.diverged for g in guards):
             initial = losses_at(params, batch_of("val"))
             for g, value in zip(guards, initial, strict=True):
@@ -550,15 +593,17 @@ def unroll_particles(
                 continue
             batch = batch_of("train")
             grads, losses = loss_and_grad(params, batch)
+            grads, finite_grads = finite_gradients(grads)
             rule.set_lr_ratio(step_lr_ratio(first, cfg, t))
             new_params, new_state = step_all(grads, params, state, t, step_lr(rule, first, cfg, t))
-            finite = torch.stack([torch.isfinite(v).flatten(1).all(1) for v in new_params.values()]).all(0).tolist()
-            norms = torch.stack([v.double().square().flatten(1).sum(1) for v in new_params.values()]).sum(0).sqrt()
+            checked = [v.detach() for v in new_params.values()]
+            finite = torch.stack([torch.isfinite(v).flatten(1).all(1) for v in checked]).all(0).tolist()
+            norms = torch.stack([v.double().square().flatten(1).sum(1) for v in checked]).sum(0).sqrt()
             accepted = [False] * count
             for p, g in enumerate(guards):
                 if not running[p] or not g.took_step(losses[p], first=i == 0, meta_split=meta_split, t=t):
                     continue
-                if not finite[p] or (bound is not None and float(norms[p]) > bound):
+                if not (finite[p] and finite_grads[p]) or (bound is not None and float(norms[p]) > bound):
                     g.stop(t)
                     continue
                 accepted[p] = True

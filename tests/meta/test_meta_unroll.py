@@ -551,3 +551,115 @@ def test_unroll_particles_refuses_particles_that_do_not_stand_together():
         together(rule, weights, task, [trajectory, later], 2)
     with pytest.raises(ValueError, match="not stacked over 3"):
         together(rule, weights, task, [trajectory] * 3, 2)
+
+
+# ------------------------------------------------------------------- task instances unrolled together, with a graph
+
+
+def instance_starts(rule, task, seeds):
+    return [start_trajectory(rule, task, torch.Generator().manual_seed(s)) for s in seeds]
+
+
+def summed_meta_gradient(rule, results):
+    weights = [p for _, p in rule.named_parameters()]
+    objective = sum(r.losses.sum() for r in results)
+    return objective.detach(), torch.cat([g.reshape(-1) for g in torch.autograd.grad(objective, weights)])
+
+
+def instances_one_by_one(rule, task, starts, steps, generators, **options):
+    weights = dict(rule.named_parameters())
+    return [
+        unroll(rule, weights, task, s, steps, generator=g, **options) for s, g in zip(starts, generators, strict=True)
+    ]
+
+
+def instances_together(rule, task, starts, steps, generators, **options):
+    weights = dict(rule.named_parameters())
+    streams = list(range(len(generators))) if len(generators) > 1 else None
+    return unroll_particles(
+        rule, weights, task, starts, steps, generator=generators, streams=streams, shared_weights=True,
+        track_graph=True, **options,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("second_order", [False, True])
+@pytest.mark.parametrize("meta_split", ["train", "val"])
+@pytest.mark.parametrize("family", ["dm_lstm", "mlp", "adafac_mlp"])
+def test_instances_unrolled_together_with_a_graph_give_their_unrolls_meta_gradients(family, meta_split, second_order):
+    """Truncated BPTT over task instances: instances from their own starting points and batch streams, unrolled
+    together with the graph kept (one net, ``shared_weights``), give the losses, ends and summed meta-gradient of
+    their own unrolls (float64), first and second order."""
+    rule, task, _ = make(family, **({"hidden_size": 4} if family == "adafac_mlp" else {}))
+    starts = instance_starts(rule, task, (1, 5))
+    config = UnrollConfig(lr=0.05 if family == "adafac_mlp" else None, second_order=second_order)
+
+    def generators():
+        return [torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)]
+
+    options = {"config": config, "meta_split": meta_split}
+    loop = instances_one_by_one(rule, task, starts, 3, generators(), **options)
+    batched = instances_together(rule, task, starts, 3, generators(), **options)
+    assert_same_segments(loop, batched, rtol=1e-9)
+    (objective, gradient), (objective_b, gradient_b) = (
+        summed_meta_gradient(rule, loop),
+        summed_meta_gradient(rule, batched),
+    )
+    torch.testing.assert_close(objective_b, objective, rtol=1e-12, atol=0)
+    torch.testing.assert_close(gradient_b, gradient, rtol=1e-9, atol=1e-12)
+    assert gradient.abs().max() > 0
+
+
+def test_the_guard_freezes_instances_unrolled_together_with_a_graph_as_their_own_unrolls():
+    """Instances frozen at their own steps by the norm bound: the losses, penalties and meta-gradient of their own
+    unrolls (a frozen instance's rejected step adds nothing to it)."""
+    rule, task, _ = make("dm_lstm", output_scale=2.0)
+    starts = instance_starts(rule, task, range(4))
+    options = {"config": UnrollConfig(max_param_norm=3.0), "meta_split": "val"}
+    loop = instances_one_by_one(rule, task, starts, 8, [torch.Generator().manual_seed(7)] * 4, **options)
+    batched = instances_together(rule, task, starts, 8, [torch.Generator().manual_seed(7)], **options)
+    assert [r.diverged_at for r in loop] == [None, 7, 8, 8]
+    assert_same_segments(loop, batched, rtol=1e-9)
+    torch.testing.assert_close(summed_meta_gradient(rule, batched)[1], summed_meta_gradient(rule, loop)[1])
+
+
+class KinkTask(Task):
+    r"""f(x) = sum(sqrt|x - 1|) + |x|^2: a finite loss whose gradient is not finite where a coordinate is 1."""
+
+    name = "kink"
+
+    def init_params(self, generator):
+        return {"x": torch.randn(5, generator=generator, dtype=torch.float64)}
+
+    def batch(self, split, generator):
+        return {}
+
+    def loss(self, params, batch):
+        return (params["x"] - 1.0).abs().sqrt().sum() + params["x"].square().sum()
+
+
+@pytest.mark.parametrize("family", ["dm_lstm", "adafac_mlp"])
+def test_an_instance_with_a_non_finite_gradient_leaves_the_others_meta_gradient_finite(family):
+    """An instance whose gradient is NaN at its first step is frozen there, as in its own unroll, and the
+    meta-gradient of the others is theirs: its step runs from a zero gradient, so no NaN enters the graph that the
+    batch backpropagates through (a NaN step masked out by ``torch.where`` would still make the gradient NaN)."""
+    torch.manual_seed(0)
+    rule = build_rule(family, {"hidden_size": 4} if family == "adafac_mlp" else {}).double()
+    task = KinkTask()
+    starts = instance_starts(rule, task, range(3))
+    starts[1] = starts[1].detached()
+    starts[1].params = {"x": starts[1].params["x"].clone().index_fill_(0, torch.tensor([2]), 1.0)}
+    options = {"config": UnrollConfig(lr=0.05 if family == "adafac_mlp" else None)}
+    loop = instances_one_by_one(rule, task, starts, 4, [torch.Generator().manual_seed(7)] * 3, **options)
+    batched = instances_together(rule, task, starts, 4, [torch.Generator().manual_seed(7)], **options)
+    assert [r.diverged_at for r in batched] == [r.diverged_at for r in loop] == [None, 1, None]
+    gradient = summed_meta_gradient(rule, batched)[1]
+    assert torch.isfinite(gradient).all()
+    torch.testing.assert_close(gradient, summed_meta_gradient(rule, loop)[1])
+
+
+def test_unroll_particles_with_a_graph_refuses_gradient_checkpointing():
+    rule, task, trajectory = make("dm_lstm")
+    with pytest.raises(ValueError, match="checkpoint_steps is not supported with track_graph"):
+        instances_together(
+            rule, task, [trajectory] * 2, 2, [torch.Generator()], config=UnrollConfig(checkpoint_steps=True)
+        )

@@ -1,0 +1,126 @@
+"""Truncated BPTT over several task instances per meta-step (``estimator.instances`` with kind ``tbptt``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_meta_trainer import meta_records, tiny_config, weights_of
+
+from learned_optim.meta import instances as instances_module
+from learned_optim.meta.instances import TaskInstances
+from learned_optim.meta.trainer import MetaTrainer
+from learned_optim.meta.unroll import unroll_particles
+from learned_optim.objectives import meta_objective
+
+
+def tbptt_config(instances: int = 2, batched: bool = False, **changes):
+    base = {
+        "net": {"family": "adafac_mlp", "config": {"hidden_size": 4}},
+        "estimator": {"kind": "tbptt", "instances": instances, "batch_particles": batched},
+        "unroll": {"trajectory_length": 6, "segment_length": 3, "lr": 0.01, "weight_decays": [0.0, 0.1]},
+        "objective": {"split": "val"},
+    }
+    return tiny_config(**{**base, **changes})
+
+
+def first_segment(config, tmp_path):
+    """The trainer's first segment: its results per instance, objective and meta-gradient (nothing updated)."""
+    trainer = MetaTrainer(config, out_dir=tmp_path, progress=False)
+    trainer._begin_trajectory()
+    weights = trainer._weights()
+    _, objective = trainer.segment_objective(weights, 3)
+    gradient = torch.autograd.grad(objective, list(weights.values()))
+    return trainer, objective.detach(), torch.cat([g.reshape(-1) for g in gradient])
+
+
+def test_the_objective_is_the_mean_of_the_instances_own_objectives(tmp_path):
+    """Instance 0 is the trainer's own trajectory and batch stream, bit for bit the one-instance run's; the other
+    starts from its own theta_0 and draws its own batches; the objective is the mean of theirs, and so is its
+    meta-gradient (each instance's unrolled on its own)."""
+    one, objective_one, gradient_one = first_segment(tbptt_config(instances=1), tmp_path / "one")
+    assert one.instances is None
+    two, objective_two, gradient_two = first_segment(tbptt_config(), tmp_path / "two")
+    assert two.instances is not None and len(two.instances.others) == 1
+    other = two.instances.others[0]
+    assert other.step == 3 and not torch.equal(other.params["x"], two.trajectory.params["x"])
+    # the other instance alone: its objective and gradient, from its own start and stream
+    trainer = MetaTrainer(tbptt_config(), out_dir=tmp_path / "alone", progress=False)
+    trainer._begin_trajectory()
+    assert trainer.instances is not None
+    start, stream = trainer.instances.others[0], trainer.instances.generators[0]
+    assert not torch.equal(start.params["x"], trainer.trajectory.params["x"])
+    weights = trainer._weights()
+    from learned_optim.meta.unroll import unroll
+
+    result = unroll(
+        trainer.rule, weights, trainer.task, start, 3, generator=stream, config=trainer.config.unroll, meta_split="val"
+    )
+    objective_other = meta_objective("sum", result.losses, initial_loss=result.end.initial_loss, last_step=3)
+    gradient_other = torch.cat([g.reshape(-1) for g in torch.autograd.grad(objective_other, list(weights.values()))])
+    torch.testing.assert_close(objective_two, (objective_one + objective_other.detach()) / 2, rtol=1e-6, atol=0)
+    torch.testing.assert_close(gradient_two, (gradient_one + gradient_other) / 2, rtol=1e-5, atol=1e-9)
+    assert not torch.allclose(gradient_other, gradient_one, rtol=0.1)  # the instances really differ
+
+
+def test_instances_unrolled_together_give_the_loop_objective_and_meta_gradient(tmp_path, monkeypatch):
+    """``batch_particles`` with truncated BPTT: the instances in one vmapped call per step (graph kept), the same
+    objective and meta-gradient as one after the other to float rounding."""
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append((len(args[3]), kwargs["shared_weights"], kwargs["track_graph"]))
+        return unroll_particles(*args, **kwargs)
+
+    monkeypatch.setattr(instances_module, "unroll_particles", counting)
+    _, objective_loop, gradient_loop = first_segment(tbptt_config(instances=3), tmp_path / "loop")
+    assert not calls
+    _, objective_batched, gradient_batched = first_segment(tbptt_config(instances=3, batched=True), tmp_path / "vmap")
+    assert calls == [(3, True, True)]
+    torch.testing.assert_close(objective_batched, objective_loop, rtol=1e-5, atol=0)
+    torch.testing.assert_close(gradient_batched, gradient_loop, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_run_over_task_instances_resumes_bit_for_bit(tmp_path, batched):
+    """Killed mid-trajectory and resumed: the same net and log bit for bit (the instances' trajectories and batch
+    generators are in the checkpoint); it trains (the net moves, every meta-step counts), and a checkpoint is
+    refused under another number of instances."""
+    config = tbptt_config(batched=batched)
+    full_folder = MetaTrainer(config, out_dir=tmp_path / "full", progress=False).train()
+    assert MetaTrainer(config, out_dir=tmp_path / "cut", progress=False).train(stop_after=4) is None
+    cut_folder = MetaTrainer(config, out_dir=tmp_path / "cut", progress=False).train(resume=True)
+    wf, wc = weights_of(full_folder), weights_of(cut_folder)
+    assert all(torch.equal(wf[k], wc[k]) for k in wf)
+    records = meta_records(tmp_path / "full")
+    assert records == meta_records(tmp_path / "cut")
+    assert len(records) == 8 and all(not r["skipped"] and r["instances_diverged"] == 0 for r in records)
+    initial = MetaTrainer(config, out_dir=tmp_path / "init", progress=False).rule.state_dict()
+    assert any(not torch.equal(initial[k], wf[k]) for k in wf)
+    with pytest.raises(ValueError, match="estimator.instances: 2 -> 3"):
+        MetaTrainer(tbptt_config(instances=3), out_dir=tmp_path / "cut", progress=False).train(resume=True)
+
+
+def test_task_instances_refuse_a_checkpoint_of_another_count(tmp_path):
+    trainer = MetaTrainer(tbptt_config(instances=3), out_dir=tmp_path, progress=False)
+    trainer._begin_trajectory()
+    assert trainer.instances is not None
+    two = TaskInstances(tbptt_config(), trainer.rule, device=trainer.device, dtype=trainer.dtype)
+    with pytest.raises(ValueError, match="holds 3 task instances, the config makes 2"):
+        two.load(*trainer.instances.to_tensors())
+
+
+def test_task_instances_refuse_what_follows_one_trajectory(tmp_path):
+    """Regularizers, maml and imitation (their terms follow one trajectory), a hook, gradient checkpointing of a
+    batched unroll, and batching a single instance are refused with clear errors."""
+    sam = [{"kind": "sam", "weight": 1.0, "where": "segment_end", "rho": 0.05}]
+    for changes in ({"regularizers": sam}, {"imitation": {"enabled": True}}, {"maml": {"enabled": True}}):
+        with pytest.raises(ValueError, match="does not combine with maml, imitation or regularizers"):
+            tbptt_config(**changes)
+    with pytest.raises(ValueError, match="does not combine with unroll.checkpoint_steps"):
+        tbptt_config(batched=True, unroll={"trajectory_length": 6, "segment_length": 3, "checkpoint_steps": True})
+    with pytest.raises(ValueError, match="needs kind 'pes' or instances > 1"):
+        tbptt_config(instances=1, batched=True)
+    with pytest.raises(ValueError, match="instances must be >= 1"):
+        tbptt_config(instances=0)
+    with pytest.raises(ValueError, match="hook does not combine with estimator.instances"):
+        MetaTrainer(tbptt_config(), out_dir=tmp_path, progress=False, hook=lambda *args, **kwargs: None)
