@@ -1,20 +1,25 @@
-"""PES meta-training with the particles unrolled one by one against unrolled together (``estimator.batch_particles``).
+"""Meta-training with PES particles or truncated-BPTT task instances unrolled one by one against unrolled together
+(``estimator.batch_particles``).
 
 ::
 
     python benchmarks/batched_particles.py                       # the flagship's parent recipe, 8 trajectories
     python benchmarks/batched_particles.py --trajectories 4 --processes 0
     python benchmarks/batched_particles.py --processes 0 --set estimator.instances=2   # 2 task instances, 16 particles
+    python benchmarks/batched_particles.py --config adafac-mlp-adam-magnitude-tbv-nomup-control \
+        --set estimator.instances=4 --trajectories 4      # truncated BPTT over 4 task instances per meta-step
 
-Runs the same PES recipe (``--trajectories`` trajectories of the bundled ``--config``, the same tasks in the same
+Runs the same recipe (``--trajectories`` trajectories of the bundled ``--config``, the same tasks in the same
 order) from scratch through the meta-training command line, one run after the other so that none shares the cores
-with another: the particles unrolled one after the other (the default), unrolled together (``--set
-estimator.batch_particles=true``: each inner step one call batched over the particles by ``torch.func.vmap``) and,
-unless ``--processes 0``, both again on each rank of a particle-parallel run (``torchrun --nproc-per-node P ...
---parallel particles``). Prints each run's wall time and median seconds per meta-step (from its log, the first
-trajectory left out), their ratios to the first run, and how far the batched run's first PES estimate is from the
-loop's (they differ by float rounding only: the relative difference of the particles' objectives and of the
-estimate's norm).
+with another: the particles (PES) or task instances (truncated BPTT, ``estimator.instances`` > 1) unrolled one
+after the other (the default), unrolled together (``--set estimator.batch_particles=true``: each inner step one call
+batched over them by ``torch.func.vmap``, with truncated BPTT keeping the graph) and, for PES unless ``--processes
+0``, both again on each rank of a particle-parallel run (``torchrun --nproc-per-node P ... --parallel particles``);
+for truncated BPTT also one instance alone (``--set estimator.instances=1``: what the K instances cost beside it).
+Prints each run's wall time and median seconds per meta-step (from its log, the first trajectory left out), their
+ratios to the first run, and how far the batched run's first meta-step is from the loop's (they differ by float
+rounding only: the relative difference of PES's objectives and estimate's norm, or of truncated BPTT's objective and
+meta-gradient norm).
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import cpu_flags_line, machine_header, table  # noqa: E402
 from particle_parallel import run  # noqa: E402
 
+from learned_optim.meta.config import load_config, resolve_config_path  # noqa: E402
+
 
 def first_step(out: Path) -> dict[str, float]:
     """The first meta-step's record of a run's log."""
@@ -44,13 +51,19 @@ def first_step(out: Path) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="adafac-mlp-adam-magnitude-tbv-nomup", help="a bundled PES config")
+    parser.add_argument(
+        "--config", default="adafac-mlp-adam-magnitude-tbv-nomup", help="a bundled PES or truncated-BPTT config"
+    )
     parser.add_argument("--trajectories", type=int, default=8, help="meta_epochs of each run")
     parser.add_argument("--processes", type=int, default=2, help="processes of the particle-parallel run (0: none)")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for every run (repeatable)"
     )
     args = parser.parse_args(argv)
+    estimator = load_config(resolve_config_path(args.config), [*args.set]).estimator
+    if estimator.kind == "tbptt" and estimator.instances < 2:
+        parser.error("a truncated-BPTT config batches its task instances: add --set estimator.instances=K (K >= 2)")
+    pes = estimator.kind == "pes"
 
     train = ["-m", "learned_optim.meta", "train", args.config, "--no-progress", "--set"]
     train.append(f"meta_epochs={args.trajectories}")
@@ -60,12 +73,15 @@ def main(argv: list[str] | None = None) -> None:
         "1 process, one by one": [sys.executable, *train],
         "1 process, batched": [sys.executable, *train, *batched],
     }
-    if args.processes:
+    if not pes:  # what a meta-step of one instance costs, beside K of them
+        runs["1 process, one instance"] = [sys.executable, *train, "--set", "estimator.instances=1"]
+    if args.processes and pes:
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
         parallel = [*torchrun, str(args.processes), *train, "--parallel", "particles"]
         runs[f"{args.processes} processes, --parallel particles, one by one"] = parallel
         runs[f"{args.processes} processes, --parallel particles, batched"] = [*parallel, *batched]
-    print(f"# PES particles one by one against batched\n\n{machine_header()}\n\n{cpu_flags_line()}\n")
+    what = "PES particles" if pes else f"Truncated-BPTT task instances ({estimator.instances})"
+    print(f"# {what} one by one against batched\n\n{machine_header()}\n\n{cpu_flags_line()}\n")
     overrides = "".join(f", --set {o}" for o in args.set)
     print(f"config {args.config}{overrides}, {args.trajectories} trajectories from scratch, run one after the other\n")
     work = Path(tempfile.mkdtemp(prefix="batched-particles-"))
@@ -83,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, (wall, step) in results.items()
     ]
     print(table(["run", "wall s", "median s / meta-step", "wall speed-up", "meta-step speed-up"], rows))
-    keys = ("pes_loss_plus", "pes_loss_minus", "pes_grad_norm")
+    keys = ("pes_loss_plus", "pes_loss_minus", "pes_grad_norm") if pes else ("objective", "grad_norm")
     gaps = {k: abs(firsts[1][k] - firsts[0][k]) / abs(firsts[0][k]) for k in keys}
     print("\nfirst meta-step, batched against one by one (relative difference): ", end="")
     print(", ".join(f"{k} {v:.1e}" for k, v in gaps.items()))

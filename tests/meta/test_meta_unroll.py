@@ -609,6 +609,28 @@ def test_instances_unrolled_together_with_a_graph_give_their_unrolls_meta_gradie
     assert gradient.abs().max() > 0
 
 
+@pytest.mark.parametrize("kind", ["gru", "transformer", "conv"])
+def test_instances_of_sequence_models_and_convolutions_unrolled_together_with_a_graph(kind):
+    """The meta-mix kinds vmap treats apart (see the particles' test above), with the graph kept: the summed
+    meta-gradient of the instances' own unrolls (float64, 1e-6)."""
+    family = make_family(
+        "meta-mix", kinds={kind: 1.0}, widths=[16], batch_sizes=[8], eval_batch_size=16, dtype="float64"
+    )
+    task = family.sample(torch.Generator().manual_seed(0))
+    rule = build_rule("adafac_mlp", {"hidden_size": 4}).double()
+    starts = instance_starts(rule, task, (1, 2))
+    options = {"config": UnrollConfig(lr=0.01), "meta_split": "val"}
+
+    def generators():
+        return [torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)]
+
+    loop = instances_one_by_one(rule, task, starts, 3, generators(), **options)
+    batched = instances_together(rule, task, starts, 3, generators(), **options)
+    torch.testing.assert_close(
+        summed_meta_gradient(rule, batched)[1], summed_meta_gradient(rule, loop)[1], rtol=1e-6, atol=1e-12
+    )
+
+
 def test_the_guard_freezes_instances_unrolled_together_with_a_graph_as_their_own_unrolls():
     """Instances frozen at their own steps by the norm bound: the losses, penalties and meta-gradient of their own
     unrolls (a frozen instance's rejected step adds nothing to it)."""
