@@ -190,7 +190,8 @@ class PESRunner:
         data_seeds += [derive_seed(cfg.seed, "pes-data", task_index, start, k) for k in range(1, self.config.instances)]
         train_losses: list[Tensor] = []
 
-        def run(all_weights: Tensor, particles: list[Trajectory]) -> tuple[Tensor, list[Trajectory]]:
+        def run(all_weights: Tensor, particles: list[Trajectory]) -> tuple[Tensor, tuple[list[Trajectory], Tensor]]:
+            """Every particle's objective; its new trajectory (this rank's) and divergence flag, as the new state."""
             objectives, ends = [], list(particles)
             options: dict[str, Any] = {"config": cfg.unroll, "meta_split": cfg.objective.split}
             if self.config.batch_particles:  # one batch stream per instance of this block
@@ -234,13 +235,11 @@ class PESRunner:
             mine = torch.stack([torch.stack(objectives).to(all_weights.dtype), flags.to(all_weights.dtype)], dim=1)
             if self.world_size > 1:  # every particle's objective and flag, from the rank that unrolled it (one call)
                 mine = gather_blocks(mine, self.bounds)
-            diverged.append(mine[:, 1])
-            return mine[:, 0], ends
+            return mine[:, 0], (ends, mine[:, 1])
 
-        diverged: list[Tensor] = []
         with torch.no_grad():
             out = pes_estimate(run, theta, self.particles, self.xi, epsilon, self.config.sigma)
-        self.particles, self.xi = out.state, out.xi
+        (self.particles, diverged), self.xi = out.state, out.xi
         mean = out.losses.mean()
         gradient = self._unflatten(out.gradient)
         surrogate = mean + sum(
@@ -250,7 +249,7 @@ class PESRunner:
             "pes_loss_plus": float(out.losses[: self.num_pairs].mean()),
             "pes_loss_minus": float(out.losses[self.num_pairs :].mean()),
             "pes_grad_norm": float(out.gradient.norm()),
-            "pes_diverged": int(diverged[0].sum()),
+            "pes_diverged": int(diverged.sum()),
         }
         return surrogate, metrics, train_losses[0], self.particles[first]
 
