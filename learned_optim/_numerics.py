@@ -46,8 +46,9 @@ def derive_seed(seed: int, *keys: Any) -> int:
 def bfloat16_matmul_is_native(device_type: str) -> bool:
     """Whether matrix products in bfloat16 run on native bfloat16 units on this machine's ``device_type``: a CUDA GPU
     that supports bfloat16; a CPU with AMX tiles or AVX512-BF16 dot products (elsewhere bfloat16 is converted to
-    float32 and costs more). Measured on an Intel Xeon with AMX (bfloat16 products 3x float32's speed at 1000 x
-    1000); AVX512-BF16 without AMX (e.g. AMD Zen 4) is taken as native unmeasured. A property of the hardware, read
+    float32 and costs more). Measured: 5 Newton-Schulz steps at 1000 x 1000 in bfloat16 3.1x float32's speed on an
+    Intel Xeon with AMX, 2.25x on an AMD EPYC with AVX512-BF16 and no AMX (``benchmarks/newton_schulz_dtype.py``,
+    ``benchmarks/results/bench/orthogonal-bf16/``). A property of the hardware, read
     once per process, so a run's numerics do not depend on timings."""
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
