@@ -9,7 +9,7 @@ from test_meta_trainer import meta_records, tiny_config, weights_of
 from learned_optim.meta import instances as instances_module
 from learned_optim.meta.instances import TaskInstances
 from learned_optim.meta.trainer import MetaTrainer
-from learned_optim.meta.unroll import unroll_particles
+from learned_optim.meta.unroll import unroll, unroll_particles
 from learned_optim.objectives import meta_objective
 
 
@@ -50,8 +50,6 @@ def test_the_objective_is_the_mean_of_the_instances_own_objectives(tmp_path):
     start, stream = trainer.instances.others[0], trainer.instances.generators[0]
     assert not torch.equal(start.params["x"], trainer.trajectory.params["x"])
     weights = trainer._weights()
-    from learned_optim.meta.unroll import unroll
-
     result = unroll(
         trainer.rule, weights, trainer.task, start, 3, generator=stream, config=trainer.config.unroll, meta_split="val"
     )
