@@ -78,6 +78,8 @@ PES_OVERRIDES = [
 
 #: The same with the particles batched (vmap) and spread over 2 task instances: 8 particles, each rank's 4 on both.
 BATCHED_PES = ["estimator.batch_particles=true", "estimator.instances=2"]
+#: Truncated BPTT over 2 task instances per meta-step, unrolled together.
+TBPTT_INSTANCES = ["estimator.instances=2", "estimator.batch_particles=true"]
 
 
 # ====================================================================================== worker side
@@ -397,23 +399,26 @@ def scenario_meta_resume(rank: int, world: int, out: Path) -> dict:
     from learned_optim.meta.trainer import MetaTrainer
 
     overrides = [o for o in META_OVERRIDES if not o.startswith(("meta_epochs", "checkpoint_every"))]
-    config = load_config(resolve_config_path("smoke"), [*overrides, "meta_epochs=3", "checkpoint_every=1"])
-    full = MetaTrainer(config, out_dir=out / "meta-full", progress=False)
-    full.train()
-    cut = out / "meta-cut"
-    assert MetaTrainer(config, out_dir=cut, progress=False).train(stop_after=2) is None
-    mine = cut / "checkpoint" / ("" if rank == 0 else f"rank{rank}")
-    kept = sorted(p.name for p in mine.glob("state-*.json"))
-    if rank == 1:  # killed before its step-2 checkpoint was complete
-        (mine / "state-000000002.json").unlink()
-    dist.barrier()
-    resumed = MetaTrainer(config, out_dir=cut, progress=False)
-    resumed.train(resume=True)
-    same = all(
-        torch.equal(a, b)
-        for a, b in zip(full.rule.state_dict().values(), resumed.rule.state_dict().values(), strict=True)
-    )
-    return {"kept": kept, "same_as_uninterrupted": same, "meta_steps": resumed.meta_steps}
+    result = {}
+    for name, extra in (("plain", []), ("instances", TBPTT_INSTANCES)):
+        config = load_config(resolve_config_path("smoke"), [*overrides, "meta_epochs=3", "checkpoint_every=1", *extra])
+        full = MetaTrainer(config, out_dir=out / f"meta-full-{name}", progress=False)
+        full.train()
+        cut = out / f"meta-cut-{name}"
+        assert MetaTrainer(config, out_dir=cut, progress=False).train(stop_after=2) is None
+        mine = cut / "checkpoint" / ("" if rank == 0 else f"rank{rank}")
+        kept = sorted(p.name for p in mine.glob("state-*.json"))
+        if rank == 1:  # killed before its step-2 checkpoint was complete
+            (mine / "state-000000002.json").unlink()
+        dist.barrier()
+        resumed = MetaTrainer(config, out_dir=cut, progress=False)
+        resumed.train(resume=True)
+        same = all(
+            torch.equal(a, b)
+            for a, b in zip(full.rule.state_dict().values(), resumed.rule.state_dict().values(), strict=True)
+        )
+        result[name] = {"kept": kept, "same_as_uninterrupted": same, "meta_steps": resumed.meta_steps}
+    return result
 
 
 def scenario_meta_particles(rank: int, world: int, out: Path) -> dict:
@@ -631,10 +636,13 @@ if __name__ == "__main__":
 
 def test_data_parallel_meta_training_resumes_every_rank_from_a_common_step(torchrun_results):
     """Each rank keeps its last two checkpoints, and a resume takes every rank back to the newest meta-step all of
-    them have: a kill that left the ranks' newest checkpoints at different steps resumes as the uninterrupted run."""
-    for res in _scenario(torchrun_results, "meta_resume"):
-        assert res["kept"] == ["state-000000001.json", "state-000000002.json"]
-        assert res["same_as_uninterrupted"] and res["meta_steps"] == 3
+    them have: a kill that left the ranks' newest checkpoints at different steps resumes as the uninterrupted run,
+    also with truncated BPTT over two task instances per rank (their trajectories and streams in each rank's
+    checkpoint)."""
+    for ranks in _scenario(torchrun_results, "meta_resume"):
+        for res in (ranks["plain"], ranks["instances"]):
+            assert res["kept"] == ["state-000000001.json", "state-000000002.json"]
+            assert res["same_as_uninterrupted"] and res["meta_steps"] == 3
 
 
 def test_particle_parallel_pes_is_the_single_process_run_bit_for_bit(torchrun_results, tmp_path):
