@@ -48,7 +48,6 @@ from torch import Tensor
 
 from .._numerics import derive_seed, global_norm, seeded_generator
 from ..nets.base import UpdateRule
-from ..objectives import meta_objective
 from ..tasks.base import Task, TaskFamily
 from ..tasks.registry import make_task_family
 from .config import MAMLConfig, MetaTrainConfig, UnrollConfig
@@ -133,10 +132,6 @@ def inner_step(
     return out, norm
 
 
-def _objective(kind: str, losses: Tensor, end: Trajectory) -> Tensor:
-    return meta_objective(kind, losses, initial_loss=end.initial_loss, last_step=end.step)
-
-
 @dataclasses.dataclass
 class MAMLSegment:
     """Result of :func:`maml_segment`.
@@ -210,7 +205,7 @@ def maml_segment(
         )
         if support_end is None:
             support_end, after = res.end, support_generator.get_state()
-        inner = _objective(objective, res.losses, res.end)
+        inner = res.objective(objective)
         inner_losses.append(float(inner.detach()))
         fast, norm = inner_step(fast, inner, maml, k=k, moments=moments)
         norms.append(norm)
@@ -230,7 +225,7 @@ def maml_segment(
         meta_split=split,
         hook=hook,
     )
-    outer = _objective(objective, res.losses, res.end) + res.extra
+    outer = res.objective(objective) + res.extra
     return MAMLSegment(
         loss=outer,
         inner_losses=inner_losses,
@@ -430,7 +425,7 @@ def adapt_on_task(
         n = min(segment_length, trajectory_length - traj.step)
         res = unroll(adapted, weights, state["task"], traj, n, generator=data, config=cfg)
         state["trajectory"] = res.end
-        return _objective(objective, res.losses, res.end)
+        return res.objective(objective)
 
     losses = adapt_weights(adapted, segment_loss, steps=steps, lr=lr, grad_clip=grad_clip)
     return adapted, losses

@@ -34,7 +34,6 @@ from torch import Tensor
 
 from .._numerics import derive_seed, seeded_generator
 from ..nets.base import UpdateRule
-from ..objectives import meta_objective
 from ..tasks.base import Task
 from .config import EstimatorConfig, MetaTrainConfig
 from .distributed import block_bounds, broadcast_json, broadcast_tensors, gather_blocks
@@ -221,14 +220,7 @@ class PESRunner:
                     for i in range(first, last)
                 ]
             for i, result in zip(range(first, last), results, strict=True):
-                objectives.append(
-                    meta_objective(
-                        cfg.objective.kind,
-                        result.losses,
-                        initial_loss=result.end.initial_loss,
-                        last_step=result.end.step,
-                    ).detach()
-                )
+                objectives.append(result.objective(cfg.objective.kind).detach())
                 train_losses.append(result.train_losses)
                 ends[i] = result.end
             flags = torch.tensor([float(ends[i].diverged) for i in range(first, last)], device=all_weights.device)

@@ -48,7 +48,6 @@ from torch import Tensor
 from .._numerics import derive_seed, seeded_generator
 from ..hub import load_rule, parent_record
 from ..nets.base import UpdateRule, build_rule
-from ..objectives import meta_objective
 from ..tasks.base import Task, TaskFamily
 from ..tasks.registry import make_task_family
 from .card import run_metrics, save_run_model
@@ -433,26 +432,22 @@ class MetaTrainer:
         assert self.task is not None and self.trajectory is not None, "no trajectory in progress"
         if self.instances is not None:
             results = self.instances.segment(weights, self.task, self.trajectory, self.data_generator, n)
-            objectives = [
-                meta_objective(cfg.objective.kind, r.losses, initial_loss=r.end.initial_loss, last_step=r.end.step)
-                for r in results
+        else:
+            results = [
+                unroll(
+                    self.rule,
+                    weights,
+                    self.task,
+                    self.trajectory,
+                    n,
+                    generator=self.data_generator,
+                    config=cfg.unroll,
+                    meta_split=cfg.objective.split,
+                    hook=self.hook,
+                )
             ]
-            return results[0], torch.stack(objectives).mean()
-        result = unroll(
-            self.rule,
-            weights,
-            self.task,
-            self.trajectory,
-            n,
-            generator=self.data_generator,
-            config=cfg.unroll,
-            meta_split=cfg.objective.split,
-            hook=self.hook,
-        )
-        objective = meta_objective(
-            cfg.objective.kind, result.losses, initial_loss=result.end.initial_loss, last_step=result.end.step
-        )
-        return result, objective
+        objectives = [r.objective(cfg.objective.kind) for r in results]
+        return results[0], objectives[0] if len(objectives) == 1 else torch.stack(objectives).mean()
 
     def _end_trajectory(self, last: Mapping[str, Any]) -> None:
         assert self.trajectory is not None

@@ -42,6 +42,7 @@ from torch.utils.checkpoint import checkpoint
 from .._numerics import derive_seed, global_norm, seeded_generator
 from ..functional import StateDict, apply_rule, decoupled_update, to_device
 from ..nets.base import UpdateRule
+from ..objectives import meta_objective
 from ..schedules import lr_factor, lr_ratio
 from ..tasks.base import Task, TaskFamily
 from .config import UnrollConfig
@@ -247,6 +248,11 @@ class UnrollResult:
     points: list[dict[str, Tensor]]
     end: Trajectory
     diverged_at: int | None = None
+
+    def objective(self, kind: str) -> Tensor:
+        """The segment's meta-objective :func:`~learned_optim.objectives.meta_objective` of kind ``kind`` over
+        ``losses`` (hook terms in ``extra`` not included), with the trajectory's initial loss and step at its end."""
+        return meta_objective(kind, self.losses, initial_loss=self.end.initial_loss, last_step=self.end.step)
 
 
 def start_trajectory(
