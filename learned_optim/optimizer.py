@@ -13,10 +13,11 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import kernels, packing, schedules
+from . import kernels, packing, schedules, sharded_step
 from .functional import decoupled_update_, stepped_parameter
 from .nets.base import UpdateRule
 from .packing import PACK_MAX_BYTES, ROW_ALIGN, is_dtensor
+from .sharded_step import SHARDED_STEPS, ShardedStep
 
 __all__ = [
     "LearnedOptimizer",
@@ -132,11 +133,12 @@ class LearnedOptimizer(Optimizer):
     ``torch.distributed.checkpoint`` can save and reshard it. Per-tensor statistics (the MLP net's
     feature RMS) are all-reduced over the shards, and a non-finite gradient on any rank skips or
     raises on every rank. A whole-tensor rule (``adafac_mlp``: factored row/column statistics, per-tensor
-    normalisation, the orthogonalised direction) steps each sharded tensor whole: every rank all-gathers the
-    tensor, its gradient and its per-coordinate state, runs the unsharded step and keeps its own shard (the
-    single-process step's result; transiently one whole tensor's parameter, gradient and state per rank, and
-    the same step computed on every rank); its per-tensor state (the factored statistics, of the whole
-    tensor's rows and columns) is a replicated ``DTensor``.
+    normalisation, the orthogonalised direction) steps each sharded tensor whole, with the single-process step's
+    result, as ``sharded_step`` says: by default each tensor is stepped by one rank of its shard group, which
+    gathers its shards, steps it and scatters the new shards and state back (:mod:`learned_optim.sharded_step`: the
+    ranks share the steps' compute out, each holding one whole tensor's parameter, gradient and state at a time);
+    with ``"every_rank"`` every rank all-gathers every tensor and steps it. Its per-tensor state (the factored
+    statistics, of the whole tensor's rows and columns) is a replicated ``DTensor``.
 
     Args:
         params: iterable of parameters, named parameters or param-group dicts.
@@ -173,6 +175,10 @@ class LearnedOptimizer(Optimizer):
             seconds on CPU, needs a C++ compiler); if it fails the step raises: there is no silent
             fallback to eager. Results match eager to float rounding, not bit for bit; within the
             compiled path they are still independent of ``chunk_size``.
+        sharded_step: how a whole-tensor rule (``adafac_mlp``) steps FSDP2-sharded parameters: ``"owner"``
+            (default) one rank of the shard group per tensor (:func:`learned_optim.sharded_step.step_by_owners`),
+            ``"every_rank"`` every rank all of them (all-gathered). The same bits either way; parameters sharded
+            otherwise than by one ``Shard(d)`` mesh dimension are stepped by every rank.
         **unsupported: AdamW's ``betas``, ``eps``, ``amsgrad`` (the net fixes its own), ``fused``, ``capturable`` and
             ``differentiable`` raise a ``TypeError`` that says why, as does any other unknown keyword.
     """
@@ -190,6 +196,7 @@ class LearnedOptimizer(Optimizer):
         nonfinite: NonFinitePolicy = "raise",
         state_dtype: torch.dtype | Mapping[str, torch.dtype] = torch.float32,
         compile: bool | Mapping[str, Any] = False,
+        sharded_step: ShardedStep = "owner",
         **unsupported: Any,
     ) -> None:
         if unsupported:
@@ -210,6 +217,8 @@ class LearnedOptimizer(Optimizer):
             raise ValueError(f"chunk_size must be a positive integer, None or 'auto', got {chunk_size!r}")
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        if sharded_step not in SHARDED_STEPS:
+            raise ValueError(f"sharded_step must be one of {SHARDED_STEPS}, got {sharded_step!r}")
         dtypes = state_dtype.values() if isinstance(state_dtype, Mapping) else [state_dtype]
         if not all(isinstance(d, torch.dtype) and d.is_floating_point for d in dtypes):
             raise ValueError(
@@ -225,6 +234,7 @@ class LearnedOptimizer(Optimizer):
         self.rule = rule.requires_grad_(False)
         self.chunk_size = chunk_size
         self.nonfinite = nonfinite
+        self.sharded_step = sharded_step
         self.state_dtype = state_dtype
         self.compile = dict(compile) if isinstance(compile, Mapping) else bool(compile)
         self._compiled_rule: Callable[..., Any] | None = None
@@ -254,7 +264,7 @@ class LearnedOptimizer(Optimizer):
         super().add_param_group(param_group)
 
     # ------------------------------------------------------------------ pickling / copying
-    _EXTRA_ATTRS = ("rule", "chunk_size", "nonfinite", "state_dtype", "skipped_steps", "compile")
+    _EXTRA_ATTRS = ("rule", "chunk_size", "nonfinite", "state_dtype", "skipped_steps", "compile", "sharded_step")
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -263,6 +273,7 @@ class LearnedOptimizer(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("compile", False)
+        state.setdefault("sharded_step", "every_rank")  # (pickled before sharded steps had owners)
         super().__setstate__(state)
         self._compiled_rule = None  # a compiled wrapper is never pickled; rebuilt at the next step
         self._tensor_state_shapes = {}
@@ -498,6 +509,7 @@ class LearnedOptimizer(Optimizer):
             params, states = todo.get(id(group), ([], []))
             params = self._step_in_place(params, states, lr, weight_decay, maximize)
             packs, singles = self._plan_packs(params)
+            singles = self._step_sharded_by_owners(singles, lr, weight_decay, maximize)
             for p in singles:
                 self._update_tensor(p, self.state[p], lr, weight_decay, maximize)
             for pack in packs:
@@ -553,6 +565,24 @@ class LearnedOptimizer(Optimizer):
         if not self.rule.packs_segments or self.compile or self.chunk_size is None or len(params) < 2:
             return [], params
         return packing.plan_packs(params, self.state, self.rule, self._chunk_rows)
+
+    def _step_sharded_by_owners(
+        self, params: list[Tensor], lr: float | Tensor, weight_decay: float, maximize: bool
+    ) -> list[Tensor]:
+        """A whole-tensor rule's step of the FSDP2-sharded ``params`` that
+        :func:`~learned_optim.sharded_step.step_by_owners` takes, each on one rank (``sharded_step="owner"``);
+        returns the parameters left to :meth:`_update_tensor`, in order."""
+        sharded = [p for p in params if is_dtensor(p)]
+        if self.sharded_step != "owner" or not self.rule.whole_tensor or not sharded:
+            return params
+
+        def step_whole(whole: Tensor, state: dict[str, Tensor]) -> None:
+            self._update_tensor(whole, state, lr, weight_decay, maximize)
+
+        per_coordinate = list(self.rule.state_shapes())
+        left = sharded_step.step_by_owners(sharded, [self.state[p] for p in sharded], per_coordinate, step_whole)
+        kept = {id(p) for p in left}
+        return [p for p in params if not is_dtensor(p) or id(p) in kept]
 
     def _update_tensor(
         self, p: Tensor, state: dict[str, Tensor], lr: float | Tensor, weight_decay: float, maximize: bool

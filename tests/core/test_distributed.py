@@ -267,12 +267,18 @@ def scenario_dcp(rank: int, world: int, out: Path) -> dict:
     return result
 
 
-def _fsdp_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The model sharded over a CPU mesh (gloo): without a mesh, FSDP2 would put it on a GPU when one exists."""
+def _fsdp_model(seed: int = 0, dtype: torch.dtype = torch.float32, hsdp: bool = False) -> nn.Module:
+    """The model sharded over a CPU mesh (gloo): without a mesh, FSDP2 would put it on a GPU when one exists. With
+    ``hsdp``, a 2-D mesh (1 replica x all ranks): placements ``(Replicate(), Shard(0))``."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+    world = torch.distributed.get_world_size()
+    mesh = (
+        init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard"))
+        if hsdp
+        else (init_device_mesh("cpu", (world,)))
+    )
     model = _model(seed).to(dtype)
     for layer in model:
         if isinstance(layer, nn.Linear):
@@ -281,13 +287,37 @@ def _fsdp_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
     return model
 
 
-def _same_as_unsharded_steps(family: str, config: dict, batch_of, dtype: torch.dtype = torch.float32) -> bool:
+def _counting_whole_steps(opt) -> list[int]:
+    """Count ``opt``'s steps of unsharded tensors (a whole-tensor rule's steps of gathered FSDP2 tensors)."""
+    from learned_optim.packing import is_dtensor
+
+    count, update_tensor = [0], opt._update_tensor
+
+    def counted(p, *args, **kwargs):
+        count[0] += not is_dtensor(p)
+        return update_tensor(p, *args, **kwargs)
+
+    opt._update_tensor = counted
+    return count
+
+
+def _same_as_unsharded_steps(
+    family: str,
+    config: dict,
+    batch_of,
+    dtype: torch.dtype = torch.float32,
+    sharded_step: str = "owner",
+    hsdp: bool = False,
+    counts: list[int] | None = None,
+) -> bool:
     """FSDP2 steps of ``family`` (parameters in ``dtype``) against one process stepping the whole model with the same
-    (gathered) gradients, each tensor in one net call (``chunk_size=None``): bit for bit after every step?"""
+    (gathered) gradients, each tensor in one net call (``chunk_size=None``): bit for bit after every step? ``counts``
+    gets the number of whole tensors this rank stepped."""
     from learned_optim import LearnedOptimizer
 
-    model, twin = _fsdp_model(dtype=dtype), _model().to(dtype)
-    opt = LearnedOptimizer(model.parameters(), _rule(family, **config))
+    model, twin = _fsdp_model(dtype=dtype, hsdp=hsdp), _model().to(dtype)
+    opt = LearnedOptimizer(model.parameters(), _rule(family, **config), sharded_step=sharded_step)
+    whole_steps = _counting_whole_steps(opt)
     twin_opt = LearnedOptimizer(twin.parameters(), _rule(family, **config), chunk_size=None)
     same = True
     for t in range(STEPS):
@@ -299,6 +329,8 @@ def _same_as_unsharded_steps(family: str, config: dict, batch_of, dtype: torch.d
         opt.step()
         twin_opt.step()
         same &= all(torch.equal(a.full_tensor(), b) for a, b in zip(model.parameters(), twin.parameters(), strict=True))
+    if counts is not None:
+        counts.append(whole_steps[0])
     return same
 
 
@@ -348,12 +380,6 @@ def scenario_fsdp2(rank: int, world: int, out: Path) -> dict:
         _train(fresh, fresh_opt, range(STEPS + 1, STEPS + 3), batch_of)
         result[case] = {
             "max_diff_vs_single_process": _max_diff(full, reference),
-            "same_as_unsharded_steps": _same_as_unsharded_steps(family, config, batch_of)
-            if family in WHOLE_TENSOR_FAMILIES
-            else None,
-            "same_as_unsharded_steps_bf16_params": _same_as_unsharded_steps(family, config, batch_of, torch.bfloat16)
-            if family in WHOLE_TENSOR_FAMILIES
-            else None,
             "moved": moved,
             "local_numels": local_sizes,
             "state_is_dtensor": state_is_dtensor,
@@ -363,7 +389,60 @@ def scenario_fsdp2(rank: int, world: int, out: Path) -> dict:
                 for a, b in zip(model.parameters(), fresh.parameters(), strict=True)
             ),
         }
+        if family in WHOLE_TENSOR_FAMILIES:  # each sharded step against one process's, and who computed it
+            owner_steps: list[int] = []
+            every_rank_steps: list[int] = []
+            hsdp_steps: list[int] = []
+            result[case] |= {
+                "same_as_unsharded_steps": _same_as_unsharded_steps(family, config, batch_of, counts=owner_steps),
+                "same_as_unsharded_steps_bf16_params": _same_as_unsharded_steps(
+                    family, config, batch_of, torch.bfloat16
+                ),
+                "same_as_unsharded_steps_hsdp": _same_as_unsharded_steps(
+                    family, config, batch_of, hsdp=True, counts=hsdp_steps
+                ),
+                "same_as_unsharded_steps_every_rank": _same_as_unsharded_steps(
+                    family, config, batch_of, sharded_step="every_rank", counts=every_rank_steps
+                ),
+                "whole_steps_by_owner": owner_steps[0],
+                "whole_steps_every_rank": every_rank_steps[0],
+                "whole_steps_hsdp": hsdp_steps[0],
+                "num_tensors": len(local_sizes),
+            }
     return result
+
+
+def scenario_dtensor_placements(rank: int, world: int, out: Path) -> dict:
+    """The flagship's whole-tensor step of DTensor parameters sharded along dim 1 (stepped by their owners) and of one
+    whose gradient is replicated (left to every rank), against one process stepping the same tensors."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from learned_optim import LearnedOptimizer
+
+    mesh = init_device_mesh("cpu", (world,))
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(4, 9), (6, 5), (3, 1), (2, 2)]  # (3, 1) along dim 1: one rank holds all of it, the other nothing
+    values = [torch.randn(shape, generator=gen) for shape in shapes]
+    grads = [[torch.randn(shape, generator=gen) for shape in shapes] for _ in range(STEPS)]
+    grad_placements = [[Shard(1)], [Shard(1)], [Shard(1)], [Replicate()]]  # the last: not the parameter's
+    params = [nn.Parameter(distribute_tensor(v.clone(), mesh, [Shard(1)])) for v in values]
+    twins = [nn.Parameter(v.clone()) for v in values]
+    opt = LearnedOptimizer(params, _rule("adafac_mlp", newton_schulz_steps=3))
+    whole_steps = _counting_whole_steps(opt)
+    twin_opt = LearnedOptimizer(twins, _rule("adafac_mlp", newton_schulz_steps=3), chunk_size=None)
+    for step_grads in grads:
+        for p, twin, g, placement in zip(params, twins, step_grads, grad_placements, strict=True):
+            p.grad, twin.grad = distribute_tensor(g, mesh, placement), g.clone()
+        opt.step()
+        twin_opt.step()
+    return {
+        "same_as_unsharded_steps": all(
+            torch.equal(p.full_tensor(), twin) for p, twin in zip(params, twins, strict=True)
+        ),
+        "moved": max(_max_diff(twin, v) for twin, v in zip(twins, values, strict=True)),
+        "whole_steps": whole_steps[0],
+    }
 
 
 def scenario_meta(rank: int, world: int, out: Path) -> dict:
@@ -474,6 +553,7 @@ SCENARIOS = {
     "zero": scenario_zero,
     "dcp": scenario_dcp,
     "fsdp2": scenario_fsdp2,
+    "dtensor_placements": scenario_dtensor_placements,
     "meta": scenario_meta,
     "meta_resume": scenario_meta_resume,
     "meta_particles": scenario_meta_particles,
@@ -576,10 +656,28 @@ def test_fsdp2_fully_shard(torchrun_results, case):
         assert r["moved"] > 1e-4, r  # the steps did something
         if FSDP_CASES[case][0] in WHOLE_TENSOR_FAMILIES:
             assert r["same_as_unsharded_steps"] and r["same_as_unsharded_steps_bf16_params"], r
+            assert r["same_as_unsharded_steps_hsdp"] and r["same_as_unsharded_steps_every_rank"], r
             assert r["max_diff_vs_single_process"] <= 1e-4 * r["moved"], r
+            # every rank stepped every tensor whole, or each tensor was stepped by one rank, the ranks sharing them
+            assert r["whole_steps_every_rank"] == STEPS * r["num_tensors"], r
+            assert 0 < r["whole_steps_by_owner"] < r["whole_steps_every_rank"], r
+            assert r["whole_steps_hsdp"] == r["whole_steps_by_owner"], r  # (HSDP: shared over the shard dim)
         else:
             assert r["max_diff_vs_single_process"] <= 1e-6, r
+    if FSDP_CASES[case][0] in WHOLE_TENSOR_FAMILIES:
+        assert sum(res[case]["whole_steps_by_owner"] for res in ranks) == STEPS * ranks[0][case]["num_tensors"]
     assert 0 in ranks[1][case]["local_numels"]  # an empty shard was exercised
+
+
+def test_owner_steps_shards_of_any_dim_and_leaves_other_layouts_to_every_rank(torchrun_results):
+    """DTensor parameters sharded along dim 1 (one of them wholly on one rank) are stepped by their owners, one whose
+    gradient is replicated by every rank: all as one process steps them, bit for bit."""
+    ranks = _scenario(torchrun_results, "dtensor_placements")
+    for r in ranks:
+        assert r["same_as_unsharded_steps"] and r["moved"] > 1e-4, r
+    # three tensors stepped by one rank each, the fourth by both ranks, at every step
+    assert sum(r["whole_steps"] for r in ranks) == STEPS * (3 + len(ranks)), ranks
+    assert all(STEPS < r["whole_steps"] < 4 * STEPS for r in ranks), ranks
 
 
 # ------------------------------------------------------------------------------ data-parallel meta-training

@@ -648,7 +648,9 @@ def test_a_step_under_torch_compile_is_the_eager_step(family, make_rule):
 def test_copies_keep_the_net_and_step_identically(family, make_rule, how):
     """deepcopy/pickle of (model, optimizer) keep the net's weights, config and options."""
     model = make_model()
-    opt = LearnedOptimizer(model.parameters(), make_rule(family), chunk_size=7, nonfinite="skip")
+    opt = LearnedOptimizer(
+        model.parameters(), make_rule(family), chunk_size=7, nonfinite="skip", sharded_step="every_rank"
+    )
     for seed in range(2):
         backward(model, opt, seed)
         opt.step()
@@ -658,7 +660,12 @@ def test_copies_keep_the_net_and_step_identically(family, make_rule, how):
         model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
     assert opt2.rule is not opt.rule and type(opt2.rule) is type(opt.rule)
     assert opt2.rule.config == opt.rule.config
-    assert (opt2.chunk_size, opt2.nonfinite, opt2.state_dtype) == (7, "skip", torch.float32)
+    assert (opt2.chunk_size, opt2.nonfinite, opt2.state_dtype, opt2.sharded_step) == (
+        7,
+        "skip",
+        torch.float32,
+        "every_rank",
+    )
     weights, weights2 = opt.rule.state_dict(), opt2.rule.state_dict()
     assert weights.keys() == weights2.keys() and all(torch.equal(weights[k], weights2[k]) for k in weights)
     assert_identical(snapshot(model, opt), snapshot(model2, opt2))
@@ -805,6 +812,7 @@ def test_invalid_arguments_raise(family, make_rule):
         {"chunk_size": 0},
         {"nonfinite": "ignore"},
         {"state_dtype": torch.int32},
+        {"sharded_step": "all"},
     ):
         with pytest.raises(ValueError):
             LearnedOptimizer(params, rule, **kwargs)
