@@ -17,6 +17,7 @@ from . import kernels, packing, schedules, sharded_step
 from .functional import decoupled_update_, stepped_parameter
 from .nets.base import UpdateRule
 from .packing import PACK_MAX_BYTES, ROW_ALIGN, is_dtensor
+from .packing import local_tensor as _local
 from .sharded_step import SHARDED_STEPS, ShardedStep
 
 __all__ = [
@@ -74,11 +75,6 @@ KERNEL_CHUNK_SIZE = 1 << 17
 ACCELERATOR_CHUNK_SIZE = 1 << 20
 
 NonFinitePolicy = Literal["raise", "skip"]
-
-
-def _local(t: Tensor) -> Tensor:
-    """The local shard of a DTensor (a view of its storage), or ``t`` itself."""
-    return t._local_tensor if is_dtensor(t) else t
 
 
 class NonFiniteGradientError(RuntimeError):

@@ -29,6 +29,7 @@ __all__ = [
     "align_rows",
     "pad_rows",
     "is_dtensor",
+    "local_tensor",
     "plan_packs",
     "packed_step",
     "step_counts",
@@ -63,6 +64,11 @@ def align_rows(n: int) -> int:
 def is_dtensor(t: Tensor) -> TypeGuard[DTensor]:
     """A ``torch.distributed.tensor.DTensor`` (e.g. a parameter sharded by FSDP2's ``fully_shard``)."""
     return type(t).__name__ == "DTensor" and hasattr(t, "_local_tensor")
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (a view of its storage), or ``t`` itself."""
+    return t._local_tensor if is_dtensor(t) else t
 
 
 def step_counts(states: Sequence[Mapping[str, Tensor]], rule: UpdateRule) -> Tensor:

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .packing import is_dtensor
+from .packing import local_tensor as _local
 
 __all__ = ["ShardedStep", "SHARDED_STEPS", "shard_layout", "step_by_owners"]
 
@@ -111,10 +112,6 @@ class _Sharded:
         """The size of every rank's message about this tensor: the largest rank's (collectives take equal sizes)."""
         specs = self.reply_specs if reply else self.specs
         return max(_nbytes(specs(per_coordinate, r)) for r in range(world))
-
-
-def _local(t: Tensor) -> Tensor:
-    return t._local_tensor if is_dtensor(t) else t
 
 
 def step_by_owners(
