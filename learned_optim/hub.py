@@ -476,30 +476,64 @@ def _write_card_section(
 
 
 def reconfigure_checkpoint(
-    directory: str | os.PathLike, settings: Mapping[str, Any], command: str | None = None
+    directory: str | os.PathLike,
+    settings: Mapping[str, Any],
+    command: str | None = None,
+    optimizer: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Change, in place, net settings of a checkpoint folder that its weights do not depend on (a decay, an epsilon,
-    the orthogonalisation's product dtype), e.g. ``{"newton_schulz_dtype": "auto"}``.
+    """Change, in place, settings of a checkpoint folder that its weights do not depend on: net settings (a decay, an
+    epsilon, the orthogonalisation's product dtype), e.g. ``{"newton_schulz_dtype": "auto"}``, and ``optimizer``
+    defaults (config.json's ``optimizer``: what :func:`from_pretrained` passes when the caller does not, e.g.
+    ``{"lr": 1e-2}``).
 
     The net with the new settings is built and the weights loaded into it strictly
     (:meth:`~learned_optim.nets.base.UpdateRule.reconfigured`: a :class:`ValueError` when a setting is unknown or
-    invalid or would change a weight, and nothing is written). config.json's ``net`` gets the new values and
-    ``training.reconfigured`` one record more (the settings, their values before, ``command``); the card its net
-    configuration anew and a section "## Settings changed after training" listing every such record; model.safetensors
-    is not touched. Returns the record."""
+    invalid or would change a weight, and nothing is written); an optimizer default must be one a checkpoint may set
+    (:data:`OPTIMIZER_DEFAULTS`), of its type, and is checked by building the optimizer with it. config.json's ``net``
+    and ``optimizer`` get the new values and ``training.reconfigured`` one record more (the settings, net ones by
+    name and optimizer ones as ``optimizer.KEY``, their values before, ``command``); the card its net configuration
+    anew and a section "## Settings changed after training" listing every such record; model.safetensors is not
+    touched. Returns the record."""
     directory = Path(directory)
+    optimizer = dict(optimizer or {})
     rule, config = load_rule_from_dir(directory)
     before = rule.config.to_dict()
+    defaults = dict(config.get("optimizer") or {})
+    unknown = sorted(set(optimizer) - set(OPTIMIZER_DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"{directory}: unknown optimizer defaults {unknown}; a checkpoint may set {sorted(OPTIMIZER_DEFAULTS)}"
+        )
+    wrong = sorted(
+        k
+        for k, v in optimizer.items()
+        if not isinstance(v, OPTIMIZER_DEFAULTS[k]) or (isinstance(v, bool) and bool not in OPTIMIZER_DEFAULTS[k])
+    )
+    if wrong:
+        raise ValueError(
+            f"{directory}: optimizer defaults of the wrong type: {', '.join(f'{k}={optimizer[k]!r}' for k in wrong)}"
+        )
     unchanged = sorted(k for k, v in settings.items() if k in before and before[k] == v)
+    unchanged += sorted(f"optimizer.{k}" for k, v in optimizer.items() if k in defaults and defaults[k] == v)
     if unchanged:
         raise ValueError(f"{directory}: {', '.join(unchanged)} already set to the value given; nothing to change")
     changed = rule.reconfigured(**settings)
-    record = {"settings": dict(settings), "before": {k: before.get(k) for k in settings}, "command": command}
+    from .optimizer import LearnedOptimizer
+
+    probe = torch.zeros(1, device="meta", requires_grad=True)
+    LearnedOptimizer([probe], changed, **{**defaults, **optimizer})  # (the optimizer's own checks of the values)
+    record = {
+        "settings": {**settings, **{f"optimizer.{k}": v for k, v in optimizer.items()}},
+        "before": {**{k: before.get(k) for k in settings}, **{f"optimizer.{k}": defaults.get(k) for k in optimizer}},
+        "command": command,
+    }
     config["net"] = changed.config.to_dict()
+    if optimizer:
+        config["optimizer"] = {**defaults, **optimizer}
     training = config.setdefault("training", {})
     training["reconfigured"] = [*(training.get("reconfigured") or []), record]
     body = [
-        "The weights are the trained ones; these net settings, which they do not depend on, were changed after "
+        "The weights are the trained ones; these settings, which they do not depend on, were changed after "
         "training (`learned_optim.hub.reconfigure_checkpoint`):",
         "",
         *(

@@ -113,6 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reconfigure.add_argument("folder", help="the checkpoint folder")
     add_net_settings_option(reconfigure, "the setting to change, e.g. --net newton_schulz_dtype=auto (repeatable)")
+    reconfigure.add_argument(
+        "--optimizer",
+        dest="optimizer_defaults",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an optimizer default to change (config.json's optimizer, what from_pretrained passes when the caller "
+        "does not), e.g. --optimizer lr=0.01 (repeatable)",
+    )
     return parser
 
 
@@ -121,13 +130,15 @@ def add_net_settings_option(parser: argparse.ArgumentParser, help: str) -> None:
     parser.add_argument("--net", dest="net_overrides", action="append", default=[], metavar="FIELD=VALUE", help=help)
 
 
-def net_settings(items: Sequence[str]) -> dict[str, Any]:
-    """``["field=value", ...]`` (values parsed as YAML) -> ``{field: value}``; net fields have no dots."""
+def net_settings(items: Sequence[str], option: str = "--net") -> dict[str, Any]:
+    """``["field=value", ...]`` (values parsed as YAML) -> ``{field: value}``; the fields (of the net's configuration,
+    or for ``--optimizer`` optimizer defaults) have no dots."""
     settings = {}
     for item in items:
         keys, value = parse_override(item)
         if len(keys) != 1:
-            raise ValueError(f"--net {item!r}: give a field of the net's configuration, e.g. second_moment_decay=0.95")
+            example = "lr=0.01" if option == "--optimizer" else "second_moment_decay=0.95"
+            raise ValueError(f"{option} {item!r}: give a field and a value, e.g. {example}")
         settings[keys[0]] = value
     return settings
 
@@ -165,18 +176,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "reconfigure":
         from ..hub import reconfigure_checkpoint
 
-        settings = net_settings(args.net_overrides)
-        if not settings:
-            print("error: give at least one --net FIELD=VALUE", file=sys.stderr)
-            return 2
         try:
-            reconfigure_checkpoint(
-                args.folder, settings, command=shlex.join(["python", "-m", "learned_optim.meta", *argv])
+            settings = net_settings(args.net_overrides)
+            optimizer = net_settings(args.optimizer_defaults, option="--optimizer")
+            if not settings and not optimizer:
+                raise ValueError("give at least one --net FIELD=VALUE or --optimizer KEY=VALUE")
+            record = reconfigure_checkpoint(
+                args.folder,
+                settings,
+                command=shlex.join(["python", "-m", "learned_optim.meta", *argv]),
+                optimizer=optimizer,
             )
         except (ValueError, OSError) as err:  # CheckpointError included
             print(f"error: {err}", file=sys.stderr)
             return 2
-        print(f"{args.folder}: " + ", ".join(f"{k} = {v!r}" for k, v in settings.items()))
+        print(f"{args.folder}: " + ", ".join(f"{k} = {v!r}" for k, v in record["settings"].items()))
         return 0
 
     from .trainer import MetaTrainer

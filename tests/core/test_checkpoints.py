@@ -257,6 +257,37 @@ def test_checkpoint_error_is_a_value_error():
     assert issubclass(CheckpointError, ValueError)
 
 
+def test_reconfigure_checkpoint_changes_an_optimizer_default(tmp_path, capsys):
+    """``meta reconfigure FOLDER --optimizer lr=0.01``: config.json's optimizer default changes (``from_pretrained``
+    without an lr takes it; an lr passed still wins), recorded as ``optimizer.lr`` with the value before; the weights
+    are untouched. An unknown default, a wrong type, an invalid value (the optimizer's own check) or the value already
+    set is refused in one line with nothing written."""
+    from learned_optim.meta.cli import main as meta_main
+
+    folder = save_pretrained(learned_optim.AdafacMLP(), tmp_path / "lr", name="lr")
+    weights = (folder / WEIGHTS_NAME).read_bytes()
+    default = json.loads((folder / CONFIG_NAME).read_text()).get("optimizer", {}).get("lr")
+    assert meta_main(["reconfigure", str(folder), "--optimizer", "lr=0.01"]) == 0
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    assert config["optimizer"]["lr"] == 0.01
+    (record,) = config["training"]["reconfigured"]
+    assert record["settings"] == {"optimizer.lr": 0.01} and record["before"] == {"optimizer.lr": default}
+    assert "`optimizer.lr`" in (folder / CARD_NAME).read_text()
+    assert (folder / WEIGHTS_NAME).read_bytes() == weights
+    param = torch.nn.Parameter(torch.zeros(3))
+    assert learned_optim.from_pretrained(str(folder), [param]).param_groups[0]["lr"] == 0.01
+    assert learned_optim.from_pretrained(str(folder), [param], lr=0.2).param_groups[0]["lr"] == 0.2
+    before = {name: (folder / name).read_bytes() for name in (CONFIG_NAME, CARD_NAME, WEIGHTS_NAME)}
+    capsys.readouterr()
+    for bad in ("betas=0.9", "lr=fast", "lr=-1.0", "lr=0.01"):
+        assert meta_main(["reconfigure", str(folder), "--optimizer", bad]) == 2
+    assert meta_main(["reconfigure", str(folder)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 5 and all(line.startswith("error: ") for line in err), err
+    assert "unknown optimizer defaults" in err[0] and "wrong type" in err[1] and "already set" in err[3]
+    assert {name: (folder / name).read_bytes() for name in before} == before
+
+
 def test_unknown_name_is_a_clear_error(tmp_path, monkeypatch):
     """A name that is no folder, no zoo entry and no 'owner/name' id fails before touching the Hub."""
     monkeypatch.chdir(tmp_path)
