@@ -12,6 +12,9 @@ winning lr or weight decay at the edge of the grid extends the grid past it, see
 * ``adamw-default``, on request: ``torch.optim.AdamW`` *untuned*, at torch's defaults (lr 1e-3, weight decay
   0.01) with AdamW's warm-up and cosine schedule: what a user who tunes nothing gets, the counterpart of the
   learned optimizers' ``default`` rule (its grid is that one setting, never extended);
+* ``adamw-flagship-default``, on request: ``torch.optim.AdamW`` untuned at the flagship's checkpoint defaults (the
+  lr, weight decay and schedule a user who passes none gets from :data:`learned_optim.FLAGSHIP`): the flagship's
+  ``default`` rule with AdamW in its place, one setting read from the zoo's config.json;
 * the flatness-seeking baselines, on request (``--baselines``; the seeds' comparisons): ``sam`` (SAM,
   :math:`\rho` 0.05), ``gsam`` (GSAM, :math:`\rho` 0.05, :math:`\alpha` 0.4) and ``gam`` (GAM, the reference
   CIFAR settings), each over SGD with momentum 0.9, and ``entropy-sgd`` (Entropy-SGD, 20 SGLD steps), all with
@@ -79,7 +82,7 @@ import torch
 from torch.optim import Optimizer
 
 from .._files import write_atomically
-from ..hub import read_config, weights_sha256
+from ..hub import FLAGSHIP, read_config, weights_sha256, zoo_dir
 from ..nets.base import FAMILIES
 from ..optimizer import NonFiniteGradientError
 from ..schedules import lr_factor
@@ -150,9 +153,21 @@ ADAMW_FULL_GRID = Grid((3e-4, 1e-3, 3e-3, 1e-2, 3e-2), (0.0, 0.1), "cosine")
 ADAMW_QUICK_GRID = Grid((1e-3, 1e-2), (0.0, 0.1), "cosine")
 #: ``adamw-default``'s one setting: torch.optim.AdamW's default lr and weight decay, AdamW's schedule.
 ADAMW_DEFAULTS_GRID = Grid((1e-3,), (0.01,), "cosine")
+
+
+def flagship_defaults_grid() -> Grid:
+    """``adamw-flagship-default``'s one setting: the lr, weight decay and schedule of the zoo flagship's config.json
+    (what :func:`~learned_optim.from_pretrained` gives a user who passes none)."""
+    config = read_config(zoo_dir() / FLAGSHIP)
+    defaults = config.get("optimizer") or {}
+    lr = float(defaults.get("lr", FAMILIES[config["family"]].default_lr))
+    return Grid((lr,), (float(defaults.get("weight_decay", 0.0)),), config.get("schedule") or "constant")
+
+
 FULL_GRIDS: dict[str, Grid] = {
     "adamw": ADAMW_FULL_GRID,
     "adamw-default": ADAMW_DEFAULTS_GRID,
+    "adamw-flagship-default": flagship_defaults_grid(),
     "adam": Grid((3e-4, 1e-3, 3e-3, 1e-2, 3e-2)),
     "sgd-momentum": Grid((3e-3, 1e-2, 3e-2, 1e-1, 3e-1)),
     **dict.fromkeys(("sam", "gsam", "gam"), Grid((3e-3, 1e-2, 3e-2, 1e-1, 3e-1), schedule="cosine")),
@@ -163,6 +178,7 @@ FULL_GRIDS: dict[str, Grid] = {
 QUICK_GRIDS: dict[str, Grid] = {
     "adamw": ADAMW_QUICK_GRID,
     "adamw-default": ADAMW_DEFAULTS_GRID,
+    "adamw-flagship-default": flagship_defaults_grid(),
     "adam": Grid((1e-3, 1e-2)),
     "sgd-momentum": Grid((3e-2, 3e-1)),
     **dict.fromkeys(("sam", "gsam", "gam"), Grid((3e-2, 3e-1), schedule="cosine")),
@@ -238,6 +254,7 @@ _BASELINE_CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
     "sam-adamw": ("sam-adamw", {}),
     "muon-adamw": ("muon-adamw", {}),
     "adamw-default": ("adamw", {}),
+    "adamw-flagship-default": ("adamw", {}),
 }
 #: Every baseline the suite knows, by name.
 BASELINE_NAMES: tuple[str, ...] = tuple(_BASELINE_CLASSES)

@@ -274,6 +274,20 @@ def test_adamw_default_is_untuned_adamw_at_torchs_defaults():
     assert tried == want and result.chosen == want[0]
 
 
+def test_adamw_flagship_default_is_untuned_adamw_at_the_flagships_defaults():
+    """The flagship's rule-(c) counterpart is AdamW itself at the lr, weight decay and schedule a user who passes none
+    gets from the flagship (from_pretrained's defaults), on a one-setting grid."""
+    import learned_optim
+
+    assert brun.baseline_optimizer("adamw-flagship-default").identity == brun.baseline_optimizer("adamw").identity
+    opt = learned_optim.from_pretrained(learned_optim.FLAGSHIP, [torch.nn.Parameter(torch.zeros(2, 2))])
+    flagship = brun.learned_optimizer(learned_optim.FLAGSHIP)
+    want = [brun.Setting("adamw-flagship-default", opt.defaults["lr"], opt.defaults["weight_decay"], "cosine")]
+    assert flagship.default_schedule == "cosine"
+    for grids in (brun.FULL_GRIDS, brun.QUICK_GRIDS):
+        assert grids["adamw-flagship-default"].settings("adamw-flagship-default") == want
+
+
 def test_the_suite_runs_the_cheap_baselines_unless_asked():
     assert inspect.signature(run_suite).parameters["baselines"].default == bsuite.DEFAULT_BASELINES
     assert bsuite.DEFAULT_BASELINES == ("adamw", "adam", "sgd-momentum")
