@@ -490,10 +490,10 @@ def reconfigure_checkpoint(
     (:meth:`~learned_optim.nets.base.UpdateRule.reconfigured`: a :class:`ValueError` when a setting is unknown or
     invalid or would change a weight, and nothing is written); an optimizer default must be one a checkpoint may set
     (:data:`OPTIMIZER_DEFAULTS`), of its type, and is checked by building the optimizer with it. config.json's ``net``
-    and ``optimizer`` get the new values and ``training.reconfigured`` one record more (the settings, net ones by
-    name and optimizer ones as ``optimizer.KEY``, their values before, ``command``); the card its net configuration
-    anew and a section "## Settings changed after training" listing every such record; model.safetensors is not
-    touched. Returns the record."""
+    and ``optimizer`` get the new values (nothing else in them changes) and ``training.reconfigured`` one record more
+    (the settings, net ones by name and optimizer ones as ``optimizer.KEY``, their values before, ``command``); the
+    card its net configuration anew and a section "## Settings changed after training" listing every such record;
+    model.safetensors is not touched. Returns the record."""
     directory = Path(directory)
     optimizer = dict(optimizer or {})
     rule, config = load_rule_from_dir(directory)
@@ -527,7 +527,8 @@ def reconfigure_checkpoint(
         "before": {**{k: before.get(k) for k in settings}, **{f"optimizer.{k}": defaults.get(k) for k in optimizer}},
         "command": command,
     }
-    config["net"] = changed.config.to_dict()
+    changed_net = changed.config.to_dict()
+    config["net"] = {**(config.get("net") or {}), **{k: changed_net[k] for k in settings}}  # (the rest as stored)
     if optimizer:
         config["optimizer"] = {**defaults, **optimizer}
     training = config.setdefault("training", {})

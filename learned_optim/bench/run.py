@@ -285,6 +285,27 @@ def code_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
+#: Optimizer defaults every run passes itself (its setting's lr and weight decay, in the run's key): a checkpoint's
+#: value of them changes no run.
+SETTING_DEFAULTS: tuple[str, ...] = ("lr", "weight_decay")
+
+
+def trained_setting_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """config.json's optimizer defaults with :data:`SETTING_DEFAULTS` as they were before any change after training
+    (``meta reconfigure --optimizer``, recorded in ``training.reconfigured``): a learned optimizer's run identity, so
+    that a new default lr or weight decay keeps the keys of the runs stored before it (they would train the same)."""
+    defaults = dict(config.get("optimizer") or {})
+    for record in reversed((config.get("training") or {}).get("reconfigured") or []):
+        for key, before in (record.get("before") or {}).items():
+            name = key.removeprefix("optimizer.")
+            if key.startswith("optimizer.") and name in SETTING_DEFAULTS:
+                if before is None:
+                    defaults.pop(name, None)
+                else:
+                    defaults[name] = before
+    return defaults
+
+
 def learned_optimizer(name_or_dir: str, adapt_steps: int = 0) -> BenchOptimizer:
     """A learned optimizer (zoo name, checkpoint folder or Hub id) with its checkpoint's defaults; with
     ``adapt_steps`` > 0, adapted to each run's model before training (:func:`adapt_before_training`; named
@@ -315,7 +336,8 @@ def learned_optimizer(name_or_dir: str, adapt_steps: int = 0) -> BenchOptimizer:
         return from_pretrained(str(folder), params, lr=lr, weight_decay=weight_decay)
 
     # what the step depends on (not descriptions, cards or recorded results, which must not invalidate runs)
-    stepping = {k: config.get(k) for k in ("family", "net", "optimizer", "schedule")}
+    stepping = {k: config.get(k) for k in ("family", "net", "schedule")}
+    stepping["optimizer"] = trained_setting_defaults(config)
     identity: dict[str, Any] = {
         "weights": weights_sha256(folder),
         "config": hashlib.sha256(json.dumps(stepping, sort_keys=True).encode()).hexdigest()[:16],

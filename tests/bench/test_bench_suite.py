@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+import learned_optim
 from learned_optim.__main__ import main as cli_main
 from learned_optim.bench import QUICK, run_suite, stats
 from learned_optim.bench import run as brun
@@ -286,6 +287,24 @@ def test_adamw_flagship_default_is_untuned_adamw_at_the_flagships_defaults():
     assert flagship.default_schedule == "cosine"
     for grids in (brun.FULL_GRIDS, brun.QUICK_GRIDS):
         assert grids["adamw-flagship-default"].settings("adamw-flagship-default") == want
+
+
+def test_a_new_default_lr_or_weight_decay_keeps_the_run_identity(tmp_path):
+    """Runs pass their own lr and weight decay, so changing a checkpoint's default of them after training (meta
+    reconfigure --optimizer) keeps its run identity (the stored runs are reused) while its default rule follows the new
+    values; another default (nonfinite) or a net setting makes a new identity."""
+    from learned_optim.hub import reconfigure_checkpoint, save_pretrained
+
+    folder = save_pretrained(learned_optim.AdafacMLP(), tmp_path / "net", name="net")
+    before = brun.learned_optimizer(str(folder))
+    reconfigure_checkpoint(folder, {}, optimizer={"lr": 0.01, "weight_decay": 0.3})
+    after = brun.learned_optimizer(str(folder))
+    assert after.identity == before.identity
+    assert (after.default_lr, after.default_weight_decay) == (0.01, 0.3) != (before.default_lr, 0.0)
+    reconfigure_checkpoint(folder, {}, optimizer={"nonfinite": "skip"})
+    assert brun.learned_optimizer(str(folder)).identity != before.identity
+    reconfigure_checkpoint(folder, {"second_moment_decay": 0.95})
+    assert brun.learned_optimizer(str(folder)).identity["config"] != after.identity["config"]
 
 
 def test_the_suite_runs_the_cheap_baselines_unless_asked():

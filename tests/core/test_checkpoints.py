@@ -266,10 +266,13 @@ def test_reconfigure_checkpoint_changes_an_optimizer_default(tmp_path, capsys):
 
     folder = save_pretrained(learned_optim.AdafacMLP(), tmp_path / "lr", name="lr")
     weights = (folder / WEIGHTS_NAME).read_bytes()
-    default = json.loads((folder / CONFIG_NAME).read_text()).get("optimizer", {}).get("lr")
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    del config["net"]["direction_clip"]  # as in a checkpoint written before the field existed: it stays absent
+    (folder / CONFIG_NAME).write_text(json.dumps(config))
+    default, net = config.get("optimizer", {}).get("lr"), config["net"]
     assert meta_main(["reconfigure", str(folder), "--optimizer", "lr=0.01"]) == 0
     config = json.loads((folder / CONFIG_NAME).read_text())
-    assert config["optimizer"]["lr"] == 0.01
+    assert config["optimizer"]["lr"] == 0.01 and config["net"] == net
     (record,) = config["training"]["reconfigured"]
     assert record["settings"] == {"optimizer.lr": 0.01} and record["before"] == {"optimizer.lr": default}
     assert "`optimizer.lr`" in (folder / CARD_NAME).read_text()
