@@ -1,9 +1,12 @@
 """learned_optim: meta-trained optimizers for PyTorch.
 
 >>> import learned_optim
->>> opt = learned_optim.from_pretrained(learned_optim.FLAGSHIP, model.parameters(), lr=1e-3)  # doctest: +SKIP
+>>> params = model.parameters()  # doctest: +SKIP
+>>> opt = learned_optim.from_pretrained(learned_optim.FLAGSHIP, params, lr=1e-3, weight_decay=0.0)  # doctest: +SKIP
 
 Keep AdamW's tuned lr, weight decay and schedule: the flagship replaces ``torch.optim.AdamW`` in a training loop.
+Passing neither lr nor weight decay takes the flagship's defaults (lr 1e-2, weight decay 0.3, for users who tune
+nothing).
 """
 
 from importlib import metadata as _metadata
