@@ -99,6 +99,7 @@ __all__ = [
     "LEARNED_LR_MULTIPLIERS",
     "Grid",
     "FULL_GRIDS",
+    "baseline_grids",
     "QUICK_GRIDS",
     "BASELINE_NAMES",
     "Setting",
@@ -167,7 +168,6 @@ def flagship_defaults_grid() -> Grid:
 FULL_GRIDS: dict[str, Grid] = {
     "adamw": ADAMW_FULL_GRID,
     "adamw-default": ADAMW_DEFAULTS_GRID,
-    "adamw-flagship-default": flagship_defaults_grid(),
     "adam": Grid((3e-4, 1e-3, 3e-3, 1e-2, 3e-2)),
     "sgd-momentum": Grid((3e-3, 1e-2, 3e-2, 1e-1, 3e-1)),
     **dict.fromkeys(("sam", "gsam", "gam"), Grid((3e-3, 1e-2, 3e-2, 1e-1, 3e-1), schedule="cosine")),
@@ -178,7 +178,6 @@ FULL_GRIDS: dict[str, Grid] = {
 QUICK_GRIDS: dict[str, Grid] = {
     "adamw": ADAMW_QUICK_GRID,
     "adamw-default": ADAMW_DEFAULTS_GRID,
-    "adamw-flagship-default": flagship_defaults_grid(),
     "adam": Grid((1e-3, 1e-2)),
     "sgd-momentum": Grid((3e-2, 3e-1)),
     **dict.fromkeys(("sam", "gsam", "gam"), Grid((3e-2, 3e-1), schedule="cosine")),
@@ -187,6 +186,15 @@ QUICK_GRIDS: dict[str, Grid] = {
     "muon-adamw": ADAMW_QUICK_GRID,
 }
 QUICK_LEARNED_LR_MULTIPLIERS: tuple[float, ...] = (0.3, 1.0)
+
+
+def baseline_grids(names: Sequence[str], quick: bool) -> dict[str, Grid]:
+    """The tuning grids of the baselines ``names``: :data:`QUICK_GRIDS` or :data:`FULL_GRIDS`, and
+    ``adamw-flagship-default``'s one setting read from the zoo (:func:`flagship_defaults_grid`) when it is asked for."""
+    static = QUICK_GRIDS if quick else FULL_GRIDS
+    return {n: flagship_defaults_grid() if n == "adamw-flagship-default" else static[n] for n in names}
+
+
 #: Test-time adaptation in the suite (``--adapt-steps``): unroll length, Adam lr on the net's weights, and the
 #: offset of the seed of the adaptation's batch stream.
 ADAPT_UNROLL = 20

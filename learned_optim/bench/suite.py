@@ -33,15 +33,14 @@ from .flatness import FlatnessOptions
 from .report import fmt_ci, json_safe, output_files, table_lines, write_json
 from .run import (
     BASELINE_NAMES,
-    FULL_GRIDS,
     LR_RULES,
-    QUICK_GRIDS,
     SUITE_FLATNESS,
     SUITE_VERSION,
     TUNE_SEED,
     BenchOptimizer,
     RunStore,
     Setting,
+    baseline_grids,
     baseline_optimizer,
     learned_optimizer,
 )
@@ -385,7 +384,7 @@ def run_suite(
     if first_seed < 0 or TUNE_SEED in seed_list:
         raise ValueError(f"evaluation seeds must be >= 0 and exclude the tuning seed {TUNE_SEED}, got {seed_list}")
     flat = SUITE_FLATNESS if flatness is True else (flatness or None)
-    grids = QUICK_GRIDS if quick else FULL_GRIDS
+    grids = baseline_grids(names, quick)
     extend = 0 if quick else EDGE_EXTENSIONS
     workloads: list[Workload] = [
         t.bind(data_root, steps or (max(1, round(t.steps * QUICK_STEPS_FRACTION)) if quick else None))

@@ -285,7 +285,8 @@ def test_adamw_flagship_default_is_untuned_adamw_at_the_flagships_defaults():
     flagship = brun.learned_optimizer(learned_optim.FLAGSHIP)
     want = [brun.Setting("adamw-flagship-default", opt.defaults["lr"], opt.defaults["weight_decay"], "cosine")]
     assert flagship.default_schedule == "cosine"
-    for grids in (brun.FULL_GRIDS, brun.QUICK_GRIDS):
+    for quick in (False, True):
+        grids = brun.baseline_grids(["adamw", "adamw-flagship-default"], quick)
         assert grids["adamw-flagship-default"].settings("adamw-flagship-default") == want
 
 
