@@ -226,14 +226,17 @@ def test_the_shipped_soup_is_the_soup_of_its_recorded_ingredients(tmp_path):
 def test_the_shipped_flagship_is_a_fine_tune_of_the_shipped_soup_with_its_net_recorded():
     """The flagship's config records the soup as its parent (name, family, net), the one net setting the fine-tune
     changed and the settings changed after training (``training.reconfigured``), which explain every difference from
-    the shipped soup, its parent."""
+    the shipped soup, its parent; its optimizer defaults are the ones recorded there (session 41's)."""
     root = Path(__file__).resolve().parents[2]
     flagship = read_config(root / "pretrained" / learned_optim.FLAGSHIP)
     parent = flagship["training"]["parent"]
     soup = read_config(root / "pretrained" / parent["name"])
     assert parent["family"] == soup["family"] == flagship["family"] and parent["net"] == soup["net"]
-    reconfigured = {k: v for record in flagship["training"]["reconfigured"] for k, v in record["settings"].items()}
+    changes = {k: v for record in flagship["training"]["reconfigured"] for k, v in record["settings"].items()}
+    reconfigured = {k: v for k, v in changes.items() if not k.startswith("optimizer.")}  # net settings
     assert all(flagship["net"][k] == v for k, v in reconfigured.items())
+    defaults = {k.removeprefix("optimizer."): v for k, v in changes.items() if k.startswith("optimizer.")}
+    assert defaults == {"lr": 0.01, "weight_decay": 0.3} and flagship["optimizer"] == defaults
     changed = {k for k in flagship["net"] if flagship["net"][k] != soup["net"].get(k, flagship["net"][k])}
     assert changed <= set(parent["net_overrides"]) | set(reconfigured)
     assert parent["net_overrides"] == {"newton_schulz_steps": 5} and flagship["net"]["newton_schulz_steps"] == 3
