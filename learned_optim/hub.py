@@ -298,6 +298,20 @@ OPTIMIZER_DEFAULTS: dict[str, tuple[type, ...]] = {
 }
 
 
+def check_optimizer_defaults(defaults: Mapping[str, Any], where: object) -> None:
+    """Raise :class:`CheckpointError` (``where``: the file or folder named) unless every key of ``defaults`` is one a
+    checkpoint may set (:data:`OPTIMIZER_DEFAULTS`) with a value of its type."""
+    unknown = sorted(set(defaults) - set(OPTIMIZER_DEFAULTS))
+    if unknown:
+        raise CheckpointError(
+            f"{where}: unknown optimizer defaults {unknown}; a checkpoint may set {sorted(OPTIMIZER_DEFAULTS)}"
+        )
+    for key, value in defaults.items():
+        kinds = OPTIMIZER_DEFAULTS[key]
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):  # JSON true is no number
+            raise CheckpointError(f"{where}: optimizer default {key!r} has the wrong type: {value!r}")
+
+
 def _write_config(directory: Path, config: Mapping[str, Any]) -> None:
     """Write ``config`` as the folder's config.json (indented JSON, values JSON lacks as strings)."""
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
@@ -338,15 +352,7 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     defaults = config.get("optimizer", {})
     if not isinstance(defaults, dict):
         raise CheckpointError(f"{path}: 'optimizer' must be a JSON object of optimizer defaults, got {defaults!r}")
-    unknown = sorted(set(defaults) - set(OPTIMIZER_DEFAULTS))
-    if unknown:
-        raise CheckpointError(
-            f"{path}: unknown optimizer defaults {unknown}; a checkpoint may set {sorted(OPTIMIZER_DEFAULTS)}"
-        )
-    for key, value in defaults.items():
-        kinds = OPTIMIZER_DEFAULTS[key]
-        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):  # JSON true is no number
-            raise CheckpointError(f"{path}: optimizer default {key!r} has the wrong type: {value!r}")
+    check_optimizer_defaults(defaults, path)
     if config.get("schedule") is not None and config["schedule"] not in SCHEDULES:
         raise CheckpointError(f"{path}: schedule must be one of {SCHEDULES} or absent, got {config['schedule']!r}")
     return config
@@ -499,20 +505,7 @@ def reconfigure_checkpoint(
     rule, config = load_rule_from_dir(directory)
     before = rule.config.to_dict()
     defaults = dict(config.get("optimizer") or {})
-    unknown = sorted(set(optimizer) - set(OPTIMIZER_DEFAULTS))
-    if unknown:
-        raise ValueError(
-            f"{directory}: unknown optimizer defaults {unknown}; a checkpoint may set {sorted(OPTIMIZER_DEFAULTS)}"
-        )
-    wrong = sorted(
-        k
-        for k, v in optimizer.items()
-        if not isinstance(v, OPTIMIZER_DEFAULTS[k]) or (isinstance(v, bool) and bool not in OPTIMIZER_DEFAULTS[k])
-    )
-    if wrong:
-        raise ValueError(
-            f"{directory}: optimizer defaults of the wrong type: {', '.join(f'{k}={optimizer[k]!r}' for k in wrong)}"
-        )
+    check_optimizer_defaults(optimizer, directory)
     unchanged = sorted(k for k, v in settings.items() if k in before and before[k] == v)
     unchanged += sorted(f"optimizer.{k}" for k, v in optimizer.items() if k in defaults and defaults[k] == v)
     if unchanged:

@@ -158,11 +158,9 @@ ADAMW_DEFAULTS_GRID = Grid((1e-3,), (0.01,), "cosine")
 
 def flagship_defaults_grid() -> Grid:
     """``adamw-flagship-default``'s one setting: the lr, weight decay and schedule of the zoo flagship's config.json
-    (what :func:`~learned_optim.from_pretrained` gives a user who passes none)."""
-    config = read_config(zoo_dir() / FLAGSHIP)
-    defaults = config.get("optimizer") or {}
-    lr = float(defaults.get("lr", FAMILIES[config["family"]].default_lr))
-    return Grid((lr,), (float(defaults.get("weight_decay", 0.0)),), config.get("schedule") or "constant")
+    (what :func:`~learned_optim.from_pretrained` gives a user who passes none; its default rule's setting)."""
+    flagship = learned_optimizer(str(zoo_dir() / FLAGSHIP)).default_setting()
+    return Grid((flagship.lr,), (flagship.weight_decay,), flagship.schedule)
 
 
 FULL_GRIDS: dict[str, Grid] = {
