@@ -31,6 +31,7 @@ __all__ = [
     "apply_rule",
     "decoupled_update",
     "decoupled_update_",
+    "decoupled_updates_",
     "stepped_parameter",
     "to_device",
     "wider_dtype",
@@ -70,6 +71,19 @@ def decoupled_update_(theta: Tensor, delta: Tensor, lr: float | Tensor, weight_d
     if weight_decay != 0.0:
         theta.mul_(1.0 - lr * weight_decay)
     return theta.add_(delta * lr) if isinstance(lr, Tensor) else theta.add_(delta, alpha=lr)
+
+
+def decoupled_updates_(
+    thetas: list[Tensor], deltas: list[Tensor], lr: float | Tensor, weight_decay: float = 0.0
+) -> None:
+    r""":func:`decoupled_update_` of each ``thetas[i]`` by ``deltas[i]`` with foreach ops (the same arithmetic, so the
+    same bits as one call per tensor)."""
+    if weight_decay != 0.0:
+        torch._foreach_mul_(thetas, 1.0 - lr * weight_decay)
+    if isinstance(lr, Tensor):
+        torch._foreach_add_(thetas, torch._foreach_mul(deltas, lr))
+    else:
+        torch._foreach_add_(thetas, deltas, alpha=lr)
 
 
 def to_device(batch: Any, device: torch.device | str | None, dtype: torch.dtype | None = None) -> Any:

@@ -399,20 +399,31 @@ def adafac_tensors_step(
     col: Sequence[Tensor],
     net: AdafacNet,
     step_scales: Tensor,
-    update: tuple[float | Tensor, float],
+    update: tuple[float | Tensor, float] | None,
+    direction: Tensor | None = None,
 ) -> bool:
-    """:func:`adafac_pack_step`'s step of several tensors, each in its own storage: no pack, nothing copied.
+    r""":func:`adafac_pack_step`'s step of several tensors, each in its own storage: no pack, nothing copied.
 
     Tensor ``s`` is the ``shapes[s] = (rows, cols)`` matrix view of ``params[s]`` with gradient ``grads[s]``,
     momenta ``m[k][s]``, second moment ``v[s]`` (each ``rows * cols`` floats) and factored statistics ``row[s]``
     ``(rows, K)``, ``col[s]`` ``(cols, K)``; the new state is written over the state and the decoupled update
-    ``update = (lr, weight_decay)`` applied to the parameters, in place. Returns whether the kernel ran: ``False``
+    ``update = (lr, weight_decay)`` applied to the parameters, in place; or, with ``update=None``, each tensor's
+    step :math:`\Delta` written into ``direction`` (a contiguous float32 vector of every tensor's coordinates, one
+    tensor after the other) and the parameters left as they are. Returns whether the kernel ran: ``False``
     (nothing written) where it does not apply (any tensor not a contiguous float32 CPU tensor of the size its
     view gives, or :func:`adafac_pack_step`'s limits), and the caller steps the tensors another way.
     """
     k, count = len(net.factored_decay), len(shapes)
     if not (len(grads) == len(params) == len(v) == len(row) == len(col) == count and all(len(x) == count for x in m)):
         return False
+    sizes = [rows * cols for rows, cols in shapes]
+    if (update is None) == (direction is None):
+        raise ValueError("adafac_tensors_step: give either update (applied in place) or direction (written), not both")
+    if direction is not None and not (_flat_f32(direction) and direction.numel() == sum(sizes)):
+        raise ValueError(
+            f"adafac_tensors_step: direction of {direction.numel()} {direction.dtype} on {direction.device} for "
+            f"{sum(sizes)} coordinates (a contiguous float32 CPU vector)"
+        )
     f32 = torch.float32
     for i, (rows, cols) in enumerate(shapes):  # plain_f32 and the sizes inline: this runs every step, every tensor
         n = rows * cols
@@ -427,9 +438,10 @@ def adafac_tensors_step(
         return [t.data_ptr() for t in tensors]
 
     momenta, second, rows_at, cols_at = [addresses(x) for x in m], addresses(v), addresses(row), addresses(col)
-    table = [  # the new state over the state, no direction (the update goes to the parameters)
+    steps_at = [0] * count if direction is None else [direction.data_ptr() + 4 * a for a in _starts(sizes)]
+    table = [  # the new state over the state; the step into direction, or the update to the parameters
         addresses(grads), addresses(params), *momenta, second, *momenta, second,
-        rows_at, cols_at, rows_at, cols_at, [0] * count,
+        rows_at, cols_at, rows_at, cols_at, steps_at,
     ]  # fmt: skip
     return _adafac_call(shapes, table, net, step_scales, update)
 

@@ -947,9 +947,14 @@ class AdafacMLP(UpdateRule):
         """The native kernel over every tensor it takes, each in its own storage (see
         :meth:`UpdateRule.step_in_place`): contiguous float32 CPU parameters, gradients and state. The same kernel
         and arithmetic as the optimizer's per-tensor and packed steps (:meth:`_native_forward`), so the same
-        result bit for bit, without their copies into and out of packs."""
+        result bit for bit, without their copies into and out of packs. With the orthogonalisation
+        (``newton_schulz_steps``) the kernel writes the steps into one buffer instead, the tensors ordered by shape
+        so that matrices of one shape are orthogonalised together (:meth:`_orthogonalize_steps_`, as in a pack),
+        and the decoupled update follows as :func:`~learned_optim.functional.decoupled_update_` applies it: the
+        per-tensor step's result to float rounding (the batched products of a run of several matrices may round
+        differently)."""
         native = self._kernel_takes_net and kernels.uses("adafac_mlp") and inplace_allowed(*self.parameters())
-        if not native or self.compute_dtype != torch.float32 or self.config.newton_schulz_steps > 0:
+        if not native or self.compute_dtype != torch.float32:
             return list(params)
         taken: list[tuple[Tensor, Tensor, Mapping[str, Tensor]]] = []  # parameter, gradient, state
         taken_index: list[int] = []
@@ -969,7 +974,12 @@ class AdafacMLP(UpdateRule):
                 rest.append(p)
         if not taken:
             return list(params)
-        if step.dim() > 0 and rest:  # the step counts of the tensors taken
+        orthogonal = self.config.newton_schulz_steps > 0
+        if orthogonal:  # matrices of one shape consecutive (stably, as a pack orders them)
+            order = sorted(range(len(taken)), key=lambda i: (taken[i][0].dim(), tuple(taken[i][0].shape)))
+            taken = [taken[i] for i in order]
+            taken_index = [taken_index[i] for i in order]
+        if step.dim() > 0 and (rest or orthogonal):  # the step counts of the tensors taken, in their order
             step = step[taken_index]
         tensors, grads, state_of = [p for p, _, _ in taken], [g for _, g, _ in taken], [s for *_, s in taken]
         spans = sorted((p.data_ptr(), p.data_ptr() + 4 * p.numel()) for p in tensors)
@@ -977,14 +987,22 @@ class AdafacMLP(UpdateRule):
             return list(params)  # parameters sharing memory: the kernel may step tensors on several threads at once
         momenta = [f"m{i}" for i in range(len(self.config.momentum_decays))]
         scales = step.new_tensor([self.step_scale(p.shape) for p in tensors])  # the muP scale per tensor
+        layout = factored_pack_layout(tuple(tuple(p.shape) for p in tensors)) if orthogonal else None
+        direction = torch.empty(layout.coordinates) if layout is not None else None
         ran = kernels.adafac_tensors_step(
             [matrix_view(p.shape) for p in tensors], grads, tensors,
             [[state[k] for state in state_of] for k in momenta], [state["v"] for state in state_of],
             [state["row"] for state in state_of], [state["col"] for state in state_of],
-            self._kernel_net(step, step), scales, (lr, weight_decay),
+            self._kernel_net(step, step), scales, None if orthogonal else (lr, weight_decay), direction,
         )  # fmt: skip
         if not ran:
             return list(params)
+        if layout is not None and direction is not None:
+            from ..functional import decoupled_updates_  # (functional imports the nets)
+
+            self._orthogonalize_steps_(direction, layout)
+            steps = [direction[a:b].view_as(p) for ((a, b), *_), p in zip(layout.bounds, tensors, strict=True)]
+            decoupled_updates_(tensors, steps, lr, weight_decay)
         torch.autograd.graph.increment_version(tensors)  # written through their storage, as an in-place op would
         return rest
 

@@ -1158,26 +1158,39 @@ def test_the_library_is_built_from_the_sources_as_imported(tmp_path, monkeypatch
 
 
 @needs_kernels
-def test_adafac_orthogonalising_net_leaves_the_in_place_step_to_the_kernel_and_orthogonalisation():
-    """The in-place kernel writes each update as it makes it, before a matrix's whole step is known: an
-    orthogonalising net's ``step_in_place`` takes no tensor, and the optimizer's step (packs, kernel, then the
-    orthogonalisation) equals the ATen step to float rounding."""
+@pytest.mark.parametrize("lr", [0.01, torch.tensor(0.01)], ids=["float-lr", "tensor-lr"])
+def test_adafac_orthogonalising_in_place_step_equals_the_packed_and_aten_steps(lr):
+    """An orthogonalising net's ``step_in_place`` takes every plain float32 tensor: the kernel writes the steps into
+    one buffer, the matrices ordered by shape (two of one shape orthogonalised together), then the orthogonalisation
+    and the decoupled update. Over three optimizer steps (a late tensor with its own step count, weight decay, a
+    float or tensor lr) it equals the packed step (packs, kernel, orthogonalisation) and the ATen step to float
+    rounding."""
     moved = []
-    for use_kernels in (True, False):
+    for path in ("in-place", "packs", "aten"):
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2))
-        start = [p.detach().clone() for p in model.parameters()]
-        rule = _adafac_case((1,), newton_schulz_steps=5)[0]
-        opt = LearnedOptimizer(model.parameters(), rule, lr=0.01, weight_decay=0.1)
-        with kernels.forced() if use_kernels else kernels.enabled_as(False):
-            for _ in range(3):
+        model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 2))
+        late = nn.Parameter(torch.randn(5, 5))  # joins at the second step: a step count of its own
+        params = [*model.parameters(), late]
+        start = [p.detach().clone() for p in params]
+        rule = _adafac_case((1,), newton_schulz_steps=5, step_magnitude="adam", time_scales=(10.0, 100.0))[0]
+        kind = PacksOnly if path == "packs" else LearnedOptimizer
+        opt = kind(params, rule, lr=lr, weight_decay=0.1)
+        left: list[list[torch.Tensor]] = []
+
+        def spy(*args, left=left, original=rule.step_in_place):
+            left.append(original(*args))
+            return left[-1]
+
+        rule.step_in_place = spy
+        with kernels.forced() if path != "aten" else kernels.enabled_as(False):
+            for i in range(3):
                 opt.zero_grad()
-                model(torch.randn(4, 6)).square().mean().backward()
+                (model(torch.randn(4, 6)).square().mean() + (late.sum() if i > 0 else 0.0)).backward()
                 opt.step()
-            params = list(model.parameters())
-            if use_kernels:
-                states = [opt.state[p] for p in params]
-                assert rule.step_in_place(params, states, torch.tensor(1.0), 0.01, 0.0) == params
+        if path == "in-place":
+            assert left == [[]] * 3  # every tensor taken, the last two steps with the late tensor's own count
+            assert int(opt.state[late]["step"]) == 2 and int(opt.state[params[0]]["step"]) == 3
         moved.append([p.detach() - p0 for p, p0 in zip(params, start, strict=True)])
-    for native, aten in zip(*moved, strict=True):
-        torch.testing.assert_close(native, aten, rtol=1e-4, atol=1e-5 * float(aten.abs().max()))
+    for in_place, packed, aten in zip(*moved, strict=True):
+        torch.testing.assert_close(in_place, packed, rtol=1e-4, atol=1e-5 * float(packed.abs().max()))
+        torch.testing.assert_close(in_place, aten, rtol=1e-4, atol=1e-5 * float(aten.abs().max()))

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from learned_optim import AdafacMLP, LearnedOptimizer, functional_update, kernels
 from learned_optim.features import (
+    NEWTON_SCHULZ_COEFFICIENTS,
     checked_sums,
     ema,
     factored_moments,
@@ -836,6 +837,39 @@ def test_orthogonalisation_needs_the_normalised_direction():
         AdafacMLP(newton_schulz_steps=5, newton_schulz_min_side=1)
     with pytest.raises(ValueError, match="newton_schulz_dtype must be 'float32', 'bfloat16' or 'auto'"):
         AdafacMLP(newton_schulz_steps=5, newton_schulz_dtype="float16")
+
+
+def _plain_newton_schulz(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """The iteration written out, unfused, on the wide orientation: X <- a X + (b A + c A^2) X, A = X X^T."""
+    a, b, c = NEWTON_SCHULZ_COEFFICIENTS
+    tall = x.shape[-2] > x.shape[-1]
+    y = x.mT if tall else x
+    y = y / (torch.linalg.matrix_norm(y, keepdim=True) + 1e-7)
+    for _ in range(steps):
+        gram = y @ y.mT
+        y = a * y + (b * gram + c * gram @ gram) @ y
+    return y.mT if tall else y
+
+
+@pytest.mark.parametrize("shape", [(10, 96), (96, 10), (3, 7), (2, 8, 16), (6, 6), (4, 7)], ids=str)
+@pytest.mark.parametrize("steps", [1, 2, 3, 5])
+def test_newton_schulz_fused_and_on_the_gram_matrix_is_the_plain_iteration(shape, steps, monkeypatch):
+    """The fused products (``baddbmm``) and, in float32 on matrices at least twice as wide as high, the iteration on
+    the Gram matrix (``X_k = P_k X_0``, ``P_k`` a product of polynomials in ``X_0 X_0^T``) give the plain iteration
+    in float64 to float32 rounding; the Gram route is taken exactly there."""
+    import learned_optim.features as features
+
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64)
+    routes = []
+    on_gram = features._newton_schulz_on_gram
+    monkeypatch.setattr(features, "_newton_schulz_on_gram", lambda y, k: routes.append(k) or on_gram(y, k))
+    got = newton_schulz_orthogonalize(x.float(), steps)
+    rows, cols = sorted(shape[-2:])
+    assert routes == ([steps] if cols >= 2 * rows and steps >= 2 else [])
+    assert got.dtype == torch.float32 and got.shape == x.shape
+    torch.testing.assert_close(got.double(), _plain_newton_schulz(x, steps), rtol=0, atol=3e-6)
+    torch.testing.assert_close(newton_schulz_orthogonalize(x, steps), _plain_newton_schulz(x, steps))  # float64
 
 
 def test_newton_schulz_in_bfloat16_products():
