@@ -48,10 +48,10 @@ def gradient_ratios(trainer: MetaTrainer, segments: int) -> list[float]:
         if trainer.trajectory is None:
             trainer._begin_trajectory()
         n = min(trainer.config.unroll.segment_length, trainer.trajectory_length - trainer.trajectory.step)
-        result, objective = trainer.segment_objective(weights, n)
-        if result.extra.requires_grad:  # the terms applied somewhere in this segment
+        result, objective, extra = trainer.segment_objective(weights, n)
+        if extra.requires_grad:  # the terms applied somewhere in this segment
             g_obj = torch.autograd.grad(objective, params, retain_graph=True, allow_unused=True)
-            g_reg = torch.autograd.grad(result.extra, params, allow_unused=True)
+            g_reg = torch.autograd.grad(extra, params, allow_unused=True)
             ratios.append(_norm(g_reg) / max(_norm(g_obj), 1e-30))
         if trainer.hook is not None:
             trainer.hook.pop_values()

@@ -371,8 +371,10 @@ class EstimatorConfig(_Section):
     it. With PES each instance has ``num_pairs`` pairs of its own, so the estimate averages over ``instances *
     num_pairs`` pairs and several starting points and data streams of the task (``2 * num_pairs * instances``
     particles). With truncated BPTT the meta-objective is the mean of the instances' objectives, its gradient the
-    mean of their meta-gradients (:class:`~learned_optim.meta.instances.TaskInstances`; not with maml, imitation or
-    regularizers, whose terms follow one trajectory).
+    mean of their meta-gradients (:class:`~learned_optim.meta.instances.TaskInstances`; not with maml or imitation,
+    whose terms follow one trajectory). The config's ``regularizers`` add each instance's terms, taken on its own
+    trajectory, to its objective: the meta-loss is the mean of the instances' objectives plus terms (one after the
+    other only, not with ``batch_particles``).
 
     ``batch_particles``: unroll the particles (PES) or the task instances (truncated BPTT, ``instances`` > 1)
     together, every inner step one call batched over them by ``torch.func.vmap``
@@ -462,10 +464,15 @@ class MetaTrainConfig(_Section):
                 "(they need backpropagation through the segment); use estimator.kind: tbptt for them"
             )
         if self.estimator.kind == "tbptt" and self.estimator.instances > 1:
-            if self.maml.enabled or self.imitation.enabled or self.regularizers:
+            if self.maml.enabled or self.imitation.enabled:
                 raise ValueError(
-                    f"{where}: estimator.instances > 1 with truncated BPTT does not combine with maml, imitation or "
-                    "regularizers (their terms follow one trajectory)"
+                    f"{where}: estimator.instances > 1 with truncated BPTT does not combine with maml or imitation "
+                    "(their terms follow one trajectory)"
+                )
+            if self.estimator.batch_particles and self.regularizers:
+                raise ValueError(
+                    f"{where}: estimator.batch_particles does not combine with regularizers (their terms are taken "
+                    "per instance, outside the batched call); unroll the instances one after the other"
                 )
             if self.estimator.batch_particles and self.unroll.checkpoint_steps:
                 raise ValueError(f"{where}: estimator.batch_particles does not combine with unroll.checkpoint_steps")

@@ -9,7 +9,8 @@ unrolls every instance over the same ``n`` steps with the same net and takes the
 a meta-gradient averaged over starting points and data streams of the task (lower variance per meta-step). With
 ``estimator.batch_particles`` the instances are unrolled together, each inner step one call batched over them by
 ``torch.func.vmap`` (:func:`~learned_optim.meta.unroll.unroll_particles` with ``track_graph``), else one after the
-other (:func:`~learned_optim.meta.unroll.unroll`): the same objective and meta-gradient to float rounding.
+other (:func:`~learned_optim.meta.unroll.unroll`): the same objective and meta-gradient to float rounding. The
+config's regularizers (one after the other only) add each instance's terms, taken on its own points, to its objective.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .._numerics import derive_seed
 from ..nets.base import UpdateRule
 from ..tasks.base import Task
 from .config import MetaTrainConfig
-from .unroll import Trajectory, UnrollResult, start_instance, unroll, unroll_particles
+from .unroll import MetaLossHook, Trajectory, UnrollResult, start_instance, unroll, unroll_particles
 
 __all__ = ["TaskInstances"]
 
@@ -64,14 +65,24 @@ class TaskInstances:
             generator.manual_seed(derive_seed(seed, "data", task_index, k))
 
     def segment(
-        self, weights: Mapping[str, Tensor], task: Task, trajectory: Trajectory, generator: torch.Generator, n: int
+        self,
+        weights: Mapping[str, Tensor],
+        task: Task,
+        trajectory: Trajectory,
+        generator: torch.Generator,
+        n: int,
+        hook: MetaLossHook | None = None,
     ) -> list[UnrollResult]:
         """The next ``n`` steps of every instance (instance 0 from ``trajectory`` with batches from ``generator``),
-        their losses in the graph of ``weights``; the other instances move on to their segment's end."""
+        their losses in the graph of ``weights``; the other instances move on to their segment's end. ``hook``: the
+        regularizers' meta-loss terms, taken on each instance's own points (in each result's ``extra``), instance 0
+        first; not with ``batch_particles``."""
         cfg = self.run
         starts, streams = [trajectory, *self.others], [generator, *self.generators]
         options: dict[str, Any] = {"config": cfg.unroll, "meta_split": cfg.objective.split}
         if cfg.estimator.batch_particles:
+            if hook is not None:
+                raise ValueError("task instances unrolled together (batch_particles) take no meta-loss hook")
             results = unroll_particles(
                 self.rule,
                 weights,
@@ -86,7 +97,7 @@ class TaskInstances:
             )
         else:
             results = [
-                unroll(self.rule, weights, task, start, n, generator=stream, **options)
+                unroll(self.rule, weights, task, start, n, generator=stream, hook=hook, **options)
                 for start, stream in zip(starts, streams, strict=True)
             ]
         self.others = [r.end for r in results[1:]]

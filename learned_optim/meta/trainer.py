@@ -198,7 +198,7 @@ class MetaTrainer:
 
         self.instances = None
         if config.estimator.kind == "tbptt" and config.estimator.instances > 1:  # (learned_optim.meta.instances)
-            if self.hook is not None:
+            if hook is not None:  # (the config's regularizers are taken per instance)
                 raise ValueError(
                     "a meta-loss hook does not combine with estimator.instances > 1 under truncated BPTT (its terms "
                     "follow one trajectory)"
@@ -369,11 +369,11 @@ class MetaTrainer:
                 maml_metrics, objective=maml_metrics["outer_loss"], meta_split_loss_last=maml_metrics["query_loss_last"]
             )
         else:
-            result, objective = self.segment_objective(weights, n)
-            loss, optimizer = objective + result.extra, self.meta_optimizer
+            result, objective, extra = self.segment_objective(weights, n)
+            loss, optimizer = objective + extra, self.meta_optimizer
             metrics.update(
                 objective=float(objective.detach()),
-                extra=float(result.extra.detach()),
+                extra=float(extra.detach()),
                 meta_split_loss_last=float(result.losses[-1].detach()),
             )
             train_losses, end, diverged_at = result.train_losses, result.end, result.diverged_at
@@ -423,15 +423,15 @@ class MetaTrainer:
             self._end_trajectory(metrics)
         return metrics
 
-    def segment_objective(self, weights: Mapping[str, Tensor], n: int) -> tuple[UnrollResult, Tensor]:
-        """The next ``n`` steps of the current trajectory (hook terms in ``result.extra``) and their meta-objective,
+    def segment_objective(self, weights: Mapping[str, Tensor], n: int) -> tuple[UnrollResult, Tensor, Tensor]:
+        """The next ``n`` steps of the current trajectory, their meta-objective and the hook's terms over them,
         without touching the net, its optimizer or ``self.trajectory`` (the segment's end is ``result.end``). With
-        task instances (``estimator.instances``) the objective is the mean of theirs, ``result`` instance 0's (the
-        trainer's trajectory), and the other instances move on to their segment's end."""
+        task instances (``estimator.instances``) the objective and the terms are the means of theirs, ``result``
+        instance 0's (the trainer's trajectory), and the other instances move on to their segment's end."""
         cfg = self.config
         assert self.task is not None and self.trajectory is not None, "no trajectory in progress"
         if self.instances is not None:
-            results = self.instances.segment(weights, self.task, self.trajectory, self.data_generator, n)
+            results = self.instances.segment(weights, self.task, self.trajectory, self.data_generator, n, self.hook)
         else:
             results = [
                 unroll(
@@ -446,8 +446,10 @@ class MetaTrainer:
                     hook=self.hook,
                 )
             ]
-        objectives = [r.objective(cfg.objective.kind) for r in results]
-        return results[0], objectives[0] if len(objectives) == 1 else torch.stack(objectives).mean()
+        if len(results) == 1:
+            return results[0], results[0].objective(cfg.objective.kind), results[0].extra
+        objectives = torch.stack([r.objective(cfg.objective.kind) for r in results]).mean()
+        return results[0], objectives, torch.stack([r.extra for r in results]).mean()
 
     def _end_trajectory(self, last: Mapping[str, Any]) -> None:
         assert self.trajectory is not None

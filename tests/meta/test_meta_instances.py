@@ -23,12 +23,16 @@ def tbptt_config(instances: int = 2, batched: bool = False, **changes):
     return tiny_config(**{**base, **changes})
 
 
+SAM = [{"kind": "sam", "weight": 1.0, "where": "all", "rho": 0.05}]
+HESSIAN = [{"kind": "hessian_trace", "weight": 0.1, "where": "segment_end", "probes": 2}]
+
+
 def first_segment(config, tmp_path):
     """The trainer's first segment: its results per instance, objective and meta-gradient (nothing updated)."""
     trainer = MetaTrainer(config, out_dir=tmp_path, progress=False)
     trainer._begin_trajectory()
     weights = trainer._weights()
-    _, objective = trainer.segment_objective(weights, 3)
+    _, objective, _ = trainer.segment_objective(weights, 3)
     gradient = torch.autograd.grad(objective, list(weights.values()))
     return trainer, objective.detach(), torch.cat([g.reshape(-1) for g in gradient])
 
@@ -78,12 +82,52 @@ def test_instances_unrolled_together_give_the_loop_objective_and_meta_gradient(t
     torch.testing.assert_close(gradient_batched, gradient_loop, rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("batched", [False, True])
+def test_regularizers_add_each_instances_own_terms(tmp_path):
+    """With the config's regularizers the meta-loss is the mean over instances of objective plus terms, each
+    instance's terms taken on its own points: against each instance unrolled alone with the trainer's hook (SAM at
+    every point); the terms really differ between instances and enter the meta-gradient."""
+    trainer = MetaTrainer(tbptt_config(regularizers=SAM), out_dir=tmp_path / "two", progress=False)
+    trainer._begin_trajectory()
+    assert trainer.instances is not None and trainer.hook is not None
+    starts = [trainer.trajectory, *trainer.instances.others]
+    streams = [
+        torch.Generator().set_state(g.get_state()) for g in (trainer.data_generator, *trainer.instances.generators)
+    ]
+    weights = trainer._weights()
+    _, objective, extra = trainer.segment_objective(weights, 3)
+    alone = [
+        unroll(
+            trainer.rule,
+            weights,
+            trainer.task,
+            start,
+            3,
+            generator=stream,
+            config=trainer.config.unroll,
+            meta_split="val",
+            hook=trainer.hook,
+        )  # fmt: skip
+        for start, stream in zip(starts, streams, strict=True)
+    ]
+    extras = [r.extra for r in alone]
+    assert all(e.requires_grad for e in extras) and not torch.allclose(extras[0], extras[1], rtol=0.01)
+    torch.testing.assert_close(extra, torch.stack(extras).mean(), rtol=1e-6, atol=0)
+    objectives = [meta_objective("sum", r.losses, initial_loss=r.end.initial_loss, last_step=3) for r in alone]
+    torch.testing.assert_close(objective, torch.stack(objectives).mean(), rtol=1e-6, atol=0)
+    params = list(weights.values())
+    want = torch.autograd.grad(sum(o + e for o, e in zip(objectives, extras, strict=True)) / 2, params)
+    got = torch.autograd.grad(objective + extra, params)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("batched", [False, True, "regularized"])
 def test_a_run_over_task_instances_resumes_bit_for_bit(tmp_path, batched):
     """Killed mid-trajectory and resumed: the same net and log bit for bit (the instances' trajectories and batch
-    generators are in the checkpoint); it trains (the net moves, every meta-step counts), and a checkpoint is
-    refused under another number of instances."""
-    config = tbptt_config(batched=batched)
+    generators are in the checkpoint, with the regularizers' probes' generator); it trains (the net moves, every
+    meta-step counts), and a checkpoint is refused under another number of instances."""
+    regularized = batched == "regularized"
+    config = tbptt_config(batched=batched is True, **({"regularizers": HESSIAN} if regularized else {}))
     full_folder = MetaTrainer(config, out_dir=tmp_path / "full", progress=False).train()
     assert MetaTrainer(config, out_dir=tmp_path / "cut", progress=False).train(stop_after=4) is None
     cut_folder = MetaTrainer(config, out_dir=tmp_path / "cut", progress=False).train(resume=True)
@@ -92,10 +136,13 @@ def test_a_run_over_task_instances_resumes_bit_for_bit(tmp_path, batched):
     records = meta_records(tmp_path / "full")
     assert records == meta_records(tmp_path / "cut")
     assert len(records) == 8 and all(not r["skipped"] and r["instances_diverged"] == 0 for r in records)
+    if regularized:  # the probes' terms at every segment end, in the meta-loss
+        assert all(r["extra"] != 0.0 and "hessian_trace" in r["regularizers"] for r in records)
     initial = MetaTrainer(config, out_dir=tmp_path / "init", progress=False).rule.state_dict()
     assert any(not torch.equal(initial[k], wf[k]) for k in wf)
     with pytest.raises(ValueError, match="estimator.instances: 2 -> 3"):
-        MetaTrainer(tbptt_config(instances=3), out_dir=tmp_path / "cut", progress=False).train(resume=True)
+        changed = tbptt_config(instances=3, **({"regularizers": HESSIAN} if regularized else {}))
+        MetaTrainer(changed, out_dir=tmp_path / "cut", progress=False).train(resume=True)
 
 
 def test_task_instances_refuse_a_checkpoint_of_another_count(tmp_path):
@@ -108,12 +155,13 @@ def test_task_instances_refuse_a_checkpoint_of_another_count(tmp_path):
 
 
 def test_task_instances_refuse_what_follows_one_trajectory(tmp_path):
-    """Regularizers, maml and imitation (their terms follow one trajectory), a hook, gradient checkpointing of a
-    batched unroll, and batching a single instance are refused with clear errors."""
-    sam = [{"kind": "sam", "weight": 1.0, "where": "segment_end", "rho": 0.05}]
-    for changes in ({"regularizers": sam}, {"imitation": {"enabled": True}}, {"maml": {"enabled": True}}):
-        with pytest.raises(ValueError, match="does not combine with maml, imitation or regularizers"):
+    """Maml and imitation (their terms follow one trajectory), a caller's hook, regularizers with batched instances,
+    gradient checkpointing of a batched unroll, and batching a single instance are refused with clear errors."""
+    for changes in ({"imitation": {"enabled": True}}, {"maml": {"enabled": True}}):
+        with pytest.raises(ValueError, match="does not combine with maml or imitation"):
             tbptt_config(**changes)
+    with pytest.raises(ValueError, match="batch_particles does not combine with regularizers"):
+        tbptt_config(batched=True, regularizers=SAM)
     with pytest.raises(ValueError, match="does not combine with unroll.checkpoint_steps"):
         tbptt_config(batched=True, unroll={"trajectory_length": 6, "segment_length": 3, "checkpoint_steps": True})
     with pytest.raises(ValueError, match="needs kind 'pes' or instances > 1"):
