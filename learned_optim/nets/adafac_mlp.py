@@ -230,6 +230,10 @@ class AdafacMLP(UpdateRule):
     #: thread, Intel Xeon with AMX: 128 x 128 0.68x, 128 x 512 0.97x, 160 x 640 2.0x, 192 x 192 1.3x, 1000 x 1000 3.1x
     #: float32's speed; ``benchmarks/results/bench/orthogonal-bf16/README.md``).
     bfloat16_min_side: int = 160
+    #: Coordinates of steps the orthogonalising in-place step (:meth:`step_in_place`) holds at once: its tensors go
+    #: in consecutive batches of at most this many (a larger tensor alone), each one kernel call writing its steps
+    #: into a buffer of this size (64 MiB), so the transient memory does not grow with the model.
+    in_place_step_coordinates: int = 1 << 24
 
     def block_coordinates(self, device: torch.device) -> int:
         """Coordinates per block of the inference path on ``device`` (and the one-shot path's upper bound)."""
@@ -948,8 +952,9 @@ class AdafacMLP(UpdateRule):
         :meth:`UpdateRule.step_in_place`): contiguous float32 CPU parameters, gradients and state. The same kernel
         and arithmetic as the optimizer's per-tensor and packed steps (:meth:`_native_forward`), so the same
         result bit for bit, without their copies into and out of packs. With the orthogonalisation
-        (``newton_schulz_steps``) the kernel writes the steps into one buffer instead, the tensors ordered by shape
-        so that matrices of one shape are orthogonalised together (:meth:`_orthogonalize_steps_`, as in a pack),
+        (``newton_schulz_steps``) the kernel writes the steps into a buffer instead (in batches of at most
+        :attr:`in_place_step_coordinates`), the tensors ordered by shape so that matrices of one shape are
+        orthogonalised together (:meth:`_orthogonalize_steps_`, as in a pack),
         and the decoupled update follows as :func:`~learned_optim.functional.decoupled_update_` applies it: the
         per-tensor step's result to float rounding (the batched products of a run of several matrices may round
         differently)."""
@@ -987,23 +992,36 @@ class AdafacMLP(UpdateRule):
             return list(params)  # parameters sharing memory: the kernel may step tensors on several threads at once
         momenta = [f"m{i}" for i in range(len(self.config.momentum_decays))]
         scales = step.new_tensor([self.step_scale(p.shape) for p in tensors])  # the muP scale per tensor
-        layout = factored_pack_layout(tuple(tuple(p.shape) for p in tensors)) if orthogonal else None
-        direction = torch.empty(layout.coordinates) if layout is not None else None
-        ran = kernels.adafac_tensors_step(
-            [matrix_view(p.shape) for p in tensors], grads, tensors,
-            [[state[k] for state in state_of] for k in momenta], [state["v"] for state in state_of],
-            [state["row"] for state in state_of], [state["col"] for state in state_of],
-            self._kernel_net(step, step), scales, None if orthogonal else (lr, weight_decay), direction,
-        )  # fmt: skip
-        if not ran:
-            return list(params)
-        if layout is not None and direction is not None:
-            from ..functional import decoupled_updates_  # (functional imports the nets)
+        if not orthogonal:
+            ran = kernels.adafac_tensors_step(
+                [matrix_view(p.shape) for p in tensors], grads, tensors,
+                [[state[k] for state in state_of] for k in momenta], [state["v"] for state in state_of],
+                [state["row"] for state in state_of], [state["col"] for state in state_of],
+                self._kernel_net(step, step), scales, (lr, weight_decay),
+            )  # fmt: skip
+            if not ran:
+                return list(params)
+            torch.autograd.graph.increment_version(tensors)  # written through their storage, as an in-place op would
+            return rest
+        from ..functional import decoupled_updates_  # (functional imports the nets)
 
+        net = self._kernel_net(step, step)
+        for batch in _consecutive_batches([p.numel() for p in tensors], self.in_place_step_coordinates):
+            part = tensors[batch]
+            layout = factored_pack_layout(tuple(tuple(p.shape) for p in part))
+            direction = torch.empty(layout.coordinates)
+            ran = kernels.adafac_tensors_step(
+                [matrix_view(p.shape) for p in part], grads[batch], part,
+                [[state[k] for state in state_of[batch]] for k in momenta], [state["v"] for state in state_of[batch]],
+                [state["row"] for state in state_of[batch]], [state["col"] for state in state_of[batch]],
+                net if step.dim() == 0 else self._kernel_net(step[batch], step), scales[batch], None, direction,
+            )  # fmt: skip
+            if not ran:  # the tensors of this batch on are left to the caller, untouched
+                return [*tensors[batch.start :], *rest]
             self._orthogonalize_steps_(direction, layout)
-            steps = [direction[a:b].view_as(p) for ((a, b), *_), p in zip(layout.bounds, tensors, strict=True)]
-            decoupled_updates_(tensors, steps, lr, weight_decay)
-        torch.autograd.graph.increment_version(tensors)  # written through their storage, as an in-place op would
+            steps = [direction[a:b].view_as(p) for ((a, b), *_), p in zip(layout.bounds, part, strict=True)]
+            decoupled_updates_(part, steps, lr, weight_decay)
+            torch.autograd.graph.increment_version(part)  # written through their storage, as an in-place op would
         return rest
 
     @torch.no_grad()
@@ -1204,3 +1222,17 @@ class AdafacMLP(UpdateRule):
         else:
             direction.mul_(step_scale)
         return direction, new
+
+
+def _consecutive_batches(sizes: Sequence[int], limit: int) -> list[slice]:
+    """Consecutive slices of ``sizes`` whose sums are at most ``limit`` (an item larger than ``limit`` alone)."""
+    batches: list[slice] = []
+    start, total = 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and total + size > limit:
+            batches.append(slice(start, i))
+            start, total = i, 0
+        total += size
+    if sizes:
+        batches.append(slice(start, len(sizes)))
+    return batches

@@ -1158,13 +1158,15 @@ def test_the_library_is_built_from_the_sources_as_imported(tmp_path, monkeypatch
 
 
 @needs_kernels
-@pytest.mark.parametrize("lr", [0.01, torch.tensor(0.01)], ids=["float-lr", "tensor-lr"])
-def test_adafac_orthogonalising_in_place_step_equals_the_packed_and_aten_steps(lr):
+@pytest.mark.parametrize(("lr", "batch"), [(0.01, None), (torch.tensor(0.01), None), (0.01, 40)], ids=str)
+def test_adafac_orthogonalising_in_place_step_equals_the_packed_and_aten_steps(lr, batch):
     """An orthogonalising net's ``step_in_place`` takes every plain float32 tensor: the kernel writes the steps into
     one buffer, the matrices ordered by shape (two of one shape orthogonalised together), then the orthogonalisation
-    and the decoupled update. Over three optimizer steps (a late tensor with its own step count, weight decay, a
-    float or tensor lr) it equals the packed step (packs, kernel, orthogonalisation) and the ATen step to float
-    rounding."""
+    and the decoupled update; with ``in_place_step_coordinates`` 40, in four batches of at most 40 coordinates (a run
+    of one shape split). Over three optimizer steps (a late tensor with its own step count, weight decay, a float or
+    tensor lr) it equals the packed step (packs, kernel, orthogonalisation) and the ATen step to float rounding."""
+    calls = []
+    original_step = kernels.adafac_tensors_step
     moved = []
     for path in ("in-place", "packs", "aten"):
         torch.manual_seed(0)
@@ -1173,6 +1175,8 @@ def test_adafac_orthogonalising_in_place_step_equals_the_packed_and_aten_steps(l
         params = [*model.parameters(), late]
         start = [p.detach().clone() for p in params]
         rule = _adafac_case((1,), newton_schulz_steps=5, step_magnitude="adam", time_scales=(10.0, 100.0))[0]
+        if batch is not None:
+            rule.in_place_step_coordinates = batch
         kind = PacksOnly if path == "packs" else LearnedOptimizer
         opt = kind(params, rule, lr=lr, weight_decay=0.1)
         left: list[list[torch.Tensor]] = []
@@ -1182,13 +1186,21 @@ def test_adafac_orthogonalising_in_place_step_equals_the_packed_and_aten_steps(l
             return left[-1]
 
         rule.step_in_place = spy
-        with kernels.forced() if path != "aten" else kernels.enabled_as(False):
+        with (
+            kernels.forced() if path != "aten" else kernels.enabled_as(False),
+            pytest.MonkeyPatch.context() as patch,
+        ):
+            patch.setattr(
+                kernels, "adafac_tensors_step", lambda shapes, *a: calls.append(shapes) or original_step(shapes, *a)
+            )
             for i in range(3):
                 opt.zero_grad()
                 (model(torch.randn(4, 6)).square().mean() + (late.sum() if i > 0 else 0.0)).backward()
                 opt.step()
         if path == "in-place":
             assert left == [[]] * 3  # every tensor taken, the last two steps with the late tensor's own count
+            sizes = [sum(r * c for r, c in shapes) for shapes in calls[-4 if batch else -1 :]]
+            assert sizes == ([12 + 10, 25, 25, 30] if batch else [102])  # the last step's calls (sorted by shape)
             assert int(opt.state[late]["step"]) == 2 and int(opt.state[params[0]]["step"]) == 3
         moved.append([p.detach() - p0 for p, p0 in zip(params, start, strict=True)])
     for in_place, packed, aten in zip(*moved, strict=True):
