@@ -528,7 +528,9 @@ def test_adafac_in_place_step_does_not_depend_on_threads():
 
 @needs_kernels
 def test_adafac_tensors_step_refuses_tensors_it_does_not_take():
-    """The in-place kernel entry returns False and writes nothing for a wrong size, dtype or layout."""
+    """The in-place kernel entry returns False and writes nothing for a wrong size, dtype or layout; a step buffer
+    given with an update, neither, or of the wrong size or dtype is an error; given alone it receives the step the
+    update would apply."""
     rule, grad, param, state, step = _adafac_case((6, 5))
     net = rule._kernel_net(step, grad)
     shape, g, p = (6, 5), grad.clone(), param.clone()
@@ -547,8 +549,23 @@ def test_adafac_tensors_step_refuses_tensors_it_does_not_take():
                 bad["shapes"], bad["grads"], bad["params"], m, v, row, col, net, scales, (0.1, 0.0)
             )
         assert all(torch.equal(x, y) for x, y in zip(before, [p, v[0], row[0]], strict=True))
+        for update, direction, match in (
+            ((0.1, 0.0), torch.empty(30), "either update .* or direction"),
+            (None, None, "either update .* or direction"),
+            (None, torch.empty(29), "direction of 29"),
+            (None, torch.empty(30, dtype=torch.float64), "direction of 30 torch.float64"),
+        ):
+            with pytest.raises(ValueError, match=match):
+                kernels.adafac_tensors_step([shape], [g], [p], m, v, row, col, net, scales, update, direction)
+        assert all(torch.equal(x, y) for x, y in zip(before, [p, v[0], row[0]], strict=True))
+        direction = torch.full((30,), float("nan"))  # the steps written, the parameter left as it was
+        assert kernels.adafac_tensors_step([shape], [g], [p], m, v, row, col, net, scales, None, direction)
+        assert torch.equal(p, before[0]) and torch.isfinite(direction).all() and not torch.equal(v[0], before[1])
+        m = [[state[f"m{i}"].clone()] for i in range(3)]  # the same state again
+        v, row, col = [state["v"].clone()], [state["row"].clone()], [state["col"].clone()]
         assert kernels.adafac_tensors_step([shape], [g], [p], m, v, row, col, net, scales, (0.1, 0.0))
     assert not torch.equal(p, before[0]) and not torch.equal(v[0], before[1])
+    torch.testing.assert_close(p, before[0] + 0.1 * direction)  # the same step, applied
 
 
 @needs_kernels
