@@ -6,6 +6,8 @@
     python benchmarks/suite_iteration_time.py --optimizer NAME_OR_FOLDER --net newton_schulz_dtype=bfloat16 \\
         --tasks stdlib-transformer-lm-2m shapes-cnn
     python benchmarks/suite_iteration_time.py --optimizer NAME_OR_FOLDER --baseline muon-adamw
+    python benchmarks/suite_iteration_time.py --optimizer NAME_OR_FOLDER --tasks ... \
+        --speedups benchmarks/results/bench/orthogonal-ns3/suite/results.json --contender "NAME [adamw]"
 
 For every task (its model at seed 0 and one training batch, as the suite draws them) one iteration, ``zero_grad``,
 forward, the task's loss, backward and the optimizer's ``step``, is timed for ``torch.optim.AdamW`` and for each
@@ -17,6 +19,13 @@ default). ``--net FIELD=VALUE`` (repeatable) adds, for every learned optimizer, 
 settings changed (``UpdateRule.reconfigured``: the same weights), e.g. the orthogonalisation's products in bfloat16.
 Prints the machine (``lscpu``'s model and flags) with the table: a speed figure holds for the machine it was
 measured on.
+
+With ``--speedups RESULTS --contender NAME`` (a suite ``results.json`` and one of its contenders, the first
+``--optimizer``) it also estimates the speed-up in time on this machine: the suite's speed-up of that contender on
+each task (steps to tuned AdamW's final training loss, from the results) divided by the iteration-time ratio measured
+here, with their interquartile mean over the tasks: above 1, the optimizer reaches AdamW's final training loss in less
+time than AdamW. The suite's runs record their own time per step, but from runs of different sessions, machines and
+loads; the ratio measured here, side by side, is what the estimate takes.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,6 +46,7 @@ from _common import cpu_flags_line, machine_header, measure, table  # noqa: E402
 
 from learned_optim import LearnedOptimizer  # noqa: E402
 from learned_optim.bench.baselines import BASELINES  # noqa: E402
+from learned_optim.bench.stats import iqm  # noqa: E402
 from learned_optim.bench.tasks import get_task  # noqa: E402
 from learned_optim.hub import load_rule  # noqa: E402
 from learned_optim.meta.cli import add_net_settings_option, net_settings  # noqa: E402
@@ -77,11 +88,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     add_net_settings_option(parser, "a variant of every learned optimizer with this net setting (repeatable)")
+    parser.add_argument("--speedups", type=Path, help="a suite results.json: estimate the speed-up in time (above)")
+    parser.add_argument("--contender", help="the --speedups contender, e.g. 'NAME [adamw]' (the first --optimizer)")
     args = parser.parse_args(argv)
+    if (args.speedups is None) != (args.contender is None) or (args.speedups is not None and not args.optimizer):
+        parser.error("--speedups and --contender go together, with an --optimizer")
+    step_speedups = _step_speedups(args.speedups, args.contender) if args.speedups is not None else {}
     torch.set_num_threads(args.threads)
     factories = optimizers(args.optimizer, net_settings(args.net_overrides), args.baseline)
     print(f"# Training iteration time on the suite's models\n\n{machine_header()}\n\n{cpu_flags_line()}\n")
     rows = []
+    time_rows: list[list[str]] = []
+    time_speedups: list[float] = []
     for task_name in args.tasks:
         workload = get_task(task_name).bind()
         batch = workload.batch(torch.Generator().manual_seed(0))
@@ -108,8 +126,28 @@ def main(argv: list[str] | None = None) -> None:
         params = sum(p.numel() for p in model.parameters())
         for label, t in timings.items():
             rows.append([task_name, f"{params / 1e6:.2f}M", label, f"{t.best * 1e3:.1f}", f"{t.best / reference:.2f}x"])
+        if step_speedups:
+            if task_name not in step_speedups:
+                raise SystemExit(f"{args.speedups} has no {args.contender!r} on {task_name}")
+            ratio = timings[Path(args.optimizer[0]).name].best / reference
+            time_speedups.append(step_speedups[task_name] / ratio)
+            time_rows.append(
+                [task_name, f"{step_speedups[task_name]:.2f}x", f"{ratio:.2f}x", f"{time_speedups[-1]:.2f}x"]
+            )
     print(table(["task", "params", "optimizer", "ms / iteration (CPU, best)", "/ AdamW"], rows))
+    if time_rows:
+        print(f"\nSpeed-up in time of {args.contender} on this machine (steps from {args.speedups}):\n")
+        time_rows.append(["IQM over tasks", "", "", f"{iqm(time_speedups):.2f}x"])
+        print(table(["task", "speed-up (steps)", "iteration / AdamW's (here)", "speed-up in time"], time_rows))
     print(f"\nLoad at the end: {machine_header().split('load average ')[1]}")
+
+
+def _step_speedups(results: Path, contender: str) -> dict[str, float]:
+    """Each task's speed-up of ``contender`` in a suite ``results.json`` (its ``summary`` rows)."""
+    rows = [row for row in json.loads(results.read_text())["summary"] if row["contender"] == contender]
+    if not rows:
+        raise SystemExit(f"{results} has no contender {contender!r}")
+    return {row["task"]: float(row["speedup"]) for row in rows}
 
 
 if __name__ == "__main__":

@@ -480,6 +480,45 @@ def test_suite_iteration_time_times_adamw_and_each_learned_optimizer_with_its_va
     assert "lscpu" in out
 
 
+def test_suite_iteration_time_estimates_the_speed_up_in_time_from_a_suites_step_speed_ups(
+    tmp_path, capsys, monkeypatch
+):
+    """With ``--speedups``: per task the suite's step speed-up, the iteration ratio measured here and their quotient,
+    with the IQM over tasks; a contender or task the results lack, or the option without its partner, is refused."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    script = _script("suite_iteration_time")
+    folder = save_pretrained(AdafacMLP(newton_schulz_steps=2), tmp_path / "ns", name="ns-net")
+    tasks = ["breast-cancer-mlp", "noisy-labels-mlp"]
+    summary = [
+        {"task": task, "contender": contender, "speedup": speedup}
+        for task, speedup in zip(tasks, (1.5, 3.0), strict=True)
+        for contender in ("adamw", "ns-net [adamw]")
+    ]
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"summary": summary}))
+    script.main(["--tasks", *tasks, "--optimizer", str(folder), "--repeats", "1", "--speedups", str(results),
+                 "--contender", "ns-net [adamw]"])  # fmt: skip
+    out = capsys.readouterr().out
+    timing, estimating = out.split("Speed-up in time")
+    timed = {r[0]: r for r in (line.strip(" |").split(" | ") for line in timing.splitlines()) if r[2:3] == ["ns"]}
+    estimates = [line.strip(" |").split(" | ") for line in estimating.splitlines()]
+    estimates = {r[0]: r for r in estimates if len(r) == 4 and r[0] in (*tasks, "IQM over tasks")}
+    for task, speedup in zip(tasks, (1.5, 3.0), strict=True):
+        ratio = float(timed[task][4].rstrip("x"))
+        assert estimates[task][1] == f"{speedup:.2f}x" and estimates[task][2] == f"{ratio:.2f}x"
+        assert float(estimates[task][3].rstrip("x")) == pytest.approx(speedup / ratio, rel=0.02)
+    assert "IQM over tasks" in estimates
+    with pytest.raises(SystemExit, match="no contender 'other'"):
+        script.main(
+            ["--tasks", tasks[0], "--optimizer", str(folder), "--speedups", str(results), "--contender", "other"]
+        )
+    with pytest.raises(SystemExit, match="has no 'ns-net \\[adamw\\]' on copy-gru"):
+        script.main(["--tasks", "copy-gru", "--optimizer", str(folder), "--repeats", "1", "--speedups", str(results),
+                     "--contender", "ns-net [adamw]"])  # fmt: skip
+    with pytest.raises(SystemExit):
+        script.main(["--tasks", tasks[0], "--optimizer", str(folder), "--speedups", str(results)])
+
+
 def test_suite_iteration_time_times_a_suite_baseline_and_refuses_an_unknown_one(capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     script = _script("suite_iteration_time")
