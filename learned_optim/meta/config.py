@@ -373,8 +373,8 @@ class EstimatorConfig(_Section):
     particles). With truncated BPTT the meta-objective is the mean of the instances' objectives, its gradient the
     mean of their meta-gradients (:class:`~learned_optim.meta.instances.TaskInstances`; not with maml or imitation,
     whose terms follow one trajectory). The config's ``regularizers`` add each instance's terms, taken on its own
-    trajectory, to its objective: the meta-loss is the mean of the instances' objectives plus terms (one after the
-    other only, not with ``batch_particles``).
+    trajectory, to its objective: the meta-loss is the mean of the instances' objectives plus terms (with
+    ``batch_particles`` the terms are taken after each batched step, one instance after the other).
 
     ``batch_particles``: unroll the particles (PES) or the task instances (truncated BPTT, ``instances`` > 1)
     together, every inner step one call batched over them by ``torch.func.vmap``
@@ -468,11 +468,6 @@ class MetaTrainConfig(_Section):
                 raise ValueError(
                     f"{where}: estimator.instances > 1 with truncated BPTT does not combine with maml or imitation "
                     "(their terms follow one trajectory)"
-                )
-            if self.estimator.batch_particles and self.regularizers:
-                raise ValueError(
-                    f"{where}: estimator.batch_particles does not combine with regularizers (their terms are taken "
-                    "per instance, outside the batched call); unroll the instances one after the other"
                 )
             if self.estimator.batch_particles and self.unroll.checkpoint_steps:
                 raise ValueError(f"{where}: estimator.batch_particles does not combine with unroll.checkpoint_steps")

@@ -10,7 +10,7 @@ a meta-gradient averaged over starting points and data streams of the task (lowe
 ``estimator.batch_particles`` the instances are unrolled together, each inner step one call batched over them by
 ``torch.func.vmap`` (:func:`~learned_optim.meta.unroll.unroll_particles` with ``track_graph``), else one after the
 other (:func:`~learned_optim.meta.unroll.unroll`): the same objective and meta-gradient to float rounding. The
-config's regularizers (one after the other only) add each instance's terms, taken on its own points, to its objective.
+config's regularizers add each instance's terms, taken on its own points, to its objective.
 """
 
 from __future__ import annotations
@@ -75,14 +75,13 @@ class TaskInstances:
     ) -> list[UnrollResult]:
         """The next ``n`` steps of every instance (instance 0 from ``trajectory`` with batches from ``generator``),
         their losses in the graph of ``weights``; the other instances move on to their segment's end. ``hook``: the
-        regularizers' meta-loss terms, taken on each instance's own points (in each result's ``extra``), instance 0
-        first; not with ``batch_particles``."""
+        regularizers' meta-loss terms, taken on each instance's own points (in each result's ``extra``): one instance
+        after the other, or, batched, after each step one instance after the other (a regularizer that draws random
+        numbers then draws them in another order: a run of its own)."""
         cfg = self.run
         starts, streams = [trajectory, *self.others], [generator, *self.generators]
-        options: dict[str, Any] = {"config": cfg.unroll, "meta_split": cfg.objective.split}
+        options: dict[str, Any] = {"config": cfg.unroll, "meta_split": cfg.objective.split, "hook": hook}
         if cfg.estimator.batch_particles:
-            if hook is not None:
-                raise ValueError("task instances unrolled together (batch_particles) take no meta-loss hook")
             results = unroll_particles(
                 self.rule,
                 weights,
@@ -97,7 +96,7 @@ class TaskInstances:
             )
         else:
             results = [
-                unroll(self.rule, weights, task, start, n, generator=stream, hook=hook, **options)
+                unroll(self.rule, weights, task, start, n, generator=stream, **options)
                 for start, stream in zip(starts, streams, strict=True)
             ]
         self.others = [r.end for r in results[1:]]

@@ -450,6 +450,7 @@ def unroll_particles(
     streams: Sequence[int] | None = None,
     shared_weights: bool = False,
     track_graph: bool = False,
+    hook: MetaLossHook | Callable[..., Tensor | None] | None = None,
 ) -> list[UnrollResult]:
     r""":func:`unroll` for ``P`` particles at once: particle :math:`p` runs the net with weights ``weights[name][p]``
     (each stacked on a leading axis of ``P``; with ``shared_weights`` every particle runs ``weights`` itself) from
@@ -461,7 +462,10 @@ def unroll_particles(
     Without a graph by default (PES's particles). With ``track_graph`` the losses stay in the graph of ``weights``,
     as :func:`unroll`'s do (truncated BPTT over several task instances: the meta-gradient of the particles' summed
     objectives is the sum of their :func:`unroll` meta-gradients, to float rounding); the optimizee's gradient is
-    detached unless ``config.second_order``, and ``config.checkpoint_steps`` and meta-loss hooks are not supported.
+    detached unless ``config.second_order``, and ``config.checkpoint_steps`` is not supported. A meta-loss ``hook``
+    (with ``track_graph`` and ``shared_weights``: truncated BPTT over task instances) is called as :func:`unroll` calls
+    it, on each particle's own new point, batch and step inputs, one particle after the other after each batched
+    step, its terms in each result's ``extra``.
     A particle whose gradient is not finite steps from a zero gradient instead (and the guard rejects the step, as
     :func:`unroll` does) so that no infinity enters the graph the others backpropagate through.
 
@@ -493,6 +497,10 @@ def unroll_particles(
             raise ValueError(f"unroll_particles: weights[{name!r}] {tuple(value.shape)} is not stacked over {count}")
     if track_graph and cfg.checkpoint_steps:
         raise ValueError("unroll_particles: config.checkpoint_steps is not supported with track_graph")
+    hook = as_hook(hook)
+    if hook is not None and not (track_graph and shared_weights):
+        raise ValueError("unroll_particles: a meta-loss hook needs track_graph and shared_weights")
+    extras: list[Tensor | float] = [0.0] * count
     second_order = cfg.second_order and track_graph
     params = {k: torch.stack([tr.params[k].detach() for tr in trajectories]) for k in first.params}
     state = {
@@ -602,6 +610,7 @@ def unroll_particles(
             grads, finite_grads = finite_gradients(grads)
             rule.set_lr_ratio(step_lr_ratio(first, cfg, t))
             new_params, new_state = step_all(grads, params, state, t, step_lr(rule, first, cfg, t))
+            previous = (params, state)
             checked = [v.detach() for v in new_params.values()]
             finite = torch.stack([torch.isfinite(v).flatten(1).all(1) for v in checked]).all(0).tolist()
             norms = torch.stack([v.double().square().flatten(1).sum(1) for v in checked]).sum(0).sqrt()
@@ -621,6 +630,17 @@ def unroll_particles(
                 for p, g in enumerate(guards):
                     if accepted[p] and not g.record(values[p]):
                         g.stop(t)
+            for p, g in enumerate(guards):
+                if hook is None or not accepted[p] or g.diverged:
+                    continue
+                inputs = None
+                if hook.wants_step_inputs:
+                    before = {k: _particle(st, p) for k, st in previous[1].items()}
+                    inputs = StepInputs(rule, weights, _particle(grads, p), _particle(previous[0], p), before, t)
+                own_batch = batch if batch_axis is None else tree_map(lambda x, p=p: x[p], batch)
+                term = hook(_particle(params, p), task, own_batch, t, inputs=inputs)
+                if term is not None:
+                    extras[p] = extras[p] + term
         if meta_split == "train" and num_steps > 0 and any(live()):
             running = live()
             values = losses_at(params, batch_of("train"))
@@ -628,15 +648,17 @@ def unroll_particles(
                 if running[p]:
                     g.record_last(values[p], first.step + num_steps)
 
+    ref = next(iter(params.values()))
     return [
         g.result(
             tr,
             {k: v[p] for k, v in params.items()},
             {k: {s: v[p] for s, v in st.items()} for k, st in state.items()},
             num_steps,
-            next(iter(params.values())),
+            ref,
+            extra=extra if isinstance(extra, Tensor) else None,
         )
-        for p, (g, tr) in enumerate(zip(guards, trajectories, strict=True))
+        for p, (g, tr, extra) in enumerate(zip(guards, trajectories, extras, strict=True))
     ]
 
 

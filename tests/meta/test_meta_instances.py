@@ -64,22 +64,55 @@ def test_the_objective_is_the_mean_of_the_instances_own_objectives(tmp_path):
     assert not torch.allclose(gradient_other, gradient_one, rtol=0.1)  # the instances really differ
 
 
-def test_instances_unrolled_together_give_the_loop_objective_and_meta_gradient(tmp_path, monkeypatch):
+SMOOTHING = [{"kind": "smoothing", "weight": 0.1, "where": "segment_end", "space": "gradient", "steps": 2}]
+
+
+@pytest.mark.parametrize("regularizers", [[], SAM + SMOOTHING], ids=["plain", "regularized"])
+def test_instances_unrolled_together_give_the_loop_objective_and_meta_gradient(tmp_path, monkeypatch, regularizers):
     """``batch_particles`` with truncated BPTT: the instances in one vmapped call per step (graph kept), the same
-    objective and meta-gradient as one after the other to float rounding."""
+    objective, hook terms and meta-gradient as one after the other to float rounding; with regularizers (SAM at every
+    point; smoothing, which reads the step's inputs and draws its start at random, at the segment's end, where the
+    two orders draw alike) each instance's terms on its own points after each batched step."""
     calls = []
 
     def counting(*args, **kwargs):
-        calls.append((len(args[3]), kwargs["shared_weights"], kwargs["track_graph"]))
+        calls.append((len(args[3]), kwargs["shared_weights"], kwargs["track_graph"], kwargs["hook"] is not None))
         return unroll_particles(*args, **kwargs)
 
+    def segment(config, folder):
+        trainer = MetaTrainer(config, out_dir=folder, progress=False)
+        trainer._begin_trajectory()
+        weights = trainer._weights()
+        _, objective, extra = trainer.segment_objective(weights, 3)
+        gradient = torch.autograd.grad(objective + extra, list(weights.values()))
+        return objective.detach(), extra.detach(), torch.cat([g.reshape(-1) for g in gradient])
+
     monkeypatch.setattr(instances_module, "unroll_particles", counting)
-    _, objective_loop, gradient_loop = first_segment(tbptt_config(instances=3), tmp_path / "loop")
+    objective_loop, extra_loop, gradient_loop = segment(
+        tbptt_config(instances=3, regularizers=regularizers), tmp_path / "loop"
+    )
     assert not calls
-    _, objective_batched, gradient_batched = first_segment(tbptt_config(instances=3, batched=True), tmp_path / "vmap")
-    assert calls == [(3, True, True)]
+    objective_batched, extra_batched, gradient_batched = segment(
+        tbptt_config(instances=3, batched=True, regularizers=regularizers), tmp_path / "vmap"
+    )
+    assert calls == [(3, True, True, bool(regularizers))]
+    assert (float(extra_loop) != 0.0) == bool(regularizers)
     torch.testing.assert_close(objective_batched, objective_loop, rtol=1e-5, atol=0)
+    torch.testing.assert_close(extra_batched, extra_loop, rtol=1e-4, atol=0)
     torch.testing.assert_close(gradient_batched, gradient_loop, rtol=1e-4, atol=1e-7)
+
+
+def test_particles_take_a_hook_only_on_shared_weights_with_a_graph(tmp_path):
+    trainer = MetaTrainer(tbptt_config(), out_dir=tmp_path, progress=False)
+    trainer._begin_trajectory()
+    starts = [trainer.trajectory, *trainer.instances.others]
+    for shared, graph in ((False, True), (True, False)):
+        weights = trainer._weights() if shared else {k: torch.stack([v, v]) for k, v in trainer._weights().items()}
+        with pytest.raises(ValueError, match="a meta-loss hook needs track_graph and shared_weights"):
+            unroll_particles(
+                trainer.rule, weights, trainer.task, starts, 1, generator=trainer.data_generator,
+                shared_weights=shared, track_graph=graph, hook=lambda *args, **kwargs: None,
+            )  # fmt: skip
 
 
 def test_regularizers_add_each_instances_own_terms(tmp_path):
@@ -121,13 +154,12 @@ def test_regularizers_add_each_instances_own_terms(tmp_path):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-9)
 
 
-@pytest.mark.parametrize("batched", [False, True, "regularized"])
-def test_a_run_over_task_instances_resumes_bit_for_bit(tmp_path, batched):
+@pytest.mark.parametrize(("batched", "regularized"), [(False, False), (True, False), (False, True), (True, True)])
+def test_a_run_over_task_instances_resumes_bit_for_bit(tmp_path, batched, regularized):
     """Killed mid-trajectory and resumed: the same net and log bit for bit (the instances' trajectories and batch
     generators are in the checkpoint, with the regularizers' probes' generator); it trains (the net moves, every
     meta-step counts), and a checkpoint is refused under another number of instances."""
-    regularized = batched == "regularized"
-    config = tbptt_config(batched=batched is True, **({"regularizers": HESSIAN} if regularized else {}))
+    config = tbptt_config(batched=batched, **({"regularizers": HESSIAN} if regularized else {}))
     full_folder = MetaTrainer(config, out_dir=tmp_path / "full", progress=False).train()
     assert MetaTrainer(config, out_dir=tmp_path / "cut", progress=False).train(stop_after=4) is None
     cut_folder = MetaTrainer(config, out_dir=tmp_path / "cut", progress=False).train(resume=True)
@@ -155,13 +187,11 @@ def test_task_instances_refuse_a_checkpoint_of_another_count(tmp_path):
 
 
 def test_task_instances_refuse_what_follows_one_trajectory(tmp_path):
-    """Maml and imitation (their terms follow one trajectory), a caller's hook, regularizers with batched instances,
-    gradient checkpointing of a batched unroll, and batching a single instance are refused with clear errors."""
+    """Maml and imitation (their terms follow one trajectory), a caller's hook, gradient checkpointing of a batched
+    unroll, and batching a single instance are refused with clear errors."""
     for changes in ({"imitation": {"enabled": True}}, {"maml": {"enabled": True}}):
         with pytest.raises(ValueError, match="does not combine with maml or imitation"):
             tbptt_config(**changes)
-    with pytest.raises(ValueError, match="batch_particles does not combine with regularizers"):
-        tbptt_config(batched=True, regularizers=SAM)
     with pytest.raises(ValueError, match="does not combine with unroll.checkpoint_steps"):
         tbptt_config(batched=True, unroll={"trajectory_length": 6, "segment_length": 3, "checkpoint_steps": True})
     with pytest.raises(ValueError, match="needs kind 'pes' or instances > 1"):
