@@ -954,10 +954,9 @@ class AdafacMLP(UpdateRule):
         result bit for bit, without their copies into and out of packs. With the orthogonalisation
         (``newton_schulz_steps``) the kernel writes the steps into a buffer instead (in batches of at most
         :attr:`in_place_step_coordinates`), the tensors ordered by shape so that matrices of one shape are
-        orthogonalised together (:meth:`_orthogonalize_steps_`, as in a pack),
-        and the decoupled update follows as :func:`~learned_optim.functional.decoupled_update_` applies it: the
-        per-tensor step's result to float rounding (the batched products of a run of several matrices may round
-        differently)."""
+        orthogonalised together (:meth:`_orthogonalize_steps_`, as in a pack), and the decoupled update follows as
+        :func:`~learned_optim.functional.decoupled_update_` applies it: the per-tensor step's result to float
+        rounding (the batched products of a run of several matrices may round differently)."""
         native = self._kernel_takes_net and kernels.uses("adafac_mlp") and inplace_allowed(*self.parameters())
         if not native or self.compute_dtype != torch.float32:
             return list(params)
@@ -1005,16 +1004,17 @@ class AdafacMLP(UpdateRule):
             return rest
         from ..functional import decoupled_updates_  # (functional imports the nets)
 
-        net = self._kernel_net(step, step)
+        shared_net = self._kernel_net(step, step) if step.dim() == 0 else None  # else each batch's step counts
         for batch in _consecutive_batches([p.numel() for p in tensors], self.in_place_step_coordinates):
             part = tensors[batch]
+            net = shared_net if shared_net is not None else self._kernel_net(step[batch], step)
             layout = factored_pack_layout(tuple(tuple(p.shape) for p in part))
             direction = torch.empty(layout.coordinates)
             ran = kernels.adafac_tensors_step(
                 [matrix_view(p.shape) for p in part], grads[batch], part,
                 [[state[k] for state in state_of[batch]] for k in momenta], [state["v"] for state in state_of[batch]],
                 [state["row"] for state in state_of[batch]], [state["col"] for state in state_of[batch]],
-                net if step.dim() == 0 else self._kernel_net(step[batch], step), scales[batch], None, direction,
+                net, scales[batch], None, direction,
             )  # fmt: skip
             if not ran:  # the tensors of this batch on are left to the caller, untouched
                 return [*tensors[batch.start :], *rest]
