@@ -20,8 +20,9 @@ settings changed (``UpdateRule.reconfigured``: the same weights), e.g. the ortho
 Prints the machine (``lscpu``'s model and flags) with the table: a speed figure holds for the machine it was
 measured on.
 
-With ``--speedups RESULTS --contender NAME`` (a suite ``results.json`` and one of its contenders, the first
-``--optimizer``) it also estimates the speed-up in time on this machine: the suite's speed-up of that contender on
+With ``--speedups RESULTS --contender NAME`` (a suite ``results.json`` and one of its contenders: a ``--baseline``
+of that name, else the first ``--optimizer``) it also estimates the speed-up in time on this machine: the suite's
+speed-up of that contender on
 each task (steps to tuned AdamW's final training loss, from the results) divided by the iteration-time ratio measured
 here, with their interquartile mean over the tasks: above 1, the optimizer reaches AdamW's final training loss in less
 time than AdamW. The suite's runs record their own time per step, but from runs of different sessions, machines and
@@ -89,10 +90,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     add_net_settings_option(parser, "a variant of every learned optimizer with this net setting (repeatable)")
     parser.add_argument("--speedups", type=Path, help="a suite results.json: estimate the speed-up in time (above)")
-    parser.add_argument("--contender", help="the --speedups contender, e.g. 'NAME [adamw]' (the first --optimizer)")
+    parser.add_argument(
+        "--contender",
+        help="the --speedups contender: a --baseline's name, or e.g. 'NAME [adamw]' (the first --optimizer)",
+    )
     args = parser.parse_args(argv)
-    if (args.speedups is None) != (args.contender is None) or (args.speedups is not None and not args.optimizer):
-        parser.error("--speedups and --contender go together, with an --optimizer")
+    timed_label = None  # the timings the estimate divides by: the contender's own
+    if (args.speedups is None) != (args.contender is None):
+        parser.error("--speedups and --contender go together")
+    if args.contender is not None:
+        if args.contender in args.baseline:
+            timed_label = args.contender
+        elif args.optimizer:
+            timed_label = Path(args.optimizer[0]).name
+        else:
+            parser.error("--contender is a --baseline's name, or the first --optimizer's results")
     step_speedups = _step_speedups(args.speedups, args.contender) if args.speedups is not None else {}
     torch.set_num_threads(args.threads)
     factories = optimizers(args.optimizer, net_settings(args.net_overrides), args.baseline)
@@ -129,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
         if step_speedups:
             if task_name not in step_speedups:
                 raise SystemExit(f"{args.speedups} has no {args.contender!r} on {task_name}")
-            ratio = timings[Path(args.optimizer[0]).name].best / reference
+            assert timed_label is not None
+            ratio = timings[timed_label].best / reference
             time_speedups.append(step_speedups[task_name] / ratio)
             time_rows.append(
                 [task_name, f"{step_speedups[task_name]:.2f}x", f"{ratio:.2f}x", f"{time_speedups[-1]:.2f}x"]

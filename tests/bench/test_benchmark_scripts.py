@@ -517,6 +517,15 @@ def test_suite_iteration_time_estimates_the_speed_up_in_time_from_a_suites_step_
                      "--contender", "ns-net [adamw]"])  # fmt: skip
     with pytest.raises(SystemExit):
         script.main(["--tasks", tasks[0], "--optimizer", str(folder), "--speedups", str(results)])
+    # a suite baseline's own timings: muon-adamw's speed-up over its measured iteration ratio
+    summary.append({"task": tasks[0], "contender": "muon-adamw", "speedup": 2.0})
+    results.write_text(json.dumps({"summary": summary}))
+    script.main(["--tasks", tasks[0], "--baseline", "muon-adamw", "--repeats", "1", "--speedups", str(results),
+                 "--contender", "muon-adamw"])  # fmt: skip
+    timing, estimating = capsys.readouterr().out.split("Speed-up in time")
+    muon = next(r for r in (line.strip(" |").split(" | ") for line in timing.splitlines()) if r[2:3] == ["muon-adamw"])
+    row = next(line.strip(" |").split(" | ") for line in estimating.splitlines() if line.startswith(f"| {tasks[0]}"))
+    assert row[2] == muon[4] and float(row[3].rstrip("x")) == pytest.approx(2.0 / float(muon[4].rstrip("x")), rel=0.02)
 
 
 def test_suite_iteration_time_times_a_suite_baseline_and_refuses_an_unknown_one(capsys, monkeypatch):
