@@ -995,6 +995,36 @@ def test_dispatch_follows_planted_guard_measurements(tmp_path):
 
 
 @needs_kernels
+def test_the_orthogonalising_in_place_step_ignores_the_default_dtype():
+    """A float64 default dtype (``torch.set_default_dtype``) leaves the float32 model's in-place step as it is: its
+    step buffer is float32 (a default-dtype buffer was refused by the kernel entry with a ValueError)."""
+    moved = []
+    for default in (torch.float32, torch.float64):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2))
+        rule = _adafac_case((1,), newton_schulz_steps=3, step_magnitude="adam")[0]
+        opt = LearnedOptimizer(model.parameters(), rule, lr=0.01)
+        model(torch.randn(4, 6)).square().mean().backward()
+        left: list[list[torch.Tensor]] = []
+
+        def spy(*args, left=left, original=rule.step_in_place):
+            left.append(original(*args))
+            return left[-1]
+
+        rule.step_in_place = spy
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(default)
+        try:
+            with kernels.forced():
+                opt.step()
+        finally:
+            torch.set_default_dtype(previous)
+        assert left == [[]]  # every tensor stepped in place
+        moved.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert torch.equal(moved[0], moved[1])
+
+
+@needs_kernels
 def test_measuring_the_guard_leaves_the_global_random_stream_alone():
     """The guard runs once per machine, lazily, inside the user's first step: it must not reseed torch's global
     generator (its workloads build nets with seeded initialisations), or a seeded script would draw other numbers
