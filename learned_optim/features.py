@@ -137,15 +137,16 @@ def newton_schulz_orthogonalize(x: Tensor, steps: int, eps: float = 1e-7, dtype:
     :math:`f(\Sigma)` near the identity. Invariant to a positive scale of ``x``; differentiable (matrix products
     only). A step is three products, the last two fused with their sums (``baddbmm``). The products run in
     ``dtype`` (``x``'s when ``None``; ``torch.bfloat16`` as Muon runs them, several times faster where the hardware
-    has bfloat16 units, relative error ~1e-2 against ~1e-5 in float32); the result is in ``x``'s dtype. In float32,
-    on a matrix at least twice as wide as high, the same polynomial runs on the Gram matrix instead, with fewer
-    FLOPs (:func:`_newton_schulz_on_gram`)."""
+    has bfloat16 units, relative error ~1e-2 against ~1e-5 in float32); the result is in ``x``'s dtype. In float32
+    (where float32 products run in full precision: not TF32 or bfloat16 inside, see
+    :func:`torch.set_float32_matmul_precision`), on a matrix at least twice as wide as high, the same polynomial runs
+    on the Gram matrix instead, with fewer FLOPs (:func:`_newton_schulz_on_gram`)."""
     tall = x.shape[-2] > x.shape[-1]
     y = x.mT if tall else x
     lead, (rows, cols) = y.shape[:-2], y.shape[-2:]
     y = y.reshape(-1, rows, cols)
     y = (y / (torch.linalg.matrix_norm(y, keepdim=True) + eps)).to(dtype or x.dtype)
-    if steps >= 2 and cols >= 2 * rows and y.dtype == torch.float32:
+    if steps >= 2 and cols >= 2 * rows and y.dtype == torch.float32 and _full_float32_products(y.device):
         y = _newton_schulz_on_gram(y, steps)
     else:
         a, b, c = NEWTON_SCHULZ_COEFFICIENTS
@@ -154,6 +155,14 @@ def newton_schulz_orthogonalize(x: Tensor, steps: int, eps: float = 1e-7, dtype:
             y = torch.baddbmm(y, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), y, beta=a)
     y = y.to(x.dtype).reshape(*lead, rows, cols)
     return y.mT if tall else y
+
+
+def _full_float32_products(device: torch.device) -> bool:
+    """Whether float32 matrix products on ``device`` run in full float32: not in TF32 or bfloat16 inside
+    (:func:`torch.set_float32_matmul_precision` below ``"highest"``, or CUDA's ``allow_tf32``)."""
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    return device.type != "cuda" or not torch.backends.cuda.matmul.allow_tf32
 
 
 def _newton_schulz_on_gram(y: Tensor, steps: int) -> Tensor:
@@ -165,7 +174,8 @@ def _newton_schulz_on_gram(y: Tensor, steps: int) -> Tensor:
 
     :math:`(4k - 3)\,r^3 + 2\,r^2 c` multiply-adds for :math:`k` steps against :math:`k (r^3 + 2 r^2 c)`, fewer
     from :math:`c > 1.5\,r` on. The same map to float rounding, but each product's rounding error is relative to
-    :math:`A`'s largest eigenvalue, so it is used in float32 only."""
+    :math:`A`'s largest eigenvalue, so it is used with full float32 products only (in bfloat16 its error was 2-5x
+    the direct iteration's)."""
     a, b, c = NEWTON_SCHULZ_COEFFICIENTS
     gram = torch.bmm(y, y.mT)
     identity = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)

@@ -856,7 +856,8 @@ def _plain_newton_schulz(x: torch.Tensor, steps: int) -> torch.Tensor:
 def test_newton_schulz_fused_and_on_the_gram_matrix_is_the_plain_iteration(shape, steps, monkeypatch):
     """The fused products (``baddbmm``) and, in float32 on matrices at least twice as wide as high, the iteration on
     the Gram matrix (``X_k = P_k X_0``, ``P_k`` a product of polynomials in ``X_0 X_0^T``) give the plain iteration
-    in float64 to float32 rounding; the Gram route is taken exactly there."""
+    in float64 to float32 rounding; the Gram route is taken exactly there, and not where float32 products may run in
+    TF32 or bfloat16 inside (`torch.set_float32_matmul_precision("high")`)."""
     import learned_optim.features as features
 
     torch.manual_seed(0)
@@ -870,6 +871,14 @@ def test_newton_schulz_fused_and_on_the_gram_matrix_is_the_plain_iteration(shape
     assert got.dtype == torch.float32 and got.shape == x.shape
     torch.testing.assert_close(got.double(), _plain_newton_schulz(x, steps), rtol=0, atol=3e-6)
     torch.testing.assert_close(newton_schulz_orthogonalize(x, steps), _plain_newton_schulz(x, steps))  # float64
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # float32 products may run in TF32 or bfloat16 inside: no Gram route
+    try:
+        routes.clear()
+        newton_schulz_orthogonalize(x.float(), steps)
+        assert routes == []
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def test_newton_schulz_in_bfloat16_products():
