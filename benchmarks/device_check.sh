@@ -6,7 +6,8 @@
 #
 # 1. the machine: nvidia-smi, torch, the CPU;
 # 2. every test that needs CUDA (the ones skipped on a CPU machine), then the whole suite with a GPU present;
-# 3. benchmarks/step_time.py and benchmarks/train_step.py on the device (synchronised wall time, Adam side by side);
+# 3. benchmarks/step_time.py and benchmarks/train_step.py on the device (synchronised wall time, Adam side by side), and
+#    the flagship's speed-up in time there (benchmarks/suite_iteration_time.py --speedups);
 # 4. a short meta-training of the flagship's family on the device against the same on one CPU thread (seconds per
 #    meta-step from each run's log), an interrupted run resumed with --resume, and one meta-epoch each of the
 #    SAM, top-eigenvalue and local-entropy (the flagship's) fine-tunes (double backward, Hessian-vector products
@@ -58,6 +59,12 @@ stage step_time_compiled 180 python3 benchmarks/step_time.py --device "$dev" --s
   --repeats 5
 stage train_step 240 python3 benchmarks/train_step.py --device "$dev" --models cnn5k transformer mlp1m resnet18 \
   --families "${families[@]}" --no-compile --overhead --repeats 5
+# the flagship's speed-up in time on the device: its suite step speed-ups over the iteration ratios measured there
+stage time_speedup 120 python3 benchmarks/suite_iteration_time.py --device "$dev" \
+  --optimizer pretrained/adafac-mlp-adam-magnitude-tbv-nomup-soup-all8-orthogonal --tasks diabetes-mlp shapes-cnn \
+  copy-gru digits-resnet-bn stdlib-gru-lm stdlib-transformer-lm stdlib-transformer-lm-2m \
+  --speedups benchmarks/results/bench/step-in-place/suite/results.json \
+  --contender adafac-mlp-adam-magnitude-tbv-nomup-soup-all8-orthogonal-session42-code\ [adamw]
 
 flagship=adafac-mlp-adam-magnitude-tbv-nomup
 meta() {  # meta STAGE DEVICE RUN-FOLDER [more arguments]: a short meta-training run, its log copied out

@@ -15,8 +15,9 @@ learned optimizer (its checkpoint's net and defaults, as ``from_pretrained`` bui
 suite's registry (:data:`learned_optim.bench.baselines.BASELINES`, at lr 1e-3; one closure per step, so SAM-like
 baselines that evaluate it several times are timed with their extra gradients), each on its own copy of the model,
 round-robin in one process (``benchmarks/_common.py``: process CPU time, best of the repeats, one torch thread by
-default). ``--net FIELD=VALUE`` (repeatable) adds, for every learned optimizer, a variant whose net has those
-settings changed (``UpdateRule.reconfigured``: the same weights), e.g. the orthogonalisation's products in bfloat16.
+default; ``--device cuda``: the model, its batch and the optimizers on the GPU, synchronised wall time).
+``--net FIELD=VALUE`` (repeatable) adds, for every learned optimizer, a variant whose net has those settings changed
+(``UpdateRule.reconfigured``: the same weights), e.g. the orthogonalisation's products in bfloat16.
 Prints the machine (``lscpu``'s model and flags) with the table: a speed figure holds for the machine it was
 measured on.
 
@@ -43,12 +44,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from _common import cpu_flags_line, machine_header, measure, table  # noqa: E402
+from _common import clock_name, cpu_flags_line, machine_header, measure, table  # noqa: E402
 
 from learned_optim import LearnedOptimizer  # noqa: E402
 from learned_optim.bench.baselines import BASELINES  # noqa: E402
 from learned_optim.bench.stats import iqm  # noqa: E402
 from learned_optim.bench.tasks import get_task  # noqa: E402
+from learned_optim.functional import to_device  # noqa: E402
 from learned_optim.hub import load_rule  # noqa: E402
 from learned_optim.meta.cli import add_net_settings_option, net_settings  # noqa: E402
 
@@ -88,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline", action="append", default=[], help="suite baseline, e.g. muon-adamw (repeatable)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the model, its batch and the optimizers there)")
     add_net_settings_option(parser, "a variant of every learned optimizer with this net setting (repeatable)")
     parser.add_argument("--speedups", type=Path, help="a suite results.json: estimate the speed-up in time (above)")
     parser.add_argument(
@@ -108,14 +111,14 @@ def main(argv: list[str] | None = None) -> None:
     step_speedups = _step_speedups(args.speedups, args.contender) if args.speedups is not None else {}
     torch.set_num_threads(args.threads)
     factories = optimizers(args.optimizer, net_settings(args.net_overrides), args.baseline)
-    print(f"# Training iteration time on the suite's models\n\n{machine_header()}\n\n{cpu_flags_line()}\n")
+    print(f"# Training iteration time on the suite's models\n\n{machine_header(args.device)}\n\n{cpu_flags_line()}\n")
     rows = []
     time_rows: list[list[str]] = []
     time_speedups: list[float] = []
     for task_name in args.tasks:
         workload = get_task(task_name).bind()
-        batch = workload.batch(torch.Generator().manual_seed(0))
-        model = workload.build_model(0)
+        batch = to_device(workload.batch(torch.Generator().manual_seed(0)), args.device)
+        model = workload.build_model(0).to(args.device)
         steps: dict[str, Callable[[], object]] = {}
         for label, make in factories.items():
             copy_ = copy.deepcopy(model)
@@ -133,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
                 opt.step(closure)
 
             steps[label] = iteration
-        timings = measure(steps, repeats=args.repeats, warmup=2)
+        timings = measure(steps, repeats=args.repeats, warmup=2, device=args.device)
         reference = timings["adamw"].best
         params = sum(p.numel() for p in model.parameters())
         for label, t in timings.items():
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
             time_rows.append(
                 [task_name, f"{step_speedups[task_name]:.2f}x", f"{ratio:.2f}x", f"{time_speedups[-1]:.2f}x"]
             )
-    print(table(["task", "params", "optimizer", "ms / iteration (CPU, best)", "/ AdamW"], rows))
+    print(table(["task", "params", "optimizer", f"ms / iteration ({clock_name(args.device)}, best)", "/ AdamW"], rows))
     if time_rows:
         print(f"\nSpeed-up in time of {args.contender} on this machine (steps from {args.speedups}):\n")
         time_rows.append(["IQM over tasks", "", "", f"{iqm(time_speedups):.2f}x"])

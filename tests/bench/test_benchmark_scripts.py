@@ -528,6 +528,19 @@ def test_suite_iteration_time_estimates_the_speed_up_in_time_from_a_suites_step_
     assert row[2] == muon[4] and float(row[3].rstrip("x")) == pytest.approx(2.0 / float(muon[4].rstrip("x")), rel=0.02)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_suite_iteration_time_on_cuda(tmp_path, capsys, monkeypatch):
+    """``--device cuda``: the model, its batch and the optimizers on the GPU, timed by the synchronised wall clock."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    script = _script("suite_iteration_time")
+    folder = save_pretrained(AdafacMLP(newton_schulz_steps=3), tmp_path / "ns", name="ns-net")
+    script.main(["--device", "cuda", "--tasks", "breast-cancer-mlp", "--optimizer", str(folder), "--repeats", "1"])
+    out = capsys.readouterr().out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| breast-cancer-mlp")]
+    assert [r[2] for r in rows] == ["adamw", "ns"] and all(float(r[3]) > 0 for r in rows)
+    assert "wall, synchronised" in out and "GPU" in out
+
+
 def test_suite_iteration_time_times_a_suite_baseline_and_refuses_an_unknown_one(capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     script = _script("suite_iteration_time")
