@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--speedups", type=Path, help="a suite results.json: estimate the speed-up in time (above)")
     parser.add_argument(
         "--contender",
-        help="the --speedups contender: a --baseline's name, or e.g. 'NAME [adamw]' (the first --optimizer)",
+        help="the --speedups contender: a --baseline's name, or e.g. 'NAME [adamw]' (the first --optimizer as its "
+        "checkpoint has it, not a --net variant)",
     )
     args = parser.parse_args(argv)
     timed_label = None  # the timings the estimate divides by: the contender's own
@@ -104,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.contender is not None:
         if args.contender in args.baseline:
             timed_label = args.contender
+        elif args.contender.lower() in BASELINES:
+            parser.error(f"--contender {args.contender} is a suite baseline: time it with --baseline {args.contender}")
         elif args.optimizer:
             timed_label = Path(args.optimizer[0]).name
         else:

@@ -123,6 +123,12 @@ def rms_normalize(x: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
 #: the steepest slope at 0: a few steps take every singular value to roughly [0.7, 1.2], not exactly to 1.
 NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
+#: :func:`newton_schulz_orthogonalize` iterates on the Gram matrix for at most this many steps: there the rounding
+#: noise in the matrix's null space (a low-rank gradient's, e.g. from a batch smaller than the matrix) grows by
+#: :math:`a^2 \approx 12` per step instead of the direct iteration's :math:`a \approx 3.4` (then damped by the
+#: polynomial): ~1e-4 of the result after 3 steps, far inside bfloat16's 1e-2, but 1e17 after 10.
+GRAM_MAX_STEPS = 3
+
 
 def newton_schulz_orthogonalize(x: Tensor, steps: int, eps: float = 1e-7, dtype: torch.dtype | None = None) -> Tensor:
     r"""An approximate orthogonal polar factor :math:`U V^\top` of each matrix in ``x`` (``(..., rows, cols)``;
@@ -139,14 +145,20 @@ def newton_schulz_orthogonalize(x: Tensor, steps: int, eps: float = 1e-7, dtype:
     ``dtype`` (``x``'s when ``None``; ``torch.bfloat16`` as Muon runs them, several times faster where the hardware
     has bfloat16 units, relative error ~1e-2 against ~1e-5 in float32); the result is in ``x``'s dtype. In float32
     (where float32 products run in full precision: not TF32 or bfloat16 inside, see
-    :func:`torch.set_float32_matmul_precision`), on a matrix at least twice as wide as high, the same polynomial runs
-    on the Gram matrix instead, with fewer FLOPs (:func:`_newton_schulz_on_gram`)."""
+    :func:`torch.set_float32_matmul_precision`), for at most :data:`GRAM_MAX_STEPS` steps on a matrix at least twice
+    as wide as high, the same polynomial runs on the Gram matrix instead, with fewer FLOPs
+    (:func:`_newton_schulz_on_gram`)."""
     tall = x.shape[-2] > x.shape[-1]
     y = x.mT if tall else x
     lead, (rows, cols) = y.shape[:-2], y.shape[-2:]
-    y = y.reshape(-1, rows, cols)
+    y = y.reshape(math.prod(lead), rows, cols)
     y = (y / (torch.linalg.matrix_norm(y, keepdim=True) + eps)).to(dtype or x.dtype)
-    if steps >= 2 and cols >= 2 * rows and y.dtype == torch.float32 and _full_float32_products(y.device):
+    if (
+        2 <= steps <= GRAM_MAX_STEPS
+        and cols >= 2 * rows
+        and y.dtype == torch.float32
+        and _full_float32_products(y.device)
+    ):
         y = _newton_schulz_on_gram(y, steps)
     else:
         a, b, c = NEWTON_SCHULZ_COEFFICIENTS
@@ -158,11 +170,15 @@ def newton_schulz_orthogonalize(x: Tensor, steps: int, eps: float = 1e-7, dtype:
 
 
 def _full_float32_products(device: torch.device) -> bool:
-    """Whether float32 matrix products on ``device`` run in full float32: not in TF32 or bfloat16 inside
-    (:func:`torch.set_float32_matmul_precision` below ``"highest"``, or CUDA's ``allow_tf32``)."""
-    if torch.get_float32_matmul_precision() != "highest":
+    """Whether float32 matrix products on ``device`` surely run in full float32: not in TF32 or bfloat16 inside
+    (:func:`torch.set_float32_matmul_precision` below ``"highest"``, CUDA's ``allow_tf32``; where the per-backend
+    ``fp32_precision`` settings are in use, whose mix with the legacy ones torch refuses to read, ``False``)."""
+    try:
+        if torch.get_float32_matmul_precision() != "highest":
+            return False
+        return device.type != "cuda" or not torch.backends.cuda.matmul.allow_tf32
+    except RuntimeError:  # "mix of the legacy and new APIs"
         return False
-    return device.type != "cuda" or not torch.backends.cuda.matmul.allow_tf32
 
 
 def _newton_schulz_on_gram(y: Tensor, steps: int) -> Tensor:
@@ -173,9 +189,10 @@ def _newton_schulz_on_gram(y: Tensor, steps: int) -> Tensor:
     .. math:: X_k = P_k X_0,\quad P_k = Q_{k-1} \cdots Q_0,\quad A_{k+1} = Q_k A_k Q_k^\top = Q_k (Q_k A_k):
 
     :math:`(4k - 3)\,r^3 + 2\,r^2 c` multiply-adds for :math:`k` steps against :math:`k (r^3 + 2 r^2 c)`, fewer
-    from :math:`c > 1.5\,r` on. The same map to float rounding, but each product's rounding error is relative to
-    :math:`A`'s largest eigenvalue, so it is used with full float32 products only (in bfloat16 its error was 2-5x
-    the direct iteration's)."""
+    from :math:`c > 1.5\,r` on. The same map up to rounding, but its rounding noise grows faster (relative to
+    :math:`A`'s largest eigenvalue, and by :math:`a^2` a step in the null space), so it is used with full float32
+    products and for at most :data:`GRAM_MAX_STEPS` steps only (in bfloat16 its error was 2-5x the direct
+    iteration's)."""
     a, b, c = NEWTON_SCHULZ_COEFFICIENTS
     gram = torch.bmm(y, y.mT)
     identity = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)

@@ -77,7 +77,10 @@ def decoupled_updates_(
     thetas: list[Tensor], deltas: list[Tensor], lr: float | Tensor, weight_decay: float = 0.0
 ) -> None:
     r""":func:`decoupled_update_` of each ``thetas[i]`` by ``deltas[i]`` with foreach ops: the same arithmetic (on a
-    CPU, where a foreach op runs the per-tensor one, the same bits as one call per tensor)."""
+    CPU, where a foreach op runs the per-tensor one, the same bits as one call per tensor). A tensor ``lr`` may have
+    any shape of one element (the foreach ops take 0-d ones)."""
+    if isinstance(lr, Tensor):
+        lr = lr.reshape(())
     if weight_decay != 0.0:
         torch._foreach_mul_(thetas, 1.0 - lr * weight_decay)
     if isinstance(lr, Tensor):

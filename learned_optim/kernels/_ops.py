@@ -124,8 +124,8 @@ def _check_mlp_moments(grad: Tensor, param: Tensor, m: Tensor, v: Tensor, decay:
 def _offsets(sizes: tuple[int, ...] | None, n: int) -> Tensor:
     """int64 segment offsets ``[0, n_1, n_1 + n_2, ..., n]`` (one segment of ``n`` rows when ``sizes`` is None)."""
     if sizes is None:
-        return torch.tensor([0, n], dtype=torch.int64)
-    return torch.tensor([0, *sizes], dtype=torch.int64).cumsum_(0)
+        return torch.tensor([0, n], dtype=torch.int64, device="cpu")
+    return torch.tensor([0, *sizes], dtype=torch.int64, device="cpu").cumsum_(0)
 
 
 def mlp_feature_mean_square(
@@ -154,7 +154,7 @@ def mlp_feature_mean_square(
     k = offsets.numel() - 1
     if int(offsets[-1]) > n or (sizes is not None and min(sizes) < 1):
         raise ValueError(f"segment sizes {sizes} do not fit {n} rows (each must be >= 1)")
-    out = torch.empty(k, 2 + 4 * d, dtype=torch.float64)
+    out = torch.empty(k, 2 + 4 * d, dtype=torch.float64, device="cpu")
     status = lib.lo_mlp_feature_sumsq_segments_f32(
         k,
         offsets.data_ptr(),
@@ -516,7 +516,7 @@ def _adafac_call(
         if id(addresses) not in index:
             index[id(addresses)] = len(rows)
             rows.append(addresses)
-    pointers = torch.tensor(rows, dtype=torch.int64)
+    pointers = torch.tensor(rows, dtype=torch.int64, device="cpu")  # (host addresses, whatever the default device)
     row_of = [pointers.data_ptr() + 8 * s * index[id(addresses)] for addresses in table]
     lr, weight_decay = (0.0, 0.0) if update is None else (float(update[0]), float(update[1]))
     status = lib.lo_adafac_pack_step_f32(

@@ -1009,7 +1009,9 @@ class AdafacMLP(UpdateRule):
             part = tensors[batch]
             net = shared_net if shared_net is not None else self._kernel_net(step[batch], step)
             layout = factored_pack_layout(tuple(tuple(p.shape) for p in part))
-            direction = torch.empty(layout.coordinates, dtype=torch.float32)
+            direction = torch.empty(
+                layout.coordinates, dtype=torch.float32, device="cpu"
+            )  # (any default dtype, device)
             ran = kernels.adafac_tensors_step(
                 [matrix_view(p.shape) for p in part], grads[batch], part,
                 [[state[k] for state in state_of[batch]] for k in momenta], [state["v"] for state in state_of[batch]],

@@ -517,6 +517,9 @@ def test_suite_iteration_time_estimates_the_speed_up_in_time_from_a_suites_step_
                      "--contender", "ns-net [adamw]"])  # fmt: skip
     with pytest.raises(SystemExit):
         script.main(["--tasks", tasks[0], "--optimizer", str(folder), "--speedups", str(results)])
+    with pytest.raises(SystemExit):  # a baseline's name without --baseline: its own timings are not taken
+        script.main(["--tasks", tasks[0], "--optimizer", str(folder), "--speedups", str(results), "--contender",
+                     "muon-adamw"])  # fmt: skip
     # a suite baseline's own timings: muon-adamw's speed-up over its measured iteration ratio
     summary.append({"task": tasks[0], "contender": "muon-adamw", "speedup": 2.0})
     results.write_text(json.dumps({"summary": summary}))

@@ -1205,7 +1205,9 @@ def test_the_library_is_built_from_the_sources_as_imported(tmp_path, monkeypatch
 
 
 @needs_kernels
-@pytest.mark.parametrize(("lr", "batch"), [(0.01, None), (torch.tensor(0.01), None), (0.01, 40)], ids=str)
+@pytest.mark.parametrize(
+    ("lr", "batch"), [(0.01, None), (torch.tensor(0.01), None), (torch.tensor([0.01]), None), (0.01, 40)], ids=str
+)
 def test_adafac_orthogonalising_in_place_step_equals_the_packed_and_aten_steps(lr, batch):
     """An orthogonalising net's ``step_in_place`` takes every plain float32 tensor: the kernel writes the steps into
     one buffer, the matrices ordered by shape (two of one shape orthogonalised together), then the orthogonalisation
