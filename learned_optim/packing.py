@@ -31,6 +31,7 @@ __all__ = [
     "is_dtensor",
     "local_tensor",
     "plan_packs",
+    "consecutive_batches",
     "packed_step",
     "step_counts",
     "by_step_count",
@@ -141,17 +142,24 @@ def plan_packs(
         limit = limits[members[0].device]
         members.sort(key=lambda p: (p.dim(), tuple(p.shape)))
         assert limit is not None
-        pack: list[Tensor] = []
-        total = 0
-        for p in members:
-            if pack and total + p.numel() > limit:
-                packs.append(pack)
-                pack, total = [], 0
-            pack.append(p)
-            total += p.numel()
-        packs.append(pack)
+        packs += [members[batch] for batch in consecutive_batches([p.numel() for p in members], limit)]
     singles += [pack[0] for pack in packs if len(pack) == 1]
     return [pack for pack in packs if len(pack) > 1], singles
+
+
+def consecutive_batches(sizes: Sequence[int], limit: int) -> list[slice]:
+    """Consecutive slices of ``sizes`` whose sums are at most ``limit`` (an item larger than ``limit`` alone), each
+    as long as the next item allows (greedy)."""
+    batches: list[slice] = []
+    start, total = 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and total + size > limit:
+            batches.append(slice(start, i))
+            start, total = i, 0
+        total += size
+    if sizes:
+        batches.append(slice(start, len(sizes)))
+    return batches
 
 
 def packed_step(

@@ -991,38 +991,30 @@ class AdafacMLP(UpdateRule):
             return list(params)  # parameters sharing memory: the kernel may step tensors on several threads at once
         momenta = [f"m{i}" for i in range(len(self.config.momentum_decays))]
         scales = step.new_tensor([self.step_scale(p.shape) for p in tensors])  # the muP scale per tensor
-        if not orthogonal:
-            ran = kernels.adafac_tensors_step(
-                [matrix_view(p.shape) for p in tensors], grads, tensors,
-                [[state[k] for state in state_of] for k in momenta], [state["v"] for state in state_of],
-                [state["row"] for state in state_of], [state["col"] for state in state_of],
-                self._kernel_net(step, step), scales, (lr, weight_decay),
-            )  # fmt: skip
-            if not ran:
-                return list(params)
-            torch.autograd.graph.increment_version(tensors)  # written through their storage, as an in-place op would
-            return rest
-        from ..functional import decoupled_updates_  # (functional imports the nets)
+        from ..functional import decoupled_updates_  # (both import the nets)
+        from ..packing import consecutive_batches
 
         shared_net = self._kernel_net(step, step) if step.dim() == 0 else None  # else each batch's step counts
-        for batch in _consecutive_batches([p.numel() for p in tensors], self.in_place_step_coordinates):
+        everything = [slice(0, len(tensors))]
+        sizes = [p.numel() for p in tensors]
+        for batch in consecutive_batches(sizes, self.in_place_step_coordinates) if orthogonal else everything:
             part = tensors[batch]
             net = shared_net if shared_net is not None else self._kernel_net(step[batch], step)
-            layout = factored_pack_layout(tuple(tuple(p.shape) for p in part))
-            direction = torch.empty(
-                layout.coordinates, dtype=torch.float32, device="cpu"
-            )  # (any default dtype, device)
+            layout = factored_pack_layout(tuple(tuple(p.shape) for p in part)) if orthogonal else None
+            # the steps' buffer, CPU float32 whatever the default dtype and device
+            direction = None if layout is None else torch.empty(layout.coordinates, dtype=torch.float32, device="cpu")
             ran = kernels.adafac_tensors_step(
                 [matrix_view(p.shape) for p in part], grads[batch], part,
                 [[state[k] for state in state_of[batch]] for k in momenta], [state["v"] for state in state_of[batch]],
                 [state["row"] for state in state_of[batch]], [state["col"] for state in state_of[batch]],
-                net, scales[batch], None, direction,
+                net, scales[batch], None if orthogonal else (lr, weight_decay), direction,
             )  # fmt: skip
             if not ran:  # the tensors of this batch on are left to the caller, untouched
-                return [*tensors[batch.start :], *rest]
-            self._orthogonalize_steps_(direction, layout)
-            steps = [direction[a:b].view_as(p) for ((a, b), *_), p in zip(layout.bounds, part, strict=True)]
-            decoupled_updates_(part, steps, lr, weight_decay)
+                return list(params) if batch.start == 0 else [*tensors[batch.start :], *rest]
+            if layout is not None and direction is not None:
+                self._orthogonalize_steps_(direction, layout)
+                steps = [direction[a:b].view_as(p) for ((a, b), *_), p in zip(layout.bounds, part, strict=True)]
+                decoupled_updates_(part, steps, lr, weight_decay)
             torch.autograd.graph.increment_version(part)  # written through their storage, as an in-place op would
         return rest
 
@@ -1224,17 +1216,3 @@ class AdafacMLP(UpdateRule):
         else:
             direction.mul_(step_scale)
         return direction, new
-
-
-def _consecutive_batches(sizes: Sequence[int], limit: int) -> list[slice]:
-    """Consecutive slices of ``sizes`` whose sums are at most ``limit`` (an item larger than ``limit`` alone)."""
-    batches: list[slice] = []
-    start, total = 0, 0
-    for i, size in enumerate(sizes):
-        if i > start and total + size > limit:
-            batches.append(slice(start, i))
-            start, total = i, 0
-        total += size
-    if sizes:
-        batches.append(slice(start, len(sizes)))
-    return batches
