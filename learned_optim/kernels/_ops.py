@@ -285,12 +285,14 @@ class AdafacNet(NamedTuple):
 
 def _mlp_layers(inner: Sequence[tuple[Tensor, Tensor]], w_out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The adafac kernel's later MLP layers as flat float32 buffers: hidden weights ``(L - 1, H, H)``, their biases
-    ``(L - 1, H)`` (one unused float when there are none) and the output weights ``(H,)``."""
-
-    def flat(tensors: list[Tensor]) -> Tensor:
-        return torch.cat([t.detach().reshape(-1) for t in tensors]).float() if tensors else w_out.new_zeros(1).float()
-
-    return flat([w for w, _ in inner]), flat([b for _, b in inner]), flat([w_out])
+    ``(L - 1, H)`` (one unused float when there are none) and the output weights ``(H,)``: views of one buffer, made
+    by one copy (this runs every step)."""
+    weights, biases = [w.detach().reshape(-1) for w, _ in inner], [b.detach().reshape(-1) for _, b in inner]
+    sizes = [sum(t.numel() for t in weights) or 1, sum(t.numel() for t in biases) or 1, w_out.numel()]
+    pad = [w_out.new_zeros(1).detach()] if not inner else []
+    flat = torch.cat([*weights, *pad, *biases, *pad, w_out.detach().reshape(-1)]).float()
+    inner_w, inner_b, out = flat.split(sizes)
+    return inner_w, inner_b, out
 
 
 def adafac_pack_step(
@@ -504,9 +506,9 @@ def _adafac_call(
             f"got {tuple(net.v_correction.shape)}, {tuple(net.bias.shape)}, {tuple(net.feature_scale.shape)}"
         )
     weight, bias, feature_scale, v_correction, step_scales = (
-        t.detach().float().contiguous()
+        t if t.dtype is torch.float32 and t.is_contiguous() else t.detach().float().contiguous()
         for t in (net.weight, net.bias, net.feature_scale, net.v_correction, step_scales)
-    )
+    )  # (read by address only: no need to detach what is already float32 and contiguous)
     inner_w, inner_b, w_out = _mlp_layers(inner, w_out)
     # one int64 (pointer-sized) row of S addresses per array; an array given twice (the same list: a state read and
     # written over) has one row
@@ -516,8 +518,8 @@ def _adafac_call(
         if id(addresses) not in index:
             index[id(addresses)] = len(rows)
             rows.append(addresses)
-    pointers = torch.tensor(rows, dtype=torch.int64, device="cpu")  # (host addresses, whatever the default device)
-    row_of = [pointers.data_ptr() + 8 * s * index[id(addresses)] for addresses in table]
+    pointers = (ctypes.c_int64 * (s * len(rows)))(*(address for addresses in rows for address in addresses))
+    row_of = [ctypes.addressof(pointers) + 8 * s * index[id(addresses)] for addresses in table]
     lr, weight_decay = (0.0, 0.0) if update is None else (float(update[0]), float(update[1]))
     status = lib.lo_adafac_pack_step_f32(
         s,

@@ -106,6 +106,19 @@ def mup_scale(shape: Sequence[int], base_fan_in: int) -> float:
     return min(1.0, base_fan_in / max(fan_in, 1))
 
 
+@dataclasses.dataclass(frozen=True)
+class _InPlacePlan:
+    """What :meth:`AdafacMLP.step_in_place` derives from its tensors' shapes (and addresses) alone."""
+
+    #: the tensors in the order they are stepped (by shape, for the orthogonalisation), ``None``: as given
+    order: list[int] | None
+    #: the per-tensor step scale :math:`s` (:meth:`AdafacMLP.step_scale`), in that order, float32 on the CPU
+    scales: Tensor
+    #: per kernel call: its tensors (a slice of that order), their matrix views, and the layout of the buffer its
+    #: steps are written into (with the orthogonalisation; ``None``: the kernel applies the update itself)
+    batches: list[tuple[slice, list[tuple[int, int]], FactoredPackLayout | None]]
+
+
 @register_family
 class AdafacMLP(UpdateRule):
     r"""Per-tensor normalised Adafactor-feature MLP with an RMS-normalised, μP-scaled direction.
@@ -234,6 +247,8 @@ class AdafacMLP(UpdateRule):
     #: in consecutive batches of at most this many (a larger tensor alone), each one kernel call writing its steps
     #: into a buffer of this size (64 MiB), so the transient memory does not grow with the model.
     in_place_step_coordinates: int = 1 << 24
+    #: :meth:`step_in_place`'s plans kept (one per list of parameters stepped together: a param group).
+    kept_in_place_plans: int = 8
 
     def block_coordinates(self, device: torch.device) -> int:
         """Coordinates per block of the inference path on ``device`` (and the one-shot path's upper bound)."""
@@ -304,6 +319,7 @@ class AdafacMLP(UpdateRule):
         self.register_buffer("factored_decay", torch.tensor(c.factored_decays), persistent=False)
         #: The lr ratio of the step being computed (``lr_ratio_input``; :meth:`set_lr_ratio`, not saved).
         self.register_buffer("lr_ratio", torch.ones(()), persistent=False)
+        self._in_place_plans: dict[tuple[tuple[int, torch.Size], ...], _InPlacePlan | None] = {}
         self.reset_parameters()
 
     @property
@@ -473,22 +489,35 @@ class AdafacMLP(UpdateRule):
         return first.bias + inputs @ first.weight[:, k:].t()
 
     def _count_terms(self, step: Tensor, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """What depends on the step count ``step`` (0-d): the second moment's bias correction
-        :math:`1/(1-\\beta_v^t)` (0-d), the dense features' factors (:meth:`_feature_scale`) and the first layer's
-        bias (:meth:`_first_bias`); for one count per tensor (``step`` ``(S,)``) each with a leading axis of S, each
-        row computed as for its count alone (the same bits as a step of those tensors by themselves)."""
-        beta = self.momentum_decay.squeeze(1)
-        if step.dim() == 0:
-            return self._v_correction(step), self._feature_scale(beta, step, like), self._first_bias(step)
-        # per distinct count, by the 0-d expressions (a vectorised pow or tanh may round differently)
-        counts, index = torch.unique(step, return_inverse=True)
-        v_correction = torch.stack([self._v_correction(count) for count in counts])[index]
-        ratio = torch.stack([self._ratio_correction(beta, count) for count in counts])[index]
-        if self.config.time_scales:
-            bias = torch.stack([self._first_bias(count) for count in counts])[index]
+        """What depends on the step count ``step`` (0-d, on the CPU: the kernel's), as the kernel takes it: the second
+        moment's bias correction :math:`1/(1-\\beta_v^t)` (0-d), the dense features' factors (:meth:`_feature_scale`)
+        and the first layer's bias (:meth:`_first_bias`); for one count per tensor (``step`` ``(S,)``) each with a
+        leading axis of S. The corrections are computed on the host in double precision from the float32 decays (a few
+        float operations instead of a dozen tensor ops, the largest cost of a small model's step) and rounded once to
+        ``like``'s dtype; each row as for its count alone."""
+        c = self.config
+        per_tensor = step.dim() > 0
+        counts: list[float] = step.tolist() if per_tensor else [step.item()]
+
+        # the decays as the tensor paths hold them, in float32 (0.999 is 0.99900001 there: at t = 1 the correction
+        # 1 / (1 - beta) differs by 1.3e-5 between the two roundings)
+        decays = torch.tensor([c.second_moment_decay, *c.momentum_decays], dtype=torch.float32).tolist()
+
+        def corrections(t: float) -> list[float]:
+            return [1.0 / (1.0 - beta**t) for beta in decays]
+
+        j = len(c.momentum_decays)
+        rows = [corrections(t) for t in counts]
+        v_correction = like.new_tensor([row[0] for row in rows] if per_tensor else rows[0][0])
+        feature_scale = like.new_tensor([[1.0] * (3 + j) + row[1:] + [1.0] * (1 + 2 * j) for row in rows])
+        if not per_tensor:
+            return v_correction, feature_scale[0], self._first_bias(step)
+        if self.config.time_scales:  # per distinct count by the 0-d expression (a vectorised tanh may round otherwise)
+            counts_, index = torch.unique(step, return_inverse=True)
+            bias = torch.stack([self._first_bias(count) for count in counts_])[index]
         else:  # the same for every tensor
             bias = self._first_bias(step).expand(step.shape[0], -1)
-        return v_correction, self._feature_scale_of(ratio, like), bias
+        return v_correction, feature_scale, bias
 
     def _factored_features(self, stats: Tensor) -> Tensor:
         """``(2K, rows)`` from ``(rows, K)`` row (or column) statistics: :math:`r_k, (r_k + \\epsilon_f)^{-1/2}`."""
@@ -957,57 +986,46 @@ class AdafacMLP(UpdateRule):
         orthogonalised together (:meth:`_orthogonalize_steps_`, as in a pack), and the decoupled update follows as
         :func:`~learned_optim.functional.decoupled_update_` applies it: the per-tensor step's result to float
         rounding (the batched products of a run of several matrices may round differently)."""
-        native = self._kernel_takes_net and kernels.uses("adafac_mlp") and inplace_allowed(*self.parameters())
-        if not native or self.compute_dtype != torch.float32:
+        weights = tuple(self.parameters())
+        native = self._kernel_takes_net and kernels.uses("adafac_mlp") and inplace_allowed(*weights)
+        if not native or weights[0].dtype != torch.float32:
             return list(params)
         taken: list[tuple[Tensor, Tensor, Mapping[str, Tensor]]] = []  # parameter, gradient, state
         taken_index: list[int] = []
         rest: list[Tensor] = []
+        plain_f32 = kernels.plain_f32
         for i, (p, state) in enumerate(zip(params, states, strict=True)):
             grad = p.grad
-            if (
-                grad is not None
-                and grad.layout == torch.strided
-                and p.numel() > 0
-                and kernels.plain_f32(p)
-                and kernels.plain_f32(grad)
-            ):
+            if grad is not None and grad.layout == torch.strided and p.numel() > 0 and plain_f32(p) and plain_f32(grad):
                 taken.append((p, grad, state))
                 taken_index.append(i)
             else:
                 rest.append(p)
         if not taken:
             return list(params)
-        orthogonal = self.config.newton_schulz_steps > 0
-        if orthogonal:  # matrices of one shape consecutive (stably, as a pack orders them)
-            order = sorted(range(len(taken)), key=lambda i: (taken[i][0].dim(), tuple(taken[i][0].shape)))
-            taken = [taken[i] for i in order]
-            taken_index = [taken_index[i] for i in order]
-        if step.dim() > 0 and (rest or orthogonal):  # the step counts of the tensors taken, in their order
+        plan = self._in_place_plan([p for p, _, _ in taken])
+        if plan is None:
+            return list(params)  # parameters sharing memory: the kernel may step tensors on several threads at once
+        if plan.order is not None:
+            taken = [taken[i] for i in plan.order]
+            taken_index = [taken_index[i] for i in plan.order]
+        if step.dim() > 0 and (rest or plan.order is not None):  # the step counts of the tensors taken, in their order
             step = step[taken_index]
         tensors, grads, state_of = [p for p, _, _ in taken], [g for _, g, _ in taken], [s for *_, s in taken]
-        spans = sorted((p.data_ptr(), p.data_ptr() + 4 * p.numel()) for p in tensors)
-        if any(end > start for (_, end), (start, _) in zip(spans, spans[1:], strict=False)):
-            return list(params)  # parameters sharing memory: the kernel may step tensors on several threads at once
         momenta = [f"m{i}" for i in range(len(self.config.momentum_decays))]
-        scales = step.new_tensor([self.step_scale(p.shape) for p in tensors])  # the muP scale per tensor
         from ..functional import decoupled_updates_  # (both import the nets)
-        from ..packing import consecutive_batches
 
         shared_net = self._kernel_net(step, step) if step.dim() == 0 else None  # else each batch's step counts
-        everything = [slice(0, len(tensors))]
-        sizes = [p.numel() for p in tensors]
-        for batch in consecutive_batches(sizes, self.in_place_step_coordinates) if orthogonal else everything:
+        for batch, views, layout in plan.batches:
             part = tensors[batch]
             net = shared_net if shared_net is not None else self._kernel_net(step[batch], step)
-            layout = factored_pack_layout(tuple(tuple(p.shape) for p in part)) if orthogonal else None
             # the steps' buffer, CPU float32 whatever the default dtype and device
             direction = None if layout is None else torch.empty(layout.coordinates, dtype=torch.float32, device="cpu")
             ran = kernels.adafac_tensors_step(
-                [matrix_view(p.shape) for p in part], grads[batch], part,
+                views, grads[batch], part,
                 [[state[k] for state in state_of[batch]] for k in momenta], [state["v"] for state in state_of[batch]],
                 [state["row"] for state in state_of[batch]], [state["col"] for state in state_of[batch]],
-                net, scales[batch], None if orthogonal else (lr, weight_decay), direction,
+                net, plan.scales[batch], None if layout is not None else (lr, weight_decay), direction,
             )  # fmt: skip
             if not ran:  # the tensors of this batch on are left to the caller, untouched
                 return list(params) if batch.start == 0 else [*tensors[batch.start :], *rest]
@@ -1017,6 +1035,42 @@ class AdafacMLP(UpdateRule):
                 decoupled_updates_(part, steps, lr, weight_decay)
             torch.autograd.graph.increment_version(part)  # written through their storage, as an in-place op would
         return rest
+
+    def _in_place_plan(self, tensors: Sequence[Tensor]) -> _InPlacePlan | None:
+        """The :class:`_InPlacePlan` of :meth:`step_in_place` for these parameters (in the caller's order), ``None`` if
+        any two share memory. A function of their addresses and shapes alone, so it is kept, keyed by them, for the
+        next steps (a few at a time: one per param group, say): a small model's step would otherwise spend as
+        long sorting, sizing and checking its tensors as the kernel takes to step them."""
+        key = tuple((p.data_ptr(), p.shape) for p in tensors)
+        if key in self._in_place_plans:
+            return self._in_place_plans[key]
+        spans = sorted((address, address + 4 * shape.numel()) for address, shape in key)
+        plan = None
+        if not any(end > start for (_, end), (start, _) in zip(spans, spans[1:], strict=False)):
+            from ..packing import consecutive_batches  # (it imports the nets)
+
+            orthogonal = self.config.newton_schulz_steps > 0
+            # matrices of one shape consecutive (stably, as a pack orders them)
+            order = sorted(range(len(key)), key=lambda i: (len(key[i][1]), tuple(key[i][1]))) if orthogonal else None
+            shapes = [tuple(key[i][1]) for i in order] if order is not None else [tuple(shape) for _, shape in key]
+            sizes = [math.prod(shape) for shape in shapes]
+            batches = consecutive_batches(sizes, self.in_place_step_coordinates) if orthogonal else [slice(0, len(key))]
+            plan = _InPlacePlan(
+                order=order,
+                scales=torch.tensor([self.step_scale(shape) for shape in shapes], dtype=torch.float32, device="cpu"),
+                batches=[
+                    (
+                        batch,
+                        [matrix_view(shape) for shape in shapes[batch]],
+                        factored_pack_layout(tuple(shapes[batch])) if orthogonal else None,
+                    )
+                    for batch in batches
+                ],
+            )
+        if len(self._in_place_plans) >= self.kept_in_place_plans:
+            self._in_place_plans.clear()
+        self._in_place_plans[key] = plan
+        return plan
 
     @torch.no_grad()
     def _blocked_forward(

@@ -501,6 +501,65 @@ def test_adafac_in_place_step_leaves_what_it_cannot_take_to_the_usual_step(monke
         assert torch.equal(p, q)
 
 
+def test_adafac_kernel_count_terms_are_the_bias_corrections_of_the_float32_decays():
+    """The step-count terms the kernel takes, computed on the host (``_count_terms``), are the bias corrections
+    :math:`1 / (1 - \\beta^t)` of the float32 decays the tensor paths hold, exact to float32 rounding (not of the
+    decimal decays: at t = 1 the float32 rounding of 0.999 moves ``1 / (1 - beta)`` by 1.3e-5), and the tensor
+    paths' own float32 expressions (``_v_correction``, ``_feature_scale``, which lose up to ~1e-5 to cancellation at
+    small t) to that; for one count and per tensor."""
+    rule = learned_optim.AdafacMLP(momentum_decays=[0.9, 0.99, 0.999], second_moment_decay=0.999)
+    beta = rule.momentum_decay.squeeze(1)
+    decays = torch.tensor([0.999, 0.9, 0.99, 0.999]).double()
+    counts = torch.tensor([1.0, 2.0, 7.0, 1000.0, 123456.0])
+    for t in counts:
+        v_correction, feature_scale, bias = rule._count_terms(t, t)
+        assert v_correction.dtype == feature_scale.dtype == torch.float32 and bias is rule.mlp[0].bias
+        exact = (1.0 / (1.0 - decays ** t.double())).float()
+        assert torch.equal(v_correction, exact[0]) and torch.equal(feature_scale[6:9], exact[1:])
+        assert torch.equal(feature_scale[:6], torch.ones(6)) and torch.equal(feature_scale[9:], torch.ones(7))
+        torch.testing.assert_close(v_correction, rule._v_correction(t), rtol=3e-5, atol=0.0)
+        torch.testing.assert_close(feature_scale, rule._feature_scale(beta, t, t), rtol=3e-5, atol=0.0)
+    v_correction, feature_scale, bias = rule._count_terms(counts, counts)
+    assert v_correction.shape == (5,) and feature_scale.shape == (5, 16) and bias.shape == (5, rule.config.hidden_size)
+    for i, t in enumerate(counts):
+        assert torch.equal(v_correction[i], rule._count_terms(t, t)[0])
+        assert torch.equal(feature_scale[i], rule._count_terms(t, t)[1])
+
+
+@needs_kernels
+def test_adafac_in_place_plan_is_kept_per_list_of_tensors():
+    """What the in-place step derives from its tensors' addresses and shapes is made once and kept: the same plan
+    at every step of one list of parameters, another for another list or when a parameter's storage changes, and
+    at most ``kept_in_place_plans`` of them; the steps equal the per-tensor step's bit for bit throughout."""
+    model, opt = _train_in_place(LearnedOptimizer, steps=2)
+    reference, ref_opt = _train_in_place(PerTensor, steps=2)
+    rule, params = opt.rule, list(model.parameters())
+    assert len(rule._in_place_plans) == 1
+    (plan,) = rule._in_place_plans.values()
+
+    def step_both() -> None:
+        with kernels.forced():
+            for p, q in zip(params, reference.parameters(), strict=True):
+                p.grad = q.grad = torch.randn_like(p)
+            opt.step()
+            ref_opt.step()
+
+    step_both()
+    assert list(rule._in_place_plans.values()) == [plan]
+    with torch.no_grad():  # a new storage for one parameter (same values): a new plan, the same steps
+        params[3].data = params[3].data.clone()
+    step_both()
+    assert len(rule._in_place_plans) == 2 and plan in rule._in_place_plans.values()
+    for p, q in zip(params, reference.parameters(), strict=True):
+        assert torch.equal(p, q)
+    rule.kept_in_place_plans = 2
+    other = [nn.Parameter(torch.randn(4, 5))]
+    other[0].grad = torch.randn(4, 5)
+    with kernels.forced():
+        LearnedOptimizer(other, rule).step()
+    assert len(rule._in_place_plans) == 1  # the kept ones cleared before the third was kept
+
+
 @needs_kernels
 def test_adafac_in_place_step_does_not_depend_on_threads():
     """With several threads the tensors too small to be split by blocks go to the threads whole (here 24 of two
