@@ -285,14 +285,34 @@ class AdafacNet(NamedTuple):
 
 def _mlp_layers(inner: Sequence[tuple[Tensor, Tensor]], w_out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The adafac kernel's later MLP layers as flat float32 buffers: hidden weights ``(L - 1, H, H)``, their biases
-    ``(L - 1, H)`` (one unused float when there are none) and the output weights ``(H,)``: views of one buffer, made
-    by one copy (this runs every step)."""
-    weights, biases = [w.detach().reshape(-1) for w, _ in inner], [b.detach().reshape(-1) for _, b in inner]
-    sizes = [sum(t.numel() for t in weights) or 1, sum(t.numel() for t in biases) or 1, w_out.numel()]
-    pad = [w_out.new_zeros(1).detach()] if not inner else []
-    flat = torch.cat([*weights, *pad, *biases, *pad, w_out.detach().reshape(-1)]).float()
-    inner_w, inner_b, out = flat.split(sizes)
-    return inner_w, inner_b, out
+    ``(L - 1, H)`` (one unused float when there are none) and the output weights ``(H,)``: views of one buffer,
+    refilled from the layers by one copy (this runs every step; the flat views of the layers and the buffer are
+    kept per set of layer storages, :data:`_LAYER_BUFFERS`)."""
+    layers = (*(w for w, _ in inner), *(b for _, b in inner), w_out)
+    key = tuple((t.data_ptr(), t.shape, t.dtype, t.is_contiguous()) for t in layers)
+    kept = _LAYER_BUFFERS.get(key)
+    if kept is None:
+        pad = [w_out.new_zeros(1).detach()] if not inner else []
+        weights, biases = [w.detach().reshape(-1) for w, _ in inner], [b.detach().reshape(-1) for _, b in inner]
+        sources = [*weights, *pad, *biases, *pad, w_out.detach().reshape(-1)]
+        sizes = [sum(t.numel() for t in weights) or 1, sum(t.numel() for t in biases) or 1, w_out.numel()]
+        flat = torch.empty(sum(sizes), dtype=torch.float32, device="cpu")
+        parts = (flat[: sizes[0]], flat[sizes[0] : sizes[0] + sizes[1]], flat[sizes[0] + sizes[1] :])
+        if not all(contiguous for *_, contiguous in key):  # (a reshape copied: nothing to keep)
+            torch.cat(sources, out=flat)
+            return parts
+        if len(_LAYER_BUFFERS) >= 8:
+            _LAYER_BUFFERS.clear()
+        kept = _LAYER_BUFFERS[key] = (sources, flat, parts)
+    sources, flat, parts = kept
+    torch.cat(sources, out=flat)
+    return parts
+
+
+_LayersKey = tuple[tuple[int, torch.Size, torch.dtype, bool], ...]
+#: :func:`_mlp_layers`' flat views of contiguous layers (the views keep their storages, so an address in a key is
+#: theirs), its buffer and that buffer's three parts, per layers' (address, shape, dtype, contiguity).
+_LAYER_BUFFERS: dict[_LayersKey, tuple[list[Tensor], Tensor, tuple[Tensor, Tensor, Tensor]]] = {}
 
 
 def adafac_pack_step(

@@ -320,6 +320,11 @@ class AdafacMLP(UpdateRule):
         #: The lr ratio of the step being computed (``lr_ratio_input``; :meth:`set_lr_ratio`, not saved).
         self.register_buffer("lr_ratio", torch.ones(()), persistent=False)
         self._in_place_plans: dict[tuple[tuple[int, torch.Size], ...], _InPlacePlan | None] = {}
+        # beta_v and the momentum decays as the tensor paths hold them, in float32, for :meth:`_count_terms` (0.999 is
+        # 0.99900001 there: at t = 1 the correction 1 / (1 - beta) differs by 1.3e-5 between the two roundings)
+        self._float32_decays: list[float] = torch.tensor(
+            [c.second_moment_decay, *c.momentum_decays], dtype=torch.float32
+        ).tolist()
         self.reset_parameters()
 
     @property
@@ -499,9 +504,7 @@ class AdafacMLP(UpdateRule):
         per_tensor = step.dim() > 0
         counts: list[float] = step.tolist() if per_tensor else [step.item()]
 
-        # the decays as the tensor paths hold them, in float32 (0.999 is 0.99900001 there: at t = 1 the correction
-        # 1 / (1 - beta) differs by 1.3e-5 between the two roundings)
-        decays = torch.tensor([c.second_moment_decay, *c.momentum_decays], dtype=torch.float32).tolist()
+        decays = self._float32_decays
 
         def corrections(t: float) -> list[float]:
             return [1.0 / (1.0 - beta**t) for beta in decays]

@@ -252,8 +252,12 @@ class UpdateRule(nn.Module):
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        """The dtype the net runs in: that of its weights (float32 unless converted)."""
-        return next(self.parameters()).dtype
+        """The dtype the net runs in: that of its weights (float32 unless converted); read every step, so found
+        without ``parameters()``'s generators: the first parameter in its order."""
+        weight = _first_parameter(self)
+        if weight is None:
+            raise ValueError(f"{type(self).__name__} has no parameters: no dtype to run in")
+        return weight.dtype
 
     def step_in_place(
         self,
@@ -351,6 +355,17 @@ class UpdateRule(nn.Module):
 
 
 FAMILIES: dict[str, type[UpdateRule]] = {}
+
+
+def _first_parameter(module: nn.Module) -> Tensor | None:
+    """``next(module.parameters())``, ``None`` without parameters: the module's own first, then depth first."""
+    for weight in module._parameters.values():
+        if weight is not None:
+            return weight
+    for child in module._modules.values():
+        if child is not None and (found := _first_parameter(child)) is not None:
+            return found
+    return None
 
 
 def register_family(cls: type[UpdateRule]) -> type[UpdateRule]:

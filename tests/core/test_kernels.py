@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import learned_optim
 import learned_optim._files
@@ -524,6 +524,33 @@ def test_adafac_kernel_count_terms_are_the_bias_corrections_of_the_float32_decay
     for i, t in enumerate(counts):
         assert torch.equal(v_correction[i], rule._count_terms(t, t)[0])
         assert torch.equal(feature_scale[i], rule._count_terms(t, t)[1])
+
+
+def test_adafac_kernel_layers_follow_every_change_of_the_weights():
+    """The kernel's flat copy of the later layers (its buffer kept per set of layer storages) is refilled at every
+    call: a change through ``.data`` (which no version counter sees), a new storage and a non-contiguous weight all
+    reach it."""
+    from learned_optim.kernels._ops import _mlp_layers
+
+    rule = learned_optim.AdafacMLP(num_hidden_layers=2, hidden_size=4)
+    hidden, out = rule.mlp[2], rule.mlp[4]
+
+    def expected() -> list[Tensor]:
+        return [hidden.weight.detach().reshape(-1), hidden.bias.detach(), out.weight.detach().reshape(-1)]
+
+    def flat() -> tuple[Tensor, Tensor, Tensor]:
+        return _mlp_layers([(hidden.weight, hidden.bias)], out.weight)
+
+    first = flat()
+    assert all(torch.equal(a, b) for a, b in zip(first, expected(), strict=True))
+    hidden.weight.data.mul_(2.0)
+    assert all(torch.equal(a, b) for a, b in zip(flat(), expected(), strict=True))
+    hidden.weight.data = torch.randn(4, 4)
+    assert all(torch.equal(a, b) for a, b in zip(flat(), expected(), strict=True))
+    hidden.weight.data = torch.randn(4, 4).t()  # non-contiguous: copied, not kept
+    assert all(torch.equal(a, b) for a, b in zip(flat(), expected(), strict=True))
+    no_hidden = _mlp_layers([], out.weight)
+    assert no_hidden[0].numel() == no_hidden[1].numel() == 1 and torch.equal(no_hidden[2], out.weight.reshape(-1))
 
 
 @needs_kernels

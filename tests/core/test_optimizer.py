@@ -137,6 +137,17 @@ def assert_identical(a: tuple[list[Tensor], dict], b: tuple[list[Tensor], dict])
             assert torch.equal(a[1][i][k], b[1][i][k]), (i, k)
 
 
+def test_compute_dtype_is_the_first_parameters(family, make_rule):
+    """``compute_dtype`` (read every step, found without ``parameters()``) is the dtype of ``next(parameters())``,
+    after a conversion too."""
+    rule = make_rule(family)
+    assert rule.compute_dtype == next(rule.parameters()).dtype == torch.float32
+    assert make_rule(family).double().compute_dtype == torch.float64
+    assert learned_optim.nets.base._first_parameter(rule) is next(rule.parameters())
+    with pytest.raises(ValueError, match="no parameters"):
+        type(rule).compute_dtype.fget(nn.Identity())
+
+
 # ------------------------------------------------------------------------------------------ descent
 
 
