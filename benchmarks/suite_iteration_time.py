@@ -6,11 +6,13 @@
     python benchmarks/suite_iteration_time.py --optimizer NAME_OR_FOLDER --net newton_schulz_dtype=bfloat16 \\
         --tasks stdlib-transformer-lm-2m shapes-cnn
     python benchmarks/suite_iteration_time.py --optimizer NAME_OR_FOLDER --baseline muon-adamw
+    python benchmarks/suite_iteration_time.py --optimizer NAME_OR_FOLDER --step-only --tasks diabetes-mlp
     python benchmarks/suite_iteration_time.py --optimizer NAME_OR_FOLDER --tasks ... \
         --speedups benchmarks/results/bench/orthogonal-ns3/suite/results.json --contender "NAME [adamw]"
 
 For every task (its model at seed 0 and one training batch, as the suite draws them) one iteration, ``zero_grad``,
-forward, the task's loss, backward and the optimizer's ``step``, is timed for ``torch.optim.AdamW`` and for each
+forward, the task's loss, backward and the optimizer's ``step`` (with ``--step-only`` the ``step`` alone, on the
+gradient of one backward), is timed for ``torch.optim.AdamW`` and for each
 learned optimizer (its checkpoint's net and defaults, as ``from_pretrained`` builds it) and each ``--baseline`` of the
 suite's registry (:data:`learned_optim.bench.baselines.BASELINES`, at lr 1e-3; one closure per step, so SAM-like
 baselines that evaluate it several times are timed with their extra gradients), each on its own copy of the model,
@@ -54,6 +56,10 @@ from learned_optim.functional import to_device  # noqa: E402
 from learned_optim.hub import load_rule  # noqa: E402
 from learned_optim.meta.cli import add_net_settings_option, net_settings  # noqa: E402
 
+#: ``--step-only``: steps timed in a row per timing (a single step of a small model is shorter than the clock's noise
+#: and than the caches' refill after the other optimizers' round).
+STEP_ONLY_CALLS = 20
+
 #: The suite's models whose iteration the orthogonalisation changes most (session 33's four).
 DEFAULT_TASKS = ("stdlib-transformer-lm-2m", "stdlib-transformer-lm", "shapes-cnn", "digits-resnet-bn")
 
@@ -92,6 +98,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the model, its batch and the optimizers there)")
     add_net_settings_option(parser, "a variant of every learned optimizer with this net setting (repeatable)")
+    parser.add_argument(
+        "--step-only",
+        action="store_true",
+        help="time the optimizer's step alone (one backward first, then step after step on that gradient)",
+    )
     parser.add_argument("--speedups", type=Path, help="a suite results.json: estimate the speed-up in time (above)")
     parser.add_argument(
         "--contender",
@@ -102,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     timed_label = None  # the timings the estimate divides by: the contender's own
     if (args.speedups is None) != (args.contender is None):
         parser.error("--speedups and --contender go together")
+    if args.step_only and args.speedups is not None:
+        parser.error("--speedups divides by the whole iteration's ratio: leave out --step-only")
     if args.contender is not None:
         if args.contender in args.baseline:
             timed_label = args.contender
@@ -138,12 +151,20 @@ def main(argv: list[str] | None = None) -> None:
 
                 opt.step(closure)
 
-            steps[label] = iteration
+            if args.step_only:  # the gradient once; then the step alone, STEP_ONLY_CALLS in a row per timing
+                opt.zero_grad(set_to_none=True)
+                workload.loss(copy_, batch).backward()
+                steps[label] = functools.partial(_steps, opt)
+            else:
+                steps[label] = iteration
         timings = measure(steps, repeats=args.repeats, warmup=2, device=args.device)
+        calls = STEP_ONLY_CALLS if args.step_only else 1
         reference = timings["adamw"].best
         params = sum(p.numel() for p in model.parameters())
         for label, t in timings.items():
-            rows.append([task_name, f"{params / 1e6:.2f}M", label, f"{t.best * 1e3:.1f}", f"{t.best / reference:.2f}x"])
+            milliseconds = t.best * 1e3 / calls
+            shown = f"{milliseconds:.3f}" if milliseconds < 10 else f"{milliseconds:.1f}"
+            rows.append([task_name, f"{params / 1e6:.2f}M", label, shown, f"{t.best / reference:.2f}x"])
         if step_speedups:
             if task_name not in step_speedups:
                 raise SystemExit(f"{args.speedups} has no {args.contender!r} on {task_name}")
@@ -153,12 +174,19 @@ def main(argv: list[str] | None = None) -> None:
             time_rows.append(
                 [task_name, f"{step_speedups[task_name]:.2f}x", f"{ratio:.2f}x", f"{time_speedups[-1]:.2f}x"]
             )
-    print(table(["task", "params", "optimizer", f"ms / iteration ({clock_name(args.device)}, best)", "/ AdamW"], rows))
+    timed = "step" if args.step_only else "iteration"
+    print(table(["task", "params", "optimizer", f"ms / {timed} ({clock_name(args.device)}, best)", "/ AdamW"], rows))
     if time_rows:
         print(f"\nSpeed-up in time of {args.contender} on this machine (steps from {args.speedups}):\n")
         time_rows.append(["IQM over tasks", "", "", f"{iqm(time_speedups):.2f}x"])
         print(table(["task", "speed-up (steps)", "iteration / AdamW's (here)", "speed-up in time"], time_rows))
     print(f"\nLoad at the end: {machine_header().split('load average ')[1]}")
+
+
+def _steps(opt: torch.optim.Optimizer) -> None:
+    """:data:`STEP_ONLY_CALLS` steps of ``opt`` on the gradient it has."""
+    for _ in range(STEP_ONLY_CALLS):
+        opt.step()
 
 
 def _step_speedups(results: Path, contender: str) -> dict[str, float]:

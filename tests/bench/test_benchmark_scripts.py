@@ -480,6 +480,32 @@ def test_suite_iteration_time_times_adamw_and_each_learned_optimizer_with_its_va
     assert "lscpu" in out
 
 
+def test_suite_iteration_time_step_only_times_the_step_alone(tmp_path, capsys, monkeypatch):
+    """With ``--step-only``: the step alone on one backward's gradient (a row per optimizer, the per-step time of
+    ``STEP_ONLY_CALLS`` steps in a row; the model is never run again), and never with ``--speedups``."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    script = _script("suite_iteration_time")
+    folder = save_pretrained(AdafacMLP(newton_schulz_steps=2), tmp_path / "ns", name="ns-net")
+    losses = []
+    workload = script.get_task("breast-cancer-mlp").bind()
+    original = type(workload).loss
+
+    def counted(self, *args, **kwargs):
+        losses.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(workload), "loss", counted)
+    script.main(["--tasks", "breast-cancer-mlp", "--optimizer", str(folder), "--repeats", "2", "--step-only"])
+    out = capsys.readouterr().out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| breast-cancer-mlp")]
+    assert [r[2] for r in rows] == ["adamw", "ns"] and "ms / step" in out
+    assert rows[0][4].startswith("1.00x") and all(float(r[3]) > 0 for r in rows)
+    assert len(losses) == 2  # one backward per optimizer, none in the timed steps
+    with pytest.raises(SystemExit):
+        script.main(["--tasks", "breast-cancer-mlp", "--optimizer", str(folder), "--step-only", "--speedups",
+                     str(tmp_path / "results.json"), "--contender", "ns-net [adamw]"])  # fmt: skip
+
+
 def test_suite_iteration_time_estimates_the_speed_up_in_time_from_a_suites_step_speed_ups(
     tmp_path, capsys, monkeypatch
 ):
