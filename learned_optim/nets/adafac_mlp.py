@@ -319,7 +319,7 @@ class AdafacMLP(UpdateRule):
         self.register_buffer("factored_decay", torch.tensor(c.factored_decays), persistent=False)
         #: The lr ratio of the step being computed (``lr_ratio_input``; :meth:`set_lr_ratio`, not saved).
         self.register_buffer("lr_ratio", torch.ones(()), persistent=False)
-        self._in_place_plans: dict[tuple[tuple[int, torch.Size], ...], _InPlacePlan | None] = {}
+        self._in_place_plans: dict[tuple[tuple[Any, ...], tuple[tuple[int, torch.Size], ...]], _InPlacePlan | None] = {}
         # beta_v and the momentum decays as the tensor paths hold them, in float32, for :meth:`_count_terms` (0.999 is
         # 0.99900001 there: at t = 1 the correction 1 / (1 - beta) differs by 1.3e-5 between the two roundings)
         self._float32_decays: list[float] = torch.tensor(
@@ -1041,12 +1041,14 @@ class AdafacMLP(UpdateRule):
 
     def _in_place_plan(self, tensors: Sequence[Tensor]) -> _InPlacePlan | None:
         """The :class:`_InPlacePlan` of :meth:`step_in_place` for these parameters (in the caller's order), ``None`` if
-        any two share memory. A function of their addresses and shapes alone, so it is kept, keyed by them, for the
-        next steps (a few at a time: one per param group, say): a small model's step would otherwise spend as
-        long sorting, sizing and checking its tensors as the kernel takes to step them."""
+        any two share memory. A function of their addresses and shapes and of the settings it reads alone, so it is
+        kept, keyed by them, for the next steps (a few at a time: one per param group, say): a small model's step
+        would otherwise spend as long sorting, sizing and checking its tensors as the kernel takes to step them."""
+        c = self.config
+        settings = (self.in_place_step_coordinates, c.newton_schulz_steps, c.mup, c.mup_base_fan_in)
         key = tuple((p.data_ptr(), p.shape) for p in tensors)
-        if key in self._in_place_plans:
-            return self._in_place_plans[key]
+        if (settings, key) in self._in_place_plans:
+            return self._in_place_plans[settings, key]
         spans = sorted((address, address + 4 * shape.numel()) for address, shape in key)
         plan = None
         if not any(end > start for (_, end), (start, _) in zip(spans, spans[1:], strict=False)):
@@ -1072,7 +1074,7 @@ class AdafacMLP(UpdateRule):
             )
         if len(self._in_place_plans) >= self.kept_in_place_plans:
             self._in_place_plans.clear()
-        self._in_place_plans[key] = plan
+        self._in_place_plans[settings, key] = plan
         return plan
 
     @torch.no_grad()

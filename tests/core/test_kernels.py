@@ -579,7 +579,12 @@ def test_adafac_in_place_plan_is_kept_per_list_of_tensors():
     assert len(rule._in_place_plans) == 2 and plan in rule._in_place_plans.values()
     for p, q in zip(params, reference.parameters(), strict=True):
         assert torch.equal(p, q)
-    rule.kept_in_place_plans = 2
+    rule.in_place_step_coordinates = 1000  # a setting the plan reads: another plan
+    step_both()
+    assert len(rule._in_place_plans) == 3
+    for p, q in zip(params, reference.parameters(), strict=True):
+        assert torch.equal(p, q)
+    rule.kept_in_place_plans = 3
     other = [nn.Parameter(torch.randn(4, 5))]
     other[0].grad = torch.randn(4, 5)
     with kernels.forced():
