@@ -4,6 +4,12 @@
 
     python benchmarks/newton_schulz_dtype.py                 # 5 Newton-Schulz steps, the sizes below
     python benchmarks/newton_schulz_dtype.py --steps 3 --sizes 128x128 1000x1000
+    python benchmarks/newton_schulz_dtype.py --routes --steps 3 --sizes 10x96 64x128 4x32x128 64x512
+
+With ``--routes``: in float32, the direct iteration against the iteration on the Gram matrix (each on the same
+normalised wide matrices, a size ``BxRxC`` being B matrices at once), and the route
+:func:`~learned_optim.features.takes_gram_route` takes there (at least twice as wide as high and
+``GRAM_MIN_SAVED_MULTIPLY_ADDS`` saved: below that the Gram route's extra ops cost more than its products save).
 
 Times ``learned_optim.features.newton_schulz_orthogonalize(x, steps, dtype=...)`` on one matrix of each size in
 float32 and in bfloat16 (one torch thread, CPU time, best of ``--repeats`` rounds of calls, round-robin), and prints
@@ -29,7 +35,12 @@ from _common import cpu_flags_line, machine_header, measure, table  # noqa: E402
 
 from learned_optim import build_rule  # noqa: E402
 from learned_optim._numerics import bfloat16_matmul_is_native  # noqa: E402
-from learned_optim.features import newton_schulz_orthogonalize  # noqa: E402
+from learned_optim.features import (  # noqa: E402
+    _newton_schulz_direct,
+    _newton_schulz_on_gram,
+    newton_schulz_orthogonalize,
+    takes_gram_route,
+)
 
 SIZES = ["32x32", "64x256", "128x128", "128x512", "160x640", "192x192", "256x256", "256x1536", "512x512", "1000x1000"]
 
@@ -39,8 +50,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", nargs="+", default=SIZES, metavar="ROWSxCOLS")
     parser.add_argument("--steps", type=int, default=5, help="Newton-Schulz steps (the flagship runs 3)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--routes", action="store_true", help="float32: the direct iteration against the Gram route")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.routes:
+        _routes(args.sizes, args.steps, args.repeats)
+        return
     rule = build_rule("adafac_mlp", {"newton_schulz_steps": args.steps, "newton_schulz_dtype": "auto"})
     print(f"# Newton-Schulz products, float32 against bfloat16\n\n{machine_header()}\n\n{cpu_flags_line()}\n")
     print(
@@ -83,6 +98,32 @@ def main(argv: list[str] | None = None) -> None:
         )
     header = ["matrix", "float32 ms", "bfloat16 ms", "float32 / bfloat16", "auto takes", "err f32", "err bf16"]
     print(table(header, rows))
+
+
+def _routes(sizes: list[str], steps: int, repeats: int) -> None:
+    """The ``--routes`` table: each size's direct and Gram-route iterations in float32, and the route taken."""
+    print(f"# Newton-Schulz in float32: the direct iteration against the Gram route\n\n{machine_header()}\n")
+    print(f"{cpu_flags_line()}\n\n{steps} steps, one torch thread, CPU time, best of {repeats} rounds\n")
+    rows = []
+    generator = torch.Generator().manual_seed(0)
+    for size in sizes:
+        *lead, r, c = (int(v) for v in size.lower().split("x"))
+        y = torch.randn(*(lead or [1]), min(r, c), max(r, c), generator=generator)
+        y = y / torch.linalg.matrix_norm(y, keepdim=True)
+        calls = max(1, int(2e7 / y.numel() / min(r, c)))
+
+        def timed(route, y: torch.Tensor = y, calls: int = calls):
+            def run() -> None:
+                for _ in range(calls):
+                    route(y, steps)
+
+            return run
+
+        timing = measure({"direct": timed(_newton_schulz_direct), "gram": timed(_newton_schulz_on_gram)}, repeats)
+        direct, gram = (timing[k].best / calls * 1e3 for k in ("direct", "gram"))
+        taken = "gram" if takes_gram_route(y, steps) else "direct"
+        rows.append([size, f"{direct:.4f}", f"{gram:.4f}", f"{gram / direct:.2f}", taken])
+    print(table(["matrices", "direct ms", "Gram route ms", "Gram / direct", "taken"], rows))
 
 
 if __name__ == "__main__":

@@ -129,6 +129,13 @@ NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 #: polynomial): ~1e-4 of the result after 3 steps, far inside bfloat16's 1e-2, but 1e17 after 10.
 GRAM_MAX_STEPS = 3
 
+#: ... and only where it saves at least this many multiply-adds, :math:`(k - 1)\, B\, r^2 (2c - 3r)` for ``B``
+#: matrices :math:`r \times c` and ``k`` steps: its ~9 more ops cost more than the products save on small
+#: matrices (3 steps, one thread, AMD EPYC with AVX-512: 10 x 96 1.5x the direct iteration's time, 64 x 128 1.05x,
+#: 32 x 256 0.99x, 4 of 32 x 128 0.86x, 64 x 512 0.59x;
+#: ``benchmarks/results/small_model_step_session43_amd_avx512.md``).
+GRAM_MIN_SAVED_MULTIPLY_ADDS = 1_000_000
+
 
 def newton_schulz_orthogonalize(x: Tensor, steps: int, eps: float = 1e-7, dtype: torch.dtype | None = None) -> Tensor:
     r"""An approximate orthogonal polar factor :math:`U V^\top` of each matrix in ``x`` (``(..., rows, cols)``;
@@ -147,26 +154,39 @@ def newton_schulz_orthogonalize(x: Tensor, steps: int, eps: float = 1e-7, dtype:
     (where float32 products run in full precision: not TF32 or bfloat16 inside, see
     :func:`torch.set_float32_matmul_precision`), for at most :data:`GRAM_MAX_STEPS` steps on a matrix at least twice
     as wide as high, the same polynomial runs on the Gram matrix instead, with fewer FLOPs
-    (:func:`_newton_schulz_on_gram`)."""
+    (:func:`_newton_schulz_on_gram`), where that saves at least :data:`GRAM_MIN_SAVED_MULTIPLY_ADDS`."""
     tall = x.shape[-2] > x.shape[-1]
     y = x.mT if tall else x
     lead, (rows, cols) = y.shape[:-2], y.shape[-2:]
     y = y.reshape(math.prod(lead), rows, cols)
     y = (y / (torch.linalg.matrix_norm(y, keepdim=True) + eps)).to(dtype or x.dtype)
-    if (
-        2 <= steps <= GRAM_MAX_STEPS
-        and cols >= 2 * rows
-        and y.dtype == torch.float32
-        and _full_float32_products(y.device)
-    ):
-        y = _newton_schulz_on_gram(y, steps)
-    else:
-        a, b, c = NEWTON_SCHULZ_COEFFICIENTS
-        for _ in range(steps):
-            gram = torch.bmm(y, y.mT)
-            y = torch.baddbmm(y, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), y, beta=a)
+    y = _newton_schulz_on_gram(y, steps) if takes_gram_route(y, steps) else _newton_schulz_direct(y, steps)
     y = y.to(x.dtype).reshape(*lead, rows, cols)
     return y.mT if tall else y
+
+
+def takes_gram_route(y: Tensor, steps: int) -> bool:
+    """Whether :func:`newton_schulz_orthogonalize` iterates the wide matrices ``y`` (``(B, r, c)``, :math:`r \\le c`,
+    in the products' dtype) on their Gram matrices (:func:`_newton_schulz_on_gram`): float32 in full precision, at
+    most :data:`GRAM_MAX_STEPS` steps, :math:`c \\ge 2r`, and at least :data:`GRAM_MIN_SAVED_MULTIPLY_ADDS` saved."""
+    batch, rows, cols = y.shape
+    return (
+        2 <= steps <= GRAM_MAX_STEPS
+        and cols >= 2 * rows
+        and (steps - 1) * batch * rows * rows * (2 * cols - 3 * rows) >= GRAM_MIN_SAVED_MULTIPLY_ADDS
+        and y.dtype == torch.float32
+        and _full_float32_products(y.device)
+    )
+
+
+def _newton_schulz_direct(y: Tensor, steps: int) -> Tensor:
+    """:func:`newton_schulz_orthogonalize`'s iteration of the wide matrices ``y`` (``(B, r, c)``) as written: three
+    products a step, the last two fused with their sums."""
+    a, b, c = NEWTON_SCHULZ_COEFFICIENTS
+    for _ in range(steps):
+        gram = torch.bmm(y, y.mT)
+        y = torch.baddbmm(y, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), y, beta=a)
+    return y
 
 
 def _full_float32_products(device: torch.device) -> bool:

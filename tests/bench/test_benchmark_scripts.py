@@ -480,6 +480,21 @@ def test_suite_iteration_time_times_adamw_and_each_learned_optimizer_with_its_va
     assert "lscpu" in out
 
 
+def test_newton_schulz_dtype_times_float32_against_bfloat16_and_the_two_float32_routes(capsys, monkeypatch):
+    """A row per size: float32 and bfloat16 times with what ``auto`` takes; with ``--routes``, the direct iteration
+    and the Gram route in float32 with the route ``takes_gram_route`` takes (direct on a small matrix, the Gram
+    matrix on a batch whose products it saves)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    script = _script("newton_schulz_dtype")
+    script.main(["--steps", "3", "--sizes", "64x128", "--repeats", "1"])
+    row = next(line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| 64 x 128"))
+    assert float(row[1]) > 0 and float(row[2]) > 0 and row[4] == "float32"
+    script.main(["--routes", "--steps", "3", "--sizes", "10x96", "4x32x128", "--repeats", "1"])
+    rows = {r[0].strip("| "): r for r in (line.split(" | ") for line in capsys.readouterr().out.splitlines())}
+    assert rows["10x96"][4].strip(" |") == "direct" and rows["4x32x128"][4].strip(" |") == "gram"
+    assert all(float(rows[k][1]) > 0 and float(rows[k][2]) > 0 for k in ("10x96", "4x32x128"))
+
+
 def test_suite_iteration_time_step_only_times_the_step_alone(tmp_path, capsys, monkeypatch):
     """With ``--step-only``: the step alone on one backward's gradient (a row per optimizer, the per-step time of
     ``STEP_ONLY_CALLS`` steps in a row; the model is never run again), and never with ``--speedups``."""

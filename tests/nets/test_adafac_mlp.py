@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from learned_optim import AdafacMLP, LearnedOptimizer, functional_update, kernels
 from learned_optim.features import (
     GRAM_MAX_STEPS,
+    GRAM_MIN_SAVED_MULTIPLY_ADDS,
     NEWTON_SCHULZ_COEFFICIENTS,
     checked_sums,
     ema,
@@ -852,13 +853,16 @@ def _plain_newton_schulz(x: torch.Tensor, steps: int) -> torch.Tensor:
     return y.mT if tall else y
 
 
-@pytest.mark.parametrize("shape", [(10, 96), (96, 10), (3, 7), (2, 8, 16), (6, 6), (4, 7)], ids=str)
+@pytest.mark.parametrize(
+    "shape", [(10, 96), (96, 10), (3, 7), (2, 8, 16), (6, 6), (4, 7), (48, 256), (4, 32, 128), (256, 48)], ids=str
+)
 @pytest.mark.parametrize("steps", [1, 2, 3, 5])
 def test_newton_schulz_fused_and_on_the_gram_matrix_is_the_plain_iteration(shape, steps, monkeypatch):
-    """The fused products (``baddbmm``) and, in float32 on matrices at least twice as wide as high, the iteration on
-    the Gram matrix (``X_k = P_k X_0``, ``P_k`` a product of polynomials in ``X_0 X_0^T``) give the plain iteration
-    in float64 to float32 rounding; the Gram route is taken exactly there, and not where float32 products may run in
-    TF32 or bfloat16 inside (`torch.set_float32_matmul_precision("high")`)."""
+    """The fused products (``baddbmm``) and, in float32 on matrices at least twice as wide as high where that saves
+    ``GRAM_MIN_SAVED_MULTIPLY_ADDS``, the iteration on the Gram matrix (``X_k = P_k X_0``, ``P_k`` a product of
+    polynomials in ``X_0 X_0^T``) give the plain iteration in float64 to float32 rounding; the Gram route is taken
+    exactly there, and not where float32 products may run in TF32 or bfloat16 inside
+    (`torch.set_float32_matmul_precision("high")`)."""
     import learned_optim.features as features
 
     torch.manual_seed(0)
@@ -868,7 +872,10 @@ def test_newton_schulz_fused_and_on_the_gram_matrix_is_the_plain_iteration(shape
     monkeypatch.setattr(features, "_newton_schulz_on_gram", lambda y, k: routes.append(k) or on_gram(y, k))
     got = newton_schulz_orthogonalize(x.float(), steps)
     rows, cols = sorted(shape[-2:])
-    assert routes == ([steps] if cols >= 2 * rows and 2 <= steps <= GRAM_MAX_STEPS else [])
+    saved = (steps - 1) * math.prod(shape[:-2]) * rows**2 * (2 * cols - 3 * rows)
+    gram = cols >= 2 * rows and 2 <= steps <= GRAM_MAX_STEPS and saved >= GRAM_MIN_SAVED_MULTIPLY_ADDS
+    assert routes == ([steps] if gram else [])
+    assert gram == (shape in ((48, 256), (4, 32, 128), (256, 48)) and steps == 3)  # (not worth it below)
     assert got.dtype == torch.float32 and got.shape == x.shape
     torch.testing.assert_close(got.double(), _plain_newton_schulz(x, steps), rtol=0, atol=3e-6)
     torch.testing.assert_close(newton_schulz_orthogonalize(x, steps), _plain_newton_schulz(x, steps))  # float64
