@@ -504,10 +504,8 @@ class AdafacMLP(UpdateRule):
         per_tensor = step.dim() > 0
         counts: list[float] = step.tolist() if per_tensor else [step.item()]
 
-        decays = self._float32_decays
-
         def corrections(t: float) -> list[float]:
-            return [1.0 / (1.0 - beta**t) for beta in decays]
+            return [1.0 / (1.0 - beta**t) for beta in self._float32_decays]
 
         j = len(c.momentum_decays)
         rows = [corrections(t) for t in counts]
@@ -516,8 +514,8 @@ class AdafacMLP(UpdateRule):
         if not per_tensor:
             return v_correction, feature_scale[0], self._first_bias(step)
         if self.config.time_scales:  # per distinct count by the 0-d expression (a vectorised tanh may round otherwise)
-            counts_, index = torch.unique(step, return_inverse=True)
-            bias = torch.stack([self._first_bias(count) for count in counts_])[index]
+            distinct, index = torch.unique(step, return_inverse=True)
+            bias = torch.stack([self._first_bias(count) for count in distinct])[index]
         else:  # the same for every tensor
             bias = self._first_bias(step).expand(step.shape[0], -1)
         return v_correction, feature_scale, bias
@@ -1054,7 +1052,7 @@ class AdafacMLP(UpdateRule):
         if not any(end > start for (_, end), (start, _) in zip(spans, spans[1:], strict=False)):
             from ..packing import consecutive_batches  # (it imports the nets)
 
-            orthogonal = self.config.newton_schulz_steps > 0
+            orthogonal = c.newton_schulz_steps > 0
             # matrices of one shape consecutive (stably, as a pack orders them)
             order = sorted(range(len(key)), key=lambda i: (len(key[i][1]), tuple(key[i][1]))) if orthogonal else None
             shapes = [tuple(key[i][1]) for i in order] if order is not None else [tuple(shape) for _, shape in key]
