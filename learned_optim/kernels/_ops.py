@@ -297,13 +297,11 @@ def _mlp_layers(inner: Sequence[tuple[Tensor, Tensor]], w_out: Tensor) -> tuple[
         sources = [*weights, *pad, *biases, *pad, w_out.detach().reshape(-1)]
         sizes = [sum(t.numel() for t in weights) or 1, sum(t.numel() for t in biases) or 1, w_out.numel()]
         flat = torch.empty(sum(sizes), dtype=torch.float32, device="cpu")
-        parts = (flat[: sizes[0]], flat[sizes[0] : sizes[0] + sizes[1]], flat[sizes[0] + sizes[1] :])
-        if not all(contiguous for *_, contiguous in key):  # (a reshape copied: nothing to keep)
-            torch.cat(sources, out=flat)
-            return parts
-        if len(_LAYER_BUFFERS) >= 8:
-            _LAYER_BUFFERS.clear()
-        kept = _LAYER_BUFFERS[key] = (sources, flat, parts)
+        kept = (sources, flat, (flat[: sizes[0]], flat[sizes[0] : sizes[0] + sizes[1]], flat[sizes[0] + sizes[1] :]))
+        if all(contiguous for *_, contiguous in key):  # (else a reshape copied: nothing to keep)
+            if len(_LAYER_BUFFERS) >= 8:
+                _LAYER_BUFFERS.clear()
+            _LAYER_BUFFERS[key] = kept
     sources, flat, parts = kept
     torch.cat(sources, out=flat)
     return parts

@@ -473,8 +473,14 @@ class AdafacMLP(UpdateRule):
     @staticmethod
     def _feature_scale_of(correction: Tensor, like: Tensor) -> Tensor:
         """:meth:`_feature_scale` from the ratio rows' corrections ``(..., J)``: ``(..., 16)``."""
-        lead, j = correction.shape[:-1], correction.shape[-1]
-        return torch.cat([like.new_ones((*lead, 3 + j)), correction, like.new_ones((*lead, 1 + 2 * j))], dim=-1)
+        lead, (before, after) = correction.shape[:-1], AdafacMLP._rows_around_ratios(correction.shape[-1])
+        return torch.cat([like.new_ones((*lead, before)), correction, like.new_ones((*lead, after))], dim=-1)
+
+    @staticmethod
+    def _rows_around_ratios(j: int) -> tuple[int, int]:
+        """How many dense feature rows come before and after the J ratio rows (:meth:`features`' order: :math:`g,
+        \\theta, m_j, v` before, :math:`1/\\sqrt{\\hat v+\\epsilon}, g\\phi_k, m_k\\phi_k` after)."""
+        return 3 + j, 1 + 2 * j
 
     def _first_bias(self, step: Tensor) -> Tensor:
         """The first layer's bias with the per-tensor constant inputs (time features, the lr ratio) folded in:
@@ -507,10 +513,10 @@ class AdafacMLP(UpdateRule):
         def corrections(t: float) -> list[float]:
             return [1.0 / (1.0 - beta**t) for beta in self._float32_decays]
 
-        j = len(c.momentum_decays)
+        before, after = self._rows_around_ratios(len(c.momentum_decays))
         rows = [corrections(t) for t in counts]
         v_correction = like.new_tensor([row[0] for row in rows] if per_tensor else rows[0][0])
-        feature_scale = like.new_tensor([[1.0] * (3 + j) + row[1:] + [1.0] * (1 + 2 * j) for row in rows])
+        feature_scale = like.new_tensor([[1.0] * before + row[1:] + [1.0] * after for row in rows])
         if not per_tensor:
             return v_correction, feature_scale[0], self._first_bias(step)
         if self.config.time_scales:  # per distinct count by the 0-d expression (a vectorised tanh may round otherwise)
