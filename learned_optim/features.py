@@ -64,18 +64,25 @@ def log_and_sign(grad: Tensor, k: float = 5.0, eps: float = 1e-20) -> Tensor:
     return torch.stack([magnitude, sign], dim=-1)
 
 
-def ema(average: Tensor, value: Tensor, decay: float | Tensor, out: Tensor | None = None) -> Tensor:
+def ema(
+    average: Tensor, value: Tensor, decay: float | Tensor, out: Tensor | None = None, work: Tensor | None = None
+) -> Tensor:
     r"""Exponential moving average :math:`a \leftarrow \beta a + (1-\beta) x`: out of place, or into ``out`` (no
-    autograd; ``out`` may be ``average`` itself) without a transient of the broadcast shape."""
+    autograd; ``out`` may be ``average`` itself). With ``work`` (a buffer of the broadcast shape, for
+    :math:`(1-\beta) x`) the same arithmetic as out of place, bit for bit; without, no transient of the broadcast
+    shape (one multiply-add)."""
     if out is None:
         return average * decay + value * (1.0 - decay)
     torch.mul(average, decay, out=out)
+    if work is not None:
+        return out.add_(torch.mul(value, 1.0 - decay, out=work))
     return out.addcmul_(value, 1.0 - decay) if isinstance(decay, Tensor) else out.add_(value, alpha=1.0 - decay)
 
 
-def bias_corrected(average: Tensor, decay: float, step: Tensor) -> Tensor:
-    r"""Adam's bias correction :math:`\hat a = a / (1 - \beta^t)` for step count ``t >= 1``."""
-    return average / (1.0 - decay**step)
+def bias_corrected(average: Tensor, decay: float, step: Tensor, out: Tensor | None = None) -> Tensor:
+    r"""Adam's bias correction :math:`\hat a = a / (1 - \beta^t)` for step count ``t >= 1`` (into ``out`` if given)."""
+    correction = 1.0 - decay**step
+    return average / correction if out is None else torch.div(average, correction, out=out)
 
 
 def adam_ratio_features(m_hat: Tensor, v_hat: Tensor, grad: Tensor, eps: float = 1e-8) -> Tensor:
@@ -84,10 +91,17 @@ def adam_ratio_features(m_hat: Tensor, v_hat: Tensor, grad: Tensor, eps: float =
     return torch.stack([m_hat / denom, grad / denom], dim=-1)
 
 
-def rsqrt_features(m: Tensor, v: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
-    r"""Metz et al. (2019) moment features :math:`m/\sqrt{v+\epsilon}` and :math:`1/\sqrt{v+\epsilon}`."""
-    rs = torch.rsqrt(v + eps)
-    return m * rs, rs
+def rsqrt_features(
+    m: Tensor, v: Tensor, eps: float = 1e-6, out: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor]:
+    r"""Metz et al. (2019) moment features :math:`m/\sqrt{v+\epsilon}` and :math:`1/\sqrt{v+\epsilon}`; ``out``: the
+    two buffers to write them into (no autograd; the second may be ``v`` itself), the same arithmetic."""
+    if out is None:
+        rs = torch.rsqrt(v + eps)
+        return m * rs, rs
+    ratio, rs = out
+    torch.add(v, eps, out=rs).rsqrt_()
+    return torch.mul(m, rs, out=ratio), rs
 
 
 def time_features(step: Tensor, scales: Sequence[float]) -> Tensor:

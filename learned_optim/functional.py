@@ -41,8 +41,16 @@ __all__ = [
 StateDict = dict[str, dict[str, Tensor]]
 
 
-def decoupled_update(theta: Tensor, delta: Tensor, lr: float | Tensor, weight_decay: float = 0.0) -> Tensor:
-    r""":math:`\theta (1 - \eta\lambda) + \eta\,\Delta` (out of place): the step with decoupled weight decay."""
+def decoupled_update(
+    theta: Tensor, delta: Tensor, lr: float | Tensor, weight_decay: float = 0.0, *, work: Tensor | None = None
+) -> Tensor:
+    r""":math:`\theta (1 - \eta\lambda) + \eta\,\Delta`: the step with decoupled weight decay, out of place; with
+    ``work`` (a buffer of ``delta``'s shape for :math:`\eta\Delta`; no autograd) into ``theta`` itself, the same
+    arithmetic bit for bit (:func:`decoupled_update_` saves that buffer with a multiply-add)."""
+    if work is not None:
+        if weight_decay != 0.0:
+            theta.mul_(1.0 - lr * weight_decay)
+        return theta.add_(torch.mul(delta, lr, out=work))
     if weight_decay != 0.0:
         theta = theta * (1.0 - lr * weight_decay)
     return theta + lr * delta

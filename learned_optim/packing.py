@@ -181,15 +181,17 @@ def packed_step(
     rows = align_rows(total)
     device = params[0].device
 
-    def packed(parts: list[Tensor]) -> Tensor:
+    def packed(name: str, parts: list[Tensor]) -> Tensor:  # in the rule's scratch, kept from step to step
         pad = parts[0].new_zeros((rows - total, *parts[0].shape[1:]))
-        return torch.cat([*parts, pad]).to(dtype)
+        return torch.cat([*parts, pad], out=rule.scratch.take(f"pack.{name}", (rows, *pad.shape[1:]), pad, dtype))
 
     grads = [p.grad.reshape(-1) for p in params]  # type: ignore[union-attr]  # params with grads only
-    grad = packed([-g for g in grads] if maximize else grads)
-    theta = packed([p.detach().reshape(-1) for p in params])
+    grad = packed("grad", grads)
+    if maximize:
+        grad.neg_()
+    theta = packed("theta", [p.detach().reshape(-1) for p in params])
     shapes = rule.state_shapes()  # each per-coordinate state is (numel, *shape) (init_state, load_state_dict)
-    state = {k: packed([s[k] for s in states]) for k in shapes}
+    state = {k: packed(k, [s[k] for s in states]) for k in shapes}
     step = step_counts(states, rule).to(device=device)
     segments = Segments(sizes, rows, device)
     stats = rule.segment_stats(grad, theta, state, step, segments)
@@ -209,8 +211,9 @@ def packed_step(
         lr = lr.to(device=device, dtype=dtype)
     if delta is None:  # applied by the rule
         new_theta = theta[:total].split(sizes)
-    elif not wider:
-        new_theta = decoupled_update(theta[:total], delta[:total], lr, weight_decay).split(sizes)
+    elif not wider:  # into theta, this step's own copy
+        work = rule.scratch.take("pack.update", (total,), delta)
+        new_theta = decoupled_update(theta[:total], delta[:total], lr, weight_decay, work=work).split(sizes)
     else:
         flat_params = torch.cat([p.detach().reshape(-1) for p in params])
         new_theta = stepped_parameter(flat_params, theta[:total], delta[:total], lr, weight_decay).split(sizes)

@@ -69,6 +69,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .._scratch import Scratch
 from .._validation import check_value
 
 __all__ = [
@@ -200,6 +201,9 @@ class UpdateRule(nn.Module):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
         self.config = config
         self.provenance = Provenance()
+        #: Buffers for the large intermediates of a step without autograd on the CPU, kept from step to step
+        #: (:class:`~learned_optim._scratch.Scratch`; the packed step's, :func:`learned_optim.packing.packed_step`).
+        self.scratch = Scratch()
 
     @property
     def uses_lr_ratio(self) -> bool:

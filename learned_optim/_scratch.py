@@ -1,0 +1,65 @@
+"""Buffers kept from one optimizer step to the next for the step's large intermediates on the CPU.
+
+glibc's ``malloc`` hands a freed block at or above its mmap threshold (at most 32 MiB, raised to the size of the
+largest such block freed so far) back to the system, and trims the top of its heap past twice that. A step that
+allocates and frees tens of MiB of intermediates, as the ATen path of a learned optimizer's packed step does
+(~60 floats per coordinate), then page-faults on all of it again at every step: 12.5k minor faults per step, about
+half the step's time, on the benchmark suite's char transformer (``benchmarks/results/``
+``scratch_session44_amd_avx512.md``). Intermediates taken from a :class:`Scratch` are allocated once and reused.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["Scratch"]
+
+
+class Scratch:
+    """Named buffers reused from step to step (see the module docstring).
+
+    :meth:`take` returns an uninitialised tensor of the asked shape, a view of the buffer kept under its name
+    (and the device and dtype), which grows when too small and never shrinks. It is valid until the next
+    :meth:`take` of that name: callers use it within one step, one step at a time (the owner, e.g. an update rule,
+    is not stepped from two threads at once). Fresh tensors, nothing kept, where reuse would be wrong or gains
+    nothing: off the CPU (a caching allocator serves accelerators), under autograd (saved tensors would be
+    overwritten) and inside ``torch.compile`` (which plans its own buffers). Copies and pickles (``deepcopy``,
+    sending the owner to another process) start empty.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.device, torch.dtype], Tensor] = {}
+
+    def take(self, name: str, shape: Sequence[int], like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """An uninitialised tensor of ``shape`` on ``like``'s device, of ``dtype`` (default ``like``'s), contiguous."""
+        dtype = like.dtype if dtype is None else dtype
+        if not self.keeps(like):
+            return like.new_empty(tuple(shape), dtype=dtype)
+        size = math.prod(shape)
+        key = (name, like.device, dtype)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < size:
+            buffer = self._buffers[key] = like.new_empty(size, dtype=dtype)
+        return buffer[:size].view(tuple(shape))
+
+    @staticmethod
+    def keeps(like: Tensor) -> bool:
+        """Whether :meth:`take` reuses a kept buffer for tensors like ``like`` (else it allocates a fresh one)."""
+        return like.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the kept buffers."""
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    def clear(self) -> None:
+        """Drop every kept buffer."""
+        self._buffers.clear()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Scratch, ())
