@@ -38,9 +38,13 @@ import argparse
 import copy
 import functools
 import json
+import resource
+import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -109,7 +113,19 @@ def main(argv: list[str] | None = None) -> None:
         help="the --speedups contender: a --baseline's name, or e.g. 'NAME [adamw]' (the first --optimizer as its "
         "checkpoint has it, not a --net variant)",
     )
+    parser.add_argument(
+        "--alone",
+        type=int,
+        metavar="CALLS",
+        help="time each optimizer alone, in a fresh process of its own, CALLS iterations (or steps) in a row: the "
+        "mean CPU time and page faults per call, as in a training script, whose memory allocator's state is its own "
+        "(the round-robin timing in one process, the default, hides what the allocator costs)",
+    )
+    parser.add_argument("--alone-run", nargs=2, metavar=("TASK", "OPTIMIZER"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if args.alone is not None and args.speedups is not None:
+        parser.error("--speedups divides by the round-robin timing's ratio: leave out --alone")
     timed_label = None  # the timings the estimate divides by: the contender's own
     if (args.speedups is None) != (args.contender is None):
         parser.error("--speedups and --contender go together")
@@ -127,6 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     step_speedups = _step_speedups(args.speedups, args.contender) if args.speedups is not None else {}
     torch.set_num_threads(args.threads)
     factories = optimizers(args.optimizer, net_settings(args.net_overrides), args.baseline)
+    if args.alone_run is not None:
+        _alone_run(args, factories)
+        return
     print(f"# Training iteration time on the suite's models\n\n{machine_header(args.device)}\n\n{cpu_flags_line()}\n")
     rows = []
     time_rows: list[list[str]] = []
@@ -135,32 +154,19 @@ def main(argv: list[str] | None = None) -> None:
         workload = get_task(task_name).bind()
         batch = to_device(workload.batch(torch.Generator().manual_seed(0)), args.device)
         model = workload.build_model(0).to(args.device)
-        steps: dict[str, Callable[[], object]] = {}
-        for label, make in factories.items():
-            copy_ = copy.deepcopy(model)
-            opt = make(list(copy_.parameters()))
-
-            def iteration(
-                copy_: torch.nn.Module = copy_, opt: torch.optim.Optimizer = opt, workload=workload, batch=batch
-            ) -> None:
-                def closure() -> torch.Tensor:
-                    opt.zero_grad(set_to_none=True)
-                    loss = workload.loss(copy_, batch)
-                    loss.backward()
-                    return loss
-
-                opt.step(closure)
-
-            if args.step_only:  # the gradient once; then the step alone, STEP_ONLY_CALLS in a row per timing
-                opt.zero_grad(set_to_none=True)
-                workload.loss(copy_, batch).backward()
-                steps[label] = functools.partial(_steps, opt)
-            else:
-                steps[label] = iteration
-        timings = measure(steps, repeats=args.repeats, warmup=2, device=args.device)
-        calls = STEP_ONLY_CALLS if args.step_only else 1
-        reference = timings["adamw"].best
         params = sum(p.numel() for p in model.parameters())
+        calls = STEP_ONLY_CALLS if args.step_only else 1
+        if args.alone is not None:  # each optimizer in a process of its own, one after another
+            alone = {label: _alone(argv, task_name, label) for label in factories}
+            for label, (seconds, faults) in alone.items():
+                milliseconds = seconds * 1e3 / calls
+                shown = f"{milliseconds:.3f}" if milliseconds < 10 else f"{milliseconds:.1f}"
+                ratio = f"{seconds / alone['adamw'][0]:.2f}x"
+                rows.append([task_name, f"{params / 1e6:.2f}M", label, shown, f"{faults / calls:.0f}", ratio])
+            continue
+        steps = {label: _timed(workload, batch, model, make, args.step_only) for label, make in factories.items()}
+        timings = measure(steps, repeats=args.repeats, warmup=2, device=args.device)
+        reference = timings["adamw"].best
         for label, t in timings.items():
             milliseconds = t.best * 1e3 / calls
             shown = f"{milliseconds:.3f}" if milliseconds < 10 else f"{milliseconds:.1f}"
@@ -175,12 +181,72 @@ def main(argv: list[str] | None = None) -> None:
                 [task_name, f"{step_speedups[task_name]:.2f}x", f"{ratio:.2f}x", f"{time_speedups[-1]:.2f}x"]
             )
     timed = "step" if args.step_only else "iteration"
-    print(table(["task", "params", "optimizer", f"ms / {timed} ({clock_name(args.device)}, best)", "/ AdamW"], rows))
+    if args.alone is not None:
+        clock = f"CPU, mean of {args.alone} in a row, alone"
+        print(
+            table(["task", "params", "optimizer", f"ms / {timed} ({clock})", f"page faults / {timed}", "/ AdamW"], rows)
+        )
+    else:
+        clock = f"{clock_name(args.device)}, best"
+        print(table(["task", "params", "optimizer", f"ms / {timed} ({clock})", "/ AdamW"], rows))
     if time_rows:
         print(f"\nSpeed-up in time of {args.contender} on this machine (steps from {args.speedups}):\n")
         time_rows.append(["IQM over tasks", "", "", f"{iqm(time_speedups):.2f}x"])
         print(table(["task", "speed-up (steps)", "iteration / AdamW's (here)", "speed-up in time"], time_rows))
     print(f"\nLoad at the end: {machine_header().split('load average ')[1]}")
+
+
+def _timed(
+    workload: Any, batch: Any, model: torch.nn.Module, make: Callable[[list], torch.optim.Optimizer], step_only: bool
+) -> Callable[[], None]:
+    """What one timing calls for an optimizer made by ``make`` on its own copy of ``model``: an iteration
+    (``zero_grad``, forward, the task's loss, backward, ``step``), or with ``step_only`` :data:`STEP_ONLY_CALLS` steps
+    on the gradient of one backward."""
+    copy_ = copy.deepcopy(model)
+    opt = make(list(copy_.parameters()))
+    if step_only:
+        opt.zero_grad(set_to_none=True)
+        workload.loss(copy_, batch).backward()
+        return functools.partial(_steps, opt)
+
+    def iteration() -> None:
+        def closure() -> torch.Tensor:
+            opt.zero_grad(set_to_none=True)
+            loss = workload.loss(copy_, batch)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+
+    return iteration
+
+
+def _alone(argv: list[str], task_name: str, label: str) -> tuple[float, float]:
+    """``--alone``: the CPU seconds and minor page faults per timed call of optimizer ``label`` on ``task_name``, from
+    a fresh process of its own (this script with ``--alone-run``)."""
+    command = [sys.executable, str(Path(__file__).resolve()), *argv, "--alone-run", task_name, label]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"--alone: {label} on {task_name} failed:\n{done.stderr[-2000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return result["seconds"], result["faults"]
+
+
+def _alone_run(args: argparse.Namespace, factories: dict[str, Callable[[list], torch.optim.Optimizer]]) -> None:
+    """The child of :func:`_alone`: ``--alone`` calls in a row after two untimed ones, their mean CPU time and minor
+    page faults as one JSON line."""
+    task_name, label = args.alone_run
+    workload = get_task(task_name).bind()
+    batch = to_device(workload.batch(torch.Generator().manual_seed(0)), args.device)
+    call = _timed(workload, batch, workload.build_model(0).to(args.device), factories[label], args.step_only)
+    for _ in range(2):
+        call()
+    faults, seconds = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time()
+    for _ in range(args.alone):
+        call()
+    seconds = (time.process_time() - seconds) / args.alone
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.alone
+    print(json.dumps({"seconds": seconds, "faults": faults}))
 
 
 def _steps(opt: torch.optim.Optimizer) -> None:

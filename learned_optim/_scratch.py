@@ -47,6 +47,14 @@ class Scratch:
             buffer = self._buffers[key] = like.new_empty(size, dtype=dtype)
         return buffer[:size].view(tuple(shape))
 
+    def take_like(self, name: str, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """:meth:`take` laid out as ``torch.empty_like(like)``: the layout of an elementwise op's result on ``like``
+        (its strides, a size-1 dimension's included: a BLAS call on a transposed operand may round differently by
+        them)."""
+        strides = torch.empty_like(like, device="meta", dtype=dtype).stride()
+        extent = 1 + sum((size - 1) * stride for size, stride in zip(like.shape, strides, strict=True))
+        return self.take(name, (extent,), like, dtype).as_strided(like.shape, strides)
+
     @staticmethod
     def keeps(like: Tensor) -> bool:
         """Whether :meth:`take` reuses a kept buffer for tensors like ``like`` (else it allocates a fresh one)."""

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ._numerics import functorch_wrapped
+from ._scratch import Scratch
 
 _Sums = TypeVar("_Sums", bound=Tensor | tuple[Tensor, ...])
 
@@ -151,7 +152,9 @@ GRAM_MAX_STEPS = 3
 GRAM_MIN_SAVED_MULTIPLY_ADDS = 1_000_000
 
 
-def newton_schulz_orthogonalize(x: Tensor, steps: int, eps: float = 1e-7, dtype: torch.dtype | None = None) -> Tensor:
+def newton_schulz_orthogonalize(
+    x: Tensor, steps: int, eps: float = 1e-7, dtype: torch.dtype | None = None, scratch: Scratch | None = None
+) -> Tensor:
     r"""An approximate orthogonal polar factor :math:`U V^\top` of each matrix in ``x`` (``(..., rows, cols)``;
     :math:`x = U \Sigma V^\top`): ``steps`` quintic Newton–Schulz iterations from :math:`X_0 = x / (\lVert x
     \rVert_F + \epsilon)`,
@@ -168,15 +171,45 @@ def newton_schulz_orthogonalize(x: Tensor, steps: int, eps: float = 1e-7, dtype:
     (where float32 products run in full precision: not TF32 or bfloat16 inside, see
     :func:`torch.set_float32_matmul_precision`), for at most :data:`GRAM_MAX_STEPS` steps on a matrix at least twice
     as wide as high, the same polynomial runs on the Gram matrix instead, with fewer FLOPs
-    (:func:`_newton_schulz_on_gram`), where that saves at least :data:`GRAM_MIN_SAVED_MULTIPLY_ADDS`."""
+    (:func:`_newton_schulz_on_gram`), where that saves at least :data:`GRAM_MIN_SAVED_MULTIPLY_ADDS`. With
+    ``scratch`` the matrices are its kept buffers where it keeps them (:meth:`Scratch.keeps`), the same arithmetic
+    bit for bit: the result may be one of them, valid until the next call with that scratch."""
+
+    keeps = scratch is not None and Scratch.keeps(x)
+
+    def buffer(name: str, shape: tuple[int, ...], of: torch.dtype) -> Tensor | None:
+        """An ``out=`` buffer of the scratch, or ``None`` (a new tensor)."""
+        return scratch.take(f"newton_schulz.{name}", shape, x, of) if keeps and scratch is not None else None
+
+    def laid_out_as(name: str, like: Tensor, of: torch.dtype) -> Tensor | None:
+        """An ``out=`` buffer for an elementwise op on ``like`` (a transposed matrix's layout), or ``None``."""
+        return scratch.take_like(f"newton_schulz.{name}", like, of) if keeps and scratch is not None else None
+
     tall = x.shape[-2] > x.shape[-1]
     y = x.mT if tall else x
     lead, (rows, cols) = y.shape[:-2], y.shape[-2:]
-    y = y.reshape(math.prod(lead), rows, cols)
-    y = (y / (torch.linalg.matrix_norm(y, keepdim=True) + eps)).to(dtype or x.dtype)
-    y = _newton_schulz_on_gram(y, steps) if takes_gram_route(y, steps) else _newton_schulz_direct(y, steps)
-    y = y.to(x.dtype).reshape(*lead, rows, cols)
+    shape, products = (math.prod(lead), rows, cols), dtype or x.dtype
+    y = y.reshape(shape)
+    y = torch.div(y, torch.linalg.matrix_norm(y, keepdim=True) + eps, out=laid_out_as("input", y, x.dtype))
+    y = _converted(y, products, laid_out_as("products_input", y, products))
+    iterate = _newton_schulz_on_gram if takes_gram_route(y, steps) else _newton_schulz_direct
+    y = _converted(iterate(y, steps, buffer), x.dtype, buffer("polar", shape, x.dtype)).reshape(*lead, rows, cols)
     return y.mT if tall else y
+
+
+#: An ``out=`` buffer by name, shape and dtype, or ``None`` for a new tensor (:func:`newton_schulz_orthogonalize`).
+_Buffers = Callable[[str, tuple[int, ...], torch.dtype], "Tensor | None"]
+
+
+def _no_buffers(name: str, shape: tuple[int, ...], of: torch.dtype) -> None:
+    return None
+
+
+def _converted(x: Tensor, dtype: torch.dtype, out: Tensor | None) -> Tensor:
+    """``x`` in ``dtype`` (itself if it is; else into ``out`` when given)."""
+    if x.dtype == dtype:
+        return x
+    return x.to(dtype) if out is None else out.copy_(x)
 
 
 def takes_gram_route(y: Tensor, steps: int) -> bool:
@@ -193,13 +226,16 @@ def takes_gram_route(y: Tensor, steps: int) -> bool:
     )
 
 
-def _newton_schulz_direct(y: Tensor, steps: int) -> Tensor:
+def _newton_schulz_direct(y: Tensor, steps: int, buffer: _Buffers = _no_buffers) -> Tensor:
     """:func:`newton_schulz_orthogonalize`'s iteration of the wide matrices ``y`` (``(B, r, c)``) as written: three
-    products a step, the last two fused with their sums."""
+    products a step, the last two fused with their sums (``buffer``: where each goes)."""
     a, b, c = NEWTON_SCHULZ_COEFFICIENTS
-    for _ in range(steps):
-        gram = torch.bmm(y, y.mT)
-        y = torch.baddbmm(y, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), y, beta=a)
+    count, rows, _ = y.shape
+    square = (count, rows, rows)
+    for k in range(steps):
+        gram = torch.bmm(y, y.mT, out=buffer("gram", square, y.dtype))
+        inner = torch.baddbmm(gram, gram, gram, beta=b, alpha=c, out=buffer("inner", square, y.dtype))
+        y = torch.baddbmm(y, inner, y, beta=a, out=buffer(f"iterate{k % 2}", tuple(y.shape), y.dtype))
     return y
 
 
@@ -215,7 +251,7 @@ def _full_float32_products(device: torch.device) -> bool:
         return False
 
 
-def _newton_schulz_on_gram(y: Tensor, steps: int) -> Tensor:
+def _newton_schulz_on_gram(y: Tensor, steps: int, buffer: _Buffers = _no_buffers) -> Tensor:
     r""":func:`newton_schulz_orthogonalize`'s iteration of the wide matrices ``y`` (``(B, r, c)``, :math:`r \le c`)
     through their Gram matrices. Each step's factor :math:`Q_k = a I + b A_k + c A_k^2` is a polynomial in
     :math:`A_0 = X_0 X_0^\top`, so the factors commute and
@@ -226,18 +262,25 @@ def _newton_schulz_on_gram(y: Tensor, steps: int) -> Tensor:
     from :math:`c > 1.5\,r` on. The same map up to rounding, but its rounding noise grows faster (relative to
     :math:`A`'s largest eigenvalue, and by :math:`a^2` a step in the null space), so it is used with full float32
     products and for at most :data:`GRAM_MAX_STEPS` steps only (in bfloat16 its error was 2-5x the direct
-    iteration's)."""
+    iteration's). ``buffer``: where each matrix goes."""
     a, b, c = NEWTON_SCHULZ_COEFFICIENTS
-    gram = torch.bmm(y, y.mT)
-    identity = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    count, rows, _ = y.shape
+    square = (count, rows, rows)
+    gram = torch.bmm(y, y.mT, out=buffer("gram0", square, y.dtype))
+    identity = torch.eye(rows, dtype=gram.dtype, device=gram.device)
     product = None
-    for k in range(steps):
-        factor = torch.baddbmm(gram, gram, gram, beta=b, alpha=c) + a * identity
-        product = factor if product is None else torch.bmm(factor, product)
+    for k in range(steps):  # (each in a buffer the next step does not read)
+        factor = torch.baddbmm(gram, gram, gram, beta=b, alpha=c, out=buffer(f"factor{k % 2}", square, y.dtype))
+        factor.add_(a * identity)  # (baddbmm's backward does not read its result)
+        if product is None:
+            product = factor
+        else:
+            product = torch.bmm(factor, product, out=buffer(f"product{k % 2}", square, y.dtype))
         if k < steps - 1:
-            gram = torch.bmm(factor, torch.bmm(factor, gram))
+            half = torch.bmm(factor, gram, out=buffer("half", square, y.dtype))
+            gram = torch.bmm(factor, half, out=buffer(f"gram{(k + 1) % 2}", square, y.dtype))
     assert product is not None
-    return torch.bmm(product, y)
+    return torch.bmm(product, y, out=buffer("iterate0", tuple(y.shape), y.dtype))
 
 
 def matrix_view(shape: Sequence[int]) -> tuple[int, int]:

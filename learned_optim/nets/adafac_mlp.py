@@ -595,7 +595,7 @@ class AdafacMLP(UpdateRule):
         factor = self._magnitude_factor(x.mean(dim=1) if self.magnitude_head is not None else None)
         direction = torch.addmm(last.bias.unsqueeze(1), last.weight, x).squeeze(0)
         if self._orthogonalizes(rows, cols):
-            direction = self._orthogonalized(direction, rows, cols)
+            direction = self._orthogonalized(direction, rows, cols).reshape(n)
         if c.normalize_direction:
             direction = rms_normalize(direction, dim=0, eps=c.direction_rms_eps)
             if c.direction_clip is not None:
@@ -611,13 +611,13 @@ class AdafacMLP(UpdateRule):
         return c.newton_schulz_steps > 0 and min(rows, cols) >= c.newton_schulz_min_side
 
     def _orthogonalized(self, direction: Tensor, rows: int, cols: int) -> Tensor:
-        """The directions of ``direction`` (one or several consecutive tensors of view ``(rows, cols)``, flat or as
-        ``(count, rows, cols)``) replaced by their approximate polar factors, in ``direction``'s shape
-        (:func:`~learned_optim.features.newton_schulz_orthogonalize`)."""
+        """The approximate polar factors (:func:`~learned_optim.features.newton_schulz_orthogonalize`) of the
+        directions of ``direction`` (one or several consecutive tensors of view ``(rows, cols)``, flat or as ``(count,
+        rows, cols)``), as ``(count, rows, cols)``. Without autograd on the CPU a buffer of :attr:`scratch`: valid
+        until the next call."""
         matrices = direction.view(-1, rows, cols)
         dtype = self.newton_schulz_products_dtype(direction.device, rows, cols)
-        polar = newton_schulz_orthogonalize(matrices, self.config.newton_schulz_steps, dtype=dtype)
-        return polar.reshape(direction.shape)
+        return newton_schulz_orthogonalize(matrices, self.config.newton_schulz_steps, dtype=dtype, scratch=self.scratch)
 
     def newton_schulz_products_dtype(self, device: torch.device, rows: int, cols: int) -> torch.dtype:
         """The dtype of the orthogonalisation's matrix products for a ``(rows, cols)`` matrix on ``device``
@@ -890,7 +890,8 @@ class AdafacMLP(UpdateRule):
         clip = c.direction_clip  # set only with normalize_direction (checked in __init__)
         for run in layout.runs:
             if self._orthogonalizes(run.rows, run.cols):
-                direction[run.a : run.b] = self._orthogonalized(direction[run.a : run.b], run.rows, run.cols)
+                per_tensor = direction[run.a : run.b]
+                per_tensor.view(-1, run.rows, run.cols).copy_(self._orthogonalized(per_tensor, run.rows, run.cols))
         if c.normalize_direction:
             direction_rms = grad.new_empty(len(shapes))
             for run in layout.runs:
@@ -984,7 +985,7 @@ class AdafacMLP(UpdateRule):
                     scales = step_scales[run.s0 : run.s1].view(-1, 1, 1) * math.sqrt(run.rows * run.cols)
                     norm = scales * self._orthogonal_magnitude(norm / scales, run.rows, run.cols)
                 polar_norm = torch.linalg.vector_norm(polar, dim=(1, 2), keepdim=True)
-                steps.copy_(polar * (norm / polar_norm.clamp_min(torch.finfo(polar.dtype).tiny)))
+                torch.mul(polar, norm / polar_norm.clamp_min(torch.finfo(polar.dtype).tiny), out=steps)
 
     def _kernel_net(self, step: Tensor, like: Tensor) -> kernels.AdafacNet:
         """The net's weights and constants at step count ``step`` (0-d, or one count per tensor ``(S,)``) as the
@@ -1065,8 +1066,10 @@ class AdafacMLP(UpdateRule):
         for batch, views, layout in plan.batches:
             part = tensors[batch]
             net = shared_net if shared_net is not None else self._kernel_net(step[batch], step)
-            # the steps' buffer, CPU float32 whatever the default dtype and device
-            direction = None if layout is None else torch.empty(layout.coordinates, dtype=torch.float32, device="cpu")
+            # the steps' buffer, kept from step to step (CPU float32, as the kernel's parameters)
+            direction = None
+            if layout is not None:
+                direction = self.scratch.take("in_place_steps", (layout.coordinates,), part[0], torch.float32)
             ran = kernels.adafac_tensors_step(
                 views, grads[batch], part,
                 [[state[k] for state in state_of[batch]] for k in momenta], [state["v"] for state in state_of[batch]],
@@ -1307,8 +1310,8 @@ class AdafacMLP(UpdateRule):
             torch.cat([m.weight, m.bias.unsqueeze(1)], dim=1) for m in self.mlp[1:] if isinstance(m, nn.Linear)
         ]
         direction, sum_squares, mean_activations = direction_and_sum_squares()
-        if self._orthogonalizes(rows, cols):
-            direction = self._orthogonalized(direction, rows, cols)
+        if self._orthogonalizes(rows, cols):  # (the iteration reads the direction before it writes it back)
+            direction.view(-1, rows, cols).copy_(self._orthogonalized(direction, rows, cols))
             sum_squares = torch.dot(direction, direction)
         factor = self._magnitude_factor(mean_activations)
         magnitude = self._orthogonal_magnitude(self._magnitude(sums / n, scale), rows, cols)
