@@ -24,13 +24,20 @@ class Scratch:
     """Named buffers reused from step to step (see the module docstring).
 
     :meth:`take` returns an uninitialised tensor of the asked shape, a view of the buffer kept under its name
-    (and the device and dtype), which grows when too small and never shrinks. It is valid until the next
+    (and the device and dtype), which grows when too small (up to :attr:`kept_bytes_limit` in all) and never
+    shrinks. It is valid until the next
     :meth:`take` of that name: callers use it within one step, one step at a time (the owner, e.g. an update rule,
     is not stepped from two threads at once). Fresh tensors, nothing kept, where reuse would be wrong or gains
     nothing: off the CPU (a caching allocator serves accelerators), under autograd (saved tensors would be
     overwritten) and inside ``torch.compile`` (which plans its own buffers). Copies and pickles (``deepcopy``,
     sending the owner to another process) start empty.
     """
+
+    #: At most this many bytes are kept: a buffer that would take the total past it is allocated anew at each
+    #: :meth:`take`, as without a scratch. Kept buffers stay allocated between steps (through the forward and
+    #: backward passes), so a large model's step transients are not kept; their page faults are a smaller share of
+    #: its step.
+    kept_bytes_limit: int = 64 << 20
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[str, torch.device, torch.dtype], Tensor] = {}
@@ -44,7 +51,11 @@ class Scratch:
         key = (name, like.device, dtype)
         buffer = self._buffers.get(key)
         if buffer is None or buffer.numel() < size:
-            buffer = self._buffers[key] = like.new_empty(size, dtype=dtype)
+            kept_elsewhere = self.nbytes - (0 if buffer is None else buffer.numel() * buffer.element_size())
+            buffer = like.new_empty(size, dtype=dtype)
+            if kept_elsewhere + buffer.numel() * buffer.element_size() > self.kept_bytes_limit:
+                return buffer.view(tuple(shape))
+            self._buffers[key] = buffer
         return buffer[:size].view(tuple(shape))
 
     def take_like(self, name: str, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:

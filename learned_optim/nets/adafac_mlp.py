@@ -232,7 +232,8 @@ class AdafacMLP(UpdateRule):
     per_tensor_steps = True
     default_lr = 1e-3
     #: Coordinates per block of the inference path (:meth:`_blocked_forward`) on CPU; whole rows of the
-    #: matrix view, so at least one row. Tensors up to this size take the one-shot path.
+    #: matrix view, so at least one row. Tensors up to this size (and :attr:`one_shot_coordinates`) take the one-shot
+    #: path.
     coordinate_block: int = 1 << 16
     #: Tensors up to this many coordinates take the one-shot path (the shared :meth:`features`) without autograd on
     #: the CPU's ATen path, larger ones :meth:`_blocked_forward`, whose intermediates are kept from step to step
@@ -259,7 +260,7 @@ class AdafacMLP(UpdateRule):
     kept_in_place_plans: int = 8
 
     def block_coordinates(self, device: torch.device) -> int:
-        """Coordinates per block of the inference path on ``device`` (and the one-shot path's upper bound)."""
+        """Coordinates per block of the inference path on ``device`` (and a bound of the one-shot path's)."""
         return self.coordinate_block if device.type == "cpu" else self.accelerator_coordinate_block
 
     def cpu_chunk_size(self) -> int:
@@ -749,8 +750,11 @@ class AdafacMLP(UpdateRule):
         step computes it for each. The per-tensor feature normalisation multiplies the features instead of
         being folded into the first layer's weights, so the result equals the per-tensor step to float
         rounding (bound in ``tests/core/test_packed_step.py``). Padding rows get any value. Where the native
-        kernel applies (:meth:`_native_forward`) the same math runs in one call, tensor by tensor, and the new
-        state goes into ``out_state`` (the packed state itself may be given); the ATen ops below otherwise.
+        kernel applies (:meth:`_native_forward`) the same math runs in one call, tensor by tensor; the ATen ops below
+        otherwise, their large intermediates in :attr:`scratch`. Either way the new per-coordinate state goes into
+        ``out_state`` (the packed state itself may be given), and with ``update`` the decoupled update is applied to
+        ``param`` (the optimizer's packed copy) and ``None`` returned as the step (not by the kernel where it
+        orthogonalises: its step is returned).
         """
         c = self.config
         j, dtype, hidden = len(c.momentum_decays), grad.dtype, c.hidden_size
@@ -1192,7 +1196,7 @@ class AdafacMLP(UpdateRule):
             with :math:`G^2, M_k^2` the squares as ``(rows, cols)`` matrices (a product with :math:`a^2` over the rows
             each, then with :math:`e^2`): two chunk-sized scratch vectors instead of the 16 feature rows."""
             chunk_rows = min(rows, block_rows * self.sums_block_factor)
-            scratch = take("work", (2, chunk_rows * cols))
+            vectors = take("work", (2, chunk_rows * cols))
             e2 = col_factor.square()  # phi_k^2 = a2[k, r] e2[k, c]
             sums = grad.new_zeros(4 + 4 * j, dtype=torch.float64)
 
@@ -1205,7 +1209,7 @@ class AdafacMLP(UpdateRule):
                 torch.mul(state["v"][a:b], c.second_moment_decay, out=v_new).addcmul_(
                     g, g, value=1.0 - c.second_moment_decay
                 )
-                w, square = scratch[0, : b - a], scratch[1, : b - a]
+                w, square = vectors[0, : b - a], vectors[1, : b - a]
                 torch.mul(v_new, v_correction, out=w).add_(c.moment_eps).reciprocal_()
                 # a^2 in one op (a vector's rows are (n, K): three ops over them cost 4x one); (K, chunk rows) as the
                 # transpose of a row-major block: no copy

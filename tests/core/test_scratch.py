@@ -48,6 +48,19 @@ def test_take_reuses_a_buffer_per_name_and_grows_it():
         assert scratch.nbytes == 0
 
 
+def test_take_keeps_at_most_its_byte_limit():
+    scratch, like = Scratch(), torch.zeros(1)
+    scratch.kept_bytes_limit = 1000
+    with torch.no_grad():
+        kept = scratch.take("a", (200,), like)
+        assert scratch.take("a", (200,), like).data_ptr() == kept.data_ptr() and scratch.nbytes == 800
+        over = scratch.take("b", (100,), like)
+        assert over.shape == (100,) and scratch.nbytes == 800
+        assert scratch.take("b", (100,), like).data_ptr() != over.data_ptr()
+        assert scratch.take("a", (250,), like).shape == (250,) and scratch.nbytes == 1000  # grown, within the limit
+        assert scratch.take("a", (300,), like).shape == (300,) and scratch.nbytes == 1000  # past it: the 250 kept
+
+
 def test_take_keeps_nothing_under_autograd_and_copies_start_empty():
     scratch, like = Scratch(), torch.zeros(1)
     with torch.enable_grad():
