@@ -38,6 +38,10 @@ class Scratch:
     #: backward passes), so a large model's step transients are not kept; their page faults are a smaller share of
     #: its step.
     kept_bytes_limit: int = 64 << 20
+    #: Smaller buffers are allocated anew at each :meth:`take`: glibc serves them from its heap's free lists without
+    #: paging (its mmap threshold starts at 128 KiB), and keeping one costs more Python than it saves
+    #: (``newton_schulz_orthogonalize`` of a 96 x 96 matrix: 230 us out of place, 300 with every matrix kept).
+    min_kept_bytes: int = 128 << 10
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[str, torch.device, torch.dtype], Tensor] = {}
@@ -45,9 +49,9 @@ class Scratch:
     def take(self, name: str, shape: Sequence[int], like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """An uninitialised tensor of ``shape`` on ``like``'s device, of ``dtype`` (default ``like``'s), contiguous."""
         dtype = like.dtype if dtype is None else dtype
-        if not self.keeps(like):
-            return like.new_empty(tuple(shape), dtype=dtype)
         size = math.prod(shape)
+        if not self.keeps(like, size * dtype.itemsize):
+            return like.new_empty(tuple(shape), dtype=dtype)
         key = (name, like.device, dtype)
         buffer = self._buffers.get(key)
         if buffer is None or buffer.numel() < size:
@@ -66,9 +70,12 @@ class Scratch:
         extent = 1 + sum((size - 1) * stride for size, stride in zip(like.shape, strides, strict=True))
         return self.take(name, (extent,), like, dtype).as_strided(like.shape, strides)
 
-    @staticmethod
-    def keeps(like: Tensor) -> bool:
-        """Whether :meth:`take` reuses a kept buffer for tensors like ``like`` (else it allocates a fresh one)."""
+    @classmethod
+    def keeps(cls, like: Tensor, nbytes: int | None = None) -> bool:
+        """Whether :meth:`take` reuses a kept buffer for tensors like ``like`` (of ``nbytes``, if given; else it
+        allocates a fresh one)."""
+        if nbytes is not None and nbytes < cls.min_kept_bytes:
+            return False
         return like.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
     @property

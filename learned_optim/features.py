@@ -175,15 +175,16 @@ def newton_schulz_orthogonalize(
     ``scratch`` the matrices are its kept buffers where it keeps them (:meth:`Scratch.keeps`), the same arithmetic
     bit for bit: the result may be one of them, valid until the next call with that scratch."""
 
-    keeps = scratch is not None and Scratch.keeps(x)
+    def keeps(shape: Sequence[int], of: torch.dtype) -> bool:
+        return scratch is not None and Scratch.keeps(x, math.prod(shape) * of.itemsize)
 
     def buffer(name: str, shape: tuple[int, ...], of: torch.dtype) -> Tensor | None:
         """An ``out=`` buffer of the scratch, or ``None`` (a new tensor)."""
-        return scratch.take(f"newton_schulz.{name}", shape, x, of) if keeps and scratch is not None else None
+        return scratch.take(f"newton_schulz.{name}", shape, x, of) if scratch and keeps(shape, of) else None
 
     def laid_out_as(name: str, like: Tensor, of: torch.dtype) -> Tensor | None:
         """An ``out=`` buffer for an elementwise op on ``like`` (a transposed matrix's layout), or ``None``."""
-        return scratch.take_like(f"newton_schulz.{name}", like, of) if keeps and scratch is not None else None
+        return scratch.take_like(f"newton_schulz.{name}", like, of) if scratch and keeps(like.shape, of) else None
 
     tall = x.shape[-2] > x.shape[-1]
     y = x.mT if tall else x
