@@ -205,6 +205,12 @@ class UpdateRule(nn.Module):
         #: (:class:`~learned_optim._scratch.Scratch`; the packed step's, :func:`learned_optim.packing.packed_step`).
         self.scratch = Scratch()
 
+    def _apply(self, fn: Any, recurse: bool = True) -> UpdateRule:
+        """``nn.Module``'s conversions (``.to``, ``.cuda``, ``.double``...), with :attr:`scratch` emptied: its buffers
+        were sized and typed for the rule as it was."""
+        self.scratch.clear()
+        return super()._apply(fn, recurse)
+
     @property
     def uses_lr_ratio(self) -> bool:
         r"""Whether the net reads the lr ratio :math:`\rho_t = \eta_t / \max_{s \le t} \eta_s` (where the user's

@@ -100,6 +100,7 @@ def test_rules_own_a_scratch_that_copies_do_not_share(make_rule):
         rule.scratch.take("a", (1024,), torch.zeros(1))
     assert isinstance(rule.scratch, Scratch) and copy.deepcopy(rule).scratch.nbytes == 0
     assert "scratch" not in "".join(rule.state_dict())
+    assert rule.to(torch.float64) is rule and rule.scratch.nbytes == 0  # a conversion empties it
 
 
 def test_the_buffered_arithmetic_is_the_out_of_place_one_bit_for_bit():
