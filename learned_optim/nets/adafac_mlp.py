@@ -232,8 +232,7 @@ class AdafacMLP(UpdateRule):
     per_tensor_steps = True
     default_lr = 1e-3
     #: Coordinates per block of the inference path (:meth:`_blocked_forward`) on CPU; whole rows of the
-    #: matrix view, so at least one row. Tensors up to this size (and :attr:`one_shot_coordinates`) take the one-shot
-    #: path.
+    #: matrix view, so at least one row. Tensors up to :meth:`one_shot_bound` take the one-shot path.
     coordinate_block: int = 1 << 16
     #: Tensors up to this many coordinates take the one-shot path (the shared :meth:`features`) without autograd on
     #: the CPU's ATen path, larger ones :meth:`_blocked_forward`, whose intermediates are kept from step to step
@@ -260,8 +259,15 @@ class AdafacMLP(UpdateRule):
     kept_in_place_plans: int = 8
 
     def block_coordinates(self, device: torch.device) -> int:
-        """Coordinates per block of the inference path on ``device`` (and a bound of the one-shot path's)."""
+        """Coordinates per block of the inference path on ``device``."""
         return self.coordinate_block if device.type == "cpu" else self.accelerator_coordinate_block
+
+    def one_shot_bound(self, device: torch.device) -> int:
+        """The largest tensor (in coordinates) that the one-shot path steps without autograd on ``device``: a block,
+        and on the CPU at most :attr:`one_shot_coordinates` (elsewhere no :attr:`scratch` is kept: a caching allocator
+        serves the one-shot path's intermediates)."""
+        block = self.block_coordinates(device)
+        return min(block, self.one_shot_coordinates) if device.type == "cpu" else block
 
     def cpu_chunk_size(self) -> int:
         """Packs of small tensors on the CPU's ATen path go up to the one-shot path's bound (:attr:`coordinate_block`):
@@ -565,7 +571,7 @@ class AdafacMLP(UpdateRule):
         if rows * cols != n:
             raise ValueError(f"AdafacMLP: shape {tuple(shape)} does not match a flat tensor of {n}")
         if inplace_allowed(grad, param, *self.parameters()) and (
-            n > min(self.block_coordinates(grad.device), self.one_shot_coordinates) or kernels.uses("adafac_mlp")
+            n > self.one_shot_bound(grad.device) or kernels.uses("adafac_mlp")
         ):
             layout = factored_pack_layout((shape,))
             native = self._native_forward(grad, param, state, step, layout, out_state, update)

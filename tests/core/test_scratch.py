@@ -208,6 +208,12 @@ def _packed_call(rule, update=None, out_state=None):
     return delta, new, param, sum(sizes)
 
 
+def test_the_one_shot_bound_is_lowered_on_the_cpu_only(make_rule):
+    rule = make_rule("adafac_mlp")
+    assert rule.one_shot_bound(torch.device("cpu")) == rule.one_shot_coordinates == 1 << 14
+    assert rule.one_shot_bound(torch.device("cuda")) == rule.accelerator_coordinate_block
+
+
 @pytest.mark.usefixtures("keep_every_size")
 @pytest.mark.parametrize("path", ["packed", "blocked"])
 def test_what_the_aten_step_returns_is_its_own_not_a_kept_buffer(make_rule, path):
