@@ -159,18 +159,17 @@ def main(argv: list[str] | None = None) -> None:
         if args.alone is not None:  # each optimizer in a process of its own, one after another
             alone = {label: _alone(argv, task_name, label) for label in factories}
             for label, (seconds, faults) in alone.items():
-                milliseconds = seconds * 1e3 / calls
-                shown = f"{milliseconds:.3f}" if milliseconds < 10 else f"{milliseconds:.1f}"
                 ratio = f"{seconds / alone['adamw'][0]:.2f}x"
+                shown = _milliseconds(seconds / calls)
                 rows.append([task_name, f"{params / 1e6:.2f}M", label, shown, f"{faults / calls:.0f}", ratio])
             continue
         steps = {label: _timed(workload, batch, model, make, args.step_only) for label, make in factories.items()}
         timings = measure(steps, repeats=args.repeats, warmup=2, device=args.device)
         reference = timings["adamw"].best
         for label, t in timings.items():
-            milliseconds = t.best * 1e3 / calls
-            shown = f"{milliseconds:.3f}" if milliseconds < 10 else f"{milliseconds:.1f}"
-            rows.append([task_name, f"{params / 1e6:.2f}M", label, shown, f"{t.best / reference:.2f}x"])
+            rows.append(
+                [task_name, f"{params / 1e6:.2f}M", label, _milliseconds(t.best / calls), f"{t.best / reference:.2f}x"]
+            )
         if step_speedups:
             if task_name not in step_speedups:
                 raise SystemExit(f"{args.speedups} has no {args.contender!r} on {task_name}")
@@ -194,6 +193,12 @@ def main(argv: list[str] | None = None) -> None:
         time_rows.append(["IQM over tasks", "", "", f"{iqm(time_speedups):.2f}x"])
         print(table(["task", "speed-up (steps)", "iteration / AdamW's (here)", "speed-up in time"], time_rows))
     print(f"\nLoad at the end: {machine_header().split('load average ')[1]}")
+
+
+def _milliseconds(seconds: float) -> str:
+    """A time per call in ms, to three decimals below 10 ms."""
+    milliseconds = seconds * 1e3
+    return f"{milliseconds:.3f}" if milliseconds < 10 else f"{milliseconds:.1f}"
 
 
 def _timed(

@@ -521,6 +521,26 @@ def test_suite_iteration_time_step_only_times_the_step_alone(tmp_path, capsys, m
                      str(tmp_path / "results.json"), "--contender", "ns-net [adamw]"])  # fmt: skip
 
 
+def test_suite_iteration_time_alone_times_each_optimizer_in_a_process_of_its_own(tmp_path, capsys, monkeypatch):
+    """With ``--alone``: each optimizer's loop in a fresh process (the script with ``--alone-run``), its mean time and
+    page faults per call; the child prints one JSON line; never with ``--speedups``."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    script = _script("suite_iteration_time")
+    folder = save_pretrained(AdafacMLP(newton_schulz_steps=2), tmp_path / "ns", name="ns-net")
+    script.main(["--tasks", "breast-cancer-mlp", "--optimizer", str(folder), "--alone", "2", "--step-only"])
+    out = capsys.readouterr().out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| breast-cancer-mlp")]
+    assert [r[2] for r in rows] == ["adamw", "ns"] and "page faults / step" in out and "alone" in out
+    assert rows[0][5].startswith("1.00x") and all(float(r[3]) > 0 and float(r[4]) >= 0 for r in rows)
+    script.main(["--tasks", "breast-cancer-mlp", "--optimizer", str(folder), "--alone", "1", "--alone-run",
+                 "breast-cancer-mlp", "ns"])  # fmt: skip
+    child = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert child["seconds"] > 0 and child["faults"] >= 0
+    with pytest.raises(SystemExit):
+        script.main(["--tasks", "breast-cancer-mlp", "--optimizer", str(folder), "--alone", "2", "--speedups",
+                     str(tmp_path / "results.json"), "--contender", "ns-net [adamw]"])  # fmt: skip
+
+
 def test_suite_iteration_time_estimates_the_speed_up_in_time_from_a_suites_step_speed_ups(
     tmp_path, capsys, monkeypatch
 ):
