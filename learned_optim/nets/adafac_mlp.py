@@ -22,6 +22,7 @@ from .. import kernels
 from .._numerics import bfloat16_matmul_is_native
 from ..features import (
     FactoredPackLayout,
+    PackRun,
     bias_corrected,
     checked_factored_means,
     checked_sums,
@@ -592,7 +593,7 @@ class AdafacMLP(UpdateRule):
         base = (row_term.unsqueeze(2) + col_term.unsqueeze(1)).reshape(-1, n)
         inplace = inplace_allowed(grad, weight)  # no graph to record: activations in place
         x = base.addmm_(weight, dense) if inplace else torch.addmm(base, weight, dense)
-        *hidden_layers, last = self.mlp[1:]
+        *hidden_layers, last = list(self.mlp)[1:]  # (a slice of the Sequential builds a new module)
         for layer in hidden_layers:
             if isinstance(layer, nn.Linear):
                 x = torch.addmm(layer.bias.unsqueeze(1), layer.weight, x)
@@ -680,25 +681,35 @@ class AdafacMLP(UpdateRule):
         """Row of the second moment :math:`v` among the dense features."""
         return 2 + len(self.config.momentum_decays)
 
-    def _dense_sum_squares(self, dense: Tensor) -> Tensor:
-        r"""The dense rows' sums of squares along the last axis of ``dense`` (``(16, ..., n)``): in float64 where
-        :func:`~learned_optim.features.wide_sums` (else float32's). The second moment's row is squared in float64:
-        :math:`v \sim g^2`, so :math:`\sum v^2 \sim n g^4` leaves float32's range from :math:`|g| \approx 10^9` on;
-        the other rows' float norms, whose squares :math:`\sum u^2` stay in it up to :math:`n g^2 \approx 10^{38}`, are
-        squared in float64, and taken in float64 where they overflowed."""
+    def _dense_sum_squares(self, dense: Tensor, runs: Sequence[PackRun] | None = None) -> Tensor:
+        r"""The dense rows' sums of squares along the last axis of ``dense`` (``(16, n)``: ``(16,)``), or with
+        ``runs`` each packed tensor's (``dense`` the pack's ``(16, size)``: ``(16, S)``, one column per tensor), in
+        float64 where :func:`~learned_optim.features.wide_sums` (else float32's). The second moment's row is squared
+        in float64: :math:`v \sim g^2`, so :math:`\sum v^2 \sim n g^4` leaves float32's range from
+        :math:`|g| \approx 10^9` on; the other rows' float norms, whose squares :math:`\sum u^2` stay in it up to
+        :math:`n g^2 \approx 10^{38}`, are squared in float64, and taken in float64 where they overflowed (one check
+        for the whole pack)."""
         if not wide_sums():
             return torch.linalg.vector_norm(dense, dim=-1).square()
-        i = self.v_feature_index
+        d, i = dense.shape[0], self.v_feature_index
+        whole = [PackRun(0, 1, 0, dense.shape[1], 0, 0, 0, 0, 0, 0)] if runs is None else runs
+        views = [(dense[:, run.a : run.b].view(d, run.count, -1), slice(run.s0, run.s1)) for run in whole]
+
+        def norms(dtype: torch.dtype) -> Tensor:  # (16, S): each tensor's row norms
+            out = dense.new_empty(d, whole[-1].s1, dtype=dtype)
+            for view, tensors in views:
+                torch.linalg.vector_norm(view, dim=-1, dtype=dtype, out=out[:, tensors])
+            return out
 
         def narrow() -> Tensor:  # overflows where a float32 norm of a row ~ g does (n g^2 ~ 3e38)
-            v = torch.linalg.vector_norm(dense[i], dim=-1, dtype=torch.float64).unsqueeze(0)
-            norms = [torch.linalg.vector_norm(dense[:i], dim=-1), v, torch.linalg.vector_norm(dense[i + 1 :], dim=-1)]
-            return torch.cat([x.double() for x in norms]).square()
+            sums, v = norms(dense.dtype).double().square_(), dense.new_empty(whole[-1].s1, dtype=torch.float64)
+            for view, tensors in views:
+                torch.linalg.vector_norm(view[i], dim=-1, dtype=torch.float64, out=v[tensors])
+            sums[i] = v.square_()
+            return sums
 
-        def wide() -> Tensor:
-            return torch.linalg.vector_norm(dense, dim=-1, dtype=torch.float64).square()
-
-        return checked_sums(dense, narrow, wide)
+        sums = checked_sums(dense, narrow, lambda: norms(torch.float64).square_())
+        return sums if runs is not None else sums.squeeze(1)
 
     def _first_layer(
         self, dense_ms: Tensor, scale: Tensor, row_ms: Tensor, col_ms: Tensor, step: Tensor
@@ -841,11 +852,7 @@ class AdafacMLP(UpdateRule):
         rsqrt_features(m, rsqrt, c.moment_eps, out=(dense[3 + j : 3 + 2 * j], rsqrt))
         torch.mul(grad, phi, out=dense[4 + 2 * j : 4 + 3 * j])
         torch.mul(m, phi, out=dense[4 + 3 * j :])
-        dense_ms = grad.new_empty(d, len(shapes), dtype=torch.float64)
-        for run in layout.runs:
-            per_tensor = dense[:, run.a : run.b].view(d, run.count, -1)
-            dense_ms[:, run.s0 : run.s1] = self._dense_sum_squares(per_tensor)
-        dense_ms /= counts[0]  # (16, S): each feature's mean square over its tensor
+        dense_ms = self._dense_sum_squares(dense, layout.runs) / counts[0]  # (16, S): each feature's over its tensor
         normaliser = self._normaliser(scale, dense_ms)  # (16, S)
         row_weight, col_weight = first.weight[:, d : d + nr], first.weight[:, d + nr : k]
         x = take("hidden0", (hidden, size))
@@ -874,7 +881,7 @@ class AdafacMLP(UpdateRule):
                 )
             dense[:, run.a : run.b].view(d, n, -1).mul_(normaliser[:, segment].unsqueeze(2))
         x.addmm_(first.weight[:, :d], dense).relu_()
-        *hidden_layers, last = self.mlp[2:]
+        *hidden_layers, last = list(self.mlp)[2:]
         spare = itertools.cycle(("hidden1", "hidden0"))  # the layers write the two hidden buffers in turn
         for layer in hidden_layers:
             if isinstance(layer, nn.Linear):
@@ -1317,7 +1324,7 @@ class AdafacMLP(UpdateRule):
         col_term = col_weight @ col_features  # (H, cols)
         hidden = self.config.hidden_size
         biased_weights = [  # [W | b] of the layers after the first
-            torch.cat([m.weight, m.bias.unsqueeze(1)], dim=1) for m in self.mlp[1:] if isinstance(m, nn.Linear)
+            torch.cat([m.weight, m.bias.unsqueeze(1)], dim=1) for m in list(self.mlp)[1:] if isinstance(m, nn.Linear)
         ]
         direction, sum_squares, mean_activations = direction_and_sum_squares()
         if self._orthogonalizes(rows, cols):  # (the iteration reads the direction before it writes it back)

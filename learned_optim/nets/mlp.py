@@ -149,7 +149,7 @@ class MLPUpdate(UpdateRule):
         scale = torch.rsqrt(stats + c.rms_eps)
         weight = first.weight[:, :k] * (scale if segments is None else scale.unsqueeze(1))
         bias = first.bias + torch.mv(first.weight[:, k:], times)
-        *hidden, last = self.mlp[1:]
+        *hidden, last = list(self.mlp)[1:]
         last = cast(nn.Linear, last)
         if c.num_hidden_layers == 1 and inplace_allowed(grad, param, state["m"], weight):
             fused = kernels.mlp_update(

@@ -22,6 +22,7 @@ from learned_optim.features import (
     checked_sums,
     ema,
     factored_moments,
+    factored_pack_layout,
     factored_preconditioner,
     matrix_view,
     newton_schulz_orthogonalize,
@@ -519,7 +520,39 @@ def test_the_overflow_check_reads_a_cpu_sum_and_never_an_accelerators():
     elsewhere = torch.empty(2, device="meta")
     with torch.no_grad():
         assert not overflowed(finite) and overflowed(finite, past) and overflowed(elsewhere)
+        # read as each tensor's total: a NaN counts, and so do finite sums whose total is past the range (the float64
+        # sums are the better answer there)
+        assert overflowed(torch.tensor([1.0, math.nan])) and overflowed(torch.tensor([3e38, 3e38]))
     assert not overflowed(past) and not overflowed(elsewhere)
+
+
+def test_a_packs_dense_sums_of_squares_are_each_tensors_own_with_one_overflow_check_for_the_pack(monkeypatch):
+    """The packed step's dense rows' sums of squares per tensor (``_dense_sum_squares`` with the pack's runs) equal
+    each tensor's own, bit for bit, with one overflow check for the whole pack; where one tensor's float32 sums
+    overflow, every tensor's are taken in float64 (the second moment's row is always)."""
+    rule = AdafacMLP()
+    shapes = [(7,), (3, 5), (3, 5), (4, 6), (9,)]
+    layout = factored_pack_layout(tuple(shapes))
+    dense = torch.randn(16, layout.coordinates + 5, generator=torch.Generator().manual_seed(0))
+    checks: list[int] = []
+
+    def counted(*sums: Tensor) -> bool:
+        checks.append(len(sums))
+        return overflowed(*sums)
+
+    monkeypatch.setattr("learned_optim.features.overflowed", counted)
+    with torch.no_grad():
+        for scale in (1.0, 1e19):
+            dense[:, layout.bounds[3][0][0] : layout.bounds[3][0][1]] *= scale  # the (4, 6) tensor's rows
+            checks.clear()
+            packed = rule._dense_sum_squares(dense, layout.runs)
+            assert checks == [1] and packed.shape == (16, len(shapes)) and packed.dtype == torch.float64
+            for s, ((a, b), *_) in enumerate(layout.bounds):
+                if scale == 1.0:
+                    assert torch.equal(packed[:, s], rule._dense_sum_squares(dense[:, a:b]))
+                else:  # every row in float64, as the tensor's own step takes them when its float32 sums overflow
+                    wide = torch.linalg.vector_norm(dense[:, a:b], dim=-1, dtype=torch.float64).square()
+                    assert torch.equal(packed[:, s], wide) and math.isfinite(float(wide.sum()))
 
 
 def test_checked_sums_takes_float32_sums_unless_they_overflowed_and_float64_sums_directly_on_an_accelerator():
