@@ -43,7 +43,7 @@ overhead). A ratio within ``_guard.CLOSE_CALL_BAND`` of :data:`MIN_SPEEDUP` is a
 ``_guard.CLOSE_CALL_ROUNDS`` times in all, and the round of median ratio counts. A measurement taken on a busy
 machine (a 1-minute load average of at least the CPUs the process may use, ``_guard.busy``) counts until a later
 process finds the machine calm and measures again. The ratios (ATen time / kernel
-time) are cached beside the library (``<library>.guard.json``;
+time) are cached beside the library (``<library>.guard.json``; a bundled library's in the cache folder;
 measured again under another torch or other guard workloads); a kernel whose ratio is below
 :data:`MIN_SPEEDUP` is not used, and the ATen path runs instead. :func:`report` says which path each rule
 takes and why; :func:`forced` runs the kernels whatever the guard says (tests, benchmarks).
@@ -57,10 +57,17 @@ takes and why; :func:`forced` runs the kernels whatever the guard says (tests, b
   (:func:`shares_torch_threads`); elsewhere, or with ``LEARNED_OPTIM_OPENMP=0``, it starts threads of its own.
   GNU OpenMP's threads do not survive ``fork()`` (torch's own parallel ops hang in a child forked after its parent
   ran them), so in a forked child the OpenMP build runs on one thread.
-* If there is no compiler or the build fails, a warning is logged once and the ATen path runs.
+* Bundled libraries, for machines without a compiler: ``python -m learned_optim.kernels prebuild`` compiles one
+  library per ISA of the architecture (the C++ runtime linked in, threads of their own) into ``kernels/prebuilt/``,
+  named by a digest of the sources, and a wheel built afterwards ships them (``hatch_build.py``). Where there is no
+  compiler or the build fails, the bundled library of the selected ISA loads instead, if it was built from these
+  sources and is intact (its digest beside it); the guard measures it like any build and keeps its record in the
+  cache folder. ``$LEARNED_OPTIM_PREBUILT`` names another folder of bundled libraries.
+* If neither a build nor a bundled library is to be had, a warning is logged once and the ATen path runs.
 
-Layout: ``_build`` (targets, compile, cache), ``_guard`` (the measurement), ``_runtime`` (the switches, the
-library loaded on first use, the verdicts), ``_ops`` (the entry points the nets call).
+Layout: ``_build`` (targets, compile, cache, bundled libraries), ``_guard`` (the measurement), ``_runtime`` (the
+switches, the library loaded on first use, the verdicts), ``_ops`` (the entry points the nets call), ``__main__`` (the
+command line: ``report``, ``prebuild``).
 """
 
 from __future__ import annotations

@@ -173,17 +173,84 @@ def intact(library: Path) -> bool:
         return False
 
 
-def build() -> tuple[ctypes.CDLL, Path, str]:
-    """Build (or find in the cache) the library for :func:`requested_isa` and declare its functions' signatures;
-    returns the library, its file and its ISA. Raises ``RuntimeError`` when there is no compiler or it fails.
-    ``$CXX`` may hold a command with arguments (``ccache g++``)."""
-    target_isa = requested_isa()
+#: Flags a bundled library adds (:func:`prebuild`): the C++ runtime linked in, so that it needs nothing of the machine
+#: it runs on but the C library. It starts threads of its own (no OpenMP: the runtime of the process that will load
+#: it is not known when it is built).
+PREBUILT_FLAGS = ["-static-libstdc++", "-static-libgcc"]
+
+
+def prebuilt_dir() -> Path:
+    """The folder of the libraries bundled with a wheel (:func:`prebuild`): ``$LEARNED_OPTIM_PREBUILT`` if set, else
+    ``prebuilt/`` beside this module (empty in a source checkout)."""
+    folder = os.environ.get("LEARNED_OPTIM_PREBUILT")
+    return Path(folder) if folder else Path(__file__).resolve().parent / "prebuilt"
+
+
+def architecture_isas() -> list[str]:
+    """The targets of :data:`ISAS` a compiler for this machine's architecture can build, whatever this CPU runs."""
+    return list(ISAS) if platform.machine().lower() in ("x86_64", "amd64") else ["portable"]
+
+
+def prebuilt_name(isa: str) -> str:
+    """The file name of the bundled library of ``isa``: this architecture's, built from :data:`SOURCES` (a digest of
+    them, so that a library bundled with another version of the sources, whose signatures may differ, is never
+    loaded)."""
+    sources = hashlib.sha256(b"\0".join(name.encode() + text for name, text in SOURCES.items())).hexdigest()[:16]
+    return f"learned_optim-{platform.machine().lower()}-{isa}-{sources}.so"
+
+
+def prebuild(folder: Path, isas: list[str] | None = None) -> list[Path]:
+    """Compile the bundled libraries into ``folder``, one per target of ``isas`` (default: every target of this
+    architecture, :func:`architecture_isas`), each with its digest beside it (:func:`intact`): what a wheel ships for
+    machines without a C++ compiler (``python -m learned_optim.kernels prebuild``). Raises ``RuntimeError`` when
+    there is no compiler."""
+    wanted = isas or architecture_isas()
+    unknown = [isa for isa in wanted if isa not in architecture_isas()]
+    if unknown:
+        raise ValueError(f"cannot build {unknown} for {platform.machine()}: its targets are {architecture_isas()}")
+    compiler, _ = _compiler()
+    built = []
+    for isa in wanted:
+        target = folder / prebuilt_name(isa)
+        logger.info("learned_optim: compiling the bundled native kernels (%s) into %s", isa, target)
+        compile_library(compiler, FLAGS + ISAS[isa][0] + PREBUILT_FLAGS, target)
+        built.append(target)
+    return built
+
+
+def is_prebuilt(library: Path) -> bool:
+    """Whether ``library`` is a bundled one (:func:`prebuild`), not one compiled on this machine."""
+    return library.parent == prebuilt_dir()
+
+
+def guard_record_path(library: Path) -> Path:
+    """Where the guard's measurements of ``library`` on this machine are kept: beside a library compiled here (its
+    cache key covers the CPU), in the cache folder for a bundled one, by this CPU's model and flags (the package's
+    folder may be read-only, and shared by machines)."""
+    if not is_prebuilt(library):
+        return library.with_suffix(".guard.json")
+    machine = hashlib.sha256(f"{cpu_model()}\0{cpu_flags()}".encode()).hexdigest()[:16]
+    return cache_dir() / f"{library.stem}-{machine}.guard.json"
+
+
+def _compiler() -> tuple[list[str], str]:
+    """The C++ compiler command (``$CXX``, which may hold a command with arguments, ``ccache g++``; else ``c++``) and
+    its version text. Raises ``RuntimeError`` when there is none."""
     command = shlex.split(os.environ.get("CXX", "c++")) or ["c++"]
     found = shutil.which(command[0])
     if found is None:
         raise RuntimeError(f"no C++ compiler found (looked for {os.environ.get('CXX', 'c++')!r}; set $CXX)")
     compiler = [found, *command[1:]]
-    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    try:
+        version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        raise RuntimeError(f"the C++ compiler {' '.join(compiler)} does not run: {err}") from err
+    return compiler, version
+
+
+def _compiled(target_isa: str) -> Path:
+    """The library of ``target_isa`` compiled on this machine: found in the cache, or built into it."""
+    compiler, version = _compiler()
     source = b"\0".join(name.encode() + text for name, text in SOURCES.items())
     flags = FLAGS + ISAS[target_isa][0] + openmp_flags(version)
     key = hashlib.sha256(
@@ -209,11 +276,43 @@ def build() -> tuple[ctypes.CDLL, Path, str]:
             logger.info("learned_optim: compiling native kernels (%s) into %s", target_isa, target)
             remove_stale_temporaries(target.parent)
             compile_library(compiler, flags, target)
-        lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as err:
         detail = getattr(err, "stderr", None) or err
-        message = f"building the native kernels failed: {' '.join(flags)}: {str(detail).strip()[-400:]}"
-        raise RuntimeError(message) from err
+        raise RuntimeError(
+            f"building the native kernels failed: {' '.join(flags)}: {str(detail).strip()[-400:]}"
+        ) from err
+    return target
+
+
+def _bundled(target_isa: str) -> Path:
+    """The bundled library of ``target_isa`` (:func:`prebuild`), checked against its digest. Raises ``RuntimeError``
+    saying why there is none to load."""
+    library = prebuilt_dir() / prebuilt_name(target_isa)
+    if not library.exists():
+        raise RuntimeError(f"no bundled kernels {library.name} in {library.parent}")
+    if not intact(library):
+        raise RuntimeError(f"the bundled kernels {library} are damaged or unrecorded (their digest does not match)")
+    return library
+
+
+def build() -> tuple[ctypes.CDLL, Path, str]:
+    """Build (or find in the cache) the library for :func:`requested_isa` with this machine's C++ compiler, or where
+    there is none or it fails, load the one bundled with the package for that ISA (:func:`prebuild`); declare its
+    functions' signatures. Returns the library, its file and its ISA. Raises ``RuntimeError`` when neither is to
+    be had, saying why."""
+    target_isa = requested_isa()
+    try:
+        target = _compiled(target_isa)
+    except RuntimeError as compile_error:
+        try:
+            target = _bundled(target_isa)
+        except RuntimeError as bundle_error:
+            raise RuntimeError(f"{compile_error}; {bundle_error}") from compile_error
+        logger.info("learned_optim: %s; loading the bundled native kernels %s", compile_error, target)
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError as err:
+        raise RuntimeError(f"loading the native kernels {target} failed: {err}") from err
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn = lib.lo_lstm_cell_f32
     fn.argtypes = [i64, i64, i64, ptr, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, i64, ptr, i64, ctypes.c_int]

@@ -231,6 +231,7 @@ def load_or_measure(path: Path, isa: str, switched: Switch) -> dict[str, Any] | 
         logger.warning("learned_optim: measuring the native kernels failed, using the ATen path (%s)", err)
         return None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # (a bundled library's record goes to a cache never built in)
         write_atomically(path, json.dumps(record, indent=1).encode())
     except OSError as err:  # a read-only cache: the measurement still counts, for this process
         logger.warning("learned_optim: could not cache the kernels' guard record at %s (%s)", path, err)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from . import _guard as guard_measurement
-from ._build import build, cpu_model, supported_isas
+from ._build import build, cpu_model, guard_record_path, is_prebuilt, supported_isas
 from ._guard import KERNELS, MIN_SPEEDUP
 
 logger = logging.getLogger("learned_optim.kernels")
@@ -124,7 +124,7 @@ def _library() -> ctypes.CDLL | None:
                     logger.warning("learned_optim: native kernels unavailable, using the ATen path (%s)", _error)
                 _loaded = True  # before the guard: its measurement calls the kernels (under forced())
                 if _lib is not None and _lib_path is not None and _isa is not None:
-                    _guard = guard_measurement.load_or_measure(_lib_path.with_suffix(".guard.json"), _isa, _switched)
+                    _guard = guard_measurement.load_or_measure(guard_record_path(_lib_path), _isa, _switched)
     return _lib
 
 
@@ -147,7 +147,8 @@ def _guard_allows(name: str) -> bool:
 
 
 def library_path() -> Path | None:
-    """The loaded library's file (builds it on the first call); its guard record is ``<stem>.guard.json``."""
+    """The loaded library's file (builds it on the first call); its guard record: :func:`~learned_optim.kernels._build.
+    guard_record_path`."""
     return _lib_path if _library() is not None else None
 
 
@@ -197,8 +198,9 @@ def report() -> str:
         lines.append(f"  unavailable ({_error or 'no guard measurement'}): every family runs on ATen")
     else:
         busy_note = " on a busy machine: measured again once it is calm" if _guard.get("busy") else ""
+        bundled = " bundled with the package" if _lib_path is not None and is_prebuilt(_lib_path) else ""
         lines.append(
-            f"  library {_lib_path} (ISA {_isa}, {vector_lanes()}-float vectors, threads: "
+            f"  library {_lib_path}{bundled} (ISA {_isa}, {vector_lanes()}-float vectors, threads: "
             f"{'torch OpenMP runtime' if shares_torch_threads() else 'its own'}); guard: a kernel runs "
             f"if ATen takes >= {MIN_SPEEDUP}x its time ({_guard['rows']} coordinates, 1 thread, measured "
             f"{_guard['measured']}, load {_guard['load']}{busy_note}){'; forced on' if _force else ''}"

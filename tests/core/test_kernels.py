@@ -9,6 +9,7 @@ planted measurements. No timing here.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -28,6 +29,7 @@ import learned_optim
 import learned_optim._files
 from learned_optim import LearnedOptimizer, kernels
 from learned_optim.kernels import _build, _guard, _runtime
+from learned_optim.kernels.__main__ import main as kernels_cli
 from learned_optim.nets.cells import fused_gate_weights, lstm_cell
 from learned_optim.testing import PerTensorSteps
 
@@ -866,10 +868,114 @@ def _probe(env: dict[str, str], tmp_path, extra: str = "") -> str:
 
 
 def test_no_compiler_falls_back_to_aten_with_a_warning(tmp_path):
-    out = _probe({"CXX": "/nonexistent/c++"}, tmp_path)
+    # (and no bundled library: a source checkout's, or a wheel's for another version or platform)
+    out = _probe({"CXX": "/nonexistent/c++", "LEARNED_OPTIM_PREBUILT": str(tmp_path / "none")}, tmp_path)
     assert "available False" in out and "no C++ compiler found" in out and "finite True" in out
+    assert "no bundled kernels" in out
     assert "native kernels unavailable, using the ATen path" in out  # the warning, logged once
     assert not list(tmp_path.rglob("*.so"))
+
+
+@pytest.fixture(scope="module")
+def bundled_kernels(tmp_path_factory) -> Path:
+    """A folder of bundled kernels (``prebuild``) for the ``portable`` target: what a wheel ships."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler to build the bundle with")
+    folder = tmp_path_factory.mktemp("prebuilt")
+    assert _build.prebuild(folder, ["portable"]) == [folder / _build.prebuilt_name("portable")]
+    return folder
+
+
+_BUNDLED_PROBE = textwrap.dedent("""
+    import torch
+    from learned_optim import AdafacMLP, kernels
+    rule = AdafacMLP(hidden_size=8)
+    grad, param = torch.randn(4000) * 1e-3, torch.randn(4000)
+    state = rule.init_state(4000, shape=(40, 100))
+    steps = []
+    for native in (True, False):
+        with kernels.forced() if native else kernels.enabled_as(False), torch.no_grad():
+            steps.append(rule(grad, param, dict(state), torch.tensor(3.0), shape=(40, 100))[0])
+    torch.testing.assert_close(steps[0], steps[1], rtol=1e-5, atol=1e-6 * float(steps[1].abs().max()))
+    print(kernels.report())
+""")
+
+
+def test_without_a_compiler_the_bundled_kernels_load_and_are_measured(bundled_kernels, tmp_path):
+    """No C++ compiler (a slim container): the library bundled for the CPU's ISA loads instead of the ATen path, it
+    computes what ATen does, the guard measures it here and keeps its record in the user's cache (the package's
+    folder may be read-only), and nothing is compiled."""
+    env = {"CXX": "/nonexistent/c++", "LEARNED_OPTIM_PREBUILT": str(bundled_kernels), "LEARNED_OPTIM_ISA": "portable"}
+    out = _probe(env, tmp_path, extra=_BUNDLED_PROBE)
+    assert "available True" in out and "finite True" in out
+    assert "bundled with the package (ISA portable" in out and "loading the bundled native kernels" not in out
+    assert not list(tmp_path.rglob("*.so")) and len(list(tmp_path.rglob("*.guard.json"))) == 1
+    assert not list(bundled_kernels.glob("*.json"))
+
+
+@pytest.mark.parametrize("damage", ["other sources", "cut short"])
+def test_a_bundled_library_of_other_sources_or_damaged_is_never_loaded(bundled_kernels, tmp_path, damage):
+    """A bundled library is loaded only if it was built from the sources whose signatures this package declares (its
+    name carries their digest) and is intact (its digest beside it): else the ATen path runs, with the reasons."""
+    folder = tmp_path / "prebuilt"
+    folder.mkdir()
+    name = _build.prebuilt_name("portable")
+    for path in bundled_kernels.iterdir():
+        target = folder / path.name.replace(
+            name, name.replace("-portable-", "-portable-0") if damage == "other sources" else name
+        )
+        shutil.copy(path, target)
+    if damage == "cut short":
+        with open(folder / name, "r+b") as f:
+            f.truncate(4096)
+    env = {"CXX": "/nonexistent/c++", "LEARNED_OPTIM_PREBUILT": str(folder), "LEARNED_OPTIM_ISA": "portable"}
+    out = _probe(env, tmp_path / "cache")
+    assert "available False" in out and "finite True" in out and "no C++ compiler found" in out
+    assert ("no bundled kernels" if damage == "other sources" else "damaged or unrecorded") in out
+
+
+def test_prebuild_needs_a_compiler_and_builds_only_this_architectures_targets(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    with pytest.raises(SystemExit, match="no C[+][+] compiler found"):
+        kernels_cli(["prebuild", "--out", str(tmp_path)])
+    monkeypatch.setattr(_build.platform, "machine", lambda: "aarch64")
+    assert _build.architecture_isas() == ["portable"]
+    with pytest.raises(ValueError, match="cannot build"):
+        _build.prebuild(tmp_path, ["avx2"])
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_wheel_hook_ships_bundled_kernels_and_tags_the_wheel_for_the_platform(tmp_path):
+    """``hatch_build.py``: a standard wheel gets the bundled libraries and their digests, is no longer pure Python
+    and is tagged ``py3-none-<platform>``; without libraries, for an editable install or an sdist, nothing changes."""
+    spec = importlib.util.spec_from_file_location("hatch_build", Path(__file__).parents[2] / "hatch_build.py")
+    assert spec is not None and spec.loader is not None
+    hook_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook_module)
+
+    def built(version: str = "standard", target: str = "wheel") -> dict:
+        hook = hook_module.PrebuiltKernelsHook(str(tmp_path), {}, None, None, str(tmp_path / "dist"), target)
+        data: dict = {"force_include": {}, "pure_python": True, "infer_tag": False}
+        hook.initialize(version, data)
+        return data
+
+    assert built() == {"force_include": {}, "pure_python": True, "infer_tag": False}
+    folder = tmp_path / hook_module.PREBUILT
+    folder.mkdir(parents=True)
+    for name in ("learned_optim-x86_64-avx2-0123.so", "learned_optim-x86_64-avx2-0123.so.sha256"):
+        (folder / name).write_bytes(b"x")
+    data = built()
+    assert data["pure_python"] is False and data["tag"] == f"py3-none-{hook_module.platform_tag()}"
+    assert sorted(data["force_include"].values()) == [
+        f"{hook_module.PREBUILT}/learned_optim-x86_64-avx2-0123.so",
+        f"{hook_module.PREBUILT}/learned_optim-x86_64-avx2-0123.so.sha256",
+    ]
+    assert built("editable")["pure_python"] and built(target="sdist")["pure_python"]
+
+
+def test_kernels_command_line_reports_the_paths(capsys):
+    kernels_cli(["report"])
+    assert "learned_optim native kernels on" in capsys.readouterr().out
 
 
 def test_environment_switch_disables_the_kernels(tmp_path):
