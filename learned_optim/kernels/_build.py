@@ -11,6 +11,7 @@ import platform
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -173,10 +174,10 @@ def intact(library: Path) -> bool:
         return False
 
 
-#: Flags a bundled library adds (:func:`prebuild`): the C++ runtime linked in, so that it needs nothing of the machine
-#: it runs on but the C library. It starts threads of its own (no OpenMP: the runtime of the process that will load
-#: it is not known when it is built).
-PREBUILT_FLAGS = ["-static-libstdc++", "-static-libgcc"]
+#: Flags a bundled library adds (:func:`prebuild`): on Linux the C++ runtime linked in, so that it needs nothing of the
+#: machine it runs on but the C library (elsewhere, macOS, the C++ runtime is the system's). It starts threads of its
+#: own (no OpenMP: the runtime of the process that will load it is not known when it is built).
+PREBUILT_FLAGS = ["-static-libstdc++", "-static-libgcc"] if sys.platform.startswith("linux") else []
 
 
 def prebuilt_dir() -> Path:
