@@ -693,22 +693,17 @@ class AdafacMLP(UpdateRule):
             return torch.linalg.vector_norm(dense, dim=-1).square()
         d, i = dense.shape[0], self.v_feature_index
         whole = [PackRun(0, 1, 0, dense.shape[1], 0, 0, 0, 0, 0, 0)] if runs is None else runs
-        views = [(dense[:, run.a : run.b].view(d, run.count, -1), slice(run.s0, run.s1)) for run in whole]
+        views = [dense[:, run.a : run.b].view(d, run.count, -1) for run in whole]  # (16, tensors, coordinates)
 
-        def norms(dtype: torch.dtype) -> Tensor:  # (16, S): each tensor's row norms
-            out = dense.new_empty(d, whole[-1].s1, dtype=dtype)
-            for view, tensors in views:
-                torch.linalg.vector_norm(view, dim=-1, dtype=dtype, out=out[:, tensors])
-            return out
+        def norms(rows: slice | int, dtype: torch.dtype) -> Tensor:  # each tensor's norms of ``rows``, (.., S)
+            # (no out=: the one-tensor step also runs under vmap)
+            return torch.cat([torch.linalg.vector_norm(view[rows], dim=-1, dtype=dtype) for view in views], dim=-1)
 
         def narrow() -> Tensor:  # overflows where a float32 norm of a row ~ g does (n g^2 ~ 3e38)
-            sums, v = norms(dense.dtype).double().square_(), dense.new_empty(whole[-1].s1, dtype=torch.float64)
-            for view, tensors in views:
-                torch.linalg.vector_norm(view[i], dim=-1, dtype=torch.float64, out=v[tensors])
-            sums[i] = v.square_()
-            return sums
+            rows = norms(slice(None), dense.dtype).double()  # (the v row replaced by its float64 norm)
+            return torch.cat([rows[:i], norms(i, torch.float64).unsqueeze(0), rows[i + 1 :]]).square()
 
-        sums = checked_sums(dense, narrow, lambda: norms(torch.float64).square_())
+        sums = checked_sums(dense, narrow, lambda: norms(slice(None), torch.float64).square())
         return sums if runs is not None else sums.squeeze(1)
 
     def _first_layer(
