@@ -23,7 +23,7 @@ Same math; their ``exp`` is a polynomial accurate to about 1 float32 ulp, so res
 ATen path by a few ulps (tested in ``tests/core/test_kernels.py``).
 
 The source is plain C++ (GCC/Clang vector extensions, no torch headers), compiled once per machine with
-the system compiler (``$CXX``, else ``c++``; 10-25 seconds) into one library in a cache folder and loaded with
+the system compiler (``$CXX``, else ``c++``; 10-35 seconds) into one library in a cache folder and loaded with
 ``ctypes``: no ninja, no Python-version-specific build, no ABI tie to torch. Nothing is ever downloaded.
 
 **Instruction set, picked at run time.** The same sources build for three targets (``csrc/vec.h``): ``avx512``
