@@ -196,8 +196,12 @@ def prebuilt_name(isa: str) -> str:
     """The file name of the bundled library of ``isa``: this architecture's, built from :data:`SOURCES` (a digest of
     them, so that a library bundled with another version of the sources, whose signatures may differ, is never
     loaded)."""
-    sources = hashlib.sha256(b"\0".join(name.encode() + text for name, text in SOURCES.items())).hexdigest()[:16]
-    return f"learned_optim-{platform.machine().lower()}-{isa}-{sources}.so"
+    return f"learned_optim-{platform.machine().lower()}-{isa}-{hashlib.sha256(_joined_sources()).hexdigest()[:16]}.so"
+
+
+def _joined_sources() -> bytes:
+    """:data:`SOURCES`, names and texts, as one byte string (what a library's name or cache key digests)."""
+    return b"\0".join(name.encode() + text for name, text in SOURCES.items())
 
 
 def prebuild(folder: Path, isas: list[str] | None = None) -> list[Path]:
@@ -252,12 +256,11 @@ def _compiler() -> tuple[list[str], str]:
 def _compiled(target_isa: str) -> Path:
     """The library of ``target_isa`` compiled on this machine: found in the cache, or built into it."""
     compiler, version = _compiler()
-    source = b"\0".join(name.encode() + text for name, text in SOURCES.items())
     flags = FLAGS + ISAS[target_isa][0] + openmp_flags(version)
     key = hashlib.sha256(
         b"\0".join(
             [
-                source,
+                _joined_sources(),
                 version.encode(),
                 " ".join(flags).encode(),
                 platform.machine().encode(),
