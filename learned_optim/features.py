@@ -362,7 +362,8 @@ def wide_sums_directly(like: Tensor) -> bool:
 
 
 def overflowed(*sums: Tensor) -> bool:
-    """Whether any of ``sums`` is not finite (a float32 sum past its range), checked eagerly where :func:`wide_sums`.
+    """Whether any of ``sums`` is not finite or totals past its dtype's range (a float32 sum past it, or about to
+    be), checked eagerly where :func:`wide_sums`.
     Where a data-dependent branch is not possible (under ``torch.compile``, whose graph it would break, or on
     tensors of a ``torch.func`` transform such as ``vmap``) the answer is ``False``: those steps keep the float32
     sums. Never asked of an accelerator's tensors (:func:`wide_sums_directly`), whose answer would be ``True``

@@ -60,9 +60,10 @@ takes and why; :func:`forced` runs the kernels whatever the guard says (tests, b
 * Bundled libraries, for machines without a compiler: ``python -m learned_optim.kernels prebuild`` compiles one
   library per ISA of the architecture (the C++ runtime linked in, threads of their own) into ``kernels/prebuilt/``,
   named by a digest of the sources, and a wheel built afterwards ships them (``hatch_build.py``). Where there is no
-  compiler or the build fails, the bundled library of the selected ISA loads instead, if it was built from these
-  sources and is intact (its digest beside it); the guard measures it like any build and keeps its record in the
-  cache folder. ``$LEARNED_OPTIM_PREBUILT`` names another folder of bundled libraries.
+  compiler or the build fails, the best bundled library the CPU runs loads instead (the selected ISA's where
+  ``$LEARNED_OPTIM_ISA`` asks for one), if it was built from these sources and is intact (its digest beside it); the
+  guard measures it like any build and keeps its record in the cache folder. ``$LEARNED_OPTIM_PREBUILT`` names
+  another folder of bundled libraries.
 * If neither a build nor a bundled library is to be had, a warning is logged once and the ATen path runs.
 
 Layout: ``_build`` (targets, compile, cache, bundled libraries), ``_guard`` (the measurement), ``_runtime`` (the

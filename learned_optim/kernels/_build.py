@@ -96,9 +96,14 @@ def cpu_model() -> str:
     return _cpuinfo(("model name",)) or platform.processor() or platform.machine()
 
 
+def _x86() -> bool:
+    """Whether this machine is x86-64 (the architecture of every target of :data:`ISAS` but ``portable``)."""
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
 def supported_isas() -> list[str]:
     """The targets of :data:`ISAS` this CPU can execute, best first (``portable`` always)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    if not _x86():
         return ["portable"]
     flags = set(cpu_flags().split())
     return [name for name, (_, needs) in ISAS.items() if needs <= flags]
@@ -120,8 +125,8 @@ def requested_isa() -> str:
 def compile_library(compiler: list[str], flags: list[str], target: Path) -> None:
     """Compile every ``*.cpp`` of :data:`SOURCES` (``csrc/`` as imported) into the shared library ``target`` with
     ``compiler`` (a command: the compiler and its leading arguments, e.g. ``["ccache", "g++"]``), written
-    atomically and recorded by its digest (:func:`intact`)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    atomically and recorded by its digest (:func:`intact`). Raises ``RuntimeError`` with the end of the compiler's
+    output where the build fails."""
 
     def compile_into(path: Path) -> None:
         with tempfile.TemporaryDirectory(prefix="learned_optim-csrc-") as folder:
@@ -137,7 +142,14 @@ def compile_library(compiler: list[str], flags: list[str], target: Path) -> None
             )
         write_atomically(_digest_path(target), _sha256(path).encode())  # before the library takes its name
 
-    write_atomically(target, compile_into)  # concurrent builders never load a half-written file
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(target, compile_into)  # concurrent builders never load a half-written file
+    except (OSError, subprocess.SubprocessError) as err:
+        detail = getattr(err, "stderr", None) or err
+        raise RuntimeError(
+            f"building the native kernels failed: {' '.join(flags)}: {str(detail).strip()[-400:]}"
+        ) from err
 
 
 #: A temporary file in the cache older than this is a killed build's or write's, not one in progress.
@@ -174,29 +186,25 @@ def intact(library: Path) -> bool:
         return False
 
 
-#: Flags a bundled library adds (:func:`prebuild`): on Linux the C++ runtime linked in, so that it needs nothing of the
-#: machine it runs on but the C library (elsewhere, macOS, the C++ runtime is the system's). It starts threads of its
-#: own (no OpenMP: the runtime of the process that will load it is not known when it is built).
-PREBUILT_FLAGS = ["-static-libstdc++", "-static-libgcc"] if sys.platform.startswith("linux") else []
+#: Flags a bundled library adds (:func:`prebuild`): on Linux the C++ runtime linked in and its symbols kept inside, so
+#: that it needs nothing of the machine it runs on but the C library and no other library's C++ runtime (torch's)
+#: takes its calls (elsewhere, macOS, the C++ runtime is the system's). It starts threads of its own (no OpenMP: the
+#: runtime of the process that will load it is not known when it is built).
+PREBUILT_FLAGS = (
+    ["-static-libstdc++", "-static-libgcc", "-Wl,--exclude-libs,ALL"] if sys.platform.startswith("linux") else []
+)
 
 
 def prebuilt_dir() -> Path:
     """The folder of the libraries bundled with a wheel (:func:`prebuild`): ``$LEARNED_OPTIM_PREBUILT`` if set, else
     ``prebuilt/`` beside this module (empty in a source checkout)."""
     folder = os.environ.get("LEARNED_OPTIM_PREBUILT")
-    return Path(folder) if folder else Path(__file__).resolve().parent / "prebuilt"
+    return Path(folder).resolve() if folder else Path(__file__).resolve().parent / "prebuilt"
 
 
 def architecture_isas() -> list[str]:
     """The targets of :data:`ISAS` a compiler for this machine's architecture can build, whatever this CPU runs."""
-    return list(ISAS) if platform.machine().lower() in ("x86_64", "amd64") else ["portable"]
-
-
-def prebuilt_name(isa: str) -> str:
-    """The file name of the bundled library of ``isa``: this architecture's, built from :data:`SOURCES` (a digest of
-    them, so that a library bundled with another version of the sources, whose signatures may differ, is never
-    loaded)."""
-    return f"learned_optim-{platform.machine().lower()}-{isa}-{hashlib.sha256(_joined_sources()).hexdigest()[:16]}.so"
+    return list(ISAS) if _x86() else ["portable"]
 
 
 def _joined_sources() -> bytes:
@@ -204,15 +212,29 @@ def _joined_sources() -> bytes:
     return b"\0".join(name.encode() + text for name, text in SOURCES.items())
 
 
+#: A digest of :data:`SOURCES`: a bundled library's name carries it (:func:`prebuilt_name`).
+SOURCES_DIGEST = hashlib.sha256(_joined_sources()).hexdigest()[:16]
+
+
+def prebuilt_name(isa: str) -> str:
+    """The file name of the bundled library of ``isa``: this architecture's, built from :data:`SOURCES` (a digest of
+    them, so that a library bundled with another version of the sources, whose signatures may differ, is never
+    loaded)."""
+    return f"learned_optim-{platform.machine().lower()}-{isa}-{SOURCES_DIGEST}.so"
+
+
 def prebuild(folder: Path, isas: list[str] | None = None) -> list[Path]:
     """Compile the bundled libraries into ``folder``, one per target of ``isas`` (default: every target of this
     architecture, :func:`architecture_isas`), each with its digest beside it (:func:`intact`): what a wheel ships for
-    machines without a C++ compiler (``python -m learned_optim.kernels prebuild``). Raises ``RuntimeError`` when
-    there is no compiler."""
-    wanted = isas or architecture_isas()
-    unknown = [isa for isa in wanted if isa not in architecture_isas()]
+    machines without a C++ compiler (``python -m learned_optim.kernels prebuild``). Bundled libraries of other
+    sources left in ``folder`` (which no process of this version would load, and a wheel would carry for nothing)
+    are removed. Raises ``ValueError`` for a target of another architecture, ``RuntimeError`` when there is no
+    compiler or the build fails."""
+    targets = architecture_isas()
+    wanted = isas or targets
+    unknown = [isa for isa in wanted if isa not in targets]
     if unknown:
-        raise ValueError(f"cannot build {unknown} for {platform.machine()}: its targets are {architecture_isas()}")
+        raise ValueError(f"cannot build {unknown} for {platform.machine()}: its targets are {targets}")
     compiler, _ = _compiler()
     built = []
     for isa in wanted:
@@ -220,6 +242,10 @@ def prebuild(folder: Path, isas: list[str] | None = None) -> list[Path]:
         logger.info("learned_optim: compiling the bundled native kernels (%s) into %s", isa, target)
         compile_library(compiler, FLAGS + ISAS[isa][0] + PREBUILT_FLAGS, target)
         built.append(target)
+    for stale in folder.glob("learned_optim-*-*-*.so*"):  # bundled names only (not a cache's learned_optim-<key>.so)
+        if SOURCES_DIGEST not in stale.name:
+            logger.info("learned_optim: removing %s, bundled from other sources", stale)
+            stale.unlink()
     return built
 
 
@@ -279,24 +305,30 @@ def _compiled(target_isa: str) -> Path:
         if not target.exists():
             logger.info("learned_optim: compiling native kernels (%s) into %s", target_isa, target)
             remove_stale_temporaries(target.parent)
-            compile_library(compiler, flags, target)
-    except (OSError, subprocess.SubprocessError) as err:
-        detail = getattr(err, "stderr", None) or err
-        raise RuntimeError(
-            f"building the native kernels failed: {' '.join(flags)}: {str(detail).strip()[-400:]}"
-        ) from err
+    except OSError as err:
+        raise RuntimeError(f"the kernels' cache folder {target.parent} is not usable: {err}") from err
+    if not target.exists():
+        compile_library(compiler, flags, target)
     return target
 
 
-def _bundled(target_isa: str) -> Path:
-    """The bundled library of ``target_isa`` (:func:`prebuild`), checked against its digest. Raises ``RuntimeError``
-    saying why there is none to load."""
-    library = prebuilt_dir() / prebuilt_name(target_isa)
-    if not library.exists():
-        raise RuntimeError(f"no bundled kernels {library.name} in {library.parent}")
-    if not intact(library):
-        raise RuntimeError(f"the bundled kernels {library} are damaged or unrecorded (their digest does not match)")
-    return library
+def _bundled(target_isa: str) -> tuple[Path, str]:
+    """The best bundled library (:func:`prebuild`) this CPU runs, checked against its digest, and its ISA: of
+    ``target_isa`` where ``$LEARNED_OPTIM_ISA`` asks for it, else of the first of :func:`supported_isas` bundled (a
+    wheel may carry only some). Raises ``RuntimeError`` saying why there is none to load."""
+    asked = bool(os.environ.get("LEARNED_OPTIM_ISA", "").strip())
+    reasons = []
+    for isa in [target_isa] if asked else supported_isas():
+        library = prebuilt_dir() / prebuilt_name(isa)
+        if not library.exists():
+            reasons.append(f"no bundled kernels {library.name}")
+        elif not intact(library):
+            reasons.append(
+                f"the bundled kernels {library.name} are damaged or unrecorded (their digest does not match)"
+            )
+        else:
+            return library, isa
+    raise RuntimeError(f"{'; '.join(reasons)} in {prebuilt_dir()}")
 
 
 def build() -> tuple[ctypes.CDLL, Path, str]:
@@ -309,7 +341,7 @@ def build() -> tuple[ctypes.CDLL, Path, str]:
         target = _compiled(target_isa)
     except RuntimeError as compile_error:
         try:
-            target = _bundled(target_isa)
+            target, target_isa = _bundled(target_isa)
         except RuntimeError as bundle_error:
             raise RuntimeError(f"{compile_error}; {bundle_error}") from compile_error
         logger.info("learned_optim: %s; loading the bundled native kernels %s", compile_error, target)

@@ -213,26 +213,29 @@ def valid(record: Any, isa: str) -> bool:
     )
 
 
-def load_or_measure(path: Path, isa: str, switched: Switch) -> dict[str, Any] | None:
+def load_or_measure(path: Path | None, isa: str, switched: Switch) -> dict[str, Any] | None:
     """The guard record cached at ``path``, or a fresh measurement written there (atomically): where there is none
-    valid (:func:`valid`), or the cached one was measured on a busy machine and this one is calm now (:func:`busy`)."""
-    try:
-        record = json.loads(path.read_text())
-        if valid(record, isa):
-            if not (record.get("busy") and not busy()):
-                return record
-            logger.info("learned_optim: the kernels' guard was measured on a busy machine (load %s); measuring again",
-                        record.get("load"))  # fmt: skip
-    except (OSError, ValueError):
-        pass
+    valid (:func:`valid`), or the cached one was measured on a busy machine and this one is calm now (:func:`busy`).
+    ``None``: no cache, a measurement for this process only."""
+    if path is not None:
+        try:
+            record = json.loads(path.read_text())
+            if valid(record, isa):
+                if not (record.get("busy") and not busy()):
+                    return record
+                logger.info("learned_optim: the kernels' guard was measured on a busy machine (load %s); measuring "
+                            "again", record.get("load"))  # fmt: skip
+        except (OSError, ValueError):
+            pass
     try:
         record = measure(isa, switched)
     except Exception as err:  # no measurement: the kernels stay unused (the ATen path is always correct)
         logger.warning("learned_optim: measuring the native kernels failed, using the ATen path (%s)", err)
         return None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)  # (a bundled library's record goes to a cache never built in)
-        write_atomically(path, json.dumps(record, indent=1).encode())
+        if path is not None:  # (a bundled library's record may go to a cache folder not made yet)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(path, json.dumps(record, indent=1).encode())
     except OSError as err:  # a read-only cache: the measurement still counts, for this process
         logger.warning("learned_optim: could not cache the kernels' guard record at %s (%s)", path, err)
     slower = [k for k in KERNELS if record["ratios"][k] < MIN_SPEEDUP]

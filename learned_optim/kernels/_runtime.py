@@ -124,7 +124,12 @@ def _library() -> ctypes.CDLL | None:
                     logger.warning("learned_optim: native kernels unavailable, using the ATen path (%s)", _error)
                 _loaded = True  # before the guard: its measurement calls the kernels (under forced())
                 if _lib is not None and _lib_path is not None and _isa is not None:
-                    _guard = guard_measurement.load_or_measure(guard_record_path(_lib_path), _isa, _switched)
+                    try:
+                        record: Path | None = guard_record_path(_lib_path)
+                    except (OSError, RuntimeError) as err:  # no cache folder to name (no home directory)
+                        logger.warning("learned_optim: the kernels' guard record is not cached (%s)", err)
+                        record = None
+                    _guard = guard_measurement.load_or_measure(record, _isa, _switched)
     return _lib
 
 
@@ -147,8 +152,8 @@ def _guard_allows(name: str) -> bool:
 
 
 def library_path() -> Path | None:
-    """The loaded library's file (builds it on the first call); its guard record: :func:`~learned_optim.kernels._build.
-    guard_record_path`."""
+    """The loaded library's file (builds it on the first call); where its guard record is kept:
+    :func:`~learned_optim.kernels._build.guard_record_path`."""
     return _lib_path if _library() is not None else None
 
 

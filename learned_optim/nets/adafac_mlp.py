@@ -689,11 +689,13 @@ class AdafacMLP(UpdateRule):
         :math:`|g| \approx 10^9` on; the other rows' float norms, whose squares :math:`\sum u^2` stay in it up to
         :math:`n g^2 \approx 10^{38}`, are squared in float64, and taken in float64 where they overflowed (one check
         for the whole pack)."""
-        if not wide_sums():
+        if not wide_sums():  # the differentiable step (float32 sums), never a pack's
+            if runs is not None:
+                raise ValueError("AdafacMLP: a pack's sums of squares are taken without autograd")
             return torch.linalg.vector_norm(dense, dim=-1).square()
         d, i = dense.shape[0], self.v_feature_index
-        whole = [PackRun(0, 1, 0, dense.shape[1], 0, 0, 0, 0, 0, 0)] if runs is None else runs
-        views = [dense[:, run.a : run.b].view(d, run.count, -1) for run in whole]  # (16, tensors, coordinates)
+        # (16, tensors, coordinates) each
+        views = [dense.unsqueeze(1)] if runs is None else [dense[:, r.a : r.b].view(d, r.count, -1) for r in runs]
 
         def norms(rows: slice | int, dtype: torch.dtype) -> Tensor:  # each tensor's norms of ``rows``, (.., S)
             # (no out=: the one-tensor step also runs under vmap)

@@ -20,6 +20,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -902,10 +903,11 @@ _BUNDLED_PROBE = textwrap.dedent("""
 
 
 def test_without_a_compiler_the_bundled_kernels_load_and_are_measured(bundled_kernels, tmp_path):
-    """No C++ compiler (a slim container): the library bundled for the CPU's ISA loads instead of the ATen path, it
-    computes what ATen does, the guard measures it here and keeps its record in the user's cache (the package's
-    folder may be read-only), and nothing is compiled."""
-    env = {"CXX": "/nonexistent/c++", "LEARNED_OPTIM_PREBUILT": str(bundled_kernels), "LEARNED_OPTIM_ISA": "portable"}
+    """No C++ compiler (a slim container): the best bundled library the CPU runs loads instead of the ATen path (here
+    the portable one, the only one bundled, though the CPU may run a better one), it computes what ATen does, the
+    guard measures it here and keeps its record in the user's cache (the package's folder may be read-only), and
+    nothing is compiled."""
+    env = {"CXX": "/nonexistent/c++", "LEARNED_OPTIM_PREBUILT": str(bundled_kernels)}
     out = _probe(env, tmp_path, extra=_BUNDLED_PROBE)
     assert "available True" in out and "finite True" in out
     assert "bundled with the package (ISA portable" in out and "loading the bundled native kernels" not in out
@@ -934,6 +936,37 @@ def test_a_bundled_library_of_other_sources_or_damaged_is_never_loaded(bundled_k
     assert ("no bundled kernels" if damage == "other sources" else "damaged or unrecorded") in out
 
 
+def test_prebuild_builds_each_target_with_the_bundle_flags_and_removes_bundles_of_other_sources(tmp_path, monkeypatch):
+    """``prebuild``: one library per target, with the bundle's flags (no OpenMP), named by the sources' digest; the
+    bundled libraries of other sources in the folder are removed (a wheel would ship them for nothing), not the ones
+    of these sources nor anything else (a kernel cache's ``learned_optim-<key>.so``)."""
+    calls: list[list[str]] = []
+
+    def compile_library(compiler: list[str], flags: list[str], target: Path) -> None:
+        calls.append(flags)
+        target.write_bytes(b"library")
+        target.with_name(target.name + ".sha256").write_text("digest")
+
+    monkeypatch.setattr(_build, "_compiler", lambda: (["c++"], "g++ (GCC) 12"))
+    monkeypatch.setattr(_build, "compile_library", compile_library)
+    machine = _build.platform.machine().lower()
+    stale = [f"learned_optim-{machine}-portable-0123456789abcdef.so", f"learned_optim-{machine}-avx2-0000.so.sha256"]
+    kept = [_build.prebuilt_name("avx2"), "learned_optim-0123456789abcdef.so", "notes.txt"]
+    for name in stale + kept:
+        (tmp_path / name).write_text("x")
+    built = _build.prebuild(tmp_path, ["portable"])
+    assert built == [tmp_path / _build.prebuilt_name("portable")] and _build.SOURCES_DIGEST in built[0].name
+    assert calls == [_build.FLAGS + _build.ISAS["portable"][0] + _build.PREBUILT_FLAGS]
+    assert not any("openmp" in flag for flag in calls[0])
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([*kept, built[0].name, built[0].name + ".sha256"])
+
+
+def test_the_guard_without_a_cache_folder_measures_for_this_process(monkeypatch):
+    monkeypatch.setattr(_guard, "measure", lambda isa, switched: {"ratios": {k: 2.0 for k in _guard.KERNELS}})
+    assert _guard.load_or_measure(None, "portable", _runtime._switched)["ratios"]["adafac_mlp"] == 2.0
+
+
 def test_prebuild_needs_a_compiler_and_builds_only_this_architectures_targets(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     with pytest.raises(SystemExit, match="no C[+][+] compiler found"):
@@ -945,13 +978,19 @@ def test_prebuild_needs_a_compiler_and_builds_only_this_architectures_targets(tm
     assert not list(tmp_path.iterdir())
 
 
+def _hatch_build() -> Any:
+    """The project's ``hatch_build.py`` (the wheel's build hook), imported from the checkout."""
+    spec = importlib.util.spec_from_file_location("hatch_build", Path(__file__).parents[2] / "hatch_build.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_the_wheel_hook_ships_bundled_kernels_and_tags_the_wheel_for_the_platform(tmp_path):
     """``hatch_build.py``: a standard wheel gets the bundled libraries and their digests, is no longer pure Python
     and is tagged ``py3-none-<platform>``; without libraries, for an editable install or an sdist, nothing changes."""
-    spec = importlib.util.spec_from_file_location("hatch_build", Path(__file__).parents[2] / "hatch_build.py")
-    assert spec is not None and spec.loader is not None
-    hook_module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(hook_module)
+    hook_module = _hatch_build()
 
     def built(version: str = "standard", target: str = "wheel") -> dict:
         hook = hook_module.PrebuiltKernelsHook(str(tmp_path), {}, None, None, str(tmp_path / "dist"), target)
@@ -971,6 +1010,21 @@ def test_the_wheel_hook_ships_bundled_kernels_and_tags_the_wheel_for_the_platfor
         f"{hook_module.PREBUILT}/learned_optim-x86_64-avx2-0123.so.sha256",
     ]
     assert built("editable")["pure_python"] and built(target="sdist")["pure_python"]
+    (folder / "learned_optim-x86_64-avx2-0123.so.sha256").unlink()
+    with pytest.raises(FileNotFoundError, match="has no digest"):  # the runtime would refuse it: not shipped
+        built()
+
+
+def test_the_wheel_tag_on_macos_is_the_machines_architecture_and_version(monkeypatch):
+    """A macOS interpreter may report ``universal2`` and an old version; the bundled libraries are built for this
+    machine's architecture and (by default) its macOS version, so the wheel says that."""
+    hook_module = _hatch_build()
+    monkeypatch.setattr(hook_module.sysconfig, "get_platform", lambda: "macosx-10.9-universal2")
+    monkeypatch.setattr(hook_module.platform, "mac_ver", lambda: ("14.2.1", ("", "", ""), "arm64"))
+    monkeypatch.setattr(hook_module.platform, "machine", lambda: "arm64")
+    assert hook_module.platform_tag() == "macosx_14_0_arm64"
+    monkeypatch.setattr(hook_module.sysconfig, "get_platform", lambda: "linux-x86_64")
+    assert hook_module.platform_tag() == "linux_x86_64"
 
 
 def test_kernels_command_line_reports_the_paths(capsys):

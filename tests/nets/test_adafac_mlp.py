@@ -553,6 +553,8 @@ def test_a_packs_dense_sums_of_squares_are_each_tensors_own_with_one_overflow_ch
                 else:  # every row in float64, as the tensor's own step takes them when its float32 sums overflow
                     wide = torch.linalg.vector_norm(dense[:, a:b], dim=-1, dtype=torch.float64).square()
                     assert torch.equal(packed[:, s], wide) and math.isfinite(float(wide.sum()))
+    with pytest.raises(ValueError, match="without autograd"):  # the differentiable step is one tensor's
+        rule._dense_sum_squares(dense, layout.runs)
 
 
 def test_checked_sums_takes_float32_sums_unless_they_overflowed_and_float64_sums_directly_on_an_accelerator():
