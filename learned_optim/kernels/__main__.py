@@ -19,7 +19,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from ._build import ISAS, architecture_isas, prebuild, prebuilt_dir
+from ._build import ISAS, prebuild, prebuilt_dir
 from ._runtime import report
 
 
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = args.out or prebuilt_dir()
     try:
-        built = prebuild(out, args.isa or architecture_isas())
+        built = prebuild(out, args.isa)
     except (RuntimeError, ValueError) as err:
         raise SystemExit(f"prebuild: {err}") from err
     for library in built:

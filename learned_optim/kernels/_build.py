@@ -302,12 +302,13 @@ def _compiled(target_isa: str) -> Path:
                 "learned_optim: the cached native kernels %s are damaged or unrecorded; building again", target
             )
             target.unlink(missing_ok=True)
-        if not target.exists():
+        missing = not target.exists()
+        if missing:
             logger.info("learned_optim: compiling native kernels (%s) into %s", target_isa, target)
             remove_stale_temporaries(target.parent)
     except OSError as err:
         raise RuntimeError(f"the kernels' cache folder {target.parent} is not usable: {err}") from err
-    if not target.exists():
+    if missing:
         compile_library(compiler, flags, target)
     return target
 
@@ -317,9 +318,9 @@ def _bundled(target_isa: str) -> tuple[Path, str]:
     ``target_isa`` where ``$LEARNED_OPTIM_ISA`` asks for it, else of the first of :func:`supported_isas` bundled (a
     wheel may carry only some). Raises ``RuntimeError`` saying why there is none to load."""
     asked = bool(os.environ.get("LEARNED_OPTIM_ISA", "").strip())
-    reasons = []
+    folder, reasons = prebuilt_dir(), []
     for isa in [target_isa] if asked else supported_isas():
-        library = prebuilt_dir() / prebuilt_name(isa)
+        library = folder / prebuilt_name(isa)
         if not library.exists():
             reasons.append(f"no bundled kernels {library.name}")
         elif not intact(library):
@@ -328,13 +329,14 @@ def _bundled(target_isa: str) -> tuple[Path, str]:
             )
         else:
             return library, isa
-    raise RuntimeError(f"{'; '.join(reasons)} in {prebuilt_dir()}")
+    raise RuntimeError(f"{'; '.join(reasons)} in {folder}")
 
 
 def build() -> tuple[ctypes.CDLL, Path, str]:
     """Build (or find in the cache) the library for :func:`requested_isa` with this machine's C++ compiler, or where
-    there is none or it fails, load the one bundled with the package for that ISA (:func:`prebuild`); declare its
-    functions' signatures. Returns the library, its file and its ISA. Raises ``RuntimeError`` when neither is to
+    there is none or it fails, load the best one bundled with the package that the CPU runs (:func:`_bundled`,
+    :func:`prebuild`); declare its functions' signatures. Returns the library, its file and its ISA (the bundled
+    library's, which may be below :func:`requested_isa`). Raises ``RuntimeError`` when neither is to
     be had, saying why."""
     target_isa = requested_isa()
     try:
